@@ -1,0 +1,367 @@
+//! medvault-crypto — the key hierarchy and the record cipher.
+//!
+//! master key (file, 0600) ─┬─ wraps per-patient data keys (AES-256-GCM, AAD = patient id + key version)
+//!                          └─ wraps the index root key, from which HKDF derives the blind-index key
+//!
+//! This room must never log, print or `Debug` a key, write a key file readable by
+//! anyone but its owner, or reuse a nonce: every seal draws a fresh random 96-bit nonce.
+//! INVARIANT: key material lives in types that zeroize on drop and print `[REDACTED]`.
+#![forbid(unsafe_code)]
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::{Aes256Gcm, Nonce};
+use hmac::{Hmac, Mac};
+use medvault_types::PatientId;
+use rand::RngCore;
+use sha2::Sha256;
+use zeroize::{Zeroize, ZeroizeOnDrop};
+
+const NONCE_LEN: usize = 12;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CryptoError {
+    #[error("key file {0} is readable by group or others; run `chmod 600` on it")]
+    KeyFilePermissions(String),
+    #[error("key file {0} is not a valid medvault key")]
+    KeyFileFormat(String),
+    #[error("key file i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("decryption failed: wrong key, or the ciphertext was altered or moved")]
+    Decrypt,
+    #[error("encryption failed")]
+    Encrypt,
+}
+
+macro_rules! secret_key {
+    ($(#[$m:meta])* $name:ident) => {
+        $(#[$m])*
+        #[derive(Clone, Zeroize, ZeroizeOnDrop)]
+        pub struct $name([u8; 32]);
+        impl $name {
+            pub fn generate() -> Self {
+                let mut k = [0u8; 32];
+                rand::rngs::OsRng.fill_bytes(&mut k);
+                Self(k)
+            }
+            fn from_slice(b: &[u8]) -> Option<Self> {
+                let k: [u8; 32] = b.try_into().ok()?;
+                Some(Self(k))
+            }
+        }
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}([REDACTED])", stringify!($name))
+            }
+        }
+    };
+}
+
+secret_key!(
+    /// The root of the hierarchy. Only wraps other keys; never encrypts records.
+    MasterKey
+);
+secret_key!(
+    /// A patient's record key. Shredding it destroys the patient's records.
+    DataKey
+);
+secret_key!(
+    /// Root of the blind-index key, wrapped by the master key so rotation keeps indexes valid.
+    IndexRootKey
+);
+
+const KEY_FILE_TAG: &str = "medvault-master-key-v1:";
+
+impl MasterKey {
+    /// Creates a new key file with mode 0600; refuses to overwrite an existing file.
+    pub fn create_file(path: &Path) -> Result<Self, CryptoError> {
+        let key = Self::generate();
+        let mut hex = String::with_capacity(KEY_FILE_TAG.len() + 64);
+        hex.push_str(KEY_FILE_TAG);
+        for b in key.0 {
+            hex.push_str(&format!("{b:02x}"));
+        }
+        let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+        f.write_all(hex.as_bytes())?;
+        f.write_all(b"\n")?;
+        f.sync_all()?;
+        hex.zeroize();
+        Ok(key)
+    }
+
+    /// Loads a key file, refusing one that group or others may read.
+    pub fn load_file(path: &Path) -> Result<Self, CryptoError> {
+        let name = path.display().to_string();
+        let meta = fs::metadata(path)?;
+        if meta.permissions().mode() & 0o077 != 0 {
+            return Err(CryptoError::KeyFilePermissions(name));
+        }
+        let mut text = fs::read_to_string(path)?;
+        let parsed = text
+            .trim()
+            .strip_prefix(KEY_FILE_TAG)
+            .and_then(decode_hex32)
+            .ok_or(CryptoError::KeyFileFormat(name));
+        text.zeroize();
+        parsed.and_then(|b| Self::from_slice(&b).ok_or(CryptoError::Decrypt))
+    }
+
+    fn cipher(&self) -> Aes256Gcm {
+        Aes256Gcm::new((&self.0).into())
+    }
+
+    /// Wraps a patient's data key; the AAD binds it to the patient and key version.
+    pub fn wrap_data_key(&self, patient: &PatientId, version: u32, dk: &DataKey) -> Result<Vec<u8>, CryptoError> {
+        seal_with(&self.cipher(), &dek_aad(patient, version), &dk.0)
+    }
+
+    pub fn unwrap_data_key(&self, patient: &PatientId, version: u32, wrapped: &[u8]) -> Result<DataKey, CryptoError> {
+        let mut raw = open_with(&self.cipher(), &dek_aad(patient, version), wrapped)?;
+        let k = DataKey::from_slice(&raw).ok_or(CryptoError::Decrypt);
+        raw.zeroize();
+        k
+    }
+
+    pub fn wrap_index_root(&self, k: &IndexRootKey) -> Result<Vec<u8>, CryptoError> {
+        seal_with(&self.cipher(), b"medvault:index-root:v1", &k.0)
+    }
+
+    pub fn unwrap_index_root(&self, wrapped: &[u8]) -> Result<IndexRootKey, CryptoError> {
+        let mut raw = open_with(&self.cipher(), b"medvault:index-root:v1", wrapped)?;
+        let k = IndexRootKey::from_slice(&raw).ok_or(CryptoError::Decrypt);
+        raw.zeroize();
+        k
+    }
+}
+
+fn decode_hex32(s: &str) -> Option<[u8; 32]> {
+    if s.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+fn dek_aad(patient: &PatientId, version: u32) -> Vec<u8> {
+    format!("medvault:dek:v1|{}|{}", patient.as_str(), version).into_bytes()
+}
+
+fn seal_with(c: &Aes256Gcm, aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, CryptoError> {
+    let mut nonce = [0u8; NONCE_LEN];
+    rand::rngs::OsRng.fill_bytes(&mut nonce);
+    let ct = c
+        .encrypt(Nonce::from_slice(&nonce), Payload { msg: plaintext, aad })
+        .map_err(|_| CryptoError::Encrypt)?;
+    let mut out = Vec::with_capacity(NONCE_LEN + ct.len());
+    out.extend_from_slice(&nonce);
+    out.extend_from_slice(&ct);
+    Ok(out)
+}
+
+fn open_with(c: &Aes256Gcm, aad: &[u8], sealed: &[u8]) -> Result<Vec<u8>, CryptoError> {
+    if sealed.len() < NONCE_LEN + 16 {
+        return Err(CryptoError::Decrypt);
+    }
+    let (nonce, ct) = sealed.split_at(NONCE_LEN);
+    c.decrypt(Nonce::from_slice(nonce), Payload { msg: ct, aad }).map_err(|_| CryptoError::Decrypt)
+}
+
+/// Record AAD: resource type | id | version | patient id, so rows cannot be swapped or replayed.
+pub fn record_aad(resource_type: &str, id: &str, version: u64, patient: &PatientId) -> Vec<u8> {
+    format!("medvault:rec:v1|{resource_type}|{id}|{version}|{}", patient.as_str()).into_bytes()
+}
+
+/// A data key ready to seal and open records (the AES key schedule is computed once).
+pub struct RecordCipher {
+    cipher: Aes256Gcm,
+}
+
+impl fmt::Debug for RecordCipher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("RecordCipher([REDACTED])")
+    }
+}
+
+impl RecordCipher {
+    pub fn new(dk: &DataKey) -> Self {
+        Self { cipher: Aes256Gcm::new((&dk.0).into()) }
+    }
+    pub fn seal(&self, aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, CryptoError> {
+        seal_with(&self.cipher, aad, plaintext)
+    }
+    pub fn open(&self, aad: &[u8], sealed: &[u8]) -> Result<Vec<u8>, CryptoError> {
+        open_with(&self.cipher, aad, sealed)
+    }
+}
+
+/// Keyed blind index: HMAC-SHA256 under a key derived (HKDF) from the index root,
+/// truncated to 16 bytes. Equal inputs give equal tokens; nothing else is revealed.
+#[derive(Clone)]
+pub struct BlindIndexer {
+    mac: Hmac<Sha256>,
+}
+
+impl fmt::Debug for BlindIndexer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("BlindIndexer([REDACTED])")
+    }
+}
+
+impl BlindIndexer {
+    pub fn new(root: &IndexRootKey) -> Self {
+        let hk = hkdf::Hkdf::<Sha256>::new(Some(b"medvault"), &root.0);
+        let mut k = [0u8; 32];
+        // 32 bytes is always a valid HKDF-SHA256 output length.
+        let _ = hk.expand(b"blind-index/v1", &mut k);
+        let mac = <Hmac<Sha256> as Mac>::new_from_slice(&k).unwrap_or_else(|_| unreachable_mac());
+        k.zeroize();
+        Self { mac }
+    }
+
+    /// The token for search parameter `param` having value `value` (already normalized).
+    pub fn token(&self, scope: &str, param: &str, value: &str) -> [u8; 16] {
+        let mut m = self.mac.clone();
+        m.update(scope.as_bytes());
+        m.update(&[0]);
+        m.update(param.as_bytes());
+        m.update(&[0]);
+        m.update(value.as_bytes());
+        let full = m.finalize().into_bytes();
+        let mut out = [0u8; 16];
+        out.copy_from_slice(full.get(..16).unwrap_or(&[0u8; 16]));
+        out
+    }
+}
+
+#[expect(clippy::panic, reason = "HMAC accepts keys of any length; this cannot be reached")]
+fn unreachable_mac() -> Hmac<Sha256> {
+    panic!("hmac rejected a 32-byte key")
+}
+
+/// Unwrapped data keys kept in memory, bounded; evicted keys are zeroized on drop.
+pub struct KeyCache {
+    inner: Mutex<(HashMap<PatientId, Arc<RecordCipher>>, VecDeque<PatientId>)>,
+    capacity: usize,
+}
+
+impl KeyCache {
+    pub fn new(capacity: usize) -> Self {
+        Self { inner: Mutex::new((HashMap::new(), VecDeque::new())), capacity: capacity.max(1) }
+    }
+    pub fn get(&self, p: &PatientId) -> Option<Arc<RecordCipher>> {
+        self.inner.lock().ok()?.0.get(p).cloned()
+    }
+    pub fn insert(&self, p: PatientId, c: Arc<RecordCipher>) {
+        if let Ok(mut g) = self.inner.lock() {
+            let (map, order) = &mut *g;
+            if map.insert(p.clone(), c).is_none() {
+                order.push_back(p);
+            }
+            while map.len() > self.capacity {
+                match order.pop_front() {
+                    Some(old) => {
+                        map.remove(&old);
+                    }
+                    None => break,
+                }
+            }
+        }
+    }
+    /// Drops one patient's key (shred, rotation, or another server's notice).
+    pub fn evict(&self, p: &PatientId) {
+        if let Ok(mut g) = self.inner.lock() {
+            g.0.remove(p);
+            g.1.retain(|x| x != p);
+        }
+    }
+    pub fn clear(&self) {
+        if let Ok(mut g) = self.inner.lock() {
+            g.0.clear();
+            g.1.clear();
+        }
+    }
+    pub fn len(&self) -> usize {
+        self.inner.lock().map(|g| g.0.len()).unwrap_or(0)
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_file_is_0600_and_round_trips() {
+        let dir = std::env::temp_dir().join(format!("mvk-{}", medvault_types::random_uuid()));
+        fs::create_dir(&dir).unwrap();
+        let p = dir.join("master.key");
+        let k = MasterKey::create_file(&p).unwrap();
+        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        let k2 = MasterKey::load_file(&p).unwrap();
+        let pid = PatientId::new("p1").unwrap();
+        let dk = DataKey::generate();
+        let w = k.wrap_data_key(&pid, 1, &dk).unwrap();
+        assert_eq!(k2.unwrap_data_key(&pid, 1, &w).unwrap().0, dk.0);
+        // bound to patient and version
+        assert!(k2.unwrap_data_key(&PatientId::new("p2").unwrap(), 1, &w).is_err());
+        assert!(k2.unwrap_data_key(&pid, 2, &w).is_err());
+        assert!(MasterKey::create_file(&p).is_err(), "must not overwrite");
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(matches!(MasterKey::load_file(&p), Err(CryptoError::KeyFilePermissions(_))));
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn records_bound_to_aad_and_tamper_evident() {
+        let c = RecordCipher::new(&DataKey::generate());
+        let pid = PatientId::new("p1").unwrap();
+        let aad = record_aad("Observation", "o1", 1, &pid);
+        let s = c.seal(&aad, b"secret").unwrap();
+        assert_eq!(c.open(&aad, &s).unwrap(), b"secret");
+        assert!(c.open(&record_aad("Observation", "o1", 2, &pid), &s).is_err());
+        let mut t = s.clone();
+        let last = t.len() - 1;
+        t[last] ^= 1;
+        assert!(c.open(&aad, &t).is_err());
+        assert_ne!(c.seal(&aad, b"secret").unwrap(), s, "fresh nonce per seal");
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        assert_eq!(format!("{:?}", MasterKey::generate()), "MasterKey([REDACTED])");
+        assert_eq!(format!("{:?}", DataKey::generate()), "DataKey([REDACTED])");
+    }
+
+    #[test]
+    fn blind_tokens_are_keyed() {
+        let a = BlindIndexer::new(&IndexRootKey::generate());
+        let b = BlindIndexer::new(&IndexRootKey::generate());
+        assert_eq!(a.token("Patient", "family", "smith"), a.token("Patient", "family", "smith"));
+        assert_ne!(a.token("Patient", "family", "smith"), b.token("Patient", "family", "smith"));
+        assert_ne!(a.token("Patient", "family", "smith"), a.token("Patient", "given", "smith"));
+    }
+
+    #[test]
+    fn cache_is_bounded() {
+        let c = KeyCache::new(2);
+        for i in 0..5 {
+            c.insert(PatientId::new(&format!("p{i}")).unwrap(), Arc::new(RecordCipher::new(&DataKey::generate())));
+        }
+        assert_eq!(c.len(), 2);
+        assert!(c.get(&PatientId::new("p4").unwrap()).is_some());
+        c.evict(&PatientId::new("p4").unwrap());
+        assert!(c.get(&PatientId::new("p4").unwrap()).is_none());
+    }
+}

@@ -1,0 +1,180 @@
+//! Search parameter extraction. Values are normalized here; the caller turns each
+//! token into a keyed blind index, so no searchable value reaches storage in clear.
+
+use serde_json::{Map, Value};
+
+use crate::ResourceType;
+
+/// One searchable (parameter, normalized value) pair of a resource.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SearchToken {
+    pub param: &'static str,
+    pub value: String,
+}
+
+/// Lowercases and collapses whitespace: FHIR string search is case-insensitive.
+pub fn normalize_text(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase()
+}
+
+/// Shortest string prefix that `name`, `family` and `given` searches match.
+pub const MIN_PREFIX: usize = 2;
+
+fn push_string_prefixes(out: &mut Vec<SearchToken>, param: &'static str, s: &str) {
+    let n = normalize_text(s);
+    for word in n.split(' ').chain(std::iter::once(n.as_str())) {
+        let chars: Vec<(usize, char)> = word.char_indices().collect();
+        for (i, _) in chars.iter().enumerate().skip(MIN_PREFIX - 1) {
+            let end = chars.get(i + 1).map(|(b, _)| *b).unwrap_or(word.len());
+            if let Some(p) = word.get(..end) {
+                out.push(SearchToken { param, value: p.to_owned() });
+            }
+        }
+    }
+}
+
+fn push_date(out: &mut Vec<SearchToken>, param: &'static str, s: &str) {
+    let date = s.get(..10).unwrap_or(s);
+    for len in [4, 7, 10] {
+        if let Some(p) = date.get(..len) {
+            out.push(SearchToken { param, value: p.to_owned() });
+        }
+    }
+}
+
+fn push_codings(out: &mut Vec<SearchToken>, param: &'static str, v: Option<&Value>) {
+    let items: Vec<&Value> = match v {
+        Some(Value::Array(a)) => a.iter().collect(),
+        Some(x) => vec![x],
+        None => return,
+    };
+    for cc in items {
+        if let Some(Value::Array(codings)) = cc.get("coding") {
+            for c in codings {
+                if let Some(code) = c.get("code").and_then(Value::as_str) {
+                    out.push(SearchToken { param, value: code.to_owned() });
+                    if let Some(sys) = c.get("system").and_then(Value::as_str) {
+                        out.push(SearchToken { param, value: format!("{sys}|{code}") });
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn str_at<'a>(o: &'a Map<String, Value>, path: &[&str]) -> Option<&'a str> {
+    let (first, rest) = path.split_first()?;
+    let mut v = o.get(*first)?;
+    for p in rest {
+        v = v.get(*p)?;
+    }
+    v.as_str()
+}
+
+/// Every searchable token of a resource (excluding `_id`, `_lastUpdated` and `patient`,
+/// which are stored as plain, non-identifying columns).
+pub fn search_tokens(rt: ResourceType, o: &Map<String, Value>) -> Vec<SearchToken> {
+    let mut out = vec![];
+    if let Some(Value::Array(ids)) = o.get("identifier") {
+        for i in ids {
+            if let Some(v) = i.get("value").and_then(Value::as_str) {
+                out.push(SearchToken { param: "identifier", value: v.to_owned() });
+                if let Some(s) = i.get("system").and_then(Value::as_str) {
+                    out.push(SearchToken { param: "identifier", value: format!("{s}|{v}") });
+                }
+            }
+        }
+    }
+    if let Some(Value::Array(names)) = o.get("name") {
+        if matches!(rt.as_str(), "Patient" | "Practitioner") {
+            for n in names {
+                if let Some(f) = n.get("family").and_then(Value::as_str) {
+                    push_string_prefixes(&mut out, "family", f);
+                    push_string_prefixes(&mut out, "name", f);
+                }
+                if let Some(Value::Array(given)) = n.get("given") {
+                    for g in given.iter().filter_map(Value::as_str) {
+                        push_string_prefixes(&mut out, "given", g);
+                        push_string_prefixes(&mut out, "name", g);
+                    }
+                }
+                if let Some(t) = n.get("text").and_then(Value::as_str) {
+                    push_string_prefixes(&mut out, "name", t);
+                }
+            }
+        }
+    } else if let Some(n) = o.get("name").and_then(Value::as_str) {
+        push_string_prefixes(&mut out, "name", n);
+    }
+    if let Some(b) = o.get("birthDate").and_then(Value::as_str) {
+        push_date(&mut out, "birthdate", b);
+    }
+    if let Some(s) = o.get("status").and_then(Value::as_str) {
+        out.push(SearchToken { param: "status", value: s.to_owned() });
+    }
+    match rt.as_str() {
+        "Condition" => {
+            push_codings(&mut out, "code", o.get("code"));
+            push_codings(&mut out, "category", o.get("category"));
+            push_codings(&mut out, "status", o.get("clinicalStatus"));
+        }
+        "MedicationRequest" | "MedicationStatement" => {
+            push_codings(&mut out, "code", o.get("medicationCodeableConcept"));
+            push_codings(&mut out, "category", o.get("category"));
+        }
+        "Immunization" => push_codings(&mut out, "code", o.get("vaccineCode")),
+        "Encounter" => {
+            push_codings(&mut out, "code", o.get("type"));
+            if let Some(c) = o.get("class").and_then(|c| c.get("code")).and_then(Value::as_str) {
+                out.push(SearchToken { param: "category", value: c.to_owned() });
+            }
+        }
+        "Coverage" | "Claim" | "ExplanationOfBenefit" => push_codings(&mut out, "code", o.get("type")),
+        _ => {
+            push_codings(&mut out, "code", o.get("code"));
+            push_codings(&mut out, "category", o.get("category"));
+            if rt.as_str() == "DocumentReference" {
+                push_codings(&mut out, "code", o.get("type"));
+            }
+        }
+    }
+    let date = match rt.as_str() {
+        "Observation" | "DiagnosticReport" => {
+            str_at(o, &["effectiveDateTime"]).or_else(|| str_at(o, &["effectivePeriod", "start"]))
+        }
+        "Encounter" | "CarePlan" => str_at(o, &["period", "start"]),
+        "Condition" => str_at(o, &["onsetDateTime"]).or_else(|| str_at(o, &["recordedDate"])),
+        "Procedure" => str_at(o, &["performedDateTime"]).or_else(|| str_at(o, &["performedPeriod", "start"])),
+        "Immunization" => str_at(o, &["occurrenceDateTime"]),
+        "MedicationRequest" => str_at(o, &["authoredOn"]),
+        "MedicationStatement" => str_at(o, &["effectiveDateTime"]).or_else(|| str_at(o, &["dateAsserted"])),
+        "AllergyIntolerance" => str_at(o, &["recordedDate"]),
+        "Claim" | "ExplanationOfBenefit" => str_at(o, &["created"]),
+        "DocumentReference" | "Consent" => str_at(o, &["date"]).or_else(|| str_at(o, &["dateTime"])),
+        _ => None,
+    };
+    if let Some(d) = date {
+        push_date(&mut out, "date", d);
+    }
+    out.sort_by(|a, b| (a.param, &a.value).cmp(&(b.param, &b.value)));
+    out.dedup();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn patient_tokens() {
+        let p = json!({"resourceType": "Patient", "name": [{"family": "Smith", "given": ["Ann Marie"]}],
+            "birthDate": "1980-05-17", "identifier": [{"system": "urn:mrn", "value": "M1"}]});
+        let t = search_tokens(ResourceType::parse("Patient").unwrap(), p.as_object().unwrap());
+        let has = |p: &str, v: &str| t.iter().any(|x| x.param == p && x.value == v);
+        assert!(has("family", "sm") && has("family", "smith") && !has("family", "s"));
+        assert!(has("given", "ann") && has("given", "marie") && has("given", "ann marie"));
+        assert!(has("birthdate", "1980") && has("birthdate", "1980-05") && has("birthdate", "1980-05-17"));
+        assert!(has("identifier", "M1") && has("identifier", "urn:mrn|M1"));
+    }
+}

@@ -1,0 +1,163 @@
+//! OperationOutcome and CapabilityStatement.
+
+use serde_json::{json, Value};
+
+/// FHIR issue-type codes medvault uses (http://hl7.org/fhir/issue-type), plus medvault's
+/// stable error codes carried in `details`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IssueCode {
+    Invalid,
+    Structure,
+    Required,
+    Value,
+    CodeInvalid,
+    Security,
+    Login,
+    Forbidden,
+    Suppressed,
+    Processing,
+    NotSupported,
+    Duplicate,
+    NotFound,
+    Deleted,
+    TooLong,
+    TooCostly,
+    Conflict,
+    Exception,
+    Transient,
+    Throttled,
+    Informational,
+}
+
+impl IssueCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IssueCode::Invalid => "invalid",
+            IssueCode::Structure => "structure",
+            IssueCode::Required => "required",
+            IssueCode::Value => "value",
+            IssueCode::CodeInvalid => "code-invalid",
+            IssueCode::Security => "security",
+            IssueCode::Login => "login",
+            IssueCode::Forbidden => "forbidden",
+            IssueCode::Suppressed => "suppressed",
+            IssueCode::Processing => "processing",
+            IssueCode::NotSupported => "not-supported",
+            IssueCode::Duplicate => "duplicate",
+            IssueCode::NotFound => "not-found",
+            IssueCode::Deleted => "deleted",
+            IssueCode::TooLong => "too-long",
+            IssueCode::TooCostly => "too-costly",
+            IssueCode::Conflict => "conflict",
+            IssueCode::Exception => "exception",
+            IssueCode::Transient => "transient",
+            IssueCode::Throttled => "throttled",
+            IssueCode::Informational => "informational",
+        }
+    }
+}
+
+/// One OperationOutcome issue. `diagnostics` never carries element values.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Issue {
+    pub severity: &'static str,
+    pub code: IssueCode,
+    pub diagnostics: String,
+    pub expression: Option<String>,
+}
+
+impl Issue {
+    pub fn error(code: IssueCode, diagnostics: String, expression: Option<String>) -> Self {
+        Issue { severity: "error", code, diagnostics, expression }
+    }
+    pub fn info(code: IssueCode, diagnostics: String) -> Self {
+        Issue { severity: "information", code, diagnostics, expression: None }
+    }
+    pub fn warning(code: IssueCode, diagnostics: String) -> Self {
+        Issue { severity: "warning", code, diagnostics, expression: None }
+    }
+}
+
+/// An OperationOutcome resource; `medvault_code` is a stable code for clients (e.g. `step-up-required`).
+pub fn operation_outcome(issues: &[Issue], medvault_code: Option<&str>) -> Value {
+    let issues: Vec<Value> = issues
+        .iter()
+        .map(|i| {
+            let mut v = json!({"severity": i.severity, "code": i.code.as_str(), "diagnostics": i.diagnostics});
+            if let Some(e) = &i.expression {
+                v["expression"] = json!([e]);
+            }
+            if let Some(c) = medvault_code {
+                v["details"] = json!({"coding": [{"system": "https://medvault.dev/error", "code": c}]});
+            }
+            v
+        })
+        .collect();
+    json!({"resourceType": "OperationOutcome", "issue": issues})
+}
+
+/// Search parameters each type supports (beyond `_id`, `_lastUpdated`, `_count`).
+pub fn search_params(rt: &str) -> &'static [&'static str] {
+    match rt {
+        "Patient" => &["identifier", "name", "family", "given", "birthdate"],
+        "Practitioner" => &["identifier", "name", "family", "given"],
+        "Organization" => &["identifier", "name"],
+        "Observation" | "DiagnosticReport" | "Condition" => {
+            &["patient", "subject", "identifier", "code", "category", "date", "status"]
+        }
+        "Encounter" | "CarePlan" | "DocumentReference" | "MedicationRequest" | "MedicationStatement" => {
+            &["patient", "subject", "identifier", "code", "category", "date", "status"]
+        }
+        _ => &["patient", "identifier", "code", "date", "status"],
+    }
+}
+
+/// The server's CapabilityStatement.
+pub fn capability_statement(version: &str, date: &str) -> Value {
+    let resources: Vec<Value> = crate::SUPPORTED_TYPES
+        .iter()
+        .map(|t| {
+            let mut params = vec![
+                json!({"name": "_id", "type": "token"}),
+                json!({"name": "_lastUpdated", "type": "date"}),
+                json!({"name": "_count", "type": "number"}),
+            ];
+            for p in search_params(t) {
+                let ty = match *p {
+                    "patient" | "subject" => "reference",
+                    "name" | "family" | "given" => "string",
+                    "birthdate" | "date" => "date",
+                    _ => "token",
+                };
+                params.push(json!({"name": p, "type": ty}));
+            }
+            let interactions: Vec<Value> = ["read", "vread", "update", "delete", "history-instance", "create", "search-type"]
+                .iter()
+                .map(|c| json!({"code": c}))
+                .collect();
+            let mut r = json!({"type": t, "versioning": "versioned", "readHistory": true, "updateCreate": false,
+                "conditionalUpdate": false, "interaction": interactions, "searchParam": params});
+            if *t == "Patient" {
+                r["operation"] = json!([{"name": "everything",
+                    "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything"}]);
+            }
+            r
+        })
+        .collect();
+    json!({
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "date": date,
+        "kind": "instance",
+        "software": {"name": "medvault", "version": version},
+        "fhirVersion": "4.0.1",
+        "format": ["application/fhir+json", "json"],
+        "rest": [{
+            "mode": "server",
+            "security": {"cors": false, "description": "HTTPS only; password + TOTP multi-factor login, bearer session tokens",
+                "service": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/restful-security-service", "code": "OAuth"}]}]},
+            "resource": resources,
+            "interaction": [{"code": "transaction"}]
+        }]
+    })
+}
