@@ -1,1 +1,203 @@
+//! medvault-store — the backend-neutral [`Store`] trait, its SQLite (WAL) backend, the
+//! conformance suite every backend must pass, and a failure-injecting wrapper.
+//!
+//! This room stores bytes it cannot read: record bodies arrive sealed, search values
+//! arrive as blind-index tokens, secrets arrive wrapped. It must never decrypt, never
+//! log row contents, and never expose a way to overwrite a stored version in place.
+//! INVARIANT: every patient-scoped row carries the patient id (the shard key).
+//! INVARIANT: a [`WriteBatch`] is all-or-nothing, including its audit entries, and audit
+//! sequence numbers are dense: a batch that fails leaves no gap.
 #![forbid(unsafe_code)]
+
+pub mod conformance;
+pub mod faulty;
+mod sqlite;
+
+pub use sqlite::SqliteStore;
+
+use medvault_types::PatientId;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("version conflict")]
+    Conflict,
+    #[error("already exists")]
+    Exists,
+    #[error("not found")]
+    NotFound,
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+    #[error("storage error: {0}")]
+    Backend(String),
+    #[error("injected failure: {0}")]
+    Injected(&'static str),
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError::Backend(e.to_string())
+    }
+}
+
+/// One stored version of a resource. `body` is ciphertext on the secure path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VersionRow {
+    pub patient: Option<PatientId>,
+    pub rtype: String,
+    pub id: String,
+    pub version: u64,
+    /// FHIR instant; not PHI (server time of the write).
+    pub last_updated: String,
+    pub deleted: bool,
+    pub category: String,
+    pub key_version: u32,
+    pub body: Vec<u8>,
+}
+
+/// A blind-index token for one search parameter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexRow {
+    pub param: String,
+    pub token: Vec<u8>,
+}
+
+/// What the current version must be for a write to apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    /// The resource must not exist (create).
+    Absent,
+    /// The current version must be exactly this one and not deleted.
+    Version(u64),
+    /// The resource must exist and not be deleted; any version.
+    Live,
+}
+
+#[derive(Clone, PartialEq, Eq)]
+pub struct UserRow {
+    pub username: String,
+    pub role: String,
+    pub password_hash: String,
+    pub totp_secret_wrapped: Vec<u8>,
+    pub totp_last_step: i64,
+    pub disabled: bool,
+    pub failed_logins: i64,
+    pub created: String,
+    pub practitioner_id: Option<String>,
+}
+
+impl std::fmt::Debug for UserRow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UserRow").field("username", &self.username).field("role", &self.role).finish_non_exhaustive()
+    }
+}
+
+#[derive(Clone, PartialEq, Eq)]
+pub struct SessionRow {
+    /// SHA-256 of the opaque token; the token itself is never stored.
+    pub token_hash: Vec<u8>,
+    pub kind: String,
+    pub username: String,
+    pub created: i64,
+    pub last_seen: i64,
+    pub expires: i64,
+}
+
+impl std::fmt::Debug for SessionRow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionRow").field("kind", &self.kind).field("username", &self.username).finish_non_exhaustive()
+    }
+}
+
+/// One audit log entry: its dense sequence number is assigned by the store at commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditRow {
+    pub seq: u64,
+    pub leaf_hash: Vec<u8>,
+    pub record: Vec<u8>,
+}
+
+/// One change inside a [`WriteBatch`].
+#[derive(Debug, Clone)]
+pub enum Op {
+    /// Appends a version, moves the current pointer, and replaces the search tokens.
+    PutVersion { row: VersionRow, expect: Expect, index: Vec<IndexRow> },
+    /// Inserts a wrapped data key; fails with `Exists` if that version exists.
+    PutPatientKey { patient: PatientId, key_version: u32, wrapped: Vec<u8> },
+    /// Inserts a metadata value once; fails with `Exists` if present.
+    PutMetaOnce { key: String, value: Vec<u8> },
+    /// Inserts or replaces a user.
+    PutUser(UserRow),
+    /// Inserts a user; fails with `Exists` if the name is taken.
+    CreateUser(UserRow),
+    /// Records a used TOTP step; fails with `Conflict` unless `step` is newer than the last used.
+    UseTotpStep { username: String, step: i64 },
+    /// Sets the failed-login counter.
+    SetFailedLogins { username: String, count: i64 },
+    PutSession(SessionRow),
+    DeleteSession { token_hash: Vec<u8> },
+    TouchSession { token_hash: Vec<u8>, last_seen: i64 },
+}
+
+/// Changes and audit records committed atomically.
+#[derive(Debug, Clone, Default)]
+pub struct WriteBatch {
+    pub ops: Vec<Op>,
+    /// Audit entries (leaf hash, canonical record) appended in the same transaction.
+    pub audit: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// The result of a commit: the audit sequence numbers assigned, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Committed {
+    pub audit_seqs: Vec<u64>,
+}
+
+/// Comparison on `_lastUpdated`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cmp {
+    Ge,
+    Gt,
+    Le,
+    Lt,
+}
+
+/// A search over current, non-deleted versions.
+#[derive(Debug, Clone, Default)]
+pub struct SearchQuery {
+    /// `None` searches every type (used by `$everything`, which always sets `patient`).
+    pub rtype: Option<String>,
+    pub patient: Option<PatientId>,
+    pub ids: Vec<String>,
+    /// AND over parameters, OR over each parameter's tokens.
+    pub tokens: Vec<(String, Vec<Vec<u8>>)>,
+    pub last_updated: Vec<(Cmp, String)>,
+    /// Only these categories (empty = any).
+    pub categories: Vec<String>,
+    pub limit: usize,
+    pub offset: usize,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct SearchPage {
+    pub rows: Vec<VersionRow>,
+    pub more: bool,
+}
+
+/// The storage contract. All methods are blocking; async callers use a blocking pool.
+pub trait Store: Send + Sync + 'static {
+    fn commit(&self, batch: WriteBatch) -> Result<Committed, StoreError>;
+    fn current(&self, rtype: &str, id: &str) -> Result<Option<VersionRow>, StoreError>;
+    fn version(&self, rtype: &str, id: &str, version: u64) -> Result<Option<VersionRow>, StoreError>;
+    /// Every version, newest first.
+    fn history(&self, rtype: &str, id: &str) -> Result<Vec<VersionRow>, StoreError>;
+    fn search(&self, q: &SearchQuery) -> Result<SearchPage, StoreError>;
+    /// The newest wrapped data key of a patient: (key version, wrapped bytes).
+    fn patient_key(&self, patient: &PatientId) -> Result<Option<(u32, Vec<u8>)>, StoreError>;
+    fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    fn user(&self, username: &str) -> Result<Option<UserRow>, StoreError>;
+    fn users(&self) -> Result<Vec<UserRow>, StoreError>;
+    fn session(&self, token_hash: &[u8]) -> Result<Option<SessionRow>, StoreError>;
+    fn audit_len(&self) -> Result<u64, StoreError>;
+    /// Audit rows with `start <= seq < end`.
+    fn audit_range(&self, start: u64, end: u64) -> Result<Vec<AuditRow>, StoreError>;
+}

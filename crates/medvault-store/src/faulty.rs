@@ -1,0 +1,84 @@
+//! A failure-injecting [`Store`] wrapper for crash and fault tests (after neon's
+//! `simulate_failures`): flip a switch and the chosen operations fail.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use medvault_types::PatientId;
+
+use crate::*;
+
+/// Wraps a store; each switch makes one kind of operation fail.
+pub struct FaultyStore {
+    inner: Arc<dyn Store>,
+    /// Commits that carry audit entries fail (the audit append fails).
+    pub fail_audit: AtomicBool,
+    /// Every read fails.
+    pub fail_reads: AtomicBool,
+}
+
+impl FaultyStore {
+    pub fn new(inner: Arc<dyn Store>) -> Arc<Self> {
+        Arc::new(FaultyStore { inner, fail_audit: AtomicBool::new(false), fail_reads: AtomicBool::new(false) })
+    }
+    pub fn set_fail_audit(&self, on: bool) {
+        self.fail_audit.store(on, Ordering::SeqCst);
+    }
+    pub fn set_fail_reads(&self, on: bool) {
+        self.fail_reads.store(on, Ordering::SeqCst);
+    }
+    fn read_gate(&self) -> Result<(), StoreError> {
+        if self.fail_reads.load(Ordering::SeqCst) {
+            Err(StoreError::Injected("read"))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl Store for FaultyStore {
+    fn commit(&self, batch: WriteBatch) -> Result<Committed, StoreError> {
+        if !batch.audit.is_empty() && self.fail_audit.load(Ordering::SeqCst) {
+            return Err(StoreError::Injected("audit append"));
+        }
+        self.inner.commit(batch)
+    }
+    fn current(&self, rtype: &str, id: &str) -> Result<Option<VersionRow>, StoreError> {
+        self.read_gate()?;
+        self.inner.current(rtype, id)
+    }
+    fn version(&self, rtype: &str, id: &str, version: u64) -> Result<Option<VersionRow>, StoreError> {
+        self.read_gate()?;
+        self.inner.version(rtype, id, version)
+    }
+    fn history(&self, rtype: &str, id: &str) -> Result<Vec<VersionRow>, StoreError> {
+        self.read_gate()?;
+        self.inner.history(rtype, id)
+    }
+    fn search(&self, q: &SearchQuery) -> Result<SearchPage, StoreError> {
+        self.read_gate()?;
+        self.inner.search(q)
+    }
+    fn patient_key(&self, patient: &PatientId) -> Result<Option<(u32, Vec<u8>)>, StoreError> {
+        self.read_gate()?;
+        self.inner.patient_key(patient)
+    }
+    fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.meta(key)
+    }
+    fn user(&self, username: &str) -> Result<Option<UserRow>, StoreError> {
+        self.inner.user(username)
+    }
+    fn users(&self) -> Result<Vec<UserRow>, StoreError> {
+        self.inner.users()
+    }
+    fn session(&self, token_hash: &[u8]) -> Result<Option<SessionRow>, StoreError> {
+        self.inner.session(token_hash)
+    }
+    fn audit_len(&self) -> Result<u64, StoreError> {
+        self.inner.audit_len()
+    }
+    fn audit_range(&self, start: u64, end: u64) -> Result<Vec<AuditRow>, StoreError> {
+        self.inner.audit_range(start, end)
+    }
+}

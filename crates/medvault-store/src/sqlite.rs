@@ -1,0 +1,511 @@
+//! SQLite backend: one database in WAL mode; a single writer thread group-commits
+//! batches (each inside its own SAVEPOINT, so one batch's failure never touches
+//! another's), and a pool of read connections serves reads concurrently.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::{Arc, Mutex};
+
+use medvault_types::PatientId;
+use rusqlite::{params, params_from_iter, Connection, OpenFlags, OptionalExtension, Row};
+
+use crate::*;
+
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL) STRICT;
+CREATE TABLE patient_keys (
+    patient_id TEXT NOT NULL, key_version INTEGER NOT NULL, wrapped BLOB NOT NULL,
+    PRIMARY KEY (patient_id, key_version)) STRICT;
+CREATE TABLE resource_versions (
+    rtype TEXT NOT NULL, id TEXT NOT NULL, version INTEGER NOT NULL, patient_id TEXT,
+    last_updated TEXT NOT NULL, deleted INTEGER NOT NULL, category TEXT NOT NULL,
+    key_version INTEGER NOT NULL, body BLOB NOT NULL,
+    PRIMARY KEY (rtype, id, version)) STRICT, WITHOUT ROWID;
+CREATE TABLE resource_current (
+    rtype TEXT NOT NULL, id TEXT NOT NULL, patient_id TEXT, version INTEGER NOT NULL,
+    deleted INTEGER NOT NULL, last_updated TEXT NOT NULL, category TEXT NOT NULL,
+    PRIMARY KEY (rtype, id)) STRICT, WITHOUT ROWID;
+CREATE INDEX resource_current_patient ON resource_current (patient_id, rtype);
+CREATE INDEX resource_current_updated ON resource_current (rtype, last_updated);
+CREATE TABLE search_index (
+    rtype TEXT NOT NULL, param TEXT NOT NULL, token BLOB NOT NULL, id TEXT NOT NULL, patient_id TEXT,
+    PRIMARY KEY (rtype, param, token, id)) STRICT, WITHOUT ROWID;
+CREATE INDEX search_index_resource ON search_index (rtype, id);
+CREATE TABLE users (
+    username TEXT PRIMARY KEY, role TEXT NOT NULL, password_hash TEXT NOT NULL,
+    totp_secret_wrapped BLOB NOT NULL, totp_last_step INTEGER NOT NULL, disabled INTEGER NOT NULL,
+    failed_logins INTEGER NOT NULL, created TEXT NOT NULL, practitioner_id TEXT) STRICT;
+CREATE TABLE sessions (
+    token_hash BLOB PRIMARY KEY, kind TEXT NOT NULL, username TEXT NOT NULL,
+    created INTEGER NOT NULL, last_seen INTEGER NOT NULL, expires INTEGER NOT NULL) STRICT;
+CREATE INDEX sessions_user ON sessions (username);
+-- The audit log: append-only, dense sequence numbers, canonical records (leaves of the Merkle log).
+CREATE TABLE audit_log (seq INTEGER PRIMARY KEY, leaf_hash BLOB NOT NULL, record BLOB NOT NULL) STRICT;
+CREATE TRIGGER audit_log_no_update BEFORE UPDATE ON audit_log BEGIN SELECT RAISE(ABORT, 'audit log is append-only'); END;
+CREATE TRIGGER audit_log_no_delete BEFORE DELETE ON audit_log BEGIN SELECT RAISE(ABORT, 'audit log is append-only'); END;
+CREATE TRIGGER versions_no_update BEFORE UPDATE ON resource_versions BEGIN SELECT RAISE(ABORT, 'versions are immutable'); END;
+"#];
+
+const MAX_GROUP: usize = 512;
+
+type Reply = SyncSender<Result<Committed, StoreError>>;
+
+/// The embedded default backend.
+pub struct SqliteStore {
+    path: PathBuf,
+    writer: Mutex<Option<SyncSender<(WriteBatch, Reply)>>>,
+    readers: Mutex<Vec<Connection>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+fn open(path: &Path, write: bool) -> Result<Connection, StoreError> {
+    let flags = if write {
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX
+    } else {
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
+    };
+    let c = Connection::open_with_flags(path, flags).map_err(|e| StoreError::Unavailable(e.to_string()))?;
+    c.busy_timeout(std::time::Duration::from_secs(10))?;
+    // temp_store=MEMORY: no sort or index spill files on disk (law 1 covers temp files too).
+    c.execute_batch("PRAGMA foreign_keys=ON; PRAGMA temp_store=MEMORY; PRAGMA cache_size=-65536;")?;
+    if write {
+        c.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA secure_delete=ON;")?;
+    }
+    c.set_prepared_statement_cache_capacity(64);
+    Ok(c)
+}
+
+fn migrate(c: &mut Connection) -> Result<(), StoreError> {
+    let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let have: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    for (i, m) in MIGRATIONS.iter().enumerate().skip(usize::try_from(have).unwrap_or(0)) {
+        tx.execute_batch(m)?;
+        tx.execute_batch(&format!("PRAGMA user_version = {}", i + 1))?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+impl SqliteStore {
+    /// Opens (creating and migrating if needed) the database at `path`.
+    pub fn open(path: &Path) -> Result<Arc<Self>, StoreError> {
+        let mut w = open(path, true)?;
+        migrate(&mut w)?;
+        let (tx, rx) = sync_channel::<(WriteBatch, Reply)>(4096);
+        let thread = std::thread::Builder::new()
+            .name("medvault-sqlite-writer".into())
+            .spawn(move || writer_loop(w, rx))
+            .map_err(|e| StoreError::Backend(e.to_string()))?;
+        Ok(Arc::new(SqliteStore {
+            path: path.to_owned(),
+            writer: Mutex::new(Some(tx)),
+            readers: Mutex::new(Vec::new()),
+            thread: Mutex::new(Some(thread)),
+        }))
+    }
+
+    fn with_reader<T>(&self, f: impl FnOnce(&Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let conn = self.readers.lock().ok().and_then(|mut v| v.pop());
+        let conn = match conn {
+            Some(c) => c,
+            None => open(&self.path, false)?,
+        };
+        let out = f(&conn);
+        if let Ok(mut v) = self.readers.lock() {
+            if v.len() < 16 {
+                v.push(conn);
+            }
+        }
+        out
+    }
+
+    /// Stops the writer after draining queued batches (also done on drop).
+    pub fn close(&self) {
+        if let Ok(mut w) = self.writer.lock() {
+            w.take();
+        }
+        if let Some(t) = self.thread.lock().ok().and_then(|mut t| t.take()) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+fn writer_loop(mut c: Connection, rx: Receiver<(WriteBatch, Reply)>) {
+    while let Ok(first) = rx.recv() {
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(j) => group.push(j),
+                Err(_) => break,
+            }
+        }
+        let results = commit_group(&mut c, &group);
+        for ((_, reply), r) in group.into_iter().zip(results) {
+            let _ = reply.send(r);
+        }
+    }
+}
+
+fn commit_group(c: &mut Connection, group: &[(WriteBatch, Reply)]) -> Vec<Result<Committed, StoreError>> {
+    let fail_all = |e: &StoreError| group.iter().map(|_| Err(StoreError::Backend(e.to_string()))).collect();
+    let tx = match c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate) {
+        Ok(t) => t,
+        Err(e) => return fail_all(&e.into()),
+    };
+    let mut next_seq: u64 = match tx.query_row("SELECT COALESCE(MAX(seq) + 1, 0) FROM audit_log", [], |r| r.get::<_, i64>(0)) {
+        Ok(n) => u64::try_from(n).unwrap_or(0),
+        Err(e) => return fail_all(&e.into()),
+    };
+    let mut results = Vec::with_capacity(group.len());
+    for (batch, _) in group {
+        let start_seq = next_seq;
+        let r = (|| -> Result<Committed, StoreError> {
+            tx.execute_batch("SAVEPOINT batch")?;
+            let applied = apply(&tx, batch, &mut next_seq);
+            match applied {
+                Ok(c) => {
+                    tx.execute_batch("RELEASE batch")?;
+                    Ok(c)
+                }
+                Err(e) => {
+                    tx.execute_batch("ROLLBACK TO batch; RELEASE batch")?;
+                    Err(e)
+                }
+            }
+        })();
+        if r.is_err() {
+            next_seq = start_seq;
+        }
+        results.push(r);
+    }
+    match tx.commit() {
+        Ok(()) => results,
+        Err(e) => fail_all(&e.into()),
+    }
+}
+
+fn conflict_or(e: rusqlite::Error, on_unique: StoreError) -> StoreError {
+    match &e {
+        rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation => on_unique,
+        _ => e.into(),
+    }
+}
+
+fn apply(tx: &rusqlite::Transaction<'_>, b: &WriteBatch, next_seq: &mut u64) -> Result<Committed, StoreError> {
+    for op in &b.ops {
+        match op {
+            Op::PutVersion { row, expect, index } => {
+                let cur: Option<(i64, bool)> = tx
+                    .prepare_cached("SELECT version, deleted FROM resource_current WHERE rtype = ?1 AND id = ?2")?
+                    .query_row(params![row.rtype, row.id], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()?;
+                let ok = match (expect, cur) {
+                    (Expect::Absent, None) => true,
+                    (Expect::Absent, Some(_)) => return Err(StoreError::Exists),
+                    (Expect::Version(v), Some((cv, false))) => i64::try_from(*v).ok() == Some(cv),
+                    (Expect::Live, Some((_, false))) => true,
+                    (_, None) | (_, Some((_, true))) => return Err(StoreError::NotFound),
+                };
+                if !ok {
+                    return Err(StoreError::Conflict);
+                }
+                let pid = row.patient.as_ref().map(PatientId::as_str);
+                let version = i64::try_from(row.version).map_err(|_| StoreError::Conflict)?;
+                tx.prepare_cached(
+                    "INSERT INTO resource_versions (rtype, id, version, patient_id, last_updated, deleted, category, key_version, body)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                )?
+                .execute(params![row.rtype, row.id, version, pid, row.last_updated, row.deleted, row.category, row.key_version, row.body])
+                .map_err(|e| conflict_or(e, StoreError::Conflict))?;
+                tx.prepare_cached(
+                    "INSERT INTO resource_current (rtype, id, patient_id, version, deleted, last_updated, category)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                     ON CONFLICT (rtype, id) DO UPDATE SET version = excluded.version, deleted = excluded.deleted,
+                       last_updated = excluded.last_updated, category = excluded.category, patient_id = excluded.patient_id",
+                )?
+                .execute(params![row.rtype, row.id, pid, version, row.deleted, row.last_updated, row.category])?;
+                if cur.is_some() {
+                    tx.prepare_cached("DELETE FROM search_index WHERE rtype = ?1 AND id = ?2")?.execute(params![row.rtype, row.id])?;
+                }
+                let mut ins = tx.prepare_cached(
+                    "INSERT OR IGNORE INTO search_index (rtype, param, token, id, patient_id) VALUES (?1, ?2, ?3, ?4, ?5)",
+                )?;
+                for ix in index {
+                    ins.execute(params![row.rtype, ix.param, ix.token, row.id, pid])?;
+                }
+            }
+            Op::PutPatientKey { patient, key_version, wrapped } => {
+                tx.prepare_cached("INSERT INTO patient_keys (patient_id, key_version, wrapped) VALUES (?1, ?2, ?3)")?
+                    .execute(params![patient.as_str(), key_version, wrapped])
+                    .map_err(|e| conflict_or(e, StoreError::Exists))?;
+            }
+            Op::PutMetaOnce { key, value } => {
+                tx.prepare_cached("INSERT INTO meta (key, value) VALUES (?1, ?2)")?
+                    .execute(params![key, value])
+                    .map_err(|e| conflict_or(e, StoreError::Exists))?;
+            }
+            Op::PutUser(u) | Op::CreateUser(u) => {
+                let sql = if matches!(op, Op::CreateUser(_)) { "INSERT" } else { "INSERT OR REPLACE" };
+                tx.prepare_cached(&format!(
+                    "{sql} INTO users (username, role, password_hash, totp_secret_wrapped, totp_last_step, disabled, failed_logins, created, practitioner_id)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
+                ))?
+                .execute(params![u.username, u.role, u.password_hash, u.totp_secret_wrapped, u.totp_last_step, u.disabled, u.failed_logins, u.created, u.practitioner_id])
+                .map_err(|e| conflict_or(e, StoreError::Exists))?;
+            }
+            Op::UseTotpStep { username, step } => {
+                let n = tx
+                    .prepare_cached("UPDATE users SET totp_last_step = ?2 WHERE username = ?1 AND totp_last_step < ?2")?
+                    .execute(params![username, step])?;
+                if n != 1 {
+                    return Err(StoreError::Conflict);
+                }
+            }
+            Op::SetFailedLogins { username, count } => {
+                tx.prepare_cached("UPDATE users SET failed_logins = ?2 WHERE username = ?1")?.execute(params![username, count])?;
+            }
+            Op::PutSession(s) => {
+                tx.prepare_cached(
+                    "INSERT INTO sessions (token_hash, kind, username, created, last_seen, expires) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )?
+                .execute(params![s.token_hash, s.kind, s.username, s.created, s.last_seen, s.expires])
+                .map_err(|e| conflict_or(e, StoreError::Exists))?;
+            }
+            Op::DeleteSession { token_hash } => {
+                tx.prepare_cached("DELETE FROM sessions WHERE token_hash = ?1")?.execute(params![token_hash])?;
+            }
+            Op::TouchSession { token_hash, last_seen } => {
+                tx.prepare_cached("UPDATE sessions SET last_seen = ?2 WHERE token_hash = ?1")?.execute(params![token_hash, last_seen])?;
+            }
+        }
+    }
+    let mut seqs = Vec::with_capacity(b.audit.len());
+    let mut ins = tx.prepare_cached("INSERT INTO audit_log (seq, leaf_hash, record) VALUES (?1, ?2, ?3)")?;
+    for (leaf, record) in &b.audit {
+        let seq = i64::try_from(*next_seq).map_err(|_| StoreError::Backend("audit sequence overflow".into()))?;
+        ins.execute(params![seq, leaf, record])?;
+        seqs.push(*next_seq);
+        *next_seq += 1;
+    }
+    Ok(Committed { audit_seqs: seqs })
+}
+
+const VERSION_COLS: &str = "v.rtype, v.id, v.version, v.patient_id, v.last_updated, v.deleted, v.category, v.key_version, v.body";
+
+fn version_row(r: &Row<'_>) -> rusqlite::Result<VersionRow> {
+    let pid: Option<String> = r.get(3)?;
+    let version: i64 = r.get(2)?;
+    Ok(VersionRow {
+        rtype: r.get(0)?,
+        id: r.get(1)?,
+        version: u64::try_from(version).unwrap_or(0),
+        patient: pid.and_then(|p| PatientId::new(&p).ok()),
+        last_updated: r.get(4)?,
+        deleted: r.get(5)?,
+        category: r.get(6)?,
+        key_version: r.get(7)?,
+        body: r.get(8)?,
+    })
+}
+
+fn user_row(r: &Row<'_>) -> rusqlite::Result<UserRow> {
+    Ok(UserRow {
+        username: r.get(0)?,
+        role: r.get(1)?,
+        password_hash: r.get(2)?,
+        totp_secret_wrapped: r.get(3)?,
+        totp_last_step: r.get(4)?,
+        disabled: r.get(5)?,
+        failed_logins: r.get(6)?,
+        created: r.get(7)?,
+        practitioner_id: r.get(8)?,
+    })
+}
+
+const USER_COLS: &str =
+    "username, role, password_hash, totp_secret_wrapped, totp_last_step, disabled, failed_logins, created, practitioner_id";
+
+impl Store for SqliteStore {
+    fn commit(&self, batch: WriteBatch) -> Result<Committed, StoreError> {
+        let (tx, rx) = sync_channel(1);
+        let sender = self.writer.lock().ok().and_then(|w| w.clone());
+        let sender = sender.ok_or_else(|| StoreError::Unavailable("store is closed".into()))?;
+        sender.send((batch, tx)).map_err(|_| StoreError::Unavailable("writer stopped".into()))?;
+        rx.recv().map_err(|_| StoreError::Unavailable("writer stopped".into()))?
+    }
+
+    fn current(&self, rtype: &str, id: &str) -> Result<Option<VersionRow>, StoreError> {
+        self.with_reader(|c| {
+            Ok(c.prepare_cached(&format!(
+                "SELECT {VERSION_COLS} FROM resource_current c JOIN resource_versions v
+                 ON v.rtype = c.rtype AND v.id = c.id AND v.version = c.version WHERE c.rtype = ?1 AND c.id = ?2"
+            ))?
+            .query_row(params![rtype, id], version_row)
+            .optional()?)
+        })
+    }
+
+    fn version(&self, rtype: &str, id: &str, version: u64) -> Result<Option<VersionRow>, StoreError> {
+        let Ok(version) = i64::try_from(version) else { return Ok(None) };
+        self.with_reader(|c| {
+            Ok(c.prepare_cached(&format!(
+                "SELECT {VERSION_COLS} FROM resource_versions v WHERE v.rtype = ?1 AND v.id = ?2 AND v.version = ?3"
+            ))?
+            .query_row(params![rtype, id, version], version_row)
+            .optional()?)
+        })
+    }
+
+    fn history(&self, rtype: &str, id: &str) -> Result<Vec<VersionRow>, StoreError> {
+        self.with_reader(|c| {
+            let mut st = c.prepare_cached(&format!(
+                "SELECT {VERSION_COLS} FROM resource_versions v WHERE v.rtype = ?1 AND v.id = ?2 ORDER BY v.version DESC"
+            ))?;
+            let rows = st.query_map(params![rtype, id], version_row)?.collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn search(&self, q: &SearchQuery) -> Result<SearchPage, StoreError> {
+        let mut sql = format!(
+            "SELECT {VERSION_COLS} FROM resource_current c JOIN resource_versions v
+             ON v.rtype = c.rtype AND v.id = c.id AND v.version = c.version WHERE c.deleted = 0"
+        );
+        let mut args: Vec<rusqlite::types::Value> = vec![];
+        let mut push = |sql: &mut String, frag: &str, v: rusqlite::types::Value| {
+            args.push(v);
+            sql.push_str(&frag.replace('?', &format!("?{}", args.len())));
+        };
+        if let Some(t) = &q.rtype {
+            push(&mut sql, " AND c.rtype = ?", t.clone().into());
+        }
+        if let Some(p) = &q.patient {
+            push(&mut sql, " AND c.patient_id = ?", p.as_str().to_owned().into());
+        }
+        if !q.ids.is_empty() {
+            sql.push_str(" AND c.id IN (");
+            for (i, id) in q.ids.iter().enumerate() {
+                push(&mut sql, if i == 0 { "?" } else { ", ?" }, id.clone().into());
+            }
+            sql.push(')');
+        }
+        if !q.categories.is_empty() {
+            sql.push_str(" AND c.category IN (");
+            for (i, cat) in q.categories.iter().enumerate() {
+                push(&mut sql, if i == 0 { "?" } else { ", ?" }, cat.clone().into());
+            }
+            sql.push(')');
+        }
+        for (param, tokens) in &q.tokens {
+            if tokens.is_empty() {
+                return Ok(SearchPage::default());
+            }
+            sql.push_str(" AND c.id IN (SELECT s.id FROM search_index s WHERE s.rtype = c.rtype");
+            push(&mut sql, " AND s.param = ?", param.clone().into());
+            sql.push_str(" AND s.token IN (");
+            for (i, t) in tokens.iter().enumerate() {
+                push(&mut sql, if i == 0 { "?" } else { ", ?" }, t.clone().into());
+            }
+            sql.push_str("))");
+        }
+        for (cmp, at) in &q.last_updated {
+            let op = match cmp {
+                Cmp::Ge => ">=",
+                Cmp::Gt => ">",
+                Cmp::Le => "<=",
+                Cmp::Lt => "<",
+            };
+            push(&mut sql, &format!(" AND c.last_updated {op} ?"), at.clone().into());
+        }
+        let limit = i64::try_from(q.limit.saturating_add(1)).unwrap_or(i64::MAX);
+        let offset = i64::try_from(q.offset).unwrap_or(i64::MAX);
+        push(&mut sql, " ORDER BY c.rtype, c.id LIMIT ?", limit.into());
+        push(&mut sql, " OFFSET ?", offset.into());
+        self.with_reader(|c| {
+            let mut st = c.prepare_cached(&sql)?;
+            let mut rows = st.query_map(params_from_iter(args.iter()), version_row)?.collect::<Result<Vec<_>, _>>()?;
+            let more = rows.len() > q.limit;
+            rows.truncate(q.limit);
+            Ok(SearchPage { rows, more })
+        })
+    }
+
+    fn patient_key(&self, patient: &PatientId) -> Result<Option<(u32, Vec<u8>)>, StoreError> {
+        self.with_reader(|c| {
+            Ok(c.prepare_cached(
+                "SELECT key_version, wrapped FROM patient_keys WHERE patient_id = ?1 ORDER BY key_version DESC LIMIT 1",
+            )?
+            .query_row(params![patient.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?)
+        })
+    }
+
+    fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.with_reader(|c| {
+            Ok(c.prepare_cached("SELECT value FROM meta WHERE key = ?1")?.query_row(params![key], |r| r.get(0)).optional()?)
+        })
+    }
+
+    fn user(&self, username: &str) -> Result<Option<UserRow>, StoreError> {
+        self.with_reader(|c| {
+            Ok(c.prepare_cached(&format!("SELECT {USER_COLS} FROM users WHERE username = ?1"))?
+                .query_row(params![username], user_row)
+                .optional()?)
+        })
+    }
+
+    fn users(&self) -> Result<Vec<UserRow>, StoreError> {
+        self.with_reader(|c| {
+            let mut st = c.prepare_cached(&format!("SELECT {USER_COLS} FROM users ORDER BY username"))?;
+            let rows = st.query_map([], user_row)?.collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn session(&self, token_hash: &[u8]) -> Result<Option<SessionRow>, StoreError> {
+        self.with_reader(|c| {
+            Ok(c.prepare_cached(
+                "SELECT token_hash, kind, username, created, last_seen, expires FROM sessions WHERE token_hash = ?1",
+            )?
+            .query_row(params![token_hash], |r| {
+                Ok(SessionRow {
+                    token_hash: r.get(0)?,
+                    kind: r.get(1)?,
+                    username: r.get(2)?,
+                    created: r.get(3)?,
+                    last_seen: r.get(4)?,
+                    expires: r.get(5)?,
+                })
+            })
+            .optional()?)
+        })
+    }
+
+    fn audit_len(&self) -> Result<u64, StoreError> {
+        self.with_reader(|c| {
+            let n: i64 = c.prepare_cached("SELECT COALESCE(MAX(seq) + 1, 0) FROM audit_log")?.query_row([], |r| r.get(0))?;
+            Ok(u64::try_from(n).unwrap_or(0))
+        })
+    }
+
+    fn audit_range(&self, start: u64, end: u64) -> Result<Vec<AuditRow>, StoreError> {
+        let s = i64::try_from(start).unwrap_or(i64::MAX);
+        let e = i64::try_from(end).unwrap_or(i64::MAX);
+        self.with_reader(|c| {
+            let mut st = c.prepare_cached("SELECT seq, leaf_hash, record FROM audit_log WHERE seq >= ?1 AND seq < ?2 ORDER BY seq")?;
+            let rows = st
+                .query_map(params![s, e], |r| {
+                    let seq: i64 = r.get(0)?;
+                    Ok(AuditRow { seq: u64::try_from(seq).unwrap_or(0), leaf_hash: r.get(1)?, record: r.get(2)? })
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+    }
+}
