@@ -1,1 +1,121 @@
+//! medvault-audit — audit records: what was done, by whom, to whose chart, with what
+//! outcome; their canonical serialization and leaf hashes for the Merkle log.
+//!
+//! A record carries identifiers (user names, opaque patient and resource ids, category
+//! names, parameter names) and never clinical content or search values.
+//! This room must never drop, reorder or rewrite a record once built, and its canonical
+//! form must never change meaning: fields are serialized in one fixed order.
+//! INVARIANT: leaf hash = SHA-256(0x00 ‖ canonical record), as RFC 6962 / RFC 9162 leaves.
 #![forbid(unsafe_code)]
+
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("audit record is not canonical JSON: {0}")]
+    Decode(String),
+}
+
+/// Outcome of an audited action.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Outcome {
+    Success,
+    Denied,
+    NotFound,
+    Failure,
+}
+
+/// One audit record. Fields are declared in alphabetical order; serde keeps declaration
+/// order, which makes `serde_json::to_vec` the canonical form.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    /// e.g. `read`, `search`, `create`, `update`, `delete`, `import`, `login`, `mfa`, `logout`, `user.create`.
+    pub action: String,
+    pub actor: String,
+    pub categories_disclosed: Vec<String>,
+    pub categories_withheld: Vec<String>,
+    /// Non-PHI detail: parameter names, counts, policy ids, error kind.
+    pub detail: Option<String>,
+    pub outcome: Outcome,
+    pub patient: Option<String>,
+    pub purpose: Option<String>,
+    pub request_id: String,
+    /// `Type/id/_history/version` or `Type`.
+    pub resource: Option<String>,
+    pub role: Option<String>,
+    /// Random salt so a leaf hash reveals nothing by guessing.
+    pub salt: String,
+    pub source: Option<String>,
+    pub time: String,
+}
+
+impl AuditRecord {
+    /// A record with a fresh salt; fill in the rest with the builder methods.
+    pub fn new(action: &str, actor: &str, outcome: Outcome, time: String, request_id: &str) -> Self {
+        let mut salt = [0u8; 16];
+        rand::thread_rng().fill_bytes(&mut salt);
+        AuditRecord {
+            action: action.to_owned(),
+            actor: actor.to_owned(),
+            categories_disclosed: vec![],
+            categories_withheld: vec![],
+            detail: None,
+            outcome,
+            patient: None,
+            purpose: None,
+            request_id: request_id.to_owned(),
+            resource: None,
+            role: None,
+            salt: salt.iter().map(|b| format!("{b:02x}")).collect(),
+            source: None,
+            time,
+        }
+    }
+
+    /// The canonical bytes committed to the log.
+    pub fn canonical(&self) -> Vec<u8> {
+        // Serializing plain strings, vectors and options cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    pub fn from_canonical(b: &[u8]) -> Result<Self, AuditError> {
+        serde_json::from_slice(b).map_err(|e| AuditError::Decode(e.to_string()))
+    }
+
+    /// (leaf hash, canonical bytes), ready to append.
+    pub fn to_leaf(&self) -> (Vec<u8>, Vec<u8>) {
+        let c = self.canonical();
+        (leaf_hash(&c).to_vec(), c)
+    }
+}
+
+/// RFC 6962 leaf hash.
+pub fn leaf_hash(entry: &[u8]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update([0u8]);
+    h.update(entry);
+    h.finalize().into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canonical_is_stable_and_salted() {
+        let a = AuditRecord::new("read", "ann", Outcome::Success, "t".into(), "r1");
+        let b = AuditRecord::new("read", "ann", Outcome::Success, "t".into(), "r1");
+        assert_ne!(a.to_leaf().0, b.to_leaf().0, "salt makes equal events distinct");
+        let back = AuditRecord::from_canonical(&a.canonical()).unwrap();
+        assert_eq!(back.canonical(), a.canonical());
+        let text = String::from_utf8(a.canonical()).unwrap();
+        assert!(text.starts_with("{\"action\":\"read\",\"actor\":\"ann\",\"categories_disclosed\""));
+        let mut h = Sha256::new();
+        h.update([0u8]);
+        h.update(a.canonical());
+        assert_eq!(a.to_leaf().0, h.finalize().to_vec());
+    }
+}

@@ -129,6 +129,18 @@ impl MasterKey {
         k
     }
 
+    /// Wraps a service key (e.g. the identity-secrets key) under a label bound in the AAD.
+    pub fn wrap_named(&self, label: &str, k: &DataKey) -> Result<Vec<u8>, CryptoError> {
+        seal_with(&self.cipher(), format!("medvault:named:v1|{label}").as_bytes(), &k.0)
+    }
+
+    pub fn unwrap_named(&self, label: &str, wrapped: &[u8]) -> Result<DataKey, CryptoError> {
+        let mut raw = open_with(&self.cipher(), format!("medvault:named:v1|{label}").as_bytes(), wrapped)?;
+        let k = DataKey::from_slice(&raw).ok_or(CryptoError::Decrypt);
+        raw.zeroize();
+        k
+    }
+
     pub fn wrap_index_root(&self, k: &IndexRootKey) -> Result<Vec<u8>, CryptoError> {
         seal_with(&self.cipher(), b"medvault:index-root:v1", &k.0)
     }
