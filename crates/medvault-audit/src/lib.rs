@@ -75,6 +75,12 @@ impl AuditRecord {
         }
     }
 
+    /// A copy with a fresh salt (for one event recorded against several patients).
+    pub fn resalted(&self) -> Self {
+        let fresh = AuditRecord::new("", "", self.outcome, String::new(), "");
+        AuditRecord { salt: fresh.salt, ..self.clone() }
+    }
+
     /// The canonical bytes committed to the log.
     pub fn canonical(&self) -> Vec<u8> {
         // Serializing plain strings, vectors and options cannot fail.

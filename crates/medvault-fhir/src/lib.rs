@@ -14,7 +14,7 @@ mod outcome;
 mod validate;
 
 pub use index::{normalize_text, search_tokens, SearchToken};
-pub use outcome::{capability_statement, operation_outcome, Issue, IssueCode};
+pub use outcome::{capability_statement, operation_outcome, search_params, Issue, IssueCode};
 
 use medvault_types::{Category, PatientId};
 use serde_json::{Map, Value};
