@@ -1,1 +1,191 @@
+//! medvault-server — HTTPS transport: the FHIR R4 REST API and authentication
+//! endpoints over axum, TLS 1.3 only (rustls), security headers on every response.
+//!
+//! Transport code only parses, calls the gate ([`medvault_core::Vault`]) and renders.
+//! This room must never talk to the store, never log request bodies, query strings or
+//! tokens, never answer in plaintext HTTP, and never turn an error's cause into a
+//! response body (the client gets a generic OperationOutcome; the log gets the cause).
 #![forbid(unsafe_code)]
+
+mod auth;
+mod error;
+mod fhir;
+mod tls;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::{FromRequestParts, Request};
+use axum::http::{header, request::Parts, HeaderMap, HeaderValue};
+use axum::middleware::Next;
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Router};
+use medvault_core::{Caller, Token, Vault};
+use medvault_types::Purpose;
+
+pub use error::ApiError;
+pub use tls::{load_tls_config, serve, TlsError};
+
+pub const FHIR_JSON: &str = "application/fhir+json; charset=utf-8";
+pub const SESSION_COOKIE: &str = "medvault_session";
+
+/// Server settings (from `medvault.toml`).
+#[derive(Debug, Clone)]
+pub struct HttpOptions {
+    pub max_body_bytes: usize,
+}
+
+impl Default for HttpOptions {
+    fn default() -> Self {
+        HttpOptions { max_body_bytes: 8 * 1024 * 1024 }
+    }
+}
+
+#[derive(Clone)]
+pub struct AppState {
+    pub vault: Arc<Vault>,
+    pub options: HttpOptions,
+}
+
+/// The peer address of a connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub SocketAddr);
+
+#[derive(Debug, Clone)]
+struct RequestId(String);
+
+/// Builds the application router (also used in-process by tests with `oneshot`).
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/", get(home))
+        .route("/auth/login", post(auth::login))
+        .route("/auth/mfa/totp", post(auth::mfa_totp))
+        .route("/auth/logout", post(auth::logout))
+        .route("/fhir/metadata", get(fhir::metadata))
+        .route("/fhir", post(fhir::transaction))
+        .route("/fhir/{rtype}", get(fhir::search).post(fhir::create))
+        .route("/fhir/{rtype}/{id}", get(fhir::read).put(fhir::update).delete(fhir::delete))
+        .route("/fhir/{rtype}/{id}/{op}", get(fhir::instance_op))
+        .route("/fhir/{rtype}/{id}/_history/{vid}", get(fhir::vread))
+        .fallback(|| async { ApiError::not_found() })
+        .layer(axum::middleware::from_fn(security_headers))
+        .with_state(state)
+}
+
+async fn home() -> Html<&'static str> {
+    Html(include_str!("home.html"))
+}
+
+/// Request id, security headers on every response, and one log line per request
+/// (method, path and status only: no query strings, bodies or tokens).
+async fn security_headers(mut req: Request, next: Next) -> Response {
+    let id = medvault_types::random_uuid();
+    req.extensions_mut().insert(RequestId(id.clone()));
+    let method = req.method().clone();
+    let path = req.uri().path().chars().take(200).collect::<String>();
+    let mut res = next.run(req).await;
+    tracing::info!(request_id = %id, %method, %path, status = res.status().as_u16(), "request");
+    let h = res.headers_mut();
+    let set = |h: &mut HeaderMap, k: header::HeaderName, v: &'static str| {
+        h.insert(k, HeaderValue::from_static(v));
+    };
+    set(h, header::STRICT_TRANSPORT_SECURITY, "max-age=63072000; includeSubDomains");
+    set(h, header::X_CONTENT_TYPE_OPTIONS, "nosniff");
+    set(h, header::CACHE_CONTROL, "no-store");
+    set(h, header::PRAGMA, "no-cache");
+    set(h, header::X_FRAME_OPTIONS, "DENY");
+    set(h, header::REFERRER_POLICY, "no-referrer");
+    set(
+        h,
+        header::CONTENT_SECURITY_POLICY,
+        "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+    );
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        h.insert("x-request-id", v);
+    }
+    res
+}
+
+/// Request context every handler gets: request id, peer, declared purpose of use.
+pub(crate) struct Ctx {
+    pub request_id: String,
+    pub source: Option<String>,
+    pub purpose: Option<Purpose>,
+    pub token: Option<Token>,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Ctx {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        let request_id = parts.extensions.get::<RequestId>().map(|r| r.0.clone()).unwrap_or_default();
+        let source = parts.extensions.get::<Peer>().map(|p| p.0.ip().to_string());
+        let purpose = match parts.headers.get("x-purpose-of-use") {
+            None => None,
+            Some(v) => Some(
+                v.to_str()
+                    .ok()
+                    .and_then(|s| s.trim().parse::<Purpose>().ok())
+                    .ok_or_else(|| ApiError::bad_request("unknown X-Purpose-Of-Use code"))?,
+            ),
+        };
+        Ok(Ctx { request_id, source, purpose, token: bearer(&parts.headers) })
+    }
+}
+
+fn bearer(h: &HeaderMap) -> Option<Token> {
+    if let Some(v) = h.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+        let (scheme, rest) = v.split_once(' ')?;
+        if scheme.eq_ignore_ascii_case("bearer") && !rest.trim().is_empty() {
+            return Some(Token::from_client(rest.trim()));
+        }
+        return None;
+    }
+    for c in h.get_all(header::COOKIE) {
+        let Ok(s) = c.to_str() else { continue };
+        for part in s.split(';') {
+            if let Some((k, v)) = part.trim().split_once('=') {
+                if k == SESSION_COOKIE && !v.is_empty() {
+                    return Some(Token::from_client(v));
+                }
+            }
+        }
+    }
+    None
+}
+
+/// Runs blocking gate work off the async runtime.
+pub(crate) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f).await.map_err(|_| {
+        tracing::error!("blocking task failed");
+        ApiError::new(axum::http::StatusCode::INTERNAL_SERVER_ERROR, medvault_fhir::IssueCode::Exception, "internal error")
+    })
+}
+
+/// Authenticates the request's token into a [`Caller`].
+pub(crate) async fn caller(state: &AppState, ctx: &Ctx) -> Result<Caller, ApiError> {
+    let token = ctx.token.clone().ok_or_else(ApiError::unauthenticated)?;
+    let vault = state.vault.clone();
+    let principal = blocking(move || vault.authenticate(&token)).await??;
+    Ok(Caller::new(principal, ctx.purpose, ctx.source.clone(), ctx.request_id.clone()))
+}
+
+/// Reads a request body up to the configured limit (413 beyond it).
+pub(crate) async fn body_bytes(state: &AppState, req: Request) -> Result<axum::body::Bytes, ApiError> {
+    let limit = state.options.max_body_bytes;
+    let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(ApiError::too_large(limit));
+    }
+    axum::body::to_bytes(req.into_body(), limit).await.map_err(|_| ApiError::too_large(limit))
+}
+
+pub(crate) fn with_peer(r: Router, peer: SocketAddr) -> Router {
+    r.layer(Extension(Peer(peer)))
+}
+
+pub(crate) fn json_response(status: axum::http::StatusCode, body: &serde_json::Value) -> Response {
+    let mut r = (status, serde_json::to_vec(body).unwrap_or_default()).into_response();
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
+    r
+}

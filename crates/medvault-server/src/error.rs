@@ -1,0 +1,94 @@
+//! The one mapping from errors to HTTP status and FHIR OperationOutcome. The client
+//! sees a stable code and a generic message; the log sees the cause (with request id).
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use medvault_core::VaultError;
+use medvault_fhir::{operation_outcome, FhirError, Issue, IssueCode};
+
+/// An error on its way to the client.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub issues: Vec<Issue>,
+    pub code: Option<&'static str>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: IssueCode, msg: impl Into<String>) -> Self {
+        ApiError { status, issues: vec![Issue::error(code, msg.into(), None)], code: None }
+    }
+    pub fn bad_request(msg: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, IssueCode::Invalid, msg)
+    }
+    pub fn unauthenticated() -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, IssueCode::Login, "authentication required")
+    }
+    pub fn not_found() -> Self {
+        Self::new(StatusCode::NOT_FOUND, IssueCode::NotFound, "not found")
+    }
+    pub fn too_large(limit: usize) -> Self {
+        Self::new(StatusCode::PAYLOAD_TOO_LARGE, IssueCode::TooLong, format!("request body exceeds {limit} bytes"))
+    }
+}
+
+impl From<VaultError> for ApiError {
+    fn from(e: VaultError) -> Self {
+        use StatusCode as S;
+        match e {
+            VaultError::Fhir(f) => {
+                let status = match f {
+                    FhirError::Invalid(_) => S::UNPROCESSABLE_ENTITY,
+                    _ => S::BAD_REQUEST,
+                };
+                ApiError { status, issues: f.issues(), code: None }
+            }
+            VaultError::BadRequest(m) => Self::new(S::BAD_REQUEST, IssueCode::Invalid, m),
+            VaultError::Unprocessable(m) => Self::new(S::UNPROCESSABLE_ENTITY, IssueCode::Processing, m),
+            VaultError::NotFound => Self::not_found(),
+            VaultError::Gone => Self::new(S::GONE, IssueCode::Deleted, "resource has been deleted"),
+            VaultError::Forbidden { withheld } => {
+                let cats: Vec<&str> = withheld.iter().map(|c| c.as_str()).collect();
+                let msg = if cats.is_empty() {
+                    "access denied".to_owned()
+                } else {
+                    format!("access denied: your role may not see {} for this purpose of use", cats.join(", "))
+                };
+                ApiError { status: S::FORBIDDEN, issues: vec![Issue::error(IssueCode::Forbidden, msg, None)], code: Some("forbidden") }
+            }
+            VaultError::Conflict => Self::new(S::CONFLICT, IssueCode::Conflict, "version conflict; read the resource and retry"),
+            VaultError::PreconditionFailed => {
+                Self::new(S::PRECONDITION_FAILED, IssueCode::Conflict, "If-Match does not match the current version")
+            }
+            VaultError::Unauthenticated | VaultError::Identity(_) => Self::unauthenticated(),
+            VaultError::AuditUnavailable => {
+                tracing::error!("audit append failed; request refused (fail closed)");
+                ApiError {
+                    status: S::SERVICE_UNAVAILABLE,
+                    issues: vec![Issue::error(IssueCode::Transient, "audit log unavailable; request refused".into(), None)],
+                    code: Some("audit-unavailable"),
+                }
+            }
+            VaultError::Unavailable(cause) => {
+                tracing::error!(%cause, "storage unavailable");
+                Self::new(S::SERVICE_UNAVAILABLE, IssueCode::Transient, "service temporarily unavailable")
+            }
+            VaultError::Internal(cause) => {
+                tracing::error!(%cause, "internal error");
+                Self::new(S::INTERNAL_SERVER_ERROR, IssueCode::Exception, "internal error")
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = operation_outcome(&self.issues, self.code);
+        let mut r = (self.status, serde_json::to_vec(&body).unwrap_or_default()).into_response();
+        r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(crate::FHIR_JSON));
+        if self.status == StatusCode::UNAUTHORIZED {
+            r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"medvault\""));
+        }
+        r
+    }
+}

@@ -1,0 +1,336 @@
+//! `/fhir`: the FHIR R4 REST interactions, rendered from [`Disclosed`] values only.
+
+use axum::extract::{Path, RawQuery, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::Response;
+use medvault_core::{Disclosed, SearchResult, Written};
+use medvault_fhir::{capability_statement, operation_outcome, Issue, IssueCode, Resource, ResourceType};
+use serde_json::{json, Map, Value};
+
+use crate::{blocking, body_bytes, caller, json_response, AppState, ApiError, Ctx};
+
+fn resource_type(s: &str) -> Result<ResourceType, ApiError> {
+    ResourceType::parse(s).ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, IssueCode::NotSupported, "unsupported resource type"))
+}
+
+fn valid_id(id: &str) -> Result<(), ApiError> {
+    if medvault_types::is_fhir_id(id) {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request("invalid resource id"))
+    }
+}
+
+fn base_url(h: &HeaderMap) -> String {
+    let host = h
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .filter(|s| !s.is_empty() && s.len() < 256 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b)))
+        .unwrap_or("localhost");
+    format!("https://{host}/fhir")
+}
+
+fn http_date(instant: &str) -> Option<String> {
+    let t = time::OffsetDateTime::parse(instant, &time::format_description::well_known::Rfc3339).ok()?;
+    let f = time::macros::format_description!(
+        "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
+    );
+    t.to_offset(time::UtcOffset::UTC).format(&f).ok()
+}
+
+fn set(r: &mut Response, k: header::HeaderName, v: &str) {
+    if let Ok(v) = HeaderValue::from_str(v) {
+        r.headers_mut().insert(k, v);
+    }
+}
+
+fn resource_response(status: StatusCode, d: &Disclosed) -> Response {
+    let body = d.json().map(|m| Value::Object(m.clone())).unwrap_or(Value::Null);
+    let mut r = json_response(status, &body);
+    set(&mut r, header::ETAG, &format!("W/\"{}\"", d.version()));
+    if let Some(lm) = http_date(d.last_updated()) {
+        set(&mut r, header::LAST_MODIFIED, &lm);
+    }
+    r
+}
+
+fn written_response(w: &Written, base: &str) -> Response {
+    let status = if w.created { StatusCode::CREATED } else { StatusCode::OK };
+    let mut r = match &w.body {
+        Some(d) => resource_response(status, d),
+        None => json_response(
+            status,
+            &operation_outcome(&[Issue::info(IssueCode::Informational, "stored; your role may not read it back".into())], None),
+        ),
+    };
+    set(&mut r, header::ETAG, &format!("W/\"{}\"", w.version));
+    set(&mut r, header::LOCATION, &format!("{base}/{}/{}/_history/{}", w.rtype, w.id, w.version));
+    if let Some(lm) = http_date(&w.last_updated) {
+        set(&mut r, header::LAST_MODIFIED, &lm);
+    }
+    r
+}
+
+fn require_fhir_json(h: &HeaderMap) -> Result<(), ApiError> {
+    let ct = h.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let mime = ct.split(';').next().unwrap_or("").trim();
+    if mime == "application/fhir+json" || mime == "application/json" {
+        Ok(())
+    } else {
+        Err(ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, IssueCode::NotSupported, "Content-Type must be application/fhir+json"))
+    }
+}
+
+fn withheld_entry(r: &SearchResult) -> Option<Value> {
+    if r.withheld.is_empty() {
+        return None;
+    }
+    let cats: Vec<&str> = r.withheld.iter().map(|c| c.as_str()).collect();
+    let oo = operation_outcome(
+        &[Issue::warning(
+            IssueCode::Suppressed,
+            format!("entries withheld: your role may not see {} for this purpose of use", cats.join(", ")),
+        )],
+        Some("withheld"),
+    );
+    Some(json!({"resource": oo, "search": {"mode": "outcome"}}))
+}
+
+fn subsetted_meta(b: &mut Map<String, Value>, r: &SearchResult) {
+    if !r.withheld.is_empty() {
+        b.insert(
+            "meta".into(),
+            json!({"security": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "SUBSETTED",
+                "display": "subsetted"}]}),
+        );
+    }
+}
+
+fn search_bundle(r: &SearchResult, base: &str, self_link: String, next: Option<String>) -> Value {
+    let mut entries: Vec<Value> = r
+        .entries
+        .iter()
+        .filter_map(|d| {
+            let res = d.json()?;
+            Some(json!({"fullUrl": format!("{base}/{}/{}", d.rtype(), d.id()), "resource": res, "search": {"mode": "match"}}))
+        })
+        .collect();
+    if let Some(w) = withheld_entry(r) {
+        entries.push(w);
+    }
+    let mut links = vec![json!({"relation": "self", "url": self_link})];
+    if let Some(n) = next {
+        links.push(json!({"relation": "next", "url": n}));
+    }
+    let mut b = Map::new();
+    b.insert("resourceType".into(), json!("Bundle"));
+    b.insert("type".into(), json!("searchset"));
+    subsetted_meta(&mut b, r);
+    b.insert("link".into(), Value::Array(links));
+    b.insert("entry".into(), Value::Array(entries));
+    Value::Object(b)
+}
+
+pub(crate) async fn metadata(State(_): State<AppState>) -> Response {
+    json_response(StatusCode::OK, &capability_statement(env!("CARGO_PKG_VERSION"), "2026-11-24"))
+}
+
+pub(crate) async fn search(
+    State(state): State<AppState>,
+    Path(rtype): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    ctx: Ctx,
+) -> Result<Response, ApiError> {
+    let rt = resource_type(&rtype)?;
+    let c = caller(&state, &ctx).await?;
+    let raw = query.unwrap_or_default();
+    let params: Vec<(String, String)> =
+        serde_urlencoded::from_str(&raw).map_err(|_| ApiError::bad_request("malformed query string"))?;
+    let vault = state.vault.clone();
+    let p2 = params.clone();
+    let r = blocking(move || vault.search(&c, rt, &p2)).await??;
+    let base = base_url(&headers);
+    let keep: Vec<(String, String)> = params.into_iter().filter(|(k, _)| k != "_offset" && k != "_count").collect();
+    let link = |offset: usize| {
+        let mut p = keep.clone();
+        p.push(("_count".into(), r.count.to_string()));
+        p.push(("_offset".into(), offset.to_string()));
+        format!("{base}/{rt}?{}", serde_urlencoded::to_string(&p).unwrap_or_default())
+    };
+    let next = r.more.then(|| link(r.offset + r.count));
+    Ok(json_response(StatusCode::OK, &search_bundle(&r, &base, link(r.offset), next)))
+}
+
+pub(crate) async fn create(
+    State(state): State<AppState>,
+    Path(rtype): Path<String>,
+    ctx: Ctx,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let rt = resource_type(&rtype)?;
+    let c = caller(&state, &ctx).await?;
+    require_fhir_json(req.headers())?;
+    let base = base_url(req.headers());
+    let body = body_bytes(&state, req).await?;
+    let vault = state.vault.clone();
+    let w = blocking(move || {
+        let res = Resource::parse(&body, Some(rt))?;
+        vault.create(&c, res)
+    })
+    .await??;
+    Ok(written_response(&w, &base))
+}
+
+pub(crate) async fn read(State(state): State<AppState>, Path((rtype, id)): Path<(String, String)>, ctx: Ctx) -> Result<Response, ApiError> {
+    let rt = resource_type(&rtype)?;
+    valid_id(&id)?;
+    let c = caller(&state, &ctx).await?;
+    let vault = state.vault.clone();
+    let d = blocking(move || vault.read(&c, rt, &id)).await??;
+    Ok(resource_response(StatusCode::OK, &d))
+}
+
+fn if_match(h: &HeaderMap) -> Result<Option<u64>, ApiError> {
+    let Some(v) = h.get(header::IF_MATCH) else { return Ok(None) };
+    let s = v.to_str().map_err(|_| ApiError::bad_request("invalid If-Match"))?.trim();
+    let s = s.strip_prefix("W/").unwrap_or(s).trim_matches('"');
+    s.parse::<u64>().map(Some).map_err(|_| ApiError::bad_request("If-Match must be an ETag like W/\"3\""))
+}
+
+pub(crate) async fn update(
+    State(state): State<AppState>,
+    Path((rtype, id)): Path<(String, String)>,
+    ctx: Ctx,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let rt = resource_type(&rtype)?;
+    valid_id(&id)?;
+    let c = caller(&state, &ctx).await?;
+    require_fhir_json(req.headers())?;
+    let expected = if_match(req.headers())?;
+    let base = base_url(req.headers());
+    let body = body_bytes(&state, req).await?;
+    let vault = state.vault.clone();
+    let w = blocking(move || {
+        let res = Resource::parse(&body, Some(rt))?;
+        vault.update(&c, &id, res, expected)
+    })
+    .await??;
+    Ok(written_response(&w, &base))
+}
+
+pub(crate) async fn delete(State(state): State<AppState>, Path((rtype, id)): Path<(String, String)>, ctx: Ctx) -> Result<Response, ApiError> {
+    let rt = resource_type(&rtype)?;
+    valid_id(&id)?;
+    let c = caller(&state, &ctx).await?;
+    let vault = state.vault.clone();
+    let v = blocking(move || vault.delete(&c, rt, &id)).await??;
+    let mut r = json_response(
+        StatusCode::OK,
+        &operation_outcome(&[Issue::info(IssueCode::Informational, "deleted".into())], None),
+    );
+    set(&mut r, header::ETAG, &format!("W/\"{v}\""));
+    Ok(r)
+}
+
+pub(crate) async fn vread(
+    State(state): State<AppState>,
+    Path((rtype, id, vid)): Path<(String, String, String)>,
+    ctx: Ctx,
+) -> Result<Response, ApiError> {
+    let rt = resource_type(&rtype)?;
+    valid_id(&id)?;
+    let v: u64 = vid.parse().map_err(|_| ApiError::bad_request("version id must be a number"))?;
+    let c = caller(&state, &ctx).await?;
+    let vault = state.vault.clone();
+    let d = blocking(move || vault.vread(&c, rt, &id, v)).await??;
+    Ok(resource_response(StatusCode::OK, &d))
+}
+
+pub(crate) async fn instance_op(
+    State(state): State<AppState>,
+    Path((rtype, id, op)): Path<(String, String, String)>,
+    headers: HeaderMap,
+    ctx: Ctx,
+) -> Result<Response, ApiError> {
+    let rt = resource_type(&rtype)?;
+    valid_id(&id)?;
+    let base = base_url(&headers);
+    match op.as_str() {
+        "_history" => {
+            let c = caller(&state, &ctx).await?;
+            let vault = state.vault.clone();
+            let id2 = id.clone();
+            let r = blocking(move || vault.history(&c, rt, &id2)).await??;
+            let mut entries: Vec<Value> = r
+                .entries
+                .iter()
+                .map(|d| {
+                    let url = format!("{rt}/{}", d.id());
+                    match d.json() {
+                        Some(res) => json!({"fullUrl": format!("{base}/{url}"), "resource": res,
+                            "request": {"method": if d.version() == 1 { "POST" } else { "PUT" }, "url": url},
+                            "response": {"status": if d.version() == 1 { "201" } else { "200" }, "etag": format!("W/\"{}\"", d.version()),
+                                         "lastModified": d.last_updated()}}),
+                        None => json!({"fullUrl": format!("{base}/{url}"), "request": {"method": "DELETE", "url": url},
+                            "response": {"status": "204", "etag": format!("W/\"{}\"", d.version()), "lastModified": d.last_updated()}}),
+                    }
+                })
+                .collect();
+            if let Some(w) = withheld_entry(&r) {
+                entries.push(w);
+            }
+            let mut b = Map::new();
+            b.insert("resourceType".into(), json!("Bundle"));
+            b.insert("type".into(), json!("history"));
+            subsetted_meta(&mut b, &r);
+            b.insert("link".into(), json!([{"relation": "self", "url": format!("{base}/{rt}/{id}/_history")}]));
+            b.insert("entry".into(), Value::Array(entries));
+            Ok(json_response(StatusCode::OK, &Value::Object(b)))
+        }
+        "$everything" if rt.as_str() == "Patient" => {
+            let c = caller(&state, &ctx).await?;
+            let vault = state.vault.clone();
+            let id2 = id.clone();
+            let r = blocking(move || vault.everything(&c, &id2)).await??;
+            let link = format!("{base}/Patient/{id}/$everything");
+            Ok(json_response(StatusCode::OK, &search_bundle(&r, &base, link, None)))
+        }
+        _ => Err(ApiError::not_found()),
+    }
+}
+
+pub(crate) async fn transaction(State(state): State<AppState>, ctx: Ctx, req: Request) -> Result<Response, ApiError> {
+    let c = caller(&state, &ctx).await?;
+    require_fhir_json(req.headers())?;
+    let base = base_url(req.headers());
+    let body = body_bytes(&state, req).await?;
+    let vault = state.vault.clone();
+    let results = blocking(move || {
+        let v: Value = serde_json::from_slice(&body)
+            .map_err(|e| medvault_core::VaultError::Fhir(medvault_fhir::FhirError::Malformed(short_json_error(&e))))?;
+        vault.transaction(&c, v, "transaction")
+    })
+    .await??;
+    let entries: Vec<Value> = results
+        .iter()
+        .map(|e| {
+            let mut resp = json!({"status": e.status, "location": format!("{base}/{}", e.location)});
+            if let Some(w) = &e.written {
+                resp["etag"] = json!(format!("W/\"{}\"", w.version));
+                resp["lastModified"] = json!(w.last_updated);
+            }
+            json!({"response": resp})
+        })
+        .collect();
+    Ok(json_response(StatusCode::OK, &json!({"resourceType": "Bundle", "type": "transaction-response", "entry": entries})))
+}
+
+fn short_json_error(e: &serde_json::Error) -> String {
+    if e.to_string().contains("recursion limit") {
+        "JSON nesting too deep".into()
+    } else {
+        format!("syntax error at line {} column {}", e.line(), e.column())
+    }
+}
