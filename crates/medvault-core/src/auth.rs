@@ -166,8 +166,21 @@ impl Vault {
         })
     }
 
+    /// Checks a chosen password against the password rules.
+    pub fn check_password(p: &Password) -> Result<(), VaultError> {
+        medvault_identity::Identity::check_password_strength(p).map_err(id_err)
+    }
+
     /// Staff users (name, role, disabled) for administrators.
     pub fn users(&self) -> Result<Vec<(String, String, bool)>, VaultError> {
         Ok(self.store.users()?.into_iter().map(|u| (u.username, u.role, u.disabled)).collect())
     }
+}
+
+/// The current TOTP code for a base32 secret (the `medvault totp-code` helper, for
+/// scripts and demos; any authenticator app computes the same).
+pub fn totp_now(secret_base32: &str, unix_time: i64) -> Option<String> {
+    let clean: String = secret_base32.chars().filter(|c| !c.is_whitespace() && *c != '=').collect::<String>().to_uppercase();
+    let bytes = data_encoding::BASE32_NOPAD.decode(clean.as_bytes()).ok()?;
+    Some(medvault_identity::totp_code(&bytes, unix_time.div_euclid(30)))
 }

@@ -1,1 +1,276 @@
-pub fn placeholder() {}
+//! The standard benchmark: the secure path (authenticate-free in-process caller →
+//! authorize → seal/open → blind index → audit append) against the same SQLite store
+//! read and written without security (plaintext JSON bodies, plaintext index tokens,
+//! no policy, no audit). Both run the same operations with the same thread count.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use medvault_fhir::{Resource, ResourceType};
+use medvault_store::{Expect, IndexRow, Op, SearchQuery, SqliteStore, Store, VersionRow, WriteBatch};
+use medvault_types::{Clock, PatientId, Purpose, Role, Username};
+use serde_json::{json, Value};
+
+use crate::{Caller, MasterKey, Principal, Vault, VaultError, VaultOptions};
+
+/// Benchmark parameters.
+#[derive(Debug, Clone, Copy)]
+pub struct BenchOptions {
+    /// Patient counts to run at (the SPEC table uses 1 and 100,000).
+    pub sizes: [usize; 2],
+    /// Operations per measurement.
+    pub ops: usize,
+    /// Concurrent client threads.
+    pub threads: usize,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        BenchOptions { sizes: [1, 100_000], ops: 20_000, threads: 8 }
+    }
+}
+
+/// One measured row: secure and plain throughput (ops/s) and latency (µs).
+#[derive(Debug, Clone)]
+pub struct Measure {
+    pub ops_per_sec: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct BenchRow {
+    pub patients: usize,
+    pub operation: &'static str,
+    pub secure: Measure,
+    pub plain: Option<Measure>,
+}
+
+fn measure(threads: usize, ops: usize, f: &(dyn Fn(usize) -> Result<(), VaultError> + Sync)) -> Result<Measure, VaultError> {
+    let next = AtomicUsize::new(0);
+    let start = Instant::now();
+    let results: Vec<Result<Vec<Duration>, VaultError>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads.max(1))
+            .map(|_| {
+                s.spawn(|| {
+                    let mut lat = Vec::with_capacity(ops / threads.max(1) + 1);
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= ops {
+                            return Ok(lat);
+                        }
+                        let t = Instant::now();
+                        f(i)?;
+                        lat.push(t.elapsed());
+                    }
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap_or(Err(VaultError::Internal("bench thread panicked".into())))).collect()
+    });
+    let elapsed = start.elapsed().as_secs_f64();
+    let mut all: Vec<Duration> = vec![];
+    for r in results {
+        all.extend(r?);
+    }
+    all.sort();
+    let pct = |p: f64| {
+        let i = ((all.len() as f64 - 1.0) * p).round() as usize;
+        all.get(i).map(|d| d.as_secs_f64() * 1e6).unwrap_or(0.0)
+    };
+    Ok(Measure { ops_per_sec: ops as f64 / elapsed.max(1e-9), p50_us: pct(0.5), p99_us: pct(0.99) })
+}
+
+fn patient_json(i: usize) -> Value {
+    json!({"resourceType": "Patient", "identifier": [{"system": "https://medvault.dev/sid/mrn", "value": format!("MRN-{i:08}")}],
+        "name": [{"family": format!("Family{}", i % 5000), "given": [format!("Given{}", i % 700)]}], "gender": "female",
+        "birthDate": format!("{}-0{}-1{}", 1940 + i % 80, 1 + i % 9, i % 10)})
+}
+
+fn obs_json(patient: &str, i: usize) -> Value {
+    json!({"resourceType": "Observation", "status": "final",
+        "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": "vital-signs"}]}],
+        "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4", "display": "Heart rate"}]},
+        "subject": {"reference": format!("Patient/{patient}")}, "effectiveDateTime": "2026-01-02T10:00:00Z",
+        "valueQuantity": {"value": 50 + i % 60, "unit": "/min", "system": "http://unitsofmeasure.org", "code": "/min"}})
+}
+
+struct Fixture {
+    vault: Vault,
+    plain: Arc<SqliteStore>,
+    /// (patient id, observation id) pairs, secure side and plain side.
+    secure_ids: Vec<(String, String)>,
+    plain_ids: Vec<(String, String)>,
+}
+
+fn plain_put(rt: &str, id: &str, patient: &str, v: &Value, index: Vec<IndexRow>) -> Op {
+    Op::PutVersion {
+        row: VersionRow {
+            patient: PatientId::new(patient).ok(),
+            rtype: rt.into(),
+            id: id.into(),
+            version: 1,
+            last_updated: "2026-01-01T00:00:00.000Z".into(),
+            deleted: false,
+            category: "vitals".into(),
+            key_version: 0,
+            body: serde_json::to_vec(v).unwrap_or_default(),
+        },
+        expect: Expect::Absent,
+        index,
+    }
+}
+
+fn setup(dir: &Path, patients: usize, clock: Arc<dyn Clock>, progress: &dyn Fn(usize, usize)) -> Result<Fixture, VaultError> {
+    let store = SqliteStore::open(&dir.join("secure.db"))?;
+    let vault = Vault::open(store, MasterKey::generate(), clock, VaultOptions::default())?;
+    let plain = SqliteStore::open(&dir.join("plain.db"))?;
+    let importer = Caller::cli(Role::Importer);
+    let mut secure_ids = vec![];
+    let mut plain_ids = vec![];
+    let chunk = 1000;
+    let mut done = 0;
+    while done < patients {
+        let n = chunk.min(patients - done);
+        let mut entries = vec![];
+        let mut ops = vec![];
+        for i in done..done + n {
+            let purl = format!("urn:uuid:{}", medvault_types::random_uuid());
+            entries.push(json!({"fullUrl": purl, "resource": patient_json(i), "request": {"method": "POST", "url": "Patient"}}));
+            let mut o = obs_json("x", i);
+            o["subject"] = json!({"reference": purl});
+            entries.push(json!({"resource": o, "request": {"method": "POST", "url": "Observation"}}));
+            let (pid, oid) = (medvault_types::random_uuid(), medvault_types::random_uuid());
+            let tok = |p: &str, v: &str| IndexRow { param: p.into(), token: v.as_bytes().to_vec() };
+            ops.push(plain_put("Patient", &pid, &pid, &patient_json(i), vec![tok("identifier", &format!("MRN-{i:08}"))]));
+            ops.push(plain_put("Observation", &oid, &pid, &obs_json(&pid, i), vec![tok("code", "8867-4"), tok("status", "final")]));
+            plain_ids.push((pid, oid));
+        }
+        let results = vault.transaction(&importer, json!({"resourceType": "Bundle", "type": "transaction", "entry": entries}), "import")?;
+        for pair in results.chunks(2) {
+            if let [p, o] = pair {
+                if let (Some(p), Some(o)) = (&p.written, &o.written) {
+                    secure_ids.push((p.id.clone(), o.id.clone()));
+                }
+            }
+        }
+        plain.commit(WriteBatch { ops, audit: vec![] })?;
+        done += n;
+        progress(done, patients);
+    }
+    Ok(Fixture { vault, plain, secure_ids, plain_ids })
+}
+
+fn physician() -> Result<Caller, VaultError> {
+    let username = Username::new("bench.physician").map_err(|e| VaultError::Internal(e.to_string()))?;
+    Ok(Caller::new(Principal { username, role: Role::Physician }, Some(Purpose::Treat), Some("bench".into()), "bench".into()))
+}
+
+/// Runs the benchmark in `dir` (a fresh temporary directory).
+pub fn run(
+    dir: &Path,
+    opts: BenchOptions,
+    clock: Arc<dyn Clock>,
+    progress: &dyn Fn(&str, usize, usize),
+) -> Result<Vec<BenchRow>, VaultError> {
+    let mut rows = vec![];
+    for (k, &size) in opts.sizes.iter().enumerate() {
+        let sub = dir.join(format!("run{k}"));
+        std::fs::create_dir_all(&sub).map_err(|e| VaultError::Internal(e.to_string()))?;
+        let fx = setup(&sub, size.max(1), clock.clone(), &|d, t| progress("loading patients", d, t))?;
+        let c = physician()?;
+        let obs = ResourceType::parse("Observation").ok_or(VaultError::Internal("type".into()))?;
+        let n = fx.secure_ids.len().max(1);
+        let pick = |i: usize| (i.wrapping_mul(2_654_435_761)) % n;
+        progress("reads", 0, 1);
+        let secure = measure(opts.threads, opts.ops, &|i| {
+            let (_, oid) = fx.secure_ids.get(pick(i)).ok_or(VaultError::NotFound)?;
+            fx.vault.read(&c, obs, oid).map(|_| ())
+        })?;
+        let plain = measure(opts.threads, opts.ops, &|i| {
+            let (_, oid) = fx.plain_ids.get(pick(i)).ok_or(VaultError::NotFound)?;
+            let row = fx.plain.current("Observation", oid)?.ok_or(VaultError::NotFound)?;
+            let _: Value = serde_json::from_slice(&row.body).map_err(|e| VaultError::Internal(e.to_string()))?;
+            Ok(())
+        })?;
+        rows.push(BenchRow { patients: size, operation: "read", secure, plain: Some(plain) });
+
+        progress("searches", 0, 1);
+        let secure = measure(opts.threads, opts.ops / 2, &|i| {
+            let (pid, _) = fx.secure_ids.get(pick(i)).ok_or(VaultError::NotFound)?;
+            let p = vec![("patient".to_owned(), pid.clone()), ("code".to_owned(), "http://loinc.org|8867-4".to_owned())];
+            fx.vault.search(&c, obs, &p).map(|_| ())
+        })?;
+        let plain = measure(opts.threads, opts.ops / 2, &|i| {
+            let (pid, _) = fx.plain_ids.get(pick(i)).ok_or(VaultError::NotFound)?;
+            let q = SearchQuery {
+                rtype: Some("Observation".into()),
+                patient: PatientId::new(pid).ok(),
+                tokens: vec![("code".into(), vec![b"8867-4".to_vec()])],
+                limit: 50,
+                ..Default::default()
+            };
+            for row in fx.plain.search(&q)?.rows {
+                let _: Value = serde_json::from_slice(&row.body).map_err(|e| VaultError::Internal(e.to_string()))?;
+            }
+            Ok(())
+        })?;
+        rows.push(BenchRow { patients: size, operation: "search", secure, plain: Some(plain) });
+
+        progress("writes", 0, 1);
+        let secure = measure(opts.threads, opts.ops / 2, &|i| {
+            let (pid, _) = fx.secure_ids.get(pick(i)).ok_or(VaultError::NotFound)?;
+            let r = Resource::from_value(obs_json(pid, i), Some(obs))?;
+            fx.vault.create(&c, r).map(|_| ())
+        })?;
+        let plain = measure(opts.threads, opts.ops / 2, &|i| {
+            let (pid, _) = fx.plain_ids.get(pick(i)).ok_or(VaultError::NotFound)?;
+            let id = medvault_types::random_uuid();
+            let tok = |p: &str, v: &str| IndexRow { param: p.into(), token: v.as_bytes().to_vec() };
+            let op = plain_put("Observation", &id, pid, &obs_json(pid, i), vec![tok("code", "8867-4"), tok("status", "final")]);
+            fx.plain.commit(WriteBatch { ops: vec![op], audit: vec![] })?;
+            Ok(())
+        })?;
+        rows.push(BenchRow { patients: size, operation: "write", secure, plain: Some(plain) });
+
+        progress("audit appends", 0, 1);
+        let secure = measure(opts.threads, opts.ops, &|_| fx.vault.audit(vec![fx.vault.record(&c, "bench", crate::Outcome::Success)]))?;
+        rows.push(BenchRow { patients: size, operation: "audit append", secure, plain: None });
+        fx.plain.close();
+    }
+    Ok(rows)
+}
+
+/// The table as text.
+pub fn render(rows: &[BenchRow]) -> String {
+    let mut s = format!(
+        "{:>9}  {:<13} {:>12} {:>12} {:>7}  {:>9} {:>9}  {:>9} {:>9}\n",
+        "patients", "operation", "secure/s", "plain/s", "ratio", "sec p50", "sec p99", "plain p50", "plain p99"
+    );
+    for r in rows {
+        let (plain, ratio, pp50, pp99) = match &r.plain {
+            Some(p) => (
+                format!("{:.0}", p.ops_per_sec),
+                format!("{:.2}", r.secure.ops_per_sec / p.ops_per_sec.max(1e-9)),
+                format!("{:.0}µs", p.p50_us),
+                format!("{:.0}µs", p.p99_us),
+            ),
+            None => ("-".into(), "-".into(), "-".into(), "-".into()),
+        };
+        s.push_str(&format!(
+            "{:>9}  {:<13} {:>12.0} {:>12} {:>7}  {:>9} {:>9}  {:>9} {:>9}\n",
+            r.patients,
+            r.operation,
+            r.secure.ops_per_sec,
+            plain,
+            ratio,
+            format!("{:.0}µs", r.secure.p50_us),
+            format!("{:.0}µs", r.secure.p99_us),
+            pp50,
+            pp99
+        ));
+    }
+    s
+}

@@ -19,11 +19,12 @@ mod search;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-pub use auth::{LoginChallenge, NewUserInfo, SessionGrant};
+pub use auth::{totp_now, LoginChallenge, NewUserInfo, SessionGrant};
 pub use medvault_audit::{AuditRecord, Outcome};
 pub use medvault_crypto::MasterKey;
 pub use medvault_identity::{Password, Principal, SessionPolicy, Token};
-pub use medvault_store::{SqliteStore, Store};
+pub use medvault_store::{faulty::FaultyStore, SqliteStore, Store};
+pub use medvault_types::{Category, Clock, Purpose, Role};
 pub use search::SearchResult;
 
 use medvault_crypto::{record_aad, BlindIndexer, DataKey, IndexRootKey, KeyCache, RecordCipher};
@@ -31,7 +32,7 @@ use medvault_fhir::{FhirError, Resource, ResourceType};
 use medvault_identity::Identity;
 use medvault_policy::{PolicyEngine, Query};
 use medvault_store::{Committed, Expect, IndexRow, Op, StoreError, VersionRow, WriteBatch};
-use medvault_types::{Action, Category, Clock, PatientId, Purpose, Role, Username};
+use medvault_types::{Action, PatientId, Username};
 use serde_json::{Map, Value};
 
 /// Data-key id for non-patient (directory) resources such as Practitioner.

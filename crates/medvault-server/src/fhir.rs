@@ -1,7 +1,7 @@
 //! `/fhir`: the FHIR R4 REST interactions, rendered from [`Disclosed`] values only.
 
 use axum::extract::{Path, RawQuery, Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::response::Response;
 use medvault_core::{Disclosed, SearchResult, Written};
 use medvault_fhir::{capability_statement, operation_outcome, Issue, IssueCode, Resource, ResourceType};
@@ -21,10 +21,11 @@ fn valid_id(id: &str) -> Result<(), ApiError> {
     }
 }
 
-fn base_url(h: &HeaderMap) -> String {
-    let host = h
-        .get(header::HOST)
-        .and_then(|v| v.to_str().ok())
+fn base_url(uri: &Uri, h: &HeaderMap) -> String {
+    let host = uri
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| h.get(header::HOST).and_then(|v| v.to_str().ok()))
         .filter(|s| !s.is_empty() && s.len() < 256 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b)))
         .unwrap_or("localhost");
     format!("https://{host}/fhir")
@@ -139,6 +140,7 @@ pub(crate) async fn search(
     State(state): State<AppState>,
     Path(rtype): Path<String>,
     RawQuery(query): RawQuery,
+    uri: Uri,
     headers: HeaderMap,
     ctx: Ctx,
 ) -> Result<Response, ApiError> {
@@ -150,7 +152,7 @@ pub(crate) async fn search(
     let vault = state.vault.clone();
     let p2 = params.clone();
     let r = blocking(move || vault.search(&c, rt, &p2)).await??;
-    let base = base_url(&headers);
+    let base = base_url(&uri, &headers);
     let keep: Vec<(String, String)> = params.into_iter().filter(|(k, _)| k != "_offset" && k != "_count").collect();
     let link = |offset: usize| {
         let mut p = keep.clone();
@@ -171,7 +173,7 @@ pub(crate) async fn create(
     let rt = resource_type(&rtype)?;
     let c = caller(&state, &ctx).await?;
     require_fhir_json(req.headers())?;
-    let base = base_url(req.headers());
+    let base = base_url(req.uri(), req.headers());
     let body = body_bytes(&state, req).await?;
     let vault = state.vault.clone();
     let w = blocking(move || {
@@ -209,7 +211,7 @@ pub(crate) async fn update(
     let c = caller(&state, &ctx).await?;
     require_fhir_json(req.headers())?;
     let expected = if_match(req.headers())?;
-    let base = base_url(req.headers());
+    let base = base_url(req.uri(), req.headers());
     let body = body_bytes(&state, req).await?;
     let vault = state.vault.clone();
     let w = blocking(move || {
@@ -251,12 +253,13 @@ pub(crate) async fn vread(
 pub(crate) async fn instance_op(
     State(state): State<AppState>,
     Path((rtype, id, op)): Path<(String, String, String)>,
+    uri: Uri,
     headers: HeaderMap,
     ctx: Ctx,
 ) -> Result<Response, ApiError> {
     let rt = resource_type(&rtype)?;
     valid_id(&id)?;
-    let base = base_url(&headers);
+    let base = base_url(&uri, &headers);
     match op.as_str() {
         "_history" => {
             let c = caller(&state, &ctx).await?;
@@ -304,7 +307,7 @@ pub(crate) async fn instance_op(
 pub(crate) async fn transaction(State(state): State<AppState>, ctx: Ctx, req: Request) -> Result<Response, ApiError> {
     let c = caller(&state, &ctx).await?;
     require_fhir_json(req.headers())?;
-    let base = base_url(req.headers());
+    let base = base_url(req.uri(), req.headers());
     let body = body_bytes(&state, req).await?;
     let vault = state.vault.clone();
     let results = blocking(move || {

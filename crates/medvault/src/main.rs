@@ -1,1 +1,437 @@
-fn main() {}
+//! medvault — the binary: command line for init, serve, demo, user administration,
+//! import and the benchmark. The one real clock lives here.
+#![forbid(unsafe_code)]
+
+mod config;
+
+use std::io::{IsTerminal, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Parser, Subcommand};
+use config::Config;
+use medvault_core::{Caller, Clock, MasterKey, Password, Role, SessionPolicy, SqliteStore, Vault, VaultError, VaultOptions};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+
+/// The system clock: the only place medvault reads the wall clock.
+struct SystemClock;
+
+impl Clock for SystemClock {
+    #[expect(clippy::disallowed_methods, reason = "the one real clock, wired in the binary")]
+    fn now(&self) -> OffsetDateTime {
+        OffsetDateTime::now_utc()
+    }
+}
+
+#[derive(Parser)]
+#[command(name = "medvault", version, about = "Secure electronic medical records server")]
+struct Cli {
+    /// Data directory.
+    #[arg(long, global = true, env = "MEDVAULT_DATA_DIR", default_value = "./medvault-data")]
+    data_dir: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a data directory: config, master key, TLS certificate, database, first administrator.
+    Init {
+        #[arg(long, default_value = "admin")]
+        admin_user: String,
+        #[arg(long)]
+        admin_password_file: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Serve HTTPS (TLS 1.3).
+    Serve {
+        #[arg(long, env = "MEDVAULT_LISTEN")]
+        listen: Option<String>,
+    },
+    /// Initialize (if needed), load synthetic patients and staff, and serve.
+    Demo {
+        #[arg(long, default_value_t = 200)]
+        patients: usize,
+        #[arg(long, env = "MEDVAULT_LISTEN")]
+        listen: Option<String>,
+        #[arg(long, default_value_t = 20_261_124)]
+        seed: u64,
+    },
+    /// Staff user administration.
+    User {
+        #[command(subcommand)]
+        command: UserCommand,
+    },
+    /// Import a FHIR Bundle (transaction or collection) through the secure path, all-or-nothing.
+    Import {
+        file: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the standard benchmark: secure path vs plain store.
+    Bench {
+        /// Largest patient count (the table runs at 1 and at this many).
+        #[arg(long, default_value_t = 100_000)]
+        patients: usize,
+        #[arg(long, default_value_t = 20_000)]
+        ops: usize,
+        #[arg(long, default_value_t = 8)]
+        threads: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Configuration.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Print the current code for a TOTP secret (base32), as an authenticator app would.
+    TotpCode { secret: String },
+}
+
+#[derive(Subcommand)]
+enum UserCommand {
+    /// Add a staff user; prints the password (generated unless given) and TOTP enrollment.
+    Add {
+        name: String,
+        #[arg(long)]
+        role: String,
+        #[arg(long)]
+        password_file: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Print the effective configuration (secrets are files and never printed).
+    Show,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let filter = std::env::var("MEDVAULT_LOG").unwrap_or_else(|_| {
+        if matches!(cli.command, Command::Serve { .. } | Command::Demo { .. }) { "info".into() } else { "warn".into() }
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    if let Err(e) = run(cli) {
+        let msg = format!("{e:#}").replace('\n', " ");
+        eprintln!("error: {msg}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let dir = cli.data_dir;
+    match cli.command {
+        Command::Init { admin_user, admin_password_file, json } => {
+            let pw = admin_password_file.map(|f| read_secret_file(&f)).transpose()?;
+            let out = init(&dir, &admin_user, pw)?;
+            print_init(&out, json);
+            Ok(())
+        }
+        Command::Serve { listen } => serve(&dir, listen),
+        Command::Demo { patients, listen, seed } => demo(&dir, patients, seed, listen),
+        Command::User { command: UserCommand::Add { name, role, password_file, json } } => {
+            let role: Role = role.parse().map_err(|e| anyhow!("{e}"))?;
+            let pw = password_file.map(|f| read_secret_file(&f)).transpose()?;
+            let (cfg, vault) = open(&dir)?;
+            drop(cfg);
+            let u = vault.add_user(&Caller::cli(Role::SecurityAdmin), &name, role, pw).map_err(describe)?;
+            if json {
+                let mut v = json!({"username": u.username.as_str(), "role": u.role.as_str(), "password": u.password.expose(),
+                    "totp_secret": u.totp_secret, "totp_uri": u.totp_uri});
+                if let Some(p) = &u.practitioner_id {
+                    v["practitioner_id"] = json!(p);
+                }
+                println!("{v}");
+            } else {
+                println!("user:         {} ({})", u.username, u.role);
+                println!("password:     {}", u.password.expose());
+                println!("totp secret:  {}", u.totp_secret);
+                println!("totp uri:     {}", u.totp_uri);
+                if let Some(p) = &u.practitioner_id {
+                    println!("practitioner: Practitioner/{p}");
+                }
+                println!("(shown once; medvault stores only a hash of the password and a sealed TOTP seed)");
+            }
+            Ok(())
+        }
+        Command::Import { file, json } => {
+            let meta = std::fs::metadata(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            if meta.len() > 1 << 30 {
+                bail!("{} is larger than 1 GiB; split the Bundle", file.display());
+            }
+            let text = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let value: serde_json::Value =
+                serde_json::from_slice(&text).map_err(|e| anyhow!("{} is not valid JSON (line {}, column {})", file.display(), e.line(), e.column()))?;
+            let (_, vault) = open(&dir)?;
+            let results = vault.transaction(&Caller::cli(Role::Importer), value, "import").map_err(describe)?;
+            if json {
+                println!("{}", json!({"imported": results.len()}));
+            } else {
+                println!("imported {} resources from {}", results.len(), file.display());
+            }
+            Ok(())
+        }
+        Command::Bench { patients, ops, threads, json } => bench(patients, ops, threads, json),
+        Command::Config { command: ConfigCommand::Show } => {
+            let cfg = Config::load(&dir)?;
+            print!("{}", cfg.to_toml()?);
+            Ok(())
+        }
+        Command::TotpCode { secret } => {
+            let code = medvault_core::totp_now(&secret, SystemClock.now().unix_timestamp()).ok_or_else(|| anyhow!("secret is not base32"))?;
+            println!("{code}");
+            Ok(())
+        }
+    }
+}
+
+/// One line for a gate error, with the first validation issue when there is one.
+fn describe(e: VaultError) -> anyhow::Error {
+    if let VaultError::Fhir(f) = &e {
+        if let Some(i) = f.issues().first() {
+            return anyhow!("{}: {}{}", e, i.diagnostics, i.expression.as_ref().map(|x| format!(" at {x}")).unwrap_or_default());
+        }
+    }
+    if let VaultError::Forbidden { withheld } = &e {
+        let cats: Vec<&str> = withheld.iter().map(|c| c.as_str()).collect();
+        return anyhow!("access denied ({})", cats.join(", "));
+    }
+    anyhow!("{e}")
+}
+
+fn read_secret_file(f: &Path) -> Result<Password> {
+    let s = std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?;
+    Ok(Password::new(s.trim_end_matches(['\n', '\r']).to_owned()))
+}
+
+fn write_private(path: &Path, data: &[u8]) -> Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    Ok(())
+}
+
+fn options(cfg: &Config) -> VaultOptions {
+    VaultOptions {
+        session: SessionPolicy {
+            idle_timeout_secs: cfg.session.idle_timeout_secs,
+            absolute_timeout_secs: cfg.session.absolute_timeout_secs,
+            mfa_challenge_secs: 300,
+        },
+        key_cache_capacity: cfg.keys.key_cache_capacity,
+        ..VaultOptions::default()
+    }
+}
+
+fn open(dir: &Path) -> Result<(Config, Arc<Vault>)> {
+    let cfg = Config::load(dir)?;
+    let master = MasterKey::load_file(&dir.join(&cfg.keys.master_key_file))?;
+    let store = SqliteStore::open(&dir.join(&cfg.storage.path))?;
+    let vault = Vault::open(store, master, Arc::new(SystemClock), options(&cfg)).map_err(describe)?;
+    Ok((cfg, Arc::new(vault)))
+}
+
+struct InitOutput {
+    user: medvault_core::NewUserInfo,
+    cert_sha256: String,
+}
+
+fn init(dir: &Path, admin: &str, password: Option<Password>) -> Result<InitOutput> {
+    if dir.exists() && std::fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(true) {
+        bail!("{} already exists and is not empty; refusing to overwrite it", dir.display());
+    }
+    if let Some(p) = &password {
+        medvault_core::Vault::check_password(p).map_err(describe)?;
+    }
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let cfg = Config::default();
+    let result = (|| -> Result<InitOutput> {
+        let master = MasterKey::create_file(&dir.join(&cfg.keys.master_key_file))?;
+        std::fs::DirBuilder::new().mode(0o700).create(dir.join("tls"))?;
+        let names = vec!["localhost".to_owned(), "127.0.0.1".to_owned(), "::1".to_owned()];
+        let mut params = rcgen::CertificateParams::new(names)?;
+        params.distinguished_name.push(rcgen::DnType::CommonName, "medvault");
+        let key = rcgen::KeyPair::generate()?;
+        let cert = params.self_signed(&key)?;
+        write_private(&dir.join(&cfg.tls.cert), cert.pem().as_bytes())?;
+        write_private(&dir.join(&cfg.tls.key), key.serialize_pem().as_bytes())?;
+        let cert_sha256: String = Sha256::digest(cert.der()).iter().map(|b| format!("{b:02x}")).collect();
+        write_private(&dir.join(config::FILE), cfg.to_toml()?.as_bytes())?;
+        let store = SqliteStore::open(&dir.join(&cfg.storage.path))?;
+        let vault = Vault::open(store, master, Arc::new(SystemClock), options(&cfg)).map_err(describe)?;
+        let user = vault.add_user(&Caller::cli(Role::SecurityAdmin), admin, Role::SecurityAdmin, password).map_err(describe)?;
+        Ok(InitOutput { user, cert_sha256 })
+    })();
+    if result.is_err() {
+        // Leave nothing half-made behind (law 8).
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    result
+}
+
+fn print_init(o: &InitOutput, json: bool) {
+    if json {
+        println!(
+            "{}",
+            json!({"admin_user": o.user.username.as_str(), "admin_password": o.user.password.expose(),
+                "totp_secret": o.user.totp_secret, "totp_uri": o.user.totp_uri, "tls_cert_sha256": o.cert_sha256})
+        );
+    } else {
+        println!("medvault initialized.");
+        println!("security administrator: {}", o.user.username);
+        println!("password:               {}", o.user.password.expose());
+        println!("TOTP (add to an authenticator app): {}", o.user.totp_uri);
+        println!("TLS certificate SHA-256: {}", o.cert_sha256);
+        println!("These secrets are shown once.");
+    }
+}
+
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    async {
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {},
+            () = term => {},
+        }
+        tracing::info!("shutting down: finishing in-flight requests");
+    }
+}
+
+fn serve_vault(dir: &Path, cfg: &Config, vault: Arc<Vault>, listen: Option<String>) -> Result<()> {
+    let listen = listen.unwrap_or_else(|| cfg.server.listen.clone());
+    let tls = medvault_server::load_tls_config(&dir.join(&cfg.tls.cert), &dir.join(&cfg.tls.key))?;
+    let state = medvault_server::AppState {
+        vault,
+        options: medvault_server::HttpOptions { max_body_bytes: cfg.server.max_body_bytes },
+    };
+    let app = medvault_server::router(state);
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("cannot listen on {listen}"))?;
+        let addr = listener.local_addr()?;
+        println!("listening on https://{addr}");
+        std::io::stdout().flush()?;
+        medvault_server::serve(app, listener, tls, shutdown_signal()).await;
+        Ok::<(), anyhow::Error>(())
+    })?;
+    rt.shutdown_timeout(std::time::Duration::from_secs(5));
+    Ok(())
+}
+
+fn serve(dir: &Path, listen: Option<String>) -> Result<()> {
+    let (cfg, vault) = open(dir)?;
+    serve_vault(dir, &cfg, vault, listen)
+}
+
+const DEMO_ROLES: &[Role] =
+    &[Role::Physician, Role::Nurse, Role::FrontDesk, Role::Billing, Role::SecurityAdmin, Role::PrivacyOfficer, Role::Auditor];
+
+fn demo(dir: &Path, patients: usize, seed: u64, listen: Option<String>) -> Result<()> {
+    let fresh = !dir.join(config::FILE).exists();
+    if fresh {
+        let out = init(dir, "admin", None)?;
+        println!("Created {} (TLS certificate SHA-256 {})", dir.display(), out.cert_sha256);
+        let (_, vault) = open(dir)?;
+        let bar = progress_bar(patients as u64, "generating synthetic charts");
+        let bundle = medvault_core::demo::bundle(seed, patients);
+        if let Some(b) = &bar {
+            b.set_message("loading through the secure path");
+        }
+        let n = vault.transaction(&Caller::cli(Role::Importer), bundle, "import").map_err(describe)?.len();
+        if let Some(b) = bar {
+            b.finish_and_clear();
+        }
+        println!("Loaded {patients} synthetic patients ({n} FHIR resources), all fiction.");
+        println!();
+        println!("{:<22} {:<16} {:<22} {}", "user", "role", "password", "TOTP secret (base32)");
+        println!("{:<22} {:<16} {:<22} {}", out.user.username.as_str(), "security_admin", out.user.password.expose(), out.user.totp_secret);
+        for role in DEMO_ROLES {
+            let name = format!("demo.{}", role.as_str().replace('_', "-"));
+            let u = vault.add_user(&Caller::cli(Role::SecurityAdmin), &name, *role, None).map_err(describe)?;
+            println!("{:<22} {:<16} {:<22} {}", u.username.as_str(), role.as_str(), u.password.expose(), u.totp_secret);
+        }
+        println!();
+        println!("Log in: POST /auth/login {{\"username\",\"password\"}}, then POST /auth/mfa/totp {{\"mfa_token\",\"code\"}}");
+        println!("with a code from an authenticator app, or `medvault totp-code SECRET`. These logins are shown once.");
+        drop(vault);
+    } else {
+        println!("Using the existing demo data in {} (its logins were printed when it was created;", dir.display());
+        println!("delete the directory to start over).");
+    }
+    let (cfg, vault) = open(dir)?;
+    serve_vault(dir, &cfg, vault, listen)
+}
+
+fn progress_bar(len: u64, msg: &'static str) -> Option<indicatif::ProgressBar> {
+    if !std::io::stdout().is_terminal() {
+        return None;
+    }
+    let b = indicatif::ProgressBar::new(len);
+    b.set_style(indicatif::ProgressStyle::with_template("{spinner} {msg} [{bar:30}] {pos}/{len}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
+    b.set_message(msg);
+    b.enable_steady_tick(std::time::Duration::from_millis(120));
+    Some(b)
+}
+
+fn bench(patients: usize, ops: usize, threads: usize, json: bool) -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let bar = progress_bar(patients as u64, "loading patients");
+    let rows = medvault_core::bench::run(
+        tmp.path(),
+        medvault_core::bench::BenchOptions { sizes: [1, patients.max(1)], ops: ops.max(1), threads: threads.max(1) },
+        Arc::new(SystemClock),
+        &|stage, done, total| {
+            if let Some(b) = &bar {
+                b.set_message(stage.to_owned());
+                b.set_length(total as u64);
+                b.set_position(done as u64);
+            }
+        },
+    )
+    .map_err(describe)?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    if json {
+        let v: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|r| {
+                json!({"patients": r.patients, "operation": r.operation,
+                "secure_ops_per_sec": r.secure.ops_per_sec, "secure_p50_us": r.secure.p50_us, "secure_p99_us": r.secure.p99_us,
+                "plain_ops_per_sec": r.plain.as_ref().map(|p| p.ops_per_sec), "plain_p50_us": r.plain.as_ref().map(|p| p.p50_us),
+                "plain_p99_us": r.plain.as_ref().map(|p| p.p99_us),
+                "ratio": r.plain.as_ref().map(|p| r.secure.ops_per_sec / p.ops_per_sec.max(1e-9))})
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(v));
+    } else {
+        println!("medvault bench: secure path vs plain store, {threads} client threads, in-process, SQLite (WAL)");
+        print!("{}", medvault_core::bench::render(&rows));
+    }
+    Ok(())
+}
