@@ -54,7 +54,13 @@ pub struct AuditRecord {
 
 impl AuditRecord {
     /// A record with a fresh salt; fill in the rest with the builder methods.
-    pub fn new(action: &str, actor: &str, outcome: Outcome, time: String, request_id: &str) -> Self {
+    pub fn new(
+        action: &str,
+        actor: &str,
+        outcome: Outcome,
+        time: String,
+        request_id: &str,
+    ) -> Self {
         let mut salt = [0u8; 16];
         rand::thread_rng().fill_bytes(&mut salt);
         AuditRecord {
@@ -78,7 +84,10 @@ impl AuditRecord {
     /// A copy with a fresh salt (for one event recorded against several patients).
     pub fn resalted(&self) -> Self {
         let fresh = AuditRecord::new("", "", self.outcome, String::new(), "");
-        AuditRecord { salt: fresh.salt, ..self.clone() }
+        AuditRecord {
+            salt: fresh.salt,
+            ..self.clone()
+        }
     }
 
     /// The canonical bytes committed to the log.
@@ -114,7 +123,11 @@ mod tests {
     fn canonical_is_stable_and_salted() {
         let a = AuditRecord::new("read", "ann", Outcome::Success, "t".into(), "r1");
         let b = AuditRecord::new("read", "ann", Outcome::Success, "t".into(), "r1");
-        assert_ne!(a.to_leaf().0, b.to_leaf().0, "salt makes equal events distinct");
+        assert_ne!(
+            a.to_leaf().0,
+            b.to_leaf().0,
+            "salt makes equal events distinct"
+        );
         let back = AuditRecord::from_canonical(&a.canonical()).unwrap();
         assert_eq!(back.canonical(), a.canonical());
         let text = String::from_utf8(a.canonical()).unwrap();

@@ -38,35 +38,60 @@ fn id_err(e: IdentityError) -> VaultError {
     match e {
         IdentityError::Store(s) => s.into(),
         IdentityError::Internal(m) => VaultError::Internal(m),
-        IdentityError::WeakPassword | IdentityError::UserExists => VaultError::BadRequest(e.to_string()),
+        IdentityError::WeakPassword | IdentityError::UserExists => {
+            VaultError::BadRequest(e.to_string())
+        }
         other => VaultError::Identity(other.to_string()),
     }
 }
 
 impl Vault {
-    fn anon_record(&self, action: &str, actor: &str, outcome: Outcome, source: Option<String>, request_id: &str) -> crate::AuditRecord {
+    fn anon_record(
+        &self,
+        action: &str,
+        actor: &str,
+        outcome: Outcome,
+        source: Option<String>,
+        request_id: &str,
+    ) -> crate::AuditRecord {
         let mut r = crate::AuditRecord::new(action, actor, outcome, self.now_instant(), request_id);
         r.source = source;
         r
     }
 
     /// `POST /auth/login`: password. Same error for unknown users and wrong passwords.
-    pub fn login(&self, username: &str, password: &Password, source: Option<String>, request_id: &str) -> Result<LoginChallenge, VaultError> {
-        let known = Username::new(username).ok().map(|u| self.store.user(u.as_str())).transpose()?.flatten().is_some();
+    pub fn login(
+        &self,
+        username: &str,
+        password: &Password,
+        source: Option<String>,
+        request_id: &str,
+    ) -> Result<LoginChallenge, VaultError> {
+        let known = Username::new(username)
+            .ok()
+            .map(|u| self.store.user(u.as_str()))
+            .transpose()?
+            .flatten()
+            .is_some();
         let actor = if known { username } else { "(unknown user)" };
         match self.identity.begin_login(username, password) {
             Ok(step) => {
-                let mut rec = self.anon_record("login", actor, Outcome::Success, source, request_id);
+                let mut rec =
+                    self.anon_record("login", actor, Outcome::Success, source, request_id);
                 rec.role = Some(step.value.1.role.as_str().to_owned());
                 rec.detail = Some("password accepted; second factor required".into());
                 self.commit(step.ops, vec![rec])?;
-                Ok(LoginChallenge { mfa_token: step.value.0, methods: vec!["totp"] })
+                Ok(LoginChallenge {
+                    mfa_token: step.value.0,
+                    methods: vec!["totp"],
+                })
             }
             Err(step) => {
                 if let IdentityError::Store(e) = step.value {
                     return Err(e.into());
                 }
-                let mut rec = self.anon_record("login", actor, Outcome::Failure, source, request_id);
+                let mut rec =
+                    self.anon_record("login", actor, Outcome::Failure, source, request_id);
                 rec.detail = Some("invalid credentials".into());
                 self.commit(step.ops, vec![rec])?;
                 Err(VaultError::Unauthenticated)
@@ -75,11 +100,23 @@ impl Vault {
     }
 
     /// `POST /auth/mfa/totp`: second factor; returns the session.
-    pub fn login_totp(&self, mfa_token: &Token, code: &str, source: Option<String>, request_id: &str) -> Result<SessionGrant, VaultError> {
+    pub fn login_totp(
+        &self,
+        mfa_token: &Token,
+        code: &str,
+        source: Option<String>,
+        request_id: &str,
+    ) -> Result<SessionGrant, VaultError> {
         match self.identity.finish_totp(mfa_token, code) {
             Ok(step) => {
                 let (token, principal) = step.value;
-                let mut rec = self.anon_record("mfa", principal.username.as_str(), Outcome::Success, source, request_id);
+                let mut rec = self.anon_record(
+                    "mfa",
+                    principal.username.as_str(),
+                    Outcome::Success,
+                    source,
+                    request_id,
+                );
                 rec.role = Some(principal.role.as_str().to_owned());
                 rec.detail = Some("totp; session started".into());
                 match self.commit(step.ops, vec![rec]) {
@@ -88,11 +125,19 @@ impl Vault {
                     Err(VaultError::Conflict) => return Err(VaultError::Unauthenticated),
                     Err(e) => return Err(e),
                 }
-                Ok(SessionGrant { token, principal, expires_in: self.identity.session_policy().idle_timeout_secs })
+                Ok(SessionGrant {
+                    token,
+                    principal,
+                    expires_in: self.identity.session_policy().idle_timeout_secs,
+                })
             }
             Err(IdentityError::Store(e)) => Err(e.into()),
             Err(e) => {
-                let actor = self.identity.challenge_user(mfa_token).map(|p| p.username.to_string()).unwrap_or_else(|_| "(unknown user)".into());
+                let actor = self
+                    .identity
+                    .challenge_user(mfa_token)
+                    .map(|p| p.username.to_string())
+                    .unwrap_or_else(|_| "(unknown user)".into());
                 let mut rec = self.anon_record("mfa", &actor, Outcome::Failure, source, request_id);
                 rec.detail = Some(e.to_string());
                 self.commit(vec![], vec![rec])?;
@@ -123,7 +168,13 @@ impl Vault {
     }
 
     /// Adds a staff user (and, for clinical roles, their FHIR Practitioner).
-    pub fn add_user(&self, c: &Caller, username: &str, role: Role, password: Option<Password>) -> Result<NewUserInfo, VaultError> {
+    pub fn add_user(
+        &self,
+        c: &Caller,
+        username: &str,
+        role: Role,
+        password: Option<Password>,
+    ) -> Result<NewUserInfo, VaultError> {
         if !matches!(c.principal.role, Role::SecurityAdmin) {
             let mut rec = self.record(c, "user.create", Outcome::Denied);
             rec.detail = Some(format!("target={username}"));
@@ -131,7 +182,9 @@ impl Vault {
             return Err(VaultError::Forbidden { withheld: vec![] });
         }
         if !role.is_staff() {
-            return Err(VaultError::BadRequest(format!("role `{role}` cannot be given to a user")));
+            return Err(VaultError::BadRequest(format!(
+                "role `{role}` cannot be given to a user"
+            )));
         }
         let name = Username::new(username).map_err(|e| VaultError::BadRequest(e.to_string()))?;
         let mut plan = Plan::default();
@@ -144,12 +197,16 @@ impl Vault {
             });
             let res = Resource::from_value(body, None)?;
             let id = medvault_types::random_uuid();
-            let (w, _) = self.plan_put(c, &mut plan, res, id, None, medvault_store::Expect::Absent)?;
+            let (w, _) =
+                self.plan_put(c, &mut plan, res, id, None, medvault_store::Expect::Absent)?;
             Some(w.id)
         } else {
             None
         };
-        let step = self.identity.new_user(name, role, password, practitioner_id.clone()).map_err(id_err)?;
+        let step = self
+            .identity
+            .new_user(name, role, password, practitioner_id.clone())
+            .map_err(id_err)?;
         let mut rec = self.record(c, "user.create", Outcome::Success);
         rec.detail = Some(format!("target={} role={role}", step.value.username));
         plan.ops.extend(step.ops);
@@ -173,14 +230,26 @@ impl Vault {
 
     /// Staff users (name, role, disabled) for administrators.
     pub fn users(&self) -> Result<Vec<(String, String, bool)>, VaultError> {
-        Ok(self.store.users()?.into_iter().map(|u| (u.username, u.role, u.disabled)).collect())
+        Ok(self
+            .store
+            .users()?
+            .into_iter()
+            .map(|u| (u.username, u.role, u.disabled))
+            .collect())
     }
 }
 
 /// The current TOTP code for a base32 secret (the `medvault totp-code` helper, for
 /// scripts and demos; any authenticator app computes the same).
 pub fn totp_now(secret_base32: &str, unix_time: i64) -> Option<String> {
-    let clean: String = secret_base32.chars().filter(|c| !c.is_whitespace() && *c != '=').collect::<String>().to_uppercase();
+    let clean: String = secret_base32
+        .chars()
+        .filter(|c| !c.is_whitespace() && *c != '=')
+        .collect::<String>()
+        .to_uppercase();
     let bytes = data_encoding::BASE32_NOPAD.decode(clean.as_bytes()).ok()?;
-    Some(medvault_identity::totp_code(&bytes, unix_time.div_euclid(30)))
+    Some(medvault_identity::totp_code(
+        &bytes,
+        unix_time.div_euclid(30),
+    ))
 }

@@ -9,7 +9,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use medvault_fhir::{Resource, ResourceType};
-use medvault_store::{Expect, IndexRow, Op, SearchQuery, SqliteStore, Store, VersionRow, WriteBatch};
+use medvault_store::{
+    Expect, IndexRow, Op, SearchQuery, SqliteStore, Store, VersionRow, WriteBatch,
+};
 use medvault_types::{Clock, PatientId, Purpose, Role, Username};
 use serde_json::{json, Value};
 
@@ -28,7 +30,11 @@ pub struct BenchOptions {
 
 impl Default for BenchOptions {
     fn default() -> Self {
-        BenchOptions { sizes: [1, 100_000], ops: 20_000, threads: 8 }
+        BenchOptions {
+            sizes: [1, 100_000],
+            ops: 20_000,
+            threads: 8,
+        }
     }
 }
 
@@ -48,7 +54,17 @@ pub struct BenchRow {
     pub plain: Option<Measure>,
 }
 
-fn measure(threads: usize, ops: usize, f: &(dyn Fn(usize) -> Result<(), VaultError> + Sync)) -> Result<Measure, VaultError> {
+fn set(v: &mut Value, key: &str, value: Value) {
+    if let Some(o) = v.as_object_mut() {
+        o.insert(key.to_owned(), value);
+    }
+}
+
+fn measure(
+    threads: usize,
+    ops: usize,
+    f: &(dyn Fn(usize) -> Result<(), VaultError> + Sync),
+) -> Result<Measure, VaultError> {
     let next = AtomicUsize::new(0);
     let start = Instant::now();
     let results: Vec<Result<Vec<Duration>, VaultError>> = std::thread::scope(|s| {
@@ -68,7 +84,13 @@ fn measure(threads: usize, ops: usize, f: &(dyn Fn(usize) -> Result<(), VaultErr
                 })
             })
             .collect();
-        handles.into_iter().map(|h| h.join().unwrap_or(Err(VaultError::Internal("bench thread panicked".into())))).collect()
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or(Err(VaultError::Internal("bench thread panicked".into())))
+            })
+            .collect()
     });
     let elapsed = start.elapsed().as_secs_f64();
     let mut all: Vec<Duration> = vec![];
@@ -80,7 +102,11 @@ fn measure(threads: usize, ops: usize, f: &(dyn Fn(usize) -> Result<(), VaultErr
         let i = ((all.len() as f64 - 1.0) * p).round() as usize;
         all.get(i).map(|d| d.as_secs_f64() * 1e6).unwrap_or(0.0)
     };
-    Ok(Measure { ops_per_sec: ops as f64 / elapsed.max(1e-9), p50_us: pct(0.5), p99_us: pct(0.99) })
+    Ok(Measure {
+        ops_per_sec: ops as f64 / elapsed.max(1e-9),
+        p50_us: pct(0.5),
+        p99_us: pct(0.99),
+    })
 }
 
 fn patient_json(i: usize) -> Value {
@@ -123,7 +149,12 @@ fn plain_put(rt: &str, id: &str, patient: &str, v: &Value, index: Vec<IndexRow>)
     }
 }
 
-fn setup(dir: &Path, patients: usize, clock: Arc<dyn Clock>, progress: &dyn Fn(usize, usize)) -> Result<Fixture, VaultError> {
+fn setup(
+    dir: &Path,
+    patients: usize,
+    clock: Arc<dyn Clock>,
+    progress: &dyn Fn(usize, usize),
+) -> Result<Fixture, VaultError> {
     let store = SqliteStore::open(&dir.join("secure.db"))?;
     let vault = Vault::open(store, MasterKey::generate(), clock, VaultOptions::default())?;
     let plain = SqliteStore::open(&dir.join("plain.db"))?;
@@ -140,15 +171,35 @@ fn setup(dir: &Path, patients: usize, clock: Arc<dyn Clock>, progress: &dyn Fn(u
             let purl = format!("urn:uuid:{}", medvault_types::random_uuid());
             entries.push(json!({"fullUrl": purl, "resource": patient_json(i), "request": {"method": "POST", "url": "Patient"}}));
             let mut o = obs_json("x", i);
-            o["subject"] = json!({"reference": purl});
-            entries.push(json!({"resource": o, "request": {"method": "POST", "url": "Observation"}}));
+            set(&mut o, "subject", json!({"reference": purl}));
+            entries
+                .push(json!({"resource": o, "request": {"method": "POST", "url": "Observation"}}));
             let (pid, oid) = (medvault_types::random_uuid(), medvault_types::random_uuid());
-            let tok = |p: &str, v: &str| IndexRow { param: p.into(), token: v.as_bytes().to_vec() };
-            ops.push(plain_put("Patient", &pid, &pid, &patient_json(i), vec![tok("identifier", &format!("MRN-{i:08}"))]));
-            ops.push(plain_put("Observation", &oid, &pid, &obs_json(&pid, i), vec![tok("code", "8867-4"), tok("status", "final")]));
+            let tok = |p: &str, v: &str| IndexRow {
+                param: p.into(),
+                token: v.as_bytes().to_vec(),
+            };
+            ops.push(plain_put(
+                "Patient",
+                &pid,
+                &pid,
+                &patient_json(i),
+                vec![tok("identifier", &format!("MRN-{i:08}"))],
+            ));
+            ops.push(plain_put(
+                "Observation",
+                &oid,
+                &pid,
+                &obs_json(&pid, i),
+                vec![tok("code", "8867-4"), tok("status", "final")],
+            ));
             plain_ids.push((pid, oid));
         }
-        let results = vault.transaction(&importer, json!({"resourceType": "Bundle", "type": "transaction", "entry": entries}), "import")?;
+        let results = vault.transaction(
+            &importer,
+            json!({"resourceType": "Bundle", "type": "transaction", "entry": entries}),
+            "import",
+        )?;
         for pair in results.chunks(2) {
             if let [p, o] = pair {
                 if let (Some(p), Some(o)) = (&p.written, &o.written) {
@@ -160,12 +211,26 @@ fn setup(dir: &Path, patients: usize, clock: Arc<dyn Clock>, progress: &dyn Fn(u
         done += n;
         progress(done, patients);
     }
-    Ok(Fixture { vault, plain, secure_ids, plain_ids })
+    Ok(Fixture {
+        vault,
+        plain,
+        secure_ids,
+        plain_ids,
+    })
 }
 
 fn physician() -> Result<Caller, VaultError> {
-    let username = Username::new("bench.physician").map_err(|e| VaultError::Internal(e.to_string()))?;
-    Ok(Caller::new(Principal { username, role: Role::Physician }, Some(Purpose::Treat), Some("bench".into()), "bench".into()))
+    let username =
+        Username::new("bench.physician").map_err(|e| VaultError::Internal(e.to_string()))?;
+    Ok(Caller::new(
+        Principal {
+            username,
+            role: Role::Physician,
+        },
+        Some(Purpose::Treat),
+        Some("bench".into()),
+        "bench".into(),
+    ))
 }
 
 /// Runs the benchmark in `dir` (a fresh temporary directory).
@@ -179,7 +244,9 @@ pub fn run(
     for (k, &size) in opts.sizes.iter().enumerate() {
         let sub = dir.join(format!("run{k}"));
         std::fs::create_dir_all(&sub).map_err(|e| VaultError::Internal(e.to_string()))?;
-        let fx = setup(&sub, size.max(1), clock.clone(), &|d, t| progress("loading patients", d, t))?;
+        let fx = setup(&sub, size.max(1), clock.clone(), &|d, t| {
+            progress("loading patients", d, t)
+        })?;
         let c = physician()?;
         let obs = ResourceType::parse("Observation").ok_or(VaultError::Internal("type".into()))?;
         let n = fx.secure_ids.len().max(1);
@@ -191,16 +258,28 @@ pub fn run(
         })?;
         let plain = measure(opts.threads, opts.ops, &|i| {
             let (_, oid) = fx.plain_ids.get(pick(i)).ok_or(VaultError::NotFound)?;
-            let row = fx.plain.current("Observation", oid)?.ok_or(VaultError::NotFound)?;
-            let _: Value = serde_json::from_slice(&row.body).map_err(|e| VaultError::Internal(e.to_string()))?;
+            let row = fx
+                .plain
+                .current("Observation", oid)?
+                .ok_or(VaultError::NotFound)?;
+            let _: Value = serde_json::from_slice(&row.body)
+                .map_err(|e| VaultError::Internal(e.to_string()))?;
             Ok(())
         })?;
-        rows.push(BenchRow { patients: size, operation: "read", secure, plain: Some(plain) });
+        rows.push(BenchRow {
+            patients: size,
+            operation: "read",
+            secure,
+            plain: Some(plain),
+        });
 
         progress("searches", 0, 1);
         let secure = measure(opts.threads, opts.ops / 2, &|i| {
             let (pid, _) = fx.secure_ids.get(pick(i)).ok_or(VaultError::NotFound)?;
-            let p = vec![("patient".to_owned(), pid.clone()), ("code".to_owned(), "http://loinc.org|8867-4".to_owned())];
+            let p = vec![
+                ("patient".to_owned(), pid.clone()),
+                ("code".to_owned(), "http://loinc.org|8867-4".to_owned()),
+            ];
             fx.vault.search(&c, obs, &p).map(|_| ())
         })?;
         let plain = measure(opts.threads, opts.ops / 2, &|i| {
@@ -213,11 +292,17 @@ pub fn run(
                 ..Default::default()
             };
             for row in fx.plain.search(&q)?.rows {
-                let _: Value = serde_json::from_slice(&row.body).map_err(|e| VaultError::Internal(e.to_string()))?;
+                let _: Value = serde_json::from_slice(&row.body)
+                    .map_err(|e| VaultError::Internal(e.to_string()))?;
             }
             Ok(())
         })?;
-        rows.push(BenchRow { patients: size, operation: "search", secure, plain: Some(plain) });
+        rows.push(BenchRow {
+            patients: size,
+            operation: "search",
+            secure,
+            plain: Some(plain),
+        });
 
         progress("writes", 0, 1);
         let secure = measure(opts.threads, opts.ops / 2, &|i| {
@@ -228,16 +313,41 @@ pub fn run(
         let plain = measure(opts.threads, opts.ops / 2, &|i| {
             let (pid, _) = fx.plain_ids.get(pick(i)).ok_or(VaultError::NotFound)?;
             let id = medvault_types::random_uuid();
-            let tok = |p: &str, v: &str| IndexRow { param: p.into(), token: v.as_bytes().to_vec() };
-            let op = plain_put("Observation", &id, pid, &obs_json(pid, i), vec![tok("code", "8867-4"), tok("status", "final")]);
-            fx.plain.commit(WriteBatch { ops: vec![op], audit: vec![] })?;
+            let tok = |p: &str, v: &str| IndexRow {
+                param: p.into(),
+                token: v.as_bytes().to_vec(),
+            };
+            let op = plain_put(
+                "Observation",
+                &id,
+                pid,
+                &obs_json(pid, i),
+                vec![tok("code", "8867-4"), tok("status", "final")],
+            );
+            fx.plain.commit(WriteBatch {
+                ops: vec![op],
+                audit: vec![],
+            })?;
             Ok(())
         })?;
-        rows.push(BenchRow { patients: size, operation: "write", secure, plain: Some(plain) });
+        rows.push(BenchRow {
+            patients: size,
+            operation: "write",
+            secure,
+            plain: Some(plain),
+        });
 
         progress("audit appends", 0, 1);
-        let secure = measure(opts.threads, opts.ops, &|_| fx.vault.audit(vec![fx.vault.record(&c, "bench", crate::Outcome::Success)]))?;
-        rows.push(BenchRow { patients: size, operation: "audit append", secure, plain: None });
+        let secure = measure(opts.threads, opts.ops, &|_| {
+            fx.vault
+                .audit(vec![fx.vault.record(&c, "bench", crate::Outcome::Success)])
+        })?;
+        rows.push(BenchRow {
+            patients: size,
+            operation: "audit append",
+            secure,
+            plain: None,
+        });
         fx.plain.close();
     }
     Ok(rows)
@@ -247,7 +357,15 @@ pub fn run(
 pub fn render(rows: &[BenchRow]) -> String {
     let mut s = format!(
         "{:>9}  {:<13} {:>12} {:>12} {:>7}  {:>9} {:>9}  {:>9} {:>9}\n",
-        "patients", "operation", "secure/s", "plain/s", "ratio", "sec p50", "sec p99", "plain p50", "plain p99"
+        "patients",
+        "operation",
+        "secure/s",
+        "plain/s",
+        "ratio",
+        "sec p50",
+        "sec p99",
+        "plain p50",
+        "plain p99"
     );
     for r in rows {
         let (plain, ratio, pp50, pp99) = match &r.plain {

@@ -45,7 +45,8 @@ fn parse_target(url: &str) -> Result<(ResourceType, String), VaultError> {
     let (Some(t), Some(id), None) = (parts.next(), parts.next(), parts.next()) else {
         return Err(bad("entry request.url must be Type/id"));
     };
-    let rt = ResourceType::parse(t).ok_or_else(|| bad("unsupported resource type in request.url"))?;
+    let rt =
+        ResourceType::parse(t).ok_or_else(|| bad("unsupported resource type in request.url"))?;
     if !medvault_types::is_fhir_id(id) {
         return Err(bad("invalid id in request.url"));
     }
@@ -54,16 +55,31 @@ fn parse_target(url: &str) -> Result<(ResourceType, String), VaultError> {
 
 impl Vault {
     /// Applies a transaction (or, for `import`, a collection) Bundle all-or-nothing.
-    pub fn transaction(&self, c: &Caller, bundle: Value, action: &str) -> Result<Vec<EntryResult>, VaultError> {
-        let Value::Object(mut b) = bundle else { return Err(bad("a Bundle must be a JSON object")) };
+    pub fn transaction(
+        &self,
+        c: &Caller,
+        bundle: Value,
+        action: &str,
+    ) -> Result<Vec<EntryResult>, VaultError> {
+        let Value::Object(mut b) = bundle else {
+            return Err(bad("a Bundle must be a JSON object"));
+        };
         if b.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
             return Err(bad("expected a Bundle"));
         }
-        let kind = b.get("type").and_then(Value::as_str).unwrap_or("").to_owned();
+        let kind = b
+            .get("type")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_owned();
         let collection = match kind.as_str() {
             "transaction" => false,
             "collection" if action == "import" => true,
-            _ => return Err(bad("Bundle.type must be transaction (or collection for import)")),
+            _ => {
+                return Err(bad(
+                    "Bundle.type must be transaction (or collection for import)",
+                ))
+            }
         };
         let entries = match b.remove("entry") {
             Some(Value::Array(a)) => a,
@@ -71,17 +87,23 @@ impl Vault {
             Some(_) => return Err(bad("Bundle.entry must be an array")),
         };
         if entries.len() > MAX_ENTRIES {
-            return Err(VaultError::BadRequest(format!("a Bundle may hold at most {MAX_ENTRIES} entries")));
+            return Err(VaultError::BadRequest(format!(
+                "a Bundle may hold at most {MAX_ENTRIES} entries"
+            )));
         }
         let mut parsed = Vec::with_capacity(entries.len());
         for (index, e) in entries.into_iter().enumerate() {
-            let Value::Object(mut e) = e else { return Err(bad("Bundle.entry items must be objects")) };
+            let Value::Object(mut e) = e else {
+                return Err(bad("Bundle.entry items must be objects"));
+            };
             let full_url = e.get("fullUrl").and_then(Value::as_str).map(str::to_owned);
             let resource = e.remove("resource");
             let (method, target) = if collection {
                 (Method::Post, None)
             } else {
-                let req = e.get("request").ok_or_else(|| bad("transaction entries need request"))?;
+                let req = e
+                    .get("request")
+                    .ok_or_else(|| bad("transaction entries need request"))?;
                 let m = req.get("method").and_then(Value::as_str).unwrap_or("");
                 let url = req.get("url").and_then(Value::as_str).unwrap_or("");
                 match m {
@@ -94,21 +116,33 @@ impl Vault {
             if method != Method::Delete && resource.is_none() {
                 return Err(bad("POST and PUT entries need a resource"));
             }
-            parsed.push(Entry { method, resource, target, full_url, index });
+            parsed.push(Entry {
+                method,
+                resource,
+                target,
+                full_url,
+                index,
+            });
         }
         // Validate every resource first (parse, don't validate later).
         let mut resources: HashMap<usize, Resource> = HashMap::new();
         for e in &mut parsed {
             if let Some(v) = e.resource.take() {
-                let r = Resource::from_value(v, e.target.as_ref().map(|t| t.0)).map_err(|err| match err {
-                    medvault_fhir::FhirError::Invalid(mut issues) => {
-                        for i in &mut issues {
-                            i.expression = i.expression.take().map(|x| format!("Bundle.entry[{}].resource.{x}", e.index));
-                        }
-                        VaultError::Fhir(medvault_fhir::FhirError::Invalid(issues))
-                    }
-                    other => VaultError::Fhir(other),
-                })?;
+                let r =
+                    Resource::from_value(v, e.target.as_ref().map(|t| t.0)).map_err(
+                        |err| match err {
+                            medvault_fhir::FhirError::Invalid(mut issues) => {
+                                for i in &mut issues {
+                                    i.expression = i
+                                        .expression
+                                        .take()
+                                        .map(|x| format!("Bundle.entry[{}].resource.{x}", e.index));
+                                }
+                                VaultError::Fhir(medvault_fhir::FhirError::Invalid(issues))
+                            }
+                            other => VaultError::Fhir(other),
+                        },
+                    )?;
                 resources.insert(e.index, r);
             }
         }
@@ -116,7 +150,9 @@ impl Vault {
         let mut map: HashMap<String, String> = HashMap::new();
         let mut new_ids: HashMap<usize, String> = HashMap::new();
         for e in parsed.iter().filter(|e| e.method == Method::Post) {
-            let Some(r) = resources.get(&e.index) else { continue };
+            let Some(r) = resources.get(&e.index) else {
+                continue;
+            };
             let id = medvault_types::random_uuid();
             let new_ref = format!("{}/{id}", r.rtype());
             if let Some(f) = &e.full_url {
@@ -131,7 +167,10 @@ impl Vault {
         }
         // FHIR order: DELETE, then POST (patients first, so their data keys exist), then PUT.
         parsed.sort_by_key(|e| {
-            let not_patient = resources.get(&e.index).map(|r| r.rtype().as_str() != "Patient").unwrap_or(true);
+            let not_patient = resources
+                .get(&e.index)
+                .map(|r| r.rtype().as_str() != "Patient")
+                .unwrap_or(true);
             (e.method, not_patient, e.index)
         });
         let mut plan = Plan::default();
@@ -141,13 +180,25 @@ impl Vault {
                 Method::Delete => {
                     let (rt, id) = e.target.ok_or_else(|| bad("missing request.url"))?;
                     let v = self.plan_delete(c, &mut plan, rt, &id)?;
-                    results.push((e.index, EntryResult { status: "204 No Content", written: None, location: format!("{rt}/{id}/_history/{v}") }));
+                    results.push((
+                        e.index,
+                        EntryResult {
+                            status: "204 No Content",
+                            written: None,
+                            location: format!("{rt}/{id}/_history/{v}"),
+                        },
+                    ));
                 }
                 Method::Post | Method::Put => {
-                    let mut r = resources.remove(&e.index).ok_or_else(|| bad("missing resource"))?;
+                    let mut r = resources
+                        .remove(&e.index)
+                        .ok_or_else(|| bad("missing resource"))?;
                     r.rewrite_references(&map);
                     let (w, _) = if e.method == Method::Post {
-                        let id = new_ids.get(&e.index).cloned().unwrap_or_else(medvault_types::random_uuid);
+                        let id = new_ids
+                            .get(&e.index)
+                            .cloned()
+                            .unwrap_or_else(medvault_types::random_uuid);
                         self.plan_put(c, &mut plan, r, id, None, Expect::Absent)?
                     } else {
                         let (rt, id) = e.target.ok_or_else(|| bad("missing request.url"))?;
@@ -158,11 +209,25 @@ impl Vault {
                             Some(p) if !p.deleted => p,
                             _ => return Err(VaultError::NotFound),
                         };
-                        self.plan_put(c, &mut plan, r, id, Some(&prior), Expect::Version(prior.version))?
+                        self.plan_put(
+                            c,
+                            &mut plan,
+                            r,
+                            id,
+                            Some(&prior),
+                            Expect::Version(prior.version),
+                        )?
                     };
                     let status = if w.created { "201 Created" } else { "200 OK" };
                     let location = format!("{}/{}/_history/{}", w.rtype, w.id, w.version);
-                    results.push((e.index, EntryResult { status, written: Some(w), location }));
+                    results.push((
+                        e.index,
+                        EntryResult {
+                            status,
+                            written: Some(w),
+                            location,
+                        },
+                    ));
                 }
             }
         }

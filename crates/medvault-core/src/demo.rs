@@ -9,33 +9,112 @@ use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
 
 const GIVEN_F: &[&str] = &[
-    "Olivia", "Emma", "Ava", "Sophia", "Isabella", "Mia", "Amelia", "Harper", "Evelyn", "Abigail", "Maria", "Aisha",
-    "Mei", "Priya", "Fatima", "Grace", "Chloe", "Lucia", "Hannah", "Zoe", "Nora", "Leila", "Rosa", "Ingrid",
+    "Olivia", "Emma", "Ava", "Sophia", "Isabella", "Mia", "Amelia", "Harper", "Evelyn", "Abigail",
+    "Maria", "Aisha", "Mei", "Priya", "Fatima", "Grace", "Chloe", "Lucia", "Hannah", "Zoe", "Nora",
+    "Leila", "Rosa", "Ingrid",
 ];
 const GIVEN_M: &[&str] = &[
-    "Liam", "Noah", "Oliver", "Elijah", "James", "William", "Benjamin", "Lucas", "Henry", "Theodore", "Jose", "Omar",
-    "Wei", "Arjun", "Kwame", "Mateo", "Samuel", "David", "Daniel", "Hiroshi", "Ivan", "Tariq", "Diego", "Felix",
+    "Liam", "Noah", "Oliver", "Elijah", "James", "William", "Benjamin", "Lucas", "Henry",
+    "Theodore", "Jose", "Omar", "Wei", "Arjun", "Kwame", "Mateo", "Samuel", "David", "Daniel",
+    "Hiroshi", "Ivan", "Tariq", "Diego", "Felix",
 ];
 const FAMILY: &[&str] = &[
-    "Smith", "Johnson", "Williams", "Brown", "Jones", "Garcia", "Miller", "Davis", "Rodriguez", "Martinez", "Hernandez",
-    "Lopez", "Gonzalez", "Wilson", "Anderson", "Thomas", "Taylor", "Moore", "Jackson", "Martin", "Lee", "Perez",
-    "Thompson", "White", "Harris", "Sanchez", "Clark", "Ramirez", "Lewis", "Robinson", "Walker", "Young", "Allen",
-    "King", "Wright", "Scott", "Torres", "Nguyen", "Hill", "Flores", "Okafor", "Patel", "Kim", "Chen", "Novak",
+    "Smith",
+    "Johnson",
+    "Williams",
+    "Brown",
+    "Jones",
+    "Garcia",
+    "Miller",
+    "Davis",
+    "Rodriguez",
+    "Martinez",
+    "Hernandez",
+    "Lopez",
+    "Gonzalez",
+    "Wilson",
+    "Anderson",
+    "Thomas",
+    "Taylor",
+    "Moore",
+    "Jackson",
+    "Martin",
+    "Lee",
+    "Perez",
+    "Thompson",
+    "White",
+    "Harris",
+    "Sanchez",
+    "Clark",
+    "Ramirez",
+    "Lewis",
+    "Robinson",
+    "Walker",
+    "Young",
+    "Allen",
+    "King",
+    "Wright",
+    "Scott",
+    "Torres",
+    "Nguyen",
+    "Hill",
+    "Flores",
+    "Okafor",
+    "Patel",
+    "Kim",
+    "Chen",
+    "Novak",
 ];
-const STREETS: &[&str] = &["Maple Ave", "Oak St", "Cedar Ln", "Elm St", "Pine Rd", "Lakeview Dr", "Main St", "Hillcrest Rd", "Park Blvd"];
+const STREETS: &[&str] = &[
+    "Maple Ave",
+    "Oak St",
+    "Cedar Ln",
+    "Elm St",
+    "Pine Rd",
+    "Lakeview Dr",
+    "Main St",
+    "Hillcrest Rd",
+    "Park Blvd",
+];
 const CITIES: &[(&str, &str, &str)] = &[
-    ("Springfield", "IL", "627"), ("Madison", "WI", "537"), ("Columbus", "OH", "432"), ("Portland", "OR", "972"),
-    ("Burlington", "VT", "054"), ("Boise", "ID", "837"), ("Albany", "NY", "122"), ("Richmond", "VA", "232"),
+    ("Springfield", "IL", "627"),
+    ("Madison", "WI", "537"),
+    ("Columbus", "OH", "432"),
+    ("Portland", "OR", "972"),
+    ("Burlington", "VT", "054"),
+    ("Boise", "ID", "837"),
+    ("Albany", "NY", "122"),
+    ("Richmond", "VA", "232"),
 ];
 /// (SNOMED CT, ICD-10-CM, display, sensitive label)
 const CONDITIONS: &[(&str, &str, &str, Option<&str>)] = &[
     ("38341003", "I10", "Essential hypertension", None),
-    ("44054006", "E11.9", "Type 2 diabetes mellitus without complications", None),
+    (
+        "44054006",
+        "E11.9",
+        "Type 2 diabetes mellitus without complications",
+        None,
+    ),
     ("195967001", "J45.909", "Asthma, uncomplicated", None),
     ("55822004", "E78.5", "Hyperlipidemia", None),
-    ("35489007", "F32.9", "Major depressive disorder, single episode", Some("PSY")),
-    ("197480006", "F41.1", "Generalized anxiety disorder", Some("PSY")),
-    ("7200002", "F10.20", "Alcohol use disorder, moderate", Some("ETH")),
+    (
+        "35489007",
+        "F32.9",
+        "Major depressive disorder, single episode",
+        Some("PSY"),
+    ),
+    (
+        "197480006",
+        "F41.1",
+        "Generalized anxiety disorder",
+        Some("PSY"),
+    ),
+    (
+        "7200002",
+        "F10.20",
+        "Alcohol use disorder, moderate",
+        Some("ETH"),
+    ),
     ("86406008", "B20", "HIV disease", Some("HIV")),
     ("239873007", "M17.9", "Osteoarthritis of knee", None),
     ("40055000", "N18.3", "Chronic kidney disease stage 3", None),
@@ -49,7 +128,11 @@ const MEDS: &[(&str, &str, usize)] = &[
     ("312940", "sertraline 50 MG Oral Tablet", 4),
     ("349332", "escitalopram 10 MG Oral Tablet", 5),
     ("197804", "naltrexone hydrochloride 50 MG Oral Tablet", 6),
-    ("1999563", "bictegravir / emtricitabine / tenofovir alafenamide Oral Tablet", 7),
+    (
+        "1999563",
+        "bictegravir / emtricitabine / tenofovir alafenamide Oral Tablet",
+        7,
+    ),
     ("197806", "ibuprofen 600 MG Oral Tablet", 8),
     ("308136", "amlodipine 5 MG Oral Tablet", 9),
 ];
@@ -59,8 +142,24 @@ const ALLERGIES: &[(&str, &str)] = &[
     ("294505008", "Allergy to sulfonamide"),
     ("300913006", "Shellfish allergy"),
 ];
-const VACCINES: &[(&str, &str)] = &[("140", "Influenza, seasonal, injectable, preservative free"), ("208", "COVID-19, mRNA, LNP-S, PF, 30 mcg/0.3 mL dose"), ("115", "Tdap"), ("33", "pneumococcal polysaccharide PPV23")];
-const PAYERS: &[&str] = &["Acme Health Plan", "Blue Valley Mutual", "Medicare Part B", "Northwind Care"];
+const VACCINES: &[(&str, &str)] = &[
+    ("140", "Influenza, seasonal, injectable, preservative free"),
+    ("208", "COVID-19, mRNA, LNP-S, PF, 30 mcg/0.3 mL dose"),
+    ("115", "Tdap"),
+    ("33", "pneumococcal polysaccharide PPV23"),
+];
+const PAYERS: &[&str] = &[
+    "Acme Health Plan",
+    "Blue Valley Mutual",
+    "Medicare Part B",
+    "Northwind Care",
+];
+
+fn set(v: &mut Value, key: &str, value: Value) {
+    if let Some(o) = v.as_object_mut() {
+        o.insert(key.to_owned(), value);
+    }
+}
 
 fn coding(system: &str, code: &str, display: &str) -> Value {
     json!({"system": system, "code": code, "display": display})
@@ -94,7 +193,11 @@ fn next_url(rng: &mut ChaCha8Rng) -> String {
 }
 
 fn entry(full_url: &str, resource: Value) -> Value {
-    let rt = resource.get("resourceType").and_then(Value::as_str).unwrap_or("").to_owned();
+    let rt = resource
+        .get("resourceType")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_owned();
     json!({"fullUrl": full_url, "resource": resource, "request": {"method": "POST", "url": rt}})
 }
 
@@ -104,10 +207,16 @@ pub fn bundle(seed: u64, patients: usize) -> Value {
     let mut entries = vec![];
     for i in 0..patients {
         let female = rng.gen_bool(0.5);
-        let given = *(if female { GIVEN_F } else { GIVEN_M }).choose(&mut rng).unwrap_or(&"Alex");
-        let middle = *(if female { GIVEN_F } else { GIVEN_M }).choose(&mut rng).unwrap_or(&"J");
+        let given = *(if female { GIVEN_F } else { GIVEN_M })
+            .choose(&mut rng)
+            .unwrap_or(&"Alex");
+        let middle = *(if female { GIVEN_F } else { GIVEN_M })
+            .choose(&mut rng)
+            .unwrap_or(&"J");
         let family = *FAMILY.choose(&mut rng).unwrap_or(&"Doe");
-        let (city, state, zip) = *CITIES.choose(&mut rng).unwrap_or(&("Springfield", "IL", "627"));
+        let (city, state, zip) = *CITIES
+            .choose(&mut rng)
+            .unwrap_or(&("Springfield", "IL", "627"));
         let birth_year = rng.gen_range(1934..2022);
         let birth = date(birth_year, rng.gen_range(1..=12), rng.gen_range(1..=28));
         let mrn = format!("MRN-{:07}", 1_000_000 + i * 7 + rng.gen_range(0..7));
@@ -127,16 +236,28 @@ pub fn bundle(seed: u64, patients: usize) -> Value {
         });
         if i % 50 == 7 {
             // A VIP (or staff member) chart: restricted confidentiality.
-            patient["meta"] = json!({"security": [coding("http://terminology.hl7.org/CodeSystem/v3-Confidentiality", "R", "restricted")]});
+            set(
+                &mut patient,
+                "meta",
+                json!({"security": [coding("http://terminology.hl7.org/CodeSystem/v3-Confidentiality", "R", "restricted")]}),
+            );
         }
         entries.push(entry(&p_url, patient));
 
         let year = rng.gen_range(2023..=2026);
-        let visit = |rng: &mut ChaCha8Rng, entries: &mut Vec<Value>, kind: &str| -> (String, String) {
+        let visit = |rng: &mut ChaCha8Rng,
+                     entries: &mut Vec<Value>,
+                     kind: &str|
+         -> (String, String) {
             let day = date(year, rng.gen_range(1..=10), rng.gen_range(1..=28));
             let url = next_url(rng);
             let (class, display, snomed, sdisp) = if kind == "IMP" {
-                ("IMP", "inpatient encounter", "32485007", "Hospital admission")
+                (
+                    "IMP",
+                    "inpatient encounter",
+                    "32485007",
+                    "Hospital admission",
+                )
             } else {
                 ("AMB", "ambulatory", "185349003", "Encounter for check up")
             };
@@ -181,7 +302,9 @@ pub fn bundle(seed: u64, patients: usize) -> Value {
         let mut picked: Vec<usize> = (0..CONDITIONS.len()).collect();
         picked.shuffle(&mut rng);
         for ci in picked.into_iter().take(k) {
-            let Some((sct, icd, disp, label)) = CONDITIONS.get(ci) else { continue };
+            let Some((sct, icd, disp, label)) = CONDITIONS.get(ci) else {
+                continue;
+            };
             let mut c = json!({"resourceType": "Condition",
                 "clinicalStatus": {"coding": [coding("http://terminology.hl7.org/CodeSystem/condition-clinical", "active", "Active")]},
                 "verificationStatus": {"coding": [coding("http://terminology.hl7.org/CodeSystem/condition-ver-status", "confirmed", "Confirmed")]},
@@ -190,7 +313,11 @@ pub fn bundle(seed: u64, patients: usize) -> Value {
                 "subject": p_ref, "encounter": enc, "onsetDateTime": date(year - rng.gen_range(0..6), rng.gen_range(1..=12), rng.gen_range(1..=28)),
                 "recordedDate": day});
             if let Some(l) = label {
-                c["meta"] = json!({"security": [coding("http://terminology.hl7.org/CodeSystem/v3-ActCode", l, l)]});
+                set(
+                    &mut c,
+                    "meta",
+                    json!({"security": [coding("http://terminology.hl7.org/CodeSystem/v3-ActCode", l, l)]}),
+                );
             }
             let url = next_url(&mut rng);
             entries.push(entry(&url, c));
@@ -216,7 +343,9 @@ pub fn bundle(seed: u64, patients: usize) -> Value {
             "valueQuantity": {"value": rng.gen_range(70..180), "unit": "mg/dL", "system": UCUM, "code": "mg/dL"},
             "referenceRange": [{"low": {"value": 70, "unit": "mg/dL", "system": UCUM, "code": "mg/dL"}, "high": {"value": 99, "unit": "mg/dL", "system": UCUM, "code": "mg/dL"}}]})));
         if rng.gen_bool(0.3) {
-            let (code, disp) = *ALLERGIES.choose(&mut rng).unwrap_or(&("91936005", "Allergy to penicillin"));
+            let (code, disp) = *ALLERGIES
+                .choose(&mut rng)
+                .unwrap_or(&("91936005", "Allergy to penicillin"));
             let url = next_url(&mut rng);
             entries.push(entry(&url, json!({"resourceType": "AllergyIntolerance",
                 "clinicalStatus": {"coding": [coding("http://terminology.hl7.org/CodeSystem/allergyintolerance-clinical", "active", "Active")]},
@@ -283,7 +412,11 @@ mod tests {
         for e in entries {
             let r = e["resource"].clone();
             if let Err(err) = medvault_fhir::Resource::from_value(r.clone(), None) {
-                panic!("invalid demo resource {}: {:?}", r["resourceType"], err.issues());
+                panic!(
+                    "invalid demo resource {}: {:?}",
+                    r["resourceType"],
+                    err.issues()
+                );
             }
         }
     }

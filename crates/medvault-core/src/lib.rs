@@ -97,9 +97,19 @@ pub struct Caller {
 }
 
 impl Caller {
-    pub fn new(principal: Principal, purpose: Option<Purpose>, source: Option<String>, request_id: String) -> Self {
+    pub fn new(
+        principal: Principal,
+        purpose: Option<Purpose>,
+        source: Option<String>,
+        request_id: String,
+    ) -> Self {
         let purpose = purpose.unwrap_or(principal.role.default_purpose());
-        Caller { principal, purpose, source, request_id }
+        Caller {
+            principal,
+            purpose,
+            source,
+            request_id,
+        }
     }
     /// The local command-line principal (`cli.<os user>`), acting in `role`.
     pub fn cli(role: Role) -> Self {
@@ -113,11 +123,22 @@ impl Caller {
         let name = Username::new(&format!("cli.{who}"))
             .or_else(|_| Username::new("cli.operator"))
             .unwrap_or_else(|_| unreachable_username());
-        Caller::new(Principal { username: name, role }, None, Some("local".into()), medvault_types::random_uuid())
+        Caller::new(
+            Principal {
+                username: name,
+                role,
+            },
+            None,
+            Some("local".into()),
+            medvault_types::random_uuid(),
+        )
     }
 }
 
-#[expect(clippy::panic, reason = "a constant valid user name cannot fail validation")]
+#[expect(
+    clippy::panic,
+    reason = "a constant valid user name cannot fail validation"
+)]
 fn unreachable_username() -> Username {
     panic!("constant user name rejected")
 }
@@ -181,7 +202,11 @@ pub struct VaultOptions {
 
 impl Default for VaultOptions {
     fn default() -> Self {
-        VaultOptions { session: SessionPolicy::default(), key_cache_capacity: 100_000, max_page_size: 1000 }
+        VaultOptions {
+            session: SessionPolicy::default(),
+            key_cache_capacity: 100_000,
+            max_page_size: 1000,
+        }
     }
 }
 
@@ -214,9 +239,17 @@ fn load_or_create_meta(
         return Ok(v);
     }
     let v = make()?;
-    match store.commit(WriteBatch { ops: vec![Op::PutMetaOnce { key: key.to_owned(), value: v.clone() }], audit: vec![] }) {
+    match store.commit(WriteBatch {
+        ops: vec![Op::PutMetaOnce {
+            key: key.to_owned(),
+            value: v.clone(),
+        }],
+        audit: vec![],
+    }) {
         Ok(_) => Ok(v),
-        Err(StoreError::Exists) => store.meta(key)?.ok_or(VaultError::Internal("meta vanished".into())),
+        Err(StoreError::Exists) => store
+            .meta(key)?
+            .ok_or(VaultError::Internal("meta vanished".into())),
         Err(e) => Err(e.into()),
     }
 }
@@ -229,19 +262,31 @@ impl Vault {
         clock: Arc<dyn Clock>,
         options: VaultOptions,
     ) -> Result<Self, VaultError> {
-        let wrapped_root = load_or_create_meta(&store, "key.index_root", || Ok(master.wrap_index_root(&IndexRootKey::generate())?))?;
+        let wrapped_root = load_or_create_meta(&store, "key.index_root", || {
+            Ok(master.wrap_index_root(&IndexRootKey::generate())?)
+        })?;
         let root = master.unwrap_index_root(&wrapped_root)?;
-        let wrapped_id = load_or_create_meta(&store, "key.identity", || Ok(master.wrap_named("identity", &DataKey::generate())?))?;
+        let wrapped_id = load_or_create_meta(&store, "key.identity", || {
+            Ok(master.wrap_named("identity", &DataKey::generate())?)
+        })?;
         let identity_key = master.unwrap_named("identity", &wrapped_id)?;
         let dir = directory_key_id();
         if store.patient_key(&dir)?.is_none() {
             let wrapped = master.wrap_data_key(&dir, 1, &DataKey::generate())?;
-            match store.commit(WriteBatch { ops: vec![Op::PutPatientKey { patient: dir, key_version: 1, wrapped }], audit: vec![] }) {
+            match store.commit(WriteBatch {
+                ops: vec![Op::PutPatientKey {
+                    patient: dir,
+                    key_version: 1,
+                    wrapped,
+                }],
+                audit: vec![],
+            }) {
                 Ok(_) | Err(StoreError::Exists) => {}
                 Err(e) => return Err(e.into()),
             }
         }
-        let policy = PolicyEngine::with_defaults().map_err(|e| VaultError::Internal(e.to_string()))?;
+        let policy =
+            PolicyEngine::with_defaults().map_err(|e| VaultError::Internal(e.to_string()))?;
         Ok(Vault {
             identity: Identity::new(store.clone(), clock.clone(), &identity_key, options.session),
             indexer: BlindIndexer::new(&root),
@@ -263,7 +308,13 @@ impl Vault {
     }
 
     fn record(&self, c: &Caller, action: &str, outcome: Outcome) -> AuditRecord {
-        let mut r = AuditRecord::new(action, c.principal.username.as_str(), outcome, self.now_instant(), &c.request_id);
+        let mut r = AuditRecord::new(
+            action,
+            c.principal.username.as_str(),
+            outcome,
+            self.now_instant(),
+            &c.request_id,
+        );
         r.role = Some(c.principal.role.as_str().to_owned());
         r.purpose = Some(c.purpose.as_str().to_owned());
         r.source = c.source.clone();
@@ -288,14 +339,22 @@ impl Vault {
     }
 
     fn decide(&self, c: &Caller, action: Action, category: Category) -> medvault_policy::Decision {
-        self.policy.decide(Query { role: c.principal.role, action, category, purpose: c.purpose })
+        self.policy.decide(Query {
+            role: c.principal.role,
+            action,
+            category,
+            purpose: c.purpose,
+        })
     }
 
     fn cipher_for(&self, key_id: &PatientId) -> Result<Arc<RecordCipher>, VaultError> {
         if let Some(c) = self.keys.get(key_id) {
             return Ok(c);
         }
-        let (version, wrapped) = self.store.patient_key(key_id)?.ok_or(VaultError::Internal("missing data key".into()))?;
+        let (version, wrapped) = self
+            .store
+            .patient_key(key_id)?
+            .ok_or(VaultError::Internal("missing data key".into()))?;
         let dk = self.master.unwrap_data_key(key_id, version, &wrapped)?;
         let c = Arc::new(RecordCipher::new(&dk));
         self.keys.insert(key_id.clone(), c.clone());
@@ -313,16 +372,26 @@ impl Vault {
         }
         let key_id = row.patient.clone().unwrap_or_else(directory_key_id);
         let cipher = self.cipher_for(&key_id)?;
-        let plain = cipher.open(&record_aad(&row.rtype, &row.id, row.version, &key_id), &row.body)?;
+        let plain = cipher.open(
+            &record_aad(&row.rtype, &row.id, row.version, &key_id),
+            &row.body,
+        )?;
         match serde_json::from_slice::<Value>(&plain) {
             Ok(Value::Object(m)) => Ok(Some(m)),
-            _ => Err(VaultError::Internal("stored record is not a JSON object".into())),
+            _ => Err(VaultError::Internal(
+                "stored record is not a JSON object".into(),
+            )),
         }
     }
 
-    fn disclosed(&self, row: &VersionRow, json: Option<Map<String, Value>>) -> Result<Disclosed, VaultError> {
+    fn disclosed(
+        &self,
+        row: &VersionRow,
+        json: Option<Map<String, Value>>,
+    ) -> Result<Disclosed, VaultError> {
         Ok(Disclosed {
-            rtype: ResourceType::parse(&row.rtype).ok_or(VaultError::Internal("unknown stored type".into()))?,
+            rtype: ResourceType::parse(&row.rtype)
+                .ok_or(VaultError::Internal("unknown stored type".into()))?,
             id: row.id.clone(),
             version: row.version,
             last_updated: row.last_updated.clone(),
@@ -339,12 +408,25 @@ impl Vault {
     }
 
     /// `GET /{type}/{id}/_history/{vid}`.
-    pub fn vread(&self, c: &Caller, rt: ResourceType, id: &str, version: u64) -> Result<Disclosed, VaultError> {
+    pub fn vread(
+        &self,
+        c: &Caller,
+        rt: ResourceType,
+        id: &str,
+        version: u64,
+    ) -> Result<Disclosed, VaultError> {
         let row = self.store.version(rt.as_str(), id, version)?;
         self.disclose_one(c, rt, id, row, "vread")
     }
 
-    fn disclose_one(&self, c: &Caller, rt: ResourceType, id: &str, row: Option<VersionRow>, action: &str) -> Result<Disclosed, VaultError> {
+    fn disclose_one(
+        &self,
+        c: &Caller,
+        rt: ResourceType,
+        id: &str,
+        row: Option<VersionRow>,
+        action: &str,
+    ) -> Result<Disclosed, VaultError> {
         let mut rec = self.record(c, action, Outcome::Success);
         rec.resource = Some(format!("{rt}/{id}"));
         let Some(row) = row else {
@@ -354,13 +436,18 @@ impl Vault {
         };
         rec.resource = Some(format!("{rt}/{id}/_history/{}", row.version));
         rec.patient = row.patient.as_ref().map(|p| p.to_string());
-        let category: Category = row.category.parse().map_err(|_| VaultError::Internal("bad category".into()))?;
+        let category: Category = row
+            .category
+            .parse()
+            .map_err(|_| VaultError::Internal("bad category".into()))?;
         let d = self.decide(c, Action::Read, category);
         if !d.allowed {
             rec.outcome = Outcome::Denied;
             rec.categories_withheld = vec![category.to_string()];
             self.audit(vec![rec])?;
-            return Err(VaultError::Forbidden { withheld: vec![category] });
+            return Err(VaultError::Forbidden {
+                withheld: vec![category],
+            });
         }
         if row.deleted {
             rec.outcome = Outcome::NotFound;
@@ -376,7 +463,12 @@ impl Vault {
     }
 
     /// `GET /{type}/{id}/_history`: every version the caller may see, newest first.
-    pub fn history(&self, c: &Caller, rt: ResourceType, id: &str) -> Result<SearchResult, VaultError> {
+    pub fn history(
+        &self,
+        c: &Caller,
+        rt: ResourceType,
+        id: &str,
+    ) -> Result<SearchResult, VaultError> {
         let rows = self.store.history(rt.as_str(), id)?;
         let mut rec = self.record(c, "history", Outcome::Success);
         rec.resource = Some(format!("{rt}/{id}"));
@@ -385,10 +477,16 @@ impl Vault {
             self.audit(vec![rec])?;
             return Err(VaultError::NotFound);
         }
-        rec.patient = rows.first().and_then(|r| r.patient.as_ref()).map(|p| p.to_string());
+        rec.patient = rows
+            .first()
+            .and_then(|r| r.patient.as_ref())
+            .map(|p| p.to_string());
         let mut out = SearchResult::default();
         for row in &rows {
-            let cat: Category = row.category.parse().map_err(|_| VaultError::Internal("bad category".into()))?;
+            let cat: Category = row
+                .category
+                .parse()
+                .map_err(|_| VaultError::Internal("bad category".into()))?;
             if self.decide(c, Action::Read, cat).allowed {
                 out.entries.push(self.disclosed(row, self.open_row(row)?)?);
                 push_unique(&mut out.disclosed, cat);
@@ -401,7 +499,9 @@ impl Vault {
         if out.entries.is_empty() {
             rec.outcome = Outcome::Denied;
             self.audit(vec![rec])?;
-            return Err(VaultError::Forbidden { withheld: out.withheld });
+            return Err(VaultError::Forbidden {
+                withheld: out.withheld,
+            });
         }
         self.audit(vec![rec])?;
         Ok(out)
@@ -413,16 +513,22 @@ impl Vault {
             return Ok(None);
         }
         let r = res.patient_reference().ok_or_else(|| {
-            VaultError::Unprocessable(format!("{} must reference its Patient (subject or patient)", res.rtype()))
+            VaultError::Unprocessable(format!(
+                "{} must reference its Patient (subject or patient)",
+                res.rtype()
+            ))
         })?;
-        let pid = medvault_fhir::patient_id_from_reference(&r)
-            .ok_or_else(|| VaultError::Unprocessable("patient reference must have the form Patient/{id}".into()))?;
+        let pid = medvault_fhir::patient_id_from_reference(&r).ok_or_else(|| {
+            VaultError::Unprocessable("patient reference must have the form Patient/{id}".into())
+        })?;
         if res.rtype().as_str() == "Patient" || plan.new_keys.contains_key(&pid) {
             return Ok(Some(pid));
         }
         match self.store.current("Patient", pid.as_str())? {
             Some(row) if !row.deleted => Ok(Some(pid)),
-            _ => Err(VaultError::Unprocessable("referenced Patient does not exist".into())),
+            _ => Err(VaultError::Unprocessable(
+                "referenced Patient does not exist".into(),
+            )),
         }
     }
 
@@ -439,12 +545,19 @@ impl Vault {
         let rt = res.rtype();
         let creating = prior.is_none();
         let category = res.category();
-        let action = if creating { Action::Create } else { Action::Update };
+        let action = if creating {
+            Action::Create
+        } else {
+            Action::Update
+        };
         let mut rec = self.record(c, action.as_str(), Outcome::Success);
         rec.resource = Some(format!("{rt}/{id}"));
         let mut denied = !self.decide(c, action, category).allowed;
         if let Some(p) = prior {
-            let old: Category = p.category.parse().map_err(|_| VaultError::Internal("bad category".into()))?;
+            let old: Category = p
+                .category
+                .parse()
+                .map_err(|_| VaultError::Internal("bad category".into()))?;
             if old != category && !self.decide(c, Action::Update, old).allowed {
                 denied = true;
             }
@@ -455,10 +568,15 @@ impl Vault {
             return Err(self.deny(rec, category));
         }
         if rt.as_str() == "Patient" && creating {
-            let pid = PatientId::new(&id).map_err(|_| VaultError::BadRequest("invalid id".into()))?;
+            let pid =
+                PatientId::new(&id).map_err(|_| VaultError::BadRequest("invalid id".into()))?;
             let dk = DataKey::generate();
             let wrapped = self.master.wrap_data_key(&pid, 1, &dk)?;
-            plan.ops.push(Op::PutPatientKey { patient: pid.clone(), key_version: 1, wrapped });
+            plan.ops.push(Op::PutPatientKey {
+                patient: pid.clone(),
+                key_version: 1,
+                wrapped,
+            });
             plan.new_keys.insert(pid, Arc::new(RecordCipher::new(&dk)));
         }
         let owner = if rt.as_str() == "Patient" {
@@ -468,7 +586,9 @@ impl Vault {
         };
         if let Some(p) = prior {
             if p.patient != owner {
-                return Err(VaultError::Unprocessable("a resource cannot move to another patient's chart".into()));
+                return Err(VaultError::Unprocessable(
+                    "a resource cannot move to another patient's chart".into(),
+                ));
             }
         }
         let version = prior.map(|p| p.version + 1).unwrap_or(1);
@@ -481,7 +601,10 @@ impl Vault {
         };
         let index: Vec<IndexRow> = medvault_fhir::search_tokens(rt, res.json())
             .into_iter()
-            .map(|t| IndexRow { param: t.param.to_owned(), token: self.indexer.token(rt.as_str(), t.param, &t.value).to_vec() })
+            .map(|t| IndexRow {
+                param: t.param.to_owned(),
+                token: self.indexer.token(rt.as_str(), t.param, &t.value).to_vec(),
+            })
             .collect();
         let json = res.into_json();
         let plain = serde_json::to_vec(&json).map_err(|e| VaultError::Internal(e.to_string()))?;
@@ -505,20 +628,35 @@ impl Vault {
         rec.patient = owner.map(|p| p.to_string());
         rec.categories_disclosed = vec![category.to_string()];
         plan.audit.push(rec);
-        let written = Written { rtype: rt, id, version, last_updated: now, body: None, created: creating };
+        let written = Written {
+            rtype: rt,
+            id,
+            version,
+            last_updated: now,
+            body: None,
+            created: creating,
+        };
         Ok((written, json))
     }
 
     /// Records a denial (fail closed: if even that cannot be audited, the error says so).
     fn deny(&self, rec: AuditRecord, category: Category) -> VaultError {
         match self.audit(vec![rec]) {
-            Ok(()) => VaultError::Forbidden { withheld: vec![category] },
+            Ok(()) => VaultError::Forbidden {
+                withheld: vec![category],
+            },
             Err(e) => e,
         }
     }
 
     /// Attaches the body to a write result if the caller may read that category.
-    fn readback(&self, c: &Caller, mut w: Written, json: Map<String, Value>, category: Category) -> Written {
+    fn readback(
+        &self,
+        c: &Caller,
+        mut w: Written,
+        json: Map<String, Value>,
+        category: Category,
+    ) -> Written {
         if self.decide(c, Action::Read, category).allowed {
             w.body = Some(Disclosed {
                 rtype: w.rtype,
@@ -553,12 +691,26 @@ impl Vault {
     }
 
     /// `PUT /{type}/{id}`, honouring `If-Match` (version number).
-    pub fn update(&self, c: &Caller, id: &str, res: Resource, if_match: Option<u64>) -> Result<Written, VaultError> {
+    pub fn update(
+        &self,
+        c: &Caller,
+        id: &str,
+        res: Resource,
+        if_match: Option<u64>,
+    ) -> Result<Written, VaultError> {
         let rt = res.rtype();
         match res.id() {
             Some(body_id) if body_id == id => {}
-            Some(_) => return Err(VaultError::BadRequest("resource id in the body does not match the URL".into())),
-            None => return Err(VaultError::BadRequest("resource id is required in the body of an update".into())),
+            Some(_) => {
+                return Err(VaultError::BadRequest(
+                    "resource id in the body does not match the URL".into(),
+                ))
+            }
+            None => {
+                return Err(VaultError::BadRequest(
+                    "resource id is required in the body of an update".into(),
+                ))
+            }
         }
         let category = res.category();
         let prior = self.store.current(rt.as_str(), id)?;
@@ -577,7 +729,14 @@ impl Vault {
             }
         }
         let mut plan = Plan::default();
-        let (w, json) = self.plan_put(c, &mut plan, res, id.to_owned(), Some(&prior), Expect::Version(prior.version))?;
+        let (w, json) = self.plan_put(
+            c,
+            &mut plan,
+            res,
+            id.to_owned(),
+            Some(&prior),
+            Expect::Version(prior.version),
+        )?;
         match self.commit_plan(plan) {
             Err(VaultError::Conflict) if if_match.is_some() => Err(VaultError::PreconditionFailed),
             Err(e) => Err(e),
@@ -585,7 +744,13 @@ impl Vault {
         }
     }
 
-    fn plan_delete(&self, c: &Caller, plan: &mut Plan, rt: ResourceType, id: &str) -> Result<u64, VaultError> {
+    fn plan_delete(
+        &self,
+        c: &Caller,
+        plan: &mut Plan,
+        rt: ResourceType,
+        id: &str,
+    ) -> Result<u64, VaultError> {
         let prior = self.store.current(rt.as_str(), id)?;
         let mut rec = self.record(c, "delete", Outcome::Success);
         rec.resource = Some(format!("{rt}/{id}"));
@@ -603,7 +768,10 @@ impl Vault {
             }
         };
         rec.patient = prior.patient.as_ref().map(|p| p.to_string());
-        let category: Category = prior.category.parse().map_err(|_| VaultError::Internal("bad category".into()))?;
+        let category: Category = prior
+            .category
+            .parse()
+            .map_err(|_| VaultError::Internal("bad category".into()))?;
         if !self.decide(c, Action::Delete, category).allowed {
             rec.outcome = Outcome::Denied;
             rec.categories_withheld = vec![category.to_string()];
@@ -644,12 +812,17 @@ impl Vault {
     }
 
     /// Audit records `[start, end)`. Audit records hold no clinical content.
-    pub fn audit_records(&self, start: u64, end: u64) -> Result<Vec<(u64, AuditRecord)>, VaultError> {
+    pub fn audit_records(
+        &self,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<(u64, AuditRecord)>, VaultError> {
         self.store
             .audit_range(start, end)?
             .into_iter()
             .map(|r| {
-                let rec = AuditRecord::from_canonical(&r.record).map_err(|e| VaultError::Internal(e.to_string()))?;
+                let rec = AuditRecord::from_canonical(&r.record)
+                    .map_err(|e| VaultError::Internal(e.to_string()))?;
                 Ok((r.seq, rec))
             })
             .collect()

@@ -26,21 +26,41 @@ fn bad(msg: impl Into<String>) -> VaultError {
 
 fn date_value(param: &str, v: &str) -> Result<String, VaultError> {
     let v = v.strip_prefix("eq").unwrap_or(v);
-    let ok_shape = matches!(v.len(), 4 | 7 | 10) && v.bytes().enumerate().all(|(i, b)| if i == 4 || i == 7 { b == b'-' } else { b.is_ascii_digit() });
+    let ok_shape = matches!(v.len(), 4 | 7 | 10)
+        && v.bytes().enumerate().all(|(i, b)| {
+            if i == 4 || i == 7 {
+                b == b'-'
+            } else {
+                b.is_ascii_digit()
+            }
+        });
     if !ok_shape {
-        if v.len() > 2 && v.get(..2).is_some_and(|p| ["ne", "gt", "lt", "ge", "le", "sa", "eb", "ap"].contains(&p)) {
+        if v.len() > 2
+            && v.get(..2)
+                .is_some_and(|p| ["ne", "gt", "lt", "ge", "le", "sa", "eb", "ap"].contains(&p))
+        {
             return Err(bad(format!(
                 "`{param}` supports equality on YYYY, YYYY-MM or YYYY-MM-DD; range prefixes are not available on blind-indexed dates"
             )));
         }
-        return Err(bad(format!("`{param}` must be YYYY, YYYY-MM or YYYY-MM-DD")));
+        return Err(bad(format!(
+            "`{param}` must be YYYY, YYYY-MM or YYYY-MM-DD"
+        )));
     }
     Ok(v.to_owned())
 }
 
 impl Vault {
-    fn build_query(&self, rt: ResourceType, params: &[(String, String)]) -> Result<(SearchQuery, Vec<String>), VaultError> {
-        let mut q = SearchQuery { rtype: Some(rt.as_str().to_owned()), limit: DEFAULT_COUNT, ..Default::default() };
+    fn build_query(
+        &self,
+        rt: ResourceType,
+        params: &[(String, String)],
+    ) -> Result<(SearchQuery, Vec<String>), VaultError> {
+        let mut q = SearchQuery {
+            rtype: Some(rt.as_str().to_owned()),
+            limit: DEFAULT_COUNT,
+            ..Default::default()
+        };
         let allowed = medvault_fhir::search_params(rt.as_str());
         let mut names = vec![];
         for (k, v) in params {
@@ -54,10 +74,16 @@ impl Vault {
             names.push(name.to_owned());
             match name {
                 "_count" => {
-                    let n: usize = v.parse().map_err(|_| bad("_count must be a non-negative integer"))?;
+                    let n: usize = v
+                        .parse()
+                        .map_err(|_| bad("_count must be a non-negative integer"))?;
                     q.limit = n.clamp(1, self.options.max_page_size);
                 }
-                "_offset" => q.offset = v.parse().map_err(|_| bad("_offset must be a non-negative integer"))?,
+                "_offset" => {
+                    q.offset = v
+                        .parse()
+                        .map_err(|_| bad("_offset must be a non-negative integer"))?
+                }
                 "_format" if v == "json" || v.contains("fhir+json") => {}
                 "_id" => {
                     for id in v.split(',') {
@@ -76,7 +102,11 @@ impl Vault {
                         Some("eq") => (None, v.get(2..).unwrap_or("")),
                         _ => (None, v.as_str()),
                     };
-                    if at.len() < 4 || !at.bytes().all(|b| b.is_ascii_digit() || b"-:T.Z+".contains(&b)) {
+                    if at.len() < 4
+                        || !at
+                            .bytes()
+                            .all(|b| b.is_ascii_digit() || b"-:T.Z+".contains(&b))
+                    {
                         return Err(bad("_lastUpdated must be a FHIR date or dateTime"));
                     }
                     match cmp {
@@ -89,21 +119,25 @@ impl Vault {
                 }
                 "patient" | "subject" if allowed.contains(&name) => {
                     let id = v.strip_prefix("Patient/").unwrap_or(v);
-                    let pid = PatientId::new(id).map_err(|_| bad("patient must be Patient/{id} or an id"))?;
+                    let pid = PatientId::new(id)
+                        .map_err(|_| bad("patient must be Patient/{id} or an id"))?;
                     if q.patient.as_ref().is_some_and(|p| *p != pid) {
                         return Err(bad("conflicting patient parameters"));
                     }
                     q.patient = Some(pid);
                 }
                 p if allowed.contains(&p) => {
-                    let param: &'static str = allowed.iter().copied().find(|a| *a == p).unwrap_or("");
+                    let param: &'static str =
+                        allowed.iter().copied().find(|a| *a == p).unwrap_or("");
                     let mut tokens = vec![];
                     for value in v.split(',') {
                         let norm = match param {
                             "name" | "family" | "given" => {
                                 let n = normalize_text(value);
                                 if n.chars().count() < medvault_fhir_min_prefix() {
-                                    return Err(bad(format!("`{param}` needs at least 2 characters")));
+                                    return Err(bad(format!(
+                                        "`{param}` needs at least 2 characters"
+                                    )));
                                 }
                                 n
                             }
@@ -119,7 +153,12 @@ impl Vault {
                     }
                     q.tokens.push((param.to_owned(), tokens));
                 }
-                other => return Err(bad(format!("unknown or unsupported search parameter `{}`", other.chars().take(40).collect::<String>()))),
+                other => {
+                    return Err(bad(format!(
+                        "unknown or unsupported search parameter `{}`",
+                        other.chars().take(40).collect::<String>()
+                    )))
+                }
             }
         }
         names.sort();
@@ -128,13 +167,26 @@ impl Vault {
     }
 
     /// `GET /{type}?…`.
-    pub fn search(&self, c: &Caller, rt: ResourceType, params: &[(String, String)]) -> Result<SearchResult, VaultError> {
+    pub fn search(
+        &self,
+        c: &Caller,
+        rt: ResourceType,
+        params: &[(String, String)],
+    ) -> Result<SearchResult, VaultError> {
         let (q, names) = self.build_query(rt, params)?;
         let page = self.store.search(&q)?;
-        let mut out = SearchResult { more: page.more, offset: q.offset, count: q.limit, ..Default::default() };
+        let mut out = SearchResult {
+            more: page.more,
+            offset: q.offset,
+            count: q.limit,
+            ..Default::default()
+        };
         let mut patients: Vec<String> = vec![];
         for row in &page.rows {
-            let cat: Category = row.category.parse().map_err(|_| VaultError::Internal("bad category".into()))?;
+            let cat: Category = row
+                .category
+                .parse()
+                .map_err(|_| VaultError::Internal("bad category".into()))?;
             if self.decide(c, Action::Search, cat).allowed {
                 out.entries.push(self.disclosed(row, self.open_row(row)?)?);
                 push_unique(&mut out.disclosed, cat);
@@ -152,7 +204,12 @@ impl Vault {
         rec.patient = q.patient.as_ref().map(|p| p.to_string());
         rec.categories_disclosed = out.disclosed.iter().map(|c| c.to_string()).collect();
         rec.categories_withheld = out.withheld.iter().map(|c| c.to_string()).collect();
-        rec.detail = Some(format!("params={} matched={} returned={}", names.join(","), page.rows.len(), out.entries.len()));
+        rec.detail = Some(format!(
+            "params={} matched={} returned={}",
+            names.join(","),
+            page.rows.len(),
+            out.entries.len()
+        ));
         let mut recs = vec![];
         // One record per patient whose chart appears in the results, so "who looked at my
         // record" and the accounting of disclosures see searches too.
@@ -182,11 +239,21 @@ impl Vault {
                 return Err(VaultError::NotFound);
             }
         }
-        let q = SearchQuery { patient: Some(pid), limit: 100_000, ..Default::default() };
+        let q = SearchQuery {
+            patient: Some(pid),
+            limit: 100_000,
+            ..Default::default()
+        };
         let page = self.store.search(&q)?;
-        let mut out = SearchResult { count: page.rows.len(), ..Default::default() };
+        let mut out = SearchResult {
+            count: page.rows.len(),
+            ..Default::default()
+        };
         for row in &page.rows {
-            let cat: Category = row.category.parse().map_err(|_| VaultError::Internal("bad category".into()))?;
+            let cat: Category = row
+                .category
+                .parse()
+                .map_err(|_| VaultError::Internal("bad category".into()))?;
             if self.decide(c, Action::Read, cat).allowed {
                 out.entries.push(self.disclosed(row, self.open_row(row)?)?);
                 push_unique(&mut out.disclosed, cat);
@@ -199,7 +266,9 @@ impl Vault {
         if out.entries.is_empty() && !out.withheld.is_empty() {
             rec.outcome = Outcome::Denied;
             self.audit(vec![rec])?;
-            return Err(VaultError::Forbidden { withheld: out.withheld });
+            return Err(VaultError::Forbidden {
+                withheld: out.withheld,
+            });
         }
         self.audit(vec![rec])?;
         Ok(out)

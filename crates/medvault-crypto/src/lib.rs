@@ -88,7 +88,11 @@ impl MasterKey {
         for b in key.0 {
             hex.push_str(&format!("{b:02x}"));
         }
-        let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)?;
         f.write_all(hex.as_bytes())?;
         f.write_all(b"\n")?;
         f.sync_all()?;
@@ -118,11 +122,21 @@ impl MasterKey {
     }
 
     /// Wraps a patient's data key; the AAD binds it to the patient and key version.
-    pub fn wrap_data_key(&self, patient: &PatientId, version: u32, dk: &DataKey) -> Result<Vec<u8>, CryptoError> {
+    pub fn wrap_data_key(
+        &self,
+        patient: &PatientId,
+        version: u32,
+        dk: &DataKey,
+    ) -> Result<Vec<u8>, CryptoError> {
         seal_with(&self.cipher(), &dek_aad(patient, version), &dk.0)
     }
 
-    pub fn unwrap_data_key(&self, patient: &PatientId, version: u32, wrapped: &[u8]) -> Result<DataKey, CryptoError> {
+    pub fn unwrap_data_key(
+        &self,
+        patient: &PatientId,
+        version: u32,
+        wrapped: &[u8],
+    ) -> Result<DataKey, CryptoError> {
         let mut raw = open_with(&self.cipher(), &dek_aad(patient, version), wrapped)?;
         let k = DataKey::from_slice(&raw).ok_or(CryptoError::Decrypt);
         raw.zeroize();
@@ -131,11 +145,19 @@ impl MasterKey {
 
     /// Wraps a service key (e.g. the identity-secrets key) under a label bound in the AAD.
     pub fn wrap_named(&self, label: &str, k: &DataKey) -> Result<Vec<u8>, CryptoError> {
-        seal_with(&self.cipher(), format!("medvault:named:v1|{label}").as_bytes(), &k.0)
+        seal_with(
+            &self.cipher(),
+            format!("medvault:named:v1|{label}").as_bytes(),
+            &k.0,
+        )
     }
 
     pub fn unwrap_named(&self, label: &str, wrapped: &[u8]) -> Result<DataKey, CryptoError> {
-        let mut raw = open_with(&self.cipher(), format!("medvault:named:v1|{label}").as_bytes(), wrapped)?;
+        let mut raw = open_with(
+            &self.cipher(),
+            format!("medvault:named:v1|{label}").as_bytes(),
+            wrapped,
+        )?;
         let k = DataKey::from_slice(&raw).ok_or(CryptoError::Decrypt);
         raw.zeroize();
         k
@@ -172,7 +194,13 @@ fn seal_with(c: &Aes256Gcm, aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, Cry
     let mut nonce = [0u8; NONCE_LEN];
     rand::rngs::OsRng.fill_bytes(&mut nonce);
     let ct = c
-        .encrypt(Nonce::from_slice(&nonce), Payload { msg: plaintext, aad })
+        .encrypt(
+            Nonce::from_slice(&nonce),
+            Payload {
+                msg: plaintext,
+                aad,
+            },
+        )
         .map_err(|_| CryptoError::Encrypt)?;
     let mut out = Vec::with_capacity(NONCE_LEN + ct.len());
     out.extend_from_slice(&nonce);
@@ -185,12 +213,17 @@ fn open_with(c: &Aes256Gcm, aad: &[u8], sealed: &[u8]) -> Result<Vec<u8>, Crypto
         return Err(CryptoError::Decrypt);
     }
     let (nonce, ct) = sealed.split_at(NONCE_LEN);
-    c.decrypt(Nonce::from_slice(nonce), Payload { msg: ct, aad }).map_err(|_| CryptoError::Decrypt)
+    c.decrypt(Nonce::from_slice(nonce), Payload { msg: ct, aad })
+        .map_err(|_| CryptoError::Decrypt)
 }
 
 /// Record AAD: resource type | id | version | patient id, so rows cannot be swapped or replayed.
 pub fn record_aad(resource_type: &str, id: &str, version: u64, patient: &PatientId) -> Vec<u8> {
-    format!("medvault:rec:v1|{resource_type}|{id}|{version}|{}", patient.as_str()).into_bytes()
+    format!(
+        "medvault:rec:v1|{resource_type}|{id}|{version}|{}",
+        patient.as_str()
+    )
+    .into_bytes()
 }
 
 /// A data key ready to seal and open records (the AES key schedule is computed once).
@@ -206,7 +239,9 @@ impl fmt::Debug for RecordCipher {
 
 impl RecordCipher {
     pub fn new(dk: &DataKey) -> Self {
-        Self { cipher: Aes256Gcm::new((&dk.0).into()) }
+        Self {
+            cipher: Aes256Gcm::new((&dk.0).into()),
+        }
     }
     pub fn seal(&self, aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, CryptoError> {
         seal_with(&self.cipher, aad, plaintext)
@@ -255,20 +290,28 @@ impl BlindIndexer {
     }
 }
 
-#[expect(clippy::panic, reason = "HMAC accepts keys of any length; this cannot be reached")]
+#[expect(
+    clippy::panic,
+    reason = "HMAC accepts keys of any length; this cannot be reached"
+)]
 fn unreachable_mac() -> Hmac<Sha256> {
     panic!("hmac rejected a 32-byte key")
 }
 
+type CacheState = (HashMap<PatientId, Arc<RecordCipher>>, VecDeque<PatientId>);
+
 /// Unwrapped data keys kept in memory, bounded; evicted keys are zeroized on drop.
 pub struct KeyCache {
-    inner: Mutex<(HashMap<PatientId, Arc<RecordCipher>>, VecDeque<PatientId>)>,
+    inner: Mutex<CacheState>,
     capacity: usize,
 }
 
 impl KeyCache {
     pub fn new(capacity: usize) -> Self {
-        Self { inner: Mutex::new((HashMap::new(), VecDeque::new())), capacity: capacity.max(1) }
+        Self {
+            inner: Mutex::new((HashMap::new(), VecDeque::new())),
+            capacity: capacity.max(1),
+        }
     }
     pub fn get(&self, p: &PatientId) -> Option<Arc<RecordCipher>> {
         self.inner.lock().ok()?.0.get(p).cloned()
@@ -320,18 +363,26 @@ mod tests {
         fs::create_dir(&dir).unwrap();
         let p = dir.join("master.key");
         let k = MasterKey::create_file(&p).unwrap();
-        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         let k2 = MasterKey::load_file(&p).unwrap();
         let pid = PatientId::new("p1").unwrap();
         let dk = DataKey::generate();
         let w = k.wrap_data_key(&pid, 1, &dk).unwrap();
         assert_eq!(k2.unwrap_data_key(&pid, 1, &w).unwrap().0, dk.0);
         // bound to patient and version
-        assert!(k2.unwrap_data_key(&PatientId::new("p2").unwrap(), 1, &w).is_err());
+        assert!(k2
+            .unwrap_data_key(&PatientId::new("p2").unwrap(), 1, &w)
+            .is_err());
         assert!(k2.unwrap_data_key(&pid, 2, &w).is_err());
         assert!(MasterKey::create_file(&p).is_err(), "must not overwrite");
         fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).unwrap();
-        assert!(matches!(MasterKey::load_file(&p), Err(CryptoError::KeyFilePermissions(_))));
+        assert!(matches!(
+            MasterKey::load_file(&p),
+            Err(CryptoError::KeyFilePermissions(_))
+        ));
         fs::remove_dir_all(dir).unwrap();
     }
 
@@ -342,7 +393,9 @@ mod tests {
         let aad = record_aad("Observation", "o1", 1, &pid);
         let s = c.seal(&aad, b"secret").unwrap();
         assert_eq!(c.open(&aad, &s).unwrap(), b"secret");
-        assert!(c.open(&record_aad("Observation", "o1", 2, &pid), &s).is_err());
+        assert!(c
+            .open(&record_aad("Observation", "o1", 2, &pid), &s)
+            .is_err());
         let mut t = s.clone();
         let last = t.len() - 1;
         t[last] ^= 1;
@@ -352,7 +405,10 @@ mod tests {
 
     #[test]
     fn secrets_never_print() {
-        assert_eq!(format!("{:?}", MasterKey::generate()), "MasterKey([REDACTED])");
+        assert_eq!(
+            format!("{:?}", MasterKey::generate()),
+            "MasterKey([REDACTED])"
+        );
         assert_eq!(format!("{:?}", DataKey::generate()), "DataKey([REDACTED])");
     }
 
@@ -360,16 +416,28 @@ mod tests {
     fn blind_tokens_are_keyed() {
         let a = BlindIndexer::new(&IndexRootKey::generate());
         let b = BlindIndexer::new(&IndexRootKey::generate());
-        assert_eq!(a.token("Patient", "family", "smith"), a.token("Patient", "family", "smith"));
-        assert_ne!(a.token("Patient", "family", "smith"), b.token("Patient", "family", "smith"));
-        assert_ne!(a.token("Patient", "family", "smith"), a.token("Patient", "given", "smith"));
+        assert_eq!(
+            a.token("Patient", "family", "smith"),
+            a.token("Patient", "family", "smith")
+        );
+        assert_ne!(
+            a.token("Patient", "family", "smith"),
+            b.token("Patient", "family", "smith")
+        );
+        assert_ne!(
+            a.token("Patient", "family", "smith"),
+            a.token("Patient", "given", "smith")
+        );
     }
 
     #[test]
     fn cache_is_bounded() {
         let c = KeyCache::new(2);
         for i in 0..5 {
-            c.insert(PatientId::new(&format!("p{i}")).unwrap(), Arc::new(RecordCipher::new(&DataKey::generate())));
+            c.insert(
+                PatientId::new(&format!("p{i}")).unwrap(),
+                Arc::new(RecordCipher::new(&DataKey::generate())),
+            );
         }
         assert_eq!(c.len(), 2);
         assert!(c.get(&PatientId::new("p4").unwrap()).is_some());

@@ -59,7 +59,10 @@ impl Defs {
         self.required.get(parent).map(Vec::as_slice).unwrap_or(&[])
     }
     pub fn required_choices(&self, parent: &str) -> &[String] {
-        self.required_choice.get(parent).map(Vec::as_slice).unwrap_or(&[])
+        self.required_choice
+            .get(parent)
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
     }
 }
 
@@ -83,16 +86,24 @@ fn load() -> Defs {
             if let Some(a) = v.as_array() {
                 for stem in a.iter().filter_map(|s| s.as_str()) {
                     if let Some((parent, name)) = split_parent(stem) {
-                        required_choice.entry(parent.to_owned()).or_default().push(name.to_owned());
+                        required_choice
+                            .entry(parent.to_owned())
+                            .or_default()
+                            .push(name.to_owned());
                     }
                 }
             }
             continue;
         }
-        let Ok(el) = serde_json::from_value::<Element>(v) else { continue };
+        let Ok(el) = serde_json::from_value::<Element>(v) else {
+            continue;
+        };
         if el.min > 0 && el.choice.is_none() {
             if let Some((parent, name)) = split_parent(&path) {
-                required.entry(parent.to_owned()).or_default().push(name.to_owned());
+                required
+                    .entry(parent.to_owned())
+                    .or_default()
+                    .push(name.to_owned());
             }
         }
         elements.insert(path, el);

@@ -14,7 +14,10 @@ pub struct SearchToken {
 
 /// Lowercases and collapses whitespace: FHIR string search is case-insensitive.
 pub fn normalize_text(s: &str) -> String {
-    s.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase()
+    s.split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .to_lowercase()
 }
 
 /// Shortest string prefix that `name`, `family` and `given` searches match.
@@ -27,7 +30,10 @@ fn push_string_prefixes(out: &mut Vec<SearchToken>, param: &'static str, s: &str
         for (i, _) in chars.iter().enumerate().skip(MIN_PREFIX - 1) {
             let end = chars.get(i + 1).map(|(b, _)| *b).unwrap_or(word.len());
             if let Some(p) = word.get(..end) {
-                out.push(SearchToken { param, value: p.to_owned() });
+                out.push(SearchToken {
+                    param,
+                    value: p.to_owned(),
+                });
             }
         }
     }
@@ -37,7 +43,10 @@ fn push_date(out: &mut Vec<SearchToken>, param: &'static str, s: &str) {
     let date = s.get(..10).unwrap_or(s);
     for len in [4, 7, 10] {
         if let Some(p) = date.get(..len) {
-            out.push(SearchToken { param, value: p.to_owned() });
+            out.push(SearchToken {
+                param,
+                value: p.to_owned(),
+            });
         }
     }
 }
@@ -52,9 +61,15 @@ fn push_codings(out: &mut Vec<SearchToken>, param: &'static str, v: Option<&Valu
         if let Some(Value::Array(codings)) = cc.get("coding") {
             for c in codings {
                 if let Some(code) = c.get("code").and_then(Value::as_str) {
-                    out.push(SearchToken { param, value: code.to_owned() });
+                    out.push(SearchToken {
+                        param,
+                        value: code.to_owned(),
+                    });
                     if let Some(sys) = c.get("system").and_then(Value::as_str) {
-                        out.push(SearchToken { param, value: format!("{sys}|{code}") });
+                        out.push(SearchToken {
+                            param,
+                            value: format!("{sys}|{code}"),
+                        });
                     }
                 }
             }
@@ -78,9 +93,15 @@ pub fn search_tokens(rt: ResourceType, o: &Map<String, Value>) -> Vec<SearchToke
     if let Some(Value::Array(ids)) = o.get("identifier") {
         for i in ids {
             if let Some(v) = i.get("value").and_then(Value::as_str) {
-                out.push(SearchToken { param: "identifier", value: v.to_owned() });
+                out.push(SearchToken {
+                    param: "identifier",
+                    value: v.to_owned(),
+                });
                 if let Some(s) = i.get("system").and_then(Value::as_str) {
-                    out.push(SearchToken { param: "identifier", value: format!("{s}|{v}") });
+                    out.push(SearchToken {
+                        param: "identifier",
+                        value: format!("{s}|{v}"),
+                    });
                 }
             }
         }
@@ -110,7 +131,10 @@ pub fn search_tokens(rt: ResourceType, o: &Map<String, Value>) -> Vec<SearchToke
         push_date(&mut out, "birthdate", b);
     }
     if let Some(s) = o.get("status").and_then(Value::as_str) {
-        out.push(SearchToken { param: "status", value: s.to_owned() });
+        out.push(SearchToken {
+            param: "status",
+            value: s.to_owned(),
+        });
     }
     match rt.as_str() {
         "Condition" => {
@@ -125,11 +149,20 @@ pub fn search_tokens(rt: ResourceType, o: &Map<String, Value>) -> Vec<SearchToke
         "Immunization" => push_codings(&mut out, "code", o.get("vaccineCode")),
         "Encounter" => {
             push_codings(&mut out, "code", o.get("type"));
-            if let Some(c) = o.get("class").and_then(|c| c.get("code")).and_then(Value::as_str) {
-                out.push(SearchToken { param: "category", value: c.to_owned() });
+            if let Some(c) = o
+                .get("class")
+                .and_then(|c| c.get("code"))
+                .and_then(Value::as_str)
+            {
+                out.push(SearchToken {
+                    param: "category",
+                    value: c.to_owned(),
+                });
             }
         }
-        "Coverage" | "Claim" | "ExplanationOfBenefit" => push_codings(&mut out, "code", o.get("type")),
+        "Coverage" | "Claim" | "ExplanationOfBenefit" => {
+            push_codings(&mut out, "code", o.get("type"))
+        }
         _ => {
             push_codings(&mut out, "code", o.get("code"));
             push_codings(&mut out, "category", o.get("category"));
@@ -138,21 +171,26 @@ pub fn search_tokens(rt: ResourceType, o: &Map<String, Value>) -> Vec<SearchToke
             }
         }
     }
-    let date = match rt.as_str() {
-        "Observation" | "DiagnosticReport" => {
-            str_at(o, &["effectiveDateTime"]).or_else(|| str_at(o, &["effectivePeriod", "start"]))
-        }
-        "Encounter" | "CarePlan" => str_at(o, &["period", "start"]),
-        "Condition" => str_at(o, &["onsetDateTime"]).or_else(|| str_at(o, &["recordedDate"])),
-        "Procedure" => str_at(o, &["performedDateTime"]).or_else(|| str_at(o, &["performedPeriod", "start"])),
-        "Immunization" => str_at(o, &["occurrenceDateTime"]),
-        "MedicationRequest" => str_at(o, &["authoredOn"]),
-        "MedicationStatement" => str_at(o, &["effectiveDateTime"]).or_else(|| str_at(o, &["dateAsserted"])),
-        "AllergyIntolerance" => str_at(o, &["recordedDate"]),
-        "Claim" | "ExplanationOfBenefit" => str_at(o, &["created"]),
-        "DocumentReference" | "Consent" => str_at(o, &["date"]).or_else(|| str_at(o, &["dateTime"])),
-        _ => None,
-    };
+    let date =
+        match rt.as_str() {
+            "Observation" | "DiagnosticReport" => str_at(o, &["effectiveDateTime"])
+                .or_else(|| str_at(o, &["effectivePeriod", "start"])),
+            "Encounter" | "CarePlan" => str_at(o, &["period", "start"]),
+            "Condition" => str_at(o, &["onsetDateTime"]).or_else(|| str_at(o, &["recordedDate"])),
+            "Procedure" => str_at(o, &["performedDateTime"])
+                .or_else(|| str_at(o, &["performedPeriod", "start"])),
+            "Immunization" => str_at(o, &["occurrenceDateTime"]),
+            "MedicationRequest" => str_at(o, &["authoredOn"]),
+            "MedicationStatement" => {
+                str_at(o, &["effectiveDateTime"]).or_else(|| str_at(o, &["dateAsserted"]))
+            }
+            "AllergyIntolerance" => str_at(o, &["recordedDate"]),
+            "Claim" | "ExplanationOfBenefit" => str_at(o, &["created"]),
+            "DocumentReference" | "Consent" => {
+                str_at(o, &["date"]).or_else(|| str_at(o, &["dateTime"]))
+            }
+            _ => None,
+        };
     if let Some(d) = date {
         push_date(&mut out, "date", d);
     }
@@ -170,11 +208,18 @@ mod tests {
     fn patient_tokens() {
         let p = json!({"resourceType": "Patient", "name": [{"family": "Smith", "given": ["Ann Marie"]}],
             "birthDate": "1980-05-17", "identifier": [{"system": "urn:mrn", "value": "M1"}]});
-        let t = search_tokens(ResourceType::parse("Patient").unwrap(), p.as_object().unwrap());
+        let t = search_tokens(
+            ResourceType::parse("Patient").unwrap(),
+            p.as_object().unwrap(),
+        );
         let has = |p: &str, v: &str| t.iter().any(|x| x.param == p && x.value == v);
         assert!(has("family", "sm") && has("family", "smith") && !has("family", "s"));
         assert!(has("given", "ann") && has("given", "marie") && has("given", "ann marie"));
-        assert!(has("birthdate", "1980") && has("birthdate", "1980-05") && has("birthdate", "1980-05-17"));
+        assert!(
+            has("birthdate", "1980")
+                && has("birthdate", "1980-05")
+                && has("birthdate", "1980-05-17")
+        );
         assert!(has("identifier", "M1") && has("identifier", "urn:mrn|M1"));
     }
 }

@@ -64,7 +64,11 @@ impl FhirError {
             FhirError::Invalid(v) => v.clone(),
             FhirError::Malformed(m) => vec![Issue::error(IssueCode::Structure, m.clone(), None)],
             FhirError::UnknownType => {
-                vec![Issue::error(IssueCode::NotSupported, "resource type is not supported".into(), None)]
+                vec![Issue::error(
+                    IssueCode::NotSupported,
+                    "resource type is not supported".into(),
+                    None,
+                )]
             }
             FhirError::TypeMismatch => vec![Issue::error(
                 IssueCode::Invalid,
@@ -81,7 +85,10 @@ pub struct ResourceType(&'static str);
 
 impl ResourceType {
     pub fn parse(s: &str) -> Option<Self> {
-        SUPPORTED_TYPES.iter().find(|t| **t == s).map(|t| ResourceType(t))
+        SUPPORTED_TYPES
+            .iter()
+            .find(|t| **t == s)
+            .map(|t| ResourceType(t))
     }
     pub fn as_str(self) -> &'static str {
         self.0
@@ -108,14 +115,17 @@ pub struct Resource {
 impl Resource {
     /// Parses and validates JSON bytes; `expected` is the type named by the URL, if any.
     pub fn parse(bytes: &[u8], expected: Option<ResourceType>) -> Result<Self, FhirError> {
-        let v: Value = serde_json::from_slice(bytes).map_err(|e| FhirError::Malformed(json_error_text(&e)))?;
+        let v: Value =
+            serde_json::from_slice(bytes).map_err(|e| FhirError::Malformed(json_error_text(&e)))?;
         Self::from_value(v, expected)
     }
 
     /// Validates an already-parsed JSON value (e.g. a Bundle entry).
     pub fn from_value(v: Value, expected: Option<ResourceType>) -> Result<Self, FhirError> {
         let Value::Object(json) = v else {
-            return Err(FhirError::Malformed("a resource must be a JSON object".into()));
+            return Err(FhirError::Malformed(
+                "a resource must be a JSON object".into(),
+            ));
         };
         let rt = json
             .get("resourceType")
@@ -155,7 +165,10 @@ impl Resource {
     /// Sets server-assigned id and meta (versionId, lastUpdated), keeping meta.security/tag/profile.
     pub fn stamp(&mut self, id: &str, version: u64, last_updated: &str) {
         self.json.insert("id".into(), Value::String(id.to_owned()));
-        let meta = self.json.entry("meta").or_insert_with(|| Value::Object(Map::new()));
+        let meta = self
+            .json
+            .entry("meta")
+            .or_insert_with(|| Value::Object(Map::new()));
         if let Value::Object(m) = meta {
             m.insert("versionId".into(), Value::String(version.to_string()));
             m.insert("lastUpdated".into(), Value::String(last_updated.to_owned()));
@@ -171,12 +184,20 @@ impl Resource {
     pub fn patient_reference(&self) -> Option<String> {
         let field = match self.rtype.as_str() {
             "Patient" => return self.id().map(|s| format!("Patient/{s}")),
-            "AllergyIntolerance" | "Immunization" | "Claim" | "ExplanationOfBenefit" | "Consent" => "patient",
+            "AllergyIntolerance"
+            | "Immunization"
+            | "Claim"
+            | "ExplanationOfBenefit"
+            | "Consent" => "patient",
             "Coverage" => "beneficiary",
             "Practitioner" | "Organization" => return None,
             _ => "subject",
         };
-        self.json.get(field)?.get("reference")?.as_str().map(str::to_owned)
+        self.json
+            .get(field)?
+            .get("reference")?
+            .as_str()
+            .map(str::to_owned)
     }
 
     /// Rewrites every `reference` equal to `from` into `to` (transaction Bundles' urn:uuid).
@@ -317,31 +338,45 @@ mod tests {
         assert!(codes(e)[0].contains("array"));
         let e = parse(json!({"resourceType": "Observation", "code": {"text": "x"}})).unwrap_err();
         assert!(codes(e).iter().any(|d| d.contains("required")));
-        let e = parse(json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"},
-            "valueString": "a", "valueBoolean": true}))
+        let e = parse(
+            json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"},
+            "valueString": "a", "valueBoolean": true}),
+        )
         .unwrap_err();
         assert!(codes(e)[0].contains("one of"));
-        let e = parse(json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"},
-            "subject": {"reference": "Patient/../../etc"}}))
+        let e = parse(
+            json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"},
+            "subject": {"reference": "Patient/../../etc"}}),
+        )
         .unwrap_err();
         assert!(codes(e)[0].contains("reference"));
-        assert!(matches!(parse(json!({"resourceType": "Basic"})), Err(FhirError::UnknownType)));
         assert!(matches!(
-            Resource::parse(br#"{"resourceType":"Patient"}"#, ResourceType::parse("Observation")),
+            parse(json!({"resourceType": "Basic"})),
+            Err(FhirError::UnknownType)
+        ));
+        assert!(matches!(
+            Resource::parse(
+                br#"{"resourceType":"Patient"}"#,
+                ResourceType::parse("Observation")
+            ),
             Err(FhirError::TypeMismatch)
         ));
     }
 
     #[test]
     fn errors_never_echo_values() {
-        let e = parse(json!({"resourceType": "Patient", "birthDate": "CANARY-SECRET"})).unwrap_err();
+        let e =
+            parse(json!({"resourceType": "Patient", "birthDate": "CANARY-SECRET"})).unwrap_err();
         assert!(!format!("{:?}", e.issues()).contains("CANARY"));
     }
 
     #[test]
     fn deep_nesting_is_a_clean_error() {
         let deep = format!("{}{}", "[".repeat(20_000), "]".repeat(20_000));
-        assert!(matches!(Resource::parse(deep.as_bytes(), None), Err(FhirError::Malformed(_))));
+        assert!(matches!(
+            Resource::parse(deep.as_bytes(), None),
+            Err(FhirError::Malformed(_))
+        ));
         let mut v = json!({"url": "http://x"});
         for _ in 0..100 {
             v = json!({"url": "http://x", "extension": [v]});

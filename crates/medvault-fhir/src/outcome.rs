@@ -68,13 +68,28 @@ pub struct Issue {
 
 impl Issue {
     pub fn error(code: IssueCode, diagnostics: String, expression: Option<String>) -> Self {
-        Issue { severity: "error", code, diagnostics, expression }
+        Issue {
+            severity: "error",
+            code,
+            diagnostics,
+            expression,
+        }
     }
     pub fn info(code: IssueCode, diagnostics: String) -> Self {
-        Issue { severity: "information", code, diagnostics, expression: None }
+        Issue {
+            severity: "information",
+            code,
+            diagnostics,
+            expression: None,
+        }
     }
     pub fn warning(code: IssueCode, diagnostics: String) -> Self {
-        Issue { severity: "warning", code, diagnostics, expression: None }
+        Issue {
+            severity: "warning",
+            code,
+            diagnostics,
+            expression: None,
+        }
     }
 }
 
@@ -83,14 +98,20 @@ pub fn operation_outcome(issues: &[Issue], medvault_code: Option<&str>) -> Value
     let issues: Vec<Value> = issues
         .iter()
         .map(|i| {
-            let mut v = json!({"severity": i.severity, "code": i.code.as_str(), "diagnostics": i.diagnostics});
+            let mut v = serde_json::Map::new();
+            v.insert("severity".into(), json!(i.severity));
+            v.insert("code".into(), json!(i.code.as_str()));
+            v.insert("diagnostics".into(), json!(i.diagnostics));
             if let Some(e) = &i.expression {
-                v["expression"] = json!([e]);
+                v.insert("expression".into(), json!([e]));
             }
             if let Some(c) = medvault_code {
-                v["details"] = json!({"coding": [{"system": "https://medvault.dev/error", "code": c}]});
+                v.insert(
+                    "details".into(),
+                    json!({"coding": [{"system": "https://medvault.dev/error", "code": c}]}),
+                );
             }
-            v
+            Value::Object(v)
         })
         .collect();
     json!({"resourceType": "OperationOutcome", "issue": issues})
@@ -102,12 +123,28 @@ pub fn search_params(rt: &str) -> &'static [&'static str] {
         "Patient" => &["identifier", "name", "family", "given", "birthdate"],
         "Practitioner" => &["identifier", "name", "family", "given"],
         "Organization" => &["identifier", "name"],
-        "Observation" | "DiagnosticReport" | "Condition" => {
-            &["patient", "subject", "identifier", "code", "category", "date", "status"]
-        }
-        "Encounter" | "CarePlan" | "DocumentReference" | "MedicationRequest" | "MedicationStatement" => {
-            &["patient", "subject", "identifier", "code", "category", "date", "status"]
-        }
+        "Observation" | "DiagnosticReport" | "Condition" => &[
+            "patient",
+            "subject",
+            "identifier",
+            "code",
+            "category",
+            "date",
+            "status",
+        ],
+        "Encounter"
+        | "CarePlan"
+        | "DocumentReference"
+        | "MedicationRequest"
+        | "MedicationStatement" => &[
+            "patient",
+            "subject",
+            "identifier",
+            "code",
+            "category",
+            "date",
+            "status",
+        ],
         _ => &["patient", "identifier", "code", "date", "status"],
     }
 }
@@ -137,9 +174,11 @@ pub fn capability_statement(version: &str, date: &str) -> Value {
                 .collect();
             let mut r = json!({"type": t, "versioning": "versioned", "readHistory": true, "updateCreate": false,
                 "conditionalUpdate": false, "interaction": interactions, "searchParam": params});
-            if *t == "Patient" {
-                r["operation"] = json!([{"name": "everything",
-                    "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything"}]);
+            if let (true, Some(o)) = (*t == "Patient", r.as_object_mut()) {
+                o.insert(
+                    "operation".into(),
+                    json!([{"name": "everything", "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything"}]),
+                );
             }
             r
         })

@@ -15,7 +15,8 @@ struct Ctx {
 impl Ctx {
     fn err(&mut self, code: IssueCode, msg: impl Into<String>, at: &str) {
         if self.issues.len() < 50 {
-            self.issues.push(Issue::error(code, msg.into(), Some(at.to_owned())));
+            self.issues
+                .push(Issue::error(code, msg.into(), Some(at.to_owned())));
         }
     }
 }
@@ -28,14 +29,25 @@ pub(crate) fn validate_resource(rtype: &str, obj: &Map<String, Value>) -> Vec<Is
 
 fn resource(ctx: &mut Ctx, rtype: &str, obj: &Map<String, Value>, at: &str, depth: usize) {
     if !defs().is_resource(rtype) {
-        ctx.err(IssueCode::NotSupported, "resource type is not supported", at);
+        ctx.err(
+            IssueCode::NotSupported,
+            "resource type is not supported",
+            at,
+        );
         return;
     }
     object(ctx, rtype, obj, at, depth, true);
 }
 
 /// Validates the children of `obj`, whose definitions live under `def_path`.
-fn object(ctx: &mut Ctx, def_path: &str, obj: &Map<String, Value>, at: &str, depth: usize, is_resource: bool) {
+fn object(
+    ctx: &mut Ctx,
+    def_path: &str,
+    obj: &Map<String, Value>,
+    at: &str,
+    depth: usize,
+    is_resource: bool,
+) {
     if depth > crate::MAX_DEPTH {
         ctx.err(IssueCode::TooCostly, "nesting too deep", at);
         return;
@@ -67,19 +79,35 @@ fn object(ctx: &mut Ctx, def_path: &str, obj: &Map<String, Value>, at: &str, dep
     }
     for name in d.required(def_path) {
         if !obj.contains_key(name.as_str()) && !obj.contains_key(&format!("_{name}")) {
-            ctx.err(IssueCode::Required, "required element is missing", &format!("{at}.{name}"));
+            ctx.err(
+                IssueCode::Required,
+                "required element is missing",
+                &format!("{at}.{name}"),
+            );
         }
     }
     for stem in d.required_choices(def_path) {
         let prefix = format!("{def_path}.{stem}");
         let present = choices_seen.iter().any(|(s, _)| *s == prefix);
         if !present {
-            ctx.err(IssueCode::Required, "required element is missing", &format!("{at}.{stem}[x]"));
+            ctx.err(
+                IssueCode::Required,
+                "required element is missing",
+                &format!("{at}.{stem}[x]"),
+            );
         }
     }
 }
 
-fn element_value(ctx: &mut Ctx, path: &str, el: &Element, value: &Value, at: &str, depth: usize, underscore: bool) {
+fn element_value(
+    ctx: &mut Ctx,
+    path: &str,
+    el: &Element,
+    value: &Value,
+    at: &str,
+    depth: usize,
+    underscore: bool,
+) {
     match (el.is_array(), value) {
         (true, Value::Array(items)) => {
             if items.is_empty() {
@@ -94,21 +122,36 @@ fn element_value(ctx: &mut Ctx, path: &str, el: &Element, value: &Value, at: &st
             }
         }
         (true, _) => ctx.err(IssueCode::Structure, "element must be an array", at),
-        (false, Value::Array(_)) => ctx.err(IssueCode::Structure, "element must not be an array", at),
+        (false, Value::Array(_)) => {
+            ctx.err(IssueCode::Structure, "element must not be an array", at)
+        }
         (false, v) => single(ctx, path, el, v, at, depth + 1, underscore),
     }
 }
 
 fn is_primitive(el: &Element) -> bool {
-    el.t.first().is_some_and(|t| t.starts_with(|c: char| c.is_ascii_lowercase()))
+    el.t.first()
+        .is_some_and(|t| t.starts_with(|c: char| c.is_ascii_lowercase()))
 }
 
-fn single(ctx: &mut Ctx, path: &str, el: &Element, v: &Value, at: &str, depth: usize, underscore: bool) {
+fn single(
+    ctx: &mut Ctx,
+    path: &str,
+    el: &Element,
+    v: &Value,
+    at: &str,
+    depth: usize,
+    underscore: bool,
+) {
     if underscore {
         // Primitive extension: id and extension only.
         match v {
             Value::Object(o) => object(ctx, "Element", o, at, depth, false),
-            _ => ctx.err(IssueCode::Structure, "primitive extension must be an object", at),
+            _ => ctx.err(
+                IssueCode::Structure,
+                "primitive extension must be an object",
+                at,
+            ),
         }
         return;
     }
@@ -135,19 +178,25 @@ fn single(ctx: &mut Ctx, path: &str, el: &Element, v: &Value, at: &str, depth: u
             Value::Object(o) => object(ctx, path, o, at, depth, false),
             _ => ctx.err(IssueCode::Structure, "element must be an object", at),
         },
-        ty if d.is_complex(ty) => match v {
-            Value::Object(o) => {
-                object(ctx, ty, o, at, depth, false);
-                if ty == "Reference" {
-                    if let Some(r) = o.get("reference").and_then(Value::as_str) {
-                        if !valid_reference(r) {
-                            ctx.err(IssueCode::Value, "reference must be Type/id, an absolute URL, urn:uuid: or #local", at);
+        ty if d.is_complex(ty) => {
+            match v {
+                Value::Object(o) => {
+                    object(ctx, ty, o, at, depth, false);
+                    if ty == "Reference" {
+                        if let Some(r) = o.get("reference").and_then(Value::as_str) {
+                            if !valid_reference(r) {
+                                ctx.err(IssueCode::Value, "reference must be Type/id, an absolute URL, urn:uuid: or #local", at);
+                            }
                         }
                     }
                 }
+                _ => ctx.err(
+                    IssueCode::Structure,
+                    format!("element must be an object ({ty})"),
+                    at,
+                ),
             }
-            _ => ctx.err(IssueCode::Structure, format!("element must be an object ({ty})"), at),
-        },
+        }
         ty => primitive(ctx, ty, el, v, at),
     }
 }
@@ -156,8 +205,12 @@ fn primitive(ctx: &mut Ctx, ty: &str, el: &Element, v: &Value, at: &str) {
     let ok = match ty {
         "boolean" => v.is_boolean(),
         "integer" => v.as_i64().is_some_and(|n| i32::try_from(n).is_ok()),
-        "positiveInt" => v.as_i64().is_some_and(|n| n >= 1 && n <= i64::from(i32::MAX)),
-        "unsignedInt" => v.as_i64().is_some_and(|n| n >= 0 && n <= i64::from(i32::MAX)),
+        "positiveInt" => v
+            .as_i64()
+            .is_some_and(|n| n >= 1 && n <= i64::from(i32::MAX)),
+        "unsignedInt" => v
+            .as_i64()
+            .is_some_and(|n| n >= 0 && n <= i64::from(i32::MAX)),
         "decimal" => v.is_number(),
         _ => match v.as_str() {
             None => false,
@@ -170,7 +223,9 @@ fn primitive(ctx: &mut Ctx, ty: &str, el: &Element, v: &Value, at: &str) {
                 "uri" | "url" | "canonical" => !s.chars().any(char::is_whitespace),
                 "oid" => s.starts_with("urn:oid:") && s.len() > 8,
                 "uuid" => s.starts_with("urn:uuid:") && s.len() == 45,
-                "base64Binary" => s.bytes().all(|b| b.is_ascii_alphanumeric() || b"+/= \n\r".contains(&b)),
+                "base64Binary" => s
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"+/= \n\r".contains(&b)),
                 "date" => is_date(s),
                 "dateTime" => is_datetime(s, false),
                 "instant" => is_datetime(s, true),
@@ -180,18 +235,29 @@ fn primitive(ctx: &mut Ctx, ty: &str, el: &Element, v: &Value, at: &str) {
         },
     };
     if !ok {
-        ctx.err(IssueCode::Value, format!("value is not a valid FHIR {ty}"), at);
+        ctx.err(
+            IssueCode::Value,
+            format!("value is not a valid FHIR {ty}"),
+            at,
+        );
         return;
     }
     if let (Some(codes), Some(s)) = (&el.codes, v.as_str()) {
         if !codes.iter().any(|c| c == s) {
-            ctx.err(IssueCode::CodeInvalid, "code is not in the required value set", at);
+            ctx.err(
+                IssueCode::CodeInvalid,
+                "code is not in the required value set",
+                at,
+            );
         }
     }
 }
 
 fn is_code(s: &str) -> bool {
-    !s.starts_with(' ') && !s.ends_with(' ') && !s.contains("  ") && !s.chars().any(|c| c.is_whitespace() && c != ' ')
+    !s.starts_with(' ')
+        && !s.ends_with(' ')
+        && !s.contains("  ")
+        && !s.chars().any(|c| c.is_whitespace() && c != ' ')
 }
 
 fn digits(s: &str, n: usize) -> Option<u32> {
@@ -204,7 +270,9 @@ fn digits(s: &str, n: usize) -> Option<u32> {
 
 fn is_date(s: &str) -> bool {
     let mut parts = s.split('-');
-    let Some(y) = parts.next().and_then(|p| digits(p, 4)) else { return false };
+    let Some(y) = parts.next().and_then(|p| digits(p, 4)) else {
+        return false;
+    };
     let m = match parts.next() {
         None => return true,
         Some(p) => match digits(p, 2) {
@@ -263,8 +331,14 @@ fn is_datetime(s: &str, instant: bool) -> bool {
     let tz_ok = tz == "Z"
         || ((tz.starts_with('+') || tz.starts_with('-'))
             && tz.get(3..4) == Some(":")
-            && tz.get(1..3).and_then(|h| digits(h, 2)).is_some_and(|h| h <= 14)
-            && tz.get(4..6).and_then(|m| digits(m, 2)).is_some_and(|m| m < 60));
+            && tz
+                .get(1..3)
+                .and_then(|h| digits(h, 2))
+                .is_some_and(|h| h <= 14)
+            && tz
+                .get(4..6)
+                .and_then(|m| digits(m, 2))
+                .is_some_and(|m| m < 60));
     tz_ok && is_time(time)
 }
 
@@ -276,10 +350,15 @@ fn valid_reference(r: &str) -> bool {
         return !r.chars().any(char::is_whitespace) && !r.contains("/../");
     }
     let parts: Vec<&str> = r.split('/').collect();
-    let type_ok = |t: &str| t.starts_with(|c: char| c.is_ascii_uppercase()) && t.bytes().all(|b| b.is_ascii_alphanumeric());
+    let type_ok = |t: &str| {
+        t.starts_with(|c: char| c.is_ascii_uppercase())
+            && t.bytes().all(|b| b.is_ascii_alphanumeric())
+    };
     match parts.as_slice() {
         [t, id] => type_ok(t) && medvault_types::is_fhir_id(id),
-        [t, id, "_history", v] => type_ok(t) && medvault_types::is_fhir_id(id) && medvault_types::is_fhir_id(v),
+        [t, id, "_history", v] => {
+            type_ok(t) && medvault_types::is_fhir_id(id) && medvault_types::is_fhir_id(v)
+        }
         _ => false,
     }
 }
@@ -293,7 +372,15 @@ mod tests {
         for ok in ["2024", "2024-02", "2024-02-29", "2000-02-29"] {
             assert!(is_date(ok), "{ok}");
         }
-        for bad in ["24", "2023-02-29", "2024-00", "2024-1-01", "2024-01-32", "1900-02-29", "2024-01-01-"] {
+        for bad in [
+            "24",
+            "2023-02-29",
+            "2024-00",
+            "2024-1-01",
+            "2024-01-32",
+            "1900-02-29",
+            "2024-01-01-",
+        ] {
             assert!(!is_date(bad), "{bad}");
         }
         assert!(is_datetime("2024-05-01T10:00:00Z", true));
@@ -307,7 +394,9 @@ mod tests {
     #[test]
     fn references() {
         assert!(valid_reference("Patient/abc-1"));
-        assert!(valid_reference("urn:uuid:61ebe359-bfdc-4613-8bf2-c5e300945f0a"));
+        assert!(valid_reference(
+            "urn:uuid:61ebe359-bfdc-4613-8bf2-c5e300945f0a"
+        ));
         assert!(!valid_reference("Patient/../x"));
         assert!(!valid_reference("patient/x"));
         assert!(!valid_reference("Patient/a/b"));

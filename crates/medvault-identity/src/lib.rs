@@ -42,7 +42,10 @@ impl Password {
         const A: &[u8] = b"ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz23456789";
         let mut b = [0u8; 20];
         rand::rngs::OsRng.fill_bytes(&mut b);
-        let s = b.iter().map(|x| char::from(*A.get(usize::from(*x) % A.len()).unwrap_or(&b'x'))).collect();
+        let s = b
+            .iter()
+            .map(|x| char::from(*A.get(usize::from(*x) % A.len()).unwrap_or(&b'x')))
+            .collect();
         b.zeroize();
         Password(s)
     }
@@ -109,8 +112,16 @@ pub enum IdentityError {
 
 pub const MIN_PASSWORD: usize = 12;
 const COMMON: &[&str] = &[
-    "password1234", "123456789012", "qwertyuiop12", "passwordpassword", "iloveyou1234", "letmein12345",
-    "administrator", "welcome12345", "changeme1234", "medvault1234",
+    "password1234",
+    "123456789012",
+    "qwertyuiop12",
+    "passwordpassword",
+    "iloveyou1234",
+    "letmein12345",
+    "administrator",
+    "welcome12345",
+    "changeme1234",
+    "medvault1234",
 ];
 
 /// Session lifetimes, from configuration.
@@ -123,7 +134,11 @@ pub struct SessionPolicy {
 
 impl Default for SessionPolicy {
     fn default() -> Self {
-        SessionPolicy { idle_timeout_secs: 900, absolute_timeout_secs: 43_200, mfa_challenge_secs: 300 }
+        SessionPolicy {
+            idle_timeout_secs: 900,
+            absolute_timeout_secs: 43_200,
+            mfa_challenge_secs: 300,
+        }
     }
 }
 
@@ -167,11 +182,26 @@ fn argon() -> Argon2<'static> {
 
 impl Identity {
     /// `secrets_key` seals TOTP seeds at rest.
-    pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>, secrets_key: &DataKey, policy: SessionPolicy) -> Self {
+    pub fn new(
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        secrets_key: &DataKey,
+        policy: SessionPolicy,
+    ) -> Self {
         let argon = argon();
         let salt = SaltString::generate(&mut rand::rngs::OsRng);
-        let dummy_hash = argon.hash_password(b"medvault-dummy-password", &salt).map(|h| h.to_string()).unwrap_or_default();
-        Identity { store, clock, secrets: RecordCipher::new(secrets_key), policy, argon, dummy_hash }
+        let dummy_hash = argon
+            .hash_password(b"medvault-dummy-password", &salt)
+            .map(|h| h.to_string())
+            .unwrap_or_default();
+        Identity {
+            store,
+            clock,
+            secrets: RecordCipher::new(secrets_key),
+            policy,
+            argon,
+            dummy_hash,
+        }
     }
 
     pub fn session_policy(&self) -> SessionPolicy {
@@ -230,23 +260,46 @@ impl Identity {
             created: medvault_types::fhir_instant(self.clock.now()),
             practitioner_id,
         };
-        Ok(Step { value: NewUser { username, role, password, totp }, ops: vec![Op::CreateUser(row)] })
+        Ok(Step {
+            value: NewUser {
+                username,
+                role,
+                password,
+                totp,
+            },
+            ops: vec![Op::CreateUser(row)],
+        })
     }
 
     /// First factor. On success returns an MFA challenge token. The error is the same
     /// for an unknown user and a wrong password, and costs the same time.
-    pub fn begin_login(&self, username: &str, password: &Password) -> Result<Step<(Token, Principal)>, Step<IdentityError>> {
-        let fail = |ops| Step { value: IdentityError::BadCredentials, ops };
+    pub fn begin_login(
+        &self,
+        username: &str,
+        password: &Password,
+    ) -> Result<Step<(Token, Principal)>, Step<IdentityError>> {
+        let fail = |ops| Step {
+            value: IdentityError::BadCredentials,
+            ops,
+        };
         let user = match self.store.user(username) {
             Ok(u) => u,
-            Err(e) => return Err(Step { value: e.into(), ops: vec![] }),
+            Err(e) => {
+                return Err(Step {
+                    value: e.into(),
+                    ops: vec![],
+                })
+            }
         };
         let Some(user) = user else {
             let _ = self.verify_hash(&self.dummy_hash, password);
             return Err(fail(vec![]));
         };
         if !self.verify_hash(&user.password_hash, password) || user.disabled {
-            let op = Op::SetFailedLogins { username: user.username.clone(), count: user.failed_logins.saturating_add(1) };
+            let op = Op::SetFailedLogins {
+                username: user.username.clone(),
+                count: user.failed_logins.saturating_add(1),
+            };
             return Err(fail(vec![op]));
         }
         let principal = match principal_of(&user) {
@@ -264,32 +317,54 @@ impl Identity {
             expires: now + self.policy.mfa_challenge_secs,
         })];
         if user.failed_logins != 0 {
-            ops.push(Op::SetFailedLogins { username: user.username.clone(), count: 0 });
+            ops.push(Op::SetFailedLogins {
+                username: user.username.clone(),
+                count: 0,
+            });
         }
-        Ok(Step { value: (token, principal), ops })
+        Ok(Step {
+            value: (token, principal),
+            ops,
+        })
     }
 
     fn verify_hash(&self, hash: &str, password: &Password) -> bool {
         match PasswordHash::new(hash) {
-            Ok(h) => self.argon.verify_password(password.expose().as_bytes(), &h).is_ok(),
+            Ok(h) => self
+                .argon
+                .verify_password(password.expose().as_bytes(), &h)
+                .is_ok(),
             Err(_) => false,
         }
     }
 
     /// The user an MFA challenge token belongs to, if it is live.
     pub fn challenge_user(&self, mfa_token: &Token) -> Result<Principal, IdentityError> {
-        let s = self.store.session(&mfa_token.hash())?.ok_or(IdentityError::BadChallenge)?;
+        let s = self
+            .store
+            .session(&mfa_token.hash())?
+            .ok_or(IdentityError::BadChallenge)?;
         if s.kind != "mfa" || s.expires <= self.now() {
             return Err(IdentityError::BadChallenge);
         }
-        let user = self.store.user(&s.username)?.ok_or(IdentityError::BadChallenge)?;
+        let user = self
+            .store
+            .user(&s.username)?
+            .ok_or(IdentityError::BadChallenge)?;
         principal_of(&user).ok_or(IdentityError::BadChallenge)
     }
 
     /// Second factor: a TOTP code (RFC 6238; each step usable once). Returns a session token.
-    pub fn finish_totp(&self, mfa_token: &Token, code: &str) -> Result<Step<(Token, Principal)>, IdentityError> {
+    pub fn finish_totp(
+        &self,
+        mfa_token: &Token,
+        code: &str,
+    ) -> Result<Step<(Token, Principal)>, IdentityError> {
         let principal = self.challenge_user(mfa_token)?;
-        let user = self.store.user(principal.username.as_str())?.ok_or(IdentityError::BadChallenge)?;
+        let user = self
+            .store
+            .user(principal.username.as_str())?
+            .ok_or(IdentityError::BadChallenge)?;
         if user.disabled {
             return Err(IdentityError::Disabled);
         }
@@ -298,15 +373,22 @@ impl Identity {
             .open(&totp_aad(&user.username), &user.totp_secret_wrapped)
             .map_err(|e| IdentityError::Internal(e.to_string()))?;
         let secret = TotpSecret::from_bytes(seed);
-        let step = secret.matching_step(code, self.now()).ok_or(IdentityError::BadCode)?;
+        let step = secret
+            .matching_step(code, self.now())
+            .ok_or(IdentityError::BadCode)?;
         if step <= user.totp_last_step {
             return Err(IdentityError::BadCode);
         }
         let token = Token::generate();
         let now = self.now();
         let ops = vec![
-            Op::UseTotpStep { username: user.username.clone(), step },
-            Op::DeleteSession { token_hash: mfa_token.hash() },
+            Op::UseTotpStep {
+                username: user.username.clone(),
+                step,
+            },
+            Op::DeleteSession {
+                token_hash: mfa_token.hash(),
+            },
             Op::PutSession(SessionRow {
                 token_hash: token.hash(),
                 kind: "session".into(),
@@ -316,12 +398,18 @@ impl Identity {
                 expires: now + self.policy.absolute_timeout_secs,
             }),
         ];
-        Ok(Step { value: (token, principal), ops })
+        Ok(Step {
+            value: (token, principal),
+            ops,
+        })
     }
 
     /// Resolves a session token. Returns a touch operation when `last_seen` should move.
     pub fn authenticate(&self, token: &Token) -> Result<Step<Principal>, IdentityError> {
-        let s = self.store.session(&token.hash())?.ok_or(IdentityError::Unauthenticated)?;
+        let s = self
+            .store
+            .session(&token.hash())?
+            .ok_or(IdentityError::Unauthenticated)?;
         let now = self.now();
         if s.kind != "session" {
             return Err(IdentityError::Unauthenticated);
@@ -329,17 +417,32 @@ impl Identity {
         if s.expires <= now || s.last_seen + self.policy.idle_timeout_secs <= now {
             return Err(IdentityError::Expired);
         }
-        let user = self.store.user(&s.username)?.ok_or(IdentityError::Unauthenticated)?;
+        let user = self
+            .store
+            .user(&s.username)?
+            .ok_or(IdentityError::Unauthenticated)?;
         if user.disabled {
             return Err(IdentityError::Disabled);
         }
         let principal = principal_of(&user).ok_or(IdentityError::Unauthenticated)?;
-        let ops = if now - s.last_seen >= 30 { vec![Op::TouchSession { token_hash: s.token_hash, last_seen: now }] } else { vec![] };
-        Ok(Step { value: principal, ops })
+        let ops = if now - s.last_seen >= 30 {
+            vec![Op::TouchSession {
+                token_hash: s.token_hash,
+                last_seen: now,
+            }]
+        } else {
+            vec![]
+        };
+        Ok(Step {
+            value: principal,
+            ops,
+        })
     }
 
     pub fn logout(&self, token: &Token) -> Vec<Op> {
-        vec![Op::DeleteSession { token_hash: token.hash() }]
+        vec![Op::DeleteSession {
+            token_hash: token.hash(),
+        }]
     }
 }
 
@@ -348,7 +451,10 @@ fn totp_aad(username: &str) -> Vec<u8> {
 }
 
 fn principal_of(u: &UserRow) -> Option<Principal> {
-    Some(Principal { username: Username::new(&u.username).ok()?, role: u.role.parse().ok()? })
+    Some(Principal {
+        username: Username::new(&u.username).ok()?,
+        role: u.role.parse().ok()?,
+    })
 }
 
 #[cfg(test)]
@@ -360,6 +466,9 @@ mod tests {
         assert!(Identity::check_password_strength(&Password::new("short".into())).is_err());
         assert!(Identity::check_password_strength(&Password::new("Password1234".into())).is_err());
         assert!(Identity::check_password_strength(&Password::generate()).is_ok());
-        assert_eq!(format!("{:?}", Password::generate()), "Password([REDACTED])");
+        assert_eq!(
+            format!("{:?}", Password::generate()),
+            "Password([REDACTED])"
+        );
     }
 }

@@ -63,11 +63,17 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 /// The 6-digit code of `secret` at time step `step`.
 pub fn totp_code(secret: &[u8], step: i64) -> String {
-    let Ok(mut mac) = <Hmac<Sha1> as Mac>::new_from_slice(secret) else { return String::new() };
+    let Ok(mut mac) = <Hmac<Sha1> as Mac>::new_from_slice(secret) else {
+        return String::new();
+    };
     mac.update(&step.to_be_bytes());
     let h = mac.finalize().into_bytes();
     let offset = usize::from(h.last().copied().unwrap_or(0) & 0x0f);
-    let word = h.get(offset..offset + 4).and_then(|w| <[u8; 4]>::try_from(w).ok()).map(u32::from_be_bytes).unwrap_or(0);
+    let word = h
+        .get(offset..offset + 4)
+        .and_then(|w| <[u8; 4]>::try_from(w).ok())
+        .map(u32::from_be_bytes)
+        .unwrap_or(0);
     let code = (word & 0x7fff_ffff) % 10u32.pow(DIGITS);
     format!("{code:06}")
 }
@@ -95,6 +101,8 @@ mod tests {
         assert_eq!(s.matching_step(&c, now + 30), Some(now / 30));
         assert_eq!(s.matching_step(&c, now + 90), None);
         assert_eq!(s.matching_step("12345", now), None);
-        assert!(s.uri("medvault", "ann").starts_with("otpauth://totp/medvault:ann?secret="));
+        assert!(s
+            .uri("medvault", "ann")
+            .starts_with("otpauth://totp/medvault:ann?secret="));
     }
 }

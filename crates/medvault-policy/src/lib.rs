@@ -13,8 +13,8 @@ use std::str::FromStr;
 use std::sync::RwLock;
 
 use cedar_policy::{
-    Authorizer, Context, Decision as CedarDecision, Entities, Entity, EntityId, EntityTypeName, EntityUid, PolicySet,
-    Request, RestrictedExpression, Schema, ValidationMode, Validator,
+    Authorizer, Context, Decision as CedarDecision, Entities, Entity, EntityId, EntityTypeName,
+    EntityUid, PolicySet, Request, RestrictedExpression, Schema, ValidationMode, Validator,
 };
 use medvault_types::{Action, Category, Purpose, Role};
 
@@ -68,13 +68,18 @@ impl PolicyEngine {
     /// Parses and validates (strictly, against the schema) a policy set.
     pub fn from_text(src: &str) -> Result<Self, PolicyError> {
         let policies = PolicySet::from_str(src).map_err(|e| PolicyError::Parse(e.to_string()))?;
-        let (schema, _) = Schema::from_cedarschema_str(SCHEMA).map_err(|e| PolicyError::Schema(e.to_string()))?;
+        let (schema, _) =
+            Schema::from_cedarschema_str(SCHEMA).map_err(|e| PolicyError::Schema(e.to_string()))?;
         let result = Validator::new(schema).validate(&policies, ValidationMode::Strict);
         if !result.validation_passed() {
             let msg: Vec<String> = result.validation_errors().map(|e| e.to_string()).collect();
             return Err(PolicyError::Validation(msg.join("; ")));
         }
-        Ok(PolicyEngine { policies, authorizer: Authorizer::new(), cache: RwLock::new(HashMap::new()) })
+        Ok(PolicyEngine {
+            policies,
+            authorizer: Authorizer::new(),
+            cache: RwLock::new(HashMap::new()),
+        })
     }
 
     /// Decides one query. Never errors: anything unexpected is a deny.
@@ -82,7 +87,10 @@ impl PolicyEngine {
         if let Some(d) = self.cache.read().ok().and_then(|c| c.get(&q).cloned()) {
             return d;
         }
-        let d = self.evaluate(q).unwrap_or(Decision { allowed: false, policies: vec![] });
+        let d = self.evaluate(q).unwrap_or(Decision {
+            allowed: false,
+            policies: vec![],
+        });
         if let Ok(mut c) = self.cache.write() {
             c.insert(q, d.clone());
         }
@@ -93,7 +101,11 @@ impl PolicyEngine {
         let role = uid("Role", q.role.as_str())?;
         let user = uid("User", "principal")?;
         let principal = Entity::new_no_attrs(user.clone(), [role.clone()].into_iter().collect());
-        let entities = Entities::from_entities([principal, Entity::new_no_attrs(role, Default::default())], None).ok()?;
+        let entities = Entities::from_entities(
+            [principal, Entity::new_no_attrs(role, Default::default())],
+            None,
+        )
+        .ok()?;
         let action = uid("Action", q.action.as_str())?;
         let resource = uid("Category", q.category.as_str())?;
         let context = Context::from_pairs([(
@@ -102,7 +114,9 @@ impl PolicyEngine {
         )])
         .ok()?;
         let req = Request::new(user, action, resource, context, None).ok()?;
-        let resp = self.authorizer.is_authorized(&req, &self.policies, &entities);
+        let resp = self
+            .authorizer
+            .is_authorized(&req, &self.policies, &entities);
         // INVARIANT: any evaluation error is a deny, even if some policy permitted.
         let errored = resp.diagnostics().errors().next().is_some();
         let policies: Vec<String> = resp.diagnostics().reason().map(|p| p.to_string()).collect();
@@ -115,15 +129,31 @@ impl PolicyEngine {
                     .unwrap_or(id)
             })
             .collect();
-        Some(Decision { allowed: resp.decision() == CedarDecision::Allow && !errored, policies })
+        Some(Decision {
+            allowed: resp.decision() == CedarDecision::Allow && !errored,
+            policies,
+        })
     }
 
     /// The categories a role may act on for a purpose.
-    pub fn allowed_categories(&self, role: Role, action: Action, purpose: Purpose) -> Vec<Category> {
+    pub fn allowed_categories(
+        &self,
+        role: Role,
+        action: Action,
+        purpose: Purpose,
+    ) -> Vec<Category> {
         Category::ALL
             .iter()
             .copied()
-            .filter(|c| self.decide(Query { role, action, category: *c, purpose }).allowed)
+            .filter(|c| {
+                self.decide(Query {
+                    role,
+                    action,
+                    category: *c,
+                    purpose,
+                })
+                .allowed
+            })
             .collect()
     }
 }
@@ -133,7 +163,13 @@ mod tests {
     use super::*;
 
     fn allowed(e: &PolicyEngine, role: Role, action: Action, cat: Category) -> bool {
-        e.decide(Query { role, action, category: cat, purpose: role.default_purpose() }).allowed
+        e.decide(Query {
+            role,
+            action,
+            category: cat,
+            purpose: role.default_purpose(),
+        })
+        .allowed
     }
 
     #[test]
@@ -144,11 +180,25 @@ mod tests {
         use Role::{Auditor, FrontDesk, Importer, Nurse, Physician, PrivacyOfficer, SecurityAdmin};
         assert!(allowed(&e, Nurse, Read, Vitals) && allowed(&e, Nurse, Read, Medications));
         assert!(!allowed(&e, Nurse, Read, Category::Billing));
-        assert!(allowed(&e, Role::Billing, Read, Category::Billing) && allowed(&e, Role::Billing, Read, Demographics));
-        assert!(!allowed(&e, Role::Billing, Read, Vitals) && !allowed(&e, Role::Billing, Read, Notes));
-        assert!(allowed(&e, FrontDesk, Create, Demographics) && allowed(&e, FrontDesk, Read, Demographics));
-        for c in Category::ALL.iter().filter(|c| **c != Demographics && **c != Directory) {
-            assert!(!allowed(&e, FrontDesk, Read, *c), "front desk must not read {c}");
+        assert!(
+            allowed(&e, Role::Billing, Read, Category::Billing)
+                && allowed(&e, Role::Billing, Read, Demographics)
+        );
+        assert!(
+            !allowed(&e, Role::Billing, Read, Vitals) && !allowed(&e, Role::Billing, Read, Notes)
+        );
+        assert!(
+            allowed(&e, FrontDesk, Create, Demographics)
+                && allowed(&e, FrontDesk, Read, Demographics)
+        );
+        for c in Category::ALL
+            .iter()
+            .filter(|c| **c != Demographics && **c != Directory)
+        {
+            assert!(
+                !allowed(&e, FrontDesk, Read, *c),
+                "front desk must not read {c}"
+            );
         }
         for r in [SecurityAdmin, PrivacyOfficer, Auditor, Importer] {
             for c in Category::ALL.iter().filter(|c| **c != Directory) {
@@ -163,9 +213,17 @@ mod tests {
     #[test]
     fn purpose_matters_and_decisions_name_policies() {
         let e = PolicyEngine::with_defaults().unwrap();
-        let q = Query { role: Role::Nurse, action: Action::Read, category: Category::Vitals, purpose: Purpose::Research };
+        let q = Query {
+            role: Role::Nurse,
+            action: Action::Read,
+            category: Category::Vitals,
+            purpose: Purpose::Research,
+        };
         assert!(!e.decide(q).allowed);
-        let d = e.decide(Query { purpose: Purpose::Treat, ..q });
+        let d = e.decide(Query {
+            purpose: Purpose::Treat,
+            ..q
+        });
         assert!(d.allowed);
         assert_eq!(d.policies, vec!["nurse-chart-read".to_owned()]);
     }
@@ -173,20 +231,37 @@ mod tests {
     #[test]
     fn default_deny_and_forbid_wins() {
         let e = PolicyEngine::from_text("").unwrap();
-        let q = Query { role: Role::Physician, action: Action::Read, category: Category::Vitals, purpose: Purpose::Treat };
+        let q = Query {
+            role: Role::Physician,
+            action: Action::Read,
+            category: Category::Vitals,
+            purpose: Purpose::Treat,
+        };
         assert!(!e.decide(q).allowed, "no policy means deny");
         let e = PolicyEngine::from_text(
             "permit(principal, action, resource); forbid(principal in Role::\"security_admin\", action, resource);",
         )
         .unwrap();
-        assert!(!e.decide(Query { role: Role::SecurityAdmin, ..q }).allowed);
+        assert!(
+            !e.decide(Query {
+                role: Role::SecurityAdmin,
+                ..q
+            })
+            .allowed
+        );
         assert!(e.decide(q).allowed);
     }
 
     #[test]
     fn unknown_attributes_are_rejected_at_load() {
         let bad = "permit(principal, action, resource) when { context.mood == \"good\" };";
-        assert!(matches!(PolicyEngine::from_text(bad), Err(PolicyError::Validation(_))));
-        assert!(matches!(PolicyEngine::from_text("permit(principal"), Err(PolicyError::Parse(_))));
+        assert!(matches!(
+            PolicyEngine::from_text(bad),
+            Err(PolicyError::Validation(_))
+        ));
+        assert!(matches!(
+            PolicyEngine::from_text("permit(principal"),
+            Err(PolicyError::Parse(_))
+        ));
     }
 }

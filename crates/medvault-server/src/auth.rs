@@ -8,7 +8,7 @@ use medvault_fhir::IssueCode;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::{blocking, body_bytes, caller, AppState, ApiError, Ctx, SESSION_COOKIE};
+use crate::{blocking, body_bytes, caller, ApiError, AppState, Ctx, SESSION_COOKIE};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -25,20 +25,32 @@ struct TotpBody {
 }
 
 fn parse<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(b).map_err(|_| ApiError::bad_request("body must be a JSON object with the documented fields"))
+    serde_json::from_slice(b)
+        .map_err(|_| ApiError::bad_request("body must be a JSON object with the documented fields"))
 }
 
 fn bad_credentials() -> ApiError {
-    ApiError::new(StatusCode::UNAUTHORIZED, IssueCode::Login, "invalid username or password")
+    ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        IssueCode::Login,
+        "invalid username or password",
+    )
 }
 
 fn json(status: StatusCode, v: serde_json::Value) -> Response {
     let mut r = (status, serde_json::to_vec(&v).unwrap_or_default()).into_response();
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     r
 }
 
-pub(crate) async fn login(State(state): State<AppState>, ctx: Ctx, req: Request) -> Result<Response, ApiError> {
+pub(crate) async fn login(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    req: Request,
+) -> Result<Response, ApiError> {
     let body = body_bytes(&state, req).await?;
     let b: LoginBody = parse(&body)?;
     let password = Password::new(b.password);
@@ -55,22 +67,35 @@ pub(crate) async fn login(State(state): State<AppState>, ctx: Ctx, req: Request)
     }
 }
 
-pub(crate) async fn mfa_totp(State(state): State<AppState>, ctx: Ctx, req: Request) -> Result<Response, ApiError> {
+pub(crate) async fn mfa_totp(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    req: Request,
+) -> Result<Response, ApiError> {
     let body = body_bytes(&state, req).await?;
     let b: TotpBody = parse(&body)?;
     let vault = state.vault.clone();
     let (source, rid) = (ctx.source.clone(), ctx.request_id.clone());
     let token = Token::from_client(&b.mfa_token);
-    let grant = blocking(move || vault.login_totp(&token, &b.code, source, &rid)).await?.map_err(|e| match e {
-        VaultError::Unauthenticated => ApiError::new(StatusCode::UNAUTHORIZED, IssueCode::Login, "invalid or expired code"),
-        other => other.into(),
-    })?;
+    let grant = blocking(move || vault.login_totp(&token, &b.code, source, &rid))
+        .await?
+        .map_err(|e| match e {
+            VaultError::Unauthenticated => ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                IssueCode::Login,
+                "invalid or expired code",
+            ),
+            other => other.into(),
+        })?;
     let mut r = json(
         StatusCode::OK,
         json!({"token": grant.token.expose(), "expires_in": grant.expires_in, "username": grant.principal.username.as_str(),
                "role": grant.principal.role.as_str()}),
     );
-    let cookie = format!("{SESSION_COOKIE}={}; HttpOnly; Secure; SameSite=Strict; Path=/", grant.token.expose());
+    let cookie = format!(
+        "{SESSION_COOKIE}={}; HttpOnly; Secure; SameSite=Strict; Path=/",
+        grant.token.expose()
+    );
     if let Ok(v) = HeaderValue::from_str(&cookie) {
         r.headers_mut().insert(header::SET_COOKIE, v);
     }

@@ -16,19 +16,31 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, code: IssueCode, msg: impl Into<String>) -> Self {
-        ApiError { status, issues: vec![Issue::error(code, msg.into(), None)], code: None }
+        ApiError {
+            status,
+            issues: vec![Issue::error(code, msg.into(), None)],
+            code: None,
+        }
     }
     pub fn bad_request(msg: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, IssueCode::Invalid, msg)
     }
     pub fn unauthenticated() -> Self {
-        Self::new(StatusCode::UNAUTHORIZED, IssueCode::Login, "authentication required")
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            IssueCode::Login,
+            "authentication required",
+        )
     }
     pub fn not_found() -> Self {
         Self::new(StatusCode::NOT_FOUND, IssueCode::NotFound, "not found")
     }
     pub fn too_large(limit: usize) -> Self {
-        Self::new(StatusCode::PAYLOAD_TOO_LARGE, IssueCode::TooLong, format!("request body exceeds {limit} bytes"))
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            IssueCode::TooLong,
+            format!("request body exceeds {limit} bytes"),
+        )
     }
 }
 
@@ -41,10 +53,16 @@ impl From<VaultError> for ApiError {
                     FhirError::Invalid(_) => S::UNPROCESSABLE_ENTITY,
                     _ => S::BAD_REQUEST,
                 };
-                ApiError { status, issues: f.issues(), code: None }
+                ApiError {
+                    status,
+                    issues: f.issues(),
+                    code: None,
+                }
             }
             VaultError::BadRequest(m) => Self::new(S::BAD_REQUEST, IssueCode::Invalid, m),
-            VaultError::Unprocessable(m) => Self::new(S::UNPROCESSABLE_ENTITY, IssueCode::Processing, m),
+            VaultError::Unprocessable(m) => {
+                Self::new(S::UNPROCESSABLE_ENTITY, IssueCode::Processing, m)
+            }
             VaultError::NotFound => Self::not_found(),
             VaultError::Gone => Self::new(S::GONE, IssueCode::Deleted, "resource has been deleted"),
             VaultError::Forbidden { withheld } => {
@@ -52,30 +70,55 @@ impl From<VaultError> for ApiError {
                 let msg = if cats.is_empty() {
                     "access denied".to_owned()
                 } else {
-                    format!("access denied: your role may not see {} for this purpose of use", cats.join(", "))
+                    format!(
+                        "access denied: your role may not see {} for this purpose of use",
+                        cats.join(", ")
+                    )
                 };
-                ApiError { status: S::FORBIDDEN, issues: vec![Issue::error(IssueCode::Forbidden, msg, None)], code: Some("forbidden") }
+                ApiError {
+                    status: S::FORBIDDEN,
+                    issues: vec![Issue::error(IssueCode::Forbidden, msg, None)],
+                    code: Some("forbidden"),
+                }
             }
-            VaultError::Conflict => Self::new(S::CONFLICT, IssueCode::Conflict, "version conflict; read the resource and retry"),
-            VaultError::PreconditionFailed => {
-                Self::new(S::PRECONDITION_FAILED, IssueCode::Conflict, "If-Match does not match the current version")
-            }
+            VaultError::Conflict => Self::new(
+                S::CONFLICT,
+                IssueCode::Conflict,
+                "version conflict; read the resource and retry",
+            ),
+            VaultError::PreconditionFailed => Self::new(
+                S::PRECONDITION_FAILED,
+                IssueCode::Conflict,
+                "If-Match does not match the current version",
+            ),
             VaultError::Unauthenticated | VaultError::Identity(_) => Self::unauthenticated(),
             VaultError::AuditUnavailable => {
                 tracing::error!("audit append failed; request refused (fail closed)");
                 ApiError {
                     status: S::SERVICE_UNAVAILABLE,
-                    issues: vec![Issue::error(IssueCode::Transient, "audit log unavailable; request refused".into(), None)],
+                    issues: vec![Issue::error(
+                        IssueCode::Transient,
+                        "audit log unavailable; request refused".into(),
+                        None,
+                    )],
                     code: Some("audit-unavailable"),
                 }
             }
             VaultError::Unavailable(cause) => {
                 tracing::error!(%cause, "storage unavailable");
-                Self::new(S::SERVICE_UNAVAILABLE, IssueCode::Transient, "service temporarily unavailable")
+                Self::new(
+                    S::SERVICE_UNAVAILABLE,
+                    IssueCode::Transient,
+                    "service temporarily unavailable",
+                )
             }
             VaultError::Internal(cause) => {
                 tracing::error!(%cause, "internal error");
-                Self::new(S::INTERNAL_SERVER_ERROR, IssueCode::Exception, "internal error")
+                Self::new(
+                    S::INTERNAL_SERVER_ERROR,
+                    IssueCode::Exception,
+                    "internal error",
+                )
             }
         }
     }
@@ -85,9 +128,15 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = operation_outcome(&self.issues, self.code);
         let mut r = (self.status, serde_json::to_vec(&body).unwrap_or_default()).into_response();
-        r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(crate::FHIR_JSON));
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(crate::FHIR_JSON),
+        );
         if self.status == StatusCode::UNAUTHORIZED {
-            r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"medvault\""));
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"medvault\""),
+            );
         }
         r
     }

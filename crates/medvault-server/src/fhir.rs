@@ -4,13 +4,21 @@ use axum::extract::{Path, RawQuery, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::response::Response;
 use medvault_core::{Disclosed, SearchResult, Written};
-use medvault_fhir::{capability_statement, operation_outcome, Issue, IssueCode, Resource, ResourceType};
+use medvault_fhir::{
+    capability_statement, operation_outcome, Issue, IssueCode, Resource, ResourceType,
+};
 use serde_json::{json, Map, Value};
 
-use crate::{blocking, body_bytes, caller, json_response, AppState, ApiError, Ctx};
+use crate::{blocking, body_bytes, caller, json_response, ApiError, AppState, Ctx};
 
 fn resource_type(s: &str) -> Result<ResourceType, ApiError> {
-    ResourceType::parse(s).ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, IssueCode::NotSupported, "unsupported resource type"))
+    ResourceType::parse(s).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            IssueCode::NotSupported,
+            "unsupported resource type",
+        )
+    })
 }
 
 fn valid_id(id: &str) -> Result<(), ApiError> {
@@ -26,13 +34,19 @@ fn base_url(uri: &Uri, h: &HeaderMap) -> String {
         .authority()
         .map(|a| a.as_str())
         .or_else(|| h.get(header::HOST).and_then(|v| v.to_str().ok()))
-        .filter(|s| !s.is_empty() && s.len() < 256 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b)))
+        .filter(|s| {
+            !s.is_empty()
+                && s.len() < 256
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
+        })
         .unwrap_or("localhost");
     format!("https://{host}/fhir")
 }
 
 fn http_date(instant: &str) -> Option<String> {
-    let t = time::OffsetDateTime::parse(instant, &time::format_description::well_known::Rfc3339).ok()?;
+    let t = time::OffsetDateTime::parse(instant, &time::format_description::well_known::Rfc3339)
+        .ok()?;
     let f = time::macros::format_description!(
         "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
     );
@@ -46,7 +60,10 @@ fn set(r: &mut Response, k: header::HeaderName, v: &str) {
 }
 
 fn resource_response(status: StatusCode, d: &Disclosed) -> Response {
-    let body = d.json().map(|m| Value::Object(m.clone())).unwrap_or(Value::Null);
+    let body = d
+        .json()
+        .map(|m| Value::Object(m.clone()))
+        .unwrap_or(Value::Null);
     let mut r = json_response(status, &body);
     set(&mut r, header::ETAG, &format!("W/\"{}\"", d.version()));
     if let Some(lm) = http_date(d.last_updated()) {
@@ -56,16 +73,30 @@ fn resource_response(status: StatusCode, d: &Disclosed) -> Response {
 }
 
 fn written_response(w: &Written, base: &str) -> Response {
-    let status = if w.created { StatusCode::CREATED } else { StatusCode::OK };
+    let status = if w.created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
     let mut r = match &w.body {
         Some(d) => resource_response(status, d),
         None => json_response(
             status,
-            &operation_outcome(&[Issue::info(IssueCode::Informational, "stored; your role may not read it back".into())], None),
+            &operation_outcome(
+                &[Issue::info(
+                    IssueCode::Informational,
+                    "stored; your role may not read it back".into(),
+                )],
+                None,
+            ),
         ),
     };
     set(&mut r, header::ETAG, &format!("W/\"{}\"", w.version));
-    set(&mut r, header::LOCATION, &format!("{base}/{}/{}/_history/{}", w.rtype, w.id, w.version));
+    set(
+        &mut r,
+        header::LOCATION,
+        &format!("{base}/{}/{}/_history/{}", w.rtype, w.id, w.version),
+    );
     if let Some(lm) = http_date(&w.last_updated) {
         set(&mut r, header::LAST_MODIFIED, &lm);
     }
@@ -73,12 +104,19 @@ fn written_response(w: &Written, base: &str) -> Response {
 }
 
 fn require_fhir_json(h: &HeaderMap) -> Result<(), ApiError> {
-    let ct = h.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let ct = h
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
     let mime = ct.split(';').next().unwrap_or("").trim();
     if mime == "application/fhir+json" || mime == "application/json" {
         Ok(())
     } else {
-        Err(ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, IssueCode::NotSupported, "Content-Type must be application/fhir+json"))
+        Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            IssueCode::NotSupported,
+            "Content-Type must be application/fhir+json",
+        ))
     }
 }
 
@@ -90,7 +128,10 @@ fn withheld_entry(r: &SearchResult) -> Option<Value> {
     let oo = operation_outcome(
         &[Issue::warning(
             IssueCode::Suppressed,
-            format!("entries withheld: your role may not see {} for this purpose of use", cats.join(", ")),
+            format!(
+                "entries withheld: your role may not see {} for this purpose of use",
+                cats.join(", ")
+            ),
         )],
         Some("withheld"),
     );
@@ -133,7 +174,10 @@ fn search_bundle(r: &SearchResult, base: &str, self_link: String, next: Option<S
 }
 
 pub(crate) async fn metadata(State(_): State<AppState>) -> Response {
-    json_response(StatusCode::OK, &capability_statement(env!("CARGO_PKG_VERSION"), "2026-11-24"))
+    json_response(
+        StatusCode::OK,
+        &capability_statement(env!("CARGO_PKG_VERSION"), "2026-11-24"),
+    )
 }
 
 pub(crate) async fn search(
@@ -147,21 +191,30 @@ pub(crate) async fn search(
     let rt = resource_type(&rtype)?;
     let c = caller(&state, &ctx).await?;
     let raw = query.unwrap_or_default();
-    let params: Vec<(String, String)> =
-        serde_urlencoded::from_str(&raw).map_err(|_| ApiError::bad_request("malformed query string"))?;
+    let params: Vec<(String, String)> = serde_urlencoded::from_str(&raw)
+        .map_err(|_| ApiError::bad_request("malformed query string"))?;
     let vault = state.vault.clone();
     let p2 = params.clone();
     let r = blocking(move || vault.search(&c, rt, &p2)).await??;
     let base = base_url(&uri, &headers);
-    let keep: Vec<(String, String)> = params.into_iter().filter(|(k, _)| k != "_offset" && k != "_count").collect();
+    let keep: Vec<(String, String)> = params
+        .into_iter()
+        .filter(|(k, _)| k != "_offset" && k != "_count")
+        .collect();
     let link = |offset: usize| {
         let mut p = keep.clone();
         p.push(("_count".into(), r.count.to_string()));
         p.push(("_offset".into(), offset.to_string()));
-        format!("{base}/{rt}?{}", serde_urlencoded::to_string(&p).unwrap_or_default())
+        format!(
+            "{base}/{rt}?{}",
+            serde_urlencoded::to_string(&p).unwrap_or_default()
+        )
     };
     let next = r.more.then(|| link(r.offset + r.count));
-    Ok(json_response(StatusCode::OK, &search_bundle(&r, &base, link(r.offset), next)))
+    Ok(json_response(
+        StatusCode::OK,
+        &search_bundle(&r, &base, link(r.offset), next),
+    ))
 }
 
 pub(crate) async fn create(
@@ -184,7 +237,11 @@ pub(crate) async fn create(
     Ok(written_response(&w, &base))
 }
 
-pub(crate) async fn read(State(state): State<AppState>, Path((rtype, id)): Path<(String, String)>, ctx: Ctx) -> Result<Response, ApiError> {
+pub(crate) async fn read(
+    State(state): State<AppState>,
+    Path((rtype, id)): Path<(String, String)>,
+    ctx: Ctx,
+) -> Result<Response, ApiError> {
     let rt = resource_type(&rtype)?;
     valid_id(&id)?;
     let c = caller(&state, &ctx).await?;
@@ -194,10 +251,17 @@ pub(crate) async fn read(State(state): State<AppState>, Path((rtype, id)): Path<
 }
 
 fn if_match(h: &HeaderMap) -> Result<Option<u64>, ApiError> {
-    let Some(v) = h.get(header::IF_MATCH) else { return Ok(None) };
-    let s = v.to_str().map_err(|_| ApiError::bad_request("invalid If-Match"))?.trim();
+    let Some(v) = h.get(header::IF_MATCH) else {
+        return Ok(None);
+    };
+    let s = v
+        .to_str()
+        .map_err(|_| ApiError::bad_request("invalid If-Match"))?
+        .trim();
     let s = s.strip_prefix("W/").unwrap_or(s).trim_matches('"');
-    s.parse::<u64>().map(Some).map_err(|_| ApiError::bad_request("If-Match must be an ETag like W/\"3\""))
+    s.parse::<u64>()
+        .map(Some)
+        .map_err(|_| ApiError::bad_request("If-Match must be an ETag like W/\"3\""))
 }
 
 pub(crate) async fn update(
@@ -222,7 +286,11 @@ pub(crate) async fn update(
     Ok(written_response(&w, &base))
 }
 
-pub(crate) async fn delete(State(state): State<AppState>, Path((rtype, id)): Path<(String, String)>, ctx: Ctx) -> Result<Response, ApiError> {
+pub(crate) async fn delete(
+    State(state): State<AppState>,
+    Path((rtype, id)): Path<(String, String)>,
+    ctx: Ctx,
+) -> Result<Response, ApiError> {
     let rt = resource_type(&rtype)?;
     valid_id(&id)?;
     let c = caller(&state, &ctx).await?;
@@ -230,7 +298,10 @@ pub(crate) async fn delete(State(state): State<AppState>, Path((rtype, id)): Pat
     let v = blocking(move || vault.delete(&c, rt, &id)).await??;
     let mut r = json_response(
         StatusCode::OK,
-        &operation_outcome(&[Issue::info(IssueCode::Informational, "deleted".into())], None),
+        &operation_outcome(
+            &[Issue::info(IssueCode::Informational, "deleted".into())],
+            None,
+        ),
     );
     set(&mut r, header::ETAG, &format!("W/\"{v}\""));
     Ok(r)
@@ -243,7 +314,9 @@ pub(crate) async fn vread(
 ) -> Result<Response, ApiError> {
     let rt = resource_type(&rtype)?;
     valid_id(&id)?;
-    let v: u64 = vid.parse().map_err(|_| ApiError::bad_request("version id must be a number"))?;
+    let v: u64 = vid
+        .parse()
+        .map_err(|_| ApiError::bad_request("version id must be a number"))?;
     let c = caller(&state, &ctx).await?;
     let vault = state.vault.clone();
     let d = blocking(move || vault.vread(&c, rt, &id, v)).await??;
@@ -288,7 +361,10 @@ pub(crate) async fn instance_op(
             b.insert("resourceType".into(), json!("Bundle"));
             b.insert("type".into(), json!("history"));
             subsetted_meta(&mut b, &r);
-            b.insert("link".into(), json!([{"relation": "self", "url": format!("{base}/{rt}/{id}/_history")}]));
+            b.insert(
+                "link".into(),
+                json!([{"relation": "self", "url": format!("{base}/{rt}/{id}/_history")}]),
+            );
             b.insert("entry".into(), Value::Array(entries));
             Ok(json_response(StatusCode::OK, &Value::Object(b)))
         }
@@ -298,36 +374,49 @@ pub(crate) async fn instance_op(
             let id2 = id.clone();
             let r = blocking(move || vault.everything(&c, &id2)).await??;
             let link = format!("{base}/Patient/{id}/$everything");
-            Ok(json_response(StatusCode::OK, &search_bundle(&r, &base, link, None)))
+            Ok(json_response(
+                StatusCode::OK,
+                &search_bundle(&r, &base, link, None),
+            ))
         }
         _ => Err(ApiError::not_found()),
     }
 }
 
-pub(crate) async fn transaction(State(state): State<AppState>, ctx: Ctx, req: Request) -> Result<Response, ApiError> {
+pub(crate) async fn transaction(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    req: Request,
+) -> Result<Response, ApiError> {
     let c = caller(&state, &ctx).await?;
     require_fhir_json(req.headers())?;
     let base = base_url(req.uri(), req.headers());
     let body = body_bytes(&state, req).await?;
     let vault = state.vault.clone();
     let results = blocking(move || {
-        let v: Value = serde_json::from_slice(&body)
-            .map_err(|e| medvault_core::VaultError::Fhir(medvault_fhir::FhirError::Malformed(short_json_error(&e))))?;
+        let v: Value = serde_json::from_slice(&body).map_err(|e| {
+            medvault_core::VaultError::Fhir(medvault_fhir::FhirError::Malformed(short_json_error(
+                &e,
+            )))
+        })?;
         vault.transaction(&c, v, "transaction")
     })
     .await??;
     let entries: Vec<Value> = results
         .iter()
         .map(|e| {
-            let mut resp = json!({"status": e.status, "location": format!("{base}/{}", e.location)});
-            if let Some(w) = &e.written {
-                resp["etag"] = json!(format!("W/\"{}\"", w.version));
-                resp["lastModified"] = json!(w.last_updated);
-            }
+            let resp = match &e.written {
+                Some(w) => json!({"status": e.status, "location": format!("{base}/{}", e.location),
+                    "etag": format!("W/\"{}\"", w.version), "lastModified": w.last_updated}),
+                None => json!({"status": e.status, "location": format!("{base}/{}", e.location)}),
+            };
             json!({"response": resp})
         })
         .collect();
-    Ok(json_response(StatusCode::OK, &json!({"resourceType": "Bundle", "type": "transaction-response", "entry": entries})))
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"resourceType": "Bundle", "type": "transaction-response", "entry": entries}),
+    ))
 }
 
 fn short_json_error(e: &serde_json::Error) -> String {

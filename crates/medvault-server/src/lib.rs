@@ -38,7 +38,9 @@ pub struct HttpOptions {
 
 impl Default for HttpOptions {
     fn default() -> Self {
-        HttpOptions { max_body_bytes: 8 * 1024 * 1024 }
+        HttpOptions {
+            max_body_bytes: 8 * 1024 * 1024,
+        }
     }
 }
 
@@ -65,7 +67,10 @@ pub fn router(state: AppState) -> Router {
         .route("/fhir/metadata", get(fhir::metadata))
         .route("/fhir", post(fhir::transaction))
         .route("/fhir/{rtype}", get(fhir::search).post(fhir::create))
-        .route("/fhir/{rtype}/{id}", get(fhir::read).put(fhir::update).delete(fhir::delete))
+        .route(
+            "/fhir/{rtype}/{id}",
+            get(fhir::read).put(fhir::update).delete(fhir::delete),
+        )
         .route("/fhir/{rtype}/{id}/{op}", get(fhir::instance_op))
         .route("/fhir/{rtype}/{id}/_history/{vid}", get(fhir::vread))
         .fallback(|| async { ApiError::not_found() })
@@ -90,7 +95,11 @@ async fn security_headers(mut req: Request, next: Next) -> Response {
     let set = |h: &mut HeaderMap, k: header::HeaderName, v: &'static str| {
         h.insert(k, HeaderValue::from_static(v));
     };
-    set(h, header::STRICT_TRANSPORT_SECURITY, "max-age=63072000; includeSubDomains");
+    set(
+        h,
+        header::STRICT_TRANSPORT_SECURITY,
+        "max-age=63072000; includeSubDomains",
+    );
     set(h, header::X_CONTENT_TYPE_OPTIONS, "nosniff");
     set(h, header::CACHE_CONTROL, "no-store");
     set(h, header::PRAGMA, "no-cache");
@@ -118,7 +127,11 @@ pub(crate) struct Ctx {
 impl<S: Send + Sync> FromRequestParts<S> for Ctx {
     type Rejection = ApiError;
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
-        let request_id = parts.extensions.get::<RequestId>().map(|r| r.0.clone()).unwrap_or_default();
+        let request_id = parts
+            .extensions
+            .get::<RequestId>()
+            .map(|r| r.0.clone())
+            .unwrap_or_default();
         let source = parts.extensions.get::<Peer>().map(|p| p.0.ip().to_string());
         let purpose = match parts.headers.get("x-purpose-of-use") {
             None => None,
@@ -129,7 +142,12 @@ impl<S: Send + Sync> FromRequestParts<S> for Ctx {
                     .ok_or_else(|| ApiError::bad_request("unknown X-Purpose-Of-Use code"))?,
             ),
         };
-        Ok(Ctx { request_id, source, purpose, token: bearer(&parts.headers) })
+        Ok(Ctx {
+            request_id,
+            source,
+            purpose,
+            token: bearer(&parts.headers),
+        })
     }
 }
 
@@ -155,10 +173,16 @@ fn bearer(h: &HeaderMap) -> Option<Token> {
 }
 
 /// Runs blocking gate work off the async runtime.
-pub(crate) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, ApiError> {
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
     tokio::task::spawn_blocking(f).await.map_err(|_| {
         tracing::error!("blocking task failed");
-        ApiError::new(axum::http::StatusCode::INTERNAL_SERVER_ERROR, medvault_fhir::IssueCode::Exception, "internal error")
+        ApiError::new(
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            medvault_fhir::IssueCode::Exception,
+            "internal error",
+        )
     })
 }
 
@@ -167,17 +191,31 @@ pub(crate) async fn caller(state: &AppState, ctx: &Ctx) -> Result<Caller, ApiErr
     let token = ctx.token.clone().ok_or_else(ApiError::unauthenticated)?;
     let vault = state.vault.clone();
     let principal = blocking(move || vault.authenticate(&token)).await??;
-    Ok(Caller::new(principal, ctx.purpose, ctx.source.clone(), ctx.request_id.clone()))
+    Ok(Caller::new(
+        principal,
+        ctx.purpose,
+        ctx.source.clone(),
+        ctx.request_id.clone(),
+    ))
 }
 
 /// Reads a request body up to the configured limit (413 beyond it).
-pub(crate) async fn body_bytes(state: &AppState, req: Request) -> Result<axum::body::Bytes, ApiError> {
+pub(crate) async fn body_bytes(
+    state: &AppState,
+    req: Request,
+) -> Result<axum::body::Bytes, ApiError> {
     let limit = state.options.max_body_bytes;
-    let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
     if declared.is_some_and(|n| n > limit) {
         return Err(ApiError::too_large(limit));
     }
-    axum::body::to_bytes(req.into_body(), limit).await.map_err(|_| ApiError::too_large(limit))
+    axum::body::to_bytes(req.into_body(), limit)
+        .await
+        .map_err(|_| ApiError::too_large(limit))
 }
 
 pub(crate) fn with_peer(r: Router, peer: SocketAddr) -> Router {
@@ -186,6 +224,7 @@ pub(crate) fn with_peer(r: Router, peer: SocketAddr) -> Router {
 
 pub(crate) fn json_response(status: axum::http::StatusCode, body: &serde_json::Value) -> Response {
     let mut r = (status, serde_json::to_vec(body).unwrap_or_default()).into_response();
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
     r
 }

@@ -31,7 +31,8 @@ pub fn load_tls_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, Tls
         .map_err(|_| TlsError::Cert(cert.display().to_string()))?
         .collect::<Result<_, _>>()
         .map_err(|_| TlsError::Cert(cert.display().to_string()))?;
-    let key = PrivateKeyDer::from_pem_file(key).map_err(|_| TlsError::Key(key.display().to_string()))?;
+    let key =
+        PrivateKeyDer::from_pem_file(key).map_err(|_| TlsError::Key(key.display().to_string()))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut cfg = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -45,7 +46,12 @@ pub fn load_tls_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, Tls
 
 /// Serves `app` over TLS on `listener` until `shutdown` resolves, then stops accepting
 /// and lets in-flight requests finish (up to 30 s).
-pub async fn serve(app: Router, listener: TcpListener, tls: Arc<ServerConfig>, shutdown: impl Future<Output = ()>) {
+pub async fn serve(
+    app: Router,
+    listener: TcpListener,
+    tls: Arc<ServerConfig>,
+    shutdown: impl Future<Output = ()>,
+) {
     let acceptor = TlsAcceptor::from(tls);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     tokio::pin!(shutdown);

@@ -1,11 +1,21 @@
 //! In-process HTTP tests (axum `Router::oneshot`) over a real SQLite file wrapped in a
 //! failure-injecting store: the fail-closed law.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::disallowed_methods,
+    reason = "test code: a failed assumption should fail the test loudly; the e2e TOTP client reads the real clock like an authenticator app"
+)]
 
 use std::sync::Arc;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use medvault_core::{Caller, FaultyStore, MasterKey, Password, Role, SqliteStore, Store, Vault, VaultOptions};
+use medvault_core::{
+    Caller, FaultyStore, MasterKey, Password, Role, SqliteStore, Store, Vault, VaultOptions,
+};
 use medvault_server::{router, AppState, HttpOptions};
 use medvault_types::ManualClock;
 use serde_json::{json, Value};
@@ -22,47 +32,112 @@ async fn fixture() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let inner: Arc<dyn Store> = SqliteStore::open(&dir.path().join("db.sqlite")).unwrap();
     let faulty = FaultyStore::new(inner);
-    let clock = Arc::new(ManualClock::new(time::OffsetDateTime::from_unix_timestamp(1_790_000_000).unwrap()));
-    let vault = Arc::new(Vault::open(faulty.clone(), MasterKey::generate(), clock.clone(), VaultOptions::default()).unwrap());
-    let u = vault.add_user(&Caller::cli(Role::SecurityAdmin), "doc", Role::Physician, Some(Password::new("correct horse battery".into()))).unwrap();
-    let ch = vault.login("doc", &Password::new("correct horse battery".into()), None, "t").unwrap();
+    let clock = Arc::new(ManualClock::new(
+        time::OffsetDateTime::from_unix_timestamp(1_790_000_000).unwrap(),
+    ));
+    let vault = Arc::new(
+        Vault::open(
+            faulty.clone(),
+            MasterKey::generate(),
+            clock.clone(),
+            VaultOptions::default(),
+        )
+        .unwrap(),
+    );
+    let u = vault
+        .add_user(
+            &Caller::cli(Role::SecurityAdmin),
+            "doc",
+            Role::Physician,
+            Some(Password::new("correct horse battery".into())),
+        )
+        .unwrap();
+    let ch = vault
+        .login(
+            "doc",
+            &Password::new("correct horse battery".into()),
+            None,
+            "t",
+        )
+        .unwrap();
     let code = medvault_core::totp_now(&u.totp_secret, 1_790_000_000).unwrap();
     let grant = vault.login_totp(&ch.mfa_token, &code, None, "t").unwrap();
-    let app = router(AppState { vault, options: HttpOptions::default() });
-    Fixture { _dir: dir, faulty, app, token: grant.token.expose().to_owned() }
+    let app = router(AppState {
+        vault,
+        options: HttpOptions::default(),
+    });
+    Fixture {
+        _dir: dir,
+        faulty,
+        app,
+        token: grant.token.expose().to_owned(),
+    }
 }
 
 async fn call(f: &Fixture, method: &str, uri: &str, body: Option<Value>) -> (StatusCode, String) {
-    let mut b = Request::builder().method(method).uri(uri).header("authorization", format!("Bearer {}", f.token));
+    let mut b = Request::builder()
+        .method(method)
+        .uri(uri)
+        .header("authorization", format!("Bearer {}", f.token));
     if body.is_some() {
         b = b.header("content-type", "application/fhir+json");
     }
-    let req = b.body(body.map(|v| Body::from(v.to_string())).unwrap_or_else(Body::empty)).unwrap();
+    let req = b
+        .body(
+            body.map(|v| Body::from(v.to_string()))
+                .unwrap_or_else(Body::empty),
+        )
+        .unwrap();
     let res = f.app.clone().oneshot(req).await.unwrap();
     let status = res.status();
-    let bytes = axum::body::to_bytes(res.into_body(), 1 << 24).await.unwrap();
+    let bytes = axum::body::to_bytes(res.into_body(), 1 << 24)
+        .await
+        .unwrap();
     (status, String::from_utf8_lossy(&bytes).into_owned())
 }
 
 #[tokio::test]
 async fn audit_failure_fails_closed_with_no_phi() {
     let f = fixture().await;
-    let (s, body) = call(&f, "POST", "/fhir/Patient", Some(json!({"resourceType": "Patient", "name": [{"family": "Failclosed"}]}))).await;
+    let (s, body) = call(
+        &f,
+        "POST",
+        "/fhir/Patient",
+        Some(json!({"resourceType": "Patient", "name": [{"family": "Failclosed"}]})),
+    )
+    .await;
     assert_eq!(s, StatusCode::CREATED, "{body}");
-    let id = serde_json::from_str::<Value>(&body).unwrap()["id"].as_str().unwrap().to_owned();
+    let id = serde_json::from_str::<Value>(&body).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let audit_before = f.faulty.audit_len().unwrap();
 
     f.faulty.set_fail_audit(true);
     // Reads: no PHI leaves without its audit record.
-    for uri in [format!("/fhir/Patient/{id}"), "/fhir/Patient?family=failclosed".into(), format!("/fhir/Patient/{id}/$everything"),
-        format!("/fhir/Patient/{id}/_history"), format!("/fhir/Patient/{id}/_history/1")] {
+    for uri in [
+        format!("/fhir/Patient/{id}"),
+        "/fhir/Patient?family=failclosed".into(),
+        format!("/fhir/Patient/{id}/$everything"),
+        format!("/fhir/Patient/{id}/_history"),
+        format!("/fhir/Patient/{id}/_history/1"),
+    ] {
         let (s, body) = call(&f, "GET", &uri, None).await;
         assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{uri}: {body}");
         assert!(!body.contains("Failclosed"), "{uri} leaked PHI: {body}");
-        assert!(body.contains("OperationOutcome") && body.contains("audit"), "{body}");
+        assert!(
+            body.contains("OperationOutcome") && body.contains("audit"),
+            "{body}"
+        );
     }
     // Writes: nothing is written when its audit record cannot be.
-    let (s, _) = call(&f, "POST", "/fhir/Patient", Some(json!({"resourceType": "Patient", "name": [{"family": "Ghost"}]}))).await;
+    let (s, _) = call(
+        &f,
+        "POST",
+        "/fhir/Patient",
+        Some(json!({"resourceType": "Patient", "name": [{"family": "Ghost"}]})),
+    )
+    .await;
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
     let (s, _) = call(&f, "DELETE", &format!("/fhir/Patient/{id}"), None).await;
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
@@ -72,12 +147,19 @@ async fn audit_failure_fails_closed_with_no_phi() {
     // Denials are audited too, so they fail closed as well.
     let (s, _) = call(&f, "GET", "/fhir/Claim/nope", None).await;
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(f.faulty.audit_len().unwrap(), audit_before, "no audit entries were appended");
+    assert_eq!(
+        f.faulty.audit_len().unwrap(),
+        audit_before,
+        "no audit entries were appended"
+    );
 
     f.faulty.set_fail_audit(false);
     let (s, body) = call(&f, "GET", "/fhir/Patient?family=ghost", None).await;
     assert_eq!(s, StatusCode::OK);
-    assert!(!body.contains("Ghost"), "the failed writes left nothing behind");
+    assert!(
+        !body.contains("Ghost"),
+        "the failed writes left nothing behind"
+    );
     let (s, body) = call(&f, "GET", &format!("/fhir/Patient/{id}"), None).await;
     assert_eq!(s, StatusCode::OK, "the deletion did not happen");
     assert!(body.contains("Failclosed"));
@@ -90,19 +172,32 @@ async fn storage_read_failure_is_a_503_without_internals() {
     f.faulty.set_fail_reads(true);
     let (s, body) = call(&f, "GET", "/fhir/Patient/abc", None).await;
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
-    assert!(!body.contains("injected"), "no internals in the response: {body}");
+    assert!(
+        !body.contains("injected"),
+        "no internals in the response: {body}"
+    );
 }
 
 #[tokio::test]
 async fn every_response_carries_security_headers() {
     let f = fixture().await;
     for uri in ["/", "/fhir/metadata", "/nope", "/fhir/Patient/zzz"] {
-        let req = Request::builder().uri(uri).header("authorization", format!("Bearer {}", f.token)).body(Body::empty()).unwrap();
+        let req = Request::builder()
+            .uri(uri)
+            .header("authorization", format!("Bearer {}", f.token))
+            .body(Body::empty())
+            .unwrap();
         let res = f.app.clone().oneshot(req).await.unwrap();
         let h = res.headers();
-        assert_eq!(h["strict-transport-security"], "max-age=63072000; includeSubDomains", "{uri}");
+        assert_eq!(
+            h["strict-transport-security"], "max-age=63072000; includeSubDomains",
+            "{uri}"
+        );
         assert_eq!(h["x-content-type-options"], "nosniff");
         assert_eq!(h["cache-control"], "no-store");
-        assert!(h["content-security-policy"].to_str().unwrap().starts_with("default-src 'none'"));
+        assert!(h["content-security-policy"]
+            .to_str()
+            .unwrap()
+            .starts_with("default-src 'none'"));
     }
 }

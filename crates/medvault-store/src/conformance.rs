@@ -2,7 +2,12 @@
 //! `run_test_cases_for_storage_impl`): `run_all(|| fresh_store())`.
 //! Each case panics with a message naming the broken guarantee.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 use std::sync::Arc;
 
@@ -39,53 +44,161 @@ fn row(rtype: &str, id: &str, version: u64, patient: &str, body: &[u8]) -> Versi
     }
 }
 
-fn put(s: &dyn Store, r: VersionRow, expect: Expect, index: Vec<IndexRow>) -> Result<Committed, StoreError> {
-    s.commit(WriteBatch { ops: vec![Op::PutVersion { row: r, expect, index }], audit: vec![(vec![1], b"a".to_vec())] })
+fn put(
+    s: &dyn Store,
+    r: VersionRow,
+    expect: Expect,
+    index: Vec<IndexRow>,
+) -> Result<Committed, StoreError> {
+    s.commit(WriteBatch {
+        ops: vec![Op::PutVersion {
+            row: r,
+            expect,
+            index,
+        }],
+        audit: vec![(vec![1], b"a".to_vec())],
+    })
 }
 
 fn ix(param: &str, token: &[u8]) -> IndexRow {
-    IndexRow { param: param.into(), token: token.to_vec() }
+    IndexRow {
+        param: param.into(),
+        token: token.to_vec(),
+    }
 }
 
 pub fn versions_are_appended_never_overwritten(s: &dyn Store) {
-    put(s, row("Observation", "o1", 1, "p1", b"v1"), Expect::Absent, vec![]).unwrap();
-    put(s, row("Observation", "o1", 2, "p1", b"v2"), Expect::Version(1), vec![]).unwrap();
-    assert_eq!(s.current("Observation", "o1").unwrap().unwrap().body, b"v2", "current is the newest version");
-    assert_eq!(s.version("Observation", "o1", 1).unwrap().unwrap().body, b"v1", "old version kept");
+    put(
+        s,
+        row("Observation", "o1", 1, "p1", b"v1"),
+        Expect::Absent,
+        vec![],
+    )
+    .unwrap();
+    put(
+        s,
+        row("Observation", "o1", 2, "p1", b"v2"),
+        Expect::Version(1),
+        vec![],
+    )
+    .unwrap();
+    assert_eq!(
+        s.current("Observation", "o1").unwrap().unwrap().body,
+        b"v2",
+        "current is the newest version"
+    );
+    assert_eq!(
+        s.version("Observation", "o1", 1).unwrap().unwrap().body,
+        b"v1",
+        "old version kept"
+    );
     let h = s.history("Observation", "o1").unwrap();
-    assert_eq!(h.iter().map(|r| r.version).collect::<Vec<_>>(), vec![2, 1], "history newest first");
+    assert_eq!(
+        h.iter().map(|r| r.version).collect::<Vec<_>>(),
+        vec![2, 1],
+        "history newest first"
+    );
     let mut del = row("Observation", "o1", 3, "p1", b"");
     del.deleted = true;
     put(s, del, Expect::Live, vec![]).unwrap();
-    assert!(s.current("Observation", "o1").unwrap().unwrap().deleted, "delete is a new version");
+    assert!(
+        s.current("Observation", "o1").unwrap().unwrap().deleted,
+        "delete is a new version"
+    );
     assert_eq!(s.history("Observation", "o1").unwrap().len(), 3);
     assert!(s.current("Observation", "nope").unwrap().is_none());
-    assert_eq!(s.current("Observation", "o1").unwrap().unwrap().patient, Some(pid("p1")), "rows carry the patient id");
+    assert_eq!(
+        s.current("Observation", "o1").unwrap().unwrap().patient,
+        Some(pid("p1")),
+        "rows carry the patient id"
+    );
 }
 
 pub fn preconditions_guard_writes(s: &dyn Store) {
-    put(s, row("Condition", "c1", 1, "p1", b"v1"), Expect::Absent, vec![]).unwrap();
-    assert!(matches!(put(s, row("Condition", "c1", 1, "p1", b"x"), Expect::Absent, vec![]), Err(StoreError::Exists)));
-    assert!(matches!(put(s, row("Condition", "c1", 2, "p1", b"x"), Expect::Version(7), vec![]), Err(StoreError::Conflict)));
-    assert!(matches!(put(s, row("Condition", "zz", 2, "p1", b"x"), Expect::Live, vec![]), Err(StoreError::NotFound)));
-    assert_eq!(s.audit_len().unwrap(), 1, "failed writes leave no audit entry");
+    put(
+        s,
+        row("Condition", "c1", 1, "p1", b"v1"),
+        Expect::Absent,
+        vec![],
+    )
+    .unwrap();
+    assert!(matches!(
+        put(
+            s,
+            row("Condition", "c1", 1, "p1", b"x"),
+            Expect::Absent,
+            vec![]
+        ),
+        Err(StoreError::Exists)
+    ));
+    assert!(matches!(
+        put(
+            s,
+            row("Condition", "c1", 2, "p1", b"x"),
+            Expect::Version(7),
+            vec![]
+        ),
+        Err(StoreError::Conflict)
+    ));
+    assert!(matches!(
+        put(
+            s,
+            row("Condition", "zz", 2, "p1", b"x"),
+            Expect::Live,
+            vec![]
+        ),
+        Err(StoreError::NotFound)
+    ));
+    assert_eq!(
+        s.audit_len().unwrap(),
+        1,
+        "failed writes leave no audit entry"
+    );
 }
 
 pub fn batches_are_all_or_nothing(s: &dyn Store) {
-    put(s, row("Patient", "p1", 1, "p1", b"v1"), Expect::Absent, vec![]).unwrap();
+    put(
+        s,
+        row("Patient", "p1", 1, "p1", b"v1"),
+        Expect::Absent,
+        vec![],
+    )
+    .unwrap();
     let before = s.audit_len().unwrap();
     let b = WriteBatch {
         ops: vec![
-            Op::PutVersion { row: row("Observation", "a", 1, "p1", b"x"), expect: Expect::Absent, index: vec![] },
-            Op::PutPatientKey { patient: pid("p9"), key_version: 1, wrapped: vec![1] },
-            Op::PutVersion { row: row("Patient", "p1", 1, "p1", b"dup"), expect: Expect::Absent, index: vec![] },
+            Op::PutVersion {
+                row: row("Observation", "a", 1, "p1", b"x"),
+                expect: Expect::Absent,
+                index: vec![],
+            },
+            Op::PutPatientKey {
+                patient: pid("p9"),
+                key_version: 1,
+                wrapped: vec![1],
+            },
+            Op::PutVersion {
+                row: row("Patient", "p1", 1, "p1", b"dup"),
+                expect: Expect::Absent,
+                index: vec![],
+            },
         ],
         audit: vec![(vec![1], b"x".to_vec())],
     };
     assert!(s.commit(b).is_err());
-    assert!(s.current("Observation", "a").unwrap().is_none(), "no partial batch");
-    assert!(s.patient_key(&pid("p9")).unwrap().is_none(), "no partial batch");
-    assert_eq!(s.audit_len().unwrap(), before, "no audit entry from a failed batch");
+    assert!(
+        s.current("Observation", "a").unwrap().is_none(),
+        "no partial batch"
+    );
+    assert!(
+        s.patient_key(&pid("p9")).unwrap().is_none(),
+        "no partial batch"
+    );
+    assert_eq!(
+        s.audit_len().unwrap(),
+        before,
+        "no audit entry from a failed batch"
+    );
 }
 
 pub fn audit_sequence_is_dense_under_concurrency(s: Arc<dyn Store>) {
@@ -94,9 +207,22 @@ pub fn audit_sequence_is_dense_under_concurrency(s: Arc<dyn Store>) {
             let s = s.clone();
             std::thread::spawn(move || {
                 for i in 0..50 {
-                    let expect = if i % 5 == 4 { Expect::Version(99) } else { Expect::Absent };
-                    let _ = put(&*s, row("Observation", &format!("t{t}-{i}"), 1, "p1", b"x"), expect, vec![]);
-                    s.commit(WriteBatch { ops: vec![], audit: vec![(vec![2], format!("{t}-{i}").into_bytes())] }).unwrap();
+                    let expect = if i % 5 == 4 {
+                        Expect::Version(99)
+                    } else {
+                        Expect::Absent
+                    };
+                    let _ = put(
+                        &*s,
+                        row("Observation", &format!("t{t}-{i}"), 1, "p1", b"x"),
+                        expect,
+                        vec![],
+                    );
+                    s.commit(WriteBatch {
+                        ops: vec![],
+                        audit: vec![(vec![2], format!("{t}-{i}").into_bytes())],
+                    })
+                    .unwrap();
                 }
             })
         })
@@ -120,20 +246,55 @@ pub fn search_by_tokens_patient_and_paging(s: &dyn Store) {
         if i == 4 {
             r.category = "labs".into();
         }
-        put(s, r, Expect::Absent, vec![ix("code", b"hr"), ix("code", &[b'c', i]), ix("status", b"final")]).unwrap();
+        put(
+            s,
+            r,
+            Expect::Absent,
+            vec![
+                ix("code", b"hr"),
+                ix("code", &[b'c', i]),
+                ix("status", b"final"),
+            ],
+        )
+        .unwrap();
     }
     let q = |f: &dyn Fn(&mut SearchQuery)| {
-        let mut q = SearchQuery { rtype: Some("Observation".into()), limit: 100, ..Default::default() };
+        let mut q = SearchQuery {
+            rtype: Some("Observation".into()),
+            limit: 100,
+            ..Default::default()
+        };
         f(&mut q);
         s.search(&q).unwrap()
     };
     assert_eq!(q(&|_| {}).rows.len(), 5);
     assert_eq!(q(&|q| q.patient = Some(pid("p1"))).rows.len(), 3);
-    assert_eq!(q(&|q| q.tokens = vec![("code".into(), vec![b"hr".to_vec()])]).rows.len(), 5);
-    assert_eq!(q(&|q| q.tokens = vec![("code".into(), vec![vec![b'c', 1], vec![b'c', 2]])]).rows.len(), 2, "OR within");
-    let and = q(&|q| q.tokens = vec![("code".into(), vec![vec![b'c', 1]]), ("status".into(), vec![b"nope".to_vec()])]);
+    assert_eq!(
+        q(&|q| q.tokens = vec![("code".into(), vec![b"hr".to_vec()])])
+            .rows
+            .len(),
+        5
+    );
+    assert_eq!(
+        q(&|q| q.tokens = vec![("code".into(), vec![vec![b'c', 1], vec![b'c', 2]])])
+            .rows
+            .len(),
+        2,
+        "OR within"
+    );
+    let and = q(&|q| {
+        q.tokens = vec![
+            ("code".into(), vec![vec![b'c', 1]]),
+            ("status".into(), vec![b"nope".to_vec()]),
+        ]
+    });
     assert!(and.rows.is_empty(), "AND across parameters");
-    assert!(q(&|q| q.tokens = vec![("code".into(), vec![b"final".to_vec()])]).rows.is_empty(), "tokens are per parameter");
+    assert!(
+        q(&|q| q.tokens = vec![("code".into(), vec![b"final".to_vec()])])
+            .rows
+            .is_empty(),
+        "tokens are per parameter"
+    );
     let p1 = q(&|q| q.limit = 2);
     assert!(p1.more && p1.rows.len() == 2);
     let p3 = q(&|q| {
@@ -144,14 +305,33 @@ pub fn search_by_tokens_patient_and_paging(s: &dyn Store) {
     assert_eq!(q(&|q| q.categories = vec!["labs".into()]).rows.len(), 1);
     assert_eq!(q(&|q| q.ids = vec!["o1".into(), "o2".into()]).rows.len(), 2);
     // updates replace tokens; deletes drop out of search
-    put(s, row("Observation", "o0", 2, "p1", b"n"), Expect::Version(1), vec![ix("code", b"new")]).unwrap();
-    assert_eq!(q(&|q| q.tokens = vec![("code".into(), vec![b"hr".to_vec()])]).rows.len(), 4);
+    put(
+        s,
+        row("Observation", "o0", 2, "p1", b"n"),
+        Expect::Version(1),
+        vec![ix("code", b"new")],
+    )
+    .unwrap();
+    assert_eq!(
+        q(&|q| q.tokens = vec![("code".into(), vec![b"hr".to_vec()])])
+            .rows
+            .len(),
+        4
+    );
     let mut del = row("Observation", "o1", 2, "p1", b"");
     del.deleted = true;
     put(s, del, Expect::Live, vec![]).unwrap();
     assert_eq!(q(&|q| q.patient = Some(pid("p1"))).rows.len(), 2);
-    let all = SearchQuery { patient: Some(pid("p2")), limit: 10, ..Default::default() };
-    assert_eq!(s.search(&all).unwrap().rows.len(), 2, "type-less search by patient");
+    let all = SearchQuery {
+        patient: Some(pid("p2")),
+        limit: 10,
+        ..Default::default()
+    };
+    assert_eq!(
+        s.search(&all).unwrap().rows.len(),
+        2,
+        "type-less search by patient"
+    );
 }
 
 pub fn identity_rows(s: &dyn Store) {
@@ -166,30 +346,99 @@ pub fn identity_rows(s: &dyn Store) {
         created: "2024".into(),
         practitioner_id: None,
     };
-    s.commit(WriteBatch { ops: vec![Op::CreateUser(u.clone())], audit: vec![] }).unwrap();
-    assert!(matches!(s.commit(WriteBatch { ops: vec![Op::CreateUser(u.clone())], audit: vec![] }), Err(StoreError::Exists)));
+    s.commit(WriteBatch {
+        ops: vec![Op::CreateUser(u.clone())],
+        audit: vec![],
+    })
+    .unwrap();
+    assert!(matches!(
+        s.commit(WriteBatch {
+            ops: vec![Op::CreateUser(u.clone())],
+            audit: vec![]
+        }),
+        Err(StoreError::Exists)
+    ));
     assert_eq!(s.user("ann").unwrap().unwrap(), u);
-    let step = |n| s.commit(WriteBatch { ops: vec![Op::UseTotpStep { username: "ann".into(), step: n }], audit: vec![] });
+    let step = |n| {
+        s.commit(WriteBatch {
+            ops: vec![Op::UseTotpStep {
+                username: "ann".into(),
+                step: n,
+            }],
+            audit: vec![],
+        })
+    };
     step(10).unwrap();
-    assert!(matches!(step(10), Err(StoreError::Conflict)), "a TOTP step is usable once");
-    assert!(matches!(step(9), Err(StoreError::Conflict)), "no going back");
+    assert!(
+        matches!(step(10), Err(StoreError::Conflict)),
+        "a TOTP step is usable once"
+    );
+    assert!(
+        matches!(step(9), Err(StoreError::Conflict)),
+        "no going back"
+    );
     step(11).unwrap();
-    let sess = SessionRow { token_hash: vec![9; 32], kind: "session".into(), username: "ann".into(), created: 1, last_seen: 1, expires: 99 };
-    s.commit(WriteBatch { ops: vec![Op::PutSession(sess.clone())], audit: vec![] }).unwrap();
-    s.commit(WriteBatch { ops: vec![Op::TouchSession { token_hash: vec![9; 32], last_seen: 5 }], audit: vec![] }).unwrap();
+    let sess = SessionRow {
+        token_hash: vec![9; 32],
+        kind: "session".into(),
+        username: "ann".into(),
+        created: 1,
+        last_seen: 1,
+        expires: 99,
+    };
+    s.commit(WriteBatch {
+        ops: vec![Op::PutSession(sess.clone())],
+        audit: vec![],
+    })
+    .unwrap();
+    s.commit(WriteBatch {
+        ops: vec![Op::TouchSession {
+            token_hash: vec![9; 32],
+            last_seen: 5,
+        }],
+        audit: vec![],
+    })
+    .unwrap();
     assert_eq!(s.session(&[9; 32]).unwrap().unwrap().last_seen, 5);
-    s.commit(WriteBatch { ops: vec![Op::DeleteSession { token_hash: vec![9; 32] }], audit: vec![] }).unwrap();
+    s.commit(WriteBatch {
+        ops: vec![Op::DeleteSession {
+            token_hash: vec![9; 32],
+        }],
+        audit: vec![],
+    })
+    .unwrap();
     assert!(s.session(&[9; 32]).unwrap().is_none());
     assert_eq!(s.users().unwrap().len(), 1);
 }
 
 pub fn keys_and_meta_insert_once(s: &dyn Store) {
-    let k = |v: u32| s.commit(WriteBatch { ops: vec![Op::PutPatientKey { patient: pid("p1"), key_version: v, wrapped: vec![v as u8] }], audit: vec![] });
+    let k = |v: u32| {
+        s.commit(WriteBatch {
+            ops: vec![Op::PutPatientKey {
+                patient: pid("p1"),
+                key_version: v,
+                wrapped: vec![v as u8],
+            }],
+            audit: vec![],
+        })
+    };
     k(1).unwrap();
     assert!(matches!(k(1), Err(StoreError::Exists)));
     k(2).unwrap();
-    assert_eq!(s.patient_key(&pid("p1")).unwrap(), Some((2, vec![2])), "newest key version");
-    let m = || s.commit(WriteBatch { ops: vec![Op::PutMetaOnce { key: "k".into(), value: vec![7] }], audit: vec![] });
+    assert_eq!(
+        s.patient_key(&pid("p1")).unwrap(),
+        Some((2, vec![2])),
+        "newest key version"
+    );
+    let m = || {
+        s.commit(WriteBatch {
+            ops: vec![Op::PutMetaOnce {
+                key: "k".into(),
+                value: vec![7],
+            }],
+            audit: vec![],
+        })
+    };
     m().unwrap();
     assert!(matches!(m(), Err(StoreError::Exists)));
     assert_eq!(s.meta("k").unwrap(), Some(vec![7]));

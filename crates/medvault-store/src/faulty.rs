@@ -19,7 +19,11 @@ pub struct FaultyStore {
 
 impl FaultyStore {
     pub fn new(inner: Arc<dyn Store>) -> Arc<Self> {
-        Arc::new(FaultyStore { inner, fail_audit: AtomicBool::new(false), fail_reads: AtomicBool::new(false) })
+        Arc::new(FaultyStore {
+            inner,
+            fail_audit: AtomicBool::new(false),
+            fail_reads: AtomicBool::new(false),
+        })
     }
     pub fn set_fail_audit(&self, on: bool) {
         self.fail_audit.store(on, Ordering::SeqCst);
@@ -47,7 +51,12 @@ impl Store for FaultyStore {
         self.read_gate()?;
         self.inner.current(rtype, id)
     }
-    fn version(&self, rtype: &str, id: &str, version: u64) -> Result<Option<VersionRow>, StoreError> {
+    fn version(
+        &self,
+        rtype: &str,
+        id: &str,
+        version: u64,
+    ) -> Result<Option<VersionRow>, StoreError> {
         self.read_gate()?;
         self.inner.version(rtype, id, version)
     }

@@ -87,7 +87,10 @@ pub struct UserRow {
 
 impl std::fmt::Debug for UserRow {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("UserRow").field("username", &self.username).field("role", &self.role).finish_non_exhaustive()
+        f.debug_struct("UserRow")
+            .field("username", &self.username)
+            .field("role", &self.role)
+            .finish_non_exhaustive()
     }
 }
 
@@ -104,7 +107,10 @@ pub struct SessionRow {
 
 impl std::fmt::Debug for SessionRow {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SessionRow").field("kind", &self.kind).field("username", &self.username).finish_non_exhaustive()
+        f.debug_struct("SessionRow")
+            .field("kind", &self.kind)
+            .field("username", &self.username)
+            .finish_non_exhaustive()
     }
 }
 
@@ -120,22 +126,44 @@ pub struct AuditRow {
 #[derive(Debug, Clone)]
 pub enum Op {
     /// Appends a version, moves the current pointer, and replaces the search tokens.
-    PutVersion { row: VersionRow, expect: Expect, index: Vec<IndexRow> },
+    PutVersion {
+        row: VersionRow,
+        expect: Expect,
+        index: Vec<IndexRow>,
+    },
     /// Inserts a wrapped data key; fails with `Exists` if that version exists.
-    PutPatientKey { patient: PatientId, key_version: u32, wrapped: Vec<u8> },
+    PutPatientKey {
+        patient: PatientId,
+        key_version: u32,
+        wrapped: Vec<u8>,
+    },
     /// Inserts a metadata value once; fails with `Exists` if present.
-    PutMetaOnce { key: String, value: Vec<u8> },
+    PutMetaOnce {
+        key: String,
+        value: Vec<u8>,
+    },
     /// Inserts or replaces a user.
     PutUser(UserRow),
     /// Inserts a user; fails with `Exists` if the name is taken.
     CreateUser(UserRow),
     /// Records a used TOTP step; fails with `Conflict` unless `step` is newer than the last used.
-    UseTotpStep { username: String, step: i64 },
+    UseTotpStep {
+        username: String,
+        step: i64,
+    },
     /// Sets the failed-login counter.
-    SetFailedLogins { username: String, count: i64 },
+    SetFailedLogins {
+        username: String,
+        count: i64,
+    },
     PutSession(SessionRow),
-    DeleteSession { token_hash: Vec<u8> },
-    TouchSession { token_hash: Vec<u8>, last_seen: i64 },
+    DeleteSession {
+        token_hash: Vec<u8>,
+    },
+    TouchSession {
+        token_hash: Vec<u8>,
+        last_seen: i64,
+    },
 }
 
 /// Changes and audit records committed atomically.
@@ -187,7 +215,12 @@ pub struct SearchPage {
 pub trait Store: Send + Sync + 'static {
     fn commit(&self, batch: WriteBatch) -> Result<Committed, StoreError>;
     fn current(&self, rtype: &str, id: &str) -> Result<Option<VersionRow>, StoreError>;
-    fn version(&self, rtype: &str, id: &str, version: u64) -> Result<Option<VersionRow>, StoreError>;
+    fn version(
+        &self,
+        rtype: &str,
+        id: &str,
+        version: u64,
+    ) -> Result<Option<VersionRow>, StoreError>;
     /// Every version, newest first.
     fn history(&self, rtype: &str, id: &str) -> Result<Vec<VersionRow>, StoreError>;
     fn search(&self, q: &SearchQuery) -> Result<SearchPage, StoreError>;

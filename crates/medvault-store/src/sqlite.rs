@@ -60,16 +60,21 @@ pub struct SqliteStore {
 
 fn open(path: &Path, write: bool) -> Result<Connection, StoreError> {
     let flags = if write {
-        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
     } else {
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
     };
-    let c = Connection::open_with_flags(path, flags).map_err(|e| StoreError::Unavailable(e.to_string()))?;
+    let c = Connection::open_with_flags(path, flags)
+        .map_err(|e| StoreError::Unavailable(e.to_string()))?;
     c.busy_timeout(std::time::Duration::from_secs(10))?;
     // temp_store=MEMORY: no sort or index spill files on disk (law 1 covers temp files too).
     c.execute_batch("PRAGMA foreign_keys=ON; PRAGMA temp_store=MEMORY; PRAGMA cache_size=-65536;")?;
     if write {
-        c.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA secure_delete=ON;")?;
+        c.execute_batch(
+            "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA secure_delete=ON;",
+        )?;
     }
     c.set_prepared_statement_cache_capacity(64);
     Ok(c)
@@ -78,7 +83,11 @@ fn open(path: &Path, write: bool) -> Result<Connection, StoreError> {
 fn migrate(c: &mut Connection) -> Result<(), StoreError> {
     let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let have: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-    for (i, m) in MIGRATIONS.iter().enumerate().skip(usize::try_from(have).unwrap_or(0)) {
+    for (i, m) in MIGRATIONS
+        .iter()
+        .enumerate()
+        .skip(usize::try_from(have).unwrap_or(0))
+    {
         tx.execute_batch(m)?;
         tx.execute_batch(&format!("PRAGMA user_version = {}", i + 1))?;
     }
@@ -104,7 +113,10 @@ impl SqliteStore {
         }))
     }
 
-    fn with_reader<T>(&self, f: impl FnOnce(&Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
+    fn with_reader<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
         let conn = self.readers.lock().ok().and_then(|mut v| v.pop());
         let conn = match conn {
             Some(c) => c,
@@ -152,16 +164,27 @@ fn writer_loop(mut c: Connection, rx: Receiver<(WriteBatch, Reply)>) {
     }
 }
 
-fn commit_group(c: &mut Connection, group: &[(WriteBatch, Reply)]) -> Vec<Result<Committed, StoreError>> {
-    let fail_all = |e: &StoreError| group.iter().map(|_| Err(StoreError::Backend(e.to_string()))).collect();
+fn commit_group(
+    c: &mut Connection,
+    group: &[(WriteBatch, Reply)],
+) -> Vec<Result<Committed, StoreError>> {
+    let fail_all = |e: &StoreError| {
+        group
+            .iter()
+            .map(|_| Err(StoreError::Backend(e.to_string())))
+            .collect()
+    };
     let tx = match c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate) {
         Ok(t) => t,
         Err(e) => return fail_all(&e.into()),
     };
-    let mut next_seq: u64 = match tx.query_row("SELECT COALESCE(MAX(seq) + 1, 0) FROM audit_log", [], |r| r.get::<_, i64>(0)) {
-        Ok(n) => u64::try_from(n).unwrap_or(0),
-        Err(e) => return fail_all(&e.into()),
-    };
+    let mut next_seq: u64 =
+        match tx.query_row("SELECT COALESCE(MAX(seq) + 1, 0) FROM audit_log", [], |r| {
+            r.get::<_, i64>(0)
+        }) {
+            Ok(n) => u64::try_from(n).unwrap_or(0),
+            Err(e) => return fail_all(&e.into()),
+        };
     let mut results = Vec::with_capacity(group.len());
     for (batch, _) in group {
         let start_seq = next_seq;
@@ -192,12 +215,20 @@ fn commit_group(c: &mut Connection, group: &[(WriteBatch, Reply)]) -> Vec<Result
 
 fn conflict_or(e: rusqlite::Error, on_unique: StoreError) -> StoreError {
     match &e {
-        rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation => on_unique,
+        rusqlite::Error::SqliteFailure(f, _)
+            if f.code == rusqlite::ErrorCode::ConstraintViolation =>
+        {
+            on_unique
+        }
         _ => e.into(),
     }
 }
 
-fn apply(tx: &rusqlite::Transaction<'_>, b: &WriteBatch, next_seq: &mut u64) -> Result<Committed, StoreError> {
+fn apply(
+    tx: &rusqlite::Transaction<'_>,
+    b: &WriteBatch,
+    next_seq: &mut u64,
+) -> Result<Committed, StoreError> {
     for op in &b.ops {
         match op {
             Op::PutVersion { row, expect, index } => {
@@ -231,7 +262,8 @@ fn apply(tx: &rusqlite::Transaction<'_>, b: &WriteBatch, next_seq: &mut u64) -> 
                 )?
                 .execute(params![row.rtype, row.id, pid, version, row.deleted, row.last_updated, row.category])?;
                 if cur.is_some() {
-                    tx.prepare_cached("DELETE FROM search_index WHERE rtype = ?1 AND id = ?2")?.execute(params![row.rtype, row.id])?;
+                    tx.prepare_cached("DELETE FROM search_index WHERE rtype = ?1 AND id = ?2")?
+                        .execute(params![row.rtype, row.id])?;
                 }
                 let mut ins = tx.prepare_cached(
                     "INSERT OR IGNORE INTO search_index (rtype, param, token, id, patient_id) VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -240,7 +272,11 @@ fn apply(tx: &rusqlite::Transaction<'_>, b: &WriteBatch, next_seq: &mut u64) -> 
                     ins.execute(params![row.rtype, ix.param, ix.token, row.id, pid])?;
                 }
             }
-            Op::PutPatientKey { patient, key_version, wrapped } => {
+            Op::PutPatientKey {
+                patient,
+                key_version,
+                wrapped,
+            } => {
                 tx.prepare_cached("INSERT INTO patient_keys (patient_id, key_version, wrapped) VALUES (?1, ?2, ?3)")?
                     .execute(params![patient.as_str(), key_version, wrapped])
                     .map_err(|e| conflict_or(e, StoreError::Exists))?;
@@ -251,7 +287,11 @@ fn apply(tx: &rusqlite::Transaction<'_>, b: &WriteBatch, next_seq: &mut u64) -> 
                     .map_err(|e| conflict_or(e, StoreError::Exists))?;
             }
             Op::PutUser(u) | Op::CreateUser(u) => {
-                let sql = if matches!(op, Op::CreateUser(_)) { "INSERT" } else { "INSERT OR REPLACE" };
+                let sql = if matches!(op, Op::CreateUser(_)) {
+                    "INSERT"
+                } else {
+                    "INSERT OR REPLACE"
+                };
                 tx.prepare_cached(&format!(
                     "{sql} INTO users (username, role, password_hash, totp_secret_wrapped, totp_last_step, disabled, failed_logins, created, practitioner_id)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
@@ -268,7 +308,8 @@ fn apply(tx: &rusqlite::Transaction<'_>, b: &WriteBatch, next_seq: &mut u64) -> 
                 }
             }
             Op::SetFailedLogins { username, count } => {
-                tx.prepare_cached("UPDATE users SET failed_logins = ?2 WHERE username = ?1")?.execute(params![username, count])?;
+                tx.prepare_cached("UPDATE users SET failed_logins = ?2 WHERE username = ?1")?
+                    .execute(params![username, count])?;
             }
             Op::PutSession(s) => {
                 tx.prepare_cached(
@@ -278,17 +319,24 @@ fn apply(tx: &rusqlite::Transaction<'_>, b: &WriteBatch, next_seq: &mut u64) -> 
                 .map_err(|e| conflict_or(e, StoreError::Exists))?;
             }
             Op::DeleteSession { token_hash } => {
-                tx.prepare_cached("DELETE FROM sessions WHERE token_hash = ?1")?.execute(params![token_hash])?;
+                tx.prepare_cached("DELETE FROM sessions WHERE token_hash = ?1")?
+                    .execute(params![token_hash])?;
             }
-            Op::TouchSession { token_hash, last_seen } => {
-                tx.prepare_cached("UPDATE sessions SET last_seen = ?2 WHERE token_hash = ?1")?.execute(params![token_hash, last_seen])?;
+            Op::TouchSession {
+                token_hash,
+                last_seen,
+            } => {
+                tx.prepare_cached("UPDATE sessions SET last_seen = ?2 WHERE token_hash = ?1")?
+                    .execute(params![token_hash, last_seen])?;
             }
         }
     }
     let mut seqs = Vec::with_capacity(b.audit.len());
-    let mut ins = tx.prepare_cached("INSERT INTO audit_log (seq, leaf_hash, record) VALUES (?1, ?2, ?3)")?;
+    let mut ins =
+        tx.prepare_cached("INSERT INTO audit_log (seq, leaf_hash, record) VALUES (?1, ?2, ?3)")?;
     for (leaf, record) in &b.audit {
-        let seq = i64::try_from(*next_seq).map_err(|_| StoreError::Backend("audit sequence overflow".into()))?;
+        let seq = i64::try_from(*next_seq)
+            .map_err(|_| StoreError::Backend("audit sequence overflow".into()))?;
         ins.execute(params![seq, leaf, record])?;
         seqs.push(*next_seq);
         *next_seq += 1;
@@ -336,8 +384,11 @@ impl Store for SqliteStore {
         let (tx, rx) = sync_channel(1);
         let sender = self.writer.lock().ok().and_then(|w| w.clone());
         let sender = sender.ok_or_else(|| StoreError::Unavailable("store is closed".into()))?;
-        sender.send((batch, tx)).map_err(|_| StoreError::Unavailable("writer stopped".into()))?;
-        rx.recv().map_err(|_| StoreError::Unavailable("writer stopped".into()))?
+        sender
+            .send((batch, tx))
+            .map_err(|_| StoreError::Unavailable("writer stopped".into()))?;
+        rx.recv()
+            .map_err(|_| StoreError::Unavailable("writer stopped".into()))?
     }
 
     fn current(&self, rtype: &str, id: &str) -> Result<Option<VersionRow>, StoreError> {
@@ -351,8 +402,15 @@ impl Store for SqliteStore {
         })
     }
 
-    fn version(&self, rtype: &str, id: &str, version: u64) -> Result<Option<VersionRow>, StoreError> {
-        let Ok(version) = i64::try_from(version) else { return Ok(None) };
+    fn version(
+        &self,
+        rtype: &str,
+        id: &str,
+        version: u64,
+    ) -> Result<Option<VersionRow>, StoreError> {
+        let Ok(version) = i64::try_from(version) else {
+            return Ok(None);
+        };
         self.with_reader(|c| {
             Ok(c.prepare_cached(&format!(
                 "SELECT {VERSION_COLS} FROM resource_versions v WHERE v.rtype = ?1 AND v.id = ?2 AND v.version = ?3"
@@ -386,19 +444,31 @@ impl Store for SqliteStore {
             push(&mut sql, " AND c.rtype = ?", t.clone().into());
         }
         if let Some(p) = &q.patient {
-            push(&mut sql, " AND c.patient_id = ?", p.as_str().to_owned().into());
+            push(
+                &mut sql,
+                " AND c.patient_id = ?",
+                p.as_str().to_owned().into(),
+            );
         }
         if !q.ids.is_empty() {
             sql.push_str(" AND c.id IN (");
             for (i, id) in q.ids.iter().enumerate() {
-                push(&mut sql, if i == 0 { "?" } else { ", ?" }, id.clone().into());
+                push(
+                    &mut sql,
+                    if i == 0 { "?" } else { ", ?" },
+                    id.clone().into(),
+                );
             }
             sql.push(')');
         }
         if !q.categories.is_empty() {
             sql.push_str(" AND c.category IN (");
             for (i, cat) in q.categories.iter().enumerate() {
-                push(&mut sql, if i == 0 { "?" } else { ", ?" }, cat.clone().into());
+                push(
+                    &mut sql,
+                    if i == 0 { "?" } else { ", ?" },
+                    cat.clone().into(),
+                );
             }
             sql.push(')');
         }
@@ -421,7 +491,11 @@ impl Store for SqliteStore {
                 Cmp::Le => "<=",
                 Cmp::Lt => "<",
             };
-            push(&mut sql, &format!(" AND c.last_updated {op} ?"), at.clone().into());
+            push(
+                &mut sql,
+                &format!(" AND c.last_updated {op} ?"),
+                at.clone().into(),
+            );
         }
         let limit = i64::try_from(q.limit.saturating_add(1)).unwrap_or(i64::MAX);
         let offset = i64::try_from(q.offset).unwrap_or(i64::MAX);
@@ -429,7 +503,9 @@ impl Store for SqliteStore {
         push(&mut sql, " OFFSET ?", offset.into());
         self.with_reader(|c| {
             let mut st = c.prepare_cached(&sql)?;
-            let mut rows = st.query_map(params_from_iter(args.iter()), version_row)?.collect::<Result<Vec<_>, _>>()?;
+            let mut rows = st
+                .query_map(params_from_iter(args.iter()), version_row)?
+                .collect::<Result<Vec<_>, _>>()?;
             let more = rows.len() > q.limit;
             rows.truncate(q.limit);
             Ok(SearchPage { rows, more })
@@ -448,21 +524,26 @@ impl Store for SqliteStore {
 
     fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         self.with_reader(|c| {
-            Ok(c.prepare_cached("SELECT value FROM meta WHERE key = ?1")?.query_row(params![key], |r| r.get(0)).optional()?)
+            Ok(c.prepare_cached("SELECT value FROM meta WHERE key = ?1")?
+                .query_row(params![key], |r| r.get(0))
+                .optional()?)
         })
     }
 
     fn user(&self, username: &str) -> Result<Option<UserRow>, StoreError> {
         self.with_reader(|c| {
-            Ok(c.prepare_cached(&format!("SELECT {USER_COLS} FROM users WHERE username = ?1"))?
-                .query_row(params![username], user_row)
-                .optional()?)
+            Ok(c.prepare_cached(&format!(
+                "SELECT {USER_COLS} FROM users WHERE username = ?1"
+            ))?
+            .query_row(params![username], user_row)
+            .optional()?)
         })
     }
 
     fn users(&self) -> Result<Vec<UserRow>, StoreError> {
         self.with_reader(|c| {
-            let mut st = c.prepare_cached(&format!("SELECT {USER_COLS} FROM users ORDER BY username"))?;
+            let mut st =
+                c.prepare_cached(&format!("SELECT {USER_COLS} FROM users ORDER BY username"))?;
             let rows = st.query_map([], user_row)?.collect::<Result<Vec<_>, _>>()?;
             Ok(rows)
         })
@@ -489,7 +570,9 @@ impl Store for SqliteStore {
 
     fn audit_len(&self) -> Result<u64, StoreError> {
         self.with_reader(|c| {
-            let n: i64 = c.prepare_cached("SELECT COALESCE(MAX(seq) + 1, 0) FROM audit_log")?.query_row([], |r| r.get(0))?;
+            let n: i64 = c
+                .prepare_cached("SELECT COALESCE(MAX(seq) + 1, 0) FROM audit_log")?
+                .query_row([], |r| r.get(0))?;
             Ok(u64::try_from(n).unwrap_or(0))
         })
     }

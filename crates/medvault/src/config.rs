@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub server: Server,
@@ -52,40 +52,45 @@ pub struct Session {
     pub absolute_timeout_secs: i64,
 }
 
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            server: Server::default(),
-            tls: Tls::default(),
-            storage: Storage::default(),
-            keys: Keys::default(),
-            session: Session::default(),
-        }
-    }
-}
 impl Default for Server {
     fn default() -> Self {
-        Server { listen: "127.0.0.1:8443".into(), max_body_bytes: 8 * 1024 * 1024 }
+        Server {
+            listen: "127.0.0.1:8443".into(),
+            max_body_bytes: 8 * 1024 * 1024,
+        }
     }
 }
 impl Default for Tls {
     fn default() -> Self {
-        Tls { cert: "tls/cert.pem".into(), key: "tls/key.pem".into() }
+        Tls {
+            cert: "tls/cert.pem".into(),
+            key: "tls/key.pem".into(),
+        }
     }
 }
 impl Default for Storage {
     fn default() -> Self {
-        Storage { backend: "sqlite".into(), path: "medvault.db".into() }
+        Storage {
+            backend: "sqlite".into(),
+            path: "medvault.db".into(),
+        }
     }
 }
 impl Default for Keys {
     fn default() -> Self {
-        Keys { provider: "file".into(), master_key_file: "master.key".into(), key_cache_capacity: 100_000 }
+        Keys {
+            provider: "file".into(),
+            master_key_file: "master.key".into(),
+            key_cache_capacity: 100_000,
+        }
     }
 }
 impl Default for Session {
     fn default() -> Self {
-        Session { idle_timeout_secs: 900, absolute_timeout_secs: 43_200 }
+        Session {
+            idle_timeout_secs: 900,
+            absolute_timeout_secs: 43_200,
+        }
     }
 }
 
@@ -95,22 +100,35 @@ impl Config {
     /// Reads `DIR/medvault.toml` and applies `MEDVAULT_<SECTION>_<KEY>` overrides.
     pub fn load(dir: &Path) -> Result<Config> {
         let path = dir.join(FILE);
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("no medvault data directory at {} (run `medvault init`)", dir.display()))?;
-        let mut value: toml::Value = toml::from_str(&text).with_context(|| format!("{} is not valid TOML", path.display()))?;
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "no medvault data directory at {} (run `medvault init`)",
+                dir.display()
+            )
+        })?;
+        let mut value: toml::Value = toml::from_str(&text)
+            .with_context(|| format!("{} is not valid TOML", path.display()))?;
         let defaults = toml::Value::try_from(Config::default())?;
         apply_env(&mut value, &defaults)?;
-        let cfg: Config = value.try_into().map_err(|e: toml::de::Error| anyhow::anyhow!("{}: {}", path.display(), e.message()))?;
+        let cfg: Config = value
+            .try_into()
+            .map_err(|e: toml::de::Error| anyhow::anyhow!("{}: {}", path.display(), e.message()))?;
         cfg.check()?;
         Ok(cfg)
     }
 
     fn check(&self) -> Result<()> {
         if self.storage.backend != "sqlite" {
-            bail!("storage.backend `{}` is not available in this build (sqlite)", self.storage.backend);
+            bail!(
+                "storage.backend `{}` is not available in this build (sqlite)",
+                self.storage.backend
+            );
         }
         if self.keys.provider != "file" {
-            bail!("keys.provider `{}` is not available in this build (file)", self.keys.provider);
+            bail!(
+                "keys.provider `{}` is not available in this build (file)",
+                self.keys.provider
+            );
         }
         if self.session.idle_timeout_secs <= 0 || self.session.absolute_timeout_secs <= 0 {
             bail!("session timeouts must be positive");
@@ -124,18 +142,32 @@ impl Config {
 }
 
 fn apply_env(value: &mut toml::Value, defaults: &toml::Value) -> Result<()> {
-    let (Some(table), Some(dt)) = (value.as_table_mut(), defaults.as_table()) else { return Ok(()) };
+    let (Some(table), Some(dt)) = (value.as_table_mut(), defaults.as_table()) else {
+        return Ok(());
+    };
     for (section, dsec) in dt {
-        let Some(dsec) = dsec.as_table() else { continue };
+        let Some(dsec) = dsec.as_table() else {
+            continue;
+        };
         for (key, dval) in dsec {
             let var = format!("MEDVAULT_{}_{}", section.to_uppercase(), key.to_uppercase());
-            let Ok(raw) = std::env::var(&var) else { continue };
+            let Ok(raw) = std::env::var(&var) else {
+                continue;
+            };
             let parsed = match dval {
-                toml::Value::Integer(_) => toml::Value::Integer(raw.parse().with_context(|| format!("{var} must be an integer"))?),
-                toml::Value::Boolean(_) => toml::Value::Boolean(raw.parse().with_context(|| format!("{var} must be true or false"))?),
+                toml::Value::Integer(_) => toml::Value::Integer(
+                    raw.parse()
+                        .with_context(|| format!("{var} must be an integer"))?,
+                ),
+                toml::Value::Boolean(_) => toml::Value::Boolean(
+                    raw.parse()
+                        .with_context(|| format!("{var} must be true or false"))?,
+                ),
                 _ => toml::Value::String(raw),
             };
-            let sec = table.entry(section.clone()).or_insert_with(|| toml::Value::Table(Default::default()));
+            let sec = table
+                .entry(section.clone())
+                .or_insert_with(|| toml::Value::Table(Default::default()));
             if let Some(s) = sec.as_table_mut() {
                 s.insert(key.clone(), parsed);
             }

@@ -12,7 +12,10 @@ use std::sync::Arc;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
 use config::Config;
-use medvault_core::{Caller, Clock, MasterKey, Password, Role, SessionPolicy, SqliteStore, Vault, VaultError, VaultOptions};
+use medvault_core::{
+    Caller, Clock, MasterKey, Password, Role, SessionPolicy, SqliteStore, Vault, VaultError,
+    VaultOptions,
+};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
@@ -21,17 +24,29 @@ use time::OffsetDateTime;
 struct SystemClock;
 
 impl Clock for SystemClock {
-    #[expect(clippy::disallowed_methods, reason = "the one real clock, wired in the binary")]
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "the one real clock, wired in the binary"
+    )]
     fn now(&self) -> OffsetDateTime {
         OffsetDateTime::now_utc()
     }
 }
 
 #[derive(Parser)]
-#[command(name = "medvault", version, about = "Secure electronic medical records server")]
+#[command(
+    name = "medvault",
+    version,
+    about = "Secure electronic medical records server"
+)]
 struct Cli {
     /// Data directory.
-    #[arg(long, global = true, env = "MEDVAULT_DATA_DIR", default_value = "./medvault-data")]
+    #[arg(
+        long,
+        global = true,
+        env = "MEDVAULT_DATA_DIR",
+        default_value = "./medvault-data"
+    )]
     data_dir: PathBuf,
     #[command(subcommand)]
     command: Command,
@@ -117,7 +132,11 @@ enum ConfigCommand {
 fn main() {
     let cli = Cli::parse();
     let filter = std::env::var("MEDVAULT_LOG").unwrap_or_else(|_| {
-        if matches!(cli.command, Command::Serve { .. } | Command::Demo { .. }) { "info".into() } else { "warn".into() }
+        if matches!(cli.command, Command::Serve { .. } | Command::Demo { .. }) {
+            "info".into()
+        } else {
+            "warn".into()
+        }
     });
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
@@ -134,25 +153,45 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     let dir = cli.data_dir;
     match cli.command {
-        Command::Init { admin_user, admin_password_file, json } => {
-            let pw = admin_password_file.map(|f| read_secret_file(&f)).transpose()?;
+        Command::Init {
+            admin_user,
+            admin_password_file,
+            json,
+        } => {
+            let pw = admin_password_file
+                .map(|f| read_secret_file(&f))
+                .transpose()?;
             let out = init(&dir, &admin_user, pw)?;
             print_init(&out, json);
             Ok(())
         }
         Command::Serve { listen } => serve(&dir, listen),
-        Command::Demo { patients, listen, seed } => demo(&dir, patients, seed, listen),
-        Command::User { command: UserCommand::Add { name, role, password_file, json } } => {
+        Command::Demo {
+            patients,
+            listen,
+            seed,
+        } => demo(&dir, patients, seed, listen),
+        Command::User {
+            command:
+                UserCommand::Add {
+                    name,
+                    role,
+                    password_file,
+                    json,
+                },
+        } => {
             let role: Role = role.parse().map_err(|e| anyhow!("{e}"))?;
             let pw = password_file.map(|f| read_secret_file(&f)).transpose()?;
             let (cfg, vault) = open(&dir)?;
             drop(cfg);
-            let u = vault.add_user(&Caller::cli(Role::SecurityAdmin), &name, role, pw).map_err(describe)?;
+            let u = vault
+                .add_user(&Caller::cli(Role::SecurityAdmin), &name, role, pw)
+                .map_err(describe)?;
             if json {
                 let mut v = json!({"username": u.username.as_str(), "role": u.role.as_str(), "password": u.password.expose(),
                     "totp_secret": u.totp_secret, "totp_uri": u.totp_uri});
-                if let Some(p) = &u.practitioner_id {
-                    v["practitioner_id"] = json!(p);
+                if let (Some(p), Some(o)) = (&u.practitioner_id, v.as_object_mut()) {
+                    o.insert("practitioner_id".into(), json!(p));
                 }
                 println!("{v}");
             } else {
@@ -168,30 +207,52 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Import { file, json } => {
-            let meta = std::fs::metadata(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let meta = std::fs::metadata(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
             if meta.len() > 1 << 30 {
                 bail!("{} is larger than 1 GiB; split the Bundle", file.display());
             }
-            let text = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
-            let value: serde_json::Value =
-                serde_json::from_slice(&text).map_err(|e| anyhow!("{} is not valid JSON (line {}, column {})", file.display(), e.line(), e.column()))?;
+            let text =
+                std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let value: serde_json::Value = serde_json::from_slice(&text).map_err(|e| {
+                anyhow!(
+                    "{} is not valid JSON (line {}, column {})",
+                    file.display(),
+                    e.line(),
+                    e.column()
+                )
+            })?;
             let (_, vault) = open(&dir)?;
-            let results = vault.transaction(&Caller::cli(Role::Importer), value, "import").map_err(describe)?;
+            let results = vault
+                .transaction(&Caller::cli(Role::Importer), value, "import")
+                .map_err(describe)?;
             if json {
                 println!("{}", json!({"imported": results.len()}));
             } else {
-                println!("imported {} resources from {}", results.len(), file.display());
+                println!(
+                    "imported {} resources from {}",
+                    results.len(),
+                    file.display()
+                );
             }
             Ok(())
         }
-        Command::Bench { patients, ops, threads, json } => bench(patients, ops, threads, json),
-        Command::Config { command: ConfigCommand::Show } => {
+        Command::Bench {
+            patients,
+            ops,
+            threads,
+            json,
+        } => bench(patients, ops, threads, json),
+        Command::Config {
+            command: ConfigCommand::Show,
+        } => {
             let cfg = Config::load(&dir)?;
             print!("{}", cfg.to_toml()?);
             Ok(())
         }
         Command::TotpCode { secret } => {
-            let code = medvault_core::totp_now(&secret, SystemClock.now().unix_timestamp()).ok_or_else(|| anyhow!("secret is not base32"))?;
+            let code = medvault_core::totp_now(&secret, SystemClock.now().unix_timestamp())
+                .ok_or_else(|| anyhow!("secret is not base32"))?;
             println!("{code}");
             Ok(())
         }
@@ -202,7 +263,15 @@ fn run(cli: Cli) -> Result<()> {
 fn describe(e: VaultError) -> anyhow::Error {
     if let VaultError::Fhir(f) = &e {
         if let Some(i) = f.issues().first() {
-            return anyhow!("{}: {}{}", e, i.diagnostics, i.expression.as_ref().map(|x| format!(" at {x}")).unwrap_or_default());
+            return anyhow!(
+                "{}: {}{}",
+                e,
+                i.diagnostics,
+                i.expression
+                    .as_ref()
+                    .map(|x| format!(" at {x}"))
+                    .unwrap_or_default()
+            );
         }
     }
     if let VaultError::Forbidden { withheld } = &e {
@@ -245,7 +314,8 @@ fn open(dir: &Path) -> Result<(Config, Arc<Vault>)> {
     let cfg = Config::load(dir)?;
     let master = MasterKey::load_file(&dir.join(&cfg.keys.master_key_file))?;
     let store = SqliteStore::open(&dir.join(&cfg.storage.path))?;
-    let vault = Vault::open(store, master, Arc::new(SystemClock), options(&cfg)).map_err(describe)?;
+    let vault =
+        Vault::open(store, master, Arc::new(SystemClock), options(&cfg)).map_err(describe)?;
     Ok((cfg, Arc::new(vault)))
 }
 
@@ -255,29 +325,59 @@ struct InitOutput {
 }
 
 fn init(dir: &Path, admin: &str, password: Option<Password>) -> Result<InitOutput> {
-    if dir.exists() && std::fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(true) {
-        bail!("{} already exists and is not empty; refusing to overwrite it", dir.display());
+    if dir.exists()
+        && std::fs::read_dir(dir)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(true)
+    {
+        bail!(
+            "{} already exists and is not empty; refusing to overwrite it",
+            dir.display()
+        );
     }
     if let Some(p) = &password {
         medvault_core::Vault::check_password(p).map_err(describe)?;
     }
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create {}", dir.display()))?;
     let cfg = Config::default();
     let result = (|| -> Result<InitOutput> {
         let master = MasterKey::create_file(&dir.join(&cfg.keys.master_key_file))?;
-        std::fs::DirBuilder::new().mode(0o700).create(dir.join("tls"))?;
-        let names = vec!["localhost".to_owned(), "127.0.0.1".to_owned(), "::1".to_owned()];
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(dir.join("tls"))?;
+        let names = vec![
+            "localhost".to_owned(),
+            "127.0.0.1".to_owned(),
+            "::1".to_owned(),
+        ];
         let mut params = rcgen::CertificateParams::new(names)?;
-        params.distinguished_name.push(rcgen::DnType::CommonName, "medvault");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "medvault");
         let key = rcgen::KeyPair::generate()?;
         let cert = params.self_signed(&key)?;
         write_private(&dir.join(&cfg.tls.cert), cert.pem().as_bytes())?;
         write_private(&dir.join(&cfg.tls.key), key.serialize_pem().as_bytes())?;
-        let cert_sha256: String = Sha256::digest(cert.der()).iter().map(|b| format!("{b:02x}")).collect();
+        let cert_sha256: String = Sha256::digest(cert.der())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
         write_private(&dir.join(config::FILE), cfg.to_toml()?.as_bytes())?;
         let store = SqliteStore::open(&dir.join(&cfg.storage.path))?;
-        let vault = Vault::open(store, master, Arc::new(SystemClock), options(&cfg)).map_err(describe)?;
-        let user = vault.add_user(&Caller::cli(Role::SecurityAdmin), admin, Role::SecurityAdmin, password).map_err(describe)?;
+        let vault =
+            Vault::open(store, master, Arc::new(SystemClock), options(&cfg)).map_err(describe)?;
+        let user = vault
+            .add_user(
+                &Caller::cli(Role::SecurityAdmin),
+                admin,
+                Role::SecurityAdmin,
+                password,
+            )
+            .map_err(describe)?;
         Ok(InitOutput { user, cert_sha256 })
     })();
     if result.is_err() {
@@ -304,22 +404,20 @@ fn print_init(o: &InitOutput, json: bool) {
     }
 }
 
-fn shutdown_signal() -> impl std::future::Future<Output = ()> {
-    async {
-        let term = async {
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(mut s) => {
-                    s.recv().await;
-                }
-                Err(_) => std::future::pending::<()>().await,
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
             }
-        };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {},
-            () = term => {},
+            Err(_) => std::future::pending::<()>().await,
         }
-        tracing::info!("shutting down: finishing in-flight requests");
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        () = term => {},
     }
+    tracing::info!("shutting down: finishing in-flight requests");
 }
 
 fn serve_vault(dir: &Path, cfg: &Config, vault: Arc<Vault>, listen: Option<String>) -> Result<()> {
@@ -327,12 +425,18 @@ fn serve_vault(dir: &Path, cfg: &Config, vault: Arc<Vault>, listen: Option<Strin
     let tls = medvault_server::load_tls_config(&dir.join(&cfg.tls.cert), &dir.join(&cfg.tls.key))?;
     let state = medvault_server::AppState {
         vault,
-        options: medvault_server::HttpOptions { max_body_bytes: cfg.server.max_body_bytes },
+        options: medvault_server::HttpOptions {
+            max_body_bytes: cfg.server.max_body_bytes,
+        },
     };
     let app = medvault_server::router(state);
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("cannot listen on {listen}"))?;
+        let listener = tokio::net::TcpListener::bind(&listen)
+            .await
+            .with_context(|| format!("cannot listen on {listen}"))?;
         let addr = listener.local_addr()?;
         println!("listening on https://{addr}");
         std::io::stdout().flush()?;
@@ -348,39 +452,73 @@ fn serve(dir: &Path, listen: Option<String>) -> Result<()> {
     serve_vault(dir, &cfg, vault, listen)
 }
 
-const DEMO_ROLES: &[Role] =
-    &[Role::Physician, Role::Nurse, Role::FrontDesk, Role::Billing, Role::SecurityAdmin, Role::PrivacyOfficer, Role::Auditor];
+const DEMO_ROLES: &[Role] = &[
+    Role::Physician,
+    Role::Nurse,
+    Role::FrontDesk,
+    Role::Billing,
+    Role::SecurityAdmin,
+    Role::PrivacyOfficer,
+    Role::Auditor,
+];
 
 fn demo(dir: &Path, patients: usize, seed: u64, listen: Option<String>) -> Result<()> {
     let fresh = !dir.join(config::FILE).exists();
     if fresh {
         let out = init(dir, "admin", None)?;
-        println!("Created {} (TLS certificate SHA-256 {})", dir.display(), out.cert_sha256);
+        println!(
+            "Created {} (TLS certificate SHA-256 {})",
+            dir.display(),
+            out.cert_sha256
+        );
         let (_, vault) = open(dir)?;
         let bar = progress_bar(patients as u64, "generating synthetic charts");
         let bundle = medvault_core::demo::bundle(seed, patients);
         if let Some(b) = &bar {
             b.set_message("loading through the secure path");
         }
-        let n = vault.transaction(&Caller::cli(Role::Importer), bundle, "import").map_err(describe)?.len();
+        let n = vault
+            .transaction(&Caller::cli(Role::Importer), bundle, "import")
+            .map_err(describe)?
+            .len();
         if let Some(b) = bar {
             b.finish_and_clear();
         }
         println!("Loaded {patients} synthetic patients ({n} FHIR resources), all fiction.");
         println!();
-        println!("{:<22} {:<16} {:<22} {}", "user", "role", "password", "TOTP secret (base32)");
-        println!("{:<22} {:<16} {:<22} {}", out.user.username.as_str(), "security_admin", out.user.password.expose(), out.user.totp_secret);
+        println!(
+            "{:<22} {:<16} {:<22} TOTP secret (base32)",
+            "user", "role", "password"
+        );
+        println!(
+            "{:<22} {:<16} {:<22} {}",
+            out.user.username.as_str(),
+            "security_admin",
+            out.user.password.expose(),
+            out.user.totp_secret
+        );
         for role in DEMO_ROLES {
             let name = format!("demo.{}", role.as_str().replace('_', "-"));
-            let u = vault.add_user(&Caller::cli(Role::SecurityAdmin), &name, *role, None).map_err(describe)?;
-            println!("{:<22} {:<16} {:<22} {}", u.username.as_str(), role.as_str(), u.password.expose(), u.totp_secret);
+            let u = vault
+                .add_user(&Caller::cli(Role::SecurityAdmin), &name, *role, None)
+                .map_err(describe)?;
+            println!(
+                "{:<22} {:<16} {:<22} {}",
+                u.username.as_str(),
+                role.as_str(),
+                u.password.expose(),
+                u.totp_secret
+            );
         }
         println!();
         println!("Log in: POST /auth/login {{\"username\",\"password\"}}, then POST /auth/mfa/totp {{\"mfa_token\",\"code\"}}");
         println!("with a code from an authenticator app, or `medvault totp-code SECRET`. These logins are shown once.");
         drop(vault);
     } else {
-        println!("Using the existing demo data in {} (its logins were printed when it was created;", dir.display());
+        println!(
+            "Using the existing demo data in {} (its logins were printed when it was created;",
+            dir.display()
+        );
         println!("delete the directory to start over).");
     }
     let (cfg, vault) = open(dir)?;
@@ -392,7 +530,10 @@ fn progress_bar(len: u64, msg: &'static str) -> Option<indicatif::ProgressBar> {
         return None;
     }
     let b = indicatif::ProgressBar::new(len);
-    b.set_style(indicatif::ProgressStyle::with_template("{spinner} {msg} [{bar:30}] {pos}/{len}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
+    b.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {msg} [{bar:30}] {pos}/{len}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
     b.set_message(msg);
     b.enable_steady_tick(std::time::Duration::from_millis(120));
     Some(b)
@@ -403,7 +544,11 @@ fn bench(patients: usize, ops: usize, threads: usize, json: bool) -> Result<()> 
     let bar = progress_bar(patients as u64, "loading patients");
     let rows = medvault_core::bench::run(
         tmp.path(),
-        medvault_core::bench::BenchOptions { sizes: [1, patients.max(1)], ops: ops.max(1), threads: threads.max(1) },
+        medvault_core::bench::BenchOptions {
+            sizes: [1, patients.max(1)],
+            ops: ops.max(1),
+            threads: threads.max(1),
+        },
         Arc::new(SystemClock),
         &|stage, done, total| {
             if let Some(b) = &bar {

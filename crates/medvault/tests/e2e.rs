@@ -1,6 +1,14 @@
 //! End-to-end tests: the real `medvault` binary, a real data directory, a real TLS socket.
 //! DO_NOT_ADD_MORE_TEST_BINARIES: keep every end-to-end test in this one file so the
 //! build stays fast (after kanidm's DO_NOT_ADD_MORE_TESTS_HERE).
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::disallowed_methods,
+    reason = "test code: a failed assumption should fail the test loudly; the e2e TOTP client reads the real clock like an authenticator app"
+)]
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
@@ -14,18 +22,35 @@ use serde_json::{json, Value};
 const BIN: &str = env!("CARGO_BIN_EXE_medvault");
 
 fn medvault(dir: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(BIN).arg("--data-dir").arg(dir).args(args).env_remove("MEDVAULT_DATA_DIR").output().unwrap()
+    Command::new(BIN)
+        .arg("--data-dir")
+        .arg(dir)
+        .args(args)
+        .env_remove("MEDVAULT_DATA_DIR")
+        .output()
+        .unwrap()
 }
 
 fn json_out(o: &std::process::Output) -> Value {
-    assert!(o.status.success(), "command failed: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "command failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     serde_json::from_slice(&o.stdout).unwrap()
 }
 
 /// An independent RFC 6238 implementation (not the server's), as an authenticator app.
 fn totp(secret_b32: &str, offset_steps: i64) -> String {
-    let key = data_encoding::BASE32_NOPAD.decode(secret_b32.as_bytes()).unwrap();
-    let step = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64 / 30 + offset_steps;
+    let key = data_encoding::BASE32_NOPAD
+        .decode(secret_b32.as_bytes())
+        .unwrap();
+    let step = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+        / 30
+        + offset_steps;
     let mut mac = Hmac::<sha1::Sha1>::new_from_slice(&key).unwrap();
     mac.update(&step.to_be_bytes());
     let h = mac.finalize().into_bytes();
@@ -50,7 +75,10 @@ struct Resp {
 
 impl Resp {
     fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -61,19 +89,28 @@ fn agent_for(dir: &Path) -> ureq::Agent {
     for c in rustls_pki_types::CertificateDer::pem_slice_iter(&pem) {
         roots.add(c.unwrap()).unwrap();
     }
-    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    ureq::AgentBuilder::new().tls_config(Arc::new(cfg)).timeout(Duration::from_secs(60)).build()
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    ureq::AgentBuilder::new()
+        .tls_config(Arc::new(cfg))
+        .timeout(Duration::from_secs(60))
+        .build()
 }
 
 impl Server {
     fn start(dir: &Path, env: &[(&str, &str)]) -> Server {
         let mut cmd = Command::new(BIN);
-        cmd.arg("--data-dir").arg(dir).args(["serve", "--listen", "127.0.0.1:0"]);
-        cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).env("MEDVAULT_LOG", "info");
+        cmd.arg("--data-dir")
+            .arg(dir)
+            .args(["serve", "--listen", "127.0.0.1:0"]);
+        cmd.stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .env("MEDVAULT_LOG", "info");
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -81,7 +118,12 @@ impl Server {
         let mut out = BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
         out.read_line(&mut line).unwrap();
-        let port = line.trim().strip_prefix("listening on https://127.0.0.1:").unwrap_or_else(|| panic!("first line: {line:?}")).parse().unwrap();
+        let port = line
+            .trim()
+            .strip_prefix("listening on https://127.0.0.1:")
+            .unwrap_or_else(|| panic!("first line: {line:?}"))
+            .parse()
+            .unwrap();
         let stderr = Arc::new(std::sync::Mutex::new(String::new()));
         let mut err = child.stderr.take().unwrap();
         let sink = stderr.clone();
@@ -91,17 +133,32 @@ impl Server {
                 if n == 0 {
                     break;
                 }
-                sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
             }
         });
-        Server { child, port, dir: dir.to_owned(), agent: agent_for(dir), stderr }
+        Server {
+            child,
+            port,
+            dir: dir.to_owned(),
+            agent: agent_for(dir),
+            stderr,
+        }
     }
 
     fn url(&self, path: &str) -> String {
         format!("https://localhost:{}{}", self.port, path)
     }
 
-    fn call(&self, method: &str, path: &str, token: Option<&str>, body: Option<&[u8]>, headers: &[(&str, &str)]) -> Resp {
+    fn call(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&[u8]>,
+        headers: &[(&str, &str)],
+    ) -> Resp {
         let mut req = self.agent.request(method, &self.url(path));
         if let Some(t) = token {
             req = req.set("Authorization", &format!("Bearer {t}"));
@@ -111,7 +168,10 @@ impl Server {
         }
         let res = match body {
             Some(b) => {
-                if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("content-type")) {
+                if !headers
+                    .iter()
+                    .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+                {
                     req = req.set("Content-Type", "application/fhir+json");
                 }
                 req.send_bytes(b)
@@ -124,33 +184,79 @@ impl Server {
             Err(e) => panic!("{method} {path}: {e}"),
         };
         let status = r.status();
-        let headers = r.headers_names().into_iter().map(|n| (n.clone(), r.header(&n).unwrap_or("").to_owned())).collect();
+        let headers = r
+            .headers_names()
+            .into_iter()
+            .map(|n| (n.clone(), r.header(&n).unwrap_or("").to_owned()))
+            .collect();
         let text = r.into_string().unwrap();
-        let body = if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
-        Resp { status, headers, body }
+        let body = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
+        Resp {
+            status,
+            headers,
+            body,
+        }
     }
 
     fn get(&self, path: &str, token: &str) -> Resp {
         self.call("GET", path, Some(token), None, &[])
     }
     fn post(&self, path: &str, token: &str, body: &Value) -> Resp {
-        self.call("POST", path, Some(token), Some(body.to_string().as_bytes()), &[])
+        self.call(
+            "POST",
+            path,
+            Some(token),
+            Some(body.to_string().as_bytes()),
+            &[],
+        )
     }
 
     fn login(&self, user: &str, password: &str, secret: &str) -> String {
-        let r = self.call("POST", "/auth/login", None, Some(json!({"username": user, "password": password}).to_string().as_bytes()), &[("Content-Type", "application/json")]);
+        let r = self.call(
+            "POST",
+            "/auth/login",
+            None,
+            Some(
+                json!({"username": user, "password": password})
+                    .to_string()
+                    .as_bytes(),
+            ),
+            &[("Content-Type", "application/json")],
+        );
         assert_eq!(r.status, 200, "login {user}: {:?}", r.body);
         assert_eq!(r.body["mfa_required"], true);
         let mfa = r.body["mfa_token"].as_str().unwrap().to_owned();
-        let r = self.call("POST", "/auth/mfa/totp", None, Some(json!({"mfa_token": mfa, "code": totp(secret, 0)}).to_string().as_bytes()), &[("Content-Type", "application/json")]);
+        let r = self.call(
+            "POST",
+            "/auth/mfa/totp",
+            None,
+            Some(
+                json!({"mfa_token": mfa, "code": totp(secret, 0)})
+                    .to_string()
+                    .as_bytes(),
+            ),
+            &[("Content-Type", "application/json")],
+        );
         assert_eq!(r.status, 200, "totp {user}: {:?}", r.body);
         let cookie = r.header("set-cookie").unwrap();
-        assert!(cookie.contains("HttpOnly") && cookie.contains("Secure") && cookie.contains("SameSite=Strict"));
+        assert!(
+            cookie.contains("HttpOnly")
+                && cookie.contains("Secure")
+                && cookie.contains("SameSite=Strict")
+        );
         r.body["token"].as_str().unwrap().to_owned()
     }
 
     fn stop(mut self) -> (std::process::ExitStatus, String) {
-        Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status().unwrap();
+        Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
         let st = self.child.wait().unwrap();
         std::thread::sleep(Duration::from_millis(100));
         let log = self.stderr.lock().unwrap().clone();
@@ -171,7 +277,11 @@ struct Staff {
 
 impl Staff {
     fn get(&self, role: &str) -> (&str, &str, &str) {
-        let u = self.users.iter().find(|u| u.0 == format!("e2e.{}", role.replace('_', "-"))).unwrap();
+        let u = self
+            .users
+            .iter()
+            .find(|u| u.0 == format!("e2e.{}", role.replace('_', "-")))
+            .unwrap();
         (&u.0, &u.1, &u.2)
     }
 }
@@ -180,18 +290,42 @@ fn setup() -> (tempfile::TempDir, PathBuf, Staff) {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("data");
     let init = json_out(&medvault(&dir, &["init", "--json"]));
-    for k in ["admin_user", "admin_password", "totp_secret", "totp_uri", "tls_cert_sha256"] {
+    for k in [
+        "admin_user",
+        "admin_password",
+        "totp_secret",
+        "totp_uri",
+        "tls_cert_sha256",
+    ] {
         assert!(init[k].is_string(), "init --json lacks {k}");
     }
     let mut users = vec![];
-    for role in ["physician", "nurse", "front_desk", "billing", "security_admin", "privacy_officer", "auditor"] {
+    for role in [
+        "physician",
+        "nurse",
+        "front_desk",
+        "billing",
+        "security_admin",
+        "privacy_officer",
+        "auditor",
+    ] {
         let name = format!("e2e.{}", role.replace('_', "-"));
-        let u = json_out(&medvault(&dir, &["user", "add", &name, "--role", role, "--json"]));
+        let u = json_out(&medvault(
+            &dir,
+            &["user", "add", &name, "--role", role, "--json"],
+        ));
         assert_eq!(u["role"], role);
         if role == "physician" || role == "nurse" {
-            assert!(u["practitioner_id"].is_string(), "clinical users get a Practitioner");
+            assert!(
+                u["practitioner_id"].is_string(),
+                "clinical users get a Practitioner"
+            );
         }
-        users.push((name, u["password"].as_str().unwrap().to_owned(), u["totp_secret"].as_str().unwrap().to_owned()));
+        users.push((
+            name,
+            u["password"].as_str().unwrap().to_owned(),
+            u["totp_secret"].as_str().unwrap().to_owned(),
+        ));
     }
     (tmp, dir, Staff { users })
 }
@@ -210,7 +344,17 @@ fn vital(pid: &str) -> Value {
 }
 
 fn entry_types(b: &Value) -> Vec<String> {
-    b["entry"].as_array().unwrap().iter().map(|e| e["resource"]["resourceType"].as_str().unwrap_or("").to_owned()).collect()
+    b["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            e["resource"]["resourceType"]
+                .as_str()
+                .unwrap_or("")
+                .to_owned()
+        })
+        .collect()
 }
 
 fn withheld_text(b: &Value) -> String {
@@ -219,7 +363,12 @@ fn withheld_text(b: &Value) -> String {
         .unwrap()
         .iter()
         .filter(|e| e["search"]["mode"] == "outcome")
-        .map(|e| e["resource"]["issue"][0]["diagnostics"].as_str().unwrap().to_owned())
+        .map(|e| {
+            e["resource"]["issue"][0]["diagnostics"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
         .collect()
 }
 
@@ -231,7 +380,13 @@ fn secure_path_role_matrix_end_to_end() {
         let (u, p, t) = staff.get(role);
         s.login(u, p, t)
     };
-    let (phys, nurse, desk, bill, admin) = (tok("physician"), tok("nurse"), tok("front_desk"), tok("billing"), tok("security_admin"));
+    let (phys, nurse, desk, bill, admin) = (
+        tok("physician"),
+        tok("nurse"),
+        tok("front_desk"),
+        tok("billing"),
+        tok("security_admin"),
+    );
     let (privacy, auditor) = (tok("privacy_officer"), tok("auditor"));
 
     // Front desk registers the patient.
@@ -240,7 +395,12 @@ fn secure_path_role_matrix_end_to_end() {
     assert_eq!(r.header("etag"), Some("W/\"1\""));
     assert!(r.header("location").unwrap().contains("/fhir/Patient/"));
     let pid = r.body["id"].as_str().unwrap().to_owned();
-    for h in ["strict-transport-security", "x-content-type-options", "cache-control", "content-security-policy"] {
+    for h in [
+        "strict-transport-security",
+        "x-content-type-options",
+        "cache-control",
+        "content-security-policy",
+    ] {
         assert!(r.header(h).is_some(), "missing {h}");
     }
     assert_eq!(r.header("cache-control"), Some("no-store"));
@@ -268,8 +428,15 @@ fn secure_path_role_matrix_end_to_end() {
     let claim_id = claim.body["id"].as_str().unwrap().to_owned();
 
     // Nurse: vitals and medications yes, billing never.
-    assert_eq!(s.get(&format!("/fhir/Observation/{obs_id}"), &nurse).status, 200);
-    assert_eq!(s.get(&format!("/fhir/MedicationRequest/{med_id}"), &nurse).status, 200);
+    assert_eq!(
+        s.get(&format!("/fhir/Observation/{obs_id}"), &nurse).status,
+        200
+    );
+    assert_eq!(
+        s.get(&format!("/fhir/MedicationRequest/{med_id}"), &nurse)
+            .status,
+        200
+    );
     let denied = s.get(&format!("/fhir/Claim/{claim_id}"), &nurse);
     assert_eq!(denied.status, 403);
     assert_eq!(denied.body["resourceType"], "OperationOutcome");
@@ -280,7 +447,11 @@ fn secure_path_role_matrix_end_to_end() {
     let ev = s.get(&format!("/fhir/Patient/{pid}/$everything"), &nurse);
     assert_eq!(ev.status, 200);
     let types = entry_types(&ev.body);
-    assert!(types.contains(&"Observation".into()) && types.contains(&"MedicationRequest".into()) && types.contains(&"Patient".into()));
+    assert!(
+        types.contains(&"Observation".into())
+            && types.contains(&"MedicationRequest".into())
+            && types.contains(&"Patient".into())
+    );
     assert!(!types.contains(&"Claim".into()));
     assert!(withheld_text(&ev.body).contains("billing"));
     assert_eq!(ev.body["meta"]["security"][0]["code"], "SUBSETTED");
@@ -288,65 +459,168 @@ fn secure_path_role_matrix_end_to_end() {
     // Billing: billing and demographics, never vitals or notes.
     assert_eq!(s.get(&format!("/fhir/Claim/{claim_id}"), &bill).status, 200);
     assert_eq!(s.get(&format!("/fhir/Patient/{pid}"), &bill).status, 200);
-    assert_eq!(s.get(&format!("/fhir/Observation/{obs_id}"), &bill).status, 403);
+    assert_eq!(
+        s.get(&format!("/fhir/Observation/{obs_id}"), &bill).status,
+        403
+    );
     let sr = s.get(&format!("/fhir/Observation?patient={pid}"), &bill);
-    assert!(entry_types(&sr.body).iter().all(|t| t == "OperationOutcome"));
+    assert!(entry_types(&sr.body)
+        .iter()
+        .all(|t| t == "OperationOutcome"));
     assert!(withheld_text(&sr.body).contains("vitals"));
     let ev = s.get(&format!("/fhir/Patient/{pid}/$everything"), &bill);
     let types = entry_types(&ev.body);
-    assert!(types.contains(&"Claim".into()) && !types.contains(&"Observation".into()) && !types.contains(&"Condition".into()));
+    assert!(
+        types.contains(&"Claim".into())
+            && !types.contains(&"Observation".into())
+            && !types.contains(&"Condition".into())
+    );
 
     // Front desk: demographics only.
     assert_eq!(s.get(&format!("/fhir/Patient/{pid}"), &desk).status, 200);
-    for p in [format!("/fhir/Observation/{obs_id}"), format!("/fhir/Condition/{cond_id}"), format!("/fhir/Claim/{claim_id}")] {
+    for p in [
+        format!("/fhir/Observation/{obs_id}"),
+        format!("/fhir/Condition/{cond_id}"),
+        format!("/fhir/Claim/{claim_id}"),
+    ] {
         assert_eq!(s.get(&p, &desk).status, 403, "front desk {p}");
     }
     let ev = s.get(&format!("/fhir/Patient/{pid}/$everything"), &desk);
-    assert_eq!(entry_types(&ev.body).iter().filter(|t| *t != "OperationOutcome").collect::<Vec<_>>(), vec!["Patient"]);
+    assert_eq!(
+        entry_types(&ev.body)
+            .iter()
+            .filter(|t| *t != "OperationOutcome")
+            .collect::<Vec<_>>(),
+        vec!["Patient"]
+    );
 
     // Administrators read no PHI.
     for t in [&admin, &privacy, &auditor] {
         assert_eq!(s.get(&format!("/fhir/Patient/{pid}"), t).status, 403);
         assert_eq!(s.get(&format!("/fhir/Observation/{obs_id}"), t).status, 403);
         let sr = s.get("/fhir/Patient", t);
-        assert!(entry_types(&sr.body).iter().all(|x| x == "OperationOutcome"));
+        assert!(entry_types(&sr.body)
+            .iter()
+            .all(|x| x == "OperationOutcome"));
     }
     // Physician: the clinical chart, not billing.
-    assert_eq!(s.get(&format!("/fhir/Condition/{cond_id}"), &phys).status, 200);
+    assert_eq!(
+        s.get(&format!("/fhir/Condition/{cond_id}"), &phys).status,
+        200
+    );
     assert_eq!(s.get(&format!("/fhir/Claim/{claim_id}"), &phys).status, 403);
     // Purpose of use matters.
-    let r = s.call("GET", &format!("/fhir/Condition/{cond_id}"), Some(&phys), None, &[("X-Purpose-Of-Use", "HRESCH")]);
+    let r = s.call(
+        "GET",
+        &format!("/fhir/Condition/{cond_id}"),
+        Some(&phys),
+        None,
+        &[("X-Purpose-Of-Use", "HRESCH")],
+    );
     assert_eq!(r.status, 403);
-    let r = s.call("GET", &format!("/fhir/Condition/{cond_id}"), Some(&phys), None, &[("X-Purpose-Of-Use", "NOPE")]);
+    let r = s.call(
+        "GET",
+        &format!("/fhir/Condition/{cond_id}"),
+        Some(&phys),
+        None,
+        &[("X-Purpose-Of-Use", "NOPE")],
+    );
     assert_eq!(r.status, 400);
 
     // Search by blind-indexed fields.
     let sr = s.get("/fhir/Patient?family=quin", &desk);
-    assert_eq!(entry_types(&sr.body), vec!["Patient"], "prefix, case-insensitive family search");
-    assert_eq!(entry_types(&s.get("/fhir/Patient?identifier=https://example.org/mrn|MRN-1", &desk).body), vec!["Patient"]);
-    assert_eq!(entry_types(&s.get("/fhir/Patient?birthdate=1961-04", &desk).body), vec!["Patient"]);
+    assert_eq!(
+        entry_types(&sr.body),
+        vec!["Patient"],
+        "prefix, case-insensitive family search"
+    );
+    assert_eq!(
+        entry_types(
+            &s.get(
+                "/fhir/Patient?identifier=https://example.org/mrn|MRN-1",
+                &desk
+            )
+            .body
+        ),
+        vec!["Patient"]
+    );
+    assert_eq!(
+        entry_types(&s.get("/fhir/Patient?birthdate=1961-04", &desk).body),
+        vec!["Patient"]
+    );
     assert!(entry_types(&s.get("/fhir/Patient?family=nobody", &desk).body).is_empty());
-    let sr = s.get(&format!("/fhir/Observation?subject=Patient/{pid}&code=8867-4&date=2026-11"), &phys);
+    let sr = s.get(
+        &format!("/fhir/Observation?subject=Patient/{pid}&code=8867-4&date=2026-11"),
+        &phys,
+    );
     assert_eq!(entry_types(&sr.body), vec!["Observation"]);
     assert_eq!(s.get("/fhir/Observation?bogus=1", &phys).status, 400);
 
     // Versioning: update with If-Match, stale If-Match, vread, history, delete, 410.
     let mut updated = obs.body.clone();
     updated["valueQuantity"]["value"] = json!(88);
-    let up = s.call("PUT", &format!("/fhir/Observation/{obs_id}"), Some(&phys), Some(updated.to_string().as_bytes()), &[("If-Match", "W/\"1\"")]);
+    let up = s.call(
+        "PUT",
+        &format!("/fhir/Observation/{obs_id}"),
+        Some(&phys),
+        Some(updated.to_string().as_bytes()),
+        &[("If-Match", "W/\"1\"")],
+    );
     assert_eq!(up.status, 200, "{:?}", up.body);
     assert_eq!(up.header("etag"), Some("W/\"2\""));
-    let stale = s.call("PUT", &format!("/fhir/Observation/{obs_id}"), Some(&phys), Some(updated.to_string().as_bytes()), &[("If-Match", "W/\"1\"")]);
+    let stale = s.call(
+        "PUT",
+        &format!("/fhir/Observation/{obs_id}"),
+        Some(&phys),
+        Some(updated.to_string().as_bytes()),
+        &[("If-Match", "W/\"1\"")],
+    );
     assert_eq!(stale.status, 412);
-    assert_eq!(s.get(&format!("/fhir/Observation/{obs_id}/_history/1"), &phys).body["valueQuantity"]["value"], 71);
-    assert_eq!(s.get(&format!("/fhir/Observation/{obs_id}"), &phys).body["valueQuantity"]["value"], 88);
+    assert_eq!(
+        s.get(&format!("/fhir/Observation/{obs_id}/_history/1"), &phys)
+            .body["valueQuantity"]["value"],
+        71
+    );
+    assert_eq!(
+        s.get(&format!("/fhir/Observation/{obs_id}"), &phys).body["valueQuantity"]["value"],
+        88
+    );
     let hist = s.get(&format!("/fhir/Observation/{obs_id}/_history"), &phys);
     assert_eq!(hist.body["type"], "history");
     assert_eq!(hist.body["entry"].as_array().unwrap().len(), 2);
-    assert_eq!(s.call("DELETE", &format!("/fhir/Observation/{obs_id}"), Some(&nurse), None, &[]).status, 403, "nurses cannot delete");
-    assert_eq!(s.call("DELETE", &format!("/fhir/Observation/{obs_id}"), Some(&phys), None, &[]).status, 200);
-    assert_eq!(s.get(&format!("/fhir/Observation/{obs_id}"), &phys).status, 410);
-    assert_eq!(s.get(&format!("/fhir/Observation/{obs_id}/_history/2"), &phys).status, 200, "history survives deletion");
+    assert_eq!(
+        s.call(
+            "DELETE",
+            &format!("/fhir/Observation/{obs_id}"),
+            Some(&nurse),
+            None,
+            &[]
+        )
+        .status,
+        403,
+        "nurses cannot delete"
+    );
+    assert_eq!(
+        s.call(
+            "DELETE",
+            &format!("/fhir/Observation/{obs_id}"),
+            Some(&phys),
+            None,
+            &[]
+        )
+        .status,
+        200
+    );
+    assert_eq!(
+        s.get(&format!("/fhir/Observation/{obs_id}"), &phys).status,
+        410
+    );
+    assert_eq!(
+        s.get(&format!("/fhir/Observation/{obs_id}/_history/2"), &phys)
+            .status,
+        200,
+        "history survives deletion"
+    );
     assert_eq!(s.get("/fhir/Observation/does-not-exist", &phys).status, 404);
 
     // Transaction Bundles: all-or-nothing, urn:uuid references resolved.
@@ -357,37 +631,96 @@ fn secure_path_role_matrix_end_to_end() {
     let r = s.post("/fhir", &phys, &tx);
     assert_eq!(r.status, 200, "{:?}", r.body);
     assert_eq!(r.body["type"], "transaction-response");
-    assert_eq!(entry_types(&s.get("/fhir/Patient?family=tx", &phys).body), vec!["Patient"]);
+    assert_eq!(
+        entry_types(&s.get("/fhir/Patient?family=tx", &phys).body),
+        vec!["Patient"]
+    );
     let mut bad = tx.clone();
     bad["entry"][0]["resource"]["name"][0]["family"] = json!("Txbad");
     bad["entry"][1]["resource"]["status"] = json!("not-a-status");
     assert_eq!(s.post("/fhir", &phys, &bad).status, 422);
-    assert!(entry_types(&s.get("/fhir/Patient?family=txbad", &phys).body).is_empty(), "nothing from a failed transaction");
+    assert!(
+        entry_types(&s.get("/fhir/Patient?family=txbad", &phys).body).is_empty(),
+        "nothing from a failed transaction"
+    );
     let mut denied = tx.clone();
     denied["entry"][0]["resource"]["name"][0]["family"] = json!("Txdenied");
-    assert_eq!(s.post("/fhir", &desk, &denied).status, 403, "front desk may not write vitals");
+    assert_eq!(
+        s.post("/fhir", &desk, &denied).status,
+        403,
+        "front desk may not write vitals"
+    );
     assert!(entry_types(&s.get("/fhir/Patient?family=txdenied", &phys).body).is_empty());
 
     // Authentication edges.
-    assert_eq!(s.call("GET", &format!("/fhir/Patient/{pid}"), None, None, &[]).status, 401);
-    assert_eq!(s.call("GET", "/fhir/Patient", Some("not-a-token"), None, &[]).status, 401);
-    let wrong = s.call("POST", "/auth/login", None, Some(br#"{"username":"e2e.nurse","password":"wrong-password-123"}"#), &[("Content-Type", "application/json")]);
-    let unknown = s.call("POST", "/auth/login", None, Some(br#"{"username":"nobody","password":"wrong-password-123"}"#), &[("Content-Type", "application/json")]);
+    assert_eq!(
+        s.call("GET", &format!("/fhir/Patient/{pid}"), None, None, &[])
+            .status,
+        401
+    );
+    assert_eq!(
+        s.call("GET", "/fhir/Patient", Some("not-a-token"), None, &[])
+            .status,
+        401
+    );
+    let wrong = s.call(
+        "POST",
+        "/auth/login",
+        None,
+        Some(br#"{"username":"e2e.nurse","password":"wrong-password-123"}"#),
+        &[("Content-Type", "application/json")],
+    );
+    let unknown = s.call(
+        "POST",
+        "/auth/login",
+        None,
+        Some(br#"{"username":"nobody","password":"wrong-password-123"}"#),
+        &[("Content-Type", "application/json")],
+    );
     assert_eq!((wrong.status, unknown.status), (401, 401));
-    assert_eq!(wrong.body, unknown.body, "same answer whether or not the user exists");
+    assert_eq!(
+        wrong.body, unknown.body,
+        "same answer whether or not the user exists"
+    );
     // A TOTP code is accepted once.
     let (u, p, secret) = staff.get("auditor");
-    let mfa = s.call("POST", "/auth/login", None, Some(json!({"username": u, "password": p}).to_string().as_bytes()), &[]).body["mfa_token"].clone();
-    let replay = s.call("POST", "/auth/mfa/totp", None, Some(json!({"mfa_token": mfa, "code": totp(secret, 0)}).to_string().as_bytes()), &[]);
+    let mfa = s
+        .call(
+            "POST",
+            "/auth/login",
+            None,
+            Some(json!({"username": u, "password": p}).to_string().as_bytes()),
+            &[],
+        )
+        .body["mfa_token"]
+        .clone();
+    let replay = s.call(
+        "POST",
+        "/auth/mfa/totp",
+        None,
+        Some(
+            json!({"mfa_token": mfa, "code": totp(secret, 0)})
+                .to_string()
+                .as_bytes(),
+        ),
+        &[],
+    );
     assert_eq!(replay.status, 401, "a used TOTP code must not work again");
     // Logout ends the session.
-    assert_eq!(s.call("POST", "/auth/logout", Some(&auditor), None, &[]).status, 204);
+    assert_eq!(
+        s.call("POST", "/auth/logout", Some(&auditor), None, &[])
+            .status,
+        204
+    );
     assert_eq!(s.get("/fhir/Practitioner", &auditor).status, 401);
     // Public metadata.
     let m = s.call("GET", "/fhir/metadata", None, None, &[]);
     assert_eq!(m.body["resourceType"], "CapabilityStatement");
     let home = s.agent.get(&s.url("/")).call().unwrap();
-    assert!(home.header("content-security-policy").unwrap().contains("default-src 'none'"));
+    assert!(home
+        .header("content-security-policy")
+        .unwrap()
+        .contains("default-src 'none'"));
 
     let (status, _) = s.stop();
     assert!(status.success(), "SIGTERM stops cleanly");
@@ -406,7 +739,10 @@ fn scan_for(dir: &Path, needles: &[&str]) -> Vec<String> {
             let bytes = std::fs::read(&p).unwrap();
             for n in needles {
                 for variant in [n.to_string(), n.to_lowercase(), n.to_uppercase()] {
-                    if bytes.windows(variant.len()).any(|w| w == variant.as_bytes()) {
+                    if bytes
+                        .windows(variant.len())
+                        .any(|w| w == variant.as_bytes())
+                    {
                         hits.push(format!("{} in {}", variant, p.display()));
                     }
                 }
@@ -422,7 +758,15 @@ fn canary_phi_never_reaches_the_data_directory() {
     let s = Server::start(&dir, &[]);
     let (u, p, t) = staff.get("physician");
     let phys = s.login(u, p, t);
-    let canaries = ["Zyxquartzel", "Vortigaunt", "CANARY-MRN-778899", "1977-07-17", "snarkhunting", "Bandersnatch", "Jubjubwise"];
+    let canaries = [
+        "Zyxquartzel",
+        "Vortigaunt",
+        "CANARY-MRN-778899",
+        "1977-07-17",
+        "snarkhunting",
+        "Bandersnatch",
+        "Jubjubwise",
+    ];
     let r = s.post("/fhir/Patient", &phys, &json!({"resourceType": "Patient", "name": [{"family": "Zyxquartzel", "given": ["Vortigaunt"]}],
         "birthDate": "1977-07-17", "identifier": [{"system": "https://example.org/mrn", "value": "CANARY-MRN-778899"}]}));
     assert_eq!(r.status, 201);
@@ -433,14 +777,47 @@ fn canary_phi_never_reaches_the_data_directory() {
     let cid = c.body["id"].as_str().unwrap().to_owned();
     let mut updated = c.body.clone();
     updated["note"] = json!([{"text": "Jubjubwise bird"}]);
-    assert_eq!(s.call("PUT", &format!("/fhir/Condition/{cid}"), Some(&phys), Some(updated.to_string().as_bytes()), &[]).status, 200);
+    assert_eq!(
+        s.call(
+            "PUT",
+            &format!("/fhir/Condition/{cid}"),
+            Some(&phys),
+            Some(updated.to_string().as_bytes()),
+            &[]
+        )
+        .status,
+        200
+    );
     // Searching with canary values must not store or log them either.
-    assert_eq!(entry_types(&s.get("/fhir/Patient?family=Zyxquartzel", &phys).body), vec!["Patient"]);
-    assert_eq!(entry_types(&s.get("/fhir/Patient?name=vortigaunt", &phys).body), vec!["Patient"]);
-    assert_eq!(entry_types(&s.get("/fhir/Patient?birthdate=1977-07-17", &phys).body), vec!["Patient"]);
-    assert_eq!(s.call("DELETE", &format!("/fhir/Condition/{cid}"), Some(&phys), None, &[]).status, 200);
+    assert_eq!(
+        entry_types(&s.get("/fhir/Patient?family=Zyxquartzel", &phys).body),
+        vec!["Patient"]
+    );
+    assert_eq!(
+        entry_types(&s.get("/fhir/Patient?name=vortigaunt", &phys).body),
+        vec!["Patient"]
+    );
+    assert_eq!(
+        entry_types(&s.get("/fhir/Patient?birthdate=1977-07-17", &phys).body),
+        vec!["Patient"]
+    );
+    assert_eq!(
+        s.call(
+            "DELETE",
+            &format!("/fhir/Condition/{cid}"),
+            Some(&phys),
+            None,
+            &[]
+        )
+        .status,
+        200
+    );
     // Invalid input carrying a canary: the error must not echo it.
-    let bad = s.post("/fhir/Patient", &phys, &json!({"resourceType": "Patient", "birthDate": "Snarkhunting-date"}));
+    let bad = s.post(
+        "/fhir/Patient",
+        &phys,
+        &json!({"resourceType": "Patient", "birthDate": "Snarkhunting-date"}),
+    );
     assert_eq!(bad.status, 422);
     assert!(!bad.body.to_string().to_lowercase().contains("snarkhunting"));
     let data_dir = s.dir.clone();
@@ -450,9 +827,15 @@ fn canary_phi_never_reaches_the_data_directory() {
     let (status, log) = s.stop();
     assert!(status.success());
     let hits = scan_for(&data_dir, &canaries);
-    assert!(hits.is_empty(), "plaintext PHI at rest after shutdown: {hits:?}");
+    assert!(
+        hits.is_empty(),
+        "plaintext PHI at rest after shutdown: {hits:?}"
+    );
     for n in canaries {
-        assert!(!log.to_lowercase().contains(&n.to_lowercase()), "PHI in the server log: {n}");
+        assert!(
+            !log.to_lowercase().contains(&n.to_lowercase()),
+            "PHI in the server log: {n}"
+        );
     }
     assert!(log.contains("request"), "the log is being written");
 }
@@ -463,8 +846,19 @@ fn hostile_input_gets_4xx_and_changes_nothing() {
     let s = Server::start(&dir, &[("MEDVAULT_SERVER_MAX_BODY_BYTES", "200000")]);
     let (u, p, t) = staff.get("physician");
     let phys = s.login(u, p, t);
-    let pid = s.post("/fhir/Patient", &phys, &patient_body("Hostile", "MRN-H")).body["id"].as_str().unwrap().to_owned();
-    let count = |s: &Server| s.get(&format!("/fhir/Observation?patient={pid}"), &phys).body["entry"].as_array().unwrap().len();
+    let pid = s
+        .post("/fhir/Patient", &phys, &patient_body("Hostile", "MRN-H"))
+        .body["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let count = |s: &Server| {
+        s.get(&format!("/fhir/Observation?patient={pid}"), &phys)
+            .body["entry"]
+            .as_array()
+            .unwrap()
+            .len()
+    };
     let before = count(&s);
     let deep = format!("{}{}", "[".repeat(20_000), "]".repeat(20_000));
     let deep_obj = format!("{}{}", "{\"a\":".repeat(20_000), "}".repeat(20_000));
@@ -482,26 +876,100 @@ fn hostile_input_gets_4xx_and_changes_nothing() {
     other_patient["subject"] = json!({"reference": "Patient/no-such-patient"});
     let huge = json!({"resourceType": "Observation", "status": "final", "code": {"text": "x".repeat(300_000)}, "subject": {"reference": format!("Patient/{pid}")}});
     let cases: Vec<(&str, String, Vec<u8>, u16)> = vec![
-        ("deep array", "/fhir/Observation".into(), deep.into_bytes(), 400),
-        ("deep object", "/fhir/Observation".into(), deep_obj.into_bytes(), 400),
-        ("malformed", "/fhir/Observation".into(), b"{\"resourceType\": \"Observation\",".to_vec(), 400),
-        ("not an object", "/fhir/Observation".into(), b"[1,2,3]".to_vec(), 400),
-        ("wrong type", "/fhir/Observation".into(), wrong_type.to_string().into_bytes(), 422),
-        ("unknown element", "/fhir/Observation".into(), unknown.to_string().into_bytes(), 422),
-        ("impossible date", "/fhir/Observation".into(), bad_date.to_string().into_bytes(), 422),
-        ("traversal reference", "/fhir/Observation".into(), bad_ref.to_string().into_bytes(), 422),
-        ("missing required", "/fhir/Observation".into(), missing.to_string().into_bytes(), 422),
-        ("unknown patient", "/fhir/Observation".into(), other_patient.to_string().into_bytes(), 422),
-        ("type mismatch", "/fhir/Condition".into(), vital(&pid).to_string().into_bytes(), 400),
-        ("unknown type in body", "/fhir/Observation".into(), br#"{"resourceType":"Basic"}"#.to_vec(), 400),
-        ("unknown type in url", "/fhir/Basic".into(), vital(&pid).to_string().into_bytes(), 404),
-        ("too large", "/fhir/Observation".into(), huge.to_string().into_bytes(), 413),
+        (
+            "deep array",
+            "/fhir/Observation".into(),
+            deep.into_bytes(),
+            400,
+        ),
+        (
+            "deep object",
+            "/fhir/Observation".into(),
+            deep_obj.into_bytes(),
+            400,
+        ),
+        (
+            "malformed",
+            "/fhir/Observation".into(),
+            b"{\"resourceType\": \"Observation\",".to_vec(),
+            400,
+        ),
+        (
+            "not an object",
+            "/fhir/Observation".into(),
+            b"[1,2,3]".to_vec(),
+            400,
+        ),
+        (
+            "wrong type",
+            "/fhir/Observation".into(),
+            wrong_type.to_string().into_bytes(),
+            422,
+        ),
+        (
+            "unknown element",
+            "/fhir/Observation".into(),
+            unknown.to_string().into_bytes(),
+            422,
+        ),
+        (
+            "impossible date",
+            "/fhir/Observation".into(),
+            bad_date.to_string().into_bytes(),
+            422,
+        ),
+        (
+            "traversal reference",
+            "/fhir/Observation".into(),
+            bad_ref.to_string().into_bytes(),
+            422,
+        ),
+        (
+            "missing required",
+            "/fhir/Observation".into(),
+            missing.to_string().into_bytes(),
+            422,
+        ),
+        (
+            "unknown patient",
+            "/fhir/Observation".into(),
+            other_patient.to_string().into_bytes(),
+            422,
+        ),
+        (
+            "type mismatch",
+            "/fhir/Condition".into(),
+            vital(&pid).to_string().into_bytes(),
+            400,
+        ),
+        (
+            "unknown type in body",
+            "/fhir/Observation".into(),
+            br#"{"resourceType":"Basic"}"#.to_vec(),
+            400,
+        ),
+        (
+            "unknown type in url",
+            "/fhir/Basic".into(),
+            vital(&pid).to_string().into_bytes(),
+            404,
+        ),
+        (
+            "too large",
+            "/fhir/Observation".into(),
+            huge.to_string().into_bytes(),
+            413,
+        ),
     ];
     for (name, path, body, want) in cases {
         let r = s.call("POST", &path, Some(&phys), Some(&body), &[]);
         assert_eq!(r.status, want, "{name}: {:?}", r.body);
         assert_eq!(r.body["resourceType"], "OperationOutcome", "{name}");
-        assert_eq!(r.header("content-type"), Some("application/fhir+json; charset=utf-8"), "{name}");
+        assert_eq!(
+            r.header("content-type"),
+            Some("application/fhir+json; charset=utf-8"),
+            "{name}"
+        );
     }
     for (path, want) in [
         ("/fhir/Observation/..%2F..%2Fetc%2Fpasswd", 400),
@@ -516,11 +984,29 @@ fn hostile_input_gets_4xx_and_changes_nothing() {
         assert_eq!(r.status, want, "{path}: {:?}", r.body);
         assert_eq!(r.body["resourceType"], "OperationOutcome", "{path}");
     }
-    let r = s.call("POST", "/fhir/Observation", Some(&phys), Some(vital(&pid).to_string().as_bytes()), &[("Content-Type", "text/plain")]);
+    let r = s.call(
+        "POST",
+        "/fhir/Observation",
+        Some(&phys),
+        Some(vital(&pid).to_string().as_bytes()),
+        &[("Content-Type", "text/plain")],
+    );
     assert_eq!(r.status, 415);
-    let r = s.call("POST", "/auth/login", None, Some(b"username=x"), &[("Content-Type", "application/json")]);
+    let r = s.call(
+        "POST",
+        "/auth/login",
+        None,
+        Some(b"username=x"),
+        &[("Content-Type", "application/json")],
+    );
     assert_eq!(r.status, 400);
-    let r = s.call("PUT", &format!("/fhir/Patient/{pid}"), Some(&phys), Some(patient_body("NoId", "M").to_string().as_bytes()), &[]);
+    let r = s.call(
+        "PUT",
+        &format!("/fhir/Patient/{pid}"),
+        Some(&phys),
+        Some(patient_body("NoId", "M").to_string().as_bytes()),
+        &[],
+    );
     assert_eq!(r.status, 400, "update without id in body");
     assert_eq!(count(&s), before, "nothing was written");
     // The server keeps serving.
@@ -538,23 +1024,32 @@ fn tls_1_3_only_and_no_plaintext_http() {
     // Plain HTTP on the port gets no HTTP answer.
     let mut tcp = std::net::TcpStream::connect(("127.0.0.1", s.port)).unwrap();
     tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    tcp.write_all(b"GET /fhir/metadata HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+    tcp.write_all(b"GET /fhir/metadata HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
     let mut buf = vec![0u8; 64];
     let n = tcp.read(&mut buf).unwrap_or(0);
-    assert!(!buf[..n].starts_with(b"HTTP/"), "plaintext HTTP must not be served");
+    assert!(
+        !buf[..n].starts_with(b"HTTP/"),
+        "plaintext HTTP must not be served"
+    );
     // A TLS 1.2-only client is refused.
     let mut roots = rustls::RootCertStore::empty();
     use rustls_pki_types::pem::PemObject;
     for c in rustls_pki_types::CertificateDer::pem_file_iter(dir.join("tls/cert.pem")).unwrap() {
         roots.add(c.unwrap()).unwrap();
     }
-    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_protocol_versions(&[&rustls::version::TLS12])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS12])
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
     let agent = ureq::AgentBuilder::new().tls_config(Arc::new(cfg)).build();
-    assert!(agent.get(&s.url("/fhir/metadata")).call().is_err(), "TLS 1.2 must be refused");
+    assert!(
+        agent.get(&s.url("/fhir/metadata")).call().is_err(),
+        "TLS 1.2 must be refused"
+    );
     // TLS 1.3 works.
     assert_eq!(s.call("GET", "/fhir/metadata", None, None, &[]).status, 200);
 }
@@ -578,11 +1073,31 @@ fn cli_contract() {
     // weak password
     let pw = dir.join("..").join("pw.txt");
     std::fs::write(&pw, "short\n").unwrap();
-    assert_eq!(medvault(&dir, &["user", "add", "weak", "--role", "nurse", "--password-file", pw.to_str().unwrap()]).status.code(), Some(1));
+    assert_eq!(
+        medvault(
+            &dir,
+            &[
+                "user",
+                "add",
+                "weak",
+                "--role",
+                "nurse",
+                "--password-file",
+                pw.to_str().unwrap()
+            ]
+        )
+        .status
+        .code(),
+        Some(1)
+    );
     // key files are 0600 and the server refuses a readable master key
     use std::os::unix::fs::PermissionsExt;
     for f in ["master.key", "tls/key.pem"] {
-        assert_eq!(std::fs::metadata(dir.join(f)).unwrap().permissions().mode() & 0o777, 0o600, "{f}");
+        assert_eq!(
+            std::fs::metadata(dir.join(f)).unwrap().permissions().mode() & 0o777,
+            0o600,
+            "{f}"
+        );
     }
     // import: all-or-nothing through the secure path
     let bundle = medvault_demo_bundle();
@@ -597,10 +1112,19 @@ fn cli_contract() {
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("status"));
     std::fs::write(&f, "{not json").unwrap();
-    assert_eq!(medvault(&dir, &["import", f.to_str().unwrap()]).status.code(), Some(1));
+    assert_eq!(
+        medvault(&dir, &["import", f.to_str().unwrap()])
+            .status
+            .code(),
+        Some(1)
+    );
     let cfg = medvault(&dir, &["config", "show"]);
     assert!(String::from_utf8_lossy(&cfg.stdout).contains("idle_timeout_secs = 900"));
-    std::fs::set_permissions(dir.join("master.key"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::set_permissions(
+        dir.join("master.key"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
     let o = medvault(&dir, &["serve", "--listen", "127.0.0.1:0"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("chmod 600"));
@@ -640,23 +1164,61 @@ fn demo_and_bench_run() {
         text.push_str(&line);
     }
     assert!(port > 0, "demo serves: {text}");
-    let line = text.lines().find(|l| l.starts_with("demo.physician")).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("demo.physician"))
+        .unwrap();
     let parts: Vec<&str> = line.split_whitespace().collect();
-    let s = Server { child, port, dir: dir.clone(), agent: agent_for(&dir), stderr: Default::default() };
+    let s = Server {
+        child,
+        port,
+        dir: dir.clone(),
+        agent: agent_for(&dir),
+        stderr: Default::default(),
+    };
     let tok = s.login(parts[0], parts[2], parts[3]);
     let b = s.get("/fhir/Patient?_count=100", &tok);
     assert_eq!(b.body["entry"].as_array().unwrap().len(), 15);
     let conds = s.get("/fhir/Condition?_count=1000", &tok);
     assert!(conds.status == 200);
-    for role in ["nurse", "front_desk", "billing", "security_admin", "privacy_officer", "auditor"] {
+    for role in [
+        "nurse",
+        "front_desk",
+        "billing",
+        "security_admin",
+        "privacy_officer",
+        "auditor",
+    ] {
         assert!(text.contains(role), "demo prints a {role} login");
     }
     drop(s);
-    let o = Command::new(BIN).args(["bench", "--patients", "200", "--ops", "200", "--threads", "2", "--json"]).output().unwrap();
-    let rows: Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&o.stderr)));
-    let ops: Vec<&str> = rows.as_array().unwrap().iter().map(|r| r["operation"].as_str().unwrap()).collect();
+    let o = Command::new(BIN)
+        .args([
+            "bench",
+            "--patients",
+            "200",
+            "--ops",
+            "200",
+            "--threads",
+            "2",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    let rows: Value = serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&o.stderr)));
+    let ops: Vec<&str> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["operation"].as_str().unwrap())
+        .collect();
     for op in ["read", "search", "write", "audit append"] {
         assert!(ops.contains(&op), "bench row {op}");
     }
-    assert!(rows.as_array().unwrap().iter().any(|r| r["patients"] == 200));
+    assert!(rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|r| r["patients"] == 200));
 }
