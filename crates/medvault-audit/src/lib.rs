@@ -75,7 +75,7 @@ impl AuditRecord {
             request_id: request_id.to_owned(),
             resource: None,
             role: None,
-            salt: salt.iter().map(|b| format!("{b:02x}")).collect(),
+            salt: hex(&salt),
             source: None,
             time,
         }
@@ -105,6 +105,16 @@ impl AuditRecord {
         let c = self.canonical();
         (leaf_hash(&c).to_vec(), c)
     }
+}
+
+fn hex(b: &[u8]) -> String {
+    const D: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(b.len() * 2);
+    for x in b {
+        s.push(char::from(D[usize::from(x >> 4)]));
+        s.push(char::from(D[usize::from(x & 0xf)]));
+    }
+    s
 }
 
 /// RFC 6962 leaf hash.

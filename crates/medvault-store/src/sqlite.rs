@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use medvault_types::PatientId;
 use rusqlite::{params, params_from_iter, Connection, OpenFlags, OptionalExtension, Row};
@@ -47,6 +47,13 @@ CREATE TRIGGER versions_no_update BEFORE UPDATE ON resource_versions BEGIN SELEC
 "#];
 
 const MAX_GROUP: usize = 512;
+/// Read connections kept per store.
+const MAX_READERS: usize = 16;
+
+struct ReaderPool {
+    idle: Vec<Connection>,
+    open: usize,
+}
 
 type Reply = SyncSender<Result<Committed, StoreError>>;
 
@@ -54,7 +61,8 @@ type Reply = SyncSender<Result<Committed, StoreError>>;
 pub struct SqliteStore {
     path: PathBuf,
     writer: Mutex<Option<SyncSender<(WriteBatch, Reply)>>>,
-    readers: Mutex<Vec<Connection>>,
+    readers: Mutex<ReaderPool>,
+    reader_free: Condvar,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -70,7 +78,9 @@ fn open(path: &Path, write: bool) -> Result<Connection, StoreError> {
         .map_err(|e| StoreError::Unavailable(e.to_string()))?;
     c.busy_timeout(std::time::Duration::from_secs(10))?;
     // temp_store=MEMORY: no sort or index spill files on disk (law 1 covers temp files too).
-    c.execute_batch("PRAGMA foreign_keys=ON; PRAGMA temp_store=MEMORY; PRAGMA cache_size=-65536;")?;
+    // Every commit (and every read appends an audit entry) makes each reader discard its
+    // page cache, so readers keep a small cache and read through a memory map instead.
+    c.execute_batch("PRAGMA foreign_keys=ON; PRAGMA temp_store=MEMORY; PRAGMA cache_size=-2000;")?;
     if write {
         c.execute_batch(
             "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA secure_delete=ON;",
@@ -108,26 +118,47 @@ impl SqliteStore {
         Ok(Arc::new(SqliteStore {
             path: path.to_owned(),
             writer: Mutex::new(Some(tx)),
-            readers: Mutex::new(Vec::new()),
+            readers: Mutex::new(ReaderPool { idle: Vec::new(), open: 0 }),
+            reader_free: Condvar::new(),
             thread: Mutex::new(Some(thread)),
         }))
     }
 
-    fn with_reader<T>(
-        &self,
-        f: impl FnOnce(&Connection) -> Result<T, StoreError>,
-    ) -> Result<T, StoreError> {
-        let conn = self.readers.lock().ok().and_then(|mut v| v.pop());
+    /// Runs `f` on a pooled read connection; at most [`MAX_READERS`] exist, and callers
+    /// beyond that wait for one to come back rather than opening more.
+    fn with_reader<T>(&self, f: impl FnOnce(&Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let poisoned = || StoreError::Backend("reader pool poisoned".into());
+        let conn = {
+            let mut pool = self.readers.lock().map_err(|_| poisoned())?;
+            loop {
+                if let Some(c) = pool.idle.pop() {
+                    break Some(c);
+                }
+                if pool.open < MAX_READERS {
+                    pool.open += 1;
+                    break None;
+                }
+                pool = self.reader_free.wait(pool).map_err(|_| poisoned())?;
+            }
+        };
         let conn = match conn {
             Some(c) => c,
-            None => open(&self.path, false)?,
+            None => match open(&self.path, false) {
+                Ok(c) => c,
+                Err(e) => {
+                    if let Ok(mut pool) = self.readers.lock() {
+                        pool.open -= 1;
+                    }
+                    self.reader_free.notify_one();
+                    return Err(e);
+                }
+            },
         };
         let out = f(&conn);
-        if let Ok(mut v) = self.readers.lock() {
-            if v.len() < 16 {
-                v.push(conn);
-            }
+        if let Ok(mut pool) = self.readers.lock() {
+            pool.idle.push(conn);
         }
+        self.reader_free.notify_one();
         out
     }
 
@@ -189,15 +220,21 @@ fn commit_group(
     for (batch, _) in group {
         let start_seq = next_seq;
         let r = (|| -> Result<Committed, StoreError> {
-            tx.execute_batch("SAVEPOINT batch")?;
+            // A batch of audit entries alone cannot fail short of an I/O error, which fails
+            // the whole group anyway; only batches with changes need their own savepoint.
+            if batch.ops.is_empty() {
+                return apply(&tx, batch, &mut next_seq);
+            }
+            tx.prepare_cached("SAVEPOINT batch")?.execute([])?;
             let applied = apply(&tx, batch, &mut next_seq);
             match applied {
                 Ok(c) => {
-                    tx.execute_batch("RELEASE batch")?;
+                    tx.prepare_cached("RELEASE batch")?.execute([])?;
                     Ok(c)
                 }
                 Err(e) => {
-                    tx.execute_batch("ROLLBACK TO batch; RELEASE batch")?;
+                    tx.prepare_cached("ROLLBACK TO batch")?.execute([])?;
+                    tx.prepare_cached("RELEASE batch")?.execute([])?;
                     Err(e)
                 }
             }
@@ -431,8 +468,13 @@ impl Store for SqliteStore {
     }
 
     fn search(&self, q: &SearchQuery) -> Result<SearchPage, StoreError> {
+        // With a patient, drive from the patient index (a chart is small) and check tokens
+        // per row; without one, drive from the blind-index tokens. SQLite has no statistics
+        // on a fresh database, so the choice is made here rather than left to the planner.
+        let by_patient = q.patient.is_some();
+        let hint = if by_patient { "INDEXED BY resource_current_patient" } else { "" };
         let mut sql = format!(
-            "SELECT {VERSION_COLS} FROM resource_current c JOIN resource_versions v
+            "SELECT {VERSION_COLS} FROM resource_current c {hint} JOIN resource_versions v
              ON v.rtype = c.rtype AND v.id = c.id AND v.version = c.version WHERE c.deleted = 0"
         );
         let mut args: Vec<rusqlite::types::Value> = vec![];
@@ -476,7 +518,11 @@ impl Store for SqliteStore {
             if tokens.is_empty() {
                 return Ok(SearchPage::default());
             }
-            sql.push_str(" AND c.id IN (SELECT s.id FROM search_index s WHERE s.rtype = c.rtype");
+            if by_patient {
+                sql.push_str(" AND EXISTS (SELECT 1 FROM search_index s WHERE s.rtype = c.rtype AND s.id = c.id");
+            } else {
+                sql.push_str(" AND c.id IN (SELECT s.id FROM search_index s WHERE s.rtype = c.rtype");
+            }
             push(&mut sql, " AND s.param = ?", param.clone().into());
             sql.push_str(" AND s.token IN (");
             for (i, t) in tokens.iter().enumerate() {
