@@ -31,7 +31,10 @@ use medvault_crypto::{record_aad, BlindIndexer, DataKey, IndexRootKey, KeyCache,
 use medvault_fhir::{FhirError, Resource, ResourceType};
 use medvault_identity::Identity;
 use medvault_policy::{PolicyEngine, Query};
-use medvault_store::{Committed, Expect, IndexRow, Op, StoreError, VersionRow, WriteBatch};
+use medvault_store::{
+    AuditedRead, Committed, Expect, IndexRow, Op, Payload, StoreError, TxRead, VersionRow,
+    WriteBatch,
+};
 use medvault_types::{Action, PatientId, Username};
 use serde_json::{Map, Value};
 
@@ -215,7 +218,7 @@ pub struct Vault {
     master: MasterKey,
     indexer: BlindIndexer,
     keys: KeyCache,
-    policy: PolicyEngine,
+    policy: Arc<PolicyEngine>,
     identity: Identity,
     clock: Arc<dyn Clock>,
     options: VaultOptions,
@@ -293,7 +296,7 @@ impl Vault {
             keys: KeyCache::new(options.key_cache_capacity),
             store,
             master,
-            policy,
+            policy: Arc::new(policy),
             clock,
             options,
         })
@@ -308,17 +311,7 @@ impl Vault {
     }
 
     fn record(&self, c: &Caller, action: &str, outcome: Outcome) -> AuditRecord {
-        let mut r = AuditRecord::new(
-            action,
-            c.principal.username.as_str(),
-            outcome,
-            self.now_instant(),
-            &c.request_id,
-        );
-        r.role = Some(c.principal.role.as_str().to_owned());
-        r.purpose = Some(c.purpose.as_str().to_owned());
-        r.source = c.source.clone();
-        r
+        make_record(&*self.clock, c, action, outcome)
     }
 
     /// Commits operations with their audit records. Any failure fails the request (law 2).
@@ -401,10 +394,55 @@ impl Vault {
         })
     }
 
+    /// Runs an audited read: `f` runs inside the store transaction that appends the audit
+    /// records it returns, so the read and its record commit together; nothing comes back
+    /// unless they did (fail closed).
+    fn audited_read<T: Send + 'static>(
+        &self,
+        c: &Caller,
+        f: impl FnOnce(
+                &ReadCtx,
+                &dyn TxRead,
+            ) -> Result<(Vec<AuditRecord>, Result<T, VaultError>), StoreError>
+            + Send
+            + 'static,
+    ) -> Result<T, VaultError> {
+        let cx = ReadCtx {
+            policy: self.policy.clone(),
+            clock: self.clock.clone(),
+            caller: c.clone(),
+        };
+        let read: AuditedRead = Box::new(move |tx: &dyn TxRead| {
+            let (recs, out) = f(&cx, tx)?;
+            let leaves = recs.iter().map(AuditRecord::to_leaf).collect();
+            Ok((leaves, Box::new(out) as Payload))
+        });
+        match self.store.audited(read) {
+            Ok(p) => match p.downcast::<Result<T, VaultError>>() {
+                Ok(out) => *out,
+                Err(_) => Err(VaultError::Internal(
+                    "audited read returned the wrong type".into(),
+                )),
+            },
+            Err(StoreError::Unavailable(m)) => Err(VaultError::Unavailable(m)),
+            Err(StoreError::Injected("read")) => Err(VaultError::Unavailable("read".into())),
+            Err(_) => Err(VaultError::AuditUnavailable),
+        }
+    }
+
+    fn open_disclosed(&self, row: &VersionRow) -> Result<Disclosed, VaultError> {
+        let json = self.open_row(row)?;
+        self.disclosed(row, json)
+    }
+
     /// `GET /{type}/{id}`.
     pub fn read(&self, c: &Caller, rt: ResourceType, id: &str) -> Result<Disclosed, VaultError> {
-        let row = self.store.current(rt.as_str(), id)?;
-        self.disclose_one(c, rt, id, row, "read")
+        let id = id.to_owned();
+        let row = self.audited_read(c, move |cx, tx| {
+            let row = tx.current(rt.as_str(), &id)?;
+            Ok(cx.decide_one(rt, &id, row, "read"))
+        })?;
+        self.open_disclosed(&row)
     }
 
     /// `GET /{type}/{id}/_history/{vid}`.
@@ -415,51 +453,12 @@ impl Vault {
         id: &str,
         version: u64,
     ) -> Result<Disclosed, VaultError> {
-        let row = self.store.version(rt.as_str(), id, version)?;
-        self.disclose_one(c, rt, id, row, "vread")
-    }
-
-    fn disclose_one(
-        &self,
-        c: &Caller,
-        rt: ResourceType,
-        id: &str,
-        row: Option<VersionRow>,
-        action: &str,
-    ) -> Result<Disclosed, VaultError> {
-        let mut rec = self.record(c, action, Outcome::Success);
-        rec.resource = Some(format!("{rt}/{id}"));
-        let Some(row) = row else {
-            rec.outcome = Outcome::NotFound;
-            self.audit(vec![rec])?;
-            return Err(VaultError::NotFound);
-        };
-        rec.resource = Some(format!("{rt}/{id}/_history/{}", row.version));
-        rec.patient = row.patient.as_ref().map(|p| p.to_string());
-        let category: Category = row
-            .category
-            .parse()
-            .map_err(|_| VaultError::Internal("bad category".into()))?;
-        let d = self.decide(c, Action::Read, category);
-        if !d.allowed {
-            rec.outcome = Outcome::Denied;
-            rec.categories_withheld = vec![category.to_string()];
-            self.audit(vec![rec])?;
-            return Err(VaultError::Forbidden {
-                withheld: vec![category],
-            });
-        }
-        if row.deleted {
-            rec.outcome = Outcome::NotFound;
-            rec.detail = Some("deleted".into());
-            self.audit(vec![rec])?;
-            return Err(VaultError::Gone);
-        }
-        let json = self.open_row(&row)?;
-        rec.categories_disclosed = vec![category.to_string()];
-        rec.detail = Some(format!("policy={}", d.policies.join(",")));
-        self.audit(vec![rec])?;
-        self.disclosed(&row, json)
+        let id = id.to_owned();
+        let row = self.audited_read(c, move |cx, tx| {
+            let row = tx.version(rt.as_str(), &id, version)?;
+            Ok(cx.decide_one(rt, &id, row, "vread"))
+        })?;
+        self.open_disclosed(&row)
     }
 
     /// `GET /{type}/{id}/_history`: every version the caller may see, newest first.
@@ -469,42 +468,38 @@ impl Vault {
         rt: ResourceType,
         id: &str,
     ) -> Result<SearchResult, VaultError> {
-        let rows = self.store.history(rt.as_str(), id)?;
-        let mut rec = self.record(c, "history", Outcome::Success);
-        rec.resource = Some(format!("{rt}/{id}"));
-        if rows.is_empty() {
-            rec.outcome = Outcome::NotFound;
-            self.audit(vec![rec])?;
-            return Err(VaultError::NotFound);
-        }
-        rec.patient = rows
-            .first()
-            .and_then(|r| r.patient.as_ref())
-            .map(|p| p.to_string());
-        let mut out = SearchResult::default();
-        for row in &rows {
-            let cat: Category = row
-                .category
-                .parse()
-                .map_err(|_| VaultError::Internal("bad category".into()))?;
-            if self.decide(c, Action::Read, cat).allowed {
-                out.entries.push(self.disclosed(row, self.open_row(row)?)?);
-                push_unique(&mut out.disclosed, cat);
-            } else {
-                push_unique(&mut out.withheld, cat);
+        let id = id.to_owned();
+        let (rows, disclosed, withheld) = self.audited_read(c, move |cx, tx| {
+            let rows = tx.history(rt.as_str(), &id)?;
+            let mut rec = cx.record("history", Outcome::Success);
+            rec.resource = Some(format!("{rt}/{id}"));
+            if rows.is_empty() {
+                rec.outcome = Outcome::NotFound;
+                return Ok((vec![rec], Err(VaultError::NotFound)));
             }
-        }
-        rec.categories_disclosed = out.disclosed.iter().map(|c| c.to_string()).collect();
-        rec.categories_withheld = out.withheld.iter().map(|c| c.to_string()).collect();
-        if out.entries.is_empty() {
-            rec.outcome = Outcome::Denied;
-            self.audit(vec![rec])?;
-            return Err(VaultError::Forbidden {
-                withheld: out.withheld,
-            });
-        }
-        self.audit(vec![rec])?;
-        Ok(out)
+            rec.patient = rows
+                .first()
+                .and_then(|r| r.patient.as_ref())
+                .map(|p| p.to_string());
+            let (allowed, disclosed, withheld) = cx.filter(rows, Action::Read);
+            rec.categories_disclosed = disclosed.iter().map(|c| c.to_string()).collect();
+            rec.categories_withheld = withheld.iter().map(|c| c.to_string()).collect();
+            if allowed.is_empty() {
+                rec.outcome = Outcome::Denied;
+                return Ok((vec![rec], Err(VaultError::Forbidden { withheld })));
+            }
+            Ok((vec![rec], Ok((allowed, disclosed, withheld))))
+        })?;
+        let entries = rows
+            .iter()
+            .map(|r| self.open_disclosed(r))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(SearchResult {
+            entries,
+            disclosed,
+            withheld,
+            ..Default::default()
+        })
     }
 
     /// The patient (data-key owner) a resource belongs to, checked to exist.
@@ -841,5 +836,103 @@ fn unreachable_key_id() -> PatientId {
 fn push_unique(v: &mut Vec<Category>, c: Category) {
     if !v.contains(&c) {
         v.push(c);
+    }
+}
+
+fn make_record(clock: &dyn Clock, c: &Caller, action: &str, outcome: Outcome) -> AuditRecord {
+    let now = medvault_types::fhir_instant(clock.now());
+    let mut r = AuditRecord::new(
+        action,
+        c.principal.username.as_str(),
+        outcome,
+        now,
+        &c.request_id,
+    );
+    r.role = Some(c.principal.role.as_str().to_owned());
+    r.purpose = Some(c.purpose.as_str().to_owned());
+    r.source = c.source.clone();
+    r
+}
+
+/// What an audited read needs on the store's side: the caller, the policy and the clock,
+/// owned, so the read can run on the store's sequencer.
+struct ReadCtx {
+    policy: Arc<PolicyEngine>,
+    clock: Arc<dyn Clock>,
+    caller: Caller,
+}
+
+impl ReadCtx {
+    fn record(&self, action: &str, outcome: Outcome) -> AuditRecord {
+        make_record(&*self.clock, &self.caller, action, outcome)
+    }
+
+    fn decide(&self, action: Action, category: Category) -> medvault_policy::Decision {
+        self.policy.decide(Query {
+            role: self.caller.principal.role,
+            action,
+            category,
+            purpose: self.caller.purpose,
+        })
+    }
+
+    /// The decision and audit record for reading one stored version.
+    fn decide_one(
+        &self,
+        rt: ResourceType,
+        id: &str,
+        row: Option<VersionRow>,
+        action: &str,
+    ) -> (Vec<AuditRecord>, Result<VersionRow, VaultError>) {
+        let mut rec = self.record(action, Outcome::Success);
+        rec.resource = Some(format!("{rt}/{id}"));
+        let Some(row) = row else {
+            rec.outcome = Outcome::NotFound;
+            return (vec![rec], Err(VaultError::NotFound));
+        };
+        rec.resource = Some(format!("{rt}/{id}/_history/{}", row.version));
+        rec.patient = row.patient.as_ref().map(|p| p.to_string());
+        let Ok(category) = row.category.parse::<Category>() else {
+            return (vec![], Err(VaultError::Internal("bad category".into())));
+        };
+        let d = self.decide(Action::Read, category);
+        if !d.allowed {
+            rec.outcome = Outcome::Denied;
+            rec.categories_withheld = vec![category.to_string()];
+            return (
+                vec![rec],
+                Err(VaultError::Forbidden {
+                    withheld: vec![category],
+                }),
+            );
+        }
+        if row.deleted {
+            rec.outcome = Outcome::NotFound;
+            rec.detail = Some("deleted".into());
+            return (vec![rec], Err(VaultError::Gone));
+        }
+        rec.categories_disclosed = vec![category.to_string()];
+        rec.detail = Some(format!("policy={}", d.policies.join(",")));
+        (vec![rec], Ok(row))
+    }
+
+    /// Splits rows into those the caller may see and the categories withheld.
+    fn filter(
+        &self,
+        rows: Vec<VersionRow>,
+        action: Action,
+    ) -> (Vec<VersionRow>, Vec<Category>, Vec<Category>) {
+        let (mut allowed, mut disclosed, mut withheld) = (vec![], vec![], vec![]);
+        for row in rows {
+            // An unparseable category is withheld as the most restrictive one (default deny).
+            let cat = row.category.parse::<Category>().unwrap_or(Category::Notes);
+            if row.category.parse::<Category>().is_ok() && self.decide(action, cat).allowed {
+                push_unique(&mut disclosed, cat);
+                allowed.push(row);
+            } else {
+                push_unique(&mut withheld, cat);
+            }
+        }
+        (allowed, disclosed, withheld)
     }
 }

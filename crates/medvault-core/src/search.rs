@@ -5,7 +5,7 @@ use medvault_fhir::{normalize_text, ResourceType};
 use medvault_store::{Cmp, SearchQuery};
 use medvault_types::{Action, Category, PatientId};
 
-use crate::{push_unique, Caller, Disclosed, Outcome, Vault, VaultError};
+use crate::{Caller, Disclosed, Outcome, Vault, VaultError};
 
 /// Entries the caller may see, and the categories that were withheld.
 #[derive(Debug, Default)]
@@ -174,104 +174,99 @@ impl Vault {
         params: &[(String, String)],
     ) -> Result<SearchResult, VaultError> {
         let (q, names) = self.build_query(rt, params)?;
-        let page = self.store.search(&q)?;
-        let mut out = SearchResult {
-            more: page.more,
-            offset: q.offset,
-            count: q.limit,
-            ..Default::default()
-        };
-        let mut patients: Vec<String> = vec![];
-        for row in &page.rows {
-            let cat: Category = row
-                .category
-                .parse()
-                .map_err(|_| VaultError::Internal("bad category".into()))?;
-            if self.decide(c, Action::Search, cat).allowed {
-                out.entries.push(self.disclosed(row, self.open_row(row)?)?);
-                push_unique(&mut out.disclosed, cat);
-                if let Some(p) = &row.patient {
-                    if !patients.iter().any(|x| x == p.as_str()) {
-                        patients.push(p.to_string());
+        let (offset, count) = (q.offset, q.limit);
+        let (rows, disclosed, withheld, more) = self.audited_read(c, move |cx, tx| {
+            let page = tx.search(&q)?;
+            let matched = page.rows.len();
+            let (rows, disclosed, withheld) = cx.filter(page.rows, Action::Search);
+            let mut rec = cx.record("search", Outcome::Success);
+            rec.resource = Some(rt.as_str().to_owned());
+            rec.patient = q.patient.as_ref().map(|p| p.to_string());
+            rec.categories_disclosed = disclosed.iter().map(|c| c.to_string()).collect();
+            rec.categories_withheld = withheld.iter().map(|c| c.to_string()).collect();
+            rec.detail = Some(format!(
+                "params={} matched={matched} returned={}",
+                names.join(","),
+                rows.len()
+            ));
+            let mut recs = vec![];
+            // One record per patient whose chart appears in the results, so "who looked at
+            // my record" and the accounting of disclosures see searches too.
+            if q.patient.is_none() {
+                let mut patients: Vec<&str> = vec![];
+                for p in rows.iter().filter_map(|r| r.patient.as_ref()) {
+                    if !patients.contains(&p.as_str()) {
+                        patients.push(p.as_str());
                     }
                 }
-            } else {
-                push_unique(&mut out.withheld, cat);
+                for p in patients {
+                    let mut r = rec.resalted();
+                    r.patient = Some(p.to_owned());
+                    recs.push(r);
+                }
             }
-        }
-        let mut rec = self.record(c, "search", Outcome::Success);
-        rec.resource = Some(rt.as_str().to_owned());
-        rec.patient = q.patient.as_ref().map(|p| p.to_string());
-        rec.categories_disclosed = out.disclosed.iter().map(|c| c.to_string()).collect();
-        rec.categories_withheld = out.withheld.iter().map(|c| c.to_string()).collect();
-        rec.detail = Some(format!(
-            "params={} matched={} returned={}",
-            names.join(","),
-            page.rows.len(),
-            out.entries.len()
-        ));
-        let mut recs = vec![];
-        // One record per patient whose chart appears in the results, so "who looked at my
-        // record" and the accounting of disclosures see searches too.
-        if q.patient.is_none() {
-            for p in patients {
-                let mut r = rec.resalted();
-                r.patient = Some(p);
-                recs.push(r);
-            }
-        }
-        recs.insert(0, rec);
-        self.audit(recs)?;
-        Ok(out)
+            recs.insert(0, rec);
+            Ok((recs, Ok((rows, disclosed, withheld, page.more))))
+        })?;
+        let entries = rows
+            .iter()
+            .map(|r| self.open_disclosed(r))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(SearchResult {
+            entries,
+            disclosed,
+            withheld,
+            more,
+            offset,
+            count,
+        })
     }
 
     /// `GET /Patient/{id}/$everything`: the chart, less what the caller may not see.
     pub fn everything(&self, c: &Caller, patient: &str) -> Result<SearchResult, VaultError> {
-        let mut rec = self.record(c, "everything", Outcome::Success);
-        rec.resource = Some(format!("Patient/{patient}"));
-        let pid = PatientId::new(patient).map_err(|_| VaultError::NotFound)?;
-        rec.patient = Some(pid.to_string());
-        match self.store.current("Patient", pid.as_str())? {
-            Some(r) if !r.deleted => {}
-            _ => {
+        let patient = patient.to_owned();
+        let (rows, disclosed, withheld) = self.audited_read(c, move |cx, tx| {
+            let mut rec = cx.record("everything", Outcome::Success);
+            rec.resource = Some(format!("Patient/{patient}"));
+            let Ok(pid) = PatientId::new(&patient) else {
                 rec.outcome = Outcome::NotFound;
-                self.audit(vec![rec])?;
-                return Err(VaultError::NotFound);
+                return Ok((vec![rec], Err(VaultError::NotFound)));
+            };
+            rec.patient = Some(pid.to_string());
+            match tx.current("Patient", pid.as_str())? {
+                Some(r) if !r.deleted => {}
+                _ => {
+                    rec.outcome = Outcome::NotFound;
+                    return Ok((vec![rec], Err(VaultError::NotFound)));
+                }
             }
-        }
-        let q = SearchQuery {
-            patient: Some(pid),
-            limit: 100_000,
-            ..Default::default()
-        };
-        let page = self.store.search(&q)?;
-        let mut out = SearchResult {
-            count: page.rows.len(),
-            ..Default::default()
-        };
-        for row in &page.rows {
-            let cat: Category = row
-                .category
-                .parse()
-                .map_err(|_| VaultError::Internal("bad category".into()))?;
-            if self.decide(c, Action::Read, cat).allowed {
-                out.entries.push(self.disclosed(row, self.open_row(row)?)?);
-                push_unique(&mut out.disclosed, cat);
-            } else {
-                push_unique(&mut out.withheld, cat);
+            let page = tx.search(&SearchQuery {
+                patient: Some(pid),
+                limit: 100_000,
+                ..Default::default()
+            })?;
+            let (rows, disclosed, withheld) = cx.filter(page.rows, Action::Read);
+            rec.categories_disclosed = disclosed.iter().map(|c| c.to_string()).collect();
+            rec.categories_withheld = withheld.iter().map(|c| c.to_string()).collect();
+            if rows.is_empty() && !withheld.is_empty() {
+                rec.outcome = Outcome::Denied;
+                return Ok((vec![rec], Err(VaultError::Forbidden { withheld })));
             }
-        }
-        rec.categories_disclosed = out.disclosed.iter().map(|c| c.to_string()).collect();
-        rec.categories_withheld = out.withheld.iter().map(|c| c.to_string()).collect();
-        if out.entries.is_empty() && !out.withheld.is_empty() {
-            rec.outcome = Outcome::Denied;
-            self.audit(vec![rec])?;
-            return Err(VaultError::Forbidden {
-                withheld: out.withheld,
-            });
-        }
-        self.audit(vec![rec])?;
-        Ok(out)
+            Ok((vec![rec], Ok((rows, disclosed, withheld))))
+        })?;
+        let entries = rows
+            .iter()
+            .map(|r| self.open_disclosed(r))
+            .collect::<Result<Vec<_>, _>>()?;
+        let count = entries.len();
+        Ok(SearchResult {
+            entries,
+            disclosed,
+            withheld,
+            more: false,
+            offset: 0,
+            count,
+        })
     }
 }
 

@@ -24,6 +24,7 @@ pub fn run_all(make: &dyn Fn() -> Arc<dyn Store>) {
     search_by_tokens_patient_and_paging(&*make());
     identity_rows(&*make());
     keys_and_meta_insert_once(&*make());
+    audited_reads_commit_with_their_audit_entries(&*make());
 }
 
 fn pid(s: &str) -> PatientId {
@@ -442,4 +443,55 @@ pub fn keys_and_meta_insert_once(s: &dyn Store) {
     m().unwrap();
     assert!(matches!(m(), Err(StoreError::Exists)));
     assert_eq!(s.meta("k").unwrap(), Some(vec![7]));
+}
+
+pub fn audited_reads_commit_with_their_audit_entries(s: &dyn Store) {
+    put(
+        s,
+        row("Observation", "o1", 1, "p1", b"v1"),
+        Expect::Absent,
+        vec![],
+    )
+    .unwrap();
+    let before = s.audit_len().unwrap();
+    let out = s
+        .audited(Box::new(|tx| {
+            let r = tx.current("Observation", "o1")?.map(|r| r.body);
+            let found = tx
+                .search(&SearchQuery {
+                    patient: Some(pid("p1")),
+                    limit: 10,
+                    ..Default::default()
+                })?
+                .rows
+                .len();
+            Ok((
+                vec![(vec![3], b"read o1".to_vec())],
+                Box::new((r, found)) as Payload,
+            ))
+        }))
+        .unwrap();
+    let (body, found) = *out.downcast::<(Option<Vec<u8>>, usize)>().unwrap();
+    assert_eq!(
+        body.as_deref(),
+        Some(&b"v1"[..]),
+        "reads see committed data"
+    );
+    assert_eq!(found, 1);
+    assert_eq!(
+        s.audit_len().unwrap(),
+        before + 1,
+        "the read's audit entry is committed before the result returns"
+    );
+    assert_eq!(
+        s.audit_range(before, before + 1).unwrap()[0].record,
+        b"read o1"
+    );
+    let failed = s.audited(Box::new(|_| Err(StoreError::Backend("boom".into()))));
+    assert!(failed.is_err());
+    assert_eq!(
+        s.audit_len().unwrap(),
+        before + 1,
+        "a failed read appends nothing"
+    );
 }

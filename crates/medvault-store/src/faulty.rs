@@ -41,6 +41,13 @@ impl FaultyStore {
 }
 
 impl Store for FaultyStore {
+    fn audited(&self, read: AuditedRead) -> Result<Payload, StoreError> {
+        self.read_gate()?;
+        if self.fail_audit.load(Ordering::SeqCst) {
+            return Err(StoreError::Injected("audit append"));
+        }
+        self.inner.audited(read)
+    }
     fn commit(&self, batch: WriteBatch) -> Result<Committed, StoreError> {
         if !batch.audit.is_empty() && self.fail_audit.load(Ordering::SeqCst) {
             return Err(StoreError::Injected("audit append"));

@@ -211,8 +211,33 @@ pub struct SearchPage {
     pub more: bool,
 }
 
+/// Reads available inside an audited transaction.
+pub trait TxRead {
+    fn current(&self, rtype: &str, id: &str) -> Result<Option<VersionRow>, StoreError>;
+    fn version(
+        &self,
+        rtype: &str,
+        id: &str,
+        version: u64,
+    ) -> Result<Option<VersionRow>, StoreError>;
+    fn history(&self, rtype: &str, id: &str) -> Result<Vec<VersionRow>, StoreError>;
+    fn search(&self, q: &SearchQuery) -> Result<SearchPage, StoreError>;
+}
+
+/// An audit entry: (leaf hash, canonical record).
+pub type AuditEntry = (Vec<u8>, Vec<u8>);
+/// Whatever an audited read hands back to its caller.
+pub type Payload = Box<dyn std::any::Any + Send>;
+/// A read that returns the audit entries recording it, plus its result.
+pub type AuditedRead =
+    Box<dyn FnOnce(&dyn TxRead) -> Result<(Vec<AuditEntry>, Payload), StoreError> + Send>;
+
 /// The storage contract. All methods are blocking; async callers use a blocking pool.
 pub trait Store: Send + Sync + 'static {
+    /// Runs `read` and appends the audit entries it returns in one transaction: the read
+    /// and its audit record commit together, and the payload is handed back only after
+    /// the entries are committed (fail closed).
+    fn audited(&self, read: AuditedRead) -> Result<Payload, StoreError>;
     fn commit(&self, batch: WriteBatch) -> Result<Committed, StoreError>;
     fn current(&self, rtype: &str, id: &str) -> Result<Option<VersionRow>, StoreError>;
     fn version(

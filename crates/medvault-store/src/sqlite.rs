@@ -56,11 +56,23 @@ struct ReaderPool {
 }
 
 type Reply = SyncSender<Result<Committed, StoreError>>;
+type ReadReply = SyncSender<Result<Payload, StoreError>>;
+
+/// Work for the writer thread: a write batch, or an audited read.
+enum Job {
+    Batch(WriteBatch, Reply),
+    Read(AuditedRead, ReadReply),
+}
+
+enum Done {
+    Batch(Result<Committed, StoreError>),
+    Read(Result<Payload, StoreError>),
+}
 
 /// The embedded default backend.
 pub struct SqliteStore {
     path: PathBuf,
-    writer: Mutex<Option<SyncSender<(WriteBatch, Reply)>>>,
+    writer: Mutex<Option<SyncSender<Job>>>,
     readers: Mutex<ReaderPool>,
     reader_free: Condvar,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -78,9 +90,13 @@ fn open(path: &Path, write: bool) -> Result<Connection, StoreError> {
         .map_err(|e| StoreError::Unavailable(e.to_string()))?;
     c.busy_timeout(std::time::Duration::from_secs(10))?;
     // temp_store=MEMORY: no sort or index spill files on disk (law 1 covers temp files too).
-    // Every commit (and every read appends an audit entry) makes each reader discard its
-    // page cache, so readers keep a small cache and read through a memory map instead.
-    c.execute_batch("PRAGMA foreign_keys=ON; PRAGMA temp_store=MEMORY; PRAGMA cache_size=-2000;")?;
+    // Every commit makes each *other* connection discard its page cache (WAL), and every
+    // PHI read commits an audit entry; so audited reads run on the writer connection, whose
+    // cache survives its own commits, and it gets the large cache.
+    let cache = if write { "-262144" } else { "-16384" };
+    c.execute_batch(&format!(
+        "PRAGMA foreign_keys=ON; PRAGMA temp_store=MEMORY; PRAGMA cache_size={cache};"
+    ))?;
     if write {
         c.execute_batch(
             "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA secure_delete=ON;",
@@ -110,7 +126,7 @@ impl SqliteStore {
     pub fn open(path: &Path) -> Result<Arc<Self>, StoreError> {
         let mut w = open(path, true)?;
         migrate(&mut w)?;
-        let (tx, rx) = sync_channel::<(WriteBatch, Reply)>(4096);
+        let (tx, rx) = sync_channel::<Job>(4096);
         let thread = std::thread::Builder::new()
             .name("medvault-sqlite-writer".into())
             .spawn(move || writer_loop(w, rx))
@@ -118,7 +134,10 @@ impl SqliteStore {
         Ok(Arc::new(SqliteStore {
             path: path.to_owned(),
             writer: Mutex::new(Some(tx)),
-            readers: Mutex::new(ReaderPool { idle: Vec::new(), open: 0 }),
+            readers: Mutex::new(ReaderPool {
+                idle: Vec::new(),
+                open: 0,
+            }),
             reader_free: Condvar::new(),
             thread: Mutex::new(Some(thread)),
         }))
@@ -126,7 +145,10 @@ impl SqliteStore {
 
     /// Runs `f` on a pooled read connection; at most [`MAX_READERS`] exist, and callers
     /// beyond that wait for one to come back rather than opening more.
-    fn with_reader<T>(&self, f: impl FnOnce(&Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
+    fn with_reader<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
         let poisoned = || StoreError::Backend("reader pool poisoned".into());
         let conn = {
             let mut pool = self.readers.lock().map_err(|_| poisoned())?;
@@ -179,7 +201,7 @@ impl Drop for SqliteStore {
     }
 }
 
-fn writer_loop(mut c: Connection, rx: Receiver<(WriteBatch, Reply)>) {
+fn writer_loop(mut c: Connection, rx: Receiver<Job>) {
     while let Ok(first) = rx.recv() {
         let mut group = vec![first];
         while group.len() < MAX_GROUP {
@@ -188,65 +210,117 @@ fn writer_loop(mut c: Connection, rx: Receiver<(WriteBatch, Reply)>) {
                 Err(_) => break,
             }
         }
-        let results = commit_group(&mut c, &group);
-        for ((_, reply), r) in group.into_iter().zip(results) {
-            let _ = reply.send(r);
+        let (results, replies) = commit_group(&mut c, group);
+        for (r, reply) in results.into_iter().zip(replies) {
+            match (r, reply) {
+                (Done::Batch(r), Job::Batch(_, tx)) => {
+                    let _ = tx.send(r);
+                }
+                (Done::Read(r), Job::Read(_, tx)) => {
+                    let _ = tx.send(r);
+                }
+                _ => {}
+            }
         }
     }
 }
 
-fn commit_group(
-    c: &mut Connection,
-    group: &[(WriteBatch, Reply)],
-) -> Vec<Result<Committed, StoreError>> {
-    let fail_all = |e: &StoreError| {
+/// A job's reply channel, kept after its work has been taken out.
+fn empty_job(j: &mut Job) -> Job {
+    match j {
+        Job::Batch(_, tx) => Job::Batch(WriteBatch::default(), tx.clone()),
+        Job::Read(_, tx) => Job::Read(
+            Box::new(|_| Err(StoreError::Backend("consumed".into()))),
+            tx.clone(),
+        ),
+    }
+}
+
+struct TxConn<'a>(&'a Connection);
+
+impl TxRead for TxConn<'_> {
+    fn current(&self, rtype: &str, id: &str) -> Result<Option<VersionRow>, StoreError> {
+        q_current(self.0, rtype, id)
+    }
+    fn version(
+        &self,
+        rtype: &str,
+        id: &str,
+        version: u64,
+    ) -> Result<Option<VersionRow>, StoreError> {
+        q_version(self.0, rtype, id, version)
+    }
+    fn history(&self, rtype: &str, id: &str) -> Result<Vec<VersionRow>, StoreError> {
+        q_history(self.0, rtype, id)
+    }
+    fn search(&self, q: &SearchQuery) -> Result<SearchPage, StoreError> {
+        q_search(self.0, q)
+    }
+}
+
+fn commit_group(c: &mut Connection, mut group: Vec<Job>) -> (Vec<Done>, Vec<Job>) {
+    let replies: Vec<Job> = group.iter_mut().map(empty_job).collect();
+    let fail_all = |group: &[Job], e: &StoreError| -> Vec<Done> {
         group
             .iter()
-            .map(|_| Err(StoreError::Backend(e.to_string())))
+            .map(|j| match j {
+                Job::Batch(..) => Done::Batch(Err(StoreError::Backend(e.to_string()))),
+                Job::Read(..) => Done::Read(Err(StoreError::Backend(e.to_string()))),
+            })
             .collect()
     };
     let tx = match c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate) {
         Ok(t) => t,
-        Err(e) => return fail_all(&e.into()),
+        Err(e) => return (fail_all(&replies, &e.into()), replies),
     };
-    let mut next_seq: u64 =
-        match tx.query_row("SELECT COALESCE(MAX(seq) + 1, 0) FROM audit_log", [], |r| {
-            r.get::<_, i64>(0)
-        }) {
-            Ok(n) => u64::try_from(n).unwrap_or(0),
-            Err(e) => return fail_all(&e.into()),
-        };
+    let next = tx
+        .prepare_cached("SELECT COALESCE(MAX(seq) + 1, 0) FROM audit_log")
+        .and_then(|mut st| st.query_row([], |r| r.get::<_, i64>(0)));
+    let mut next_seq: u64 = match next {
+        Ok(n) => u64::try_from(n).unwrap_or(0),
+        Err(e) => return (fail_all(&replies, &e.into()), replies),
+    };
     let mut results = Vec::with_capacity(group.len());
-    for (batch, _) in group {
-        let start_seq = next_seq;
-        let r = (|| -> Result<Committed, StoreError> {
-            // A batch of audit entries alone cannot fail short of an I/O error, which fails
-            // the whole group anyway; only batches with changes need their own savepoint.
-            if batch.ops.is_empty() {
-                return apply(&tx, batch, &mut next_seq);
+    for job in group {
+        match job {
+            Job::Read(f, _) => {
+                let r = f(&TxConn(&tx)).and_then(|(audit, payload)| {
+                    append_audit(&tx, &audit, &mut next_seq)?;
+                    Ok(payload)
+                });
+                results.push(Done::Read(r));
             }
-            tx.prepare_cached("SAVEPOINT batch")?.execute([])?;
-            let applied = apply(&tx, batch, &mut next_seq);
-            match applied {
-                Ok(c) => {
-                    tx.prepare_cached("RELEASE batch")?.execute([])?;
-                    Ok(c)
+            Job::Batch(batch, _) => {
+                let start_seq = next_seq;
+                let r = (|| -> Result<Committed, StoreError> {
+                    // A batch of audit entries alone cannot fail short of an I/O error, which
+                    // fails the whole group anyway; only batches with changes need a savepoint.
+                    if batch.ops.is_empty() {
+                        return apply(&tx, &batch, &mut next_seq);
+                    }
+                    tx.prepare_cached("SAVEPOINT batch")?.execute([])?;
+                    match apply(&tx, &batch, &mut next_seq) {
+                        Ok(c) => {
+                            tx.prepare_cached("RELEASE batch")?.execute([])?;
+                            Ok(c)
+                        }
+                        Err(e) => {
+                            tx.prepare_cached("ROLLBACK TO batch")?.execute([])?;
+                            tx.prepare_cached("RELEASE batch")?.execute([])?;
+                            Err(e)
+                        }
+                    }
+                })();
+                if r.is_err() {
+                    next_seq = start_seq;
                 }
-                Err(e) => {
-                    tx.prepare_cached("ROLLBACK TO batch")?.execute([])?;
-                    tx.prepare_cached("RELEASE batch")?.execute([])?;
-                    Err(e)
-                }
+                results.push(Done::Batch(r));
             }
-        })();
-        if r.is_err() {
-            next_seq = start_seq;
         }
-        results.push(r);
     }
     match tx.commit() {
-        Ok(()) => results,
-        Err(e) => fail_all(&e.into()),
+        Ok(()) => (results, replies),
+        Err(e) => (fail_all(&replies, &e.into()), replies),
     }
 }
 
@@ -368,17 +442,26 @@ fn apply(
             }
         }
     }
-    let mut seqs = Vec::with_capacity(b.audit.len());
+    let seqs = append_audit(tx, &b.audit, next_seq)?;
+    Ok(Committed { audit_seqs: seqs })
+}
+
+fn append_audit(
+    tx: &Connection,
+    audit: &[AuditEntry],
+    next_seq: &mut u64,
+) -> Result<Vec<u64>, StoreError> {
+    let mut seqs = Vec::with_capacity(audit.len());
     let mut ins =
         tx.prepare_cached("INSERT INTO audit_log (seq, leaf_hash, record) VALUES (?1, ?2, ?3)")?;
-    for (leaf, record) in &b.audit {
+    for (leaf, record) in audit {
         let seq = i64::try_from(*next_seq)
             .map_err(|_| StoreError::Backend("audit sequence overflow".into()))?;
         ins.execute(params![seq, leaf, record])?;
         seqs.push(*next_seq);
         *next_seq += 1;
     }
-    Ok(Committed { audit_seqs: seqs })
+    Ok(seqs)
 }
 
 const VERSION_COLS: &str = "v.rtype, v.id, v.version, v.patient_id, v.last_updated, v.deleted, v.category, v.key_version, v.body";
@@ -416,27 +499,171 @@ fn user_row(r: &Row<'_>) -> rusqlite::Result<UserRow> {
 const USER_COLS: &str =
     "username, role, password_hash, totp_secret_wrapped, totp_last_step, disabled, failed_logins, created, practitioner_id";
 
-impl Store for SqliteStore {
-    fn commit(&self, batch: WriteBatch) -> Result<Committed, StoreError> {
-        let (tx, rx) = sync_channel(1);
-        let sender = self.writer.lock().ok().and_then(|w| w.clone());
-        let sender = sender.ok_or_else(|| StoreError::Unavailable("store is closed".into()))?;
-        sender
-            .send((batch, tx))
-            .map_err(|_| StoreError::Unavailable("writer stopped".into()))?;
-        rx.recv()
-            .map_err(|_| StoreError::Unavailable("writer stopped".into()))?
-    }
-
-    fn current(&self, rtype: &str, id: &str) -> Result<Option<VersionRow>, StoreError> {
-        self.with_reader(|c| {
+fn q_current(c: &Connection, rtype: &str, id: &str) -> Result<Option<VersionRow>, StoreError> {
+    {
+        {
             Ok(c.prepare_cached(&format!(
                 "SELECT {VERSION_COLS} FROM resource_current c JOIN resource_versions v
                  ON v.rtype = c.rtype AND v.id = c.id AND v.version = c.version WHERE c.rtype = ?1 AND c.id = ?2"
             ))?
             .query_row(params![rtype, id], version_row)
             .optional()?)
-        })
+        }
+    }
+}
+
+fn q_version(
+    c: &Connection,
+    rtype: &str,
+    id: &str,
+    version: u64,
+) -> Result<Option<VersionRow>, StoreError> {
+    let Ok(version) = i64::try_from(version) else {
+        return Ok(None);
+    };
+    {
+        Ok(c.prepare_cached(&format!(
+                "SELECT {VERSION_COLS} FROM resource_versions v WHERE v.rtype = ?1 AND v.id = ?2 AND v.version = ?3"
+            ))?
+            .query_row(params![rtype, id, version], version_row)
+            .optional()?)
+    }
+}
+
+fn q_history(c: &Connection, rtype: &str, id: &str) -> Result<Vec<VersionRow>, StoreError> {
+    {
+        let mut st = c.prepare_cached(&format!(
+                "SELECT {VERSION_COLS} FROM resource_versions v WHERE v.rtype = ?1 AND v.id = ?2 ORDER BY v.version DESC"
+            ))?;
+        let rows = st
+            .query_map(params![rtype, id], version_row)?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+}
+
+fn q_search(c: &Connection, q: &SearchQuery) -> Result<SearchPage, StoreError> {
+    // With a patient, drive from the patient index (a chart is small) and check tokens
+    // per row; without one, drive from the blind-index tokens. SQLite has no statistics
+    // on a fresh database, so the choice is made here rather than left to the planner.
+    let by_patient = q.patient.is_some();
+    let hint = if by_patient {
+        "INDEXED BY resource_current_patient"
+    } else {
+        ""
+    };
+    let mut sql = format!(
+        "SELECT {VERSION_COLS} FROM resource_current c {hint} JOIN resource_versions v
+             ON v.rtype = c.rtype AND v.id = c.id AND v.version = c.version WHERE c.deleted = 0"
+    );
+    let mut args: Vec<rusqlite::types::Value> = vec![];
+    let mut push = |sql: &mut String, frag: &str, v: rusqlite::types::Value| {
+        args.push(v);
+        sql.push_str(&frag.replace('?', &format!("?{}", args.len())));
+    };
+    if let Some(t) = &q.rtype {
+        push(&mut sql, " AND c.rtype = ?", t.clone().into());
+    }
+    if let Some(p) = &q.patient {
+        push(
+            &mut sql,
+            " AND c.patient_id = ?",
+            p.as_str().to_owned().into(),
+        );
+    }
+    if !q.ids.is_empty() {
+        sql.push_str(" AND c.id IN (");
+        for (i, id) in q.ids.iter().enumerate() {
+            push(
+                &mut sql,
+                if i == 0 { "?" } else { ", ?" },
+                id.clone().into(),
+            );
+        }
+        sql.push(')');
+    }
+    if !q.categories.is_empty() {
+        sql.push_str(" AND c.category IN (");
+        for (i, cat) in q.categories.iter().enumerate() {
+            push(
+                &mut sql,
+                if i == 0 { "?" } else { ", ?" },
+                cat.clone().into(),
+            );
+        }
+        sql.push(')');
+    }
+    for (param, tokens) in &q.tokens {
+        if tokens.is_empty() {
+            return Ok(SearchPage::default());
+        }
+        if by_patient {
+            sql.push_str(
+                " AND EXISTS (SELECT 1 FROM search_index s WHERE s.rtype = c.rtype AND s.id = c.id",
+            );
+        } else {
+            sql.push_str(" AND c.id IN (SELECT s.id FROM search_index s WHERE s.rtype = c.rtype");
+        }
+        push(&mut sql, " AND s.param = ?", param.clone().into());
+        sql.push_str(" AND s.token IN (");
+        for (i, t) in tokens.iter().enumerate() {
+            push(&mut sql, if i == 0 { "?" } else { ", ?" }, t.clone().into());
+        }
+        sql.push_str("))");
+    }
+    for (cmp, at) in &q.last_updated {
+        let op = match cmp {
+            Cmp::Ge => ">=",
+            Cmp::Gt => ">",
+            Cmp::Le => "<=",
+            Cmp::Lt => "<",
+        };
+        push(
+            &mut sql,
+            &format!(" AND c.last_updated {op} ?"),
+            at.clone().into(),
+        );
+    }
+    let limit = i64::try_from(q.limit.saturating_add(1)).unwrap_or(i64::MAX);
+    let offset = i64::try_from(q.offset).unwrap_or(i64::MAX);
+    push(&mut sql, " ORDER BY c.rtype, c.id LIMIT ?", limit.into());
+    push(&mut sql, " OFFSET ?", offset.into());
+    {
+        let mut st = c.prepare_cached(&sql)?;
+        let mut rows = st
+            .query_map(params_from_iter(args.iter()), version_row)?
+            .collect::<Result<Vec<_>, _>>()?;
+        let more = rows.len() > q.limit;
+        rows.truncate(q.limit);
+        Ok(SearchPage { rows, more })
+    }
+}
+
+impl Store for SqliteStore {
+    fn commit(&self, batch: WriteBatch) -> Result<Committed, StoreError> {
+        let (tx, rx) = sync_channel(1);
+        let sender = self.writer.lock().ok().and_then(|w| w.clone());
+        let sender = sender.ok_or_else(|| StoreError::Unavailable("store is closed".into()))?;
+        sender
+            .send(Job::Batch(batch, tx))
+            .map_err(|_| StoreError::Unavailable("writer stopped".into()))?;
+        rx.recv()
+            .map_err(|_| StoreError::Unavailable("writer stopped".into()))?
+    }
+
+    fn audited(&self, read: AuditedRead) -> Result<Payload, StoreError> {
+        let (tx, rx) = sync_channel(1);
+        let sender = self.writer.lock().ok().and_then(|w| w.clone());
+        let sender = sender.ok_or_else(|| StoreError::Unavailable("store is closed".into()))?;
+        sender
+            .send(Job::Read(read, tx))
+            .map_err(|_| StoreError::Unavailable("writer stopped".into()))?;
+        rx.recv()
+            .map_err(|_| StoreError::Unavailable("writer stopped".into()))?
+    }
+
+    fn current(&self, rtype: &str, id: &str) -> Result<Option<VersionRow>, StoreError> {
+        self.with_reader(|c| q_current(c, rtype, id))
     }
 
     fn version(
@@ -445,117 +672,15 @@ impl Store for SqliteStore {
         id: &str,
         version: u64,
     ) -> Result<Option<VersionRow>, StoreError> {
-        let Ok(version) = i64::try_from(version) else {
-            return Ok(None);
-        };
-        self.with_reader(|c| {
-            Ok(c.prepare_cached(&format!(
-                "SELECT {VERSION_COLS} FROM resource_versions v WHERE v.rtype = ?1 AND v.id = ?2 AND v.version = ?3"
-            ))?
-            .query_row(params![rtype, id, version], version_row)
-            .optional()?)
-        })
+        self.with_reader(|c| q_version(c, rtype, id, version))
     }
 
     fn history(&self, rtype: &str, id: &str) -> Result<Vec<VersionRow>, StoreError> {
-        self.with_reader(|c| {
-            let mut st = c.prepare_cached(&format!(
-                "SELECT {VERSION_COLS} FROM resource_versions v WHERE v.rtype = ?1 AND v.id = ?2 ORDER BY v.version DESC"
-            ))?;
-            let rows = st.query_map(params![rtype, id], version_row)?.collect::<Result<Vec<_>, _>>()?;
-            Ok(rows)
-        })
+        self.with_reader(|c| q_history(c, rtype, id))
     }
 
     fn search(&self, q: &SearchQuery) -> Result<SearchPage, StoreError> {
-        // With a patient, drive from the patient index (a chart is small) and check tokens
-        // per row; without one, drive from the blind-index tokens. SQLite has no statistics
-        // on a fresh database, so the choice is made here rather than left to the planner.
-        let by_patient = q.patient.is_some();
-        let hint = if by_patient { "INDEXED BY resource_current_patient" } else { "" };
-        let mut sql = format!(
-            "SELECT {VERSION_COLS} FROM resource_current c {hint} JOIN resource_versions v
-             ON v.rtype = c.rtype AND v.id = c.id AND v.version = c.version WHERE c.deleted = 0"
-        );
-        let mut args: Vec<rusqlite::types::Value> = vec![];
-        let mut push = |sql: &mut String, frag: &str, v: rusqlite::types::Value| {
-            args.push(v);
-            sql.push_str(&frag.replace('?', &format!("?{}", args.len())));
-        };
-        if let Some(t) = &q.rtype {
-            push(&mut sql, " AND c.rtype = ?", t.clone().into());
-        }
-        if let Some(p) = &q.patient {
-            push(
-                &mut sql,
-                " AND c.patient_id = ?",
-                p.as_str().to_owned().into(),
-            );
-        }
-        if !q.ids.is_empty() {
-            sql.push_str(" AND c.id IN (");
-            for (i, id) in q.ids.iter().enumerate() {
-                push(
-                    &mut sql,
-                    if i == 0 { "?" } else { ", ?" },
-                    id.clone().into(),
-                );
-            }
-            sql.push(')');
-        }
-        if !q.categories.is_empty() {
-            sql.push_str(" AND c.category IN (");
-            for (i, cat) in q.categories.iter().enumerate() {
-                push(
-                    &mut sql,
-                    if i == 0 { "?" } else { ", ?" },
-                    cat.clone().into(),
-                );
-            }
-            sql.push(')');
-        }
-        for (param, tokens) in &q.tokens {
-            if tokens.is_empty() {
-                return Ok(SearchPage::default());
-            }
-            if by_patient {
-                sql.push_str(" AND EXISTS (SELECT 1 FROM search_index s WHERE s.rtype = c.rtype AND s.id = c.id");
-            } else {
-                sql.push_str(" AND c.id IN (SELECT s.id FROM search_index s WHERE s.rtype = c.rtype");
-            }
-            push(&mut sql, " AND s.param = ?", param.clone().into());
-            sql.push_str(" AND s.token IN (");
-            for (i, t) in tokens.iter().enumerate() {
-                push(&mut sql, if i == 0 { "?" } else { ", ?" }, t.clone().into());
-            }
-            sql.push_str("))");
-        }
-        for (cmp, at) in &q.last_updated {
-            let op = match cmp {
-                Cmp::Ge => ">=",
-                Cmp::Gt => ">",
-                Cmp::Le => "<=",
-                Cmp::Lt => "<",
-            };
-            push(
-                &mut sql,
-                &format!(" AND c.last_updated {op} ?"),
-                at.clone().into(),
-            );
-        }
-        let limit = i64::try_from(q.limit.saturating_add(1)).unwrap_or(i64::MAX);
-        let offset = i64::try_from(q.offset).unwrap_or(i64::MAX);
-        push(&mut sql, " ORDER BY c.rtype, c.id LIMIT ?", limit.into());
-        push(&mut sql, " OFFSET ?", offset.into());
-        self.with_reader(|c| {
-            let mut st = c.prepare_cached(&sql)?;
-            let mut rows = st
-                .query_map(params_from_iter(args.iter()), version_row)?
-                .collect::<Result<Vec<_>, _>>()?;
-            let more = rows.len() > q.limit;
-            rows.truncate(q.limit);
-            Ok(SearchPage { rows, more })
-        })
+        self.with_reader(|c| q_search(c, q))
     }
 
     fn patient_key(&self, patient: &PatientId) -> Result<Option<(u32, Vec<u8>)>, StoreError> {
