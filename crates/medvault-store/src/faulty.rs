@@ -97,4 +97,10 @@ impl Store for FaultyStore {
     fn audit_range(&self, start: u64, end: u64) -> Result<Vec<AuditRow>, StoreError> {
         self.inner.audit_range(start, end)
     }
+    fn announce_key_eviction(&self, patient: &PatientId) -> Result<(), StoreError> {
+        self.inner.announce_key_eviction(patient)
+    }
+    fn on_key_eviction(&self, f: Box<dyn Fn(&PatientId) + Send + Sync>) {
+        self.inner.on_key_eviction(f)
+    }
 }

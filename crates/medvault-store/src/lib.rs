@@ -11,8 +11,10 @@
 
 pub mod conformance;
 pub mod faulty;
+mod postgres;
 mod sqlite;
 
+pub use postgres::{with_database, PgStore};
 pub use sqlite::SqliteStore;
 
 use medvault_types::PatientId;
@@ -258,4 +260,14 @@ pub trait Store: Send + Sync + 'static {
     fn audit_len(&self) -> Result<u64, StoreError>;
     /// Audit rows with `start <= seq < end`.
     fn audit_range(&self, start: u64, end: u64) -> Result<Vec<AuditRow>, StoreError>;
+    /// Tells every server sharing this store to drop its cached data key for `patient`
+    /// (shredding and rotation rely on it). A single-process store has nobody to tell.
+    fn announce_key_eviction(&self, patient: &PatientId) -> Result<(), StoreError> {
+        let _ = patient;
+        Ok(())
+    }
+    /// Registers a callback run for every eviction announced by any server.
+    fn on_key_eviction(&self, f: Box<dyn Fn(&PatientId) + Send + Sync>) {
+        let _ = f;
+    }
 }

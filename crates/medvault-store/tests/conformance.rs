@@ -8,7 +8,7 @@
 )]
 use std::sync::Arc;
 
-use medvault_store::{conformance, faulty::FaultyStore, SqliteStore, Store, WriteBatch};
+use medvault_store::{conformance, faulty::FaultyStore, PgStore, SqliteStore, Store, WriteBatch};
 
 #[test]
 fn sqlite_passes_the_conformance_suite() {
@@ -51,4 +51,73 @@ fn faulty_store_fails_audit_appends_only_when_told() {
     f.set_fail_audit(true);
     assert!(f.commit(b()).is_err());
     assert_eq!(f.audit_len().unwrap(), 1);
+}
+
+/// PostgreSQL runs when `MEDVAULT_TEST_PG_URL` names a server (CI sets it); each store gets
+/// a fresh database, dropped afterwards.
+#[test]
+fn postgres_passes_the_conformance_suite() {
+    let Ok(admin) = std::env::var("MEDVAULT_TEST_PG_URL") else {
+        eprintln!("MEDVAULT_TEST_PG_URL unset: PostgreSQL conformance not run");
+        return;
+    };
+    let names = std::sync::Mutex::new(vec![]);
+    let stores = std::sync::Mutex::new(vec![]);
+    conformance::run_all(&|| {
+        let name = format!("mv_conf_{}", medvault_types::random_uuid().replace('-', ""));
+        let url = PgStore::create_database(&admin, &name).unwrap();
+        names.lock().unwrap().push(name);
+        let s = PgStore::open(&url).unwrap();
+        stores.lock().unwrap().push(s.clone());
+        s as Arc<dyn Store>
+    });
+    for s in stores.lock().unwrap().drain(..) {
+        s.close();
+    }
+    for n in names.lock().unwrap().iter() {
+        PgStore::drop_database(&admin, n).unwrap();
+    }
+}
+
+#[test]
+fn postgres_audit_log_is_append_only_and_tables_are_partitioned() {
+    let Ok(admin) = std::env::var("MEDVAULT_TEST_PG_URL") else {
+        return;
+    };
+    let name = format!("mv_ao_{}", medvault_types::random_uuid().replace('-', ""));
+    let url = PgStore::create_database(&admin, &name).unwrap();
+    let s = PgStore::open(&url).unwrap();
+    s.commit(WriteBatch {
+        ops: vec![],
+        audit: vec![(vec![1], b"r".to_vec())],
+    })
+    .unwrap();
+    let psql = |sql: &str| {
+        std::process::Command::new("psql")
+            .arg(&url)
+            .args(["-tAc", sql])
+            .output()
+            .unwrap()
+    };
+    assert!(!psql("UPDATE audit_log SET record = '\\x00'")
+        .status
+        .success());
+    assert!(!psql("DELETE FROM audit_log").status.success());
+    let parts = String::from_utf8(
+        psql("SELECT count(*) FROM pg_inherits WHERE inhparent = 'resource_versions'::regclass")
+            .stdout,
+    )
+    .unwrap();
+    assert_eq!(parts.trim(), "8");
+    let strategy = String::from_utf8(
+        psql(
+            "SELECT partstrat FROM pg_partitioned_table WHERE partrelid = 'search_index'::regclass",
+        )
+        .stdout,
+    )
+    .unwrap();
+    assert_eq!(strategy.trim(), "h", "hash partitioned by patient id");
+    s.close();
+    drop(s);
+    PgStore::drop_database(&admin, &name).unwrap();
 }

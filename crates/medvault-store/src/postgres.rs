@@ -1,0 +1,1134 @@
+//! PostgreSQL backend (sqlx): the same contract as SQLite, for several stateless servers
+//! over one database.
+//!
+//! - Patient-scoped tables are hash-partitioned by patient id (the shard key).
+//! - The audit sequence has a single sequencer: every transaction that appends audit
+//!   entries first takes a transaction-scoped advisory lock, then numbers its entries
+//!   from `MAX(seq) + 1`; a rolled-back transaction releases the lock having used nothing,
+//!   so the sequence stays dense and gap-free across servers.
+//! - Each process group-commits through one writer connection, like the SQLite backend;
+//!   reads use a pool.
+//! - Data-key cache evictions are announced with NOTIFY and heard with LISTEN.
+
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use medvault_types::PatientId;
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions, PgRow};
+use sqlx::{Connection, Row};
+
+use crate::*;
+
+const PARTITIONS: u32 = 8;
+const MAX_GROUP: usize = 512;
+const NOTIFY_CHANNEL: &str = "medvault_key_eviction";
+/// Advisory lock key of the audit sequencer ("medvault" in ASCII, as a bigint).
+const SEQUENCER_LOCK: i64 = 0x6d65_6476_6175_6c74;
+
+fn migration() -> String {
+    let mut m = String::from(
+        r#"
+CREATE TABLE IF NOT EXISTS medvault_schema (version INTEGER PRIMARY KEY);
+CREATE TABLE meta (key TEXT PRIMARY KEY, value BYTEA NOT NULL);
+CREATE TABLE patient_keys (
+    patient_id TEXT NOT NULL, key_version BIGINT NOT NULL, wrapped BYTEA NOT NULL,
+    PRIMARY KEY (patient_id, key_version)) PARTITION BY HASH (patient_id);
+CREATE TABLE resource_versions (
+    patient_id TEXT NOT NULL, rtype TEXT NOT NULL, id TEXT NOT NULL, version BIGINT NOT NULL,
+    last_updated TEXT NOT NULL, deleted BOOLEAN NOT NULL, category TEXT NOT NULL,
+    key_version BIGINT NOT NULL, body BYTEA NOT NULL,
+    PRIMARY KEY (patient_id, rtype, id, version)) PARTITION BY HASH (patient_id);
+CREATE INDEX resource_versions_by_id ON resource_versions (rtype, id, version);
+CREATE TABLE resource_current (
+    patient_id TEXT NOT NULL, rtype TEXT NOT NULL, id TEXT NOT NULL, version BIGINT NOT NULL,
+    deleted BOOLEAN NOT NULL, last_updated TEXT NOT NULL, category TEXT NOT NULL,
+    PRIMARY KEY (patient_id, rtype, id)) PARTITION BY HASH (patient_id);
+CREATE INDEX resource_current_by_id ON resource_current (rtype, id);
+CREATE INDEX resource_current_updated ON resource_current (rtype, last_updated);
+CREATE TABLE search_index (
+    patient_id TEXT NOT NULL, rtype TEXT NOT NULL, param TEXT NOT NULL, token BYTEA NOT NULL, id TEXT NOT NULL,
+    PRIMARY KEY (patient_id, rtype, param, token, id)) PARTITION BY HASH (patient_id);
+CREATE INDEX search_index_token ON search_index (rtype, param, token);
+CREATE INDEX search_index_resource ON search_index (rtype, id);
+CREATE TABLE users (
+    username TEXT PRIMARY KEY, role TEXT NOT NULL, password_hash TEXT NOT NULL,
+    totp_secret_wrapped BYTEA NOT NULL, totp_last_step BIGINT NOT NULL, disabled BOOLEAN NOT NULL,
+    failed_logins BIGINT NOT NULL, created TEXT NOT NULL, practitioner_id TEXT);
+CREATE TABLE sessions (
+    token_hash BYTEA PRIMARY KEY, kind TEXT NOT NULL, username TEXT NOT NULL,
+    created BIGINT NOT NULL, last_seen BIGINT NOT NULL, expires BIGINT NOT NULL);
+CREATE INDEX sessions_user ON sessions (username);
+CREATE TABLE audit_log (seq BIGINT PRIMARY KEY, leaf_hash BYTEA NOT NULL, record BYTEA NOT NULL);
+CREATE FUNCTION medvault_refuse_change() RETURNS trigger LANGUAGE plpgsql AS
+  $$ BEGIN RAISE EXCEPTION '% is append-only', TG_TABLE_NAME; END $$;
+CREATE TRIGGER audit_log_append_only BEFORE UPDATE OR DELETE ON audit_log
+  FOR EACH ROW EXECUTE FUNCTION medvault_refuse_change();
+CREATE TRIGGER resource_versions_immutable BEFORE UPDATE ON resource_versions
+  FOR EACH ROW EXECUTE FUNCTION medvault_refuse_change();
+"#,
+    );
+    for t in [
+        "patient_keys",
+        "resource_versions",
+        "resource_current",
+        "search_index",
+    ] {
+        for i in 0..PARTITIONS {
+            m.push_str(&format!(
+                "CREATE TABLE {t}_p{i} PARTITION OF {t} FOR VALUES WITH (MODULUS {PARTITIONS}, REMAINDER {i});\n"
+            ));
+        }
+    }
+    m.push_str("INSERT INTO medvault_schema (version) VALUES (1);\n");
+    m
+}
+
+/// `url` with its database name replaced by `name`.
+pub fn with_database(url: &str, name: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let scheme_end = base.find("://").map(|i| i + 3).unwrap_or(0);
+    let host_part = match base.get(scheme_end..).and_then(|rest| rest.find('/')) {
+        Some(i) => base.get(..scheme_end + i).unwrap_or(base),
+        None => base,
+    };
+    match query {
+        Some(q) => format!("{host_part}/{name}?{q}"),
+        None => format!("{host_part}/{name}"),
+    }
+}
+
+fn classify(e: sqlx::Error) -> StoreError {
+    match &e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Tls(_) => StoreError::Unavailable(e.to_string()),
+        sqlx::Error::Database(d) if d.code().as_deref() == Some("23505") => StoreError::Exists,
+        sqlx::Error::Database(d)
+            if matches!(
+                d.code().as_deref(),
+                Some("57P01" | "57P02" | "57P03" | "08006" | "08003" | "08001")
+            ) =>
+        {
+            StoreError::Unavailable(e.to_string())
+        }
+        _ => StoreError::Backend(e.to_string()),
+    }
+}
+
+fn is_retryable(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if matches!(d.code().as_deref(), Some("40001" | "40P01")))
+}
+
+fn pid_col(p: &Option<PatientId>) -> &str {
+    p.as_ref().map(PatientId::as_str).unwrap_or("")
+}
+
+type Listeners = Arc<Mutex<Vec<Box<dyn Fn(&PatientId) + Send + Sync>>>>;
+
+enum Job {
+    Batch(WriteBatch, SyncSender<Result<Committed, StoreError>>),
+    Read(AuditedRead, SyncSender<Result<Payload, StoreError>>),
+}
+
+/// The PostgreSQL backend.
+pub struct PgStore {
+    rt: Arc<tokio::runtime::Runtime>,
+    pool: PgPool,
+    writer: Mutex<Option<SyncSender<Job>>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    listeners: Listeners,
+}
+
+impl PgStore {
+    /// Connects (URL as libpq: `postgres://user@host:port/db?sslmode=require`), migrates,
+    /// and starts the writer and the eviction listener.
+    pub fn open(url: &str) -> Result<Arc<Self>, StoreError> {
+        let rt = Arc::new(
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name("medvault-pg")
+                .enable_all()
+                .build()
+                .map_err(|e| StoreError::Backend(e.to_string()))?,
+        );
+        let opts: PgConnectOptions = url
+            .parse()
+            .map_err(|_| StoreError::Unavailable("invalid PostgreSQL URL".into()))?;
+        let pool = rt
+            .block_on(
+                PgPoolOptions::new()
+                    .max_connections(16)
+                    .min_connections(1)
+                    .acquire_timeout(Duration::from_secs(5))
+                    .connect_with(opts.clone()),
+            )
+            .map_err(classify)?;
+        rt.block_on(migrate(&pool))?;
+        let (tx, rx) = sync_channel::<Job>(4096);
+        let wrt = rt.clone();
+        let thread = std::thread::Builder::new()
+            .name("medvault-pg-writer".into())
+            .spawn(move || writer_loop(wrt, opts, rx))
+            .map_err(|e| StoreError::Backend(e.to_string()))?;
+        let listeners: Listeners = Arc::new(Mutex::new(Vec::new()));
+        let l2 = listeners.clone();
+        let p2 = pool.clone();
+        rt.spawn(async move { listen_loop(p2, l2).await });
+        Ok(Arc::new(PgStore {
+            rt,
+            pool,
+            writer: Mutex::new(Some(tx)),
+            thread: Mutex::new(Some(thread)),
+            listeners,
+        }))
+    }
+
+    /// Creates database `name` through `admin_url` (a URL to any database the user may
+    /// create databases from) and returns the URL of the new database. For tests and setup.
+    pub fn create_database(admin_url: &str, name: &str) -> Result<String, StoreError> {
+        if name.is_empty()
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        {
+            return Err(StoreError::Backend("database names are [a-z0-9_]+".into()));
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Backend(e.to_string()))?;
+        rt.block_on(async {
+            let mut c = PgConnection::connect(admin_url).await.map_err(classify)?;
+            sqlx::query(&format!("CREATE DATABASE {name}"))
+                .execute(&mut c)
+                .await
+                .map_err(classify)?;
+            let _ = c.close().await;
+            Ok::<(), StoreError>(())
+        })?;
+        Ok(with_database(admin_url, name))
+    }
+
+    /// Drops database `name` (tests clean up after themselves).
+    pub fn drop_database(admin_url: &str, name: &str) -> Result<(), StoreError> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Backend(e.to_string()))?;
+        rt.block_on(async {
+            let mut c = PgConnection::connect(admin_url).await.map_err(classify)?;
+            sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .execute(&mut c)
+                .await
+                .map_err(classify)?;
+            let _ = c.close().await;
+            Ok(())
+        })
+    }
+
+    fn send(&self, job: Job) -> Result<(), StoreError> {
+        let sender = self.writer.lock().ok().and_then(|w| w.clone());
+        let sender = sender.ok_or_else(|| StoreError::Unavailable("store is closed".into()))?;
+        sender
+            .send(job)
+            .map_err(|_| StoreError::Unavailable("writer stopped".into()))
+    }
+
+    pub fn close(&self) {
+        if let Ok(mut w) = self.writer.lock() {
+            w.take();
+        }
+        if let Some(t) = self.thread.lock().ok().and_then(|mut t| t.take()) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
+    let mut conn = pool.acquire().await.map_err(classify)?;
+    // One migrator at a time across servers.
+    sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(SEQUENCER_LOCK + 1)
+        .execute(&mut *conn)
+        .await
+        .map_err(classify)?;
+    let exists: bool = sqlx::query_scalar("SELECT to_regclass('medvault_schema') IS NOT NULL")
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(classify)?;
+    let result = if exists {
+        Ok(())
+    } else {
+        sqlx::raw_sql(&migration())
+            .execute(&mut *conn)
+            .await
+            .map(|_| ())
+            .map_err(classify)
+    };
+    sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(SEQUENCER_LOCK + 1)
+        .execute(&mut *conn)
+        .await
+        .map_err(classify)?;
+    result
+}
+
+async fn listen_loop(pool: PgPool, listeners: Listeners) {
+    loop {
+        let mut l = match PgListener::connect_with(&pool).await {
+            Ok(l) => l,
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        if l.listen(NOTIFY_CHANNEL).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            continue;
+        }
+        // recv reconnects by itself after a lost connection.
+        while let Ok(n) = l.recv().await {
+            if let Ok(p) = PatientId::new(n.payload()) {
+                if let Ok(ls) = listeners.lock() {
+                    for f in ls.iter() {
+                        f(&p);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn writer_loop(rt: Arc<tokio::runtime::Runtime>, opts: PgConnectOptions, rx: Receiver<Job>) {
+    let mut conn: Option<PgConnection> = None;
+    while let Ok(first) = rx.recv() {
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(j) => group.push(j),
+                Err(_) => break,
+            }
+        }
+        if conn.is_none() {
+            conn = rt
+                .block_on(async {
+                    tokio::time::timeout(Duration::from_secs(3), PgConnection::connect_with(&opts))
+                        .await
+                })
+                .ok()
+                .and_then(Result::ok);
+        }
+        let Some(c) = conn.as_mut() else {
+            fail_group(group, || {
+                StoreError::Unavailable("database unreachable".into())
+            });
+            continue;
+        };
+        match commit_group(&rt, c, group) {
+            Ok(()) => {}
+            Err(broken) => {
+                if broken {
+                    conn = None;
+                }
+            }
+        }
+    }
+}
+
+fn fail_group(group: Vec<Job>, e: impl Fn() -> StoreError) {
+    for j in group {
+        match j {
+            Job::Batch(_, tx) => {
+                let _ = tx.send(Err(e()));
+            }
+            Job::Read(_, tx) => {
+                let _ = tx.send(Err(e()));
+            }
+        }
+    }
+}
+
+/// Runs a group in one transaction. Err(true) means the connection is broken.
+fn commit_group(
+    rt: &tokio::runtime::Runtime,
+    c: &mut PgConnection,
+    group: Vec<Job>,
+) -> Result<(), bool> {
+    // Batches are data and may be retried on serialization failure; reads run once.
+    let mut attempt = 0;
+    let mut group = group;
+    loop {
+        attempt += 1;
+        let outcome = rt.block_on(sqlx::query("BEGIN").execute(&mut *c));
+        if let Err(e) = outcome {
+            let broken = matches!(classify(e), StoreError::Unavailable(_));
+            fail_group(group, || {
+                StoreError::Unavailable("database unreachable".into())
+            });
+            return Err(broken);
+        }
+        let mut results: Vec<Result<Option<Payload>, StoreError>> = Vec::with_capacity(group.len());
+        let mut fatal: Option<sqlx::Error> = None;
+        let needs_seq = group.iter().any(|j| match j {
+            Job::Batch(b, _) => !b.audit.is_empty(),
+            Job::Read(..) => true,
+        });
+        let mut next_seq: i64 = 0;
+        if needs_seq {
+            let r = rt.block_on(async {
+                sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                    .bind(SEQUENCER_LOCK)
+                    .execute(&mut *c)
+                    .await?;
+                sqlx::query_scalar::<_, i64>("SELECT COALESCE(MAX(seq) + 1, 0) FROM audit_log")
+                    .fetch_one(&mut *c)
+                    .await
+            });
+            match r {
+                Ok(n) => next_seq = n,
+                Err(e) => fatal = Some(e),
+            }
+        }
+        let mut kept: Vec<Job> = Vec::with_capacity(group.len());
+        for job in group {
+            if fatal.is_some() {
+                results.push(Err(StoreError::Unavailable("transaction aborted".into())));
+                kept.push(job);
+                continue;
+            }
+            match job {
+                Job::Batch(batch, tx) => {
+                    let start = next_seq;
+                    let r = rt.block_on(async {
+                        sqlx::query("SAVEPOINT batch").execute(&mut *c).await?;
+                        match apply(&mut *c, &batch, &mut next_seq).await {
+                            Ok(v) => {
+                                sqlx::query("RELEASE SAVEPOINT batch")
+                                    .execute(&mut *c)
+                                    .await?;
+                                Ok(Ok(v))
+                            }
+                            Err(ApplyError::Store(e)) => {
+                                sqlx::query("ROLLBACK TO SAVEPOINT batch")
+                                    .execute(&mut *c)
+                                    .await?;
+                                Ok(Err(e))
+                            }
+                            Err(ApplyError::Sql(e)) => {
+                                if let sqlx::Error::Database(d) = &e {
+                                    if d.code().as_deref() == Some("23505") {
+                                        sqlx::query("ROLLBACK TO SAVEPOINT batch")
+                                            .execute(&mut *c)
+                                            .await?;
+                                        return Ok(Err(StoreError::Exists));
+                                    }
+                                }
+                                Err(e)
+                            }
+                        }
+                    });
+                    match r {
+                        Ok(Ok(seqs)) => results
+                            .push(Ok(
+                                Some(Box::new(Committed { audit_seqs: seqs }) as Payload),
+                            )),
+                        Ok(Err(e)) => {
+                            next_seq = start;
+                            results.push(Err(e));
+                        }
+                        Err(e) => {
+                            next_seq = start;
+                            results
+                                .push(Err(StoreError::Unavailable("transaction aborted".into())));
+                            fatal = Some(e);
+                        }
+                    }
+                    kept.push(Job::Batch(batch, tx));
+                }
+                Job::Read(f, tx) => {
+                    let reader = PgTx {
+                        rt,
+                        conn: std::cell::RefCell::new(&mut *c),
+                    };
+                    let r = f(&reader);
+                    drop(reader);
+                    match r {
+                        Ok((audit, payload)) => {
+                            match rt.block_on(append_audit(&mut *c, &audit, &mut next_seq)) {
+                                Ok(_) => results.push(Ok(Some(payload))),
+                                Err(e) => {
+                                    results.push(Err(StoreError::Unavailable(
+                                        "transaction aborted".into(),
+                                    )));
+                                    fatal = Some(e);
+                                }
+                            }
+                        }
+                        Err(e) => results.push(Err(e)),
+                    }
+                    kept.push(Job::Read(
+                        Box::new(|_| Err(StoreError::Backend("consumed".into()))),
+                        tx,
+                    ));
+                }
+            }
+        }
+        let committed = match fatal.take() {
+            None => rt
+                .block_on(sqlx::query("COMMIT").execute(&mut *c))
+                .map(|_| ()),
+            Some(e) => {
+                let _ = rt.block_on(sqlx::query("ROLLBACK").execute(&mut *c));
+                Err(e)
+            }
+        };
+        match committed {
+            Ok(()) => {
+                for (job, r) in kept.into_iter().zip(results) {
+                    match job {
+                        Job::Batch(_, tx) => {
+                            let _ = tx.send(r.and_then(|p| {
+                                p.and_then(|p| p.downcast::<Committed>().ok())
+                                    .map(|b| *b)
+                                    .ok_or(StoreError::Backend("lost result".into()))
+                            }));
+                        }
+                        Job::Read(_, tx) => {
+                            let _ =
+                                tx.send(r.and_then(|p| {
+                                    p.ok_or(StoreError::Backend("lost result".into()))
+                                }));
+                        }
+                    }
+                }
+                return Ok(());
+            }
+            Err(e) => {
+                let has_reads = kept.iter().any(|j| matches!(j, Job::Read(..)));
+                if is_retryable(&e) && attempt < 3 && !has_reads {
+                    group = kept;
+                    continue;
+                }
+                let broken = matches!(classify(e), StoreError::Unavailable(_));
+                fail_group(kept, || {
+                    StoreError::Unavailable("transaction failed; nothing was written".into())
+                });
+                return Err(broken);
+            }
+        }
+    }
+}
+
+enum ApplyError {
+    Store(StoreError),
+    Sql(sqlx::Error),
+}
+
+impl From<sqlx::Error> for ApplyError {
+    fn from(e: sqlx::Error) -> Self {
+        ApplyError::Sql(e)
+    }
+}
+
+async fn append_audit(
+    c: &mut PgConnection,
+    audit: &[AuditEntry],
+    next_seq: &mut i64,
+) -> Result<Vec<u64>, sqlx::Error> {
+    let mut seqs = Vec::with_capacity(audit.len());
+    for (leaf, record) in audit {
+        sqlx::query("INSERT INTO audit_log (seq, leaf_hash, record) VALUES ($1, $2, $3)")
+            .bind(*next_seq)
+            .bind(leaf)
+            .bind(record)
+            .execute(&mut *c)
+            .await?;
+        seqs.push(u64::try_from(*next_seq).unwrap_or(0));
+        *next_seq += 1;
+    }
+    Ok(seqs)
+}
+
+async fn apply(
+    c: &mut PgConnection,
+    b: &WriteBatch,
+    next_seq: &mut i64,
+) -> Result<Vec<u64>, ApplyError> {
+    for op in &b.ops {
+        match op {
+            Op::PutVersion { row, expect, index } => {
+                let cur: Option<(i64, bool)> =
+                    sqlx::query_as("SELECT version, deleted FROM resource_current WHERE rtype = $1 AND id = $2 FOR UPDATE")
+                        .bind(&row.rtype)
+                        .bind(&row.id)
+                        .fetch_optional(&mut *c)
+                        .await?;
+                let ok = match (expect, cur) {
+                    (Expect::Absent, None) => true,
+                    (Expect::Absent, Some(_)) => return Err(ApplyError::Store(StoreError::Exists)),
+                    (Expect::Version(v), Some((cv, false))) => i64::try_from(*v).ok() == Some(cv),
+                    (Expect::Live, Some((_, false))) => true,
+                    (_, None) | (_, Some((_, true))) => {
+                        return Err(ApplyError::Store(StoreError::NotFound))
+                    }
+                };
+                if !ok {
+                    return Err(ApplyError::Store(StoreError::Conflict));
+                }
+                let version = i64::try_from(row.version)
+                    .map_err(|_| ApplyError::Store(StoreError::Conflict))?;
+                let pid = pid_col(&row.patient);
+                sqlx::query(
+                    "INSERT INTO resource_versions (patient_id, rtype, id, version, last_updated, deleted, category, key_version, body)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                )
+                .bind(pid)
+                .bind(&row.rtype)
+                .bind(&row.id)
+                .bind(version)
+                .bind(&row.last_updated)
+                .bind(row.deleted)
+                .bind(&row.category)
+                .bind(i64::from(row.key_version))
+                .bind(&row.body)
+                .execute(&mut *c)
+                .await?;
+                sqlx::query(
+                    "INSERT INTO resource_current (patient_id, rtype, id, version, deleted, last_updated, category)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7)
+                     ON CONFLICT (patient_id, rtype, id) DO UPDATE SET version = excluded.version, deleted = excluded.deleted,
+                       last_updated = excluded.last_updated, category = excluded.category",
+                )
+                .bind(pid)
+                .bind(&row.rtype)
+                .bind(&row.id)
+                .bind(version)
+                .bind(row.deleted)
+                .bind(&row.last_updated)
+                .bind(&row.category)
+                .execute(&mut *c)
+                .await?;
+                if cur.is_some() {
+                    sqlx::query(
+                        "DELETE FROM search_index WHERE patient_id = $1 AND rtype = $2 AND id = $3",
+                    )
+                    .bind(pid)
+                    .bind(&row.rtype)
+                    .bind(&row.id)
+                    .execute(&mut *c)
+                    .await?;
+                }
+                if !index.is_empty() {
+                    let params: Vec<String> = index.iter().map(|i| i.param.clone()).collect();
+                    let tokens: Vec<Vec<u8>> = index.iter().map(|i| i.token.clone()).collect();
+                    sqlx::query(
+                        "INSERT INTO search_index (patient_id, rtype, param, token, id)
+                         SELECT $1, $2, p, t, $3 FROM UNNEST($4::text[], $5::bytea[]) AS u(p, t) ON CONFLICT DO NOTHING",
+                    )
+                    .bind(pid)
+                    .bind(&row.rtype)
+                    .bind(&row.id)
+                    .bind(&params)
+                    .bind(&tokens)
+                    .execute(&mut *c)
+                    .await?;
+                }
+            }
+            Op::PutPatientKey {
+                patient,
+                key_version,
+                wrapped,
+            } => {
+                sqlx::query("INSERT INTO patient_keys (patient_id, key_version, wrapped) VALUES ($1, $2, $3)")
+                    .bind(patient.as_str())
+                    .bind(i64::from(*key_version))
+                    .bind(wrapped)
+                    .execute(&mut *c)
+                    .await?;
+            }
+            Op::PutMetaOnce { key, value } => {
+                sqlx::query("INSERT INTO meta (key, value) VALUES ($1, $2)")
+                    .bind(key)
+                    .bind(value)
+                    .execute(&mut *c)
+                    .await?;
+            }
+            Op::PutUser(u) | Op::CreateUser(u) => {
+                let conflict = if matches!(op, Op::CreateUser(_)) {
+                    ""
+                } else {
+                    " ON CONFLICT (username) DO UPDATE SET role = excluded.role, password_hash = excluded.password_hash,
+                       totp_secret_wrapped = excluded.totp_secret_wrapped, totp_last_step = excluded.totp_last_step,
+                       disabled = excluded.disabled, failed_logins = excluded.failed_logins, created = excluded.created,
+                       practitioner_id = excluded.practitioner_id"
+                };
+                sqlx::query(&format!(
+                    "INSERT INTO users (username, role, password_hash, totp_secret_wrapped, totp_last_step, disabled, failed_logins, created, practitioner_id)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9){conflict}"
+                ))
+                .bind(&u.username)
+                .bind(&u.role)
+                .bind(&u.password_hash)
+                .bind(&u.totp_secret_wrapped)
+                .bind(u.totp_last_step)
+                .bind(u.disabled)
+                .bind(u.failed_logins)
+                .bind(&u.created)
+                .bind(&u.practitioner_id)
+                .execute(&mut *c)
+                .await?;
+            }
+            Op::UseTotpStep { username, step } => {
+                let n = sqlx::query("UPDATE users SET totp_last_step = $2 WHERE username = $1 AND totp_last_step < $2")
+                    .bind(username)
+                    .bind(step)
+                    .execute(&mut *c)
+                    .await?
+                    .rows_affected();
+                if n != 1 {
+                    return Err(ApplyError::Store(StoreError::Conflict));
+                }
+            }
+            Op::SetFailedLogins { username, count } => {
+                sqlx::query("UPDATE users SET failed_logins = $2 WHERE username = $1")
+                    .bind(username)
+                    .bind(count)
+                    .execute(&mut *c)
+                    .await?;
+            }
+            Op::PutSession(s) => {
+                sqlx::query("INSERT INTO sessions (token_hash, kind, username, created, last_seen, expires) VALUES ($1, $2, $3, $4, $5, $6)")
+                    .bind(&s.token_hash)
+                    .bind(&s.kind)
+                    .bind(&s.username)
+                    .bind(s.created)
+                    .bind(s.last_seen)
+                    .bind(s.expires)
+                    .execute(&mut *c)
+                    .await?;
+            }
+            Op::DeleteSession { token_hash } => {
+                sqlx::query("DELETE FROM sessions WHERE token_hash = $1")
+                    .bind(token_hash)
+                    .execute(&mut *c)
+                    .await?;
+            }
+            Op::TouchSession {
+                token_hash,
+                last_seen,
+            } => {
+                sqlx::query("UPDATE sessions SET last_seen = $2 WHERE token_hash = $1")
+                    .bind(token_hash)
+                    .bind(last_seen)
+                    .execute(&mut *c)
+                    .await?;
+            }
+        }
+    }
+    Ok(append_audit(c, &b.audit, next_seq).await?)
+}
+
+const VERSION_COLS: &str = "v.rtype, v.id, v.version, v.patient_id, v.last_updated, v.deleted, v.category, v.key_version, v.body";
+
+fn version_row(r: &PgRow) -> Result<VersionRow, sqlx::Error> {
+    let pid: String = r.try_get(3)?;
+    let version: i64 = r.try_get(2)?;
+    let kv: i64 = r.try_get(7)?;
+    Ok(VersionRow {
+        rtype: r.try_get(0)?,
+        id: r.try_get(1)?,
+        version: u64::try_from(version).unwrap_or(0),
+        patient: if pid.is_empty() {
+            None
+        } else {
+            PatientId::new(&pid).ok()
+        },
+        last_updated: r.try_get(4)?,
+        deleted: r.try_get(5)?,
+        category: r.try_get(6)?,
+        key_version: u32::try_from(kv).unwrap_or(0),
+        body: r.try_get(8)?,
+    })
+}
+
+fn user_row(r: &PgRow) -> Result<UserRow, sqlx::Error> {
+    Ok(UserRow {
+        username: r.try_get(0)?,
+        role: r.try_get(1)?,
+        password_hash: r.try_get(2)?,
+        totp_secret_wrapped: r.try_get(3)?,
+        totp_last_step: r.try_get(4)?,
+        disabled: r.try_get(5)?,
+        failed_logins: r.try_get(6)?,
+        created: r.try_get(7)?,
+        practitioner_id: r.try_get(8)?,
+    })
+}
+
+const USER_COLS: &str =
+    "username, role, password_hash, totp_secret_wrapped, totp_last_step, disabled, failed_logins, created, practitioner_id";
+
+const CURRENT_SQL: &str = "SELECT v.rtype, v.id, v.version, v.patient_id, v.last_updated, v.deleted, v.category, v.key_version, v.body
+     FROM resource_current c JOIN resource_versions v
+     ON v.patient_id = c.patient_id AND v.rtype = c.rtype AND v.id = c.id AND v.version = c.version
+     WHERE c.rtype = $1 AND c.id = $2";
+const VERSION_SQL: &str = "SELECT v.rtype, v.id, v.version, v.patient_id, v.last_updated, v.deleted, v.category, v.key_version, v.body
+     FROM resource_versions v WHERE v.rtype = $1 AND v.id = $2 AND v.version = $3";
+const HISTORY_SQL: &str = "SELECT v.rtype, v.id, v.version, v.patient_id, v.last_updated, v.deleted, v.category, v.key_version, v.body
+     FROM resource_versions v WHERE v.rtype = $1 AND v.id = $2 ORDER BY v.version DESC";
+
+enum Arg {
+    Text(String),
+    Bytes(Vec<u8>),
+    Int(i64),
+}
+
+fn search_sql(q: &SearchQuery) -> Option<(String, Vec<Arg>)> {
+    let mut sql = format!(
+        "SELECT {VERSION_COLS} FROM resource_current c JOIN resource_versions v
+         ON v.patient_id = c.patient_id AND v.rtype = c.rtype AND v.id = c.id AND v.version = c.version WHERE NOT c.deleted"
+    );
+    let mut args: Vec<Arg> = vec![];
+    let mut push = |sql: &mut String, frag: &str, a: Arg| {
+        args.push(a);
+        sql.push_str(&frag.replace('?', &format!("${}", args.len())));
+    };
+    if let Some(t) = &q.rtype {
+        push(&mut sql, " AND c.rtype = ?", Arg::Text(t.clone()));
+    }
+    if let Some(p) = &q.patient {
+        push(
+            &mut sql,
+            " AND c.patient_id = ?",
+            Arg::Text(p.as_str().to_owned()),
+        );
+    }
+    if !q.ids.is_empty() {
+        sql.push_str(" AND c.id IN (");
+        for (i, id) in q.ids.iter().enumerate() {
+            push(
+                &mut sql,
+                if i == 0 { "?" } else { ", ?" },
+                Arg::Text(id.clone()),
+            );
+        }
+        sql.push(')');
+    }
+    if !q.categories.is_empty() {
+        sql.push_str(" AND c.category IN (");
+        for (i, cat) in q.categories.iter().enumerate() {
+            push(
+                &mut sql,
+                if i == 0 { "?" } else { ", ?" },
+                Arg::Text(cat.clone()),
+            );
+        }
+        sql.push(')');
+    }
+    for (param, tokens) in &q.tokens {
+        if tokens.is_empty() {
+            return None;
+        }
+        sql.push_str(" AND EXISTS (SELECT 1 FROM search_index s WHERE s.patient_id = c.patient_id AND s.rtype = c.rtype AND s.id = c.id");
+        push(&mut sql, " AND s.param = ?", Arg::Text(param.clone()));
+        sql.push_str(" AND s.token IN (");
+        for (i, t) in tokens.iter().enumerate() {
+            push(
+                &mut sql,
+                if i == 0 { "?" } else { ", ?" },
+                Arg::Bytes(t.clone()),
+            );
+        }
+        sql.push_str("))");
+    }
+    for (cmp, at) in &q.last_updated {
+        let op = match cmp {
+            Cmp::Ge => ">=",
+            Cmp::Gt => ">",
+            Cmp::Le => "<=",
+            Cmp::Lt => "<",
+        };
+        push(
+            &mut sql,
+            &format!(" AND c.last_updated {op} ?"),
+            Arg::Text(at.clone()),
+        );
+    }
+    let limit = i64::try_from(q.limit.saturating_add(1)).unwrap_or(i64::MAX);
+    let offset = i64::try_from(q.offset).unwrap_or(i64::MAX);
+    push(&mut sql, " ORDER BY c.rtype, c.id LIMIT ?", Arg::Int(limit));
+    push(&mut sql, " OFFSET ?", Arg::Int(offset));
+    Some((sql, args))
+}
+
+async fn q_current<'e, E: sqlx::PgExecutor<'e>>(
+    e: E,
+    rtype: &str,
+    id: &str,
+) -> Result<Option<VersionRow>, StoreError> {
+    let r = sqlx::query(CURRENT_SQL)
+        .bind(rtype)
+        .bind(id)
+        .fetch_optional(e)
+        .await
+        .map_err(classify)?;
+    r.map(|r| version_row(&r).map_err(classify)).transpose()
+}
+
+async fn q_version<'e, E: sqlx::PgExecutor<'e>>(
+    e: E,
+    rtype: &str,
+    id: &str,
+    version: u64,
+) -> Result<Option<VersionRow>, StoreError> {
+    let Ok(v) = i64::try_from(version) else {
+        return Ok(None);
+    };
+    let r = sqlx::query(VERSION_SQL)
+        .bind(rtype)
+        .bind(id)
+        .bind(v)
+        .fetch_optional(e)
+        .await
+        .map_err(classify)?;
+    r.map(|r| version_row(&r).map_err(classify)).transpose()
+}
+
+async fn q_history<'e, E: sqlx::PgExecutor<'e>>(
+    e: E,
+    rtype: &str,
+    id: &str,
+) -> Result<Vec<VersionRow>, StoreError> {
+    let rows = sqlx::query(HISTORY_SQL)
+        .bind(rtype)
+        .bind(id)
+        .fetch_all(e)
+        .await
+        .map_err(classify)?;
+    rows.iter()
+        .map(|r| version_row(r).map_err(classify))
+        .collect()
+}
+
+async fn q_search<'e, E: sqlx::PgExecutor<'e>>(
+    e: E,
+    q: &SearchQuery,
+) -> Result<SearchPage, StoreError> {
+    let Some((sql, args)) = search_sql(q) else {
+        return Ok(SearchPage::default());
+    };
+    let mut query = sqlx::query(&sql);
+    for a in args {
+        query = match a {
+            Arg::Text(s) => query.bind(s),
+            Arg::Bytes(b) => query.bind(b),
+            Arg::Int(i) => query.bind(i),
+        };
+    }
+    let rows = query.fetch_all(e).await.map_err(classify)?;
+    let mut rows = rows
+        .iter()
+        .map(|r| version_row(r).map_err(classify))
+        .collect::<Result<Vec<_>, _>>()?;
+    let more = rows.len() > q.limit;
+    rows.truncate(q.limit);
+    Ok(SearchPage { rows, more })
+}
+
+/// Reads inside the writer's transaction.
+struct PgTx<'a, 'c> {
+    rt: &'a tokio::runtime::Runtime,
+    conn: std::cell::RefCell<&'c mut PgConnection>,
+}
+
+impl TxRead for PgTx<'_, '_> {
+    fn current(&self, rtype: &str, id: &str) -> Result<Option<VersionRow>, StoreError> {
+        let mut c = self.conn.borrow_mut();
+        self.rt.block_on(q_current(&mut **c, rtype, id))
+    }
+    fn version(
+        &self,
+        rtype: &str,
+        id: &str,
+        version: u64,
+    ) -> Result<Option<VersionRow>, StoreError> {
+        let mut c = self.conn.borrow_mut();
+        self.rt.block_on(q_version(&mut **c, rtype, id, version))
+    }
+    fn history(&self, rtype: &str, id: &str) -> Result<Vec<VersionRow>, StoreError> {
+        let mut c = self.conn.borrow_mut();
+        self.rt.block_on(q_history(&mut **c, rtype, id))
+    }
+    fn search(&self, q: &SearchQuery) -> Result<SearchPage, StoreError> {
+        let mut c = self.conn.borrow_mut();
+        self.rt.block_on(q_search(&mut **c, q))
+    }
+}
+
+impl Store for PgStore {
+    fn audited(&self, read: AuditedRead) -> Result<Payload, StoreError> {
+        let (tx, rx) = sync_channel(1);
+        self.send(Job::Read(read, tx))?;
+        rx.recv()
+            .map_err(|_| StoreError::Unavailable("writer stopped".into()))?
+    }
+
+    fn commit(&self, batch: WriteBatch) -> Result<Committed, StoreError> {
+        let (tx, rx) = sync_channel(1);
+        self.send(Job::Batch(batch, tx))?;
+        rx.recv()
+            .map_err(|_| StoreError::Unavailable("writer stopped".into()))?
+    }
+
+    fn current(&self, rtype: &str, id: &str) -> Result<Option<VersionRow>, StoreError> {
+        self.rt.block_on(q_current(&self.pool, rtype, id))
+    }
+
+    fn version(
+        &self,
+        rtype: &str,
+        id: &str,
+        version: u64,
+    ) -> Result<Option<VersionRow>, StoreError> {
+        self.rt.block_on(q_version(&self.pool, rtype, id, version))
+    }
+
+    fn history(&self, rtype: &str, id: &str) -> Result<Vec<VersionRow>, StoreError> {
+        self.rt.block_on(q_history(&self.pool, rtype, id))
+    }
+
+    fn search(&self, q: &SearchQuery) -> Result<SearchPage, StoreError> {
+        self.rt.block_on(q_search(&self.pool, q))
+    }
+
+    fn patient_key(&self, patient: &PatientId) -> Result<Option<(u32, Vec<u8>)>, StoreError> {
+        let r: Option<(i64, Vec<u8>)> = self
+            .rt
+            .block_on(
+                sqlx::query_as("SELECT key_version, wrapped FROM patient_keys WHERE patient_id = $1 ORDER BY key_version DESC LIMIT 1")
+                    .bind(patient.as_str())
+                    .fetch_optional(&self.pool),
+            )
+            .map_err(classify)?;
+        Ok(r.map(|(v, w)| (u32::try_from(v).unwrap_or(0), w)))
+    }
+
+    fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.rt
+            .block_on(
+                sqlx::query_scalar("SELECT value FROM meta WHERE key = $1")
+                    .bind(key)
+                    .fetch_optional(&self.pool),
+            )
+            .map_err(classify)
+    }
+
+    fn user(&self, username: &str) -> Result<Option<UserRow>, StoreError> {
+        let r = self
+            .rt
+            .block_on(
+                sqlx::query(&format!(
+                    "SELECT {USER_COLS} FROM users WHERE username = $1"
+                ))
+                .bind(username)
+                .fetch_optional(&self.pool),
+            )
+            .map_err(classify)?;
+        r.map(|r| user_row(&r).map_err(classify)).transpose()
+    }
+
+    fn users(&self) -> Result<Vec<UserRow>, StoreError> {
+        let rows = self
+            .rt
+            .block_on(
+                sqlx::query(&format!("SELECT {USER_COLS} FROM users ORDER BY username"))
+                    .fetch_all(&self.pool),
+            )
+            .map_err(classify)?;
+        rows.iter().map(|r| user_row(r).map_err(classify)).collect()
+    }
+
+    fn session(&self, token_hash: &[u8]) -> Result<Option<SessionRow>, StoreError> {
+        let r: Option<(Vec<u8>, String, String, i64, i64, i64)> = self
+            .rt
+            .block_on(
+                sqlx::query_as("SELECT token_hash, kind, username, created, last_seen, expires FROM sessions WHERE token_hash = $1")
+                    .bind(token_hash)
+                    .fetch_optional(&self.pool),
+            )
+            .map_err(classify)?;
+        Ok(r.map(
+            |(token_hash, kind, username, created, last_seen, expires)| SessionRow {
+                token_hash,
+                kind,
+                username,
+                created,
+                last_seen,
+                expires,
+            },
+        ))
+    }
+
+    fn audit_len(&self) -> Result<u64, StoreError> {
+        let n: i64 = self
+            .rt
+            .block_on(
+                sqlx::query_scalar("SELECT COALESCE(MAX(seq) + 1, 0) FROM audit_log")
+                    .fetch_one(&self.pool),
+            )
+            .map_err(classify)?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    fn audit_range(&self, start: u64, end: u64) -> Result<Vec<AuditRow>, StoreError> {
+        let s = i64::try_from(start).unwrap_or(i64::MAX);
+        let e = i64::try_from(end).unwrap_or(i64::MAX);
+        let rows: Vec<(i64, Vec<u8>, Vec<u8>)> = self
+            .rt
+            .block_on(
+                sqlx::query_as("SELECT seq, leaf_hash, record FROM audit_log WHERE seq >= $1 AND seq < $2 ORDER BY seq")
+                    .bind(s)
+                    .bind(e)
+                    .fetch_all(&self.pool),
+            )
+            .map_err(classify)?;
+        Ok(rows
+            .into_iter()
+            .map(|(seq, leaf_hash, record)| AuditRow {
+                seq: u64::try_from(seq).unwrap_or(0),
+                leaf_hash,
+                record,
+            })
+            .collect())
+    }
+
+    fn announce_key_eviction(&self, patient: &PatientId) -> Result<(), StoreError> {
+        self.rt
+            .block_on(
+                sqlx::query("SELECT pg_notify($1, $2)")
+                    .bind(NOTIFY_CHANNEL)
+                    .bind(patient.as_str())
+                    .execute(&self.pool),
+            )
+            .map(|_| ())
+            .map_err(classify)
+    }
+
+    fn on_key_eviction(&self, f: Box<dyn Fn(&PatientId) + Send + Sync>) {
+        if let Ok(mut l) = self.listeners.lock() {
+            l.push(f);
+        }
+    }
+}
