@@ -23,7 +23,7 @@ pub use auth::{totp_now, LoginChallenge, NewUserInfo, SessionGrant};
 pub use medvault_audit::{AuditRecord, Outcome};
 pub use medvault_crypto::MasterKey;
 pub use medvault_identity::{Password, Principal, SessionPolicy, Token};
-pub use medvault_store::{faulty::FaultyStore, SqliteStore, Store};
+pub use medvault_store::{faulty::FaultyStore, PgStore, SqliteStore, Store};
 pub use medvault_types::{Category, Clock, Purpose, Role};
 pub use search::SearchResult;
 
@@ -195,6 +195,14 @@ pub struct Written {
     pub created: bool,
 }
 
+/// What `GET /api/status` reports.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Status {
+    pub backend: &'static str,
+    pub key_cache_entries: usize,
+    pub audit_entries: u64,
+}
+
 /// Tunables (from `medvault.toml`).
 #[derive(Debug, Clone, Copy)]
 pub struct VaultOptions {
@@ -217,7 +225,7 @@ pub struct Vault {
     store: Arc<dyn Store>,
     master: MasterKey,
     indexer: BlindIndexer,
-    keys: KeyCache,
+    keys: Arc<KeyCache>,
     policy: Arc<PolicyEngine>,
     identity: Identity,
     clock: Arc<dyn Clock>,
@@ -290,10 +298,13 @@ impl Vault {
         }
         let policy =
             PolicyEngine::with_defaults().map_err(|e| VaultError::Internal(e.to_string()))?;
+        let keys = Arc::new(KeyCache::new(options.key_cache_capacity));
+        let heard = keys.clone();
+        store.on_key_eviction(Box::new(move |p| heard.evict(p)));
         Ok(Vault {
             identity: Identity::new(store.clone(), clock.clone(), &identity_key, options.session),
             indexer: BlindIndexer::new(&root),
-            keys: KeyCache::new(options.key_cache_capacity),
+            keys,
             store,
             master,
             policy: Arc::new(policy),
@@ -354,9 +365,37 @@ impl Vault {
         Ok(c)
     }
 
-    /// Drops a cached data key (shred, rotation, or another server's notice).
-    pub fn evict_key(&self, patient: &PatientId) {
-        self.keys.evict(patient);
+    /// Drops a patient's cached data key here and on every server sharing the store
+    /// (what shredding and key rotation rely on). Security administrators only; audited.
+    pub fn evict_key(&self, c: &Caller, patient: &str) -> Result<(), VaultError> {
+        let mut rec = self.record(c, "keys.evict", Outcome::Success);
+        rec.patient = Some(patient.to_owned());
+        if c.principal.role != Role::SecurityAdmin {
+            rec.outcome = Outcome::Denied;
+            self.audit(vec![rec])?;
+            return Err(VaultError::Forbidden { withheld: vec![] });
+        }
+        let pid = PatientId::new(patient)
+            .map_err(|_| VaultError::BadRequest("invalid patient id".into()))?;
+        self.audit(vec![rec])?;
+        self.keys.evict(&pid);
+        Ok(self.store.announce_key_eviction(&pid)?)
+    }
+
+    /// Operational status for security administrators (no PHI): backend, cache and log sizes.
+    pub fn status(&self, c: &Caller) -> Result<Status, VaultError> {
+        let mut rec = self.record(c, "status", Outcome::Success);
+        if c.principal.role != Role::SecurityAdmin {
+            rec.outcome = Outcome::Denied;
+            self.audit(vec![rec])?;
+            return Err(VaultError::Forbidden { withheld: vec![] });
+        }
+        self.audit(vec![rec])?;
+        Ok(Status {
+            backend: self.store.backend(),
+            key_cache_entries: self.keys.len(),
+            audit_entries: self.store.audit_len()?,
+        })
     }
 
     fn open_row(&self, row: &VersionRow) -> Result<Option<Map<String, Value>>, VaultError> {

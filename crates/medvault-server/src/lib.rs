@@ -7,6 +7,7 @@
 //! response body (the client gets a generic OperationOutcome; the log gets the cause).
 #![forbid(unsafe_code)]
 
+mod admin;
 mod auth;
 mod error;
 mod fhir;
@@ -64,6 +65,8 @@ pub fn router(state: AppState) -> Router {
         .route("/auth/login", post(auth::login))
         .route("/auth/mfa/totp", post(auth::mfa_totp))
         .route("/auth/logout", post(auth::logout))
+        .route("/api/status", get(admin::status))
+        .route("/api/keys/evict", post(admin::evict_key))
         .route("/fhir/metadata", get(fhir::metadata))
         .route("/fhir", post(fhir::transaction))
         .route("/fhir/{rtype}", get(fhir::search).post(fhir::create))

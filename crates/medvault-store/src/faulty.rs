@@ -41,6 +41,9 @@ impl FaultyStore {
 }
 
 impl Store for FaultyStore {
+    fn backend(&self) -> &'static str {
+        self.inner.backend()
+    }
     fn audited(&self, read: AuditedRead) -> Result<Payload, StoreError> {
         self.read_gate()?;
         if self.fail_audit.load(Ordering::SeqCst) {

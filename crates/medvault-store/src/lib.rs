@@ -236,6 +236,8 @@ pub type AuditedRead =
 
 /// The storage contract. All methods are blocking; async callers use a blocking pool.
 pub trait Store: Send + Sync + 'static {
+    /// The backend's name, for status reports.
+    fn backend(&self) -> &'static str;
     /// Runs `read` and appends the audit entries it returns in one transaction: the read
     /// and its audit record commit together, and the payload is handed back only after
     /// the entries are committed (fail closed).

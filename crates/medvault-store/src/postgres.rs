@@ -978,6 +978,10 @@ impl TxRead for PgTx<'_, '_> {
 }
 
 impl Store for PgStore {
+    fn backend(&self) -> &'static str {
+        "postgres"
+    }
+
     fn audited(&self, read: AuditedRead) -> Result<Payload, StoreError> {
         let (tx, rx) = sync_channel(1);
         self.send(Job::Read(read, tx))?;

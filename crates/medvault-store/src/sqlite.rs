@@ -640,6 +640,10 @@ fn q_search(c: &Connection, q: &SearchQuery) -> Result<SearchPage, StoreError> {
 }
 
 impl Store for SqliteStore {
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
+
     fn commit(&self, batch: WriteBatch) -> Result<Committed, StoreError> {
         let (tx, rx) = sync_channel(1);
         let sender = self.writer.lock().ok().and_then(|w| w.clone());

@@ -33,8 +33,14 @@ pub struct Tls {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Storage {
+    /// `sqlite` (embedded default) or `postgres`.
     pub backend: String,
+    /// SQLite database file, relative to the data directory.
     pub path: PathBuf,
+    /// PostgreSQL URL (`postgres://user@host:5432/db?sslmode=require`); or use `url_file`.
+    pub url: String,
+    /// File holding the PostgreSQL URL (keeps a password out of this file).
+    pub url_file: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -73,6 +79,8 @@ impl Default for Storage {
         Storage {
             backend: "sqlite".into(),
             path: "medvault.db".into(),
+            url: String::new(),
+            url_file: String::new(),
         }
     }
 }
@@ -134,6 +142,18 @@ impl Config {
             bail!("session timeouts must be positive");
         }
         Ok(())
+    }
+
+    /// The PostgreSQL URL, from `storage.url` or the file `storage.url_file` names.
+    pub fn postgres_url(&self, dir: &Path) -> Result<String> {
+        if !self.storage.url.is_empty() {
+            return Ok(self.storage.url.clone());
+        }
+        let f = dir.join(&self.storage.url_file);
+        Ok(std::fs::read_to_string(&f)
+            .with_context(|| format!("cannot read {}", f.display()))?
+            .trim()
+            .to_owned())
     }
 
     pub fn to_toml(&self) -> Result<String> {

@@ -13,7 +13,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
 use config::Config;
 use medvault_core::{
-    Caller, Clock, MasterKey, Password, Role, SessionPolicy, SqliteStore, Vault, VaultError,
+    Caller, Clock, MasterKey, Password, Role, SessionPolicy, SqliteStore, Store, Vault, VaultError,
     VaultOptions,
 };
 use serde_json::json;
@@ -60,6 +60,9 @@ enum Command {
         admin_user: String,
         #[arg(long)]
         admin_password_file: Option<PathBuf>,
+        /// Use PostgreSQL at this URL instead of the embedded SQLite database.
+        #[arg(long, env = "MEDVAULT_INIT_POSTGRES")]
+        postgres: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -156,12 +159,13 @@ fn run(cli: Cli) -> Result<()> {
         Command::Init {
             admin_user,
             admin_password_file,
+            postgres,
             json,
         } => {
             let pw = admin_password_file
                 .map(|f| read_secret_file(&f))
                 .transpose()?;
-            let out = init(&dir, &admin_user, pw)?;
+            let out = init(&dir, &admin_user, pw, postgres)?;
             print_init(&out, json);
             Ok(())
         }
@@ -310,10 +314,18 @@ fn options(cfg: &Config) -> VaultOptions {
     }
 }
 
+fn open_store(dir: &Path, cfg: &Config) -> Result<Arc<dyn Store>> {
+    Ok(match cfg.storage.backend.as_str() {
+        "postgres" => medvault_core::PgStore::open(&cfg.postgres_url(dir)?)
+            .map_err(|e| anyhow!("PostgreSQL: {e}"))?,
+        _ => SqliteStore::open(&dir.join(&cfg.storage.path))?,
+    })
+}
+
 fn open(dir: &Path) -> Result<(Config, Arc<Vault>)> {
     let cfg = Config::load(dir)?;
     let master = MasterKey::load_file(&dir.join(&cfg.keys.master_key_file))?;
-    let store = SqliteStore::open(&dir.join(&cfg.storage.path))?;
+    let store = open_store(dir, &cfg)?;
     let vault =
         Vault::open(store, master, Arc::new(SystemClock), options(&cfg)).map_err(describe)?;
     Ok((cfg, Arc::new(vault)))
@@ -324,7 +336,12 @@ struct InitOutput {
     cert_sha256: String,
 }
 
-fn init(dir: &Path, admin: &str, password: Option<Password>) -> Result<InitOutput> {
+fn init(
+    dir: &Path,
+    admin: &str,
+    password: Option<Password>,
+    postgres: Option<String>,
+) -> Result<InitOutput> {
     if dir.exists()
         && std::fs::read_dir(dir)
             .map(|mut d| d.next().is_some())
@@ -343,7 +360,11 @@ fn init(dir: &Path, admin: &str, password: Option<Password>) -> Result<InitOutpu
         .mode(0o700)
         .create(dir)
         .with_context(|| format!("cannot create {}", dir.display()))?;
-    let cfg = Config::default();
+    let mut cfg = Config::default();
+    if let Some(url) = postgres {
+        cfg.storage.backend = "postgres".into();
+        cfg.storage.url = url;
+    }
     let result = (|| -> Result<InitOutput> {
         let master = MasterKey::create_file(&dir.join(&cfg.keys.master_key_file))?;
         std::fs::DirBuilder::new()
@@ -367,7 +388,7 @@ fn init(dir: &Path, admin: &str, password: Option<Password>) -> Result<InitOutpu
             .map(|b| format!("{b:02x}"))
             .collect();
         write_private(&dir.join(config::FILE), cfg.to_toml()?.as_bytes())?;
-        let store = SqliteStore::open(&dir.join(&cfg.storage.path))?;
+        let store = open_store(dir, &cfg)?;
         let vault =
             Vault::open(store, master, Arc::new(SystemClock), options(&cfg)).map_err(describe)?;
         let user = vault
@@ -465,7 +486,7 @@ const DEMO_ROLES: &[Role] = &[
 fn demo(dir: &Path, patients: usize, seed: u64, listen: Option<String>) -> Result<()> {
     let fresh = !dir.join(config::FILE).exists();
     if fresh {
-        let out = init(dir, "admin", None)?;
+        let out = init(dir, "admin", None, None)?;
         println!(
             "Created {} (TLS certificate SHA-256 {})",
             dir.display(),
