@@ -131,6 +131,26 @@ fn pid_col(p: &Option<PatientId>) -> &str {
 
 type Listeners = Arc<Mutex<Vec<Box<dyn Fn(&PatientId) + Send + Sync>>>>;
 
+/// The store's own runtime. It may be dropped from inside another runtime (a server
+/// shutting down), so it shuts down in the background instead of blocking.
+struct OwnedRuntime(Option<tokio::runtime::Runtime>);
+
+impl std::ops::Deref for OwnedRuntime {
+    type Target = tokio::runtime::Runtime;
+    #[expect(clippy::expect_used, reason = "the runtime is taken only in Drop")]
+    fn deref(&self) -> &tokio::runtime::Runtime {
+        self.0.as_ref().expect("runtime present until drop")
+    }
+}
+
+impl Drop for OwnedRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
 enum Job {
     Batch(WriteBatch, SyncSender<Result<Committed, StoreError>>),
     Read(AuditedRead, SyncSender<Result<Payload, StoreError>>),
@@ -138,7 +158,7 @@ enum Job {
 
 /// The PostgreSQL backend.
 pub struct PgStore {
-    rt: Arc<tokio::runtime::Runtime>,
+    rt: Arc<OwnedRuntime>,
     pool: PgPool,
     writer: Mutex<Option<SyncSender<Job>>>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -149,14 +169,14 @@ impl PgStore {
     /// Connects (URL as libpq: `postgres://user@host:port/db?sslmode=require`), migrates,
     /// and starts the writer and the eviction listener.
     pub fn open(url: &str) -> Result<Arc<Self>, StoreError> {
-        let rt = Arc::new(
+        let rt = Arc::new(OwnedRuntime(Some(
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .thread_name("medvault-pg")
                 .enable_all()
                 .build()
                 .map_err(|e| StoreError::Backend(e.to_string()))?,
-        );
+        )));
         let opts: PgConnectOptions = url
             .parse()
             .map_err(|_| StoreError::Unavailable("invalid PostgreSQL URL".into()))?;
@@ -311,7 +331,7 @@ async fn listen_loop(pool: PgPool, listeners: Listeners) {
     }
 }
 
-fn writer_loop(rt: Arc<tokio::runtime::Runtime>, opts: PgConnectOptions, rx: Receiver<Job>) {
+fn writer_loop(rt: Arc<OwnedRuntime>, opts: PgConnectOptions, rx: Receiver<Job>) {
     let mut conn: Option<PgConnection> = None;
     while let Ok(first) = rx.recv() {
         let mut group = vec![first];

@@ -126,11 +126,13 @@ impl Config {
     }
 
     fn check(&self) -> Result<()> {
-        if self.storage.backend != "sqlite" {
-            bail!(
-                "storage.backend `{}` is not available in this build (sqlite)",
-                self.storage.backend
-            );
+        match self.storage.backend.as_str() {
+            "sqlite" => {}
+            "postgres" if !self.storage.url.is_empty() || !self.storage.url_file.is_empty() => {}
+            "postgres" => {
+                bail!("storage.backend = \"postgres\" needs storage.url or storage.url_file")
+            }
+            other => bail!("storage.backend `{other}` is unknown (sqlite, postgres)"),
         }
         if self.keys.provider != "file" {
             bail!(

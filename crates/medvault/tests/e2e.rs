@@ -286,10 +286,73 @@ impl Staff {
     }
 }
 
+/// A fresh PostgreSQL database for one test, dropped afterwards.
+struct PgDb {
+    admin: String,
+    name: String,
+    url: String,
+}
+
+impl PgDb {
+    fn new() -> Option<PgDb> {
+        let admin = std::env::var("MEDVAULT_TEST_PG_URL").ok()?;
+        let name = format!("mv_e2e_{}", medvault_store_name());
+        let url = medvault_core::PgStore::create_database(&admin, &name).unwrap();
+        Some(PgDb { admin, name, url })
+    }
+    fn dump(&self) -> Vec<u8> {
+        let o = Command::new("pg_dump").arg(&self.url).output().unwrap();
+        assert!(
+            o.status.success(),
+            "pg_dump: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        o.stdout
+    }
+}
+
+impl Drop for PgDb {
+    fn drop(&mut self) {
+        let _ = medvault_core::PgStore::drop_database(&self.admin, &self.name);
+    }
+}
+
+fn medvault_store_name() -> String {
+    let n: u64 = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        ^ u64::from(std::process::id());
+    format!(
+        "{n:x}{}",
+        std::thread::current().name().unwrap_or("t").len()
+    )
+}
+
+/// The backends every storage-touching end-to-end test runs on: SQLite always, and
+/// PostgreSQL when `MEDVAULT_TEST_PG_URL` is set (CI sets it).
+fn backends() -> Vec<bool> {
+    if std::env::var("MEDVAULT_TEST_PG_URL").is_ok() {
+        vec![false, true]
+    } else {
+        eprintln!("MEDVAULT_TEST_PG_URL unset: PostgreSQL end-to-end runs skipped");
+        vec![false]
+    }
+}
+
 fn setup() -> (tempfile::TempDir, PathBuf, Staff) {
+    let (t, d, s, _) = setup_on(false);
+    (t, d, s)
+}
+
+fn setup_on(pg: bool) -> (tempfile::TempDir, PathBuf, Staff, Option<PgDb>) {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("data");
-    let init = json_out(&medvault(&dir, &["init", "--json"]));
+    let db = if pg { PgDb::new() } else { None };
+    let init = match &db {
+        Some(db) => json_out(&medvault(&dir, &["init", "--json", "--postgres", &db.url])),
+        None => json_out(&medvault(&dir, &["init", "--json"])),
+    };
     for k in [
         "admin_user",
         "admin_password",
@@ -327,7 +390,7 @@ fn setup() -> (tempfile::TempDir, PathBuf, Staff) {
             u["totp_secret"].as_str().unwrap().to_owned(),
         ));
     }
-    (tmp, dir, Staff { users })
+    (tmp, dir, Staff { users }, db)
 }
 
 fn patient_body(family: &str, mrn: &str) -> Value {
@@ -374,7 +437,13 @@ fn withheld_text(b: &Value) -> String {
 
 #[test]
 fn secure_path_role_matrix_end_to_end() {
-    let (_tmp, dir, staff) = setup();
+    for pg in backends() {
+        role_matrix(pg);
+    }
+}
+
+fn role_matrix(pg: bool) {
+    let (_tmp, dir, staff, _db) = setup_on(pg);
     let s = Server::start(&dir, &[]);
     let tok = |role: &str| {
         let (u, p, t) = staff.get(role);
@@ -754,7 +823,13 @@ fn scan_for(dir: &Path, needles: &[&str]) -> Vec<String> {
 
 #[test]
 fn canary_phi_never_reaches_the_data_directory() {
-    let (_tmp, dir, staff) = setup();
+    for pg in backends() {
+        canary(pg);
+    }
+}
+
+fn canary(pg: bool) {
+    let (_tmp, dir, staff, db) = setup_on(pg);
     let s = Server::start(&dir, &[]);
     let (u, p, t) = staff.get("physician");
     let phys = s.login(u, p, t);
@@ -838,11 +913,29 @@ fn canary_phi_never_reaches_the_data_directory() {
         );
     }
     assert!(log.contains("request"), "the log is being written");
+    if let Some(db) = &db {
+        let dump = db.dump();
+        assert!(dump.len() > 10_000, "the dump holds the data");
+        for n in canaries {
+            for v in [n.to_string(), n.to_lowercase(), n.to_uppercase()] {
+                assert!(
+                    !dump.windows(v.len()).any(|w| w == v.as_bytes()),
+                    "plaintext PHI in the PostgreSQL dump: {v}"
+                );
+            }
+        }
+    }
 }
 
 #[test]
 fn hostile_input_gets_4xx_and_changes_nothing() {
-    let (_tmp, dir, staff) = setup();
+    for pg in backends() {
+        hostile(pg);
+    }
+}
+
+fn hostile(pg: bool) {
+    let (_tmp, dir, staff, _db) = setup_on(pg);
     let s = Server::start(&dir, &[("MEDVAULT_SERVER_MAX_BODY_BYTES", "200000")]);
     let (u, p, t) = staff.get("physician");
     let phys = s.login(u, p, t);
