@@ -14,7 +14,8 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use medvault_core::{
-    Caller, FaultyStore, MasterKey, Password, Role, SqliteStore, Store, Vault, VaultOptions,
+    Caller, FaultyStore, MasterKey, Password, PgStore, Role, SqliteStore, Store, Vault,
+    VaultOptions,
 };
 use medvault_server::{router, AppState, HttpOptions};
 use medvault_types::ManualClock;
@@ -22,15 +23,55 @@ use serde_json::{json, Value};
 use tower::ServiceExt;
 
 struct Fixture {
+    _db: Option<PgDb>,
     _dir: tempfile::TempDir,
     faulty: Arc<FaultyStore>,
     app: axum::Router,
     token: String,
 }
 
+struct PgDb(String, String);
+
+impl Drop for PgDb {
+    fn drop(&mut self) {
+        let _ = PgStore::drop_database(&self.0, &self.1);
+    }
+}
+
+/// SQLite always; PostgreSQL too when `MEDVAULT_TEST_PG_URL` is set.
+fn backends() -> Vec<bool> {
+    if std::env::var("MEDVAULT_TEST_PG_URL").is_ok() {
+        vec![false, true]
+    } else {
+        vec![false]
+    }
+}
+
 async fn fixture() -> Fixture {
+    fixture_on(false).await
+}
+
+async fn fixture_on(pg: bool) -> Fixture {
+    // PostgreSQL's client runtime must not be driven from inside the test's runtime.
+    tokio::task::spawn_blocking(move || build_fixture(pg))
+        .await
+        .unwrap()
+}
+
+fn build_fixture(pg: bool) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
-    let inner: Arc<dyn Store> = SqliteStore::open(&dir.path().join("db.sqlite")).unwrap();
+    let (inner, db): (Arc<dyn Store>, Option<PgDb>) = if pg {
+        let admin = std::env::var("MEDVAULT_TEST_PG_URL").unwrap();
+        let name = format!("mv_http_{}", medvault_types::random_uuid().replace('-', ""));
+        let url = PgStore::create_database(&admin, &name).unwrap();
+        let store = PgStore::open(&url).unwrap();
+        (store, Some(PgDb(admin, name)))
+    } else {
+        (
+            SqliteStore::open(&dir.path().join("db.sqlite")).unwrap(),
+            None,
+        )
+    };
     let faulty = FaultyStore::new(inner);
     let clock = Arc::new(ManualClock::new(
         time::OffsetDateTime::from_unix_timestamp(1_790_000_000).unwrap(),
@@ -67,6 +108,7 @@ async fn fixture() -> Fixture {
         options: HttpOptions::default(),
     });
     Fixture {
+        _db: db,
         _dir: dir,
         faulty,
         app,
@@ -96,9 +138,21 @@ async fn call(f: &Fixture, method: &str, uri: &str, body: Option<Value>) -> (Sta
     (status, String::from_utf8_lossy(&bytes).into_owned())
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audit_failure_fails_closed_with_no_phi() {
-    let f = fixture().await;
+    for pg in backends() {
+        fails_closed(fixture_on(pg).await).await;
+    }
+}
+
+async fn audit_len(f: &Fixture) -> u64 {
+    let s = f.faulty.clone();
+    tokio::task::spawn_blocking(move || s.audit_len().unwrap())
+        .await
+        .unwrap()
+}
+
+async fn fails_closed(f: Fixture) {
     let (s, body) = call(
         &f,
         "POST",
@@ -111,7 +165,7 @@ async fn audit_failure_fails_closed_with_no_phi() {
         .as_str()
         .unwrap()
         .to_owned();
-    let audit_before = f.faulty.audit_len().unwrap();
+    let audit_before = audit_len(&f).await;
 
     f.faulty.set_fail_audit(true);
     // Reads: no PHI leaves without its audit record.
@@ -148,7 +202,7 @@ async fn audit_failure_fails_closed_with_no_phi() {
     let (s, _) = call(&f, "GET", "/fhir/Claim/nope", None).await;
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(
-        f.faulty.audit_len().unwrap(),
+        audit_len(&f).await,
         audit_before,
         "no audit entries were appended"
     );
@@ -163,7 +217,8 @@ async fn audit_failure_fails_closed_with_no_phi() {
     let (s, body) = call(&f, "GET", &format!("/fhir/Patient/{id}"), None).await;
     assert_eq!(s, StatusCode::OK, "the deletion did not happen");
     assert!(body.contains("Failclosed"));
-    assert!(f.faulty.audit_len().unwrap() > audit_before);
+    assert!(audit_len(&f).await > audit_before);
+    tokio::task::spawn_blocking(move || drop(f)).await.unwrap();
 }
 
 #[tokio::test]
