@@ -107,6 +107,8 @@ fn classify(e: sqlx::Error) -> StoreError {
         | sqlx::Error::PoolTimedOut
         | sqlx::Error::PoolClosed
         | sqlx::Error::WorkerCrashed
+        // A connection cut mid-handshake or mid-message surfaces as a protocol error.
+        | sqlx::Error::Protocol(_)
         | sqlx::Error::Tls(_) => StoreError::Unavailable(e.to_string()),
         sqlx::Error::Database(d) if d.code().as_deref() == Some("23505") => StoreError::Exists,
         sqlx::Error::Database(d)

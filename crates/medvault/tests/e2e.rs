@@ -1315,3 +1315,274 @@ fn demo_and_bench_run() {
         .iter()
         .any(|r| r["patients"] == 200));
 }
+
+fn psql(url: &str, sql: &str) -> String {
+    let o = Command::new("psql")
+        .arg(url)
+        .args(["-tAc", sql])
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "psql: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).unwrap().trim().to_owned()
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.path().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), &target).unwrap();
+        }
+    }
+}
+
+#[test]
+fn two_servers_share_one_postgres() {
+    if !backends().contains(&true) {
+        return;
+    }
+    let (tmp, dir_a, staff, db) = setup_on(true);
+    let db = db.unwrap();
+    // A second server: same configuration and keys, its own process.
+    let dir_b = tmp.path().join("data-b");
+    copy_dir(&dir_a, &dir_b);
+    let a = Server::start(&dir_a, &[]);
+    let b = Server::start(&dir_b, &[]);
+    let (u, p, t) = staff.get("physician");
+    let phys = a.login(u, p, t);
+    let (u, p, t) = staff.get("security_admin");
+    let admin = b.login(u, p, t);
+    // A session made on A works on B.
+    let pid = b
+        .post("/fhir/Patient", &phys, &patient_body("Twoserver", "MRN-2S"))
+        .body["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // Concurrent writes and reads through both servers.
+    let ids: Vec<String> = std::thread::scope(|sc| {
+        let hs: Vec<_> = [&a, &b, &a, &b]
+            .into_iter()
+            .map(|s| {
+                let (phys, pid) = (phys.clone(), pid.clone());
+                sc.spawn(move || {
+                    (0..8)
+                        .map(|_| {
+                            let r = s.post("/fhir/Observation", &phys, &vital(&pid));
+                            assert_eq!(r.status, 201, "{:?}", r.body);
+                            let id = r.body["id"].as_str().unwrap().to_owned();
+                            assert_eq!(
+                                s.get(&format!("/fhir/Observation/{id}"), &phys).status,
+                                200
+                            );
+                            id
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        hs.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(ids.len(), 32);
+    for id in &ids {
+        for s in [&a, &b] {
+            assert_eq!(
+                s.get(&format!("/fhir/Observation/{id}"), &phys).status,
+                200,
+                "every record readable from either server"
+            );
+        }
+    }
+    // The audit sequence is dense and has no duplicates.
+    let (count, min, max) = {
+        let r = psql(&db.url, "SELECT count(*) || ',' || min(seq) || ',' || max(seq) || ',' || count(DISTINCT seq) FROM audit_log");
+        let v: Vec<i64> = r.split(',').map(|x| x.parse().unwrap()).collect();
+        assert_eq!(v[0], v[3], "no duplicate sequence numbers");
+        (v[0], v[1], v[2])
+    };
+    assert_eq!(
+        (min, max),
+        (0, count - 1),
+        "dense audit sequence across servers"
+    );
+    assert!(count > 64);
+    // A data-key eviction announced by A takes effect on B.
+    let cached = |s: &Server| {
+        s.get("/api/status", &admin).body["key_cache_entries"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!(b.get("/api/status", &admin).body["backend"], "postgres");
+    let before = cached(&b);
+    assert!(before >= 1, "B holds the patient's key after serving reads");
+    let r = a.post("/api/keys/evict", &admin, &json!({"patient": pid}));
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let mut after = before;
+    for _ in 0..50 {
+        after = cached(&b);
+        if after < before {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(after, before - 1, "B dropped the key on A's notice");
+    assert_eq!(
+        b.get(&format!("/fhir/Patient/{pid}"), &phys).status,
+        200,
+        "and reloads it when needed"
+    );
+    assert_eq!(
+        a.post("/api/keys/evict", &phys, &json!({"patient": pid}))
+            .status,
+        403,
+        "key administration is for security admins"
+    );
+    // A session revoked on one server is refused on the other.
+    assert_eq!(
+        a.call("POST", "/auth/logout", Some(&phys), None, &[])
+            .status,
+        204
+    );
+    assert_eq!(b.get(&format!("/fhir/Patient/{pid}"), &phys).status, 401);
+    let (sa, _) = a.stop();
+    let (sb, _) = b.stop();
+    assert!(sa.success() && sb.success());
+}
+
+/// A TCP proxy in front of PostgreSQL that can cut every connection, to play a database
+/// outage without stopping the machine's PostgreSQL.
+struct Proxy {
+    port: u16,
+    down: Arc<std::sync::atomic::AtomicBool>,
+    conns: Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl Proxy {
+    fn start(target: u16) -> Proxy {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let conns = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (d, c) = (down.clone(), conns.clone());
+        std::thread::spawn(move || {
+            for client in l.incoming() {
+                let Ok(client) = client else { continue };
+                if d.load(std::sync::atomic::Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", target)) else {
+                    continue;
+                };
+                c.lock()
+                    .unwrap()
+                    .extend([client.try_clone().unwrap(), server.try_clone().unwrap()]);
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Proxy { port, down, conns }
+    }
+    fn cut(&self) {
+        self.down.store(true, std::sync::atomic::Ordering::SeqCst);
+        for c in self.conns.lock().unwrap().drain(..) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+    }
+    fn restore(&self) {
+        self.down.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn database_outage_gives_503_and_recovers() {
+    let Ok(admin_url) = std::env::var("MEDVAULT_TEST_PG_URL") else {
+        return;
+    };
+    let db = PgDb::new().unwrap();
+    let pg_port: u16 = admin_url
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.split('/').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(5432);
+    let proxy = Proxy::start(pg_port);
+    let via_proxy = db
+        .url
+        .replace(&format!(":{pg_port}/"), &format!(":{}/", proxy.port));
+    assert_ne!(via_proxy, db.url);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    json_out(&medvault(
+        &dir,
+        &["init", "--json", "--postgres", &via_proxy],
+    ));
+    let u = json_out(&medvault(
+        &dir,
+        &["user", "add", "doc", "--role", "physician", "--json"],
+    ));
+    let s = Server::start(&dir, &[]);
+    let tok = s.login(
+        "doc",
+        u["password"].as_str().unwrap(),
+        u["totp_secret"].as_str().unwrap(),
+    );
+    let pid = s
+        .post("/fhir/Patient", &tok, &patient_body("Outage", "MRN-OUT"))
+        .body["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let audit_before: i64 = psql(&db.url, "SELECT count(*) FROM audit_log")
+        .parse()
+        .unwrap();
+
+    proxy.cut();
+    for _ in 0..3 {
+        let r = s.get(&format!("/fhir/Patient/{pid}"), &tok);
+        assert_eq!(r.status, 503, "{:?}", r.body);
+        assert_eq!(r.body["resourceType"], "OperationOutcome");
+        assert!(
+            !r.body.to_string().contains("Outage"),
+            "no PHI without its audit record"
+        );
+        let w = s.post("/fhir/Observation", &tok, &vital(&pid));
+        assert_eq!(w.status, 503);
+    }
+    proxy.restore();
+    let mut recovered = false;
+    for _ in 0..60 {
+        if s.get(&format!("/fhir/Patient/{pid}"), &tok).status == 200 {
+            recovered = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert!(recovered, "the server recovers when the database returns");
+    assert_eq!(s.post("/fhir/Observation", &tok, &vital(&pid)).status, 201);
+    let audit_after: i64 = psql(&db.url, "SELECT count(*) FROM audit_log")
+        .parse()
+        .unwrap();
+    let max: i64 = psql(&db.url, "SELECT max(seq) FROM audit_log")
+        .parse()
+        .unwrap();
+    assert_eq!(max + 1, audit_after, "still dense after the outage");
+    assert!(audit_after > audit_before);
+    let (status, log) = s.stop();
+    assert!(status.success());
+    assert!(!log.contains("panicked"));
+}
