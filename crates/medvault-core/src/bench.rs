@@ -125,7 +125,7 @@ fn obs_json(patient: &str, i: usize) -> Value {
 
 struct Fixture {
     vault: Vault,
-    plain: Arc<SqliteStore>,
+    plain: Arc<dyn Store>,
     /// (patient id, observation id) pairs, secure side and plain side.
     secure_ids: Vec<(String, String)>,
     plain_ids: Vec<(String, String)>,
@@ -149,15 +149,46 @@ fn plain_put(rt: &str, id: &str, patient: &str, v: &Value, index: Vec<IndexRow>)
     }
 }
 
+/// Where the benchmark's two stores live.
+#[derive(Debug, Clone)]
+pub enum BenchBackend {
+    /// SQLite files in a temporary directory.
+    Sqlite,
+    /// Fresh databases created (and dropped) through this PostgreSQL URL.
+    Postgres(String),
+}
+
+fn open_store(
+    backend: &BenchBackend,
+    dir: &Path,
+    name: &str,
+    created: &mut Vec<String>,
+) -> Result<Arc<dyn Store>, VaultError> {
+    Ok(match backend {
+        BenchBackend::Sqlite => SqliteStore::open(&dir.join(format!("{name}.db")))?,
+        BenchBackend::Postgres(admin) => {
+            let db = format!(
+                "mv_bench_{name}_{}",
+                medvault_types::random_uuid().replace('-', "")
+            );
+            let url = medvault_store::PgStore::create_database(admin, &db)?;
+            created.push(db);
+            medvault_store::PgStore::open(&url)?
+        }
+    })
+}
+
 fn setup(
+    backend: &BenchBackend,
     dir: &Path,
     patients: usize,
     clock: Arc<dyn Clock>,
     progress: &dyn Fn(usize, usize),
+    created: &mut Vec<String>,
 ) -> Result<Fixture, VaultError> {
-    let store = SqliteStore::open(&dir.join("secure.db"))?;
+    let store = open_store(backend, dir, "secure", created)?;
     let vault = Vault::open(store, MasterKey::generate(), clock, VaultOptions::default())?;
-    let plain = SqliteStore::open(&dir.join("plain.db"))?;
+    let plain = open_store(backend, dir, "plain", created)?;
     let importer = Caller::cli(Role::Importer);
     let mut secure_ids = vec![];
     let mut plain_ids = vec![];
@@ -235,6 +266,7 @@ fn physician() -> Result<Caller, VaultError> {
 
 /// Runs the benchmark in `dir` (a fresh temporary directory).
 pub fn run(
+    backend: &BenchBackend,
     dir: &Path,
     opts: BenchOptions,
     clock: Arc<dyn Clock>,
@@ -244,9 +276,22 @@ pub fn run(
     for (k, &size) in opts.sizes.iter().enumerate() {
         let sub = dir.join(format!("run{k}"));
         std::fs::create_dir_all(&sub).map_err(|e| VaultError::Internal(e.to_string()))?;
-        let fx = setup(&sub, size.max(1), clock.clone(), &|d, t| {
-            progress("loading patients", d, t)
-        })?;
+        let mut created = vec![];
+        let fx = setup(
+            backend,
+            &sub,
+            size.max(1),
+            clock.clone(),
+            &|d, t| progress("loading patients", d, t),
+            &mut created,
+        );
+        let fx = match fx {
+            Ok(f) => f,
+            Err(e) => {
+                drop_databases(backend, &created);
+                return Err(e);
+            }
+        };
         let c = physician()?;
         let obs = ResourceType::parse("Observation").ok_or(VaultError::Internal("type".into()))?;
         let n = fx.secure_ids.len().max(1);
@@ -348,9 +393,18 @@ pub fn run(
             secure,
             plain: None,
         });
-        fx.plain.close();
+        drop(fx);
+        drop_databases(backend, &created);
     }
     Ok(rows)
+}
+
+fn drop_databases(backend: &BenchBackend, names: &[String]) {
+    if let BenchBackend::Postgres(admin) = backend {
+        for n in names {
+            let _ = medvault_store::PgStore::drop_database(admin, n);
+        }
+    }
 }
 
 /// The table as text.

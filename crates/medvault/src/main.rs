@@ -100,6 +100,12 @@ enum Command {
         ops: usize,
         #[arg(long, default_value_t = 8)]
         threads: usize,
+        /// `sqlite` (temporary files) or `postgres` (temporary databases via --postgres).
+        #[arg(long, default_value = "sqlite")]
+        backend: String,
+        /// A PostgreSQL URL whose user may create databases (for --backend postgres).
+        #[arg(long, env = "MEDVAULT_BENCH_PG_URL")]
+        postgres: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -245,8 +251,20 @@ fn run(cli: Cli) -> Result<()> {
             patients,
             ops,
             threads,
+            backend,
+            postgres,
             json,
-        } => bench(patients, ops, threads, json),
+        } => {
+            let backend = match (backend.as_str(), postgres) {
+                ("sqlite", _) => medvault_core::bench::BenchBackend::Sqlite,
+                ("postgres", Some(url)) => medvault_core::bench::BenchBackend::Postgres(url),
+                ("postgres", None) => bail!(
+                    "--backend postgres needs --postgres URL (a user that may create databases)"
+                ),
+                (other, _) => bail!("unknown backend `{other}` (sqlite, postgres)"),
+            };
+            bench(&backend, patients, ops, threads, json)
+        }
         Command::Config {
             command: ConfigCommand::Show,
         } => {
@@ -560,10 +578,17 @@ fn progress_bar(len: u64, msg: &'static str) -> Option<indicatif::ProgressBar> {
     Some(b)
 }
 
-fn bench(patients: usize, ops: usize, threads: usize, json: bool) -> Result<()> {
+fn bench(
+    backend: &medvault_core::bench::BenchBackend,
+    patients: usize,
+    ops: usize,
+    threads: usize,
+    json: bool,
+) -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let bar = progress_bar(patients as u64, "loading patients");
     let rows = medvault_core::bench::run(
+        backend,
         tmp.path(),
         medvault_core::bench::BenchOptions {
             sizes: [1, patients.max(1)],
@@ -596,7 +621,11 @@ fn bench(patients: usize, ops: usize, threads: usize, json: bool) -> Result<()> 
             .collect();
         println!("{}", serde_json::Value::Array(v));
     } else {
-        println!("medvault bench: secure path vs plain store, {threads} client threads, in-process, SQLite (WAL)");
+        let store = match backend {
+            medvault_core::bench::BenchBackend::Sqlite => "SQLite (WAL)",
+            medvault_core::bench::BenchBackend::Postgres(_) => "PostgreSQL",
+        };
+        println!("medvault bench: secure path vs plain store, {threads} client threads, in-process, {store}");
         print!("{}", medvault_core::bench::render(&rows));
     }
     Ok(())
