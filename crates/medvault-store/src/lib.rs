@@ -1,5 +1,6 @@
-//! medvault-store — the backend-neutral [`Store`] trait, its SQLite (WAL) backend, the
-//! conformance suite every backend must pass, and a failure-injecting wrapper.
+//! medvault-store — the backend-neutral [`Store`] trait, its SQLite (WAL, embedded default)
+//! and PostgreSQL (several servers over one database) backends, the conformance suite every
+//! backend must pass, and a failure-injecting wrapper.
 //!
 //! This room stores bytes it cannot read: record bodies arrive sealed, search values
 //! arrive as blind-index tokens, secrets arrive wrapped. It must never decrypt, never

