@@ -1,27 +1,18 @@
 //! `/api/*` administration endpoints (security administrators; no PHI).
 
 use axum::extract::{Request, State};
-use axum::http::{header, HeaderValue, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::http::StatusCode;
+use axum::response::Response;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::{blocking, body_bytes, caller, ApiError, AppState, Ctx};
-
-fn json(status: StatusCode, v: &serde_json::Value) -> Response {
-    let mut r = (status, serde_json::to_vec(v).unwrap_or_default()).into_response();
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    r
-}
+use crate::{blocking, body_bytes, caller, plain_json, ApiError, AppState, Ctx};
 
 pub(crate) async fn status(State(state): State<AppState>, ctx: Ctx) -> Result<Response, ApiError> {
     let c = caller(&state, &ctx).await?;
     let vault = state.vault.clone();
     let s = blocking(move || vault.status(&c)).await??;
-    Ok(json(StatusCode::OK, &json!(s)))
+    Ok(plain_json(StatusCode::OK, json!(s)))
 }
 
 #[derive(Deserialize)]
@@ -41,5 +32,5 @@ pub(crate) async fn evict_key(
         .map_err(|_| ApiError::bad_request("body must be {\"patient\": ID}"))?;
     let vault = state.vault.clone();
     blocking(move || vault.evict_key(&c, &b.patient)).await??;
-    Ok(json(StatusCode::OK, &json!({"evicted": true})))
+    Ok(plain_json(StatusCode::OK, json!({"evicted": true})))
 }

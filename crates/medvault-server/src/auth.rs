@@ -8,7 +8,7 @@ use medvault_fhir::IssueCode;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::{blocking, body_bytes, caller, ApiError, AppState, Ctx, SESSION_COOKIE};
+use crate::{blocking, body_bytes, caller, plain_json, ApiError, AppState, Ctx, SESSION_COOKIE};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -37,15 +37,6 @@ fn bad_credentials() -> ApiError {
     )
 }
 
-fn json(status: StatusCode, v: serde_json::Value) -> Response {
-    let mut r = (status, serde_json::to_vec(&v).unwrap_or_default()).into_response();
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    r
-}
-
 pub(crate) async fn login(
     State(state): State<AppState>,
     ctx: Ctx,
@@ -58,7 +49,7 @@ pub(crate) async fn login(
     let (source, rid) = (ctx.source.clone(), ctx.request_id.clone());
     let r = blocking(move || vault.login(&b.username, &password, source, &rid)).await?;
     match r {
-        Ok(ch) => Ok(json(
+        Ok(ch) => Ok(plain_json(
             StatusCode::OK,
             json!({"mfa_required": true, "mfa_token": ch.mfa_token.expose(), "methods": ch.methods}),
         )),
@@ -87,7 +78,7 @@ pub(crate) async fn mfa_totp(
             ),
             other => other.into(),
         })?;
-    let mut r = json(
+    let mut r = plain_json(
         StatusCode::OK,
         json!({"token": grant.token.expose(), "expires_in": grant.expires_in, "username": grant.principal.username.as_str(),
                "role": grant.principal.role.as_str()}),

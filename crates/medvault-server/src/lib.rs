@@ -225,6 +225,16 @@ pub(crate) fn with_peer(r: Router, peer: SocketAddr) -> Router {
     r.layer(Extension(Peer(peer)))
 }
 
+/// A plain `application/json` response (auth and admin endpoints).
+pub(crate) fn plain_json(status: axum::http::StatusCode, v: serde_json::Value) -> Response {
+    let mut r = (status, serde_json::to_vec(&v).unwrap_or_default()).into_response();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
 pub(crate) fn json_response(status: axum::http::StatusCode, body: &serde_json::Value) -> Response {
     let mut r = (status, serde_json::to_vec(body).unwrap_or_default()).into_response();
     r.headers_mut()

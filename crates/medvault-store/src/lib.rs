@@ -13,6 +13,7 @@
 pub mod conformance;
 pub mod faulty;
 mod postgres;
+mod sql;
 mod sqlite;
 
 pub use postgres::{with_database, PgStore};

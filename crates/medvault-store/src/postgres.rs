@@ -782,8 +782,6 @@ async fn apply(
     Ok(append_audit(c, &b.audit, next_seq).await?)
 }
 
-const VERSION_COLS: &str = "v.rtype, v.id, v.version, v.patient_id, v.last_updated, v.deleted, v.category, v.key_version, v.body";
-
 fn version_row(r: &PgRow) -> Result<VersionRow, sqlx::Error> {
     let pid: String = r.try_get(3)?;
     let version: i64 = r.try_get(2)?;
@@ -830,90 +828,6 @@ const VERSION_SQL: &str = "SELECT v.rtype, v.id, v.version, v.patient_id, v.last
      FROM resource_versions v WHERE v.rtype = $1 AND v.id = $2 AND v.version = $3";
 const HISTORY_SQL: &str = "SELECT v.rtype, v.id, v.version, v.patient_id, v.last_updated, v.deleted, v.category, v.key_version, v.body
      FROM resource_versions v WHERE v.rtype = $1 AND v.id = $2 ORDER BY v.version DESC";
-
-enum Arg {
-    Text(String),
-    Bytes(Vec<u8>),
-    Int(i64),
-}
-
-fn search_sql(q: &SearchQuery) -> Option<(String, Vec<Arg>)> {
-    let mut sql = format!(
-        "SELECT {VERSION_COLS} FROM resource_current c JOIN resource_versions v
-         ON v.patient_id = c.patient_id AND v.rtype = c.rtype AND v.id = c.id AND v.version = c.version WHERE NOT c.deleted"
-    );
-    let mut args: Vec<Arg> = vec![];
-    let mut push = |sql: &mut String, frag: &str, a: Arg| {
-        args.push(a);
-        sql.push_str(&frag.replace('?', &format!("${}", args.len())));
-    };
-    if let Some(t) = &q.rtype {
-        push(&mut sql, " AND c.rtype = ?", Arg::Text(t.clone()));
-    }
-    if let Some(p) = &q.patient {
-        push(
-            &mut sql,
-            " AND c.patient_id = ?",
-            Arg::Text(p.as_str().to_owned()),
-        );
-    }
-    if !q.ids.is_empty() {
-        sql.push_str(" AND c.id IN (");
-        for (i, id) in q.ids.iter().enumerate() {
-            push(
-                &mut sql,
-                if i == 0 { "?" } else { ", ?" },
-                Arg::Text(id.clone()),
-            );
-        }
-        sql.push(')');
-    }
-    if !q.categories.is_empty() {
-        sql.push_str(" AND c.category IN (");
-        for (i, cat) in q.categories.iter().enumerate() {
-            push(
-                &mut sql,
-                if i == 0 { "?" } else { ", ?" },
-                Arg::Text(cat.clone()),
-            );
-        }
-        sql.push(')');
-    }
-    for (param, tokens) in &q.tokens {
-        if tokens.is_empty() {
-            return None;
-        }
-        sql.push_str(" AND EXISTS (SELECT 1 FROM search_index s WHERE s.patient_id = c.patient_id AND s.rtype = c.rtype AND s.id = c.id");
-        push(&mut sql, " AND s.param = ?", Arg::Text(param.clone()));
-        sql.push_str(" AND s.token IN (");
-        for (i, t) in tokens.iter().enumerate() {
-            push(
-                &mut sql,
-                if i == 0 { "?" } else { ", ?" },
-                Arg::Bytes(t.clone()),
-            );
-        }
-        sql.push_str("))");
-    }
-    for (cmp, at) in &q.last_updated {
-        let op = match cmp {
-            Cmp::Ge => ">=",
-            Cmp::Gt => ">",
-            Cmp::Le => "<=",
-            Cmp::Lt => "<",
-        };
-        push(
-            &mut sql,
-            &format!(" AND c.last_updated {op} ?"),
-            Arg::Text(at.clone()),
-        );
-    }
-    let limit = i64::try_from(q.limit.saturating_add(1)).unwrap_or(i64::MAX);
-    let offset = i64::try_from(q.offset).unwrap_or(i64::MAX);
-    push(&mut sql, " ORDER BY c.rtype, c.id LIMIT ?", Arg::Int(limit));
-    push(&mut sql, " OFFSET ?", Arg::Int(offset));
-    Some((sql, args))
-}
 
 async fn q_current<'e, E: sqlx::PgExecutor<'e>>(
     e: E,
@@ -968,15 +882,15 @@ async fn q_search<'e, E: sqlx::PgExecutor<'e>>(
     e: E,
     q: &SearchQuery,
 ) -> Result<SearchPage, StoreError> {
-    let Some((sql, args)) = search_sql(q) else {
+    let Some((sql, args)) = crate::sql::search(q, crate::sql::Dialect::Postgres) else {
         return Ok(SearchPage::default());
     };
     let mut query = sqlx::query(&sql);
     for a in args {
         query = match a {
-            Arg::Text(s) => query.bind(s),
-            Arg::Bytes(b) => query.bind(b),
-            Arg::Int(i) => query.bind(i),
+            crate::sql::Arg::Text(s) => query.bind(s),
+            crate::sql::Arg::Bytes(b) => query.bind(b),
+            crate::sql::Arg::Int(i) => query.bind(i),
         };
     }
     let rows = query.fetch_all(e).await.map_err(classify)?;

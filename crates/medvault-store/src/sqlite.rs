@@ -464,7 +464,7 @@ fn append_audit(
     Ok(seqs)
 }
 
-const VERSION_COLS: &str = "v.rtype, v.id, v.version, v.patient_id, v.last_updated, v.deleted, v.category, v.key_version, v.body";
+use crate::sql::VERSION_COLS;
 
 fn version_row(r: &Row<'_>) -> rusqlite::Result<VersionRow> {
     let pid: Option<String> = r.get(3)?;
@@ -543,100 +543,24 @@ fn q_history(c: &Connection, rtype: &str, id: &str) -> Result<Vec<VersionRow>, S
 }
 
 fn q_search(c: &Connection, q: &SearchQuery) -> Result<SearchPage, StoreError> {
-    // With a patient, drive from the patient index (a chart is small) and check tokens
-    // per row; without one, drive from the blind-index tokens. SQLite has no statistics
-    // on a fresh database, so the choice is made here rather than left to the planner.
-    let by_patient = q.patient.is_some();
-    let hint = if by_patient {
-        "INDEXED BY resource_current_patient"
-    } else {
-        ""
+    let Some((sql, args)) = crate::sql::search(q, crate::sql::Dialect::Sqlite) else {
+        return Ok(SearchPage::default());
     };
-    let mut sql = format!(
-        "SELECT {VERSION_COLS} FROM resource_current c {hint} JOIN resource_versions v
-             ON v.rtype = c.rtype AND v.id = c.id AND v.version = c.version WHERE c.deleted = 0"
-    );
-    let mut args: Vec<rusqlite::types::Value> = vec![];
-    let mut push = |sql: &mut String, frag: &str, v: rusqlite::types::Value| {
-        args.push(v);
-        sql.push_str(&frag.replace('?', &format!("?{}", args.len())));
-    };
-    if let Some(t) = &q.rtype {
-        push(&mut sql, " AND c.rtype = ?", t.clone().into());
-    }
-    if let Some(p) = &q.patient {
-        push(
-            &mut sql,
-            " AND c.patient_id = ?",
-            p.as_str().to_owned().into(),
-        );
-    }
-    if !q.ids.is_empty() {
-        sql.push_str(" AND c.id IN (");
-        for (i, id) in q.ids.iter().enumerate() {
-            push(
-                &mut sql,
-                if i == 0 { "?" } else { ", ?" },
-                id.clone().into(),
-            );
-        }
-        sql.push(')');
-    }
-    if !q.categories.is_empty() {
-        sql.push_str(" AND c.category IN (");
-        for (i, cat) in q.categories.iter().enumerate() {
-            push(
-                &mut sql,
-                if i == 0 { "?" } else { ", ?" },
-                cat.clone().into(),
-            );
-        }
-        sql.push(')');
-    }
-    for (param, tokens) in &q.tokens {
-        if tokens.is_empty() {
-            return Ok(SearchPage::default());
-        }
-        if by_patient {
-            sql.push_str(
-                " AND EXISTS (SELECT 1 FROM search_index s WHERE s.rtype = c.rtype AND s.id = c.id",
-            );
-        } else {
-            sql.push_str(" AND c.id IN (SELECT s.id FROM search_index s WHERE s.rtype = c.rtype");
-        }
-        push(&mut sql, " AND s.param = ?", param.clone().into());
-        sql.push_str(" AND s.token IN (");
-        for (i, t) in tokens.iter().enumerate() {
-            push(&mut sql, if i == 0 { "?" } else { ", ?" }, t.clone().into());
-        }
-        sql.push_str("))");
-    }
-    for (cmp, at) in &q.last_updated {
-        let op = match cmp {
-            Cmp::Ge => ">=",
-            Cmp::Gt => ">",
-            Cmp::Le => "<=",
-            Cmp::Lt => "<",
-        };
-        push(
-            &mut sql,
-            &format!(" AND c.last_updated {op} ?"),
-            at.clone().into(),
-        );
-    }
-    let limit = i64::try_from(q.limit.saturating_add(1)).unwrap_or(i64::MAX);
-    let offset = i64::try_from(q.offset).unwrap_or(i64::MAX);
-    push(&mut sql, " ORDER BY c.rtype, c.id LIMIT ?", limit.into());
-    push(&mut sql, " OFFSET ?", offset.into());
-    {
-        let mut st = c.prepare_cached(&sql)?;
-        let mut rows = st
-            .query_map(params_from_iter(args.iter()), version_row)?
-            .collect::<Result<Vec<_>, _>>()?;
-        let more = rows.len() > q.limit;
-        rows.truncate(q.limit);
-        Ok(SearchPage { rows, more })
-    }
+    let args: Vec<rusqlite::types::Value> = args
+        .into_iter()
+        .map(|a| match a {
+            crate::sql::Arg::Text(s) => s.into(),
+            crate::sql::Arg::Bytes(b) => b.into(),
+            crate::sql::Arg::Int(i) => i.into(),
+        })
+        .collect();
+    let mut st = c.prepare_cached(&sql)?;
+    let mut rows = st
+        .query_map(params_from_iter(args.iter()), version_row)?
+        .collect::<Result<Vec<_>, _>>()?;
+    let more = rows.len() > q.limit;
+    rows.truncate(q.limit);
+    Ok(SearchPage { rows, more })
 }
 
 impl Store for SqliteStore {
