@@ -8,6 +8,8 @@
 //! INVARIANT: leaf hash = SHA-256(0x00 ‖ canonical record), as RFC 6962 / RFC 9162 leaves.
 #![forbid(unsafe_code)]
 
+pub mod merkle;
+
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};

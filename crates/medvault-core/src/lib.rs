@@ -975,3 +975,68 @@ impl ReadCtx {
         (allowed, disclosed, withheld)
     }
 }
+
+/// The outcome of recomputing the audit log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuditVerdict {
+    /// Every entry is present, in sequence, canonical, and matches its leaf hash.
+    Intact { size: u64, root: [u8; 32] },
+    /// The first entry found wrong, and what is wrong with it.
+    Broken { index: u64, problem: String },
+}
+
+impl Vault {
+    /// Recomputes every leaf hash and the Merkle root of the whole audit log, streaming it
+    /// in chunks. Reports the first entry that is missing, out of place, not canonical, or
+    /// does not match its stored leaf hash.
+    pub fn verify_audit(&self, progress: &dyn Fn(u64, u64)) -> Result<AuditVerdict, VaultError> {
+        let total = self.store.audit_len()?;
+        let mut builder = medvault_audit::merkle::RootBuilder::new();
+        let mut expected: u64 = 0;
+        const CHUNK: u64 = 50_000;
+        while expected < total {
+            let rows = self
+                .store
+                .audit_range(expected, expected.saturating_add(CHUNK))?;
+            if rows.is_empty() {
+                return Ok(AuditVerdict::Broken {
+                    index: expected,
+                    problem: "entry is missing".into(),
+                });
+            }
+            for row in rows {
+                if row.seq != expected {
+                    let problem =
+                        format!("entry is missing (the next stored entry is {})", row.seq);
+                    return Ok(AuditVerdict::Broken {
+                        index: expected,
+                        problem,
+                    });
+                }
+                let leaf = medvault_audit::leaf_hash(&row.record);
+                if row.leaf_hash.as_slice() != leaf.as_slice() {
+                    return Ok(AuditVerdict::Broken {
+                        index: expected,
+                        problem: "record does not match its leaf hash".into(),
+                    });
+                }
+                match AuditRecord::from_canonical(&row.record) {
+                    Ok(r) if r.canonical() == row.record => {}
+                    _ => {
+                        return Ok(AuditVerdict::Broken {
+                            index: expected,
+                            problem: "not a canonical audit record".into(),
+                        })
+                    }
+                }
+                builder.push(leaf);
+                expected += 1;
+            }
+            progress(expected, total);
+        }
+        Ok(AuditVerdict::Intact {
+            size: builder.size(),
+            root: builder.root(),
+        })
+    }
+}

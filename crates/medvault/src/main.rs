@@ -114,6 +114,11 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// The audit log.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Print the current code for a TOTP secret (base32), as an authenticator app would.
     TotpCode { secret: String },
 }
@@ -127,6 +132,15 @@ enum UserCommand {
         role: String,
         #[arg(long)]
         password_file: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Recompute every leaf and the Merkle root; exit 1 naming the first bad entry.
+    Verify {
         #[arg(long)]
         json: bool,
     },
@@ -271,6 +285,43 @@ fn run(cli: Cli) -> Result<()> {
             let cfg = Config::load(&dir)?;
             print!("{}", cfg.to_toml()?);
             Ok(())
+        }
+        Command::Audit {
+            command: AuditCommand::Verify { json },
+        } => {
+            let (_, vault) = open(&dir)?;
+            let bar = progress_bar(0, "verifying the audit log");
+            let verdict = vault
+                .verify_audit(&|done, total| {
+                    if let Some(b) = &bar {
+                        b.set_length(total);
+                        b.set_position(done);
+                    }
+                })
+                .map_err(describe)?;
+            if let Some(b) = bar {
+                b.finish_and_clear();
+            }
+            match verdict {
+                medvault_core::AuditVerdict::Intact { size, root } => {
+                    let root: String = root.iter().map(|b| format!("{b:02x}")).collect();
+                    if json {
+                        println!("{}", json!({"intact": true, "size": size, "root": root}));
+                    } else {
+                        println!("audit log intact: {size} entries, root {root}");
+                    }
+                    Ok(())
+                }
+                medvault_core::AuditVerdict::Broken { index, problem } => {
+                    if json {
+                        println!(
+                            "{}",
+                            json!({"intact": false, "index": index, "problem": problem})
+                        );
+                    }
+                    bail!("audit log broken at entry {index}: {problem}")
+                }
+            }
         }
         Command::TotpCode { secret } => {
             let code = medvault_core::totp_now(&secret, SystemClock.now().unix_timestamp())

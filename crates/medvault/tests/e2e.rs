@@ -1616,3 +1616,102 @@ fn database_outage_gives_503_and_recovers() {
     assert!(status.success());
     assert!(!log.contains("panicked"));
 }
+
+#[test]
+fn audit_verify_recomputes_the_log_and_names_the_first_bad_entry() {
+    let (_tmp, dir, staff) = setup();
+    let s = Server::start(&dir, &[]);
+    let (u, p, t) = staff.get("physician");
+    let phys = s.login(u, p, t);
+    let pid = s
+        .post("/fhir/Patient", &phys, &patient_body("Ledger", "MRN-L"))
+        .body["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for _ in 0..5 {
+        assert_eq!(s.get(&format!("/fhir/Patient/{pid}"), &phys).status, 200);
+    }
+    let (status, _) = s.stop();
+    assert!(status.success());
+    let ok = json_out(&medvault(&dir, &["audit", "verify", "--json"]));
+    assert_eq!(ok["intact"], true);
+    let size = ok["size"].as_u64().unwrap();
+    assert!(
+        size >= 15,
+        "init, user adds, logins, writes and reads are all in the log: {size}"
+    );
+    assert_eq!(ok["root"].as_str().unwrap().len(), 64);
+    // Verification is deterministic.
+    assert_eq!(
+        json_out(&medvault(&dir, &["audit", "verify", "--json"]))["root"],
+        ok["root"]
+    );
+
+    // Tamper with the stopped server's database file, as an attacker with disk access would.
+    let db = dir.join("medvault.db");
+    let tamper = |sql: &str| {
+        let c = rusqlite::Connection::open(&db).unwrap();
+        c.execute_batch("DROP TRIGGER IF EXISTS audit_log_no_update; DROP TRIGGER IF EXISTS audit_log_no_delete;").unwrap();
+        c.execute_batch(sql).unwrap();
+    };
+    let verify_fails_at = |index: u64, what: &str| {
+        let o = medvault(&dir, &["audit", "verify"]);
+        assert_eq!(o.status.code(), Some(1), "verify must fail");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains(&format!("entry {index}")) && err.contains(what),
+            "{err}"
+        );
+        assert_eq!(err.trim().lines().count(), 1);
+    };
+    let settle = || {
+        let c = rusqlite::Connection::open(&db).unwrap();
+        c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .unwrap();
+        c.execute_batch("PRAGMA journal_mode=DELETE").unwrap();
+    };
+    settle();
+    let backup = std::fs::read(&db).unwrap();
+    let restore = || {
+        for ext in ["-wal", "-shm"] {
+            let _ = std::fs::remove_file(dir.join(format!("medvault.db{ext}")));
+        }
+        std::fs::write(&db, &backup).unwrap();
+    };
+    // Edit an entry.
+    tamper("UPDATE audit_log SET record = CAST(replace(CAST(record AS TEXT), 'success', 'failure') AS BLOB) WHERE seq = 7");
+    verify_fails_at(7, "does not match its leaf hash");
+    restore();
+    // Delete one.
+    tamper("DELETE FROM audit_log WHERE seq = 4");
+    verify_fails_at(4, "missing");
+    restore();
+    // Replace an entry with a non-canonical one whose leaf hash is recomputed.
+    let c = rusqlite::Connection::open(&db).unwrap();
+    c.execute_batch("DROP TRIGGER IF EXISTS audit_log_no_update;")
+        .unwrap();
+    let forged = b" {\"action\":\"read\"}".to_vec();
+    let mut h = sha2_leaf(&forged);
+    c.execute(
+        "UPDATE audit_log SET record = ?1, leaf_hash = ?2 WHERE seq = 2",
+        rusqlite::params![forged, h.as_slice()],
+    )
+    .unwrap();
+    drop(c);
+    verify_fails_at(2, "not a canonical audit record");
+    h.clear();
+    restore();
+    assert_eq!(
+        json_out(&medvault(&dir, &["audit", "verify", "--json"]))["root"],
+        ok["root"]
+    );
+}
+
+fn sha2_leaf(b: &[u8]) -> Vec<u8> {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update([0u8]);
+    h.update(b);
+    h.finalize().to_vec()
+}
