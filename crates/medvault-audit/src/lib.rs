@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub mod merkle;
+pub mod note;
 
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
@@ -18,6 +19,8 @@ use sha2::{Digest, Sha256};
 pub enum AuditError {
     #[error("audit record is not canonical JSON: {0}")]
     Decode(String),
+    #[error("{0}")]
+    Note(String),
 }
 
 /// Outcome of an audited action.

@@ -222,6 +222,10 @@ impl Default for VaultOptions {
 }
 
 pub struct Vault {
+    signer: medvault_audit::note::NoteSigner,
+    origin: String,
+    /// The Merkle tree over the audit log as far as it was last checkpointed.
+    tree: std::sync::Mutex<medvault_audit::merkle::RootBuilder>,
     store: Arc<dyn Store>,
     master: MasterKey,
     indexer: BlindIndexer,
@@ -298,10 +302,24 @@ impl Vault {
         }
         let policy =
             PolicyEngine::with_defaults().map_err(|e| VaultError::Internal(e.to_string()))?;
+        let wrapped_sig = load_or_create_meta(&store, "key.audit_signing", || {
+            Ok(master.wrap_named("audit-signing", &DataKey::generate())?)
+        })?;
+        let sig_key = master.unwrap_named("audit-signing", &wrapped_sig)?;
+        let origin_bytes = load_or_create_meta(&store, "audit.origin", || {
+            Ok(format!("medvault.local/audit/{}", medvault_types::random_uuid()).into_bytes())
+        })?;
+        let origin = String::from_utf8(origin_bytes)
+            .map_err(|_| VaultError::Internal("bad audit origin".into()))?;
+        let signer =
+            medvault_audit::note::NoteSigner::new(&origin, sig_key.expose_for_derivation());
         let keys = Arc::new(KeyCache::new(options.key_cache_capacity));
         let heard = keys.clone();
         store.on_key_eviction(Box::new(move |p| heard.evict(p)));
         Ok(Vault {
+            signer,
+            origin,
+            tree: std::sync::Mutex::new(medvault_audit::merkle::RootBuilder::new()),
             identity: Identity::new(store.clone(), clock.clone(), &identity_key, options.session),
             indexer: BlindIndexer::new(&root),
             keys,
@@ -980,20 +998,121 @@ impl ReadCtx {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AuditVerdict {
     /// Every entry is present, in sequence, canonical, and matches its leaf hash.
-    Intact { size: u64, root: [u8; 32] },
+    Intact {
+        size: u64,
+        root: [u8; 32],
+        checkpoints: usize,
+    },
     /// The first entry found wrong, and what is wrong with it.
     Broken { index: u64, problem: String },
 }
 
 impl Vault {
-    /// Recomputes every leaf hash and the Merkle root of the whole audit log, streaming it
-    /// in chunks. Reports the first entry that is missing, out of place, not canonical, or
-    /// does not match its stored leaf hash.
+    /// The log's checkpoint verifier key (C2SP note verifier-key form).
+    pub fn audit_verifier_key(&self) -> String {
+        self.signer.verifier_key()
+    }
+
+    /// Signs and stores a checkpoint of the audit log if it grew since the last one.
+    /// Returns the new checkpoint's size and signed note.
+    pub fn checkpoint(&self) -> Result<Option<(u64, String)>, VaultError> {
+        let mut tree = self
+            .tree
+            .lock()
+            .map_err(|_| VaultError::Internal("tree lock poisoned".into()))?;
+        let n = self.store.audit_len()?;
+        if n == 0 || n == tree.size() {
+            return Ok(None);
+        }
+        let mut fresh = tree.clone();
+        while fresh.size() < n {
+            let rows = self
+                .store
+                .audit_range(fresh.size(), n.min(fresh.size().saturating_add(50_000)))?;
+            if rows.is_empty() {
+                return Err(VaultError::Internal("audit log has a gap".into()));
+            }
+            for r in rows {
+                if r.seq != fresh.size() {
+                    return Err(VaultError::Internal("audit log has a gap".into()));
+                }
+                fresh.push(medvault_audit::leaf_hash(&r.record));
+            }
+        }
+        let note = self.signer.sign(&medvault_audit::note::checkpoint_text(
+            &self.origin,
+            n,
+            &fresh.root(),
+        ));
+        self.store.commit(WriteBatch {
+            ops: vec![Op::PutCheckpoint {
+                size: n,
+                note: note.clone(),
+            }],
+            audit: vec![],
+        })?;
+        *tree = fresh;
+        Ok(Some((n, note)))
+    }
+
+    /// Recomputes every leaf hash and the Merkle root of the whole audit log, streaming it in
+    /// chunks, and checks every stored checkpoint: its signature, and that the tree of that
+    /// size still has the signed root. Reports the first entry (or range) found wrong.
     pub fn verify_audit(&self, progress: &dyn Fn(u64, u64)) -> Result<AuditVerdict, VaultError> {
+        let verifier = medvault_audit::note::NoteVerifier::parse(&self.signer.verifier_key())
+            .map_err(|e| VaultError::Internal(e.to_string()))?;
+        let mut checkpoints: Vec<(u64, [u8; 32])> = vec![];
+        for (size, note) in self.store.checkpoints()? {
+            let parsed = verifier
+                .verify(&note)
+                .and_then(medvault_audit::note::parse_checkpoint)
+                .ok()
+                .filter(|(origin, s, _)| *origin == self.origin && *s == size);
+            match parsed {
+                Some((_, s, root)) => checkpoints.push((s, root)),
+                None => {
+                    let problem = format!(
+                        "the checkpoint of size {size} is not validly signed by this log's key"
+                    );
+                    return Ok(AuditVerdict::Broken {
+                        index: size,
+                        problem,
+                    });
+                }
+            }
+        }
+        checkpoints.sort_by_key(|c| c.0);
         let total = self.store.audit_len()?;
+        let mut next_cp = checkpoints.iter().peekable();
+        let mut last_good: u64 = 0;
         let mut builder = medvault_audit::merkle::RootBuilder::new();
         let mut expected: u64 = 0;
         const CHUNK: u64 = 50_000;
+        let check_cp = |builder: &medvault_audit::merkle::RootBuilder,
+                        next_cp: &mut std::iter::Peekable<
+            std::slice::Iter<'_, (u64, [u8; 32])>,
+        >,
+                        last_good: &mut u64|
+         -> Option<AuditVerdict> {
+            while let Some(&&(size, root)) = next_cp.peek() {
+                if size != builder.size() {
+                    break;
+                }
+                if builder.root() != root {
+                    let problem = format!(
+                        "entries {}..{size} do not match the checkpoint signed at size {size} (edited, reordered or replaced)",
+                        *last_good
+                    );
+                    return Some(AuditVerdict::Broken {
+                        index: *last_good,
+                        problem,
+                    });
+                }
+                *last_good = size;
+                next_cp.next();
+            }
+            None
+        };
         while expected < total {
             let rows = self
                 .store
@@ -1031,12 +1150,23 @@ impl Vault {
                 }
                 builder.push(leaf);
                 expected += 1;
+                if let Some(v) = check_cp(&builder, &mut next_cp, &mut last_good) {
+                    return Ok(v);
+                }
             }
             progress(expected, total);
+        }
+        if let Some(&&(size, _)) = next_cp.peek() {
+            let problem = format!("the log was truncated: a signed checkpoint covers {size} entries, the log has {total}");
+            return Ok(AuditVerdict::Broken {
+                index: total,
+                problem,
+            });
         }
         Ok(AuditVerdict::Intact {
             size: builder.size(),
             root: builder.root(),
+            checkpoints: checkpoints.len(),
         })
     }
 }

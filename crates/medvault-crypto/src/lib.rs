@@ -72,6 +72,14 @@ secret_key!(
     /// A patient's record key. Shredding it destroys the patient's records.
     DataKey
 );
+impl DataKey {
+    /// The raw key, for deriving a key of another algorithm from it (e.g. the Ed25519 audit
+    /// signing key). Never log or store the result.
+    pub fn expose_for_derivation(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
 secret_key!(
     /// Root of the blind-index key, wrapped by the master key so rotation keeps indexes valid.
     IndexRootKey

@@ -100,6 +100,9 @@ impl Store for FaultyStore {
     fn audit_range(&self, start: u64, end: u64) -> Result<Vec<AuditRow>, StoreError> {
         self.inner.audit_range(start, end)
     }
+    fn checkpoints(&self) -> Result<Vec<(u64, String)>, StoreError> {
+        self.inner.checkpoints()
+    }
     fn announce_key_eviction(&self, patient: &PatientId) -> Result<(), StoreError> {
         self.inner.announce_key_eviction(patient)
     }

@@ -168,6 +168,11 @@ pub enum Op {
         token_hash: Vec<u8>,
         last_seen: i64,
     },
+    /// Stores a signed checkpoint of the audit log (ignored if one of that size exists).
+    PutCheckpoint {
+        size: u64,
+        note: String,
+    },
 }
 
 /// Changes and audit records committed atomically.
@@ -264,6 +269,8 @@ pub trait Store: Send + Sync + 'static {
     fn audit_len(&self) -> Result<u64, StoreError>;
     /// Audit rows with `start <= seq < end`.
     fn audit_range(&self, start: u64, end: u64) -> Result<Vec<AuditRow>, StoreError>;
+    /// Every stored signed checkpoint, by size.
+    fn checkpoints(&self) -> Result<Vec<(u64, String)>, StoreError>;
     /// Tells every server sharing this store to drop its cached data key for `patient`
     /// (shredding and rotation rely on it). A single-process store has nobody to tell.
     fn announce_key_eviction(&self, patient: &PatientId) -> Result<(), StoreError> {

@@ -300,15 +300,30 @@ async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
         .fetch_one(&mut *conn)
         .await
         .map_err(classify)?;
-    let result = if exists {
-        Ok(())
-    } else {
-        sqlx::raw_sql(&migration())
+    let result = async {
+        if !exists {
+            sqlx::raw_sql(&migration())
+                .execute(&mut *conn)
+                .await
+                .map_err(classify)?;
+        }
+        let version: i32 =
+            sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM medvault_schema")
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(classify)?;
+        if version < 2 {
+            sqlx::raw_sql(
+                "CREATE TABLE audit_checkpoints (size BIGINT PRIMARY KEY, note TEXT NOT NULL);
+                 INSERT INTO medvault_schema (version) VALUES (2);",
+            )
             .execute(&mut *conn)
             .await
-            .map(|_| ())
-            .map_err(classify)
-    };
+            .map_err(classify)?;
+        }
+        Ok::<(), StoreError>(())
+    }
+    .await;
     sqlx::query("SELECT pg_advisory_unlock($1)")
         .bind(SEQUENCER_LOCK + 1)
         .execute(&mut *conn)
@@ -767,6 +782,15 @@ async fn apply(
                     .execute(&mut *c)
                     .await?;
             }
+            Op::PutCheckpoint { size, note } => {
+                let size =
+                    i64::try_from(*size).map_err(|_| ApplyError::Store(StoreError::Conflict))?;
+                sqlx::query("INSERT INTO audit_checkpoints (size, note) VALUES ($1, $2) ON CONFLICT (size) DO NOTHING")
+                    .bind(size)
+                    .bind(note)
+                    .execute(&mut *c)
+                    .await?;
+            }
             Op::TouchSession {
                 token_hash,
                 last_seen,
@@ -1071,6 +1095,20 @@ impl Store for PgStore {
                 leaf_hash,
                 record,
             })
+            .collect())
+    }
+
+    fn checkpoints(&self) -> Result<Vec<(u64, String)>, StoreError> {
+        let rows: Vec<(i64, String)> = self
+            .rt
+            .block_on(
+                sqlx::query_as("SELECT size, note FROM audit_checkpoints ORDER BY size")
+                    .fetch_all(&self.pool),
+            )
+            .map_err(classify)?;
+        Ok(rows
+            .into_iter()
+            .map(|(s, n)| (u64::try_from(s).unwrap_or(0), n))
             .collect())
     }
 

@@ -11,7 +11,8 @@ use rusqlite::{params, params_from_iter, Connection, OpenFlags, OptionalExtensio
 
 use crate::*;
 
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL) STRICT;
 CREATE TABLE patient_keys (
     patient_id TEXT NOT NULL, key_version INTEGER NOT NULL, wrapped BLOB NOT NULL,
@@ -44,7 +45,11 @@ CREATE TABLE audit_log (seq INTEGER PRIMARY KEY, leaf_hash BLOB NOT NULL, record
 CREATE TRIGGER audit_log_no_update BEFORE UPDATE ON audit_log BEGIN SELECT RAISE(ABORT, 'audit log is append-only'); END;
 CREATE TRIGGER audit_log_no_delete BEFORE DELETE ON audit_log BEGIN SELECT RAISE(ABORT, 'audit log is append-only'); END;
 CREATE TRIGGER versions_no_update BEFORE UPDATE ON resource_versions BEGIN SELECT RAISE(ABORT, 'versions are immutable'); END;
-"#];
+"#,
+    r#"
+CREATE TABLE audit_checkpoints (size INTEGER PRIMARY KEY, note TEXT NOT NULL) STRICT;
+"#,
+];
 
 const MAX_GROUP: usize = 512;
 /// Read connections kept per store.
@@ -433,6 +438,13 @@ fn apply(
                 tx.prepare_cached("DELETE FROM sessions WHERE token_hash = ?1")?
                     .execute(params![token_hash])?;
             }
+            Op::PutCheckpoint { size, note } => {
+                let size = i64::try_from(*size).map_err(|_| StoreError::Conflict)?;
+                tx.prepare_cached(
+                    "INSERT OR IGNORE INTO audit_checkpoints (size, note) VALUES (?1, ?2)",
+                )?
+                .execute(params![size, note])?;
+            }
             Op::TouchSession {
                 token_hash,
                 last_seen,
@@ -609,6 +621,22 @@ impl Store for SqliteStore {
 
     fn search(&self, q: &SearchQuery) -> Result<SearchPage, StoreError> {
         self.with_reader(|c| q_search(c, q))
+    }
+
+    fn checkpoints(&self) -> Result<Vec<(u64, String)>, StoreError> {
+        self.with_reader(|c| {
+            let mut st =
+                c.prepare_cached("SELECT size, note FROM audit_checkpoints ORDER BY size")?;
+            let rows = st
+                .query_map([], |r| {
+                    Ok((
+                        u64::try_from(r.get::<_, i64>(0)?).unwrap_or(0),
+                        r.get::<_, String>(1)?,
+                    ))
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
     }
 
     fn patient_key(&self, patient: &PatientId) -> Result<Option<(u32, Vec<u8>)>, StoreError> {

@@ -303,12 +303,19 @@ fn run(cli: Cli) -> Result<()> {
                 b.finish_and_clear();
             }
             match verdict {
-                medvault_core::AuditVerdict::Intact { size, root } => {
+                medvault_core::AuditVerdict::Intact {
+                    size,
+                    root,
+                    checkpoints,
+                } => {
                     let root: String = root.iter().map(|b| format!("{b:02x}")).collect();
                     if json {
-                        println!("{}", json!({"intact": true, "size": size, "root": root}));
+                        println!(
+                            "{}",
+                            json!({"intact": true, "size": size, "root": root, "checkpoints": checkpoints})
+                        );
                     } else {
-                        println!("audit log intact: {size} entries, root {root}");
+                        println!("audit log intact: {size} entries, root {root}, {checkpoints} signed checkpoints verified");
                     }
                     Ok(())
                 }
@@ -513,6 +520,7 @@ async fn shutdown_signal() {
 fn serve_vault(dir: &Path, cfg: &Config, vault: Arc<Vault>, listen: Option<String>) -> Result<()> {
     let listen = listen.unwrap_or_else(|| cfg.server.listen.clone());
     let tls = medvault_server::load_tls_config(&dir.join(&cfg.tls.cert), &dir.join(&cfg.tls.key))?;
+    let checkpoint_vault = vault.clone();
     let state = medvault_server::AppState {
         vault,
         options: medvault_server::HttpOptions {
@@ -520,6 +528,23 @@ fn serve_vault(dir: &Path, cfg: &Config, vault: Arc<Vault>, listen: Option<Strin
         },
     };
     let app = medvault_server::router(state);
+    // Sign a checkpoint of the audit log every second while it grows, and once at shutdown.
+    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+    let signer_vault = checkpoint_vault.clone();
+    let signer = std::thread::Builder::new()
+        .name("medvault-checkpoints".into())
+        .spawn(move || loop {
+            let stopping = !matches!(
+                stop_rx.recv_timeout(std::time::Duration::from_secs(1)),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+            );
+            if let Err(e) = signer_vault.checkpoint() {
+                tracing::warn!(error = %e, "could not sign an audit checkpoint");
+            }
+            if stopping {
+                break;
+            }
+        })?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -534,6 +559,8 @@ fn serve_vault(dir: &Path, cfg: &Config, vault: Arc<Vault>, listen: Option<Strin
         Ok::<(), anyhow::Error>(())
     })?;
     rt.shutdown_timeout(std::time::Duration::from_secs(5));
+    let _ = stop_tx.send(());
+    let _ = signer.join();
     Ok(())
 }
 

@@ -1702,6 +1702,26 @@ fn audit_verify_recomputes_the_log_and_names_the_first_bad_entry() {
     verify_fails_at(2, "not a canonical audit record");
     h.clear();
     restore();
+    // The server signed checkpoints (at least the one at shutdown), so reordering, truncating
+    // and forging are caught too.
+    assert!(ok["checkpoints"].as_u64().unwrap() >= 1, "{ok}");
+    let fails_with = |what: &str| {
+        let o = medvault(&dir, &["audit", "verify"]);
+        assert_eq!(o.status.code(), Some(1), "must be detected: {what}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(what), "{err}");
+    };
+    tamper(
+        "UPDATE audit_log SET seq = -1 WHERE seq = 3; UPDATE audit_log SET seq = 3 WHERE seq = 4; UPDATE audit_log SET seq = 4 WHERE seq = -1;",
+    );
+    fails_with("do not match the checkpoint");
+    restore();
+    tamper(&format!("DELETE FROM audit_log WHERE seq = {}", size - 1));
+    fails_with("truncated");
+    restore();
+    tamper("UPDATE audit_checkpoints SET note = replace(note, 'medvault.local/audit', 'medvault.locaI/audit')");
+    fails_with("not validly signed");
+    restore();
     assert_eq!(
         json_out(&medvault(&dir, &["audit", "verify", "--json"]))["root"],
         ok["root"]
