@@ -1170,3 +1170,144 @@ impl Vault {
         })
     }
 }
+
+/// Proof of one entry's inclusion in the tree of a given size.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct InclusionProof {
+    pub index: u64,
+    pub size: u64,
+    pub leaf_hash: String,
+    pub root: String,
+    pub proof: Vec<String>,
+}
+
+/// Proof that the tree of size `old` is a prefix of the tree of size `new`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ConsistencyProof {
+    pub old: u64,
+    pub new: u64,
+    pub old_root: String,
+    pub new_root: String,
+    pub proof: Vec<String>,
+}
+
+fn b64(h: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(h)
+}
+
+impl Vault {
+    /// The latest signed checkpoint (C2SP signed note), if any.
+    pub fn latest_checkpoint(&self) -> Result<Option<String>, VaultError> {
+        Ok(self.store.checkpoints()?.pop().map(|(_, n)| n))
+    }
+
+    fn require_audit_reader(&self, c: &Caller, action: &str) -> Result<(), VaultError> {
+        let mut rec = self.record(c, action, Outcome::Success);
+        if !matches!(c.principal.role, Role::PrivacyOfficer | Role::Auditor) {
+            rec.outcome = Outcome::Denied;
+            self.audit(vec![rec])?;
+            return Err(VaultError::Forbidden { withheld: vec![] });
+        }
+        self.audit(vec![rec])
+    }
+
+    fn leaves(&self, size: u64) -> Result<Vec<medvault_audit::merkle::Hash>, VaultError> {
+        let mut out = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+        while (out.len() as u64) < size {
+            let start = out.len() as u64;
+            let rows = self
+                .store
+                .audit_range(start, size.min(start.saturating_add(50_000)))?;
+            if rows.is_empty() {
+                return Err(VaultError::Internal("audit log has a gap".into()));
+            }
+            for r in rows {
+                out.push(medvault_audit::leaf_hash(&r.record));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Full audit records `[start, end)` (at most 1000) for privacy officers and auditors;
+    /// each is checkable against its leaf hash. Reading them is itself audited.
+    pub fn audit_entries(
+        &self,
+        c: &Caller,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<(u64, String, AuditRecord)>, VaultError> {
+        if end < start || end - start > 1000 {
+            return Err(VaultError::BadRequest(
+                "ask for at most 1000 entries with start <= end".into(),
+            ));
+        }
+        self.require_audit_reader(c, "audit.entries")?;
+        let rows = self.store.audit_range(start, end)?;
+        rows.into_iter()
+            .map(|r| {
+                let rec = AuditRecord::from_canonical(&r.record)
+                    .map_err(|e| VaultError::Internal(e.to_string()))?;
+                Ok((r.seq, b64(&r.leaf_hash), rec))
+            })
+            .collect()
+    }
+
+    /// RFC 6962 inclusion proof of entry `index` in the tree of `size` entries.
+    pub fn inclusion_proof(
+        &self,
+        c: &Caller,
+        index: u64,
+        size: u64,
+    ) -> Result<InclusionProof, VaultError> {
+        self.require_audit_reader(c, "audit.proof")?;
+        if index >= size || size > self.store.audit_len()? {
+            return Err(VaultError::BadRequest(
+                "need index < size <= the log's size".into(),
+            ));
+        }
+        let leaves = self.leaves(size)?;
+        let i =
+            usize::try_from(index).map_err(|_| VaultError::BadRequest("index too large".into()))?;
+        let proof = medvault_audit::merkle::inclusion_proof(&leaves, i)
+            .ok_or(VaultError::BadRequest("index out of range".into()))?;
+        let leaf = leaves
+            .get(i)
+            .ok_or(VaultError::BadRequest("index out of range".into()))?;
+        Ok(InclusionProof {
+            index,
+            size,
+            leaf_hash: b64(leaf),
+            root: b64(&medvault_audit::merkle::root(&leaves)),
+            proof: proof.iter().map(|h| b64(h)).collect(),
+        })
+    }
+
+    /// RFC 6962 consistency proof between the trees of `old` and `new` entries.
+    pub fn consistency_proof(
+        &self,
+        c: &Caller,
+        old: u64,
+        new: u64,
+    ) -> Result<ConsistencyProof, VaultError> {
+        self.require_audit_reader(c, "audit.proof")?;
+        if old == 0 || old > new || new > self.store.audit_len()? {
+            return Err(VaultError::BadRequest(
+                "need 0 < old <= new <= the log's size".into(),
+            ));
+        }
+        let leaves = self.leaves(new)?;
+        let m = usize::try_from(old).map_err(|_| VaultError::BadRequest("old too large".into()))?;
+        let proof = medvault_audit::merkle::consistency_proof(&leaves, m)
+            .ok_or(VaultError::BadRequest("bad sizes".into()))?;
+        Ok(ConsistencyProof {
+            old,
+            new,
+            old_root: b64(&medvault_audit::merkle::root(
+                leaves.get(..m).unwrap_or(&[]),
+            )),
+            new_root: b64(&medvault_audit::merkle::root(&leaves)),
+            proof: proof.iter().map(|h| b64(h)).collect(),
+        })
+    }
+}

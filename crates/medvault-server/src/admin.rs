@@ -34,3 +34,100 @@ pub(crate) async fn evict_key(
     blocking(move || vault.evict_key(&c, &b.patient)).await??;
     Ok(plain_json(StatusCode::OK, json!({"evicted": true})))
 }
+
+/// `GET /audit/checkpoint`: the latest signed checkpoint (C2SP signed note).
+pub(crate) async fn checkpoint(
+    State(state): State<AppState>,
+    ctx: Ctx,
+) -> Result<Response, ApiError> {
+    // Transparency endpoints answer privacy officers and auditors.
+    let c = caller(&state, &ctx).await?;
+    if !matches!(
+        c.principal.role,
+        medvault_core::Role::PrivacyOfficer | medvault_core::Role::Auditor
+    ) {
+        return Err(medvault_core::VaultError::Forbidden { withheld: vec![] }.into());
+    }
+    let vault = state.vault.clone();
+    let note = blocking(move || vault.latest_checkpoint())
+        .await??
+        .ok_or_else(ApiError::not_found)?;
+    Ok(text(note))
+}
+
+/// `GET /audit/key`: the checkpoint verifier key (C2SP note verifier-key form).
+pub(crate) async fn key(State(state): State<AppState>) -> Result<Response, ApiError> {
+    Ok(text(format!("{}\n", state.vault.audit_verifier_key())))
+}
+
+fn text(body: String) -> Response {
+    use axum::http::{header, HeaderValue};
+    use axum::response::IntoResponse;
+    let mut r = (StatusCode::OK, body).into_response();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+#[derive(Deserialize)]
+pub(crate) struct InclusionQuery {
+    index: u64,
+    size: u64,
+}
+
+#[derive(Deserialize)]
+pub(crate) struct ConsistencyQuery {
+    old: u64,
+    new: u64,
+}
+
+#[derive(Deserialize)]
+pub(crate) struct EntriesQuery {
+    start: u64,
+    end: u64,
+}
+
+pub(crate) async fn inclusion(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    q: Result<axum::extract::Query<InclusionQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let axum::extract::Query(q) =
+        q.map_err(|_| ApiError::bad_request("index and size are required integers"))?;
+    let c = caller(&state, &ctx).await?;
+    let vault = state.vault.clone();
+    let p = blocking(move || vault.inclusion_proof(&c, q.index, q.size)).await??;
+    Ok(plain_json(StatusCode::OK, json!(p)))
+}
+
+pub(crate) async fn consistency(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    q: Result<axum::extract::Query<ConsistencyQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let axum::extract::Query(q) =
+        q.map_err(|_| ApiError::bad_request("old and new are required integers"))?;
+    let c = caller(&state, &ctx).await?;
+    let vault = state.vault.clone();
+    let p = blocking(move || vault.consistency_proof(&c, q.old, q.new)).await??;
+    Ok(plain_json(StatusCode::OK, json!(p)))
+}
+
+pub(crate) async fn entries(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    q: Result<axum::extract::Query<EntriesQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let axum::extract::Query(q) =
+        q.map_err(|_| ApiError::bad_request("start and end are required integers"))?;
+    let c = caller(&state, &ctx).await?;
+    let vault = state.vault.clone();
+    let rows = blocking(move || vault.audit_entries(&c, q.start, q.end)).await??;
+    let entries: Vec<serde_json::Value> = rows
+        .into_iter()
+        .map(|(seq, leaf, rec)| json!({"index": seq, "leaf_hash": leaf, "record": rec}))
+        .collect();
+    Ok(plain_json(StatusCode::OK, json!({"entries": entries})))
+}

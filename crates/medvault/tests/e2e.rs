@@ -1735,3 +1735,269 @@ fn sha2_leaf(b: &[u8]) -> Vec<u8> {
     h.update(b);
     h.finalize().to_vec()
 }
+
+// ---- An independent RFC 6962 / RFC 9162 and C2SP signed-note verifier (not the server's code).
+
+fn h_node(l: &[u8], r: &[u8]) -> Vec<u8> {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update([1u8]);
+    h.update(l);
+    h.update(r);
+    h.finalize().to_vec()
+}
+
+fn indep_root(leaves: &[Vec<u8>]) -> Vec<u8> {
+    use sha2::Digest;
+    match leaves.len() {
+        0 => sha2::Sha256::digest([]).to_vec(),
+        1 => leaves[0].clone(),
+        n => {
+            let k = 1usize << (usize::BITS - 1 - (n - 1).leading_zeros());
+            h_node(&indep_root(&leaves[..k]), &indep_root(&leaves[k..]))
+        }
+    }
+}
+
+/// RFC 9162 §2.1.3.2, transcribed independently.
+fn indep_verify_inclusion(
+    leaf: &[u8],
+    index: u64,
+    size: u64,
+    proof: &[Vec<u8>],
+    root: &[u8],
+) -> bool {
+    if index >= size {
+        return false;
+    }
+    let (mut f, mut s) = (index, size - 1);
+    let mut r = leaf.to_vec();
+    for p in proof {
+        if s == 0 {
+            return false;
+        }
+        if f % 2 == 1 || f == s {
+            r = h_node(p, &r);
+            while f % 2 == 0 && f != 0 {
+                f /= 2;
+                s /= 2;
+            }
+        } else {
+            r = h_node(&r, p);
+        }
+        f /= 2;
+        s /= 2;
+    }
+    s == 0 && r == root
+}
+
+/// RFC 9162 §2.1.4.2, transcribed independently.
+fn indep_verify_consistency(m: u64, n: u64, old: &[u8], new: &[u8], proof: &[Vec<u8>]) -> bool {
+    if m == n {
+        return proof.is_empty() && old == new;
+    }
+    let mut path = proof.to_vec();
+    if m.is_power_of_two() {
+        path.insert(0, old.to_vec());
+    }
+    let (mut f, mut s) = (m - 1, n - 1);
+    while f % 2 == 1 {
+        f /= 2;
+        s /= 2;
+    }
+    let (mut fr, mut sr) = (path[0].clone(), path[0].clone());
+    for c in &path[1..] {
+        if s == 0 {
+            return false;
+        }
+        if f % 2 == 1 || f == s {
+            fr = h_node(c, &fr);
+            sr = h_node(c, &sr);
+            while f % 2 == 0 && f != 0 {
+                f /= 2;
+                s /= 2;
+            }
+        } else {
+            sr = h_node(&sr, c);
+        }
+        f /= 2;
+        s /= 2;
+    }
+    s == 0 && fr == old && sr == new
+}
+
+fn b64d(s: &str) -> Vec<u8> {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.decode(s).unwrap()
+}
+
+#[test]
+fn audit_transparency_proofs_verify_independently() {
+    let (_tmp, dir, staff) = setup();
+    let s = Server::start(&dir, &[]);
+    let (u, p, t) = staff.get("physician");
+    let phys = s.login(u, p, t);
+    let pid = s
+        .post("/fhir/Patient", &phys, &patient_body("Merkle", "MRN-M"))
+        .body["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for _ in 0..6 {
+        s.get(&format!("/fhir/Patient/{pid}"), &phys);
+    }
+    let (u, p, t) = staff.get("privacy_officer");
+    let po = s.login(u, p, t);
+    // The checkpoint is signed within a second or so.
+    let mut note = String::new();
+    for _ in 0..40 {
+        let r = s
+            .agent
+            .get(&s.url("/audit/checkpoint"))
+            .set("Authorization", &format!("Bearer {po}"))
+            .call();
+        if let Ok(r) = r {
+            note = r.into_string().unwrap();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!note.is_empty(), "a checkpoint is served");
+    let vkey = s
+        .agent
+        .get(&s.url("/audit/key"))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    // Parse and check the verifier key and the signature (C2SP signed-note, Ed25519).
+    let mut vk = vkey.trim().splitn(3, '+');
+    let (name, hash_hex, key_b64) = (vk.next().unwrap(), vk.next().unwrap(), vk.next().unwrap());
+    let key_raw = b64d(key_b64);
+    assert_eq!(key_raw[0], 1, "Ed25519 key type");
+    let pk: [u8; 32] = key_raw[1..].try_into().unwrap();
+    let kh = {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        h.update(name.as_bytes());
+        h.update(b"\n\x01");
+        h.update(pk);
+        h.finalize()[..4]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    assert_eq!(kh, hash_hex);
+    let (text, sigs) = note.split_once("\n\n").unwrap();
+    let text = format!("{text}\n");
+    let sig_line = sigs
+        .lines()
+        .find(|l| l.starts_with(&format!("\u{2014} {name} ")))
+        .unwrap();
+    let blob = b64d(sig_line.rsplit(' ').next().unwrap());
+    assert_eq!(
+        blob[..4]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>(),
+        hash_hex
+    );
+    let sig = ed25519_dalek::Signature::from_bytes(&blob[4..].try_into().unwrap());
+    use ed25519_dalek::Verifier;
+    ed25519_dalek::VerifyingKey::from_bytes(&pk)
+        .unwrap()
+        .verify(text.as_bytes(), &sig)
+        .expect("checkpoint signature");
+    let mut lines = text.lines();
+    assert_eq!(lines.next().unwrap(), name, "origin line names the log");
+    let size: u64 = lines.next().unwrap().parse().unwrap();
+    let root = b64d(lines.next().unwrap());
+    assert!(size >= 10);
+    // Every entry is checkable against its commitment, and the leaves give the signed root.
+    let e = s.get(&format!("/api/audit/entries?start=0&end={size}"), &po);
+    assert_eq!(e.status, 200, "{:?}", e.body);
+    let leaves: Vec<Vec<u8>> = e.body["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| {
+            let canonical = serde_json::to_vec(&x["record"]).unwrap();
+            let leaf = sha2_leaf(&canonical);
+            assert_eq!(
+                leaf,
+                b64d(x["leaf_hash"].as_str().unwrap()),
+                "record matches its commitment"
+            );
+            leaf
+        })
+        .collect();
+    assert_eq!(leaves.len() as u64, size);
+    assert_eq!(
+        indep_root(&leaves),
+        root,
+        "recomputed root equals the signed root"
+    );
+    for i in [0, 1, size / 2, size - 1] {
+        let r = s.get(
+            &format!("/api/audit/proof/inclusion?index={i}&size={size}"),
+            &po,
+        );
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        let proof: Vec<Vec<u8>> = r.body["proof"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| b64d(h.as_str().unwrap()))
+            .collect();
+        assert!(
+            indep_verify_inclusion(&leaves[i as usize], i, size, &proof, &root),
+            "inclusion of {i}"
+        );
+        assert!(!indep_verify_inclusion(
+            &leaves[((i + 1) % size) as usize],
+            i,
+            size,
+            &proof,
+            &root
+        ));
+    }
+    for m in [1, 2, 3, size / 2, size - 1, size] {
+        let r = s.get(
+            &format!("/api/audit/proof/consistency?old={m}&new={size}"),
+            &po,
+        );
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        let proof: Vec<Vec<u8>> = r.body["proof"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| b64d(h.as_str().unwrap()))
+            .collect();
+        let old_root = indep_root(&leaves[..m as usize]);
+        assert!(
+            indep_verify_consistency(m, size, &old_root, &root, &proof),
+            "consistency {m} -> {size}"
+        );
+        let forked = indep_root(&[&leaves[..(m as usize - 1)], &[sha2_leaf(b"fork")]].concat());
+        assert!(
+            !indep_verify_consistency(m, size, &forked, &root, &proof),
+            "a fork must not verify"
+        );
+    }
+    // Only privacy officers and auditors.
+    assert_eq!(
+        s.get(
+            &format!("/api/audit/proof/inclusion?index=0&size={size}"),
+            &phys
+        )
+        .status,
+        403
+    );
+    assert_eq!(s.get("/api/audit/entries?start=0&end=5", &phys).status, 403);
+    assert_eq!(
+        s.get("/api/audit/proof/inclusion?index=5&size=2", &po)
+            .status,
+        400
+    );
+    assert_eq!(s.get("/api/audit/proof/inclusion?index=x", &po).status, 400);
+}
