@@ -5,7 +5,8 @@
 //! names, parameter names) and never clinical content or search values.
 //! This room must never drop, reorder or rewrite a record once built, and its canonical
 //! form must never change meaning: fields are serialized in one fixed order.
-//! INVARIANT: leaf hash = SHA-256(0x00 ‖ canonical record), as RFC 6962 / RFC 9162 leaves.
+//! INVARIANT: log entry = SHA-256(canonical record) (a salted commitment); leaf hash =
+//! SHA-256(0x00 ‖ entry), as RFC 6962 / RFC 9162 leaves.
 #![forbid(unsafe_code)]
 
 pub mod merkle;
@@ -108,7 +109,7 @@ impl AuditRecord {
     /// (leaf hash, canonical bytes), ready to append.
     pub fn to_leaf(&self) -> (Vec<u8>, Vec<u8>) {
         let c = self.canonical();
-        (leaf_hash(&c).to_vec(), c)
+        (record_leaf(&c).to_vec(), c)
     }
 }
 
@@ -123,6 +124,18 @@ fn hex(b: &[u8]) -> String {
         }
     }
     s
+}
+
+/// The log entry for a canonical record: its commitment, SHA-256(record). The tree, its
+/// tiles and its proofs carry commitments only, so they reveal nothing about who accessed
+/// whom; the salted record behind a commitment is shown only to privacy officers and auditors.
+pub fn commitment(canonical_record: &[u8]) -> [u8; 32] {
+    Sha256::digest(canonical_record).into()
+}
+
+/// The Merkle leaf hash of a canonical record: SHA-256(0x00 ‖ SHA-256(record)).
+pub fn record_leaf(canonical_record: &[u8]) -> [u8; 32] {
+    leaf_hash(&commitment(canonical_record))
 }
 
 /// RFC 6962 leaf hash.
@@ -152,7 +165,7 @@ mod tests {
         assert!(text.starts_with("{\"action\":\"read\",\"actor\":\"ann\",\"categories_disclosed\""));
         let mut h = Sha256::new();
         h.update([0u8]);
-        h.update(a.canonical());
+        h.update(Sha256::digest(a.canonical()));
         assert_eq!(a.to_leaf().0, h.finalize().to_vec());
     }
 }

@@ -1036,7 +1036,7 @@ impl Vault {
                 if r.seq != fresh.size() {
                     return Err(VaultError::Internal("audit log has a gap".into()));
                 }
-                fresh.push(medvault_audit::leaf_hash(&r.record));
+                fresh.push(medvault_audit::record_leaf(&r.record));
             }
         }
         let note = self.signer.sign(&medvault_audit::note::checkpoint_text(
@@ -1132,7 +1132,7 @@ impl Vault {
                         problem,
                     });
                 }
-                let leaf = medvault_audit::leaf_hash(&row.record);
+                let leaf = medvault_audit::record_leaf(&row.record);
                 if row.leaf_hash.as_slice() != leaf.as_slice() {
                     return Ok(AuditVerdict::Broken {
                         index: expected,
@@ -1223,7 +1223,7 @@ impl Vault {
                 return Err(VaultError::Internal("audit log has a gap".into()));
             }
             for r in rows {
-                out.push(medvault_audit::leaf_hash(&r.record));
+                out.push(medvault_audit::record_leaf(&r.record));
             }
         }
         Ok(out)
@@ -1236,7 +1236,7 @@ impl Vault {
         c: &Caller,
         start: u64,
         end: u64,
-    ) -> Result<Vec<(u64, String, AuditRecord)>, VaultError> {
+    ) -> Result<Vec<(u64, String, String, AuditRecord)>, VaultError> {
         if end < start || end - start > 1000 {
             return Err(VaultError::BadRequest(
                 "ask for at most 1000 entries with start <= end".into(),
@@ -1248,7 +1248,12 @@ impl Vault {
             .map(|r| {
                 let rec = AuditRecord::from_canonical(&r.record)
                     .map_err(|e| VaultError::Internal(e.to_string()))?;
-                Ok((r.seq, b64(&r.leaf_hash), rec))
+                Ok((
+                    r.seq,
+                    b64(&medvault_audit::commitment(&r.record)),
+                    b64(&r.leaf_hash),
+                    rec,
+                ))
             })
             .collect()
     }

@@ -127,7 +127,7 @@ pub(crate) async fn entries(
     let rows = blocking(move || vault.audit_entries(&c, q.start, q.end)).await??;
     let entries: Vec<serde_json::Value> = rows
         .into_iter()
-        .map(|(seq, leaf, rec)| json!({"index": seq, "leaf_hash": leaf, "record": rec}))
+        .map(|(seq, commitment, leaf, rec)| json!({"index": seq, "commitment": commitment, "leaf_hash": leaf, "record": rec}))
         .collect();
     Ok(plain_json(StatusCode::OK, json!({"entries": entries})))
 }

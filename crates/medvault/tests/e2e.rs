@@ -1692,7 +1692,7 @@ fn audit_verify_recomputes_the_log_and_names_the_first_bad_entry() {
     c.execute_batch("DROP TRIGGER IF EXISTS audit_log_no_update;")
         .unwrap();
     let forged = b" {\"action\":\"read\"}".to_vec();
-    let mut h = sha2_leaf(&forged);
+    let mut h = record_leaf(&forged);
     c.execute(
         "UPDATE audit_log SET record = ?1, leaf_hash = ?2 WHERE seq = 2",
         rusqlite::params![forged, h.as_slice()],
@@ -1734,6 +1734,12 @@ fn sha2_leaf(b: &[u8]) -> Vec<u8> {
     h.update([0u8]);
     h.update(b);
     h.finalize().to_vec()
+}
+
+/// The leaf of a canonical record: SHA-256(0x00 ‖ SHA-256(record)).
+fn record_leaf(record: &[u8]) -> Vec<u8> {
+    use sha2::Digest;
+    sha2_leaf(&sha2::Sha256::digest(record))
 }
 
 // ---- An independent RFC 6962 / RFC 9162 and C2SP signed-note verifier (not the server's code).
@@ -1922,7 +1928,13 @@ fn audit_transparency_proofs_verify_independently() {
         .iter()
         .map(|x| {
             let canonical = serde_json::to_vec(&x["record"]).unwrap();
-            let leaf = sha2_leaf(&canonical);
+            use sha2::Digest;
+            assert_eq!(
+                sha2::Sha256::digest(&canonical).to_vec(),
+                b64d(x["commitment"].as_str().unwrap()),
+                "the entry is the record's commitment"
+            );
+            let leaf = record_leaf(&canonical);
             assert_eq!(
                 leaf,
                 b64d(x["leaf_hash"].as_str().unwrap()),
