@@ -1316,3 +1316,191 @@ impl Vault {
         })
     }
 }
+
+/// What a C2SP tlog-tiles path names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TileRef {
+    /// A hash tile: level (in tiles of height 8), index, width if partial.
+    Hashes {
+        level: u32,
+        index: u64,
+        width: Option<u64>,
+    },
+    /// An entry bundle: index, width if partial.
+    Entries { index: u64, width: Option<u64> },
+}
+
+impl TileRef {
+    /// Parses `L/N[.p/W]` or `entries/N[.p/W]`, N written in 3-digit path elements with
+    /// `x` before all but the last (C2SP tlog-tiles).
+    pub fn parse(path: &str) -> Option<TileRef> {
+        let mut parts: Vec<&str> = path.split('/').collect();
+        let first = *parts.first()?;
+        let width = match parts.len() {
+            n if n >= 3 && parts.get(n - 2).is_some_and(|p| p.ends_with(".p")) => {
+                let w: u64 = parts.last()?.parse().ok()?;
+                if !(1..=255).contains(&w) || parts.last()?.starts_with('0') {
+                    return None;
+                }
+                parts.pop();
+                let last = parts.pop()?;
+                parts.push(last.strip_suffix(".p")?);
+                Some(w)
+            }
+            _ => None,
+        };
+        let idx_parts = parts.get(1..)?;
+        if idx_parts.is_empty() {
+            return None;
+        }
+        let mut index: u64 = 0;
+        for (i, p) in idx_parts.iter().enumerate() {
+            let digits = if i + 1 < idx_parts.len() {
+                p.strip_prefix('x')?
+            } else {
+                p
+            };
+            if digits.len() != 3 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            index = index.checked_mul(1000)?.checked_add(digits.parse().ok()?)?;
+        }
+        if first == "entries" {
+            return Some(TileRef::Entries { index, width });
+        }
+        let level: u32 = first
+            .parse()
+            .ok()
+            .filter(|l| *l < 64 && !(first.len() > 1 && first.starts_with('0')))?;
+        Some(TileRef::Hashes {
+            level,
+            index,
+            width,
+        })
+    }
+}
+
+const TILE_WIDTH: u64 = 256;
+
+impl Vault {
+    /// The bytes of a hash tile or entry bundle for the latest checkpointed tree, or
+    /// `NotFound` when the tree does not (yet) hold it.
+    pub fn tile(&self, c: &Caller, t: TileRef) -> Result<Vec<u8>, VaultError> {
+        if !matches!(c.principal.role, Role::PrivacyOfficer | Role::Auditor) {
+            return Err(VaultError::Forbidden { withheld: vec![] });
+        }
+        let size = self.store.checkpoints()?.pop().map(|(s, _)| s).unwrap_or(0);
+        let (level, index, width) = match t {
+            TileRef::Hashes {
+                level,
+                index,
+                width,
+            } => (level, index, width),
+            TileRef::Entries { index, width } => (0, index, width),
+        };
+        // Leaves under one hash at this level, and how many such hashes the tree completes.
+        let span = TILE_WIDTH.checked_pow(level).ok_or(VaultError::NotFound)?;
+        let complete = size / span;
+        let first = index.checked_mul(TILE_WIDTH).ok_or(VaultError::NotFound)?;
+        let available = complete.saturating_sub(first).min(TILE_WIDTH);
+        let want = width.unwrap_or(TILE_WIDTH);
+        if available == 0 || want > available || (width.is_none() && available < TILE_WIDTH) {
+            return Err(VaultError::NotFound);
+        }
+        let start = first * span;
+        let end = (first + want) * span;
+        let mut level_hashes: Vec<[u8; 32]> = vec![];
+        let mut commitments: Vec<[u8; 32]> = vec![];
+        let mut at = start;
+        while at < end {
+            let rows = self
+                .store
+                .audit_range(at, end.min(at.saturating_add(50_000)))?;
+            if rows.is_empty() {
+                return Err(VaultError::Internal("audit log has a gap".into()));
+            }
+            for r in rows {
+                let c = medvault_audit::commitment(&r.record);
+                level_hashes.push(medvault_audit::leaf_hash(&c));
+                if matches!(t, TileRef::Entries { .. }) {
+                    commitments.push(c);
+                }
+                at += 1;
+            }
+        }
+        if let TileRef::Entries { .. } = t {
+            let mut out = Vec::with_capacity(commitments.len() * 34);
+            for c in commitments {
+                out.extend_from_slice(&32u16.to_be_bytes());
+                out.extend_from_slice(&c);
+            }
+            return Ok(out);
+        }
+        for _ in 0..level * 8 {
+            level_hashes = level_hashes
+                .chunks(2)
+                .map(|p| match p {
+                    [l, r] => medvault_audit::merkle::node_hash(l, r),
+                    [one] => *one,
+                    _ => [0u8; 32],
+                })
+                .collect();
+        }
+        Ok(level_hashes.concat())
+    }
+}
+
+#[cfg(test)]
+mod tile_tests {
+    use super::TileRef;
+
+    #[test]
+    fn tile_paths() {
+        assert_eq!(
+            TileRef::parse("0/000"),
+            Some(TileRef::Hashes {
+                level: 0,
+                index: 0,
+                width: None
+            })
+        );
+        assert_eq!(
+            TileRef::parse("1/x001/x234/067"),
+            Some(TileRef::Hashes {
+                level: 1,
+                index: 1_234_067,
+                width: None
+            })
+        );
+        assert_eq!(
+            TileRef::parse("0/001.p/17"),
+            Some(TileRef::Hashes {
+                level: 0,
+                index: 1,
+                width: Some(17)
+            })
+        );
+        assert_eq!(
+            TileRef::parse("entries/000.p/5"),
+            Some(TileRef::Entries {
+                index: 0,
+                width: Some(5)
+            })
+        );
+        for bad in [
+            "",
+            "0",
+            "0/1",
+            "0/0001",
+            "x/000",
+            "0/000.p/0",
+            "0/000.p/256",
+            "0/001/002",
+            "00/000",
+            "0/000.p/05",
+            "0/../000",
+        ] {
+            assert_eq!(TileRef::parse(bad), None, "{bad}");
+        }
+    }
+}

@@ -131,3 +131,23 @@ pub(crate) async fn entries(
         .collect();
     Ok(plain_json(StatusCode::OK, json!({"entries": entries})))
 }
+
+/// `GET /audit/tile/…`: C2SP tlog-tiles hash tiles and entry bundles (commitments only).
+pub(crate) async fn tile(
+    State(state): State<AppState>,
+    axum::extract::Path(path): axum::extract::Path<String>,
+    ctx: Ctx,
+) -> Result<Response, ApiError> {
+    let t = medvault_core::TileRef::parse(&path).ok_or_else(ApiError::not_found)?;
+    let c = caller(&state, &ctx).await?;
+    let vault = state.vault.clone();
+    let bytes = blocking(move || vault.tile(&c, t)).await??;
+    use axum::http::{header, HeaderValue};
+    use axum::response::IntoResponse;
+    let mut r = (StatusCode::OK, bytes).into_response();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    Ok(r)
+}

@@ -68,6 +68,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/status", get(admin::status))
         .route("/audit/checkpoint", get(admin::checkpoint))
         .route("/audit/key", get(admin::key))
+        .route("/audit/tile/{*path}", get(admin::tile))
         .route("/api/audit/proof/inclusion", get(admin::inclusion))
         .route("/api/audit/proof/consistency", get(admin::consistency))
         .route("/api/audit/entries", get(admin::entries))

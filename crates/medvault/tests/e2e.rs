@@ -1996,6 +1996,50 @@ fn audit_transparency_proofs_verify_independently() {
             "a fork must not verify"
         );
     }
+    // C2SP tlog-tiles: the level-0 tile holds the leaf hashes, the entry bundle the commitments.
+    assert!(size < 256, "this test's log fits in one partial tile");
+    let fetch = |path: &str| -> (u16, Vec<u8>) {
+        match s
+            .agent
+            .get(&s.url(path))
+            .set("Authorization", &format!("Bearer {po}"))
+            .call()
+        {
+            Ok(r) => {
+                let mut b = vec![];
+                r.into_reader().read_to_end(&mut b).unwrap();
+                (200, b)
+            }
+            Err(ureq::Error::Status(code, _)) => (code, vec![]),
+            Err(e) => panic!("{e}"),
+        }
+    };
+    let (st, tile) = fetch(&format!("/audit/tile/0/000.p/{size}"));
+    assert_eq!(st, 200);
+    assert_eq!(tile, leaves.concat(), "level-0 tile = leaf hashes");
+    let (st, bundle) = fetch(&format!("/audit/tile/entries/000.p/{size}"));
+    assert_eq!(st, 200);
+    let mut commitments = vec![];
+    let mut rest = bundle.as_slice();
+    while !rest.is_empty() {
+        let n = u16::from_be_bytes([rest[0], rest[1]]) as usize;
+        commitments.push(rest[2..2 + n].to_vec());
+        rest = &rest[2 + n..];
+    }
+    let from_bundle: Vec<Vec<u8>> = commitments.iter().map(|c| sha2_leaf(c)).collect();
+    assert_eq!(
+        indep_root(&from_bundle),
+        root,
+        "a verifier recomputes the signed root from the entry bundle"
+    );
+    assert_eq!(fetch("/audit/tile/0/000").0, 404, "no full tile yet");
+    assert_eq!(fetch("/audit/tile/1/000.p/1").0, 404, "no level-1 hash yet");
+    assert_eq!(
+        fetch("/audit/tile/0/000.p/255").0,
+        404,
+        "nothing beyond the checkpoint"
+    );
+    assert_eq!(fetch("/audit/tile/0/x/000").0, 404);
     // Only privacy officers and auditors.
     assert_eq!(
         s.get(
