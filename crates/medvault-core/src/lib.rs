@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 mod auth;
+pub mod balp;
 pub mod bench;
 mod bundle;
 pub mod demo;

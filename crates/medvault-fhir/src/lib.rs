@@ -229,6 +229,21 @@ impl Resource {
     }
 }
 
+/// Validates a resource of any type in the vendored R4 definitions (including types medvault
+/// produces but does not accept, such as AuditEvent).
+pub fn validate_any(json: &Map<String, Value>) -> Result<(), Vec<Issue>> {
+    let rt = json
+        .get("resourceType")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let issues = validate::validate_resource(rt, json);
+    if issues.is_empty() {
+        Ok(())
+    } else {
+        Err(issues)
+    }
+}
+
 /// Parses `Patient/{id}` into a patient id.
 pub fn patient_id_from_reference(r: &str) -> Option<PatientId> {
     let id = r.strip_prefix("Patient/")?;

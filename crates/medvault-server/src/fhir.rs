@@ -426,3 +426,39 @@ fn short_json_error(e: &serde_json::Error) -> String {
         format!("syntax error at line {} column {}", e.line(), e.column())
     }
 }
+
+/// `GET /fhir/AuditEvent?…`: BALP AuditEvents for privacy officers and auditors.
+pub(crate) async fn audit_events(
+    State(state): State<AppState>,
+    RawQuery(query): RawQuery,
+    uri: Uri,
+    headers: HeaderMap,
+    ctx: Ctx,
+) -> Result<Response, ApiError> {
+    let c = caller(&state, &ctx).await?;
+    let params: Vec<(String, String)> = serde_urlencoded::from_str(&query.unwrap_or_default())
+        .map_err(|_| ApiError::bad_request("malformed query string"))?;
+    let vault = state.vault.clone();
+    let events = blocking(move || vault.audit_events(&c, &params)).await??;
+    let base = base_url(&uri, &headers);
+    let entries: Vec<Value> = events
+        .into_iter()
+        .map(|e| {
+            let id = e.get("id").and_then(Value::as_str).unwrap_or("").to_owned();
+            json!({"fullUrl": format!("{base}/AuditEvent/{id}"), "resource": e, "search": {"mode": "match"}})
+        })
+        .collect();
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"resourceType": "Bundle", "type": "searchset", "link": [{"relation": "self", "url": format!("{base}/AuditEvent")}], "entry": entries}),
+    ))
+}
+
+/// AuditEvents are written by medvault only.
+pub(crate) async fn audit_events_read_only() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        IssueCode::NotSupported,
+        "AuditEvent is read-only",
+    )
+}

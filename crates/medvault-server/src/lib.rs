@@ -75,6 +75,12 @@ pub fn router(state: AppState) -> Router {
         .route("/api/keys/evict", post(admin::evict_key))
         .route("/fhir/metadata", get(fhir::metadata))
         .route("/fhir", post(fhir::transaction))
+        .route(
+            "/fhir/AuditEvent",
+            get(fhir::audit_events)
+                .post(fhir::audit_events_read_only)
+                .put(fhir::audit_events_read_only),
+        )
         .route("/fhir/{rtype}", get(fhir::search).post(fhir::create))
         .route(
             "/fhir/{rtype}/{id}",

@@ -2040,6 +2040,44 @@ fn audit_transparency_proofs_verify_independently() {
         "nothing beyond the checkpoint"
     );
     assert_eq!(fetch("/audit/tile/0/x/000").0, 404);
+    // The same log as IHE BALP AuditEvents: who looked at this patient's chart.
+    let ev = s.get(&format!("/fhir/AuditEvent?patient={pid}&action=R"), &po);
+    assert_eq!(ev.status, 200, "{:?}", ev.body);
+    let events = ev.body["entry"].as_array().unwrap();
+    assert_eq!(events.len(), 6, "six reads of the chart");
+    for e in events {
+        let r = &e["resource"];
+        assert_eq!(r["resourceType"], "AuditEvent");
+        assert!(r["meta"]["profile"][0]
+            .as_str()
+            .unwrap()
+            .ends_with("IHE.BasicAudit.PatientRead"));
+        assert_eq!(r["agent"][0]["who"]["identifier"]["value"], "e2e.physician");
+        assert_eq!(
+            r["entity"][0]["what"]["reference"],
+            format!("Patient/{pid}")
+        );
+    }
+    let logins = s.get("/fhir/AuditEvent?agent=e2e.physician&action=E", &po);
+    assert!(logins.body["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["resource"]["meta"]["profile"][0]
+            .as_str()
+            .unwrap()
+            .ends_with("Login")));
+    assert_eq!(s.get("/fhir/AuditEvent", &phys).status, 403);
+    assert_eq!(s.get("/fhir/AuditEvent?bogus=1", &po).status, 400);
+    assert_eq!(
+        s.post(
+            "/fhir/AuditEvent",
+            &po,
+            &json!({"resourceType": "AuditEvent"})
+        )
+        .status,
+        405
+    );
     // Only privacy officers and auditors.
     assert_eq!(
         s.get(
