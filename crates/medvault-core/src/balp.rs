@@ -229,3 +229,166 @@ mod tests {
         }
     }
 }
+
+/// One line of a patient's access report.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Access {
+    pub index: u64,
+    pub time: String,
+    pub who: String,
+    pub role: Option<String>,
+    pub action: String,
+    pub outcome: Outcome,
+    pub categories: Vec<String>,
+    pub withheld: Vec<String>,
+    pub purpose: Option<String>,
+    pub detail: Option<String>,
+}
+
+/// Kinds of recipient a recorded disclosure may name.
+pub const RECIPIENT_KINDS: &[&str] = &[
+    "public_health",
+    "health_oversight",
+    "law_enforcement",
+    "court_order",
+    "research",
+    "coroner",
+    "organ_procurement",
+    "other",
+];
+
+/// Purposes that are treatment, payment or health-care operations (45 CFR 164.528(a)(1)(i)
+/// exempts those from the accounting of disclosures).
+const TPO: &[&str] = &["TREAT", "ETREAT", "HPAYMT", "HOPERAT", "COVERAGE"];
+
+impl Vault {
+    fn patient_history(
+        &self,
+        patient: &str,
+        filter: &dyn Fn(&AuditRecord) -> bool,
+        limit: usize,
+    ) -> Result<Vec<Access>, VaultError> {
+        let total = self.store.audit_len()?;
+        let mut out = vec![];
+        let mut end = total;
+        while end > 0 && out.len() < limit {
+            let start = end.saturating_sub(5_000);
+            for row in self.store.audit_range(start, end)?.iter().rev() {
+                let Ok(r) = AuditRecord::from_canonical(&row.record) else {
+                    continue;
+                };
+                if r.patient.as_deref() != Some(patient) || !filter(&r) {
+                    continue;
+                }
+                let detail = if r.action == "disclosure" {
+                    r.detail.clone()
+                } else {
+                    None
+                };
+                out.push(Access {
+                    index: row.seq,
+                    time: r.time,
+                    who: r.actor,
+                    role: r.role,
+                    action: r.action,
+                    outcome: r.outcome,
+                    categories: r.categories_disclosed,
+                    withheld: r.categories_withheld,
+                    purpose: r.purpose,
+                    detail,
+                });
+                if out.len() >= limit {
+                    break;
+                }
+            }
+            end = start;
+        }
+        Ok(out)
+    }
+
+    fn require_privacy(&self, c: &Caller, action: &str, patient: &str) -> Result<(), VaultError> {
+        let mut rec = self.record(c, action, Outcome::Success);
+        rec.patient = Some(patient.to_owned());
+        if !matches!(c.principal.role, Role::PrivacyOfficer | Role::Auditor) {
+            rec.outcome = Outcome::Denied;
+            self.audit(vec![rec])?;
+            return Err(VaultError::Forbidden { withheld: vec![] });
+        }
+        self.audit(vec![rec])
+    }
+
+    /// `GET /api/patients/{id}/access-report`: who accessed the chart, when, which categories,
+    /// for what purpose (newest first).
+    pub fn access_report(&self, c: &Caller, patient: &str) -> Result<Vec<Access>, VaultError> {
+        medvault_types::PatientId::new(patient)
+            .map_err(|_| VaultError::BadRequest("invalid patient id".into()))?;
+        self.require_privacy(c, "audit.access-report", patient)?;
+        self.patient_history(patient, &|r| !r.action.starts_with("audit."), 10_000)
+    }
+
+    /// `GET /api/patients/{id}/disclosures`: the HIPAA accounting of disclosures — recorded
+    /// disclosures and accesses for purposes outside treatment, payment and operations, in the
+    /// six years before `now`.
+    pub fn disclosures(&self, c: &Caller, patient: &str) -> Result<Vec<Access>, VaultError> {
+        medvault_types::PatientId::new(patient)
+            .map_err(|_| VaultError::BadRequest("invalid patient id".into()))?;
+        self.require_privacy(c, "audit.disclosures", patient)?;
+        let since =
+            medvault_types::fhir_instant(self.clock.now() - time::Duration::days(6 * 365 + 1));
+        self.patient_history(
+            patient,
+            &|r| {
+                r.time >= since
+                    && r.outcome == Outcome::Success
+                    && (r.action == "disclosure"
+                        || (!r.categories_disclosed.is_empty()
+                            && r.purpose.as_deref().is_some_and(|p| !TPO.contains(&p))))
+            },
+            10_000,
+        )
+    }
+
+    /// `POST /api/disclosures`: records a disclosure made outside the system in the audit log.
+    /// The recipient is a kind from [`RECIPIENT_KINDS`]; free text is not accepted because
+    /// audit records are stored unencrypted and free text may carry PHI.
+    pub fn record_disclosure(
+        &self,
+        c: &Caller,
+        patient: &str,
+        recipient: &str,
+        purpose: &str,
+        categories: &[String],
+    ) -> Result<u64, VaultError> {
+        medvault_types::PatientId::new(patient)
+            .map_err(|_| VaultError::BadRequest("invalid patient id".into()))?;
+        let purpose: medvault_types::Purpose = purpose
+            .parse()
+            .map_err(|_| VaultError::BadRequest("unknown purpose of use code".into()))?;
+        if !RECIPIENT_KINDS.contains(&recipient) {
+            return Err(VaultError::BadRequest(format!(
+                "recipient must be one of {}",
+                RECIPIENT_KINDS.join(", ")
+            )));
+        }
+        for cat in categories {
+            cat.parse::<medvault_types::Category>()
+                .map_err(|_| VaultError::BadRequest("unknown data category".into()))?;
+        }
+        let mut rec = self.record(c, "disclosure", Outcome::Success);
+        rec.patient = Some(patient.to_owned());
+        rec.purpose = Some(purpose.as_str().to_owned());
+        if !matches!(c.principal.role, Role::PrivacyOfficer) {
+            rec.outcome = Outcome::Denied;
+            self.audit(vec![rec])?;
+            return Err(VaultError::Forbidden { withheld: vec![] });
+        }
+        rec.detail = Some(format!("recipient={recipient}"));
+        rec.categories_disclosed = categories.to_vec();
+        let committed = self.commit(vec![], vec![rec])?;
+        committed
+            .audit_seqs
+            .first()
+            .copied()
+            .ok_or(VaultError::Internal("no audit sequence".into()))
+    }
+}

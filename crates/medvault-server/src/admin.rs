@@ -151,3 +151,66 @@ pub(crate) async fn tile(
     );
     Ok(r)
 }
+
+pub(crate) async fn access_report(
+    State(state): State<AppState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    ctx: Ctx,
+) -> Result<Response, ApiError> {
+    let c = caller(&state, &ctx).await?;
+    let vault = state.vault.clone();
+    let pid = id.clone();
+    let rows = blocking(move || vault.access_report(&c, &pid)).await??;
+    Ok(plain_json(
+        StatusCode::OK,
+        json!({"patient": id, "accesses": rows}),
+    ))
+}
+
+pub(crate) async fn disclosures(
+    State(state): State<AppState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    ctx: Ctx,
+) -> Result<Response, ApiError> {
+    let c = caller(&state, &ctx).await?;
+    let vault = state.vault.clone();
+    let pid = id.clone();
+    let rows = blocking(move || vault.disclosures(&c, &pid)).await??;
+    Ok(plain_json(
+        StatusCode::OK,
+        json!({"patient": id, "window_years": 6, "disclosures": rows}),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DisclosureBody {
+    patient: String,
+    recipient: String,
+    purpose: String,
+    #[serde(default)]
+    categories: Vec<String>,
+}
+
+pub(crate) async fn record_disclosure(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let c = caller(&state, &ctx).await?;
+    let body = body_bytes(&state, req).await?;
+    let b: DisclosureBody = serde_json::from_slice(&body).map_err(|_| {
+        ApiError::bad_request(
+            "body must be {\"patient\", \"recipient\", \"purpose\", \"categories\"}",
+        )
+    })?;
+    let vault = state.vault.clone();
+    let index = blocking(move || {
+        vault.record_disclosure(&c, &b.patient, &b.recipient, &b.purpose, &b.categories)
+    })
+    .await??;
+    Ok(plain_json(
+        StatusCode::CREATED,
+        json!({"audit_index": index}),
+    ))
+}

@@ -72,6 +72,12 @@ pub fn router(state: AppState) -> Router {
         .route("/api/audit/proof/inclusion", get(admin::inclusion))
         .route("/api/audit/proof/consistency", get(admin::consistency))
         .route("/api/audit/entries", get(admin::entries))
+        .route(
+            "/api/patients/{id}/access-report",
+            get(admin::access_report),
+        )
+        .route("/api/patients/{id}/disclosures", get(admin::disclosures))
+        .route("/api/disclosures", post(admin::record_disclosure))
         .route("/api/keys/evict", post(admin::evict_key))
         .route("/fhir/metadata", get(fhir::metadata))
         .route("/fhir", post(fhir::transaction))

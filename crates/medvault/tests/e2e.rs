@@ -2068,6 +2068,53 @@ fn audit_transparency_proofs_verify_independently() {
             .unwrap()
             .ends_with("Login")));
     assert_eq!(s.get("/fhir/AuditEvent", &phys).status, 403);
+    // "Who looked at my record", and the accounting of disclosures.
+    let rep = s.get(&format!("/api/patients/{pid}/access-report"), &po);
+    assert_eq!(rep.status, 200, "{:?}", rep.body);
+    let acc = rep.body["accesses"].as_array().unwrap();
+    assert_eq!(
+        acc.iter()
+            .filter(|a| a["action"] == "read" && a["who"] == "e2e.physician")
+            .count(),
+        6
+    );
+    assert!(acc.iter().any(|a| a["action"] == "create"
+        && a["categories"][0] == "demographics"
+        && a["purpose"] == "TREAT"));
+    let d = s.post("/api/disclosures", &po, &json!({"patient": pid, "recipient": "public_health", "purpose": "PUBHLTH", "categories": ["demographics"]}));
+    assert_eq!(d.status, 201, "{:?}", d.body);
+    assert_eq!(
+        s.post(
+            "/api/disclosures",
+            &phys,
+            &json!({"patient": pid, "recipient": "public_health", "purpose": "PUBHLTH"})
+        )
+        .status,
+        403
+    );
+    assert_eq!(
+        s.post(
+            "/api/disclosures",
+            &po,
+            &json!({"patient": pid, "recipient": "my cousin Bob", "purpose": "PUBHLTH"})
+        )
+        .status,
+        400
+    );
+    let dis = s.get(&format!("/api/patients/{pid}/disclosures"), &po);
+    let list = dis.body["disclosures"].as_array().unwrap();
+    assert_eq!(
+        list.len(),
+        1,
+        "treatment reads are not disclosures; the recorded one is: {list:?}"
+    );
+    assert_eq!(list[0]["detail"], "recipient=public_health");
+    assert_eq!(list[0]["purpose"], "PUBHLTH");
+    assert_eq!(
+        s.get(&format!("/api/patients/{pid}/disclosures"), &phys)
+            .status,
+        403
+    );
     assert_eq!(s.get("/fhir/AuditEvent?bogus=1", &po).status, 400);
     assert_eq!(
         s.post(
