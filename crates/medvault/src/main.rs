@@ -144,6 +144,22 @@ enum AuditCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Print an RFC 6962 inclusion proof for entry INDEX in the tree of the latest checkpoint.
+    Prove {
+        index: u64,
+        /// Tree size (default: the latest checkpoint's).
+        #[arg(long)]
+        size: Option<u64>,
+    },
+    /// JSON lines for a SIEM; users, patients and addresses replaced by keyed HMACs.
+    Export {
+        /// Only entries at or after this time (e.g. 2026-11-01 or 2026-11-24T10:00).
+        #[arg(long)]
+        since: Option<String>,
+        /// Print the HMAC pseudonym of a user name, patient id or address, and exit.
+        #[arg(long)]
+        lookup: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -329,6 +345,40 @@ fn run(cli: Cli) -> Result<()> {
                     bail!("audit log broken at entry {index}: {problem}")
                 }
             }
+        }
+        Command::Audit {
+            command: AuditCommand::Prove { index, size },
+        } => {
+            let (_, vault) = open(&dir)?;
+            let size = match size {
+                Some(s) => s,
+                None => vault
+                    .latest_checkpoint()
+                    .map_err(describe)?
+                    .and_then(|n| n.lines().nth(1).and_then(|l| l.parse().ok()))
+                    .ok_or_else(|| anyhow!("no signed checkpoint yet; pass --size"))?,
+            };
+            let p = vault
+                .inclusion_proof(&Caller::cli(Role::Auditor), index, size)
+                .map_err(describe)?;
+            println!("{}", serde_json::to_string_pretty(&p)?);
+            Ok(())
+        }
+        Command::Audit {
+            command: AuditCommand::Export { since, lookup },
+        } => {
+            let (_, vault) = open(&dir)?;
+            if let Some(v) = lookup {
+                println!("{}", vault.pseudonym(&v));
+                return Ok(());
+            }
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            vault
+                .export_audit(since.as_deref(), &mut out)
+                .map_err(describe)?;
+            out.flush()?;
+            Ok(())
         }
         Command::TotpCode { secret } => {
             let code = medvault_core::totp_now(&secret, SystemClock.now().unix_timestamp())
