@@ -190,46 +190,6 @@ impl Vault {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn balp_events_validate_as_fhir_r4() {
-        for action in [
-            "read",
-            "search",
-            "create",
-            "update",
-            "delete",
-            "login",
-            "mfa",
-            "logout",
-            "everything",
-        ] {
-            for outcome in [Outcome::Success, Outcome::Denied, Outcome::NotFound] {
-                let mut r = AuditRecord::new(
-                    action,
-                    "dr.who",
-                    outcome,
-                    "2026-11-24T10:00:00.000Z".into(),
-                    "req-1",
-                );
-                r.role = Some("physician".into());
-                r.purpose = Some("TREAT".into());
-                r.source = Some("127.0.0.1".into());
-                r.patient = Some("p-1".into());
-                r.resource = Some("Observation/o-1/_history/2".into());
-                r.categories_withheld = vec!["billing".into()];
-                let ev = audit_event(7, &r);
-                if let Err(issues) = medvault_fhir::validate_any(ev.as_object().unwrap()) {
-                    panic!("{action}: {issues:?}\n{ev}");
-                }
-            }
-        }
-    }
-}
-
 /// One line of a patient's access report.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Access {
@@ -449,5 +409,45 @@ impl Vault {
             }
         }
         Ok(written)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn balp_events_validate_as_fhir_r4() {
+        for action in [
+            "read",
+            "search",
+            "create",
+            "update",
+            "delete",
+            "login",
+            "mfa",
+            "logout",
+            "everything",
+        ] {
+            for outcome in [Outcome::Success, Outcome::Denied, Outcome::NotFound] {
+                let mut r = AuditRecord::new(
+                    action,
+                    "dr.who",
+                    outcome,
+                    "2026-11-24T10:00:00.000Z".into(),
+                    "req-1",
+                );
+                r.role = Some("physician".into());
+                r.purpose = Some("TREAT".into());
+                r.source = Some("127.0.0.1".into());
+                r.patient = Some("p-1".into());
+                r.resource = Some("Observation/o-1/_history/2".into());
+                r.categories_withheld = vec!["billing".into()];
+                let ev = audit_event(7, &r);
+                if let Err(issues) = medvault_fhir::validate_any(ev.as_object().unwrap()) {
+                    panic!("{action}: {issues:?}\n{ev}");
+                }
+            }
+        }
     }
 }

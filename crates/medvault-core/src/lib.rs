@@ -1451,6 +1451,53 @@ impl Vault {
     }
 }
 
+impl Vault {
+    /// The stored checkpoint of exactly `size` entries, with any witness cosignatures.
+    pub fn checkpoint_at(&self, size: u64) -> Result<Option<String>, VaultError> {
+        Ok(self
+            .store
+            .checkpoints()?
+            .into_iter()
+            .find(|(s, _)| *s == size)
+            .map(|(_, n)| n))
+    }
+
+    /// Accepts a witness's cosigned copy of one of this log's checkpoints: the note must carry
+    /// this log's valid signature over a checkpoint it stored; the other signature lines are
+    /// appended to the stored checkpoint. Privacy officers and auditors (who run witnesses).
+    pub fn add_cosignatures(&self, c: &Caller, note: &str) -> Result<usize, VaultError> {
+        self.require_audit_reader(c, "audit.cosign")?;
+        let verifier = medvault_audit::note::NoteVerifier::parse(&self.signer.verifier_key())
+            .map_err(|e| VaultError::Internal(e.to_string()))?;
+        let text = verifier
+            .verify(note)
+            .map_err(|_| VaultError::BadRequest("not a checkpoint signed by this log".into()))?;
+        let (origin, size, _) = medvault_audit::note::parse_checkpoint(text)
+            .map_err(|e| VaultError::BadRequest(e.to_string()))?;
+        let stored = self.checkpoint_at(size)?.ok_or(VaultError::NotFound)?;
+        if origin != self.origin || !stored.starts_with(text) {
+            return Err(VaultError::BadRequest(
+                "checkpoint does not match the stored one".into(),
+            ));
+        }
+        let own = format!("\u{2014} {} ", self.origin);
+        let lines: Vec<String> = note
+            .get(text.len() + 1..)
+            .unwrap_or("")
+            .lines()
+            .filter(|l| l.starts_with('\u{2014}') && !l.starts_with(&own) && l.len() < 400)
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let n = lines.len();
+        let ops = lines
+            .into_iter()
+            .map(|line| Op::AddCosignature { size, line })
+            .collect();
+        self.store.commit(WriteBatch { ops, audit: vec![] })?;
+        Ok(n)
+    }
+}
+
 #[cfg(test)]
 mod tile_tests {
     use super::TileRef;

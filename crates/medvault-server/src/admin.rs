@@ -214,3 +214,44 @@ pub(crate) async fn record_disclosure(
         json!({"audit_index": index}),
     ))
 }
+
+/// `GET /audit/checkpoint/{size}`: a stored checkpoint with its witness cosignatures.
+pub(crate) async fn checkpoint_at(
+    State(state): State<AppState>,
+    axum::extract::Path(size): axum::extract::Path<String>,
+    ctx: Ctx,
+) -> Result<Response, ApiError> {
+    let size: u64 = size
+        .parse()
+        .map_err(|_| ApiError::bad_request("size must be a number"))?;
+    let c = caller(&state, &ctx).await?;
+    if !matches!(
+        c.principal.role,
+        medvault_core::Role::PrivacyOfficer | medvault_core::Role::Auditor
+    ) {
+        return Err(medvault_core::VaultError::Forbidden { withheld: vec![] }.into());
+    }
+    let vault = state.vault.clone();
+    let note = blocking(move || vault.checkpoint_at(size))
+        .await??
+        .ok_or_else(ApiError::not_found)?;
+    Ok(text(note))
+}
+
+/// `POST /audit/cosignature`: a witness returns the checkpoint with its cosignature.
+pub(crate) async fn cosignature(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let c = caller(&state, &ctx).await?;
+    let body = body_bytes(&state, req).await?;
+    let note = String::from_utf8(body.to_vec())
+        .map_err(|_| ApiError::bad_request("the note must be UTF-8 text"))?;
+    let vault = state.vault.clone();
+    let added = blocking(move || vault.add_cosignatures(&c, &note)).await??;
+    Ok(plain_json(
+        StatusCode::OK,
+        json!({"cosignatures_added": added}),
+    ))
+}

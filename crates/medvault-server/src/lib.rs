@@ -68,6 +68,8 @@ pub fn router(state: AppState) -> Router {
         .route("/api/status", get(admin::status))
         .route("/audit/checkpoint", get(admin::checkpoint))
         .route("/audit/key", get(admin::key))
+        .route("/audit/checkpoint/{size}", get(admin::checkpoint_at))
+        .route("/audit/cosignature", post(admin::cosignature))
         .route("/audit/tile/{*path}", get(admin::tile))
         .route("/api/audit/proof/inclusion", get(admin::inclusion))
         .route("/api/audit/proof/consistency", get(admin::consistency))

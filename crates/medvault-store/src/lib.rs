@@ -173,6 +173,11 @@ pub enum Op {
         size: u64,
         note: String,
     },
+    /// Appends a witness cosignature line to a stored checkpoint (once).
+    AddCosignature {
+        size: u64,
+        line: String,
+    },
 }
 
 /// Changes and audit records committed atomically.

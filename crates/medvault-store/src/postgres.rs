@@ -782,6 +782,15 @@ async fn apply(
                     .execute(&mut *c)
                     .await?;
             }
+            Op::AddCosignature { size, line } => {
+                let size =
+                    i64::try_from(*size).map_err(|_| ApplyError::Store(StoreError::Conflict))?;
+                sqlx::query("UPDATE audit_checkpoints SET note = note || $2 WHERE size = $1 AND strpos(note, $2) = 0")
+                    .bind(size)
+                    .bind(line)
+                    .execute(&mut *c)
+                    .await?;
+            }
             Op::PutCheckpoint { size, note } => {
                 let size =
                     i64::try_from(*size).map_err(|_| ApplyError::Store(StoreError::Conflict))?;

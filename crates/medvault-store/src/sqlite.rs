@@ -438,6 +438,11 @@ fn apply(
                 tx.prepare_cached("DELETE FROM sessions WHERE token_hash = ?1")?
                     .execute(params![token_hash])?;
             }
+            Op::AddCosignature { size, line } => {
+                let size = i64::try_from(*size).map_err(|_| StoreError::Conflict)?;
+                tx.prepare_cached("UPDATE audit_checkpoints SET note = note || ?2 WHERE size = ?1 AND instr(note, ?2) = 0")?
+                    .execute(params![size, line])?;
+            }
             Op::PutCheckpoint { size, note } => {
                 let size = i64::try_from(*size).map_err(|_| StoreError::Conflict)?;
                 tx.prepare_cached(

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod config;
+mod witness;
 
 use std::io::{IsTerminal, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -150,6 +151,27 @@ enum AuditCommand {
         /// Tree size (default: the latest checkpoint's).
         #[arg(long)]
         size: Option<u64>,
+    },
+    /// Witness a medvault log: check its checkpoint is consistent with the last one seen,
+    /// cosign it and post the cosignature back. Exit 3 on a fork.
+    Witness {
+        /// The log's base URL, e.g. https://ehr.example:8443
+        #[arg(long)]
+        log: String,
+        /// The log's verifier key (GET /audit/key).
+        #[arg(long)]
+        key: String,
+        /// Directory for this witness's key and the last checkpoint it saw.
+        #[arg(long)]
+        state: PathBuf,
+        /// Bearer token of a privacy officer or auditor account.
+        #[arg(long, env = "MEDVAULT_WITNESS_TOKEN")]
+        token: String,
+        #[arg(long, default_value = "witness.medvault.local")]
+        name: String,
+        /// CA certificate to trust for the log's TLS (e.g. its self-signed cert).
+        #[arg(long)]
+        ca_cert: Option<PathBuf>,
     },
     /// JSON lines for a SIEM; users, patients and addresses replaced by keyed HMACs.
     Export {
@@ -378,6 +400,31 @@ fn run(cli: Cli) -> Result<()> {
                 .export_audit(since.as_deref(), &mut out)
                 .map_err(describe)?;
             out.flush()?;
+            Ok(())
+        }
+        Command::Audit {
+            command:
+                AuditCommand::Witness {
+                    log,
+                    key,
+                    state,
+                    token,
+                    name,
+                    ca_cert,
+                },
+        } => {
+            let now = u64::try_from(SystemClock.now().unix_timestamp()).unwrap_or(0);
+            let args = witness::Args {
+                log: &log,
+                key: &key,
+                state: &state,
+                token: &token,
+                name: &name,
+                ca_cert: ca_cert.as_deref(),
+                now,
+            };
+            let size = witness::run(&args)?;
+            println!("cosigned checkpoint of {size} entries");
             Ok(())
         }
         Command::TotpCode { secret } => {

@@ -2066,11 +2066,93 @@ fn audit_transparency_proofs_verify_independently() {
         "nothing beyond the checkpoint"
     );
     assert_eq!(fetch("/audit/tile/0/x/000").0, 404);
+    // A witness cosigns, checks consistency on its next round, and reports forks loudly.
+    let wstate = dir.join("..").join("witness");
+    let witness = |state: &Path| {
+        Command::new(BIN)
+            .args([
+                "audit",
+                "witness",
+                "--log",
+                &s.url(""),
+                "--key",
+                vkey.trim(),
+                "--token",
+                &po,
+                "--ca-cert",
+            ])
+            .arg(dir.join("tls/cert.pem"))
+            .arg("--state")
+            .arg(state)
+            .output()
+            .unwrap()
+    };
+    let o = witness(&wstate);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let cosigned_size: u64 = String::from_utf8_lossy(&o.stdout)
+        .split_whitespace()
+        .nth(3)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let wkey = std::fs::read_to_string(wstate.join("witness.vkey")).unwrap();
+    let stored = s
+        .agent
+        .get(&s.url(&format!("/audit/checkpoint/{cosigned_size}")))
+        .set("Authorization", &format!("Bearer {po}"))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    medvault_audit::note::verify_cosignature(&stored, &wkey)
+        .expect("the server serves the cosigned checkpoint");
+    std::thread::sleep(Duration::from_millis(1100));
+    s.get(&format!("/fhir/Patient/{pid}"), &phys);
+    std::thread::sleep(Duration::from_millis(1100));
+    let o = witness(&wstate);
+    assert!(
+        o.status.success(),
+        "second round checks consistency: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // A witness that remembers a different tree of an earlier size sees a fork.
+    let forged = dir.join("..").join("witness-forged");
+    std::fs::create_dir_all(&forged).unwrap();
+    let origin = vkey.split('+').next().unwrap();
+    std::fs::write(
+        forged.join("checkpoint"),
+        format!("{origin}\n{cosigned_size}\n{}\n", base64_of(&[7u8; 32])),
+    )
+    .unwrap();
+    let o = witness(&forged);
+    assert_eq!(
+        o.status.code(),
+        Some(3),
+        "fork: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(String::from_utf8_lossy(&o.stderr).contains("FORK DETECTED"));
+    std::fs::write(
+        forged.join("checkpoint"),
+        format!(
+            "{origin}\n{}\n{}\n",
+            cosigned_size + 100_000,
+            base64_of(&[7u8; 32])
+        ),
+    )
+    .unwrap();
+    let o = witness(&forged);
+    assert_eq!(
+        o.status.code(),
+        Some(3),
+        "rollback: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     // The same log as IHE BALP AuditEvents: who looked at this patient's chart.
     let ev = s.get(&format!("/fhir/AuditEvent?patient={pid}&action=R"), &po);
     assert_eq!(ev.status, 200, "{:?}", ev.body);
     let events = ev.body["entry"].as_array().unwrap();
-    assert_eq!(events.len(), 6, "six reads of the chart");
+    assert_eq!(events.len(), 7, "seven reads of the chart");
     for e in events {
         let r = &e["resource"];
         assert_eq!(r["resourceType"], "AuditEvent");
@@ -2102,7 +2184,7 @@ fn audit_transparency_proofs_verify_independently() {
         acc.iter()
             .filter(|a| a["action"] == "read" && a["who"] == "e2e.physician")
             .count(),
-        6
+        7
     );
     assert!(acc.iter().any(|a| a["action"] == "create"
         && a["categories"][0] == "demographics"
@@ -2167,4 +2249,9 @@ fn audit_transparency_proofs_verify_independently() {
         400
     );
     assert_eq!(s.get("/api/audit/proof/inclusion?index=x", &po).status, 400);
+}
+
+fn base64_of(b: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(b)
 }
