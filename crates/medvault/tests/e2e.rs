@@ -1722,6 +1722,21 @@ fn audit_verify_recomputes_the_log_and_names_the_first_bad_entry() {
     tamper("UPDATE audit_checkpoints SET note = replace(note, 'medvault.local/audit', 'medvault.locaI/audit')");
     fails_with("not validly signed");
     restore();
+    // Insert one entry (a valid, canonical copy of another) and renumber the rest.
+    tamper(
+        "UPDATE audit_log SET seq = seq + 1000000 WHERE seq >= 5; UPDATE audit_log SET seq = seq - 999999 WHERE seq >= 1000000; \
+         INSERT INTO audit_log (seq, leaf_hash, record) SELECT 5, leaf_hash, record FROM audit_log WHERE seq = 2;",
+    );
+    fails_with("do not match the checkpoint");
+    restore();
+    // Replace the whole log with a different, internally valid one of the same size.
+    tamper(&format!(
+        "CREATE TABLE t AS SELECT leaf_hash, record FROM audit_log WHERE seq = 1; DELETE FROM audit_log; \
+         WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i + 1 < {size}) \
+         INSERT INTO audit_log (seq, leaf_hash, record) SELECT i, (SELECT leaf_hash FROM t), (SELECT record FROM t) FROM n; DROP TABLE t;"
+    ));
+    fails_with("do not match the checkpoint");
+    restore();
     assert_eq!(
         json_out(&medvault(&dir, &["audit", "verify", "--json"]))["root"],
         ok["root"]
