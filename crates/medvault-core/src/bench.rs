@@ -264,6 +264,10 @@ fn physician() -> Result<Caller, VaultError> {
     ))
 }
 
+fn per_entry(secs: f64, entries: u64) -> f64 {
+    secs / (entries.max(1) as f64)
+}
+
 /// Runs the benchmark in `dir` (a fresh temporary directory).
 pub fn run(
     backend: &BenchBackend,
@@ -271,8 +275,9 @@ pub fn run(
     opts: BenchOptions,
     clock: Arc<dyn Clock>,
     progress: &dyn Fn(&str, usize, usize),
-) -> Result<Vec<BenchRow>, VaultError> {
+) -> Result<(Vec<BenchRow>, Vec<String>), VaultError> {
     let mut rows = vec![];
+    let mut audit_figures: Vec<String> = vec![];
     for (k, &size) in opts.sizes.iter().enumerate() {
         let sub = dir.join(format!("run{k}"));
         std::fs::create_dir_all(&sub).map_err(|e| VaultError::Internal(e.to_string()))?;
@@ -393,10 +398,81 @@ pub fn run(
             secure,
             plain: None,
         });
+        // Verifying the whole log (recompute every leaf, the root, every checkpoint).
+        progress("audit verify", 0, 1);
+        fx.vault.checkpoint()?;
+        let started = std::time::Instant::now();
+        let verdict = fx.vault.verify_audit(&|_, _| {})?;
+        let secs = started.elapsed().as_secs_f64();
+        if let crate::AuditVerdict::Intact { size: entries, .. } = verdict {
+            let per = secs / (entries.max(1) as f64);
+            rows.push(BenchRow {
+                patients: size,
+                operation: "audit verify",
+                secure: Measure {
+                    ops_per_sec: entries as f64 / secs.max(1e-9),
+                    p50_us: per * 1e6,
+                    p99_us: per * 1e6,
+                },
+                plain: None,
+            });
+            // Inclusion proofs at this log size: size and verification time.
+            let leaves = fx.vault.leaves(entries)?;
+            let root = medvault_audit::merkle::root(&leaves);
+            let n = leaves.len().max(1);
+            let proofs: Vec<(usize, Vec<medvault_audit::merkle::Hash>)> = (0..200)
+                .map(|i| {
+                    let idx = (i * 7919) % n;
+                    (
+                        idx,
+                        medvault_audit::merkle::inclusion_proof(&leaves, idx).unwrap_or_default(),
+                    )
+                })
+                .collect();
+            let started = std::time::Instant::now();
+            let mut ok = 0;
+            for _ in 0..50 {
+                for (idx, p) in &proofs {
+                    if let Some(leaf) = leaves.get(*idx) {
+                        if medvault_audit::merkle::verify_inclusion(
+                            leaf,
+                            *idx as u64,
+                            entries,
+                            p,
+                            &root,
+                        ) {
+                            ok += 1;
+                        }
+                    }
+                }
+            }
+            let per = started.elapsed().as_secs_f64() / (ok.max(1) as f64);
+            let hashes = proofs.first().map(|p| p.1.len()).unwrap_or(0);
+            rows.push(BenchRow {
+                patients: size,
+                operation: if hashes > 0 {
+                    "proof verify"
+                } else {
+                    "proof verify (1 leaf)"
+                },
+                secure: Measure {
+                    ops_per_sec: 1.0 / per.max(1e-12),
+                    p50_us: per * 1e6,
+                    p99_us: per * 1e6,
+                },
+                plain: None,
+            });
+            audit_figures.push(format!(
+                "{size} patients: audit log of {entries} entries verified in {secs:.2} s ({:.0} entries/s, 10M entries ≈ {:.0} s); inclusion proof {hashes} hashes ({} bytes)",
+                entries as f64 / secs.max(1e-9),
+                10_000_000.0 * per_entry(secs, entries),
+                hashes * 32
+            ));
+        }
         drop(fx);
         drop_databases(backend, &created);
     }
-    Ok(rows)
+    Ok((rows, audit_figures))
 }
 
 fn drop_databases(backend: &BenchBackend, names: &[String]) {

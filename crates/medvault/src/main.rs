@@ -762,7 +762,7 @@ fn bench(
 ) -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let bar = progress_bar(patients as u64, "loading patients");
-    let rows = medvault_core::bench::run(
+    let (rows, audit_notes) = medvault_core::bench::run(
         backend,
         tmp.path(),
         medvault_core::bench::BenchOptions {
@@ -802,6 +802,9 @@ fn bench(
         };
         println!("medvault bench: secure path vs plain store, {threads} client threads, in-process, {store}");
         print!("{}", medvault_core::bench::render(&rows));
+        for n in &audit_notes {
+            println!("{n}");
+        }
     }
     Ok(())
 }
