@@ -89,42 +89,76 @@ pub(crate) struct EntriesQuery {
     end: u64,
 }
 
+type QueryResult<Q> = Result<axum::extract::Query<Q>, axum::extract::rejection::QueryRejection>;
+
+/// Parses the query, authenticates, and runs `f` on the gate off the async runtime.
+async fn with_query<Q, T: Send + 'static>(
+    state: &AppState,
+    ctx: &Ctx,
+    q: QueryResult<Q>,
+    usage: &'static str,
+    f: impl FnOnce(
+            &medvault_core::Vault,
+            &medvault_core::Caller,
+            Q,
+        ) -> Result<T, medvault_core::VaultError>
+        + Send
+        + 'static,
+) -> Result<T, ApiError>
+where
+    Q: Send + 'static,
+{
+    let axum::extract::Query(q) = q.map_err(|_| ApiError::bad_request(usage))?;
+    let c = caller(state, ctx).await?;
+    let vault = state.vault.clone();
+    Ok(blocking(move || f(&vault, &c, q)).await??)
+}
+
 pub(crate) async fn inclusion(
     State(state): State<AppState>,
     ctx: Ctx,
-    q: Result<axum::extract::Query<InclusionQuery>, axum::extract::rejection::QueryRejection>,
+    q: QueryResult<InclusionQuery>,
 ) -> Result<Response, ApiError> {
-    let axum::extract::Query(q) =
-        q.map_err(|_| ApiError::bad_request("index and size are required integers"))?;
-    let c = caller(&state, &ctx).await?;
-    let vault = state.vault.clone();
-    let p = blocking(move || vault.inclusion_proof(&c, q.index, q.size)).await??;
+    let p = with_query(
+        &state,
+        &ctx,
+        q,
+        "index and size are required integers",
+        |v, c, q| v.inclusion_proof(c, q.index, q.size),
+    )
+    .await?;
     Ok(plain_json(StatusCode::OK, json!(p)))
 }
 
 pub(crate) async fn consistency(
     State(state): State<AppState>,
     ctx: Ctx,
-    q: Result<axum::extract::Query<ConsistencyQuery>, axum::extract::rejection::QueryRejection>,
+    q: QueryResult<ConsistencyQuery>,
 ) -> Result<Response, ApiError> {
-    let axum::extract::Query(q) =
-        q.map_err(|_| ApiError::bad_request("old and new are required integers"))?;
-    let c = caller(&state, &ctx).await?;
-    let vault = state.vault.clone();
-    let p = blocking(move || vault.consistency_proof(&c, q.old, q.new)).await??;
+    let p = with_query(
+        &state,
+        &ctx,
+        q,
+        "old and new are required integers",
+        |v, c, q| v.consistency_proof(c, q.old, q.new),
+    )
+    .await?;
     Ok(plain_json(StatusCode::OK, json!(p)))
 }
 
 pub(crate) async fn entries(
     State(state): State<AppState>,
     ctx: Ctx,
-    q: Result<axum::extract::Query<EntriesQuery>, axum::extract::rejection::QueryRejection>,
+    q: QueryResult<EntriesQuery>,
 ) -> Result<Response, ApiError> {
-    let axum::extract::Query(q) =
-        q.map_err(|_| ApiError::bad_request("start and end are required integers"))?;
-    let c = caller(&state, &ctx).await?;
-    let vault = state.vault.clone();
-    let rows = blocking(move || vault.audit_entries(&c, q.start, q.end)).await??;
+    let rows = with_query(
+        &state,
+        &ctx,
+        q,
+        "start and end are required integers",
+        |v, c, q| v.audit_entries(c, q.start, q.end),
+    )
+    .await?;
     let entries: Vec<serde_json::Value> = rows
         .into_iter()
         .map(|(seq, commitment, leaf, rec)| json!({"index": seq, "commitment": commitment, "leaf_hash": leaf, "record": rec}))
