@@ -210,6 +210,8 @@ pub struct VaultOptions {
     pub session: SessionPolicy,
     pub key_cache_capacity: usize,
     pub max_page_size: usize,
+    /// Open checkpoints, the verifier key, tiles and proofs (commitments only) to anyone.
+    pub public_transparency: bool,
 }
 
 impl Default for VaultOptions {
@@ -218,6 +220,7 @@ impl Default for VaultOptions {
             session: SessionPolicy::default(),
             key_cache_capacity: 100_000,
             max_page_size: 1000,
+            public_transparency: false,
         }
     }
 }
@@ -317,7 +320,7 @@ impl Vault {
         let keys = Arc::new(KeyCache::new(options.key_cache_capacity));
         let heard = keys.clone();
         store.on_key_eviction(Box::new(move |p| heard.evict(p)));
-        Ok(Vault {
+        let vault = Vault {
             signer,
             origin,
             tree: std::sync::Mutex::new(medvault_audit::merkle::RootBuilder::new()),
@@ -329,7 +332,9 @@ impl Vault {
             policy: Arc::new(policy),
             clock,
             options,
-        })
+        };
+        vault.record_audit_settings()?;
+        Ok(vault)
     }
 
     pub fn clock(&self) -> &Arc<dyn Clock> {
@@ -1203,6 +1208,42 @@ impl Vault {
         Ok(self.store.checkpoints()?.pop().map(|(_, n)| n))
     }
 
+    /// Audit settings are part of the log: a change is recorded when the server starts with it.
+    fn record_audit_settings(&self) -> Result<(), VaultError> {
+        let value =
+            format!("public_transparency={}", self.options.public_transparency).into_bytes();
+        if self.store.meta("audit.settings")?.as_deref() == Some(value.as_slice()) {
+            return Ok(());
+        }
+        let mut rec = AuditRecord::new(
+            "audit.settings",
+            "system",
+            Outcome::Success,
+            self.now_instant(),
+            "startup",
+        );
+        rec.detail = Some(String::from_utf8_lossy(&value).into_owned());
+        self.commit(
+            vec![Op::PutMeta {
+                key: "audit.settings".into(),
+                value,
+            }],
+            vec![rec],
+        )?;
+        Ok(())
+    }
+
+    /// Who may read the transparency views (commitments only): anyone when
+    /// `audit.public_transparency` is on, otherwise privacy officers and auditors.
+    pub fn transparency_reader(&self, c: Option<&Caller>, action: &str) -> Result<(), VaultError> {
+        match c {
+            Some(c) if !self.options.public_transparency => self.require_audit_reader(c, action),
+            Some(_) => Ok(()),
+            None if self.options.public_transparency => Ok(()),
+            None => Err(VaultError::Unauthenticated),
+        }
+    }
+
     fn require_audit_reader(&self, c: &Caller, action: &str) -> Result<(), VaultError> {
         let mut rec = self.record(c, action, Outcome::Success);
         if !matches!(c.principal.role, Role::PrivacyOfficer | Role::Auditor) {
@@ -1262,11 +1303,11 @@ impl Vault {
     /// RFC 6962 inclusion proof of entry `index` in the tree of `size` entries.
     pub fn inclusion_proof(
         &self,
-        c: &Caller,
+        c: Option<&Caller>,
         index: u64,
         size: u64,
     ) -> Result<InclusionProof, VaultError> {
-        self.require_audit_reader(c, "audit.proof")?;
+        self.transparency_reader(c, "audit.proof")?;
         if index >= size || size > self.store.audit_len()? {
             return Err(VaultError::BadRequest(
                 "need index < size <= the log's size".into(),
@@ -1292,11 +1333,11 @@ impl Vault {
     /// RFC 6962 consistency proof between the trees of `old` and `new` entries.
     pub fn consistency_proof(
         &self,
-        c: &Caller,
+        c: Option<&Caller>,
         old: u64,
         new: u64,
     ) -> Result<ConsistencyProof, VaultError> {
-        self.require_audit_reader(c, "audit.proof")?;
+        self.transparency_reader(c, "audit.proof")?;
         if old == 0 || old > new || new > self.store.audit_len()? {
             return Err(VaultError::BadRequest(
                 "need 0 < old <= new <= the log's size".into(),
@@ -1386,10 +1427,8 @@ const TILE_WIDTH: u64 = 256;
 impl Vault {
     /// The bytes of a hash tile or entry bundle for the latest checkpointed tree, or
     /// `NotFound` when the tree does not (yet) hold it.
-    pub fn tile(&self, c: &Caller, t: TileRef) -> Result<Vec<u8>, VaultError> {
-        if !matches!(c.principal.role, Role::PrivacyOfficer | Role::Auditor) {
-            return Err(VaultError::Forbidden { withheld: vec![] });
-        }
+    pub fn tile(&self, c: Option<&Caller>, t: TileRef) -> Result<Vec<u8>, VaultError> {
+        self.transparency_reader(c, "audit.tile")?;
         let size = self.store.checkpoints()?.pop().map(|(s, _)| s).unwrap_or(0);
         let (level, index, width) = match t {
             TileRef::Hashes {

@@ -6,7 +6,7 @@ use axum::response::Response;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::{blocking, body_bytes, caller, plain_json, ApiError, AppState, Ctx};
+use crate::{blocking, body_bytes, caller, optional_caller, plain_json, ApiError, AppState, Ctx};
 
 pub(crate) async fn status(State(state): State<AppState>, ctx: Ctx) -> Result<Response, ApiError> {
     let c = caller(&state, &ctx).await?;
@@ -40,7 +40,22 @@ pub(crate) async fn checkpoint(
     State(state): State<AppState>,
     ctx: Ctx,
 ) -> Result<Response, ApiError> {
-    // Transparency endpoints answer privacy officers and auditors.
+    let c = optional_caller(&state, &ctx).await?;
+    let vault = state.vault.clone();
+    let note = blocking(move || {
+        vault.transparency_reader(c.as_ref(), "audit.checkpoint")?;
+        vault.latest_checkpoint()
+    })
+    .await??
+    .ok_or_else(ApiError::not_found)?;
+    Ok(text(note))
+}
+
+/// `POST /audit/checkpoint`: sign a checkpoint now (privacy officers, auditors).
+pub(crate) async fn checkpoint_now(
+    State(state): State<AppState>,
+    ctx: Ctx,
+) -> Result<Response, ApiError> {
     let c = caller(&state, &ctx).await?;
     if !matches!(
         c.principal.role,
@@ -49,9 +64,12 @@ pub(crate) async fn checkpoint(
         return Err(medvault_core::VaultError::Forbidden { withheld: vec![] }.into());
     }
     let vault = state.vault.clone();
-    let note = blocking(move || vault.latest_checkpoint())
-        .await??
-        .ok_or_else(ApiError::not_found)?;
+    let note = blocking(move || {
+        vault.checkpoint()?;
+        vault.latest_checkpoint()
+    })
+    .await??
+    .ok_or_else(ApiError::not_found)?;
     Ok(text(note))
 }
 
@@ -99,7 +117,7 @@ async fn with_query<Q, T: Send + 'static>(
     usage: &'static str,
     f: impl FnOnce(
             &medvault_core::Vault,
-            &medvault_core::Caller,
+            Option<&medvault_core::Caller>,
             Q,
         ) -> Result<T, medvault_core::VaultError>
         + Send
@@ -109,9 +127,9 @@ where
     Q: Send + 'static,
 {
     let axum::extract::Query(q) = q.map_err(|_| ApiError::bad_request(usage))?;
-    let c = caller(state, ctx).await?;
+    let c = optional_caller(state, ctx).await?;
     let vault = state.vault.clone();
-    Ok(blocking(move || f(&vault, &c, q)).await??)
+    Ok(blocking(move || f(&vault, c.as_ref(), q)).await??)
 }
 
 pub(crate) async fn inclusion(
@@ -156,7 +174,10 @@ pub(crate) async fn entries(
         &ctx,
         q,
         "start and end are required integers",
-        |v, c, q| v.audit_entries(c, q.start, q.end),
+        |v, c, q| match c {
+            Some(c) => v.audit_entries(c, q.start, q.end),
+            None => Err(medvault_core::VaultError::Unauthenticated),
+        },
     )
     .await?;
     let entries: Vec<serde_json::Value> = rows
@@ -173,9 +194,9 @@ pub(crate) async fn tile(
     ctx: Ctx,
 ) -> Result<Response, ApiError> {
     let t = medvault_core::TileRef::parse(&path).ok_or_else(ApiError::not_found)?;
-    let c = caller(&state, &ctx).await?;
+    let c = optional_caller(&state, &ctx).await?;
     let vault = state.vault.clone();
-    let bytes = blocking(move || vault.tile(&c, t)).await??;
+    let bytes = blocking(move || vault.tile(c.as_ref(), t)).await??;
     use axum::http::{header, HeaderValue};
     use axum::response::IntoResponse;
     let mut r = (StatusCode::OK, bytes).into_response();
@@ -258,17 +279,14 @@ pub(crate) async fn checkpoint_at(
     let size: u64 = size
         .parse()
         .map_err(|_| ApiError::bad_request("size must be a number"))?;
-    let c = caller(&state, &ctx).await?;
-    if !matches!(
-        c.principal.role,
-        medvault_core::Role::PrivacyOfficer | medvault_core::Role::Auditor
-    ) {
-        return Err(medvault_core::VaultError::Forbidden { withheld: vec![] }.into());
-    }
+    let c = optional_caller(&state, &ctx).await?;
     let vault = state.vault.clone();
-    let note = blocking(move || vault.checkpoint_at(size))
-        .await??
-        .ok_or_else(ApiError::not_found)?;
+    let note = blocking(move || {
+        vault.transparency_reader(c.as_ref(), "audit.checkpoint")?;
+        vault.checkpoint_at(size)
+    })
+    .await??
+    .ok_or_else(ApiError::not_found)?;
     Ok(text(note))
 }
 

@@ -66,7 +66,10 @@ pub fn router(state: AppState) -> Router {
         .route("/auth/mfa/totp", post(auth::mfa_totp))
         .route("/auth/logout", post(auth::logout))
         .route("/api/status", get(admin::status))
-        .route("/audit/checkpoint", get(admin::checkpoint))
+        .route(
+            "/audit/checkpoint",
+            get(admin::checkpoint).post(admin::checkpoint_now),
+        )
         .route("/audit/key", get(admin::key))
         .route("/audit/checkpoint/{size}", get(admin::checkpoint_at))
         .route("/audit/cosignature", post(admin::cosignature))
@@ -220,6 +223,17 @@ pub(crate) async fn caller(state: &AppState, ctx: &Ctx) -> Result<Caller, ApiErr
         ctx.source.clone(),
         ctx.request_id.clone(),
     ))
+}
+
+/// The caller if the request carries a token (which must then be valid), else `None`.
+pub(crate) async fn optional_caller(
+    state: &AppState,
+    ctx: &Ctx,
+) -> Result<Option<Caller>, ApiError> {
+    if ctx.token.is_none() {
+        return Ok(None);
+    }
+    caller(state, ctx).await.map(Some)
 }
 
 /// Reads a request body up to the configured limit (413 beyond it).

@@ -173,6 +173,11 @@ pub enum Op {
         size: u64,
         note: String,
     },
+    /// Inserts or replaces a metadata value (settings whose changes are audited).
+    PutMeta {
+        key: String,
+        value: Vec<u8>,
+    },
     /// Appends a witness cosignature line to a stored checkpoint (once).
     AddCosignature {
         size: u64,

@@ -782,6 +782,13 @@ async fn apply(
                     .execute(&mut *c)
                     .await?;
             }
+            Op::PutMeta { key, value } => {
+                sqlx::query("INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = excluded.value")
+                    .bind(key)
+                    .bind(value)
+                    .execute(&mut *c)
+                    .await?;
+            }
             Op::AddCosignature { size, line } => {
                 let size =
                     i64::try_from(*size).map_err(|_| ApplyError::Store(StoreError::Conflict))?;

@@ -438,6 +438,10 @@ fn apply(
                 tx.prepare_cached("DELETE FROM sessions WHERE token_hash = ?1")?
                     .execute(params![token_hash])?;
             }
+            Op::PutMeta { key, value } => {
+                tx.prepare_cached("INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)")?
+                    .execute(params![key, value])?;
+            }
             Op::AddCosignature { size, line } => {
                 let size = i64::try_from(*size).map_err(|_| StoreError::Conflict)?;
                 tx.prepare_cached("UPDATE audit_checkpoints SET note = note || ?2 WHERE size = ?1 AND instr(note, ?2) = 0")?

@@ -14,6 +14,15 @@ pub struct Config {
     pub storage: Storage,
     pub keys: Keys,
     pub session: Session,
+    pub audit: Audit,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Audit {
+    /// Open checkpoints, the verifier key, tiles and proofs (commitments only) to anyone.
+    /// Changing it is recorded in the audit log at the next start.
+    pub public_transparency: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -381,7 +381,7 @@ fn run(cli: Cli) -> Result<()> {
                     .ok_or_else(|| anyhow!("no signed checkpoint yet; pass --size"))?,
             };
             let p = vault
-                .inclusion_proof(&Caller::cli(Role::Auditor), index, size)
+                .inclusion_proof(Some(&Caller::cli(Role::Auditor)), index, size)
                 .map_err(describe)?;
             println!("{}", serde_json::to_string_pretty(&p)?);
             Ok(())
@@ -483,6 +483,7 @@ fn options(cfg: &Config) -> VaultOptions {
             mfa_challenge_secs: 300,
         },
         key_cache_capacity: cfg.keys.key_cache_capacity,
+        public_transparency: cfg.audit.public_transparency,
         ..VaultOptions::default()
     }
 }

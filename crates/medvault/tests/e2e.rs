@@ -2270,3 +2270,85 @@ fn base64_of(b: &[u8]) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(b)
 }
+
+#[test]
+fn public_transparency_opens_commitments_only_and_is_audited() {
+    let (_tmp, dir, staff) = setup();
+    // Private (default): anonymous callers get nothing but the verifier key.
+    let s = Server::start(&dir, &[]);
+    let (u, p, t) = staff.get("auditor");
+    let aud = s.login(u, p, t);
+    let anon = |s: &Server, path: &str| match s.agent.get(&s.url(path)).call() {
+        Ok(r) => r.status(),
+        Err(ureq::Error::Status(code, _)) => code,
+        Err(e) => panic!("{e}"),
+    };
+    assert_eq!(
+        s.call("POST", "/audit/checkpoint", Some(&aud), None, &[])
+            .status,
+        200,
+        "checkpoint on demand"
+    );
+    assert_eq!(anon(&s, "/audit/checkpoint"), 401);
+    assert_eq!(anon(&s, "/audit/tile/0/000.p/1"), 401);
+    assert_eq!(anon(&s, "/audit/key"), 200);
+    let (st, _) = s.stop();
+    assert!(st.success());
+    // Public: checkpoints, tiles and proofs open to anyone; full records still are not.
+    let s = Server::start(&dir, &[("MEDVAULT_AUDIT_PUBLIC_TRANSPARENCY", "true")]);
+    let (u, p, t) = staff.get("privacy_officer");
+    let po = s.login(u, p, t);
+    let note = s.call("POST", "/audit/checkpoint", Some(&po), None, &[]);
+    assert_eq!(note.status, 200);
+    let size: u64 = note
+        .body
+        .as_str()
+        .unwrap()
+        .lines()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(anon(&s, "/audit/checkpoint"), 200);
+    assert_eq!(anon(&s, "/audit/tile/0/000.p/1"), 200);
+    assert_eq!(
+        anon(
+            &s,
+            &format!("/api/audit/proof/inclusion?index=0&size={size}")
+        ),
+        200
+    );
+    assert_eq!(
+        anon(&s, "/api/audit/entries?start=0&end=2"),
+        401,
+        "records stay private"
+    );
+    assert_eq!(
+        s.call(
+            "POST",
+            "/audit/checkpoint",
+            Some(&staff_token(&s, &staff, "nurse")),
+            None,
+            &[]
+        )
+        .status,
+        403
+    );
+    let (st, _) = s.stop();
+    assert!(st.success());
+    // The change of setting is in the audit log.
+    let export = String::from_utf8(medvault(&dir, &["audit", "export"]).stdout).unwrap();
+    let changes = export
+        .lines()
+        .filter(|l| l.contains("\"action\":\"audit.settings\""))
+        .count();
+    assert_eq!(
+        changes, 3,
+        "init (off), the public server (on) and this export run with the file setting (off) are changes; the private restart is not"
+    );
+}
+
+fn staff_token(s: &Server, staff: &Staff, role: &str) -> String {
+    let (u, p, t) = staff.get(role);
+    s.login(u, p, t)
+}
