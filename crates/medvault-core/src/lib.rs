@@ -1129,7 +1129,9 @@ impl Vault {
                     problem: "entry is missing".into(),
                 });
             }
-            for row in rows {
+            // Hash and check canonical form on every core; fold into the tree in order.
+            let checked = check_entries(&rows);
+            for (row, (leaf, problem)) in rows.iter().zip(checked) {
                 if row.seq != expected {
                     let problem =
                         format!("entry is missing (the next stored entry is {})", row.seq);
@@ -1138,21 +1140,11 @@ impl Vault {
                         problem,
                     });
                 }
-                let leaf = medvault_audit::record_leaf(&row.record);
-                if row.leaf_hash.as_slice() != leaf.as_slice() {
+                if let Some(problem) = problem {
                     return Ok(AuditVerdict::Broken {
                         index: expected,
-                        problem: "record does not match its leaf hash".into(),
+                        problem: problem.into(),
                     });
-                }
-                match AuditRecord::from_canonical(&row.record) {
-                    Ok(r) if r.canonical() == row.record => {}
-                    _ => {
-                        return Ok(AuditVerdict::Broken {
-                            index: expected,
-                            problem: "not a canonical audit record".into(),
-                        })
-                    }
                 }
                 builder.push(leaf);
                 expected += 1;
@@ -1535,6 +1527,41 @@ impl Vault {
         self.store.commit(WriteBatch { ops, audit: vec![] })?;
         Ok(n)
     }
+}
+
+/// Per entry: its recomputed leaf and, if wrong, what is wrong — computed on all cores.
+fn check_entries(rows: &[medvault_store::AuditRow]) -> Vec<([u8; 32], Option<&'static str>)> {
+    fn one(row: &medvault_store::AuditRow) -> ([u8; 32], Option<&'static str>) {
+        let leaf = medvault_audit::record_leaf(&row.record);
+        if row.leaf_hash.as_slice() != leaf.as_slice() {
+            return (leaf, Some("record does not match its leaf hash"));
+        }
+        match AuditRecord::from_canonical(&row.record) {
+            Ok(r) if r.canonical() == row.record => (leaf, None),
+            _ => (leaf, Some("not a canonical audit record")),
+        }
+    }
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, 16);
+    if threads == 1 || rows.len() < 2_000 {
+        return rows.iter().map(one).collect();
+    }
+    let per = rows.len().div_ceil(threads);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = rows
+            .chunks(per)
+            .map(|chunk| s.spawn(move || chunk.iter().map(one).collect::<Vec<_>>()))
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| vec![([0u8; 32], Some("verification thread failed"))])
+            })
+            .collect()
+    })
 }
 
 #[cfg(test)]
