@@ -493,6 +493,11 @@ impl Vault {
         }
     }
 
+    /// Opens rows an audited read disclosed, in order.
+    fn open_all(&self, rows: &[VersionRow]) -> Result<Vec<Disclosed>, VaultError> {
+        rows.iter().map(|r| self.open_disclosed(r)).collect()
+    }
+
     fn open_disclosed(&self, row: &VersionRow) -> Result<Disclosed, VaultError> {
         let json = self.open_row(row)?;
         self.disclosed(row, json)
@@ -553,10 +558,7 @@ impl Vault {
             }
             Ok((vec![rec], Ok((allowed, disclosed, withheld))))
         })?;
-        let entries = rows
-            .iter()
-            .map(|r| self.open_disclosed(r))
-            .collect::<Result<Vec<_>, _>>()?;
+        let entries = self.open_all(&rows)?;
         Ok(SearchResult {
             entries,
             disclosed,
@@ -1197,7 +1199,7 @@ fn b64(h: &[u8]) -> String {
 impl Vault {
     /// The latest signed checkpoint (C2SP signed note), if any.
     pub fn latest_checkpoint(&self) -> Result<Option<String>, VaultError> {
-        Ok(self.store.checkpoints()?.pop().map(|(_, n)| n))
+        Ok(self.store.checkpoint(None)?.map(|(_, n)| n))
     }
 
     /// Audit settings are part of the log: a change is recorded when the server starts with it.
@@ -1421,7 +1423,7 @@ impl Vault {
     /// `NotFound` when the tree does not (yet) hold it.
     pub fn tile(&self, c: Option<&Caller>, t: TileRef) -> Result<Vec<u8>, VaultError> {
         self.transparency_reader(c, "audit.tile")?;
-        let size = self.store.checkpoints()?.pop().map(|(s, _)| s).unwrap_or(0);
+        let size = self.store.checkpoint(None)?.map(|(s, _)| s).unwrap_or(0);
         let (level, index, width) = match t {
             TileRef::Hashes {
                 level,
@@ -1485,12 +1487,15 @@ impl Vault {
 impl Vault {
     /// The stored checkpoint of exactly `size` entries, with any witness cosignatures.
     pub fn checkpoint_at(&self, size: u64) -> Result<Option<String>, VaultError> {
-        Ok(self
-            .store
-            .checkpoints()?
-            .into_iter()
-            .find(|(s, _)| *s == size)
-            .map(|(_, n)| n))
+        Ok(self.store.checkpoint(Some(size))?.map(|(_, n)| n))
+    }
+
+    /// `POST /audit/checkpoint`: signs a checkpoint now and returns the latest (privacy
+    /// officers and auditors; audited).
+    pub fn checkpoint_now(&self, c: &Caller) -> Result<Option<String>, VaultError> {
+        self.require_audit_reader(c, "audit.checkpoint")?;
+        self.checkpoint()?;
+        self.latest_checkpoint()
     }
 
     /// Accepts a witness's cosigned copy of one of this log's checkpoints: the note must carry

@@ -208,10 +208,7 @@ impl Vault {
             recs.insert(0, rec);
             Ok((recs, Ok((rows, disclosed, withheld, page.more))))
         })?;
-        let entries = rows
-            .iter()
-            .map(|r| self.open_disclosed(r))
-            .collect::<Result<Vec<_>, _>>()?;
+        let entries = self.open_all(&rows)?;
         Ok(SearchResult {
             entries,
             disclosed,
@@ -254,10 +251,7 @@ impl Vault {
             }
             Ok((vec![rec], Ok((rows, disclosed, withheld))))
         })?;
-        let entries = rows
-            .iter()
-            .map(|r| self.open_disclosed(r))
-            .collect::<Result<Vec<_>, _>>()?;
+        let entries = self.open_all(&rows)?;
         let count = entries.len();
         Ok(SearchResult {
             entries,

@@ -171,7 +171,8 @@ pub struct Identity {
     secrets: RecordCipher,
     policy: SessionPolicy,
     argon: Argon2<'static>,
-    dummy_hash: String,
+    /// A hash to verify against for unknown users (equal work), made on first need.
+    dummy_hash: std::sync::OnceLock<String>,
 }
 
 fn argon() -> Argon2<'static> {
@@ -188,19 +189,13 @@ impl Identity {
         secrets_key: &DataKey,
         policy: SessionPolicy,
     ) -> Self {
-        let argon = argon();
-        let salt = SaltString::generate(&mut rand::rngs::OsRng);
-        let dummy_hash = argon
-            .hash_password(b"medvault-dummy-password", &salt)
-            .map(|h| h.to_string())
-            .unwrap_or_default();
         Identity {
             store,
             clock,
             secrets: RecordCipher::new(secrets_key),
             policy,
-            argon,
-            dummy_hash,
+            argon: argon(),
+            dummy_hash: std::sync::OnceLock::new(),
         }
     }
 
@@ -292,7 +287,14 @@ impl Identity {
             }
         };
         let Some(user) = user else {
-            let _ = self.verify_hash(&self.dummy_hash, password);
+            let dummy = self.dummy_hash.get_or_init(|| {
+                let salt = SaltString::generate(&mut rand::rngs::OsRng);
+                self.argon
+                    .hash_password(b"medvault-dummy-password", &salt)
+                    .map(|h| h.to_string())
+                    .unwrap_or_default()
+            });
+            let _ = self.verify_hash(dummy, password);
             return Err(fail(vec![]));
         };
         if !self.verify_hash(&user.password_hash, password) || user.disabled {

@@ -57,19 +57,10 @@ pub(crate) async fn checkpoint_now(
     ctx: Ctx,
 ) -> Result<Response, ApiError> {
     let c = caller(&state, &ctx).await?;
-    if !matches!(
-        c.principal.role,
-        medvault_core::Role::PrivacyOfficer | medvault_core::Role::Auditor
-    ) {
-        return Err(medvault_core::VaultError::Forbidden { withheld: vec![] }.into());
-    }
     let vault = state.vault.clone();
-    let note = blocking(move || {
-        vault.checkpoint()?;
-        vault.latest_checkpoint()
-    })
-    .await??
-    .ok_or_else(ApiError::not_found)?;
+    let note = blocking(move || vault.checkpoint_now(&c))
+        .await??
+        .ok_or_else(ApiError::not_found)?;
     Ok(text(note))
 }
 

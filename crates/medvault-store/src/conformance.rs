@@ -25,6 +25,60 @@ pub fn run_all(make: &dyn Fn() -> Arc<dyn Store>) {
     identity_rows(&*make());
     keys_and_meta_insert_once(&*make());
     audited_reads_commit_with_their_audit_entries(&*make());
+    checkpoints_are_kept_and_cosigned(&*make());
+}
+
+pub fn checkpoints_are_kept_and_cosigned(s: &dyn Store) {
+    assert_eq!(s.checkpoint(None).unwrap(), None);
+    for n in [3u64, 7, 5] {
+        s.commit(WriteBatch {
+            ops: vec![Op::PutCheckpoint {
+                size: n,
+                note: format!("note {n}\n"),
+            }],
+            audit: vec![],
+        })
+        .unwrap();
+    }
+    s.commit(WriteBatch {
+        ops: vec![Op::PutCheckpoint {
+            size: 7,
+            note: "other\n".into(),
+        }],
+        audit: vec![],
+    })
+    .unwrap();
+    assert_eq!(
+        s.checkpoint(None).unwrap(),
+        Some((7, "note 7\n".into())),
+        "latest by size; first write wins"
+    );
+    assert_eq!(s.checkpoint(Some(5)).unwrap(), Some((5, "note 5\n".into())));
+    assert_eq!(s.checkpoint(Some(4)).unwrap(), None);
+    let cosign = || {
+        s.commit(WriteBatch {
+            ops: vec![Op::AddCosignature {
+                size: 5,
+                line: "w\n".into(),
+            }],
+            audit: vec![],
+        })
+    };
+    cosign().unwrap();
+    cosign().unwrap();
+    assert_eq!(
+        s.checkpoint(Some(5)).unwrap().unwrap().1,
+        "note 5\nw\n",
+        "a cosignature is added once"
+    );
+    assert_eq!(
+        s.checkpoints()
+            .unwrap()
+            .iter()
+            .map(|c| c.0)
+            .collect::<Vec<_>>(),
+        vec![3, 5, 7]
+    );
 }
 
 fn pid(s: &str) -> PatientId {

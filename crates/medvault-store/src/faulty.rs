@@ -103,6 +103,9 @@ impl Store for FaultyStore {
     fn checkpoints(&self) -> Result<Vec<(u64, String)>, StoreError> {
         self.inner.checkpoints()
     }
+    fn checkpoint(&self, size: Option<u64>) -> Result<Option<(u64, String)>, StoreError> {
+        self.inner.checkpoint(size)
+    }
     fn announce_key_eviction(&self, patient: &PatientId) -> Result<(), StoreError> {
         self.inner.announce_key_eviction(patient)
     }

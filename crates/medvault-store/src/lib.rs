@@ -281,6 +281,8 @@ pub trait Store: Send + Sync + 'static {
     fn audit_range(&self, start: u64, end: u64) -> Result<Vec<AuditRow>, StoreError>;
     /// Every stored signed checkpoint, by size.
     fn checkpoints(&self) -> Result<Vec<(u64, String)>, StoreError>;
+    /// One stored checkpoint: of exactly `size` entries, or the latest when `None`.
+    fn checkpoint(&self, size: Option<u64>) -> Result<Option<(u64, String)>, StoreError>;
     /// Tells every server sharing this store to drop its cached data key for `patient`
     /// (shredding and rotation rely on it). A single-process store has nobody to tell.
     fn announce_key_eviction(&self, patient: &PatientId) -> Result<(), StoreError> {

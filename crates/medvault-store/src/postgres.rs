@@ -1114,6 +1114,21 @@ impl Store for PgStore {
             .collect())
     }
 
+    fn checkpoint(&self, size: Option<u64>) -> Result<Option<(u64, String)>, StoreError> {
+        let size = size.map(|s| i64::try_from(s).unwrap_or(i64::MAX));
+        let row: Option<(i64, String)> = self
+            .rt
+            .block_on(
+                sqlx::query_as(
+                    "SELECT size, note FROM audit_checkpoints WHERE $1::bigint IS NULL OR size = $1 ORDER BY size DESC LIMIT 1",
+                )
+                .bind(size)
+                .fetch_optional(&self.pool),
+            )
+            .map_err(classify)?;
+        Ok(row.map(|(s, n)| (u64::try_from(s).unwrap_or(0), n)))
+    }
+
     fn checkpoints(&self) -> Result<Vec<(u64, String)>, StoreError> {
         let rows: Vec<(i64, String)> = self
             .rt

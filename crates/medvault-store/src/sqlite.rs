@@ -632,6 +632,17 @@ impl Store for SqliteStore {
         self.with_reader(|c| q_search(c, q))
     }
 
+    fn checkpoint(&self, size: Option<u64>) -> Result<Option<(u64, String)>, StoreError> {
+        let size = size.map(|s| i64::try_from(s).unwrap_or(i64::MAX));
+        self.with_reader(|c| {
+            Ok(c.prepare_cached(
+                "SELECT size, note FROM audit_checkpoints WHERE ?1 IS NULL OR size = ?1 ORDER BY size DESC LIMIT 1",
+            )?
+            .query_row(params![size], |r| Ok((u64::try_from(r.get::<_, i64>(0)?).unwrap_or(0), r.get::<_, String>(1)?)))
+            .optional()?)
+        })
+    }
+
     fn checkpoints(&self) -> Result<Vec<(u64, String)>, StoreError> {
         self.with_reader(|c| {
             let mut st =
