@@ -11,6 +11,7 @@
 
 pub mod merkle;
 pub mod note;
+pub mod tiles;
 
 use rand::RngCore;
 use serde::{Deserialize, Serialize};

@@ -26,6 +26,40 @@ pub fn run_all(make: &dyn Fn() -> Arc<dyn Store>) {
     keys_and_meta_insert_once(&*make());
     audited_reads_commit_with_their_audit_entries(&*make());
     checkpoints_are_kept_and_cosigned(&*make());
+    hash_tiles_only_grow(&*make());
+}
+
+pub fn hash_tiles_only_grow(s: &dyn Store) {
+    let put = |level: u32, index: u64, hashes: &[u8]| {
+        s.commit(WriteBatch {
+            ops: vec![Op::PutTile {
+                level,
+                index,
+                hashes: hashes.to_vec(),
+            }],
+            audit: vec![],
+        })
+    };
+    put(0, 0, &[1; 64]).unwrap();
+    put(0, 1, &[2; 32]).unwrap();
+    put(1, 0, &[3; 32]).unwrap();
+    put(0, 0, &[1; 96]).unwrap();
+    put(0, 0, &[1; 32]).unwrap();
+    assert_eq!(
+        s.tiles(0, 0, 10).unwrap(),
+        vec![(0, vec![1; 96]), (1, vec![2; 32])],
+        "a wider tile replaces a narrower one; a narrower copy is ignored"
+    );
+    let mut forked = vec![1u8; 128];
+    forked[5] = 9;
+    assert!(
+        matches!(put(0, 0, &forked), Err(StoreError::Conflict)),
+        "a tile that disagrees with the stored one is refused"
+    );
+    assert_eq!(s.tiles(0, 0, 1).unwrap(), vec![(0, vec![1; 96])]);
+    assert_eq!(s.tiles(1, 0, 1).unwrap(), vec![(0, vec![3; 32])]);
+    assert_eq!(s.tiles(0, 1, 2).unwrap(), vec![(1, vec![2; 32])]);
+    assert!(s.tiles(2, 0, 100).unwrap().is_empty());
 }
 
 pub fn checkpoints_are_kept_and_cosigned(s: &dyn Store) {

@@ -183,6 +183,14 @@ pub enum Op {
         size: u64,
         line: String,
     },
+    /// Stores a Merkle hash tile (C2SP tlog-tiles: `level`, `index`, concatenated 32-byte
+    /// hashes) at a new width. A tile only grows: a narrower copy of the stored one is
+    /// ignored (another server got there first); one that disagrees with it is `Conflict`.
+    PutTile {
+        level: u32,
+        index: u64,
+        hashes: Vec<u8>,
+    },
 }
 
 /// Changes and audit records committed atomically.
@@ -279,6 +287,8 @@ pub trait Store: Send + Sync + 'static {
     fn audit_len(&self) -> Result<u64, StoreError>;
     /// Audit rows with `start <= seq < end`.
     fn audit_range(&self, start: u64, end: u64) -> Result<Vec<AuditRow>, StoreError>;
+    /// Stored hash tiles of `level` with `start <= index < end`, at their stored width.
+    fn tiles(&self, level: u32, start: u64, end: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
     /// Every stored signed checkpoint, by size.
     fn checkpoints(&self) -> Result<Vec<(u64, String)>, StoreError>;
     /// One stored checkpoint: of exactly `size` entries, or the latest when `None`.

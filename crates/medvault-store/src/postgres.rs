@@ -321,6 +321,28 @@ async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
             .await
             .map_err(classify)?;
         }
+        if version < 3 {
+            sqlx::raw_sql(
+                "CREATE TABLE audit_tiles (level INTEGER NOT NULL, idx BIGINT NOT NULL,
+                     hashes BYTEA NOT NULL, PRIMARY KEY (level, idx));
+                 CREATE FUNCTION medvault_tile_grows() RETURNS trigger LANGUAGE plpgsql AS
+                   $$ BEGIN
+                     IF length(NEW.hashes) < length(OLD.hashes)
+                        OR substring(NEW.hashes FROM 1 FOR length(OLD.hashes)) <> OLD.hashes THEN
+                       RAISE EXCEPTION 'a hash tile only grows';
+                     END IF;
+                     RETURN NEW;
+                   END $$;
+                 CREATE TRIGGER audit_tiles_grow BEFORE UPDATE ON audit_tiles
+                   FOR EACH ROW EXECUTE FUNCTION medvault_tile_grows();
+                 CREATE TRIGGER audit_tiles_no_delete BEFORE DELETE ON audit_tiles
+                   FOR EACH ROW EXECUTE FUNCTION medvault_refuse_change();
+                 INSERT INTO medvault_schema (version) VALUES (3);",
+            )
+            .execute(&mut *conn)
+            .await
+            .map_err(classify)?;
+        }
         Ok::<(), StoreError>(())
     }
     .await;
@@ -798,6 +820,47 @@ async fn apply(
                     .execute(&mut *c)
                     .await?;
             }
+            Op::PutTile {
+                level,
+                index,
+                hashes,
+            } => {
+                let index =
+                    i64::try_from(*index).map_err(|_| ApplyError::Store(StoreError::Conflict))?;
+                let level =
+                    i32::try_from(*level).map_err(|_| ApplyError::Store(StoreError::Conflict))?;
+                let stored: Option<Vec<u8>> = sqlx::query_scalar(
+                    "SELECT hashes FROM audit_tiles WHERE level = $1 AND idx = $2",
+                )
+                .bind(level)
+                .bind(index)
+                .fetch_optional(&mut *c)
+                .await?;
+                match stored {
+                    None => {
+                        sqlx::query(
+                            "INSERT INTO audit_tiles (level, idx, hashes) VALUES ($1, $2, $3)",
+                        )
+                        .bind(level)
+                        .bind(index)
+                        .bind(hashes)
+                        .execute(&mut *c)
+                        .await?;
+                    }
+                    Some(old) if hashes.len() > old.len() && hashes.starts_with(&old) => {
+                        sqlx::query(
+                            "UPDATE audit_tiles SET hashes = $3 WHERE level = $1 AND idx = $2",
+                        )
+                        .bind(level)
+                        .bind(index)
+                        .bind(hashes)
+                        .execute(&mut *c)
+                        .await?;
+                    }
+                    Some(old) if old.starts_with(hashes) => {}
+                    Some(_) => return Err(ApplyError::Store(StoreError::Conflict)),
+                }
+            }
             Op::PutCheckpoint { size, note } => {
                 let size =
                     i64::try_from(*size).map_err(|_| ApplyError::Store(StoreError::Conflict))?;
@@ -1127,6 +1190,26 @@ impl Store for PgStore {
             )
             .map_err(classify)?;
         Ok(row.map(|(s, n)| (u64::try_from(s).unwrap_or(0), n)))
+    }
+
+    fn tiles(&self, level: u32, start: u64, end: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let level = i32::try_from(level).unwrap_or(i32::MAX);
+        let s = i64::try_from(start).unwrap_or(i64::MAX);
+        let e = i64::try_from(end).unwrap_or(i64::MAX);
+        let rows: Vec<(i64, Vec<u8>)> = self
+            .rt
+            .block_on(
+                sqlx::query_as("SELECT idx, hashes FROM audit_tiles WHERE level = $1 AND idx >= $2 AND idx < $3 ORDER BY idx")
+                    .bind(level)
+                    .bind(s)
+                    .bind(e)
+                    .fetch_all(&self.pool),
+            )
+            .map_err(classify)?;
+        Ok(rows
+            .into_iter()
+            .map(|(i, h)| (u64::try_from(i).unwrap_or(0), h))
+            .collect())
     }
 
     fn checkpoints(&self) -> Result<Vec<(u64, String)>, StoreError> {

@@ -49,6 +49,15 @@ CREATE TRIGGER versions_no_update BEFORE UPDATE ON resource_versions BEGIN SELEC
     r#"
 CREATE TABLE audit_checkpoints (size INTEGER PRIMARY KEY, note TEXT NOT NULL) STRICT;
 "#,
+    r#"
+-- Merkle hash tiles (C2SP tlog-tiles, height 8), each at its newest width; a tile only grows.
+CREATE TABLE audit_tiles (level INTEGER NOT NULL, idx INTEGER NOT NULL, hashes BLOB NOT NULL,
+    PRIMARY KEY (level, idx)) STRICT, WITHOUT ROWID;
+CREATE TRIGGER audit_tiles_grow BEFORE UPDATE ON audit_tiles
+    WHEN length(NEW.hashes) < length(OLD.hashes) OR substr(NEW.hashes, 1, length(OLD.hashes)) != OLD.hashes
+    BEGIN SELECT RAISE(ABORT, 'a hash tile only grows'); END;
+CREATE TRIGGER audit_tiles_no_delete BEFORE DELETE ON audit_tiles BEGIN SELECT RAISE(ABORT, 'hash tiles are append-only'); END;
+"#,
 ];
 
 const MAX_GROUP: usize = 512;
@@ -447,6 +456,33 @@ fn apply(
                 tx.prepare_cached("UPDATE audit_checkpoints SET note = note || ?2 WHERE size = ?1 AND instr(note, ?2) = 0")?
                     .execute(params![size, line])?;
             }
+            Op::PutTile {
+                level,
+                index,
+                hashes,
+            } => {
+                let index = i64::try_from(*index).map_err(|_| StoreError::Conflict)?;
+                let stored: Option<Vec<u8>> = tx
+                    .prepare_cached("SELECT hashes FROM audit_tiles WHERE level = ?1 AND idx = ?2")?
+                    .query_row(params![level, index], |r| r.get(0))
+                    .optional()?;
+                match stored {
+                    None => {
+                        tx.prepare_cached(
+                            "INSERT INTO audit_tiles (level, idx, hashes) VALUES (?1, ?2, ?3)",
+                        )?
+                        .execute(params![level, index, hashes])?;
+                    }
+                    Some(old) if hashes.len() > old.len() && hashes.starts_with(&old) => {
+                        tx.prepare_cached(
+                            "UPDATE audit_tiles SET hashes = ?3 WHERE level = ?1 AND idx = ?2",
+                        )?
+                        .execute(params![level, index, hashes])?;
+                    }
+                    Some(old) if old.starts_with(hashes) => {}
+                    Some(_) => return Err(StoreError::Conflict),
+                }
+            }
             Op::PutCheckpoint { size, note } => {
                 let size = i64::try_from(*size).map_err(|_| StoreError::Conflict)?;
                 tx.prepare_cached(
@@ -640,6 +676,22 @@ impl Store for SqliteStore {
             )?
             .query_row(params![size], |r| Ok((u64::try_from(r.get::<_, i64>(0)?).unwrap_or(0), r.get::<_, String>(1)?)))
             .optional()?)
+        })
+    }
+
+    fn tiles(&self, level: u32, start: u64, end: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let s = i64::try_from(start).unwrap_or(i64::MAX);
+        let e = i64::try_from(end).unwrap_or(i64::MAX);
+        self.with_reader(|c| {
+            let mut st = c.prepare_cached(
+                "SELECT idx, hashes FROM audit_tiles WHERE level = ?1 AND idx >= ?2 AND idx < ?3 ORDER BY idx",
+            )?;
+            let rows = st
+                .query_map(params![level, s, e], |r| {
+                    Ok((u64::try_from(r.get::<_, i64>(0)?).unwrap_or(0), r.get(1)?))
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
         })
     }
 

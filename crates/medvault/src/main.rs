@@ -455,6 +455,10 @@ fn describe(e: VaultError) -> anyhow::Error {
         let cats: Vec<&str> = withheld.iter().map(|c| c.as_str()).collect();
         return anyhow!("access denied ({})", cats.join(", "));
     }
+    // The operator at the console sees the cause (HTTP clients never do).
+    if let VaultError::Internal(cause) = &e {
+        return anyhow!("{e}: {cause}");
+    }
     anyhow!("{e}")
 }
 
@@ -637,7 +641,7 @@ fn serve_vault(dir: &Path, cfg: &Config, vault: Arc<Vault>, listen: Option<Strin
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout)
             );
             if let Err(e) = signer_vault.checkpoint() {
-                tracing::warn!(error = %e, "could not sign an audit checkpoint");
+                tracing::error!(error = ?e, "could not sign an audit checkpoint");
             }
             if stopping {
                 break;

@@ -1,0 +1,378 @@
+//! The Merkle tree stored as C2SP tlog-tiles of height 8, and RFC 6962 proofs read from them.
+//!
+//! A tile at level `L`, index `i` holds up to 256 consecutive hashes of tree level `8·L`:
+//! level 0 tiles hold leaf hashes, level 1 tiles the roots of 256-leaf subtrees, and so on.
+//! A partial tile is a prefix of the full tile it becomes, so storing each tile at its
+//! newest width serves every older tree size too. [`Tiles`] integrates new leaves and says
+//! which tiles changed; [`subtree`], [`inclusion_proof`] and [`consistency_proof`] read any
+//! complete subtree's hash from tiles, so a proof costs O(log n) tile reads at any log size.
+
+use crate::merkle::{empty_root, node_hash, Hash};
+
+/// Hashes per full tile (tile height 8).
+pub const WIDTH: usize = 256;
+const HEIGHT: u32 = 8;
+
+/// The right edge of the tiled tree: for each tile level, the hashes of its rightmost,
+/// incomplete tile. Enough to integrate more leaves and to compute the root.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Tiles {
+    size: u64,
+    /// `partial[L]`: hashes of the incomplete tile at level L (fewer than 256).
+    partial: Vec<Vec<Hash>>,
+}
+
+/// A tile that changed: (level, index, hashes). Full tiles have 256 hashes.
+pub type TileUpdate = (u32, u64, Vec<Hash>);
+
+/// Hashes at tree level `8·level` in a tree of `size` leaves.
+fn count_at(size: u64, level: u32) -> u64 {
+    size.checked_shr(HEIGHT * level).unwrap_or(0)
+}
+
+impl Tiles {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The partial tiles a tree of `size` leaves has: (level, index, width).
+    pub fn partial_tiles(size: u64) -> Vec<(u32, u64, usize)> {
+        let mut out = vec![];
+        let mut level = 0;
+        loop {
+            let n = count_at(size, level);
+            if n == 0 {
+                break;
+            }
+            let width = (n % WIDTH as u64) as usize;
+            if width > 0 {
+                out.push((level, n / WIDTH as u64, width));
+            }
+            level += 1;
+        }
+        out
+    }
+
+    /// Resumes from stored partial tiles (as listed by [`Tiles::partial_tiles`], each
+    /// truncated to its width). `None` if a tile is missing or too narrow.
+    pub fn resume(size: u64, mut load: impl FnMut(u32, u64) -> Option<Vec<Hash>>) -> Option<Self> {
+        let mut partial = vec![];
+        for (level, index, width) in Self::partial_tiles(size) {
+            let mut hashes = load(level, index)?;
+            if hashes.len() < width {
+                return None;
+            }
+            hashes.truncate(width);
+            let at = usize::try_from(level).ok()?;
+            while partial.len() <= at {
+                partial.push(vec![]);
+            }
+            *partial.get_mut(at)? = hashes;
+        }
+        // Levels above with no partial tile still need a (empty) slot up to the top.
+        let mut levels = 0;
+        while count_at(size, levels) > 0 {
+            levels += 1;
+        }
+        while partial.len() < levels as usize {
+            partial.push(vec![]);
+        }
+        Some(Tiles { size, partial })
+    }
+
+    /// Integrates leaf hashes in order; returns every tile that changed (tiles completed,
+    /// then the new partial tiles), in level-then-index order.
+    pub fn append(&mut self, leaves: impl IntoIterator<Item = Hash>) -> Vec<TileUpdate> {
+        let mut full: Vec<TileUpdate> = vec![];
+        let mut touched: Vec<bool> = vec![];
+        for leaf in leaves {
+            self.size += 1;
+            let mut level = 0usize;
+            let mut hash = leaf;
+            loop {
+                if self.partial.len() <= level {
+                    self.partial.push(vec![]);
+                }
+                if touched.len() <= level {
+                    touched.push(false);
+                }
+                if let Some(t) = touched.get_mut(level) {
+                    *t = true;
+                }
+                let Some(tile) = self.partial.get_mut(level) else {
+                    break;
+                };
+                tile.push(hash);
+                if tile.len() < WIDTH {
+                    break;
+                }
+                let done = std::mem::take(tile);
+                hash = perfect_root(&done);
+                let index = count_at(self.size, level as u32 + 1) - 1;
+                full.push((level as u32, index, done));
+                level += 1;
+            }
+        }
+        let mut out = full;
+        for (level, tile) in self.partial.iter().enumerate() {
+            if !tile.is_empty() && touched.get(level).copied().unwrap_or(false) {
+                let index = count_at(self.size, level as u32) / WIDTH as u64;
+                out.push((level as u32, index, tile.clone()));
+            }
+        }
+        out.sort_by_key(|t| (t.0, t.1));
+        out
+    }
+
+    /// The RFC 6962 root of the tree integrated so far.
+    pub fn root(&self) -> Hash {
+        // Complete subtrees left to right: higher tile levels first; within a level the
+        // partial tile's hashes split by the binary digits of its width.
+        let mut subtrees: Vec<Hash> = vec![];
+        for tile in self.partial.iter().rev() {
+            let mut rest: &[Hash] = tile;
+            while !rest.is_empty() {
+                let take = 1usize << (usize::BITS - 1 - rest.len().leading_zeros());
+                let (head, tail) = rest.split_at(take);
+                subtrees.push(perfect_root(head));
+                rest = tail;
+            }
+        }
+        let mut it = subtrees.into_iter().rev();
+        let Some(mut acc) = it.next() else {
+            return empty_root();
+        };
+        for left in it {
+            acc = node_hash(&left, &acc);
+        }
+        acc
+    }
+}
+
+/// The root of a perfect tree over a power-of-two number of hashes.
+fn perfect_root(hashes: &[Hash]) -> Hash {
+    let mut level: Vec<Hash> = hashes.to_vec();
+    while level.len() > 1 {
+        level = level
+            .chunks(2)
+            .map(|p| match p {
+                [l, r] => node_hash(l, r),
+                [one] => *one,
+                _ => empty_root(),
+            })
+            .collect();
+    }
+    level.first().copied().unwrap_or_else(empty_root)
+}
+
+/// Where a complete subtree's hash lives: the hash at tree level `height`, index `index`
+/// is the root over hashes `[first, first + count)` of the tile `(level, tile)`.
+pub fn locate(height: u32, index: u64) -> (u32, u64, usize, usize) {
+    let level = height / HEIGHT;
+    let r = height % HEIGHT;
+    let at = index << r;
+    let tile = at / WIDTH as u64;
+    let first = (at % WIDTH as u64) as usize;
+    (level, tile, first, 1usize << r)
+}
+
+/// The hash of the complete subtree at `height`, `index`, from the tile that holds it.
+pub fn subtree_from_tile(tile_hashes: &[Hash], first: usize, count: usize) -> Option<Hash> {
+    tile_hashes
+        .get(first..first.checked_add(count)?)
+        .map(perfect_root)
+}
+
+/// MTH(D[lo:hi]) for a range aligned as in RFC 6962's recursion, from complete subtrees.
+fn range_hash<E>(
+    lo: u64,
+    hi: u64,
+    get: &mut impl FnMut(u32, u64) -> Result<Hash, E>,
+) -> Result<Hash, E> {
+    let mut parts: Vec<Hash> = vec![];
+    let mut at = lo;
+    while at < hi {
+        let mut h = 0u32;
+        while h < 63 && at % (1u64 << (h + 1)) == 0 && at + (1u64 << (h + 1)) <= hi {
+            h += 1;
+        }
+        parts.push(get(h, at >> h)?);
+        at += 1u64 << h;
+    }
+    let mut it = parts.into_iter().rev();
+    let Some(mut acc) = it.next() else {
+        return Ok(empty_root());
+    };
+    for left in it {
+        acc = node_hash(&left, &acc);
+    }
+    Ok(acc)
+}
+
+fn split(n: u64) -> u64 {
+    let mut k = 1;
+    while k << 1 < n {
+        k <<= 1;
+    }
+    k
+}
+
+/// The RFC 6962 root of the first `size` leaves, from complete subtrees.
+pub fn root<E>(size: u64, get: &mut impl FnMut(u32, u64) -> Result<Hash, E>) -> Result<Hash, E> {
+    range_hash(0, size, get)
+}
+
+/// PATH(index, D[0:size]) (RFC 6962 §2.1.1); `get(height, i)` returns complete subtree hashes.
+pub fn inclusion_proof<E>(
+    index: u64,
+    size: u64,
+    get: &mut impl FnMut(u32, u64) -> Result<Hash, E>,
+) -> Result<Vec<Hash>, E> {
+    let mut out = vec![];
+    let (mut lo, mut hi) = (0u64, size);
+    let mut siblings = vec![];
+    while hi - lo > 1 {
+        let k = split(hi - lo);
+        if index < lo + k {
+            siblings.push((lo + k, hi));
+            hi = lo + k;
+        } else {
+            siblings.push((lo, lo + k));
+            lo += k;
+        }
+    }
+    for (a, b) in siblings.into_iter().rev() {
+        out.push(range_hash(a, b, get)?);
+    }
+    Ok(out)
+}
+
+/// PROOF(old, D[0:new]) (RFC 6962 §2.1.2), for 0 < old <= new.
+pub fn consistency_proof<E>(
+    old: u64,
+    new: u64,
+    get: &mut impl FnMut(u32, u64) -> Result<Hash, E>,
+) -> Result<Vec<Hash>, E> {
+    let mut out_rev: Vec<(u64, u64)> = vec![];
+    let (mut lo, mut hi, mut complete) = (0u64, new, true);
+    let m = old;
+    loop {
+        if m == hi {
+            if !complete {
+                out_rev.push((lo, hi));
+            }
+            break;
+        }
+        if hi - lo <= 1 {
+            break;
+        }
+        let k = split(hi - lo);
+        if m <= lo + k {
+            out_rev.push((lo + k, hi));
+            hi = lo + k;
+        } else {
+            out_rev.push((lo, lo + k));
+            lo += k;
+            complete = false;
+        }
+    }
+    let mut out = vec![];
+    for (a, b) in out_rev.into_iter().rev() {
+        out.push(range_hash(a, b, get)?);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn leaves(n: u64) -> Vec<Hash> {
+        (0..n)
+            .map(|i| crate::leaf_hash(format!("entry {i}").as_bytes()))
+            .collect()
+    }
+
+    /// Integrates `n` leaves in uneven batches into a tile store; returns it and the builder.
+    fn build(n: u64, batch: usize) -> (BTreeMap<(u32, u64), Vec<Hash>>, Tiles) {
+        let l = leaves(n);
+        let mut store: BTreeMap<(u32, u64), Vec<Hash>> = BTreeMap::new();
+        let mut t = Tiles::new();
+        for chunk in l.chunks(batch.max(1)) {
+            for (level, index, hashes) in t.append(chunk.iter().copied()) {
+                let slot = store.entry((level, index)).or_default();
+                assert!(hashes.starts_with(slot), "a tile only grows");
+                *slot = hashes;
+            }
+        }
+        (store, t)
+    }
+
+    fn getter(
+        store: &BTreeMap<(u32, u64), Vec<Hash>>,
+    ) -> impl FnMut(u32, u64) -> Result<Hash, String> + '_ {
+        |h, i| {
+            let (level, tile, first, count) = locate(h, i);
+            let t = store.get(&(level, tile)).ok_or("no tile")?;
+            subtree_from_tile(t, first, count).ok_or_else(|| "tile too narrow".to_string())
+        }
+    }
+
+    #[test]
+    fn tiled_roots_and_proofs_match_the_in_memory_tree() {
+        for (n, batch) in [
+            (1u64, 1usize),
+            (255, 7),
+            (256, 256),
+            (257, 1),
+            (70_000, 999),
+        ] {
+            let (store, t) = build(n, batch);
+            let l = leaves(n);
+            assert_eq!(t.root(), crate::merkle::root(&l), "n={n}");
+            assert_eq!(root(n, &mut getter(&store)).unwrap(), t.root());
+            for size in [1, n / 3 + 1, n] {
+                let size = size.min(n);
+                let prefix = &l[..size as usize];
+                assert_eq!(
+                    root(size, &mut getter(&store)).unwrap(),
+                    crate::merkle::root(prefix)
+                );
+                for idx in [0, size / 2, size - 1] {
+                    assert_eq!(
+                        inclusion_proof(idx, size, &mut getter(&store)).unwrap(),
+                        crate::merkle::inclusion_proof(prefix, idx as usize).unwrap(),
+                        "n={n} size={size} idx={idx}"
+                    );
+                }
+                for old in [1, size / 2 + 1, size] {
+                    let old = old.min(size);
+                    assert_eq!(
+                        consistency_proof(old, size, &mut getter(&store)).unwrap(),
+                        crate::merkle::consistency_proof(prefix, old as usize).unwrap(),
+                        "n={n} size={size} old={old}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn resumes_from_stored_partial_tiles() {
+        let (store, t) = build(70_001, 333);
+        let resumed = Tiles::resume(70_001, |l, i| store.get(&(l, i)).cloned()).unwrap();
+        assert_eq!(resumed, t);
+        // Continue from the resumed edge and compare with building it all at once.
+        let mut a = resumed;
+        let mut b = t;
+        let more: Vec<Hash> = leaves(70_600).split_off(70_001);
+        assert_eq!(a.append(more.clone()), b.append(more));
+        assert_eq!(a.root(), crate::merkle::root(&leaves(70_600)));
+        assert!(Tiles::resume(70_001, |_, _| None).is_none());
+    }
+}
