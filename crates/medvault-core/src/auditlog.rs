@@ -27,8 +27,9 @@ pub enum AuditVerdict {
 
 /// Tile updates are committed in groups of this many while catching up a large backlog.
 const TILE_FLUSH: usize = 256;
-/// Entries read per round trip when integrating or verifying.
-const CHUNK: u64 = 50_000;
+/// Entries read per round trip when integrating or verifying (a whole number of tiles, so
+/// chunks start at tile boundaries).
+const CHUNK: u64 = 256 * 256;
 
 fn to_bytes(hashes: &[Hash]) -> Vec<u8> {
     hashes.concat()
@@ -236,9 +237,11 @@ impl Vault {
     }
 
     /// Recomputes every leaf hash, the Merkle tree and its tiles from the whole audit log,
-    /// streaming it in chunks, and checks every stored checkpoint (its signature, and that the
-    /// tree of that size still has the signed root) and every stored hash tile. Reports the
-    /// first entry (or range) found wrong.
+    /// streaming it (one thread reads the next chunk while others hash this one), and checks
+    /// every stored checkpoint (its signature, and that the tree of that size still has the
+    /// signed root) and every stored hash tile. Reports the first entry (or range) found
+    /// wrong. Entries no checkpoint covers yet are also checked to be canonical records;
+    /// covered ones are when their checkpoint does not match, to name the entry.
     pub fn verify_audit(&self, progress: &dyn Fn(u64, u64)) -> Result<AuditVerdict, VaultError> {
         let verifier = medvault_audit::note::NoteVerifier::parse(&self.signer.verifier_key())
             .map_err(|e| VaultError::Internal(e.to_string()))?;
@@ -265,88 +268,140 @@ impl Vault {
         checkpoints.sort_by_key(|c| c.0);
         let covered = checkpoints.last().map(|c| c.0).unwrap_or(0);
         let total = self.store.audit_len()?;
+        // Every core reads and hashes its own chunks (chunk k on reader k mod R); this thread
+        // takes them in order and folds them into the tree.
+        let readers = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .clamp(1, 8) as u64;
+        let chunks = total.div_ceil(CHUNK);
+        std::thread::scope(|scope| {
+            let mut inbox = vec![];
+            for r in 0..readers {
+                let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Scanned, VaultError>>(1);
+                inbox.push(rx);
+                scope.spawn(move || {
+                    let mut k = r;
+                    while k < chunks {
+                        let from = k * CHUNK;
+                        let scanned = self.scan_chunk(from, (from + CHUNK).min(total), covered);
+                        let failed = scanned.is_err();
+                        if tx.send(scanned).is_err() || failed {
+                            return;
+                        }
+                        k += readers;
+                    }
+                });
+            }
+            self.fold_chunks(&inbox, &checkpoints, covered, total, progress)
+        })
+    }
+
+    /// Reads entries `[from, to)` and hashes them: leaves, the roots of complete level-0
+    /// tiles (`from` is a tile boundary), and the first thing wrong, if any.
+    fn scan_chunk(&self, from: u64, to: u64, covered: u64) -> Result<Scanned, VaultError> {
+        let mut leaves: Vec<Hash> = Vec::with_capacity(usize::try_from(to - from).unwrap_or(0));
+        let mut problem: Option<(u64, String)> = None;
+        let mut expected = from;
+        self.store
+            .audit_scan(from, to, &mut |seq, stored, record| {
+                if seq != expected {
+                    problem = Some((
+                        expected,
+                        format!("entry is missing (the next stored entry is {seq})"),
+                    ));
+                    return false;
+                }
+                let leaf = medvault_audit::record_leaf(record);
+                if stored != leaf.as_slice() {
+                    problem = Some((seq, "record does not match its leaf hash".into()));
+                    return false;
+                }
+                if seq >= covered && !is_canonical(record) {
+                    problem = Some((seq, "not a canonical audit record".into()));
+                    return false;
+                }
+                leaves.push(leaf);
+                expected += 1;
+                true
+            })?;
+        if problem.is_none() && expected < to {
+            problem = Some((expected, "entry is missing".into()));
+        }
+        let roots = leaves
+            .chunks(tiles::WIDTH)
+            .filter(|c| c.len() == tiles::WIDTH)
+            .map(tiles::perfect_root)
+            .collect();
+        Ok(Scanned {
+            leaves,
+            roots,
+            problem,
+        })
+    }
+
+    fn fold_chunks(
+        &self,
+        inbox: &[std::sync::mpsc::Receiver<Result<Scanned, VaultError>>],
+        checkpoints: &[(u64, Hash)],
+        covered: u64,
+        total: u64,
+        progress: &dyn Fn(u64, u64),
+    ) -> Result<AuditVerdict, VaultError> {
         let mut next_cp = checkpoints.iter().peekable();
         let mut last_good: u64 = 0;
         let mut tree = Tiles::new();
-        let mut expected: u64 = 0;
-        // Reads the next chunk on another thread while this one hashes the current.
-        let fetch = |from: u64| {
-            self.store
-                .audit_range(from, from.saturating_add(CHUNK).min(total))
-        };
-        let mut rows = if total > 0 { fetch(0)? } else { vec![] };
-        while expected < total {
-            if rows.is_empty() {
+        let mut k = 0usize;
+        while tree.size() < total {
+            let got = inbox
+                .get(k % inbox.len().max(1))
+                .ok_or_else(|| VaultError::Internal("no audit reader".into()))?
+                .recv();
+            k += 1;
+            let Ok(scanned) = got else {
+                return Err(VaultError::Internal("audit reader stopped".into()));
+            };
+            let Scanned {
+                leaves,
+                roots,
+                problem,
+            } = scanned?;
+            if let Some((index, problem)) = problem {
+                // Entries before it in this chunk are fine, but checkpoints among them are
+                // still checked first, so the earliest evidence is reported.
+                let good = usize::try_from(index - tree.size()).unwrap_or(0);
+                let v = self.fold(
+                    &mut tree,
+                    leaves.get(..good).unwrap_or(&leaves),
+                    &roots,
+                    &mut next_cp,
+                    &mut last_good,
+                )?;
+                return Ok(v.unwrap_or(AuditVerdict::Broken { index, problem }));
+            }
+            if leaves.is_empty() {
                 return Ok(AuditVerdict::Broken {
-                    index: expected,
+                    index: tree.size(),
                     problem: "entry is missing".into(),
                 });
             }
-            let next_from = rows.last().map(|r| r.seq + 1).unwrap_or(total);
-            let (checked, next) = std::thread::scope(|s| {
-                let reader = (next_from < total).then(|| s.spawn(move || fetch(next_from)));
-                let checked = check_entries(&rows);
-                let next = reader.map(|h| h.join());
-                (checked, next)
-            });
-            let mut leaves = Vec::with_capacity(rows.len());
-            for (row, (leaf, problem)) in rows.iter().zip(checked) {
-                if row.seq != expected + leaves.len() as u64 {
-                    let at = expected + leaves.len() as u64;
-                    let problem =
-                        format!("entry is missing (the next stored entry is {})", row.seq);
-                    return Ok(AuditVerdict::Broken { index: at, problem });
-                }
-                if let Some(problem) = problem {
-                    return Ok(AuditVerdict::Broken {
-                        index: expected + leaves.len() as u64,
-                        problem: problem.into(),
-                    });
-                }
-                leaves.push(leaf);
-            }
-            // Fold into the tree in order, stopping at every checkpoint size on the way.
+            let before = tree.size();
             let mut updates: BTreeMap<(u32, u64), Vec<Hash>> = BTreeMap::new();
-            let mut rest: &[Hash] = &leaves;
-            while !rest.is_empty() {
-                let stop = match next_cp.peek() {
-                    Some(&&(size, _)) if size > tree.size() => usize::try_from(size - tree.size())
-                        .unwrap_or(usize::MAX)
-                        .min(rest.len()),
-                    _ => rest.len(),
-                };
-                let (now, later) = rest.split_at(stop);
-                for (level, index, hashes) in tree.append(now.iter().copied()) {
-                    updates.insert((level, index), hashes);
-                }
-                rest = later;
-                while let Some(&&(size, root)) = next_cp.peek() {
-                    if size != tree.size() {
-                        break;
-                    }
-                    if tree.root() != root {
-                        let problem = format!(
-                            "entries {last_good}..{size} do not match the checkpoint signed at size {size} (edited, reordered or replaced)"
-                        );
-                        return Ok(AuditVerdict::Broken {
-                            index: last_good,
-                            problem,
-                        });
-                    }
-                    last_good = size;
-                    next_cp.next();
-                }
+            if let Some(v) = self.fold_into(
+                &mut tree,
+                &leaves,
+                &roots,
+                &mut next_cp,
+                &mut last_good,
+                &mut updates,
+            )? {
+                return Ok(v);
             }
+            debug_assert_eq!(tree.size(), before + leaves.len() as u64);
             if let Some(v) = self.compare_tiles(&updates, covered)? {
                 return Ok(v);
             }
-            expected = tree.size();
-            progress(expected, total);
-            rows = match next {
-                Some(Ok(r)) => r?,
-                Some(Err(_)) => return Err(VaultError::Internal("reader thread failed".into())),
-                None => vec![],
-            };
+            progress(tree.size(), total);
         }
         if let Some(&&(size, _)) = next_cp.peek() {
             let problem = format!("the log was truncated: a signed checkpoint covers {size} entries, the log has {total}");
@@ -359,6 +414,91 @@ impl Vault {
             size: tree.size(),
             root: tree.root(),
             checkpoints: checkpoints.len(),
+        })
+    }
+
+    fn fold(
+        &self,
+        tree: &mut Tiles,
+        leaves: &[Hash],
+        roots: &[Hash],
+        next_cp: &mut std::iter::Peekable<std::slice::Iter<'_, (u64, Hash)>>,
+        last_good: &mut u64,
+    ) -> Result<Option<AuditVerdict>, VaultError> {
+        let mut ignored = BTreeMap::new();
+        self.fold_into(tree, leaves, roots, next_cp, last_good, &mut ignored)
+    }
+
+    /// Folds a chunk's leaves into the tree in order (its level-0 tile roots precomputed),
+    /// stopping at every checkpoint size on the way to compare the signed root.
+    fn fold_into(
+        &self,
+        tree: &mut Tiles,
+        leaves: &[Hash],
+        roots: &[Hash],
+        next_cp: &mut std::iter::Peekable<std::slice::Iter<'_, (u64, Hash)>>,
+        last_good: &mut u64,
+        updates: &mut BTreeMap<(u32, u64), Vec<Hash>>,
+    ) -> Result<Option<AuditVerdict>, VaultError> {
+        let first_tile = tree.size() / tiles::WIDTH as u64;
+        let level0_root = |i: u64| {
+            i.checked_sub(first_tile)
+                .and_then(|k| roots.get(usize::try_from(k).ok()?).copied())
+        };
+        let mut rest = leaves;
+        while !rest.is_empty() {
+            let stop = match next_cp.peek() {
+                Some(&&(size, _)) if size > tree.size() => usize::try_from(size - tree.size())
+                    .unwrap_or(usize::MAX)
+                    .min(rest.len()),
+                _ => rest.len(),
+            };
+            let (now, later) = rest.split_at(stop);
+            for (level, index, hashes) in tree.append_with(now.iter().copied(), &level0_root) {
+                updates.insert((level, index), hashes);
+            }
+            rest = later;
+            while let Some(&&(size, root)) = next_cp.peek() {
+                if size != tree.size() {
+                    break;
+                }
+                if tree.root() != root {
+                    return self.diagnose(*last_good, size).map(Some);
+                }
+                *last_good = size;
+                next_cp.next();
+            }
+        }
+        Ok(None)
+    }
+
+    /// Entries `[from, to)` do not give the root signed at `to`: name a non-canonical
+    /// entry among them if there is one, else the range.
+    fn diagnose(&self, from: u64, to: u64) -> Result<AuditVerdict, VaultError> {
+        let mut at = from;
+        while at < to {
+            let rows = self
+                .store
+                .audit_range(at, to.min(at.saturating_add(CHUNK)))?;
+            if rows.is_empty() {
+                break;
+            }
+            for r in &rows {
+                if !is_canonical(&r.record) {
+                    return Ok(AuditVerdict::Broken {
+                        index: r.seq,
+                        problem: "not a canonical audit record".into(),
+                    });
+                }
+                at = r.seq + 1;
+            }
+        }
+        let problem = format!(
+            "entries {from}..{to} do not match the checkpoint signed at size {to} (edited, reordered or replaced)"
+        );
+        Ok(AuditVerdict::Broken {
+            index: from,
+            problem,
         })
     }
 
@@ -739,39 +879,17 @@ impl Vault {
     }
 }
 
-/// Per entry: its recomputed leaf and, if wrong, what is wrong — computed on all cores.
-fn check_entries(rows: &[medvault_store::AuditRow]) -> Vec<([u8; 32], Option<&'static str>)> {
-    fn one(row: &medvault_store::AuditRow) -> ([u8; 32], Option<&'static str>) {
-        let leaf = medvault_audit::record_leaf(&row.record);
-        if row.leaf_hash.as_slice() != leaf.as_slice() {
-            return (leaf, Some("record does not match its leaf hash"));
-        }
-        match AuditRecord::from_canonical(&row.record) {
-            Ok(r) if r.canonical() == row.record => (leaf, None),
-            _ => (leaf, Some("not a canonical audit record")),
-        }
-    }
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .clamp(1, 16);
-    if threads == 1 || rows.len() < 2_000 {
-        return rows.iter().map(one).collect();
-    }
-    let per = rows.len().div_ceil(threads);
-    std::thread::scope(|s| {
-        let handles: Vec<_> = rows
-            .chunks(per)
-            .map(|chunk| s.spawn(move || chunk.iter().map(one).collect::<Vec<_>>()))
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| vec![([0u8; 32], Some("verification thread failed"))])
-            })
-            .collect()
-    })
+fn is_canonical(record: &[u8]) -> bool {
+    matches!(AuditRecord::from_canonical(record), Ok(r) if r.canonical() == record)
+}
+
+/// One chunk of the log, read and hashed.
+struct Scanned {
+    leaves: Vec<Hash>,
+    /// Roots of the chunk's complete level-0 tiles, in order.
+    roots: Vec<Hash>,
+    /// The first entry found wrong in the chunk (leaves stop before it).
+    problem: Option<(u64, String)>,
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! The audit log as FHIR R4 AuditEvents profiled by IHE Basic Audit Log Patterns (BALP).
 
 use medvault_audit::{AuditRecord, Outcome};
+use medvault_store::Op;
 use serde_json::{json, Map, Value};
 
 use crate::{Caller, Role, Vault, VaultError};
@@ -203,6 +204,28 @@ pub struct Access {
     pub withheld: Vec<String>,
     pub purpose: Option<String>,
     pub detail: Option<String>,
+    /// For a recorded disclosure: who received it (name, address), decrypted for the report.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recipient_name: Option<String>,
+    /// For a recorded disclosure: a brief description of what was disclosed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+/// The free text of a recorded disclosure (45 CFR 164.528(b)(2): the recipient's name and
+/// address, a description of what was disclosed). It may name people and conditions, so it
+/// is sealed under the patient's data key, never put in the audit record, and destroyed
+/// with the patient's key.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct DisclosureText {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recipient_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+fn text_aad(id: &str, patient: &str) -> Vec<u8> {
+    format!("disclosure|{id}|{patient}").into_bytes()
 }
 
 /// Kinds of recipient a recorded disclosure may name.
@@ -245,7 +268,13 @@ impl Vault {
                 } else {
                     None
                 };
+                let text = match &detail {
+                    Some(d) => self.disclosure_text(patient, d),
+                    None => DisclosureText::default(),
+                };
                 out.push(Access {
+                    recipient_name: text.recipient_name,
+                    description: text.description,
                     index: row.seq,
                     time: r.time,
                     who: r.actor,
@@ -308,9 +337,30 @@ impl Vault {
         )
     }
 
+    /// The sealed free text a disclosure record points to (`text=<id>` in its detail), or
+    /// nothing if there is none or the patient's key is gone (destroyed means destroyed).
+    fn disclosure_text(&self, patient: &str, detail: &str) -> DisclosureText {
+        let Some(id) = detail
+            .split(' ')
+            .find_map(|part| part.strip_prefix("text="))
+        else {
+            return DisclosureText::default();
+        };
+        let opened = (|| {
+            let pid = medvault_types::PatientId::new(patient).ok()?;
+            let sealed = self.store.meta(&format!("disclosure/{id}")).ok()??;
+            let cipher = self.cipher_for(&pid).ok()?;
+            let plain = cipher.open(&text_aad(id, patient), &sealed).ok()?;
+            serde_json::from_slice::<DisclosureText>(&plain).ok()
+        })();
+        opened.unwrap_or_default()
+    }
+
     /// `POST /api/disclosures`: records a disclosure made outside the system in the audit log.
-    /// The recipient is a kind from [`RECIPIENT_KINDS`]; free text is not accepted because
-    /// audit records are stored unencrypted and free text may carry PHI.
+    /// The recipient is a kind from [`RECIPIENT_KINDS`]; the recipient's name and address and
+    /// a description of what was disclosed ([`DisclosureText`]) are sealed under the
+    /// patient's data key in the same transaction, and the audit record carries only a
+    /// pointer to them.
     pub fn record_disclosure(
         &self,
         c: &Caller,
@@ -318,6 +368,7 @@ impl Vault {
         recipient: &str,
         purpose: &str,
         categories: &[String],
+        text: &DisclosureText,
     ) -> Result<u64, VaultError> {
         medvault_types::PatientId::new(patient)
             .map_err(|_| VaultError::BadRequest("invalid patient id".into()))?;
@@ -329,6 +380,21 @@ impl Vault {
                 "recipient must be one of {}",
                 RECIPIENT_KINDS.join(", ")
             )));
+        }
+        for (field, value, max) in [
+            ("recipient_name", &text.recipient_name, 500),
+            ("description", &text.description, 2000),
+        ] {
+            if let Some(v) = value {
+                if v.trim().is_empty()
+                    || v.chars().count() > max
+                    || v.chars().any(|ch| ch.is_control() && ch != '\n')
+                {
+                    return Err(VaultError::BadRequest(format!(
+                        "{field} must be 1 to {max} characters of text"
+                    )));
+                }
+            }
         }
         for cat in categories {
             cat.parse::<medvault_types::Category>()
@@ -344,7 +410,26 @@ impl Vault {
         }
         rec.detail = Some(format!("recipient={recipient}"));
         rec.categories_disclosed = categories.to_vec();
-        let committed = self.commit(vec![], vec![rec])?;
+        let mut ops = vec![];
+        if text.recipient_name.is_some() || text.description.is_some() {
+            let pid = medvault_types::PatientId::new(patient)
+                .map_err(|_| VaultError::BadRequest("invalid patient id".into()))?;
+            if self.store.patient_key(&pid)?.is_none() {
+                return Err(VaultError::NotFound);
+            }
+            let id = medvault_types::random_uuid();
+            let plain =
+                serde_json::to_vec(text).map_err(|e| VaultError::Internal(e.to_string()))?;
+            let sealed = self
+                .cipher_for(&pid)?
+                .seal(&text_aad(&id, patient), &plain)?;
+            ops.push(Op::PutMetaOnce {
+                key: format!("disclosure/{id}"),
+                value: sealed,
+            });
+            rec.detail = Some(format!("recipient={recipient} text={id}"));
+        }
+        let committed = self.commit(ops, vec![rec])?;
         committed
             .audit_seqs
             .first()

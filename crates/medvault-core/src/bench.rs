@@ -26,6 +26,8 @@ pub struct BenchOptions {
     pub ops: usize,
     /// Concurrent client threads.
     pub threads: usize,
+    /// Entries in the audit log built for the verification and proof rows.
+    pub audit_log: u64,
 }
 
 impl Default for BenchOptions {
@@ -34,12 +36,13 @@ impl Default for BenchOptions {
             sizes: [1, 100_000],
             ops: 20_000,
             threads: 8,
+            audit_log: 1_000_000,
         }
     }
 }
 
 /// One measured row: secure and plain throughput (ops/s) and latency (µs).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 pub struct Measure {
     pub ops_per_sec: f64,
     pub p50_us: f64,
@@ -48,8 +51,9 @@ pub struct Measure {
 
 #[derive(Debug, Clone)]
 pub struct BenchRow {
+    /// Patients in the store; 0 for rows about the audit log alone.
     pub patients: usize,
-    pub operation: &'static str,
+    pub operation: String,
     pub secure: Measure,
     pub plain: Option<Measure>,
 }
@@ -264,6 +268,152 @@ fn physician() -> Result<Caller, VaultError> {
     ))
 }
 
+/// `1000000` → `1M`, `250000` → `250k`.
+fn short(n: u64) -> String {
+    match n {
+        n if n >= 1_000_000 && n % 1_000_000 == 0 => format!("{}M", n / 1_000_000),
+        n if n >= 1_000_000 => format!("{:.1}M", n as f64 / 1e6),
+        n if n >= 1_000 => format!("{}k", n / 1_000),
+        n => n.to_string(),
+    }
+}
+
+/// The audit log rows: batched appends while building a log of `opts.audit_log` entries,
+/// integrating it into stored tiles, verifying all of it, and serving and checking
+/// inclusion proofs from the tiles.
+fn audit_log_rows(
+    vault: &Vault,
+    c: &Caller,
+    opts: BenchOptions,
+    rows: &mut Vec<BenchRow>,
+    figures: &mut Vec<String>,
+    progress: &dyn Fn(&str, usize, usize),
+) -> Result<(), VaultError> {
+    const BATCH: u64 = 1_000;
+    let need = opts.audit_log.saturating_sub(vault.audit_len()?);
+    let batches = usize::try_from(need.div_ceil(BATCH)).unwrap_or(usize::MAX);
+    progress("building the audit log", 0, 1);
+    if batches > 0 {
+        let m = measure(opts.threads, batches, &|i| {
+            let n = need.saturating_sub(i as u64 * BATCH).min(BATCH);
+            let recs = (0..n)
+                .map(|_| vault.record(c, "bench", crate::Outcome::Success))
+                .collect();
+            vault.audit(recs)
+        })?;
+        rows.push(BenchRow {
+            patients: 0,
+            operation: format!("append b{BATCH}"),
+            secure: Measure {
+                ops_per_sec: m.ops_per_sec * BATCH as f64,
+                p50_us: m.p50_us,
+                p99_us: m.p99_us,
+            },
+            plain: None,
+        });
+    }
+    progress("integrating the tree into tiles", 0, 1);
+    let before = vault
+        .latest_checkpoint()?
+        .map(|n| checkpoint_size(&n))
+        .unwrap_or(0);
+    let started = Instant::now();
+    let signed = vault.checkpoint()?.map(|(n, _)| n).unwrap_or(before);
+    let secs = started.elapsed().as_secs_f64();
+    let integrated = signed.saturating_sub(before);
+    rows.push(BenchRow {
+        patients: 0,
+        operation: format!("integrate {}", short(integrated)),
+        secure: Measure {
+            ops_per_sec: integrated as f64 / secs.max(1e-9),
+            p50_us: per_entry(secs, integrated) * 1e6,
+            p99_us: per_entry(secs, integrated) * 1e6,
+        },
+        plain: None,
+    });
+    progress("verifying the audit log", 0, 1);
+    let started = Instant::now();
+    let verdict = vault.verify_audit(&|d, t| {
+        progress(
+            "verifying the audit log",
+            usize::try_from(d).unwrap_or(0),
+            usize::try_from(t).unwrap_or(0),
+        )
+    })?;
+    let secs = started.elapsed().as_secs_f64();
+    let crate::AuditVerdict::Intact { size: entries, .. } = verdict else {
+        return Err(VaultError::Internal(
+            "the benchmark's audit log does not verify".into(),
+        ));
+    };
+    rows.push(BenchRow {
+        patients: 0,
+        operation: format!("verify {}", short(entries)),
+        secure: Measure {
+            ops_per_sec: entries as f64 / secs.max(1e-9),
+            p50_us: per_entry(secs, entries) * 1e6,
+            p99_us: per_entry(secs, entries) * 1e6,
+        },
+        plain: None,
+    });
+    // Inclusion proofs in the signed tree, served from the stored tiles, then checked.
+    let size = signed.max(1);
+    let pick = |i: usize| (i as u64).wrapping_mul(2_654_435_761) % size;
+    progress("inclusion proofs", 0, 1);
+    let serve = measure(opts.threads, 2_000, &|i| {
+        vault.prove_inclusion(pick(i), size).map(|_| ())
+    })?;
+    rows.push(BenchRow {
+        patients: 0,
+        operation: "proof serve".into(),
+        secure: serve,
+        plain: None,
+    });
+    let mut proofs = vec![];
+    for i in 0..200 {
+        let idx = pick(i);
+        let (leaf, proof, root) = vault.prove_inclusion(idx, size)?;
+        proofs.push((idx, leaf, proof, root));
+    }
+    let started = Instant::now();
+    let mut ok = 0u32;
+    for _ in 0..50 {
+        for (idx, leaf, p, root) in &proofs {
+            if medvault_audit::merkle::verify_inclusion(leaf, *idx, size, p, root) {
+                ok += 1;
+            }
+        }
+    }
+    let per = started.elapsed().as_secs_f64() / f64::from(ok.max(1));
+    rows.push(BenchRow {
+        patients: 0,
+        operation: "proof verify".into(),
+        secure: Measure {
+            ops_per_sec: 1.0 / per.max(1e-12),
+            p50_us: per * 1e6,
+            p99_us: per * 1e6,
+        },
+        plain: None,
+    });
+    let hashes = proofs.first().map(|p| p.2.len()).unwrap_or(0);
+    figures.push(format!(
+        "audit log of {entries} entries verified in {secs:.2} s ({:.0} entries/s; 10M entries ≈ {:.1} s at this rate); \
+         an inclusion proof in a tree of {size} is {hashes} hashes ({} bytes), served from stored tiles in {:.0} µs (p50)",
+        entries as f64 / secs.max(1e-9),
+        10_000_000.0 * per_entry(secs, entries),
+        hashes * 32,
+        serve.p50_us,
+    ));
+    Ok(())
+}
+
+fn checkpoint_size(note: &str) -> u64 {
+    note.lines()
+        .nth(1)
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(0)
+}
+
 fn per_entry(secs: f64, entries: u64) -> f64 {
     secs / (entries.max(1) as f64)
 }
@@ -318,7 +468,7 @@ pub fn run(
         })?;
         rows.push(BenchRow {
             patients: size,
-            operation: "read",
+            operation: "read".into(),
             secure,
             plain: Some(plain),
         });
@@ -349,7 +499,7 @@ pub fn run(
         })?;
         rows.push(BenchRow {
             patients: size,
-            operation: "search",
+            operation: "search".into(),
             secure,
             plain: Some(plain),
         });
@@ -382,7 +532,7 @@ pub fn run(
         })?;
         rows.push(BenchRow {
             patients: size,
-            operation: "write",
+            operation: "write".into(),
             secure,
             plain: Some(plain),
         });
@@ -394,68 +544,24 @@ pub fn run(
         })?;
         rows.push(BenchRow {
             patients: size,
-            operation: "audit append",
+            operation: "audit append".into(),
             secure,
             plain: None,
         });
-        // Verifying the whole log (recompute every leaf, the root, every checkpoint).
-        progress("audit verify", 0, 1);
-        fx.vault.checkpoint()?;
-        let started = std::time::Instant::now();
-        let verdict = fx.vault.verify_audit(&|_, _| {})?;
-        let secs = started.elapsed().as_secs_f64();
-        if let crate::AuditVerdict::Intact { size: entries, .. } = verdict {
-            let per = secs / (entries.max(1) as f64);
-            rows.push(BenchRow {
-                patients: size,
-                operation: "audit verify",
-                secure: Measure {
-                    ops_per_sec: entries as f64 / secs.max(1e-9),
-                    p50_us: per * 1e6,
-                    p99_us: per * 1e6,
-                },
-                plain: None,
-            });
-            // Inclusion proofs at this log size, served from the stored tiles: size and
-            // verification time.
-            let n = entries.max(1);
-            let mut proofs = vec![];
-            for i in 0..200u64 {
-                let idx = (i * 7919) % n;
-                let (leaf, proof, root) = fx.vault.prove_inclusion(idx, entries)?;
-                proofs.push((idx, leaf, proof, root));
-            }
-            let started = std::time::Instant::now();
-            let mut ok = 0;
-            for _ in 0..50 {
-                for (idx, leaf, p, root) in &proofs {
-                    if medvault_audit::merkle::verify_inclusion(leaf, *idx, entries, p, root) {
-                        ok += 1;
-                    }
-                }
-            }
-            let per = started.elapsed().as_secs_f64() / (ok.max(1) as f64);
-            let hashes = proofs.first().map(|p| p.2.len()).unwrap_or(0);
-            rows.push(BenchRow {
-                patients: size,
-                operation: if hashes > 0 {
-                    "proof verify"
-                } else {
-                    "proof verify (1 leaf)"
-                },
-                secure: Measure {
-                    ops_per_sec: 1.0 / per.max(1e-12),
-                    p50_us: per * 1e6,
-                    p99_us: per * 1e6,
-                },
-                plain: None,
-            });
-            audit_figures.push(format!(
-                "{size} patients: audit log of {entries} entries verified in {secs:.2} s ({:.0} entries/s, 10M entries ≈ {:.0} s); inclusion proof {hashes} hashes ({} bytes)",
-                entries as f64 / secs.max(1e-9),
-                10_000_000.0 * per_entry(secs, entries),
-                hashes * 32
-            ));
+        // Many concurrent requests: the store's group commit batches their records.
+        let clients = 64;
+        let secure = measure(clients, opts.ops.max(clients), &|_| {
+            fx.vault
+                .audit(vec![fx.vault.record(&c, "bench", crate::Outcome::Success)])
+        })?;
+        rows.push(BenchRow {
+            patients: size,
+            operation: format!("append {clients}c"),
+            secure,
+            plain: None,
+        });
+        if k == 0 {
+            audit_log_rows(&fx.vault, &c, opts, &mut rows, &mut audit_figures, progress)?;
         }
         drop(fx);
         drop_databases(backend, &created);
@@ -472,9 +578,17 @@ fn drop_databases(backend: &BenchBackend, names: &[String]) {
 }
 
 /// The table as text.
+fn us(x: f64) -> String {
+    if x < 10.0 {
+        format!("{x:.2}µs")
+    } else {
+        format!("{x:.0}µs")
+    }
+}
+
 pub fn render(rows: &[BenchRow]) -> String {
     let mut s = format!(
-        "{:>9}  {:<13} {:>12} {:>12} {:>7}  {:>9} {:>9}  {:>9} {:>9}\n",
+        "{:>9}  {:<15} {:>12} {:>12} {:>7}  {:>9} {:>9}  {:>9} {:>9}\n",
         "patients",
         "operation",
         "secure/s",
@@ -486,24 +600,28 @@ pub fn render(rows: &[BenchRow]) -> String {
         "plain p99"
     );
     for r in rows {
+        let patients = match r.patients {
+            0 => "-".to_string(),
+            n => n.to_string(),
+        };
         let (plain, ratio, pp50, pp99) = match &r.plain {
             Some(p) => (
                 format!("{:.0}", p.ops_per_sec),
                 format!("{:.2}", r.secure.ops_per_sec / p.ops_per_sec.max(1e-9)),
-                format!("{:.0}µs", p.p50_us),
-                format!("{:.0}µs", p.p99_us),
+                us(p.p50_us),
+                us(p.p99_us),
             ),
             None => ("-".into(), "-".into(), "-".into(), "-".into()),
         };
         s.push_str(&format!(
-            "{:>9}  {:<13} {:>12.0} {:>12} {:>7}  {:>9} {:>9}  {:>9} {:>9}\n",
-            r.patients,
+            "{:>9}  {:<15} {:>12.0} {:>12} {:>7}  {:>9} {:>9}  {:>9} {:>9}\n",
+            patients,
             r.operation,
             r.secure.ops_per_sec,
             plain,
             ratio,
-            format!("{:.0}µs", r.secure.p50_us),
-            format!("{:.0}µs", r.secure.p99_us),
+            us(r.secure.p50_us),
+            us(r.secure.p99_us),
             pp50,
             pp99
         ));

@@ -236,6 +236,12 @@ struct DisclosureBody {
     purpose: String,
     #[serde(default)]
     categories: Vec<String>,
+    /// Who received it: name and address (sealed under the patient's key).
+    #[serde(default)]
+    recipient_name: Option<String>,
+    /// What was disclosed, briefly (sealed under the patient's key).
+    #[serde(default)]
+    description: Option<String>,
 }
 
 pub(crate) async fn record_disclosure(
@@ -247,12 +253,23 @@ pub(crate) async fn record_disclosure(
     let body = body_bytes(&state, req).await?;
     let b: DisclosureBody = serde_json::from_slice(&body).map_err(|_| {
         ApiError::bad_request(
-            "body must be {\"patient\", \"recipient\", \"purpose\", \"categories\"}",
+            "body must be {\"patient\", \"recipient\", \"purpose\", \"categories\", \"recipient_name\", \"description\"}",
         )
     })?;
     let vault = state.vault.clone();
     let index = blocking(move || {
-        vault.record_disclosure(&c, &b.patient, &b.recipient, &b.purpose, &b.categories)
+        let text = medvault_core::balp::DisclosureText {
+            recipient_name: b.recipient_name,
+            description: b.description,
+        };
+        vault.record_disclosure(
+            &c,
+            &b.patient,
+            &b.recipient,
+            &b.purpose,
+            &b.categories,
+            &text,
+        )
     })
     .await??;
     Ok(plain_json(

@@ -100,6 +100,9 @@ impl Store for FaultyStore {
     fn audit_range(&self, start: u64, end: u64) -> Result<Vec<AuditRow>, StoreError> {
         self.inner.audit_range(start, end)
     }
+    fn audit_scan(&self, start: u64, end: u64, f: &mut AuditVisitor<'_>) -> Result<(), StoreError> {
+        self.inner.audit_scan(start, end, f)
+    }
     fn tiles(&self, level: u32, start: u64, end: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
         self.inner.tiles(level, start, end)
     }

@@ -251,6 +251,8 @@ pub trait TxRead {
     fn search(&self, q: &SearchQuery) -> Result<SearchPage, StoreError>;
 }
 
+/// Called with `(seq, leaf hash, record)` for each audit row scanned; false stops the scan.
+pub type AuditVisitor<'a> = dyn FnMut(u64, &[u8], &[u8]) -> bool + 'a;
 /// An audit entry: (leaf hash, canonical record).
 pub type AuditEntry = (Vec<u8>, Vec<u8>);
 /// Whatever an audited read hands back to its caller.
@@ -287,6 +289,17 @@ pub trait Store: Send + Sync + 'static {
     fn audit_len(&self) -> Result<u64, StoreError>;
     /// Audit rows with `start <= seq < end`.
     fn audit_range(&self, start: u64, end: u64) -> Result<Vec<AuditRow>, StoreError>;
+    /// Calls `f(seq, leaf_hash, record)` for audit rows with `start <= seq < end`, in
+    /// order, without copying each row (for verifying very large logs); stops early when
+    /// `f` returns false.
+    fn audit_scan(&self, start: u64, end: u64, f: &mut AuditVisitor<'_>) -> Result<(), StoreError> {
+        for r in self.audit_range(start, end)? {
+            if !f(r.seq, &r.leaf_hash, &r.record) {
+                break;
+            }
+        }
+        Ok(())
+    }
     /// Stored hash tiles of `level` with `start <= index < end`, at their stored width.
     fn tiles(&self, level: u32, start: u64, end: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
     /// Every stored signed checkpoint, by size.

@@ -790,4 +790,23 @@ impl Store for SqliteStore {
             Ok(rows)
         })
     }
+
+    fn audit_scan(&self, start: u64, end: u64, f: &mut AuditVisitor<'_>) -> Result<(), StoreError> {
+        let s = i64::try_from(start).unwrap_or(i64::MAX);
+        let e = i64::try_from(end).unwrap_or(i64::MAX);
+        self.with_reader(|c| {
+            let mut st = c.prepare_cached("SELECT seq, leaf_hash, record FROM audit_log WHERE seq >= ?1 AND seq < ?2 ORDER BY seq")?;
+            let mut rows = st.query(params![s, e])?;
+            while let Some(r) = rows.next()? {
+                let bad = |e: rusqlite::types::FromSqlError| StoreError::Backend(e.to_string());
+                let seq = u64::try_from(r.get_ref(0)?.as_i64().map_err(bad)?).unwrap_or(0);
+                let leaf = r.get_ref(1)?.as_blob().map_err(bad)?;
+                let record = r.get_ref(2)?.as_blob().map_err(bad)?;
+                if !f(seq, leaf, record) {
+                    break;
+                }
+            }
+            Ok(())
+        })
+    }
 }

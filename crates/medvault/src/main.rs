@@ -101,6 +101,10 @@ enum Command {
         ops: usize,
         #[arg(long, default_value_t = 8)]
         threads: usize,
+        /// Entries in the audit log built for the verify and proof rows (the issue's
+        /// target is measured with 10000000).
+        #[arg(long, default_value_t = 1_000_000)]
+        audit_log: u64,
         /// `sqlite` (temporary files) or `postgres` (temporary databases via --postgres).
         #[arg(long, default_value = "sqlite")]
         backend: String,
@@ -303,6 +307,7 @@ fn run(cli: Cli) -> Result<()> {
             patients,
             ops,
             threads,
+            audit_log,
             backend,
             postgres,
             json,
@@ -315,7 +320,7 @@ fn run(cli: Cli) -> Result<()> {
                 ),
                 (other, _) => bail!("unknown backend `{other}` (sqlite, postgres)"),
             };
-            bench(&backend, patients, ops, threads, json)
+            bench(&backend, patients, ops, threads, audit_log, json)
         }
         Command::Config {
             command: ConfigCommand::Show,
@@ -763,6 +768,7 @@ fn bench(
     patients: usize,
     ops: usize,
     threads: usize,
+    audit_log: u64,
     json: bool,
 ) -> Result<()> {
     let tmp = tempfile::tempdir()?;
@@ -774,6 +780,7 @@ fn bench(
             sizes: [1, patients.max(1)],
             ops: ops.max(1),
             threads: threads.max(1),
+            audit_log,
         },
         Arc::new(SystemClock),
         &|stage, done, total| {

@@ -2288,6 +2288,48 @@ fn audit_transparency_proofs_verify_independently() {
     );
     assert_eq!(list[0]["detail"], "recipient=public_health");
     assert_eq!(list[0]["purpose"], "PUBHLTH");
+    // The recipient's name and address and what was disclosed (45 CFR 164.528(b)(2)) are
+    // sealed under the patient's key: in the report, never in the audit log or on disk.
+    let canary_name = "Detective Quillfeather Canary, 12 Precinct Rd";
+    let canary_what = "Discharge summary mentioning Zyxwortitis canary";
+    let d = s.post(
+        "/api/disclosures",
+        &po,
+        &json!({"patient": pid, "recipient": "law_enforcement", "purpose": "PUBHLTH",
+                "categories": ["notes"], "recipient_name": canary_name,
+                "description": canary_what}),
+    );
+    assert_eq!(d.status, 201, "{:?}", d.body);
+    for bad in [
+        json!({"patient": pid, "recipient": "law_enforcement", "purpose": "PUBHLTH", "description": ""}),
+        json!({"patient": pid, "recipient": "law_enforcement", "purpose": "PUBHLTH", "description": "x".repeat(2001)}),
+        json!({"patient": pid, "recipient": "law_enforcement", "purpose": "PUBHLTH", "recipient_name": "a\u{0007}b"}),
+        json!({"patient": "nobody-here", "recipient": "law_enforcement", "purpose": "PUBHLTH", "description": "x"}),
+    ] {
+        let r = s.post("/api/disclosures", &po, &bad);
+        assert!(matches!(r.status, 400 | 404), "{bad}: {}", r.status);
+    }
+    let dis = s.get(&format!("/api/patients/{pid}/disclosures"), &po);
+    let list = dis.body["disclosures"].as_array().unwrap();
+    assert_eq!(list.len(), 2, "{list:?}");
+    let sealed = list
+        .iter()
+        .find(|a| a["recipient_name"] == canary_name)
+        .expect("the report shows the recipient");
+    assert_eq!(sealed["description"], canary_what);
+    assert!(sealed["detail"]
+        .as_str()
+        .unwrap()
+        .starts_with("recipient=law_enforcement text="));
+    let entries = s.get("/api/audit/entries?start=0&end=1000", &po);
+    assert_eq!(entries.status, 200);
+    let text = entries.body.to_string();
+    assert!(!text.contains("Quillfeather") && !text.contains("Zyxwortitis"));
+    let leaked = scan_for(&dir, &["Quillfeather", "Zyxwortitis"]);
+    assert!(
+        leaked.is_empty(),
+        "disclosure text in plaintext at rest: {leaked:?}"
+    );
     assert_eq!(
         s.get(&format!("/api/patients/{pid}/disclosures"), &phys)
             .status,
