@@ -237,7 +237,8 @@ impl Vault {
     }
 
     /// Recomputes every leaf hash, the Merkle tree and its tiles from the whole audit log,
-    /// streaming it (one thread reads the next chunk while others hash this one), and checks
+    /// streaming it (every core reads and hashes its own chunks; this thread folds them into
+    /// the tree in order), and checks
     /// every stored checkpoint (its signature, and that the tree of that size still has the
     /// signed root) and every stored hash tile. Reports the first entry (or range) found
     /// wrong. Entries no checkpoint covers yet are also checked to be canonical records;
@@ -280,18 +281,25 @@ impl Vault {
             for r in 0..readers {
                 let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Scanned, VaultError>>(1);
                 inbox.push(rx);
-                scope.spawn(move || {
-                    let mut k = r;
-                    while k < chunks {
-                        let from = k * CHUNK;
-                        let scanned = self.scan_chunk(from, (from + CHUNK).min(total), covered);
-                        let failed = scanned.is_err();
-                        if tx.send(scanned).is_err() || failed {
-                            return;
+                let spawned = std::thread::Builder::new()
+                    .name("audit-verify".into())
+                    .spawn_scoped(scope, move || {
+                        let mut k = r;
+                        while k < chunks {
+                            let from = k * CHUNK;
+                            let scanned = self.scan_chunk(from, (from + CHUNK).min(total), covered);
+                            let failed = scanned.is_err();
+                            if tx.send(scanned).is_err() || failed {
+                                return;
+                            }
+                            k += readers;
                         }
-                        k += readers;
-                    }
-                });
+                    });
+                if spawned.is_err() {
+                    return Err(VaultError::Internal(
+                        "cannot start a verification thread".into(),
+                    ));
+                }
             }
             self.fold_chunks(&inbox, &checkpoints, covered, total, progress)
         })

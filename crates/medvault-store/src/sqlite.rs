@@ -795,18 +795,25 @@ impl Store for SqliteStore {
         let s = i64::try_from(start).unwrap_or(i64::MAX);
         let e = i64::try_from(end).unwrap_or(i64::MAX);
         self.with_reader(|c| {
-            let mut st = c.prepare_cached("SELECT seq, leaf_hash, record FROM audit_log WHERE seq >= ?1 AND seq < ?2 ORDER BY seq")?;
-            let mut rows = st.query(params![s, e])?;
-            while let Some(r) = rows.next()? {
-                let bad = |e: rusqlite::types::FromSqlError| StoreError::Backend(e.to_string());
-                let seq = u64::try_from(r.get_ref(0)?.as_i64().map_err(bad)?).unwrap_or(0);
-                let leaf = r.get_ref(1)?.as_blob().map_err(bad)?;
-                let record = r.get_ref(2)?.as_blob().map_err(bad)?;
-                if !f(seq, leaf, record) {
-                    break;
+            // Long scans read pages through a memory map instead of a copy per page; the
+            // pooled connection goes back to plain reads afterwards.
+            c.pragma_update(None, "mmap_size", 1i64 << 40)?;
+            let scanned = (|| {
+                let mut st = c.prepare_cached("SELECT seq, leaf_hash, record FROM audit_log WHERE seq >= ?1 AND seq < ?2 ORDER BY seq")?;
+                let mut rows = st.query(params![s, e])?;
+                while let Some(r) = rows.next()? {
+                    let bad = |e: rusqlite::types::FromSqlError| StoreError::Backend(e.to_string());
+                    let seq = u64::try_from(r.get_ref(0)?.as_i64().map_err(bad)?).unwrap_or(0);
+                    let leaf = r.get_ref(1)?.as_blob().map_err(bad)?;
+                    let record = r.get_ref(2)?.as_blob().map_err(bad)?;
+                    if !f(seq, leaf, record) {
+                        break;
+                    }
                 }
-            }
-            Ok(())
+                Ok::<(), StoreError>(())
+            })();
+            c.pragma_update(None, "mmap_size", 0i64)?;
+            scanned
         })
     }
 }
