@@ -1481,9 +1481,31 @@ fn two_servers_share_one_postgres() {
         204
     );
     assert_eq!(b.get(&format!("/fhir/Patient/{pid}"), &phys).status, 401);
+    // Both servers signed checkpoints and wrote hash tiles into the one log; each resumed
+    // from the other's tiles. The whole log, its checkpoints and tiles verify.
+    let po = {
+        let (u, p, t) = staff.get("privacy_officer");
+        a.login(u, p, t)
+    };
+    for s in [&a, &b, &a] {
+        let _ = s.get(&format!("/fhir/Patient/{pid}"), &admin);
+        assert_eq!(
+            s.call("POST", "/audit/checkpoint", Some(&po), None, &[])
+                .status,
+            200
+        );
+    }
     let (sa, _) = a.stop();
     let (sb, _) = b.stop();
     assert!(sa.success() && sb.success());
+    let v = json_out(&medvault(&dir_a, &["audit", "verify", "--json"]));
+    assert_eq!(v["intact"], true, "{v}");
+    assert!(v["checkpoints"].as_u64().unwrap() >= 3, "{v}");
+    let tiles: i64 = psql(&db.url, "SELECT count(*) FROM audit_tiles WHERE level = 0")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(tiles >= 1);
 }
 
 /// A TCP proxy in front of PostgreSQL that can cut every connection, to play a database
