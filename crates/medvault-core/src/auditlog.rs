@@ -187,18 +187,25 @@ impl Vault {
         Ok(Some((n, note)))
     }
 
-    /// The size of the tree the stored tiles cover (the latest checkpoint), signing one
-    /// first if `want` entries are not yet covered.
-    fn covered(&self, want: u64) -> Result<u64, VaultError> {
+    /// Makes sure the stored tiles cover `want` entries: the latest checkpoint does, or, for
+    /// an authenticated reader (whose request is itself audited), one is signed now.
+    /// Anonymous callers (public transparency) get proofs within signed trees only, so they
+    /// cannot make the server sign on demand.
+    fn covered(&self, c: Option<&Caller>, want: u64) -> Result<(), VaultError> {
         let s = {
             let mut tree = self.lock_tree()?;
             self.sync_tree(&mut tree)?
         };
         if s >= want {
-            return Ok(s);
+            return Ok(());
+        }
+        if c.is_none() {
+            return Err(VaultError::BadRequest(format!(
+                "the latest signed checkpoint covers {s} entries; ask within it"
+            )));
         }
         self.checkpoint()?;
-        Ok(self.store.checkpoint(None)?.map(|c| c.0).unwrap_or(0))
+        Ok(())
     }
 
     /// Reads complete subtree hashes from stored tiles, caching each tile for this request.
@@ -692,7 +699,7 @@ impl Vault {
                 "need index < size <= the log's size".into(),
             ));
         }
-        self.covered(size)?;
+        self.covered(c, size)?;
         let (leaf, proof, root) = self.prove_inclusion(index, size)?;
         Ok(InclusionProof {
             index,
@@ -717,7 +724,7 @@ impl Vault {
                 "need 0 < old <= new <= the log's size".into(),
             ));
         }
-        self.covered(new)?;
+        self.covered(c, new)?;
         let mut get = self.tile_reader();
         let proof = tiles::consistency_proof(old, new, &mut get)?;
         Ok(ConsistencyProof {
@@ -952,5 +959,92 @@ mod tile_tests {
         ] {
             assert_eq!(TileRef::parse(bad), None, "{bad}");
         }
+    }
+}
+
+#[cfg(test)]
+mod log_tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+    use std::sync::Arc;
+
+    use crate::{
+        Caller, MasterKey, Outcome, Role, SqliteStore, Store, Vault, VaultError, VaultOptions,
+    };
+    use medvault_types::ManualClock;
+
+    fn open(store: Arc<dyn Store>, master: &std::path::Path) -> Vault {
+        let clock = Arc::new(ManualClock::new(
+            time::OffsetDateTime::from_unix_timestamp(1_790_000_000).unwrap(),
+        ));
+        Vault::open(
+            store,
+            MasterKey::load_file(master).unwrap(),
+            clock,
+            VaultOptions {
+                public_transparency: true,
+                ..VaultOptions::default()
+            },
+        )
+        .unwrap()
+    }
+
+    fn grow(v: &Vault, n: usize) {
+        let c = Caller::cli(Role::Auditor);
+        let recs = (0..n)
+            .map(|_| v.record(&c, "test", Outcome::Success))
+            .collect();
+        v.audit(recs).unwrap();
+    }
+
+    fn leaves(v: &Vault, n: u64) -> Vec<[u8; 32]> {
+        v.store
+            .audit_range(0, n)
+            .unwrap()
+            .iter()
+            .map(|r| medvault_audit::record_leaf(&r.record))
+            .collect()
+    }
+
+    #[test]
+    fn proofs_from_tiles_survive_a_restart_and_anonymous_callers_cannot_force_signing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = SqliteStore::open(&dir.path().join("db.sqlite")).unwrap();
+        let master = dir.path().join("master.key");
+        MasterKey::create_file(&master).unwrap();
+        let v = open(store.clone(), &master);
+        grow(&v, 700);
+        let (signed, _) = v.checkpoint().unwrap().unwrap();
+        grow(&v, 10);
+        // Anonymous (public transparency): within the signed tree only.
+        assert!(v.inclusion_proof(None, 3, signed).is_ok());
+        assert!(matches!(
+            v.inclusion_proof(None, 3, signed + 5),
+            Err(VaultError::BadRequest(_))
+        ));
+        // A restarted server resumes from the stored tiles and extends them.
+        drop(v);
+        let v = open(store, &master);
+        grow(&v, 300);
+        let n = v.store.audit_len().unwrap();
+        let auditor = Caller::cli(Role::Auditor);
+        let p = v.inclusion_proof(Some(&auditor), 650, n - 1).unwrap();
+        let all = leaves(&v, n - 1);
+        let expected: Vec<String> = medvault_audit::merkle::inclusion_proof(&all, 650)
+            .unwrap()
+            .iter()
+            .map(|h| super::b64(h))
+            .collect();
+        assert_eq!(p.proof, expected);
+        assert_eq!(p.root, super::b64(&medvault_audit::merkle::root(&all)));
+        let cp = v.consistency_proof(None, signed, n - 1);
+        assert!(
+            cp.is_ok(),
+            "the auditor's request signed a tree covering it"
+        );
+        assert!(matches!(
+            v.verify_audit(&|_, _| {}).unwrap(),
+            crate::AuditVerdict::Intact { .. }
+        ));
     }
 }
