@@ -205,7 +205,7 @@ pub fn subtree_from_tile(tile_hashes: &[Hash], first: usize, count: usize) -> Op
 fn range_hash<E>(
     lo: u64,
     hi: u64,
-    get: &mut impl FnMut(u32, u64) -> Result<Hash, E>,
+    get: &mut (impl FnMut(u32, u64) -> Result<Hash, E> + ?Sized),
 ) -> Result<Hash, E> {
     let mut parts: Vec<Hash> = vec![];
     let mut at = lo;
@@ -236,7 +236,10 @@ fn split(n: u64) -> u64 {
 }
 
 /// The RFC 6962 root of the first `size` leaves, from complete subtrees.
-pub fn root<E>(size: u64, get: &mut impl FnMut(u32, u64) -> Result<Hash, E>) -> Result<Hash, E> {
+pub fn root<E>(
+    size: u64,
+    get: &mut (impl FnMut(u32, u64) -> Result<Hash, E> + ?Sized),
+) -> Result<Hash, E> {
     range_hash(0, size, get)
 }
 
@@ -244,7 +247,7 @@ pub fn root<E>(size: u64, get: &mut impl FnMut(u32, u64) -> Result<Hash, E>) -> 
 pub fn inclusion_proof<E>(
     index: u64,
     size: u64,
-    get: &mut impl FnMut(u32, u64) -> Result<Hash, E>,
+    get: &mut (impl FnMut(u32, u64) -> Result<Hash, E> + ?Sized),
 ) -> Result<Vec<Hash>, E> {
     let mut out = vec![];
     let (mut lo, mut hi) = (0u64, size);
@@ -269,7 +272,7 @@ pub fn inclusion_proof<E>(
 pub fn consistency_proof<E>(
     old: u64,
     new: u64,
-    get: &mut impl FnMut(u32, u64) -> Result<Hash, E>,
+    get: &mut (impl FnMut(u32, u64) -> Result<Hash, E> + ?Sized),
 ) -> Result<Vec<Hash>, E> {
     let mut out_rev: Vec<(u64, u64)> = vec![];
     let (mut lo, mut hi, mut complete) = (0u64, new, true);

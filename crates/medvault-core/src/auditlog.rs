@@ -208,26 +208,35 @@ impl Vault {
         Ok(())
     }
 
-    /// Reads complete subtree hashes from stored tiles, caching each tile for this request.
-    fn tile_reader(&self) -> impl FnMut(u32, u64) -> Result<Hash, VaultError> + '_ {
-        let mut cache: HashMap<(u32, u64), Vec<Hash>> = HashMap::new();
-        move |height, index| {
-            let (level, tile, first, count) = tiles::locate(height, index);
-            let hashes = match cache.entry((level, tile)) {
-                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                std::collections::hash_map::Entry::Vacant(e) => {
-                    let got = self.store.tiles(level, tile, tile + 1)?;
-                    e.insert(
-                        got.into_iter()
-                            .next()
-                            .map(|(_, b)| from_bytes(&b))
-                            .unwrap_or_default(),
-                    )
-                }
-            };
-            tiles::subtree_from_tile(hashes, first, count)
-                .ok_or_else(|| VaultError::Internal(format!("hash tile {level}/{tile} is missing")))
+    /// Runs `walk` over complete-subtree hashes read from stored tiles. The walk's reads
+    /// depend only on indexes and sizes, never on hash values, so a first pass records which
+    /// tiles it needs, those are fetched in one query per level, and a second pass computes.
+    fn with_tiles<T>(
+        &self,
+        walk: impl Fn(&mut dyn FnMut(u32, u64) -> Result<Hash, VaultError>) -> Result<T, VaultError>,
+    ) -> Result<T, VaultError> {
+        let mut needed: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
+        walk(&mut |height, index| {
+            let (level, tile, _, _) = tiles::locate(height, index);
+            let at = needed.entry(level).or_default();
+            if !at.contains(&tile) {
+                at.push(tile);
+            }
+            Ok([0u8; 32])
+        })?;
+        let mut loaded: HashMap<(u32, u64), Vec<Hash>> = HashMap::new();
+        for (level, indexes) in needed {
+            for (index, bytes) in self.store.tiles_at(level, &indexes)? {
+                loaded.insert((level, index), from_bytes(&bytes));
+            }
         }
+        walk(&mut |height, index| {
+            let (level, tile, first, count) = tiles::locate(height, index);
+            loaded
+                .get(&(level, tile))
+                .and_then(|t| tiles::subtree_from_tile(t, first, count))
+                .ok_or_else(|| VaultError::Internal(format!("hash tile {level}/{tile} is missing")))
+        })
     }
 
     /// Inclusion proof and root from the stored tiles (no access check, no audit record).
@@ -236,11 +245,12 @@ impl Vault {
         index: u64,
         size: u64,
     ) -> Result<(Hash, Vec<Hash>, Hash), VaultError> {
-        let mut get = self.tile_reader();
-        let leaf = get(0, index)?;
-        let proof = tiles::inclusion_proof(index, size, &mut get)?;
-        let root = tiles::root(size, &mut get)?;
-        Ok((leaf, proof, root))
+        self.with_tiles(|get| {
+            let leaf = get(0, index)?;
+            let proof = tiles::inclusion_proof(index, size, get)?;
+            let root = tiles::root(size, get)?;
+            Ok((leaf, proof, root))
+        })
     }
 
     /// Recomputes every leaf hash, the Merkle tree and its tiles from the whole audit log,
@@ -725,13 +735,18 @@ impl Vault {
             ));
         }
         self.covered(c, new)?;
-        let mut get = self.tile_reader();
-        let proof = tiles::consistency_proof(old, new, &mut get)?;
+        let (proof, old_root, new_root) = self.with_tiles(|get| {
+            Ok((
+                tiles::consistency_proof(old, new, get)?,
+                tiles::root(old, get)?,
+                tiles::root(new, get)?,
+            ))
+        })?;
         Ok(ConsistencyProof {
             old,
             new,
-            old_root: b64(&tiles::root(old, &mut get)?),
-            new_root: b64(&tiles::root(new, &mut get)?),
+            old_root: b64(&old_root),
+            new_root: b64(&new_root),
             proof: proof.iter().map(|h| b64(h)).collect(),
         })
     }

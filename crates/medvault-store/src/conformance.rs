@@ -60,6 +60,12 @@ pub fn hash_tiles_only_grow(s: &dyn Store) {
     assert_eq!(s.tiles(1, 0, 1).unwrap(), vec![(0, vec![3; 32])]);
     assert_eq!(s.tiles(0, 1, 2).unwrap(), vec![(1, vec![2; 32])]);
     assert!(s.tiles(2, 0, 100).unwrap().is_empty());
+    assert_eq!(
+        s.tiles_at(0, &[1, 7, 0]).unwrap(),
+        vec![(0, vec![1; 96]), (1, vec![2; 32])],
+        "tiles by index: those that exist, in order"
+    );
+    assert!(s.tiles_at(0, &[]).unwrap().is_empty());
 }
 
 pub fn checkpoints_are_kept_and_cosigned(s: &dyn Store) {

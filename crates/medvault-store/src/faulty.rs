@@ -106,6 +106,9 @@ impl Store for FaultyStore {
     fn tiles(&self, level: u32, start: u64, end: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
         self.inner.tiles(level, start, end)
     }
+    fn tiles_at(&self, level: u32, indexes: &[u64]) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        self.inner.tiles_at(level, indexes)
+    }
     fn checkpoints(&self) -> Result<Vec<(u64, String)>, StoreError> {
         self.inner.checkpoints()
     }

@@ -302,6 +302,16 @@ pub trait Store: Send + Sync + 'static {
     }
     /// Stored hash tiles of `level` with `start <= index < end`, at their stored width.
     fn tiles(&self, level: u32, start: u64, end: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
+    /// The stored hash tiles of `level` with these indexes (those that exist), by index.
+    fn tiles_at(&self, level: u32, indexes: &[u64]) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let mut out = vec![];
+        for &i in indexes {
+            out.extend(self.tiles(level, i, i.saturating_add(1))?);
+        }
+        out.sort_by_key(|t| t.0);
+        out.dedup_by_key(|t| t.0);
+        Ok(out)
+    }
     /// Every stored signed checkpoint, by size.
     fn checkpoints(&self) -> Result<Vec<(u64, String)>, StoreError>;
     /// One stored checkpoint: of exactly `size` entries, or the latest when `None`.

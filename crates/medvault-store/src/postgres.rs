@@ -1212,6 +1212,27 @@ impl Store for PgStore {
             .collect())
     }
 
+    fn tiles_at(&self, level: u32, indexes: &[u64]) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let level = i32::try_from(level).unwrap_or(i32::MAX);
+        let idx: Vec<i64> = indexes
+            .iter()
+            .filter_map(|&i| i64::try_from(i).ok())
+            .collect();
+        let rows: Vec<(i64, Vec<u8>)> = self
+            .rt
+            .block_on(
+                sqlx::query_as("SELECT idx, hashes FROM audit_tiles WHERE level = $1 AND idx = ANY($2) ORDER BY idx")
+                    .bind(level)
+                    .bind(&idx)
+                    .fetch_all(&self.pool),
+            )
+            .map_err(classify)?;
+        Ok(rows
+            .into_iter()
+            .map(|(i, h)| (u64::try_from(i).unwrap_or(0), h))
+            .collect())
+    }
+
     fn checkpoints(&self) -> Result<Vec<(u64, String)>, StoreError> {
         let rows: Vec<(i64, String)> = self
             .rt

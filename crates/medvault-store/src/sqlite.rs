@@ -695,6 +695,29 @@ impl Store for SqliteStore {
         })
     }
 
+    fn tiles_at(&self, level: u32, indexes: &[u64]) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let idx: Vec<i64> = indexes
+            .iter()
+            .filter_map(|&i| i64::try_from(i).ok())
+            .collect();
+        if idx.is_empty() {
+            return Ok(vec![]);
+        }
+        // One statement for the handful of tiles a proof needs (`json_each` binds the list).
+        let list = serde_json::to_string(&idx).map_err(|e| StoreError::Backend(e.to_string()))?;
+        self.with_reader(|c| {
+            let mut st = c.prepare_cached(
+                "SELECT idx, hashes FROM audit_tiles WHERE level = ?1 AND idx IN (SELECT value FROM json_each(?2)) ORDER BY idx",
+            )?;
+            let rows = st
+                .query_map(params![level, list], |r| {
+                    Ok((u64::try_from(r.get::<_, i64>(0)?).unwrap_or(0), r.get(1)?))
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+    }
+
     fn checkpoints(&self) -> Result<Vec<(u64, String)>, StoreError> {
         self.with_reader(|c| {
             let mut st =
