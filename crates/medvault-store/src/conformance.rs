@@ -27,6 +27,51 @@ pub fn run_all(make: &dyn Fn() -> Arc<dyn Store>) {
     audited_reads_commit_with_their_audit_entries(&*make());
     checkpoints_are_kept_and_cosigned(&*make());
     hash_tiles_only_grow(&*make());
+    audit_entries_are_indexed_by_patient(&*make());
+}
+
+pub fn audit_entries_are_indexed_by_patient(s: &dyn Store) {
+    let entry = |rec: &str, patient: Option<&str>| AuditEntry {
+        leaf_hash: vec![9],
+        record: rec.as_bytes().to_vec(),
+        patient: patient.map(str::to_owned),
+    };
+    s.commit(WriteBatch {
+        ops: vec![],
+        audit: vec![
+            entry("r0", Some("pa")),
+            entry("r1", None),
+            entry("r2", Some("pb")),
+            entry("r3", Some("pa")),
+        ],
+    })
+    .unwrap();
+    s.commit(WriteBatch {
+        ops: vec![],
+        audit: vec![entry("r4", Some("pa"))],
+    })
+    .unwrap();
+    let seqs = |rows: Vec<AuditRow>| rows.iter().map(|r| r.seq).collect::<Vec<_>>();
+    assert_eq!(
+        seqs(s.audit_for_patient("pa", u64::MAX, 10).unwrap()),
+        vec![4, 3, 0],
+        "newest first"
+    );
+    let page = s.audit_for_patient("pa", 4, 1).unwrap();
+    assert_eq!(seqs(page.clone()), vec![3], "paged by sequence number");
+    assert_eq!(page[0].record, b"r3".to_vec());
+    assert!(s
+        .audit_for_patient("nobody", u64::MAX, 10)
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        s.audit_patients(0, 4).unwrap(),
+        vec![
+            (0, "pa".to_owned()),
+            (2, "pb".to_owned()),
+            (3, "pa".to_owned())
+        ]
+    );
 }
 
 pub fn hash_tiles_only_grow(s: &dyn Store) {
@@ -151,7 +196,7 @@ fn put(
             expect,
             index,
         }],
-        audit: vec![(vec![1], b"a".to_vec())],
+        audit: vec![AuditEntry::new(vec![1], b"a".to_vec())],
     })
 }
 
@@ -278,7 +323,7 @@ pub fn batches_are_all_or_nothing(s: &dyn Store) {
                 index: vec![],
             },
         ],
-        audit: vec![(vec![1], b"x".to_vec())],
+        audit: vec![AuditEntry::new(vec![1], b"x".to_vec())],
     };
     assert!(s.commit(b).is_err());
     assert!(
@@ -315,7 +360,7 @@ pub fn audit_sequence_is_dense_under_concurrency(s: Arc<dyn Store>) {
                     );
                     s.commit(WriteBatch {
                         ops: vec![],
-                        audit: vec![(vec![2], format!("{t}-{i}").into_bytes())],
+                        audit: vec![AuditEntry::new(vec![2], format!("{t}-{i}").into_bytes())],
                     })
                     .unwrap();
                 }
@@ -560,7 +605,7 @@ pub fn audited_reads_commit_with_their_audit_entries(s: &dyn Store) {
                 .rows
                 .len();
             Ok((
-                vec![(vec![3], b"read o1".to_vec())],
+                vec![AuditEntry::new(vec![3], b"read o1".to_vec())],
                 Box::new((r, found)) as Payload,
             ))
         }))

@@ -197,8 +197,8 @@ pub enum Op {
 #[derive(Debug, Clone, Default)]
 pub struct WriteBatch {
     pub ops: Vec<Op>,
-    /// Audit entries (leaf hash, canonical record) appended in the same transaction.
-    pub audit: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Audit entries appended in the same transaction.
+    pub audit: Vec<AuditEntry>,
 }
 
 /// The result of a commit: the audit sequence numbers assigned, in order.
@@ -253,8 +253,25 @@ pub trait TxRead {
 
 /// Called with `(seq, leaf hash, record)` for each audit row scanned; false stops the scan.
 pub type AuditVisitor<'a> = dyn FnMut(u64, &[u8], &[u8]) -> bool + 'a;
-/// An audit entry: (leaf hash, canonical record).
-pub type AuditEntry = (Vec<u8>, Vec<u8>);
+/// An audit entry to append: its leaf hash, the canonical record, and the patient whose
+/// chart it concerns (indexed for access reports; derived from the record, and checked
+/// against it by `audit verify`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditEntry {
+    pub leaf_hash: Vec<u8>,
+    pub record: Vec<u8>,
+    pub patient: Option<String>,
+}
+
+impl AuditEntry {
+    pub fn new(leaf_hash: Vec<u8>, record: Vec<u8>) -> Self {
+        AuditEntry {
+            leaf_hash,
+            record,
+            patient: None,
+        }
+    }
+}
 /// Whatever an audited read hands back to its caller.
 pub type Payload = Box<dyn std::any::Any + Send>;
 /// A read that returns the audit entries recording it, plus its result.
@@ -289,6 +306,15 @@ pub trait Store: Send + Sync + 'static {
     fn audit_len(&self) -> Result<u64, StoreError>;
     /// Audit rows with `start <= seq < end`.
     fn audit_range(&self, start: u64, end: u64) -> Result<Vec<AuditRow>, StoreError>;
+    /// A patient's audit rows with `seq < before`, newest first, at most `limit`.
+    fn audit_for_patient(
+        &self,
+        patient: &str,
+        before: u64,
+        limit: usize,
+    ) -> Result<Vec<AuditRow>, StoreError>;
+    /// The per-patient index rows `(seq, patient)` with `start <= seq < end`, by seq.
+    fn audit_patients(&self, start: u64, end: u64) -> Result<Vec<(u64, String)>, StoreError>;
     /// Calls `f(seq, leaf_hash, record)` for audit rows with `start <= seq < end`, in
     /// order, without copying each row (for verifying very large logs); stops early when
     /// `f` returns false.

@@ -343,6 +343,26 @@ async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
             .await
             .map_err(classify)?;
         }
+        if version < 4 {
+            sqlx::raw_sql(
+                "CREATE TABLE audit_patients (patient_id TEXT NOT NULL, seq BIGINT NOT NULL,
+                     PRIMARY KEY (patient_id, seq));
+                 CREATE INDEX audit_patients_seq ON audit_patients (seq);
+                 CREATE TRIGGER audit_patients_append_only BEFORE UPDATE OR DELETE ON audit_patients
+                   FOR EACH ROW EXECUTE FUNCTION medvault_refuse_change();
+                 DO $$ BEGIN
+                   INSERT INTO audit_patients (patient_id, seq)
+                     SELECT convert_from(record, 'UTF8')::jsonb->>'patient', seq FROM audit_log
+                     WHERE convert_from(record, 'UTF8')::jsonb->>'patient' IS NOT NULL;
+                 EXCEPTION WHEN others THEN
+                   RAISE WARNING 'audit_patients not backfilled: %', SQLERRM;
+                 END $$;
+                 INSERT INTO medvault_schema (version) VALUES (4);",
+            )
+            .execute(&mut *conn)
+            .await
+            .map_err(classify)?;
+        }
         Ok::<(), StoreError>(())
     }
     .await;
@@ -624,8 +644,8 @@ async fn append_audit(
     let seqs: Vec<i64> = (0..audit.len())
         .map(|i| first + i64::try_from(i).unwrap_or(i64::MAX))
         .collect();
-    let leaves: Vec<&[u8]> = audit.iter().map(|(l, _)| l.as_slice()).collect();
-    let records: Vec<&[u8]> = audit.iter().map(|(_, r)| r.as_slice()).collect();
+    let leaves: Vec<&[u8]> = audit.iter().map(|e| e.leaf_hash.as_slice()).collect();
+    let records: Vec<&[u8]> = audit.iter().map(|e| e.record.as_slice()).collect();
     // One round trip for all of a job's entries.
     sqlx::query("INSERT INTO audit_log (seq, leaf_hash, record) SELECT * FROM UNNEST($1::bigint[], $2::bytea[], $3::bytea[])")
         .bind(&seqs)
@@ -633,6 +653,18 @@ async fn append_audit(
         .bind(&records)
         .execute(&mut *c)
         .await?;
+    let (pseqs, patients): (Vec<i64>, Vec<&str>) = seqs
+        .iter()
+        .zip(audit)
+        .filter_map(|(s, e)| e.patient.as_deref().map(|p| (*s, p)))
+        .unzip();
+    if !pseqs.is_empty() {
+        sqlx::query("INSERT INTO audit_patients (patient_id, seq) SELECT * FROM UNNEST($1::text[], $2::bigint[])")
+            .bind(&patients)
+            .bind(&pseqs)
+            .execute(&mut *c)
+            .await?;
+    }
     *next_seq = first + i64::try_from(audit.len()).unwrap_or(i64::MAX);
     Ok(seqs
         .into_iter()
@@ -1174,6 +1206,55 @@ impl Store for PgStore {
                 leaf_hash,
                 record,
             })
+            .collect())
+    }
+
+    fn audit_for_patient(
+        &self,
+        patient: &str,
+        before: u64,
+        limit: usize,
+    ) -> Result<Vec<AuditRow>, StoreError> {
+        let b = i64::try_from(before).unwrap_or(i64::MAX);
+        let l = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows: Vec<(i64, Vec<u8>, Vec<u8>)> = self
+            .rt
+            .block_on(
+                sqlx::query_as(
+                    "SELECT a.seq, a.leaf_hash, a.record FROM audit_patients p JOIN audit_log a ON a.seq = p.seq \
+                     WHERE p.patient_id = $1 AND p.seq < $2 ORDER BY p.seq DESC LIMIT $3",
+                )
+                .bind(patient)
+                .bind(b)
+                .bind(l)
+                .fetch_all(&self.pool),
+            )
+            .map_err(classify)?;
+        Ok(rows
+            .into_iter()
+            .map(|(seq, leaf_hash, record)| AuditRow {
+                seq: u64::try_from(seq).unwrap_or(0),
+                leaf_hash,
+                record,
+            })
+            .collect())
+    }
+
+    fn audit_patients(&self, start: u64, end: u64) -> Result<Vec<(u64, String)>, StoreError> {
+        let s = i64::try_from(start).unwrap_or(i64::MAX);
+        let e = i64::try_from(end).unwrap_or(i64::MAX);
+        let rows: Vec<(i64, String)> = self
+            .rt
+            .block_on(
+                sqlx::query_as("SELECT seq, patient_id FROM audit_patients WHERE seq >= $1 AND seq < $2 ORDER BY seq, patient_id")
+                    .bind(s)
+                    .bind(e)
+                    .fetch_all(&self.pool),
+            )
+            .map_err(classify)?;
+        Ok(rows
+            .into_iter()
+            .map(|(s, p)| (u64::try_from(s).unwrap_or(0), p))
             .collect())
     }
 

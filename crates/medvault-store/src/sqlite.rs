@@ -58,6 +58,17 @@ CREATE TRIGGER audit_tiles_grow BEFORE UPDATE ON audit_tiles
     BEGIN SELECT RAISE(ABORT, 'a hash tile only grows'); END;
 CREATE TRIGGER audit_tiles_no_delete BEFORE DELETE ON audit_tiles BEGIN SELECT RAISE(ABORT, 'hash tiles are append-only'); END;
 "#,
+    r#"
+-- Which audit entries concern which patient (for access reports); derived from the records.
+CREATE TABLE audit_patients (patient_id TEXT NOT NULL, seq INTEGER NOT NULL,
+    PRIMARY KEY (patient_id, seq)) STRICT, WITHOUT ROWID;
+CREATE INDEX audit_patients_seq ON audit_patients (seq);
+INSERT INTO audit_patients (patient_id, seq)
+    SELECT json_extract(CAST(record AS TEXT), '$.patient'), seq FROM audit_log
+    WHERE json_valid(CAST(record AS TEXT)) AND json_type(CAST(record AS TEXT), '$.patient') = 'text';
+CREATE TRIGGER audit_patients_no_update BEFORE UPDATE ON audit_patients BEGIN SELECT RAISE(ABORT, 'audit index is append-only'); END;
+CREATE TRIGGER audit_patients_no_delete BEFORE DELETE ON audit_patients BEGIN SELECT RAISE(ABORT, 'audit index is append-only'); END;
+"#,
 ];
 
 const MAX_GROUP: usize = 512;
@@ -511,10 +522,14 @@ fn append_audit(
     let mut seqs = Vec::with_capacity(audit.len());
     let mut ins =
         tx.prepare_cached("INSERT INTO audit_log (seq, leaf_hash, record) VALUES (?1, ?2, ?3)")?;
-    for (leaf, record) in audit {
+    for e in audit {
         let seq = i64::try_from(*next_seq)
             .map_err(|_| StoreError::Backend("audit sequence overflow".into()))?;
-        ins.execute(params![seq, leaf, record])?;
+        ins.execute(params![seq, e.leaf_hash, e.record])?;
+        if let Some(p) = &e.patient {
+            tx.prepare_cached("INSERT INTO audit_patients (patient_id, seq) VALUES (?1, ?2)")?
+                .execute(params![p, seq])?;
+        }
         seqs.push(*next_seq);
         *next_seq += 1;
     }
@@ -808,6 +823,49 @@ impl Store for SqliteStore {
                 .query_map(params![s, e], |r| {
                     let seq: i64 = r.get(0)?;
                     Ok(AuditRow { seq: u64::try_from(seq).unwrap_or(0), leaf_hash: r.get(1)?, record: r.get(2)? })
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn audit_for_patient(
+        &self,
+        patient: &str,
+        before: u64,
+        limit: usize,
+    ) -> Result<Vec<AuditRow>, StoreError> {
+        let b = i64::try_from(before).unwrap_or(i64::MAX);
+        let l = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.with_reader(|c| {
+            let mut st = c.prepare_cached(
+                "SELECT a.seq, a.leaf_hash, a.record FROM audit_patients p JOIN audit_log a ON a.seq = p.seq \
+                 WHERE p.patient_id = ?1 AND p.seq < ?2 ORDER BY p.seq DESC LIMIT ?3",
+            )?;
+            let rows = st
+                .query_map(params![patient, b, l], |r| {
+                    let seq: i64 = r.get(0)?;
+                    Ok(AuditRow {
+                        seq: u64::try_from(seq).unwrap_or(0),
+                        leaf_hash: r.get(1)?,
+                        record: r.get(2)?,
+                    })
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn audit_patients(&self, start: u64, end: u64) -> Result<Vec<(u64, String)>, StoreError> {
+        let s = i64::try_from(start).unwrap_or(i64::MAX);
+        let e = i64::try_from(end).unwrap_or(i64::MAX);
+        self.with_reader(|c| {
+            let mut st = c.prepare_cached(
+                "SELECT seq, patient_id FROM audit_patients WHERE seq >= ?1 AND seq < ?2 ORDER BY seq, patient_id",
+            )?;
+            let rows = st
+                .query_map(params![s, e], |r| {
+                    Ok((u64::try_from(r.get::<_, i64>(0)?).unwrap_or(0), r.get(1)?))
                 })?
                 .collect::<Result<Vec<_>, _>>()?;
             Ok(rows)
