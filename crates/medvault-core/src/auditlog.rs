@@ -328,6 +328,7 @@ impl Vault {
         let mut leaves: Vec<Hash> = Vec::with_capacity(usize::try_from(to - from).unwrap_or(0));
         let mut problem: Option<(u64, String)> = None;
         let mut expected = from;
+        let mut patients: Vec<(u64, String)> = vec![];
         self.store
             .audit_scan(from, to, &mut |seq, stored, record| {
                 if seq != expected {
@@ -346,12 +347,38 @@ impl Vault {
                     problem = Some((seq, "not a canonical audit record".into()));
                     return false;
                 }
+                if let Some(p) = record_patient(record) {
+                    patients.push((seq, p));
+                }
                 leaves.push(leaf);
                 expected += 1;
                 true
             })?;
         if problem.is_none() && expected < to {
             problem = Some((expected, "entry is missing".into()));
+        }
+        let mut index_problem = None;
+        if problem.is_none() {
+            // The per-patient index answers access reports; it must name exactly the
+            // entries whose records name a patient, or a report would miss accesses.
+            let stored = self.store.audit_patients(from, to)?;
+            if stored != patients {
+                let first = stored
+                    .iter()
+                    .zip(&patients)
+                    .find(|(a, b)| a != b)
+                    .map(|(a, b)| a.0.min(b.0))
+                    .or_else(|| {
+                        let n = stored.len().min(patients.len());
+                        stored.get(n).or(patients.get(n)).map(|x| x.0)
+                    })
+                    .unwrap_or(from);
+                index_problem = Some((
+                    first,
+                    "the per-patient audit index does not match the entry (index rows added, removed or changed)"
+                        .into(),
+                ));
+            }
         }
         let roots = leaves
             .chunks(tiles::WIDTH)
@@ -362,6 +389,7 @@ impl Vault {
             leaves,
             roots,
             problem,
+            index_problem,
         })
     }
 
@@ -390,6 +418,7 @@ impl Vault {
                 leaves,
                 roots,
                 problem,
+                index_problem,
             } = scanned?;
             if let Some((index, problem)) = problem {
                 // Entries before it in this chunk are fine, but checkpoints among them are
@@ -423,6 +452,11 @@ impl Vault {
                 return Ok(v);
             }
             debug_assert_eq!(tree.size(), before + leaves.len() as u64);
+            // The entries and their signed roots are sound; a derived index that disagrees
+            // with them is reported after that evidence.
+            if let Some((index, problem)) = index_problem {
+                return Ok(AuditVerdict::Broken { index, problem });
+            }
             if let Some(v) = self.compare_tiles(&updates, covered)? {
                 return Ok(v);
             }
@@ -909,6 +943,33 @@ impl Vault {
     }
 }
 
+/// The patient a record names, read from its canonical JSON without parsing all of it
+/// (`,"patient":` occurs once, outside strings, since quotes inside strings are escaped);
+/// anything unusual falls back to a full parse.
+fn record_patient(record: &[u8]) -> Option<String> {
+    const KEY: &[u8] = b",\"patient\":";
+    let fast = memchr::memmem::find(record, KEY).and_then(|at| {
+        let rest = record.get(at + KEY.len()..)?;
+        if rest.starts_with(b"null") {
+            return Some(None);
+        }
+        let rest = rest.strip_prefix(b"\"")?;
+        let end = memchr::memchr2(b'"', b'\\', rest)?;
+        if rest.get(end) != Some(&b'"') {
+            return None;
+        }
+        std::str::from_utf8(rest.get(..end)?)
+            .ok()
+            .map(|p| Some(p.to_owned()))
+    });
+    match fast {
+        Some(p) => p,
+        None => AuditRecord::from_canonical(record)
+            .ok()
+            .and_then(|r| r.patient),
+    }
+}
+
 fn is_canonical(record: &[u8]) -> bool {
     matches!(AuditRecord::from_canonical(record), Ok(r) if r.canonical() == record)
 }
@@ -920,6 +981,8 @@ struct Scanned {
     roots: Vec<Hash>,
     /// The first entry found wrong in the chunk (leaves stop before it).
     problem: Option<(u64, String)>,
+    /// The first entry the per-patient index disagrees with.
+    index_problem: Option<(u64, String)>,
 }
 
 #[cfg(test)]
@@ -974,6 +1037,24 @@ mod tile_tests {
         ] {
             assert_eq!(TileRef::parse(bad), None, "{bad}");
         }
+    }
+}
+
+#[cfg(test)]
+mod patient_tests {
+    #![allow(clippy::unwrap_used)]
+
+    #[test]
+    fn record_patient_reads_the_canonical_field() {
+        let mut r = crate::AuditRecord::new("read", "a", crate::Outcome::Success, "t".into(), "q");
+        assert_eq!(super::record_patient(&r.canonical()), None);
+        r.patient = Some("p-1.x".into());
+        r.detail = Some("x\\\",\"patient\":\"evil".into());
+        assert_eq!(
+            super::record_patient(&r.canonical()).as_deref(),
+            Some("p-1.x")
+        );
+        assert_eq!(super::record_patient(b"garbage"), None);
     }
 }
 
