@@ -73,10 +73,11 @@ impl Vault {
             })
     }
 
-    /// Integrates entries `[t.size(), end)` into `t`, committing changed tiles in groups;
-    /// returns the tile writes not yet committed.
+    /// Integrates entries `[t.size(), end)` into `t` and the per-patient index, committing
+    /// changed tiles and index rows in groups; returns the writes not yet committed.
     fn integrate(&self, t: &mut Tiles, end: u64) -> Result<Vec<Op>, VaultError> {
         let mut pending: BTreeMap<(u32, u64), Vec<Hash>> = BTreeMap::new();
+        let mut index: Vec<(String, u64)> = vec![];
         while t.size() < end {
             let rows = self
                 .store
@@ -90,16 +91,19 @@ impl Vault {
                     return Err(VaultError::Internal("audit log has a gap".into()));
                 }
                 leaves.push(medvault_audit::record_leaf(&r.record));
+                if let Some(p) = record_patient(&r.record) {
+                    index.push((p, r.seq));
+                }
             }
-            for (level, index, hashes) in t.append(leaves) {
-                pending.insert((level, index), hashes);
+            for (level, i, hashes) in t.append(leaves) {
+                pending.insert((level, i), hashes);
             }
             if pending.len() >= TILE_FLUSH {
-                let ops = tile_ops(std::mem::take(&mut pending));
+                let ops = flush(&mut pending, &mut index);
                 self.store.commit(WriteBatch { ops, audit: vec![] })?;
             }
         }
-        Ok(tile_ops(pending))
+        Ok(flush(&mut pending, &mut index))
     }
 
     /// The tiled tree at the latest checkpoint `(size, note)`: resumed from the stored right
@@ -361,7 +365,16 @@ impl Vault {
         if problem.is_none() {
             // The per-patient index answers access reports; it must name exactly the
             // entries whose records name a patient, or a report would miss accesses.
-            let stored = self.store.audit_patients(from, to)?;
+            // Rows exist for every integrated entry (below the latest checkpoint); past it
+            // the index may not have caught up, but what is there must be right.
+            let stored: Vec<(u64, String)> = self
+                .store
+                .audit_patients(from, to)?
+                .into_iter()
+                .filter(|row| row.0 < covered || patients.binary_search(row).is_err())
+                .collect();
+            let patients: Vec<(u64, String)> =
+                patients.into_iter().filter(|row| row.0 < covered).collect();
             if stored != patients {
                 let first = stored
                     .iter()
@@ -610,6 +623,18 @@ impl Vault {
         }
         Ok(None)
     }
+}
+
+/// The tile writes and index rows gathered so far, as operations (index rows in key order,
+/// so each index page is touched once).
+fn flush(pending: &mut BTreeMap<(u32, u64), Vec<Hash>>, index: &mut Vec<(String, u64)>) -> Vec<Op> {
+    let mut ops = tile_ops(std::mem::take(pending));
+    if !index.is_empty() {
+        let mut rows = std::mem::take(index);
+        rows.sort();
+        ops.push(Op::IndexAudit { rows });
+    }
+    ops
 }
 
 fn tile_ops(pending: BTreeMap<(u32, u64), Vec<Hash>>) -> Vec<Op> {
@@ -1100,6 +1125,49 @@ mod log_tests {
             .iter()
             .map(|r| medvault_audit::record_leaf(&r.record))
             .collect()
+    }
+
+    #[test]
+    fn access_reports_read_the_index_and_the_unindexed_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = SqliteStore::open(&dir.path().join("db.sqlite")).unwrap();
+        let master = dir.path().join("master.key");
+        MasterKey::create_file(&master).unwrap();
+        let v = open(store, &master);
+        let c = Caller::cli(Role::Physician);
+        let touch = |n: usize, who: &str| {
+            let recs = (0..n)
+                .map(|_| {
+                    let mut r = v.record(&c, "read", Outcome::Success);
+                    r.patient = Some(who.to_owned());
+                    r
+                })
+                .collect();
+            v.audit(recs).unwrap();
+        };
+        touch(7, "pat-a");
+        touch(3, "pat-b");
+        v.checkpoint().unwrap();
+        let indexed = v.store.audit_patients(0, u64::MAX).unwrap();
+        assert_eq!(indexed.iter().filter(|r| r.1 == "pat-a").count(), 7);
+        touch(4, "pat-a");
+        let po = Caller::cli(Role::PrivacyOfficer);
+        let report = v.access_report(&po, "pat-a").unwrap();
+        let reads: Vec<u64> = report
+            .iter()
+            .filter(|a| a.action == "read")
+            .map(|a| a.index)
+            .collect();
+        assert_eq!(reads.len(), 11, "7 indexed + 4 in the tail, none twice");
+        assert!(reads.windows(2).all(|w| w[0] > w[1]), "newest first");
+        assert_eq!(
+            v.access_report(&po, "pat-b")
+                .unwrap()
+                .iter()
+                .filter(|a| a.action == "read")
+                .count(),
+            3
+        );
     }
 
     #[test]

@@ -239,14 +239,26 @@ impl Vault {
     ) -> Result<(), VaultError> {
         const PAGE: u64 = 5_000;
         let mut before = self.store.audit_len()?;
+        // The index covers the log up to the latest checkpoint (it is built as the log is
+        // integrated, each second); newer entries are read from the log itself.
+        let indexed = match patient {
+            Some(_) => self.store.checkpoint(None)?.map(|c| c.0).unwrap_or(0),
+            None => 0,
+        };
         while before > 0 {
             let rows = match patient {
-                Some(p) => self.store.audit_for_patient(p, before, PAGE as usize)?,
-                None => {
-                    let mut rows = self
-                        .store
-                        .audit_range(before.saturating_sub(PAGE), before)?;
+                Some(p) if before <= indexed => {
+                    self.store.audit_for_patient(p, before, PAGE as usize)?
+                }
+                _ => {
+                    // A page of the log, not reaching below the indexed part.
+                    let from = before.saturating_sub(PAGE).max(indexed.min(before));
+                    let mut rows = self.store.audit_range(from, before)?;
                     rows.reverse();
+                    if rows.is_empty() {
+                        before = from;
+                        continue;
+                    }
                     rows
                 }
             };

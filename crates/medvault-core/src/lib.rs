@@ -891,15 +891,10 @@ impl Vault {
     }
 }
 
-/// What the store appends for a record: its leaf hash, canonical bytes, and the patient it
-/// concerns (indexed for access reports).
+/// What the store appends for a record: its leaf hash and canonical bytes.
 fn audit_entry(r: &AuditRecord) -> medvault_store::AuditEntry {
     let (leaf_hash, record) = r.to_leaf();
-    medvault_store::AuditEntry {
-        leaf_hash,
-        record,
-        patient: r.patient.clone(),
-    }
+    medvault_store::AuditEntry { leaf_hash, record }
 }
 
 fn directory_key_id() -> PatientId {

@@ -183,6 +183,11 @@ pub enum Op {
         size: u64,
         line: String,
     },
+    /// Adds rows `(patient, seq)` to the per-patient index of audit entries (derived from
+    /// the records when the log is integrated; a row already there is left alone).
+    IndexAudit {
+        rows: Vec<(String, u64)>,
+    },
     /// Stores a Merkle hash tile (C2SP tlog-tiles: `level`, `index`, concatenated 32-byte
     /// hashes) at a new width. A tile only grows: a narrower copy of the stored one is
     /// ignored (another server got there first); one that disagrees with it is `Conflict`.
@@ -253,25 +258,19 @@ pub trait TxRead {
 
 /// Called with `(seq, leaf hash, record)` for each audit row scanned; false stops the scan.
 pub type AuditVisitor<'a> = dyn FnMut(u64, &[u8], &[u8]) -> bool + 'a;
-/// An audit entry to append: its leaf hash, the canonical record, and the patient whose
-/// chart it concerns (indexed for access reports; derived from the record, and checked
-/// against it by `audit verify`).
+/// An audit entry to append: its leaf hash and the canonical record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuditEntry {
     pub leaf_hash: Vec<u8>,
     pub record: Vec<u8>,
-    pub patient: Option<String>,
 }
 
 impl AuditEntry {
     pub fn new(leaf_hash: Vec<u8>, record: Vec<u8>) -> Self {
-        AuditEntry {
-            leaf_hash,
-            record,
-            patient: None,
-        }
+        AuditEntry { leaf_hash, record }
     }
 }
+
 /// Whatever an audited read hands back to its caller.
 pub type Payload = Box<dyn std::any::Any + Send>;
 /// A read that returns the audit entries recording it, plus its result.

@@ -653,18 +653,6 @@ async fn append_audit(
         .bind(&records)
         .execute(&mut *c)
         .await?;
-    let (pseqs, patients): (Vec<i64>, Vec<&str>) = seqs
-        .iter()
-        .zip(audit)
-        .filter_map(|(s, e)| e.patient.as_deref().map(|p| (*s, p)))
-        .unzip();
-    if !pseqs.is_empty() {
-        sqlx::query("INSERT INTO audit_patients (patient_id, seq) SELECT * FROM UNNEST($1::text[], $2::bigint[])")
-            .bind(&patients)
-            .bind(&pseqs)
-            .execute(&mut *c)
-            .await?;
-    }
     *next_seq = first + i64::try_from(audit.len()).unwrap_or(i64::MAX);
     Ok(seqs
         .into_iter()
@@ -849,6 +837,19 @@ async fn apply(
                 sqlx::query("UPDATE audit_checkpoints SET note = note || $2 WHERE size = $1 AND strpos(note, $2) = 0")
                     .bind(size)
                     .bind(line)
+                    .execute(&mut *c)
+                    .await?;
+            }
+            Op::IndexAudit { rows } => {
+                let patients: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();
+                let seqs = rows
+                    .iter()
+                    .map(|r| i64::try_from(r.1))
+                    .collect::<Result<Vec<i64>, _>>()
+                    .map_err(|_| ApplyError::Store(StoreError::Conflict))?;
+                sqlx::query("INSERT INTO audit_patients (patient_id, seq) SELECT * FROM UNNEST($1::text[], $2::bigint[]) ON CONFLICT DO NOTHING")
+                    .bind(&patients)
+                    .bind(&seqs)
                     .execute(&mut *c)
                     .await?;
             }

@@ -467,6 +467,15 @@ fn apply(
                 tx.prepare_cached("UPDATE audit_checkpoints SET note = note || ?2 WHERE size = ?1 AND instr(note, ?2) = 0")?
                     .execute(params![size, line])?;
             }
+            Op::IndexAudit { rows } => {
+                let mut ins = tx.prepare_cached(
+                    "INSERT OR IGNORE INTO audit_patients (patient_id, seq) VALUES (?1, ?2)",
+                )?;
+                for (patient, seq) in rows {
+                    let seq = i64::try_from(*seq).map_err(|_| StoreError::Conflict)?;
+                    ins.execute(params![patient, seq])?;
+                }
+            }
             Op::PutTile {
                 level,
                 index,
@@ -526,10 +535,6 @@ fn append_audit(
         let seq = i64::try_from(*next_seq)
             .map_err(|_| StoreError::Backend("audit sequence overflow".into()))?;
         ins.execute(params![seq, e.leaf_hash, e.record])?;
-        if let Some(p) = &e.patient {
-            tx.prepare_cached("INSERT INTO audit_patients (patient_id, seq) VALUES (?1, ?2)")?
-                .execute(params![p, seq])?;
-        }
         seqs.push(*next_seq);
         *next_seq += 1;
     }
