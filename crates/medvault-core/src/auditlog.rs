@@ -77,7 +77,7 @@ impl Vault {
     /// changed tiles and index rows in groups; returns the writes not yet committed.
     fn integrate(&self, t: &mut Tiles, end: u64) -> Result<Vec<Op>, VaultError> {
         let mut pending: BTreeMap<(u32, u64), Vec<Hash>> = BTreeMap::new();
-        let mut index: Vec<(String, u64)> = vec![];
+        let mut index: Vec<(u64, i64)> = vec![];
         while t.size() < end {
             let rows = self
                 .store
@@ -92,7 +92,7 @@ impl Vault {
                 }
                 leaves.push(medvault_audit::record_leaf(&r.record));
                 if let Some(p) = record_patient(&r.record) {
-                    index.push((p, r.seq));
+                    index.push((r.seq, patient_key(&p)));
                 }
             }
             for (level, i, hashes) in t.append(leaves) {
@@ -145,6 +145,40 @@ impl Vault {
             )));
         }
         Ok(t)
+    }
+
+    /// Indexes the entries a log from before the per-patient index had already integrated
+    /// (once; later entries are indexed as they are integrated).
+    pub(crate) fn backfill_patient_index(&self) -> Result<(), VaultError> {
+        const DONE: &str = "audit.patient_index";
+        if self.store.meta(DONE)?.is_some() {
+            return Ok(());
+        }
+        let covered = self.store.checkpoint(None)?.map(|c| c.0).unwrap_or(0);
+        let mut from = 0;
+        while from < covered {
+            let to = covered.min(from + CHUNK);
+            let rows = self.store.audit_range(from, to)?;
+            let index: Vec<(u64, i64)> = rows
+                .iter()
+                .filter_map(|r| record_patient(&r.record).map(|p| (r.seq, patient_key(&p))))
+                .collect();
+            if !index.is_empty() {
+                self.store.commit(WriteBatch {
+                    ops: vec![Op::IndexAudit { rows: index }],
+                    audit: vec![],
+                })?;
+            }
+            from = to;
+        }
+        self.store.commit(WriteBatch {
+            ops: vec![Op::PutMeta {
+                key: DONE.into(),
+                value: b"v1".to_vec(),
+            }],
+            audit: vec![],
+        })?;
+        Ok(())
     }
 
     /// Brings this server's copy of the tree's right edge to the latest stored checkpoint
@@ -332,7 +366,7 @@ impl Vault {
         let mut leaves: Vec<Hash> = Vec::with_capacity(usize::try_from(to - from).unwrap_or(0));
         let mut problem: Option<(u64, String)> = None;
         let mut expected = from;
-        let mut patients: Vec<(u64, String)> = vec![];
+        let mut patients: Vec<(u64, i64)> = vec![];
         self.store
             .audit_scan(from, to, &mut |seq, stored, record| {
                 if seq != expected {
@@ -352,7 +386,7 @@ impl Vault {
                     return false;
                 }
                 if let Some(p) = record_patient(record) {
-                    patients.push((seq, p));
+                    patients.push((seq, patient_key(&p)));
                 }
                 leaves.push(leaf);
                 expected += 1;
@@ -367,13 +401,13 @@ impl Vault {
             // entries whose records name a patient, or a report would miss accesses.
             // Rows exist for every integrated entry (below the latest checkpoint); past it
             // the index may not have caught up, but what is there must be right.
-            let stored: Vec<(u64, String)> = self
+            let stored: Vec<(u64, i64)> = self
                 .store
                 .audit_patients(from, to)?
                 .into_iter()
                 .filter(|row| row.0 < covered || patients.binary_search(row).is_err())
                 .collect();
-            let patients: Vec<(u64, String)> =
+            let patients: Vec<(u64, i64)> =
                 patients.into_iter().filter(|row| row.0 < covered).collect();
             if stored != patients {
                 let first = stored
@@ -627,14 +661,28 @@ impl Vault {
 
 /// The tile writes and index rows gathered so far, as operations (index rows in key order,
 /// so each index page is touched once).
-fn flush(pending: &mut BTreeMap<(u32, u64), Vec<Hash>>, index: &mut Vec<(String, u64)>) -> Vec<Op> {
+fn flush(pending: &mut BTreeMap<(u32, u64), Vec<Hash>>, index: &mut Vec<(u64, i64)>) -> Vec<Op> {
     let mut ops = tile_ops(std::mem::take(pending));
     if !index.is_empty() {
-        let mut rows = std::mem::take(index);
-        rows.sort();
-        ops.push(Op::IndexAudit { rows });
+        ops.push(Op::IndexAudit {
+            rows: std::mem::take(index),
+        });
     }
     ops
+}
+
+/// The 64-bit key a patient's audit entries are indexed under (the first 8 bytes of a
+/// domain-separated SHA-256). Two patients sharing a key only widen a search: reports keep
+/// the entries whose record names the patient.
+pub(crate) fn patient_key(patient: &str) -> i64 {
+    use sha2::Digest as _;
+    let mut h = sha2::Sha256::new();
+    h.update(b"medvault audit patient\0");
+    h.update(patient.as_bytes());
+    let d = h.finalize();
+    let mut b = [0u8; 8];
+    b.copy_from_slice(d.get(..8).unwrap_or(&[0u8; 8]));
+    i64::from_be_bytes(b)
 }
 
 fn tile_ops(pending: BTreeMap<(u32, u64), Vec<Hash>>) -> Vec<Op> {
@@ -1149,7 +1197,8 @@ mod log_tests {
         touch(3, "pat-b");
         v.checkpoint().unwrap();
         let indexed = v.store.audit_patients(0, u64::MAX).unwrap();
-        assert_eq!(indexed.iter().filter(|r| r.1 == "pat-a").count(), 7);
+        let a = super::patient_key("pat-a");
+        assert_eq!(indexed.iter().filter(|r| r.1 == a).count(), 7);
         touch(4, "pat-a");
         let po = Caller::cli(Role::PrivacyOfficer);
         let report = v.access_report(&po, "pat-a").unwrap();

@@ -247,9 +247,11 @@ impl Vault {
         };
         while before > 0 {
             let rows = match patient {
-                Some(p) if before <= indexed => {
-                    self.store.audit_for_patient(p, before, PAGE as usize)?
-                }
+                Some(p) if before <= indexed => self.store.audit_for_patient(
+                    crate::auditlog::patient_key(p),
+                    before,
+                    PAGE as usize,
+                )?,
                 _ => {
                     // A page of the log, not reaching below the indexed part.
                     let from = before.saturating_sub(PAGE).max(indexed.min(before));

@@ -336,6 +336,7 @@ impl Vault {
             options,
         };
         vault.record_audit_settings()?;
+        vault.backfill_patient_index()?;
         Ok(vault)
     }
 

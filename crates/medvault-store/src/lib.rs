@@ -183,10 +183,10 @@ pub enum Op {
         size: u64,
         line: String,
     },
-    /// Adds rows `(patient, seq)` to the per-patient index of audit entries (derived from
-    /// the records when the log is integrated; a row already there is left alone).
+    /// Adds rows `(seq, patient key)` to the per-patient index of audit entries (derived
+    /// from the records when the log is integrated; a row already there is left alone).
     IndexAudit {
-        rows: Vec<(String, u64)>,
+        rows: Vec<(u64, i64)>,
     },
     /// Stores a Merkle hash tile (C2SP tlog-tiles: `level`, `index`, concatenated 32-byte
     /// hashes) at a new width. A tile only grows: a narrower copy of the stored one is
@@ -305,15 +305,16 @@ pub trait Store: Send + Sync + 'static {
     fn audit_len(&self) -> Result<u64, StoreError>;
     /// Audit rows with `start <= seq < end`.
     fn audit_range(&self, start: u64, end: u64) -> Result<Vec<AuditRow>, StoreError>;
-    /// A patient's audit rows with `seq < before`, newest first, at most `limit`.
+    /// The audit rows indexed under a patient key with `seq < before`, newest first, at
+    /// most `limit`.
     fn audit_for_patient(
         &self,
-        patient: &str,
+        patient_key: i64,
         before: u64,
         limit: usize,
     ) -> Result<Vec<AuditRow>, StoreError>;
-    /// The per-patient index rows `(seq, patient)` with `start <= seq < end`, by seq.
-    fn audit_patients(&self, start: u64, end: u64) -> Result<Vec<(u64, String)>, StoreError>;
+    /// The per-patient index rows `(seq, patient key)` with `start <= seq < end`, by seq.
+    fn audit_patients(&self, start: u64, end: u64) -> Result<Vec<(u64, i64)>, StoreError>;
     /// Calls `f(seq, leaf_hash, record)` for audit rows with `start <= seq < end`, in
     /// order, without copying each row (for verifying very large logs); stops early when
     /// `f` returns false.

@@ -345,18 +345,10 @@ async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
         }
         if version < 4 {
             sqlx::raw_sql(
-                "CREATE TABLE audit_patients (patient_id TEXT NOT NULL, seq BIGINT NOT NULL,
-                     PRIMARY KEY (patient_id, seq));
-                 CREATE INDEX audit_patients_seq ON audit_patients (seq);
+                "CREATE TABLE audit_patients (seq BIGINT PRIMARY KEY, patient_key BIGINT NOT NULL);
+                 CREATE INDEX audit_patients_key ON audit_patients (patient_key, seq);
                  CREATE TRIGGER audit_patients_append_only BEFORE UPDATE OR DELETE ON audit_patients
                    FOR EACH ROW EXECUTE FUNCTION medvault_refuse_change();
-                 DO $$ BEGIN
-                   INSERT INTO audit_patients (patient_id, seq)
-                     SELECT convert_from(record, 'UTF8')::jsonb->>'patient', seq FROM audit_log
-                     WHERE convert_from(record, 'UTF8')::jsonb->>'patient' IS NOT NULL;
-                 EXCEPTION WHEN others THEN
-                   RAISE WARNING 'audit_patients not backfilled: %', SQLERRM;
-                 END $$;
                  INSERT INTO medvault_schema (version) VALUES (4);",
             )
             .execute(&mut *conn)
@@ -841,15 +833,15 @@ async fn apply(
                     .await?;
             }
             Op::IndexAudit { rows } => {
-                let patients: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();
+                let keys: Vec<i64> = rows.iter().map(|r| r.1).collect();
                 let seqs = rows
                     .iter()
-                    .map(|r| i64::try_from(r.1))
+                    .map(|r| i64::try_from(r.0))
                     .collect::<Result<Vec<i64>, _>>()
                     .map_err(|_| ApplyError::Store(StoreError::Conflict))?;
-                sqlx::query("INSERT INTO audit_patients (patient_id, seq) SELECT * FROM UNNEST($1::text[], $2::bigint[]) ON CONFLICT DO NOTHING")
-                    .bind(&patients)
+                sqlx::query("INSERT INTO audit_patients (seq, patient_key) SELECT * FROM UNNEST($1::bigint[], $2::bigint[]) ON CONFLICT DO NOTHING")
                     .bind(&seqs)
+                    .bind(&keys)
                     .execute(&mut *c)
                     .await?;
             }
@@ -1212,7 +1204,7 @@ impl Store for PgStore {
 
     fn audit_for_patient(
         &self,
-        patient: &str,
+        patient_key: i64,
         before: u64,
         limit: usize,
     ) -> Result<Vec<AuditRow>, StoreError> {
@@ -1223,9 +1215,9 @@ impl Store for PgStore {
             .block_on(
                 sqlx::query_as(
                     "SELECT a.seq, a.leaf_hash, a.record FROM audit_patients p JOIN audit_log a ON a.seq = p.seq \
-                     WHERE p.patient_id = $1 AND p.seq < $2 ORDER BY p.seq DESC LIMIT $3",
+                     WHERE p.patient_key = $1 AND p.seq < $2 ORDER BY p.seq DESC LIMIT $3",
                 )
-                .bind(patient)
+                .bind(patient_key)
                 .bind(b)
                 .bind(l)
                 .fetch_all(&self.pool),
@@ -1241,13 +1233,13 @@ impl Store for PgStore {
             .collect())
     }
 
-    fn audit_patients(&self, start: u64, end: u64) -> Result<Vec<(u64, String)>, StoreError> {
+    fn audit_patients(&self, start: u64, end: u64) -> Result<Vec<(u64, i64)>, StoreError> {
         let s = i64::try_from(start).unwrap_or(i64::MAX);
         let e = i64::try_from(end).unwrap_or(i64::MAX);
-        let rows: Vec<(i64, String)> = self
+        let rows: Vec<(i64, i64)> = self
             .rt
             .block_on(
-                sqlx::query_as("SELECT seq, patient_id FROM audit_patients WHERE seq >= $1 AND seq < $2 ORDER BY seq, patient_id")
+                sqlx::query_as("SELECT seq, patient_key FROM audit_patients WHERE seq >= $1 AND seq < $2 ORDER BY seq")
                     .bind(s)
                     .bind(e)
                     .fetch_all(&self.pool),

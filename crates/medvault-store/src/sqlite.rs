@@ -59,13 +59,10 @@ CREATE TRIGGER audit_tiles_grow BEFORE UPDATE ON audit_tiles
 CREATE TRIGGER audit_tiles_no_delete BEFORE DELETE ON audit_tiles BEGIN SELECT RAISE(ABORT, 'hash tiles are append-only'); END;
 "#,
     r#"
--- Which audit entries concern which patient (for access reports); derived from the records.
-CREATE TABLE audit_patients (patient_id TEXT NOT NULL, seq INTEGER NOT NULL,
-    PRIMARY KEY (patient_id, seq)) STRICT, WITHOUT ROWID;
-CREATE INDEX audit_patients_seq ON audit_patients (seq);
-INSERT INTO audit_patients (patient_id, seq)
-    SELECT json_extract(CAST(record AS TEXT), '$.patient'), seq FROM audit_log
-    WHERE json_valid(CAST(record AS TEXT)) AND json_type(CAST(record AS TEXT), '$.patient') = 'text';
+-- Which audit entries concern which patient (for access reports): derived from the records
+-- as the log is integrated; keyed by entry, with the patient as a 64-bit key.
+CREATE TABLE audit_patients (seq INTEGER PRIMARY KEY, patient_key INTEGER NOT NULL) STRICT;
+CREATE INDEX audit_patients_key ON audit_patients (patient_key, seq);
 CREATE TRIGGER audit_patients_no_update BEFORE UPDATE ON audit_patients BEGIN SELECT RAISE(ABORT, 'audit index is append-only'); END;
 CREATE TRIGGER audit_patients_no_delete BEFORE DELETE ON audit_patients BEGIN SELECT RAISE(ABORT, 'audit index is append-only'); END;
 "#,
@@ -469,11 +466,11 @@ fn apply(
             }
             Op::IndexAudit { rows } => {
                 let mut ins = tx.prepare_cached(
-                    "INSERT OR IGNORE INTO audit_patients (patient_id, seq) VALUES (?1, ?2)",
+                    "INSERT OR IGNORE INTO audit_patients (seq, patient_key) VALUES (?1, ?2)",
                 )?;
-                for (patient, seq) in rows {
+                for (seq, key) in rows {
                     let seq = i64::try_from(*seq).map_err(|_| StoreError::Conflict)?;
-                    ins.execute(params![patient, seq])?;
+                    ins.execute(params![seq, key])?;
                 }
             }
             Op::PutTile {
@@ -836,7 +833,7 @@ impl Store for SqliteStore {
 
     fn audit_for_patient(
         &self,
-        patient: &str,
+        patient_key: i64,
         before: u64,
         limit: usize,
     ) -> Result<Vec<AuditRow>, StoreError> {
@@ -845,10 +842,10 @@ impl Store for SqliteStore {
         self.with_reader(|c| {
             let mut st = c.prepare_cached(
                 "SELECT a.seq, a.leaf_hash, a.record FROM audit_patients p JOIN audit_log a ON a.seq = p.seq \
-                 WHERE p.patient_id = ?1 AND p.seq < ?2 ORDER BY p.seq DESC LIMIT ?3",
+                 WHERE p.patient_key = ?1 AND p.seq < ?2 ORDER BY p.seq DESC LIMIT ?3",
             )?;
             let rows = st
-                .query_map(params![patient, b, l], |r| {
+                .query_map(params![patient_key, b, l], |r| {
                     let seq: i64 = r.get(0)?;
                     Ok(AuditRow {
                         seq: u64::try_from(seq).unwrap_or(0),
@@ -861,12 +858,12 @@ impl Store for SqliteStore {
         })
     }
 
-    fn audit_patients(&self, start: u64, end: u64) -> Result<Vec<(u64, String)>, StoreError> {
+    fn audit_patients(&self, start: u64, end: u64) -> Result<Vec<(u64, i64)>, StoreError> {
         let s = i64::try_from(start).unwrap_or(i64::MAX);
         let e = i64::try_from(end).unwrap_or(i64::MAX);
         self.with_reader(|c| {
             let mut st = c.prepare_cached(
-                "SELECT seq, patient_id FROM audit_patients WHERE seq >= ?1 AND seq < ?2 ORDER BY seq, patient_id",
+                "SELECT seq, patient_key FROM audit_patients WHERE seq >= ?1 AND seq < ?2 ORDER BY seq",
             )?;
             let rows = st
                 .query_map(params![s, e], |r| {

@@ -1782,11 +1782,11 @@ fn audit_verify_recomputes_the_log_and_names_the_first_bad_entry() {
     verify_fails_at(indexed, "per-patient audit index does not match");
     restore();
     tamper_index(&format!(
-        "UPDATE audit_patients SET patient_id = 'someone-else' WHERE seq = {indexed}"
+        "UPDATE audit_patients SET patient_key = 12345 WHERE seq = {indexed}"
     ));
     verify_fails_at(indexed, "per-patient audit index does not match");
     restore();
-    tamper_index("INSERT INTO audit_patients (patient_id, seq) VALUES ('someone-else', 1)");
+    tamper_index("INSERT INTO audit_patients (seq, patient_key) VALUES (1, 12345)");
     verify_fails_at(1, "per-patient audit index does not match");
     restore();
     // The stored hash tiles that proofs are served from are checked too.
