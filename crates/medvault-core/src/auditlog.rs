@@ -671,18 +671,16 @@ fn flush(pending: &mut BTreeMap<(u32, u64), Vec<Hash>>, index: &mut Vec<(u64, i6
     ops
 }
 
-/// The 64-bit key a patient's audit entries are indexed under (the first 8 bytes of a
-/// domain-separated SHA-256). Two patients sharing a key only widen a search: reports keep
-/// the entries whose record names the patient.
+/// The 64-bit key a patient's audit entries are indexed under (FNV-1a of the id: cheap
+/// enough to recompute for every entry when verifying). Two patients sharing a key only
+/// widen a search: reports keep the entries whose record names the patient.
 pub(crate) fn patient_key(patient: &str) -> i64 {
-    use sha2::Digest as _;
-    let mut h = sha2::Sha256::new();
-    h.update(b"medvault audit patient\0");
-    h.update(patient.as_bytes());
-    let d = h.finalize();
-    let mut b = [0u8; 8];
-    b.copy_from_slice(d.get(..8).unwrap_or(&[0u8; 8]));
-    i64::from_be_bytes(b)
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in patient.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    i64::from_ne_bytes(h.to_ne_bytes())
 }
 
 fn tile_ops(pending: BTreeMap<(u32, u64), Vec<Hash>>) -> Vec<Op> {
