@@ -73,11 +73,10 @@ impl Vault {
             })
     }
 
-    /// Integrates entries `[t.size(), end)` into `t` and the per-patient index, committing
-    /// changed tiles and index rows in groups; returns the writes not yet committed.
+    /// Integrates entries `[t.size(), end)` into `t`, committing changed tiles in groups;
+    /// returns the tile writes not yet committed.
     fn integrate(&self, t: &mut Tiles, end: u64) -> Result<Vec<Op>, VaultError> {
         let mut pending: BTreeMap<(u32, u64), Vec<Hash>> = BTreeMap::new();
-        let mut index: Vec<(u64, i64)> = vec![];
         while t.size() < end {
             let rows = self
                 .store
@@ -91,19 +90,16 @@ impl Vault {
                     return Err(VaultError::Internal("audit log has a gap".into()));
                 }
                 leaves.push(medvault_audit::record_leaf(&r.record));
-                if let Some(p) = record_patient(&r.record) {
-                    index.push((r.seq, patient_key(&p)));
-                }
             }
-            for (level, i, hashes) in t.append(leaves) {
-                pending.insert((level, i), hashes);
+            for (level, index, hashes) in t.append(leaves) {
+                pending.insert((level, index), hashes);
             }
             if pending.len() >= TILE_FLUSH {
-                let ops = flush(&mut pending, &mut index);
+                let ops = tile_ops(std::mem::take(&mut pending));
                 self.store.commit(WriteBatch { ops, audit: vec![] })?;
             }
         }
-        Ok(flush(&mut pending, &mut index))
+        Ok(tile_ops(pending))
     }
 
     /// The tiled tree at the latest checkpoint `(size, note)`: resumed from the stored right
@@ -145,40 +141,6 @@ impl Vault {
             )));
         }
         Ok(t)
-    }
-
-    /// Indexes the entries a log from before the per-patient index had already integrated
-    /// (once; later entries are indexed as they are integrated).
-    pub(crate) fn backfill_patient_index(&self) -> Result<(), VaultError> {
-        const DONE: &str = "audit.patient_index";
-        if self.store.meta(DONE)?.is_some() {
-            return Ok(());
-        }
-        let covered = self.store.checkpoint(None)?.map(|c| c.0).unwrap_or(0);
-        let mut from = 0;
-        while from < covered {
-            let to = covered.min(from + CHUNK);
-            let rows = self.store.audit_range(from, to)?;
-            let index: Vec<(u64, i64)> = rows
-                .iter()
-                .filter_map(|r| record_patient(&r.record).map(|p| (r.seq, patient_key(&p))))
-                .collect();
-            if !index.is_empty() {
-                self.store.commit(WriteBatch {
-                    ops: vec![Op::IndexAudit { rows: index }],
-                    audit: vec![],
-                })?;
-            }
-            from = to;
-        }
-        self.store.commit(WriteBatch {
-            ops: vec![Op::PutMeta {
-                key: DONE.into(),
-                value: b"v1".to_vec(),
-            }],
-            audit: vec![],
-        })?;
-        Ok(())
     }
 
     /// Brings this server's copy of the tree's right edge to the latest stored checkpoint
@@ -366,7 +328,6 @@ impl Vault {
         let mut leaves: Vec<Hash> = Vec::with_capacity(usize::try_from(to - from).unwrap_or(0));
         let mut problem: Option<(u64, String)> = None;
         let mut expected = from;
-        let mut patients: Vec<(u64, i64)> = vec![];
         self.store
             .audit_scan(from, to, &mut |seq, stored, record| {
                 if seq != expected {
@@ -385,47 +346,12 @@ impl Vault {
                     problem = Some((seq, "not a canonical audit record".into()));
                     return false;
                 }
-                if let Some(p) = record_patient(record) {
-                    patients.push((seq, patient_key(&p)));
-                }
                 leaves.push(leaf);
                 expected += 1;
                 true
             })?;
         if problem.is_none() && expected < to {
             problem = Some((expected, "entry is missing".into()));
-        }
-        let mut index_problem = None;
-        if problem.is_none() {
-            // The per-patient index answers access reports; it must name exactly the
-            // entries whose records name a patient, or a report would miss accesses.
-            // Rows exist for every integrated entry (below the latest checkpoint); past it
-            // the index may not have caught up, but what is there must be right.
-            let stored: Vec<(u64, i64)> = self
-                .store
-                .audit_patients(from, to)?
-                .into_iter()
-                .filter(|row| row.0 < covered || patients.binary_search(row).is_err())
-                .collect();
-            let patients: Vec<(u64, i64)> =
-                patients.into_iter().filter(|row| row.0 < covered).collect();
-            if stored != patients {
-                let first = stored
-                    .iter()
-                    .zip(&patients)
-                    .find(|(a, b)| a != b)
-                    .map(|(a, b)| a.0.min(b.0))
-                    .or_else(|| {
-                        let n = stored.len().min(patients.len());
-                        stored.get(n).or(patients.get(n)).map(|x| x.0)
-                    })
-                    .unwrap_or(from);
-                index_problem = Some((
-                    first,
-                    "the per-patient audit index does not match the entry (index rows added, removed or changed)"
-                        .into(),
-                ));
-            }
         }
         let roots = leaves
             .chunks(tiles::WIDTH)
@@ -436,7 +362,6 @@ impl Vault {
             leaves,
             roots,
             problem,
-            index_problem,
         })
     }
 
@@ -465,7 +390,6 @@ impl Vault {
                 leaves,
                 roots,
                 problem,
-                index_problem,
             } = scanned?;
             if let Some((index, problem)) = problem {
                 // Entries before it in this chunk are fine, but checkpoints among them are
@@ -499,11 +423,6 @@ impl Vault {
                 return Ok(v);
             }
             debug_assert_eq!(tree.size(), before + leaves.len() as u64);
-            // The entries and their signed roots are sound; a derived index that disagrees
-            // with them is reported after that evidence.
-            if let Some((index, problem)) = index_problem {
-                return Ok(AuditVerdict::Broken { index, problem });
-            }
             if let Some(v) = self.compare_tiles(&updates, covered)? {
                 return Ok(v);
             }
@@ -657,30 +576,6 @@ impl Vault {
         }
         Ok(None)
     }
-}
-
-/// The tile writes and index rows gathered so far, as operations (index rows in key order,
-/// so each index page is touched once).
-fn flush(pending: &mut BTreeMap<(u32, u64), Vec<Hash>>, index: &mut Vec<(u64, i64)>) -> Vec<Op> {
-    let mut ops = tile_ops(std::mem::take(pending));
-    if !index.is_empty() {
-        ops.push(Op::IndexAudit {
-            rows: std::mem::take(index),
-        });
-    }
-    ops
-}
-
-/// The 64-bit key a patient's audit entries are indexed under (FNV-1a of the id: cheap
-/// enough to recompute for every entry when verifying). Two patients sharing a key only
-/// widen a search: reports keep the entries whose record names the patient.
-pub(crate) fn patient_key(patient: &str) -> i64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in patient.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    i64::from_ne_bytes(h.to_ne_bytes())
 }
 
 fn tile_ops(pending: BTreeMap<(u32, u64), Vec<Hash>>) -> Vec<Op> {
@@ -1014,33 +909,6 @@ impl Vault {
     }
 }
 
-/// The patient a record names, read from its canonical JSON without parsing all of it
-/// (`,"patient":` occurs once, outside strings, since quotes inside strings are escaped);
-/// anything unusual falls back to a full parse.
-fn record_patient(record: &[u8]) -> Option<String> {
-    const KEY: &[u8] = b",\"patient\":";
-    let fast = memchr::memmem::find(record, KEY).and_then(|at| {
-        let rest = record.get(at + KEY.len()..)?;
-        if rest.starts_with(b"null") {
-            return Some(None);
-        }
-        let rest = rest.strip_prefix(b"\"")?;
-        let end = memchr::memchr2(b'"', b'\\', rest)?;
-        if rest.get(end) != Some(&b'"') {
-            return None;
-        }
-        std::str::from_utf8(rest.get(..end)?)
-            .ok()
-            .map(|p| Some(p.to_owned()))
-    });
-    match fast {
-        Some(p) => p,
-        None => AuditRecord::from_canonical(record)
-            .ok()
-            .and_then(|r| r.patient),
-    }
-}
-
 fn is_canonical(record: &[u8]) -> bool {
     matches!(AuditRecord::from_canonical(record), Ok(r) if r.canonical() == record)
 }
@@ -1052,8 +920,6 @@ struct Scanned {
     roots: Vec<Hash>,
     /// The first entry found wrong in the chunk (leaves stop before it).
     problem: Option<(u64, String)>,
-    /// The first entry the per-patient index disagrees with.
-    index_problem: Option<(u64, String)>,
 }
 
 #[cfg(test)]
@@ -1112,24 +978,6 @@ mod tile_tests {
 }
 
 #[cfg(test)]
-mod patient_tests {
-    #![allow(clippy::unwrap_used)]
-
-    #[test]
-    fn record_patient_reads_the_canonical_field() {
-        let mut r = crate::AuditRecord::new("read", "a", crate::Outcome::Success, "t".into(), "q");
-        assert_eq!(super::record_patient(&r.canonical()), None);
-        r.patient = Some("p-1.x".into());
-        r.detail = Some("x\\\",\"patient\":\"evil".into());
-        assert_eq!(
-            super::record_patient(&r.canonical()).as_deref(),
-            Some("p-1.x")
-        );
-        assert_eq!(super::record_patient(b"garbage"), None);
-    }
-}
-
-#[cfg(test)]
 mod log_tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
@@ -1171,50 +1019,6 @@ mod log_tests {
             .iter()
             .map(|r| medvault_audit::record_leaf(&r.record))
             .collect()
-    }
-
-    #[test]
-    fn access_reports_read_the_index_and_the_unindexed_tail() {
-        let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn Store> = SqliteStore::open(&dir.path().join("db.sqlite")).unwrap();
-        let master = dir.path().join("master.key");
-        MasterKey::create_file(&master).unwrap();
-        let v = open(store, &master);
-        let c = Caller::cli(Role::Physician);
-        let touch = |n: usize, who: &str| {
-            let recs = (0..n)
-                .map(|_| {
-                    let mut r = v.record(&c, "read", Outcome::Success);
-                    r.patient = Some(who.to_owned());
-                    r
-                })
-                .collect();
-            v.audit(recs).unwrap();
-        };
-        touch(7, "pat-a");
-        touch(3, "pat-b");
-        v.checkpoint().unwrap();
-        let indexed = v.store.audit_patients(0, u64::MAX).unwrap();
-        let a = super::patient_key("pat-a");
-        assert_eq!(indexed.iter().filter(|r| r.1 == a).count(), 7);
-        touch(4, "pat-a");
-        let po = Caller::cli(Role::PrivacyOfficer);
-        let report = v.access_report(&po, "pat-a").unwrap();
-        let reads: Vec<u64> = report
-            .iter()
-            .filter(|a| a.action == "read")
-            .map(|a| a.index)
-            .collect();
-        assert_eq!(reads.len(), 11, "7 indexed + 4 in the tail, none twice");
-        assert!(reads.windows(2).all(|w| w[0] > w[1]), "newest first");
-        assert_eq!(
-            v.access_report(&po, "pat-b")
-                .unwrap()
-                .iter()
-                .filter(|a| a.action == "read")
-                .count(),
-            3
-        );
     }
 
     #[test]

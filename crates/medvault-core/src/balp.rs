@@ -151,25 +151,40 @@ impl Vault {
             self.audit(vec![rec])?;
             return Err(VaultError::Forbidden { withheld: vec![] });
         }
+        let total = self.store.audit_len()?;
         let mut out = vec![];
-        self.newest_first(patient.as_deref(), &mut |seq, r| {
-            if agent.as_ref().is_some_and(|a| &r.actor != a)
-                || date
+        let mut end = total;
+        while end > 0 && out.len() < count {
+            let start = end.saturating_sub(5_000);
+            let rows = self.store.audit_range(start, end)?;
+            for row in rows.iter().rev() {
+                let Ok(r) = AuditRecord::from_canonical(&row.record) else {
+                    continue;
+                };
+                if patient
                     .as_ref()
-                    .is_some_and(|d| !r.time.starts_with(d.as_str()))
-            {
-                return true;
+                    .is_some_and(|p| r.patient.as_deref() != Some(p.as_str()))
+                    || agent.as_ref().is_some_and(|a| &r.actor != a)
+                    || date
+                        .as_ref()
+                        .is_some_and(|d| !r.time.starts_with(d.as_str()))
+                {
+                    continue;
+                }
+                let ev = audit_event(row.seq, &r);
+                if action
+                    .as_ref()
+                    .is_some_and(|a| ev.get("action").and_then(Value::as_str) != Some(a.as_str()))
+                {
+                    continue;
+                }
+                out.push(ev);
+                if out.len() >= count {
+                    break;
+                }
             }
-            let ev = audit_event(seq, &r);
-            if action
-                .as_ref()
-                .is_some_and(|a| ev.get("action").and_then(Value::as_str) != Some(a.as_str()))
-            {
-                return true;
-            }
-            out.push(ev);
-            out.len() < count
-        })?;
+            end = start;
+        }
         rec.detail = Some(format!("returned={}", out.len()));
         self.audit(vec![rec])?;
         Ok(out)
@@ -230,96 +245,53 @@ pub const RECIPIENT_KINDS: &[&str] = &[
 const TPO: &[&str] = &["TREAT", "ETREAT", "HPAYMT", "HOPERAT", "COVERAGE"];
 
 impl Vault {
-    /// Visits audit records newest first — a patient's through the per-patient index, or the
-    /// whole log — until `visit` returns false.
-    fn newest_first(
-        &self,
-        patient: Option<&str>,
-        visit: &mut dyn FnMut(u64, AuditRecord) -> bool,
-    ) -> Result<(), VaultError> {
-        const PAGE: u64 = 5_000;
-        let mut before = self.store.audit_len()?;
-        // The index covers the log up to the latest checkpoint (it is built as the log is
-        // integrated, each second); newer entries are read from the log itself.
-        let indexed = match patient {
-            Some(_) => self.store.checkpoint(None)?.map(|c| c.0).unwrap_or(0),
-            None => 0,
-        };
-        while before > 0 {
-            let rows = match patient {
-                Some(p) if before <= indexed => self.store.audit_for_patient(
-                    crate::auditlog::patient_key(p),
-                    before,
-                    PAGE as usize,
-                )?,
-                _ => {
-                    // A page of the log, not reaching below the indexed part.
-                    let from = before.saturating_sub(PAGE).max(indexed.min(before));
-                    let mut rows = self.store.audit_range(from, before)?;
-                    rows.reverse();
-                    if rows.is_empty() {
-                        before = from;
-                        continue;
-                    }
-                    rows
-                }
-            };
-            let Some(last) = rows.last().map(|r| r.seq) else {
-                break;
-            };
-            for row in &rows {
-                let Ok(r) = AuditRecord::from_canonical(&row.record) else {
-                    continue;
-                };
-                // The index only narrows the search; the record itself decides.
-                if patient.is_some_and(|p| r.patient.as_deref() != Some(p)) {
-                    continue;
-                }
-                if !visit(row.seq, r) {
-                    return Ok(());
-                }
-            }
-            before = last;
-        }
-        Ok(())
-    }
-
     fn patient_history(
         &self,
         patient: &str,
         filter: &dyn Fn(&AuditRecord) -> bool,
         limit: usize,
     ) -> Result<Vec<Access>, VaultError> {
+        let total = self.store.audit_len()?;
         let mut out = vec![];
-        self.newest_first(Some(patient), &mut |seq, r| {
-            if !filter(&r) {
-                return true;
+        let mut end = total;
+        while end > 0 && out.len() < limit {
+            let start = end.saturating_sub(5_000);
+            for row in self.store.audit_range(start, end)?.iter().rev() {
+                let Ok(r) = AuditRecord::from_canonical(&row.record) else {
+                    continue;
+                };
+                if r.patient.as_deref() != Some(patient) || !filter(&r) {
+                    continue;
+                }
+                let detail = if r.action == "disclosure" {
+                    r.detail.clone()
+                } else {
+                    None
+                };
+                let text = match &detail {
+                    Some(d) => self.disclosure_text(patient, d),
+                    None => DisclosureText::default(),
+                };
+                out.push(Access {
+                    recipient_name: text.recipient_name,
+                    description: text.description,
+                    index: row.seq,
+                    time: r.time,
+                    who: r.actor,
+                    role: r.role,
+                    action: r.action,
+                    outcome: r.outcome,
+                    categories: r.categories_disclosed,
+                    withheld: r.categories_withheld,
+                    purpose: r.purpose,
+                    detail,
+                });
+                if out.len() >= limit {
+                    break;
+                }
             }
-            let detail = if r.action == "disclosure" {
-                r.detail.clone()
-            } else {
-                None
-            };
-            let text = match &detail {
-                Some(d) => self.disclosure_text(patient, d),
-                None => DisclosureText::default(),
-            };
-            out.push(Access {
-                recipient_name: text.recipient_name,
-                description: text.description,
-                index: seq,
-                time: r.time,
-                who: r.actor,
-                role: r.role,
-                action: r.action,
-                outcome: r.outcome,
-                categories: r.categories_disclosed,
-                withheld: r.categories_withheld,
-                purpose: r.purpose,
-                detail,
-            });
-            out.len() < limit
-        })?;
+            end = start;
+        }
         Ok(out)
     }
 

@@ -336,7 +336,6 @@ impl Vault {
             options,
         };
         vault.record_audit_settings()?;
-        vault.backfill_patient_index()?;
         Ok(vault)
     }
 
@@ -354,7 +353,7 @@ impl Vault {
 
     /// Commits operations with their audit records. Any failure fails the request (law 2).
     fn commit(&self, ops: Vec<Op>, audit: Vec<AuditRecord>) -> Result<Committed, VaultError> {
-        let audit = audit.iter().map(audit_entry).collect();
+        let audit = audit.iter().map(AuditRecord::to_leaf).collect();
         Ok(self.store.commit(WriteBatch { ops, audit })?)
     }
 
@@ -480,8 +479,8 @@ impl Vault {
         };
         let read: AuditedRead = Box::new(move |tx: &dyn TxRead| {
             let (recs, out) = f(&cx, tx)?;
-            let entries = recs.iter().map(audit_entry).collect();
-            Ok((entries, Box::new(out) as Payload))
+            let leaves = recs.iter().map(AuditRecord::to_leaf).collect();
+            Ok((leaves, Box::new(out) as Payload))
         });
         match self.store.audited(read) {
             Ok(p) => match p.downcast::<Result<T, VaultError>>() {
@@ -890,12 +889,6 @@ impl Vault {
             })
             .collect()
     }
-}
-
-/// What the store appends for a record: its leaf hash and canonical bytes.
-fn audit_entry(r: &AuditRecord) -> medvault_store::AuditEntry {
-    let (leaf_hash, record) = r.to_leaf();
-    medvault_store::AuditEntry { leaf_hash, record }
 }
 
 fn directory_key_id() -> PatientId {

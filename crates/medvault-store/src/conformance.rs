@@ -27,47 +27,6 @@ pub fn run_all(make: &dyn Fn() -> Arc<dyn Store>) {
     audited_reads_commit_with_their_audit_entries(&*make());
     checkpoints_are_kept_and_cosigned(&*make());
     hash_tiles_only_grow(&*make());
-    audit_entries_are_indexed_by_patient(&*make());
-}
-
-pub fn audit_entries_are_indexed_by_patient(s: &dyn Store) {
-    let entry = |rec: &str| AuditEntry::new(vec![9], rec.as_bytes().to_vec());
-    s.commit(WriteBatch {
-        ops: vec![],
-        audit: vec![
-            entry("r0"),
-            entry("r1"),
-            entry("r2"),
-            entry("r3"),
-            entry("r4"),
-        ],
-    })
-    .unwrap();
-    let index = |rows: &[(u64, i64)]| {
-        s.commit(WriteBatch {
-            ops: vec![Op::IndexAudit {
-                rows: rows.to_vec(),
-            }],
-            audit: vec![],
-        })
-        .unwrap()
-    };
-    index(&[(0, 11), (2, 22), (3, 11)]);
-    index(&[(3, 11), (4, 11)]);
-    let seqs = |rows: Vec<AuditRow>| rows.iter().map(|r| r.seq).collect::<Vec<_>>();
-    assert_eq!(
-        seqs(s.audit_for_patient(11, u64::MAX, 10).unwrap()),
-        vec![4, 3, 0],
-        "newest first; a row indexed twice is there once"
-    );
-    let page = s.audit_for_patient(11, 4, 1).unwrap();
-    assert_eq!(seqs(page.clone()), vec![3], "paged by sequence number");
-    assert_eq!(page[0].record, b"r3".to_vec());
-    assert!(s.audit_for_patient(99, u64::MAX, 10).unwrap().is_empty());
-    assert_eq!(
-        s.audit_patients(0, 4).unwrap(),
-        vec![(0, 11), (2, 22), (3, 11)]
-    );
 }
 
 pub fn hash_tiles_only_grow(s: &dyn Store) {
@@ -192,7 +151,7 @@ fn put(
             expect,
             index,
         }],
-        audit: vec![AuditEntry::new(vec![1], b"a".to_vec())],
+        audit: vec![(vec![1], b"a".to_vec())],
     })
 }
 
@@ -319,7 +278,7 @@ pub fn batches_are_all_or_nothing(s: &dyn Store) {
                 index: vec![],
             },
         ],
-        audit: vec![AuditEntry::new(vec![1], b"x".to_vec())],
+        audit: vec![(vec![1], b"x".to_vec())],
     };
     assert!(s.commit(b).is_err());
     assert!(
@@ -356,7 +315,7 @@ pub fn audit_sequence_is_dense_under_concurrency(s: Arc<dyn Store>) {
                     );
                     s.commit(WriteBatch {
                         ops: vec![],
-                        audit: vec![AuditEntry::new(vec![2], format!("{t}-{i}").into_bytes())],
+                        audit: vec![(vec![2], format!("{t}-{i}").into_bytes())],
                     })
                     .unwrap();
                 }
@@ -601,7 +560,7 @@ pub fn audited_reads_commit_with_their_audit_entries(s: &dyn Store) {
                 .rows
                 .len();
             Ok((
-                vec![AuditEntry::new(vec![3], b"read o1".to_vec())],
+                vec![(vec![3], b"read o1".to_vec())],
                 Box::new((r, found)) as Payload,
             ))
         }))

@@ -100,17 +100,6 @@ impl Store for FaultyStore {
     fn audit_range(&self, start: u64, end: u64) -> Result<Vec<AuditRow>, StoreError> {
         self.inner.audit_range(start, end)
     }
-    fn audit_for_patient(
-        &self,
-        patient_key: i64,
-        before: u64,
-        limit: usize,
-    ) -> Result<Vec<AuditRow>, StoreError> {
-        self.inner.audit_for_patient(patient_key, before, limit)
-    }
-    fn audit_patients(&self, start: u64, end: u64) -> Result<Vec<(u64, i64)>, StoreError> {
-        self.inner.audit_patients(start, end)
-    }
     fn audit_scan(&self, start: u64, end: u64, f: &mut AuditVisitor<'_>) -> Result<(), StoreError> {
         self.inner.audit_scan(start, end, f)
     }

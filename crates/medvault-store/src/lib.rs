@@ -183,11 +183,6 @@ pub enum Op {
         size: u64,
         line: String,
     },
-    /// Adds rows `(seq, patient key)` to the per-patient index of audit entries (derived
-    /// from the records when the log is integrated; a row already there is left alone).
-    IndexAudit {
-        rows: Vec<(u64, i64)>,
-    },
     /// Stores a Merkle hash tile (C2SP tlog-tiles: `level`, `index`, concatenated 32-byte
     /// hashes) at a new width. A tile only grows: a narrower copy of the stored one is
     /// ignored (another server got there first); one that disagrees with it is `Conflict`.
@@ -202,8 +197,8 @@ pub enum Op {
 #[derive(Debug, Clone, Default)]
 pub struct WriteBatch {
     pub ops: Vec<Op>,
-    /// Audit entries appended in the same transaction.
-    pub audit: Vec<AuditEntry>,
+    /// Audit entries (leaf hash, canonical record) appended in the same transaction.
+    pub audit: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
 /// The result of a commit: the audit sequence numbers assigned, in order.
@@ -258,19 +253,8 @@ pub trait TxRead {
 
 /// Called with `(seq, leaf hash, record)` for each audit row scanned; false stops the scan.
 pub type AuditVisitor<'a> = dyn FnMut(u64, &[u8], &[u8]) -> bool + 'a;
-/// An audit entry to append: its leaf hash and the canonical record.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AuditEntry {
-    pub leaf_hash: Vec<u8>,
-    pub record: Vec<u8>,
-}
-
-impl AuditEntry {
-    pub fn new(leaf_hash: Vec<u8>, record: Vec<u8>) -> Self {
-        AuditEntry { leaf_hash, record }
-    }
-}
-
+/// An audit entry: (leaf hash, canonical record).
+pub type AuditEntry = (Vec<u8>, Vec<u8>);
 /// Whatever an audited read hands back to its caller.
 pub type Payload = Box<dyn std::any::Any + Send>;
 /// A read that returns the audit entries recording it, plus its result.
@@ -305,16 +289,6 @@ pub trait Store: Send + Sync + 'static {
     fn audit_len(&self) -> Result<u64, StoreError>;
     /// Audit rows with `start <= seq < end`.
     fn audit_range(&self, start: u64, end: u64) -> Result<Vec<AuditRow>, StoreError>;
-    /// The audit rows indexed under a patient key with `seq < before`, newest first, at
-    /// most `limit`.
-    fn audit_for_patient(
-        &self,
-        patient_key: i64,
-        before: u64,
-        limit: usize,
-    ) -> Result<Vec<AuditRow>, StoreError>;
-    /// The per-patient index rows `(seq, patient key)` with `start <= seq < end`, by seq.
-    fn audit_patients(&self, start: u64, end: u64) -> Result<Vec<(u64, i64)>, StoreError>;
     /// Calls `f(seq, leaf_hash, record)` for audit rows with `start <= seq < end`, in
     /// order, without copying each row (for verifying very large logs); stops early when
     /// `f` returns false.

@@ -343,18 +343,6 @@ async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
             .await
             .map_err(classify)?;
         }
-        if version < 4 {
-            sqlx::raw_sql(
-                "CREATE TABLE audit_patients (seq BIGINT PRIMARY KEY, patient_key BIGINT NOT NULL);
-                 CREATE INDEX audit_patients_key ON audit_patients (patient_key, seq);
-                 CREATE TRIGGER audit_patients_append_only BEFORE UPDATE OR DELETE ON audit_patients
-                   FOR EACH ROW EXECUTE FUNCTION medvault_refuse_change();
-                 INSERT INTO medvault_schema (version) VALUES (4);",
-            )
-            .execute(&mut *conn)
-            .await
-            .map_err(classify)?;
-        }
         Ok::<(), StoreError>(())
     }
     .await;
@@ -636,8 +624,8 @@ async fn append_audit(
     let seqs: Vec<i64> = (0..audit.len())
         .map(|i| first + i64::try_from(i).unwrap_or(i64::MAX))
         .collect();
-    let leaves: Vec<&[u8]> = audit.iter().map(|e| e.leaf_hash.as_slice()).collect();
-    let records: Vec<&[u8]> = audit.iter().map(|e| e.record.as_slice()).collect();
+    let leaves: Vec<&[u8]> = audit.iter().map(|(l, _)| l.as_slice()).collect();
+    let records: Vec<&[u8]> = audit.iter().map(|(_, r)| r.as_slice()).collect();
     // One round trip for all of a job's entries.
     sqlx::query("INSERT INTO audit_log (seq, leaf_hash, record) SELECT * FROM UNNEST($1::bigint[], $2::bytea[], $3::bytea[])")
         .bind(&seqs)
@@ -829,19 +817,6 @@ async fn apply(
                 sqlx::query("UPDATE audit_checkpoints SET note = note || $2 WHERE size = $1 AND strpos(note, $2) = 0")
                     .bind(size)
                     .bind(line)
-                    .execute(&mut *c)
-                    .await?;
-            }
-            Op::IndexAudit { rows } => {
-                let keys: Vec<i64> = rows.iter().map(|r| r.1).collect();
-                let seqs = rows
-                    .iter()
-                    .map(|r| i64::try_from(r.0))
-                    .collect::<Result<Vec<i64>, _>>()
-                    .map_err(|_| ApplyError::Store(StoreError::Conflict))?;
-                sqlx::query("INSERT INTO audit_patients (seq, patient_key) SELECT * FROM UNNEST($1::bigint[], $2::bigint[]) ON CONFLICT DO NOTHING")
-                    .bind(&seqs)
-                    .bind(&keys)
                     .execute(&mut *c)
                     .await?;
             }
@@ -1199,55 +1174,6 @@ impl Store for PgStore {
                 leaf_hash,
                 record,
             })
-            .collect())
-    }
-
-    fn audit_for_patient(
-        &self,
-        patient_key: i64,
-        before: u64,
-        limit: usize,
-    ) -> Result<Vec<AuditRow>, StoreError> {
-        let b = i64::try_from(before).unwrap_or(i64::MAX);
-        let l = i64::try_from(limit).unwrap_or(i64::MAX);
-        let rows: Vec<(i64, Vec<u8>, Vec<u8>)> = self
-            .rt
-            .block_on(
-                sqlx::query_as(
-                    "SELECT a.seq, a.leaf_hash, a.record FROM audit_patients p JOIN audit_log a ON a.seq = p.seq \
-                     WHERE p.patient_key = $1 AND p.seq < $2 ORDER BY p.seq DESC LIMIT $3",
-                )
-                .bind(patient_key)
-                .bind(b)
-                .bind(l)
-                .fetch_all(&self.pool),
-            )
-            .map_err(classify)?;
-        Ok(rows
-            .into_iter()
-            .map(|(seq, leaf_hash, record)| AuditRow {
-                seq: u64::try_from(seq).unwrap_or(0),
-                leaf_hash,
-                record,
-            })
-            .collect())
-    }
-
-    fn audit_patients(&self, start: u64, end: u64) -> Result<Vec<(u64, i64)>, StoreError> {
-        let s = i64::try_from(start).unwrap_or(i64::MAX);
-        let e = i64::try_from(end).unwrap_or(i64::MAX);
-        let rows: Vec<(i64, i64)> = self
-            .rt
-            .block_on(
-                sqlx::query_as("SELECT seq, patient_key FROM audit_patients WHERE seq >= $1 AND seq < $2 ORDER BY seq")
-                    .bind(s)
-                    .bind(e)
-                    .fetch_all(&self.pool),
-            )
-            .map_err(classify)?;
-        Ok(rows
-            .into_iter()
-            .map(|(s, p)| (u64::try_from(s).unwrap_or(0), p))
             .collect())
     }
 

@@ -58,14 +58,6 @@ CREATE TRIGGER audit_tiles_grow BEFORE UPDATE ON audit_tiles
     BEGIN SELECT RAISE(ABORT, 'a hash tile only grows'); END;
 CREATE TRIGGER audit_tiles_no_delete BEFORE DELETE ON audit_tiles BEGIN SELECT RAISE(ABORT, 'hash tiles are append-only'); END;
 "#,
-    r#"
--- Which audit entries concern which patient (for access reports): derived from the records
--- as the log is integrated; keyed by entry, with the patient as a 64-bit key.
-CREATE TABLE audit_patients (seq INTEGER PRIMARY KEY, patient_key INTEGER NOT NULL) STRICT;
-CREATE INDEX audit_patients_key ON audit_patients (patient_key, seq);
-CREATE TRIGGER audit_patients_no_update BEFORE UPDATE ON audit_patients BEGIN SELECT RAISE(ABORT, 'audit index is append-only'); END;
-CREATE TRIGGER audit_patients_no_delete BEFORE DELETE ON audit_patients BEGIN SELECT RAISE(ABORT, 'audit index is append-only'); END;
-"#,
 ];
 
 const MAX_GROUP: usize = 512;
@@ -464,15 +456,6 @@ fn apply(
                 tx.prepare_cached("UPDATE audit_checkpoints SET note = note || ?2 WHERE size = ?1 AND instr(note, ?2) = 0")?
                     .execute(params![size, line])?;
             }
-            Op::IndexAudit { rows } => {
-                let mut ins = tx.prepare_cached(
-                    "INSERT OR IGNORE INTO audit_patients (seq, patient_key) VALUES (?1, ?2)",
-                )?;
-                for (seq, key) in rows {
-                    let seq = i64::try_from(*seq).map_err(|_| StoreError::Conflict)?;
-                    ins.execute(params![seq, key])?;
-                }
-            }
             Op::PutTile {
                 level,
                 index,
@@ -528,10 +511,10 @@ fn append_audit(
     let mut seqs = Vec::with_capacity(audit.len());
     let mut ins =
         tx.prepare_cached("INSERT INTO audit_log (seq, leaf_hash, record) VALUES (?1, ?2, ?3)")?;
-    for e in audit {
+    for (leaf, record) in audit {
         let seq = i64::try_from(*next_seq)
             .map_err(|_| StoreError::Backend("audit sequence overflow".into()))?;
-        ins.execute(params![seq, e.leaf_hash, e.record])?;
+        ins.execute(params![seq, leaf, record])?;
         seqs.push(*next_seq);
         *next_seq += 1;
     }
@@ -825,49 +808,6 @@ impl Store for SqliteStore {
                 .query_map(params![s, e], |r| {
                     let seq: i64 = r.get(0)?;
                     Ok(AuditRow { seq: u64::try_from(seq).unwrap_or(0), leaf_hash: r.get(1)?, record: r.get(2)? })
-                })?
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok(rows)
-        })
-    }
-
-    fn audit_for_patient(
-        &self,
-        patient_key: i64,
-        before: u64,
-        limit: usize,
-    ) -> Result<Vec<AuditRow>, StoreError> {
-        let b = i64::try_from(before).unwrap_or(i64::MAX);
-        let l = i64::try_from(limit).unwrap_or(i64::MAX);
-        self.with_reader(|c| {
-            let mut st = c.prepare_cached(
-                "SELECT a.seq, a.leaf_hash, a.record FROM audit_patients p JOIN audit_log a ON a.seq = p.seq \
-                 WHERE p.patient_key = ?1 AND p.seq < ?2 ORDER BY p.seq DESC LIMIT ?3",
-            )?;
-            let rows = st
-                .query_map(params![patient_key, b, l], |r| {
-                    let seq: i64 = r.get(0)?;
-                    Ok(AuditRow {
-                        seq: u64::try_from(seq).unwrap_or(0),
-                        leaf_hash: r.get(1)?,
-                        record: r.get(2)?,
-                    })
-                })?
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok(rows)
-        })
-    }
-
-    fn audit_patients(&self, start: u64, end: u64) -> Result<Vec<(u64, i64)>, StoreError> {
-        let s = i64::try_from(start).unwrap_or(i64::MAX);
-        let e = i64::try_from(end).unwrap_or(i64::MAX);
-        self.with_reader(|c| {
-            let mut st = c.prepare_cached(
-                "SELECT seq, patient_key FROM audit_patients WHERE seq >= ?1 AND seq < ?2 ORDER BY seq",
-            )?;
-            let rows = st
-                .query_map(params![s, e], |r| {
-                    Ok((u64::try_from(r.get::<_, i64>(0)?).unwrap_or(0), r.get(1)?))
                 })?
                 .collect::<Result<Vec<_>, _>>()?;
             Ok(rows)

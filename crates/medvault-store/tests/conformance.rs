@@ -8,9 +8,7 @@
 )]
 use std::sync::Arc;
 
-use medvault_store::{
-    conformance, faulty::FaultyStore, AuditEntry, PgStore, SqliteStore, Store, WriteBatch,
-};
+use medvault_store::{conformance, faulty::FaultyStore, PgStore, SqliteStore, Store, WriteBatch};
 
 #[test]
 fn sqlite_passes_the_conformance_suite() {
@@ -30,7 +28,7 @@ fn audit_log_rows_cannot_be_updated_or_deleted_in_sqlite() {
     let s = SqliteStore::open(&path).unwrap();
     s.commit(WriteBatch {
         ops: vec![],
-        audit: vec![AuditEntry::new(vec![1], b"r".to_vec())],
+        audit: vec![(vec![1], b"r".to_vec())],
     })
     .unwrap();
     let c = rusqlite::Connection::open(&path).unwrap();
@@ -47,7 +45,7 @@ fn faulty_store_fails_audit_appends_only_when_told() {
     let f = FaultyStore::new(inner);
     let b = || WriteBatch {
         ops: vec![],
-        audit: vec![AuditEntry::new(vec![1], b"r".to_vec())],
+        audit: vec![(vec![1], b"r".to_vec())],
     };
     f.commit(b()).unwrap();
     f.set_fail_audit(true);
@@ -91,7 +89,7 @@ fn postgres_audit_log_is_append_only_and_tables_are_partitioned() {
     let s = PgStore::open(&url).unwrap();
     s.commit(WriteBatch {
         ops: vec![],
-        audit: vec![AuditEntry::new(vec![1], b"r".to_vec())],
+        audit: vec![(vec![1], b"r".to_vec())],
     })
     .unwrap();
     let psql = |sql: &str| {
@@ -147,7 +145,7 @@ fn postgres_uses_tls_when_the_url_asks() {
         );
         tls.commit(WriteBatch {
             ops: vec![],
-            audit: vec![AuditEntry::new(vec![1], b"over tls".to_vec())],
+            audit: vec![(vec![1], b"over tls".to_vec())],
         })
         .unwrap();
         drop(tls);
