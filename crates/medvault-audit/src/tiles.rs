@@ -26,7 +26,7 @@ pub struct Tiles {
 pub type TileUpdate = (u32, u64, Vec<Hash>);
 
 /// Hashes at tree level `8·level` in a tree of `size` leaves.
-fn count_at(size: u64, level: u32) -> u64 {
+pub fn count_at(size: u64, level: u32) -> u64 {
     size.checked_shr(HEIGHT * level).unwrap_or(0)
 }
 

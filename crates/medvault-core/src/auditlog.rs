@@ -45,11 +45,6 @@ fn from_bytes(b: &[u8]) -> Vec<Hash> {
         .collect()
 }
 
-/// Hashes at tree level `8·level` in a tree of `size` leaves.
-fn count_at(size: u64, level: u32) -> u64 {
-    size.checked_shr(8 * level).unwrap_or(0)
-}
-
 impl Vault {
     /// The log's checkpoint verifier key (C2SP note verifier-key form).
     pub fn audit_verifier_key(&self) -> String {
@@ -548,7 +543,7 @@ impl Vault {
                 let Some(computed) = updates.get(&(level, index)) else {
                     continue;
                 };
-                let need = count_at(covered, level)
+                let need = tiles::count_at(covered, level)
                     .saturating_sub(index * tiles::WIDTH as u64)
                     .min(computed.len() as u64) as usize;
                 let first_leaf = |pos: u64| ((index * tiles::WIDTH as u64) + pos) << (8 * level);
@@ -766,7 +761,7 @@ impl Vault {
         };
         let full = tiles::WIDTH as u64;
         let first = index.checked_mul(full).ok_or(VaultError::NotFound)?;
-        let available = count_at(size, level).saturating_sub(first).min(full);
+        let available = tiles::count_at(size, level).saturating_sub(first).min(full);
         let want = width.unwrap_or(full);
         if available == 0 || want > available || (width.is_none() && available < full) {
             return Err(VaultError::NotFound);

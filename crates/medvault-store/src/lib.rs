@@ -193,6 +193,18 @@ pub enum Op {
     },
 }
 
+/// Whether a hash tile should be written over the stored copy: yes if there is none or it
+/// extends it; no if it is a prefix of it (another server got further); `Conflict` if the
+/// two disagree (a tile only grows). One rule for every backend.
+pub(crate) fn tile_grows(stored: Option<&[u8]>, new: &[u8]) -> Result<bool, StoreError> {
+    match stored {
+        None => Ok(true),
+        Some(old) if new.len() > old.len() && new.starts_with(old) => Ok(true),
+        Some(old) if old.starts_with(new) => Ok(false),
+        Some(_) => Err(StoreError::Conflict),
+    }
+}
+
 /// Changes and audit records committed atomically.
 #[derive(Debug, Clone, Default)]
 pub struct WriteBatch {

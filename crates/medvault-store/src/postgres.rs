@@ -836,29 +836,16 @@ async fn apply(
                 .bind(index)
                 .fetch_optional(&mut *c)
                 .await?;
-                match stored {
-                    None => {
-                        sqlx::query(
-                            "INSERT INTO audit_tiles (level, idx, hashes) VALUES ($1, $2, $3)",
-                        )
-                        .bind(level)
-                        .bind(index)
-                        .bind(hashes)
-                        .execute(&mut *c)
-                        .await?;
-                    }
-                    Some(old) if hashes.len() > old.len() && hashes.starts_with(&old) => {
-                        sqlx::query(
-                            "UPDATE audit_tiles SET hashes = $3 WHERE level = $1 AND idx = $2",
-                        )
-                        .bind(level)
-                        .bind(index)
-                        .bind(hashes)
-                        .execute(&mut *c)
-                        .await?;
-                    }
-                    Some(old) if old.starts_with(hashes) => {}
-                    Some(_) => return Err(ApplyError::Store(StoreError::Conflict)),
+                if crate::tile_grows(stored.as_deref(), hashes).map_err(ApplyError::Store)? {
+                    sqlx::query(
+                        "INSERT INTO audit_tiles (level, idx, hashes) VALUES ($1, $2, $3) \
+                         ON CONFLICT (level, idx) DO UPDATE SET hashes = excluded.hashes",
+                    )
+                    .bind(level)
+                    .bind(index)
+                    .bind(hashes)
+                    .execute(&mut *c)
+                    .await?;
                 }
             }
             Op::PutCheckpoint { size, note } => {

@@ -466,21 +466,12 @@ fn apply(
                     .prepare_cached("SELECT hashes FROM audit_tiles WHERE level = ?1 AND idx = ?2")?
                     .query_row(params![level, index], |r| r.get(0))
                     .optional()?;
-                match stored {
-                    None => {
-                        tx.prepare_cached(
-                            "INSERT INTO audit_tiles (level, idx, hashes) VALUES (?1, ?2, ?3)",
-                        )?
-                        .execute(params![level, index, hashes])?;
-                    }
-                    Some(old) if hashes.len() > old.len() && hashes.starts_with(&old) => {
-                        tx.prepare_cached(
-                            "UPDATE audit_tiles SET hashes = ?3 WHERE level = ?1 AND idx = ?2",
-                        )?
-                        .execute(params![level, index, hashes])?;
-                    }
-                    Some(old) if old.starts_with(hashes) => {}
-                    Some(_) => return Err(StoreError::Conflict),
+                if tile_grows(stored.as_deref(), hashes)? {
+                    tx.prepare_cached(
+                        "INSERT INTO audit_tiles (level, idx, hashes) VALUES (?1, ?2, ?3) \
+                         ON CONFLICT (level, idx) DO UPDATE SET hashes = excluded.hashes",
+                    )?
+                    .execute(params![level, index, hashes])?;
                 }
             }
             Op::PutCheckpoint { size, note } => {

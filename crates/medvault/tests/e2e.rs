@@ -1950,6 +1950,15 @@ fn indep_verify_consistency(m: u64, n: u64, old: &[u8], new: &[u8], proof: &[Vec
     s == 0 && fr == old && sr == new
 }
 
+/// A proof's base64 hashes, decoded.
+fn hashes_of(v: &Value) -> Vec<Vec<u8>> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|h| b64d(h.as_str().unwrap()))
+        .collect()
+}
+
 fn b64d(s: &str) -> Vec<u8> {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.decode(s).unwrap()
@@ -2073,12 +2082,7 @@ fn audit_transparency_proofs_verify_independently() {
             &po,
         );
         assert_eq!(r.status, 200, "{:?}", r.body);
-        let proof: Vec<Vec<u8>> = r.body["proof"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|h| b64d(h.as_str().unwrap()))
-            .collect();
+        let proof = hashes_of(&r.body["proof"]);
         assert!(
             indep_verify_inclusion(&leaves[i as usize], i, size, &proof, &root),
             "inclusion of {i}"
@@ -2097,12 +2101,7 @@ fn audit_transparency_proofs_verify_independently() {
             &po,
         );
         assert_eq!(r.status, 200, "{:?}", r.body);
-        let proof: Vec<Vec<u8>> = r.body["proof"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|h| b64d(h.as_str().unwrap()))
-            .collect();
+        let proof = hashes_of(&r.body["proof"]);
         let old_root = indep_root(&leaves[..m as usize]);
         assert!(
             indep_verify_consistency(m, size, &old_root, &root, &proof),
@@ -2521,12 +2520,7 @@ fn public_transparency_opens_commitments_only_and_is_audited() {
             .unwrap()
             .into_json::<Value>()
             .unwrap();
-        let proof: Vec<Vec<u8>> = p["proof"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|h| b64d(h.as_str().unwrap()))
-            .collect();
+        let proof = hashes_of(&p["proof"]);
         assert!(
             indep_verify_inclusion(&leaves[index as usize], index, size, &proof, &root),
             "inclusion of {index} in {size}"
