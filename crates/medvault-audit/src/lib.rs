@@ -9,9 +9,11 @@
 //! SHA-256(0x00 ‖ entry), as RFC 6962 / RFC 9162 leaves.
 #![forbid(unsafe_code)]
 
+pub mod balp;
 pub mod merkle;
 pub mod note;
 pub mod tiles;
+pub mod verify;
 
 use rand::RngCore;
 use serde::{Deserialize, Serialize};

@@ -416,3 +416,137 @@ mod tests {
         assert_ne!(c.root(), a.root());
     }
 }
+
+/// Concatenated 32-byte hashes, as a stored tile holds them.
+pub fn hashes_to_bytes(hashes: &[Hash]) -> Vec<u8> {
+    hashes.concat()
+}
+
+/// A stored tile's bytes as hashes (a trailing partial hash is ignored).
+pub fn hashes_from_bytes(b: &[u8]) -> Vec<Hash> {
+    b.chunks_exact(32)
+        .map(|c| {
+            let mut h = [0u8; 32];
+            h.copy_from_slice(c);
+            h
+        })
+        .collect()
+}
+
+/// What a C2SP tlog-tiles path names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TileRef {
+    /// A hash tile: level (in tiles of height 8), index, width if partial.
+    Hashes {
+        level: u32,
+        index: u64,
+        width: Option<u64>,
+    },
+    /// An entry bundle: index, width if partial.
+    Entries { index: u64, width: Option<u64> },
+}
+
+impl TileRef {
+    /// Parses `L/N[.p/W]` or `entries/N[.p/W]`, N written in 3-digit path elements with
+    /// `x` before all but the last (C2SP tlog-tiles).
+    pub fn parse(path: &str) -> Option<TileRef> {
+        let mut parts: Vec<&str> = path.split('/').collect();
+        let first = *parts.first()?;
+        let width = match parts.len() {
+            n if n >= 3 && parts.get(n - 2).is_some_and(|p| p.ends_with(".p")) => {
+                let w: u64 = parts.last()?.parse().ok()?;
+                if !(1..=255).contains(&w) || parts.last()?.starts_with('0') {
+                    return None;
+                }
+                parts.pop();
+                let last = parts.pop()?;
+                parts.push(last.strip_suffix(".p")?);
+                Some(w)
+            }
+            _ => None,
+        };
+        let idx_parts = parts.get(1..)?;
+        if idx_parts.is_empty() {
+            return None;
+        }
+        let mut index: u64 = 0;
+        for (i, p) in idx_parts.iter().enumerate() {
+            let digits = if i + 1 < idx_parts.len() {
+                p.strip_prefix('x')?
+            } else {
+                p
+            };
+            if digits.len() != 3 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            index = index.checked_mul(1000)?.checked_add(digits.parse().ok()?)?;
+        }
+        if first == "entries" {
+            return Some(TileRef::Entries { index, width });
+        }
+        let level: u32 = first
+            .parse()
+            .ok()
+            .filter(|l| *l < 64 && !(first.len() > 1 && first.starts_with('0')))?;
+        Some(TileRef::Hashes {
+            level,
+            index,
+            width,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tile_tests {
+    use super::TileRef;
+
+    #[test]
+    fn tile_paths() {
+        assert_eq!(
+            TileRef::parse("0/000"),
+            Some(TileRef::Hashes {
+                level: 0,
+                index: 0,
+                width: None
+            })
+        );
+        assert_eq!(
+            TileRef::parse("1/x001/x234/067"),
+            Some(TileRef::Hashes {
+                level: 1,
+                index: 1_234_067,
+                width: None
+            })
+        );
+        assert_eq!(
+            TileRef::parse("0/001.p/17"),
+            Some(TileRef::Hashes {
+                level: 0,
+                index: 1,
+                width: Some(17)
+            })
+        );
+        assert_eq!(
+            TileRef::parse("entries/000.p/5"),
+            Some(TileRef::Entries {
+                index: 0,
+                width: Some(5)
+            })
+        );
+        for bad in [
+            "",
+            "0",
+            "0/1",
+            "0/0001",
+            "x/000",
+            "0/000.p/0",
+            "0/000.p/256",
+            "0/001/002",
+            "00/000",
+            "0/000.p/05",
+            "0/../000",
+        ] {
+            assert_eq!(TileRef::parse(bad), None, "{bad}");
+        }
+    }
+}

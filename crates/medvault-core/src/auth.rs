@@ -3,10 +3,11 @@
 
 use medvault_fhir::Resource;
 use medvault_identity::{IdentityError, Password, Principal, Token};
-use medvault_types::{Role, Username};
+use medvault_types::{Operation, Purpose, Role, Username};
 use serde_json::json;
 
-use crate::{Caller, Outcome, Plan, Vault, VaultError};
+use crate::write::Plan;
+use crate::{Caller, Outcome, Vault, VaultError};
 
 /// First-factor success: the challenge for the second factor.
 #[derive(Debug)]
@@ -46,26 +47,28 @@ fn id_err(e: IdentityError) -> VaultError {
 }
 
 impl Vault {
-    fn anon_record(
+    /// A record of a sign-in step by a caller not yet signed in, naming whom they claim
+    /// to be.
+    fn sign_in_record(
         &self,
+        c: &Caller,
         action: &str,
         actor: &str,
         outcome: Outcome,
-        source: Option<String>,
-        request_id: &str,
     ) -> crate::AuditRecord {
-        let mut r = crate::AuditRecord::new(action, actor, outcome, self.now_instant(), request_id);
-        r.source = source;
+        let mut r =
+            crate::AuditRecord::new(action, actor, outcome, self.now_instant(), &c.request_id);
+        r.source = c.source.clone();
         r
     }
 
-    /// `POST /auth/login`: password. Same error for unknown users and wrong passwords.
+    /// `POST /auth/login`: password, for a caller not yet signed in
+    /// ([`Caller::anonymous`]). Same error for unknown users and wrong passwords.
     pub fn login(
         &self,
+        c: &Caller,
         username: &str,
         password: &Password,
-        source: Option<String>,
-        request_id: &str,
     ) -> Result<LoginChallenge, VaultError> {
         let known = Username::new(username)
             .ok()
@@ -76,8 +79,7 @@ impl Vault {
         let actor = if known { username } else { "(unknown user)" };
         match self.identity.begin_login(username, password) {
             Ok(step) => {
-                let mut rec =
-                    self.anon_record("login", actor, Outcome::Success, source, request_id);
+                let mut rec = self.sign_in_record(c, "login", actor, Outcome::Success);
                 rec.role = Some(step.value.1.role.as_str().to_owned());
                 rec.detail = Some("password accepted; second factor required".into());
                 self.commit(step.ops, vec![rec])?;
@@ -90,8 +92,7 @@ impl Vault {
                 if let IdentityError::Store(e) = step.value {
                     return Err(e.into());
                 }
-                let mut rec =
-                    self.anon_record("login", actor, Outcome::Failure, source, request_id);
+                let mut rec = self.sign_in_record(c, "login", actor, Outcome::Failure);
                 rec.detail = Some("invalid credentials".into());
                 self.commit(step.ops, vec![rec])?;
                 Err(VaultError::Unauthenticated)
@@ -102,21 +103,15 @@ impl Vault {
     /// `POST /auth/mfa/totp`: second factor; returns the session.
     pub fn login_totp(
         &self,
+        c: &Caller,
         mfa_token: &Token,
         code: &str,
-        source: Option<String>,
-        request_id: &str,
     ) -> Result<SessionGrant, VaultError> {
         match self.identity.finish_totp(mfa_token, code) {
             Ok(step) => {
                 let (token, principal) = step.value;
-                let mut rec = self.anon_record(
-                    "mfa",
-                    principal.username.as_str(),
-                    Outcome::Success,
-                    source,
-                    request_id,
-                );
+                let mut rec =
+                    self.sign_in_record(c, "mfa", principal.username.as_str(), Outcome::Success);
                 rec.role = Some(principal.role.as_str().to_owned());
                 rec.detail = Some("totp; session started".into());
                 match self.commit(step.ops, vec![rec]) {
@@ -138,7 +133,7 @@ impl Vault {
                     .challenge_user(mfa_token)
                     .map(|p| p.username.to_string())
                     .unwrap_or_else(|_| "(unknown user)".into());
-                let mut rec = self.anon_record("mfa", &actor, Outcome::Failure, source, request_id);
+                let mut rec = self.sign_in_record(c, "mfa", &actor, Outcome::Failure);
                 rec.detail = Some(e.to_string());
                 self.commit(vec![], vec![rec])?;
                 Err(VaultError::Unauthenticated)
@@ -146,14 +141,29 @@ impl Vault {
         }
     }
 
-    /// Resolves a bearer token or session cookie to its principal.
-    pub fn authenticate(&self, token: &Token) -> Result<Principal, VaultError> {
+    /// Turns a caller not yet signed in ([`Caller::anonymous`], carrying the request's
+    /// source and id) and the bearer token or session cookie it presented into the signed-in
+    /// caller, with its declared purpose of use (else the role's default).
+    ///
+    /// # Errors
+    /// `Unauthenticated` for an unknown, expired or idle session.
+    pub fn authenticate(
+        &self,
+        c: &Caller,
+        token: &Token,
+        purpose: Option<Purpose>,
+    ) -> Result<Caller, VaultError> {
         match self.identity.authenticate(token) {
             Ok(step) => {
                 if !step.ops.is_empty() {
                     self.commit(step.ops, vec![])?;
                 }
-                Ok(step.value)
+                Ok(Caller::new(
+                    step.value,
+                    purpose,
+                    c.source.clone(),
+                    c.request_id.clone(),
+                ))
             }
             Err(IdentityError::Store(e)) => Err(e.into()),
             Err(_) => Err(VaultError::Unauthenticated),
@@ -175,12 +185,9 @@ impl Vault {
         role: Role,
         password: Option<Password>,
     ) -> Result<NewUserInfo, VaultError> {
-        if !matches!(c.principal.role, Role::SecurityAdmin) {
-            let mut rec = self.record(c, "user.create", Outcome::Denied);
-            rec.detail = Some(format!("target={username}"));
-            self.audit(vec![rec])?;
-            return Err(VaultError::Forbidden { withheld: vec![] });
-        }
+        let Some(mut rec) = self.operate(c, Operation::CreateUser, None)? else {
+            return Err(VaultError::Unauthenticated);
+        };
         if !role.is_staff() {
             return Err(VaultError::BadRequest(format!(
                 "role `{role}` cannot be given to a user"
@@ -207,7 +214,6 @@ impl Vault {
             .identity
             .new_user(name, role, password, practitioner_id.clone())
             .map_err(id_err)?;
-        let mut rec = self.record(c, "user.create", Outcome::Success);
         rec.detail = Some(format!("target={} role={role}", step.value.username));
         plan.ops.extend(step.ops);
         plan.audit.push(rec);
@@ -226,16 +232,6 @@ impl Vault {
     /// Checks a chosen password against the password rules.
     pub fn check_password(p: &Password) -> Result<(), VaultError> {
         medvault_identity::Identity::check_password_strength(p).map_err(id_err)
-    }
-
-    /// Staff users (name, role, disabled) for administrators.
-    pub fn users(&self) -> Result<Vec<(String, String, bool)>, VaultError> {
-        Ok(self
-            .store
-            .users()?
-            .into_iter()
-            .map(|u| (u.username, u.role, u.disabled))
-            .collect())
     }
 }
 

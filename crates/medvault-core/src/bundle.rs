@@ -7,7 +7,8 @@ use medvault_fhir::{Resource, ResourceType};
 use medvault_store::Expect;
 use serde_json::Value;
 
-use crate::{Caller, Outcome, Plan, Vault, VaultError, Written};
+use crate::write::Plan;
+use crate::{Caller, Outcome, Vault, VaultError, Written};
 
 /// One entry's outcome in a transaction-response Bundle.
 #[derive(Debug, Clone)]
@@ -206,7 +207,7 @@ impl Vault {
                             return Err(bad("PUT entry resource id must match request.url"));
                         }
                         let prior = match self.store.current(rt.as_str(), &id)? {
-                            Some(p) if !p.deleted => p,
+                            Some(p) if !p.deleted() => p,
                             _ => return Err(VaultError::NotFound),
                         };
                         self.plan_put(
@@ -215,7 +216,7 @@ impl Vault {
                             r,
                             id,
                             Some(&prior),
-                            Expect::Version(prior.version),
+                            Expect::Version(prior.version()),
                         )?
                     };
                     let status = if w.created { "201 Created" } else { "200 OK" };

@@ -1,209 +1,102 @@
 //! medvault-core — the gate. [`Vault`] is the only way to touch PHI: every operation
-//! authenticates, authorizes (Cedar), seals or opens records with the patient's data
-//! key, masks what the caller may not see, and appends the audit record — in the same
-//! transaction as a write, and before a read's result is handed back (fail closed).
+//! takes a [`Caller`], is decided by the policy engine (Cedar, `medvault-policy`), seals or
+//! opens records with the patient's data key, masks what the caller may not see, and
+//! appends the audit record — in the same transaction as a write, and before a read's
+//! result is handed back (fail closed).
 //!
-//! This room must never hand out a store handle, return a record that has not passed a
-//! policy decision and an audit append, or return PHI when the audit append failed.
-//! INVARIANT (typestate): rows leave the store sealed ([`medvault_store::VersionRow`]);
-//! only this crate opens them, and only [`Disclosed`] — constructible nowhere else —
-//! reaches a renderer.
+//! This room must never hand out a store handle or a key, return a record that has not
+//! passed a policy decision and an audit append, decide access anywhere but in the policy
+//! engine, or return PHI when the audit append failed. It does nothing else: the benchmark,
+//! the demo data and log verification live in their own rooms.
+//!
+//! Where things are, by concern:
+//! * [`caller`](Caller) — who asks; [`typestate`] — `Sealed → Permitted<Sealed> → Disclosed`;
+//! * records: `read` (read, vread, history), `write` (create, update, delete), `search`
+//!   (search, `$everything`), `bundle` (transactions and imports);
+//! * the audit log: `transparency` (checkpoints, tiles, proofs, verification),
+//!   `audit_views` (FHIR AuditEvent, full entries), `accounting` (access report,
+//!   accounting of disclosures, recorded disclosures), `export` (SIEM export);
+//! * `auth` (sign-in, users), `admin` (status, key eviction).
+//!
+//! INVARIANT (typestate): rows leave the store [`Sealed`](medvault_store::Sealed); only
+//! [`typestate::permit`] makes them `Permitted`, only [`typestate::open`] makes a
+//! [`Disclosed`], and renderers accept `Disclosed` alone.
+//! INVARIANT (capability): nothing here returns the store or a key; crates above core
+//! cannot name a store backend, because core does not re-export one.
 #![forbid(unsafe_code)]
 
-mod auditlog;
+mod accounting;
+mod admin;
+mod audit_views;
 mod auth;
-pub mod balp;
-pub mod bench;
 mod bundle;
-pub mod demo;
+mod caller;
+mod error;
+mod export;
+mod read;
 mod search;
+mod transparency;
+pub mod typestate;
+mod write;
 
-use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 
-pub use auditlog::{AuditVerdict, ConsistencyProof, InclusionProof, TileRef};
+pub use accounting::{Access, DisclosureText, RECIPIENT_KINDS};
+pub use admin::Status;
 pub use auth::{totp_now, LoginChallenge, NewUserInfo, SessionGrant};
+pub use bundle::EntryResult;
+pub use caller::{Caller, ANONYMOUS};
+pub use error::VaultError;
+pub use medvault_audit::merkle::verify_inclusion;
+pub use medvault_audit::tiles::TileRef;
+pub use medvault_audit::verify::AuditVerdict;
 pub use medvault_audit::{AuditRecord, Outcome};
-pub use medvault_crypto::MasterKey;
 pub use medvault_identity::{Password, Principal, SessionPolicy, Token};
-pub use medvault_store::{faulty::FaultyStore, PgStore, SqliteStore, Store};
-pub use medvault_types::{Category, Clock, Purpose, Role};
+pub use medvault_types::{Category, Clock, Operation, Purpose, Role};
 pub use search::SearchResult;
+pub use transparency::{ConsistencyProof, InclusionProof};
+pub use typestate::Disclosed;
+pub use write::Written;
 
-use medvault_crypto::{record_aad, BlindIndexer, DataKey, IndexRootKey, KeyCache, RecordCipher};
-use medvault_fhir::{FhirError, Resource, ResourceType};
+use medvault_crypto::{BlindIndexer, DataKey, IndexRootKey, KeyCache, MasterKey, RecordCipher};
 use medvault_identity::Identity;
-use medvault_policy::{PolicyEngine, Query};
-use medvault_store::{
-    AuditedRead, Committed, Expect, IndexRow, Op, Payload, StoreError, TxRead, VersionRow,
-    WriteBatch,
-};
-use medvault_types::{Action, PatientId, Username};
-use serde_json::{Map, Value};
+use medvault_policy::{PolicyEngine, Query, Target};
+use medvault_store::{Committed, Op, Store, StoreError, WriteBatch};
+use medvault_types::{Action, PatientId};
 
 /// Data-key id for non-patient (directory) resources such as Practitioner.
 const DIRECTORY_KEY: &str = "medvault.directory";
 
-#[derive(Debug, thiserror::Error)]
-pub enum VaultError {
-    #[error("{0}")]
-    Fhir(#[from] FhirError),
-    #[error("{0}")]
-    BadRequest(String),
-    #[error("{0}")]
-    Unprocessable(String),
-    #[error("not found")]
-    NotFound,
-    #[error("resource deleted")]
-    Gone,
-    #[error("access denied")]
-    Forbidden { withheld: Vec<Category> },
-    #[error("version conflict")]
-    Conflict,
-    #[error("version does not match If-Match")]
-    PreconditionFailed,
-    #[error("authentication required")]
-    Unauthenticated,
-    #[error("{0}")]
-    Identity(String),
-    #[error("audit log unavailable; request refused")]
-    AuditUnavailable,
-    #[error("storage unavailable")]
-    Unavailable(String),
-    #[error("internal error")]
-    Internal(String),
-}
-
-impl From<StoreError> for VaultError {
-    fn from(e: StoreError) -> Self {
-        match e {
-            StoreError::Conflict => VaultError::Conflict,
-            StoreError::Exists => VaultError::Conflict,
-            StoreError::NotFound => VaultError::NotFound,
-            StoreError::Unavailable(m) => VaultError::Unavailable(m),
-            StoreError::Injected(m) => VaultError::Unavailable(m.to_owned()),
-            StoreError::Backend(m) => VaultError::Internal(m),
-        }
-    }
-}
-
-impl From<medvault_crypto::CryptoError> for VaultError {
-    fn from(e: medvault_crypto::CryptoError) -> Self {
-        VaultError::Internal(e.to_string())
-    }
-}
-
-/// Who is asking, why, and from where.
+/// Where the records live (`storage.backend` in `medvault.toml`).
 #[derive(Debug, Clone)]
-pub struct Caller {
-    pub principal: Principal,
-    pub purpose: Purpose,
-    pub source: Option<String>,
-    pub request_id: String,
+pub enum Storage {
+    /// One SQLite database (WAL) at this path: the embedded default.
+    Sqlite(PathBuf),
+    /// A PostgreSQL database at this URL (several servers may share it).
+    Postgres(String),
 }
 
-impl Caller {
-    pub fn new(
-        principal: Principal,
-        purpose: Option<Purpose>,
-        source: Option<String>,
-        request_id: String,
-    ) -> Self {
-        let purpose = purpose.unwrap_or(principal.role.default_purpose());
-        Caller {
-            principal,
-            purpose,
-            source,
-            request_id,
-        }
-    }
-    /// The local command-line principal (`cli.<os user>`), acting in `role`.
-    pub fn cli(role: Role) -> Self {
-        let who: String = std::env::var("USER")
-            .unwrap_or_else(|_| "operator".into())
-            .to_lowercase()
-            .chars()
-            .filter(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '-')
-            .take(40)
-            .collect();
-        let name = Username::new(&format!("cli.{who}"))
-            .or_else(|_| Username::new("cli.operator"))
-            .unwrap_or_else(|_| unreachable_username());
-        Caller::new(
-            Principal {
-                username: name,
-                role,
-            },
-            None,
-            Some("local".into()),
-            medvault_types::random_uuid(),
-        )
-    }
-}
-
-#[expect(
-    clippy::panic,
-    reason = "a constant valid user name cannot fail validation"
-)]
-fn unreachable_username() -> Username {
-    panic!("constant user name rejected")
-}
-
-/// A resource the caller may see: produced only by the gate after a policy decision
-/// and a successful audit append.
+/// Where the master key comes from (`keys.*` in `medvault.toml`).
 #[derive(Debug, Clone)]
-pub struct Disclosed {
-    rtype: ResourceType,
-    id: String,
-    version: u64,
-    last_updated: String,
-    deleted: bool,
-    json: Option<Map<String, Value>>,
-    category: Category,
+pub enum MasterKeySource {
+    /// A key file (0600; refused if others may read it).
+    File(PathBuf),
+    /// Create a new key file (0600) at this path; refused if it exists (`medvault init`).
+    NewFile(PathBuf),
+    /// A random key held in memory only, for benchmarks and tests: nothing sealed under it
+    /// outlives the process.
+    Ephemeral,
 }
 
-impl Disclosed {
-    pub fn rtype(&self) -> ResourceType {
-        self.rtype
+impl MasterKeySource {
+    fn load(&self) -> Result<MasterKey, VaultError> {
+        Ok(match self {
+            MasterKeySource::File(p) => MasterKey::load_file(p)?,
+            MasterKeySource::NewFile(p) => MasterKey::create_file(p)?,
+            MasterKeySource::Ephemeral => MasterKey::generate(),
+        })
     }
-    pub fn id(&self) -> &str {
-        &self.id
-    }
-    pub fn version(&self) -> u64 {
-        self.version
-    }
-    pub fn last_updated(&self) -> &str {
-        &self.last_updated
-    }
-    pub fn deleted(&self) -> bool {
-        self.deleted
-    }
-    pub fn category(&self) -> Category {
-        self.category
-    }
-    /// The resource body (absent for a deletion in history).
-    pub fn json(&self) -> Option<&Map<String, Value>> {
-        self.json.as_ref()
-    }
-}
-
-/// Result of a write: where it landed, and the body if the caller may read it back.
-#[derive(Debug, Clone)]
-pub struct Written {
-    pub rtype: ResourceType,
-    pub id: String,
-    pub version: u64,
-    pub last_updated: String,
-    pub body: Option<Disclosed>,
-    pub created: bool,
-}
-
-/// What `GET /api/status` reports.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Status {
-    pub backend: &'static str,
-    pub key_cache_entries: usize,
-    pub audit_entries: u64,
 }
 
 /// Tunables (from `medvault.toml`).
@@ -212,7 +105,8 @@ pub struct VaultOptions {
     pub session: SessionPolicy,
     pub key_cache_capacity: usize,
     pub max_page_size: usize,
-    /// Open checkpoints, the verifier key, tiles and proofs (commitments only) to anyone.
+    /// Open checkpoints, tiles and proofs (commitments only) to anyone (Cedar
+    /// `context.public_transparency`).
     pub public_transparency: bool,
 }
 
@@ -227,6 +121,7 @@ impl Default for VaultOptions {
     }
 }
 
+/// The gate. See the crate documentation.
 pub struct Vault {
     signer: medvault_audit::note::NoteSigner,
     origin: String,
@@ -240,15 +135,6 @@ pub struct Vault {
     identity: Identity,
     clock: Arc<dyn Clock>,
     options: VaultOptions,
-}
-
-/// A write being assembled (one batch, all-or-nothing).
-#[derive(Default)]
-struct Plan {
-    ops: Vec<Op>,
-    audit: Vec<AuditRecord>,
-    /// Data keys created in this plan for new patients.
-    new_keys: HashMap<PatientId, Arc<RecordCipher>>,
 }
 
 fn load_or_create_meta(
@@ -276,8 +162,41 @@ fn load_or_create_meta(
 }
 
 impl Vault {
-    /// Opens the gate over a store, creating the service keys on first use.
+    /// Opens the gate over `storage` with the master key from `key`, creating the service
+    /// keys (blind-index root, identity, audit signing) on first use.
+    ///
+    /// # Errors
+    /// The key file is missing, unreadable or readable by others; the database cannot be
+    /// opened or migrated; a stored service key does not unwrap under this master key.
     pub fn open(
+        storage: &Storage,
+        key: &MasterKeySource,
+        clock: Arc<dyn Clock>,
+        options: VaultOptions,
+    ) -> Result<Self, VaultError> {
+        let master = key.load()?;
+        let store: Arc<dyn Store> = match storage {
+            Storage::Sqlite(path) => medvault_store::SqliteStore::open(path)?,
+            Storage::Postgres(url) => medvault_store::PgStore::open(url)?,
+        };
+        Self::assemble(store, master, clock, options)
+    }
+
+    /// Opens the gate over a store the caller built: for tests (a failure-injecting store)
+    /// and the benchmark. Only crates that depend on `medvault-store` can name one.
+    ///
+    /// # Errors
+    /// As [`Vault::open`].
+    pub fn open_with_store(
+        store: Arc<dyn Store>,
+        key: &MasterKeySource,
+        clock: Arc<dyn Clock>,
+        options: VaultOptions,
+    ) -> Result<Self, VaultError> {
+        Self::assemble(store, key.load()?, clock, options)
+    }
+
+    fn assemble(
         store: Arc<dyn Store>,
         master: MasterKey,
         clock: Arc<dyn Clock>,
@@ -339,6 +258,7 @@ impl Vault {
         Ok(vault)
     }
 
+    /// The gate's clock (what "now" is for sessions, TOTP and reports).
     pub fn clock(&self) -> &Arc<dyn Clock> {
         &self.clock
     }
@@ -348,7 +268,7 @@ impl Vault {
     }
 
     fn record(&self, c: &Caller, action: &str, outcome: Outcome) -> AuditRecord {
-        make_record(&*self.clock, c, action, outcome)
+        c.record(&*self.clock, action, outcome)
     }
 
     /// Commits operations with their audit records. Any failure fails the request (law 2).
@@ -358,23 +278,81 @@ impl Vault {
     }
 
     /// Appends audit records alone; failure means the caller gets nothing (fail closed).
+    /// The cause is logged here, once; the caller sees only that the log is unavailable.
     fn audit(&self, recs: Vec<AuditRecord>) -> Result<(), VaultError> {
-        self.commit(vec![], recs).map(|_| ()).map_err(|e| match e {
-            VaultError::Internal(m) | VaultError::Unavailable(m) => {
-                let _ = m;
-                VaultError::AuditUnavailable
-            }
-            other => other,
+        self.commit(vec![], recs).map(|_| ()).map_err(audit_failed)
+    }
+
+    /// Decides one action on records of `category` for `c`.
+    fn decide(&self, c: &Caller, action: Action, category: Category) -> medvault_policy::Decision {
+        self.policy.decide(Query {
+            asker: c.asker(),
+            target: Target::Records(action, category),
+            purpose: c.purpose,
+            public_transparency: self.options.public_transparency,
         })
     }
 
-    fn decide(&self, c: &Caller, action: Action, category: Category) -> medvault_policy::Decision {
-        self.policy.decide(Query {
-            role: c.principal.role,
-            action,
-            category,
-            purpose: c.purpose,
-        })
+    /// Decides an operation of the gate for `c` by policy, recording nothing: for the two
+    /// operations whose record is themselves or would alter what they examine — signing a
+    /// checkpoint (the signed checkpoint is its record) and verifying the log (verification
+    /// must leave the evidence as it found it).
+    ///
+    /// # Errors
+    /// Denied: `Forbidden` for a signed-in caller, `Unauthenticated` for an anonymous one.
+    fn decide_unrecorded(&self, c: &Caller, op: Operation) -> Result<(), VaultError> {
+        let d = self.policy.decide(Query::operation(
+            c.asker(),
+            op,
+            c.purpose,
+            self.options.public_transparency,
+        ));
+        match (d.allowed(), c.principal()) {
+            (true, _) => Ok(()),
+            (false, None) => Err(VaultError::Unauthenticated),
+            (false, Some(_)) => Err(VaultError::Forbidden { withheld: vec![] }),
+        }
+    }
+
+    /// Decides an operation of the gate for `c` by policy, and records a named caller's
+    /// denial at once. Returns the record of the permitted request for the caller to commit
+    /// with its effect (or alone), or `None` for an anonymous caller, who is never recorded
+    /// (nothing to name, and anyone could grow the log).
+    ///
+    /// # Errors
+    /// Denied: `Forbidden` for a signed-in caller, `Unauthenticated` for an anonymous one;
+    /// `AuditUnavailable` if the denial cannot be recorded.
+    fn operate(
+        &self,
+        c: &Caller,
+        op: Operation,
+        patient: Option<&str>,
+    ) -> Result<Option<AuditRecord>, VaultError> {
+        let decided = self.decide_unrecorded(c, op);
+        if c.principal().is_none() {
+            return decided.map(|()| None);
+        }
+        let mut rec = self.record(c, op.as_str(), Outcome::Success);
+        rec.patient = patient.map(str::to_owned);
+        if let Err(e) = decided {
+            rec.outcome = Outcome::Denied;
+            self.audit(vec![rec])?;
+            return Err(e);
+        }
+        Ok(Some(rec))
+    }
+
+    /// [`Vault::operate`], then the permitted request's record appended alone.
+    fn operate_now(
+        &self,
+        c: &Caller,
+        op: Operation,
+        patient: Option<&str>,
+    ) -> Result<(), VaultError> {
+        match self.operate(c, op, patient)? {
+            Some(rec) => self.audit(vec![rec]),
+            None => Ok(()),
+        }
     }
 
     fn cipher_for(&self, key_id: &PatientId) -> Result<Arc<RecordCipher>, VaultError> {
@@ -390,504 +368,17 @@ impl Vault {
         self.keys.insert(key_id.clone(), c.clone());
         Ok(c)
     }
+}
 
-    /// Drops a patient's cached data key here and on every server sharing the store
-    /// (what shredding and key rotation rely on). Security administrators only; audited.
-    pub fn evict_key(&self, c: &Caller, patient: &str) -> Result<(), VaultError> {
-        let mut rec = self.record(c, "keys.evict", Outcome::Success);
-        rec.patient = Some(patient.to_owned());
-        if c.principal.role != Role::SecurityAdmin {
-            rec.outcome = Outcome::Denied;
-            self.audit(vec![rec])?;
-            return Err(VaultError::Forbidden { withheld: vec![] });
+/// Logs the cause of a failed audit append once, here, and turns it into the error the
+/// caller sees (law 2: no record, no response).
+fn audit_failed(e: VaultError) -> VaultError {
+    match e {
+        VaultError::Internal(m) | VaultError::Unavailable(m) => {
+            tracing::error!(cause = %m, "audit append failed; request refused");
+            VaultError::AuditUnavailable
         }
-        let pid = PatientId::new(patient)
-            .map_err(|_| VaultError::BadRequest("invalid patient id".into()))?;
-        self.audit(vec![rec])?;
-        self.keys.evict(&pid);
-        Ok(self.store.announce_key_eviction(&pid)?)
-    }
-
-    /// Operational status for security administrators (no PHI): backend, cache and log sizes.
-    pub fn status(&self, c: &Caller) -> Result<Status, VaultError> {
-        let mut rec = self.record(c, "status", Outcome::Success);
-        if c.principal.role != Role::SecurityAdmin {
-            rec.outcome = Outcome::Denied;
-            self.audit(vec![rec])?;
-            return Err(VaultError::Forbidden { withheld: vec![] });
-        }
-        self.audit(vec![rec])?;
-        Ok(Status {
-            backend: self.store.backend(),
-            key_cache_entries: self.keys.len(),
-            audit_entries: self.store.audit_len()?,
-        })
-    }
-
-    fn open_row(&self, row: &VersionRow) -> Result<Option<Map<String, Value>>, VaultError> {
-        if row.deleted {
-            return Ok(None);
-        }
-        let key_id = row.patient.clone().unwrap_or_else(directory_key_id);
-        let cipher = self.cipher_for(&key_id)?;
-        let plain = cipher.open(
-            &record_aad(&row.rtype, &row.id, row.version, &key_id),
-            &row.body,
-        )?;
-        match serde_json::from_slice::<Value>(&plain) {
-            Ok(Value::Object(m)) => Ok(Some(m)),
-            _ => Err(VaultError::Internal(
-                "stored record is not a JSON object".into(),
-            )),
-        }
-    }
-
-    fn disclosed(
-        &self,
-        row: &VersionRow,
-        json: Option<Map<String, Value>>,
-    ) -> Result<Disclosed, VaultError> {
-        Ok(Disclosed {
-            rtype: ResourceType::parse(&row.rtype)
-                .ok_or(VaultError::Internal("unknown stored type".into()))?,
-            id: row.id.clone(),
-            version: row.version,
-            last_updated: row.last_updated.clone(),
-            deleted: row.deleted,
-            json,
-            category: row.category.parse().unwrap_or(Category::Notes),
-        })
-    }
-
-    /// Runs an audited read: `f` runs inside the store transaction that appends the audit
-    /// records it returns, so the read and its record commit together; nothing comes back
-    /// unless they did (fail closed).
-    fn audited_read<T: Send + 'static>(
-        &self,
-        c: &Caller,
-        f: impl FnOnce(
-                &ReadCtx,
-                &dyn TxRead,
-            ) -> Result<(Vec<AuditRecord>, Result<T, VaultError>), StoreError>
-            + Send
-            + 'static,
-    ) -> Result<T, VaultError> {
-        let cx = ReadCtx {
-            policy: self.policy.clone(),
-            clock: self.clock.clone(),
-            caller: c.clone(),
-        };
-        let read: AuditedRead = Box::new(move |tx: &dyn TxRead| {
-            let (recs, out) = f(&cx, tx)?;
-            let leaves = recs.iter().map(AuditRecord::to_leaf).collect();
-            Ok((leaves, Box::new(out) as Payload))
-        });
-        match self.store.audited(read) {
-            Ok(p) => match p.downcast::<Result<T, VaultError>>() {
-                Ok(out) => *out,
-                Err(_) => Err(VaultError::Internal(
-                    "audited read returned the wrong type".into(),
-                )),
-            },
-            Err(StoreError::Unavailable(m)) => Err(VaultError::Unavailable(m)),
-            Err(StoreError::Injected("read")) => Err(VaultError::Unavailable("read".into())),
-            Err(_) => Err(VaultError::AuditUnavailable),
-        }
-    }
-
-    /// Opens rows an audited read disclosed, in order.
-    fn open_all(&self, rows: &[VersionRow]) -> Result<Vec<Disclosed>, VaultError> {
-        rows.iter().map(|r| self.open_disclosed(r)).collect()
-    }
-
-    fn open_disclosed(&self, row: &VersionRow) -> Result<Disclosed, VaultError> {
-        let json = self.open_row(row)?;
-        self.disclosed(row, json)
-    }
-
-    /// `GET /{type}/{id}`.
-    pub fn read(&self, c: &Caller, rt: ResourceType, id: &str) -> Result<Disclosed, VaultError> {
-        let id = id.to_owned();
-        let row = self.audited_read(c, move |cx, tx| {
-            let row = tx.current(rt.as_str(), &id)?;
-            Ok(cx.decide_one(rt, &id, row, "read"))
-        })?;
-        self.open_disclosed(&row)
-    }
-
-    /// `GET /{type}/{id}/_history/{vid}`.
-    pub fn vread(
-        &self,
-        c: &Caller,
-        rt: ResourceType,
-        id: &str,
-        version: u64,
-    ) -> Result<Disclosed, VaultError> {
-        let id = id.to_owned();
-        let row = self.audited_read(c, move |cx, tx| {
-            let row = tx.version(rt.as_str(), &id, version)?;
-            Ok(cx.decide_one(rt, &id, row, "vread"))
-        })?;
-        self.open_disclosed(&row)
-    }
-
-    /// `GET /{type}/{id}/_history`: every version the caller may see, newest first.
-    pub fn history(
-        &self,
-        c: &Caller,
-        rt: ResourceType,
-        id: &str,
-    ) -> Result<SearchResult, VaultError> {
-        let id = id.to_owned();
-        let (rows, disclosed, withheld) = self.audited_read(c, move |cx, tx| {
-            let rows = tx.history(rt.as_str(), &id)?;
-            let mut rec = cx.record("history", Outcome::Success);
-            rec.resource = Some(format!("{rt}/{id}"));
-            if rows.is_empty() {
-                rec.outcome = Outcome::NotFound;
-                return Ok((vec![rec], Err(VaultError::NotFound)));
-            }
-            rec.patient = rows
-                .first()
-                .and_then(|r| r.patient.as_ref())
-                .map(|p| p.to_string());
-            let (allowed, disclosed, withheld) = cx.filter(rows, Action::Read);
-            rec.categories_disclosed = disclosed.iter().map(|c| c.to_string()).collect();
-            rec.categories_withheld = withheld.iter().map(|c| c.to_string()).collect();
-            if allowed.is_empty() {
-                rec.outcome = Outcome::Denied;
-                return Ok((vec![rec], Err(VaultError::Forbidden { withheld })));
-            }
-            Ok((vec![rec], Ok((allowed, disclosed, withheld))))
-        })?;
-        let entries = self.open_all(&rows)?;
-        Ok(SearchResult {
-            entries,
-            disclosed,
-            withheld,
-            ..Default::default()
-        })
-    }
-
-    /// The patient (data-key owner) a resource belongs to, checked to exist.
-    fn owner(&self, res: &Resource, plan: &Plan) -> Result<Option<PatientId>, VaultError> {
-        if !res.rtype().is_patient_scoped() {
-            return Ok(None);
-        }
-        let r = res.patient_reference().ok_or_else(|| {
-            VaultError::Unprocessable(format!(
-                "{} must reference its Patient (subject or patient)",
-                res.rtype()
-            ))
-        })?;
-        let pid = medvault_fhir::patient_id_from_reference(&r).ok_or_else(|| {
-            VaultError::Unprocessable("patient reference must have the form Patient/{id}".into())
-        })?;
-        if res.rtype().as_str() == "Patient" || plan.new_keys.contains_key(&pid) {
-            return Ok(Some(pid));
-        }
-        match self.store.current("Patient", pid.as_str())? {
-            Some(row) if !row.deleted => Ok(Some(pid)),
-            _ => Err(VaultError::Unprocessable(
-                "referenced Patient does not exist".into(),
-            )),
-        }
-    }
-
-    /// Plans one create/update: policy, sealing, blind indexes, audit record.
-    fn plan_put(
-        &self,
-        c: &Caller,
-        plan: &mut Plan,
-        mut res: Resource,
-        id: String,
-        prior: Option<&VersionRow>,
-        expect: Expect,
-    ) -> Result<(Written, Map<String, Value>), VaultError> {
-        let rt = res.rtype();
-        let creating = prior.is_none();
-        let category = res.category();
-        let action = if creating {
-            Action::Create
-        } else {
-            Action::Update
-        };
-        let mut rec = self.record(c, action.as_str(), Outcome::Success);
-        rec.resource = Some(format!("{rt}/{id}"));
-        let mut denied = !self.decide(c, action, category).allowed;
-        if let Some(p) = prior {
-            let old: Category = p
-                .category
-                .parse()
-                .map_err(|_| VaultError::Internal("bad category".into()))?;
-            if old != category && !self.decide(c, Action::Update, old).allowed {
-                denied = true;
-            }
-        }
-        if denied {
-            rec.outcome = Outcome::Denied;
-            rec.categories_withheld = vec![category.to_string()];
-            return Err(self.deny(rec, category));
-        }
-        if rt.as_str() == "Patient" && creating {
-            let pid =
-                PatientId::new(&id).map_err(|_| VaultError::BadRequest("invalid id".into()))?;
-            let dk = DataKey::generate();
-            let wrapped = self.master.wrap_data_key(&pid, 1, &dk)?;
-            plan.ops.push(Op::PutPatientKey {
-                patient: pid.clone(),
-                key_version: 1,
-                wrapped,
-            });
-            plan.new_keys.insert(pid, Arc::new(RecordCipher::new(&dk)));
-        }
-        let owner = if rt.as_str() == "Patient" {
-            Some(PatientId::new(&id).map_err(|_| VaultError::BadRequest("invalid id".into()))?)
-        } else {
-            self.owner(&res, plan)?
-        };
-        if let Some(p) = prior {
-            if p.patient != owner {
-                return Err(VaultError::Unprocessable(
-                    "a resource cannot move to another patient's chart".into(),
-                ));
-            }
-        }
-        let version = prior.map(|p| p.version + 1).unwrap_or(1);
-        let now = self.now_instant();
-        res.stamp(&id, version, &now);
-        let key_id = owner.clone().unwrap_or_else(directory_key_id);
-        let cipher = match plan.new_keys.get(&key_id) {
-            Some(c) => c.clone(),
-            None => self.cipher_for(&key_id)?,
-        };
-        let index: Vec<IndexRow> = medvault_fhir::search_tokens(rt, res.json())
-            .into_iter()
-            .map(|t| IndexRow {
-                param: t.param.to_owned(),
-                token: self.indexer.token(rt.as_str(), t.param, &t.value).to_vec(),
-            })
-            .collect();
-        let json = res.into_json();
-        let plain = serde_json::to_vec(&json).map_err(|e| VaultError::Internal(e.to_string()))?;
-        let body = cipher.seal(&record_aad(rt.as_str(), &id, version, &key_id), &plain)?;
-        plan.ops.push(Op::PutVersion {
-            row: VersionRow {
-                patient: owner.clone(),
-                rtype: rt.as_str().to_owned(),
-                id: id.clone(),
-                version,
-                last_updated: now.clone(),
-                deleted: false,
-                category: category.as_str().to_owned(),
-                key_version: 1,
-                body,
-            },
-            expect,
-            index,
-        });
-        rec.resource = Some(format!("{rt}/{id}/_history/{version}"));
-        rec.patient = owner.map(|p| p.to_string());
-        rec.categories_disclosed = vec![category.to_string()];
-        plan.audit.push(rec);
-        let written = Written {
-            rtype: rt,
-            id,
-            version,
-            last_updated: now,
-            body: None,
-            created: creating,
-        };
-        Ok((written, json))
-    }
-
-    /// Records a denial (fail closed: if even that cannot be audited, the error says so).
-    fn deny(&self, rec: AuditRecord, category: Category) -> VaultError {
-        match self.audit(vec![rec]) {
-            Ok(()) => VaultError::Forbidden {
-                withheld: vec![category],
-            },
-            Err(e) => e,
-        }
-    }
-
-    /// Attaches the body to a write result if the caller may read that category.
-    fn readback(
-        &self,
-        c: &Caller,
-        mut w: Written,
-        json: Map<String, Value>,
-        category: Category,
-    ) -> Written {
-        if self.decide(c, Action::Read, category).allowed {
-            w.body = Some(Disclosed {
-                rtype: w.rtype,
-                id: w.id.clone(),
-                version: w.version,
-                last_updated: w.last_updated.clone(),
-                deleted: false,
-                json: Some(json),
-                category,
-            });
-        }
-        w
-    }
-
-    fn commit_plan(&self, plan: Plan) -> Result<(), VaultError> {
-        let new_keys: Vec<(PatientId, Arc<RecordCipher>)> = plan.new_keys.into_iter().collect();
-        self.commit(plan.ops, plan.audit)?;
-        for (p, k) in new_keys {
-            self.keys.insert(p, k);
-        }
-        Ok(())
-    }
-
-    /// `POST /{type}`: the server assigns the id.
-    pub fn create(&self, c: &Caller, res: Resource) -> Result<Written, VaultError> {
-        let category = res.category();
-        let mut plan = Plan::default();
-        let id = medvault_types::random_uuid();
-        let (w, json) = self.plan_put(c, &mut plan, res, id, None, Expect::Absent)?;
-        self.commit_plan(plan)?;
-        Ok(self.readback(c, w, json, category))
-    }
-
-    /// `PUT /{type}/{id}`, honouring `If-Match` (version number).
-    pub fn update(
-        &self,
-        c: &Caller,
-        id: &str,
-        res: Resource,
-        if_match: Option<u64>,
-    ) -> Result<Written, VaultError> {
-        let rt = res.rtype();
-        match res.id() {
-            Some(body_id) if body_id == id => {}
-            Some(_) => {
-                return Err(VaultError::BadRequest(
-                    "resource id in the body does not match the URL".into(),
-                ))
-            }
-            None => {
-                return Err(VaultError::BadRequest(
-                    "resource id is required in the body of an update".into(),
-                ))
-            }
-        }
-        let category = res.category();
-        let prior = self.store.current(rt.as_str(), id)?;
-        let prior = match prior {
-            Some(p) if !p.deleted => p,
-            _ => {
-                let mut rec = self.record(c, "update", Outcome::NotFound);
-                rec.resource = Some(format!("{rt}/{id}"));
-                self.audit(vec![rec])?;
-                return Err(VaultError::NotFound);
-            }
-        };
-        if let Some(v) = if_match {
-            if v != prior.version {
-                return Err(VaultError::PreconditionFailed);
-            }
-        }
-        let mut plan = Plan::default();
-        let (w, json) = self.plan_put(
-            c,
-            &mut plan,
-            res,
-            id.to_owned(),
-            Some(&prior),
-            Expect::Version(prior.version),
-        )?;
-        match self.commit_plan(plan) {
-            Err(VaultError::Conflict) if if_match.is_some() => Err(VaultError::PreconditionFailed),
-            Err(e) => Err(e),
-            Ok(()) => Ok(self.readback(c, w, json, category)),
-        }
-    }
-
-    fn plan_delete(
-        &self,
-        c: &Caller,
-        plan: &mut Plan,
-        rt: ResourceType,
-        id: &str,
-    ) -> Result<u64, VaultError> {
-        let prior = self.store.current(rt.as_str(), id)?;
-        let mut rec = self.record(c, "delete", Outcome::Success);
-        rec.resource = Some(format!("{rt}/{id}"));
-        let prior = match prior {
-            Some(p) if !p.deleted => p,
-            Some(_) => {
-                rec.outcome = Outcome::NotFound;
-                self.audit(vec![rec])?;
-                return Err(VaultError::Gone);
-            }
-            None => {
-                rec.outcome = Outcome::NotFound;
-                self.audit(vec![rec])?;
-                return Err(VaultError::NotFound);
-            }
-        };
-        rec.patient = prior.patient.as_ref().map(|p| p.to_string());
-        let category: Category = prior
-            .category
-            .parse()
-            .map_err(|_| VaultError::Internal("bad category".into()))?;
-        if !self.decide(c, Action::Delete, category).allowed {
-            rec.outcome = Outcome::Denied;
-            rec.categories_withheld = vec![category.to_string()];
-            return Err(self.deny(rec, category));
-        }
-        let version = prior.version + 1;
-        rec.resource = Some(format!("{rt}/{id}/_history/{version}"));
-        plan.ops.push(Op::PutVersion {
-            row: VersionRow {
-                patient: prior.patient.clone(),
-                rtype: rt.as_str().to_owned(),
-                id: id.to_owned(),
-                version,
-                last_updated: self.now_instant(),
-                deleted: true,
-                category: prior.category.clone(),
-                key_version: prior.key_version,
-                body: vec![],
-            },
-            expect: Expect::Version(prior.version),
-            index: vec![],
-        });
-        plan.audit.push(rec);
-        Ok(version)
-    }
-
-    /// `DELETE /{type}/{id}`: a new, empty version; earlier versions stay sealed in history.
-    pub fn delete(&self, c: &Caller, rt: ResourceType, id: &str) -> Result<u64, VaultError> {
-        let mut plan = Plan::default();
-        let v = self.plan_delete(c, &mut plan, rt, id)?;
-        self.commit_plan(plan)?;
-        Ok(v)
-    }
-
-    /// Number of audit entries (for reports and tests).
-    pub fn audit_len(&self) -> Result<u64, VaultError> {
-        Ok(self.store.audit_len()?)
-    }
-
-    /// Audit records `[start, end)`. Audit records hold no clinical content.
-    pub fn audit_records(
-        &self,
-        start: u64,
-        end: u64,
-    ) -> Result<Vec<(u64, AuditRecord)>, VaultError> {
-        self.store
-            .audit_range(start, end)?
-            .into_iter()
-            .map(|r| {
-                let rec = AuditRecord::from_canonical(&r.record)
-                    .map_err(|e| VaultError::Internal(e.to_string()))?;
-                Ok((r.seq, rec))
-            })
-            .collect()
+        other => other,
     }
 }
 
@@ -903,103 +394,5 @@ fn unreachable_key_id() -> PatientId {
 fn push_unique(v: &mut Vec<Category>, c: Category) {
     if !v.contains(&c) {
         v.push(c);
-    }
-}
-
-fn make_record(clock: &dyn Clock, c: &Caller, action: &str, outcome: Outcome) -> AuditRecord {
-    let now = medvault_types::fhir_instant(clock.now());
-    let mut r = AuditRecord::new(
-        action,
-        c.principal.username.as_str(),
-        outcome,
-        now,
-        &c.request_id,
-    );
-    r.role = Some(c.principal.role.as_str().to_owned());
-    r.purpose = Some(c.purpose.as_str().to_owned());
-    r.source = c.source.clone();
-    r
-}
-
-/// What an audited read needs on the store's side: the caller, the policy and the clock,
-/// owned, so the read can run on the store's sequencer.
-struct ReadCtx {
-    policy: Arc<PolicyEngine>,
-    clock: Arc<dyn Clock>,
-    caller: Caller,
-}
-
-impl ReadCtx {
-    fn record(&self, action: &str, outcome: Outcome) -> AuditRecord {
-        make_record(&*self.clock, &self.caller, action, outcome)
-    }
-
-    fn decide(&self, action: Action, category: Category) -> medvault_policy::Decision {
-        self.policy.decide(Query {
-            role: self.caller.principal.role,
-            action,
-            category,
-            purpose: self.caller.purpose,
-        })
-    }
-
-    /// The decision and audit record for reading one stored version.
-    fn decide_one(
-        &self,
-        rt: ResourceType,
-        id: &str,
-        row: Option<VersionRow>,
-        action: &str,
-    ) -> (Vec<AuditRecord>, Result<VersionRow, VaultError>) {
-        let mut rec = self.record(action, Outcome::Success);
-        rec.resource = Some(format!("{rt}/{id}"));
-        let Some(row) = row else {
-            rec.outcome = Outcome::NotFound;
-            return (vec![rec], Err(VaultError::NotFound));
-        };
-        rec.resource = Some(format!("{rt}/{id}/_history/{}", row.version));
-        rec.patient = row.patient.as_ref().map(|p| p.to_string());
-        let Ok(category) = row.category.parse::<Category>() else {
-            return (vec![], Err(VaultError::Internal("bad category".into())));
-        };
-        let d = self.decide(Action::Read, category);
-        if !d.allowed {
-            rec.outcome = Outcome::Denied;
-            rec.categories_withheld = vec![category.to_string()];
-            return (
-                vec![rec],
-                Err(VaultError::Forbidden {
-                    withheld: vec![category],
-                }),
-            );
-        }
-        if row.deleted {
-            rec.outcome = Outcome::NotFound;
-            rec.detail = Some("deleted".into());
-            return (vec![rec], Err(VaultError::Gone));
-        }
-        rec.categories_disclosed = vec![category.to_string()];
-        rec.detail = Some(format!("policy={}", d.policies.join(",")));
-        (vec![rec], Ok(row))
-    }
-
-    /// Splits rows into those the caller may see and the categories withheld.
-    fn filter(
-        &self,
-        rows: Vec<VersionRow>,
-        action: Action,
-    ) -> (Vec<VersionRow>, Vec<Category>, Vec<Category>) {
-        let (mut allowed, mut disclosed, mut withheld) = (vec![], vec![], vec![]);
-        for row in rows {
-            // An unparseable category is withheld as the most restrictive one (default deny).
-            let cat = row.category.parse::<Category>().unwrap_or(Category::Notes);
-            if row.category.parse::<Category>().is_ok() && self.decide(action, cat).allowed {
-                push_unique(&mut disclosed, cat);
-                allowed.push(row);
-            } else {
-                push_unique(&mut withheld, cat);
-            }
-        }
-        (allowed, disclosed, withheld)
     }
 }

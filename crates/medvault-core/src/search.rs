@@ -1,7 +1,7 @@
 //! Search and `$everything` through the gate. Search values become blind-index tokens
 //! before they reach the store; results the caller may not see are left out and named.
 
-use medvault_fhir::{normalize_text, ResourceType};
+use medvault_fhir::{normalize_text, ResourceType, MIN_PREFIX};
 use medvault_store::{Cmp, SearchQuery};
 use medvault_types::{Action, Category, PatientId};
 
@@ -134,9 +134,9 @@ impl Vault {
                         let norm = match param {
                             "name" | "family" | "given" => {
                                 let n = normalize_text(value);
-                                if n.chars().count() < medvault_fhir_min_prefix() {
+                                if n.chars().count() < MIN_PREFIX {
                                     return Err(bad(format!(
-                                        "`{param}` needs at least 2 characters"
+                                        "`{param}` needs at least {MIN_PREFIX} characters"
                                     )));
                                 }
                                 n
@@ -178,8 +178,8 @@ impl Vault {
         let (rows, disclosed, withheld, more) = self.audited_read(c, move |cx, tx| {
             let page = tx.search(&q)?;
             let matched = page.rows.len();
-            let (rows, disclosed, withheld) = cx.filter(page.rows, Action::Search);
             let mut rec = cx.record("search", Outcome::Success);
+            let (rows, disclosed, withheld) = cx.filter(page.rows, Action::Search, &mut rec);
             rec.resource = Some(rt.as_str().to_owned());
             rec.patient = q.patient.as_ref().map(|p| p.to_string());
             rec.categories_disclosed = disclosed.iter().map(|c| c.to_string()).collect();
@@ -194,7 +194,7 @@ impl Vault {
             // my record" and the accounting of disclosures see searches too.
             if q.patient.is_none() {
                 let mut patients: Vec<&str> = vec![];
-                for p in rows.iter().filter_map(|r| r.patient.as_ref()) {
+                for p in rows.iter().filter_map(|r| r.get().patient()) {
                     if !patients.contains(&p.as_str()) {
                         patients.push(p.as_str());
                     }
@@ -208,7 +208,7 @@ impl Vault {
             recs.insert(0, rec);
             Ok((recs, Ok((rows, disclosed, withheld, page.more))))
         })?;
-        let entries = self.open_all(&rows)?;
+        let entries = self.open_all(rows)?;
         Ok(SearchResult {
             entries,
             disclosed,
@@ -231,7 +231,7 @@ impl Vault {
             };
             rec.patient = Some(pid.to_string());
             match tx.current("Patient", pid.as_str())? {
-                Some(r) if !r.deleted => {}
+                Some(r) if !r.deleted() => {}
                 _ => {
                     rec.outcome = Outcome::NotFound;
                     return Ok((vec![rec], Err(VaultError::NotFound)));
@@ -242,7 +242,7 @@ impl Vault {
                 limit: 100_000,
                 ..Default::default()
             })?;
-            let (rows, disclosed, withheld) = cx.filter(page.rows, Action::Read);
+            let (rows, disclosed, withheld) = cx.filter(page.rows, Action::Read, &mut rec);
             rec.categories_disclosed = disclosed.iter().map(|c| c.to_string()).collect();
             rec.categories_withheld = withheld.iter().map(|c| c.to_string()).collect();
             if rows.is_empty() && !withheld.is_empty() {
@@ -251,7 +251,7 @@ impl Vault {
             }
             Ok((vec![rec], Ok((rows, disclosed, withheld))))
         })?;
-        let entries = self.open_all(&rows)?;
+        let entries = self.open_all(rows)?;
         let count = entries.len();
         Ok(SearchResult {
             entries,
@@ -262,8 +262,4 @@ impl Vault {
             count,
         })
     }
-}
-
-fn medvault_fhir_min_prefix() -> usize {
-    2
 }

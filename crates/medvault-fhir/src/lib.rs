@@ -13,7 +13,7 @@ mod index;
 mod outcome;
 mod validate;
 
-pub use index::{normalize_text, search_tokens, SearchToken};
+pub use index::{normalize_text, search_tokens, SearchToken, MIN_PREFIX};
 pub use outcome::{capability_statement, operation_outcome, search_params, Issue, IssueCode};
 
 use medvault_types::{Category, PatientId};

@@ -1,7 +1,11 @@
 //! medvault-policy — authorization decisions with Cedar.
 //!
-//! A decision takes (role, action, data category, purpose of use) and answers allow or
-//! deny with the deciding policy ids. Default deny (law 3): no permit, a forbid, an
+//! A decision takes (who asks, what action on which resource, purpose of use, whether
+//! public transparency is on) and answers allow or deny with the deciding policy ids.
+//! Every action of the gate is a Cedar action here — records by data category, and every
+//! [`Operation`] (audit views, reports, disclosures, export, status, key eviction,
+//! transparency reads, user administration) — so "who may do X" is answered by the
+//! `.cedar` files alone. Default deny (law 3): no permit, a forbid, an
 //! evaluation error, or a policy set that fails schema validation all mean deny.
 //! This room must never see PHI, never touch storage, and never allow on error.
 //! INVARIANT: the Cedar request is built from exactly the fields of [`Query`], and the
@@ -16,7 +20,7 @@ use cedar_policy::{
     Authorizer, Context, Decision as CedarDecision, Entities, Entity, EntityId, EntityTypeName,
     EntityUid, PolicySet, Request, RestrictedExpression, Schema, ValidationMode, Validator,
 };
-use medvault_types::{Action, Category, Purpose, Role};
+use medvault_types::{Action, Category, Operation, Purpose, Role};
 
 pub const DEFAULT_POLICIES: &str = include_str!("../policies/default.cedar");
 pub const SCHEMA: &str = include_str!("../policies/medvault.cedarschema");
@@ -31,20 +35,77 @@ pub enum PolicyError {
     Schema(String),
 }
 
+/// Who is asking: a signed-in user in a role, or an anonymous caller (the public
+/// transparency endpoints). Cedar entity `User` in `Role::"…"`, or `Anonymous`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Asker {
+    User(Role),
+    Anonymous,
+}
+
+/// What is asked for: an action on a chart's records of one data category (Cedar resource
+/// `Category::"…"`), or an operation of the gate (Cedar resource `Service::"medvault"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Target {
+    Records(Action, Category),
+    Operation(Operation),
+}
+
 /// What is being asked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Query {
-    pub role: Role,
-    pub action: Action,
-    pub category: Category,
+    pub asker: Asker,
+    pub target: Target,
     pub purpose: Purpose,
+    /// Whether `audit.public_transparency` is on (Cedar `context.public_transparency`).
+    pub public_transparency: bool,
 }
 
-/// The answer, with the policies that decided it.
+impl Query {
+    /// A user in `role` acting on records of `category` for `purpose`.
+    pub fn records(role: Role, action: Action, category: Category, purpose: Purpose) -> Self {
+        Query {
+            asker: Asker::User(role),
+            target: Target::Records(action, category),
+            purpose,
+            public_transparency: false,
+        }
+    }
+
+    /// `asker` performing an operation of the gate.
+    pub fn operation(
+        asker: Asker,
+        op: Operation,
+        purpose: Purpose,
+        public_transparency: bool,
+    ) -> Self {
+        Query {
+            asker,
+            target: Target::Operation(op),
+            purpose,
+            public_transparency,
+        }
+    }
+}
+
+/// The answer, with the policies that decided it. Made only by [`PolicyEngine::decide`]
+/// (private fields), so a permission cannot be forged by the code that acts on it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
-    pub allowed: bool,
-    pub policies: Vec<String>,
+    allowed: bool,
+    policies: Vec<String>,
+}
+
+impl Decision {
+    /// Whether the request is permitted.
+    pub fn allowed(&self) -> bool {
+        self.allowed
+    }
+    /// The `@id`s of the policies that decided (the permits for an allow, the forbids if a
+    /// forbid denied; empty for a default deny).
+    pub fn policies(&self) -> &[String] {
+        &self.policies
+    }
 }
 
 /// A validated Cedar policy set with a decision cache.
@@ -98,22 +159,40 @@ impl PolicyEngine {
     }
 
     fn evaluate(&self, q: Query) -> Option<Decision> {
-        let role = uid("Role", q.role.as_str())?;
-        let user = uid("User", "principal")?;
-        let principal = Entity::new_no_attrs(user.clone(), [role.clone()].into_iter().collect());
-        let entities = Entities::from_entities(
-            [principal, Entity::new_no_attrs(role, Default::default())],
-            None,
-        )
+        let (principal, entities) = match q.asker {
+            Asker::User(role) => {
+                let role = uid("Role", role.as_str())?;
+                let user = uid("User", "principal")?;
+                let entity =
+                    Entity::new_no_attrs(user.clone(), [role.clone()].into_iter().collect());
+                let entities = Entities::from_entities(
+                    [entity, Entity::new_no_attrs(role, Default::default())],
+                    None,
+                )
+                .ok()?;
+                (user, entities)
+            }
+            Asker::Anonymous => (uid("Anonymous", "anonymous")?, Entities::empty()),
+        };
+        let (action, resource) = match q.target {
+            Target::Records(action, category) => (
+                uid("Action", action.as_str())?,
+                uid("Category", category.as_str())?,
+            ),
+            Target::Operation(op) => (uid("Action", op.as_str())?, uid("Service", "medvault")?),
+        };
+        let context = Context::from_pairs([
+            (
+                "purpose".to_owned(),
+                RestrictedExpression::new_string(q.purpose.as_str().to_owned()),
+            ),
+            (
+                "public_transparency".to_owned(),
+                RestrictedExpression::new_bool(q.public_transparency),
+            ),
+        ])
         .ok()?;
-        let action = uid("Action", q.action.as_str())?;
-        let resource = uid("Category", q.category.as_str())?;
-        let context = Context::from_pairs([(
-            "purpose".to_owned(),
-            RestrictedExpression::new_string(q.purpose.as_str().to_owned()),
-        )])
-        .ok()?;
-        let req = Request::new(user, action, resource, context, None).ok()?;
+        let req = Request::new(principal, action, resource, context, None).ok()?;
         let resp = self
             .authorizer
             .is_authorized(&req, &self.policies, &entities);
@@ -146,13 +225,8 @@ impl PolicyEngine {
             .iter()
             .copied()
             .filter(|c| {
-                self.decide(Query {
-                    role,
-                    action,
-                    category: *c,
-                    purpose,
-                })
-                .allowed
+                self.decide(Query::records(role, action, *c, purpose))
+                    .allowed
             })
             .collect()
     }
@@ -163,13 +237,8 @@ mod tests {
     use super::*;
 
     fn allowed(e: &PolicyEngine, role: Role, action: Action, cat: Category) -> bool {
-        e.decide(Query {
-            role,
-            action,
-            category: cat,
-            purpose: role.default_purpose(),
-        })
-        .allowed
+        e.decide(Query::records(role, action, cat, role.default_purpose()))
+            .allowed()
     }
 
     #[test]
@@ -213,43 +282,42 @@ mod tests {
     #[test]
     fn purpose_matters_and_decisions_name_policies() {
         let e = PolicyEngine::with_defaults().unwrap();
-        let q = Query {
-            role: Role::Nurse,
-            action: Action::Read,
-            category: Category::Vitals,
-            purpose: Purpose::Research,
-        };
-        assert!(!e.decide(q).allowed);
+        let q = Query::records(
+            Role::Nurse,
+            Action::Read,
+            Category::Vitals,
+            Purpose::Research,
+        );
+        assert!(!e.decide(q).allowed());
         let d = e.decide(Query {
             purpose: Purpose::Treat,
             ..q
         });
-        assert!(d.allowed);
-        assert_eq!(d.policies, vec!["nurse-chart-read".to_owned()]);
+        assert!(d.allowed());
+        assert_eq!(d.policies(), ["nurse-chart-read".to_owned()]);
     }
 
     #[test]
     fn default_deny_and_forbid_wins() {
         let e = PolicyEngine::from_text("").unwrap();
-        let q = Query {
-            role: Role::Physician,
-            action: Action::Read,
-            category: Category::Vitals,
-            purpose: Purpose::Treat,
-        };
-        assert!(!e.decide(q).allowed, "no policy means deny");
+        let q = Query::records(
+            Role::Physician,
+            Action::Read,
+            Category::Vitals,
+            Purpose::Treat,
+        );
+        assert!(!e.decide(q).allowed(), "no policy means deny");
         let e = PolicyEngine::from_text(
             "permit(principal, action, resource); forbid(principal in Role::\"security_admin\", action, resource);",
         )
         .unwrap();
-        assert!(
-            !e.decide(Query {
-                role: Role::SecurityAdmin,
+        assert!(!e
+            .decide(Query {
+                asker: Asker::User(Role::SecurityAdmin),
                 ..q
             })
-            .allowed
-        );
-        assert!(e.decide(q).allowed);
+            .allowed());
+        assert!(e.decide(q).allowed());
     }
 
     #[test]
@@ -263,5 +331,106 @@ mod tests {
             PolicyEngine::from_text("permit(principal"),
             Err(PolicyError::Parse(_))
         ));
+    }
+
+    /// Who may do what, read from the `.cedar` files: every action of the gate, with the
+    /// roles (under their default purpose of use) and anonymous callers it allows.
+    fn who_may(e: &PolicyEngine) -> String {
+        let mut out = String::new();
+        let askers = |target: Target, public: bool| -> Vec<String> {
+            let mut who: Vec<String> = Role::ALL
+                .iter()
+                .filter(|r| {
+                    e.decide(Query {
+                        asker: Asker::User(**r),
+                        target,
+                        purpose: r.default_purpose(),
+                        public_transparency: public,
+                    })
+                    .allowed()
+                })
+                .map(|r| r.as_str().to_owned())
+                .collect();
+            let anonymous = e.decide(Query {
+                asker: Asker::Anonymous,
+                target,
+                purpose: Purpose::Operations,
+                public_transparency: public,
+            });
+            if anonymous.allowed() {
+                who.push("anonymous".into());
+            }
+            who
+        };
+        for a in Action::ALL {
+            for c in Category::ALL {
+                let who = askers(Target::Records(*a, *c), false);
+                out.push_str(&format!("{a} {c}: {}\n", who.join(" ")));
+            }
+        }
+        for op in Operation::ALL {
+            let who = askers(Target::Operation(*op), false);
+            let public = askers(Target::Operation(*op), true);
+            out.push_str(&format!("{op}: {}", who.join(" ")));
+            if public != who {
+                out.push_str(&format!(" | public transparency: {}", public.join(" ")));
+            }
+            out.push('\n');
+        }
+        out
+    }
+
+    /// The whole access table of the shipped policies. A change to the `.cedar` files that
+    /// changes who may do anything fails here and shows the new table to review.
+    #[test]
+    fn every_action_of_the_gate_and_who_may_do_it() {
+        let e = PolicyEngine::with_defaults().unwrap();
+        let table = who_may(&e);
+        let expected: String = include_str!("../policies/who-may.txt")
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        if table != expected {
+            println!("{table}");
+        }
+        assert_eq!(table, expected, "the policies changed who may do what");
+        // Every operation is reachable by someone, and nothing is open to anonymous callers
+        // unless public transparency is on (the verifier key aside).
+        for op in Operation::ALL {
+            assert!(table.contains(&format!("{op}: ")), "{op} missing");
+        }
+        for line in table.lines().filter(|l| !l.starts_with("audit.key")) {
+            let before_public = line.split(" | ").next().unwrap_or("");
+            assert!(!before_public.contains("anonymous"), "{line}");
+        }
+    }
+
+    #[test]
+    fn anonymous_callers_get_nothing_but_public_transparency() {
+        let e = PolicyEngine::with_defaults().unwrap();
+        for public in [false, true] {
+            for a in Action::ALL {
+                for c in Category::ALL {
+                    let q = Query {
+                        asker: Asker::Anonymous,
+                        target: Target::Records(*a, *c),
+                        purpose: Purpose::Treat,
+                        public_transparency: public,
+                    };
+                    assert!(!e.decide(q).allowed(), "anonymous {a} {c}");
+                }
+            }
+        }
+        let proof = |public| {
+            e.decide(Query::operation(
+                Asker::Anonymous,
+                Operation::Proof,
+                Purpose::Operations,
+                public,
+            ))
+            .allowed()
+        };
+        assert!(!proof(false) && proof(true));
     }
 }

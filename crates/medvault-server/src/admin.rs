@@ -42,12 +42,9 @@ pub(crate) async fn checkpoint(
 ) -> Result<Response, ApiError> {
     let c = optional_caller(&state, &ctx).await?;
     let vault = state.vault.clone();
-    let note = blocking(move || {
-        vault.transparency_reader(c.as_ref(), "audit.checkpoint")?;
-        vault.latest_checkpoint()
-    })
-    .await??
-    .ok_or_else(ApiError::not_found)?;
+    let note = blocking(move || vault.latest_checkpoint(&c))
+        .await??
+        .ok_or_else(ApiError::not_found)?;
     Ok(text(note))
 }
 
@@ -65,8 +62,11 @@ pub(crate) async fn checkpoint_now(
 }
 
 /// `GET /audit/key`: the checkpoint verifier key (C2SP note verifier-key form).
-pub(crate) async fn key(State(state): State<AppState>) -> Result<Response, ApiError> {
-    Ok(text(format!("{}\n", state.vault.audit_verifier_key())))
+pub(crate) async fn key(State(state): State<AppState>, ctx: Ctx) -> Result<Response, ApiError> {
+    let c = optional_caller(&state, &ctx).await?;
+    let vault = state.vault.clone();
+    let key = blocking(move || vault.audit_verifier_key(&c)).await??;
+    Ok(text(format!("{key}\n")))
 }
 
 fn text(body: String) -> Response {
@@ -108,7 +108,7 @@ async fn with_query<Q, T: Send + 'static>(
     usage: &'static str,
     f: impl FnOnce(
             &medvault_core::Vault,
-            Option<&medvault_core::Caller>,
+            &medvault_core::Caller,
             Q,
         ) -> Result<T, medvault_core::VaultError>
         + Send
@@ -120,7 +120,7 @@ where
     let axum::extract::Query(q) = q.map_err(|_| ApiError::bad_request(usage))?;
     let c = optional_caller(state, ctx).await?;
     let vault = state.vault.clone();
-    Ok(blocking(move || f(&vault, c.as_ref(), q)).await??)
+    Ok(blocking(move || f(&vault, &c, q)).await??)
 }
 
 pub(crate) async fn inclusion(
@@ -165,10 +165,7 @@ pub(crate) async fn entries(
         &ctx,
         q,
         "start and end are required integers",
-        |v, c, q| match c {
-            Some(c) => v.audit_entries(c, q.start, q.end),
-            None => Err(medvault_core::VaultError::Unauthenticated),
-        },
+        |v, c, q| v.audit_entries(c, q.start, q.end),
     )
     .await?;
     let entries: Vec<serde_json::Value> = rows
@@ -187,7 +184,7 @@ pub(crate) async fn tile(
     let t = medvault_core::TileRef::parse(&path).ok_or_else(ApiError::not_found)?;
     let c = optional_caller(&state, &ctx).await?;
     let vault = state.vault.clone();
-    let bytes = blocking(move || vault.tile(c.as_ref(), t)).await??;
+    let bytes = blocking(move || vault.tile(&c, t)).await??;
     use axum::http::{header, HeaderValue};
     use axum::response::IntoResponse;
     let mut r = (StatusCode::OK, bytes).into_response();
@@ -258,7 +255,7 @@ pub(crate) async fn record_disclosure(
     })?;
     let vault = state.vault.clone();
     let index = blocking(move || {
-        let text = medvault_core::balp::DisclosureText {
+        let text = medvault_core::DisclosureText {
             recipient_name: b.recipient_name,
             description: b.description,
         };
@@ -289,12 +286,9 @@ pub(crate) async fn checkpoint_at(
         .map_err(|_| ApiError::bad_request("size must be a number"))?;
     let c = optional_caller(&state, &ctx).await?;
     let vault = state.vault.clone();
-    let note = blocking(move || {
-        vault.transparency_reader(c.as_ref(), "audit.checkpoint")?;
-        vault.checkpoint_at(size)
-    })
-    .await??
-    .ok_or_else(ApiError::not_found)?;
+    let note = blocking(move || vault.checkpoint_at(&c, size))
+        .await??
+        .ok_or_else(ApiError::not_found)?;
     Ok(text(note))
 }
 

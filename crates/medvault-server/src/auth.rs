@@ -46,8 +46,8 @@ pub(crate) async fn login(
     let b: LoginBody = parse(&body)?;
     let password = Password::new(b.password);
     let vault = state.vault.clone();
-    let (source, rid) = (ctx.source.clone(), ctx.request_id.clone());
-    let r = blocking(move || vault.login(&b.username, &password, source, &rid)).await?;
+    let c = ctx.anonymous();
+    let r = blocking(move || vault.login(&c, &b.username, &password)).await?;
     match r {
         Ok(ch) => Ok(plain_json(
             StatusCode::OK,
@@ -66,9 +66,9 @@ pub(crate) async fn mfa_totp(
     let body = body_bytes(&state, req).await?;
     let b: TotpBody = parse(&body)?;
     let vault = state.vault.clone();
-    let (source, rid) = (ctx.source.clone(), ctx.request_id.clone());
+    let c = ctx.anonymous();
     let token = Token::from_client(&b.mfa_token);
-    let grant = blocking(move || vault.login_totp(&token, &b.code, source, &rid))
+    let grant = blocking(move || vault.login_totp(&c, &token, &b.code))
         .await?
         .map_err(|e| match e {
             VaultError::Unauthenticated => ApiError::new(

@@ -212,28 +212,28 @@ pub(crate) async fn blocking<T: Send + 'static>(
     })
 }
 
-/// Authenticates the request's token into a [`Caller`].
+impl Ctx {
+    /// The request as a caller not (yet) signed in: its source and id.
+    pub(crate) fn anonymous(&self) -> Caller {
+        Caller::anonymous(self.source.clone(), self.request_id.clone())
+    }
+}
+
+/// Authenticates the request's token into a signed-in [`Caller`].
 pub(crate) async fn caller(state: &AppState, ctx: &Ctx) -> Result<Caller, ApiError> {
     let token = ctx.token.clone().ok_or_else(ApiError::unauthenticated)?;
     let vault = state.vault.clone();
-    let principal = blocking(move || vault.authenticate(&token)).await??;
-    Ok(Caller::new(
-        principal,
-        ctx.purpose,
-        ctx.source.clone(),
-        ctx.request_id.clone(),
-    ))
+    let (anonymous, purpose) = (ctx.anonymous(), ctx.purpose);
+    Ok(blocking(move || vault.authenticate(&anonymous, &token, purpose)).await??)
 }
 
-/// The caller if the request carries a token (which must then be valid), else `None`.
-pub(crate) async fn optional_caller(
-    state: &AppState,
-    ctx: &Ctx,
-) -> Result<Option<Caller>, ApiError> {
+/// The signed-in caller if the request carries a token (which must then be valid), else
+/// the anonymous caller (whom the policies may allow the public transparency reads).
+pub(crate) async fn optional_caller(state: &AppState, ctx: &Ctx) -> Result<Caller, ApiError> {
     if ctx.token.is_none() {
-        return Ok(None);
+        return Ok(ctx.anonymous());
     }
-    caller(state, ctx).await.map(Some)
+    caller(state, ctx).await
 }
 
 /// Reads a request body up to the configured limit (413 beyond it).

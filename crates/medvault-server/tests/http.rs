@@ -13,11 +13,9 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use medvault_core::{
-    Caller, FaultyStore, MasterKey, Password, PgStore, Role, SqliteStore, Store, Vault,
-    VaultOptions,
-};
+use medvault_core::{Caller, MasterKeySource, Password, Role, Vault, VaultOptions};
 use medvault_server::{router, AppState, HttpOptions};
+use medvault_store::{faulty::FaultyStore, PgStore, SqliteStore, Store};
 use medvault_types::ManualClock;
 use serde_json::{json, Value};
 use tower::ServiceExt;
@@ -77,9 +75,9 @@ fn build_fixture(pg: bool) -> Fixture {
         time::OffsetDateTime::from_unix_timestamp(1_790_000_000).unwrap(),
     ));
     let vault = Arc::new(
-        Vault::open(
+        Vault::open_with_store(
             faulty.clone(),
-            MasterKey::generate(),
+            &MasterKeySource::Ephemeral,
             clock.clone(),
             VaultOptions::default(),
         )
@@ -93,16 +91,16 @@ fn build_fixture(pg: bool) -> Fixture {
             Some(Password::new("correct horse battery".into())),
         )
         .unwrap();
+    let anonymous = Caller::anonymous(None, "t".into());
     let ch = vault
         .login(
+            &anonymous,
             "doc",
             &Password::new("correct horse battery".into()),
-            None,
-            "t",
         )
         .unwrap();
     let code = medvault_core::totp_now(&u.totp_secret, 1_790_000_000).unwrap();
-    let grant = vault.login_totp(&ch.mfa_token, &code, None, "t").unwrap();
+    let grant = vault.login_totp(&anonymous, &ch.mfa_token, &code).unwrap();
     let app = router(AppState {
         vault,
         options: HttpOptions::default(),
@@ -255,4 +253,12 @@ async fn every_response_carries_security_headers() {
             .unwrap()
             .starts_with("default-src 'none'"));
     }
+}
+
+/// The capability and the typestate, checked by the compiler: a handler cannot reach the
+/// store through the gate, nor construct a `Disclosed` or a permission (tests/ui/*.rs, each
+/// with the compiler's expected error beside it).
+#[test]
+fn handlers_cannot_reach_the_store_or_forge_a_disclosure() {
+    trybuild::TestCases::new().compile_fail("tests/ui/*.rs");
 }

@@ -1,13 +1,8 @@
 //! The storage conformance suite. Every backend runs it (after akd's
-//! `run_test_cases_for_storage_impl`): `run_all(|| fresh_store())`.
-//! Each case panics with a message naming the broken guarantee.
-
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::indexing_slicing
-)]
+//! `run_test_cases_for_storage_impl`): `run_all(|| fresh_store())?`.
+//! A case fails with an error naming the broken guarantee: a failed assertion panics with
+//! its message (as tests do), and a store call that errs or returns nothing is a
+//! [`Failure`] naming the case's step.
 
 use std::sync::Arc;
 
@@ -15,21 +10,48 @@ use medvault_types::PatientId;
 
 use crate::*;
 
-/// Runs every case, each on a fresh store from `make`.
-pub fn run_all(make: &dyn Fn() -> Arc<dyn Store>) {
-    versions_are_appended_never_overwritten(&*make());
-    preconditions_guard_writes(&*make());
-    batches_are_all_or_nothing(&*make());
-    audit_sequence_is_dense_under_concurrency(make());
-    search_by_tokens_patient_and_paging(&*make());
-    identity_rows(&*make());
-    keys_and_meta_insert_once(&*make());
-    audited_reads_commit_with_their_audit_entries(&*make());
-    checkpoints_are_kept_and_cosigned(&*make());
-    hash_tiles_only_grow(&*make());
+/// A case that could not run to its assertions: a store call failed, or returned nothing
+/// where the guarantee says it must return a row.
+#[derive(Debug, thiserror::Error)]
+pub enum Failure {
+    #[error("store call failed: {0}")]
+    Store(#[from] StoreError),
+    #[error("expected {0}, found nothing")]
+    Missing(&'static str),
+    #[error("a writer thread of the case stopped")]
+    Thread,
 }
 
-pub fn hash_tiles_only_grow(s: &dyn Store) {
+/// `Option` → [`Failure::Missing`] naming what was expected.
+trait Found<T> {
+    fn found(self, what: &'static str) -> Result<T, Failure>;
+}
+
+impl<T> Found<T> for Option<T> {
+    fn found(self, what: &'static str) -> Result<T, Failure> {
+        self.ok_or(Failure::Missing(what))
+    }
+}
+
+/// Runs every case, each on a fresh store from `make`.
+///
+/// # Errors
+/// The first [`Failure`]; a broken guarantee panics with its assertion message.
+pub fn run_all(make: &dyn Fn() -> Arc<dyn Store>) -> Result<(), Failure> {
+    versions_are_appended_never_overwritten(&*make())?;
+    preconditions_guard_writes(&*make())?;
+    batches_are_all_or_nothing(&*make())?;
+    audit_sequence_is_dense_under_concurrency(make())?;
+    search_by_tokens_patient_and_paging(&*make())?;
+    identity_rows(&*make())?;
+    keys_and_meta_insert_once(&*make())?;
+    audited_reads_commit_with_their_audit_entries(&*make())?;
+    checkpoints_are_kept_and_cosigned(&*make())?;
+    hash_tiles_only_grow(&*make())?;
+    Ok(())
+}
+
+pub fn hash_tiles_only_grow(s: &dyn Store) -> Result<(), Failure> {
     let put = |level: u32, index: u64, hashes: &[u8]| {
         s.commit(WriteBatch {
             ops: vec![Op::PutTile {
@@ -40,36 +62,39 @@ pub fn hash_tiles_only_grow(s: &dyn Store) {
             audit: vec![],
         })
     };
-    put(0, 0, &[1; 64]).unwrap();
-    put(0, 1, &[2; 32]).unwrap();
-    put(1, 0, &[3; 32]).unwrap();
-    put(0, 0, &[1; 96]).unwrap();
-    put(0, 0, &[1; 32]).unwrap();
+    put(0, 0, &[1; 64])?;
+    put(0, 1, &[2; 32])?;
+    put(1, 0, &[3; 32])?;
+    put(0, 0, &[1; 96])?;
+    put(0, 0, &[1; 32])?;
     assert_eq!(
-        s.tiles(0, 0, 10).unwrap(),
+        s.tiles(0, 0, 10)?,
         vec![(0, vec![1; 96]), (1, vec![2; 32])],
         "a wider tile replaces a narrower one; a narrower copy is ignored"
     );
     let mut forked = vec![1u8; 128];
-    forked[5] = 9;
+    if let Some(b) = forked.get_mut(5) {
+        *b = 9;
+    }
     assert!(
         matches!(put(0, 0, &forked), Err(StoreError::Conflict)),
         "a tile that disagrees with the stored one is refused"
     );
-    assert_eq!(s.tiles(0, 0, 1).unwrap(), vec![(0, vec![1; 96])]);
-    assert_eq!(s.tiles(1, 0, 1).unwrap(), vec![(0, vec![3; 32])]);
-    assert_eq!(s.tiles(0, 1, 2).unwrap(), vec![(1, vec![2; 32])]);
-    assert!(s.tiles(2, 0, 100).unwrap().is_empty());
+    assert_eq!(s.tiles(0, 0, 1)?, vec![(0, vec![1; 96])]);
+    assert_eq!(s.tiles(1, 0, 1)?, vec![(0, vec![3; 32])]);
+    assert_eq!(s.tiles(0, 1, 2)?, vec![(1, vec![2; 32])]);
+    assert!(s.tiles(2, 0, 100)?.is_empty());
     assert_eq!(
-        s.tiles_at(0, &[1, 7, 0]).unwrap(),
+        s.tiles_at(0, &[1, 7, 0])?,
         vec![(0, vec![1; 96]), (1, vec![2; 32])],
         "tiles by index: those that exist, in order"
     );
-    assert!(s.tiles_at(0, &[]).unwrap().is_empty());
+    assert!(s.tiles_at(0, &[])?.is_empty());
+    Ok(())
 }
 
-pub fn checkpoints_are_kept_and_cosigned(s: &dyn Store) {
-    assert_eq!(s.checkpoint(None).unwrap(), None);
+pub fn checkpoints_are_kept_and_cosigned(s: &dyn Store) -> Result<(), Failure> {
+    assert_eq!(s.checkpoint(None)?, None);
     for n in [3u64, 7, 5] {
         s.commit(WriteBatch {
             ops: vec![Op::PutCheckpoint {
@@ -77,8 +102,7 @@ pub fn checkpoints_are_kept_and_cosigned(s: &dyn Store) {
                 note: format!("note {n}\n"),
             }],
             audit: vec![],
-        })
-        .unwrap();
+        })?;
     }
     s.commit(WriteBatch {
         ops: vec![Op::PutCheckpoint {
@@ -86,15 +110,14 @@ pub fn checkpoints_are_kept_and_cosigned(s: &dyn Store) {
             note: "other\n".into(),
         }],
         audit: vec![],
-    })
-    .unwrap();
+    })?;
     assert_eq!(
-        s.checkpoint(None).unwrap(),
+        s.checkpoint(None)?,
         Some((7, "note 7\n".into())),
         "latest by size; first write wins"
     );
-    assert_eq!(s.checkpoint(Some(5)).unwrap(), Some((5, "note 5\n".into())));
-    assert_eq!(s.checkpoint(Some(4)).unwrap(), None);
+    assert_eq!(s.checkpoint(Some(5))?, Some((5, "note 5\n".into())));
+    assert_eq!(s.checkpoint(Some(4))?, None);
     let cosign = || {
         s.commit(WriteBatch {
             ops: vec![Op::AddCosignature {
@@ -104,25 +127,26 @@ pub fn checkpoints_are_kept_and_cosigned(s: &dyn Store) {
             audit: vec![],
         })
     };
-    cosign().unwrap();
-    cosign().unwrap();
+    cosign()?;
+    cosign()?;
     assert_eq!(
-        s.checkpoint(Some(5)).unwrap().unwrap().1,
+        s.checkpoint(Some(5))?.found("the checkpoint of size 5")?.1,
         "note 5\nw\n",
         "a cosignature is added once"
     );
     assert_eq!(
-        s.checkpoints()
-            .unwrap()
-            .iter()
-            .map(|c| c.0)
-            .collect::<Vec<_>>(),
+        s.checkpoints()?.iter().map(|c| c.0).collect::<Vec<_>>(),
         vec![3, 5, 7]
     );
+    Ok(())
 }
 
+#[expect(
+    clippy::expect_used,
+    reason = "the suite's constant patient ids are valid"
+)]
 fn pid(s: &str) -> PatientId {
-    PatientId::new(s).unwrap()
+    PatientId::new(s).expect("constant patient id")
 }
 
 fn row(rtype: &str, id: &str, version: u64, patient: &str, body: &[u8]) -> VersionRow {
@@ -162,61 +186,64 @@ fn ix(param: &str, token: &[u8]) -> IndexRow {
     }
 }
 
-pub fn versions_are_appended_never_overwritten(s: &dyn Store) {
+pub fn versions_are_appended_never_overwritten(s: &dyn Store) -> Result<(), Failure> {
     put(
         s,
         row("Observation", "o1", 1, "p1", b"v1"),
         Expect::Absent,
         vec![],
-    )
-    .unwrap();
+    )?;
     put(
         s,
         row("Observation", "o1", 2, "p1", b"v2"),
         Expect::Version(1),
         vec![],
-    )
-    .unwrap();
+    )?;
     assert_eq!(
-        s.current("Observation", "o1").unwrap().unwrap().body,
+        s.current("Observation", "o1")?.found("o1")?.ciphertext(),
         b"v2",
         "current is the newest version"
     );
     assert_eq!(
-        s.version("Observation", "o1", 1).unwrap().unwrap().body,
+        s.version("Observation", "o1", 1)?
+            .found("o1 version 1")?
+            .ciphertext(),
         b"v1",
         "old version kept"
     );
-    let h = s.history("Observation", "o1").unwrap();
+    let h = s.history("Observation", "o1")?;
     assert_eq!(
-        h.iter().map(|r| r.version).collect::<Vec<_>>(),
+        h.iter().map(|r| r.version()).collect::<Vec<_>>(),
         vec![2, 1],
         "history newest first"
     );
     let mut del = row("Observation", "o1", 3, "p1", b"");
     del.deleted = true;
-    put(s, del, Expect::Live, vec![]).unwrap();
+    put(s, del, Expect::Live, vec![])?;
     assert!(
-        s.current("Observation", "o1").unwrap().unwrap().deleted,
+        s.current("Observation", "o1")?.found("o1")?.deleted(),
         "delete is a new version"
     );
-    assert_eq!(s.history("Observation", "o1").unwrap().len(), 3);
-    assert!(s.current("Observation", "nope").unwrap().is_none());
+    assert_eq!(s.history("Observation", "o1")?.len(), 3);
+    assert!(s.current("Observation", "nope")?.is_none());
     assert_eq!(
-        s.current("Observation", "o1").unwrap().unwrap().patient,
+        s.current("Observation", "o1")?
+            .found("o1")?
+            .patient()
+            .cloned(),
         Some(pid("p1")),
         "rows carry the patient id"
     );
+    Ok(())
 }
 
-pub fn preconditions_guard_writes(s: &dyn Store) {
+pub fn preconditions_guard_writes(s: &dyn Store) -> Result<(), Failure> {
     put(
         s,
         row("Condition", "c1", 1, "p1", b"v1"),
         Expect::Absent,
         vec![],
-    )
-    .unwrap();
+    )?;
     assert!(matches!(
         put(
             s,
@@ -244,22 +271,18 @@ pub fn preconditions_guard_writes(s: &dyn Store) {
         ),
         Err(StoreError::NotFound)
     ));
-    assert_eq!(
-        s.audit_len().unwrap(),
-        1,
-        "failed writes leave no audit entry"
-    );
+    assert_eq!(s.audit_len()?, 1, "failed writes leave no audit entry");
+    Ok(())
 }
 
-pub fn batches_are_all_or_nothing(s: &dyn Store) {
+pub fn batches_are_all_or_nothing(s: &dyn Store) -> Result<(), Failure> {
     put(
         s,
         row("Patient", "p1", 1, "p1", b"v1"),
         Expect::Absent,
         vec![],
-    )
-    .unwrap();
-    let before = s.audit_len().unwrap();
+    )?;
+    let before = s.audit_len()?;
     let b = WriteBatch {
         ops: vec![
             Op::PutVersion {
@@ -281,26 +304,17 @@ pub fn batches_are_all_or_nothing(s: &dyn Store) {
         audit: vec![(vec![1], b"x".to_vec())],
     };
     assert!(s.commit(b).is_err());
-    assert!(
-        s.current("Observation", "a").unwrap().is_none(),
-        "no partial batch"
-    );
-    assert!(
-        s.patient_key(&pid("p9")).unwrap().is_none(),
-        "no partial batch"
-    );
-    assert_eq!(
-        s.audit_len().unwrap(),
-        before,
-        "no audit entry from a failed batch"
-    );
+    assert!(s.current("Observation", "a")?.is_none(), "no partial batch");
+    assert!(s.patient_key(&pid("p9"))?.is_none(), "no partial batch");
+    assert_eq!(s.audit_len()?, before, "no audit entry from a failed batch");
+    Ok(())
 }
 
-pub fn audit_sequence_is_dense_under_concurrency(s: Arc<dyn Store>) {
+pub fn audit_sequence_is_dense_under_concurrency(s: Arc<dyn Store>) -> Result<(), Failure> {
     let threads: Vec<_> = (0..8)
         .map(|t| {
             let s = s.clone();
-            std::thread::spawn(move || {
+            std::thread::spawn(move || -> Result<(), StoreError> {
                 for i in 0..50 {
                     let expect = if i % 5 == 4 {
                         Expect::Version(99)
@@ -316,25 +330,26 @@ pub fn audit_sequence_is_dense_under_concurrency(s: Arc<dyn Store>) {
                     s.commit(WriteBatch {
                         ops: vec![],
                         audit: vec![(vec![2], format!("{t}-{i}").into_bytes())],
-                    })
-                    .unwrap();
+                    })?;
                 }
+                Ok(())
             })
         })
         .collect();
     for t in threads {
-        t.join().unwrap();
+        t.join().map_err(|_| Failure::Thread)??;
     }
-    let n = s.audit_len().unwrap();
+    let n = s.audit_len()?;
     assert_eq!(n, 8 * (40 + 50), "one entry per successful commit");
-    let rows = s.audit_range(0, n).unwrap();
+    let rows = s.audit_range(0, n)?;
     assert_eq!(rows.len() as u64, n);
     for (i, r) in rows.iter().enumerate() {
         assert_eq!(r.seq, i as u64, "audit sequence must be dense");
     }
+    Ok(())
 }
 
-pub fn search_by_tokens_patient_and_paging(s: &dyn Store) {
+pub fn search_by_tokens_patient_and_paging(s: &dyn Store) -> Result<(), Failure> {
     for i in 0..5u8 {
         let p = if i < 3 { "p1" } else { "p2" };
         let mut r = row("Observation", &format!("o{i}"), 1, p, &[i]);
@@ -350,8 +365,7 @@ pub fn search_by_tokens_patient_and_paging(s: &dyn Store) {
                 ix("code", &[b'c', i]),
                 ix("status", b"final"),
             ],
-        )
-        .unwrap();
+        )?;
     }
     let q = |f: &dyn Fn(&mut SearchQuery)| {
         let mut q = SearchQuery {
@@ -360,18 +374,18 @@ pub fn search_by_tokens_patient_and_paging(s: &dyn Store) {
             ..Default::default()
         };
         f(&mut q);
-        s.search(&q).unwrap()
+        s.search(&q)
     };
-    assert_eq!(q(&|_| {}).rows.len(), 5);
-    assert_eq!(q(&|q| q.patient = Some(pid("p1"))).rows.len(), 3);
+    assert_eq!(q(&|_| {})?.rows.len(), 5);
+    assert_eq!(q(&|q| q.patient = Some(pid("p1")))?.rows.len(), 3);
     assert_eq!(
-        q(&|q| q.tokens = vec![("code".into(), vec![b"hr".to_vec()])])
+        q(&|q| q.tokens = vec![("code".into(), vec![b"hr".to_vec()])])?
             .rows
             .len(),
         5
     );
     assert_eq!(
-        q(&|q| q.tokens = vec![("code".into(), vec![vec![b'c', 1], vec![b'c', 2]])])
+        q(&|q| q.tokens = vec![("code".into(), vec![vec![b'c', 1], vec![b'c', 2]])])?
             .rows
             .len(),
         2,
@@ -382,54 +396,53 @@ pub fn search_by_tokens_patient_and_paging(s: &dyn Store) {
             ("code".into(), vec![vec![b'c', 1]]),
             ("status".into(), vec![b"nope".to_vec()]),
         ]
-    });
+    })?;
     assert!(and.rows.is_empty(), "AND across parameters");
     assert!(
-        q(&|q| q.tokens = vec![("code".into(), vec![b"final".to_vec()])])
+        q(&|q| q.tokens = vec![("code".into(), vec![b"final".to_vec()])])?
             .rows
             .is_empty(),
         "tokens are per parameter"
     );
-    let p1 = q(&|q| q.limit = 2);
+    let p1 = q(&|q| q.limit = 2)?;
     assert!(p1.more && p1.rows.len() == 2);
     let p3 = q(&|q| {
         q.limit = 2;
         q.offset = 4;
-    });
+    })?;
     assert!(!p3.more && p3.rows.len() == 1);
-    assert_eq!(q(&|q| q.categories = vec!["labs".into()]).rows.len(), 1);
-    assert_eq!(q(&|q| q.ids = vec!["o1".into(), "o2".into()]).rows.len(), 2);
+    assert_eq!(q(&|q| q.categories = vec!["labs".into()])?.rows.len(), 1);
+    assert_eq!(
+        q(&|q| q.ids = vec!["o1".into(), "o2".into()])?.rows.len(),
+        2
+    );
     // updates replace tokens; deletes drop out of search
     put(
         s,
         row("Observation", "o0", 2, "p1", b"n"),
         Expect::Version(1),
         vec![ix("code", b"new")],
-    )
-    .unwrap();
+    )?;
     assert_eq!(
-        q(&|q| q.tokens = vec![("code".into(), vec![b"hr".to_vec()])])
+        q(&|q| q.tokens = vec![("code".into(), vec![b"hr".to_vec()])])?
             .rows
             .len(),
         4
     );
     let mut del = row("Observation", "o1", 2, "p1", b"");
     del.deleted = true;
-    put(s, del, Expect::Live, vec![]).unwrap();
-    assert_eq!(q(&|q| q.patient = Some(pid("p1"))).rows.len(), 2);
+    put(s, del, Expect::Live, vec![])?;
+    assert_eq!(q(&|q| q.patient = Some(pid("p1")))?.rows.len(), 2);
     let all = SearchQuery {
         patient: Some(pid("p2")),
         limit: 10,
         ..Default::default()
     };
-    assert_eq!(
-        s.search(&all).unwrap().rows.len(),
-        2,
-        "type-less search by patient"
-    );
+    assert_eq!(s.search(&all)?.rows.len(), 2, "type-less search by patient");
+    Ok(())
 }
 
-pub fn identity_rows(s: &dyn Store) {
+pub fn identity_rows(s: &dyn Store) -> Result<(), Failure> {
     let u = UserRow {
         username: "ann".into(),
         role: "nurse".into(),
@@ -444,8 +457,7 @@ pub fn identity_rows(s: &dyn Store) {
     s.commit(WriteBatch {
         ops: vec![Op::CreateUser(u.clone())],
         audit: vec![],
-    })
-    .unwrap();
+    })?;
     assert!(matches!(
         s.commit(WriteBatch {
             ops: vec![Op::CreateUser(u.clone())],
@@ -453,7 +465,7 @@ pub fn identity_rows(s: &dyn Store) {
         }),
         Err(StoreError::Exists)
     ));
-    assert_eq!(s.user("ann").unwrap().unwrap(), u);
+    assert_eq!(s.user("ann")?.found("user ann")?, u);
     let step = |n| {
         s.commit(WriteBatch {
             ops: vec![Op::UseTotpStep {
@@ -463,7 +475,7 @@ pub fn identity_rows(s: &dyn Store) {
             audit: vec![],
         })
     };
-    step(10).unwrap();
+    step(10)?;
     assert!(
         matches!(step(10), Err(StoreError::Conflict)),
         "a TOTP step is usable once"
@@ -472,7 +484,7 @@ pub fn identity_rows(s: &dyn Store) {
         matches!(step(9), Err(StoreError::Conflict)),
         "no going back"
     );
-    step(11).unwrap();
+    step(11)?;
     let sess = SessionRow {
         token_hash: vec![9; 32],
         kind: "session".into(),
@@ -484,29 +496,27 @@ pub fn identity_rows(s: &dyn Store) {
     s.commit(WriteBatch {
         ops: vec![Op::PutSession(sess.clone())],
         audit: vec![],
-    })
-    .unwrap();
+    })?;
     s.commit(WriteBatch {
         ops: vec![Op::TouchSession {
             token_hash: vec![9; 32],
             last_seen: 5,
         }],
         audit: vec![],
-    })
-    .unwrap();
-    assert_eq!(s.session(&[9; 32]).unwrap().unwrap().last_seen, 5);
+    })?;
+    assert_eq!(s.session(&[9; 32])?.found("the session")?.last_seen, 5);
     s.commit(WriteBatch {
         ops: vec![Op::DeleteSession {
             token_hash: vec![9; 32],
         }],
         audit: vec![],
-    })
-    .unwrap();
-    assert!(s.session(&[9; 32]).unwrap().is_none());
-    assert_eq!(s.users().unwrap().len(), 1);
+    })?;
+    assert!(s.session(&[9; 32])?.is_none());
+    assert_eq!(s.users()?.len(), 1);
+    Ok(())
 }
 
-pub fn keys_and_meta_insert_once(s: &dyn Store) {
+pub fn keys_and_meta_insert_once(s: &dyn Store) -> Result<(), Failure> {
     let k = |v: u32| {
         s.commit(WriteBatch {
             ops: vec![Op::PutPatientKey {
@@ -517,11 +527,11 @@ pub fn keys_and_meta_insert_once(s: &dyn Store) {
             audit: vec![],
         })
     };
-    k(1).unwrap();
+    k(1)?;
     assert!(matches!(k(1), Err(StoreError::Exists)));
-    k(2).unwrap();
+    k(2)?;
     assert_eq!(
-        s.patient_key(&pid("p1")).unwrap(),
+        s.patient_key(&pid("p1"))?,
         Some((2, vec![2])),
         "newest key version"
     );
@@ -534,38 +544,40 @@ pub fn keys_and_meta_insert_once(s: &dyn Store) {
             audit: vec![],
         })
     };
-    m().unwrap();
+    m()?;
     assert!(matches!(m(), Err(StoreError::Exists)));
-    assert_eq!(s.meta("k").unwrap(), Some(vec![7]));
+    assert_eq!(s.meta("k")?, Some(vec![7]));
+    Ok(())
 }
 
-pub fn audited_reads_commit_with_their_audit_entries(s: &dyn Store) {
+pub fn audited_reads_commit_with_their_audit_entries(s: &dyn Store) -> Result<(), Failure> {
     put(
         s,
         row("Observation", "o1", 1, "p1", b"v1"),
         Expect::Absent,
         vec![],
-    )
-    .unwrap();
-    let before = s.audit_len().unwrap();
-    let out = s
-        .audited(Box::new(|tx| {
-            let r = tx.current("Observation", "o1")?.map(|r| r.body);
-            let found = tx
-                .search(&SearchQuery {
-                    patient: Some(pid("p1")),
-                    limit: 10,
-                    ..Default::default()
-                })?
-                .rows
-                .len();
-            Ok((
-                vec![(vec![3], b"read o1".to_vec())],
-                Box::new((r, found)) as Payload,
-            ))
-        }))
-        .unwrap();
-    let (body, found) = *out.downcast::<(Option<Vec<u8>>, usize)>().unwrap();
+    )?;
+    let before = s.audit_len()?;
+    let out = s.audited(Box::new(|tx| {
+        let r = tx
+            .current("Observation", "o1")?
+            .map(|r| r.ciphertext().to_vec());
+        let found = tx
+            .search(&SearchQuery {
+                patient: Some(pid("p1")),
+                limit: 10,
+                ..Default::default()
+            })?
+            .rows
+            .len();
+        Ok((
+            vec![(vec![3], b"read o1".to_vec())],
+            Box::new((r, found)) as Payload,
+        ))
+    }))?;
+    let (body, found) = *out
+        .downcast::<(Option<Vec<u8>>, usize)>()
+        .map_err(|_| Failure::Missing("the audited read's payload"))?;
     assert_eq!(
         body.as_deref(),
         Some(&b"v1"[..]),
@@ -573,19 +585,19 @@ pub fn audited_reads_commit_with_their_audit_entries(s: &dyn Store) {
     );
     assert_eq!(found, 1);
     assert_eq!(
-        s.audit_len().unwrap(),
+        s.audit_len()?,
         before + 1,
         "the read's audit entry is committed before the result returns"
     );
     assert_eq!(
-        s.audit_range(before, before + 1).unwrap()[0].record,
+        s.audit_range(before, before + 1)?
+            .first()
+            .found("the read's audit entry")?
+            .record,
         b"read o1"
     );
     let failed = s.audited(Box::new(|_| Err(StoreError::Backend("boom".into()))));
     assert!(failed.is_err());
-    assert_eq!(
-        s.audit_len().unwrap(),
-        before + 1,
-        "a failed read appends nothing"
-    );
+    assert_eq!(s.audit_len()?, before + 1, "a failed read appends nothing");
+    Ok(())
 }

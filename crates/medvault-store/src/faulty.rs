@@ -57,20 +57,15 @@ impl Store for FaultyStore {
         }
         self.inner.commit(batch)
     }
-    fn current(&self, rtype: &str, id: &str) -> Result<Option<VersionRow>, StoreError> {
+    fn current(&self, rtype: &str, id: &str) -> Result<Option<Sealed>, StoreError> {
         self.read_gate()?;
         self.inner.current(rtype, id)
     }
-    fn version(
-        &self,
-        rtype: &str,
-        id: &str,
-        version: u64,
-    ) -> Result<Option<VersionRow>, StoreError> {
+    fn version(&self, rtype: &str, id: &str, version: u64) -> Result<Option<Sealed>, StoreError> {
         self.read_gate()?;
         self.inner.version(rtype, id, version)
     }
-    fn history(&self, rtype: &str, id: &str) -> Result<Vec<VersionRow>, StoreError> {
+    fn history(&self, rtype: &str, id: &str) -> Result<Vec<Sealed>, StoreError> {
         self.read_gate()?;
         self.inner.history(rtype, id)
     }

@@ -43,7 +43,8 @@ impl From<rusqlite::Error> for StoreError {
     }
 }
 
-/// One stored version of a resource. `body` is ciphertext on the secure path.
+/// One version of a resource to be stored (the write shape). `body` is ciphertext on the
+/// secure path. What comes back from a read is a [`Sealed`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VersionRow {
     pub patient: Option<PatientId>,
@@ -56,6 +57,62 @@ pub struct VersionRow {
     pub category: String,
     pub key_version: u32,
     pub body: Vec<u8>,
+}
+
+/// One stored version as read back from a backend: sealed (the body is ciphertext on the
+/// secure path) and read-only. Its fields are private and it is made only by a backend's
+/// row mapping, so holding one means "this came out of storage" — the first state of the
+/// gate's typestate (`Sealed → Permitted<Sealed> → Disclosed` in `medvault-core`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sealed(VersionRow);
+
+impl Sealed {
+    /// Made by the backends' row mappers only.
+    pub(crate) fn from_storage(row: VersionRow) -> Self {
+        Sealed(row)
+    }
+    /// The chart (data-key owner) the version belongs to; `None` for directory resources.
+    pub fn patient(&self) -> Option<&PatientId> {
+        self.0.patient.as_ref()
+    }
+    /// FHIR resource type name.
+    pub fn rtype(&self) -> &str {
+        &self.0.rtype
+    }
+    /// FHIR logical id.
+    pub fn id(&self) -> &str {
+        &self.0.id
+    }
+    /// Version number (FHIR `meta.versionId`), from 1.
+    pub fn version(&self) -> u64 {
+        self.0.version
+    }
+    /// FHIR instant of the write (server time; not PHI).
+    pub fn last_updated(&self) -> &str {
+        &self.0.last_updated
+    }
+    /// Whether this version records a deletion (empty body).
+    pub fn deleted(&self) -> bool {
+        self.0.deleted
+    }
+    /// The data category as stored (parsed, and denied if unknown, by the gate).
+    pub fn category(&self) -> &str {
+        &self.0.category
+    }
+    /// Version of the patient's data key the body is sealed under.
+    pub fn key_version(&self) -> u32 {
+        self.0.key_version
+    }
+    /// The stored bytes: AES-256-GCM ciphertext on the secure path.
+    pub fn ciphertext(&self) -> &[u8] {
+        &self.0.body
+    }
+}
+
+impl From<Sealed> for VersionRow {
+    fn from(s: Sealed) -> Self {
+        s.0
+    }
 }
 
 /// A blind-index token for one search parameter.
@@ -246,20 +303,15 @@ pub struct SearchQuery {
 
 #[derive(Debug, Clone, Default)]
 pub struct SearchPage {
-    pub rows: Vec<VersionRow>,
+    pub rows: Vec<Sealed>,
     pub more: bool,
 }
 
 /// Reads available inside an audited transaction.
 pub trait TxRead {
-    fn current(&self, rtype: &str, id: &str) -> Result<Option<VersionRow>, StoreError>;
-    fn version(
-        &self,
-        rtype: &str,
-        id: &str,
-        version: u64,
-    ) -> Result<Option<VersionRow>, StoreError>;
-    fn history(&self, rtype: &str, id: &str) -> Result<Vec<VersionRow>, StoreError>;
+    fn current(&self, rtype: &str, id: &str) -> Result<Option<Sealed>, StoreError>;
+    fn version(&self, rtype: &str, id: &str, version: u64) -> Result<Option<Sealed>, StoreError>;
+    fn history(&self, rtype: &str, id: &str) -> Result<Vec<Sealed>, StoreError>;
     fn search(&self, q: &SearchQuery) -> Result<SearchPage, StoreError>;
 }
 
@@ -282,15 +334,10 @@ pub trait Store: Send + Sync + 'static {
     /// the entries are committed (fail closed).
     fn audited(&self, read: AuditedRead) -> Result<Payload, StoreError>;
     fn commit(&self, batch: WriteBatch) -> Result<Committed, StoreError>;
-    fn current(&self, rtype: &str, id: &str) -> Result<Option<VersionRow>, StoreError>;
-    fn version(
-        &self,
-        rtype: &str,
-        id: &str,
-        version: u64,
-    ) -> Result<Option<VersionRow>, StoreError>;
+    fn current(&self, rtype: &str, id: &str) -> Result<Option<Sealed>, StoreError>;
+    fn version(&self, rtype: &str, id: &str, version: u64) -> Result<Option<Sealed>, StoreError>;
     /// Every version, newest first.
-    fn history(&self, rtype: &str, id: &str) -> Result<Vec<VersionRow>, StoreError>;
+    fn history(&self, rtype: &str, id: &str) -> Result<Vec<Sealed>, StoreError>;
     fn search(&self, q: &SearchQuery) -> Result<SearchPage, StoreError>;
     /// The newest wrapped data key of a patient: (key version, wrapped bytes).
     fn patient_key(&self, patient: &PatientId) -> Result<Option<(u32, Vec<u8>)>, StoreError>;

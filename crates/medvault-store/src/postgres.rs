@@ -872,59 +872,60 @@ async fn apply(
     Ok(append_audit(c, &b.audit, next_seq).await?)
 }
 
-fn version_row(r: &PgRow) -> Result<VersionRow, sqlx::Error> {
-    let pid: String = r.try_get(3)?;
-    let version: i64 = r.try_get(2)?;
-    let kv: i64 = r.try_get(7)?;
-    Ok(VersionRow {
-        rtype: r.try_get(0)?,
-        id: r.try_get(1)?,
-        version: u64::try_from(version).unwrap_or(0),
-        patient: if pid.is_empty() {
-            None
-        } else {
-            PatientId::new(&pid).ok()
-        },
-        last_updated: r.try_get(4)?,
-        deleted: r.try_get(5)?,
-        category: r.try_get(6)?,
-        key_version: u32::try_from(kv).unwrap_or(0),
-        body: r.try_get(8)?,
-    })
+impl crate::sql::Columns for PgRow {
+    type Error = sqlx::Error;
+    fn text(&self, i: usize) -> Result<String, sqlx::Error> {
+        self.try_get(i)
+    }
+    fn opt_text(&self, i: usize) -> Result<Option<String>, sqlx::Error> {
+        self.try_get(i)
+    }
+    fn patient(&self, i: usize) -> Result<Option<String>, sqlx::Error> {
+        let p: String = self.try_get(i)?;
+        Ok((!p.is_empty()).then_some(p))
+    }
+    fn int(&self, i: usize) -> Result<i64, sqlx::Error> {
+        self.try_get(i)
+    }
+    fn flag(&self, i: usize) -> Result<bool, sqlx::Error> {
+        self.try_get(i)
+    }
+    fn bytes(&self, i: usize) -> Result<Vec<u8>, sqlx::Error> {
+        self.try_get(i)
+    }
+}
+
+fn version_row(r: &PgRow) -> Result<Sealed, sqlx::Error> {
+    crate::sql::sealed(r)
 }
 
 fn user_row(r: &PgRow) -> Result<UserRow, sqlx::Error> {
-    Ok(UserRow {
-        username: r.try_get(0)?,
-        role: r.try_get(1)?,
-        password_hash: r.try_get(2)?,
-        totp_secret_wrapped: r.try_get(3)?,
-        totp_last_step: r.try_get(4)?,
-        disabled: r.try_get(5)?,
-        failed_logins: r.try_get(6)?,
-        created: r.try_get(7)?,
-        practitioner_id: r.try_get(8)?,
-    })
+    crate::sql::user(r)
 }
 
-const USER_COLS: &str =
-    "username, role, password_hash, totp_secret_wrapped, totp_last_step, disabled, failed_logins, created, practitioner_id";
+use crate::sql::{USER_COLS, VERSION_COLS};
+use std::sync::LazyLock;
 
-const CURRENT_SQL: &str = "SELECT v.rtype, v.id, v.version, v.patient_id, v.last_updated, v.deleted, v.category, v.key_version, v.body
-     FROM resource_current c JOIN resource_versions v
+static CURRENT_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT {VERSION_COLS} FROM resource_current c JOIN resource_versions v
      ON v.patient_id = c.patient_id AND v.rtype = c.rtype AND v.id = c.id AND v.version = c.version
-     WHERE c.rtype = $1 AND c.id = $2";
-const VERSION_SQL: &str = "SELECT v.rtype, v.id, v.version, v.patient_id, v.last_updated, v.deleted, v.category, v.key_version, v.body
-     FROM resource_versions v WHERE v.rtype = $1 AND v.id = $2 AND v.version = $3";
-const HISTORY_SQL: &str = "SELECT v.rtype, v.id, v.version, v.patient_id, v.last_updated, v.deleted, v.category, v.key_version, v.body
-     FROM resource_versions v WHERE v.rtype = $1 AND v.id = $2 ORDER BY v.version DESC";
+     WHERE c.rtype = $1 AND c.id = $2"
+    )
+});
+static VERSION_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!("SELECT {VERSION_COLS} FROM resource_versions v WHERE v.rtype = $1 AND v.id = $2 AND v.version = $3")
+});
+static HISTORY_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!("SELECT {VERSION_COLS} FROM resource_versions v WHERE v.rtype = $1 AND v.id = $2 ORDER BY v.version DESC")
+});
 
 async fn q_current<'e, E: sqlx::PgExecutor<'e>>(
     e: E,
     rtype: &str,
     id: &str,
-) -> Result<Option<VersionRow>, StoreError> {
-    let r = sqlx::query(CURRENT_SQL)
+) -> Result<Option<Sealed>, StoreError> {
+    let r = sqlx::query(&CURRENT_SQL)
         .bind(rtype)
         .bind(id)
         .fetch_optional(e)
@@ -938,11 +939,11 @@ async fn q_version<'e, E: sqlx::PgExecutor<'e>>(
     rtype: &str,
     id: &str,
     version: u64,
-) -> Result<Option<VersionRow>, StoreError> {
+) -> Result<Option<Sealed>, StoreError> {
     let Ok(v) = i64::try_from(version) else {
         return Ok(None);
     };
-    let r = sqlx::query(VERSION_SQL)
+    let r = sqlx::query(&VERSION_SQL)
         .bind(rtype)
         .bind(id)
         .bind(v)
@@ -956,8 +957,8 @@ async fn q_history<'e, E: sqlx::PgExecutor<'e>>(
     e: E,
     rtype: &str,
     id: &str,
-) -> Result<Vec<VersionRow>, StoreError> {
-    let rows = sqlx::query(HISTORY_SQL)
+) -> Result<Vec<Sealed>, StoreError> {
+    let rows = sqlx::query(&HISTORY_SQL)
         .bind(rtype)
         .bind(id)
         .fetch_all(e)
@@ -1000,20 +1001,15 @@ struct PgTx<'a, 'c> {
 }
 
 impl TxRead for PgTx<'_, '_> {
-    fn current(&self, rtype: &str, id: &str) -> Result<Option<VersionRow>, StoreError> {
+    fn current(&self, rtype: &str, id: &str) -> Result<Option<Sealed>, StoreError> {
         let mut c = self.conn.borrow_mut();
         self.rt.block_on(q_current(&mut **c, rtype, id))
     }
-    fn version(
-        &self,
-        rtype: &str,
-        id: &str,
-        version: u64,
-    ) -> Result<Option<VersionRow>, StoreError> {
+    fn version(&self, rtype: &str, id: &str, version: u64) -> Result<Option<Sealed>, StoreError> {
         let mut c = self.conn.borrow_mut();
         self.rt.block_on(q_version(&mut **c, rtype, id, version))
     }
-    fn history(&self, rtype: &str, id: &str) -> Result<Vec<VersionRow>, StoreError> {
+    fn history(&self, rtype: &str, id: &str) -> Result<Vec<Sealed>, StoreError> {
         let mut c = self.conn.borrow_mut();
         self.rt.block_on(q_history(&mut **c, rtype, id))
     }
@@ -1042,20 +1038,15 @@ impl Store for PgStore {
             .map_err(|_| StoreError::Unavailable("writer stopped".into()))?
     }
 
-    fn current(&self, rtype: &str, id: &str) -> Result<Option<VersionRow>, StoreError> {
+    fn current(&self, rtype: &str, id: &str) -> Result<Option<Sealed>, StoreError> {
         self.rt.block_on(q_current(&self.pool, rtype, id))
     }
 
-    fn version(
-        &self,
-        rtype: &str,
-        id: &str,
-        version: u64,
-    ) -> Result<Option<VersionRow>, StoreError> {
+    fn version(&self, rtype: &str, id: &str, version: u64) -> Result<Option<Sealed>, StoreError> {
         self.rt.block_on(q_version(&self.pool, rtype, id, version))
     }
 
-    fn history(&self, rtype: &str, id: &str) -> Result<Vec<VersionRow>, StoreError> {
+    fn history(&self, rtype: &str, id: &str) -> Result<Vec<Sealed>, StoreError> {
         self.rt.block_on(q_history(&self.pool, rtype, id))
     }
 

@@ -1,6 +1,8 @@
 //! The search query, written once for both SQL backends.
 
-use crate::{Cmp, SearchQuery};
+use medvault_types::PatientId;
+
+use crate::{Cmp, Sealed, SearchQuery, UserRow, VersionRow};
 
 /// Which SQL the builder speaks.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -16,8 +18,56 @@ pub(crate) enum Arg {
     Int(i64),
 }
 
+/// The columns [`sealed`] maps, in order, for a `resource_versions v` query.
 pub(crate) const VERSION_COLS: &str =
     "v.rtype, v.id, v.version, v.patient_id, v.last_updated, v.deleted, v.category, v.key_version, v.body";
+
+/// The columns [`user`] maps, in order.
+pub(crate) const USER_COLS: &str =
+    "username, role, password_hash, totp_secret_wrapped, totp_last_step, disabled, failed_logins, created, practitioner_id";
+
+/// One result row, column by position, as each backend's driver reads it.
+pub(crate) trait Columns {
+    type Error;
+    fn text(&self, i: usize) -> Result<String, Self::Error>;
+    fn opt_text(&self, i: usize) -> Result<Option<String>, Self::Error>;
+    /// The patient column (SQLite: NULL for none; PostgreSQL: '' for none, as it is part of
+    /// the partition key).
+    fn patient(&self, i: usize) -> Result<Option<String>, Self::Error>;
+    fn int(&self, i: usize) -> Result<i64, Self::Error>;
+    fn flag(&self, i: usize) -> Result<bool, Self::Error>;
+    fn bytes(&self, i: usize) -> Result<Vec<u8>, Self::Error>;
+}
+
+/// A stored version from the [`VERSION_COLS`] of a row: the one row mapper of both backends.
+pub(crate) fn sealed<R: Columns>(r: &R) -> Result<Sealed, R::Error> {
+    Ok(Sealed::from_storage(VersionRow {
+        rtype: r.text(0)?,
+        id: r.text(1)?,
+        version: u64::try_from(r.int(2)?).unwrap_or(0),
+        patient: r.patient(3)?.and_then(|p| PatientId::new(&p).ok()),
+        last_updated: r.text(4)?,
+        deleted: r.flag(5)?,
+        category: r.text(6)?,
+        key_version: u32::try_from(r.int(7)?).unwrap_or(0),
+        body: r.bytes(8)?,
+    }))
+}
+
+/// A user from the [`USER_COLS`] of a row.
+pub(crate) fn user<R: Columns>(r: &R) -> Result<UserRow, R::Error> {
+    Ok(UserRow {
+        username: r.text(0)?,
+        role: r.text(1)?,
+        password_hash: r.text(2)?,
+        totp_secret_wrapped: r.bytes(3)?,
+        totp_last_step: r.int(4)?,
+        disabled: r.flag(5)?,
+        failed_logins: r.int(6)?,
+        created: r.text(7)?,
+        practitioner_id: r.opt_text(8)?,
+    })
+}
 
 /// The SQL and arguments for `q` (asking for one row more than the limit, to know whether
 /// there is a next page); `None` when the query cannot match anything.

@@ -253,18 +253,13 @@ fn empty_job(j: &mut Job) -> Job {
 struct TxConn<'a>(&'a Connection);
 
 impl TxRead for TxConn<'_> {
-    fn current(&self, rtype: &str, id: &str) -> Result<Option<VersionRow>, StoreError> {
+    fn current(&self, rtype: &str, id: &str) -> Result<Option<Sealed>, StoreError> {
         q_current(self.0, rtype, id)
     }
-    fn version(
-        &self,
-        rtype: &str,
-        id: &str,
-        version: u64,
-    ) -> Result<Option<VersionRow>, StoreError> {
+    fn version(&self, rtype: &str, id: &str, version: u64) -> Result<Option<Sealed>, StoreError> {
         q_version(self.0, rtype, id, version)
     }
-    fn history(&self, rtype: &str, id: &str) -> Result<Vec<VersionRow>, StoreError> {
+    fn history(&self, rtype: &str, id: &str) -> Result<Vec<Sealed>, StoreError> {
         q_history(self.0, rtype, id)
     }
     fn search(&self, q: &SearchQuery) -> Result<SearchPage, StoreError> {
@@ -512,42 +507,39 @@ fn append_audit(
     Ok(seqs)
 }
 
-use crate::sql::VERSION_COLS;
+use crate::sql::{Columns, USER_COLS, VERSION_COLS};
 
-fn version_row(r: &Row<'_>) -> rusqlite::Result<VersionRow> {
-    let pid: Option<String> = r.get(3)?;
-    let version: i64 = r.get(2)?;
-    Ok(VersionRow {
-        rtype: r.get(0)?,
-        id: r.get(1)?,
-        version: u64::try_from(version).unwrap_or(0),
-        patient: pid.and_then(|p| PatientId::new(&p).ok()),
-        last_updated: r.get(4)?,
-        deleted: r.get(5)?,
-        category: r.get(6)?,
-        key_version: r.get(7)?,
-        body: r.get(8)?,
-    })
+impl Columns for Row<'_> {
+    type Error = rusqlite::Error;
+    fn text(&self, i: usize) -> rusqlite::Result<String> {
+        self.get(i)
+    }
+    fn opt_text(&self, i: usize) -> rusqlite::Result<Option<String>> {
+        self.get(i)
+    }
+    fn patient(&self, i: usize) -> rusqlite::Result<Option<String>> {
+        self.get(i)
+    }
+    fn int(&self, i: usize) -> rusqlite::Result<i64> {
+        self.get(i)
+    }
+    fn flag(&self, i: usize) -> rusqlite::Result<bool> {
+        self.get(i)
+    }
+    fn bytes(&self, i: usize) -> rusqlite::Result<Vec<u8>> {
+        self.get(i)
+    }
+}
+
+fn version_row(r: &Row<'_>) -> rusqlite::Result<Sealed> {
+    crate::sql::sealed(r)
 }
 
 fn user_row(r: &Row<'_>) -> rusqlite::Result<UserRow> {
-    Ok(UserRow {
-        username: r.get(0)?,
-        role: r.get(1)?,
-        password_hash: r.get(2)?,
-        totp_secret_wrapped: r.get(3)?,
-        totp_last_step: r.get(4)?,
-        disabled: r.get(5)?,
-        failed_logins: r.get(6)?,
-        created: r.get(7)?,
-        practitioner_id: r.get(8)?,
-    })
+    crate::sql::user(r)
 }
 
-const USER_COLS: &str =
-    "username, role, password_hash, totp_secret_wrapped, totp_last_step, disabled, failed_logins, created, practitioner_id";
-
-fn q_current(c: &Connection, rtype: &str, id: &str) -> Result<Option<VersionRow>, StoreError> {
+fn q_current(c: &Connection, rtype: &str, id: &str) -> Result<Option<Sealed>, StoreError> {
     {
         {
             Ok(c.prepare_cached(&format!(
@@ -565,7 +557,7 @@ fn q_version(
     rtype: &str,
     id: &str,
     version: u64,
-) -> Result<Option<VersionRow>, StoreError> {
+) -> Result<Option<Sealed>, StoreError> {
     let Ok(version) = i64::try_from(version) else {
         return Ok(None);
     };
@@ -578,7 +570,7 @@ fn q_version(
     }
 }
 
-fn q_history(c: &Connection, rtype: &str, id: &str) -> Result<Vec<VersionRow>, StoreError> {
+fn q_history(c: &Connection, rtype: &str, id: &str) -> Result<Vec<Sealed>, StoreError> {
     {
         let mut st = c.prepare_cached(&format!(
                 "SELECT {VERSION_COLS} FROM resource_versions v WHERE v.rtype = ?1 AND v.id = ?2 ORDER BY v.version DESC"
@@ -638,20 +630,15 @@ impl Store for SqliteStore {
             .map_err(|_| StoreError::Unavailable("writer stopped".into()))?
     }
 
-    fn current(&self, rtype: &str, id: &str) -> Result<Option<VersionRow>, StoreError> {
+    fn current(&self, rtype: &str, id: &str) -> Result<Option<Sealed>, StoreError> {
         self.with_reader(|c| q_current(c, rtype, id))
     }
 
-    fn version(
-        &self,
-        rtype: &str,
-        id: &str,
-        version: u64,
-    ) -> Result<Option<VersionRow>, StoreError> {
+    fn version(&self, rtype: &str, id: &str, version: u64) -> Result<Option<Sealed>, StoreError> {
         self.with_reader(|c| q_version(c, rtype, id, version))
     }
 
-    fn history(&self, rtype: &str, id: &str) -> Result<Vec<VersionRow>, StoreError> {
+    fn history(&self, rtype: &str, id: &str) -> Result<Vec<Sealed>, StoreError> {
         self.with_reader(|c| q_history(c, rtype, id))
     }
 

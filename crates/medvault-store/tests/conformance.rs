@@ -18,7 +18,8 @@ fn sqlite_passes_the_conformance_suite() {
         let s: Arc<dyn Store> = SqliteStore::open(&d.path().join("db.sqlite")).unwrap();
         dirs.lock().unwrap().push(d);
         s
-    });
+    })
+    .unwrap();
 }
 
 #[test]
@@ -70,7 +71,8 @@ fn postgres_passes_the_conformance_suite() {
         let s = PgStore::open(&url).unwrap();
         stores.lock().unwrap().push(s.clone());
         s as Arc<dyn Store>
-    });
+    })
+    .unwrap();
     for s in stores.lock().unwrap().drain(..) {
         s.close();
     }

@@ -179,6 +179,7 @@ str_enum!(
         PrivacyOfficer => "privacy_officer",
         Auditor => "auditor",
         Importer => "importer",
+        System => "system",
     }
 );
 
@@ -191,9 +192,10 @@ impl Role {
             _ => Purpose::Operations,
         }
     }
-    /// Roles a human account may hold (the importer is the CLI's own principal).
+    /// Roles a human account may hold (the importer is the CLI's own principal; system is
+    /// the server's own background work, such as signing audit checkpoints).
     pub fn is_staff(self) -> bool {
-        !matches!(self, Role::Importer)
+        !matches!(self, Role::Importer | Role::System)
     }
 }
 
@@ -239,6 +241,32 @@ str_enum!(
         Create => "create",
         Update => "update",
         Delete => "delete",
+    }
+);
+
+str_enum!(
+    /// What a caller does through the gate that is not an action on a chart's records:
+    /// audit views, the accounting of disclosures, transparency reads, key and user
+    /// administration. Each is a Cedar action of the same name (`medvault-policy`), so who
+    /// may do it is written in the policy files alone.
+    Operation, UnknownValue {
+        AuditSearch => "audit.search",
+        AccessReport => "audit.access-report",
+        Disclosures => "audit.disclosures",
+        RecordDisclosure => "disclosure.record",
+        AuditEntries => "audit.entries",
+        AuditExport => "audit.export",
+        AuditVerify => "audit.verify",
+        SignCheckpoint => "audit.checkpoint",
+        SignScheduledCheckpoint => "audit.sign",
+        ReadCheckpoint => "audit.checkpoint.read",
+        Cosign => "audit.cosign",
+        Proof => "audit.proof",
+        Tile => "audit.tile",
+        VerifierKey => "audit.key",
+        EvictKey => "keys.evict",
+        Status => "status",
+        CreateUser => "user.create",
     }
 );
 

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod config;
+mod demo;
 mod witness;
 
 use std::io::{IsTerminal, Write};
@@ -14,7 +15,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
 use config::Config;
 use medvault_core::{
-    Caller, Clock, MasterKey, Password, Role, SessionPolicy, SqliteStore, Store, Vault, VaultError,
+    Caller, Clock, MasterKeySource, Password, Role, SessionPolicy, Storage, Vault, VaultError,
     VaultOptions,
 };
 use serde_json::json;
@@ -313,8 +314,8 @@ fn run(cli: Cli) -> Result<()> {
             json,
         } => {
             let backend = match (backend.as_str(), postgres) {
-                ("sqlite", _) => medvault_core::bench::BenchBackend::Sqlite,
-                ("postgres", Some(url)) => medvault_core::bench::BenchBackend::Postgres(url),
+                ("sqlite", _) => medvault_bench::BenchBackend::Sqlite,
+                ("postgres", Some(url)) => medvault_bench::BenchBackend::Postgres(url),
                 ("postgres", None) => bail!(
                     "--backend postgres needs --postgres URL (a user that may create databases)"
                 ),
@@ -335,7 +336,7 @@ fn run(cli: Cli) -> Result<()> {
             let (_, vault) = open(&dir)?;
             let bar = progress_bar(0, "verifying the audit log");
             let verdict = vault
-                .verify_audit(&|done, total| {
+                .verify_audit(&Caller::cli(Role::Auditor), &|done, total| {
                     if let Some(b) = &bar {
                         b.set_length(total);
                         b.set_position(done);
@@ -380,13 +381,13 @@ fn run(cli: Cli) -> Result<()> {
             let size = match size {
                 Some(s) => s,
                 None => vault
-                    .latest_checkpoint()
+                    .latest_checkpoint(&Caller::cli(Role::Auditor))
                     .map_err(describe)?
                     .and_then(|n| n.lines().nth(1).and_then(|l| l.parse().ok()))
                     .ok_or_else(|| anyhow!("no signed checkpoint yet; pass --size"))?,
             };
             let p = vault
-                .inclusion_proof(Some(&Caller::cli(Role::Auditor)), index, size)
+                .inclusion_proof(&Caller::cli(Role::Auditor), index, size)
                 .map_err(describe)?;
             println!("{}", serde_json::to_string_pretty(&p)?);
             Ok(())
@@ -395,14 +396,15 @@ fn run(cli: Cli) -> Result<()> {
             command: AuditCommand::Export { since, lookup },
         } => {
             let (_, vault) = open(&dir)?;
+            let auditor = Caller::cli(Role::Auditor);
             if let Some(v) = lookup {
-                println!("{}", vault.pseudonym(&v));
+                println!("{}", vault.pseudonym(&auditor, &v).map_err(describe)?);
                 return Ok(());
             }
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::new(stdout.lock());
             vault
-                .export_audit(since.as_deref(), &mut out)
+                .export_audit(&auditor, since.as_deref(), &mut out)
                 .map_err(describe)?;
             out.flush()?;
             Ok(())
@@ -497,20 +499,28 @@ fn options(cfg: &Config) -> VaultOptions {
     }
 }
 
-fn open_store(dir: &Path, cfg: &Config) -> Result<Arc<dyn Store>> {
+fn storage(dir: &Path, cfg: &Config) -> Result<Storage> {
     Ok(match cfg.storage.backend.as_str() {
-        "postgres" => medvault_core::PgStore::open(&cfg.postgres_url(dir)?)
-            .map_err(|e| anyhow!("PostgreSQL: {e}"))?,
-        _ => SqliteStore::open(&dir.join(&cfg.storage.path))?,
+        "postgres" => Storage::Postgres(cfg.postgres_url(dir)?),
+        _ => Storage::Sqlite(dir.join(&cfg.storage.path)),
+    })
+}
+
+/// Opens the gate over the configured store; `key` is where the master key comes from.
+fn open_vault(dir: &Path, cfg: &Config, key: &MasterKeySource) -> Result<Vault> {
+    let storage = storage(dir, cfg)?;
+    Vault::open(&storage, key, Arc::new(SystemClock), options(cfg)).map_err(|e| match storage {
+        Storage::Postgres(_) if matches!(e, VaultError::Unavailable(_)) => {
+            anyhow!("PostgreSQL: {}", describe(e))
+        }
+        _ => describe(e),
     })
 }
 
 fn open(dir: &Path) -> Result<(Config, Arc<Vault>)> {
     let cfg = Config::load(dir)?;
-    let master = MasterKey::load_file(&dir.join(&cfg.keys.master_key_file))?;
-    let store = open_store(dir, &cfg)?;
-    let vault =
-        Vault::open(store, master, Arc::new(SystemClock), options(&cfg)).map_err(describe)?;
+    let key = MasterKeySource::File(dir.join(&cfg.keys.master_key_file));
+    let vault = open_vault(dir, &cfg, &key)?;
     Ok((cfg, Arc::new(vault)))
 }
 
@@ -549,7 +559,7 @@ fn init(
         cfg.storage.url = url;
     }
     let result = (|| -> Result<InitOutput> {
-        let master = MasterKey::create_file(&dir.join(&cfg.keys.master_key_file))?;
+        let master = MasterKeySource::NewFile(dir.join(&cfg.keys.master_key_file));
         std::fs::DirBuilder::new()
             .mode(0o700)
             .create(dir.join("tls"))?;
@@ -571,9 +581,7 @@ fn init(
             .map(|b| format!("{b:02x}"))
             .collect();
         write_private(&dir.join(config::FILE), cfg.to_toml()?.as_bytes())?;
-        let store = open_store(dir, &cfg)?;
-        let vault =
-            Vault::open(store, master, Arc::new(SystemClock), options(&cfg)).map_err(describe)?;
+        let vault = open_vault(dir, &cfg, &master)?;
         let user = vault
             .add_user(
                 &Caller::cli(Role::SecurityAdmin),
@@ -638,6 +646,7 @@ fn serve_vault(dir: &Path, cfg: &Config, vault: Arc<Vault>, listen: Option<Strin
     // Sign a checkpoint of the audit log every second while it grows, and once at shutdown.
     let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
     let signer_vault = checkpoint_vault.clone();
+    let checkpointer = Caller::system("checkpointer");
     let signer = std::thread::Builder::new()
         .name("medvault-checkpoints".into())
         .spawn(move || loop {
@@ -645,7 +654,7 @@ fn serve_vault(dir: &Path, cfg: &Config, vault: Arc<Vault>, listen: Option<Strin
                 stop_rx.recv_timeout(std::time::Duration::from_secs(1)),
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout)
             );
-            if let Err(e) = signer_vault.checkpoint() {
+            if let Err(e) = signer_vault.checkpoint(&checkpointer) {
                 tracing::error!(error = ?e, "could not sign an audit checkpoint");
             }
             if stopping {
@@ -697,7 +706,7 @@ fn demo(dir: &Path, patients: usize, seed: u64, listen: Option<String>) -> Resul
         );
         let (_, vault) = open(dir)?;
         let bar = progress_bar(patients as u64, "generating synthetic charts");
-        let bundle = medvault_core::demo::bundle(seed, patients);
+        let bundle = demo::bundle(seed, patients);
         if let Some(b) = &bar {
             b.set_message("loading through the secure path");
         }
@@ -764,7 +773,7 @@ fn progress_bar(len: u64, msg: &'static str) -> Option<indicatif::ProgressBar> {
 }
 
 fn bench(
-    backend: &medvault_core::bench::BenchBackend,
+    backend: &medvault_bench::BenchBackend,
     patients: usize,
     ops: usize,
     threads: usize,
@@ -773,10 +782,10 @@ fn bench(
 ) -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let bar = progress_bar(patients as u64, "loading patients");
-    let (rows, audit_notes) = medvault_core::bench::run(
+    let (rows, audit_notes) = medvault_bench::run(
         backend,
         tmp.path(),
-        medvault_core::bench::BenchOptions {
+        medvault_bench::BenchOptions {
             sizes: [1, patients.max(1)],
             ops: ops.max(1),
             threads: threads.max(1),
@@ -809,11 +818,11 @@ fn bench(
         println!("{}", serde_json::Value::Array(v));
     } else {
         let store = match backend {
-            medvault_core::bench::BenchBackend::Sqlite => "SQLite (WAL)",
-            medvault_core::bench::BenchBackend::Postgres(_) => "PostgreSQL",
+            medvault_bench::BenchBackend::Sqlite => "SQLite (WAL)",
+            medvault_bench::BenchBackend::Postgres(_) => "PostgreSQL",
         };
         println!("medvault bench: secure path vs plain store, {threads} client threads, in-process, {store}");
-        print!("{}", medvault_core::bench::render(&rows));
+        print!("{}", medvault_bench::render(&rows));
         for n in &audit_notes {
             println!("{n}");
         }

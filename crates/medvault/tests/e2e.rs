@@ -311,7 +311,7 @@ impl PgDb {
     fn new() -> Option<PgDb> {
         let admin = std::env::var("MEDVAULT_TEST_PG_URL").ok()?;
         let name = format!("mv_e2e_{}", medvault_store_name());
-        let url = medvault_core::PgStore::create_database(&admin, &name).unwrap();
+        let url = medvault_store::PgStore::create_database(&admin, &name).unwrap();
         Some(PgDb { admin, name, url })
     }
     fn dump(&self) -> Vec<u8> {
@@ -327,7 +327,7 @@ impl PgDb {
 
 impl Drop for PgDb {
     fn drop(&mut self) {
-        let _ = medvault_core::PgStore::drop_database(&self.admin, &self.name);
+        let _ = medvault_store::PgStore::drop_database(&self.admin, &self.name);
     }
 }
 

@@ -1,7 +1,14 @@
-//! The standard benchmark: the secure path (authenticate-free in-process caller →
-//! authorize → seal/open → blind index → audit append) against the same SQLite store
-//! read and written without security (plaintext JSON bodies, plaintext index tokens,
-//! no policy, no audit). Both run the same operations with the same thread count.
+//! medvault-bench — the standard benchmark (`medvault bench`): the secure path
+//! (in-process caller → authorize → seal/open → blind index → audit append) against the
+//! same store read and written without security (plaintext JSON bodies, plaintext index
+//! tokens, no policy, no audit). Both run the same operations with the same thread count.
+//!
+//! This room is the one place that writes records around the gate: the "plain" column
+//! writes plaintext into a store of its own, in a temporary directory that is deleted
+//! afterwards. It must never open a real data directory, and nothing else may depend on
+//! it but the binary. The secure column goes through [`medvault_core::Vault`] only; audit
+//! appends are measured on the secure store with records shaped as the gate shapes them.
+#![forbid(unsafe_code)]
 
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -12,10 +19,14 @@ use medvault_fhir::{Resource, ResourceType};
 use medvault_store::{
     Expect, IndexRow, Op, SearchQuery, SqliteStore, Store, VersionRow, WriteBatch,
 };
-use medvault_types::{Clock, PatientId, Purpose, Role, Username};
+use medvault_types::{Clock, PatientId, Purpose, Username};
 use serde_json::{json, Value};
 
-use crate::{Caller, MasterKey, Principal, Vault, VaultError, VaultOptions};
+use base64::Engine as _;
+use medvault_core::{
+    AuditRecord, AuditVerdict, Caller, MasterKeySource, Outcome, Principal, Role, Vault,
+    VaultError, VaultOptions,
+};
 
 /// Benchmark parameters.
 #[derive(Debug, Clone, Copy)]
@@ -129,6 +140,8 @@ fn obs_json(patient: &str, i: usize) -> Value {
 
 struct Fixture {
     vault: Vault,
+    /// The secure side's store, for appending audit records directly.
+    secure: Arc<dyn Store>,
     plain: Arc<dyn Store>,
     /// (patient id, observation id) pairs, secure side and plain side.
     secure_ids: Vec<(String, String)>,
@@ -191,7 +204,17 @@ fn setup(
     created: &mut Vec<String>,
 ) -> Result<Fixture, VaultError> {
     let store = open_store(backend, dir, "secure", created)?;
-    let vault = Vault::open(store, MasterKey::generate(), clock, VaultOptions::default())?;
+    // Public transparency: proofs are served as to an anonymous witness (not audited).
+    let options = VaultOptions {
+        public_transparency: true,
+        ..VaultOptions::default()
+    };
+    let vault = Vault::open_with_store(
+        store.clone(),
+        &MasterKeySource::Ephemeral,
+        clock.clone(),
+        options,
+    )?;
     let plain = open_store(backend, dir, "plain", created)?;
     let importer = Caller::cli(Role::Importer);
     let mut secure_ids = vec![];
@@ -248,6 +271,7 @@ fn setup(
     }
     Ok(Fixture {
         vault,
+        secure: store,
         plain,
         secure_ids,
         plain_ids,
@@ -282,24 +306,23 @@ fn short(n: u64) -> String {
 /// integrating it into stored tiles, verifying all of it, and serving and checking
 /// inclusion proofs from the tiles.
 fn audit_log_rows(
-    vault: &Vault,
+    fx: &Fixture,
     c: &Caller,
+    clock: &dyn Clock,
     opts: BenchOptions,
     rows: &mut Vec<BenchRow>,
     figures: &mut Vec<String>,
     progress: &dyn Fn(&str, usize, usize),
 ) -> Result<(), VaultError> {
     const BATCH: u64 = 1_000;
-    let need = opts.audit_log.saturating_sub(vault.audit_len()?);
+    let vault = &fx.vault;
+    let need = opts.audit_log.saturating_sub(fx.secure.audit_len()?);
     let batches = usize::try_from(need.div_ceil(BATCH)).unwrap_or(usize::MAX);
     progress("building the audit log", 0, 1);
     if batches > 0 {
         let m = measure(opts.threads, batches, &|i| {
             let n = need.saturating_sub(i as u64 * BATCH).min(BATCH);
-            let recs = (0..n)
-                .map(|_| vault.record(c, "bench", crate::Outcome::Success))
-                .collect();
-            vault.audit(recs)
+            append(&fx.secure, c, clock, n)
         })?;
         rows.push(BenchRow {
             patients: 0,
@@ -313,12 +336,16 @@ fn audit_log_rows(
         });
     }
     progress("integrating the tree into tiles", 0, 1);
+    let anonymous = Caller::anonymous(Some("bench".into()), "bench".into());
     let before = vault
-        .latest_checkpoint()?
+        .latest_checkpoint(&anonymous)?
         .map(|n| checkpoint_size(&n))
         .unwrap_or(0);
     let started = Instant::now();
-    let signed = vault.checkpoint()?.map(|(n, _)| n).unwrap_or(before);
+    let signed = vault
+        .checkpoint(&Caller::system("bench"))?
+        .map(|(n, _)| n)
+        .unwrap_or(before);
     let secs = started.elapsed().as_secs_f64();
     let integrated = signed.saturating_sub(before);
     rows.push(BenchRow {
@@ -333,7 +360,7 @@ fn audit_log_rows(
     });
     progress("verifying the audit log", 0, 1);
     let started = Instant::now();
-    let verdict = vault.verify_audit(&|d, t| {
+    let verdict = vault.verify_audit(&Caller::cli(Role::Auditor), &|d, t| {
         progress(
             "verifying the audit log",
             usize::try_from(d).unwrap_or(0),
@@ -341,7 +368,7 @@ fn audit_log_rows(
         )
     })?;
     let secs = started.elapsed().as_secs_f64();
-    let crate::AuditVerdict::Intact { size: entries, .. } = verdict else {
+    let AuditVerdict::Intact { size: entries, .. } = verdict else {
         return Err(VaultError::Internal(
             "the benchmark's audit log does not verify".into(),
         ));
@@ -361,7 +388,7 @@ fn audit_log_rows(
     let pick = |i: usize| (i as u64).wrapping_mul(2_654_435_761) % size;
     progress("inclusion proofs", 0, 1);
     let serve = measure(opts.threads, 2_000, &|i| {
-        vault.prove_inclusion(pick(i), size).map(|_| ())
+        vault.inclusion_proof(&anonymous, pick(i), size).map(|_| ())
     })?;
     rows.push(BenchRow {
         patients: 0,
@@ -372,14 +399,19 @@ fn audit_log_rows(
     let mut proofs = vec![];
     for i in 0..200 {
         let idx = pick(i);
-        let (leaf, proof, root) = vault.prove_inclusion(idx, size)?;
-        proofs.push((idx, leaf, proof, root));
+        let p = vault.inclusion_proof(&anonymous, idx, size)?;
+        let proof = p
+            .proof
+            .iter()
+            .map(|h| hash(h))
+            .collect::<Result<Vec<_>, _>>()?;
+        proofs.push((idx, hash(&p.leaf_hash)?, proof, hash(&p.root)?));
     }
     let started = Instant::now();
     let mut ok = 0u32;
     for _ in 0..50 {
         for (idx, leaf, p, root) in &proofs {
-            if medvault_audit::merkle::verify_inclusion(leaf, *idx, size, p, root) {
+            if medvault_core::verify_inclusion(leaf, *idx, size, p, root) {
                 ok += 1;
             }
         }
@@ -405,6 +437,38 @@ fn audit_log_rows(
         serve.p50_us,
     ));
     Ok(())
+}
+
+/// Appends `n` audit records for `c` in one commit, shaped as the gate shapes them
+/// (canonical record, salted commitment leaf).
+fn append(store: &Arc<dyn Store>, c: &Caller, clock: &dyn Clock, n: u64) -> Result<(), VaultError> {
+    let now = medvault_types::fhir_instant(clock.now());
+    let audit = (0..n)
+        .map(|_| {
+            let mut r = AuditRecord::new(
+                "bench",
+                c.actor(),
+                Outcome::Success,
+                now.clone(),
+                &c.request_id,
+            );
+            r.role = c.role().map(|r| r.as_str().to_owned());
+            r.purpose = Some(c.purpose.as_str().to_owned());
+            r.source = c.source.clone();
+            r.to_leaf()
+        })
+        .collect();
+    store.commit(WriteBatch { ops: vec![], audit })?;
+    Ok(())
+}
+
+/// A base64 hash of a proof, as 32 bytes.
+fn hash(b64: &str) -> Result<[u8; 32], VaultError> {
+    base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .ok()
+        .and_then(|v| <[u8; 32]>::try_from(v).ok())
+        .ok_or_else(|| VaultError::Internal("a proof hash is not 32 bytes".into()))
 }
 
 fn checkpoint_size(note: &str) -> u64 {
@@ -462,7 +526,7 @@ pub fn run(
                 .plain
                 .current("Observation", oid)?
                 .ok_or(VaultError::NotFound)?;
-            let _: Value = serde_json::from_slice(&row.body)
+            let _: Value = serde_json::from_slice(row.ciphertext())
                 .map_err(|e| VaultError::Internal(e.to_string()))?;
             Ok(())
         })?;
@@ -492,7 +556,7 @@ pub fn run(
                 ..Default::default()
             };
             for row in fx.plain.search(&q)?.rows {
-                let _: Value = serde_json::from_slice(&row.body)
+                let _: Value = serde_json::from_slice(row.ciphertext())
                     .map_err(|e| VaultError::Internal(e.to_string()))?;
             }
             Ok(())
@@ -539,8 +603,7 @@ pub fn run(
 
         progress("audit appends", 0, 1);
         let secure = measure(opts.threads, opts.ops, &|_| {
-            fx.vault
-                .audit(vec![fx.vault.record(&c, "bench", crate::Outcome::Success)])
+            append(&fx.secure, &c, &*clock, 1)
         })?;
         rows.push(BenchRow {
             patients: size,
@@ -551,8 +614,7 @@ pub fn run(
         // Many concurrent requests: the store's group commit batches their records.
         let clients = 64;
         let secure = measure(clients, opts.ops.max(clients), &|_| {
-            fx.vault
-                .audit(vec![fx.vault.record(&c, "bench", crate::Outcome::Success)])
+            append(&fx.secure, &c, &*clock, 1)
         })?;
         rows.push(BenchRow {
             patients: size,
@@ -561,7 +623,15 @@ pub fn run(
             plain: None,
         });
         if k == 0 {
-            audit_log_rows(&fx.vault, &c, opts, &mut rows, &mut audit_figures, progress)?;
+            audit_log_rows(
+                &fx,
+                &c,
+                &*clock,
+                opts,
+                &mut rows,
+                &mut audit_figures,
+                progress,
+            )?;
         }
         drop(fx);
         drop_databases(backend, &created);

@@ -1,0 +1,148 @@
+//! Audit records as FHIR R4 AuditEvents profiled by IHE Basic Audit Log Patterns (BALP):
+//! PatientRead, PatientQuery, PatientCreate/Update/Delete, Login and Logout. Pure rendering;
+//! which records a caller may see is the gate's decision.
+
+use serde_json::{json, Map, Value};
+
+use crate::{AuditRecord, Outcome};
+
+const BALP: &str = "https://profiles.ihe.net/ITI/BALP/StructureDefinition/";
+
+fn profile_and_action(r: &AuditRecord) -> (&'static str, &'static str, &'static str) {
+    // (BALP profile, restful-interaction subtype, AuditEvent.action)
+    match r.action.as_str() {
+        "read" | "vread" | "history" => ("IHE.BasicAudit.PatientRead", "read", "R"),
+        "search" | "everything" => ("IHE.BasicAudit.PatientQuery", "search-type", "E"),
+        "create" => ("IHE.BasicAudit.PatientCreate", "create", "C"),
+        "update" => ("IHE.BasicAudit.PatientUpdate", "update", "U"),
+        "delete" => ("IHE.BasicAudit.PatientDelete", "delete", "D"),
+        "login" | "mfa" => ("IHE.BasicAudit.Login", "", "E"),
+        "logout" => ("IHE.BasicAudit.Logout", "", "E"),
+        _ => ("IHE.BasicAudit.PatientRead", "", "E"),
+    }
+}
+
+/// One audit record as a BALP AuditEvent (id = its index in the log).
+pub fn audit_event(index: u64, r: &AuditRecord) -> Value {
+    let (profile, interaction, action) = profile_and_action(r);
+    let auth = matches!(r.action.as_str(), "login" | "mfa" | "logout");
+    let mut ev = Map::new();
+    ev.insert("resourceType".into(), json!("AuditEvent"));
+    ev.insert("id".into(), json!(index.to_string()));
+    ev.insert(
+        "meta".into(),
+        json!({"profile": [format!("{BALP}{profile}")]}),
+    );
+    if auth {
+        ev.insert("type".into(), json!({"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "110114", "display": "User Authentication"}));
+        let sub = if r.action == "logout" {
+            ("110123", "Logout")
+        } else {
+            ("110122", "Login")
+        };
+        ev.insert("subtype".into(), json!([{"system": "http://dicom.nema.org/resources/ontology/DCM", "code": sub.0, "display": sub.1}]));
+    } else {
+        ev.insert("type".into(), json!({"system": "http://terminology.hl7.org/CodeSystem/audit-event-type", "code": "rest", "display": "Restful Operation"}));
+        if !interaction.is_empty() {
+            ev.insert(
+                "subtype".into(),
+                json!([{"system": "http://hl7.org/fhir/restful-interaction", "code": interaction}]),
+            );
+        }
+    }
+    ev.insert("action".into(), json!(action));
+    ev.insert("recorded".into(), json!(r.time));
+    let (code, desc) = match r.outcome {
+        Outcome::Success => ("0", "success"),
+        Outcome::NotFound => ("4", "not found"),
+        Outcome::Denied => ("4", "denied by policy"),
+        Outcome::Failure => ("4", "failed"),
+    };
+    ev.insert("outcome".into(), json!(code));
+    let mut desc = desc.to_owned();
+    if !r.categories_withheld.is_empty() {
+        desc.push_str(&format!("; withheld: {}", r.categories_withheld.join(", ")));
+    }
+    ev.insert("outcomeDesc".into(), json!(desc));
+    if let Some(p) = &r.purpose {
+        ev.insert("purposeOfEvent".into(), json!([{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": p}]}]));
+    }
+    let mut agent = json!({
+        "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType", "code": "IRCP", "display": "information recipient"}]},
+        "who": {"identifier": {"system": "https://medvault.dev/sid/username", "value": r.actor}},
+        "requestor": true
+    });
+    if let (Some(role), Some(a)) = (&r.role, agent.as_object_mut()) {
+        a.insert(
+            "role".into(),
+            json!([{"coding": [{"system": "https://medvault.dev/role", "code": role}]}]),
+        );
+    }
+    if let (Some(src), Some(a)) = (&r.source, agent.as_object_mut()) {
+        a.insert("network".into(), json!({"address": src, "type": "2"}));
+    }
+    ev.insert("agent".into(), json!([agent]));
+    ev.insert("source".into(), json!({"observer": {"display": "medvault"},
+        "type": [{"system": "http://terminology.hl7.org/CodeSystem/security-source-type", "code": "4", "display": "Application Server"}]}));
+    let mut entities = vec![];
+    if let Some(p) = &r.patient {
+        entities.push(json!({"what": {"reference": format!("Patient/{p}")},
+            "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "1", "display": "Person"},
+            "role": {"system": "http://terminology.hl7.org/CodeSystem/object-role", "code": "1", "display": "Patient"}}));
+    }
+    if let Some(res) = &r.resource {
+        if res.contains('/') {
+            entities.push(json!({"what": {"reference": res},
+                "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "2", "display": "System Object"},
+                "role": {"system": "http://terminology.hl7.org/CodeSystem/object-role", "code": "4", "display": "Domain Resource"}}));
+        }
+    }
+    if let Some(rid) = (!r.request_id.is_empty()).then_some(&r.request_id) {
+        entities.push(json!({"what": {"identifier": {"value": rid}},
+            "type": {"system": "https://profiles.ihe.net/ITI/BALP/CodeSystem/BasicAuditEntityType", "code": "XrequestId"}}));
+    }
+    if !entities.is_empty() {
+        ev.insert("entity".into(), Value::Array(entities));
+    }
+    Value::Object(ev)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn balp_events_validate_as_fhir_r4() {
+        for action in [
+            "read",
+            "search",
+            "create",
+            "update",
+            "delete",
+            "login",
+            "mfa",
+            "logout",
+            "everything",
+        ] {
+            for outcome in [Outcome::Success, Outcome::Denied, Outcome::NotFound] {
+                let mut r = AuditRecord::new(
+                    action,
+                    "dr.who",
+                    outcome,
+                    "2026-11-24T10:00:00.000Z".into(),
+                    "req-1",
+                );
+                r.role = Some("physician".into());
+                r.purpose = Some("TREAT".into());
+                r.source = Some("127.0.0.1".into());
+                r.patient = Some("p-1".into());
+                r.resource = Some("Observation/o-1/_history/2".into());
+                r.categories_withheld = vec!["billing".into()];
+                let ev = audit_event(7, &r);
+                if let Err(issues) = medvault_fhir::validate_any(ev.as_object().unwrap()) {
+                    panic!("{action}: {issues:?}\n{ev}");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,136 @@
+//! The caller: who is asking (a signed-in user in a role, the local operator, the server's
+//! own background work, or an anonymous requester), why (purpose of use), and from where.
+//! Every public method of the gate takes one.
+
+use medvault_audit::{AuditRecord, Outcome};
+use medvault_identity::Principal;
+use medvault_policy::Asker;
+use medvault_types::{Clock, Purpose, Role, Username};
+
+/// Who is asking, why, and from where.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    who: Option<Principal>,
+    pub purpose: Purpose,
+    pub source: Option<String>,
+    pub request_id: String,
+}
+
+/// Actor name recorded for an anonymous caller.
+pub const ANONYMOUS: &str = "anonymous";
+
+impl Caller {
+    /// A signed-in user, with a declared purpose of use (else their role's default).
+    pub fn new(
+        principal: Principal,
+        purpose: Option<Purpose>,
+        source: Option<String>,
+        request_id: String,
+    ) -> Self {
+        let purpose = purpose.unwrap_or(principal.role.default_purpose());
+        Caller {
+            who: Some(principal),
+            purpose,
+            source,
+            request_id,
+        }
+    }
+
+    /// A request without credentials (signing in, or a public transparency read). Policies
+    /// see it as the Cedar principal `Anonymous`; it is never recorded by name.
+    pub fn anonymous(source: Option<String>, request_id: String) -> Self {
+        Caller {
+            who: None,
+            purpose: Purpose::Operations,
+            source,
+            request_id,
+        }
+    }
+
+    /// The local command-line principal (`cli.<os user>`), acting in `role`.
+    pub fn cli(role: Role) -> Self {
+        let who: String = std::env::var("USER")
+            .unwrap_or_else(|_| "operator".into())
+            .to_lowercase()
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '-')
+            .take(40)
+            .collect();
+        let name =
+            Username::new(&format!("cli.{who}")).unwrap_or_else(|_| constant("cli.operator"));
+        Caller::new(
+            Principal {
+                username: name,
+                role,
+            },
+            None,
+            Some("local".into()),
+            medvault_types::random_uuid(),
+        )
+    }
+
+    /// The server's own background work (`system.<task>`, role `system`), such as signing a
+    /// checkpoint of the audit log every second.
+    pub fn system(task: &str) -> Self {
+        let name =
+            Username::new(&format!("system.{task}")).unwrap_or_else(|_| constant("system.server"));
+        Caller::new(
+            Principal {
+                username: name,
+                role: Role::System,
+            },
+            None,
+            Some("local".into()),
+            medvault_types::random_uuid(),
+        )
+    }
+
+    /// The signed-in principal, if any.
+    pub fn principal(&self) -> Option<&Principal> {
+        self.who.as_ref()
+    }
+
+    /// The caller's role, if signed in.
+    pub fn role(&self) -> Option<Role> {
+        self.who.as_ref().map(|p| p.role)
+    }
+
+    /// The name recorded in the audit log: the user name, or `anonymous`.
+    pub fn actor(&self) -> &str {
+        self.who
+            .as_ref()
+            .map(|p| p.username.as_str())
+            .unwrap_or(ANONYMOUS)
+    }
+
+    /// The Cedar principal.
+    pub(crate) fn asker(&self) -> Asker {
+        match &self.who {
+            Some(p) => Asker::User(p.role),
+            None => Asker::Anonymous,
+        }
+    }
+
+    /// A fresh audit record of `action` by this caller, stamped now.
+    pub(crate) fn record(&self, clock: &dyn Clock, action: &str, outcome: Outcome) -> AuditRecord {
+        let now = medvault_types::fhir_instant(clock.now());
+        let mut r = AuditRecord::new(action, self.actor(), outcome, now, &self.request_id);
+        r.role = self.role().map(|r| r.as_str().to_owned());
+        r.purpose = Some(self.purpose.as_str().to_owned());
+        r.source = self.source.clone();
+        r
+    }
+}
+
+/// A constant user name, known valid.
+fn constant(name: &str) -> Username {
+    Username::new(name).unwrap_or_else(|_| unreachable_username())
+}
+
+#[expect(
+    clippy::panic,
+    reason = "a constant valid user name cannot fail validation"
+)]
+fn unreachable_username() -> Username {
+    panic!("constant user name rejected")
+}

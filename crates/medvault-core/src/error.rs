@@ -1,0 +1,68 @@
+//! The gate's error: what a transport maps to a status code and an OperationOutcome
+//! (`medvault-server/src/error.rs`). Messages are for people; causes of internal errors are
+//! logged once, where they are handled, never shown to the client.
+
+use medvault_fhir::FhirError;
+use medvault_store::StoreError;
+use medvault_types::Category;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VaultError {
+    #[error("{0}")]
+    Fhir(#[from] FhirError),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Unprocessable(String),
+    #[error("not found")]
+    NotFound,
+    #[error("resource deleted")]
+    Gone,
+    #[error("access denied")]
+    Forbidden { withheld: Vec<Category> },
+    #[error("version conflict")]
+    Conflict,
+    #[error("version does not match If-Match")]
+    PreconditionFailed,
+    #[error("authentication required")]
+    Unauthenticated,
+    #[error("{0}")]
+    Identity(String),
+    #[error("audit log unavailable; request refused")]
+    AuditUnavailable,
+    #[error("storage unavailable")]
+    Unavailable(String),
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl From<StoreError> for VaultError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Conflict => VaultError::Conflict,
+            StoreError::Exists => VaultError::Conflict,
+            StoreError::NotFound => VaultError::NotFound,
+            StoreError::Unavailable(m) => VaultError::Unavailable(m),
+            StoreError::Injected(m) => VaultError::Unavailable(m.to_owned()),
+            StoreError::Backend(m) => VaultError::Internal(m),
+        }
+    }
+}
+
+impl From<medvault_crypto::CryptoError> for VaultError {
+    fn from(e: medvault_crypto::CryptoError) -> Self {
+        VaultError::Internal(e.to_string())
+    }
+}
+
+impl From<crate::typestate::OpenError> for VaultError {
+    fn from(e: crate::typestate::OpenError) -> Self {
+        VaultError::Internal(e.to_string())
+    }
+}
+
+impl From<medvault_audit::verify::VerifyError> for VaultError {
+    fn from(e: medvault_audit::verify::VerifyError) -> Self {
+        VaultError::Internal(e.0)
+    }
+}

@@ -1,0 +1,235 @@
+//! Reading records: read, vread and history, each an audited read — the policy decision,
+//! its audit record and the row fetch in one store transaction, decryption after commit.
+
+use std::sync::Arc;
+
+use medvault_fhir::ResourceType;
+use medvault_policy::{PolicyEngine, Query, Target};
+use medvault_store::{AuditedRead, Payload, Sealed, StoreError, TxRead};
+use medvault_types::{Action, Category, Clock};
+
+use crate::typestate::{self, permit, Disclosed, Permitted};
+use crate::{
+    directory_key_id, push_unique, AuditRecord, Caller, Outcome, SearchResult, Vault, VaultError,
+};
+
+/// What an audited read needs on the store's side: the caller, the policy and the clock,
+/// owned, so the read can run on the store's sequencer.
+pub(crate) struct ReadCtx {
+    policy: Arc<PolicyEngine>,
+    clock: Arc<dyn Clock>,
+    caller: Caller,
+    public_transparency: bool,
+}
+
+impl ReadCtx {
+    pub(crate) fn record(&self, action: &str, outcome: Outcome) -> AuditRecord {
+        self.caller.record(&*self.clock, action, outcome)
+    }
+
+    fn decide(&self, action: Action, category: Category) -> medvault_policy::Decision {
+        self.policy.decide(Query {
+            asker: self.caller.asker(),
+            target: Target::Records(action, category),
+            purpose: self.caller.purpose,
+            public_transparency: self.public_transparency,
+        })
+    }
+
+    /// The decision and audit record for reading one stored version. A category this
+    /// server does not know is a recorded denial (default deny), not an error.
+    pub(crate) fn decide_one(
+        &self,
+        rt: ResourceType,
+        id: &str,
+        row: Option<Sealed>,
+        action: &str,
+    ) -> (Vec<AuditRecord>, Result<Permitted<Sealed>, VaultError>) {
+        let mut rec = self.record(action, Outcome::Success);
+        rec.resource = Some(format!("{rt}/{id}"));
+        let Some(row) = row else {
+            rec.outcome = Outcome::NotFound;
+            return (vec![rec], Err(VaultError::NotFound));
+        };
+        rec.resource = Some(format!("{rt}/{id}/_history/{}", row.version()));
+        rec.patient = row.patient().map(|p| p.to_string());
+        let Ok(category) = row.category().parse::<Category>() else {
+            rec.outcome = Outcome::Denied;
+            rec.detail = Some("unknown stored category".into());
+            return (vec![rec], Err(VaultError::Forbidden { withheld: vec![] }));
+        };
+        match permit(self.decide(Action::Read, category), row, &mut rec) {
+            Err(_) => {
+                rec.categories_withheld = vec![category.to_string()];
+                let withheld = vec![category];
+                (vec![rec], Err(VaultError::Forbidden { withheld }))
+            }
+            Ok(p) if p.get().deleted() => {
+                rec.outcome = Outcome::NotFound;
+                rec.detail = Some("deleted".into());
+                (vec![rec], Err(VaultError::Gone))
+            }
+            Ok(p) => {
+                rec.categories_disclosed = vec![category.to_string()];
+                (vec![rec], Ok(p))
+            }
+        }
+    }
+
+    /// Splits rows into those the caller may see and the categories disclosed and withheld
+    /// (an unknown category is withheld as the most restrictive one, default deny). `rec`
+    /// is the request's record; the caller sets its categories from the result.
+    pub(crate) fn filter(
+        &self,
+        rows: Vec<Sealed>,
+        action: Action,
+        rec: &mut AuditRecord,
+    ) -> (Vec<Permitted<Sealed>>, Vec<Category>, Vec<Category>) {
+        let (mut allowed, mut disclosed, mut withheld) = (vec![], vec![], vec![]);
+        for row in rows {
+            let Ok(cat) = row.category().parse::<Category>() else {
+                push_unique(&mut withheld, Category::Notes);
+                continue;
+            };
+            match permit(self.decide(action, cat), row, rec) {
+                Ok(p) => {
+                    push_unique(&mut disclosed, cat);
+                    allowed.push(p);
+                }
+                Err(_) => push_unique(&mut withheld, cat),
+            }
+        }
+        // The request's outcome is the caller's to set from what was disclosed.
+        rec.outcome = Outcome::Success;
+        rec.detail = None;
+        (allowed, disclosed, withheld)
+    }
+}
+
+impl Vault {
+    /// Runs an audited read: `f` runs inside the store transaction that appends the audit
+    /// records it returns, so the read and its record commit together; nothing comes back
+    /// unless they did (fail closed).
+    pub(crate) fn audited_read<T: Send + 'static>(
+        &self,
+        c: &Caller,
+        f: impl FnOnce(
+                &ReadCtx,
+                &dyn TxRead,
+            ) -> Result<(Vec<AuditRecord>, Result<T, VaultError>), StoreError>
+            + Send
+            + 'static,
+    ) -> Result<T, VaultError> {
+        let cx = ReadCtx {
+            policy: self.policy.clone(),
+            clock: self.clock.clone(),
+            caller: c.clone(),
+            public_transparency: self.options.public_transparency,
+        };
+        let read: AuditedRead = Box::new(move |tx: &dyn TxRead| {
+            let (recs, out) = f(&cx, tx)?;
+            let leaves = recs.iter().map(AuditRecord::to_leaf).collect();
+            Ok((leaves, Box::new(out) as Payload))
+        });
+        match self.store.audited(read) {
+            Ok(p) => match p.downcast::<Result<T, VaultError>>() {
+                Ok(out) => *out,
+                Err(_) => Err(VaultError::Internal(
+                    "audited read returned the wrong type".into(),
+                )),
+            },
+            Err(StoreError::Unavailable(m)) => Err(VaultError::Unavailable(m)),
+            Err(StoreError::Injected("read")) => Err(VaultError::Unavailable("read".into())),
+            Err(e) => {
+                tracing::error!(cause = %e, "audited read failed; request refused");
+                Err(VaultError::AuditUnavailable)
+            }
+        }
+    }
+
+    /// Opens a permitted row with its owner's data key.
+    pub(crate) fn open_permitted(&self, row: Permitted<Sealed>) -> Result<Disclosed, VaultError> {
+        let key_id = row
+            .get()
+            .patient()
+            .cloned()
+            .unwrap_or_else(directory_key_id);
+        let cipher = match row.get().deleted() {
+            true => None,
+            false => Some(self.cipher_for(&key_id)?),
+        };
+        Ok(typestate::open(row, cipher.as_deref(), &key_id)?)
+    }
+
+    /// Opens rows an audited read permitted, in order.
+    pub(crate) fn open_all(
+        &self,
+        rows: Vec<Permitted<Sealed>>,
+    ) -> Result<Vec<Disclosed>, VaultError> {
+        rows.into_iter().map(|r| self.open_permitted(r)).collect()
+    }
+
+    /// `GET /{type}/{id}`.
+    pub fn read(&self, c: &Caller, rt: ResourceType, id: &str) -> Result<Disclosed, VaultError> {
+        let id = id.to_owned();
+        let row = self.audited_read(c, move |cx, tx| {
+            let row = tx.current(rt.as_str(), &id)?;
+            Ok(cx.decide_one(rt, &id, row, "read"))
+        })?;
+        self.open_permitted(row)
+    }
+
+    /// `GET /{type}/{id}/_history/{vid}`.
+    pub fn vread(
+        &self,
+        c: &Caller,
+        rt: ResourceType,
+        id: &str,
+        version: u64,
+    ) -> Result<Disclosed, VaultError> {
+        let id = id.to_owned();
+        let row = self.audited_read(c, move |cx, tx| {
+            let row = tx.version(rt.as_str(), &id, version)?;
+            Ok(cx.decide_one(rt, &id, row, "vread"))
+        })?;
+        self.open_permitted(row)
+    }
+
+    /// `GET /{type}/{id}/_history`: every version the caller may see, newest first.
+    pub fn history(
+        &self,
+        c: &Caller,
+        rt: ResourceType,
+        id: &str,
+    ) -> Result<SearchResult, VaultError> {
+        let id = id.to_owned();
+        let (rows, disclosed, withheld) = self.audited_read(c, move |cx, tx| {
+            let rows = tx.history(rt.as_str(), &id)?;
+            let mut rec = cx.record("history", Outcome::Success);
+            rec.resource = Some(format!("{rt}/{id}"));
+            if rows.is_empty() {
+                rec.outcome = Outcome::NotFound;
+                return Ok((vec![rec], Err(VaultError::NotFound)));
+            }
+            rec.patient = rows
+                .first()
+                .and_then(|r| r.patient())
+                .map(|p| p.to_string());
+            let (allowed, disclosed, withheld) = cx.filter(rows, Action::Read, &mut rec);
+            rec.categories_disclosed = disclosed.iter().map(|c| c.to_string()).collect();
+            rec.categories_withheld = withheld.iter().map(|c| c.to_string()).collect();
+            if allowed.is_empty() {
+                rec.outcome = Outcome::Denied;
+                return Ok((vec![rec], Err(VaultError::Forbidden { withheld })));
+            }
+            Ok((vec![rec], Ok((allowed, disclosed, withheld))))
+        })?;
+        let entries = self.open_all(rows)?;
+        Ok(SearchResult {
+            entries,
+            disclosed,
+            withheld,
+            ..Default::default()
+        })
+    }
+}

@@ -1,0 +1,342 @@
+//! Writing records: create, update and delete, each planned through the policy engine,
+//! sealed under the patient's data key with blind-index tokens, and committed in one batch
+//! with its audit record. Transactions (`bundle`) plan several writes into one batch.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use medvault_crypto::{record_aad, DataKey, RecordCipher};
+use medvault_fhir::{Resource, ResourceType};
+use medvault_store::{Expect, IndexRow, Op, Sealed, VersionRow};
+use medvault_types::{Action, Category, PatientId};
+use serde_json::{Map, Value};
+
+use crate::typestate::{self, permit, Draft};
+use crate::{directory_key_id, AuditRecord, Caller, Disclosed, Outcome, Vault, VaultError};
+
+/// Result of a write: where it landed, and the body if the caller may read it back.
+#[derive(Debug, Clone)]
+pub struct Written {
+    pub rtype: ResourceType,
+    pub id: String,
+    pub version: u64,
+    pub last_updated: String,
+    pub body: Option<Disclosed>,
+    pub created: bool,
+}
+
+/// A write being assembled (one batch, all-or-nothing).
+#[derive(Default)]
+pub(crate) struct Plan {
+    pub(crate) ops: Vec<Op>,
+    pub(crate) audit: Vec<AuditRecord>,
+    /// Data keys created in this plan for new patients.
+    pub(crate) new_keys: HashMap<PatientId, Arc<RecordCipher>>,
+}
+
+impl Vault {
+    /// The patient (data-key owner) a resource belongs to, checked to exist.
+    fn owner(&self, res: &Resource, plan: &Plan) -> Result<Option<PatientId>, VaultError> {
+        if !res.rtype().is_patient_scoped() {
+            return Ok(None);
+        }
+        let r = res.patient_reference().ok_or_else(|| {
+            VaultError::Unprocessable(format!(
+                "{} must reference its Patient (subject or patient)",
+                res.rtype()
+            ))
+        })?;
+        let pid = medvault_fhir::patient_id_from_reference(&r).ok_or_else(|| {
+            VaultError::Unprocessable("patient reference must have the form Patient/{id}".into())
+        })?;
+        if res.rtype().as_str() == "Patient" || plan.new_keys.contains_key(&pid) {
+            return Ok(Some(pid));
+        }
+        match self.store.current("Patient", pid.as_str())? {
+            Some(row) if !row.deleted() => Ok(Some(pid)),
+            _ => Err(VaultError::Unprocessable(
+                "referenced Patient does not exist".into(),
+            )),
+        }
+    }
+
+    /// Plans one create/update: policy, sealing, blind indexes, audit record.
+    pub(crate) fn plan_put(
+        &self,
+        c: &Caller,
+        plan: &mut Plan,
+        mut res: Resource,
+        id: String,
+        prior: Option<&Sealed>,
+        expect: Expect,
+    ) -> Result<(Written, Map<String, Value>), VaultError> {
+        let rt = res.rtype();
+        let creating = prior.is_none();
+        let category = res.category();
+        let action = if creating {
+            Action::Create
+        } else {
+            Action::Update
+        };
+        let mut rec = self.record(c, action.as_str(), Outcome::Success);
+        rec.resource = Some(format!("{rt}/{id}"));
+        let mut denied = !self.decide(c, action, category).allowed();
+        if let Some(p) = prior {
+            // An unknown stored category is denied like any other (default deny).
+            match p.category().parse::<Category>() {
+                Ok(old) if old == category => {}
+                Ok(old) => denied |= !self.decide(c, Action::Update, old).allowed(),
+                Err(_) => denied = true,
+            }
+        }
+        if denied {
+            rec.outcome = Outcome::Denied;
+            rec.categories_withheld = vec![category.to_string()];
+            return Err(self.deny(rec, category));
+        }
+        if rt.as_str() == "Patient" && creating {
+            let pid =
+                PatientId::new(&id).map_err(|_| VaultError::BadRequest("invalid id".into()))?;
+            let dk = DataKey::generate();
+            let wrapped = self.master.wrap_data_key(&pid, 1, &dk)?;
+            plan.ops.push(Op::PutPatientKey {
+                patient: pid.clone(),
+                key_version: 1,
+                wrapped,
+            });
+            plan.new_keys.insert(pid, Arc::new(RecordCipher::new(&dk)));
+        }
+        let owner = if rt.as_str() == "Patient" {
+            Some(PatientId::new(&id).map_err(|_| VaultError::BadRequest("invalid id".into()))?)
+        } else {
+            self.owner(&res, plan)?
+        };
+        if let Some(p) = prior {
+            if p.patient() != owner.as_ref() {
+                return Err(VaultError::Unprocessable(
+                    "a resource cannot move to another patient's chart".into(),
+                ));
+            }
+        }
+        let version = prior.map(|p| p.version() + 1).unwrap_or(1);
+        let now = self.now_instant();
+        res.stamp(&id, version, &now);
+        let key_id = owner.clone().unwrap_or_else(directory_key_id);
+        let cipher = match plan.new_keys.get(&key_id) {
+            Some(c) => c.clone(),
+            None => self.cipher_for(&key_id)?,
+        };
+        let index: Vec<IndexRow> = medvault_fhir::search_tokens(rt, res.json())
+            .into_iter()
+            .map(|t| IndexRow {
+                param: t.param.to_owned(),
+                token: self.indexer.token(rt.as_str(), t.param, &t.value).to_vec(),
+            })
+            .collect();
+        let json = res.into_json();
+        let plain = serde_json::to_vec(&json).map_err(|e| VaultError::Internal(e.to_string()))?;
+        let body = cipher.seal(&record_aad(rt.as_str(), &id, version, &key_id), &plain)?;
+        plan.ops.push(Op::PutVersion {
+            row: VersionRow {
+                patient: owner.clone(),
+                rtype: rt.as_str().to_owned(),
+                id: id.clone(),
+                version,
+                last_updated: now.clone(),
+                deleted: false,
+                category: category.as_str().to_owned(),
+                key_version: 1,
+                body,
+            },
+            expect,
+            index,
+        });
+        rec.resource = Some(format!("{rt}/{id}/_history/{version}"));
+        rec.patient = owner.map(|p| p.to_string());
+        rec.categories_disclosed = vec![category.to_string()];
+        plan.audit.push(rec);
+        let written = Written {
+            rtype: rt,
+            id,
+            version,
+            last_updated: now,
+            body: None,
+            created: creating,
+        };
+        Ok((written, json))
+    }
+
+    /// Records a denial (fail closed: if even that cannot be audited, the error says so).
+    fn deny(&self, rec: AuditRecord, category: Category) -> VaultError {
+        match self.audit(vec![rec]) {
+            Ok(()) => VaultError::Forbidden {
+                withheld: vec![category],
+            },
+            Err(e) => e,
+        }
+    }
+
+    /// Attaches the body to a write result if the caller may read that category (the
+    /// write's own audit record already names the category; this decision adds none).
+    fn readback(
+        &self,
+        c: &Caller,
+        mut w: Written,
+        json: Map<String, Value>,
+        category: Category,
+    ) -> Written {
+        let draft = Draft {
+            rtype: w.rtype,
+            id: w.id.clone(),
+            version: w.version,
+            last_updated: w.last_updated.clone(),
+            category,
+            json,
+        };
+        let mut scratch = self.record(c, "read", Outcome::Success);
+        if let Ok(p) = permit(self.decide(c, Action::Read, category), draft, &mut scratch) {
+            w.body = Some(typestate::disclose(p));
+        }
+        w
+    }
+
+    pub(crate) fn commit_plan(&self, plan: Plan) -> Result<(), VaultError> {
+        let new_keys: Vec<(PatientId, Arc<RecordCipher>)> = plan.new_keys.into_iter().collect();
+        self.commit(plan.ops, plan.audit)?;
+        for (p, k) in new_keys {
+            self.keys.insert(p, k);
+        }
+        Ok(())
+    }
+
+    /// `POST /{type}`: the server assigns the id.
+    pub fn create(&self, c: &Caller, res: Resource) -> Result<Written, VaultError> {
+        let category = res.category();
+        let mut plan = Plan::default();
+        let id = medvault_types::random_uuid();
+        let (w, json) = self.plan_put(c, &mut plan, res, id, None, Expect::Absent)?;
+        self.commit_plan(plan)?;
+        Ok(self.readback(c, w, json, category))
+    }
+
+    /// `PUT /{type}/{id}`, honouring `If-Match` (version number).
+    pub fn update(
+        &self,
+        c: &Caller,
+        id: &str,
+        res: Resource,
+        if_match: Option<u64>,
+    ) -> Result<Written, VaultError> {
+        let rt = res.rtype();
+        match res.id() {
+            Some(body_id) if body_id == id => {}
+            Some(_) => {
+                return Err(VaultError::BadRequest(
+                    "resource id in the body does not match the URL".into(),
+                ))
+            }
+            None => {
+                return Err(VaultError::BadRequest(
+                    "resource id is required in the body of an update".into(),
+                ))
+            }
+        }
+        let category = res.category();
+        let prior = self.store.current(rt.as_str(), id)?;
+        let prior = match prior {
+            Some(p) if !p.deleted() => p,
+            _ => {
+                let mut rec = self.record(c, "update", Outcome::NotFound);
+                rec.resource = Some(format!("{rt}/{id}"));
+                self.audit(vec![rec])?;
+                return Err(VaultError::NotFound);
+            }
+        };
+        if let Some(v) = if_match {
+            if v != prior.version() {
+                return Err(VaultError::PreconditionFailed);
+            }
+        }
+        let mut plan = Plan::default();
+        let (w, json) = self.plan_put(
+            c,
+            &mut plan,
+            res,
+            id.to_owned(),
+            Some(&prior),
+            Expect::Version(prior.version()),
+        )?;
+        match self.commit_plan(plan) {
+            Err(VaultError::Conflict) if if_match.is_some() => Err(VaultError::PreconditionFailed),
+            Err(e) => Err(e),
+            Ok(()) => Ok(self.readback(c, w, json, category)),
+        }
+    }
+
+    pub(crate) fn plan_delete(
+        &self,
+        c: &Caller,
+        plan: &mut Plan,
+        rt: ResourceType,
+        id: &str,
+    ) -> Result<u64, VaultError> {
+        let prior = self.store.current(rt.as_str(), id)?;
+        let mut rec = self.record(c, "delete", Outcome::Success);
+        rec.resource = Some(format!("{rt}/{id}"));
+        let prior = match prior {
+            Some(p) if !p.deleted() => p,
+            Some(_) => {
+                rec.outcome = Outcome::NotFound;
+                self.audit(vec![rec])?;
+                return Err(VaultError::Gone);
+            }
+            None => {
+                rec.outcome = Outcome::NotFound;
+                self.audit(vec![rec])?;
+                return Err(VaultError::NotFound);
+            }
+        };
+        rec.patient = prior.patient().map(|p| p.to_string());
+        let Ok(category) = prior.category().parse::<Category>() else {
+            // An unknown stored category: a recorded denial (default deny).
+            rec.outcome = Outcome::Denied;
+            rec.detail = Some("unknown stored category".into());
+            return Err(match self.audit(vec![rec]) {
+                Ok(()) => VaultError::Forbidden { withheld: vec![] },
+                Err(e) => e,
+            });
+        };
+        if !self.decide(c, Action::Delete, category).allowed() {
+            rec.outcome = Outcome::Denied;
+            rec.categories_withheld = vec![category.to_string()];
+            return Err(self.deny(rec, category));
+        }
+        let version = prior.version() + 1;
+        rec.resource = Some(format!("{rt}/{id}/_history/{version}"));
+        plan.ops.push(Op::PutVersion {
+            row: VersionRow {
+                patient: prior.patient().cloned(),
+                rtype: rt.as_str().to_owned(),
+                id: id.to_owned(),
+                version,
+                last_updated: self.now_instant(),
+                deleted: true,
+                category: prior.category().to_owned(),
+                key_version: prior.key_version(),
+                body: vec![],
+            },
+            expect: Expect::Version(prior.version()),
+            index: vec![],
+        });
+        plan.audit.push(rec);
+        Ok(version)
+    }
+
+    /// `DELETE /{type}/{id}`: a new, empty version; earlier versions stay sealed in history.
+    pub fn delete(&self, c: &Caller, rt: ResourceType, id: &str) -> Result<u64, VaultError> {
+        let mut plan = Plan::default();
+        let v = self.plan_delete(c, &mut plan, rt, id)?;
+        self.commit_plan(plan)?;
+        Ok(v)
+    }
+}
