@@ -15,6 +15,7 @@ pub mod faulty;
 mod postgres;
 mod sql;
 mod sqlite;
+mod writer;
 
 pub use postgres::{with_database, PgStore};
 pub use sqlite::SqliteStore;

@@ -10,7 +10,6 @@
 //!   reads use a pool.
 //! - Data-key cache evictions are announced with NOTIFY and heard with LISTEN.
 
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -18,10 +17,10 @@ use medvault_types::PatientId;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Connection, Row};
 
+use crate::writer::{fail_all, Job, Sequencer, Writer};
 use crate::*;
 
 const PARTITIONS: u32 = 8;
-const MAX_GROUP: usize = 512;
 const NOTIFY_CHANNEL: &str = "medvault_key_eviction";
 /// Advisory lock key of the audit sequencer ("medvault" in ASCII, as a bigint).
 const SEQUENCER_LOCK: i64 = 0x6d65_6476_6175_6c74;
@@ -153,17 +152,11 @@ impl Drop for OwnedRuntime {
     }
 }
 
-enum Job {
-    Batch(WriteBatch, SyncSender<Result<Committed, StoreError>>),
-    Read(AuditedRead, SyncSender<Result<Payload, StoreError>>),
-}
-
 /// The PostgreSQL backend.
 pub struct PgStore {
     rt: Arc<OwnedRuntime>,
     pool: PgPool,
-    writer: Mutex<Option<SyncSender<Job>>>,
-    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    writer: Writer,
     listeners: Listeners,
 }
 
@@ -192,12 +185,14 @@ impl PgStore {
             )
             .map_err(classify)?;
         rt.block_on(migrate(&pool))?;
-        let (tx, rx) = sync_channel::<Job>(4096);
-        let wrt = rt.clone();
-        let thread = std::thread::Builder::new()
-            .name("medvault-pg-writer".into())
-            .spawn(move || writer_loop(wrt, opts, rx))
-            .map_err(|e| StoreError::Backend(e.to_string()))?;
+        let writer = Writer::start(
+            "medvault-pg-writer",
+            PgSequencer {
+                rt: rt.clone(),
+                opts,
+                conn: None,
+            },
+        )?;
         let listeners: Listeners = Arc::new(Mutex::new(Vec::new()));
         let l2 = listeners.clone();
         let p2 = pool.clone();
@@ -205,8 +200,7 @@ impl PgStore {
         Ok(Arc::new(PgStore {
             rt,
             pool,
-            writer: Mutex::new(Some(tx)),
-            thread: Mutex::new(Some(thread)),
+            writer,
             listeners,
         }))
     }
@@ -264,21 +258,9 @@ impl PgStore {
             .map_err(classify)
     }
 
-    fn send(&self, job: Job) -> Result<(), StoreError> {
-        let sender = self.writer.lock().ok().and_then(|w| w.clone());
-        let sender = sender.ok_or_else(|| StoreError::Unavailable("store is closed".into()))?;
-        sender
-            .send(job)
-            .map_err(|_| StoreError::Unavailable("writer stopped".into()))
-    }
-
+    /// Stops the writer after draining queued batches (also done on drop).
     pub fn close(&self) {
-        if let Ok(mut w) = self.writer.lock() {
-            w.take();
-        }
-        if let Some(t) = self.thread.lock().ok().and_then(|mut t| t.take()) {
-            let _ = t.join();
-        }
+        self.writer.close();
     }
 }
 
@@ -380,51 +362,35 @@ async fn listen_loop(pool: PgPool, listeners: Listeners) {
     }
 }
 
-fn writer_loop(rt: Arc<OwnedRuntime>, opts: PgConnectOptions, rx: Receiver<Job>) {
-    let mut conn: Option<PgConnection> = None;
-    while let Ok(first) = rx.recv() {
-        let mut group = vec![first];
-        while group.len() < MAX_GROUP {
-            match rx.try_recv() {
-                Ok(j) => group.push(j),
-                Err(_) => break,
-            }
-        }
-        if conn.is_none() {
-            conn = rt
+/// PostgreSQL's dialect of the group commit: one transaction per group on the writer's own
+/// connection (reconnected when lost), the audit sequence under an advisory lock shared by
+/// every server, each batch inside a SAVEPOINT, and retries of serialization failures.
+struct PgSequencer {
+    rt: Arc<OwnedRuntime>,
+    opts: PgConnectOptions,
+    conn: Option<PgConnection>,
+}
+
+impl Sequencer for PgSequencer {
+    fn commit_group(&mut self, group: Vec<Job>) {
+        if self.conn.is_none() {
+            let opts = &self.opts;
+            self.conn = self
+                .rt
                 .block_on(async {
-                    tokio::time::timeout(Duration::from_secs(3), PgConnection::connect_with(&opts))
+                    tokio::time::timeout(Duration::from_secs(3), PgConnection::connect_with(opts))
                         .await
                 })
                 .ok()
                 .and_then(Result::ok);
         }
-        let Some(c) = conn.as_mut() else {
-            fail_group(group, || {
+        let Some(c) = self.conn.as_mut() else {
+            return fail_all(group, || {
                 StoreError::Unavailable("database unreachable".into())
             });
-            continue;
         };
-        match commit_group(&rt, c, group) {
-            Ok(()) => {}
-            Err(broken) => {
-                if broken {
-                    conn = None;
-                }
-            }
-        }
-    }
-}
-
-fn fail_group(group: Vec<Job>, e: impl Fn() -> StoreError) {
-    for j in group {
-        match j {
-            Job::Batch(_, tx) => {
-                let _ = tx.send(Err(e()));
-            }
-            Job::Read(_, tx) => {
-                let _ = tx.send(Err(e()));
-            }
+        if let Err(true) = commit_group(&self.rt, c, group) {
+            self.conn = None;
         }
     }
 }
@@ -443,7 +409,7 @@ fn commit_group(
         let outcome = rt.block_on(sqlx::query("BEGIN").execute(&mut *c));
         if let Err(e) = outcome {
             let broken = matches!(classify(e), StoreError::Unavailable(_));
-            fail_group(group, || {
+            fail_all(group, || {
                 StoreError::Unavailable("database unreachable".into())
             });
             return Err(broken);
@@ -592,7 +558,7 @@ fn commit_group(
                     continue;
                 }
                 let broken = matches!(classify(e), StoreError::Unavailable(_));
-                fail_group(kept, || {
+                fail_all(kept, || {
                     StoreError::Unavailable("transaction failed; nothing was written".into())
                 });
                 return Err(broken);
@@ -1025,17 +991,11 @@ impl Store for PgStore {
     }
 
     fn audited(&self, read: AuditedRead) -> Result<Payload, StoreError> {
-        let (tx, rx) = sync_channel(1);
-        self.send(Job::Read(read, tx))?;
-        rx.recv()
-            .map_err(|_| StoreError::Unavailable("writer stopped".into()))?
+        self.writer.audited(read)
     }
 
     fn commit(&self, batch: WriteBatch) -> Result<Committed, StoreError> {
-        let (tx, rx) = sync_channel(1);
-        self.send(Job::Batch(batch, tx))?;
-        rx.recv()
-            .map_err(|_| StoreError::Unavailable("writer stopped".into()))?
+        self.writer.commit(batch)
     }
 
     fn current(&self, rtype: &str, id: &str) -> Result<Option<Sealed>, StoreError> {

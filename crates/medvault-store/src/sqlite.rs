@@ -3,12 +3,12 @@
 //! another's), and a pool of read connections serves reads concurrently.
 
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Condvar, Mutex};
 
 use medvault_types::PatientId;
 use rusqlite::{params, params_from_iter, Connection, OpenFlags, OptionalExtension, Row};
 
+use crate::writer::{fail_all, Done, Job, Sequencer, Writer};
 use crate::*;
 
 const MIGRATIONS: &[&str] = &[
@@ -60,7 +60,6 @@ CREATE TRIGGER audit_tiles_no_delete BEFORE DELETE ON audit_tiles BEGIN SELECT R
 "#,
 ];
 
-const MAX_GROUP: usize = 512;
 /// Read connections kept per store.
 const MAX_READERS: usize = 16;
 
@@ -69,27 +68,12 @@ struct ReaderPool {
     open: usize,
 }
 
-type Reply = SyncSender<Result<Committed, StoreError>>;
-type ReadReply = SyncSender<Result<Payload, StoreError>>;
-
-/// Work for the writer thread: a write batch, or an audited read.
-enum Job {
-    Batch(WriteBatch, Reply),
-    Read(AuditedRead, ReadReply),
-}
-
-enum Done {
-    Batch(Result<Committed, StoreError>),
-    Read(Result<Payload, StoreError>),
-}
-
 /// The embedded default backend.
 pub struct SqliteStore {
     path: PathBuf,
-    writer: Mutex<Option<SyncSender<Job>>>,
+    writer: Writer,
     readers: Mutex<ReaderPool>,
     reader_free: Condvar,
-    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 fn open(path: &Path, write: bool) -> Result<Connection, StoreError> {
@@ -140,20 +124,15 @@ impl SqliteStore {
     pub fn open(path: &Path) -> Result<Arc<Self>, StoreError> {
         let mut w = open(path, true)?;
         migrate(&mut w)?;
-        let (tx, rx) = sync_channel::<Job>(4096);
-        let thread = std::thread::Builder::new()
-            .name("medvault-sqlite-writer".into())
-            .spawn(move || writer_loop(w, rx))
-            .map_err(|e| StoreError::Backend(e.to_string()))?;
+        let writer = Writer::start("medvault-sqlite-writer", SqliteSequencer(w))?;
         Ok(Arc::new(SqliteStore {
             path: path.to_owned(),
-            writer: Mutex::new(Some(tx)),
+            writer,
             readers: Mutex::new(ReaderPool {
                 idle: Vec::new(),
                 open: 0,
             }),
             reader_free: Condvar::new(),
-            thread: Mutex::new(Some(thread)),
         }))
     }
 
@@ -200,12 +179,7 @@ impl SqliteStore {
 
     /// Stops the writer after draining queued batches (also done on drop).
     pub fn close(&self) {
-        if let Ok(mut w) = self.writer.lock() {
-            w.take();
-        }
-        if let Some(t) = self.thread.lock().ok().and_then(|mut t| t.take()) {
-            let _ = t.join();
-        }
+        self.writer.close();
     }
 }
 
@@ -215,38 +189,13 @@ impl Drop for SqliteStore {
     }
 }
 
-fn writer_loop(mut c: Connection, rx: Receiver<Job>) {
-    while let Ok(first) = rx.recv() {
-        let mut group = vec![first];
-        while group.len() < MAX_GROUP {
-            match rx.try_recv() {
-                Ok(j) => group.push(j),
-                Err(_) => break,
-            }
-        }
-        let (results, replies) = commit_group(&mut c, group);
-        for (r, reply) in results.into_iter().zip(replies) {
-            match (r, reply) {
-                (Done::Batch(r), Job::Batch(_, tx)) => {
-                    let _ = tx.send(r);
-                }
-                (Done::Read(r), Job::Read(_, tx)) => {
-                    let _ = tx.send(r);
-                }
-                _ => {}
-            }
-        }
-    }
-}
+/// SQLite's dialect of the group commit: one IMMEDIATE transaction per group, each batch
+/// with changes inside its own SAVEPOINT, audit sequence numbers from the log's end.
+struct SqliteSequencer(Connection);
 
-/// A job's reply channel, kept after its work has been taken out.
-fn empty_job(j: &mut Job) -> Job {
-    match j {
-        Job::Batch(_, tx) => Job::Batch(WriteBatch::default(), tx.clone()),
-        Job::Read(_, tx) => Job::Read(
-            Box::new(|_| Err(StoreError::Backend("consumed".into()))),
-            tx.clone(),
-        ),
+impl Sequencer for SqliteSequencer {
+    fn commit_group(&mut self, group: Vec<Job>) {
+        commit_group(&mut self.0, group);
     }
 }
 
@@ -267,39 +216,29 @@ impl TxRead for TxConn<'_> {
     }
 }
 
-fn commit_group(c: &mut Connection, mut group: Vec<Job>) -> (Vec<Done>, Vec<Job>) {
-    let replies: Vec<Job> = group.iter_mut().map(empty_job).collect();
-    let fail_all = |group: &[Job], e: &StoreError| -> Vec<Done> {
-        group
-            .iter()
-            .map(|j| match j {
-                Job::Batch(..) => Done::Batch(Err(StoreError::Backend(e.to_string()))),
-                Job::Read(..) => Done::Read(Err(StoreError::Backend(e.to_string()))),
-            })
-            .collect()
-    };
+fn commit_group(c: &mut Connection, group: Vec<Job>) {
     let tx = match c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate) {
         Ok(t) => t,
-        Err(e) => return (fail_all(&replies, &e.into()), replies),
+        Err(e) => return fail_all(group, || StoreError::Backend(e.to_string())),
     };
     let next = tx
         .prepare_cached("SELECT COALESCE(MAX(seq) + 1, 0) FROM audit_log")
         .and_then(|mut st| st.query_row([], |r| r.get::<_, i64>(0)));
     let mut next_seq: u64 = match next {
         Ok(n) => u64::try_from(n).unwrap_or(0),
-        Err(e) => return (fail_all(&replies, &e.into()), replies),
+        Err(e) => return fail_all(group, || StoreError::Backend(e.to_string())),
     };
-    let mut results = Vec::with_capacity(group.len());
+    let mut done = Vec::with_capacity(group.len());
     for job in group {
         match job {
-            Job::Read(f, _) => {
+            Job::Read(f, reply) => {
                 let r = f(&TxConn(&tx)).and_then(|(audit, payload)| {
                     append_audit(&tx, &audit, &mut next_seq)?;
                     Ok(payload)
                 });
-                results.push(Done::Read(r));
+                done.push(Done::Read(reply, r));
             }
-            Job::Batch(batch, _) => {
+            Job::Batch(batch, reply) => {
                 let start_seq = next_seq;
                 let r = (|| -> Result<Committed, StoreError> {
                     // A batch of audit entries alone cannot fail short of an I/O error, which
@@ -323,13 +262,17 @@ fn commit_group(c: &mut Connection, mut group: Vec<Job>) -> (Vec<Done>, Vec<Job>
                 if r.is_err() {
                     next_seq = start_seq;
                 }
-                results.push(Done::Batch(r));
+                done.push(Done::Batch(reply, r));
             }
         }
     }
     match tx.commit() {
-        Ok(()) => (results, replies),
-        Err(e) => (fail_all(&replies, &e.into()), replies),
+        Ok(()) => done.into_iter().for_each(Done::send),
+        Err(e) => {
+            let e = e.to_string();
+            done.into_iter()
+                .for_each(|d| d.fail(StoreError::Backend(e.clone())));
+        }
     }
 }
 
@@ -609,25 +552,11 @@ impl Store for SqliteStore {
     }
 
     fn commit(&self, batch: WriteBatch) -> Result<Committed, StoreError> {
-        let (tx, rx) = sync_channel(1);
-        let sender = self.writer.lock().ok().and_then(|w| w.clone());
-        let sender = sender.ok_or_else(|| StoreError::Unavailable("store is closed".into()))?;
-        sender
-            .send(Job::Batch(batch, tx))
-            .map_err(|_| StoreError::Unavailable("writer stopped".into()))?;
-        rx.recv()
-            .map_err(|_| StoreError::Unavailable("writer stopped".into()))?
+        self.writer.commit(batch)
     }
 
     fn audited(&self, read: AuditedRead) -> Result<Payload, StoreError> {
-        let (tx, rx) = sync_channel(1);
-        let sender = self.writer.lock().ok().and_then(|w| w.clone());
-        let sender = sender.ok_or_else(|| StoreError::Unavailable("store is closed".into()))?;
-        sender
-            .send(Job::Read(read, tx))
-            .map_err(|_| StoreError::Unavailable("writer stopped".into()))?;
-        rx.recv()
-            .map_err(|_| StoreError::Unavailable("writer stopped".into()))?
+        self.writer.audited(read)
     }
 
     fn current(&self, rtype: &str, id: &str) -> Result<Option<Sealed>, StoreError> {
