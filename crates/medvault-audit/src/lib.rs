@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 pub mod balp;
+pub mod log;
 pub mod merkle;
 pub mod note;
 pub mod tiles;

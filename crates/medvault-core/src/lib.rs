@@ -123,10 +123,8 @@ impl Default for VaultOptions {
 
 /// The gate. See the crate documentation.
 pub struct Vault {
-    signer: medvault_audit::note::NoteSigner,
-    origin: String,
-    /// The right edge of the tiled Merkle tree as of this server's last checkpoint.
-    tiles: std::sync::Mutex<medvault_audit::tiles::Tiles>,
+    /// The audit log's tiles, checkpoints and proofs (`medvault_audit::log`).
+    log: medvault_audit::log::TiledLog,
     store: Arc<dyn Store>,
     master: MasterKey,
     indexer: BlindIndexer,
@@ -242,9 +240,7 @@ impl Vault {
         let heard = keys.clone();
         store.on_key_eviction(Box::new(move |p| heard.evict(p)));
         let vault = Vault {
-            signer,
-            origin,
-            tiles: std::sync::Mutex::new(medvault_audit::tiles::Tiles::new()),
+            log: medvault_audit::log::TiledLog::new(origin, signer),
             identity: Identity::new(store.clone(), clock.clone(), &identity_key, options.session),
             indexer: BlindIndexer::new(&root),
             keys,

@@ -1,7 +1,8 @@
 //! Search and `$everything` through the gate. Search values become blind-index tokens
 //! before they reach the store; results the caller may not see are left out and named.
 
-use medvault_fhir::{normalize_text, ResourceType, MIN_PREFIX};
+use medvault_fhir::search::Bound;
+use medvault_fhir::ResourceType;
 use medvault_store::{Cmp, SearchQuery};
 use medvault_types::{Action, Category, PatientId};
 
@@ -20,150 +21,51 @@ pub struct SearchResult {
 
 const DEFAULT_COUNT: usize = 50;
 
-fn bad(msg: impl Into<String>) -> VaultError {
-    VaultError::BadRequest(msg.into())
-}
-
-fn date_value(param: &str, v: &str) -> Result<String, VaultError> {
-    let v = v.strip_prefix("eq").unwrap_or(v);
-    let ok_shape = matches!(v.len(), 4 | 7 | 10)
-        && v.bytes().enumerate().all(|(i, b)| {
-            if i == 4 || i == 7 {
-                b == b'-'
-            } else {
-                b.is_ascii_digit()
-            }
-        });
-    if !ok_shape {
-        if v.len() > 2
-            && v.get(..2)
-                .is_some_and(|p| ["ne", "gt", "lt", "ge", "le", "sa", "eb", "ap"].contains(&p))
-        {
-            return Err(bad(format!(
-                "`{param}` supports equality on YYYY, YYYY-MM or YYYY-MM-DD; range prefixes are not available on blind-indexed dates"
-            )));
-        }
-        return Err(bad(format!(
-            "`{param}` must be YYYY, YYYY-MM or YYYY-MM-DD"
-        )));
-    }
-    Ok(v.to_owned())
-}
-
 impl Vault {
+    /// The store query for a parsed search: each parameter's values become blind-index
+    /// tokens (the values themselves never reach the store or the log).
     fn build_query(
         &self,
         rt: ResourceType,
         params: &[(String, String)],
     ) -> Result<(SearchQuery, Vec<String>), VaultError> {
-        let mut q = SearchQuery {
+        let s = medvault_fhir::search::parse(rt, params)?;
+        let q = SearchQuery {
             rtype: Some(rt.as_str().to_owned()),
-            limit: DEFAULT_COUNT,
-            ..Default::default()
-        };
-        let allowed = medvault_fhir::search_params(rt.as_str());
-        let mut names = vec![];
-        for (k, v) in params {
-            let (name, modifier) = match k.split_once(':') {
-                Some((n, m)) => (n, Some(m)),
-                None => (k.as_str(), None),
-            };
-            if modifier.is_some() {
-                return Err(bad(format!("search modifier on `{name}` is not supported")));
-            }
-            names.push(name.to_owned());
-            match name {
-                "_count" => {
-                    let n: usize = v
-                        .parse()
-                        .map_err(|_| bad("_count must be a non-negative integer"))?;
-                    q.limit = n.clamp(1, self.options.max_page_size);
-                }
-                "_offset" => {
-                    q.offset = v
-                        .parse()
-                        .map_err(|_| bad("_offset must be a non-negative integer"))?
-                }
-                "_format" if v == "json" || v.contains("fhir+json") => {}
-                "_id" => {
-                    for id in v.split(',') {
-                        if !medvault_types::is_fhir_id(id) {
-                            return Err(bad("_id must be a valid id"));
-                        }
-                        q.ids.push(id.to_owned());
-                    }
-                }
-                "_lastUpdated" => {
-                    let (cmp, at) = match v.get(..2) {
-                        Some("ge") => (Some(Cmp::Ge), v.get(2..).unwrap_or("")),
-                        Some("gt") => (Some(Cmp::Gt), v.get(2..).unwrap_or("")),
-                        Some("le") => (Some(Cmp::Le), v.get(2..).unwrap_or("")),
-                        Some("lt") => (Some(Cmp::Lt), v.get(2..).unwrap_or("")),
-                        Some("eq") => (None, v.get(2..).unwrap_or("")),
-                        _ => (None, v.as_str()),
+            patient: s.patient,
+            ids: s.ids,
+            tokens: s
+                .params
+                .into_iter()
+                .map(|(param, values)| {
+                    let tokens = values
+                        .iter()
+                        .map(|v| self.indexer.token(rt.as_str(), param, v).to_vec())
+                        .collect();
+                    (param.to_owned(), tokens)
+                })
+                .collect(),
+            last_updated: s
+                .last_updated
+                .into_iter()
+                .map(|(b, at)| {
+                    let cmp = match b {
+                        Bound::Ge => Cmp::Ge,
+                        Bound::Gt => Cmp::Gt,
+                        Bound::Le => Cmp::Le,
+                        Bound::Lt => Cmp::Lt,
                     };
-                    if at.len() < 4
-                        || !at
-                            .bytes()
-                            .all(|b| b.is_ascii_digit() || b"-:T.Z+".contains(&b))
-                    {
-                        return Err(bad("_lastUpdated must be a FHIR date or dateTime"));
-                    }
-                    match cmp {
-                        Some(c) => q.last_updated.push((c, at.to_owned())),
-                        None => {
-                            q.last_updated.push((Cmp::Ge, at.to_owned()));
-                            q.last_updated.push((Cmp::Lt, format!("{at}\u{7f}")));
-                        }
-                    }
-                }
-                "patient" | "subject" if allowed.contains(&name) => {
-                    let id = v.strip_prefix("Patient/").unwrap_or(v);
-                    let pid = PatientId::new(id)
-                        .map_err(|_| bad("patient must be Patient/{id} or an id"))?;
-                    if q.patient.as_ref().is_some_and(|p| *p != pid) {
-                        return Err(bad("conflicting patient parameters"));
-                    }
-                    q.patient = Some(pid);
-                }
-                p if allowed.contains(&p) => {
-                    let param: &'static str =
-                        allowed.iter().copied().find(|a| *a == p).unwrap_or("");
-                    let mut tokens = vec![];
-                    for value in v.split(',') {
-                        let norm = match param {
-                            "name" | "family" | "given" => {
-                                let n = normalize_text(value);
-                                if n.chars().count() < MIN_PREFIX {
-                                    return Err(bad(format!(
-                                        "`{param}` needs at least {MIN_PREFIX} characters"
-                                    )));
-                                }
-                                n
-                            }
-                            "birthdate" | "date" => date_value(param, value)?,
-                            _ => {
-                                if value.is_empty() {
-                                    return Err(bad(format!("`{param}` needs a value")));
-                                }
-                                value.strip_prefix('|').unwrap_or(value).to_owned()
-                            }
-                        };
-                        tokens.push(self.indexer.token(rt.as_str(), param, &norm).to_vec());
-                    }
-                    q.tokens.push((param.to_owned(), tokens));
-                }
-                other => {
-                    return Err(bad(format!(
-                        "unknown or unsupported search parameter `{}`",
-                        other.chars().take(40).collect::<String>()
-                    )))
-                }
-            }
-        }
-        names.sort();
-        names.dedup();
-        Ok((q, names))
+                    (cmp, at)
+                })
+                .collect(),
+            categories: vec![],
+            limit: s
+                .count
+                .map(|n| n.clamp(1, self.options.max_page_size))
+                .unwrap_or(DEFAULT_COUNT),
+            offset: s.offset,
+        };
+        Ok((q, s.names))
     }
 
     /// `GET /{type}?…`.

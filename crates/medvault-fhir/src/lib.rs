@@ -8,9 +8,11 @@
 //! INVARIANT: a [`Resource`] value has passed validation; nothing downstream re-checks raw JSON.
 #![forbid(unsafe_code)]
 
+pub mod bundle;
 mod defs;
 mod index;
 mod outcome;
+pub mod search;
 mod validate;
 
 pub use index::{normalize_text, search_tokens, SearchToken, MIN_PREFIX};
@@ -55,6 +57,10 @@ pub enum FhirError {
     TypeMismatch,
     #[error("invalid resource")]
     Invalid(Vec<Issue>),
+    /// A well-formed request this server cannot process as asked (a Bundle of the wrong
+    /// type, an entry without a request, …); the message says which.
+    #[error("{0}")]
+    Request(String),
 }
 
 impl FhirError {
@@ -70,6 +76,7 @@ impl FhirError {
                     None,
                 )]
             }
+            FhirError::Request(m) => vec![Issue::error(IssueCode::Invalid, m.clone(), None)],
             FhirError::TypeMismatch => vec![Issue::error(
                 IssueCode::Invalid,
                 "resourceType in the body does not match the URL".into(),
