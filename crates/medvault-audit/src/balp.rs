@@ -107,6 +107,77 @@ pub fn audit_event(index: u64, r: &AuditRecord) -> Value {
     Value::Object(ev)
 }
 
+/// A search of the log as AuditEvents (`GET /fhir/AuditEvent?patient=&agent=&date=&action=`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditEventQuery {
+    pub patient: Option<String>,
+    pub agent: Option<String>,
+    /// A prefix of the event's instant (`2026`, `2026-11`, `2026-11-29`, …).
+    pub date: Option<String>,
+    /// `AuditEvent.action`: C, R, U, D or E.
+    pub action: Option<String>,
+    /// Most events returned, newest first (1 to 1000; default 100).
+    pub count: usize,
+}
+
+impl AuditEventQuery {
+    /// Parses the query parameters.
+    ///
+    /// # Errors
+    /// A message naming an unknown parameter or a bad value.
+    pub fn parse(params: &[(String, String)]) -> Result<Self, String> {
+        let mut q = AuditEventQuery {
+            patient: None,
+            agent: None,
+            date: None,
+            action: None,
+            count: 100,
+        };
+        for (k, v) in params {
+            match k.as_str() {
+                "patient" => q.patient = Some(v.strip_prefix("Patient/").unwrap_or(v).to_owned()),
+                "agent" => q.agent = Some(v.clone()),
+                "date" => q.date = Some(v.strip_prefix("eq").unwrap_or(v).to_owned()),
+                "action" if ["C", "R", "U", "D", "E"].contains(&v.as_str()) => {
+                    q.action = Some(v.clone())
+                }
+                "action" => return Err("action is one of C, R, U, D, E".into()),
+                "_count" => {
+                    q.count = v
+                        .parse::<usize>()
+                        .map_err(|_| "_count must be a number".to_owned())?
+                        .clamp(1, 1000)
+                }
+                other => {
+                    return Err(format!(
+                        "unknown AuditEvent search parameter `{}`",
+                        other.chars().take(40).collect::<String>()
+                    ))
+                }
+            }
+        }
+        Ok(q)
+    }
+
+    /// Entry `index` as an AuditEvent, if it matches.
+    pub fn event(&self, index: u64, r: &AuditRecord) -> Option<Value> {
+        let wrong = |want: &Option<String>, have: Option<&str>| {
+            want.as_deref().is_some_and(|w| have != Some(w))
+        };
+        if wrong(&self.patient, r.patient.as_deref())
+            || wrong(&self.agent, Some(r.actor.as_str()))
+            || self.date.as_deref().is_some_and(|d| !r.time.starts_with(d))
+        {
+            return None;
+        }
+        let ev = audit_event(index, r);
+        if wrong(&self.action, ev.get("action").and_then(Value::as_str)) {
+            return None;
+        }
+        Some(ev)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,6 +9,7 @@
 //! SHA-256(0x00 ‖ entry), as RFC 6962 / RFC 9162 leaves.
 #![forbid(unsafe_code)]
 
+pub mod accounting;
 pub mod balp;
 pub mod log;
 pub mod merkle;
@@ -111,6 +112,26 @@ impl AuditRecord {
     }
 
     /// (leaf hash, canonical bytes), ready to append.
+    /// The record as one SIEM export line (`medvault audit export`), entry `index`, with
+    /// the actor, patient and source address replaced by `pseudonym(value)` (a keyed HMAC).
+    pub fn siem_line(&self, index: u64, pseudonym: &dyn Fn(&str) -> String) -> serde_json::Value {
+        serde_json::json!({
+            "index": index,
+            "time": self.time,
+            "action": self.action,
+            "outcome": self.outcome,
+            "actor": pseudonym(&self.actor),
+            "role": self.role,
+            "patient": self.patient.as_deref().map(pseudonym),
+            "resource_type": self.resource.as_deref().and_then(|x| x.split('/').next()),
+            "categories_disclosed": self.categories_disclosed,
+            "categories_withheld": self.categories_withheld,
+            "purpose": self.purpose,
+            "source": self.source.as_deref().map(pseudonym),
+            "request_id": self.request_id,
+        })
+    }
+
     pub fn to_leaf(&self) -> (Vec<u8>, Vec<u8>) {
         let c = self.canonical();
         (record_leaf(&c).to_vec(), c)

@@ -1,109 +1,46 @@
 //! Privacy reports over the audit log: who accessed a chart (access report), the HIPAA
 //! accounting of disclosures (45 CFR 164.528), and disclosures made outside the system,
-//! recorded with their free text sealed under the patient's data key.
+//! recorded with their free text sealed under the patient's data key. The rules are
+//! `medvault_audit::accounting`; the free text opens only under the report's permission.
 
+use medvault_audit::accounting::{
+    accountable, in_access_report, text_aad, text_id, Access, DisclosureText, RECIPIENT_KINDS,
+    RECORDED_DISCLOSURE,
+};
 use medvault_store::Op;
-use medvault_types::Operation;
+use medvault_types::{Category, Operation, PatientId, Purpose};
 
-use crate::{AuditRecord, Caller, Outcome, Vault, VaultError};
+use crate::typestate::{self, Permitted};
+use crate::{AuditRecord, Caller, Vault, VaultError};
 
-/// One line of a patient's access report.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Access {
-    pub index: u64,
-    pub time: String,
-    pub who: String,
-    pub role: Option<String>,
-    pub action: String,
-    pub outcome: Outcome,
-    pub categories: Vec<String>,
-    pub withheld: Vec<String>,
-    pub purpose: Option<String>,
-    pub detail: Option<String>,
-    /// For a recorded disclosure: who received it (name, address), decrypted for the report.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub recipient_name: Option<String>,
-    /// For a recorded disclosure: a brief description of what was disclosed.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub description: Option<String>,
+/// The most lines a report returns (newest first).
+const REPORT_LIMIT: usize = 10_000;
+
+fn patient_id(patient: &str) -> Result<PatientId, VaultError> {
+    PatientId::new(patient).map_err(|_| VaultError::BadRequest("invalid patient id".into()))
 }
-
-/// The free text of a recorded disclosure (45 CFR 164.528(b)(2): the recipient's name and
-/// address, a description of what was disclosed). It may name people and conditions, so it
-/// is sealed under the patient's data key, never put in the audit record, and destroyed
-/// with the patient's key.
-#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
-pub struct DisclosureText {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub recipient_name: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub description: Option<String>,
-}
-
-fn text_aad(id: &str, patient: &str) -> Vec<u8> {
-    format!("disclosure|{id}|{patient}").into_bytes()
-}
-
-/// Kinds of recipient a recorded disclosure may name.
-pub const RECIPIENT_KINDS: &[&str] = &[
-    "public_health",
-    "health_oversight",
-    "law_enforcement",
-    "court_order",
-    "research",
-    "coroner",
-    "organ_procurement",
-    "other",
-];
-
-/// Purposes that are treatment, payment or health-care operations (45 CFR 164.528(a)(1)(i)
-/// exempts those from the accounting of disclosures).
-const TPO: &[&str] = &["TREAT", "ETREAT", "HPAYMT", "HOPERAT", "COVERAGE"];
 
 impl Vault {
-    fn patient_history(
+    /// Reads the log newest first, keeping up to `limit` of what `keep` makes of each
+    /// `(index, record)` (records that do not parse are skipped).
+    pub(crate) fn scan_back<T>(
         &self,
-        patient: &str,
-        filter: &dyn Fn(&AuditRecord) -> bool,
         limit: usize,
-    ) -> Result<Vec<Access>, VaultError> {
-        let total = self.store.audit_len()?;
+        mut keep: impl FnMut(u64, AuditRecord) -> Option<T>,
+    ) -> Result<Vec<T>, VaultError> {
         let mut out = vec![];
-        let mut end = total;
+        let mut end = self.store.audit_len()?;
         while end > 0 && out.len() < limit {
             let start = end.saturating_sub(5_000);
-            for row in self.store.audit_range(start, end)?.iter().rev() {
+            for row in self.store.audit_range(start, end)?.into_iter().rev() {
                 let Ok(r) = AuditRecord::from_canonical(&row.record) else {
                     continue;
                 };
-                if r.patient.as_deref() != Some(patient) || !filter(&r) {
-                    continue;
-                }
-                let detail = if r.action == "disclosure" {
-                    r.detail.clone()
-                } else {
-                    None
-                };
-                let text = match &detail {
-                    Some(d) => self.disclosure_text(patient, d),
-                    None => DisclosureText::default(),
-                };
-                out.push(Access {
-                    recipient_name: text.recipient_name,
-                    description: text.description,
-                    index: row.seq,
-                    time: r.time,
-                    who: r.actor,
-                    role: r.role,
-                    action: r.action,
-                    outcome: r.outcome,
-                    categories: r.categories_disclosed,
-                    withheld: r.categories_withheld,
-                    purpose: r.purpose,
-                    detail,
-                });
-                if out.len() >= limit {
-                    break;
+                if let Some(t) = keep(row.seq, r) {
+                    out.push(t);
+                    if out.len() >= limit {
+                        break;
+                    }
                 }
             }
             end = start;
@@ -111,52 +48,57 @@ impl Vault {
         Ok(out)
     }
 
+    /// A patient's entries that `include` keeps, as report lines, with recorded
+    /// disclosures' free text opened under `permission`.
+    fn patient_history(
+        &self,
+        permission: &Permitted<Operation>,
+        pid: &PatientId,
+        include: &dyn Fn(&AuditRecord) -> bool,
+    ) -> Result<Vec<Access>, VaultError> {
+        self.scan_back(REPORT_LIMIT, |index, r| {
+            if r.patient.as_deref() != Some(pid.as_str()) || !include(&r) {
+                return None;
+            }
+            let text = text_id(&r)
+                .map(|id| self.disclosure_text(permission, pid, id))
+                .unwrap_or_default();
+            Some(Access::new(index, r, text))
+        })
+    }
+
     /// `GET /api/patients/{id}/access-report`: who accessed the chart, when, which categories,
-    /// for what purpose (newest first).
+    /// for what purpose (newest first). Policy action `audit.access-report`.
     pub fn access_report(&self, c: &Caller, patient: &str) -> Result<Vec<Access>, VaultError> {
-        medvault_types::PatientId::new(patient)
-            .map_err(|_| VaultError::BadRequest("invalid patient id".into()))?;
-        self.operate_now(c, Operation::AccessReport, Some(patient))?;
-        self.patient_history(patient, &|r| !r.action.starts_with("audit."), 10_000)
+        let pid = patient_id(patient)?;
+        let permission = self.permit_operation(c, Operation::AccessReport, Some(patient))?;
+        self.patient_history(&permission, &pid, &in_access_report)
     }
 
     /// `GET /api/patients/{id}/disclosures`: the HIPAA accounting of disclosures — recorded
     /// disclosures and accesses for purposes outside treatment, payment and operations, in the
-    /// six years before `now`.
+    /// six years before now. Policy action `audit.disclosures`.
     pub fn disclosures(&self, c: &Caller, patient: &str) -> Result<Vec<Access>, VaultError> {
-        medvault_types::PatientId::new(patient)
-            .map_err(|_| VaultError::BadRequest("invalid patient id".into()))?;
-        self.operate_now(c, Operation::Disclosures, Some(patient))?;
+        let pid = patient_id(patient)?;
+        let permission = self.permit_operation(c, Operation::Disclosures, Some(patient))?;
         let since =
             medvault_types::fhir_instant(self.clock.now() - time::Duration::days(6 * 365 + 1));
-        self.patient_history(
-            patient,
-            &|r| {
-                r.time >= since
-                    && r.outcome == Outcome::Success
-                    && (r.action == "disclosure"
-                        || (!r.categories_disclosed.is_empty()
-                            && r.purpose.as_deref().is_some_and(|p| !TPO.contains(&p))))
-            },
-            10_000,
-        )
+        self.patient_history(&permission, &pid, &|r| accountable(r, &since))
     }
 
-    /// The sealed free text a disclosure record points to (`text=<id>` in its detail), or
-    /// nothing if there is none or the patient's key is gone (destroyed means destroyed).
-    fn disclosure_text(&self, patient: &str, detail: &str) -> DisclosureText {
-        let Some(id) = detail
-            .split(' ')
-            .find_map(|part| part.strip_prefix("text="))
-        else {
-            return DisclosureText::default();
-        };
+    /// The sealed free text `id` of a disclosure, or nothing if it is gone with the
+    /// patient's key (destroyed means destroyed).
+    fn disclosure_text(
+        &self,
+        permission: &Permitted<Operation>,
+        pid: &PatientId,
+        id: &str,
+    ) -> DisclosureText {
         let opened = (|| {
-            let pid = medvault_types::PatientId::new(patient).ok()?;
             let sealed = self.store.meta(&format!("disclosure/{id}")).ok()??;
-            let cipher = self.cipher_for(&pid).ok()?;
-            let plain = cipher.open(&text_aad(id, patient), &sealed).ok()?;
-            serde_json::from_slice::<DisclosureText>(&plain).ok()
+            let cipher = self.cipher_for(pid).ok()?;
+            let aad = text_aad(id, pid.as_str());
+            typestate::open_text(permission, &cipher, &aad, &sealed).ok()
         })();
         opened.unwrap_or_default()
     }
@@ -165,7 +107,7 @@ impl Vault {
     /// The recipient is a kind from [`RECIPIENT_KINDS`]; the recipient's name and address and
     /// a description of what was disclosed ([`DisclosureText`]) are sealed under the
     /// patient's data key in the same transaction, and the audit record carries only a
-    /// pointer to them.
+    /// pointer to them. Policy action `disclosure.record`. Returns the record's log index.
     pub fn record_disclosure(
         &self,
         c: &Caller,
@@ -175,9 +117,8 @@ impl Vault {
         categories: &[String],
         text: &DisclosureText,
     ) -> Result<u64, VaultError> {
-        medvault_types::PatientId::new(patient)
-            .map_err(|_| VaultError::BadRequest("invalid patient id".into()))?;
-        let purpose: medvault_types::Purpose = purpose
+        let pid = patient_id(patient)?;
+        let purpose: Purpose = purpose
             .parse()
             .map_err(|_| VaultError::BadRequest("unknown purpose of use code".into()))?;
         if !RECIPIENT_KINDS.contains(&recipient) {
@@ -186,37 +127,20 @@ impl Vault {
                 RECIPIENT_KINDS.join(", ")
             )));
         }
-        for (field, value, max) in [
-            ("recipient_name", &text.recipient_name, 500),
-            ("description", &text.description, 2000),
-        ] {
-            if let Some(v) = value {
-                if v.trim().is_empty()
-                    || v.chars().count() > max
-                    || v.chars().any(|ch| ch.is_control() && ch != '\n')
-                {
-                    return Err(VaultError::BadRequest(format!(
-                        "{field} must be 1 to {max} characters of text"
-                    )));
-                }
-            }
-        }
+        text.check().map_err(VaultError::BadRequest)?;
         for cat in categories {
-            cat.parse::<medvault_types::Category>()
+            cat.parse::<Category>()
                 .map_err(|_| VaultError::BadRequest("unknown data category".into()))?;
         }
         let Some(mut rec) = self.operate(c, Operation::RecordDisclosure, Some(patient))? else {
             return Err(VaultError::Unauthenticated);
         };
-        // The log's word for a recorded disclosure (what the accounting looks for).
-        rec.action = "disclosure".into();
+        rec.action = RECORDED_DISCLOSURE.into();
         rec.purpose = Some(purpose.as_str().to_owned());
         rec.detail = Some(format!("recipient={recipient}"));
         rec.categories_disclosed = categories.to_vec();
         let mut ops = vec![];
-        if text.recipient_name.is_some() || text.description.is_some() {
-            let pid = medvault_types::PatientId::new(patient)
-                .map_err(|_| VaultError::BadRequest("invalid patient id".into()))?;
+        if !text.is_empty() {
             if self.store.patient_key(&pid)?.is_none() {
                 return Err(VaultError::NotFound);
             }

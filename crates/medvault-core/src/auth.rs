@@ -228,24 +228,13 @@ impl Vault {
             practitioner_id,
         })
     }
-
-    /// Checks a chosen password against the password rules.
-    pub fn check_password(p: &Password) -> Result<(), VaultError> {
-        medvault_identity::Identity::check_password_strength(p).map_err(id_err)
-    }
 }
 
-/// The current TOTP code for a base32 secret (the `medvault totp-code` helper, for
-/// scripts and demos; any authenticator app computes the same).
-pub fn totp_now(secret_base32: &str, unix_time: i64) -> Option<String> {
-    let clean: String = secret_base32
-        .chars()
-        .filter(|c| !c.is_whitespace() && *c != '=')
-        .collect::<String>()
-        .to_uppercase();
-    let bytes = data_encoding::BASE32_NOPAD.decode(clean.as_bytes()).ok()?;
-    Some(medvault_identity::totp_code(
-        &bytes,
-        unix_time.div_euclid(30),
-    ))
+/// Checks a chosen password against the password rules (at least 12 characters, not on
+/// the common-password list), before anything is created with it.
+///
+/// # Errors
+/// `BadRequest` saying which rule it breaks.
+pub fn check_password(p: &Password) -> Result<(), VaultError> {
+    medvault_identity::Identity::check_password_strength(p).map_err(id_err)
 }

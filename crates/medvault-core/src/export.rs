@@ -2,7 +2,6 @@
 //! keyed pseudonyms (HMAC under the blind-index key).
 
 use medvault_types::Operation;
-use serde_json::json;
 
 use crate::{AuditRecord, Caller, Vault, VaultError};
 
@@ -49,21 +48,7 @@ impl Vault {
                 if since.is_some_and(|s| r.time.as_str() < s) {
                     continue;
                 }
-                let line = json!({
-                    "index": row.seq,
-                    "time": r.time,
-                    "action": r.action,
-                    "outcome": r.outcome,
-                    "actor": self.keyed_pseudonym(&r.actor),
-                    "role": r.role,
-                    "patient": r.patient.as_deref().map(|p| self.keyed_pseudonym(p)),
-                    "resource_type": r.resource.as_deref().and_then(|x| x.split('/').next()),
-                    "categories_disclosed": r.categories_disclosed,
-                    "categories_withheld": r.categories_withheld,
-                    "purpose": r.purpose,
-                    "source": r.source.as_deref().map(|s| self.keyed_pseudonym(s)),
-                    "request_id": r.request_id,
-                });
+                let line = r.siem_line(row.seq, &|v| self.keyed_pseudonym(v));
                 writeln!(out, "{line}").map_err(|e| VaultError::Internal(e.to_string()))?;
                 written += 1;
             }

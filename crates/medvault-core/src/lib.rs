@@ -42,17 +42,17 @@ mod write;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-pub use accounting::{Access, DisclosureText, RECIPIENT_KINDS};
 pub use admin::Status;
-pub use auth::{totp_now, LoginChallenge, NewUserInfo, SessionGrant};
+pub use auth::{check_password, LoginChallenge, NewUserInfo, SessionGrant};
 pub use bundle::EntryResult;
 pub use caller::{Caller, ANONYMOUS};
 pub use error::VaultError;
+pub use medvault_audit::accounting::{Access, DisclosureText, RECIPIENT_KINDS};
 pub use medvault_audit::merkle::verify_inclusion;
 pub use medvault_audit::tiles::TileRef;
 pub use medvault_audit::verify::AuditVerdict;
 pub use medvault_audit::{AuditRecord, Outcome};
-pub use medvault_identity::{Password, Principal, SessionPolicy, Token};
+pub use medvault_identity::{totp_now, Password, Principal, SessionPolicy, Token};
 pub use medvault_types::{Category, Clock, Operation, Purpose, Role};
 pub use search::SearchResult;
 pub use transparency::{ConsistencyProof, InclusionProof};
@@ -336,6 +336,36 @@ impl Vault {
             return Err(e);
         }
         Ok(Some(rec))
+    }
+
+    /// Decides an operation by policy into a permission ([`typestate::Permitted`]), and
+    /// records a named caller's request — allowed or denied — at once: for reports that
+    /// open sealed text under that permission.
+    ///
+    /// # Errors
+    /// As [`Vault::operate`].
+    fn permit_operation(
+        &self,
+        c: &Caller,
+        op: Operation,
+        patient: Option<&str>,
+    ) -> Result<typestate::Permitted<Operation>, VaultError> {
+        let d = self.policy.decide(Query::operation(
+            c.asker(),
+            op,
+            c.purpose,
+            self.options.public_transparency,
+        ));
+        let mut rec = self.record(c, op.as_str(), Outcome::Success);
+        rec.patient = patient.map(str::to_owned);
+        let permitted = typestate::permit(d, op, &mut rec);
+        if c.principal().is_some() {
+            self.audit(vec![rec])?;
+        }
+        permitted.map_err(|_| match c.principal() {
+            None => VaultError::Unauthenticated,
+            Some(_) => VaultError::Forbidden { withheld: vec![] },
+        })
     }
 
     /// [`Vault::operate`], then the permitted request's record appended alone.

@@ -163,6 +163,21 @@ pub fn open(
     })
 }
 
+/// Opens sealed free text (a recorded disclosure's recipient and description, sealed under
+/// the patient's data key with `aad`) for a report the policy engine permitted.
+///
+/// # Errors
+/// [`OpenError`] if it does not decrypt or is not the expected JSON.
+pub fn open_text<T: serde::de::DeserializeOwned, P>(
+    _permission: &Permitted<P>,
+    cipher: &RecordCipher,
+    aad: &[u8],
+    sealed: &[u8],
+) -> Result<T, OpenError> {
+    let plain = cipher.open(aad, sealed)?;
+    serde_json::from_slice(&plain).map_err(|_| OpenError::NotJson)
+}
+
 /// Discloses a record the caller just wrote, when policy lets them read it back.
 pub fn disclose(draft: Permitted<Draft>) -> Disclosed {
     let d = draft.inner;

@@ -24,7 +24,7 @@ use rand::RngCore;
 use sha2::{Digest, Sha256};
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
-pub use totp::{totp_code, TotpSecret};
+pub use totp::{totp_code, totp_now, TotpSecret};
 
 /// Password text: zeroized on drop, never printed.
 #[derive(Clone, Zeroize, ZeroizeOnDrop)]

@@ -61,6 +61,19 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// The current RFC 6238 code for a base32 secret at `unix_time` (seconds): what any
+/// authenticator app shows (the `medvault totp-code` helper, for scripts and demos).
+/// `None` if the secret is not base32.
+pub fn totp_now(secret_base32: &str, unix_time: i64) -> Option<String> {
+    let clean: String = secret_base32
+        .chars()
+        .filter(|c| !c.is_whitespace() && *c != '=')
+        .collect::<String>()
+        .to_uppercase();
+    let bytes = data_encoding::BASE32_NOPAD.decode(clean.as_bytes()).ok()?;
+    Some(totp_code(&bytes, unix_time.div_euclid(STEP_SECS)))
+}
+
 /// The 6-digit code of `secret` at time step `step`.
 pub fn totp_code(secret: &[u8], step: i64) -> String {
     let Ok(mut mac) = <Hmac<Sha1> as Mac>::new_from_slice(secret) else {

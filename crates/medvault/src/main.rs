@@ -546,7 +546,7 @@ fn init(
         );
     }
     if let Some(p) = &password {
-        medvault_core::Vault::check_password(p).map_err(describe)?;
+        medvault_core::check_password(p).map_err(describe)?;
     }
     std::fs::DirBuilder::new()
         .recursive(true)
