@@ -254,11 +254,6 @@ impl Vault {
         Ok(vault)
     }
 
-    /// The gate's clock (what "now" is for sessions, TOTP and reports).
-    pub fn clock(&self) -> &Arc<dyn Clock> {
-        &self.clock
-    }
-
     fn now_instant(&self) -> String {
         medvault_types::fhir_instant(self.clock.now())
     }
@@ -358,7 +353,7 @@ impl Vault {
         ));
         let mut rec = self.record(c, op.as_str(), Outcome::Success);
         rec.patient = patient.map(str::to_owned);
-        let permitted = typestate::permit(d, op, &mut rec);
+        let permitted = typestate::permit(&d, op, &mut rec);
         if c.principal().is_some() {
             self.audit(vec![rec])?;
         }

@@ -58,7 +58,8 @@ impl ReadCtx {
             rec.detail = Some("unknown stored category".into());
             return (vec![rec], Err(VaultError::Forbidden { withheld: vec![] }));
         };
-        match permit(self.decide(Action::Read, category), row, &mut rec) {
+        let decision = self.decide(Action::Read, category);
+        match permit(&decision, row, &mut rec) {
             Err(_) => {
                 rec.categories_withheld = vec![category.to_string()];
                 let withheld = vec![category];
@@ -71,14 +72,15 @@ impl ReadCtx {
             }
             Ok(p) => {
                 rec.categories_disclosed = vec![category.to_string()];
+                rec.detail = Some(format!("policy={}", decision.policies().join(",")));
                 (vec![rec], Ok(p))
             }
         }
     }
 
     /// Splits rows into those the caller may see and the categories disclosed and withheld
-    /// (an unknown category is withheld as the most restrictive one, default deny). `rec`
-    /// is the request's record; the caller sets its categories from the result.
+    /// (an unknown category is withheld as the most restrictive one, default deny), and
+    /// names both in `rec`, the request's record.
     pub(crate) fn filter(
         &self,
         rows: Vec<Sealed>,
@@ -91,7 +93,7 @@ impl ReadCtx {
                 push_unique(&mut withheld, Category::Notes);
                 continue;
             };
-            match permit(self.decide(action, cat), row, rec) {
+            match permit(&self.decide(action, cat), row, rec) {
                 Ok(p) => {
                     push_unique(&mut disclosed, cat);
                     allowed.push(p);
@@ -99,9 +101,10 @@ impl ReadCtx {
                 Err(_) => push_unique(&mut withheld, cat),
             }
         }
-        // The request's outcome is the caller's to set from what was disclosed.
+        // The request's record names the categories; its outcome is the caller's to set.
         rec.outcome = Outcome::Success;
-        rec.detail = None;
+        rec.categories_disclosed = disclosed.iter().map(|c| c.to_string()).collect();
+        rec.categories_withheld = withheld.iter().map(|c| c.to_string()).collect();
         (allowed, disclosed, withheld)
     }
 }
@@ -216,8 +219,6 @@ impl Vault {
                 .and_then(|r| r.patient())
                 .map(|p| p.to_string());
             let (allowed, disclosed, withheld) = cx.filter(rows, Action::Read, &mut rec);
-            rec.categories_disclosed = disclosed.iter().map(|c| c.to_string()).collect();
-            rec.categories_withheld = withheld.iter().map(|c| c.to_string()).collect();
             if allowed.is_empty() {
                 rec.outcome = Outcome::Denied;
                 return Ok((vec![rec], Err(VaultError::Forbidden { withheld })));

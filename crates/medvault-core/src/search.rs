@@ -84,8 +84,6 @@ impl Vault {
             let (rows, disclosed, withheld) = cx.filter(page.rows, Action::Search, &mut rec);
             rec.resource = Some(rt.as_str().to_owned());
             rec.patient = q.patient.as_ref().map(|p| p.to_string());
-            rec.categories_disclosed = disclosed.iter().map(|c| c.to_string()).collect();
-            rec.categories_withheld = withheld.iter().map(|c| c.to_string()).collect();
             rec.detail = Some(format!(
                 "params={} matched={matched} returned={}",
                 names.join(","),
@@ -145,8 +143,6 @@ impl Vault {
                 ..Default::default()
             })?;
             let (rows, disclosed, withheld) = cx.filter(page.rows, Action::Read, &mut rec);
-            rec.categories_disclosed = disclosed.iter().map(|c| c.to_string()).collect();
-            rec.categories_withheld = withheld.iter().map(|c| c.to_string()).collect();
             if rows.is_empty() && !withheld.is_empty() {
                 rec.outcome = Outcome::Denied;
                 return Ok((vec![rec], Err(VaultError::Forbidden { withheld })));

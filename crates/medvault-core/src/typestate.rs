@@ -27,12 +27,10 @@ use medvault_store::Sealed;
 use medvault_types::{Category, PatientId};
 use serde_json::{Map, Value};
 
-/// A value the policy engine allowed the caller to receive, with the deciding policies.
-/// Made only by [`permit`].
+/// A value the policy engine allowed the caller to receive. Made only by [`permit`].
 #[derive(Debug)]
 pub struct Permitted<T> {
     inner: T,
-    policies: Vec<String>,
 }
 
 impl<T> Permitted<T> {
@@ -40,26 +38,21 @@ impl<T> Permitted<T> {
     pub fn get(&self) -> &T {
         &self.inner
     }
-    /// The `@id`s of the policies that allowed it.
-    pub fn policies(&self) -> &[String] {
-        &self.policies
-    }
 }
 
-/// Records `decision` in `rec` (its outcome, and the deciding policies), and, if it allows,
-/// wraps `inner` as permitted; otherwise hands `inner` back.
+/// Records `decision`'s outcome in `rec`, and, if it allows, wraps `inner` as permitted;
+/// otherwise hands `inner` back. (The caller names the deciding policies in the record
+/// where it wants them: `decision.policies()`.)
 ///
 /// # Errors
 /// `Err(inner)` when the decision denies; `rec` then says `Denied`.
-pub fn permit<T>(decision: Decision, inner: T, rec: &mut AuditRecord) -> Result<Permitted<T>, T> {
+pub fn permit<T>(decision: &Decision, inner: T, rec: &mut AuditRecord) -> Result<Permitted<T>, T> {
     if !decision.allowed() {
         rec.outcome = Outcome::Denied;
         return Err(inner);
     }
-    let policies = decision.policies().to_vec();
     rec.outcome = Outcome::Success;
-    rec.detail = Some(format!("policy={}", policies.join(",")));
-    Ok(Permitted { inner, policies })
+    Ok(Permitted { inner })
 }
 
 /// Why a permitted record could not be opened (never the caller's fault: a damaged or

@@ -194,7 +194,7 @@ impl Vault {
             json,
         };
         let mut scratch = self.record(c, "read", Outcome::Success);
-        if let Ok(p) = permit(self.decide(c, Action::Read, category), draft, &mut scratch) {
+        if let Ok(p) = permit(&self.decide(c, Action::Read, category), draft, &mut scratch) {
             w.body = Some(typestate::disclose(p));
         }
         w

@@ -15,7 +15,7 @@ mod records {
             policies: vec![],
         };
         let mut rec = AuditRecord::new("read", "x", Outcome::Success, String::new(), "r");
-        let _ = crate::typestate::permit(allowed, row, &mut rec);
+        let _ = crate::typestate::permit(&allowed, row, &mut rec);
     }
 }
 

@@ -9,10 +9,7 @@ mod records {
     use medvault_store::Sealed;
 
     pub fn mint(row: Sealed) -> Permitted<Sealed> {
-        Permitted {
-            inner: row,
-            policies: vec![],
-        }
+        Permitted { inner: row }
     }
 
     pub fn disclose(row: Permitted<Sealed>) -> Disclosed {

@@ -5,10 +5,7 @@ use medvault_store::{Sealed, VersionRow};
 
 fn forge(row: VersionRow) -> Permitted<Sealed> {
     let sealed = Sealed(row);
-    Permitted {
-        inner: sealed,
-        policies: vec![],
-    }
+    Permitted { inner: sealed }
 }
 
 fn main() {
