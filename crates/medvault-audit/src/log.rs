@@ -372,3 +372,55 @@ fn writes(pending: BTreeMap<(u32, u64), Vec<Hash>>) -> Vec<TileWrite> {
         .map(|((level, index), hashes)| (level, index, hashes_to_bytes(&hashes)))
         .collect()
 }
+
+/// A hash (or any bytes) in standard base64, as the JSON proofs carry them.
+pub fn b64(h: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(h)
+}
+
+/// `GET /api/audit/proof/inclusion`: entry `index`'s inclusion in the tree of `size`
+/// entries (RFC 6962 §2.1.1), hashes in base64.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct InclusionProof {
+    pub index: u64,
+    pub size: u64,
+    pub leaf_hash: String,
+    pub root: String,
+    pub proof: Vec<String>,
+}
+
+impl InclusionProof {
+    pub fn new(index: u64, size: u64, leaf: &Hash, proof: &[Hash], root: &Hash) -> Self {
+        InclusionProof {
+            index,
+            size,
+            leaf_hash: b64(leaf),
+            root: b64(root),
+            proof: proof.iter().map(|h| b64(h)).collect(),
+        }
+    }
+}
+
+/// `GET /api/audit/proof/consistency`: the tree of `old` entries is a prefix of the tree of
+/// `new` (RFC 6962 §2.1.2), hashes in base64.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ConsistencyProof {
+    pub old: u64,
+    pub new: u64,
+    pub old_root: String,
+    pub new_root: String,
+    pub proof: Vec<String>,
+}
+
+impl ConsistencyProof {
+    pub fn new(old: u64, new: u64, old_root: &Hash, new_root: &Hash, proof: &[Hash]) -> Self {
+        ConsistencyProof {
+            old,
+            new,
+            old_root: b64(old_root),
+            new_root: b64(new_root),
+            proof: proof.iter().map(|h| b64(h)).collect(),
+        }
+    }
+}

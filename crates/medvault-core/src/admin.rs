@@ -31,7 +31,7 @@ impl Vault {
 
     /// Operational status (no PHI): backend, cache and log sizes. Policy action `status`.
     pub fn status(&self, c: &Caller) -> Result<Status, VaultError> {
-        self.operate_now(c, Operation::Status, None)?;
+        self.permit_operation(c, Operation::Status, None)?;
         Ok(Status {
             backend: self.store.backend(),
             key_cache_entries: self.keys.len(),

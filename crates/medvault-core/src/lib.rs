@@ -48,6 +48,7 @@ pub use bundle::EntryResult;
 pub use caller::{Caller, ANONYMOUS};
 pub use error::VaultError;
 pub use medvault_audit::accounting::{Access, DisclosureText, RECIPIENT_KINDS};
+pub use medvault_audit::log::{ConsistencyProof, InclusionProof};
 pub use medvault_audit::merkle::verify_inclusion;
 pub use medvault_audit::tiles::TileRef;
 pub use medvault_audit::verify::AuditVerdict;
@@ -55,7 +56,6 @@ pub use medvault_audit::{AuditRecord, Outcome};
 pub use medvault_identity::{totp_now, Password, Principal, SessionPolicy, Token};
 pub use medvault_types::{Category, Clock, Operation, Purpose, Role};
 pub use search::SearchResult;
-pub use transparency::{ConsistencyProof, InclusionProof};
 pub use typestate::Disclosed;
 pub use write::Written;
 
@@ -361,19 +361,6 @@ impl Vault {
             None => VaultError::Unauthenticated,
             Some(_) => VaultError::Forbidden { withheld: vec![] },
         })
-    }
-
-    /// [`Vault::operate`], then the permitted request's record appended alone.
-    fn operate_now(
-        &self,
-        c: &Caller,
-        op: Operation,
-        patient: Option<&str>,
-    ) -> Result<(), VaultError> {
-        match self.operate(c, op, patient)? {
-            Some(rec) => self.audit(vec![rec]),
-            None => Ok(()),
-        }
     }
 
     fn cipher_for(&self, key_id: &PatientId) -> Result<Arc<RecordCipher>, VaultError> {

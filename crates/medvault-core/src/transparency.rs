@@ -4,7 +4,7 @@
 //! tiles, checkpoints, proofs, verification — is `medvault_audit::log` and
 //! `medvault_audit::verify`, reading and writing the store through the adapters here.
 
-use medvault_audit::log::{LogError, TileStore, TileWrite};
+use medvault_audit::log::{b64, ConsistencyProof, InclusionProof, LogError, TileStore, TileWrite};
 use medvault_audit::tiles::TileRef;
 use medvault_audit::verify::{AuditVerdict, EntryVisitor, LogSource, VerifyError};
 use medvault_audit::AuditRecord;
@@ -89,31 +89,6 @@ impl From<LogError> for VaultError {
     }
 }
 
-/// Proof of one entry's inclusion in the tree of a given size (hashes in base64).
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct InclusionProof {
-    pub index: u64,
-    pub size: u64,
-    pub leaf_hash: String,
-    pub root: String,
-    pub proof: Vec<String>,
-}
-
-/// Proof that the tree of size `old` is a prefix of the tree of size `new` (base64).
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct ConsistencyProof {
-    pub old: u64,
-    pub new: u64,
-    pub old_root: String,
-    pub new_root: String,
-    pub proof: Vec<String>,
-}
-
-pub(crate) fn b64(h: &[u8]) -> String {
-    use base64::Engine as _;
-    base64::engine::general_purpose::STANDARD.encode(h)
-}
-
 impl Vault {
     fn log_store(&self) -> LogStore<'_> {
         LogStore(&*self.store)
@@ -121,7 +96,7 @@ impl Vault {
 
     /// `GET /audit/key`: the log's checkpoint verifier key (C2SP note verifier-key form).
     pub fn audit_verifier_key(&self, c: &Caller) -> Result<String, VaultError> {
-        self.operate_now(c, Operation::VerifierKey, None)?;
+        self.permit_operation(c, Operation::VerifierKey, None)?;
         Ok(self.log.verifier_key())
     }
 
@@ -158,28 +133,28 @@ impl Vault {
 
     /// `POST /audit/checkpoint`: signs a checkpoint now and returns the latest.
     pub fn checkpoint_now(&self, c: &Caller) -> Result<Option<String>, VaultError> {
-        self.operate_now(c, Operation::SignCheckpoint, None)?;
+        self.permit_operation(c, Operation::SignCheckpoint, None)?;
         self.log.sign(&self.log_store())?;
         Ok(self.store.checkpoint(None)?.map(|(_, n)| n))
     }
 
     /// `GET /audit/checkpoint`: the latest signed checkpoint (C2SP signed note), if any.
     pub fn latest_checkpoint(&self, c: &Caller) -> Result<Option<String>, VaultError> {
-        self.operate_now(c, Operation::ReadCheckpoint, None)?;
+        self.permit_operation(c, Operation::ReadCheckpoint, None)?;
         Ok(self.store.checkpoint(None)?.map(|(_, n)| n))
     }
 
     /// `GET /audit/checkpoint/{size}`: the stored checkpoint of exactly `size` entries, with
     /// any witness cosignatures.
     pub fn checkpoint_at(&self, c: &Caller, size: u64) -> Result<Option<String>, VaultError> {
-        self.operate_now(c, Operation::ReadCheckpoint, None)?;
+        self.permit_operation(c, Operation::ReadCheckpoint, None)?;
         Ok(self.store.checkpoint(Some(size))?.map(|(_, n)| n))
     }
 
     /// Accepts a witness's cosigned copy of one of this log's checkpoints (C2SP
     /// tlog-cosignature); returns how many cosignatures were added.
     pub fn add_cosignatures(&self, c: &Caller, note: &str) -> Result<usize, VaultError> {
-        self.operate_now(c, Operation::Cosign, None)?;
+        self.permit_operation(c, Operation::Cosign, None)?;
         self.log.cosign(&self.log_store(), note)
     }
 
@@ -209,7 +184,7 @@ impl Vault {
         index: u64,
         size: u64,
     ) -> Result<InclusionProof, VaultError> {
-        self.operate_now(c, Operation::Proof, None)?;
+        self.permit_operation(c, Operation::Proof, None)?;
         if index >= size || size > self.store.audit_len()? {
             return Err(VaultError::BadRequest(
                 "need index < size <= the log's size".into(),
@@ -217,13 +192,7 @@ impl Vault {
         }
         self.covered(c, size)?;
         let (leaf, proof, root) = self.log.inclusion_proof(&self.log_store(), index, size)?;
-        Ok(InclusionProof {
-            index,
-            size,
-            leaf_hash: b64(&leaf),
-            root: b64(&root),
-            proof: proof.iter().map(|h| b64(h)).collect(),
-        })
+        Ok(InclusionProof::new(index, size, &leaf, &proof, &root))
     }
 
     /// `GET /api/audit/proof/consistency`: RFC 6962 consistency proof between the trees of
@@ -234,7 +203,7 @@ impl Vault {
         old: u64,
         new: u64,
     ) -> Result<ConsistencyProof, VaultError> {
-        self.operate_now(c, Operation::Proof, None)?;
+        self.permit_operation(c, Operation::Proof, None)?;
         if old == 0 || old > new || new > self.store.audit_len()? {
             return Err(VaultError::BadRequest(
                 "need 0 < old <= new <= the log's size".into(),
@@ -243,19 +212,15 @@ impl Vault {
         self.covered(c, new)?;
         let (proof, old_root, new_root) =
             self.log.consistency_proof(&self.log_store(), old, new)?;
-        Ok(ConsistencyProof {
-            old,
-            new,
-            old_root: b64(&old_root),
-            new_root: b64(&new_root),
-            proof: proof.iter().map(|h| b64(h)).collect(),
-        })
+        Ok(ConsistencyProof::new(
+            old, new, &old_root, &new_root, &proof,
+        ))
     }
 
     /// `GET /audit/tile/…`: a hash tile or entry bundle of the latest checkpointed tree, or
     /// `NotFound` when that tree does not (yet) hold it.
     pub fn tile(&self, c: &Caller, t: TileRef) -> Result<Vec<u8>, VaultError> {
-        self.operate_now(c, Operation::Tile, None)?;
+        self.permit_operation(c, Operation::Tile, None)?;
         self.log.tile(&self.log_store(), t)
     }
 
@@ -272,7 +237,7 @@ impl Vault {
                 "ask for at most 1000 entries with start <= end".into(),
             ));
         }
-        self.operate_now(c, Operation::AuditEntries, None)?;
+        self.permit_operation(c, Operation::AuditEntries, None)?;
         let rows = self.store.audit_range(start, end)?;
         rows.into_iter()
             .map(|r| {
