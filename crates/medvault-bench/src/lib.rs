@@ -19,12 +19,12 @@ use medvault_fhir::{Resource, ResourceType};
 use medvault_store::{
     Expect, IndexRow, Op, SearchQuery, SqliteStore, Store, VersionRow, WriteBatch,
 };
-use medvault_types::{Clock, PatientId, Purpose, Username};
+use medvault_types::{Clock, PatientId};
 use serde_json::{json, Value};
 
 use base64::Engine as _;
 use medvault_core::{
-    AuditRecord, AuditVerdict, Caller, MasterKeySource, Outcome, Principal, Role, Vault,
+    AuditRecord, AuditVerdict, Caller, LocalOperator, MasterKeySource, Outcome, Role, Vault,
     VaultError, VaultOptions,
 };
 
@@ -140,6 +140,8 @@ fn obs_json(patient: &str, i: usize) -> Value {
 
 struct Fixture {
     vault: Vault,
+    /// The benchmark opened the gate itself: it acts as the local operator.
+    operator: LocalOperator,
     /// The secure side's store, for appending audit records directly.
     secure: Arc<dyn Store>,
     plain: Arc<dyn Store>,
@@ -209,14 +211,14 @@ fn setup(
         public_transparency: true,
         ..VaultOptions::default()
     };
-    let vault = Vault::open_with_store(
+    let (vault, operator) = Vault::open_with_store(
         store.clone(),
         &MasterKeySource::Ephemeral,
         clock.clone(),
         options,
     )?;
     let plain = open_store(backend, dir, "plain", created)?;
-    let importer = Caller::cli(Role::Importer);
+    let importer = Caller::cli(&operator, Role::Importer);
     let mut secure_ids = vec![];
     let mut plain_ids = vec![];
     let chunk = 1000;
@@ -271,25 +273,12 @@ fn setup(
     }
     Ok(Fixture {
         vault,
+        operator,
         secure: store,
         plain,
         secure_ids,
         plain_ids,
     })
-}
-
-fn physician() -> Result<Caller, VaultError> {
-    let username =
-        Username::new("bench.physician").map_err(|e| VaultError::Internal(e.to_string()))?;
-    Ok(Caller::new(
-        Principal {
-            username,
-            role: Role::Physician,
-        },
-        Some(Purpose::Treat),
-        Some("bench".into()),
-        "bench".into(),
-    ))
 }
 
 /// `1000000` → `1M`, `250000` → `250k`.
@@ -343,7 +332,7 @@ fn audit_log_rows(
         .unwrap_or(0);
     let started = Instant::now();
     let signed = vault
-        .checkpoint(&Caller::system("bench"))?
+        .checkpoint(&Caller::system(&fx.operator, "bench"))?
         .map(|(n, _)| n)
         .unwrap_or(before);
     let secs = started.elapsed().as_secs_f64();
@@ -360,7 +349,7 @@ fn audit_log_rows(
     });
     progress("verifying the audit log", 0, 1);
     let started = Instant::now();
-    let verdict = vault.verify_audit(&Caller::cli(Role::Auditor), &|d, t| {
+    let verdict = vault.verify_audit(&Caller::cli(&fx.operator, Role::Auditor), &|d, t| {
         progress(
             "verifying the audit log",
             usize::try_from(d).unwrap_or(0),
@@ -511,7 +500,8 @@ pub fn run(
                 return Err(e);
             }
         };
-        let c = physician()?;
+        // A physician treating (the role's default purpose), acting locally.
+        let c = Caller::cli(&fx.operator, Role::Physician);
         let obs = ResourceType::parse("Observation").ok_or(VaultError::Internal("type".into()))?;
         let n = fx.secure_ids.len().max(1);
         let pick = |i: usize| (i.wrapping_mul(2_654_435_761)) % n;

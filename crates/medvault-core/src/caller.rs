@@ -19,9 +19,27 @@ pub struct Caller {
 /// Actor name recorded for an anonymous caller.
 pub const ANONYMOUS: &str = "anonymous";
 
+/// The local operator's capability: proof that this process opened the gate itself, from
+/// the data directory and its master key. Handed out only by [`Vault::open`](crate::Vault::open)
+/// (and `open_with_store`), it is what the command line acts through ([`Caller::cli`]) and
+/// what the server's own background work acts through ([`Caller::system`]). Code that is
+/// only handed the `Vault` — an HTTP handler — cannot make one, so it cannot make a caller
+/// that did not sign in.
+#[derive(Debug)]
+pub struct LocalOperator {
+    _private: (),
+}
+
+impl LocalOperator {
+    pub(crate) fn new() -> Self {
+        LocalOperator { _private: () }
+    }
+}
+
 impl Caller {
-    /// A signed-in user, with a declared purpose of use (else their role's default).
-    pub fn new(
+    /// A signed-in user, with a declared purpose of use (else their role's default): made
+    /// only by authentication ([`Vault::authenticate`](crate::Vault::authenticate)).
+    pub(crate) fn new(
         principal: Principal,
         purpose: Option<Purpose>,
         source: Option<String>,
@@ -48,7 +66,7 @@ impl Caller {
     }
 
     /// The local command-line principal (`cli.<os user>`), acting in `role`.
-    pub fn cli(role: Role) -> Self {
+    pub fn cli(_operator: &LocalOperator, role: Role) -> Self {
         let who: String = std::env::var("USER")
             .unwrap_or_else(|_| "operator".into())
             .to_lowercase()
@@ -71,7 +89,7 @@ impl Caller {
 
     /// The server's own background work (`system.<task>`, role `system`), such as signing a
     /// checkpoint of the audit log every second.
-    pub fn system(task: &str) -> Self {
+    pub fn system(_operator: &LocalOperator, task: &str) -> Self {
         let name =
             Username::new(&format!("system.{task}")).unwrap_or_else(|_| constant("system.server"));
         Caller::new(

@@ -45,7 +45,7 @@ use std::sync::Arc;
 pub use admin::Status;
 pub use auth::{check_password, LoginChallenge, NewUserInfo, SessionGrant};
 pub use bundle::EntryResult;
-pub use caller::{Caller, ANONYMOUS};
+pub use caller::{Caller, LocalOperator, ANONYMOUS};
 pub use error::VaultError;
 pub use medvault_audit::accounting::{Access, DisclosureText, RECIPIENT_KINDS};
 pub use medvault_audit::log::{ConsistencyProof, InclusionProof};
@@ -53,7 +53,7 @@ pub use medvault_audit::merkle::verify_inclusion;
 pub use medvault_audit::tiles::TileRef;
 pub use medvault_audit::verify::AuditVerdict;
 pub use medvault_audit::{AuditRecord, Outcome};
-pub use medvault_identity::{totp_now, Password, Principal, SessionPolicy, Token};
+pub use medvault_identity::{totp_now, Password, SessionPolicy, Token};
 pub use medvault_types::{Category, Clock, Operation, Purpose, Role};
 pub use search::SearchResult;
 pub use typestate::Disclosed;
@@ -161,7 +161,8 @@ fn load_or_create_meta(
 
 impl Vault {
     /// Opens the gate over `storage` with the master key from `key`, creating the service
-    /// keys (blind-index root, identity, audit signing) on first use.
+    /// keys (blind-index root, identity, audit signing) on first use. Returns the gate and
+    /// the [`LocalOperator`] capability of the process that opened it.
     ///
     /// # Errors
     /// The key file is missing, unreadable or readable by others; the database cannot be
@@ -171,7 +172,7 @@ impl Vault {
         key: &MasterKeySource,
         clock: Arc<dyn Clock>,
         options: VaultOptions,
-    ) -> Result<Self, VaultError> {
+    ) -> Result<(Self, LocalOperator), VaultError> {
         let master = key.load()?;
         let store: Arc<dyn Store> = match storage {
             Storage::Sqlite(path) => medvault_store::SqliteStore::open(path)?,
@@ -190,7 +191,7 @@ impl Vault {
         key: &MasterKeySource,
         clock: Arc<dyn Clock>,
         options: VaultOptions,
-    ) -> Result<Self, VaultError> {
+    ) -> Result<(Self, LocalOperator), VaultError> {
         Self::assemble(store, key.load()?, clock, options)
     }
 
@@ -199,7 +200,7 @@ impl Vault {
         master: MasterKey,
         clock: Arc<dyn Clock>,
         options: VaultOptions,
-    ) -> Result<Self, VaultError> {
+    ) -> Result<(Self, LocalOperator), VaultError> {
         let wrapped_root = load_or_create_meta(&store, "key.index_root", || {
             Ok(master.wrap_index_root(&IndexRootKey::generate())?)
         })?;
@@ -251,7 +252,7 @@ impl Vault {
             options,
         };
         vault.record_audit_settings()?;
-        Ok(vault)
+        Ok((vault, LocalOperator::new()))
     }
 
     fn now_instant(&self) -> String {

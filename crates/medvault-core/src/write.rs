@@ -82,11 +82,11 @@ impl Vault {
         rec.resource = Some(format!("{rt}/{id}"));
         let mut denied = !self.decide(c, action, category).allowed();
         if let Some(p) = prior {
-            // An unknown stored category is denied like any other (default deny).
             match p.category().parse::<Category>() {
                 Ok(old) if old == category => {}
                 Ok(old) => denied |= !self.decide(c, Action::Update, old).allowed(),
-                Err(_) => denied = true,
+                // An unknown stored category: a recorded denial that says so (default deny).
+                Err(_) => return Err(self.deny_unknown_category(rec)),
             }
         }
         if denied {
@@ -164,6 +164,17 @@ impl Vault {
             created: creating,
         };
         Ok((written, json))
+    }
+
+    /// Records the denial of a write to a stored row whose category this server does not
+    /// know (default deny), naming no category.
+    fn deny_unknown_category(&self, mut rec: AuditRecord) -> VaultError {
+        rec.outcome = Outcome::Denied;
+        rec.detail = Some("unknown stored category".into());
+        match self.audit(vec![rec]) {
+            Ok(()) => VaultError::Forbidden { withheld: vec![] },
+            Err(e) => e,
+        }
     }
 
     /// Records a denial (fail closed: if even that cannot be audited, the error says so).
@@ -298,13 +309,7 @@ impl Vault {
         };
         rec.patient = prior.patient().map(|p| p.to_string());
         let Ok(category) = prior.category().parse::<Category>() else {
-            // An unknown stored category: a recorded denial (default deny).
-            rec.outcome = Outcome::Denied;
-            rec.detail = Some("unknown stored category".into());
-            return Err(match self.audit(vec![rec]) {
-                Ok(()) => VaultError::Forbidden { withheld: vec![] },
-                Err(e) => e,
-            });
+            return Err(self.deny_unknown_category(rec));
         };
         if !self.decide(c, Action::Delete, category).allowed() {
             rec.outcome = Outcome::Denied;

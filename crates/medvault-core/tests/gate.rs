@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use base64::Engine as _;
 use medvault_core::{
-    AuditRecord, AuditVerdict, Caller, MasterKeySource, Outcome, Role, Vault, VaultError,
-    VaultOptions,
+    AuditRecord, AuditVerdict, Caller, LocalOperator, MasterKeySource, Outcome, Role, Vault,
+    VaultError, VaultOptions,
 };
 use medvault_store::{SqliteStore, Store, WriteBatch};
 use medvault_types::ManualClock;
@@ -20,7 +20,7 @@ fn only_the_decision_makes_a_permission() {
     trybuild::TestCases::new().compile_fail("tests/ui/*.rs");
 }
 
-fn open(store: Arc<dyn Store>, master: &std::path::Path) -> Vault {
+fn open(store: Arc<dyn Store>, master: &std::path::Path) -> (Vault, LocalOperator) {
     let clock = Arc::new(ManualClock::new(
         time::OffsetDateTime::from_unix_timestamp(1_790_000_000).unwrap(),
     ));
@@ -71,7 +71,7 @@ fn proofs_from_tiles_survive_a_restart_and_anonymous_callers_cannot_force_signin
     let dir = tempfile::tempdir().unwrap();
     let store: Arc<dyn Store> = SqliteStore::open(&dir.path().join("db.sqlite")).unwrap();
     let master = dir.path().join("master.key");
-    let v = Vault::open_with_store(
+    let (v, _) = Vault::open_with_store(
         store.clone(),
         &MasterKeySource::NewFile(master.clone()),
         Arc::new(ManualClock::new(
@@ -81,9 +81,9 @@ fn proofs_from_tiles_survive_a_restart_and_anonymous_callers_cannot_force_signin
     )
     .unwrap();
     drop(v);
-    let v = open(store.clone(), &master);
+    let (v, op) = open(store.clone(), &master);
     grow(&store, 700);
-    let (signed, _) = v.checkpoint(&Caller::system("test")).unwrap().unwrap();
+    let (signed, _) = v.checkpoint(&Caller::system(&op, "test")).unwrap().unwrap();
     grow(&store, 10);
     // Anonymous (public transparency): within the signed tree only.
     let anonymous = Caller::anonymous(None, "test".into());
@@ -94,15 +94,15 @@ fn proofs_from_tiles_survive_a_restart_and_anonymous_callers_cannot_force_signin
     ));
     // Only the server's own signer signs on schedule.
     assert!(matches!(
-        v.checkpoint(&Caller::cli(Role::Physician)),
+        v.checkpoint(&Caller::cli(&op, Role::Physician)),
         Err(VaultError::Forbidden { .. })
     ));
     // A restarted server resumes from the stored tiles and extends them.
     drop(v);
-    let v = open(store.clone(), &master);
+    let (v, op) = open(store.clone(), &master);
     grow(&store, 300);
     let n = store.audit_len().unwrap();
-    let auditor = Caller::cli(Role::Auditor);
+    let auditor = Caller::cli(&op, Role::Auditor);
     let p = v.inclusion_proof(&auditor, 650, n - 1).unwrap();
     let all = leaves(&store, n - 1);
     let expected: Vec<String> = medvault_audit::merkle::inclusion_proof(&all, 650)
@@ -123,7 +123,70 @@ fn proofs_from_tiles_survive_a_restart_and_anonymous_callers_cannot_force_signin
     ));
     // Verification is decided by policy too: a clinician may not run it.
     assert!(matches!(
-        v.verify_audit(&Caller::cli(Role::Nurse), &|_, _| {}),
+        v.verify_audit(&Caller::cli(&op, Role::Nurse), &|_, _| {}),
         Err(VaultError::Forbidden { .. })
     ));
+}
+
+/// A stored row whose category this server does not know is denied — and the denial is
+/// recorded, saying why and naming no category — on read, update and delete alike. (It
+/// was an unrecorded internal error on read, and an update blamed the new category.)
+#[test]
+fn unknown_stored_category_is_a_recorded_denial_naming_no_category() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("db.sqlite");
+    let store: Arc<dyn Store> = SqliteStore::open(&db).unwrap();
+    let (v, op) = Vault::open_with_store(
+        store.clone(),
+        &MasterKeySource::Ephemeral,
+        Arc::new(ManualClock::new(
+            time::OffsetDateTime::from_unix_timestamp(1_790_000_000).unwrap(),
+        )),
+        VaultOptions::default(),
+    )
+    .unwrap();
+    let doc = Caller::cli(&op, Role::Physician);
+    let bundle = serde_json::json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"fullUrl": "urn:uuid:p", "request": {"method": "POST", "url": "Patient"},
+         "resource": {"resourceType": "Patient", "name": [{"family": "Unknown"}]}},
+        {"request": {"method": "POST", "url": "Condition"},
+         "resource": {"resourceType": "Condition", "subject": {"reference": "urn:uuid:p"},
+                      "code": {"text": "x"}}}]});
+    let written = v.transaction(&doc, bundle, "transaction").unwrap();
+    let patient = written[0].written.clone().unwrap();
+    let condition = written[1].written.clone().unwrap();
+    let body = serde_json::json!({"resourceType": "Condition", "id": condition.id,
+        "subject": {"reference": format!("Patient/{}", patient.id)}, "code": {"text": "y"}});
+    // Someone with the database file relabels the row.
+    let c = rusqlite::Connection::open(&db).unwrap();
+    c.execute_batch(
+        "DROP TRIGGER versions_no_update;
+         UPDATE resource_versions SET category = 'bogus' WHERE rtype = 'Condition';
+         UPDATE resource_current SET category = 'bogus' WHERE rtype = 'Condition';",
+    )
+    .unwrap();
+    let rt = condition.rtype;
+    let last = |store: &Arc<dyn Store>| {
+        let n = store.audit_len().unwrap();
+        let r = store.audit_range(n - 1, n).unwrap().remove(0);
+        AuditRecord::from_canonical(&r.record).unwrap()
+    };
+    let denied =
+        |e: VaultError| matches!(e, VaultError::Forbidden { withheld } if withheld.is_empty());
+    assert!(denied(v.read(&doc, rt, &condition.id).unwrap_err()));
+    let update = medvault_fhir::Resource::from_value(body, Some(rt)).unwrap();
+    assert!(denied(
+        v.update(&doc, &condition.id, update, None).unwrap_err()
+    ));
+    let rec = last(&store);
+    assert_eq!(rec.outcome, Outcome::Denied);
+    assert_eq!(rec.detail.as_deref(), Some("unknown stored category"));
+    assert!(rec.categories_withheld.is_empty(), "{rec:?}");
+    assert!(denied(v.delete(&doc, rt, &condition.id).unwrap_err()));
+    let rec = last(&store);
+    assert_eq!(
+        (rec.action.as_str(), rec.outcome),
+        ("delete", Outcome::Denied)
+    );
+    assert_eq!(rec.detail.as_deref(), Some("unknown stored category"));
 }

@@ -74,18 +74,17 @@ fn build_fixture(pg: bool) -> Fixture {
     let clock = Arc::new(ManualClock::new(
         time::OffsetDateTime::from_unix_timestamp(1_790_000_000).unwrap(),
     ));
-    let vault = Arc::new(
-        Vault::open_with_store(
-            faulty.clone(),
-            &MasterKeySource::Ephemeral,
-            clock.clone(),
-            VaultOptions::default(),
-        )
-        .unwrap(),
-    );
+    let (vault, operator) = Vault::open_with_store(
+        faulty.clone(),
+        &MasterKeySource::Ephemeral,
+        clock.clone(),
+        VaultOptions::default(),
+    )
+    .unwrap();
+    let vault = Arc::new(vault);
     let u = vault
         .add_user(
-            &Caller::cli(Role::SecurityAdmin),
+            &Caller::cli(&operator, Role::SecurityAdmin),
             "doc",
             Role::Physician,
             Some(Password::new("correct horse battery".into())),

@@ -15,8 +15,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
 use config::Config;
 use medvault_core::{
-    Caller, Clock, MasterKeySource, Password, Role, SessionPolicy, Storage, Vault, VaultError,
-    VaultOptions,
+    Caller, Clock, LocalOperator, MasterKeySource, Password, Role, SessionPolicy, Storage, Vault,
+    VaultError, VaultOptions,
 };
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -249,10 +249,10 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let role: Role = role.parse().map_err(|e| anyhow!("{e}"))?;
             let pw = password_file.map(|f| read_secret_file(&f)).transpose()?;
-            let (cfg, vault) = open(&dir)?;
+            let (cfg, vault, op) = open(&dir)?;
             drop(cfg);
             let u = vault
-                .add_user(&Caller::cli(Role::SecurityAdmin), &name, role, pw)
+                .add_user(&Caller::cli(&op, Role::SecurityAdmin), &name, role, pw)
                 .map_err(describe)?;
             if json {
                 let mut v = json!({"username": u.username.as_str(), "role": u.role.as_str(), "password": u.password.expose(),
@@ -289,9 +289,9 @@ fn run(cli: Cli) -> Result<()> {
                     e.column()
                 )
             })?;
-            let (_, vault) = open(&dir)?;
+            let (_, vault, op) = open(&dir)?;
             let results = vault
-                .transaction(&Caller::cli(Role::Importer), value, "import")
+                .transaction(&Caller::cli(&op, Role::Importer), value, "import")
                 .map_err(describe)?;
             if json {
                 println!("{}", json!({"imported": results.len()}));
@@ -333,10 +333,10 @@ fn run(cli: Cli) -> Result<()> {
         Command::Audit {
             command: AuditCommand::Verify { json },
         } => {
-            let (_, vault) = open(&dir)?;
+            let (_, vault, op) = open(&dir)?;
             let bar = progress_bar(0, "verifying the audit log");
             let verdict = vault
-                .verify_audit(&Caller::cli(Role::Auditor), &|done, total| {
+                .verify_audit(&Caller::cli(&op, Role::Auditor), &|done, total| {
                     if let Some(b) = &bar {
                         b.set_length(total);
                         b.set_position(done);
@@ -377,17 +377,17 @@ fn run(cli: Cli) -> Result<()> {
         Command::Audit {
             command: AuditCommand::Prove { index, size },
         } => {
-            let (_, vault) = open(&dir)?;
+            let (_, vault, op) = open(&dir)?;
             let size = match size {
                 Some(s) => s,
                 None => vault
-                    .latest_checkpoint(&Caller::cli(Role::Auditor))
+                    .latest_checkpoint(&Caller::cli(&op, Role::Auditor))
                     .map_err(describe)?
                     .and_then(|n| n.lines().nth(1).and_then(|l| l.parse().ok()))
                     .ok_or_else(|| anyhow!("no signed checkpoint yet; pass --size"))?,
             };
             let p = vault
-                .inclusion_proof(&Caller::cli(Role::Auditor), index, size)
+                .inclusion_proof(&Caller::cli(&op, Role::Auditor), index, size)
                 .map_err(describe)?;
             println!("{}", serde_json::to_string_pretty(&p)?);
             Ok(())
@@ -395,8 +395,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Audit {
             command: AuditCommand::Export { since, lookup },
         } => {
-            let (_, vault) = open(&dir)?;
-            let auditor = Caller::cli(Role::Auditor);
+            let (_, vault, op) = open(&dir)?;
+            let auditor = Caller::cli(&op, Role::Auditor);
             if let Some(v) = lookup {
                 println!("{}", vault.pseudonym(&auditor, &v).map_err(describe)?);
                 return Ok(());
@@ -507,7 +507,7 @@ fn storage(dir: &Path, cfg: &Config) -> Result<Storage> {
 }
 
 /// Opens the gate over the configured store; `key` is where the master key comes from.
-fn open_vault(dir: &Path, cfg: &Config, key: &MasterKeySource) -> Result<Vault> {
+fn open_vault(dir: &Path, cfg: &Config, key: &MasterKeySource) -> Result<(Vault, LocalOperator)> {
     let storage = storage(dir, cfg)?;
     Vault::open(&storage, key, Arc::new(SystemClock), options(cfg)).map_err(|e| match storage {
         Storage::Postgres(_) if matches!(e, VaultError::Unavailable(_)) => {
@@ -517,11 +517,13 @@ fn open_vault(dir: &Path, cfg: &Config, key: &MasterKeySource) -> Result<Vault> 
     })
 }
 
-fn open(dir: &Path) -> Result<(Config, Arc<Vault>)> {
+/// Opens the data directory's gate: the configuration, the gate, and this process's
+/// local-operator capability (what the command line acts through).
+fn open(dir: &Path) -> Result<(Config, Arc<Vault>, LocalOperator)> {
     let cfg = Config::load(dir)?;
     let key = MasterKeySource::File(dir.join(&cfg.keys.master_key_file));
-    let vault = open_vault(dir, &cfg, &key)?;
-    Ok((cfg, Arc::new(vault)))
+    let (vault, operator) = open_vault(dir, &cfg, &key)?;
+    Ok((cfg, Arc::new(vault), operator))
 }
 
 struct InitOutput {
@@ -581,10 +583,10 @@ fn init(
             .map(|b| format!("{b:02x}"))
             .collect();
         write_private(&dir.join(config::FILE), cfg.to_toml()?.as_bytes())?;
-        let vault = open_vault(dir, &cfg, &master)?;
+        let (vault, op) = open_vault(dir, &cfg, &master)?;
         let user = vault
             .add_user(
-                &Caller::cli(Role::SecurityAdmin),
+                &Caller::cli(&op, Role::SecurityAdmin),
                 admin,
                 Role::SecurityAdmin,
                 password,
@@ -632,7 +634,13 @@ async fn shutdown_signal() {
     tracing::info!("shutting down: finishing in-flight requests");
 }
 
-fn serve_vault(dir: &Path, cfg: &Config, vault: Arc<Vault>, listen: Option<String>) -> Result<()> {
+fn serve_vault(
+    dir: &Path,
+    cfg: &Config,
+    vault: Arc<Vault>,
+    op: LocalOperator,
+    listen: Option<String>,
+) -> Result<()> {
     let listen = listen.unwrap_or_else(|| cfg.server.listen.clone());
     let tls = medvault_server::load_tls_config(&dir.join(&cfg.tls.cert), &dir.join(&cfg.tls.key))?;
     let checkpoint_vault = vault.clone();
@@ -646,7 +654,8 @@ fn serve_vault(dir: &Path, cfg: &Config, vault: Arc<Vault>, listen: Option<Strin
     // Sign a checkpoint of the audit log every second while it grows, and once at shutdown.
     let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
     let signer_vault = checkpoint_vault.clone();
-    let checkpointer = Caller::system("checkpointer");
+    // The server's own work acts through the local operator; handlers get only the gate.
+    let checkpointer = Caller::system(&op, "checkpointer");
     let signer = std::thread::Builder::new()
         .name("medvault-checkpoints".into())
         .spawn(move || loop {
@@ -681,8 +690,8 @@ fn serve_vault(dir: &Path, cfg: &Config, vault: Arc<Vault>, listen: Option<Strin
 }
 
 fn serve(dir: &Path, listen: Option<String>) -> Result<()> {
-    let (cfg, vault) = open(dir)?;
-    serve_vault(dir, &cfg, vault, listen)
+    let (cfg, vault, op) = open(dir)?;
+    serve_vault(dir, &cfg, vault, op, listen)
 }
 
 const DEMO_ROLES: &[Role] = &[
@@ -704,14 +713,14 @@ fn demo(dir: &Path, patients: usize, seed: u64, listen: Option<String>) -> Resul
             dir.display(),
             out.cert_sha256
         );
-        let (_, vault) = open(dir)?;
+        let (_, vault, op) = open(dir)?;
         let bar = progress_bar(patients as u64, "generating synthetic charts");
         let bundle = demo::bundle(seed, patients);
         if let Some(b) = &bar {
             b.set_message("loading through the secure path");
         }
         let n = vault
-            .transaction(&Caller::cli(Role::Importer), bundle, "import")
+            .transaction(&Caller::cli(&op, Role::Importer), bundle, "import")
             .map_err(describe)?
             .len();
         if let Some(b) = bar {
@@ -733,7 +742,7 @@ fn demo(dir: &Path, patients: usize, seed: u64, listen: Option<String>) -> Resul
         for role in DEMO_ROLES {
             let name = format!("demo.{}", role.as_str().replace('_', "-"));
             let u = vault
-                .add_user(&Caller::cli(Role::SecurityAdmin), &name, *role, None)
+                .add_user(&Caller::cli(&op, Role::SecurityAdmin), &name, *role, None)
                 .map_err(describe)?;
             println!(
                 "{:<22} {:<16} {:<22} {}",
@@ -754,8 +763,8 @@ fn demo(dir: &Path, patients: usize, seed: u64, listen: Option<String>) -> Resul
         );
         println!("delete the directory to start over).");
     }
-    let (cfg, vault) = open(dir)?;
-    serve_vault(dir, &cfg, vault, listen)
+    let (cfg, vault, op) = open(dir)?;
+    serve_vault(dir, &cfg, vault, op, listen)
 }
 
 fn progress_bar(len: u64, msg: &'static str) -> Option<indicatif::ProgressBar> {
