@@ -85,14 +85,11 @@ impl Vault {
             match p.category().parse::<Category>() {
                 Ok(old) if old == category => {}
                 Ok(old) => denied |= !self.decide(c, Action::Update, old).allowed(),
-                // An unknown stored category: a recorded denial that says so (default deny).
-                Err(_) => return Err(self.deny_unknown_category(rec)),
+                Err(_) => return Err(self.deny(rec, None)),
             }
         }
         if denied {
-            rec.outcome = Outcome::Denied;
-            rec.categories_withheld = vec![category.to_string()];
-            return Err(self.deny(rec, category));
+            return Err(self.deny(rec, Some(category)));
         }
         if rt.as_str() == "Patient" && creating {
             let pid =
@@ -166,22 +163,19 @@ impl Vault {
         Ok((written, json))
     }
 
-    /// Records the denial of a write to a stored row whose category this server does not
-    /// know (default deny), naming no category.
-    fn deny_unknown_category(&self, mut rec: AuditRecord) -> VaultError {
+    /// Records a denial and returns the error for it (fail closed: if even that cannot be
+    /// audited, the error says so). `category` is what was withheld; `None` means the stored
+    /// row's category is one this server does not know (default deny), which the record
+    /// says instead of naming a category.
+    fn deny(&self, mut rec: AuditRecord, category: Option<Category>) -> VaultError {
         rec.outcome = Outcome::Denied;
-        rec.detail = Some("unknown stored category".into());
-        match self.audit(vec![rec]) {
-            Ok(()) => VaultError::Forbidden { withheld: vec![] },
-            Err(e) => e,
+        match category {
+            Some(c) => rec.categories_withheld = vec![c.to_string()],
+            None => rec.detail = Some("unknown stored category".into()),
         }
-    }
-
-    /// Records a denial (fail closed: if even that cannot be audited, the error says so).
-    fn deny(&self, rec: AuditRecord, category: Category) -> VaultError {
         match self.audit(vec![rec]) {
             Ok(()) => VaultError::Forbidden {
-                withheld: vec![category],
+                withheld: category.into_iter().collect(),
             },
             Err(e) => e,
         }
@@ -309,12 +303,10 @@ impl Vault {
         };
         rec.patient = prior.patient().map(|p| p.to_string());
         let Ok(category) = prior.category().parse::<Category>() else {
-            return Err(self.deny_unknown_category(rec));
+            return Err(self.deny(rec, None));
         };
         if !self.decide(c, Action::Delete, category).allowed() {
-            rec.outcome = Outcome::Denied;
-            rec.categories_withheld = vec![category.to_string()];
-            return Err(self.deny(rec, category));
+            return Err(self.deny(rec, Some(category)));
         }
         let version = prior.version() + 1;
         rec.resource = Some(format!("{rt}/{id}/_history/{version}"));
