@@ -100,8 +100,48 @@ pub fn router(state: AppState) -> Router {
         .route("/fhir/{rtype}/{id}/{op}", get(fhir::instance_op))
         .route("/fhir/{rtype}/{id}/_history/{vid}", get(fhir::vread))
         .fallback(|| async { ApiError::not_found() })
+        .layer(axum::middleware::from_fn_with_state(
+            state.options.max_body_bytes,
+            read_body_first,
+        ))
         .layer(axum::middleware::from_fn(security_headers))
         .with_state(state)
+}
+
+/// Reads the whole request body (up to `limit` bytes) before any handler answers, so an
+/// answer that needs no body — 401, 404, 415, a denial — never leaves unread bytes on the
+/// connection: over HTTP/1.1 the connection stays good for the client's next request, over
+/// HTTP/2 the stream ends cleanly instead of being reset. A body over the limit is a 413
+/// and, over HTTP/1.1, the connection is closed (the rest of the body is not read).
+async fn read_body_first(
+    axum::extract::State(limit): axum::extract::State<usize>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let (parts, body) = req.into_parts();
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    let read = match declared {
+        Some(n) if n > limit => None,
+        _ => axum::body::to_bytes(body, limit).await.ok(),
+    };
+    match read {
+        Some(bytes) => {
+            next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+                .await
+        }
+        None => {
+            let mut res = ApiError::too_large(limit).into_response();
+            if parts.version <= axum::http::Version::HTTP_11 {
+                res.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            res
+        }
+    }
 }
 
 async fn home() -> Html<&'static str> {

@@ -964,6 +964,77 @@ fn hostile_input_gets_4xx_and_changes_nothing() {
     }
 }
 
+/// Answers that need no body (401, 404, 415) were sent before the body had arrived, so the
+/// server then dropped the keep-alive connection — or read the late body as the next
+/// request — and a client's next request on it failed (CI saw "Unexpected EOF" on a login
+/// right after a 415). The body is now read first. The client here sends the headers, waits,
+/// then the body and a second request on the same connection, and expects two answers.
+#[test]
+fn an_answer_before_the_body_is_read_leaves_the_connection_usable() {
+    use std::io::{Read, Write};
+    let (_tmp, dir, staff) = setup();
+    let s = Server::start(&dir, &[]);
+    let (u, p, t) = staff.get("nurse");
+    let nurse = s.login(u, p, t);
+    let mut roots = rustls::RootCertStore::empty();
+    use rustls_pki_types::pem::PemObject;
+    for c in rustls_pki_types::CertificateDer::pem_file_iter(dir.join("tls/cert.pem")).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let cfg = Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth(),
+    );
+    let body = json!({"resourceType": "Patient", "name": [{"family": "Early"}]}).to_string();
+    let auth = format!("Authorization: Bearer {nurse}\r\n");
+    for (path, extra, content_type, want) in [
+        ("/fhir/Patient", "", "application/fhir+json", "401"),
+        ("/fhir/Bogus", auth.as_str(), "application/fhir+json", "404"),
+        ("/fhir/Patient", auth.as_str(), "text/plain", "415"),
+    ] {
+        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        let conn = rustls::ClientConnection::new(cfg.clone(), name).unwrap();
+        let tcp = std::net::TcpStream::connect(("127.0.0.1", s.port)).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let mut tls = rustls::StreamOwned::new(conn, tcp);
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: localhost\r\n{extra}Content-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        tls.write_all(head.as_bytes()).unwrap();
+        tls.flush().unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        // The body, late, and a second request on the same connection.
+        let _ = tls.write_all(body.as_bytes());
+        let _ = tls.write_all(b"GET /fhir/metadata HTTP/1.1\r\nHost: localhost\r\n\r\n");
+        let _ = tls.flush();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 16384];
+        while let Ok(n) = tls.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+            if String::from_utf8_lossy(&got).matches("HTTP/1.1 ").count() >= 2
+                && got.ends_with(b"}")
+            {
+                break;
+            }
+        }
+        let text = String::from_utf8_lossy(&got);
+        let statuses: Vec<&str> = text
+            .match_indices("HTTP/1.1 ")
+            .filter_map(|(i, _)| text.get(i + 9..i + 12))
+            .collect();
+        assert_eq!(statuses, [want, "200"], "POST {path}, late body, then GET");
+    }
+}
+
 fn hostile(pg: bool) {
     let (_tmp, dir, staff, _db) = setup_on(pg);
     let s = Server::start(&dir, &[("MEDVAULT_SERVER_MAX_BODY_BYTES", "200000")]);
