@@ -58,8 +58,40 @@ pub struct Peer(pub SocketAddr);
 #[derive(Debug, Clone)]
 struct RequestId(String);
 
-/// Builds the application router (also used in-process by tests with `oneshot`).
+/// Builds the application router (also used in-process by tests with `oneshot`). Every
+/// route also answers with a trailing slash (`/fhir/`, `/fhir/Patient/`, …): the path is
+/// trimmed before routing, as FHIR clients that post transactions to `BASE/` expect.
 pub fn router(state: AppState) -> Router {
+    let routes = routes(state);
+    Router::new().fallback_service(
+        tower::ServiceBuilder::new()
+            .map_request(trim_trailing_slash)
+            .service(routes),
+    )
+}
+
+/// `/fhir/Patient/?x=1` → `/fhir/Patient?x=1` (the root `/` stays).
+fn trim_trailing_slash(mut req: Request) -> Request {
+    let path = req.uri().path();
+    if path.len() > 1 && path.ends_with('/') {
+        let trimmed = path.trim_end_matches('/');
+        let trimmed = if trimmed.is_empty() { "/" } else { trimmed };
+        let pq = match req.uri().query() {
+            Some(q) => format!("{trimmed}?{q}"),
+            None => trimmed.to_owned(),
+        };
+        let mut parts = req.uri().clone().into_parts();
+        if let Ok(pq) = pq.parse() {
+            parts.path_and_query = Some(pq);
+            if let Ok(uri) = axum::http::Uri::from_parts(parts) {
+                *req.uri_mut() = uri;
+            }
+        }
+    }
+    req
+}
+
+fn routes(state: AppState) -> Router {
     Router::new()
         .route("/", get(home))
         .route("/auth/login", post(auth::login))

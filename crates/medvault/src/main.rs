@@ -196,6 +196,9 @@ enum ConfigCommand {
 }
 
 fn main() {
+    // Everything this process creates — database, WAL, keys, certificates, backups, temp
+    // files — is readable by its owner alone, whatever the caller's umask.
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     let cli = Cli::parse();
     let filter = std::env::var("MEDVAULT_LOG").unwrap_or_else(|_| {
         if matches!(cli.command, Command::Serve { .. } | Command::Demo { .. }) {

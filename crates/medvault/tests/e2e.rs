@@ -964,6 +964,74 @@ fn hostile_input_gets_4xx_and_changes_nothing() {
     }
 }
 
+/// The SQLite database and its WAL were created 0644 (inside a 0700 directory): any
+/// file the server creates must be its owner's alone, whatever the caller's umask.
+#[test]
+fn every_file_in_the_data_directory_is_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let (_tmp, dir, staff) = setup();
+    let s = Server::start(&dir, &[]);
+    let (u, p, t) = staff.get("physician");
+    let phys = s.login(u, p, t);
+    assert_eq!(
+        s.post("/fhir/Patient", &phys, &patient_body("Private", "MRN-P"))
+            .status,
+        201
+    );
+    let mut stack = vec![dir.clone()];
+    let mut seen = 0;
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let mode = e.metadata().unwrap().permissions().mode() & 0o777;
+            if e.file_type().unwrap().is_dir() {
+                assert_eq!(mode & 0o077, 0, "{}", e.path().display());
+                stack.push(e.path());
+            } else {
+                seen += 1;
+                assert_eq!(mode, 0o600, "{}", e.path().display());
+            }
+        }
+    }
+    assert!(
+        seen >= 5,
+        "config, keys, certificate, database and WAL: {seen}"
+    );
+}
+
+/// FHIR clients post transactions to `BASE/` and some build every URL with a trailing
+/// slash; `POST /fhir/`, `GET /fhir/metadata/` and `GET /fhir/Patient/` were 404s. Every
+/// route now answers with or without it.
+#[test]
+fn trailing_slash_reaches_the_same_route() {
+    let (_tmp, dir, staff) = setup();
+    let s = Server::start(&dir, &[]);
+    let (u, p, t) = staff.get("physician");
+    let phys = s.login(u, p, t);
+    let bundle = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"fullUrl": "urn:uuid:a", "request": {"method": "POST", "url": "Patient"},
+         "resource": {"resourceType": "Patient", "name": [{"family": "Slash"}]}}]});
+    let r = s.post("/fhir/", &phys, &bundle);
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body["type"], "transaction-response");
+    let location = r.body["entry"][0]["response"]["location"].as_str().unwrap();
+    let mut parts = location.split('/').skip_while(|p| *p != "Patient");
+    let id = parts.nth(1).unwrap().to_owned();
+    assert_eq!(s.get("/fhir/metadata/", &phys).status, 200);
+    let r = s.get("/fhir/Patient/?family=slash", &phys);
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body["type"], "searchset");
+    assert_eq!(r.body["entry"][0]["resource"]["id"], id.as_str());
+    assert_eq!(s.get(&format!("/fhir/Patient/{id}/"), &phys).status, 200);
+    assert_eq!(
+        s.get(&format!("/fhir/Patient/{id}/_history/"), &phys)
+            .status,
+        200
+    );
+    assert_eq!(s.get("/fhir/Nothing/", &phys).status, 404);
+    assert_eq!(s.call("GET", "/", None, None, &[]).status, 200);
+}
+
 /// Answers that need no body (401, 404, 415) were sent before the body had arrived, so the
 /// server then dropped the keep-alive connection — or read the late body as the next
 /// request — and a client's next request on it failed (CI saw "Unexpected EOF" on a login
