@@ -20,6 +20,10 @@ pub enum VaultError {
     Gone,
     #[error("access denied")]
     Forbidden { withheld: Vec<Category> },
+    /// A write the caller's role may not make: `action` (create, update, delete) on a
+    /// resource of type `rtype`.
+    #[error("access denied: your role may not {action} {rtype}")]
+    Refused { action: &'static str, rtype: String },
     #[error("version conflict")]
     Conflict,
     #[error("version does not match If-Match")]

@@ -85,11 +85,11 @@ impl Vault {
             match p.category().parse::<Category>() {
                 Ok(old) if old == category => {}
                 Ok(old) => denied |= !self.decide(c, Action::Update, old).allowed(),
-                Err(_) => return Err(self.deny(rec, None)),
+                Err(_) => return Err(self.deny(rec, action, rt, None)),
             }
         }
         if denied {
-            return Err(self.deny(rec, Some(category)));
+            return Err(self.deny(rec, action, rt, Some(category)));
         }
         if rt.as_str() == "Patient" && creating {
             let pid =
@@ -163,19 +163,27 @@ impl Vault {
         Ok((written, json))
     }
 
-    /// Records a denial and returns the error for it (fail closed: if even that cannot be
-    /// audited, the error says so). `category` is what was withheld; `None` means the stored
-    /// row's category is one this server does not know (default deny), which the record
-    /// says instead of naming a category.
-    fn deny(&self, mut rec: AuditRecord, category: Option<Category>) -> VaultError {
+    /// Records the denial of a write (`action` on a resource of type `rt`) and returns the
+    /// error for it, which names the action and type refused (fail closed: if even the
+    /// denial cannot be audited, the error says so). `category` is what the record names as
+    /// withheld; `None` means the stored row's category is one this server does not know
+    /// (default deny), which the record says instead.
+    fn deny(
+        &self,
+        mut rec: AuditRecord,
+        action: Action,
+        rt: ResourceType,
+        category: Option<Category>,
+    ) -> VaultError {
         rec.outcome = Outcome::Denied;
         match category {
             Some(c) => rec.categories_withheld = vec![c.to_string()],
             None => rec.detail = Some("unknown stored category".into()),
         }
         match self.audit(vec![rec]) {
-            Ok(()) => VaultError::Forbidden {
-                withheld: category.into_iter().collect(),
+            Ok(()) => VaultError::Refused {
+                action: action.as_str(),
+                rtype: rt.as_str().to_owned(),
             },
             Err(e) => e,
         }
@@ -288,25 +296,25 @@ impl Vault {
         let prior = self.store.current(rt.as_str(), id)?;
         let mut rec = self.record(c, "delete", Outcome::Success);
         rec.resource = Some(format!("{rt}/{id}"));
-        let prior = match prior {
-            Some(p) if !p.deleted() => p,
-            Some(_) => {
-                rec.outcome = Outcome::NotFound;
-                self.audit(vec![rec])?;
-                return Err(VaultError::Gone);
-            }
-            None => {
-                rec.outcome = Outcome::NotFound;
-                self.audit(vec![rec])?;
-                return Err(VaultError::NotFound);
-            }
+        let Some(prior) = prior else {
+            rec.outcome = Outcome::NotFound;
+            self.audit(vec![rec])?;
+            return Err(VaultError::NotFound);
         };
         rec.patient = prior.patient().map(|p| p.to_string());
         let Ok(category) = prior.category().parse::<Category>() else {
-            return Err(self.deny(rec, None));
+            return Err(self.deny(rec, Action::Delete, rt, None));
         };
         if !self.decide(c, Action::Delete, category).allowed() {
-            return Err(self.deny(rec, Some(category)));
+            return Err(self.deny(rec, Action::Delete, rt, Some(category)));
+        }
+        if prior.deleted() {
+            // Deleting what is already deleted succeeds quietly, with no new version
+            // (FHIR R4 §3.1.0.7.1).
+            rec.resource = Some(format!("{rt}/{id}/_history/{}", prior.version()));
+            rec.detail = Some("already deleted; no new version".into());
+            plan.audit.push(rec);
+            return Ok(prior.version());
         }
         let version = prior.version() + 1;
         rec.resource = Some(format!("{rt}/{id}/_history/{version}"));

@@ -175,14 +175,19 @@ fn unknown_stored_category_is_a_recorded_denial_naming_no_category() {
         |e: VaultError| matches!(e, VaultError::Forbidden { withheld } if withheld.is_empty());
     assert!(denied(v.read(&doc, rt, &condition.id).unwrap_err()));
     let update = medvault_fhir::Resource::from_value(body, Some(rt)).unwrap();
-    assert!(denied(
-        v.update(&doc, &condition.id, update, None).unwrap_err()
+    let refused = |e: VaultError, what: &str| matches!(e, VaultError::Refused { action, rtype } if action == what && rtype == "Condition");
+    assert!(refused(
+        v.update(&doc, &condition.id, update, None).unwrap_err(),
+        "update"
     ));
     let rec = last(&store);
     assert_eq!(rec.outcome, Outcome::Denied);
     assert_eq!(rec.detail.as_deref(), Some("unknown stored category"));
     assert!(rec.categories_withheld.is_empty(), "{rec:?}");
-    assert!(denied(v.delete(&doc, rt, &condition.id).unwrap_err()));
+    assert!(refused(
+        v.delete(&doc, rt, &condition.id).unwrap_err(),
+        "delete"
+    ));
     let rec = last(&store);
     assert_eq!(
         (rec.action.as_str(), rec.outcome),

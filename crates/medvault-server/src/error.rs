@@ -81,6 +81,17 @@ impl From<VaultError> for ApiError {
                     code: Some("forbidden"),
                 }
             }
+            VaultError::Refused { action, rtype } => ApiError {
+                status: S::FORBIDDEN,
+                issues: vec![Issue::error(
+                    IssueCode::Forbidden,
+                    format!(
+                        "access denied: your role may not {action} {rtype} for this purpose of use"
+                    ),
+                    None,
+                )],
+                code: Some("forbidden"),
+            },
             VaultError::Conflict => Self::new(
                 S::CONFLICT,
                 IssueCode::Conflict,

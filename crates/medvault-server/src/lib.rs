@@ -132,12 +132,65 @@ fn routes(state: AppState) -> Router {
         .route("/fhir/{rtype}/{id}/{op}", get(fhir::instance_op))
         .route("/fhir/{rtype}/{id}/_history/{vid}", get(fhir::vread))
         .fallback(|| async { ApiError::not_found() })
+        .layer(axum::middleware::from_fn(json_only))
         .layer(axum::middleware::from_fn_with_state(
             state.options.max_body_bytes,
             read_body_first,
         ))
         .layer(axum::middleware::from_fn(security_headers))
         .with_state(state)
+}
+
+/// medvault speaks FHIR JSON only: a FHIR request whose `Accept` header or `_format`
+/// parameter asks for anything else (`application/fhir+xml`, `xml`, `ttl`, …) is answered
+/// 406 Not Acceptable, never with JSON it did not ask for.
+async fn json_only(req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    if path == "/fhir" || path.starts_with("/fhir/") {
+        let json = |m: &str| {
+            // (`+` arrives as a space when a client does not escape it in a query string.)
+            let m = m
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase();
+            let m = m.replace(' ', "+");
+            matches!(
+                m.as_str(),
+                "application/fhir+json" | "application/json" | "application/*" | "*/*" | "json"
+            )
+        };
+        let format_ok = req
+            .uri()
+            .query()
+            .map(|q| {
+                serde_urlencoded::from_str::<Vec<(String, String)>>(q)
+                    .unwrap_or_default()
+                    .iter()
+                    .filter(|(k, _)| k == "_format")
+                    .all(|(_, v)| json(v))
+            })
+            .unwrap_or(true);
+        let accept_ok = req
+            .headers()
+            .get_all(header::ACCEPT)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::to_owned)
+            .collect::<Vec<_>>();
+        let accept_ok = accept_ok.is_empty() || accept_ok.iter().any(|m| json(m));
+        if !format_ok || !accept_ok {
+            return ApiError::new(
+                axum::http::StatusCode::NOT_ACCEPTABLE,
+                medvault_fhir::IssueCode::NotSupported,
+                "medvault serves FHIR JSON only (application/fhir+json)",
+            )
+            .into_response();
+        }
+    }
+    next.run(req).await
 }
 
 /// Reads the whole request body (up to `limit` bytes) before any handler answers, so an

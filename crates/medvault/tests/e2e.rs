@@ -671,18 +671,19 @@ fn role_matrix(pg: bool) {
     let hist = s.get(&format!("/fhir/Observation/{obs_id}/_history"), &phys);
     assert_eq!(hist.body["type"], "history");
     assert_eq!(hist.body["entry"].as_array().unwrap().len(), 2);
-    assert_eq!(
-        s.call(
-            "DELETE",
-            &format!("/fhir/Observation/{obs_id}"),
-            Some(&nurse),
-            None,
-            &[]
-        )
-        .status,
-        403,
-        "nurses cannot delete"
+    let refused = s.call(
+        "DELETE",
+        &format!("/fhir/Observation/{obs_id}"),
+        Some(&nurse),
+        None,
+        &[],
     );
+    assert_eq!(refused.status, 403, "nurses cannot delete");
+    // The refusal says what was refused (it used to say "may not see vitals").
+    let why = refused.body["issue"][0]["diagnostics"]
+        .as_str()
+        .unwrap_or("");
+    assert!(why.contains("may not delete Observation"), "{why}");
     assert_eq!(
         s.call(
             "DELETE",
@@ -704,6 +705,28 @@ fn role_matrix(pg: bool) {
         200,
         "history survives deletion"
     );
+    // Deleting it again succeeds quietly and writes no new version (it was a 410).
+    let versions = |s: &Server| {
+        s.get(&format!("/fhir/Observation/{obs_id}/_history"), &phys)
+            .body["entry"]
+            .as_array()
+            .map(Vec::len)
+            .unwrap_or(0)
+    };
+    let before = versions(&s);
+    let again = s.call(
+        "DELETE",
+        &format!("/fhir/Observation/{obs_id}"),
+        Some(&phys),
+        None,
+        &[],
+    );
+    assert_eq!(
+        again.status, 200,
+        "delete of a deleted resource: {:?}",
+        again.body
+    );
+    assert_eq!(versions(&s), before, "no new version");
     assert_eq!(s.get("/fhir/Observation/does-not-exist", &phys).status, 404);
 
     // Transaction Bundles: all-or-nothing, urn:uuid references resolved.
@@ -997,6 +1020,54 @@ fn every_file_in_the_data_directory_is_owner_only() {
         seen >= 5,
         "config, keys, certificate, database and WAL: {seen}"
     );
+}
+
+/// A read with `Accept: application/fhir+xml` or `?_format=xml` was answered 200 with
+/// JSON. medvault serves FHIR JSON only, and now says so with a 406.
+#[test]
+fn xml_asked_for_gets_406_not_json() {
+    let (_tmp, dir, staff) = setup();
+    let s = Server::start(&dir, &[]);
+    let (u, p, t) = staff.get("physician");
+    let phys = s.login(u, p, t);
+    let id = s
+        .post("/fhir/Patient", &phys, &patient_body("Format", "MRN-F"))
+        .body["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let bearer = format!("Bearer {phys}");
+    let get = |path: &str, accept: Option<&str>| {
+        let mut h = vec![("Authorization", bearer.as_str())];
+        if let Some(a) = accept {
+            h.push(("Accept", a));
+        }
+        s.call("GET", path, None, None, &h)
+    };
+    let read = format!("/fhir/Patient/{id}");
+    for (path, accept) in [
+        (read.clone(), Some("application/fhir+xml")),
+        (format!("{read}?_format=xml"), None),
+        (format!("{read}?_format=application/fhir%2Bxml"), None),
+        ("/fhir/Patient?family=format&_format=xml".to_owned(), None),
+        ("/fhir/metadata".to_owned(), Some("application/xml")),
+    ] {
+        let r = get(&path, accept);
+        assert_eq!(r.status, 406, "{path} {accept:?}: {:?}", r.body);
+        assert_eq!(r.body["resourceType"], "OperationOutcome");
+    }
+    for (path, accept) in [
+        (read.clone(), Some("application/fhir+json")),
+        (
+            read.clone(),
+            Some("application/fhir+xml;q=0.9, application/fhir+json"),
+        ),
+        (read.clone(), Some("*/*")),
+        (format!("{read}?_format=json"), None),
+        (format!("{read}?_format=application/fhir%2Bjson"), None),
+    ] {
+        assert_eq!(get(&path, accept).status, 200, "{path} {accept:?}");
+    }
 }
 
 /// FHIR clients post transactions to `BASE/` and some build every URL with a trailing
