@@ -183,11 +183,22 @@ pub fn capability_statement(version: &str, date: &str) -> Value {
             r
         })
         .collect();
+    let mut resources = resources;
+    // The audit log as AuditEvents: searched by privacy officers and auditors, never written.
+    resources.push(
+        json!({"type": "AuditEvent", "interaction": [{"code": "search-type"}],
+        "searchParam": [
+            {"name": "patient", "type": "reference"}, {"name": "agent", "type": "reference"},
+            {"name": "date", "type": "date"}, {"name": "action", "type": "token"},
+            {"name": "_count", "type": "number"}]}),
+    );
     json!({
         "resourceType": "CapabilityStatement",
         "status": "active",
         "date": date,
+        // cpb-14: an instance statement describes the implementation it is.
         "kind": "instance",
+        "implementation": {"description": "medvault secure electronic medical records server"},
         "software": {"name": "medvault", "version": version},
         "fhirVersion": "4.0.1",
         "format": ["application/fhir+json", "json"],

@@ -173,11 +173,23 @@ fn search_bundle(r: &SearchResult, base: &str, self_link: String, next: Option<S
     Value::Object(b)
 }
 
+/// The CapabilityStatement, built and serialized once (it was rebuilt on every request).
+static CAPABILITY: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+
 pub(crate) async fn metadata(State(_): State<AppState>) -> Response {
-    json_response(
-        StatusCode::OK,
-        &capability_statement(env!("CARGO_PKG_VERSION"), "2026-11-24"),
-    )
+    let body = CAPABILITY.get_or_init(|| {
+        serde_json::to_vec(&capability_statement(
+            env!("CARGO_PKG_VERSION"),
+            "2026-11-29",
+        ))
+        .unwrap_or_default()
+    });
+    let mut r = axum::response::IntoResponse::into_response((StatusCode::OK, body.clone()));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(crate::FHIR_JSON),
+    );
+    r
 }
 
 pub(crate) async fn search(

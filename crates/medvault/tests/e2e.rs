@@ -1070,6 +1070,49 @@ fn xml_asked_for_gets_406_not_json() {
     }
 }
 
+/// The CapabilityStatement broke cpb-14 (`kind: instance` without `implementation`), said
+/// version 0.1.0 while the changelog said 0.3.1, left AuditEvent out, and was rebuilt on
+/// every request. It now validates, carries the one workspace version that `--version`
+/// prints, lists AuditEvent, and is the same bytes every time.
+#[test]
+fn capability_statement_is_valid_and_names_the_release() {
+    let (_tmp, dir, _) = setup();
+    let s = Server::start(&dir, &[]);
+    let m = s.call("GET", "/fhir/metadata", None, None, &[]);
+    assert_eq!(m.status, 200);
+    let cs = &m.body;
+    assert_eq!(cs["resourceType"], "CapabilityStatement");
+    assert_eq!(cs["kind"], "instance");
+    assert!(
+        cs["implementation"]["description"].is_string(),
+        "cpb-14: an instance statement has implementation"
+    );
+    assert_eq!(cs["fhirVersion"], "4.0.1");
+    assert_eq!(cs["rest"][0]["mode"], "server");
+    let out = Command::new(BIN).arg("--version").output().unwrap();
+    let version = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .to_owned();
+    assert_eq!(cs["software"]["version"], version.as_str());
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md")).unwrap();
+    assert!(
+        readme.contains(&format!("- {version} —")),
+        "the README changelog has an entry for {version}"
+    );
+    let types: Vec<&str> = cs["rest"][0]["resource"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["type"].as_str())
+        .collect();
+    assert!(types.contains(&"AuditEvent"), "{types:?}");
+    let again = s.call("GET", "/fhir/metadata", None, None, &[]);
+    assert_eq!(again.body, m.body);
+}
+
 /// FHIR clients post transactions to `BASE/` and some build every URL with a trailing
 /// slash; `POST /fhir/`, `GET /fhir/metadata/` and `GET /fhir/Patient/` were 404s. Every
 /// route now answers with or without it.
