@@ -292,17 +292,19 @@ impl Vault {
     ///
     /// # Errors
     /// Denied: `Forbidden` for a signed-in caller, `Unauthenticated` for an anonymous one.
-    fn decide_unrecorded(&self, c: &Caller, op: Operation) -> Result<(), VaultError> {
-        let d = self.policy.decide(Query::operation(
+    fn decide_operation(&self, c: &Caller, op: Operation) -> medvault_policy::Decision {
+        self.policy.decide(Query::operation(
             c.asker(),
             op,
             c.purpose,
             self.options.public_transparency,
-        ));
-        match (d.allowed(), c.principal()) {
-            (true, _) => Ok(()),
-            (false, None) => Err(VaultError::Unauthenticated),
-            (false, Some(_)) => Err(VaultError::Forbidden { withheld: vec![] }),
+        ))
+    }
+
+    fn decide_unrecorded(&self, c: &Caller, op: Operation) -> Result<(), VaultError> {
+        match self.decide_operation(c, op).allowed() {
+            true => Ok(()),
+            false => Err(refusal(c)),
         }
     }
 
@@ -346,22 +348,14 @@ impl Vault {
         op: Operation,
         patient: Option<&str>,
     ) -> Result<typestate::Permitted<Operation>, VaultError> {
-        let d = self.policy.decide(Query::operation(
-            c.asker(),
-            op,
-            c.purpose,
-            self.options.public_transparency,
-        ));
+        let d = self.decide_operation(c, op);
         let mut rec = self.record(c, op.as_str(), Outcome::Success);
         rec.patient = patient.map(str::to_owned);
         let permitted = typestate::permit(&d, op, &mut rec);
         if c.principal().is_some() {
             self.audit(vec![rec])?;
         }
-        permitted.map_err(|_| match c.principal() {
-            None => VaultError::Unauthenticated,
-            Some(_) => VaultError::Forbidden { withheld: vec![] },
-        })
+        permitted.map_err(|_| refusal(c))
     }
 
     fn cipher_for(&self, key_id: &PatientId) -> Result<Arc<RecordCipher>, VaultError> {
@@ -376,6 +370,14 @@ impl Vault {
         let c = Arc::new(RecordCipher::new(&dk));
         self.keys.insert(key_id.clone(), c.clone());
         Ok(c)
+    }
+}
+
+/// The error for an operation the policy denied `c`: sign in (anonymous), or forbidden.
+fn refusal(c: &Caller) -> VaultError {
+    match c.principal() {
+        None => VaultError::Unauthenticated,
+        Some(_) => VaultError::Forbidden { withheld: vec![] },
     }
 }
 

@@ -164,6 +164,7 @@ async fn json_only(req: Request, next: Next) -> Response {
         let format_ok = req
             .uri()
             .query()
+            .filter(|q| q.contains("_format"))
             .map(|q| {
                 serde_urlencoded::from_str::<Vec<(String, String)>>(q)
                     .unwrap_or_default()
