@@ -1,12 +1,14 @@
 //! Transaction Bundles (`POST /fhir`) and imports: the Bundle parsed and validated whole
-//! (`medvault_fhir::bundle`), every entry planned through the gate, then one all-or-nothing
-//! commit with every entry's audit record.
+//! (`medvault_fhir::bundle`), its conditional entries resolved through the gate's search,
+//! every entry planned through the gate, then one all-or-nothing commit with every entry's
+//! audit record.
 
-use medvault_fhir::bundle::{parse_transaction, Method};
+use medvault_fhir::bundle::{parse_transaction, Method, Target};
 use medvault_store::Expect;
 use serde_json::Value;
 
-use crate::write::Plan;
+use crate::search::Matched;
+use crate::write::{Plan, Precondition};
 use crate::{Caller, Outcome, Vault, VaultError, Written};
 
 /// One entry's outcome in a transaction-response Bundle.
@@ -21,22 +23,91 @@ fn bad(msg: &str) -> VaultError {
     VaultError::BadRequest(msg.into())
 }
 
+const MANY: &str = "the conditional search matches more than one resource";
+
 impl Vault {
     /// Applies a transaction (or, for `import`, a collection) Bundle all-or-nothing; the
-    /// results are in the Bundle's entry order.
+    /// results are in the Bundle's entry order. Conditional creates that find their match
+    /// write nothing and answer `200 OK` with it; `ifMatch`/`ifNoneMatch` follow the rules
+    /// of the `If-Match`/`If-None-Match` headers (a failed one fails the transaction: 412).
     pub fn transaction(
         &self,
         c: &Caller,
         bundle: Value,
         action: &str,
     ) -> Result<Vec<EntryResult>, VaultError> {
-        let entries = parse_transaction(bundle, action == "import", medvault_types::random_uuid)?;
+        let mut parsed = parse_transaction(bundle, action == "import")?;
+        // Resolve what each entry writes or finds before references are bound to it.
+        let mut found: Vec<(usize, Written)> = vec![];
+        for e in &mut parsed.entries {
+            match (e.method, &e.target, &e.if_none_exist) {
+                (Method::Post, _, Some(q)) => {
+                    let rt = e
+                        .resource
+                        .as_ref()
+                        .map(|r| r.rtype())
+                        .ok_or_else(|| bad("missing resource"))?;
+                    match self.match_condition(c, rt, q)? {
+                        Matched::None => e.id = Some(medvault_types::random_uuid()),
+                        Matched::One(d) => {
+                            e.id = Some(d.id().to_owned());
+                            found.push((e.index, Written::found(d)));
+                        }
+                        Matched::Many => return Err(VaultError::PreconditionFailed(MANY)),
+                    }
+                }
+                (Method::Post, _, None) => e.id = Some(medvault_types::random_uuid()),
+                (Method::Put, Some(Target::Search(rt, q)), _) => {
+                    let body_id = e.resource.as_ref().and_then(|r| r.id()).map(str::to_owned);
+                    match self.match_condition(c, *rt, q)? {
+                        Matched::None if body_id.is_some() => {
+                            return Err(bad(
+                                "conditional update found no match and the resource has an id: update as create is not supported",
+                            ))
+                        }
+                        Matched::None => e.id = Some(medvault_types::random_uuid()),
+                        Matched::One(d) => {
+                            if body_id.as_deref().is_some_and(|b| b != d.id()) {
+                                return Err(bad(
+                                    "the resource id differs from the resource the conditional update found",
+                                ));
+                            }
+                            e.id = Some(d.id().to_owned());
+                        }
+                        Matched::Many => return Err(VaultError::PreconditionFailed(MANY)),
+                    }
+                }
+                _ => {}
+            }
+        }
+        let entries = parsed.bind()?;
         let mut plan = Plan::default();
         let mut results: Vec<(usize, EntryResult)> = Vec::with_capacity(entries.len());
+        let answered: std::collections::HashSet<usize> = found.iter().map(|(i, _)| *i).collect();
+        for (index, w) in found {
+            let location = format!("{}/{}/_history/{}", w.rtype, w.id, w.version);
+            results.push((
+                index,
+                EntryResult {
+                    status: "200 OK",
+                    written: Some(w),
+                    location,
+                },
+            ));
+        }
         for e in entries {
+            if answered.contains(&e.index) {
+                continue;
+            }
+            let pre = Precondition {
+                if_match: e.if_match,
+                if_none_match: e.if_none_match,
+            };
             if e.method == Method::Delete {
-                let (rt, id) = e.target.ok_or_else(|| bad("missing request.url"))?;
-                let v = self.plan_delete(c, &mut plan, rt, &id)?;
+                let Some(Target::Id(rt, id)) = e.target else {
+                    return Err(bad("missing request.url"));
+                };
+                let v = self.plan_delete(c, &mut plan, rt, &id, pre)?;
                 let location = format!("{rt}/{id}/_history/{v}");
                 results.push((
                     e.index,
@@ -49,26 +120,34 @@ impl Vault {
                 continue;
             }
             let r = e.resource.ok_or_else(|| bad("missing resource"))?;
-            let (w, _) = match (e.method, e.new_id, e.target) {
-                (Method::Post, Some(id), _) => {
-                    self.plan_put(c, &mut plan, r, id, None, Expect::Absent)?
+            let id = match (&e.target, e.id) {
+                (Some(Target::Id(_, id)), _) => id.clone(),
+                (_, Some(id)) => id,
+                _ => return Err(bad("missing request.url")),
+            };
+            let rt = r.rtype();
+            let prior = match (e.method, &e.target) {
+                (Method::Post, _) => None,
+                _ => self
+                    .store
+                    .current(rt.as_str(), &id)?
+                    .filter(|p| !p.deleted()),
+            };
+            let (w, json) = match (e.method, prior) {
+                (Method::Put, None) if matches!(e.target, Some(Target::Id(..))) => {
+                    return Err(VaultError::NotFound)
                 }
-                (_, _, Some((rt, id))) => {
-                    if r.id() != Some(id.as_str()) {
-                        return Err(bad("PUT entry resource id must match request.url"));
-                    }
-                    let prior = match self.store.current(rt.as_str(), &id)? {
-                        Some(p) if !p.deleted() => p,
-                        _ => return Err(VaultError::NotFound),
-                    };
+                (_, None) => self.plan_put(c, &mut plan, r, id, None, Expect::Absent)?,
+                (_, Some(prior)) => {
+                    pre.check(prior.version())?;
                     let expect = Expect::Version(prior.version());
                     self.plan_put(c, &mut plan, r, id, Some(&prior), expect)?
                 }
-                _ => return Err(bad("missing request.url")),
             };
+            let category = w.category;
             let status = if w.created { "201 Created" } else { "200 OK" };
             let location = format!("{}/{}/_history/{}", w.rtype, w.id, w.version);
-            let written = Some(w);
+            let written = Some(self.readback(c, w, json, category));
             results.push((
                 e.index,
                 EntryResult {
@@ -82,7 +161,12 @@ impl Vault {
         rec.resource = Some("Bundle".into());
         rec.detail = Some(format!("entries={}", results.len()));
         plan.audit.insert(0, rec);
-        self.commit_plan(plan)?;
+        match self.commit_plan(plan) {
+            Err(VaultError::Conflict) => return Err(VaultError::PreconditionFailed(
+                "a resource in the transaction changed while it was applied; nothing was written",
+            )),
+            r => r?,
+        }
         results.sort_by_key(|(i, _)| *i);
         Ok(results.into_iter().map(|(_, r)| r).collect())
     }

@@ -26,8 +26,11 @@ pub enum VaultError {
     Refused { action: &'static str, rtype: String },
     #[error("version conflict")]
     Conflict,
-    #[error("version does not match If-Match")]
-    PreconditionFailed,
+    /// A precondition of the request does not hold (HTTP 412): `If-Match` or
+    /// `request.ifMatch` names another version, `If-None-Match` matches, or a conditional
+    /// create or update matches more than one resource. The text says which.
+    #[error("{0}")]
+    PreconditionFailed(&'static str),
     #[error("authentication required")]
     Unauthenticated,
     #[error("{0}")]

@@ -57,7 +57,7 @@ pub use medvault_identity::{totp_now, Password, SessionPolicy, Token};
 pub use medvault_types::{Category, Clock, Operation, Purpose, Role};
 pub use search::SearchResult;
 pub use typestate::Disclosed;
-pub use write::Written;
+pub use write::{Precondition, Written};
 
 use medvault_crypto::{BlindIndexer, DataKey, IndexRootKey, KeyCache, MasterKey, RecordCipher};
 use medvault_identity::Identity;

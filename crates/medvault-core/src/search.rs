@@ -161,3 +161,45 @@ impl Vault {
         })
     }
 }
+
+/// What the search of a conditional create or update found (FHIR R4 §3.1.0.8, §3.1.0.4.2).
+#[derive(Debug)]
+pub(crate) enum Matched {
+    None,
+    One(Disclosed),
+    Many,
+}
+
+impl Vault {
+    /// Runs the search of a conditional interaction (`If-None-Exist`, `ifNoneExist`,
+    /// `PUT Type?search`) as the caller, through the same policy and audit as any search.
+    /// A match the caller may not see makes the answer unknowable to them: refused, rather
+    /// than a duplicate created or a hidden resource overwritten.
+    pub(crate) fn match_condition(
+        &self,
+        c: &Caller,
+        rt: ResourceType,
+        query: &str,
+    ) -> Result<Matched, VaultError> {
+        let mut params: Vec<(String, String)> = serde_urlencoded::from_str(query)
+            .map_err(|_| VaultError::BadRequest("malformed conditional search".into()))?;
+        params.retain(|(k, _)| k != "_count" && k != "_offset");
+        if params.is_empty() {
+            return Err(VaultError::BadRequest(
+                "a conditional search needs at least one parameter".into(),
+            ));
+        }
+        params.push(("_count".into(), "2".into()));
+        let mut r = self.search(c, rt, &params)?;
+        if !r.withheld.is_empty() {
+            return Err(VaultError::Forbidden {
+                withheld: r.withheld,
+            });
+        }
+        Ok(match (r.entries.len(), r.more) {
+            (0, _) => Matched::None,
+            (1, false) => Matched::One(r.entries.remove(0)),
+            _ => Matched::Many,
+        })
+    }
+}

@@ -6,11 +6,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use medvault_crypto::{record_aad, DataKey, RecordCipher};
+use medvault_fhir::bundle::IfNoneMatch;
 use medvault_fhir::{Resource, ResourceType};
 use medvault_store::{Expect, IndexRow, Op, Sealed, VersionRow};
 use medvault_types::{Action, Category, PatientId};
 use serde_json::{Map, Value};
 
+use crate::search::Matched;
 use crate::typestate::{self, permit, Draft};
 use crate::{directory_key_id, AuditRecord, Caller, Disclosed, Outcome, Vault, VaultError};
 
@@ -23,6 +25,58 @@ pub struct Written {
     pub last_updated: String,
     pub body: Option<Disclosed>,
     pub created: bool,
+    /// The data category written.
+    pub category: Category,
+}
+
+impl Written {
+    /// The answer of a conditional create that found its match: nothing written, the
+    /// existing resource returned (`200 OK`).
+    pub(crate) fn found(d: Disclosed) -> Written {
+        Written {
+            rtype: d.rtype(),
+            id: d.id().to_owned(),
+            version: d.version(),
+            last_updated: d.last_updated().to_owned(),
+            category: d.category(),
+            body: Some(d),
+            created: false,
+        }
+    }
+}
+
+/// The preconditions of a write (FHIR R4 §3.1.0.8 "Managing Resource Contention"), from
+/// the `If-Match`/`If-None-Match` headers or a Bundle entry's `request.ifMatch`/
+/// `request.ifNoneMatch` — one rule for both.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Precondition {
+    /// The version the resource must be at.
+    pub if_match: Option<u64>,
+    /// `*` (the resource must not exist) or a version that must not be current.
+    pub if_none_match: Option<IfNoneMatch>,
+}
+
+impl Precondition {
+    /// Checks the preconditions against the current version of an existing resource.
+    ///
+    /// # Errors
+    /// [`VaultError::PreconditionFailed`] saying which precondition failed.
+    pub fn check(&self, current: u64) -> Result<(), VaultError> {
+        if self.if_match.is_some_and(|v| v != current) {
+            return Err(VaultError::PreconditionFailed(
+                "If-Match does not match the current version",
+            ));
+        }
+        match self.if_none_match {
+            Some(IfNoneMatch::Any) => Err(VaultError::PreconditionFailed(
+                "If-None-Match: * but the resource exists",
+            )),
+            Some(IfNoneMatch::Version(v)) if v == current => Err(VaultError::PreconditionFailed(
+                "If-None-Match matches the current version",
+            )),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// A write being assembled (one batch, all-or-nothing).
@@ -159,6 +213,7 @@ impl Vault {
             last_updated: now,
             body: None,
             created: creating,
+            category,
         };
         Ok((written, json))
     }
@@ -191,7 +246,7 @@ impl Vault {
 
     /// Attaches the body to a write result if the caller may read that category (the
     /// write's own audit record already names the category; this decision adds none).
-    fn readback(
+    pub(crate) fn readback(
         &self,
         c: &Caller,
         mut w: Written,
@@ -232,13 +287,31 @@ impl Vault {
         Ok(self.readback(c, w, json, category))
     }
 
-    /// `PUT /{type}/{id}`, honouring `If-Match` (version number).
+    /// `POST /{type}` with `If-None-Exist: {search}` (FHIR R4 §3.1.0.8.1, conditional
+    /// create): no match → created; one match → nothing written, the match returned
+    /// (`created: false`); several → [`VaultError::PreconditionFailed`].
+    pub fn create_if_none_exist(
+        &self,
+        c: &Caller,
+        res: Resource,
+        search: &str,
+    ) -> Result<Written, VaultError> {
+        match self.match_condition(c, res.rtype(), search)? {
+            Matched::None => self.create(c, res),
+            Matched::One(d) => Ok(Written::found(d)),
+            Matched::Many => Err(VaultError::PreconditionFailed(
+                "the If-None-Exist search matches more than one resource",
+            )),
+        }
+    }
+
+    /// `PUT /{type}/{id}`, honouring the preconditions (`If-Match`, `If-None-Match`).
     pub fn update(
         &self,
         c: &Caller,
         id: &str,
         res: Resource,
-        if_match: Option<u64>,
+        pre: Precondition,
     ) -> Result<Written, VaultError> {
         let rt = res.rtype();
         match res.id() {
@@ -265,11 +338,7 @@ impl Vault {
                 return Err(VaultError::NotFound);
             }
         };
-        if let Some(v) = if_match {
-            if v != prior.version() {
-                return Err(VaultError::PreconditionFailed);
-            }
-        }
+        pre.check(prior.version())?;
         let mut plan = Plan::default();
         let (w, json) = self.plan_put(
             c,
@@ -280,9 +349,44 @@ impl Vault {
             Expect::Version(prior.version()),
         )?;
         match self.commit_plan(plan) {
-            Err(VaultError::Conflict) if if_match.is_some() => Err(VaultError::PreconditionFailed),
+            Err(VaultError::Conflict) if pre.if_match.is_some() => Err(
+                VaultError::PreconditionFailed("If-Match does not match the current version"),
+            ),
             Err(e) => Err(e),
             Ok(()) => Ok(self.readback(c, w, json, category)),
+        }
+    }
+
+    /// `PUT /{type}?{search}` (FHIR R4 §3.1.0.4.2, conditional update): one match →
+    /// updated (the body's id, if any, must be the match's); no match and no id in the
+    /// body → created with a new id; several matches → [`VaultError::PreconditionFailed`].
+    pub fn update_where(
+        &self,
+        c: &Caller,
+        search: &str,
+        res: Resource,
+        pre: Precondition,
+    ) -> Result<Written, VaultError> {
+        let rt = res.rtype();
+        match self.match_condition(c, rt, search)? {
+            Matched::None if res.id().is_some() => Err(VaultError::BadRequest(
+                "conditional update found no match and the resource has an id: update as create is not supported".into(),
+            )),
+            Matched::None => self.create(c, res),
+            Matched::One(d) => {
+                if res.id().is_some_and(|b| b != d.id()) {
+                    return Err(VaultError::BadRequest(
+                        "the resource id differs from the resource the conditional update found"
+                            .into(),
+                    ));
+                }
+                let mut res = res;
+                res.stamp(d.id(), d.version(), d.last_updated());
+                self.update(c, d.id(), res, pre)
+            }
+            Matched::Many => Err(VaultError::PreconditionFailed(
+                "the conditional update's search matches more than one resource",
+            )),
         }
     }
 
@@ -292,6 +396,7 @@ impl Vault {
         plan: &mut Plan,
         rt: ResourceType,
         id: &str,
+        pre: Precondition,
     ) -> Result<u64, VaultError> {
         let prior = self.store.current(rt.as_str(), id)?;
         let mut rec = self.record(c, "delete", Outcome::Success);
@@ -308,6 +413,7 @@ impl Vault {
         if !self.decide(c, Action::Delete, category).allowed() {
             return Err(self.deny(rec, Action::Delete, rt, Some(category)));
         }
+        pre.check(prior.version())?;
         if prior.deleted() {
             // Deleting what is already deleted succeeds quietly, with no new version
             // (FHIR R4 §3.1.0.7.1).
@@ -338,9 +444,15 @@ impl Vault {
     }
 
     /// `DELETE /{type}/{id}`: a new, empty version; earlier versions stay sealed in history.
-    pub fn delete(&self, c: &Caller, rt: ResourceType, id: &str) -> Result<u64, VaultError> {
+    pub fn delete(
+        &self,
+        c: &Caller,
+        rt: ResourceType,
+        id: &str,
+        pre: Precondition,
+    ) -> Result<u64, VaultError> {
         let mut plan = Plan::default();
-        let v = self.plan_delete(c, &mut plan, rt, id)?;
+        let v = self.plan_delete(c, &mut plan, rt, id, pre)?;
         self.commit_plan(plan)?;
         Ok(v)
     }

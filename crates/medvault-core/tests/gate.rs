@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use base64::Engine as _;
 use medvault_core::{
-    AuditRecord, AuditVerdict, Caller, LocalOperator, MasterKeySource, Outcome, Role, Vault,
-    VaultError, VaultOptions,
+    AuditRecord, AuditVerdict, Caller, LocalOperator, MasterKeySource, Outcome, Precondition, Role,
+    Vault, VaultError, VaultOptions,
 };
 use medvault_store::{SqliteStore, Store, WriteBatch};
 use medvault_types::ManualClock;
@@ -177,7 +177,8 @@ fn unknown_stored_category_is_a_recorded_denial_naming_no_category() {
     let update = medvault_fhir::Resource::from_value(body, Some(rt)).unwrap();
     let refused = |e: VaultError, what: &str| matches!(e, VaultError::Refused { action, rtype } if action == what && rtype == "Condition");
     assert!(refused(
-        v.update(&doc, &condition.id, update, None).unwrap_err(),
+        v.update(&doc, &condition.id, update, Precondition::default())
+            .unwrap_err(),
         "update"
     ));
     let rec = last(&store);
@@ -185,7 +186,8 @@ fn unknown_stored_category_is_a_recorded_denial_naming_no_category() {
     assert_eq!(rec.detail.as_deref(), Some("unknown stored category"));
     assert!(rec.categories_withheld.is_empty(), "{rec:?}");
     assert!(refused(
-        v.delete(&doc, rt, &condition.id).unwrap_err(),
+        v.delete(&doc, rt, &condition.id, Precondition::default())
+            .unwrap_err(),
         "delete"
     ));
     let rec = last(&store);

@@ -172,8 +172,13 @@ pub fn capability_statement(version: &str, date: &str) -> Value {
                 .iter()
                 .map(|c| json!({"code": c}))
                 .collect();
-            let mut r = json!({"type": t, "versioning": "versioned", "readHistory": true, "updateCreate": false,
-                "conditionalUpdate": false, "interaction": interactions, "searchParam": params});
+            // Conditional interactions (FHIR R4 §3.1.0.8): If-None-Exist and ifNoneExist,
+            // PUT Type?search, If-None-Match/If-Modified-Since on read; If-Match and
+            // If-None-Match on update and in transaction entries.
+            let mut r = json!({"type": t, "versioning": "versioned-update", "readHistory": true, "updateCreate": false,
+                "conditionalCreate": true, "conditionalUpdate": true, "conditionalRead": "full-support",
+                "conditionalDelete": "not-supported",
+                "interaction": interactions, "searchParam": params});
             if let (true, Some(o)) = (*t == "Patient", r.as_object_mut()) {
                 o.insert(
                     "operation".into(),

@@ -44,6 +44,12 @@ impl ApiError {
     }
 }
 
+impl From<medvault_fhir::FhirError> for ApiError {
+    fn from(e: medvault_fhir::FhirError) -> Self {
+        VaultError::Fhir(e).into()
+    }
+}
+
 impl From<VaultError> for ApiError {
     fn from(e: VaultError) -> Self {
         use StatusCode as S;
@@ -97,11 +103,9 @@ impl From<VaultError> for ApiError {
                 IssueCode::Conflict,
                 "version conflict; read the resource and retry",
             ),
-            VaultError::PreconditionFailed => Self::new(
-                S::PRECONDITION_FAILED,
-                IssueCode::Conflict,
-                "If-Match does not match the current version",
-            ),
+            VaultError::PreconditionFailed(why) => {
+                Self::new(S::PRECONDITION_FAILED, IssueCode::Conflict, why)
+            }
             VaultError::Unauthenticated | VaultError::Identity(_) => Self::unauthenticated(),
             VaultError::AuditUnavailable => {
                 tracing::error!("audit append failed; request refused (fail closed)");

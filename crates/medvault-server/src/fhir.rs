@@ -3,7 +3,8 @@
 use axum::extract::{Path, RawQuery, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::response::Response;
-use medvault_core::{Disclosed, SearchResult, Written};
+use medvault_core::{Disclosed, Precondition, SearchResult, Written};
+use medvault_fhir::bundle::{etag_version, if_none_match};
 use medvault_fhir::{
     capability_statement, operation_outcome, Issue, IssueCode, Resource, ResourceType,
 };
@@ -47,10 +48,7 @@ fn base_url(uri: &Uri, h: &HeaderMap) -> String {
 fn http_date(instant: &str) -> Option<String> {
     let t = time::OffsetDateTime::parse(instant, &time::format_description::well_known::Rfc3339)
         .ok()?;
-    let f = time::macros::format_description!(
-        "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
-    );
-    t.to_offset(time::UtcOffset::UTC).format(&f).ok()
+    t.to_offset(time::UtcOffset::UTC).format(HTTP_DATE).ok()
 }
 
 fn set(r: &mut Response, k: header::HeaderName, v: &str) {
@@ -72,15 +70,103 @@ fn resource_response(status: StatusCode, d: &Disclosed) -> Response {
     r
 }
 
-fn written_response(w: &Written, base: &str) -> Response {
+/// `Prefer: return=…` (FHIR R4 §3.1.0.1.6): what a write answers with.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Return {
+    Minimal,
+    Representation,
+    OperationOutcome,
+}
+
+/// The `Prefer` header (RFC 7240) as FHIR uses it: `return` for writes, `handling` for
+/// searches (`strict` refuses unknown parameters; `lenient`, the default, lists them).
+#[derive(Clone, Copy)]
+pub(crate) struct Prefer {
+    pub(crate) ret: Option<Return>,
+    pub(crate) strict: bool,
+}
+
+pub(crate) fn prefer(h: &HeaderMap) -> Result<Prefer, ApiError> {
+    let mut p = Prefer {
+        ret: None,
+        strict: false,
+    };
+    for v in h.get_all("prefer") {
+        let v = v
+            .to_str()
+            .map_err(|_| ApiError::bad_request("invalid Prefer header"))?;
+        for pref in v.split([',', ';']) {
+            let Some((k, val)) = pref.split_once('=') else {
+                continue;
+            };
+            match (k.trim().to_ascii_lowercase().as_str(), val.trim().trim_matches('"')) {
+                ("return", "minimal") => p.ret = Some(Return::Minimal),
+                ("return", "representation") => p.ret = Some(Return::Representation),
+                ("return", "OperationOutcome") => p.ret = Some(Return::OperationOutcome),
+                ("return", other) => {
+                    return Err(ApiError::bad_request(format!(
+                        "Prefer: return={} is not supported (minimal, representation or OperationOutcome)",
+                        other.chars().take(40).collect::<String>()
+                    )))
+                }
+                ("handling", "strict") => p.strict = true,
+                ("handling", "lenient") => p.strict = false,
+                ("handling", _) => {
+                    return Err(ApiError::bad_request(
+                        "Prefer: handling must be strict or lenient",
+                    ))
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(p)
+}
+
+/// Refuses a request that carries a header medvault would otherwise ignore (conditional
+/// headers that do not apply to the interaction): 400 naming it.
+fn refuse_headers(h: &HeaderMap, names: &[&str], interaction: &str) -> Result<(), ApiError> {
+    for n in names {
+        if h.contains_key(n.to_ascii_lowercase().as_str()) {
+            return Err(ApiError::bad_request(format!(
+                "{n} is not supported on {interaction}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn stored_outcome(w: &Written) -> Value {
+    let what = if w.created {
+        "created"
+    } else {
+        "updated or found"
+    };
+    operation_outcome(
+        &[Issue::info(
+            IssueCode::Informational,
+            format!("{}/{} {what}, version {}", w.rtype, w.id, w.version),
+        )],
+        None,
+    )
+}
+
+fn written_response(w: &Written, base: &str, ret: Return) -> Response {
     let status = if w.created {
         StatusCode::CREATED
     } else {
         StatusCode::OK
     };
-    let mut r = match &w.body {
-        Some(d) => resource_response(status, d),
-        None => json_response(
+    let mut r = match (&w.body, ret) {
+        (_, Return::Minimal) => {
+            let mut r = axum::response::IntoResponse::into_response(status);
+            r.headers_mut()
+                .insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+            r
+        }
+        (_, Return::OperationOutcome) => json_response(status, &stored_outcome(w)),
+        (Some(d), Return::Representation) => resource_response(status, d),
+        (None, Return::Representation) => json_response(
             status,
             &operation_outcome(
                 &[Issue::info(
@@ -238,42 +324,99 @@ pub(crate) async fn create(
     let rt = resource_type(&rtype)?;
     let c = caller(&state, &ctx).await?;
     require_fhir_json(req.headers())?;
+    refuse_headers(
+        req.headers(),
+        &["If-Match", "If-None-Match", "If-Modified-Since"],
+        "create",
+    )?;
+    let ret = prefer(req.headers())?.ret.unwrap_or(Return::Representation);
+    let if_none_exist = header_text(req.headers(), "If-None-Exist")?;
     let base = base_url(req.uri(), req.headers());
     let body = body_bytes(&state, req).await?;
     let vault = state.vault.clone();
     let w = blocking(move || {
         let res = Resource::parse(&body, Some(rt))?;
-        vault.create(&c, res)
+        match if_none_exist {
+            Some(q) => {
+                let q = q.split_once('?').map(|(_, q)| q.to_owned()).unwrap_or(q);
+                vault.create_if_none_exist(&c, res, &q)
+            }
+            None => vault.create(&c, res),
+        }
     })
     .await??;
-    Ok(written_response(&w, &base))
+    Ok(written_response(&w, &base, ret))
 }
 
 pub(crate) async fn read(
     State(state): State<AppState>,
     Path((rtype, id)): Path<(String, String)>,
+    headers: HeaderMap,
     ctx: Ctx,
 ) -> Result<Response, ApiError> {
     let rt = resource_type(&rtype)?;
     valid_id(&id)?;
     let c = caller(&state, &ctx).await?;
+    refuse_headers(&headers, &["If-Match", "If-None-Exist"], "read")?;
+    let not_if = header_text(&headers, "If-None-Match")?
+        .map(|v| if_none_match(&v, "If-None-Match"))
+        .transpose()?;
+    let since = header_text(&headers, "If-Modified-Since")?
+        .map(|v| {
+            time::PrimitiveDateTime::parse(&v, HTTP_DATE)
+                .map(|t| t.assume_utc())
+                .map_err(|_| ApiError::bad_request("If-Modified-Since must be an HTTP date"))
+        })
+        .transpose()?;
     let vault = state.vault.clone();
     let d = blocking(move || vault.read(&c, rt, &id)).await??;
+    // Conditional read (FHIR R4 §3.1.0.4): 304 when the client's copy is current.
+    let unchanged = match (not_if, since) {
+        (Some(n), _) => {
+            matches!(n, medvault_fhir::bundle::IfNoneMatch::Any)
+                || n == medvault_fhir::bundle::IfNoneMatch::Version(d.version())
+        }
+        (None, Some(t)) => time::OffsetDateTime::parse(
+            d.last_updated(),
+            &time::format_description::well_known::Rfc3339,
+        )
+        .is_ok_and(|lu| lu.replace_millisecond(0).unwrap_or(lu) <= t),
+        (None, None) => false,
+    };
+    if unchanged {
+        let mut r = axum::response::IntoResponse::into_response(StatusCode::NOT_MODIFIED);
+        set(&mut r, header::ETAG, &format!("W/\"{}\"", d.version()));
+        return Ok(r);
+    }
     Ok(resource_response(StatusCode::OK, &d))
 }
 
-fn if_match(h: &HeaderMap) -> Result<Option<u64>, ApiError> {
-    let Some(v) = h.get(header::IF_MATCH) else {
-        return Ok(None);
-    };
-    let s = v
-        .to_str()
-        .map_err(|_| ApiError::bad_request("invalid If-Match"))?
-        .trim();
-    let s = s.strip_prefix("W/").unwrap_or(s).trim_matches('"');
-    s.parse::<u64>()
-        .map(Some)
-        .map_err(|_| ApiError::bad_request("If-Match must be an ETag like W/\"3\""))
+const HTTP_DATE: &[time::format_description::BorrowedFormatItem<'static>] = time::macros::format_description!(
+    "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
+);
+
+fn header_text(h: &HeaderMap, name: &str) -> Result<Option<String>, ApiError> {
+    h.get(name)
+        .map(|v| {
+            v.to_str()
+                .map(|s| s.trim().to_owned())
+                .map_err(|_| ApiError::bad_request(format!("invalid {name} header")))
+        })
+        .transpose()
+}
+
+/// `If-Match` and `If-None-Match` of a write, with the rules Bundle entries also follow.
+fn precondition(h: &HeaderMap) -> Result<Precondition, ApiError> {
+    let if_match = header_text(h, "If-Match")?
+        .map(|v| etag_version(&v, "If-Match"))
+        .transpose()?;
+    let if_none_match = header_text(h, "If-None-Match")?
+        .map(|v| if_none_match(&v, "If-None-Match"))
+        .transpose()?;
+    Ok(Precondition {
+        if_match,
+        if_none_match,
+    })
 }
 
 pub(crate) async fn update(
@@ -286,28 +429,75 @@ pub(crate) async fn update(
     valid_id(&id)?;
     let c = caller(&state, &ctx).await?;
     require_fhir_json(req.headers())?;
-    let expected = if_match(req.headers())?;
+    refuse_headers(
+        req.headers(),
+        &["If-None-Exist", "If-Modified-Since"],
+        "update",
+    )?;
+    let pre = precondition(req.headers())?;
+    let ret = prefer(req.headers())?.ret.unwrap_or(Return::Representation);
     let base = base_url(req.uri(), req.headers());
     let body = body_bytes(&state, req).await?;
     let vault = state.vault.clone();
     let w = blocking(move || {
         let res = Resource::parse(&body, Some(rt))?;
-        vault.update(&c, &id, res, expected)
+        vault.update(&c, &id, res, pre)
     })
     .await??;
-    Ok(written_response(&w, &base))
+    Ok(written_response(&w, &base, ret))
+}
+
+/// `PUT /fhir/{type}?{search}`: conditional update (FHIR R4 §3.1.0.4.2).
+pub(crate) async fn update_where(
+    State(state): State<AppState>,
+    Path(rtype): Path<String>,
+    RawQuery(query): RawQuery,
+    ctx: Ctx,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let rt = resource_type(&rtype)?;
+    let c = caller(&state, &ctx).await?;
+    let Some(query) = query.filter(|q| !q.is_empty()) else {
+        return Err(ApiError::bad_request(
+            "PUT on a type needs a search (conditional update): PUT /fhir/Type?param=value",
+        ));
+    };
+    require_fhir_json(req.headers())?;
+    refuse_headers(
+        req.headers(),
+        &["If-None-Exist", "If-Modified-Since"],
+        "update",
+    )?;
+    let pre = precondition(req.headers())?;
+    let ret = prefer(req.headers())?.ret.unwrap_or(Return::Representation);
+    let base = base_url(req.uri(), req.headers());
+    let body = body_bytes(&state, req).await?;
+    let vault = state.vault.clone();
+    let w = blocking(move || {
+        let res = Resource::parse(&body, Some(rt))?;
+        vault.update_where(&c, &query, res, pre)
+    })
+    .await??;
+    Ok(written_response(&w, &base, ret))
 }
 
 pub(crate) async fn delete(
     State(state): State<AppState>,
     Path((rtype, id)): Path<(String, String)>,
+    headers: HeaderMap,
     ctx: Ctx,
 ) -> Result<Response, ApiError> {
     let rt = resource_type(&rtype)?;
     valid_id(&id)?;
     let c = caller(&state, &ctx).await?;
+    refuse_headers(
+        &headers,
+        &["If-None-Exist", "If-None-Match", "If-Modified-Since"],
+        "delete",
+    )?;
+    let pre = precondition(&headers)?;
     let vault = state.vault.clone();
-    let v = blocking(move || vault.delete(&c, rt, &id)).await??;
+    let v = blocking(move || vault.delete(&c, rt, &id, pre)).await??;
     let mut r = json_response(
         StatusCode::OK,
         &operation_outcome(
@@ -358,7 +548,7 @@ pub(crate) async fn instance_op(
                     let url = format!("{rt}/{}", d.id());
                     match d.json() {
                         Some(res) => json!({"fullUrl": format!("{base}/{url}"), "resource": res,
-                            "request": {"method": if d.version() == 1 { "POST" } else { "PUT" }, "url": url},
+                            "request": if d.version() == 1 { json!({"method": "POST", "url": rt.as_str()}) } else { json!({"method": "PUT", "url": url}) },
                             "response": {"status": if d.version() == 1 { "201" } else { "200" }, "etag": format!("W/\"{}\"", d.version()),
                                          "lastModified": d.last_updated()}}),
                         None => json!({"fullUrl": format!("{base}/{url}"), "request": {"method": "DELETE", "url": url},
@@ -402,6 +592,17 @@ pub(crate) async fn transaction(
 ) -> Result<Response, ApiError> {
     let c = caller(&state, &ctx).await?;
     require_fhir_json(req.headers())?;
+    refuse_headers(
+        req.headers(),
+        &[
+            "If-Match",
+            "If-None-Match",
+            "If-None-Exist",
+            "If-Modified-Since",
+        ],
+        "a transaction (put them in each entry's request)",
+    )?;
+    let ret = prefer(req.headers())?.ret.unwrap_or(Return::Minimal);
     let base = base_url(req.uri(), req.headers());
     let body = body_bytes(&state, req).await?;
     let vault = state.vault.clone();
@@ -417,12 +618,39 @@ pub(crate) async fn transaction(
     let entries: Vec<Value> = results
         .iter()
         .map(|e| {
-            let resp = match &e.written {
-                Some(w) => json!({"status": e.status, "location": format!("{base}/{}", e.location),
-                    "etag": format!("W/\"{}\"", w.version), "lastModified": w.last_updated}),
-                None => json!({"status": e.status, "location": format!("{base}/{}", e.location)}),
-            };
-            json!({"response": resp})
+            let mut entry = Map::new();
+            let mut resp = Map::new();
+            resp.insert("status".into(), json!(e.status));
+            resp.insert("location".into(), json!(format!("{base}/{}", e.location)));
+            if let Some(w) = &e.written {
+                resp.insert("etag".into(), json!(format!("W/\"{}\"", w.version)));
+                resp.insert("lastModified".into(), json!(w.last_updated));
+                entry.insert(
+                    "fullUrl".into(),
+                    json!(format!("{base}/{}/{}", w.rtype, w.id)),
+                );
+                match ret {
+                    Return::Representation => {
+                        if let Some(body) = w.body.as_ref().and_then(|d| d.json()) {
+                            entry.insert("resource".into(), Value::Object(body.clone()));
+                        }
+                    }
+                    Return::OperationOutcome => {
+                        resp.insert("outcome".into(), stored_outcome(w));
+                    }
+                    Return::Minimal => {}
+                }
+            } else if ret == Return::OperationOutcome {
+                resp.insert(
+                    "outcome".into(),
+                    operation_outcome(
+                        &[Issue::info(IssueCode::Informational, "deleted".into())],
+                        None,
+                    ),
+                );
+            }
+            entry.insert("response".into(), Value::Object(resp));
+            Value::Object(entry)
         })
         .collect();
     Ok(json_response(

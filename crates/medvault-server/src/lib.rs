@@ -124,7 +124,10 @@ fn routes(state: AppState) -> Router {
                 .post(fhir::audit_events_read_only)
                 .put(fhir::audit_events_read_only),
         )
-        .route("/fhir/{rtype}", get(fhir::search).post(fhir::create))
+        .route(
+            "/fhir/{rtype}",
+            get(fhir::search).post(fhir::create).put(fhir::update_where),
+        )
         .route(
             "/fhir/{rtype}/{id}",
             get(fhir::read).put(fhir::update).delete(fhir::delete),

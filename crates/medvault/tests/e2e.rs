@@ -2802,3 +2802,300 @@ fn staff_token(s: &Server, staff: &Staff, role: &str) -> String {
     let (u, p, t) = staff.get(role);
     s.login(u, p, t)
 }
+
+fn put(s: &Server, path: &str, token: &str, body: &Value, headers: &[(&str, &str)]) -> Resp {
+    s.call(
+        "PUT",
+        path,
+        Some(token),
+        Some(body.to_string().as_bytes()),
+        headers,
+    )
+}
+
+fn created_id(r: &Resp) -> String {
+    r.body["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{:?}", r.body))
+        .to_owned()
+}
+
+/// `If-None-Exist` was ignored (a second chart for the same MRN), a Bundle entry's
+/// `ifMatch` was ignored (a stale body written as a new version), and there was no
+/// conditional update. Conditional create, update and the preconditions now follow the
+/// same rules over HTTP headers and in Bundle entries; what is not supported is a 400
+/// naming it.
+#[test]
+fn conditional_requests_are_honoured_not_ignored() {
+    let (_tmp, dir, staff) = setup();
+    let s = Server::start(&dir, &[]);
+    let (u, p, t) = staff.get("physician");
+    let phys = s.login(u, p, t);
+    let mrn = [("If-None-Exist", "identifier=https://example.org/mrn|MRN-C1")];
+    let body = patient_body("Conditional", "MRN-C1").to_string();
+    let first = s.call(
+        "POST",
+        "/fhir/Patient",
+        Some(&phys),
+        Some(body.as_bytes()),
+        &mrn,
+    );
+    assert_eq!(first.status, 201, "{:?}", first.body);
+    let id = created_id(&first);
+    let again = s.call(
+        "POST",
+        "/fhir/Patient",
+        Some(&phys),
+        Some(body.as_bytes()),
+        &mrn,
+    );
+    assert_eq!(again.status, 200, "existing match: {:?}", again.body);
+    assert_eq!(
+        again.body["id"],
+        id.as_str(),
+        "the existing chart, not a duplicate"
+    );
+    let r = s.get("/fhir/Patient?identifier=MRN-C1", &phys);
+    assert_eq!(r.body["entry"].as_array().unwrap().len(), 1, "one chart");
+    // Two matches: 412, nothing written.
+    s.post("/fhir/Patient", &phys, &patient_body("Twin", "MRN-T1"));
+    s.post("/fhir/Patient", &phys, &patient_body("Twin", "MRN-T2"));
+    let twins = s.call(
+        "POST",
+        "/fhir/Patient",
+        Some(&phys),
+        Some(patient_body("Twin", "MRN-T3").to_string().as_bytes()),
+        &[("If-None-Exist", "family=twin")],
+    );
+    assert_eq!(twins.status, 412, "{:?}", twins.body);
+    assert!(entry_types(&s.get("/fhir/Patient?identifier=MRN-T3", &phys).body).is_empty());
+
+    // Conditional update: PUT Type?search updates the one match.
+    let mut changed = patient_body("Conditional", "MRN-C1");
+    changed["gender"] = json!("other");
+    let r = put(&s, "/fhir/Patient?identifier=MRN-C1", &phys, &changed, &[]);
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body["id"], id.as_str());
+    assert_eq!(r.body["meta"]["versionId"], "2");
+    // … creates when nothing matches (and the body has no id), refuses several matches.
+    let r = put(
+        &s,
+        "/fhir/Patient?identifier=MRN-NEW",
+        &phys,
+        &patient_body("Fresh", "MRN-NEW"),
+        &[],
+    );
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    let r = put(
+        &s,
+        "/fhir/Patient?family=twin",
+        &phys,
+        &patient_body("Twin", "MRN-T1"),
+        &[],
+    );
+    assert_eq!(r.status, 412, "{:?}", r.body);
+
+    // A vital at version 2; a transaction entry with ifMatch W/"1" must fail with 412.
+    let obs = s.post("/fhir/Observation", &phys, &vital(&id));
+    let oid = created_id(&obs);
+    let mut v2 = obs.body.clone();
+    v2["valueQuantity"]["value"] = json!(80);
+    let r = put(
+        &s,
+        &format!("/fhir/Observation/{oid}"),
+        &phys,
+        &v2,
+        &[("If-Match", "W/\"1\"")],
+    );
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let mut stale = obs.body.clone();
+    stale["valueQuantity"]["value"] = json!(99);
+    let tx = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": stale, "request": {"method": "PUT", "url": format!("Observation/{oid}"), "ifMatch": "W/\"1\""}}]});
+    let r = s.post("/fhir", &phys, &tx);
+    assert_eq!(r.status, 412, "stale ifMatch in a bundle: {:?}", r.body);
+    let now = s.get(&format!("/fhir/Observation/{oid}"), &phys);
+    assert_eq!(now.body["meta"]["versionId"], "2");
+    assert_eq!(now.body["valueQuantity"]["value"], 80);
+    // The same entry at the right version applies; ifNoneMatch * refuses an existing one.
+    let mut tx_ok = tx.clone();
+    tx_ok["entry"][0]["request"]["ifMatch"] = json!("W/\"2\"");
+    assert_eq!(s.post("/fhir", &phys, &tx_ok).status, 200);
+    let mut tx_none = tx.clone();
+    tx_none["entry"][0]["request"] =
+        json!({"method": "PUT", "url": format!("Observation/{oid}"), "ifNoneMatch": "*"});
+    assert_eq!(s.post("/fhir", &phys, &tx_none).status, 412);
+    // ifNoneExist in a bundle: the match is returned and references bind to it.
+    let tx = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"fullUrl": "urn:uuid:0c1d3a34-9b7c-4a55-a1b0-000000000001", "resource": patient_body("Conditional", "MRN-C1"),
+         "request": {"method": "POST", "url": "Patient", "ifNoneExist": "identifier=https://example.org/mrn|MRN-C1"}},
+        {"resource": vital("x").as_object().cloned().map(|mut o| { o.insert("subject".into(), json!({"reference": "urn:uuid:0c1d3a34-9b7c-4a55-a1b0-000000000001"})); Value::Object(o) }).unwrap(),
+         "request": {"method": "POST", "url": "Observation"}}]});
+    let r = s.call(
+        "POST",
+        "/fhir",
+        Some(&phys),
+        Some(tx.to_string().as_bytes()),
+        &[("Prefer", "return=representation")],
+    );
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body["entry"][0]["response"]["status"], "200 OK");
+    assert_eq!(r.body["entry"][0]["resource"]["id"], id.as_str());
+    assert_eq!(r.body["entry"][1]["response"]["status"], "201 Created");
+    assert_eq!(
+        r.body["entry"][1]["resource"]["subject"]["reference"],
+        format!("Patient/{id}")
+    );
+    assert_eq!(
+        s.get("/fhir/Patient?identifier=MRN-C1", &phys).body["entry"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // What medvault does not support is named, never silently ignored.
+    let r = s.call(
+        "POST",
+        "/fhir/Patient",
+        Some(&phys),
+        Some(body.as_bytes()),
+        &[("If-Match", "W/\"1\"")],
+    );
+    assert_eq!(r.status, 400);
+    assert!(r.body["issue"][0]["diagnostics"]
+        .as_str()
+        .unwrap()
+        .contains("If-Match"));
+    let mut odd = tx_ok.clone();
+    odd["entry"][0]["request"]["ifModifiedSince"] = json!("2026-01-01");
+    let r = s.post("/fhir", &phys, &odd);
+    assert_eq!(r.status, 400);
+    assert!(r.body["issue"][0]["diagnostics"]
+        .as_str()
+        .unwrap()
+        .contains("ifModifiedSince"));
+    let r = s.post(
+        "/fhir",
+        &phys,
+        &json!({"resourceType": "Bundle", "type": "batch", "entry": []}),
+    );
+    assert_eq!(r.status, 400);
+    // Conditional read.
+    let r = s.call(
+        "GET",
+        &format!("/fhir/Patient/{id}"),
+        Some(&phys),
+        None,
+        &[("If-None-Match", "W/\"2\"")],
+    );
+    assert_eq!(r.status, 304);
+    let r = s.call(
+        "GET",
+        &format!("/fhir/Patient/{id}"),
+        Some(&phys),
+        None,
+        &[("If-None-Match", "W/\"1\"")],
+    );
+    assert_eq!(r.status, 200);
+    // Declared.
+    let m = s.get("/fhir/metadata", &phys);
+    let patient = m.body["rest"][0]["resource"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["type"] == "Patient")
+        .unwrap()
+        .clone();
+    assert_eq!(patient["conditionalCreate"], true);
+    assert_eq!(patient["conditionalUpdate"], true);
+}
+
+/// Two entries with one `fullUrl` were both created (references bound to the second); a
+/// Bundle deleting and updating one resource answered 404 for a resource that exists.
+/// Both are now refused with 400 naming the two entries, and nothing is written; `Prefer:
+/// return` shapes each response entry; a history entry for a create names the type.
+#[test]
+fn a_transaction_that_addresses_one_resource_twice_writes_nothing() {
+    let (_tmp, dir, staff) = setup();
+    let s = Server::start(&dir, &[]);
+    let (u, p, t) = staff.get("physician");
+    let phys = s.login(u, p, t);
+    let id = created_id(&s.post("/fhir/Patient", &phys, &patient_body("Twice", "MRN-2X")));
+    let dup = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"fullUrl": "urn:uuid:dup", "resource": patient_body("Dupa", "MRN-D1"), "request": {"method": "POST", "url": "Patient"}},
+        {"fullUrl": "urn:uuid:dup", "resource": patient_body("Dupb", "MRN-D2"), "request": {"method": "POST", "url": "Patient"}}]});
+    let r = s.post("/fhir", &phys, &dup);
+    assert_eq!(r.status, 400, "{:?}", r.body);
+    let msg = r.body["issue"][0]["diagnostics"].as_str().unwrap();
+    assert!(
+        msg.contains("entry[0]") && msg.contains("entry[1]"),
+        "{msg}"
+    );
+    assert!(entry_types(&s.get("/fhir/Patient?family=dupa", &phys).body).is_empty());
+    let mut body = s.get(&format!("/fhir/Patient/{id}"), &phys).body;
+    body["gender"] = json!("male");
+    let both = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"request": {"method": "DELETE", "url": format!("Patient/{id}")}},
+        {"resource": body, "request": {"method": "PUT", "url": format!("Patient/{id}")}}]});
+    let r = s.post("/fhir", &phys, &both);
+    assert_eq!(r.status, 400, "{:?}", r.body);
+    let msg = r.body["issue"][0]["diagnostics"].as_str().unwrap();
+    assert!(
+        msg.contains("entry[0]") && msg.contains("entry[1]") && msg.contains(&id),
+        "{msg}"
+    );
+    let now = s.get(&format!("/fhir/Patient/{id}"), &phys);
+    assert_eq!(
+        (now.status, now.body["meta"]["versionId"].clone()),
+        (200, json!("1"))
+    );
+
+    // Prefer: return in transaction responses.
+    let one = |family: &str| {
+        json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": patient_body(family, family), "request": {"method": "POST", "url": "Patient"}}]})
+    };
+    let post = |b: &Value, prefer: &str| {
+        s.call(
+            "POST",
+            "/fhir",
+            Some(&phys),
+            Some(b.to_string().as_bytes()),
+            &[("Prefer", prefer)],
+        )
+    };
+    let r = post(&one("Minimal"), "return=minimal");
+    assert!(
+        r.body["entry"][0].get("resource").is_none()
+            && r.body["entry"][0]["response"].get("outcome").is_none()
+    );
+    let r = post(&one("Represented"), "return=representation");
+    assert_eq!(r.body["entry"][0]["resource"]["resourceType"], "Patient");
+    let r = post(&one("Outcome"), "return=OperationOutcome");
+    assert_eq!(
+        r.body["entry"][0]["response"]["outcome"]["resourceType"],
+        "OperationOutcome"
+    );
+    let r = post(&one("Badprefer"), "return=everything");
+    assert_eq!(r.status, 400);
+    // Plain create honours it too.
+    let r = s.call(
+        "POST",
+        "/fhir/Patient",
+        Some(&phys),
+        Some(patient_body("Quiet", "Q1").to_string().as_bytes()),
+        &[("Prefer", "return=minimal")],
+    );
+    assert_eq!(r.status, 201);
+    assert_eq!(r.body, Value::Null);
+    assert!(r.header("location").is_some());
+
+    // History: the create's request.url is the type.
+    let h = s.get(&format!("/fhir/Patient/{id}/_history"), &phys);
+    let first = h.body["entry"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(
+        first["request"],
+        json!({"method": "POST", "url": "Patient"})
+    );
+}
