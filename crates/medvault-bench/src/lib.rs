@@ -534,7 +534,7 @@ pub fn run(
                 ("patient".to_owned(), pid.clone()),
                 ("code".to_owned(), "http://loinc.org|8867-4".to_owned()),
             ];
-            fx.vault.search(&c, obs, &p).map(|_| ())
+            fx.vault.search(&c, obs, &p, false).map(|_| ())
         })?;
         let plain = measure(opts.threads, opts.ops / 2, &|i| {
             let (pid, _) = fx.plain_ids.get(pick(i)).ok_or(VaultError::NotFound)?;

@@ -26,10 +26,21 @@ impl Vault {
     pub(crate) fn scan_back<T>(
         &self,
         limit: usize,
+        keep: impl FnMut(u64, AuditRecord) -> Option<T>,
+    ) -> Result<Vec<T>, VaultError> {
+        self.scan_back_from(None, limit, keep)
+    }
+
+    /// As [`Vault::scan_back`], starting below entry `before` (or at the end of the log).
+    pub(crate) fn scan_back_from<T>(
+        &self,
+        before: Option<u64>,
+        limit: usize,
         mut keep: impl FnMut(u64, AuditRecord) -> Option<T>,
     ) -> Result<Vec<T>, VaultError> {
         let mut out = vec![];
-        let mut end = self.store.audit_len()?;
+        let len = self.store.audit_len()?;
+        let mut end = before.map_or(len, |b| b.min(len));
         while end > 0 && out.len() < limit {
             let start = end.saturating_sub(5_000);
             for row in self.store.audit_range(start, end)?.into_iter().rev() {

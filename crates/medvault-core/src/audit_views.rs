@@ -5,23 +5,115 @@ use medvault_audit::balp::AuditEventQuery;
 use medvault_types::Operation;
 use serde_json::Value;
 
-use crate::{Caller, Vault, VaultError};
+use crate::{AuditRecord, Caller, Vault, VaultError};
+
+/// A page of AuditEvents, newest first, and the cursor of the next (older) page.
+#[derive(Debug, Default)]
+pub struct AuditEventPage {
+    pub events: Vec<Value>,
+    /// `_cursor` of the next page: the sequence number to continue below.
+    pub next: Option<String>,
+}
 
 impl Vault {
-    /// `GET /fhir/AuditEvent?patient=&agent=&date=&action=`: newest first, at most
-    /// `_count`. Policy action `audit.search`; reading the log is itself audited.
+    /// `GET /fhir/AuditEvent?patient=&agent=&date=&action=&_count=&_offset=&_cursor=`:
+    /// newest first, `_count` per page (default 100, at most 1000), `_offset` skipping
+    /// matches, `_cursor` continuing below an earlier page's last event (the log only
+    /// grows, so pages never shift). `date` takes every FHIR prefix, compared with each
+    /// entry's instant. Policy action `audit.search`; reading the log is itself audited.
+    ///
+    /// # Errors
+    /// `BadRequest` for an unknown parameter or a malformed value; `Forbidden` by policy.
     pub fn audit_events(
         &self,
         c: &Caller,
         params: &[(String, String)],
-    ) -> Result<Vec<Value>, VaultError> {
-        let q = AuditEventQuery::parse(params).map_err(VaultError::BadRequest)?;
+    ) -> Result<AuditEventPage, VaultError> {
+        let mut dates = vec![];
+        let mut offset = 0usize;
+        let mut before: Option<u64> = None;
+        let mut rest = vec![];
+        for (k, v) in params {
+            match k.as_str() {
+                "date" => dates.push(
+                    medvault_fhir::date::parse_query(v)
+                        .map_err(|m| VaultError::BadRequest(format!("date {m}")))?,
+                ),
+                "_offset" => {
+                    offset = v.parse().map_err(|_| {
+                        VaultError::BadRequest("_offset must be a non-negative integer".into())
+                    })?
+                }
+                "_cursor" => {
+                    before = Some(v.parse().map_err(|_| {
+                        VaultError::BadRequest("the paging cursor is invalid; search again".into())
+                    })?)
+                }
+                "_format" => {}
+                _ => rest.push((k.clone(), v.clone())),
+            }
+        }
+        let q = AuditEventQuery::parse(&rest).map_err(VaultError::BadRequest)?;
         let Some(mut rec) = self.operate(c, Operation::AuditSearch, q.patient.as_deref())? else {
             return Err(VaultError::Unauthenticated);
         };
-        let out = self.scan_back(q.count, |index, r| q.event(index, &r))?;
-        rec.detail = Some(format!("returned={}", out.len()));
+        let now = i64::try_from(self.clock.now().unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
+        let mut skipped = 0usize;
+        let mut events = self.scan_back_from(before, q.count.saturating_add(1), |index, r| {
+            if !dates.is_empty() {
+                let Ok(at) = medvault_fhir::date::parse(&r.time) else {
+                    return None;
+                };
+                let at = medvault_fhir::date::Interval {
+                    start: at.start,
+                    end: at.start + 1,
+                };
+                if !dates.iter().all(|d| d.matches(at, now)) {
+                    return None;
+                }
+            }
+            let ev = q.event(index, &r)?;
+            if skipped < offset {
+                skipped += 1;
+                return None;
+            }
+            Some((index, ev))
+        })?;
+        let more = events.len() > q.count;
+        events.truncate(q.count);
+        let next = more
+            .then(|| events.last().map(|(i, _)| i.to_string()))
+            .flatten();
+        rec.detail = Some(format!("returned={}", events.len()));
         self.audit(vec![rec])?;
-        Ok(out)
+        Ok(AuditEventPage {
+            events: events.into_iter().map(|(_, e)| e).collect(),
+            next,
+        })
+    }
+
+    /// `GET /fhir/AuditEvent/{id}`: the log entry with sequence number `id` as an
+    /// AuditEvent. Policy action `audit.search` (for the entry's patient); audited.
+    ///
+    /// # Errors
+    /// `NotFound` for an entry that does not exist; `Forbidden` by policy.
+    pub fn audit_event(&self, c: &Caller, id: u64) -> Result<Value, VaultError> {
+        let rows = self.store.audit_range(id, id.saturating_add(1))?;
+        let Some(r) = rows
+            .first()
+            .and_then(|row| AuditRecord::from_canonical(&row.record).ok())
+        else {
+            // Decide first, so an unauthorized caller learns nothing about the log's length.
+            if self.operate(c, Operation::AuditSearch, None)?.is_none() {
+                return Err(VaultError::Unauthenticated);
+            }
+            return Err(VaultError::NotFound);
+        };
+        let Some(mut rec) = self.operate(c, Operation::AuditSearch, r.patient.as_deref())? else {
+            return Err(VaultError::Unauthenticated);
+        };
+        rec.detail = Some(format!("read AuditEvent/{id}"));
+        self.audit(vec![rec])?;
+        Ok(medvault_audit::balp::audit_event(id, &r))
     }
 }

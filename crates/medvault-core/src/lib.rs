@@ -34,6 +34,7 @@ mod caller;
 mod error;
 mod export;
 mod read;
+mod reindex;
 mod search;
 mod transparency;
 pub mod typestate;
@@ -43,6 +44,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 pub use admin::Status;
+pub use audit_views::AuditEventPage;
 pub use auth::{check_password, LoginChallenge, NewUserInfo, SessionGrant};
 pub use bundle::EntryResult;
 pub use caller::{Caller, LocalOperator, ANONYMOUS};
@@ -105,6 +107,8 @@ pub struct VaultOptions {
     pub session: SessionPolicy,
     pub key_cache_capacity: usize,
     pub max_page_size: usize,
+    /// How long a search's paging cursor stays valid, in seconds.
+    pub cursor_ttl_secs: u64,
     /// Open checkpoints, tiles and proofs (commitments only) to anyone (Cedar
     /// `context.public_transparency`).
     pub public_transparency: bool,
@@ -116,6 +120,7 @@ impl Default for VaultOptions {
             session: SessionPolicy::default(),
             key_cache_capacity: 100_000,
             max_page_size: 1000,
+            cursor_ttl_secs: 900,
             public_transparency: false,
         }
     }
@@ -128,6 +133,8 @@ pub struct Vault {
     store: Arc<dyn Store>,
     master: MasterKey,
     indexer: BlindIndexer,
+    /// Authenticates the search cursors the gate hands out.
+    cursor_mac: medvault_crypto::ServiceMac,
     keys: Arc<KeyCache>,
     policy: Arc<PolicyEngine>,
     identity: Identity,
@@ -244,6 +251,7 @@ impl Vault {
             log: medvault_audit::log::TiledLog::new(origin, signer),
             identity: Identity::new(store.clone(), clock.clone(), &identity_key, options.session),
             indexer: BlindIndexer::new(&root),
+            cursor_mac: medvault_crypto::ServiceMac::new(&root, "search-cursor/v1"),
             keys,
             store,
             master,
@@ -252,7 +260,9 @@ impl Vault {
             options,
         };
         vault.record_audit_settings()?;
-        Ok((vault, LocalOperator::new()))
+        let operator = LocalOperator::new();
+        vault.reindex_if_needed(&operator)?;
+        Ok((vault, operator))
     }
 
     fn now_instant(&self) -> String {

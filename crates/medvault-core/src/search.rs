@@ -1,128 +1,738 @@
-//! Search and `$everything` through the gate. Search values become blind-index tokens
-//! before they reach the store; results the caller may not see are left out and named.
+//! Search and `$everything` through the gate (FHIR R4 §3.1.1). Search values become
+//! blind-index tokens before they reach the store; results the caller may not see are left
+//! out, reported once per response, and never counted.
+//!
+//! - **Totals and pages count only what the caller may see**: the store tallies matches by
+//!   category inside the audited read; the total is the sum over the categories the caller
+//!   may search, and pages are drawn from those categories only, so neither the number of
+//!   pages nor `Bundle.total` reveals what was withheld.
+//! - **Pages hold still**: the first page fixes a snapshot (the audit log's length at that
+//!   moment; resources created later are not in it) and every next page continues after the
+//!   last key returned (keyset paging on `(rtype, id)` or `(_lastUpdated, rtype, id)`), so a
+//!   page never repeats or skips an entry while others write. The continuation is an opaque
+//!   cursor, bound by a MAC to the caller, the purpose of use and the query, that expires.
+//! - **Dates are intervals**: `_lastUpdated` is compared in the store on UTC instants;
+//!   clinical dates (blind-indexed) find candidates through the covering year, month and day
+//!   tokens (`medvault_fhir::date::covering_tokens`), then are compared exactly after
+//!   decryption (the *exact* path, which also serves `_sort` by a clinical date).
+//! - **Chains, `_has`, `_include` and `_revinclude`** run as the caller, through the same
+//!   policy as a read: none of them can reveal a resource, or that one exists, that a read
+//!   would withhold.
 
-use medvault_fhir::search::Bound;
+use std::collections::HashSet;
+
+use base64::Engine as _;
+use medvault_fhir::date::{covering_tokens, format_instant, Interval};
+use medvault_fhir::search::{Include, SearchRequest, SortBy};
 use medvault_fhir::ResourceType;
-use medvault_store::{Cmp, SearchQuery};
+use medvault_store::{Order, SearchQuery, TimeRange};
 use medvault_types::{Action, Category, PatientId};
+use serde_json::Value;
 
-use crate::{Caller, Disclosed, Outcome, Vault, VaultError};
+use crate::typestate::Permitted;
+use crate::{push_unique, Caller, Disclosed, Outcome, Vault, VaultError};
 
-/// Entries the caller may see, and the categories that were withheld.
+/// The result of a search: the page the caller may see, what was included with it, and
+/// what was withheld (named once).
 #[derive(Debug, Default)]
 pub struct SearchResult {
+    /// Matches (search mode `match`), in order.
     pub entries: Vec<Disclosed>,
+    /// Resources added by `_include`/`_revinclude` (search mode `include`).
+    pub included: Vec<Disclosed>,
     pub disclosed: Vec<Category>,
     pub withheld: Vec<Category>,
-    pub more: bool,
-    pub offset: usize,
+    /// `Bundle.total`: matches the caller may see, over every page.
+    pub total: Option<u64>,
+    /// The cursor of the next page, if there is one.
+    pub next: Option<String>,
+    /// The page size used.
     pub count: usize,
+    /// Parameters ignored under lenient handling, as sent.
+    pub unknown: Vec<String>,
 }
 
 const DEFAULT_COUNT: usize = 50;
+/// Most candidates the exact path (clinical date ranges, `_sort` by a clinical date)
+/// decrypts for one search; more is a 400 asking to narrow the search.
+pub const MAX_EXACT_CANDIDATES: usize = 10_000;
+/// Most patients a chain or `_has` may resolve to.
+const MAX_CHAIN_PATIENTS: usize = 1_000;
+/// Rounds of `_include:iterate`.
+const MAX_INCLUDE_ROUNDS: usize = 3;
+
+fn bad(msg: impl Into<String>) -> VaultError {
+    VaultError::BadRequest(msg.into())
+}
+
+/// A decoded, verified cursor.
+struct Cursor {
+    snapshot: u64,
+    /// Keyset position (fast path) — non-PHI: type, id, `_lastUpdated`.
+    after: Option<Vec<String>>,
+    /// Position within the exact path's ordered matches.
+    offset: usize,
+}
+
+/// Where a reference search parameter points, by element name(s) (FHIR R4 search
+/// parameter expressions, top level).
+fn reference_elements(param: &str) -> &'static [&'static str] {
+    match param {
+        "subject" => &["subject"],
+        "patient" => &["patient", "subject", "beneficiary"],
+        "encounter" => &["encounter", "context"],
+        "performer" => &["performer"],
+        "requester" => &["requester"],
+        "practitioner" | "participant" => &["participant"],
+        "general-practitioner" => &["generalPractitioner"],
+        "organization" => &["managingOrganization", "organization", "serviceProvider"],
+        "location" => &["location"],
+        "medication" => &["medicationReference"],
+        "recorder" => &["recorder"],
+        "asserter" => &["asserter"],
+        "author" => &["author"],
+        _ => &[],
+    }
+}
+
+/// Every `Type/id` reference under `v`.
+fn collect_refs(v: &Value, out: &mut Vec<(ResourceType, String)>) {
+    match v {
+        Value::Object(o) => {
+            for (k, child) in o {
+                if k == "reference" {
+                    if let Some((t, id)) = child.as_str().and_then(|s| s.split_once('/')) {
+                        if let (Some(rt), true) =
+                            (ResourceType::parse(t), medvault_types::is_fhir_id(id))
+                        {
+                            out.push((rt, id.to_owned()));
+                        }
+                    }
+                } else {
+                    collect_refs(child, out);
+                }
+            }
+        }
+        Value::Array(a) => a.iter().for_each(|x| collect_refs(x, out)),
+        _ => {}
+    }
+}
+
+fn key_of(order: Order, rtype: &str, id: &str, last_updated: &str) -> Vec<String> {
+    match order {
+        Order::Id => vec![rtype.to_owned(), id.to_owned()],
+        Order::LastUpdated | Order::LastUpdatedDesc => {
+            vec![last_updated.to_owned(), rtype.to_owned(), id.to_owned()]
+        }
+    }
+}
 
 impl Vault {
-    /// The store query for a parsed search: each parameter's values become blind-index
-    /// tokens (the values themselves never reach the store or the log).
-    fn build_query(
-        &self,
-        rt: ResourceType,
-        params: &[(String, String)],
-    ) -> Result<(SearchQuery, Vec<String>), VaultError> {
-        let s = medvault_fhir::search::parse(rt, params)?;
-        let q = SearchQuery {
-            rtype: Some(rt.as_str().to_owned()),
-            patient: s.patient,
-            ids: s.ids,
-            tokens: s
-                .params
-                .into_iter()
-                .map(|(param, values)| {
-                    let tokens = values
-                        .iter()
-                        .map(|v| self.indexer.token(rt.as_str(), param, v).to_vec())
-                        .collect();
-                    (param.to_owned(), tokens)
-                })
-                .collect(),
-            last_updated: s
-                .last_updated
-                .into_iter()
-                .map(|(b, at)| {
-                    let cmp = match b {
-                        Bound::Ge => Cmp::Ge,
-                        Bound::Gt => Cmp::Gt,
-                        Bound::Le => Cmp::Le,
-                        Bound::Lt => Cmp::Lt,
-                    };
-                    (cmp, at)
-                })
-                .collect(),
-            categories: vec![],
-            limit: s
-                .count
-                .map(|n| n.clamp(1, self.options.max_page_size))
-                .unwrap_or(DEFAULT_COUNT),
-            offset: s.offset,
-        };
-        Ok((q, s.names))
+    fn now_ms(&self) -> i64 {
+        i64::try_from(self.clock.now().unix_timestamp_nanos() / 1_000_000).unwrap_or(0)
     }
 
-    /// `GET /{type}?…`.
+    /// The categories the caller may search.
+    fn searchable(&self, c: &Caller) -> Vec<Category> {
+        Category::ALL
+            .iter()
+            .copied()
+            .filter(|cat| self.decide(c, Action::Search, *cat).allowed())
+            .collect()
+    }
+
+    fn cursor_parts<'a>(c: &'a Caller, query: &'a str) -> [&'a [u8]; 3] {
+        [
+            c.actor().as_bytes(),
+            c.purpose.as_str().as_bytes(),
+            query.as_bytes(),
+        ]
+    }
+
+    /// Issues a cursor: `base64url(snapshot|expiry|offset|key…) . base64url(tag)`.
+    fn seal_cursor(&self, c: &Caller, query: &str, cur: &Cursor) -> String {
+        let expires = self.clock.now().unix_timestamp()
+            + i64::try_from(self.options.cursor_ttl_secs).unwrap_or(i64::MAX / 2);
+        let mut fields = vec![
+            cur.snapshot.to_string(),
+            expires.to_string(),
+            cur.offset.to_string(),
+        ];
+        fields.extend(cur.after.clone().unwrap_or_default());
+        let body = fields.join("\n");
+        let [a, b, q] = Self::cursor_parts(c, query);
+        let tag = self.cursor_mac.tag(&[body.as_bytes(), a, b, q]);
+        let e = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        format!("{}.{}", e.encode(body), e.encode(tag))
+    }
+
+    /// Verifies and decodes a cursor for this caller and query.
+    fn open_cursor(&self, c: &Caller, query: &str, token: &str) -> Result<Cursor, VaultError> {
+        let e = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let refused = || {
+            bad("the paging cursor is invalid, expired, or belongs to another search or user; search again")
+        };
+        let (body, tag) = token.split_once('.').ok_or_else(refused)?;
+        let body = e.decode(body).map_err(|_| refused())?;
+        let tag = e.decode(tag).map_err(|_| refused())?;
+        let [a, b, q] = Self::cursor_parts(c, query);
+        if !self.cursor_mac.verify(&[&body, a, b, q], &tag) {
+            return Err(refused());
+        }
+        let body = String::from_utf8(body).map_err(|_| refused())?;
+        let mut f = body.split('\n');
+        let snapshot = f.next().and_then(|x| x.parse().ok()).ok_or_else(refused)?;
+        let expires: i64 = f.next().and_then(|x| x.parse().ok()).ok_or_else(refused)?;
+        let offset = f.next().and_then(|x| x.parse().ok()).ok_or_else(refused)?;
+        if self.clock.now().unix_timestamp() > expires {
+            return Err(refused());
+        }
+        let key: Vec<String> = f.map(str::to_owned).collect();
+        Ok(Cursor {
+            snapshot,
+            after: (!key.is_empty()).then_some(key),
+            offset,
+        })
+    }
+
+    /// Ids of the resources of `rt` matching `params` that the caller may see (or, with
+    /// `patients_of`, the charts they belong to): the sub-search of a chain or `_has`,
+    /// itself an audited search.
+    fn sub_search(
+        &self,
+        c: &Caller,
+        rt: ResourceType,
+        params: Vec<(String, String)>,
+        patients_of: bool,
+    ) -> Result<Vec<String>, VaultError> {
+        let mut p = params;
+        p.push(("_count".into(), MAX_CHAIN_PATIENTS.to_string()));
+        let r = self.search(c, rt, &p, true)?;
+        if r.next.is_some() {
+            return Err(bad(format!(
+                "a chained search matched more than {MAX_CHAIN_PATIENTS} resources; narrow it"
+            )));
+        }
+        let mut out = vec![];
+        for d in &r.entries {
+            let id = if patients_of {
+                d.patient().map(|p| p.to_string())
+            } else {
+                Some(d.id().to_owned())
+            };
+            if let Some(id) = id {
+                if !out.contains(&id) {
+                    out.push(id);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// `GET /{type}?…` (FHIR R4 §3.1.1). `strict` is `Prefer: handling=strict`.
+    ///
+    /// # Errors
+    /// `BadRequest` for a malformed or (strict) unknown parameter, an invalid or expired
+    /// cursor, or an exact search with too many candidates; storage and audit failures.
     pub fn search(
         &self,
         c: &Caller,
         rt: ResourceType,
         params: &[(String, String)],
+        strict: bool,
     ) -> Result<SearchResult, VaultError> {
-        let (q, names) = self.build_query(rt, params)?;
-        let (offset, count) = (q.offset, q.limit);
-        let (rows, disclosed, withheld, more) = self.audited_read(c, move |cx, tx| {
-            let page = tx.search(&q)?;
-            let matched = page.rows.len();
+        let s = medvault_fhir::search::parse(rt, params, strict)?;
+        let query: Vec<(String, String)> = params
+            .iter()
+            .filter(|(k, _)| k != "_cursor")
+            .cloned()
+            .collect();
+        let query = serde_urlencoded::to_string(&query).unwrap_or_default();
+        let cursor = match &s.cursor {
+            Some(t) => Some(self.open_cursor(c, &query, t)?),
+            None => None,
+        };
+        let snapshot = match &cursor {
+            Some(cur) => cur.snapshot,
+            None => self.store.audit_len()?,
+        };
+        // Chains and _has narrow the search to charts (or Patients) the caller may see.
+        let mut patients: Option<Vec<String>> = None;
+        let mut ids: Option<Vec<String>> = (!s.ids.is_empty()).then(|| s.ids.clone());
+        let intersect = |acc: &mut Option<Vec<String>>, found: Vec<String>| {
+            *acc = Some(match acc.take() {
+                None => found,
+                Some(prev) => prev.into_iter().filter(|x| found.contains(x)).collect(),
+            });
+        };
+        for ch in &s.chains {
+            let found = self.sub_search(
+                c,
+                patient_type(),
+                vec![(ch.param.clone(), ch.value.clone())],
+                false,
+            )?;
+            intersect(&mut patients, found);
+        }
+        for h in &s.has {
+            let found =
+                self.sub_search(c, h.rtype, vec![(h.param.clone(), h.value.clone())], true)?;
+            intersect(&mut ids, found);
+        }
+        let (order, exact_sort) = match s.sort {
+            None | Some((SortBy::Id, false)) => (Order::Id, None),
+            Some((SortBy::Id, true)) => (Order::Id, Some((SortBy::Id, true))),
+            Some((SortBy::LastUpdated, false)) => (Order::LastUpdated, None),
+            Some((SortBy::LastUpdated, true)) => (Order::LastUpdatedDesc, None),
+            Some((by @ SortBy::Date(_), desc)) => (Order::Id, Some((by, desc))),
+        };
+        let exact = !s.dates.is_empty() || exact_sort.is_some();
+        let now = self.now_ms();
+        let mut tokens: Vec<(String, Vec<Vec<u8>>)> = s
+            .params
+            .iter()
+            .map(|(param, values)| {
+                let t = values
+                    .iter()
+                    .map(|v| self.indexer.token(rt.as_str(), param, v).to_vec())
+                    .collect();
+                ((*param).to_owned(), t)
+            })
+            .collect();
+        for (param, values) in &s.dates {
+            let mut t: Vec<Vec<u8>> = vec![];
+            for v in values {
+                let span = v.candidates(now).unwrap_or(Interval {
+                    start: i64::MIN,
+                    end: i64::MAX,
+                });
+                for value in covering_tokens(span) {
+                    t.push(self.indexer.token(rt.as_str(), param, &value).to_vec());
+                }
+            }
+            t.sort();
+            t.dedup();
+            tokens.push(((*param).to_owned(), t));
+        }
+        let count = if s.summary == medvault_fhir::search::Summary::Count {
+            0
+        } else {
+            s.count
+                .unwrap_or(DEFAULT_COUNT)
+                .min(self.options.max_page_size)
+        };
+        let nothing =
+            patients.as_ref().is_some_and(Vec::is_empty) || ids.as_ref().is_some_and(Vec::is_empty);
+        let q = SearchQuery {
+            rtype: Some(rt.as_str().to_owned()),
+            patient: s.patient.clone(),
+            patients: patients
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|p| PatientId::new(p).ok())
+                .collect(),
+            ids: ids.unwrap_or_default(),
+            tokens,
+            last_updated: s
+                .last_updated
+                .iter()
+                .map(|d| {
+                    let (from, to, outside) = d.instant_range(now);
+                    TimeRange {
+                        from: from.map(format_instant),
+                        to: to.map(format_instant),
+                        outside,
+                    }
+                })
+                .collect(),
+            categories: vec![],
+            created_before: Some(snapshot),
+            order,
+            after: cursor.as_ref().and_then(|c| c.after.clone()),
+            limit: if exact { MAX_EXACT_CANDIDATES } else { count },
+            offset: if cursor.is_some() || exact {
+                0
+            } else {
+                s.offset
+            },
+            ..Default::default()
+        };
+        let visible = self.searchable(c);
+        let names = s.names.join(",");
+        let patient = s.patient.as_ref().map(|p| p.to_string());
+        let (rows, disclosed, withheld, total, more) = self.audited_read(c, move |cx, tx| {
             let mut rec = cx.record("search", Outcome::Success);
-            let (rows, disclosed, withheld) = cx.filter(page.rows, Action::Search, &mut rec);
             rec.resource = Some(rt.as_str().to_owned());
-            rec.patient = q.patient.as_ref().map(|p| p.to_string());
+            rec.patient = patient;
+            if nothing {
+                rec.detail = Some(format!("params={names} matched=0 returned=0"));
+                return Ok((vec![rec], Ok((vec![], vec![], vec![], 0, false))));
+            }
+            let mut total = 0u64;
+            let mut withheld: Vec<Category> = vec![];
+            for (cat, n) in tx.tally(&q)? {
+                match cat.parse::<Category>() {
+                    Ok(k) if visible.contains(&k) => total += n,
+                    Ok(k) => push_unique(&mut withheld, k),
+                    Err(_) => push_unique(&mut withheld, Category::Notes),
+                }
+            }
+            let mut page_q = q;
+            page_q.categories = visible.iter().map(|c| c.as_str().to_owned()).collect();
+            let page = if (count == 0 && !exact) || visible.is_empty() {
+                Default::default()
+            } else {
+                tx.search(&page_q)?
+            };
+            if exact && page.more {
+                rec.outcome = Outcome::Success;
+                rec.detail = Some(format!("params={names} refused: too many candidates"));
+                return Ok((
+                    vec![rec],
+                    Err(bad(format!(
+                        "this search has more than {MAX_EXACT_CANDIDATES} candidates to compare by date; narrow it (for example by patient)"
+                    ))),
+                ));
+            }
+            let (rows, disclosed, _) = cx.filter(page.rows, Action::Search, &mut rec);
+            rec.categories_withheld = withheld.iter().map(|c| c.to_string()).collect();
             rec.detail = Some(format!(
-                "params={} matched={matched} returned={}",
-                names.join(","),
-                rows.len()
+                "params={names} matched={total} returned={}{}",
+                rows.len(),
+                if exact { " (candidates before exact date comparison)" } else { "" }
             ));
             let mut recs = vec![];
             // One record per patient whose chart appears in the results, so "who looked at
             // my record" and the accounting of disclosures see searches too.
-            if q.patient.is_none() {
-                let mut patients: Vec<&str> = vec![];
+            if page_q.patient.is_none() && !exact {
+                let mut seen: Vec<&str> = vec![];
                 for p in rows.iter().filter_map(|r| r.get().patient()) {
-                    if !patients.contains(&p.as_str()) {
-                        patients.push(p.as_str());
+                    if !seen.contains(&p.as_str()) {
+                        seen.push(p.as_str());
                     }
                 }
-                for p in patients {
+                for p in seen {
                     let mut r = rec.resalted();
                     r.patient = Some(p.to_owned());
                     recs.push(r);
                 }
             }
             recs.insert(0, rec);
-            Ok((recs, Ok((rows, disclosed, withheld, page.more))))
+            Ok((recs, Ok((rows, disclosed, withheld, total, page.more))))
         })?;
-        let entries = self.open_all(rows)?;
-        Ok(SearchResult {
-            entries,
+        let mut result = SearchResult {
             disclosed,
             withheld,
-            more,
-            offset,
             count,
-        })
+            unknown: s.unknown.clone(),
+            ..Default::default()
+        };
+        if exact {
+            let mut entries = self.open_all(rows)?;
+            entries.retain(|d| date_matches(d, &s, now));
+            if let Some((by, desc)) = exact_sort {
+                sort_exact(&mut entries, by, desc);
+            }
+            let start = cursor.as_ref().map(|c| c.offset).unwrap_or(s.offset);
+            result.total = Some(u64::try_from(entries.len()).unwrap_or(u64::MAX));
+            let end = start.saturating_add(count).min(entries.len());
+            let page: Vec<Disclosed> = entries.drain(start.min(end)..end).collect();
+            let remaining = result.total.unwrap_or(0) > u64::try_from(end).unwrap_or(u64::MAX);
+            if remaining && count > 0 {
+                result.next = Some(self.seal_cursor(
+                    c,
+                    &query,
+                    &Cursor {
+                        snapshot,
+                        after: None,
+                        offset: end,
+                    },
+                ));
+            }
+            // The per-patient records of what was returned (the request's record, written
+            // with the read, named the candidates).
+            let mut recs = vec![];
+            let mut seen: Vec<String> = vec![];
+            for p in page.iter().filter_map(|d| d.patient()) {
+                if s.patient.is_none() && !seen.contains(&p.to_string()) {
+                    seen.push(p.to_string());
+                    let mut r = self.record(c, "search", Outcome::Success);
+                    r.resource = Some(rt.as_str().to_owned());
+                    r.patient = Some(p.to_string());
+                    recs.push(r);
+                }
+            }
+            if !recs.is_empty() {
+                self.audit(recs)?;
+            }
+            result.entries = page;
+        } else {
+            result.total = Some(total);
+            result.entries = self.open_all(rows)?;
+            if more && count > 0 {
+                let after = result
+                    .entries
+                    .last()
+                    .map(|d| key_of(order, d.rtype().as_str(), d.id(), d.last_updated()));
+                result.next = Some(self.seal_cursor(
+                    c,
+                    &query,
+                    &Cursor {
+                        snapshot,
+                        after,
+                        offset: 0,
+                    },
+                ));
+            }
+        }
+        self.add_includes(c, &s, &mut result)?;
+        Ok(result)
     }
 
-    /// `GET /Patient/{id}/$everything`: the chart, less what the caller may not see.
-    pub fn everything(&self, c: &Caller, patient: &str) -> Result<SearchResult, VaultError> {
+    /// `_include` and `_revinclude` (FHIR R4 §3.1.1.5.4), each fetched through the policy
+    /// as a read: what the caller may not read is left out (its category withheld).
+    fn add_includes(
+        &self,
+        c: &Caller,
+        s: &SearchRequest,
+        r: &mut SearchResult,
+    ) -> Result<(), VaultError> {
+        if s.include.is_empty() && s.revinclude.is_empty() {
+            return Ok(());
+        }
+        let mut have: HashSet<(String, String)> = r
+            .entries
+            .iter()
+            .map(|d| (d.rtype().as_str().to_owned(), d.id().to_owned()))
+            .collect();
+        let mut frontier: Vec<usize> = (0..r.entries.len()).collect();
+        let mut from_included = false;
+        for round in 0..MAX_INCLUDE_ROUNDS {
+            let sources: Vec<&Disclosed> = frontier
+                .iter()
+                .filter_map(|&i| {
+                    if from_included {
+                        r.included.get(i)
+                    } else {
+                        r.entries.get(i)
+                    }
+                })
+                .collect();
+            let mut wanted: Vec<(ResourceType, String)> = vec![];
+            for inc in s.include.iter().filter(|i| round == 0 || i.iterate) {
+                for d in sources.iter().filter(|d| d.rtype() == inc.source) {
+                    let Some(j) = d.json() else { continue };
+                    let mut refs = vec![];
+                    if inc.param == "*" {
+                        collect_refs(&Value::Object(j.clone()), &mut refs);
+                    } else {
+                        let elements = reference_elements(&inc.param);
+                        if elements.is_empty() {
+                            return Err(bad(format!(
+                                "_include: `{}` is not a reference parameter medvault follows",
+                                inc.param.chars().take(40).collect::<String>()
+                            )));
+                        }
+                        for e in elements {
+                            if let Some(v) = j.get(*e) {
+                                collect_refs(v, &mut refs);
+                            }
+                        }
+                    }
+                    for (t, id) in refs {
+                        if inc.target.is_none_or(|x| x == t)
+                            && have.insert((t.as_str().to_owned(), id.clone()))
+                        {
+                            wanted.push((t, id));
+                        }
+                    }
+                }
+            }
+            let mut found = self.fetch_refs(c, wanted, &mut r.withheld)?;
+            // _revinclude: resources of a patient-compartment type pointing at the Patients.
+            if round == 0 {
+                for inc in &s.revinclude {
+                    found.extend(self.revinclude(c, inc, &sources, &mut have, &mut r.withheld)?);
+                }
+            }
+            if found.is_empty() {
+                break;
+            }
+            let first = r.included.len();
+            r.included.extend(found);
+            frontier = (first..r.included.len()).collect();
+            from_included = true;
+            if !s.include.iter().any(|i| i.iterate) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn revinclude(
+        &self,
+        c: &Caller,
+        inc: &Include,
+        sources: &[&Disclosed],
+        have: &mut HashSet<(String, String)>,
+        withheld: &mut Vec<Category>,
+    ) -> Result<Vec<Disclosed>, VaultError> {
+        if !["patient", "subject"].contains(&inc.param.as_str())
+            || !inc.source.is_patient_scoped()
+            || inc.source.as_str() == "Patient"
+        {
+            return Err(bad(format!(
+                "_revinclude={}:{} is not supported (the patient-compartment types by patient or subject are)",
+                inc.source,
+                inc.param.chars().take(40).collect::<String>()
+            )));
+        }
+        let patients: Vec<PatientId> = sources
+            .iter()
+            .filter(|d| d.rtype().as_str() == "Patient")
+            .filter_map(|d| PatientId::new(d.id()).ok())
+            .collect();
+        if patients.is_empty() {
+            return Ok(vec![]);
+        }
+        let q = SearchQuery {
+            rtype: Some(inc.source.as_str().to_owned()),
+            patients,
+            limit: MAX_EXACT_CANDIDATES,
+            ..Default::default()
+        };
+        let (rows, w) = self.audited_read(c, move |cx, tx| {
+            let page = tx.search(&q)?;
+            let mut rec = cx.record("search", Outcome::Success);
+            rec.resource = Some(format!(
+                "{}?_revinclude",
+                q.rtype.clone().unwrap_or_default()
+            ));
+            let (rows, _, withheld) = cx.filter(page.rows, Action::Read, &mut rec);
+            Ok((vec![rec], Ok((rows, withheld))))
+        })?;
+        w.into_iter().for_each(|x| push_unique(withheld, x));
+        let rows: Vec<Permitted<medvault_store::Sealed>> = rows
+            .into_iter()
+            .filter(|p| have.insert((p.get().rtype().to_owned(), p.get().id().to_owned())))
+            .collect();
+        self.open_all(rows)
+    }
+
+    /// Reads referenced resources as the caller, in one audited read; those the caller
+    /// may not read are left out and their categories added to `withheld`.
+    fn fetch_refs(
+        &self,
+        c: &Caller,
+        wanted: Vec<(ResourceType, String)>,
+        withheld: &mut Vec<Category>,
+    ) -> Result<Vec<Disclosed>, VaultError> {
+        if wanted.is_empty() {
+            return Ok(vec![]);
+        }
+        let (rows, w) = self.audited_read(c, move |cx, tx| {
+            let mut found = vec![];
+            for (t, id) in &wanted {
+                if let Some(row) = tx.current(t.as_str(), id)? {
+                    if !row.deleted() {
+                        found.push(row);
+                    }
+                }
+            }
+            let mut rec = cx.record("read", Outcome::Success);
+            rec.resource = Some("_include".into());
+            let mut patients: Vec<String> = found
+                .iter()
+                .filter_map(|r| r.patient().map(|p| p.to_string()))
+                .collect();
+            patients.sort();
+            patients.dedup();
+            let (rows, _, withheld) = cx.filter(found, Action::Read, &mut rec);
+            let mut recs = vec![];
+            for p in patients {
+                let mut r = rec.resalted();
+                r.patient = Some(p);
+                recs.push(r);
+            }
+            recs.insert(0, rec);
+            Ok((recs, Ok((rows, withheld))))
+        })?;
+        w.into_iter().for_each(|x| push_unique(withheld, x));
+        self.open_all(rows)
+    }
+
+    /// `GET /Patient/{id}/$everything` (FHIR R4 Patient-everything): the chart, less what
+    /// the caller may not see, with the Practitioners, Organizations, Locations and
+    /// Medications its resources reference. `_since` (instant), `_type` (types, comma
+    /// separated) and `_count` (page size, continued by `_cursor`) as the operation defines.
+    pub fn everything(
+        &self,
+        c: &Caller,
+        patient: &str,
+        params: &[(String, String)],
+    ) -> Result<SearchResult, VaultError> {
+        let mut since = None;
+        let mut types: Vec<String> = vec![];
+        let mut count = None;
+        let mut cursor_token = None;
+        for (k, v) in params {
+            match k.as_str() {
+                "_since" => {
+                    since = Some(
+                        medvault_fhir::date::parse(v)
+                            .map_err(|m| bad(format!("_since {m}")))?
+                            .start,
+                    )
+                }
+                "_type" => {
+                    for t in v.split(',') {
+                        let rt = ResourceType::parse(t).ok_or_else(|| {
+                            bad(format!(
+                                "_type: unsupported resource type `{}`",
+                                t.chars().take(40).collect::<String>()
+                            ))
+                        })?;
+                        types.push(rt.as_str().to_owned());
+                    }
+                }
+                "_count" => {
+                    count = Some(
+                        v.parse::<usize>()
+                            .map_err(|_| bad("_count must be a non-negative integer"))?
+                            .clamp(1, self.options.max_page_size),
+                    )
+                }
+                "_cursor" => cursor_token = Some(v.clone()),
+                "_format" => {}
+                other => {
+                    return Err(bad(format!(
+                        "$everything does not support `{}` (_since, _type and _count are)",
+                        other.chars().take(40).collect::<String>()
+                    )))
+                }
+            }
+        }
+        let query: Vec<(String, String)> = params
+            .iter()
+            .filter(|(k, _)| k != "_cursor")
+            .cloned()
+            .collect();
+        let query = format!(
+            "$everything/{patient}?{}",
+            serde_urlencoded::to_string(&query).unwrap_or_default()
+        );
+        let cursor = match &cursor_token {
+            Some(t) => Some(self.open_cursor(c, &query, t)?),
+            None => None,
+        };
+        let snapshot = match &cursor {
+            Some(cur) => cur.snapshot,
+            None => self.store.audit_len()?,
+        };
+        let limit = count.unwrap_or(100_000);
         let patient = patient.to_owned();
-        let (rows, disclosed, withheld) = self.audited_read(c, move |cx, tx| {
+        let visible = self.searchable(c);
+        let (rows, disclosed, withheld, total, more) = self.audited_read(c, move |cx, tx| {
             let mut rec = cx.record("everything", Outcome::Success);
             rec.resource = Some(format!("Patient/{patient}"));
             let Ok(pid) = PatientId::new(&patient) else {
@@ -137,29 +747,149 @@ impl Vault {
                     return Ok((vec![rec], Err(VaultError::NotFound)));
                 }
             }
-            let page = tx.search(&SearchQuery {
+            let mut q = SearchQuery {
                 patient: Some(pid),
-                limit: 100_000,
+                created_before: Some(snapshot),
+                last_updated: since
+                    .map(|s| {
+                        vec![TimeRange {
+                            from: Some(format_instant(s)),
+                            to: None,
+                            outside: false,
+                        }]
+                    })
+                    .unwrap_or_default(),
+                after: cursor.and_then(|c| c.after),
+                limit,
                 ..Default::default()
-            })?;
-            let (rows, disclosed, withheld) = cx.filter(page.rows, Action::Read, &mut rec);
-            if rows.is_empty() && !withheld.is_empty() {
+            };
+            q.types = types;
+            let mut total = 0u64;
+            let mut withheld = vec![];
+            for (cat, n) in tx.tally(&q)? {
+                match cat.parse::<Category>() {
+                    Ok(k) if visible.contains(&k) => total += n,
+                    Ok(k) => push_unique(&mut withheld, k),
+                    Err(_) => push_unique(&mut withheld, Category::Notes),
+                }
+            }
+            q.categories = visible.iter().map(|c| c.as_str().to_owned()).collect();
+            let page = if visible.is_empty() {
+                Default::default()
+            } else {
+                tx.search(&q)?
+            };
+            let (rows, disclosed, _) = cx.filter(page.rows, Action::Read, &mut rec);
+            rec.categories_withheld = withheld.iter().map(|c| c.to_string()).collect();
+            if rows.is_empty() && !withheld.is_empty() && total == 0 {
                 rec.outcome = Outcome::Denied;
                 return Ok((vec![rec], Err(VaultError::Forbidden { withheld })));
             }
-            Ok((vec![rec], Ok((rows, disclosed, withheld))))
+            Ok((vec![rec], Ok((rows, disclosed, withheld, total, page.more))))
         })?;
-        let entries = self.open_all(rows)?;
-        let count = entries.len();
-        Ok(SearchResult {
-            entries,
+        let mut result = SearchResult {
+            entries: self.open_all(rows)?,
             disclosed,
             withheld,
-            more: false,
-            offset: 0,
-            count,
-        })
+            total: Some(total),
+            count: limit,
+            ..Default::default()
+        };
+        if more {
+            let after = result
+                .entries
+                .last()
+                .map(|d| key_of(Order::Id, d.rtype().as_str(), d.id(), d.last_updated()));
+            result.next = Some(self.seal_cursor(
+                c,
+                &query,
+                &Cursor {
+                    snapshot,
+                    after,
+                    offset: 0,
+                },
+            ));
+        }
+        // The directory resources the chart references, read through the policy.
+        let mut have: HashSet<(String, String)> = result
+            .entries
+            .iter()
+            .map(|d| (d.rtype().as_str().to_owned(), d.id().to_owned()))
+            .collect();
+        let mut wanted = vec![];
+        for d in &result.entries {
+            let mut refs = vec![];
+            if let Some(j) = d.json() {
+                collect_refs(&Value::Object(j.clone()), &mut refs);
+            }
+            for (t, id) in refs {
+                if matches!(
+                    t.as_str(),
+                    "Practitioner" | "Organization" | "Location" | "Medication"
+                ) && have.insert((t.as_str().to_owned(), id.clone()))
+                {
+                    wanted.push((t, id));
+                }
+            }
+        }
+        let mut w = std::mem::take(&mut result.withheld);
+        result.included = self.fetch_refs(c, wanted, &mut w)?;
+        result.withheld = w;
+        Ok(result)
     }
+}
+
+fn patient_type() -> ResourceType {
+    ResourceType::parse("Patient").unwrap_or_else(unreachable_type)
+}
+
+#[expect(clippy::panic, reason = "Patient is always a supported type")]
+fn unreachable_type() -> ResourceType {
+    panic!("Patient is not a supported type")
+}
+
+/// Whether a decrypted resource satisfies every date parameter exactly.
+fn date_matches(d: &Disclosed, s: &SearchRequest, now: i64) -> bool {
+    let Some(j) = d.json() else { return false };
+    s.dates.iter().all(|(param, values)| {
+        let Some(v) = medvault_fhir::date_of(d.rtype(), param, j) else {
+            return false;
+        };
+        let Ok(target) = medvault_fhir::date::parse(v) else {
+            return false;
+        };
+        values.iter().any(|q| q.matches(target, now))
+    })
+}
+
+fn sort_exact(entries: &mut [Disclosed], by: SortBy, desc: bool) {
+    let key = |d: &Disclosed| -> (Option<i64>, String) {
+        let v = match by {
+            SortBy::Date(param) => d
+                .json()
+                .and_then(|j| medvault_fhir::date_of(d.rtype(), param, j))
+                .and_then(|v| medvault_fhir::date::parse(v).ok())
+                .map(|i| i.start),
+            _ => None,
+        };
+        (v, d.id().to_owned())
+    };
+    entries.sort_by(|a, b| {
+        let (ka, kb) = (key(a), key(b));
+        // Resources without the date go last either way.
+        let o = match (ka.0, kb.0) {
+            (Some(x), Some(y)) => x.cmp(&y),
+            (Some(_), None) => return std::cmp::Ordering::Less,
+            (None, Some(_)) => return std::cmp::Ordering::Greater,
+            (None, None) => std::cmp::Ordering::Equal,
+        };
+        let o = o.then_with(|| ka.1.cmp(&kb.1));
+        if desc {
+            o.reverse()
+        } else {
+            o
+        }
+    });
 }
 
 /// What the search of a conditional create or update found (FHIR R4 §3.1.0.8, §3.1.0.4.2).
@@ -183,20 +913,20 @@ impl Vault {
     ) -> Result<Matched, VaultError> {
         let mut params: Vec<(String, String)> = serde_urlencoded::from_str(query)
             .map_err(|_| VaultError::BadRequest("malformed conditional search".into()))?;
-        params.retain(|(k, _)| k != "_count" && k != "_offset");
+        params.retain(|(k, _)| k != "_count" && k != "_offset" && k != "_cursor");
         if params.is_empty() {
             return Err(VaultError::BadRequest(
                 "a conditional search needs at least one parameter".into(),
             ));
         }
         params.push(("_count".into(), "2".into()));
-        let mut r = self.search(c, rt, &params)?;
+        let mut r = self.search(c, rt, &params, true)?;
         if !r.withheld.is_empty() {
             return Err(VaultError::Forbidden {
                 withheld: r.withheld,
             });
         }
-        Ok(match (r.entries.len(), r.more) {
+        Ok(match (r.entries.len(), r.next.is_some()) {
             (0, _) => Matched::None,
             (1, false) => Matched::One(r.entries.remove(0)),
             _ => Matched::Many,

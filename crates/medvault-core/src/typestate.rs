@@ -77,6 +77,8 @@ pub struct Draft {
     pub version: u64,
     pub last_updated: String,
     pub category: Category,
+    /// The chart the record belongs to (`None` for directory resources).
+    pub patient: Option<PatientId>,
     pub json: Map<String, Value>,
 }
 
@@ -91,9 +93,14 @@ pub struct Disclosed {
     deleted: bool,
     json: Option<Map<String, Value>>,
     category: Category,
+    patient: Option<PatientId>,
 }
 
 impl Disclosed {
+    /// The chart the record belongs to (`None` for directory resources).
+    pub fn patient(&self) -> Option<&PatientId> {
+        self.patient.as_ref()
+    }
     pub fn rtype(&self) -> ResourceType {
         self.rtype
     }
@@ -153,6 +160,7 @@ pub fn open(
         deleted: row.deleted(),
         json,
         category,
+        patient: row.patient().cloned(),
     })
 }
 
@@ -182,5 +190,6 @@ pub fn disclose(draft: Permitted<Draft>) -> Disclosed {
         deleted: false,
         json: Some(d.json),
         category: d.category,
+        patient: d.patient,
     }
 }

@@ -27,6 +27,8 @@ pub struct Written {
     pub created: bool,
     /// The data category written.
     pub category: Category,
+    /// The chart written to (`None` for directory resources).
+    pub patient: Option<PatientId>,
 }
 
 impl Written {
@@ -39,6 +41,7 @@ impl Written {
             version: d.version(),
             last_updated: d.last_updated().to_owned(),
             category: d.category(),
+            patient: d.patient().cloned(),
             body: Some(d),
             created: false,
         }
@@ -203,7 +206,7 @@ impl Vault {
             index,
         });
         rec.resource = Some(format!("{rt}/{id}/_history/{version}"));
-        rec.patient = owner.map(|p| p.to_string());
+        rec.patient = owner.as_ref().map(|p| p.to_string());
         rec.categories_disclosed = vec![category.to_string()];
         plan.audit.push(rec);
         let written = Written {
@@ -214,6 +217,7 @@ impl Vault {
             body: None,
             created: creating,
             category,
+            patient: owner.clone(),
         };
         Ok((written, json))
     }
@@ -259,6 +263,7 @@ impl Vault {
             version: w.version,
             last_updated: w.last_updated.clone(),
             category,
+            patient: w.patient.clone(),
             json,
         };
         let mut scratch = self.record(c, "read", Outcome::Success);

@@ -298,6 +298,51 @@ impl BlindIndexer {
     }
 }
 
+/// HMAC-SHA256 (RFC 2104) under a key derived (HKDF, RFC 5869) from the index root with
+/// its own `label`: authenticates values the server hands out and later takes back, such
+/// as search cursors, so a client cannot forge or alter them. Tags are 32 bytes.
+#[derive(Clone)]
+pub struct ServiceMac {
+    mac: Hmac<Sha256>,
+}
+
+impl fmt::Debug for ServiceMac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ServiceMac([REDACTED])")
+    }
+}
+
+impl ServiceMac {
+    pub fn new(root: &IndexRootKey, label: &str) -> Self {
+        let hk = hkdf::Hkdf::<Sha256>::new(Some(b"medvault"), &root.0);
+        let mut k = [0u8; 32];
+        let _ = hk.expand(label.as_bytes(), &mut k);
+        let mac = <Hmac<Sha256> as Mac>::new_from_slice(&k).unwrap_or_else(|_| unreachable_mac());
+        k.zeroize();
+        Self { mac }
+    }
+
+    /// The tag of `parts` (each length-prefixed, so no two lists share a tag).
+    pub fn tag(&self, parts: &[&[u8]]) -> [u8; 32] {
+        let mut m = self.mac.clone();
+        for p in parts {
+            m.update(&u64::try_from(p.len()).unwrap_or(u64::MAX).to_be_bytes());
+            m.update(p);
+        }
+        m.finalize().into_bytes().into()
+    }
+
+    /// Whether `tag` is the tag of `parts`, compared in constant time.
+    pub fn verify(&self, parts: &[&[u8]], tag: &[u8]) -> bool {
+        let mut m = self.mac.clone();
+        for p in parts {
+            m.update(&u64::try_from(p.len()).unwrap_or(u64::MAX).to_be_bytes());
+            m.update(p);
+        }
+        m.verify_slice(tag).is_ok()
+    }
+}
+
 #[expect(
     clippy::panic,
     reason = "HMAC accepts keys of any length; this cannot be reached"

@@ -12,13 +12,23 @@ pub struct SearchToken {
     pub value: String,
 }
 
-/// Lowercases and collapses whitespace: FHIR string search is case-insensitive.
+/// What FHIR string search compares (FHIR R4 §3.1.1.5.8: "case- and accent-insensitive"):
+/// compatibility-decomposed (Unicode NFKD), combining marks removed, lowercased, and
+/// whitespace collapsed — so "Jürgen", its decomposed form and "JURGEN" are one value.
 pub fn normalize_text(s: &str) -> String {
-    s.split_whitespace()
-        .collect::<Vec<_>>()
-        .join(" ")
-        .to_lowercase()
+    use unicode_normalization::char::is_combining_mark;
+    use unicode_normalization::UnicodeNormalization;
+    let folded: String = s
+        .nfkd()
+        .filter(|c| !is_combining_mark(*c))
+        .collect::<String>()
+        .to_lowercase();
+    folded.split_whitespace().collect::<Vec<_>>().join(" ")
 }
+
+/// Version of the blind index's normalization; a store indexed under an older one is
+/// re-indexed when opened. 2: accent-insensitive strings and date precision markers.
+pub const INDEX_VERSION: u32 = 2;
 
 /// Shortest string prefix that `name`, `family` and `given` searches match.
 pub const MIN_PREFIX: usize = 2;
@@ -39,6 +49,10 @@ fn push_string_prefixes(out: &mut Vec<SearchToken>, param: &'static str, s: &str
     }
 }
 
+/// Year, month and day tokens of a date as written (`2026`, `2026-11`, `2026-11-22`), and
+/// for a value written only to month or year precision its marker (`2026-11~`, `2026~`),
+/// so a range search can find coarse values without every day of their month or year
+/// (see [`crate::date::covering_tokens`]).
 fn push_date(out: &mut Vec<SearchToken>, param: &'static str, s: &str) {
     let date = s.get(..10).unwrap_or(s);
     for len in [4, 7, 10] {
@@ -48,6 +62,45 @@ fn push_date(out: &mut Vec<SearchToken>, param: &'static str, s: &str) {
                 value: p.to_owned(),
             });
         }
+    }
+    if matches!(date.len(), 4 | 7) {
+        out.push(SearchToken {
+            param,
+            value: format!("{date}~"),
+        });
+    }
+}
+
+/// The value a date search parameter (`birthdate`, `date`) compares with in a resource,
+/// as written: the element FHIR R4 names for that parameter and type (for a Period, its
+/// start).
+pub fn date_of<'a>(rt: ResourceType, param: &str, o: &'a Map<String, Value>) -> Option<&'a str> {
+    if param == "birthdate" {
+        return o.get("birthDate").and_then(Value::as_str);
+    }
+    if param != "date" {
+        return None;
+    }
+    match rt.as_str() {
+        "Observation" | "DiagnosticReport" => {
+            str_at(o, &["effectiveDateTime"]).or_else(|| str_at(o, &["effectivePeriod", "start"]))
+        }
+        "Encounter" | "CarePlan" => str_at(o, &["period", "start"]),
+        "Condition" => str_at(o, &["onsetDateTime"]).or_else(|| str_at(o, &["recordedDate"])),
+        "Procedure" => {
+            str_at(o, &["performedDateTime"]).or_else(|| str_at(o, &["performedPeriod", "start"]))
+        }
+        "Immunization" => str_at(o, &["occurrenceDateTime"]),
+        "MedicationRequest" => str_at(o, &["authoredOn"]),
+        "MedicationStatement" => {
+            str_at(o, &["effectiveDateTime"]).or_else(|| str_at(o, &["dateAsserted"]))
+        }
+        "AllergyIntolerance" => str_at(o, &["recordedDate"]),
+        "Claim" | "ExplanationOfBenefit" => str_at(o, &["created"]),
+        "DocumentReference" | "Consent" => {
+            str_at(o, &["date"]).or_else(|| str_at(o, &["dateTime"]))
+        }
+        _ => None,
     }
 }
 
@@ -127,7 +180,7 @@ pub fn search_tokens(rt: ResourceType, o: &Map<String, Value>) -> Vec<SearchToke
     } else if let Some(n) = o.get("name").and_then(Value::as_str) {
         push_string_prefixes(&mut out, "name", n);
     }
-    if let Some(b) = o.get("birthDate").and_then(Value::as_str) {
+    if let Some(b) = date_of(rt, "birthdate", o) {
         push_date(&mut out, "birthdate", b);
     }
     if let Some(s) = o.get("status").and_then(Value::as_str) {
@@ -171,26 +224,7 @@ pub fn search_tokens(rt: ResourceType, o: &Map<String, Value>) -> Vec<SearchToke
             }
         }
     }
-    let date =
-        match rt.as_str() {
-            "Observation" | "DiagnosticReport" => str_at(o, &["effectiveDateTime"])
-                .or_else(|| str_at(o, &["effectivePeriod", "start"])),
-            "Encounter" | "CarePlan" => str_at(o, &["period", "start"]),
-            "Condition" => str_at(o, &["onsetDateTime"]).or_else(|| str_at(o, &["recordedDate"])),
-            "Procedure" => str_at(o, &["performedDateTime"])
-                .or_else(|| str_at(o, &["performedPeriod", "start"])),
-            "Immunization" => str_at(o, &["occurrenceDateTime"]),
-            "MedicationRequest" => str_at(o, &["authoredOn"]),
-            "MedicationStatement" => {
-                str_at(o, &["effectiveDateTime"]).or_else(|| str_at(o, &["dateAsserted"]))
-            }
-            "AllergyIntolerance" => str_at(o, &["recordedDate"]),
-            "Claim" | "ExplanationOfBenefit" => str_at(o, &["created"]),
-            "DocumentReference" | "Consent" => {
-                str_at(o, &["date"]).or_else(|| str_at(o, &["dateTime"]))
-            }
-            _ => None,
-        };
+    let date = date_of(rt, "date", o);
     if let Some(d) = date {
         push_date(&mut out, "date", d);
     }

@@ -9,13 +9,14 @@
 #![forbid(unsafe_code)]
 
 pub mod bundle;
+pub mod date;
 mod defs;
 mod index;
 mod outcome;
 pub mod search;
 mod validate;
 
-pub use index::{normalize_text, search_tokens, SearchToken, MIN_PREFIX};
+pub use index::{date_of, normalize_text, search_tokens, SearchToken, INDEX_VERSION, MIN_PREFIX};
 pub use outcome::{capability_statement, operation_outcome, search_params, Issue, IssueCode};
 
 use medvault_types::{Category, PatientId};

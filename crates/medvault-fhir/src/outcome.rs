@@ -158,6 +158,9 @@ pub fn capability_statement(version: &str, date: &str) -> Value {
                 json!({"name": "_id", "type": "token"}),
                 json!({"name": "_lastUpdated", "type": "date"}),
                 json!({"name": "_count", "type": "number"}),
+                json!({"name": "_sort", "type": "special", "documentation": "_id, _lastUpdated, or a date parameter; - for descending"}),
+                json!({"name": "_summary", "type": "special"}),
+                json!({"name": "_elements", "type": "special"}),
             ];
             for p in search_params(t) {
                 let ty = match *p {
@@ -168,6 +171,8 @@ pub fn capability_statement(version: &str, date: &str) -> Value {
                 };
                 params.push(json!({"name": p, "type": ty}));
             }
+            params.push(json!({"name": "_has", "type": "special",
+                "documentation": "On Patient: _has:{Type}:patient|subject:{param} for the patient-compartment types"}));
             let interactions: Vec<Value> = ["read", "vread", "update", "delete", "history-instance", "create", "search-type"]
                 .iter()
                 .map(|c| json!({"code": c}))
@@ -178,7 +183,13 @@ pub fn capability_statement(version: &str, date: &str) -> Value {
             let mut r = json!({"type": t, "versioning": "versioned-update", "readHistory": true, "updateCreate": false,
                 "conditionalCreate": true, "conditionalUpdate": true, "conditionalRead": "full-support",
                 "conditionalDelete": "not-supported",
-                "interaction": interactions, "searchParam": params});
+                "interaction": interactions, "searchParam": params,
+                "searchInclude": ["*", format!("{t}:subject"), format!("{t}:patient"), format!("{t}:performer"),
+                    format!("{t}:organization"), format!("{t}:practitioner"), format!("{t}:location"),
+                    format!("{t}:medication"), format!("{t}:general-practitioner"), format!("{t}:encounter")],
+                "searchRevInclude": if *t == "Patient" { json!(["Observation:subject", "Observation:patient", "Condition:subject",
+                    "Encounter:subject", "MedicationRequest:subject", "AllergyIntolerance:patient", "Immunization:patient",
+                    "DiagnosticReport:subject", "Procedure:patient", "DocumentReference:subject"]) } else { json!([]) }});
             if let (true, Some(o)) = (*t == "Patient", r.as_object_mut()) {
                 o.insert(
                     "operation".into(),
@@ -191,11 +202,11 @@ pub fn capability_statement(version: &str, date: &str) -> Value {
     let mut resources = resources;
     // The audit log as AuditEvents: searched by privacy officers and auditors, never written.
     resources.push(
-        json!({"type": "AuditEvent", "interaction": [{"code": "search-type"}],
+        json!({"type": "AuditEvent", "interaction": [{"code": "read"}, {"code": "search-type"}],
         "searchParam": [
             {"name": "patient", "type": "reference"}, {"name": "agent", "type": "reference"},
             {"name": "date", "type": "date"}, {"name": "action", "type": "token"},
-            {"name": "_count", "type": "number"}]}),
+            {"name": "_count", "type": "number"}, {"name": "_offset", "type": "number"}]}),
     );
     json!({
         "resourceType": "CapabilityStatement",

@@ -1,10 +1,11 @@
 //! `/fhir`: the FHIR R4 REST interactions, rendered from [`Disclosed`] values only.
 
 use axum::extract::{Path, RawQuery, Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::Response;
 use medvault_core::{Disclosed, Precondition, SearchResult, Written};
 use medvault_fhir::bundle::{etag_version, if_none_match};
+use medvault_fhir::search::{subset, Summary};
 use medvault_fhir::{
     capability_statement, operation_outcome, Issue, IssueCode, Resource, ResourceType,
 };
@@ -28,21 +29,6 @@ fn valid_id(id: &str) -> Result<(), ApiError> {
     } else {
         Err(ApiError::bad_request("invalid resource id"))
     }
-}
-
-fn base_url(uri: &Uri, h: &HeaderMap) -> String {
-    let host = uri
-        .authority()
-        .map(|a| a.as_str())
-        .or_else(|| h.get(header::HOST).and_then(|v| v.to_str().ok()))
-        .filter(|s| {
-            !s.is_empty()
-                && s.len() < 256
-                && s.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
-        })
-        .unwrap_or("localhost");
-    format!("https://{host}/fhir")
 }
 
 fn http_date(instant: &str) -> Option<String> {
@@ -206,21 +192,33 @@ fn require_fhir_json(h: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
-fn withheld_entry(r: &SearchResult) -> Option<Value> {
-    if r.withheld.is_empty() {
-        return None;
-    }
-    let cats: Vec<&str> = r.withheld.iter().map(|c| c.as_str()).collect();
-    let oo = operation_outcome(
-        &[Issue::warning(
+/// The one OperationOutcome entry of a search (search mode `outcome`): what was withheld
+/// (once per response, never per page) and which parameters were ignored.
+fn outcome_entry(r: &SearchResult) -> Option<Value> {
+    let mut issues = vec![];
+    if !r.withheld.is_empty() {
+        let cats: Vec<&str> = r.withheld.iter().map(|c| c.as_str()).collect();
+        issues.push(Issue::warning(
             IssueCode::Suppressed,
             format!(
                 "entries withheld: your role may not see {} for this purpose of use",
                 cats.join(", ")
             ),
-        )],
-        Some("withheld"),
-    );
+        ));
+    }
+    if !r.unknown.is_empty() {
+        issues.push(Issue::warning(
+            IssueCode::NotSupported,
+            format!(
+                "parameters ignored (unknown or not supported): {}; send Prefer: handling=strict to have them refused",
+                r.unknown.join(", ")
+            ),
+        ));
+    }
+    if issues.is_empty() {
+        return None;
+    }
+    let oo = operation_outcome(&issues, None);
     Some(json!({"resource": oo, "search": {"mode": "outcome"}}))
 }
 
@@ -234,16 +232,29 @@ fn subsetted_meta(b: &mut Map<String, Value>, r: &SearchResult) {
     }
 }
 
-fn search_bundle(r: &SearchResult, base: &str, self_link: String, next: Option<String>) -> Value {
-    let mut entries: Vec<Value> = r
-        .entries
-        .iter()
-        .filter_map(|d| {
-            let res = d.json()?;
-            Some(json!({"fullUrl": format!("{base}/{}/{}", d.rtype(), d.id()), "resource": res, "search": {"mode": "match"}}))
-        })
-        .collect();
-    if let Some(w) = withheld_entry(r) {
+/// A searchset Bundle (FHIR R4 §3.1.1.2): `total`, `self` and `next` links, matches, what
+/// `_include` added (mode `include`), and the outcome entry.
+fn search_bundle(
+    r: &SearchResult,
+    base: &str,
+    self_link: String,
+    next: Option<String>,
+    summary: Summary,
+    elements: &[String],
+) -> Value {
+    let entry = |d: &Disclosed, mode: &str| -> Option<Value> {
+        let res = d.json()?;
+        let res = match subset(res, summary, elements) {
+            Some(sub) => Value::Object(sub),
+            None => Value::Object(res.clone()),
+        };
+        Some(
+            json!({"fullUrl": format!("{base}/{}/{}", d.rtype(), d.id()), "resource": res, "search": {"mode": mode}}),
+        )
+    };
+    let mut entries: Vec<Value> = r.entries.iter().filter_map(|d| entry(d, "match")).collect();
+    entries.extend(r.included.iter().filter_map(|d| entry(d, "include")));
+    if let Some(w) = outcome_entry(r) {
         entries.push(w);
     }
     let mut links = vec![json!({"relation": "self", "url": self_link})];
@@ -254,9 +265,53 @@ fn search_bundle(r: &SearchResult, base: &str, self_link: String, next: Option<S
     b.insert("resourceType".into(), json!("Bundle"));
     b.insert("type".into(), json!("searchset"));
     subsetted_meta(&mut b, r);
+    if let Some(t) = r.total {
+        b.insert("total".into(), json!(t));
+    }
     b.insert("link".into(), Value::Array(links));
-    b.insert("entry".into(), Value::Array(entries));
+    if !entries.is_empty() {
+        b.insert("entry".into(), Value::Array(entries));
+    }
     Value::Object(b)
+}
+
+/// The query string as received, for links (`_cursor` replaced by the next one).
+fn link_with(base: &str, path: &str, params: &[(String, String)], cursor: Option<&str>) -> String {
+    let mut p: Vec<(String, String)> = params
+        .iter()
+        .filter(|(k, _)| k != "_cursor")
+        .cloned()
+        .collect();
+    if let Some(c) = cursor {
+        p.push(("_cursor".into(), c.to_owned()));
+    }
+    let q = serde_urlencoded::to_string(&p).unwrap_or_default();
+    if q.is_empty() {
+        format!("{base}/{path}")
+    } else {
+        format!("{base}/{path}?{q}")
+    }
+}
+
+fn query_params(raw: Option<String>) -> Result<Vec<(String, String)>, ApiError> {
+    serde_urlencoded::from_str(&raw.unwrap_or_default())
+        .map_err(|_| ApiError::bad_request("malformed query string"))
+}
+
+fn summary_of(params: &[(String, String)]) -> (Summary, Vec<String>) {
+    let mut summary = Summary::Full;
+    let mut elements = vec![];
+    for (k, v) in params {
+        match (k.as_str(), v.as_str()) {
+            ("_summary", "true") => summary = Summary::True,
+            ("_summary", "data") => summary = Summary::Data,
+            ("_summary", "text") => summary = Summary::Text,
+            ("_summary", "count") => summary = Summary::Count,
+            ("_elements", v) => elements.extend(v.split(',').map(|e| e.trim().to_owned())),
+            _ => {}
+        }
+    }
+    (summary, elements)
 }
 
 /// The CapabilityStatement, built and serialized once (it was rebuilt on every request).
@@ -282,36 +337,26 @@ pub(crate) async fn search(
     State(state): State<AppState>,
     Path(rtype): Path<String>,
     RawQuery(query): RawQuery,
-    uri: Uri,
     headers: HeaderMap,
     ctx: Ctx,
 ) -> Result<Response, ApiError> {
     let rt = resource_type(&rtype)?;
     let c = caller(&state, &ctx).await?;
-    let raw = query.unwrap_or_default();
-    let params: Vec<(String, String)> = serde_urlencoded::from_str(&raw)
-        .map_err(|_| ApiError::bad_request("malformed query string"))?;
+    let strict = prefer(&headers)?.strict;
+    let params = query_params(query)?;
     let vault = state.vault.clone();
     let p2 = params.clone();
-    let r = blocking(move || vault.search(&c, rt, &p2)).await??;
-    let base = base_url(&uri, &headers);
-    let keep: Vec<(String, String)> = params
-        .into_iter()
-        .filter(|(k, _)| k != "_offset" && k != "_count")
-        .collect();
-    let link = |offset: usize| {
-        let mut p = keep.clone();
-        p.push(("_count".into(), r.count.to_string()));
-        p.push(("_offset".into(), offset.to_string()));
-        format!(
-            "{base}/{rt}?{}",
-            serde_urlencoded::to_string(&p).unwrap_or_default()
-        )
-    };
-    let next = r.more.then(|| link(r.offset + r.count));
+    let r = blocking(move || vault.search(&c, rt, &p2, strict)).await??;
+    let base = &ctx.base;
+    let (summary, elements) = summary_of(&params);
+    let next = r
+        .next
+        .as_deref()
+        .map(|cur| link_with(base, rt.as_str(), &params, Some(cur)));
+    let self_link = link_with(base, rt.as_str(), &params, None);
     Ok(json_response(
         StatusCode::OK,
-        &search_bundle(&r, &base, link(r.offset), next),
+        &search_bundle(&r, base, self_link, next, summary, &elements),
     ))
 }
 
@@ -331,7 +376,7 @@ pub(crate) async fn create(
     )?;
     let ret = prefer(req.headers())?.ret.unwrap_or(Return::Representation);
     let if_none_exist = header_text(req.headers(), "If-None-Exist")?;
-    let base = base_url(req.uri(), req.headers());
+    let base = ctx.base.clone();
     let body = body_bytes(&state, req).await?;
     let vault = state.vault.clone();
     let w = blocking(move || {
@@ -436,7 +481,7 @@ pub(crate) async fn update(
     )?;
     let pre = precondition(req.headers())?;
     let ret = prefer(req.headers())?.ret.unwrap_or(Return::Representation);
-    let base = base_url(req.uri(), req.headers());
+    let base = ctx.base.clone();
     let body = body_bytes(&state, req).await?;
     let vault = state.vault.clone();
     let w = blocking(move || {
@@ -470,7 +515,7 @@ pub(crate) async fn update_where(
     )?;
     let pre = precondition(req.headers())?;
     let ret = prefer(req.headers())?.ret.unwrap_or(Return::Representation);
-    let base = base_url(req.uri(), req.headers());
+    let base = ctx.base.clone();
     let body = body_bytes(&state, req).await?;
     let vault = state.vault.clone();
     let w = blocking(move || {
@@ -528,13 +573,12 @@ pub(crate) async fn vread(
 pub(crate) async fn instance_op(
     State(state): State<AppState>,
     Path((rtype, id, op)): Path<(String, String, String)>,
-    uri: Uri,
-    headers: HeaderMap,
+    RawQuery(query): RawQuery,
     ctx: Ctx,
 ) -> Result<Response, ApiError> {
     let rt = resource_type(&rtype)?;
     valid_id(&id)?;
-    let base = base_url(&uri, &headers);
+    let base = ctx.base.clone();
     match op.as_str() {
         "_history" => {
             let c = caller(&state, &ctx).await?;
@@ -556,7 +600,7 @@ pub(crate) async fn instance_op(
                     }
                 })
                 .collect();
-            if let Some(w) = withheld_entry(&r) {
+            if let Some(w) = outcome_entry(&r) {
                 entries.push(w);
             }
             let mut b = Map::new();
@@ -572,13 +616,20 @@ pub(crate) async fn instance_op(
         }
         "$everything" if rt.as_str() == "Patient" => {
             let c = caller(&state, &ctx).await?;
+            let params = query_params(query)?;
             let vault = state.vault.clone();
             let id2 = id.clone();
-            let r = blocking(move || vault.everything(&c, &id2)).await??;
-            let link = format!("{base}/Patient/{id}/$everything");
+            let p2 = params.clone();
+            let r = blocking(move || vault.everything(&c, &id2, &p2)).await??;
+            let path = format!("Patient/{id}/$everything");
+            let next = r
+                .next
+                .as_deref()
+                .map(|cur| link_with(&base, &path, &params, Some(cur)));
+            let link = link_with(&base, &path, &params, None);
             Ok(json_response(
                 StatusCode::OK,
-                &search_bundle(&r, &base, link, None),
+                &search_bundle(&r, &base, link, next, Summary::Full, &[]),
             ))
         }
         _ => Err(ApiError::not_found()),
@@ -603,7 +654,7 @@ pub(crate) async fn transaction(
         "a transaction (put them in each entry's request)",
     )?;
     let ret = prefer(req.headers())?.ret.unwrap_or(Return::Minimal);
-    let base = base_url(req.uri(), req.headers());
+    let base = ctx.base.clone();
     let body = body_bytes(&state, req).await?;
     let vault = state.vault.clone();
     let results = blocking(move || {
@@ -667,31 +718,55 @@ fn short_json_error(e: &serde_json::Error) -> String {
     }
 }
 
-/// `GET /fhir/AuditEvent?…`: BALP AuditEvents for privacy officers and auditors.
+/// `GET /fhir/AuditEvent?…`: BALP AuditEvents for privacy officers and auditors, newest
+/// first, paged (`next` continues before the last event returned).
 pub(crate) async fn audit_events(
     State(state): State<AppState>,
     RawQuery(query): RawQuery,
-    uri: Uri,
-    headers: HeaderMap,
     ctx: Ctx,
 ) -> Result<Response, ApiError> {
     let c = caller(&state, &ctx).await?;
-    let params: Vec<(String, String)> = serde_urlencoded::from_str(&query.unwrap_or_default())
-        .map_err(|_| ApiError::bad_request("malformed query string"))?;
+    let params = query_params(query)?;
     let vault = state.vault.clone();
-    let events = blocking(move || vault.audit_events(&c, &params)).await??;
-    let base = base_url(&uri, &headers);
-    let entries: Vec<Value> = events
+    let p2 = params.clone();
+    let page = blocking(move || vault.audit_events(&c, &p2)).await??;
+    let base = &ctx.base;
+    let entries: Vec<Value> = page
+        .events
         .into_iter()
         .map(|e| {
             let id = e.get("id").and_then(Value::as_str).unwrap_or("").to_owned();
             json!({"fullUrl": format!("{base}/AuditEvent/{id}"), "resource": e, "search": {"mode": "match"}})
         })
         .collect();
-    Ok(json_response(
-        StatusCode::OK,
-        &json!({"resourceType": "Bundle", "type": "searchset", "link": [{"relation": "self", "url": format!("{base}/AuditEvent")}], "entry": entries}),
-    ))
+    let mut links =
+        vec![json!({"relation": "self", "url": link_with(base, "AuditEvent", &params, None)})];
+    if let Some(cur) = &page.next {
+        links.push(
+            json!({"relation": "next", "url": link_with(base, "AuditEvent", &params, Some(cur))}),
+        );
+    }
+    let mut b = Map::new();
+    b.insert("resourceType".into(), json!("Bundle"));
+    b.insert("type".into(), json!("searchset"));
+    b.insert("link".into(), Value::Array(links));
+    if !entries.is_empty() {
+        b.insert("entry".into(), Value::Array(entries));
+    }
+    Ok(json_response(StatusCode::OK, &Value::Object(b)))
+}
+
+/// `GET /fhir/AuditEvent/{id}`: one audit log entry as a BALP AuditEvent.
+pub(crate) async fn audit_event(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    ctx: Ctx,
+) -> Result<Response, ApiError> {
+    let c = caller(&state, &ctx).await?;
+    let seq: u64 = id.parse().map_err(|_| ApiError::not_found())?;
+    let vault = state.vault.clone();
+    let ev = blocking(move || vault.audit_event(&c, seq)).await??;
+    Ok(json_response(StatusCode::OK, &ev))
 }
 
 /// AuditEvents are written by medvault only.

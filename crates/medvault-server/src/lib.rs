@@ -35,12 +35,19 @@ pub const SESSION_COOKIE: &str = "medvault_session";
 #[derive(Debug, Clone)]
 pub struct HttpOptions {
     pub max_body_bytes: usize,
+    /// The URL clients reach the server at (`https://host:port`, no trailing slash): every
+    /// link, `Location` and `fullUrl` is built from it, never from the request's `Host`.
+    pub public_base_url: String,
+    /// Reverse proxies whose `X-Forwarded-For`/`-Proto`/`-Host` headers are believed.
+    pub trusted_proxies: Vec<std::net::IpAddr>,
 }
 
 impl Default for HttpOptions {
     fn default() -> Self {
         HttpOptions {
             max_body_bytes: 8 * 1024 * 1024,
+            public_base_url: "https://localhost".into(),
+            trusted_proxies: vec![],
         }
     }
 }
@@ -123,6 +130,12 @@ fn routes(state: AppState) -> Router {
             get(fhir::audit_events)
                 .post(fhir::audit_events_read_only)
                 .put(fhir::audit_events_read_only),
+        )
+        .route(
+            "/fhir/AuditEvent/{id}",
+            get(fhir::audit_event)
+                .put(fhir::audit_events_read_only)
+                .delete(fhir::audit_events_read_only),
         )
         .route(
             "/fhir/{rtype}",
@@ -277,17 +290,50 @@ pub(crate) struct Ctx {
     pub source: Option<String>,
     pub purpose: Option<Purpose>,
     pub token: Option<Token>,
+    /// The FHIR base URL (`{public_base_url}/fhir`) links are built from.
+    pub base: String,
 }
 
-impl<S: Send + Sync> FromRequestParts<S> for Ctx {
+/// A forwarded header value from a trusted proxy, if it is a plausible host or scheme.
+fn forwarded<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    let v = h.get(name)?.to_str().ok()?;
+    let v = v.split(',').next()?.trim();
+    (!v.is_empty()
+        && v.len() < 256
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b)))
+    .then_some(v)
+}
+
+impl FromRequestParts<AppState> for Ctx {
     type Rejection = ApiError;
-    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let request_id = parts
             .extensions
             .get::<RequestId>()
             .map(|r| r.0.clone())
             .unwrap_or_default();
-        let source = parts.extensions.get::<Peer>().map(|p| p.0.ip().to_string());
+        let peer = parts.extensions.get::<Peer>().map(|p| p.0.ip());
+        let trusted = peer.is_some_and(|p| state.options.trusted_proxies.contains(&p));
+        // Behind a trusted proxy, the client and the URL it used are the proxy's to tell;
+        // from anyone else, X-Forwarded-* is ignored (a client must not choose its own
+        // source address or the host written into links).
+        let mut source = peer.map(|p| p.to_string());
+        let mut public = state.options.public_base_url.clone();
+        if trusted {
+            if let Some(ip) = forwarded(&parts.headers, "x-forwarded-for")
+                .and_then(|v| v.parse::<std::net::IpAddr>().ok())
+            {
+                source = Some(ip.to_string());
+            }
+            if let Some(host) = forwarded(&parts.headers, "x-forwarded-host") {
+                let proto = match forwarded(&parts.headers, "x-forwarded-proto") {
+                    Some("http") => "http",
+                    _ => "https",
+                };
+                public = format!("{proto}://{host}");
+            }
+        }
         let purpose = match parts.headers.get("x-purpose-of-use") {
             None => None,
             Some(v) => Some(
@@ -302,6 +348,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Ctx {
             source,
             purpose,
             token: bearer(&parts.headers),
+            base: format!("{public}/fhir"),
         })
     }
 }

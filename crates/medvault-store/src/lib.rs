@@ -249,6 +249,14 @@ pub enum Op {
         index: u64,
         hashes: Vec<u8>,
     },
+    /// Replaces the search tokens of a resource's current version (re-indexing after the
+    /// normalization of the blind index changed); no new version. `NotFound` if absent.
+    ReplaceIndex {
+        rtype: String,
+        id: String,
+        version: u64,
+        index: Vec<IndexRow>,
+    },
 }
 
 /// Whether a hash tile should be written over the stored copy: yes if there is none or it
@@ -277,13 +285,27 @@ pub struct Committed {
     pub audit_seqs: Vec<u64>,
 }
 
-/// Comparison on `_lastUpdated`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Cmp {
-    Ge,
-    Gt,
-    Le,
-    Lt,
+/// An interval of `_lastUpdated` instants, `from <= t < to` (either side open), or every
+/// instant outside it (`outside`, for the FHIR `ne` prefix). Bounds are FHIR instants in
+/// UTC with milliseconds (`YYYY-MM-DDThh:mm:ss.sssZ`), the form every version is stored
+/// in, so text order is time order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TimeRange {
+    pub from: Option<String>,
+    pub to: Option<String>,
+    pub outside: bool,
+}
+
+/// The order of a search's matches; every order ends with `(rtype, id)` so it is total.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Order {
+    /// By type, then logical id.
+    #[default]
+    Id,
+    /// Oldest `_lastUpdated` first.
+    LastUpdated,
+    /// Newest `_lastUpdated` first.
+    LastUpdatedDesc,
 }
 
 /// A search over current, non-deleted versions.
@@ -291,13 +313,26 @@ pub enum Cmp {
 pub struct SearchQuery {
     /// `None` searches every type (used by `$everything`, which always sets `patient`).
     pub rtype: Option<String>,
+    /// Only these types (empty = no restriction; AND with `rtype`).
+    pub types: Vec<String>,
     pub patient: Option<PatientId>,
+    /// Only resources in one of these charts (empty = no restriction; AND with `patient`).
+    pub patients: Vec<PatientId>,
+    /// Only these logical ids (empty = no restriction).
     pub ids: Vec<String>,
     /// AND over parameters, OR over each parameter's tokens.
     pub tokens: Vec<(String, Vec<Vec<u8>>)>,
-    pub last_updated: Vec<(Cmp, String)>,
+    /// AND over ranges.
+    pub last_updated: Vec<TimeRange>,
     /// Only these categories (empty = any).
     pub categories: Vec<String>,
+    /// Only resources created by a batch whose first audit sequence number is below this:
+    /// the store as it was when the audit log had this many entries (a search's snapshot).
+    pub created_before: Option<u64>,
+    pub order: Order,
+    /// Only matches after this key in `order` (keyset paging): `[rtype, id]` for
+    /// [`Order::Id`], `[last_updated, rtype, id]` for the `_lastUpdated` orders.
+    pub after: Option<Vec<String>>,
     pub limit: usize,
     pub offset: usize,
 }
@@ -314,6 +349,9 @@ pub trait TxRead {
     fn version(&self, rtype: &str, id: &str, version: u64) -> Result<Option<Sealed>, StoreError>;
     fn history(&self, rtype: &str, id: &str) -> Result<Vec<Sealed>, StoreError>;
     fn search(&self, q: &SearchQuery) -> Result<SearchPage, StoreError>;
+    /// How many resources match `q` (ignoring its order, keyset, limit and offset), by
+    /// stored category: `(category, count)`, each category once.
+    fn tally(&self, q: &SearchQuery) -> Result<Vec<(String, u64)>, StoreError>;
 }
 
 /// Called with `(seq, leaf hash, record)` for each audit row scanned; false stops the scan.

@@ -325,6 +325,17 @@ async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
             .await
             .map_err(classify)?;
         }
+        if version < 4 {
+            // The audit sequence number of the batch that created each resource: a
+            // search's snapshot. Existing resources: 0.
+            sqlx::raw_sql(
+                "ALTER TABLE resource_current ADD COLUMN created_seq BIGINT NOT NULL DEFAULT 0;
+                 INSERT INTO medvault_schema (version) VALUES (4);",
+            )
+            .execute(&mut *conn)
+            .await
+            .map_err(classify)?;
+        }
         Ok::<(), StoreError>(())
     }
     .await;
@@ -651,8 +662,8 @@ async fn apply(
                 .execute(&mut *c)
                 .await?;
                 sqlx::query(
-                    "INSERT INTO resource_current (patient_id, rtype, id, version, deleted, last_updated, category)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7)
+                    "INSERT INTO resource_current (patient_id, rtype, id, version, deleted, last_updated, category, created_seq)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
                      ON CONFLICT (patient_id, rtype, id) DO UPDATE SET version = excluded.version, deleted = excluded.deleted,
                        last_updated = excluded.last_updated, category = excluded.category",
                 )
@@ -663,6 +674,7 @@ async fn apply(
                 .bind(row.deleted)
                 .bind(&row.last_updated)
                 .bind(&row.category)
+                .bind(*next_seq)
                 .execute(&mut *c)
                 .await?;
                 if cur.is_some() {
@@ -785,6 +797,47 @@ async fn apply(
                     .bind(line)
                     .execute(&mut *c)
                     .await?;
+            }
+            Op::ReplaceIndex {
+                rtype,
+                id,
+                version,
+                index,
+            } => {
+                let cur: Option<(i64, String)> = sqlx::query_as(
+                    "SELECT version, patient_id FROM resource_current WHERE rtype = $1 AND id = $2 FOR UPDATE",
+                )
+                .bind(rtype)
+                .bind(id)
+                .fetch_optional(&mut *c)
+                .await?;
+                let Some((cv, pid)) = cur else {
+                    return Err(ApplyError::Store(StoreError::NotFound));
+                };
+                if i64::try_from(*version).ok() != Some(cv) {
+                    return Err(ApplyError::Store(StoreError::Conflict));
+                }
+                sqlx::query(
+                    "DELETE FROM search_index WHERE patient_id = $1 AND rtype = $2 AND id = $3",
+                )
+                .bind(&pid)
+                .bind(rtype)
+                .bind(id)
+                .execute(&mut *c)
+                .await?;
+                let params: Vec<String> = index.iter().map(|i| i.param.clone()).collect();
+                let tokens: Vec<Vec<u8>> = index.iter().map(|i| i.token.clone()).collect();
+                sqlx::query(
+                    "INSERT INTO search_index (patient_id, rtype, param, token, id)
+                     SELECT $1, $2, p, t, $3 FROM UNNEST($4::text[], $5::bytea[]) AS u(p, t) ON CONFLICT DO NOTHING",
+                )
+                .bind(&pid)
+                .bind(rtype)
+                .bind(id)
+                .bind(&params)
+                .bind(&tokens)
+                .execute(&mut *c)
+                .await?;
             }
             Op::PutTile {
                 level,
@@ -935,11 +988,37 @@ async fn q_history<'e, E: sqlx::PgExecutor<'e>>(
         .collect()
 }
 
+async fn q_tally<'e, E: sqlx::PgExecutor<'e>>(
+    e: E,
+    q: &SearchQuery,
+) -> Result<Vec<(String, u64)>, StoreError> {
+    let Some((sql, args)) =
+        crate::sql::search(q, crate::sql::Dialect::Postgres, crate::sql::Select::Tally)
+    else {
+        return Ok(vec![]);
+    };
+    let mut query = sqlx::query_as::<_, (String, i64)>(&sql);
+    for a in args {
+        query = match a {
+            crate::sql::Arg::Text(s) => query.bind(s),
+            crate::sql::Arg::Bytes(b) => query.bind(b),
+            crate::sql::Arg::Int(i) => query.bind(i),
+        };
+    }
+    let rows = query.fetch_all(e).await.map_err(classify)?;
+    Ok(rows
+        .into_iter()
+        .map(|(c, n)| (c, u64::try_from(n).unwrap_or(0)))
+        .collect())
+}
+
 async fn q_search<'e, E: sqlx::PgExecutor<'e>>(
     e: E,
     q: &SearchQuery,
 ) -> Result<SearchPage, StoreError> {
-    let Some((sql, args)) = crate::sql::search(q, crate::sql::Dialect::Postgres) else {
+    let Some((sql, args)) =
+        crate::sql::search(q, crate::sql::Dialect::Postgres, crate::sql::Select::Rows)
+    else {
         return Ok(SearchPage::default());
     };
     let mut query = sqlx::query(&sql);
@@ -982,6 +1061,10 @@ impl TxRead for PgTx<'_, '_> {
     fn search(&self, q: &SearchQuery) -> Result<SearchPage, StoreError> {
         let mut c = self.conn.borrow_mut();
         self.rt.block_on(q_search(&mut **c, q))
+    }
+    fn tally(&self, q: &SearchQuery) -> Result<Vec<(String, u64)>, StoreError> {
+        let mut c = self.conn.borrow_mut();
+        self.rt.block_on(q_tally(&mut **c, q))
     }
 }
 

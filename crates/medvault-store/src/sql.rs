@@ -2,7 +2,7 @@
 
 use medvault_types::PatientId;
 
-use crate::{Cmp, Sealed, SearchQuery, UserRow, VersionRow};
+use crate::{Order, Sealed, SearchQuery, UserRow, VersionRow};
 
 /// Which SQL the builder speaks.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -69,9 +69,18 @@ pub(crate) fn user<R: Columns>(r: &R) -> Result<UserRow, R::Error> {
     })
 }
 
-/// The SQL and arguments for `q` (asking for one row more than the limit, to know whether
-/// there is a next page); `None` when the query cannot match anything.
-pub(crate) fn search(q: &SearchQuery, d: Dialect) -> Option<(String, Vec<Arg>)> {
+/// What a search statement selects.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Select {
+    /// The matching versions, in order, one more than the limit (to know whether there is
+    /// a next page).
+    Rows,
+    /// `(category, count)` of the matches.
+    Tally,
+}
+
+/// The SQL and arguments for `q`; `None` when the query cannot match anything.
+pub(crate) fn search(q: &SearchQuery, d: Dialect, select: Select) -> Option<(String, Vec<Arg>)> {
     let by_patient = q.patient.is_some();
     let (hint, join_patient, live) = match d {
         // SQLite has no statistics on a fresh database: with a patient, drive from the
@@ -88,10 +97,15 @@ pub(crate) fn search(q: &SearchQuery, d: Dialect) -> Option<(String, Vec<Arg>)> 
         ),
         Dialect::Postgres => ("", "v.patient_id = c.patient_id AND ", "NOT c.deleted"),
     };
-    let mut sql = format!(
-        "SELECT {VERSION_COLS} FROM resource_current c {hint} JOIN resource_versions v
+    let mut sql = match select {
+        Select::Rows => format!(
+            "SELECT {VERSION_COLS} FROM resource_current c {hint} JOIN resource_versions v
          ON {join_patient}v.rtype = c.rtype AND v.id = c.id AND v.version = c.version WHERE {live}"
-    );
+        ),
+        Select::Tally => {
+            format!("SELECT c.category, COUNT(*) FROM resource_current c {hint} WHERE {live}")
+        }
+    };
     let mut args: Vec<Arg> = vec![];
     let mut push = |sql: &mut String, frag: &str, a: Arg| {
         args.push(a);
@@ -99,7 +113,7 @@ pub(crate) fn search(q: &SearchQuery, d: Dialect) -> Option<(String, Vec<Arg>)> 
             Dialect::Sqlite => format!("?{}", args.len()),
             Dialect::Postgres => format!("${}", args.len()),
         };
-        sql.push_str(&frag.replace('?', &mark));
+        sql.push_str(&frag.replacen('?', &mark, 1));
     };
     let list = |sql: &mut String, push: &mut dyn FnMut(&mut String, &str, Arg), items: Vec<Arg>| {
         for (i, a) in items.into_iter().enumerate() {
@@ -116,23 +130,27 @@ pub(crate) fn search(q: &SearchQuery, d: Dialect) -> Option<(String, Vec<Arg>)> 
             Arg::Text(p.as_str().to_owned()),
         );
     }
-    if !q.ids.is_empty() {
-        sql.push_str(" AND c.id IN (");
-        list(
-            &mut sql,
-            &mut push,
-            q.ids.iter().cloned().map(Arg::Text).collect(),
-        );
-        sql.push(')');
-    }
-    if !q.categories.is_empty() {
-        sql.push_str(" AND c.category IN (");
-        list(
-            &mut sql,
-            &mut push,
-            q.categories.iter().cloned().map(Arg::Text).collect(),
-        );
-        sql.push(')');
+    for (column, items) in [
+        (
+            "c.patient_id",
+            q.patients
+                .iter()
+                .map(|p| p.as_str().to_owned())
+                .collect::<Vec<_>>(),
+        ),
+        ("c.id", q.ids.clone()),
+        ("c.rtype", q.types.clone()),
+        ("c.category", q.categories.clone()),
+    ] {
+        if !items.is_empty() {
+            sql.push_str(&format!(" AND {column} IN ("));
+            list(
+                &mut sql,
+                &mut push,
+                items.into_iter().map(Arg::Text).collect(),
+            );
+            sql.push(')');
+        }
     }
     for (param, tokens) in &q.tokens {
         if tokens.is_empty() {
@@ -157,22 +175,52 @@ pub(crate) fn search(q: &SearchQuery, d: Dialect) -> Option<(String, Vec<Arg>)> 
         );
         sql.push_str("))");
     }
-    for (cmp, at) in &q.last_updated {
-        let op = match cmp {
-            Cmp::Ge => ">=",
-            Cmp::Gt => ">",
-            Cmp::Le => "<=",
-            Cmp::Lt => "<",
-        };
-        push(
-            &mut sql,
-            &format!(" AND c.last_updated {op} ?"),
-            Arg::Text(at.clone()),
-        );
+    for r in &q.last_updated {
+        sql.push_str(if r.outside {
+            " AND NOT (1 = 1"
+        } else {
+            " AND (1 = 1"
+        });
+        if let Some(f) = &r.from {
+            push(&mut sql, " AND c.last_updated >= ?", Arg::Text(f.clone()));
+        }
+        if let Some(t) = &r.to {
+            push(&mut sql, " AND c.last_updated < ?", Arg::Text(t.clone()));
+        }
+        sql.push(')');
     }
+    if let Some(before) = q.created_before {
+        let before = i64::try_from(before).unwrap_or(i64::MAX);
+        push(&mut sql, " AND c.created_seq < ?", Arg::Int(before));
+    }
+    if select == Select::Tally {
+        sql.push_str(" GROUP BY c.category");
+        return Some((sql, args));
+    }
+    let (key, dir) = match q.order {
+        Order::Id => ("c.rtype, c.id", ""),
+        Order::LastUpdated => ("c.last_updated, c.rtype, c.id", ""),
+        Order::LastUpdatedDesc => ("c.last_updated, c.rtype, c.id", " DESC"),
+    };
+    if let Some(after) = &q.after {
+        let want = key.split(", ").count();
+        if after.len() != want {
+            return None;
+        }
+        let cmp = if dir.is_empty() { ">" } else { "<" };
+        sql.push_str(&format!(" AND ({key}) {cmp} ("));
+        list(
+            &mut sql,
+            &mut push,
+            after.iter().cloned().map(Arg::Text).collect(),
+        );
+        sql.push(')');
+    }
+    let order: Vec<String> = key.split(", ").map(|k| format!("{k}{dir}")).collect();
+    sql.push_str(&format!(" ORDER BY {}", order.join(", ")));
     let limit = i64::try_from(q.limit.saturating_add(1)).unwrap_or(i64::MAX);
     let offset = i64::try_from(q.offset).unwrap_or(i64::MAX);
-    push(&mut sql, " ORDER BY c.rtype, c.id LIMIT ?", Arg::Int(limit));
+    push(&mut sql, " LIMIT ?", Arg::Int(limit));
     push(&mut sql, " OFFSET ?", Arg::Int(offset));
     Some((sql, args))
 }

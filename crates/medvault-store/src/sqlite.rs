@@ -58,6 +58,11 @@ CREATE TRIGGER audit_tiles_grow BEFORE UPDATE ON audit_tiles
     BEGIN SELECT RAISE(ABORT, 'a hash tile only grows'); END;
 CREATE TRIGGER audit_tiles_no_delete BEFORE DELETE ON audit_tiles BEGIN SELECT RAISE(ABORT, 'hash tiles are append-only'); END;
 "#,
+    r#"
+-- The audit sequence number of the batch that created each resource: a search's snapshot
+-- (resources created before the audit log had N entries). Existing resources: 0.
+ALTER TABLE resource_current ADD COLUMN created_seq INTEGER NOT NULL DEFAULT 0;
+"#,
 ];
 
 /// Read connections kept per store.
@@ -214,6 +219,9 @@ impl TxRead for TxConn<'_> {
     fn search(&self, q: &SearchQuery) -> Result<SearchPage, StoreError> {
         q_search(self.0, q)
     }
+    fn tally(&self, q: &SearchQuery) -> Result<Vec<(String, u64)>, StoreError> {
+        q_tally(self.0, q)
+    }
 }
 
 fn commit_group(c: &mut Connection, group: Vec<Job>) {
@@ -317,13 +325,14 @@ fn apply(
                 )?
                 .execute(params![row.rtype, row.id, version, pid, row.last_updated, row.deleted, row.category, row.key_version, row.body])
                 .map_err(|e| conflict_or(e, StoreError::Conflict))?;
+                let created_seq = i64::try_from(*next_seq).unwrap_or(i64::MAX);
                 tx.prepare_cached(
-                    "INSERT INTO resource_current (rtype, id, patient_id, version, deleted, last_updated, category)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                    "INSERT INTO resource_current (rtype, id, patient_id, version, deleted, last_updated, category, created_seq)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
                      ON CONFLICT (rtype, id) DO UPDATE SET version = excluded.version, deleted = excluded.deleted,
                        last_updated = excluded.last_updated, category = excluded.category, patient_id = excluded.patient_id",
                 )?
-                .execute(params![row.rtype, row.id, pid, version, row.deleted, row.last_updated, row.category])?;
+                .execute(params![row.rtype, row.id, pid, version, row.deleted, row.last_updated, row.category, created_seq])?;
                 if cur.is_some() {
                     tx.prepare_cached("DELETE FROM search_index WHERE rtype = ?1 AND id = ?2")?
                         .execute(params![row.rtype, row.id])?;
@@ -410,6 +419,33 @@ fn apply(
                          ON CONFLICT (level, idx) DO UPDATE SET hashes = excluded.hashes",
                     )?
                     .execute(params![level, index, hashes])?;
+                }
+            }
+            Op::ReplaceIndex {
+                rtype,
+                id,
+                version,
+                index,
+            } => {
+                let cur: Option<(i64, Option<String>)> = tx
+                    .prepare_cached(
+                        "SELECT version, patient_id FROM resource_current WHERE rtype = ?1 AND id = ?2",
+                    )?
+                    .query_row(params![rtype, id], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()?;
+                let Some((cv, pid)) = cur else {
+                    return Err(StoreError::NotFound);
+                };
+                if i64::try_from(*version).ok() != Some(cv) {
+                    return Err(StoreError::Conflict);
+                }
+                tx.prepare_cached("DELETE FROM search_index WHERE rtype = ?1 AND id = ?2")?
+                    .execute(params![rtype, id])?;
+                let mut ins = tx.prepare_cached(
+                    "INSERT OR IGNORE INTO search_index (rtype, param, token, id, patient_id) VALUES (?1, ?2, ?3, ?4, ?5)",
+                )?;
+                for ix in index {
+                    ins.execute(params![rtype, ix.param, ix.token, id, pid])?;
                 }
             }
             Op::PutCheckpoint { size, note } => {
@@ -525,18 +561,42 @@ fn q_history(c: &Connection, rtype: &str, id: &str) -> Result<Vec<Sealed>, Store
     }
 }
 
-fn q_search(c: &Connection, q: &SearchQuery) -> Result<SearchPage, StoreError> {
-    let Some((sql, args)) = crate::sql::search(q, crate::sql::Dialect::Sqlite) else {
-        return Ok(SearchPage::default());
-    };
-    let args: Vec<rusqlite::types::Value> = args
-        .into_iter()
+fn sqlite_args(args: Vec<crate::sql::Arg>) -> Vec<rusqlite::types::Value> {
+    args.into_iter()
         .map(|a| match a {
             crate::sql::Arg::Text(s) => s.into(),
             crate::sql::Arg::Bytes(b) => b.into(),
             crate::sql::Arg::Int(i) => i.into(),
         })
-        .collect();
+        .collect()
+}
+
+fn q_tally(c: &Connection, q: &SearchQuery) -> Result<Vec<(String, u64)>, StoreError> {
+    let Some((sql, args)) =
+        crate::sql::search(q, crate::sql::Dialect::Sqlite, crate::sql::Select::Tally)
+    else {
+        return Ok(vec![]);
+    };
+    let args = sqlite_args(args);
+    let mut st = c.prepare_cached(&sql)?;
+    let rows = st
+        .query_map(params_from_iter(args.iter()), |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                u64::try_from(r.get::<_, i64>(1)?).unwrap_or(0),
+            ))
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
+fn q_search(c: &Connection, q: &SearchQuery) -> Result<SearchPage, StoreError> {
+    let Some((sql, args)) =
+        crate::sql::search(q, crate::sql::Dialect::Sqlite, crate::sql::Select::Rows)
+    else {
+        return Ok(SearchPage::default());
+    };
+    let args = sqlite_args(args);
     let mut st = c.prepare_cached(&sql)?;
     let mut rows = st
         .query_map(params_from_iter(args.iter()), version_row)?

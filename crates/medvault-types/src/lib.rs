@@ -267,6 +267,7 @@ str_enum!(
         EvictKey => "keys.evict",
         Status => "status",
         CreateUser => "user.create",
+        Reindex => "index.rebuild",
     }
 );
 

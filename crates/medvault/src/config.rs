@@ -30,6 +30,16 @@ pub struct Audit {
 pub struct Server {
     pub listen: String,
     pub max_body_bytes: usize,
+    /// The URL clients reach this server at (`https://ehr.example.org`), from which every
+    /// link, `Location` and `fullUrl` is built. Empty: `https://{listen address}`.
+    pub public_base_url: String,
+    /// Comma-separated addresses of reverse proxies whose `X-Forwarded-For`,
+    /// `X-Forwarded-Proto` and `X-Forwarded-Host` are believed. Empty: none.
+    pub trusted_proxies: String,
+    /// The largest `_count` a search may ask for.
+    pub max_page_size: usize,
+    /// How long a search's paging cursor stays valid, in seconds.
+    pub cursor_ttl_secs: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -72,6 +82,10 @@ impl Default for Server {
         Server {
             listen: "127.0.0.1:8443".into(),
             max_body_bytes: 8 * 1024 * 1024,
+            public_base_url: String::new(),
+            trusted_proxies: String::new(),
+            max_page_size: 1000,
+            cursor_ttl_secs: 900,
         }
     }
 }

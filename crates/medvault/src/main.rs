@@ -498,7 +498,8 @@ fn options(cfg: &Config) -> VaultOptions {
         },
         key_cache_capacity: cfg.keys.key_cache_capacity,
         public_transparency: cfg.audit.public_transparency,
-        ..VaultOptions::default()
+        max_page_size: cfg.server.max_page_size.max(1),
+        cursor_ttl_secs: cfg.server.cursor_ttl_secs,
     }
 }
 
@@ -647,13 +648,24 @@ fn serve_vault(
     let listen = listen.unwrap_or_else(|| cfg.server.listen.clone());
     let tls = medvault_server::load_tls_config(&dir.join(&cfg.tls.cert), &dir.join(&cfg.tls.key))?;
     let checkpoint_vault = vault.clone();
-    let state = medvault_server::AppState {
-        vault,
-        options: medvault_server::HttpOptions {
-            max_body_bytes: cfg.server.max_body_bytes,
-        },
-    };
-    let app = medvault_server::router(state);
+    let mut trusted_proxies = vec![];
+    for p in cfg
+        .server
+        .trusted_proxies
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+    {
+        trusted_proxies.push(
+            p.parse::<std::net::IpAddr>()
+                .with_context(|| format!("server.trusted_proxies: `{p}` is not an IP address"))?,
+        );
+    }
+    let configured_base = cfg.server.public_base_url.trim_end_matches('/').to_owned();
+    if !configured_base.is_empty() && !configured_base.starts_with("https://") {
+        anyhow::bail!("server.public_base_url must start with https://");
+    }
+    let max_body_bytes = cfg.server.max_body_bytes;
     // Sign a checkpoint of the audit log every second while it grows, and once at shutdown.
     let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
     let signer_vault = checkpoint_vault.clone();
@@ -681,6 +693,24 @@ fn serve_vault(
             .await
             .with_context(|| format!("cannot listen on {listen}"))?;
         let addr = listener.local_addr()?;
+        let public_base_url = if configured_base.is_empty() {
+            if addr.ip().is_unspecified() {
+                tracing::warn!("listening on every address without server.public_base_url: links will name localhost; set it to the URL clients use");
+                format!("https://localhost:{}", addr.port())
+            } else {
+                format!("https://{addr}")
+            }
+        } else {
+            configured_base
+        };
+        let app = medvault_server::router(medvault_server::AppState {
+            vault,
+            options: medvault_server::HttpOptions {
+                max_body_bytes,
+                public_base_url,
+                trusted_proxies,
+            },
+        });
         println!("listening on https://{addr}");
         std::io::stdout().flush()?;
         medvault_server::serve(app, listener, tls, shutdown_signal()).await;
