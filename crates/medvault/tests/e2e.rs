@@ -3119,3 +3119,222 @@ fn a_transaction_that_addresses_one_resource_twice_writes_nothing() {
         json!({"method": "POST", "url": "Patient"})
     );
 }
+
+fn instant(t: time::OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap()
+}
+
+fn vital_at(pid: &str, when: &str) -> Value {
+    let mut v = vital(pid);
+    v["effectiveDateTime"] = json!(when);
+    v
+}
+
+fn ids(b: &Value) -> Vec<String> {
+    b["entry"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .filter(|e| e["search"]["mode"] == "match")
+        .map(|e| e["resource"]["id"].as_str().unwrap_or("").to_owned())
+        .collect()
+}
+
+/// `_lastUpdated` was compared as text (a resource updated today was not found by
+/// `le<today>` but was by `gt<today>`; offsets were not converted; a value to the second
+/// missed stored milliseconds) and clinical dates matched only exact `YYYY[-MM[-DD]]`.
+/// Dates are now intervals in UTC with every prefix, and clinical dates have ranges.
+#[test]
+fn date_search_compares_intervals_not_text() {
+    let (_tmp, dir, staff) = setup();
+    let s = Server::start(&dir, &[]);
+    let (u, p, t) = staff.get("physician");
+    let phys = s.login(u, p, t);
+    let pid = created_id(&s.post("/fhir/Patient", &phys, &patient_body("Dates", "MRN-DT")));
+    let now = time::OffsetDateTime::now_utc();
+    let day: time::Duration = time::Duration::days(1);
+    let today = now.date().to_string();
+    let tomorrow = (now + day).date().to_string();
+    let yesterday = (now - day).date().to_string();
+    let week_ago = (now - time::Duration::days(7)).date().to_string();
+    let recent = created_id(&s.post(
+        "/fhir/Observation",
+        &phys,
+        &vital_at(&pid, &instant(now - time::Duration::hours(1))),
+    ));
+    let three = created_id(&s.post(
+        "/fhir/Observation",
+        &phys,
+        &vital_at(&pid, &instant(now - time::Duration::days(3))),
+    ));
+    let old = created_id(&s.post(
+        "/fhir/Observation",
+        &phys,
+        &vital_at(&pid, &instant(now - time::Duration::days(30))),
+    ));
+    let tz = created_id(&s.post(
+        "/fhir/Observation",
+        &phys,
+        &vital_at(&pid, "2026-10-22T23:30:00-05:00"),
+    ));
+    let month = created_id(&s.post("/fhir/Observation", &phys, &vital_at(&pid, "2025-03")));
+    let q = |query: &str| {
+        let r = s.get(&format!("/fhir/Observation?patient={pid}&{query}"), &phys);
+        assert_eq!(r.status, 200, "{query}: {:?}", r.body);
+        let mut v = ids(&r.body);
+        v.sort();
+        v
+    };
+    let set = |v: &[&String]| {
+        let mut v: Vec<String> = v.iter().map(|s| (*s).clone()).collect();
+        v.sort();
+        v
+    };
+    // _lastUpdated: everything was written today.
+    assert_eq!(
+        q(&format!("_lastUpdated=le{today}")).len(),
+        5,
+        "le today finds today"
+    );
+    assert!(
+        q(&format!("_lastUpdated=gt{today}")).is_empty(),
+        "gt today does not"
+    );
+    assert_eq!(q(&format!("_lastUpdated={today}")).len(), 5);
+    assert!(q(&format!("_lastUpdated=lt{today}")).is_empty());
+    assert_eq!(q(&format!("_lastUpdated=ge{yesterday}")).len(), 5);
+    assert!(q(&format!("_lastUpdated=ge{tomorrow}")).is_empty());
+    // A value to the second covers the stored milliseconds; offsets are converted.
+    let lu = s.get(&format!("/fhir/Observation/{old}"), &phys).body["meta"]["lastUpdated"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let second = lu.get(..19).unwrap();
+    assert!(
+        q(&format!("_lastUpdated=eq{second}Z")).contains(&old),
+        "{second} covers {lu}"
+    );
+    assert!(q(&format!("_lastUpdated=le{second}Z")).contains(&old));
+    let at =
+        time::OffsetDateTime::parse(&lu, &time::format_description::well_known::Rfc3339).unwrap();
+    let plus5 =
+        at.to_offset(time::UtcOffset::from_hms(5, 0, 0).unwrap()) - time::Duration::seconds(1);
+    let plus5 = plus5
+        .format(&time::macros::format_description!(
+            "[year]-[month]-[day]T[hour]:[minute]:[second]+05:00"
+        ))
+        .unwrap();
+    assert!(
+        q(&format!("_lastUpdated=ge{}", plus5.replace('+', "%2B"))).contains(&old),
+        "{plus5}"
+    );
+    assert!(!q(&format!("_lastUpdated=lt{}", plus5.replace('+', "%2B"))).contains(&old));
+    // Clinical dates: "vitals of the last 7 days".
+    assert_eq!(
+        q(&format!("date=ge{week_ago}&date=le{today}")),
+        set(&[&recent, &three])
+    );
+    assert_eq!(q(&format!("date=lt{week_ago}")), set(&[&old, &tz, &month]));
+    assert_eq!(q(&format!("date=gt{today}")), Vec::<String>::new());
+    assert!(
+        q("date=2026-10-23").contains(&tz),
+        "23:30-05:00 is the 23rd in UTC"
+    );
+    assert!(!q("date=2026-10-22").contains(&tz));
+    assert_eq!(q("date=2025-03"), set(&[&month]), "month precision");
+    assert_eq!(q("date=ap2025-03-15"), set(&[&month]));
+    assert_eq!(q("date=ne2025-03").len(), 4);
+    assert!(q("date=sa2025-03").len() == 4 && q("date=eb2025-04").len() == 1);
+    // Sorting by a clinical date.
+    let r = s.get(
+        &format!("/fhir/Observation?patient={pid}&_sort=-date"),
+        &phys,
+    );
+    assert_eq!(
+        ids(&r.body),
+        vec![
+            recent.clone(),
+            three.clone(),
+            old.clone(),
+            tz.clone(),
+            month.clone()
+        ]
+    );
+    let r = s.get(
+        &format!("/fhir/Observation?patient={pid}&_sort=date&_count=2"),
+        &phys,
+    );
+    assert_eq!(ids(&r.body), vec![month, tz]);
+    assert_eq!(r.body["total"], 5);
+    // Birth dates by range, across the whole directory.
+    assert!(ids(&s.get("/fhir/Patient?birthdate=lt1962", &phys).body).contains(&pid));
+    assert!(ids(&s.get("/fhir/Patient?birthdate=ge1962", &phys).body).is_empty());
+    // Malformed dates are named.
+    let r = s.get("/fhir/Observation?date=ge2026-02-30", &phys);
+    assert_eq!(r.status, 400);
+    assert!(r.body["issue"][0]["diagnostics"]
+        .as_str()
+        .unwrap()
+        .contains("date"));
+}
+
+/// `family=jurgen` did not find "Jürgen", nor did the decomposed form of the same name.
+/// String search is case- and accent-insensitive, and a store indexed before is
+/// re-indexed when opened.
+#[test]
+fn string_search_ignores_accents_and_case() {
+    let (_tmp, dir, staff) = setup();
+    let s = Server::start(&dir, &[]);
+    let (u, p, t) = staff.get("front_desk");
+    let desk = s.login(u, p, t);
+    let composed = created_id(&s.post("/fhir/Patient", &desk, &patient_body("Jürgen", "MRN-J1")));
+    let decomposed = created_id(&s.post(
+        "/fhir/Patient",
+        &desk,
+        &patient_body("Ju\u{308}rgen", "MRN-J2"),
+    ));
+    let both = {
+        let mut v = vec![composed.clone(), decomposed.clone()];
+        v.sort();
+        v
+    };
+    for query in [
+        "family=jurgen",
+        "family=JÜRGEN",
+        "family=Ju%CC%88rgen",
+        "name=jur",
+        "family=J%C3%BCrg",
+    ] {
+        let mut got = ids(&s.get(&format!("/fhir/Patient?{query}"), &desk).body);
+        got.sort();
+        assert_eq!(got, both, "{query}");
+    }
+    drop(s);
+    // A store indexed under the old normalization is re-indexed on open: wind the
+    // recorded index version back and replace the tokens with the old, accent-keeping ones.
+    let db = rusqlite::Connection::open(dir.join("medvault.db")).unwrap();
+    db.execute(
+        "UPDATE meta SET value = CAST('1' AS BLOB) WHERE key = 'search.index_version'",
+        [],
+    )
+    .unwrap();
+    db.execute(
+        "DELETE FROM search_index WHERE rtype = 'Patient' AND param = 'family'",
+        [],
+    )
+    .unwrap();
+    drop(db);
+    let s = Server::start(&dir, &[]);
+    let (u, p, t) = staff.get("physician");
+    let phys = s.login(u, p, t);
+    let mut got = ids(&s.get("/fhir/Patient?family=jurgen", &phys).body);
+    got.sort();
+    assert_eq!(got, both, "re-indexed on open");
+    let (st, log) = s.stop();
+    assert!(st.success());
+    assert!(log.contains("search index rebuilt"), "{log}");
+    let export = medvault(&dir, &["audit", "export"]);
+    assert!(String::from_utf8_lossy(&export.stdout).contains("index.rebuild"));
+}
