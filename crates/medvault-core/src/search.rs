@@ -207,7 +207,7 @@ impl Vault {
     ) -> Result<Vec<String>, VaultError> {
         let mut p = params;
         p.push(("_count".into(), MAX_CHAIN_PATIENTS.to_string()));
-        let r = self.search(c, rt, &p, true)?;
+        let r = self.search_capped(c, rt, &p, true, MAX_CHAIN_PATIENTS)?;
         if r.next.is_some() {
             return Err(bad(format!(
                 "a chained search matched more than {MAX_CHAIN_PATIENTS} resources; narrow it"
@@ -240,6 +240,19 @@ impl Vault {
         rt: ResourceType,
         params: &[(String, String)],
         strict: bool,
+    ) -> Result<SearchResult, VaultError> {
+        self.search_capped(c, rt, params, strict, self.options.max_page_size)
+    }
+
+    /// [`Vault::search`] with the page-size ceiling `cap` (the configured maximum for
+    /// clients; larger for the gate's own sub-searches of chains and `_has`).
+    fn search_capped(
+        &self,
+        c: &Caller,
+        rt: ResourceType,
+        params: &[(String, String)],
+        strict: bool,
+        cap: usize,
     ) -> Result<SearchResult, VaultError> {
         let s = medvault_fhir::search::parse(rt, params, strict)?;
         let query: Vec<(String, String)> = params
@@ -317,9 +330,7 @@ impl Vault {
         let count = if s.summary == medvault_fhir::search::Summary::Count {
             0
         } else {
-            s.count
-                .unwrap_or(DEFAULT_COUNT)
-                .min(self.options.max_page_size)
+            s.count.unwrap_or(DEFAULT_COUNT).min(cap)
         };
         let nothing =
             patients.as_ref().is_some_and(Vec::is_empty) || ids.as_ref().is_some_and(Vec::is_empty);

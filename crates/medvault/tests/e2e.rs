@@ -3338,3 +3338,471 @@ fn string_search_ignores_accents_and_case() {
     let export = medvault(&dir, &["audit", "export"]);
     assert!(String::from_utf8_lossy(&export.stdout).contains("index.rebuild"));
 }
+
+fn link(b: &Value, rel: &str) -> Option<String> {
+    b["link"]
+        .as_array()?
+        .iter()
+        .find(|l| l["relation"] == rel)
+        .and_then(|l| l["url"].as_str())
+        .map(str::to_owned)
+}
+
+/// The path and query of an absolute link, to follow it on the test server.
+fn path_of(url: &str) -> String {
+    let rest = url.split_once("://").map(|(_, r)| r).unwrap_or(url);
+    rest.find('/')
+        .map(|i| rest[i..].to_owned())
+        .unwrap_or_default()
+}
+
+/// `_summary`, `_total`, `_sort`, `_elements`, `_include`, `_revinclude` and chains were
+/// 400s, `Bundle.total` was never present, `_count=0` returned an entry and `_count` had no
+/// ceiling. All are built, and none reveals what a read would withhold.
+#[test]
+fn search_parameters_clients_send_are_supported_through_policy() {
+    let (_tmp, dir, staff) = setup();
+    let s = Server::start(&dir, &[("MEDVAULT_SERVER_MAX_PAGE_SIZE", "3")]);
+    let (u, p, t) = staff.get("physician");
+    let phys = s.login(u, p, t);
+    let (u, p, t) = staff.get("billing");
+    let bill = s.login(u, p, t);
+    let org = created_id(&s.post(
+        "/fhir/Organization",
+        &phys,
+        &json!({"resourceType": "Organization", "name": "General Hospital"}),
+    ));
+    let mut pat = patient_body("Chain", "MRN-CH");
+    pat["managingOrganization"] = json!({"reference": format!("Organization/{org}")});
+    let pid = created_id(&s.post("/fhir/Patient", &phys, &pat));
+    let other = created_id(&s.post("/fhir/Patient", &phys, &patient_body("Other", "MRN-OT")));
+    for _ in 0..4 {
+        s.post("/fhir/Observation", &phys, &vital(&pid));
+    }
+    s.post("/fhir/Observation", &phys, &vital(&other));
+    // Bundle.total, _count=0 and _summary=count give the total only; the ceiling holds.
+    let r = s.get(&format!("/fhir/Observation?patient={pid}"), &phys);
+    assert_eq!(r.body["total"], 4);
+    assert_eq!(ids(&r.body).len(), 3, "max page size 3");
+    for q in ["_count=0", "_summary=count"] {
+        let r = s.get(&format!("/fhir/Observation?patient={pid}&{q}"), &phys);
+        assert_eq!(
+            (r.body["total"].clone(), ids(&r.body).len()),
+            (json!(4), 0),
+            "{q}"
+        );
+    }
+    assert_eq!(
+        s.get(
+            &format!("/fhir/Observation?patient={pid}&_total=accurate"),
+            &phys
+        )
+        .status,
+        200
+    );
+    // _elements and _summary subset and tag.
+    let r = s.get(
+        &format!("/fhir/Patient?_id={pid}&_elements=birthDate"),
+        &phys,
+    );
+    let res = &r.body["entry"][0]["resource"];
+    assert!(
+        res.get("name").is_none() && res["birthDate"] == "1961-04-12",
+        "{res}"
+    );
+    assert_eq!(res["meta"]["tag"][0]["code"], "SUBSETTED");
+    let r = s.get(&format!("/fhir/Patient?_id={pid}&_summary=true"), &phys);
+    assert!(r.body["entry"][0]["resource"]["name"].is_array());
+    // _sort by _lastUpdated, both ways.
+    let up = ids(&s
+        .get(
+            &format!("/fhir/Observation?patient={pid}&_sort=_lastUpdated&_count=3"),
+            &phys,
+        )
+        .body);
+    let down = ids(&s
+        .get(
+            &format!("/fhir/Observation?patient={pid}&_sort=-_lastUpdated&_count=3"),
+            &phys,
+        )
+        .body);
+    assert_eq!(up.first(), down.last().map(|_| up.first().unwrap()));
+    assert_ne!(up, down);
+    // _include: the subject and, iterating, its organization.
+    let r = s.get(&format!("/fhir/Observation?patient={pid}&_count=1&_include=Observation:subject&_include:iterate=Patient:organization"), &phys);
+    let modes: Vec<(String, String)> = r.body["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["search"]["mode"].as_str().unwrap().to_owned(),
+                e["resource"]["resourceType"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert!(
+        modes.contains(&("include".into(), "Patient".into())),
+        "{modes:?}"
+    );
+    assert!(
+        modes.contains(&("include".into(), "Organization".into())),
+        "{modes:?}"
+    );
+    // _revinclude: Patients with their vitals.
+    let r = s.get(
+        &format!("/fhir/Patient?_id={pid}&_revinclude=Observation:subject"),
+        &phys,
+    );
+    let included = r.body["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["search"]["mode"] == "include")
+        .count();
+    assert_eq!(included, 4);
+    // Chains and _has.
+    let r = s.get("/fhir/Observation?subject:Patient.identifier=MRN-CH", &phys);
+    assert_eq!(r.body["total"], 4, "{:?}", r.body);
+    assert_eq!(
+        s.get("/fhir/Observation?subject.name=chain", &phys).body["total"],
+        4
+    );
+    assert_eq!(
+        s.get("/fhir/Observation?patient.birthdate=1961-04-12", &phys)
+            .body["total"],
+        5
+    );
+    let r = s.get("/fhir/Patient?_has:Observation:patient:code=8867-4", &phys);
+    assert_eq!(r.body["total"], 2);
+    // Policy: billing may search Patients (demographics) but not vitals. A chain, _has,
+    // _include or _revinclude must not reveal a vital or that one exists.
+    let r = s.get("/fhir/Observation?subject:Patient.identifier=MRN-CH", &bill);
+    assert_eq!((r.body["total"].clone(), ids(&r.body).len()), (json!(0), 0));
+    let r = s.get("/fhir/Patient?_has:Observation:patient:code=8867-4", &bill);
+    assert_eq!(
+        r.body["total"], 0,
+        "_has must not reveal vitals to billing: {:?}",
+        r.body
+    );
+    let r = s.get(
+        &format!("/fhir/Patient?_id={pid}&_revinclude=Observation:subject"),
+        &bill,
+    );
+    assert_eq!(
+        r.body["entry"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["search"]["mode"] == "include")
+            .count(),
+        0
+    );
+    assert_eq!(r.body["total"], 1);
+    // Unsupported modifiers and parameters: listed (lenient), refused (strict).
+    let r = s.get("/fhir/Patient?family:exact=Chain", &phys);
+    assert_eq!(r.status, 200);
+    assert!(withheld_text(&r.body).contains("family:exact"));
+    let r = s.call(
+        "GET",
+        "/fhir/Patient?family:exact=Chain",
+        Some(&phys),
+        None,
+        &[("Prefer", "handling=strict")],
+    );
+    assert_eq!(r.status, 400);
+    assert!(r.body["issue"][0]["diagnostics"]
+        .as_str()
+        .unwrap()
+        .contains(":exact"));
+}
+
+/// Page 1 of `Patient?_count=10`, five creates, then `next` returned entries of page 1
+/// again. Cursors are opaque, bound to the caller and the query, tamper-evident, and show
+/// the data as of the first page.
+#[test]
+fn paging_holds_still_while_others_write() {
+    let (_tmp, dir, staff) = setup();
+    let s = Server::start(&dir, &[]);
+    let (u, p, t) = staff.get("front_desk");
+    let desk = s.login(u, p, t);
+    let (u, p, t) = staff.get("physician");
+    let phys = s.login(u, p, t);
+    for i in 0..12 {
+        s.post(
+            "/fhir/Patient",
+            &desk,
+            &patient_body("Pager", &format!("MRN-PG{i}")),
+        );
+    }
+    let first = s.get("/fhir/Patient?family=pager&_count=5", &desk);
+    assert_eq!(first.body["total"], 12);
+    let mut seen = ids(&first.body);
+    for i in 0..5 {
+        s.post(
+            "/fhir/Patient",
+            &desk,
+            &patient_body("Pager", &format!("MRN-NEW{i}")),
+        );
+    }
+    let mut next = link(&first.body, "next");
+    let mut pages = 1;
+    while let Some(n) = next {
+        assert!(!n.contains("_offset"), "opaque cursor, not an offset: {n}");
+        let r = s.get(&path_of(&n), &desk);
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        assert_eq!(r.body["total"], 12, "the snapshot of the first page");
+        for id in ids(&r.body) {
+            assert!(!seen.contains(&id), "page repeated {id}");
+            seen.push(id);
+        }
+        next = link(&r.body, "next");
+        pages += 1;
+    }
+    assert_eq!(
+        (seen.len(), pages),
+        (12, 3),
+        "nothing skipped, nothing added"
+    );
+    // A new search sees the new charts.
+    assert_eq!(
+        s.get("/fhir/Patient?family=pager&_count=5", &desk).body["total"],
+        17
+    );
+    // Bound to the caller and the query; tamper-evident.
+    let n = path_of(&link(&first.body, "next").unwrap());
+    assert_eq!(s.get(&n, &phys).status, 400, "another user");
+    assert_eq!(
+        s.get(&n.replace("family=pager", "family=pagex"), &desk)
+            .status,
+        400,
+        "another query"
+    );
+    let cursor = n.split("_cursor=").nth(1).unwrap().to_owned();
+    let mut forged = cursor.clone().into_bytes();
+    forged[2] = if forged[2] == b'A' { b'B' } else { b'A' };
+    let forged = n.replace(&cursor, std::str::from_utf8(&forged).unwrap());
+    let r = s.get(&forged, &desk);
+    assert_eq!(r.status, 400);
+    assert!(r.body["issue"][0]["diagnostics"]
+        .as_str()
+        .unwrap()
+        .contains("cursor"));
+}
+
+/// A billing clerk walked 34 pages of Observation searchset, each holding only the
+/// "withheld" notice: the number of pages told how many vitals existed. Withheld data is
+/// reported once per response, and pages and totals count only what the caller may see.
+#[test]
+fn pages_and_totals_count_only_what_the_caller_may_see() {
+    let (_tmp, dir, staff) = setup();
+    let s = Server::start(&dir, &[]);
+    let (u, p, t) = staff.get("physician");
+    let phys = s.login(u, p, t);
+    let (u, p, t) = staff.get("billing");
+    let bill = s.login(u, p, t);
+    let pid = created_id(&s.post("/fhir/Patient", &phys, &patient_body("Counted", "MRN-CT")));
+    for _ in 0..7 {
+        s.post("/fhir/Observation", &phys, &vital(&pid));
+    }
+    let r = s.get("/fhir/Observation?_count=2", &bill);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body["total"], 0);
+    assert!(link(&r.body, "next").is_none(), "no pages of nothing");
+    assert_eq!(ids(&r.body).len(), 0);
+    let notes: Vec<&Value> = r.body["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["search"]["mode"] == "outcome")
+        .collect();
+    assert_eq!(notes.len(), 1, "withheld reported once");
+    let r = s.get("/fhir/Observation?_count=2", &phys);
+    assert_eq!(r.body["total"], 7);
+    assert!(link(&r.body, "next").is_some());
+}
+
+/// `GET /fhir/AuditEvent?_count=5` had no `next` link and a `self` link without the query;
+/// `_offset` was a 400 and `GET /fhir/AuditEvent/{id}` a 404.
+#[test]
+fn audit_events_page_and_read_by_id() {
+    let (_tmp, dir, staff) = setup();
+    let s = Server::start(&dir, &[]);
+    let (u, p, t) = staff.get("physician");
+    let phys = s.login(u, p, t);
+    let (u, p, t) = staff.get("privacy_officer");
+    let po = s.login(u, p, t);
+    let pid = created_id(&s.post("/fhir/Patient", &phys, &patient_body("Audited", "MRN-AU")));
+    for _ in 0..6 {
+        s.get(&format!("/fhir/Patient/{pid}"), &phys);
+    }
+    // The privacy officer's own searches are audited too (for the same patient): filter
+    // by the agent so the pages are the physician's reads alone.
+    let r = s.get(
+        &format!("/fhir/AuditEvent?patient={pid}&agent=e2e.physician&_count=5"),
+        &po,
+    );
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let page1 = ids(&r.body);
+    assert_eq!(page1.len(), 5);
+    assert!(link(&r.body, "self")
+        .unwrap()
+        .contains(&format!("patient={pid}")));
+    let next = link(&r.body, "next").expect("a next link");
+    let r2 = s.get(&path_of(&next), &po);
+    let page2 = ids(&r2.body);
+    assert!(!page2.is_empty() && page2.iter().all(|i| !page1.contains(i)));
+    let r3 = s.get(
+        &format!("/fhir/AuditEvent?patient={pid}&agent=e2e.physician&_count=2&_offset=5"),
+        &po,
+    );
+    assert_eq!(ids(&r3.body).first(), page2.first());
+    let one = s.get(&format!("/fhir/AuditEvent/{}", page1[0]), &po);
+    assert_eq!(one.status, 200, "{:?}", one.body);
+    assert_eq!(one.body["resourceType"], "AuditEvent");
+    assert_eq!(one.body["id"], page1[0].as_str());
+    assert_eq!(s.get("/fhir/AuditEvent/999999999", &po).status, 404);
+    assert_eq!(
+        s.get(&format!("/fhir/AuditEvent/{}", page1[0]), &phys)
+            .status,
+        403
+    );
+    let r = s.get("/fhir/AuditEvent?date=ge2026-13-01", &po);
+    assert_eq!(r.status, 400);
+    let today = time::OffsetDateTime::now_utc().date().to_string();
+    assert!(!ids(&s
+        .get(&format!("/fhir/AuditEvent?date=ge{today}&_count=3"), &po)
+        .body)
+    .is_empty());
+    assert!(ids(&s.get("/fhir/AuditEvent?date=lt2000", &po).body).is_empty());
+}
+
+/// `$everything` left out the Practitioners and Organizations its resources reference and
+/// ignored `_since`, `_type` and `_count`.
+#[test]
+fn everything_includes_what_the_chart_references_and_pages() {
+    let (_tmp, dir, staff) = setup();
+    let s = Server::start(&dir, &[]);
+    let (u, p, t) = staff.get("physician");
+    let phys = s.login(u, p, t);
+    let org = created_id(&s.post(
+        "/fhir/Organization",
+        &phys,
+        &json!({"resourceType": "Organization", "name": "Clinic"}),
+    ));
+    let mut pat = patient_body("Whole", "MRN-EV");
+    pat["managingOrganization"] = json!({"reference": format!("Organization/{org}")});
+    let pid = created_id(&s.post("/fhir/Patient", &phys, &pat));
+    for _ in 0..3 {
+        s.post("/fhir/Observation", &phys, &vital(&pid));
+    }
+    let r = s.get(&format!("/fhir/Patient/{pid}/$everything"), &phys);
+    assert_eq!(r.status, 200);
+    let types = entry_types(&r.body);
+    assert!(types.contains(&"Organization".to_owned()), "{types:?}");
+    assert_eq!(r.body["total"], 4);
+    let r = s.get(
+        &format!("/fhir/Patient/{pid}/$everything?_type=Observation"),
+        &phys,
+    );
+    assert_eq!(r.body["total"], 3);
+    let r = s.get(&format!("/fhir/Patient/{pid}/$everything?_count=2"), &phys);
+    assert_eq!(ids(&r.body).len(), 2);
+    let r2 = s.get(&path_of(&link(&r.body, "next").unwrap()), &phys);
+    assert_eq!(ids(&r2.body).len(), 2);
+    let later = time::OffsetDateTime::now_utc() + time::Duration::hours(1);
+    let r = s.get(
+        &format!(
+            "/fhir/Patient/{pid}/$everything?_since={}",
+            instant(later).replace('+', "%2B")
+        ),
+        &phys,
+    );
+    assert_eq!(r.body["total"], 0, "{:?}", r.body);
+    assert_eq!(
+        s.get(&format!("/fhir/Patient/{pid}/$everything?bogus=1"), &phys)
+            .status,
+        400
+    );
+}
+
+/// Every link, `Location` and `fullUrl` was built from the request's `Host` header, so a
+/// client-chosen host ended up in responses. Links come from `server.public_base_url`;
+/// `X-Forwarded-*` is believed only from `server.trusted_proxies`.
+#[test]
+fn links_come_from_configuration_not_from_the_client() {
+    let (_tmp, dir, staff) = setup();
+    let s = Server::start(
+        &dir,
+        &[("MEDVAULT_SERVER_PUBLIC_BASE_URL", "https://ehr.example.org")],
+    );
+    let (u, p, t) = staff.get("physician");
+    let phys = s.login(u, p, t);
+    let evil = [
+        ("Host", "evil.example"),
+        ("X-Forwarded-Host", "evil.example"),
+    ];
+    let r = s.call(
+        "POST",
+        "/fhir/Patient",
+        Some(&phys),
+        Some(patient_body("Linked", "MRN-LK").to_string().as_bytes()),
+        &evil,
+    );
+    assert_eq!(r.status, 201);
+    assert!(r
+        .header("location")
+        .unwrap()
+        .starts_with("https://ehr.example.org/fhir/Patient/"));
+    let r = s.call(
+        "GET",
+        "/fhir/Patient?family=linked",
+        Some(&phys),
+        None,
+        &evil,
+    );
+    let text = r.body.to_string();
+    assert!(!text.contains("evil.example"), "{text}");
+    assert!(r.body["entry"][0]["fullUrl"]
+        .as_str()
+        .unwrap()
+        .starts_with("https://ehr.example.org/fhir/"));
+    drop(s);
+    // Behind a trusted proxy, its forwarded host is used.
+    let s = Server::start(&dir, &[("MEDVAULT_SERVER_TRUSTED_PROXIES", "127.0.0.1")]);
+    let (u, p, t) = staff.get("nurse");
+    let nurse = s.login(u, p, t);
+    let r = s.call(
+        "GET",
+        "/fhir/Patient?family=linked",
+        Some(&nurse),
+        None,
+        &[
+            ("X-Forwarded-Host", "proxy.example.org"),
+            ("X-Forwarded-Proto", "https"),
+        ],
+    );
+    assert!(
+        r.body["entry"][0]["fullUrl"]
+            .as_str()
+            .unwrap()
+            .starts_with("https://proxy.example.org/fhir/"),
+        "{:?}",
+        r.body
+    );
+    let r = s.call(
+        "GET",
+        "/fhir/Patient?family=linked",
+        Some(&nurse),
+        None,
+        &[],
+    );
+    let port = s.port;
+    assert!(
+        r.body["entry"][0]["fullUrl"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("https://127.0.0.1:{port}/fhir/")),
+        "default: the listen address"
+    );
+}
