@@ -81,6 +81,10 @@ enum Command {
         listen: Option<String>,
         #[arg(long, default_value_t = 20_261_124)]
         seed: u64,
+        /// Print the logins and the server's URL as one JSON line (for scripts) instead of
+        /// the table.
+        #[arg(long)]
+        json: bool,
     },
     /// Staff user administration.
     User {
@@ -240,7 +244,8 @@ fn run(cli: Cli) -> Result<()> {
             patients,
             listen,
             seed,
-        } => demo(&dir, patients, seed, listen),
+            json,
+        } => demo(&dir, patients, seed, listen, json),
         Command::User {
             command:
                 UserCommand::Add {
@@ -644,6 +649,7 @@ fn serve_vault(
     vault: Arc<Vault>,
     op: LocalOperator,
     listen: Option<String>,
+    announce: Option<Box<dyn FnOnce(&str) + Send>>,
 ) -> Result<()> {
     let listen = listen.unwrap_or_else(|| cfg.server.listen.clone());
     let tls = medvault_server::load_tls_config(&dir.join(&cfg.tls.cert), &dir.join(&cfg.tls.key))?;
@@ -707,10 +713,13 @@ fn serve_vault(
             vault,
             options: medvault_server::HttpOptions {
                 max_body_bytes,
-                public_base_url,
+                public_base_url: public_base_url.clone(),
                 trusted_proxies,
             },
         });
+        if let Some(a) = announce {
+            a(&public_base_url);
+        }
         println!("listening on https://{addr}");
         std::io::stdout().flush()?;
         medvault_server::serve(app, listener, tls, shutdown_signal()).await;
@@ -724,7 +733,7 @@ fn serve_vault(
 
 fn serve(dir: &Path, listen: Option<String>) -> Result<()> {
     let (cfg, vault, op) = open(dir)?;
-    serve_vault(dir, &cfg, vault, op, listen)
+    serve_vault(dir, &cfg, vault, op, listen, None)
 }
 
 const DEMO_ROLES: &[Role] = &[
@@ -737,17 +746,31 @@ const DEMO_ROLES: &[Role] = &[
     Role::Auditor,
 ];
 
-fn demo(dir: &Path, patients: usize, seed: u64, listen: Option<String>) -> Result<()> {
+fn demo(
+    dir: &Path,
+    patients: usize,
+    seed: u64,
+    listen: Option<String>,
+    as_json: bool,
+) -> Result<()> {
     let fresh = !dir.join(config::FILE).exists();
+    // One login per staff role, each named after its role.
+    let mut logins: Vec<serde_json::Value> = vec![];
     if fresh {
-        let out = init(dir, "admin", None, None)?;
-        println!(
-            "Created {} (TLS certificate SHA-256 {})",
-            dir.display(),
-            out.cert_sha256
-        );
+        let out = init(dir, Role::SecurityAdmin.as_str(), None, None)?;
+        if !as_json {
+            println!(
+                "Created {} (TLS certificate SHA-256 {})",
+                dir.display(),
+                out.cert_sha256
+            );
+        }
         let (_, vault, op) = open(dir)?;
-        let bar = progress_bar(patients as u64, "generating synthetic charts");
+        let bar = if as_json {
+            None
+        } else {
+            progress_bar(patients as u64, "generating synthetic charts")
+        };
         let bundle = demo::bundle(seed, patients);
         if let Some(b) = &bar {
             b.set_message("loading through the secure path");
@@ -759,37 +782,46 @@ fn demo(dir: &Path, patients: usize, seed: u64, listen: Option<String>) -> Resul
         if let Some(b) = bar {
             b.finish_and_clear();
         }
-        println!("Loaded {patients} synthetic patients ({n} FHIR resources), all fiction.");
-        println!();
-        println!(
-            "{:<22} {:<16} {:<22} TOTP secret (base32)",
-            "user", "role", "password"
+        logins.push(
+            json!({"username": out.user.username.as_str(), "role": Role::SecurityAdmin.as_str(),
+            "password": out.user.password.expose(), "totp_secret": out.user.totp_secret}),
         );
-        println!(
-            "{:<22} {:<16} {:<22} {}",
-            out.user.username.as_str(),
-            "security_admin",
-            out.user.password.expose(),
-            out.user.totp_secret
-        );
-        for role in DEMO_ROLES {
-            let name = format!("demo.{}", role.as_str().replace('_', "-"));
+        for role in DEMO_ROLES.iter().filter(|r| **r != Role::SecurityAdmin) {
             let u = vault
-                .add_user(&Caller::cli(&op, Role::SecurityAdmin), &name, *role, None)
+                .add_user(
+                    &Caller::cli(&op, Role::SecurityAdmin),
+                    role.as_str(),
+                    *role,
+                    None,
+                )
                 .map_err(describe)?;
-            println!(
-                "{:<22} {:<16} {:<22} {}",
-                u.username.as_str(),
-                role.as_str(),
-                u.password.expose(),
-                u.totp_secret
+            logins.push(
+                json!({"username": u.username.as_str(), "role": role.as_str(),
+                "password": u.password.expose(), "totp_secret": u.totp_secret}),
             );
         }
-        println!();
-        println!("Log in: POST /auth/login {{\"username\",\"password\"}}, then POST /auth/mfa/totp {{\"mfa_token\",\"code\"}}");
-        println!("with a code from an authenticator app, or `medvault totp-code SECRET`. These logins are shown once.");
+        if !as_json {
+            println!("Loaded {patients} synthetic patients ({n} FHIR resources), all fiction.");
+            println!();
+            println!(
+                "{:<16} {:<16} {:<22} TOTP secret (base32)",
+                "user", "role", "password"
+            );
+            for l in &logins {
+                println!(
+                    "{:<16} {:<16} {:<22} {}",
+                    l["username"].as_str().unwrap_or(""),
+                    l["role"].as_str().unwrap_or(""),
+                    l["password"].as_str().unwrap_or(""),
+                    l["totp_secret"].as_str().unwrap_or("")
+                );
+            }
+            println!();
+            println!("Log in: POST /auth/login {{\"username\",\"password\"}}, then POST /auth/mfa/totp {{\"mfa_token\",\"code\"}}");
+            println!("with a code from an authenticator app, or `medvault totp-code SECRET`. These logins are shown once.");
+        }
         drop(vault);
-    } else {
+    } else if !as_json {
         println!(
             "Using the existing demo data in {} (its logins were printed when it was created;",
             dir.display()
@@ -797,7 +829,17 @@ fn demo(dir: &Path, patients: usize, seed: u64, listen: Option<String>) -> Resul
         println!("delete the directory to start over).");
     }
     let (cfg, vault, op) = open(dir)?;
-    serve_vault(dir, &cfg, vault, op, listen)
+    let announce: Option<Box<dyn FnOnce(&str) + Send>> = as_json.then(|| {
+        let data_dir = dir.display().to_string();
+        Box::new(move |url: &str| {
+            println!(
+                "{}",
+                json!({"url": url, "fhir_base": format!("{url}/fhir"), "data_dir": data_dir,
+                    "created": fresh, "users": logins})
+            );
+        }) as Box<dyn FnOnce(&str) + Send>
+    });
+    serve_vault(dir, &cfg, vault, op, listen, announce)
 }
 
 fn progress_bar(len: u64, msg: &'static str) -> Option<indicatif::ProgressBar> {

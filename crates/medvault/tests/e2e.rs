@@ -1560,10 +1560,11 @@ fn demo_and_bench_run() {
         text.push_str(&line);
     }
     assert!(port > 0, "demo serves: {text}");
+    // Demo user names are the role names.
     let line = text
         .lines()
-        .find(|l| l.starts_with("demo.physician"))
-        .unwrap();
+        .find(|l| l.starts_with("physician "))
+        .unwrap_or_else(|| panic!("{text}"));
     let parts: Vec<&str> = line.split_whitespace().collect();
     let s = Server {
         child,
@@ -1585,8 +1586,62 @@ fn demo_and_bench_run() {
         "privacy_officer",
         "auditor",
     ] {
-        assert!(text.contains(role), "demo prints a {role} login");
+        assert!(
+            text.lines().any(|l| l.starts_with(&format!("{role} "))),
+            "demo prints a {role} login named {role}"
+        );
     }
+    drop(s);
+    // `demo --json`: one line with the URL and the logins, for scripts.
+    let dir2 = tmp.path().join("demo-json");
+    let mut child = Command::new(BIN)
+        .arg("--data-dir")
+        .arg(&dir2)
+        .args([
+            "demo",
+            "--json",
+            "--patients",
+            "3",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    out.read_line(&mut first).unwrap();
+    let j: Value = serde_json::from_str(&first).unwrap_or_else(|_| panic!("{first}"));
+    let mut second = String::new();
+    out.read_line(&mut second).unwrap();
+    let port: u16 = second
+        .trim()
+        .strip_prefix("listening on https://127.0.0.1:")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(j["url"], format!("https://127.0.0.1:{port}"));
+    assert_eq!(j["fhir_base"], format!("https://127.0.0.1:{port}/fhir"));
+    let users = j["users"].as_array().unwrap();
+    assert_eq!(users.len(), 7);
+    for u in users {
+        assert_eq!(u["username"], u["role"]);
+    }
+    let phys = users.iter().find(|u| u["role"] == "physician").unwrap();
+    let s = Server {
+        child,
+        port,
+        dir: dir2.clone(),
+        agent: agent_for(&dir2),
+        stderr: Default::default(),
+    };
+    let tok = s.login(
+        "physician",
+        phys["password"].as_str().unwrap(),
+        phys["totp_secret"].as_str().unwrap(),
+    );
+    assert_eq!(s.get("/fhir/Patient", &tok).body["total"], 3);
     drop(s);
     let o = Command::new(BIN)
         .args([
