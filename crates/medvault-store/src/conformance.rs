@@ -48,6 +48,149 @@ pub fn run_all(make: &dyn Fn() -> Arc<dyn Store>) -> Result<(), Failure> {
     audited_reads_commit_with_their_audit_entries(&*make())?;
     checkpoints_are_kept_and_cosigned(&*make())?;
     hash_tiles_only_grow(&*make())?;
+    snapshots_keysets_tallies_and_reindex(&*make())?;
+    Ok(())
+}
+
+/// What paging that holds still, totals over visible categories and re-indexing rely on:
+/// `created_before` hides resources created after a snapshot (updates keep their place);
+/// `after` continues strictly after a key in both orders; `tally` counts matches by
+/// category; `_lastUpdated` ranges (and their complement) compare instants; `types` and
+/// `patients` restrict; `ReplaceIndex` swaps tokens without a new version.
+pub fn snapshots_keysets_tallies_and_reindex(s: &dyn Store) -> Result<(), Failure> {
+    for i in 0..4u8 {
+        let mut r = row(
+            "Observation",
+            &format!("k{i}"),
+            1,
+            if i < 2 { "p1" } else { "p2" },
+            &[i],
+        );
+        r.last_updated = format!("2024-01-0{}T00:00:00.000Z", 4 - i);
+        if i == 3 {
+            r.category = "labs".into();
+        }
+        put(s, r, Expect::Absent, vec![ix("code", b"k")])?;
+    }
+    let snapshot = s.audit_len()?;
+    put(
+        s,
+        row("Observation", "k9", 1, "p1", b"late"),
+        Expect::Absent,
+        vec![ix("code", b"k")],
+    )?;
+    let mut changed = row("Observation", "k0", 2, "p1", b"changed");
+    changed.last_updated = "2024-01-05T00:00:00.000Z".into();
+    put(s, changed, Expect::Version(1), vec![ix("code", b"k")])?;
+    let base = SearchQuery {
+        rtype: Some("Observation".into()),
+        tokens: vec![("code".into(), vec![b"k".to_vec()])],
+        limit: 100,
+        ..Default::default()
+    };
+    let ids = |q: &SearchQuery| -> Result<Vec<String>, Failure> {
+        Ok(s.search(q)?
+            .rows
+            .iter()
+            .map(|r| r.id().to_owned())
+            .collect())
+    };
+    assert_eq!(ids(&base)?, ["k0", "k1", "k2", "k3", "k9"]);
+    let snap = SearchQuery {
+        created_before: Some(snapshot),
+        ..base.clone()
+    };
+    assert_eq!(
+        ids(&snap)?,
+        ["k0", "k1", "k2", "k3"],
+        "created after the snapshot: hidden; updated: kept"
+    );
+    let after = SearchQuery {
+        after: Some(vec!["Observation".into(), "k1".into()]),
+        ..snap.clone()
+    };
+    assert_eq!(ids(&after)?, ["k2", "k3"], "strictly after the key");
+    let by_time = SearchQuery {
+        order: Order::LastUpdated,
+        ..snap.clone()
+    };
+    assert_eq!(
+        ids(&by_time)?,
+        ["k3", "k2", "k1", "k0"],
+        "k0 was updated last"
+    );
+    let desc_after = SearchQuery {
+        order: Order::LastUpdatedDesc,
+        after: Some(vec![
+            "2024-01-03T00:00:00.000Z".into(),
+            "Observation".into(),
+            "k1".into(),
+        ]),
+        ..snap.clone()
+    };
+    assert_eq!(ids(&desc_after)?, ["k2", "k3"]);
+    let q = snap.clone();
+    let out = s.audited(Box::new(move |tx| {
+        let t = tx.tally(&q)?;
+        Ok((vec![(vec![5], b"tally".to_vec())], Box::new(t) as Payload))
+    }))?;
+    let mut tally = *out
+        .downcast::<Vec<(String, u64)>>()
+        .map_err(|_| Failure::Missing("the tally"))?;
+    tally.sort();
+    assert_eq!(tally, [("labs".to_owned(), 1), ("vitals".to_owned(), 3)]);
+    let in_range = SearchQuery {
+        last_updated: vec![TimeRange {
+            from: Some("2024-01-02T00:00:00.000Z".into()),
+            to: Some("2024-01-04T00:00:00.000Z".into()),
+            outside: false,
+        }],
+        ..snap.clone()
+    };
+    assert_eq!(ids(&in_range)?, ["k1", "k2"], "from <= t < to");
+    let outside = SearchQuery {
+        last_updated: vec![TimeRange {
+            outside: true,
+            ..in_range.last_updated[0].clone()
+        }],
+        ..snap.clone()
+    };
+    assert_eq!(ids(&outside)?, ["k0", "k3"]);
+    let restricted = SearchQuery {
+        rtype: None,
+        types: vec!["Observation".into()],
+        patients: vec![pid("p2")],
+        ..snap.clone()
+    };
+    assert_eq!(ids(&restricted)?, ["k2", "k3"]);
+    s.commit(WriteBatch {
+        ops: vec![Op::ReplaceIndex {
+            rtype: "Observation".into(),
+            id: "k1".into(),
+            version: 1,
+            index: vec![ix("code", b"re")],
+        }],
+        audit: vec![(vec![4], b"reindex".to_vec())],
+    })?;
+    let re = SearchQuery {
+        tokens: vec![("code".into(), vec![b"re".to_vec()])],
+        ..base.clone()
+    };
+    assert_eq!(ids(&re)?, ["k1"]);
+    assert_eq!(s.history("Observation", "k1")?.len(), 1, "no new version");
+    let stale = s.commit(WriteBatch {
+        ops: vec![Op::ReplaceIndex {
+            rtype: "Observation".into(),
+            id: "k0".into(),
+            version: 1,
+            index: vec![],
+        }],
+        audit: vec![(vec![4], b"reindex".to_vec())],
+    });
+    assert!(
+        matches!(stale, Err(StoreError::Conflict)),
+        "only the current version"
+    );
     Ok(())
 }
 
