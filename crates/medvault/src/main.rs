@@ -643,13 +643,16 @@ async fn shutdown_signal() {
     tracing::info!("shutting down: finishing in-flight requests");
 }
 
+/// Called once with the server's public base URL when it is listening (`demo --json`).
+type Announce = Box<dyn FnOnce(&str) + Send>;
+
 fn serve_vault(
     dir: &Path,
     cfg: &Config,
     vault: Arc<Vault>,
     op: LocalOperator,
     listen: Option<String>,
-    announce: Option<Box<dyn FnOnce(&str) + Send>>,
+    announce: Option<Announce>,
 ) -> Result<()> {
     let listen = listen.unwrap_or_else(|| cfg.server.listen.clone());
     let tls = medvault_server::load_tls_config(&dir.join(&cfg.tls.cert), &dir.join(&cfg.tls.key))?;
@@ -829,7 +832,7 @@ fn demo(
         println!("delete the directory to start over).");
     }
     let (cfg, vault, op) = open(dir)?;
-    let announce: Option<Box<dyn FnOnce(&str) + Send>> = as_json.then(|| {
+    let announce: Option<Announce> = as_json.then(|| {
         let data_dir = dir.display().to_string();
         Box::new(move |url: &str| {
             println!(
@@ -837,7 +840,7 @@ fn demo(
                 json!({"url": url, "fhir_base": format!("{url}/fhir"), "data_dir": data_dir,
                     "created": fresh, "users": logins})
             );
-        }) as Box<dyn FnOnce(&str) + Send>
+        }) as Announce
     });
     serve_vault(dir, &cfg, vault, op, listen, announce)
 }
