@@ -186,10 +186,13 @@ pub fn capability_statement(version: &str, date: &str) -> Value {
                 "interaction": interactions, "searchParam": params,
                 "searchInclude": ["*", format!("{t}:subject"), format!("{t}:patient"), format!("{t}:performer"),
                     format!("{t}:organization"), format!("{t}:practitioner"), format!("{t}:location"),
-                    format!("{t}:medication"), format!("{t}:general-practitioner"), format!("{t}:encounter")],
-                "searchRevInclude": if *t == "Patient" { json!(["Observation:subject", "Observation:patient", "Condition:subject",
+                    format!("{t}:medication"), format!("{t}:general-practitioner"), format!("{t}:encounter")]
+});
+            if let (true, Some(o)) = (*t == "Patient", r.as_object_mut()) {
+                o.insert("searchRevInclude".into(), json!(["Observation:subject", "Observation:patient", "Condition:subject",
                     "Encounter:subject", "MedicationRequest:subject", "AllergyIntolerance:patient", "Immunization:patient",
-                    "DiagnosticReport:subject", "Procedure:patient", "DocumentReference:subject"]) } else { json!([]) }});
+                    "DiagnosticReport:subject", "Procedure:patient", "DocumentReference:subject"]));
+            }
             if let (true, Some(o)) = (*t == "Patient", r.as_object_mut()) {
                 o.insert(
                     "operation".into(),

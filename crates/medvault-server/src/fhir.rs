@@ -704,10 +704,13 @@ pub(crate) async fn transaction(
             Value::Object(entry)
         })
         .collect();
-    Ok(json_response(
-        StatusCode::OK,
-        &json!({"resourceType": "Bundle", "type": "transaction-response", "entry": entries}),
-    ))
+    let mut b = Map::new();
+    b.insert("resourceType".into(), json!("Bundle"));
+    b.insert("type".into(), json!("transaction-response"));
+    if !entries.is_empty() {
+        b.insert("entry".into(), Value::Array(entries));
+    }
+    Ok(json_response(StatusCode::OK, &Value::Object(b)))
 }
 
 fn short_json_error(e: &serde_json::Error) -> String {

@@ -3861,3 +3861,161 @@ fn links_come_from_configuration_not_from_the_client() {
         "default: the listen address"
     );
 }
+
+/// An independent FHIR client library (fhir-kit-client, installed by `.ci/run` into
+/// `tools/fhir-client`) drives medvault as an integrator would: create, read, conditional
+/// create, update with If-Match, a transaction posted to `BASE/`, search with `_include`
+/// paged to the end with `total`, and history (`tools/fhir-client/drive.mjs`). Runs when
+/// `MEDVAULT_TEST_FHIR_CLIENT` names that directory (CI always sets it).
+#[test]
+fn an_independent_fhir_client_drives_medvault() {
+    let Ok(client_dir) = std::env::var("MEDVAULT_TEST_FHIR_CLIENT") else {
+        eprintln!("MEDVAULT_TEST_FHIR_CLIENT unset: the independent FHIR client check did not run");
+        return;
+    };
+    let (_tmp, dir, staff) = setup();
+    let s = Server::start(&dir, &[]);
+    let (u, p, t) = staff.get("physician");
+    let phys = s.login(u, p, t);
+    let o = Command::new("node")
+        .arg(Path::new(&client_dir).join("drive.mjs"))
+        .current_dir(&client_dir)
+        .env("FHIR_BASE", format!("https://127.0.0.1:{}/fhir", s.port))
+        .env("FHIR_TOKEN", &phys)
+        .env("NODE_EXTRA_CA_CERTS", dir.join("tls/cert.pem"))
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let seen: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        (seen["pages"].clone(), seen["matches"].clone()),
+        (json!(3), json!(7))
+    );
+}
+
+/// Every kind of resource medvault emits — CapabilityStatement, searchset, history and
+/// transaction-response Bundles, OperationOutcome, AuditEvent — validates with an
+/// independent R4 validator (fhir.resources, installed by `.ci/run`), not only medvault's
+/// own. Runs when `MEDVAULT_TEST_FHIR_VALIDATOR` names its Python (CI always sets it).
+#[test]
+fn every_kind_of_resource_medvault_emits_validates_independently() {
+    let Ok(python) = std::env::var("MEDVAULT_TEST_FHIR_VALIDATOR") else {
+        eprintln!("MEDVAULT_TEST_FHIR_VALIDATOR unset: the independent validation did not run");
+        return;
+    };
+    let (tmp, dir, staff) = setup();
+    let s = Server::start(&dir, &[]);
+    let (u, p, t) = staff.get("physician");
+    let phys = s.login(u, p, t);
+    let (u, p, t) = staff.get("billing");
+    let bill = s.login(u, p, t);
+    let (u, p, t) = staff.get("privacy_officer");
+    let po = s.login(u, p, t);
+    let org = created_id(&s.post(
+        "/fhir/Organization",
+        &phys,
+        &json!({"resourceType": "Organization", "name": "Valid Org"}),
+    ));
+    let mut pat = patient_body("Valid", "MRN-VA");
+    pat["managingOrganization"] = json!({"reference": format!("Organization/{org}")});
+    let pid = created_id(&s.post("/fhir/Patient", &phys, &pat));
+    let obs = s.post("/fhir/Observation", &phys, &vital(&pid));
+    let oid = created_id(&obs);
+    let mut v2 = obs.body.clone();
+    v2["status"] = json!("amended");
+    put(&s, &format!("/fhir/Observation/{oid}"), &phys, &v2, &[]);
+    let tx = |prefer: &str| {
+        let b = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+            {"resource": vital(&pid), "request": {"method": "POST", "url": "Observation"}},
+            {"request": {"method": "DELETE", "url": format!("Observation/{oid}")}}]});
+        s.call(
+            "POST",
+            "/fhir",
+            Some(&phys),
+            Some(b.to_string().as_bytes()),
+            &[("Prefer", prefer)],
+        )
+    };
+    let mut docs: Vec<(&str, Value)> = vec![
+        ("capability", s.get("/fhir/metadata", &phys).body),
+        ("searchset", s.get(&format!("/fhir/Observation?patient={pid}&_include=Observation:subject&_include:iterate=Patient:organization&bogus=1&_count=1"), &phys).body),
+        ("searchset-withheld", s.get("/fhir/Observation", &bill).body),
+        ("searchset-summary", s.get(&format!("/fhir/Patient?_id={pid}&_summary=true"), &phys).body),
+        ("searchset-count", s.get("/fhir/Patient?_summary=count", &phys).body),
+        ("everything", s.get(&format!("/fhir/Patient/{pid}/$everything"), &phys).body),
+        ("history", s.get(&format!("/fhir/Observation/{oid}/_history"), &phys).body),
+        ("outcome-404", s.get("/fhir/Observation/nope", &phys).body),
+        ("outcome-400", s.get("/fhir/Observation?date=ge2026-13", &phys).body),
+        ("outcome-403", s.get(&format!("/fhir/Observation/{oid}"), &bill).body),
+    ];
+    docs.push(("transaction-minimal", tx("return=minimal").body));
+    let r = s.post("/fhir/Observation", &phys, &vital(&pid));
+    let oid2 = created_id(&r);
+    let b = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": vital(&pid), "request": {"method": "POST", "url": "Observation"}},
+        {"request": {"method": "DELETE", "url": format!("Observation/{oid2}")}}]});
+    docs.push((
+        "transaction-representation",
+        s.call(
+            "POST",
+            "/fhir",
+            Some(&phys),
+            Some(b.to_string().as_bytes()),
+            &[("Prefer", "return=representation")],
+        )
+        .body,
+    ));
+    let r = s.post("/fhir/Observation", &phys, &vital(&pid));
+    let oid3 = created_id(&r);
+    let b = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": vital(&pid), "request": {"method": "POST", "url": "Observation"}},
+        {"request": {"method": "DELETE", "url": format!("Observation/{oid3}")}}]});
+    docs.push((
+        "transaction-outcome",
+        s.call(
+            "POST",
+            "/fhir",
+            Some(&phys),
+            Some(b.to_string().as_bytes()),
+            &[("Prefer", "return=OperationOutcome")],
+        )
+        .body,
+    ));
+    let events = s
+        .get(&format!("/fhir/AuditEvent?patient={pid}&_count=3"), &po)
+        .body;
+    let first = ids(&events)[0].clone();
+    docs.push(("auditevent-searchset", events));
+    docs.push((
+        "auditevent",
+        s.get(&format!("/fhir/AuditEvent/{first}"), &po).body,
+    ));
+    let mut files = vec![];
+    for (name, doc) in &docs {
+        assert!(doc.is_object(), "{name}: {doc}");
+        let f = tmp.path().join(format!("{name}.json"));
+        std::fs::write(&f, doc.to_string()).unwrap();
+        files.push(f);
+    }
+    let o = Command::new(&python)
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tools/fhir-validate/validate.py"))
+        .args(&files)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{out}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(
+        out.lines().filter(|l| l.starts_with("valid ")).count(),
+        docs.len(),
+        "{out}"
+    );
+}
