@@ -558,6 +558,138 @@ pub fn run(
             plain: Some(plain),
         });
 
+        // A clinician's first query: this patient's vitals of one month (clinical dates are
+        // blind-indexed: covering tokens, then exact comparison after decryption).
+        progress("date-range searches", 0, 1);
+        let secure = measure(opts.threads, opts.ops / 2, &|i| {
+            let (pid, _) = fx.secure_ids.get(pick(i)).ok_or(VaultError::NotFound)?;
+            let p = vec![
+                ("patient".to_owned(), pid.clone()),
+                ("date".to_owned(), "ge2026-01-01".to_owned()),
+                ("date".to_owned(), "lt2026-02-01".to_owned()),
+            ];
+            fx.vault.search(&c, obs, &p, false).map(|_| ())
+        })?;
+        let plain = measure(opts.threads, opts.ops / 2, &|i| {
+            let (pid, _) = fx.plain_ids.get(pick(i)).ok_or(VaultError::NotFound)?;
+            let q = SearchQuery {
+                rtype: Some("Observation".into()),
+                patient: PatientId::new(pid).ok(),
+                limit: 50,
+                ..Default::default()
+            };
+            for row in fx.plain.search(&q)?.rows {
+                let v: Value = serde_json::from_slice(row.ciphertext())
+                    .map_err(|e| VaultError::Internal(e.to_string()))?;
+                let d = v
+                    .get("effectiveDateTime")
+                    .and_then(Value::as_str)
+                    .unwrap_or("");
+                std::hint::black_box(("2026-01-01".."2026-02-01").contains(&d));
+            }
+            Ok(())
+        })?;
+        rows.push(BenchRow {
+            patients: size,
+            operation: "date-range search".into(),
+            secure,
+            plain: Some(plain),
+        });
+
+        progress("_include searches", 0, 1);
+        let secure = measure(opts.threads, opts.ops / 2, &|i| {
+            let (pid, _) = fx.secure_ids.get(pick(i)).ok_or(VaultError::NotFound)?;
+            let p = vec![
+                ("patient".to_owned(), pid.clone()),
+                ("_include".to_owned(), "Observation:subject".to_owned()),
+            ];
+            fx.vault.search(&c, obs, &p, false).map(|_| ())
+        })?;
+        let plain = measure(opts.threads, opts.ops / 2, &|i| {
+            let (pid, _) = fx.plain_ids.get(pick(i)).ok_or(VaultError::NotFound)?;
+            let q = SearchQuery {
+                rtype: Some("Observation".into()),
+                patient: PatientId::new(pid).ok(),
+                limit: 50,
+                ..Default::default()
+            };
+            for row in fx.plain.search(&q)?.rows {
+                let _: Value = serde_json::from_slice(row.ciphertext())
+                    .map_err(|e| VaultError::Internal(e.to_string()))?;
+            }
+            let p = fx
+                .plain
+                .current("Patient", pid)?
+                .ok_or(VaultError::NotFound)?;
+            let _: Value = serde_json::from_slice(p.ciphertext())
+                .map_err(|e| VaultError::Internal(e.to_string()))?;
+            Ok(())
+        })?;
+        rows.push(BenchRow {
+            patients: size,
+            operation: "_include search".into(),
+            secure,
+            plain: Some(plain),
+        });
+
+        // Registration that refuses duplicates: If-None-Exist on the MRN (a new one, so
+        // the search finds nothing and the chart is created).
+        progress("conditional creates", 0, 1);
+        let desk = Caller::cli(&fx.operator, Role::FrontDesk);
+        let patient_rt =
+            ResourceType::parse("Patient").ok_or(VaultError::Internal("type".into()))?;
+        let secure = measure(opts.threads, opts.ops / 2, &|i| {
+            let mrn = format!("NEW-S-{i:08}");
+            let mut v = patient_json(i);
+            set(
+                &mut v,
+                "identifier",
+                json!([{"system": "https://medvault.dev/sid/mrn", "value": mrn}]),
+            );
+            let r = Resource::from_value(v, Some(patient_rt))?;
+            let cond = format!("identifier=https://medvault.dev/sid/mrn|{mrn}");
+            fx.vault.create_if_none_exist(&desk, r, &cond).map(|_| ())
+        })?;
+        let plain = measure(opts.threads, opts.ops / 2, &|i| {
+            let mrn = format!("NEW-P-{i:08}");
+            let q = SearchQuery {
+                rtype: Some("Patient".into()),
+                tokens: vec![("identifier".into(), vec![mrn.as_bytes().to_vec()])],
+                limit: 2,
+                ..Default::default()
+            };
+            if fx.plain.search(&q)?.rows.is_empty() {
+                let id = medvault_types::random_uuid();
+                let mut v = patient_json(i);
+                set(
+                    &mut v,
+                    "identifier",
+                    json!([{"system": "https://medvault.dev/sid/mrn", "value": mrn}]),
+                );
+                let op = plain_put(
+                    "Patient",
+                    &id,
+                    &id,
+                    &v,
+                    vec![IndexRow {
+                        param: "identifier".into(),
+                        token: mrn.into_bytes(),
+                    }],
+                );
+                fx.plain.commit(WriteBatch {
+                    ops: vec![op],
+                    audit: vec![],
+                })?;
+            }
+            Ok(())
+        })?;
+        rows.push(BenchRow {
+            patients: size,
+            operation: "conditional create".into(),
+            secure,
+            plain: Some(plain),
+        });
+
         progress("writes", 0, 1);
         let secure = measure(opts.threads, opts.ops / 2, &|i| {
             let (pid, _) = fx.secure_ids.get(pick(i)).ok_or(VaultError::NotFound)?;

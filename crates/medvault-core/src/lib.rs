@@ -126,6 +126,8 @@ impl Default for VaultOptions {
     }
 }
 
+type SearchableCache = std::collections::HashMap<(Option<Role>, Purpose), Vec<Category>>;
+
 /// The gate. See the crate documentation.
 pub struct Vault {
     /// The audit log's tiles, checkpoints and proofs (`medvault_audit::log`).
@@ -135,6 +137,8 @@ pub struct Vault {
     indexer: BlindIndexer,
     /// Authenticates the search cursors the gate hands out.
     cursor_mac: medvault_crypto::ServiceMac,
+    /// The categories each (role, purpose of use) may search, as the policy decided.
+    searchable: std::sync::Mutex<SearchableCache>,
     keys: Arc<KeyCache>,
     policy: Arc<PolicyEngine>,
     identity: Identity,
@@ -252,6 +256,7 @@ impl Vault {
             identity: Identity::new(store.clone(), clock.clone(), &identity_key, options.session),
             indexer: BlindIndexer::new(&root),
             cursor_mac: medvault_crypto::ServiceMac::new(&root, "search-cursor/v1"),
+            searchable: std::sync::Mutex::new(std::collections::HashMap::new()),
             keys,
             store,
             master,

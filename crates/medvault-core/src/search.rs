@@ -132,13 +132,24 @@ impl Vault {
         i64::try_from(self.clock.now().unix_timestamp_nanos() / 1_000_000).unwrap_or(0)
     }
 
-    /// The categories the caller may search.
+    /// The categories the caller may search: one Cedar decision per category, remembered
+    /// per (role, purpose of use) — the policy set is fixed for the life of the gate.
     fn searchable(&self, c: &Caller) -> Vec<Category> {
-        Category::ALL
+        let key = (c.role(), c.purpose);
+        if let Ok(cache) = self.searchable.lock() {
+            if let Some(v) = cache.get(&key) {
+                return v.clone();
+            }
+        }
+        let v: Vec<Category> = Category::ALL
             .iter()
             .copied()
             .filter(|cat| self.decide(c, Action::Search, *cat).allowed())
-            .collect()
+            .collect();
+        if let Ok(mut cache) = self.searchable.lock() {
+            cache.insert(key, v.clone());
+        }
+        v
     }
 
     fn cursor_parts<'a>(c: &'a Caller, query: &'a str) -> [&'a [u8]; 3] {
@@ -265,10 +276,7 @@ impl Vault {
             Some(t) => Some(self.open_cursor(c, &query, t)?),
             None => None,
         };
-        let snapshot = match &cursor {
-            Some(cur) => cur.snapshot,
-            None => self.store.audit_len()?,
-        };
+        let cursor_snapshot = cursor.as_ref().map(|c| c.snapshot);
         // Chains and _has narrow the search to charts (or Patients) the caller may see.
         let mut patients: Option<Vec<String>> = None;
         let mut ids: Option<Vec<String>> = (!s.ids.is_empty()).then(|| s.ids.clone());
@@ -312,20 +320,42 @@ impl Vault {
                 ((*param).to_owned(), t)
             })
             .collect();
+        // Candidates per date parameter: the union over a parameter's values (OR), then
+        // the intersection over its repetitions (AND: `date=ge…&date=lt…` is one range),
+        // covered by blind tokens.
+        let mut spans: Vec<(&str, Vec<Interval>)> = vec![];
         for (param, values) in &s.dates {
+            let union: Vec<Interval> = values
+                .iter()
+                .map(|v| {
+                    v.candidates(now).unwrap_or(Interval {
+                        start: i64::MIN,
+                        end: i64::MAX,
+                    })
+                })
+                .collect();
+            match spans.iter_mut().find(|(p, _)| p == param) {
+                // AND with a single-interval union narrows it; a multi-value OR is kept as
+                // its own constraint.
+                Some((_, prev)) if prev.len() == 1 && union.len() == 1 => {
+                    if let (Some(a), Some(b)) = (prev.first_mut(), union.first()) {
+                        a.start = a.start.max(b.start);
+                        a.end = a.end.min(b.end);
+                    }
+                }
+                _ => spans.push((param, union)),
+            }
+        }
+        for (param, union) in spans {
             let mut t: Vec<Vec<u8>> = vec![];
-            for v in values {
-                let span = v.candidates(now).unwrap_or(Interval {
-                    start: i64::MIN,
-                    end: i64::MAX,
-                });
+            for span in union {
                 for value in covering_tokens(span) {
                     t.push(self.indexer.token(rt.as_str(), param, &value).to_vec());
                 }
             }
             t.sort();
             t.dedup();
-            tokens.push(((*param).to_owned(), t));
+            tokens.push((param.to_owned(), t));
         }
         let count = if s.summary == medvault_fhir::search::Summary::Count {
             0
@@ -357,7 +387,7 @@ impl Vault {
                 })
                 .collect(),
             categories: vec![],
-            created_before: Some(snapshot),
+            created_before: cursor_snapshot,
             order,
             after: cursor.as_ref().and_then(|c| c.after.clone()),
             limit: if exact { MAX_EXACT_CANDIDATES } else { count },
@@ -371,13 +401,16 @@ impl Vault {
         let visible = self.searchable(c);
         let names = s.names.join(",");
         let patient = s.patient.as_ref().map(|p| p.to_string());
-        let (rows, disclosed, withheld, total, more) = self.audited_read(c, move |cx, tx| {
+        let (rows, disclosed, withheld, total, more, snapshot) = self.audited_read(c, move |cx, tx| {
             let mut rec = cx.record("search", Outcome::Success);
             rec.resource = Some(rt.as_str().to_owned());
             rec.patient = patient;
+            // The first page fixes the snapshot: the log's length in this transaction.
+            let mut q = q;
+            let snapshot = *q.created_before.get_or_insert(tx.audit_len());
             if nothing {
                 rec.detail = Some(format!("params={names} matched=0 returned=0"));
-                return Ok((vec![rec], Ok((vec![], vec![], vec![], 0, false))));
+                return Ok((vec![rec], Ok((vec![], vec![], vec![], 0, false, snapshot))));
             }
             let mut total = 0u64;
             let mut withheld: Vec<Category> = vec![];
@@ -429,7 +462,7 @@ impl Vault {
                 }
             }
             recs.insert(0, rec);
-            Ok((recs, Ok((rows, disclosed, withheld, total, page.more))))
+            Ok((recs, Ok((rows, disclosed, withheld, total, page.more, snapshot))))
         })?;
         let mut result = SearchResult {
             disclosed,
@@ -736,68 +769,70 @@ impl Vault {
             Some(t) => Some(self.open_cursor(c, &query, t)?),
             None => None,
         };
-        let snapshot = match &cursor {
-            Some(cur) => cur.snapshot,
-            None => self.store.audit_len()?,
-        };
+        let cursor_snapshot = cursor.as_ref().map(|c| c.snapshot);
         let limit = count.unwrap_or(100_000);
         let patient = patient.to_owned();
         let visible = self.searchable(c);
-        let (rows, disclosed, withheld, total, more) = self.audited_read(c, move |cx, tx| {
-            let mut rec = cx.record("everything", Outcome::Success);
-            rec.resource = Some(format!("Patient/{patient}"));
-            let Ok(pid) = PatientId::new(&patient) else {
-                rec.outcome = Outcome::NotFound;
-                return Ok((vec![rec], Err(VaultError::NotFound)));
-            };
-            rec.patient = Some(pid.to_string());
-            match tx.current("Patient", pid.as_str())? {
-                Some(r) if !r.deleted() => {}
-                _ => {
+        let (rows, disclosed, withheld, total, more, snapshot) =
+            self.audited_read(c, move |cx, tx| {
+                let snapshot = cursor_snapshot.unwrap_or(tx.audit_len());
+                let mut rec = cx.record("everything", Outcome::Success);
+                rec.resource = Some(format!("Patient/{patient}"));
+                let Ok(pid) = PatientId::new(&patient) else {
                     rec.outcome = Outcome::NotFound;
                     return Ok((vec![rec], Err(VaultError::NotFound)));
+                };
+                rec.patient = Some(pid.to_string());
+                match tx.current("Patient", pid.as_str())? {
+                    Some(r) if !r.deleted() => {}
+                    _ => {
+                        rec.outcome = Outcome::NotFound;
+                        return Ok((vec![rec], Err(VaultError::NotFound)));
+                    }
                 }
-            }
-            let mut q = SearchQuery {
-                patient: Some(pid),
-                created_before: Some(snapshot),
-                last_updated: since
-                    .map(|s| {
-                        vec![TimeRange {
-                            from: Some(format_instant(s)),
-                            to: None,
-                            outside: false,
-                        }]
-                    })
-                    .unwrap_or_default(),
-                after: cursor.and_then(|c| c.after),
-                limit,
-                ..Default::default()
-            };
-            q.types = types;
-            let mut total = 0u64;
-            let mut withheld = vec![];
-            for (cat, n) in tx.tally(&q)? {
-                match cat.parse::<Category>() {
-                    Ok(k) if visible.contains(&k) => total += n,
-                    Ok(k) => push_unique(&mut withheld, k),
-                    Err(_) => push_unique(&mut withheld, Category::Notes),
+                let mut q = SearchQuery {
+                    patient: Some(pid),
+                    created_before: Some(snapshot),
+                    last_updated: since
+                        .map(|s| {
+                            vec![TimeRange {
+                                from: Some(format_instant(s)),
+                                to: None,
+                                outside: false,
+                            }]
+                        })
+                        .unwrap_or_default(),
+                    after: cursor.and_then(|c| c.after),
+                    limit,
+                    ..Default::default()
+                };
+                q.types = types;
+                let mut total = 0u64;
+                let mut withheld = vec![];
+                for (cat, n) in tx.tally(&q)? {
+                    match cat.parse::<Category>() {
+                        Ok(k) if visible.contains(&k) => total += n,
+                        Ok(k) => push_unique(&mut withheld, k),
+                        Err(_) => push_unique(&mut withheld, Category::Notes),
+                    }
                 }
-            }
-            q.categories = visible.iter().map(|c| c.as_str().to_owned()).collect();
-            let page = if visible.is_empty() {
-                Default::default()
-            } else {
-                tx.search(&q)?
-            };
-            let (rows, disclosed, _) = cx.filter(page.rows, Action::Read, &mut rec);
-            rec.categories_withheld = withheld.iter().map(|c| c.to_string()).collect();
-            if rows.is_empty() && !withheld.is_empty() && total == 0 {
-                rec.outcome = Outcome::Denied;
-                return Ok((vec![rec], Err(VaultError::Forbidden { withheld })));
-            }
-            Ok((vec![rec], Ok((rows, disclosed, withheld, total, page.more))))
-        })?;
+                q.categories = visible.iter().map(|c| c.as_str().to_owned()).collect();
+                let page = if visible.is_empty() {
+                    Default::default()
+                } else {
+                    tx.search(&q)?
+                };
+                let (rows, disclosed, _) = cx.filter(page.rows, Action::Read, &mut rec);
+                rec.categories_withheld = withheld.iter().map(|c| c.to_string()).collect();
+                if rows.is_empty() && !withheld.is_empty() && total == 0 {
+                    rec.outcome = Outcome::Denied;
+                    return Ok((vec![rec], Err(VaultError::Forbidden { withheld })));
+                }
+                Ok((
+                    vec![rec],
+                    Ok((rows, disclosed, withheld, total, page.more, snapshot)),
+                ))
+            })?;
         let mut result = SearchResult {
             entries: self.open_all(rows)?,
             disclosed,

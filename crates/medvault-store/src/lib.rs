@@ -352,6 +352,9 @@ pub trait TxRead {
     /// How many resources match `q` (ignoring its order, keyset, limit and offset), by
     /// stored category: `(category, count)`, each category once.
     fn tally(&self, q: &SearchQuery) -> Result<Vec<(String, u64)>, StoreError>;
+    /// The audit log's length at this point of the transaction (before this read's own
+    /// entries): a search's snapshot, without a second query.
+    fn audit_len(&self) -> u64;
 }
 
 /// Called with `(seq, leaf hash, record)` for each audit row scanned; false stops the scan.

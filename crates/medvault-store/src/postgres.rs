@@ -508,6 +508,7 @@ fn commit_group(
                         let reader = PgTx {
                             rt,
                             conn: std::cell::RefCell::new(&mut *c),
+                            len: u64::try_from(next_seq).unwrap_or(0),
                         };
                         f(&reader)
                     };
@@ -1043,6 +1044,8 @@ async fn q_search<'e, E: sqlx::PgExecutor<'e>>(
 struct PgTx<'a, 'c> {
     rt: &'a tokio::runtime::Runtime,
     conn: std::cell::RefCell<&'c mut PgConnection>,
+    /// The audit log's length when this read runs (the sequencer's next number).
+    len: u64,
 }
 
 impl TxRead for PgTx<'_, '_> {
@@ -1065,6 +1068,9 @@ impl TxRead for PgTx<'_, '_> {
     fn tally(&self, q: &SearchQuery) -> Result<Vec<(String, u64)>, StoreError> {
         let mut c = self.conn.borrow_mut();
         self.rt.block_on(q_tally(&mut **c, q))
+    }
+    fn audit_len(&self) -> u64 {
+        self.len
     }
 }
 

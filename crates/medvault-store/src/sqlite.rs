@@ -204,7 +204,7 @@ impl Sequencer for SqliteSequencer {
     }
 }
 
-struct TxConn<'a>(&'a Connection);
+struct TxConn<'a>(&'a Connection, u64);
 
 impl TxRead for TxConn<'_> {
     fn current(&self, rtype: &str, id: &str) -> Result<Option<Sealed>, StoreError> {
@@ -221,6 +221,9 @@ impl TxRead for TxConn<'_> {
     }
     fn tally(&self, q: &SearchQuery) -> Result<Vec<(String, u64)>, StoreError> {
         q_tally(self.0, q)
+    }
+    fn audit_len(&self) -> u64 {
+        self.1
     }
 }
 
@@ -240,7 +243,7 @@ fn commit_group(c: &mut Connection, group: Vec<Job>) {
     for job in group {
         match job {
             Job::Read(f, reply) => {
-                let r = f(&TxConn(&tx)).and_then(|(audit, payload)| {
+                let r = f(&TxConn(&tx, next_seq)).and_then(|(audit, payload)| {
                     append_audit(&tx, &audit, &mut next_seq)?;
                     Ok(payload)
                 });

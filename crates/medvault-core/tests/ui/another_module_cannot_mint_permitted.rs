@@ -22,6 +22,7 @@ mod records {
             deleted: false,
             json: None,
             category: medvault_types::Category::Demographics,
+            patient: None,
         }
     }
 }

@@ -11,6 +11,7 @@ fn forge(rtype: medvault_fhir::ResourceType) -> Disclosed {
         deleted: false,
         json: None,
         category: Category::Vitals,
+        patient: None,
     }
 }
 
