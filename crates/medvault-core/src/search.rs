@@ -195,7 +195,7 @@ impl Vault {
         let snapshot = f.next().and_then(|x| x.parse().ok()).ok_or_else(refused)?;
         let expires: i64 = f.next().and_then(|x| x.parse().ok()).ok_or_else(refused)?;
         let offset = f.next().and_then(|x| x.parse().ok()).ok_or_else(refused)?;
-        if self.clock.now().unix_timestamp() > expires {
+        if self.clock.now().unix_timestamp() >= expires {
             return Err(refused());
         }
         let key: Vec<String> = f.map(str::to_owned).collect();
