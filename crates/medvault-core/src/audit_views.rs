@@ -11,8 +11,10 @@ use crate::{AuditRecord, Caller, Vault, VaultError};
 #[derive(Debug, Default)]
 pub struct AuditEventPage {
     pub events: Vec<Value>,
-    /// `_cursor` of the next page: the sequence number to continue below.
+    /// `_cursor` of the next page (opaque; continues below the last event returned).
     pub next: Option<String>,
+    /// Parameters ignored under lenient handling, as sent.
+    pub unknown: Vec<String>,
 }
 
 impl Vault {
@@ -28,10 +30,13 @@ impl Vault {
         &self,
         c: &Caller,
         params: &[(String, String)],
+        strict: bool,
     ) -> Result<AuditEventPage, VaultError> {
         let mut dates = vec![];
         let mut offset = 0usize;
-        let mut before: Option<u64> = None;
+        let mut cursor_token = None;
+        let mut count = 100usize;
+        let mut unknown = vec![];
         let mut rest = vec![];
         for (k, v) in params {
             match k.as_str() {
@@ -44,51 +49,100 @@ impl Vault {
                         VaultError::BadRequest("_offset must be a non-negative integer".into())
                     })?
                 }
-                "_cursor" => {
-                    before = Some(v.parse().map_err(|_| {
-                        VaultError::BadRequest("the paging cursor is invalid; search again".into())
-                    })?)
+                "_count" => {
+                    count = v
+                        .parse::<usize>()
+                        .map_err(|_| {
+                            VaultError::BadRequest("_count must be a non-negative integer".into())
+                        })?
+                        .min(self.options.max_page_size)
                 }
+                "_cursor" => cursor_token = Some(v.clone()),
                 "_format" => {}
-                _ => rest.push((k.clone(), v.clone())),
+                "patient" | "agent" | "action" => rest.push((k.clone(), v.clone())),
+                other if strict => {
+                    return Err(VaultError::BadRequest(format!(
+                        "unknown AuditEvent search parameter `{}` (Prefer: handling=strict)",
+                        other.chars().take(40).collect::<String>()
+                    )))
+                }
+                other => unknown.push(other.chars().take(40).collect::<String>()),
             }
         }
         let q = AuditEventQuery::parse(&rest).map_err(VaultError::BadRequest)?;
+        // The continuation is a cursor like a search's: bound to the caller and the query,
+        // tamper-evident, expiring; its key is the sequence number to continue below (the
+        // log only grows, so pages never shift). `_offset` applies to the first page only.
+        let query: Vec<(String, String)> = params
+            .iter()
+            .filter(|(k, _)| k != "_cursor")
+            .cloned()
+            .collect();
+        let query = format!(
+            "AuditEvent?{}",
+            serde_urlencoded::to_string(&query).unwrap_or_default()
+        );
+        let before = match &cursor_token {
+            Some(t) => {
+                let cur = self.open_cursor(c, &query, t)?;
+                offset = 0;
+                Some(cur.snapshot)
+            }
+            None => None,
+        };
         let Some(mut rec) = self.operate(c, Operation::AuditSearch, q.patient.as_deref())? else {
             return Err(VaultError::Unauthenticated);
         };
         let now = i64::try_from(self.clock.now().unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
         let mut skipped = 0usize;
-        let mut events = self.scan_back_from(before, q.count.saturating_add(1), |index, r| {
-            if !dates.is_empty() {
-                let Ok(at) = medvault_fhir::date::parse(&r.time) else {
-                    return None;
-                };
-                let at = medvault_fhir::date::Interval {
-                    start: at.start,
-                    end: at.start + 1,
-                };
-                if !dates.iter().all(|d| d.matches(at, now)) {
+        let mut events = if count == 0 {
+            vec![]
+        } else {
+            self.scan_back_from(before, count.saturating_add(1), |index, r| {
+                if !dates.is_empty() {
+                    let Ok(at) = medvault_fhir::date::parse(&r.time) else {
+                        return None;
+                    };
+                    let at = medvault_fhir::date::Interval {
+                        start: at.start,
+                        end: at.start + 1,
+                    };
+                    if !dates.iter().all(|d| d.matches(at, now)) {
+                        return None;
+                    }
+                }
+                let ev = q.event(index, &r)?;
+                if skipped < offset {
+                    skipped += 1;
                     return None;
                 }
-            }
-            let ev = q.event(index, &r)?;
-            if skipped < offset {
-                skipped += 1;
-                return None;
-            }
-            Some((index, ev))
-        })?;
-        let more = events.len() > q.count;
-        events.truncate(q.count);
-        let next = more
-            .then(|| events.last().map(|(i, _)| i.to_string()))
-            .flatten();
+                Some((index, ev))
+            })?
+        };
+        let more = events.len() > count;
+        events.truncate(count);
+        let next = if more {
+            events.last().map(|(i, _)| {
+                self.seal_cursor(
+                    c,
+                    &query,
+                    &crate::search::Cursor {
+                        snapshot: *i,
+                        after: None,
+                        offset: 0,
+                        total: 0,
+                    },
+                )
+            })
+        } else {
+            None
+        };
         rec.detail = Some(format!("returned={}", events.len()));
         self.audit(vec![rec])?;
         Ok(AuditEventPage {
             events: events.into_iter().map(|(_, e)| e).collect(),
             next,
+            unknown,
         })
     }
 

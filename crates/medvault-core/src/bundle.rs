@@ -5,6 +5,7 @@
 
 use medvault_fhir::bundle::{parse_transaction, Method, Target};
 use medvault_store::Expect;
+use medvault_types::Action;
 use serde_json::Value;
 
 use crate::search::Matched;
@@ -39,15 +40,42 @@ impl Vault {
         let mut parsed = parse_transaction(bundle, action == "import")?;
         // Resolve what each entry writes or finds before references are bound to it.
         let mut found: Vec<(usize, Written)> = vec![];
+        let mut conditions: std::collections::HashMap<(String, String), usize> =
+            std::collections::HashMap::new();
         for e in &mut parsed.entries {
+            // Each conditional write is authorized before its search runs (as over HTTP).
+            if let (Some(r), true) = (
+                &e.resource,
+                e.if_none_exist.is_some() || matches!(e.target, Some(Target::Search(..))),
+            ) {
+                let action = if e.method == Method::Post {
+                    Action::Create
+                } else {
+                    Action::Update
+                };
+                self.may_write(c, action, r.rtype(), "", &[r.category()])?;
+            }
+            let condition = match (&e.target, &e.if_none_exist, &e.resource) {
+                (Some(Target::Search(rt, q)), _, _) => Some((rt.as_str().to_owned(), q.clone())),
+                (_, Some(q), Some(r)) => Some((r.rtype().as_str().to_owned(), q.clone())),
+                _ => None,
+            };
+            if let Some(key) = condition {
+                if let Some(first) = conditions.insert(key, e.index) {
+                    return Err(VaultError::BadRequest(format!(
+                        "Bundle.entry[{first}] and Bundle.entry[{}] have the same conditional search",
+                        e.index
+                    )));
+                }
+            }
             match (e.method, &e.target, &e.if_none_exist) {
                 (Method::Post, _, Some(q)) => {
-                    let rt = e
+                    let (rt, category) = e
                         .resource
                         .as_ref()
-                        .map(|r| r.rtype())
+                        .map(|r| (r.rtype(), r.category()))
                         .ok_or_else(|| bad("missing resource"))?;
-                    match self.match_condition(c, rt, q)? {
+                    match self.match_condition(c, rt, q, category)? {
                         Matched::None => e.id = Some(medvault_types::random_uuid()),
                         Matched::One(d) => {
                             e.id = Some(d.id().to_owned());
@@ -59,7 +87,12 @@ impl Vault {
                 (Method::Post, _, None) => e.id = Some(medvault_types::random_uuid()),
                 (Method::Put, Some(Target::Search(rt, q)), _) => {
                     let body_id = e.resource.as_ref().and_then(|r| r.id()).map(str::to_owned);
-                    match self.match_condition(c, *rt, q)? {
+                    let category = e
+                        .resource
+                        .as_ref()
+                        .map(|r| r.category())
+                        .ok_or_else(|| bad("missing resource"))?;
+                    match self.match_condition(c, *rt, q, category)? {
                         Matched::None if body_id.is_some() => {
                             return Err(bad(
                                 "conditional update found no match and the resource has an id: update as create is not supported",
@@ -139,6 +172,14 @@ impl Vault {
                 }
                 (_, None) => self.plan_put(c, &mut plan, r, id, None, Expect::Absent)?,
                 (_, Some(prior)) => {
+                    let stored = prior
+                        .category()
+                        .parse::<medvault_types::Category>()
+                        .map_err(|_| VaultError::Refused {
+                            action: Action::Update.as_str(),
+                            rtype: rt.as_str().to_owned(),
+                        })?;
+                    self.may_write(c, Action::Update, rt, &id, &[r.category(), stored])?;
                     pre.check(prior.version())?;
                     let expect = Expect::Version(prior.version());
                     self.plan_put(c, &mut plan, r, id, Some(&prior), expect)?

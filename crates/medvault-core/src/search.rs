@@ -66,12 +66,16 @@ fn bad(msg: impl Into<String>) -> VaultError {
 }
 
 /// A decoded, verified cursor.
-struct Cursor {
-    snapshot: u64,
+pub(crate) struct Cursor {
+    /// The audit log's length at the first page (for AuditEvent: the entry to continue
+    /// below).
+    pub(crate) snapshot: u64,
     /// Keyset position (fast path) — non-PHI: type, id, `_lastUpdated`.
-    after: Option<Vec<String>>,
+    pub(crate) after: Option<Vec<String>>,
     /// Position within the exact path's ordered matches.
-    offset: usize,
+    pub(crate) offset: usize,
+    /// `Bundle.total` as of the first page.
+    pub(crate) total: u64,
 }
 
 /// Where a reference search parameter points, by element name(s) (FHIR R4 search
@@ -86,8 +90,6 @@ fn reference_elements(param: &str) -> &'static [&'static str] {
         "practitioner" | "participant" => &["participant"],
         "general-practitioner" => &["generalPractitioner"],
         "organization" => &["managingOrganization", "organization", "serviceProvider"],
-        "location" => &["location"],
-        "medication" => &["medicationReference"],
         "recorder" => &["recorder"],
         "asserter" => &["asserter"],
         "author" => &["author"],
@@ -132,6 +134,20 @@ impl Vault {
         i64::try_from(self.clock.now().unix_timestamp_nanos() / 1_000_000).unwrap_or(0)
     }
 
+    /// The categories of `types` outside `visible`: what a response about those types
+    /// never shows this caller, whatever the data.
+    fn never_visible(&self, visible: &[Category], types: &[ResourceType]) -> Vec<Category> {
+        let mut out = vec![];
+        for t in types {
+            for cat in medvault_fhir::categories_of_type(*t) {
+                if !visible.contains(cat) {
+                    push_unique(&mut out, *cat);
+                }
+            }
+        }
+        out
+    }
+
     /// The categories the caller may search: one Cedar decision per category, remembered
     /// per (role, purpose of use) — the policy set is fixed for the life of the gate.
     fn searchable(&self, c: &Caller) -> Vec<Category> {
@@ -161,13 +177,14 @@ impl Vault {
     }
 
     /// Issues a cursor: `base64url(snapshot|expiry|offset|key…) . base64url(tag)`.
-    fn seal_cursor(&self, c: &Caller, query: &str, cur: &Cursor) -> String {
+    pub(crate) fn seal_cursor(&self, c: &Caller, query: &str, cur: &Cursor) -> String {
         let expires = self.clock.now().unix_timestamp()
             + i64::try_from(self.options.cursor_ttl_secs).unwrap_or(i64::MAX / 2);
         let mut fields = vec![
             cur.snapshot.to_string(),
             expires.to_string(),
             cur.offset.to_string(),
+            cur.total.to_string(),
         ];
         fields.extend(cur.after.clone().unwrap_or_default());
         let body = fields.join("\n");
@@ -178,7 +195,12 @@ impl Vault {
     }
 
     /// Verifies and decodes a cursor for this caller and query.
-    fn open_cursor(&self, c: &Caller, query: &str, token: &str) -> Result<Cursor, VaultError> {
+    pub(crate) fn open_cursor(
+        &self,
+        c: &Caller,
+        query: &str,
+        token: &str,
+    ) -> Result<Cursor, VaultError> {
         let e = base64::engine::general_purpose::URL_SAFE_NO_PAD;
         let refused = || {
             bad("the paging cursor is invalid, expired, or belongs to another search or user; search again")
@@ -195,6 +217,7 @@ impl Vault {
         let snapshot = f.next().and_then(|x| x.parse().ok()).ok_or_else(refused)?;
         let expires: i64 = f.next().and_then(|x| x.parse().ok()).ok_or_else(refused)?;
         let offset = f.next().and_then(|x| x.parse().ok()).ok_or_else(refused)?;
+        let total = f.next().and_then(|x| x.parse().ok()).ok_or_else(refused)?;
         if self.clock.now().unix_timestamp() >= expires {
             return Err(refused());
         }
@@ -203,6 +226,7 @@ impl Vault {
             snapshot,
             after: (!key.is_empty()).then_some(key),
             offset,
+            total,
         })
     }
 
@@ -399,6 +423,7 @@ impl Vault {
             ..Default::default()
         };
         let visible = self.searchable(c);
+        let seen_by_caller = visible.clone();
         let names = s.names.join(",");
         let patient = s.patient.as_ref().map(|p| p.to_string());
         let (rows, disclosed, withheld, total, more, snapshot) = self.audited_read(c, move |cx, tx| {
@@ -464,9 +489,22 @@ impl Vault {
             recs.insert(0, rec);
             Ok((recs, Ok((rows, disclosed, withheld, total, page.more, snapshot))))
         })?;
+        // The notice names what the caller's role may never see among the types this
+        // response could hold — decided by policy alone, never by the data, so whether it
+        // appears answers nothing about any chart.
+        let _ = withheld;
+        let mut types = vec![rt];
+        if !s.include.is_empty() {
+            types.extend(
+                medvault_fhir::SUPPORTED_TYPES
+                    .iter()
+                    .filter_map(|t| ResourceType::parse(t)),
+            );
+        }
+        types.extend(s.revinclude.iter().map(|i| i.source));
         let mut result = SearchResult {
             disclosed,
-            withheld,
+            withheld: self.never_visible(&seen_by_caller, &types),
             count,
             unknown: s.unknown.clone(),
             ..Default::default()
@@ -490,6 +528,7 @@ impl Vault {
                         snapshot,
                         after: None,
                         offset: end,
+                        total: result.total.unwrap_or(0),
                     },
                 ));
             }
@@ -511,6 +550,8 @@ impl Vault {
             }
             result.entries = page;
         } else {
+            // The total of the first page holds for the whole walk (its snapshot).
+            let total = cursor.as_ref().map_or(total, |c| c.total);
             result.total = Some(total);
             result.entries = self.open_all(rows)?;
             if more && count > 0 {
@@ -525,6 +566,7 @@ impl Vault {
                         snapshot,
                         after,
                         offset: 0,
+                        total,
                     },
                 ));
             }
@@ -592,11 +634,12 @@ impl Vault {
                     }
                 }
             }
-            let mut found = self.fetch_refs(c, wanted, &mut r.withheld)?;
+            let mut ignored = vec![];
+            let mut found = self.fetch_refs(c, wanted, &mut ignored)?;
             // _revinclude: resources of a patient-compartment type pointing at the Patients.
             if round == 0 {
                 for inc in &s.revinclude {
-                    found.extend(self.revinclude(c, inc, &sources, &mut have, &mut r.withheld)?);
+                    found.extend(self.revinclude(c, inc, &sources, &mut have, &mut ignored)?);
                 }
             }
             if found.is_empty() {
@@ -653,7 +696,23 @@ impl Vault {
                 q.rtype.clone().unwrap_or_default()
             ));
             let (rows, _, withheld) = cx.filter(page.rows, Action::Read, &mut rec);
-            Ok((vec![rec], Ok((rows, withheld))))
+            // One record per chart whose records were included, as for any search.
+            let mut patients: Vec<String> = rows
+                .iter()
+                .filter_map(|r| r.get().patient().map(|p| p.to_string()))
+                .collect();
+            patients.sort();
+            patients.dedup();
+            let mut recs: Vec<_> = patients
+                .into_iter()
+                .map(|p| {
+                    let mut r = rec.resalted();
+                    r.patient = Some(p);
+                    r
+                })
+                .collect();
+            recs.insert(0, rec);
+            Ok((recs, Ok((rows, withheld))))
         })?;
         w.into_iter().for_each(|x| push_unique(withheld, x));
         let rows: Vec<Permitted<medvault_store::Sealed>> = rows
@@ -706,8 +765,9 @@ impl Vault {
     }
 
     /// `GET /Patient/{id}/$everything` (FHIR R4 Patient-everything): the chart, less what
-    /// the caller may not see, with the Practitioners, Organizations, Locations and
-    /// Medications its resources reference. `_since` (instant), `_type` (types, comma
+    /// the caller may not see, with the Practitioners and Organizations its resources
+    /// reference (Location and Medication would be included too, but medvault does not
+    /// store those types). `_since` (instant), `_type` (types, comma
     /// separated) and `_count` (page size, continued by `_cursor`) as the operation defines.
     pub fn everything(
         &self,
@@ -743,7 +803,7 @@ impl Vault {
                     count = Some(
                         v.parse::<usize>()
                             .map_err(|_| bad("_count must be a non-negative integer"))?
-                            .clamp(1, self.options.max_page_size),
+                            .min(self.options.max_page_size),
                     )
                 }
                 "_cursor" => cursor_token = Some(v.clone()),
@@ -773,6 +833,12 @@ impl Vault {
         let limit = count.unwrap_or(100_000);
         let patient = patient.to_owned();
         let visible = self.searchable(c);
+        let all_types: Vec<ResourceType> = medvault_fhir::SUPPORTED_TYPES
+            .iter()
+            .filter_map(|t| ResourceType::parse(t))
+            .collect();
+        // As for searches: the notice is the policy's, not the chart's.
+        let never = self.never_visible(&visible, &all_types);
         let (rows, disclosed, withheld, total, more, snapshot) =
             self.audited_read(c, move |cx, tx| {
                 let snapshot = cursor_snapshot.unwrap_or(tx.audit_len());
@@ -817,31 +883,32 @@ impl Vault {
                     }
                 }
                 q.categories = visible.iter().map(|c| c.as_str().to_owned()).collect();
-                let page = if visible.is_empty() {
+                let page = if visible.is_empty() || limit == 0 {
                     Default::default()
                 } else {
                     tx.search(&q)?
                 };
                 let (rows, disclosed, _) = cx.filter(page.rows, Action::Read, &mut rec);
                 rec.categories_withheld = withheld.iter().map(|c| c.to_string()).collect();
-                if rows.is_empty() && !withheld.is_empty() && total == 0 {
-                    rec.outcome = Outcome::Denied;
-                    return Ok((vec![rec], Err(VaultError::Forbidden { withheld })));
-                }
                 Ok((
                     vec![rec],
                     Ok((rows, disclosed, withheld, total, page.more, snapshot)),
                 ))
             })?;
+        let _ = withheld;
         let mut result = SearchResult {
-            entries: self.open_all(rows)?,
+            entries: if count == Some(0) {
+                vec![]
+            } else {
+                self.open_all(rows)?
+            },
             disclosed,
-            withheld,
+            withheld: never,
             total: Some(total),
             count: limit,
             ..Default::default()
         };
-        if more {
+        if more && count != Some(0) {
             let after = result
                 .entries
                 .last()
@@ -853,6 +920,7 @@ impl Vault {
                     snapshot,
                     after,
                     offset: 0,
+                    total,
                 },
             ));
         }
@@ -878,9 +946,8 @@ impl Vault {
                 }
             }
         }
-        let mut w = std::mem::take(&mut result.withheld);
-        result.included = self.fetch_refs(c, wanted, &mut w)?;
-        result.withheld = w;
+        let mut ignored = vec![];
+        result.included = self.fetch_refs(c, wanted, &mut ignored)?;
         Ok(result)
     }
 }
@@ -898,10 +965,7 @@ fn unreachable_type() -> ResourceType {
 fn date_matches(d: &Disclosed, s: &SearchRequest, now: i64) -> bool {
     let Some(j) = d.json() else { return false };
     s.dates.iter().all(|(param, values)| {
-        let Some(v) = medvault_fhir::date_of(d.rtype(), param, j) else {
-            return false;
-        };
-        let Ok(target) = medvault_fhir::date::parse(v) else {
+        let Some(target) = medvault_fhir::date_interval_of(d.rtype(), param, j) else {
             return false;
         };
         values.iter().any(|q| q.matches(target, now))
@@ -948,15 +1012,24 @@ pub(crate) enum Matched {
 
 impl Vault {
     /// Runs the search of a conditional interaction (`If-None-Exist`, `ifNoneExist`,
-    /// `PUT Type?search`) as the caller, through the same policy and audit as any search.
-    /// A match the caller may not see makes the answer unknowable to them: refused, rather
-    /// than a duplicate created or a hidden resource overwritten.
+    /// `PUT Type?search`) as the caller, through the same policy and audit as any search,
+    /// after the write itself was authorized ([`Vault::may_write`]). It needs search access
+    /// to the category written (decided by policy alone, refused before any search), and it
+    /// matches only what the caller may see: a match they may not see neither refuses the
+    /// request nor changes its answer, so the answer reveals nothing they could not search.
     pub(crate) fn match_condition(
         &self,
         c: &Caller,
         rt: ResourceType,
         query: &str,
+        category: Category,
     ) -> Result<Matched, VaultError> {
+        if !self.searchable(c).contains(&category) {
+            return Err(VaultError::Refused {
+                action: "search (for a conditional write)",
+                rtype: rt.as_str().to_owned(),
+            });
+        }
         let mut params: Vec<(String, String)> = serde_urlencoded::from_str(query)
             .map_err(|_| VaultError::BadRequest("malformed conditional search".into()))?;
         params.retain(|(k, _)| k != "_count" && k != "_offset" && k != "_cursor");
@@ -967,11 +1040,6 @@ impl Vault {
         }
         params.push(("_count".into(), "2".into()));
         let mut r = self.search(c, rt, &params, true)?;
-        if !r.withheld.is_empty() {
-            return Err(VaultError::Forbidden {
-                withheld: r.withheld,
-            });
-        }
         Ok(match (r.entries.len(), r.next.is_some()) {
             (0, _) => Matched::None,
             (1, false) => Matched::One(r.entries.remove(0)),

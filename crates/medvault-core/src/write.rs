@@ -222,6 +222,31 @@ impl Vault {
         Ok((written, json))
     }
 
+    /// Decides a write before anything about the target is revealed: `action` on a
+    /// resource of type `rt` in each of `categories` (the new body's and, for an update, the
+    /// stored one's). Preconditions and conditional searches are evaluated only after this,
+    /// so a caller who may not write learns nothing from a 412 or a match.
+    ///
+    /// # Errors
+    /// [`VaultError::Refused`], the denial recorded in the audit log.
+    pub(crate) fn may_write(
+        &self,
+        c: &Caller,
+        action: Action,
+        rt: ResourceType,
+        target: &str,
+        categories: &[Category],
+    ) -> Result<(), VaultError> {
+        for cat in categories {
+            if !self.decide(c, action, *cat).allowed() {
+                let mut rec = self.record(c, action.as_str(), Outcome::Success);
+                rec.resource = Some(format!("{rt}/{target}"));
+                return Err(self.deny(rec, action, rt, Some(*cat)));
+            }
+        }
+        Ok(())
+    }
+
     /// Records the denial of a write (`action` on a resource of type `rt`) and returns the
     /// error for it, which names the action and type refused (fail closed: if even the
     /// denial cannot be audited, the error says so). `category` is what the record names as
@@ -301,7 +326,8 @@ impl Vault {
         res: Resource,
         search: &str,
     ) -> Result<Written, VaultError> {
-        match self.match_condition(c, res.rtype(), search)? {
+        self.may_write(c, Action::Create, res.rtype(), "", &[res.category()])?;
+        match self.match_condition(c, res.rtype(), search, res.category())? {
             Matched::None => self.create(c, res),
             Matched::One(d) => Ok(Written::found(d)),
             Matched::Many => Err(VaultError::PreconditionFailed(
@@ -343,6 +369,14 @@ impl Vault {
                 return Err(VaultError::NotFound);
             }
         };
+        let stored = prior
+            .category()
+            .parse::<Category>()
+            .map_err(|_| VaultError::Refused {
+                action: Action::Update.as_str(),
+                rtype: rt.as_str().to_owned(),
+            })?;
+        self.may_write(c, Action::Update, rt, id, &[category, stored])?;
         pre.check(prior.version())?;
         let mut plan = Plan::default();
         let (w, json) = self.plan_put(
@@ -373,7 +407,8 @@ impl Vault {
         pre: Precondition,
     ) -> Result<Written, VaultError> {
         let rt = res.rtype();
-        match self.match_condition(c, rt, search)? {
+        self.may_write(c, Action::Update, rt, "", &[res.category()])?;
+        match self.match_condition(c, rt, search, res.category())? {
             Matched::None if res.id().is_some() => Err(VaultError::BadRequest(
                 "conditional update found no match and the resource has an id: update as create is not supported".into(),
             )),

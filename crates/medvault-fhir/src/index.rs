@@ -71,6 +71,51 @@ fn push_date(out: &mut Vec<SearchToken>, param: &'static str, s: &str) {
     }
 }
 
+/// The end of a Period-valued date parameter (`effectivePeriod.end`, `period.end`,
+/// `performedPeriod.end`), if the resource has one.
+fn date_end_of<'a>(rt: ResourceType, param: &str, o: &'a Map<String, Value>) -> Option<&'a str> {
+    if param != "date" {
+        return None;
+    }
+    match rt.as_str() {
+        "Observation" | "DiagnosticReport" if o.get("effectiveDateTime").is_none() => {
+            str_at(o, &["effectivePeriod", "end"])
+        }
+        "Encounter" | "CarePlan" => str_at(o, &["period", "end"]),
+        "Procedure" if o.get("performedDateTime").is_none() => {
+            str_at(o, &["performedPeriod", "end"])
+        }
+        _ => None,
+    }
+}
+
+/// The interval a date search parameter compares with in a resource (FHIR R4 §3.1.1.5.6):
+/// the value's own interval, or for a Period from its start's beginning to its end's end
+/// (open-ended when the Period has no end).
+pub fn date_interval_of(
+    rt: ResourceType,
+    param: &str,
+    o: &Map<String, Value>,
+) -> Option<crate::date::Interval> {
+    let start = crate::date::parse(date_of(rt, param, o)?).ok()?;
+    let period = matches!(
+        (rt.as_str(), param),
+        ("Observation" | "DiagnosticReport", "date") if o.get("effectiveDateTime").is_none()
+    ) || matches!((rt.as_str(), param), ("Encounter" | "CarePlan", "date"))
+        || matches!((rt.as_str(), param), ("Procedure", "date") if o.get("performedDateTime").is_none());
+    if !period {
+        return Some(start);
+    }
+    let end = match date_end_of(rt, param, o) {
+        Some(e) => crate::date::parse(e).ok()?.end,
+        None => i64::MAX,
+    };
+    Some(crate::date::Interval {
+        start: start.start,
+        end: end.max(start.end),
+    })
+}
+
 /// The value a date search parameter (`birthdate`, `date`) compares with in a resource,
 /// as written: the element FHIR R4 names for that parameter and type (for a Period, its
 /// start).
@@ -225,6 +270,11 @@ pub fn search_tokens(rt: ResourceType, o: &Map<String, Value>) -> Vec<SearchToke
         }
     }
     let date = date_of(rt, "date", o);
+    // A Period is found by its start and its end (a range covering either finds it; the
+    // comparison after decryption uses the whole interval).
+    if let Some(end) = date_end_of(rt, "date", o) {
+        push_date(&mut out, "date", end);
+    }
     if let Some(d) = date {
         push_date(&mut out, "date", d);
     }

@@ -16,7 +16,10 @@ mod outcome;
 pub mod search;
 mod validate;
 
-pub use index::{date_of, normalize_text, search_tokens, SearchToken, INDEX_VERSION, MIN_PREFIX};
+pub use index::{
+    date_interval_of, date_of, normalize_text, search_tokens, SearchToken, INDEX_VERSION,
+    MIN_PREFIX,
+};
 pub use outcome::{capability_statement, operation_outcome, search_params, Issue, IssueCode};
 
 use medvault_types::{Category, PatientId};
@@ -275,6 +278,26 @@ fn coding_codes(v: Option<&Value>) -> Vec<String> {
         }
     }
     out
+}
+
+/// Every data category a resource of type `rt` can belong to (what [`Resource::category`]
+/// may answer for it).
+pub fn categories_of_type(rt: ResourceType) -> &'static [Category] {
+    match rt.as_str() {
+        "Observation" => &[Category::Vitals, Category::Labs],
+        "Patient" | "Consent" => &[Category::Demographics],
+        "Practitioner" | "Organization" => &[Category::Directory],
+        "Encounter" => &[Category::Encounters],
+        "DiagnosticReport" => &[Category::Labs],
+        "Condition" => &[Category::Problems],
+        "AllergyIntolerance" => &[Category::Allergies],
+        "MedicationRequest" | "MedicationStatement" => &[Category::Medications],
+        "Procedure" => &[Category::Procedures],
+        "Immunization" => &[Category::Immunizations],
+        "CarePlan" | "CareTeam" => &[Category::CarePlans],
+        "DocumentReference" => &[Category::Notes],
+        _ => &[Category::Billing],
+    }
 }
 
 fn category_of(rt: ResourceType, json: &Map<String, Value>) -> Category {

@@ -150,6 +150,25 @@ pub fn search_params(rt: &str) -> &'static [&'static str] {
 }
 
 /// The server's CapabilityStatement.
+/// The `_include` values a search on `t` follows (CapabilityStatement `searchInclude`).
+fn include_params(t: &str) -> Vec<String> {
+    let mut out = vec!["*".to_owned()];
+    let params: &[&str] = match t {
+        "Patient" => &["organization", "general-practitioner"],
+        "Practitioner" | "Organization" => &[],
+        "Encounter" => &["subject", "patient", "practitioner"],
+        "Observation" | "DiagnosticReport" => &["subject", "patient", "encounter", "performer"],
+        "MedicationRequest" => &["subject", "patient", "encounter", "requester"],
+        "Condition" => &["subject", "patient", "encounter", "asserter", "recorder"],
+        "AllergyIntolerance" | "Immunization" => &["patient", "recorder"],
+        "DocumentReference" => &["subject", "patient", "author", "encounter"],
+        "Coverage" | "Claim" | "ExplanationOfBenefit" => &["patient"],
+        _ => &["subject", "patient", "encounter"],
+    };
+    out.extend(params.iter().map(|p| format!("{t}:{p}")));
+    out
+}
+
 pub fn capability_statement(version: &str, date: &str) -> Value {
     let resources: Vec<Value> = crate::SUPPORTED_TYPES
         .iter()
@@ -184,9 +203,7 @@ pub fn capability_statement(version: &str, date: &str) -> Value {
                 "conditionalCreate": true, "conditionalUpdate": true, "conditionalRead": "full-support",
                 "conditionalDelete": "not-supported",
                 "interaction": interactions, "searchParam": params,
-                "searchInclude": ["*", format!("{t}:subject"), format!("{t}:patient"), format!("{t}:performer"),
-                    format!("{t}:organization"), format!("{t}:practitioner"), format!("{t}:location"),
-                    format!("{t}:medication"), format!("{t}:general-practitioner"), format!("{t}:encounter")]
+                "searchInclude": include_params(t)
 });
             if let (true, Some(o)) = (*t == "Patient", r.as_object_mut()) {
                 o.insert("searchRevInclude".into(), json!(["Observation:subject", "Observation:patient", "Condition:subject",

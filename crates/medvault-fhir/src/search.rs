@@ -117,7 +117,20 @@ fn shown(s: &str) -> String {
 /// Patient search parameters a chain or `_has` may use.
 const PATIENT_CHAIN: &[&str] = &["identifier", "name", "family", "given", "birthdate"];
 
-fn parse_include(v: &str, iterate: bool, what: &str) -> Result<Include, FhirError> {
+fn parse_include(
+    rt: ResourceType,
+    v: &str,
+    iterate: bool,
+    what: &str,
+) -> Result<Include, FhirError> {
+    if v == "*" && what == "_include" {
+        return Ok(Include {
+            source: rt,
+            param: "*".into(),
+            target: None,
+            iterate,
+        });
+    }
     let mut parts = v.split(':');
     let (Some(src), Some(param)) = (parts.next(), parts.next()) else {
         return Err(bad(format!("{what} must be Type:param[:target]")));
@@ -222,7 +235,13 @@ pub fn parse(
         }
         match (name, modifier) {
             ("_include" | "_revinclude", m) if m.is_none() || m == Some("iterate") => {
-                let inc = parse_include(v, m.is_some(), name)?;
+                let inc = parse_include(rt, v, m.is_some(), name)?;
+                if name == "_include" && !inc.iterate && inc.source != rt {
+                    return Err(bad(format!(
+                        "_include={} does not start from the searched type {rt} (use _include:iterate to follow included resources)",
+                        shown(v)
+                    )));
+                }
                 if name == "_include" {
                     q.include.push(inc);
                 } else {

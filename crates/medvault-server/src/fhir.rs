@@ -382,6 +382,9 @@ pub(crate) async fn create(
     let w = blocking(move || {
         let res = Resource::parse(&body, Some(rt))?;
         match if_none_exist {
+            Some(q) if q.trim_start_matches('?').is_empty() => Err(
+                medvault_core::VaultError::BadRequest("If-None-Exist is empty".into()),
+            ),
             Some(q) => {
                 let q = q.split_once('?').map(|(_, q)| q.to_owned()).unwrap_or(q);
                 vault.create_if_none_exist(&c, res, &q)
@@ -396,12 +399,32 @@ pub(crate) async fn create(
 pub(crate) async fn read(
     State(state): State<AppState>,
     Path((rtype, id)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
     headers: HeaderMap,
     ctx: Ctx,
 ) -> Result<Response, ApiError> {
     let rt = resource_type(&rtype)?;
     valid_id(&id)?;
     let c = caller(&state, &ctx).await?;
+    // A read takes `_summary` and `_elements` (FHIR R4 §3.1.1.5.11–12); nothing else is
+    // silently ignored.
+    let params = query_params(query)?;
+    for (k, v) in &params {
+        match k.as_str() {
+            "_summary" if ["true", "false", "text", "data"].contains(&v.as_str()) => {}
+            "_elements"
+                if v.split(',')
+                    .all(|e| !e.is_empty() && e.bytes().all(|b| b.is_ascii_alphanumeric())) => {}
+            "_format" | "_pretty" => {}
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "`{}` is not supported on a read (_summary and _elements are)",
+                    other.chars().take(40).collect::<String>()
+                )))
+            }
+        }
+    }
+    let (summary, elements) = summary_of(&params);
     refuse_headers(&headers, &["If-Match", "If-None-Exist"], "read")?;
     let not_if = header_text(&headers, "If-None-Match")?
         .map(|v| if_none_match(&v, "If-None-Match"))
@@ -430,6 +453,11 @@ pub(crate) async fn read(
     };
     if unchanged {
         let mut r = axum::response::IntoResponse::into_response(StatusCode::NOT_MODIFIED);
+        set(&mut r, header::ETAG, &format!("W/\"{}\"", d.version()));
+        return Ok(r);
+    }
+    if let Some(sub) = d.json().and_then(|j| subset(j, summary, &elements)) {
+        let mut r = json_response(StatusCode::OK, &Value::Object(sub));
         set(&mut r, header::ETAG, &format!("W/\"{}\"", d.version()));
         return Ok(r);
     }
@@ -726,15 +754,17 @@ fn short_json_error(e: &serde_json::Error) -> String {
 pub(crate) async fn audit_events(
     State(state): State<AppState>,
     RawQuery(query): RawQuery,
+    headers: HeaderMap,
     ctx: Ctx,
 ) -> Result<Response, ApiError> {
     let c = caller(&state, &ctx).await?;
     let params = query_params(query)?;
+    let strict = prefer(&headers)?.strict;
     let vault = state.vault.clone();
     let p2 = params.clone();
-    let page = blocking(move || vault.audit_events(&c, &p2)).await??;
+    let page = blocking(move || vault.audit_events(&c, &p2, strict)).await??;
     let base = &ctx.base;
-    let entries: Vec<Value> = page
+    let mut entries: Vec<Value> = page
         .events
         .into_iter()
         .map(|e| {
@@ -742,6 +772,13 @@ pub(crate) async fn audit_events(
             json!({"fullUrl": format!("{base}/AuditEvent/{id}"), "resource": e, "search": {"mode": "match"}})
         })
         .collect();
+    let ignored = SearchResult {
+        unknown: page.unknown,
+        ..Default::default()
+    };
+    if let Some(o) = outcome_entry(&ignored) {
+        entries.push(o);
+    }
     let mut links =
         vec![json!({"relation": "self", "url": link_with(base, "AuditEvent", &params, None)})];
     if let Some(cur) = &page.next {

@@ -77,6 +77,27 @@ pub fn router(state: AppState) -> Router {
     )
 }
 
+/// A method the path does not support: 405 with an OperationOutcome naming it (a
+/// conditional delete, `DELETE /fhir/Type?search`, is the common case), never an empty
+/// body.
+async fn method_not_allowed(req: Request) -> ApiError {
+    let method = req.method().as_str().chars().take(16).collect::<String>();
+    let path = req.uri().path();
+    let what = if req.method() == axum::http::Method::DELETE
+        && path.starts_with("/fhir/")
+        && path.matches('/').count() == 2
+    {
+        "conditional delete (DELETE /fhir/Type?search) is not supported; delete by id".to_owned()
+    } else {
+        format!("{method} is not supported on this path")
+    };
+    ApiError::new(
+        axum::http::StatusCode::METHOD_NOT_ALLOWED,
+        medvault_fhir::IssueCode::NotSupported,
+        what,
+    )
+}
+
 /// `/fhir/Patient/?x=1` → `/fhir/Patient?x=1` (the root `/` stays).
 fn trim_trailing_slash(mut req: Request) -> Request {
     let path = req.uri().path();
@@ -148,6 +169,7 @@ fn routes(state: AppState) -> Router {
         .route("/fhir/{rtype}/{id}/{op}", get(fhir::instance_op))
         .route("/fhir/{rtype}/{id}/_history/{vid}", get(fhir::vread))
         .fallback(|| async { ApiError::not_found() })
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn(json_only))
         .layer(axum::middleware::from_fn_with_state(
             state.options.max_body_bytes,

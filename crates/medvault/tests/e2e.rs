@@ -2689,7 +2689,19 @@ fn audit_transparency_proofs_verify_independently() {
             .status,
         403
     );
-    assert_eq!(s.get("/fhir/AuditEvent?bogus=1", &po).status, 400);
+    // Unknown AuditEvent parameters follow the search rule: listed (lenient), refused (strict).
+    assert_eq!(s.get("/fhir/AuditEvent?bogus=1", &po).status, 200);
+    assert_eq!(
+        s.call(
+            "GET",
+            "/fhir/AuditEvent?bogus=1",
+            Some(&po),
+            None,
+            &[("Prefer", "handling=strict")]
+        )
+        .status,
+        400
+    );
     assert_eq!(
         s.post(
             "/fhir/AuditEvent",
@@ -4018,4 +4030,227 @@ fn every_kind_of_resource_medvault_emits_validates_independently() {
         docs.len(),
         "{out}"
     );
+}
+
+/// A newcomer's review found that search could still tell a caller what they may not see:
+/// the withheld notice appeared only when hidden matches existed (billing learned a
+/// diagnosis from `_count=0`), a conditional write answered differently for a hidden match,
+/// and a precondition was checked before authorization (412 vs 403 told the version). Each
+/// now answers the same whatever the hidden data.
+#[test]
+fn nothing_a_read_withholds_leaks_through_notices_conditions_or_preconditions() {
+    let (_tmp, dir, staff) = setup();
+    let s = Server::start(&dir, &[]);
+    let (u, p, t) = staff.get("physician");
+    let phys = s.login(u, p, t);
+    let (u, p, t) = staff.get("billing");
+    let bill = s.login(u, p, t);
+    let pid = created_id(&s.post("/fhir/Patient", &phys, &patient_body("Oracle", "MRN-OR")));
+    let obs = s.post("/fhir/Observation", &phys, &vital(&pid));
+    let oid = created_id(&obs);
+    let strip = |mut b: Value| {
+        b["link"] = Value::Null;
+        b
+    };
+    // The same answer for a code that matches a hidden vital and one that matches nothing.
+    let hit = s.get(
+        &format!("/fhir/Observation?subject=Patient/{pid}&code=8867-4&_count=0"),
+        &bill,
+    );
+    let miss = s.get(
+        &format!("/fhir/Observation?subject=Patient/{pid}&code=0000-0&_count=0"),
+        &bill,
+    );
+    assert_eq!(hit.status, 200);
+    assert_eq!(
+        strip(hit.body.clone()),
+        strip(miss.body.clone()),
+        "no oracle"
+    );
+    assert!(
+        withheld_text(&hit.body).contains("vitals"),
+        "the policy's notice: {:?}",
+        hit.body
+    );
+    let other = created_id(&s.post("/fhir/Patient", &phys, &patient_body("Empty", "MRN-EM")));
+    let a = s.get(&format!("/fhir/Patient/{pid}/$everything"), &bill);
+    let b = s.get(&format!("/fhir/Patient/{other}/$everything"), &bill);
+    assert_eq!((a.status, b.status), (200, 200));
+    assert_eq!(
+        withheld_text(&a.body),
+        withheld_text(&b.body),
+        "$everything: the policy's notice"
+    );
+    let a = s.get(
+        &format!("/fhir/Patient?_id={pid}&_revinclude=Observation:subject"),
+        &bill,
+    );
+    let b = s.get(
+        &format!("/fhir/Patient?_id={other}&_revinclude=Observation:subject"),
+        &bill,
+    );
+    assert_eq!(withheld_text(&a.body), withheld_text(&b.body));
+    // Conditional writes: refused the same way with and without a hidden match.
+    let put_where = |q: &str| {
+        put(
+            &s,
+            &format!("/fhir/Observation?{q}"),
+            &bill,
+            &vital(&pid),
+            &[],
+        )
+    };
+    let with = put_where(&format!("subject=Patient/{pid}&code=8867-4"));
+    let without = put_where(&format!("subject=Patient/{pid}&code=0000-0"));
+    assert_eq!((with.status, without.status), (403, 403));
+    assert_eq!(
+        with.body["issue"][0]["diagnostics"],
+        without.body["issue"][0]["diagnostics"]
+    );
+    // Preconditions after authorization: a stale and a current If-Match answer alike.
+    let stale = put(
+        &s,
+        &format!("/fhir/Observation/{oid}"),
+        &bill,
+        &obs.body,
+        &[("If-Match", "W/\"9\"")],
+    );
+    let current = put(
+        &s,
+        &format!("/fhir/Observation/{oid}"),
+        &bill,
+        &obs.body,
+        &[("If-Match", "W/\"1\"")],
+    );
+    assert_eq!((stale.status, current.status), (403, 403));
+    let tx = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": obs.body, "request": {"method": "PUT", "url": format!("Observation/{oid}"), "ifNoneMatch": "*"}}]});
+    assert_eq!(s.post("/fhir", &bill, &tx).status, 403);
+}
+
+/// More from the review: AuditEvent pages re-applied `_offset`, had a bare-number cursor and
+/// ignored the page-size ceiling; `$everything?_count=0`, `_include=*`, an `_include` from
+/// another type, Period dates, conditional delete, `_elements` on a read, an empty
+/// `If-None-Exist` and two entries with one `ifNoneExist` were each wrong.
+#[test]
+fn what_the_review_found_is_answered_as_fhir_says() {
+    let (_tmp, dir, staff) = setup();
+    let s = Server::start(&dir, &[("MEDVAULT_SERVER_MAX_PAGE_SIZE", "4")]);
+    let (u, p, t) = staff.get("physician");
+    let phys = s.login(u, p, t);
+    let (u, p, t) = staff.get("privacy_officer");
+    let po = s.login(u, p, t);
+    let (u, p, t) = staff.get("auditor");
+    let aud = s.login(u, p, t);
+    let pid = created_id(&s.post("/fhir/Patient", &phys, &patient_body("Review", "MRN-RV")));
+    for _ in 0..9 {
+        s.get(&format!("/fhir/Patient/{pid}"), &phys);
+    }
+    // AuditEvent: the ceiling holds, _offset applies once, the cursor is bound to its user.
+    let base = format!("/fhir/AuditEvent?patient={pid}&agent=e2e.physician");
+    let all = ids(&s.get(&format!("{base}&_count=4"), &po).body);
+    assert_eq!(all.len(), 4, "max page size");
+    let first = s.get(&format!("{base}&_count=2&_offset=1"), &po);
+    assert_eq!(ids(&first.body), all[1..3].to_vec());
+    let next = path_of(&link(&first.body, "next").unwrap());
+    assert!(!next.contains("_cursor=1") && next.contains("_cursor="));
+    assert_eq!(
+        ids(&s.get(&next, &po).body).first(),
+        all.get(3),
+        "_offset applied once"
+    );
+    assert_eq!(s.get(&next, &aud).status, 400, "another user's cursor");
+    assert!(ids(&s.get(&format!("{base}&_count=0"), &po).body).is_empty());
+    let r = s.get(&format!("{base}&bogus=1"), &po);
+    assert_eq!(r.status, 200);
+    assert!(withheld_text(&r.body).contains("bogus"));
+    // $everything?_count=0: the total only.
+    let r = s.get(&format!("/fhir/Patient/{pid}/$everything?_count=0"), &phys);
+    assert_eq!((r.body["total"].clone(), ids(&r.body).len()), (json!(1), 0));
+    assert!(link(&r.body, "next").is_none());
+    // _include=* follows every reference; an _include from another type is named.
+    s.post("/fhir/Observation", &phys, &vital(&pid));
+    let r = s.get(
+        &format!("/fhir/Observation?patient={pid}&_include=*"),
+        &phys,
+    );
+    assert!(
+        entry_types(&r.body).contains(&"Patient".to_owned()),
+        "{:?}",
+        r.body
+    );
+    let r = s.get(
+        &format!("/fhir/Observation?patient={pid}&_include=Patient:organization"),
+        &phys,
+    );
+    assert_eq!(r.status, 400);
+    // A Period is an interval: an encounter 09:58–10:09 is found between 10:05 and 10:06.
+    let enc = json!({"resourceType": "Encounter", "status": "finished",
+        "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
+        "subject": {"reference": format!("Patient/{pid}")},
+        "period": {"start": "2026-06-18T09:58:00Z", "end": "2026-06-18T10:09:00Z"}});
+    let eid = created_id(&s.post("/fhir/Encounter", &phys, &enc));
+    let r = s.get(
+        &format!(
+            "/fhir/Encounter?patient={pid}&date=gt2026-06-18T10:05:00Z&date=lt2026-06-18T10:06:00Z"
+        ),
+        &phys,
+    );
+    assert_eq!(ids(&r.body), vec![eid.clone()], "{:?}", r.body);
+    let r = s.get(
+        &format!("/fhir/Encounter?patient={pid}&date=ge2026-06-19"),
+        &phys,
+    );
+    assert!(ids(&r.body).is_empty());
+    // Conditional delete is named; so is any method a path does not support.
+    let r = s.call(
+        "DELETE",
+        "/fhir/Patient?identifier=MRN-RV",
+        Some(&phys),
+        None,
+        &[],
+    );
+    assert_eq!(r.status, 405);
+    assert!(r.body["issue"][0]["diagnostics"]
+        .as_str()
+        .unwrap()
+        .contains("conditional delete"));
+    let r = s.call(
+        "PATCH",
+        &format!("/fhir/Patient/{pid}"),
+        Some(&phys),
+        Some(b"[]"),
+        &[],
+    );
+    assert_eq!(
+        (r.status, r.body["resourceType"].clone()),
+        (405, json!("OperationOutcome"))
+    );
+    // _elements on a read; unknown read parameters are named.
+    let r = s.get(&format!("/fhir/Patient/{pid}?_elements=gender"), &phys);
+    assert!(
+        r.body.get("name").is_none() && r.body["gender"] == "female",
+        "{:?}",
+        r.body
+    );
+    assert_eq!(
+        s.get(&format!("/fhir/Patient/{pid}?family=x"), &phys)
+            .status,
+        400
+    );
+    // An empty If-None-Exist, and two entries with one ifNoneExist.
+    let r = s.call(
+        "POST",
+        "/fhir/Patient",
+        Some(&phys),
+        Some(patient_body("Blank", "B1").to_string().as_bytes()),
+        &[("If-None-Exist", "")],
+    );
+    assert_eq!(r.status, 400);
+    let twice = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": patient_body("Same", "SAME1"), "request": {"method": "POST", "url": "Patient", "ifNoneExist": "identifier=SAME1"}},
+        {"resource": patient_body("Same", "SAME1"), "request": {"method": "POST", "url": "Patient", "ifNoneExist": "identifier=SAME1"}}]});
+    let r = s.post("/fhir", &phys, &twice);
+    assert_eq!(r.status, 400, "{:?}", r.body);
+    assert!(ids(&s.get("/fhir/Patient?identifier=SAME1", &phys).body).is_empty());
 }
