@@ -424,6 +424,13 @@ impl Vault {
         };
         let visible = self.searchable(c);
         let seen_by_caller = visible.clone();
+        let hidden = self.never_visible(&visible, &[rt]);
+        let cursor_total = cursor.as_ref().map(|c| c.total);
+        let offset = if cursor.is_some() || exact {
+            0
+        } else {
+            s.offset
+        };
         let names = s.names.join(",");
         let patient = s.patient.as_ref().map(|p| p.to_string());
         let (rows, disclosed, withheld, total, more, snapshot) = self.audited_read(c, move |cx, tx| {
@@ -437,22 +444,40 @@ impl Vault {
                 rec.detail = Some(format!("params={names} matched=0 returned=0"));
                 return Ok((vec![rec], Ok((vec![], vec![], vec![], 0, false, snapshot))));
             }
-            let mut total = 0u64;
-            let mut withheld: Vec<Category> = vec![];
-            for (cat, n) in tx.tally(&q)? {
-                match cat.parse::<Category>() {
-                    Ok(k) if visible.contains(&k) => total += n,
-                    Ok(k) => push_unique(&mut withheld, k),
-                    Err(_) => push_unique(&mut withheld, Category::Notes),
-                }
-            }
-            let mut page_q = q;
+            let mut page_q = q.clone();
             page_q.categories = visible.iter().map(|c| c.as_str().to_owned()).collect();
             let page = if (count == 0 && !exact) || visible.is_empty() {
                 Default::default()
             } else {
                 tx.search(&page_q)?
             };
+            // The total: carried by the cursor; or, when this first page holds every match,
+            // counted from it; otherwise tallied over the visible categories.
+            let total = match cursor_total {
+                Some(t) => t,
+                None if count > 0 && !page.more && (offset == 0 || !page.rows.is_empty()) => {
+                    u64::try_from(offset + page.rows.len()).unwrap_or(u64::MAX)
+                }
+                None if visible.is_empty() => 0,
+                None => {
+                    let mut tq = page_q.clone();
+                    tq.after = None;
+                    tx.tally(&tq)?.iter().map(|(_, n)| n).sum()
+                }
+            };
+            // What was actually withheld, for the audit record only (the caller's notice is
+            // the policy's): probed only where the caller's role cannot see some category of
+            // the type.
+            let mut withheld: Vec<Category> = vec![];
+            if !hidden.is_empty() {
+                let mut wq = q;
+                wq.categories = hidden.iter().map(|c| c.as_str().to_owned()).collect();
+                for (cat, _) in tx.tally(&wq)? {
+                    if let Ok(k) = cat.parse::<Category>() {
+                        push_unique(&mut withheld, k);
+                    }
+                }
+            }
             if exact && page.more {
                 rec.outcome = Outcome::Success;
                 rec.detail = Some(format!("params={names} refused: too many candidates"));
@@ -550,8 +575,6 @@ impl Vault {
             }
             result.entries = page;
         } else {
-            // The total of the first page holds for the whole walk (its snapshot).
-            let total = cursor.as_ref().map_or(total, |c| c.total);
             result.total = Some(total);
             result.entries = self.open_all(rows)?;
             if more && count > 0 {
