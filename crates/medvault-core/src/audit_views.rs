@@ -73,15 +73,7 @@ impl Vault {
         // The continuation is a cursor like a search's: bound to the caller and the query,
         // tamper-evident, expiring; its key is the sequence number to continue below (the
         // log only grows, so pages never shift). `_offset` applies to the first page only.
-        let query: Vec<(String, String)> = params
-            .iter()
-            .filter(|(k, _)| k != "_cursor")
-            .cloned()
-            .collect();
-        let query = format!(
-            "AuditEvent?{}",
-            serde_urlencoded::to_string(&query).unwrap_or_default()
-        );
+        let query = crate::search::cursor_query("AuditEvent", params);
         let before = match &cursor_token {
             Some(t) => {
                 let cur = self.open_cursor(c, &query, t)?;

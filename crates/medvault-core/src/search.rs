@@ -120,6 +120,15 @@ fn collect_refs(v: &Value, out: &mut Vec<(ResourceType, String)>) {
     }
 }
 
+/// The query a cursor is bound to: `path?params` as sent, less `_cursor`.
+pub(crate) fn cursor_query(path: &str, params: &[(String, String)]) -> String {
+    let query: Vec<&(String, String)> = params.iter().filter(|(k, _)| k != "_cursor").collect();
+    format!(
+        "{path}?{}",
+        serde_urlencoded::to_string(&query).unwrap_or_default()
+    )
+}
+
 fn key_of(order: Order, rtype: &str, id: &str, last_updated: &str) -> Vec<String> {
     match order {
         Order::Id => vec![rtype.to_owned(), id.to_owned()],
@@ -192,6 +201,31 @@ impl Vault {
         let tag = self.cursor_mac.tag(&[body.as_bytes(), a, b, q]);
         let e = base64::engine::general_purpose::URL_SAFE_NO_PAD;
         format!("{}.{}", e.encode(body), e.encode(tag))
+    }
+
+    /// The cursor continuing after the last of `entries` in `order`.
+    fn keyset_cursor(
+        &self,
+        c: &Caller,
+        query: &str,
+        snapshot: u64,
+        total: u64,
+        order: Order,
+        entries: &[Disclosed],
+    ) -> String {
+        let after = entries
+            .last()
+            .map(|d| key_of(order, d.rtype().as_str(), d.id(), d.last_updated()));
+        self.seal_cursor(
+            c,
+            query,
+            &Cursor {
+                snapshot,
+                after,
+                offset: 0,
+                total,
+            },
+        )
     }
 
     /// Verifies and decodes a cursor for this caller and query.
@@ -290,12 +324,7 @@ impl Vault {
         cap: usize,
     ) -> Result<SearchResult, VaultError> {
         let s = medvault_fhir::search::parse(rt, params, strict)?;
-        let query: Vec<(String, String)> = params
-            .iter()
-            .filter(|(k, _)| k != "_cursor")
-            .cloned()
-            .collect();
-        let query = serde_urlencoded::to_string(&query).unwrap_or_default();
+        let query = cursor_query(rt.as_str(), params);
         let cursor = match &s.cursor {
             Some(t) => Some(self.open_cursor(c, &query, t)?),
             None => None,
@@ -578,20 +607,8 @@ impl Vault {
             result.total = Some(total);
             result.entries = self.open_all(rows)?;
             if more && count > 0 {
-                let after = result
-                    .entries
-                    .last()
-                    .map(|d| key_of(order, d.rtype().as_str(), d.id(), d.last_updated()));
-                result.next = Some(self.seal_cursor(
-                    c,
-                    &query,
-                    &Cursor {
-                        snapshot,
-                        after,
-                        offset: 0,
-                        total,
-                    },
-                ));
+                result.next =
+                    Some(self.keyset_cursor(c, &query, snapshot, total, order, &result.entries));
             }
         }
         self.add_includes(c, &s, &mut result)?;
@@ -839,15 +856,7 @@ impl Vault {
                 }
             }
         }
-        let query: Vec<(String, String)> = params
-            .iter()
-            .filter(|(k, _)| k != "_cursor")
-            .cloned()
-            .collect();
-        let query = format!(
-            "$everything/{patient}?{}",
-            serde_urlencoded::to_string(&query).unwrap_or_default()
-        );
+        let query = cursor_query(&format!("Patient/{patient}/$everything"), params);
         let cursor = match &cursor_token {
             Some(t) => Some(self.open_cursor(c, &query, t)?),
             None => None,
@@ -932,20 +941,8 @@ impl Vault {
             ..Default::default()
         };
         if more && count != Some(0) {
-            let after = result
-                .entries
-                .last()
-                .map(|d| key_of(Order::Id, d.rtype().as_str(), d.id(), d.last_updated()));
-            result.next = Some(self.seal_cursor(
-                c,
-                &query,
-                &Cursor {
-                    snapshot,
-                    after,
-                    offset: 0,
-                    total,
-                },
-            ));
+            result.next =
+                Some(self.keyset_cursor(c, &query, snapshot, total, Order::Id, &result.entries));
         }
         // The directory resources the chart references, read through the policy.
         let mut have: HashSet<(String, String)> = result

@@ -501,14 +501,7 @@ pub(crate) async fn update(
     let rt = resource_type(&rtype)?;
     valid_id(&id)?;
     let c = caller(&state, &ctx).await?;
-    require_fhir_json(req.headers())?;
-    refuse_headers(
-        req.headers(),
-        &["If-None-Exist", "If-Modified-Since"],
-        "update",
-    )?;
-    let pre = precondition(req.headers())?;
-    let ret = prefer(req.headers())?.ret.unwrap_or(Return::Representation);
+    let (pre, ret) = update_headers(req.headers())?;
     let base = ctx.base.clone();
     let body = body_bytes(&state, req).await?;
     let vault = state.vault.clone();
@@ -518,6 +511,17 @@ pub(crate) async fn update(
     })
     .await??;
     Ok(written_response(&w, &base, ret))
+}
+
+/// What an update's headers ask: its preconditions and `Prefer: return`; refuses what
+/// does not apply to an update.
+fn update_headers(h: &HeaderMap) -> Result<(Precondition, Return), ApiError> {
+    require_fhir_json(h)?;
+    refuse_headers(h, &["If-None-Exist", "If-Modified-Since"], "update")?;
+    Ok((
+        precondition(h)?,
+        prefer(h)?.ret.unwrap_or(Return::Representation),
+    ))
 }
 
 /// `PUT /fhir/{type}?{search}`: conditional update (FHIR R4 §3.1.0.4.2).
@@ -535,14 +539,7 @@ pub(crate) async fn update_where(
             "PUT on a type needs a search (conditional update): PUT /fhir/Type?param=value",
         ));
     };
-    require_fhir_json(req.headers())?;
-    refuse_headers(
-        req.headers(),
-        &["If-None-Exist", "If-Modified-Since"],
-        "update",
-    )?;
-    let pre = precondition(req.headers())?;
-    let ret = prefer(req.headers())?.ret.unwrap_or(Return::Representation);
+    let (pre, ret) = update_headers(req.headers())?;
     let base = ctx.base.clone();
     let body = body_bytes(&state, req).await?;
     let vault = state.vault.clone();
