@@ -569,22 +569,36 @@ impl Vault {
             if let Some((by, desc)) = exact_sort {
                 sort_exact(&mut entries, by, desc);
             }
-            let start = cursor.as_ref().map(|c| c.offset).unwrap_or(s.offset);
-            result.total = Some(u64::try_from(entries.len()).unwrap_or(u64::MAX));
-            let end = start.saturating_add(count).min(entries.len());
+            // In the store's order, pages continue after the last key (the candidates were
+            // read after it), as in the fast path; sorted by a clinical date, by position.
+            let keyset = exact_sort.is_none();
+            let start = match &cursor {
+                Some(cur) if !keyset => cur.offset,
+                Some(_) => 0,
+                None => s.offset,
+            };
+            let matched = entries.len();
+            let total = cursor
+                .as_ref()
+                .map_or(u64::try_from(matched).unwrap_or(u64::MAX), |c| c.total);
+            result.total = Some(total);
+            let end = start.saturating_add(count).min(matched);
             let page: Vec<Disclosed> = entries.drain(start.min(end)..end).collect();
-            let remaining = result.total.unwrap_or(0) > u64::try_from(end).unwrap_or(u64::MAX);
-            if remaining && count > 0 {
-                result.next = Some(self.seal_cursor(
-                    c,
-                    &query,
-                    &Cursor {
-                        snapshot,
-                        after: None,
-                        offset: end,
-                        total: result.total.unwrap_or(0),
-                    },
-                ));
+            if matched > end && count > 0 {
+                result.next = Some(if keyset {
+                    self.keyset_cursor(c, &query, snapshot, total, order, &page)
+                } else {
+                    self.seal_cursor(
+                        c,
+                        &query,
+                        &Cursor {
+                            snapshot,
+                            after: None,
+                            offset: end,
+                            total,
+                        },
+                    )
+                });
             }
             // The per-patient records of what was returned (the request's record, written
             // with the read, named the candidates).
@@ -625,6 +639,27 @@ impl Vault {
     ) -> Result<(), VaultError> {
         if s.include.is_empty() && s.revinclude.is_empty() {
             return Ok(());
+        }
+        // Checked before anything is fetched, so the answer never depends on the matches.
+        for inc in &s.include {
+            if inc.param != "*" && reference_elements(&inc.param).is_empty() {
+                return Err(bad(format!(
+                    "_include: `{}` is not a reference parameter medvault follows",
+                    inc.param.chars().take(40).collect::<String>()
+                )));
+            }
+        }
+        for inc in &s.revinclude {
+            if !["patient", "subject"].contains(&inc.param.as_str())
+                || !inc.source.is_patient_scoped()
+                || inc.source.as_str() == "Patient"
+            {
+                return Err(bad(format!(
+                    "_revinclude={}:{} is not supported (the patient-compartment types by patient or subject are)",
+                    inc.source,
+                    inc.param.chars().take(40).collect::<String>()
+                )));
+            }
         }
         let mut have: HashSet<(String, String)> = r
             .entries

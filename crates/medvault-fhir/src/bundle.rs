@@ -128,8 +128,11 @@ fn parse_target(url: &str, method: &str) -> Result<Target, FhirError> {
             Ok(Target::Id(rt, id.to_owned()))
         }
         (None, Some(q)) if method == "PUT" && !q.is_empty() => Ok(Target::Search(rt, q.to_owned())),
+        (None, Some(q)) if method == "PUT" && q.is_empty() => Err(bad(
+            "a conditional PUT needs a search: request.url Type?param=value",
+        )),
         (None, Some(_)) => Err(bad(format!(
-            "conditional {method} (request.url Type?search) is not supported; conditional PUT is"
+            "conditional {method} (request.url Type?search) is not supported; of the conditional interactions, PUT is"
         ))),
         _ => Err(bad("entry request.url must be Type/id or Type?search")),
     }

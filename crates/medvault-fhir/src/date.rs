@@ -268,6 +268,10 @@ pub fn format_instant(ms: i64) -> String {
     medvault_types::fhir_instant(t)
 }
 
+/// The token value of an ongoing Period (a start and no end): included in the covering
+/// tokens of every range open to the future.
+pub const OPEN_END: &str = "~open-end";
+
 /// The first and last years the date blind index covers: open ranges stop here, and a
 /// clinical date outside them is found by equality only. Living patients' birth dates and
 /// every clinical date lie well inside.
@@ -285,6 +289,9 @@ pub fn covering_tokens(c: Interval) -> Vec<String> {
     let start = c.start.saturating_sub(DAY_MS).max(lo);
     let end = c.end.saturating_add(DAY_MS).min(hi);
     let mut out = vec![];
+    if c.end == i64::MAX {
+        out.push(OPEN_END.to_owned());
+    }
     if start >= end {
         return out;
     }

@@ -89,6 +89,18 @@ fn date_end_of<'a>(rt: ResourceType, param: &str, o: &'a Map<String, Value>) -> 
     }
 }
 
+/// Whether the `date` parameter of this resource is a Period.
+fn is_period(rt: ResourceType, o: &Map<String, Value>) -> bool {
+    match rt.as_str() {
+        "Observation" | "DiagnosticReport" => {
+            o.get("effectiveDateTime").is_none() && o.get("effectivePeriod").is_some()
+        }
+        "Encounter" | "CarePlan" => o.get("period").is_some(),
+        "Procedure" => o.get("performedDateTime").is_none() && o.get("performedPeriod").is_some(),
+        _ => false,
+    }
+}
+
 /// The interval a date search parameter compares with in a resource (FHIR R4 §3.1.1.5.6):
 /// the value's own interval, or for a Period from its start's beginning to its end's end
 /// (open-ended when the Period has no end).
@@ -98,12 +110,7 @@ pub fn date_interval_of(
     o: &Map<String, Value>,
 ) -> Option<crate::date::Interval> {
     let start = crate::date::parse(date_of(rt, param, o)?).ok()?;
-    let period = matches!(
-        (rt.as_str(), param),
-        ("Observation" | "DiagnosticReport", "date") if o.get("effectiveDateTime").is_none()
-    ) || matches!((rt.as_str(), param), ("Encounter" | "CarePlan", "date"))
-        || matches!((rt.as_str(), param), ("Procedure", "date") if o.get("performedDateTime").is_none());
-    if !period {
+    if param != "date" || !is_period(rt, o) {
         return Some(start);
     }
     let end = match date_end_of(rt, param, o) {
@@ -274,6 +281,13 @@ pub fn search_tokens(rt: ResourceType, o: &Map<String, Value>) -> Vec<SearchToke
     // comparison after decryption uses the whole interval).
     if let Some(end) = date_end_of(rt, "date", o) {
         push_date(&mut out, "date", end);
+    } else if date.is_some() && is_period(rt, o) {
+        // An ongoing Period (no end) reaches every later date: found by any range open
+        // to the future (see crate::date::OPEN_END).
+        out.push(SearchToken {
+            param: "date",
+            value: crate::date::OPEN_END.to_owned(),
+        });
     }
     if let Some(d) = date {
         push_date(&mut out, "date", d);

@@ -148,7 +148,8 @@ impl Resource {
                 return Err(FhirError::TypeMismatch);
             }
         }
-        let issues = validate::validate_resource(rtype.as_str(), &json);
+        let mut issues = validate::validate_resource(rtype.as_str(), &json);
+        issues.extend(contained_issues(rtype, &json));
         if !issues.is_empty() {
             return Err(FhirError::Invalid(issues));
         }
@@ -275,6 +276,39 @@ fn coding_codes(v: Option<&Value>) -> Vec<String> {
                     out.push(code.to_owned());
                 }
             }
+        }
+    }
+    out
+}
+
+/// A contained resource (FHIR R4 §2.1.0.6 "contained") is stored, sealed and decided as part
+/// of its container, so it must be of a type medvault stores and of the container's data
+/// category: otherwise a role could write, or read, a category through a container it may
+/// (a Condition inside a Patient would reach whoever may read demographics).
+fn contained_issues(rt: ResourceType, json: &Map<String, Value>) -> Vec<Issue> {
+    let Some(Value::Array(items)) = json.get("contained") else {
+        return vec![];
+    };
+    let own = category_of(rt, json);
+    let mut out = vec![];
+    for (i, item) in items.iter().enumerate() {
+        let inner = item
+            .get("resourceType")
+            .and_then(Value::as_str)
+            .and_then(ResourceType::parse);
+        let ok = match (inner, item.as_object()) {
+            (Some(t), Some(o)) => category_of(t, o) == own,
+            _ => false,
+        };
+        if !ok {
+            out.push(Issue::error(
+                IssueCode::Invalid,
+                format!(
+                    "a contained resource must be of a type medvault stores and of its container's data category ({}); store it as its own resource and reference it",
+                    own.as_str()
+                ),
+                Some(format!("contained[{i}]")),
+            ));
         }
     }
     out

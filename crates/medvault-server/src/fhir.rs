@@ -406,25 +406,7 @@ pub(crate) async fn read(
     let rt = resource_type(&rtype)?;
     valid_id(&id)?;
     let c = caller(&state, &ctx).await?;
-    // A read takes `_summary` and `_elements` (FHIR R4 §3.1.1.5.11–12); nothing else is
-    // silently ignored.
-    let params = query_params(query)?;
-    for (k, v) in &params {
-        match k.as_str() {
-            "_summary" if ["true", "false", "text", "data"].contains(&v.as_str()) => {}
-            "_elements"
-                if v.split(',')
-                    .all(|e| !e.is_empty() && e.bytes().all(|b| b.is_ascii_alphanumeric())) => {}
-            "_format" | "_pretty" => {}
-            other => {
-                return Err(ApiError::bad_request(format!(
-                    "`{}` is not supported on a read (_summary and _elements are)",
-                    other.chars().take(40).collect::<String>()
-                )))
-            }
-        }
-    }
-    let (summary, elements) = summary_of(&params);
+    let (summary, elements) = read_params(query)?;
     refuse_headers(&headers, &["If-Match", "If-None-Exist"], "read")?;
     let not_if = header_text(&headers, "If-None-Match")?
         .map(|v| if_none_match(&v, "If-None-Match"))
@@ -456,12 +438,43 @@ pub(crate) async fn read(
         set(&mut r, header::ETAG, &format!("W/\"{}\"", d.version()));
         return Ok(r);
     }
-    if let Some(sub) = d.json().and_then(|j| subset(j, summary, &elements)) {
-        let mut r = json_response(StatusCode::OK, &Value::Object(sub));
-        set(&mut r, header::ETAG, &format!("W/\"{}\"", d.version()));
-        return Ok(r);
+    Ok(subset_response(&d, summary, &elements))
+}
+
+/// The parameters a read or vread takes: `_summary` and `_elements` (FHIR R4
+/// §3.1.1.5.11–12); anything else is a 400 naming it, never silently ignored.
+fn read_params(query: Option<String>) -> Result<(Summary, Vec<String>), ApiError> {
+    let params = query_params(query)?;
+    for (k, v) in &params {
+        let ok = match k.as_str() {
+            "_summary" => ["true", "false", "text", "data"].contains(&v.as_str()),
+            "_elements" => v
+                .split(',')
+                .all(|e| !e.is_empty() && e.bytes().all(|b| b.is_ascii_alphanumeric())),
+            "_format" | "_pretty" => true,
+            _ => false,
+        };
+        if !ok {
+            return Err(ApiError::bad_request(format!(
+                "`{}={}` is not supported on a read (_summary=true|false|text|data and _elements are)",
+                k.chars().take(40).collect::<String>(),
+                v.chars().take(40).collect::<String>()
+            )));
+        }
     }
-    Ok(resource_response(StatusCode::OK, &d))
+    Ok(summary_of(&params))
+}
+
+/// A resource as `_summary`/`_elements` ask, with its ETag.
+fn subset_response(d: &Disclosed, summary: Summary, elements: &[String]) -> Response {
+    match d.json().and_then(|j| subset(j, summary, elements)) {
+        Some(sub) => {
+            let mut r = json_response(StatusCode::OK, &Value::Object(sub));
+            set(&mut r, header::ETAG, &format!("W/\"{}\"", d.version()));
+            r
+        }
+        None => resource_response(StatusCode::OK, d),
+    }
 }
 
 const HTTP_DATE: &[time::format_description::BorrowedFormatItem<'static>] = time::macros::format_description!(
@@ -582,6 +595,7 @@ pub(crate) async fn delete(
 pub(crate) async fn vread(
     State(state): State<AppState>,
     Path((rtype, id, vid)): Path<(String, String, String)>,
+    RawQuery(query): RawQuery,
     ctx: Ctx,
 ) -> Result<Response, ApiError> {
     let rt = resource_type(&rtype)?;
@@ -590,9 +604,10 @@ pub(crate) async fn vread(
         .parse()
         .map_err(|_| ApiError::bad_request("version id must be a number"))?;
     let c = caller(&state, &ctx).await?;
+    let (summary, elements) = read_params(query)?;
     let vault = state.vault.clone();
     let d = blocking(move || vault.vread(&c, rt, &id, v)).await??;
-    Ok(resource_response(StatusCode::OK, &d))
+    Ok(subset_response(&d, summary, &elements))
 }
 
 pub(crate) async fn instance_op(

@@ -84,8 +84,9 @@ async fn method_not_allowed(req: Request) -> ApiError {
     let method = req.method().as_str().chars().take(16).collect::<String>();
     let path = req.uri().path();
     let what = if req.method() == axum::http::Method::DELETE
-        && path.starts_with("/fhir/")
-        && path.matches('/').count() == 2
+        && path
+            .strip_prefix("/fhir/")
+            .is_some_and(|t| medvault_fhir::ResourceType::parse(t).is_some())
     {
         "conditional delete (DELETE /fhir/Type?search) is not supported; delete by id".to_owned()
     } else {

@@ -4254,3 +4254,112 @@ fn what_the_review_found_is_answered_as_fhir_says() {
     assert_eq!(r.status, 400, "{:?}", r.body);
     assert!(ids(&s.get("/fhir/Patient?identifier=SAME1", &phys).body).is_empty());
 }
+
+/// From a second review: pages of a clinical-date search skipped and repeated entries when
+/// a date changed between pages; a contained Condition inside a Patient reached whoever may
+/// read demographics; an ongoing Encounter was not found by a later range; a vread ignored
+/// `_elements`; a wrong `_include` was refused only when something matched.
+#[test]
+fn date_pages_hold_still_and_contained_resources_keep_their_category() {
+    let (_tmp, dir, staff) = setup();
+    let s = Server::start(&dir, &[]);
+    let (u, p, t) = staff.get("physician");
+    let phys = s.login(u, p, t);
+    let (u, p, t) = staff.get("front_desk");
+    let desk = s.login(u, p, t);
+    let pid = created_id(&s.post("/fhir/Patient", &phys, &patient_body("Pages", "MRN-PD")));
+    let mut obs = vec![];
+    for i in 0..9 {
+        obs.push(
+            s.post(
+                "/fhir/Observation",
+                &phys,
+                &vital_at(&pid, &format!("2026-11-1{i}T08:00:00Z")),
+            )
+            .body,
+        );
+    }
+    let q = format!("/fhir/Observation?patient={pid}&date=ge2026-01-01&_count=3");
+    let first = s.get(&q, &phys);
+    assert_eq!(first.body["total"], 9);
+    let mut seen = ids(&first.body);
+    // Move a seen entry out of the range, and back, between pages.
+    let moved = obs
+        .iter()
+        .find(|o| o["id"] == seen[0].as_str())
+        .unwrap()
+        .clone();
+    let mut out_of_range = moved.clone();
+    out_of_range["effectiveDateTime"] = json!("1990-01-01T00:00:00Z");
+    assert_eq!(
+        put(
+            &s,
+            &format!("/fhir/Observation/{}", seen[0]),
+            &phys,
+            &out_of_range,
+            &[]
+        )
+        .status,
+        200
+    );
+    let mut next = link(&first.body, "next");
+    let mut flip = true;
+    while let Some(n) = next {
+        let r = s.get(&path_of(&n), &phys);
+        assert_eq!(r.body["total"], 9, "the first page's total");
+        for id in ids(&r.body) {
+            assert!(!seen.contains(&id), "repeated {id}");
+            seen.push(id);
+        }
+        if flip {
+            let mut back = moved.clone();
+            back["meta"] = Value::Null;
+            back.as_object_mut().unwrap().remove("meta");
+            put(
+                &s,
+                &format!("/fhir/Observation/{}", moved["id"].as_str().unwrap()),
+                &phys,
+                &back,
+                &[],
+            );
+            flip = false;
+        }
+        next = link(&r.body, "next");
+    }
+    assert_eq!(seen.len(), 9, "nothing skipped: {seen:?}");
+    // A contained resource keeps its own category: no Condition inside a Patient.
+    let mut smuggled = patient_body("Container", "MRN-CO");
+    smuggled["contained"] = json!([{"resourceType": "Condition", "id": "c1",
+        "code": {"coding": [{"system": "http://snomed.info/sct", "code": "86406008"}]},
+        "subject": {"reference": "#"}}]);
+    let r = s.post("/fhir/Patient", &desk, &smuggled);
+    assert_eq!(r.status, 422, "{:?}", r.body);
+    assert!(r.body.to_string().contains("contained"));
+    // An ongoing Period reaches every later date.
+    let enc = json!({"resourceType": "Encounter", "status": "in-progress",
+        "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "IMP"},
+        "subject": {"reference": format!("Patient/{pid}")}, "period": {"start": "2026-11-01T09:00:00Z"}});
+    let eid = created_id(&s.post("/fhir/Encounter", &phys, &enc));
+    assert_eq!(
+        ids(&s
+            .get(&format!("/fhir/Encounter?patient={pid}&date=gt2029"), &phys)
+            .body),
+        vec![eid]
+    );
+    // vread takes _elements like read; an _include is checked before anything matches.
+    let r = s.get(
+        &format!("/fhir/Patient/{pid}/_history/1?_elements=gender"),
+        &phys,
+    );
+    assert!(r.body.get("name").is_none() && r.body["meta"]["tag"][0]["code"] == "SUBSETTED");
+    assert_eq!(
+        s.get(&format!("/fhir/Patient/{pid}/_history/1?foo=1"), &phys)
+            .status,
+        400
+    );
+    let r = s.get(
+        "/fhir/Observation?patient=nobody-at-all&_include=Observation:bogus",
+        &phys,
+    );
+    assert_eq!(r.status, 400);
+}
