@@ -29,6 +29,15 @@ impl Vault {
         since: Option<&str>,
         out: &mut dyn std::io::Write,
     ) -> Result<u64, VaultError> {
+        // `since` is a FHIR date or instant (its interval's start, in UTC); a malformed one
+        // is refused before anything is written, not compared as text.
+        let since = since
+            .map(|v| {
+                medvault_fhir::date::parse(v)
+                    .map(|i| i.start)
+                    .map_err(|m| VaultError::BadRequest(format!("--since {m}")))
+            })
+            .transpose()?;
         self.permit_operation(c, Operation::AuditExport, None)?;
         let total = self.store.audit_len()?;
         let mut written = 0u64;
@@ -45,12 +54,19 @@ impl Vault {
                 let Ok(r) = AuditRecord::from_canonical(&row.record) else {
                     continue;
                 };
-                if since.is_some_and(|s| r.time.as_str() < s) {
-                    continue;
+                if let Some(s) = since {
+                    match medvault_fhir::date::parse(&r.time) {
+                        Ok(t) if t.start >= s => {}
+                        _ => continue,
+                    }
                 }
                 let line = r.siem_line(row.seq, &|v| self.keyed_pseudonym(v));
-                writeln!(out, "{line}").map_err(|e| VaultError::Internal(e.to_string()))?;
-                written += 1;
+                match writeln!(out, "{line}") {
+                    Ok(()) => written += 1,
+                    // The reader went away (`audit export | head`): stop, quietly.
+                    Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(written),
+                    Err(e) => return Err(VaultError::Internal(e.to_string())),
+                }
             }
         }
         Ok(written)

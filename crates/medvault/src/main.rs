@@ -414,8 +414,10 @@ fn run(cli: Cli) -> Result<()> {
             vault
                 .export_audit(&auditor, since.as_deref(), &mut out)
                 .map_err(describe)?;
-            out.flush()?;
-            Ok(())
+            match out.flush() {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+                _ => Ok(()),
+            }
         }
         Command::Audit {
             command:

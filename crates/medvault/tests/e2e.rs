@@ -4372,3 +4372,49 @@ fn date_pages_hold_still_and_contained_resources_keep_their_category() {
     );
     assert_eq!(r.status, 400);
 }
+
+/// `audit export --since notadate` exited 0 (the value was compared as text), and
+/// `audit export | head` ended with a broken-pipe error. A malformed `--since` is one line
+/// and a non-zero exit; `--since` is a date's interval; a reader that stops early is fine.
+#[test]
+fn audit_export_since_is_a_date_and_a_closed_pipe_is_not_an_error() {
+    let (_tmp, dir, _staff) = setup();
+    let o = medvault(&dir, &["audit", "export", "--since", "notadate"]);
+    assert_ne!(o.status.code(), Some(0));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("--since"), "{err}");
+    let all = medvault(&dir, &["audit", "export"]);
+    assert!(all.status.success());
+    let n = String::from_utf8_lossy(&all.stdout).lines().count();
+    assert!(n > 5);
+    let later = medvault(&dir, &["audit", "export", "--since", "2999"]);
+    assert!(later.status.success() && later.stdout.is_empty());
+    let earlier = medvault(
+        &dir,
+        &["audit", "export", "--since", "2000-01-01T00:00:00Z"],
+    );
+    // (Each export is itself audited, so the log grew meanwhile.)
+    assert!(String::from_utf8_lossy(&earlier.stdout).lines().count() > n);
+    // A reader that has gone away before anything is written.
+    let mut child = Command::new(BIN)
+        .arg("--data-dir")
+        .arg(&dir)
+        .args(["audit", "export"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
