@@ -259,6 +259,7 @@ fn setup(
             &importer,
             json!({"resourceType": "Bundle", "type": "transaction", "entry": entries}),
             "import",
+            false,
         )?;
         for pair in results.chunks(2) {
             if let [p, o] = pair {

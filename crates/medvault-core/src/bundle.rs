@@ -31,11 +31,14 @@ impl Vault {
     /// results are in the Bundle's entry order. Conditional creates that find their match
     /// write nothing and answer `200 OK` with it; `ifMatch`/`ifNoneMatch` follow the rules
     /// of the `If-Match`/`If-None-Match` headers (a failed one fails the transaction: 412).
+    /// `bodies`: read each written resource back (when the caller may) for a
+    /// `Prefer: return=representation` response; imports and minimal responses skip it.
     pub fn transaction(
         &self,
         c: &Caller,
         bundle: Value,
         action: &str,
+        bodies: bool,
     ) -> Result<Vec<EntryResult>, VaultError> {
         let mut parsed = parse_transaction(bundle, action == "import")?;
         // Resolve what each entry writes or finds before references are bound to it.
@@ -53,7 +56,7 @@ impl Vault {
                 } else {
                     Action::Update
                 };
-                self.may_write(c, action, r.rtype(), "", &[r.category()])?;
+                self.may_write(c, action, r.rtype(), "", r.category(), None)?;
             }
             let condition = match (&e.target, &e.if_none_exist, &e.resource) {
                 (Some(Target::Search(rt, q)), _, _) => Some((rt.as_str().to_owned(), q.clone())),
@@ -172,14 +175,7 @@ impl Vault {
                 }
                 (_, None) => self.plan_put(c, &mut plan, r, id, None, Expect::Absent)?,
                 (_, Some(prior)) => {
-                    let stored = prior
-                        .category()
-                        .parse::<medvault_types::Category>()
-                        .map_err(|_| VaultError::Refused {
-                            action: Action::Update.as_str(),
-                            rtype: rt.as_str().to_owned(),
-                        })?;
-                    self.may_write(c, Action::Update, rt, &id, &[r.category(), stored])?;
+                    self.may_write(c, Action::Update, rt, &id, r.category(), Some(&prior))?;
                     pre.check(prior.version())?;
                     let expect = Expect::Version(prior.version());
                     self.plan_put(c, &mut plan, r, id, Some(&prior), expect)?
@@ -188,7 +184,11 @@ impl Vault {
             let category = w.category;
             let status = if w.created { "201 Created" } else { "200 OK" };
             let location = format!("{}/{}/_history/{}", w.rtype, w.id, w.version);
-            let written = Some(self.readback(c, w, json, category));
+            let written = Some(if bodies {
+                self.readback(c, w, json, category)
+            } else {
+                w
+            });
             results.push((
                 e.index,
                 EntryResult {

@@ -739,16 +739,7 @@ impl Vault {
         have: &mut HashSet<(String, String)>,
         withheld: &mut Vec<Category>,
     ) -> Result<Vec<Disclosed>, VaultError> {
-        if !["patient", "subject"].contains(&inc.param.as_str())
-            || !inc.source.is_patient_scoped()
-            || inc.source.as_str() == "Patient"
-        {
-            return Err(bad(format!(
-                "_revinclude={}:{} is not supported (the patient-compartment types by patient or subject are)",
-                inc.source,
-                inc.param.chars().take(40).collect::<String>()
-            )));
-        }
+        // (`add_includes` checked `inc` before anything was fetched.)
         let patients: Vec<PatientId> = sources
             .iter()
             .filter(|d| d.rtype().as_str() == "Patient")
@@ -1080,10 +1071,11 @@ impl Vault {
         category: Category,
     ) -> Result<Matched, VaultError> {
         if !self.searchable(c).contains(&category) {
-            return Err(VaultError::Refused {
-                action: "search (for a conditional write)",
-                rtype: rt.as_str().to_owned(),
-            });
+            // A refusal is recorded like any other (the write's own decision was allowed).
+            let mut rec = self.record(c, "search", Outcome::Success);
+            rec.resource = Some(rt.as_str().to_owned());
+            rec.detail = Some("conditional write: no search access".into());
+            return Err(self.deny(rec, Action::Search, rt, Some(category)));
         }
         let mut params: Vec<(String, String)> = serde_urlencoded::from_str(query)
             .map_err(|_| VaultError::BadRequest("malformed conditional search".into()))?;

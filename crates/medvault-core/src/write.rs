@@ -137,17 +137,7 @@ impl Vault {
         };
         let mut rec = self.record(c, action.as_str(), Outcome::Success);
         rec.resource = Some(format!("{rt}/{id}"));
-        let mut denied = !self.decide(c, action, category).allowed();
-        if let Some(p) = prior {
-            match p.category().parse::<Category>() {
-                Ok(old) if old == category => {}
-                Ok(old) => denied |= !self.decide(c, Action::Update, old).allowed(),
-                Err(_) => return Err(self.deny(rec, action, rt, None)),
-            }
-        }
-        if denied {
-            return Err(self.deny(rec, action, rt, Some(category)));
-        }
+        self.may_write(c, action, rt, &id, category, prior)?;
         if rt.as_str() == "Patient" && creating {
             let pid =
                 PatientId::new(&id).map_err(|_| VaultError::BadRequest("invalid id".into()))?;
@@ -235,13 +225,23 @@ impl Vault {
         action: Action,
         rt: ResourceType,
         target: &str,
-        categories: &[Category],
+        category: Category,
+        prior: Option<&Sealed>,
     ) -> Result<(), VaultError> {
-        for cat in categories {
-            if !self.decide(c, action, *cat).allowed() {
-                let mut rec = self.record(c, action.as_str(), Outcome::Success);
-                rec.resource = Some(format!("{rt}/{target}"));
-                return Err(self.deny(rec, action, rt, Some(*cat)));
+        let denial = |cat: Option<Category>| {
+            let mut rec = self.record(c, action.as_str(), Outcome::Success);
+            rec.resource = Some(format!("{rt}/{target}"));
+            self.deny(rec, action, rt, cat)
+        };
+        let stored = match prior.map(|p| p.category().parse::<Category>()) {
+            // A stored category this server does not know: default deny, recorded.
+            Some(Err(_)) => return Err(denial(None)),
+            Some(Ok(cat)) => Some(cat),
+            None => None,
+        };
+        for cat in std::iter::once(category).chain(stored.filter(|s| *s != category)) {
+            if !self.decide(c, action, cat).allowed() {
+                return Err(denial(Some(cat)));
             }
         }
         Ok(())
@@ -252,7 +252,7 @@ impl Vault {
     /// denial cannot be audited, the error says so). `category` is what the record names as
     /// withheld; `None` means the stored row's category is one this server does not know
     /// (default deny), which the record says instead.
-    fn deny(
+    pub(crate) fn deny(
         &self,
         mut rec: AuditRecord,
         action: Action,
@@ -326,7 +326,7 @@ impl Vault {
         res: Resource,
         search: &str,
     ) -> Result<Written, VaultError> {
-        self.may_write(c, Action::Create, res.rtype(), "", &[res.category()])?;
+        self.may_write(c, Action::Create, res.rtype(), "", res.category(), None)?;
         match self.match_condition(c, res.rtype(), search, res.category())? {
             Matched::None => self.create(c, res),
             Matched::One(d) => Ok(Written::found(d)),
@@ -369,14 +369,7 @@ impl Vault {
                 return Err(VaultError::NotFound);
             }
         };
-        let stored = prior
-            .category()
-            .parse::<Category>()
-            .map_err(|_| VaultError::Refused {
-                action: Action::Update.as_str(),
-                rtype: rt.as_str().to_owned(),
-            })?;
-        self.may_write(c, Action::Update, rt, id, &[category, stored])?;
+        self.may_write(c, Action::Update, rt, id, category, Some(&prior))?;
         pre.check(prior.version())?;
         let mut plan = Plan::default();
         let (w, json) = self.plan_put(
@@ -407,7 +400,7 @@ impl Vault {
         pre: Precondition,
     ) -> Result<Written, VaultError> {
         let rt = res.rtype();
-        self.may_write(c, Action::Update, rt, "", &[res.category()])?;
+        self.may_write(c, Action::Update, rt, "", res.category(), None)?;
         match self.match_condition(c, rt, search, res.category())? {
             Matched::None if res.id().is_some() => Err(VaultError::BadRequest(
                 "conditional update found no match and the resource has an id: update as create is not supported".into(),

@@ -703,7 +703,7 @@ pub(crate) async fn transaction(
                 &e,
             )))
         })?;
-        vault.transaction(&c, v, "transaction")
+        vault.transaction(&c, v, "transaction", ret == Return::Representation)
     })
     .await??;
     let entries: Vec<Value> = results

@@ -299,7 +299,7 @@ fn run(cli: Cli) -> Result<()> {
             })?;
             let (_, vault, op) = open(&dir)?;
             let results = vault
-                .transaction(&Caller::cli(&op, Role::Importer), value, "import")
+                .transaction(&Caller::cli(&op, Role::Importer), value, "import", false)
                 .map_err(describe)?;
             if json {
                 println!("{}", json!({"imported": results.len()}));
@@ -781,7 +781,7 @@ fn demo(
             b.set_message("loading through the secure path");
         }
         let n = vault
-            .transaction(&Caller::cli(&op, Role::Importer), bundle, "import")
+            .transaction(&Caller::cli(&op, Role::Importer), bundle, "import", false)
             .map_err(describe)?
             .len();
         if let Some(b) = bar {
