@@ -16,16 +16,27 @@ fn profile_and_action(r: &AuditRecord) -> (&'static str, &'static str, &'static 
         "create" => ("IHE.BasicAudit.PatientCreate", "create", "C"),
         "update" => ("IHE.BasicAudit.PatientUpdate", "update", "U"),
         "delete" => ("IHE.BasicAudit.PatientDelete", "delete", "D"),
-        "login" | "mfa" => ("IHE.BasicAudit.Login", "", "E"),
+        "login" | "mfa" | "step-up" | "lockout" | "password.change" | "recovery-codes" => {
+            ("IHE.BasicAudit.Login", "", "E")
+        }
         "logout" => ("IHE.BasicAudit.Logout", "", "E"),
         _ => ("IHE.BasicAudit.PatientRead", "", "E"),
     }
 }
 
+/// Whether an audit action is an identity event (rendered as BALP Login or Logout, with
+/// the user as the authenticating agent).
+pub fn is_authentication(action: &str) -> bool {
+    matches!(
+        action,
+        "login" | "mfa" | "logout" | "step-up" | "lockout" | "password.change" | "recovery-codes"
+    )
+}
+
 /// One audit record as a BALP AuditEvent (id = its index in the log).
 pub fn audit_event(index: u64, r: &AuditRecord) -> Value {
     let (profile, interaction, action) = profile_and_action(r);
-    let auth = matches!(r.action.as_str(), "login" | "mfa" | "logout");
+    let auth = is_authentication(&r.action);
     let mut ev = Map::new();
     ev.insert("resourceType".into(), json!("AuditEvent"));
     ev.insert("id".into(), json!(index.to_string()));
@@ -63,12 +74,24 @@ pub fn audit_event(index: u64, r: &AuditRecord) -> Value {
     if !r.categories_withheld.is_empty() {
         desc.push_str(&format!("; withheld: {}", r.categories_withheld.join(", ")));
     }
+    if let (true, Some(d)) = (auth, &r.detail) {
+        // Identity events' details carry no PHI: say what happened ("account from this
+        // address locked for 30 s after 5 failures").
+        desc = format!("{desc}: {d}");
+    }
     ev.insert("outcomeDesc".into(), json!(desc));
     if let Some(p) = &r.purpose {
         ev.insert("purposeOfEvent".into(), json!([{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": p}]}]));
     }
+    // The user is the information recipient of a data access, and the authenticating
+    // agent (a human user) of an identity event.
+    let agent_type = if auth {
+        json!({"coding": [{"system": "http://terminology.hl7.org/CodeSystem/extra-security-role-type", "code": "humanuser", "display": "human user"}]})
+    } else {
+        json!({"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType", "code": "IRCP", "display": "information recipient"}]})
+    };
     let mut agent = json!({
-        "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType", "code": "IRCP", "display": "information recipient"}]},
+        "type": agent_type,
         "who": {"identifier": {"system": "https://medvault.dev/sid/username", "value": r.actor}},
         "requestor": true
     });
@@ -193,6 +216,8 @@ mod tests {
             "login",
             "mfa",
             "logout",
+            "lockout",
+            "step-up",
             "everything",
         ] {
             for outcome in [Outcome::Success, Outcome::Denied, Outcome::NotFound] {

@@ -746,6 +746,8 @@ pub fn run(
             plain: None,
         });
         if k == 0 {
+            progress("logins", 0, 1);
+            identity_rows(&fx, opts, &*clock, &mut rows)?;
             audit_log_rows(
                 &fx,
                 &c,
@@ -760,6 +762,95 @@ pub fn run(
         drop_databases(backend, &created);
     }
     Ok((rows, audit_figures))
+}
+
+/// Sign-in and token check through the gate, against their irreducible parts on the plain
+/// side: one Argon2id verification per login, one session lookup per token check. Each
+/// login needs its own user (a TOTP step is usable once per user), so the login row runs
+/// over `logins` fresh users.
+fn identity_rows(
+    fx: &Fixture,
+    opts: BenchOptions,
+    clock: &dyn Clock,
+    rows: &mut Vec<BenchRow>,
+) -> Result<(), VaultError> {
+    let admin = Caller::cli(&fx.operator, Role::SecurityAdmin);
+    let logins = (opts.ops / 100).clamp(8, 200);
+    let password = medvault_core::Password::new("bench correct horse battery".into());
+    let users = (0..logins)
+        .map(|i| {
+            let name = format!(
+                "bench.user{i}.{}",
+                medvault_types::random_uuid().get(..8).unwrap_or("x")
+            );
+            fx.vault
+                .add_user(&admin, &name, Role::Nurse, Some(password.clone()))
+                .map(|u| (name, u.totp_secret))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let anonymous = |i: usize| Caller::anonymous(Some("192.0.2.1".into()), format!("bench-{i}"));
+    let tokens = std::sync::Mutex::new(vec![]);
+    let secure = measure(opts.threads, logins, &|i| {
+        let (name, secret) = users.get(i).ok_or(VaultError::NotFound)?;
+        let c = anonymous(i);
+        let ch = fx.vault.login(&c, name, &password)?;
+        let now = clock.now().unix_timestamp();
+        let code = medvault_core::totp_now(secret, now).ok_or(VaultError::NotFound)?;
+        let g = fx
+            .vault
+            .login_factor(&c, &ch.mfa_token, &medvault_core::Factor::Totp(&code))?;
+        if let Ok(mut t) = tokens.lock() {
+            t.push(g.token);
+        }
+        Ok(())
+    })?;
+    let hash = argon2::PasswordHasher::hash_password(
+        &argon2::Argon2::default(),
+        password.expose().as_bytes(),
+        &argon2::password_hash::SaltString::generate(&mut rand::rngs::OsRng),
+    )
+    .map_err(|e| VaultError::Internal(e.to_string()))?
+    .to_string();
+    let plain = measure(opts.threads, logins, &|_| {
+        let h =
+            argon2::PasswordHash::new(&hash).map_err(|e| VaultError::Internal(e.to_string()))?;
+        argon2::PasswordVerifier::verify_password(
+            &argon2::Argon2::new(
+                argon2::Algorithm::Argon2id,
+                argon2::Version::V0x13,
+                argon2::Params::new(19_456, 2, 1, None).unwrap_or_default(),
+            ),
+            password.expose().as_bytes(),
+            &h,
+        )
+        .map_err(|e| VaultError::Internal(e.to_string()))
+    })?;
+    rows.push(BenchRow {
+        patients: 0,
+        operation: "login (password + TOTP)".into(),
+        secure,
+        plain: Some(plain),
+    });
+    let tokens = tokens
+        .into_inner()
+        .map_err(|_| VaultError::Internal("bench tokens".into()))?;
+    let n = tokens.len().max(1);
+    let secure = measure(opts.threads, opts.ops, &|i| {
+        let t = tokens.get(i % n).ok_or(VaultError::NotFound)?;
+        fx.vault.authenticate(&anonymous(i), t, None).map(|_| ())
+    })?;
+    let plain = measure(opts.threads, opts.ops, &|i| {
+        let t = tokens.get(i % n).ok_or(VaultError::NotFound)?;
+        fx.plain.session(&t.hash())?;
+        Ok(())
+    })?;
+    rows.push(BenchRow {
+        patients: 0,
+        operation: "token check".into(),
+        secure,
+        plain: Some(plain),
+    });
+    Ok(())
 }
 
 fn drop_databases(backend: &BenchBackend, names: &[String]) {

@@ -2,12 +2,32 @@
 //! together with its audit record.
 
 use medvault_fhir::Resource;
-use medvault_identity::{IdentityError, Password, Principal, Token};
+use medvault_identity::{
+    AccountView, Factor, IdentityError, Password, Principal, Refused, SessionView, Token,
+};
+use medvault_store::Op;
 use medvault_types::{Operation, Purpose, Role, Username};
 use serde_json::json;
 
+use crate::caller::Assurance;
 use crate::write::Plan;
 use crate::{Caller, Outcome, Vault, VaultError};
+
+fn factor_name(f: &Factor<'_>) -> &'static str {
+    match f {
+        Factor::Totp(_) => "totp",
+        Factor::Recovery(_) => "recovery code",
+        Factor::Passkey { .. } => "passkey",
+    }
+}
+
+/// A second-factor enrollment to show once (after an MFA reset).
+#[derive(Debug)]
+pub struct EnrollmentInfo {
+    pub totp_secret: String,
+    pub totp_uri: String,
+    pub recovery_codes: Vec<String>,
+}
 
 /// First-factor success: the challenge for the second factor.
 #[derive(Debug)]
@@ -32,6 +52,7 @@ pub struct NewUserInfo {
     pub password: Password,
     pub totp_secret: String,
     pub totp_uri: String,
+    pub recovery_codes: Vec<String>,
     pub practitioner_id: Option<String>,
 }
 
@@ -39,12 +60,17 @@ fn id_err(e: IdentityError) -> VaultError {
     match e {
         IdentityError::Store(s) => s.into(),
         IdentityError::Internal(m) => VaultError::Internal(m),
-        IdentityError::WeakPassword | IdentityError::UserExists => {
+        IdentityError::Locked { retry_after } => VaultError::Locked { retry_after },
+        IdentityError::WeakPassword(_) | IdentityError::UserExists => {
             VaultError::BadRequest(e.to_string())
         }
+        IdentityError::NoSuchUser | IdentityError::NoSuchSession => VaultError::NotFound,
         other => VaultError::Identity(other.to_string()),
     }
 }
+
+/// Actor recorded for a sign-in attempt naming no existing account.
+const UNKNOWN_USER: &str = "(unknown user)";
 
 impl Vault {
     /// A record of a sign-in step by a caller not yet signed in, naming whom they claim
@@ -62,83 +88,115 @@ impl Vault {
         r
     }
 
+    /// Commits a refused identity step — its counters and dying challenge, a record of
+    /// the failure and one of each lock it started — and maps its error. The failure's
+    /// record says why only in words a privacy officer may read (never the secret given).
+    fn refused(&self, c: &Caller, action: &str, r: Refused) -> VaultError {
+        if let IdentityError::Store(e) = r.error {
+            return e.into();
+        }
+        let actor = r.username.as_deref().unwrap_or(UNKNOWN_USER);
+        let mut rec = self.sign_in_record(c, action, actor, Outcome::Failure);
+        rec.detail = Some(r.error.to_string());
+        let mut recs = vec![rec];
+        for lock in &r.locks {
+            let mut l = self.sign_in_record(c, "lockout", actor, Outcome::Failure);
+            l.detail = Some(format!(
+                "{} locked for {} s after {} failures",
+                lock.scope, lock.seconds, lock.failures
+            ));
+            recs.push(l);
+        }
+        if let Err(e) = self.commit(r.ops, recs) {
+            return crate::audit_failed(e);
+        }
+        match r.error {
+            IdentityError::Locked { retry_after } => VaultError::Locked { retry_after },
+            IdentityError::WeakPassword(_) => VaultError::BadRequest(r.error.to_string()),
+            _ => VaultError::Unauthenticated,
+        }
+    }
+
     /// `POST /auth/login`: password, for a caller not yet signed in
-    /// ([`Caller::anonymous`]). Same error for unknown users and wrong passwords.
+    /// ([`Caller::anonymous`]). Same answer and work for unknown users, wrong passwords
+    /// and disabled accounts; `Locked` (HTTP 429) while the throttle holds, whatever the
+    /// password.
+    ///
+    /// # Errors
+    /// `Unauthenticated`, `Locked`, `AuditUnavailable`.
     pub fn login(
         &self,
         c: &Caller,
         username: &str,
         password: &Password,
     ) -> Result<LoginChallenge, VaultError> {
-        let known = Username::new(username)
-            .ok()
-            .map(|u| self.store.user(u.as_str()))
-            .transpose()?
-            .flatten()
-            .is_some();
-        let actor = if known { username } else { "(unknown user)" };
-        match self.identity.begin_login(username, password) {
+        match self
+            .identity
+            .begin_login(username, password, c.source.as_deref())
+        {
             Ok(step) => {
-                let mut rec = self.sign_in_record(c, "login", actor, Outcome::Success);
-                rec.role = Some(step.value.1.role.as_str().to_owned());
+                let ch = step.value;
+                let mut rec = self.sign_in_record(
+                    c,
+                    "login",
+                    ch.principal.username.as_str(),
+                    Outcome::Success,
+                );
+                rec.role = Some(ch.principal.role.as_str().to_owned());
                 rec.detail = Some("password accepted; second factor required".into());
                 self.commit(step.ops, vec![rec])?;
                 Ok(LoginChallenge {
-                    mfa_token: step.value.0,
-                    methods: vec!["totp"],
+                    mfa_token: ch.mfa_token,
+                    methods: ch.methods,
                 })
             }
-            Err(step) => {
-                if let IdentityError::Store(e) = step.value {
-                    return Err(e.into());
-                }
-                let mut rec = self.sign_in_record(c, "login", actor, Outcome::Failure);
-                rec.detail = Some("invalid credentials".into());
-                self.commit(step.ops, vec![rec])?;
-                Err(VaultError::Unauthenticated)
-            }
+            Err(r) => Err(self.refused(c, "login", r)),
         }
     }
 
-    /// `POST /auth/mfa/totp`: second factor; returns the session.
-    pub fn login_totp(
+    /// `POST /auth/mfa/totp`, `/auth/mfa/recovery`: the second factor; returns the
+    /// session. Wrong answers count against the challenge (three, then back to the
+    /// password) and the throttle.
+    ///
+    /// # Errors
+    /// `Unauthenticated`, `Locked`, `AuditUnavailable`.
+    pub fn login_factor(
         &self,
         c: &Caller,
         mfa_token: &Token,
-        code: &str,
+        factor: &Factor<'_>,
     ) -> Result<SessionGrant, VaultError> {
-        match self.identity.finish_totp(mfa_token, code) {
-            Ok(step) => {
-                let (token, principal) = step.value;
-                let mut rec =
-                    self.sign_in_record(c, "mfa", principal.username.as_str(), Outcome::Success);
-                rec.role = Some(principal.role.as_str().to_owned());
-                rec.detail = Some("totp; session started".into());
-                match self.commit(step.ops, vec![rec]) {
-                    Ok(_) => {}
-                    // The TOTP step was used concurrently: a replay.
-                    Err(VaultError::Conflict) => return Err(VaultError::Unauthenticated),
-                    Err(e) => return Err(e),
-                }
-                Ok(SessionGrant {
-                    token,
-                    principal,
-                    expires_in: self.identity.session_policy().idle_timeout_secs,
-                })
-            }
-            Err(IdentityError::Store(e)) => Err(e.into()),
-            Err(e) => {
-                let actor = self
-                    .identity
-                    .challenge_user(mfa_token)
-                    .map(|p| p.username.to_string())
-                    .unwrap_or_else(|_| "(unknown user)".into());
-                let mut rec = self.sign_in_record(c, "mfa", &actor, Outcome::Failure);
-                rec.detail = Some(e.to_string());
-                self.commit(vec![], vec![rec])?;
-                Err(VaultError::Unauthenticated)
-            }
+        match self
+            .identity
+            .finish_login(mfa_token, factor, c.source.as_deref())
+        {
+            Ok(step) => self.grant(c, step),
+            Err(r) => Err(self.refused(c, "mfa", r)),
         }
+    }
+
+    /// Commits a new session with its audit record.
+    pub(crate) fn grant(
+        &self,
+        c: &Caller,
+        step: medvault_identity::Step<medvault_identity::Grant>,
+    ) -> Result<SessionGrant, VaultError> {
+        let g = step.value;
+        let mut rec =
+            self.sign_in_record(c, "mfa", g.principal.username.as_str(), Outcome::Success);
+        rec.role = Some(g.principal.role.as_str().to_owned());
+        rec.detail = Some(format!("{}; session started", g.method));
+        match self.commit(step.ops, vec![rec]) {
+            Ok(_) => {}
+            // The factor or the challenge was used concurrently: a replay.
+            Err(VaultError::Conflict) => return Err(VaultError::Unauthenticated),
+            Err(e) => return Err(e),
+        }
+        Ok(SessionGrant {
+            token: g.token,
+            principal: g.principal,
+            expires_in: self.identity.session_policy().idle_timeout_secs,
+        })
     }
 
     /// Turns a caller not yet signed in ([`Caller::anonymous`], carrying the request's
@@ -158,7 +216,7 @@ impl Vault {
                 if !step.ops.is_empty() {
                     self.commit(step.ops, vec![])?;
                 }
-                Ok(Caller::new(
+                Ok(Caller::from_session(
                     step.value,
                     purpose,
                     c.source.clone(),
@@ -170,11 +228,237 @@ impl Vault {
         }
     }
 
+    /// Whether `c` may do a step-up action now: the local operator always; a session
+    /// whose second factor was verified within the step-up window.
+    pub(crate) fn stepped_up(&self, c: &Caller) -> bool {
+        match c.assurance() {
+            Assurance::Local => true,
+            Assurance::Session { mfa_at, .. } => self.identity.stepped_up(*mfa_at),
+            Assurance::None => false,
+        }
+    }
+
+    /// `POST /auth/step-up/totp` (or a passkey): verifies a second factor inside the
+    /// caller's session, so step-up actions are allowed for the next five minutes.
+    ///
+    /// # Errors
+    /// `Unauthenticated` (wrong code, no session), `Locked`, `AuditUnavailable`.
+    pub fn step_up(&self, c: &Caller, factor: &Factor<'_>) -> Result<(), VaultError> {
+        let Some(session) = self.session_of(c) else {
+            return Err(VaultError::Unauthenticated);
+        };
+        match self.identity.step_up(&session, factor, c.source.as_deref()) {
+            Ok(step) => {
+                let mut rec = self.record(c, "step-up", Outcome::Success);
+                rec.detail = Some(format!("{} verified", factor_name(factor)));
+                self.commit(step.ops, vec![rec])?;
+                Ok(())
+            }
+            Err(r) => Err(self.refused(c, "step-up", r)),
+        }
+    }
+
+    fn session_of(&self, c: &Caller) -> Option<medvault_identity::SessionInfo> {
+        match (c.assurance(), c.principal()) {
+            (Assurance::Session { token_hash, mfa_at }, Some(p)) => {
+                Some(medvault_identity::SessionInfo {
+                    principal: p.clone(),
+                    token_hash: token_hash.clone(),
+                    mfa_at: *mfa_at,
+                })
+            }
+            _ => None,
+        }
+    }
+
     /// `POST /auth/logout`.
     pub fn logout(&self, c: &Caller, token: &Token) -> Result<(), VaultError> {
         let rec = self.record(c, "logout", Outcome::Success);
         self.commit(self.identity.logout(token), vec![rec])?;
         Ok(())
+    }
+
+    /// `GET /auth/sessions`: the caller's own live sessions.
+    ///
+    /// # Errors
+    /// `Unauthenticated` without a session.
+    pub fn sessions(&self, c: &Caller) -> Result<Vec<SessionView>, VaultError> {
+        let s = self.session_of(c).ok_or(VaultError::Unauthenticated)?;
+        self.identity
+            .sessions(s.principal.username.as_str(), &s.token_hash)
+            .map_err(id_err)
+    }
+
+    /// `DELETE /auth/sessions/{id}`: ends one of the caller's own sessions.
+    ///
+    /// # Errors
+    /// `NotFound` for an id that is not one of the caller's sessions.
+    pub fn end_session(&self, c: &Caller, id: &str) -> Result<(), VaultError> {
+        let s = self.session_of(c).ok_or(VaultError::Unauthenticated)?;
+        let ops = self
+            .identity
+            .end_session(s.principal.username.as_str(), id)
+            .map_err(id_err)?;
+        let mut rec = self.record(c, "logout", Outcome::Success);
+        rec.detail = Some("session ended from the session list".into());
+        self.commit(ops, vec![rec])?;
+        Ok(())
+    }
+
+    /// `POST /auth/password`: the current password, then a new one by the password
+    /// rules; every session of the account ends (sign in again).
+    ///
+    /// # Errors
+    /// `Unauthenticated` (wrong current password), `Locked`, `BadRequest` (weak password).
+    pub fn change_password(
+        &self,
+        c: &Caller,
+        current: &Password,
+        new: &Password,
+    ) -> Result<(), VaultError> {
+        let s = self.session_of(c).ok_or(VaultError::Unauthenticated)?;
+        match self
+            .identity
+            .change_password(&s.principal, current, new, c.source.as_deref())
+        {
+            Ok(step) => {
+                let mut rec = self.record(c, "password.change", Outcome::Success);
+                rec.detail = Some("password changed; every session ended".into());
+                self.commit(step.ops, vec![rec])?;
+                Ok(())
+            }
+            Err(r) => Err(self.refused(c, "password.change", r)),
+        }
+    }
+
+    /// `POST /auth/recovery-codes` (step-up): ten new one-time recovery codes, shown once;
+    /// the old ones stop working.
+    ///
+    /// # Errors
+    /// `StepUpRequired`, `Unauthenticated`.
+    pub fn new_recovery_codes(&self, c: &Caller) -> Result<Vec<String>, VaultError> {
+        let s = self.session_of(c).ok_or(VaultError::Unauthenticated)?;
+        if !self.stepped_up(c) {
+            return Err(VaultError::StepUpRequired);
+        }
+        let step = self
+            .identity
+            .regenerate_recovery_codes(s.principal.username.as_str());
+        let mut rec = self.record(c, "recovery-codes", Outcome::Success);
+        rec.detail = Some("recovery codes replaced".into());
+        self.commit(step.ops, vec![rec])?;
+        Ok(step.value)
+    }
+
+    /// `GET /api/users`: every account, no secrets. Policy action `user.list`.
+    ///
+    /// # Errors
+    /// Denied by policy.
+    pub fn users(&self, c: &Caller) -> Result<Vec<AccountView>, VaultError> {
+        if let Some(rec) = self.operate(c, Operation::ListUsers, None)? {
+            self.audit(vec![rec])?;
+        }
+        self.identity.accounts().map_err(id_err)
+    }
+
+    /// Applies an account change decided by policy (with step-up), audited with `detail`.
+    fn change_account(
+        &self,
+        c: &Caller,
+        op: Operation,
+        target: &str,
+        change: impl FnOnce() -> Result<Vec<Op>, IdentityError>,
+    ) -> Result<(), VaultError> {
+        let Some(mut rec) = self.operate(c, op, None)? else {
+            return Err(VaultError::Unauthenticated);
+        };
+        let ops = change().map_err(id_err)?;
+        rec.detail = Some(format!("target={target}"));
+        self.commit(ops, vec![rec])?;
+        Ok(())
+    }
+
+    /// `POST /api/users/{name}/disable` (step-up): ends every session at once.
+    ///
+    /// # Errors
+    /// Denied, `StepUpRequired`, `NotFound`.
+    pub fn set_user_disabled(
+        &self,
+        c: &Caller,
+        name: &str,
+        disabled: bool,
+    ) -> Result<(), VaultError> {
+        let op = if disabled {
+            Operation::DisableUser
+        } else {
+            Operation::EnableUser
+        };
+        self.change_account(c, op, name, || self.identity.set_disabled(name, disabled))
+    }
+
+    /// `POST /api/users/{name}/unlock` (step-up): clears the account's failure counters.
+    ///
+    /// # Errors
+    /// Denied, `StepUpRequired`, `NotFound`.
+    pub fn unlock_user(&self, c: &Caller, name: &str) -> Result<(), VaultError> {
+        self.change_account(c, Operation::UnlockUser, name, || {
+            self.identity.unlock(name)
+        })
+    }
+
+    /// `POST /api/users/{name}/role` (step-up): a new role; every session ends.
+    ///
+    /// # Errors
+    /// Denied, `StepUpRequired`, `NotFound`, `BadRequest` for a role no person may hold.
+    pub fn set_user_role(&self, c: &Caller, name: &str, role: Role) -> Result<(), VaultError> {
+        if !role.is_staff() {
+            return Err(VaultError::BadRequest(format!(
+                "role `{role}` cannot be given to a user"
+            )));
+        }
+        self.change_account(c, Operation::ChangeRole, name, || {
+            self.identity.set_role(name, role)
+        })
+    }
+
+    /// `POST /api/users/{name}/mfa-reset` (step-up): a new TOTP seed and recovery codes,
+    /// passkeys revoked, sessions ended; returns the enrollment to hand to the user once.
+    ///
+    /// # Errors
+    /// Denied, `StepUpRequired`, `NotFound`.
+    pub fn reset_mfa(&self, c: &Caller, name: &str) -> Result<EnrollmentInfo, VaultError> {
+        let mut out = None;
+        self.change_account(c, Operation::ResetMfa, name, || {
+            let step = self.identity.reset_mfa(name)?;
+            out = Some(step.value);
+            Ok(step.ops)
+        })?;
+        let e = out.ok_or(VaultError::Internal("no enrollment".into()))?;
+        Ok(EnrollmentInfo {
+            totp_secret: e.totp.base32(),
+            totp_uri: e.totp.uri("medvault", name),
+            recovery_codes: e.recovery_codes,
+        })
+    }
+
+    /// Disables every account unused past `session.dormant_after_days`, one audit record
+    /// each (the server's own work, [`Caller::system`]). Returns the names disabled.
+    ///
+    /// # Errors
+    /// Denied by policy; storage.
+    pub fn disable_dormant(&self, c: &Caller) -> Result<Vec<String>, VaultError> {
+        self.permit_operation(c, Operation::DisableDormant, None)?;
+        let names = self.identity.dormant_accounts().map_err(id_err)?;
+        for name in &names {
+            let ops = self.identity.set_disabled(name, true).map_err(id_err)?;
+            let mut rec = self.record(c, Operation::DisableDormant.as_str(), Outcome::Success);
+            rec.detail = Some(format!(
+                "target={name}; no sign-in for {} days",
+                self.identity.session_policy().dormant_after_days
+            ));
+            self.commit(ops, vec![rec])?;
+        }
+        Ok(names)
     }
 
     /// Adds a staff user (and, for clinical roles, their FHIR Practitioner).
@@ -222,6 +506,7 @@ impl Vault {
         Ok(NewUserInfo {
             totp_secret: u.totp.base32(),
             totp_uri: u.totp.uri("medvault", u.username.as_str()),
+            recovery_codes: u.recovery_codes,
             username: u.username,
             role: u.role,
             password: u.password,
@@ -235,6 +520,6 @@ impl Vault {
 ///
 /// # Errors
 /// `BadRequest` saying which rule it breaks.
-pub fn check_password(p: &Password) -> Result<(), VaultError> {
-    medvault_identity::Identity::check_password_strength(p).map_err(id_err)
+pub fn check_password(p: &Password, username: Option<&str>) -> Result<(), VaultError> {
+    medvault_identity::Identity::check_password_strength(p, username).map_err(id_err)
 }

@@ -14,6 +14,19 @@ pub struct Caller {
     pub purpose: Purpose,
     pub source: Option<String>,
     pub request_id: String,
+    assurance: Assurance,
+}
+
+/// How the caller proved who they are, as step-up needs to know.
+#[derive(Debug, Clone)]
+pub(crate) enum Assurance {
+    /// Nobody signed in.
+    None,
+    /// The local operator or the server itself: proven by holding the data directory and
+    /// its master key, which no second factor adds to.
+    Local,
+    /// A signed-in session: its token hash and when a second factor was last verified.
+    Session { token_hash: Vec<u8>, mfa_at: i64 },
 }
 
 /// Actor name recorded for an anonymous caller.
@@ -51,7 +64,27 @@ impl Caller {
             purpose,
             source,
             request_id,
+            assurance: Assurance::Local,
         }
+    }
+
+    /// A caller signed in through a session.
+    pub(crate) fn from_session(
+        session: medvault_identity::SessionInfo,
+        purpose: Option<Purpose>,
+        source: Option<String>,
+        request_id: String,
+    ) -> Self {
+        let mut c = Caller::new(session.principal, purpose, source, request_id);
+        c.assurance = Assurance::Session {
+            token_hash: session.token_hash,
+            mfa_at: session.mfa_at,
+        };
+        c
+    }
+
+    pub(crate) fn assurance(&self) -> &Assurance {
+        &self.assurance
     }
 
     /// A request without credentials (signing in, or a public transparency read). Policies
@@ -62,6 +95,7 @@ impl Caller {
             purpose: Purpose::Operations,
             source,
             request_id,
+            assurance: Assurance::None,
         }
     }
 

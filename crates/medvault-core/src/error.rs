@@ -33,6 +33,13 @@ pub enum VaultError {
     PreconditionFailed(&'static str),
     #[error("authentication required")]
     Unauthenticated,
+    /// Too many failed sign-ins: try again after `retry_after` seconds (HTTP 429).
+    #[error("too many failed attempts; try again in {retry_after} seconds")]
+    Locked { retry_after: i64 },
+    /// The action needs a second factor within the last five minutes (HTTP 401,
+    /// OperationOutcome code `step-up-required`).
+    #[error("this action needs a second factor within the last five minutes")]
+    StepUpRequired,
     #[error("{0}")]
     Identity(String),
     #[error("audit log unavailable; request refused")]

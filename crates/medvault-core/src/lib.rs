@@ -45,7 +45,7 @@ use std::sync::Arc;
 
 pub use admin::Status;
 pub use audit_views::AuditEventPage;
-pub use auth::{check_password, LoginChallenge, NewUserInfo, SessionGrant};
+pub use auth::{check_password, EnrollmentInfo, LoginChallenge, NewUserInfo, SessionGrant};
 pub use bundle::EntryResult;
 pub use caller::{Caller, LocalOperator, ANONYMOUS};
 pub use error::VaultError;
@@ -55,7 +55,9 @@ pub use medvault_audit::merkle::verify_inclusion;
 pub use medvault_audit::tiles::TileRef;
 pub use medvault_audit::verify::AuditVerdict;
 pub use medvault_audit::{AuditRecord, Outcome};
-pub use medvault_identity::{totp_now, Password, SessionPolicy, Token};
+pub use medvault_identity::{
+    totp_now, AccountView, Factor, LockoutPolicy, Password, SessionPolicy, SessionView, Token,
+};
 pub use medvault_types::{Category, Clock, Operation, Purpose, Role};
 pub use search::SearchResult;
 pub use typestate::Disclosed;
@@ -105,6 +107,7 @@ impl MasterKeySource {
 #[derive(Debug, Clone, Copy)]
 pub struct VaultOptions {
     pub session: SessionPolicy,
+    pub lockout: LockoutPolicy,
     pub key_cache_capacity: usize,
     pub max_page_size: usize,
     /// How long a search's paging cursor stays valid, in seconds.
@@ -118,6 +121,7 @@ impl Default for VaultOptions {
     fn default() -> Self {
         VaultOptions {
             session: SessionPolicy::default(),
+            lockout: LockoutPolicy::default(),
             key_cache_capacity: 100_000,
             max_page_size: 1000,
             cursor_ttl_secs: 900,
@@ -253,7 +257,15 @@ impl Vault {
         store.on_key_eviction(Box::new(move |p| heard.evict(p)));
         let vault = Vault {
             log: medvault_audit::log::TiledLog::new(origin, signer),
-            identity: Identity::new(store.clone(), clock.clone(), &identity_key, options.session),
+            identity: Identity::new(
+                store.clone(),
+                clock.clone(),
+                &identity_key,
+                options.session,
+                options.lockout,
+                Arc::new(medvault_identity::Argon2id::default()),
+            )
+            .map_err(|e| VaultError::Internal(e.to_string()))?,
             indexer: BlindIndexer::new(&root),
             cursor_mac: medvault_crypto::ServiceMac::new(&root, "search-cursor/v1"),
             searchable: std::sync::Mutex::new(std::collections::HashMap::new()),
@@ -347,6 +359,12 @@ impl Vault {
             rec.outcome = Outcome::Denied;
             self.audit(vec![rec])?;
             return Err(e);
+        }
+        if op.needs_step_up() && !self.stepped_up(c) {
+            rec.outcome = Outcome::Denied;
+            rec.detail = Some("step-up required".into());
+            self.audit(vec![rec])?;
+            return Err(VaultError::StepUpRequired);
         }
         Ok(Some(rec))
     }

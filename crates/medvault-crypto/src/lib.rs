@@ -314,7 +314,17 @@ impl fmt::Debug for ServiceMac {
 
 impl ServiceMac {
     pub fn new(root: &IndexRootKey, label: &str) -> Self {
-        let hk = hkdf::Hkdf::<Sha256>::new(Some(b"medvault"), &root.0);
+        Self::derive(&root.0, label)
+    }
+
+    /// The MAC under `label` derived (HKDF-SHA256) from another service key, such as the
+    /// identity key: for tags that must survive a rotation of the blind-index root.
+    pub fn from_data_key(key: &DataKey, label: &str) -> Self {
+        Self::derive(&key.0, label)
+    }
+
+    fn derive(secret: &[u8; 32], label: &str) -> Self {
+        let hk = hkdf::Hkdf::<Sha256>::new(Some(b"medvault"), secret);
         let mut k = [0u8; 32];
         let _ = hk.expand(label.as_bytes(), &mut k);
         let mac = <Hmac<Sha256> as Mac>::new_from_slice(&k).unwrap_or_else(|_| unreachable_mac());

@@ -1,5 +1,6 @@
-//! medvault-identity — who is calling: staff users, Argon2id passwords, TOTP second
-//! factor, MFA challenges and sessions.
+//! medvault-identity — who is calling: staff users, Argon2id passwords, the login
+//! throttle, TOTP, recovery codes and WebAuthn passkeys, MFA challenges, sessions and
+//! step-up, account lifecycle.
 //!
 //! Functions here decide and return the store operations to apply; the gate commits
 //! them together with the audit record of the event, so an authentication event is
@@ -9,21 +10,27 @@
 //! caller whether a user name exists.
 #![forbid(unsafe_code)]
 
+mod account;
+mod hashing;
+mod login;
+mod throttle;
 mod totp;
 
 use std::fmt;
 use std::sync::Arc;
 
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
-use argon2::{Algorithm, Argon2, Params, Version};
 use base64::Engine;
-use medvault_crypto::{DataKey, RecordCipher};
-use medvault_store::{Op, SessionRow, Store, StoreError, UserRow};
+use medvault_crypto::{DataKey, RecordCipher, ServiceMac};
+use medvault_store::{Op, Store, StoreError, UserRow};
 use medvault_types::{Clock, Role, Username};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
+pub use account::{AccountView, Enrollment, SessionView};
+pub use hashing::{weakness, Argon2id, PasswordHashing, MIN_PASSWORD};
+pub use login::{Challenge, Factor, Grant, SessionInfo};
+pub use throttle::{LockEvent, LockoutPolicy, Method};
 pub use totp::{totp_code, totp_now, TotpSecret};
 
 /// Password text: zeroized on drop, never printed.
@@ -98,10 +105,17 @@ pub enum IdentityError {
     Unauthenticated,
     #[error("session expired")]
     Expired,
-    #[error("password must be at least {MIN_PASSWORD} characters and not a common password")]
-    WeakPassword,
+    /// Too many failures: try again in `retry_after` seconds (HTTP 429 `Retry-After`).
+    #[error("too many failed attempts; try again in {retry_after} seconds")]
+    Locked { retry_after: i64 },
+    #[error("password must be {0}")]
+    WeakPassword(&'static str),
     #[error("user already exists")]
     UserExists,
+    #[error("no such user")]
+    NoSuchUser,
+    #[error("no such session")]
+    NoSuchSession,
     #[error("account is disabled")]
     Disabled,
     #[error("storage: {0}")]
@@ -110,26 +124,19 @@ pub enum IdentityError {
     Internal(String),
 }
 
-pub const MIN_PASSWORD: usize = 12;
-const COMMON: &[&str] = &[
-    "password1234",
-    "123456789012",
-    "qwertyuiop12",
-    "passwordpassword",
-    "iloveyou1234",
-    "letmein12345",
-    "administrator",
-    "welcome12345",
-    "changeme1234",
-    "medvault1234",
-];
-
-/// Session lifetimes, from configuration.
+/// Session lifetimes, from configuration (HIPAA 164.312(a)(2)(iii) automatic logoff).
 #[derive(Debug, Clone, Copy)]
 pub struct SessionPolicy {
+    /// Seconds without a request after which a session ends.
     pub idle_timeout_secs: i64,
+    /// Seconds after sign-in at which a session ends however busy.
     pub absolute_timeout_secs: i64,
+    /// Seconds a second-factor challenge lives.
     pub mfa_challenge_secs: i64,
+    /// Seconds a verified second factor counts for step-up (SPEC: 300).
+    pub step_up_secs: i64,
+    /// Days without a sign-in after which an account is disabled (0 = never).
+    pub dormant_after_days: i64,
 }
 
 impl Default for SessionPolicy {
@@ -138,6 +145,8 @@ impl Default for SessionPolicy {
             idle_timeout_secs: 900,
             absolute_timeout_secs: 43_200,
             mfa_challenge_secs: 300,
+            step_up_secs: 300,
+            dormant_after_days: 90,
         }
     }
 }
@@ -156,6 +165,34 @@ pub struct Step<T> {
     pub ops: Vec<Op>,
 }
 
+/// A refused step, with the store operations that record the failure (counters, a dying
+/// challenge) and the locks it started, for the audit log.
+#[derive(Debug)]
+pub struct Refused {
+    pub error: IdentityError,
+    pub ops: Vec<Op>,
+    pub locks: Vec<LockEvent>,
+    /// The account the attempt was for, when it exists (audit actor).
+    pub username: Option<String>,
+}
+
+impl From<IdentityError> for Refused {
+    fn from(error: IdentityError) -> Self {
+        Refused {
+            error,
+            ops: vec![],
+            locks: vec![],
+            username: None,
+        }
+    }
+}
+
+impl From<StoreError> for Refused {
+    fn from(e: StoreError) -> Self {
+        IdentityError::Store(e).into()
+    }
+}
+
 /// A new user's one-time secrets.
 #[derive(Debug)]
 pub struct NewUser {
@@ -163,59 +200,86 @@ pub struct NewUser {
     pub role: Role,
     pub password: Password,
     pub totp: TotpSecret,
+    pub recovery_codes: Vec<String>,
 }
 
+/// Identity's view of the store, clock and keys.
 pub struct Identity {
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
     secrets: RecordCipher,
+    mac: ServiceMac,
+    hasher: Arc<dyn PasswordHashing>,
+    /// A hash verified for unknown users, so they cost what known ones cost.
+    dummy_hash: String,
     policy: SessionPolicy,
-    argon: Argon2<'static>,
-    /// A hash to verify against for unknown users (equal work), made on first need.
-    dummy_hash: std::sync::OnceLock<String>,
-}
-
-fn argon() -> Argon2<'static> {
-    // OWASP: Argon2id, m = 19 MiB, t = 2, p = 1.
-    let params = Params::new(19_456, 2, 1, None).unwrap_or_default();
-    Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
+    lockout: LockoutPolicy,
 }
 
 impl Identity {
-    /// `secrets_key` seals TOTP seeds at rest.
+    /// `secrets_key` seals TOTP seeds and passkeys at rest and keys the MACs of throttle
+    /// counters and recovery codes.
+    ///
+    /// # Errors
+    /// `Internal` when the hasher cannot make the unknown-user hash.
     pub fn new(
         store: Arc<dyn Store>,
         clock: Arc<dyn Clock>,
         secrets_key: &DataKey,
         policy: SessionPolicy,
-    ) -> Self {
-        Identity {
+        lockout: LockoutPolicy,
+        hasher: Arc<dyn PasswordHashing>,
+    ) -> Result<Self, IdentityError> {
+        let dummy_hash = hasher.hash(&Password::generate())?;
+        Ok(Identity {
             store,
             clock,
             secrets: RecordCipher::new(secrets_key),
+            mac: ServiceMac::from_data_key(secrets_key, "identity/v1"),
+            hasher,
+            dummy_hash,
             policy,
-            argon: argon(),
-            dummy_hash: std::sync::OnceLock::new(),
-        }
+            lockout,
+        })
     }
 
     pub fn session_policy(&self) -> SessionPolicy {
         self.policy
     }
 
+    pub fn lockout_policy(&self) -> LockoutPolicy {
+        self.lockout
+    }
+
     fn now(&self) -> i64 {
         self.clock.now().unix_timestamp()
     }
 
-    pub fn check_password_strength(p: &Password) -> Result<(), IdentityError> {
-        let lower = p.expose().to_lowercase();
-        if p.expose().chars().count() < MIN_PASSWORD || COMMON.contains(&lower.as_str()) {
-            return Err(IdentityError::WeakPassword);
+    /// Checks a chosen password against the rules of [`weakness`].
+    ///
+    /// # Errors
+    /// `WeakPassword` naming the rule it breaks.
+    pub fn check_password_strength(
+        p: &Password,
+        username: Option<&str>,
+    ) -> Result<(), IdentityError> {
+        match weakness(p, username) {
+            Some(rule) => Err(IdentityError::WeakPassword(rule)),
+            None => Ok(()),
         }
-        Ok(())
     }
 
-    /// Prepares a new user: hashes the password, seals a fresh TOTP seed.
+    fn seal_totp(&self, username: &str, totp: &TotpSecret) -> Result<Vec<u8>, IdentityError> {
+        self.secrets
+            .seal(&totp_aad(username), totp.bytes())
+            .map_err(|e| IdentityError::Internal(e.to_string()))
+    }
+
+    /// Prepares a new user: hashes the password, seals a fresh TOTP seed, makes ten
+    /// recovery codes.
+    ///
+    /// # Errors
+    /// `UserExists`; `WeakPassword` for a chosen password that breaks the rules.
     pub fn new_user(
         &self,
         username: Username,
@@ -228,223 +292,36 @@ impl Identity {
         }
         let password = match password {
             Some(p) => {
-                Self::check_password_strength(&p)?;
+                Self::check_password_strength(&p, Some(username.as_str()))?;
                 p
             }
             None => Password::generate(),
         };
-        let salt = SaltString::generate(&mut rand::rngs::OsRng);
-        let hash = self
-            .argon
-            .hash_password(password.expose().as_bytes(), &salt)
-            .map_err(|e| IdentityError::Internal(e.to_string()))?
-            .to_string();
+        let hash = self.hasher.hash(&password)?;
         let totp = TotpSecret::generate();
-        let sealed = self
-            .secrets
-            .seal(&totp_aad(username.as_str()), totp.bytes())
-            .map_err(|e| IdentityError::Internal(e.to_string()))?;
         let row = UserRow {
             username: username.as_str().to_owned(),
             role: role.as_str().to_owned(),
             password_hash: hash,
-            totp_secret_wrapped: sealed,
+            totp_secret_wrapped: self.seal_totp(username.as_str(), &totp)?,
             totp_last_step: 0,
             disabled: false,
-            failed_logins: 0,
             created: medvault_types::fhir_instant(self.clock.now()),
             practitioner_id,
+            last_login: 0,
         };
+        let mut ops = vec![Op::CreateUser(row)];
+        let codes = self.recovery_codes(username.as_str(), &mut ops);
         Ok(Step {
             value: NewUser {
                 username,
                 role,
                 password,
                 totp,
+                recovery_codes: codes,
             },
-            ops: vec![Op::CreateUser(row)],
-        })
-    }
-
-    /// First factor. On success returns an MFA challenge token. The error is the same
-    /// for an unknown user and a wrong password, and costs the same time.
-    pub fn begin_login(
-        &self,
-        username: &str,
-        password: &Password,
-    ) -> Result<Step<(Token, Principal)>, Step<IdentityError>> {
-        let fail = |ops| Step {
-            value: IdentityError::BadCredentials,
-            ops,
-        };
-        let user = match self.store.user(username) {
-            Ok(u) => u,
-            Err(e) => {
-                return Err(Step {
-                    value: e.into(),
-                    ops: vec![],
-                })
-            }
-        };
-        let Some(user) = user else {
-            let dummy = self.dummy_hash.get_or_init(|| {
-                let salt = SaltString::generate(&mut rand::rngs::OsRng);
-                self.argon
-                    .hash_password(b"medvault-dummy-password", &salt)
-                    .map(|h| h.to_string())
-                    .unwrap_or_default()
-            });
-            let _ = self.verify_hash(dummy, password);
-            return Err(fail(vec![]));
-        };
-        if !self.verify_hash(&user.password_hash, password) || user.disabled {
-            let op = Op::SetFailedLogins {
-                username: user.username.clone(),
-                count: user.failed_logins.saturating_add(1),
-            };
-            return Err(fail(vec![op]));
-        }
-        let principal = match principal_of(&user) {
-            Some(p) => p,
-            None => return Err(fail(vec![])),
-        };
-        let token = Token::generate();
-        let now = self.now();
-        let mut ops = vec![Op::PutSession(SessionRow {
-            token_hash: token.hash(),
-            kind: "mfa".into(),
-            username: user.username.clone(),
-            created: now,
-            last_seen: now,
-            expires: now + self.policy.mfa_challenge_secs,
-        })];
-        if user.failed_logins != 0 {
-            ops.push(Op::SetFailedLogins {
-                username: user.username.clone(),
-                count: 0,
-            });
-        }
-        Ok(Step {
-            value: (token, principal),
             ops,
         })
-    }
-
-    fn verify_hash(&self, hash: &str, password: &Password) -> bool {
-        match PasswordHash::new(hash) {
-            Ok(h) => self
-                .argon
-                .verify_password(password.expose().as_bytes(), &h)
-                .is_ok(),
-            Err(_) => false,
-        }
-    }
-
-    /// The user an MFA challenge token belongs to, if it is live.
-    pub fn challenge_user(&self, mfa_token: &Token) -> Result<Principal, IdentityError> {
-        let s = self
-            .store
-            .session(&mfa_token.hash())?
-            .ok_or(IdentityError::BadChallenge)?;
-        if s.kind != "mfa" || s.expires <= self.now() {
-            return Err(IdentityError::BadChallenge);
-        }
-        let user = self
-            .store
-            .user(&s.username)?
-            .ok_or(IdentityError::BadChallenge)?;
-        principal_of(&user).ok_or(IdentityError::BadChallenge)
-    }
-
-    /// Second factor: a TOTP code (RFC 6238; each step usable once). Returns a session token.
-    pub fn finish_totp(
-        &self,
-        mfa_token: &Token,
-        code: &str,
-    ) -> Result<Step<(Token, Principal)>, IdentityError> {
-        let principal = self.challenge_user(mfa_token)?;
-        let user = self
-            .store
-            .user(principal.username.as_str())?
-            .ok_or(IdentityError::BadChallenge)?;
-        if user.disabled {
-            return Err(IdentityError::Disabled);
-        }
-        let seed = self
-            .secrets
-            .open(&totp_aad(&user.username), &user.totp_secret_wrapped)
-            .map_err(|e| IdentityError::Internal(e.to_string()))?;
-        let secret = TotpSecret::from_bytes(seed);
-        let step = secret
-            .matching_step(code, self.now())
-            .ok_or(IdentityError::BadCode)?;
-        if step <= user.totp_last_step {
-            return Err(IdentityError::BadCode);
-        }
-        let token = Token::generate();
-        let now = self.now();
-        let ops = vec![
-            Op::UseTotpStep {
-                username: user.username.clone(),
-                step,
-            },
-            Op::DeleteSession {
-                token_hash: mfa_token.hash(),
-            },
-            Op::PutSession(SessionRow {
-                token_hash: token.hash(),
-                kind: "session".into(),
-                username: user.username.clone(),
-                created: now,
-                last_seen: now,
-                expires: now + self.policy.absolute_timeout_secs,
-            }),
-        ];
-        Ok(Step {
-            value: (token, principal),
-            ops,
-        })
-    }
-
-    /// Resolves a session token. Returns a touch operation when `last_seen` should move.
-    pub fn authenticate(&self, token: &Token) -> Result<Step<Principal>, IdentityError> {
-        let s = self
-            .store
-            .session(&token.hash())?
-            .ok_or(IdentityError::Unauthenticated)?;
-        let now = self.now();
-        if s.kind != "session" {
-            return Err(IdentityError::Unauthenticated);
-        }
-        if s.expires <= now || s.last_seen + self.policy.idle_timeout_secs <= now {
-            return Err(IdentityError::Expired);
-        }
-        let user = self
-            .store
-            .user(&s.username)?
-            .ok_or(IdentityError::Unauthenticated)?;
-        if user.disabled {
-            return Err(IdentityError::Disabled);
-        }
-        let principal = principal_of(&user).ok_or(IdentityError::Unauthenticated)?;
-        let ops = if now - s.last_seen >= 30 {
-            vec![Op::TouchSession {
-                token_hash: s.token_hash,
-                last_seen: now,
-            }]
-        } else {
-            vec![]
-        };
-        Ok(Step {
-            value: principal,
-            ops,
-        })
-    }
-
-    pub fn logout(&self, token: &Token) -> Vec<Op> {
-        vec![Op::DeleteSession {
-            token_hash: token.hash(),
-        }]
     }
 }
 
@@ -464,13 +341,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn passwords() {
-        assert!(Identity::check_password_strength(&Password::new("short".into())).is_err());
-        assert!(Identity::check_password_strength(&Password::new("Password1234".into())).is_err());
-        assert!(Identity::check_password_strength(&Password::generate()).is_ok());
+    fn secrets_do_not_print() {
         assert_eq!(
             format!("{:?}", Password::generate()),
             "Password([REDACTED])"
         );
+        assert!(Identity::check_password_strength(&Password::generate(), None).is_ok());
     }
 }

@@ -1,8 +1,9 @@
 //! `/api/*` administration endpoints (security administrators; no PHI).
 
-use axum::extract::{Request, State};
+use axum::extract::{Path, Request, State};
 use axum::http::StatusCode;
 use axum::response::Response;
+use medvault_core::{Password, Role};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -308,4 +309,94 @@ pub(crate) async fn cosignature(
         StatusCode::OK,
         json!({"cosignatures_added": added}),
     ))
+}
+
+/// `GET /api/users`: every account (security administrators).
+pub(crate) async fn users(State(state): State<AppState>, ctx: Ctx) -> Result<Response, ApiError> {
+    let c = caller(&state, &ctx).await?;
+    let vault = state.vault.clone();
+    let list = blocking(move || vault.users(&c)).await??;
+    Ok(plain_json(StatusCode::OK, json!({ "users": list })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewUserBody {
+    username: String,
+    role: String,
+    #[serde(default)]
+    password: Option<String>,
+}
+
+/// `POST /api/users {"username","role","password"?}` (step-up): the new user's one-time
+/// secrets, as `medvault user add --json` prints them.
+pub(crate) async fn add_user(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let c = caller(&state, &ctx).await?;
+    let body = body_bytes(&state, req).await?;
+    let b: NewUserBody = serde_json::from_slice(&body).map_err(|_| {
+        ApiError::bad_request("body must be {\"username\", \"role\", \"password\" (optional)}")
+    })?;
+    let role: Role = b
+        .role
+        .parse()
+        .map_err(|_| ApiError::bad_request("unknown role"))?;
+    let vault = state.vault.clone();
+    let password = b.password.map(Password::new);
+    let u = blocking(move || vault.add_user(&c, &b.username, role, password)).await??;
+    Ok(plain_json(
+        StatusCode::CREATED,
+        json!({"username": u.username.as_str(), "role": u.role.as_str(), "password": u.password.expose(),
+               "totp_secret": u.totp_secret, "totp_uri": u.totp_uri, "recovery_codes": u.recovery_codes,
+               "practitioner_id": u.practitioner_id}),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RoleBody {
+    role: String,
+}
+
+/// `POST /api/users/{name}/{disable|enable|unlock|mfa-reset|role}` (step-up).
+pub(crate) async fn user_action(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    Path((name, action)): Path<(String, String)>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let c = caller(&state, &ctx).await?;
+    let body = body_bytes(&state, req).await?;
+    let vault = state.vault.clone();
+    let who = name.clone();
+    let done = match action.as_str() {
+        "disable" | "enable" => {
+            let off = action == "disable";
+            blocking(move || vault.set_user_disabled(&c, &name, off)).await??;
+            json!({"username": who, "disabled": off})
+        }
+        "unlock" => {
+            blocking(move || vault.unlock_user(&c, &name)).await??;
+            json!({"username": who, "unlocked": true})
+        }
+        "role" => {
+            let b: RoleBody = serde_json::from_slice(&body)
+                .map_err(|_| ApiError::bad_request("body must be {\"role\": ROLE}"))?;
+            let role: Role = b
+                .role
+                .parse()
+                .map_err(|_| ApiError::bad_request("unknown role"))?;
+            blocking(move || vault.set_user_role(&c, &name, role)).await??;
+            json!({"username": who, "role": role.as_str()})
+        }
+        "mfa-reset" => {
+            let e = blocking(move || vault.reset_mfa(&c, &name)).await??;
+            json!({"totp_secret": e.totp_secret, "totp_uri": e.totp_uri, "recovery_codes": e.recovery_codes})
+        }
+        _ => return Err(ApiError::not_found()),
+    };
+    Ok(plain_json(StatusCode::OK, done))
 }

@@ -1,9 +1,10 @@
-//! `/auth/*`: password, TOTP second factor, logout.
+//! `/auth/*`: password, second factors (TOTP, recovery code), step-up, password change,
+//! the caller's sessions, logout.
 
-use axum::extract::{Request, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use medvault_core::{Password, Token, VaultError};
+use medvault_core::{Factor, Password, SessionGrant, Token, VaultError};
 use medvault_fhir::IssueCode;
 use serde::Deserialize;
 use serde_json::json;
@@ -58,26 +59,33 @@ pub(crate) async fn login(
     }
 }
 
-pub(crate) async fn mfa_totp(
-    State(state): State<AppState>,
-    ctx: Ctx,
-    req: Request,
-) -> Result<Response, ApiError> {
-    let body = body_bytes(&state, req).await?;
-    let b: TotpBody = parse(&body)?;
-    let vault = state.vault.clone();
-    let c = ctx.anonymous();
-    let token = Token::from_client(&b.mfa_token);
-    let grant = blocking(move || vault.login_totp(&c, &token, &b.code))
-        .await?
-        .map_err(|e| match e {
-            VaultError::Unauthenticated => ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                IssueCode::Login,
-                "invalid or expired code",
-            ),
-            other => other.into(),
-        })?;
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CodeBody {
+    code: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PasswordBody {
+    current: String,
+    new: String,
+}
+
+fn bad_code(e: VaultError) -> ApiError {
+    match e {
+        VaultError::Unauthenticated => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            IssueCode::Login,
+            "invalid or expired code",
+        ),
+        other => other.into(),
+    }
+}
+
+/// The session answer: token, lifetime, who, and the `HttpOnly; Secure; SameSite=Strict`
+/// cookie for browsers.
+pub(crate) fn session_response(grant: &SessionGrant) -> Response {
     let mut r = plain_json(
         StatusCode::OK,
         json!({"token": grant.token.expose(), "expires_in": grant.expires_in, "username": grant.principal.username.as_str(),
@@ -90,7 +98,154 @@ pub(crate) async fn mfa_totp(
     if let Ok(v) = HeaderValue::from_str(&cookie) {
         r.headers_mut().insert(header::SET_COOKIE, v);
     }
-    Ok(r)
+    r
+}
+
+async fn second_factor(
+    state: AppState,
+    ctx: Ctx,
+    req: Request,
+    recovery: bool,
+) -> Result<Response, ApiError> {
+    let body = body_bytes(&state, req).await?;
+    let b: TotpBody = parse(&body)?;
+    let vault = state.vault.clone();
+    let c = ctx.anonymous();
+    let token = Token::from_client(&b.mfa_token);
+    let grant = blocking(move || {
+        let f = if recovery {
+            Factor::Recovery(&b.code)
+        } else {
+            Factor::Totp(&b.code)
+        };
+        vault.login_factor(&c, &token, &f)
+    })
+    .await?
+    .map_err(bad_code)?;
+    Ok(session_response(&grant))
+}
+
+/// `POST /auth/mfa/totp {"mfa_token","code"}`.
+pub(crate) async fn mfa_totp(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    req: Request,
+) -> Result<Response, ApiError> {
+    second_factor(state, ctx, req, false).await
+}
+
+/// `POST /auth/mfa/recovery {"mfa_token","code"}`: a one-time recovery code.
+pub(crate) async fn mfa_recovery(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    req: Request,
+) -> Result<Response, ApiError> {
+    second_factor(state, ctx, req, true).await
+}
+
+/// `POST /auth/step-up/totp {"code"}` (and `/auth/step-up/recovery`).
+async fn step_up(
+    state: AppState,
+    ctx: Ctx,
+    req: Request,
+    recovery: bool,
+) -> Result<Response, ApiError> {
+    let c = caller(&state, &ctx).await?;
+    let body = body_bytes(&state, req).await?;
+    let b: CodeBody = parse(&body)?;
+    let vault = state.vault.clone();
+    blocking(move || {
+        let f = if recovery {
+            Factor::Recovery(&b.code)
+        } else {
+            Factor::Totp(&b.code)
+        };
+        vault.step_up(&c, &f)
+    })
+    .await?
+    .map_err(bad_code)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+pub(crate) async fn step_up_totp(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    req: Request,
+) -> Result<Response, ApiError> {
+    step_up(state, ctx, req, false).await
+}
+
+pub(crate) async fn step_up_recovery(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    req: Request,
+) -> Result<Response, ApiError> {
+    step_up(state, ctx, req, true).await
+}
+
+/// `POST /auth/password {"current","new"}`: every session ends; sign in again.
+pub(crate) async fn change_password(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let c = caller(&state, &ctx).await?;
+    let body = body_bytes(&state, req).await?;
+    let b: PasswordBody = parse(&body)?;
+    let (current, new) = (Password::new(b.current), Password::new(b.new));
+    let vault = state.vault.clone();
+    blocking(move || vault.change_password(&c, &current, &new))
+        .await?
+        .map_err(|e| match e {
+            VaultError::Unauthenticated => bad_credentials(),
+            other => other.into(),
+        })?;
+    Ok(clear_cookie(StatusCode::NO_CONTENT.into_response()))
+}
+
+/// `GET /auth/sessions`: the caller's live sessions.
+pub(crate) async fn sessions(
+    State(state): State<AppState>,
+    ctx: Ctx,
+) -> Result<Response, ApiError> {
+    let c = caller(&state, &ctx).await?;
+    let vault = state.vault.clone();
+    let list = blocking(move || vault.sessions(&c)).await??;
+    Ok(plain_json(StatusCode::OK, json!({ "sessions": list })))
+}
+
+/// `DELETE /auth/sessions/{id}`.
+pub(crate) async fn end_session(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let c = caller(&state, &ctx).await?;
+    let vault = state.vault.clone();
+    blocking(move || vault.end_session(&c, &id)).await??;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// `POST /auth/recovery-codes` (step-up): ten new codes, shown once.
+pub(crate) async fn recovery_codes(
+    State(state): State<AppState>,
+    ctx: Ctx,
+) -> Result<Response, ApiError> {
+    let c = caller(&state, &ctx).await?;
+    let vault = state.vault.clone();
+    let codes = blocking(move || vault.new_recovery_codes(&c)).await??;
+    Ok(plain_json(
+        StatusCode::OK,
+        json!({ "recovery_codes": codes }),
+    ))
+}
+
+fn clear_cookie(mut r: Response) -> Response {
+    let clear = format!("{SESSION_COOKIE}=; HttpOnly; Secure; SameSite=Strict; Path=/; Max-Age=0");
+    if let Ok(v) = HeaderValue::from_str(&clear) {
+        r.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    r
 }
 
 pub(crate) async fn logout(State(state): State<AppState>, ctx: Ctx) -> Result<Response, ApiError> {
@@ -98,10 +253,5 @@ pub(crate) async fn logout(State(state): State<AppState>, ctx: Ctx) -> Result<Re
     let token = ctx.token.clone().ok_or_else(ApiError::unauthenticated)?;
     let vault = state.vault.clone();
     blocking(move || vault.logout(&c, &token)).await??;
-    let mut r = StatusCode::NO_CONTENT.into_response();
-    let clear = format!("{SESSION_COOKIE}=; HttpOnly; Secure; SameSite=Strict; Path=/; Max-Age=0");
-    if let Ok(v) = HeaderValue::from_str(&clear) {
-        r.headers_mut().insert(header::SET_COOKIE, v);
-    }
-    Ok(r)
+    Ok(clear_cookie(StatusCode::NO_CONTENT.into_response()))
 }

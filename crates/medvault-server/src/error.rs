@@ -12,6 +12,8 @@ pub struct ApiError {
     pub status: StatusCode,
     pub issues: Vec<Issue>,
     pub code: Option<&'static str>,
+    /// Seconds for a `Retry-After` header (429 answers).
+    pub retry_after: Option<i64>,
 }
 
 impl ApiError {
@@ -20,6 +22,7 @@ impl ApiError {
             status,
             issues: vec![Issue::error(code, msg.into(), None)],
             code: None,
+            retry_after: None,
         }
     }
     pub fn bad_request(msg: impl Into<String>) -> Self {
@@ -63,6 +66,7 @@ impl From<VaultError> for ApiError {
                     status,
                     issues: f.issues(),
                     code: None,
+                    retry_after: None,
                 }
             }
             VaultError::BadRequest(m) => Self::new(S::BAD_REQUEST, IssueCode::Invalid, m),
@@ -85,6 +89,7 @@ impl From<VaultError> for ApiError {
                     status: S::FORBIDDEN,
                     issues: vec![Issue::error(IssueCode::Forbidden, msg, None)],
                     code: Some("forbidden"),
+                    retry_after: None,
                 }
             }
             VaultError::Refused { action, rtype } => ApiError {
@@ -97,6 +102,7 @@ impl From<VaultError> for ApiError {
                     None,
                 )],
                 code: Some("forbidden"),
+                retry_after: None,
             },
             VaultError::Conflict => Self::new(
                 S::CONFLICT,
@@ -107,6 +113,26 @@ impl From<VaultError> for ApiError {
                 Self::new(S::PRECONDITION_FAILED, IssueCode::Conflict, why)
             }
             VaultError::Unauthenticated | VaultError::Identity(_) => Self::unauthenticated(),
+            VaultError::Locked { retry_after } => ApiError {
+                status: S::TOO_MANY_REQUESTS,
+                issues: vec![Issue::error(
+                    IssueCode::Throttled,
+                    format!("too many failed attempts; try again in {retry_after} seconds"),
+                    None,
+                )],
+                code: Some("locked"),
+                retry_after: Some(retry_after.max(1)),
+            },
+            VaultError::StepUpRequired => ApiError {
+                status: S::UNAUTHORIZED,
+                issues: vec![Issue::error(
+                    IssueCode::Login,
+                    "this action needs a second factor within the last five minutes: POST /auth/step-up/totp".into(),
+                    None,
+                )],
+                code: Some("step-up-required"),
+                retry_after: None,
+            },
             VaultError::AuditUnavailable => {
                 tracing::error!("audit append failed; request refused (fail closed)");
                 ApiError {
@@ -117,6 +143,7 @@ impl From<VaultError> for ApiError {
                         None,
                     )],
                     code: Some("audit-unavailable"),
+                    retry_after: None,
                 }
             }
             VaultError::Unavailable(cause) => {
@@ -147,6 +174,11 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static(crate::FHIR_JSON),
         );
+        if let Some(secs) = self.retry_after {
+            if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+                r.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+        }
         if self.status == StatusCode::UNAUTHORIZED {
             r.headers_mut().insert(
                 header::WWW_AUTHENTICATE,

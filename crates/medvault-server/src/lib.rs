@@ -125,7 +125,19 @@ fn routes(state: AppState) -> Router {
         .route("/", get(home))
         .route("/auth/login", post(auth::login))
         .route("/auth/mfa/totp", post(auth::mfa_totp))
+        .route("/auth/mfa/recovery", post(auth::mfa_recovery))
+        .route("/auth/step-up/totp", post(auth::step_up_totp))
+        .route("/auth/step-up/recovery", post(auth::step_up_recovery))
+        .route("/auth/password", post(auth::change_password))
+        .route("/auth/sessions", get(auth::sessions))
+        .route(
+            "/auth/sessions/{id}",
+            axum::routing::delete(auth::end_session),
+        )
+        .route("/auth/recovery-codes", post(auth::recovery_codes))
         .route("/auth/logout", post(auth::logout))
+        .route("/api/users", get(admin::users).post(admin::add_user))
+        .route("/api/users/{name}/{action}", post(admin::user_action))
         .route("/api/status", get(admin::status))
         .route(
             "/audit/checkpoint",
@@ -315,6 +327,9 @@ pub(crate) struct Ctx {
     pub token: Option<Token>,
     /// The FHIR base URL (`{public_base_url}/fhir`) links are built from.
     pub base: String,
+    /// False for a state-changing request authenticated by the session cookie that a
+    /// browser did not mark as coming from this site (cross-site request forgery).
+    pub same_site: bool,
 }
 
 /// A forwarded header value from a trusted proxy, if it is a plausible host or scheme.
@@ -366,21 +381,48 @@ impl FromRequestParts<AppState> for Ctx {
                     .ok_or_else(|| ApiError::bad_request("unknown X-Purpose-Of-Use code"))?,
             ),
         };
+        let (token, by_cookie) = match bearer(&parts.headers) {
+            Some((t, c)) => (Some(t), c),
+            None => (None, false),
+        };
+        let same_site = !by_cookie
+            || parts.method.is_safe()
+            || same_origin(&parts.headers, &state.options.public_base_url);
         Ok(Ctx {
             request_id,
             source,
             purpose,
-            token: bearer(&parts.headers),
+            token,
             base: format!("{public}/fhir"),
+            same_site,
         })
     }
 }
 
-fn bearer(h: &HeaderMap) -> Option<Token> {
+/// CSRF defence for cookie-authenticated state changes (OWASP CSRF Prevention Cheat
+/// Sheet, "Fetch Metadata" and "Verifying Origin"): the browser says the request comes
+/// from this site (`Sec-Fetch-Site: same-origin`), or its `Origin` is this server's (the
+/// `Host` it was sent to, or the configured public URL). A request with neither is
+/// refused: scripts and API clients authenticate with `Authorization: Bearer`.
+fn same_origin(h: &HeaderMap, public_base_url: &str) -> bool {
+    let get = |n: &str| h.get(n).and_then(|v| v.to_str().ok());
+    if let Some(site) = get("sec-fetch-site") {
+        return site == "same-origin";
+    }
+    let Some(origin) = get("origin") else {
+        return false;
+    };
+    let host_origin = get("host").map(|host| format!("https://{host}"));
+    origin == public_base_url.trim_end_matches('/') || host_origin.as_deref() == Some(origin)
+}
+
+/// The token a request presents: `Authorization: Bearer` (false) or the session cookie
+/// (true).
+fn bearer(h: &HeaderMap) -> Option<(Token, bool)> {
     if let Some(v) = h.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
         let (scheme, rest) = v.split_once(' ')?;
         if scheme.eq_ignore_ascii_case("bearer") && !rest.trim().is_empty() {
-            return Some(Token::from_client(rest.trim()));
+            return Some((Token::from_client(rest.trim()), false));
         }
         return None;
     }
@@ -389,7 +431,7 @@ fn bearer(h: &HeaderMap) -> Option<Token> {
         for part in s.split(';') {
             if let Some((k, v)) = part.trim().split_once('=') {
                 if k == SESSION_COOKIE && !v.is_empty() {
-                    return Some(Token::from_client(v));
+                    return Some((Token::from_client(v), true));
                 }
             }
         }
@@ -421,6 +463,13 @@ impl Ctx {
 /// Authenticates the request's token into a signed-in [`Caller`].
 pub(crate) async fn caller(state: &AppState, ctx: &Ctx) -> Result<Caller, ApiError> {
     let token = ctx.token.clone().ok_or_else(ApiError::unauthenticated)?;
+    if !ctx.same_site {
+        return Err(ApiError::new(
+            axum::http::StatusCode::FORBIDDEN,
+            medvault_fhir::IssueCode::Security,
+            "cross-site request refused: a cookie-authenticated change must come from this site (or use Authorization: Bearer)",
+        ));
+    }
     let vault = state.vault.clone();
     let (anonymous, purpose) = (ctx.anonymous(), ctx.purpose);
     Ok(blocking(move || vault.authenticate(&anonymous, &token, purpose)).await??)

@@ -99,7 +99,13 @@ fn build_fixture(pg: bool) -> Fixture {
         )
         .unwrap();
     let code = medvault_core::totp_now(&u.totp_secret, 1_790_000_000).unwrap();
-    let grant = vault.login_totp(&anonymous, &ch.mfa_token, &code).unwrap();
+    let grant = vault
+        .login_factor(
+            &anonymous,
+            &ch.mfa_token,
+            &medvault_core::Factor::Totp(&code),
+        )
+        .unwrap();
     let app = router(AppState {
         vault,
         options: HttpOptions::default(),

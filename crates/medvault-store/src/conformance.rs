@@ -44,6 +44,7 @@ pub fn run_all(make: &dyn Fn() -> Arc<dyn Store>) -> Result<(), Failure> {
     audit_sequence_is_dense_under_concurrency(make())?;
     search_by_tokens_patient_and_paging(&*make())?;
     identity_rows(&*make())?;
+    throttles_challenges_and_credentials(&*make())?;
     keys_and_meta_insert_once(&*make())?;
     audited_reads_commit_with_their_audit_entries(&*make())?;
     checkpoints_are_kept_and_cosigned(&*make())?;
@@ -594,9 +595,9 @@ pub fn identity_rows(s: &dyn Store) -> Result<(), Failure> {
         totp_secret_wrapped: vec![1],
         totp_last_step: 0,
         disabled: false,
-        failed_logins: 0,
         created: "2024".into(),
         practitioner_id: None,
+        last_login: 0,
     };
     s.commit(WriteBatch {
         ops: vec![Op::CreateUser(u.clone())],
@@ -636,6 +637,10 @@ pub fn identity_rows(s: &dyn Store) -> Result<(), Failure> {
         created: 1,
         last_seen: 1,
         expires: 99,
+        attempts: 0,
+        mfa_at: 1,
+        source: "10.0.0.1".into(),
+        method: "password+totp".into(),
     };
     s.commit(WriteBatch {
         ops: vec![Op::PutSession(sess.clone())],
@@ -657,6 +662,209 @@ pub fn identity_rows(s: &dyn Store) -> Result<(), Failure> {
     })?;
     assert!(s.session(&[9; 32])?.is_none());
     assert_eq!(s.users()?.len(), 1);
+    Ok(())
+}
+
+fn one(s: &dyn Store, op: Op) -> Result<Committed, StoreError> {
+    s.commit(WriteBatch {
+        ops: vec![op],
+        audit: vec![],
+    })
+}
+
+/// The login throttle counts atomically in windows and forgets by key or by account;
+/// challenges die after their attempts; sessions list, step up and are revoked together;
+/// one-time credentials are used once.
+pub fn throttles_challenges_and_credentials(s: &dyn Store) -> Result<(), Failure> {
+    let count = |key: &[u8], at| {
+        one(
+            s,
+            Op::CountFailure {
+                key: key.to_vec(),
+                subject: b"ann".to_vec(),
+                at,
+                window_secs: 60,
+            },
+        )
+    };
+    for at in [100, 110, 120] {
+        count(b"k1", at)?;
+    }
+    count(b"k2", 100)?;
+    let rows = s.throttle(&[b"k1".to_vec(), b"k2".to_vec(), b"k3".to_vec()])?;
+    let k1 = rows.iter().find(|r| r.key == b"k1").found("counter k1")?;
+    assert_eq!(
+        (k1.failures, k1.window_start, k1.last_failure),
+        (3, 100, 120)
+    );
+    assert_eq!(rows.len(), 2, "no row for a key never counted");
+    count(b"k1", 161)?;
+    let k1 = s.throttle(&[b"k1".to_vec()])?.pop().found("counter k1")?;
+    assert_eq!(
+        (k1.failures, k1.window_start),
+        (1, 161),
+        "a new window starts again at one"
+    );
+    one(
+        s,
+        Op::ClearFailures {
+            key: b"k2".to_vec(),
+        },
+    )?;
+    assert_eq!(s.throttle(&[b"k2".to_vec()])?.len(), 0);
+    one(
+        s,
+        Op::ClearSubjectFailures {
+            subject: b"ann".to_vec(),
+        },
+    )?;
+    assert_eq!(s.throttle(&[b"k1".to_vec()])?.len(), 0, "unlock clears all");
+
+    let session = |hash: u8, kind: &str, created| SessionRow {
+        token_hash: vec![hash; 32],
+        kind: kind.into(),
+        username: "bea".into(),
+        created,
+        last_seen: created,
+        expires: 1000,
+        attempts: 0,
+        mfa_at: 0,
+        source: String::new(),
+        method: String::new(),
+    };
+    one(s, Op::PutSession(session(1, "mfa", 10)))?;
+    let fail = || {
+        one(
+            s,
+            Op::FailChallenge {
+                token_hash: vec![1; 32],
+                max_attempts: 3,
+            },
+        )
+    };
+    fail()?;
+    fail()?;
+    assert_eq!(s.session(&[1; 32])?.found("challenge")?.attempts, 2);
+    fail()?;
+    assert!(
+        s.session(&[1; 32])?.is_none(),
+        "the third wrong answer kills it"
+    );
+    one(s, Op::PutSession(session(2, "mfa", 11)))?;
+    let consume = || {
+        one(
+            s,
+            Op::ConsumeChallenge {
+                token_hash: vec![2; 32],
+                max_attempts: 3,
+            },
+        )
+    };
+    consume()?;
+    assert!(
+        matches!(consume(), Err(StoreError::Conflict)),
+        "a challenge is used once"
+    );
+    one(s, Op::PutSession(session(3, "session", 12)))?;
+    one(s, Op::PutSession(session(4, "session", 13)))?;
+    one(
+        s,
+        Op::StepUp {
+            token_hash: vec![3; 32],
+            at: 50,
+        },
+    )?;
+    assert_eq!(s.session(&[3; 32])?.found("session")?.mfa_at, 50);
+    let mine = s.sessions_of("bea")?;
+    assert_eq!(
+        mine.iter().map(|r| r.created).collect::<Vec<_>>(),
+        vec![13, 12],
+        "newest first"
+    );
+    one(
+        s,
+        Op::RevokeSessions {
+            username: "bea".into(),
+        },
+    )?;
+    assert!(s.sessions_of("bea")?.is_empty());
+    assert!(matches!(
+        one(
+            s,
+            Op::StepUp {
+                token_hash: vec![3; 32],
+                at: 60
+            }
+        ),
+        Err(StoreError::Conflict)
+    ));
+
+    let cred = |id: u8, kind: &str| CredentialRow {
+        kind: kind.into(),
+        id: vec![id],
+        username: "bea".into(),
+        name: format!("key {id}"),
+        data: vec![id, id],
+        created: i64::from(id),
+        last_used: 0,
+    };
+    one(s, Op::PutCredential(cred(1, "recovery")))?;
+    one(s, Op::PutCredential(cred(2, "recovery")))?;
+    one(s, Op::PutCredential(cred(3, "webauthn")))?;
+    assert!(matches!(
+        one(s, Op::PutCredential(cred(3, "webauthn"))),
+        Err(StoreError::Exists)
+    ));
+    assert_eq!(s.credentials("bea", "recovery")?.len(), 2);
+    assert_eq!(
+        s.credential("webauthn", &[3])?.found("passkey")?,
+        cred(3, "webauthn")
+    );
+    one(
+        s,
+        Op::UseCredential {
+            kind: "webauthn".into(),
+            id: vec![3],
+            data: vec![7],
+            at: 99,
+        },
+    )?;
+    let used = s.credential("webauthn", &[3])?.found("passkey")?;
+    assert_eq!((used.data, used.last_used), (vec![7], 99));
+    let use_code = || {
+        one(
+            s,
+            Op::DeleteCredential {
+                kind: "recovery".into(),
+                id: vec![1],
+                username: "bea".into(),
+            },
+        )
+    };
+    use_code()?;
+    assert!(
+        matches!(use_code(), Err(StoreError::Conflict)),
+        "a one-time code is used once"
+    );
+    one(
+        s,
+        Op::DeleteCredentials {
+            username: "bea".into(),
+            kind: "recovery".into(),
+        },
+    )?;
+    assert!(s.credentials("bea", "recovery")?.is_empty());
+    assert_eq!(s.credentials("bea", "webauthn")?.len(), 1);
+    assert!(matches!(
+        one(
+            s,
+            Op::SetDisabled {
+                username: "nobody".into(),
+                disabled: true
+            }
+        ),
+        Err(StoreError::Conflict)
+    ));
     Ok(())
 }
 

@@ -89,6 +89,18 @@ impl Store for FaultyStore {
     fn session(&self, token_hash: &[u8]) -> Result<Option<SessionRow>, StoreError> {
         self.inner.session(token_hash)
     }
+    fn sessions_of(&self, username: &str) -> Result<Vec<SessionRow>, StoreError> {
+        self.inner.sessions_of(username)
+    }
+    fn throttle(&self, keys: &[Vec<u8>]) -> Result<Vec<ThrottleRow>, StoreError> {
+        self.inner.throttle(keys)
+    }
+    fn credential(&self, kind: &str, id: &[u8]) -> Result<Option<CredentialRow>, StoreError> {
+        self.inner.credential(kind, id)
+    }
+    fn credentials(&self, username: &str, kind: &str) -> Result<Vec<CredentialRow>, StoreError> {
+        self.inner.credentials(username, kind)
+    }
     fn audit_len(&self) -> Result<u64, StoreError> {
         self.inner.audit_len()
     }

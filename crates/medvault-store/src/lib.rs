@@ -142,9 +142,11 @@ pub struct UserRow {
     pub totp_secret_wrapped: Vec<u8>,
     pub totp_last_step: i64,
     pub disabled: bool,
-    pub failed_logins: i64,
     pub created: String,
     pub practitioner_id: Option<String>,
+    /// When the user last completed a sign-in (Unix seconds; 0 = never): what dormant
+    /// accounts are judged by.
+    pub last_login: i64,
 }
 
 impl std::fmt::Debug for UserRow {
@@ -165,6 +167,52 @@ pub struct SessionRow {
     pub created: i64,
     pub last_seen: i64,
     pub expires: i64,
+    /// Wrong second-factor attempts made against this challenge (`kind = "mfa"`).
+    pub attempts: i64,
+    /// When a second factor was last verified in this session (Unix seconds; 0 = never):
+    /// what step-up is judged by.
+    pub mfa_at: i64,
+    /// The network address the session was started from.
+    pub source: String,
+    /// How the session was established (e.g. `password+totp`, `passkey`, `oidc:NAME`).
+    pub method: String,
+}
+
+/// A failure counter of the login throttle, under an opaque key (a MAC of the account
+/// name, the source address, or both): failures counted since `window_start`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ThrottleRow {
+    pub key: Vec<u8>,
+    pub failures: i64,
+    pub window_start: i64,
+    pub last_failure: i64,
+}
+
+/// A credential of a user other than the password and TOTP seed: a WebAuthn passkey,
+/// a recovery code, a service client's secret or key. `(kind, id)` is unique.
+#[derive(Clone, PartialEq, Eq)]
+pub struct CredentialRow {
+    pub kind: String,
+    /// The credential's identifier (a WebAuthn credential id, a MAC of a recovery code, a
+    /// client id).
+    pub id: Vec<u8>,
+    pub username: String,
+    /// A name the owner chose ("office fingerprint reader").
+    pub name: String,
+    /// Kind-specific data, sealed where it is secret.
+    pub data: Vec<u8>,
+    pub created: i64,
+    pub last_used: i64,
+}
+
+impl std::fmt::Debug for CredentialRow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CredentialRow")
+            .field("kind", &self.kind)
+            .field("username", &self.username)
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
 }
 
 impl std::fmt::Debug for SessionRow {
@@ -213,14 +261,91 @@ pub enum Op {
         username: String,
         step: i64,
     },
-    /// Sets the failed-login counter.
-    SetFailedLogins {
-        username: String,
-        count: i64,
+    /// Counts one failed sign-in under `key` (owned by `subject`, so an unlock can clear
+    /// every counter of one account): a count whose window began `window_secs` or more
+    /// before `at` starts again at 1. The increment is atomic, so servers sharing a store
+    /// count together.
+    CountFailure {
+        key: Vec<u8>,
+        subject: Vec<u8>,
+        at: i64,
+        window_secs: i64,
+    },
+    /// Forgets the failure counter under `key`.
+    ClearFailures {
+        key: Vec<u8>,
+    },
+    /// Forgets every failure counter owned by `subject`.
+    ClearSubjectFailures {
+        subject: Vec<u8>,
     },
     PutSession(SessionRow),
     DeleteSession {
         token_hash: Vec<u8>,
+    },
+    /// Counts a wrong answer to a second-factor challenge; the challenge is deleted once
+    /// `max_attempts` have been made.
+    FailChallenge {
+        token_hash: Vec<u8>,
+        max_attempts: i64,
+    },
+    /// Uses up a second-factor challenge: `Conflict` unless it exists, is an `mfa`
+    /// challenge and has had fewer than `max_attempts` wrong answers (so a right answer
+    /// racing wrong ones cannot outlive the limit).
+    ConsumeChallenge {
+        token_hash: Vec<u8>,
+        max_attempts: i64,
+    },
+    /// Ends every session and challenge of a user.
+    RevokeSessions {
+        username: String,
+    },
+    /// Records that a second factor was verified in this session at `at`.
+    StepUp {
+        token_hash: Vec<u8>,
+        at: i64,
+    },
+    /// Inserts a credential; `Exists` if `(kind, id)` is taken.
+    PutCredential(CredentialRow),
+    /// Marks a credential used at `at` and replaces its data (a passkey's signature
+    /// counter); `Conflict` if it is gone (revoked meanwhile).
+    UseCredential {
+        kind: String,
+        id: Vec<u8>,
+        data: Vec<u8>,
+        at: i64,
+    },
+    /// Deletes one credential of `username`; `Conflict` if it does not exist (a one-time
+    /// recovery code used twice, a passkey revoked twice).
+    DeleteCredential {
+        kind: String,
+        id: Vec<u8>,
+        username: String,
+    },
+    /// Deletes every credential of one kind of a user.
+    DeleteCredentials {
+        username: String,
+        kind: String,
+    },
+    /// Records a completed sign-in.
+    RecordLogin {
+        username: String,
+        at: i64,
+    },
+    /// Replaces a password hash (a new password, or a re-hash under stronger parameters).
+    SetPasswordHash {
+        username: String,
+        hash: String,
+    },
+    /// Replaces a user's sealed TOTP seed and forgets the last used step (MFA reset).
+    SetTotpSecret {
+        username: String,
+        wrapped: Vec<u8>,
+    },
+    /// Disables or enables an account; `Conflict` if there is no such user.
+    SetDisabled {
+        username: String,
+        disabled: bool,
     },
     TouchSession {
         token_hash: Vec<u8>,
@@ -387,6 +512,14 @@ pub trait Store: Send + Sync + 'static {
     fn user(&self, username: &str) -> Result<Option<UserRow>, StoreError>;
     fn users(&self) -> Result<Vec<UserRow>, StoreError>;
     fn session(&self, token_hash: &[u8]) -> Result<Option<SessionRow>, StoreError>;
+    /// Every session and challenge of a user, newest first.
+    fn sessions_of(&self, username: &str) -> Result<Vec<SessionRow>, StoreError>;
+    /// The failure counters under these keys (those that exist).
+    fn throttle(&self, keys: &[Vec<u8>]) -> Result<Vec<ThrottleRow>, StoreError>;
+    /// One credential by kind and id.
+    fn credential(&self, kind: &str, id: &[u8]) -> Result<Option<CredentialRow>, StoreError>;
+    /// A user's credentials of one kind, oldest first.
+    fn credentials(&self, username: &str, kind: &str) -> Result<Vec<CredentialRow>, StoreError>;
     fn audit_len(&self) -> Result<u64, StoreError>;
     /// Audit rows with `start <= seq < end`.
     fn audit_range(&self, start: u64, end: u64) -> Result<Vec<AuditRow>, StoreError>;

@@ -336,6 +336,28 @@ async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
             .await
             .map_err(classify)?;
         }
+        if version < 5 {
+            // Identity state shared by every server: the login throttle, credentials beyond
+            // the password, and what sessions need for step-up, attempt limits and listing.
+            sqlx::raw_sql(
+                "CREATE TABLE login_throttle (key BYTEA PRIMARY KEY, subject BYTEA NOT NULL,
+                     failures BIGINT NOT NULL, window_start BIGINT NOT NULL, last_failure BIGINT NOT NULL);
+                 CREATE INDEX login_throttle_subject ON login_throttle (subject);
+                 CREATE TABLE credentials (kind TEXT NOT NULL, id BYTEA NOT NULL, username TEXT NOT NULL,
+                     name TEXT NOT NULL, data BYTEA NOT NULL, created BIGINT NOT NULL, last_used BIGINT NOT NULL,
+                     PRIMARY KEY (kind, id));
+                 CREATE INDEX credentials_user ON credentials (username, kind);
+                 ALTER TABLE sessions ADD COLUMN attempts BIGINT NOT NULL DEFAULT 0,
+                     ADD COLUMN mfa_at BIGINT NOT NULL DEFAULT 0,
+                     ADD COLUMN source TEXT NOT NULL DEFAULT '',
+                     ADD COLUMN method TEXT NOT NULL DEFAULT '';
+                 ALTER TABLE users ADD COLUMN last_login BIGINT NOT NULL DEFAULT 0;
+                 INSERT INTO medvault_schema (version) VALUES (5);",
+            )
+            .execute(&mut *conn)
+            .await
+            .map_err(classify)?;
+        }
         Ok::<(), StoreError>(())
     }
     .await;
@@ -618,6 +640,19 @@ async fn append_audit(
         .collect())
 }
 
+/// Binds one argument of a statement built in `sql` (to a `query` or a `query_as`).
+macro_rules! bind {
+    ($q:expr, $a:expr) => {
+        match $a {
+            crate::sql::Arg::Text(s) => $q.bind(s),
+            crate::sql::Arg::Bytes(b) => $q.bind(b),
+            crate::sql::Arg::Int(i) => $q.bind(i),
+            crate::sql::Arg::Bool(b) => $q.bind(b),
+            crate::sql::Arg::Null => $q.bind(Option::<String>::None),
+        }
+    };
+}
+
 async fn apply(
     c: &mut PgConnection,
     b: &WriteBatch,
@@ -723,66 +758,6 @@ async fn apply(
                     .execute(&mut *c)
                     .await?;
             }
-            Op::PutUser(u) | Op::CreateUser(u) => {
-                let conflict = if matches!(op, Op::CreateUser(_)) {
-                    ""
-                } else {
-                    " ON CONFLICT (username) DO UPDATE SET role = excluded.role, password_hash = excluded.password_hash,
-                       totp_secret_wrapped = excluded.totp_secret_wrapped, totp_last_step = excluded.totp_last_step,
-                       disabled = excluded.disabled, failed_logins = excluded.failed_logins, created = excluded.created,
-                       practitioner_id = excluded.practitioner_id"
-                };
-                sqlx::query(&format!(
-                    "INSERT INTO users (username, role, password_hash, totp_secret_wrapped, totp_last_step, disabled, failed_logins, created, practitioner_id)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9){conflict}"
-                ))
-                .bind(&u.username)
-                .bind(&u.role)
-                .bind(&u.password_hash)
-                .bind(&u.totp_secret_wrapped)
-                .bind(u.totp_last_step)
-                .bind(u.disabled)
-                .bind(u.failed_logins)
-                .bind(&u.created)
-                .bind(&u.practitioner_id)
-                .execute(&mut *c)
-                .await?;
-            }
-            Op::UseTotpStep { username, step } => {
-                let n = sqlx::query("UPDATE users SET totp_last_step = $2 WHERE username = $1 AND totp_last_step < $2")
-                    .bind(username)
-                    .bind(step)
-                    .execute(&mut *c)
-                    .await?
-                    .rows_affected();
-                if n != 1 {
-                    return Err(ApplyError::Store(StoreError::Conflict));
-                }
-            }
-            Op::SetFailedLogins { username, count } => {
-                sqlx::query("UPDATE users SET failed_logins = $2 WHERE username = $1")
-                    .bind(username)
-                    .bind(count)
-                    .execute(&mut *c)
-                    .await?;
-            }
-            Op::PutSession(s) => {
-                sqlx::query("INSERT INTO sessions (token_hash, kind, username, created, last_seen, expires) VALUES ($1, $2, $3, $4, $5, $6)")
-                    .bind(&s.token_hash)
-                    .bind(&s.kind)
-                    .bind(&s.username)
-                    .bind(s.created)
-                    .bind(s.last_seen)
-                    .bind(s.expires)
-                    .execute(&mut *c)
-                    .await?;
-            }
-            Op::DeleteSession { token_hash } => {
-                sqlx::query("DELETE FROM sessions WHERE token_hash = $1")
-                    .bind(token_hash)
-                    .execute(&mut *c)
-                    .await?;
-            }
             Op::PutMeta { key, value } => {
                 sqlx::query("INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = excluded.value")
                     .bind(key)
@@ -877,15 +852,17 @@ async fn apply(
                     .execute(&mut *c)
                     .await?;
             }
-            Op::TouchSession {
-                token_hash,
-                last_seen,
-            } => {
-                sqlx::query("UPDATE sessions SET last_seen = $2 WHERE token_hash = $1")
-                    .bind(token_hash)
-                    .bind(last_seen)
-                    .execute(&mut *c)
-                    .await?;
+            other => {
+                for st in crate::sql::identity(other).unwrap_or_default() {
+                    let mut q = sqlx::query(st.sql);
+                    for a in st.args {
+                        q = bind!(q, a);
+                    }
+                    let n = q.execute(&mut *c).await?.rows_affected();
+                    if st.must == crate::sql::Must::Touch && n == 0 {
+                        return Err(ApplyError::Store(StoreError::Conflict));
+                    }
+                }
             }
         }
     }
@@ -923,7 +900,7 @@ fn user_row(r: &PgRow) -> Result<UserRow, sqlx::Error> {
     crate::sql::user(r)
 }
 
-use crate::sql::{USER_COLS, VERSION_COLS};
+use crate::sql::{CREDENTIAL_COLS, SESSION_COLS, THROTTLE_COLS, USER_COLS, VERSION_COLS};
 use std::sync::LazyLock;
 
 static CURRENT_SQL: LazyLock<String> = LazyLock::new(|| {
@@ -1000,11 +977,7 @@ async fn q_tally<'e, E: sqlx::PgExecutor<'e>>(
     };
     let mut query = sqlx::query_as::<_, (String, i64)>(&sql);
     for a in args {
-        query = match a {
-            crate::sql::Arg::Text(s) => query.bind(s),
-            crate::sql::Arg::Bytes(b) => query.bind(b),
-            crate::sql::Arg::Int(i) => query.bind(i),
-        };
+        query = bind!(query, a);
     }
     let rows = query.fetch_all(e).await.map_err(classify)?;
     Ok(rows
@@ -1024,11 +997,7 @@ async fn q_search<'e, E: sqlx::PgExecutor<'e>>(
     };
     let mut query = sqlx::query(&sql);
     for a in args {
-        query = match a {
-            crate::sql::Arg::Text(s) => query.bind(s),
-            crate::sql::Arg::Bytes(b) => query.bind(b),
-            crate::sql::Arg::Int(i) => query.bind(i),
-        };
+        query = bind!(query, a);
     }
     let rows = query.fetch_all(e).await.map_err(classify)?;
     let mut rows = rows
@@ -1151,24 +1120,83 @@ impl Store for PgStore {
     }
 
     fn session(&self, token_hash: &[u8]) -> Result<Option<SessionRow>, StoreError> {
-        let r: Option<(Vec<u8>, String, String, i64, i64, i64)> = self
+        let r = self
             .rt
             .block_on(
-                sqlx::query_as("SELECT token_hash, kind, username, created, last_seen, expires FROM sessions WHERE token_hash = $1")
-                    .bind(token_hash)
-                    .fetch_optional(&self.pool),
+                sqlx::query(&format!(
+                    "SELECT {SESSION_COLS} FROM sessions WHERE token_hash = $1"
+                ))
+                .bind(token_hash)
+                .fetch_optional(&self.pool),
             )
             .map_err(classify)?;
-        Ok(r.map(
-            |(token_hash, kind, username, created, last_seen, expires)| SessionRow {
-                token_hash,
-                kind,
-                username,
-                created,
-                last_seen,
-                expires,
-            },
-        ))
+        r.map(|r| crate::sql::session(&r).map_err(classify))
+            .transpose()
+    }
+
+    fn sessions_of(&self, username: &str) -> Result<Vec<SessionRow>, StoreError> {
+        let rows = self
+            .rt
+            .block_on(
+                sqlx::query(&format!(
+                    "SELECT {SESSION_COLS} FROM sessions WHERE username = $1 ORDER BY created DESC"
+                ))
+                .bind(username)
+                .fetch_all(&self.pool),
+            )
+            .map_err(classify)?;
+        rows.iter()
+            .map(|r| crate::sql::session(r).map_err(classify))
+            .collect()
+    }
+
+    fn throttle(&self, keys: &[Vec<u8>]) -> Result<Vec<ThrottleRow>, StoreError> {
+        let rows = self
+            .rt
+            .block_on(
+                sqlx::query(&format!(
+                    "SELECT {THROTTLE_COLS} FROM login_throttle WHERE key = ANY($1)"
+                ))
+                .bind(keys)
+                .fetch_all(&self.pool),
+            )
+            .map_err(classify)?;
+        rows.iter()
+            .map(|r| crate::sql::throttle(r).map_err(classify))
+            .collect()
+    }
+
+    fn credential(&self, kind: &str, id: &[u8]) -> Result<Option<CredentialRow>, StoreError> {
+        let r = self
+            .rt
+            .block_on(
+                sqlx::query(&format!(
+                    "SELECT {CREDENTIAL_COLS} FROM credentials WHERE kind = $1 AND id = $2"
+                ))
+                .bind(kind)
+                .bind(id)
+                .fetch_optional(&self.pool),
+            )
+            .map_err(classify)?;
+        r.map(|r| crate::sql::credential(&r).map_err(classify))
+            .transpose()
+    }
+
+    fn credentials(&self, username: &str, kind: &str) -> Result<Vec<CredentialRow>, StoreError> {
+        let rows = self
+            .rt
+            .block_on(
+                sqlx::query(&format!(
+                    "SELECT {CREDENTIAL_COLS} FROM credentials WHERE username = $1 AND kind = $2 ORDER BY created, id"
+                ))
+                .bind(username)
+                .bind(kind)
+                .fetch_all(&self.pool),
+            )
+            .map_err(classify)?;
+        rows.iter()
+            .map(|r| crate::sql::credential(r).map_err(classify))
+            .collect()
     }
 
     fn audit_len(&self) -> Result<u64, StoreError> {

@@ -2,7 +2,9 @@
 
 use medvault_types::PatientId;
 
-use crate::{Order, Sealed, SearchQuery, UserRow, VersionRow};
+use crate::{
+    CredentialRow, Op, Order, Sealed, SearchQuery, SessionRow, ThrottleRow, UserRow, VersionRow,
+};
 
 /// Which SQL the builder speaks.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -16,6 +18,8 @@ pub(crate) enum Arg {
     Text(String),
     Bytes(Vec<u8>),
     Int(i64),
+    Bool(bool),
+    Null,
 }
 
 /// The columns [`sealed`] maps, in order, for a `resource_versions v` query.
@@ -24,7 +28,17 @@ pub(crate) const VERSION_COLS: &str =
 
 /// The columns [`user`] maps, in order.
 pub(crate) const USER_COLS: &str =
-    "username, role, password_hash, totp_secret_wrapped, totp_last_step, disabled, failed_logins, created, practitioner_id";
+    "username, role, password_hash, totp_secret_wrapped, totp_last_step, disabled, created, practitioner_id, last_login";
+
+/// The columns [`session`] maps, in order.
+pub(crate) const SESSION_COLS: &str =
+    "token_hash, kind, username, created, last_seen, expires, attempts, mfa_at, source, method";
+
+/// The columns [`credential`] maps, in order.
+pub(crate) const CREDENTIAL_COLS: &str = "kind, id, username, name, data, created, last_used";
+
+/// The columns [`throttle`] maps, in order.
+pub(crate) const THROTTLE_COLS: &str = "key, failures, window_start, last_failure";
 
 /// One result row, column by position, as each backend's driver reads it.
 pub(crate) trait Columns {
@@ -63,9 +77,247 @@ pub(crate) fn user<R: Columns>(r: &R) -> Result<UserRow, R::Error> {
         totp_secret_wrapped: r.bytes(3)?,
         totp_last_step: r.int(4)?,
         disabled: r.flag(5)?,
-        failed_logins: r.int(6)?,
-        created: r.text(7)?,
-        practitioner_id: r.opt_text(8)?,
+        created: r.text(6)?,
+        practitioner_id: r.opt_text(7)?,
+        last_login: r.int(8)?,
+    })
+}
+
+/// A session from the [`SESSION_COLS`] of a row.
+pub(crate) fn session<R: Columns>(r: &R) -> Result<SessionRow, R::Error> {
+    Ok(SessionRow {
+        token_hash: r.bytes(0)?,
+        kind: r.text(1)?,
+        username: r.text(2)?,
+        created: r.int(3)?,
+        last_seen: r.int(4)?,
+        expires: r.int(5)?,
+        attempts: r.int(6)?,
+        mfa_at: r.int(7)?,
+        source: r.text(8)?,
+        method: r.text(9)?,
+    })
+}
+
+/// A credential from the [`CREDENTIAL_COLS`] of a row.
+pub(crate) fn credential<R: Columns>(r: &R) -> Result<CredentialRow, R::Error> {
+    Ok(CredentialRow {
+        kind: r.text(0)?,
+        id: r.bytes(1)?,
+        username: r.text(2)?,
+        name: r.text(3)?,
+        data: r.bytes(4)?,
+        created: r.int(5)?,
+        last_used: r.int(6)?,
+    })
+}
+
+/// A failure counter from the [`THROTTLE_COLS`] of a row.
+pub(crate) fn throttle<R: Columns>(r: &R) -> Result<ThrottleRow, R::Error> {
+    Ok(ThrottleRow {
+        key: r.bytes(0)?,
+        failures: r.int(1)?,
+        window_start: r.int(2)?,
+        last_failure: r.int(3)?,
+    })
+}
+
+/// What a statement's row count must be for its operation to hold.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Must {
+    /// Anything (an idempotent change).
+    Any,
+    /// At least one row, else the operation is a `Conflict`.
+    Touch,
+}
+
+/// One statement of an operation on users, sessions, credentials or the login throttle.
+pub(crate) struct Stmt {
+    pub sql: &'static str,
+    pub args: Vec<Arg>,
+    pub must: Must,
+}
+
+fn stmt(sql: &'static str, args: Vec<Arg>, must: Must) -> Stmt {
+    Stmt { sql, args, must }
+}
+
+/// The statements of an identity operation, written once for both backends: `$n`
+/// placeholders (SQLite runs them as `?n`, which bind by number as `$n` do in PostgreSQL)
+/// and upserts both dialects accept. `None` for operations each
+/// backend applies itself. A unique-key violation is `Exists` on both backends.
+pub(crate) fn identity(op: &Op) -> Option<Vec<Stmt>> {
+    use Arg::{Bool, Bytes, Int, Text};
+    use Must::{Any, Touch};
+    let t = |s: &String| Text(s.clone());
+    let b = |v: &Vec<u8>| Bytes(v.clone());
+    Some(match op {
+        Op::CreateUser(u) | Op::PutUser(u) => {
+            let args = vec![
+                t(&u.username),
+                t(&u.role),
+                t(&u.password_hash),
+                b(&u.totp_secret_wrapped),
+                Int(u.totp_last_step),
+                Bool(u.disabled),
+                t(&u.created),
+                u.practitioner_id.as_ref().map(t).unwrap_or(Arg::Null),
+                Int(u.last_login),
+            ];
+            let sql = if matches!(op, Op::CreateUser(_)) {
+                "INSERT INTO users (username, role, password_hash, totp_secret_wrapped, totp_last_step, disabled, created, practitioner_id, last_login, failed_logins)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 0)"
+            } else {
+                "INSERT INTO users (username, role, password_hash, totp_secret_wrapped, totp_last_step, disabled, created, practitioner_id, last_login, failed_logins)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 0)
+                 ON CONFLICT (username) DO UPDATE SET role = excluded.role, password_hash = excluded.password_hash,
+                   totp_secret_wrapped = excluded.totp_secret_wrapped, totp_last_step = excluded.totp_last_step,
+                   disabled = excluded.disabled, created = excluded.created,
+                   practitioner_id = excluded.practitioner_id, last_login = excluded.last_login"
+            };
+            vec![stmt(sql, args, Any)]
+        }
+        Op::UseTotpStep { username, step } => vec![stmt(
+            "UPDATE users SET totp_last_step = $2 WHERE username = $1 AND totp_last_step < $2",
+            vec![t(username), Int(*step)],
+            Touch,
+        )],
+        Op::RecordLogin { username, at } => vec![stmt(
+            "UPDATE users SET last_login = $2 WHERE username = $1",
+            vec![t(username), Int(*at)],
+            Any,
+        )],
+        Op::SetPasswordHash { username, hash } => vec![stmt(
+            "UPDATE users SET password_hash = $2 WHERE username = $1",
+            vec![t(username), t(hash)],
+            Touch,
+        )],
+        Op::SetTotpSecret { username, wrapped } => vec![stmt(
+            "UPDATE users SET totp_secret_wrapped = $2, totp_last_step = 0 WHERE username = $1",
+            vec![t(username), b(wrapped)],
+            Touch,
+        )],
+        Op::SetDisabled { username, disabled } => vec![stmt(
+            "UPDATE users SET disabled = $2 WHERE username = $1",
+            vec![t(username), Bool(*disabled)],
+            Touch,
+        )],
+        Op::PutSession(s) => vec![stmt(
+            "INSERT INTO sessions (token_hash, kind, username, created, last_seen, expires, attempts, mfa_at, source, method)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            vec![
+                b(&s.token_hash),
+                t(&s.kind),
+                t(&s.username),
+                Int(s.created),
+                Int(s.last_seen),
+                Int(s.expires),
+                Int(s.attempts),
+                Int(s.mfa_at),
+                t(&s.source),
+                t(&s.method),
+            ],
+            Any,
+        )],
+        Op::DeleteSession { token_hash } => vec![stmt(
+            "DELETE FROM sessions WHERE token_hash = $1",
+            vec![b(token_hash)],
+            Any,
+        )],
+        Op::TouchSession {
+            token_hash,
+            last_seen,
+        } => vec![stmt(
+            "UPDATE sessions SET last_seen = $2 WHERE token_hash = $1 AND last_seen < $2",
+            vec![b(token_hash), Int(*last_seen)],
+            Any,
+        )],
+        Op::FailChallenge {
+            token_hash,
+            max_attempts,
+        } => vec![
+            stmt(
+                "UPDATE sessions SET attempts = attempts + 1 WHERE token_hash = $1 AND kind = 'mfa'",
+                vec![b(token_hash)],
+                Any,
+            ),
+            stmt(
+                "DELETE FROM sessions WHERE token_hash = $1 AND kind = 'mfa' AND attempts >= $2",
+                vec![b(token_hash), Int(*max_attempts)],
+                Any,
+            ),
+        ],
+        Op::ConsumeChallenge {
+            token_hash,
+            max_attempts,
+        } => vec![stmt(
+            "DELETE FROM sessions WHERE token_hash = $1 AND kind = 'mfa' AND attempts < $2",
+            vec![b(token_hash), Int(*max_attempts)],
+            Touch,
+        )],
+        Op::RevokeSessions { username } => vec![stmt(
+            "DELETE FROM sessions WHERE username = $1",
+            vec![t(username)],
+            Any,
+        )],
+        Op::StepUp { token_hash, at } => vec![stmt(
+            "UPDATE sessions SET mfa_at = $2 WHERE token_hash = $1 AND kind = 'session'",
+            vec![b(token_hash), Int(*at)],
+            Touch,
+        )],
+        Op::CountFailure {
+            key,
+            subject,
+            at,
+            window_secs,
+        } => vec![stmt(
+            "INSERT INTO login_throttle (key, subject, failures, window_start, last_failure) VALUES ($1, $2, 1, $3, $3)
+             ON CONFLICT (key) DO UPDATE SET
+               failures = CASE WHEN excluded.last_failure - login_throttle.window_start >= $4 THEN 1 ELSE login_throttle.failures + 1 END,
+               window_start = CASE WHEN excluded.last_failure - login_throttle.window_start >= $4 THEN excluded.last_failure ELSE login_throttle.window_start END,
+               last_failure = excluded.last_failure",
+            vec![b(key), b(subject), Int(*at), Int(*window_secs)],
+            Any,
+        )],
+        Op::ClearFailures { key } => vec![stmt(
+            "DELETE FROM login_throttle WHERE key = $1",
+            vec![b(key)],
+            Any,
+        )],
+        Op::ClearSubjectFailures { subject } => vec![stmt(
+            "DELETE FROM login_throttle WHERE subject = $1",
+            vec![b(subject)],
+            Any,
+        )],
+        Op::PutCredential(c) => vec![stmt(
+            "INSERT INTO credentials (kind, id, username, name, data, created, last_used) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            vec![
+                t(&c.kind),
+                b(&c.id),
+                t(&c.username),
+                t(&c.name),
+                b(&c.data),
+                Int(c.created),
+                Int(c.last_used),
+            ],
+            Any,
+        )],
+        Op::UseCredential { kind, id, data, at } => vec![stmt(
+            "UPDATE credentials SET data = $3, last_used = $4 WHERE kind = $1 AND id = $2",
+            vec![t(kind), b(id), b(data), Int(*at)],
+            Touch,
+        )],
+        Op::DeleteCredential { kind, id, username } => vec![stmt(
+            "DELETE FROM credentials WHERE kind = $1 AND id = $2 AND username = $3",
+            vec![t(kind), b(id), t(username)],
+            Touch,
+        )],
+        Op::DeleteCredentials { username, kind } => vec![stmt(
+            "DELETE FROM credentials WHERE username = $1 AND kind = $2",
+            vec![t(username), t(kind)],
+            Any,
+        )],
+        _ => return None,
     })
 }
 

@@ -63,7 +63,26 @@ CREATE TRIGGER audit_tiles_no_delete BEFORE DELETE ON audit_tiles BEGIN SELECT R
 -- (resources created before the audit log had N entries). Existing resources: 0.
 ALTER TABLE resource_current ADD COLUMN created_seq INTEGER NOT NULL DEFAULT 0;
 "#,
+    IDENTITY_MIGRATION,
 ];
+
+/// Identity state that must hold across servers: the login throttle's failure counters,
+/// credentials beyond the password (passkeys, recovery codes, service clients), and what
+/// sessions need for step-up, attempt limits and listing.
+const IDENTITY_MIGRATION: &str = r#"
+CREATE TABLE login_throttle (key BLOB PRIMARY KEY, subject BLOB NOT NULL, failures INTEGER NOT NULL,
+    window_start INTEGER NOT NULL, last_failure INTEGER NOT NULL) STRICT, WITHOUT ROWID;
+CREATE INDEX login_throttle_subject ON login_throttle (subject);
+CREATE TABLE credentials (kind TEXT NOT NULL, id BLOB NOT NULL, username TEXT NOT NULL, name TEXT NOT NULL,
+    data BLOB NOT NULL, created INTEGER NOT NULL, last_used INTEGER NOT NULL,
+    PRIMARY KEY (kind, id)) STRICT, WITHOUT ROWID;
+CREATE INDEX credentials_user ON credentials (username, kind);
+ALTER TABLE sessions ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE sessions ADD COLUMN mfa_at INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE sessions ADD COLUMN source TEXT NOT NULL DEFAULT '';
+ALTER TABLE sessions ADD COLUMN method TEXT NOT NULL DEFAULT '';
+ALTER TABLE users ADD COLUMN last_login INTEGER NOT NULL DEFAULT 0;
+"#;
 
 /// Read connections kept per store.
 const MAX_READERS: usize = 16;
@@ -361,42 +380,6 @@ fn apply(
                     .execute(params![key, value])
                     .map_err(|e| conflict_or(e, StoreError::Exists))?;
             }
-            Op::PutUser(u) | Op::CreateUser(u) => {
-                let sql = if matches!(op, Op::CreateUser(_)) {
-                    "INSERT"
-                } else {
-                    "INSERT OR REPLACE"
-                };
-                tx.prepare_cached(&format!(
-                    "{sql} INTO users (username, role, password_hash, totp_secret_wrapped, totp_last_step, disabled, failed_logins, created, practitioner_id)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
-                ))?
-                .execute(params![u.username, u.role, u.password_hash, u.totp_secret_wrapped, u.totp_last_step, u.disabled, u.failed_logins, u.created, u.practitioner_id])
-                .map_err(|e| conflict_or(e, StoreError::Exists))?;
-            }
-            Op::UseTotpStep { username, step } => {
-                let n = tx
-                    .prepare_cached("UPDATE users SET totp_last_step = ?2 WHERE username = ?1 AND totp_last_step < ?2")?
-                    .execute(params![username, step])?;
-                if n != 1 {
-                    return Err(StoreError::Conflict);
-                }
-            }
-            Op::SetFailedLogins { username, count } => {
-                tx.prepare_cached("UPDATE users SET failed_logins = ?2 WHERE username = ?1")?
-                    .execute(params![username, count])?;
-            }
-            Op::PutSession(s) => {
-                tx.prepare_cached(
-                    "INSERT INTO sessions (token_hash, kind, username, created, last_seen, expires) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                )?
-                .execute(params![s.token_hash, s.kind, s.username, s.created, s.last_seen, s.expires])
-                .map_err(|e| conflict_or(e, StoreError::Exists))?;
-            }
-            Op::DeleteSession { token_hash } => {
-                tx.prepare_cached("DELETE FROM sessions WHERE token_hash = ?1")?
-                    .execute(params![token_hash])?;
-            }
             Op::PutMeta { key, value } => {
                 tx.prepare_cached("INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)")?
                     .execute(params![key, value])?;
@@ -458,12 +441,16 @@ fn apply(
                 )?
                 .execute(params![size, note])?;
             }
-            Op::TouchSession {
-                token_hash,
-                last_seen,
-            } => {
-                tx.prepare_cached("UPDATE sessions SET last_seen = ?2 WHERE token_hash = ?1")?
-                    .execute(params![token_hash, last_seen])?;
+            other => {
+                for st in crate::sql::identity(other).unwrap_or_default() {
+                    let n = tx
+                        .prepare_cached(&st.sql.replace('$', "?"))?
+                        .execute(params_from_iter(sqlite_args(st.args)))
+                        .map_err(|e| conflict_or(e, StoreError::Exists))?;
+                    if st.must == crate::sql::Must::Touch && n == 0 {
+                        return Err(StoreError::Conflict);
+                    }
+                }
             }
         }
     }
@@ -489,7 +476,7 @@ fn append_audit(
     Ok(seqs)
 }
 
-use crate::sql::{Columns, USER_COLS, VERSION_COLS};
+use crate::sql::{Columns, CREDENTIAL_COLS, SESSION_COLS, THROTTLE_COLS, USER_COLS, VERSION_COLS};
 
 impl Columns for Row<'_> {
     type Error = rusqlite::Error;
@@ -570,6 +557,8 @@ fn sqlite_args(args: Vec<crate::sql::Arg>) -> Vec<rusqlite::types::Value> {
             crate::sql::Arg::Text(s) => s.into(),
             crate::sql::Arg::Bytes(b) => b.into(),
             crate::sql::Arg::Int(i) => i.into(),
+            crate::sql::Arg::Bool(b) => i64::from(b).into(),
+            crate::sql::Arg::Null => rusqlite::types::Value::Null,
         })
         .collect()
 }
@@ -743,20 +732,63 @@ impl Store for SqliteStore {
 
     fn session(&self, token_hash: &[u8]) -> Result<Option<SessionRow>, StoreError> {
         self.with_reader(|c| {
-            Ok(c.prepare_cached(
-                "SELECT token_hash, kind, username, created, last_seen, expires FROM sessions WHERE token_hash = ?1",
-            )?
-            .query_row(params![token_hash], |r| {
-                Ok(SessionRow {
-                    token_hash: r.get(0)?,
-                    kind: r.get(1)?,
-                    username: r.get(2)?,
-                    created: r.get(3)?,
-                    last_seen: r.get(4)?,
-                    expires: r.get(5)?,
-                })
-            })
+            Ok(c.prepare_cached(&format!(
+                "SELECT {SESSION_COLS} FROM sessions WHERE token_hash = ?1"
+            ))?
+            .query_row(params![token_hash], |r| crate::sql::session(r))
             .optional()?)
+        })
+    }
+
+    fn sessions_of(&self, username: &str) -> Result<Vec<SessionRow>, StoreError> {
+        self.with_reader(|c| {
+            let mut st = c.prepare_cached(&format!(
+                "SELECT {SESSION_COLS} FROM sessions WHERE username = ?1 ORDER BY created DESC"
+            ))?;
+            let rows = st
+                .query_map(params![username], |r| crate::sql::session(r))?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn throttle(&self, keys: &[Vec<u8>]) -> Result<Vec<ThrottleRow>, StoreError> {
+        self.with_reader(|c| {
+            let mut st = c.prepare_cached(&format!(
+                "SELECT {THROTTLE_COLS} FROM login_throttle WHERE key = ?1"
+            ))?;
+            let mut out = vec![];
+            for k in keys {
+                if let Some(r) = st
+                    .query_row(params![k], |r| crate::sql::throttle(r))
+                    .optional()?
+                {
+                    out.push(r);
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn credential(&self, kind: &str, id: &[u8]) -> Result<Option<CredentialRow>, StoreError> {
+        self.with_reader(|c| {
+            Ok(c.prepare_cached(&format!(
+                "SELECT {CREDENTIAL_COLS} FROM credentials WHERE kind = ?1 AND id = ?2"
+            ))?
+            .query_row(params![kind, id], |r| crate::sql::credential(r))
+            .optional()?)
+        })
+    }
+
+    fn credentials(&self, username: &str, kind: &str) -> Result<Vec<CredentialRow>, StoreError> {
+        self.with_reader(|c| {
+            let mut st = c.prepare_cached(&format!(
+                "SELECT {CREDENTIAL_COLS} FROM credentials WHERE username = ?1 AND kind = ?2 ORDER BY created, id"
+            ))?;
+            let rows = st
+                .query_map(params![username, kind], |r| crate::sql::credential(r))?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
         })
     }
 

@@ -268,8 +268,37 @@ str_enum!(
         Status => "status",
         CreateUser => "user.create",
         Reindex => "index.rebuild",
+        ListUsers => "user.list",
+        DisableUser => "user.disable",
+        EnableUser => "user.enable",
+        UnlockUser => "user.unlock",
+        ResetMfa => "user.mfa-reset",
+        ChangeRole => "user.role",
+        DisableDormant => "user.disable-dormant",
+        CreateClient => "client.create",
+        ListClients => "client.list",
+        RevokeClient => "client.revoke",
     }
 );
+
+impl Operation {
+    /// Whether a signed-in caller needs a second factor within the step-up window to do
+    /// this (SPEC "Identity": user, role, policy and key changes).
+    pub fn needs_step_up(self) -> bool {
+        use Operation::*;
+        matches!(
+            self,
+            CreateUser
+                | DisableUser
+                | EnableUser
+                | UnlockUser
+                | ResetMfa
+                | ChangeRole
+                | CreateClient
+                | RevokeClient
+        )
+    }
+}
 
 /// The source of "now". Production wires the system clock in the binary; tests use
 /// [`ManualClock`]. INVARIANT: nothing in the library crates reads the wall clock.

@@ -14,7 +14,41 @@ pub struct Config {
     pub storage: Storage,
     pub keys: Keys,
     pub session: Session,
+    pub lockout: Lockout,
     pub audit: Audit,
+}
+
+/// The login throttle (SPEC "Identity", lockout): per account and address, per account,
+/// per address.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Lockout {
+    /// Consecutive failures of one account from one address before it locks.
+    pub max_failures: i64,
+    /// Failures of one account from all addresses before password sign-in slows down
+    /// (a passkey still signs in).
+    pub account_max_failures: i64,
+    /// Failures from one address within a minute, over all accounts.
+    pub source_max_failures_per_minute: i64,
+    /// The first lock's length; each further failure doubles it.
+    pub base_backoff_secs: i64,
+    /// The longest lock.
+    pub max_backoff_secs: i64,
+    /// Wrong second-factor answers before a challenge dies (back to the password).
+    pub challenge_attempts: i64,
+}
+
+impl Default for Lockout {
+    fn default() -> Self {
+        Lockout {
+            max_failures: 5,
+            account_max_failures: 20,
+            source_max_failures_per_minute: 20,
+            base_backoff_secs: 30,
+            max_backoff_secs: 900,
+            challenge_attempts: 3,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -75,6 +109,10 @@ pub struct Keys {
 pub struct Session {
     pub idle_timeout_secs: i64,
     pub absolute_timeout_secs: i64,
+    /// How long a verified second factor allows step-up actions.
+    pub step_up_secs: i64,
+    /// Days without a sign-in after which an account is disabled (0: never).
+    pub dormant_after_days: i64,
 }
 
 impl Default for Server {
@@ -121,6 +159,8 @@ impl Default for Session {
         Session {
             idle_timeout_secs: 900,
             absolute_timeout_secs: 43_200,
+            step_up_secs: 300,
+            dormant_after_days: 90,
         }
     }
 }
@@ -163,8 +203,28 @@ impl Config {
                 self.keys.provider
             );
         }
-        if self.session.idle_timeout_secs <= 0 || self.session.absolute_timeout_secs <= 0 {
+        if self.session.idle_timeout_secs <= 0
+            || self.session.absolute_timeout_secs <= 0
+            || self.session.step_up_secs <= 0
+        {
             bail!("session timeouts must be positive");
+        }
+        if self.session.dormant_after_days < 0 {
+            bail!("session.dormant_after_days must be 0 (never) or more");
+        }
+        let l = &self.lockout;
+        if [
+            l.max_failures,
+            l.account_max_failures,
+            l.source_max_failures_per_minute,
+            l.base_backoff_secs,
+            l.max_backoff_secs,
+            l.challenge_attempts,
+        ]
+        .iter()
+        .any(|v| *v <= 0)
+        {
+            bail!("lockout settings must be positive");
         }
         Ok(())
     }

@@ -264,7 +264,7 @@ fn run(cli: Cli) -> Result<()> {
                 .map_err(describe)?;
             if json {
                 let mut v = json!({"username": u.username.as_str(), "role": u.role.as_str(), "password": u.password.expose(),
-                    "totp_secret": u.totp_secret, "totp_uri": u.totp_uri});
+                    "totp_secret": u.totp_secret, "totp_uri": u.totp_uri, "recovery_codes": u.recovery_codes});
                 if let (Some(p), Some(o)) = (&u.practitioner_id, v.as_object_mut()) {
                     o.insert("practitioner_id".into(), json!(p));
                 }
@@ -274,6 +274,10 @@ fn run(cli: Cli) -> Result<()> {
                 println!("password:     {}", u.password.expose());
                 println!("totp secret:  {}", u.totp_secret);
                 println!("totp uri:     {}", u.totp_uri);
+                println!("recovery codes (each works once, instead of a TOTP code):");
+                for c in &u.recovery_codes {
+                    println!("              {c}");
+                }
                 if let Some(p) = &u.practitioner_id {
                     println!("practitioner: Practitioner/{p}");
                 }
@@ -502,6 +506,17 @@ fn options(cfg: &Config) -> VaultOptions {
             idle_timeout_secs: cfg.session.idle_timeout_secs,
             absolute_timeout_secs: cfg.session.absolute_timeout_secs,
             mfa_challenge_secs: 300,
+            step_up_secs: cfg.session.step_up_secs,
+            dormant_after_days: cfg.session.dormant_after_days,
+        },
+        lockout: medvault_core::LockoutPolicy {
+            max_failures: cfg.lockout.max_failures,
+            account_max_failures: cfg.lockout.account_max_failures,
+            source_max_failures: cfg.lockout.source_max_failures_per_minute,
+            base_backoff_secs: cfg.lockout.base_backoff_secs,
+            max_backoff_secs: cfg.lockout.max_backoff_secs,
+            challenge_attempts: cfg.lockout.challenge_attempts,
+            memory_secs: 86_400,
         },
         key_cache_capacity: cfg.keys.key_cache_capacity,
         public_transparency: cfg.audit.public_transparency,
@@ -559,7 +574,7 @@ fn init(
         );
     }
     if let Some(p) = &password {
-        medvault_core::check_password(p).map_err(describe)?;
+        medvault_core::check_password(p, Some(admin)).map_err(describe)?;
     }
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -682,18 +697,33 @@ fn serve_vault(
     let signer_vault = checkpoint_vault.clone();
     // The server's own work acts through the local operator; handlers get only the gate.
     let checkpointer = Caller::system(&op, "checkpointer");
+    // Accounts unused past `session.dormant_after_days` are disabled at start and hourly.
+    let warden = Caller::system(&op, "dormant-accounts");
     let signer = std::thread::Builder::new()
         .name("medvault-checkpoints".into())
-        .spawn(move || loop {
-            let stopping = !matches!(
-                stop_rx.recv_timeout(std::time::Duration::from_secs(1)),
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout)
-            );
-            if let Err(e) = signer_vault.checkpoint(&checkpointer) {
-                tracing::error!(error = ?e, "could not sign an audit checkpoint");
-            }
-            if stopping {
-                break;
+        .spawn(move || {
+            let mut tick: u32 = 0;
+            loop {
+                if tick % 3600 == 0 {
+                    match signer_vault.disable_dormant(&warden) {
+                        Ok(names) if !names.is_empty() => {
+                            tracing::info!(accounts = names.len(), "disabled dormant accounts")
+                        }
+                        Ok(_) => {}
+                        Err(e) => tracing::error!(error = ?e, "could not disable dormant accounts"),
+                    }
+                }
+                tick = tick.wrapping_add(1);
+                let stopping = !matches!(
+                    stop_rx.recv_timeout(std::time::Duration::from_secs(1)),
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+                );
+                if let Err(e) = signer_vault.checkpoint(&checkpointer) {
+                    tracing::error!(error = ?e, "could not sign an audit checkpoint");
+                }
+                if stopping {
+                    break;
+                }
             }
         })?;
     let rt = tokio::runtime::Builder::new_multi_thread()

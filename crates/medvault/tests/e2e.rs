@@ -67,6 +67,7 @@ struct Server {
     stderr: Arc<std::sync::Mutex<String>>,
 }
 
+#[derive(Debug)]
 struct Resp {
     status: u16,
     headers: Vec<(String, String)>,
@@ -4417,4 +4418,337 @@ fn audit_export_since_is_a_date_and_a_closed_pipe_is_not_an_error() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+// ---- Identity: lockout, second factors, sessions, step-up, users API (issue 10) ----------
+
+fn json_call(s: &Server, method: &str, path: &str, token: Option<&str>, body: &Value) -> Resp {
+    s.call(
+        method,
+        path,
+        token,
+        Some(body.to_string().as_bytes()),
+        &[("Content-Type", "application/json")],
+    )
+}
+
+/// The MFA token after a right password, or the whole answer when refused.
+fn password_step(s: &Server, user: &str, password: &str) -> Result<String, Resp> {
+    let r = json_call(
+        s,
+        "POST",
+        "/auth/login",
+        None,
+        &json!({"username": user, "password": password}),
+    );
+    if r.status == 200 {
+        Ok(r.body["mfa_token"].as_str().unwrap().to_owned())
+    } else {
+        Err(r)
+    }
+}
+
+fn factor(s: &Server, kind: &str, mfa: &str, code: &str) -> Resp {
+    json_call(
+        s,
+        "POST",
+        &format!("/auth/mfa/{kind}"),
+        None,
+        &json!({"mfa_token": mfa, "code": code}),
+    )
+}
+
+/// A TOTP code that is not `right` (for the current step).
+fn wrong_code(right: &str) -> String {
+    let n: u32 = right.parse().unwrap();
+    format!("{:06}", (n + 1) % 1_000_000)
+}
+
+#[test]
+fn wrong_second_factors_kill_the_challenge_and_failures_lock_the_account() {
+    let (_t, dir, staff) = setup();
+    let s = Server::start(&dir, &[]);
+    let (nurse, npw, nsecret) = staff.get("nurse");
+    let mfa = password_step(&s, nurse, npw).unwrap();
+    for _ in 0..3 {
+        let r = factor(&s, "totp", &mfa, &wrong_code(&totp(nsecret, 0)));
+        assert_eq!(r.status, 401);
+    }
+    let r = factor(&s, "totp", &mfa, &totp(nsecret, 0));
+    assert_eq!(r.status, 401, "the challenge died after three wrong codes");
+    // Those three wrong codes count as failures of the account from this address; two
+    // wrong passwords make five, and then even the right password is answered 429.
+    for _ in 0..2 {
+        let r = password_step(&s, nurse, "not her password!").unwrap_err();
+        assert_eq!(r.status, 401);
+    }
+    let r = password_step(&s, nurse, npw).unwrap_err();
+    assert_eq!(r.status, 429, "{:?}", r.body);
+    let retry: i64 = r.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=30).contains(&retry), "Retry-After {retry}");
+    assert_eq!(r.body["resourceType"], "OperationOutcome");
+    assert_eq!(r.body["issue"][0]["code"], "throttled");
+    // An unknown user locks the same way and looks the same.
+    for _ in 0..5 {
+        let r = password_step(&s, "no.such.user", "whatever at all").unwrap_err();
+        assert_eq!(r.status, 401);
+        assert_eq!(
+            r.body["issue"][0]["diagnostics"],
+            "invalid username or password"
+        );
+    }
+    assert_eq!(
+        password_step(&s, "no.such.user", "whatever at all")
+            .unwrap_err()
+            .status,
+        429
+    );
+    // The lock is audited, and a security administrator unlocks (with step-up).
+    let (po, popw, posecret) = staff.get("privacy_officer");
+    let pot = s.login(po, popw, posecret);
+    let ev = s.get(&format!("/fhir/AuditEvent?agent={nurse}&action=E"), &pot);
+    let locks: Vec<&Value> = ev.body["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| &e["resource"])
+        .filter(|r| {
+            r["outcomeDesc"]
+                .as_str()
+                .unwrap_or("")
+                .contains("locked for 30 s after 5 failures")
+        })
+        .collect();
+    assert_eq!(locks.len(), 1, "{}", ev.body);
+    assert!(locks[0]["meta"]["profile"][0]
+        .as_str()
+        .unwrap()
+        .ends_with("IHE.BasicAudit.Login"));
+    assert_eq!(
+        locks[0]["agent"][0]["type"]["coding"][0]["code"],
+        "humanuser"
+    );
+    let (sa, sapw, sasecret) = staff.get("security_admin");
+    let sat = s.login(sa, sapw, sasecret);
+    let r = s.post(&format!("/api/users/{nurse}/unlock"), &sat, &json!({}));
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert!(password_step(&s, nurse, npw).is_ok(), "unlocked");
+}
+
+#[test]
+fn an_address_spraying_many_accounts_is_throttled() {
+    let (_t, dir, staff) = setup();
+    let s = Server::start(&dir, &[]);
+    for i in 0..20 {
+        let r = password_step(&s, &format!("sprayed.{i}"), "Winter2026!!").unwrap_err();
+        assert_eq!(r.status, 401);
+    }
+    let (nurse, npw, _) = staff.get("nurse");
+    let r = password_step(&s, nurse, npw).unwrap_err();
+    assert_eq!(
+        r.status, 429,
+        "20 failures a minute from one address throttle it"
+    );
+    assert!(r.header("retry-after").is_some());
+}
+
+#[test]
+fn recovery_codes_sessions_password_change_and_csrf() {
+    let (_t, dir, _staff) = setup();
+    let u = json_out(&medvault(
+        &dir,
+        &["user", "add", "rc.nurse", "--role", "nurse", "--json"],
+    ));
+    let codes: Vec<String> = u["recovery_codes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(codes.len(), 10);
+    let (pw, secret) = (
+        u["password"].as_str().unwrap(),
+        u["totp_secret"].as_str().unwrap(),
+    );
+    let s = Server::start(&dir, &[]);
+    let mfa = password_step(&s, "rc.nurse", pw).unwrap();
+    let r = factor(&s, "recovery", &mfa, &codes[0]);
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let t1 = r.body["token"].as_str().unwrap().to_owned();
+    let mfa = password_step(&s, "rc.nurse", pw).unwrap();
+    assert_eq!(
+        factor(&s, "recovery", &mfa, &codes[0]).status,
+        401,
+        "a used recovery code is refused"
+    );
+    let mfa = password_step(&s, "rc.nurse", pw).unwrap();
+    let code = totp(secret, 0);
+    let r = factor(&s, "totp", &mfa, &code);
+    assert_eq!(r.status, 200);
+    let t2 = r.body["token"].as_str().unwrap().to_owned();
+    let mfa = password_step(&s, "rc.nurse", pw).unwrap();
+    assert_eq!(
+        factor(&s, "totp", &mfa, &code).status,
+        401,
+        "a used TOTP code"
+    );
+    // Sessions: both listed; one ends the other.
+    let list = s.get("/auth/sessions", &t2);
+    assert_eq!(list.status, 200);
+    let sessions = list.body["sessions"].as_array().unwrap();
+    assert_eq!(sessions.len(), 2, "{}", list.body);
+    let other = sessions.iter().find(|x| x["current"] == false).unwrap();
+    assert_eq!(other["method"], "password+recovery");
+    assert_eq!(other["source"], "127.0.0.1");
+    let id = other["id"].as_str().unwrap();
+    assert_eq!(
+        s.call(
+            "DELETE",
+            &format!("/auth/sessions/{id}"),
+            Some(&t2),
+            None,
+            &[]
+        )
+        .status,
+        204
+    );
+    assert_eq!(
+        s.get("/auth/sessions", &t1).status,
+        401,
+        "ended from the list"
+    );
+    assert_eq!(
+        s.call("DELETE", "/auth/sessions/ffff", Some(&t2), None, &[])
+            .status,
+        404
+    );
+    // CSRF: a state change authenticated by the cookie alone must come from this site.
+    let cookie2 = format!("medvault_session={t2}");
+    let by_cookie = |extra: &[(&str, &str)]| {
+        let mut h = vec![
+            ("Cookie", cookie2.as_str()),
+            ("Content-Type", "application/json"),
+        ];
+        h.extend_from_slice(extra);
+        s.call("POST", "/auth/recovery-codes", None, Some(b"{}"), &h)
+            .status
+    };
+    assert_eq!(by_cookie(&[]), 403);
+    assert_eq!(by_cookie(&[("Sec-Fetch-Site", "cross-site")]), 403);
+    assert_eq!(by_cookie(&[("Origin", "https://evil.example")]), 403);
+    assert_eq!(by_cookie(&[("Sec-Fetch-Site", "same-origin")]), 200);
+    // Password change: weak refused with the rule; wrong current refused; then every
+    // session ends.
+    let change = |cur: &str, new: &str| {
+        json_call(
+            &s,
+            "POST",
+            "/auth/password",
+            Some(&t2),
+            &json!({"current": cur, "new": new}),
+        )
+    };
+    let weak = change(pw, "Summer2024!!");
+    assert_eq!(weak.status, 400);
+    assert!(weak.body["issue"][0]["diagnostics"]
+        .as_str()
+        .unwrap()
+        .contains("common password"));
+    assert_eq!(
+        change("not the password", "a far better passphrase").status,
+        401
+    );
+    assert_eq!(change(pw, "a far better passphrase").status, 204);
+    assert_eq!(s.get("/auth/sessions", &t2).status, 401, "sessions ended");
+    assert!(password_step(&s, "rc.nurse", "a far better passphrase").is_ok());
+}
+
+#[test]
+fn step_up_guards_user_administration_and_disable_ends_sessions() {
+    let (_t, dir, staff) = setup();
+    let s = Server::start(&dir, &[("MEDVAULT_SESSION_STEP_UP_SECS", "2")]);
+    let (sa, sapw, sasecret) = staff.get("security_admin");
+    let sat = s.login(sa, sapw, sasecret);
+    let (nurse, npw, nsecret) = staff.get("nurse");
+    let nt = s.login(nurse, npw, nsecret);
+    let users = s.get("/api/users", &sat);
+    assert_eq!(users.status, 200);
+    assert!(users.body["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|u| u["username"] == nurse && u["recovery_codes"] == 10));
+    assert_eq!(s.get("/api/users", &nt).status, 403, "default deny");
+    std::thread::sleep(Duration::from_millis(2100));
+    let r = s.post(&format!("/api/users/{nurse}/disable"), &sat, &json!({}));
+    assert_eq!(r.status, 401);
+    assert_eq!(
+        r.body["issue"][0]["details"]["coding"][0]["code"],
+        "step-up-required"
+    );
+    assert_eq!(s.get("/fhir/metadata", &nt).status, 200, "nothing changed");
+    // A wrong code does not step up; the next step's code does.
+    let r = json_call(
+        &s,
+        "POST",
+        "/auth/step-up/totp",
+        Some(&sat),
+        &json!({"code": "000000"}),
+    );
+    assert_eq!(r.status, 401);
+    let r = json_call(
+        &s,
+        "POST",
+        "/auth/step-up/totp",
+        Some(&sat),
+        &json!({"code": totp(sasecret, 1)}),
+    );
+    assert_eq!(r.status, 204, "{:?}", r.body);
+    let r = s.post(&format!("/api/users/{nurse}/disable"), &sat, &json!({}));
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(
+        s.get("/auth/sessions", &nt).status,
+        401,
+        "disabling ends every session at once"
+    );
+    assert_eq!(password_step(&s, nurse, npw).unwrap_err().status, 401);
+    let r = s.post(&format!("/api/users/{nurse}/enable"), &sat, &json!({}));
+    assert_eq!(r.status, 200);
+    let reset = s.post(&format!("/api/users/{nurse}/mfa-reset"), &sat, &json!({}));
+    assert_eq!(reset.status, 200);
+    let new_secret = reset.body["totp_secret"].as_str().unwrap().to_owned();
+    assert_ne!(new_secret, nsecret);
+    let mfa = password_step(&s, nurse, npw).unwrap();
+    assert_eq!(factor(&s, "totp", &mfa, &totp(nsecret, 0)).status, 401);
+    let mfa = password_step(&s, nurse, npw).unwrap();
+    assert_eq!(factor(&s, "totp", &mfa, &totp(&new_secret, 0)).status, 200);
+    let r = s.post(
+        &format!("/api/users/{nurse}/role"),
+        &sat,
+        &json!({"role": "billing"}),
+    );
+    assert_eq!(r.status, 200);
+    let r = s.post(
+        &format!("/api/users/{nurse}/role"),
+        &sat,
+        &json!({"role": "system"}),
+    );
+    assert_eq!(r.status, 400);
+    let r = s.post("/api/users/nobody.here/disable", &sat, &json!({}));
+    assert_eq!(r.status, 404);
+    let r = s.post(&format!("/api/users/{nurse}/frobnicate"), &sat, &json!({}));
+    assert_eq!(r.status, 404);
+    let r = s.post(
+        "/api/users",
+        &sat,
+        &json!({"username": "api.clerk", "role": "front_desk"}),
+    );
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    assert_eq!(r.body["recovery_codes"].as_array().unwrap().len(), 10);
+    let r = s.post(
+        "/api/users",
+        &sat,
+        &json!({"username": "api.weak", "role": "front_desk", "password": "password1234"}),
+    );
+    assert_eq!(r.status, 400);
 }
