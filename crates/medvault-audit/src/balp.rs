@@ -16,9 +16,8 @@ fn profile_and_action(r: &AuditRecord) -> (&'static str, &'static str, &'static 
         "create" => ("IHE.BasicAudit.PatientCreate", "create", "C"),
         "update" => ("IHE.BasicAudit.PatientUpdate", "update", "U"),
         "delete" => ("IHE.BasicAudit.PatientDelete", "delete", "D"),
-        "login" | "mfa" | "step-up" | "lockout" | "password.change" | "recovery-codes" => {
-            ("IHE.BasicAudit.Login", "", "E")
-        }
+        "login" | "mfa" | "step-up" | "lockout" | "password.change" | "recovery-codes"
+        | "passkey.add" | "passkey.revoke" => ("IHE.BasicAudit.Login", "", "E"),
         "logout" => ("IHE.BasicAudit.Logout", "", "E"),
         _ => ("IHE.BasicAudit.PatientRead", "", "E"),
     }
@@ -29,7 +28,15 @@ fn profile_and_action(r: &AuditRecord) -> (&'static str, &'static str, &'static 
 pub fn is_authentication(action: &str) -> bool {
     matches!(
         action,
-        "login" | "mfa" | "logout" | "step-up" | "lockout" | "password.change" | "recovery-codes"
+        "login"
+            | "mfa"
+            | "logout"
+            | "step-up"
+            | "lockout"
+            | "password.change"
+            | "recovery-codes"
+            | "passkey.add"
+            | "passkey.revoke"
     )
 }
 

@@ -3,7 +3,8 @@
 
 use medvault_fhir::Resource;
 use medvault_identity::{
-    AccountView, Factor, IdentityError, Password, Principal, Refused, SessionView, Token,
+    AccountView, Factor, IdentityError, PasskeyView, Password, Principal, Refused, SessionView,
+    Token,
 };
 use medvault_store::Op;
 use medvault_types::{Operation, Purpose, Role, Username};
@@ -348,6 +349,138 @@ impl Vault {
         rec.detail = Some("recovery codes replaced".into());
         self.commit(step.ops, vec![rec])?;
         Ok(step.value)
+    }
+
+    /// Sets the WebAuthn relying party from the URL clients reach the server at (the
+    /// server calls it once it knows its address).
+    ///
+    /// # Errors
+    /// `BadRequest` for a URL that cannot name a relying party.
+    pub fn set_relying_party(&self, public_url: &str) -> Result<(), VaultError> {
+        self.identity
+            .set_relying_party(public_url)
+            .map_err(|e| VaultError::BadRequest(e.to_string()))
+    }
+
+    /// `POST /auth/webauthn/register/start` (step-up): creation options for a new passkey.
+    ///
+    /// # Errors
+    /// `Unauthenticated`, `StepUpRequired`.
+    pub fn passkey_registration_start(&self, c: &Caller) -> Result<serde_json::Value, VaultError> {
+        let s = self.session_of(c).ok_or(VaultError::Unauthenticated)?;
+        if !self.stepped_up(c) {
+            return Err(VaultError::StepUpRequired);
+        }
+        let step = self
+            .identity
+            .passkey_registration_start(&s)
+            .map_err(id_err)?;
+        self.commit(step.ops, vec![])?;
+        Ok(step.value)
+    }
+
+    /// `POST /auth/webauthn/register/finish`: stores the new passkey (audited); returns
+    /// its id.
+    ///
+    /// # Errors
+    /// `Unauthenticated`; `BadRequest` when the authenticator's answer does not verify.
+    pub fn passkey_registration_finish(
+        &self,
+        c: &Caller,
+        name: &str,
+        credential: serde_json::Value,
+    ) -> Result<String, VaultError> {
+        let s = self.session_of(c).ok_or(VaultError::Unauthenticated)?;
+        let step = self
+            .identity
+            .passkey_registration_finish(&s, name, credential)
+            .map_err(|e| match e {
+                IdentityError::BadCode => VaultError::BadRequest(
+                    "the passkey registration did not verify (origin, challenge or user verification), or none is in progress".into(),
+                ),
+                other => id_err(other),
+            })?;
+        let mut rec = self.record(c, "passkey.add", Outcome::Success);
+        rec.detail = Some(format!("passkey {} registered", step.value));
+        match self.commit(step.ops, vec![rec]) {
+            Err(VaultError::Conflict) => Err(VaultError::BadRequest(
+                "this registration was already finished".into(),
+            )),
+            other => other.map(|_| step.value),
+        }
+    }
+
+    /// `POST /auth/webauthn/login/start {"mfa_token"}`: request options for the user's
+    /// passkeys.
+    ///
+    /// # Errors
+    /// `Unauthenticated` for a dead challenge or a user without passkeys.
+    pub fn passkey_login_start(
+        &self,
+        _c: &Caller,
+        mfa_token: &Token,
+    ) -> Result<serde_json::Value, VaultError> {
+        let step = self
+            .identity
+            .passkey_login_start(mfa_token)
+            .map_err(|e| match e {
+                IdentityError::Store(s) => s.into(),
+                IdentityError::Internal(m) => VaultError::Internal(m),
+                _ => VaultError::Unauthenticated,
+            })?;
+        self.commit(step.ops, vec![])?;
+        Ok(step.value)
+    }
+
+    /// `POST /auth/webauthn/login/finish {"mfa_token","credential"}`: the passkey as the
+    /// second factor; returns the session.
+    ///
+    /// # Errors
+    /// `Unauthenticated`, `Locked`, `AuditUnavailable`.
+    pub fn passkey_login_finish(
+        &self,
+        c: &Caller,
+        mfa_token: &Token,
+        credential: serde_json::Value,
+    ) -> Result<SessionGrant, VaultError> {
+        match self
+            .identity
+            .passkey_login_finish(mfa_token, credential, c.source.as_deref())
+        {
+            Ok(step) => self.grant(c, step),
+            Err(r) => Err(self.refused(c, "mfa", r)),
+        }
+    }
+
+    /// `GET /auth/webauthn/credentials`: the caller's passkeys.
+    ///
+    /// # Errors
+    /// `Unauthenticated`.
+    pub fn passkeys(&self, c: &Caller) -> Result<Vec<PasskeyView>, VaultError> {
+        let s = self.session_of(c).ok_or(VaultError::Unauthenticated)?;
+        self.identity
+            .passkeys(s.principal.username.as_str())
+            .map_err(id_err)
+    }
+
+    /// `DELETE /auth/webauthn/credentials/{id}` (step-up): revokes one of the caller's
+    /// passkeys.
+    ///
+    /// # Errors
+    /// `Unauthenticated`, `StepUpRequired`, `NotFound`.
+    pub fn revoke_passkey(&self, c: &Caller, id: &str) -> Result<(), VaultError> {
+        let s = self.session_of(c).ok_or(VaultError::Unauthenticated)?;
+        if !self.stepped_up(c) {
+            return Err(VaultError::StepUpRequired);
+        }
+        let ops = self
+            .identity
+            .revoke_passkey(s.principal.username.as_str(), id)
+            .map_err(id_err)?;
+        let mut rec = self.record(c, "passkey.revoke", Outcome::Success);
+        rec.detail = Some(format!("passkey {id} revoked"));
+        self.commit(ops, vec![rec])?;
+        Ok(())
     }
 
     /// `GET /api/users`: every account, no secrets. Policy action `user.list`.

@@ -13,6 +13,7 @@
 mod account;
 mod hashing;
 mod login;
+mod passkeys;
 mod throttle;
 mod totp;
 
@@ -30,6 +31,7 @@ use zeroize::{Zeroize, ZeroizeOnDrop};
 pub use account::{AccountView, Enrollment, SessionView};
 pub use hashing::{weakness, Argon2id, PasswordHashing, MIN_PASSWORD};
 pub use login::{Challenge, Factor, Grant, SessionInfo};
+pub use passkeys::PasskeyView;
 pub use throttle::{LockEvent, LockoutPolicy, Method};
 pub use totp::{totp_code, totp_now, TotpSecret};
 
@@ -214,6 +216,8 @@ pub struct Identity {
     dummy_hash: String,
     policy: SessionPolicy,
     lockout: LockoutPolicy,
+    /// The WebAuthn relying party, once the public URL is known.
+    rp: passkeys::RelyingParty,
 }
 
 impl Identity {
@@ -240,6 +244,7 @@ impl Identity {
             dummy_hash,
             policy,
             lockout,
+            rp: passkeys::RelyingParty::default(),
         })
     }
 

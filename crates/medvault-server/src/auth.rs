@@ -255,3 +255,107 @@ pub(crate) async fn logout(State(state): State<AppState>, ctx: Ctx) -> Result<Re
     blocking(move || vault.logout(&c, &token)).await??;
     Ok(clear_cookie(StatusCode::NO_CONTENT.into_response()))
 }
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MfaTokenBody {
+    mfa_token: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PasskeyLoginBody {
+    mfa_token: String,
+    credential: serde_json::Value,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PasskeyRegisterBody {
+    #[serde(default)]
+    name: String,
+    credential: serde_json::Value,
+}
+
+/// `POST /auth/webauthn/register/start` (signed in, step-up): creation options.
+pub(crate) async fn webauthn_register_start(
+    State(state): State<AppState>,
+    ctx: Ctx,
+) -> Result<Response, ApiError> {
+    let c = caller(&state, &ctx).await?;
+    let vault = state.vault.clone();
+    let options = blocking(move || vault.passkey_registration_start(&c)).await??;
+    Ok(plain_json(StatusCode::OK, options))
+}
+
+/// `POST /auth/webauthn/register/finish {"name","credential"}`.
+pub(crate) async fn webauthn_register_finish(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let c = caller(&state, &ctx).await?;
+    let body = body_bytes(&state, req).await?;
+    let b: PasskeyRegisterBody = parse(&body)?;
+    let vault = state.vault.clone();
+    let id =
+        blocking(move || vault.passkey_registration_finish(&c, &b.name, b.credential)).await??;
+    Ok(plain_json(StatusCode::CREATED, json!({ "id": id })))
+}
+
+/// `POST /auth/webauthn/login/start {"mfa_token"}`: request options.
+pub(crate) async fn webauthn_login_start(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let body = body_bytes(&state, req).await?;
+    let b: MfaTokenBody = parse(&body)?;
+    let vault = state.vault.clone();
+    let c = ctx.anonymous();
+    let token = Token::from_client(&b.mfa_token);
+    let options = blocking(move || vault.passkey_login_start(&c, &token))
+        .await?
+        .map_err(bad_code)?;
+    Ok(plain_json(StatusCode::OK, options))
+}
+
+/// `POST /auth/webauthn/login/finish {"mfa_token","credential"}` → the session.
+pub(crate) async fn webauthn_login_finish(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let body = body_bytes(&state, req).await?;
+    let b: PasskeyLoginBody = parse(&body)?;
+    let vault = state.vault.clone();
+    let c = ctx.anonymous();
+    let token = Token::from_client(&b.mfa_token);
+    let grant = blocking(move || vault.passkey_login_finish(&c, &token, b.credential))
+        .await?
+        .map_err(bad_code)?;
+    Ok(session_response(&grant))
+}
+
+/// `GET /auth/webauthn/credentials`: the caller's passkeys.
+pub(crate) async fn passkeys(
+    State(state): State<AppState>,
+    ctx: Ctx,
+) -> Result<Response, ApiError> {
+    let c = caller(&state, &ctx).await?;
+    let vault = state.vault.clone();
+    let list = blocking(move || vault.passkeys(&c)).await??;
+    Ok(plain_json(StatusCode::OK, json!({ "passkeys": list })))
+}
+
+/// `DELETE /auth/webauthn/credentials/{id}` (step-up).
+pub(crate) async fn revoke_passkey(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let c = caller(&state, &ctx).await?;
+    let vault = state.vault.clone();
+    blocking(move || vault.revoke_passkey(&c, &id)).await??;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}

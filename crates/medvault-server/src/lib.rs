@@ -135,6 +135,27 @@ fn routes(state: AppState) -> Router {
             axum::routing::delete(auth::end_session),
         )
         .route("/auth/recovery-codes", post(auth::recovery_codes))
+        .route(
+            "/auth/webauthn/register/start",
+            post(auth::webauthn_register_start),
+        )
+        .route(
+            "/auth/webauthn/register/finish",
+            post(auth::webauthn_register_finish),
+        )
+        .route(
+            "/auth/webauthn/login/start",
+            post(auth::webauthn_login_start),
+        )
+        .route(
+            "/auth/webauthn/login/finish",
+            post(auth::webauthn_login_finish),
+        )
+        .route("/auth/webauthn/credentials", get(auth::passkeys))
+        .route(
+            "/auth/webauthn/credentials/{id}",
+            axum::routing::delete(auth::revoke_passkey),
+        )
         .route("/auth/logout", post(auth::logout))
         .route("/api/users", get(admin::users).post(admin::add_user))
         .route("/api/users/{name}/{action}", post(admin::user_action))

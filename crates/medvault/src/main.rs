@@ -744,6 +744,9 @@ fn serve_vault(
         } else {
             configured_base
         };
+        if let Err(e) = vault.set_relying_party(&public_base_url) {
+            tracing::warn!(error = %e, "passkeys are unavailable: set server.public_base_url to a DNS name");
+        }
         let app = medvault_server::router(medvault_server::AppState {
             vault,
             options: medvault_server::HttpOptions {

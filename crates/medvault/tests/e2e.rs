@@ -4752,3 +4752,130 @@ fn step_up_guards_user_administration_and_disable_ends_sessions() {
     );
     assert_eq!(r.status, 400);
 }
+
+/// A passkey registered and used as the second factor through the real binary, with
+/// kanidm's software authenticator (user verification on; the options require it):
+/// replayed assertions, another challenge's assertion and a revoked passkey are refused.
+#[test]
+fn passkey_registration_and_login_with_a_software_authenticator() {
+    use webauthn_authenticator_rs::prelude::{
+        CreationChallengeResponse, RequestChallengeResponse, Url, WebauthnAuthenticator,
+    };
+    use webauthn_authenticator_rs::softpasskey::SoftPasskey;
+    let (_t, dir, staff) = setup();
+    let s = Server::start(&dir, &[]);
+    let origin = Url::parse(&format!("https://localhost:{}", s.port)).unwrap();
+    let (nurse, npw, nsecret) = staff.get("nurse");
+    let t = s.login(nurse, npw, nsecret);
+    let start = s.post("/auth/webauthn/register/start", &t, &json!({}));
+    assert_eq!(start.status, 200, "{:?}", start.body);
+    assert_eq!(
+        start.body["publicKey"]["authenticatorSelection"]["userVerification"],
+        "required"
+    );
+    let ccr: CreationChallengeResponse = serde_json::from_value(start.body.clone()).unwrap();
+    let mut authenticator = WebauthnAuthenticator::new(SoftPasskey::new(true));
+    let reg = authenticator.do_registration(origin.clone(), ccr).unwrap();
+    let reg_json = serde_json::to_value(&reg).unwrap();
+    let r = s.post(
+        "/auth/webauthn/register/finish",
+        &t,
+        &json!({"name": "ward laptop fingerprint", "credential": reg_json}),
+    );
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    let again = s.post(
+        "/auth/webauthn/register/finish",
+        &t,
+        &json!({"name": "again", "credential": reg_json}),
+    );
+    assert_eq!(again.status, 400, "a registration is finished once");
+    let list = s.get("/auth/webauthn/credentials", &t);
+    assert_eq!(list.body["passkeys"][0]["name"], "ward laptop fingerprint");
+    let pk_id = list.body["passkeys"][0]["id"].as_str().unwrap().to_owned();
+
+    // Sign in: password, then the passkey.
+    let login = |auth: &mut WebauthnAuthenticator<SoftPasskey>| {
+        let r = json_call(
+            &s,
+            "POST",
+            "/auth/login",
+            None,
+            &json!({"username": nurse, "password": npw}),
+        );
+        assert_eq!(r.status, 200);
+        assert!(r.body["methods"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m == "webauthn"));
+        let mfa = r.body["mfa_token"].as_str().unwrap().to_owned();
+        let opts = json_call(
+            &s,
+            "POST",
+            "/auth/webauthn/login/start",
+            None,
+            &json!({"mfa_token": mfa}),
+        );
+        assert_eq!(opts.status, 200, "{:?}", opts.body);
+        let rcr: RequestChallengeResponse = serde_json::from_value(opts.body).unwrap();
+        let assertion = auth.do_authentication(origin.clone(), rcr).unwrap();
+        (mfa, serde_json::to_value(&assertion).unwrap())
+    };
+    let (mfa, assertion) = login(&mut authenticator);
+    let r = json_call(
+        &s,
+        "POST",
+        "/auth/webauthn/login/finish",
+        None,
+        &json!({"mfa_token": mfa, "credential": assertion}),
+    );
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let t2 = r.body["token"].as_str().unwrap().to_owned();
+    assert_eq!(s.get("/auth/sessions", &t2).status, 200);
+    let replay = json_call(
+        &s,
+        "POST",
+        "/auth/webauthn/login/finish",
+        None,
+        &json!({"mfa_token": mfa, "credential": assertion}),
+    );
+    assert_eq!(replay.status, 401, "a replayed assertion is refused");
+    // The assertion of one challenge does not answer another.
+    let (mfa2, _) = login(&mut authenticator);
+    let r = json_call(
+        &s,
+        "POST",
+        "/auth/webauthn/login/finish",
+        None,
+        &json!({"mfa_token": mfa2, "credential": assertion}),
+    );
+    assert_eq!(r.status, 401);
+    // Revoked: the passkey no longer answers.
+    assert_eq!(
+        s.call(
+            "DELETE",
+            &format!("/auth/webauthn/credentials/{pk_id}"),
+            Some(&t2),
+            None,
+            &[]
+        )
+        .status,
+        204
+    );
+    let r = json_call(
+        &s,
+        "POST",
+        "/auth/login",
+        None,
+        &json!({"username": nurse, "password": npw}),
+    );
+    let mfa = r.body["mfa_token"].as_str().unwrap().to_owned();
+    let opts = json_call(
+        &s,
+        "POST",
+        "/auth/webauthn/login/start",
+        None,
+        &json!({"mfa_token": mfa}),
+    );
+    assert_eq!(opts.status, 401, "no passkey left to answer with");
+}
