@@ -7,12 +7,12 @@ use medvault_core::{Password, Role};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::{blocking, body_bytes, caller, optional_caller, plain_json, ApiError, AppState, Ctx};
+use crate::{
+    as_caller, blocking, body_bytes, caller, optional_caller, plain_json, ApiError, AppState, Ctx,
+};
 
 pub(crate) async fn status(State(state): State<AppState>, ctx: Ctx) -> Result<Response, ApiError> {
-    let c = caller(&state, &ctx).await?;
-    let vault = state.vault.clone();
-    let s = blocking(move || vault.status(&c)).await??;
+    let s = as_caller(&state, &ctx, move |v, c| v.status(c)).await?;
     Ok(plain_json(StatusCode::OK, json!(s)))
 }
 
@@ -313,9 +313,7 @@ pub(crate) async fn cosignature(
 
 /// `GET /api/users`: every account (security administrators).
 pub(crate) async fn users(State(state): State<AppState>, ctx: Ctx) -> Result<Response, ApiError> {
-    let c = caller(&state, &ctx).await?;
-    let vault = state.vault.clone();
-    let list = blocking(move || vault.users(&c)).await??;
+    let list = as_caller(&state, &ctx, move |v, c| v.users(c)).await?;
     Ok(plain_json(StatusCode::OK, json!({ "users": list })))
 }
 

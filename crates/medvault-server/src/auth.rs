@@ -9,7 +9,9 @@ use medvault_fhir::IssueCode;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::{blocking, body_bytes, caller, plain_json, ApiError, AppState, Ctx, SESSION_COOKIE};
+use crate::{
+    as_caller, blocking, body_bytes, caller, plain_json, ApiError, AppState, Ctx, SESSION_COOKIE,
+};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -208,9 +210,7 @@ pub(crate) async fn sessions(
     State(state): State<AppState>,
     ctx: Ctx,
 ) -> Result<Response, ApiError> {
-    let c = caller(&state, &ctx).await?;
-    let vault = state.vault.clone();
-    let list = blocking(move || vault.sessions(&c)).await??;
+    let list = as_caller(&state, &ctx, move |v, c| v.sessions(c)).await?;
     Ok(plain_json(StatusCode::OK, json!({ "sessions": list })))
 }
 
@@ -220,9 +220,7 @@ pub(crate) async fn end_session(
     ctx: Ctx,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let c = caller(&state, &ctx).await?;
-    let vault = state.vault.clone();
-    blocking(move || vault.end_session(&c, &id)).await??;
+    as_caller(&state, &ctx, move |v, c| v.end_session(c, &id)).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -231,9 +229,7 @@ pub(crate) async fn recovery_codes(
     State(state): State<AppState>,
     ctx: Ctx,
 ) -> Result<Response, ApiError> {
-    let c = caller(&state, &ctx).await?;
-    let vault = state.vault.clone();
-    let codes = blocking(move || vault.new_recovery_codes(&c)).await??;
+    let codes = as_caller(&state, &ctx, move |v, c| v.new_recovery_codes(c)).await?;
     Ok(plain_json(
         StatusCode::OK,
         json!({ "recovery_codes": codes }),
@@ -271,10 +267,19 @@ struct PasskeyLoginBody {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct PasskeyRegisterBody {
+struct NamedCredential {
     #[serde(default)]
     name: String,
     credential: serde_json::Value,
+}
+
+/// `{"name","credential"}`, or the credential alone as `navigator.credentials.create`
+/// serializes it (then named "passkey").
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum PasskeyRegisterBody {
+    Named(NamedCredential),
+    Bare(serde_json::Map<String, serde_json::Value>),
 }
 
 /// `POST /auth/webauthn/register/start` (signed in, step-up): creation options.
@@ -282,13 +287,11 @@ pub(crate) async fn webauthn_register_start(
     State(state): State<AppState>,
     ctx: Ctx,
 ) -> Result<Response, ApiError> {
-    let c = caller(&state, &ctx).await?;
-    let vault = state.vault.clone();
-    let options = blocking(move || vault.passkey_registration_start(&c)).await??;
+    let options = as_caller(&state, &ctx, move |v, c| v.passkey_registration_start(c)).await?;
     Ok(plain_json(StatusCode::OK, options))
 }
 
-/// `POST /auth/webauthn/register/finish {"name","credential"}`.
+/// `POST /auth/webauthn/register/finish {"name","credential"}` (or the bare credential).
 pub(crate) async fn webauthn_register_finish(
     State(state): State<AppState>,
     ctx: Ctx,
@@ -296,10 +299,12 @@ pub(crate) async fn webauthn_register_finish(
 ) -> Result<Response, ApiError> {
     let c = caller(&state, &ctx).await?;
     let body = body_bytes(&state, req).await?;
-    let b: PasskeyRegisterBody = parse(&body)?;
+    let (name, credential) = match parse::<PasskeyRegisterBody>(&body)? {
+        PasskeyRegisterBody::Named(n) => (n.name, n.credential),
+        PasskeyRegisterBody::Bare(m) => (String::new(), serde_json::Value::Object(m)),
+    };
     let vault = state.vault.clone();
-    let id =
-        blocking(move || vault.passkey_registration_finish(&c, &b.name, b.credential)).await??;
+    let id = blocking(move || vault.passkey_registration_finish(&c, &name, credential)).await??;
     Ok(plain_json(StatusCode::CREATED, json!({ "id": id })))
 }
 
@@ -342,9 +347,7 @@ pub(crate) async fn passkeys(
     State(state): State<AppState>,
     ctx: Ctx,
 ) -> Result<Response, ApiError> {
-    let c = caller(&state, &ctx).await?;
-    let vault = state.vault.clone();
-    let list = blocking(move || vault.passkeys(&c)).await??;
+    let list = as_caller(&state, &ctx, move |v, c| v.passkeys(c)).await?;
     Ok(plain_json(StatusCode::OK, json!({ "passkeys": list })))
 }
 
@@ -354,8 +357,6 @@ pub(crate) async fn revoke_passkey(
     ctx: Ctx,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let c = caller(&state, &ctx).await?;
-    let vault = state.vault.clone();
-    blocking(move || vault.revoke_passkey(&c, &id)).await??;
+    as_caller(&state, &ctx, move |v, c| v.revoke_passkey(c, &id)).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }

@@ -496,6 +496,18 @@ pub(crate) async fn caller(state: &AppState, ctx: &Ctx) -> Result<Caller, ApiErr
     Ok(blocking(move || vault.authenticate(&anonymous, &token, purpose)).await??)
 }
 
+/// Runs gate work as the signed-in caller, off the async runtime: what most `/auth` and
+/// `/api` handlers are, around their parsing and rendering.
+pub(crate) async fn as_caller<T: Send + 'static>(
+    state: &AppState,
+    ctx: &Ctx,
+    f: impl FnOnce(&Vault, &Caller) -> Result<T, medvault_core::VaultError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let c = caller(state, ctx).await?;
+    let vault = state.vault.clone();
+    Ok(blocking(move || f(&vault, &c)).await??)
+}
+
 /// The signed-in caller if the request carries a token (which must then be valid), else
 /// the anonymous caller (whom the policies may allow the public transparency reads).
 pub(crate) async fn optional_caller(state: &AppState, ctx: &Ctx) -> Result<Caller, ApiError> {
