@@ -483,6 +483,100 @@ impl Vault {
         Ok(())
     }
 
+    /// Sets the OpenID providers of `[[oidc]]` (the binary calls it once at start).
+    pub fn set_oidc_providers(&self, providers: Vec<medvault_identity::OidcProvider>) {
+        self.identity.set_oidc_providers(providers);
+    }
+
+    /// `GET /auth/oidc/{name}/start`: where to send the browser (the IdP's authorization
+    /// URL with state, nonce and PKCE challenge).
+    ///
+    /// # Errors
+    /// `NotFound` for an unknown provider; `Unavailable` when the IdP cannot be reached.
+    pub fn oidc_start(&self, _c: &Caller, name: &str) -> Result<String, VaultError> {
+        let step = self.identity.oidc_start(name).map_err(|e| match e {
+            IdentityError::NoSuchProvider => VaultError::NotFound,
+            IdentityError::Sso(m) => VaultError::Unavailable(m),
+            other => id_err(other),
+        })?;
+        self.commit(step.ops, vec![])?;
+        Ok(step.value)
+    }
+
+    /// `GET /auth/oidc/{name}/callback?code&state`: verifies the IdP's answer, signs the
+    /// user in (creating the account `{name}.{user}` on first sign-in, in the role its
+    /// groups map to), audited either way.
+    ///
+    /// # Errors
+    /// `BadRequest` for an unknown, used or expired state; `Unauthenticated` for a refused
+    /// exchange or ID token; `Forbidden` when the groups map to no role; `NotFound` for an
+    /// unknown provider.
+    pub fn oidc_callback(
+        &self,
+        c: &Caller,
+        name: &str,
+        code: &str,
+        state: &str,
+    ) -> Result<SessionGrant, VaultError> {
+        let actor = format!("(sso:{})", name.chars().take(40).collect::<String>());
+        let fail = |why: String, err: VaultError| -> VaultError {
+            tracing::warn!(provider = %name, reason = %why, "single sign-on refused");
+            let mut rec = self.sign_in_record(c, "login", &actor, Outcome::Failure);
+            rec.detail = Some(why);
+            match self.commit(vec![], vec![rec]) {
+                Ok(_) => err,
+                Err(e) => crate::audit_failed(e),
+            }
+        };
+        let who = match self.identity.oidc_finish(name, code, state) {
+            Ok(w) => w,
+            Err(IdentityError::NoSuchProvider) => return Err(VaultError::NotFound),
+            Err(IdentityError::Store(e)) => return Err(e.into()),
+            Err(IdentityError::BadChallenge) => {
+                return Err(fail(
+                    "single sign-on: unknown, used or expired state".into(),
+                    VaultError::BadRequest(
+                        "unknown, used or expired sign-in state; start again".into(),
+                    ),
+                ))
+            }
+            Err(IdentityError::NoRole) => {
+                return Err(fail(
+                    "single sign-on: the IdP's groups map to no role".into(),
+                    VaultError::Forbidden { withheld: vec![] },
+                ))
+            }
+            Err(e) => return Err(fail(e.to_string(), VaultError::Unauthenticated)),
+        };
+        let mut ops = who.ops.clone();
+        let grant = match self
+            .identity
+            .sso_session(&who, name, c.source.as_deref(), &mut ops)
+        {
+            Ok(g) => g,
+            Err(IdentityError::Store(e)) => return Err(e.into()),
+            Err(e) => return Err(fail(e.to_string(), VaultError::Unauthenticated)),
+        };
+        let mut rec = self.sign_in_record(c, "mfa", who.username.as_str(), Outcome::Success);
+        rec.role = Some(who.role.as_str().to_owned());
+        rec.detail = Some(format!("{}; session started", who.detail));
+        match self.commit(ops, vec![rec]) {
+            Ok(_) => {}
+            // The state was used concurrently: a replay.
+            Err(VaultError::Conflict) => {
+                return Err(VaultError::BadRequest(
+                    "unknown, used or expired sign-in state; start again".into(),
+                ))
+            }
+            Err(e) => return Err(e),
+        }
+        Ok(SessionGrant {
+            token: grant.token,
+            principal: grant.principal,
+            expires_in: self.identity.session_policy().idle_timeout_secs,
+        })
+    }
+
     /// `GET /api/users`: every account, no secrets. Policy action `user.list`.
     ///
     /// # Errors

@@ -56,8 +56,8 @@ pub use medvault_audit::tiles::TileRef;
 pub use medvault_audit::verify::AuditVerdict;
 pub use medvault_audit::{AuditRecord, Outcome};
 pub use medvault_identity::{
-    totp_now, AccountView, Factor, LockoutPolicy, PasskeyView, Password, SessionPolicy,
-    SessionView, Token,
+    totp_now, AccountView, Factor, LockoutPolicy, OidcProvider, PasskeyView, Password,
+    SessionPolicy, SessionView, Token,
 };
 pub use medvault_types::{Category, Clock, Operation, Purpose, Role};
 pub use search::SearchResult;

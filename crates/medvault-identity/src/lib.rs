@@ -13,6 +13,7 @@
 mod account;
 mod hashing;
 mod login;
+mod oidc;
 mod passkeys;
 mod throttle;
 mod totp;
@@ -31,6 +32,7 @@ use zeroize::{Zeroize, ZeroizeOnDrop};
 pub use account::{AccountView, Enrollment, SessionView};
 pub use hashing::{weakness, Argon2id, PasswordHashing, MIN_PASSWORD};
 pub use login::{Challenge, Factor, Grant, SessionInfo};
+pub use oidc::{OidcProvider, SsoIdentity};
 pub use passkeys::PasskeyView;
 pub use throttle::{LockEvent, LockoutPolicy, Method};
 pub use totp::{totp_code, totp_now, TotpSecret};
@@ -120,6 +122,14 @@ pub enum IdentityError {
     NoSuchSession,
     #[error("account is disabled")]
     Disabled,
+    /// Single sign-on failed: the IdP's answer was refused (the text says why; no secret).
+    #[error("single sign-on failed: {0}")]
+    Sso(String),
+    /// The IdP's groups for this user map to no medvault role.
+    #[error("your identity provider account has no medvault role")]
+    NoRole,
+    #[error("no such identity provider")]
+    NoSuchProvider,
     #[error("storage: {0}")]
     Store(#[from] StoreError),
     #[error("internal: {0}")]
@@ -218,6 +228,10 @@ pub struct Identity {
     lockout: LockoutPolicy,
     /// The WebAuthn relying party, once the public URL is known.
     rp: passkeys::RelyingParty,
+    /// The URL clients reach the server at (OIDC redirect URIs are built from it).
+    public_url: std::sync::OnceLock<String>,
+    /// Configured OpenID providers.
+    oidc: oidc::Providers,
 }
 
 impl Identity {
@@ -245,6 +259,8 @@ impl Identity {
             policy,
             lockout,
             rp: passkeys::RelyingParty::default(),
+            public_url: std::sync::OnceLock::new(),
+            oidc: oidc::Providers::default(),
         })
     }
 

@@ -108,7 +108,7 @@ impl Identity {
         Ok(rows)
     }
 
-    fn usable(&self, user: &UserRow) -> bool {
+    pub(crate) fn usable(&self, user: &UserRow) -> bool {
         !user.disabled && !self.is_dormant(user)
     }
 

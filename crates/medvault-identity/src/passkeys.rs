@@ -65,6 +65,9 @@ impl Identity {
         if loopback {
             url.set_host(Some("localhost")).map_err(bad)?;
         }
+        let _ = self
+            .public_url
+            .set(public_url.trim_end_matches('/').to_owned());
         let host = url.host_str().unwrap_or("localhost").to_owned();
         let w = WebauthnBuilder::new(&host, &url)
             .map_err(bad)?

@@ -1,7 +1,7 @@
 //! `/auth/*`: password, second factors (TOTP, recovery code), step-up, password change,
 //! the caller's sessions, logout.
 
-use axum::extract::{Path, Request, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use medvault_core::{Factor, Password, SessionGrant, Token, VaultError};
@@ -359,4 +359,63 @@ pub(crate) async fn revoke_passkey(
 ) -> Result<Response, ApiError> {
     as_caller(&state, &ctx, move |v, c| v.revoke_passkey(c, &id)).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// `GET /auth/oidc/{name}/start`: redirects the browser to the identity provider.
+pub(crate) async fn oidc_start(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let vault = state.vault.clone();
+    let c = ctx.anonymous();
+    let url = blocking(move || vault.oidc_start(&c, &name)).await??;
+    let mut r = StatusCode::FOUND.into_response();
+    let v = HeaderValue::from_str(&url).map_err(|_| ApiError::not_found())?;
+    r.headers_mut().insert(header::LOCATION, v);
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(r)
+}
+
+/// `GET /auth/oidc/{name}/callback?code=&state=`: the session, as `/auth/mfa/totp` answers.
+pub(crate) async fn oidc_callback(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    Path(name): Path<String>,
+    Query(q): Query<std::collections::HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    if let Some(err) = q.get("error") {
+        let err: String = err
+            .chars()
+            .filter(|c| c.is_ascii_graphic())
+            .take(64)
+            .collect();
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            IssueCode::Login,
+            format!("the identity provider refused the sign-in: {err}"),
+        ));
+    }
+    let (Some(code), Some(st)) = (q.get("code").cloned(), q.get("state").cloned()) else {
+        return Err(ApiError::bad_request("the callback needs code and state"));
+    };
+    let vault = state.vault.clone();
+    let c = ctx.anonymous();
+    let grant = blocking(move || vault.oidc_callback(&c, &name, &code, &st))
+        .await?
+        .map_err(|e| match e {
+            VaultError::Unauthenticated => ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                IssueCode::Login,
+                "single sign-on failed: the identity provider's answer was refused",
+            ),
+            VaultError::Forbidden { .. } => ApiError::new(
+                StatusCode::FORBIDDEN,
+                IssueCode::Forbidden,
+                "your identity provider account has no medvault role",
+            ),
+            other => other.into(),
+        })?;
+    Ok(session_response(&grant))
 }

@@ -152,6 +152,8 @@ fn routes(state: AppState) -> Router {
             post(auth::webauthn_login_finish),
         )
         .route("/auth/webauthn/credentials", get(auth::passkeys))
+        .route("/auth/oidc/{name}/start", get(auth::oidc_start))
+        .route("/auth/oidc/{name}/callback", get(auth::oidc_callback))
         .route(
             "/auth/webauthn/credentials/{id}",
             axum::routing::delete(auth::revoke_passkey),

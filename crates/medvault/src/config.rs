@@ -16,6 +16,48 @@ pub struct Config {
     pub session: Session,
     pub lockout: Lockout,
     pub audit: Audit,
+    /// OpenID Connect identity providers for single sign-on (`[[oidc]]`, any number).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub oidc: Vec<Oidc>,
+}
+
+/// One OpenID provider (`[[oidc]]`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Oidc {
+    /// The name in URLs (`/auth/oidc/NAME/start`) and user names (`NAME.user`):
+    /// lowercase letters, digits and `-`.
+    pub name: String,
+    /// The issuer (`https://idp.example.org/realms/hospital`); `http://` only on loopback.
+    pub issuer: String,
+    pub client_id: String,
+    /// File holding the client secret, relative to the data directory.
+    pub client_secret_file: String,
+    /// The ID token claim holding the user's groups.
+    #[serde(default = "default_role_claim")]
+    pub role_claim: String,
+    /// Group → role (`{ "ehr-physicians" = "physician" }`); a user in no listed group is
+    /// refused.
+    pub roles: std::collections::BTreeMap<String, String>,
+    /// `amr` values (RFC 8176) that count as multi-factor at the IdP.
+    #[serde(default = "default_mfa_amr")]
+    pub mfa_amr: Vec<String>,
+    /// The claim naming the user.
+    #[serde(default = "default_username_claim")]
+    pub username_claim: String,
+}
+
+fn default_role_claim() -> String {
+    "groups".into()
+}
+fn default_username_claim() -> String {
+    "preferred_username".into()
+}
+fn default_mfa_amr() -> Vec<String> {
+    ["mfa", "otp", "hwk", "swk", "fpt", "face", "iris", "sc"]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect()
 }
 
 /// The login throttle (SPEC "Identity", lockout): per account and address, per account,
@@ -211,6 +253,30 @@ impl Config {
         }
         if self.session.dormant_after_days < 0 {
             bail!("session.dormant_after_days must be 0 (never) or more");
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for o in &self.oidc {
+            if o.name.is_empty()
+                || o.name.len() > 32
+                || !o
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            {
+                bail!("oidc name `{}` must be 1-32 of a-z, 0-9 and -", o.name);
+            }
+            if !names.insert(o.name.clone()) {
+                bail!("oidc name `{}` is used twice", o.name);
+            }
+            let loopback = ["http://127.0.0.1", "http://localhost", "http://[::1]"]
+                .iter()
+                .any(|p| o.issuer.starts_with(p));
+            if !o.issuer.starts_with("https://") && !loopback {
+                bail!("oidc `{}`: issuer must be https://", o.name);
+            }
+            if o.roles.is_empty() {
+                bail!("oidc `{}`: roles maps no group to a role", o.name);
+            }
         }
         let l = &self.lockout;
         if [

@@ -692,6 +692,7 @@ fn serve_vault(
         anyhow::bail!("server.public_base_url must start with https://");
     }
     let max_body_bytes = cfg.server.max_body_bytes;
+    let oidc_providers = oidc_providers(dir, cfg)?;
     // Sign a checkpoint of the audit log every second while it grows, and once at shutdown.
     let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
     let signer_vault = checkpoint_vault.clone();
@@ -747,6 +748,7 @@ fn serve_vault(
         if let Err(e) = vault.set_relying_party(&public_base_url) {
             tracing::warn!(error = %e, "passkeys are unavailable: set server.public_base_url to a DNS name");
         }
+        vault.set_oidc_providers(oidc_providers);
         let app = medvault_server::router(medvault_server::AppState {
             vault,
             options: medvault_server::HttpOptions {
@@ -767,6 +769,37 @@ fn serve_vault(
     let _ = stop_tx.send(());
     let _ = signer.join();
     Ok(())
+}
+
+/// The `[[oidc]]` providers, with their client secrets read from their files.
+fn oidc_providers(dir: &Path, cfg: &Config) -> Result<Vec<medvault_core::OidcProvider>> {
+    cfg.oidc
+        .iter()
+        .map(|o| {
+            let secret = read_secret_file(&dir.join(&o.client_secret_file))
+                .with_context(|| format!("oidc `{}`: client_secret_file", o.name))?;
+            let mut roles = vec![];
+            for (group, role) in &o.roles {
+                let r: Role = role
+                    .parse()
+                    .map_err(|e| anyhow!("oidc `{}`: group `{group}`: {e}", o.name))?;
+                if !r.is_staff() {
+                    bail!("oidc `{}`: role `{role}` cannot be given to a user", o.name);
+                }
+                roles.push((group.clone(), r));
+            }
+            Ok(medvault_core::OidcProvider {
+                name: o.name.clone(),
+                issuer: o.issuer.trim_end_matches('/').to_owned(),
+                client_id: o.client_id.clone(),
+                client_secret: secret.expose().to_owned(),
+                role_claim: o.role_claim.clone(),
+                roles,
+                mfa_amr: o.mfa_amr.clone(),
+                username_claim: o.username_claim.clone(),
+            })
+        })
+        .collect()
 }
 
 fn serve(dir: &Path, listen: Option<String>) -> Result<()> {

@@ -84,6 +84,12 @@ impl Resp {
 }
 
 fn agent_for(dir: &Path) -> ureq::Agent {
+    agent_with(dir, 5)
+}
+
+/// An HTTPS client trusting the data directory's certificate, following at most
+/// `redirects` redirects.
+fn agent_with(dir: &Path, redirects: u32) -> ureq::Agent {
     let mut roots = rustls::RootCertStore::empty();
     let pem = std::fs::read(dir.join("tls/cert.pem")).unwrap();
     use rustls_pki_types::pem::PemObject;
@@ -100,15 +106,20 @@ fn agent_for(dir: &Path) -> ureq::Agent {
     ureq::AgentBuilder::new()
         .tls_config(Arc::new(cfg))
         .timeout(Duration::from_secs(60))
+        .redirects(redirects)
         .build()
 }
 
 impl Server {
     fn start(dir: &Path, env: &[(&str, &str)]) -> Server {
+        Self::start_on(dir, env, "127.0.0.1:0")
+    }
+
+    fn start_on(dir: &Path, env: &[(&str, &str)], listen: &str) -> Server {
         let mut cmd = Command::new(BIN);
         cmd.arg("--data-dir")
             .arg(dir)
-            .args(["serve", "--listen", "127.0.0.1:0"]);
+            .args(["serve", "--listen", listen]);
         cmd.stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .env("MEDVAULT_LOG", "info");
@@ -4875,4 +4886,206 @@ fn passkey_registration_and_login_with_a_software_authenticator() {
         &json!({"mfa_token": mfa}),
     );
     assert_eq!(opts.status, 401, "no passkey left to answer with");
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A real OpenID provider (panva/oidc-provider in `tools/oidc-provider`), stopped on drop.
+struct Idp {
+    child: Child,
+    dir: PathBuf,
+    issuer: String,
+}
+
+impl Idp {
+    fn start(tool: &Path, redirect_base: &str) -> Idp {
+        let port = free_port();
+        let mut child = Command::new("node")
+            .arg(tool.join("idp.mjs"))
+            .args(["serve", &port.to_string(), redirect_base])
+            .current_dir(tool)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        let issuer = line
+            .trim()
+            .strip_prefix("ready ")
+            .unwrap_or_else(|| panic!("the IdP did not start: {line:?}"))
+            .to_owned();
+        // Keep reading what it prints, so it never writes into a closed pipe.
+        std::thread::spawn(move || {
+            let mut sink = String::new();
+            while out.read_line(&mut sink).is_ok_and(|n| n > 0) {
+                sink.clear();
+            }
+        });
+        Idp {
+            child,
+            dir: tool.to_owned(),
+            issuer,
+        }
+    }
+
+    /// Signs `user` in at the IdP from `authorize_url`; the redirect back to medvault.
+    fn sign_in(&self, authorize_url: &str, user: &str) -> String {
+        let o = Command::new("node")
+            .arg(self.dir.join("idp.mjs"))
+            .args(["login", authorize_url, user])
+            .current_dir(&self.dir)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8(o.stdout).unwrap().trim().to_owned()
+    }
+}
+
+impl Drop for Idp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Single sign-on against a real OpenID provider through the real binary: a physician
+/// whose IdP reports MFA signs in and may step up at once; a nurse without MFA needs a
+/// local step-up; wrong state, a replayed callback, a wrong audience, a wrong nonce, an
+/// expired ID token and a user whose groups map to no role are all refused.
+#[test]
+fn single_sign_on_against_a_real_openid_provider() {
+    let Ok(tool) = std::env::var("MEDVAULT_TEST_OIDC_PROVIDER") else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must set MEDVAULT_TEST_OIDC_PROVIDER (.ci/run installs oidc-provider)"
+        );
+        eprintln!("MEDVAULT_TEST_OIDC_PROVIDER unset: the single sign-on test did not run");
+        return;
+    };
+    let (_t, dir, _staff) = setup();
+    let port = free_port();
+    let base = format!("https://127.0.0.1:{port}");
+    let idp = Idp::start(Path::new(&tool), &base);
+    std::fs::write(dir.join("oidc.secret"), "medvault-test-secret\n").unwrap();
+    let mut toml = std::fs::read_to_string(dir.join("medvault.toml")).unwrap();
+    for name in [
+        "medvault",
+        "medvault-badaud",
+        "medvault-badnonce",
+        "medvault-expired",
+    ] {
+        toml.push_str(&format!(
+            "\n[[oidc]]\nname = \"{name}\"\nissuer = \"{}\"\nclient_id = \"{name}\"\nclient_secret_file = \"oidc.secret\"\nroles = {{ \"ehr-physicians\" = \"physician\", \"ehr-nurses\" = \"nurse\" }}\n",
+            idp.issuer
+        ));
+    }
+    std::fs::write(dir.join("medvault.toml"), toml).unwrap();
+    let s = Server::start_on(&dir, &[], &format!("127.0.0.1:{port}"));
+    let direct = agent_with(&dir, 0);
+    let start = |provider: &str| -> String {
+        let r = direct
+            .get(&s.url(&format!("/auth/oidc/{provider}/start")))
+            .call()
+            .unwrap();
+        assert_eq!(r.status(), 302);
+        let loc = r.header("location").unwrap().to_owned();
+        assert!(loc.starts_with(&idp.issuer), "{loc}");
+        assert!(loc.contains("code_challenge_method=S256") && loc.contains("nonce="));
+        loc
+    };
+    let callback = |url: &str| -> Resp {
+        let path = url.strip_prefix(&base).unwrap_or_else(|| panic!("{url}"));
+        s.call("GET", path, None, None, &[])
+    };
+    // A physician whose IdP reports a second factor.
+    let back = idp.sign_in(&start("medvault"), "dr.alice");
+    let r = callback(&back);
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body["username"], "medvault.dr.alice");
+    assert_eq!(r.body["role"], "physician");
+    let alice = r.body["token"].as_str().unwrap().to_owned();
+    let mine = s.get("/auth/sessions", &alice);
+    assert_eq!(mine.body["sessions"][0]["method"], "oidc:medvault");
+    assert_eq!(
+        s.post("/auth/webauthn/register/start", &alice, &json!({}))
+            .status,
+        200,
+        "the IdP's MFA satisfies step-up"
+    );
+    assert_eq!(callback(&back).status, 400, "a callback is used once");
+    // A nurse signed in with a password only: step-up needs a local second factor.
+    let r = callback(&idp.sign_in(&start("medvault"), "nurse.bob"));
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body["role"], "nurse");
+    let bob = r.body["token"].as_str().unwrap().to_owned();
+    let up = s.post("/auth/webauthn/register/start", &bob, &json!({}));
+    assert_eq!(up.status, 401);
+    assert_eq!(
+        up.body["issue"][0]["details"]["coding"][0]["code"],
+        "step-up-required"
+    );
+    // Refusals.
+    assert_eq!(
+        s.call(
+            "GET",
+            "/auth/oidc/medvault/callback?code=x&state=forged",
+            None,
+            None,
+            &[]
+        )
+        .status,
+        400,
+        "wrong state"
+    );
+    for (provider, what) in [
+        ("medvault-badaud", "wrong audience"),
+        ("medvault-badnonce", "wrong nonce"),
+        ("medvault-expired", "expired ID token"),
+    ] {
+        let r = callback(&idp.sign_in(&start(provider), "dr.alice"));
+        assert_eq!(r.status, 401, "{what}: {:?}", r.body);
+    }
+    let r = callback(&idp.sign_in(&start("medvault"), "mallory"));
+    assert_eq!(r.status, 403, "a group that maps to no role: {:?}", r.body);
+    assert_eq!(
+        s.call("GET", "/auth/oidc/nowhere/start", None, None, &[])
+            .status,
+        404
+    );
+    // Each refusal is in the audit log.
+    let u = json_out(&medvault(
+        &dir,
+        &[
+            "user",
+            "add",
+            "sso.po",
+            "--role",
+            "privacy_officer",
+            "--json",
+        ],
+    ));
+    let po = s.login(
+        "sso.po",
+        u["password"].as_str().unwrap(),
+        u["totp_secret"].as_str().unwrap(),
+    );
+    let ev = s.get("/api/audit/entries?start=0&end=1000", &po);
+    let text = ev.body.to_string();
+    for why in [
+        "ID token refused: Invalid audiences",
+        "ID token refused: Invalid nonce",
+        "ID token refused: Expired",
+        "map to no role",
+        "unknown, used or expired state",
+    ] {
+        assert!(text.contains(why), "audit lacks {why}");
+    }
 }
