@@ -5089,3 +5089,65 @@ fn single_sign_on_against_a_real_openid_provider() {
         assert!(text.contains(why), "audit lacks {why}");
     }
 }
+
+/// A passkey in real Chromium: the DevTools protocol's virtual platform authenticator
+/// (user verification on, as a fingerprint reader) registers through
+/// `navigator.credentials.create` and signs in through `navigator.credentials.get`
+/// (`tools/browser/passkey.mjs`, puppeteer-core driving Debian's chromium). Runs when
+/// `MEDVAULT_TEST_BROWSER` names that directory; CI installs chromium and always sets it.
+#[test]
+fn passkey_in_real_chromium_with_the_virtual_authenticator() {
+    let Ok(tool) = std::env::var("MEDVAULT_TEST_BROWSER") else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must set MEDVAULT_TEST_BROWSER (.ci/run installs chromium and puppeteer-core)"
+        );
+        eprintln!("MEDVAULT_TEST_BROWSER unset: the Chromium passkey test did not run");
+        return;
+    };
+    let (_t, dir, staff) = setup();
+    let s = Server::start(&dir, &[]);
+    let (nurse, npw, nsecret) = staff.get("nurse");
+    let t = s.login(nurse, npw, nsecret);
+    let o = Command::new("node")
+        .arg(Path::new(&tool).join("passkey.mjs"))
+        .current_dir(&tool)
+        .env("MEDVAULT_URL", format!("https://localhost:{}", s.port))
+        .env("MEDVAULT_CERT", dir.join("tls/cert.pem"))
+        .env("MEDVAULT_TOKEN", &t)
+        .env("MEDVAULT_USER", nurse)
+        .env("MEDVAULT_PASSWORD", npw)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["register_start"], 200, "{r}");
+    assert_eq!(r["register_finish"], 201, "{r}");
+    assert!(r["methods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|m| m == "webauthn"));
+    assert_eq!(r["login_finish"], 200, "{r}");
+    assert_eq!(r["replay"], 401, "{r}");
+    assert_eq!(r["authenticator_credentials"], 1);
+    let token = r["token"].as_str().unwrap();
+    let sessions = s.get("/auth/sessions", token);
+    assert_eq!(sessions.status, 200);
+    assert!(sessions.body["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|x| x["current"] == true && x["method"] == "password+passkey"));
+    let list = s.get("/auth/webauthn/credentials", token);
+    assert_eq!(
+        list.body["passkeys"][0]["name"],
+        "Chromium platform authenticator"
+    );
+    assert!(list.body["passkeys"][0]["last_used"].as_i64().unwrap() > 0);
+}
