@@ -235,7 +235,7 @@ impl Vault {
         match c.assurance() {
             Assurance::Local => true,
             Assurance::Session { mfa_at, .. } => self.identity.stepped_up(*mfa_at),
-            Assurance::None => false,
+            Assurance::None | Assurance::Client(_) => false,
         }
     }
 
@@ -266,6 +266,7 @@ impl Vault {
                     principal: p.clone(),
                     token_hash: token_hash.clone(),
                     mfa_at: *mfa_at,
+                    scopes: None,
                 })
             }
             _ => None,
@@ -575,6 +576,96 @@ impl Vault {
             principal: grant.principal,
             expires_in: self.identity.session_policy().idle_timeout_secs,
         })
+    }
+
+    /// Registers a service client (`medvault client add`): policy action `client.create`
+    /// (step-up over HTTP). `scopes` are SMART v2 system scopes of types medvault stores;
+    /// `jwk` a public key for `private_key_jwt`, else a secret is generated and shown once.
+    ///
+    /// # Errors
+    /// Denied; `BadRequest` for a bad name, scope, type or key.
+    pub fn add_client(
+        &self,
+        c: &Caller,
+        name: &str,
+        scopes: &str,
+        jwk: Option<serde_json::Value>,
+    ) -> Result<medvault_identity::NewClient, VaultError> {
+        let Some(mut rec) = self.operate(c, Operation::CreateClient, None)? else {
+            return Err(VaultError::Unauthenticated);
+        };
+        for (text, sc) in medvault_identity::parse_scopes(scopes).map_err(id_err)? {
+            if let Some(t) = &sc.rtype {
+                if medvault_fhir::ResourceType::parse(t).is_none() {
+                    return Err(VaultError::BadRequest(format!(
+                        "scope {text}: medvault stores no {t} resources"
+                    )));
+                }
+            }
+        }
+        let step = self
+            .identity
+            .new_client(name, scopes, jwk)
+            .map_err(id_err)?;
+        rec.detail = Some(format!("client={} scopes={scopes}", step.value.client_id));
+        self.commit(step.ops, vec![rec])?;
+        Ok(step.value)
+    }
+
+    /// `medvault client list`: policy action `client.list`.
+    ///
+    /// # Errors
+    /// Denied.
+    pub fn clients(&self, c: &Caller) -> Result<Vec<medvault_identity::ClientView>, VaultError> {
+        if let Some(rec) = self.operate(c, Operation::ListClients, None)? {
+            self.audit(vec![rec])?;
+        }
+        self.identity.clients().map_err(id_err)
+    }
+
+    /// `medvault client revoke ID`: the client and every token it holds, at once.
+    ///
+    /// # Errors
+    /// Denied; `NotFound` for an unknown client.
+    pub fn revoke_client(&self, c: &Caller, client_id: &str) -> Result<(), VaultError> {
+        self.change_account(c, Operation::RevokeClient, client_id, || {
+            self.identity.revoke_client(client_id)
+        })
+    }
+
+    /// `POST /auth/token` with `grant_type=client_credentials`: a short-lived access token
+    /// for a service client; audited (BALP Login) either way.
+    ///
+    /// # Errors
+    /// `Unauthenticated` (OAuth2 `invalid_client`), `BadRequest` (`invalid_scope`),
+    /// `Locked`.
+    pub fn client_token(
+        &self,
+        c: &Caller,
+        auth: &medvault_identity::ClientAuth<'_>,
+        scope: Option<&str>,
+        token_url: &str,
+    ) -> Result<medvault_identity::ClientGrant, VaultError> {
+        match self
+            .identity
+            .client_token(auth, scope, token_url, c.source.as_deref())
+        {
+            Ok(step) => {
+                let mut rec = self.sign_in_record(c, "login", &step.value.client, Outcome::Success);
+                rec.role = Some(Role::Service.as_str().to_owned());
+                rec.detail = Some(format!("client credentials; scope={}", step.value.scope));
+                match self.commit(step.ops, vec![rec]) {
+                    // A client assertion's jti used twice: a replay.
+                    Err(VaultError::Conflict) => Err(VaultError::Unauthenticated),
+                    Err(e) => Err(e),
+                    Ok(_) => Ok(step.value),
+                }
+            }
+            Err(r) if matches!(r.error, IdentityError::BadScope(_)) => {
+                Err(VaultError::BadRequest(r.error.to_string()))
+            }
+            Err(r) => Err(self.refused(c, "login", r)),
+        }
     }
 
     /// `GET /api/users`: every account, no secrets. Policy action `user.list`.

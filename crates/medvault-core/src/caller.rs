@@ -27,6 +27,69 @@ pub(crate) enum Assurance {
     Local,
     /// A signed-in session: its token hash and when a second factor was last verified.
     Session { token_hash: Vec<u8>, mfa_at: i64 },
+    /// A service client's access token: what its SMART scopes grant.
+    Client(ClientScopes),
+}
+
+/// What a service client's scopes grant: categories for the policy, and the resource
+/// types (`None`: every type) for the gate's own check, read and write.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ClientScopes {
+    pub read: medvault_policy::CategorySet,
+    pub write: medvault_policy::CategorySet,
+    pub read_types: Option<Vec<String>>,
+    pub write_types: Option<Vec<String>>,
+}
+
+impl ClientScopes {
+    fn from_scopes(scopes: &str) -> Self {
+        let mut out = ClientScopes {
+            read_types: Some(vec![]),
+            write_types: Some(vec![]),
+            ..Default::default()
+        };
+        for (_, sc) in medvault_identity::parse_scopes(scopes).unwrap_or_default() {
+            let cats: Vec<medvault_types::Category> = match &sc.rtype {
+                None => medvault_types::Category::ALL.to_vec(),
+                Some(t) => medvault_fhir::ResourceType::parse(t)
+                    .map(|rt| medvault_fhir::categories_of_type(rt).to_vec())
+                    .unwrap_or_default(),
+            };
+            let grant = |set: &mut medvault_policy::CategorySet,
+                         types: &mut Option<Vec<String>>| {
+                for c in &cats {
+                    set.insert(*c);
+                }
+                match (&sc.rtype, types.as_mut()) {
+                    (None, _) => *types = None,
+                    (Some(t), Some(list)) => list.push(t.clone()),
+                    (Some(_), None) => {}
+                }
+            };
+            if sc.read {
+                grant(&mut out.read, &mut out.read_types);
+            }
+            if sc.write {
+                grant(&mut out.write, &mut out.write_types);
+            }
+        }
+        out
+    }
+
+    /// Whether the scopes reach resources of type `rt` (read or write).
+    pub fn allows(&self, rt: &str, write: bool) -> bool {
+        let types = if write {
+            &self.write_types
+        } else {
+            &self.read_types
+        };
+        types.as_ref().is_none_or(|t| t.iter().any(|x| x == rt))
+    }
+
+    /// Whether every type is readable (`system/*.r…`).
+    pub fn reads_everything(&self) -> bool {
+        self.read_types.is_none()
+    }
 }
 
 /// Actor name recorded for an anonymous caller.
@@ -76,9 +139,12 @@ impl Caller {
         request_id: String,
     ) -> Self {
         let mut c = Caller::new(session.principal, purpose, source, request_id);
-        c.assurance = Assurance::Session {
-            token_hash: session.token_hash,
-            mfa_at: session.mfa_at,
+        c.assurance = match &session.scopes {
+            Some(scopes) => Assurance::Client(ClientScopes::from_scopes(scopes)),
+            None => Assurance::Session {
+                token_hash: session.token_hash,
+                mfa_at: session.mfa_at,
+            },
         };
         c
     }
@@ -157,9 +223,23 @@ impl Caller {
 
     /// The Cedar principal.
     pub(crate) fn asker(&self) -> Asker {
+        if let Assurance::Client(s) = &self.assurance {
+            return Asker::Client {
+                read: s.read,
+                write: s.write,
+            };
+        }
         match &self.who {
             Some(p) => Asker::User(p.role),
             None => Asker::Anonymous,
+        }
+    }
+
+    /// A service client's scopes, if the caller is one.
+    pub(crate) fn client_scopes(&self) -> Option<&ClientScopes> {
+        match &self.assurance {
+            Assurance::Client(s) => Some(s),
+            _ => None,
         }
     }
 

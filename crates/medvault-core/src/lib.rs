@@ -56,8 +56,8 @@ pub use medvault_audit::tiles::TileRef;
 pub use medvault_audit::verify::AuditVerdict;
 pub use medvault_audit::{AuditRecord, Outcome};
 pub use medvault_identity::{
-    totp_now, AccountView, Factor, LockoutPolicy, OidcProvider, PasskeyView, Password,
-    SessionPolicy, SessionView, Token,
+    totp_now, AccountView, ClientAuth, ClientGrant, ClientView, Factor, LockoutPolicy,
+    OidcProvider, PasskeyView, Password, SessionPolicy, SessionView, Token,
 };
 pub use medvault_types::{Category, Clock, Operation, Purpose, Role};
 pub use search::SearchResult;
@@ -310,6 +310,40 @@ impl Vault {
             target: Target::Records(action, category),
             purpose: c.purpose,
             public_transparency: self.options.public_transparency,
+        })
+    }
+
+    /// A service client's scopes name resource types; the policy sees categories. A type
+    /// its scopes do not name is refused here, and the refusal recorded.
+    ///
+    /// # Errors
+    /// `Refused` for a type outside the client's scopes.
+    pub(crate) fn scope_check(
+        &self,
+        c: &Caller,
+        rt: medvault_fhir::ResourceType,
+        action: Action,
+    ) -> Result<(), VaultError> {
+        let Some(s) = c.client_scopes() else {
+            return Ok(());
+        };
+        let write = matches!(action, Action::Create | Action::Update | Action::Delete);
+        if s.allows(rt.as_str(), write) {
+            return Ok(());
+        }
+        let mut rec = self.record(c, action.as_str(), Outcome::Denied);
+        rec.resource = Some(rt.as_str().to_owned());
+        rec.detail = Some("outside the client's scopes".into());
+        self.audit(vec![rec])?;
+        Err(VaultError::Refused {
+            action: match action {
+                Action::Read => "read",
+                Action::Search => "search",
+                Action::Create => "create",
+                Action::Update => "update",
+                Action::Delete => "delete",
+            },
+            rtype: rt.as_str().to_owned(),
         })
     }
 

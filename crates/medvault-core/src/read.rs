@@ -174,6 +174,7 @@ impl Vault {
 
     /// `GET /{type}/{id}`.
     pub fn read(&self, c: &Caller, rt: ResourceType, id: &str) -> Result<Disclosed, VaultError> {
+        self.scope_check(c, rt, Action::Read)?;
         let id = id.to_owned();
         let row = self.audited_read(c, move |cx, tx| {
             let row = tx.current(rt.as_str(), &id)?;
@@ -190,6 +191,7 @@ impl Vault {
         id: &str,
         version: u64,
     ) -> Result<Disclosed, VaultError> {
+        self.scope_check(c, rt, Action::Read)?;
         let id = id.to_owned();
         let row = self.audited_read(c, move |cx, tx| {
             let row = tx.version(rt.as_str(), &id, version)?;
@@ -205,6 +207,7 @@ impl Vault {
         rt: ResourceType,
         id: &str,
     ) -> Result<SearchResult, VaultError> {
+        self.scope_check(c, rt, Action::Read)?;
         let id = id.to_owned();
         let (rows, disclosed, withheld) = self.audited_read(c, move |cx, tx| {
             let rows = tx.history(rt.as_str(), &id)?;

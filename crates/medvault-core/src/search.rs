@@ -323,6 +323,21 @@ impl Vault {
         strict: bool,
         cap: usize,
     ) -> Result<SearchResult, VaultError> {
+        self.scope_check(c, rt, Action::Search)?;
+        if c.client_scopes().is_some_and(|s| !s.reads_everything())
+            && params.iter().any(|(k, _)| {
+                k.starts_with("_include")
+                    || k.starts_with("_revinclude")
+                    || k.starts_with("_has")
+                    || k.contains('.')
+            })
+        {
+            // Included, chained and reverse-chained resources are of other types, which the
+            // policy's categories cannot tell apart from the scoped ones.
+            return Err(VaultError::BadRequest(
+                "_include, _revinclude, _has and chains need a system/*.rs scope".into(),
+            ));
+        }
         let s = medvault_fhir::search::parse(rt, params, strict)?;
         let query = cursor_query(rt.as_str(), params);
         let cursor = match &s.cursor {
@@ -841,6 +856,12 @@ impl Vault {
         patient: &str,
         params: &[(String, String)],
     ) -> Result<SearchResult, VaultError> {
+        if c.client_scopes().is_some_and(|s| !s.reads_everything()) {
+            return Err(VaultError::Refused {
+                action: "read",
+                rtype: "Patient/$everything (it needs a system/*.rs scope)".into(),
+            });
+        }
         let mut since = None;
         let mut types: Vec<String> = vec![];
         let mut count = None;

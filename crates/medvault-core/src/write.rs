@@ -228,6 +228,7 @@ impl Vault {
         category: Category,
         prior: Option<&Sealed>,
     ) -> Result<(), VaultError> {
+        self.scope_check(c, rt, action)?;
         let denial = |cat: Option<Category>| {
             let mut rec = self.record(c, action.as_str(), Outcome::Success);
             rec.resource = Some(format!("{rt}/{target}"));
@@ -484,6 +485,7 @@ impl Vault {
         id: &str,
         pre: Precondition,
     ) -> Result<u64, VaultError> {
+        self.scope_check(c, rt, Action::Delete)?;
         let mut plan = Plan::default();
         let v = self.plan_delete(c, &mut plan, rt, id, pre)?;
         self.commit_plan(plan)?;

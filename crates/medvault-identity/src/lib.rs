@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 mod account;
+mod clients;
 mod hashing;
 mod login;
 mod oidc;
@@ -30,6 +31,9 @@ use sha2::{Digest, Sha256};
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
 pub use account::{AccountView, Enrollment, SessionView};
+pub use clients::{
+    parse_scopes, ClientAuth, ClientGrant, ClientView, NewClient, SmartScope, CLIENT_TOKEN_SECS,
+};
 pub use hashing::{weakness, Argon2id, PasswordHashing, MIN_PASSWORD};
 pub use login::{Challenge, Factor, Grant, SessionInfo};
 pub use oidc::{OidcProvider, SsoIdentity};
@@ -130,6 +134,10 @@ pub enum IdentityError {
     NoRole,
     #[error("no such identity provider")]
     NoSuchProvider,
+    /// A scope that is not a SMART v2 system scope medvault grants, or one the client
+    /// does not hold (OAuth2 `invalid_scope`).
+    #[error("invalid scope: {0}")]
+    BadScope(String),
     #[error("storage: {0}")]
     Store(#[from] StoreError),
     #[error("internal: {0}")]

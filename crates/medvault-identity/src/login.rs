@@ -63,6 +63,8 @@ pub struct SessionInfo {
     pub token_hash: Vec<u8>,
     /// When a second factor was last verified in it (Unix seconds).
     pub mfa_at: i64,
+    /// For a service client's token: its granted SMART scopes (space-separated).
+    pub scopes: Option<String>,
 }
 
 impl Identity {
@@ -170,6 +172,7 @@ impl Identity {
             mfa_at: 0,
             source: source.unwrap_or("").to_owned(),
             method: "password".into(),
+            scope: String::new(),
         }));
         let mut methods = vec!["totp"];
         if !self.store.credentials(&user.username, RECOVERY)?.is_empty() {
@@ -374,6 +377,7 @@ impl Identity {
             mfa_at: now,
             source: source.unwrap_or("").to_owned(),
             method: method.clone(),
+            scope: String::new(),
         }));
         ops.push(Op::RecordLogin {
             username: user.username.clone(),
@@ -397,6 +401,20 @@ impl Identity {
             .session(&token.hash())?
             .ok_or(IdentityError::Unauthenticated)?;
         let now = self.now();
+        if s.kind == "client" {
+            if s.expires <= now {
+                return Err(IdentityError::Expired);
+            }
+            return Ok(Step {
+                value: SessionInfo {
+                    principal: self.client_principal(&s.username)?,
+                    token_hash: s.token_hash,
+                    mfa_at: 0,
+                    scopes: Some(s.scope),
+                },
+                ops: vec![],
+            });
+        }
         if s.kind != "session" {
             return Err(IdentityError::Unauthenticated);
         }
@@ -424,6 +442,7 @@ impl Identity {
                 principal,
                 token_hash: s.token_hash,
                 mfa_at: s.mfa_at,
+                scopes: None,
             },
             ops,
         })

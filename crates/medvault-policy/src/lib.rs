@@ -41,6 +41,35 @@ pub enum PolicyError {
 pub enum Asker {
     User(Role),
     Anonymous,
+    /// A backend service client: the categories its scopes let it read and write.
+    Client {
+        read: CategorySet,
+        write: CategorySet,
+    },
+}
+
+/// A set of data categories, compact enough to key the decision cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct CategorySet(u32);
+
+impl CategorySet {
+    pub fn insert(&mut self, c: Category) {
+        if let Some(i) = Category::ALL.iter().position(|x| *x == c) {
+            self.0 |= 1 << i;
+        }
+    }
+    pub fn contains(self, c: Category) -> bool {
+        Category::ALL
+            .iter()
+            .position(|x| *x == c)
+            .is_some_and(|i| self.0 & (1 << i) != 0)
+    }
+    fn members(self) -> impl Iterator<Item = Category> {
+        Category::ALL
+            .iter()
+            .copied()
+            .filter(move |c| self.contains(*c))
+    }
 }
 
 /// What is asked for: an action on a chart's records of one data category (Cedar resource
@@ -173,6 +202,31 @@ impl PolicyEngine {
                 (user, entities)
             }
             Asker::Anonymous => (uid("Anonymous", "anonymous")?, Entities::empty()),
+            Asker::Client { read, write } => {
+                let client = uid("Client", "client")?;
+                let set = |s: CategorySet| -> Option<RestrictedExpression> {
+                    let ids = s
+                        .members()
+                        .map(|c| {
+                            uid("Category", c.as_str()).map(RestrictedExpression::new_entity_uid)
+                        })
+                        .collect::<Option<Vec<_>>>()?;
+                    Some(RestrictedExpression::new_set(ids))
+                };
+                let attrs = [
+                    ("read".to_owned(), set(read)?),
+                    ("write".to_owned(), set(write)?),
+                ]
+                .into_iter()
+                .collect();
+                let entity = Entity::new(client.clone(), attrs, Default::default()).ok()?;
+                let cats = Category::ALL.iter().filter_map(|c| {
+                    uid("Category", c.as_str()).map(|u| Entity::new_no_attrs(u, Default::default()))
+                });
+                let entities =
+                    Entities::from_entities(std::iter::once(entity).chain(cats), None).ok()?;
+                (client, entities)
+            }
         };
         let (action, resource) = match q.target {
             Target::Records(action, category) => (
@@ -378,6 +432,39 @@ mod tests {
             out.push('\n');
         }
         out
+    }
+
+    #[test]
+    fn a_service_client_gets_exactly_its_scopes() {
+        let e = PolicyEngine::with_defaults().unwrap();
+        let mut read = CategorySet::default();
+        read.insert(Category::Vitals);
+        read.insert(Category::Labs);
+        let mut write = CategorySet::default();
+        write.insert(Category::Labs);
+        let ask = |action, category| {
+            e.decide(Query {
+                asker: Asker::Client { read, write },
+                target: Target::Records(action, category),
+                purpose: Purpose::Operations,
+                public_transparency: false,
+            })
+            .allowed
+        };
+        assert!(ask(Action::Read, Category::Vitals));
+        assert!(ask(Action::Search, Category::Labs));
+        assert!(ask(Action::Create, Category::Labs));
+        assert!(!ask(Action::Create, Category::Vitals), "read scope only");
+        assert!(!ask(Action::Delete, Category::Labs), "never delete");
+        assert!(!ask(Action::Read, Category::Notes), "outside its scopes");
+        assert!(!ask(Action::Read, Category::Directory));
+        let op = e.decide(Query::operation(
+            Asker::Client { read, write },
+            Operation::AuditEntries,
+            Purpose::Operations,
+            false,
+        ));
+        assert!(!op.allowed, "no operation of the gate");
     }
 
     /// The whole access table of the shipped policies. A change to the `.cedar` files that

@@ -419,3 +419,118 @@ pub(crate) async fn oidc_callback(
         })?;
     Ok(session_response(&grant))
 }
+
+/// An OAuth2 error answer (RFC 6749 §5.2).
+fn oauth_error(status: StatusCode, error: &str, description: &str) -> Response {
+    let mut r = plain_json(
+        status,
+        json!({"error": error, "error_description": description}),
+    );
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+/// `POST /auth/token` (RFC 6749 §4.4, form-encoded): `grant_type=client_credentials`,
+/// optional `scope`, and the client's authentication — HTTP Basic or `client_id` +
+/// `client_secret` in the form, or `client_assertion_type=urn:ietf:params:oauth:client-assertion-type:jwt-bearer`
+/// with `client_assertion` (SMART Backend Services). Answers
+/// `{"access_token","token_type":"bearer","expires_in","scope"}`.
+pub(crate) async fn token(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let basic = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Basic ")
+                .or_else(|| v.strip_prefix("basic "))
+        })
+        .and_then(|b| {
+            use base64::Engine;
+            base64::engine::general_purpose::STANDARD
+                .decode(b.trim())
+                .ok()
+        })
+        .and_then(|b| String::from_utf8(b).ok())
+        .and_then(|s| {
+            let (id, secret) = s.split_once(':')?;
+            let dec = |x: &str| {
+                serde_urlencoded::from_str::<Vec<(String, String)>>(&format!("v={x}"))
+                    .ok()
+                    .and_then(|v| v.into_iter().next().map(|p| p.1))
+            };
+            Some((dec(id)?, dec(secret)?))
+        });
+    let body = body_bytes(&state, req).await?;
+    let Ok(form) = serde_urlencoded::from_bytes::<Vec<(String, String)>>(&body) else {
+        return Ok(oauth_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "the body must be application/x-www-form-urlencoded",
+        ));
+    };
+    let get = |k: &str| form.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    if get("grant_type").as_deref() != Some("client_credentials") {
+        return Ok(oauth_error(
+            StatusCode::BAD_REQUEST,
+            "unsupported_grant_type",
+            "only grant_type=client_credentials is supported here",
+        ));
+    }
+    let assertion = match (get("client_assertion_type"), get("client_assertion")) {
+        (Some(t), Some(a)) if t == "urn:ietf:params:oauth:client-assertion-type:jwt-bearer" => {
+            Some(a)
+        }
+        (None, None) => None,
+        _ => return Ok(oauth_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "client_assertion_type must be urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+        )),
+    };
+    let secret = basic.or_else(|| Some((get("client_id")?, get("client_secret")?)));
+    let scope = get("scope");
+    let token_url = format!(
+        "{}/auth/token",
+        ctx.base.strip_suffix("/fhir").unwrap_or(&ctx.base)
+    );
+    let vault = state.vault.clone();
+    let c = ctx.anonymous();
+    let result = blocking(move || {
+        let auth = match (&assertion, &secret) {
+            (Some(jwt), None) => medvault_core::ClientAuth::Assertion { jwt },
+            (None, Some((id, s))) => medvault_core::ClientAuth::Secret {
+                client_id: id,
+                secret: s,
+            },
+            _ => return Err(VaultError::Unauthenticated),
+        };
+        vault.client_token(&c, &auth, scope.as_deref(), &token_url)
+    })
+    .await?;
+    match result {
+        Ok(g) => {
+            let mut r = plain_json(
+                StatusCode::OK,
+                json!({"access_token": g.token.expose(), "token_type": "bearer",
+                       "expires_in": g.expires_in, "scope": g.scope}),
+            );
+            r.headers_mut()
+                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            Ok(r)
+        }
+        Err(VaultError::Unauthenticated) => Ok(oauth_error(
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            "client authentication failed",
+        )),
+        Err(VaultError::BadRequest(m)) => {
+            Ok(oauth_error(StatusCode::BAD_REQUEST, "invalid_scope", &m))
+        }
+        Err(e) => Err(e.into()),
+    }
+}

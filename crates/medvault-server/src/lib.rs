@@ -159,6 +159,7 @@ fn routes(state: AppState) -> Router {
             axum::routing::delete(auth::revoke_passkey),
         )
         .route("/auth/logout", post(auth::logout))
+        .route("/auth/token", post(auth::token))
         .route("/api/users", get(admin::users).post(admin::add_user))
         .route("/api/users/{name}/{action}", post(admin::user_action))
         .route("/api/status", get(admin::status))

@@ -641,6 +641,7 @@ pub fn identity_rows(s: &dyn Store) -> Result<(), Failure> {
         mfa_at: 1,
         source: "10.0.0.1".into(),
         method: "password+totp".into(),
+        scope: String::new(),
     };
     s.commit(WriteBatch {
         ops: vec![Op::PutSession(sess.clone())],
@@ -731,6 +732,7 @@ pub fn throttles_challenges_and_credentials(s: &dyn Store) -> Result<(), Failure
         mfa_at: 0,
         source: String::new(),
         method: String::new(),
+        scope: String::new(),
     };
     one(s, Op::PutSession(session(1, "mfa", 10)))?;
     let fail = || {

@@ -176,6 +176,8 @@ pub struct SessionRow {
     pub source: String,
     /// How the session was established (e.g. `password+totp`, `passkey`, `oidc:NAME`).
     pub method: String,
+    /// A service client's granted SMART scopes, space-separated; empty for people.
+    pub scope: String,
 }
 
 /// A failure counter of the login throttle, under an opaque key (a MAC of the account

@@ -350,7 +350,8 @@ async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
                  ALTER TABLE sessions ADD COLUMN attempts BIGINT NOT NULL DEFAULT 0,
                      ADD COLUMN mfa_at BIGINT NOT NULL DEFAULT 0,
                      ADD COLUMN source TEXT NOT NULL DEFAULT '',
-                     ADD COLUMN method TEXT NOT NULL DEFAULT '';
+                     ADD COLUMN method TEXT NOT NULL DEFAULT '',
+                     ADD COLUMN scope TEXT NOT NULL DEFAULT '';
                  ALTER TABLE users ADD COLUMN last_login BIGINT NOT NULL DEFAULT 0;
                  INSERT INTO medvault_schema (version) VALUES (5);",
             )

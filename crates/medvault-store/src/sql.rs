@@ -32,7 +32,7 @@ pub(crate) const USER_COLS: &str =
 
 /// The columns [`session`] maps, in order.
 pub(crate) const SESSION_COLS: &str =
-    "token_hash, kind, username, created, last_seen, expires, attempts, mfa_at, source, method";
+    "token_hash, kind, username, created, last_seen, expires, attempts, mfa_at, source, method, scope";
 
 /// The columns [`credential`] maps, in order.
 pub(crate) const CREDENTIAL_COLS: &str = "kind, id, username, name, data, created, last_used";
@@ -96,6 +96,7 @@ pub(crate) fn session<R: Columns>(r: &R) -> Result<SessionRow, R::Error> {
         mfa_at: r.int(7)?,
         source: r.text(8)?,
         method: r.text(9)?,
+        scope: r.text(10)?,
     })
 }
 
@@ -203,8 +204,8 @@ pub(crate) fn identity(op: &Op) -> Option<Vec<Stmt>> {
             Touch,
         )],
         Op::PutSession(s) => vec![stmt(
-            "INSERT INTO sessions (token_hash, kind, username, created, last_seen, expires, attempts, mfa_at, source, method)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            "INSERT INTO sessions (token_hash, kind, username, created, last_seen, expires, attempts, mfa_at, source, method, scope)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
             vec![
                 b(&s.token_hash),
                 t(&s.kind),
@@ -216,6 +217,7 @@ pub(crate) fn identity(op: &Op) -> Option<Vec<Stmt>> {
                 Int(s.mfa_at),
                 t(&s.source),
                 t(&s.method),
+                t(&s.scope),
             ],
             Any,
         )],

@@ -180,6 +180,7 @@ str_enum!(
         Auditor => "auditor",
         Importer => "importer",
         System => "system",
+        Service => "service",
     }
 );
 
@@ -193,9 +194,10 @@ impl Role {
         }
     }
     /// Roles a human account may hold (the importer is the CLI's own principal; system is
-    /// the server's own background work, such as signing audit checkpoints).
+    /// the server's own background work, such as signing audit checkpoints; service is a
+    /// backend client authenticated by OAuth2 client credentials, limited by its scopes).
     pub fn is_staff(self) -> bool {
-        !matches!(self, Role::Importer | Role::System)
+        !matches!(self, Role::Importer | Role::System | Role::Service)
     }
 }
 

@@ -91,6 +91,11 @@ enum Command {
         #[command(subcommand)]
         command: UserCommand,
     },
+    /// Service clients (OAuth2 client credentials, SMART Backend Services).
+    Client {
+        #[command(subcommand)]
+        command: ClientCommand,
+    },
     /// Import a FHIR Bundle (transaction or collection) through the secure path, all-or-nothing.
     Import {
         file: PathBuf,
@@ -145,6 +150,29 @@ enum UserCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum ClientCommand {
+    /// Register a client with SMART v2 system scopes (`system/Observation.rs system/Patient.rs`);
+    /// prints its id and secret (shown once), or takes a public JWK for private_key_jwt.
+    Add {
+        name: String,
+        #[arg(long)]
+        scope: String,
+        /// A public JWK (or a JWK Set with one key) for private_key_jwt instead of a secret.
+        #[arg(long)]
+        jwk: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List registered clients.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a client and every token it holds.
+    Revoke { client_id: String },
 }
 
 #[derive(Subcommand)]
@@ -285,6 +313,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Client { command } => client_command(&dir, command),
         Command::Import { file, json } => {
             let meta = std::fs::metadata(&file)
                 .with_context(|| format!("cannot read {}", file.display()))?;
@@ -769,6 +798,79 @@ fn serve_vault(
     let _ = stop_tx.send(());
     let _ = signer.join();
     Ok(())
+}
+
+fn client_command(dir: &Path, command: ClientCommand) -> Result<()> {
+    let (_, vault, op) = open(dir)?;
+    let admin = Caller::cli(&op, Role::SecurityAdmin);
+    match command {
+        ClientCommand::Add {
+            name,
+            scope,
+            jwk,
+            json,
+        } => {
+            let key = match jwk {
+                None => None,
+                Some(f) => {
+                    let text = std::fs::read_to_string(&f)
+                        .with_context(|| format!("cannot read {}", f.display()))?;
+                    let v: serde_json::Value = serde_json::from_str(&text)
+                        .map_err(|_| anyhow!("{} is not JSON (a JWK)", f.display()))?;
+                    // A JWK Set with one key is accepted too.
+                    Some(match v.get("keys").and_then(|k| k.as_array()) {
+                        Some(keys) if keys.len() == 1 => keys.first().cloned().unwrap_or_default(),
+                        Some(_) => bail!("{}: a JWK Set must hold exactly one key", f.display()),
+                        None => v,
+                    })
+                }
+            };
+            let c = vault
+                .add_client(&admin, &name, &scope, key)
+                .map_err(describe)?;
+            let secret = c.client_secret.as_ref().map(|s| s.expose().to_owned());
+            if json {
+                println!(
+                    "{}",
+                    json!({"client_id": c.client_id, "client_secret": secret, "scope": scope})
+                );
+            } else {
+                println!("client id:     {}", c.client_id);
+                match &secret {
+                    Some(s) => println!(
+                        "client secret: {s}\n(shown once; medvault stores only a MAC of it)"
+                    ),
+                    None => {
+                        println!("authenticates with private_key_jwt (the registered public key)")
+                    }
+                }
+                println!("token:         POST /auth/token grant_type=client_credentials (tokens last 5 minutes)");
+            }
+            Ok(())
+        }
+        ClientCommand::List { json } => {
+            let list = vault.clients(&admin).map_err(describe)?;
+            if json {
+                println!("{}", json!(list));
+            } else {
+                for c in list {
+                    println!(
+                        "{}  {}  {}  {}",
+                        c.client_id,
+                        c.name,
+                        c.auth,
+                        c.scopes.join(" ")
+                    );
+                }
+            }
+            Ok(())
+        }
+        ClientCommand::Revoke { client_id } => {
+            vault.revoke_client(&admin, &client_id).map_err(describe)?;
+            println!("revoked {client_id}");
+            Ok(())
+        }
+    }
 }
 
 /// The `[[oidc]]` providers, with their client secrets read from their files.

@@ -5151,3 +5151,175 @@ fn passkey_in_real_chromium_with_the_virtual_authenticator() {
     );
     assert!(list.body["passkeys"][0]["last_used"].as_i64().unwrap() > 0);
 }
+
+fn form_call(s: &Server, body: &str, basic: Option<(&str, &str)>) -> Resp {
+    let mut h = vec![("Content-Type", "application/x-www-form-urlencoded")];
+    let auth;
+    if let Some((id, secret)) = basic {
+        use base64::Engine;
+        auth = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{id}:{secret}"))
+        );
+        h.push(("Authorization", &auth));
+    }
+    s.call("POST", "/auth/token", None, Some(body.as_bytes()), &h)
+}
+
+/// Service clients: a client secret and a SMART Backend Services assertion (signed by an
+/// independent JOSE implementation) get short-lived tokens limited to their scopes —
+/// another type of the same category, another category and writes are refused — and a
+/// wrong secret, a replayed or expired assertion, a scope the client lacks and a revoked
+/// client are refused.
+#[test]
+fn service_clients_get_scoped_tokens_by_secret_and_private_key_jwt() {
+    let (_t, dir, staff) = setup();
+    let s = Server::start(&dir, &[]);
+    let (phys, ppw, psecret) = staff.get("physician");
+    let pt = s.login(phys, ppw, psecret);
+    let pid = created_id(&s.post("/fhir/Patient", &pt, &patient_body("Scopewell", "MRN-SC1")));
+    let obs = s.post("/fhir/Observation", &pt, &vital(&pid));
+    assert_eq!(obs.status, 201);
+    let c = json_out(&medvault(
+        &dir,
+        &[
+            "client",
+            "add",
+            "lab-feed",
+            "--scope",
+            "system/Observation.rs",
+            "--json",
+        ],
+    ));
+    let (id, secret) = (
+        c["client_id"].as_str().unwrap().to_owned(),
+        c["client_secret"].as_str().unwrap().to_owned(),
+    );
+    let r = form_call(&s, "grant_type=client_credentials", Some((&id, &secret)));
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body["token_type"], "bearer");
+    assert_eq!(r.body["scope"], "system/Observation.rs");
+    assert_eq!(r.body["expires_in"], 300);
+    let tok = r.body["access_token"].as_str().unwrap().to_owned();
+    let found = s.get(&format!("/fhir/Observation?subject=Patient/{pid}"), &tok);
+    assert_eq!(found.status, 200, "{:?}", found.body);
+    assert_eq!(found.body["total"], 1);
+    assert_eq!(s.get("/fhir/Patient", &tok).status, 403, "another category");
+    assert_eq!(
+        s.get("/fhir/DiagnosticReport", &tok).status,
+        403,
+        "another type, same category"
+    );
+    assert_eq!(
+        s.post("/fhir/Observation", &tok, &vital(&pid)).status,
+        403,
+        "read-only scope"
+    );
+    assert_eq!(s.get("/api/users", &tok).status, 403);
+    // Refusals at the token endpoint.
+    let wrong = form_call(
+        &s,
+        "grant_type=client_credentials",
+        Some((&id, "not-the-secret")),
+    );
+    assert_eq!(wrong.status, 401);
+    assert_eq!(wrong.body["error"], "invalid_client");
+    let post = format!("grant_type=client_credentials&client_id={id}&client_secret={secret}&scope=system%2FPatient.rs");
+    let r = form_call(&s, &post, None);
+    assert_eq!(r.status, 400);
+    assert_eq!(r.body["error"], "invalid_scope");
+    assert_eq!(
+        form_call(&s, "grant_type=password&username=x", None).body["error"],
+        "unsupported_grant_type"
+    );
+    // private_key_jwt with a key only the client holds.
+    let Ok(tool) = std::env::var("MEDVAULT_TEST_OIDC_PROVIDER") else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must set MEDVAULT_TEST_OIDC_PROVIDER"
+        );
+        return;
+    };
+    let node = |args: &[&str]| -> String {
+        let o = Command::new("node")
+            .arg(Path::new(&tool).join("assertion.mjs"))
+            .args(args)
+            .current_dir(&tool)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8(o.stdout).unwrap().trim().to_owned()
+    };
+    let keys: Value = serde_json::from_str(&node(&["keygen"])).unwrap();
+    std::fs::write(dir.join("backend.jwk"), keys["public"].to_string()).unwrap();
+    let c = json_out(&medvault(
+        &dir,
+        &[
+            "client",
+            "add",
+            "registry",
+            "--scope",
+            "system/Observation.rs system/Patient.rs",
+            "--jwk",
+            dir.join("backend.jwk").to_str().unwrap(),
+            "--json",
+        ],
+    ));
+    assert!(c["client_secret"].is_null());
+    let rid = c["client_id"].as_str().unwrap().to_owned();
+    let private = keys["private"].to_string();
+    let aud = format!("https://127.0.0.1:{}/auth/token", s.port);
+    let with = |jwt: &str| {
+        form_call(
+            &s,
+            &format!("grant_type=client_credentials&client_assertion_type=urn%3Aietf%3Aparams%3Aoauth%3Aclient-assertion-type%3Ajwt-bearer&client_assertion={jwt}"),
+            None,
+        )
+    };
+    let jwt = node(&["sign", &private, &rid, &aud]);
+    let r = with(&jwt);
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let rt = r.body["access_token"].as_str().unwrap().to_owned();
+    assert_eq!(s.get(&format!("/fhir/Patient/{pid}"), &rt).status, 200);
+    assert_eq!(with(&jwt).status, 401, "a replayed assertion (same jti)");
+    assert_eq!(
+        with(&node(&["sign", &private, &rid, &aud, "-60"])).status,
+        401,
+        "expired"
+    );
+    assert_eq!(
+        with(&node(&["sign", &private, &rid, &aud, "3600"])).status,
+        401,
+        "lives too long"
+    );
+    assert_eq!(
+        with(&node(&[
+            "sign",
+            &private,
+            &rid,
+            "https://elsewhere.example/token"
+        ]))
+        .status,
+        401,
+        "wrong audience"
+    );
+    let other: Value = serde_json::from_str(&node(&["keygen"])).unwrap();
+    assert_eq!(
+        with(&node(&["sign", &other["private"].to_string(), &rid, &aud])).status,
+        401,
+        "signed by another key"
+    );
+    // Listed, then revoked: its token stops working at once.
+    let list = json_out(&medvault(&dir, &["client", "list", "--json"]));
+    assert_eq!(list.as_array().unwrap().len(), 2);
+    let o = medvault(&dir, &["client", "revoke", &rid]);
+    assert!(o.status.success());
+    assert_eq!(s.get(&format!("/fhir/Patient/{pid}"), &rt).status, 401);
+    assert_eq!(with(&node(&["sign", &private, &rid, &aud])).status, 401);
+    let bad = medvault(
+        &dir,
+        &["client", "add", "x", "--scope", "system/Nothing.rs"],
+    );
+    assert_eq!(bad.status.code(), Some(1));
+    assert_eq!(String::from_utf8_lossy(&bad.stderr).lines().count(), 1);
+}
