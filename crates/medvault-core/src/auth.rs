@@ -453,6 +453,50 @@ impl Vault {
         }
     }
 
+    /// `POST /auth/step-up/webauthn/start`: request options to step up with a passkey.
+    ///
+    /// # Errors
+    /// `Unauthenticated` without a session or without passkeys.
+    pub fn passkey_step_up_start(&self, c: &Caller) -> Result<serde_json::Value, VaultError> {
+        let s = self.session_of(c).ok_or(VaultError::Unauthenticated)?;
+        let step = self
+            .identity
+            .passkey_step_up_start(&s)
+            .map_err(|e| match e {
+                IdentityError::Store(s) => s.into(),
+                IdentityError::Internal(m) => VaultError::Internal(m),
+                _ => VaultError::Unauthenticated,
+            })?;
+        self.commit(step.ops, vec![])?;
+        Ok(step.value)
+    }
+
+    /// `POST /auth/step-up/webauthn/finish {"credential"}`: step-up with a passkey.
+    ///
+    /// # Errors
+    /// `Unauthenticated` (assertion refused), `Locked`.
+    pub fn passkey_step_up_finish(
+        &self,
+        c: &Caller,
+        credential: serde_json::Value,
+    ) -> Result<(), VaultError> {
+        let s = self.session_of(c).ok_or(VaultError::Unauthenticated)?;
+        match self
+            .identity
+            .passkey_step_up_finish(&s, credential, c.source.as_deref())
+        {
+            Ok(step) => {
+                let mut rec = self.record(c, "step-up", Outcome::Success);
+                rec.detail = Some("passkey verified".into());
+                match self.commit(step.ops, vec![rec]) {
+                    Err(VaultError::Conflict) => Err(VaultError::Unauthenticated),
+                    other => other.map(|_| ()),
+                }
+            }
+            Err(r) => Err(self.refused(c, "step-up", r)),
+        }
+    }
+
     /// `GET /auth/webauthn/credentials`: the caller's passkeys.
     ///
     /// # Errors

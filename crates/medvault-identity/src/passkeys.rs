@@ -268,16 +268,19 @@ impl Identity {
         Sha256::digest([b"auth".as_slice(), &mfa_token.hash()].concat()).to_vec()
     }
 
-    /// Begins a passkey answer to a second-factor challenge: the
-    /// `PublicKeyCredentialRequestOptions` for the user's passkeys (user verification
-    /// required).
-    ///
-    /// # Errors
-    /// `BadChallenge`; `BadCode` when the user has no passkey.
-    pub fn passkey_login_start(&self, mfa_token: &Token) -> Result<Step<Value>, IdentityError> {
-        let user = self.challenge_user(mfa_token)?;
+    fn step_up_id(session: &SessionInfo) -> Vec<u8> {
+        Sha256::digest([b"step-up".as_slice(), &session.token_hash].concat()).to_vec()
+    }
+
+    /// Request options for `username`'s passkeys (user verification required), the
+    /// ceremony remembered under `ceremony`.
+    fn assertion_start(
+        &self,
+        username: &str,
+        ceremony: Vec<u8>,
+    ) -> Result<Step<Value>, IdentityError> {
         let keys: Vec<Passkey> = self
-            .stored_passkeys(&user.username)?
+            .stored_passkeys(username)?
             .into_iter()
             .map(|(_, pk)| pk)
             .collect();
@@ -288,19 +291,72 @@ impl Identity {
             .webauthn()?
             .start_passkey_authentication(&keys)
             .map_err(bad)?;
-        let id = Self::authentication_id(mfa_token);
         Ok(Step {
             value: serde_json::to_value(options).map_err(bad)?,
-            ops: vec![Op::PutCredential(CredentialRow {
-                kind: AUTHENTICATING.into(),
-                id,
-                username: user.username.clone(),
-                name: String::new(),
-                data: self.seal_json(AUTHENTICATING, &user.username, &state)?,
-                created: self.now(),
-                last_used: 0,
-            })],
+            ops: vec![
+                Op::DeleteCredentials {
+                    username: username.to_owned(),
+                    kind: AUTHENTICATING.into(),
+                },
+                Op::PutCredential(CredentialRow {
+                    kind: AUTHENTICATING.into(),
+                    id: ceremony,
+                    username: username.to_owned(),
+                    name: String::new(),
+                    data: self.seal_json(AUTHENTICATING, username, &state)?,
+                    created: self.now(),
+                    last_used: 0,
+                }),
+            ],
         })
+    }
+
+    /// Verifies an assertion against the ceremony `ceremony` of `username`: the passkey's
+    /// id and its new sealed state (signature counter).
+    fn assertion_verify(
+        &self,
+        username: &str,
+        ceremony: &[u8],
+        credential: Value,
+    ) -> Result<(Vec<u8>, Vec<u8>), IdentityError> {
+        let row = self
+            .store
+            .credential(AUTHENTICATING, ceremony)?
+            .filter(|r| r.username == username && r.created + CEREMONY_SECS > self.now())
+            .ok_or(IdentityError::BadCode)?;
+        let state: PasskeyAuthentication = self.open_json(AUTHENTICATING, username, &row.data)?;
+        let pkc: PublicKeyCredential =
+            serde_json::from_value(credential).map_err(|_| IdentityError::BadCode)?;
+        let result = self
+            .webauthn()?
+            .finish_passkey_authentication(&pkc, &state)
+            .map_err(|_| IdentityError::BadCode)?;
+        let (row, mut pk) = self
+            .stored_passkeys(username)?
+            .into_iter()
+            .find(|(_, pk)| pk.cred_id() == result.cred_id())
+            .ok_or(IdentityError::BadCode)?;
+        pk.update_credential(&result);
+        Ok((row.id, self.seal_json(PASSKEY, username, &pk)?))
+    }
+
+    fn ceremony_used(username: &str, ceremony: Vec<u8>) -> Op {
+        Op::DeleteCredential {
+            kind: AUTHENTICATING.into(),
+            id: ceremony,
+            username: username.to_owned(),
+        }
+    }
+
+    /// Begins a passkey answer to a second-factor challenge: the
+    /// `PublicKeyCredentialRequestOptions` for the user's passkeys (user verification
+    /// required).
+    ///
+    /// # Errors
+    /// `BadChallenge`; `BadCode` when the user has no passkey.
+    pub fn passkey_login_start(&self, mfa_token: &Token) -> Result<Step<Value>, IdentityError> {
+        let user = self.challenge_user(mfa_token)?;
+        self.assertion_start(&user.username, Self::authentication_id(mfa_token))
     }
 
     /// Finishes a passkey answer to a second-factor challenge. The ceremony is used once
@@ -317,38 +373,11 @@ impl Identity {
     ) -> Result<Step<Grant>, Refused> {
         let user = self.challenge_user(mfa_token)?;
         let id = Self::authentication_id(mfa_token);
-        let used = Op::DeleteCredential {
-            kind: AUTHENTICATING.into(),
-            id: id.clone(),
-            username: user.username.clone(),
-        };
-        let verified = (|| {
-            let row = self
-                .store
-                .credential(AUTHENTICATING, &id)?
-                .filter(|r| r.username == user.username && r.created + CEREMONY_SECS > self.now())
-                .ok_or(IdentityError::BadCode)?;
-            let state: PasskeyAuthentication =
-                self.open_json(AUTHENTICATING, &user.username, &row.data)?;
-            let pkc: PublicKeyCredential =
-                serde_json::from_value(credential).map_err(|_| IdentityError::BadCode)?;
-            let result = self
-                .webauthn()?
-                .finish_passkey_authentication(&pkc, &state)
-                .map_err(|_| IdentityError::BadCode)?;
-            let (row, mut pk) = self
-                .stored_passkeys(&user.username)?
-                .into_iter()
-                .find(|(_, pk)| pk.cred_id() == result.cred_id())
-                .ok_or(IdentityError::BadCode)?;
-            pk.update_credential(&result);
-            Ok::<_, IdentityError>((row.id, self.seal_json(PASSKEY, &user.username, &pk)?))
-        })();
-        match verified {
+        match self.assertion_verify(&user.username, &id, credential) {
             Ok((cred, state)) => {
                 let mut step =
                     self.finish_login(mfa_token, &Factor::Passkey { id: cred, state }, source)?;
-                step.ops.insert(0, used);
+                step.ops.insert(0, Self::ceremony_used(&user.username, id));
                 Ok(step)
             }
             Err(IdentityError::Store(e)) => Err(e.into()),
@@ -356,7 +385,52 @@ impl Identity {
                 let mut r = self.passkey_failed(&user.username, Some(mfa_token), source);
                 // The ceremony dies with a failed answer (it may have been used already).
                 if self.store.credential(AUTHENTICATING, &id)?.is_some() {
-                    r.ops.push(used);
+                    r.ops.push(Self::ceremony_used(&user.username, id));
+                }
+                Err(r)
+            }
+        }
+    }
+
+    /// Begins step-up with a passkey inside a session.
+    ///
+    /// # Errors
+    /// `BadCode` when the user has no passkey.
+    pub fn passkey_step_up_start(
+        &self,
+        session: &SessionInfo,
+    ) -> Result<Step<Value>, IdentityError> {
+        self.assertion_start(
+            session.principal.username.as_str(),
+            Self::step_up_id(session),
+        )
+    }
+
+    /// Finishes step-up with a passkey: the session's second factor is fresh again. A
+    /// failed assertion counts against the throttle.
+    ///
+    /// # Errors
+    /// `BadCode`, `Locked`, `Store`.
+    pub fn passkey_step_up_finish(
+        &self,
+        session: &SessionInfo,
+        credential: Value,
+        source: Option<&str>,
+    ) -> Result<Step<()>, Refused> {
+        let name = session.principal.username.as_str();
+        let id = Self::step_up_id(session);
+        match self.assertion_verify(name, &id, credential) {
+            Ok((cred, state)) => {
+                let mut step =
+                    self.step_up(session, &Factor::Passkey { id: cred, state }, source)?;
+                step.ops.insert(0, Self::ceremony_used(name, id));
+                Ok(step)
+            }
+            Err(IdentityError::Store(e)) => Err(e.into()),
+            Err(_) => {
+                let mut r = self.passkey_failed(name, None, source);
+                if self.store.credential(AUTHENTICATING, &id)?.is_some() {
+                    r.ops.push(Self::ceremony_used(name, id));
                 }
                 Err(r)
             }

@@ -534,3 +534,34 @@ pub(crate) async fn token(
         Err(e) => Err(e.into()),
     }
 }
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CredentialBody {
+    credential: serde_json::Value,
+}
+
+/// `POST /auth/step-up/webauthn/start`: request options for a passkey step-up.
+pub(crate) async fn step_up_webauthn_start(
+    State(state): State<AppState>,
+    ctx: Ctx,
+) -> Result<Response, ApiError> {
+    let options = as_caller(&state, &ctx, |v, c| v.passkey_step_up_start(c)).await?;
+    Ok(plain_json(StatusCode::OK, options))
+}
+
+/// `POST /auth/step-up/webauthn/finish {"credential"}`.
+pub(crate) async fn step_up_webauthn_finish(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let c = caller(&state, &ctx).await?;
+    let body = body_bytes(&state, req).await?;
+    let b: CredentialBody = parse(&body)?;
+    let vault = state.vault.clone();
+    blocking(move || vault.passkey_step_up_finish(&c, b.credential))
+        .await?
+        .map_err(bad_code)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}

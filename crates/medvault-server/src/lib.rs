@@ -128,6 +128,14 @@ fn routes(state: AppState) -> Router {
         .route("/auth/mfa/recovery", post(auth::mfa_recovery))
         .route("/auth/step-up/totp", post(auth::step_up_totp))
         .route("/auth/step-up/recovery", post(auth::step_up_recovery))
+        .route(
+            "/auth/step-up/webauthn/start",
+            post(auth::step_up_webauthn_start),
+        )
+        .route(
+            "/auth/step-up/webauthn/finish",
+            post(auth::step_up_webauthn_finish),
+        )
         .route("/auth/password", post(auth::change_password))
         .route("/auth/sessions", get(auth::sessions))
         .route(

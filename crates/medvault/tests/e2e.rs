@@ -4774,7 +4774,7 @@ fn passkey_registration_and_login_with_a_software_authenticator() {
     };
     use webauthn_authenticator_rs::softpasskey::SoftPasskey;
     let (_t, dir, staff) = setup();
-    let s = Server::start(&dir, &[]);
+    let s = Server::start(&dir, &[("MEDVAULT_SESSION_STEP_UP_SECS", "2")]);
     let origin = Url::parse(&format!("https://localhost:{}", s.port)).unwrap();
     let (nurse, npw, nsecret) = staff.get("nurse");
     let t = s.login(nurse, npw, nsecret);
@@ -4858,18 +4858,37 @@ fn passkey_registration_and_login_with_a_software_authenticator() {
         &json!({"mfa_token": mfa2, "credential": assertion}),
     );
     assert_eq!(r.status, 401);
-    // Revoked: the passkey no longer answers.
-    assert_eq!(
+    // Removing a passkey needs step-up; the passkey itself provides it.
+    std::thread::sleep(Duration::from_millis(2100));
+    let revoke = || {
         s.call(
             "DELETE",
             &format!("/auth/webauthn/credentials/{pk_id}"),
             Some(&t2),
             None,
-            &[]
+            &[],
         )
-        .status,
-        204
+    };
+    let r = revoke();
+    assert_eq!(r.status, 401);
+    assert_eq!(
+        r.body["issue"][0]["details"]["coding"][0]["code"],
+        "step-up-required"
     );
+    let opts = s.post("/auth/step-up/webauthn/start", &t2, &json!({}));
+    assert_eq!(opts.status, 200, "{:?}", opts.body);
+    let rcr: RequestChallengeResponse = serde_json::from_value(opts.body).unwrap();
+    let up = authenticator
+        .do_authentication(origin.clone(), rcr)
+        .unwrap();
+    let r = s.post(
+        "/auth/step-up/webauthn/finish",
+        &t2,
+        &json!({"credential": serde_json::to_value(&up).unwrap()}),
+    );
+    assert_eq!(r.status, 204, "{:?}", r.body);
+    // Revoked: the passkey no longer answers.
+    assert_eq!(revoke().status, 204);
     let r = json_call(
         &s,
         "POST",
