@@ -453,6 +453,51 @@ impl Vault {
         }
     }
 
+    /// `POST /auth/webauthn/passwordless/start {"username"}` (when `session.passwordless`
+    /// is on): request options and a ceremony handle; the same answer whether or not the
+    /// account exists or has passkeys.
+    ///
+    /// # Errors
+    /// `NotFound` when passwordless sign-in is off.
+    pub fn passwordless_start(
+        &self,
+        _c: &Caller,
+        username: &str,
+    ) -> Result<serde_json::Value, VaultError> {
+        if !self.identity.session_policy().passwordless {
+            return Err(VaultError::NotFound);
+        }
+        let step = self.identity.passwordless_start(username).map_err(id_err)?;
+        if !step.ops.is_empty() {
+            self.commit(step.ops, vec![])?;
+        }
+        Ok(step.value)
+    }
+
+    /// `POST /auth/webauthn/passwordless/finish {"username","ceremony","credential"}`:
+    /// the session.
+    ///
+    /// # Errors
+    /// `NotFound` when off; `Unauthenticated`, `Locked`.
+    pub fn passwordless_finish(
+        &self,
+        c: &Caller,
+        username: &str,
+        ceremony: &str,
+        credential: serde_json::Value,
+    ) -> Result<SessionGrant, VaultError> {
+        if !self.identity.session_policy().passwordless {
+            return Err(VaultError::NotFound);
+        }
+        match self
+            .identity
+            .passwordless_finish(username, ceremony, credential, c.source.as_deref())
+        {
+            Ok(step) => self.grant(c, step),
+            Err(r) => Err(self.refused(c, "login", r)),
+        }
+    }
+
     /// `POST /auth/step-up/webauthn/start`: request options to step up with a passkey.
     ///
     /// # Errors

@@ -157,6 +157,9 @@ pub struct SessionPolicy {
     pub step_up_secs: i64,
     /// Days without a sign-in after which an account is disabled (0 = never).
     pub dormant_after_days: i64,
+    /// Whether a passkey alone may sign in (user verification makes it two factors in
+    /// one: something you have, unlocked by something you are or know).
+    pub passwordless: bool,
 }
 
 impl Default for SessionPolicy {
@@ -167,6 +170,7 @@ impl Default for SessionPolicy {
             mfa_challenge_secs: 300,
             step_up_secs: 300,
             dormant_after_days: 90,
+            passwordless: false,
         }
     }
 }

@@ -436,4 +436,108 @@ impl Identity {
             }
         }
     }
+
+    /// Passwordless sign-in, step one (where `session.passwordless` allows it): request
+    /// options for `username`'s passkeys and a ceremony handle. An unknown user, or one
+    /// without passkeys, gets options of the same shape naming a decoy credential derived
+    /// from the name (stable, so repeated asks look alike): the answer never tells whether
+    /// the account exists.
+    ///
+    /// # Errors
+    /// `Internal` when passkeys are not configured.
+    pub fn passwordless_start(&self, username: &str) -> Result<Step<Value>, IdentityError> {
+        let mut h = [0u8; 16];
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut h);
+        let handle = b64(&h);
+        let ceremony = Sha256::digest(format!("passwordless|{handle}")).to_vec();
+        let rp_id = self
+            .webauthn()?
+            .get_allowed_origins()
+            .first()
+            .and_then(|o| o.host_str().map(str::to_owned))
+            .unwrap_or_default();
+        let real = match self.store.user(username)? {
+            Some(u) if !self.stored_passkeys(&u.username)?.is_empty() => {
+                Some(self.assertion_start(&u.username, ceremony)?)
+            }
+            _ => None,
+        };
+        let (options, ops) = match real {
+            Some(step) => (step.value, step.ops),
+            None => {
+                let mut challenge = [0u8; 32];
+                rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut challenge);
+                let decoy = self.mac.tag(&[b"webauthn/decoy", username.as_bytes()]);
+                let options = serde_json::json!({"publicKey": {
+                    "challenge": b64(&challenge),
+                    "timeout": 300_000,
+                    "rpId": rp_id,
+                    "allowCredentials": [{"type": "public-key", "id": b64(decoy.get(..16).unwrap_or(&[]))}],
+                    "userVerification": "required",
+                }});
+                (options, vec![])
+            }
+        };
+        // The same fields for real and decoy answers.
+        let pk = options.get("publicKey").cloned().unwrap_or_default();
+        let allow: Vec<Value> = pk
+            .get("allowCredentials")
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .map(|c| serde_json::json!({"type": "public-key", "id": c.get("id").cloned().unwrap_or_default()}))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(Step {
+            value: serde_json::json!({
+                "ceremony": handle,
+                "publicKey": {
+                    "challenge": pk.get("challenge").cloned().unwrap_or_default(),
+                    "timeout": pk.get("timeout").cloned().unwrap_or_default(),
+                    "rpId": pk.get("rpId").cloned().unwrap_or_default(),
+                    "allowCredentials": allow,
+                    "userVerification": "required",
+                }
+            }),
+            ops,
+        })
+    }
+
+    /// Passwordless sign-in, step two: the assertion for the ceremony `handle` of
+    /// `username`. Answers to the throttle of the account from this address and of the
+    /// address, not the account-wide one (a sprayer elsewhere cannot lock her out).
+    ///
+    /// # Errors
+    /// `BadCredentials`, `Locked`, `Store`.
+    pub fn passwordless_finish(
+        &self,
+        username: &str,
+        handle: &str,
+        credential: Value,
+        source: Option<&str>,
+    ) -> Result<Step<Grant>, Refused> {
+        let ceremony = Sha256::digest(format!("passwordless|{handle}")).to_vec();
+        let name = self
+            .store
+            .user(username)?
+            .map(|u| u.username)
+            .unwrap_or_default();
+        match self.assertion_verify(&name, &ceremony, credential) {
+            Ok((cred, state)) => {
+                let mut step = self.passkey_login(&name, cred, state, source)?;
+                step.ops.insert(0, Self::ceremony_used(&name, ceremony));
+                Ok(step)
+            }
+            Err(IdentityError::Store(e)) => Err(e.into()),
+            Err(_) => {
+                let mut r = self.passkey_failed(username, None, source);
+                r.error = IdentityError::BadCredentials;
+                if !name.is_empty() && self.store.credential(AUTHENTICATING, &ceremony)?.is_some() {
+                    r.ops.push(Self::ceremony_used(&name, ceremony));
+                }
+                Err(r)
+            }
+        }
+    }
 }

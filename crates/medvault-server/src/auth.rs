@@ -565,3 +565,51 @@ pub(crate) async fn step_up_webauthn_finish(
         .map_err(bad_code)?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UsernameBody {
+    username: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PasswordlessBody {
+    username: String,
+    ceremony: String,
+    credential: serde_json::Value,
+}
+
+/// `POST /auth/webauthn/passwordless/start {"username"}` (when enabled).
+pub(crate) async fn passwordless_start(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let body = body_bytes(&state, req).await?;
+    let b: UsernameBody = parse(&body)?;
+    let vault = state.vault.clone();
+    let c = ctx.anonymous();
+    let options = blocking(move || vault.passwordless_start(&c, &b.username)).await??;
+    Ok(plain_json(StatusCode::OK, options))
+}
+
+/// `POST /auth/webauthn/passwordless/finish {"username","ceremony","credential"}`.
+pub(crate) async fn passwordless_finish(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let body = body_bytes(&state, req).await?;
+    let b: PasswordlessBody = parse(&body)?;
+    let vault = state.vault.clone();
+    let c = ctx.anonymous();
+    let grant =
+        blocking(move || vault.passwordless_finish(&c, &b.username, &b.ceremony, b.credential))
+            .await?
+            .map_err(|e| match e {
+                VaultError::Unauthenticated => bad_credentials(),
+                other => other.into(),
+            })?;
+    Ok(session_response(&grant))
+}

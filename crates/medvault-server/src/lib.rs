@@ -159,6 +159,14 @@ fn routes(state: AppState) -> Router {
             "/auth/webauthn/login/finish",
             post(auth::webauthn_login_finish),
         )
+        .route(
+            "/auth/webauthn/passwordless/start",
+            post(auth::passwordless_start),
+        )
+        .route(
+            "/auth/webauthn/passwordless/finish",
+            post(auth::passwordless_finish),
+        )
         .route("/auth/webauthn/credentials", get(auth::passkeys))
         .route("/auth/oidc/{name}/start", get(auth::oidc_start))
         .route("/auth/oidc/{name}/callback", get(auth::oidc_callback))

@@ -155,6 +155,8 @@ pub struct Session {
     pub step_up_secs: i64,
     /// Days without a sign-in after which an account is disabled (0: never).
     pub dormant_after_days: i64,
+    /// Let a passkey alone sign in (`/auth/webauthn/passwordless/*`); off by default.
+    pub passwordless: bool,
 }
 
 impl Default for Server {
@@ -203,6 +205,7 @@ impl Default for Session {
             absolute_timeout_secs: 43_200,
             step_up_secs: 300,
             dormant_after_days: 90,
+            passwordless: false,
         }
     }
 }

@@ -537,6 +537,7 @@ fn options(cfg: &Config) -> VaultOptions {
             mfa_challenge_secs: 300,
             step_up_secs: cfg.session.step_up_secs,
             dormant_after_days: cfg.session.dormant_after_days,
+            passwordless: cfg.session.passwordless,
         },
         lockout: medvault_core::LockoutPolicy {
             max_failures: cfg.lockout.max_failures,

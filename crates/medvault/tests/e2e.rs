@@ -4582,6 +4582,14 @@ fn recovery_codes_sessions_password_change_and_csrf() {
         u["totp_secret"].as_str().unwrap(),
     );
     let s = Server::start(&dir, &[]);
+    let off = json_call(
+        &s,
+        "POST",
+        "/auth/webauthn/passwordless/start",
+        None,
+        &json!({"username": "rc.nurse"}),
+    );
+    assert_eq!(off.status, 404, "passwordless sign-in is off by default");
     let mfa = password_step(&s, "rc.nurse", pw).unwrap();
     let r = factor(&s, "recovery", &mfa, &codes[0]);
     assert_eq!(r.status, 200, "{:?}", r.body);
@@ -4774,7 +4782,13 @@ fn passkey_registration_and_login_with_a_software_authenticator() {
     };
     use webauthn_authenticator_rs::softpasskey::SoftPasskey;
     let (_t, dir, staff) = setup();
-    let s = Server::start(&dir, &[("MEDVAULT_SESSION_STEP_UP_SECS", "2")]);
+    let s = Server::start(
+        &dir,
+        &[
+            ("MEDVAULT_SESSION_STEP_UP_SECS", "2"),
+            ("MEDVAULT_SESSION_PASSWORDLESS", "true"),
+        ],
+    );
     let origin = Url::parse(&format!("https://localhost:{}", s.port)).unwrap();
     let (nurse, npw, nsecret) = staff.get("nurse");
     let t = s.login(nurse, npw, nsecret);
@@ -4858,6 +4872,54 @@ fn passkey_registration_and_login_with_a_software_authenticator() {
         &json!({"mfa_token": mfa2, "credential": assertion}),
     );
     assert_eq!(r.status, 401);
+    // Passwordless (enabled here): the passkey alone signs in; an unknown user gets an
+    // answer of the same shape.
+    let pw_start = |user: &str| {
+        json_call(
+            &s,
+            "POST",
+            "/auth/webauthn/passwordless/start",
+            None,
+            &json!({"username": user}),
+        )
+    };
+    let real = pw_start(nurse);
+    let decoy = pw_start("nobody.at.all");
+    assert_eq!((real.status, decoy.status), (200, 200));
+    let keys = |v: &Value| {
+        let mut k: Vec<String> = v["publicKey"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect();
+        k.sort();
+        (
+            k,
+            v["publicKey"]["allowCredentials"].as_array().unwrap().len(),
+        )
+    };
+    assert_eq!(keys(&real.body), keys(&decoy.body), "no enumeration");
+    let ceremony = real.body["ceremony"].as_str().unwrap().to_owned();
+    let rcr: RequestChallengeResponse =
+        serde_json::from_value(json!({"publicKey": real.body["publicKey"]})).unwrap();
+    let assertion = authenticator
+        .do_authentication(origin.clone(), rcr)
+        .unwrap();
+    let r = json_call(
+        &s,
+        "POST",
+        "/auth/webauthn/passwordless/finish",
+        None,
+        &json!({"username": nurse, "ceremony": ceremony, "credential": serde_json::to_value(&assertion).unwrap()}),
+    );
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let t3 = r.body["token"].as_str().unwrap().to_owned();
+    assert!(s.get("/auth/sessions", &t3).body["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|x| x["current"] == true && x["method"] == "passkey"));
     // Removing a passkey needs step-up; the passkey itself provides it.
     std::thread::sleep(Duration::from_millis(2100));
     let revoke = || {
