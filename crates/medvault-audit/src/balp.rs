@@ -16,9 +16,8 @@ fn profile_and_action(r: &AuditRecord) -> (&'static str, &'static str, &'static 
         "create" => ("IHE.BasicAudit.PatientCreate", "create", "C"),
         "update" => ("IHE.BasicAudit.PatientUpdate", "update", "U"),
         "delete" => ("IHE.BasicAudit.PatientDelete", "delete", "D"),
-        "login" | "mfa" | "step-up" | "lockout" | "password.change" | "recovery-codes"
-        | "passkey.add" | "passkey.revoke" => ("IHE.BasicAudit.Login", "", "E"),
         "logout" => ("IHE.BasicAudit.Logout", "", "E"),
+        a if is_authentication(a) => ("IHE.BasicAudit.Login", "", "E"),
         _ => ("IHE.BasicAudit.PatientRead", "", "E"),
     }
 }
@@ -26,18 +25,21 @@ fn profile_and_action(r: &AuditRecord) -> (&'static str, &'static str, &'static 
 /// Whether an audit action is an identity event (rendered as BALP Login or Logout, with
 /// the user as the authenticating agent).
 pub fn is_authentication(action: &str) -> bool {
-    matches!(
-        action,
-        "login"
-            | "mfa"
-            | "logout"
-            | "step-up"
-            | "lockout"
-            | "password.change"
-            | "recovery-codes"
-            | "passkey.add"
-            | "passkey.revoke"
-    )
+    // Account and client administration (`user.*`, `client.*`) are identity events too.
+    action.starts_with("user.")
+        || action.starts_with("client.")
+        || matches!(
+            action,
+            "login"
+                | "mfa"
+                | "logout"
+                | "step-up"
+                | "lockout"
+                | "password.change"
+                | "recovery-codes"
+                | "passkey.add"
+                | "passkey.revoke"
+        )
 }
 
 /// One audit record as a BALP AuditEvent (id = its index in the log).
@@ -225,6 +227,7 @@ mod tests {
             "logout",
             "lockout",
             "step-up",
+            "user.disable",
             "everything",
         ] {
             for outcome in [Outcome::Success, Outcome::Denied, Outcome::NotFound] {

@@ -1783,6 +1783,17 @@ fn two_servers_share_one_postgres() {
         "dense audit sequence across servers"
     );
     assert!(count > 64);
+    // One lockout across both servers: failures split between them lock the account on
+    // both, even to the right password.
+    let (nurse, npw, _) = staff.get("nurse");
+    for (i, s) in [&a, &b, &a, &b, &a].into_iter().enumerate() {
+        let r = password_step(s, nurse, "not her password!").unwrap_err();
+        assert_eq!(r.status, 401, "failure {i}");
+    }
+    for s in [&a, &b] {
+        let r = password_step(s, nurse, npw).unwrap_err();
+        assert_eq!(r.status, 429, "both servers enforce the one lock");
+    }
     // A data-key eviction announced by A takes effect on B.
     let cached = |s: &Server| {
         s.get("/api/status", &admin).body["key_cache_entries"]
