@@ -70,6 +70,16 @@ fn id_err(e: IdentityError) -> VaultError {
     }
 }
 
+/// A WebAuthn ceremony that cannot begin (dead challenge, no passkey): one answer for all,
+/// so a caller learns nothing about the account.
+fn ceremony_err(e: IdentityError) -> VaultError {
+    match e {
+        IdentityError::Store(s) => s.into(),
+        IdentityError::Internal(m) => VaultError::Internal(m),
+        _ => VaultError::Unauthenticated,
+    }
+}
+
 /// Actor recorded for a sign-in attempt naming no existing account.
 const UNKNOWN_USER: &str = "(unknown user)";
 
@@ -424,11 +434,7 @@ impl Vault {
         let step = self
             .identity
             .passkey_login_start(mfa_token)
-            .map_err(|e| match e {
-                IdentityError::Store(s) => s.into(),
-                IdentityError::Internal(m) => VaultError::Internal(m),
-                _ => VaultError::Unauthenticated,
-            })?;
+            .map_err(ceremony_err)?;
         self.commit(step.ops, vec![])?;
         Ok(step.value)
     }
@@ -507,11 +513,7 @@ impl Vault {
         let step = self
             .identity
             .passkey_step_up_start(&s)
-            .map_err(|e| match e {
-                IdentityError::Store(s) => s.into(),
-                IdentityError::Internal(m) => VaultError::Internal(m),
-                _ => VaultError::Unauthenticated,
-            })?;
+            .map_err(ceremony_err)?;
         self.commit(step.ops, vec![])?;
         Ok(step.value)
     }
