@@ -62,9 +62,10 @@ fn id_err(e: IdentityError) -> VaultError {
         IdentityError::Store(s) => s.into(),
         IdentityError::Internal(m) => VaultError::Internal(m),
         IdentityError::Locked { retry_after } => VaultError::Locked { retry_after },
-        IdentityError::WeakPassword(_) | IdentityError::UserExists => {
-            VaultError::BadRequest(e.to_string())
-        }
+        IdentityError::WeakPassword(_)
+        | IdentityError::UserExists
+        | IdentityError::BadScope(_)
+        | IdentityError::BadClient(_) => VaultError::BadRequest(e.to_string()),
         IdentityError::NoSuchUser | IdentityError::NoSuchSession => VaultError::NotFound,
         other => VaultError::Identity(other.to_string()),
     }

@@ -38,7 +38,7 @@ pub enum VaultError {
     Locked { retry_after: i64 },
     /// The action needs a second factor within the last five minutes (HTTP 401,
     /// OperationOutcome code `step-up-required`).
-    #[error("this action needs a second factor within the last five minutes")]
+    #[error("this action needs a recently verified second factor (step-up)")]
     StepUpRequired,
     #[error("{0}")]
     Identity(String),

@@ -227,6 +227,9 @@ impl Identity {
             });
         }
         Self::check_password_strength(new, Some(name))?;
+        if self.hasher.verify(&user.password_hash, new) {
+            return Err(IdentityError::WeakPassword("different from the current one").into());
+        }
         Ok(Step {
             value: (),
             ops: vec![

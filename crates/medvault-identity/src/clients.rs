@@ -195,19 +195,25 @@ impl Identity {
                 .chars()
                 .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
         {
-            return Err(IdentityError::BadScope(
-                "client name must be 1-40 of a-z, 0-9 and -".into(),
+            return Err(IdentityError::BadClient(
+                "a client name is 1-40 of a-z, 0-9 and -".into(),
             ));
         }
         let scopes: Vec<String> = parse_scopes(scopes)?.into_iter().map(|(s, _)| s).collect();
         if let Some(j) = &jwk {
             let k: Jwk = serde_json::from_value(j.clone())
-                .map_err(|_| IdentityError::BadScope("the key is not a JWK".into()))?;
+                .map_err(|_| IdentityError::BadClient("the key is not a JWK".into()))?;
+            // Only asymmetric keys: a shared (`oct`) key would be a secret stored in the clear.
+            if !matches!(j.get("kty").and_then(Value::as_str), Some("RSA" | "EC")) {
+                return Err(IdentityError::BadClient(
+                    "the JWK must be an RSA or EC public key (RS384 or ES384)".into(),
+                ));
+            }
             DecodingKey::from_jwk(&k).map_err(|_| {
-                IdentityError::BadScope("the JWK is not a usable public key".into())
+                IdentityError::BadClient("the JWK is not a usable public key".into())
             })?;
             if j.get("d").is_some() {
-                return Err(IdentityError::BadScope(
+                return Err(IdentityError::BadClient(
                     "that JWK holds a private key; register the public key only".into(),
                 ));
             }

@@ -118,18 +118,18 @@ pub fn weakness(p: &Password, username: Option<&str>) -> Option<&'static str> {
     let lower = text.to_lowercase();
     let core = lower.trim_matches(|c: char| !c.is_alphabetic());
     if common().contains(lower.as_str()) || (core.len() >= 4 && common().contains(core)) {
-        return Some("not a common password");
+        return Some("not be a common password");
     }
     let mut chars = lower.chars();
     if let Some(first) = chars.next() {
         if chars.all(|c| c == first) {
-            return Some("not one character repeated");
+            return Some("not be one character repeated");
         }
     }
     if let Some(u) = username {
         let u = u.to_lowercase();
         if u.len() >= 3 && lower.contains(&u) {
-            return Some("not containing the user name");
+            return Some("not contain the user name");
         }
     }
     None
@@ -143,11 +143,11 @@ mod tests {
     fn common_and_derived_passwords_are_refused() {
         let w = |s: &str| weakness(&Password::new(s.into()), Some("ann.lee"));
         assert_eq!(w("short"), Some("at least 12 characters"));
-        assert_eq!(w("Password1234"), Some("not a common password"));
-        assert_eq!(w("Summer2024!!"), Some("not a common password"));
-        assert_eq!(w("1qaz2wsx3edc"), Some("not a common password"));
-        assert_eq!(w("aaaaaaaaaaaaaa"), Some("not one character repeated"));
-        assert_eq!(w("ann.lee-is-great"), Some("not containing the user name"));
+        assert_eq!(w("Password1234"), Some("not be a common password"));
+        assert_eq!(w("Summer2024!!"), Some("not be a common password"));
+        assert_eq!(w("1qaz2wsx3edc"), Some("not be a common password"));
+        assert_eq!(w("aaaaaaaaaaaaaa"), Some("not be one character repeated"));
+        assert_eq!(w("ann.lee-is-great"), Some("not contain the user name"));
         assert_eq!(w("correct horse battery"), None);
         assert!(common().len() > 19_000, "the shipped list is loaded");
     }

@@ -138,6 +138,9 @@ pub enum IdentityError {
     /// does not hold (OAuth2 `invalid_scope`).
     #[error("invalid scope: {0}")]
     BadScope(String),
+    /// A client registration that cannot be made (name or key).
+    #[error("{0}")]
+    BadClient(String),
     #[error("storage: {0}")]
     Store(#[from] StoreError),
     #[error("internal: {0}")]

@@ -474,12 +474,32 @@ pub(crate) async fn token(
         ));
     };
     let get = |k: &str| form.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
-    if get("grant_type").as_deref() != Some("client_credentials") {
-        return Ok(oauth_error(
-            StatusCode::BAD_REQUEST,
-            "unsupported_grant_type",
-            "only grant_type=client_credentials is supported here",
-        ));
+    match get("grant_type").as_deref() {
+        Some("client_credentials") => {}
+        None => {
+            return Ok(oauth_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "grant_type is required (client_credentials)",
+            ))
+        }
+        Some(_) => {
+            return Ok(oauth_error(
+                StatusCode::BAD_REQUEST,
+                "unsupported_grant_type",
+                "only grant_type=client_credentials is supported here",
+            ))
+        }
+    }
+    // RFC 6749 §2.3: one authentication method per request.
+    if let (Some((id, _)), Some(form_id)) = (&basic, get("client_id")) {
+        if &form_id != id {
+            return Ok(oauth_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "client_id in the form differs from the HTTP Basic credentials",
+            ));
+        }
     }
     let assertion = match (get("client_assertion_type"), get("client_assertion")) {
         (Some(t), Some(a)) if t == "urn:ietf:params:oauth:client-assertion-type:jwt-bearer" => {
@@ -523,13 +543,31 @@ pub(crate) async fn token(
                 .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
             Ok(r)
         }
-        Err(VaultError::Unauthenticated) => Ok(oauth_error(
-            StatusCode::UNAUTHORIZED,
-            "invalid_client",
-            "client authentication failed",
-        )),
+        Err(VaultError::Unauthenticated) => {
+            let mut r = oauth_error(
+                StatusCode::UNAUTHORIZED,
+                "invalid_client",
+                "client authentication failed",
+            );
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"medvault\""),
+            );
+            Ok(r)
+        }
         Err(VaultError::BadRequest(m)) => {
             Ok(oauth_error(StatusCode::BAD_REQUEST, "invalid_scope", &m))
+        }
+        Err(VaultError::Locked { retry_after }) => {
+            let mut r = oauth_error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "invalid_client",
+                &format!("too many failed attempts; try again in {retry_after} seconds"),
+            );
+            if let Ok(v) = HeaderValue::from_str(&retry_after.max(1).to_string()) {
+                r.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+            Ok(r)
         }
         Err(e) => Err(e.into()),
     }

@@ -127,7 +127,7 @@ impl From<VaultError> for ApiError {
                 status: S::UNAUTHORIZED,
                 issues: vec![Issue::error(
                     IssueCode::Login,
-                    "this action needs a second factor within the last five minutes: POST /auth/step-up/totp".into(),
+                    "this action needs a recently verified second factor (step-up): POST /auth/step-up/totp, /auth/step-up/recovery or /auth/step-up/webauthn/start".into(),
                     None,
                 )],
                 code: Some("step-up-required"),

@@ -333,6 +333,21 @@ async fn security_headers(mut req: Request, next: Next) -> Response {
     let method = req.method().clone();
     let path = req.uri().path().chars().take(200).collect::<String>();
     let mut res = next.run(req).await;
+    // An extractor's own rejection (a path segment that is not UTF-8, a malformed query) is
+    // plain text from the framework: every error answer is an OperationOutcome instead.
+    let plain_text = res
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/plain"));
+    if res.status().is_client_error() && plain_text {
+        res = ApiError::new(
+            res.status(),
+            medvault_fhir::IssueCode::Invalid,
+            "the request's path or parameters are malformed",
+        )
+        .into_response();
+    }
     tracing::info!(request_id = %id, %method, %path, status = res.status().as_u16(), "request");
     let h = res.headers_mut();
     let set = |h: &mut HeaderMap, k: header::HeaderName, v: &'static str| {

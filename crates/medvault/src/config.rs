@@ -248,14 +248,43 @@ impl Config {
                 self.keys.provider
             );
         }
-        if self.session.idle_timeout_secs <= 0
-            || self.session.absolute_timeout_secs <= 0
-            || self.session.step_up_secs <= 0
-        {
-            bail!("session timeouts must be positive");
+        let positive = |key: &str, v: i64| -> Result<()> {
+            if v <= 0 {
+                bail!("{key} must be positive (it is {v})");
+            }
+            Ok(())
+        };
+        positive("session.idle_timeout_secs", self.session.idle_timeout_secs)?;
+        positive(
+            "session.absolute_timeout_secs",
+            self.session.absolute_timeout_secs,
+        )?;
+        positive("session.step_up_secs", self.session.step_up_secs)?;
+        if self.session.idle_timeout_secs > self.session.absolute_timeout_secs {
+            bail!("session.idle_timeout_secs must not exceed session.absolute_timeout_secs");
         }
         if self.session.dormant_after_days < 0 {
             bail!("session.dormant_after_days must be 0 (never) or more");
+        }
+        let l = &self.lockout;
+        for (key, v) in [
+            ("lockout.max_failures", l.max_failures),
+            ("lockout.account_max_failures", l.account_max_failures),
+            (
+                "lockout.source_max_failures_per_minute",
+                l.source_max_failures_per_minute,
+            ),
+            ("lockout.base_backoff_secs", l.base_backoff_secs),
+            ("lockout.max_backoff_secs", l.max_backoff_secs),
+            ("lockout.challenge_attempts", l.challenge_attempts),
+        ] {
+            positive(key, v)?;
+        }
+        if l.base_backoff_secs > l.max_backoff_secs {
+            bail!("lockout.base_backoff_secs must not exceed lockout.max_backoff_secs");
+        }
+        if l.challenge_attempts > 10 || l.max_failures > 100 {
+            bail!("lockout.challenge_attempts must be at most 10 and lockout.max_failures at most 100 (a second factor must not become a guessing game)");
         }
         let mut names = std::collections::BTreeSet::new();
         for o in &self.oidc {
@@ -280,20 +309,21 @@ impl Config {
             if o.roles.is_empty() {
                 bail!("oidc `{}`: roles maps no group to a role", o.name);
             }
-        }
-        let l = &self.lockout;
-        if [
-            l.max_failures,
-            l.account_max_failures,
-            l.source_max_failures_per_minute,
-            l.base_backoff_secs,
-            l.max_backoff_secs,
-            l.challenge_attempts,
-        ]
-        .iter()
-        .any(|v| *v <= 0)
-        {
-            bail!("lockout settings must be positive");
+            for (group, role) in &o.roles {
+                let staff = role
+                    .parse::<medvault_core::Role>()
+                    .map(|r| r.is_staff())
+                    .unwrap_or(false);
+                if !staff {
+                    bail!(
+                        "oidc `{}`: group `{group}` maps to `{role}`, which is not a staff role",
+                        o.name
+                    );
+                }
+            }
+            if o.client_secret_file.is_empty() {
+                bail!("oidc `{}`: client_secret_file is required", o.name);
+            }
         }
         Ok(())
     }

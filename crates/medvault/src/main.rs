@@ -662,13 +662,18 @@ fn print_init(o: &InitOutput, json: bool) {
         println!(
             "{}",
             json!({"admin_user": o.user.username.as_str(), "admin_password": o.user.password.expose(),
-                "totp_secret": o.user.totp_secret, "totp_uri": o.user.totp_uri, "tls_cert_sha256": o.cert_sha256})
+                "totp_secret": o.user.totp_secret, "totp_uri": o.user.totp_uri, "recovery_codes": o.user.recovery_codes,
+                "tls_cert_sha256": o.cert_sha256})
         );
     } else {
         println!("medvault initialized.");
         println!("security administrator: {}", o.user.username);
         println!("password:               {}", o.user.password.expose());
         println!("TOTP (add to an authenticator app): {}", o.user.totp_uri);
+        println!("recovery codes (each works once instead of a TOTP code):");
+        for c in &o.user.recovery_codes {
+            println!("    {c}");
+        }
         println!("TLS certificate SHA-256: {}", o.cert_sha256);
         println!("These secrets are shown once.");
     }

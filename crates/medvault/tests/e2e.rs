@@ -388,6 +388,11 @@ fn setup_on(pg: bool) -> (tempfile::TempDir, PathBuf, Staff, Option<PgDb>) {
     ] {
         assert!(init[k].is_string(), "init --json lacks {k}");
     }
+    assert_eq!(
+        init["recovery_codes"].as_array().map(Vec::len),
+        Some(10),
+        "the first administrator's recovery codes are shown once"
+    );
     let mut users = vec![];
     for role in [
         "physician",
@@ -4688,6 +4693,13 @@ fn recovery_codes_sessions_password_change_and_csrf() {
         change("not the password", "a far better passphrase").status,
         401
     );
+    assert_eq!(change(pw, pw).status, 400, "the new password must differ");
+    let bad_path = s.get("/fhir/Patient/%ff", &t2);
+    assert_eq!(bad_path.status, 400);
+    assert_eq!(
+        bad_path.body["resourceType"], "OperationOutcome",
+        "malformed paths get an OperationOutcome, not the framework's plain text"
+    );
     assert_eq!(change(pw, "a far better passphrase").status, 204);
     assert_eq!(s.get("/auth/sessions", &t2).status, 401, "sessions ended");
     assert!(password_step(&s, "rc.nurse", "a far better passphrase").is_ok());
@@ -5324,6 +5336,32 @@ fn service_clients_get_scoped_tokens_by_secret_and_private_key_jwt() {
         form_call(&s, "grant_type=password&username=x", None).body["error"],
         "unsupported_grant_type"
     );
+    assert_eq!(
+        form_call(&s, "scope=system%2FObservation.rs", None).body["error"],
+        "invalid_request",
+        "grant_type is required"
+    );
+    let mixed = form_call(
+        &s,
+        "grant_type=client_credentials&client_id=someone-else",
+        Some((&id, &secret)),
+    );
+    assert_eq!(mixed.status, 400, "two client identities in one request");
+    assert!(wrong.header("www-authenticate").is_some());
+    std::fs::write(dir.join("shared.jwk"), r#"{"kty":"oct","k":"c2VjcmV0"}"#).unwrap();
+    let sym = medvault(
+        &dir,
+        &[
+            "client",
+            "add",
+            "sym",
+            "--scope",
+            "system/Observation.rs",
+            "--jwk",
+            dir.join("shared.jwk").to_str().unwrap(),
+        ],
+    );
+    assert_eq!(sym.status.code(), Some(1), "a shared-secret JWK is refused");
     // private_key_jwt with a key only the client holds.
     let Ok(tool) = std::env::var("MEDVAULT_TEST_OIDC_PROVIDER") else {
         assert!(
@@ -5414,4 +5452,42 @@ fn service_clients_get_scoped_tokens_by_secret_and_private_key_jwt() {
     );
     assert_eq!(bad.status.code(), Some(1));
     assert_eq!(String::from_utf8_lossy(&bad.stderr).lines().count(), 1);
+}
+
+/// Settings that would disarm the lockout or the session timeouts are refused at start,
+/// naming the key.
+#[test]
+fn lockout_and_session_settings_that_disarm_them_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    json_out(&medvault(&dir, &["init", "--json"]));
+    let base = std::fs::read_to_string(dir.join("medvault.toml")).unwrap();
+    for (key, value, named) in [
+        ("base_backoff_secs", "1000", "lockout.base_backoff_secs"),
+        (
+            "challenge_attempts",
+            "99999999999",
+            "lockout.challenge_attempts",
+        ),
+        ("max_failures", "0", "lockout.max_failures"),
+        ("idle_timeout_secs", "999999", "session.idle_timeout_secs"),
+    ] {
+        let text: String = base
+            .lines()
+            .map(|l| {
+                if l.starts_with(&format!("{key} = ")) {
+                    format!("{key} = {value}\n")
+                } else {
+                    format!("{l}\n")
+                }
+            })
+            .collect();
+        assert_ne!(text, base, "{key} is in the written configuration");
+        std::fs::write(dir.join("medvault.toml"), text).unwrap();
+        let o = medvault(&dir, &["config", "show"]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{key} = {value}: {err}");
+        assert!(err.contains(named), "{key}: {err}");
+        assert_eq!(err.lines().count(), 1);
+    }
 }
