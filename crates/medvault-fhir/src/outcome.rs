@@ -240,7 +240,7 @@ pub fn capability_statement(version: &str, date: &str) -> Value {
         "format": ["application/fhir+json", "json"],
         "rest": [{
             "mode": "server",
-            "security": {"cors": false, "description": "HTTPS only; password + TOTP multi-factor login, bearer session tokens",
+            "security": {"cors": false, "description": "HTTPS only. People: password plus a second factor (TOTP, recovery code or WebAuthn passkey), or OpenID Connect single sign-on (/auth/oidc/{name}/start); bearer session tokens. Systems: OAuth2 client credentials at /auth/token (client secret or private_key_jwt, SMART v2 system scopes).",
                 "service": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/restful-security-service", "code": "OAuth"}]}]},
             "resource": resources,
             "interaction": [{"code": "transaction"}]
