@@ -86,7 +86,12 @@ impl Token {
     fn generate() -> Self {
         let mut b = [0u8; 32];
         rand::rngs::OsRng.fill_bytes(&mut b);
-        let t = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+        // A token never begins with `-`, so a command line never takes it for an option
+        // (the first character only is remapped; 256 bits of randomness remain ~255).
+        let mut t = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+        if t.starts_with('-') {
+            t.replace_range(..1, "A");
+        }
         b.zeroize();
         Token(t)
     }
@@ -383,5 +388,14 @@ mod tests {
             "Password([REDACTED])"
         );
         assert!(Identity::check_password_strength(&Password::generate(), None).is_ok());
+    }
+
+    /// A bearer token that began with `-` was taken for an option by `medvault audit
+    /// witness --token` (about one run in 64 failed).
+    #[test]
+    fn tokens_never_begin_with_a_hyphen() {
+        for _ in 0..2000 {
+            assert!(!Token::generate().expose().starts_with('-'));
+        }
     }
 }

@@ -201,8 +201,8 @@ enum AuditCommand {
         /// Directory for this witness's key and the last checkpoint it saw.
         #[arg(long)]
         state: PathBuf,
-        /// Bearer token of a privacy officer or auditor account.
-        #[arg(long, env = "MEDVAULT_WITNESS_TOKEN")]
+        /// Bearer token of a privacy officer or auditor account (a token may begin with `-`).
+        #[arg(long, env = "MEDVAULT_WITNESS_TOKEN", allow_hyphen_values = true)]
         token: String,
         #[arg(long, default_value = "witness.medvault.local")]
         name: String,
