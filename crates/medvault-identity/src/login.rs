@@ -293,7 +293,7 @@ impl Identity {
         );
         ops.extend(attempt.succeed(&rows));
         let method = format!("password+{}", factor.name());
-        let grant = self.start_session(&user, method, source, &mut ops)?;
+        let grant = self.start_session(&user, method, true, source, &mut ops)?;
         Ok(Step { value: grant, ops })
     }
 
@@ -324,7 +324,7 @@ impl Identity {
             return Err(self.failed(&attempt, &rows, IdentityError::BadCredentials, vec![], None));
         };
         ops.extend(attempt.succeed(&rows));
-        let grant = self.start_session(&user, "passkey".into(), source, &mut ops)?;
+        let grant = self.start_session(&user, "passkey".into(), true, source, &mut ops)?;
         Ok(Step { value: grant, ops })
     }
 
@@ -360,6 +360,7 @@ impl Identity {
         &self,
         user: &UserRow,
         method: String,
+        second_factor: bool,
         source: Option<&str>,
         ops: &mut Vec<Op>,
     ) -> Result<Grant, IdentityError> {
@@ -374,7 +375,7 @@ impl Identity {
             last_seen: now,
             expires: now + self.policy.absolute_timeout_secs,
             attempts: 0,
-            mfa_at: now,
+            mfa_at: if second_factor { now } else { 0 },
             source: source.unwrap_or("").to_owned(),
             method: method.clone(),
             scope: String::new(),

@@ -8,7 +8,7 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use medvault_store::{CredentialRow, Op, UserRow};
+use medvault_store::{CredentialRow, Op};
 use medvault_types::{Role, Username};
 use openidconnect::core::{CoreAuthenticationFlow, CoreClient, CoreProviderMetadata};
 use openidconnect::{
@@ -351,37 +351,14 @@ impl Identity {
             }
             None => {
                 let step = self.new_user(who.username.clone(), who.role, None, None)?;
+                let row = step.ops.iter().find_map(|op| match op {
+                    Op::CreateUser(row) => Some(row.clone()),
+                    _ => None,
+                });
                 ops.extend(step.ops);
-                self.store_row_of(&step.value)
+                row.ok_or(IdentityError::Internal("no user row".into()))?
             }
         };
-        let mut grant = self.start_session(&user, format!("oidc:{provider}"), source, ops)?;
-        if !who.mfa {
-            for op in ops.iter_mut() {
-                if let Op::PutSession(s) = op {
-                    if s.kind == "session" {
-                        s.mfa_at = 0;
-                    }
-                }
-            }
-        }
-        grant.method = format!("oidc:{provider}");
-        Ok(grant)
-    }
-
-    /// The row a just-prepared new user will have (for starting its first session in the
-    /// same transaction).
-    fn store_row_of(&self, u: &crate::NewUser) -> UserRow {
-        UserRow {
-            username: u.username.as_str().to_owned(),
-            role: u.role.as_str().to_owned(),
-            password_hash: String::new(),
-            totp_secret_wrapped: vec![],
-            totp_last_step: 0,
-            disabled: false,
-            created: medvault_types::fhir_instant(self.clock.now()),
-            practitioner_id: None,
-            last_login: 0,
-        }
+        self.start_session(&user, format!("oidc:{provider}"), who.mfa, source, ops)
     }
 }
