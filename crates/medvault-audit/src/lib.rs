@@ -46,6 +46,10 @@ pub struct AuditRecord {
     /// e.g. `read`, `search`, `create`, `update`, `delete`, `import`, `login`, `mfa`, `logout`, `user.create`.
     pub action: String,
     pub actor: String,
+    /// The access was made under a break-the-glass grant (absent, not `false`, otherwise,
+    /// so records from before the field hash as they did).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub break_glass: bool,
     pub categories_disclosed: Vec<String>,
     pub categories_withheld: Vec<String>,
     /// Non-PHI detail: parameter names, counts, policy ids, error kind.
@@ -77,6 +81,7 @@ impl AuditRecord {
         AuditRecord {
             action: action.to_owned(),
             actor: actor.to_owned(),
+            break_glass: false,
             categories_disclosed: vec![],
             categories_withheld: vec![],
             detail: None,

@@ -180,6 +180,8 @@ impl Caller {
             Principal {
                 username: name,
                 role,
+                practitioner: None,
+                training_current: true,
             },
             None,
             Some("local".into()),
@@ -196,6 +198,8 @@ impl Caller {
             Principal {
                 username: name,
                 role: Role::System,
+                practitioner: None,
+                training_current: true,
             },
             None,
             Some("local".into()),

@@ -20,6 +20,10 @@ pub enum VaultError {
     Gone,
     #[error("access denied")]
     Forbidden { withheld: Vec<Category> },
+    /// The caller has no treatment relationship with the patient whose records these are;
+    /// `break_glass` says whether breaking the glass would let them in.
+    #[error("access denied: no treatment relationship with this patient")]
+    NoRelationship { break_glass: bool },
     /// A write the caller's role may not make: `action` (create, update, delete) on a
     /// resource of type `rtype`.
     #[error("access denied: your role may not {action} {rtype}")]

@@ -25,6 +25,7 @@
 //! cannot name a store backend, because core does not re-export one.
 #![forbid(unsafe_code)]
 
+mod access;
 mod accounting;
 mod admin;
 mod audit_views;
@@ -66,7 +67,7 @@ pub use write::{Precondition, Written};
 
 use medvault_crypto::{BlindIndexer, DataKey, IndexRootKey, KeyCache, MasterKey, RecordCipher};
 use medvault_identity::Identity;
-use medvault_policy::{PolicyEngine, Query, Target};
+use medvault_policy::{PolicyEngine, Query};
 use medvault_store::{Committed, Op, Store, StoreError, WriteBatch};
 use medvault_types::{Action, PatientId};
 
@@ -131,7 +132,8 @@ impl Default for VaultOptions {
     }
 }
 
-type SearchableCache = std::collections::HashMap<(Option<Role>, Purpose), Vec<Category>>;
+type ReachableCache =
+    std::collections::HashMap<(Option<Role>, Purpose, bool, Action), access::Reachable>;
 
 /// The gate. See the crate documentation.
 pub struct Vault {
@@ -142,8 +144,9 @@ pub struct Vault {
     indexer: BlindIndexer,
     /// Authenticates the search cursors the gate hands out.
     cursor_mac: medvault_crypto::ServiceMac,
-    /// The categories each (role, purpose of use) may search, as the policy decided.
-    searchable: std::sync::Mutex<SearchableCache>,
+    /// The categories each (role, purpose of use, training, action) may act on, by how the
+    /// chart is reached, as the policy decided.
+    reachable: std::sync::Mutex<ReachableCache>,
     keys: Arc<KeyCache>,
     policy: Arc<PolicyEngine>,
     identity: Identity,
@@ -269,7 +272,7 @@ impl Vault {
             .map_err(|e| VaultError::Internal(e.to_string()))?,
             indexer: BlindIndexer::new(&root),
             cursor_mac: medvault_crypto::ServiceMac::new(&root, "search-cursor/v1"),
-            searchable: std::sync::Mutex::new(std::collections::HashMap::new()),
+            reachable: std::sync::Mutex::new(std::collections::HashMap::new()),
             keys,
             store,
             master,
@@ -303,14 +306,22 @@ impl Vault {
         self.commit(vec![], recs).map(|_| ()).map_err(audit_failed)
     }
 
-    /// Decides one action on records of `category` for `c`.
-    fn decide(&self, c: &Caller, action: Action, category: Category) -> medvault_policy::Decision {
-        self.policy.decide(Query {
-            asker: c.asker(),
-            target: Target::Records(action, category),
-            purpose: c.purpose,
-            public_transparency: self.options.public_transparency,
-        })
+    /// Decides one action on records of `category` for `c`, reaching their chart through
+    /// `relationship`.
+    fn decide(
+        &self,
+        c: &Caller,
+        action: Action,
+        category: Category,
+        relationship: medvault_policy::Relationship,
+    ) -> medvault_policy::Decision {
+        self.policy.decide(Self::records_query(
+            c,
+            action,
+            category,
+            relationship,
+            self.options.public_transparency,
+        ))
     }
 
     /// A service client's scopes name resource types; the policy sees categories. A type

@@ -4,10 +4,11 @@
 use std::sync::Arc;
 
 use medvault_fhir::ResourceType;
-use medvault_policy::{PolicyEngine, Query, Target};
+use medvault_policy::{PolicyEngine, Relationship};
 use medvault_store::{AuditedRead, Payload, Sealed, StoreError, TxRead};
-use medvault_types::{Action, Category, Clock};
+use medvault_types::{Action, Category, Clock, PatientId};
 
+use crate::access::{ReachCache, Reacher};
 use crate::typestate::{self, permit, Disclosed, Permitted};
 use crate::{
     directory_key_id, push_unique, AuditRecord, Caller, Outcome, SearchResult, Vault, VaultError,
@@ -20,6 +21,11 @@ pub(crate) struct ReadCtx {
     clock: Arc<dyn Clock>,
     caller: Caller,
     public_transparency: bool,
+    /// The caller's relationship facts, and those looked up so far.
+    pub(crate) reacher: Reacher,
+    reached: ReachCache,
+    /// Whether breaking the glass is open to the caller at all (an operation decision).
+    may_break_glass: bool,
 }
 
 impl ReadCtx {
@@ -27,43 +33,87 @@ impl ReadCtx {
         self.caller.record(&*self.clock, action, outcome)
     }
 
-    fn decide(&self, action: Action, category: Category) -> medvault_policy::Decision {
-        self.policy.decide(Query {
-            asker: self.caller.asker(),
-            target: Target::Records(action, category),
-            purpose: self.caller.purpose,
-            public_transparency: self.public_transparency,
-        })
+    fn decide(
+        &self,
+        action: Action,
+        category: Category,
+        relationship: Relationship,
+    ) -> medvault_policy::Decision {
+        self.policy.decide(Vault::records_query(
+            &self.caller,
+            action,
+            category,
+            relationship,
+            self.public_transparency,
+        ))
+    }
+
+    /// Whether breaking the glass is open to the caller at all.
+    pub(crate) fn may_break_glass(&self) -> bool {
+        self.may_break_glass
+    }
+
+    /// The caller's relationship to `patient`'s chart, looked up in this transaction.
+    pub(crate) fn relationship(
+        &self,
+        tx: &dyn TxRead,
+        patient: Option<&PatientId>,
+    ) -> Result<Relationship, StoreError> {
+        let lookup = |t: &[Vec<u8>], u: &str, n: i64, p: Option<&PatientId>| tx.charts(t, u, n, p);
+        self.reached.get(&self.reacher, &lookup, patient)
+    }
+
+    /// The error for a denied read of `category`: a missing treatment relationship (saying
+    /// whether break-the-glass would help) when one would have allowed it, else the
+    /// category withheld.
+    fn denial(&self, action: Action, category: Category, rel: Relationship) -> VaultError {
+        let treating = self.decide(action, category, Relationship::Treatment).allowed();
+        if rel == Relationship::None && treating {
+            let break_glass = self.may_break_glass
+                && self
+                    .decide(action, category, Relationship::BreakGlass)
+                    .allowed();
+            VaultError::NoRelationship { break_glass }
+        } else {
+            VaultError::Forbidden {
+                withheld: vec![category],
+            }
+        }
     }
 
     /// The decision and audit record for reading one stored version. A category this
     /// server does not know is a recorded denial (default deny), not an error.
     pub(crate) fn decide_one(
         &self,
+        tx: &dyn TxRead,
         rt: ResourceType,
         id: &str,
         row: Option<Sealed>,
         action: &str,
-    ) -> (Vec<AuditRecord>, Result<Permitted<Sealed>, VaultError>) {
+    ) -> Result<(Vec<AuditRecord>, Result<Permitted<Sealed>, VaultError>), StoreError> {
         let mut rec = self.record(action, Outcome::Success);
         rec.resource = Some(format!("{rt}/{id}"));
         let Some(row) = row else {
             rec.outcome = Outcome::NotFound;
-            return (vec![rec], Err(VaultError::NotFound));
+            return Ok((vec![rec], Err(VaultError::NotFound)));
         };
         rec.resource = Some(format!("{rt}/{id}/_history/{}", row.version()));
         rec.patient = row.patient().map(|p| p.to_string());
         let Ok(category) = row.category().parse::<Category>() else {
             rec.outcome = Outcome::Denied;
             rec.detail = Some("unknown stored category".into());
-            return (vec![rec], Err(VaultError::Forbidden { withheld: vec![] }));
+            return Ok((vec![rec], Err(VaultError::Forbidden { withheld: vec![] })));
         };
-        let decision = self.decide(Action::Read, category);
-        match permit(&decision, row, &mut rec) {
+        let rel = self.relationship(tx, row.patient())?;
+        let decision = self.decide(Action::Read, category, rel);
+        Ok(match permit(&decision, row, &mut rec) {
             Err(_) => {
                 rec.categories_withheld = vec![category.to_string()];
-                let withheld = vec![category];
-                (vec![rec], Err(VaultError::Forbidden { withheld }))
+                let e = self.denial(Action::Read, category, rel);
+                if matches!(e, VaultError::NoRelationship { .. }) {
+                    rec.detail = Some("no treatment relationship".into());
+                }
+                (vec![rec], Err(e))
             }
             Ok(p) if p.get().deleted() => {
                 rec.outcome = Outcome::NotFound;
@@ -72,30 +122,37 @@ impl ReadCtx {
             }
             Ok(p) => {
                 rec.categories_disclosed = vec![category.to_string()];
+                rec.break_glass = rel == Relationship::BreakGlass;
                 rec.detail = Some(format!("policy={}", decision.policies().join(",")));
                 (vec![rec], Ok(p))
             }
-        }
+        })
     }
 
     /// Splits rows into those the caller may see and the categories disclosed and withheld
     /// (an unknown category is withheld as the most restrictive one, default deny), and
     /// names both in `rec`, the request's record.
+    /// Each row is decided with the caller's relationship to its chart; a row reached under
+    /// break-the-glass flags the record.
     pub(crate) fn filter(
         &self,
+        tx: &dyn TxRead,
         rows: Vec<Sealed>,
         action: Action,
         rec: &mut AuditRecord,
-    ) -> (Vec<Permitted<Sealed>>, Vec<Category>, Vec<Category>) {
+    ) -> Result<(Vec<Permitted<Sealed>>, Vec<Category>, Vec<Category>), StoreError> {
         let (mut allowed, mut disclosed, mut withheld) = (vec![], vec![], vec![]);
+        let mut break_glass = false;
         for row in rows {
             let Ok(cat) = row.category().parse::<Category>() else {
                 push_unique(&mut withheld, Category::Notes);
                 continue;
             };
-            match permit(&self.decide(action, cat), row, rec) {
+            let rel = self.relationship(tx, row.patient())?;
+            match permit(&self.decide(action, cat, rel), row, rec) {
                 Ok(p) => {
                     push_unique(&mut disclosed, cat);
+                    break_glass |= rel == Relationship::BreakGlass;
                     allowed.push(p);
                 }
                 Err(_) => push_unique(&mut withheld, cat),
@@ -103,9 +160,10 @@ impl ReadCtx {
         }
         // The request's record names the categories; its outcome is the caller's to set.
         rec.outcome = Outcome::Success;
+        rec.break_glass |= break_glass;
         rec.categories_disclosed = disclosed.iter().map(|c| c.to_string()).collect();
         rec.categories_withheld = withheld.iter().map(|c| c.to_string()).collect();
-        (allowed, disclosed, withheld)
+        Ok((allowed, disclosed, withheld))
     }
 }
 
@@ -123,11 +181,23 @@ impl Vault {
             + Send
             + 'static,
     ) -> Result<T, VaultError> {
+        let may_break_glass = self
+            .policy
+            .decide(medvault_policy::Query::operation(
+                c.asker(),
+                medvault_types::Operation::BreakGlass,
+                c.purpose,
+                false,
+            ))
+            .allowed();
         let cx = ReadCtx {
             policy: self.policy.clone(),
             clock: self.clock.clone(),
             caller: c.clone(),
             public_transparency: self.options.public_transparency,
+            reacher: self.reacher(c),
+            reached: ReachCache::default(),
+            may_break_glass,
         };
         let read: AuditedRead = Box::new(move |tx: &dyn TxRead| {
             let (recs, out) = f(&cx, tx)?;
@@ -178,7 +248,7 @@ impl Vault {
         let id = id.to_owned();
         let row = self.audited_read(c, move |cx, tx| {
             let row = tx.current(rt.as_str(), &id)?;
-            Ok(cx.decide_one(rt, &id, row, "read"))
+            cx.decide_one(tx, rt, &id, row, "read")
         })?;
         self.open_permitted(row)
     }
@@ -195,7 +265,7 @@ impl Vault {
         let id = id.to_owned();
         let row = self.audited_read(c, move |cx, tx| {
             let row = tx.version(rt.as_str(), &id, version)?;
-            Ok(cx.decide_one(rt, &id, row, "vread"))
+            cx.decide_one(tx, rt, &id, row, "vread")
         })?;
         self.open_permitted(row)
     }
@@ -221,10 +291,16 @@ impl Vault {
                 .first()
                 .and_then(|r| r.patient())
                 .map(|p| p.to_string());
-            let (allowed, disclosed, withheld) = cx.filter(rows, Action::Read, &mut rec);
+            let patient = rows.first().and_then(|r| r.patient()).cloned();
+            let (allowed, disclosed, withheld) = cx.filter(tx, rows, Action::Read, &mut rec)?;
             if allowed.is_empty() {
                 rec.outcome = Outcome::Denied;
-                return Ok((vec![rec], Err(VaultError::Forbidden { withheld })));
+                let rel = cx.relationship(tx, patient.as_ref())?;
+                let e = match withheld.first() {
+                    Some(cat) => cx.denial(Action::Read, *cat, rel),
+                    None => VaultError::Forbidden { withheld },
+                };
+                return Ok((vec![rec], Err(e)));
             }
             Ok((vec![rec], Ok((allowed, disclosed, withheld))))
         })?;

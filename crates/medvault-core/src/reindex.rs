@@ -7,7 +7,7 @@
 //! re-indexes again (replacing tokens is idempotent).
 
 use medvault_fhir::{ResourceType, INDEX_VERSION};
-use medvault_store::{IndexRow, Op, Order, SearchQuery};
+use medvault_store::{Op, Order, SearchQuery};
 use medvault_types::Operation;
 
 use crate::typestate::permit;
@@ -66,13 +66,7 @@ impl Vault {
                 };
                 let d = self.open_permitted(p)?;
                 let Some(json) = d.json() else { continue };
-                let index = medvault_fhir::search_tokens(rt, json)
-                    .into_iter()
-                    .map(|t| IndexRow {
-                        param: t.param.to_owned(),
-                        token: self.indexer.token(rt.as_str(), t.param, &t.value).to_vec(),
-                    })
-                    .collect();
+                let index = self.index_rows(rt, json);
                 ops.push(Op::ReplaceIndex {
                     rtype: rt.as_str().to_owned(),
                     id,

@@ -26,6 +26,7 @@ use medvault_fhir::date::{covering_tokens, format_instant, Interval};
 use medvault_fhir::search::{Include, SearchRequest, SortBy};
 use medvault_fhir::ResourceType;
 use medvault_store::{Order, SearchQuery, TimeRange};
+use medvault_policy::Relationship;
 use medvault_types::{Action, Category, PatientId};
 use serde_json::Value;
 
@@ -50,6 +51,10 @@ pub struct SearchResult {
     pub count: usize,
     /// Parameters ignored under lenient handling, as sent.
     pub unknown: Vec<String>,
+    /// Some categories searched are visible to the caller only in the charts of patients
+    /// they have a treatment relationship with (or a break-the-glass grant for): matches in
+    /// other charts were left out. Decided by policy alone, so it says nothing about data.
+    pub limited_to_relationships: bool,
 }
 
 const DEFAULT_COUNT: usize = 50;
@@ -155,26 +160,6 @@ impl Vault {
             }
         }
         out
-    }
-
-    /// The categories the caller may search: one Cedar decision per category, remembered
-    /// per (role, purpose of use) — the policy set is fixed for the life of the gate.
-    fn searchable(&self, c: &Caller) -> Vec<Category> {
-        let key = (c.role(), c.purpose);
-        if let Ok(cache) = self.searchable.lock() {
-            if let Some(v) = cache.get(&key) {
-                return v.clone();
-            }
-        }
-        let v: Vec<Category> = Category::ALL
-            .iter()
-            .copied()
-            .filter(|cat| self.decide(c, Action::Search, *cat).allowed())
-            .collect();
-        if let Ok(mut cache) = self.searchable.lock() {
-            cache.insert(key, v.clone());
-        }
-        v
     }
 
     fn cursor_parts<'a>(c: &'a Caller, query: &'a str) -> [&'a [u8]; 3] {
@@ -466,9 +451,11 @@ impl Vault {
             },
             ..Default::default()
         };
-        let visible = self.searchable(c);
+        let reach = self.reachable(c, Action::Search);
+        let visible = reach.any();
         let seen_by_caller = visible.clone();
         let hidden = self.never_visible(&visible, &[rt]);
+        let chart_scoped = reach.chart_scoped();
         let cursor_total = cursor.as_ref().map(|c| c.total);
         let offset = if cursor.is_some() || exact {
             0
@@ -489,7 +476,23 @@ impl Vault {
                 return Ok((vec![rec], Ok((vec![], vec![], vec![], 0, false, snapshot))));
             }
             let mut page_q = q.clone();
-            page_q.categories = visible.iter().map(|c| c.as_str().to_owned()).collect();
+            let cat_names = |v: &[Category]| v.iter().map(|c| c.as_str().to_owned()).collect::<Vec<_>>();
+            if chart_scoped {
+                // Categories visible only in some charts: searched within the charts the
+                // caller reaches, by how they reach them.
+                let lookup = |t: &[Vec<u8>], u: &str, n: i64, p: Option<&PatientId>| tx.charts(t, u, n, p);
+                let charts = cx.reacher.all(&lookup)?;
+                let of = |rel| -> Vec<PatientId> {
+                    charts.iter().filter(|(_, r)| *r == rel).map(|(p, _)| p.clone()).collect()
+                };
+                page_q.categories = cat_names(&reach.open);
+                page_q.scopes = vec![
+                    (cat_names(&reach.treatment), of(Relationship::Treatment)),
+                    (cat_names(&reach.break_glass), of(Relationship::BreakGlass)),
+                ];
+            } else {
+                page_q.categories = cat_names(&visible);
+            }
             let page = if (count == 0 && !exact) || visible.is_empty() {
                 Default::default()
             } else {
@@ -532,7 +535,7 @@ impl Vault {
                     ))),
                 ));
             }
-            let (rows, disclosed, _) = cx.filter(page.rows, Action::Search, &mut rec);
+            let (rows, disclosed, _) = cx.filter(tx, page.rows, Action::Search, &mut rec)?;
             rec.categories_withheld = withheld.iter().map(|c| c.to_string()).collect();
             rec.detail = Some(format!(
                 "params={names} matched={total} returned={}{}",
@@ -576,6 +579,7 @@ impl Vault {
             withheld: self.never_visible(&seen_by_caller, &types),
             count,
             unknown: s.unknown.clone(),
+            limited_to_relationships: chart_scoped,
             ..Default::default()
         };
         if exact {
@@ -776,7 +780,7 @@ impl Vault {
                 "{}?_revinclude",
                 q.rtype.clone().unwrap_or_default()
             ));
-            let (rows, _, withheld) = cx.filter(page.rows, Action::Read, &mut rec);
+            let (rows, _, withheld) = cx.filter(tx, page.rows, Action::Read, &mut rec)?;
             // One record per chart whose records were included, as for any search.
             let mut patients: Vec<String> = rows
                 .iter()
@@ -831,7 +835,7 @@ impl Vault {
                 .collect();
             patients.sort();
             patients.dedup();
-            let (rows, _, withheld) = cx.filter(found, Action::Read, &mut rec);
+            let (rows, _, withheld) = cx.filter(tx, found, Action::Read, &mut rec)?;
             let mut recs = vec![];
             for p in patients {
                 let mut r = rec.resalted();
@@ -911,7 +915,8 @@ impl Vault {
         let cursor_snapshot = cursor.as_ref().map(|c| c.snapshot);
         let limit = count.unwrap_or(100_000);
         let patient = patient.to_owned();
-        let visible = self.searchable(c);
+        let reach = self.reachable(c, Action::Read);
+        let visible = reach.any();
         let all_types: Vec<ResourceType> = medvault_fhir::SUPPORTED_TYPES
             .iter()
             .filter_map(|t| ResourceType::parse(t))
@@ -934,6 +939,22 @@ impl Vault {
                         rec.outcome = Outcome::NotFound;
                         return Ok((vec![rec], Err(VaultError::NotFound)));
                     }
+                }
+                // The chart as the caller reaches it: without a relationship, a clinician
+                // is told so (and whether breaking the glass would help), not handed a
+                // chart silently cut down to demographics.
+                let rel = cx.relationship(tx, Some(&pid))?;
+                let mut visible = reach.open.clone();
+                match rel {
+                    Relationship::Treatment => visible.extend(reach.treatment.iter().copied()),
+                    Relationship::BreakGlass => visible.extend(reach.break_glass.iter().copied()),
+                    Relationship::None if !reach.treatment.is_empty() => {
+                        rec.outcome = Outcome::Denied;
+                        rec.detail = Some("no treatment relationship".into());
+                        let break_glass = !reach.break_glass.is_empty() && cx.may_break_glass();
+                        return Ok((vec![rec], Err(VaultError::NoRelationship { break_glass })));
+                    }
+                    Relationship::None => {}
                 }
                 let mut q = SearchQuery {
                     patient: Some(pid),
@@ -967,7 +988,7 @@ impl Vault {
                 } else {
                     tx.search(&q)?
                 };
-                let (rows, disclosed, _) = cx.filter(page.rows, Action::Read, &mut rec);
+                let (rows, disclosed, _) = cx.filter(tx, page.rows, Action::Read, &mut rec)?;
                 rec.categories_withheld = withheld.iter().map(|c| c.to_string()).collect();
                 Ok((
                     vec![rec],
@@ -1091,7 +1112,7 @@ impl Vault {
         query: &str,
         category: Category,
     ) -> Result<Matched, VaultError> {
-        if !self.searchable(c).contains(&category) {
+        if !self.reachable(c, Action::Search).any().contains(&category) {
             // A refusal is recorded like any other (the write's own decision was allowed).
             let mut rec = self.record(c, "search", Outcome::Success);
             rec.resource = Some(rt.as_str().to_owned());

@@ -9,6 +9,7 @@ use medvault_crypto::{record_aad, DataKey, RecordCipher};
 use medvault_fhir::bundle::IfNoneMatch;
 use medvault_fhir::{Resource, ResourceType};
 use medvault_store::{Expect, IndexRow, Op, Sealed, VersionRow};
+use medvault_policy::Relationship;
 use medvault_types::{Action, Category, PatientId};
 use serde_json::{Map, Value};
 
@@ -87,6 +88,8 @@ impl Precondition {
 pub(crate) struct Plan {
     pub(crate) ops: Vec<Op>,
     pub(crate) audit: Vec<AuditRecord>,
+    /// Charts this plan relates the caller to (an encounter or care team naming them).
+    pub(crate) reached: Vec<PatientId>,
     /// Data keys created in this plan for new patients.
     pub(crate) new_keys: HashMap<PatientId, Arc<RecordCipher>>,
 }
@@ -162,6 +165,14 @@ impl Vault {
                 ));
             }
         }
+        let mut categories = vec![category];
+        if let Some(stored) = prior.and_then(|p| p.category().parse::<Category>().ok()) {
+            if stored != category {
+                categories.push(stored);
+            }
+        }
+        let rel = self.may_write_chart(c, plan, action, rt, &id, &categories, owner.as_ref())?;
+        rec.break_glass = rel == Relationship::BreakGlass;
         let version = prior.map(|p| p.version() + 1).unwrap_or(1);
         let now = self.now_instant();
         res.stamp(&id, version, &now);
@@ -170,13 +181,14 @@ impl Vault {
             Some(c) => c.clone(),
             None => self.cipher_for(&key_id)?,
         };
-        let index: Vec<IndexRow> = medvault_fhir::search_tokens(rt, res.json())
-            .into_iter()
-            .map(|t| IndexRow {
-                param: t.param.to_owned(),
-                token: self.indexer.token(rt.as_str(), t.param, &t.value).to_vec(),
-            })
-            .collect();
+        let index = self.index_rows(rt, res.json());
+        if let Some(p) = &owner {
+            if self.relates_caller(c, &index) && !plan.reached.contains(p) {
+                // A new encounter or care team naming the caller relates them to the chart
+                // for the rest of this plan (a transaction that admits and charts).
+                plan.reached.push(p.clone());
+            }
+        }
         let json = res.into_json();
         let plain = serde_json::to_vec(&json).map_err(|e| VaultError::Internal(e.to_string()))?;
         let body = cipher.seal(&record_aad(rt.as_str(), &id, version, &key_id), &plain)?;
@@ -219,6 +231,20 @@ impl Vault {
     ///
     /// # Errors
     /// [`VaultError::Refused`], the denial recorded in the audit log.
+    /// A resource's search-index rows: its blind search tokens, and for a CareTeam or an
+    /// Encounter the `_care` tokens of the treatment relationships it establishes.
+    pub(crate) fn index_rows(&self, rt: ResourceType, json: &Map<String, Value>) -> Vec<IndexRow> {
+        let mut rows: Vec<IndexRow> = medvault_fhir::search_tokens(rt, json)
+            .into_iter()
+            .map(|t| IndexRow {
+                param: t.param.to_owned(),
+                token: self.indexer.token(rt.as_str(), t.param, &t.value).to_vec(),
+            })
+            .collect();
+        rows.extend(self.care_index(rt, json));
+        rows
+    }
+
     pub(crate) fn may_write(
         &self,
         c: &Caller,
@@ -240,12 +266,50 @@ impl Vault {
             Some(Ok(cat)) => Some(cat),
             None => None,
         };
+        // The role's decision, as if the chart were the caller's patient's: the chart's own
+        // relationship is decided once the chart is known ([`Vault::may_write_chart`]).
         for cat in std::iter::once(category).chain(stored.filter(|s| *s != category)) {
-            if !self.decide(c, action, cat).allowed() {
+            if !self.decide(c, action, cat, Relationship::Treatment).allowed() {
                 return Err(denial(Some(cat)));
             }
         }
         Ok(())
+    }
+
+    /// Decides a write of `category` (and the stored version's, if it differs) into
+    /// `patient`'s chart with the caller's relationship to it; a denial is recorded, and
+    /// says whether breaking the glass would help when a relationship would have allowed it.
+    #[expect(clippy::too_many_arguments, reason = "one decision's inputs")]
+    pub(crate) fn may_write_chart(
+        &self,
+        c: &Caller,
+        plan: &Plan,
+        action: Action,
+        rt: ResourceType,
+        target: &str,
+        categories: &[Category],
+        patient: Option<&PatientId>,
+    ) -> Result<Relationship, VaultError> {
+        let rel = self.write_relationship(c, &plan.reached, patient)?;
+        for cat in categories {
+            if self.decide(c, action, *cat, rel).allowed() {
+                continue;
+            }
+            let mut rec = self.record(c, action.as_str(), Outcome::Denied);
+            rec.resource = Some(format!("{rt}/{target}"));
+            rec.patient = patient.map(|p| p.to_string());
+            rec.categories_withheld = vec![cat.to_string()];
+            let treating = self.decide(c, action, *cat, Relationship::Treatment).allowed();
+            if rel == Relationship::None && treating {
+                rec.detail = Some("no treatment relationship".into());
+                self.audit(vec![rec])?;
+                return Err(VaultError::NoRelationship {
+                    break_glass: self.break_glass_would_allow(c, action, *cat),
+                });
+            }
+            return Err(self.deny(rec, action, rt, Some(*cat)));
+        }
+        Ok(rel)
     }
 
     /// Records the denial of a write (`action` on a resource of type `rt`) and returns the
@@ -293,7 +357,10 @@ impl Vault {
             json,
         };
         let mut scratch = self.record(c, "read", Outcome::Success);
-        if let Ok(p) = permit(&self.decide(c, Action::Read, category), draft, &mut scratch) {
+        // The write was decided for this chart already; reading back what was just written
+        // discloses nothing new, so the role's decision for a related chart applies.
+        let read = self.decide(c, Action::Read, category, Relationship::Treatment);
+        if let Ok(p) = permit(&read, draft, &mut scratch) {
             w.body = Some(typestate::disclose(p));
         }
         w
@@ -444,9 +511,22 @@ impl Vault {
         let Ok(category) = prior.category().parse::<Category>() else {
             return Err(self.deny(rec, Action::Delete, rt, None));
         };
-        if !self.decide(c, Action::Delete, category).allowed() {
+        if !self
+            .decide(c, Action::Delete, category, Relationship::Treatment)
+            .allowed()
+        {
             return Err(self.deny(rec, Action::Delete, rt, Some(category)));
         }
+        let rel = self.may_write_chart(
+            c,
+            plan,
+            Action::Delete,
+            rt,
+            id,
+            &[category],
+            prior.patient(),
+        )?;
+        rec.break_glass = rel == Relationship::BreakGlass;
         pre.check(prior.version())?;
         if prior.deleted() {
             // Deleting what is already deleted succeeds quietly, with no new version

@@ -28,7 +28,8 @@ pub fn normalize_text(s: &str) -> String {
 
 /// Version of the blind index's normalization; a store indexed under an older one is
 /// re-indexed when opened. 2: accent-insensitive strings and date precision markers.
-pub const INDEX_VERSION: u32 = 2;
+/// 3: `_care` tokens of the treatment relationships CareTeams and Encounters establish.
+pub const INDEX_VERSION: u32 = 3;
 
 /// Shortest string prefix that `name`, `family` and `given` searches match.
 pub const MIN_PREFIX: usize = 2;

@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub mod bundle;
+pub mod care;
 pub mod date;
 mod defs;
 mod index;

@@ -477,6 +477,8 @@ impl Identity {
             username: Username::new(&format!("client.{}", rec.name))
                 .map_err(|_| IdentityError::Unauthenticated)?,
             role: Role::Service,
+            practitioner: None,
+            training_current: true,
         })
     }
 }

@@ -188,6 +188,11 @@ impl Default for SessionPolicy {
 pub struct Principal {
     pub username: Username,
     pub role: Role,
+    /// The id of the user's FHIR `Practitioner` (clinicians): what care teams and
+    /// encounters name, so what treatment relationships are found by.
+    pub practitioner: Option<String>,
+    /// Whether the user's required security training is current (the training gate).
+    pub training_current: bool,
 }
 
 /// Result of a successful step, with the store operations that record it.
@@ -350,6 +355,7 @@ impl Identity {
             created: medvault_types::fhir_instant(self.clock.now()),
             practitioner_id,
             last_login: 0,
+            training_current: true,
         };
         let mut ops = vec![Op::CreateUser(row)];
         let codes = self.recovery_codes(username.as_str(), &mut ops);
@@ -374,6 +380,8 @@ fn principal_of(u: &UserRow) -> Option<Principal> {
     Some(Principal {
         username: Username::new(&u.username).ok()?,
         role: u.role.parse().ok()?,
+        practitioner: u.practitioner_id.clone(),
+        training_current: u.training_current,
     })
 }
 

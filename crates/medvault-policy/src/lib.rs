@@ -80,6 +80,31 @@ pub enum Target {
     Operation(Operation),
 }
 
+/// How the asker reaches the chart a record belongs to (Cedar `context.relationship`):
+/// SPEC "Access control".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Relationship {
+    /// No treatment relationship and no emergency grant (also: no chart, or an operation).
+    #[default]
+    None,
+    /// A care team or an encounter within ±30 days links the asker's Practitioner to the
+    /// patient (`"treatment"`).
+    Treatment,
+    /// A live break-the-glass grant for this patient (`"break-glass"`).
+    BreakGlass,
+}
+
+impl Relationship {
+    /// The Cedar value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Relationship::None => "none",
+            Relationship::Treatment => "treatment",
+            Relationship::BreakGlass => "break-glass",
+        }
+    }
+}
+
 /// What is being asked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Query {
@@ -88,16 +113,30 @@ pub struct Query {
     pub purpose: Purpose,
     /// Whether `audit.public_transparency` is on (Cedar `context.public_transparency`).
     pub public_transparency: bool,
+    /// How the asker reaches the record's chart (Cedar `context.relationship`).
+    pub relationship: Relationship,
+    /// Whether the asker's required training is current (Cedar `context.training_current`;
+    /// true for callers without training, such as service clients and the server).
+    pub training_current: bool,
 }
 
 impl Query {
-    /// A user in `role` acting on records of `category` for `purpose`.
-    pub fn records(role: Role, action: Action, category: Category, purpose: Purpose) -> Self {
+    /// A user in `role`, with current training, acting on records of `category` of a
+    /// chart reached through `relationship`, for `purpose`.
+    pub fn records(
+        role: Role,
+        action: Action,
+        category: Category,
+        purpose: Purpose,
+        relationship: Relationship,
+    ) -> Self {
         Query {
             asker: Asker::User(role),
             target: Target::Records(action, category),
             purpose,
             public_transparency: false,
+            relationship,
+            training_current: true,
         }
     }
 
@@ -113,6 +152,8 @@ impl Query {
             target: Target::Operation(op),
             purpose,
             public_transparency,
+            relationship: Relationship::None,
+            training_current: true,
         }
     }
 }
@@ -244,6 +285,14 @@ impl PolicyEngine {
                 "public_transparency".to_owned(),
                 RestrictedExpression::new_bool(q.public_transparency),
             ),
+            (
+                "relationship".to_owned(),
+                RestrictedExpression::new_string(q.relationship.as_str().to_owned()),
+            ),
+            (
+                "training_current".to_owned(),
+                RestrictedExpression::new_bool(q.training_current),
+            ),
         ])
         .ok()?;
         let req = Request::new(principal, action, resource, context, None).ok()?;
@@ -267,23 +316,6 @@ impl PolicyEngine {
             policies,
         })
     }
-
-    /// The categories a role may act on for a purpose.
-    pub fn allowed_categories(
-        &self,
-        role: Role,
-        action: Action,
-        purpose: Purpose,
-    ) -> Vec<Category> {
-        Category::ALL
-            .iter()
-            .copied()
-            .filter(|c| {
-                self.decide(Query::records(role, action, *c, purpose))
-                    .allowed
-            })
-            .collect()
-    }
 }
 
 #[cfg(test)]
@@ -291,8 +323,14 @@ mod tests {
     use super::*;
 
     fn allowed(e: &PolicyEngine, role: Role, action: Action, cat: Category) -> bool {
-        e.decide(Query::records(role, action, cat, role.default_purpose()))
-            .allowed()
+        e.decide(Query::records(
+            role,
+            action,
+            cat,
+            role.default_purpose(),
+            Relationship::Treatment,
+        ))
+        .allowed()
     }
 
     #[test]
@@ -341,6 +379,7 @@ mod tests {
             Action::Read,
             Category::Vitals,
             Purpose::Research,
+            Relationship::Treatment,
         );
         assert!(!e.decide(q).allowed());
         let d = e.decide(Query {
@@ -359,6 +398,7 @@ mod tests {
             Action::Read,
             Category::Vitals,
             Purpose::Treat,
+            Relationship::Treatment,
         );
         assert!(!e.decide(q).allowed(), "no policy means deny");
         let e = PolicyEngine::from_text(
@@ -391,7 +431,7 @@ mod tests {
     /// roles (under their default purpose of use) and anonymous callers it allows.
     fn who_may(e: &PolicyEngine) -> String {
         let mut out = String::new();
-        let askers = |target: Target, public: bool| -> Vec<String> {
+        let askers = |target: Target, public: bool, relationship: Relationship| -> Vec<String> {
             let mut who: Vec<String> = Role::ALL
                 .iter()
                 .filter(|r| {
@@ -400,6 +440,8 @@ mod tests {
                         target,
                         purpose: r.default_purpose(),
                         public_transparency: public,
+                        relationship,
+                        training_current: true,
                     })
                     .allowed()
                 })
@@ -410,21 +452,36 @@ mod tests {
                 target,
                 purpose: Purpose::Operations,
                 public_transparency: public,
+                relationship,
+                training_current: true,
             });
             if anonymous.allowed() {
                 who.push("anonymous".into());
             }
             who
         };
+        // Records: with a treatment relationship, and where it differs, without one and
+        // under break-the-glass.
         for a in Action::ALL {
             for c in Category::ALL {
-                let who = askers(Target::Records(*a, *c), false);
-                out.push_str(&format!("{a} {c}: {}\n", who.join(" ")));
+                let target = Target::Records(*a, *c);
+                let who = askers(target, false, Relationship::Treatment);
+                out.push_str(&format!("{a} {c}: {}", who.join(" ")));
+                for (label, r) in [
+                    ("no relationship", Relationship::None),
+                    ("break-glass", Relationship::BreakGlass),
+                ] {
+                    let other = askers(target, false, r);
+                    if other != who {
+                        out.push_str(&format!(" | {label}: {}", other.join(" ")));
+                    }
+                }
+                out.push('\n');
             }
         }
         for op in Operation::ALL {
-            let who = askers(Target::Operation(*op), false);
-            let public = askers(Target::Operation(*op), true);
+            let who = askers(Target::Operation(*op), false, Relationship::None);
+            let public = askers(Target::Operation(*op), true, Relationship::None);
             out.push_str(&format!("{op}: {}", who.join(" ")));
             if public != who {
                 out.push_str(&format!(" | public transparency: {}", public.join(" ")));
@@ -448,6 +505,8 @@ mod tests {
                 target: Target::Records(action, category),
                 purpose: Purpose::Operations,
                 public_transparency: false,
+                relationship: Relationship::None,
+                training_current: true,
             })
             .allowed
         };
@@ -504,6 +563,8 @@ mod tests {
                         target: Target::Records(*a, *c),
                         purpose: Purpose::Treat,
                         public_transparency: public,
+                        relationship: Relationship::BreakGlass,
+                        training_current: true,
                     };
                     assert!(!e.decide(q).allowed(), "anonymous {a} {c}");
                 }

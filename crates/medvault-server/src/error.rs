@@ -92,6 +92,24 @@ impl From<VaultError> for ApiError {
                     retry_after: None,
                 }
             }
+            VaultError::NoRelationship { break_glass } => ApiError {
+                status: S::FORBIDDEN,
+                issues: vec![Issue::error(
+                    IssueCode::Forbidden,
+                    if break_glass {
+                        "access denied: you have no treatment relationship (care team or recent encounter) with this patient; in an emergency, break the glass (POST /api/break-glass with the patient, a reason and a justification) for time-limited access that privacy officers review".to_owned()
+                    } else {
+                        "access denied: you have no treatment relationship (care team or recent encounter) with this patient".to_owned()
+                    },
+                    None,
+                )],
+                code: Some(if break_glass {
+                    "break-the-glass"
+                } else {
+                    "no-treatment-relationship"
+                }),
+                retry_after: None,
+            },
             VaultError::Refused { action, rtype } => ApiError {
                 status: S::FORBIDDEN,
                 issues: vec![Issue::error(

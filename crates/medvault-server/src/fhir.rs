@@ -206,6 +206,12 @@ fn outcome_entry(r: &SearchResult) -> Option<Value> {
             ),
         ));
     }
+    if r.limited_to_relationships {
+        issues.push(Issue::info(
+            IssueCode::Suppressed,
+            "results are limited to the charts of patients you have a treatment relationship with (care team or recent encounter) or a break-the-glass grant for".to_owned(),
+        ));
+    }
     if !r.unknown.is_empty() {
         issues.push(Issue::warning(
             IssueCode::NotSupported,
@@ -223,7 +229,7 @@ fn outcome_entry(r: &SearchResult) -> Option<Value> {
 }
 
 fn subsetted_meta(b: &mut Map<String, Value>, r: &SearchResult) {
-    if !r.withheld.is_empty() {
+    if !r.withheld.is_empty() || r.limited_to_relationships {
         b.insert(
             "meta".into(),
             json!({"security": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "SUBSETTED",

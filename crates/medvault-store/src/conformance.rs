@@ -50,6 +50,187 @@ pub fn run_all(make: &dyn Fn() -> Arc<dyn Store>) -> Result<(), Failure> {
     checkpoints_are_kept_and_cosigned(&*make())?;
     hash_tiles_only_grow(&*make())?;
     snapshots_keysets_tallies_and_reindex(&*make())?;
+    care_relationships_and_break_glass(&*make())?;
+    Ok(())
+}
+
+/// What access control reads: the charts a caller reaches through `_care` tokens of
+/// CareTeam and Encounter rows (replaced with the row's tokens, gone when it is deleted)
+/// and through live break-the-glass grants (reviewed once); incidents; the training flag.
+pub fn care_relationships_and_break_glass(s: &dyn Store) -> Result<(), Failure> {
+    let mut team = row("CareTeam", "t1", 1, "p1", b"t");
+    team.category = "care_plans".into();
+    put(s, team.clone(), Expect::Absent, vec![ix("_care", b"dr-a")])?;
+    let enc = row("Encounter", "e1", 1, "p2", b"e");
+    put(
+        s,
+        enc,
+        Expect::Absent,
+        vec![ix("_care", b"dr-a"), ix("_care", b"dr-b")],
+    )?;
+    // A `_care` token on another type reaches nothing.
+    put(
+        s,
+        row("Observation", "o1", 1, "p3", b"o"),
+        Expect::Absent,
+        vec![ix("_care", b"dr-a")],
+    )?;
+    let mut reach = s.charts(&[b"dr-a".to_vec(), b"nobody".to_vec()], "ann", 100, None)?;
+    reach.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        reach,
+        vec![(pid("p1"), Reach::Care), (pid("p2"), Reach::Care)]
+    );
+    assert_eq!(
+        s.charts(&[b"dr-b".to_vec()], "ann", 100, None)?,
+        vec![(pid("p2"), Reach::Care)]
+    );
+    assert_eq!(s.charts(&[], "ann", 100, None)?, vec![]);
+    // The care team's new version drops dr-a; a deletion removes its tokens.
+    team.version = 2;
+    put(
+        s,
+        team.clone(),
+        Expect::Version(1),
+        vec![ix("_care", b"dr-c")],
+    )?;
+    assert_eq!(
+        s.charts(&[b"dr-a".to_vec()], "ann", 100, None)?,
+        vec![(pid("p2"), Reach::Care)]
+    );
+    team.version = 3;
+    team.deleted = true;
+    put(s, team, Expect::Version(2), vec![])?;
+    assert_eq!(s.charts(&[b"dr-c".to_vec()], "ann", 100, None)?, vec![]);
+
+    let grant = BreakGlassRow {
+        id: "g1".into(),
+        username: "ann".into(),
+        patient: pid("p9"),
+        reason: "medical-emergency".into(),
+        justification: vec![7],
+        created: 100,
+        expires: 200,
+        outcome: String::new(),
+        reviewed_by: String::new(),
+        reviewed_at: 0,
+        note: vec![],
+        incident: String::new(),
+    };
+    one(s, Op::PutBreakGlass(grant.clone()))?;
+    let mut other = grant.clone();
+    other.id = "g2".into();
+    other.patient = pid("p2");
+    other.created = 101;
+    one(s, Op::PutBreakGlass(other))?;
+    let mut reach = s.charts(&[b"dr-b".to_vec()], "ann", 150, None)?;
+    reach.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        reach,
+        vec![(pid("p2"), Reach::Care), (pid("p9"), Reach::BreakGlass)],
+        "a chart reached both ways is a care relationship"
+    );
+    assert_eq!(
+        s.charts(&[], "bob", 150, None)?,
+        vec![],
+        "grants are the grantee's"
+    );
+    assert_eq!(
+        s.charts(&[b"dr-b".to_vec()], "ann", 150, Some(&pid("p9")))?,
+        vec![(pid("p9"), Reach::BreakGlass)],
+        "one chart"
+    );
+    assert_eq!(
+        s.charts(&[], "ann", 200, None)?,
+        vec![],
+        "a grant ends at its expiry"
+    );
+    assert_eq!(
+        s.audited(Box::new(|tx: &dyn TxRead| {
+            let r = tx.charts(&[], "ann", 150, None)?;
+            Ok((vec![(vec![1], b"r".to_vec())], Box::new(r) as Payload))
+        }))?
+        .downcast::<Vec<(PatientId, Reach)>>()
+        .map(|b| b.len())
+        .unwrap_or(0),
+        2,
+        "inside an audited read too"
+    );
+    let list = s.break_glass()?;
+    assert_eq!(
+        list.iter().map(|g| g.id.as_str()).collect::<Vec<_>>(),
+        ["g2", "g1"]
+    );
+    assert_eq!(list.get(1), Some(&grant));
+    let review = || Op::ReviewBreakGlass {
+        id: "g1".into(),
+        outcome: "inappropriate".into(),
+        reviewed_by: "po".into(),
+        reviewed_at: 300,
+        note: vec![1, 2],
+        incident: "i1".into(),
+    };
+    one(s, review())?;
+    assert!(
+        matches!(one(s, review()), Err(StoreError::Conflict)),
+        "reviewed once"
+    );
+    let g = s
+        .break_glass()?
+        .into_iter()
+        .find(|g| g.id == "g1")
+        .found("grant g1")?;
+    assert_eq!(
+        (
+            g.outcome.as_str(),
+            g.reviewed_by.as_str(),
+            g.incident.as_str()
+        ),
+        ("inappropriate", "po", "i1")
+    );
+
+    let mut inc = IncidentRow {
+        id: "i1".into(),
+        opened_at: 300,
+        status: "open".into(),
+        body: "{}".into(),
+    };
+    one(s, Op::PutIncident(inc.clone()))?;
+    inc.status = "closed".into();
+    one(s, Op::PutIncident(inc.clone()))?;
+    assert_eq!(s.incidents()?, vec![inc]);
+
+    let u = UserRow {
+        username: "ann".into(),
+        role: "nurse".into(),
+        password_hash: "h".into(),
+        totp_secret_wrapped: vec![1],
+        totp_last_step: 0,
+        disabled: false,
+        created: "2024".into(),
+        practitioner_id: Some("pr1".into()),
+        last_login: 0,
+        training_current: true,
+    };
+    one(s, Op::CreateUser(u))?;
+    one(
+        s,
+        Op::SetTraining {
+            username: "ann".into(),
+            current: false,
+        },
+    )?;
+    assert!(!s.user("ann")?.found("user ann")?.training_current);
+    assert!(matches!(
+        one(
+            s,
+            Op::SetTraining {
+                username: "nobody".into(),
+                current: true
+            }
+        ),
+        Err(StoreError::Conflict)
+    ));
     Ok(())
 }
 
@@ -598,6 +779,7 @@ pub fn identity_rows(s: &dyn Store) -> Result<(), Failure> {
         created: "2024".into(),
         practitioner_id: None,
         last_login: 0,
+        training_current: true,
     };
     s.commit(WriteBatch {
         ops: vec![Op::CreateUser(u.clone())],

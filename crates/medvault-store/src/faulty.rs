@@ -101,6 +101,21 @@ impl Store for FaultyStore {
     fn credentials(&self, username: &str, kind: &str) -> Result<Vec<CredentialRow>, StoreError> {
         self.inner.credentials(username, kind)
     }
+    fn charts(
+        &self,
+        care_tokens: &[Vec<u8>],
+        username: &str,
+        now: i64,
+        patient: Option<&PatientId>,
+    ) -> Result<Vec<(PatientId, Reach)>, StoreError> {
+        self.inner.charts(care_tokens, username, now, patient)
+    }
+    fn break_glass(&self) -> Result<Vec<BreakGlassRow>, StoreError> {
+        self.inner.break_glass()
+    }
+    fn incidents(&self) -> Result<Vec<IncidentRow>, StoreError> {
+        self.inner.incidents()
+    }
     fn audit_len(&self) -> Result<u64, StoreError> {
         self.inner.audit_len()
     }

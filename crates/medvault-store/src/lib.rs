@@ -147,6 +147,9 @@ pub struct UserRow {
     /// When the user last completed a sign-in (Unix seconds; 0 = never): what dormant
     /// accounts are judged by.
     pub last_login: i64,
+    /// Whether the user's required security training is current; when false, PHI access
+    /// is denied except under break-the-glass.
+    pub training_current: bool,
 }
 
 impl std::fmt::Debug for UserRow {
@@ -224,6 +227,60 @@ impl std::fmt::Debug for SessionRow {
             .field("username", &self.username)
             .finish_non_exhaustive()
     }
+}
+
+/// A break-the-glass grant (emergency access to one chart without a treatment
+/// relationship): who, which patient, why, until when, and its review.
+#[derive(Clone, PartialEq, Eq)]
+pub struct BreakGlassRow {
+    pub id: String,
+    pub username: String,
+    pub patient: PatientId,
+    /// The reason code (`medvault_types::BreakGlassReason`).
+    pub reason: String,
+    /// The free-text justification, sealed under the patient's data key (it may hold PHI).
+    pub justification: Vec<u8>,
+    /// Unix seconds.
+    pub created: i64,
+    /// Unix seconds; the grant allows nothing from this instant on.
+    pub expires: i64,
+    /// The review: `""` while pending, else `appropriate` or `inappropriate`.
+    pub outcome: String,
+    pub reviewed_by: String,
+    pub reviewed_at: i64,
+    /// The reviewer's note, sealed under the patient's data key; empty while pending.
+    pub note: Vec<u8>,
+    /// The incident an inappropriate use opened; empty otherwise.
+    pub incident: String,
+}
+
+impl std::fmt::Debug for BreakGlassRow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BreakGlassRow")
+            .field("id", &self.id)
+            .field("username", &self.username)
+            .field("outcome", &self.outcome)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A privacy or security incident: the record `medvault-governance` decides about, stored
+/// as its JSON document (no PHI: patient ids, user names, audit references).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IncidentRow {
+    pub id: String,
+    /// Unix seconds.
+    pub opened_at: i64,
+    pub status: String,
+    pub body: String,
+}
+
+/// How a caller reaches a chart: through a treatment relationship (a care team or an
+/// encounter) or a live break-the-glass grant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reach {
+    Care,
+    BreakGlass,
 }
 
 /// One audit log entry: its dense sequence number is assigned by the store at commit.
@@ -324,6 +381,24 @@ pub enum Op {
         id: Vec<u8>,
         username: String,
     },
+    /// Sets whether a user's required training is current.
+    SetTraining {
+        username: String,
+        current: bool,
+    },
+    /// Records a break-the-glass grant.
+    PutBreakGlass(BreakGlassRow),
+    /// Records the review of a grant; `Conflict` if it does not exist or was reviewed.
+    ReviewBreakGlass {
+        id: String,
+        outcome: String,
+        reviewed_by: String,
+        reviewed_at: i64,
+        note: Vec<u8>,
+        incident: String,
+    },
+    /// Creates or replaces an incident.
+    PutIncident(IncidentRow),
     /// Deletes every credential of one kind of a user.
     DeleteCredentials {
         username: String,
@@ -451,8 +526,12 @@ pub struct SearchQuery {
     pub tokens: Vec<(String, Vec<Vec<u8>>)>,
     /// AND over ranges.
     pub last_updated: Vec<TimeRange>,
-    /// Only these categories (empty = any).
+    /// Only these categories (empty = any, unless `scopes` is set).
     pub categories: Vec<String>,
+    /// Categories visible only within some charts: with scopes, a resource matches when
+    /// its category is in `categories`, or in a scope's categories and its chart in that
+    /// scope's patients (treatment relationships, break-the-glass grants). Nothing else.
+    pub scopes: Vec<(Vec<String>, Vec<PatientId>)>,
     /// Only resources created by a batch whose first audit sequence number is below this:
     /// the store as it was when the audit log had this many entries (a search's snapshot).
     pub created_before: Option<u64>,
@@ -479,6 +558,17 @@ pub trait TxRead {
     /// How many resources match `q` (ignoring its order, keyset, limit and offset), by
     /// stored category: `(category, count)`, each category once.
     fn tally(&self, q: &SearchQuery) -> Result<Vec<(String, u64)>, StoreError>;
+    /// The charts a caller reaches: those with a care-relationship index token among
+    /// `care_tokens` (param `_care` of CareTeam and Encounter rows), and those a
+    /// break-the-glass grant of `username` opens at `now` (Unix seconds). A chart reached
+    /// both ways is listed once, as [`Reach::Care`]. With `patient`, only that chart.
+    fn charts(
+        &self,
+        care_tokens: &[Vec<u8>],
+        username: &str,
+        now: i64,
+        patient: Option<&PatientId>,
+    ) -> Result<Vec<(PatientId, Reach)>, StoreError>;
     /// The audit log's length at this point of the transaction (before this read's own
     /// entries): a search's snapshot, without a second query.
     fn audit_len(&self) -> u64;
@@ -522,6 +612,18 @@ pub trait Store: Send + Sync + 'static {
     fn credential(&self, kind: &str, id: &[u8]) -> Result<Option<CredentialRow>, StoreError>;
     /// A user's credentials of one kind, oldest first.
     fn credentials(&self, username: &str, kind: &str) -> Result<Vec<CredentialRow>, StoreError>;
+    /// [`TxRead::charts`], outside an audited read (deciding a write).
+    fn charts(
+        &self,
+        care_tokens: &[Vec<u8>],
+        username: &str,
+        now: i64,
+        patient: Option<&PatientId>,
+    ) -> Result<Vec<(PatientId, Reach)>, StoreError>;
+    /// Every break-the-glass grant, newest first.
+    fn break_glass(&self) -> Result<Vec<BreakGlassRow>, StoreError>;
+    /// Every incident, newest first.
+    fn incidents(&self) -> Result<Vec<IncidentRow>, StoreError>;
     fn audit_len(&self) -> Result<u64, StoreError>;
     /// Audit rows with `start <= seq < end`.
     fn audit_range(&self, start: u64, end: u64) -> Result<Vec<AuditRow>, StoreError>;

@@ -359,6 +359,24 @@ async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
             .await
             .map_err(classify)?;
         }
+        if version < 6 {
+            // Access control beyond roles: break-the-glass grants and reviews, incidents,
+            // the training gate (treatment relationships are `_care` index tokens).
+            sqlx::raw_sql(
+                "CREATE TABLE break_glass (id TEXT PRIMARY KEY, username TEXT NOT NULL, patient_id TEXT NOT NULL,
+                     reason TEXT NOT NULL, justification BYTEA NOT NULL, created BIGINT NOT NULL,
+                     expires BIGINT NOT NULL, outcome TEXT NOT NULL, reviewed_by TEXT NOT NULL,
+                     reviewed_at BIGINT NOT NULL, note BYTEA NOT NULL, incident TEXT NOT NULL);
+                 CREATE INDEX break_glass_user ON break_glass (username, expires);
+                 CREATE TABLE incidents (id TEXT PRIMARY KEY, opened_at BIGINT NOT NULL, status TEXT NOT NULL,
+                     body TEXT NOT NULL);
+                 ALTER TABLE users ADD COLUMN training_current BOOLEAN NOT NULL DEFAULT TRUE;
+                 INSERT INTO medvault_schema (version) VALUES (6);",
+            )
+            .execute(&mut *conn)
+            .await
+            .map_err(classify)?;
+        }
         Ok::<(), StoreError>(())
     }
     .await;
@@ -901,7 +919,10 @@ fn user_row(r: &PgRow) -> Result<UserRow, sqlx::Error> {
     crate::sql::user(r)
 }
 
-use crate::sql::{CREDENTIAL_COLS, SESSION_COLS, THROTTLE_COLS, USER_COLS, VERSION_COLS};
+use crate::sql::{
+    BREAK_GLASS_COLS, CREDENTIAL_COLS, INCIDENT_COLS, SESSION_COLS, THROTTLE_COLS, USER_COLS,
+    VERSION_COLS,
+};
 use std::sync::LazyLock;
 
 static CURRENT_SQL: LazyLock<String> = LazyLock::new(|| {
@@ -965,6 +986,28 @@ async fn q_history<'e, E: sqlx::PgExecutor<'e>>(
     rows.iter()
         .map(|r| version_row(r).map_err(classify))
         .collect()
+}
+
+async fn q_charts<'e, E: sqlx::PgExecutor<'e>>(
+    e: E,
+    care_tokens: &[Vec<u8>],
+    username: &str,
+    now: i64,
+    patient: Option<&PatientId>,
+) -> Result<Vec<(PatientId, Reach)>, StoreError> {
+    let (sql, args) = crate::sql::charts(
+        care_tokens,
+        username,
+        now,
+        patient,
+        crate::sql::Dialect::Postgres,
+    );
+    let mut query = sqlx::query_as::<_, (Option<String>, i64)>(&sql);
+    for a in args {
+        query = bind!(query, a);
+    }
+    let rows = query.fetch_all(e).await.map_err(classify)?;
+    Ok(crate::sql::fold_charts(rows))
 }
 
 async fn q_tally<'e, E: sqlx::PgExecutor<'e>>(
@@ -1038,6 +1081,17 @@ impl TxRead for PgTx<'_, '_> {
     fn tally(&self, q: &SearchQuery) -> Result<Vec<(String, u64)>, StoreError> {
         let mut c = self.conn.borrow_mut();
         self.rt.block_on(q_tally(&mut **c, q))
+    }
+    fn charts(
+        &self,
+        care_tokens: &[Vec<u8>],
+        username: &str,
+        now: i64,
+        patient: Option<&PatientId>,
+    ) -> Result<Vec<(PatientId, Reach)>, StoreError> {
+        let mut c = self.conn.borrow_mut();
+        self.rt
+            .block_on(q_charts(&mut **c, care_tokens, username, now, patient))
     }
     fn audit_len(&self) -> u64 {
         self.len
@@ -1181,6 +1235,49 @@ impl Store for PgStore {
             .map_err(classify)?;
         r.map(|r| crate::sql::credential(&r).map_err(classify))
             .transpose()
+    }
+
+    fn charts(
+        &self,
+        care_tokens: &[Vec<u8>],
+        username: &str,
+        now: i64,
+        patient: Option<&PatientId>,
+    ) -> Result<Vec<(PatientId, Reach)>, StoreError> {
+        self.rt
+            .block_on(q_charts(&self.pool, care_tokens, username, now, patient))
+    }
+
+    fn break_glass(&self) -> Result<Vec<BreakGlassRow>, StoreError> {
+        let rows = self
+            .rt
+            .block_on(
+                sqlx::query(&format!(
+                    "SELECT {BREAK_GLASS_COLS} FROM break_glass ORDER BY created DESC, id"
+                ))
+                .fetch_all(&self.pool),
+            )
+            .map_err(classify)?;
+        let rows = rows
+            .iter()
+            .map(|r| crate::sql::break_glass(r).map_err(classify))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows.into_iter().flatten().collect())
+    }
+
+    fn incidents(&self) -> Result<Vec<IncidentRow>, StoreError> {
+        let rows = self
+            .rt
+            .block_on(
+                sqlx::query(&format!(
+                    "SELECT {INCIDENT_COLS} FROM incidents ORDER BY opened_at DESC, id"
+                ))
+                .fetch_all(&self.pool),
+            )
+            .map_err(classify)?;
+        rows.iter()
+            .map(|r| crate::sql::incident(r).map_err(classify))
+            .collect()
     }
 
     fn credentials(&self, username: &str, kind: &str) -> Result<Vec<CredentialRow>, StoreError> {

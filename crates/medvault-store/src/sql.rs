@@ -3,7 +3,8 @@
 use medvault_types::PatientId;
 
 use crate::{
-    CredentialRow, Op, Order, Sealed, SearchQuery, SessionRow, ThrottleRow, UserRow, VersionRow,
+    BreakGlassRow, CredentialRow, IncidentRow, Op, Order, Reach, Sealed, SearchQuery, SessionRow,
+    ThrottleRow, UserRow, VersionRow,
 };
 
 /// Which SQL the builder speaks.
@@ -28,7 +29,14 @@ pub(crate) const VERSION_COLS: &str =
 
 /// The columns [`user`] maps, in order.
 pub(crate) const USER_COLS: &str =
-    "username, role, password_hash, totp_secret_wrapped, totp_last_step, disabled, created, practitioner_id, last_login";
+    "username, role, password_hash, totp_secret_wrapped, totp_last_step, disabled, created, practitioner_id, last_login, training_current";
+
+/// The columns [`break_glass`] maps, in order.
+pub(crate) const BREAK_GLASS_COLS: &str =
+    "id, username, patient_id, reason, justification, created, expires, outcome, reviewed_by, reviewed_at, note, incident";
+
+/// The columns [`incident`] maps, in order.
+pub(crate) const INCIDENT_COLS: &str = "id, opened_at, status, body";
 
 /// The columns [`session`] maps, in order.
 pub(crate) const SESSION_COLS: &str =
@@ -80,7 +88,97 @@ pub(crate) fn user<R: Columns>(r: &R) -> Result<UserRow, R::Error> {
         created: r.text(6)?,
         practitioner_id: r.opt_text(7)?,
         last_login: r.int(8)?,
+        training_current: r.flag(9)?,
     })
+}
+
+/// A break-the-glass grant from the [`BREAK_GLASS_COLS`] of a row (a row whose patient id
+/// is not a valid id maps to `None`, and is skipped).
+pub(crate) fn break_glass<R: Columns>(r: &R) -> Result<Option<BreakGlassRow>, R::Error> {
+    let Some(patient) = r.patient(2)?.and_then(|p| PatientId::new(&p).ok()) else {
+        return Ok(None);
+    };
+    Ok(Some(BreakGlassRow {
+        id: r.text(0)?,
+        username: r.text(1)?,
+        patient,
+        reason: r.text(3)?,
+        justification: r.bytes(4)?,
+        created: r.int(5)?,
+        expires: r.int(6)?,
+        outcome: r.text(7)?,
+        reviewed_by: r.text(8)?,
+        reviewed_at: r.int(9)?,
+        note: r.bytes(10)?,
+        incident: r.text(11)?,
+    }))
+}
+
+/// An incident from the [`INCIDENT_COLS`] of a row.
+pub(crate) fn incident<R: Columns>(r: &R) -> Result<IncidentRow, R::Error> {
+    Ok(IncidentRow {
+        id: r.text(0)?,
+        opened_at: r.int(1)?,
+        status: r.text(2)?,
+        body: r.text(3)?,
+    })
+}
+
+/// The query of `charts` (see [`crate::TxRead::charts`]): `(patient_id, how)` rows, `how`
+/// 0 for a care relationship and 1 for a break-the-glass grant.
+pub(crate) fn charts(
+    care_tokens: &[Vec<u8>],
+    username: &str,
+    now: i64,
+    patient: Option<&PatientId>,
+    d: Dialect,
+) -> (String, Vec<Arg>) {
+    let mark = |i: usize| match d {
+        Dialect::Sqlite => format!("?{i}"),
+        Dialect::Postgres => format!("${i}"),
+    };
+    // Argument 3 is the chart ('' for every chart).
+    let only = format!("({} = '' OR patient_id = {})", mark(3), mark(3));
+    let mut args = vec![
+        Arg::Text(username.to_owned()),
+        Arg::Int(now),
+        Arg::Text(patient.map(|p| p.as_str().to_owned()).unwrap_or_default()),
+    ];
+    let mut sql = format!(
+        "SELECT DISTINCT patient_id, CAST(1 AS BIGINT) FROM break_glass WHERE username = {} AND expires > {} AND {only}",
+        mark(1),
+        mark(2)
+    );
+    if !care_tokens.is_empty() {
+        let marks: Vec<String> = (0..care_tokens.len()).map(|i| mark(i + 4)).collect();
+        sql = format!(
+            "SELECT DISTINCT patient_id, CAST(0 AS BIGINT) FROM search_index WHERE rtype IN ('CareTeam', 'Encounter') AND param = '_care' AND token IN ({}) AND {only} UNION ALL {sql}",
+            marks.join(", ")
+        );
+        args.extend(care_tokens.iter().cloned().map(Arg::Bytes));
+    }
+    (sql, args)
+}
+
+/// Folds `charts` rows into one entry per chart, a care relationship winning.
+pub(crate) fn fold_charts(rows: Vec<(Option<String>, i64)>) -> Vec<(PatientId, Reach)> {
+    let mut out: Vec<(PatientId, Reach)> = vec![];
+    for (p, how) in rows {
+        let Some(p) = p.and_then(|p| PatientId::new(&p).ok()) else {
+            continue;
+        };
+        let reach = if how == 0 {
+            Reach::Care
+        } else {
+            Reach::BreakGlass
+        };
+        match out.iter_mut().find(|(q, _)| *q == p) {
+            Some(e) if reach == Reach::Care => e.1 = Reach::Care,
+            Some(_) => {}
+            None => out.push((p, reach)),
+        }
+    }
+    out
 }
 
 /// A session from the [`SESSION_COLS`] of a row.
@@ -164,17 +262,19 @@ pub(crate) fn identity(op: &Op) -> Option<Vec<Stmt>> {
                 t(&u.created),
                 u.practitioner_id.as_ref().map(t).unwrap_or(Arg::Null),
                 Int(u.last_login),
+                Bool(u.training_current),
             ];
             let sql = if matches!(op, Op::CreateUser(_)) {
-                "INSERT INTO users (username, role, password_hash, totp_secret_wrapped, totp_last_step, disabled, created, practitioner_id, last_login, failed_logins)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 0)"
+                "INSERT INTO users (username, role, password_hash, totp_secret_wrapped, totp_last_step, disabled, created, practitioner_id, last_login, training_current, failed_logins)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 0)"
             } else {
-                "INSERT INTO users (username, role, password_hash, totp_secret_wrapped, totp_last_step, disabled, created, practitioner_id, last_login, failed_logins)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 0)
+                "INSERT INTO users (username, role, password_hash, totp_secret_wrapped, totp_last_step, disabled, created, practitioner_id, last_login, training_current, failed_logins)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 0)
                  ON CONFLICT (username) DO UPDATE SET role = excluded.role, password_hash = excluded.password_hash,
                    totp_secret_wrapped = excluded.totp_secret_wrapped, totp_last_step = excluded.totp_last_step,
                    disabled = excluded.disabled, created = excluded.created,
-                   practitioner_id = excluded.practitioner_id, last_login = excluded.last_login"
+                   practitioner_id = excluded.practitioner_id, last_login = excluded.last_login,
+                   training_current = excluded.training_current"
             };
             vec![stmt(sql, args, Any)]
         }
@@ -202,6 +302,56 @@ pub(crate) fn identity(op: &Op) -> Option<Vec<Stmt>> {
             "UPDATE users SET disabled = $2 WHERE username = $1",
             vec![t(username), Bool(*disabled)],
             Touch,
+        )],
+        Op::SetTraining { username, current } => vec![stmt(
+            "UPDATE users SET training_current = $2 WHERE username = $1",
+            vec![t(username), Bool(*current)],
+            Touch,
+        )],
+        Op::PutBreakGlass(g) => vec![stmt(
+            "INSERT INTO break_glass (id, username, patient_id, reason, justification, created, expires, outcome, reviewed_by, reviewed_at, note, incident)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+            vec![
+                t(&g.id),
+                t(&g.username),
+                Text(g.patient.as_str().to_owned()),
+                t(&g.reason),
+                b(&g.justification),
+                Int(g.created),
+                Int(g.expires),
+                t(&g.outcome),
+                t(&g.reviewed_by),
+                Int(g.reviewed_at),
+                b(&g.note),
+                t(&g.incident),
+            ],
+            Any,
+        )],
+        Op::ReviewBreakGlass {
+            id,
+            outcome,
+            reviewed_by,
+            reviewed_at,
+            note,
+            incident,
+        } => vec![stmt(
+            "UPDATE break_glass SET outcome = $2, reviewed_by = $3, reviewed_at = $4, note = $5, incident = $6
+             WHERE id = $1 AND outcome = ''",
+            vec![
+                t(id),
+                t(outcome),
+                t(reviewed_by),
+                Int(*reviewed_at),
+                b(note),
+                t(incident),
+            ],
+            Touch,
+        )],
+        Op::PutIncident(i) => vec![stmt(
+            "INSERT INTO incidents (id, opened_at, status, body) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (id) DO UPDATE SET status = excluded.status, body = excluded.body",
+            vec![t(&i.id), Int(i.opened_at), t(&i.status), t(&i.body)],
+            Any,
         )],
         Op::PutSession(s) => vec![stmt(
             "INSERT INTO sessions (token_hash, kind, username, created, last_seen, expires, attempts, mfa_at, source, method, scope)
@@ -394,7 +544,14 @@ pub(crate) fn search(q: &SearchQuery, d: Dialect, select: Select) -> Option<(Str
         ),
         ("c.id", q.ids.clone()),
         ("c.rtype", q.types.clone()),
-        ("c.category", q.categories.clone()),
+        (
+            "c.category",
+            if q.scopes.is_empty() {
+                q.categories.clone()
+            } else {
+                vec![]
+            },
+        ),
     ] {
         if !items.is_empty() {
             sql.push_str(&format!(" AND {column} IN ("));
@@ -404,6 +561,43 @@ pub(crate) fn search(q: &SearchQuery, d: Dialect, select: Select) -> Option<(Str
                 items.into_iter().map(Arg::Text).collect(),
             );
             sql.push(')');
+        }
+    }
+    if !q.scopes.is_empty() {
+        // (open categories) OR (scoped categories AND charts) OR …
+        let mut any = false;
+        sql.push_str(" AND (1 = 0");
+        if !q.categories.is_empty() {
+            sql.push_str(" OR c.category IN (");
+            list(
+                &mut sql,
+                &mut push,
+                q.categories.iter().cloned().map(Arg::Text).collect(),
+            );
+            sql.push(')');
+            any = true;
+        }
+        for (cats, charts) in &q.scopes {
+            if cats.is_empty() || charts.is_empty() {
+                continue;
+            }
+            sql.push_str(" OR (c.category IN (");
+            list(&mut sql, &mut push, cats.iter().cloned().map(Arg::Text).collect());
+            sql.push_str(") AND c.patient_id IN (");
+            list(
+                &mut sql,
+                &mut push,
+                charts
+                    .iter()
+                    .map(|p| Arg::Text(p.as_str().to_owned()))
+                    .collect(),
+            );
+            sql.push_str("))");
+            any = true;
+        }
+        sql.push(')');
+        if !any {
+            return None;
         }
     }
     for (param, tokens) in &q.tokens {

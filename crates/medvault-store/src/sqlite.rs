@@ -64,7 +64,22 @@ CREATE TRIGGER audit_tiles_no_delete BEFORE DELETE ON audit_tiles BEGIN SELECT R
 ALTER TABLE resource_current ADD COLUMN created_seq INTEGER NOT NULL DEFAULT 0;
 "#,
     IDENTITY_MIGRATION,
+    ACCESS_MIGRATION,
 ];
+
+/// Access control beyond roles: break-the-glass grants and their reviews, the incidents an
+/// inappropriate use opens, and the training gate. (Treatment relationships live in the
+/// search index, as blind `_care` tokens of CareTeam and Encounter rows.)
+const ACCESS_MIGRATION: &str = r#"
+CREATE TABLE break_glass (id TEXT PRIMARY KEY, username TEXT NOT NULL, patient_id TEXT NOT NULL,
+    reason TEXT NOT NULL, justification BLOB NOT NULL, created INTEGER NOT NULL, expires INTEGER NOT NULL,
+    outcome TEXT NOT NULL, reviewed_by TEXT NOT NULL, reviewed_at INTEGER NOT NULL, note BLOB NOT NULL,
+    incident TEXT NOT NULL) STRICT;
+CREATE INDEX break_glass_user ON break_glass (username, expires);
+CREATE TABLE incidents (id TEXT PRIMARY KEY, opened_at INTEGER NOT NULL, status TEXT NOT NULL,
+    body TEXT NOT NULL) STRICT;
+ALTER TABLE users ADD COLUMN training_current INTEGER NOT NULL DEFAULT 1;
+"#;
 
 /// Identity state that must hold across servers: the login throttle's failure counters,
 /// credentials beyond the password (passkeys, recovery codes, service clients), and what
@@ -241,6 +256,15 @@ impl TxRead for TxConn<'_> {
     }
     fn tally(&self, q: &SearchQuery) -> Result<Vec<(String, u64)>, StoreError> {
         q_tally(self.0, q)
+    }
+    fn charts(
+        &self,
+        care_tokens: &[Vec<u8>],
+        username: &str,
+        now: i64,
+        patient: Option<&PatientId>,
+    ) -> Result<Vec<(PatientId, Reach)>, StoreError> {
+        q_charts(self.0, care_tokens, username, now, patient)
     }
     fn audit_len(&self) -> u64 {
         self.1
@@ -477,7 +501,10 @@ fn append_audit(
     Ok(seqs)
 }
 
-use crate::sql::{Columns, CREDENTIAL_COLS, SESSION_COLS, THROTTLE_COLS, USER_COLS, VERSION_COLS};
+use crate::sql::{
+    Columns, BREAK_GLASS_COLS, CREDENTIAL_COLS, INCIDENT_COLS, SESSION_COLS, THROTTLE_COLS,
+    USER_COLS, VERSION_COLS,
+};
 
 impl Columns for Row<'_> {
     type Error = rusqlite::Error;
@@ -562,6 +589,30 @@ fn sqlite_args(args: Vec<crate::sql::Arg>) -> Vec<rusqlite::types::Value> {
             crate::sql::Arg::Null => rusqlite::types::Value::Null,
         })
         .collect()
+}
+
+fn q_charts(
+    c: &Connection,
+    care_tokens: &[Vec<u8>],
+    username: &str,
+    now: i64,
+    patient: Option<&PatientId>,
+) -> Result<Vec<(PatientId, Reach)>, StoreError> {
+    let (sql, args) = crate::sql::charts(
+        care_tokens,
+        username,
+        now,
+        patient,
+        crate::sql::Dialect::Sqlite,
+    );
+    let args = sqlite_args(args);
+    let mut st = c.prepare_cached(&sql)?;
+    let rows = st
+        .query_map(params_from_iter(args.iter()), |r| {
+            Ok((r.get::<_, Option<String>>(0)?, r.get::<_, i64>(1)?))
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(crate::sql::fold_charts(rows))
 }
 
 fn q_tally(c: &Connection, q: &SearchQuery) -> Result<Vec<(String, u64)>, StoreError> {
@@ -778,6 +829,40 @@ impl Store for SqliteStore {
             ))?
             .query_row(params![kind, id], |r| crate::sql::credential(r))
             .optional()?)
+        })
+    }
+
+    fn charts(
+        &self,
+        care_tokens: &[Vec<u8>],
+        username: &str,
+        now: i64,
+        patient: Option<&PatientId>,
+    ) -> Result<Vec<(PatientId, Reach)>, StoreError> {
+        self.with_reader(|c| q_charts(c, care_tokens, username, now, patient))
+    }
+
+    fn break_glass(&self) -> Result<Vec<BreakGlassRow>, StoreError> {
+        self.with_reader(|c| {
+            let mut st = c.prepare_cached(&format!(
+                "SELECT {BREAK_GLASS_COLS} FROM break_glass ORDER BY created DESC, id"
+            ))?;
+            let rows = st
+                .query_map([], |r| crate::sql::break_glass(r))?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows.into_iter().flatten().collect())
+        })
+    }
+
+    fn incidents(&self) -> Result<Vec<IncidentRow>, StoreError> {
+        self.with_reader(|c| {
+            let mut st = c.prepare_cached(&format!(
+                "SELECT {INCIDENT_COLS} FROM incidents ORDER BY opened_at DESC, id"
+            ))?;
+            let rows = st
+                .query_map([], |r| crate::sql::incident(r))?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
         })
     }
 

@@ -280,6 +280,11 @@ str_enum!(
         CreateClient => "client.create",
         ListClients => "client.list",
         RevokeClient => "client.revoke",
+        BreakGlass => "break-glass",
+        BreakGlassReviews => "break-glass.reviews",
+        BreakGlassReview => "break-glass.review",
+        SetTraining => "user.training",
+        Incidents => "incident.list",
     }
 );
 
@@ -298,6 +303,8 @@ impl Operation {
                 | ChangeRole
                 | CreateClient
                 | RevokeClient
+                | BreakGlass
+                | SetTraining
         )
     }
 }
