@@ -35,12 +35,7 @@ pub(crate) struct Reacher {
 }
 
 /// How a chart lookup is made: inside an audited read, or against the store (writes).
-pub(crate) type ChartLookup<'a> = dyn Fn(
-        &[Vec<u8>],
-        &str,
-        i64,
-        Option<&PatientId>,
-    ) -> Result<Vec<(PatientId, Reach)>, StoreError>
+pub(crate) type ChartLookup<'a> = dyn Fn(&[Vec<u8>], &str, i64, Option<&PatientId>) -> Result<Vec<(PatientId, Reach)>, StoreError>
     + 'a;
 
 fn relationship_of(r: Reach) -> Relationship {
@@ -138,7 +133,10 @@ impl Vault {
     /// The relationship facts of `c` at this moment.
     pub(crate) fn reacher(&self, c: &Caller) -> Reacher {
         let now = self.clock.now();
-        let Some(p) = c.principal().filter(|_| matches!(c.asker(), Asker::User(_))) else {
+        let Some(p) = c
+            .principal()
+            .filter(|_| matches!(c.asker(), Asker::User(_)))
+        else {
             return Reacher::default();
         };
         let now_ms = i64::try_from(now.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
@@ -186,9 +184,8 @@ impl Vault {
             return Ok(Relationship::Treatment);
         }
         let store = self.store.clone();
-        let lookup = move |t: &[Vec<u8>], u: &str, n: i64, p: Option<&PatientId>| {
-            store.charts(t, u, n, p)
-        };
+        let lookup =
+            move |t: &[Vec<u8>], u: &str, n: i64, p: Option<&PatientId>| store.charts(t, u, n, p);
         self.reacher(c).one(&lookup, patient)
     }
 
@@ -206,9 +203,7 @@ impl Vault {
             purpose: c.purpose,
             public_transparency,
             relationship,
-            training_current: c
-                .principal()
-                .is_none_or(|p| p.training_current),
+            training_current: c.principal().is_none_or(|p| p.training_current),
         }
     }
 

@@ -782,6 +782,13 @@ impl Vault {
         let Some(mut rec) = self.operate(c, op, None)? else {
             return Err(VaultError::Unauthenticated);
         };
+        // Separation of duties: nobody changes their own role or training record.
+        if matches!(op, Operation::ChangeRole | Operation::SetTraining) && target == c.actor() {
+            rec.outcome = Outcome::Denied;
+            rec.detail = Some(format!("target={target} refused: one's own account"));
+            self.audit(vec![rec])?;
+            return Err(VaultError::Forbidden { withheld: vec![] });
+        }
         let ops = change().map_err(id_err)?;
         rec.detail = Some(format!("target={target}"));
         self.commit(ops, vec![rec])?;
@@ -828,6 +835,22 @@ impl Vault {
         }
         self.change_account(c, Operation::ChangeRole, name, || {
             self.identity.set_role(name, role)
+        })
+    }
+
+    /// `POST /api/users/{name}/training {"current": bool}` (step-up): records whether the
+    /// user's required security training is current, effective at their next request.
+    ///
+    /// # Errors
+    /// Denied (including one's own account), `StepUpRequired`, `NotFound`.
+    pub fn set_user_training(
+        &self,
+        c: &Caller,
+        name: &str,
+        current: bool,
+    ) -> Result<(), VaultError> {
+        self.change_account(c, Operation::SetTraining, name, || {
+            self.identity.set_training(name, current)
         })
     }
 

@@ -30,6 +30,7 @@ mod accounting;
 mod admin;
 mod audit_views;
 mod auth;
+mod break_glass;
 mod bundle;
 mod caller;
 mod error;
@@ -47,6 +48,7 @@ use std::sync::Arc;
 pub use admin::Status;
 pub use audit_views::AuditEventPage;
 pub use auth::{check_password, EnrollmentInfo, LoginChallenge, NewUserInfo, SessionGrant};
+pub use break_glass::{BreakGlassGrant, BreakGlassView};
 pub use bundle::EntryResult;
 pub use caller::{Caller, LocalOperator, ANONYMOUS};
 pub use error::VaultError;
@@ -56,6 +58,7 @@ pub use medvault_audit::merkle::verify_inclusion;
 pub use medvault_audit::tiles::TileRef;
 pub use medvault_audit::verify::AuditVerdict;
 pub use medvault_audit::{AuditRecord, Outcome};
+pub use medvault_governance::Incident;
 pub use medvault_identity::{
     totp_now, AccountView, ClientAuth, ClientGrant, ClientView, Factor, LockoutPolicy,
     OidcProvider, PasskeyView, Password, SessionPolicy, SessionView, Token,
@@ -117,6 +120,8 @@ pub struct VaultOptions {
     /// Open checkpoints, tiles and proofs (commitments only) to anyone (Cedar
     /// `context.public_transparency`).
     pub public_transparency: bool,
+    /// How long a break-the-glass grant lasts, in seconds.
+    pub break_glass_secs: i64,
 }
 
 impl Default for VaultOptions {
@@ -128,6 +133,7 @@ impl Default for VaultOptions {
             max_page_size: 1000,
             cursor_ttl_secs: 900,
             public_transparency: false,
+            break_glass_secs: medvault_governance::DEFAULT_GRANT_SECS,
         }
     }
 }
@@ -462,7 +468,7 @@ fn refusal(c: &Caller) -> VaultError {
 
 /// Logs the cause of a failed audit append once, here, and turns it into the error the
 /// caller sees (law 2: no record, no response).
-fn audit_failed(e: VaultError) -> VaultError {
+pub(crate) fn audit_failed(e: VaultError) -> VaultError {
     match e {
         VaultError::Internal(m) | VaultError::Unavailable(m) => {
             tracing::error!(cause = %m, "audit append failed; request refused");

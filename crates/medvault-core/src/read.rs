@@ -67,7 +67,9 @@ impl ReadCtx {
     /// whether break-the-glass would help) when one would have allowed it, else the
     /// category withheld.
     fn denial(&self, action: Action, category: Category, rel: Relationship) -> VaultError {
-        let treating = self.decide(action, category, Relationship::Treatment).allowed();
+        let treating = self
+            .decide(action, category, Relationship::Treatment)
+            .allowed();
         if rel == Relationship::None && treating {
             let break_glass = self.may_break_glass
                 && self

@@ -25,8 +25,8 @@ use base64::Engine as _;
 use medvault_fhir::date::{covering_tokens, format_instant, Interval};
 use medvault_fhir::search::{Include, SearchRequest, SortBy};
 use medvault_fhir::ResourceType;
-use medvault_store::{Order, SearchQuery, TimeRange};
 use medvault_policy::Relationship;
+use medvault_store::{Order, SearchQuery, TimeRange};
 use medvault_types::{Action, Category, PatientId};
 use serde_json::Value;
 

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use medvault_crypto::{record_aad, DataKey, RecordCipher};
 use medvault_fhir::bundle::IfNoneMatch;
 use medvault_fhir::{Resource, ResourceType};
-use medvault_store::{Expect, IndexRow, Op, Sealed, VersionRow};
 use medvault_policy::Relationship;
+use medvault_store::{Expect, IndexRow, Op, Sealed, VersionRow};
 use medvault_types::{Action, Category, PatientId};
 use serde_json::{Map, Value};
 
@@ -269,7 +269,10 @@ impl Vault {
         // The role's decision, as if the chart were the caller's patient's: the chart's own
         // relationship is decided once the chart is known ([`Vault::may_write_chart`]).
         for cat in std::iter::once(category).chain(stored.filter(|s| *s != category)) {
-            if !self.decide(c, action, cat, Relationship::Treatment).allowed() {
+            if !self
+                .decide(c, action, cat, Relationship::Treatment)
+                .allowed()
+            {
                 return Err(denial(Some(cat)));
             }
         }
@@ -299,7 +302,9 @@ impl Vault {
             rec.resource = Some(format!("{rt}/{target}"));
             rec.patient = patient.map(|p| p.to_string());
             rec.categories_withheld = vec![cat.to_string()];
-            let treating = self.decide(c, action, *cat, Relationship::Treatment).allowed();
+            let treating = self
+                .decide(c, action, *cat, Relationship::Treatment)
+                .allowed();
             if rel == Relationship::None && treating {
                 rec.detail = Some("no treatment relationship".into());
                 self.audit(vec![rec])?;

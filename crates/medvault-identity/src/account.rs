@@ -23,6 +23,10 @@ pub struct AccountView {
     pub recovery_codes: usize,
     /// Seconds the account's password sign-in is locked for, from any address.
     pub locked_for: i64,
+    /// The user's FHIR Practitioner (clinicians).
+    pub practitioner_id: Option<String>,
+    /// Whether the user's required training is current (PHI access depends on it).
+    pub training_current: bool,
 }
 
 /// One session as its owner sees it: `id` is a public handle (not the token).
@@ -112,6 +116,8 @@ impl Identity {
                     role: u.role,
                     disabled: u.disabled,
                     created: u.created,
+                    practitioner_id: u.practitioner_id,
+                    training_current: u.training_current,
                 })
             })
             .collect()
@@ -164,6 +170,19 @@ impl Identity {
             Op::PutUser(user),
             Op::RevokeSessions { username: name },
         ])
+    }
+
+    /// Records whether a user's required security training is current (the training gate:
+    /// when false, PHI access is denied except under break-the-glass).
+    ///
+    /// # Errors
+    /// `NoSuchUser`.
+    pub fn set_training(&self, username: &str, current: bool) -> Result<Vec<Op>, IdentityError> {
+        let user = self.user_row(username)?;
+        Ok(vec![Op::SetTraining {
+            username: user.username,
+            current,
+        }])
     }
 
     /// MFA reset (a lost phone): a new TOTP seed and recovery codes, every passkey

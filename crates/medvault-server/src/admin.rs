@@ -359,7 +359,13 @@ struct RoleBody {
     role: String,
 }
 
-/// `POST /api/users/{name}/{disable|enable|unlock|mfa-reset|role}` (step-up).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TrainingBody {
+    current: bool,
+}
+
+/// `POST /api/users/{name}/{disable|enable|unlock|mfa-reset|role|training}` (step-up).
 pub(crate) async fn user_action(
     State(state): State<AppState>,
     ctx: Ctx,
@@ -390,6 +396,12 @@ pub(crate) async fn user_action(
             blocking(move || vault.set_user_role(&c, &name, role)).await??;
             json!({"username": who, "role": role.as_str()})
         }
+        "training" => {
+            let b: TrainingBody = serde_json::from_slice(&body)
+                .map_err(|_| ApiError::bad_request("body must be {\"current\": true|false}"))?;
+            blocking(move || vault.set_user_training(&c, &name, b.current)).await??;
+            json!({"username": who, "training_current": b.current})
+        }
         "mfa-reset" => {
             let e = blocking(move || vault.reset_mfa(&c, &name)).await??;
             json!({"totp_secret": e.totp_secret, "totp_uri": e.totp_uri, "recovery_codes": e.recovery_codes})
@@ -397,4 +409,97 @@ pub(crate) async fn user_action(
         _ => return Err(ApiError::not_found()),
     };
     Ok(plain_json(StatusCode::OK, done))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BreakGlassBody {
+    patient: String,
+    reason: String,
+    justification: String,
+}
+
+/// `POST /api/break-glass {"patient","reason","justification"}` (step-up): `201` with the
+/// grant, or `200` with `suppressed` when the caller already treats the patient.
+pub(crate) async fn break_glass(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let c = caller(&state, &ctx).await?;
+    let body = body_bytes(&state, req).await?;
+    let b: BreakGlassBody = serde_json::from_slice(&body).map_err(|_| {
+        ApiError::bad_request(
+            "body must be {\"patient\": ID, \"reason\": CODE, \"justification\": TEXT}",
+        )
+    })?;
+    let vault = state.vault.clone();
+    let g =
+        blocking(move || vault.break_glass(&c, &b.patient, &b.reason, &b.justification)).await??;
+    let status = if g.id.is_some() {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok(plain_json(status, json!(g)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ReviewsQuery {
+    #[serde(default)]
+    status: Option<String>,
+}
+
+/// `GET /api/break-glass/reviews[?status=pending|all]` (privacy officers; default pending).
+pub(crate) async fn break_glass_reviews(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    q: QueryResult<ReviewsQuery>,
+) -> Result<Response, ApiError> {
+    let axum::extract::Query(q) =
+        q.map_err(|_| ApiError::bad_request("the only parameter is status=pending|all"))?;
+    let pending = match q.status.as_deref() {
+        None | Some("pending") => true,
+        Some("all") => false,
+        Some(_) => return Err(ApiError::bad_request("status must be pending or all")),
+    };
+    let list = as_caller(&state, &ctx, move |v, c| v.break_glass_reviews(c, pending)).await?;
+    Ok(plain_json(StatusCode::OK, json!({ "reviews": list })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReviewBody {
+    outcome: String,
+    #[serde(default)]
+    note: String,
+}
+
+/// `POST /api/break-glass/{id}/review {"outcome": "appropriate"|"inappropriate", "note"}`.
+pub(crate) async fn review_break_glass(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let c = caller(&state, &ctx).await?;
+    let body = body_bytes(&state, req).await?;
+    let b: ReviewBody = serde_json::from_slice(&body).map_err(|_| {
+        ApiError::bad_request(
+            "body must be {\"outcome\": \"appropriate\" or \"inappropriate\", \"note\": TEXT}",
+        )
+    })?;
+    let vault = state.vault.clone();
+    let v = blocking(move || vault.review_break_glass(&c, &id, &b.outcome, &b.note)).await??;
+    Ok(plain_json(StatusCode::OK, json!(v)))
+}
+
+/// `GET /api/incidents` (privacy officers).
+pub(crate) async fn incidents(
+    State(state): State<AppState>,
+    ctx: Ctx,
+) -> Result<Response, ApiError> {
+    let list = as_caller(&state, &ctx, move |v, c| v.incidents(c)).await?;
+    Ok(plain_json(StatusCode::OK, json!({ "incidents": list })))
 }

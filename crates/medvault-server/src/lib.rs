@@ -179,6 +179,13 @@ fn routes(state: AppState) -> Router {
         .route("/api/users", get(admin::users).post(admin::add_user))
         .route("/api/users/{name}/{action}", post(admin::user_action))
         .route("/api/status", get(admin::status))
+        .route("/api/break-glass", post(admin::break_glass))
+        .route("/api/break-glass/reviews", get(admin::break_glass_reviews))
+        .route(
+            "/api/break-glass/{id}/review",
+            post(admin::review_break_glass),
+        )
+        .route("/api/incidents", get(admin::incidents))
         .route(
             "/audit/checkpoint",
             get(admin::checkpoint).post(admin::checkpoint_now),

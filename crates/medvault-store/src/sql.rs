@@ -582,7 +582,11 @@ pub(crate) fn search(q: &SearchQuery, d: Dialect, select: Select) -> Option<(Str
                 continue;
             }
             sql.push_str(" OR (c.category IN (");
-            list(&mut sql, &mut push, cats.iter().cloned().map(Arg::Text).collect());
+            list(
+                &mut sql,
+                &mut push,
+                cats.iter().cloned().map(Arg::Text).collect(),
+            );
             sql.push_str(") AND c.patient_id IN (");
             list(
                 &mut sql,

@@ -236,6 +236,16 @@ str_enum!(
 );
 
 str_enum!(
+    /// Why a clinician breaks the glass (the reason codes of the emergency-access request).
+    BreakGlassReason, UnknownValue {
+        MedicalEmergency => "medical-emergency",
+        UnableToConsent => "patient-unable-to-consent",
+        ContinuityOfCare => "continuity-of-care",
+        NewRelationship => "care-relationship-not-yet-recorded",
+    }
+);
+
+str_enum!(
     /// What a caller does to a record.
     Action, UnknownValue {
         Read => "read",

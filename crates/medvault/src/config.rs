@@ -15,6 +15,7 @@ pub struct Config {
     pub keys: Keys,
     pub session: Session,
     pub lockout: Lockout,
+    pub access: Access,
     pub audit: Audit,
     /// OpenID Connect identity providers for single sign-on (`[[oidc]]`, any number).
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -89,6 +90,22 @@ impl Default for Lockout {
             base_backoff_secs: 30,
             max_backoff_secs: 900,
             challenge_attempts: 3,
+        }
+    }
+}
+
+/// Access control beyond roles (SPEC "Access control").
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Access {
+    /// How long a break-the-glass grant lasts, in hours (1 to 72).
+    pub break_glass_hours: i64,
+}
+
+impl Default for Access {
+    fn default() -> Self {
+        Access {
+            break_glass_hours: 8,
         }
     }
 }
@@ -285,6 +302,9 @@ impl Config {
         }
         if l.challenge_attempts > 10 || l.max_failures > 100 {
             bail!("lockout.challenge_attempts must be at most 10 and lockout.max_failures at most 100 (a second factor must not become a guessing game)");
+        }
+        if !(1..=72).contains(&self.access.break_glass_hours) {
+            bail!("access.break_glass_hours must be between 1 and 72 (emergency access is time-boxed)");
         }
         let mut names = std::collections::BTreeSet::new();
         for o in &self.oidc {

@@ -531,6 +531,7 @@ fn write_private(path: &Path, data: &[u8]) -> Result<()> {
 
 fn options(cfg: &Config) -> VaultOptions {
     VaultOptions {
+        break_glass_secs: cfg.access.break_glass_hours * 3600,
         session: SessionPolicy {
             idle_timeout_secs: cfg.session.idle_timeout_secs,
             absolute_timeout_secs: cfg.session.absolute_timeout_secs,
