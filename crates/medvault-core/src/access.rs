@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use medvault_fhir::care::{care_lookup, care_values};
 use medvault_fhir::ResourceType;
 use medvault_policy::{Asker, Query, Relationship, Target};
-use medvault_store::{IndexRow, Reach, StoreError};
+use medvault_store::{Charts, IndexRow, Reach, StoreError};
 use medvault_types::{Action, Category, Operation, PatientId};
 use serde_json::{Map, Value};
 
@@ -60,18 +60,26 @@ impl Reacher {
             .map_or(Relationship::None, |(_, r)| relationship_of(*r)))
     }
 
-    /// Every chart the caller reaches, by relationship.
-    pub(crate) fn all(
+    /// Search scopes: `treatment` categories within the charts the caller treats,
+    /// `break_glass` categories within those their live grants open.
+    pub(crate) fn scopes(
         &self,
-        lookup: &ChartLookup<'_>,
-    ) -> Result<Vec<(PatientId, Relationship)>, StoreError> {
+        treatment: Vec<String>,
+        break_glass: Vec<String>,
+    ) -> Vec<(Vec<String>, Charts)> {
         let Some(user) = &self.username else {
-            return Ok(vec![]);
+            return vec![];
         };
-        Ok(lookup(&self.care, user, self.now, None)?
-            .into_iter()
-            .map(|(p, r)| (p, relationship_of(r)))
-            .collect())
+        vec![
+            (treatment, Charts::Care(self.care.clone())),
+            (
+                break_glass,
+                Charts::Grants {
+                    username: user.clone(),
+                    now: self.now,
+                },
+            ),
+        ]
     }
 }
 

@@ -479,17 +479,11 @@ impl Vault {
             let cat_names = |v: &[Category]| v.iter().map(|c| c.as_str().to_owned()).collect::<Vec<_>>();
             if chart_scoped {
                 // Categories visible only in some charts: searched within the charts the
-                // caller reaches, by how they reach them.
-                let lookup = |t: &[Vec<u8>], u: &str, n: i64, p: Option<&PatientId>| tx.charts(t, u, n, p);
-                let charts = cx.reacher.all(&lookup)?;
-                let of = |rel| -> Vec<PatientId> {
-                    charts.iter().filter(|(_, r)| *r == rel).map(|(p, _)| p.clone()).collect()
-                };
+                // caller reaches (resolved inside the query), by how they reach them.
                 page_q.categories = cat_names(&reach.open);
-                page_q.scopes = vec![
-                    (cat_names(&reach.treatment), of(Relationship::Treatment)),
-                    (cat_names(&reach.break_glass), of(Relationship::BreakGlass)),
-                ];
+                page_q.scopes = cx
+                    .reacher
+                    .scopes(cat_names(&reach.treatment), cat_names(&reach.break_glass));
             } else {
                 page_q.categories = cat_names(&visible);
             }

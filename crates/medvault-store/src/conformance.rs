@@ -156,6 +156,73 @@ pub fn care_relationships_and_break_glass(s: &dyn Store) -> Result<(), Failure> 
         2,
         "inside an audited read too"
     );
+    // Search scopes: categories open everywhere, or only within charts reached by care
+    // tokens, by grants, or listed.
+    let mut demo = row("Patient", "p9", 1, "p9", b"d");
+    demo.category = "demographics".into();
+    put(s, demo, Expect::Absent, vec![])?;
+    put(
+        s,
+        row("Observation", "v9", 1, "p9", b"v"),
+        Expect::Absent,
+        vec![],
+    )?;
+    put(
+        s,
+        row("Observation", "v2", 1, "p2", b"v"),
+        Expect::Absent,
+        vec![],
+    )?;
+    let found = |scopes: Vec<(Vec<String>, Charts)>| -> Result<Vec<String>, Failure> {
+        let q = SearchQuery {
+            categories: vec!["demographics".into()],
+            scopes,
+            limit: 50,
+            ..Default::default()
+        };
+        let mut ids: Vec<String> = s
+            .search(&q)?
+            .rows
+            .iter()
+            .map(|r| r.id().to_owned())
+            .collect();
+        ids.sort();
+        let tq = q.clone();
+        let tallied: u64 = s
+            .audited(Box::new(move |tx: &dyn TxRead| {
+                let n: u64 = tx.tally(&tq)?.iter().map(|(_, n)| n).sum();
+                Ok((vec![(vec![1], b"t".to_vec())], Box::new(n) as Payload))
+            }))?
+            .downcast::<u64>()
+            .map(|b| *b)
+            .unwrap_or(u64::MAX);
+        assert_eq!(
+            tallied,
+            ids.len() as u64,
+            "the tally counts what the search finds"
+        );
+        Ok(ids)
+    };
+    let vitals = || vec!["vitals".to_owned()];
+    assert_eq!(found(vec![(vitals(), Charts::Patients(vec![]))])?, ["p9"]);
+    assert_eq!(
+        found(vec![(vitals(), Charts::Care(vec![b"dr-b".to_vec()]))])?,
+        ["e1", "p9", "v2"]
+    );
+    let grants = Charts::Grants {
+        username: "ann".into(),
+        now: 150,
+    };
+    assert_eq!(found(vec![(vitals(), grants)])?, ["e1", "p9", "v2", "v9"]);
+    let expired = Charts::Grants {
+        username: "ann".into(),
+        now: 250,
+    };
+    assert_eq!(found(vec![(vitals(), expired)])?, ["p9"]);
+    assert_eq!(
+        found(vec![(vitals(), Charts::Patients(vec![pid("p9")]))])?,
+        ["p9", "v9"]
+    );
     let list = s.break_glass()?;
     assert_eq!(
         list.iter().map(|g| g.id.as_str()).collect::<Vec<_>>(),

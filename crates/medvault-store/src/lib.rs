@@ -530,8 +530,8 @@ pub struct SearchQuery {
     pub categories: Vec<String>,
     /// Categories visible only within some charts: with scopes, a resource matches when
     /// its category is in `categories`, or in a scope's categories and its chart in that
-    /// scope's patients (treatment relationships, break-the-glass grants). Nothing else.
-    pub scopes: Vec<(Vec<String>, Vec<PatientId>)>,
+    /// scope's [`Charts`] (treatment relationships, break-the-glass grants). Nothing else.
+    pub scopes: Vec<(Vec<String>, Charts)>,
     /// Only resources created by a batch whose first audit sequence number is below this:
     /// the store as it was when the audit log had this many entries (a search's snapshot).
     pub created_before: Option<u64>,
@@ -541,6 +541,18 @@ pub struct SearchQuery {
     pub after: Option<Vec<String>>,
     pub limit: usize,
     pub offset: usize,
+}
+
+/// A set of charts, as a search scope names it (resolved inside the query, so a clinician
+/// with thousands of patients costs no list of ids).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Charts {
+    /// Exactly these.
+    Patients(Vec<PatientId>),
+    /// Those with a `_care` index token among these (see [`TxRead::charts`]).
+    Care(Vec<Vec<u8>>),
+    /// Those a live break-the-glass grant of `username` opens at `now` (Unix seconds).
+    Grants { username: String, now: i64 },
 }
 
 #[derive(Debug, Clone, Default)]

@@ -3,8 +3,8 @@
 use medvault_types::PatientId;
 
 use crate::{
-    BreakGlassRow, CredentialRow, IncidentRow, Op, Order, Reach, Sealed, SearchQuery, SessionRow,
-    ThrottleRow, UserRow, VersionRow,
+    BreakGlassRow, Charts, CredentialRow, IncidentRow, Op, Order, Reach, Sealed, SearchQuery,
+    SessionRow, ThrottleRow, UserRow, VersionRow,
 };
 
 /// Which SQL the builder speaks.
@@ -578,7 +578,12 @@ pub(crate) fn search(q: &SearchQuery, d: Dialect, select: Select) -> Option<(Str
             any = true;
         }
         for (cats, charts) in &q.scopes {
-            if cats.is_empty() || charts.is_empty() {
+            let empty = match charts {
+                Charts::Patients(p) => p.is_empty(),
+                Charts::Care(t) => t.is_empty(),
+                Charts::Grants { .. } => false,
+            };
+            if cats.is_empty() || empty {
                 continue;
             }
             sql.push_str(" OR (c.category IN (");
@@ -588,14 +593,30 @@ pub(crate) fn search(q: &SearchQuery, d: Dialect, select: Select) -> Option<(Str
                 cats.iter().cloned().map(Arg::Text).collect(),
             );
             sql.push_str(") AND c.patient_id IN (");
-            list(
-                &mut sql,
-                &mut push,
-                charts
-                    .iter()
-                    .map(|p| Arg::Text(p.as_str().to_owned()))
-                    .collect(),
-            );
+            match charts {
+                Charts::Patients(p) => list(
+                    &mut sql,
+                    &mut push,
+                    p.iter().map(|p| Arg::Text(p.as_str().to_owned())).collect(),
+                ),
+                Charts::Care(tokens) => {
+                    sql.push_str("SELECT k.patient_id FROM search_index k WHERE k.rtype IN ('CareTeam', 'Encounter') AND k.param = '_care' AND k.token IN (");
+                    list(
+                        &mut sql,
+                        &mut push,
+                        tokens.iter().cloned().map(Arg::Bytes).collect(),
+                    );
+                    sql.push(')');
+                }
+                Charts::Grants { username, now } => {
+                    push(
+                        &mut sql,
+                        "SELECT g.patient_id FROM break_glass g WHERE g.username = ?",
+                        Arg::Text(username.clone()),
+                    );
+                    push(&mut sql, " AND g.expires > ?", Arg::Int(*now));
+                }
+            }
             sql.push_str("))");
             any = true;
         }

@@ -201,8 +201,19 @@ fn entry(full_url: &str, resource: Value) -> Value {
     json!({"fullUrl": full_url, "resource": resource, "request": {"method": "POST", "url": rt}})
 }
 
-/// A transaction Bundle of `patients` synthetic charts, identical for the same seed.
-pub fn bundle(seed: u64, patients: usize) -> Value {
+/// Of every this many patients, all but the last are on the demo clinicians' care team (so
+/// the demo shows both "my patients" and charts that need break-the-glass).
+pub const CARE_TEAM_OF_EVERY: usize = 4;
+
+/// Whether the demo clinicians care for the `i`th synthetic patient.
+pub fn cared_for(i: usize) -> bool {
+    i % CARE_TEAM_OF_EVERY != CARE_TEAM_OF_EVERY - 1
+}
+
+/// A transaction Bundle of `patients` synthetic charts, identical for the same seed. The
+/// Practitioners in `care_team` (the demo's clinicians) are members of an active CareTeam
+/// of each patient [`cared_for`].
+pub fn bundle(seed: u64, patients: usize, care_team: &[String]) -> Value {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut entries = vec![];
     for i in 0..patients {
@@ -243,6 +254,17 @@ pub fn bundle(seed: u64, patients: usize) -> Value {
             );
         }
         entries.push(entry(&p_url, patient));
+        if !care_team.is_empty() && cared_for(i) {
+            let members: Vec<Value> = care_team
+                .iter()
+                .map(|id| json!({"member": {"reference": format!("Practitioner/{id}")}}))
+                .collect();
+            entries.push(entry(
+                &format!("urn:uuid:00000000-0000-4000-8000-{i:012}"),
+                json!({"resourceType": "CareTeam", "status": "active",
+                "name": "Primary care team", "subject": p_ref, "participant": members}),
+            ));
+        }
 
         let year = rng.gen_range(2023..=2026);
         let visit = |rng: &mut ChaCha8Rng,
@@ -404,9 +426,21 @@ mod tests {
 
     #[test]
     fn deterministic_and_valid() {
-        let a = bundle(7, 12);
-        assert_eq!(a, bundle(7, 12));
-        assert_ne!(a, bundle(8, 12));
+        let a = bundle(7, 12, &[]);
+        assert_eq!(a, bundle(7, 12, &[]));
+        assert_ne!(a, bundle(8, 12, &[]));
+        let teams = bundle(7, 12, &["dr".into(), "rn".into()]);
+        let care: Vec<&Value> = teams["entry"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["resource"]["resourceType"] == "CareTeam")
+            .collect();
+        assert_eq!(care.len(), 9, "three of every four patients");
+        assert_eq!(
+            care[0]["resource"]["participant"][1]["member"]["reference"],
+            "Practitioner/rn"
+        );
         let entries = a["entry"].as_array().unwrap();
         assert!(entries.len() > 12 * 10);
         for e in entries {

@@ -946,12 +946,33 @@ fn demo(
             );
         }
         let (_, vault, op) = open(dir)?;
+        logins.push(
+            json!({"username": out.user.username.as_str(), "role": Role::SecurityAdmin.as_str(),
+            "password": out.user.password.expose(), "totp_secret": out.user.totp_secret}),
+        );
+        // Staff first: the clinicians' Practitioners go on the demo patients' care teams.
+        let mut care_team = vec![];
+        for role in DEMO_ROLES.iter().filter(|r| **r != Role::SecurityAdmin) {
+            let u = vault
+                .add_user(
+                    &Caller::cli(&op, Role::SecurityAdmin),
+                    role.as_str(),
+                    *role,
+                    None,
+                )
+                .map_err(describe)?;
+            care_team.extend(u.practitioner_id.clone());
+            logins.push(
+                json!({"username": u.username.as_str(), "role": role.as_str(),
+                "password": u.password.expose(), "totp_secret": u.totp_secret}),
+            );
+        }
         let bar = if as_json {
             None
         } else {
             progress_bar(patients as u64, "generating synthetic charts")
         };
-        let bundle = demo::bundle(seed, patients);
+        let bundle = demo::bundle(seed, patients, &care_team);
         if let Some(b) = &bar {
             b.set_message("loading through the secure path");
         }
@@ -962,26 +983,12 @@ fn demo(
         if let Some(b) = bar {
             b.finish_and_clear();
         }
-        logins.push(
-            json!({"username": out.user.username.as_str(), "role": Role::SecurityAdmin.as_str(),
-            "password": out.user.password.expose(), "totp_secret": out.user.totp_secret}),
-        );
-        for role in DEMO_ROLES.iter().filter(|r| **r != Role::SecurityAdmin) {
-            let u = vault
-                .add_user(
-                    &Caller::cli(&op, Role::SecurityAdmin),
-                    role.as_str(),
-                    *role,
-                    None,
-                )
-                .map_err(describe)?;
-            logins.push(
-                json!({"username": u.username.as_str(), "role": role.as_str(),
-                "password": u.password.expose(), "totp_secret": u.totp_secret}),
-            );
-        }
         if !as_json {
             println!("Loaded {patients} synthetic patients ({n} FHIR resources), all fiction.");
+            let treated = (0..patients).filter(|i| demo::cared_for(*i)).count();
+            println!(
+                "The physician and nurse are on the care teams of {treated} of them; reaching the others' clinical records takes break-the-glass."
+            );
             println!();
             println!(
                 "{:<16} {:<16} {:<22} TOTP secret (base32)",
