@@ -4,8 +4,9 @@
 // _include paged to the end through the library's nextPage, checking Bundle.total, and
 // history. Prints one JSON line of what it saw; exits non-zero on the first surprise.
 //
-// Environment: FHIR_BASE (https://host:port/fhir), FHIR_TOKEN (a bearer token), and
-// NODE_EXTRA_CA_CERTS (medvault's certificate).
+// Environment: FHIR_BASE (https://host:port/fhir), FHIR_TOKEN (a clinician's bearer token),
+// FHIR_PRACTITIONER (that clinician's Practitioner id) and NODE_EXTRA_CA_CERTS (medvault's
+// certificate).
 import { Client } from 'fhir-kit-client';
 
 const client = new Client({ baseUrl: process.env.FHIR_BASE, bearerToken: process.env.FHIR_TOKEN });
@@ -19,6 +20,16 @@ const patient = await client.create({
     birthDate: '1970-01-02', identifier: [mrn] },
 });
 expect(patient.resourceType === 'Patient' && patient.id, 'create returns the Patient');
+// A clinician reaches a chart's clinical records through a treatment relationship: they
+// begin an encounter naming themselves, as at admission.
+const encounter = await client.create({
+  resourceType: 'Encounter',
+  body: { resourceType: 'Encounter', status: 'in-progress',
+    class: { system: 'http://terminology.hl7.org/CodeSystem/v3-ActCode', code: 'AMB' },
+    subject: { reference: `Patient/${patient.id}` },
+    participant: [{ individual: { reference: `Practitioner/${process.env.FHIR_PRACTITIONER}` } }] },
+});
+expect(encounter.id, 'an encounter begins the treatment relationship');
 const read = await client.read({ resourceType: 'Patient', id: patient.id });
 expect(read.id === patient.id && read.meta.versionId === '1', 'read returns version 1');
 

@@ -89,8 +89,16 @@ pub fn audit_event(index: u64, r: &AuditRecord) -> Value {
         desc = format!("{desc}: {d}");
     }
     ev.insert("outcomeDesc".into(), json!(desc));
+    let mut purposes = vec![];
     if let Some(p) = &r.purpose {
-        ev.insert("purposeOfEvent".into(), json!([{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": p}]}]));
+        purposes.push(json!({"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": p}]}));
+    }
+    if r.break_glass {
+        // HL7 v3 PurposeOfUse BTG: access under an emergency override of policy.
+        purposes.push(json!({"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": "BTG", "display": "break the glass"}]}));
+    }
+    if !purposes.is_empty() {
+        ev.insert("purposeOfEvent".into(), json!(purposes));
     }
     // The user is the information recipient of a data access, and the authenticating
     // agent (a human user) of an identity event.

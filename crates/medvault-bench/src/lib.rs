@@ -148,6 +148,8 @@ struct Fixture {
     /// (patient id, observation id) pairs, secure side and plain side.
     secure_ids: Vec<(String, String)>,
     plain_ids: Vec<(String, String)>,
+    /// A signed-in physician on every patient's care team.
+    physician: Caller,
 }
 
 fn plain_put(rt: &str, id: &str, patient: &str, v: &Value, index: Vec<IndexRow>) -> Op {
@@ -219,6 +221,18 @@ fn setup(
     )?;
     let plain = open_store(backend, dir, "plain", created)?;
     let importer = Caller::cli(&operator, Role::Importer);
+    // The physician every clinical row acts as: a real user with a Practitioner, on every
+    // bench patient's care team, so reads and searches run with relationships in force.
+    let password = medvault_core::Password::new("bench correct horse battery".into());
+    let doctor = vault.add_user(
+        &Caller::cli(&operator, Role::SecurityAdmin),
+        "bench.physician",
+        Role::Physician,
+        Some(password.clone()),
+    )?;
+    let practitioner = doctor.practitioner_id.clone().ok_or(VaultError::Internal(
+        "a physician has a Practitioner".into(),
+    ))?;
     let mut secure_ids = vec![];
     let mut plain_ids = vec![];
     let chunk = 1000;
@@ -234,6 +248,12 @@ fn setup(
             set(&mut o, "subject", json!({"reference": purl}));
             entries
                 .push(json!({"resource": o, "request": {"method": "POST", "url": "Observation"}}));
+            entries.push(
+                json!({"resource": {"resourceType": "CareTeam", "status": "active",
+                "subject": {"reference": purl},
+                "participant": [{"member": {"reference": format!("Practitioner/{practitioner}")}}]},
+                "request": {"method": "POST", "url": "CareTeam"}}),
+            );
             let (pid, oid) = (medvault_types::random_uuid(), medvault_types::random_uuid());
             let tok = |p: &str, v: &str| IndexRow {
                 param: p.into(),
@@ -261,8 +281,8 @@ fn setup(
             "import",
             false,
         )?;
-        for pair in results.chunks(2) {
-            if let [p, o] = pair {
+        for chart in results.chunks(3) {
+            if let [p, o, _] = chart {
                 if let (Some(p), Some(o)) = (&p.written, &o.written) {
                     secure_ids.push((p.id.clone(), o.id.clone()));
                 }
@@ -272,6 +292,17 @@ fn setup(
         done += n;
         progress(done, patients);
     }
+    // Signed in as a clinician is (password, then TOTP).
+    let anonymous = Caller::anonymous(Some("bench".into()), "bench-physician".into());
+    let ch = vault.login(&anonymous, "bench.physician", &password)?;
+    let code = medvault_core::totp_now(&doctor.totp_secret, clock.now().unix_timestamp())
+        .ok_or(VaultError::Internal("totp".into()))?;
+    let grant = vault.login_factor(
+        &anonymous,
+        &ch.mfa_token,
+        &medvault_core::Factor::Totp(&code),
+    )?;
+    let physician = vault.authenticate(&anonymous, &grant.token, None)?;
     Ok(Fixture {
         vault,
         operator,
@@ -279,6 +310,7 @@ fn setup(
         plain,
         secure_ids,
         plain_ids,
+        physician,
     })
 }
 
@@ -501,8 +533,8 @@ pub fn run(
                 return Err(e);
             }
         };
-        // A physician treating (the role's default purpose), acting locally.
-        let c = Caller::cli(&fx.operator, Role::Physician);
+        // A signed-in physician treating (the role's default purpose), on the care team.
+        let c = fx.physician.clone();
         let obs = ResourceType::parse("Observation").ok_or(VaultError::Internal("type".into()))?;
         let n = fx.secure_ids.len().max(1);
         let pick = |i: usize| (i.wrapping_mul(2_654_435_761)) % n;
@@ -527,6 +559,35 @@ pub fn run(
             secure,
             plain: Some(plain),
         });
+        if size == opts.sizes.first().copied().unwrap_or(0) {
+            // One policy decision of the common case (a clinician reading vitals of a
+            // patient they treat), evaluated by Cedar afresh; the gate caches decisions
+            // per query, so this is the cost of the first of each kind.
+            progress("policy decisions", 0, 1);
+            let m = measure(opts.threads, opts.ops * 10, &|i| {
+                let rel = if i % 2 == 0 {
+                    medvault_core::Relationship::Treatment
+                } else {
+                    medvault_core::Relationship::None
+                };
+                let e = fx.vault.explain(
+                    &c,
+                    medvault_core::Action::Read,
+                    medvault_core::Category::Vitals,
+                    rel,
+                );
+                match e.allowed == (i % 2 == 0) {
+                    true => Ok(()),
+                    false => Err(VaultError::Internal("unexpected decision".into())),
+                }
+            })?;
+            rows.push(BenchRow {
+                patients: 0,
+                operation: "policy decision".into(),
+                secure: m,
+                plain: None,
+            });
+        }
 
         progress("searches", 0, 1);
         let secure = measure(opts.threads, opts.ops / 2, &|i| {

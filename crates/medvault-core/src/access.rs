@@ -128,16 +128,47 @@ impl Reachable {
         }
         out
     }
-    /// Whether some category is visible only within reached charts.
-    pub(crate) fn chart_scoped(&self) -> bool {
+    /// Whether some of `categories` is visible only within reached charts.
+    pub(crate) fn chart_scoped(&self, categories: &[Category]) -> bool {
         self.treatment
             .iter()
             .chain(&self.break_glass)
-            .any(|c| !self.open.contains(c))
+            .any(|c| !self.open.contains(c) && categories.contains(c))
     }
 }
 
+/// One decision explained: allowed or not, and the `@id`s of the deciding policies (the
+/// permits for an allow, the forbids that denied; none for a default deny).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Explanation {
+    pub allowed: bool,
+    pub policies: Vec<String>,
+}
+
 impl Vault {
+    /// Explains whether `c` may `action` records of `category` in a chart reached through
+    /// `relationship`, evaluating the policies afresh (no cache): what `medvault policy
+    /// test` and the benchmark's policy row use. Records nothing; decides nothing.
+    pub fn explain(
+        &self,
+        c: &Caller,
+        action: Action,
+        category: Category,
+        relationship: Relationship,
+    ) -> Explanation {
+        let d = self.policy.decide_fresh(Self::records_query(
+            c,
+            action,
+            category,
+            relationship,
+            self.options.public_transparency,
+        ));
+        Explanation {
+            allowed: d.allowed(),
+            policies: d.policies().to_vec(),
+        }
+    }
+
     /// The relationship facts of `c` at this moment.
     pub(crate) fn reacher(&self, c: &Caller) -> Reacher {
         let now = self.clock.now();

@@ -1,6 +1,6 @@
 //! Break-the-glass (SPEC "Access control"): a clinician without a treatment relationship
 //! asks for emergency access to one chart with a reason code and a justification, after a
-//! step-up; the grant is time-boxed (`access.break_glass_hours`, default 8), every access
+//! step-up; the grant is time-boxed (`access.break_glass_secs`, default 8 hours), every access
 //! under it is flagged in the audit, and privacy officers review each use — an
 //! inappropriate one opens an incident (`medvault-governance`). A request from someone who
 //! already treats the patient makes no grant and no review noise.

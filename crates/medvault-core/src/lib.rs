@@ -45,6 +45,7 @@ mod write;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+pub use access::Explanation;
 pub use admin::Status;
 pub use audit_views::AuditEventPage;
 pub use auth::{check_password, EnrollmentInfo, LoginChallenge, NewUserInfo, SessionGrant};
@@ -63,7 +64,8 @@ pub use medvault_identity::{
     totp_now, AccountView, ClientAuth, ClientGrant, ClientView, Factor, LockoutPolicy,
     OidcProvider, PasskeyView, Password, SessionPolicy, SessionView, Token,
 };
-pub use medvault_types::{Category, Clock, Operation, Purpose, Role};
+pub use medvault_policy::Relationship;
+pub use medvault_types::{Action, Category, Clock, Operation, Purpose, Role};
 pub use search::SearchResult;
 pub use typestate::Disclosed;
 pub use write::{Precondition, Written};
@@ -72,7 +74,7 @@ use medvault_crypto::{BlindIndexer, DataKey, IndexRootKey, KeyCache, MasterKey, 
 use medvault_identity::Identity;
 use medvault_policy::{PolicyEngine, Query};
 use medvault_store::{Committed, Op, Store, StoreError, WriteBatch};
-use medvault_types::{Action, PatientId};
+use medvault_types::PatientId;
 
 /// Data-key id for non-patient (directory) resources such as Practitioner.
 const DIRECTORY_KEY: &str = "medvault.directory";

@@ -455,7 +455,7 @@ impl Vault {
         let visible = reach.any();
         let seen_by_caller = visible.clone();
         let hidden = self.never_visible(&visible, &[rt]);
-        let chart_scoped = reach.chart_scoped();
+        let chart_scoped = reach.chart_scoped(medvault_fhir::categories_of_type(rt));
         let cursor_total = cursor.as_ref().map(|c| c.total);
         let offset = if cursor.is_some() || exact {
             0
@@ -464,7 +464,7 @@ impl Vault {
         };
         let names = s.names.join(",");
         let patient = s.patient.as_ref().map(|p| p.to_string());
-        let (rows, disclosed, withheld, total, more, snapshot) = self.audited_read(c, move |cx, tx| {
+        let (rows, disclosed, withheld, total, more, snapshot, limited) = self.audited_read(c, move |cx, tx| {
             let mut rec = cx.record("search", Outcome::Success);
             rec.resource = Some(rt.as_str().to_owned());
             rec.patient = patient;
@@ -473,7 +473,7 @@ impl Vault {
             let snapshot = *q.created_before.get_or_insert(tx.audit_len());
             if nothing {
                 rec.detail = Some(format!("params={names} matched=0 returned=0"));
-                return Ok((vec![rec], Ok((vec![], vec![], vec![], 0, false, snapshot))));
+                return Ok((vec![rec], Ok((vec![], vec![], vec![], 0, false, snapshot, chart_scoped))));
             }
             let mut page_q = q.clone();
             let cat_names = |v: &[Category]| v.iter().map(|c| c.as_str().to_owned()).collect::<Vec<_>>();
@@ -553,7 +553,16 @@ impl Vault {
                 }
             }
             recs.insert(0, rec);
-            Ok((recs, Ok((rows, disclosed, withheld, total, page.more, snapshot))))
+            // The notice that results are limited to reached charts: always, unless the search
+            // names one chart the caller reaches (then nothing of it was left out for want
+            // of a relationship). Either way it depends on the caller's relationships, which
+            // are theirs to know, never on what the charts hold.
+            let limited = chart_scoped
+                && match &page_q.patient {
+                    Some(p) => cx.relationship(tx, Some(p))? == Relationship::None,
+                    None => true,
+                };
+            Ok((recs, Ok((rows, disclosed, withheld, total, page.more, snapshot, limited))))
         })?;
         // The notice names what the caller's role may never see among the types this
         // response could hold — decided by policy alone, never by the data, so whether it
@@ -573,7 +582,7 @@ impl Vault {
             withheld: self.never_visible(&seen_by_caller, &types),
             count,
             unknown: s.unknown.clone(),
-            limited_to_relationships: chart_scoped,
+            limited_to_relationships: limited,
             ..Default::default()
         };
         if exact {

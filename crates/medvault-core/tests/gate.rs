@@ -152,7 +152,8 @@ fn unknown_stored_category_is_a_recorded_denial_naming_no_category() {
         {"request": {"method": "POST", "url": "Condition"},
          "resource": {"resourceType": "Condition", "subject": {"reference": "urn:uuid:p"},
                       "code": {"text": "x"}}}]});
-    let written = v.transaction(&doc, bundle, "transaction", false).unwrap();
+    let importer = Caller::cli(&op, Role::Importer);
+    let written = v.transaction(&importer, bundle, "import", false).unwrap();
     let patient = written[0].written.clone().unwrap();
     let condition = written[1].written.clone().unwrap();
     let body = serde_json::json!({"resourceType": "Condition", "id": condition.id,

@@ -98,14 +98,15 @@ impl Default for Lockout {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Access {
-    /// How long a break-the-glass grant lasts, in hours (1 to 72).
-    pub break_glass_hours: i64,
+    /// How long a break-the-glass grant lasts, in seconds (default 8 hours; at most 72
+    /// hours).
+    pub break_glass_secs: i64,
 }
 
 impl Default for Access {
     fn default() -> Self {
         Access {
-            break_glass_hours: 8,
+            break_glass_secs: 8 * 3600,
         }
     }
 }
@@ -303,8 +304,8 @@ impl Config {
         if l.challenge_attempts > 10 || l.max_failures > 100 {
             bail!("lockout.challenge_attempts must be at most 10 and lockout.max_failures at most 100 (a second factor must not become a guessing game)");
         }
-        if !(1..=72).contains(&self.access.break_glass_hours) {
-            bail!("access.break_glass_hours must be between 1 and 72 (emergency access is time-boxed)");
+        if !(1..=72 * 3600).contains(&self.access.break_glass_secs) {
+            bail!("access.break_glass_secs must be between 1 and 259200 (72 hours): emergency access is time-boxed");
         }
         let mut names = std::collections::BTreeSet::new();
         for o in &self.oidc {

@@ -335,7 +335,12 @@ fn run(cli: Cli) -> Result<()> {
                 .transaction(&Caller::cli(&op, Role::Importer), value, "import", false)
                 .map_err(describe)?;
             if json {
-                println!("{}", json!({"imported": results.len()}));
+                // Where each entry went, in the Bundle's order (`Type/id/_history/n`).
+                let locations: Vec<&str> = results.iter().map(|r| r.location.as_str()).collect();
+                println!(
+                    "{}",
+                    json!({"imported": results.len(), "locations": locations})
+                );
             } else {
                 println!(
                     "imported {} resources from {}",
@@ -531,7 +536,7 @@ fn write_private(path: &Path, data: &[u8]) -> Result<()> {
 
 fn options(cfg: &Config) -> VaultOptions {
     VaultOptions {
-        break_glass_secs: cfg.access.break_glass_hours * 3600,
+        break_glass_secs: cfg.access.break_glass_secs,
         session: SessionPolicy {
             idle_timeout_secs: cfg.session.idle_timeout_secs,
             absolute_timeout_secs: cfg.session.absolute_timeout_secs,

@@ -299,9 +299,15 @@ impl Drop for Server {
 
 struct Staff {
     users: Vec<(String, String, String)>,
+    /// (role, Practitioner id) of the clinical users.
+    practitioners: Vec<(String, String)>,
 }
 
 impl Staff {
+    fn practitioner(&self, role: &str) -> &str {
+        &self.practitioners.iter().find(|p| p.0 == role).unwrap().1
+    }
+
     fn get(&self, role: &str) -> (&str, &str, &str) {
         let u = self
             .users
@@ -394,6 +400,7 @@ fn setup_on(pg: bool) -> (tempfile::TempDir, PathBuf, Staff, Option<PgDb>) {
         "the first administrator's recovery codes are shown once"
     );
     let mut users = vec![];
+    let mut practitioners = vec![];
     for role in [
         "physician",
         "nurse",
@@ -414,6 +421,10 @@ fn setup_on(pg: bool) -> (tempfile::TempDir, PathBuf, Staff, Option<PgDb>) {
                 u["practitioner_id"].is_string(),
                 "clinical users get a Practitioner"
             );
+            practitioners.push((
+                role.to_owned(),
+                u["practitioner_id"].as_str().unwrap().to_owned(),
+            ));
         }
         users.push((
             name,
@@ -421,7 +432,15 @@ fn setup_on(pg: bool) -> (tempfile::TempDir, PathBuf, Staff, Option<PgDb>) {
             u["totp_secret"].as_str().unwrap().to_owned(),
         ));
     }
-    (tmp, dir, Staff { users }, db)
+    (
+        tmp,
+        dir,
+        Staff {
+            users,
+            practitioners,
+        },
+        db,
+    )
 }
 
 fn patient_body(family: &str, mrn: &str) -> Value {
@@ -459,13 +478,17 @@ fn withheld_text(b: &Value) -> String {
         .unwrap_or_default()
         .iter()
         .filter(|e| e["search"]["mode"] == "outcome")
-        .map(|e| {
-            e["resource"]["issue"][0]["diagnostics"]
-                .as_str()
-                .unwrap()
-                .to_owned()
+        .flat_map(|e| {
+            e["resource"]["issue"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .iter()
+                .map(|i| i["diagnostics"].as_str().unwrap().to_owned())
+                .collect::<Vec<_>>()
         })
-        .collect()
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 #[test]
@@ -497,6 +520,7 @@ fn role_matrix(pg: bool) {
     assert_eq!(r.header("etag"), Some("W/\"1\""));
     assert!(r.header("location").unwrap().contains("/fhir/Patient/"));
     let pid = r.body["id"].as_str().unwrap().to_owned();
+    admit(&s, &staff, &phys, &pid);
     for h in [
         "strict-transport-security",
         "x-content-type-options",
@@ -765,8 +789,13 @@ fn role_matrix(pg: bool) {
     assert_eq!(s.get("/fhir/Observation/does-not-exist", &phys).status, 404);
 
     // Transaction Bundles: all-or-nothing, urn:uuid references resolved.
+    // A transaction that registers, admits (an encounter naming the physician, which
+    // relates them to the chart for the rest of the transaction) and charts.
+    let mut admission = encounter("x", &[staff.practitioner("physician")]);
+    admission["subject"] = json!({"reference": "urn:uuid:11111111-1111-4111-8111-111111111111"});
     let tx = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
         {"fullUrl": "urn:uuid:11111111-1111-4111-8111-111111111111", "resource": patient_body("Tx", "MRN-TX"), "request": {"method": "POST", "url": "Patient"}},
+        {"resource": admission, "request": {"method": "POST", "url": "Encounter"}},
         {"resource": vital("x").as_object().cloned().map(|mut o| { o.insert("subject".into(), json!({"reference": "urn:uuid:11111111-1111-4111-8111-111111111111"})); Value::Object(o) }).unwrap(),
          "request": {"method": "POST", "url": "Observation"}}]});
     let r = s.post("/fhir", &phys, &tx);
@@ -778,7 +807,7 @@ fn role_matrix(pg: bool) {
     );
     let mut bad = tx.clone();
     bad["entry"][0]["resource"]["name"][0]["family"] = json!("Txbad");
-    bad["entry"][1]["resource"]["status"] = json!("not-a-status");
+    bad["entry"][2]["resource"]["status"] = json!("not-a-status");
     assert_eq!(s.post("/fhir", &phys, &bad).status, 422);
     assert!(
         entry_types(&s.get("/fhir/Patient?family=txbad", &phys).body).is_empty(),
@@ -934,6 +963,7 @@ fn canary(pg: bool) {
         "birthDate": "1977-07-17", "identifier": [{"system": "https://example.org/mrn", "value": "CANARY-MRN-778899"}]}));
     assert_eq!(r.status, 201);
     let pid = r.body["id"].as_str().unwrap().to_owned();
+    admit(&s, &staff, &phys, &pid);
     let c = s.post("/fhir/Condition", &phys, &json!({"resourceType": "Condition", "code": {"text": "snarkhunting"},
         "subject": {"reference": format!("Patient/{pid}")}, "note": [{"text": "Bandersnatch frumious"}]}));
     assert_eq!(c.status, 201);
@@ -1263,6 +1293,7 @@ fn hostile(pg: bool) {
         .as_str()
         .unwrap()
         .to_owned();
+    admit(&s, &staff, &phys, &pid);
     let count = |s: &Server| {
         s.get(&format!("/fhir/Observation?patient={pid}"), &phys)
             .body["entry"]
@@ -1741,6 +1772,7 @@ fn two_servers_share_one_postgres() {
         .as_str()
         .unwrap()
         .to_owned();
+    admit(&b, &staff, &phys, &pid);
     // Concurrent writes and reads through both servers.
     let ids: Vec<String> = std::thread::scope(|sc| {
         let hs: Vec<_> = [&a, &b, &a, &b]
@@ -1955,6 +1987,8 @@ fn database_outage_gives_503_and_recovers() {
         .as_str()
         .unwrap()
         .to_owned();
+    let enc = encounter(&pid, &[u["practitioner_id"].as_str().unwrap()]);
+    assert_eq!(s.post("/fhir/Encounter", &tok, &enc).status, 201);
     let audit_before: i64 = psql(&db.url, "SELECT count(*) FROM audit_log")
         .parse()
         .unwrap();
@@ -2957,6 +2991,7 @@ fn conditional_requests_are_honoured_not_ignored() {
     );
     assert_eq!(first.status, 201, "{:?}", first.body);
     let id = created_id(&first);
+    admit(&s, &staff, &phys, &id);
     let again = s.call(
         "POST",
         "/fhir/Patient",
@@ -3248,6 +3283,7 @@ fn date_search_compares_intervals_not_text() {
     let (u, p, t) = staff.get("physician");
     let phys = s.login(u, p, t);
     let pid = created_id(&s.post("/fhir/Patient", &phys, &patient_body("Dates", "MRN-DT")));
+    admit(&s, &staff, &phys, &pid);
     let now = time::OffsetDateTime::now_utc();
     let day: time::Duration = time::Duration::days(1);
     let today = now.date().to_string();
@@ -3470,7 +3506,9 @@ fn search_parameters_clients_send_are_supported_through_policy() {
     let mut pat = patient_body("Chain", "MRN-CH");
     pat["managingOrganization"] = json!({"reference": format!("Organization/{org}")});
     let pid = created_id(&s.post("/fhir/Patient", &phys, &pat));
+    admit(&s, &staff, &phys, &pid);
     let other = created_id(&s.post("/fhir/Patient", &phys, &patient_body("Other", "MRN-OT")));
+    admit(&s, &staff, &phys, &other);
     for _ in 0..4 {
         s.post("/fhir/Observation", &phys, &vital(&pid));
     }
@@ -3697,6 +3735,7 @@ fn pages_and_totals_count_only_what_the_caller_may_see() {
     let (u, p, t) = staff.get("billing");
     let bill = s.login(u, p, t);
     let pid = created_id(&s.post("/fhir/Patient", &phys, &patient_body("Counted", "MRN-CT")));
+    admit(&s, &staff, &phys, &pid);
     for _ in 0..7 {
         s.post("/fhir/Observation", &phys, &vital(&pid));
     }
@@ -3788,6 +3827,7 @@ fn everything_includes_what_the_chart_references_and_pages() {
     let mut pat = patient_body("Whole", "MRN-EV");
     pat["managingOrganization"] = json!({"reference": format!("Organization/{org}")});
     let pid = created_id(&s.post("/fhir/Patient", &phys, &pat));
+    admit(&s, &staff, &phys, &pid);
     for _ in 0..3 {
         s.post("/fhir/Observation", &phys, &vital(&pid));
     }
@@ -3795,7 +3835,10 @@ fn everything_includes_what_the_chart_references_and_pages() {
     assert_eq!(r.status, 200);
     let types = entry_types(&r.body);
     assert!(types.contains(&"Organization".to_owned()), "{types:?}");
-    assert_eq!(r.body["total"], 4);
+    assert_eq!(
+        r.body["total"], 5,
+        "the patient, the admission and three vitals"
+    );
     let r = s.get(
         &format!("/fhir/Patient/{pid}/$everything?_type=Observation"),
         &phys,
@@ -3927,6 +3970,7 @@ fn an_independent_fhir_client_drives_medvault() {
         .current_dir(&client_dir)
         .env("FHIR_BASE", format!("https://127.0.0.1:{}/fhir", s.port))
         .env("FHIR_TOKEN", &phys)
+        .env("FHIR_PRACTITIONER", staff.practitioner("physician"))
         .env("NODE_EXTRA_CA_CERTS", dir.join("tls/cert.pem"))
         .output()
         .unwrap();
@@ -3973,6 +4017,7 @@ fn every_kind_of_resource_medvault_emits_validates_independently() {
     let mut pat = patient_body("Valid", "MRN-VA");
     pat["managingOrganization"] = json!({"reference": format!("Organization/{org}")});
     let pid = created_id(&s.post("/fhir/Patient", &phys, &pat));
+    admit(&s, &staff, &phys, &pid);
     let obs = s.post("/fhir/Observation", &phys, &vital(&pid));
     let oid = created_id(&obs);
     let mut v2 = obs.body.clone();
@@ -4083,6 +4128,7 @@ fn nothing_a_read_withholds_leaks_through_notices_conditions_or_preconditions() 
     let (u, p, t) = staff.get("billing");
     let bill = s.login(u, p, t);
     let pid = created_id(&s.post("/fhir/Patient", &phys, &patient_body("Oracle", "MRN-OR")));
+    admit(&s, &staff, &phys, &pid);
     let obs = s.post("/fhir/Observation", &phys, &vital(&pid));
     let oid = created_id(&obs);
     let strip = |mut b: Value| {
@@ -4180,6 +4226,7 @@ fn what_the_review_found_is_answered_as_fhir_says() {
     let (u, p, t) = staff.get("auditor");
     let aud = s.login(u, p, t);
     let pid = created_id(&s.post("/fhir/Patient", &phys, &patient_body("Review", "MRN-RV")));
+    admit(&s, &staff, &phys, &pid);
     for _ in 0..9 {
         s.get(&format!("/fhir/Patient/{pid}"), &phys);
     }
@@ -4203,7 +4250,11 @@ fn what_the_review_found_is_answered_as_fhir_says() {
     assert!(withheld_text(&r.body).contains("bogus"));
     // $everything?_count=0: the total only.
     let r = s.get(&format!("/fhir/Patient/{pid}/$everything?_count=0"), &phys);
-    assert_eq!((r.body["total"].clone(), ids(&r.body).len()), (json!(1), 0));
+    assert_eq!(
+        (r.body["total"].clone(), ids(&r.body).len()),
+        (json!(2), 0),
+        "the patient and the admission"
+    );
     assert!(link(&r.body, "next").is_none());
     // _include=* follows every reference; an _include from another type is named.
     s.post("/fhir/Observation", &phys, &vital(&pid));
@@ -4238,7 +4289,7 @@ fn what_the_review_found_is_answered_as_fhir_says() {
         &format!("/fhir/Encounter?patient={pid}&date=ge2026-06-19"),
         &phys,
     );
-    assert!(ids(&r.body).is_empty());
+    assert!(!ids(&r.body).contains(&eid), "only the admission is later");
     // Conditional delete is named; so is any method a path does not support.
     let r = s.call(
         "DELETE",
@@ -4305,6 +4356,7 @@ fn date_pages_hold_still_and_contained_resources_keep_their_category() {
     let (u, p, t) = staff.get("front_desk");
     let desk = s.login(u, p, t);
     let pid = created_id(&s.post("/fhir/Patient", &phys, &patient_body("Pages", "MRN-PD")));
+    admit(&s, &staff, &phys, &pid);
     let mut obs = vec![];
     for i in 0..9 {
         obs.push(
@@ -5282,6 +5334,7 @@ fn service_clients_get_scoped_tokens_by_secret_and_private_key_jwt() {
     let (phys, ppw, psecret) = staff.get("physician");
     let pt = s.login(phys, ppw, psecret);
     let pid = created_id(&s.post("/fhir/Patient", &pt, &patient_body("Scopewell", "MRN-SC1")));
+    admit(&s, &staff, &pt, &pid);
     let obs = s.post("/fhir/Observation", &pt, &vital(&pid));
     assert_eq!(obs.status, 201);
     let c = json_out(&medvault(
@@ -5490,4 +5543,510 @@ fn lockout_and_session_settings_that_disarm_them_are_refused() {
         assert!(err.contains(named), "{key}: {err}");
         assert_eq!(err.lines().count(), 1);
     }
+}
+
+// ---- Access control: treatment relationships, break-the-glass, the training gate -------
+
+/// An Encounter in progress for `pid` naming `practitioners` (what gives clinicians its
+/// chart's clinical records).
+fn encounter(pid: &str, practitioners: &[&str]) -> Value {
+    let who: Vec<Value> = practitioners
+        .iter()
+        .map(|p| json!({"individual": {"reference": format!("Practitioner/{p}")}}))
+        .collect();
+    json!({"resourceType": "Encounter", "status": "in-progress",
+        "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
+        "subject": {"reference": format!("Patient/{pid}")}, "participant": who,
+        "period": {"start": "2026-11-01T08:00:00Z"}})
+}
+
+/// The e2e physician (with `token`) takes `pid` into the e2e clinicians' care: a visit
+/// yesterday naming both clinicians (a relationship for 30 days after it).
+fn admit(s: &Server, staff: &Staff, token: &str, pid: &str) {
+    let mut enc = encounter(
+        pid,
+        &[staff.practitioner("physician"), staff.practitioner("nurse")],
+    );
+    let day = (time::OffsetDateTime::now_utc() - time::Duration::days(1)).date();
+    enc["status"] = json!("finished");
+    enc["period"] = json!({"start": format!("{day}T08:00:00Z"), "end": format!("{day}T09:00:00Z")});
+    let r = s.post("/fhir/Encounter", token, &enc);
+    assert_eq!(r.status, 201, "admit: {:?}", r.body);
+}
+
+/// One synthetic chart with a resource of every category, as a collection Bundle entry
+/// list; `tag` names it.
+fn chart_entries(tag: &str, n: u32, care: Option<&[&str]>) -> Vec<Value> {
+    let p = format!("urn:uuid:{n:08}-0000-4000-8000-000000000000");
+    let subject = json!({"reference": p});
+    let mut e = vec![
+        json!({"fullUrl": p, "resource": patient_body(tag, &format!("MRN-{tag}"))}),
+        json!({"resource": vital("x")}),
+        json!({"resource": {"resourceType": "Observation", "status": "final",
+            "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": "laboratory"}]}],
+            "code": {"coding": [{"system": "http://loinc.org", "code": "2345-7"}]}, "subject": subject}}),
+        json!({"resource": {"resourceType": "Condition", "code": {"text": "Asthma"}, "subject": subject}}),
+        json!({"resource": {"resourceType": "MedicationRequest", "status": "active", "intent": "order",
+            "medicationCodeableConcept": {"text": "Salbutamol"}, "subject": subject}}),
+        json!({"resource": {"resourceType": "AllergyIntolerance", "code": {"text": "Penicillin"}, "patient": subject}}),
+        json!({"resource": {"resourceType": "DocumentReference", "status": "current",
+            "content": [{"attachment": {"contentType": "text/plain", "data": "bm90ZQ=="}}], "subject": subject}}),
+        json!({"resource": {"resourceType": "Claim", "status": "active", "use": "claim",
+            "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/claim-type", "code": "professional"}]},
+            "patient": subject, "created": "2026-11-01", "provider": {"display": "x"},
+            "priority": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/processpriority", "code": "normal"}]},
+            "insurance": [{"sequence": 1, "focal": true, "coverage": {"display": "x"}}]}}),
+    ];
+    e[1]["resource"]["subject"] = subject.clone();
+    let mut enc = encounter("x", care.unwrap_or(&[]));
+    enc["subject"] = subject.clone();
+    if care.is_none() {
+        enc.as_object_mut().unwrap().remove("participant");
+        enc["status"] = json!("finished");
+        enc["period"] = json!({"start": "2020-01-01T08:00:00Z", "end": "2020-01-01T09:00:00Z"});
+    }
+    e.push(json!({"resource": enc}));
+    e
+}
+
+/// The data category of each chart entry above, by position.
+const CHART_CATEGORIES: [&str; 9] = [
+    "demographics",
+    "vitals",
+    "labs",
+    "problems",
+    "medications",
+    "allergies",
+    "notes",
+    "billing",
+    "encounters",
+];
+
+/// Imports three charts — one the e2e clinicians treat (`T`, an encounter in progress naming
+/// them), one nobody treats (`N`), one for break-the-glass (`G`) — and returns, per chart,
+/// the `Type/id` of each entry in [`CHART_CATEGORIES`] order.
+fn three_charts(dir: &Path, staff: &Staff) -> Vec<Vec<String>> {
+    let care = [staff.practitioner("physician"), staff.practitioner("nurse")];
+    let mut entries = chart_entries("Treated", 1, Some(&care));
+    entries.extend(chart_entries("Nobody", 2, None));
+    entries.extend(chart_entries("Glass", 3, None));
+    let f = dir.join("..").join("charts.json");
+    std::fs::write(
+        &f,
+        json!({"resourceType": "Bundle", "type": "collection", "entry": entries}).to_string(),
+    )
+    .unwrap();
+    let o = json_out(&medvault(dir, &["import", f.to_str().unwrap(), "--json"]));
+    let locs: Vec<String> = o["locations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            let l = l.as_str().unwrap();
+            l.split('/').take(2).collect::<Vec<_>>().join("/")
+        })
+        .collect();
+    assert_eq!(locs.len(), 27, "{o}");
+    locs.chunks(9).map(|c| c.to_vec()).collect()
+}
+
+/// What SPEC "Access control" and the role table say a read gets: `role` reading a record
+/// of `category` in a chart reached through `rel` ("none", "treatment", "break-glass") for
+/// `purpose`. The oracle of the decision table, written from the contract, not the code.
+fn expected_read(role: &str, category: &str, rel: &str, purpose: &str) -> u16 {
+    let clinical_purpose = purpose == "TREAT" || purpose == "ETREAT";
+    let allowed = match role {
+        "physician" | "nurse" => {
+            clinical_purpose
+                && (category == "demographics" || (rel != "none" && category != "billing"))
+        }
+        "front_desk" => category == "demographics" && (purpose == "HOPERAT" || purpose == "TREAT"),
+        "billing" => {
+            (category == "billing" || category == "demographics")
+                && (purpose == "HPAYMT" || purpose == "HOPERAT")
+        }
+        _ => false,
+    };
+    if allowed {
+        200
+    } else {
+        403
+    }
+}
+
+fn default_purpose(role: &str) -> &'static str {
+    match role {
+        "physician" | "nurse" => "TREAT",
+        "billing" => "HPAYMT",
+        _ => "HOPERAT",
+    }
+}
+
+#[test]
+fn access_decision_table_roles_categories_relationships_purposes_break_glass() {
+    let (_t, dir, staff) = setup();
+    let charts = three_charts(&dir, &staff);
+    let s = Server::start(&dir, &[]);
+    let roles = [
+        "physician",
+        "nurse",
+        "front_desk",
+        "billing",
+        "security_admin",
+        "privacy_officer",
+        "auditor",
+    ];
+    let tokens: Vec<String> = roles
+        .iter()
+        .map(|r| {
+            let (u, p, t) = staff.get(r);
+            s.login(u, p, t)
+        })
+        .collect();
+    let tok = |role: &str| tokens[roles.iter().position(|r| *r == role).unwrap()].as_str();
+    let patient_of = |chart: usize| charts[chart][0].trim_start_matches("Patient/").to_owned();
+    // The physician and the nurse break the glass for chart G (index 2).
+    for role in ["physician", "nurse"] {
+        let r = s.post(
+            "/api/break-glass",
+            tok(role),
+            &json!({"patient": patient_of(2), "reason": "medical-emergency",
+                "justification": "unresponsive in the emergency department"}),
+        );
+        assert_eq!(r.status, 201, "{role}: {:?}", r.body);
+    }
+    let rels = ["treatment", "none", "break-glass"];
+    let mut cases = 0;
+    for (ri, role) in roles.iter().enumerate() {
+        for purpose in [default_purpose(role), "HRESCH", "HPAYMT"] {
+            let mut seen_purpose = false;
+            for (chart, rel) in rels.iter().enumerate() {
+                // Grants are the physician's and the nurse's; for everyone else chart G is
+                // a chart like any other.
+                let rel = if *rel == "break-glass" && ri > 1 {
+                    "none"
+                } else {
+                    *rel
+                };
+                for (i, cat) in CHART_CATEGORIES.iter().enumerate() {
+                    let path = format!("/fhir/{}", charts[chart][i]);
+                    let r = s.call(
+                        "GET",
+                        &path,
+                        Some(tok(role)),
+                        None,
+                        &[("X-Purpose-Of-Use", purpose)],
+                    );
+                    let want = expected_read(role, cat, rel, purpose);
+                    assert_eq!(
+                        r.status, want,
+                        "{role} {purpose} {rel} {cat} {path}: {:?}",
+                        r.body
+                    );
+                    if want == 403
+                        && (role == &"physician" || role == &"nurse")
+                        && rel == "none"
+                        && purpose == "TREAT"
+                        && *cat != "billing"
+                    {
+                        assert_eq!(
+                            r.body["issue"][0]["details"]["coding"][0]["code"], "break-the-glass",
+                            "a denial break-the-glass overcomes says so: {role} {cat}"
+                        );
+                        let text = r.body.to_string();
+                        assert!(!text.contains(cat), "the notice names no category: {text}");
+                    }
+                    cases += 1;
+                    seen_purpose = true;
+                }
+            }
+            assert!(seen_purpose);
+        }
+    }
+    assert!(cases >= 200, "{cases} cases");
+    // Searches across charts return exactly what reads would: for each role (default
+    // purpose) and type, the ids a read allows.
+    let types = [
+        ("Patient", 0),
+        ("Observation", 1),
+        ("Condition", 3),
+        ("MedicationRequest", 4),
+        ("DocumentReference", 6),
+        ("Claim", 7),
+        ("Encounter", 8),
+    ];
+    for (ri, role) in roles.iter().enumerate() {
+        let purpose = default_purpose(role);
+        for (rt, first) in types {
+            let mut want: Vec<String> = vec![];
+            for (chart, rel) in rels.iter().enumerate() {
+                let rel = if *rel == "break-glass" && ri > 1 {
+                    "none"
+                } else {
+                    *rel
+                };
+                for (i, cat) in CHART_CATEGORIES.iter().enumerate() {
+                    let same_type = charts[chart][i].starts_with(&format!("{rt}/"));
+                    if same_type && expected_read(role, cat, rel, purpose) == 200 {
+                        want.push(charts[chart][i].clone());
+                    }
+                }
+            }
+            let _ = first;
+            let r = s.get(&format!("/fhir/{rt}?_count=100"), tok(role));
+            let mut got: Vec<String> = r.body["entry"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .iter()
+                .filter(|e| e["search"]["mode"] == "match")
+                .map(|e| {
+                    format!(
+                        "{}/{}",
+                        e["resource"]["resourceType"].as_str().unwrap(),
+                        e["resource"]["id"].as_str().unwrap()
+                    )
+                })
+                .collect();
+            got.sort();
+            want.sort();
+            if r.status == 200 {
+                assert_eq!(got, want, "{role} searching {rt}");
+                assert_eq!(
+                    r.body["total"],
+                    json!(want.len()),
+                    "{role} {rt}: the total counts only what may be seen"
+                );
+            } else {
+                assert_eq!(r.status, 403, "{role} {rt}: {:?}", r.body);
+                assert!(want.is_empty(), "{role} {rt}");
+            }
+        }
+    }
+}
+
+#[test]
+fn break_the_glass_end_to_end_and_searches_cannot_leak_other_charts() {
+    let (_t, dir, staff) = setup();
+    let charts = three_charts(&dir, &staff);
+    let s = Server::start(&dir, &[("MEDVAULT_ACCESS_BREAK_GLASS_SECS", "4")]);
+    let login = |role: &str| {
+        let (u, p, t) = staff.get(role);
+        s.login(u, p, t)
+    };
+    let (phys, nurse, billing, po, sa) = (
+        login("physician"),
+        login("nurse"),
+        login("billing"),
+        login("privacy_officer"),
+        login("security_admin"),
+    );
+    let pid = |chart: usize| charts[chart][0].trim_start_matches("Patient/").to_owned();
+    let vitals_n = format!("/fhir/{}", charts[1][1]);
+    // A physician registered a minute ago, with no relationship, reads nobody's vitals —
+    // by read, search, chain, _has, _include, _revinclude or $everything.
+    let r = s.get(&vitals_n, &phys);
+    assert_eq!(r.status, 403);
+    let all = s.get("/fhir/Observation?_count=100", &phys);
+    assert_eq!(all.status, 200);
+    let subjects: Vec<String> = all.body["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["search"]["mode"] == "match")
+        .map(|e| {
+            e["resource"]["subject"]["reference"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(
+        subjects.len(),
+        2,
+        "vitals and labs of the treated chart only"
+    );
+    assert!(subjects.iter().all(|x| *x == charts[0][0]));
+    assert!(
+        all.body.to_string().contains("treatment relationship"),
+        "the notice says why"
+    );
+    for q in [
+        format!("/fhir/Observation?patient={}", pid(1)),
+        "/fhir/Observation?subject:Patient.family=Nobody".to_owned(),
+        "/fhir/Patient?_has:Observation:patient:code=8867-4".to_owned(),
+        format!(
+            "/fhir/Patient?_id={}&_revinclude=Observation:patient",
+            pid(1)
+        ),
+        format!(
+            "/fhir/Observation?_id={}&_include=Observation:patient",
+            charts[1][1].trim_start_matches("Observation/")
+        ),
+    ] {
+        let r = s.get(&q, &phys);
+        assert_eq!(r.status, 200, "{q}: {:?}", r.body);
+        let text = r.body["entry"].to_string();
+        for hidden in &charts[1][1..] {
+            let id = hidden.split('/').nth(1).unwrap();
+            assert!(!text.contains(id), "{q} reveals {hidden}");
+        }
+        if q.contains("_has") {
+            let ids = ids(&r.body);
+            assert_eq!(
+                ids,
+                vec![pid(0)],
+                "only the treated chart has visible vitals"
+            );
+        }
+    }
+    let r = s.get(&format!("/fhir/Patient/{}/$everything", pid(1)), &phys);
+    assert_eq!(r.status, 403);
+    assert_eq!(
+        r.body["issue"][0]["details"]["coding"][0]["code"],
+        "break-the-glass"
+    );
+    // Writing into a chart needs the relationship too; beginning an encounter makes one.
+    let r = s.post("/fhir/Observation", &nurse, &vital(&pid(1)));
+    assert_eq!(r.status, 403, "{:?}", r.body);
+    // Break-the-glass: not for non-clinical roles; a reason and a justification; a
+    // relationship already in place needs none.
+    let bg = |tok: &str, body: Value| s.post("/api/break-glass", tok, &body);
+    let good = json!({"patient": pid(1), "reason": "medical-emergency",
+        "justification": "unresponsive, brought in by ambulance"});
+    assert_eq!(bg(&billing, good.clone()).status, 403);
+    assert_eq!(bg(&po, good.clone()).status, 403);
+    for bad in [
+        json!({"patient": pid(1), "reason": "curiosity", "justification": "unresponsive, brought in"}),
+        json!({"patient": pid(1), "reason": "medical-emergency", "justification": "x"}),
+        json!({"patient": "../etc", "reason": "medical-emergency", "justification": "unresponsive, brought in"}),
+        json!({"patient": pid(1)}),
+    ] {
+        let r = bg(&phys, bad.clone());
+        assert_eq!(r.status, 400, "{bad}: {:?}", r.body);
+        assert_eq!(r.body["resourceType"], "OperationOutcome");
+    }
+    let r = bg(
+        &phys,
+        json!({"patient": "no-such-patient", "reason": "medical-emergency",
+        "justification": "unresponsive, brought in"}),
+    );
+    assert_eq!(r.status, 404);
+    let r = bg(
+        &phys,
+        json!({"patient": pid(0), "reason": "medical-emergency",
+        "justification": "already my patient, checking"}),
+    );
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert!(r.body["suppressed"].is_string() && r.body["id"].is_null());
+    let r = bg(&phys, good.clone());
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    let grant = r.body["id"].as_str().unwrap().to_owned();
+    assert!(r.body["expires_at"].is_i64());
+    // Allowed and flagged.
+    assert_eq!(s.get(&vitals_n, &phys).status, 200);
+    let everything = s.get(&format!("/fhir/Patient/{}/$everything", pid(1)), &phys);
+    assert_eq!(everything.status, 200);
+    assert!(everything
+        .body
+        .to_string()
+        .contains(charts[1][2].split('/').nth(1).unwrap()));
+    let ev = s.get(
+        &format!("/fhir/AuditEvent?patient={}&_count=100", pid(1)),
+        &po,
+    );
+    assert_eq!(ev.status, 200);
+    assert!(
+        ev.body.to_string().contains("\"BTG\""),
+        "accesses under the grant are flagged: {}",
+        ev.body
+    );
+    // The review queue shows it, with the justification, to privacy officers only.
+    assert_eq!(s.get("/api/break-glass/reviews", &phys).status, 403);
+    let q = s.get("/api/break-glass/reviews", &po);
+    assert_eq!(q.status, 200);
+    let item = q.body["reviews"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["id"] == grant.as_str())
+        .cloned()
+        .unwrap();
+    assert_eq!(item["status"], "pending");
+    assert_eq!(
+        item["justification"],
+        "unresponsive, brought in by ambulance"
+    );
+    assert_eq!(item["user"], staff.get("physician").0);
+    // Expired: denied again.
+    std::thread::sleep(Duration::from_millis(4200));
+    let r = s.get(&vitals_n, &phys);
+    assert_eq!(r.status, 403, "the grant has expired");
+    // Reviewed: inappropriate opens an incident; a review happens once.
+    let review = |body: Value| s.post(&format!("/api/break-glass/{grant}/review"), &po, &body);
+    assert_eq!(review(json!({"outcome": "maybe"})).status, 400);
+    assert_eq!(
+        review(json!({"outcome": "inappropriate"})).status,
+        400,
+        "a note is required"
+    );
+    let r = review(json!({"outcome": "inappropriate", "note": "no emergency documented"}));
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let incident = r.body["incident"].as_str().unwrap().to_owned();
+    assert_eq!(r.body["status"], "inappropriate");
+    assert_eq!(review(json!({"outcome": "appropriate"})).status, 409);
+    let r = s.post(
+        "/api/break-glass/no-such-grant/review",
+        &po,
+        &json!({"outcome": "appropriate"}),
+    );
+    assert_eq!(r.status, 404);
+    let inc = s.get("/api/incidents", &po);
+    assert_eq!(inc.status, 200);
+    let i = &inc.body["incidents"][0];
+    assert_eq!(i["id"], incident.as_str());
+    assert_eq!(i["patients"], json!([pid(1)]));
+    assert_eq!(i["source"]["kind"], "break-glass-review");
+    assert_eq!(s.get("/api/incidents", &sa).status, 403);
+    assert!(
+        s.get("/api/break-glass/reviews", &po).body["reviews"]
+            .as_array()
+            .unwrap()
+            .is_empty(),
+        "nothing pending"
+    );
+    // The training gate: a lapsed nurse reaches no PHI (the directory stays), until an
+    // administrator — never for their own account — records the training current.
+    let (nurse_name, _, _) = staff.get("nurse");
+    let train = |who: &str, current: bool| {
+        s.post(
+            &format!("/api/users/{who}/training"),
+            &sa,
+            &json!({"current": current}),
+        )
+    };
+    assert_eq!(train(nurse_name, false).status, 200);
+    let nurse_vitals = format!("/fhir/{}", charts[0][1]);
+    assert_eq!(s.get(&nurse_vitals, &nurse).status, 403);
+    assert_eq!(
+        s.get(&format!("/fhir/{}", charts[0][0]), &nurse).status,
+        403
+    );
+    assert_eq!(s.get("/fhir/Practitioner", &nurse).status, 200);
+    let users = s.get("/api/users", &sa);
+    assert!(users.body["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|u| u["username"] == nurse_name && u["training_current"] == false));
+    let (sa_name, _, _) = staff.get("security_admin");
+    assert_eq!(train(sa_name, false).status, 403, "not one's own training");
+    let r = s.post(
+        &format!("/api/users/{sa_name}/role"),
+        &sa,
+        &json!({"role": "physician"}),
+    );
+    assert_eq!(r.status, 403, "nobody grants themselves a role");
+    assert_eq!(train(nurse_name, true).status, 200);
+    assert_eq!(s.get(&nurse_vitals, &nurse).status, 200);
 }
