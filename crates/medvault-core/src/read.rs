@@ -14,6 +14,12 @@ use crate::{
     directory_key_id, push_unique, AuditRecord, Caller, Outcome, SearchResult, Vault, VaultError,
 };
 
+/// An audited read's records and its answer.
+pub(crate) type Decided<T> = (Vec<AuditRecord>, Result<T, VaultError>);
+
+/// Rows the caller may see, and the categories disclosed and withheld.
+pub(crate) type Filtered = (Vec<Permitted<Sealed>>, Vec<Category>, Vec<Category>);
+
 /// What an audited read needs on the store's side: the caller, the policy and the clock,
 /// owned, so the read can run on the store's sequencer.
 pub(crate) struct ReadCtx {
@@ -92,7 +98,7 @@ impl ReadCtx {
         id: &str,
         row: Option<Sealed>,
         action: &str,
-    ) -> Result<(Vec<AuditRecord>, Result<Permitted<Sealed>, VaultError>), StoreError> {
+    ) -> Result<Decided<Permitted<Sealed>>, StoreError> {
         let mut rec = self.record(action, Outcome::Success);
         rec.resource = Some(format!("{rt}/{id}"));
         let Some(row) = row else {
@@ -142,7 +148,7 @@ impl ReadCtx {
         rows: Vec<Sealed>,
         action: Action,
         rec: &mut AuditRecord,
-    ) -> Result<(Vec<Permitted<Sealed>>, Vec<Category>, Vec<Category>), StoreError> {
+    ) -> Result<Filtered, StoreError> {
         let (mut allowed, mut disclosed, mut withheld) = (vec![], vec![], vec![]);
         let mut break_glass = false;
         for row in rows {

@@ -14,6 +14,7 @@ pub mod date;
 mod defs;
 mod index;
 mod outcome;
+pub mod privacy;
 pub mod search;
 mod validate;
 

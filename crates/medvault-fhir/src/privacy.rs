@@ -1,0 +1,224 @@
+//! Privacy facts a record carries, as the gate indexes them (blind) and the policy decides
+//! on them: HL7 security labels on `meta.security` (FHIR R4 §Security Labels) and patient
+//! privacy consents (FHIR R4 §Consent, scope `patient-privacy`).
+//!
+//! - **Labels** that need an explicit grant (SPEC "Access control"): confidentiality `R`
+//!   (restricted) and `V` (very restricted), and the sensitivity codes `PSY`, `PSYTHPN`
+//!   (psychotherapy notes), `ETH` and `SUD` (substance use, 42 CFR Part 2), `HIV`, `STD`,
+//!   `SDV`, `SEX`, `GDIS`. Other labels (`N`, `M`, `L`, `U`) need nothing.
+//! - **Consents**: an `active` Consent whose `scope` is `patient-privacy` contributes its
+//!   provisions (the root and one level of nested ones). A `deny` provision denies its
+//!   actors (`provision.actor.reference` to a `Practitioner`; none = everyone) the records
+//!   of its data classes (`provision.class`, FHIR resource type names, mapped to medvault's
+//!   categories; none = every category) and of its `securityLabel`s. A `permit` provision
+//!   with `securityLabel`s is the explicit grant those labels need, for its actors.
+
+use serde_json::{Map, Value};
+
+use crate::{categories_of_type, ResourceType};
+
+/// Security label codes that need an explicit grant.
+pub const RESTRICTING_LABELS: &[&str] = &[
+    "R", "V", "PSY", "PSYTHPN", "ETH", "SUD", "HIV", "STD", "SDV", "SEX", "GDIS",
+];
+
+/// The label that never reaches the patient portal or billing, and that emergency access
+/// does not open: psychotherapy notes (45 CFR 164.501, 164.508(a)(2)).
+pub const PSYCHOTHERAPY_NOTES: &str = "PSYTHPN";
+
+/// Labels emergency (break-the-glass for a medical emergency) access opens without a
+/// grant: every restricting label but psychotherapy notes.
+pub fn emergency_opens(label: &str) -> bool {
+    label != PSYCHOTHERAPY_NOTES
+}
+
+/// The restricting labels on a resource's `meta.security`, each once.
+pub fn labels(json: &Map<String, Value>) -> Vec<&'static str> {
+    let mut out: Vec<&'static str> = vec![];
+    let codes = json
+        .get("meta")
+        .and_then(|m| m.get("security"))
+        .and_then(Value::as_array);
+    for c in codes.into_iter().flatten() {
+        let code = c.get("code").and_then(Value::as_str).unwrap_or("");
+        if let Some(l) = RESTRICTING_LABELS.iter().find(|l| **l == code) {
+            if !out.contains(l) {
+                out.push(l);
+            }
+        }
+    }
+    out
+}
+
+/// Whom a consent provision names: a Practitioner id, or everyone.
+pub const ANYONE: &str = "*";
+
+/// What a consent provision denies: a category (`demographics`, `vitals`, …), a label
+/// (`label:HIV`), or everything (`*`).
+fn denied_targets(p: &Value) -> Vec<String> {
+    let mut out = vec![];
+    for c in p
+        .get("class")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let Some(rt) = c
+            .get("code")
+            .and_then(Value::as_str)
+            .and_then(ResourceType::parse)
+        else {
+            continue;
+        };
+        for cat in categories_of_type(rt) {
+            let t = cat.as_str().to_owned();
+            if !out.contains(&t) {
+                out.push(t);
+            }
+        }
+    }
+    for l in p
+        .get("securityLabel")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        if let Some(code) = l.get("code").and_then(Value::as_str) {
+            out.push(format!("label:{code}"));
+        }
+    }
+    if out.is_empty() {
+        out.push(ANYONE.to_owned());
+    }
+    out
+}
+
+fn actors(p: &Value) -> Vec<String> {
+    let mut out = vec![];
+    for a in p
+        .get("actor")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let r = a
+            .get("reference")
+            .and_then(|r| r.get("reference"))
+            .and_then(Value::as_str);
+        if let Some(id) = r.and_then(|r| r.strip_prefix("Practitioner/")) {
+            out.push(id.to_owned());
+        }
+    }
+    if out.is_empty() {
+        out.push(ANYONE.to_owned());
+    }
+    out
+}
+
+/// Whether a Consent is an active patient-privacy consent.
+fn in_force(json: &Map<String, Value>) -> bool {
+    let active = json.get("status").and_then(Value::as_str) == Some("active");
+    let privacy = json
+        .get("scope")
+        .and_then(|s| s.get("coding"))
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .any(|c| c.get("code").and_then(Value::as_str) == Some("patient-privacy"));
+    active && privacy
+}
+
+/// The provisions a consent enforces: `(deny, actor, target)` — `deny` false for a permit
+/// (only permits of labels are kept: they are grants). Empty for anything but an active
+/// patient-privacy Consent.
+pub fn consent_rules(rt: ResourceType, json: &Map<String, Value>) -> Vec<(bool, String, String)> {
+    if rt.as_str() != "Consent" || !in_force(json) {
+        return vec![];
+    }
+    let mut provisions: Vec<&Value> = vec![];
+    if let Some(root) = json.get("provision") {
+        provisions.push(root);
+        for p in root
+            .get("provision")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            provisions.push(p);
+        }
+    }
+    let mut out = vec![];
+    for p in provisions {
+        let deny = match p.get("type").and_then(Value::as_str) {
+            Some("deny") => true,
+            Some("permit") => false,
+            _ => continue,
+        };
+        for actor in actors(p) {
+            for target in denied_targets(p) {
+                if deny || target.starts_with("label:") {
+                    let rule = (deny, actor.clone(), target);
+                    if !out.contains(&rule) {
+                        out.push(rule);
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn consent(v: Value) -> Vec<(bool, String, String)> {
+        consent_rules(
+            ResourceType::parse("Consent").unwrap(),
+            v.as_object().unwrap(),
+        )
+    }
+
+    #[test]
+    fn restricting_labels_are_found_once() {
+        let o = json!({"meta": {"security": [
+            {"system": "http://terminology.hl7.org/CodeSystem/v3-Confidentiality", "code": "R"},
+            {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "HIV"},
+            {"code": "HIV"}, {"code": "N"}]}});
+        assert_eq!(labels(o.as_object().unwrap()), ["R", "HIV"]);
+        assert!(labels(json!({}).as_object().unwrap()).is_empty());
+        assert!(emergency_opens("SUD") && !emergency_opens("PSYTHPN"));
+    }
+
+    #[test]
+    fn consents_deny_by_actor_class_and_label_and_grant_labels() {
+        let privacy = json!({"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy"}]});
+        let c = json!({"resourceType": "Consent", "status": "active", "scope": privacy,
+            "provision": {"type": "permit", "provision": [
+                {"type": "deny", "actor": [{"role": {"text": "x"}, "reference": {"reference": "Practitioner/dr1"}}],
+                 "class": [{"code": "Observation"}]},
+                {"type": "deny", "securityLabel": [{"code": "HIV"}]},
+                {"type": "permit", "actor": [{"role": {"text": "x"}, "reference": {"reference": "Practitioner/psy"}}],
+                 "securityLabel": [{"code": "PSY"}]}]}});
+        let rules = consent(c.clone());
+        assert!(rules.contains(&(true, "dr1".into(), "vitals".into())));
+        assert!(rules.contains(&(true, "dr1".into(), "labs".into())));
+        assert!(rules.contains(&(true, "*".into(), "label:HIV".into())));
+        assert!(rules.contains(&(false, "psy".into(), "label:PSY".into())));
+        assert_eq!(
+            rules.len(),
+            4,
+            "a root permit of everything is no rule: {rules:?}"
+        );
+        let mut inactive = c.clone();
+        inactive["status"] = json!("inactive");
+        assert!(consent(inactive).is_empty());
+        let mut research = c;
+        research["scope"]["coding"][0]["code"] = json!("research");
+        assert!(consent(research).is_empty());
+        let deny_all = json!({"resourceType": "Consent", "status": "active", "scope": privacy,
+            "provision": {"type": "deny"}});
+        assert_eq!(consent(deny_all), [(true, "*".to_owned(), "*".to_owned())]);
+    }
+}
