@@ -51,6 +51,130 @@ pub fn run_all(make: &dyn Fn() -> Arc<dyn Store>) -> Result<(), Failure> {
     hash_tiles_only_grow(&*make())?;
     snapshots_keysets_tallies_and_reindex(&*make())?;
     care_relationships_and_break_glass(&*make())?;
+    privacy_rows_restrict_searches(&*make())?;
+    Ok(())
+}
+
+/// What labels and consents need: `chart_tokens` finds a chart's privacy rows, and a
+/// search's [`Privacy`] leaves out labelled resources without a grant (their own label or
+/// their Patient's), what a consent denies by category or label, and nothing else.
+pub fn privacy_rows_restrict_searches(s: &dyn Store) -> Result<(), Failure> {
+    let mut patient = row("Patient", "p1", 1, "p1", b"p");
+    patient.category = "demographics".into();
+    put(s, patient.clone(), Expect::Absent, vec![])?;
+    put(
+        s,
+        row("Observation", "oa", 1, "p1", b"a"),
+        Expect::Absent,
+        vec![],
+    )?;
+    put(
+        s,
+        row("Observation", "ob", 1, "p1", b"b"),
+        Expect::Absent,
+        vec![ix("_label", b"L-HIV")],
+    )?;
+    put(
+        s,
+        row("Observation", "oz", 1, "p2", b"z"),
+        Expect::Absent,
+        vec![ix("_label", b"L-HIV")],
+    )?;
+    let consent = |id: &str, index: Vec<IndexRow>| -> Result<Committed, StoreError> {
+        let mut c = row("Consent", id, 1, "p1", b"c");
+        c.category = "demographics".into();
+        put(s, c, Expect::Absent, index)
+    };
+    let pv = Privacy {
+        deny_params: vec!["_deny.dr".into(), "_deny.*".into()],
+        grant_params: vec!["_grant.dr".into(), "_grant.*".into()],
+        category_tokens: vec![
+            ("vitals".into(), b"T-vitals".to_vec()),
+            ("demographics".into(), b"T-demo".to_vec()),
+        ],
+        everything_token: b"T-all".to_vec(),
+    };
+    let found = |privacy: Option<Privacy>| -> Result<Vec<String>, Failure> {
+        let q = SearchQuery {
+            privacy,
+            limit: 50,
+            ..Default::default()
+        };
+        let mut ids: Vec<String> = s
+            .search(&q)?
+            .rows
+            .iter()
+            .map(|r| r.id().to_owned())
+            .collect();
+        ids.sort();
+        Ok(ids)
+    };
+    assert_eq!(
+        found(None)?,
+        ["oa", "ob", "oz", "p1"],
+        "no privacy, no restriction"
+    );
+    assert_eq!(
+        found(Some(pv.clone()))?,
+        ["oa", "p1"],
+        "labelled resources need a grant"
+    );
+    consent("c1", vec![ix("_grant.nurse", b"L-HIV")])?;
+    assert_eq!(
+        found(Some(pv.clone()))?,
+        ["c1", "oa", "p1"],
+        "another actor's grant"
+    );
+    consent("c2", vec![ix("_grant.dr", b"L-HIV")])?;
+    assert_eq!(
+        found(Some(pv.clone()))?,
+        ["c1", "c2", "oa", "ob", "p1"],
+        "granted in its chart only"
+    );
+    consent("c3", vec![ix("_deny.*", b"L-HIV")])?;
+    assert_eq!(
+        found(Some(pv.clone()))?,
+        ["c1", "c2", "c3", "oa", "p1"],
+        "a deny beats a grant"
+    );
+    consent("c4", vec![ix("_deny.dr", b"T-vitals")])?;
+    assert_eq!(
+        found(Some(pv.clone()))?,
+        ["c1", "c2", "c3", "c4", "p1"],
+        "a category denied"
+    );
+    consent("c5", vec![ix("_deny.nurse", b"T-all")])?;
+    assert_eq!(
+        found(Some(pv.clone()))?,
+        ["c1", "c2", "c3", "c4", "c5", "p1"],
+        "another actor's deny"
+    );
+    // The Patient restricted: the whole chart needs the grant.
+    patient.version = 2;
+    put(s, patient, Expect::Version(1), vec![ix("_label", b"L-R")])?;
+    assert_eq!(found(Some(pv.clone()))?, Vec::<String>::new());
+    consent("c6", vec![ix("_grant.*", b"L-R")])?;
+    assert_eq!(
+        found(Some(pv.clone()))?,
+        ["c1", "c2", "c3", "c4", "c5", "c6", "p1"]
+    );
+    let mut hits: Vec<(String, String, Vec<u8>)> = s
+        .audited(Box::new(|tx: &dyn TxRead| {
+            let h = tx.chart_tokens(&pid("p1"), &["_label".into(), "_deny.dr".into()])?;
+            Ok((vec![(vec![1], b"r".to_vec())], Box::new(h) as Payload))
+        }))?
+        .downcast::<Vec<IndexHit>>()
+        .map(|h| h.into_iter().map(|h| (h.id, h.param, h.token)).collect())
+        .unwrap_or_default();
+    hits.sort();
+    assert_eq!(
+        hits,
+        [
+            ("c4".into(), "_deny.dr".into(), b"T-vitals".to_vec()),
+            ("ob".into(), "_label".into(), b"L-HIV".to_vec()),
+            ("p1".into(), "_label".into(), b"L-R".to_vec()),
+        ]
+    );
     Ok(())
 }
 

@@ -528,6 +528,9 @@ pub struct SearchQuery {
     pub last_updated: Vec<TimeRange>,
     /// Only these categories (empty = any, unless `scopes` is set).
     pub categories: Vec<String>,
+    /// Privacy rules from security labels and patient-privacy consents, applied in the query
+    /// (see [`Privacy`]); `None` applies none.
+    pub privacy: Option<Privacy>,
     /// Categories visible only within some charts: with scopes, a resource matches when
     /// its category is in `categories`, or in a scope's categories and its chart in that
     /// scope's [`Charts`] (treatment relationships, break-the-glass grants). Nothing else.
@@ -541,6 +544,31 @@ pub struct SearchQuery {
     pub after: Option<Vec<String>>,
     pub limit: usize,
     pub offset: usize,
+}
+
+/// What a search leaves out for one caller, from the blind privacy rows of the search index
+/// (param `_label` on labelled resources; `_deny.{actor}` and `_grant.{actor}` on
+/// patient-privacy Consents): a resource whose category (or everything) a Consent in its
+/// chart denies to one of `deny_params`, and a resource — or a chart whose Patient — carrying
+/// a label that no Consent in the chart grants to one of `grant_params`, or that one denies.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Privacy {
+    /// The `_deny.*` params naming the caller and everyone.
+    pub deny_params: Vec<String>,
+    /// The `_grant.*` params naming the caller and everyone.
+    pub grant_params: Vec<String>,
+    /// Each category's deny token, and the token denying everything.
+    pub category_tokens: Vec<(String, Vec<u8>)>,
+    pub everything_token: Vec<u8>,
+}
+
+/// One row of the search index, as [`TxRead::chart_tokens`] returns it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexHit {
+    pub rtype: String,
+    pub id: String,
+    pub param: String,
+    pub token: Vec<u8>,
 }
 
 /// A set of charts, as a search scope names it (resolved inside the query, so a clinician
@@ -581,6 +609,12 @@ pub trait TxRead {
         now: i64,
         patient: Option<&PatientId>,
     ) -> Result<Vec<(PatientId, Reach)>, StoreError>;
+    /// The index rows with one of `params` in `patient`'s chart (labels, consent rules).
+    fn chart_tokens(
+        &self,
+        patient: &PatientId,
+        params: &[String],
+    ) -> Result<Vec<IndexHit>, StoreError>;
     /// The audit log's length at this point of the transaction (before this read's own
     /// entries): a search's snapshot, without a second query.
     fn audit_len(&self) -> u64;

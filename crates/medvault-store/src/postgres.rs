@@ -368,6 +368,7 @@ async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
                      expires BIGINT NOT NULL, outcome TEXT NOT NULL, reviewed_by TEXT NOT NULL,
                      reviewed_at BIGINT NOT NULL, note BYTEA NOT NULL, incident TEXT NOT NULL);
                  CREATE INDEX break_glass_user ON break_glass (username, expires);
+                 CREATE INDEX search_index_chart ON search_index (patient_id, param);
                  CREATE TABLE incidents (id TEXT PRIMARY KEY, opened_at BIGINT NOT NULL, status TEXT NOT NULL,
                      body TEXT NOT NULL);
                  ALTER TABLE users ADD COLUMN training_current BOOLEAN NOT NULL DEFAULT TRUE;
@@ -1092,6 +1093,31 @@ impl TxRead for PgTx<'_, '_> {
         let mut c = self.conn.borrow_mut();
         self.rt
             .block_on(q_charts(&mut **c, care_tokens, username, now, patient))
+    }
+    fn chart_tokens(
+        &self,
+        patient: &PatientId,
+        params: &[String],
+    ) -> Result<Vec<IndexHit>, StoreError> {
+        let (sql, args) = crate::sql::chart_tokens(patient, params, crate::sql::Dialect::Postgres);
+        let mut query = sqlx::query_as::<_, (String, String, String, Vec<u8>)>(&sql);
+        for a in args {
+            query = bind!(query, a);
+        }
+        let mut c = self.conn.borrow_mut();
+        let rows = self
+            .rt
+            .block_on(query.fetch_all(&mut **c))
+            .map_err(classify)?;
+        Ok(rows
+            .into_iter()
+            .map(|(rtype, id, param, token)| IndexHit {
+                rtype,
+                id,
+                param,
+                token,
+            })
+            .collect())
     }
     fn audit_len(&self) -> u64 {
         self.len

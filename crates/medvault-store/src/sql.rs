@@ -3,8 +3,8 @@
 use medvault_types::PatientId;
 
 use crate::{
-    BreakGlassRow, Charts, CredentialRow, IncidentRow, Op, Order, Reach, Sealed, SearchQuery,
-    SessionRow, ThrottleRow, UserRow, VersionRow,
+    BreakGlassRow, Charts, CredentialRow, IncidentRow, Op, Order, Privacy, Reach, Sealed,
+    SearchQuery, SessionRow, ThrottleRow, UserRow, VersionRow,
 };
 
 /// Which SQL the builder speaks.
@@ -625,6 +625,9 @@ pub(crate) fn search(q: &SearchQuery, d: Dialect, select: Select) -> Option<(Str
             return None;
         }
     }
+    if let Some(pv) = &q.privacy {
+        privacy_clauses(&mut sql, &mut push, pv);
+    }
     for (param, tokens) in &q.tokens {
         if tokens.is_empty() {
             return None;
@@ -696,4 +699,67 @@ pub(crate) fn search(q: &SearchQuery, d: Dialect, select: Select) -> Option<(Str
     push(&mut sql, " LIMIT ?", Arg::Int(limit));
     push(&mut sql, " OFFSET ?", Arg::Int(offset));
     Some((sql, args))
+}
+
+/// The clauses of [`Privacy`]: consent denies by category (or of everything), and labels on
+/// the resource or on its chart's Patient that no consent grants or that one denies.
+fn privacy_clauses(sql: &mut String, push: &mut dyn FnMut(&mut String, &str, Arg), pv: &Privacy) {
+    let params = |sql: &mut String, push: &mut dyn FnMut(&mut String, &str, Arg), ps: &[String]| {
+        for (i, p) in ps.iter().enumerate() {
+            push(sql, if i == 0 { "?" } else { ", ?" }, Arg::Text(p.clone()));
+        }
+    };
+    if pv.deny_params.is_empty() {
+        return;
+    }
+    for (cat, token) in &pv.category_tokens {
+        push(sql, " AND NOT (c.category = ?", Arg::Text(cat.clone()));
+        sql.push_str(
+            " AND EXISTS (SELECT 1 FROM search_index d WHERE d.rtype = 'Consent' AND d.patient_id = c.patient_id AND d.param IN (",
+        );
+        params(sql, push, &pv.deny_params);
+        push(sql, ") AND d.token IN (?", Arg::Bytes(token.clone()));
+        push(sql, ", ?)))", Arg::Bytes(pv.everything_token.clone()));
+    }
+    // A label is cleared by a grant and not denied; the resource's own labels, then its
+    // Patient's (which every record of the chart inherits).
+    for own in [true, false] {
+        sql.push_str(" AND NOT EXISTS (SELECT 1 FROM search_index l WHERE ");
+        sql.push_str(if own {
+            "l.rtype = c.rtype AND l.id = c.id"
+        } else {
+            "l.rtype = 'Patient' AND l.id = c.patient_id"
+        });
+        sql.push_str(
+            " AND l.param = '_label' AND (NOT EXISTS (SELECT 1 FROM search_index g WHERE g.rtype = 'Consent' AND g.patient_id = c.patient_id AND g.token = l.token AND g.param IN (",
+        );
+        params(sql, push, &pv.grant_params);
+        sql.push_str(
+            ")) OR EXISTS (SELECT 1 FROM search_index d WHERE d.rtype = 'Consent' AND d.patient_id = c.patient_id AND d.token = l.token AND d.param IN (",
+        );
+        params(sql, push, &pv.deny_params);
+        sql.push_str("))))");
+    }
+}
+
+/// The query of `chart_tokens`: index rows of one chart with one of `params`.
+pub(crate) fn chart_tokens(
+    patient: &PatientId,
+    params: &[String],
+    d: Dialect,
+) -> (String, Vec<Arg>) {
+    let mark = |i: usize| match d {
+        Dialect::Sqlite => format!("?{i}"),
+        Dialect::Postgres => format!("${i}"),
+    };
+    let marks: Vec<String> = (0..params.len()).map(|i| mark(i + 2)).collect();
+    let sql =
+        format!(
+        "SELECT rtype, id, param, token FROM search_index WHERE patient_id = {} AND param IN ({})",
+        mark(1),
+        if marks.is_empty() { "NULL".to_owned() } else { marks.join(", ") }
+    );
+    let mut args = vec![Arg::Text(patient.as_str().to_owned())];
+    args.extend(params.iter().cloned().map(Arg::Text));
+    (sql, args)
 }

@@ -76,6 +76,8 @@ CREATE TABLE break_glass (id TEXT PRIMARY KEY, username TEXT NOT NULL, patient_i
     outcome TEXT NOT NULL, reviewed_by TEXT NOT NULL, reviewed_at INTEGER NOT NULL, note BLOB NOT NULL,
     incident TEXT NOT NULL) STRICT;
 CREATE INDEX break_glass_user ON break_glass (username, expires);
+-- A chart's privacy rows (labels, consent rules), found by patient.
+CREATE INDEX search_index_chart ON search_index (patient_id, param);
 CREATE TABLE incidents (id TEXT PRIMARY KEY, opened_at INTEGER NOT NULL, status TEXT NOT NULL,
     body TEXT NOT NULL) STRICT;
 ALTER TABLE users ADD COLUMN training_current INTEGER NOT NULL DEFAULT 1;
@@ -265,6 +267,26 @@ impl TxRead for TxConn<'_> {
         patient: Option<&PatientId>,
     ) -> Result<Vec<(PatientId, Reach)>, StoreError> {
         q_charts(self.0, care_tokens, username, now, patient)
+    }
+    fn chart_tokens(
+        &self,
+        patient: &PatientId,
+        params: &[String],
+    ) -> Result<Vec<IndexHit>, StoreError> {
+        let (sql, args) = crate::sql::chart_tokens(patient, params, crate::sql::Dialect::Sqlite);
+        let args = sqlite_args(args);
+        let mut st = self.0.prepare_cached(&sql)?;
+        let rows = st
+            .query_map(params_from_iter(args.iter()), |r| {
+                Ok(IndexHit {
+                    rtype: r.get(0)?,
+                    id: r.get(1)?,
+                    param: r.get(2)?,
+                    token: r.get(3)?,
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
     }
     fn audit_len(&self) -> u64 {
         self.1
