@@ -42,6 +42,7 @@ fn relationship_of(r: Reach) -> Relationship {
     match r {
         Reach::Care => Relationship::Treatment,
         Reach::BreakGlass => Relationship::BreakGlass,
+        Reach::Emergency => Relationship::Emergency,
     }
 }
 
@@ -243,6 +244,7 @@ impl Vault {
             public_transparency,
             relationship,
             training_current: c.principal().is_none_or(|p| p.training_current),
+            privacy: medvault_policy::PrivacyFacts::default(),
         }
     }
 

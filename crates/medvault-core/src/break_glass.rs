@@ -101,7 +101,12 @@ impl Vault {
             }
         }
         let username = c.actor().to_owned();
-        if self.write_relationship(c, &[], Some(&pid))? == Relationship::Treatment {
+        // A clinician who already treats the patient needs no grant — unless it is a
+        // medical emergency, which is what overrides the patient's consent (and is
+        // reviewed like any other).
+        if reason != BreakGlassReason::MedicalEmergency
+            && self.write_relationship(c, &[], Some(&pid))? == Relationship::Treatment
+        {
             rec.detail = Some(format!(
                 "reason={reason} suppressed: treatment relationship"
             ));

@@ -24,6 +24,11 @@ pub enum VaultError {
     /// `break_glass` says whether breaking the glass would let them in.
     #[error("access denied: no treatment relationship with this patient")]
     NoRelationship { break_glass: bool },
+    /// The record is restricted (a sensitivity label without a grant, or the patient's
+    /// privacy consent): the error names neither. `break_glass` says whether breaking the
+    /// glass for a medical emergency would open it.
+    #[error("access denied: restricted information")]
+    Restricted { break_glass: bool },
     /// A write the caller's role may not make: `action` (create, update, delete) on a
     /// resource of type `rtype`.
     #[error("access denied: your role may not {action} {rtype}")]

@@ -35,6 +35,7 @@ mod bundle;
 mod caller;
 mod error;
 mod export;
+mod privacy;
 mod read;
 mod reindex;
 mod search;
@@ -150,6 +151,8 @@ pub struct Vault {
     store: Arc<dyn Store>,
     master: MasterKey,
     indexer: BlindIndexer,
+    /// The blind tokens of labels, categories and "everything" (privacy rows).
+    privacy_tokens: Arc<privacy::PrivacyTokens>,
     /// Authenticates the search cursors the gate hands out.
     cursor_mac: medvault_crypto::ServiceMac,
     /// The categories each (role, purpose of use, training, action) may act on, by how the
@@ -278,6 +281,7 @@ impl Vault {
                 Arc::new(medvault_identity::Argon2id::default()),
             )
             .map_err(|e| VaultError::Internal(e.to_string()))?,
+            privacy_tokens: Arc::new(privacy::PrivacyTokens::new(&BlindIndexer::new(&root))),
             indexer: BlindIndexer::new(&root),
             cursor_mac: medvault_crypto::ServiceMac::new(&root, "search-cursor/v1"),
             reachable: std::sync::Mutex::new(std::collections::HashMap::new()),

@@ -8,7 +8,12 @@ use medvault_policy::{PolicyEngine, Relationship};
 use medvault_store::{AuditedRead, Payload, Sealed, StoreError, TxRead};
 use medvault_types::{Action, Category, Clock, PatientId};
 
+use std::collections::HashMap;
+
+use medvault_policy::PrivacyFacts;
+
 use crate::access::{ReachCache, Reacher};
+use crate::privacy::{AskerParams, ChartPrivacy, PrivacyTokens};
 use crate::typestate::{self, permit, Disclosed, Permitted};
 use crate::{
     directory_key_id, push_unique, AuditRecord, Caller, Outcome, SearchResult, Vault, VaultError,
@@ -32,6 +37,11 @@ pub(crate) struct ReadCtx {
     reached: ReachCache,
     /// Whether breaking the glass is open to the caller at all (an operation decision).
     may_break_glass: bool,
+    /// Labels and consents: the tokens, the caller's consent params, and the charts'
+    /// privacy rows read so far.
+    privacy_tokens: Arc<PrivacyTokens>,
+    params: AskerParams,
+    charts_privacy: std::sync::Mutex<HashMap<PatientId, Arc<ChartPrivacy>>>,
 }
 
 impl ReadCtx {
@@ -45,12 +55,78 @@ impl ReadCtx {
         category: Category,
         relationship: Relationship,
     ) -> medvault_policy::Decision {
-        self.policy.decide(Vault::records_query(
+        self.decide_with(action, category, relationship, PrivacyFacts::default())
+    }
+
+    fn decide_with(
+        &self,
+        action: Action,
+        category: Category,
+        relationship: Relationship,
+        privacy: PrivacyFacts,
+    ) -> medvault_policy::Decision {
+        let mut q = Vault::records_query(
             &self.caller,
             action,
             category,
             relationship,
             self.public_transparency,
+        );
+        q.privacy = privacy;
+        self.policy.decide(q)
+    }
+
+    /// Whether the caller may read a chart's Patient (its demographics) as privacy decides:
+    /// `Err` is the refusal to hand back (restricted), `Ok(Ok(()))` lets them on.
+    pub(crate) fn read_patient(
+        &self,
+        tx: &dyn TxRead,
+        row: &Sealed,
+        rel: Relationship,
+    ) -> Result<Result<(), VaultError>, StoreError> {
+        let cat = Category::Demographics;
+        let facts = self.facts(tx, row, cat)?;
+        if facts == PrivacyFacts::default()
+            || self.decide_with(Action::Read, cat, rel, facts).allowed()
+        {
+            return Ok(Ok(()));
+        }
+        Ok(Err(self.denial(Action::Read, cat, rel, facts)))
+    }
+
+    /// The privacy facts of one stored record for the caller: its labels and its
+    /// patient's, and the consents of its chart (read once per chart per request).
+    pub(crate) fn facts(
+        &self,
+        tx: &dyn TxRead,
+        row: &Sealed,
+        category: Category,
+    ) -> Result<PrivacyFacts, StoreError> {
+        let Some(p) = row.patient() else {
+            return Ok(PrivacyFacts::default());
+        };
+        let known = self
+            .charts_privacy
+            .lock()
+            .ok()
+            .and_then(|m| m.get(p).cloned());
+        let chart = match known {
+            Some(c) => c,
+            None => {
+                let hits = tx.chart_tokens(p, &self.params.lookup())?;
+                let c = Arc::new(ChartPrivacy::new(&self.privacy_tokens, &self.params, hits));
+                if let Ok(mut m) = self.charts_privacy.lock() {
+                    m.insert(p.clone(), c.clone());
+                }
+                c
+            }
+        };
+        Ok(chart.facts(
+            &self.privacy_tokens,
+            row.rtype(),
+            row.id(),
+            p.as_str(),
+            category,
         ))
     }
 
@@ -69,10 +145,26 @@ impl ReadCtx {
         self.reached.get(&self.reacher, &lookup, patient)
     }
 
-    /// The error for a denied read of `category`: a missing treatment relationship (saying
-    /// whether break-the-glass would help) when one would have allowed it, else the
-    /// category withheld.
-    fn denial(&self, action: Action, category: Category, rel: Relationship) -> VaultError {
+    /// The error for a denied read of `category`: restricted information (labels, consent;
+    /// naming neither) when only the record's privacy facts denied it; a missing treatment
+    /// relationship (saying whether break-the-glass would help) when one would have allowed
+    /// it; else the category withheld.
+    fn denial(
+        &self,
+        action: Action,
+        category: Category,
+        rel: Relationship,
+        privacy: PrivacyFacts,
+    ) -> VaultError {
+        if privacy != PrivacyFacts::default() && self.decide(action, category, rel).allowed() {
+            let emergency = self.may_break_glass
+                && self
+                    .decide_with(action, category, Relationship::Emergency, privacy)
+                    .allowed();
+            return VaultError::Restricted {
+                break_glass: emergency && rel != Relationship::Emergency,
+            };
+        }
         let treating = self
             .decide(action, category, Relationship::Treatment)
             .allowed();
@@ -113,13 +205,23 @@ impl ReadCtx {
             return Ok((vec![rec], Err(VaultError::Forbidden { withheld: vec![] })));
         };
         let rel = self.relationship(tx, row.patient())?;
-        let decision = self.decide(Action::Read, category, rel);
+        let facts = self.facts(tx, &row, category)?;
+        let decision = self.decide_with(Action::Read, category, rel, facts);
         Ok(match permit(&decision, row, &mut rec) {
             Err(_) => {
                 rec.categories_withheld = vec![category.to_string()];
-                let e = self.denial(Action::Read, category, rel);
-                if matches!(e, VaultError::NoRelationship { .. }) {
-                    rec.detail = Some("no treatment relationship".into());
+                let e = self.denial(Action::Read, category, rel, facts);
+                match e {
+                    VaultError::NoRelationship { .. } => {
+                        rec.detail = Some("no treatment relationship".into())
+                    }
+                    VaultError::Restricted { .. } => {
+                        rec.detail = Some(format!(
+                            "restricted: policy={}",
+                            decision.policies().join(",")
+                        ))
+                    }
+                    _ => {}
                 }
                 (vec![rec], Err(e))
             }
@@ -130,7 +232,7 @@ impl ReadCtx {
             }
             Ok(p) => {
                 rec.categories_disclosed = vec![category.to_string()];
-                rec.break_glass = rel == Relationship::BreakGlass;
+                rec.break_glass = matches!(rel, Relationship::BreakGlass | Relationship::Emergency);
                 rec.detail = Some(format!("policy={}", decision.policies().join(",")));
                 (vec![rec], Ok(p))
             }
@@ -157,10 +259,12 @@ impl ReadCtx {
                 continue;
             };
             let rel = self.relationship(tx, row.patient())?;
-            match permit(&self.decide(action, cat, rel), row, rec) {
+            let facts = self.facts(tx, &row, cat)?;
+            match permit(&self.decide_with(action, cat, rel, facts), row, rec) {
                 Ok(p) => {
                     push_unique(&mut disclosed, cat);
-                    break_glass |= rel == Relationship::BreakGlass;
+                    break_glass |=
+                        matches!(rel, Relationship::BreakGlass | Relationship::Emergency);
                     allowed.push(p);
                 }
                 Err(_) => push_unique(&mut withheld, cat),
@@ -206,6 +310,9 @@ impl Vault {
             reacher: self.reacher(c),
             reached: ReachCache::default(),
             may_break_glass,
+            privacy_tokens: self.privacy_tokens.clone(),
+            params: self.asker_params(c),
+            charts_privacy: Default::default(),
         };
         let read: AuditedRead = Box::new(move |tx: &dyn TxRead| {
             let (recs, out) = f(&cx, tx)?;
@@ -305,7 +412,7 @@ impl Vault {
                 rec.outcome = Outcome::Denied;
                 let rel = cx.relationship(tx, patient.as_ref())?;
                 let e = match withheld.first() {
-                    Some(cat) => cx.denial(Action::Read, *cat, rel),
+                    Some(cat) => cx.denial(Action::Read, *cat, rel, PrivacyFacts::default()),
                     None => VaultError::Forbidden { withheld },
                 };
                 return Ok((vec![rec], Err(e)));

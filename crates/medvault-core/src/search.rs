@@ -418,6 +418,7 @@ impl Vault {
         let nothing =
             patients.as_ref().is_some_and(Vec::is_empty) || ids.as_ref().is_some_and(Vec::is_empty);
         let q = SearchQuery {
+            privacy: Some(self.privacy_scope(c)),
             rtype: Some(rt.as_str().to_owned()),
             patient: s.patient.clone(),
             patients: patients
@@ -771,6 +772,7 @@ impl Vault {
             return Ok(vec![]);
         }
         let q = SearchQuery {
+            privacy: Some(self.privacy_scope(c)),
             rtype: Some(inc.source.as_str().to_owned()),
             patients,
             limit: MAX_EXACT_CANDIDATES,
@@ -919,6 +921,8 @@ impl Vault {
         let limit = count.unwrap_or(100_000);
         let patient = patient.to_owned();
         let reach = self.reachable(c, Action::Read);
+        let privacy = self.privacy_scope(c);
+        let emergency_privacy = self.emergency_privacy_scope(c);
         let visible = reach.any();
         let all_types: Vec<ResourceType> = medvault_fhir::SUPPORTED_TYPES
             .iter()
@@ -936,13 +940,13 @@ impl Vault {
                     return Ok((vec![rec], Err(VaultError::NotFound)));
                 };
                 rec.patient = Some(pid.to_string());
-                match tx.current("Patient", pid.as_str())? {
-                    Some(r) if !r.deleted() => {}
+                let patient_row = match tx.current("Patient", pid.as_str())? {
+                    Some(r) if !r.deleted() => r,
                     _ => {
                         rec.outcome = Outcome::NotFound;
                         return Ok((vec![rec], Err(VaultError::NotFound)));
                     }
-                }
+                };
                 // The chart as the caller reaches it: without a relationship, a clinician
                 // is told so (and whether breaking the glass would help), not handed a
                 // chart silently cut down to demographics.
@@ -950,7 +954,9 @@ impl Vault {
                 let mut visible = reach.open.clone();
                 match rel {
                     Relationship::Treatment => visible.extend(reach.treatment.iter().copied()),
-                    Relationship::BreakGlass => visible.extend(reach.break_glass.iter().copied()),
+                    Relationship::BreakGlass | Relationship::Emergency => {
+                        visible.extend(reach.break_glass.iter().copied())
+                    }
                     Relationship::None if !reach.treatment.is_empty() => {
                         rec.outcome = Outcome::Denied;
                         rec.detail = Some("no treatment relationship".into());
@@ -959,7 +965,18 @@ impl Vault {
                     }
                     Relationship::None => {}
                 }
+                // A chart restricted as a whole (its Patient labelled, or consent denying
+                // the demographics) is refused as such, not returned empty.
+                if let Err(e) = cx.read_patient(tx, &patient_row, rel)? {
+                    rec.outcome = Outcome::Denied;
+                    rec.detail = Some("restricted".into());
+                    return Ok((vec![rec], Err(e)));
+                }
                 let mut q = SearchQuery {
+                    privacy: Some(match rel {
+                        Relationship::Emergency => emergency_privacy,
+                        _ => privacy,
+                    }),
                     patient: Some(pid),
                     created_before: Some(snapshot),
                     last_updated: since

@@ -172,7 +172,13 @@ impl Vault {
             }
         }
         let rel = self.may_write_chart(c, plan, action, rt, &id, &categories, owner.as_ref())?;
-        rec.break_glass = rel == Relationship::BreakGlass;
+        rec.break_glass = matches!(rel, Relationship::BreakGlass | Relationship::Emergency);
+        if self.grants_self(c, rt, res.json()) {
+            // Separation of duties: nobody records the consent that opens records to them.
+            return Err(VaultError::Unprocessable(
+                "a consent cannot grant access to the person recording it; have the front desk or a privacy officer record it".into(),
+            ));
+        }
         let version = prior.map(|p| p.version() + 1).unwrap_or(1);
         let now = self.now_instant();
         res.stamp(&id, version, &now);
@@ -242,6 +248,7 @@ impl Vault {
             })
             .collect();
         rows.extend(self.care_index(rt, json));
+        rows.extend(self.privacy_index(rt, json));
         rows
     }
 
@@ -531,7 +538,7 @@ impl Vault {
             &[category],
             prior.patient(),
         )?;
-        rec.break_glass = rel == Relationship::BreakGlass;
+        rec.break_glass = matches!(rel, Relationship::BreakGlass | Relationship::Emergency);
         pre.check(prior.version())?;
         if prior.deleted() {
             // Deleting what is already deleted succeeds quietly, with no new version

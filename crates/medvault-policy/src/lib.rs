@@ -92,6 +92,9 @@ pub enum Relationship {
     Treatment,
     /// A live break-the-glass grant for this patient (`"break-glass"`).
     BreakGlass,
+    /// A live break-the-glass grant for a medical emergency (`"break-glass"` with
+    /// `context.emergency`): what a consent deny and most sensitivity labels yield to.
+    Emergency,
 }
 
 impl Relationship {
@@ -100,7 +103,7 @@ impl Relationship {
         match self {
             Relationship::None => "none",
             Relationship::Treatment => "treatment",
-            Relationship::BreakGlass => "break-glass",
+            Relationship::BreakGlass | Relationship::Emergency => "break-glass",
         }
     }
 }
@@ -118,6 +121,24 @@ pub struct Query {
     /// Whether the asker's required training is current (Cedar `context.training_current`;
     /// true for callers without training, such as service clients and the server).
     pub training_current: bool,
+    /// Privacy facts of the record (Cedar `context.consent_denied`, `context.restricted`,
+    /// `context.psychotherapy`).
+    pub privacy: PrivacyFacts,
+}
+
+/// What a record's security labels and its patient's privacy consents say about this asker
+/// (SPEC "Access control"), as found by the gate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct PrivacyFacts {
+    /// A patient-privacy Consent denies the asker this record (its category, one of its
+    /// labels, or everything).
+    pub consent_denied: bool,
+    /// The record (or its patient) carries a sensitivity or confidentiality label no
+    /// consent grants the asker — other than psychotherapy notes.
+    pub restricted: bool,
+    /// The record (or its patient) is labelled psychotherapy notes (`PSYTHPN`) without a
+    /// grant.
+    pub psychotherapy: bool,
 }
 
 impl Query {
@@ -137,6 +158,7 @@ impl Query {
             public_transparency: false,
             relationship,
             training_current: true,
+            privacy: PrivacyFacts::default(),
         }
     }
 
@@ -154,6 +176,7 @@ impl Query {
             public_transparency,
             relationship: Relationship::None,
             training_current: true,
+            privacy: PrivacyFacts::default(),
         }
     }
 }
@@ -302,6 +325,22 @@ impl PolicyEngine {
                 "training_current".to_owned(),
                 RestrictedExpression::new_bool(q.training_current),
             ),
+            (
+                "emergency".to_owned(),
+                RestrictedExpression::new_bool(q.relationship == Relationship::Emergency),
+            ),
+            (
+                "consent_denied".to_owned(),
+                RestrictedExpression::new_bool(q.privacy.consent_denied),
+            ),
+            (
+                "restricted".to_owned(),
+                RestrictedExpression::new_bool(q.privacy.restricted),
+            ),
+            (
+                "psychotherapy".to_owned(),
+                RestrictedExpression::new_bool(q.privacy.psychotherapy),
+            ),
         ])
         .ok()?;
         let req = Request::new(principal, action, resource, context, None).ok()?;
@@ -380,6 +419,76 @@ mod tests {
         assert!(!allowed(&e, Physician, Read, Category::Billing));
     }
 
+    /// One precedence (docs/design/0006): hard denies > consent deny (yields only to a
+    /// medical emergency) > sensitivity labels (a grant, or an emergency) > treatment
+    /// relationship > role × category ∩ purpose of use.
+    #[test]
+    fn precedence_hard_denies_consent_labels_relationship_role() {
+        let e = PolicyEngine::with_defaults().unwrap();
+        let ask = |role, rel, privacy: PrivacyFacts, training: bool| {
+            let mut q = Query::records(role, Action::Read, Category::Notes, Purpose::Treat, rel);
+            q.privacy = privacy;
+            q.training_current = training;
+            e.decide(q)
+        };
+        use Relationship::{BreakGlass, Emergency, Treatment};
+        let none = PrivacyFacts::default();
+        let consent = PrivacyFacts {
+            consent_denied: true,
+            ..none
+        };
+        let label = PrivacyFacts {
+            restricted: true,
+            ..none
+        };
+        let psy = PrivacyFacts {
+            psychotherapy: true,
+            ..none
+        };
+        let p = Role::Physician;
+        assert!(ask(p, Treatment, none, true).allowed());
+        assert!(
+            !ask(p, Relationship::None, none, true).allowed(),
+            "relationship"
+        );
+        let d = ask(p, Treatment, consent, true);
+        assert!(!d.allowed() && d.policies() == ["consent-deny"], "{d:?}");
+        assert!(
+            !ask(p, BreakGlass, consent, true).allowed(),
+            "only an emergency"
+        );
+        assert!(ask(p, Emergency, consent, true).allowed());
+        let d = ask(p, Treatment, label, true);
+        assert!(!d.allowed() && d.policies() == ["sensitive-records-need-a-grant"]);
+        assert!(ask(p, Emergency, label, true).allowed());
+        assert!(
+            !ask(p, Emergency, psy, true).allowed(),
+            "psychotherapy notes: never by emergency"
+        );
+        assert!(!ask(p, Treatment, none, false).allowed(), "training lapsed");
+        assert!(
+            ask(p, Emergency, none, false).allowed(),
+            "except an emergency"
+        );
+        assert!(
+            !ask(Role::Billing, Emergency, none, true).allowed(),
+            "clinical roles only"
+        );
+        let mut billing = Query::records(
+            Role::Billing,
+            Action::Read,
+            Category::Billing,
+            Purpose::Payment,
+            Relationship::None,
+        );
+        assert!(e.decide(billing).allowed());
+        billing.privacy = psy;
+        assert!(
+            !e.decide(billing).allowed(),
+            "psychotherapy notes never to billing"
+        );
+    }
+
     #[test]
     fn purpose_matters_and_decisions_name_policies() {
         let e = PolicyEngine::with_defaults().unwrap();
@@ -451,6 +560,7 @@ mod tests {
                         public_transparency: public,
                         relationship,
                         training_current: true,
+                        privacy: PrivacyFacts::default(),
                     })
                     .allowed()
                 })
@@ -463,6 +573,7 @@ mod tests {
                 public_transparency: public,
                 relationship,
                 training_current: true,
+                privacy: PrivacyFacts::default(),
             });
             if anonymous.allowed() {
                 who.push("anonymous".into());
@@ -516,6 +627,7 @@ mod tests {
                 public_transparency: false,
                 relationship: Relationship::None,
                 training_current: true,
+                privacy: PrivacyFacts::default(),
             })
             .allowed
         };
@@ -574,6 +686,7 @@ mod tests {
                         public_transparency: public,
                         relationship: Relationship::BreakGlass,
                         training_current: true,
+                        privacy: PrivacyFacts::default(),
                     };
                     assert!(!e.decide(q).allowed(), "anonymous {a} {c}");
                 }

@@ -110,6 +110,20 @@ impl From<VaultError> for ApiError {
                 }),
                 retry_after: None,
             },
+            VaultError::Restricted { break_glass } => ApiError {
+                status: S::FORBIDDEN,
+                issues: vec![Issue::error(
+                    IssueCode::Forbidden,
+                    if break_glass {
+                        "access denied: some of this patient's information is restricted; in a medical emergency, break the glass (POST /api/break-glass, reason medical-emergency) for time-limited access that privacy officers review".to_owned()
+                    } else {
+                        "access denied: some of this patient's information is restricted".to_owned()
+                    },
+                    None,
+                )],
+                code: Some(if break_glass { "break-the-glass" } else { "restricted" }),
+                retry_after: None,
+            },
             VaultError::Refused { action, rtype } => ApiError {
                 status: S::FORBIDDEN,
                 issues: vec![Issue::error(

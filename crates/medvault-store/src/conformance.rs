@@ -93,6 +93,7 @@ pub fn privacy_rows_restrict_searches(s: &dyn Store) -> Result<(), Failure> {
             ("demographics".into(), b"T-demo".to_vec()),
         ],
         everything_token: b"T-all".to_vec(),
+        emergency_unopened: None,
     };
     let found = |privacy: Option<Privacy>| -> Result<Vec<String>, Failure> {
         let q = SearchQuery {
@@ -245,13 +246,14 @@ pub fn care_relationships_and_break_glass(s: &dyn Store) -> Result<(), Failure> 
     let mut other = grant.clone();
     other.id = "g2".into();
     other.patient = pid("p2");
+    other.reason = "continuity-of-care".into();
     other.created = 101;
     one(s, Op::PutBreakGlass(other))?;
     let mut reach = s.charts(&[b"dr-b".to_vec()], "ann", 150, None)?;
     reach.sort_by(|a, b| a.0.cmp(&b.0));
     assert_eq!(
         reach,
-        vec![(pid("p2"), Reach::Care), (pid("p9"), Reach::BreakGlass)],
+        vec![(pid("p2"), Reach::Care), (pid("p9"), Reach::Emergency)],
         "a chart reached both ways is a care relationship"
     );
     assert_eq!(
@@ -261,7 +263,7 @@ pub fn care_relationships_and_break_glass(s: &dyn Store) -> Result<(), Failure> 
     );
     assert_eq!(
         s.charts(&[b"dr-b".to_vec()], "ann", 150, Some(&pid("p9")))?,
-        vec![(pid("p9"), Reach::BreakGlass)],
+        vec![(pid("p9"), Reach::Emergency)],
         "one chart"
     );
     assert_eq!(

@@ -281,6 +281,9 @@ pub struct IncidentRow {
 pub enum Reach {
     Care,
     BreakGlass,
+    /// A break-the-glass grant for a medical emergency (what consent denies and most
+    /// sensitivity labels yield to).
+    Emergency,
 }
 
 /// One audit log entry: its dense sequence number is assigned by the store at commit.
@@ -560,6 +563,9 @@ pub struct Privacy {
     /// Each category's deny token, and the token denying everything.
     pub category_tokens: Vec<(String, Vec<u8>)>,
     pub everything_token: Vec<u8>,
+    /// Under a medical emergency: consents are not applied, and of the labels only these
+    /// (psychotherapy notes) still need a grant.
+    pub emergency_unopened: Option<Vec<Vec<u8>>>,
 }
 
 /// One row of the search index, as [`TxRead::chart_tokens`] returns it.
@@ -601,7 +607,7 @@ pub trait TxRead {
     /// The charts a caller reaches: those with a care-relationship index token among
     /// `care_tokens` (param `_care` of CareTeam and Encounter rows), and those a
     /// break-the-glass grant of `username` opens at `now` (Unix seconds). A chart reached
-    /// both ways is listed once, as [`Reach::Care`]. With `patient`, only that chart.
+    /// several ways is listed once: an emergency grant first, then a care relationship. With `patient`, only that chart.
     fn charts(
         &self,
         care_tokens: &[Vec<u8>],

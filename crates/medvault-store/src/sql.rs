@@ -145,7 +145,7 @@ pub(crate) fn charts(
         Arg::Text(patient.map(|p| p.as_str().to_owned()).unwrap_or_default()),
     ];
     let mut sql = format!(
-        "SELECT DISTINCT patient_id, CAST(1 AS BIGINT) FROM break_glass WHERE username = {} AND expires > {} AND {only}",
+        "SELECT DISTINCT patient_id, CAST(CASE WHEN reason = 'medical-emergency' THEN 2 ELSE 1 END AS BIGINT) FROM break_glass WHERE username = {} AND expires > {} AND {only}",
         mark(1),
         mark(2)
     );
@@ -167,13 +167,20 @@ pub(crate) fn fold_charts(rows: Vec<(Option<String>, i64)>) -> Vec<(PatientId, R
         let Some(p) = p.and_then(|p| PatientId::new(&p).ok()) else {
             continue;
         };
-        let reach = if how == 0 {
-            Reach::Care
-        } else {
-            Reach::BreakGlass
+        let reach = match how {
+            0 => Reach::Care,
+            2 => Reach::Emergency,
+            _ => Reach::BreakGlass,
+        };
+        // An emergency grant wins (it is what overrides a consent, and its accesses are
+        // flagged), then a care relationship, then another grant.
+        let rank = |r: Reach| match r {
+            Reach::Emergency => 2,
+            Reach::Care => 1,
+            Reach::BreakGlass => 0,
         };
         match out.iter_mut().find(|(q, _)| *q == p) {
-            Some(e) if reach == Reach::Care => e.1 = Reach::Care,
+            Some(e) if rank(reach) > rank(e.1) => e.1 = reach,
             Some(_) => {}
             None => out.push((p, reach)),
         }
@@ -712,7 +719,8 @@ fn privacy_clauses(sql: &mut String, push: &mut dyn FnMut(&mut String, &str, Arg
     if pv.deny_params.is_empty() {
         return;
     }
-    for (cat, token) in &pv.category_tokens {
+    let consents = pv.emergency_unopened.is_none();
+    for (cat, token) in pv.category_tokens.iter().filter(|_| consents) {
         push(sql, " AND NOT (c.category = ?", Arg::Text(cat.clone()));
         sql.push_str(
             " AND EXISTS (SELECT 1 FROM search_index d WHERE d.rtype = 'Consent' AND d.patient_id = c.patient_id AND d.param IN (",
@@ -730,13 +738,29 @@ fn privacy_clauses(sql: &mut String, push: &mut dyn FnMut(&mut String, &str, Arg
         } else {
             "l.rtype = 'Patient' AND l.id = c.patient_id"
         });
+        sql.push_str(" AND l.param = '_label'");
+        if let Some(unopened) = &pv.emergency_unopened {
+            if unopened.is_empty() {
+                sql.push_str(" AND 1 = 0");
+            }
+            for (i, t) in unopened.iter().enumerate() {
+                push(
+                    sql,
+                    if i == 0 { " AND l.token IN (?" } else { ", ?" },
+                    Arg::Bytes(t.clone()),
+                );
+            }
+            if !unopened.is_empty() {
+                sql.push(')');
+            }
+        }
         sql.push_str(
-            " AND l.param = '_label' AND (NOT EXISTS (SELECT 1 FROM search_index g WHERE g.rtype = 'Consent' AND g.patient_id = c.patient_id AND g.token = l.token AND g.param IN (",
+            " AND (NOT EXISTS (SELECT 1 FROM search_index g WHERE g.rtype = 'Consent' AND g.patient_id = c.patient_id AND g.token = l.token AND g.param IN (",
         );
         params(sql, push, &pv.grant_params);
-        sql.push_str(
-            ")) OR EXISTS (SELECT 1 FROM search_index d WHERE d.rtype = 'Consent' AND d.patient_id = c.patient_id AND d.token = l.token AND d.param IN (",
-        );
+        sql.push_str(")) OR EXISTS (SELECT 1 FROM search_index d WHERE d.rtype = 'Consent' AND d.patient_id = c.patient_id AND d.token = l.token AND 1 = ");
+        sql.push_str(if consents { "1" } else { "0" });
+        sql.push_str(" AND d.param IN (");
         params(sql, push, &pv.deny_params);
         sql.push_str("))))");
     }

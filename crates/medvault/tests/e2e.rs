@@ -6050,3 +6050,240 @@ fn break_the_glass_end_to_end_and_searches_cannot_leak_other_charts() {
     assert_eq!(train(nurse_name, true).status, 200);
     assert_eq!(s.get(&nurse_vitals, &nurse).status, 200);
 }
+
+fn labelled(mut v: Value, system: &str, code: &str) -> Value {
+    v["meta"] = json!({"security": [{"system": system, "code": code}]});
+    v
+}
+
+const ACT_CODE: &str = "http://terminology.hl7.org/CodeSystem/v3-ActCode";
+
+/// A patient-privacy Consent for `pid` with `provisions` nested under a base permit.
+fn privacy_consent(pid: &str, provisions: Value) -> Value {
+    json!({"resourceType": "Consent", "status": "active",
+        "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy"}]},
+        "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
+        "patient": {"reference": format!("Patient/{pid}")},
+        "policyRule": {"coding": [{"system": ACT_CODE, "code": "OPTIN"}]},
+        "provision": {"type": "permit", "provision": provisions}})
+}
+
+fn actor(practitioner: &str) -> Value {
+    json!([{"role": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType", "code": "IRCP"}]},
+        "reference": {"reference": format!("Practitioner/{practitioner}")}}])
+}
+
+/// Sensitivity labels need an explicit grant and patient consents deny — through reads,
+/// searches and `$everything` alike, naming neither in the refusal; a medical emergency
+/// opens both but never psychotherapy notes; nobody records the consent that opens records
+/// to them.
+#[test]
+fn consents_and_sensitivity_labels_decide_reads_and_searches() {
+    let (_t, dir, staff) = setup();
+    let (dr, rn) = (staff.practitioner("physician"), staff.practitioner("nurse"));
+    let a = "urn:uuid:0000000a-0000-4000-8000-000000000000";
+    let v = "urn:uuid:0000000b-0000-4000-8000-000000000000";
+    let subject = |u: &str| json!({"reference": u});
+    let mut vitals = vital("x");
+    vitals["subject"] = subject(a);
+    let mut sud = vital("x");
+    sud["subject"] = subject(a);
+    sud["category"][0]["coding"][0]["code"] = json!("laboratory");
+    let mut enc_a = encounter("x", &[dr, rn]);
+    enc_a["subject"] = subject(a);
+    let mut enc_v = encounter("x", &[dr, rn]);
+    enc_v["subject"] = subject(v);
+    let mut vip = patient_body("Vipperson", "MRN-VIP");
+    vip = labelled(
+        vip,
+        "http://terminology.hl7.org/CodeSystem/v3-Confidentiality",
+        "R",
+    );
+    let mut vip_vital = vital("x");
+    vip_vital["subject"] = subject(v);
+    let entries = vec![
+        json!({"fullUrl": a, "resource": patient_body("Labelled", "MRN-LAB")}),
+        json!({"resource": enc_a}),
+        json!({"resource": vitals}),
+        json!({"resource": labelled(json!({"resourceType": "Condition", "code": {"text": "B20"}, "subject": subject(a)}), ACT_CODE, "HIV")}),
+        json!({"resource": labelled(json!({"resourceType": "DocumentReference", "status": "current",
+            "content": [{"attachment": {"contentType": "text/plain", "data": "bm90ZQ=="}}], "subject": subject(a)}), ACT_CODE, "PSYTHPN")}),
+        json!({"resource": labelled(sud, ACT_CODE, "SUD")}),
+        json!({"fullUrl": v, "resource": vip}),
+        json!({"resource": enc_v}),
+        json!({"resource": vip_vital}),
+    ];
+    let f = dir.join("..").join("labelled.json");
+    std::fs::write(
+        &f,
+        json!({"resourceType": "Bundle", "type": "collection", "entry": entries}).to_string(),
+    )
+    .unwrap();
+    let o = json_out(&medvault(&dir, &["import", f.to_str().unwrap(), "--json"]));
+    let loc: Vec<String> = o["locations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            l.as_str()
+                .unwrap()
+                .split('/')
+                .take(2)
+                .collect::<Vec<_>>()
+                .join("/")
+        })
+        .collect();
+    let (pa, vitals, hiv, psy, sud, pv, vip_vital) = (
+        loc[0].trim_start_matches("Patient/").to_owned(),
+        format!("/fhir/{}", loc[2]),
+        format!("/fhir/{}", loc[3]),
+        format!("/fhir/{}", loc[4]),
+        format!("/fhir/{}", loc[5]),
+        loc[6].trim_start_matches("Patient/").to_owned(),
+        format!("/fhir/{}", loc[8]),
+    );
+    let s = Server::start(&dir, &[]);
+    let login = |role: &str| {
+        let (u, p, t) = staff.get(role);
+        s.login(u, p, t)
+    };
+    let (phys, nurse, desk) = (login("physician"), login("nurse"), login("front_desk"));
+    let code = |r: &Resp| r.body["issue"][0]["details"]["coding"][0]["code"].clone();
+    // Labels need a grant, even within a treatment relationship; the refusal names neither
+    // the label nor the category; the whole chart of a restricted (VIP) patient too.
+    assert_eq!(s.get(&vitals, &phys).status, 200);
+    for (path, want) in [
+        (&hiv, "break-the-glass"),
+        (&sud, "break-the-glass"),
+        (&psy, "restricted"),
+        (&vip_vital, "break-the-glass"),
+        (&format!("/fhir/Patient/{pv}"), "break-the-glass"),
+    ] {
+        let r = s.get(path, &phys);
+        assert_eq!(r.status, 403, "{path}: {:?}", r.body);
+        assert_eq!(code(&r), want, "{path}");
+        let text = r.body.to_string();
+        for secret in [
+            "HIV",
+            "SUD",
+            "PSYTHPN",
+            "psychotherapy",
+            "labs",
+            "problems",
+            "notes",
+            "VIP",
+        ] {
+            assert!(!text.contains(secret), "{path} names {secret}: {text}");
+        }
+    }
+    let found = |q: &str, tok: &str| -> (Vec<String>, Value) {
+        let r = s.get(q, tok);
+        assert_eq!(r.status, 200, "{q}: {:?}", r.body);
+        (ids(&r.body), r.body["total"].clone())
+    };
+    let (got, total) = found(&format!("/fhir/Observation?patient={pa}"), &phys);
+    assert_eq!(
+        (got.len(), total),
+        (1, json!(1)),
+        "the SUD lab is neither listed nor counted"
+    );
+    assert_eq!(
+        found(&format!("/fhir/Condition?patient={pa}"), &phys).1,
+        json!(0)
+    );
+    assert_eq!(found("/fhir/Patient?family=vipperson", &phys).1, json!(0));
+    assert_eq!(
+        found("/fhir/Patient?family=vipperson", &desk).1,
+        json!(0),
+        "a VIP is hidden from the front desk too"
+    );
+    let r = s.get(&format!("/fhir/Patient/{pv}/$everything"), &phys);
+    assert_eq!(r.status, 403, "a restricted chart is refused, not emptied");
+    let ev = s.get(&format!("/fhir/Patient/{pa}/$everything"), &phys);
+    assert_eq!(ev.status, 200);
+    let text = ev.body["entry"].to_string();
+    for hidden in [&hiv, &psy, &sud] {
+        assert!(
+            !text.contains(hidden.rsplit('/').next().unwrap()),
+            "$everything leaks {hidden}"
+        );
+    }
+    // Consents: the front desk records what the patient decided. Deny the nurse the
+    // Observations; grant the physician the HIV label.
+    let deny_nurse = privacy_consent(
+        &pa,
+        json!([{"type": "deny", "actor": actor(rn), "class": [{"system": "http://hl7.org/fhir/resource-types", "code": "Observation"}]}]),
+    );
+    let r = s.post("/fhir/Consent", &desk, &deny_nurse);
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    let r = s.get(&vitals, &nurse);
+    assert_eq!(
+        (r.status, code(&r)),
+        (403, json!("break-the-glass")),
+        "{:?}",
+        r.body
+    );
+    assert_eq!(
+        found(&format!("/fhir/Observation?patient={pa}"), &nurse).1,
+        json!(0)
+    );
+    assert_eq!(
+        s.get(&vitals, &phys).status,
+        200,
+        "the consent names the nurse only"
+    );
+    let grant = privacy_consent(
+        &pa,
+        json!([{"type": "permit", "actor": actor(dr), "securityLabel": [{"system": ACT_CODE, "code": "HIV"}]}]),
+    );
+    let r = s.post("/fhir/Consent", &phys, &grant);
+    assert_eq!(
+        r.status, 422,
+        "nobody records the consent that opens records to them: {:?}",
+        r.body
+    );
+    assert_eq!(s.post("/fhir/Consent", &desk, &grant).status, 201);
+    assert_eq!(s.get(&hiv, &phys).status, 200, "granted");
+    assert_eq!(
+        found(&format!("/fhir/Condition?patient={pa}"), &phys).1,
+        json!(1)
+    );
+    assert_eq!(
+        s.get(&hiv, &nurse).status,
+        403,
+        "the grant is the physician's"
+    );
+    let vip_grant = privacy_consent(
+        &pv,
+        json!([{"type": "permit", "actor": actor(dr), "securityLabel": [{"system": "http://terminology.hl7.org/CodeSystem/v3-Confidentiality", "code": "R"}]}]),
+    );
+    assert_eq!(s.post("/fhir/Consent", &desk, &vip_grant).status, 201);
+    assert_eq!(s.get(&vip_vital, &phys).status, 200);
+    assert_eq!(found("/fhir/Patient?family=vipperson", &phys).1, json!(1));
+    // A medical emergency: the nurse (on the care team, so only an emergency makes a
+    // grant) overrides the consent and the labels — never psychotherapy notes.
+    let r = s.post(
+        "/api/break-glass",
+        &nurse,
+        &json!({"patient": pa, "reason": "continuity-of-care", "justification": "covering the night shift for this patient"}),
+    );
+    assert_eq!(r.status, 200, "already treating: no grant needed");
+    let r = s.post(
+        "/api/break-glass",
+        &nurse,
+        &json!({"patient": pa, "reason": "medical-emergency", "justification": "respiratory arrest on the ward, need labs"}),
+    );
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    for path in [&vitals, &hiv, &sud] {
+        assert_eq!(s.get(path, &nurse).status, 200, "{path}");
+    }
+    assert_eq!(s.get(&psy, &nurse).status, 403);
+    let ev = s.get(&format!("/fhir/Patient/{pa}/$everything"), &nurse);
+    assert_eq!(ev.status, 200);
+    let text = ev.body["entry"].to_string();
+    assert!(text.contains(sud.rsplit('/').next().unwrap()));
+    assert!(
+        !text.contains(psy.rsplit('/').next().unwrap()),
+        "psychotherapy notes stay out"
+    );
+}

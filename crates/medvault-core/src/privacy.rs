@@ -1,0 +1,254 @@
+//! Security labels and patient-privacy consents through the gate (SPEC "Access control").
+//! The facts are blind rows of the search index, written with the resource that carries
+//! them, so nothing about them is stored in plaintext:
+//!
+//! - `_label`: one row per restricting label on a resource, token `HMAC(label)`;
+//! - `_deny.{actor}` / `_grant.{actor}` on a patient-privacy Consent: what it denies (a
+//!   category's token, everything's token, or a label's token) and which labels it grants,
+//!   `{actor}` being a MAC tag of the Practitioner named (or of everyone) — so a search can
+//!   match a label row against a grant of the same token in the same chart.
+//!
+//! The gate reads a chart's rows once per request (reads, `$everything`, includes) and
+//! hands the policy three facts per record ([`PrivacyFacts`]); searches apply the same
+//! rules inside the query ([`Privacy`]), so totals and pages never count what a read
+//! would refuse. The policy alone decides what the facts mean.
+
+use std::collections::HashMap;
+
+use medvault_fhir::privacy::{
+    consent_rules, labels, ANYONE, PSYCHOTHERAPY_NOTES, RESTRICTING_LABELS,
+};
+use medvault_fhir::ResourceType;
+use medvault_policy::PrivacyFacts;
+use medvault_store::{IndexHit, IndexRow, Privacy};
+use medvault_types::Category;
+use serde_json::{Map, Value};
+
+use crate::{Caller, Vault};
+
+const LABEL_PARAM: &str = "_label";
+
+/// The tokens of every label, category and "everything", computed once per gate.
+pub(crate) struct PrivacyTokens {
+    labels: Vec<(&'static str, Vec<u8>)>,
+    categories: Vec<(Category, Vec<u8>)>,
+    everything: Vec<u8>,
+}
+
+impl PrivacyTokens {
+    pub(crate) fn new(indexer: &medvault_crypto::BlindIndexer) -> Self {
+        PrivacyTokens {
+            labels: RESTRICTING_LABELS
+                .iter()
+                .map(|l| (*l, indexer.token("label", LABEL_PARAM, l).to_vec()))
+                .collect(),
+            categories: Category::ALL
+                .iter()
+                .map(|c| (*c, indexer.token("consent", "_target", c.as_str()).to_vec()))
+                .collect(),
+            everything: indexer.token("consent", "_target", ANYONE).to_vec(),
+        }
+    }
+
+    fn label(&self, code: &str) -> Option<&[u8]> {
+        self.labels
+            .iter()
+            .find(|(l, _)| *l == code)
+            .map(|(_, t)| t.as_slice())
+    }
+
+    fn label_of(&self, token: &[u8]) -> Option<&'static str> {
+        self.labels
+            .iter()
+            .find(|(_, t)| t == token)
+            .map(|(l, _)| *l)
+    }
+
+    fn category(&self, c: Category) -> Option<&[u8]> {
+        self.categories
+            .iter()
+            .find(|(x, _)| *x == c)
+            .map(|(_, t)| t.as_slice())
+    }
+}
+
+/// The consent params naming one caller: theirs (by Practitioner) and everyone's.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct AskerParams {
+    pub deny: Vec<String>,
+    pub grant: Vec<String>,
+}
+
+impl AskerParams {
+    /// Every param a chart lookup needs.
+    pub(crate) fn lookup(&self) -> Vec<String> {
+        let mut v = vec![LABEL_PARAM.to_owned()];
+        v.extend(self.deny.iter().cloned());
+        v.extend(self.grant.iter().cloned());
+        v
+    }
+}
+
+impl Vault {
+    fn actor_tag(&self, actor: &str) -> String {
+        let t = self.indexer.token("consent", "_actor", actor);
+        t.iter().take(12).map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// The privacy rows of a resource: its restricting labels, and a Consent's rules.
+    pub(crate) fn privacy_index(
+        &self,
+        rt: ResourceType,
+        json: &Map<String, Value>,
+    ) -> Vec<IndexRow> {
+        let t = &self.privacy_tokens;
+        let mut rows: Vec<IndexRow> = labels(json)
+            .into_iter()
+            .filter_map(|l| t.label(l))
+            .map(|token| IndexRow {
+                param: LABEL_PARAM.to_owned(),
+                token: token.to_vec(),
+            })
+            .collect();
+        for (deny, actor, target) in consent_rules(rt, json) {
+            let token = match target.strip_prefix("label:") {
+                Some(code) => match t.label(code) {
+                    Some(x) => x.to_vec(),
+                    None => continue,
+                },
+                None if target == ANYONE => t.everything.clone(),
+                None => match target.parse::<Category>().ok().and_then(|c| t.category(c)) {
+                    Some(x) => x.to_vec(),
+                    None => continue,
+                },
+            };
+            let kind = if deny { "_deny" } else { "_grant" };
+            rows.push(IndexRow {
+                param: format!("{kind}.{}", self.actor_tag(&actor)),
+                token,
+            });
+        }
+        rows
+    }
+
+    /// Whether a Consent written by `c` would grant a label to `c` (naming their
+    /// Practitioner, or everyone when they have one).
+    pub(crate) fn grants_self(
+        &self,
+        c: &Caller,
+        rt: ResourceType,
+        json: &Map<String, Value>,
+    ) -> bool {
+        let Some(me) = c.principal().and_then(|p| p.practitioner.as_deref()) else {
+            return false;
+        };
+        consent_rules(rt, json)
+            .iter()
+            .any(|(deny, actor, _)| !deny && (actor == ANYONE || actor == me))
+    }
+
+    /// The consent params naming `c`: their Practitioner's, and everyone's.
+    pub(crate) fn asker_params(&self, c: &Caller) -> AskerParams {
+        let mut who = vec![self.actor_tag(ANYONE)];
+        if let Some(p) = c.principal().and_then(|p| p.practitioner.as_deref()) {
+            who.push(self.actor_tag(p));
+        }
+        AskerParams {
+            deny: who.iter().map(|w| format!("_deny.{w}")).collect(),
+            grant: who.iter().map(|w| format!("_grant.{w}")).collect(),
+        }
+    }
+
+    /// The privacy clauses of `c`'s searches in a chart they reach under a medical
+    /// emergency: consents yield; of the labels only psychotherapy notes need a grant.
+    pub(crate) fn emergency_privacy_scope(&self, c: &Caller) -> Privacy {
+        let mut p = self.privacy_scope(c);
+        p.emergency_unopened = Some(
+            self.privacy_tokens
+                .label(PSYCHOTHERAPY_NOTES)
+                .map(|t| vec![t.to_vec()])
+                .unwrap_or_default(),
+        );
+        p
+    }
+
+    /// The privacy clauses of `c`'s searches.
+    pub(crate) fn privacy_scope(&self, c: &Caller) -> Privacy {
+        let p = self.asker_params(c);
+        let t = &self.privacy_tokens;
+        Privacy {
+            deny_params: p.deny,
+            grant_params: p.grant,
+            category_tokens: t
+                .categories
+                .iter()
+                .map(|(c, tok)| (c.as_str().to_owned(), tok.clone()))
+                .collect(),
+            everything_token: t.everything.clone(),
+            emergency_unopened: None,
+        }
+    }
+}
+
+/// One chart's privacy rows, as they bear on one caller.
+pub(crate) struct ChartPrivacy {
+    /// Labels by (type, id), the patient's own included (type `Patient`).
+    labels: HashMap<(String, String), Vec<&'static str>>,
+    denied: Vec<Vec<u8>>,
+    granted: Vec<Vec<u8>>,
+}
+
+impl ChartPrivacy {
+    pub(crate) fn new(tokens: &PrivacyTokens, params: &AskerParams, hits: Vec<IndexHit>) -> Self {
+        let mut out = ChartPrivacy {
+            labels: HashMap::new(),
+            denied: vec![],
+            granted: vec![],
+        };
+        for h in hits {
+            if h.param == LABEL_PARAM {
+                if let Some(l) = tokens.label_of(&h.token) {
+                    out.labels.entry((h.rtype, h.id)).or_default().push(l);
+                }
+            } else if params.deny.contains(&h.param) {
+                out.denied.push(h.token);
+            } else if params.grant.contains(&h.param) {
+                out.granted.push(h.token);
+            }
+        }
+        out
+    }
+
+    /// The facts of one record of this chart.
+    pub(crate) fn facts(
+        &self,
+        tokens: &PrivacyTokens,
+        rtype: &str,
+        id: &str,
+        patient: &str,
+        category: Category,
+    ) -> PrivacyFacts {
+        let mut f = PrivacyFacts::default();
+        let own = self.labels.get(&(rtype.to_owned(), id.to_owned()));
+        let chart = self.labels.get(&("Patient".to_owned(), patient.to_owned()));
+        let cat = tokens.category(category).unwrap_or_default();
+        f.consent_denied = self
+            .denied
+            .iter()
+            .any(|t| t.as_slice() == cat || *t == tokens.everything);
+        for l in own.into_iter().chain(chart).flatten() {
+            let token = tokens.label(l).unwrap_or_default();
+            if self.denied.iter().any(|t| t.as_slice() == token) {
+                f.consent_denied = true;
+            }
+            if !self.granted.iter().any(|t| t.as_slice() == token) {
+                if *l == PSYCHOTHERAPY_NOTES {
+                    f.psychotherapy = true;
+                } else {
+                    f.restricted = true;
+                }
+            }
+        }
+        f
+    }
+}
