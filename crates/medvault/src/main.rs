@@ -994,6 +994,9 @@ fn demo(
             println!(
                 "The physician and nurse are on the care teams of {treated} of them; reaching the others' clinical records takes break-the-glass."
             );
+            println!(
+                "Some records carry sensitivity labels (and a few charts are VIP-restricted): they need a patient's consent grant, or break-the-glass for a medical emergency."
+            );
             println!();
             println!(
                 "{:<16} {:<16} {:<22} TOTP secret (base32)",
