@@ -157,7 +157,7 @@ impl Vault {
         category: Category,
         relationship: Relationship,
     ) -> Explanation {
-        let d = self.policy.decide_fresh(Self::records_query(
+        let d = self.policy().decide_fresh(Self::records_query(
             c,
             action,
             category,
@@ -256,9 +256,9 @@ impl Vault {
         category: Category,
     ) -> bool {
         let q = Query::operation(c.asker(), Operation::BreakGlass, c.purpose, false);
-        self.policy.decide(q).allowed()
+        self.policy().decide(q).allowed()
             && self
-                .policy
+                .policy()
                 .decide(Self::records_query(
                     c,
                     action,
@@ -286,7 +286,7 @@ impl Vault {
                 .iter()
                 .copied()
                 .filter(|cat| {
-                    self.policy
+                    self.policy()
                         .decide(Self::records_query(
                             c,
                             action,

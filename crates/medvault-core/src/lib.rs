@@ -35,6 +35,7 @@ mod bundle;
 mod caller;
 mod error;
 mod export;
+mod policy_admin;
 mod privacy;
 mod read;
 mod reindex;
@@ -67,6 +68,7 @@ pub use medvault_identity::{
 };
 pub use medvault_policy::Relationship;
 pub use medvault_types::{Action, Category, Clock, Operation, Purpose, Role};
+pub use policy_admin::{CaseResult, PolicyCase, PolicyVersion};
 pub use search::SearchResult;
 pub use typestate::Disclosed;
 pub use write::{Precondition, Written};
@@ -159,7 +161,8 @@ pub struct Vault {
     /// chart is reached, as the policy decided.
     reachable: std::sync::Mutex<ReachableCache>,
     keys: Arc<KeyCache>,
-    policy: Arc<PolicyEngine>,
+    /// The policy set in force and its version (0: built-in).
+    policy: std::sync::RwLock<(Arc<PolicyEngine>, i64)>,
     identity: Identity,
     clock: Arc<dyn Clock>,
     options: VaultOptions,
@@ -288,10 +291,11 @@ impl Vault {
             keys,
             store,
             master,
-            policy: Arc::new(policy),
+            policy: std::sync::RwLock::new((Arc::new(policy), 0)),
             clock,
             options,
         };
+        vault.reload_policy()?;
         vault.record_audit_settings()?;
         let operator = LocalOperator::new();
         vault.reindex_if_needed(&operator)?;
@@ -327,7 +331,7 @@ impl Vault {
         category: Category,
         relationship: medvault_policy::Relationship,
     ) -> medvault_policy::Decision {
-        self.policy.decide(Self::records_query(
+        self.policy().decide(Self::records_query(
             c,
             action,
             category,
@@ -378,7 +382,7 @@ impl Vault {
     /// # Errors
     /// Denied: `Forbidden` for a signed-in caller, `Unauthenticated` for an anonymous one.
     fn decide_operation(&self, c: &Caller, op: Operation) -> medvault_policy::Decision {
-        self.policy.decide(Query::operation(
+        self.policy().decide(Query::operation(
             c.asker(),
             op,
             c.purpose,

@@ -294,7 +294,7 @@ impl Vault {
             + 'static,
     ) -> Result<T, VaultError> {
         let may_break_glass = self
-            .policy
+            .policy()
             .decide(medvault_policy::Query::operation(
                 c.asker(),
                 medvault_types::Operation::BreakGlass,
@@ -303,7 +303,7 @@ impl Vault {
             ))
             .allowed();
         let cx = ReadCtx {
-            policy: self.policy.clone(),
+            policy: self.policy(),
             clock: self.clock.clone(),
             caller: c.clone(),
             public_transparency: self.options.public_transparency,

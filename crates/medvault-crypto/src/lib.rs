@@ -416,6 +416,16 @@ impl KeyCache {
     }
 }
 
+/// SHA-256 of `bytes` as lowercase hex (FIPS 180-4): a digest to name a document by in the
+/// audit log (a policy version), not a secret.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

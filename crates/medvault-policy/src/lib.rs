@@ -214,6 +214,15 @@ fn uid(ty: &str, id: &str) -> Option<EntityUid> {
 }
 
 impl PolicyEngine {
+    /// A policy set that allows nothing (what a server falls back to rather than guess).
+    pub fn deny_all() -> Self {
+        PolicyEngine {
+            policies: PolicySet::new(),
+            authorizer: Authorizer::new(),
+            cache: RwLock::new(HashMap::new()),
+        }
+    }
+
     /// The built-in policies.
     pub fn with_defaults() -> Result<Self, PolicyError> {
         Self::from_text(DEFAULT_POLICIES)
@@ -234,6 +243,23 @@ impl PolicyEngine {
             authorizer: Authorizer::new(),
             cache: RwLock::new(HashMap::new()),
         })
+    }
+
+    /// The `@id`s of the `forbid` policies of a policy text: its hard denies.
+    ///
+    /// # Errors
+    /// `Parse` for text that is not Cedar.
+    pub fn forbid_ids(src: &str) -> Result<Vec<String>, PolicyError> {
+        let set = PolicySet::from_str(src).map_err(|e| PolicyError::Parse(e.to_string()))?;
+        Ok(set
+            .policies()
+            .filter(|p| p.effect() == cedar_policy::Effect::Forbid)
+            .map(|p| {
+                p.annotation("id")
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| p.id().to_string())
+            })
+            .collect())
     }
 
     /// Decides one query. Never errors: anything unexpected is a deny.

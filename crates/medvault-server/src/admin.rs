@@ -503,3 +503,51 @@ pub(crate) async fn incidents(
     let list = as_caller(&state, &ctx, move |v, c| v.incidents(c)).await?;
     Ok(plain_json(StatusCode::OK, json!({ "incidents": list })))
 }
+
+/// `GET /api/policies`: every version (the built-in set is version 0) with its status.
+pub(crate) async fn policies(
+    State(state): State<AppState>,
+    ctx: Ctx,
+) -> Result<Response, ApiError> {
+    let list = as_caller(&state, &ctx, move |v, c| v.policies(c)).await?;
+    Ok(plain_json(StatusCode::OK, json!({ "policies": list })))
+}
+
+/// `PUT /api/policies` with the Cedar text as the body (step-up): proposes a version.
+pub(crate) async fn propose_policy(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let c = caller(&state, &ctx).await?;
+    let body = body_bytes(&state, req).await?;
+    let text = String::from_utf8(body.to_vec())
+        .map_err(|_| ApiError::bad_request("the policy set must be UTF-8 Cedar text"))?;
+    let vault = state.vault.clone();
+    let version = blocking(move || vault.propose_policy(&c, &text)).await??;
+    Ok(plain_json(
+        StatusCode::CREATED,
+        json!({"version": version, "status": "proposed"}),
+    ))
+}
+
+/// `POST /api/policies/{version}/approve` (step-up; a security administrator other than
+/// the proposer).
+pub(crate) async fn approve_policy(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    Path(version): Path<String>,
+) -> Result<Response, ApiError> {
+    let c = caller(&state, &ctx).await?;
+    let version: i64 = version
+        .parse()
+        .ok()
+        .filter(|v| *v > 0)
+        .ok_or_else(ApiError::not_found)?;
+    let vault = state.vault.clone();
+    blocking(move || vault.approve_policy(&c, version)).await??;
+    Ok(plain_json(
+        StatusCode::OK,
+        json!({"version": version, "status": "active"}),
+    ))
+}

@@ -187,6 +187,14 @@ fn routes(state: AppState) -> Router {
         )
         .route("/api/incidents", get(admin::incidents))
         .route(
+            "/api/policies",
+            get(admin::policies).put(admin::propose_policy),
+        )
+        .route(
+            "/api/policies/{version}/approve",
+            post(admin::approve_policy),
+        )
+        .route(
             "/audit/checkpoint",
             get(admin::checkpoint).post(admin::checkpoint_now),
         )

@@ -52,6 +52,72 @@ pub fn run_all(make: &dyn Fn() -> Arc<dyn Store>) -> Result<(), Failure> {
     snapshots_keysets_tallies_and_reindex(&*make())?;
     care_relationships_and_break_glass(&*make())?;
     privacy_rows_restrict_searches(&*make())?;
+    policy_versions_need_a_second_approver(&*make())?;
+    Ok(())
+}
+
+/// Policy versions: proposed, put in force only by someone other than the proposer, the
+/// version in force superseded; a version is proposed and approved once.
+pub fn policy_versions_need_a_second_approver(s: &dyn Store) -> Result<(), Failure> {
+    let propose = |v: i64, by: &str| {
+        one(
+            s,
+            Op::ProposePolicy(PolicyRow {
+                version: v,
+                text: format!("// v{v}"),
+                proposed_by: by.into(),
+                proposed_at: 10 * v,
+                status: String::new(),
+                approved_by: String::new(),
+                approved_at: 0,
+            }),
+        )
+    };
+    let approve = |v: i64, by: &str| {
+        one(
+            s,
+            Op::ApprovePolicy {
+                version: v,
+                approved_by: by.into(),
+                approved_at: 100 + v,
+            },
+        )
+    };
+    let status = || -> Result<Vec<(i64, String)>, Failure> {
+        Ok(s.policies()?
+            .into_iter()
+            .map(|p| (p.version, p.status))
+            .collect())
+    };
+    propose(1, "alice")?;
+    assert!(matches!(propose(1, "bob"), Err(StoreError::Exists)));
+    assert!(
+        matches!(approve(1, "alice"), Err(StoreError::Conflict)),
+        "not by its proposer"
+    );
+    assert_eq!(status()?, [(1, "proposed".to_owned())]);
+    approve(1, "bob")?;
+    propose(2, "bob")?;
+    assert!(matches!(approve(2, "bob"), Err(StoreError::Conflict)));
+    assert_eq!(
+        status()?,
+        [(2, "proposed".to_owned()), (1, "active".to_owned())],
+        "nothing changed"
+    );
+    approve(2, "alice")?;
+    assert_eq!(
+        status()?,
+        [(2, "active".to_owned()), (1, "superseded".to_owned())]
+    );
+    assert!(
+        matches!(approve(2, "carol"), Err(StoreError::Conflict)),
+        "approved once"
+    );
+    let v2 = s.policies()?.into_iter().next().found("policy v2")?;
+    assert_eq!(
+        (v2.approved_by.as_str(), v2.approved_at, v2.text.as_str()),
+        ("alice", 102, "// v2")
+    );
     Ok(())
 }
 

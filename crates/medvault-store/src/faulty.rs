@@ -116,6 +116,9 @@ impl Store for FaultyStore {
     fn incidents(&self) -> Result<Vec<IncidentRow>, StoreError> {
         self.inner.incidents()
     }
+    fn policies(&self) -> Result<Vec<PolicyRow>, StoreError> {
+        self.inner.policies()
+    }
     fn audit_len(&self) -> Result<u64, StoreError> {
         self.inner.audit_len()
     }

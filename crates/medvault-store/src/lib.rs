@@ -275,6 +275,22 @@ pub struct IncidentRow {
     pub body: String,
 }
 
+/// A version of the access policy set (Cedar text): proposed by one security
+/// administrator, in force once a different one approves it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyRow {
+    pub version: i64,
+    pub text: String,
+    pub proposed_by: String,
+    /// Unix seconds.
+    pub proposed_at: i64,
+    /// `proposed`, `active` or `superseded`.
+    pub status: String,
+    /// Empty until approved.
+    pub approved_by: String,
+    pub approved_at: i64,
+}
+
 /// How a caller reaches a chart: through a treatment relationship (a care team or an
 /// encounter) or a live break-the-glass grant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -402,6 +418,15 @@ pub enum Op {
     },
     /// Creates or replaces an incident.
     PutIncident(IncidentRow),
+    /// Records a proposed policy version; `Exists` if that version exists.
+    ProposePolicy(PolicyRow),
+    /// Puts a proposed version in force (the one in force is superseded); `Conflict` unless
+    /// it is proposed and `approved_by` is not its proposer.
+    ApprovePolicy {
+        version: i64,
+        approved_by: String,
+        approved_at: i64,
+    },
     /// Deletes every credential of one kind of a user.
     DeleteCredentials {
         username: String,
@@ -676,6 +701,8 @@ pub trait Store: Send + Sync + 'static {
     fn break_glass(&self) -> Result<Vec<BreakGlassRow>, StoreError>;
     /// Every incident, newest first.
     fn incidents(&self) -> Result<Vec<IncidentRow>, StoreError>;
+    /// Every policy version, newest first.
+    fn policies(&self) -> Result<Vec<PolicyRow>, StoreError>;
     fn audit_len(&self) -> Result<u64, StoreError>;
     /// Audit rows with `start <= seq < end`.
     fn audit_range(&self, start: u64, end: u64) -> Result<Vec<AuditRow>, StoreError>;

@@ -371,6 +371,9 @@ async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
                  CREATE INDEX search_index_chart ON search_index (patient_id, param);
                  CREATE TABLE incidents (id TEXT PRIMARY KEY, opened_at BIGINT NOT NULL, status TEXT NOT NULL,
                      body TEXT NOT NULL);
+                 CREATE TABLE policies (version BIGINT PRIMARY KEY, text TEXT NOT NULL, proposed_by TEXT NOT NULL,
+                     proposed_at BIGINT NOT NULL, status TEXT NOT NULL, approved_by TEXT NOT NULL,
+                     approved_at BIGINT NOT NULL);
                  ALTER TABLE users ADD COLUMN training_current BOOLEAN NOT NULL DEFAULT TRUE;
                  INSERT INTO medvault_schema (version) VALUES (6);",
             )
@@ -921,8 +924,8 @@ fn user_row(r: &PgRow) -> Result<UserRow, sqlx::Error> {
 }
 
 use crate::sql::{
-    BREAK_GLASS_COLS, CREDENTIAL_COLS, INCIDENT_COLS, SESSION_COLS, THROTTLE_COLS, USER_COLS,
-    VERSION_COLS,
+    BREAK_GLASS_COLS, CREDENTIAL_COLS, INCIDENT_COLS, POLICY_COLS, SESSION_COLS, THROTTLE_COLS,
+    USER_COLS, VERSION_COLS,
 };
 use std::sync::LazyLock;
 
@@ -1289,6 +1292,21 @@ impl Store for PgStore {
             .map(|r| crate::sql::break_glass(r).map_err(classify))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(rows.into_iter().flatten().collect())
+    }
+
+    fn policies(&self) -> Result<Vec<PolicyRow>, StoreError> {
+        let rows = self
+            .rt
+            .block_on(
+                sqlx::query(&format!(
+                    "SELECT {POLICY_COLS} FROM policies ORDER BY version DESC"
+                ))
+                .fetch_all(&self.pool),
+            )
+            .map_err(classify)?;
+        rows.iter()
+            .map(|r| crate::sql::policy(r).map_err(classify))
+            .collect()
     }
 
     fn incidents(&self) -> Result<Vec<IncidentRow>, StoreError> {

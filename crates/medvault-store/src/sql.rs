@@ -3,8 +3,8 @@
 use medvault_types::PatientId;
 
 use crate::{
-    BreakGlassRow, Charts, CredentialRow, IncidentRow, Op, Order, Privacy, Reach, Sealed,
-    SearchQuery, SessionRow, ThrottleRow, UserRow, VersionRow,
+    BreakGlassRow, Charts, CredentialRow, IncidentRow, Op, Order, PolicyRow, Privacy, Reach,
+    Sealed, SearchQuery, SessionRow, ThrottleRow, UserRow, VersionRow,
 };
 
 /// Which SQL the builder speaks.
@@ -34,6 +34,23 @@ pub(crate) const USER_COLS: &str =
 /// The columns [`break_glass`] maps, in order.
 pub(crate) const BREAK_GLASS_COLS: &str =
     "id, username, patient_id, reason, justification, created, expires, outcome, reviewed_by, reviewed_at, note, incident";
+
+/// The columns [`policy`] maps, in order.
+pub(crate) const POLICY_COLS: &str =
+    "version, text, proposed_by, proposed_at, status, approved_by, approved_at";
+
+/// A policy version from the [`POLICY_COLS`] of a row.
+pub(crate) fn policy<R: Columns>(r: &R) -> Result<PolicyRow, R::Error> {
+    Ok(PolicyRow {
+        version: r.int(0)?,
+        text: r.text(1)?,
+        proposed_by: r.text(2)?,
+        proposed_at: r.int(3)?,
+        status: r.text(4)?,
+        approved_by: r.text(5)?,
+        approved_at: r.int(6)?,
+    })
+}
 
 /// The columns [`incident`] maps, in order.
 pub(crate) const INCIDENT_COLS: &str = "id, opened_at, status, body";
@@ -360,6 +377,30 @@ pub(crate) fn identity(op: &Op) -> Option<Vec<Stmt>> {
             vec![t(&i.id), Int(i.opened_at), t(&i.status), t(&i.body)],
             Any,
         )],
+        Op::ProposePolicy(p) => vec![stmt(
+            "INSERT INTO policies (version, text, proposed_by, proposed_at, status, approved_by, approved_at)
+             VALUES ($1, $2, $3, $4, 'proposed', '', 0)",
+            vec![Int(p.version), t(&p.text), t(&p.proposed_by), Int(p.proposed_at)],
+            Any,
+        )],
+        Op::ApprovePolicy {
+            version,
+            approved_by,
+            approved_at,
+        } => vec![
+            stmt(
+                "UPDATE policies SET status = 'superseded' WHERE status = 'active'
+                 AND EXISTS (SELECT 1 FROM policies p WHERE p.version = $1 AND p.status = 'proposed' AND p.proposed_by <> $2)",
+                vec![Int(*version), t(approved_by)],
+                Any,
+            ),
+            stmt(
+                "UPDATE policies SET status = 'active', approved_by = $2, approved_at = $3
+                 WHERE version = $1 AND status = 'proposed' AND proposed_by <> $2",
+                vec![Int(*version), t(approved_by), Int(*approved_at)],
+                Touch,
+            ),
+        ],
         Op::PutSession(s) => vec![stmt(
             "INSERT INTO sessions (token_hash, kind, username, created, last_seen, expires, attempts, mfa_at, source, method, scope)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",

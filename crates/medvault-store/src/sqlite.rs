@@ -80,6 +80,9 @@ CREATE INDEX break_glass_user ON break_glass (username, expires);
 CREATE INDEX search_index_chart ON search_index (patient_id, param);
 CREATE TABLE incidents (id TEXT PRIMARY KEY, opened_at INTEGER NOT NULL, status TEXT NOT NULL,
     body TEXT NOT NULL) STRICT;
+CREATE TABLE policies (version INTEGER PRIMARY KEY, text TEXT NOT NULL, proposed_by TEXT NOT NULL,
+    proposed_at INTEGER NOT NULL, status TEXT NOT NULL, approved_by TEXT NOT NULL,
+    approved_at INTEGER NOT NULL) STRICT;
 ALTER TABLE users ADD COLUMN training_current INTEGER NOT NULL DEFAULT 1;
 "#;
 
@@ -524,8 +527,8 @@ fn append_audit(
 }
 
 use crate::sql::{
-    Columns, BREAK_GLASS_COLS, CREDENTIAL_COLS, INCIDENT_COLS, SESSION_COLS, THROTTLE_COLS,
-    USER_COLS, VERSION_COLS,
+    Columns, BREAK_GLASS_COLS, CREDENTIAL_COLS, INCIDENT_COLS, POLICY_COLS, SESSION_COLS,
+    THROTTLE_COLS, USER_COLS, VERSION_COLS,
 };
 
 impl Columns for Row<'_> {
@@ -873,6 +876,18 @@ impl Store for SqliteStore {
                 .query_map([], |r| crate::sql::break_glass(r))?
                 .collect::<Result<Vec<_>, _>>()?;
             Ok(rows.into_iter().flatten().collect())
+        })
+    }
+
+    fn policies(&self) -> Result<Vec<PolicyRow>, StoreError> {
+        self.with_reader(|c| {
+            let mut st = c.prepare_cached(&format!(
+                "SELECT {POLICY_COLS} FROM policies ORDER BY version DESC"
+            ))?;
+            let rows = st
+                .query_map([], |r| crate::sql::policy(r))?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
         })
     }
 

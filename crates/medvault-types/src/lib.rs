@@ -295,6 +295,9 @@ str_enum!(
         BreakGlassReview => "break-glass.review",
         SetTraining => "user.training",
         Incidents => "incident.list",
+        ReadPolicies => "policy.read",
+        ProposePolicy => "policy.propose",
+        ApprovePolicy => "policy.approve",
     }
 );
 
@@ -315,6 +318,8 @@ impl Operation {
                 | RevokeClient
                 | BreakGlass
                 | SetTraining
+                | ProposePolicy
+                | ApprovePolicy
         )
     }
 }

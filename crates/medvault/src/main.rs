@@ -96,6 +96,11 @@ enum Command {
         #[command(subcommand)]
         command: ClientCommand,
     },
+    /// Access policies: test a table of cases against the policies in force (or a proposal).
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// Import a FHIR Bundle (transaction or collection) through the secure path, all-or-nothing.
     Import {
         file: PathBuf,
@@ -136,6 +141,21 @@ enum Command {
     },
     /// Print the current code for a TOTP secret (base32), as an authenticator app would.
     TotpCode { secret: String },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Decide each case of FILE (a JSON array of {"user" or "role", "action", "resource",
+    /// "purpose", "relationship", "expect"}) and print the deciding policy ids; exit 1 if
+    /// any decision differs from what was expected.
+    Test {
+        file: PathBuf,
+        /// Test this Cedar policy set (a proposal) instead of the one in force.
+        #[arg(long)]
+        policies: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -314,6 +334,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Client { command } => client_command(&dir, command),
+        Command::Policy { command } => policy_command(&dir, command),
         Command::Import { file, json } => {
             let meta = std::fs::metadata(&file)
                 .with_context(|| format!("cannot read {}", file.display()))?;
@@ -763,6 +784,10 @@ fn serve_vault(
                 if let Err(e) = signer_vault.checkpoint(&checkpointer) {
                     tracing::error!(error = ?e, "could not sign an audit checkpoint");
                 }
+                // A policy version another server approved comes into force here too.
+                if let Err(e) = signer_vault.reload_policy() {
+                    tracing::error!(error = ?e, "could not load the policy version in force");
+                }
                 if stopping {
                     break;
                 }
@@ -809,6 +834,56 @@ fn serve_vault(
     rt.shutdown_timeout(std::time::Duration::from_secs(5));
     let _ = stop_tx.send(());
     let _ = signer.join();
+    Ok(())
+}
+
+fn policy_command(dir: &Path, command: PolicyCommand) -> Result<()> {
+    let PolicyCommand::Test {
+        file,
+        policies,
+        json,
+    } = command;
+    let text = std::fs::read_to_string(&file)
+        .with_context(|| format!("cannot read {}", file.display()))?;
+    let cases: Vec<medvault_core::PolicyCase> = serde_json::from_str(&text).map_err(|e| {
+        anyhow!(
+            "{} is not a JSON array of policy cases (line {}, column {}): {e}",
+            file.display(),
+            e.line(),
+            e.column()
+        )
+    })?;
+    let proposal = match &policies {
+        Some(p) => Some(
+            std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?,
+        ),
+        None => None,
+    };
+    let (_, vault, op) = open(dir)?;
+    let results = vault
+        .policy_test(&op, &cases, proposal.as_deref())
+        .map_err(describe)?;
+    let failed = results.iter().filter(|r| !r.passed).count();
+    if json {
+        println!("{}", json!({"cases": results, "failed": failed}));
+    } else {
+        for r in &results {
+            println!(
+                "{} {:<60} {} (expected {}) [{}]",
+                if r.passed { "PASS" } else { "FAIL" },
+                r.case,
+                r.decided,
+                r.expected,
+                r.policies.join(", ")
+            );
+        }
+    }
+    if failed > 0 {
+        bail!(
+            "{failed} of {} cases decided otherwise than expected",
+            results.len()
+        );
+    }
     Ok(())
 }
 

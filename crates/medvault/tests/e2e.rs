@@ -6291,3 +6291,188 @@ fn consents_and_sensitivity_labels_decide_reads_and_searches() {
         "psychotherapy notes stay out"
     );
 }
+
+/// Versioned policies with two-person approval, and `medvault policy test` naming the
+/// deciding policies: a proposal changes nothing until a different security administrator
+/// approves it; hard denies cannot be dropped; the version in force survives a restart.
+#[test]
+fn policies_are_versioned_approved_by_a_second_administrator_and_testable() {
+    let (_t, dir, staff) = setup();
+    let sa2 = json_out(&medvault(
+        &dir,
+        &[
+            "user",
+            "add",
+            "e2e.second-admin",
+            "--role",
+            "security_admin",
+            "--json",
+        ],
+    ));
+    // policy test: a table of cases, each decision with its deciding policies.
+    let cases = json!([
+        {"role": "nurse", "action": "read", "resource": "vitals", "purpose": "TREAT", "relationship": "treatment", "expect": "allow"},
+        {"user": staff.get("nurse").0, "action": "read", "resource": "vitals", "relationship": "none", "expect": "deny"},
+        {"role": "billing", "action": "read", "resource": "Claim", "expect": "allow"},
+        {"role": "physician", "action": "read", "resource": "notes", "relationship": "emergency", "consent_denied": true, "expect": "allow"},
+        {"role": "physician", "action": "read", "resource": "notes", "relationship": "emergency", "psychotherapy": true, "expect": "deny"},
+        {"role": "security_admin", "action": "user.disable", "expect": "allow"},
+        {"role": "privacy_officer", "action": "policy.read", "expect": "allow"}
+    ]);
+    let f = dir.join("..").join("cases.json");
+    std::fs::write(&f, cases.to_string()).unwrap();
+    let o = medvault(&dir, &["policy", "test", f.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        o.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(
+        text.lines().filter(|l| l.starts_with("PASS")).count(),
+        7,
+        "{text}"
+    );
+    assert!(text.contains("[nurse-chart-read]"), "{text}");
+    assert!(
+        text.contains("[psychotherapy-notes-need-a-grant]"),
+        "{text}"
+    );
+    let out = json_out(&medvault(
+        &dir,
+        &["policy", "test", f.to_str().unwrap(), "--json"],
+    ));
+    assert_eq!(out["failed"], 0);
+    let mut wrong = cases.clone();
+    wrong[2]["expect"] = json!("deny");
+    std::fs::write(&f, wrong.to_string()).unwrap();
+    let o = medvault(&dir, &["policy", "test", f.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("FAIL"));
+    assert_eq!(String::from_utf8_lossy(&o.stderr).lines().count(), 1);
+    for bad in [
+        json!([{"role": "nurse", "action": "read", "resource": "Observation", "expect": "allow"}]),
+        json!([{"role": "wizard", "action": "read", "resource": "vitals", "expect": "allow"}]),
+        json!({"not": "a list"}),
+    ] {
+        std::fs::write(&f, bad.to_string()).unwrap();
+        let o = medvault(&dir, &["policy", "test", f.to_str().unwrap()]);
+        assert_eq!(o.status.code(), Some(1), "{bad}");
+        assert_eq!(
+            String::from_utf8_lossy(&o.stderr).lines().count(),
+            1,
+            "{bad}"
+        );
+    }
+
+    let s = Server::start(&dir, &[]);
+    let login = |role: &str| {
+        let (u, p, t) = staff.get(role);
+        s.login(u, p, t)
+    };
+    let (sa, po, nurse) = (
+        login("security_admin"),
+        login("privacy_officer"),
+        login("nurse"),
+    );
+    let sa2t = s.login(
+        "e2e.second-admin",
+        sa2["password"].as_str().unwrap(),
+        sa2["totp_secret"].as_str().unwrap(),
+    );
+    let listed = s.get("/api/policies", &po);
+    assert_eq!(listed.status, 200);
+    assert_eq!(listed.body["policies"][0]["version"], 0);
+    assert_eq!(listed.body["policies"][0]["status"], "active");
+    assert_eq!(s.get("/api/policies", &nurse).status, 403);
+    let builtin = listed.body["policies"][0]["text"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let put = |tok: &str, text: &str| {
+        s.call(
+            "PUT",
+            "/api/policies",
+            Some(tok),
+            Some(text.as_bytes()),
+            &[("Content-Type", "text/plain")],
+        )
+    };
+    // Refused: not Cedar; an unknown attribute; a hard deny dropped.
+    assert_eq!(put(&sa, "permit(principal").status, 400);
+    assert_eq!(put(&sa, &format!("{builtin}\npermit(principal, action, resource) when {{ context.mood == \"good\" }};")).status, 400);
+    let no_sod = builtin.replace(
+        "@id(\"sod-admins-no-phi\")\nforbid",
+        "@id(\"sod-admins-no-phi\")\npermit",
+    );
+    assert_ne!(no_sod, builtin);
+    let r = put(&sa, &no_sod);
+    assert_eq!(r.status, 400);
+    assert!(
+        r.body.to_string().contains("sod-admins-no-phi"),
+        "{:?}",
+        r.body
+    );
+    assert_eq!(put(&nurse, &builtin).status, 403);
+    // A proposal: privacy officers no longer read the policies.
+    let proposal = builtin.replace(
+        "when { principal in Role::\"privacy_officer\" || principal in Role::\"auditor\" };\n",
+        "when { principal in Role::\"auditor\" };\n",
+    );
+    assert_ne!(proposal, builtin);
+    let r = put(&sa, &proposal);
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    assert_eq!(r.body["version"], 1);
+    assert_eq!(
+        s.get("/api/policies", &po).status,
+        200,
+        "nothing changes until approved"
+    );
+    let approve =
+        |tok: &str, v: &str| s.post(&format!("/api/policies/{v}/approve"), tok, &json!({}));
+    assert_eq!(approve(&sa, "1").status, 403, "not by its proposer");
+    assert_eq!(approve(&sa2t, "99").status, 404);
+    assert_eq!(approve(&sa2t, "x").status, 404);
+    let r = approve(&sa2t, "1");
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(s.get("/api/policies", &po).status, 403, "in force at once");
+    assert_eq!(approve(&sa2t, "1").status, 409, "approved once");
+    let listed = s.get("/api/policies", &sa);
+    assert_eq!(listed.body["policies"][0]["status"], "active");
+    assert_eq!(
+        listed.body["policies"][0]["approved_by"],
+        "e2e.second-admin"
+    );
+    drop(s);
+    // The version in force survives a restart; `policy test` decides against it.
+    let s = Server::start(&dir, &[]);
+    assert_eq!(
+        s.get("/api/policies", &po).status,
+        403,
+        "after a restart too"
+    );
+    std::fs::write(
+        &f,
+        json!([{"role": "privacy_officer", "action": "policy.read", "expect": "deny"}]).to_string(),
+    )
+    .unwrap();
+    let o = medvault(&dir, &["policy", "test", f.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+    let builtin_file = dir.join("..").join("builtin.cedar");
+    std::fs::write(&builtin_file, &builtin).unwrap();
+    let o = medvault(
+        &dir,
+        &[
+            "policy",
+            "test",
+            f.to_str().unwrap(),
+            "--policies",
+            builtin_file.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "the built-in set lets privacy officers read policies"
+    );
+}
