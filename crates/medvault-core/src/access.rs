@@ -84,6 +84,18 @@ impl Reacher {
     }
 }
 
+/// Whether a set of categories holds nothing but the staff directory (which every user
+/// reads whatever the purpose).
+trait DirectoryOnly {
+    fn is_empty_or_directory(&self) -> bool;
+}
+
+impl DirectoryOnly for Vec<Category> {
+    fn is_empty_or_directory(&self) -> bool {
+        self.iter().all(|c| *c == Category::Directory)
+    }
+}
+
 /// Relationships looked up during one request, by chart.
 #[derive(Default)]
 pub(crate) struct ReachCache(std::sync::Mutex<HashMap<PatientId, Relationship>>);
@@ -267,6 +279,27 @@ impl Vault {
                     false,
                 ))
                 .allowed()
+    }
+
+    /// The purposes of use `c`'s role may declare: those under which the policy allows it
+    /// anything (a record action on some category, or an operation of the gate).
+    pub(crate) fn purposes_of(&self, c: &Caller) -> Vec<medvault_types::Purpose> {
+        medvault_types::Purpose::ALL
+            .iter()
+            .copied()
+            .filter(|p| {
+                let mut as_p = c.clone();
+                as_p.purpose = *p;
+                [Action::Read, Action::Search, Action::Create, Action::Update]
+                    .iter()
+                    .any(|a| !self.reachable(&as_p, *a).any().is_empty_or_directory())
+                    || Operation::ALL.iter().any(|op| {
+                        // (What anyone may do — the public verifier key — says nothing.)
+                        let ask = |who| self.policy().decide(Query::operation(who, *op, *p, false));
+                        ask(c.asker()).allowed() && !ask(Asker::Anonymous).allowed()
+                    })
+            })
+            .collect()
     }
 
     /// The categories `c` may `action`, by how the chart is reached: decided by policy

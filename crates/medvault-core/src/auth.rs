@@ -228,12 +228,24 @@ impl Vault {
                 if !step.ops.is_empty() {
                     self.commit(step.ops, vec![])?;
                 }
-                Ok(Caller::from_session(
+                let caller = Caller::from_session(
                     step.value,
                     purpose,
                     c.source.clone(),
                     c.request_id.clone(),
-                ))
+                );
+                // A declared purpose the role may use for nothing is refused outright, naming
+                // the ones it may declare (minimum necessary starts with an honest purpose).
+                if purpose.is_some() {
+                    let allowed = self.purposes_of(&caller);
+                    if !allowed.contains(&caller.purpose) {
+                        return Err(VaultError::PurposeNotAllowed {
+                            declared: caller.purpose,
+                            allowed,
+                        });
+                    }
+                }
+                Ok(caller)
             }
             Err(IdentityError::Store(e)) => Err(e.into()),
             Err(_) => Err(VaultError::Unauthenticated),

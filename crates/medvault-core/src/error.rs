@@ -24,6 +24,12 @@ pub enum VaultError {
     /// `break_glass` says whether breaking the glass would let them in.
     #[error("access denied: no treatment relationship with this patient")]
     NoRelationship { break_glass: bool },
+    /// The declared purpose of use is one the caller's role may use for nothing.
+    #[error("purpose of use not allowed for this role")]
+    PurposeNotAllowed {
+        declared: medvault_types::Purpose,
+        allowed: Vec<medvault_types::Purpose>,
+    },
     /// The record is restricted (a sensitivity label without a grant, or the patient's
     /// privacy consent): the error names neither. `break_glass` says whether breaking the
     /// glass for a medical emergency would open it.

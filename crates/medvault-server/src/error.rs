@@ -110,6 +110,23 @@ impl From<VaultError> for ApiError {
                 }),
                 retry_after: None,
             },
+            VaultError::PurposeNotAllowed { declared, allowed } => ApiError {
+                status: S::FORBIDDEN,
+                issues: vec![Issue::error(
+                    IssueCode::Forbidden,
+                    format!(
+                        "purpose of use {declared} is not one your role may declare; declare one of: {}",
+                        allowed
+                            .iter()
+                            .map(|p| p.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                    None,
+                )],
+                code: Some("purpose-not-allowed"),
+                retry_after: None,
+            },
             VaultError::Restricted { break_glass } => ApiError {
                 status: S::FORBIDDEN,
                 issues: vec![Issue::error(

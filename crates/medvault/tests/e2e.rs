@@ -644,6 +644,31 @@ fn role_matrix(pg: bool) {
         &[("X-Purpose-Of-Use", "HRESCH")],
     );
     assert_eq!(r.status, 403);
+    assert_eq!(
+        r.body["issue"][0]["details"]["coding"][0]["code"],
+        "purpose-not-allowed"
+    );
+    assert!(
+        r.body["issue"][0]["diagnostics"]
+            .as_str()
+            .unwrap()
+            .contains("TREAT, ETREAT, PUBHLTH"),
+        "{:?}",
+        r.body
+    );
+    // Minimum necessary: public-health reporting reaches problems, not vital signs.
+    let as_registry = |path: &str| {
+        s.call(
+            "GET",
+            path,
+            Some(&phys),
+            None,
+            &[("X-Purpose-Of-Use", "PUBHLTH")],
+        )
+        .status
+    };
+    assert_eq!(as_registry(&format!("/fhir/Condition/{cond_id}")), 200);
+    assert_eq!(as_registry(&format!("/fhir/Observation/{obs_id}")), 403);
     let r = s.call(
         "GET",
         &format!("/fhir/Condition/{cond_id}"),
