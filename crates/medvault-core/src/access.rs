@@ -43,6 +43,8 @@ fn relationship_of(r: Reach) -> Relationship {
         Reach::Care => Relationship::Treatment,
         Reach::BreakGlass => Relationship::BreakGlass,
         Reach::Emergency => Relationship::Emergency,
+        Reach::Own => Relationship::Own,
+        Reach::Proxy => Relationship::Proxy,
     }
 }
 
@@ -61,25 +63,29 @@ impl Reacher {
             .map_or(Relationship::None, |(_, r)| relationship_of(*r)))
     }
 
-    /// Search scopes: `treatment` categories within the charts the caller treats,
-    /// `break_glass` categories within those their live grants open.
-    pub(crate) fn scopes(
-        &self,
-        treatment: Vec<String>,
-        break_glass: Vec<String>,
-    ) -> Vec<(Vec<String>, Charts)> {
+    /// Search scopes: each kind of chart the caller reaches, with the categories they may
+    /// see there — treated charts, those their live grants open, their own chart and those
+    /// they are a proxy for (portal accounts).
+    pub(crate) fn scopes(&self, r: &Reachable) -> Vec<(Vec<String>, Charts)> {
         let Some(user) = &self.username else {
             return vec![];
         };
+        let names = |v: &[Category]| v.iter().map(|c| c.as_str().to_owned()).collect();
+        let links = |kinds: &[&str]| Charts::Links {
+            username: user.clone(),
+            kinds: kinds.iter().map(|k| (*k).to_owned()).collect(),
+        };
         vec![
-            (treatment, Charts::Care(self.care.clone())),
+            (names(&r.treatment), Charts::Care(self.care.clone())),
             (
-                break_glass,
+                names(&r.break_glass),
                 Charts::Grants {
                     username: user.clone(),
                     now: self.now,
                 },
             ),
+            (names(&r.own), links(&["self"])),
+            (names(&r.proxy), links(&["guardian", "caregiver"])),
         ]
     }
 }
@@ -128,13 +134,22 @@ pub(crate) struct Reachable {
     pub open: Vec<Category>,
     pub treatment: Vec<Category>,
     pub break_glass: Vec<Category>,
+    /// A portal account's own chart, and charts it is a proxy for.
+    pub own: Vec<Category>,
+    pub proxy: Vec<Category>,
 }
 
 impl Reachable {
     /// Every category visible somewhere.
     pub(crate) fn any(&self) -> Vec<Category> {
         let mut out = self.open.clone();
-        for c in self.treatment.iter().chain(&self.break_glass) {
+        for c in self
+            .treatment
+            .iter()
+            .chain(&self.break_glass)
+            .chain(&self.own)
+            .chain(&self.proxy)
+        {
             if !out.contains(c) {
                 out.push(*c);
             }
@@ -146,6 +161,8 @@ impl Reachable {
         self.treatment
             .iter()
             .chain(&self.break_glass)
+            .chain(&self.own)
+            .chain(&self.proxy)
             .any(|c| !self.open.contains(c) && categories.contains(c))
     }
 }
@@ -332,7 +349,14 @@ impl Vault {
                 .collect()
         };
         let open = with(Relationship::None);
+        let but_open = |v: Vec<Category>| -> Vec<Category> {
+            v.into_iter().filter(|x| !open.contains(x)).collect()
+        };
+        let own = but_open(with(Relationship::Own));
+        let proxy = but_open(with(Relationship::Proxy));
         let v = Reachable {
+            own,
+            proxy,
             treatment: with(Relationship::Treatment)
                 .into_iter()
                 .filter(|x| !open.contains(x))

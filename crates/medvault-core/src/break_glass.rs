@@ -315,6 +315,80 @@ impl Vault {
     }
 }
 
+/// Identity-proofing evidence the front desk may record for a portal link (NIST SP 800-63A
+/// evidence kinds, as a front desk sees them).
+pub const PORTAL_EVIDENCE: &[&str] = &[
+    "government-photo-id",
+    "in-person-known-patient",
+    "court-order",
+    "patient-authorization",
+];
+
+impl Vault {
+    /// `POST /api/patients/{id}/portal-links {"username","relationship","evidence"}`
+    /// (front desk, step-up): links a `patient`-role account to a chart after identity
+    /// proofing — `self` (one per account), or as a proxy: `guardian` or `caregiver`.
+    ///
+    /// # Errors
+    /// Denied, `StepUpRequired`, `BadRequest` (unknown relationship or evidence, not a
+    /// portal account), `NotFound` (no such user or patient), `Conflict` (linked already,
+    /// or the account already has its own chart).
+    pub fn link_portal(
+        &self,
+        c: &Caller,
+        patient: &str,
+        username: &str,
+        kind: &str,
+        evidence: &str,
+    ) -> Result<(), VaultError> {
+        let pid = PatientId::new(patient)
+            .map_err(|_| VaultError::BadRequest("patient must be a Patient id".into()))?;
+        let Some(mut rec) = self.operate(c, Operation::LinkPortal, Some(pid.as_str()))? else {
+            return Err(VaultError::Unauthenticated);
+        };
+        if !["self", "guardian", "caregiver"].contains(&kind) {
+            return Err(VaultError::BadRequest(
+                "relationship must be self, guardian or caregiver".into(),
+            ));
+        }
+        if !PORTAL_EVIDENCE.contains(&evidence) {
+            return Err(VaultError::BadRequest(format!(
+                "evidence must be one of: {}",
+                PORTAL_EVIDENCE.join(", ")
+            )));
+        }
+        let user = self.store.user(username)?.ok_or(VaultError::NotFound)?;
+        if user.role != medvault_types::Role::Patient.as_str() {
+            return Err(VaultError::BadRequest(
+                "only a patient portal account (role patient) is linked to a chart".into(),
+            ));
+        }
+        match self.store.current("Patient", pid.as_str())? {
+            Some(r) if !r.deleted() => {}
+            _ => return Err(VaultError::NotFound),
+        }
+        let links = self.store.portal_links(username)?;
+        if kind == "self" && links.iter().any(|l| l.kind == "self") {
+            return Err(VaultError::Conflict);
+        }
+        rec.detail = Some(format!(
+            "target={username} relationship={kind} evidence={evidence}"
+        ));
+        self.commit(
+            vec![Op::PutPortalLink(medvault_store::PortalLinkRow {
+                username: username.to_owned(),
+                patient: pid,
+                kind: kind.to_owned(),
+                evidence: evidence.to_owned(),
+                linked_by: c.actor().to_owned(),
+                linked_at: self.clock.now().unix_timestamp(),
+            })],
+            vec![rec],
+        )?;
+        Ok(())
+    }
+}
+
 fn incident_row(i: &Incident) -> Result<IncidentRow, VaultError> {
     Ok(IncidentRow {
         id: i.id.clone(),

@@ -443,7 +443,18 @@ impl Vault {
         op: Operation,
         patient: Option<&str>,
     ) -> Result<typestate::Permitted<Operation>, VaultError> {
-        let d = self.decide_operation(c, op);
+        // About one chart: the caller's relationship to it is part of the decision (a
+        // patient's own access report).
+        let d = match patient.and_then(|p| PatientId::new(p).ok()) {
+            Some(pid) if c.principal().is_some() => {
+                let rel = self.write_relationship(c, &[], Some(&pid))?;
+                let mut q =
+                    Query::operation(c.asker(), op, c.purpose, self.options.public_transparency);
+                q.relationship = rel;
+                self.policy().decide(q)
+            }
+            _ => self.decide_operation(c, op),
+        };
         let mut rec = self.record(c, op.as_str(), Outcome::Success);
         rec.patient = patient.map(str::to_owned);
         let permitted = typestate::permit(&d, op, &mut rec);

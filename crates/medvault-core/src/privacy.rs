@@ -20,7 +20,7 @@ use medvault_fhir::privacy::{
 };
 use medvault_fhir::ResourceType;
 use medvault_policy::PrivacyFacts;
-use medvault_store::{IndexHit, IndexRow, Privacy};
+use medvault_store::{Charts, IndexHit, IndexRow, Privacy};
 use medvault_types::Category;
 use serde_json::{Map, Value};
 
@@ -155,21 +155,43 @@ impl Vault {
         }
         AskerParams {
             deny: who.iter().map(|w| format!("_deny.{w}")).collect(),
-            grant: who.iter().map(|w| format!("_grant.{w}")).collect(),
+            // No grant reaches the portal: a patient reads their own labelled records by
+            // policy (relationship "self"), a proxy never does, psychotherapy notes never.
+            grant: match c.role() {
+                Some(medvault_types::Role::Patient) => vec![],
+                _ => who.iter().map(|w| format!("_grant.{w}")).collect(),
+            },
         }
     }
 
-    /// The privacy clauses of `c`'s searches in a chart they reach under a medical
-    /// emergency: consents yield; of the labels only psychotherapy notes need a grant.
-    pub(crate) fn emergency_privacy_scope(&self, c: &Caller) -> Privacy {
+    /// The privacy clauses of `c`'s searches with `charts` exempt: consents yield there,
+    /// and of the labels only psychotherapy notes need a grant (a chart under a medical
+    /// emergency; a patient's own chart in the portal).
+    pub(crate) fn exempt_privacy_scope(&self, c: &Caller, charts: Charts) -> Privacy {
         let mut p = self.privacy_scope(c);
-        p.emergency_unopened = Some(
+        p.exempt = Some((
+            charts,
             self.privacy_tokens
                 .label(PSYCHOTHERAPY_NOTES)
                 .map(|t| vec![t.to_vec()])
                 .unwrap_or_default(),
-        );
+        ));
         p
+    }
+
+    /// The privacy clauses of `c`'s searches across charts: a portal account's own chart
+    /// is exempt (psychotherapy notes aside).
+    pub(crate) fn search_privacy(&self, c: &Caller) -> Privacy {
+        match (c.role(), c.principal()) {
+            (Some(medvault_types::Role::Patient), Some(p)) => self.exempt_privacy_scope(
+                c,
+                Charts::Links {
+                    username: p.username.as_str().to_owned(),
+                    kinds: vec!["self".into()],
+                },
+            ),
+            _ => self.privacy_scope(c),
+        }
     }
 
     /// The privacy clauses of `c`'s searches.
@@ -185,7 +207,7 @@ impl Vault {
                 .map(|(c, tok)| (c.as_str().to_owned(), tok.clone()))
                 .collect(),
             everything_token: t.everything.clone(),
-            emergency_unopened: None,
+            exempt: None,
         }
     }
 }

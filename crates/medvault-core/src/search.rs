@@ -418,7 +418,7 @@ impl Vault {
         let nothing =
             patients.as_ref().is_some_and(Vec::is_empty) || ids.as_ref().is_some_and(Vec::is_empty);
         let q = SearchQuery {
-            privacy: Some(self.privacy_scope(c)),
+            privacy: Some(self.search_privacy(c)),
             rtype: Some(rt.as_str().to_owned()),
             patient: s.patient.clone(),
             patients: patients
@@ -482,9 +482,7 @@ impl Vault {
                 // Categories visible only in some charts: searched within the charts the
                 // caller reaches (resolved inside the query), by how they reach them.
                 page_q.categories = cat_names(&reach.open);
-                page_q.scopes = cx
-                    .reacher
-                    .scopes(cat_names(&reach.treatment), cat_names(&reach.break_glass));
+                page_q.scopes = cx.reacher.scopes(&reach);
             } else {
                 page_q.categories = cat_names(&visible);
             }
@@ -772,7 +770,7 @@ impl Vault {
             return Ok(vec![]);
         }
         let q = SearchQuery {
-            privacy: Some(self.privacy_scope(c)),
+            privacy: Some(self.search_privacy(c)),
             rtype: Some(inc.source.as_str().to_owned()),
             patients,
             limit: MAX_EXACT_CANDIDATES,
@@ -922,7 +920,9 @@ impl Vault {
         let patient = patient.to_owned();
         let reach = self.reachable(c, Action::Read);
         let privacy = self.privacy_scope(c);
-        let emergency_privacy = self.emergency_privacy_scope(c);
+        let emergency_privacy = PatientId::new(&patient)
+            .ok()
+            .map(|p| self.exempt_privacy_scope(c, medvault_store::Charts::Patients(vec![p])));
         let visible = reach.any();
         let all_types: Vec<ResourceType> = medvault_fhir::SUPPORTED_TYPES
             .iter()
@@ -957,6 +957,8 @@ impl Vault {
                     Relationship::BreakGlass | Relationship::Emergency => {
                         visible.extend(reach.break_glass.iter().copied())
                     }
+                    Relationship::Own => visible.extend(reach.own.iter().copied()),
+                    Relationship::Proxy => visible.extend(reach.proxy.iter().copied()),
                     Relationship::None if !reach.treatment.is_empty() => {
                         rec.outcome = Outcome::Denied;
                         rec.detail = Some("no treatment relationship".into());
@@ -973,8 +975,8 @@ impl Vault {
                     return Ok((vec![rec], Err(e)));
                 }
                 let mut q = SearchQuery {
-                    privacy: Some(match rel {
-                        Relationship::Emergency => emergency_privacy,
+                    privacy: Some(match (rel, emergency_privacy) {
+                        (Relationship::Emergency | Relationship::Own, Some(e)) => e,
                         _ => privacy,
                     }),
                     patient: Some(pid),

@@ -276,14 +276,19 @@ impl Vault {
         // The role's decision, as if the chart were the caller's patient's: the chart's own
         // relationship is decided once the chart is known ([`Vault::may_write_chart`]).
         for cat in std::iter::once(category).chain(stored.filter(|s| *s != category)) {
-            if !self
-                .decide(c, action, cat, Relationship::Treatment)
-                .allowed()
-            {
+            if !self.could(c, action, cat) {
                 return Err(denial(Some(cat)));
             }
         }
         Ok(())
+    }
+
+    /// Whether `c`'s role may `action` records of `category` in some chart it could reach
+    /// (one it treats, or a portal account's own).
+    pub(crate) fn could(&self, c: &Caller, action: Action, category: Category) -> bool {
+        [Relationship::Treatment, Relationship::Own]
+            .iter()
+            .any(|r| self.decide(c, action, category, *r).allowed())
     }
 
     /// Decides a write of `category` (and the stored version's, if it differs) into
@@ -371,7 +376,11 @@ impl Vault {
         let mut scratch = self.record(c, "read", Outcome::Success);
         // The write was decided for this chart already; reading back what was just written
         // discloses nothing new, so the role's decision for a related chart applies.
-        let read = self.decide(c, Action::Read, category, Relationship::Treatment);
+        let rel = [Relationship::Treatment, Relationship::Own]
+            .into_iter()
+            .find(|r| self.decide(c, Action::Read, category, *r).allowed())
+            .unwrap_or(Relationship::None);
+        let read = self.decide(c, Action::Read, category, rel);
         if let Ok(p) = permit(&read, draft, &mut scratch) {
             w.body = Some(typestate::disclose(p));
         }
@@ -523,10 +532,7 @@ impl Vault {
         let Ok(category) = prior.category().parse::<Category>() else {
             return Err(self.deny(rec, Action::Delete, rt, None));
         };
-        if !self
-            .decide(c, Action::Delete, category, Relationship::Treatment)
-            .allowed()
-        {
+        if !self.could(c, Action::Delete, category) {
             return Err(self.deny(rec, Action::Delete, rt, Some(category)));
         }
         let rel = self.may_write_chart(

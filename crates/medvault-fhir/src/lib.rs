@@ -321,7 +321,8 @@ fn contained_issues(rt: ResourceType, json: &Map<String, Value>) -> Vec<Issue> {
 pub fn categories_of_type(rt: ResourceType) -> &'static [Category] {
     match rt.as_str() {
         "Observation" => &[Category::Vitals, Category::Labs],
-        "Patient" | "Consent" => &[Category::Demographics],
+        "Patient" => &[Category::Demographics],
+        "Consent" => &[Category::Consents],
         "Practitioner" | "Organization" => &[Category::Directory],
         "Encounter" => &[Category::Encounters],
         "DiagnosticReport" => &[Category::Labs],
@@ -338,7 +339,8 @@ pub fn categories_of_type(rt: ResourceType) -> &'static [Category] {
 
 fn category_of(rt: ResourceType, json: &Map<String, Value>) -> Category {
     match rt.as_str() {
-        "Patient" | "Consent" => Category::Demographics,
+        "Patient" => Category::Demographics,
+        "Consent" => Category::Consents,
         "Practitioner" | "Organization" => Category::Directory,
         "Encounter" => Category::Encounters,
         "Observation" => {

@@ -95,6 +95,10 @@ pub enum Relationship {
     /// A live break-the-glass grant for a medical emergency (`"break-glass"` with
     /// `context.emergency`): what a consent deny and most sensitivity labels yield to.
     Emergency,
+    /// A patient portal account's own chart (`"self"`).
+    Own,
+    /// A chart a portal account is a proxy for — a guardian, a caregiver (`"proxy"`).
+    Proxy,
 }
 
 impl Relationship {
@@ -104,6 +108,8 @@ impl Relationship {
             Relationship::None => "none",
             Relationship::Treatment => "treatment",
             Relationship::BreakGlass | Relationship::Emergency => "break-glass",
+            Relationship::Own => "self",
+            Relationship::Proxy => "proxy",
         }
     }
 }
@@ -428,7 +434,7 @@ mod tests {
         );
         for c in Category::ALL
             .iter()
-            .filter(|c| **c != Demographics && **c != Directory)
+            .filter(|c| ![Demographics, Directory, Category::Consents].contains(*c))
         {
             assert!(
                 !allowed(&e, FrontDesk, Read, *c),
@@ -616,6 +622,8 @@ mod tests {
                 for (label, r) in [
                     ("no relationship", Relationship::None),
                     ("break-glass", Relationship::BreakGlass),
+                    ("own chart", Relationship::Own),
+                    ("proxy", Relationship::Proxy),
                 ] {
                     let other = askers(target, false, r);
                     if other != who {

@@ -551,3 +551,37 @@ pub(crate) async fn approve_policy(
         json!({"version": version, "status": "active"}),
     ))
 }
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PortalLinkBody {
+    username: String,
+    relationship: String,
+    evidence: String,
+}
+
+/// `POST /api/patients/{id}/portal-links {"username","relationship","evidence"}` (front
+/// desk, step-up): links a patient portal account after identity proofing.
+pub(crate) async fn link_portal(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let c = caller(&state, &ctx).await?;
+    let body = body_bytes(&state, req).await?;
+    let b: PortalLinkBody = serde_json::from_slice(&body).map_err(|_| {
+        ApiError::bad_request(
+            "body must be {\"username\", \"relationship\": \"self\"|\"guardian\"|\"caregiver\", \"evidence\"}",
+        )
+    })?;
+    let vault = state.vault.clone();
+    let (who, rel) = (b.username.clone(), b.relationship.clone());
+    let patient = id.clone();
+    blocking(move || vault.link_portal(&c, &id, &b.username, &b.relationship, &b.evidence))
+        .await??;
+    Ok(plain_json(
+        StatusCode::CREATED,
+        json!({"username": who, "patient": patient, "relationship": rel}),
+    ))
+}

@@ -186,6 +186,7 @@ fn routes(state: AppState) -> Router {
             post(admin::review_break_glass),
         )
         .route("/api/incidents", get(admin::incidents))
+        .route("/api/patients/{id}/portal-links", post(admin::link_portal))
         .route(
             "/api/policies",
             get(admin::policies).put(admin::propose_policy),

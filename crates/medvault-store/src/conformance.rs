@@ -53,6 +53,68 @@ pub fn run_all(make: &dyn Fn() -> Arc<dyn Store>) -> Result<(), Failure> {
     care_relationships_and_break_glass(&*make())?;
     privacy_rows_restrict_searches(&*make())?;
     policy_versions_need_a_second_approver(&*make())?;
+    portal_links_reach_charts(&*make())?;
+    Ok(())
+}
+
+/// Portal accounts reach the charts they are linked to — their own and, as proxies,
+/// others' — in `charts` and in search scopes; a link is made once.
+pub fn portal_links_reach_charts(s: &dyn Store) -> Result<(), Failure> {
+    let link = |p: &str, kind: &str| {
+        one(
+            s,
+            Op::PutPortalLink(PortalLinkRow {
+                username: "pat".into(),
+                patient: pid(p),
+                kind: kind.into(),
+                evidence: "government-photo-id".into(),
+                linked_by: "desk".into(),
+                linked_at: 5,
+            }),
+        )
+    };
+    link("p5", "self")?;
+    link("p6", "guardian")?;
+    assert!(matches!(link("p5", "self"), Err(StoreError::Exists)));
+    let mut reach = s.charts(&[], "pat", 1, None)?;
+    reach.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(reach, [(pid("p5"), Reach::Own), (pid("p6"), Reach::Proxy)]);
+    assert_eq!(
+        s.charts(&[], "pat", 1, Some(&pid("p6")))?,
+        [(pid("p6"), Reach::Proxy)]
+    );
+    assert_eq!(s.portal_links("pat")?.len(), 2);
+    for p in ["p5", "p6", "p7"] {
+        put(
+            s,
+            row("Observation", &format!("o{p}"), 1, p, b"o"),
+            Expect::Absent,
+            vec![],
+        )?;
+    }
+    let q = |kinds: &[&str]| -> Result<Vec<String>, Failure> {
+        let q = SearchQuery {
+            scopes: vec![(
+                vec!["vitals".into()],
+                Charts::Links {
+                    username: "pat".into(),
+                    kinds: kinds.iter().map(|k| (*k).to_owned()).collect(),
+                },
+            )],
+            limit: 10,
+            ..Default::default()
+        };
+        let mut ids: Vec<String> = s
+            .search(&q)?
+            .rows
+            .iter()
+            .map(|r| r.id().to_owned())
+            .collect();
+        ids.sort();
+        Ok(ids)
+    };
+    assert_eq!(q(&["self"])?, ["op5"]);
+    assert_eq!(q(&["guardian", "caregiver"])?, ["op6"]);
     Ok(())
 }
 
@@ -159,7 +221,7 @@ pub fn privacy_rows_restrict_searches(s: &dyn Store) -> Result<(), Failure> {
             ("demographics".into(), b"T-demo".to_vec()),
         ],
         everything_token: b"T-all".to_vec(),
-        emergency_unopened: None,
+        exempt: None,
     };
     let found = |privacy: Option<Privacy>| -> Result<Vec<String>, Failure> {
         let q = SearchQuery {

@@ -119,6 +119,9 @@ impl Store for FaultyStore {
     fn policies(&self) -> Result<Vec<PolicyRow>, StoreError> {
         self.inner.policies()
     }
+    fn portal_links(&self, username: &str) -> Result<Vec<PortalLinkRow>, StoreError> {
+        self.inner.portal_links(username)
+    }
     fn audit_len(&self) -> Result<u64, StoreError> {
         self.inner.audit_len()
     }

@@ -300,6 +300,24 @@ pub enum Reach {
     /// A break-the-glass grant for a medical emergency (what consent denies and most
     /// sensitivity labels yield to).
     Emergency,
+    /// A patient portal account linked to its own chart.
+    Own,
+    /// A portal account linked as a proxy (guardian, caregiver).
+    Proxy,
+}
+
+/// A patient portal account's link to a chart, made after identity proofing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortalLinkRow {
+    pub username: String,
+    pub patient: PatientId,
+    /// `self`, `guardian` or `caregiver`.
+    pub kind: String,
+    /// The identity-proofing evidence the front desk saw.
+    pub evidence: String,
+    pub linked_by: String,
+    /// Unix seconds.
+    pub linked_at: i64,
 }
 
 /// One audit log entry: its dense sequence number is assigned by the store at commit.
@@ -418,6 +436,8 @@ pub enum Op {
     },
     /// Creates or replaces an incident.
     PutIncident(IncidentRow),
+    /// Links a portal account to a chart; `Exists` if that link exists.
+    PutPortalLink(PortalLinkRow),
     /// Records a proposed policy version; `Exists` if that version exists.
     ProposePolicy(PolicyRow),
     /// Puts a proposed version in force (the one in force is superseded); `Conflict` unless
@@ -588,9 +608,10 @@ pub struct Privacy {
     /// Each category's deny token, and the token denying everything.
     pub category_tokens: Vec<(String, Vec<u8>)>,
     pub everything_token: Vec<u8>,
-    /// Under a medical emergency: consents are not applied, and of the labels only these
-    /// (psychotherapy notes) still need a grant.
-    pub emergency_unopened: Option<Vec<Vec<u8>>>,
+    /// Charts where consents yield and, of the labels, only the listed tokens still need a
+    /// grant: a chart under a medical-emergency grant, or a patient's own chart in the
+    /// portal (psychotherapy notes stay listed).
+    pub exempt: Option<(Charts, Vec<Vec<u8>>)>,
 }
 
 /// One row of the search index, as [`TxRead::chart_tokens`] returns it.
@@ -612,6 +633,11 @@ pub enum Charts {
     Care(Vec<Vec<u8>>),
     /// Those a live break-the-glass grant of `username` opens at `now` (Unix seconds).
     Grants { username: String, now: i64 },
+    /// Those a portal account `username` is linked to with one of `kinds`.
+    Links {
+        username: String,
+        kinds: Vec<String>,
+    },
 }
 
 #[derive(Debug, Clone, Default)]
@@ -631,8 +657,9 @@ pub trait TxRead {
     fn tally(&self, q: &SearchQuery) -> Result<Vec<(String, u64)>, StoreError>;
     /// The charts a caller reaches: those with a care-relationship index token among
     /// `care_tokens` (param `_care` of CareTeam and Encounter rows), and those a
-    /// break-the-glass grant of `username` opens at `now` (Unix seconds). A chart reached
-    /// several ways is listed once: an emergency grant first, then a care relationship. With `patient`, only that chart.
+    /// break-the-glass grant of `username` opens at `now` (Unix seconds), and those the
+    /// portal account `username` is linked to. A chart reached several ways is listed
+    /// once: an emergency grant first, then a care relationship, then the others. With `patient`, only that chart.
     fn charts(
         &self,
         care_tokens: &[Vec<u8>],
@@ -703,6 +730,8 @@ pub trait Store: Send + Sync + 'static {
     fn incidents(&self) -> Result<Vec<IncidentRow>, StoreError>;
     /// Every policy version, newest first.
     fn policies(&self) -> Result<Vec<PolicyRow>, StoreError>;
+    /// A portal account's links, oldest first.
+    fn portal_links(&self, username: &str) -> Result<Vec<PortalLinkRow>, StoreError>;
     fn audit_len(&self) -> Result<u64, StoreError>;
     /// Audit rows with `start <= seq < end`.
     fn audit_range(&self, start: u64, end: u64) -> Result<Vec<AuditRow>, StoreError>;

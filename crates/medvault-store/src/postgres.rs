@@ -371,6 +371,9 @@ async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
                  CREATE INDEX search_index_chart ON search_index (patient_id, param);
                  CREATE TABLE incidents (id TEXT PRIMARY KEY, opened_at BIGINT NOT NULL, status TEXT NOT NULL,
                      body TEXT NOT NULL);
+                 CREATE TABLE portal_links (username TEXT NOT NULL, patient_id TEXT NOT NULL, kind TEXT NOT NULL,
+                     evidence TEXT NOT NULL, linked_by TEXT NOT NULL, linked_at BIGINT NOT NULL,
+                     PRIMARY KEY (username, patient_id));
                  CREATE TABLE policies (version BIGINT PRIMARY KEY, text TEXT NOT NULL, proposed_by TEXT NOT NULL,
                      proposed_at BIGINT NOT NULL, status TEXT NOT NULL, approved_by TEXT NOT NULL,
                      approved_at BIGINT NOT NULL);
@@ -924,8 +927,8 @@ fn user_row(r: &PgRow) -> Result<UserRow, sqlx::Error> {
 }
 
 use crate::sql::{
-    BREAK_GLASS_COLS, CREDENTIAL_COLS, INCIDENT_COLS, POLICY_COLS, SESSION_COLS, THROTTLE_COLS,
-    USER_COLS, VERSION_COLS,
+    BREAK_GLASS_COLS, CREDENTIAL_COLS, INCIDENT_COLS, POLICY_COLS, PORTAL_LINK_COLS, SESSION_COLS,
+    THROTTLE_COLS, USER_COLS, VERSION_COLS,
 };
 use std::sync::LazyLock;
 
@@ -1290,6 +1293,24 @@ impl Store for PgStore {
         let rows = rows
             .iter()
             .map(|r| crate::sql::break_glass(r).map_err(classify))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows.into_iter().flatten().collect())
+    }
+
+    fn portal_links(&self, username: &str) -> Result<Vec<PortalLinkRow>, StoreError> {
+        let rows = self
+            .rt
+            .block_on(
+                sqlx::query(&format!(
+                    "SELECT {PORTAL_LINK_COLS} FROM portal_links WHERE username = $1 ORDER BY linked_at, patient_id"
+                ))
+                .bind(username)
+                .fetch_all(&self.pool),
+            )
+            .map_err(classify)?;
+        let rows = rows
+            .iter()
+            .map(|r| crate::sql::portal_link(r).map_err(classify))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(rows.into_iter().flatten().collect())
     }

@@ -2,6 +2,8 @@
 
 use medvault_types::PatientId;
 
+use crate::PortalLinkRow;
+
 use crate::{
     BreakGlassRow, Charts, CredentialRow, IncidentRow, Op, Order, PolicyRow, Privacy, Reach,
     Sealed, SearchQuery, SessionRow, ThrottleRow, UserRow, VersionRow,
@@ -50,6 +52,25 @@ pub(crate) fn policy<R: Columns>(r: &R) -> Result<PolicyRow, R::Error> {
         approved_by: r.text(5)?,
         approved_at: r.int(6)?,
     })
+}
+
+/// The columns [`portal_link`] maps, in order.
+pub(crate) const PORTAL_LINK_COLS: &str =
+    "username, patient_id, kind, evidence, linked_by, linked_at";
+
+/// A portal link from the [`PORTAL_LINK_COLS`] of a row (`None` for a bad patient id).
+pub(crate) fn portal_link<R: Columns>(r: &R) -> Result<Option<PortalLinkRow>, R::Error> {
+    let Some(patient) = r.patient(1)?.and_then(|p| PatientId::new(&p).ok()) else {
+        return Ok(None);
+    };
+    Ok(Some(PortalLinkRow {
+        username: r.text(0)?,
+        patient,
+        kind: r.text(2)?,
+        evidence: r.text(3)?,
+        linked_by: r.text(4)?,
+        linked_at: r.int(5)?,
+    }))
 }
 
 /// The columns [`incident`] maps, in order.
@@ -162,9 +183,11 @@ pub(crate) fn charts(
         Arg::Text(patient.map(|p| p.as_str().to_owned()).unwrap_or_default()),
     ];
     let mut sql = format!(
-        "SELECT DISTINCT patient_id, CAST(CASE WHEN reason = 'medical-emergency' THEN 2 ELSE 1 END AS BIGINT) FROM break_glass WHERE username = {} AND expires > {} AND {only}",
+        "SELECT DISTINCT patient_id, CAST(CASE WHEN reason = 'medical-emergency' THEN 2 ELSE 1 END AS BIGINT) FROM break_glass WHERE username = {} AND expires > {} AND {only}
+         UNION ALL SELECT patient_id, CAST(CASE WHEN kind = 'self' THEN 3 ELSE 4 END AS BIGINT) FROM portal_links WHERE username = {} AND {only}",
         mark(1),
-        mark(2)
+        mark(2),
+        mark(1)
     );
     if !care_tokens.is_empty() {
         let marks: Vec<String> = (0..care_tokens.len()).map(|i| mark(i + 4)).collect();
@@ -187,14 +210,18 @@ pub(crate) fn fold_charts(rows: Vec<(Option<String>, i64)>) -> Vec<(PatientId, R
         let reach = match how {
             0 => Reach::Care,
             2 => Reach::Emergency,
+            3 => Reach::Own,
+            4 => Reach::Proxy,
             _ => Reach::BreakGlass,
         };
         // An emergency grant wins (it is what overrides a consent, and its accesses are
-        // flagged), then a care relationship, then another grant.
+        // flagged), then a care relationship, then another grant, then portal links.
         let rank = |r: Reach| match r {
-            Reach::Emergency => 2,
-            Reach::Care => 1,
-            Reach::BreakGlass => 0,
+            Reach::Emergency => 5,
+            Reach::Care => 4,
+            Reach::BreakGlass => 3,
+            Reach::Own => 2,
+            Reach::Proxy => 1,
         };
         match out.iter_mut().find(|(q, _)| *q == p) {
             Some(e) if rank(reach) > rank(e.1) => e.1 = reach,
@@ -375,6 +402,19 @@ pub(crate) fn identity(op: &Op) -> Option<Vec<Stmt>> {
             "INSERT INTO incidents (id, opened_at, status, body) VALUES ($1, $2, $3, $4)
              ON CONFLICT (id) DO UPDATE SET status = excluded.status, body = excluded.body",
             vec![t(&i.id), Int(i.opened_at), t(&i.status), t(&i.body)],
+            Any,
+        )],
+        Op::PutPortalLink(l) => vec![stmt(
+            "INSERT INTO portal_links (username, patient_id, kind, evidence, linked_by, linked_at)
+             VALUES ($1, $2, $3, $4, $5, $6)",
+            vec![
+                t(&l.username),
+                Text(l.patient.as_str().to_owned()),
+                t(&l.kind),
+                t(&l.evidence),
+                t(&l.linked_by),
+                Int(l.linked_at),
+            ],
             Any,
         )],
         Op::ProposePolicy(p) => vec![stmt(
@@ -630,6 +670,7 @@ pub(crate) fn search(q: &SearchQuery, d: Dialect, select: Select) -> Option<(Str
                 Charts::Patients(p) => p.is_empty(),
                 Charts::Care(t) => t.is_empty(),
                 Charts::Grants { .. } => false,
+                Charts::Links { kinds, .. } => kinds.is_empty(),
             };
             if cats.is_empty() || empty {
                 continue;
@@ -641,30 +682,7 @@ pub(crate) fn search(q: &SearchQuery, d: Dialect, select: Select) -> Option<(Str
                 cats.iter().cloned().map(Arg::Text).collect(),
             );
             sql.push_str(") AND c.patient_id IN (");
-            match charts {
-                Charts::Patients(p) => list(
-                    &mut sql,
-                    &mut push,
-                    p.iter().map(|p| Arg::Text(p.as_str().to_owned())).collect(),
-                ),
-                Charts::Care(tokens) => {
-                    sql.push_str("SELECT k.patient_id FROM search_index k WHERE k.rtype IN ('CareTeam', 'Encounter') AND k.param = '_care' AND k.token IN (");
-                    list(
-                        &mut sql,
-                        &mut push,
-                        tokens.iter().cloned().map(Arg::Bytes).collect(),
-                    );
-                    sql.push(')');
-                }
-                Charts::Grants { username, now } => {
-                    push(
-                        &mut sql,
-                        "SELECT g.patient_id FROM break_glass g WHERE g.username = ?",
-                        Arg::Text(username.clone()),
-                    );
-                    push(&mut sql, " AND g.expires > ?", Arg::Int(*now));
-                }
-            }
+            charts_sql(&mut sql, &mut push, charts);
             sql.push_str("))");
             any = true;
         }
@@ -753,6 +771,9 @@ pub(crate) fn search(q: &SearchQuery, d: Dialect, select: Select) -> Option<(Str
 /// the resource or on its chart's Patient that no consent grants or that one denies.
 fn privacy_clauses(sql: &mut String, push: &mut dyn FnMut(&mut String, &str, Arg), pv: &Privacy) {
     let params = |sql: &mut String, push: &mut dyn FnMut(&mut String, &str, Arg), ps: &[String]| {
+        if ps.is_empty() {
+            sql.push_str("NULL");
+        }
         for (i, p) in ps.iter().enumerate() {
             push(sql, if i == 0 { "?" } else { ", ?" }, Arg::Text(p.clone()));
         }
@@ -760,9 +781,19 @@ fn privacy_clauses(sql: &mut String, push: &mut dyn FnMut(&mut String, &str, Arg
     if pv.deny_params.is_empty() {
         return;
     }
-    let consents = pv.emergency_unopened.is_none();
-    for (cat, token) in pv.category_tokens.iter().filter(|_| consents) {
-        push(sql, " AND NOT (c.category = ?", Arg::Text(cat.clone()));
+    // In exempt charts consents yield, and of the labels only the unopened ones count.
+    let not_exempt =
+        |sql: &mut String, push: &mut dyn FnMut(&mut String, &str, Arg)| match &pv.exempt {
+            Some((charts, _)) => {
+                sql.push_str("c.patient_id NOT IN (");
+                charts_sql(sql, push, charts);
+                sql.push(')');
+            }
+            None => sql.push_str("1 = 1"),
+        };
+    for (cat, token) in &pv.category_tokens {
+        push(sql, " AND NOT (c.category = ? AND ", Arg::Text(cat.clone()));
+        not_exempt(sql, push);
         sql.push_str(
             " AND EXISTS (SELECT 1 FROM search_index d WHERE d.rtype = 'Consent' AND d.patient_id = c.patient_id AND d.param IN (",
         );
@@ -779,31 +810,72 @@ fn privacy_clauses(sql: &mut String, push: &mut dyn FnMut(&mut String, &str, Arg
         } else {
             "l.rtype = 'Patient' AND l.id = c.patient_id"
         });
-        sql.push_str(" AND l.param = '_label'");
-        if let Some(unopened) = &pv.emergency_unopened {
-            if unopened.is_empty() {
-                sql.push_str(" AND 1 = 0");
-            }
-            for (i, t) in unopened.iter().enumerate() {
-                push(
-                    sql,
-                    if i == 0 { " AND l.token IN (?" } else { ", ?" },
-                    Arg::Bytes(t.clone()),
-                );
-            }
-            if !unopened.is_empty() {
+        sql.push_str(" AND l.param = '_label' AND (");
+        not_exempt(sql, push);
+        match &pv.exempt {
+            Some((_, unopened)) if !unopened.is_empty() => {
+                for (i, t) in unopened.iter().enumerate() {
+                    push(
+                        sql,
+                        if i == 0 { " OR l.token IN (?" } else { ", ?" },
+                        Arg::Bytes(t.clone()),
+                    );
+                }
                 sql.push(')');
             }
+            _ => {}
         }
         sql.push_str(
-            " AND (NOT EXISTS (SELECT 1 FROM search_index g WHERE g.rtype = 'Consent' AND g.patient_id = c.patient_id AND g.token = l.token AND g.param IN (",
+            ") AND (NOT EXISTS (SELECT 1 FROM search_index g WHERE g.rtype = 'Consent' AND g.patient_id = c.patient_id AND g.token = l.token AND g.param IN (",
         );
         params(sql, push, &pv.grant_params);
-        sql.push_str(")) OR EXISTS (SELECT 1 FROM search_index d WHERE d.rtype = 'Consent' AND d.patient_id = c.patient_id AND d.token = l.token AND 1 = ");
-        sql.push_str(if consents { "1" } else { "0" });
-        sql.push_str(" AND d.param IN (");
+        sql.push_str(")) OR (");
+        not_exempt(sql, push);
+        sql.push_str(" AND EXISTS (SELECT 1 FROM search_index d WHERE d.rtype = 'Consent' AND d.patient_id = c.patient_id AND d.token = l.token AND d.param IN (");
         params(sql, push, &pv.deny_params);
-        sql.push_str("))))");
+        sql.push_str(")))))");
+    }
+}
+
+/// A set of charts as SQL: a list of ids, or a subquery of patient ids.
+fn charts_sql(sql: &mut String, push: &mut dyn FnMut(&mut String, &str, Arg), charts: &Charts) {
+    let list = |sql: &mut String, push: &mut dyn FnMut(&mut String, &str, Arg), items: Vec<Arg>| {
+        if items.is_empty() {
+            sql.push_str("NULL");
+        }
+        for (i, a) in items.into_iter().enumerate() {
+            push(sql, if i == 0 { "?" } else { ", ?" }, a);
+        }
+    };
+    match charts {
+        Charts::Patients(p) => list(
+            sql,
+            push,
+            p.iter().map(|p| Arg::Text(p.as_str().to_owned())).collect(),
+        ),
+        Charts::Care(tokens) => {
+            sql.push_str("SELECT k.patient_id FROM search_index k WHERE k.rtype IN ('CareTeam', 'Encounter') AND k.param = '_care' AND k.token IN (");
+            list(sql, push, tokens.iter().cloned().map(Arg::Bytes).collect());
+            sql.push(')');
+        }
+        Charts::Links { username, kinds } => {
+            push(
+                sql,
+                "SELECT pl.patient_id FROM portal_links pl WHERE pl.username = ?",
+                Arg::Text(username.clone()),
+            );
+            sql.push_str(" AND pl.kind IN (");
+            list(sql, push, kinds.iter().cloned().map(Arg::Text).collect());
+            sql.push(')');
+        }
+        Charts::Grants { username, now } => {
+            push(
+                sql,
+                "SELECT g.patient_id FROM break_glass g WHERE g.username = ?",
+                Arg::Text(username.clone()),
+            );
+            push(sql, " AND g.expires > ?", Arg::Int(*now));
+        }
     }
 }
 

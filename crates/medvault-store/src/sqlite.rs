@@ -80,6 +80,9 @@ CREATE INDEX break_glass_user ON break_glass (username, expires);
 CREATE INDEX search_index_chart ON search_index (patient_id, param);
 CREATE TABLE incidents (id TEXT PRIMARY KEY, opened_at INTEGER NOT NULL, status TEXT NOT NULL,
     body TEXT NOT NULL) STRICT;
+CREATE TABLE portal_links (username TEXT NOT NULL, patient_id TEXT NOT NULL, kind TEXT NOT NULL,
+    evidence TEXT NOT NULL, linked_by TEXT NOT NULL, linked_at INTEGER NOT NULL,
+    PRIMARY KEY (username, patient_id)) STRICT, WITHOUT ROWID;
 CREATE TABLE policies (version INTEGER PRIMARY KEY, text TEXT NOT NULL, proposed_by TEXT NOT NULL,
     proposed_at INTEGER NOT NULL, status TEXT NOT NULL, approved_by TEXT NOT NULL,
     approved_at INTEGER NOT NULL) STRICT;
@@ -527,8 +530,8 @@ fn append_audit(
 }
 
 use crate::sql::{
-    Columns, BREAK_GLASS_COLS, CREDENTIAL_COLS, INCIDENT_COLS, POLICY_COLS, SESSION_COLS,
-    THROTTLE_COLS, USER_COLS, VERSION_COLS,
+    Columns, BREAK_GLASS_COLS, CREDENTIAL_COLS, INCIDENT_COLS, POLICY_COLS, PORTAL_LINK_COLS,
+    SESSION_COLS, THROTTLE_COLS, USER_COLS, VERSION_COLS,
 };
 
 impl Columns for Row<'_> {
@@ -874,6 +877,18 @@ impl Store for SqliteStore {
             ))?;
             let rows = st
                 .query_map([], |r| crate::sql::break_glass(r))?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows.into_iter().flatten().collect())
+        })
+    }
+
+    fn portal_links(&self, username: &str) -> Result<Vec<PortalLinkRow>, StoreError> {
+        self.with_reader(|c| {
+            let mut st = c.prepare_cached(&format!(
+                "SELECT {PORTAL_LINK_COLS} FROM portal_links WHERE username = ?1 ORDER BY linked_at, patient_id"
+            ))?;
+            let rows = st
+                .query_map(params![username], |r| crate::sql::portal_link(r))?
                 .collect::<Result<Vec<_>, _>>()?;
             Ok(rows.into_iter().flatten().collect())
         })

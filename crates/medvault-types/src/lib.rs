@@ -181,6 +181,7 @@ str_enum!(
         Importer => "importer",
         System => "system",
         Service => "service",
+        Patient => "patient",
     }
 );
 
@@ -190,6 +191,7 @@ impl Role {
         match self {
             Role::Physician | Role::Nurse => Purpose::Treat,
             Role::Billing => Purpose::Payment,
+            Role::Patient => Purpose::PatientRequest,
             _ => Purpose::Operations,
         }
     }
@@ -232,6 +234,7 @@ str_enum!(
         Notes => "notes",
         Billing => "billing",
         Directory => "directory",
+        Consents => "consents",
     }
 );
 
@@ -298,6 +301,7 @@ str_enum!(
         ReadPolicies => "policy.read",
         ProposePolicy => "policy.propose",
         ApprovePolicy => "policy.approve",
+        LinkPortal => "portal.link",
     }
 );
 
@@ -320,6 +324,7 @@ impl Operation {
                 | SetTraining
                 | ProposePolicy
                 | ApprovePolicy
+                | LinkPortal
         )
     }
 }

@@ -5694,6 +5694,7 @@ fn expected_read(role: &str, category: &str, rel: &str, purpose: &str) -> u16 {
             (category == "billing" || category == "demographics")
                 && (purpose == "HPAYMT" || purpose == "HOPERAT")
         }
+        "patient" | "proxy" => (rel == "self" || rel == "proxy") && purpose == "PATRQT",
         _ => false,
     };
     if allowed {
@@ -5707,6 +5708,7 @@ fn default_purpose(role: &str) -> &'static str {
     match role {
         "physician" | "nurse" => "TREAT",
         "billing" => "HPAYMT",
+        "patient" | "proxy" => "PATRQT",
         _ => "HOPERAT",
     }
 }
@@ -5715,6 +5717,16 @@ fn default_purpose(role: &str) -> &'static str {
 fn access_decision_table_roles_categories_relationships_purposes_break_glass() {
     let (_t, dir, staff) = setup();
     let charts = three_charts(&dir, &staff);
+    // Two portal accounts: one the treated patient's own, one a guardian of the untreated.
+    let portal: Vec<Value> = ["pat.self", "pat.proxy"]
+        .iter()
+        .map(|n| {
+            json_out(&medvault(
+                &dir,
+                &["user", "add", n, "--role", "patient", "--json"],
+            ))
+        })
+        .collect();
     let s = Server::start(&dir, &[]);
     let roles = [
         "physician",
@@ -5724,12 +5736,28 @@ fn access_decision_table_roles_categories_relationships_purposes_break_glass() {
         "security_admin",
         "privacy_officer",
         "auditor",
+        "patient",
+        "proxy",
     ];
     let tokens: Vec<String> = roles
         .iter()
-        .map(|r| {
-            let (u, p, t) = staff.get(r);
-            s.login(u, p, t)
+        .map(|r| match *r {
+            "patient" | "proxy" => {
+                let (u, name) = if *r == "patient" {
+                    (&portal[0], "pat.self")
+                } else {
+                    (&portal[1], "pat.proxy")
+                };
+                s.login(
+                    name,
+                    u["password"].as_str().unwrap(),
+                    u["totp_secret"].as_str().unwrap(),
+                )
+            }
+            _ => {
+                let (u, p, t) = staff.get(r);
+                s.login(u, p, t)
+            }
         })
         .collect();
     let tok = |role: &str| tokens[roles.iter().position(|r| *r == role).unwrap()].as_str();
@@ -5744,19 +5772,33 @@ fn access_decision_table_roles_categories_relationships_purposes_break_glass() {
         );
         assert_eq!(r.status, 201, "{role}: {:?}", r.body);
     }
-    let rels = ["treatment", "none", "break-glass"];
+    // The front desk links the portal accounts after identity proofing.
+    let desk = tok("front_desk").to_owned();
+    for (name, chart, kind) in [("pat.self", 0, "self"), ("pat.proxy", 1, "guardian")] {
+        let r = s.post(
+            &format!("/api/patients/{}/portal-links", patient_of(chart)),
+            &desk,
+            &json!({"username": name, "relationship": kind, "evidence": "government-photo-id"}),
+        );
+        assert_eq!(r.status, 201, "{:?}", r.body);
+    }
+    // How each role reaches each chart: T is treated by the clinicians and the portal
+    // patient's own; N is the proxy's; G is under the clinicians' break-the-glass grants.
+    let rel_of = |role: &str, chart: usize| -> &'static str {
+        match (role, chart) {
+            ("physician" | "nurse", 0) => "treatment",
+            ("physician" | "nurse", 2) => "break-glass",
+            ("patient", 0) => "self",
+            ("proxy", 1) => "proxy",
+            _ => "none",
+        }
+    };
     let mut cases = 0;
-    for (ri, role) in roles.iter().enumerate() {
+    for role in roles.iter() {
         for purpose in [default_purpose(role), "HRESCH", "HPAYMT"] {
             let mut seen_purpose = false;
-            for (chart, rel) in rels.iter().enumerate() {
-                // Grants are the physician's and the nurse's; for everyone else chart G is
-                // a chart like any other.
-                let rel = if *rel == "break-glass" && ri > 1 {
-                    "none"
-                } else {
-                    *rel
-                };
+            for chart in 0..3 {
+                let rel = rel_of(role, chart);
                 for (i, cat) in CHART_CATEGORIES.iter().enumerate() {
                     let path = format!("/fhir/{}", charts[chart][i]);
                     let r = s.call(
@@ -5804,16 +5846,12 @@ fn access_decision_table_roles_categories_relationships_purposes_break_glass() {
         ("Claim", 7),
         ("Encounter", 8),
     ];
-    for (ri, role) in roles.iter().enumerate() {
+    for role in roles.iter() {
         let purpose = default_purpose(role);
         for (rt, first) in types {
             let mut want: Vec<String> = vec![];
-            for (chart, rel) in rels.iter().enumerate() {
-                let rel = if *rel == "break-glass" && ri > 1 {
-                    "none"
-                } else {
-                    *rel
-                };
+            for chart in 0..3 {
+                let rel = rel_of(role, chart);
                 for (i, cat) in CHART_CATEGORIES.iter().enumerate() {
                     let same_type = charts[chart][i].starts_with(&format!("{rt}/"));
                     if same_type && expected_read(role, cat, rel, purpose) == 200 {
@@ -6499,5 +6537,185 @@ fn policies_are_versioned_approved_by_a_second_administrator_and_testable() {
         o.status.code(),
         Some(1),
         "the built-in set lets privacy officers read policies"
+    );
+}
+
+/// The patient portal: an account reaches a chart only once the front desk linked it after
+/// identity proofing; a patient reads their own record (sensitive results included, never
+/// psychotherapy notes), their own access report, and records their own consents — nothing
+/// else; a guardian reads the child's chart without its confidential records.
+#[test]
+fn patient_portal_reads_its_own_record_and_proxies_see_less() {
+    let (_t, dir, _staff) = setup();
+    let own = "urn:uuid:000000c1-0000-4000-8000-000000000000";
+    let kid = "urn:uuid:000000c2-0000-4000-8000-000000000000";
+    let subj = |u: &str| json!({"reference": u});
+    let mut own_vital = vital("x");
+    own_vital["subject"] = subj(own);
+    let mut kid_vital = vital("x");
+    kid_vital["subject"] = subj(kid);
+    let entries = vec![
+        json!({"fullUrl": own, "resource": patient_body("Portalown", "MRN-PO")}),
+        json!({"resource": own_vital}),
+        json!({"resource": labelled(json!({"resourceType": "Condition", "code": {"text": "B20"}, "subject": subj(own)}), ACT_CODE, "HIV")}),
+        json!({"resource": labelled(json!({"resourceType": "DocumentReference", "status": "current",
+            "content": [{"attachment": {"contentType": "text/plain", "data": "bm90ZQ=="}}], "subject": subj(own)}), ACT_CODE, "PSYTHPN")}),
+        json!({"fullUrl": kid, "resource": patient_body("Portalkid", "MRN-PK")}),
+        json!({"resource": kid_vital}),
+        json!({"resource": labelled(json!({"resourceType": "Condition", "code": {"text": "Z30"}, "subject": subj(kid)}), ACT_CODE, "SEX")}),
+    ];
+    let f = dir.join("..").join("portal.json");
+    std::fs::write(
+        &f,
+        json!({"resourceType": "Bundle", "type": "collection", "entry": entries}).to_string(),
+    )
+    .unwrap();
+    let o = json_out(&medvault(&dir, &["import", f.to_str().unwrap(), "--json"]));
+    let loc: Vec<String> = o["locations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            l.as_str()
+                .unwrap()
+                .split('/')
+                .take(2)
+                .collect::<Vec<_>>()
+                .join("/")
+        })
+        .collect();
+    let id = |i: usize| loc[i].split('/').nth(1).unwrap().to_owned();
+    let (p_own, p_kid) = (id(0), id(4));
+    let path = |i: usize| format!("/fhir/{}", loc[i]);
+    let add = |name: &str| {
+        json_out(&medvault(
+            &dir,
+            &["user", "add", name, "--role", "patient", "--json"],
+        ))
+    };
+    let (ada, guardian) = (add("pat.ada"), add("pat.guardian"));
+    assert!(
+        ada["practitioner_id"].is_null(),
+        "a portal account is no practitioner"
+    );
+    let s = Server::start(&dir, &[]);
+    let login = |u: &Value, name: &str| {
+        s.login(
+            name,
+            u["password"].as_str().unwrap(),
+            u["totp_secret"].as_str().unwrap(),
+        )
+    };
+    let (pa, pg) = (login(&ada, "pat.ada"), login(&guardian, "pat.guardian"));
+    let (desk, phys) = {
+        let (u, p, t) = _staff.get("front_desk");
+        let d = s.login(u, p, t);
+        let (u, p, t) = _staff.get("physician");
+        (d, s.login(u, p, t))
+    };
+    // Nothing before identity proofing.
+    assert_eq!(s.get(&path(1), &pa).status, 403);
+    assert!(ids(&s.get("/fhir/Observation", &pa).body).is_empty());
+    // The front desk links, after proofing; nobody else, nothing else.
+    let link = |tok: &str, patient: &str, body: Value| {
+        s.post(&format!("/api/patients/{patient}/portal-links"), tok, &body)
+    };
+    let ada_self =
+        json!({"username": "pat.ada", "relationship": "self", "evidence": "government-photo-id"});
+    assert_eq!(link(&phys, &p_own, ada_self.clone()).status, 403);
+    assert_eq!(
+        link(
+            &desk,
+            &p_own,
+            json!({"username": "pat.ada", "relationship": "self", "evidence": "trust me"})
+        )
+        .status,
+        400
+    );
+    assert_eq!(
+        link(
+            &desk,
+            &p_own,
+            json!({"username": "pat.ada", "relationship": "cousin", "evidence": "court-order"})
+        )
+        .status,
+        400
+    );
+    assert_eq!(link(&desk, &p_own, json!({"username": _staff.get("nurse").0, "relationship": "self", "evidence": "government-photo-id"})).status, 400);
+    assert_eq!(link(&desk, &p_own, json!({"username": "nobody.here", "relationship": "self", "evidence": "government-photo-id"})).status, 404);
+    assert_eq!(link(&desk, "no-such-patient", ada_self.clone()).status, 404);
+    assert_eq!(link(&desk, &p_own, ada_self.clone()).status, 201);
+    assert_eq!(
+        link(&desk, &p_kid, ada_self).status,
+        409,
+        "one own chart per account"
+    );
+    let r = link(
+        &desk,
+        &p_kid,
+        json!({"username": "pat.guardian", "relationship": "guardian", "evidence": "court-order"}),
+    );
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    // The patient: their own record, sensitive results included; never psychotherapy notes.
+    assert_eq!(s.get(&path(1), &pa).status, 200);
+    assert_eq!(s.get(&path(2), &pa).status, 200, "their own HIV result");
+    let r = s.get(&path(3), &pa);
+    assert_eq!(r.status, 403, "psychotherapy notes never reach the portal");
+    assert!(!r.body.to_string().contains("PSYTHPN"));
+    assert_eq!(s.get(&path(5), &pa).status, 403, "not another's chart");
+    let obs = s.get("/fhir/Observation", &pa);
+    assert_eq!(
+        ids(&obs.body),
+        vec![id(1)],
+        "searches reach their own chart only"
+    );
+    let conds = s.get("/fhir/Condition", &pa);
+    assert_eq!(ids(&conds.body), vec![id(2)]);
+    let ev = s.get(&format!("/fhir/Patient/{p_own}/$everything"), &pa);
+    assert_eq!(ev.status, 200);
+    assert!(!ev.body["entry"].to_string().contains(&id(3)));
+    assert!(ev.body["entry"].to_string().contains(&id(2)));
+    // "Who looked at my record": their own, nobody else's.
+    let report = s.get(&format!("/api/patients/{p_own}/access-report"), &pa);
+    assert_eq!(report.status, 200, "{:?}", report.body);
+    assert_eq!(
+        s.get(&format!("/api/patients/{p_kid}/access-report"), &pa)
+            .status,
+        403
+    );
+    // Their own consents, nothing else; no other purpose than their own request.
+    let consent = privacy_consent(
+        &p_own,
+        json!([{"type": "deny", "actor": actor(_staff.practitioner("nurse")),
+        "class": [{"system": "http://hl7.org/fhir/resource-types", "code": "Observation"}]}]),
+    );
+    let r = s.post("/fhir/Consent", &pa, &consent);
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    assert_eq!(s.post("/fhir/Observation", &pa, &vital(&p_own)).status, 403);
+    let r = s.call(
+        "GET",
+        &path(1),
+        Some(&pa),
+        None,
+        &[("X-Purpose-Of-Use", "TREAT")],
+    );
+    assert_eq!(
+        r.body["issue"][0]["details"]["coding"][0]["code"],
+        "purpose-not-allowed"
+    );
+    // The guardian: the child's chart, without its confidential (reproductive) record.
+    assert_eq!(s.get(&path(5), &pg).status, 200);
+    assert_eq!(
+        s.get(&path(6), &pg).status,
+        403,
+        "a minor's confidential records stay hidden"
+    );
+    assert!(ids(&s.get("/fhir/Condition", &pg).body).is_empty());
+    assert_eq!(s.get(&path(1), &pg).status, 403);
+    let kid_consent = privacy_consent(&p_kid, json!([{"type": "deny"}]));
+    assert_eq!(
+        s.post("/fhir/Consent", &pg, &kid_consent).status,
+        403,
+        "a proxy reads; consents are the patient's"
     );
 }
