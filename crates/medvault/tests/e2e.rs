@@ -5797,10 +5797,10 @@ fn access_decision_table_roles_categories_relationships_purposes_break_glass() {
     for role in roles.iter() {
         for purpose in [default_purpose(role), "HRESCH", "HPAYMT"] {
             let mut seen_purpose = false;
-            for chart in 0..3 {
+            for (chart, entries) in charts.iter().enumerate() {
                 let rel = rel_of(role, chart);
                 for (i, cat) in CHART_CATEGORIES.iter().enumerate() {
-                    let path = format!("/fhir/{}", charts[chart][i]);
+                    let path = format!("/fhir/{}", entries[i]);
                     let r = s.call(
                         "GET",
                         &path,
@@ -5850,12 +5850,12 @@ fn access_decision_table_roles_categories_relationships_purposes_break_glass() {
         let purpose = default_purpose(role);
         for (rt, first) in types {
             let mut want: Vec<String> = vec![];
-            for chart in 0..3 {
+            for (chart, entries) in charts.iter().enumerate() {
                 let rel = rel_of(role, chart);
                 for (i, cat) in CHART_CATEGORIES.iter().enumerate() {
-                    let same_type = charts[chart][i].starts_with(&format!("{rt}/"));
+                    let same_type = entries[i].starts_with(&format!("{rt}/"));
                     if same_type && expected_read(role, cat, rel, purpose) == 200 {
-                        want.push(charts[chart][i].clone());
+                        want.push(entries[i].clone());
                     }
                 }
             }
