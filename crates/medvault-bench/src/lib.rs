@@ -564,26 +564,33 @@ pub fn run(
             // patient they treat), evaluated by Cedar afresh; the gate caches decisions
             // per query, so this is the cost of the first of each kind.
             progress("policy decisions", 0, 1);
-            let m = measure(opts.threads, opts.ops * 10, &|i| {
-                let rel = if i % 2 == 0 {
+            let rel = |i: usize| {
+                if i % 2 == 0 {
                     medvault_core::Relationship::Treatment
                 } else {
                     medvault_core::Relationship::None
-                };
-                let e = fx.vault.explain(
-                    &c,
-                    medvault_core::Action::Read,
-                    medvault_core::Category::Vitals,
-                    rel,
-                );
-                match e.allowed == (i % 2 == 0) {
-                    true => Ok(()),
-                    false => Err(VaultError::Internal("unexpected decision".into())),
                 }
+            };
+            let check = |allowed: bool, i: usize| match allowed == (i % 2 == 0) {
+                true => Ok(()),
+                false => Err(VaultError::Internal("unexpected decision".into())),
+            };
+            let (read, vitals) = (medvault_core::Action::Read, medvault_core::Category::Vitals);
+            let m = measure(opts.threads, opts.ops * 10, &|i| {
+                check(fx.vault.decision(&c, read, vitals, rel(i)), i)
             })?;
             rows.push(BenchRow {
                 patients: 0,
                 operation: "policy decision".into(),
+                secure: m,
+                plain: None,
+            });
+            let m = measure(opts.threads, opts.ops, &|i| {
+                check(fx.vault.explain(&c, read, vitals, rel(i)).allowed, i)
+            })?;
+            rows.push(BenchRow {
+                patients: 0,
+                operation: "Cedar evaluation".into(),
                 secure: m,
                 plain: None,
             });

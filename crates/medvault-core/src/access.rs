@@ -199,6 +199,19 @@ impl Vault {
         }
     }
 
+    /// Whether `c` may `action` records of `category` in a chart reached through
+    /// `relationship` — the decision as the gate makes it on every request (cached per
+    /// query in the engine). Records nothing.
+    pub fn decision(
+        &self,
+        c: &Caller,
+        action: Action,
+        category: Category,
+        relationship: Relationship,
+    ) -> bool {
+        self.decide(c, action, category, relationship).allowed()
+    }
+
     /// The relationship facts of `c` at this moment.
     pub(crate) fn reacher(&self, c: &Caller) -> Reacher {
         let now = self.clock.now();

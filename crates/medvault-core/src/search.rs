@@ -478,7 +478,24 @@ impl Vault {
             }
             let mut page_q = q.clone();
             let cat_names = |v: &[Category]| v.iter().map(|c| c.as_str().to_owned()).collect::<Vec<_>>();
-            if chart_scoped {
+            if let (true, Some(p)) = (chart_scoped, &page_q.patient) {
+                // One chart: what the caller may see there, by their relationship to it.
+                let rel = cx.relationship(tx, Some(p))?;
+                let mut cats = reach.open.clone();
+                cats.extend(match rel {
+                    Relationship::Treatment => reach.treatment.clone(),
+                    Relationship::BreakGlass | Relationship::Emergency => reach.break_glass.clone(),
+                    Relationship::Own => reach.own.clone(),
+                    Relationship::Proxy => reach.proxy.clone(),
+                    Relationship::None => vec![],
+                });
+                if cats.is_empty() {
+                    // Nothing visible: no category at all (an empty list means "any").
+                    cats.push(Category::Directory);
+                    page_q.rtype = Some("-".into());
+                }
+                page_q.categories = cat_names(&cats);
+            } else if chart_scoped {
                 // Categories visible only in some charts: searched within the charts the
                 // caller reaches (resolved inside the query), by how they reach them.
                 page_q.categories = cat_names(&reach.open);

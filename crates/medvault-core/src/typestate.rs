@@ -148,7 +148,11 @@ pub fn open(
             .ok_or(OpenError::MissingKey)?
             .open(&aad, row.ciphertext())?;
         match serde_json::from_slice::<Value>(&plain) {
-            Ok(Value::Object(m)) => Some(m),
+            Ok(Value::Object(mut m)) => {
+                // Every disclosure of a 42 CFR Part 2 record carries its notice.
+                medvault_fhir::privacy::mark_redisclosure(&mut m);
+                Some(m)
+            }
             _ => return Err(OpenError::NotJson),
         }
     };

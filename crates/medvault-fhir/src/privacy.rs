@@ -50,6 +50,38 @@ pub fn labels(json: &Map<String, Value>) -> Vec<&'static str> {
     out
 }
 
+/// Marks a 42 CFR Part 2 record (labelled `SUD` or `ETH`) on its way out with the HL7
+/// obligation `NORDSCLCD` ("no redisclosure without consent directive"), the notice 42 CFR
+/// 2.32 requires with every disclosure of such a record. Idempotent.
+pub fn mark_redisclosure(json: &mut Map<String, Value>) {
+    let part2 = labels(json).iter().any(|l| *l == "SUD" || *l == "ETH");
+    if !part2 {
+        return;
+    }
+    let meta = json
+        .entry("meta")
+        .or_insert_with(|| Value::Object(Map::new()));
+    let Some(meta) = meta.as_object_mut() else {
+        return;
+    };
+    let security = meta
+        .entry("security")
+        .or_insert_with(|| Value::Array(vec![]));
+    let Some(list) = security.as_array_mut() else {
+        return;
+    };
+    if !list
+        .iter()
+        .any(|c| c.get("code").and_then(Value::as_str) == Some("NORDSCLCD"))
+    {
+        list.push(serde_json::json!({
+            "system": "http://terminology.hl7.org/CodeSystem/v3-ActCode",
+            "code": "NORDSCLCD",
+            "display": "no redisclosure without consent directive"
+        }));
+    }
+}
+
 /// Whom a consent provision names: a Practitioner id, or everyone.
 pub const ANYONE: &str = "*";
 
@@ -189,6 +221,24 @@ mod tests {
         assert_eq!(labels(o.as_object().unwrap()), ["R", "HIV"]);
         assert!(labels(json!({}).as_object().unwrap()).is_empty());
         assert!(emergency_opens("SUD") && !emergency_opens("PSYTHPN"));
+    }
+
+    #[test]
+    fn part_2_records_carry_the_redisclosure_notice_once() {
+        let mut sud = json!({"meta": {"security": [{"code": "SUD"}]}});
+        let o = sud.as_object_mut().unwrap();
+        mark_redisclosure(o);
+        mark_redisclosure(o);
+        let codes: Vec<&str> = o["meta"]["security"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|c| c["code"].as_str())
+            .collect();
+        assert_eq!(codes, ["SUD", "NORDSCLCD"]);
+        let mut hiv = json!({"meta": {"security": [{"code": "HIV"}]}});
+        mark_redisclosure(hiv.as_object_mut().unwrap());
+        assert_eq!(hiv["meta"]["security"].as_array().unwrap().len(), 1);
     }
 
     #[test]

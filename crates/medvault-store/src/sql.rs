@@ -191,8 +191,18 @@ pub(crate) fn charts(
     );
     if !care_tokens.is_empty() {
         let marks: Vec<String> = (0..care_tokens.len()).map(|i| mark(i + 4)).collect();
+        // For one chart, drive from that chart's index rows (a clinician's panel may hold
+        // thousands of charts under the same token); for every chart, from the tokens.
+        let (hint, chart) = match (patient.is_some(), d) {
+            (true, Dialect::Sqlite) => (
+                " INDEXED BY search_index_chart",
+                format!("patient_id = {}", mark(3)),
+            ),
+            (true, Dialect::Postgres) => ("", format!("patient_id = {}", mark(3))),
+            (false, _) => ("", only.clone()),
+        };
         sql = format!(
-            "SELECT DISTINCT patient_id, CAST(0 AS BIGINT) FROM search_index WHERE rtype IN ('CareTeam', 'Encounter') AND param = '_care' AND token IN ({}) AND {only} UNION ALL {sql}",
+            "SELECT DISTINCT patient_id, CAST(0 AS BIGINT) FROM search_index{hint} WHERE {chart} AND param = '_care' AND rtype IN ('CareTeam', 'Encounter') AND token IN ({}) UNION ALL {sql}",
             marks.join(", ")
         );
         args.extend(care_tokens.iter().cloned().map(Arg::Bytes));

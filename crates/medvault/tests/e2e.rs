@@ -6344,6 +6344,14 @@ fn consents_and_sensitivity_labels_decide_reads_and_searches() {
     for path in [&vitals, &hiv, &sud] {
         assert_eq!(s.get(path, &nurse).status, 200, "{path}");
     }
+    let part2 = s.get(&sud, &nurse);
+    assert!(
+        part2.body["meta"]["security"]
+            .to_string()
+            .contains("NORDSCLCD"),
+        "a 42 CFR Part 2 record is disclosed with its no-redisclosure notice: {:?}",
+        part2.body
+    );
     assert_eq!(s.get(&psy, &nurse).status, 403);
     let ev = s.get(&format!("/fhir/Patient/{pa}/$everything"), &nurse);
     assert_eq!(ev.status, 200);
