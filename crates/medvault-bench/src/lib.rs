@@ -138,6 +138,19 @@ fn obs_json(patient: &str, i: usize) -> Value {
         "valueQuantity": {"value": 50 + i % 60, "unit": "/min", "system": "http://unitsofmeasure.org", "code": "/min"}})
 }
 
+/// A patient-privacy Consent for the chart at `purl` denying another clinician its notes.
+fn consent_json(purl: &str) -> Value {
+    json!({"resource": {"resourceType": "Consent", "status": "active",
+        "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy"}]},
+        "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
+        "patient": {"reference": purl},
+        "policyRule": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "OPTIN"}]},
+        "provision": {"type": "permit", "provision": [{"type": "deny",
+            "actor": [{"role": {"text": "clinician"}, "reference": {"reference": "Practitioner/another-clinician"}}],
+            "class": [{"code": "DocumentReference"}]}]}},
+        "request": {"method": "POST", "url": "Consent"}})
+}
+
 struct Fixture {
     vault: Vault,
     /// The benchmark opened the gate itself: it acts as the local operator.
@@ -254,6 +267,10 @@ fn setup(
                 "participant": [{"member": {"reference": format!("Practitioner/{practitioner}")}}]},
                 "request": {"method": "POST", "url": "CareTeam"}}),
             );
+            // Consents in force: one patient in ten denies another clinician their notes.
+            if i % 10 == 0 {
+                entries.push(consent_json(&purl));
+            }
             let (pid, oid) = (medvault_types::random_uuid(), medvault_types::random_uuid());
             let tok = |p: &str, v: &str| IndexRow {
                 param: p.into(),
@@ -281,11 +298,14 @@ fn setup(
             "import",
             false,
         )?;
-        for chart in results.chunks(3) {
-            if let [p, o, _] = chart {
-                if let (Some(p), Some(o)) = (&p.written, &o.written) {
-                    secure_ids.push((p.id.clone(), o.id.clone()));
-                }
+        // Each chart starts with its Patient, then its Observation.
+        let mut it = results.iter().peekable();
+        while let Some(r) = it.next() {
+            let Some(p) = r.written.as_ref().filter(|w| w.rtype.as_str() == "Patient") else {
+                continue;
+            };
+            if let Some(o) = it.peek().and_then(|o| o.written.as_ref()) {
+                secure_ids.push((p.id.clone(), o.id.clone()));
             }
         }
         plain.commit(WriteBatch { ops, audit: vec![] })?;

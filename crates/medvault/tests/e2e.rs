@@ -5689,7 +5689,10 @@ fn expected_read(role: &str, category: &str, rel: &str, purpose: &str) -> u16 {
             clinical_purpose
                 && (category == "demographics" || (rel != "none" && category != "billing"))
         }
-        "front_desk" => category == "demographics" && (purpose == "HOPERAT" || purpose == "TREAT"),
+        "front_desk" => {
+            (category == "demographics" || category == "consents")
+                && (purpose == "HOPERAT" || purpose == "TREAT")
+        }
         "billing" => {
             (category == "billing" || category == "demographics")
                 && (purpose == "HPAYMT" || purpose == "HOPERAT")
@@ -5716,7 +5719,52 @@ fn default_purpose(role: &str) -> &'static str {
 #[test]
 fn access_decision_table_roles_categories_relationships_purposes_break_glass() {
     let (_t, dir, staff) = setup();
-    let charts = three_charts(&dir, &staff);
+    let mut charts = three_charts(&dir, &staff);
+    // A fourth chart, treated, with a patient's consent denying the nurse Observations and
+    // an HIV-labelled problem no consent grants anyone.
+    let care = [staff.practitioner("physician"), staff.practitioner("nurse")];
+    let mut private = chart_entries("Private", 5, Some(&care));
+    private[3]["resource"] = labelled(private[3]["resource"].clone(), ACT_CODE, "HIV");
+    let mut consent = privacy_consent(
+        "x",
+        json!([{"type": "deny", "actor": actor(staff.practitioner("nurse")),
+            "class": [{"system": "http://hl7.org/fhir/resource-types", "code": "Observation"}]}]),
+    );
+    consent["patient"] = json!({"reference": "urn:uuid:00000005-0000-4000-8000-000000000000"});
+    private.push(json!({"resource": consent}));
+    let f = dir.join("..").join("private.json");
+    std::fs::write(
+        &f,
+        json!({"resourceType": "Bundle", "type": "collection", "entry": private}).to_string(),
+    )
+    .unwrap();
+    let o = json_out(&medvault(&dir, &["import", f.to_str().unwrap(), "--json"]));
+    charts.push(
+        o["locations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| {
+                l.as_str()
+                    .unwrap()
+                    .split('/')
+                    .take(2)
+                    .collect::<Vec<_>>()
+                    .join("/")
+            })
+            .collect(),
+    );
+    let category_at = |i: usize| CHART_CATEGORIES.get(i).copied().unwrap_or("consents");
+    // The oracle, with the fourth chart's consent and label.
+    let expect = |role: &str, chart: usize, cat: &str, rel: &str, purpose: &str| -> u16 {
+        let base = expected_read(role, cat, rel, purpose);
+        let clinician = role == "physician" || role == "nurse";
+        match (chart, base, clinician) {
+            (3, 200, true) if cat == "problems" => 403,
+            (3, 200, true) if role == "nurse" && (cat == "vitals" || cat == "labs") => 403,
+            _ => base,
+        }
+    };
     // Two portal accounts: one the treated patient's own, one a guardian of the untreated.
     let portal: Vec<Value> = ["pat.self", "pat.proxy"]
         .iter()
@@ -5786,7 +5834,7 @@ fn access_decision_table_roles_categories_relationships_purposes_break_glass() {
     // patient's own; N is the proxy's; G is under the clinicians' break-the-glass grants.
     let rel_of = |role: &str, chart: usize| -> &'static str {
         match (role, chart) {
-            ("physician" | "nurse", 0) => "treatment",
+            ("physician" | "nurse", 0 | 3) => "treatment",
             ("physician" | "nurse", 2) => "break-glass",
             ("patient", 0) => "self",
             ("proxy", 1) => "proxy",
@@ -5799,8 +5847,9 @@ fn access_decision_table_roles_categories_relationships_purposes_break_glass() {
             let mut seen_purpose = false;
             for (chart, entries) in charts.iter().enumerate() {
                 let rel = rel_of(role, chart);
-                for (i, cat) in CHART_CATEGORIES.iter().enumerate() {
-                    let path = format!("/fhir/{}", entries[i]);
+                for (i, entry) in entries.iter().enumerate() {
+                    let cat = &category_at(i);
+                    let path = format!("/fhir/{entry}");
                     let r = s.call(
                         "GET",
                         &path,
@@ -5808,12 +5857,21 @@ fn access_decision_table_roles_categories_relationships_purposes_break_glass() {
                         None,
                         &[("X-Purpose-Of-Use", purpose)],
                     );
-                    let want = expected_read(role, cat, rel, purpose);
+                    let want = expect(role, chart, cat, rel, purpose);
                     assert_eq!(
                         r.status, want,
                         "{role} {purpose} {rel} {cat} {path}: {:?}",
                         r.body
                     );
+                    if want == 403 && chart == 3 && expected_read(role, cat, rel, purpose) == 200 {
+                        // Refused by the consent or the label: "restricted", naming neither.
+                        assert_eq!(
+                            r.body["issue"][0]["details"]["coding"][0]["code"], "break-the-glass",
+                            "a medical emergency would open it: {role} {cat}"
+                        );
+                        let text = r.body.to_string();
+                        assert!(!text.contains(cat) && !text.contains("HIV"), "{text}");
+                    }
                     if want == 403
                         && (role == &"physician" || role == &"nurse")
                         && rel == "none"
@@ -5845,6 +5903,7 @@ fn access_decision_table_roles_categories_relationships_purposes_break_glass() {
         ("DocumentReference", 6),
         ("Claim", 7),
         ("Encounter", 8),
+        ("Consent", 9),
     ];
     for role in roles.iter() {
         let purpose = default_purpose(role);
@@ -5852,10 +5911,10 @@ fn access_decision_table_roles_categories_relationships_purposes_break_glass() {
             let mut want: Vec<String> = vec![];
             for (chart, entries) in charts.iter().enumerate() {
                 let rel = rel_of(role, chart);
-                for (i, cat) in CHART_CATEGORIES.iter().enumerate() {
-                    let same_type = entries[i].starts_with(&format!("{rt}/"));
-                    if same_type && expected_read(role, cat, rel, purpose) == 200 {
-                        want.push(entries[i].clone());
+                for (i, entry) in entries.iter().enumerate() {
+                    let same_type = entry.starts_with(&format!("{rt}/"));
+                    if same_type && expect(role, chart, category_at(i), rel, purpose) == 200 {
+                        want.push(entry.clone());
                     }
                 }
             }
