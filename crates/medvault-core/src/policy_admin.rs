@@ -73,6 +73,8 @@ pub struct PolicyCase {
     pub restricted: bool,
     #[serde(default)]
     pub psychotherapy: bool,
+    #[serde(default)]
+    pub withheld_from_patient: bool,
     /// Overrides the user's training record (default: the user's, or current).
     #[serde(default)]
     pub training_current: Option<bool>,
@@ -335,6 +337,7 @@ impl Vault {
                     consent_denied: k.consent_denied,
                     restricted: k.restricted,
                     psychotherapy: k.psychotherapy,
+                    withheld_from_patient: k.withheld_from_patient,
                 },
             });
             let decided = if d.allowed() { "allow" } else { "deny" };

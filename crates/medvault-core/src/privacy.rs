@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 
 use medvault_fhir::privacy::{
-    consent_rules, labels, ANYONE, PSYCHOTHERAPY_NOTES, RESTRICTING_LABELS,
+    consent_rules, labels, ANYONE, PSYCHOTHERAPY_NOTES, RESTRICTING_LABELS, WITHHELD_FROM_PATIENT,
 };
 use medvault_fhir::ResourceType;
 use medvault_policy::PrivacyFacts;
@@ -40,6 +40,7 @@ impl PrivacyTokens {
         PrivacyTokens {
             labels: RESTRICTING_LABELS
                 .iter()
+                .chain(std::iter::once(&WITHHELD_FROM_PATIENT))
                 .map(|l| (*l, indexer.token("label", LABEL_PARAM, l).to_vec()))
                 .collect(),
             categories: Category::ALL
@@ -169,13 +170,12 @@ impl Vault {
     /// emergency; a patient's own chart in the portal).
     pub(crate) fn exempt_privacy_scope(&self, c: &Caller, charts: Charts) -> Privacy {
         let mut p = self.privacy_scope(c);
-        p.exempt = Some((
-            charts,
-            self.privacy_tokens
-                .label(PSYCHOTHERAPY_NOTES)
-                .map(|t| vec![t.to_vec()])
-                .unwrap_or_default(),
-        ));
+        let unopened = [PSYCHOTHERAPY_NOTES, WITHHELD_FROM_PATIENT]
+            .iter()
+            .filter_map(|l| self.privacy_tokens.label(l))
+            .map(<[u8]>::to_vec)
+            .collect();
+        p.exempt = Some((charts, unopened));
         p
     }
 
@@ -208,6 +208,13 @@ impl Vault {
                 .collect(),
             everything_token: t.everything.clone(),
             exempt: None,
+            ignored_labels: match c.role() {
+                Some(medvault_types::Role::Patient) => vec![],
+                _ => t
+                    .label(WITHHELD_FROM_PATIENT)
+                    .map(|x| vec![x.to_vec()])
+                    .unwrap_or_default(),
+            },
         }
     }
 }
@@ -259,6 +266,11 @@ impl ChartPrivacy {
             .iter()
             .any(|t| t.as_slice() == cat || *t == tokens.everything);
         for l in own.into_iter().chain(chart).flatten() {
+            if *l == WITHHELD_FROM_PATIENT {
+                // Restricts only the portal, whatever any consent says.
+                f.withheld_from_patient = true;
+                continue;
+            }
             let token = tokens.label(l).unwrap_or_default();
             if self.denied.iter().any(|t| t.as_slice() == token) {
                 f.consent_denied = true;

@@ -32,7 +32,15 @@ pub fn emergency_opens(label: &str) -> bool {
     label != PSYCHOTHERAPY_NOTES
 }
 
-/// The restricting labels on a resource's `meta.security`, each once.
+/// The mark a clinician puts on a record to keep it from the patient portal (the 45 CFR
+/// 171.201 preventing-harm exception): `meta.security` code `withheld-from-patient` in the
+/// system [`MEDVAULT_LABELS`]. It restricts nobody else.
+pub const WITHHELD_FROM_PATIENT: &str = "withheld-from-patient";
+/// medvault's own security-label code system (for the one mark HL7 has no code for).
+pub const MEDVAULT_LABELS: &str = "https://medvault.dev/CodeSystem/security-label";
+
+/// The restricting labels on a resource's `meta.security` (and the withheld-from-patient
+/// mark), each once.
 pub fn labels(json: &Map<String, Value>) -> Vec<&'static str> {
     let mut out: Vec<&'static str> = vec![];
     let codes = json
@@ -45,6 +53,10 @@ pub fn labels(json: &Map<String, Value>) -> Vec<&'static str> {
             if !out.contains(l) {
                 out.push(l);
             }
+        }
+        let ours = c.get("system").and_then(Value::as_str) == Some(MEDVAULT_LABELS);
+        if ours && code == WITHHELD_FROM_PATIENT && !out.contains(&WITHHELD_FROM_PATIENT) {
+            out.push(WITHHELD_FROM_PATIENT);
         }
     }
     out
@@ -219,6 +231,9 @@ mod tests {
             {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "HIV"},
             {"code": "HIV"}, {"code": "N"}]}});
         assert_eq!(labels(o.as_object().unwrap()), ["R", "HIV"]);
+        let w = json!({"meta": {"security": [{"system": MEDVAULT_LABELS, "code": "withheld-from-patient"},
+            {"system": "http://example.org/other", "code": "withheld-from-patient"}]}});
+        assert_eq!(labels(w.as_object().unwrap()), [WITHHELD_FROM_PATIENT]);
         assert!(labels(json!({}).as_object().unwrap()).is_empty());
         assert!(emergency_opens("SUD") && !emergency_opens("PSYTHPN"));
     }

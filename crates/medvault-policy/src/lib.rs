@@ -145,6 +145,8 @@ pub struct PrivacyFacts {
     /// The record (or its patient) is labelled psychotherapy notes (`PSYTHPN`) without a
     /// grant.
     pub psychotherapy: bool,
+    /// A clinician marked the record to be withheld from the patient portal.
+    pub withheld_from_patient: bool,
 }
 
 impl Query {
@@ -372,6 +374,10 @@ impl PolicyEngine {
             (
                 "psychotherapy".to_owned(),
                 RestrictedExpression::new_bool(q.privacy.psychotherapy),
+            ),
+            (
+                "withheld_from_patient".to_owned(),
+                RestrictedExpression::new_bool(q.privacy.withheld_from_patient),
             ),
         ])
         .ok()?;

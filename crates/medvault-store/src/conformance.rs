@@ -222,6 +222,7 @@ pub fn privacy_rows_restrict_searches(s: &dyn Store) -> Result<(), Failure> {
         ],
         everything_token: b"T-all".to_vec(),
         exempt: None,
+        ignored_labels: vec![],
     };
     let found = |privacy: Option<Privacy>| -> Result<Vec<String>, Failure> {
         let q = SearchQuery {

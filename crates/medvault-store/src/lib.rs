@@ -612,6 +612,8 @@ pub struct Privacy {
     /// grant: a chart under a medical-emergency grant, or a patient's own chart in the
     /// portal (psychotherapy notes stay listed).
     pub exempt: Option<(Charts, Vec<Vec<u8>>)>,
+    /// Label tokens that restrict nobody here (the withheld-from-patient mark, for staff).
+    pub ignored_labels: Vec<Vec<u8>>,
 }
 
 /// One row of the search index, as [`TxRead::chart_tokens`] returns it.

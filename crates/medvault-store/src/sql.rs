@@ -820,7 +820,22 @@ fn privacy_clauses(sql: &mut String, push: &mut dyn FnMut(&mut String, &str, Arg
         } else {
             "l.rtype = 'Patient' AND l.id = c.patient_id"
         });
-        sql.push_str(" AND l.param = '_label' AND (");
+        sql.push_str(" AND l.param = '_label'");
+        for (i, t) in pv.ignored_labels.iter().enumerate() {
+            push(
+                sql,
+                if i == 0 {
+                    " AND l.token NOT IN (?"
+                } else {
+                    ", ?"
+                },
+                Arg::Bytes(t.clone()),
+            );
+        }
+        if !pv.ignored_labels.is_empty() {
+            sql.push(')');
+        }
+        sql.push_str(" AND (");
         not_exempt(sql, push);
         match &pv.exempt {
             Some((_, unopened)) if !unopened.is_empty() => {

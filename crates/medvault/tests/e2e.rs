@@ -6627,6 +6627,9 @@ fn patient_portal_reads_its_own_record_and_proxies_see_less() {
         json!({"resource": labelled(json!({"resourceType": "Condition", "code": {"text": "B20"}, "subject": subj(own)}), ACT_CODE, "HIV")}),
         json!({"resource": labelled(json!({"resourceType": "DocumentReference", "status": "current",
             "content": [{"attachment": {"contentType": "text/plain", "data": "bm90ZQ=="}}], "subject": subj(own)}), ACT_CODE, "PSYTHPN")}),
+        json!({"resource": labelled(json!({"resourceType": "Observation", "status": "preliminary",
+            "code": {"text": "biopsy, result not yet discussed"}, "subject": subj(own)}),
+            "https://medvault.dev/CodeSystem/security-label", "withheld-from-patient")}),
         json!({"fullUrl": kid, "resource": patient_body("Portalkid", "MRN-PK")}),
         json!({"resource": kid_vital}),
         json!({"resource": labelled(json!({"resourceType": "Condition", "code": {"text": "Z30"}, "subject": subj(kid)}), ACT_CODE, "SEX")}),
@@ -6652,7 +6655,9 @@ fn patient_portal_reads_its_own_record_and_proxies_see_less() {
         })
         .collect();
     let id = |i: usize| loc[i].split('/').nth(1).unwrap().to_owned();
-    let (p_own, p_kid) = (id(0), id(4));
+    // Entries: 0 own Patient, 1 vital, 2 HIV condition, 3 psychotherapy note, 4 withheld
+    // result, 5 child Patient, 6 child vital, 7 child's reproductive-health condition.
+    let (p_own, p_kid) = (id(0), id(5));
     let path = |i: usize| format!("/fhir/{}", loc[i]);
     let add = |name: &str| {
         json_out(&medvault(
@@ -6729,7 +6734,21 @@ fn patient_portal_reads_its_own_record_and_proxies_see_less() {
     let r = s.get(&path(3), &pa);
     assert_eq!(r.status, 403, "psychotherapy notes never reach the portal");
     assert!(!r.body.to_string().contains("PSYTHPN"));
-    assert_eq!(s.get(&path(5), &pa).status, 403, "not another's chart");
+    assert_eq!(s.get(&path(6), &pa).status, 403, "not another's chart");
+    assert_eq!(
+        s.get(&path(4), &pa).status,
+        403,
+        "what the clinician withheld stays out"
+    );
+    let (u, p, t) = _staff.get("nurse");
+    let nurse = s.login(u, p, t);
+    let enc = encounter(&p_own, &[_staff.practitioner("nurse")]);
+    assert_eq!(s.post("/fhir/Encounter", &nurse, &enc).status, 201);
+    assert_eq!(
+        s.get(&path(4), &nurse).status,
+        200,
+        "the mark restricts the portal only"
+    );
     let obs = s.get("/fhir/Observation", &pa);
     assert_eq!(
         ids(&obs.body),
@@ -6771,9 +6790,9 @@ fn patient_portal_reads_its_own_record_and_proxies_see_less() {
         "purpose-not-allowed"
     );
     // The guardian: the child's chart, without its confidential (reproductive) record.
-    assert_eq!(s.get(&path(5), &pg).status, 200);
+    assert_eq!(s.get(&path(6), &pg).status, 200);
     assert_eq!(
-        s.get(&path(6), &pg).status,
+        s.get(&path(7), &pg).status,
         403,
         "a minor's confidential records stay hidden"
     );
