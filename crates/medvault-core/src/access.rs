@@ -314,7 +314,10 @@ impl Vault {
     /// The purposes of use `c`'s role may declare: those under which the policy allows it
     /// anything (a record action on some category, or an operation of the gate).
     pub(crate) fn purposes_of(&self, c: &Caller) -> Vec<medvault_types::Purpose> {
-        medvault_types::Purpose::ALL
+        // Purpose of use is about records: a purpose counts when it opens some category of
+        // some chart to the role; a role that opens no records under any purpose (the
+        // administrators) may declare any, for it changes nothing.
+        let opens: Vec<medvault_types::Purpose> = medvault_types::Purpose::ALL
             .iter()
             .copied()
             .filter(|p| {
@@ -323,13 +326,13 @@ impl Vault {
                 [Action::Read, Action::Search, Action::Create, Action::Update]
                     .iter()
                     .any(|a| !self.reachable(&as_p, *a).any().is_empty_or_directory())
-                    || Operation::ALL.iter().any(|op| {
-                        // (What anyone may do — the public verifier key — says nothing.)
-                        let ask = |who| self.policy().decide(Query::operation(who, *op, *p, false));
-                        ask(c.asker()).allowed() && !ask(Asker::Anonymous).allowed()
-                    })
             })
-            .collect()
+            .collect();
+        if opens.is_empty() {
+            medvault_types::Purpose::ALL.to_vec()
+        } else {
+            opens
+        }
     }
 
     /// The categories `c` may `action`, by how the chart is reached: decided by policy

@@ -56,7 +56,9 @@ fn aad(id: &str, what: &str) -> Vec<u8> {
 fn gov_err(e: gov::GovernanceError) -> VaultError {
     match e {
         gov::GovernanceError::SelfReview => VaultError::Forbidden { withheld: vec![] },
-        gov::GovernanceError::AlreadyReviewed => VaultError::Conflict,
+        gov::GovernanceError::AlreadyReviewed => {
+            VaultError::Duplicate("this break-the-glass access was already reviewed".into())
+        }
         other => VaultError::BadRequest(other.to_string()),
     }
 }
@@ -104,7 +106,9 @@ impl Vault {
         // A clinician who already treats the patient needs no grant — unless it is a
         // medical emergency, which is what overrides the patient's consent (and is
         // reviewed like any other).
+        let current = c.principal().is_none_or(|p| p.training_current);
         if reason != BreakGlassReason::MedicalEmergency
+            && current
             && self.write_relationship(c, &[], Some(&pid))? == Relationship::Treatment
         {
             rec.detail = Some(format!(
@@ -119,6 +123,22 @@ impl Vault {
             });
         }
         let now = self.clock.now().unix_timestamp();
+        // One live grant per clinician and chart: asking again returns it.
+        if let Some(g) = self
+            .store
+            .break_glass()?
+            .into_iter()
+            .find(|g| g.username == username && g.patient == pid && g.expires > now)
+        {
+            rec.detail = Some(format!("reason={reason} grant={} already active", g.id));
+            self.audit(vec![rec])?;
+            return Ok(BreakGlassGrant {
+                id: Some(g.id),
+                patient: pid.to_string(),
+                expires_at: Some(g.expires),
+                suppressed: Some("a grant for this patient is already active"),
+            });
+        }
         let id = medvault_types::random_uuid();
         let expires = gov::grant_expiry(now, self.options.break_glass_secs);
         let cipher = self.cipher_for(&pid)?;
@@ -368,8 +388,16 @@ impl Vault {
             _ => return Err(VaultError::NotFound),
         }
         let links = self.store.portal_links(username)?;
+        if links.iter().any(|l| l.patient == pid) {
+            return Err(VaultError::Duplicate(
+                "this account is already linked to this chart".into(),
+            ));
+        }
         if kind == "self" && links.iter().any(|l| l.kind == "self") {
-            return Err(VaultError::Conflict);
+            return Err(VaultError::Duplicate(
+                "this account already has its own chart; a proxy link is `guardian` or `caregiver`"
+                    .into(),
+            ));
         }
         rec.detail = Some(format!(
             "target={username} relationship={kind} evidence={evidence}"

@@ -41,6 +41,13 @@ pub enum VaultError {
     Refused { action: &'static str, rtype: String },
     #[error("version conflict")]
     Conflict,
+    /// The request repeats or contradicts something already done (HTTP 409); the text says
+    /// what.
+    #[error("{0}")]
+    Duplicate(String),
+    /// The caller's required security training has lapsed (HTTP 403).
+    #[error("access denied: required security training has lapsed")]
+    TrainingLapsed,
     /// A precondition of the request does not hold (HTTP 412): `If-Match` or
     /// `request.ifMatch` names another version, `If-None-Match` matches, or a conditional
     /// create or update matches more than one resource. The text says which.

@@ -178,6 +178,27 @@ impl Vault {
         let kept = PolicyEngine::forbid_ids(text).map_err(|e| bad(e.to_string()))?;
         let required = PolicyEngine::forbid_ids(medvault_policy::DEFAULT_POLICIES)
             .map_err(|e| VaultError::Internal(e.to_string()))?;
+        let mine = PolicyEngine::policy_texts(text).map_err(|e| bad(e.to_string()))?;
+        let builtin = PolicyEngine::policy_texts(medvault_policy::DEFAULT_POLICIES)
+            .map_err(|e| VaultError::Internal(e.to_string()))?;
+        let mut seen = std::collections::HashSet::new();
+        for (id, _) in &mine {
+            if !seen.insert(id.as_str()) {
+                return Err(bad(format!(
+                    "two policies share the @id `{id}`; each must be unique"
+                )));
+            }
+        }
+        // A hard deny stays as written: keeping its id but changing its rule is dropping it.
+        for (id, rule) in builtin.iter().filter(|(id, _)| required.contains(id)) {
+            if let Some((_, theirs)) = mine.iter().find(|(i, _)| i == id) {
+                if theirs != rule {
+                    return Err(bad(format!(
+                        "the hard deny `{id}` must stay exactly as shipped"
+                    )));
+                }
+            }
+        }
         let dropped: Vec<&String> = required.iter().filter(|id| !kept.contains(id)).collect();
         if !dropped.is_empty() {
             return Err(bad(format!(
@@ -257,7 +278,15 @@ impl Vault {
             return Err(VaultError::Forbidden { withheld: vec![] });
         }
         if row.status != "proposed" {
-            return Err(VaultError::Conflict);
+            return Err(VaultError::Duplicate(
+                "this version is not a pending proposal".into(),
+            ));
+        }
+        let in_force = self.policy.read().map(|p| p.1).unwrap_or(0);
+        if version < in_force {
+            return Err(VaultError::Duplicate(format!(
+                "version {version} is older than version {in_force} in force; propose it again to bring it back"
+            )));
         }
         let engine = Self::check_policy_text(&row.text)?;
         self.commit(
@@ -283,6 +312,9 @@ impl Vault {
         cases: &[PolicyCase],
         text: Option<&str>,
     ) -> Result<Vec<CaseResult>, VaultError> {
+        if cases.is_empty() {
+            return Err(bad("the file holds no cases"));
+        }
         let engine = match text {
             Some(t) => Arc::new(Self::check_policy_text(t)?),
             None => self.policy(),
@@ -291,7 +323,8 @@ impl Vault {
         for (i, k) in cases.iter().enumerate() {
             let at = |m: String| bad(format!("case {}: {m}", i + 1));
             let (role, training) = match (&k.user, &k.role) {
-                (Some(u), _) => {
+                (Some(_), Some(_)) => return Err(at("name a `user` or a `role`, not both".into())),
+                (Some(u), None) => {
                     let row = self
                         .store
                         .user(u)?
@@ -311,6 +344,8 @@ impl Vault {
                 "treatment" => Relationship::Treatment,
                 "break-glass" => Relationship::BreakGlass,
                 "emergency" => Relationship::Emergency,
+                "self" => Relationship::Own,
+                "proxy" => Relationship::Proxy,
                 other => return Err(at(format!("unknown relationship `{other}`"))),
             };
             let target = match (k.action.parse::<Action>(), &k.resource) {

@@ -24,7 +24,8 @@ use medvault_store::{Charts, IndexHit, IndexRow, Privacy};
 use medvault_types::Category;
 use serde_json::{Map, Value};
 
-use crate::{Caller, Vault};
+use crate::{Caller, Vault, VaultError};
+use medvault_types::PatientId;
 
 const LABEL_PARAM: &str = "_label";
 
@@ -140,12 +141,67 @@ impl Vault {
         rt: ResourceType,
         json: &Map<String, Value>,
     ) -> bool {
-        let Some(me) = c.principal().and_then(|p| p.practitioner.as_deref()) else {
-            return false;
+        // Staff never record a grant to everyone (it would include them); a clinician never
+        // one naming themselves. The patient (portal) and the importer may.
+        let staff = c.role().is_some_and(|r| {
+            !matches!(
+                r,
+                medvault_types::Role::Patient | medvault_types::Role::Importer
+            )
+        });
+        let me = c.principal().and_then(|p| p.practitioner.as_deref());
+        consent_rules(rt, json).iter().any(|(deny, actor, _)| {
+            !deny && ((actor == ANYONE && staff) || Some(actor.as_str()) == me)
+        })
+    }
+
+    /// The privacy facts, for `c`, of a record of `patient`'s chart carrying `own` labels,
+    /// read outside an audited read (deciding a write, checking an earlier version).
+    pub(crate) fn facts_outside(
+        &self,
+        c: &Caller,
+        patient: &PatientId,
+        own: Option<(&str, &str)>,
+        labels_of_content: Option<&[&'static str]>,
+        category: Category,
+    ) -> Result<PrivacyFacts, VaultError> {
+        let params = self.asker_params(c);
+        let hits = self.store.chart_tokens(patient, &params.lookup())?;
+        let chart = ChartPrivacy::new(&self.privacy_tokens, &params, hits);
+        Ok(match (labels_of_content, own) {
+            (Some(l), _) => chart.facts_for(&self.privacy_tokens, l, patient.as_str(), category),
+            (None, Some((rtype, id))) => {
+                chart.facts(&self.privacy_tokens, rtype, id, patient.as_str(), category)
+            }
+            (None, None) => chart.facts_for(&self.privacy_tokens, &[], patient.as_str(), category),
+        })
+    }
+
+    /// Whether an opened record's own labels (an earlier version's may differ from what the
+    /// index holds) refuse it to `c`.
+    pub(crate) fn version_restricted(
+        &self,
+        c: &Caller,
+        d: &crate::Disclosed,
+    ) -> Result<bool, VaultError> {
+        let (Some(patient), Some(json)) = (d.patient(), d.json()) else {
+            return Ok(false);
         };
-        consent_rules(rt, json)
-            .iter()
-            .any(|(deny, actor, _)| !deny && (actor == ANYONE || actor == me))
+        let own = labels(json);
+        if own.is_empty() {
+            return Ok(false);
+        }
+        let rel = self.write_relationship(c, &[], Some(patient))?;
+        let facts = self.facts_outside(c, patient, None, Some(&own), d.category())?;
+        let mut q = Self::records_query(
+            c,
+            medvault_types::Action::Read,
+            d.category(),
+            rel,
+            self.options.public_transparency,
+        );
+        q.privacy = facts;
+        Ok(!self.policy().decide(q).allowed())
     }
 
     /// The consent params naming `c`: their Practitioner's, and everyone's.
@@ -204,6 +260,7 @@ impl Vault {
             category_tokens: t
                 .categories
                 .iter()
+                .filter(|(c, _)| *c != Category::Consents)
                 .map(|(c, tok)| (c.as_str().to_owned(), tok.clone()))
                 .collect(),
             everything_token: t.everything.clone(),
@@ -248,7 +305,7 @@ impl ChartPrivacy {
         out
     }
 
-    /// The facts of one record of this chart.
+    /// The facts of one record of this chart (its current version's labels).
     pub(crate) fn facts(
         &self,
         tokens: &PrivacyTokens,
@@ -257,14 +314,36 @@ impl ChartPrivacy {
         patient: &str,
         category: Category,
     ) -> PrivacyFacts {
+        let own = self
+            .labels
+            .get(&(rtype.to_owned(), id.to_owned()))
+            .cloned()
+            .unwrap_or_default();
+        self.facts_for(tokens, &own, patient, category)
+    }
+
+    /// The facts of a record of this chart carrying `own` labels (an earlier version's, read
+    /// from its content).
+    pub(crate) fn facts_for(
+        &self,
+        tokens: &PrivacyTokens,
+        own: &[&'static str],
+        patient: &str,
+        category: Category,
+    ) -> PrivacyFacts {
         let mut f = PrivacyFacts::default();
-        let own = self.labels.get(&(rtype.to_owned(), id.to_owned()));
-        let chart = self.labels.get(&("Patient".to_owned(), patient.to_owned()));
+        let own = Some(own);
+        let chart = self
+            .labels
+            .get(&("Patient".to_owned(), patient.to_owned()))
+            .map(Vec::as_slice);
         let cat = tokens.category(category).unwrap_or_default();
-        f.consent_denied = self
-            .denied
-            .iter()
-            .any(|t| t.as_slice() == cat || *t == tokens.everything);
+        // A consent never hides the consents themselves (they must stay manageable).
+        f.consent_denied = category != Category::Consents
+            && self
+                .denied
+                .iter()
+                .any(|t| t.as_slice() == cat || *t == tokens.everything);
         for l in own.into_iter().chain(chart).flatten() {
             if *l == WITHHELD_FROM_PATIENT {
                 // Restricts only the portal, whatever any consent says.

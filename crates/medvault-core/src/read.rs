@@ -156,6 +156,20 @@ impl ReadCtx {
         rel: Relationship,
         privacy: PrivacyFacts,
     ) -> VaultError {
+        if !self.caller.principal().is_none_or(|p| p.training_current) {
+            let mut q = Vault::records_query(
+                &self.caller,
+                action,
+                category,
+                rel,
+                self.public_transparency,
+            );
+            q.training_current = true;
+            q.privacy = privacy;
+            if self.policy.decide(q).allowed() {
+                return VaultError::TrainingLapsed;
+            }
+        }
         if privacy != PrivacyFacts::default() && self.decide(action, category, rel).allowed() {
             let emergency = self.may_break_glass
                 && self
@@ -211,18 +225,16 @@ impl ReadCtx {
             Err(_) => {
                 rec.categories_withheld = vec![category.to_string()];
                 let e = self.denial(Action::Read, category, rel, facts);
-                match e {
-                    VaultError::NoRelationship { .. } => {
-                        rec.detail = Some("no treatment relationship".into())
-                    }
-                    VaultError::Restricted { .. } => {
-                        rec.detail = Some(format!(
-                            "restricted: policy={}",
-                            decision.policies().join(",")
-                        ))
-                    }
-                    _ => {}
-                }
+                // The deciding policies (the forbids that denied; none is a default deny).
+                let why = match decision.policies() {
+                    [] => "policy=default-deny".to_owned(),
+                    ids => format!("policy={}", ids.join(",")),
+                };
+                rec.detail = Some(match e {
+                    VaultError::NoRelationship { .. } => format!("no treatment relationship {why}"),
+                    VaultError::Restricted { .. } => format!("restricted {why}"),
+                    _ => why,
+                });
                 (vec![rec], Err(e))
             }
             Ok(p) if p.get().deleted() => {
@@ -382,7 +394,17 @@ impl Vault {
             let row = tx.version(rt.as_str(), &id, version)?;
             cx.decide_one(tx, rt, &id, row, "vread")
         })?;
-        self.open_permitted(row)
+        let d = self.open_permitted(row)?;
+        // An earlier version carries its own labels (the index holds the current one's).
+        if self.version_restricted(c, &d)? {
+            let mut rec = self.record(c, "vread", Outcome::Denied);
+            rec.resource = Some(format!("{rt}/{}/_history/{version}", d.id()));
+            rec.patient = d.patient().map(|p| p.to_string());
+            rec.detail = Some("restricted: the version's own labels".into());
+            self.audit(vec![rec])?;
+            return Err(VaultError::Restricted { break_glass: false });
+        }
+        Ok(d)
     }
 
     /// `GET /{type}/{id}/_history`: every version the caller may see, newest first.
@@ -407,19 +429,48 @@ impl Vault {
                 .and_then(|r| r.patient())
                 .map(|p| p.to_string());
             let patient = rows.first().and_then(|r| r.patient()).cloned();
+            // The current version's privacy facts: what a refusal of the history is about.
+            let facts = match rows.first() {
+                Some(r) => match r.category().parse::<Category>() {
+                    Ok(cat) => cx.facts(tx, r, cat)?,
+                    Err(_) => PrivacyFacts::default(),
+                },
+                None => PrivacyFacts::default(),
+            };
             let (allowed, disclosed, withheld) = cx.filter(tx, rows, Action::Read, &mut rec)?;
             if allowed.is_empty() {
                 rec.outcome = Outcome::Denied;
                 let rel = cx.relationship(tx, patient.as_ref())?;
                 let e = match withheld.first() {
-                    Some(cat) => cx.denial(Action::Read, *cat, rel, PrivacyFacts::default()),
+                    Some(cat) => cx.denial(Action::Read, *cat, rel, facts),
                     None => VaultError::Forbidden { withheld },
                 };
                 return Ok((vec![rec], Err(e)));
             }
             Ok((vec![rec], Ok((allowed, disclosed, withheld))))
         })?;
-        let entries = self.open_all(rows)?;
+        let mut entries = self.open_all(rows)?;
+        // Earlier versions carry their own labels (the index holds the current one's).
+        let before = entries.len();
+        let mut kept = vec![];
+        for d in entries.drain(..) {
+            if !self.version_restricted(c, &d)? {
+                kept.push(d);
+            }
+        }
+        let entries = kept;
+        if entries.len() < before {
+            let mut rec = self.record(c, "history", Outcome::Denied);
+            rec.resource = Some(format!("{rt}"));
+            rec.detail = Some(format!(
+                "restricted: {} version(s) withheld by their own labels",
+                before - entries.len()
+            ));
+            self.audit(vec![rec])?;
+            if entries.is_empty() {
+                return Err(VaultError::Restricted { break_glass: false });
+            }
+        }
         Ok(SearchResult {
             entries,
             disclosed,

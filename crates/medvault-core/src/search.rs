@@ -976,6 +976,11 @@ impl Vault {
                     }
                     Relationship::Own => visible.extend(reach.own.iter().copied()),
                     Relationship::Proxy => visible.extend(reach.proxy.iter().copied()),
+                    Relationship::None if !reach.own.is_empty() || !reach.proxy.is_empty() => {
+                        // A portal account and a chart it is not linked to.
+                        rec.outcome = Outcome::Denied;
+                        return Ok((vec![rec], Err(VaultError::Forbidden { withheld: vec![] })));
+                    }
                     Relationship::None if !reach.treatment.is_empty() => {
                         rec.outcome = Outcome::Denied;
                         rec.detail = Some("no treatment relationship".into());

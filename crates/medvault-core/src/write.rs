@@ -173,6 +173,30 @@ impl Vault {
         }
         let rel = self.may_write_chart(c, plan, action, rt, &id, &categories, owner.as_ref())?;
         rec.break_glass = matches!(rel, Relationship::BreakGlass | Relationship::Emergency);
+        if let Some(p) = prior {
+            self.may_change(c, p, rel)?;
+        }
+        let problems = medvault_fhir::privacy::consent_problems(rt, res.json());
+        if !problems.is_empty() {
+            return Err(VaultError::Unprocessable(format!(
+                "this consent cannot be enforced as written: {}",
+                problems.join("; ")
+            )));
+        }
+        // A clinician without a relationship may begin one — for themselves: an encounter
+        // or care team they start must name them (colleagues are added by those already
+        // caring for the patient).
+        let care = self.care_index(rt, res.json());
+        let clinician = c.principal().is_some_and(|p| p.practitioner.is_some());
+        if clinician
+            && rel == Relationship::None
+            && !care.is_empty()
+            && !self.relates_caller(c, &care)
+        {
+            return Err(VaultError::Unprocessable(
+                "an encounter or care team you begin must name you as a participant".into(),
+            ));
+        }
         if self.grants_self(c, rt, res.json()) {
             // Separation of duties: nobody records the consent that opens records to them.
             return Err(VaultError::Unprocessable(
@@ -281,6 +305,50 @@ impl Vault {
             }
         }
         Ok(())
+    }
+
+    /// Whether `c` may change (update, delete) the stored `prior`: someone whose read of it
+    /// its labels or its patient's consent would refuse may not rewrite it either (else a
+    /// label could be stripped, and the record read, by whoever may write the category). A
+    /// role that reads nothing of the category (the importer) writes as before. A refusal
+    /// is recorded, naming neither label nor category.
+    pub(crate) fn may_change(
+        &self,
+        c: &Caller,
+        prior: &Sealed,
+        rel: Relationship,
+    ) -> Result<(), VaultError> {
+        let (Some(patient), Ok(category)) = (prior.patient(), prior.category().parse::<Category>())
+        else {
+            return Ok(());
+        };
+        if !self.decide(c, Action::Read, category, rel).allowed() {
+            return Ok(());
+        }
+        let facts = self.facts_outside(
+            c,
+            patient,
+            Some((prior.rtype(), prior.id())),
+            None,
+            category,
+        )?;
+        let mut q = Self::records_query(
+            c,
+            Action::Read,
+            category,
+            rel,
+            self.options.public_transparency,
+        );
+        q.privacy = facts;
+        if self.policy().decide(q).allowed() {
+            return Ok(());
+        }
+        let mut rec = self.record(c, "update", Outcome::Denied);
+        rec.resource = Some(format!("{}/{}", prior.rtype(), prior.id()));
+        rec.patient = Some(patient.to_string());
+        rec.detail = Some("restricted: the caller may not read what they would change".into());
+        self.audit(vec![rec])?;
+        Err(VaultError::Restricted { break_glass: false })
     }
 
     /// Whether `c`'s role may `action` records of `category` in some chart it could reach
@@ -544,6 +612,7 @@ impl Vault {
             &[category],
             prior.patient(),
         )?;
+        self.may_change(c, &prior, rel)?;
         rec.break_glass = matches!(rel, Relationship::BreakGlass | Relationship::Emergency);
         pre.check(prior.version())?;
         if prior.deleted() {

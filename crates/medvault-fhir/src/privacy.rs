@@ -5,7 +5,8 @@
 //! - **Labels** that need an explicit grant (SPEC "Access control"): confidentiality `R`
 //!   (restricted) and `V` (very restricted), and the sensitivity codes `PSY`, `PSYTHPN`
 //!   (psychotherapy notes), `ETH` and `SUD` (substance use, 42 CFR Part 2), `HIV`, `STD`,
-//!   `SDV`, `SEX`, `GDIS`. Other labels (`N`, `M`, `L`, `U`) need nothing.
+//!   `SDV`, `SEX`, `GDIS`, and `CELEB` / `EMP` (a VIP's or an employee's chart, as `R`).
+//!   Other labels (`N`, `M`, `L`, `U`) need nothing.
 //! - **Consents**: an `active` Consent whose `scope` is `patient-privacy` contributes its
 //!   provisions (the root and one level of nested ones). A `deny` provision denies its
 //!   actors (`provision.actor.reference` to a `Practitioner`; none = everyone) the records
@@ -19,7 +20,7 @@ use crate::{categories_of_type, ResourceType};
 
 /// Security label codes that need an explicit grant.
 pub const RESTRICTING_LABELS: &[&str] = &[
-    "R", "V", "PSY", "PSYTHPN", "ETH", "SUD", "HIV", "STD", "SDV", "SEX", "GDIS",
+    "R", "V", "PSY", "PSYTHPN", "ETH", "SUD", "HIV", "STD", "SDV", "SEX", "GDIS", "CELEB", "EMP",
 ];
 
 /// The label that never reaches the patient portal or billing, and that emergency access
@@ -137,24 +138,99 @@ fn denied_targets(p: &Value) -> Vec<String> {
     out
 }
 
+/// The Practitioners a provision names; everyone when it names no actor at all; nobody
+/// medvault can identify when its actors are not Practitioners (an insurer, a relative).
 fn actors(p: &Value) -> Vec<String> {
     let mut out = vec![];
-    for a in p
-        .get("actor")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
+    let listed = p.get("actor").and_then(Value::as_array);
+    for a in listed.into_iter().flatten() {
         let r = a
             .get("reference")
             .and_then(|r| r.get("reference"))
             .and_then(Value::as_str);
         if let Some(id) = r.and_then(|r| r.strip_prefix("Practitioner/")) {
-            out.push(id.to_owned());
+            if medvault_types::is_fhir_id(id) {
+                out.push(id.to_owned());
+            }
         }
     }
-    if out.is_empty() {
+    if listed.is_none_or(|l| l.is_empty()) {
         out.push(ANYONE.to_owned());
+    }
+    out
+}
+
+/// What medvault cannot enforce in a patient-privacy Consent, as sentences (empty when it
+/// can all be enforced): an actor that is not a `Practitioner/{id}`, a class that is not a
+/// resource type medvault stores, a security label it does not know, and a root `deny`
+/// with nested exceptions (express it as a root `permit` with nested `deny`s).
+pub fn consent_problems(rt: ResourceType, json: &Map<String, Value>) -> Vec<String> {
+    if rt.as_str() != "Consent" || !in_force(json) {
+        return vec![];
+    }
+    let mut out = vec![];
+    let Some(root) = json.get("provision") else {
+        return out;
+    };
+    let nested: Vec<&Value> = root
+        .get("provision")
+        .and_then(Value::as_array)
+        .map(|v| v.iter().collect())
+        .unwrap_or_default();
+    if root.get("type").and_then(Value::as_str) == Some("deny") && !nested.is_empty() {
+        out.push("a root deny with nested exceptions is not enforced; record a root permit with nested deny provisions".into());
+    }
+    for p in std::iter::once(root).chain(nested) {
+        for a in p
+            .get("actor")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let r = a
+                .get("reference")
+                .and_then(|r| r.get("reference"))
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            let ok = r
+                .strip_prefix("Practitioner/")
+                .is_some_and(medvault_types::is_fhir_id);
+            if !ok {
+                out.push(format!(
+                    "provision.actor.reference must be Practitioner/{{id}}, not `{}`",
+                    r.chars().take(60).collect::<String>()
+                ));
+            }
+        }
+        for c in p
+            .get("class")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let code = c.get("code").and_then(Value::as_str).unwrap_or("");
+            if ResourceType::parse(code).is_none() {
+                out.push(format!(
+                    "provision.class `{}` is not a resource type medvault stores",
+                    code.chars().take(40).collect::<String>()
+                ));
+            }
+        }
+        for l in p
+            .get("securityLabel")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let code = l.get("code").and_then(Value::as_str).unwrap_or("");
+            if !RESTRICTING_LABELS.contains(&code) {
+                out.push(format!(
+                    "provision.securityLabel `{}` is not one medvault enforces ({})",
+                    code.chars().take(40).collect::<String>(),
+                    RESTRICTING_LABELS.join(", ")
+                ));
+            }
+        }
     }
     out
 }

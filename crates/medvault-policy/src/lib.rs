@@ -253,6 +253,28 @@ impl PolicyEngine {
         })
     }
 
+    /// Each policy's `@id` and its text (Cedar's own rendering, so whitespace and comments
+    /// do not matter), in order.
+    ///
+    /// # Errors
+    /// `Parse` for text that is not Cedar.
+    pub fn policy_texts(src: &str) -> Result<Vec<(String, String)>, PolicyError> {
+        let set = PolicySet::from_str(src).map_err(|e| PolicyError::Parse(e.to_string()))?;
+        Ok(set
+            .policies()
+            .map(|p| {
+                let id = p
+                    .annotation("id")
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| p.id().to_string());
+                let mut body = p.clone();
+                // Compare the rule, not its annotations' formatting.
+                body = body.new_id(cedar_policy::PolicyId::new("p"));
+                (id, body.to_string())
+            })
+            .collect())
+    }
+
     /// The `@id`s of the `forbid` policies of a policy text: its hard denies.
     ///
     /// # Errors

@@ -436,7 +436,7 @@ pub(crate) async fn break_glass(
     let vault = state.vault.clone();
     let g =
         blocking(move || vault.break_glass(&c, &b.patient, &b.reason, &b.justification)).await??;
-    let status = if g.id.is_some() {
+    let status = if g.id.is_some() && g.suppressed.is_none() {
         StatusCode::CREATED
     } else {
         StatusCode::OK

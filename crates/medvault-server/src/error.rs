@@ -127,6 +127,17 @@ impl From<VaultError> for ApiError {
                 code: Some("purpose-not-allowed"),
                 retry_after: None,
             },
+            VaultError::Duplicate(m) => ApiError::new(S::CONFLICT, IssueCode::Conflict, m),
+            VaultError::TrainingLapsed => ApiError {
+                status: S::FORBIDDEN,
+                issues: vec![Issue::error(
+                    IssueCode::Forbidden,
+                    "access denied: your required security training has lapsed; complete it (or, in a medical emergency, break the glass)".to_owned(),
+                    None,
+                )],
+                code: Some("training-lapsed"),
+                retry_after: None,
+            },
             VaultError::Restricted { break_glass } => ApiError {
                 status: S::FORBIDDEN,
                 issues: vec![Issue::error(

@@ -119,6 +119,13 @@ impl Store for FaultyStore {
     fn policies(&self) -> Result<Vec<PolicyRow>, StoreError> {
         self.inner.policies()
     }
+    fn chart_tokens(
+        &self,
+        patient: &PatientId,
+        params: &[String],
+    ) -> Result<Vec<IndexHit>, StoreError> {
+        self.inner.chart_tokens(patient, params)
+    }
     fn portal_links(&self, username: &str) -> Result<Vec<PortalLinkRow>, StoreError> {
         self.inner.portal_links(username)
     }

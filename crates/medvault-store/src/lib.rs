@@ -732,6 +732,12 @@ pub trait Store: Send + Sync + 'static {
     fn incidents(&self) -> Result<Vec<IncidentRow>, StoreError>;
     /// Every policy version, newest first.
     fn policies(&self) -> Result<Vec<PolicyRow>, StoreError>;
+    /// [`TxRead::chart_tokens`], outside an audited read (deciding a write).
+    fn chart_tokens(
+        &self,
+        patient: &PatientId,
+        params: &[String],
+    ) -> Result<Vec<IndexHit>, StoreError>;
     /// A portal account's links, oldest first.
     fn portal_links(&self, username: &str) -> Result<Vec<PortalLinkRow>, StoreError>;
     fn audit_len(&self) -> Result<u64, StoreError>;

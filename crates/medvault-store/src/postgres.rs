@@ -995,6 +995,28 @@ async fn q_history<'e, E: sqlx::PgExecutor<'e>>(
         .collect()
 }
 
+async fn q_chart_tokens<'e, E: sqlx::PgExecutor<'e>>(
+    e: E,
+    patient: &PatientId,
+    params: &[String],
+) -> Result<Vec<IndexHit>, StoreError> {
+    let (sql, args) = crate::sql::chart_tokens(patient, params, crate::sql::Dialect::Postgres);
+    let mut query = sqlx::query_as::<_, (String, String, String, Vec<u8>)>(&sql);
+    for a in args {
+        query = bind!(query, a);
+    }
+    let rows = query.fetch_all(e).await.map_err(classify)?;
+    Ok(rows
+        .into_iter()
+        .map(|(rtype, id, param, token)| IndexHit {
+            rtype,
+            id,
+            param,
+            token,
+        })
+        .collect())
+}
+
 async fn q_charts<'e, E: sqlx::PgExecutor<'e>>(
     e: E,
     care_tokens: &[Vec<u8>],
@@ -1105,25 +1127,8 @@ impl TxRead for PgTx<'_, '_> {
         patient: &PatientId,
         params: &[String],
     ) -> Result<Vec<IndexHit>, StoreError> {
-        let (sql, args) = crate::sql::chart_tokens(patient, params, crate::sql::Dialect::Postgres);
-        let mut query = sqlx::query_as::<_, (String, String, String, Vec<u8>)>(&sql);
-        for a in args {
-            query = bind!(query, a);
-        }
         let mut c = self.conn.borrow_mut();
-        let rows = self
-            .rt
-            .block_on(query.fetch_all(&mut **c))
-            .map_err(classify)?;
-        Ok(rows
-            .into_iter()
-            .map(|(rtype, id, param, token)| IndexHit {
-                rtype,
-                id,
-                param,
-                token,
-            })
-            .collect())
+        self.rt.block_on(q_chart_tokens(&mut **c, patient, params))
     }
     fn audit_len(&self) -> u64 {
         self.len
@@ -1313,6 +1318,15 @@ impl Store for PgStore {
             .map(|r| crate::sql::portal_link(r).map_err(classify))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(rows.into_iter().flatten().collect())
+    }
+
+    fn chart_tokens(
+        &self,
+        patient: &PatientId,
+        params: &[String],
+    ) -> Result<Vec<IndexHit>, StoreError> {
+        self.rt
+            .block_on(q_chart_tokens(&self.pool, patient, params))
     }
 
     fn policies(&self) -> Result<Vec<PolicyRow>, StoreError> {

@@ -396,7 +396,8 @@ pub(crate) fn identity(op: &Op) -> Option<Vec<Stmt>> {
             note,
             incident,
         } => vec![stmt(
-            "UPDATE break_glass SET outcome = $2, reviewed_by = $3, reviewed_at = $4, note = $5, incident = $6
+            "UPDATE break_glass SET outcome = $2, reviewed_by = $3, reviewed_at = $4, note = $5, incident = $6,
+               expires = CASE WHEN $2 = 'inappropriate' AND expires > $4 THEN $4 ELSE expires END
              WHERE id = $1 AND outcome = ''",
             vec![
                 t(id),

@@ -279,20 +279,7 @@ impl TxRead for TxConn<'_> {
         patient: &PatientId,
         params: &[String],
     ) -> Result<Vec<IndexHit>, StoreError> {
-        let (sql, args) = crate::sql::chart_tokens(patient, params, crate::sql::Dialect::Sqlite);
-        let args = sqlite_args(args);
-        let mut st = self.0.prepare_cached(&sql)?;
-        let rows = st
-            .query_map(params_from_iter(args.iter()), |r| {
-                Ok(IndexHit {
-                    rtype: r.get(0)?,
-                    id: r.get(1)?,
-                    param: r.get(2)?,
-                    token: r.get(3)?,
-                })
-            })?
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(rows)
+        q_chart_tokens(self.0, patient, params)
     }
     fn audit_len(&self) -> u64 {
         self.1
@@ -619,6 +606,27 @@ fn sqlite_args(args: Vec<crate::sql::Arg>) -> Vec<rusqlite::types::Value> {
         .collect()
 }
 
+fn q_chart_tokens(
+    c: &Connection,
+    patient: &PatientId,
+    params: &[String],
+) -> Result<Vec<IndexHit>, StoreError> {
+    let (sql, args) = crate::sql::chart_tokens(patient, params, crate::sql::Dialect::Sqlite);
+    let args = sqlite_args(args);
+    let mut st = c.prepare_cached(&sql)?;
+    let rows = st
+        .query_map(params_from_iter(args.iter()), |r| {
+            Ok(IndexHit {
+                rtype: r.get(0)?,
+                id: r.get(1)?,
+                param: r.get(2)?,
+                token: r.get(3)?,
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
 fn q_charts(
     c: &Connection,
     care_tokens: &[Vec<u8>],
@@ -892,6 +900,14 @@ impl Store for SqliteStore {
                 .collect::<Result<Vec<_>, _>>()?;
             Ok(rows.into_iter().flatten().collect())
         })
+    }
+
+    fn chart_tokens(
+        &self,
+        patient: &PatientId,
+        params: &[String],
+    ) -> Result<Vec<IndexHit>, StoreError> {
+        self.with_reader(|c| q_chart_tokens(c, patient, params))
     }
 
     fn policies(&self) -> Result<Vec<PolicyRow>, StoreError> {

@@ -5687,7 +5687,8 @@ fn expected_read(role: &str, category: &str, rel: &str, purpose: &str) -> u16 {
     let allowed = match role {
         "physician" | "nurse" => {
             clinical_purpose
-                && (category == "demographics" || (rel != "none" && category != "billing"))
+                && (category == "demographics"
+                    || (rel != "none" && category != "billing" && category != "consents"))
         }
         "front_desk" => {
             (category == "demographics" || category == "consents")
@@ -6108,6 +6109,18 @@ fn break_the_glass_end_to_end_and_searches_cannot_leak_other_charts() {
     std::thread::sleep(Duration::from_millis(4200));
     let r = s.get(&vitals_n, &phys);
     assert_eq!(r.status, 403, "the grant has expired");
+    // Each decision's audit record names the deciding policies (explain).
+    let entries = s.get("/api/audit/entries?start=0&end=1000", &po);
+    let text = entries.body.to_string();
+    assert!(
+        text.contains("no treatment relationship policy=default-deny"),
+        "a denial says why: {}",
+        &text[..text.len().min(3000)]
+    );
+    assert!(
+        text.contains("policy=physician-chart"),
+        "an access names its permit"
+    );
     // Reviewed: inappropriate opens an incident; a review happens once.
     let review = |body: Value| s.post(&format!("/api/break-glass/{grant}/review"), &po, &body);
     assert_eq!(review(json!({"outcome": "maybe"})).status, 400);
@@ -6804,4 +6817,271 @@ fn patient_portal_reads_its_own_record_and_proxies_see_less() {
         403,
         "a proxy reads; consents are the patient's"
     );
+}
+
+/// What a newcomer's trial of access control found, each now refused: stripping a label by
+/// rewriting the record (and reading the labelled version from history); beginning an
+/// encounter for someone else; consents naming actors, classes or labels medvault cannot
+/// enforce; staff granting a label to everyone; a hard deny kept by name but emptied, a
+/// duplicate policy id, an old version approved over a newer one; purposes a role may use
+/// for nothing; a lapsed-training refusal that did not say so; an inappropriate use whose
+/// grant stayed live; a portal account's `$everything` of a chart it is not linked to.
+#[test]
+fn what_the_access_control_trial_found() {
+    let (_t, dir, staff) = setup();
+    let charts = three_charts(&dir, &staff);
+    let sa2 = json_out(&medvault(
+        &dir,
+        &[
+            "user",
+            "add",
+            "e2e.second-admin",
+            "--role",
+            "security_admin",
+            "--json",
+        ],
+    ));
+    let portal = json_out(&medvault(
+        &dir,
+        &["user", "add", "pat.unlinked", "--role", "patient", "--json"],
+    ));
+    let s = Server::start(&dir, &[]);
+    let login = |role: &str| {
+        let (u, p, t) = staff.get(role);
+        s.login(u, p, t)
+    };
+    let (phys, nurse, desk, po, sa, billing) = (
+        login("physician"),
+        login("nurse"),
+        login("front_desk"),
+        login("privacy_officer"),
+        login("security_admin"),
+        login("billing"),
+    );
+    let pid = |chart: usize| charts[chart][0].trim_start_matches("Patient/").to_owned();
+    let code = |r: &Resp| r.body["issue"][0]["details"]["coding"][0]["code"].clone();
+    // A label cannot be stripped by rewriting the record, nor read from its history.
+    let hiv = labelled(
+        json!({"resourceType": "Condition", "code": {"text": "B20"}, "subject": {"reference": format!("Patient/{}", pid(0))}}),
+        ACT_CODE,
+        "HIV",
+    );
+    let f = dir.join("..").join("hiv.json");
+    std::fs::write(
+        &f,
+        json!({"resourceType": "Bundle", "type": "collection", "entry": [{"resource": hiv}]})
+            .to_string(),
+    )
+    .unwrap();
+    let o = json_out(&medvault(&dir, &["import", f.to_str().unwrap(), "--json"]));
+    let cond = o["locations"][0]
+        .as_str()
+        .unwrap()
+        .split('/')
+        .take(2)
+        .collect::<Vec<_>>()
+        .join("/");
+    let cid = cond.split('/').nth(1).unwrap().to_owned();
+    let blind = json!({"resourceType": "Condition", "id": cid, "code": {"text": "nothing to see"},
+        "subject": {"reference": format!("Patient/{}", pid(0))}});
+    let r = s.call(
+        "PUT",
+        &format!("/fhir/{cond}"),
+        Some(&phys),
+        Some(blind.to_string().as_bytes()),
+        &[("Content-Type", "application/fhir+json")],
+    );
+    assert_eq!(
+        r.status, 403,
+        "the physician may not rewrite what they may not read: {:?}",
+        r.body
+    );
+    assert_eq!(
+        s.get(&format!("/fhir/{cond}/_history/1"), &phys).status,
+        403
+    );
+    let h = s.get(&format!("/fhir/{cond}/_history"), &phys);
+    assert_eq!(h.status, 403);
+    let text = h.body.to_string();
+    assert!(
+        !text.contains("problems") && !text.contains("HIV"),
+        "{text}"
+    );
+    assert_eq!(code(&h), "break-the-glass");
+    // Beginning an encounter for someone else.
+    let r = s.post(
+        "/fhir/Encounter",
+        &phys,
+        &encounter(&pid(1), &[staff.practitioner("nurse")]),
+    );
+    assert_eq!(r.status, 422, "{:?}", r.body);
+    assert_eq!(
+        s.get(&format!("/fhir/{}", charts[1][1]), &nurse).status,
+        403,
+        "no relationship was made"
+    );
+    // Consents medvault cannot enforce; staff granting a label to everyone.
+    let actor_of =
+        |reference: &str| json!([{"role": {"text": "x"}, "reference": {"reference": reference}}]);
+    for (what, provisions) in [
+        (
+            "an insurer",
+            json!([{"type": "deny", "actor": actor_of("Organization/acme"), "class": [{"code": "Observation"}]}]),
+        ),
+        (
+            "a class",
+            json!([{"type": "deny", "class": [{"code": "Wizard"}]}]),
+        ),
+        (
+            "a label",
+            json!([{"type": "deny", "securityLabel": [{"code": "ZZZ"}]}]),
+        ),
+        (
+            "everyone",
+            json!([{"type": "permit", "securityLabel": [{"code": "R"}]}]),
+        ),
+    ] {
+        let r = s.post(
+            "/fhir/Consent",
+            &desk,
+            &privacy_consent(&pid(0), provisions),
+        );
+        assert_eq!(r.status, 422, "{what}: {:?}", r.body);
+    }
+    let mut root_deny = privacy_consent(
+        &pid(0),
+        json!([{"type": "permit", "actor": actor(staff.practitioner("physician")), "securityLabel": [{"code": "PSY"}]}]),
+    );
+    root_deny["provision"]["type"] = json!("deny");
+    assert_eq!(s.post("/fhir/Consent", &desk, &root_deny).status, 422);
+    // A consent never hides the consents themselves.
+    let deny_all = privacy_consent(&pid(2), json!([{"type": "deny"}]));
+    let r = s.post("/fhir/Consent", &desk, &deny_all);
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    assert_eq!(
+        s.get(&format!("/fhir/Consent/{}", created_id(&r)), &desk)
+            .status,
+        200
+    );
+    // Policies: a hard deny emptied, a duplicate id, an old version over a newer one.
+    let builtin = s.get("/api/policies", &sa).body["policies"][0]["text"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let put = |text: &str| {
+        s.call(
+            "PUT",
+            "/api/policies",
+            Some(&sa),
+            Some(text.as_bytes()),
+            &[("Content-Type", "text/plain")],
+        )
+    };
+    let emptied = builtin.replace(
+        "when { !context.training_current && context.relationship != \"break-glass\" }",
+        "when { false }",
+    );
+    assert_ne!(emptied, builtin);
+    let r = put(&emptied);
+    assert_eq!(r.status, 400, "{:?}", r.body);
+    assert!(r.body.to_string().contains("training-lapsed"));
+    let dup = format!("{builtin}\n@id(\"physician-chart\")\npermit(principal in Role::\"auditor\", action == Action::\"status\", resource);");
+    assert_eq!(put(&dup).status, 400);
+    let v1 = put(&format!("{builtin}\n// one")).body["version"]
+        .as_i64()
+        .unwrap();
+    let v2 = put(&format!("{builtin}\n// two")).body["version"]
+        .as_i64()
+        .unwrap();
+    let sa2t = s.login(
+        "e2e.second-admin",
+        sa2["password"].as_str().unwrap(),
+        sa2["totp_secret"].as_str().unwrap(),
+    );
+    let approve = |v: i64| s.post(&format!("/api/policies/{v}/approve"), &sa2t, &json!({}));
+    assert_eq!(approve(v2).status, 200);
+    let r = approve(v1);
+    assert_eq!(r.status, 409, "{:?}", r.body);
+    assert!(r.body.to_string().contains("older"), "{:?}", r.body);
+    // Purposes a role may use for nothing; administrators' purposes change nothing.
+    let r = s.call(
+        "GET",
+        &format!("/fhir/Patient/{}", pid(0)),
+        Some(&desk),
+        None,
+        &[("X-Purpose-Of-Use", "PUBHLTH")],
+    );
+    assert_eq!((r.status, code(&r)), (403, json!("purpose-not-allowed")));
+    let r = s.call(
+        "GET",
+        "/api/users",
+        Some(&sa),
+        None,
+        &[("X-Purpose-Of-Use", "HRESCH")],
+    );
+    assert_eq!(r.status, 200);
+    // A lapsed-training refusal says so.
+    assert_eq!(
+        s.get(&format!("/fhir/{}", charts[0][1]), &nurse).status,
+        200,
+        "before"
+    );
+    let (nurse_name, _, _) = staff.get("nurse");
+    assert_eq!(
+        s.post(
+            &format!("/api/users/{nurse_name}/training"),
+            &sa,
+            &json!({"current": false})
+        )
+        .status,
+        200
+    );
+    let r = s.get(&format!("/fhir/{}", charts[0][1]), &nurse);
+    assert_eq!(
+        (r.status, code(&r)),
+        (403, json!("training-lapsed")),
+        "{:?}",
+        r.body
+    );
+    // An inappropriate use ends its grant; asking again while live returns the same grant.
+    let ask = || {
+        s.post("/api/break-glass", &phys, &json!({"patient": pid(1), "reason": "medical-emergency", "justification": "collapsed in the waiting room"}))
+    };
+    let g = ask();
+    assert_eq!(g.status, 201);
+    let again = ask();
+    assert_eq!(again.status, 200);
+    assert_eq!(again.body["id"], g.body["id"]);
+    assert_eq!(s.get(&format!("/fhir/{}", charts[1][1]), &phys).status, 200);
+    let id = g.body["id"].as_str().unwrap();
+    let r = s.post(
+        &format!("/api/break-glass/{id}/review"),
+        &po,
+        &json!({"outcome": "inappropriate", "note": "no emergency"}),
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        s.get(&format!("/fhir/{}", charts[1][1]), &phys).status,
+        403,
+        "the grant ended with the finding"
+    );
+    let r = s.post(
+        &format!("/api/break-glass/{id}/review"),
+        &po,
+        &json!({"outcome": "appropriate"}),
+    );
+    assert_eq!(r.status, 409);
+    assert!(r.body.to_string().contains("already reviewed"));
+    // A portal account and a chart it is not linked to.
+    let pt = s.login(
+        "pat.unlinked",
+        portal["password"].as_str().unwrap(),
+        portal["totp_secret"].as_str().unwrap(),
+    );
+    assert_eq!(
+        s.get(&format!("/fhir/Patient/{}/$everything", pid(0)), &pt)
+            .status,
+        403
+    );
+    let _ = billing;
 }
