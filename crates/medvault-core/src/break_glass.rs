@@ -345,6 +345,31 @@ pub const PORTAL_EVIDENCE: &[&str] = &[
 ];
 
 impl Vault {
+    /// Checks, before anything is created, that a portal link to `patient` with `evidence`
+    /// could be made (the local operator's `user add --patient`).
+    ///
+    /// # Errors
+    /// `BadRequest` (a bad id or evidence kind), `NotFound` (no such patient).
+    pub fn check_portal_link(
+        &self,
+        _operator: &crate::LocalOperator,
+        patient: &str,
+        evidence: &str,
+    ) -> Result<(), VaultError> {
+        let pid = PatientId::new(patient)
+            .map_err(|_| VaultError::BadRequest("patient must be a Patient id".into()))?;
+        if !PORTAL_EVIDENCE.contains(&evidence) {
+            return Err(VaultError::BadRequest(format!(
+                "evidence must be one of: {}",
+                PORTAL_EVIDENCE.join(", ")
+            )));
+        }
+        match self.store.current("Patient", pid.as_str())? {
+            Some(r) if !r.deleted() => Ok(()),
+            _ => Err(VaultError::NotFound),
+        }
+    }
+
     /// `POST /api/patients/{id}/portal-links {"username","relationship","evidence"}`
     /// (front desk, step-up): links a `patient`-role account to a chart after identity
     /// proofing — `self` (one per account), or as a proxy: `guardian` or `caregiver`.

@@ -167,6 +167,13 @@ enum UserCommand {
         role: String,
         #[arg(long)]
         password_file: Option<PathBuf>,
+        /// With `--role patient`: link the portal account to this patient's chart (the
+        /// operator vouches for the identity, as the front desk does).
+        #[arg(long)]
+        patient: Option<String>,
+        /// The identity-proofing evidence seen for `--patient`.
+        #[arg(long, default_value = "in-person-known-patient")]
+        evidence: String,
         #[arg(long)]
         json: bool,
     },
@@ -300,21 +307,46 @@ fn run(cli: Cli) -> Result<()> {
                     name,
                     role,
                     password_file,
+                    patient,
+                    evidence,
                     json,
                 },
         } => {
             let role: Role = role.parse().map_err(|e| anyhow!("{e}"))?;
+            if patient.is_some() && role != Role::Patient {
+                bail!("--patient links a patient-portal account: use it with --role patient");
+            }
             let pw = password_file.map(|f| read_secret_file(&f)).transpose()?;
             let (cfg, vault, op) = open(&dir)?;
             drop(cfg);
+            // Checked before anything is created, so a bad chart leaves no account behind.
+            if let Some(p) = &patient {
+                vault
+                    .check_portal_link(&op, p, &evidence)
+                    .map_err(describe)?;
+            }
             let u = vault
                 .add_user(&Caller::cli(&op, Role::SecurityAdmin), &name, role, pw)
                 .map_err(describe)?;
+            if let Some(p) = &patient {
+                vault
+                    .link_portal(
+                        &Caller::cli(&op, Role::FrontDesk),
+                        p,
+                        &name,
+                        "self",
+                        &evidence,
+                    )
+                    .map_err(describe)?;
+            }
             if json {
                 let mut v = json!({"username": u.username.as_str(), "role": u.role.as_str(), "password": u.password.expose(),
                     "totp_secret": u.totp_secret, "totp_uri": u.totp_uri, "recovery_codes": u.recovery_codes});
                 if let (Some(p), Some(o)) = (&u.practitioner_id, v.as_object_mut()) {
                     o.insert("practitioner_id".into(), json!(p));
+                }
+                if let (Some(p), Some(o)) = (&patient, v.as_object_mut()) {
+                    o.insert("patient".into(), json!(p));
                 }
                 println!("{v}");
             } else {
@@ -328,6 +360,9 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 if let Some(p) = &u.practitioner_id {
                     println!("practitioner: Practitioner/{p}");
+                }
+                if let Some(p) = &patient {
+                    println!("portal link:  Patient/{p} (self, {evidence})");
                 }
                 println!("(shown once; medvault stores only a hash of the password and a sealed TOTP seed)");
             }

@@ -6811,6 +6811,64 @@ fn patient_portal_reads_its_own_record_and_proxies_see_less() {
     );
     assert!(ids(&s.get("/fhir/Condition", &pg).body).is_empty());
     assert_eq!(s.get(&path(1), &pg).status, 403);
+    // `user add --role patient --patient ID` links at creation (SPEC); a bad chart leaves
+    // no account behind.
+    let o = medvault(
+        &dir,
+        &[
+            "user",
+            "add",
+            "pat.kid",
+            "--role",
+            "patient",
+            "--patient",
+            "no-such-chart",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(String::from_utf8_lossy(&o.stderr).lines().count(), 1);
+    let o = medvault(
+        &dir,
+        &[
+            "user",
+            "add",
+            "e2e.other",
+            "--role",
+            "nurse",
+            "--patient",
+            &p_kid,
+        ],
+    );
+    assert_eq!(o.status.code(), Some(1), "--patient is for portal accounts");
+    let kid_account = json_out(&medvault(
+        &dir,
+        &[
+            "user",
+            "add",
+            "pat.kid",
+            "--role",
+            "patient",
+            "--patient",
+            &p_kid,
+            "--json",
+        ],
+    ));
+    assert_eq!(kid_account["patient"], p_kid.as_str());
+    let kt = s.login(
+        "pat.kid",
+        kid_account["password"].as_str().unwrap(),
+        kid_account["totp_secret"].as_str().unwrap(),
+    );
+    assert_eq!(
+        s.get(&path(6), &kt).status,
+        200,
+        "the child's own account reads its chart"
+    );
+    assert_eq!(
+        s.get(&path(7), &kt).status,
+        200,
+        "including its own confidential record"
+    );
     let kid_consent = privacy_consent(&p_kid, json!([{"type": "deny"}]));
     assert_eq!(
         s.post("/fhir/Consent", &pg, &kid_consent).status,
