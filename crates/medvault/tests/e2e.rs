@@ -5651,6 +5651,31 @@ const CHART_CATEGORIES: [&str; 9] = [
     "encounters",
 ];
 
+/// Imports `entries` as a collection Bundle through `medvault import` (as the importer) and
+/// returns where each went, as `Type/id`, in order.
+fn import_entries(dir: &Path, name: &str, entries: &[Value]) -> Vec<String> {
+    let f = dir.join("..").join(format!("{name}.json"));
+    std::fs::write(
+        &f,
+        json!({"resourceType": "Bundle", "type": "collection", "entry": entries}).to_string(),
+    )
+    .unwrap();
+    let o = json_out(&medvault(dir, &["import", f.to_str().unwrap(), "--json"]));
+    o["locations"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{o}"))
+        .iter()
+        .map(|l| {
+            l.as_str()
+                .unwrap()
+                .split('/')
+                .take(2)
+                .collect::<Vec<_>>()
+                .join("/")
+        })
+        .collect()
+}
+
 /// Imports three charts — one the e2e clinicians treat (`T`, an encounter in progress naming
 /// them), one nobody treats (`N`), one for break-the-glass (`G`) — and returns, per chart,
 /// the `Type/id` of each entry in [`CHART_CATEGORIES`] order.
@@ -5659,23 +5684,8 @@ fn three_charts(dir: &Path, staff: &Staff) -> Vec<Vec<String>> {
     let mut entries = chart_entries("Treated", 1, Some(&care));
     entries.extend(chart_entries("Nobody", 2, None));
     entries.extend(chart_entries("Glass", 3, None));
-    let f = dir.join("..").join("charts.json");
-    std::fs::write(
-        &f,
-        json!({"resourceType": "Bundle", "type": "collection", "entry": entries}).to_string(),
-    )
-    .unwrap();
-    let o = json_out(&medvault(dir, &["import", f.to_str().unwrap(), "--json"]));
-    let locs: Vec<String> = o["locations"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| {
-            let l = l.as_str().unwrap();
-            l.split('/').take(2).collect::<Vec<_>>().join("/")
-        })
-        .collect();
-    assert_eq!(locs.len(), 27, "{o}");
+    let locs = import_entries(dir, "charts", &entries);
+    assert_eq!(locs.len(), 27);
     locs.chunks(9).map(|c| c.to_vec()).collect()
 }
 
@@ -5733,28 +5743,7 @@ fn access_decision_table_roles_categories_relationships_purposes_break_glass() {
     );
     consent["patient"] = json!({"reference": "urn:uuid:00000005-0000-4000-8000-000000000000"});
     private.push(json!({"resource": consent}));
-    let f = dir.join("..").join("private.json");
-    std::fs::write(
-        &f,
-        json!({"resourceType": "Bundle", "type": "collection", "entry": private}).to_string(),
-    )
-    .unwrap();
-    let o = json_out(&medvault(&dir, &["import", f.to_str().unwrap(), "--json"]));
-    charts.push(
-        o["locations"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|l| {
-                l.as_str()
-                    .unwrap()
-                    .split('/')
-                    .take(2)
-                    .collect::<Vec<_>>()
-                    .join("/")
-            })
-            .collect(),
-    );
+    charts.push(import_entries(&dir, "private", &private));
     let category_at = |i: usize| CHART_CATEGORIES.get(i).copied().unwrap_or("consents");
     // The oracle, with the fourth chart's consent and label.
     let expect = |role: &str, chart: usize, cat: &str, rel: &str, purpose: &str| -> u16 {
@@ -6252,26 +6241,7 @@ fn consents_and_sensitivity_labels_decide_reads_and_searches() {
         json!({"resource": enc_v}),
         json!({"resource": vip_vital}),
     ];
-    let f = dir.join("..").join("labelled.json");
-    std::fs::write(
-        &f,
-        json!({"resourceType": "Bundle", "type": "collection", "entry": entries}).to_string(),
-    )
-    .unwrap();
-    let o = json_out(&medvault(&dir, &["import", f.to_str().unwrap(), "--json"]));
-    let loc: Vec<String> = o["locations"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| {
-            l.as_str()
-                .unwrap()
-                .split('/')
-                .take(2)
-                .collect::<Vec<_>>()
-                .join("/")
-        })
-        .collect();
+    let loc = import_entries(&dir, "labelled", &entries);
     let (pa, vitals, hiv, psy, sud, pv, vip_vital) = (
         loc[0].trim_start_matches("Patient/").to_owned(),
         format!("/fhir/{}", loc[2]),
@@ -6647,26 +6617,7 @@ fn patient_portal_reads_its_own_record_and_proxies_see_less() {
         json!({"resource": kid_vital}),
         json!({"resource": labelled(json!({"resourceType": "Condition", "code": {"text": "Z30"}, "subject": subj(kid)}), ACT_CODE, "SEX")}),
     ];
-    let f = dir.join("..").join("portal.json");
-    std::fs::write(
-        &f,
-        json!({"resourceType": "Bundle", "type": "collection", "entry": entries}).to_string(),
-    )
-    .unwrap();
-    let o = json_out(&medvault(&dir, &["import", f.to_str().unwrap(), "--json"]));
-    let loc: Vec<String> = o["locations"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| {
-            l.as_str()
-                .unwrap()
-                .split('/')
-                .take(2)
-                .collect::<Vec<_>>()
-                .join("/")
-        })
-        .collect();
+    let loc = import_entries(&dir, "portal", &entries);
     let id = |i: usize| loc[i].split('/').nth(1).unwrap().to_owned();
     // Entries: 0 own Patient, 1 vital, 2 HIV condition, 3 psychotherapy note, 4 withheld
     // result, 5 child Patient, 6 child vital, 7 child's reproductive-health condition.
@@ -6924,21 +6875,7 @@ fn what_the_access_control_trial_found() {
         ACT_CODE,
         "HIV",
     );
-    let f = dir.join("..").join("hiv.json");
-    std::fs::write(
-        &f,
-        json!({"resourceType": "Bundle", "type": "collection", "entry": [{"resource": hiv}]})
-            .to_string(),
-    )
-    .unwrap();
-    let o = json_out(&medvault(&dir, &["import", f.to_str().unwrap(), "--json"]));
-    let cond = o["locations"][0]
-        .as_str()
-        .unwrap()
-        .split('/')
-        .take(2)
-        .collect::<Vec<_>>()
-        .join("/");
+    let cond = import_entries(&dir, "hiv", &[json!({"resource": hiv})]).remove(0);
     let cid = cond.split('/').nth(1).unwrap().to_owned();
     let blind = json!({"resourceType": "Condition", "id": cid, "code": {"text": "nothing to see"},
         "subject": {"reference": format!("Patient/{}", pid(0))}});
