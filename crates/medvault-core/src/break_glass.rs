@@ -271,7 +271,34 @@ impl Vault {
         };
         let incident_id = medvault_types::random_uuid();
         let review = match gov::review(&grant, c.actor(), outcome, note, now, &incident_id) {
-            Ok(r) => r,
+            Ok(mut r) => {
+                // The incident's timeline: what was accessed under the grant (audit entries
+                // flagged break-the-glass, by the grantee, in this chart; the latest 100).
+                if let Some(i) = r.incident.as_mut() {
+                    let accesses = self.scan_back(100, |seq, rec| {
+                        let mine = rec.break_glass
+                            && rec.actor == g.username
+                            && rec.patient.as_deref() == Some(g.patient.as_str());
+                        let at = medvault_fhir::date::parse(&rec.time)
+                            .map(|t| t.start / 1000)
+                            .unwrap_or(0);
+                        (mine && at >= g.created).then(|| {
+                            (
+                                at,
+                                format!(
+                                    "{} {} under break-the-glass (audit entry {seq})",
+                                    rec.action,
+                                    rec.resource.unwrap_or_default()
+                                ),
+                            )
+                        })
+                    })?;
+                    for (at, what) in accesses {
+                        i.record(at, &g.username, &what);
+                    }
+                }
+                r
+            }
             Err(e) => {
                 rec.outcome = Outcome::Denied;
                 rec.detail = Some(format!("grant={id} refused: {e}"));
@@ -439,6 +466,37 @@ impl Vault {
             vec![rec],
         )?;
         Ok(())
+    }
+}
+
+impl Vault {
+    /// `DELETE /api/patients/{id}/portal-links/{username}` (front desk, step-up): ends a
+    /// portal account's link to a chart (a guardian whose ward came of age, a mistake).
+    ///
+    /// # Errors
+    /// Denied, `StepUpRequired`, `NotFound` (no such link).
+    pub fn unlink_portal(
+        &self,
+        c: &Caller,
+        patient: &str,
+        username: &str,
+    ) -> Result<(), VaultError> {
+        let pid = PatientId::new(patient)
+            .map_err(|_| VaultError::BadRequest("patient must be a Patient id".into()))?;
+        let Some(mut rec) = self.operate(c, Operation::LinkPortal, Some(pid.as_str()))? else {
+            return Err(VaultError::Unauthenticated);
+        };
+        rec.detail = Some(format!("target={username} unlinked"));
+        match self.commit(
+            vec![Op::DeletePortalLink {
+                username: username.to_owned(),
+                patient: pid,
+            }],
+            vec![rec],
+        ) {
+            Err(VaultError::Conflict) => Err(VaultError::NotFound),
+            other => other.map(|_| ()),
+        }
     }
 }
 

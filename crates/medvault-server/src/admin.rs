@@ -585,3 +585,15 @@ pub(crate) async fn link_portal(
         json!({"username": who, "patient": patient, "relationship": rel}),
     ))
 }
+
+/// `DELETE /api/patients/{id}/portal-links/{username}` (front desk, step-up).
+pub(crate) async fn unlink_portal(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    Path((id, username)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let c = caller(&state, &ctx).await?;
+    let vault = state.vault.clone();
+    blocking(move || vault.unlink_portal(&c, &id, &username)).await??;
+    Ok(plain_json(StatusCode::OK, json!({"unlinked": true})))
+}

@@ -188,6 +188,10 @@ fn routes(state: AppState) -> Router {
         .route("/api/incidents", get(admin::incidents))
         .route("/api/patients/{id}/portal-links", post(admin::link_portal))
         .route(
+            "/api/patients/{id}/portal-links/{username}",
+            axum::routing::delete(admin::unlink_portal),
+        )
+        .route(
             "/api/policies",
             get(admin::policies).put(admin::propose_policy),
         )

@@ -84,6 +84,19 @@ pub fn portal_links_reach_charts(s: &dyn Store) -> Result<(), Failure> {
         [(pid("p6"), Reach::Proxy)]
     );
     assert_eq!(s.portal_links("pat")?.len(), 2);
+    let unlink = || {
+        one(
+            s,
+            Op::DeletePortalLink {
+                username: "pat".into(),
+                patient: pid("p6"),
+            },
+        )
+    };
+    unlink()?;
+    assert!(matches!(unlink(), Err(StoreError::Conflict)));
+    assert_eq!(s.charts(&[], "pat", 1, None)?, [(pid("p5"), Reach::Own)]);
+    link("p6", "guardian")?;
     for p in ["p5", "p6", "p7"] {
         put(
             s,

@@ -438,6 +438,11 @@ pub enum Op {
     PutIncident(IncidentRow),
     /// Links a portal account to a chart; `Exists` if that link exists.
     PutPortalLink(PortalLinkRow),
+    /// Removes a portal link; `Conflict` if there is none.
+    DeletePortalLink {
+        username: String,
+        patient: PatientId,
+    },
     /// Records a proposed policy version; `Exists` if that version exists.
     ProposePolicy(PolicyRow),
     /// Puts a proposed version in force (the one in force is superseded); `Conflict` unless

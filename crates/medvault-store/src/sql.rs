@@ -428,6 +428,11 @@ pub(crate) fn identity(op: &Op) -> Option<Vec<Stmt>> {
             ],
             Any,
         )],
+        Op::DeletePortalLink { username, patient } => vec![stmt(
+            "DELETE FROM portal_links WHERE username = $1 AND patient_id = $2",
+            vec![t(username), Text(patient.as_str().to_owned())],
+            Touch,
+        )],
         Op::ProposePolicy(p) => vec![stmt(
             "INSERT INTO policies (version, text, proposed_by, proposed_at, status, approved_by, approved_at)
              VALUES ($1, $2, $3, $4, 'proposed', '', 0)",

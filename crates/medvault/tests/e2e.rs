@@ -6135,6 +6135,11 @@ fn break_the_glass_end_to_end_and_searches_cannot_leak_other_charts() {
     assert_eq!(i["id"], incident.as_str());
     assert_eq!(i["patients"], json!([pid(1)]));
     assert_eq!(i["source"]["kind"], "break-glass-review");
+    let timeline = i["timeline"].to_string();
+    assert!(
+        timeline.contains("read Observation/") && timeline.contains("under break-the-glass"),
+        "the timeline lists what was accessed under the grant: {timeline}"
+    );
     assert_eq!(s.get("/api/incidents", &sa).status, 403);
     assert!(
         s.get("/api/break-glass/reviews", &po).body["reviews"]
@@ -6820,6 +6825,19 @@ fn patient_portal_reads_its_own_record_and_proxies_see_less() {
         200,
         "including its own confidential record"
     );
+    // The front desk ends a link; the account then reaches the chart no more.
+    let unlink = |who: &str| {
+        s.call(
+            "DELETE",
+            &format!("/api/patients/{p_kid}/portal-links/{who}"),
+            Some(&desk),
+            None,
+            &[],
+        )
+    };
+    assert_eq!(unlink("pat.kid").status, 200);
+    assert_eq!(unlink("pat.kid").status, 404);
+    assert_eq!(s.get(&path(6), &kt).status, 403, "unlinked");
     let kid_consent = privacy_consent(&p_kid, json!([{"type": "deny"}]));
     assert_eq!(
         s.post("/fhir/Consent", &pg, &kid_consent).status,
