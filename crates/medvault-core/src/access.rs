@@ -49,6 +49,11 @@ fn relationship_of(r: Reach) -> Relationship {
 }
 
 impl Reacher {
+    /// The blind tokens finding the charts the caller's Practitioner relates to today.
+    pub(crate) fn care_tokens(&self) -> &[Vec<u8>] {
+        &self.care
+    }
+
     /// The relationship of the caller to one chart (`None` for records in no chart).
     pub(crate) fn one(
         &self,

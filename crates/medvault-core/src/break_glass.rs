@@ -124,12 +124,14 @@ impl Vault {
         }
         let now = self.clock.now().unix_timestamp();
         // One live grant per clinician and chart: asking again returns it.
-        if let Some(g) = self
-            .store
-            .break_glass()?
-            .into_iter()
-            .find(|g| g.username == username && g.patient == pid && g.expires > now)
-        {
+        if let Some(g) = self.store.break_glass()?.into_iter().find(|g| {
+            g.username == username
+                    && g.patient == pid
+                    && g.expires > now
+                    // A medical emergency upgrades a lesser live grant.
+                    && (g.reason == BreakGlassReason::MedicalEmergency.as_str()
+                        || reason != BreakGlassReason::MedicalEmergency)
+        }) {
             rec.detail = Some(format!("reason={reason} grant={} already active", g.id));
             self.audit(vec![rec])?;
             return Ok(BreakGlassGrant {
@@ -278,22 +280,25 @@ impl Vault {
                     let accesses = self.scan_back(100, |seq, rec| {
                         let mine = rec.break_glass
                             && rec.actor == g.username
+                            && rec.action != "break-glass"
                             && rec.patient.as_deref() == Some(g.patient.as_str());
                         let at = medvault_fhir::date::parse(&rec.time)
                             .map(|t| t.start / 1000)
                             .unwrap_or(0);
                         (mine && at >= g.created).then(|| {
+                            let what = rec.resource.unwrap_or_default();
+                            let what = what.split("/_history").next().unwrap_or("").to_owned();
                             (
                                 at,
                                 format!(
-                                    "{} {} under break-the-glass (audit entry {seq})",
-                                    rec.action,
-                                    rec.resource.unwrap_or_default()
+                                    "{} {what} under break-the-glass (audit entry {seq})",
+                                    rec.action
                                 ),
                             )
                         })
                     })?;
-                    for (at, what) in accesses {
+                    // Oldest first, as a timeline reads.
+                    for (at, what) in accesses.into_iter().rev() {
                         i.record(at, &g.username, &what);
                     }
                 }
@@ -393,7 +398,7 @@ impl Vault {
         }
         match self.store.current("Patient", pid.as_str())? {
             Some(r) if !r.deleted() => Ok(()),
-            _ => Err(VaultError::NotFound),
+            _ => Err(VaultError::BadRequest(format!("no patient with id {pid}"))),
         }
     }
 

@@ -45,6 +45,9 @@ pub enum VaultError {
     /// what.
     #[error("{0}")]
     Duplicate(String),
+    /// Separation of duties refuses the caller this act (HTTP 403); the text says why.
+    #[error("{0}")]
+    SeparationOfDuties(&'static str),
     /// The caller's required security training has lapsed (HTTP 403).
     #[error("access denied: required security training has lapsed")]
     TrainingLapsed,

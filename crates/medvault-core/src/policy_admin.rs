@@ -275,7 +275,9 @@ impl Vault {
             rec.outcome = Outcome::Denied;
             rec.detail = Some(format!("version={version} refused: one's own proposal"));
             self.audit(vec![rec])?;
-            return Err(VaultError::Forbidden { withheld: vec![] });
+            return Err(VaultError::SeparationOfDuties(
+                "a proposal is approved by a security administrator other than its proposer",
+            ));
         }
         if row.status != "proposed" {
             return Err(VaultError::Duplicate(

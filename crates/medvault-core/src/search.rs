@@ -309,6 +309,17 @@ impl Vault {
         cap: usize,
     ) -> Result<SearchResult, VaultError> {
         self.scope_check(c, rt, Action::Search)?;
+        // Lapsed training: say so, rather than answer with an empty page.
+        if medvault_fhir::categories_of_type(rt)
+            .iter()
+            .any(|k| *k != Category::Directory && self.training_would_allow(c, Action::Search, *k))
+        {
+            let mut rec = self.record(c, "search", Outcome::Denied);
+            rec.resource = Some(rt.as_str().to_owned());
+            rec.detail = Some("training lapsed".into());
+            self.audit(vec![rec])?;
+            return Err(VaultError::TrainingLapsed);
+        }
         if c.client_scopes().is_some_and(|s| !s.reads_everything())
             && params.iter().any(|(k, _)| {
                 k.starts_with("_include")
@@ -935,6 +946,16 @@ impl Vault {
         let cursor_snapshot = cursor.as_ref().map(|c| c.snapshot);
         let limit = count.unwrap_or(100_000);
         let patient = patient.to_owned();
+        if Category::ALL
+            .iter()
+            .any(|k| *k != Category::Directory && self.training_would_allow(c, Action::Read, *k))
+        {
+            let mut rec = self.record(c, "everything", Outcome::Denied);
+            rec.resource = Some(format!("Patient/{patient}"));
+            rec.detail = Some("training lapsed".into());
+            self.audit(vec![rec])?;
+            return Err(VaultError::TrainingLapsed);
+        }
         let reach = self.reachable(c, Action::Read);
         let privacy = self.privacy_scope(c);
         let emergency_privacy = PatientId::new(&patient)

@@ -188,11 +188,11 @@ impl Vault {
         // caring for the patient).
         let care = self.care_index(rt, res.json());
         let clinician = c.principal().is_some_and(|p| p.practitioner.is_some());
-        if clinician
-            && rel == Relationship::None
-            && !care.is_empty()
-            && !self.relates_caller(c, &care)
-        {
+        // (On an update, a relationship that came only from this very resource does not
+        // count: a clinician may not hand a chart to others by rewriting their own encounter.)
+        let related_elsewhere = rel != Relationship::None
+            && (prior.is_none() || self.related_beyond(c, owner.as_ref(), rt, &id)?);
+        if clinician && !care.is_empty() && !related_elsewhere && !self.relates_caller(c, &care) {
             return Err(VaultError::Unprocessable(
                 "an encounter or care team you begin must name you as a participant".into(),
             ));
@@ -200,7 +200,7 @@ impl Vault {
         if self.grants_self(c, rt, res.json()) {
             // Separation of duties: nobody records the consent that opens records to them.
             return Err(VaultError::Unprocessable(
-                "a consent cannot grant access to the person recording it; have the front desk or a privacy officer record it".into(),
+                "a consent cannot grant access to the person recording it, and staff never grant a label to everyone: name the practitioners it grants (the patient may record a grant to everyone in the portal)".into(),
             ));
         }
         let version = prior.map(|p| p.version() + 1).unwrap_or(1);
@@ -289,7 +289,12 @@ impl Vault {
         let denial = |cat: Option<Category>| {
             let mut rec = self.record(c, action.as_str(), Outcome::Success);
             rec.resource = Some(format!("{rt}/{target}"));
-            self.deny(rec, action, rt, cat)
+            let lapsed = cat.is_some_and(|k| self.training_would_allow(c, action, k));
+            let e = self.deny(rec, action, rt, cat);
+            match (lapsed, e) {
+                (true, VaultError::Refused { .. }) => VaultError::TrainingLapsed,
+                (_, e) => e,
+            }
         };
         let stored = match prior.map(|p| p.category().parse::<Category>()) {
             // A stored category this server does not know: default deny, recorded.
@@ -322,6 +327,12 @@ impl Vault {
         else {
             return Ok(());
         };
+        // An emergency reads; it does not reclassify: a change is judged as if the grant
+        // were not for an emergency.
+        let rel = match rel {
+            Relationship::Emergency => Relationship::BreakGlass,
+            other => other,
+        };
         if !self.decide(c, Action::Read, category, rel).allowed() {
             return Ok(());
         }
@@ -349,6 +360,55 @@ impl Vault {
         rec.detail = Some("restricted: the caller may not read what they would change".into());
         self.audit(vec![rec])?;
         Err(VaultError::Restricted { break_glass: false })
+    }
+
+    /// Whether `c`'s training has lapsed and current training would let them `action`
+    /// records of `category` (so the refusal should say so).
+    pub(crate) fn training_would_allow(
+        &self,
+        c: &Caller,
+        action: Action,
+        category: Category,
+    ) -> bool {
+        if c.principal().is_none_or(|p| p.training_current) {
+            return false;
+        }
+        [Relationship::Treatment, Relationship::Own]
+            .iter()
+            .any(|r| {
+                let mut q =
+                    Self::records_query(c, action, category, *r, self.options.public_transparency);
+                q.training_current = true;
+                self.policy().decide(q).allowed()
+            })
+    }
+
+    /// Whether `c` reaches `patient`'s chart through something other than the care
+    /// resource `rt`/`id` (another care team or encounter, a grant, a portal link).
+    pub(crate) fn related_beyond(
+        &self,
+        c: &Caller,
+        patient: Option<&PatientId>,
+        rt: ResourceType,
+        id: &str,
+    ) -> Result<bool, VaultError> {
+        let Some(p) = patient else {
+            return Ok(false);
+        };
+        let reacher = self.reacher(c);
+        let mine = reacher.care_tokens();
+        let others = self
+            .store
+            .chart_tokens(p, &[crate::access::CARE_PARAM.to_owned()])?
+            .into_iter()
+            .any(|h| mine.contains(&h.token) && !(h.rtype == rt.as_str() && h.id == id));
+        if others {
+            return Ok(true);
+        }
+        // Grants and links (no care tokens): the lookup without care tokens.
+        let user = c.actor().to_owned();
+        let now = self.clock.now().unix_timestamp();
+        Ok(!self.store.charts(&[], &user, now, Some(p))?.is_empty())
     }
 
     /// Whether `c`'s role may `action` records of `category` in some chart it could reach

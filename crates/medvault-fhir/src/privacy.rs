@@ -180,6 +180,20 @@ pub fn consent_problems(rt: ResourceType, json: &Map<String, Value>) -> Vec<Stri
     if root.get("type").and_then(Value::as_str) == Some("deny") && !nested.is_empty() {
         out.push("a root deny with nested exceptions is not enforced; record a root permit with nested deny provisions".into());
     }
+    for p in std::iter::once(root).chain(nested.iter().copied()) {
+        for unsupported in ["period", "data", "purpose", "action", "code", "dataPeriod"] {
+            if p.get(unsupported).is_some() {
+                out.push(format!(
+                    "provision.{unsupported} is not enforced; record the provision without it"
+                ));
+            }
+        }
+    }
+    for p in &nested {
+        if p.get("provision").is_some() {
+            out.push("provisions nested more than one level are not enforced".into());
+        }
+    }
     for p in std::iter::once(root).chain(nested) {
         for a in p
             .get("actor")

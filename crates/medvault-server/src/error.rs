@@ -128,6 +128,16 @@ impl From<VaultError> for ApiError {
                 retry_after: None,
             },
             VaultError::Duplicate(m) => ApiError::new(S::CONFLICT, IssueCode::Conflict, m),
+            VaultError::SeparationOfDuties(m) => ApiError {
+                status: S::FORBIDDEN,
+                issues: vec![Issue::error(
+                    IssueCode::Forbidden,
+                    format!("access denied: {m}"),
+                    None,
+                )],
+                code: Some("separation-of-duties"),
+                retry_after: None,
+            },
             VaultError::TrainingLapsed => ApiError {
                 status: S::FORBIDDEN,
                 issues: vec![Issue::error(

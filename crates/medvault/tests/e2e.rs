@@ -6767,6 +6767,19 @@ fn patient_portal_reads_its_own_record_and_proxies_see_less() {
     );
     assert!(ids(&s.get("/fhir/Condition", &pg).body).is_empty());
     assert_eq!(s.get(&path(1), &pg).status, 403);
+    // A proxy never reads the chart's consents (they would name the hidden labels).
+    let kc = privacy_consent(
+        &p_kid,
+        json!([{"type": "deny", "securityLabel": [{"code": "SEX"}], "actor": actor(_staff.practitioner("nurse"))}]),
+    );
+    let r = s.post("/fhir/Consent", &desk, &kc);
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    assert_eq!(
+        s.get(&format!("/fhir/Consent/{}", created_id(&r)), &pg)
+            .status,
+        403
+    );
+    assert!(ids(&s.get(&format!("/fhir/Consent?patient={p_kid}"), &pg).body).is_empty());
     // `user add --role patient --patient ID` links at creation (SPEC); a bad chart leaves
     // no account behind.
     let o = medvault(
@@ -6921,6 +6934,22 @@ fn what_the_access_control_trial_found() {
         "{text}"
     );
     assert_eq!(code(&h), "break-the-glass");
+    // An emergency reads; it does not reclassify.
+    let r = s.post("/api/break-glass", &phys, &json!({"patient": pid(0), "reason": "medical-emergency", "justification": "anaphylaxis in the clinic, need history"}));
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    assert_eq!(
+        s.get(&format!("/fhir/{cond}"), &phys).status,
+        200,
+        "the emergency opens it"
+    );
+    let r = s.call(
+        "PUT",
+        &format!("/fhir/{cond}"),
+        Some(&phys),
+        Some(blind.to_string().as_bytes()),
+        &[("Content-Type", "application/fhir+json")],
+    );
+    assert_eq!(r.status, 403, "but may not strip its label: {:?}", r.body);
     // Beginning an encounter for someone else.
     let r = s.post(
         "/fhir/Encounter",
@@ -6933,6 +6962,23 @@ fn what_the_access_control_trial_found() {
         403,
         "no relationship was made"
     );
+    // … nor in two steps: begin one naming oneself, then rewrite it naming someone else.
+    let mine = s.post(
+        "/fhir/Encounter",
+        &phys,
+        &encounter(&pid(2), &[staff.practitioner("physician")]),
+    );
+    assert_eq!(mine.status, 201);
+    let mut handed = encounter(&pid(2), &[staff.practitioner("nurse")]);
+    handed["id"] = mine.body["id"].clone();
+    let r = s.call(
+        "PUT",
+        &format!("/fhir/Encounter/{}", created_id(&mine)),
+        Some(&phys),
+        Some(handed.to_string().as_bytes()),
+        &[("Content-Type", "application/fhir+json")],
+    );
+    assert_eq!(r.status, 422, "{:?}", r.body);
     // Consents medvault cannot enforce; staff granting a label to everyone.
     let actor_of =
         |reference: &str| json!([{"role": {"text": "x"}, "reference": {"reference": reference}}]);
@@ -6953,6 +6999,15 @@ fn what_the_access_control_trial_found() {
             "everyone",
             json!([{"type": "permit", "securityLabel": [{"code": "R"}]}]),
         ),
+        (
+            "a period",
+            json!([{"type": "permit", "actor": actor_of(&format!("Practitioner/{}", staff.practitioner("nurse"))),
+            "securityLabel": [{"code": "HIV"}], "period": {"start": "2019-01-01", "end": "2019-12-31"}}]),
+        ),
+        (
+            "deeper nesting",
+            json!([{"type": "deny", "class": [{"code": "Observation"}], "provision": [{"type": "deny"}]}]),
+        ),
     ] {
         let r = s.post(
             "/fhir/Consent",
@@ -6971,6 +7026,19 @@ fn what_the_access_control_trial_found() {
     let deny_all = privacy_consent(&pid(2), json!([{"type": "deny"}]));
     let r = s.post("/fhir/Consent", &desk, &deny_all);
     assert_eq!(r.status, 201, "{:?}", r.body);
+    let consent_id = created_id(&r);
+    // A clinician may not switch off the consent that denies them.
+    let mut off = deny_all.clone();
+    off["id"] = json!(consent_id);
+    off["status"] = json!("inactive");
+    let w = s.call(
+        "PUT",
+        &format!("/fhir/Consent/{consent_id}"),
+        Some(&phys),
+        Some(off.to_string().as_bytes()),
+        &[("Content-Type", "application/fhir+json")],
+    );
+    assert_eq!(w.status, 403, "{:?}", w.body);
     assert_eq!(
         s.get(&format!("/fhir/Consent/{}", created_id(&r)), &desk)
             .status,
@@ -7056,6 +7124,19 @@ fn what_the_access_control_trial_found() {
         "{:?}",
         r.body
     );
+    let r = s.get(&format!("/fhir/Observation?patient={}", pid(0)), &nurse);
+    assert_eq!(
+        (r.status, code(&r)),
+        (403, json!("training-lapsed")),
+        "not an empty page"
+    );
+    let r = s.post("/fhir/Observation", &nurse, &vital(&pid(0)));
+    assert_eq!(
+        (r.status, code(&r)),
+        (403, json!("training-lapsed")),
+        "{:?}",
+        r.body
+    );
     // An inappropriate use ends its grant; asking again while live returns the same grant.
     let ask = || {
         s.post("/api/break-glass", &phys, &json!({"patient": pid(1), "reason": "medical-emergency", "justification": "collapsed in the waiting room"}))
@@ -7085,6 +7166,12 @@ fn what_the_access_control_trial_found() {
     );
     assert_eq!(r.status, 409);
     assert!(r.body.to_string().contains("already reviewed"));
+    // A medical emergency upgrades a lesser live grant.
+    let lesser = s.post("/api/break-glass", &phys, &json!({"patient": pid(1), "reason": "continuity-of-care", "justification": "covering for a colleague this week"}));
+    assert_eq!(lesser.status, 201);
+    let upgraded = ask();
+    assert_eq!(upgraded.status, 201, "{:?}", upgraded.body);
+    assert_ne!(upgraded.body["id"], lesser.body["id"]);
     // A portal account and a chart it is not linked to.
     let pt = s.login(
         "pat.unlinked",
