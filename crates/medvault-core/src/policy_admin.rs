@@ -279,6 +279,31 @@ impl Vault {
                 "a proposal is approved by a security administrator other than its proposer",
             ));
         }
+        // Nor an account the proposer made or promoted (a second administrator who is the
+        // same person is no second person): the audit log says who created whom.
+        let me = format!("target={} ", c.actor());
+        let me_end = format!("target={}", c.actor());
+        let made_by_proposer = self.scan_back(1, |_, r| {
+            let about_me = r
+                .detail
+                .as_deref()
+                .is_some_and(|d| d.starts_with(&me) || d == me_end);
+            (matches!(r.action.as_str(), "user.create" | "user.role")
+                && r.outcome == Outcome::Success
+                && r.actor == row.proposed_by
+                && about_me)
+                .then_some(())
+        })?;
+        if !made_by_proposer.is_empty() {
+            rec.outcome = Outcome::Denied;
+            rec.detail = Some(format!(
+                "version={version} refused: the approver's account was made by the proposer"
+            ));
+            self.audit(vec![rec])?;
+            return Err(VaultError::SeparationOfDuties(
+                "an account the proposer created or promoted cannot approve their proposal",
+            ));
+        }
         if row.status != "proposed" {
             return Err(VaultError::Duplicate(
                 "this version is not a pending proposal".into(),

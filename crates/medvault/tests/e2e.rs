@@ -6549,6 +6549,24 @@ fn policies_are_versioned_approved_by_a_second_administrator_and_testable() {
     let approve =
         |tok: &str, v: &str| s.post(&format!("/api/policies/{v}/approve"), tok, &json!({}));
     assert_eq!(approve(&sa, "1").status, 403, "not by its proposer");
+    // … nor by an account its proposer made (the same person twice).
+    let sock = s.post(
+        "/api/users",
+        &sa,
+        &json!({"username": "e2e.sock", "role": "security_admin"}),
+    );
+    assert_eq!(sock.status, 201, "{:?}", sock.body);
+    let sockt = s.login(
+        "e2e.sock",
+        sock.body["password"].as_str().unwrap(),
+        sock.body["totp_secret"].as_str().unwrap(),
+    );
+    let r = approve(&sockt, "1");
+    assert_eq!(r.status, 403, "{:?}", r.body);
+    assert_eq!(
+        r.body["issue"][0]["details"]["coding"][0]["code"],
+        "separation-of-duties"
+    );
     assert_eq!(approve(&sa2t, "99").status, 404);
     assert_eq!(approve(&sa2t, "x").status, 404);
     let r = approve(&sa2t, "1");
