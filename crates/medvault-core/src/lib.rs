@@ -36,6 +36,7 @@ mod caller;
 mod error;
 mod export;
 mod policy_admin;
+mod portal;
 mod privacy;
 mod read;
 mod reindex;

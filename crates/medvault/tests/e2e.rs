@@ -6121,6 +6121,15 @@ fn break_the_glass_end_to_end_and_searches_cannot_leak_other_charts() {
     let r = review(json!({"outcome": "inappropriate", "note": "no emergency documented"}));
     assert_eq!(r.status, 200, "{:?}", r.body);
     let incident = r.body["incident"].as_str().unwrap().to_owned();
+    // Law 1: the justification and the reviewer's note are sealed at rest.
+    let leaked = scan_for(
+        &dir,
+        &["brought in by ambulance", "no emergency documented"],
+    );
+    assert!(
+        leaked.is_empty(),
+        "break-the-glass text in plaintext at rest: {leaked:?}"
+    );
     assert_eq!(r.body["status"], "inappropriate");
     assert_eq!(review(json!({"outcome": "appropriate"})).status, 409);
     let r = s.post(
