@@ -68,6 +68,21 @@ impl Reacher {
             .map_or(Relationship::None, |(_, r)| relationship_of(*r)))
     }
 
+    /// Every chart the caller relates to today, with the strongest relationship to each
+    /// (the "my patients" list).
+    pub(crate) fn all(
+        &self,
+        lookup: &ChartLookup<'_>,
+    ) -> Result<Vec<(PatientId, Relationship)>, StoreError> {
+        let Some(user) = &self.username else {
+            return Ok(vec![]);
+        };
+        Ok(lookup(&self.care, user, self.now, None)?
+            .into_iter()
+            .map(|(p, r)| (p, relationship_of(r)))
+            .collect())
+    }
+
     /// Search scopes: each kind of chart the caller reaches, with the categories they may
     /// see there — treated charts, those their live grants open, their own chart and those
     /// they are a proxy for (portal accounts).

@@ -252,6 +252,22 @@ impl Vault {
         }
     }
 
+    /// Seconds before the browser session `token` ends by idling, without touching it
+    /// (the web console's idle-logoff warning polls this); `None` once it has ended, been
+    /// ended by its user or an administrator, or its account was disabled. Not audited:
+    /// it reveals nothing but the caller's own session clock.
+    ///
+    /// # Errors
+    /// `Unavailable`/`Internal` when the store fails.
+    pub fn session_remaining(&self, token: &Token) -> Result<Option<i64>, VaultError> {
+        self.identity.session_remaining(token).map_err(id_err)
+    }
+
+    /// The names of the configured OpenID providers (`[[oidc]]`), for sign-in buttons.
+    pub fn oidc_provider_names(&self) -> Vec<String> {
+        self.identity.oidc_provider_names()
+    }
+
     /// Whether `c` may do a step-up action now: the local operator always; a session
     /// whose second factor was verified within the step-up window.
     pub(crate) fn stepped_up(&self, c: &Caller) -> bool {
@@ -328,6 +344,30 @@ impl Vault {
         rec.detail = Some("session ended from the session list".into());
         self.commit(ops, vec![rec])?;
         Ok(())
+    }
+
+    /// "My account": the caller replaces their own TOTP seed (a new phone). Needs a
+    /// second factor verified within the step-up window (the old code, a passkey or a
+    /// recovery code), so a borrowed session cannot move the factor to another device.
+    /// Returns the new enrollment, shown once.
+    ///
+    /// # Errors
+    /// `Unauthenticated` without a session, `StepUpRequired`, `AuditUnavailable`.
+    pub fn reset_own_totp(&self, c: &Caller) -> Result<EnrollmentInfo, VaultError> {
+        let s = self.session_of(c).ok_or(VaultError::Unauthenticated)?;
+        if !self.stepped_up(c) {
+            return Err(VaultError::StepUpRequired);
+        }
+        let name = s.principal.username.as_str();
+        let step = self.identity.reset_totp(name).map_err(id_err)?;
+        let mut rec = self.record(c, "totp.reset", Outcome::Success);
+        rec.detail = Some("authenticator app re-enrolled by its user".into());
+        self.commit(step.ops, vec![rec])?;
+        Ok(EnrollmentInfo {
+            totp_secret: step.value.base32(),
+            totp_uri: step.value.uri("medvault", name),
+            recovery_codes: vec![],
+        })
     }
 
     /// `POST /auth/password`: the current password, then a new one by the password

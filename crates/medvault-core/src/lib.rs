@@ -33,6 +33,7 @@ mod auth;
 mod break_glass;
 mod bundle;
 mod caller;
+mod charts;
 mod error;
 mod export;
 mod policy_admin;
@@ -55,6 +56,7 @@ pub use auth::{check_password, EnrollmentInfo, LoginChallenge, NewUserInfo, Sess
 pub use break_glass::{BreakGlassGrant, BreakGlassView};
 pub use bundle::EntryResult;
 pub use caller::{Caller, LocalOperator, ANONYMOUS};
+pub use charts::MAX_MY_PATIENTS;
 pub use error::VaultError;
 pub use medvault_audit::accounting::{Access, DisclosureText, RECIPIENT_KINDS};
 pub use medvault_audit::log::{ConsistencyProof, InclusionProof};
@@ -62,6 +64,7 @@ pub use medvault_audit::merkle::verify_inclusion;
 pub use medvault_audit::tiles::TileRef;
 pub use medvault_audit::verify::AuditVerdict;
 pub use medvault_audit::{AuditRecord, Outcome};
+pub use medvault_fhir::ResourceType;
 pub use medvault_governance::Incident;
 pub use medvault_identity::{
     totp_now, AccountView, ClientAuth, ClientGrant, ClientView, Factor, LockoutPolicy,

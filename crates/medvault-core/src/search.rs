@@ -55,6 +55,13 @@ pub struct SearchResult {
     /// they have a treatment relationship with (or a break-the-glass grant for): matches in
     /// other charts were left out. Decided by policy alone, so it says nothing about data.
     pub limited_to_relationships: bool,
+    /// `$everything` only: records of the chart in categories the caller may otherwise see
+    /// were left out by their sensitivity labels or the patient's privacy consent. Says
+    /// neither which, nor how many, nor why.
+    pub restricted: bool,
+    /// `$everything` only: the caller may break the glass for this chart (a clinical role,
+    /// not already under an emergency grant).
+    pub may_break_glass: bool,
 }
 
 const DEFAULT_COUNT: usize = 50;
@@ -968,7 +975,7 @@ impl Vault {
             .collect();
         // As for searches: the notice is the policy's, not the chart's.
         let never = self.never_visible(&visible, &all_types);
-        let (rows, disclosed, withheld, total, more, snapshot) =
+        let (rows, disclosed, withheld, total, more, snapshot, (restricted, may_break_glass)) =
             self.audited_read(c, move |cx, tx| {
                 let snapshot = cursor_snapshot.unwrap_or(tx.audit_len());
                 let mut rec = cx.record("everything", Outcome::Success);
@@ -1047,6 +1054,22 @@ impl Vault {
                         Err(_) => push_unique(&mut withheld, Category::Notes),
                     }
                 }
+                // Whether the privacy rows hid anything the caller's role would see: one
+                // more tally without them (the answer is a flag, never the difference).
+                let restricted = if q.privacy.is_some() && !visible.is_empty() {
+                    let mut unfiltered = q.clone();
+                    unfiltered.privacy = None;
+                    let mut all = 0u64;
+                    for (cat, n) in tx.tally(&unfiltered)? {
+                        if cat.parse::<Category>().is_ok_and(|k| visible.contains(&k)) {
+                            all += n;
+                        }
+                    }
+                    all > total
+                } else {
+                    false
+                };
+                let may_break_glass = cx.may_break_glass() && rel != Relationship::Emergency;
                 q.categories = visible.iter().map(|c| c.as_str().to_owned()).collect();
                 let page = if visible.is_empty() || limit == 0 {
                     Default::default()
@@ -1057,7 +1080,15 @@ impl Vault {
                 rec.categories_withheld = withheld.iter().map(|c| c.to_string()).collect();
                 Ok((
                     vec![rec],
-                    Ok((rows, disclosed, withheld, total, page.more, snapshot)),
+                    Ok((
+                        rows,
+                        disclosed,
+                        withheld,
+                        total,
+                        page.more,
+                        snapshot,
+                        (restricted, may_break_glass),
+                    )),
                 ))
             })?;
         let _ = withheld;
@@ -1071,6 +1102,8 @@ impl Vault {
             withheld: never,
             total: Some(total),
             count: limit,
+            restricted,
+            may_break_glass,
             ..Default::default()
         };
         if more && count != Some(0) {

@@ -216,6 +216,21 @@ impl Identity {
         })
     }
 
+    /// A user's own new TOTP seed (their passkeys, recovery codes and sessions stay): the
+    /// enrollment to show them once. The gate requires a fresh step-up first.
+    ///
+    /// # Errors
+    /// `Unauthenticated` for an unknown user; `Store`.
+    pub fn reset_totp(&self, username: &str) -> Result<Step<TotpSecret>, IdentityError> {
+        let user = self.user_row(username)?;
+        let totp = TotpSecret::generate();
+        let ops = vec![Op::SetTotpSecret {
+            username: user.username.clone(),
+            wrapped: self.seal_totp(&user.username, &totp)?,
+        }];
+        Ok(Step { value: totp, ops })
+    }
+
     /// `POST /auth/password`: the current password (a wrong one counts against the
     /// throttle), then the new one by the password rules; ends every session.
     ///

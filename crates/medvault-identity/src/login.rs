@@ -391,6 +391,28 @@ impl Identity {
         })
     }
 
+    /// Seconds before a browser session ends by idling (or by its absolute limit, if
+    /// sooner), without touching it: what the web console's idle-logoff warning polls, so
+    /// polling never keeps a session alive. `None` for an unknown, ended or expired
+    /// session, a disabled account, or a token that is not a browser session.
+    ///
+    /// # Errors
+    /// `Store`.
+    pub fn session_remaining(&self, token: &Token) -> Result<Option<i64>, IdentityError> {
+        let Some(s) = self.store.session(&token.hash())? else {
+            return Ok(None);
+        };
+        let now = self.now();
+        let left = (s.last_seen + self.policy.idle_timeout_secs).min(s.expires) - now;
+        if s.kind != "session" || left <= 0 {
+            return Ok(None);
+        }
+        match self.store.user(&s.username)? {
+            Some(u) if !u.disabled => Ok(Some(left)),
+            _ => Ok(None),
+        }
+    }
+
     /// Resolves a session token. Returns a touch operation when `last_seen` should move.
     ///
     /// # Errors

@@ -382,6 +382,7 @@ pub(crate) async fn oidc_start(
 pub(crate) async fn oidc_callback(
     State(state): State<AppState>,
     ctx: Ctx,
+    headers: axum::http::HeaderMap,
     Path(name): Path<String>,
     Query(q): Query<std::collections::HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
@@ -417,7 +418,29 @@ pub(crate) async fn oidc_callback(
             ),
             other => other.into(),
         })?;
+    let browser = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("text/html"));
+    if browser {
+        return Ok(signed_in_page(&grant));
+    }
     Ok(session_response(&grant))
+}
+
+/// A browser's end of single sign-on: the session cookie and a page that continues to the
+/// web console. Not a redirect: the callback arrives from the identity provider's site, so
+/// a redirect would still be cross-site and the `SameSite=Strict` cookie would not go with
+/// it; a navigation from this page is same-site.
+fn signed_in_page(grant: &SessionGrant) -> Response {
+    let page = "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
+        <meta http-equiv=\"refresh\" content=\"0;url=/\"><title>Signed in — medvault</title></head>\
+        <body><main><h1>Signed in</h1><p><a href=\"/\">Continue to medvault</a></p></main></body></html>";
+    let mut r = axum::response::Html(page).into_response();
+    if let Some(v) = session_response(grant).headers().get(header::SET_COOKIE) {
+        r.headers_mut().insert(header::SET_COOKIE, v.clone());
+    }
+    r
 }
 
 /// An OAuth2 error answer (RFC 6749 §5.2).

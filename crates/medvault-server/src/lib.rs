@@ -69,7 +69,17 @@ struct RequestId(String);
 /// route also answers with a trailing slash (`/fhir/`, `/fhir/Patient/`, …): the path is
 /// trimmed before routing, as FHIR clients that post transactions to `BASE/` expect.
 pub fn router(state: AppState) -> Router {
-    let routes = routes(state);
+    router_with_console(state, None)
+}
+
+/// [`router`] with the web console's pages (`medvault-web`) served beside the API: the
+/// console owns `/` and its own paths, and every console request carries the anonymous
+/// [`Caller`] (source address behind trusted proxies, request id) as a request extension,
+/// so the console authenticates exactly as the API does. Security headers, the body limit
+/// and the request log apply to both; the console sets its own stricter
+/// `Content-Security-Policy`, which is kept.
+pub fn router_with_console(state: AppState, console: Option<Router>) -> Router {
+    let routes = routes(state, console);
     Router::new().fallback_service(
         tower::ServiceBuilder::new()
             .map_request(trim_trailing_slash)
@@ -120,9 +130,15 @@ fn trim_trailing_slash(mut req: Request) -> Request {
     req
 }
 
-fn routes(state: AppState) -> Router {
-    Router::new()
-        .route("/", get(home))
+fn routes(state: AppState, console: Option<Router>) -> Router {
+    let outer = match console {
+        Some(c) => Router::new().merge(c.layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            console_origin,
+        ))),
+        None => Router::new().route("/", get(home)),
+    };
+    let api = Router::new()
         .route("/auth/login", post(auth::login))
         .route("/auth/mfa/totp", post(auth::mfa_totp))
         .route("/auth/mfa/recovery", post(auth::mfa_recovery))
@@ -241,6 +257,9 @@ fn routes(state: AppState) -> Router {
         )
         .route("/fhir/{rtype}/{id}/{op}", get(fhir::instance_op))
         .route("/fhir/{rtype}/{id}/_history/{vid}", get(fhir::vread))
+        .with_state(state.clone());
+    outer
+        .merge(api)
         .fallback(|| async { ApiError::not_found() })
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn(json_only))
@@ -249,7 +268,24 @@ fn routes(state: AppState) -> Router {
             read_body_first,
         ))
         .layer(axum::middleware::from_fn(security_headers))
-        .with_state(state)
+}
+
+/// Puts the anonymous [`Caller`] of a console request (its source, as [`Ctx`] decides it,
+/// and its request id) into the request's extensions.
+async fn console_origin(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let (mut parts, body) = req.into_parts();
+    // The purpose header is the API's; a malformed one must not stop a page.
+    parts.headers.remove("x-purpose-of-use");
+    let anonymous = match Ctx::from_request_parts(&mut parts, &state).await {
+        Ok(ctx) => ctx.anonymous(),
+        Err(_) => Caller::anonymous(None, medvault_types::random_uuid()),
+    };
+    parts.extensions.insert(anonymous);
+    next.run(Request::from_parts(parts, body)).await
 }
 
 /// medvault speaks FHIR JSON only: a FHIR request whose `Accept` header or `_format`
@@ -383,11 +419,15 @@ async fn security_headers(mut req: Request, next: Next) -> Response {
     set(h, header::PRAGMA, "no-cache");
     set(h, header::X_FRAME_OPTIONS, "DENY");
     set(h, header::REFERRER_POLICY, "no-referrer");
-    set(
-        h,
-        header::CONTENT_SECURITY_POLICY,
-        "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
-    );
+    // The console's pages set their own policy (they load their scripts); every other
+    // answer gets the strictest.
+    if !h.contains_key(header::CONTENT_SECURITY_POLICY) {
+        set(
+            h,
+            header::CONTENT_SECURITY_POLICY,
+            "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+        );
+    }
     if let Ok(v) = HeaderValue::from_str(&id) {
         h.insert("x-request-id", v);
     }

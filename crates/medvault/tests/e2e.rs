@@ -5275,66 +5275,210 @@ fn single_sign_on_against_a_real_openid_provider() {
     }
 }
 
-/// A passkey in real Chromium: the DevTools protocol's virtual platform authenticator
-/// (user verification on, as a fingerprint reader) registers through
-/// `navigator.credentials.create` and signs in through `navigator.credentials.get`
-/// (`tools/browser/passkey.mjs`, puppeteer-core driving Debian's chromium). Runs when
+/// The web console in real Chromium (`tools/browser/console.mjs`, puppeteer-core driving
+/// Debian's chromium; one browser, one context per person): a nurse signs in with TOTP and
+/// sees vitals but a restricted billing section; a physician registers a passkey through
+/// the DevTools virtual authenticator and signs in with it, sees a chart with restricted
+/// records (no count, no category), searches by name (posted) and breaks the glass; the
+/// privacy officer finds that access in the review queue and the access report and closes
+/// the review; the security administrator disables the nurse, whose open page returns to
+/// sign-in; a patient sees their own access report. Every page: security headers, no
+/// inline script or style, no CSP violation, axe-core with no serious violation; no request
+/// URL carries a patient name. Screenshots go to `target/screenshots/`. Runs when
 /// `MEDVAULT_TEST_BROWSER` names that directory; CI installs chromium and always sets it.
 #[test]
-fn passkey_in_real_chromium_with_the_virtual_authenticator() {
+fn web_console_in_real_chromium() {
     let Ok(tool) = std::env::var("MEDVAULT_TEST_BROWSER") else {
         assert!(
             std::env::var_os("CI").is_none(),
             "CI must set MEDVAULT_TEST_BROWSER (.ci/run installs chromium and puppeteer-core)"
         );
-        eprintln!("MEDVAULT_TEST_BROWSER unset: the Chromium passkey test did not run");
+        eprintln!("MEDVAULT_TEST_BROWSER unset: the browser tests did not run");
         return;
     };
-    let (_t, dir, staff) = setup();
+    let (_t, dir, _staff) = setup();
+    let mut users = serde_json::Map::new();
+    let mut add = |name: &str, role: &str, extra: &[&str]| -> Value {
+        let mut args = vec!["user", "add", name, "--role", role, "--json"];
+        args.extend_from_slice(extra);
+        let u = json_out(&medvault(&dir, &args));
+        users.insert(name.to_owned(), u.clone());
+        u
+    };
+    let phys = add("web.physician", "physician", &[]);
+    let nurse = add("web.nurse", "nurse", &[]);
+    add("web.privacy", "privacy_officer", &[]);
+    add("web.admin", "security_admin", &[]);
+    let care = [
+        phys["practitioner_id"].as_str().unwrap(),
+        nurse["practitioner_id"].as_str().unwrap(),
+    ];
+    // Treated: on both clinicians' care team, two heart rates for the trend, a claim, and
+    // an HIV-labelled diagnosis they may not see. Glass: nobody's patient.
+    let mut entries = chart_entries("Treated", 1, Some(&care));
+    let subject = json!({"reference": "urn:uuid:00000001-0000-4000-8000-000000000000"});
+    let mut second = vital("x");
+    second["subject"] = subject.clone();
+    second["effectiveDateTime"] = json!("2026-11-25T08:00:00Z");
+    second["valueQuantity"]["value"] = json!(88);
+    entries.push(json!({"resource": second}));
+    entries.push(json!({"resource": labelled(
+        json!({"resourceType": "Condition", "code": {"text": "Zebra retrovirus infection"}, "subject": subject}),
+        ACT_CODE, "HIV")}));
+    entries.extend(chart_entries("Glassmann", 3, None));
+    let locs = import_entries(&dir, "web", &entries);
+    let treated = locs[0].strip_prefix("Patient/").unwrap().to_owned();
+    let glass = locs
+        .iter()
+        .filter(|l| l.starts_with("Patient/"))
+        .nth(1)
+        .unwrap()
+        .strip_prefix("Patient/")
+        .unwrap()
+        .to_owned();
+    add("web.patient", "patient", &["--patient", &treated]);
     let s = Server::start(&dir, &[]);
-    let (nurse, npw, nsecret) = staff.get("nurse");
-    let t = s.login(nurse, npw, nsecret);
+    let scenario = json!({
+        "users": users, "nurse": "web.nurse", "physician": "web.physician",
+        "privacy_officer": "web.privacy", "security_admin": "web.admin", "patient": "web.patient",
+        "treated": treated, "glass": glass, "search_name": "Glassmann",
+        "sensitive_words": ["HIV", "Zebra retrovirus", "restricted: 1", "1 restricted", "hidden"],
+    });
+    let shots = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/screenshots");
     let o = Command::new("node")
-        .arg(Path::new(&tool).join("passkey.mjs"))
+        .arg(Path::new(&tool).join("console.mjs"))
         .current_dir(&tool)
         .env("MEDVAULT_URL", format!("https://localhost:{}", s.port))
         .env("MEDVAULT_CERT", dir.join("tls/cert.pem"))
-        .env("MEDVAULT_TOKEN", &t)
-        .env("MEDVAULT_USER", nurse)
-        .env("MEDVAULT_PASSWORD", npw)
+        .env("MEDVAULT_SCENARIO", scenario.to_string())
+        .env("MEDVAULT_SCREENSHOTS", &shots)
         .output()
         .unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(
         o.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&o.stdout),
+        "{stdout}\n{}",
         String::from_utf8_lossy(&o.stderr)
     );
-    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(r["register_start"], 200, "{r}");
-    assert_eq!(r["register_finish"], 201, "{r}");
-    assert!(r["methods"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|m| m == "webauthn"));
-    assert_eq!(r["login_finish"], 200, "{r}");
-    assert_eq!(r["replay"], 401, "{r}");
-    assert_eq!(r["authenticator_credentials"], 1);
-    let token = r["token"].as_str().unwrap();
-    let sessions = s.get("/auth/sessions", token);
-    assert_eq!(sessions.status, 200);
-    assert!(sessions.body["sessions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|x| x["current"] == true && x["method"] == "password+passkey"));
-    let list = s.get("/auth/webauthn/credentials", token);
-    assert_eq!(
-        list.body["passkeys"][0]["name"],
-        "Chromium platform authenticator"
+    let r: Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    assert!(
+        r["error"].is_null(),
+        "the scenario failed: {}\n{r:#}",
+        r["error"]
     );
-    assert!(list.body["passkeys"][0]["last_used"].as_i64().unwrap() > 0);
+    let st = &r["steps"];
+    // The nurse: TOTP sign-in, vitals with their trend, billing restricted by role.
+    assert_eq!(st["nurse_landed"], "/patients", "{r:#}");
+    assert_eq!(st["nurse_chart"]["status"], 200, "{r:#}");
+    assert_eq!(st["nurse_chart"]["vitals_plot"], 1, "{r:#}");
+    assert_eq!(st["nurse_chart"]["vitals_rows"], 2, "{r:#}");
+    assert!(
+        st["nurse_chart"]["billing"]
+            .as_str()
+            .unwrap()
+            .contains("Restricted: your role does not see billing"),
+        "{r:#}"
+    );
+    // The physician's passkey, registered and used.
+    assert_eq!(st["passkey_added"], true, "{r:#}");
+    assert_eq!(st["signed_out_at"], "/login", "{r:#}");
+    assert_eq!(st["passkey_button"], true, "{r:#}");
+    assert_eq!(st["passkey_landed"], "/patients", "{r:#}");
+    assert_eq!(st["authenticator_credentials"], 1, "{r:#}");
+    // A restricted chart says so, and nothing more.
+    assert_eq!(st["restricted_chart"]["notice"], true, "{r:#}");
+    assert_eq!(st["restricted_chart"]["leaks"], json!([]), "{r:#}");
+    // Break-the-glass from the chart.
+    assert_eq!(st["search_found"], 1, "{r:#}");
+    assert_eq!(st["no_relationship"], true, "{r:#}");
+    assert_eq!(st["break_glass_form"], true, "{r:#}");
+    assert_eq!(st["glass_chart"]["status"], 200, "{r:#}");
+    assert_eq!(
+        st["glass_chart"]["path"],
+        format!("/patients/{glass}"),
+        "{r:#}"
+    );
+    assert_eq!(st["glass_chart"]["problems"], true, "{r:#}");
+    assert_eq!(st["glass_chart"]["through"], true, "{r:#}");
+    // The privacy officer's queue, report, review, audit events, integrity.
+    assert_eq!(st["review_queue"]["status"], 200, "{r:#}");
+    assert_eq!(st["review_queue"]["physician"], true, "{r:#}");
+    assert_eq!(st["review_queue"]["justification"], true, "{r:#}");
+    assert_eq!(st["review_queue"]["chart_link"], 1, "{r:#}");
+    assert_eq!(st["access_report"]["physician"], true, "{r:#}");
+    assert!(
+        st["access_report"]["timeline"].as_u64().unwrap() >= 1,
+        "{r:#}"
+    );
+    assert_eq!(st["reviewed"], true, "{r:#}");
+    assert!(st["audit_events"].as_u64().unwrap() >= 1, "{r:#}");
+    assert!(
+        st["verified"].as_str().unwrap().starts_with("Intact"),
+        "{r:#}"
+    );
+    // Disabling the nurse returns her open page to sign-in.
+    assert_eq!(st["disabled"], true, "{r:#}");
+    assert_eq!(st["nurse_returned_to"], "/login", "{r:#}");
+    // The patient's own record and access report.
+    assert_eq!(st["patient_landed"], "/me", "{r:#}");
+    assert_eq!(st["patient_record"], true, "{r:#}");
+    assert_eq!(st["patient_access_report"]["nurse"], true, "{r:#}");
+    // Every page: headers, no inline script or style, no CSP violation, no serious axe issue.
+    let pages = r["pages"].as_object().unwrap();
+    assert!(pages.len() >= 20, "{r:#}");
+    for (name, p) in pages {
+        let csp = p["csp"].as_str().unwrap_or_default();
+        for d in [
+            "default-src 'self'",
+            "script-src 'self'",
+            "frame-ancestors 'none'",
+        ] {
+            assert!(csp.contains(d), "{name}: CSP {csp:?} lacks {d}");
+        }
+        assert_eq!(p["cache"], "no-store", "{name}");
+        assert_eq!(p["nosniff"], "nosniff", "{name}");
+        assert!(
+            p["hsts"].as_str().unwrap_or_default().contains("max-age"),
+            "{name}"
+        );
+    }
+    for (name, v) in r["inline"].as_object().unwrap() {
+        assert_eq!(v, &json!([]), "{name} has inline script or style");
+    }
+    assert_eq!(r["csp_violations"], json!([]), "{r:#}");
+    let axe = r["axe"].as_object().unwrap();
+    assert!(axe.len() >= 20, "{r:#}");
+    for (name, v) in axe {
+        assert_eq!(v, &json!([]), "{name}: serious accessibility violations");
+    }
+    // No request URL carried a patient's name.
+    for u in r["urls"].as_array().unwrap() {
+        let u = u.as_str().unwrap();
+        for name in ["Glassmann", "Treated", "Ada"] {
+            assert!(
+                !u.contains(name),
+                "a request URL carried a patient name: {u}"
+            );
+        }
+    }
+    for png in [
+        "sign-in",
+        "patients",
+        "chart-nurse",
+        "account",
+        "chart-restricted",
+        "break-the-glass",
+        "reviews",
+        "access-report",
+        "integrity",
+        "users",
+        "portal-access",
+    ] {
+        assert!(
+            shots.join(format!("{png}.png")).exists(),
+            "screenshot {png}"
+        );
+    }
 }
 
 fn form_call(s: &Server, body: &str, basic: Option<(&str, &str)>) -> Resp {

@@ -1,0 +1,652 @@
+//! medvault-web — the web console: server-rendered pages for clinicians, patients, privacy
+//! officers and security administrators, served by `medvault serve` beside the API.
+//!
+//! The console is transport, like the API: it parses a form, calls the gate
+//! ([`medvault_core::Vault`]) as the signed-in caller, and renders what the gate disclosed.
+//! It must never talk to the store, never put PHI in a URL (searches post their query;
+//! paths carry only opaque ids), never serve inline script or style (its
+//! `Content-Security-Policy` forbids both), never accept a state-changing request without
+//! the CSRF token of the session (or, before sign-in, of the sign-in form), and never let a
+//! page with PHI be cached (`Cache-Control: no-store`, set on every answer by the server).
+//!
+//! # Adding a page
+//! One layout (`templates/base.html`), one way to add a page:
+//! 1. a template that `{% extends "base.html" %}` and a struct deriving
+//!    [`askama::Template`] with a `chrome: Chrome` field;
+//! 2. a handler taking [`Signed`] (the authenticated caller), calling the gate and
+//!    returning [`render`]`(…)`; forms carry `<input type="hidden" name="csrf"
+//!    value="{{ chrome.csrf }}">` (the guard refuses any POST without it);
+//! 3. its route in that module's `routes()`, merged in [`router`];
+//! 4. a [`NAV`] entry naming the roles that see it in the navigation (the policy, not the
+//!    navigation, decides what they may do there).
+//!
+//! INVARIANT: every route but `/login*`, `/static/*` and `/session/status` authenticates
+//! through [`Signed`], which goes through [`Vault::authenticate`].
+#![forbid(unsafe_code)]
+
+mod account;
+mod admin;
+mod chart;
+mod privacy;
+mod signin;
+mod svg;
+
+use std::sync::Arc;
+
+use askama::Template;
+use axum::extract::{FromRequestParts, Request};
+use axum::http::{header, request::Parts, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::routing::get;
+use axum::Router;
+use medvault_core::{Caller, Role, Token, Vault, VaultError};
+use sha2::{Digest, Sha256};
+
+/// The session cookie, shared with the API (`HttpOnly; Secure; SameSite=Strict`).
+pub const SESSION_COOKIE: &str = "medvault_session";
+/// The sign-in form's CSRF cookie (double-submit, before a session exists).
+const SIGNIN_CSRF_COOKIE: &str = "medvault_signin";
+/// The password step's challenge, carried to the second-factor page.
+const MFA_COOKIE: &str = "medvault_mfa";
+
+/// The console's `Content-Security-Policy`: scripts and styles from this origin only (no
+/// inline script or style, no `eval`), no framing, forms post only here.
+pub const CONSOLE_CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; \
+img-src 'self'; connect-src 'self'; form-action 'self'; frame-ancestors 'none'; \
+base-uri 'none'; object-src 'none'";
+
+/// Console settings (from `medvault.toml`).
+#[derive(Debug, Clone)]
+pub struct ConsoleOptions {
+    /// `session.idle_timeout_secs`: the idle-logoff warning counts down from it.
+    pub idle_timeout_secs: i64,
+}
+
+#[derive(Clone)]
+pub(crate) struct Web {
+    pub(crate) vault: Arc<Vault>,
+    pub(crate) options: Arc<ConsoleOptions>,
+}
+
+/// The console's router, for [`medvault_server::router_with_console`]-style composition by
+/// the binary: pages, their static assets, the CSRF guard and the console's CSP.
+pub fn router(vault: Arc<Vault>, options: ConsoleOptions) -> Router {
+    let web = Web {
+        vault,
+        options: Arc::new(options),
+    };
+    Router::new()
+        .route("/", get(home))
+        .route("/static/{file}", get(asset))
+        .merge(signin::routes())
+        .merge(account::routes())
+        .merge(chart::routes())
+        .merge(privacy::routes())
+        .merge(admin::routes())
+        .layer(axum::middleware::from_fn(csrf_guard))
+        .layer(axum::middleware::from_fn(console_headers))
+        .with_state(web)
+}
+
+/// One navigation entry: the page and the roles that see it.
+pub struct NavItem {
+    pub path: &'static str,
+    pub label: &'static str,
+    pub roles: &'static [Role],
+}
+
+const CLINICAL: &[Role] = &[Role::Physician, Role::Nurse, Role::FrontDesk, Role::Billing];
+const PRIVACY: &[Role] = &[Role::PrivacyOfficer, Role::Auditor];
+
+/// The navigation, in order; the first entry a role sees is its home page.
+pub const NAV: &[NavItem] = &[
+    NavItem {
+        path: "/patients",
+        label: "Patients",
+        roles: CLINICAL,
+    },
+    NavItem {
+        path: "/me",
+        label: "My record",
+        roles: &[Role::Patient],
+    },
+    NavItem {
+        path: "/me/access",
+        label: "Who looked at my record",
+        roles: &[Role::Patient],
+    },
+    NavItem {
+        path: "/me/consents",
+        label: "My consents",
+        roles: &[Role::Patient],
+    },
+    NavItem {
+        path: "/privacy/reviews",
+        label: "Break-the-glass reviews",
+        roles: PRIVACY,
+    },
+    NavItem {
+        path: "/privacy/patients",
+        label: "Access reports",
+        roles: PRIVACY,
+    },
+    NavItem {
+        path: "/privacy/audit-events",
+        label: "Audit events",
+        roles: PRIVACY,
+    },
+    NavItem {
+        path: "/privacy/integrity",
+        label: "Audit log integrity",
+        roles: PRIVACY,
+    },
+    NavItem {
+        path: "/admin/users",
+        label: "Users",
+        roles: &[Role::SecurityAdmin],
+    },
+    NavItem {
+        path: "/admin/policies",
+        label: "Policies",
+        roles: &[Role::SecurityAdmin],
+    },
+    NavItem {
+        path: "/admin/clients",
+        label: "Service clients",
+        roles: &[Role::SecurityAdmin],
+    },
+    NavItem {
+        path: "/admin/status",
+        label: "System status",
+        roles: &[Role::SecurityAdmin],
+    },
+    NavItem {
+        path: "/account",
+        label: "My account",
+        roles: &[],
+    },
+];
+
+/// A navigation link as the layout renders it.
+pub struct NavLink {
+    pub href: &'static str,
+    pub label: &'static str,
+    pub current: bool,
+}
+
+/// What the layout needs on every signed-in page.
+pub struct Chrome {
+    pub title: String,
+    pub user: String,
+    pub role: String,
+    pub nav: Vec<NavLink>,
+    /// The session's CSRF token, for every form's hidden `csrf` field.
+    pub csrf: String,
+    /// Seconds of inactivity before the session ends (the idle warning's countdown).
+    pub idle_secs: i64,
+}
+
+impl Chrome {
+    /// The layout for a page before sign-in: no user, no navigation.
+    pub(crate) fn public(title: &str, csrf: &str) -> Chrome {
+        Chrome {
+            title: title.to_owned(),
+            user: String::new(),
+            role: String::new(),
+            nav: vec![],
+            csrf: csrf.to_owned(),
+            idle_secs: 0,
+        }
+    }
+}
+
+/// The signed-in caller of a console request.
+pub struct Signed {
+    pub caller: Caller,
+    pub token: Token,
+    pub csrf: String,
+}
+
+impl Signed {
+    pub(crate) fn role(&self) -> Option<Role> {
+        self.caller.role()
+    }
+
+    pub(crate) fn username(&self) -> String {
+        self.caller
+            .principal()
+            .map(|p| p.username.as_str().to_owned())
+            .unwrap_or_default()
+    }
+
+    /// The layout's context for a page titled `title` at `path`.
+    pub(crate) fn chrome(&self, web: &Web, title: &str, path: &str) -> Chrome {
+        let role = self.role();
+        let nav = NAV
+            .iter()
+            .filter(|n| n.roles.is_empty() || role.is_some_and(|r| n.roles.contains(&r)))
+            .map(|n| NavLink {
+                href: n.path,
+                label: n.label,
+                current: path == n.path || path.starts_with(&format!("{}/", n.path)),
+            })
+            .collect();
+        Chrome {
+            title: title.to_owned(),
+            user: self.username(),
+            role: role
+                .map(|r| r.as_str().replace('_', " "))
+                .unwrap_or_default(),
+            nav,
+            csrf: self.csrf.clone(),
+            idle_secs: web.options.idle_timeout_secs,
+        }
+    }
+}
+
+/// The CSRF token bound to a session: SHA-256 over a domain tag and the session token
+/// (OWASP CSRF Prevention Cheat Sheet, synchronizer token). Knowing it reveals nothing of
+/// the token; only a page rendered for the session carries it.
+pub(crate) fn csrf_for(token: &Token) -> String {
+    use base64::Engine;
+    let mut h = Sha256::new();
+    h.update(b"medvault-web csrf v1\0");
+    h.update(token.expose().as_bytes());
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(h.finalize())
+}
+
+/// A cookie's value from the request's `Cookie` headers.
+pub(crate) fn cookie(h: &HeaderMap, name: &str) -> Option<String> {
+    h.get_all(header::COOKIE)
+        .iter()
+        .filter_map(|c| c.to_str().ok())
+        .flat_map(|s| s.split(';'))
+        .filter_map(|p| p.trim().split_once('='))
+        .find(|(k, v)| *k == name && !v.is_empty())
+        .map(|(_, v)| v.to_owned())
+}
+
+/// Adds a `Set-Cookie` (`HttpOnly; Secure; SameSite=Strict`); `max_age` 0 deletes it.
+pub(crate) fn set_cookie(r: &mut Response, name: &str, value: &str, path: &str, max_age: i64) {
+    let age = if max_age > 0 {
+        format!("; Max-Age={max_age}")
+    } else if value.is_empty() {
+        "; Max-Age=0".to_owned()
+    } else {
+        String::new()
+    };
+    let c = format!("{name}={value}; HttpOnly; Secure; SameSite=Strict; Path={path}{age}");
+    if let Ok(v) = HeaderValue::from_str(&c) {
+        r.headers_mut().append(header::SET_COOKIE, v);
+    }
+}
+
+/// The anonymous caller the server put on the request (source address, request id).
+pub(crate) fn anonymous(parts: &Parts) -> Caller {
+    parts
+        .extensions
+        .get::<Caller>()
+        .cloned()
+        .unwrap_or_else(|| Caller::anonymous(None, medvault_types::random_uuid()))
+}
+
+/// The caller before sign-in (source address, request id): an extractor that never fails.
+pub(crate) struct Anon(pub Caller);
+
+impl<S: Send + Sync> FromRequestParts<S> for Anon {
+    type Rejection = std::convert::Infallible;
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Anon(anonymous(parts)))
+    }
+}
+
+impl FromRequestParts<Web> for Signed {
+    type Rejection = WebError;
+    async fn from_request_parts(parts: &mut Parts, web: &Web) -> Result<Self, WebError> {
+        let anon = anonymous(parts);
+        let token = cookie(&parts.headers, SESSION_COOKIE)
+            .map(|t| Token::from_client(&t))
+            .ok_or(WebError::SignIn)?;
+        let vault = web.vault.clone();
+        let t = token.clone();
+        let caller = blocking(move || vault.authenticate(&anon, &t, None))
+            .await?
+            .map_err(|e| match e {
+                VaultError::Unauthenticated => WebError::SignIn,
+                other => WebError::Vault(other),
+            })?;
+        Ok(Signed {
+            caller,
+            csrf: csrf_for(&token),
+            token,
+        })
+    }
+}
+
+/// Runs blocking gate work off the async runtime.
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, WebError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|_| WebError::Vault(VaultError::Internal("blocking task failed".into())))
+}
+
+/// Runs gate work as the signed-in caller.
+pub(crate) async fn gate<T: Send + 'static>(
+    web: &Web,
+    s: &Signed,
+    f: impl FnOnce(&Vault, &Caller) -> Result<T, VaultError> + Send + 'static,
+) -> Result<T, WebError> {
+    let vault = web.vault.clone();
+    let c = s.caller.clone();
+    Ok(blocking(move || f(&vault, &c)).await??)
+}
+
+/// The caller after a step-up: when `code` (an authenticator or recovery code) is given it
+/// is verified inside the session first, and the caller is authenticated again so its
+/// assurance is fresh; without one, the caller as it is (a step-up within the last five
+/// minutes still counts).
+pub(crate) async fn stepped_up(web: &Web, s: &Signed, code: &str) -> Result<Caller, WebError> {
+    let code: String = code
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .take(64)
+        .collect();
+    if code.is_empty() {
+        return Ok(s.caller.clone());
+    }
+    let vault = web.vault.clone();
+    let (c, token) = (s.caller.clone(), s.token.clone());
+    Ok(blocking(move || {
+        let factor = if code.len() == 6 && code.bytes().all(|b| b.is_ascii_digit()) {
+            medvault_core::Factor::Totp(&code)
+        } else {
+            medvault_core::Factor::Recovery(&code)
+        };
+        vault.step_up(&c, &factor)?;
+        let anon = Caller::anonymous(c.source.clone(), c.request_id.clone());
+        vault.authenticate(&anon, &token, None)
+    })
+    .await??)
+}
+
+/// Why a console request did not get its page.
+#[derive(Debug)]
+pub enum WebError {
+    /// Not signed in (or the session ended): back to the sign-in page.
+    SignIn,
+    /// The gate refused or failed.
+    Vault(VaultError),
+    /// A form the console could not use (400), with what to fix.
+    Form(String),
+    /// The request's CSRF token is missing or wrong (403).
+    Csrf,
+}
+
+impl From<VaultError> for WebError {
+    fn from(e: VaultError) -> Self {
+        WebError::Vault(e)
+    }
+}
+
+#[derive(Template)]
+#[template(path = "error.html")]
+struct ErrorPage {
+    title: &'static str,
+    message: String,
+}
+
+impl IntoResponse for WebError {
+    fn into_response(self) -> Response {
+        use StatusCode as S;
+        let (status, title, message) = match self {
+            WebError::SignIn => return Redirect::to("/login").into_response(),
+            WebError::Csrf => (
+                S::FORBIDDEN,
+                "Request refused",
+                "This form expired or did not come from this site. Go back, reload the page and try again.".to_owned(),
+            ),
+            WebError::Form(m) => (S::BAD_REQUEST, "Please check the form", m),
+            WebError::Vault(e) => match e {
+                VaultError::NotFound | VaultError::Gone => (
+                    S::NOT_FOUND,
+                    "Not found",
+                    "There is nothing here, or nothing you may see.".to_owned(),
+                ),
+                VaultError::StepUpRequired => (
+                    S::UNAUTHORIZED,
+                    "Confirm it is you",
+                    "This action needs your authenticator code (entered within the last five minutes). Go back and enter it with the form.".to_owned(),
+                ),
+                VaultError::Unauthenticated => (
+                    S::UNAUTHORIZED,
+                    "Not accepted",
+                    "The code or credential was not accepted.".to_owned(),
+                ),
+                VaultError::Locked { retry_after } => (
+                    S::TOO_MANY_REQUESTS,
+                    "Too many attempts",
+                    format!("Too many failed attempts: try again in {retry_after} seconds."),
+                ),
+                e @ (VaultError::Forbidden { .. }
+                | VaultError::NoRelationship { .. }
+                | VaultError::Restricted { .. }
+                | VaultError::Refused { .. }
+                | VaultError::PurposeNotAllowed { .. }
+                | VaultError::SeparationOfDuties(_)
+                | VaultError::TrainingLapsed) => (S::FORBIDDEN, "Not permitted", capitalize(&e.to_string())),
+                e @ (VaultError::BadRequest(_) | VaultError::Fhir(_)) => {
+                    (S::BAD_REQUEST, "Please check the form", capitalize(&e.to_string()))
+                }
+                VaultError::Unprocessable(m) => (S::UNPROCESSABLE_ENTITY, "Please check the form", capitalize(&m)),
+                e @ (VaultError::Duplicate(_) | VaultError::Conflict) => {
+                    (S::CONFLICT, "Already done", capitalize(&e.to_string()))
+                }
+                VaultError::PreconditionFailed(m) => (S::PRECONDITION_FAILED, "Changed meanwhile", capitalize(m)),
+                VaultError::AuditUnavailable | VaultError::Unavailable(_) => (
+                    S::SERVICE_UNAVAILABLE,
+                    "Unavailable",
+                    "medvault cannot record this access in its audit log right now, so it refused it. Try again shortly.".to_owned(),
+                ),
+                e @ (VaultError::Identity(_) | VaultError::Internal(_)) => {
+                    tracing::error!(cause = %e, "console request failed");
+                    (S::INTERNAL_SERVER_ERROR, "Something went wrong", "The request failed; it has been logged.".to_owned())
+                }
+            },
+        };
+        let page = ErrorPage { title, message };
+        let mut r = match page.render() {
+            Ok(html) => Html(html).into_response(),
+            Err(_) => title.into_response(),
+        };
+        *r.status_mut() = status;
+        r
+    }
+}
+
+fn capitalize(s: &str) -> String {
+    let mut c = s.chars();
+    match c.next() {
+        Some(f) => f.to_uppercase().chain(c).collect(),
+        None => String::new(),
+    }
+}
+
+/// Renders a page (200).
+pub(crate) fn render<T: Template>(t: &T) -> Result<Response, WebError> {
+    t.render()
+        .map(|h| Html(h).into_response())
+        .map_err(|e| WebError::Vault(VaultError::Internal(format!("template: {e}"))))
+}
+
+/// `303 See Other` to `to` (after a form post).
+pub(crate) fn see_other(to: &str) -> Response {
+    Redirect::to(to).into_response()
+}
+
+/// `/`: the signed-in user's home (the first page their role has), else sign-in.
+async fn home(s: Option<Signed>) -> Response {
+    let Some(s) = s else {
+        return see_other("/login");
+    };
+    let role = s.role();
+    let to = NAV
+        .iter()
+        .find(|n| role.is_some_and(|r| n.roles.contains(&r)))
+        .map_or("/account", |n| n.path);
+    see_other(to)
+}
+
+impl axum::extract::OptionalFromRequestParts<Web> for Signed {
+    type Rejection = WebError;
+    async fn from_request_parts(parts: &mut Parts, web: &Web) -> Result<Option<Self>, WebError> {
+        match <Signed as FromRequestParts<Web>>::from_request_parts(parts, web).await {
+            Ok(s) => Ok(Some(s)),
+            Err(WebError::SignIn) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// The console's static files: its stylesheet and the two scripts the platform requires
+/// (the WebAuthn ceremony, the idle-logoff warning). Compiled in; nothing is read from disk.
+async fn asset(axum::extract::Path(file): axum::extract::Path<String>) -> Response {
+    let (body, kind): (&'static str, &'static str) = match file.as_str() {
+        "console.css" => (
+            include_str!("../static/console.css"),
+            "text/css; charset=utf-8",
+        ),
+        "console.js" => (
+            include_str!("../static/console.js"),
+            "text/javascript; charset=utf-8",
+        ),
+        "passkey.js" => (
+            include_str!("../static/passkey.js"),
+            "text/javascript; charset=utf-8",
+        ),
+        _ => return WebError::Vault(VaultError::NotFound).into_response(),
+    };
+    let mut r = body.into_response();
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(kind));
+    r
+}
+
+/// The console's own `Content-Security-Policy` on every answer (the server adds the rest:
+/// HSTS, `nosniff`, `no-store`, `X-Frame-Options`, `Referrer-Policy`).
+async fn console_headers(req: Request, next: Next) -> Response {
+    let mut r = next.run(req).await;
+    r.headers_mut().insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CONSOLE_CSP),
+    );
+    r
+}
+
+/// The CSRF guard: every request that is not a safe method carries the token of the page
+/// that made it — a form's `csrf` field, or the `X-CSRF-Token` header from the console's
+/// scripts — and it must match: the session's ([`csrf_for`]) on signed-in pages, the
+/// sign-in cookie's on `/login*`. A browser's `Sec-Fetch-Site: cross-site` is refused
+/// outright. Nothing runs, and nothing changes, unless it matches.
+async fn csrf_guard(req: Request, next: Next) -> Response {
+    if req.method().is_safe() {
+        return next.run(req).await;
+    }
+    let (parts, body) = req.into_parts();
+    let cross_site = parts
+        .headers
+        .get("sec-fetch-site")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v == "cross-site");
+    // The server read the body already (bounded by its limit).
+    let Ok(bytes) = axum::body::to_bytes(body, usize::MAX).await else {
+        return WebError::Csrf.into_response();
+    };
+    let expected = if parts.uri.path().starts_with("/login") {
+        cookie(&parts.headers, SIGNIN_CSRF_COOKIE)
+    } else {
+        cookie(&parts.headers, SESSION_COOKIE).map(|t| csrf_for(&Token::from_client(&t)))
+    };
+    let sent = match parts
+        .headers
+        .get("x-csrf-token")
+        .and_then(|v| v.to_str().ok())
+    {
+        Some(h) => Some(h.to_owned()),
+        None => serde_urlencoded::from_bytes::<Vec<(String, String)>>(&bytes)
+            .ok()
+            .and_then(|f| f.into_iter().find(|(k, _)| k == "csrf").map(|(_, v)| v)),
+    };
+    let ok = match (expected, sent) {
+        (Some(e), Some(s)) => constant_time_eq(e.as_bytes(), s.as_bytes()),
+        _ => false,
+    };
+    if cross_site || !ok {
+        return WebError::Csrf.into_response();
+    }
+    next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+        .await
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Unix seconds as `YYYY-MM-DD HH:MM UTC` (empty for 0 or out of range).
+pub(crate) fn when(secs: i64) -> String {
+    if secs <= 0 {
+        return String::new();
+    }
+    time::OffsetDateTime::from_unix_timestamp(secs)
+        .ok()
+        .and_then(|t| {
+            t.format(time::macros::format_description!(
+                "[year]-[month]-[day] [hour]:[minute] UTC"
+            ))
+            .ok()
+        })
+        .unwrap_or_default()
+}
+
+/// A form field: trimmed, at most `max` characters.
+pub(crate) fn field(v: &str, max: usize) -> String {
+    v.trim().chars().take(max).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn csrf_tokens_differ_per_session_and_hide_the_token() {
+        let a = Token::from_client("session-a");
+        let b = Token::from_client("session-b");
+        assert_ne!(csrf_for(&a), csrf_for(&b));
+        assert_eq!(csrf_for(&a), csrf_for(&Token::from_client("session-a")));
+        assert!(!csrf_for(&a).contains("session-a"));
+    }
+
+    #[test]
+    fn every_nav_entry_is_a_console_path() {
+        for n in NAV {
+            assert!(
+                n.path.starts_with('/') && !n.path.ends_with('/'),
+                "{}",
+                n.path
+            );
+        }
+        assert!(
+            NAV.iter().any(|n| n.roles.is_empty()),
+            "every role has a page"
+        );
+    }
+
+    #[test]
+    fn constant_time_eq_compares_whole_values() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+    }
+}

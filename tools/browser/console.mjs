@@ -1,0 +1,319 @@
+// medvault's web console in real Chromium (Debian's chromium, driven by puppeteer-core over
+// the DevTools protocol): one browser, one isolated context per person, the scenario of
+// issue 12's "Done means". Every page visited is checked for inline script and style, for
+// CSP violations, and with axe-core (WCAG 2.1 A/AA rules) for serious or critical
+// accessibility violations; every request URL is recorded so the caller can check that no
+// patient name was in one. Screenshots of the main pages go to MEDVAULT_SCREENSHOTS.
+//
+// Environment: MEDVAULT_URL (https://localhost:PORT), MEDVAULT_CERT (the server's PEM
+// certificate, trusted by its SPKI hash), MEDVAULT_SCENARIO (JSON: users with password,
+// totp_secret and recovery codes; chart ids and the search name), MEDVAULT_SCREENSHOTS (a
+// directory), CHROMIUM (default /usr/bin/chromium). Prints one JSON line: what each step saw.
+import { createHash, createHmac, X509Certificate } from 'node:crypto';
+import { mkdirSync, readFileSync } from 'node:fs';
+import { createRequire } from 'node:module';
+import puppeteer from 'puppeteer-core';
+
+const env = process.env;
+const require = createRequire(import.meta.url);
+const axeSource = readFileSync(require.resolve('axe-core/axe.min.js'), 'utf8');
+const sc = JSON.parse(env.MEDVAULT_SCENARIO);
+const base = env.MEDVAULT_URL;
+const shots = env.MEDVAULT_SCREENSHOTS;
+mkdirSync(shots, { recursive: true });
+
+// RFC 6238 TOTP (SHA-1, 6 digits, 30 s), as an authenticator app computes it.
+function b32(s) {
+  const alphabet = 'ABCDEFGHIJKLMNOPQRSTUVWXYZ234567';
+  let bits = '';
+  for (const c of s.replace(/=+$/, '').toUpperCase()) {
+    bits += alphabet.indexOf(c).toString(2).padStart(5, '0');
+  }
+  const out = [];
+  for (let i = 0; i + 8 <= bits.length; i += 8) out.push(parseInt(bits.slice(i, i + 8), 2));
+  return Buffer.from(out);
+}
+function totp(secret) {
+  const counter = Math.floor(Date.now() / 1000 / 30);
+  const msg = Buffer.alloc(8);
+  msg.writeBigUInt64BE(BigInt(counter));
+  const h = createHmac('sha1', b32(secret)).update(msg).digest();
+  const o = h[h.length - 1] & 0xf;
+  const n = ((h[o] & 0x7f) << 24) | (h[o + 1] << 16) | (h[o + 2] << 8) | h[o + 3];
+  return String(n % 1000000).padStart(6, '0');
+}
+// Each person's recovery codes, used for step-ups (a TOTP code works once per 30 s).
+function recovery(user) {
+  return sc.users[user].recovery_codes.shift();
+}
+
+const pem = readFileSync(env.MEDVAULT_CERT);
+const spki = createHash('sha256')
+  .update(new X509Certificate(pem).publicKey.export({ type: 'spki', format: 'der' }))
+  .digest('base64');
+const browser = await puppeteer.launch({
+  executablePath: env.CHROMIUM ?? '/usr/bin/chromium',
+  headless: true,
+  args: [
+    '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+    '--disable-background-networking', '--disable-component-update', '--disable-sync',
+    `--ignore-certificate-errors-spki-list=${spki}`,
+  ],
+});
+
+const out = { pages: {}, urls: [], csp_violations: [], axe: {}, inline: {}, steps: {} };
+
+async function person() {
+  const ctx = await browser.createBrowserContext();
+  const page = await ctx.newPage();
+  await page.setViewport({ width: 1280, height: 900 });
+  page.on('request', (r) => out.urls.push(r.url()));
+  page.on('console', (m) => {
+    if (/Content Security Policy|Refused to/i.test(m.text())) out.csp_violations.push(m.text());
+  });
+  return { ctx, page };
+}
+
+// Checks the page now shown: inline script/style, headers seen on its document, axe.
+async function check(page, name, response) {
+  const html = await page.content();
+  const inline = [];
+  if (/<script(?![^>]*\bsrc=)[^>]*>/i.test(html)) inline.push('inline <script>');
+  if (/<style[\s>]/i.test(html)) inline.push('<style> element');
+  if (/\sstyle\s*=/i.test(html)) inline.push('style attribute');
+  if (/\son[a-z]+\s*=/i.test(html)) inline.push('event handler attribute');
+  out.inline[name] = inline;
+  if (response) {
+    const h = response.headers();
+    out.pages[name] = {
+      status: response.status(),
+      csp: h['content-security-policy'] ?? null,
+      cache: h['cache-control'] ?? null,
+      nosniff: h['x-content-type-options'] ?? null,
+      hsts: h['strict-transport-security'] ?? null,
+    };
+  }
+  // axe-core evaluated over DevTools (not as a page script, which the CSP forbids).
+  await page.evaluate(axeSource);
+  const r = await page.evaluate(async () => {
+    // eslint-disable-next-line no-undef
+    const res = await axe.run(document, { runOnly: { type: 'tag', values: ['wcag2a', 'wcag2aa', 'wcag21a', 'wcag21aa'] } });
+    return res.violations
+      .filter((v) => v.impact === 'serious' || v.impact === 'critical')
+      .map((v) => `${v.id}: ${v.nodes.map((n) => n.target.join(' ')).slice(0, 3).join(', ')}`);
+  });
+  out.axe[name] = r;
+}
+
+async function shot(page, name) {
+  await page.screenshot({ path: `${shots}/${name}.png`, fullPage: true });
+}
+
+async function go(page, path, name) {
+  const r = await page.goto(`${base}${path}`, { waitUntil: 'load' });
+  if (name) await check(page, name, r);
+  return r;
+}
+
+async function submit(page, selector) {
+  const [r] = await Promise.all([
+    page.waitForNavigation({ waitUntil: 'load' }),
+    page.click(selector),
+  ]);
+  return r;
+}
+
+async function text(page) {
+  return page.evaluate(() => document.body.innerText);
+}
+
+// Password, then TOTP (the default second factor).
+async function signIn(page, user, label) {
+  const r = await go(page, '/login', label ? `${label}-login` : null);
+  if (label === 'nurse') await shot(page, 'sign-in');
+  await page.type('#username', user);
+  await page.type('#password', sc.users[user].password);
+  const mfa = await submit(page, 'form[action="/login"] button[type="submit"]');
+  if (label) await check(page, `${label}-mfa`, mfa);
+  await page.type('#code', totp(sc.users[user].totp_secret));
+  const home = await submit(page, 'form[action="/login/mfa"] button[type="submit"]');
+  return { status: r.status(), landed: new URL(page.url()).pathname, home };
+}
+
+try {
+  // 1. The nurse signs in with TOTP; the treated chart shows vitals and a restricted billing section.
+  const nurse = await person();
+  {
+    const s = await signIn(nurse.page, sc.nurse, 'nurse');
+    out.steps.nurse_landed = s.landed;
+    await check(nurse.page, 'patients', s.home);
+    await shot(nurse.page, 'patients');
+    const r = await go(nurse.page, `/patients/${sc.treated}`, 'chart-nurse');
+    const t = await text(nurse.page);
+    out.steps.nurse_chart = {
+      status: r.status(),
+      vitals_plot: await nurse.page.$$eval('#vitals svg', (x) => x.length),
+      vitals_rows: await nurse.page.$$eval('#vitals tbody tr', (x) => x.length),
+      billing: await nurse.page.$eval('#billing', (x) => x.innerText),
+      restricted_notice: t.includes('Some information in this chart is restricted'),
+    };
+    await shot(nurse.page, 'chart-nurse');
+  }
+
+  // 2. The physician registers a passkey (virtual platform authenticator) and signs in with it.
+  const phys = await person();
+  {
+    const cdp = await phys.page.createCDPSession();
+    await cdp.send('WebAuthn.enable');
+    const { authenticatorId } = await cdp.send('WebAuthn.addVirtualAuthenticator', {
+      options: {
+        protocol: 'ctap2', transport: 'internal', hasResidentKey: true,
+        hasUserVerification: true, isUserVerified: true, automaticPresenceSimulation: true,
+      },
+    });
+    await signIn(phys.page, sc.physician, 'physician');
+    await go(phys.page, '/account', 'account');
+    await phys.page.$eval('#passkey-name', (e) => { e.value = ''; });
+    await phys.page.type('#passkey-name', 'Chromium platform authenticator');
+    await phys.page.type('#passkey-code', recovery(sc.physician));
+    await Promise.all([
+      phys.page.waitForNavigation({ waitUntil: 'load' }),
+      phys.page.click('#passkey-register button[type="submit"]'),
+    ]);
+    const added = await text(phys.page);
+    out.steps.passkey_added = added.includes('Passkey added') && added.includes('Chromium platform authenticator');
+    await shot(phys.page, 'account');
+    // Sign out, then password + passkey.
+    await submit(phys.page, 'form[action="/logout"] button');
+    out.steps.signed_out_at = new URL(phys.page.url()).pathname;
+    await go(phys.page, '/login');
+    await phys.page.type('#username', sc.physician);
+    await phys.page.type('#password', sc.users[sc.physician].password);
+    await submit(phys.page, 'form[action="/login"] button[type="submit"]');
+    out.steps.passkey_button = (await phys.page.$('#passkey-signin')) !== null;
+    await Promise.all([
+      phys.page.waitForNavigation({ waitUntil: 'load' }),
+      phys.page.click('#passkey-signin'),
+    ]);
+    out.steps.passkey_landed = new URL(phys.page.url()).pathname;
+    const creds = await cdp.send('WebAuthn.getCredentials', { authenticatorId });
+    out.steps.authenticator_credentials = creds.credentials.length;
+
+    // 3. A restricted chart: something is hidden, and the page says so without count or category.
+    await go(phys.page, `/patients/${sc.treated}`, 'chart-physician');
+    const t = await text(phys.page);
+    out.steps.restricted_chart = {
+      notice: t.includes('Some information in this chart is restricted'),
+      leaks: sc.sensitive_words.filter((w) => t.toLowerCase().includes(w.toLowerCase())),
+    };
+    await shot(phys.page, 'chart-restricted');
+
+    // 4. Search by name (posted), then break the glass on a chart with no relationship.
+    await go(phys.page, '/patients');
+    await phys.page.type('#q-name', sc.search_name);
+    const res = await submit(phys.page, 'form[action="/patients"] button[type="submit"]');
+    await check(phys.page, 'search-results', res);
+    out.steps.search_found = await phys.page.$$eval(`a[href="/patients/${sc.glass}"]`, (x) => x.length);
+    await Promise.all([
+      phys.page.waitForNavigation({ waitUntil: 'load' }),
+      phys.page.click(`a[href="/patients/${sc.glass}"]`),
+    ]);
+    await check(phys.page, 'chart-closed', null);
+    const closed = await text(phys.page);
+    out.steps.no_relationship = closed.includes('no treatment relationship');
+    out.steps.break_glass_form = (await phys.page.$('#btg-reason')) !== null;
+    await shot(phys.page, 'break-the-glass');
+    await phys.page.select('#btg-reason', 'medical-emergency');
+    await phys.page.type('#btg-justification', 'Unconscious in the emergency department; no record of allergies elsewhere.');
+    await phys.page.type('#btg-code', recovery(sc.physician));
+    const opened = await submit(phys.page, 'form[action$="/break-glass"] button[type="submit"]');
+    const o = await text(phys.page);
+    out.steps.glass_chart = {
+      status: opened.status(),
+      path: new URL(phys.page.url()).pathname,
+      problems: o.includes('Asthma'),
+      through: o.includes('break-the-glass'),
+    };
+    await check(phys.page, 'chart-glass', opened);
+  }
+
+  // 5. The privacy officer finds that access in the review queue and the access report.
+  const po = await person();
+  {
+    await signIn(po.page, sc.privacy_officer, 'privacy');
+    const r = await go(po.page, '/privacy/reviews', 'reviews');
+    const t = await text(po.page);
+    out.steps.review_queue = {
+      status: r.status(),
+      physician: t.includes(sc.physician),
+      justification: t.includes('Unconscious in the emergency department'),
+      chart_link: await po.page.$$eval(`a[href="/privacy/patients/${sc.glass}"]`, (x) => x.length),
+    };
+    await shot(po.page, 'reviews');
+    await go(po.page, `/privacy/patients/${sc.glass}`, 'access-report');
+    const a = await text(po.page);
+    out.steps.access_report = {
+      physician: a.includes(sc.physician),
+      timeline: await po.page.$$eval('figure svg rect', (x) => x.length),
+    };
+    await shot(po.page, 'access-report');
+    // Close the review.
+    await go(po.page, '/privacy/reviews');
+    await po.page.type('input[name="note"]', 'Confirmed with the emergency department.');
+    await po.page.type('input[name="code"]', recovery(sc.privacy_officer));
+    await submit(po.page, 'form[action^="/privacy/reviews/"] button[type="submit"]');
+    out.steps.reviewed = (await text(po.page)).includes('Confirmed with the emergency department.');
+    await go(po.page, '/privacy/audit-events', 'audit-events');
+    await po.page.type('#e-agent', sc.physician);
+    await submit(po.page, 'form[action="/privacy/audit-events"] button[type="submit"]');
+    await check(po.page, 'audit-events-results', null);
+    out.steps.audit_events = await po.page.$$eval('tbody tr', (x) => x.length);
+    await go(po.page, '/privacy/integrity', 'integrity');
+    await submit(po.page, 'form[action="/privacy/integrity"] button');
+    out.steps.verified = await po.page.$eval('#verification', (x) => x.innerText);
+    await shot(po.page, 'integrity');
+  }
+
+  // 6. The security administrator disables the nurse; the nurse's open page returns to sign-in.
+  const admin = await person();
+  {
+    await signIn(admin.page, sc.security_admin, 'admin');
+    await go(admin.page, '/admin/users', 'users');
+    await shot(admin.page, 'users');
+    await go(admin.page, '/admin/policies', 'policies');
+    await go(admin.page, '/admin/clients', 'clients');
+    await go(admin.page, '/admin/status', 'status');
+    await go(admin.page, '/admin/users');
+    const form = `form[action="/admin/users/${sc.nurse}/disable"]`;
+    await admin.page.$eval(`${form}`, (f) => { f.closest('details').open = true; });
+    await admin.page.type(`${form} input[name="code"]`, recovery(sc.security_admin));
+    await submit(admin.page, `${form} button[type="submit"]`);
+    out.steps.disabled = (await text(admin.page)).includes('disabled');
+    const t0 = Date.now();
+    await nurse.page.waitForFunction(() => location.pathname === '/login', { timeout: 45000 });
+    out.steps.nurse_returned_to = new URL(nurse.page.url()).pathname;
+    out.steps.nurse_returned_after_ms = Date.now() - t0;
+  }
+
+  // 7. A patient sees their own record and their own access report.
+  const pat = await person();
+  {
+    await signIn(pat.page, sc.patient, 'patient');
+    out.steps.patient_landed = new URL(pat.page.url()).pathname;
+    await go(pat.page, '/me', 'portal-record');
+    out.steps.patient_record = (await text(pat.page)).includes('Treated');
+    await go(pat.page, '/me/access', 'portal-access');
+    const a = await text(pat.page);
+    out.steps.patient_access_report = {
+      nurse: a.includes(sc.nurse),
+      timeline: await pat.page.$$eval('figure svg rect', (x) => x.length),
+    };
+    await shot(pat.page, 'portal-access');
+    await go(pat.page, '/me/consents', 'portal-consents');
+  }
+} catch (e) {
+  out.error = String(e && e.stack ? e.stack : e);
+} finally {
+  await browser.close();
+}
+console.log(JSON.stringify(out));
