@@ -5481,6 +5481,285 @@ fn web_console_in_real_chromium() {
     }
 }
 
+/// A browser's view of one console request: status, headers (every `Set-Cookie`), body.
+struct Page {
+    status: u16,
+    headers: Vec<(String, String)>,
+    cookies: Vec<String>,
+    body: String,
+}
+
+impl Page {
+    fn header(&self, name: &str) -> &str {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map_or("", |(_, v)| v.as_str())
+    }
+
+    /// The value of the first form's hidden `csrf` field.
+    fn csrf(&self) -> String {
+        let at = self
+            .body
+            .find("name=\"csrf\" value=\"")
+            .expect("a csrf field")
+            + "name=\"csrf\" value=\"".len();
+        self.body[at..].split('"').next().unwrap().to_owned()
+    }
+}
+
+/// One console request without following redirects: `cookies` as a `Cookie` header, an
+/// optional url-encoded form, extra headers.
+fn page(
+    s: &Server,
+    method: &str,
+    path: &str,
+    cookies: &[(String, String)],
+    form: Option<&[(&str, &str)]>,
+    extra: &[(&str, &str)],
+) -> Page {
+    let agent = agent_with(&s.dir, 0);
+    let mut req = agent.request(method, &s.url(path));
+    if !cookies.is_empty() {
+        let c: Vec<String> = cookies.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        req = req.set("Cookie", &c.join("; "));
+    }
+    for (k, v) in extra {
+        req = req.set(k, v);
+    }
+    let res = match form {
+        Some(f) => req.send_form(f),
+        None => req.call(),
+    };
+    let r = match res {
+        Ok(r) | Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("{method} {path}: {e}"),
+    };
+    let headers = r
+        .headers_names()
+        .into_iter()
+        .map(|n| (n.clone(), r.header(&n).unwrap_or("").to_owned()))
+        .collect();
+    let cookies = r
+        .all("set-cookie")
+        .iter()
+        .map(|c| (*c).to_owned())
+        .collect();
+    Page {
+        status: r.status(),
+        headers,
+        cookies,
+        body: r.into_string().unwrap(),
+    }
+}
+
+/// The `name=value` of a `Set-Cookie` named `name`.
+fn set_cookie(p: &Page, name: &str) -> Option<(String, String)> {
+    p.cookies.iter().find_map(|c| {
+        let (k, v) = c.split(';').next()?.split_once('=')?;
+        (k == name && !v.is_empty()).then(|| (k.to_owned(), v.to_owned()))
+    })
+}
+
+/// Signs in through the console's forms; returns the session cookie.
+fn console_sign_in(s: &Server, user: &str, password: &str, secret: &str) -> (String, String) {
+    let login = page(s, "GET", "/login", &[], None, &[]);
+    assert_eq!(login.status, 200);
+    let signin = set_cookie(&login, "medvault_signin").expect("the sign-in CSRF cookie");
+    let csrf = login.csrf();
+    let r = page(
+        s,
+        "POST",
+        "/login",
+        &[signin.clone()],
+        Some(&[("csrf", &csrf), ("username", user), ("password", password)]),
+        &[],
+    );
+    assert_eq!(r.status, 303, "{}", r.body);
+    let mfa = set_cookie(&r, "medvault_mfa").expect("the challenge cookie");
+    let r = page(
+        s,
+        "POST",
+        "/login/mfa",
+        &[signin, mfa],
+        Some(&[
+            ("csrf", &csrf),
+            ("method", "totp"),
+            ("code", &totp(secret, 0)),
+        ]),
+        &[],
+    );
+    assert_eq!(r.status, 303, "{}", r.body);
+    assert_eq!(r.header("location"), "/");
+    let session = set_cookie(&r, "medvault_session").expect("the session cookie");
+    assert!(r.cookies.iter().any(|c| c.starts_with("medvault_session=")
+        && c.contains("HttpOnly")
+        && c.contains("Secure")
+        && c.contains("SameSite=Strict")));
+    session
+}
+
+/// The console's HTTP contract, without a browser: every page answers with the security
+/// headers (strict CSP, no-store, nosniff, HSTS, no framing) and without inline script or
+/// style; every form's CSRF token is checked on submit — missing, wrong, another
+/// session's, or sent cross-site, the change is refused (403) and nothing changes; signed
+/// out, a page sends the browser to sign-in.
+#[test]
+fn web_console_forms_check_csrf_and_pages_carry_security_headers() {
+    let (_t, dir, staff) = setup();
+    let s = Server::start(&dir, &[]);
+    // Signed out: pages redirect to sign-in, the sign-in page itself is served.
+    let r = page(&s, "GET", "/patients", &[], None, &[]);
+    assert_eq!((r.status, r.header("location")), (303, "/login"));
+    // A sign-in form posted without its token is refused before any password is checked.
+    let (admin, apw, asecret) = staff.get("security_admin");
+    let r = page(
+        &s,
+        "POST",
+        "/login",
+        &[],
+        Some(&[("username", admin), ("password", apw)]),
+        &[],
+    );
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert!(set_cookie(&r, "medvault_mfa").is_none());
+    let session = console_sign_in(&s, admin, apw, asecret);
+    let cookies = [session.clone()];
+    let home = page(&s, "GET", "/", &cookies, None, &[]);
+    assert_eq!(
+        (home.status, home.header("location")),
+        (303, "/admin/users")
+    );
+    let inline_script = regex_lite_script();
+    for path in [
+        "/admin/users",
+        "/admin/policies",
+        "/admin/clients",
+        "/admin/status",
+        "/account",
+        "/login",
+    ] {
+        let p = page(&s, "GET", path, &cookies, None, &[]);
+        assert_eq!(p.status, 200, "{path}: {}", p.body);
+        let csp = p.header("content-security-policy");
+        for d in [
+            "default-src 'self'",
+            "script-src 'self'",
+            "style-src 'self'",
+            "frame-ancestors 'none'",
+            "form-action 'self'",
+        ] {
+            assert!(csp.contains(d), "{path}: {csp}");
+        }
+        assert!(
+            !csp.contains("unsafe-inline") && !csp.contains("unsafe-eval"),
+            "{path}: {csp}"
+        );
+        assert_eq!(p.header("cache-control"), "no-store", "{path}");
+        assert_eq!(p.header("x-content-type-options"), "nosniff", "{path}");
+        assert_eq!(p.header("x-frame-options"), "DENY", "{path}");
+        assert!(
+            p.header("strict-transport-security").contains("max-age="),
+            "{path}"
+        );
+        assert!(p.header("content-type").starts_with("text/html"), "{path}");
+        assert!(!inline_script(&p.body), "{path} has inline script or style");
+        // Every form carries the token.
+        assert_eq!(
+            p.body.matches("<form").count() - p.body.matches("id=\"passkey-register\"").count(),
+            p.body.matches("name=\"csrf\"").count(),
+            "{path}: a form without its CSRF field"
+        );
+    }
+    let csrf = page(&s, "GET", "/admin/users", &cookies, None, &[]).csrf();
+    let (nurse, npw, nsecret) = staff.get("nurse");
+    let disable = format!("/admin/users/{nurse}/disable");
+    // Missing, wrong, and another session's token; the right one sent cross-site.
+    let other = {
+        let (po, ppw, psecret) = staff.get("privacy_officer");
+        let sess = console_sign_in(&s, po, ppw, psecret);
+        page(&s, "GET", "/account", &[sess], None, &[]).csrf()
+    };
+    for (form, extra) in [
+        (vec![("code", "")], vec![]),
+        (vec![("csrf", "AAAA"), ("code", "")], vec![]),
+        (vec![("csrf", other.as_str()), ("code", "")], vec![]),
+        (
+            vec![("csrf", csrf.as_str()), ("code", "")],
+            vec![("Sec-Fetch-Site", "cross-site")],
+        ),
+    ] {
+        let r = page(&s, "POST", &disable, &cookies, Some(&form), &extra);
+        assert_eq!(r.status, 403, "{form:?} {extra:?}: {}", r.body);
+        assert!(r.body.contains("did not come from this site"), "{}", r.body);
+    }
+    // Nothing changed: the nurse still signs in.
+    s.login(nurse, npw, nsecret);
+    // With its token the form works (the sign-in a minute ago counts as the step-up).
+    let users = page(&s, "GET", "/admin/users", &cookies, None, &[]);
+    assert!(!users.body.contains("class=\"bad\">disabled"));
+    let r = page(
+        &s,
+        "POST",
+        &disable,
+        &cookies,
+        Some(&[("csrf", &csrf), ("code", "")]),
+        &[],
+    );
+    assert_eq!((r.status, r.header("location")), (303, "/admin/users"), "{}", r.body);
+    let users = page(&s, "GET", "/admin/users", &cookies, None, &[]);
+    assert!(users.body.contains("class=\"bad\">disabled"));
+    // Signing out needs the token too, and ends the session.
+    let r = page(&s, "POST", "/logout", &cookies, Some(&[]), &[]);
+    assert_eq!(r.status, 403);
+    let r = page(
+        &s,
+        "POST",
+        "/logout",
+        &cookies,
+        Some(&[("csrf", &csrf)]),
+        &[],
+    );
+    assert_eq!(r.status, 303);
+    let r = page(&s, "GET", "/admin/users", &cookies, None, &[]);
+    assert_eq!((r.status, r.header("location")), (303, "/login"));
+    let r = page(&s, "GET", "/session/status", &cookies, None, &[]);
+    assert_eq!(r.status, 401);
+    // The static scripts and stylesheet, with their types.
+    for (f, t) in [
+        ("console.js", "text/javascript"),
+        ("passkey.js", "text/javascript"),
+        ("console.css", "text/css"),
+    ] {
+        let p = page(&s, "GET", &format!("/static/{f}"), &[], None, &[]);
+        assert_eq!(p.status, 200);
+        assert!(p.header("content-type").starts_with(t), "{f}");
+    }
+}
+
+/// Whether an HTML page has inline script or style: a `<script>` without `src`, a
+/// `<style>` element, a `style=` or `on…=` attribute.
+fn regex_lite_script() -> impl Fn(&str) -> bool {
+    |html: &str| {
+        let lower = html.to_ascii_lowercase();
+        lower
+            .split("<script")
+            .skip(1)
+            .any(|t| !t.split('>').next().unwrap_or("").contains("src="))
+            || lower.contains("<style")
+            || lower.contains(" style=")
+            || [
+                " onclick=",
+                " onload=",
+                " onsubmit=",
+                " onerror=",
+                " onchange=",
+            ]
+            .iter()
+            .any(|a| lower.contains(a))
+    }
+}
+
 fn form_call(s: &Server, body: &str, basic: Option<(&str, &str)>) -> Resp {
     let mut h = vec![("Content-Type", "application/x-www-form-urlencoded")];
     let auth;
