@@ -1098,10 +1098,39 @@ fn demo(
         if let Some(b) = &bar {
             b.set_message("loading through the secure path");
         }
-        let n = vault
+        let written = vault
             .transaction(&Caller::cli(&op, Role::Importer), bundle, "import", false)
-            .map_err(describe)?
-            .len();
+            .map_err(describe)?;
+        let n = written.len();
+        // A patient-portal account for the first demo patient (identity checked in person,
+        // as the front desk would).
+        if let Some(pid) = written
+            .iter()
+            .find_map(|e| e.location.strip_prefix("Patient/"))
+            .and_then(|l| l.split('/').next())
+        {
+            let u = vault
+                .add_user(
+                    &Caller::cli(&op, Role::SecurityAdmin),
+                    "patient",
+                    Role::Patient,
+                    None,
+                )
+                .map_err(describe)?;
+            vault
+                .link_portal(
+                    &Caller::cli(&op, Role::FrontDesk),
+                    pid,
+                    "patient",
+                    "self",
+                    "in-person-known-patient",
+                )
+                .map_err(describe)?;
+            logins.push(
+                json!({"username": u.username.as_str(), "role": Role::Patient.as_str(),
+                "password": u.password.expose(), "totp_secret": u.totp_secret}),
+            );
+        }
         if let Some(b) = bar {
             b.finish_and_clear();
         }
@@ -1129,7 +1158,7 @@ fn demo(
                 );
             }
             println!();
-            println!("Log in: POST /auth/login {{\"username\",\"password\"}}, then POST /auth/mfa/totp {{\"mfa_token\",\"code\"}}");
+            println!("API: POST /auth/login {{\"username\",\"password\"}}, then POST /auth/mfa/totp {{\"mfa_token\",\"code\"}}");
             println!("with a code from an authenticator app, or `medvault totp-code SECRET`. These logins are shown once.");
         }
         drop(vault);
@@ -1141,17 +1170,45 @@ fn demo(
         println!("delete the directory to start over).");
     }
     let (cfg, vault, op) = open(dir)?;
-    let announce: Option<Announce> = as_json.then(|| {
-        let data_dir = dir.display().to_string();
+    let data_dir = dir.display().to_string();
+    let announce: Announce = if as_json {
         Box::new(move |url: &str| {
             println!(
                 "{}",
-                json!({"url": url, "fhir_base": format!("{url}/fhir"), "data_dir": data_dir,
-                    "created": fresh, "users": logins})
+                json!({"url": url, "console": format!("{}/", console_url(url)), "fhir_base": format!("{url}/fhir"),
+                    "data_dir": data_dir, "created": fresh, "users": logins})
             );
-        }) as Announce
-    });
+        })
+    } else {
+        let names: Vec<String> = logins
+            .iter()
+            .filter_map(|l| l["username"].as_str().map(str::to_owned))
+            .collect();
+        Box::new(move |url: &str| {
+            println!();
+            if names.is_empty() {
+                println!(
+                    "Web console: open {}/ and sign in as one of the demo users (password, then a TOTP code).",
+                    console_url(url)
+                );
+            } else {
+                println!(
+                    "Web console: open {}/ and sign in as {} (password, then a TOTP code).",
+                    console_url(url),
+                    names.join(", ")
+                );
+            }
+            println!("The certificate is self-signed: its SHA-256 fingerprint is printed above.");
+        })
+    };
+    let announce = Some(announce);
     serve_vault(dir, &cfg, vault, op, listen, announce)
+}
+
+/// The URL to open the console at: a loopback address becomes `localhost`, the name
+/// passkeys work with (WebAuthn needs a domain, not an IP address).
+fn console_url(url: &str) -> String {
+    url.replacen("https://127.0.0.1:", "https://localhost:", 1)
 }
 
 fn progress_bar(len: u64, msg: &'static str) -> Option<indicatif::ProgressBar> {

@@ -1662,12 +1662,26 @@ fn demo_and_bench_run() {
         "security_admin",
         "privacy_officer",
         "auditor",
+        "patient",
     ] {
         assert!(
             text.lines().any(|l| l.starts_with(&format!("{role} "))),
             "demo prints a {role} login named {role}"
         );
     }
+    // The newcomer is sent to the web console, at the name passkeys work with.
+    assert!(
+        text.contains(&format!(
+            "Web console: open https://localhost:{port}/ and sign in as security_admin, physician"
+        )),
+        "{text}"
+    );
+    // The demo patient's portal account reaches their own chart.
+    let line = text.lines().find(|l| l.starts_with("patient ")).unwrap();
+    let p: Vec<&str> = line.split_whitespace().collect();
+    let ptok = s.login(p[0], p[2], p[3]);
+    let own = s.get("/fhir/Patient", &ptok);
+    assert_eq!(own.body["total"].as_u64(), Some(1), "{:?}", own.body);
     drop(s);
     // `demo --json`: one line with the URL and the logins, for scripts.
     let dir2 = tmp.path().join("demo-json");
@@ -1699,9 +1713,10 @@ fn demo_and_bench_run() {
         .parse()
         .unwrap();
     assert_eq!(j["url"], format!("https://127.0.0.1:{port}"));
+    assert_eq!(j["console"], format!("https://localhost:{port}/"));
     assert_eq!(j["fhir_base"], format!("https://127.0.0.1:{port}/fhir"));
     let users = j["users"].as_array().unwrap();
-    assert_eq!(users.len(), 7);
+    assert_eq!(users.len(), 8, "one login per staff role and the demo patient");
     for u in users {
         assert_eq!(u["username"], u["role"]);
     }
@@ -5706,7 +5721,12 @@ fn web_console_forms_check_csrf_and_pages_carry_security_headers() {
         Some(&[("csrf", &csrf), ("code", "")]),
         &[],
     );
-    assert_eq!((r.status, r.header("location")), (303, "/admin/users"), "{}", r.body);
+    assert_eq!(
+        (r.status, r.header("location")),
+        (303, "/admin/users"),
+        "{}",
+        r.body
+    );
     let users = page(&s, "GET", "/admin/users", &cookies, None, &[]);
     assert!(users.body.contains("class=\"bad\">disabled"));
     // Signing out needs the token too, and ends the session.
