@@ -12,7 +12,10 @@ use medvault_core::{PasskeyView, Password, SessionView};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::{gate, render, see_other, set_cookie, stepped_up, when, Chrome, Signed, Web, WebError};
+use crate::{
+    gate, json_error, render, see_other, set_cookie, stepped_up, when, Chrome, CodeForm,
+    SecretPage, Signed, Web, WebError,
+};
 
 pub(crate) fn routes() -> Router<Web> {
     Router::new()
@@ -49,15 +52,6 @@ struct AccountPage {
     notice: String,
     sessions: Vec<SessionRow>,
     passkeys: Vec<PasskeyRow>,
-}
-
-#[derive(Template)]
-#[template(path = "secret.html")]
-struct SecretPage {
-    chrome: Chrome,
-    intro: String,
-    items: Vec<(String, String)>,
-    codes: Vec<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -116,16 +110,6 @@ async fn end_session(
 ) -> Result<Response, WebError> {
     gate(&web, &s, move |v, c| v.end_session(c, &id)).await?;
     Ok(see_other("/account?done=session"))
-}
-
-#[derive(Deserialize, Default)]
-#[serde(default)]
-struct CodeForm {
-    code: String,
-}
-
-fn json_error(status: StatusCode, message: &str) -> Response {
-    (status, Json(json!({ "error": message }))).into_response()
 }
 
 async fn passkey_start(State(web): State<Web>, s: Signed, Json(f): Json<CodeForm>) -> Response {

@@ -11,7 +11,9 @@ use axum::{Form, Router};
 use medvault_core::{Password, PolicyVersion, Role, VaultError};
 use serde::Deserialize;
 
-use crate::{gate, render, see_other, stepped_up, when, Chrome, Signed, Web, WebError};
+use crate::{
+    gate, render, see_other, stepped_up, when, Chrome, CodeForm, SecretPage, Signed, Web, WebError,
+};
 
 pub(crate) fn routes() -> Router<Web> {
     Router::new()
@@ -75,15 +77,6 @@ async fn users(State(web): State<Web>, s: Signed) -> Result<Response, WebError> 
             .collect(),
         roles: ROLES.iter().map(|r| r.as_str()).collect(),
     })
-}
-
-#[derive(Template)]
-#[template(path = "secret.html")]
-struct SecretPage {
-    chrome: Chrome,
-    intro: String,
-    items: Vec<(String, String)>,
-    codes: Vec<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -264,12 +257,6 @@ async fn propose(
     let vault = web.vault.clone();
     crate::blocking(move || vault.propose_policy(&c, &f.text)).await??;
     Ok(see_other("/admin/policies"))
-}
-
-#[derive(Deserialize, Default)]
-#[serde(default)]
-struct CodeForm {
-    code: String,
 }
 
 async fn approve(

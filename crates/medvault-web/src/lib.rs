@@ -474,6 +474,29 @@ fn capitalize(s: &str) -> String {
     }
 }
 
+/// A page that shows secrets once (a new user's password, a TOTP enrollment, recovery
+/// codes, a client secret): `items` as a list of (label, value), `codes` one per line.
+#[derive(Template)]
+#[template(path = "secret.html")]
+pub(crate) struct SecretPage {
+    pub chrome: Chrome,
+    pub intro: String,
+    pub items: Vec<(String, String)>,
+    pub codes: Vec<String>,
+}
+
+/// A form whose only field is the step-up code.
+#[derive(serde::Deserialize, Default)]
+#[serde(default)]
+pub(crate) struct CodeForm {
+    pub code: String,
+}
+
+/// A JSON error for the console's scripts (they show `error`).
+pub(crate) fn json_error(status: StatusCode, message: &str) -> Response {
+    (status, axum::Json(serde_json::json!({ "error": message }))).into_response()
+}
+
 /// Renders a page (200).
 pub(crate) fn render<T: Template>(t: &T) -> Result<Response, WebError> {
     t.render()

@@ -16,8 +16,8 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::{
-    blocking, cookie, render, see_other, set_cookie, Anon, Chrome, Signed, Web, WebError,
-    MFA_COOKIE, SESSION_COOKIE, SIGNIN_CSRF_COOKIE,
+    blocking, cookie, json_error, render, see_other, set_cookie, Anon, Chrome, Signed, Web,
+    WebError, MFA_COOKIE, SESSION_COOKIE, SIGNIN_CSRF_COOKIE,
 };
 
 pub(crate) fn routes() -> Router<Web> {
@@ -237,11 +237,6 @@ async fn mfa(
         ),
         Err(e) => Err(e.into()),
     }
-}
-
-/// JSON errors for the passkey script (it shows `error`).
-fn json_error(status: StatusCode, message: &str) -> Response {
-    (status, Json(json!({ "error": message }))).into_response()
 }
 
 async fn passkey_start(State(web): State<Web>, Anon(anon): Anon, headers: HeaderMap) -> Response {

@@ -1716,7 +1716,11 @@ fn demo_and_bench_run() {
     assert_eq!(j["console"], format!("https://localhost:{port}/"));
     assert_eq!(j["fhir_base"], format!("https://127.0.0.1:{port}/fhir"));
     let users = j["users"].as_array().unwrap();
-    assert_eq!(users.len(), 8, "one login per staff role and the demo patient");
+    assert_eq!(
+        users.len(),
+        8,
+        "one login per staff role and the demo patient"
+    );
     for u in users {
         assert_eq!(u["username"], u["role"]);
     }
