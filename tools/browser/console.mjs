@@ -158,6 +158,11 @@ try {
       restricted_notice: t.includes('Some information in this chart is restricted'),
     };
     await shot(nurse.page, 'chart-nurse');
+    // The same chart on a tablet in portrait.
+    await nurse.page.setViewport({ width: 768, height: 1024 });
+    await go(nurse.page, `/patients/${sc.treated}`, 'chart-tablet');
+    await shot(nurse.page, 'chart-tablet');
+    await nurse.page.setViewport({ width: 1280, height: 900 });
   }
 
   // 2. The physician registers a passkey (virtual platform authenticator) and signs in with it.

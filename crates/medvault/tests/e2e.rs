@@ -5230,6 +5230,34 @@ fn single_sign_on_against_a_real_openid_provider() {
     assert_eq!(r.status, 200, "{:?}", r.body);
     assert_eq!(r.body["role"], "nurse");
     let bob = r.body["token"].as_str().unwrap().to_owned();
+    // The web console offers the configured providers, and a browser's callback lands in
+    // the console with its session cookie (a page continuing same-site, not a redirect
+    // from the IdP's site that would drop the SameSite=Strict cookie).
+    let login = page(&s, "GET", "/login", &[], None, &[]);
+    assert!(
+        login.body.contains("href=\"/auth/oidc/medvault/start\""),
+        "{}",
+        login.body
+    );
+    let back = idp.sign_in(&start("medvault"), "dr.alice");
+    let html = page(
+        &s,
+        "GET",
+        back.strip_prefix(&base).unwrap(),
+        &[],
+        None,
+        &[("Accept", "text/html")],
+    );
+    assert_eq!(html.status, 200, "{}", html.body);
+    assert!(
+        html.body
+            .contains("http-equiv=\"refresh\" content=\"0;url=/\""),
+        "{}",
+        html.body
+    );
+    let session = set_cookie(&html, "medvault_session").expect("the SSO session cookie");
+    let home = page(&s, "GET", "/", &[session], None, &[]);
+    assert_eq!((home.status, home.header("location")), (303, "/patients"));
     let up = s.post("/auth/webauthn/register/start", &bob, &json!({}));
     assert_eq!(up.status, 401);
     assert_eq!(
