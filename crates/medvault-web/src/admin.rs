@@ -116,7 +116,7 @@ async fn add_user(
     }
     render(&SecretPage {
         chrome: s.chrome(&web, "User added", "/admin/users"),
-        intro: "Hand these to the user in person; this page will not show them again. They change the password at first sign-in.".into(),
+        intro: "Hand these to the user in person; this page will not show them again. Ask them to change the password under My account.".into(),
         items,
         codes: u.recovery_codes.clone(),
     })

@@ -723,6 +723,11 @@ async fn break_glass(
     if !valid_id(&id) {
         return Err(WebError::Vault(VaultError::NotFound));
     }
+    if f.justification.trim().chars().count() > 2000 {
+        return Err(WebError::Form(
+            "The justification is longer than 2,000 characters: shorten it.".into(),
+        ));
+    }
     let justification = crate::field(&f.justification, 2000);
     let reason = crate::field(&f.reason, 64);
     let c = stepped_up(&web, &s, &f.code).await?;
@@ -735,10 +740,12 @@ async fn break_glass(
 /// The portal account's own chart (else the first it is a proxy for).
 async fn own_chart(web: &Web, s: &Signed) -> Result<Option<String>, WebError> {
     let mine = gate(web, s, |v, c| v.my_patients(c)).await?;
+    // Only a portal account's own or proxied chart: staff have no "my record" here, and
+    // must not open (and be audited reading) a patient's chart by visiting it.
     Ok(mine
         .iter()
         .find(|(_, r)| *r == Relationship::Own)
-        .or(mine.first())
+        .or_else(|| mine.iter().find(|(_, r)| *r == Relationship::Proxy))
         .map(|(d, _)| d.id().to_owned()))
 }
 

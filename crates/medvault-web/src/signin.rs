@@ -227,7 +227,7 @@ async fn mfa(
         Ok(grant) => Ok(signed_in(&grant, see_other("/"))),
         Err(VaultError::Unauthenticated) => mfa_form(
             &headers,
-            "That code was not accepted. Codes work once; wait for the next one if you just used it.",
+            "That code was not accepted. Codes work once; wait for the next one if you just used it. After three wrong codes, start again with your password.",
             StatusCode::UNAUTHORIZED,
         ),
         Err(VaultError::Locked { retry_after }) => mfa_form(

@@ -102,7 +102,7 @@ pub(crate) fn trend(name: &str, unit: &str, mut points: Vec<Point>) -> String {
         unit
     );
     format!(
-        "<figure><svg viewBox=\"0 0 {W} {H}\" width=\"{W}\" height=\"{H}\" role=\"img\" aria-labelledby=\"t\" xmlns=\"http://www.w3.org/2000/svg\">\
+        "<figure><svg viewBox=\"0 0 {W} {H}\" width=\"{W}\" height=\"{H}\" role=\"img\" xmlns=\"http://www.w3.org/2000/svg\">\
 <title>{t}</title><desc>{d}</desc>\
 <line x1=\"{LEFT}\" y1=\"{TOP}\" x2=\"{LEFT}\" y2=\"{yb}\" stroke=\"#4a4a4a\"/>\
 <line x1=\"{LEFT}\" y1=\"{yb}\" x2=\"{xr}\" y2=\"{yb}\" stroke=\"#4a4a4a\"/>\

@@ -5618,7 +5618,7 @@ fn console_sign_in(s: &Server, user: &str, password: &str, secret: &str) -> (Str
         s,
         "POST",
         "/login",
-        &[signin.clone()],
+        std::slice::from_ref(&signin),
         Some(&[("csrf", &csrf), ("username", user), ("password", password)]),
         &[],
     );
@@ -5654,7 +5654,22 @@ fn console_sign_in(s: &Server, user: &str, password: &str, secret: &str) -> (Str
 #[test]
 fn web_console_forms_check_csrf_and_pages_carry_security_headers() {
     let (_t, dir, staff) = setup();
+    let charts = three_charts(&dir, &staff);
     let s = Server::start(&dir, &[]);
+    // Regression (newcomer trial): "My record" is a portal account's own chart; a clinician
+    // with patients must not open (and be audited reading) one of theirs by visiting /me.
+    let (phys, ppw, psecret) = staff.get("physician");
+    let ps = [console_sign_in(&s, phys, ppw, psecret)];
+    let mine = page(&s, "GET", "/patients", &ps, None, &[]);
+    let treated = charts[0][0].strip_prefix("Patient/").unwrap();
+    assert!(
+        mine.body.contains(&format!("/patients/{treated}")),
+        "{}",
+        mine.body
+    );
+    for path in ["/me", "/me/access", "/me/consents"] {
+        assert_eq!(page(&s, "GET", path, &ps, None, &[]).status, 404, "{path}");
+    }
     // Signed out: pages redirect to sign-in, the sign-in page itself is served.
     let r = page(&s, "GET", "/patients", &[], None, &[]);
     assert_eq!((r.status, r.header("location")), (303, "/login"));
