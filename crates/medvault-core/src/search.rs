@@ -62,6 +62,9 @@ pub struct SearchResult {
     /// `$everything` only: the caller may break the glass for this chart (a clinical role,
     /// not already under an emergency grant).
     pub may_break_glass: bool,
+    /// `$everything` only: how the caller reaches the chart (treatment, a break-the-glass
+    /// grant, their own record, …).
+    pub relationship: Option<Relationship>,
 }
 
 const DEFAULT_COUNT: usize = 50;
@@ -975,122 +978,129 @@ impl Vault {
             .collect();
         // As for searches: the notice is the policy's, not the chart's.
         let never = self.never_visible(&visible, &all_types);
-        let (rows, disclosed, withheld, total, more, snapshot, (restricted, may_break_glass)) =
-            self.audited_read(c, move |cx, tx| {
-                let snapshot = cursor_snapshot.unwrap_or(tx.audit_len());
-                let mut rec = cx.record("everything", Outcome::Success);
-                rec.resource = Some(format!("Patient/{patient}"));
-                let Ok(pid) = PatientId::new(&patient) else {
+        let (
+            rows,
+            disclosed,
+            withheld,
+            total,
+            more,
+            snapshot,
+            (restricted, may_break_glass, relationship),
+        ) = self.audited_read(c, move |cx, tx| {
+            let snapshot = cursor_snapshot.unwrap_or(tx.audit_len());
+            let mut rec = cx.record("everything", Outcome::Success);
+            rec.resource = Some(format!("Patient/{patient}"));
+            let Ok(pid) = PatientId::new(&patient) else {
+                rec.outcome = Outcome::NotFound;
+                return Ok((vec![rec], Err(VaultError::NotFound)));
+            };
+            rec.patient = Some(pid.to_string());
+            let patient_row = match tx.current("Patient", pid.as_str())? {
+                Some(r) if !r.deleted() => r,
+                _ => {
                     rec.outcome = Outcome::NotFound;
                     return Ok((vec![rec], Err(VaultError::NotFound)));
-                };
-                rec.patient = Some(pid.to_string());
-                let patient_row = match tx.current("Patient", pid.as_str())? {
-                    Some(r) if !r.deleted() => r,
-                    _ => {
-                        rec.outcome = Outcome::NotFound;
-                        return Ok((vec![rec], Err(VaultError::NotFound)));
-                    }
-                };
-                // The chart as the caller reaches it: without a relationship, a clinician
-                // is told so (and whether breaking the glass would help), not handed a
-                // chart silently cut down to demographics.
-                let rel = cx.relationship(tx, Some(&pid))?;
-                let mut visible = reach.open.clone();
-                match rel {
-                    Relationship::Treatment => visible.extend(reach.treatment.iter().copied()),
-                    Relationship::BreakGlass | Relationship::Emergency => {
-                        visible.extend(reach.break_glass.iter().copied())
-                    }
-                    Relationship::Own => visible.extend(reach.own.iter().copied()),
-                    Relationship::Proxy => visible.extend(reach.proxy.iter().copied()),
-                    Relationship::None if !reach.own.is_empty() || !reach.proxy.is_empty() => {
-                        // A portal account and a chart it is not linked to.
-                        rec.outcome = Outcome::Denied;
-                        return Ok((vec![rec], Err(VaultError::Forbidden { withheld: vec![] })));
-                    }
-                    Relationship::None if !reach.treatment.is_empty() => {
-                        rec.outcome = Outcome::Denied;
-                        rec.detail = Some("no treatment relationship".into());
-                        let break_glass = !reach.break_glass.is_empty() && cx.may_break_glass();
-                        return Ok((vec![rec], Err(VaultError::NoRelationship { break_glass })));
-                    }
-                    Relationship::None => {}
                 }
-                // A chart restricted as a whole (its Patient labelled, or consent denying
-                // the demographics) is refused as such, not returned empty.
-                if let Err(e) = cx.read_patient(tx, &patient_row, rel)? {
+            };
+            // The chart as the caller reaches it: without a relationship, a clinician
+            // is told so (and whether breaking the glass would help), not handed a
+            // chart silently cut down to demographics.
+            let rel = cx.relationship(tx, Some(&pid))?;
+            let mut visible = reach.open.clone();
+            match rel {
+                Relationship::Treatment => visible.extend(reach.treatment.iter().copied()),
+                Relationship::BreakGlass | Relationship::Emergency => {
+                    visible.extend(reach.break_glass.iter().copied())
+                }
+                Relationship::Own => visible.extend(reach.own.iter().copied()),
+                Relationship::Proxy => visible.extend(reach.proxy.iter().copied()),
+                Relationship::None if !reach.own.is_empty() || !reach.proxy.is_empty() => {
+                    // A portal account and a chart it is not linked to.
                     rec.outcome = Outcome::Denied;
-                    rec.detail = Some("restricted".into());
-                    return Ok((vec![rec], Err(e)));
+                    return Ok((vec![rec], Err(VaultError::Forbidden { withheld: vec![] })));
                 }
-                let mut q = SearchQuery {
-                    privacy: Some(match (rel, emergency_privacy) {
-                        (Relationship::Emergency | Relationship::Own, Some(e)) => e,
-                        _ => privacy,
-                    }),
-                    patient: Some(pid),
-                    created_before: Some(snapshot),
-                    last_updated: since
-                        .map(|s| {
-                            vec![TimeRange {
-                                from: Some(format_instant(s)),
-                                to: None,
-                                outside: false,
-                            }]
-                        })
-                        .unwrap_or_default(),
-                    after: cursor.and_then(|c| c.after),
-                    limit,
-                    ..Default::default()
-                };
-                q.types = types;
-                let mut total = 0u64;
-                let mut withheld = vec![];
-                for (cat, n) in tx.tally(&q)? {
-                    match cat.parse::<Category>() {
-                        Ok(k) if visible.contains(&k) => total += n,
-                        Ok(k) => push_unique(&mut withheld, k),
-                        Err(_) => push_unique(&mut withheld, Category::Notes),
+                Relationship::None if !reach.treatment.is_empty() => {
+                    rec.outcome = Outcome::Denied;
+                    rec.detail = Some("no treatment relationship".into());
+                    let break_glass = !reach.break_glass.is_empty() && cx.may_break_glass();
+                    return Ok((vec![rec], Err(VaultError::NoRelationship { break_glass })));
+                }
+                Relationship::None => {}
+            }
+            // A chart restricted as a whole (its Patient labelled, or consent denying
+            // the demographics) is refused as such, not returned empty.
+            if let Err(e) = cx.read_patient(tx, &patient_row, rel)? {
+                rec.outcome = Outcome::Denied;
+                rec.detail = Some("restricted".into());
+                return Ok((vec![rec], Err(e)));
+            }
+            let mut q = SearchQuery {
+                privacy: Some(match (rel, emergency_privacy) {
+                    (Relationship::Emergency | Relationship::Own, Some(e)) => e,
+                    _ => privacy,
+                }),
+                patient: Some(pid),
+                created_before: Some(snapshot),
+                last_updated: since
+                    .map(|s| {
+                        vec![TimeRange {
+                            from: Some(format_instant(s)),
+                            to: None,
+                            outside: false,
+                        }]
+                    })
+                    .unwrap_or_default(),
+                after: cursor.and_then(|c| c.after),
+                limit,
+                ..Default::default()
+            };
+            q.types = types;
+            let mut total = 0u64;
+            let mut withheld = vec![];
+            for (cat, n) in tx.tally(&q)? {
+                match cat.parse::<Category>() {
+                    Ok(k) if visible.contains(&k) => total += n,
+                    Ok(k) => push_unique(&mut withheld, k),
+                    Err(_) => push_unique(&mut withheld, Category::Notes),
+                }
+            }
+            // Whether the privacy rows hid anything the caller's role would see: one
+            // more tally without them (the answer is a flag, never the difference).
+            let restricted = if q.privacy.is_some() && !visible.is_empty() {
+                let mut unfiltered = q.clone();
+                unfiltered.privacy = None;
+                let mut all = 0u64;
+                for (cat, n) in tx.tally(&unfiltered)? {
+                    if cat.parse::<Category>().is_ok_and(|k| visible.contains(&k)) {
+                        all += n;
                     }
                 }
-                // Whether the privacy rows hid anything the caller's role would see: one
-                // more tally without them (the answer is a flag, never the difference).
-                let restricted = if q.privacy.is_some() && !visible.is_empty() {
-                    let mut unfiltered = q.clone();
-                    unfiltered.privacy = None;
-                    let mut all = 0u64;
-                    for (cat, n) in tx.tally(&unfiltered)? {
-                        if cat.parse::<Category>().is_ok_and(|k| visible.contains(&k)) {
-                            all += n;
-                        }
-                    }
-                    all > total
-                } else {
-                    false
-                };
-                let may_break_glass = cx.may_break_glass() && rel != Relationship::Emergency;
-                q.categories = visible.iter().map(|c| c.as_str().to_owned()).collect();
-                let page = if visible.is_empty() || limit == 0 {
-                    Default::default()
-                } else {
-                    tx.search(&q)?
-                };
-                let (rows, disclosed, _) = cx.filter(tx, page.rows, Action::Read, &mut rec)?;
-                rec.categories_withheld = withheld.iter().map(|c| c.to_string()).collect();
+                all > total
+            } else {
+                false
+            };
+            let may_break_glass = cx.may_break_glass() && rel != Relationship::Emergency;
+            q.categories = visible.iter().map(|c| c.as_str().to_owned()).collect();
+            let page = if visible.is_empty() || limit == 0 {
+                Default::default()
+            } else {
+                tx.search(&q)?
+            };
+            let (rows, disclosed, _) = cx.filter(tx, page.rows, Action::Read, &mut rec)?;
+            rec.categories_withheld = withheld.iter().map(|c| c.to_string()).collect();
+            Ok((
+                vec![rec],
                 Ok((
-                    vec![rec],
-                    Ok((
-                        rows,
-                        disclosed,
-                        withheld,
-                        total,
-                        page.more,
-                        snapshot,
-                        (restricted, may_break_glass),
-                    )),
-                ))
-            })?;
+                    rows,
+                    disclosed,
+                    withheld,
+                    total,
+                    page.more,
+                    snapshot,
+                    (restricted, may_break_glass, rel),
+                )),
+            ))
+        })?;
         let _ = withheld;
         let mut result = SearchResult {
             entries: if count == Some(0) {
@@ -1104,6 +1114,7 @@ impl Vault {
             count: limit,
             restricted,
             may_break_glass,
+            relationship: Some(relationship),
             ..Default::default()
         };
         if more && count != Some(0) {

@@ -13,7 +13,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::{
-    gate, json_error, render, see_other, set_cookie, stepped_up, when, Chrome, CodeForm,
+    gate, json_error, render, see_other, set_cookie, stepped_gate, when, Chrome, CodeForm,
     SecretPage, Signed, Web, WebError,
 };
 
@@ -113,18 +113,20 @@ async fn end_session(
 }
 
 async fn passkey_start(State(web): State<Web>, s: Signed, Json(f): Json<CodeForm>) -> Response {
-    let c = match stepped_up(&web, &s, &f.code).await {
-        Ok(c) => c,
-        Err(_) => return json_error(StatusCode::UNAUTHORIZED, "the code was not accepted"),
-    };
-    let vault = web.vault.clone();
-    match crate::blocking(move || vault.passkey_registration_start(&c)).await {
-        Ok(Ok(o)) => Json(o).into_response(),
-        Ok(Err(medvault_core::VaultError::StepUpRequired)) => json_error(
+    match stepped_gate(&web, &s, &f.code, |vault, c| {
+        vault.passkey_registration_start(c)
+    })
+    .await
+    {
+        Ok(o) => Json(o).into_response(),
+        Err(WebError::Vault(medvault_core::VaultError::StepUpRequired)) => json_error(
             StatusCode::UNAUTHORIZED,
             "enter your authenticator code to add a passkey",
         ),
-        _ => json_error(StatusCode::BAD_REQUEST, "a passkey cannot be added now"),
+        Err(WebError::Vault(
+            medvault_core::VaultError::Unauthenticated | medvault_core::VaultError::Locked { .. },
+        )) => json_error(StatusCode::UNAUTHORIZED, "the code was not accepted"),
+        Err(_) => json_error(StatusCode::BAD_REQUEST, "a passkey cannot be added now"),
     }
 }
 
@@ -162,9 +164,10 @@ async fn remove_passkey(
     Path(id): Path<String>,
     Form(f): Form<CodeForm>,
 ) -> Result<Response, WebError> {
-    let c = stepped_up(&web, &s, &f.code).await?;
-    let vault = web.vault.clone();
-    crate::blocking(move || vault.revoke_passkey(&c, &id)).await??;
+    stepped_gate(&web, &s, &f.code, move |vault, c| {
+        vault.revoke_passkey(c, &id)
+    })
+    .await?;
     Ok(see_other("/account?done=passkey-removed"))
 }
 
@@ -173,9 +176,10 @@ async fn recovery_codes(
     s: Signed,
     Form(f): Form<CodeForm>,
 ) -> Result<Response, WebError> {
-    let c = stepped_up(&web, &s, &f.code).await?;
-    let vault = web.vault.clone();
-    let codes = crate::blocking(move || vault.new_recovery_codes(&c)).await??;
+    let codes = stepped_gate(&web, &s, &f.code, move |vault, c| {
+        vault.new_recovery_codes(c)
+    })
+    .await?;
     render(&SecretPage {
         chrome: s.chrome(&web, "New recovery codes", "/account"),
         intro: "Your earlier recovery codes no longer work. Keep these somewhere safe; each works once, and this page will not show them again.".into(),
@@ -189,9 +193,7 @@ async fn reset_totp(
     s: Signed,
     Form(f): Form<CodeForm>,
 ) -> Result<Response, WebError> {
-    let c = stepped_up(&web, &s, &f.code).await?;
-    let vault = web.vault.clone();
-    let e = crate::blocking(move || vault.reset_own_totp(&c)).await??;
+    let e = stepped_gate(&web, &s, &f.code, move |vault, c| vault.reset_own_totp(c)).await?;
     render(&SecretPage {
         chrome: s.chrome(&web, "New authenticator app", "/account"),
         intro: "Add this to your authenticator app now: your old app's codes no longer work. This page will not show the secret again.".into(),

@@ -12,7 +12,8 @@ use medvault_core::{Password, PolicyVersion, Role, VaultError};
 use serde::Deserialize;
 
 use crate::{
-    gate, render, see_other, stepped_up, when, Chrome, CodeForm, SecretPage, Signed, Web, WebError,
+    gate, render, see_other, stepped_gate, when, Chrome, CodeForm, SecretPage, Signed, Web,
+    WebError,
 };
 
 pub(crate) fn routes() -> Router<Web> {
@@ -101,9 +102,10 @@ async fn add_user(
 ) -> Result<Response, WebError> {
     let role = role_of(&f.role)?;
     let name = crate::field(&f.username, 64);
-    let c = stepped_up(&web, &s, &f.code).await?;
-    let vault = web.vault.clone();
-    let u = crate::blocking(move || vault.add_user(&c, &name, role, None::<Password>)).await??;
+    let u = stepped_gate(&web, &s, &f.code, move |vault, c| {
+        vault.add_user(c, &name, role, None::<Password>)
+    })
+    .await?;
     let mut items = vec![
         ("User name".into(), u.username.as_str().to_owned()),
         ("Role".into(), u.role.as_str().replace('_', " ")),
@@ -147,17 +149,17 @@ async fn user_action(
     ) {
         return Err(WebError::Vault(VaultError::NotFound));
     }
-    let c = stepped_up(&web, &s, &f.code).await?;
-    let vault = web.vault.clone();
     let who = name.clone();
-    let enrollment = crate::blocking(move || match (action.as_str(), role) {
-        ("disable", _) => vault.set_user_disabled(&c, &who, true).map(|_| None),
-        ("enable", _) => vault.set_user_disabled(&c, &who, false).map(|_| None),
-        ("unlock", _) => vault.unlock_user(&c, &who).map(|_| None),
-        ("role", Some(r)) => vault.set_user_role(&c, &who, r).map(|_| None),
-        _ => vault.reset_mfa(&c, &who).map(Some),
+    let enrollment = stepped_gate(&web, &s, &f.code, move |vault, c| {
+        match (action.as_str(), role) {
+            ("disable", _) => vault.set_user_disabled(c, &who, true).map(|_| None),
+            ("enable", _) => vault.set_user_disabled(c, &who, false).map(|_| None),
+            ("unlock", _) => vault.unlock_user(c, &who).map(|_| None),
+            ("role", Some(r)) => vault.set_user_role(c, &who, r).map(|_| None),
+            _ => vault.reset_mfa(c, &who).map(Some),
+        }
     })
-    .await??;
+    .await?;
     match enrollment {
         None => Ok(see_other("/admin/users")),
         Some(e) => render(&SecretPage {
@@ -253,9 +255,10 @@ async fn propose(
     s: Signed,
     Form(f): Form<Proposal>,
 ) -> Result<Response, WebError> {
-    let c = stepped_up(&web, &s, &f.code).await?;
-    let vault = web.vault.clone();
-    crate::blocking(move || vault.propose_policy(&c, &f.text)).await??;
+    stepped_gate(&web, &s, &f.code, move |vault, c| {
+        vault.propose_policy(c, &f.text)
+    })
+    .await?;
     Ok(see_other("/admin/policies"))
 }
 
@@ -265,9 +268,10 @@ async fn approve(
     Path(version): Path<i64>,
     Form(f): Form<CodeForm>,
 ) -> Result<Response, WebError> {
-    let c = stepped_up(&web, &s, &f.code).await?;
-    let vault = web.vault.clone();
-    crate::blocking(move || vault.approve_policy(&c, version)).await??;
+    stepped_gate(&web, &s, &f.code, move |vault, c| {
+        vault.approve_policy(c, version)
+    })
+    .await?;
     Ok(see_other("/admin/policies"))
 }
 
@@ -316,10 +320,11 @@ async fn add_client(
     s: Signed,
     Form(f): Form<NewClient>,
 ) -> Result<Response, WebError> {
-    let c = stepped_up(&web, &s, &f.code).await?;
     let (name, scopes) = (crate::field(&f.name, 64), crate::field(&f.scopes, 1000));
-    let vault = web.vault.clone();
-    let n = crate::blocking(move || vault.add_client(&c, &name, &scopes, None)).await??;
+    let n = stepped_gate(&web, &s, &f.code, move |vault, c| {
+        vault.add_client(c, &name, &scopes, None)
+    })
+    .await?;
     let mut items = vec![("Client id".into(), n.client_id.clone())];
     if let Some(secret) = &n.client_secret {
         items.push(("Client secret".into(), secret.expose().to_owned()));
@@ -339,9 +344,10 @@ async fn revoke_client(
     Path(id): Path<String>,
     Form(f): Form<CodeForm>,
 ) -> Result<Response, WebError> {
-    let c = stepped_up(&web, &s, &f.code).await?;
-    let vault = web.vault.clone();
-    crate::blocking(move || vault.revoke_client(&c, &id)).await??;
+    stepped_gate(&web, &s, &f.code, move |vault, c| {
+        vault.revoke_client(c, &id)
+    })
+    .await?;
     Ok(see_other("/admin/clients"))
 }
 

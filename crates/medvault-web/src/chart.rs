@@ -20,7 +20,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::svg::{self, Point};
-use crate::{gate, render, see_other, stepped_up, Chrome, Signed, Web, WebError};
+use crate::{gate, render, see_other, stepped_gate, Chrome, Signed, Web, WebError};
 
 pub(crate) fn routes() -> Router<Web> {
     Router::new()
@@ -679,14 +679,9 @@ async fn chart_page(web: &Web, s: &Signed, id: String, path: &str) -> Result<Res
             page.restricted = r.restricted;
             page.break_glass = r.restricted && r.may_break_glass;
             page.sections = chart_sections(&r);
-            let pid = id.clone();
-            let mine = gate(web, s, |v, c| v.my_patients(c))
-                .await
-                .unwrap_or_default();
-            page.relationship = mine
-                .iter()
-                .find(|(d, _)| d.id() == pid)
-                .map(|(_, r)| relationship_text(*r).to_owned())
+            page.relationship = r
+                .relationship
+                .map(|x| relationship_text(x).to_owned())
                 .unwrap_or_default();
         }
     }
@@ -730,10 +725,11 @@ async fn break_glass(
     }
     let justification = crate::field(&f.justification, 2000);
     let reason = crate::field(&f.reason, 64);
-    let c = stepped_up(&web, &s, &f.code).await?;
-    let vault = web.vault.clone();
     let pid = id.clone();
-    crate::blocking(move || vault.break_glass(&c, &pid, &reason, &justification)).await??;
+    stepped_gate(&web, &s, &f.code, move |vault, c| {
+        vault.break_glass(c, &pid, &reason, &justification)
+    })
+    .await?;
     Ok(see_other(&format!("/patients/{id}")))
 }
 

@@ -348,7 +348,7 @@ pub(crate) async fn gate<T: Send + 'static>(
 /// is verified inside the session first, and the caller is authenticated again so its
 /// assurance is fresh; without one, the caller as it is (a step-up within the last five
 /// minutes still counts).
-pub(crate) async fn stepped_up(web: &Web, s: &Signed, code: &str) -> Result<Caller, WebError> {
+async fn stepped_up(web: &Web, s: &Signed, code: &str) -> Result<Caller, WebError> {
     let code: String = code
         .chars()
         .filter(|c| !c.is_whitespace())
@@ -370,6 +370,19 @@ pub(crate) async fn stepped_up(web: &Web, s: &Signed, code: &str) -> Result<Call
         vault.authenticate(&anon, &token, None)
     })
     .await??)
+}
+
+/// Runs a step-up action: `code` verified first ([`stepped_up`]), then `f` as the caller
+/// with its fresh assurance. What every form behind a step-up does.
+pub(crate) async fn stepped_gate<T: Send + 'static>(
+    web: &Web,
+    s: &Signed,
+    code: &str,
+    f: impl FnOnce(&Vault, &Caller) -> Result<T, VaultError> + Send + 'static,
+) -> Result<T, WebError> {
+    let c = stepped_up(web, s, code).await?;
+    let vault = web.vault.clone();
+    Ok(blocking(move || f(&vault, &c)).await??)
 }
 
 /// Why a console request did not get its page.

@@ -15,7 +15,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::chart::{access_rows, timeline, AccessRow};
-use crate::{gate, render, see_other, stepped_up, when, Chrome, Signed, Web, WebError};
+use crate::{gate, render, see_other, stepped_gate, when, Chrome, Signed, Web, WebError};
 
 pub(crate) fn routes() -> Router<Web> {
     Router::new()
@@ -101,10 +101,11 @@ async fn review(
     Path(id): Path<String>,
     Form(f): Form<ReviewForm>,
 ) -> Result<Response, WebError> {
-    let c = stepped_up(&web, &s, &f.code).await?;
     let (outcome, note) = (crate::field(&f.outcome, 32), crate::field(&f.note, 2000));
-    let vault = web.vault.clone();
-    crate::blocking(move || vault.review_break_glass(&c, &id, &outcome, &note)).await??;
+    stepped_gate(&web, &s, &f.code, move |vault, c| {
+        vault.review_break_glass(c, &id, &outcome, &note)
+    })
+    .await?;
     Ok(see_other("/privacy/reviews"))
 }
 
