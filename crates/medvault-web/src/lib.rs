@@ -301,6 +301,30 @@ impl<S: Send + Sync> FromRequestParts<S> for Anon {
     }
 }
 
+/// The [`NAV`] entry a path belongs to: the longest entry path that is the path itself or
+/// a prefix of it ending at a `/`.
+fn section_of(path: &str) -> Option<&'static NavItem> {
+    NAV.iter()
+        .filter(|n| {
+            path == n.path
+                || path
+                    .strip_prefix(n.path)
+                    .is_some_and(|rest| rest.starts_with('/'))
+        })
+        .max_by_key(|n| n.path.len())
+}
+
+/// Whether `role` may open pages under `path`: a [`NAV`] entry gates the pages under its
+/// path to its roles (an entry without roles, and a path under no entry, is everyone's).
+/// The policy still decides every datum; this keeps people off pages that are not theirs —
+/// a form they cannot use, a step-up code asked for an action their role may not take.
+pub(crate) fn page_allowed(path: &str, role: Option<Role>) -> bool {
+    match section_of(path) {
+        Some(n) if !n.roles.is_empty() => role.is_some_and(|r| n.roles.contains(&r)),
+        _ => true,
+    }
+}
+
 impl FromRequestParts<Web> for Signed {
     type Rejection = WebError;
     async fn from_request_parts(parts: &mut Parts, web: &Web) -> Result<Self, WebError> {
@@ -316,6 +340,9 @@ impl FromRequestParts<Web> for Signed {
                 VaultError::Unauthenticated => WebError::SignIn,
                 other => WebError::Vault(other),
             })?;
+        if !page_allowed(parts.uri.path(), caller.role()) {
+            return Err(WebError::NotYours);
+        }
         Ok(Signed {
             caller,
             csrf: csrf_for(&token),
@@ -396,6 +423,8 @@ pub enum WebError {
     Form(String),
     /// The request's CSRF token is missing or wrong (403).
     Csrf,
+    /// A page of another role's section (403; see [`page_allowed`]).
+    NotYours,
 }
 
 impl From<VaultError> for WebError {
@@ -422,6 +451,11 @@ impl IntoResponse for WebError {
                 "This form expired or did not come from this site. Go back, reload the page and try again.".to_owned(),
             ),
             WebError::Form(m) => (S::BAD_REQUEST, "Please check the form", m),
+            WebError::NotYours => (
+                S::FORBIDDEN,
+                "Not permitted",
+                "This page belongs to another role's work. Your pages are in the menu.".to_owned(),
+            ),
             WebError::Vault(e) => match e {
                 VaultError::NotFound | VaultError::Gone => (
                     S::NOT_FOUND,
@@ -677,6 +711,24 @@ mod tests {
             NAV.iter().any(|n| n.roles.is_empty()),
             "every role has a page"
         );
+    }
+
+    #[test]
+    fn the_navigation_gates_the_pages_under_it() {
+        use Role::*;
+        assert!(page_allowed("/admin/users/x/disable", Some(SecurityAdmin)));
+        assert!(!page_allowed("/admin/users/x/disable", Some(Nurse)));
+        assert!(!page_allowed("/admin/users", Some(PrivacyOfficer)));
+        assert!(page_allowed("/privacy/reviews/1", Some(Auditor)));
+        assert!(!page_allowed("/privacy/patients", Some(Nurse)));
+        assert!(!page_allowed("/patients/abc", Some(SecurityAdmin)));
+        assert!(!page_allowed("/patients", Some(Patient)));
+        assert!(page_allowed("/me/access", Some(Patient)));
+        assert!(!page_allowed("/me", Some(Physician)));
+        // Everyone's: My account, sign-out, the session clock; and no prefix confusion.
+        assert!(page_allowed("/account/passkeys/start", Some(Nurse)));
+        assert!(page_allowed("/logout", Some(Patient)));
+        assert!(page_allowed("/patientsx", Some(Patient)));
     }
 
     #[test]

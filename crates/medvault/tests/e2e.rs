@@ -5668,8 +5668,25 @@ fn web_console_forms_check_csrf_and_pages_carry_security_headers() {
         mine.body
     );
     for path in ["/me", "/me/access", "/me/consents"] {
-        assert_eq!(page(&s, "GET", path, &ps, None, &[]).status, 404, "{path}");
+        assert_eq!(page(&s, "GET", path, &ps, None, &[]).status, 403, "{path}");
     }
+    // Another role's pages are refused as such (not a form the physician cannot use, nor a
+    // step-up code asked for an action their role may not take).
+    let pcsrf = mine.csrf();
+    for path in ["/admin/users", "/privacy/patients", "/privacy/audit-events"] {
+        let r = page(&s, "GET", path, &ps, None, &[]);
+        assert_eq!(r.status, 403, "{path}");
+        assert!(r.body.contains("another role"), "{}", r.body);
+    }
+    let r = page(
+        &s,
+        "POST",
+        "/admin/users/e2e.nurse/disable",
+        &ps,
+        Some(&[("csrf", &pcsrf), ("code", "000000")]),
+        &[],
+    );
+    assert_eq!(r.status, 403, "{}", r.body);
     // Signed out: pages redirect to sign-in, the sign-in page itself is served.
     let r = page(&s, "GET", "/patients", &[], None, &[]);
     assert_eq!((r.status, r.header("location")), (303, "/login"));
