@@ -259,6 +259,7 @@ try {
     const a = await text(po.page);
     out.steps.access_report = {
       physician: a.includes(sc.physician),
+      break_glass: await po.page.$$eval('tbody strong', (x) => x.filter((e) => e.innerText === 'break-the-glass').length),
       timeline: await po.page.$$eval('figure svg rect', (x) => x.length),
     };
     await shot(po.page, 'access-report');
@@ -273,6 +274,7 @@ try {
     await submit(po.page, 'form[action="/privacy/audit-events"] button[type="submit"]');
     await check(po.page, 'audit-events-results', null);
     out.steps.audit_events = await po.page.$$eval('tbody tr', (x) => x.length);
+    out.steps.audit_events_break_glass = await po.page.$$eval('tbody strong', (x) => x.filter((e) => e.innerText === 'break-the-glass').length);
     await go(po.page, '/privacy/integrity', 'integrity');
     await submit(po.page, 'form[action="/privacy/integrity"] button');
     out.steps.verified = await po.page.$eval('#verification', (x) => x.innerText);

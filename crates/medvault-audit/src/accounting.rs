@@ -17,6 +17,9 @@ pub struct Access {
     pub withheld: Vec<String>,
     pub purpose: Option<String>,
     pub detail: Option<String>,
+    /// The access was made under a break-the-glass grant (emergency override).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub break_glass: bool,
     /// For a recorded disclosure: who received it (name, address), decrypted for the report.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub recipient_name: Option<String>,
@@ -42,6 +45,7 @@ impl Access {
             withheld: r.categories_withheld,
             purpose: r.purpose,
             detail,
+            break_glass: r.break_glass,
             recipient_name: text.recipient_name,
             description: text.description,
         }

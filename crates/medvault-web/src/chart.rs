@@ -99,6 +99,8 @@ pub(crate) struct AccessRow {
     pub categories: String,
     pub purpose: String,
     pub detail: String,
+    /// Made under a break-the-glass grant.
+    pub break_glass: bool,
 }
 
 #[derive(Template)]
@@ -769,6 +771,7 @@ pub(crate) fn access_rows(report: &[Access]) -> Vec<AccessRow> {
             categories: a.categories.join(", "),
             purpose: a.purpose.clone().unwrap_or_default(),
             detail: a.detail.clone().unwrap_or_default(),
+            break_glass: a.break_glass,
         })
         .collect()
 }

@@ -187,6 +187,8 @@ pub(crate) struct EventRow {
     pub entity: String,
     pub outcome: String,
     pub purpose: String,
+    /// Under a break-the-glass grant (purpose of event `BTG`).
+    pub break_glass: bool,
 }
 
 #[derive(Template)]
@@ -231,14 +233,16 @@ fn event_row(e: &Value) -> EventRow {
             .take(19)
             .collect::<String>()
             .replace('T', " "),
-        action: {
-            let sub = s("/subtype/0/display");
-            if sub.is_empty() {
-                s("/subtype/0/code")
-            } else {
-                sub
-            }
-        },
+        action: [
+            "/subtype/0/display",
+            "/subtype/0/code",
+            "/type/display",
+            "/type/code",
+        ]
+        .iter()
+        .map(|p| s(p))
+        .find(|a| !a.is_empty())
+        .unwrap_or_default(),
         agent: {
             let who = s("/agent/0/who/display");
             if who.is_empty() {
@@ -255,6 +259,13 @@ fn event_row(e: &Value) -> EventRow {
             o => o.to_owned(),
         },
         purpose: s("/purposeOfEvent/0/coding/0/code"),
+        break_glass: e
+            .get("purposeOfEvent")
+            .and_then(Value::as_array)
+            .is_some_and(|ps| {
+                ps.iter()
+                    .any(|p| p.pointer("/coding/0/code").and_then(Value::as_str) == Some("BTG"))
+            }),
     }
 }
 

@@ -5454,6 +5454,14 @@ fn web_console_in_real_chromium() {
     assert_eq!(st["review_queue"]["chart_link"], 1, "{r:#}");
     assert_eq!(st["access_report"]["physician"], true, "{r:#}");
     assert!(
+        st["access_report"]["break_glass"].as_u64().unwrap() >= 1,
+        "accesses under the grant are marked: {r:#}"
+    );
+    assert!(
+        st["audit_events_break_glass"].as_u64().unwrap() >= 1,
+        "{r:#}"
+    );
+    assert!(
         st["access_report"]["timeline"].as_u64().unwrap() >= 1,
         "{r:#}"
     );
