@@ -418,7 +418,11 @@ async fn security_headers(mut req: Request, next: Next) -> Response {
     set(h, header::CACHE_CONTROL, "no-store");
     set(h, header::PRAGMA, "no-cache");
     set(h, header::X_FRAME_OPTIONS, "DENY");
-    set(h, header::REFERRER_POLICY, "no-referrer");
+    // The console asks for `same-origin` (so its form posts carry their true `Origin`,
+    // which it checks); every other answer sends no referrer at all.
+    if !h.contains_key(header::REFERRER_POLICY) {
+        set(h, header::REFERRER_POLICY, "no-referrer");
+    }
     // The console's pages set their own policy (they load their scripts); every other
     // answer gets the strictest.
     if !h.contains_key(header::CONTENT_SECURITY_POLICY) {

@@ -61,6 +61,9 @@ base-uri 'none'; object-src 'none'";
 pub struct ConsoleOptions {
     /// `session.idle_timeout_secs`: the idle-logoff warning counts down from it.
     pub idle_timeout_secs: i64,
+    /// `server.public_base_url` (`https://host:port`): a browser's `Origin` on a form post
+    /// must be this, or the `https://` origin of the `Host` the request was sent to.
+    pub public_base_url: String,
 }
 
 #[derive(Clone)]
@@ -84,7 +87,10 @@ pub fn router(vault: Arc<Vault>, options: ConsoleOptions) -> Router {
         .merge(chart::routes())
         .merge(privacy::routes())
         .merge(admin::routes())
-        .layer(axum::middleware::from_fn(csrf_guard))
+        .layer(axum::middleware::from_fn_with_state(
+            web.options.clone(),
+            csrf_guard,
+        ))
         .layer(axum::middleware::from_fn(console_headers))
         .with_state(web)
 }
@@ -604,13 +610,20 @@ async fn asset(axum::extract::Path(file): axum::extract::Path<String>) -> Respon
     r
 }
 
-/// The console's own `Content-Security-Policy` on every answer (the server adds the rest:
-/// HSTS, `nosniff`, `no-store`, `X-Frame-Options`, `Referrer-Policy`).
+/// The console's own `Content-Security-Policy` and `Referrer-Policy` on every answer (the
+/// server adds the rest: HSTS, `nosniff`, `no-store`, `X-Frame-Options`).
 async fn console_headers(req: Request, next: Next) -> Response {
     let mut r = next.run(req).await;
     r.headers_mut().insert(
         header::CONTENT_SECURITY_POLICY,
         HeaderValue::from_static(CONSOLE_CSP),
+    );
+    // Under `no-referrer` a browser sends `Origin: null` with every form post (Fetch
+    // §3.1, "append a request Origin header"), which would leave nothing to check;
+    // `same-origin` sends the real origin here and no referrer anywhere else.
+    r.headers_mut().insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("same-origin"),
     );
     r
 }
@@ -618,9 +631,14 @@ async fn console_headers(req: Request, next: Next) -> Response {
 /// The CSRF guard: every request that is not a safe method carries the token of the page
 /// that made it — a form's `csrf` field, or the `X-CSRF-Token` header from the console's
 /// scripts — and it must match: the session's ([`csrf_for`]) on signed-in pages, the
-/// sign-in cookie's on `/login*`. A browser's `Sec-Fetch-Site: cross-site` is refused
-/// outright. Nothing runs, and nothing changes, unless it matches.
-async fn csrf_guard(req: Request, next: Next) -> Response {
+/// sign-in cookie's on `/login*`. A browser's `Sec-Fetch-Site: cross-site`, and an `Origin`
+/// that is not this server's ([`same_origin`]), are refused outright. Nothing runs, and
+/// nothing changes, unless all hold.
+async fn csrf_guard(
+    axum::extract::State(options): axum::extract::State<Arc<ConsoleOptions>>,
+    req: Request,
+    next: Next,
+) -> Response {
     if req.method().is_safe() {
         return next.run(req).await;
     }
@@ -653,11 +671,32 @@ async fn csrf_guard(req: Request, next: Next) -> Response {
         (Some(e), Some(s)) => constant_time_eq(e.as_bytes(), s.as_bytes()),
         _ => false,
     };
-    if cross_site || !ok {
+    if cross_site || !ok || !same_origin(&parts, &options.public_base_url) {
         return WebError::Csrf.into_response();
     }
     next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
         .await
+}
+
+/// Whether a request's `Origin` (when the browser sent one) is this server: the configured
+/// public URL, or `https://` and the `Host` (or HTTP/2 authority) it was sent to. OWASP CSRF
+/// Prevention Cheat Sheet, "Verifying Origin with standard headers"; `Origin: null` (a
+/// sandboxed or privacy-redirected context) is not this server.
+fn same_origin(parts: &Parts, public_base_url: &str) -> bool {
+    let Some(origin) = parts.headers.get(header::ORIGIN) else {
+        return true;
+    };
+    let Ok(origin) = origin.to_str() else {
+        return false;
+    };
+    let host = parts
+        .headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| parts.uri.authority().map(|a| a.as_str().to_owned()));
+    origin == public_base_url.trim_end_matches('/')
+        || host.is_some_and(|h| origin == format!("https://{h}"))
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

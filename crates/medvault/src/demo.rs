@@ -319,6 +319,31 @@ pub fn bundle(seed: u64, patients: usize, care_team: &[String]) -> Value {
             let url = next_url(&mut rng);
             entries.push(entry(&url, o));
         }
+        // Two follow-up checks of heart rate and weight later that year, so a chart has a
+        // trend to plot. Derived from the visit's values (the random stream is unchanged, so
+        // the rest of every chart stays as it was for the same seed).
+        for (k, month) in [(1u32, 11u32), (2, 12)] {
+            let when = format!("{}T10:00:00Z", date(year, month, 5 + 7 * k));
+            let follow = [
+                (
+                    "8867-4",
+                    "Heart rate",
+                    f64::from(hr) + f64::from(k) * 4.0 - 6.0,
+                    "/min",
+                ),
+                ("29463-7", "Body weight", weight - f64::from(k) * 0.8, "kg"),
+            ];
+            for (j, (loinc, name, value, unit)) in follow.into_iter().enumerate() {
+                entries.push(entry(
+                    &format!("urn:uuid:00000000-0000-4000-9000-{i:08}{k:02}{j:02}"),
+                    json!({"resourceType": "Observation", "status": "final",
+                        "category": obs_category("vital-signs", "Vital Signs"),
+                        "code": {"coding": [coding(LOINC, loinc, name)]},
+                        "subject": p_ref, "effectiveDateTime": when,
+                        "valueQuantity": {"value": (value * 10.0).round() / 10.0, "unit": unit, "system": UCUM, "code": unit}}),
+                ));
+            }
+        }
         // Conditions, their medications, and labs
         let k = rng.gen_range(0..=3);
         let mut picked: Vec<usize> = (0..CONDITIONS.len()).collect();

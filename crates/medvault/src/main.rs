@@ -789,9 +789,7 @@ fn serve_vault(
         anyhow::bail!("server.public_base_url must start with https://");
     }
     let max_body_bytes = cfg.server.max_body_bytes;
-    let console_options = medvault_web::ConsoleOptions {
-        idle_timeout_secs: cfg.session.idle_timeout_secs,
-    };
+    let idle_timeout_secs = cfg.session.idle_timeout_secs;
     let oidc_providers = oidc_providers(dir, cfg)?;
     // Sign a checkpoint of the audit log every second while it grows, and once at shutdown.
     let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
@@ -853,7 +851,13 @@ fn serve_vault(
             tracing::warn!(error = %e, "passkeys are unavailable: set server.public_base_url to a DNS name");
         }
         vault.set_oidc_providers(oidc_providers);
-        let console = medvault_web::router(vault.clone(), console_options);
+        let console = medvault_web::router(
+            vault.clone(),
+            medvault_web::ConsoleOptions {
+                idle_timeout_secs,
+                public_base_url: public_base_url.clone(),
+            },
+        );
         let app = medvault_server::router_with_console(
             medvault_server::AppState {
                 vault,

@@ -1655,6 +1655,14 @@ fn demo_and_bench_run() {
     );
     let conds = s.get("/fhir/Condition?_count=1000", &tok);
     assert!(conds.status == 200);
+    // Every demo chart has a heart-rate trend (a visit and two follow-ups) for the console
+    // to plot.
+    let hr = s.get(
+        "/fhir/Observation?code=http://loinc.org|8867-4&_count=0",
+        &tok,
+    );
+    let n = hr.body["total"].as_u64().unwrap();
+    assert!(n >= 3 && n % 3 == 0, "{n} heart rates");
     for role in [
         "nurse",
         "front_desk",
@@ -5745,6 +5753,7 @@ fn web_console_forms_check_csrf_and_pages_carry_security_headers() {
         assert_eq!(p.header("cache-control"), "no-store", "{path}");
         assert_eq!(p.header("x-content-type-options"), "nosniff", "{path}");
         assert_eq!(p.header("x-frame-options"), "DENY", "{path}");
+        assert_eq!(p.header("referrer-policy"), "same-origin", "{path}");
         assert!(
             p.header("strict-transport-security").contains("max-age="),
             "{path}"
@@ -5775,6 +5784,14 @@ fn web_console_forms_check_csrf_and_pages_carry_security_headers() {
             vec![("csrf", csrf.as_str()), ("code", "")],
             vec![("Sec-Fetch-Site", "cross-site")],
         ),
+        (
+            vec![("csrf", csrf.as_str()), ("code", "")],
+            vec![("Origin", "https://evil.example")],
+        ),
+        (
+            vec![("csrf", csrf.as_str()), ("code", "")],
+            vec![("Origin", "null")],
+        ),
     ] {
         let r = page(&s, "POST", &disable, &cookies, Some(&form), &extra);
         assert_eq!(r.status, 403, "{form:?} {extra:?}: {}", r.body);
@@ -5785,13 +5802,14 @@ fn web_console_forms_check_csrf_and_pages_carry_security_headers() {
     // With its token the form works (the sign-in a minute ago counts as the step-up).
     let users = page(&s, "GET", "/admin/users", &cookies, None, &[]);
     assert!(!users.body.contains("class=\"bad\">disabled"));
+    let origin = format!("https://localhost:{}", s.port);
     let r = page(
         &s,
         "POST",
         &disable,
         &cookies,
         Some(&[("csrf", &csrf), ("code", "")]),
-        &[],
+        &[("Origin", &origin)],
     );
     assert_eq!(
         (r.status, r.header("location")),
@@ -5817,6 +5835,9 @@ fn web_console_forms_check_csrf_and_pages_carry_security_headers() {
     assert_eq!((r.status, r.header("location")), (303, "/login"));
     let r = page(&s, "GET", "/session/status", &cookies, None, &[]);
     assert_eq!(r.status, 401);
+    // The API keeps sending no referrer at all.
+    let meta = page(&s, "GET", "/fhir/metadata", &[], None, &[]);
+    assert_eq!(meta.header("referrer-policy"), "no-referrer");
     // The static scripts and stylesheet, with their types.
     for (f, t) in [
         ("console.js", "text/javascript"),
