@@ -927,11 +927,22 @@ fn role_matrix(pg: bool) {
     // Public metadata.
     let m = s.call("GET", "/fhir/metadata", None, None, &[]);
     assert_eq!(m.body["resourceType"], "CapabilityStatement");
-    let home = s.agent.get(&s.url("/")).call().unwrap();
-    assert!(home
+    // API answers carry the strictest policy; the console's HTML (`/` is its sign-in now)
+    // its own strict one, which loads only its own scripts and styles.
+    assert!(m
         .header("content-security-policy")
         .unwrap()
         .contains("default-src 'none'"));
+    let home = s.agent.get(&s.url("/")).call().unwrap();
+    let csp = home.header("content-security-policy").unwrap();
+    assert!(
+        csp.contains("default-src 'self'") && csp.contains("script-src 'self'"),
+        "{csp}"
+    );
+    assert!(
+        !csp.contains("unsafe-inline") && !csp.contains("unsafe-eval"),
+        "{csp}"
+    );
 
     let (status, _) = s.stop();
     assert!(status.success(), "SIGTERM stops cleanly");
