@@ -34,6 +34,7 @@ mod break_glass;
 mod bundle;
 mod caller;
 mod charts;
+mod destruction;
 mod error;
 mod export;
 mod policy_admin;
@@ -57,6 +58,7 @@ pub use break_glass::{BreakGlassGrant, BreakGlassView};
 pub use bundle::EntryResult;
 pub use caller::{Caller, LocalOperator, ANONYMOUS};
 pub use charts::MAX_MY_PATIENTS;
+pub use destruction::{verify_certificate, DestructionView, LegalHoldView, SHRED_ACTION};
 pub use error::VaultError;
 pub use medvault_audit::accounting::{Access, DisclosureText, RECIPIENT_KINDS};
 pub use medvault_audit::log::{ConsistencyProof, InclusionProof};
@@ -65,6 +67,7 @@ pub use medvault_audit::tiles::TileRef;
 pub use medvault_audit::verify::AuditVerdict;
 pub use medvault_audit::{AuditRecord, Outcome};
 pub use medvault_fhir::ResourceType;
+pub use medvault_governance::destruction::{Certificate, DestructionReason};
 pub use medvault_governance::Incident;
 pub use medvault_identity::{
     totp_now, AccountView, ClientAuth, ClientGrant, ClientView, Factor, LockoutPolicy,
@@ -168,6 +171,8 @@ pub struct Vault {
     /// The policy set in force and its version (0: built-in).
     policy: std::sync::RwLock<(Arc<PolicyEngine>, i64)>,
     identity: Identity,
+    /// Signs certificates of destruction (its own key, never the checkpoint key).
+    destruction_signer: medvault_audit::note::NoteSigner,
     clock: Arc<dyn Clock>,
     options: VaultOptions,
 }
@@ -274,6 +279,13 @@ impl Vault {
             .map_err(|_| VaultError::Internal("bad audit origin".into()))?;
         let signer =
             medvault_audit::note::NoteSigner::new(&origin, sig_key.expose_for_derivation());
+        let wrapped_destruction = load_or_create_meta(&store, "key.destruction_signing", || {
+            Ok(master.wrap_named("destruction-signing", &DataKey::generate())?)
+        })?;
+        let destruction_signer = destruction::signer(
+            &destruction::signer_name(&origin),
+            &master.unwrap_named("destruction-signing", &wrapped_destruction)?,
+        );
         let keys = Arc::new(KeyCache::new(options.key_cache_capacity));
         let heard = keys.clone();
         store.on_key_eviction(Box::new(move |p| heard.evict(p)));
@@ -296,6 +308,7 @@ impl Vault {
             store,
             master,
             policy: std::sync::RwLock::new((Arc::new(policy), 0)),
+            destruction_signer,
             clock,
             options,
         };
@@ -501,6 +514,14 @@ pub(crate) fn audit_failed(e: VaultError) -> VaultError {
         }
         other => other,
     }
+}
+
+/// FHIR `instant` text (UTC, milliseconds) of a Unix time in seconds; the epoch for a time
+/// out of range.
+pub fn fhir_instant_secs(secs: i64) -> String {
+    medvault_types::fhir_instant(
+        time::OffsetDateTime::from_unix_timestamp(secs).unwrap_or(time::OffsetDateTime::UNIX_EPOCH),
+    )
 }
 
 fn directory_key_id() -> PatientId {

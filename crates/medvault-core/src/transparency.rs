@@ -131,6 +131,13 @@ impl Vault {
         self.log.sign(&self.log_store())
     }
 
+    /// Integrates new entries and signs a checkpoint now, for the gate's own evidence (a
+    /// certificate of destruction names the checkpoint covering its entry). Unrecorded,
+    /// like the scheduled checkpoint: the signed checkpoint is its own record.
+    pub(crate) fn sign_checkpoint_now(&self) -> Result<Option<(u64, String)>, VaultError> {
+        self.log.sign(&self.log_store())
+    }
+
     /// `POST /audit/checkpoint`: signs a checkpoint now and returns the latest.
     pub fn checkpoint_now(&self, c: &Caller) -> Result<Option<String>, VaultError> {
         self.permit_operation(c, Operation::SignCheckpoint, None)?;

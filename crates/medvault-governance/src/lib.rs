@@ -10,6 +10,8 @@
 //! INVARIANT: an incident's timeline only grows, in time order.
 #![forbid(unsafe_code)]
 
+pub mod destruction;
+
 use std::fmt;
 use std::str::FromStr;
 

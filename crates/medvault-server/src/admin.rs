@@ -70,7 +70,7 @@ pub(crate) async fn key(State(state): State<AppState>, ctx: Ctx) -> Result<Respo
     Ok(text(format!("{key}\n")))
 }
 
-fn text(body: String) -> Response {
+pub(crate) fn text(body: String) -> Response {
     use axum::http::{header, HeaderValue};
     use axum::response::IntoResponse;
     let mut r = (StatusCode::OK, body).into_response();
@@ -99,7 +99,8 @@ pub(crate) struct EntriesQuery {
     end: u64,
 }
 
-type QueryResult<Q> = Result<axum::extract::Query<Q>, axum::extract::rejection::QueryRejection>;
+pub(crate) type QueryResult<Q> =
+    Result<axum::extract::Query<Q>, axum::extract::rejection::QueryRejection>;
 
 /// Parses the query, authenticates, and runs `f` on the gate off the async runtime.
 async fn with_query<Q, T: Send + 'static>(

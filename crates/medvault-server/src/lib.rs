@@ -9,6 +9,7 @@
 
 mod admin;
 mod auth;
+mod destruction;
 mod error;
 mod fhir;
 mod tls;
@@ -233,6 +234,23 @@ fn routes(state: AppState, console: Option<Router>) -> Router {
         .route("/api/patients/{id}/disclosures", get(admin::disclosures))
         .route("/api/disclosures", post(admin::record_disclosure))
         .route("/api/keys/evict", post(admin::evict_key))
+        .route("/api/patients/{id}/destruction", post(destruction::request))
+        .route("/api/destruction", get(destruction::list))
+        .route("/api/destruction/key", get(destruction::key))
+        .route(
+            "/api/destruction/{id}/certificate",
+            get(destruction::certificate),
+        )
+        .route("/api/destruction/{id}/{action}", post(destruction::decide))
+        .route(
+            "/api/patients/{id}/legal-holds",
+            post(destruction::set_hold),
+        )
+        .route("/api/legal-holds", get(destruction::holds))
+        .route(
+            "/api/legal-holds/{id}/release",
+            post(destruction::release_hold),
+        )
         .route("/fhir/metadata", get(fhir::metadata))
         .route("/fhir", post(fhir::transaction))
         .route(

@@ -54,6 +54,202 @@ pub fn run_all(make: &dyn Fn() -> Arc<dyn Store>) -> Result<(), Failure> {
     privacy_rows_restrict_searches(&*make())?;
     policy_versions_need_a_second_approver(&*make())?;
     portal_links_reach_charts(&*make())?;
+    destruction_shreds_one_chart_under_two_people_and_holds(&*make())?;
+    Ok(())
+}
+
+/// A destruction request needs a second person to complete; an active legal hold blocks
+/// the request and its completion (checked in the shredding's own transaction); shredding
+/// removes one chart's keys, versions, pointers, tokens, grants and links and nothing of
+/// any other chart.
+pub fn destruction_shreds_one_chart_under_two_people_and_holds(
+    s: &dyn Store,
+) -> Result<(), Failure> {
+    for p in ["p1", "p2"] {
+        one(
+            s,
+            Op::PutPatientKey {
+                patient: pid(p),
+                key_version: 1,
+                wrapped: vec![1, 2, 3],
+            },
+        )?;
+        put(
+            s,
+            row("Patient", p, 1, p, b"x"),
+            Expect::Absent,
+            vec![ix("name", b"n")],
+        )?;
+        put(s, row("Patient", p, 2, p, b"y"), Expect::Version(1), vec![])?;
+        put(
+            s,
+            row("Observation", &format!("o-{p}"), 1, p, b"z"),
+            Expect::Absent,
+            vec![],
+        )?;
+        one(
+            s,
+            Op::PutPortalLink(PortalLinkRow {
+                username: format!("u-{p}"),
+                patient: pid(p),
+                kind: "self".into(),
+                evidence: "id".into(),
+                linked_by: "fd".into(),
+                linked_at: 1,
+            }),
+        )?;
+    }
+    assert_eq!(
+        s.chart_census(&pid("p1"))?,
+        [
+            ("Observation".to_owned(), 1, 1),
+            ("Patient".to_owned(), 1, 2)
+        ]
+    );
+    let hold = LegalHoldRow {
+        id: "h1".into(),
+        patient: pid("p1"),
+        matter: "2026-CV-114".into(),
+        reason: vec![9],
+        set_by: "admin".into(),
+        set_at: 5,
+        released_by: String::new(),
+        released_at: 0,
+    };
+    one(s, Op::PutLegalHold(hold.clone()))?;
+    let request = |id: &str, by: &str| {
+        one(
+            s,
+            Op::RequestDestruction(DestructionRow {
+                id: id.into(),
+                patient: pid("p1"),
+                reason: "retention-period-ended".into(),
+                status: String::new(),
+                requested_by: by.into(),
+                requested_at: 10,
+                approved_by: String::new(),
+                approved_at: 0,
+                records: String::new(),
+                audit_seq: -1,
+                checkpoint: 0,
+            }),
+        )
+    };
+    assert!(
+        matches!(request("d0", "alice"), Err(StoreError::Conflict)),
+        "a hold blocks the request"
+    );
+    one(
+        s,
+        Op::ReleaseLegalHold {
+            id: "h1".into(),
+            released_by: "admin".into(),
+            released_at: 6,
+        },
+    )?;
+    assert!(matches!(
+        one(
+            s,
+            Op::ReleaseLegalHold {
+                id: "h1".into(),
+                released_by: "admin".into(),
+                released_at: 7,
+            }
+        ),
+        Err(StoreError::Conflict)
+    ));
+    request("d1", "alice")?;
+    assert!(
+        matches!(request("d2", "bob"), Err(StoreError::Conflict)),
+        "one pending request per chart"
+    );
+    let complete = |by: &str| {
+        s.commit(WriteBatch {
+            ops: vec![
+                Op::CompleteDestruction {
+                    id: "d1".into(),
+                    approved_by: by.into(),
+                    approved_at: 20,
+                    records: "Patient=1/2".into(),
+                },
+                Op::ShredPatient { patient: pid("p1") },
+            ],
+            audit: vec![(vec![1], b"destroy".to_vec())],
+        })
+    };
+    assert!(
+        matches!(complete("alice"), Err(StoreError::Conflict)),
+        "not by the requester"
+    );
+    // A hold placed after the request still wins, in the shredding's own transaction.
+    one(
+        s,
+        Op::PutLegalHold(LegalHoldRow {
+            id: "h2".into(),
+            ..hold
+        }),
+    )?;
+    assert!(matches!(complete("bob"), Err(StoreError::Conflict)));
+    assert!(s.patient_key(&pid("p1"))?.is_some(), "nothing shredded");
+    one(
+        s,
+        Op::ReleaseLegalHold {
+            id: "h2".into(),
+            released_by: "admin".into(),
+            released_at: 8,
+        },
+    )?;
+    let before = s.audit_len()?;
+    complete("bob")?;
+    assert_eq!(s.audit_len()?, before + 1);
+    assert!(s.patient_key(&pid("p1"))?.is_none(), "key shredded");
+    assert!(s.current("Patient", "p1")?.is_none());
+    assert!(s.history("Patient", "p1")?.is_empty(), "every version gone");
+    assert!(s.current("Observation", "o-p1")?.is_none());
+    assert!(s.chart_census(&pid("p1"))?.is_empty());
+    assert!(s.portal_links("u-p1")?.is_empty());
+    assert!(s
+        .search(&SearchQuery {
+            tokens: vec![("name".into(), vec![b"n".to_vec()])],
+            rtype: Some("Patient".into()),
+            limit: 10,
+            ..Default::default()
+        })?
+        .rows
+        .iter()
+        .all(|r| r.id() == "p2"));
+    // The other chart is untouched.
+    assert!(s.patient_key(&pid("p2"))?.is_some());
+    assert_eq!(s.history("Patient", "p2")?.len(), 2);
+    assert_eq!(s.portal_links("u-p2")?.len(), 1);
+    one(
+        s,
+        Op::SetDestructionEvidence {
+            id: "d1".into(),
+            audit_seq: i64::try_from(before).unwrap_or(0),
+            checkpoint: 99,
+        },
+    )?;
+    let d = s
+        .destructions()?
+        .into_iter()
+        .next()
+        .found("destruction d1")?;
+    assert_eq!(
+        (
+            d.status.as_str(),
+            d.approved_by.as_str(),
+            d.records.as_str(),
+            d.checkpoint
+        ),
+        ("completed", "bob", "Patient=1/2", 99)
+    );
+    assert!(
+        matches!(complete("carol"), Err(StoreError::Conflict)),
+        "completed once"
+    );
+    assert_eq!(s.legal_holds(Some(&pid("p1")))?.len(), 2);
+    assert!(s.legal_holds(Some(&pid("p2")))?.is_empty());
     Ok(())
 }
 

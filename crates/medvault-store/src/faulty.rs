@@ -126,6 +126,15 @@ impl Store for FaultyStore {
     ) -> Result<Vec<IndexHit>, StoreError> {
         self.inner.chart_tokens(patient, params)
     }
+    fn legal_holds(&self, patient: Option<&PatientId>) -> Result<Vec<LegalHoldRow>, StoreError> {
+        self.inner.legal_holds(patient)
+    }
+    fn destructions(&self) -> Result<Vec<DestructionRow>, StoreError> {
+        self.inner.destructions()
+    }
+    fn chart_census(&self, patient: &PatientId) -> Result<Vec<(String, u64, u64)>, StoreError> {
+        self.inner.chart_census(patient)
+    }
     fn portal_links(&self, username: &str) -> Result<Vec<PortalLinkRow>, StoreError> {
         self.inner.portal_links(username)
     }

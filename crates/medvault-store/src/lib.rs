@@ -320,6 +320,59 @@ pub struct PortalLinkRow {
     pub linked_at: i64,
 }
 
+/// A legal hold on a patient's records (litigation, investigation, a regulator's audit):
+/// while active (`released_at == 0`) it blocks the chart's destruction, in the same
+/// transaction as the destruction itself.
+#[derive(Clone, PartialEq, Eq)]
+pub struct LegalHoldRow {
+    pub id: String,
+    pub patient: PatientId,
+    /// The matter reference (a case or docket number; no PHI).
+    pub matter: String,
+    /// Why, sealed under the patient's data key (free text may name the patient).
+    pub reason: Vec<u8>,
+    pub set_by: String,
+    /// Unix seconds.
+    pub set_at: i64,
+    /// Empty while the hold is active.
+    pub released_by: String,
+    /// Unix seconds; 0 while the hold is active.
+    pub released_at: i64,
+}
+
+impl std::fmt::Debug for LegalHoldRow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LegalHoldRow")
+            .field("id", &self.id)
+            .field("matter", &self.matter)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A request to destroy a patient's chart (crypto-shredding): made by one privacy officer,
+/// carried out when a second approves it. No PHI: ids, names, codes and counts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DestructionRow {
+    pub id: String,
+    pub patient: PatientId,
+    /// The reason code (`medvault_governance::DestructionReason`).
+    pub reason: String,
+    /// `requested`, `completed` or `cancelled`.
+    pub status: String,
+    pub requested_by: String,
+    /// Unix seconds.
+    pub requested_at: i64,
+    /// Empty until approved (or who cancelled it).
+    pub approved_by: String,
+    pub approved_at: i64,
+    /// What was destroyed: `TYPE=RESOURCES/VERSIONS` pairs, space-separated, by type.
+    pub records: String,
+    /// The audit log index of the entry recording the destruction; -1 until known.
+    pub audit_seq: i64,
+    /// The size of the first signed checkpoint covering that entry; 0 until signed.
+    pub checkpoint: i64,
+}
+
 /// One audit log entry: its dense sequence number is assigned by the store at commit.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuditRow {
@@ -503,6 +556,44 @@ pub enum Op {
         level: u32,
         index: u64,
         hashes: Vec<u8>,
+    },
+    /// Places a legal hold; `Exists` if that id exists.
+    PutLegalHold(LegalHoldRow),
+    /// Releases an active hold; `Conflict` if there is no active hold of that id.
+    ReleaseLegalHold {
+        id: String,
+        released_by: String,
+        released_at: i64,
+    },
+    /// Records a destruction request; `Conflict` while the patient is under an active legal
+    /// hold or already has a pending request.
+    RequestDestruction(DestructionRow),
+    /// Marks a pending request completed by `approved_by` with what it destroyed;
+    /// `Conflict` unless it is pending, its requester is not `approved_by`, and the patient
+    /// is under no active legal hold (checked in the same transaction as the shredding).
+    CompleteDestruction {
+        id: String,
+        approved_by: String,
+        approved_at: i64,
+        records: String,
+    },
+    /// Cancels a pending request; `Conflict` unless it is pending.
+    CancelDestruction {
+        id: String,
+        cancelled_by: String,
+        at: i64,
+    },
+    /// Records where a completed destruction sits in the audit log.
+    SetDestructionEvidence {
+        id: String,
+        audit_seq: i64,
+        checkpoint: i64,
+    },
+    /// Crypto-shreds a chart: deletes every wrapped data key of `patient` (the records'
+    /// ciphertext can never be opened again), then its versions, current pointers, search
+    /// tokens, break-the-glass grants and portal links. Idempotent.
+    ShredPatient {
+        patient: PatientId,
     },
     /// Replaces the search tokens of a resource's current version (re-indexing after the
     /// normalization of the blind index changed); no new version. `NotFound` if absent.
@@ -743,6 +834,12 @@ pub trait Store: Send + Sync + 'static {
         patient: &PatientId,
         params: &[String],
     ) -> Result<Vec<IndexHit>, StoreError>;
+    /// Legal holds, newest first: of one patient, or all.
+    fn legal_holds(&self, patient: Option<&PatientId>) -> Result<Vec<LegalHoldRow>, StoreError>;
+    /// Every destruction request, newest first.
+    fn destructions(&self) -> Result<Vec<DestructionRow>, StoreError>;
+    /// What a chart holds, by resource type: `(type, resources, versions)`, by type.
+    fn chart_census(&self, patient: &PatientId) -> Result<Vec<(String, u64, u64)>, StoreError>;
     /// A portal account's links, oldest first.
     fn portal_links(&self, username: &str) -> Result<Vec<PortalLinkRow>, StoreError>;
     fn audit_len(&self) -> Result<u64, StoreError>;

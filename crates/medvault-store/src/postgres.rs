@@ -384,6 +384,26 @@ async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
             .await
             .map_err(classify)?;
         }
+        if version < 7 {
+            // Destruction: legal holds and two-person destruction requests.
+            sqlx::raw_sql(
+                "CREATE TABLE legal_holds (id TEXT PRIMARY KEY, patient_id TEXT NOT NULL, matter TEXT NOT NULL,
+                     reason BYTEA NOT NULL, set_by TEXT NOT NULL, set_at BIGINT NOT NULL,
+                     released_by TEXT NOT NULL, released_at BIGINT NOT NULL);
+                 CREATE INDEX legal_holds_patient ON legal_holds (patient_id, released_at);
+                 CREATE TABLE destructions (id TEXT PRIMARY KEY, patient_id TEXT NOT NULL, reason TEXT NOT NULL,
+                     status TEXT NOT NULL, requested_by TEXT NOT NULL, requested_at BIGINT NOT NULL,
+                     approved_by TEXT NOT NULL, approved_at BIGINT NOT NULL, records TEXT NOT NULL,
+                     audit_seq BIGINT NOT NULL, checkpoint BIGINT NOT NULL);
+                 CREATE INDEX destructions_patient ON destructions (patient_id, status);
+                 CREATE INDEX break_glass_patient ON break_glass (patient_id);
+                 CREATE INDEX portal_links_patient ON portal_links (patient_id);
+                 INSERT INTO medvault_schema (version) VALUES (7);",
+            )
+            .execute(&mut *conn)
+            .await
+            .map_err(classify)?;
+        }
         Ok::<(), StoreError>(())
     }
     .await;
@@ -927,8 +947,8 @@ fn user_row(r: &PgRow) -> Result<UserRow, sqlx::Error> {
 }
 
 use crate::sql::{
-    BREAK_GLASS_COLS, CREDENTIAL_COLS, INCIDENT_COLS, POLICY_COLS, PORTAL_LINK_COLS, SESSION_COLS,
-    THROTTLE_COLS, USER_COLS, VERSION_COLS,
+    BREAK_GLASS_COLS, CREDENTIAL_COLS, DESTRUCTION_COLS, INCIDENT_COLS, LEGAL_HOLD_COLS,
+    POLICY_COLS, PORTAL_LINK_COLS, SESSION_COLS, THROTTLE_COLS, USER_COLS, VERSION_COLS,
 };
 use std::sync::LazyLock;
 
@@ -1300,6 +1320,56 @@ impl Store for PgStore {
             .map(|r| crate::sql::break_glass(r).map_err(classify))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(rows.into_iter().flatten().collect())
+    }
+
+    fn legal_holds(&self, patient: Option<&PatientId>) -> Result<Vec<LegalHoldRow>, StoreError> {
+        let rows = self
+            .rt
+            .block_on(
+                sqlx::query(&format!(
+                    "SELECT {LEGAL_HOLD_COLS} FROM legal_holds WHERE $1::TEXT IS NULL OR patient_id = $1 ORDER BY set_at DESC, id"
+                ))
+                .bind(patient.map(PatientId::as_str))
+                .fetch_all(&self.pool),
+            )
+            .map_err(classify)?;
+        let rows = rows
+            .iter()
+            .map(|r| crate::sql::legal_hold(r).map_err(classify))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows.into_iter().flatten().collect())
+    }
+
+    fn destructions(&self) -> Result<Vec<DestructionRow>, StoreError> {
+        let rows = self
+            .rt
+            .block_on(
+                sqlx::query(&format!(
+                    "SELECT {DESTRUCTION_COLS} FROM destructions ORDER BY requested_at DESC, id"
+                ))
+                .fetch_all(&self.pool),
+            )
+            .map_err(classify)?;
+        let rows = rows
+            .iter()
+            .map(|r| crate::sql::destruction(r).map_err(classify))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows.into_iter().flatten().collect())
+    }
+
+    fn chart_census(&self, patient: &PatientId) -> Result<Vec<(String, u64, u64)>, StoreError> {
+        let rows: Vec<(String, i64, i64)> = self
+            .rt
+            .block_on(
+                sqlx::query_as(crate::sql::CENSUS_SQL)
+                    .bind(patient.as_str())
+                    .fetch_all(&self.pool),
+            )
+            .map_err(classify)?;
+        Ok(rows
+            .into_iter()
+            .map(|(t, a, b)| (t, a.max(0).unsigned_abs(), b.max(0).unsigned_abs()))
+            .collect())
     }
 
     fn portal_links(&self, username: &str) -> Result<Vec<PortalLinkRow>, StoreError> {

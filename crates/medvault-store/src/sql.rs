@@ -2,7 +2,7 @@
 
 use medvault_types::PatientId;
 
-use crate::PortalLinkRow;
+use crate::{DestructionRow, LegalHoldRow, PortalLinkRow};
 
 use crate::{
     BreakGlassRow, Charts, CredentialRow, IncidentRow, Op, Order, PolicyRow, Privacy, Reach,
@@ -72,6 +72,55 @@ pub(crate) fn portal_link<R: Columns>(r: &R) -> Result<Option<PortalLinkRow>, R:
         linked_at: r.int(5)?,
     }))
 }
+
+/// The columns [`legal_hold`] maps, in order.
+pub(crate) const LEGAL_HOLD_COLS: &str =
+    "id, patient_id, matter, reason, set_by, set_at, released_by, released_at";
+
+/// A legal hold from the [`LEGAL_HOLD_COLS`] of a row (`None` for a bad patient id).
+pub(crate) fn legal_hold<R: Columns>(r: &R) -> Result<Option<LegalHoldRow>, R::Error> {
+    let Some(patient) = r.patient(1)?.and_then(|p| PatientId::new(&p).ok()) else {
+        return Ok(None);
+    };
+    Ok(Some(LegalHoldRow {
+        id: r.text(0)?,
+        patient,
+        matter: r.text(2)?,
+        reason: r.bytes(3)?,
+        set_by: r.text(4)?,
+        set_at: r.int(5)?,
+        released_by: r.text(6)?,
+        released_at: r.int(7)?,
+    }))
+}
+
+/// The columns [`destruction`] maps, in order.
+pub(crate) const DESTRUCTION_COLS: &str =
+    "id, patient_id, reason, status, requested_by, requested_at, approved_by, approved_at, records, audit_seq, checkpoint";
+
+/// A destruction request from the [`DESTRUCTION_COLS`] of a row (`None` for a bad id).
+pub(crate) fn destruction<R: Columns>(r: &R) -> Result<Option<DestructionRow>, R::Error> {
+    let Some(patient) = r.patient(1)?.and_then(|p| PatientId::new(&p).ok()) else {
+        return Ok(None);
+    };
+    Ok(Some(DestructionRow {
+        id: r.text(0)?,
+        patient,
+        reason: r.text(2)?,
+        status: r.text(3)?,
+        requested_by: r.text(4)?,
+        requested_at: r.int(5)?,
+        approved_by: r.text(6)?,
+        approved_at: r.int(7)?,
+        records: r.text(8)?,
+        audit_seq: r.int(9)?,
+        checkpoint: r.int(10)?,
+    }))
+}
+
+/// A chart's census (`Store::chart_census`): `$1` is the patient id.
+pub(crate) const CENSUS_SQL: &str =
+    "SELECT rtype, COUNT(DISTINCT id), COUNT(*) FROM resource_versions WHERE patient_id = $1 GROUP BY rtype ORDER BY rtype";
 
 /// The columns [`incident`] maps, in order.
 pub(crate) const INCIDENT_COLS: &str = "id, opened_at, status, body";
@@ -433,6 +482,89 @@ pub(crate) fn identity(op: &Op) -> Option<Vec<Stmt>> {
             vec![t(username), Text(patient.as_str().to_owned())],
             Touch,
         )],
+        Op::PutLegalHold(h) => vec![stmt(
+            "INSERT INTO legal_holds (id, patient_id, matter, reason, set_by, set_at, released_by, released_at)
+             VALUES ($1, $2, $3, $4, $5, $6, '', 0)",
+            vec![
+                t(&h.id),
+                Text(h.patient.as_str().to_owned()),
+                t(&h.matter),
+                b(&h.reason),
+                t(&h.set_by),
+                Int(h.set_at),
+            ],
+            Any,
+        )],
+        Op::ReleaseLegalHold {
+            id,
+            released_by,
+            released_at,
+        } => vec![stmt(
+            "UPDATE legal_holds SET released_by = $2, released_at = $3 WHERE id = $1 AND released_at = 0",
+            vec![t(id), t(released_by), Int(*released_at)],
+            Touch,
+        )],
+        Op::RequestDestruction(d) => vec![stmt(
+            "INSERT INTO destructions (id, patient_id, reason, status, requested_by, requested_at, approved_by, approved_at, records, audit_seq, checkpoint)
+             SELECT $1, $2, $3, 'requested', $4, $5, '', 0, '', -1, 0
+             WHERE NOT EXISTS (SELECT 1 FROM legal_holds WHERE patient_id = $2 AND released_at = 0)
+               AND NOT EXISTS (SELECT 1 FROM destructions WHERE patient_id = $2 AND status = 'requested')",
+            vec![
+                t(&d.id),
+                Text(d.patient.as_str().to_owned()),
+                t(&d.reason),
+                t(&d.requested_by),
+                Int(d.requested_at),
+            ],
+            Touch,
+        )],
+        Op::CompleteDestruction {
+            id,
+            approved_by,
+            approved_at,
+            records,
+        } => vec![stmt(
+            "UPDATE destructions SET status = 'completed', approved_by = $2, approved_at = $3, records = $4
+             WHERE id = $1 AND status = 'requested' AND requested_by <> $2
+               AND NOT EXISTS (SELECT 1 FROM legal_holds h WHERE h.patient_id = destructions.patient_id AND h.released_at = 0)",
+            vec![t(id), t(approved_by), Int(*approved_at), t(records)],
+            Touch,
+        )],
+        Op::CancelDestruction {
+            id,
+            cancelled_by,
+            at,
+        } => vec![stmt(
+            "UPDATE destructions SET status = 'cancelled', approved_by = $2, approved_at = $3
+             WHERE id = $1 AND status = 'requested'",
+            vec![t(id), t(cancelled_by), Int(*at)],
+            Touch,
+        )],
+        Op::SetDestructionEvidence {
+            id,
+            audit_seq,
+            checkpoint,
+        } => vec![stmt(
+            "UPDATE destructions SET audit_seq = $2, checkpoint = $3 WHERE id = $1 AND status = 'completed'",
+            vec![t(id), Int(*audit_seq), Int(*checkpoint)],
+            Touch,
+        )],
+        Op::ShredPatient { patient } => {
+            let p = || Text(patient.as_str().to_owned());
+            // The keys first: once they are gone, whatever copy of a row survives anywhere
+            // (a WAL frame, a replica, a backup) is ciphertext nobody can open.
+            [
+                "DELETE FROM patient_keys WHERE patient_id = $1",
+                "DELETE FROM search_index WHERE patient_id = $1",
+                "DELETE FROM resource_current WHERE patient_id = $1",
+                "DELETE FROM resource_versions WHERE patient_id = $1",
+                "DELETE FROM break_glass WHERE patient_id = $1",
+                "DELETE FROM portal_links WHERE patient_id = $1",
+            ]
+            .into_iter()
+            .map(|sql| stmt(sql, vec![p()], Any))
+            .collect()
+        }
         Op::ProposePolicy(p) => vec![stmt(
             "INSERT INTO policies (version, text, proposed_by, proposed_at, status, approved_by, approved_at)
              VALUES ($1, $2, $3, $4, 'proposed', '', 0)",

@@ -65,7 +65,24 @@ ALTER TABLE resource_current ADD COLUMN created_seq INTEGER NOT NULL DEFAULT 0;
 "#,
     IDENTITY_MIGRATION,
     ACCESS_MIGRATION,
+    DESTRUCTION_MIGRATION,
 ];
+
+/// Destruction (SPEC "Keys, backup, destruction"): legal holds and two-person destruction
+/// requests. Neither holds PHI in the clear (a hold's reason is sealed).
+const DESTRUCTION_MIGRATION: &str = r#"
+CREATE TABLE legal_holds (id TEXT PRIMARY KEY, patient_id TEXT NOT NULL, matter TEXT NOT NULL,
+    reason BLOB NOT NULL, set_by TEXT NOT NULL, set_at INTEGER NOT NULL, released_by TEXT NOT NULL,
+    released_at INTEGER NOT NULL) STRICT;
+CREATE INDEX legal_holds_patient ON legal_holds (patient_id, released_at);
+CREATE TABLE destructions (id TEXT PRIMARY KEY, patient_id TEXT NOT NULL, reason TEXT NOT NULL,
+    status TEXT NOT NULL, requested_by TEXT NOT NULL, requested_at INTEGER NOT NULL,
+    approved_by TEXT NOT NULL, approved_at INTEGER NOT NULL, records TEXT NOT NULL,
+    audit_seq INTEGER NOT NULL, checkpoint INTEGER NOT NULL) STRICT;
+CREATE INDEX destructions_patient ON destructions (patient_id, status);
+CREATE INDEX break_glass_patient ON break_glass (patient_id);
+CREATE INDEX portal_links_patient ON portal_links (patient_id);
+"#;
 
 /// Access control beyond roles: break-the-glass grants and their reviews, the incidents an
 /// inappropriate use opens, and the training gate. (Treatment relationships live in the
@@ -517,8 +534,8 @@ fn append_audit(
 }
 
 use crate::sql::{
-    Columns, BREAK_GLASS_COLS, CREDENTIAL_COLS, INCIDENT_COLS, POLICY_COLS, PORTAL_LINK_COLS,
-    SESSION_COLS, THROTTLE_COLS, USER_COLS, VERSION_COLS,
+    Columns, BREAK_GLASS_COLS, CREDENTIAL_COLS, DESTRUCTION_COLS, INCIDENT_COLS, LEGAL_HOLD_COLS,
+    POLICY_COLS, PORTAL_LINK_COLS, SESSION_COLS, THROTTLE_COLS, USER_COLS, VERSION_COLS,
 };
 
 impl Columns for Row<'_> {
@@ -887,6 +904,51 @@ impl Store for SqliteStore {
                 .query_map([], |r| crate::sql::break_glass(r))?
                 .collect::<Result<Vec<_>, _>>()?;
             Ok(rows.into_iter().flatten().collect())
+        })
+    }
+
+    fn legal_holds(&self, patient: Option<&PatientId>) -> Result<Vec<LegalHoldRow>, StoreError> {
+        self.with_reader(|c| {
+            let mut st = c.prepare_cached(&format!(
+                "SELECT {LEGAL_HOLD_COLS} FROM legal_holds WHERE ?1 IS NULL OR patient_id = ?1 ORDER BY set_at DESC, id"
+            ))?;
+            let rows = st
+                .query_map(params![patient.map(PatientId::as_str)], |r| {
+                    crate::sql::legal_hold(r)
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows.into_iter().flatten().collect())
+        })
+    }
+
+    fn destructions(&self) -> Result<Vec<DestructionRow>, StoreError> {
+        self.with_reader(|c| {
+            let mut st = c.prepare_cached(&format!(
+                "SELECT {DESTRUCTION_COLS} FROM destructions ORDER BY requested_at DESC, id"
+            ))?;
+            let rows = st
+                .query_map([], |r| crate::sql::destruction(r))?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows.into_iter().flatten().collect())
+        })
+    }
+
+    fn chart_census(&self, patient: &PatientId) -> Result<Vec<(String, u64, u64)>, StoreError> {
+        self.with_reader(|c| {
+            let mut st = c.prepare_cached(&crate::sql::CENSUS_SQL.replace('$', "?"))?;
+            let rows = st
+                .query_map(params![patient.as_str()], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, i64>(2)?,
+                    ))
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows
+                .into_iter()
+                .map(|(t, a, b)| (t, a.max(0).unsigned_abs(), b.max(0).unsigned_abs()))
+                .collect())
         })
     }
 

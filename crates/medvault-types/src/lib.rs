@@ -302,6 +302,13 @@ str_enum!(
         ProposePolicy => "policy.propose",
         ApprovePolicy => "policy.approve",
         LinkPortal => "portal.link",
+        DestructionRequest => "destruction.request",
+        DestructionApprove => "destruction.approve",
+        DestructionCancel => "destruction.cancel",
+        DestructionRead => "destruction.read",
+        LegalHoldSet => "legal-hold.set",
+        LegalHoldRelease => "legal-hold.release",
+        LegalHoldRead => "legal-hold.read",
     }
 );
 
@@ -325,6 +332,11 @@ impl Operation {
                 | ProposePolicy
                 | ApprovePolicy
                 | LinkPortal
+                | DestructionRequest
+                | DestructionApprove
+                | DestructionCancel
+                | LegalHoldSet
+                | LegalHoldRelease
         )
     }
 }

@@ -4,6 +4,7 @@
 
 mod config;
 mod demo;
+mod destroy;
 mod witness;
 
 use std::io::{IsTerminal, Write};
@@ -138,6 +139,16 @@ enum Command {
     Audit {
         #[command(subcommand)]
         command: AuditCommand,
+    },
+    /// Destroy a patient's chart (two privacy officers; crypto-shredding; signed certificate).
+    Destroy {
+        #[command(subcommand)]
+        command: destroy::DestroyCommand,
+    },
+    /// Legal holds (block destruction while a matter is open).
+    Hold {
+        #[command(subcommand)]
+        command: destroy::HoldCommand,
     },
     /// Print the current code for a TOTP secret (base32), as an authenticator app would.
     TotpCode { secret: String },
@@ -538,6 +549,8 @@ fn run(cli: Cli) -> Result<()> {
             println!("cosigned checkpoint of {size} entries");
             Ok(())
         }
+        Command::Destroy { command } => destroy::destroy(&dir, command),
+        Command::Hold { command } => destroy::hold(&dir, command),
         Command::TotpCode { secret } => {
             let code = medvault_core::totp_now(&secret, SystemClock.now().unix_timestamp())
                 .ok_or_else(|| anyhow!("secret is not base32"))?;

@@ -7759,3 +7759,378 @@ fn what_the_access_control_trial_found() {
     );
     let _ = billing;
 }
+
+/// SPEC "Keys, backup, destruction": a privacy officer requests a chart's destruction, a
+/// second one approves it (never the requester), an active legal hold blocks it; approval
+/// crypto-shreds the chart and returns a signed certificate that verifies offline and names
+/// the audit checkpoint recording it; the chart and its id are gone for good; the other
+/// charts, the audit log and every refusal are intact. SQLite and PostgreSQL.
+#[test]
+fn destruction_is_two_person_held_shredded_and_certified() {
+    for pg in backends() {
+        destruction(pg);
+    }
+}
+
+fn destruction(pg: bool) {
+    let (_t, dir, staff, _db) = setup_on(pg);
+    let mut officers = vec![];
+    for name in ["e2e.po2", "e2e.po3"] {
+        let u = json_out(&medvault(
+            &dir,
+            &["user", "add", name, "--role", "privacy_officer", "--json"],
+        ));
+        officers.push((
+            name.to_owned(),
+            u["password"].as_str().unwrap().to_owned(),
+            u["totp_secret"].as_str().unwrap().to_owned(),
+        ));
+    }
+    let care = [staff.practitioner("physician"), staff.practitioner("nurse")];
+    let mut entries = chart_entries("Shredwell", 1, Some(&care));
+    entries.extend(chart_entries("Keepsafe", 2, Some(&care)));
+    let locs = import_entries(&dir, "charts", &entries);
+    let (doomed, kept) = (&locs[0..9], &locs[9..18]);
+    let pid = doomed[0].strip_prefix("Patient/").unwrap().to_owned();
+    let kept_pid = kept[0].strip_prefix("Patient/").unwrap().to_owned();
+    let s = Server::start(&dir, &[]);
+    let login = |role: &str| {
+        let (u, p, t) = staff.get(role);
+        s.login(u, p, t)
+    };
+    let (po, sa, phys, nurse, auditor) = (
+        login("privacy_officer"),
+        login("security_admin"),
+        login("physician"),
+        login("nurse"),
+        login("auditor"),
+    );
+    let po2 = s.login(&officers[0].0, &officers[0].1, &officers[0].2);
+    for loc in doomed.iter().chain(kept) {
+        if !loc.starts_with("Claim/") {
+            assert_eq!(s.get(&format!("/fhir/{loc}"), &phys).status, 200, "{loc}");
+        }
+    }
+
+    // A legal hold blocks the request; only security administrators place holds.
+    let hold_body =
+        json!({"matter": "2026-CV-114", "reason": "Litigation hold: Shredwell v. County"});
+    let hold_path = format!("/api/patients/{pid}/legal-holds");
+    assert_eq!(s.post(&hold_path, &po, &hold_body).status, 403);
+    for bad in [
+        json!({"matter": "", "reason": "x long enough"}),
+        json!({"matter": "A\nB", "reason": "x long enough"}),
+        json!({"matter": "M-1"}),
+        json!({"matter": "M-1", "reason": "ok", "extra": 1}),
+    ] {
+        assert_eq!(s.post(&hold_path, &sa, &bad).status, 400, "{bad}");
+    }
+    assert_eq!(
+        s.post("/api/patients/nobody/legal-holds", &sa, &hold_body)
+            .status,
+        404
+    );
+    let hold = s.post(&hold_path, &sa, &hold_body);
+    assert_eq!(hold.status, 201, "{:?}", hold.body);
+    let hold_id = hold.body["id"].as_str().unwrap().to_owned();
+    let holds = s.get(&format!("/api/legal-holds?patient={pid}"), &po);
+    assert_eq!(holds.status, 200);
+    assert_eq!(holds.body["legal_holds"][0]["active"], true);
+    assert_eq!(
+        holds.body["legal_holds"][0]["reason"],
+        "Litigation hold: Shredwell v. County"
+    );
+    assert_eq!(s.get("/api/legal-holds", &nurse).status, 403);
+    let request_path = format!("/api/patients/{pid}/destruction");
+    let req = json!({"reason": "erasure-request"});
+    let r = s.post(&request_path, &po, &req);
+    assert_eq!(r.status, 409, "{:?}", r.body);
+    assert!(r.body.to_string().contains("2026-CV-114"), "{:?}", r.body);
+    let release = format!("/api/legal-holds/{hold_id}/release");
+    assert_eq!(s.post(&release, &po, &json!({})).status, 403);
+    assert_eq!(s.post(&release, &sa, &json!({})).status, 200);
+    assert_eq!(
+        s.post(&release, &sa, &json!({})).status,
+        409,
+        "released once"
+    );
+
+    // The request: privacy officers only, a known reason, a chart that exists.
+    assert_eq!(s.post(&request_path, &nurse, &req).status, 403);
+    assert_eq!(s.post(&request_path, &sa, &req).status, 403);
+    assert_eq!(
+        s.post(&request_path, &po, &json!({"reason": "whim"}))
+            .status,
+        400
+    );
+    assert_eq!(s.post(&request_path, &po, &json!({})).status, 400);
+    assert_eq!(
+        s.post("/api/patients/nobody/destruction", &po, &req).status,
+        404
+    );
+    let r = s.post(&request_path, &po, &req);
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    assert_eq!(r.body["status"], "requested");
+    let id = r.body["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        s.post(&request_path, &po2, &req).status,
+        409,
+        "one pending request per chart"
+    );
+    let approve = format!("/api/destruction/{id}/approve");
+    let r = s.post(&approve, &po, &json!({}));
+    assert_eq!(r.status, 403, "not by the requester: {:?}", r.body);
+    assert_eq!(
+        r.body["issue"][0]["details"]["coding"][0]["code"],
+        "separation-of-duties"
+    );
+    assert_eq!(s.post(&approve, &sa, &json!({})).status, 403);
+    assert_eq!(
+        s.post("/api/destruction/nope/approve", &po2, &json!({}))
+            .status,
+        404
+    );
+    assert_eq!(
+        s.post(&format!("/api/destruction/{id}/explode"), &po2, &json!({}))
+            .status,
+        404
+    );
+    assert_eq!(
+        s.get(&format!("/api/destruction/{id}/certificate"), &po)
+            .status,
+        409,
+        "no certificate before the destruction"
+    );
+    assert_eq!(s.get(&format!("/fhir/{}", doomed[0]), &phys).status, 200);
+
+    // Approved by a second privacy officer: shredded, certified.
+    let r = s.post(&approve, &po2, &json!({}));
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let cert = r.body["certificate"].as_str().unwrap().to_owned();
+    assert!(
+        cert.starts_with("medvault certificate of destruction v1\n"),
+        "{cert}"
+    );
+    for want in [
+        format!("patient {pid}\n"),
+        "reason erasure-request\n".to_owned(),
+        "requested_by".to_owned(),
+    ] {
+        if want == "requested_by" {
+            assert!(cert.contains(" by e2e.privacy-officer\n"), "{cert}");
+            assert!(cert.contains(" by e2e.po2\n"), "{cert}");
+        } else {
+            assert!(cert.contains(&want), "{want} in {cert}");
+        }
+    }
+    assert!(cert.contains("Patient=1/1"), "{cert}");
+    assert!(cert.contains("Observation=2/2"), "{cert}");
+    assert!(cert.contains("NIST SP 800-88"), "{cert}");
+    assert_eq!(s.post(&approve, &po2, &json!({})).status, 409, "once");
+    for loc in doomed {
+        let r = s.get(&format!("/fhir/{loc}"), &phys);
+        assert_eq!(r.status, 404, "{loc} is gone: {:?}", r.body);
+    }
+    assert_eq!(
+        s.get(&format!("/fhir/Patient/{pid}/$everything"), &phys)
+            .status,
+        404
+    );
+    let found = s.get("/fhir/Patient?family=Shredwell", &phys);
+    assert_eq!(found.status, 200);
+    assert_eq!(found.body["total"], 0, "{:?}", found.body);
+    for loc in kept {
+        if !loc.starts_with("Claim/") {
+            assert_eq!(
+                s.get(&format!("/fhir/{loc}"), &phys).status,
+                200,
+                "{loc} untouched"
+            );
+        }
+    }
+    // Nothing brings it back: an update of the destroyed id finds nothing to update.
+    let again = put(
+        &s,
+        &format!("/fhir/Patient/{pid}"),
+        &login("front_desk"),
+        &json!({"resourceType": "Patient", "id": pid, "name": [{"family": "Impostor"}]}),
+        &[],
+    );
+    assert_eq!(again.status, 404, "{:?}", again.body);
+    // A hold on a destroyed chart: nothing to hold.
+    assert_eq!(s.post(&hold_path, &sa, &hold_body).status, 404);
+
+    // The certificate: the same from the register, signed by the destruction key (not the
+    // checkpoint key), naming a stored checkpoint that covers the audit entry.
+    let again = s.get(&format!("/api/destruction/{id}/certificate"), &auditor);
+    assert_eq!(again.status, 200);
+    assert_eq!(again.body.as_str().unwrap(), cert, "deterministic");
+    assert_eq!(
+        s.get(&format!("/api/destruction/{id}/certificate"), &nurse)
+            .status,
+        403
+    );
+    let key = s.get("/api/destruction/key", &po);
+    assert_eq!(key.status, 200);
+    let vkey = key.body.as_str().unwrap().trim().to_owned();
+    assert!(vkey.contains("/destruction/"), "{vkey}");
+    let audit_key = s
+        .get("/audit/key", &po)
+        .body
+        .as_str()
+        .unwrap()
+        .trim()
+        .to_owned();
+    assert_ne!(vkey, audit_key, "its own key");
+    let line = |name: &str| -> String {
+        cert.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap()
+            .to_owned()
+    };
+    let entry: u64 = line("audit-entry").parse().unwrap();
+    let cp: Vec<String> = line("audit-checkpoint")
+        .split(' ')
+        .map(str::to_owned)
+        .collect();
+    let size: u64 = cp[1].parse().unwrap();
+    assert!(size > entry);
+    let note = s.get(&format!("/audit/checkpoint/{size}"), &po);
+    assert_eq!(note.status, 200);
+    assert!(
+        note.body.as_str().unwrap().contains(&cp[2]),
+        "the root: {:?}",
+        note.body
+    );
+    let e = s.get(
+        &format!("/api/audit/entries?start={entry}&end={}", entry + 1),
+        &po,
+    );
+    assert_eq!(
+        e.body["entries"][0]["record"]["action"],
+        "destruction.approve"
+    );
+    assert_eq!(e.body["entries"][0]["record"]["patient"], pid.as_str());
+    assert_eq!(e.body["entries"][0]["record"]["actor"], "e2e.po2");
+    let list = s.get("/api/destruction", &auditor);
+    assert_eq!(list.body["destructions"][0]["status"], "completed");
+    assert_eq!(list.body["destructions"][0]["decided_by"], "e2e.po2");
+
+    // Offline verification with the binary, no data directory needed.
+    let work = dir.join("..");
+    std::fs::write(work.join("cert.txt"), &cert).unwrap();
+    std::fs::write(work.join("key.txt"), &vkey).unwrap();
+    let verify = |cert_file: &str, key: &str| {
+        Command::new(BIN)
+            .args(["destroy", "verify", cert_file, "--key", key, "--json"])
+            .output()
+            .unwrap()
+    };
+    let cert_path = work.join("cert.txt");
+    let o = verify(
+        cert_path.to_str().unwrap(),
+        work.join("key.txt").to_str().unwrap(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["valid"], true);
+    assert_eq!(v["certificate"]["patient"], pid.as_str());
+    std::fs::write(
+        work.join("forged.txt"),
+        cert.replace(&format!("patient {pid}"), &format!("patient {kept_pid}")),
+    )
+    .unwrap();
+    for (c, k) in [
+        (work.join("forged.txt"), vkey.clone()),
+        (cert_path.clone(), audit_key.clone()),
+        (cert_path.clone(), "not a key".to_owned()),
+        (work.join("missing.txt"), vkey.clone()),
+    ] {
+        let o = verify(c.to_str().unwrap(), &k);
+        assert_eq!(o.status.code(), Some(1), "{c:?} with {k}");
+        assert_eq!(String::from_utf8_lossy(&o.stderr).lines().count(), 1);
+    }
+
+    // The CLI: a request and its cancellation by a third officer signing in with password
+    // and TOTP; a wrong code changes nothing.
+    let (po3, po3pw, po3secret) = &officers[1];
+    std::fs::write(work.join("po3.pw"), po3pw).unwrap();
+    let pwf = work.join("po3.pw");
+    let as_po3 = |args: &[&str], step: i64| {
+        let code = totp(po3secret, step);
+        let mut a: Vec<&str> = args.to_vec();
+        a.extend([
+            "--user",
+            po3.as_str(),
+            "--password-file",
+            pwf.to_str().unwrap(),
+            "--totp",
+            &code,
+        ]);
+        medvault(&dir, &a)
+    };
+    let wrong = wrong_code(&totp(po3secret, 0));
+    let o = medvault(
+        &dir,
+        &[
+            "destroy",
+            "request",
+            &kept_pid,
+            "--reason",
+            "duplicate-record",
+            "--user",
+            po3,
+            "--password-file",
+            pwf.to_str().unwrap(),
+            "--totp",
+            &wrong,
+        ],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(String::from_utf8_lossy(&o.stderr).lines().count(), 1);
+    let o = as_po3(
+        &[
+            "destroy",
+            "request",
+            &kept_pid,
+            "--reason",
+            "duplicate-record",
+            "--json",
+        ],
+        0,
+    );
+    let d = json_out(&o);
+    assert_eq!(d["status"], "requested");
+    let cancel_id = d["id"].as_str().unwrap().to_owned();
+    let o = as_po3(&["destroy", "cancel", &cancel_id], 1);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let list = s.get("/api/destruction", &po);
+    let statuses: Vec<&str> = list.body["destructions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(statuses.len(), 2);
+    assert!(statuses.contains(&"cancelled") && statuses.contains(&"completed"));
+    assert_eq!(
+        s.post(
+            &format!("/api/destruction/{cancel_id}/approve"),
+            &po2,
+            &json!({})
+        )
+        .status,
+        409,
+        "a cancelled request destroys nothing"
+    );
+    assert_eq!(s.get(&format!("/fhir/{}", kept[0]), &phys).status, 200);
+
+    // The audit log verifies after the shredding, and the data directory holds nothing of
+    // the destroyed chart in the clear.
+    drop(s);
+    let o = medvault(&dir, &["audit", "verify"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+    if !pg {
+        assert!(scan_for(&dir, &["Shredwell", "MRN-Shredwell"]).is_empty());
+    }
+}
