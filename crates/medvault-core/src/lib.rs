@@ -37,6 +37,7 @@ mod charts;
 mod destruction;
 mod error;
 mod export;
+mod keys;
 mod policy_admin;
 mod portal;
 mod privacy;
@@ -60,6 +61,7 @@ pub use caller::{Caller, LocalOperator, ANONYMOUS};
 pub use charts::MAX_MY_PATIENTS;
 pub use destruction::{verify_certificate, DestructionView, LegalHoldView, SHRED_ACTION};
 pub use error::VaultError;
+pub use keys::{KeyStatus, KeyVersion, RotationReport};
 pub use medvault_audit::accounting::{Access, DisclosureText, RECIPIENT_KINDS};
 pub use medvault_audit::log::{ConsistencyProof, InclusionProof};
 pub use medvault_audit::merkle::verify_inclusion;
@@ -80,7 +82,9 @@ pub use search::SearchResult;
 pub use typestate::Disclosed;
 pub use write::{Precondition, Written};
 
-use medvault_crypto::{BlindIndexer, DataKey, IndexRootKey, KeyCache, MasterKey, RecordCipher};
+use medvault_crypto::{
+    BlindIndexer, DataKey, IndexRootKey, KeyCache, Keyring, KeyringSource, MasterKey, RecordCipher,
+};
 use medvault_identity::Identity;
 use medvault_policy::{PolicyEngine, Query};
 use medvault_store::{Committed, Op, Store, StoreError, WriteBatch};
@@ -111,11 +115,18 @@ pub enum MasterKeySource {
 }
 
 impl MasterKeySource {
-    fn load(&self) -> Result<MasterKey, VaultError> {
+    /// The keyring over this source: version 1 created or generated now for `NewFile` and
+    /// `Ephemeral`; key files opened on first need otherwise (version 1 may be retired).
+    fn keyring(&self) -> Result<Keyring, VaultError> {
         Ok(match self {
-            MasterKeySource::File(p) => MasterKey::load_file(p)?,
-            MasterKeySource::NewFile(p) => MasterKey::create_file(p)?,
-            MasterKeySource::Ephemeral => MasterKey::generate(),
+            MasterKeySource::File(p) => Keyring::new(KeyringSource::Files(p.clone()), None),
+            MasterKeySource::NewFile(p) => Keyring::new(
+                KeyringSource::Files(p.clone()),
+                Some(MasterKey::create_file(p)?),
+            ),
+            MasterKeySource::Ephemeral => {
+                Keyring::new(KeyringSource::Ephemeral, Some(MasterKey::generate()))
+            }
         })
     }
 }
@@ -158,7 +169,9 @@ pub struct Vault {
     /// The audit log's tiles, checkpoints and proofs (`medvault_audit::log`).
     log: medvault_audit::log::TiledLog,
     store: Arc<dyn Store>,
-    master: MasterKey,
+    /// Every version of the master key (`keys.rs`: rotation re-wraps data keys under a new
+    /// one; a data key names the version that wraps it).
+    keyring: Keyring,
     indexer: BlindIndexer,
     /// The blind tokens of labels, categories and "everything" (privacy rows).
     privacy_tokens: Arc<privacy::PrivacyTokens>,
@@ -215,12 +228,12 @@ impl Vault {
         clock: Arc<dyn Clock>,
         options: VaultOptions,
     ) -> Result<(Self, LocalOperator), VaultError> {
-        let master = key.load()?;
+        let keyring = key.keyring()?;
         let store: Arc<dyn Store> = match storage {
             Storage::Sqlite(path) => medvault_store::SqliteStore::open(path)?,
             Storage::Postgres(url) => medvault_store::PgStore::open(url)?,
         };
-        Self::assemble(store, master, clock, options)
+        Self::assemble(store, keyring, clock, options)
     }
 
     /// Opens the gate over a store the caller built: for tests (a failure-injecting store)
@@ -234,30 +247,36 @@ impl Vault {
         clock: Arc<dyn Clock>,
         options: VaultOptions,
     ) -> Result<(Self, LocalOperator), VaultError> {
-        Self::assemble(store, key.load()?, clock, options)
+        Self::assemble(store, key.keyring()?, clock, options)
     }
 
     fn assemble(
         store: Arc<dyn Store>,
-        master: MasterKey,
+        keyring: Keyring,
         clock: Arc<dyn Clock>,
         options: VaultOptions,
     ) -> Result<(Self, LocalOperator), VaultError> {
-        let wrapped_root = load_or_create_meta(&store, "key.index_root", || {
-            Ok(master.wrap_index_root(&IndexRootKey::generate())?)
-        })?;
-        let root = master.unwrap_index_root(&wrapped_root)?;
-        let wrapped_id = load_or_create_meta(&store, "key.identity", || {
-            Ok(master.wrap_named("identity", &DataKey::generate())?)
-        })?;
-        let identity_key = master.unwrap_named("identity", &wrapped_id)?;
+        let current = keys::master_version(&store)?;
+        let root = keys::service_key(
+            &store,
+            &keyring,
+            current,
+            "key.index_root",
+            |m| Ok(m.wrap_index_root(&IndexRootKey::generate())?),
+            |m, w| Ok(m.unwrap_index_root(w)?),
+        )?;
+        let identity_key =
+            keys::named_service_key(&store, &keyring, current, "key.identity", "identity")?;
         let dir = directory_key_id();
         if store.patient_key(&dir)?.is_none() {
-            let wrapped = master.wrap_data_key(&dir, 1, &DataKey::generate())?;
+            let wrapped = keyring
+                .get(current)?
+                .wrap_data_key(&dir, 1, &DataKey::generate())?;
             match store.commit(WriteBatch {
                 ops: vec![Op::PutPatientKey {
                     patient: dir,
                     key_version: 1,
+                    master_version: current,
                     wrapped,
                 }],
                 audit: vec![],
@@ -268,10 +287,13 @@ impl Vault {
         }
         let policy =
             PolicyEngine::with_defaults().map_err(|e| VaultError::Internal(e.to_string()))?;
-        let wrapped_sig = load_or_create_meta(&store, "key.audit_signing", || {
-            Ok(master.wrap_named("audit-signing", &DataKey::generate())?)
-        })?;
-        let sig_key = master.unwrap_named("audit-signing", &wrapped_sig)?;
+        let sig_key = keys::named_service_key(
+            &store,
+            &keyring,
+            current,
+            "key.audit_signing",
+            "audit-signing",
+        )?;
         let origin_bytes = load_or_create_meta(&store, "audit.origin", || {
             Ok(format!("medvault.local/audit/{}", medvault_types::random_uuid()).into_bytes())
         })?;
@@ -279,12 +301,15 @@ impl Vault {
             .map_err(|_| VaultError::Internal("bad audit origin".into()))?;
         let signer =
             medvault_audit::note::NoteSigner::new(&origin, sig_key.expose_for_derivation());
-        let wrapped_destruction = load_or_create_meta(&store, "key.destruction_signing", || {
-            Ok(master.wrap_named("destruction-signing", &DataKey::generate())?)
-        })?;
         let destruction_signer = destruction::signer(
             &destruction::signer_name(&origin),
-            &master.unwrap_named("destruction-signing", &wrapped_destruction)?,
+            &keys::named_service_key(
+                &store,
+                &keyring,
+                current,
+                "key.destruction_signing",
+                "destruction-signing",
+            )?,
         );
         let keys = Arc::new(KeyCache::new(options.key_cache_capacity));
         let heard = keys.clone();
@@ -306,7 +331,7 @@ impl Vault {
             reachable: std::sync::Mutex::new(std::collections::HashMap::new()),
             keys,
             store,
-            master,
+            keyring,
             policy: std::sync::RwLock::new((Arc::new(policy), 0)),
             destruction_signer,
             clock,
@@ -485,11 +510,15 @@ impl Vault {
         if let Some(c) = self.keys.get(key_id) {
             return Ok(c);
         }
-        let (version, wrapped) = self
+        let wk = self
             .store
             .patient_key(key_id)?
             .ok_or(VaultError::Internal("missing data key".into()))?;
-        let dk = self.master.unwrap_data_key(key_id, version, &wrapped)?;
+        let dk = self.keyring.get(wk.master_version)?.unwrap_data_key(
+            key_id,
+            wk.key_version,
+            &wk.wrapped,
+        )?;
         let c = Arc::new(RecordCipher::new(&dk));
         self.keys.insert(key_id.clone(), c.clone());
         Ok(c)

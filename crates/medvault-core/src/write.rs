@@ -145,10 +145,12 @@ impl Vault {
             let pid =
                 PatientId::new(&id).map_err(|_| VaultError::BadRequest("invalid id".into()))?;
             let dk = DataKey::generate();
-            let wrapped = self.master.wrap_data_key(&pid, 1, &dk)?;
+            let (master_version, master) = self.wrapping_master()?;
+            let wrapped = master.wrap_data_key(&pid, 1, &dk)?;
             plan.ops.push(Op::PutPatientKey {
                 patient: pid.clone(),
                 key_version: 1,
+                master_version,
                 wrapped,
             });
             plan.new_keys.insert(pid, Arc::new(RecordCipher::new(&dk)));

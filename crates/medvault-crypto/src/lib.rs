@@ -38,6 +38,8 @@ pub enum CryptoError {
     Decrypt,
     #[error("encryption failed")]
     Encrypt,
+    #[error("master key version {0} is not available ({1}); a data key is wrapped by it")]
+    MissingVersion(u32, String),
 }
 
 macro_rules! secret_key {
@@ -180,6 +182,122 @@ impl MasterKey {
         let k = IndexRootKey::from_slice(&raw).ok_or(CryptoError::Decrypt);
         raw.zeroize();
         k
+    }
+}
+
+/// The file of master key `version` beside the configured one: version 1 is `base` itself,
+/// version N is `{stem}.vN{.ext}` in the same directory (`master.key` → `master.v2.key`).
+pub fn version_path(base: &Path, version: u32) -> std::path::PathBuf {
+    if version <= 1 {
+        return base.to_path_buf();
+    }
+    let stem = base
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "master".into());
+    let name = match base.extension() {
+        Some(ext) => format!("{stem}.v{version}.{}", ext.to_string_lossy()),
+        None => format!("{stem}.v{version}"),
+    };
+    base.with_file_name(name)
+}
+
+/// Where the versions of the master key come from.
+#[derive(Debug, Clone)]
+pub enum KeyringSource {
+    /// Key files: version 1 at this path, later versions beside it ([`version_path`]).
+    Files(std::path::PathBuf),
+    /// One random version-1 key held in memory (benchmarks, tests).
+    Ephemeral,
+}
+
+/// Every version of the master key this process has opened, loaded on first need: a server
+/// started before a rotation opens the new version's file when it meets a data key wrapped
+/// by it (Vault's keyring, after `vault operator rotate`).
+pub struct Keyring {
+    source: KeyringSource,
+    keys: Mutex<std::collections::BTreeMap<u32, Arc<MasterKey>>>,
+}
+
+impl fmt::Debug for Keyring {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Keyring([REDACTED])")
+    }
+}
+
+impl Keyring {
+    /// A keyring over `source` holding `first` as version 1 (already loaded or created).
+    pub fn new(source: KeyringSource, first: Option<MasterKey>) -> Self {
+        let mut keys = std::collections::BTreeMap::new();
+        if let Some(k) = first {
+            keys.insert(1, Arc::new(k));
+        }
+        Keyring {
+            source,
+            keys: Mutex::new(keys),
+        }
+    }
+
+    /// Master key `version`, loading its file on first need.
+    ///
+    /// # Errors
+    /// [`CryptoError::MissingVersion`] when its file is absent (or the keyring is ephemeral);
+    /// the errors of [`MasterKey::load_file`].
+    pub fn get(&self, version: u32) -> Result<Arc<MasterKey>, CryptoError> {
+        if let Some(k) = self.keys.lock().ok().and_then(|m| m.get(&version).cloned()) {
+            return Ok(k);
+        }
+        let KeyringSource::Files(base) = &self.source else {
+            return Err(CryptoError::MissingVersion(version, "memory".into()));
+        };
+        let path = version_path(base, version);
+        if !path.exists() {
+            return Err(CryptoError::MissingVersion(
+                version,
+                path.display().to_string(),
+            ));
+        }
+        let k = Arc::new(MasterKey::load_file(&path)?);
+        if let Ok(mut m) = self.keys.lock() {
+            m.insert(version, k.clone());
+        }
+        Ok(k)
+    }
+
+    /// Creates the file of a new version (0600), or opens it if a rotation that crashed had
+    /// already created it.
+    ///
+    /// # Errors
+    /// An ephemeral keyring cannot grow; file errors.
+    pub fn create(&self, version: u32) -> Result<Arc<MasterKey>, CryptoError> {
+        let KeyringSource::Files(base) = &self.source else {
+            return Err(CryptoError::MissingVersion(version, "memory".into()));
+        };
+        let path = version_path(base, version);
+        if path.exists() {
+            return self.get(version);
+        }
+        let k = Arc::new(MasterKey::create_file(&path)?);
+        if let Ok(mut m) = self.keys.lock() {
+            m.insert(version, k.clone());
+        }
+        Ok(k)
+    }
+
+    /// Whether the file of `version` is present (an ephemeral keyring has version 1 only).
+    pub fn has_file(&self, version: u32) -> bool {
+        match &self.source {
+            KeyringSource::Files(base) => version_path(base, version).exists(),
+            KeyringSource::Ephemeral => version == 1,
+        }
+    }
+
+    /// The file of `version`, if the keyring keeps files.
+    pub fn path_of(&self, version: u32) -> Option<std::path::PathBuf> {
+        match &self.source {
+            KeyringSource::Files(base) => Some(version_path(base, version)),
+            KeyringSource::Ephemeral => None,
+        }
     }
 }
 

@@ -16,6 +16,15 @@ pub(crate) async fn status(State(state): State<AppState>, ctx: Ctx) -> Result<Re
     Ok(plain_json(StatusCode::OK, json!(s)))
 }
 
+/// `GET /api/keys/status`: master key versions and a rotation's progress (no key material).
+pub(crate) async fn key_status(
+    State(state): State<AppState>,
+    ctx: Ctx,
+) -> Result<Response, ApiError> {
+    let s = as_caller(&state, &ctx, move |v, c| v.key_status(c)).await?;
+    Ok(plain_json(StatusCode::OK, json!(s)))
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct EvictBody {

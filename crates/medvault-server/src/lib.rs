@@ -234,6 +234,7 @@ fn routes(state: AppState, console: Option<Router>) -> Router {
         .route("/api/patients/{id}/disclosures", get(admin::disclosures))
         .route("/api/disclosures", post(admin::record_disclosure))
         .route("/api/keys/evict", post(admin::evict_key))
+        .route("/api/keys/status", get(admin::key_status))
         .route("/api/patients/{id}/destruction", post(destruction::request))
         .route("/api/destruction", get(destruction::list))
         .route("/api/destruction/key", get(destruction::key))

@@ -71,6 +71,7 @@ pub fn destruction_shreds_one_chart_under_two_people_and_holds(
             Op::PutPatientKey {
                 patient: pid(p),
                 key_version: 1,
+                master_version: 1,
                 wrapped: vec![1, 2, 3],
             },
         )?;
@@ -1150,6 +1151,7 @@ pub fn batches_are_all_or_nothing(s: &dyn Store) -> Result<(), Failure> {
             Op::PutPatientKey {
                 patient: pid("p9"),
                 key_version: 1,
+                master_version: 1,
                 wrapped: vec![1],
             },
             Op::PutVersion {
@@ -1589,6 +1591,7 @@ pub fn keys_and_meta_insert_once(s: &dyn Store) -> Result<(), Failure> {
             ops: vec![Op::PutPatientKey {
                 patient: pid("p1"),
                 key_version: v,
+                master_version: 1,
                 wrapped: vec![v as u8],
             }],
             audit: vec![],
@@ -1597,11 +1600,35 @@ pub fn keys_and_meta_insert_once(s: &dyn Store) -> Result<(), Failure> {
     k(1)?;
     assert!(matches!(k(1), Err(StoreError::Exists)));
     k(2)?;
+    let newest = s.patient_key(&pid("p1"))?.found("p1's key")?;
     assert_eq!(
-        s.patient_key(&pid("p1"))?,
-        Some((2, vec![2])),
+        (newest.key_version, newest.master_version, newest.wrapped),
+        (2, 1, vec![2]),
         "newest key version"
     );
+    // Master key rotation re-wraps in place, once, from the version it read.
+    let rewrap = |from: u32, to: u32| {
+        s.commit(WriteBatch {
+            ops: vec![Op::RewrapPatientKey {
+                patient: pid("p1"),
+                key_version: 2,
+                from,
+                to,
+                wrapped: vec![20 + to as u8],
+            }],
+            audit: vec![],
+        })
+    };
+    assert_eq!(s.keys_wrapped_below(2, 10)?.len(), 2);
+    rewrap(1, 2)?;
+    assert!(matches!(rewrap(1, 2), Err(StoreError::Conflict)), "once");
+    let k = s.patient_key(&pid("p1"))?.found("p1's key")?;
+    assert_eq!((k.master_version, k.wrapped), (2, vec![22]));
+    let below = s.keys_wrapped_below(2, 10)?;
+    assert_eq!(below.len(), 1);
+    assert_eq!(below.first().map(|b| b.1.key_version), Some(1));
+    assert_eq!(s.keys_wrapped_below(2, 0)?.len(), 0, "limit");
+    assert_eq!(s.master_key_census()?, [(1, 1), (2, 1)]);
     let m = || {
         s.commit(WriteBatch {
             ops: vec![Op::PutMetaOnce {

@@ -73,7 +73,17 @@ impl Store for FaultyStore {
         self.read_gate()?;
         self.inner.search(q)
     }
-    fn patient_key(&self, patient: &PatientId) -> Result<Option<(u32, Vec<u8>)>, StoreError> {
+    fn keys_wrapped_below(
+        &self,
+        master_version: u32,
+        limit: usize,
+    ) -> Result<Vec<(PatientId, WrappedKey)>, StoreError> {
+        self.inner.keys_wrapped_below(master_version, limit)
+    }
+    fn master_key_census(&self) -> Result<Vec<(u32, u64)>, StoreError> {
+        self.inner.master_key_census()
+    }
+    fn patient_key(&self, patient: &PatientId) -> Result<Option<WrappedKey>, StoreError> {
         self.read_gate()?;
         self.inner.patient_key(patient)
     }

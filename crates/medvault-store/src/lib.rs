@@ -373,6 +373,23 @@ pub struct DestructionRow {
     pub checkpoint: i64,
 }
 
+/// A patient's data key as stored: wrapped (AES-256-GCM) by one version of the master key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct WrappedKey {
+    pub key_version: u32,
+    pub master_version: u32,
+    pub wrapped: Vec<u8>,
+}
+
+impl std::fmt::Debug for WrappedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WrappedKey")
+            .field("key_version", &self.key_version)
+            .field("master_version", &self.master_version)
+            .finish_non_exhaustive()
+    }
+}
+
 /// One audit log entry: its dense sequence number is assigned by the store at commit.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuditRow {
@@ -394,6 +411,17 @@ pub enum Op {
     PutPatientKey {
         patient: PatientId,
         key_version: u32,
+        /// The master key version that wrapped it.
+        master_version: u32,
+        wrapped: Vec<u8>,
+    },
+    /// Replaces a data key's wrapping (master key rotation: the data key itself, and the
+    /// records under it, are unchanged); `Conflict` unless it is still wrapped by `from`.
+    RewrapPatientKey {
+        patient: PatientId,
+        key_version: u32,
+        from: u32,
+        to: u32,
         wrapped: Vec<u8>,
     },
     /// Inserts a metadata value once; fails with `Exists` if present.
@@ -800,8 +828,17 @@ pub trait Store: Send + Sync + 'static {
     /// Every version, newest first.
     fn history(&self, rtype: &str, id: &str) -> Result<Vec<Sealed>, StoreError>;
     fn search(&self, q: &SearchQuery) -> Result<SearchPage, StoreError>;
-    /// The newest wrapped data key of a patient: (key version, wrapped bytes).
-    fn patient_key(&self, patient: &PatientId) -> Result<Option<(u32, Vec<u8>)>, StoreError>;
+    /// The newest wrapped data key of a patient.
+    fn patient_key(&self, patient: &PatientId) -> Result<Option<WrappedKey>, StoreError>;
+    /// Up to `limit` data keys wrapped by a master key version below `master_version`, with
+    /// their charts (what a rotation still has to re-wrap).
+    fn keys_wrapped_below(
+        &self,
+        master_version: u32,
+        limit: usize,
+    ) -> Result<Vec<(PatientId, WrappedKey)>, StoreError>;
+    /// How many data keys each master key version wraps: `(version, count)`, by version.
+    fn master_key_census(&self) -> Result<Vec<(u32, u64)>, StoreError>;
     fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
     fn user(&self, username: &str) -> Result<Option<UserRow>, StoreError>;
     fn users(&self) -> Result<Vec<UserRow>, StoreError>;

@@ -404,6 +404,17 @@ async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
             .await
             .map_err(classify)?;
         }
+        if version < 8 {
+            // Master key rotation: which master key version wraps each data key.
+            sqlx::raw_sql(
+                "ALTER TABLE patient_keys ADD COLUMN master_version BIGINT NOT NULL DEFAULT 1;
+                 CREATE INDEX patient_keys_master ON patient_keys (master_version);
+                 INSERT INTO medvault_schema (version) VALUES (8);",
+            )
+            .execute(&mut *conn)
+            .await
+            .map_err(classify)?;
+        }
         Ok::<(), StoreError>(())
     }
     .await;
@@ -788,11 +799,13 @@ async fn apply(
             Op::PutPatientKey {
                 patient,
                 key_version,
+                master_version,
                 wrapped,
             } => {
-                sqlx::query("INSERT INTO patient_keys (patient_id, key_version, wrapped) VALUES ($1, $2, $3)")
+                sqlx::query("INSERT INTO patient_keys (patient_id, key_version, master_version, wrapped) VALUES ($1, $2, $3, $4)")
                     .bind(patient.as_str())
                     .bind(i64::from(*key_version))
+                    .bind(i64::from(*master_version))
                     .bind(wrapped)
                     .execute(&mut *c)
                     .await?;
@@ -1184,16 +1197,62 @@ impl Store for PgStore {
         self.rt.block_on(q_search(&self.pool, q))
     }
 
-    fn patient_key(&self, patient: &PatientId) -> Result<Option<(u32, Vec<u8>)>, StoreError> {
-        let r: Option<(i64, Vec<u8>)> = self
+    fn patient_key(&self, patient: &PatientId) -> Result<Option<WrappedKey>, StoreError> {
+        let r: Option<(i64, i64, Vec<u8>)> = self
             .rt
             .block_on(
-                sqlx::query_as("SELECT key_version, wrapped FROM patient_keys WHERE patient_id = $1 ORDER BY key_version DESC LIMIT 1")
+                sqlx::query_as("SELECT key_version, master_version, wrapped FROM patient_keys WHERE patient_id = $1 ORDER BY key_version DESC LIMIT 1")
                     .bind(patient.as_str())
                     .fetch_optional(&self.pool),
             )
             .map_err(classify)?;
-        Ok(r.map(|(v, w)| (u32::try_from(v).unwrap_or(0), w)))
+        Ok(r.map(|(v, m, w)| WrappedKey {
+            key_version: u32::try_from(v).unwrap_or(0),
+            master_version: u32::try_from(m).unwrap_or(0),
+            wrapped: w,
+        }))
+    }
+
+    fn keys_wrapped_below(
+        &self,
+        master_version: u32,
+        limit: usize,
+    ) -> Result<Vec<(PatientId, WrappedKey)>, StoreError> {
+        let rows: Vec<(String, i64, i64, Vec<u8>)> = self
+            .rt
+            .block_on(
+                sqlx::query_as(crate::sql::KEYS_BELOW_SQL)
+                    .bind(i64::from(master_version))
+                    .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+                    .fetch_all(&self.pool),
+            )
+            .map_err(classify)?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(p, v, m, w)| {
+                PatientId::new(&p).ok().map(|p| {
+                    (
+                        p,
+                        WrappedKey {
+                            key_version: u32::try_from(v).unwrap_or(0),
+                            master_version: u32::try_from(m).unwrap_or(0),
+                            wrapped: w,
+                        },
+                    )
+                })
+            })
+            .collect())
+    }
+
+    fn master_key_census(&self) -> Result<Vec<(u32, u64)>, StoreError> {
+        let rows: Vec<(i64, i64)> = self
+            .rt
+            .block_on(sqlx::query_as(crate::sql::MASTER_CENSUS_SQL).fetch_all(&self.pool))
+            .map_err(classify)?;
+        Ok(rows
+            .into_iter()
+            .map(|(v, n)| (u32::try_from(v).unwrap_or(0), n.max(0).unsigned_abs()))
+            .collect())
     }
 
     fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {

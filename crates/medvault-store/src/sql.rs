@@ -118,6 +118,14 @@ pub(crate) fn destruction<R: Columns>(r: &R) -> Result<Option<DestructionRow>, R
     }))
 }
 
+/// `Store::keys_wrapped_below`: `$1` the master version, `$2` the limit.
+pub(crate) const KEYS_BELOW_SQL: &str =
+    "SELECT patient_id, key_version, master_version, wrapped FROM patient_keys WHERE master_version < $1 ORDER BY patient_id, key_version LIMIT $2";
+
+/// `Store::master_key_census`.
+pub(crate) const MASTER_CENSUS_SQL: &str =
+    "SELECT master_version, COUNT(*) FROM patient_keys GROUP BY master_version ORDER BY master_version";
+
 /// A chart's census (`Store::chart_census`): `$1` is the patient id.
 pub(crate) const CENSUS_SQL: &str =
     "SELECT rtype, COUNT(DISTINCT id), COUNT(*) FROM resource_versions WHERE patient_id = $1 GROUP BY rtype ORDER BY rtype";
@@ -547,6 +555,24 @@ pub(crate) fn identity(op: &Op) -> Option<Vec<Stmt>> {
         } => vec![stmt(
             "UPDATE destructions SET audit_seq = $2, checkpoint = $3 WHERE id = $1 AND status = 'completed'",
             vec![t(id), Int(*audit_seq), Int(*checkpoint)],
+            Touch,
+        )],
+        Op::RewrapPatientKey {
+            patient,
+            key_version,
+            from,
+            to,
+            wrapped,
+        } => vec![stmt(
+            "UPDATE patient_keys SET wrapped = $5, master_version = $4
+             WHERE patient_id = $1 AND key_version = $2 AND master_version = $3",
+            vec![
+                Text(patient.as_str().to_owned()),
+                Int(i64::from(*key_version)),
+                Int(i64::from(*from)),
+                Int(i64::from(*to)),
+                b(wrapped),
+            ],
             Touch,
         )],
         Op::ShredPatient { patient } => {

@@ -66,6 +66,11 @@ ALTER TABLE resource_current ADD COLUMN created_seq INTEGER NOT NULL DEFAULT 0;
     IDENTITY_MIGRATION,
     ACCESS_MIGRATION,
     DESTRUCTION_MIGRATION,
+    r#"
+-- Master key rotation: which master key version wraps each data key (existing: version 1).
+ALTER TABLE patient_keys ADD COLUMN master_version INTEGER NOT NULL DEFAULT 1;
+CREATE INDEX patient_keys_master ON patient_keys (master_version);
+"#,
 ];
 
 /// Destruction (SPEC "Keys, backup, destruction"): legal holds and two-person destruction
@@ -426,10 +431,11 @@ fn apply(
             Op::PutPatientKey {
                 patient,
                 key_version,
+                master_version,
                 wrapped,
             } => {
-                tx.prepare_cached("INSERT INTO patient_keys (patient_id, key_version, wrapped) VALUES (?1, ?2, ?3)")?
-                    .execute(params![patient.as_str(), key_version, wrapped])
+                tx.prepare_cached("INSERT INTO patient_keys (patient_id, key_version, master_version, wrapped) VALUES (?1, ?2, ?3, ?4)")?
+                    .execute(params![patient.as_str(), key_version, master_version, wrapped])
                     .map_err(|e| conflict_or(e, StoreError::Exists))?;
             }
             Op::PutMetaOnce { key, value } => {
@@ -798,13 +804,61 @@ impl Store for SqliteStore {
         })
     }
 
-    fn patient_key(&self, patient: &PatientId) -> Result<Option<(u32, Vec<u8>)>, StoreError> {
+    fn patient_key(&self, patient: &PatientId) -> Result<Option<WrappedKey>, StoreError> {
         self.with_reader(|c| {
             Ok(c.prepare_cached(
-                "SELECT key_version, wrapped FROM patient_keys WHERE patient_id = ?1 ORDER BY key_version DESC LIMIT 1",
+                "SELECT key_version, master_version, wrapped FROM patient_keys WHERE patient_id = ?1 ORDER BY key_version DESC LIMIT 1",
             )?
-            .query_row(params![patient.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))
+            .query_row(params![patient.as_str()], |r| {
+                Ok(WrappedKey {
+                    key_version: r.get(0)?,
+                    master_version: r.get(1)?,
+                    wrapped: r.get(2)?,
+                })
+            })
             .optional()?)
+        })
+    }
+
+    fn keys_wrapped_below(
+        &self,
+        master_version: u32,
+        limit: usize,
+    ) -> Result<Vec<(PatientId, WrappedKey)>, StoreError> {
+        self.with_reader(|c| {
+            let mut st = c.prepare_cached(&crate::sql::KEYS_BELOW_SQL.replace('$', "?"))?;
+            let rows = st
+                .query_map(
+                    params![master_version, i64::try_from(limit).unwrap_or(i64::MAX)],
+                    |r| {
+                        Ok((
+                            r.get::<_, String>(0)?,
+                            WrappedKey {
+                                key_version: r.get(1)?,
+                                master_version: r.get(2)?,
+                                wrapped: r.get(3)?,
+                            },
+                        ))
+                    },
+                )?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows
+                .into_iter()
+                .filter_map(|(p, k)| PatientId::new(&p).ok().map(|p| (p, k)))
+                .collect())
+        })
+    }
+
+    fn master_key_census(&self) -> Result<Vec<(u32, u64)>, StoreError> {
+        self.with_reader(|c| {
+            let mut st = c.prepare_cached(crate::sql::MASTER_CENSUS_SQL)?;
+            let rows = st
+                .query_map([], |r| Ok((r.get::<_, u32>(0)?, r.get::<_, i64>(1)?)))?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows
+                .into_iter()
+                .map(|(v, n)| (v, n.max(0).unsigned_abs()))
+                .collect())
         })
     }
 

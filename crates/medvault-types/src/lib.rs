@@ -309,6 +309,8 @@ str_enum!(
         LegalHoldSet => "legal-hold.set",
         LegalHoldRelease => "legal-hold.release",
         LegalHoldRead => "legal-hold.read",
+        KeysStatus => "keys.status",
+        KeysRotate => "keys.rotate",
     }
 );
 

@@ -140,6 +140,11 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Master key versions and rotation.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
     /// Destroy a patient's chart (two privacy officers; crypto-shredding; signed certificate).
     Destroy {
         #[command(subcommand)]
@@ -152,6 +157,27 @@ enum Command {
     },
     /// Print the current code for a TOTP secret (base32), as an authenticator app would.
     TotpCode { secret: String },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Master key versions, the data keys each wraps, and a rotation's progress.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-wrap every data key under a new master key version while the server keeps
+    /// serving (records untouched); resumes a rotation that stopped.
+    Rotate {
+        /// Data keys re-wrapped per transaction.
+        #[arg(long, default_value_t = 500)]
+        batch: usize,
+        /// Pause between batches, in milliseconds, to spare a busy server.
+        #[arg(long, default_value_t = 0)]
+        pause_ms: u64,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -549,6 +575,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("cosigned checkpoint of {size} entries");
             Ok(())
         }
+        Command::Keys { command } => keys(&dir, command),
         Command::Destroy { command } => destroy::destroy(&dir, command),
         Command::Hold { command } => destroy::hold(&dir, command),
         Command::TotpCode { secret } => {
@@ -558,6 +585,82 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// Pauses the command line between batches of background work, as the operator asked.
+#[expect(
+    clippy::disallowed_methods,
+    reason = "an operator-requested pause between batches, not a wait on a condition"
+)]
+fn throttle(d: std::time::Duration) {
+    std::thread::sleep(d);
+}
+
+fn keys(dir: &Path, command: KeysCommand) -> Result<()> {
+    let (_, vault, op) = open(dir)?;
+    let me = Caller::system(&op, "keys");
+    match command {
+        KeysCommand::Status { json } => {
+            let st = vault.key_status(&me).map_err(describe)?;
+            if json {
+                println!("{}", serde_json::to_string(&st)?);
+                return Ok(());
+            }
+            match st.rotating_to {
+                Some(t) => println!(
+                    "master key: version {} in force; rotation to version {t} under way, {} data keys to re-wrap (run `medvault keys rotate` to resume)",
+                    st.current_version, st.remaining
+                ),
+                None => println!("master key: version {} in force", st.current_version),
+            }
+            for v in st.versions {
+                println!(
+                    "  v{:<3} {:<16} {:>8} data keys  {}{}",
+                    v.version,
+                    v.state,
+                    v.data_keys,
+                    v.file.as_deref().unwrap_or("(in memory)"),
+                    if v.file_present { "" } else { " (file absent)" }
+                );
+            }
+        }
+        KeysCommand::Rotate {
+            batch,
+            pause_ms,
+            json,
+        } => {
+            let bar = progress_bar(0, "re-wrapping data keys");
+            let report = vault
+                .rotate_master_key(&me, batch, &|done, total| {
+                    if let Some(b) = &bar {
+                        b.set_length(total);
+                        b.set_position(done);
+                    }
+                    if pause_ms > 0 {
+                        throttle(std::time::Duration::from_millis(pause_ms));
+                    }
+                })
+                .map_err(describe)?;
+            if let Some(b) = bar {
+                b.finish_and_clear();
+            }
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                println!(
+                    "master key rotated{}: version {} -> {}, {} data keys re-wrapped",
+                    if report.resumed { " (resumed)" } else { "" },
+                    report.from_version,
+                    report.to_version,
+                    report.rewrapped
+                );
+                for f in &report.retired_files {
+                    println!("retired: nothing uses {f} any more; delete it once every backup sealed under it has expired");
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// One line for a gate error, with the first validation issue when there is one.

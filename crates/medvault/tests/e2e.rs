@@ -8134,3 +8134,179 @@ fn destruction(pg: bool) {
         assert!(scan_for(&dir, &["Shredwell", "MRN-Shredwell"]).is_empty());
     }
 }
+
+/// SPEC "Keys, backup, destruction": `keys rotate` re-wraps every data key under a new
+/// master key version while a client reads and writes (no request fails); killed midway it
+/// leaves the rotation recorded and the next run resumes it; afterwards every record reads,
+/// the old version is retired, and its key file can be deleted.
+#[test]
+fn master_key_rotates_online_resumes_after_a_kill_and_the_old_key_can_go() {
+    let (_t, dir, staff) = setup();
+    let care = [staff.practitioner("physician"), staff.practitioner("nurse")];
+    let mut entries = vec![];
+    for n in 0..40 {
+        entries.extend(chart_entries(&format!("Rotor{n}"), n + 1, Some(&care)));
+    }
+    let locs = import_entries(&dir, "charts", &entries);
+    let readable: Vec<String> = locs
+        .iter()
+        .filter(|l| !l.starts_with("Claim/"))
+        .cloned()
+        .collect();
+    let first = locs[0].strip_prefix("Patient/").unwrap().to_owned();
+    let status = || json_out(&medvault(&dir, &["keys", "status", "--json"]));
+    let st = status();
+    assert_eq!(st["current_version"], 1);
+    assert_eq!(st["rotating_to"], Value::Null);
+    assert!(st["versions"][0]["data_keys"].as_u64().unwrap() >= 41);
+
+    let s = Server::start(&dir, &[]);
+    let (phys, desk) = (
+        s.login(
+            staff.get("physician").0,
+            staff.get("physician").1,
+            staff.get("physician").2,
+        ),
+        s.login(
+            staff.get("front_desk").0,
+            staff.get("front_desk").1,
+            staff.get("front_desk").2,
+        ),
+    );
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (ok, failed, created) = std::thread::scope(|scope| {
+        let client = scope.spawn(|| {
+            let (mut ok, mut failed, mut created) = (0u32, vec![], vec![]);
+            let mut i = 0usize;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let r = s.get(&format!("/fhir/{}", readable[i % readable.len()]), &phys);
+                if r.status == 200 {
+                    ok += 1
+                } else {
+                    failed.push(r.status)
+                }
+                let w = s.post("/fhir/Observation", &phys, &vital(&first));
+                if w.status == 201 {
+                    ok += 1
+                } else {
+                    failed.push(w.status)
+                }
+                if i % 5 == 0 {
+                    let p = s.post(
+                        "/fhir/Patient",
+                        &desk,
+                        &patient_body("Newcomer", &format!("N-{i}")),
+                    );
+                    if p.status == 201 {
+                        created.push(created_id(&p));
+                    } else {
+                        failed.push(p.status)
+                    }
+                }
+                i += 1;
+            }
+            (ok, failed, created)
+        });
+        // A rotation killed midway…
+        let mut rot = Command::new(BIN)
+            .arg("--data-dir")
+            .arg(&dir)
+            .args(["keys", "rotate", "--batch", "2", "--pause-ms", "40"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let st = status();
+            if st["rotating_to"] == 2 && st["versions"][1]["data_keys"].as_u64().unwrap_or(0) >= 6 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "rotation never progressed: {st}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        rot.kill().unwrap();
+        rot.wait().unwrap();
+        let st = status();
+        assert_eq!(st["current_version"], 1, "{st}");
+        assert_eq!(st["rotating_to"], 2, "the rotation is recorded: {st}");
+        assert!(st["remaining"].as_u64().unwrap() > 0, "{st}");
+        assert_eq!(st["versions"][1]["state"], "rotation-target");
+        std::thread::sleep(Duration::from_millis(300));
+        // … resumes and completes while the client goes on.
+        let report = json_out(&medvault(
+            &dir,
+            &["keys", "rotate", "--batch", "7", "--json"],
+        ));
+        assert_eq!(report["resumed"], true, "{report}");
+        assert_eq!(
+            (
+                report["from_version"].as_u64(),
+                report["to_version"].as_u64()
+            ),
+            (Some(1), Some(2))
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        client.join().unwrap()
+    });
+    assert!(
+        failed.is_empty(),
+        "requests failed during rotation: {failed:?}"
+    );
+    assert!(ok > 20, "the client kept working ({ok} requests)");
+    assert!(!created.is_empty());
+    let st = status();
+    assert_eq!(st["current_version"], 2, "{st}");
+    assert_eq!(st["rotating_to"], Value::Null);
+    assert_eq!(st["remaining"], 0);
+    assert_eq!(st["versions"][0]["state"], "retired", "{st}");
+    assert_eq!(st["versions"][0]["data_keys"], 0);
+    assert_eq!(st["versions"][1]["state"], "current");
+    let sa = s.login(
+        staff.get("security_admin").0,
+        staff.get("security_admin").1,
+        staff.get("security_admin").2,
+    );
+    let api = s.get("/api/keys/status", &sa);
+    assert_eq!(api.status, 200);
+    assert_eq!(api.body["current_version"], 2);
+    assert_eq!(s.get("/api/keys/status", &phys).status, 403);
+    drop(s);
+
+    // The old key file goes; everything still opens, old records and new.
+    std::fs::remove_file(dir.join("master.key")).unwrap();
+    let s = Server::start(&dir, &[]);
+    let phys = s.login(
+        staff.get("physician").0,
+        staff.get("physician").1,
+        staff.get("physician").2,
+    );
+    for l in &readable {
+        assert_eq!(s.get(&format!("/fhir/{l}"), &phys).status, 200, "{l}");
+    }
+    let desk = s.login(
+        staff.get("front_desk").0,
+        staff.get("front_desk").1,
+        staff.get("front_desk").2,
+    );
+    for id in &created {
+        assert_eq!(
+            s.get(&format!("/fhir/Patient/{id}"), &desk).status,
+            200,
+            "{id}"
+        );
+    }
+    assert_eq!(
+        s.post("/fhir/Observation", &phys, &vital(&first)).status,
+        201
+    );
+    drop(s);
+    let st = status();
+    assert_eq!(st["versions"][0]["file_present"], false);
+    let o = medvault(&dir, &["audit", "verify"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+}
