@@ -73,6 +73,15 @@ impl Store for FaultyStore {
         self.read_gate()?;
         self.inner.search(q)
     }
+    fn dump(&self, out: &mut dyn std::io::Write) -> Result<DumpStats, StoreError> {
+        self.inner.dump(out)
+    }
+    fn load(&self, input: &mut dyn std::io::Read) -> Result<DumpStats, StoreError> {
+        self.inner.load(input)
+    }
+    fn census(&self) -> Result<std::collections::BTreeMap<String, u64>, StoreError> {
+        self.inner.census()
+    }
     fn keys_wrapped_below(
         &self,
         master_version: u32,

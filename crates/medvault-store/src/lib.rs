@@ -11,12 +11,14 @@
 #![forbid(unsafe_code)]
 
 pub mod conformance;
+pub mod dump;
 pub mod faulty;
 mod postgres;
 mod sql;
 mod sqlite;
 mod writer;
 
+pub use dump::{DumpStats, Value as DumpValue};
 pub use postgres::{with_database, PgStore};
 pub use sqlite::SqliteStore;
 
@@ -909,6 +911,13 @@ pub trait Store: Send + Sync + 'static {
     fn checkpoints(&self) -> Result<Vec<(u64, String)>, StoreError>;
     /// One stored checkpoint: of exactly `size` entries, or the latest when `None`.
     fn checkpoint(&self, size: Option<u64>) -> Result<Option<(u64, String)>, StoreError>;
+    /// Writes a logical dump of every durable table, from one consistent read snapshot,
+    /// while writers go on ([`dump`] describes the format). Nothing is decrypted.
+    fn dump(&self, out: &mut dyn std::io::Write) -> Result<DumpStats, StoreError>;
+    /// Loads a dump into this store, all-or-nothing; `Exists` unless the store is fresh.
+    fn load(&self, input: &mut dyn std::io::Read) -> Result<DumpStats, StoreError>;
+    /// Current, non-deleted resources per FHIR type.
+    fn census(&self) -> Result<std::collections::BTreeMap<String, u64>, StoreError>;
     /// Tells every server sharing this store to drop its cached data key for `patient`
     /// (shredding and rotation rely on it). A single-process store has nobody to tell.
     fn announce_key_eviction(&self, patient: &PatientId) -> Result<(), StoreError> {

@@ -1213,6 +1213,97 @@ impl Store for PgStore {
         }))
     }
 
+    fn dump(&self, out: &mut dyn std::io::Write) -> Result<DumpStats, StoreError> {
+        use crate::dump::{Encoder, Kind, Value, TABLES};
+        use futures_util::TryStreamExt;
+        self.rt.block_on(async {
+            // One snapshot for every table, while writers go on (rolled back if dropped).
+            let mut conn = self.pool.begin().await.map_err(classify)?;
+            sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                .execute(&mut *conn)
+                .await
+                .map_err(classify)?;
+            let mut enc = Encoder::new(out);
+            for t in TABLES {
+                enc.table(t)?;
+                let sql = crate::dump::select_sql(t, true);
+                let mut rows = sqlx::query(&sql).fetch(&mut *conn);
+                while let Some(r) = rows.try_next().await.map_err(classify)? {
+                    let mut v = Vec::with_capacity(t.cols.len());
+                    for (i, (_, k)) in t.cols.iter().enumerate() {
+                        v.push(match k {
+                            Kind::Int => Value::Int(r.try_get(i).map_err(classify)?),
+                            Kind::Text => Value::Text(r.try_get(i).map_err(classify)?),
+                            Kind::Bytes => Value::Bytes(r.try_get(i).map_err(classify)?),
+                            Kind::Bool => Value::Bool(r.try_get(i).map_err(classify)?),
+                            Kind::OptText | Kind::Patient => r
+                                .try_get::<Option<String>, _>(i)
+                                .map_err(classify)?
+                                .map_or(Value::Null, Value::Text),
+                        });
+                    }
+                    enc.row(&v)?;
+                }
+            }
+            conn.commit().await.map_err(classify)?;
+            enc.end()
+        })
+    }
+
+    fn load(&self, input: &mut dyn std::io::Read) -> Result<DumpStats, StoreError> {
+        use crate::dump::{Decoder, Item, Kind, Value};
+        self.rt.block_on(async {
+            let mut tx = self.pool.begin().await.map_err(classify)?;
+            let audit: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM audit_log")
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(classify)?;
+            let meta: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM meta")
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(classify)?;
+            crate::dump::must_be_empty(audit, meta)?;
+            let mut dec = Decoder::new(input);
+            let mut current: Option<(&'static crate::dump::Table, String)> = None;
+            loop {
+                match dec.next()? {
+                    Item::Table(t) => current = Some((t, crate::dump::insert_sql(t))),
+                    Item::Row(row) => {
+                        let Some((t, sql)) = &current else {
+                            return Err(StoreError::Backend("row before table".into()));
+                        };
+                        let mut q = sqlx::query(sql);
+                        for ((_, k), v) in t.cols.iter().zip(row) {
+                            q = match (k, v) {
+                                (Kind::Patient, Value::Null) => q.bind(String::new()),
+                                (_, Value::Null) => q.bind(Option::<String>::None),
+                                (_, Value::Int(i)) => q.bind(i),
+                                (_, Value::Text(s)) => q.bind(s),
+                                (_, Value::Bytes(b)) => q.bind(b),
+                                (_, Value::Bool(b)) => q.bind(b),
+                            };
+                        }
+                        q.execute(&mut *tx).await.map_err(classify)?;
+                    }
+                    Item::End => break,
+                }
+            }
+            tx.commit().await.map_err(classify)?;
+            Ok(dec.stats)
+        })
+    }
+
+    fn census(&self) -> Result<std::collections::BTreeMap<String, u64>, StoreError> {
+        let rows: Vec<(String, i64)> = self
+            .rt
+            .block_on(sqlx::query_as(crate::dump::CENSUS_SQL).fetch_all(&self.pool))
+            .map_err(classify)?;
+        Ok(rows
+            .into_iter()
+            .map(|(t, n)| (t, n.max(0).unsigned_abs()))
+            .collect())
+    }
+
     fn keys_wrapped_below(
         &self,
         master_version: u32,

@@ -820,6 +820,87 @@ impl Store for SqliteStore {
         })
     }
 
+    fn dump(&self, out: &mut dyn std::io::Write) -> Result<DumpStats, StoreError> {
+        use crate::dump::{Encoder, Kind, Value, TABLES};
+        self.with_reader(|c| {
+            // One read transaction: every table from the same WAL snapshot.
+            c.execute_batch("BEGIN")?;
+            let mut enc = Encoder::new(out);
+            let result = (|| {
+                for t in TABLES {
+                    enc.table(t)?;
+                    let mut st = c.prepare(&crate::dump::select_sql(t, false))?;
+                    let mut rows = st.query([])?;
+                    while let Some(r) = rows.next()? {
+                        let mut v = Vec::with_capacity(t.cols.len());
+                        for (i, (_, k)) in t.cols.iter().enumerate() {
+                            v.push(match k {
+                                Kind::Int => Value::Int(r.get(i)?),
+                                Kind::Text => Value::Text(r.get(i)?),
+                                Kind::Bytes => Value::Bytes(r.get(i)?),
+                                Kind::Bool => Value::Bool(r.get(i)?),
+                                Kind::OptText | Kind::Patient => r
+                                    .get::<_, Option<String>>(i)?
+                                    .map_or(Value::Null, Value::Text),
+                            });
+                        }
+                        enc.row(&v)?;
+                    }
+                }
+                Ok::<(), StoreError>(())
+            })();
+            let _ = c.execute_batch("COMMIT");
+            result?;
+            enc.end()
+        })
+    }
+
+    fn load(&self, input: &mut dyn std::io::Read) -> Result<DumpStats, StoreError> {
+        use crate::dump::{Decoder, Item, Value};
+        let mut c = open(&self.path, true)?;
+        let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let audit: i64 = tx.query_row("SELECT COUNT(*) FROM audit_log", [], |r| r.get(0))?;
+        let meta: i64 = tx.query_row("SELECT COUNT(*) FROM meta", [], |r| r.get(0))?;
+        crate::dump::must_be_empty(audit, meta)?;
+        let mut dec = Decoder::new(input);
+        let mut sql = String::new();
+        loop {
+            match dec.next()? {
+                Item::Table(t) => sql = crate::dump::insert_sql(t).replace('$', "?"),
+                Item::Row(row) => {
+                    let mut st = tx.prepare_cached(&sql)?;
+                    let args: Vec<rusqlite::types::Value> = row
+                        .into_iter()
+                        .map(|v| match v {
+                            Value::Null => rusqlite::types::Value::Null,
+                            Value::Int(i) => rusqlite::types::Value::Integer(i),
+                            Value::Text(t) => rusqlite::types::Value::Text(t),
+                            Value::Bytes(b) => rusqlite::types::Value::Blob(b),
+                            Value::Bool(b) => rusqlite::types::Value::Integer(i64::from(b)),
+                        })
+                        .collect();
+                    st.execute(params_from_iter(args))?;
+                }
+                Item::End => break,
+            }
+        }
+        tx.commit()?;
+        Ok(dec.stats)
+    }
+
+    fn census(&self) -> Result<std::collections::BTreeMap<String, u64>, StoreError> {
+        self.with_reader(|c| {
+            let mut st = c.prepare_cached(crate::dump::CENSUS_SQL)?;
+            let rows = st
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows
+                .into_iter()
+                .map(|(t, n)| (t, n.max(0).unsigned_abs()))
+                .collect())
+        })
+    }
+
     fn keys_wrapped_below(
         &self,
         master_version: u32,
