@@ -272,10 +272,21 @@ impl Vault {
         if let Err(e) = self.store.announce_key_eviction(&row.patient) {
             tracing::error!(cause = %e, patient = %row.patient, "could not tell other servers to drop a shredded key; they drop it on restart");
         }
+        self.purge_shredded();
         let seq = committed.audit_seqs.first().copied();
         tracing::warn!(target: "medvault::alert", destruction = %id, patient = %row.patient, "chart destroyed (crypto-shredded)");
         self.destruction_evidence(id, seq)
             .and_then(|_| self.certificate_text(id))
+    }
+
+    /// Pushes the shredded rows out of the database's files (SQLite: the WAL checkpointed
+    /// over zeroed pages). Best effort: the keys are gone already.
+    pub(crate) fn purge_shredded(&self) {
+        match self.store.purge_deleted() {
+            Ok(true) => {}
+            Ok(false) => tracing::warn!("readers held old pages; the shredded rows leave the database files at the next checkpoint"),
+            Err(e) => tracing::error!(cause = %e, "could not checkpoint after a shred"),
+        }
     }
 
     /// Records where the destruction `id` sits in the audit log (`seq`, or found by
@@ -363,10 +374,27 @@ impl Vault {
                 size: cp_size,
                 root: medvault_audit::log::b64(&root),
             },
-            // No backup catalogue exists yet: nothing was taken before the destruction.
-            last_backup_before: None,
+            last_backup_before: self.last_backup_before(seq)?,
         };
         Ok(self.destruction_signer.sign(&cert.to_text()))
+    }
+
+    /// The newest backup snapshot recorded before audit entry `seq`, with its expiry: until
+    /// then a copy of the destroyed chart's ciphertext exists (unreadable without the
+    /// shredded key, and any restore replays the shred ledger).
+    fn last_backup_before(&self, seq: u64) -> Result<Option<(String, String)>, VaultError> {
+        let found = self.scan_back_from(Some(seq), 1, |_, r| {
+            (r.action == medvault_types::Operation::Backup.as_str()
+                && r.outcome == Outcome::Success)
+                .then_some(())
+                .and(r.detail)
+                .and_then(|d| {
+                    let rest = d.strip_prefix(crate::backup::SNAPSHOT_TAG)?;
+                    let (id, exp) = rest.split_once(" expires=")?;
+                    Some((id.to_owned(), exp.to_owned()))
+                })
+        })?;
+        Ok(found.into_iter().next())
     }
 
     /// `GET /api/destruction/{id}/certificate`: the signed certificate of a completed

@@ -30,6 +30,7 @@ mod accounting;
 mod admin;
 mod audit_views;
 mod auth;
+mod backup;
 mod break_glass;
 mod bundle;
 mod caller;
@@ -55,6 +56,7 @@ pub use access::Explanation;
 pub use admin::Status;
 pub use audit_views::AuditEventPage;
 pub use auth::{check_password, EnrollmentInfo, LoginChallenge, NewUserInfo, SessionGrant};
+pub use backup::{check_dump, restore_store, SnapshotStats};
 pub use break_glass::{BreakGlassGrant, BreakGlassView};
 pub use bundle::EntryResult;
 pub use caller::{Caller, LocalOperator, ANONYMOUS};
@@ -543,6 +545,12 @@ pub(crate) fn audit_failed(e: VaultError) -> VaultError {
         }
         other => other,
     }
+}
+
+/// The file of master key `version` beside the configured one (`master.key`,
+/// `master.v2.key`, …): what a backup carries and an operator deletes once retired.
+pub fn master_key_version_path(base: &std::path::Path, version: u32) -> PathBuf {
+    medvault_crypto::version_path(base, version)
 }
 
 /// FHIR `instant` text (UTC, milliseconds) of a Unix time in seconds; the epoch for a time

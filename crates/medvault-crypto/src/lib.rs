@@ -75,6 +75,10 @@ secret_key!(
     DataKey
 );
 impl DataKey {
+    /// A key from raw bytes (a backup repository's key, handed to the gate for wrapping).
+    pub fn from_bytes(b: [u8; 32]) -> Self {
+        Self(b)
+    }
     /// The raw key, for deriving a key of another algorithm from it (e.g. the Ed25519 audit
     /// signing key). Never log or store the result.
     pub fn expose_for_derivation(&self) -> &[u8; 32] {

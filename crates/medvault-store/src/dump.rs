@@ -477,6 +477,19 @@ pub(crate) fn select_sql(t: &Table, pg: bool) -> String {
 pub(crate) const CENSUS_SQL: &str =
     "SELECT rtype, COUNT(*) FROM resource_current WHERE NOT deleted GROUP BY rtype ORDER BY rtype";
 
+/// Reads a whole dump without loading it: every frame parsed, to its end.
+///
+/// # Errors
+/// The stream is cut, malformed or unreadable.
+pub fn check(input: &mut dyn Read) -> Result<DumpStats, StoreError> {
+    let mut d = Decoder::new(input);
+    loop {
+        if let Item::End = d.next()? {
+            return Ok(d.stats);
+        }
+    }
+}
+
 /// Refuses to load into a store that holds anything: a restore goes to a fresh one.
 pub(crate) fn must_be_empty(audit_rows: i64, meta_rows: i64) -> Result<(), StoreError> {
     if audit_rows > 0 || meta_rows > 0 {

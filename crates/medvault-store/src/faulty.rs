@@ -79,6 +79,9 @@ impl Store for FaultyStore {
     fn load(&self, input: &mut dyn std::io::Read) -> Result<DumpStats, StoreError> {
         self.inner.load(input)
     }
+    fn purge_deleted(&self) -> Result<bool, StoreError> {
+        self.inner.purge_deleted()
+    }
     fn census(&self) -> Result<std::collections::BTreeMap<String, u64>, StoreError> {
         self.inner.census()
     }

@@ -918,6 +918,15 @@ pub trait Store: Send + Sync + 'static {
     fn load(&self, input: &mut dyn std::io::Read) -> Result<DumpStats, StoreError>;
     /// Current, non-deleted resources per FHIR type.
     fn census(&self) -> Result<std::collections::BTreeMap<String, u64>, StoreError>;
+    /// After a shred: makes deleted rows unrecoverable from the database's own files where
+    /// the backend can. SQLite (with `secure_delete`) checkpoints and truncates its WAL, so
+    /// the zeroed pages reach the main file and no older frame keeps a copy. Returns false
+    /// if readers held the old pages and the purge could not finish (it completes at the
+    /// next checkpoint). PostgreSQL has no such control: dead tuples stay in heap pages
+    /// until reused; only the shredded key protects them.
+    fn purge_deleted(&self) -> Result<bool, StoreError> {
+        Ok(true)
+    }
     /// Tells every server sharing this store to drop its cached data key for `patient`
     /// (shredding and rotation rely on it). A single-process store has nobody to tell.
     fn announce_key_eviction(&self, patient: &PatientId) -> Result<(), StoreError> {

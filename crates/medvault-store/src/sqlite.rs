@@ -888,6 +888,12 @@ impl Store for SqliteStore {
         Ok(dec.stats)
     }
 
+    fn purge_deleted(&self) -> Result<bool, StoreError> {
+        let c = open(&self.path, true)?;
+        let busy: i64 = c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))?;
+        Ok(busy == 0)
+    }
+
     fn census(&self) -> Result<std::collections::BTreeMap<String, u64>, StoreError> {
         self.with_reader(|c| {
             let mut st = c.prepare_cached(crate::dump::CENSUS_SQL)?;

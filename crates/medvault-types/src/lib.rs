@@ -311,6 +311,7 @@ str_enum!(
         LegalHoldRead => "legal-hold.read",
         KeysStatus => "keys.status",
         KeysRotate => "keys.rotate",
+        Backup => "backup",
     }
 );
 

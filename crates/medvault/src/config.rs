@@ -17,6 +17,7 @@ pub struct Config {
     pub lockout: Lockout,
     pub access: Access,
     pub audit: Audit,
+    pub backup: Backup,
     /// OpenID Connect identity providers for single sign-on (`[[oidc]]`, any number).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub oidc: Vec<Oidc>,
@@ -154,6 +155,32 @@ pub struct Storage {
     pub url: String,
     /// File holding the PostgreSQL URL (keeps a password out of this file).
     pub url_file: String,
+}
+
+/// `[backup]`: where snapshots go, how often the server takes one, how many it keeps.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Backup {
+    /// The repository directory; empty: `DATA_DIR-backups` beside the data directory (never
+    /// inside it: a backup must survive the loss of the data directory).
+    pub repository: String,
+    /// Seconds between scheduled snapshots while serving (0: none).
+    pub interval_secs: u64,
+    /// Snapshots kept; older ones and the chunks only they use are pruned.
+    pub retain: usize,
+    /// The recovery public key (`MVRP1-…`), relative to the data directory.
+    pub recovery_public_key_file: String,
+}
+
+impl Default for Backup {
+    fn default() -> Self {
+        Backup {
+            repository: String::new(),
+            interval_secs: 86_400,
+            retain: 30,
+            recovery_public_key_file: "backup-recovery.pub".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -69,6 +69,12 @@ pub enum DestroyCommand {
         #[command(flatten)]
         who: SignIn,
     },
+    /// Print the shred ledger (every chart destroyed, with the audit entry recording it), for
+    /// `backup restore --ledger` (the operator of this machine; no PHI).
+    Ledger {
+        #[arg(long)]
+        json: bool,
+    },
     /// Verify a certificate offline against the verifier key; exit 1 if it does not verify.
     Verify {
         certificate: PathBuf,
@@ -163,6 +169,18 @@ pub fn destroy(dir: &Path, cmd: DestroyCommand) -> Result<()> {
     }
     let (_cfg, vault, _op) = crate::open(dir)?;
     match cmd {
+        DestroyCommand::Ledger { json } => {
+            let ledger = vault.shred_ledger().map_err(crate::describe)?;
+            if json {
+                println!("{}", serde_json::to_string(&ledger)?);
+            } else if ledger.is_empty() {
+                println!("no chart has been destroyed");
+            } else {
+                for (p, seq) in ledger {
+                    println!("patient {p}  destroyed at audit entry {seq}");
+                }
+            }
+        }
         DestroyCommand::Request {
             patient,
             reason,

@@ -2,6 +2,7 @@
 //! import and the benchmark. The one real clock lives here.
 #![forbid(unsafe_code)]
 
+mod backup_cli;
 mod config;
 mod demo;
 mod destroy;
@@ -139,6 +140,11 @@ enum Command {
     Audit {
         #[command(subcommand)]
         command: AuditCommand,
+    },
+    /// Encrypted, signed, content-addressed backups: create, list, verify, restore, drill.
+    Backup {
+        #[command(subcommand)]
+        command: backup_cli::BackupCommand,
     },
     /// Master key versions and rotation.
     Keys {
@@ -576,6 +582,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Keys { command } => keys(&dir, command),
+        Command::Backup { command } => backup_cli::run(&dir, command),
         Command::Destroy { command } => destroy::destroy(&dir, command),
         Command::Hold { command } => destroy::hold(&dir, command),
         Command::TotpCode { secret } => {
@@ -763,6 +770,8 @@ fn open(dir: &Path) -> Result<(Config, Arc<Vault>, LocalOperator)> {
 struct InitOutput {
     user: medvault_core::NewUserInfo,
     cert_sha256: String,
+    /// The backup recovery key's private half, shown once.
+    recovery_key: String,
 }
 
 fn init(
@@ -826,7 +835,12 @@ fn init(
                 password,
             )
             .map_err(describe)?;
-        Ok(InitOutput { user, cert_sha256 })
+        let recovery = backup_cli::new_recovery_key(dir, &cfg)?;
+        Ok(InitOutput {
+            user,
+            cert_sha256,
+            recovery_key: recovery.to_text().to_string(),
+        })
     })();
     if result.is_err() {
         // Leave nothing half-made behind (law 8).
@@ -841,7 +855,7 @@ fn print_init(o: &InitOutput, json: bool) {
             "{}",
             json!({"admin_user": o.user.username.as_str(), "admin_password": o.user.password.expose(),
                 "totp_secret": o.user.totp_secret, "totp_uri": o.user.totp_uri, "recovery_codes": o.user.recovery_codes,
-                "tls_cert_sha256": o.cert_sha256})
+                "tls_cert_sha256": o.cert_sha256, "recovery_key": o.recovery_key})
         );
     } else {
         println!("medvault initialized.");
@@ -853,6 +867,8 @@ fn print_init(o: &InitOutput, json: bool) {
             println!("    {c}");
         }
         println!("TLS certificate SHA-256: {}", o.cert_sha256);
+        println!("backup recovery key (keep it offline, away from the server; it restores backups if the master key is lost):");
+        println!("    {}", o.recovery_key);
         println!("These secrets are shown once.");
     }
 }
@@ -945,6 +961,14 @@ fn serve_vault(
                 }
             }
         })?;
+    let (backup_stop, backup_rx) = std::sync::mpsc::channel::<()>();
+    let backups = backup_cli::schedule(
+        dir.to_owned(),
+        cfg.clone(),
+        checkpoint_vault.clone(),
+        &op,
+        backup_rx,
+    )?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -996,6 +1020,10 @@ fn serve_vault(
     rt.shutdown_timeout(std::time::Duration::from_secs(5));
     let _ = stop_tx.send(());
     let _ = signer.join();
+    let _ = backup_stop.send(());
+    if let Some(b) = backups {
+        let _ = b.join();
+    }
     Ok(())
 }
 

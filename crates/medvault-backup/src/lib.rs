@@ -1,0 +1,872 @@
+//! medvault-backup — encrypted, content-addressed, signed backups (SPEC "Keys, backup,
+//! destruction"), after restic's repository design.
+//!
+//! A repository is a directory: `config.json` (the repository key wrapped by the master key
+//! and sealed to an X25519 recovery public key, the manifest signer's public key),
+//! `chunks/xx/ID` (content-defined chunks of the snapshot stream — FastCDC — each named by a
+//! keyed hash of its plaintext, compressed with LZ4, then sealed with AES-256-GCM under the
+//! repository key with its id as associated data), and `snapshots/ID.json` (a manifest
+//! signed with Ed25519: the chunks in order with the SHA-256 of each stored file, what the
+//! snapshot holds, and the shred ledger). A snapshot is written chunks first, manifest last
+//! (renamed into place), so a backup cut short is never listed or verified as valid.
+//!
+//! This room must never write a plaintext byte of a snapshot to disk, never log key
+//! material, and never call a snapshot valid unless every chunk it names is present and
+//! intact. The stream it stores is the gate's dump: record bodies inside are still sealed
+//! under the patients' data keys.
+#![forbid(unsafe_code)]
+
+pub mod recovery;
+
+use std::collections::VecDeque;
+use std::fs;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::{Aes256Gcm, Nonce};
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use ed25519_dalek::{Signer, Verifier};
+use hmac::{Hmac, Mac};
+use medvault_core::{Caller, SnapshotStats, Vault, VaultError};
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
+
+pub use recovery::{RecoveryPublic, RecoverySecret};
+
+/// Errors of this room. Each names what failed (a chunk, a file) without key material.
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    #[error("{0}")]
+    Vault(#[from] VaultError),
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{0} is not a medvault backup repository (no config.json)")]
+    NotARepository(String),
+    #[error("repository config: {0}")]
+    Config(String),
+    #[error("snapshot manifest {0}: {1}")]
+    Manifest(String, String),
+    #[error("chunk {0} is missing")]
+    MissingChunk(String),
+    #[error("chunk {0} is corrupt: its stored bytes do not match the manifest's hash")]
+    CorruptChunk(String),
+    #[error("chunk {0} does not decrypt: wrong key, or altered")]
+    UndecryptableChunk(String),
+    #[error("the repository key does not open with this key: {0}")]
+    WrongKey(String),
+    #[error("recovery key: {0}")]
+    Recovery(String),
+    #[error("snapshot stream: {0}")]
+    Stream(String),
+}
+
+fn io_err(path: &Path) -> impl Fn(std::io::Error) -> BackupError + '_ {
+    move |source| BackupError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// Content-defined chunking bounds, in bytes (restic's are 512 KiB–8 MiB; smaller chunks
+/// find more of an append-mostly store unchanged).
+pub const CHUNK_MIN: u32 = 64 * 1024;
+pub const CHUNK_AVG: u32 = 256 * 1024;
+pub const CHUNK_MAX: u32 = 1024 * 1024;
+
+const FORMAT: &str = "medvault-backup-repository-v1";
+const FILES_MAGIC: &[u8; 6] = b"MVBF1\n";
+
+/// The repository key: AES-256-GCM for chunks, HMAC for chunk ids, Ed25519 for manifests,
+/// all derived (HKDF-SHA256) from one 32-byte secret.
+pub struct RepoKey {
+    raw: Zeroizing<[u8; 32]>,
+}
+
+impl std::fmt::Debug for RepoKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RepoKey([REDACTED])")
+    }
+}
+
+impl RepoKey {
+    fn derive(&self, label: &str) -> Zeroizing<[u8; 32]> {
+        let hk = hkdf::Hkdf::<Sha256>::new(Some(b"medvault-backup"), &*self.raw);
+        let mut k = Zeroizing::new([0u8; 32]);
+        // 32 bytes is always a valid HKDF-SHA256 output length.
+        let _ = hk.expand(label.as_bytes(), &mut *k);
+        k
+    }
+    fn cipher(&self) -> Aes256Gcm {
+        Aes256Gcm::new((&*self.derive("chunk-seal/v1")).into())
+    }
+    fn chunk_id(&self, plain: &[u8]) -> String {
+        let k = self.derive("chunk-id/v1");
+        let mut m = <Hmac<Sha256> as Mac>::new_from_slice(&*k)
+            .unwrap_or_else(|_| <Hmac<Sha256> as Mac>::new(&Default::default()));
+        m.update(plain);
+        hex(&m.finalize().into_bytes())
+    }
+    fn signer(&self) -> ed25519_dalek::SigningKey {
+        ed25519_dalek::SigningKey::from_bytes(&self.derive("manifest-signing/v1"))
+    }
+    /// The manifests' verifier key (base64 Ed25519 public key).
+    pub fn verifier(&self) -> String {
+        B64.encode(self.signer().verifying_key().to_bytes())
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// FHIR instant with milliseconds of `t` (snapshots are ordered and named by it).
+fn instant(t: time::OffsetDateTime) -> String {
+    let base = medvault_core::fhir_instant_secs(t.unix_timestamp());
+    match base.strip_suffix(".000Z") {
+        Some(b) => format!("{b}.{:03}Z", t.millisecond()),
+        None => base,
+    }
+}
+
+/// A snapshot found in a repository: its manifest file and what it says.
+pub type Listed = (PathBuf, Manifest);
+/// The data-directory files a snapshot carries: name and contents.
+pub type CarriedFiles = Vec<(String, Zeroizing<Vec<u8>>)>;
+
+/// `config.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RepoConfig {
+    pub format: String,
+    pub id: String,
+    pub created: String,
+    /// The repository key wrapped by the master key (`version`).
+    pub master: WrappedByMaster,
+    /// The repository key sealed to the recovery public key.
+    pub recovery: recovery::Sealed,
+    /// The manifests' verifier key.
+    pub signer: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WrappedByMaster {
+    pub version: u32,
+    pub wrapped: String,
+}
+
+/// One chunk of a snapshot, in stream order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkRef {
+    pub id: String,
+    /// Plaintext length.
+    pub len: u64,
+    /// SHA-256 of the stored (sealed) file, hex: checkable without any key.
+    pub sha256: String,
+}
+
+/// What a snapshot holds (signed).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: String,
+    pub id: String,
+    pub repository: String,
+    /// FHIR instant when the snapshot was taken.
+    pub created: String,
+    /// When retention lets it go (FHIR instant).
+    pub expires: String,
+    /// The data-directory files carried (configuration, key files, certificate).
+    pub files: Vec<String>,
+    pub stats: SnapshotStats,
+    /// Charts destroyed up to this snapshot: (patient id, audit index of the destruction).
+    pub shred_ledger: Vec<(String, u64)>,
+    pub chunks: Vec<ChunkRef>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SignedManifest {
+    manifest: Manifest,
+    /// Ed25519 over the manifest's JSON bytes, base64.
+    signature: String,
+}
+
+/// A repository opened from its directory.
+#[derive(Debug)]
+pub struct Repo {
+    pub dir: PathBuf,
+    pub config: RepoConfig,
+}
+
+/// What `backup create` did.
+#[derive(Debug, Clone, Serialize)]
+pub struct CreateReport {
+    pub snapshot: String,
+    pub manifest: String,
+    /// Bytes of the snapshot stream (before compression and dedup).
+    pub bytes: u64,
+    pub chunks: usize,
+    /// Chunks written now (the rest were already stored).
+    pub new_chunks: usize,
+    /// Bytes written now (sealed).
+    pub new_bytes: u64,
+    pub seconds: f64,
+}
+
+/// What `backup verify` found.
+#[derive(Debug, Clone, Serialize)]
+pub struct VerifyReport {
+    pub snapshot: String,
+    /// `integrity` (signature and every chunk's stored hash) or `read-data` (also every
+    /// chunk decrypted, its id checked, and the stream parsed to its end).
+    pub level: &'static str,
+    pub chunks: usize,
+    pub bytes: u64,
+}
+
+fn write_atomic(path: &Path, data: &[u8]) -> Result<(), BackupError> {
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)
+        .map_err(io_err(&tmp))?;
+    f.write_all(data).map_err(io_err(&tmp))?;
+    f.sync_all().map_err(io_err(&tmp))?;
+    fs::rename(&tmp, path).map_err(io_err(path))
+}
+
+fn random_id() -> String {
+    let mut b = [0u8; 16];
+    rand::rngs::OsRng.fill_bytes(&mut b);
+    hex(&b)
+}
+
+impl Repo {
+    /// Opens the repository at `dir`.
+    ///
+    /// # Errors
+    /// Not a repository; an unreadable or malformed config.
+    pub fn open(dir: &Path) -> Result<Repo, BackupError> {
+        let p = dir.join("config.json");
+        if !p.exists() {
+            return Err(BackupError::NotARepository(dir.display().to_string()));
+        }
+        let text = fs::read(&p).map_err(io_err(&p))?;
+        let config: RepoConfig =
+            serde_json::from_slice(&text).map_err(|e| BackupError::Config(e.to_string()))?;
+        if config.format != FORMAT {
+            return Err(BackupError::Config(format!(
+                "unknown format {}",
+                config.format
+            )));
+        }
+        Ok(Repo {
+            dir: dir.to_owned(),
+            config,
+        })
+    }
+
+    /// Creates a repository at `dir` (empty or absent) with a new repository key, wrapped
+    /// by the master key through the gate and sealed to `recovery`.
+    ///
+    /// # Errors
+    /// `dir` holds something else; the gate refuses; file errors.
+    pub fn init(
+        dir: &Path,
+        vault: &Vault,
+        c: &Caller,
+        recovery: &RecoveryPublic,
+        now: time::OffsetDateTime,
+    ) -> Result<(Repo, RepoKey), BackupError> {
+        if dir.exists() && fs::read_dir(dir).map_err(io_err(dir))?.next().is_some() {
+            return Err(BackupError::NotARepository(format!(
+                "{} (it is not empty)",
+                dir.display()
+            )));
+        }
+        for d in ["", "chunks", "snapshots"] {
+            fs::create_dir_all(dir.join(d)).map_err(io_err(dir))?;
+        }
+        let mut raw = Zeroizing::new([0u8; 32]);
+        rand::rngs::OsRng.fill_bytes(&mut *raw);
+        let id = random_id();
+        let (version, wrapped) = vault.wrap_backup_key(c, &id, &raw)?;
+        let key = RepoKey { raw };
+        let config = RepoConfig {
+            format: FORMAT.into(),
+            id,
+            created: instant(now),
+            master: WrappedByMaster {
+                version,
+                wrapped: B64.encode(wrapped),
+            },
+            recovery: recovery.seal(&key.raw)?,
+            signer: key.verifier(),
+        };
+        let repo = Repo {
+            dir: dir.to_owned(),
+            config,
+        };
+        repo.save_config()?;
+        Ok((repo, key))
+    }
+
+    fn save_config(&self) -> Result<(), BackupError> {
+        let text = serde_json::to_vec_pretty(&self.config)
+            .map_err(|e| BackupError::Config(e.to_string()))?;
+        write_atomic(&self.dir.join("config.json"), &text)
+    }
+
+    /// The repository key through the gate's master key; re-wraps it under the master key
+    /// version in force when an older one wrapped it (so a retired master key file can go).
+    ///
+    /// # Errors
+    /// The gate refuses; the master key version is gone; the key does not open.
+    pub fn key_from_vault(&mut self, vault: &Vault, c: &Caller) -> Result<RepoKey, BackupError> {
+        let wrapped = B64
+            .decode(&self.config.master.wrapped)
+            .map_err(|_| BackupError::Config("master wrapping is not base64".into()))?;
+        let raw = vault
+            .unwrap_backup_key(c, &self.config.id, self.config.master.version, &wrapped)
+            .map_err(|e| BackupError::WrongKey(e.to_string()))?;
+        let key = RepoKey { raw };
+        self.check_key(&key)?;
+        let (version, rewrapped) = vault.wrap_backup_key(c, &self.config.id, &key.raw)?;
+        if version != self.config.master.version {
+            self.config.master = WrappedByMaster {
+                version,
+                wrapped: B64.encode(rewrapped),
+            };
+            self.save_config()?;
+        }
+        Ok(key)
+    }
+
+    /// The repository key through the recovery secret (the master key lost).
+    ///
+    /// # Errors
+    /// The secret does not open this repository's sealed key.
+    pub fn key_from_recovery(&self, secret: &RecoverySecret) -> Result<RepoKey, BackupError> {
+        let raw = secret.open(&self.config.recovery)?;
+        let key = RepoKey { raw };
+        self.check_key(&key)?;
+        Ok(key)
+    }
+
+    fn check_key(&self, key: &RepoKey) -> Result<(), BackupError> {
+        if key.verifier() != self.config.signer {
+            return Err(BackupError::WrongKey(
+                "it is not this repository's key".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn chunk_path(&self, id: &str) -> PathBuf {
+        self.dir
+            .join("chunks")
+            .join(id.get(..2).unwrap_or("00"))
+            .join(id)
+    }
+
+    /// Takes a snapshot: `files` (data-directory files, sealed like the rest), then the
+    /// gate's consistent dump, chunked, deduplicated, compressed, sealed; the signed
+    /// manifest last. `progress(bytes so far)` after every write of the stream.
+    ///
+    /// # Errors
+    /// The gate refuses or fails; file errors. A failure leaves no manifest.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the snapshot's inputs, each needed"
+    )]
+    pub fn create(
+        &self,
+        key: &RepoKey,
+        vault: &Vault,
+        c: &Caller,
+        files: &[(String, Vec<u8>)],
+        now: time::OffsetDateTime,
+        expires: &str,
+        progress: &dyn Fn(u64),
+    ) -> Result<CreateReport, BackupError> {
+        let started = std::time::Instant::now();
+        let id = random_id();
+        let created = instant(now);
+        let mut w = ChunkWriter {
+            repo: self,
+            key,
+            cipher: key.cipher(),
+            buf: Vec::with_capacity(4 * CHUNK_MAX as usize),
+            chunks: vec![],
+            new_chunks: 0,
+            new_bytes: 0,
+            total: 0,
+            progress,
+            error: None,
+        };
+        write_files(&mut w, files)
+            .map_err(|e| w.error.take().unwrap_or(BackupError::Stream(e.to_string())))?;
+        let stats = match vault.backup_snapshot(c, &id, expires, &mut w) {
+            Ok(s) => s,
+            Err(e) => return Err(w.error.take().unwrap_or(BackupError::Vault(e))),
+        };
+        w.cut(true)?;
+        let ledger = vault.shred_ledger()?;
+        let manifest = Manifest {
+            format: "medvault-backup-snapshot-v1".into(),
+            id: id.clone(),
+            repository: self.config.id.clone(),
+            created,
+            expires: expires.to_owned(),
+            files: files.iter().map(|f| f.0.clone()).collect(),
+            stats,
+            shred_ledger: ledger,
+            chunks: w.chunks,
+        };
+        let body = serde_json::to_vec(&manifest).map_err(|e| BackupError::Stream(e.to_string()))?;
+        let signed = SignedManifest {
+            signature: B64.encode(key.signer().sign(&body).to_bytes()),
+            manifest,
+        };
+        let path = self.dir.join("snapshots").join(format!("{id}.json"));
+        write_atomic(
+            &path,
+            &serde_json::to_vec_pretty(&signed).map_err(|e| BackupError::Stream(e.to_string()))?,
+        )?;
+        Ok(CreateReport {
+            snapshot: id,
+            manifest: path.display().to_string(),
+            bytes: w.total,
+            chunks: signed.manifest.chunks.len(),
+            new_chunks: w.new_chunks,
+            new_bytes: w.new_bytes,
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Reads and checks a manifest's signature (against the repository's signer).
+    ///
+    /// # Errors
+    /// Unreadable, malformed, from another repository, or the signature does not verify.
+    pub fn manifest(&self, path: &Path) -> Result<Manifest, BackupError> {
+        let name = path.display().to_string();
+        let bad = |m: &str| BackupError::Manifest(name.clone(), m.to_owned());
+        let text = fs::read(path).map_err(io_err(path))?;
+        let signed: SignedManifest =
+            serde_json::from_slice(&text).map_err(|_| bad("not a snapshot manifest"))?;
+        let body = serde_json::to_vec(&signed.manifest).map_err(|_| bad("not JSON"))?;
+        let public: [u8; 32] = B64
+            .decode(&self.config.signer)
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| bad("the repository's signer key is malformed"))?;
+        let vk = ed25519_dalek::VerifyingKey::from_bytes(&public)
+            .map_err(|_| bad("the repository's signer key is malformed"))?;
+        let sig: [u8; 64] = B64
+            .decode(&signed.signature)
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| bad("malformed signature"))?;
+        vk.verify(&body, &ed25519_dalek::Signature::from_bytes(&sig))
+            .map_err(|_| bad("the signature does not verify"))?;
+        if signed.manifest.repository != self.config.id {
+            return Err(bad("it belongs to another repository"));
+        }
+        Ok(signed.manifest)
+    }
+
+    /// Every complete snapshot (a signed manifest), oldest first; manifests that fail to
+    /// verify are reported beside them.
+    ///
+    /// # Errors
+    /// The snapshots directory cannot be read.
+    pub fn snapshots(&self) -> Result<(Vec<Listed>, Vec<BackupError>), BackupError> {
+        let dir = self.dir.join("snapshots");
+        let mut ok = vec![];
+        let mut bad = vec![];
+        for e in fs::read_dir(&dir).map_err(io_err(&dir))? {
+            let p = e.map_err(io_err(&dir))?.path();
+            if p.extension().and_then(|x| x.to_str()) != Some("json") {
+                continue;
+            }
+            match self.manifest(&p) {
+                Ok(m) => ok.push((p, m)),
+                Err(e) => bad.push(e),
+            }
+        }
+        ok.sort_by(|a, b| (&a.1.created, &a.1.id).cmp(&(&b.1.created, &b.1.id)));
+        Ok((ok, bad))
+    }
+
+    /// Checks a snapshot: always its signature and every chunk file's SHA-256 (no key
+    /// needed); with `key`, also decrypts every chunk, checks its id, and parses the stream
+    /// to its end (restic's `check --read-data`).
+    ///
+    /// # Errors
+    /// The first chunk missing, corrupt or undecryptable, named.
+    pub fn verify(
+        &self,
+        manifest: &Manifest,
+        key: Option<&RepoKey>,
+        progress: &dyn Fn(u64, u64),
+    ) -> Result<VerifyReport, BackupError> {
+        let total: u64 = manifest.chunks.iter().map(|c| c.len).sum();
+        match key {
+            None => {
+                let mut done = 0;
+                for c in &manifest.chunks {
+                    self.read_chunk_file(c)?;
+                    done += c.len;
+                    progress(done, total);
+                }
+                Ok(VerifyReport {
+                    snapshot: manifest.id.clone(),
+                    level: "integrity",
+                    chunks: manifest.chunks.len(),
+                    bytes: total,
+                })
+            }
+            Some(k) => {
+                let mut r = self.reader(manifest, k, progress);
+                let checked = read_files(&mut r).and_then(|(_files, rest)| {
+                    medvault_core::check_dump(rest)
+                        .map(|_| ())
+                        .map_err(|e| BackupError::Stream(e.to_string()))
+                });
+                if let Err(e) = checked {
+                    return Err(r.error().unwrap_or(e));
+                }
+                Ok(VerifyReport {
+                    snapshot: manifest.id.clone(),
+                    level: "read-data",
+                    chunks: manifest.chunks.len(),
+                    bytes: total,
+                })
+            }
+        }
+    }
+
+    fn read_chunk_file(&self, c: &ChunkRef) -> Result<Vec<u8>, BackupError> {
+        let p = self.chunk_path(&c.id);
+        let data = match fs::read(&p) {
+            Ok(d) => d,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(BackupError::MissingChunk(c.id.clone()))
+            }
+            Err(e) => return Err(io_err(&p)(e)),
+        };
+        if hex(&Sha256::digest(&data)) != c.sha256 {
+            return Err(BackupError::CorruptChunk(c.id.clone()));
+        }
+        Ok(data)
+    }
+
+    /// The snapshot's plaintext stream, chunk by chunk (each checked, decrypted, its id
+    /// verified). A failure surfaces as an I/O error whose cause [`SnapshotReader::error`]
+    /// keeps.
+    pub fn reader<'a>(
+        &'a self,
+        manifest: &Manifest,
+        key: &'a RepoKey,
+        progress: &'a dyn Fn(u64, u64),
+    ) -> SnapshotReader<'a> {
+        SnapshotReader {
+            repo: self,
+            key,
+            cipher: key.cipher(),
+            pending: manifest.chunks.iter().cloned().collect(),
+            total: manifest.chunks.iter().map(|c| c.len).sum(),
+            done: 0,
+            cur: vec![],
+            pos: 0,
+            progress,
+            error: None,
+        }
+    }
+
+    /// Deletes all but the newest `keep` snapshots, then every chunk no remaining snapshot
+    /// names. Returns (snapshots removed, chunks removed).
+    ///
+    /// # Errors
+    /// File errors.
+    pub fn prune(&self, keep: usize) -> Result<(usize, usize), BackupError> {
+        let (snaps, _) = self.snapshots()?;
+        let drop_n = snaps.len().saturating_sub(keep.max(1));
+        for (p, _) in snaps.iter().take(drop_n) {
+            fs::remove_file(p).map_err(io_err(p))?;
+        }
+        let live: std::collections::HashSet<&str> = snaps
+            .iter()
+            .skip(drop_n)
+            .flat_map(|(_, m)| m.chunks.iter().map(|c| c.id.as_str()))
+            .collect();
+        let mut removed = 0;
+        let root = self.dir.join("chunks");
+        for d in fs::read_dir(&root).map_err(io_err(&root))? {
+            let d = d.map_err(io_err(&root))?.path();
+            if !d.is_dir() {
+                continue;
+            }
+            for f in fs::read_dir(&d).map_err(io_err(&d))? {
+                let f = f.map_err(io_err(&d))?.path();
+                let name = f.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                if !live.contains(name) {
+                    fs::remove_file(&f).map_err(io_err(&f))?;
+                    removed += 1;
+                }
+            }
+        }
+        Ok((drop_n, removed))
+    }
+}
+
+/// Buffers the stream and cuts it at content-defined boundaries: a chunk is cut only once
+/// the bytes after it are known (or the stream ended), so the cuts equal those of chunking
+/// the whole stream at once, and an unchanged region gives the same chunks every time.
+struct ChunkWriter<'a> {
+    repo: &'a Repo,
+    key: &'a RepoKey,
+    cipher: Aes256Gcm,
+    buf: Vec<u8>,
+    chunks: Vec<ChunkRef>,
+    new_chunks: usize,
+    new_bytes: u64,
+    total: u64,
+    progress: &'a dyn Fn(u64),
+    error: Option<BackupError>,
+}
+
+impl ChunkWriter<'_> {
+    fn cut(&mut self, last: bool) -> Result<(), BackupError> {
+        let cuts: Vec<(usize, usize)> =
+            fastcdc::v2020::FastCDC::new(&self.buf, CHUNK_MIN, CHUNK_AVG, CHUNK_MAX)
+                .map(|c| (c.offset, c.length))
+                .collect();
+        let keep = if last {
+            cuts.len()
+        } else {
+            cuts.len().saturating_sub(1)
+        };
+        let mut consumed = 0;
+        for &(off, len) in cuts.iter().take(keep) {
+            let plain = self
+                .buf
+                .get(off..off + len)
+                .ok_or_else(|| BackupError::Stream("chunk bounds".into()))?
+                .to_vec();
+            self.store_chunk(&plain)?;
+            consumed = off + len;
+        }
+        self.buf.drain(..consumed);
+        Ok(())
+    }
+
+    fn store_chunk(&mut self, plain: &[u8]) -> Result<(), BackupError> {
+        let id = self.key.chunk_id(plain);
+        let path = self.repo.chunk_path(&id);
+        let sha256 = if let Ok(existing) = fs::read(&path) {
+            hex(&Sha256::digest(&existing))
+        } else {
+            let packed = lz4_flex::compress_prepend_size(plain);
+            let mut nonce = [0u8; 12];
+            rand::rngs::OsRng.fill_bytes(&mut nonce);
+            let ct = self
+                .cipher
+                .encrypt(
+                    Nonce::from_slice(&nonce),
+                    Payload {
+                        msg: &packed,
+                        aad: id.as_bytes(),
+                    },
+                )
+                .map_err(|_| BackupError::Stream("encryption failed".into()))?;
+            let mut file = nonce.to_vec();
+            file.extend_from_slice(&ct);
+            if let Some(parent) = path.parent() {
+                fs::create_dir_all(parent).map_err(io_err(parent))?;
+            }
+            write_atomic(&path, &file)?;
+            self.new_chunks += 1;
+            self.new_bytes += file.len() as u64;
+            hex(&Sha256::digest(&file))
+        };
+        self.chunks.push(ChunkRef {
+            id,
+            len: plain.len() as u64,
+            sha256,
+        });
+        Ok(())
+    }
+}
+
+impl Write for ChunkWriter<'_> {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(b);
+        self.total += b.len() as u64;
+        if self.buf.len() >= 4 * CHUNK_MAX as usize {
+            if let Err(e) = self.cut(false) {
+                let msg = e.to_string();
+                self.error = Some(e);
+                return Err(std::io::Error::other(msg));
+            }
+        }
+        (self.progress)(self.total);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A snapshot's plaintext stream.
+pub struct SnapshotReader<'a> {
+    repo: &'a Repo,
+    key: &'a RepoKey,
+    cipher: Aes256Gcm,
+    pending: VecDeque<ChunkRef>,
+    total: u64,
+    done: u64,
+    cur: Vec<u8>,
+    pos: usize,
+    progress: &'a dyn Fn(u64, u64),
+    error: Option<BackupError>,
+}
+
+impl SnapshotReader<'_> {
+    fn next_chunk(&mut self, c: &ChunkRef) -> Result<Vec<u8>, BackupError> {
+        let file = self.repo.read_chunk_file(c)?;
+        let undecryptable = || BackupError::UndecryptableChunk(c.id.clone());
+        let (nonce, ct) = (file.get(..12), file.get(12..));
+        let (Some(nonce), Some(ct)) = (nonce, ct) else {
+            return Err(undecryptable());
+        };
+        let packed = self
+            .cipher
+            .decrypt(
+                Nonce::from_slice(nonce),
+                Payload {
+                    msg: ct,
+                    aad: c.id.as_bytes(),
+                },
+            )
+            .map_err(|_| undecryptable())?;
+        let plain = lz4_flex::decompress_size_prepended(&packed).map_err(|_| undecryptable())?;
+        if plain.len() as u64 != c.len || self.key.chunk_id(&plain) != c.id {
+            return Err(undecryptable());
+        }
+        Ok(plain)
+    }
+
+    /// Why the stream stopped, if a chunk failed.
+    pub fn error(&mut self) -> Option<BackupError> {
+        self.error.take()
+    }
+}
+
+impl Read for SnapshotReader<'_> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.pos >= self.cur.len() {
+            let Some(c) = self.pending.pop_front() else {
+                return Ok(0);
+            };
+            match self.next_chunk(&c) {
+                Ok(p) => {
+                    self.cur = p;
+                    self.pos = 0;
+                    self.done += c.len;
+                    (self.progress)(self.done, self.total);
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    self.error = Some(e);
+                    return Err(std::io::Error::other(msg));
+                }
+            }
+        }
+        let n = out.len().min(self.cur.len() - self.pos);
+        if let (Some(o), Some(s)) = (out.get_mut(..n), self.cur.get(self.pos..self.pos + n)) {
+            o.copy_from_slice(s);
+        }
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+fn write_files(w: &mut dyn Write, files: &[(String, Vec<u8>)]) -> std::io::Result<()> {
+    w.write_all(FILES_MAGIC)?;
+    w.write_all(&u16::try_from(files.len()).unwrap_or(0).to_le_bytes())?;
+    for (name, data) in files {
+        w.write_all(&u16::try_from(name.len()).unwrap_or(0).to_le_bytes())?;
+        w.write_all(name.as_bytes())?;
+        w.write_all(&u32::try_from(data.len()).unwrap_or(0).to_le_bytes())?;
+        w.write_all(data)?;
+    }
+    Ok(())
+}
+
+/// The files section of a snapshot stream, and the stream positioned at the dump.
+///
+/// # Errors
+/// The stream is not a snapshot, or a chunk failed.
+pub fn read_files<R: Read>(r: &mut R) -> Result<(CarriedFiles, &mut R), BackupError> {
+    let bad = |e: std::io::Error| BackupError::Stream(e.to_string());
+    let mut magic = [0u8; 6];
+    r.read_exact(&mut magic).map_err(bad)?;
+    if &magic != FILES_MAGIC {
+        return Err(BackupError::Stream("not a medvault snapshot".into()));
+    }
+    let mut n = [0u8; 2];
+    r.read_exact(&mut n).map_err(bad)?;
+    let mut files = vec![];
+    for _ in 0..u16::from_le_bytes(n) {
+        let mut l = [0u8; 2];
+        r.read_exact(&mut l).map_err(bad)?;
+        let mut name = vec![0u8; usize::from(u16::from_le_bytes(l))];
+        r.read_exact(&mut name).map_err(bad)?;
+        let mut l = [0u8; 4];
+        r.read_exact(&mut l).map_err(bad)?;
+        let len = u32::from_le_bytes(l) as usize;
+        if len > 64 * 1024 * 1024 {
+            return Err(BackupError::Stream("a carried file is too large".into()));
+        }
+        let mut data = Zeroizing::new(vec![0u8; len]);
+        r.read_exact(&mut data).map_err(bad)?;
+        let name = String::from_utf8(name).map_err(|_| BackupError::Stream("file name".into()))?;
+        files.push((name, data));
+    }
+    Ok((files, r))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_ids_are_keyed_and_files_round_trip() {
+        let a = RepoKey {
+            raw: Zeroizing::new([1; 32]),
+        };
+        let b = RepoKey {
+            raw: Zeroizing::new([2; 32]),
+        };
+        assert_eq!(a.chunk_id(b"x"), a.chunk_id(b"x"));
+        assert_ne!(a.chunk_id(b"x"), b.chunk_id(b"x"));
+        assert_ne!(a.verifier(), b.verifier());
+        let mut buf = vec![];
+        write_files(&mut buf, &[("medvault.toml".into(), b"a=1".to_vec())]).unwrap();
+        buf.extend_from_slice(b"rest");
+        let mut r: &[u8] = &buf;
+        let (files, rest) = read_files(&mut r).unwrap();
+        assert_eq!(files[0].0, "medvault.toml");
+        assert_eq!(&*files[0].1, b"a=1");
+        let mut tail = vec![];
+        rest.read_to_end(&mut tail).unwrap();
+        assert_eq!(tail, b"rest");
+    }
+}

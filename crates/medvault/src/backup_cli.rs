@@ -1,0 +1,717 @@
+//! `medvault backup …`: create, list, verify, restore, drill, prune, and the recovery key
+//! (SPEC "Keys, backup, destruction"); and the server's scheduled snapshots.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Subcommand;
+use medvault_backup::{Manifest, RecoveryPublic, RecoverySecret, Repo, RepoKey};
+use medvault_core::{Caller, Clock, LocalOperator, Role, Vault};
+use serde_json::json;
+
+use crate::config::{self, Config};
+
+#[derive(Subcommand, Debug)]
+pub enum BackupCommand {
+    /// Take a snapshot now (online, consistent); prints its manifest's path.
+    Create {
+        /// The repository (default: `backup.repository`, else DATA_DIR-backups).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Read the store no faster than this many KiB/s (spares a busy server's disk).
+        #[arg(long)]
+        limit_kbps: Option<u64>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the repository's complete snapshots, oldest first.
+    List {
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check a snapshot (its manifest file): signature and every chunk's hash without any
+    /// key; with the master key (or a recovery key) also decrypt every chunk.
+    Verify {
+        snapshot: PathBuf,
+        #[command(flatten)]
+        recovery: RecoveryArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restore a snapshot (its manifest file) into a new data directory, replaying the shred
+    /// ledger of every later snapshot (and of --ledger) so nothing destroyed comes back.
+    Restore {
+        snapshot: PathBuf,
+        #[arg(long)]
+        to: PathBuf,
+        /// Restore into this (empty) PostgreSQL database instead of SQLite.
+        #[arg(long)]
+        postgres: Option<String>,
+        /// A shred ledger from the live system (`medvault destroy ledger --json`).
+        #[arg(long)]
+        ledger: Vec<PathBuf>,
+        #[command(flatten)]
+        recovery: RecoveryArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restore the newest snapshot into a temporary directory, verify its audit log, count
+    /// records per type against the manifest, and report recovery time (RTO) and the age
+    /// of the newest data (RPO).
+    Drill {
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete all but the newest N snapshots and the chunks only they used.
+    Prune {
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Snapshots to keep (default `backup.retain`).
+        #[arg(long)]
+        keep: Option<usize>,
+    },
+    /// Make a new recovery key (printed once; optionally split M-of-N among named holders).
+    /// Repositories created afterwards seal their key to it.
+    RecoveryKey {
+        /// Split the key: any M of N shares rebuild it, e.g. `3-of-5`.
+        #[arg(long)]
+        split: Option<String>,
+        /// The share holders, comma-separated (N names).
+        #[arg(long)]
+        holders: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// The recovery key, when the master key is not at hand.
+#[derive(clap::Args, Debug)]
+pub struct RecoveryArgs {
+    /// A file holding the recovery key (`MVRK1-…`).
+    #[arg(long)]
+    recovery_key_file: Option<PathBuf>,
+    /// Files each holding one share (`MVRS1-…`); give M of them.
+    #[arg(long)]
+    share_file: Vec<PathBuf>,
+}
+
+impl RecoveryArgs {
+    fn secret(&self) -> Result<Option<RecoverySecret>> {
+        if let Some(f) = &self.recovery_key_file {
+            let t = std::fs::read_to_string(f)
+                .with_context(|| format!("cannot read {}", f.display()))?;
+            return Ok(Some(RecoverySecret::from_text(&t)?));
+        }
+        if !self.share_file.is_empty() {
+            let mut shares = vec![];
+            for f in &self.share_file {
+                shares.push(
+                    std::fs::read_to_string(f)
+                        .with_context(|| format!("cannot read {}", f.display()))?,
+                );
+            }
+            return Ok(Some(RecoverySecret::combine(&shares)?));
+        }
+        Ok(None)
+    }
+}
+
+/// The repository of a data directory: `backup.repository`, else `DIR-backups`.
+pub fn repository(dir: &Path, cfg: &Config, out: Option<&Path>) -> PathBuf {
+    if let Some(o) = out {
+        return o.to_owned();
+    }
+    if !cfg.backup.repository.is_empty() {
+        let p = PathBuf::from(&cfg.backup.repository);
+        return if p.is_absolute() { p } else { dir.join(p) };
+    }
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "medvault-data".into());
+    dir.with_file_name(format!("{name}-backups"))
+}
+
+/// Writes a new recovery key pair: the public half into the data directory, the private
+/// half returned to print once.
+pub fn new_recovery_key(dir: &Path, cfg: &Config) -> Result<RecoverySecret> {
+    let s = RecoverySecret::generate();
+    let p = dir.join(&cfg.backup.recovery_public_key_file);
+    let tmp = p.with_extension("tmp");
+    std::fs::write(&tmp, format!("{}\n", s.public().to_text()))
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, &p)?;
+    Ok(s)
+}
+
+fn recovery_public(dir: &Path, cfg: &Config) -> Result<RecoveryPublic> {
+    let p = dir.join(&cfg.backup.recovery_public_key_file);
+    let t = std::fs::read_to_string(&p).map_err(|_| {
+        anyhow!(
+            "no recovery key ({} is missing): run `medvault backup recovery-key` first, so backups survive the loss of the master key",
+            p.display()
+        )
+    })?;
+    Ok(RecoveryPublic::from_text(&t)?)
+}
+
+/// The data-directory files a snapshot carries (configuration, key files, certificate,
+/// recovery public key), by name relative to the data directory.
+fn carried_files(dir: &Path, cfg: &Config) -> Result<Vec<(String, Vec<u8>)>> {
+    let mut names = vec![
+        config::FILE.to_owned(),
+        cfg.tls.cert.to_string_lossy().into_owned(),
+        cfg.tls.key.to_string_lossy().into_owned(),
+        cfg.backup.recovery_public_key_file.clone(),
+    ];
+    let base = cfg.keys.master_key_file.clone();
+    for v in 1..=64u32 {
+        let p = medvault_core::master_key_version_path(&base, v);
+        if dir.join(&p).exists() {
+            names.push(p.to_string_lossy().into_owned());
+        }
+    }
+    let mut out = vec![];
+    for n in names {
+        let p = dir.join(&n);
+        if p.exists() {
+            out.push((
+                n,
+                std::fs::read(&p).with_context(|| format!("cannot read {}", p.display()))?,
+            ));
+        }
+    }
+    Ok(out)
+}
+
+fn bar(msg: &'static str) -> Option<indicatif::ProgressBar> {
+    crate::progress_bar(0, msg)
+}
+
+fn expires(cfg: &Config) -> String {
+    let keep = u64::try_from(cfg.backup.retain.max(1)).unwrap_or(1);
+    let every = cfg.backup.interval_secs.max(86_400);
+    let secs = keep.saturating_mul(every);
+    let now = crate::SystemClock.now().unix_timestamp();
+    medvault_core::fhir_instant_secs(now.saturating_add(i64::try_from(secs).unwrap_or(0)))
+}
+
+/// Opens (or creates) the repository and its key through the gate.
+fn open_repo(
+    dir: &Path,
+    cfg: &Config,
+    vault: &Vault,
+    c: &Caller,
+    out: Option<&Path>,
+) -> Result<(Repo, RepoKey)> {
+    let path = repository(dir, cfg, out);
+    if path.starts_with(dir) {
+        bail!(
+            "the backup repository {} is inside the data directory; put it elsewhere",
+            path.display()
+        );
+    }
+    if path.join("config.json").exists() {
+        let mut repo = Repo::open(&path)?;
+        let key = repo.key_from_vault(vault, c)?;
+        Ok((repo, key))
+    } else {
+        Ok(Repo::init(
+            &path,
+            vault,
+            c,
+            &recovery_public(dir, cfg)?,
+            crate::SystemClock.now(),
+        )?)
+    }
+}
+
+/// Takes one snapshot and prunes to `backup.retain` (the server's schedule and `create`).
+pub fn snapshot(
+    dir: &Path,
+    cfg: &Config,
+    vault: &Vault,
+    c: &Caller,
+    out: Option<&Path>,
+    limit_kbps: Option<u64>,
+) -> Result<medvault_backup::CreateReport> {
+    let (repo, key) = open_repo(dir, cfg, vault, c, out)?;
+    let files = carried_files(dir, cfg)?;
+    let b = bar("backing up");
+    let started = std::time::Instant::now();
+    let report = repo.create(
+        &key,
+        vault,
+        c,
+        &files,
+        crate::SystemClock.now(),
+        &expires(cfg),
+        &|n| {
+            if let Some(b) = &b {
+                b.set_position(n);
+            }
+            if let Some(k) = limit_kbps.filter(|k| *k > 0) {
+                let due = std::time::Duration::from_secs_f64(n as f64 / (k as f64 * 1024.0));
+                if let Some(wait) = due.checked_sub(started.elapsed()) {
+                    crate::throttle(wait);
+                }
+            }
+        },
+    )?;
+    if let Some(b) = b {
+        b.finish_and_clear();
+    }
+    if out.is_none() {
+        repo.prune(cfg.backup.retain)?;
+    }
+    Ok(report)
+}
+
+/// The server's scheduled backups: one snapshot every `backup.interval_secs`, pruned to
+/// `backup.retain`, in a thread of its own; failures are logged, never fatal.
+pub fn schedule(
+    dir: PathBuf,
+    cfg: Config,
+    vault: Arc<Vault>,
+    op: &LocalOperator,
+    stop: std::sync::mpsc::Receiver<()>,
+) -> Result<Option<std::thread::JoinHandle<()>>> {
+    if cfg.backup.interval_secs == 0 {
+        return Ok(None);
+    }
+    let c = Caller::system(op, "backup");
+    let every = std::time::Duration::from_secs(cfg.backup.interval_secs);
+    Ok(Some(
+        std::thread::Builder::new()
+            .name("medvault-backups".into())
+            .spawn(move || {
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(every)
+                {
+                    match snapshot(&dir, &cfg, &vault, &c, None, None) {
+                        Ok(r) => tracing::info!(snapshot = %r.snapshot, bytes = r.bytes, new_bytes = r.new_bytes, "scheduled backup taken"),
+                        Err(e) => tracing::error!(error = %format!("{e:#}"), "scheduled backup failed"),
+                    }
+                }
+            })?,
+    ))
+}
+
+fn repo_of_manifest(path: &Path) -> Result<Repo> {
+    let dir = path.parent().and_then(Path::parent).ok_or_else(|| {
+        anyhow!(
+            "{} is not a snapshot manifest (REPOSITORY/snapshots/ID.json)",
+            path.display()
+        )
+    })?;
+    Ok(Repo::open(dir)?)
+}
+
+/// The repository key: from the recovery key when one is given, else through the data
+/// directory's master key (if the data directory opens).
+fn key_for(repo: &mut Repo, dir: &Path, rec: &RecoveryArgs) -> Result<Option<RepoKey>> {
+    if let Some(s) = rec.secret()? {
+        return Ok(Some(repo.key_from_recovery(&s)?));
+    }
+    if !dir.join(config::FILE).exists() {
+        return Ok(None);
+    }
+    let (_, vault, op) = crate::open(dir)?;
+    Ok(Some(
+        repo.key_from_vault(&vault, &Caller::system(&op, "backup"))?,
+    ))
+}
+
+pub fn run(dir: &Path, cmd: BackupCommand) -> Result<()> {
+    match cmd {
+        BackupCommand::Create {
+            out,
+            limit_kbps,
+            json,
+        } => {
+            let (cfg, vault, op) = crate::open(dir)?;
+            let r = snapshot(
+                dir,
+                &cfg,
+                &vault,
+                &Caller::system(&op, "backup"),
+                out.as_deref(),
+                limit_kbps,
+            )?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "snapshot {} taken: {} bytes in {} chunks ({} new, {} bytes written) in {:.2}s; manifest {}",
+                    r.snapshot, r.bytes, r.chunks, r.new_chunks, r.new_bytes, r.seconds, r.manifest
+                );
+            }
+        }
+        BackupCommand::List { out, json } => {
+            let cfg = Config::load(dir)?;
+            let repo = Repo::open(&repository(dir, &cfg, out.as_deref()))?;
+            let (snaps, bad) = repo.snapshots()?;
+            if json {
+                let list: Vec<_> = snaps.iter().map(|(p, m)| json!({"id": m.id, "manifest": p, "created": m.created, "expires": m.expires, "bytes": m.stats.bytes, "resources": m.stats.resources, "audit_entries": m.stats.audit_entries})).collect();
+                println!(
+                    "{}",
+                    json!({"snapshots": list, "invalid": bad.iter().map(|e| e.to_string()).collect::<Vec<_>>()})
+                );
+            } else {
+                for (p, m) in &snaps {
+                    println!(
+                        "{}  {}  {} bytes  {} audit entries  expires {}  {}",
+                        m.id,
+                        m.created,
+                        m.stats.bytes,
+                        m.stats.audit_entries,
+                        m.expires,
+                        p.display()
+                    );
+                }
+                for e in &bad {
+                    println!("INVALID: {e}");
+                }
+                if snaps.is_empty() {
+                    println!("no snapshots");
+                }
+            }
+        }
+        BackupCommand::Verify {
+            snapshot,
+            recovery,
+            json,
+        } => {
+            let mut repo = repo_of_manifest(&snapshot)?;
+            let manifest = repo.manifest(&snapshot)?;
+            let key = key_for(&mut repo, dir, &recovery)?;
+            let b = bar("verifying");
+            let r = repo.verify(&manifest, key.as_ref(), &|d, t| {
+                if let Some(b) = &b {
+                    b.set_length(t);
+                    b.set_position(d);
+                }
+            })?;
+            if let Some(b) = b {
+                b.finish_and_clear();
+            }
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "snapshot {} is intact ({}): {} chunks, {} bytes{}",
+                    r.snapshot,
+                    r.level,
+                    r.chunks,
+                    r.bytes,
+                    if r.level == "integrity" {
+                        "; give the master key or a recovery key to decrypt every chunk"
+                    } else {
+                        ""
+                    }
+                );
+            }
+        }
+        BackupCommand::Restore {
+            snapshot,
+            to,
+            postgres,
+            ledger,
+            recovery,
+            json,
+        } => {
+            let mut repo = repo_of_manifest(&snapshot)?;
+            let manifest = repo.manifest(&snapshot)?;
+            let key = key_for(&mut repo, dir, &recovery)?.ok_or_else(|| {
+                anyhow!("no key to open this backup: the data directory {} is absent; give --recovery-key-file or --share-file", dir.display())
+            })?;
+            let r = restore(&repo, &manifest, &key, &to, postgres, &ledger)?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                for w in &r.warnings {
+                    eprintln!("WARNING: {w}");
+                }
+                println!(
+                    "restored snapshot {} into {} in {:.2}s: {} resources, audit log of {} entries verified; {} destroyed charts replayed",
+                    manifest.id,
+                    to.display(),
+                    r.seconds,
+                    r.resources.values().sum::<u64>(),
+                    r.audit_entries,
+                    r.replayed.len()
+                );
+            }
+        }
+        BackupCommand::Drill { out, json } => {
+            let (cfg, vault, op) = crate::open(dir)?;
+            let c = Caller::system(&op, "backup");
+            let path = repository(dir, &cfg, out.as_deref());
+            let mut repo = Repo::open(&path)?;
+            let key = repo.key_from_vault(&vault, &c)?;
+            let (snaps, _) = repo.snapshots()?;
+            let (_, manifest) = snaps
+                .last()
+                .ok_or_else(|| anyhow!("no snapshots in {} to drill with", path.display()))?;
+            let tmp = tempfile::tempdir()?;
+            let target = tmp.path().join("restored");
+            let r = restore(&repo, manifest, &key, &target, None, &[])?;
+            let matches = r.resources == manifest.stats.resources;
+            let rpo = age_secs(
+                manifest
+                    .stats
+                    .newest_write
+                    .as_deref()
+                    .unwrap_or(&manifest.created),
+            );
+            let report = json!({
+                "snapshot": manifest.id, "created": manifest.created,
+                "rto_seconds": r.seconds, "rpo_seconds": rpo,
+                "audit_entries": r.audit_entries, "audit_verified": true,
+                "resources": r.resources, "counts_match_manifest": matches,
+                "replayed_destructions": r.replayed.len(),
+            });
+            vault.record_drill(&c, &report).map_err(crate::describe)?;
+            if json {
+                println!("{report}");
+            } else {
+                println!(
+                    "drill of snapshot {}: restored and verified in {:.2}s (RTO); newest data {}s old (RPO); audit log of {} entries verified; record counts {} the manifest",
+                    manifest.id, r.seconds, rpo, r.audit_entries, if matches { "match" } else { "DO NOT match" }
+                );
+            }
+            if !matches {
+                bail!("the restored record counts differ from the manifest's");
+            }
+        }
+        BackupCommand::Prune { out, keep } => {
+            let cfg = Config::load(dir)?;
+            let repo = Repo::open(&repository(dir, &cfg, out.as_deref()))?;
+            let (s, c) = repo.prune(keep.unwrap_or(cfg.backup.retain))?;
+            println!("pruned {s} snapshots and {c} chunks");
+        }
+        BackupCommand::RecoveryKey {
+            split,
+            holders,
+            json,
+        } => {
+            let cfg = Config::load(dir)?;
+            let s = new_recovery_key(dir, &cfg)?;
+            match split {
+                None => {
+                    let key = s.to_text();
+                    if json {
+                        println!(
+                            "{}",
+                            json!({"recovery_key": &*key, "public_key": s.public().to_text()})
+                        );
+                    } else {
+                        println!("recovery key (store it offline; it opens every backup made from now on):\n{}", &*key);
+                    }
+                }
+                Some(spec) => {
+                    let (m, n) = spec
+                        .split_once("-of-")
+                        .and_then(|(m, n)| Some((m.parse::<u8>().ok()?, n.parse::<u8>().ok()?)))
+                        .ok_or_else(|| anyhow!("--split takes M-of-N, e.g. 3-of-5"))?;
+                    let names: Vec<String> = holders
+                        .unwrap_or_default()
+                        .split(',')
+                        .map(|h| h.trim().to_owned())
+                        .filter(|h| !h.is_empty())
+                        .collect();
+                    if names.len() != usize::from(n) {
+                        bail!("--holders must name {n} people, one per share");
+                    }
+                    let shares = s.split(m, n)?;
+                    if json {
+                        let list: Vec<_> = names
+                            .iter()
+                            .zip(&shares)
+                            .map(|(h, s)| json!({"holder": h, "share": &**s}))
+                            .collect();
+                        println!(
+                            "{}",
+                            json!({"threshold": m, "shares": list, "public_key": s.public().to_text()})
+                        );
+                    } else {
+                        println!("recovery key split {m}-of-{n}; give each holder their share, privately:");
+                        for (h, sh) in names.iter().zip(&shares) {
+                            println!("{h}: {}", &**sh);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn age_secs(instant: &str) -> i64 {
+    let Ok(t) =
+        time::OffsetDateTime::parse(instant, &time::format_description::well_known::Rfc3339)
+    else {
+        return -1;
+    };
+    (crate::SystemClock.now() - t).whole_seconds()
+}
+
+/// What a restore did.
+#[derive(Debug, serde::Serialize)]
+pub struct RestoreReport {
+    pub snapshot: String,
+    pub to: String,
+    pub seconds: f64,
+    pub resources: std::collections::BTreeMap<String, u64>,
+    pub audit_entries: u64,
+    /// Charts destroyed after the snapshot, shredded again in the restored copy.
+    pub replayed: Vec<String>,
+    pub warnings: Vec<String>,
+}
+
+fn restore(
+    repo: &Repo,
+    manifest: &Manifest,
+    key: &RepoKey,
+    to: &Path,
+    postgres: Option<String>,
+    ledgers: &[PathBuf],
+) -> Result<RestoreReport> {
+    let started = std::time::Instant::now();
+    if to.exists()
+        && std::fs::read_dir(to)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(true)
+    {
+        bail!(
+            "{} exists and is not empty; restore into a new directory",
+            to.display()
+        );
+    }
+    // The ledger: this snapshot's, every later snapshot's, and any given from the live system.
+    let mut ledger: Vec<(String, u64)> = manifest.shred_ledger.clone();
+    let (snaps, _) = repo.snapshots()?;
+    // Later: a longer audit log (every snapshot appends its own entry before dumping).
+    let later: Vec<&Manifest> = snaps
+        .iter()
+        .map(|s| &s.1)
+        .filter(|m| m.stats.audit_entries > manifest.stats.audit_entries)
+        .collect();
+    for m in &later {
+        ledger.extend(m.shred_ledger.iter().cloned());
+    }
+    for f in ledgers {
+        let text = std::fs::read(f).with_context(|| format!("cannot read {}", f.display()))?;
+        let v: Vec<(String, u64)> = serde_json::from_slice(&text).with_context(|| {
+            format!(
+                "{} is not a shred ledger (`medvault destroy ledger --json`)",
+                f.display()
+            )
+        })?;
+        ledger.extend(v);
+    }
+    ledger.sort();
+    ledger.dedup();
+    let mut warnings = vec![];
+    if later.is_empty() && ledgers.is_empty() {
+        warnings.push(format!(
+            "no shred ledger later than this snapshot ({}): charts destroyed after it would come back. Give --ledger with `medvault destroy ledger --json` from the live system, or restore from a newer snapshot",
+            manifest.created
+        ));
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode_0700()
+        .create(to)
+        .with_context(|| format!("cannot create {}", to.display()))?;
+    let result = (|| -> Result<RestoreReport> {
+        let progress_bar = bar("restoring");
+        let progress = |d: u64, t: u64| {
+            if let Some(b) = &progress_bar {
+                b.set_length(t);
+                b.set_position(d);
+            }
+        };
+        let mut reader = repo.reader(manifest, key, &progress);
+        let loaded = (|| -> Result<medvault_core::SnapshotStats> {
+            let (files, rest) = medvault_backup::read_files(&mut reader)?;
+            for (name, data) in &files {
+                let rel = Path::new(name);
+                if rel.is_absolute()
+                    || rel
+                        .components()
+                        .any(|c| matches!(c, std::path::Component::ParentDir))
+                {
+                    bail!("the snapshot names a file outside the data directory: {name}");
+                }
+                let p = to.join(rel);
+                if let Some(parent) = p.parent() {
+                    std::fs::create_dir_all(parent)?;
+                }
+                crate::write_private(&p, data)?;
+            }
+            let mut cfg = Config::load(to)?;
+            if let Some(url) = &postgres {
+                cfg.storage.backend = "postgres".into();
+                cfg.storage.url = url.clone();
+                cfg.storage.url_file = String::new();
+            } else {
+                cfg.storage.backend = "sqlite".into();
+            }
+            // The restored copy keeps its own schedule off until an operator turns it on.
+            cfg.backup.interval_secs = 0;
+            std::fs::remove_file(to.join(config::FILE))?;
+            crate::write_private(&to.join(config::FILE), cfg.to_toml()?.as_bytes())?;
+            let storage = crate::storage(to, &cfg)?;
+            medvault_core::restore_store(&storage, rest).map_err(crate::describe)
+        })();
+        let loaded = match loaded {
+            Ok(s) => s,
+            Err(e) => return Err(reader.error().map(anyhow::Error::from).unwrap_or(e)),
+        };
+        if let Some(b) = progress_bar {
+            b.finish_and_clear();
+        }
+        let (_, vault, op) = crate::open(to)?;
+        let replayed = vault
+            .replay_shred_ledger(&Caller::system(&op, "restore"), &ledger)
+            .map_err(crate::describe)?;
+        let verdict = vault
+            .verify_audit(&Caller::cli(&op, Role::Auditor), &|_, _| {})
+            .map_err(crate::describe)?;
+        if !matches!(verdict, medvault_core::AuditVerdict::Intact { .. }) {
+            bail!("the restored audit log does not verify: {verdict:?}");
+        }
+        let resources = vault
+            .census(&Caller::system(&op, "restore"))
+            .map_err(crate::describe)?;
+        Ok(RestoreReport {
+            snapshot: manifest.id.clone(),
+            to: to.display().to_string(),
+            seconds: started.elapsed().as_secs_f64(),
+            resources,
+            audit_entries: loaded.audit_entries,
+            replayed,
+            warnings: warnings.clone(),
+        })
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(to);
+    }
+    result
+}
+
+trait Mode0700 {
+    fn mode_0700(&mut self) -> &mut Self;
+}
+
+impl Mode0700 for std::fs::DirBuilder {
+    fn mode_0700(&mut self) -> &mut Self {
+        use std::os::unix::fs::DirBuilderExt;
+        self.mode(0o700)
+    }
+}
