@@ -52,6 +52,11 @@ pub struct AuditRecord {
     pub break_glass: bool,
     pub categories_disclosed: Vec<String>,
     pub categories_withheld: Vec<String>,
+    /// For a write: the digest of the version it stored (`sha256:HEX` over the stored row,
+    /// ciphertext included), so the store can be cross-checked against the log (absent on
+    /// other records and on writes from before the field, which hash as they did).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
     /// Non-PHI detail: parameter names, counts, policy ids, error kind.
     pub detail: Option<String>,
     pub outcome: Outcome,
@@ -84,6 +89,7 @@ impl AuditRecord {
             break_glass: false,
             categories_disclosed: vec![],
             categories_withheld: vec![],
+            content: None,
             detail: None,
             outcome,
             patient: None,

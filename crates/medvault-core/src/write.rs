@@ -224,6 +224,16 @@ impl Vault {
         let json = res.into_json();
         let plain = serde_json::to_vec(&json).map_err(|e| VaultError::Internal(e.to_string()))?;
         let body = cipher.seal(&record_aad(rt.as_str(), &id, version, &key_id), &plain)?;
+        rec.content = Some(crate::integrity::version_digest(
+            rt.as_str(),
+            &id,
+            version,
+            owner.as_ref().map(PatientId::as_str),
+            false,
+            category.as_str(),
+            1,
+            &body,
+        ));
         plan.ops.push(Op::PutVersion {
             row: VersionRow {
                 patient: owner.clone(),
@@ -687,6 +697,16 @@ impl Vault {
         }
         let version = prior.version() + 1;
         rec.resource = Some(format!("{rt}/{id}/_history/{version}"));
+        rec.content = Some(crate::integrity::version_digest(
+            rt.as_str(),
+            id,
+            version,
+            prior.patient().map(PatientId::as_str),
+            true,
+            prior.category(),
+            prior.key_version(),
+            &[],
+        ));
         plan.ops.push(Op::PutVersion {
             row: VersionRow {
                 patient: prior.patient().cloned(),

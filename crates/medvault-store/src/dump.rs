@@ -490,6 +490,25 @@ pub fn check(input: &mut dyn Read) -> Result<DumpStats, StoreError> {
     }
 }
 
+/// Calls `f(table, row)` for every row of a dump, in order.
+///
+/// # Errors
+/// The stream is cut, malformed or unreadable; or `f` fails.
+pub fn rows(
+    input: &mut dyn Read,
+    f: &mut dyn FnMut(&str, &[Value]) -> Result<(), StoreError>,
+) -> Result<DumpStats, StoreError> {
+    let mut d = Decoder::new(input);
+    let mut table = "";
+    loop {
+        match d.next()? {
+            Item::Table(t) => table = t.name,
+            Item::Row(r) => f(table, &r)?,
+            Item::End => return Ok(d.stats),
+        }
+    }
+}
+
 /// Refuses to load into a store that holds anything: a restore goes to a fresh one.
 pub(crate) fn must_be_empty(audit_rows: i64, meta_rows: i64) -> Result<(), StoreError> {
     if audit_rows > 0 || meta_rows > 0 {

@@ -472,6 +472,7 @@ pub fn run(dir: &Path, cmd: BackupCommand) -> Result<()> {
                 "snapshot": manifest.id, "created": manifest.created,
                 "rto_seconds": r.seconds, "rpo_seconds": rpo,
                 "audit_entries": r.audit_entries, "audit_verified": true,
+                "records_verified": r.records_verified,
                 "resources": r.resources, "counts_match_manifest": matches,
                 "replayed_destructions": r.replayed.len(),
             });
@@ -568,6 +569,8 @@ pub struct RestoreReport {
     pub seconds: f64,
     pub resources: std::collections::BTreeMap<String, u64>,
     pub audit_entries: u64,
+    /// Record versions checked against their audit records.
+    pub records_verified: u64,
     /// Charts destroyed after the snapshot, shredded again in the restored copy.
     pub replayed: Vec<String>,
     pub warnings: Vec<String>,
@@ -686,6 +689,15 @@ fn restore(
         if !matches!(verdict, medvault_core::AuditVerdict::Intact { .. }) {
             bail!("the restored audit log does not verify: {verdict:?}");
         }
+        let records = vault
+            .verify_records(&Caller::cli(&op, Role::Auditor))
+            .map_err(crate::describe)?;
+        if let Some(p) = records.problems.first() {
+            bail!(
+                "the restored records disagree with the audit log ({} problems); first: {p}",
+                records.problems.len()
+            );
+        }
         let resources = vault
             .census(&Caller::system(&op, "restore"))
             .map_err(crate::describe)?;
@@ -695,6 +707,7 @@ fn restore(
             seconds: started.elapsed().as_secs_f64(),
             resources,
             audit_entries: loaded.audit_entries,
+            records_verified: records.checked,
             replayed,
             warnings: warnings.clone(),
         })

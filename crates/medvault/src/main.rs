@@ -249,6 +249,10 @@ enum ClientCommand {
 enum AuditCommand {
     /// Recompute every leaf and the Merkle root; exit 1 naming the first bad entry.
     Verify {
+        /// Also cross-check every stored record version against the digest its write
+        /// committed to the log; name any deleted, rolled back, altered or added.
+        #[arg(long)]
+        records: bool,
         #[arg(long)]
         json: bool,
     },
@@ -476,7 +480,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Audit {
-            command: AuditCommand::Verify { json },
+            command: AuditCommand::Verify { records, json },
         } => {
             let (_, vault, op) = open(&dir)?;
             let bar = progress_bar(0, "verifying the audit log");
@@ -498,15 +502,42 @@ fn run(cli: Cli) -> Result<()> {
                     checkpoints,
                 } => {
                     let root: String = root.iter().map(|b| format!("{b:02x}")).collect();
+                    let rv = if records {
+                        Some(
+                            vault
+                                .verify_records(&Caller::cli(&op, Role::Auditor))
+                                .map_err(describe)?,
+                        )
+                    } else {
+                        None
+                    };
                     if json {
                         println!(
                             "{}",
-                            json!({"intact": true, "size": size, "root": root, "checkpoints": checkpoints})
+                            json!({"intact": rv.as_ref().is_none_or(|r| r.problems.is_empty()), "size": size, "root": root, "checkpoints": checkpoints, "records": rv})
                         );
                     } else {
                         println!("audit log intact: {size} entries, root {root}, {checkpoints} signed checkpoints verified");
+                        if let Some(r) = &rv {
+                            for p in &r.problems {
+                                println!("RECORD {p}");
+                            }
+                            if r.problems.is_empty() {
+                                println!(
+                                    "records intact: {} versions match their audit records ({} written before records carried digests)",
+                                    r.checked, r.unattested
+                                );
+                            }
+                        }
                     }
-                    Ok(())
+                    match rv {
+                        Some(r) if !r.problems.is_empty() => bail!(
+                            "{} stored record versions disagree with the audit log; first: {}",
+                            r.problems.len(),
+                            r.problems.first().map(String::as_str).unwrap_or("")
+                        ),
+                        _ => Ok(()),
+                    }
                 }
                 medvault_core::AuditVerdict::Broken { index, problem } => {
                     if json {

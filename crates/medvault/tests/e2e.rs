@@ -8683,3 +8683,102 @@ fn backups(pg: bool) {
     );
     assert_eq!(o.status.code(), Some(1));
 }
+
+/// The issue's integrity test: versions deleted, rolled back, edited or added directly in
+/// the database — by someone who can drop the immutability trigger — are each named by
+/// `audit verify --records`, because every write's audit record commits to a digest of what
+/// it stored. The log itself still verifies. SQLite and PostgreSQL.
+#[test]
+fn audit_verify_records_names_versions_changed_behind_the_gate() {
+    for pg in backends() {
+        records_integrity(pg);
+    }
+}
+
+fn records_integrity(pg: bool) {
+    let (_t, dir, staff, db) = setup_on(pg);
+    let care = [staff.practitioner("physician"), staff.practitioner("nurse")];
+    let locs = import_entries(&dir, "chart", &chart_entries("Integer", 1, Some(&care)));
+    let pid = locs[0].strip_prefix("Patient/").unwrap().to_owned();
+    let s = Server::start(&dir, &[]);
+    let phys = s.login(
+        staff.get("physician").0,
+        staff.get("physician").1,
+        staff.get("physician").2,
+    );
+    let mut ids = vec![];
+    for _ in 0..4 {
+        let r = s.post("/fhir/Observation", &phys, &vital(&pid));
+        assert_eq!(r.status, 201);
+        ids.push(created_id(&r));
+    }
+    let (x, y, z, w) = (&ids[0], &ids[1], &ids[2], &ids[3]);
+    for _ in 0..2 {
+        let cur = s.get(&format!("/fhir/Observation/{x}"), &phys).body;
+        let r = put(&s, &format!("/fhir/Observation/{x}"), &phys, &cur, &[]);
+        assert_eq!(r.status, 200, "{:?}", r.body);
+    }
+    drop(s);
+    let clean = json_out(&medvault(&dir, &["audit", "verify", "--records", "--json"]));
+    assert_eq!(clean["intact"], true, "{clean}");
+    assert!(
+        clean["records"]["checked"].as_u64().unwrap() >= 16,
+        "{clean}"
+    );
+
+    let tamper = [
+        // Roll back: the newest version deleted, the older one made current again.
+        format!("DELETE FROM resource_versions WHERE rtype = 'Observation' AND id = '{x}' AND version = 3"),
+        format!("UPDATE resource_current SET version = 2 WHERE rtype = 'Observation' AND id = '{x}'"),
+        // Edit a stored version (past the immutability trigger).
+        if pg {
+            "DROP TRIGGER resource_versions_immutable ON resource_versions".to_owned()
+        } else {
+            "DROP TRIGGER versions_no_update".to_owned()
+        },
+        format!("UPDATE resource_versions SET category = 'billing' WHERE rtype = 'Observation' AND id = '{y}'"),
+        // Add a version nobody wrote.
+        format!("INSERT INTO resource_versions (rtype, id, version, patient_id, last_updated, deleted, category, key_version, body)
+            SELECT rtype, id, 2, patient_id, last_updated, deleted, category, key_version, body FROM resource_versions
+            WHERE rtype = 'Observation' AND id = '{z}' AND version = 1"),
+        // Delete a resource outright.
+        format!("DELETE FROM resource_versions WHERE rtype = 'Observation' AND id = '{w}'"),
+        format!("DELETE FROM resource_current WHERE rtype = 'Observation' AND id = '{w}'"),
+    ];
+    match &db {
+        Some(db) => {
+            for sql in &tamper {
+                psql(&db.url, sql);
+            }
+        }
+        None => {
+            let c = rusqlite::Connection::open(dir.join("medvault.db")).unwrap();
+            for sql in &tamper {
+                c.execute_batch(sql).unwrap();
+            }
+        }
+    }
+    let o = medvault(&dir, &["audit", "verify"]);
+    assert!(o.status.success(), "the log itself is intact");
+    let o = medvault(&dir, &["audit", "verify", "--records", "--json"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(String::from_utf8_lossy(&o.stderr).lines().count(), 1);
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let problems: Vec<String> = v["records"]["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap().to_owned())
+        .collect();
+    let has = |want: &str| problems.iter().any(|p| p.starts_with(want));
+    for want in [
+        format!("rolled back: Observation/{x} is at version 2 but the audit log records version 3"),
+        format!("deleted: Observation/{x}/_history/3"),
+        format!("altered: Observation/{y}/_history/1"),
+        format!("added: Observation/{z}/_history/2"),
+        format!("deleted: Observation/{w}/_history/1"),
+    ] {
+        assert!(has(&want), "{want} in {problems:#?}");
+    }
+    assert_eq!(problems.len(), 6, "{problems:#?}");
+}
