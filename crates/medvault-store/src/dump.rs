@@ -490,14 +490,14 @@ pub fn check(input: &mut dyn Read) -> Result<DumpStats, StoreError> {
     }
 }
 
+/// Called with `(table, row)` for each row of a dump.
+pub type RowVisitor<'a> = dyn FnMut(&str, &[Value]) -> Result<(), StoreError> + 'a;
+
 /// Calls `f(table, row)` for every row of a dump, in order.
 ///
 /// # Errors
 /// The stream is cut, malformed or unreadable; or `f` fails.
-pub fn rows(
-    input: &mut dyn Read,
-    f: &mut dyn FnMut(&str, &[Value]) -> Result<(), StoreError>,
-) -> Result<DumpStats, StoreError> {
+pub fn rows(input: &mut dyn Read, f: &mut RowVisitor<'_>) -> Result<DumpStats, StoreError> {
     let mut d = Decoder::new(input);
     let mut table = "";
     loop {
