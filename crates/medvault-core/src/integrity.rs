@@ -13,28 +13,31 @@ use sha2::{Digest, Sha256};
 
 use crate::{AuditRecord, Caller, Outcome, Vault, VaultError};
 
+/// One stored version, as its digest covers it.
+pub(crate) struct StoredVersion<'a> {
+    pub rtype: &'a str,
+    pub id: &'a str,
+    pub version: u64,
+    pub patient: Option<&'a str>,
+    pub deleted: bool,
+    pub category: &'a str,
+    pub key_version: u32,
+    pub body: &'a [u8],
+}
+
 /// The digest of one stored version (`sha256:HEX`): type, id, version, chart, deletion
 /// flag, category, data-key version and the ciphertext, each length-prefixed.
-pub(crate) fn version_digest(
-    rtype: &str,
-    id: &str,
-    version: u64,
-    patient: Option<&str>,
-    deleted: bool,
-    category: &str,
-    key_version: u32,
-    body: &[u8],
-) -> String {
+pub(crate) fn version_digest(v: &StoredVersion<'_>) -> String {
     let mut h = Sha256::new();
     for part in [
-        rtype.as_bytes(),
-        id.as_bytes(),
-        &version.to_be_bytes(),
-        patient.unwrap_or("").as_bytes(),
-        &[u8::from(deleted)],
-        category.as_bytes(),
-        &key_version.to_be_bytes(),
-        body,
+        v.rtype.as_bytes(),
+        v.id.as_bytes(),
+        &v.version.to_be_bytes(),
+        v.patient.unwrap_or("").as_bytes(),
+        &[u8::from(v.deleted)],
+        v.category.as_bytes(),
+        &v.key_version.to_be_bytes(),
+        v.body,
     ] {
         h.update(u64::try_from(part.len()).unwrap_or(u64::MAX).to_be_bytes());
         h.update(part);
@@ -44,6 +47,48 @@ pub(crate) fn version_digest(
         "sha256:{}",
         d.iter().map(|b| format!("{b:02x}")).collect::<String>()
     )
+}
+
+/// The writing end of an in-process pipe: the dump thread's output, in blocks.
+struct BlockWriter(std::sync::mpsc::SyncSender<Vec<u8>>);
+
+impl std::io::Write for BlockWriter {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .send(b.to_vec())
+            .map_err(|_| std::io::Error::other("reader gone"))?;
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The reading end.
+struct BlockReader {
+    rx: std::sync::mpsc::Receiver<Vec<u8>>,
+    cur: Vec<u8>,
+    pos: usize,
+}
+
+impl std::io::Read for BlockReader {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.pos >= self.cur.len() {
+            match self.rx.recv() {
+                Ok(b) => {
+                    self.cur = b;
+                    self.pos = 0;
+                }
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.cur.len() - self.pos);
+        if let (Some(o), Some(s)) = (out.get_mut(..n), self.cur.get(self.pos..self.pos + n)) {
+            o.copy_from_slice(s);
+        }
+        self.pos += n;
+        Ok(n)
+    }
 }
 
 /// What `audit verify --records` found.
@@ -122,11 +167,15 @@ impl Vault {
         let mut v = RecordsVerdict::default();
         let mut current: Vec<(String, String, i64)> = vec![];
         let store = self.store.clone();
-        let (mut rd, mut wr) = std::io::pipe().map_err(|e| VaultError::Internal(e.to_string()))?;
+        let (tx, rx) = std::sync::mpsc::sync_channel(64);
+        let mut rd = BlockReader {
+            rx,
+            cur: vec![],
+            pos: 0,
+        };
         let dumper = std::thread::spawn(move || {
-            let r = store.dump(&mut wr);
-            drop(wr);
-            r
+            let mut wr = BlockWriter(tx);
+            store.dump(&mut wr)
         });
         let read = medvault_store::dump::rows(&mut rd, &mut |table, row| {
             match table {
@@ -140,19 +189,19 @@ impl Vault {
                         return Ok(());
                     }
                     let key = (t.to_owned(), id.to_owned(), version);
-                    let d = version_digest(
-                        t,
+                    let d = version_digest(&StoredVersion {
+                        rtype: t,
                         id,
                         version,
                         patient,
-                        matches!(row.get(5), Some(Value::Bool(true))),
-                        text(row.get(6)).unwrap_or(""),
-                        u32::try_from(int(row.get(7))).unwrap_or(0),
-                        match row.get(8) {
+                        deleted: matches!(row.get(5), Some(Value::Bool(true))),
+                        category: text(row.get(6)).unwrap_or(""),
+                        key_version: u32::try_from(int(row.get(7))).unwrap_or(0),
+                        body: match row.get(8) {
                             Some(Value::Bytes(b)) => b,
                             _ => &[],
                         },
-                    );
+                    });
                     match expected.remove(&key) {
                         Some((want, _)) if want == d => v.checked += 1,
                         Some(_) => v.problems.push(format!(

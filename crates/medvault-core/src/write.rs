@@ -225,14 +225,16 @@ impl Vault {
         let plain = serde_json::to_vec(&json).map_err(|e| VaultError::Internal(e.to_string()))?;
         let body = cipher.seal(&record_aad(rt.as_str(), &id, version, &key_id), &plain)?;
         rec.content = Some(crate::integrity::version_digest(
-            rt.as_str(),
-            &id,
-            version,
-            owner.as_ref().map(PatientId::as_str),
-            false,
-            category.as_str(),
-            1,
-            &body,
+            &crate::integrity::StoredVersion {
+                rtype: rt.as_str(),
+                id: &id,
+                version,
+                patient: owner.as_ref().map(PatientId::as_str),
+                deleted: false,
+                category: category.as_str(),
+                key_version: 1,
+                body: &body,
+            },
         ));
         plan.ops.push(Op::PutVersion {
             row: VersionRow {
@@ -698,14 +700,16 @@ impl Vault {
         let version = prior.version() + 1;
         rec.resource = Some(format!("{rt}/{id}/_history/{version}"));
         rec.content = Some(crate::integrity::version_digest(
-            rt.as_str(),
-            id,
-            version,
-            prior.patient().map(PatientId::as_str),
-            true,
-            prior.category(),
-            prior.key_version(),
-            &[],
+            &crate::integrity::StoredVersion {
+                rtype: rt.as_str(),
+                id,
+                version,
+                patient: prior.patient().map(PatientId::as_str),
+                deleted: true,
+                category: prior.category(),
+                key_version: prior.key_version(),
+                body: &[],
+            },
         ));
         plan.ops.push(Op::PutVersion {
             row: VersionRow {
