@@ -122,7 +122,7 @@ impl Vault {
             {
                 continue;
             }
-            let mut rec = self.record(c, "destruction.replay", Outcome::Success);
+            let mut rec = self.record(c, crate::destruction::REPLAY_ACTION, Outcome::Success);
             rec.patient = Some(pid.to_string());
             rec.detail = Some(format!(
                 "restored copy: chart destroyed at audit entry {seq} of the source log"

@@ -23,6 +23,8 @@ use crate::{Caller, Outcome, Vault, VaultError};
 
 /// The audit action whose successful entries form the shred ledger.
 pub const SHRED_ACTION: &str = "destruction.approve";
+/// The audit action of a destruction replayed in a restored copy (also in its ledger).
+pub const REPLAY_ACTION: &str = "destruction.replay";
 
 /// Longest legal-hold reason and matter reference, in characters.
 const HOLD_REASON_CHARS: usize = 2000;
@@ -465,14 +467,16 @@ impl Vault {
         Ok(self.destruction_signer.verifier_key())
     }
 
-    /// The shred ledger: every chart destroyed, with the audit index recording it, oldest
-    /// first — read from the audit log, so it travels in every backup.
+    /// The shred ledger: every chart destroyed (here, or replayed here after a restore),
+    /// with the audit index recording it, oldest first — read from the audit log, so it
+    /// travels in every backup.
     ///
     /// # Errors
     /// The log cannot be read.
     pub fn shred_ledger(&self) -> Result<Vec<(String, u64)>, VaultError> {
         let mut out = self.scan_back(usize::MAX, |s, r| {
-            (r.action == SHRED_ACTION && r.outcome == Outcome::Success)
+            ((r.action == SHRED_ACTION || r.action == REPLAY_ACTION)
+                && r.outcome == Outcome::Success)
                 .then(|| r.patient.map(|p| (p, s)))
                 .flatten()
         })?;
