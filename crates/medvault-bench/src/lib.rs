@@ -525,12 +525,19 @@ fn per_entry(secs: f64, entries: u64) -> f64 {
 }
 
 /// Runs the benchmark in `dir` (a fresh temporary directory).
+/// Rows measured by the caller on the largest fixture (the binary's backup, restore and
+/// shred rows, which need rooms this crate does not depend on): given the gate, this
+/// process's operator capability, a scratch directory and the patient count.
+pub type ExtraRows<'a> =
+    dyn Fn(&Vault, &LocalOperator, &Path, usize) -> Result<Vec<BenchRow>, VaultError> + 'a;
+
 pub fn run(
     backend: &BenchBackend,
     dir: &Path,
     opts: BenchOptions,
     clock: Arc<dyn Clock>,
     progress: &dyn Fn(&str, usize, usize),
+    extra: &ExtraRows<'_>,
 ) -> Result<(Vec<BenchRow>, Vec<String>), VaultError> {
     let mut rows = vec![];
     let mut audit_figures: Vec<String> = vec![];
@@ -846,6 +853,18 @@ pub fn run(
                 progress,
             )?;
         }
+        if k + 1 == opts.sizes.len() {
+            progress("backup, restore, shred", 0, 1);
+            let more = extra(&fx.vault, &fx.operator, &sub, size);
+            match more {
+                Ok(r) => rows.extend(r),
+                Err(e) => {
+                    drop(fx);
+                    drop_databases(backend, &created);
+                    return Err(e);
+                }
+            }
+        }
         drop(fx);
         drop_databases(backend, &created);
     }
@@ -946,6 +965,44 @@ fn drop_databases(backend: &BenchBackend, names: &[String]) {
         for n in names {
             let _ = medvault_store::PgStore::drop_database(admin, n);
         }
+    }
+}
+
+/// A row of one throughput figure (MB/s, or whatever `operation` names) with no latency.
+pub fn throughput_row(patients: usize, operation: &str, per_sec: f64) -> BenchRow {
+    BenchRow {
+        patients,
+        operation: operation.into(),
+        secure: Measure {
+            ops_per_sec: per_sec,
+            p50_us: 0.0,
+            p99_us: 0.0,
+        },
+        plain: None,
+    }
+}
+
+/// A row from latencies (each one operation).
+pub fn latency_row(patients: usize, operation: &str, lat: &mut [Duration]) -> BenchRow {
+    lat.sort();
+    let at = |q: f64| {
+        let i = ((lat.len() as f64 - 1.0) * q).round() as usize;
+        lat.get(i).map_or(0.0, |d| d.as_secs_f64() * 1e6)
+    };
+    let total: f64 = lat.iter().map(Duration::as_secs_f64).sum();
+    BenchRow {
+        patients,
+        operation: operation.into(),
+        secure: Measure {
+            ops_per_sec: if total > 0.0 {
+                lat.len() as f64 / total
+            } else {
+                0.0
+            },
+            p50_us: at(0.5),
+            p99_us: at(0.99),
+        },
+        plain: None,
     }
 }
 

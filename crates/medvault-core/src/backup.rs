@@ -104,8 +104,10 @@ impl Vault {
     }
 
     /// After a restore: shreds each chart of `ledger` (patient id, audit index of its
-    /// destruction in the log it came from) that the restored copy still holds, each with
-    /// an audit entry `destruction.replay`. Returns the charts shredded now (law 6).
+    /// destruction in the log it came from) that the restored copy still holds — its keys
+    /// deleted, its records unreachable — each with an audit entry `destruction.replay`.
+    /// Returns the charts shredded now (law 6); [`Vault::remove_shredded`] then removes
+    /// their rows.
     ///
     /// # Errors
     /// Denied; storage and audit failures.
@@ -137,10 +139,32 @@ impl Vault {
             self.keys.evict(&pid);
             shredded.push(pid.to_string());
         }
-        if !shredded.is_empty() {
+        Ok(shredded)
+    }
+
+    /// Removes what shredded charts left behind — stored versions nobody can open, search
+    /// tokens — and pushes it out of the database's files: after [`Vault::replay_shred_ledger`],
+    /// or to finish a destruction cut short. Returns the charts cleaned.
+    ///
+    /// # Errors
+    /// Denied; storage failures.
+    pub fn remove_shredded(&self, c: &Caller) -> Result<usize, VaultError> {
+        self.decide_unrecorded(c, Operation::Backup)?;
+        let mut n = 0;
+        for (p, _) in self.shred_ledger()? {
+            let Ok(pid) = PatientId::new(&p) else {
+                continue;
+            };
+            if self.store.chart_census(&pid)?.is_empty() {
+                continue;
+            }
+            self.commit(vec![Op::RemoveShredded { patient: pid }], vec![])?;
+            n += 1;
+        }
+        if n > 0 {
             self.purge_shredded();
         }
-        Ok(shredded)
+        Ok(n)
     }
 
     /// Records a restore drill's report (JSON, no PHI) in the audit log and as the last

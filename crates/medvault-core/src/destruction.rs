@@ -269,16 +269,30 @@ impl Vault {
             }
             Err(e) => return Err(crate::audit_failed(e)),
         };
-        // Every server forgets the key it may hold in memory.
-        self.keys.evict(&row.patient);
-        if let Err(e) = self.store.announce_key_eviction(&row.patient) {
-            tracing::error!(cause = %e, patient = %row.patient, "could not tell other servers to drop a shredded key; they drop it on restart");
-        }
-        self.purge_shredded();
+        self.after_shred(&row.patient);
         let seq = committed.audit_seqs.first().copied();
         tracing::warn!(target: "medvault::alert", destruction = %id, patient = %row.patient, "chart destroyed (crypto-shredded)");
         self.destruction_evidence(id, seq)
             .and_then(|_| self.certificate_text(id))
+    }
+
+    /// After a chart's keys are shredded: every server forgets the key it may hold, the
+    /// remaining rows (versions nobody can open, search tokens) are removed, and pushed out
+    /// of the database's files. Best effort: the chart is unreadable already.
+    pub(crate) fn after_shred(&self, pid: &PatientId) {
+        self.keys.evict(pid);
+        if let Err(e) = self.store.announce_key_eviction(pid) {
+            tracing::error!(cause = %e, patient = %pid, "could not tell other servers to drop a shredded key; they drop it on restart");
+        }
+        if let Err(e) = self.commit(
+            vec![Op::RemoveShredded {
+                patient: pid.clone(),
+            }],
+            vec![],
+        ) {
+            tracing::error!(cause = %e, patient = %pid, "could not remove a shredded chart's rows; `medvault destroy ledger` lists it");
+        }
+        self.purge_shredded();
     }
 
     /// Pushes the shredded rows out of the database's files (SQLite: the WAL checkpointed

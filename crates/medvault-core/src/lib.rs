@@ -517,7 +517,8 @@ impl Vault {
         let wk = self
             .store
             .patient_key(key_id)?
-            .ok_or(VaultError::Internal("missing data key".into()))?;
+            // No key: the chart was destroyed (its rows are on their way out).
+            .ok_or(VaultError::NotFound)?;
         let dk = self.keyring.get(wk.master_version)?.unwrap_data_key(
             key_id,
             wk.key_version,

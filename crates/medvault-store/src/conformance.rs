@@ -252,6 +252,7 @@ pub fn destruction_shreds_one_chart_under_two_people_and_holds(
                     records: "Patient=1/2".into(),
                 },
                 Op::ShredPatient { patient: pid("p1") },
+                Op::RemoveShredded { patient: pid("p1") },
             ],
             audit: vec![(vec![1], b"destroy".to_vec())],
         })

@@ -620,9 +620,15 @@ pub enum Op {
         checkpoint: i64,
     },
     /// Crypto-shreds a chart: deletes every wrapped data key of `patient` (the records'
-    /// ciphertext can never be opened again), then its versions, current pointers, search
-    /// tokens, break-the-glass grants and portal links. Idempotent.
+    /// ciphertext can never be opened again) and what makes the chart reachable — its
+    /// current pointers, break-the-glass grants and portal links. Idempotent. The stored
+    /// versions and search tokens go with [`Op::RemoveShredded`].
     ShredPatient {
+        patient: PatientId,
+    },
+    /// Removes a shredded chart's remaining rows: its stored versions (ciphertext nobody can
+    /// open) and search tokens. Idempotent.
+    RemoveShredded {
         patient: PatientId,
     },
     /// Replaces the search tokens of a resource's current version (re-indexing after the

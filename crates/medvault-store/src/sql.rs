@@ -581,11 +581,19 @@ pub(crate) fn identity(op: &Op) -> Option<Vec<Stmt>> {
             // (a WAL frame, a replica, a backup) is ciphertext nobody can open.
             [
                 "DELETE FROM patient_keys WHERE patient_id = $1",
-                "DELETE FROM search_index WHERE patient_id = $1",
                 "DELETE FROM resource_current WHERE patient_id = $1",
-                "DELETE FROM resource_versions WHERE patient_id = $1",
                 "DELETE FROM break_glass WHERE patient_id = $1",
                 "DELETE FROM portal_links WHERE patient_id = $1",
+            ]
+            .into_iter()
+            .map(|sql| stmt(sql, vec![p()], Any))
+            .collect()
+        }
+        Op::RemoveShredded { patient } => {
+            let p = || Text(patient.as_str().to_owned());
+            [
+                "DELETE FROM search_index WHERE patient_id = $1",
+                "DELETE FROM resource_versions WHERE patient_id = $1",
             ]
             .into_iter()
             .map(|sql| stmt(sql, vec![p()], Any))

@@ -683,6 +683,9 @@ fn restore(
         let replayed = vault
             .replay_shred_ledger(&Caller::system(&op, "restore"), &ledger)
             .map_err(crate::describe)?;
+        vault
+            .remove_shredded(&Caller::system(&op, "restore"))
+            .map_err(crate::describe)?;
         let verdict = vault
             .verify_audit(&Caller::cli(&op, Role::Auditor), &|_, _| {})
             .map_err(crate::describe)?;
@@ -727,4 +730,95 @@ impl Mode0700 for std::fs::DirBuilder {
         use std::os::unix::fs::DirBuilderExt;
         self.mode(0o700)
     }
+}
+
+/// `medvault bench`'s backup, restore and shred rows, on the largest fixture: backup and
+/// restore throughput of the whole store (MB/s of the snapshot stream), and the latency of
+/// shredding a chart of 1 and of 1,000 records through the gate.
+pub fn bench_rows(
+    vault: &Vault,
+    op: &LocalOperator,
+    dir: &Path,
+    patients: usize,
+) -> std::result::Result<Vec<medvault_bench::BenchRow>, medvault_core::VaultError> {
+    use medvault_core::VaultError;
+    let internal = |e: &dyn std::fmt::Display| VaultError::Internal(e.to_string());
+    let c = Caller::system(op, "bench");
+    let secret = RecoverySecret::generate();
+    let (repo, key) = Repo::init(
+        &dir.join("bench-repo"),
+        vault,
+        &c,
+        &secret.public(),
+        crate::SystemClock.now(),
+    )
+    .map_err(|e| internal(&e))?;
+    let r = repo
+        .create(&key, vault, &c, &[], crate::SystemClock.now(), "", &|_| {})
+        .map_err(|e| internal(&e))?;
+    let mb = |bytes: u64, secs: f64| bytes as f64 / 1e6 / secs.max(1e-9);
+    let mut rows = vec![medvault_bench::throughput_row(
+        patients,
+        "backup (MB/s)",
+        mb(r.bytes, r.seconds),
+    )];
+    let manifest = repo
+        .manifest(Path::new(&r.manifest))
+        .map_err(|e| internal(&e))?;
+    let started = std::time::Instant::now();
+    let mut reader = repo.reader(&manifest, &key, &|_, _| {});
+    let (_, rest) = medvault_backup::read_files(&mut reader).map_err(|e| internal(&e))?;
+    medvault_core::restore_store(
+        &medvault_core::Storage::Sqlite(dir.join("bench-restored.db")),
+        rest,
+    )?;
+    rows.push(medvault_bench::throughput_row(
+        patients,
+        "restore (MB/s)",
+        mb(r.bytes, started.elapsed().as_secs_f64()),
+    ));
+    // Charts to shred: ten of one record, three of 1,000.
+    let importer = Caller::cli(op, Role::Importer);
+    for (charts, records) in [(10usize, 1usize), (3, 1000)] {
+        let mut entries = vec![];
+        for n in 0..charts {
+            let p = format!("urn:uuid:{n:08}-0000-4000-a000-{records:012}");
+            entries.push(json!({"fullUrl": p, "resource": {"resourceType": "Patient", "name": [{"family": "Shred"}]}}));
+            for _ in 1..records {
+                entries.push(
+                    json!({"resource": {"resourceType": "Observation", "status": "final",
+                    "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},
+                    "subject": {"reference": p}, "valueQuantity": {"value": 72, "unit": "/min"}}}),
+                );
+            }
+        }
+        let done = vault.transaction(
+            &importer,
+            json!({"resourceType": "Bundle", "type": "collection", "entry": entries}),
+            "import",
+            false,
+        )?;
+        let mut lat = vec![];
+        for w in done.iter().filter(|w| w.location.starts_with("Patient/")) {
+            let pid = w.location.split('/').nth(1).unwrap_or_default().to_owned();
+            let t = std::time::Instant::now();
+            vault.replay_shred_ledger(&c, &[(pid, 0)])?;
+            lat.push(t.elapsed());
+        }
+        rows.push(medvault_bench::latency_row(
+            patients,
+            &format!("shred, {records} rec"),
+            &mut lat,
+        ));
+        let t = std::time::Instant::now();
+        let cleaned = vault.remove_shredded(&c)?;
+        let mut per =
+            vec![t.elapsed() / u32::try_from(cleaned.max(1)).unwrap_or(1); cleaned.max(1)];
+        rows.push(medvault_bench::latency_row(
+            patients,
+            &format!("rm rows, {records} rec"),
+            &mut per,
+        ));
+    }
+    Ok(rows)
 }

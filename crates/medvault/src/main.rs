@@ -1431,6 +1431,7 @@ fn bench(
                 b.set_position(done as u64);
             }
         },
+        &backup_cli::bench_rows,
     )
     .map_err(describe)?;
     if let Some(b) = bar {

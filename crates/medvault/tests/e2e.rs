@@ -1779,9 +1779,28 @@ fn demo_and_bench_run() {
         .iter()
         .map(|r| r["operation"].as_str().unwrap())
         .collect();
-    for op in ["read", "search", "write", "audit append"] {
+    for op in [
+        "read",
+        "search",
+        "write",
+        "audit append",
+        "backup (MB/s)",
+        "restore (MB/s)",
+        "shred, 1 rec",
+        "shred, 1000 rec",
+    ] {
         assert!(ops.contains(&op), "bench row {op}");
     }
+    let shred = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["operation"] == "shred, 1 rec")
+        .unwrap();
+    assert!(
+        shred["secure_p50_us"].as_f64().unwrap_or(0.0) > 0.0,
+        "{shred}"
+    );
     assert!(rows
         .as_array()
         .unwrap()
