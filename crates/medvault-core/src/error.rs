@@ -71,6 +71,10 @@ pub enum VaultError {
     AuditUnavailable,
     #[error("storage unavailable")]
     Unavailable(String),
+    /// The server runs in emergency read-only mode (45 CFR 164.308(a)(7)(ii)(C)): records
+    /// are read, never changed (HTTP 503).
+    #[error("this server runs in emergency read-only mode: records can be read but not changed until the primary is back")]
+    ReadOnly,
     #[error("internal error")]
     Internal(String),
 }

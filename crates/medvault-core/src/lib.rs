@@ -149,6 +149,10 @@ pub struct VaultOptions {
     pub public_transparency: bool,
     /// How long a break-the-glass grant lasts, in seconds.
     pub break_glass_secs: i64,
+    /// Emergency-mode operation (45 CFR 164.308(a)(7)(ii)(C)), on a restored copy while the
+    /// primary is down: records are read (and every read audited, into this copy's own
+    /// log), never created, changed or deleted.
+    pub read_only: bool,
 }
 
 impl Default for VaultOptions {
@@ -161,6 +165,7 @@ impl Default for VaultOptions {
             cursor_ttl_secs: 900,
             public_transparency: false,
             break_glass_secs: medvault_governance::DEFAULT_GRANT_SECS,
+            read_only: false,
         }
     }
 }

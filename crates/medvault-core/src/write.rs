@@ -447,6 +447,14 @@ impl Vault {
         categories: &[Category],
         patient: Option<&PatientId>,
     ) -> Result<Relationship, VaultError> {
+        if self.options.read_only {
+            let mut rec = self.record(c, action.as_str(), Outcome::Denied);
+            rec.resource = Some(format!("{rt}/{target}"));
+            rec.patient = patient.map(|p| p.to_string());
+            rec.detail = Some("emergency read-only mode".into());
+            self.audit(vec![rec])?;
+            return Err(VaultError::ReadOnly);
+        }
         let rel = self.write_relationship(c, &plan.reached, patient)?;
         for cat in categories {
             if self.decide(c, action, *cat, rel).allowed() {

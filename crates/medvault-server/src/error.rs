@@ -182,6 +182,16 @@ impl From<VaultError> for ApiError {
             VaultError::PreconditionFailed(why) => {
                 Self::new(S::PRECONDITION_FAILED, IssueCode::Conflict, why)
             }
+            VaultError::ReadOnly => ApiError {
+                status: S::SERVICE_UNAVAILABLE,
+                issues: vec![Issue::error(
+                    IssueCode::Transient,
+                    "this server runs in emergency read-only mode: records can be read but not changed until the primary is back".into(),
+                    None,
+                )],
+                code: Some("read-only"),
+                retry_after: None,
+            },
             VaultError::Unauthenticated | VaultError::Identity(_) => Self::unauthenticated(),
             VaultError::Locked { retry_after } => ApiError {
                 status: S::TOO_MANY_REQUESTS,

@@ -498,6 +498,11 @@ impl IntoResponse for WebError {
                     (S::CONFLICT, "Already done", capitalize(&e.to_string()))
                 }
                 VaultError::PreconditionFailed(m) => (S::PRECONDITION_FAILED, "Changed meanwhile", capitalize(m)),
+                VaultError::ReadOnly => (
+                    S::SERVICE_UNAVAILABLE,
+                    "Read-only",
+                    "This server runs in emergency read-only mode while the main system is down: charts can be read, not changed.".to_owned(),
+                ),
                 VaultError::AuditUnavailable | VaultError::Unavailable(_) => (
                     S::SERVICE_UNAVAILABLE,
                     "Unavailable",

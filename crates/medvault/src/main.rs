@@ -74,6 +74,10 @@ enum Command {
     Serve {
         #[arg(long, env = "MEDVAULT_LISTEN")]
         listen: Option<String>,
+        /// Emergency-mode operation on a restored copy while the primary is down: serve
+        /// reads (audited into this copy's own log), refuse every change.
+        #[arg(long, env = "MEDVAULT_SERVE_READ_ONLY")]
+        read_only: bool,
     },
     /// Initialize (if needed), load synthetic patients and staff, and serve.
     Demo {
@@ -341,7 +345,7 @@ fn run(cli: Cli) -> Result<()> {
             print_init(&out, json);
             Ok(())
         }
-        Command::Serve { listen } => serve(&dir, listen),
+        Command::Serve { listen, read_only } => serve(&dir, listen, read_only),
         Command::Demo {
             patients,
             listen,
@@ -766,6 +770,7 @@ fn options(cfg: &Config) -> VaultOptions {
         },
         key_cache_capacity: cfg.keys.key_cache_capacity,
         public_transparency: cfg.audit.public_transparency,
+        read_only: false,
         max_page_size: cfg.server.max_page_size.max(1),
         cursor_ttl_secs: cfg.server.cursor_ttl_secs,
     }
@@ -1212,9 +1217,28 @@ fn oidc_providers(dir: &Path, cfg: &Config) -> Result<Vec<medvault_core::OidcPro
         .collect()
 }
 
-fn serve(dir: &Path, listen: Option<String>) -> Result<()> {
-    let (cfg, vault, op) = open(dir)?;
-    serve_vault(dir, &cfg, vault, op, listen, None)
+fn serve(dir: &Path, listen: Option<String>, read_only: bool) -> Result<()> {
+    if !read_only {
+        let (cfg, vault, op) = open(dir)?;
+        return serve_vault(dir, &cfg, vault, op, listen, None);
+    }
+    let mut cfg = Config::load(dir)?;
+    // A copy serving while the primary is down takes no backups of its own.
+    cfg.backup.interval_secs = 0;
+    let key = MasterKeySource::File(dir.join(&cfg.keys.master_key_file));
+    let storage = storage(dir, &cfg)?;
+    let (vault, op) = Vault::open(
+        &storage,
+        &key,
+        Arc::new(SystemClock),
+        VaultOptions {
+            read_only: true,
+            ..options(&cfg)
+        },
+    )
+    .map_err(describe)?;
+    tracing::warn!("EMERGENCY READ-ONLY MODE (45 CFR 164.308(a)(7)): records are served and every access audited into this copy's log; changes are refused. Export the log for the privacy office afterwards: medvault audit export");
+    serve_vault(dir, &cfg, Arc::new(vault), op, listen, None)
 }
 
 const DEMO_ROLES: &[Role] = &[

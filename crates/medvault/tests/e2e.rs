@@ -8801,3 +8801,93 @@ fn records_integrity(pg: bool) {
     }
     assert_eq!(problems.len(), 6, "{problems:#?}");
 }
+
+/// Emergency-mode operation (45 CFR 164.308(a)(7)): `serve --read-only` on a copy serves
+/// reads — each audited into the copy's own log — and refuses every change with a 503 that
+/// says why; sign-in works; the log exports for the privacy office afterwards.
+#[test]
+fn emergency_read_only_mode_serves_reads_and_refuses_changes() {
+    let (_t, dir, staff) = setup();
+    let care = [staff.practitioner("physician"), staff.practitioner("nurse")];
+    let locs = import_entries(&dir, "chart", &chart_entries("Steady", 1, Some(&care)));
+    let pid = locs[0].strip_prefix("Patient/").unwrap().to_owned();
+    let before = json_out(&medvault(&dir, &["audit", "verify", "--json"]))["size"]
+        .as_u64()
+        .unwrap();
+    let s = Server::start(&dir, &[("MEDVAULT_SERVE_READ_ONLY", "true")]);
+    let told = (0..20).any(|_| {
+        let seen = s
+            .stderr
+            .lock()
+            .unwrap()
+            .contains("EMERGENCY READ-ONLY MODE");
+        if !seen {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        seen
+    });
+    assert!(told, "the operator is told");
+    let phys = s.login(
+        staff.get("physician").0,
+        staff.get("physician").1,
+        staff.get("physician").2,
+    );
+    assert_eq!(s.get(&format!("/fhir/{}", locs[1]), &phys).status, 200);
+    assert_eq!(
+        s.get(&format!("/fhir/Patient/{pid}/$everything"), &phys)
+            .status,
+        200
+    );
+    let w = s.post("/fhir/Observation", &phys, &vital(&pid));
+    assert_eq!(w.status, 503, "{:?}", w.body);
+    assert_eq!(
+        w.body["issue"][0]["details"]["coding"][0]["code"], "read-only",
+        "{:?}",
+        w.body
+    );
+    let cur = s.get(&format!("/fhir/{}", locs[1]), &phys).body;
+    assert_eq!(
+        put(&s, &format!("/fhir/{}", locs[1]), &phys, &cur, &[]).status,
+        503
+    );
+    assert_eq!(
+        s.call(
+            "DELETE",
+            &format!("/fhir/{}", locs[1]),
+            Some(&phys),
+            None,
+            &[]
+        )
+        .status,
+        503
+    );
+    let tx = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": vital(&pid), "request": {"method": "POST", "url": "Observation"}}]});
+    assert_eq!(s.post("/fhir", &phys, &tx).status, 503);
+    assert_eq!(
+        s.get(&format!("/fhir/{}/_history", locs[1]), &phys).body["entry"]
+            .as_array()
+            .map(Vec::len),
+        Some(1),
+        "nothing written"
+    );
+    drop(s);
+    let after = json_out(&medvault(&dir, &["audit", "verify", "--json"]));
+    assert!(
+        after["size"].as_u64().unwrap() > before + 3,
+        "reads and refusals were audited here"
+    );
+    let export = medvault(&dir, &["audit", "export"]);
+    assert!(export.status.success());
+    let lines = String::from_utf8_lossy(&export.stdout);
+    assert!(
+        lines
+            .lines()
+            .any(|l| l.contains("\"action\":\"create\"") && l.to_lowercase().contains("denied")),
+        "the refusals are in the export: {lines}"
+    );
+    assert!(
+        lines.lines().any(|l| l.contains("\"action\":\"read\"")),
+        "and the reads"
+    );
+}
