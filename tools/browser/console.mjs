@@ -318,6 +318,51 @@ try {
     await shot(pat.page, 'portal-access');
     await go(pat.page, '/me/consents', 'portal-consents');
   }
+
+  // 8. Legal holds, keys and backups (the security administrator), then a destruction
+  //    requested by one privacy officer and approved by a second, with its certificate.
+  {
+    await go(admin.page, '/admin/legal-holds', 'legal-holds');
+    await admin.page.type('#h-patient', sc.glass);
+    await admin.page.type('#h-matter', 'CASE-2026-7');
+    await admin.page.type('#h-reason', 'Litigation hold for the emergency access review');
+    await admin.page.type('#h-code', recovery(sc.security_admin));
+    await submit(admin.page, 'form[action="/admin/legal-holds"] button[type="submit"]');
+    await check(admin.page, 'legal-holds-placed', null);
+    out.steps.hold_placed = (await text(admin.page)).includes('CASE-2026-7');
+    await admin.page.type('form[action$="/release"] input[name="code"]', recovery(sc.security_admin));
+    await submit(admin.page, 'form[action$="/release"] button[type="submit"]');
+    out.steps.hold_released = (await admin.page.$$('form[action$="/release"]')).length === 0;
+    await go(admin.page, '/admin/keys', 'keys');
+    out.steps.keys = (await text(admin.page)).includes('version 1');
+    await go(admin.page, '/admin/backups', 'backups');
+    await admin.page.type('#run-code', recovery(sc.security_admin));
+    await submit(admin.page, 'form[action="/admin/backups/run"] button[type="submit"]');
+    await check(admin.page, 'backups-run', null);
+    out.steps.backup_message = await admin.page.$eval('#backup-message', (x) => x.innerText);
+    out.steps.backup_rows = await admin.page.$$eval('tbody tr', (x) => x.length);
+    await admin.page.type('#drill-code', recovery(sc.security_admin));
+    await submit(admin.page, 'form[action="/admin/backups/drill"] button[type="submit"]');
+    out.steps.drill_message = await admin.page.$eval('#backup-message', (x) => x.innerText);
+    out.steps.last_drill = await admin.page.$eval('#last-drill', (x) => x.innerText);
+    await shot(admin.page, 'backups');
+
+    await go(po.page, '/privacy/destruction', 'destruction');
+    await po.page.type('#r-patient', sc.glass);
+    await po.page.select('#r-reason', 'erasure-request');
+    await po.page.type('#r-code', recovery(sc.privacy_officer));
+    await submit(po.page, 'form[action="/privacy/destruction"] button[type="submit"]');
+    await check(po.page, 'destruction-requested', null);
+    out.steps.destruction_pending = await po.page.$$eval('form[action$="/approve"]', (x) => x.length);
+    const po2 = await person();
+    await signIn(po2.page, sc.privacy_officer2, 'privacy2');
+    await go(po2.page, '/privacy/destruction');
+    await po2.page.type('form[action$="/approve"] input[name="code"]', recovery(sc.privacy_officer2));
+    await submit(po2.page, 'form[action$="/approve"] button[type="submit"]');
+    await check(po2.page, 'certificate', null);
+    out.steps.certificate = await po2.page.$eval('#certificate', (x) => x.innerText);
+    await shot(po2.page, 'certificate');
+  }
 } catch (e) {
   out.error = String(e && e.stack ? e.stack : e);
 } finally {

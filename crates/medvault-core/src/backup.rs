@@ -167,6 +167,24 @@ impl Vault {
         Ok(n)
     }
 
+    /// Decides (and for a run, records) a console request about backups: `read` (the
+    /// repository's snapshots and the last drill) or a run (`backup`, `verify`, `drill`) —
+    /// which the server's own operator capability then carries out.
+    ///
+    /// # Errors
+    /// Denied; `StepUpRequired` for a run; audit failures.
+    pub fn authorize_backup(&self, c: &Caller, act: &str) -> Result<(), VaultError> {
+        if act == "read" {
+            self.permit_operation(c, Operation::BackupRead, None)?;
+            return Ok(());
+        }
+        let Some(mut rec) = self.operate(c, Operation::BackupRun, None)? else {
+            return Err(VaultError::Unauthenticated);
+        };
+        rec.detail = Some(format!("console: {act}"));
+        self.audit(vec![rec])
+    }
+
     /// Records a restore drill's report (JSON, no PHI) in the audit log and as the last
     /// drill shown by status pages.
     ///

@@ -312,6 +312,8 @@ str_enum!(
         KeysStatus => "keys.status",
         KeysRotate => "keys.rotate",
         Backup => "backup",
+        BackupRun => "backup.run",
+        BackupRead => "backup.read",
     }
 );
 
@@ -340,6 +342,7 @@ impl Operation {
                 | DestructionCancel
                 | LegalHoldSet
                 | LegalHoldRelease
+                | BackupRun
         )
     }
 }

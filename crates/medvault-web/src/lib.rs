@@ -27,6 +27,7 @@
 mod account;
 mod admin;
 mod chart;
+pub mod lifecycle;
 mod privacy;
 mod signin;
 mod svg;
@@ -64,6 +65,19 @@ pub struct ConsoleOptions {
     /// `server.public_base_url` (`https://host:port`): a browser's `Origin` on a form post
     /// must be this, or the `https://` origin of the `Host` the request was sent to.
     pub public_base_url: String,
+    /// The backup repository, as the server's operator reaches it (`None`: the backups page
+    /// says backups are run from the command line).
+    pub backups: Option<BackupDoor>,
+}
+
+/// The console's way to the backup repository (see [`lifecycle::BackupConsole`]).
+#[derive(Clone)]
+pub struct BackupDoor(pub Arc<dyn lifecycle::BackupConsole>);
+
+impl std::fmt::Debug for BackupDoor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BackupDoor")
+    }
 }
 
 #[derive(Clone)]
@@ -87,6 +101,7 @@ pub fn router(vault: Arc<Vault>, options: ConsoleOptions) -> Router {
         .merge(chart::routes())
         .merge(privacy::routes())
         .merge(admin::routes())
+        .merge(lifecycle::routes())
         .layer(axum::middleware::from_fn_with_state(
             web.options.clone(),
             csrf_guard,
@@ -148,6 +163,11 @@ pub const NAV: &[NavItem] = &[
         roles: PRIVACY,
     },
     NavItem {
+        path: "/privacy/destruction",
+        label: "Destruction",
+        roles: PRIVACY,
+    },
+    NavItem {
         path: "/admin/users",
         label: "Users",
         roles: &[Role::SecurityAdmin],
@@ -161,6 +181,21 @@ pub const NAV: &[NavItem] = &[
         path: "/admin/clients",
         label: "Service clients",
         roles: &[Role::SecurityAdmin],
+    },
+    NavItem {
+        path: "/admin/legal-holds",
+        label: "Legal holds",
+        roles: &[Role::SecurityAdmin, Role::PrivacyOfficer, Role::Auditor],
+    },
+    NavItem {
+        path: "/admin/keys",
+        label: "Keys",
+        roles: &[Role::SecurityAdmin],
+    },
+    NavItem {
+        path: "/admin/backups",
+        label: "Backups",
+        roles: &[Role::SecurityAdmin, Role::Auditor],
     },
     NavItem {
         path: "/admin/status",

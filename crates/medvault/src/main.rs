@@ -997,6 +997,13 @@ fn serve_vault(
                 }
             }
         })?;
+    let console_backups: Arc<dyn medvault_web::lifecycle::BackupConsole> =
+        Arc::new(backup_cli::ConsoleBackups {
+            dir: dir.to_owned(),
+            cfg: cfg.clone(),
+            vault: checkpoint_vault.clone(),
+            caller: Caller::system(&op, "backup"),
+        });
     let (backup_stop, backup_rx) = std::sync::mpsc::channel::<()>();
     let backups = backup_cli::schedule(
         dir.to_owned(),
@@ -1032,6 +1039,7 @@ fn serve_vault(
             medvault_web::ConsoleOptions {
                 idle_timeout_secs,
                 public_base_url: public_base_url.clone(),
+                backups: Some(medvault_web::BackupDoor(console_backups)),
             },
         );
         let app = medvault_server::router_with_console(

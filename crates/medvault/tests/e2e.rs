@@ -5393,6 +5393,7 @@ fn web_console_in_real_chromium() {
     let phys = add("web.physician", "physician", &[]);
     let nurse = add("web.nurse", "nurse", &[]);
     add("web.privacy", "privacy_officer", &[]);
+    add("web.privacy2", "privacy_officer", &[]);
     add("web.admin", "security_admin", &[]);
     let care = [
         phys["practitioner_id"].as_str().unwrap(),
@@ -5425,7 +5426,8 @@ fn web_console_in_real_chromium() {
     let s = Server::start(&dir, &[]);
     let scenario = json!({
         "users": users, "nurse": "web.nurse", "physician": "web.physician",
-        "privacy_officer": "web.privacy", "security_admin": "web.admin", "patient": "web.patient",
+        "privacy_officer": "web.privacy", "privacy_officer2": "web.privacy2",
+        "security_admin": "web.admin", "patient": "web.patient",
         "treated": treated, "glass": glass, "search_name": "Glassmann",
         "sensitive_words": ["HIV", "Zebra retrovirus", "restricted: 1", "1 restricted", "hidden"],
     });
@@ -5452,6 +5454,35 @@ fn web_console_in_real_chromium() {
         r["error"]
     );
     let st = &r["steps"];
+    // Keys, backups, holds and destruction (issue 13).
+    assert_eq!(st["hold_placed"], true, "{r:#}");
+    assert_eq!(st["hold_released"], true, "{r:#}");
+    assert_eq!(st["keys"], true, "{r:#}");
+    assert!(
+        st["backup_message"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("Snapshot "),
+        "{r:#}"
+    );
+    assert_eq!(st["backup_rows"], 1, "{r:#}");
+    assert!(
+        st["drill_message"].as_str().unwrap_or("").contains("(RTO)"),
+        "{r:#}"
+    );
+    assert!(
+        st["last_drill"]
+            .as_str()
+            .unwrap_or("")
+            .contains("Recovery time (RTO)"),
+        "{r:#}"
+    );
+    assert_eq!(st["destruction_pending"], 1, "{r:#}");
+    let cert = st["certificate"].as_str().unwrap_or("");
+    assert!(
+        cert.starts_with("medvault certificate of destruction v1") && cert.contains(&glass),
+        "{r:#}"
+    );
     // The nurse: TOTP sign-in, vitals with their trend, billing restricted by role.
     assert_eq!(st["nurse_landed"], "/patients", "{r:#}");
     assert_eq!(st["nurse_chart"]["status"], 200, "{r:#}");
