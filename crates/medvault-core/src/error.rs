@@ -94,7 +94,11 @@ impl From<StoreError> for VaultError {
 
 impl From<medvault_crypto::CryptoError> for VaultError {
     fn from(e: medvault_crypto::CryptoError) -> Self {
-        VaultError::Internal(e.to_string())
+        match e {
+            // A wrong unseal passphrase is the caller's, not the server's, failure.
+            medvault_crypto::CryptoError::WrongPassphrase(_) => VaultError::Identity(e.to_string()),
+            e => VaultError::Internal(e.to_string()),
+        }
     }
 }
 

@@ -86,6 +86,7 @@ pub use search::SearchResult;
 pub use typestate::Disclosed;
 pub use write::{Precondition, Written};
 
+pub use medvault_crypto::Passphrase;
 use medvault_crypto::{
     BlindIndexer, DataKey, IndexRootKey, KeyCache, Keyring, KeyringSource, MasterKey, RecordCipher,
 };
@@ -113,6 +114,11 @@ pub enum MasterKeySource {
     File(PathBuf),
     /// Create a new key file (0600) at this path; refused if it exists (`medvault init`).
     NewFile(PathBuf),
+    /// Key files sealed under a passphrase (Argon2id; `keys.provider = "passphrase"`): the
+    /// server starts sealed until `medvault unseal` gives the passphrase.
+    Passphrase(PathBuf, Passphrase),
+    /// Create a new sealed key file at this path (`medvault init --key-provider passphrase`).
+    NewPassphrase(PathBuf, Passphrase),
     /// A random key held in memory only, for benchmarks and tests: nothing sealed under it
     /// outlives the process.
     Ephemeral,
@@ -127,6 +133,18 @@ impl MasterKeySource {
             MasterKeySource::NewFile(p) => Keyring::new(
                 KeyringSource::Files(p.clone()),
                 Some(MasterKey::create_file(p)?),
+            ),
+            MasterKeySource::Passphrase(p, pass) => {
+                let ring = Keyring::new(KeyringSource::Sealed(p.clone(), pass.clone()), None);
+                // The passphrase is checked now, so a wrong one fails the unseal, not a read.
+                if p.exists() {
+                    ring.get(1)?;
+                }
+                ring
+            }
+            MasterKeySource::NewPassphrase(p, pass) => Keyring::new(
+                KeyringSource::Sealed(p.clone(), pass.clone()),
+                Some(MasterKey::create_sealed_file(p, pass)?),
             ),
             MasterKeySource::Ephemeral => {
                 Keyring::new(KeyringSource::Ephemeral, Some(MasterKey::generate()))

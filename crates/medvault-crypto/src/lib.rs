@@ -40,6 +40,8 @@ pub enum CryptoError {
     Encrypt,
     #[error("master key version {0} is not available ({1}); a data key is wrapped by it")]
     MissingVersion(u32, String),
+    #[error("the passphrase does not open {0}")]
+    WrongPassphrase(String),
 }
 
 macro_rules! secret_key {
@@ -211,6 +213,8 @@ pub fn version_path(base: &Path, version: u32) -> std::path::PathBuf {
 pub enum KeyringSource {
     /// Key files: version 1 at this path, later versions beside it ([`version_path`]).
     Files(std::path::PathBuf),
+    /// Key files sealed under a passphrase (Argon2id), laid out as `Files`.
+    Sealed(std::path::PathBuf, Passphrase),
     /// One random version-1 key held in memory (benchmarks, tests).
     Ephemeral,
 }
@@ -251,37 +255,48 @@ impl Keyring {
         if let Some(k) = self.keys.lock().ok().and_then(|m| m.get(&version).cloned()) {
             return Ok(k);
         }
-        let KeyringSource::Files(base) = &self.source else {
-            return Err(CryptoError::MissingVersion(version, "memory".into()));
-        };
-        let path = version_path(base, version);
+        let (path, pass) = self.file_of(version)?;
         if !path.exists() {
             return Err(CryptoError::MissingVersion(
                 version,
                 path.display().to_string(),
             ));
         }
-        let k = Arc::new(MasterKey::load_file(&path)?);
+        let k = Arc::new(match pass {
+            Some(p) => MasterKey::load_sealed_file(&path, p)?,
+            None => MasterKey::load_file(&path)?,
+        });
         if let Ok(mut m) = self.keys.lock() {
             m.insert(version, k.clone());
         }
         Ok(k)
     }
 
-    /// Creates the file of a new version (0600), or opens it if a rotation that crashed had
-    /// already created it.
+    fn file_of(
+        &self,
+        version: u32,
+    ) -> Result<(std::path::PathBuf, Option<&Passphrase>), CryptoError> {
+        match &self.source {
+            KeyringSource::Files(b) => Ok((version_path(b, version), None)),
+            KeyringSource::Sealed(b, p) => Ok((version_path(b, version), Some(p))),
+            KeyringSource::Ephemeral => Err(CryptoError::MissingVersion(version, "memory".into())),
+        }
+    }
+
+    /// Creates the file of a new version (0600; sealed under the passphrase for a sealed
+    /// keyring), or opens it if a rotation that crashed had already created it.
     ///
     /// # Errors
     /// An ephemeral keyring cannot grow; file errors.
     pub fn create(&self, version: u32) -> Result<Arc<MasterKey>, CryptoError> {
-        let KeyringSource::Files(base) = &self.source else {
-            return Err(CryptoError::MissingVersion(version, "memory".into()));
-        };
-        let path = version_path(base, version);
+        let (path, pass) = self.file_of(version)?;
         if path.exists() {
             return self.get(version);
         }
-        let k = Arc::new(MasterKey::create_file(&path)?);
+        let k = Arc::new(match pass {
+            Some(p) => MasterKey::create_sealed_file(&path, p)?,
+            None => MasterKey::create_file(&path)?,
+        });
         if let Ok(mut m) = self.keys.lock() {
             m.insert(version, k.clone());
         }
@@ -291,7 +306,9 @@ impl Keyring {
     /// Whether the file of `version` is present (an ephemeral keyring has version 1 only).
     pub fn has_file(&self, version: u32) -> bool {
         match &self.source {
-            KeyringSource::Files(base) => version_path(base, version).exists(),
+            KeyringSource::Files(base) | KeyringSource::Sealed(base, _) => {
+                version_path(base, version).exists()
+            }
             KeyringSource::Ephemeral => version == 1,
         }
     }
@@ -299,9 +316,132 @@ impl Keyring {
     /// The file of `version`, if the keyring keeps files.
     pub fn path_of(&self, version: u32) -> Option<std::path::PathBuf> {
         match &self.source {
-            KeyringSource::Files(base) => Some(version_path(base, version)),
+            KeyringSource::Files(base) | KeyringSource::Sealed(base, _) => {
+                Some(version_path(base, version))
+            }
             KeyringSource::Ephemeral => None,
         }
+    }
+}
+
+/// A passphrase that seals the master key: zeroized on drop, never printed.
+#[derive(Clone)]
+pub struct Passphrase(zeroize::Zeroizing<String>);
+
+impl Passphrase {
+    pub fn new(s: String) -> Self {
+        Passphrase(zeroize::Zeroizing::new(s))
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Passphrase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Passphrase([REDACTED])")
+    }
+}
+
+const SEALED_TAG: &str = "medvault-sealed-master-key-v1";
+/// Argon2id cost of sealing (RFC 9106's second recommended option: 64 MiB, 3 passes).
+const SEAL_M_KIB: u32 = 64 * 1024;
+const SEAL_T: u32 = 3;
+
+/// The key-encryption key of a sealed key file (Argon2id, RFC 9106).
+fn seal_kek(
+    passphrase: &Passphrase,
+    salt: &[u8],
+    m: u32,
+    t: u32,
+) -> Result<zeroize::Zeroizing<[u8; 32]>, CryptoError> {
+    let params = argon2::Params::new(m, t, 1, Some(32)).map_err(|_| CryptoError::Encrypt)?;
+    let a = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+    let mut k = zeroize::Zeroizing::new([0u8; 32]);
+    a.hash_password_into(passphrase.expose().as_bytes(), salt, &mut *k)
+        .map_err(|_| CryptoError::Encrypt)?;
+    Ok(k)
+}
+
+impl MasterKey {
+    /// Creates a key file sealed under `passphrase` (Argon2id, then AES-256-GCM), mode 0600;
+    /// refuses to overwrite an existing file.
+    pub fn create_sealed_file(path: &Path, passphrase: &Passphrase) -> Result<Self, CryptoError> {
+        let key = Self::generate();
+        key.seal_to_file(path, passphrase)?;
+        Ok(key)
+    }
+
+    /// Writes this key to a new file sealed under `passphrase` (0600, never overwriting).
+    pub fn seal_to_file(&self, path: &Path, passphrase: &Passphrase) -> Result<(), CryptoError> {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let mut salt = [0u8; 16];
+        rand::rngs::OsRng.fill_bytes(&mut salt);
+        let kek = seal_kek(passphrase, &salt, SEAL_M_KIB, SEAL_T)?;
+        let sealed = seal_with(
+            &Aes256Gcm::new((&*kek).into()),
+            SEALED_TAG.as_bytes(),
+            &self.0,
+        )?;
+        let text = format!(
+            "{SEALED_TAG} argon2id m={SEAL_M_KIB} t={SEAL_T} p=1 salt={} key={}\n",
+            b64.encode(salt),
+            b64.encode(sealed)
+        );
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        Ok(())
+    }
+
+    /// Opens a sealed key file, refusing one that group or others may read.
+    ///
+    /// # Errors
+    /// [`CryptoError::WrongPassphrase`] when it does not open; format and file errors.
+    pub fn load_sealed_file(path: &Path, passphrase: &Passphrase) -> Result<Self, CryptoError> {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let name = path.display().to_string();
+        let meta = fs::metadata(path)?;
+        if meta.permissions().mode() & 0o077 != 0 {
+            return Err(CryptoError::KeyFilePermissions(name));
+        }
+        let text = fs::read_to_string(path)?;
+        let bad = || CryptoError::KeyFileFormat(name.clone());
+        let mut parts = text.split_whitespace();
+        if parts.next() != Some(SEALED_TAG) || parts.next() != Some("argon2id") {
+            return Err(bad());
+        }
+        let mut field = |k: &str| {
+            parts
+                .next()
+                .and_then(|p| p.strip_prefix(k))
+                .map(str::to_owned)
+                .ok_or_else(bad)
+        };
+        let m: u32 = field("m=")?.parse().map_err(|_| bad())?;
+        let t: u32 = field("t=")?.parse().map_err(|_| bad())?;
+        let _p = field("p=")?;
+        let salt = b64.decode(field("salt=")?).map_err(|_| bad())?;
+        let sealed = b64.decode(field("key=")?).map_err(|_| bad())?;
+        if !(8 * 1024..=4 * 1024 * 1024).contains(&m) || !(1..=64).contains(&t) {
+            return Err(bad());
+        }
+        let kek = seal_kek(passphrase, &salt, m, t)?;
+        let mut raw = open_with(
+            &Aes256Gcm::new((&*kek).into()),
+            SEALED_TAG.as_bytes(),
+            &sealed,
+        )
+        .map_err(|_| CryptoError::WrongPassphrase(name.clone()))?;
+        let k = Self::from_slice(&raw).ok_or_else(bad);
+        raw.zeroize();
+        k
     }
 }
 
@@ -578,6 +718,27 @@ mod tests {
             MasterKey::load_file(&p),
             Err(CryptoError::KeyFilePermissions(_))
         ));
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn sealed_key_files_open_with_their_passphrase_only() {
+        let dir = std::env::temp_dir().join(format!("mvs-{}", medvault_types::random_uuid()));
+        fs::create_dir(&dir).unwrap();
+        let p = dir.join("master.key");
+        let pass = Passphrase::new("correct horse battery staple".into());
+        let k = MasterKey::create_sealed_file(&p, &pass).unwrap();
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert_eq!(MasterKey::load_sealed_file(&p, &pass).unwrap().0, k.0);
+        assert!(matches!(
+            MasterKey::load_sealed_file(&p, &Passphrase::new("wrong".into())),
+            Err(CryptoError::WrongPassphrase(_))
+        ));
+        assert!(MasterKey::load_file(&p).is_err(), "not a plain key file");
+        assert_eq!(format!("{pass:?}"), "Passphrase([REDACTED])");
         fs::remove_dir_all(dir).unwrap();
     }
 

@@ -35,6 +35,20 @@ impl ApiError {
             "authentication required",
         )
     }
+    /// `503 sealed`: the master key is sealed until an operator runs `medvault unseal`.
+    pub fn sealed() -> Self {
+        ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            issues: vec![Issue::error(
+                IssueCode::Transient,
+                "medvault is sealed: an operator must run `medvault unseal` on the server".into(),
+                None,
+            )],
+            code: Some("sealed"),
+            retry_after: Some(5),
+        }
+    }
+
     pub fn not_found() -> Self {
         Self::new(StatusCode::NOT_FOUND, IssueCode::NotFound, "not found")
     }

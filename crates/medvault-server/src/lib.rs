@@ -18,12 +18,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::{FromRequestParts, Request};
+use axum::http::StatusCode;
 use axum::http::{header, request::Parts, HeaderMap, HeaderValue};
 use axum::middleware::Next;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Router};
-use medvault_core::{Caller, Token, Vault};
+use medvault_core::{Caller, Token, Vault, VaultError};
+use medvault_fhir::IssueCode;
 use medvault_types::Purpose;
 
 pub use error::ApiError;
@@ -65,6 +67,67 @@ pub struct Peer(pub SocketAddr);
 
 #[derive(Debug, Clone)]
 struct RequestId(String);
+
+/// Unseals a server: checks a passphrase and opens the gate with it (the binary's).
+pub type Unseal = Arc<dyn Fn(&str) -> Result<(), VaultError> + Send + Sync>;
+
+/// The router of a sealed server (SPEC "Keys, backup, destruction": the passphrase
+/// provider): every request answers `503` with the OperationOutcome code `sealed`, except
+/// `GET /sys/seal-status` and `POST /sys/unseal {"passphrase"}` — accepted from the machine
+/// itself (a loopback peer) only — which runs `unseal` off the async runtime and answers
+/// `200` once open, `401` for a wrong passphrase.
+pub fn sealed_router(unseal: Unseal) -> Router {
+    async fn status() -> Response {
+        plain_json(StatusCode::OK, serde_json::json!({"sealed": true}))
+    }
+    async fn sealed() -> Response {
+        ApiError::sealed().into_response()
+    }
+    let open = move |peer: Option<Extension<Peer>>, body: axum::body::Bytes| {
+        let unseal = unseal.clone();
+        async move {
+            if !peer.is_some_and(|Extension(p)| p.0.ip().is_loopback()) {
+                return ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    IssueCode::Forbidden,
+                    "unseal from the server's own machine: medvault unseal",
+                )
+                .into_response();
+            }
+            #[derive(serde::Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct Body {
+                passphrase: String,
+            }
+            let Ok(b) = serde_json::from_slice::<Body>(&body) else {
+                return ApiError::bad_request("body must be {\"passphrase\": TEXT}")
+                    .into_response();
+            };
+            match tokio::task::spawn_blocking(move || unseal(&b.passphrase)).await {
+                Ok(Ok(())) => plain_json(StatusCode::OK, serde_json::json!({"sealed": false})),
+                Ok(Err(VaultError::Identity(_))) => ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    IssueCode::Login,
+                    "the passphrase does not open the master key",
+                )
+                .into_response(),
+                Ok(Err(e)) => ApiError::from(e).into_response(),
+                Err(_) => ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    IssueCode::Exception,
+                    "internal error",
+                )
+                .into_response(),
+            }
+        }
+    };
+    Router::new()
+        .route("/sys/seal-status", get(status))
+        .route("/sys/unseal", post(open))
+        .fallback(sealed)
+        .layer(axum::extract::DefaultBodyLimit::max(4096))
+        .layer(axum::middleware::from_fn(security_headers))
+}
 
 /// Builds the application router (also used in-process by tests with `oneshot`). Every
 /// route also answers with a trailing slash (`/fhir/`, `/fhir/Patient/`, …): the path is

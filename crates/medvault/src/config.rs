@@ -287,9 +287,9 @@ impl Config {
             }
             other => bail!("storage.backend `{other}` is unknown (sqlite, postgres)"),
         }
-        if self.keys.provider != "file" {
+        if !matches!(self.keys.provider.as_str(), "file" | "passphrase") {
             bail!(
-                "keys.provider `{}` is not available in this build (file)",
+                "keys.provider `{}` is not available in this build (file, passphrase)",
                 self.keys.provider
             );
         }

@@ -6,6 +6,7 @@ mod backup_cli;
 mod config;
 mod demo;
 mod destroy;
+mod seal;
 mod witness;
 
 use std::io::{IsTerminal, Write};
@@ -67,8 +68,21 @@ enum Command {
         /// Use PostgreSQL at this URL instead of the embedded SQLite database.
         #[arg(long, env = "MEDVAULT_INIT_POSTGRES")]
         postgres: Option<String>,
+        /// Seal the master key under a passphrase read from this file (Argon2id): the server
+        /// then starts sealed until `medvault unseal`.
+        #[arg(long)]
+        passphrase_file: Option<PathBuf>,
         #[arg(long)]
         json: bool,
+    },
+    /// Give a sealed server its master key passphrase (from --passphrase-file or
+    /// MEDVAULT_PASSPHRASE); it then opens and serves.
+    Unseal {
+        /// The server's URL (default: https:// and `server.listen`).
+        #[arg(long)]
+        url: Option<String>,
+        #[arg(long)]
+        passphrase_file: Option<PathBuf>,
     },
     /// Serve HTTPS (TLS 1.3).
     Serve {
@@ -336,16 +350,24 @@ fn run(cli: Cli) -> Result<()> {
             admin_user,
             admin_password_file,
             postgres,
+            passphrase_file,
             json,
         } => {
             let pw = admin_password_file
                 .map(|f| read_secret_file(&f))
                 .transpose()?;
-            let out = init(&dir, &admin_user, pw, postgres)?;
+            let pass = passphrase_file
+                .map(|f| seal::read_passphrase(&f))
+                .transpose()?;
+            let out = init(&dir, &admin_user, pw, postgres, pass)?;
             print_init(&out, json);
             Ok(())
         }
         Command::Serve { listen, read_only } => serve(&dir, listen, read_only),
+        Command::Unseal {
+            url,
+            passphrase_file,
+        } => seal::unseal(&dir, url, passphrase_file),
         Command::Demo {
             patients,
             listen,
@@ -798,7 +820,7 @@ fn open_vault(dir: &Path, cfg: &Config, key: &MasterKeySource) -> Result<(Vault,
 /// local-operator capability (what the command line acts through).
 fn open(dir: &Path) -> Result<(Config, Arc<Vault>, LocalOperator)> {
     let cfg = Config::load(dir)?;
-    let key = MasterKeySource::File(dir.join(&cfg.keys.master_key_file));
+    let key = seal::key_source(dir, &cfg, None)?;
     let (vault, operator) = open_vault(dir, &cfg, &key)?;
     Ok((cfg, Arc::new(vault), operator))
 }
@@ -815,6 +837,7 @@ fn init(
     admin: &str,
     password: Option<Password>,
     postgres: Option<String>,
+    passphrase: Option<medvault_core::Passphrase>,
 ) -> Result<InitOutput> {
     if dir.exists()
         && std::fs::read_dir(dir)
@@ -839,8 +862,14 @@ fn init(
         cfg.storage.backend = "postgres".into();
         cfg.storage.url = url;
     }
+    if passphrase.is_some() {
+        cfg.keys.provider = "passphrase".into();
+    }
     let result = (|| -> Result<InitOutput> {
-        let master = MasterKeySource::NewFile(dir.join(&cfg.keys.master_key_file));
+        let master = match passphrase {
+            Some(p) => MasterKeySource::NewPassphrase(dir.join(&cfg.keys.master_key_file), p),
+            None => MasterKeySource::NewFile(dir.join(&cfg.keys.master_key_file)),
+        };
         std::fs::DirBuilder::new()
             .mode(0o700)
             .create(dir.join("tls"))?;
@@ -928,6 +957,13 @@ async fn shutdown_signal() {
 /// Called once with the server's public base URL when it is listening (`demo --json`).
 type Announce = Box<dyn FnOnce(&str) + Send>;
 
+/// Where the server listens: an address to bind, or a socket already bound (and announced)
+/// by the sealed server.
+enum Listen {
+    Address(String),
+    Bound(std::net::TcpListener),
+}
+
 fn serve_vault(
     dir: &Path,
     cfg: &Config,
@@ -936,7 +972,18 @@ fn serve_vault(
     listen: Option<String>,
     announce: Option<Announce>,
 ) -> Result<()> {
-    let listen = listen.unwrap_or_else(|| cfg.server.listen.clone());
+    let listen = Listen::Address(listen.unwrap_or_else(|| cfg.server.listen.clone()));
+    serve_vault_on(dir, cfg, vault, op, listen, announce)
+}
+
+fn serve_vault_on(
+    dir: &Path,
+    cfg: &Config,
+    vault: Arc<Vault>,
+    op: LocalOperator,
+    listen: Listen,
+    announce: Option<Announce>,
+) -> Result<()> {
     let tls = medvault_server::load_tls_config(&dir.join(&cfg.tls.cert), &dir.join(&cfg.tls.key))?;
     let checkpoint_vault = vault.clone();
     let mut trusted_proxies = vec![];
@@ -1016,9 +1063,15 @@ fn serve_vault(
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(&listen)
-            .await
-            .with_context(|| format!("cannot listen on {listen}"))?;
+        let (listener, announced) = match listen {
+            Listen::Address(a) => (
+                tokio::net::TcpListener::bind(&a)
+                    .await
+                    .with_context(|| format!("cannot listen on {a}"))?,
+                false,
+            ),
+            Listen::Bound(l) => (tokio::net::TcpListener::from_std(l)?, true),
+        };
         let addr = listener.local_addr()?;
         let public_base_url = if configured_base.is_empty() {
             if addr.ip().is_unspecified() {
@@ -1056,8 +1109,10 @@ fn serve_vault(
         if let Some(a) = announce {
             a(&public_base_url);
         }
-        println!("listening on https://{addr}");
-        std::io::stdout().flush()?;
+        if !announced {
+            println!("listening on https://{addr}");
+            std::io::stdout().flush()?;
+        }
         medvault_server::serve(app, listener, tls, shutdown_signal()).await;
         Ok::<(), anyhow::Error>(())
     })?;
@@ -1226,6 +1281,29 @@ fn oidc_providers(dir: &Path, cfg: &Config) -> Result<Vec<medvault_core::OidcPro
 }
 
 fn serve(dir: &Path, listen: Option<String>, read_only: bool) -> Result<()> {
+    let cfg0 = Config::load(dir)?;
+    if seal::starts_sealed(&cfg0) {
+        // Sealed: answer 503 until `medvault unseal` gives the passphrase, on the same socket.
+        let listen = listen.unwrap_or_else(|| cfg0.server.listen.clone());
+        let (listener, vault, op) = seal::serve_sealed(
+            dir,
+            &cfg0,
+            &listen,
+            VaultOptions {
+                read_only,
+                ..options(&cfg0)
+            },
+        )?;
+        tracing::info!("unsealed");
+        return serve_vault_on(
+            dir,
+            &cfg0,
+            Arc::new(vault),
+            op,
+            Listen::Bound(listener),
+            None,
+        );
+    }
     if !read_only {
         let (cfg, vault, op) = open(dir)?;
         return serve_vault(dir, &cfg, vault, op, listen, None);
@@ -1233,7 +1311,7 @@ fn serve(dir: &Path, listen: Option<String>, read_only: bool) -> Result<()> {
     let mut cfg = Config::load(dir)?;
     // A copy serving while the primary is down takes no backups of its own.
     cfg.backup.interval_secs = 0;
-    let key = MasterKeySource::File(dir.join(&cfg.keys.master_key_file));
+    let key = seal::key_source(dir, &cfg, None)?;
     let storage = storage(dir, &cfg)?;
     let (vault, op) = Vault::open(
         &storage,
@@ -1270,7 +1348,7 @@ fn demo(
     // One login per staff role, each named after its role.
     let mut logins: Vec<serde_json::Value> = vec![];
     if fresh {
-        let out = init(dir, Role::SecurityAdmin.as_str(), None, None)?;
+        let out = init(dir, Role::SecurityAdmin.as_str(), None, None, None)?;
         if !as_json {
             println!(
                 "Created {} (TLS certificate SHA-256 {})",

@@ -27,7 +27,7 @@ pub struct Args<'a> {
 /// Exit status for a fork or rollback: distinct from ordinary errors.
 pub const FORK_EXIT: i32 = 3;
 
-fn agent(ca: Option<&Path>) -> Result<ureq::Agent> {
+pub(crate) fn agent(ca: Option<&Path>) -> Result<ureq::Agent> {
     let mut roots = rustls::RootCertStore::empty();
     if let Some(ca) = ca {
         use rustls_pki_types::pem::PemObject;

@@ -242,6 +242,12 @@ impl Server {
     }
 
     fn login(&self, user: &str, password: &str, secret: &str) -> String {
+        self.login_step(user, password, secret, 0)
+    }
+
+    /// Signs in with the TOTP code `step` steps from now (a second sign-in of the same
+    /// user within 30 s needs the next code: each is accepted once).
+    fn login_step(&self, user: &str, password: &str, secret: &str, step: i64) -> String {
         let r = self.call(
             "POST",
             "/auth/login",
@@ -261,7 +267,7 @@ impl Server {
             "/auth/mfa/totp",
             None,
             Some(
-                json!({"mfa_token": mfa, "code": totp(secret, 0)})
+                json!({"mfa_token": mfa, "code": totp(secret, step)})
                     .to_string()
                     .as_bytes(),
             ),
@@ -8330,18 +8336,20 @@ fn master_key_rotates_online_resumes_after_a_kill_and_the_old_key_can_go() {
     // The old key file goes; everything still opens, old records and new.
     std::fs::remove_file(dir.join("master.key")).unwrap();
     let s = Server::start(&dir, &[]);
-    let phys = s.login(
+    let phys = s.login_step(
         staff.get("physician").0,
         staff.get("physician").1,
         staff.get("physician").2,
+        1,
     );
     for l in &readable {
         assert_eq!(s.get(&format!("/fhir/{l}"), &phys).status, 200, "{l}");
     }
-    let desk = s.login(
+    let desk = s.login_step(
         staff.get("front_desk").0,
         staff.get("front_desk").1,
         staff.get("front_desk").2,
+        1,
     );
     for id in &created {
         assert_eq!(
@@ -8921,4 +8929,155 @@ fn emergency_read_only_mode_serves_reads_and_refuses_changes() {
         lines.lines().any(|l| l.contains("\"action\":\"read\"")),
         "and the reads"
     );
+}
+
+/// SPEC "Keys, backup, destruction": the passphrase provider. `init --passphrase-file`
+/// seals the master key (Argon2id); the server starts sealed and answers 503 `sealed` to
+/// everything until `medvault unseal` gives the right passphrase (a wrong one changes
+/// nothing); commands need `MEDVAULT_PASSPHRASE`; a rotation seals the new version too;
+/// after a restart the server is sealed again.
+#[test]
+fn a_passphrase_sealed_server_answers_503_until_unsealed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let right = tmp.path().join("pass.txt");
+    let wrong = tmp.path().join("wrong.txt");
+    std::fs::write(&right, "correct horse battery staple 42\n").unwrap();
+    std::fs::write(&wrong, "incorrect donkey battery staple\n").unwrap();
+    std::fs::write(tmp.path().join("short.txt"), "short\n").unwrap();
+    let o = medvault(
+        &tmp.path().join("other"),
+        &[
+            "init",
+            "--passphrase-file",
+            tmp.path().join("short.txt").to_str().unwrap(),
+        ],
+    );
+    assert_eq!(o.status.code(), Some(1), "a short passphrase is refused");
+    let init = json_out(&medvault(
+        &dir,
+        &[
+            "init",
+            "--json",
+            "--passphrase-file",
+            right.to_str().unwrap(),
+        ],
+    ));
+    let key_text = std::fs::read_to_string(dir.join("master.key")).unwrap();
+    assert!(
+        key_text.starts_with("medvault-sealed-master-key-v1 argon2id"),
+        "{key_text}"
+    );
+    let with_pass = |args: &[&str], pass: Option<&str>| {
+        let mut c = Command::new(BIN);
+        c.arg("--data-dir").arg(&dir).args(args);
+        c.env_remove("MEDVAULT_PASSPHRASE");
+        if let Some(p) = pass {
+            c.env("MEDVAULT_PASSPHRASE", p);
+        }
+        c.output().unwrap()
+    };
+    let o = with_pass(
+        &["user", "add", "e2e.nurse", "--role", "nurse", "--json"],
+        None,
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("MEDVAULT_PASSPHRASE"));
+    let o = with_pass(
+        &["user", "add", "e2e.nurse", "--role", "nurse", "--json"],
+        Some("incorrect donkey battery staple"),
+    );
+    assert_eq!(o.status.code(), Some(1), "a wrong passphrase opens nothing");
+    let o = with_pass(
+        &["keys", "rotate", "--json"],
+        Some("correct horse battery staple 42"),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(std::fs::read_to_string(dir.join("master.v2.key"))
+        .unwrap()
+        .starts_with("medvault-sealed-master-key-v1"));
+
+    for round in 0..2 {
+        let s = Server::start(&dir, &[]);
+        let url = format!("https://127.0.0.1:{}", s.port);
+        for (m, p) in [
+            ("GET", "/fhir/metadata"),
+            ("GET", "/fhir/Patient"),
+            ("POST", "/auth/login"),
+        ] {
+            let r = s.call(
+                m,
+                p,
+                None,
+                Some(b"{}"),
+                &[("Content-Type", "application/json")],
+            );
+            assert_eq!(r.status, 503, "{m} {p}: {:?}", r.body);
+            assert_eq!(r.body["issue"][0]["details"]["coding"][0]["code"], "sealed");
+        }
+        assert_eq!(s.get("/sys/seal-status", "x").body["sealed"], true);
+        let o = medvault(
+            &dir,
+            &[
+                "unseal",
+                "--url",
+                &url,
+                "--passphrase-file",
+                wrong.to_str().unwrap(),
+            ],
+        );
+        assert_eq!(o.status.code(), Some(1));
+        assert!(String::from_utf8_lossy(&o.stderr).contains("does not open"));
+        let r = s.call("GET", "/fhir/metadata", None, None, &[]);
+        assert_eq!(r.status, 503, "still sealed");
+        let o = medvault(
+            &dir,
+            &[
+                "unseal",
+                "--url",
+                &url,
+                "--passphrase-file",
+                right.to_str().unwrap(),
+            ],
+        );
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        // The same socket now serves.
+        let fresh = Server {
+            child: Command::new("true").spawn().unwrap(),
+            port: s.port,
+            dir: dir.clone(),
+            agent: agent_for(&dir),
+            stderr: s.stderr.clone(),
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while fresh.call("GET", "/fhir/metadata", None, None, &[]).status != 200 {
+            assert!(std::time::Instant::now() < deadline, "never unsealed");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if round == 0 {
+            let admin = fresh.login(
+                init["admin_user"].as_str().unwrap(),
+                init["admin_password"].as_str().unwrap(),
+                init["totp_secret"].as_str().unwrap(),
+            );
+            assert_eq!(fresh.get("/api/users", &admin).status, 200);
+        }
+        let o = medvault(
+            &dir,
+            &[
+                "unseal",
+                "--url",
+                &url,
+                "--passphrase-file",
+                right.to_str().unwrap(),
+            ],
+        );
+        assert_eq!(
+            o.status.code(),
+            Some(1),
+            "round {round}: not sealed any more"
+        );
+        drop(fresh);
+        drop(s);
+    }
 }
