@@ -97,6 +97,8 @@ impl From<medvault_crypto::CryptoError> for VaultError {
         match e {
             // A wrong unseal passphrase is the caller's, not the server's, failure.
             medvault_crypto::CryptoError::WrongPassphrase(_) => VaultError::Identity(e.to_string()),
+            // The HSM's own words (module, token, PIN) are for the operator, not a client.
+            medvault_crypto::CryptoError::Hsm(m) => VaultError::Unavailable(format!("HSM: {m}")),
             e => VaultError::Internal(e.to_string()),
         }
     }

@@ -86,6 +86,7 @@ pub use search::SearchResult;
 pub use typestate::Disclosed;
 pub use write::{Precondition, Written};
 
+pub use medvault_crypto::hsm::HsmConfig;
 pub use medvault_crypto::Passphrase;
 use medvault_crypto::{
     BlindIndexer, DataKey, IndexRootKey, KeyCache, Keyring, KeyringSource, MasterKey, RecordCipher,
@@ -119,6 +120,11 @@ pub enum MasterKeySource {
     Passphrase(PathBuf, Passphrase),
     /// Create a new sealed key file at this path (`medvault init --key-provider passphrase`).
     NewPassphrase(PathBuf, Passphrase),
+    /// Key objects inside an HSM reached through PKCS#11 (`keys.provider = "pkcs11"`).
+    Pkcs11(HsmConfig),
+    /// Generate version 1 inside the HSM (`medvault init --pkcs11-module …`); refused if the
+    /// token already holds a key of that label.
+    NewPkcs11(HsmConfig),
     /// A random key held in memory only, for benchmarks and tests: nothing sealed under it
     /// outlives the process.
     Ephemeral,
@@ -146,6 +152,21 @@ impl MasterKeySource {
                 KeyringSource::Sealed(p.clone(), pass.clone()),
                 Some(MasterKey::create_sealed_file(p, pass)?),
             ),
+            MasterKeySource::Pkcs11(cfg) => Keyring::new(
+                KeyringSource::Pkcs11(Arc::new(medvault_crypto::hsm::Hsm::open(cfg)?)),
+                None,
+            ),
+            MasterKeySource::NewPkcs11(cfg) => {
+                let h = medvault_crypto::hsm::Hsm::open(cfg)?;
+                if h.find(1)?.is_some() {
+                    return Err(VaultError::Duplicate(format!(
+                        "the token already holds a key labelled `{}`; choose another label",
+                        cfg.key_label
+                    )));
+                }
+                h.generate(1)?;
+                Keyring::new(KeyringSource::Pkcs11(Arc::new(h)), None)
+            }
             MasterKeySource::Ephemeral => {
                 Keyring::new(KeyringSource::Ephemeral, Some(MasterKey::generate()))
             }

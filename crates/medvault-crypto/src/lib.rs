@@ -8,6 +8,8 @@
 //! INVARIANT: key material lives in types that zeroize on drop and print `[REDACTED]`.
 #![forbid(unsafe_code)]
 
+pub mod hsm;
+
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::fs;
@@ -42,6 +44,8 @@ pub enum CryptoError {
     MissingVersion(u32, String),
     #[error("the passphrase does not open {0}")]
     WrongPassphrase(String),
+    #[error("HSM (PKCS#11): {0}")]
+    Hsm(String),
 }
 
 macro_rules! secret_key {
@@ -69,9 +73,24 @@ macro_rules! secret_key {
 }
 
 secret_key!(
-    /// The root of the hierarchy. Only wraps other keys; never encrypts records.
-    MasterKey
+    /// A master key held in memory (from a key file, sealed or not).
+    LocalMasterKey
 );
+
+/// The root of the hierarchy. Only wraps other keys; never encrypts records. Held in
+/// memory (a key file, sealed or not) or inside an HSM, where it never leaves the token.
+pub struct MasterKey(Root);
+
+enum Root {
+    Local(LocalMasterKey),
+    Hsm(Arc<hsm::Hsm>, cryptoki::object::ObjectHandle),
+}
+
+impl fmt::Debug for MasterKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("MasterKey([REDACTED])")
+    }
+}
 secret_key!(
     /// A patient's record key. Shredding it destroys the patient's records.
     DataKey
@@ -96,12 +115,50 @@ secret_key!(
 const KEY_FILE_TAG: &str = "medvault-master-key-v1:";
 
 impl MasterKey {
+    /// A random key held in memory.
+    pub fn generate() -> Self {
+        MasterKey(Root::Local(LocalMasterKey::generate()))
+    }
+
+    fn from_slice(b: &[u8]) -> Option<Self> {
+        LocalMasterKey::from_slice(b).map(|k| MasterKey(Root::Local(k)))
+    }
+
+    /// The key object of an HSM (never extracted).
+    pub fn in_hsm(h: Arc<hsm::Hsm>, handle: cryptoki::object::ObjectHandle) -> Self {
+        MasterKey(Root::Hsm(h, handle))
+    }
+
+    fn local_bytes(&self) -> Result<&[u8; 32], CryptoError> {
+        match &self.0 {
+            Root::Local(k) => Ok(&k.0),
+            Root::Hsm(..) => Err(CryptoError::Hsm(
+                "a key inside an HSM never leaves it".into(),
+            )),
+        }
+    }
+
+    /// AES-256-GCM under this key (in memory, or inside the token).
+    fn seal(&self, aad: &[u8], plain: &[u8]) -> Result<Vec<u8>, CryptoError> {
+        match &self.0 {
+            Root::Local(k) => seal_with(&Aes256Gcm::new((&k.0).into()), aad, plain),
+            Root::Hsm(h, o) => h.seal(*o, aad, plain),
+        }
+    }
+
+    fn open(&self, aad: &[u8], sealed: &[u8]) -> Result<Vec<u8>, CryptoError> {
+        match &self.0 {
+            Root::Local(k) => open_with(&Aes256Gcm::new((&k.0).into()), aad, sealed),
+            Root::Hsm(h, o) => h.open_sealed(*o, aad, sealed),
+        }
+    }
+
     /// Creates a new key file with mode 0600; refuses to overwrite an existing file.
     pub fn create_file(path: &Path) -> Result<Self, CryptoError> {
         let key = Self::generate();
         let mut hex = String::with_capacity(KEY_FILE_TAG.len() + 64);
         hex.push_str(KEY_FILE_TAG);
-        for b in key.0 {
+        for b in key.local_bytes()? {
             hex.push_str(&format!("{b:02x}"));
         }
         let mut f = fs::OpenOptions::new()
@@ -133,10 +190,6 @@ impl MasterKey {
         parsed.and_then(|b| Self::from_slice(&b).ok_or(CryptoError::Decrypt))
     }
 
-    fn cipher(&self) -> Aes256Gcm {
-        Aes256Gcm::new((&self.0).into())
-    }
-
     /// Wraps a patient's data key; the AAD binds it to the patient and key version.
     pub fn wrap_data_key(
         &self,
@@ -144,7 +197,7 @@ impl MasterKey {
         version: u32,
         dk: &DataKey,
     ) -> Result<Vec<u8>, CryptoError> {
-        seal_with(&self.cipher(), &dek_aad(patient, version), &dk.0)
+        self.seal(&dek_aad(patient, version), &dk.0)
     }
 
     pub fn unwrap_data_key(
@@ -153,7 +206,7 @@ impl MasterKey {
         version: u32,
         wrapped: &[u8],
     ) -> Result<DataKey, CryptoError> {
-        let mut raw = open_with(&self.cipher(), &dek_aad(patient, version), wrapped)?;
+        let mut raw = self.open(&dek_aad(patient, version), wrapped)?;
         let k = DataKey::from_slice(&raw).ok_or(CryptoError::Decrypt);
         raw.zeroize();
         k
@@ -161,30 +214,22 @@ impl MasterKey {
 
     /// Wraps a service key (e.g. the identity-secrets key) under a label bound in the AAD.
     pub fn wrap_named(&self, label: &str, k: &DataKey) -> Result<Vec<u8>, CryptoError> {
-        seal_with(
-            &self.cipher(),
-            format!("medvault:named:v1|{label}").as_bytes(),
-            &k.0,
-        )
+        self.seal(format!("medvault:named:v1|{label}").as_bytes(), &k.0)
     }
 
     pub fn unwrap_named(&self, label: &str, wrapped: &[u8]) -> Result<DataKey, CryptoError> {
-        let mut raw = open_with(
-            &self.cipher(),
-            format!("medvault:named:v1|{label}").as_bytes(),
-            wrapped,
-        )?;
+        let mut raw = self.open(format!("medvault:named:v1|{label}").as_bytes(), wrapped)?;
         let k = DataKey::from_slice(&raw).ok_or(CryptoError::Decrypt);
         raw.zeroize();
         k
     }
 
     pub fn wrap_index_root(&self, k: &IndexRootKey) -> Result<Vec<u8>, CryptoError> {
-        seal_with(&self.cipher(), b"medvault:index-root:v1", &k.0)
+        self.seal(b"medvault:index-root:v1", &k.0)
     }
 
     pub fn unwrap_index_root(&self, wrapped: &[u8]) -> Result<IndexRootKey, CryptoError> {
-        let mut raw = open_with(&self.cipher(), b"medvault:index-root:v1", wrapped)?;
+        let mut raw = self.open(b"medvault:index-root:v1", wrapped)?;
         let k = IndexRootKey::from_slice(&raw).ok_or(CryptoError::Decrypt);
         raw.zeroize();
         k
@@ -215,6 +260,8 @@ pub enum KeyringSource {
     Files(std::path::PathBuf),
     /// Key files sealed under a passphrase (Argon2id), laid out as `Files`.
     Sealed(std::path::PathBuf, Passphrase),
+    /// Key objects inside an HSM, reached through PKCS#11.
+    Pkcs11(Arc<hsm::Hsm>),
     /// One random version-1 key held in memory (benchmarks, tests).
     Ephemeral,
 }
@@ -255,6 +302,16 @@ impl Keyring {
         if let Some(k) = self.keys.lock().ok().and_then(|m| m.get(&version).cloned()) {
             return Ok(k);
         }
+        if let KeyringSource::Pkcs11(h) = &self.source {
+            let handle = h.find(version)?.ok_or_else(|| {
+                CryptoError::MissingVersion(version, format!("pkcs11:{}", h.label(version)))
+            })?;
+            let k = Arc::new(MasterKey::in_hsm(h.clone(), handle));
+            if let Ok(mut m) = self.keys.lock() {
+                m.insert(version, k.clone());
+            }
+            return Ok(k);
+        }
         let (path, pass) = self.file_of(version)?;
         if !path.exists() {
             return Err(CryptoError::MissingVersion(
@@ -279,7 +336,9 @@ impl Keyring {
         match &self.source {
             KeyringSource::Files(b) => Ok((version_path(b, version), None)),
             KeyringSource::Sealed(b, p) => Ok((version_path(b, version), Some(p))),
-            KeyringSource::Ephemeral => Err(CryptoError::MissingVersion(version, "memory".into())),
+            KeyringSource::Pkcs11(_) | KeyringSource::Ephemeral => {
+                Err(CryptoError::MissingVersion(version, "memory".into()))
+            }
         }
     }
 
@@ -289,6 +348,12 @@ impl Keyring {
     /// # Errors
     /// An ephemeral keyring cannot grow; file errors.
     pub fn create(&self, version: u32) -> Result<Arc<MasterKey>, CryptoError> {
+        if let KeyringSource::Pkcs11(h) = &self.source {
+            if h.find(version)?.is_none() {
+                h.generate(version)?;
+            }
+            return self.get(version);
+        }
         let (path, pass) = self.file_of(version)?;
         if path.exists() {
             return self.get(version);
@@ -309,6 +374,7 @@ impl Keyring {
             KeyringSource::Files(base) | KeyringSource::Sealed(base, _) => {
                 version_path(base, version).exists()
             }
+            KeyringSource::Pkcs11(h) => h.find(version).is_ok_and(|o| o.is_some()),
             KeyringSource::Ephemeral => version == 1,
         }
     }
@@ -319,6 +385,7 @@ impl Keyring {
             KeyringSource::Files(base) | KeyringSource::Sealed(base, _) => {
                 Some(version_path(base, version))
             }
+            KeyringSource::Pkcs11(h) => Some(format!("pkcs11:{}", h.label(version)).into()),
             KeyringSource::Ephemeral => None,
         }
     }
@@ -382,7 +449,7 @@ impl MasterKey {
         let sealed = seal_with(
             &Aes256Gcm::new((&*kek).into()),
             SEALED_TAG.as_bytes(),
-            &self.0,
+            self.local_bytes()?,
         )?;
         let text = format!(
             "{SEALED_TAG} argon2id m={SEAL_M_KIB} t={SEAL_T} p=1 salt={} key={}\n",
@@ -707,6 +774,7 @@ mod tests {
         let dk = DataKey::generate();
         let w = k.wrap_data_key(&pid, 1, &dk).unwrap();
         assert_eq!(k2.unwrap_data_key(&pid, 1, &w).unwrap().0, dk.0);
+        assert_eq!(k2.local_bytes().unwrap(), k.local_bytes().unwrap());
         // bound to patient and version
         assert!(k2
             .unwrap_data_key(&PatientId::new("p2").unwrap(), 1, &w)
@@ -732,7 +800,13 @@ mod tests {
             fs::metadata(&p).unwrap().permissions().mode() & 0o777,
             0o600
         );
-        assert_eq!(MasterKey::load_sealed_file(&p, &pass).unwrap().0, k.0);
+        assert_eq!(
+            MasterKey::load_sealed_file(&p, &pass)
+                .unwrap()
+                .local_bytes()
+                .unwrap(),
+            k.local_bytes().unwrap()
+        );
         assert!(matches!(
             MasterKey::load_sealed_file(&p, &Passphrase::new("wrong".into())),
             Err(CryptoError::WrongPassphrase(_))

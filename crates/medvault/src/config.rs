@@ -186,9 +186,18 @@ impl Default for Backup {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Keys {
+    /// `file`, `passphrase` or `pkcs11`.
     pub provider: String,
     pub master_key_file: PathBuf,
     pub key_cache_capacity: usize,
+    /// The PKCS#11 module (`/usr/lib/softhsm/libsofthsm2.so`), for `pkcs11`.
+    pub pkcs11_module: String,
+    /// The token's label, for `pkcs11`.
+    pub pkcs11_token: String,
+    /// A file holding the token's user PIN (else `MEDVAULT_PKCS11_PIN`), for `pkcs11`.
+    pub pkcs11_pin_file: String,
+    /// The master key object's label (`LABEL`, then `LABEL.v2`, … after rotations).
+    pub pkcs11_key_label: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -240,6 +249,10 @@ impl Default for Keys {
             provider: "file".into(),
             master_key_file: "master.key".into(),
             key_cache_capacity: 100_000,
+            pkcs11_module: String::new(),
+            pkcs11_token: String::new(),
+            pkcs11_pin_file: String::new(),
+            pkcs11_key_label: "medvault-master".into(),
         }
     }
 }
@@ -287,11 +300,13 @@ impl Config {
             }
             other => bail!("storage.backend `{other}` is unknown (sqlite, postgres)"),
         }
-        if !matches!(self.keys.provider.as_str(), "file" | "passphrase") {
-            bail!(
-                "keys.provider `{}` is not available in this build (file, passphrase)",
-                self.keys.provider
-            );
+        match self.keys.provider.as_str() {
+            "file" | "passphrase" => {}
+            "pkcs11" if self.keys.pkcs11_module.is_empty() || self.keys.pkcs11_token.is_empty() => {
+                bail!("keys.provider = \"pkcs11\" needs keys.pkcs11_module and keys.pkcs11_token")
+            }
+            "pkcs11" => {}
+            other => bail!("keys.provider `{other}` is unknown (file, passphrase, pkcs11)"),
         }
         let positive = |key: &str, v: i64| -> Result<()> {
             if v <= 0 {

@@ -72,6 +72,19 @@ enum Command {
         /// then starts sealed until `medvault unseal`.
         #[arg(long)]
         passphrase_file: Option<PathBuf>,
+        /// Keep the master key inside an HSM: its PKCS#11 module (e.g.
+        /// /usr/lib/softhsm/libsofthsm2.so); with --pkcs11-token and --pkcs11-pin-file.
+        #[arg(long)]
+        pkcs11_module: Option<String>,
+        /// The HSM token's label.
+        #[arg(long)]
+        pkcs11_token: Option<String>,
+        /// A file holding the token's user PIN (kept where it is; not copied).
+        #[arg(long)]
+        pkcs11_pin_file: Option<PathBuf>,
+        /// The master key object's label in the token.
+        #[arg(long, default_value = "medvault-master")]
+        pkcs11_key_label: String,
         #[arg(long)]
         json: bool,
     },
@@ -351,15 +364,35 @@ fn run(cli: Cli) -> Result<()> {
             admin_password_file,
             postgres,
             passphrase_file,
+            pkcs11_module,
+            pkcs11_token,
+            pkcs11_pin_file,
+            pkcs11_key_label,
             json,
         } => {
             let pw = admin_password_file
                 .map(|f| read_secret_file(&f))
                 .transpose()?;
-            let pass = passphrase_file
-                .map(|f| seal::read_passphrase(&f))
-                .transpose()?;
-            let out = init(&dir, &admin_user, pw, postgres, pass)?;
+            let provider = match (passphrase_file, pkcs11_module) {
+                (Some(_), Some(_)) => {
+                    bail!("choose one of --passphrase-file and --pkcs11-module")
+                }
+                (Some(f), None) => KeyProvider::Passphrase(seal::read_passphrase(&f)?),
+                (None, Some(module)) => {
+                    let pin_file = pkcs11_pin_file
+                        .ok_or_else(|| anyhow!("--pkcs11-module needs --pkcs11-pin-file"))?;
+                    let pin_file = std::path::absolute(&pin_file)?;
+                    KeyProvider::Pkcs11 {
+                        module,
+                        token: pkcs11_token
+                            .ok_or_else(|| anyhow!("--pkcs11-module needs --pkcs11-token"))?,
+                        pin_file: pin_file.to_string_lossy().into_owned(),
+                        key_label: pkcs11_key_label,
+                    }
+                }
+                (None, None) => KeyProvider::File,
+            };
+            let out = init(&dir, &admin_user, pw, postgres, provider)?;
             print_init(&out, json);
             Ok(())
         }
@@ -747,7 +780,12 @@ fn describe(e: VaultError) -> anyhow::Error {
         return anyhow!("access denied ({})", cats.join(", "));
     }
     // The operator at the console sees the cause (HTTP clients never do).
-    if let VaultError::Internal(cause) = &e {
+    if let VaultError::Unavailable(cause) = &e {
+        if cause.starts_with("HSM:") {
+            return anyhow!("{cause}");
+        }
+    }
+    if let VaultError::Internal(cause) | VaultError::Unavailable(cause) = &e {
         return anyhow!("{e}: {cause}");
     }
     anyhow!("{e}")
@@ -832,12 +870,24 @@ struct InitOutput {
     recovery_key: String,
 }
 
+/// Where `init` puts the new master key.
+enum KeyProvider {
+    File,
+    Passphrase(medvault_core::Passphrase),
+    Pkcs11 {
+        module: String,
+        token: String,
+        pin_file: String,
+        key_label: String,
+    },
+}
+
 fn init(
     dir: &Path,
     admin: &str,
     password: Option<Password>,
     postgres: Option<String>,
-    passphrase: Option<medvault_core::Passphrase>,
+    provider: KeyProvider,
 ) -> Result<InitOutput> {
     if dir.exists()
         && std::fs::read_dir(dir)
@@ -862,13 +912,29 @@ fn init(
         cfg.storage.backend = "postgres".into();
         cfg.storage.url = url;
     }
-    if passphrase.is_some() {
-        cfg.keys.provider = "passphrase".into();
+    match &provider {
+        KeyProvider::File => {}
+        KeyProvider::Passphrase(_) => cfg.keys.provider = "passphrase".into(),
+        KeyProvider::Pkcs11 {
+            module,
+            token,
+            pin_file,
+            key_label,
+        } => {
+            cfg.keys.provider = "pkcs11".into();
+            cfg.keys.pkcs11_module = module.clone();
+            cfg.keys.pkcs11_token = token.clone();
+            cfg.keys.pkcs11_pin_file = pin_file.clone();
+            cfg.keys.pkcs11_key_label = key_label.clone();
+        }
     }
     let result = (|| -> Result<InitOutput> {
-        let master = match passphrase {
-            Some(p) => MasterKeySource::NewPassphrase(dir.join(&cfg.keys.master_key_file), p),
-            None => MasterKeySource::NewFile(dir.join(&cfg.keys.master_key_file)),
+        let master = match provider {
+            KeyProvider::Passphrase(p) => {
+                MasterKeySource::NewPassphrase(dir.join(&cfg.keys.master_key_file), p)
+            }
+            KeyProvider::Pkcs11 { .. } => MasterKeySource::NewPkcs11(seal::hsm_config(&cfg)?),
+            KeyProvider::File => MasterKeySource::NewFile(dir.join(&cfg.keys.master_key_file)),
         };
         std::fs::DirBuilder::new()
             .mode(0o700)
@@ -1348,7 +1414,13 @@ fn demo(
     // One login per staff role, each named after its role.
     let mut logins: Vec<serde_json::Value> = vec![];
     if fresh {
-        let out = init(dir, Role::SecurityAdmin.as_str(), None, None, None)?;
+        let out = init(
+            dir,
+            Role::SecurityAdmin.as_str(),
+            None,
+            None,
+            KeyProvider::File,
+        )?;
         if !as_json {
             println!(
                 "Created {} (TLS certificate SHA-256 {})",

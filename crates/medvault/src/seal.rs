@@ -65,8 +65,36 @@ pub fn key_source(dir: &Path, cfg: &Config, given: Option<Passphrase>) -> Result
             };
             Ok(MasterKeySource::Passphrase(path, p))
         }
-        other => bail!("keys.provider `{other}` is not available; use `file` or `passphrase`"),
+        "pkcs11" => Ok(MasterKeySource::Pkcs11(hsm_config(cfg)?)),
+        other => {
+            bail!("keys.provider `{other}` is not available; use `file`, `passphrase` or `pkcs11`")
+        }
     }
+}
+
+/// The HSM settings of `[keys]`, with the PIN from `MEDVAULT_PKCS11_PIN` or the PIN file.
+pub fn hsm_config(cfg: &Config) -> Result<medvault_core::HsmConfig> {
+    let pin = match std::env::var("MEDVAULT_PKCS11_PIN") {
+        Ok(p) => p,
+        Err(_) if !cfg.keys.pkcs11_pin_file.is_empty() => {
+            let f = &cfg.keys.pkcs11_pin_file;
+            std::fs::read_to_string(f)
+                .with_context(|| format!("cannot read the HSM PIN file {f}"))?
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_owned()
+        }
+        Err(_) => {
+            bail!("the HSM needs its user PIN: set keys.pkcs11_pin_file or MEDVAULT_PKCS11_PIN")
+        }
+    };
+    Ok(medvault_core::HsmConfig {
+        module: PathBuf::from(&cfg.keys.pkcs11_module),
+        token: cfg.keys.pkcs11_token.clone(),
+        pin: Passphrase::new(pin),
+        key_label: cfg.keys.pkcs11_key_label.clone(),
+    })
 }
 
 /// Serves sealed on `listen` until a right passphrase arrives; returns the socket (still

@@ -9081,3 +9081,126 @@ fn a_passphrase_sealed_server_answers_503_until_unsealed() {
         drop(s);
     }
 }
+
+/// The PKCS#11 key provider against a real SoftHSM2 token: `init --pkcs11-module …`
+/// generates the master key inside the token (no key file in the data directory); the
+/// server serves records wrapped by it; a rotation generates the next version in the token;
+/// a wrong PIN opens nothing and says so in one line.
+#[test]
+fn the_master_key_can_live_in_an_hsm() {
+    let module = "/usr/lib/softhsm/libsofthsm2.so";
+    if !Path::new(module).exists() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must install softhsm2 (.ci/run does)"
+        );
+        eprintln!("{module} absent: the HSM test did not run");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let tokens = tmp.path().join("tokens");
+    std::fs::create_dir(&tokens).unwrap();
+    let conf = tmp.path().join("softhsm2.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+            tokens.display()
+        ),
+    )
+    .unwrap();
+    let o = Command::new("softhsm2-util")
+        .env("SOFTHSM2_CONF", &conf)
+        .args([
+            "--init-token",
+            "--free",
+            "--label",
+            "medvault-e2e",
+            "--pin",
+            "246810",
+            "--so-pin",
+            "13579111",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let pin = tmp.path().join("pin");
+    std::fs::write(&pin, "246810\n").unwrap();
+    let dir = tmp.path().join("data");
+    let run = |args: &[&str], extra: &[(&str, &str)]| {
+        let mut c = Command::new(BIN);
+        c.arg("--data-dir")
+            .arg(&dir)
+            .args(args)
+            .env("SOFTHSM2_CONF", &conf);
+        for (k, v) in extra {
+            c.env(k, v);
+        }
+        c.output().unwrap()
+    };
+    let init = json_out(&run(
+        &[
+            "init",
+            "--json",
+            "--pkcs11-module",
+            module,
+            "--pkcs11-token",
+            "medvault-e2e",
+            "--pkcs11-pin-file",
+            pin.to_str().unwrap(),
+        ],
+        &[],
+    ));
+    assert!(
+        !dir.join("master.key").exists(),
+        "no key file: the key is in the token"
+    );
+    let o = run(
+        &[
+            "user",
+            "add",
+            "e2e.physician",
+            "--role",
+            "physician",
+            "--json",
+        ],
+        &[],
+    );
+    let phys = json_out(&o);
+    let care = [phys["practitioner_id"].as_str().unwrap()];
+    let f = tmp.path().join("chart.json");
+    std::fs::write(
+        &f,
+        json!({"resourceType": "Bundle", "type": "collection", "entry": chart_entries("Tokenholder", 1, Some(&care))}).to_string(),
+    )
+    .unwrap();
+    let imported = json_out(&run(&["import", f.to_str().unwrap(), "--json"], &[]));
+    let first = imported["locations"][1]
+        .as_str()
+        .unwrap()
+        .split('/')
+        .take(2)
+        .collect::<Vec<_>>()
+        .join("/");
+    let report = json_out(&run(&["keys", "rotate", "--json"], &[]));
+    assert_eq!(report["to_version"], 2);
+    let st = json_out(&run(&["keys", "status", "--json"], &[]));
+    assert_eq!(
+        st["versions"][1]["file"], "pkcs11:medvault-master.v2",
+        "{st}"
+    );
+    assert_eq!(st["versions"][1]["file_present"], true);
+    let s = Server::start(&dir, &[("SOFTHSM2_CONF", conf.to_str().unwrap())]);
+    let t = s.login(
+        "e2e.physician",
+        phys["password"].as_str().unwrap(),
+        phys["totp_secret"].as_str().unwrap(),
+    );
+    assert_eq!(s.get(&format!("/fhir/{first}"), &t).status, 200);
+    drop(s);
+    let o = run(&["keys", "status"], &[("MEDVAULT_PKCS11_PIN", "999999")]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("HSM") && err.lines().count() == 1, "{err}");
+    assert!(init["recovery_key"].as_str().unwrap().starts_with("MVRK1-"));
+}
