@@ -107,9 +107,11 @@ impl Vault {
     ) -> DisclosureText {
         let opened = (|| {
             let sealed = self.store.meta(&format!("disclosure/{id}")).ok()??;
-            let cipher = self.cipher_for(pid).ok()?;
             let aad = text_aad(id, pid.as_str());
-            typestate::open_text(permission, &cipher, &aad, &sealed).ok()
+            self.ciphers_for(pid)
+                .ok()?
+                .iter()
+                .find_map(|c| typestate::open_text(permission, c, &aad, &sealed).ok())
         })();
         opened.unwrap_or_default()
     }

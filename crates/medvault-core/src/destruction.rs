@@ -593,9 +593,7 @@ impl Vault {
     fn hold_view(&self, h: &LegalHoldRow) -> Result<LegalHoldView, VaultError> {
         let reason = match self.store.patient_key(&h.patient)? {
             Some(_) => {
-                let plain = self
-                    .cipher_for(&h.patient)?
-                    .open(&hold_aad(&h.id), &h.reason)?;
+                let plain = self.open_chart_text(&h.patient, &hold_aad(&h.id), &h.reason)?;
                 Some(String::from_utf8_lossy(&plain).into_owned())
             }
             None => None,

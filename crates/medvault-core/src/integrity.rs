@@ -105,7 +105,12 @@ pub struct RecordsVerdict {
 type Key = (String, String, u64);
 
 fn write_key(r: &AuditRecord) -> Option<Key> {
-    if r.outcome != Outcome::Success || !matches!(r.action.as_str(), "create" | "update" | "delete")
+    // A data key rotation's records re-attest the versions it re-encrypted.
+    if r.outcome != Outcome::Success
+        || !matches!(
+            r.action.as_str(),
+            "create" | "update" | "delete" | "keys.rotate"
+        )
     {
         return None;
     }

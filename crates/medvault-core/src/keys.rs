@@ -10,9 +10,9 @@
 
 use std::sync::Arc;
 
-use medvault_crypto::{DataKey, Keyring, MasterKey};
-use medvault_store::{Op, Store, StoreError, WriteBatch};
-use medvault_types::Operation;
+use medvault_crypto::{record_aad, DataKey, Keyring, MasterKey, RecordCipher};
+use medvault_store::{Op, Store, StoreError, VersionRow, WriteBatch};
+use medvault_types::{Operation, PatientId};
 use serde::Serialize;
 
 use crate::{Caller, Outcome, Vault, VaultError};
@@ -142,7 +142,151 @@ pub struct RotationReport {
     pub retired_files: Vec<String>,
 }
 
+/// What a patient's data key rotation did.
+#[derive(Debug, Clone, Serialize)]
+pub struct PatientRotation {
+    pub patient: String,
+    pub from_key_version: u32,
+    pub to_key_version: u32,
+    /// Stored versions re-encrypted under the new key.
+    pub reencrypted: usize,
+}
+
 impl Vault {
+    /// Every data key of a chart, newest first, unwrapped (opening text sealed before a
+    /// rotation: break-the-glass justifications, hold reasons, disclosure descriptions).
+    pub(crate) fn ciphers_for(
+        &self,
+        pid: &PatientId,
+    ) -> Result<Vec<Arc<RecordCipher>>, VaultError> {
+        let mut out = vec![self.cipher_for(pid)?];
+        for wk in self.store.patient_keys(pid)?.iter().skip(1) {
+            let dk = self.keyring.get(wk.master_version)?.unwrap_data_key(
+                pid,
+                wk.key_version,
+                &wk.wrapped,
+            )?;
+            out.push(Arc::new(RecordCipher::new(&dk)));
+        }
+        Ok(out)
+    }
+
+    /// Opens text sealed under any of a chart's data keys (newest first).
+    pub(crate) fn open_chart_text(
+        &self,
+        pid: &PatientId,
+        aad: &[u8],
+        sealed: &[u8],
+    ) -> Result<Vec<u8>, VaultError> {
+        let mut last = VaultError::Internal("no data key".into());
+        for c in self.ciphers_for(pid)? {
+            match c.open(aad, sealed) {
+                Ok(p) => return Ok(p),
+                Err(e) => last = e.into(),
+            }
+        }
+        Err(last)
+    }
+
+    /// `medvault keys rotate --patient ID` (the local operator): a new data key for one
+    /// chart, and every stored version of it re-encrypted under the new key in one
+    /// transaction, each re-encryption recorded in the audit log with the digest of what is
+    /// now stored (so `audit verify --records` still vouches for it). Older key versions
+    /// stay wrapped for text sealed under them before (the ciphertext of the records under
+    /// them is gone).
+    ///
+    /// # Errors
+    /// Denied; `NotFound` (no such chart); a stored version that does not open; storage and
+    /// audit failures.
+    pub fn rotate_patient_key(
+        &self,
+        c: &Caller,
+        patient: &str,
+    ) -> Result<PatientRotation, VaultError> {
+        let pid = PatientId::new(patient)
+            .map_err(|_| VaultError::BadRequest("patient must be a Patient id".into()))?;
+        let Some(mut rec) = self.operate(c, Operation::KeysRotate, Some(pid.as_str()))? else {
+            return Err(VaultError::Unauthenticated);
+        };
+        let Some(current) = self.store.patient_key(&pid)? else {
+            rec.outcome = Outcome::NotFound;
+            self.audit(vec![rec])?;
+            return Err(VaultError::NotFound);
+        };
+        let mut old: std::collections::HashMap<u32, RecordCipher> =
+            std::collections::HashMap::new();
+        for wk in self.store.patient_keys(&pid)? {
+            let dk = self.keyring.get(wk.master_version)?.unwrap_data_key(
+                &pid,
+                wk.key_version,
+                &wk.wrapped,
+            )?;
+            old.insert(wk.key_version, RecordCipher::new(&dk));
+        }
+        let to = current.key_version.saturating_add(1);
+        let dk = DataKey::generate();
+        let fresh = RecordCipher::new(&dk);
+        let (mv, master) = self.wrapping_master()?;
+        let mut ops = vec![Op::PutPatientKey {
+            patient: pid.clone(),
+            key_version: to,
+            master_version: mv,
+            wrapped: master.wrap_data_key(&pid, to, &dk)?,
+        }];
+        let mut recs = vec![];
+        let versions = self.store.chart_versions(&pid)?;
+        for v in &versions {
+            let aad = record_aad(v.rtype(), v.id(), v.version(), &pid);
+            let body = if v.deleted() || v.ciphertext().is_empty() {
+                vec![]
+            } else {
+                let under = old.get(&v.key_version()).ok_or(VaultError::Internal(
+                    "a version's data key is missing".into(),
+                ))?;
+                let plain = zeroize::Zeroizing::new(under.open(&aad, v.ciphertext())?);
+                fresh.seal(&aad, &plain)?
+            };
+            let mut row = VersionRow::from(v.clone());
+            row.key_version = to;
+            row.body = body;
+            let mut r = self.record(c, Operation::KeysRotate.as_str(), Outcome::Success);
+            r.patient = Some(pid.to_string());
+            r.resource = Some(format!("{}/{}/_history/{}", row.rtype, row.id, row.version));
+            r.content = Some(crate::integrity::version_digest(
+                &crate::integrity::StoredVersion {
+                    rtype: &row.rtype,
+                    id: &row.id,
+                    version: row.version,
+                    patient: Some(pid.as_str()),
+                    deleted: row.deleted,
+                    category: &row.category,
+                    key_version: row.key_version,
+                    body: &row.body,
+                },
+            ));
+            r.detail = Some(format!("re-encrypted under data key version {to}"));
+            recs.push(r);
+            ops.push(Op::ReencryptVersion(row));
+        }
+        rec.detail = Some(format!(
+            "patient data key rotated from={} to={to} versions={}",
+            current.key_version,
+            versions.len()
+        ));
+        recs.insert(0, rec);
+        self.commit(ops, recs).map_err(crate::audit_failed)?;
+        self.keys.evict(&pid);
+        if let Err(e) = self.store.announce_key_eviction(&pid) {
+            tracing::error!(cause = %e, patient = %pid, "could not tell other servers to drop a rotated key; they drop it on restart");
+        }
+        Ok(PatientRotation {
+            patient: pid.to_string(),
+            from_key_version: current.key_version,
+            to_key_version: to,
+            reencrypted: versions.len(),
+        })
+    }
+
     /// The master key version new data keys are wrapped by: a rotation's target while one
     /// is under way (so nothing new needs re-wrapping), else the version in force. Read
     /// from the store each time, so every server follows a rotation another process runs.

@@ -65,7 +65,7 @@ pub use charts::MAX_MY_PATIENTS;
 pub use destruction::{verify_certificate, DestructionView, LegalHoldView, SHRED_ACTION};
 pub use error::VaultError;
 pub use integrity::RecordsVerdict;
-pub use keys::{KeyStatus, KeyVersion, RotationReport};
+pub use keys::{KeyStatus, KeyVersion, PatientRotation, RotationReport};
 pub use medvault_audit::accounting::{Access, DisclosureText, RECIPIENT_KINDS};
 pub use medvault_audit::log::{ConsistencyProof, InclusionProof};
 pub use medvault_audit::merkle::verify_inclusion;

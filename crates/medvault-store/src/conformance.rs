@@ -56,6 +56,75 @@ pub fn run_all(make: &dyn Fn() -> Arc<dyn Store>) -> Result<(), Failure> {
     portal_links_reach_charts(&*make())?;
     destruction_shreds_one_chart_under_two_people_and_holds(&*make())?;
     dumps_load_into_a_fresh_store_alike(&*make(), &*make(), &*make())?;
+    reencryption_replaces_a_version_and_keys_keep_their_versions(&*make())?;
+    Ok(())
+}
+
+/// A data key rotation re-encrypts a chart's versions in place of themselves (nothing else
+/// changes; a missing version is a `Conflict`), and the chart keeps every key version.
+pub fn reencryption_replaces_a_version_and_keys_keep_their_versions(
+    s: &dyn Store,
+) -> Result<(), Failure> {
+    for v in [1, 2] {
+        one(
+            s,
+            Op::PutPatientKey {
+                patient: pid("p1"),
+                key_version: v,
+                master_version: 1,
+                wrapped: vec![v as u8],
+            },
+        )?;
+    }
+    put(
+        s,
+        row("Patient", "p1", 1, "p1", b"old"),
+        Expect::Absent,
+        vec![],
+    )?;
+    put(
+        s,
+        row("Patient", "p1", 2, "p1", b"old2"),
+        Expect::Version(1),
+        vec![],
+    )?;
+    put(
+        s,
+        row("Patient", "p2", 1, "p2", b"other"),
+        Expect::Absent,
+        vec![],
+    )?;
+    let versions = s.chart_versions(&pid("p1"))?;
+    assert_eq!(versions.len(), 2);
+    let mut r = VersionRow::from(versions.first().found("version 1")?.clone());
+    r.body = b"new".to_vec();
+    r.key_version = 2;
+    one(s, Op::ReencryptVersion(r.clone()))?;
+    let back = s
+        .version("Patient", "p1", 1)?
+        .found("re-encrypted version")?;
+    assert_eq!((back.ciphertext(), back.key_version()), (&b"new"[..], 2));
+    assert_eq!(
+        s.current("Patient", "p1")?.found("current")?.version(),
+        2,
+        "the pointer stays"
+    );
+    r.version = 9;
+    assert!(matches!(
+        one(s, Op::ReencryptVersion(r)),
+        Err(StoreError::Conflict)
+    ));
+    assert_eq!(
+        s.chart_versions(&pid("p2"))?.len(),
+        1,
+        "other charts untouched"
+    );
+    let keys: Vec<u32> = s
+        .patient_keys(&pid("p1"))?
+        .iter()
+        .map(|k| k.key_version)
+        .collect();
+    assert_eq!(keys, [2, 1]);
     Ok(())
 }
 

@@ -85,6 +85,12 @@ impl Store for FaultyStore {
     fn census(&self) -> Result<std::collections::BTreeMap<String, u64>, StoreError> {
         self.inner.census()
     }
+    fn chart_versions(&self, patient: &PatientId) -> Result<Vec<Sealed>, StoreError> {
+        self.inner.chart_versions(patient)
+    }
+    fn patient_keys(&self, patient: &PatientId) -> Result<Vec<WrappedKey>, StoreError> {
+        self.inner.patient_keys(patient)
+    }
     fn keys_wrapped_below(
         &self,
         master_version: u32,

@@ -626,6 +626,10 @@ pub enum Op {
     ShredPatient {
         patient: PatientId,
     },
+    /// Replaces a stored version's ciphertext and data-key version (a patient's data key
+    /// rotation re-encrypting the chart; nothing else changes): the row is deleted and
+    /// inserted again in the same transaction. `Conflict` if the version does not exist.
+    ReencryptVersion(VersionRow),
     /// Removes a shredded chart's remaining rows: its stored versions (ciphertext nobody can
     /// open) and search tokens. Idempotent.
     RemoveShredded {
@@ -883,6 +887,10 @@ pub trait Store: Send + Sync + 'static {
     fn legal_holds(&self, patient: Option<&PatientId>) -> Result<Vec<LegalHoldRow>, StoreError>;
     /// Every destruction request, newest first.
     fn destructions(&self) -> Result<Vec<DestructionRow>, StoreError>;
+    /// Every stored version of a chart (a data key rotation re-encrypts them).
+    fn chart_versions(&self, patient: &PatientId) -> Result<Vec<Sealed>, StoreError>;
+    /// Every wrapped data key of a patient, newest first.
+    fn patient_keys(&self, patient: &PatientId) -> Result<Vec<WrappedKey>, StoreError>;
     /// What a chart holds, by resource type: `(type, resources, versions)`, by type.
     fn chart_census(&self, patient: &PatientId) -> Result<Vec<(String, u64, u64)>, StoreError>;
     /// A portal account's links, oldest first.

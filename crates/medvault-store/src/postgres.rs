@@ -1304,6 +1304,42 @@ impl Store for PgStore {
             .collect())
     }
 
+    fn chart_versions(&self, patient: &PatientId) -> Result<Vec<Sealed>, StoreError> {
+        let rows = self
+            .rt
+            .block_on(
+                sqlx::query(&format!(
+                    "SELECT {VERSION_COLS} FROM resource_versions v {}",
+                    crate::sql::CHART_VERSIONS_SQL
+                ))
+                .bind(patient.as_str())
+                .fetch_all(&self.pool),
+            )
+            .map_err(classify)?;
+        rows.iter()
+            .map(|r| version_row(r).map_err(classify))
+            .collect()
+    }
+
+    fn patient_keys(&self, patient: &PatientId) -> Result<Vec<WrappedKey>, StoreError> {
+        let rows: Vec<(i64, i64, Vec<u8>)> = self
+            .rt
+            .block_on(
+                sqlx::query_as(crate::sql::PATIENT_KEYS_SQL)
+                    .bind(patient.as_str())
+                    .fetch_all(&self.pool),
+            )
+            .map_err(classify)?;
+        Ok(rows
+            .into_iter()
+            .map(|(v, m, w)| WrappedKey {
+                key_version: u32::try_from(v).unwrap_or(0),
+                master_version: u32::try_from(m).unwrap_or(0),
+                wrapped: w,
+            })
+            .collect())
+    }
+
     fn keys_wrapped_below(
         &self,
         master_version: u32,

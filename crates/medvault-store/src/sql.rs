@@ -118,6 +118,14 @@ pub(crate) fn destruction<R: Columns>(r: &R) -> Result<Option<DestructionRow>, R
     }))
 }
 
+/// `Store::chart_versions`: `$1` the patient id.
+pub(crate) const CHART_VERSIONS_SQL: &str =
+    "WHERE v.patient_id = $1 ORDER BY v.rtype, v.id, v.version";
+
+/// `Store::patient_keys`: `$1` the patient id.
+pub(crate) const PATIENT_KEYS_SQL: &str =
+    "SELECT key_version, master_version, wrapped FROM patient_keys WHERE patient_id = $1 ORDER BY key_version DESC";
+
 /// `Store::keys_wrapped_below`: `$1` the master version, `$2` the limit.
 pub(crate) const KEYS_BELOW_SQL: &str =
     "SELECT patient_id, key_version, master_version, wrapped FROM patient_keys WHERE master_version < $1 ORDER BY patient_id, key_version LIMIT $2";
@@ -589,6 +597,34 @@ pub(crate) fn identity(op: &Op) -> Option<Vec<Stmt>> {
             .map(|sql| stmt(sql, vec![p()], Any))
             .collect()
         }
+        Op::ReencryptVersion(r) => vec![
+            stmt(
+                "DELETE FROM resource_versions WHERE rtype = $1 AND id = $2 AND version = $3 AND patient_id = $4",
+                vec![
+                    t(&r.rtype),
+                    t(&r.id),
+                    Int(i64::try_from(r.version).unwrap_or(i64::MAX)),
+                    Text(r.patient.as_ref().map(|p| p.as_str().to_owned()).unwrap_or_default()),
+                ],
+                Touch,
+            ),
+            stmt(
+                "INSERT INTO resource_versions (rtype, id, version, patient_id, last_updated, deleted, category, key_version, body)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                vec![
+                    t(&r.rtype),
+                    t(&r.id),
+                    Int(i64::try_from(r.version).unwrap_or(i64::MAX)),
+                    Text(r.patient.as_ref().map(|p| p.as_str().to_owned()).unwrap_or_default()),
+                    t(&r.last_updated),
+                    Bool(r.deleted),
+                    t(&r.category),
+                    Int(i64::from(r.key_version)),
+                    b(&r.body),
+                ],
+                Any,
+            ),
+        ],
         Op::RemoveShredded { patient } => {
             let p = || Text(patient.as_str().to_owned());
             [

@@ -910,6 +910,35 @@ impl Store for SqliteStore {
         })
     }
 
+    fn chart_versions(&self, patient: &PatientId) -> Result<Vec<Sealed>, StoreError> {
+        self.with_reader(|c| {
+            let mut st = c.prepare(&format!(
+                "SELECT {VERSION_COLS} FROM resource_versions v {}",
+                crate::sql::CHART_VERSIONS_SQL.replace('$', "?")
+            ))?;
+            let rows = st
+                .query_map(params![patient.as_str()], version_row)?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn patient_keys(&self, patient: &PatientId) -> Result<Vec<WrappedKey>, StoreError> {
+        self.with_reader(|c| {
+            let mut st = c.prepare_cached(&crate::sql::PATIENT_KEYS_SQL.replace('$', "?"))?;
+            let rows = st
+                .query_map(params![patient.as_str()], |r| {
+                    Ok(WrappedKey {
+                        key_version: r.get(0)?,
+                        master_version: r.get(1)?,
+                        wrapped: r.get(2)?,
+                    })
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+    }
+
     fn keys_wrapped_below(
         &self,
         master_version: u32,

@@ -206,6 +206,10 @@ enum KeysCommand {
     /// Re-wrap every data key under a new master key version while the server keeps
     /// serving (records untouched); resumes a rotation that stopped.
     Rotate {
+        /// Rotate this patient's data key instead: every stored version of the chart is
+        /// re-encrypted under a new data key, in one transaction.
+        #[arg(long)]
+        patient: Option<String>,
         /// Data keys re-wrapped per transaction.
         #[arg(long, default_value_t = 500)]
         batch: usize,
@@ -722,6 +726,22 @@ fn keys(dir: &Path, command: KeysCommand) -> Result<()> {
             }
         }
         KeysCommand::Rotate {
+            patient: Some(p),
+            json,
+            ..
+        } => {
+            let r = vault.rotate_patient_key(&me, &p).map_err(describe)?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "patient {}: data key version {} -> {}, {} stored versions re-encrypted",
+                    r.patient, r.from_key_version, r.to_key_version, r.reencrypted
+                );
+            }
+        }
+        KeysCommand::Rotate {
+            patient: None,
             batch,
             pause_ms,
             json,

@@ -9204,3 +9204,109 @@ fn the_master_key_can_live_in_an_hsm() {
     assert!(err.contains("HSM") && err.lines().count() == 1, "{err}");
     assert!(init["recovery_key"].as_str().unwrap().starts_with("MVRK1-"));
 }
+
+/// `keys rotate --patient`: one chart's data key is replaced and every stored version of
+/// it re-encrypted (the stored bytes all change); the records read as before, text sealed
+/// under the old key (a legal hold's reason) still opens, and `audit verify --records`
+/// vouches for the re-encrypted versions. Another chart is untouched.
+#[test]
+fn a_patients_data_key_rotates_and_the_chart_is_re_encrypted() {
+    let (_t, dir, staff) = setup();
+    let care = [staff.practitioner("physician"), staff.practitioner("nurse")];
+    let mut entries = chart_entries("Rekeyed", 1, Some(&care));
+    entries.extend(chart_entries("Untouched", 2, Some(&care)));
+    let locs = import_entries(&dir, "charts", &entries);
+    let pid = locs[0].strip_prefix("Patient/").unwrap().to_owned();
+    let other = locs[9].strip_prefix("Patient/").unwrap().to_owned();
+    let bodies = |p: &str| -> Vec<(String, Vec<u8>)> {
+        let c = rusqlite::Connection::open(dir.join("medvault.db")).unwrap();
+        let mut st = c
+            .prepare("SELECT id, body FROM resource_versions WHERE patient_id = ?1 ORDER BY id")
+            .unwrap();
+        let rows = st
+            .query_map([p], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        rows
+    };
+    let s = Server::start(&dir, &[]);
+    let (sa, phys) = (
+        s.login(
+            staff.get("security_admin").0,
+            staff.get("security_admin").1,
+            staff.get("security_admin").2,
+        ),
+        s.login(
+            staff.get("physician").0,
+            staff.get("physician").1,
+            staff.get("physician").2,
+        ),
+    );
+    let hold = s.post(
+        &format!("/api/patients/{pid}/legal-holds"),
+        &sa,
+        &json!({"matter": "M-77", "reason": "Sealed before the rotation"}),
+    );
+    assert_eq!(hold.status, 201);
+    let before: Vec<Value> = locs[..9]
+        .iter()
+        .filter(|l| !l.starts_with("Claim/"))
+        .map(|l| s.get(&format!("/fhir/{l}"), &phys).body)
+        .collect();
+    drop(s);
+    let (mine, theirs) = (bodies(&pid), bodies(&other));
+    let r = json_out(&medvault(
+        &dir,
+        &["keys", "rotate", "--patient", &pid, "--json"],
+    ));
+    assert_eq!(
+        (r["from_key_version"].as_u64(), r["to_key_version"].as_u64()),
+        (Some(1), Some(2)),
+        "{r}"
+    );
+    assert_eq!(r["reencrypted"], 9);
+    let after = bodies(&pid);
+    assert_eq!(after.len(), mine.len());
+    assert!(
+        after
+            .iter()
+            .zip(&mine)
+            .all(|(a, b)| a.0 == b.0 && a.1 != b.1),
+        "every stored version changed"
+    );
+    assert_eq!(bodies(&other), theirs, "the other chart is untouched");
+    let s = Server::start(&dir, &[]);
+    let phys = s.login_step(
+        staff.get("physician").0,
+        staff.get("physician").1,
+        staff.get("physician").2,
+        1,
+    );
+    let again: Vec<Value> = locs[..9]
+        .iter()
+        .filter(|l| !l.starts_with("Claim/"))
+        .map(|l| s.get(&format!("/fhir/{l}"), &phys).body)
+        .collect();
+    assert_eq!(again, before, "the records read as before");
+    let sa = s.login_step(
+        staff.get("security_admin").0,
+        staff.get("security_admin").1,
+        staff.get("security_admin").2,
+        1,
+    );
+    let holds = s.get(&format!("/api/legal-holds?patient={pid}"), &sa);
+    assert_eq!(
+        holds.body["legal_holds"][0]["reason"],
+        "Sealed before the rotation"
+    );
+    drop(s);
+    let v = json_out(&medvault(&dir, &["audit", "verify", "--records", "--json"]));
+    assert_eq!(v["intact"], true, "{v}");
+    assert_eq!(
+        medvault(&dir, &["keys", "rotate", "--patient", "nobody"])
+            .status
+            .code(),
+        Some(1)
+    );
+}
