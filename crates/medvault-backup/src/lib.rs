@@ -228,7 +228,10 @@ pub struct VerifyReport {
     pub bytes: u64,
 }
 
-fn write_atomic(path: &Path, data: &[u8]) -> Result<(), BackupError> {
+/// Writes `data` to `path` through a temporary file and a rename, so a reader sees the
+/// whole file or none; `durable` waits for the disk first (config and manifests; chunks are
+/// made durable together, by one filesystem sync before their manifest is written).
+fn write_file(path: &Path, data: &[u8], durable: bool) -> Result<(), BackupError> {
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
     let mut f = fs::OpenOptions::new()
         .write(true)
@@ -237,8 +240,21 @@ fn write_atomic(path: &Path, data: &[u8]) -> Result<(), BackupError> {
         .open(&tmp)
         .map_err(io_err(&tmp))?;
     f.write_all(data).map_err(io_err(&tmp))?;
-    f.sync_all().map_err(io_err(&tmp))?;
+    if durable {
+        f.sync_all().map_err(io_err(&tmp))?;
+    }
     fs::rename(&tmp, path).map_err(io_err(path))
+}
+
+fn write_atomic(path: &Path, data: &[u8]) -> Result<(), BackupError> {
+    write_file(path, data, true)
+}
+
+/// Flushes every file written to the repository's filesystem (syncfs(2)): the snapshot's
+/// chunks reach the disk before the manifest that names them.
+fn sync_repository(dir: &Path) -> Result<(), BackupError> {
+    let d = fs::File::open(dir).map_err(io_err(dir))?;
+    rustix::fs::syncfs(&d).map_err(|e| io_err(dir)(e.into()))
 }
 
 fn random_id() -> String {
@@ -417,6 +433,7 @@ impl Repo {
             Err(e) => return Err(w.error.take().unwrap_or(BackupError::Vault(e))),
         };
         w.cut(true)?;
+        sync_repository(&self.dir)?;
         let ledger = vault.shred_ledger()?;
         let manifest = Manifest {
             format: "medvault-backup-snapshot-v1".into(),
@@ -691,7 +708,7 @@ impl ChunkWriter<'_> {
             if let Some(parent) = path.parent() {
                 fs::create_dir_all(parent).map_err(io_err(parent))?;
             }
-            write_atomic(&path, &file)?;
+            write_file(&path, &file, false)?;
             self.new_chunks += 1;
             self.new_bytes += file.len() as u64;
             hex(&Sha256::digest(&file))
