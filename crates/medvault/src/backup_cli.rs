@@ -450,42 +450,14 @@ pub fn run(dir: &Path, cmd: BackupCommand) -> Result<()> {
         BackupCommand::Drill { out, json } => {
             let (cfg, vault, op) = crate::open(dir)?;
             let c = Caller::system(&op, "backup");
-            let path = repository(dir, &cfg, out.as_deref());
-            let mut repo = Repo::open(&path)?;
-            let key = repo.key_from_vault(&vault, &c)?;
-            let (snaps, _) = repo.snapshots()?;
-            let (_, manifest) = snaps
-                .last()
-                .ok_or_else(|| anyhow!("no snapshots in {} to drill with", path.display()))?;
-            let tmp = tempfile::tempdir()?;
-            let target = tmp.path().join("restored");
-            let r = restore(&repo, manifest, &key, &target, None, &[])?;
-            let matches = r.resources == manifest.stats.resources;
-            let rpo = age_secs(
-                manifest
-                    .stats
-                    .newest_write
-                    .as_deref()
-                    .unwrap_or(&manifest.created),
-            );
-            let report = json!({
-                "snapshot": manifest.id, "created": manifest.created,
-                "rto_seconds": r.seconds, "rpo_seconds": rpo,
-                "audit_entries": r.audit_entries, "audit_verified": true,
-                "records_verified": r.records_verified,
-                "resources": r.resources, "counts_match_manifest": matches,
-                "replayed_destructions": r.replayed.len(),
-            });
-            vault.record_drill(&c, &report).map_err(crate::describe)?;
+            let mut repo = Repo::open(&repository(dir, &cfg, out.as_deref()))?;
+            let report = drill(&mut repo, &vault, &c)?;
             if json {
                 println!("{report}");
             } else {
-                println!(
-                    "drill of snapshot {}: restored and verified in {:.2}s (RTO); newest data {}s old (RPO); audit log of {} entries verified; record counts {} the manifest",
-                    manifest.id, r.seconds, rpo, r.audit_entries, if matches { "match" } else { "DO NOT match" }
-                );
+                println!("{}", drill_line(&report));
             }
-            if !matches {
+            if report.get("counts_match_manifest") != Some(&serde_json::Value::Bool(true)) {
                 bail!("the restored record counts differ from the manifest's");
             }
         }
@@ -550,6 +522,57 @@ pub fn run(dir: &Path, cmd: BackupCommand) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A restore drill (`backup drill`, and the console's): the newest snapshot restored into
+/// a temporary directory, its audit log and records verified, its counts compared with the
+/// manifest; the report (RTO, RPO, counts) recorded in the audit log and returned.
+fn drill(repo: &mut Repo, vault: &Vault, c: &Caller) -> Result<serde_json::Value> {
+    let key = repo.key_from_vault(vault, c)?;
+    let (snaps, _) = repo.snapshots()?;
+    let (_, manifest) = snaps
+        .last()
+        .ok_or_else(|| anyhow!("no snapshots in {} to drill with", repo.dir.display()))?;
+    let tmp = tempfile::tempdir()?;
+    let r = restore(
+        repo,
+        manifest,
+        &key,
+        &tmp.path().join("restored"),
+        None,
+        &[],
+    )?;
+    let rpo = age_secs(
+        manifest
+            .stats
+            .newest_write
+            .as_deref()
+            .unwrap_or(&manifest.created),
+    );
+    let report = json!({
+        "snapshot": manifest.id, "created": manifest.created,
+        "rto_seconds": r.seconds, "rpo_seconds": rpo,
+        "audit_entries": r.audit_entries, "audit_verified": true,
+        "records_verified": r.records_verified,
+        "resources": r.resources, "counts_match_manifest": r.resources == manifest.stats.resources,
+        "replayed_destructions": r.replayed.len(),
+    });
+    vault.record_drill(c, &report).map_err(crate::describe)?;
+    Ok(report)
+}
+
+/// One line for people from a drill's report.
+fn drill_line(r: &serde_json::Value) -> String {
+    let f = |k: &str| r.get(k).cloned().unwrap_or(serde_json::Value::Null);
+    format!(
+        "Drill of snapshot {}: restored and verified in {:.2} s (RTO); newest data {} s old (RPO); audit log of {} entries and {} record versions verified; record counts {} the manifest.",
+        f("snapshot").as_str().unwrap_or(""),
+        f("rto_seconds").as_f64().unwrap_or(0.0),
+        f("rpo_seconds"),
+        f("audit_entries"),
+        f("records_verified"),
+        if f("counts_match_manifest") == true { "match" } else { "DO NOT match" }
+    )
 }
 
 fn age_secs(instant: &str) -> i64 {
@@ -889,43 +912,9 @@ impl medvault_web::lifecycle::BackupConsole for ConsoleBackups {
 
     fn drill(&self) -> std::result::Result<String, String> {
         let mut repo = self.repo()?;
-        let key = repo
-            .key_from_vault(&self.vault, &self.caller)
-            .map_err(|e| e.to_string())?;
-        let (snaps, _) = repo.snapshots().map_err(|e| e.to_string())?;
-        let (_, manifest) = snaps.last().ok_or("no snapshots to drill with")?;
-        let tmp = tempfile::tempdir().map_err(|e| e.to_string())?;
-        let r = restore(
-            &repo,
-            manifest,
-            &key,
-            &tmp.path().join("restored"),
-            None,
-            &[],
-        )
-        .map_err(|e| format!("{e:#}"))?;
-        let rpo = age_secs(
-            manifest
-                .stats
-                .newest_write
-                .as_deref()
-                .unwrap_or(&manifest.created),
-        );
-        let report = json!({
-            "snapshot": manifest.id, "created": manifest.created,
-            "rto_seconds": r.seconds, "rpo_seconds": rpo,
-            "audit_entries": r.audit_entries, "audit_verified": true,
-            "records_verified": r.records_verified,
-            "resources": r.resources, "counts_match_manifest": r.resources == manifest.stats.resources,
-            "replayed_destructions": r.replayed.len(),
-        });
-        self.vault
-            .record_drill(&self.caller, &report)
-            .map_err(|e| e.to_string())?;
-        Ok(format!(
-            "Drill of snapshot {}: restored and verified in {:.2} s (RTO); newest data {} s old (RPO).",
-            manifest.id, r.seconds, rpo
-        ))
+        drill(&mut repo, &self.vault, &self.caller)
+            .map(|r| drill_line(&r))
+            .map_err(|e| format!("{e:#}"))
     }
 
     fn last_drill(&self) -> Option<Vec<(String, String)>> {
