@@ -159,16 +159,11 @@ impl Vault {
         &self,
         pid: &PatientId,
     ) -> Result<Vec<Arc<RecordCipher>>, VaultError> {
-        let mut out = vec![self.cipher_for(pid)?];
-        for wk in self.store.patient_keys(pid)?.iter().skip(1) {
-            let dk = self.keyring.get(wk.master_version)?.unwrap_data_key(
-                pid,
-                wk.key_version,
-                &wk.wrapped,
-            )?;
-            out.push(Arc::new(RecordCipher::new(&dk)));
-        }
-        Ok(out)
+        self.store
+            .patient_keys(pid)?
+            .iter()
+            .map(|wk| self.cipher_at(pid, wk.key_version))
+            .collect()
     }
 
     /// Opens text sealed under any of a chart's data keys (newest first).

@@ -512,6 +512,12 @@ impl Vault {
             self.audit(vec![rec])?;
             return Err(e);
         }
+        if self.options.read_only && op.changes_charts() {
+            rec.outcome = Outcome::Denied;
+            rec.detail = Some("emergency read-only mode".into());
+            self.audit(vec![rec])?;
+            return Err(VaultError::ReadOnly);
+        }
         if op.needs_step_up() && !self.stepped_up(c) {
             rec.outcome = Outcome::Denied;
             rec.detail = Some("step-up required".into());
@@ -554,8 +560,19 @@ impl Vault {
         permitted.map_err(|_| refusal(c))
     }
 
+    /// The newest data key of a chart (what new records are sealed under).
     fn cipher_for(&self, key_id: &PatientId) -> Result<Arc<RecordCipher>, VaultError> {
-        if let Some(c) = self.keys.get(key_id) {
+        Ok(self.newest_cipher(key_id)?.1)
+    }
+
+    /// The newest data key of a chart and its version. A cached key another process has
+    /// since superseded stays usable: what it seals names its version, and old versions
+    /// stay stored.
+    pub(crate) fn newest_cipher(
+        &self,
+        key_id: &PatientId,
+    ) -> Result<(u32, Arc<RecordCipher>), VaultError> {
+        if let Some(c) = self.keys.newest(key_id) {
             return Ok(c);
         }
         let wk = self
@@ -569,7 +586,33 @@ impl Vault {
             &wk.wrapped,
         )?;
         let c = Arc::new(RecordCipher::new(&dk));
-        self.keys.insert(key_id.clone(), c.clone());
+        self.keys
+            .insert(key_id.clone(), wk.key_version, c.clone(), true);
+        Ok((wk.key_version, c))
+    }
+
+    /// The data key of `version` of a chart (what a stored version names).
+    pub(crate) fn cipher_at(
+        &self,
+        key_id: &PatientId,
+        version: u32,
+    ) -> Result<Arc<RecordCipher>, VaultError> {
+        if let Some(c) = self.keys.get(key_id, version) {
+            return Ok(c);
+        }
+        let wk = self
+            .store
+            .patient_keys(key_id)?
+            .into_iter()
+            .find(|k| k.key_version == version)
+            .ok_or(VaultError::NotFound)?;
+        let dk = self.keyring.get(wk.master_version)?.unwrap_data_key(
+            key_id,
+            wk.key_version,
+            &wk.wrapped,
+        )?;
+        let c = Arc::new(RecordCipher::new(&dk));
+        self.keys.insert(key_id.clone(), version, c.clone(), false);
         Ok(c)
     }
 }

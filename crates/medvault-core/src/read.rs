@@ -356,7 +356,7 @@ impl Vault {
             .unwrap_or_else(directory_key_id);
         let cipher = match row.get().deleted() {
             true => None,
-            false => Some(self.cipher_for(&key_id)?),
+            false => Some(self.cipher_at(&key_id, row.get().key_version())?),
         };
         Ok(typestate::open(row, cipher.as_deref(), &key_id)?)
     }

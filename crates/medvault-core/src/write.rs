@@ -209,9 +209,9 @@ impl Vault {
         let now = self.now_instant();
         res.stamp(&id, version, &now);
         let key_id = owner.clone().unwrap_or_else(directory_key_id);
-        let cipher = match plan.new_keys.get(&key_id) {
-            Some(c) => c.clone(),
-            None => self.cipher_for(&key_id)?,
+        let (key_version, cipher) = match plan.new_keys.get(&key_id) {
+            Some(c) => (1, c.clone()),
+            None => self.newest_cipher(&key_id)?,
         };
         let index = self.index_rows(rt, res.json());
         if let Some(p) = &owner {
@@ -232,7 +232,7 @@ impl Vault {
                 patient: owner.as_ref().map(PatientId::as_str),
                 deleted: false,
                 category: category.as_str(),
-                key_version: 1,
+                key_version,
                 body: &body,
             },
         ));
@@ -245,7 +245,7 @@ impl Vault {
                 last_updated: now.clone(),
                 deleted: false,
                 category: category.as_str().to_owned(),
-                key_version: 1,
+                key_version,
                 body,
             },
             expect,
@@ -541,7 +541,7 @@ impl Vault {
         let new_keys: Vec<(PatientId, Arc<RecordCipher>)> = plan.new_keys.into_iter().collect();
         self.commit(plan.ops, plan.audit)?;
         for (p, k) in new_keys {
-            self.keys.insert(p, k);
+            self.keys.insert(p, 1, k, true);
         }
         Ok(())
     }

@@ -690,9 +690,18 @@ fn unreachable_mac() -> Hmac<Sha256> {
     panic!("hmac rejected a 32-byte key")
 }
 
-type CacheState = (HashMap<PatientId, Arc<RecordCipher>>, VecDeque<PatientId>);
+/// One patient's unwrapped data keys: by key version, and which is the newest known.
+#[derive(Default)]
+struct Chart {
+    newest: u32,
+    by_version: HashMap<u32, Arc<RecordCipher>>,
+}
 
-/// Unwrapped data keys kept in memory, bounded; evicted keys are zeroized on drop.
+type CacheState = (HashMap<PatientId, Chart>, VecDeque<PatientId>);
+
+/// Unwrapped data keys kept in memory, bounded by charts; evicted keys are zeroized on
+/// drop. A record is opened under the key version it names, so a cached key that another
+/// process has since superseded (a rotation) still opens what it sealed.
 pub struct KeyCache {
     inner: Mutex<CacheState>,
     capacity: usize,
@@ -705,13 +714,37 @@ impl KeyCache {
             capacity: capacity.max(1),
         }
     }
-    pub fn get(&self, p: &PatientId) -> Option<Arc<RecordCipher>> {
-        self.inner.lock().ok()?.0.get(p).cloned()
+    /// The key of `version` for `p`, if cached.
+    pub fn get(&self, p: &PatientId, version: u32) -> Option<Arc<RecordCipher>> {
+        self.inner
+            .lock()
+            .ok()?
+            .0
+            .get(p)?
+            .by_version
+            .get(&version)
+            .cloned()
     }
-    pub fn insert(&self, p: PatientId, c: Arc<RecordCipher>) {
+    /// The newest cached key of `p` and its version.
+    pub fn newest(&self, p: &PatientId) -> Option<(u32, Arc<RecordCipher>)> {
+        let g = self.inner.lock().ok()?;
+        let c = g.0.get(p)?;
+        if c.newest == 0 {
+            return None;
+        }
+        c.by_version.get(&c.newest).map(|k| (c.newest, k.clone()))
+    }
+    /// Caches `c` as version `version` of `p`'s key (`newest`: read as the newest stored).
+    pub fn insert(&self, p: PatientId, version: u32, c: Arc<RecordCipher>, newest: bool) {
         if let Ok(mut g) = self.inner.lock() {
             let (map, order) = &mut *g;
-            if map.insert(p.clone(), c).is_none() {
+            let fresh = !map.contains_key(&p);
+            let chart = map.entry(p.clone()).or_default();
+            chart.by_version.insert(version, c);
+            if newest && version >= chart.newest {
+                chart.newest = version;
+            }
+            if fresh {
                 order.push_back(p);
             }
             while map.len() > self.capacity {
@@ -724,7 +757,7 @@ impl KeyCache {
             }
         }
     }
-    /// Drops one patient's key (shred, rotation, or another server's notice).
+    /// Drops every key of one patient (shred, rotation, or another server's notice).
     pub fn evict(&self, p: &PatientId) {
         if let Ok(mut g) = self.inner.lock() {
             g.0.remove(p);
@@ -737,6 +770,7 @@ impl KeyCache {
             g.1.clear();
         }
     }
+    /// Charts with cached keys.
     pub fn len(&self) -> usize {
         self.inner.lock().map(|g| g.0.len()).unwrap_or(0)
     }
@@ -861,17 +895,28 @@ mod tests {
     }
 
     #[test]
-    fn cache_is_bounded() {
+    fn cache_is_bounded_and_keeps_versions() {
         let c = KeyCache::new(2);
         for i in 0..5 {
             c.insert(
                 PatientId::new(&format!("p{i}")).unwrap(),
+                1,
                 Arc::new(RecordCipher::new(&DataKey::generate())),
+                true,
             );
         }
         assert_eq!(c.len(), 2);
-        assert!(c.get(&PatientId::new("p4").unwrap()).is_some());
-        c.evict(&PatientId::new("p4").unwrap());
-        assert!(c.get(&PatientId::new("p4").unwrap()).is_none());
+        let p4 = PatientId::new("p4").unwrap();
+        assert!(c.get(&p4, 1).is_some());
+        c.insert(
+            p4.clone(),
+            2,
+            Arc::new(RecordCipher::new(&DataKey::generate())),
+            true,
+        );
+        assert_eq!(c.newest(&p4).map(|n| n.0), Some(2));
+        assert!(c.get(&p4, 1).is_some(), "older versions stay");
+        c.evict(&p4);
+        assert!(c.get(&p4, 1).is_none() && c.newest(&p4).is_none());
     }
 }

@@ -318,6 +318,22 @@ str_enum!(
 );
 
 impl Operation {
+    /// Whether this changes what the store holds about charts (their records, keys, holds,
+    /// destruction, portal access): refused by a server in emergency read-only mode.
+    pub fn changes_charts(self) -> bool {
+        use Operation::*;
+        matches!(
+            self,
+            DestructionRequest
+                | DestructionApprove
+                | DestructionCancel
+                | LegalHoldSet
+                | LegalHoldRelease
+                | KeysRotate
+                | LinkPortal
+        )
+    }
+
     /// Whether a signed-in caller needs a second factor within the step-up window to do
     /// this (SPEC "Identity": user, role, policy and key changes).
     pub fn needs_step_up(self) -> bool {

@@ -8903,6 +8903,33 @@ fn emergency_read_only_mode_serves_reads_and_refuses_changes() {
     let tx = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
         {"resource": vital(&pid), "request": {"method": "POST", "url": "Observation"}}]});
     assert_eq!(s.post("/fhir", &phys, &tx).status, 503);
+    // Nor is a chart destroyed, held or released on the copy (the trial found these open).
+    let po = s.login(
+        staff.get("privacy_officer").0,
+        staff.get("privacy_officer").1,
+        staff.get("privacy_officer").2,
+    );
+    let r = s.post(
+        &format!("/api/patients/{pid}/destruction"),
+        &po,
+        &json!({"reason": "erasure-request"}),
+    );
+    assert_eq!(r.status, 503, "{:?}", r.body);
+    assert_eq!(
+        r.body["issue"][0]["details"]["coding"][0]["code"],
+        "read-only"
+    );
+    let sa = s.login(
+        staff.get("security_admin").0,
+        staff.get("security_admin").1,
+        staff.get("security_admin").2,
+    );
+    let r = s.post(
+        &format!("/api/patients/{pid}/legal-holds"),
+        &sa,
+        &json!({"matter": "M-1", "reason": "on the emergency copy"}),
+    );
+    assert_eq!(r.status, 503, "{:?}", r.body);
     assert_eq!(
         s.get(&format!("/fhir/{}/_history", locs[1]), &phys).body["entry"]
             .as_array()
@@ -9254,7 +9281,7 @@ fn a_patients_data_key_rotates_and_the_chart_is_re_encrypted() {
         .filter(|l| !l.starts_with("Claim/"))
         .map(|l| s.get(&format!("/fhir/{l}"), &phys).body)
         .collect();
-    drop(s);
+    // Rotated while the server runs (and holds the old key in memory).
     let (mine, theirs) = (bodies(&pid), bodies(&other));
     let r = json_out(&medvault(
         &dir,
@@ -9276,6 +9303,22 @@ fn a_patients_data_key_rotates_and_the_chart_is_re_encrypted() {
         "every stored version changed"
     );
     assert_eq!(bodies(&other), theirs, "the other chart is untouched");
+    // The running server, its cached key now superseded, still reads every version and
+    // writes new ones that read back (the trial saw 500s here).
+    let now: Vec<Value> = locs[..9]
+        .iter()
+        .filter(|l| !l.starts_with("Claim/"))
+        .map(|l| s.get(&format!("/fhir/{l}"), &phys).body)
+        .collect();
+    assert_eq!(now, before, "read by the running server");
+    let w = s.post("/fhir/Observation", &phys, &vital(&pid));
+    assert_eq!(w.status, 201, "{:?}", w.body);
+    let new_obs = created_id(&w);
+    assert_eq!(
+        s.get(&format!("/fhir/Observation/{new_obs}"), &phys).status,
+        200
+    );
+    drop(s);
     let s = Server::start(&dir, &[]);
     let phys = s.login_step(
         staff.get("physician").0,
@@ -9289,6 +9332,10 @@ fn a_patients_data_key_rotates_and_the_chart_is_re_encrypted() {
         .map(|l| s.get(&format!("/fhir/{l}"), &phys).body)
         .collect();
     assert_eq!(again, before, "the records read as before");
+    assert_eq!(
+        s.get(&format!("/fhir/Observation/{new_obs}"), &phys).status,
+        200
+    );
     let sa = s.login_step(
         staff.get("security_admin").0,
         staff.get("security_admin").1,
