@@ -63,6 +63,8 @@ pub enum BackupError {
     WrongKey(String),
     #[error("recovery key: {0}")]
     Recovery(String),
+    #[error("another backup created the repository {0} at the same moment; open it")]
+    Raced(String),
     #[error("snapshot stream: {0}")]
     Stream(String),
 }
@@ -250,6 +252,27 @@ fn write_atomic(path: &Path, data: &[u8]) -> Result<(), BackupError> {
     write_file(path, data, true)
 }
 
+/// A lock on the repository: shared by backups (several may run at once), exclusive for a
+/// prune (which must not delete a chunk a running backup found and counts on).
+struct RepoLock(#[allow(dead_code)] fs::File);
+
+fn lock(dir: &Path, exclusive: bool) -> Result<RepoLock, BackupError> {
+    let p = dir.join("lock");
+    let f = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&p)
+        .map_err(io_err(&p))?;
+    let op = if exclusive {
+        rustix::fs::FlockOperation::LockExclusive
+    } else {
+        rustix::fs::FlockOperation::LockShared
+    };
+    rustix::fs::flock(&f, op).map_err(|e| io_err(&p)(e.into()))?;
+    Ok(RepoLock(f))
+}
+
 /// Flushes every file written to the repository's filesystem (syncfs(2)): the snapshot's
 /// chunks reach the disk before the manifest that names them.
 fn sync_repository(dir: &Path) -> Result<(), BackupError> {
@@ -300,11 +323,19 @@ impl Repo {
         recovery: &RecoveryPublic,
         now: time::OffsetDateTime,
     ) -> Result<(Repo, RepoKey), BackupError> {
-        if dir.exists() && fs::read_dir(dir).map_err(io_err(dir))?.next().is_some() {
-            return Err(BackupError::NotARepository(format!(
-                "{} (it is not empty)",
-                dir.display()
-            )));
+        // Empty, or only what a concurrent `init` is making (it will win; `open` it then).
+        if dir.exists() {
+            for e in fs::read_dir(dir).map_err(io_err(dir))? {
+                let name = e.map_err(io_err(dir))?.file_name();
+                let ours = matches!(name.to_str(), Some("chunks" | "snapshots" | "lock"))
+                    || name.to_str().is_some_and(|n| n.starts_with("config.json"));
+                if !ours {
+                    return Err(BackupError::NotARepository(format!(
+                        "{} (it is not empty)",
+                        dir.display()
+                    )));
+                }
+            }
         }
         for d in ["", "chunks", "snapshots"] {
             fs::create_dir_all(dir.join(d)).map_err(io_err(dir))?;
@@ -329,8 +360,20 @@ impl Repo {
             dir: dir.to_owned(),
             config,
         };
-        repo.save_config()?;
-        Ok((repo, key))
+        // Linked into place, never over a config another `init` wrote a moment before.
+        let text = serde_json::to_vec_pretty(&repo.config)
+            .map_err(|e| BackupError::Config(e.to_string()))?;
+        let tmp = dir.join(format!("config.json.tmp{}", random_id()));
+        write_file(&tmp, &text, true)?;
+        let linked = fs::hard_link(&tmp, dir.join("config.json"));
+        let _ = fs::remove_file(&tmp);
+        match linked {
+            Ok(()) => Ok((repo, key)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                Err(BackupError::Raced(dir.display().to_string()))
+            }
+            Err(e) => Err(io_err(dir)(e)),
+        }
     }
 
     fn save_config(&self) -> Result<(), BackupError> {
@@ -411,6 +454,7 @@ impl Repo {
         expires: &str,
         progress: &dyn Fn(u64),
     ) -> Result<CreateReport, BackupError> {
+        let _lock = lock(&self.dir, false)?;
         let started = std::time::Instant::now();
         let id = random_id();
         let created = instant(now);
@@ -613,6 +657,7 @@ impl Repo {
     /// # Errors
     /// File errors.
     pub fn prune(&self, keep: usize) -> Result<(usize, usize), BackupError> {
+        let _lock = lock(&self.dir, true)?;
         let (snaps, _) = self.snapshots()?;
         let drop_n = snaps.len().saturating_sub(keep.max(1));
         for (p, _) in snaps.iter().take(drop_n) {
@@ -690,6 +735,21 @@ impl ChunkWriter<'_> {
         let sha256 = if let Ok(existing) = fs::read(&path) {
             hex(&Sha256::digest(&existing))
         } else {
+            self.put_chunk(&path, plain, &id)?
+        };
+        self.chunks.push(ChunkRef {
+            id,
+            len: plain.len() as u64,
+            sha256,
+        });
+        Ok(())
+    }
+
+    /// Seals and stores one chunk unless another backup stored it first (several may run at
+    /// once: the file is linked into place, never renamed over one that exists); returns
+    /// the SHA-256 of the file that is now stored, whichever backup wrote it.
+    fn put_chunk(&mut self, path: &Path, plain: &[u8], id: &str) -> Result<String, BackupError> {
+        {
             let packed = lz4_flex::compress_prepend_size(plain);
             let mut nonce = [0u8; 12];
             rand::rngs::OsRng.fill_bytes(&mut nonce);
@@ -708,17 +768,23 @@ impl ChunkWriter<'_> {
             if let Some(parent) = path.parent() {
                 fs::create_dir_all(parent).map_err(io_err(parent))?;
             }
-            write_file(&path, &file, false)?;
-            self.new_chunks += 1;
-            self.new_bytes += file.len() as u64;
-            hex(&Sha256::digest(&file))
-        };
-        self.chunks.push(ChunkRef {
-            id,
-            len: plain.len() as u64,
-            sha256,
-        });
-        Ok(())
+            let tmp = path.with_extension(format!("tmp{}-{}", std::process::id(), random_id()));
+            write_file(&tmp, &file, false)?;
+            let linked = fs::hard_link(&tmp, path);
+            let _ = fs::remove_file(&tmp);
+            match linked {
+                Ok(()) => {
+                    self.new_chunks += 1;
+                    self.new_bytes += file.len() as u64;
+                    Ok(hex(&Sha256::digest(&file)))
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let existing = fs::read(path).map_err(io_err(path))?;
+                    Ok(hex(&Sha256::digest(&existing)))
+                }
+                Err(e) => Err(io_err(path)(e)),
+            }
+        }
     }
 }
 

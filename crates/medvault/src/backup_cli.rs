@@ -216,19 +216,23 @@ fn open_repo(
             path.display()
         );
     }
-    if path.join("config.json").exists() {
-        let mut repo = Repo::open(&path)?;
-        let key = repo.key_from_vault(vault, c)?;
-        Ok((repo, key))
-    } else {
-        Ok(Repo::init(
+    if !path.join("config.json").exists() {
+        match Repo::init(
             &path,
             vault,
             c,
             &recovery_public(dir, cfg)?,
             crate::SystemClock.now(),
-        )?)
+        ) {
+            Ok(made) => return Ok(made),
+            // Another backup made it at the same moment: use theirs.
+            Err(medvault_backup::BackupError::Raced(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
     }
+    let mut repo = Repo::open(&path)?;
+    let key = repo.key_from_vault(vault, c)?;
+    Ok((repo, key))
 }
 
 /// Takes one snapshot and prunes to `backup.retain` (the server's schedule and `create`).

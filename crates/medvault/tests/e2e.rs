@@ -8575,6 +8575,37 @@ fn backups(pg: bool) {
     assert_eq!(drill["audit_verified"], true);
     assert!(drill["rto_seconds"].as_f64().unwrap() > 0.0);
     assert!(drill["rpo_seconds"].as_i64().unwrap() >= 0);
+    // Backups at the same moment (a scheduled one and a manual one), into a new repository
+    // and an existing one, each give a snapshot that verifies (the trial saw a chunk
+    // overwritten by another backup's copy, and a new repository refused).
+    for r in [work.join("busy-repo"), repo.clone()] {
+        let runs: Vec<_> = (0..4)
+            .map(|_| {
+                Command::new(BIN)
+                    .arg("--data-dir")
+                    .arg(&dir)
+                    .args(["backup", "create", "--json", "--out", r.to_str().unwrap()])
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        for run in runs {
+            let o = run.wait_with_output().unwrap();
+            let made = json_out(&o);
+            let v = json_out(&medvault(
+                &dir,
+                &[
+                    "backup",
+                    "verify",
+                    made["manifest"].as_str().unwrap(),
+                    "--json",
+                ],
+            ));
+            assert_eq!(v["level"], "read-data", "{v}");
+        }
+    }
     // A backup killed midway is never listed.
     let mut slow = Command::new(BIN)
         .arg("--data-dir")
@@ -8592,7 +8623,7 @@ fn backups(pg: bool) {
     slow.kill().unwrap();
     slow.wait().unwrap();
     let after = list(&repo_s);
-    assert_eq!(after["snapshots"].as_array().unwrap().len(), 2, "{after}");
+    assert_eq!(after["snapshots"].as_array().unwrap().len(), 6, "{after}");
     assert_eq!(after["invalid"].as_array().unwrap().len(), 0);
 
     // The data directory and its master key are gone: restore the snapshot taken before
@@ -8679,7 +8710,12 @@ fn backups(pg: bool) {
     // given.
     let old_repo = work.join("old-repo");
     copy_dir(&repo, &old_repo);
-    std::fs::remove_file(old_repo.join("snapshots").join(m2.file_name().unwrap())).unwrap();
+    for e in std::fs::read_dir(old_repo.join("snapshots")).unwrap() {
+        let p = e.unwrap().path();
+        if p.file_name() != m1.file_name() {
+            std::fs::remove_file(p).unwrap();
+        }
+    }
     let old_m1 = old_repo.join("snapshots").join(m1.file_name().unwrap());
     let shares = [
         "--share-file",
