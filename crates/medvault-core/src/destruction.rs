@@ -23,6 +23,9 @@ use crate::{Caller, Outcome, Vault, VaultError};
 
 /// The audit action whose successful entries form the shred ledger.
 pub const SHRED_ACTION: &str = "destruction.approve";
+/// The first line of a signed shred ledger.
+const LEDGER_HEADER: &str = "medvault shred ledger v1";
+
 /// The audit action of a destruction replayed in a restored copy (also in its ledger).
 pub const REPLAY_ACTION: &str = "destruction.replay";
 
@@ -496,6 +499,47 @@ impl Vault {
         })?;
         out.reverse();
         Ok(out)
+    }
+
+    /// The shred ledger as a C2SP signed note under the destruction key (`medvault destroy
+    /// ledger`): what a restore of an older backup is given, so only this installation's
+    /// own record of destructions can make it shred anything.
+    ///
+    /// # Errors
+    /// The log cannot be read.
+    pub fn signed_shred_ledger(&self) -> Result<String, VaultError> {
+        let mut body = format!("{LEDGER_HEADER}\n");
+        for (p, seq) in self.shred_ledger()? {
+            body.push_str(&format!("{p} {seq}\n"));
+        }
+        Ok(self.destruction_signer.sign(&body))
+    }
+
+    /// Reads a ledger made by [`Vault::signed_shred_ledger`] on this installation (the same
+    /// destruction key — a restored copy has it): `(patient id, audit index)` entries.
+    ///
+    /// # Errors
+    /// `BadRequest` when the signature is not this installation's or the text is not a
+    /// ledger.
+    pub fn verify_shred_ledger(&self, note: &str) -> Result<Vec<(String, u64)>, VaultError> {
+        let bad = |m: &str| {
+            VaultError::BadRequest(format!("not a shred ledger of this installation: {m}"))
+        };
+        let v = medvault_audit::note::NoteVerifier::parse(&self.destruction_signer.verifier_key())
+            .map_err(|e| bad(&e.to_string()))?;
+        let text = v.verify(note).map_err(|e| bad(&e.to_string()))?;
+        let mut lines = text.lines();
+        if lines.next() != Some(LEDGER_HEADER) {
+            return Err(bad("no ledger header"));
+        }
+        lines
+            .map(|l| {
+                let (p, seq) = l.split_once(' ').ok_or_else(|| bad("malformed line"))?;
+                let seq = seq.parse().map_err(|_| bad("malformed line"))?;
+                PatientId::new(p).map_err(|_| bad("malformed patient id"))?;
+                Ok((p.to_owned(), seq))
+            })
+            .collect()
     }
 
     /// `POST /api/patients/{id}/legal-holds {"matter","reason"}` (security administrator,

@@ -634,18 +634,27 @@ fn restore(
     for m in &later {
         ledger.extend(m.shred_ledger.iter().cloned());
     }
+    // Ledgers from the live system: signed notes, checked once the restored copy (which
+    // holds the same destruction key) is open.
+    let mut notes = vec![];
     for f in ledgers {
-        let text = std::fs::read(f).with_context(|| format!("cannot read {}", f.display()))?;
-        let v: Vec<(String, u64)> = serde_json::from_slice(&text).with_context(|| {
-            format!(
-                "{} is not a shred ledger (`medvault destroy ledger --json`)",
-                f.display()
-            )
-        })?;
-        ledger.extend(v);
+        let text =
+            std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?;
+        let note = match serde_json::from_str::<serde_json::Value>(&text) {
+            Ok(v) => v
+                .get("note")
+                .and_then(serde_json::Value::as_str)
+                .map(str::to_owned)
+                .ok_or_else(|| {
+                    anyhow!(
+                        "{} is not a shred ledger (`medvault destroy ledger`)",
+                        f.display()
+                    )
+                })?,
+            Err(_) => text,
+        };
+        notes.push((f.clone(), note));
     }
-    ledger.sort();
-    ledger.dedup();
     let mut warnings = vec![];
     if later.is_empty() && ledgers.is_empty() {
         warnings.push(format!(
@@ -707,6 +716,15 @@ fn restore(
             b.finish_and_clear();
         }
         let (_, vault, op) = crate::open(to)?;
+        let mut ledger = ledger.clone();
+        for (f, note) in &notes {
+            let entries = vault
+                .verify_shred_ledger(note)
+                .map_err(|e| anyhow!("{}: {}", f.display(), crate::describe(e)))?;
+            ledger.extend(entries);
+        }
+        ledger.sort();
+        ledger.dedup();
         let replayed = vault
             .replay_shred_ledger(&Caller::system(&op, "restore"), &ledger)
             .map_err(crate::describe)?;

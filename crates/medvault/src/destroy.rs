@@ -69,8 +69,8 @@ pub enum DestroyCommand {
         #[command(flatten)]
         who: SignIn,
     },
-    /// Print the shred ledger (every chart destroyed, with the audit entry recording it), for
-    /// `backup restore --ledger` (the operator of this machine; no PHI).
+    /// Print the shred ledger (every chart destroyed, with the audit entry recording it),
+    /// signed with the destruction key, for `backup restore --ledger` (no PHI).
     Ledger {
         #[arg(long)]
         json: bool,
@@ -171,14 +171,11 @@ pub fn destroy(dir: &Path, cmd: DestroyCommand) -> Result<()> {
     match cmd {
         DestroyCommand::Ledger { json } => {
             let ledger = vault.shred_ledger().map_err(crate::describe)?;
+            let note = vault.signed_shred_ledger().map_err(crate::describe)?;
             if json {
-                println!("{}", serde_json::to_string(&ledger)?);
-            } else if ledger.is_empty() {
-                println!("no chart has been destroyed");
+                println!("{}", serde_json::json!({"entries": ledger, "note": note}));
             } else {
-                for (p, seq) in ledger {
-                    println!("patient {p}  destroyed at audit entry {seq}");
-                }
+                print!("{note}");
             }
         }
         DestroyCommand::Request {

@@ -8764,6 +8764,35 @@ fn backups(pg: bool) {
     ));
     assert_eq!(r["replayed"], json!([pid.clone()]), "{r}");
     assert_eq!(r["warnings"].as_array().unwrap().len(), 0);
+    // A ledger is signed: one edited to name a live chart destroys nothing (the trial
+    // destroyed a live chart with a hand-made ledger).
+    let kept_pid = kept[0].strip_prefix("Patient/").unwrap();
+    let forged = work.join("forged-ledger.json");
+    std::fs::write(&forged, ledger.replace(&pid, kept_pid)).unwrap();
+    let to4 = work.join("r4");
+    let o = medvault(
+        &work.join("gone"),
+        &[
+            &[
+                "backup",
+                "restore",
+                old_m1.to_str().unwrap(),
+                "--to",
+                to4.to_str().unwrap(),
+                "--ledger",
+                forged.to_str().unwrap(),
+            ][..],
+            &shares[..],
+        ]
+        .concat(),
+    );
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("not a shred ledger of this installation"),
+        "{err}"
+    );
+    assert!(!to4.exists(), "nothing half-restored");
     // The recovery key printed by init was replaced by the split one: it opens nothing here.
     let o = medvault(
         &work.join("gone"),
