@@ -393,7 +393,14 @@ impl Repo {
             .map_err(|_| BackupError::Config("master wrapping is not base64".into()))?;
         let raw = vault
             .unwrap_backup_key(c, &self.config.id, self.config.master.version, &wrapped)
-            .map_err(|e| BackupError::WrongKey(e.to_string()))?;
+            .map_err(|e| {
+                BackupError::WrongKey(match e {
+                    VaultError::Internal(m) | VaultError::Unavailable(m) => format!(
+                        "this installation's master key does not open it ({m}); use its recovery key"
+                    ),
+                    e => e.to_string(),
+                })
+            })?;
         let key = RepoKey { raw };
         self.check_key(&key)?;
         let (version, rewrapped) = vault.wrap_backup_key(c, &self.config.id, &key.raw)?;
@@ -421,7 +428,7 @@ impl Repo {
     fn check_key(&self, key: &RepoKey) -> Result<(), BackupError> {
         if key.verifier() != self.config.signer {
             return Err(BackupError::WrongKey(
-                "it is not this repository's key".into(),
+                "it does not match the repository's config (another repository's key, or a config.json whose signer was changed)".into(),
             ));
         }
         Ok(())

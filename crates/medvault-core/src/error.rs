@@ -99,6 +99,13 @@ impl From<medvault_crypto::CryptoError> for VaultError {
             medvault_crypto::CryptoError::WrongPassphrase(_) => VaultError::Identity(e.to_string()),
             // The HSM's own words (module, token, PIN) are for the operator, not a client.
             medvault_crypto::CryptoError::Hsm(m) => VaultError::Unavailable(format!("HSM: {m}")),
+            // A key file missing, unreadable or open to others: the operator's to fix.
+            e @ (medvault_crypto::CryptoError::KeyFilePermissions(_)
+            | medvault_crypto::CryptoError::KeyFileFormat(_)
+            | medvault_crypto::CryptoError::MissingVersion(..)
+            | medvault_crypto::CryptoError::Io(_)) => {
+                VaultError::Unavailable(format!("master key: {e}"))
+            }
             e => VaultError::Internal(e.to_string()),
         }
     }

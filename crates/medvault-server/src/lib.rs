@@ -83,9 +83,28 @@ pub fn sealed_router(unseal: Unseal) -> Router {
     async fn sealed() -> Response {
         ApiError::sealed().into_response()
     }
+    // Five wrong passphrases in a row lock unsealing for a minute (each try already costs
+    // an Argon2id derivation).
+    let throttle: Arc<std::sync::Mutex<(u32, Option<std::time::Instant>)>> =
+        Arc::new(std::sync::Mutex::new((0, None)));
     let open = move |peer: Option<Extension<Peer>>, body: axum::body::Bytes| {
         let unseal = unseal.clone();
+        let throttle = throttle.clone();
         async move {
+            let locked = throttle
+                .lock()
+                .ok()
+                .and_then(|t| t.1)
+                .and_then(|until| until.checked_duration_since(std::time::Instant::now()));
+            if let Some(left) = locked {
+                let mut e = ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    IssueCode::Throttled,
+                    "too many wrong passphrases; try again in a minute",
+                );
+                e.retry_after = Some(i64::try_from(left.as_secs()).unwrap_or(60).max(1));
+                return e.into_response();
+            }
             if !peer.is_some_and(|Extension(p)| p.0.ip().is_loopback()) {
                 return ApiError::new(
                     StatusCode::FORBIDDEN,
@@ -105,12 +124,26 @@ pub fn sealed_router(unseal: Unseal) -> Router {
             };
             match tokio::task::spawn_blocking(move || unseal(&b.passphrase)).await {
                 Ok(Ok(())) => plain_json(StatusCode::OK, serde_json::json!({"sealed": false})),
-                Ok(Err(VaultError::Identity(_))) => ApiError::new(
-                    StatusCode::UNAUTHORIZED,
-                    IssueCode::Login,
-                    "the passphrase does not open the master key",
-                )
-                .into_response(),
+                Ok(Err(VaultError::Identity(_))) => {
+                    if let Ok(mut t) = throttle.lock() {
+                        t.0 += 1;
+                        if t.0 >= 5 {
+                            *t = (
+                                0,
+                                Some(
+                                    std::time::Instant::now() + std::time::Duration::from_secs(60),
+                                ),
+                            );
+                        }
+                    }
+                    tracing::warn!("unseal refused: wrong passphrase");
+                    ApiError::new(
+                        StatusCode::UNAUTHORIZED,
+                        IssueCode::Login,
+                        "the passphrase does not open the master key",
+                    )
+                    .into_response()
+                }
                 Ok(Err(e)) => ApiError::from(e).into_response(),
                 Err(_) => ApiError::new(
                     StatusCode::INTERNAL_SERVER_ERROR,

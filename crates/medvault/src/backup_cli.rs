@@ -468,7 +468,11 @@ pub fn run(dir: &Path, cmd: BackupCommand) -> Result<()> {
         BackupCommand::Prune { out, keep } => {
             let cfg = Config::load(dir)?;
             let repo = Repo::open(&repository(dir, &cfg, out.as_deref()))?;
-            let (s, c) = repo.prune(keep.unwrap_or(cfg.backup.retain))?;
+            let keep = keep.unwrap_or(cfg.backup.retain);
+            if keep == 0 {
+                bail!("--keep must be at least 1: prune never deletes every snapshot");
+            }
+            let (s, c) = repo.prune(keep)?;
             println!("pruned {s} snapshots and {c} chunks");
         }
         BackupCommand::RecoveryKey {
@@ -477,6 +481,15 @@ pub fn run(dir: &Path, cmd: BackupCommand) -> Result<()> {
             json,
         } => {
             let cfg = Config::load(dir)?;
+            if let Some(h) = &holders {
+                let mut names: Vec<&str> = h.split(',').map(str::trim).collect();
+                let n = names.len();
+                names.sort_unstable();
+                names.dedup();
+                if names.len() != n {
+                    bail!("--holders names someone twice: each share goes to a different person");
+                }
+            }
             let s = new_recovery_key(dir, &cfg)?;
             match split {
                 None => {

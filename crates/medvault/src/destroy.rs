@@ -140,7 +140,12 @@ fn as_person<T>(
         .map_err(crate::describe)?;
     let grant = vault
         .login_factor(&anon, &ch.mfa_token, &Factor::Totp(code.trim()))
-        .map_err(crate::describe)?;
+        .map_err(|e| match e {
+            medvault_core::VaultError::Unauthenticated => anyhow!(
+                "the TOTP code was not accepted: wrong, or already used (each code works once; wait for the next)"
+            ),
+            e => crate::describe(e),
+        })?;
     let me = vault
         .authenticate(&anon, &grant.token, None)
         .map_err(crate::describe)?;

@@ -796,12 +796,15 @@ fn describe(e: VaultError) -> anyhow::Error {
         }
     }
     if let VaultError::Forbidden { withheld } = &e {
+        if withheld.is_empty() {
+            return anyhow!("access denied: your role may not do this");
+        }
         let cats: Vec<&str> = withheld.iter().map(|c| c.as_str()).collect();
         return anyhow!("access denied ({})", cats.join(", "));
     }
     // The operator at the console sees the cause (HTTP clients never do).
     if let VaultError::Unavailable(cause) = &e {
-        if cause.starts_with("HSM:") {
+        if cause.starts_with("HSM:") || cause.starts_with("master key:") {
             return anyhow!("{cause}");
         }
     }
@@ -1433,6 +1436,7 @@ fn demo(
     let fresh = !dir.join(config::FILE).exists();
     // One login per staff role, each named after its role.
     let mut logins: Vec<serde_json::Value> = vec![];
+    let mut recovery_key: Option<String> = None;
     if fresh {
         let out = init(
             dir,
@@ -1447,7 +1451,12 @@ fn demo(
                 dir.display(),
                 out.cert_sha256
             );
+            println!(
+                "Backup recovery key (restores backups if the master key is lost; keep it offline): {}",
+                out.recovery_key
+            );
         }
+        recovery_key = Some(out.recovery_key.clone());
         let (_, vault, op) = open(dir)?;
         logins.push(
             json!({"username": out.user.username.as_str(), "role": Role::SecurityAdmin.as_str(),
@@ -1557,7 +1566,8 @@ fn demo(
             println!(
                 "{}",
                 json!({"url": url, "console": format!("{}/", console_url(url)), "fhir_base": format!("{url}/fhir"),
-                    "data_dir": data_dir, "created": fresh, "users": logins})
+                    "data_dir": data_dir, "created": fresh, "users": logins,
+                    "recovery_key": recovery_key})
             );
         })
     } else {

@@ -181,6 +181,9 @@ pub fn unseal(dir: &Path, url: Option<String>, passphrase_file: Option<PathBuf>)
         }
         Err(ureq::Error::Status(401, _)) => bail!("the passphrase does not open the master key"),
         Err(ureq::Error::Status(404, _)) => bail!("the server at {base} is not sealed"),
+        Err(ureq::Error::Status(429, _)) => {
+            bail!("too many wrong passphrases: unsealing is locked for a minute")
+        }
         Err(ureq::Error::Status(code, r)) => {
             bail!(
                 "the server refused ({code}): {}",

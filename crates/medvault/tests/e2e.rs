@@ -1701,6 +1701,7 @@ fn demo_and_bench_run() {
         )),
         "{text}"
     );
+    assert!(text.contains("Backup recovery key"), "{text}");
     // The demo patient's portal account reaches their own chart.
     let line = text.lines().find(|l| l.starts_with("patient ")).unwrap();
     let p: Vec<&str> = line.split_whitespace().collect();
@@ -1739,6 +1740,12 @@ fn demo_and_bench_run() {
         .unwrap();
     assert_eq!(j["url"], format!("https://127.0.0.1:{port}"));
     assert_eq!(j["console"], format!("https://localhost:{port}/"));
+    assert!(
+        j["recovery_key"]
+            .as_str()
+            .is_some_and(|k| k.starts_with("MVRK1-")),
+        "a new demo shows its backup recovery key once: {j}"
+    );
     assert_eq!(j["fhir_base"], format!("https://127.0.0.1:{port}/fhir"));
     let users = j["users"].as_array().unwrap();
     assert_eq!(
@@ -9172,6 +9179,35 @@ fn a_passphrase_sealed_server_answers_503_until_unsealed() {
         drop(fresh);
         drop(s);
     }
+    // Five wrong passphrases lock unsealing for a minute, even for the right one.
+    let s = Server::start(&dir, &[]);
+    let url = format!("https://127.0.0.1:{}", s.port);
+    for _ in 0..5 {
+        let o = medvault(
+            &dir,
+            &[
+                "unseal",
+                "--url",
+                &url,
+                "--passphrase-file",
+                wrong.to_str().unwrap(),
+            ],
+        );
+        assert!(String::from_utf8_lossy(&o.stderr).contains("does not open"));
+    }
+    let o = medvault(
+        &dir,
+        &[
+            "unseal",
+            "--url",
+            &url,
+            "--passphrase-file",
+            right.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("too many wrong passphrases"));
+    assert_eq!(s.call("GET", "/fhir/metadata", None, None, &[]).status, 503);
 }
 
 /// The PKCS#11 key provider against a real SoftHSM2 token: `init --pkcs11-module …`
