@@ -588,10 +588,26 @@ impl Repo {
         match key {
             None => {
                 let mut done = 0;
+                let mut bad = vec![];
                 for c in &manifest.chunks {
-                    self.read_chunk_file(c)?;
+                    if let Err(e) = self.read_chunk_file(c) {
+                        bad.push(e);
+                    }
                     done += c.len;
                     progress(done, total);
+                }
+                match bad.len() {
+                    0 => {}
+                    1 => return Err(bad.remove(0)),
+                    n => {
+                        return Err(BackupError::Stream(format!(
+                            "{n} chunks are damaged: {}",
+                            bad.iter()
+                                .map(ToString::to_string)
+                                .collect::<Vec<_>>()
+                                .join("; ")
+                        )))
+                    }
                 }
                 Ok(VerifyReport {
                     snapshot: manifest.id.clone(),

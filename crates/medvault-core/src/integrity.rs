@@ -240,9 +240,13 @@ impl Vault {
         for (t, id, ver) in current {
             let logged = newest.get(&(t.clone(), id.clone())).copied();
             match logged {
-                Some(n) if i64::try_from(n).ok() != Some(ver) => v.problems.push(format!(
-                    "rolled back: {t}/{id} is at version {ver} but the audit log records version {n}"
-                )),
+                Some(n) if i64::try_from(n).ok() != Some(ver) => v.problems.push(
+                    if i64::try_from(n).is_ok_and(|n| ver < n) {
+                        format!("rolled back: {t}/{id} is at version {ver} but the audit log records version {n}")
+                    } else {
+                        format!("moved ahead: {t}/{id} is at version {ver} but the audit log records only up to version {n}")
+                    },
+                ),
                 None => v.problems.push(format!(
                     "added: {t}/{id} (current version {ver}) has no audit record of any write"
                 )),
