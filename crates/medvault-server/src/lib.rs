@@ -80,7 +80,9 @@ pub fn sealed_router(unseal: Unseal) -> Router {
     async fn status() -> Response {
         plain_json(StatusCode::OK, serde_json::json!({"sealed": true}))
     }
-    async fn sealed() -> Response {
+    // The request body is read (within the 4 KiB limit) before the answer, so a client's
+    // kept-alive connection stays in step.
+    async fn sealed(_body: axum::body::Bytes) -> Response {
         ApiError::sealed().into_response()
     }
     // Five wrong passphrases in a row lock unsealing for a minute (each try already costs

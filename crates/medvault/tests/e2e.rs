@@ -9104,13 +9104,8 @@ fn a_passphrase_sealed_server_answers_503_until_unsealed() {
             ("GET", "/fhir/Patient"),
             ("POST", "/auth/login"),
         ] {
-            let r = s.call(
-                m,
-                p,
-                None,
-                Some(b"{}"),
-                &[("Content-Type", "application/json")],
-            );
+            let body: Option<&[u8]> = (m == "POST").then_some(b"{}");
+            let r = s.call(m, p, None, body, &[("Content-Type", "application/json")]);
             assert_eq!(r.status, 503, "{m} {p}: {:?}", r.body);
             assert_eq!(r.body["issue"][0]["details"]["coding"][0]["code"], "sealed");
         }

@@ -3,7 +3,7 @@
 use medvault_core::MasterKeySource;
 
 fn steal(path: std::path::PathBuf) {
-    let _key = MasterKeySource::File(path).load();
+    let _key = MasterKeySource::File(path).keyring();
 }
 
 fn name_it() {
