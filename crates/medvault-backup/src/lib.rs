@@ -395,7 +395,9 @@ impl Repo {
             .unwrap_backup_key(c, &self.config.id, self.config.master.version, &wrapped)
             .map_err(|e| {
                 BackupError::WrongKey(match e {
-                    VaultError::Internal(m) | VaultError::Unavailable(m) => format!(
+                    VaultError::Internal(m)
+                    | VaultError::Unavailable(m)
+                    | VaultError::MasterKeyUnavailable(m) => format!(
                         "this installation's master key does not open it ({m}); use its recovery key"
                     ),
                     e => e.to_string(),

@@ -71,6 +71,10 @@ pub enum VaultError {
     AuditUnavailable,
     #[error("storage unavailable")]
     Unavailable(String),
+    /// The master key cannot be reached: a key file missing, unreadable or open to others,
+    /// an HSM that refuses (HTTP 503; the text is for the operator, never a client).
+    #[error("{0}")]
+    MasterKeyUnavailable(String),
     /// The server runs in emergency read-only mode (45 CFR 164.308(a)(7)(ii)(C)): records
     /// are read, never changed (HTTP 503).
     #[error("this server runs in emergency read-only mode: records can be read but not changed until the primary is back")]
@@ -98,13 +102,15 @@ impl From<medvault_crypto::CryptoError> for VaultError {
             // A wrong unseal passphrase is the caller's, not the server's, failure.
             medvault_crypto::CryptoError::WrongPassphrase(_) => VaultError::Identity(e.to_string()),
             // The HSM's own words (module, token, PIN) are for the operator, not a client.
-            medvault_crypto::CryptoError::Hsm(m) => VaultError::Unavailable(format!("HSM: {m}")),
+            medvault_crypto::CryptoError::Hsm(m) => {
+                VaultError::MasterKeyUnavailable(format!("HSM: {m}"))
+            }
             // A key file missing, unreadable or open to others: the operator's to fix.
             e @ (medvault_crypto::CryptoError::KeyFilePermissions(_)
             | medvault_crypto::CryptoError::KeyFileFormat(_)
             | medvault_crypto::CryptoError::MissingVersion(..)
             | medvault_crypto::CryptoError::Io(_)) => {
-                VaultError::Unavailable(format!("master key: {e}"))
+                VaultError::MasterKeyUnavailable(format!("master key: {e}"))
             }
             e => VaultError::Internal(e.to_string()),
         }

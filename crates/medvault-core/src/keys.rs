@@ -208,15 +208,10 @@ impl Vault {
             self.audit(vec![rec])?;
             return Err(VaultError::NotFound);
         };
-        let mut old: std::collections::HashMap<u32, RecordCipher> =
+        let mut old: std::collections::HashMap<u32, Arc<RecordCipher>> =
             std::collections::HashMap::new();
         for wk in self.store.patient_keys(&pid)? {
-            let dk = self.keyring.get(wk.master_version)?.unwrap_data_key(
-                &pid,
-                wk.key_version,
-                &wk.wrapped,
-            )?;
-            old.insert(wk.key_version, RecordCipher::new(&dk));
+            old.insert(wk.key_version, self.cipher_at(&pid, wk.key_version)?);
         }
         let to = current.key_version.saturating_add(1);
         let dk = DataKey::generate();

@@ -580,15 +580,24 @@ impl Vault {
             .patient_key(key_id)?
             // No key: the chart was destroyed (its rows are on their way out).
             .ok_or(VaultError::NotFound)?;
+        let c = self.open_data_key(key_id, &wk)?;
+        self.keys
+            .insert(key_id.clone(), wk.key_version, c.clone(), true);
+        Ok((wk.key_version, c))
+    }
+
+    /// Unwraps one stored data key of a chart under the master key version that wraps it.
+    pub(crate) fn open_data_key(
+        &self,
+        key_id: &PatientId,
+        wk: &medvault_store::WrappedKey,
+    ) -> Result<Arc<RecordCipher>, VaultError> {
         let dk = self.keyring.get(wk.master_version)?.unwrap_data_key(
             key_id,
             wk.key_version,
             &wk.wrapped,
         )?;
-        let c = Arc::new(RecordCipher::new(&dk));
-        self.keys
-            .insert(key_id.clone(), wk.key_version, c.clone(), true);
-        Ok((wk.key_version, c))
+        Ok(Arc::new(RecordCipher::new(&dk)))
     }
 
     /// The data key of `version` of a chart (what a stored version names).
@@ -606,12 +615,7 @@ impl Vault {
             .into_iter()
             .find(|k| k.key_version == version)
             .ok_or(VaultError::NotFound)?;
-        let dk = self.keyring.get(wk.master_version)?.unwrap_data_key(
-            key_id,
-            wk.key_version,
-            &wk.wrapped,
-        )?;
-        let c = Arc::new(RecordCipher::new(&dk));
+        let c = self.open_data_key(key_id, &wk)?;
         self.keys.insert(key_id.clone(), version, c.clone(), false);
         Ok(c)
     }

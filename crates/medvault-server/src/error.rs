@@ -240,6 +240,14 @@ impl From<VaultError> for ApiError {
                     retry_after: None,
                 }
             }
+            VaultError::MasterKeyUnavailable(cause) => {
+                tracing::error!(%cause, "master key unavailable");
+                Self::new(
+                    S::SERVICE_UNAVAILABLE,
+                    IssueCode::Transient,
+                    "service temporarily unavailable",
+                )
+            }
             VaultError::Unavailable(cause) => {
                 tracing::error!(%cause, "storage unavailable");
                 Self::new(

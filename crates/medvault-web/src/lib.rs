@@ -538,7 +538,9 @@ impl IntoResponse for WebError {
                     "Read-only",
                     "This server runs in emergency read-only mode while the main system is down: charts can be read, not changed.".to_owned(),
                 ),
-                VaultError::AuditUnavailable | VaultError::Unavailable(_) => (
+                VaultError::AuditUnavailable
+                | VaultError::Unavailable(_)
+                | VaultError::MasterKeyUnavailable(_) => (
                     S::SERVICE_UNAVAILABLE,
                     "Unavailable",
                     "medvault cannot record this access in its audit log right now, so it refused it. Try again shortly.".to_owned(),

@@ -803,11 +803,6 @@ fn describe(e: VaultError) -> anyhow::Error {
         return anyhow!("access denied ({})", cats.join(", "));
     }
     // The operator at the console sees the cause (HTTP clients never do).
-    if let VaultError::Unavailable(cause) = &e {
-        if cause.starts_with("HSM:") || cause.starts_with("master key:") {
-            return anyhow!("{cause}");
-        }
-    }
     if let VaultError::Internal(cause) | VaultError::Unavailable(cause) = &e {
         return anyhow!("{e}: {cause}");
     }
