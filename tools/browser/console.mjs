@@ -335,6 +335,7 @@ try {
     out.steps.hold_released = (await admin.page.$$('form[action$="/release"]')).length === 0;
     await go(admin.page, '/admin/keys', 'keys');
     out.steps.keys = (await text(admin.page)).includes('version 1');
+    out.steps.index_key = (await text(admin.page)).includes('Blind-index key');
     await go(admin.page, '/admin/backups', 'backups');
     await admin.page.type('#run-code', recovery(sc.security_admin));
     await submit(admin.page, 'form[action="/admin/backups/run"] button[type="submit"]');

@@ -13,6 +13,7 @@ use medvault_store::{Charts, IndexRow, Reach, StoreError};
 use medvault_types::{Action, Category, Operation, PatientId};
 use serde_json::{Map, Value};
 
+use crate::index_keys::IndexKey;
 use crate::{Caller, Vault};
 
 /// The domain of `_care` tokens in the blind index (one for CareTeam and Encounter, so one
@@ -242,10 +243,11 @@ impl Vault {
             return Reacher::default();
         };
         let now_ms = i64::try_from(now.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
+        let k = self.ix();
         let care = match &p.practitioner {
             Some(id) => care_lookup(id, now_ms)
                 .iter()
-                .map(|v| self.indexer.token(CARE_DOMAIN, CARE_PARAM, v).to_vec())
+                .map(|v| k.token(CARE_DOMAIN, CARE_PARAM, v))
                 .collect(),
             None => vec![],
         };
@@ -257,12 +259,17 @@ impl Vault {
     }
 
     /// The `_care` index rows of a CareTeam or Encounter (none for other types).
-    pub(crate) fn care_index(&self, rt: ResourceType, json: &Map<String, Value>) -> Vec<IndexRow> {
+    pub(crate) fn care_index(
+        &self,
+        k: &IndexKey,
+        rt: ResourceType,
+        json: &Map<String, Value>,
+    ) -> Vec<IndexRow> {
         care_values(rt, json)
             .iter()
             .map(|v| IndexRow {
                 param: CARE_PARAM.to_owned(),
-                token: self.indexer.token(CARE_DOMAIN, CARE_PARAM, v).to_vec(),
+                token: k.token(CARE_DOMAIN, CARE_PARAM, v),
             })
             .collect()
     }

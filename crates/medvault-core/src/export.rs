@@ -14,7 +14,8 @@ impl Vault {
     }
 
     fn keyed_pseudonym(&self, value: &str) -> String {
-        self.indexer
+        self.ix()
+            .blind
             .token("audit-export", "id", value)
             .iter()
             .map(|b| format!("{b:02x}"))

@@ -28,7 +28,6 @@ const NAMED: [(&str, &str); 3] = [
     ("key.audit_signing", "audit-signing"),
     ("key.destruction_signing", "destruction-signing"),
 ];
-const INDEX_ROOT: &str = "key.index_root";
 
 fn meta_u32(store: &Arc<dyn Store>, key: &str) -> Result<Option<u32>, VaultError> {
     Ok(store
@@ -44,6 +43,10 @@ pub(crate) fn master_version(store: &Arc<dyn Store>) -> Result<u32, VaultError> 
 }
 
 /// The meta key of a service key wrapped by master key `version`.
+pub(crate) fn versioned_name(name: &str, version: u32) -> String {
+    versioned(name, version)
+}
+
 fn versioned(name: &str, version: u32) -> String {
     if version <= 1 {
         name.to_owned()
@@ -114,6 +117,8 @@ pub struct KeyStatus {
     /// Data keys the rotation has still to re-wrap.
     pub remaining: u64,
     pub versions: Vec<KeyVersion>,
+    /// The blind-index key: its generation and any rotation under way.
+    pub index: crate::IndexKeyStatus,
 }
 
 /// One master key version.
@@ -280,6 +285,11 @@ impl Vault {
     /// The master key version new data keys are wrapped by: a rotation's target while one
     /// is under way (so nothing new needs re-wrapping), else the version in force. Read
     /// from the store each time, so every server follows a rotation another process runs.
+    /// Whether a master key rotation is under way (or stopped part-way).
+    pub(crate) fn master_rotation_pending(&self) -> Result<bool, VaultError> {
+        Ok(meta_u32(&self.store, TARGET)?.is_some())
+    }
+
     pub(crate) fn wrapping_master(&self) -> Result<(u32, Arc<MasterKey>), VaultError> {
         let v = match meta_u32(&self.store, TARGET)? {
             Some(t) => t,
@@ -323,6 +333,7 @@ impl Vault {
             rotating_to: target,
             remaining,
             versions,
+            index: self.index_key_status()?,
         })
     }
 
@@ -354,6 +365,11 @@ impl Vault {
         };
         let current = master_version(&self.store)?;
         let resumed_target = meta_u32(&self.store, TARGET)?;
+        if resumed_target.is_none() && self.index_rotation_pending()? {
+            return Err(VaultError::Unprocessable(
+                "a blind-index key rotation is under way: run `medvault keys rotate --index` to finish it first".into(),
+            ));
+        }
         let target = resumed_target.unwrap_or(current.saturating_add(1));
         let new = self.keyring.create(target)?;
         if resumed_target.is_none() {
@@ -369,17 +385,21 @@ impl Vault {
         }
         // The service keys, wrapped by the new version beside their old copies.
         let mut ops = vec![];
-        if self.store.meta(&versioned(INDEX_ROOT, target))?.is_none() {
+        for g in self.live_index_generations()? {
+            let name = crate::index_keys::root_name(g);
+            if self.store.meta(&versioned(&name, target))?.is_some() {
+                continue;
+            }
             let root = service_key(
                 &self.store,
                 &self.keyring,
                 current,
-                INDEX_ROOT,
+                &name,
                 |_| Err(VaultError::Internal("blind-index root missing".into())),
                 |m, w| Ok(m.unwrap_index_root(w)?),
             )?;
             ops.push(Op::PutMetaOnce {
-                key: versioned(INDEX_ROOT, target),
+                key: versioned(&name, target),
                 value: new.wrap_index_root(&root)?,
             });
         }

@@ -38,6 +38,7 @@ mod charts;
 mod destruction;
 mod error;
 mod export;
+mod index_keys;
 mod integrity;
 mod keys;
 mod policy_admin;
@@ -64,6 +65,7 @@ pub use caller::{Caller, LocalOperator, ANONYMOUS};
 pub use charts::MAX_MY_PATIENTS;
 pub use destruction::{verify_certificate, DestructionView, LegalHoldView, SHRED_ACTION};
 pub use error::VaultError;
+pub use index_keys::{IndexKeyStatus, IndexRotationReport};
 pub use integrity::RecordsVerdict;
 pub use keys::{KeyStatus, KeyVersion, PatientRotation, RotationReport};
 pub use medvault_audit::accounting::{Access, DisclosureText, RECIPIENT_KINDS};
@@ -88,9 +90,7 @@ pub use write::{Precondition, Written};
 
 pub use medvault_crypto::hsm::HsmConfig;
 pub use medvault_crypto::Passphrase;
-use medvault_crypto::{
-    BlindIndexer, DataKey, IndexRootKey, KeyCache, Keyring, KeyringSource, MasterKey, RecordCipher,
-};
+use medvault_crypto::{DataKey, KeyCache, Keyring, KeyringSource, MasterKey, RecordCipher};
 use medvault_identity::Identity;
 use medvault_policy::{PolicyEngine, Query};
 use medvault_store::{Committed, Op, Store, StoreError, WriteBatch};
@@ -220,9 +220,8 @@ pub struct Vault {
     /// Every version of the master key (`keys.rs`: rotation re-wraps data keys under a new
     /// one; a data key names the version that wraps it).
     keyring: Keyring,
-    indexer: BlindIndexer,
-    /// The blind tokens of labels, categories and "everything" (privacy rows).
-    privacy_tokens: Arc<privacy::PrivacyTokens>,
+    /// The blind-index key generations and this server's view of their rotation.
+    index: index_keys::IndexKeys,
     /// Authenticates the search cursors the gate hands out.
     cursor_mac: medvault_crypto::ServiceMac,
     /// The categories each (role, purpose of use, training, action) may act on, by how the
@@ -305,14 +304,7 @@ impl Vault {
         options: VaultOptions,
     ) -> Result<(Self, LocalOperator), VaultError> {
         let current = keys::master_version(&store)?;
-        let root = keys::service_key(
-            &store,
-            &keyring,
-            current,
-            "key.index_root",
-            |m| Ok(m.wrap_index_root(&IndexRootKey::generate())?),
-            |m, w| Ok(m.unwrap_index_root(w)?),
-        )?;
+        let index = index_keys::IndexKeys::open(&store, &keyring)?;
         let identity_key =
             keys::named_service_key(&store, &keyring, current, "key.identity", "identity")?;
         let dir = directory_key_id();
@@ -373,9 +365,12 @@ impl Vault {
                 Arc::new(medvault_identity::Argon2id::default()),
             )
             .map_err(|e| VaultError::Internal(e.to_string()))?,
-            privacy_tokens: Arc::new(privacy::PrivacyTokens::new(&BlindIndexer::new(&root))),
-            indexer: BlindIndexer::new(&root),
-            cursor_mac: medvault_crypto::ServiceMac::new(&root, "search-cursor/v1"),
+            index,
+            // Under the identity key, not the blind-index root: cursors outlive its rotation.
+            cursor_mac: medvault_crypto::ServiceMac::from_data_key(
+                &identity_key,
+                "search-cursor/v1",
+            ),
             reachable: std::sync::Mutex::new(std::collections::HashMap::new()),
             keys,
             store,

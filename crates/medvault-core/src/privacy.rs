@@ -24,6 +24,7 @@ use medvault_store::{Charts, IndexHit, IndexRow, Privacy};
 use medvault_types::Category;
 use serde_json::{Map, Value};
 
+use crate::index_keys::IndexKey;
 use crate::{Caller, Vault, VaultError};
 use medvault_types::PatientId;
 
@@ -91,19 +92,21 @@ impl AskerParams {
     }
 }
 
-impl Vault {
-    fn actor_tag(&self, actor: &str) -> String {
-        let t = self.indexer.token("consent", "_actor", actor);
-        t.iter().take(12).map(|b| format!("{b:02x}")).collect()
-    }
+/// The tag naming `actor` in consent params (`_deny.{tag}`), under one index key.
+fn actor_tag(k: &IndexKey, actor: &str) -> String {
+    let t = k.blind.token("consent", "_actor", actor);
+    t.iter().take(12).map(|b| format!("{b:02x}")).collect()
+}
 
+impl Vault {
     /// The privacy rows of a resource: its restricting labels, and a Consent's rules.
     pub(crate) fn privacy_index(
         &self,
+        k: &IndexKey,
         rt: ResourceType,
         json: &Map<String, Value>,
     ) -> Vec<IndexRow> {
-        let t = &self.privacy_tokens;
+        let t = &k.privacy;
         let mut rows: Vec<IndexRow> = labels(json)
             .into_iter()
             .filter_map(|l| t.label(l))
@@ -126,7 +129,7 @@ impl Vault {
             };
             let kind = if deny { "_deny" } else { "_grant" };
             rows.push(IndexRow {
-                param: format!("{kind}.{}", self.actor_tag(&actor)),
+                param: format!("{kind}.{}", actor_tag(k, &actor)),
                 token,
             });
         }
@@ -165,15 +168,18 @@ impl Vault {
         labels_of_content: Option<&[&'static str]>,
         category: Category,
     ) -> Result<PrivacyFacts, VaultError> {
-        let params = self.asker_params(c);
+        let view = self.index_view();
+        let k = &view.read;
+        let params = asker_params(k, c);
         let hits = self.store.chart_tokens(patient, &params.lookup())?;
-        let chart = ChartPrivacy::new(&self.privacy_tokens, &params, hits);
+        view.check_lease()?;
+        let chart = ChartPrivacy::new(&k.privacy, &params, hits);
         Ok(match (labels_of_content, own) {
-            (Some(l), _) => chart.facts_for(&self.privacy_tokens, l, patient.as_str(), category),
+            (Some(l), _) => chart.facts_for(&k.privacy, l, patient.as_str(), category),
             (None, Some((rtype, id))) => {
-                chart.facts(&self.privacy_tokens, rtype, id, patient.as_str(), category)
+                chart.facts(&k.privacy, rtype, id, patient.as_str(), category)
             }
-            (None, None) => chart.facts_for(&self.privacy_tokens, &[], patient.as_str(), category),
+            (None, None) => chart.facts_for(&k.privacy, &[], patient.as_str(), category),
         })
     }
 
@@ -204,31 +210,15 @@ impl Vault {
         Ok(!self.policy().decide(q).allowed())
     }
 
-    /// The consent params naming `c`: their Practitioner's, and everyone's.
-    pub(crate) fn asker_params(&self, c: &Caller) -> AskerParams {
-        let mut who = vec![self.actor_tag(ANYONE)];
-        if let Some(p) = c.principal().and_then(|p| p.practitioner.as_deref()) {
-            who.push(self.actor_tag(p));
-        }
-        AskerParams {
-            deny: who.iter().map(|w| format!("_deny.{w}")).collect(),
-            // No grant reaches the portal: a patient reads their own labelled records by
-            // policy (relationship "self"), a proxy never does, psychotherapy notes never.
-            grant: match c.role() {
-                Some(medvault_types::Role::Patient) => vec![],
-                _ => who.iter().map(|w| format!("_grant.{w}")).collect(),
-            },
-        }
-    }
-
     /// The privacy clauses of `c`'s searches with `charts` exempt: consents yield there,
     /// and of the labels only psychotherapy notes need a grant (a chart under a medical
     /// emergency; a patient's own chart in the portal).
     pub(crate) fn exempt_privacy_scope(&self, c: &Caller, charts: Charts) -> Privacy {
-        let mut p = self.privacy_scope(c);
+        let k = self.ix();
+        let mut p = privacy_scope(&k, c);
         let unopened = [PSYCHOTHERAPY_NOTES, WITHHELD_FROM_PATIENT]
             .iter()
-            .filter_map(|l| self.privacy_tokens.label(l))
+            .filter_map(|l| k.privacy.label(l))
             .map(<[u8]>::to_vec)
             .collect();
         p.exempt = Some((charts, unopened));
@@ -246,33 +236,55 @@ impl Vault {
                     kinds: vec!["self".into()],
                 },
             ),
-            _ => self.privacy_scope(c),
+            _ => privacy_scope(&self.ix(), c),
         }
     }
 
     /// The privacy clauses of `c`'s searches.
     pub(crate) fn privacy_scope(&self, c: &Caller) -> Privacy {
-        let p = self.asker_params(c);
-        let t = &self.privacy_tokens;
-        Privacy {
-            deny_params: p.deny,
-            grant_params: p.grant,
-            category_tokens: t
-                .categories
-                .iter()
-                .filter(|(c, _)| *c != Category::Consents)
-                .map(|(c, tok)| (c.as_str().to_owned(), tok.clone()))
-                .collect(),
-            everything_token: t.everything.clone(),
-            exempt: None,
-            ignored_labels: match c.role() {
-                Some(medvault_types::Role::Patient) => vec![],
-                _ => t
-                    .label(WITHHELD_FROM_PATIENT)
-                    .map(|x| vec![x.to_vec()])
-                    .unwrap_or_default(),
-            },
-        }
+        privacy_scope(&self.ix(), c)
+    }
+}
+
+/// The consent params naming `c` under one index key: their Practitioner's, and everyone's.
+pub(crate) fn asker_params(k: &IndexKey, c: &Caller) -> AskerParams {
+    let mut who = vec![actor_tag(k, ANYONE)];
+    if let Some(p) = c.principal().and_then(|p| p.practitioner.as_deref()) {
+        who.push(actor_tag(k, p));
+    }
+    AskerParams {
+        deny: who.iter().map(|w| format!("_deny.{w}")).collect(),
+        // No grant reaches the portal: a patient reads their own labelled records by
+        // policy (relationship "self"), a proxy never does, psychotherapy notes never.
+        grant: match c.role() {
+            Some(medvault_types::Role::Patient) => vec![],
+            _ => who.iter().map(|w| format!("_grant.{w}")).collect(),
+        },
+    }
+}
+
+/// The privacy clauses of `c`'s searches, every token under one index key.
+fn privacy_scope(k: &IndexKey, c: &Caller) -> Privacy {
+    let p = asker_params(k, c);
+    let t = &k.privacy;
+    Privacy {
+        deny_params: p.deny,
+        grant_params: p.grant,
+        category_tokens: t
+            .categories
+            .iter()
+            .filter(|(c, _)| *c != Category::Consents)
+            .map(|(c, tok)| (c.as_str().to_owned(), tok.clone()))
+            .collect(),
+        everything_token: t.everything.clone(),
+        exempt: None,
+        ignored_labels: match c.role() {
+            Some(medvault_types::Role::Patient) => vec![],
+            _ => t
+                .label(WITHHELD_FROM_PATIENT)
+                .map(|x| vec![x.to_vec()])
+                .unwrap_or_default(),
+        },
     }
 }
 

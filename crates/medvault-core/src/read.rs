@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use medvault_policy::PrivacyFacts;
 
 use crate::access::{ReachCache, Reacher};
-use crate::privacy::{AskerParams, ChartPrivacy, PrivacyTokens};
+use crate::privacy::{AskerParams, ChartPrivacy};
 use crate::typestate::{self, permit, Disclosed, Permitted};
 use crate::{
     directory_key_id, push_unique, AuditRecord, Caller, Outcome, SearchResult, Vault, VaultError,
@@ -39,7 +39,7 @@ pub(crate) struct ReadCtx {
     may_break_glass: bool,
     /// Labels and consents: the tokens, the caller's consent params, and the charts'
     /// privacy rows read so far.
-    privacy_tokens: Arc<PrivacyTokens>,
+    index: Arc<crate::index_keys::IndexView>,
     params: AskerParams,
     charts_privacy: std::sync::Mutex<HashMap<PatientId, Arc<ChartPrivacy>>>,
 }
@@ -114,7 +114,11 @@ impl ReadCtx {
             Some(c) => c,
             None => {
                 let hits = tx.chart_tokens(p, &self.params.lookup())?;
-                let c = Arc::new(ChartPrivacy::new(&self.privacy_tokens, &self.params, hits));
+                let c = Arc::new(ChartPrivacy::new(
+                    &self.index.read.privacy,
+                    &self.params,
+                    hits,
+                ));
                 if let Ok(mut m) = self.charts_privacy.lock() {
                     m.insert(p.clone(), c.clone());
                 }
@@ -122,7 +126,7 @@ impl ReadCtx {
             }
         };
         Ok(chart.facts(
-            &self.privacy_tokens,
+            &self.index.read.privacy,
             row.rtype(),
             row.id(),
             p.as_str(),
@@ -314,6 +318,8 @@ impl Vault {
                 false,
             ))
             .allowed();
+        let index = self.index_view();
+        let lease = index.clone();
         let cx = ReadCtx {
             policy: self.policy(),
             clock: self.clock.clone(),
@@ -322,8 +328,8 @@ impl Vault {
             reacher: self.reacher(c),
             reached: ReachCache::default(),
             may_break_glass,
-            privacy_tokens: self.privacy_tokens.clone(),
-            params: self.asker_params(c),
+            params: crate::privacy::asker_params(&index.read, c),
+            index,
             charts_privacy: Default::default(),
         };
         let read: AuditedRead = Box::new(move |tx: &dyn TxRead| {
@@ -333,7 +339,8 @@ impl Vault {
         });
         match self.store.audited(read) {
             Ok(p) => match p.downcast::<Result<T, VaultError>>() {
-                Ok(out) => *out,
+                // Lookups under a view a rotation has moved past could have missed rows.
+                Ok(out) => lease.check_lease().and(*out),
                 Err(_) => Err(VaultError::Internal(
                     "audited read returned the wrong type".into(),
                 )),

@@ -383,13 +383,14 @@ impl Vault {
         };
         let exact = !s.dates.is_empty() || exact_sort.is_some();
         let now = self.now_ms();
+        let k = self.ix();
         let mut tokens: Vec<(String, Vec<Vec<u8>>)> = s
             .params
             .iter()
             .map(|(param, values)| {
                 let t = values
                     .iter()
-                    .map(|v| self.indexer.token(rt.as_str(), param, v).to_vec())
+                    .map(|v| k.token(rt.as_str(), param, v))
                     .collect();
                 ((*param).to_owned(), t)
             })
@@ -424,7 +425,7 @@ impl Vault {
             let mut t: Vec<Vec<u8>> = vec![];
             for span in union {
                 for value in covering_tokens(span) {
-                    t.push(self.indexer.token(rt.as_str(), param, &value).to_vec());
+                    t.push(k.token(rt.as_str(), param, &value));
                 }
             }
             t.sort();

@@ -92,6 +92,9 @@ pub(crate) struct Plan {
     pub(crate) reached: Vec<PatientId>,
     /// Data keys created in this plan for new patients.
     pub(crate) new_keys: HashMap<PatientId, Arc<RecordCipher>>,
+    /// The blind-index view its tokens were made under (one per plan), whose writer tag
+    /// guards the commit.
+    pub(crate) index_view: Option<Arc<crate::index_keys::IndexView>>,
 }
 
 impl Vault {
@@ -188,7 +191,7 @@ impl Vault {
         // A clinician without a relationship may begin one — for themselves: an encounter
         // or care team they start must name them (colleagues are added by those already
         // caring for the patient).
-        let care = self.care_index(rt, res.json());
+        let care = self.care_index(&self.ix(), rt, res.json());
         let clinician = c.principal().is_some_and(|p| p.practitioner.is_some());
         // (On an update, a relationship that came only from this very resource does not
         // count: a clinician may not hand a chart to others by rewriting their own encounter.)
@@ -213,7 +216,11 @@ impl Vault {
             Some(c) => (1, c.clone()),
             None => self.newest_cipher(&key_id)?,
         };
-        let index = self.index_rows(rt, res.json());
+        let view = plan
+            .index_view
+            .get_or_insert_with(|| self.index_view())
+            .clone();
+        let index = self.index_rows_under(&view.write, rt, res.json());
         if let Some(p) = &owner {
             if self.relates_caller(c, &index) && !plan.reached.contains(p) {
                 // A new encounter or care team naming the caller relates them to the chart
@@ -277,16 +284,23 @@ impl Vault {
     /// [`VaultError::Refused`], the denial recorded in the audit log.
     /// A resource's search-index rows: its blind search tokens, and for a CareTeam or an
     /// Encounter the `_care` tokens of the treatment relationships it establishes.
-    pub(crate) fn index_rows(&self, rt: ResourceType, json: &Map<String, Value>) -> Vec<IndexRow> {
-        let mut rows: Vec<IndexRow> = medvault_fhir::search_tokens(rt, json)
-            .into_iter()
-            .map(|t| IndexRow {
+    /// One set of rows per key in `keys` (two while the blind-index key rotates).
+    pub(crate) fn index_rows_under(
+        &self,
+        keys: &[Arc<crate::index_keys::IndexKey>],
+        rt: ResourceType,
+        json: &Map<String, Value>,
+    ) -> Vec<IndexRow> {
+        let tokens = medvault_fhir::search_tokens(rt, json);
+        let mut rows: Vec<IndexRow> = vec![];
+        for k in keys {
+            rows.extend(tokens.iter().map(|t| IndexRow {
                 param: t.param.to_owned(),
-                token: self.indexer.token(rt.as_str(), t.param, &t.value).to_vec(),
-            })
-            .collect();
-        rows.extend(self.care_index(rt, json));
-        rows.extend(self.privacy_index(rt, json));
+                token: k.token(rt.as_str(), t.param, &t.value),
+            }));
+            rows.extend(self.care_index(k, rt, json));
+            rows.extend(self.privacy_index(k, rt, json));
+        }
         rows
     }
 
@@ -539,7 +553,12 @@ impl Vault {
 
     pub(crate) fn commit_plan(&self, plan: Plan) -> Result<(), VaultError> {
         let new_keys: Vec<(PatientId, Arc<RecordCipher>)> = plan.new_keys.into_iter().collect();
-        self.commit(plan.ops, plan.audit)?;
+        let mut ops = plan.ops;
+        if let Some(v) = &plan.index_view {
+            // The store refuses tokens made under a view a key rotation has moved past.
+            ops.push(v.guard());
+        }
+        self.commit(ops, plan.audit)?;
         for (p, k) in new_keys {
             self.keys.insert(p, 1, k, true);
         }

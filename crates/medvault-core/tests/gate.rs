@@ -198,3 +198,45 @@ fn unknown_stored_category_is_a_recorded_denial_naming_no_category() {
     );
     assert_eq!(rec.detail.as_deref(), Some("unknown stored category"));
 }
+
+/// A write whose blind-index tokens were made under a view a key rotation has moved past
+/// is refused by the store in its own transaction (503, retry), and nothing of it lands:
+/// no version, no tokens, no audit entry.
+#[test]
+fn a_write_under_an_outdated_index_view_is_refused_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = SqliteStore::open(&dir.path().join("db.sqlite")).unwrap();
+    let (v, op) = Vault::open_with_store(
+        store.clone(),
+        &MasterKeySource::Ephemeral,
+        Arc::new(ManualClock::new(
+            time::OffsetDateTime::from_unix_timestamp(1_790_000_000).unwrap(),
+        )),
+        VaultOptions::default(),
+    )
+    .unwrap();
+    let desk = Caller::cli(&op, Role::Importer);
+    let patient = |family: &str| {
+        medvault_fhir::Resource::from_value(
+            serde_json::json!({"resourceType": "Patient", "name": [{"family": family}]}),
+            None,
+        )
+        .unwrap()
+    };
+    v.create(&desk, patient("Before")).unwrap();
+    // Another process moved the rotation on: writes must now carry generations 1 and 2.
+    store
+        .commit(WriteBatch {
+            ops: vec![medvault_store::Op::PutMeta {
+                key: "search.index_writers".into(),
+                value: b"1+2".to_vec(),
+            }],
+            audit: vec![],
+        })
+        .unwrap();
+    let (versions, audit) = (store.census().unwrap(), store.audit_len().unwrap());
+    let e = v.create(&desk, patient("Stale")).unwrap_err();
+    assert!(matches!(e, VaultError::Unavailable(_)), "{e:?}");
+    assert_eq!(store.census().unwrap(), versions, "no version written");
+    assert_eq!(store.audit_len().unwrap(), audit, "nor audited");
+}

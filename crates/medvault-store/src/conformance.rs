@@ -1789,6 +1789,52 @@ pub fn keys_and_meta_insert_once(s: &dyn Store) -> Result<(), Failure> {
     m()?;
     assert!(matches!(m(), Err(StoreError::Exists)));
     assert_eq!(s.meta("k")?, Some(vec![7]));
+    // A listed precondition guards the whole batch; an absent value reads as `absent`.
+    let guarded = |member: &str| {
+        s.commit(WriteBatch {
+            ops: vec![
+                Op::PutMeta {
+                    key: "guarded".into(),
+                    value: member.as_bytes().to_vec(),
+                },
+                Op::RequireMetaListed {
+                    key: "writers".into(),
+                    member: member.into(),
+                    absent: "1".into(),
+                },
+            ],
+            audit: vec![(vec![0; 32], b"{}".to_vec())],
+        })
+    };
+    guarded("1")?;
+    let before = s.audit_len()?;
+    assert!(matches!(guarded("1+2"), Err(StoreError::Unavailable(_))));
+    assert_eq!(s.meta("guarded")?, Some(b"1".to_vec()), "nothing written");
+    assert_eq!(s.audit_len()?, before, "nor audited");
+    s.commit(WriteBatch {
+        ops: vec![Op::PutMeta {
+            key: "writers".into(),
+            value: b"1, 1+2".to_vec(),
+        }],
+        audit: vec![],
+    })?;
+    guarded("1+2")?;
+    guarded("1")?;
+    assert!(matches!(guarded("2"), Err(StoreError::Unavailable(_))));
+    s.commit(WriteBatch {
+        ops: vec![
+            Op::DeleteMeta { key: "k".into() },
+            Op::DeleteMeta {
+                key: "never".into(),
+            },
+        ],
+        audit: vec![],
+    })?;
+    assert_eq!(
+        s.meta("k")?,
+        None,
+        "deleted; deleting an absent key is no error"
+    );
     Ok(())
 }
 

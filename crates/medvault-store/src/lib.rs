@@ -574,6 +574,20 @@ pub enum Op {
         key: String,
         value: Vec<u8>,
     },
+    /// Deletes a metadata value (a retired service key); nothing if absent.
+    DeleteMeta {
+        key: String,
+    },
+    /// A precondition, checked in the batch's own transaction: the metadata value `key`
+    /// (text, comma-separated; absent reads as `absent`) must list `member`. Otherwise the
+    /// whole batch fails with [`StoreError::Unavailable`] and nothing is written — a writer
+    /// whose view of a setting is out of date (the blind-index key generations a write must
+    /// cover, during their rotation) retries with a fresh view.
+    RequireMetaListed {
+        key: String,
+        member: String,
+        absent: String,
+    },
     /// Appends a witness cosignature line to a stored checkpoint (once).
     AddCosignature {
         size: u64,
@@ -654,6 +668,23 @@ pub(crate) fn tile_grows(stored: Option<&[u8]>, new: &[u8]) -> Result<bool, Stor
         Some(old) if new.len() > old.len() && new.starts_with(old) => Ok(true),
         Some(old) if old.starts_with(new) => Ok(false),
         Some(_) => Err(StoreError::Conflict),
+    }
+}
+
+/// Whether a comma-separated metadata value (or `absent` when there is none) lists
+/// `member`: the rule of [`Op::RequireMetaListed`], one for every backend.
+pub(crate) fn meta_lists(
+    value: Option<&[u8]>,
+    absent: &str,
+    member: &str,
+) -> Result<(), StoreError> {
+    let text = value.map_or(absent, |v| std::str::from_utf8(v).unwrap_or(""));
+    if text.split(',').any(|m| m.trim() == member) {
+        Ok(())
+    } else {
+        Err(StoreError::Unavailable(format!(
+            "{member} is not among the accepted values ({text}); retry"
+        )))
     }
 }
 

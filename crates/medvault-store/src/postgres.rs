@@ -824,6 +824,26 @@ async fn apply(
                     .execute(&mut *c)
                     .await?;
             }
+            Op::DeleteMeta { key } => {
+                sqlx::query("DELETE FROM meta WHERE key = $1")
+                    .bind(key)
+                    .execute(&mut *c)
+                    .await?;
+            }
+            Op::RequireMetaListed {
+                key,
+                member,
+                absent,
+            } => {
+                // FOR SHARE: a rotation step changing the value waits for this batch, and
+                // this batch for it, so no write lands under a view the step just retired.
+                let v: Option<Vec<u8>> =
+                    sqlx::query_scalar("SELECT value FROM meta WHERE key = $1 FOR SHARE")
+                        .bind(key)
+                        .fetch_optional(&mut *c)
+                        .await?;
+                crate::meta_lists(v.as_deref(), absent, member).map_err(ApplyError::Store)?;
+            }
             Op::AddCosignature { size, line } => {
                 let size =
                     i64::try_from(*size).map_err(|_| ApplyError::Store(StoreError::Conflict))?;

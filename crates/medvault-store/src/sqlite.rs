@@ -447,6 +447,21 @@ fn apply(
                 tx.prepare_cached("INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)")?
                     .execute(params![key, value])?;
             }
+            Op::DeleteMeta { key } => {
+                tx.prepare_cached("DELETE FROM meta WHERE key = ?1")?
+                    .execute(params![key])?;
+            }
+            Op::RequireMetaListed {
+                key,
+                member,
+                absent,
+            } => {
+                let v: Option<Vec<u8>> = tx
+                    .prepare_cached("SELECT value FROM meta WHERE key = ?1")?
+                    .query_row(params![key], |r| r.get(0))
+                    .optional()?;
+                crate::meta_lists(v.as_deref(), absent, member)?;
+            }
             Op::AddCosignature { size, line } => {
                 let size = i64::try_from(*size).map_err(|_| StoreError::Conflict)?;
                 tx.prepare_cached("UPDATE audit_checkpoints SET note = note || ?2 WHERE size = ?1 AND instr(note, ?2) = 0")?

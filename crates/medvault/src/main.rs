@@ -208,9 +208,18 @@ enum KeysCommand {
     Rotate {
         /// Rotate this patient's data key instead: every stored version of the chart is
         /// re-encrypted under a new data key, in one transaction.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "index")]
         patient: Option<String>,
-        /// Data keys re-wrapped per transaction.
+        /// Rotate the blind-index key instead: every resource's search, care and privacy
+        /// tokens are written again under a new root while searches go on, and the old
+        /// root is deleted; resumes a rotation that stopped.
+        #[arg(long)]
+        index: bool,
+        /// With --index: seconds to wait between phases, so every server follows each one
+        /// (at least 5).
+        #[arg(long, default_value_t = 10, requires = "index")]
+        grace_secs: u64,
+        /// Data keys re-wrapped (with --index: resources re-indexed) per transaction.
         #[arg(long, default_value_t = 500)]
         batch: usize,
         /// Pause between batches, in milliseconds, to spare a busy server.
@@ -714,6 +723,16 @@ fn keys(dir: &Path, command: KeysCommand) -> Result<()> {
                 ),
                 None => println!("master key: version {} in force", st.current_version),
             }
+            let ix = &st.index;
+            match (ix.phase, ix.rotating_to, ix.retiring) {
+                ("stable", ..) => println!("blind-index key: generation {}", ix.generation),
+                (phase, to, old) => println!(
+                    "blind-index key: generation {}, rotation {phase}{}{} (run `medvault keys rotate --index` to resume if it stopped)",
+                    ix.generation,
+                    to.map(|t| format!(" to generation {t}")).unwrap_or_default(),
+                    old.map(|o| format!(", removing generation {o}'s tokens")).unwrap_or_default()
+                ),
+            }
             for v in st.versions {
                 println!(
                     "  v{:<3} {:<16} {:>8} data keys  {}{}",
@@ -742,9 +761,68 @@ fn keys(dir: &Path, command: KeysCommand) -> Result<()> {
         }
         KeysCommand::Rotate {
             patient: None,
+            index: true,
+            grace_secs,
             batch,
             pause_ms,
             json,
+        } => {
+            let bar = progress_bar(0, "re-indexing (both keys)");
+            let pass = std::sync::atomic::AtomicU8::new(1);
+            let report = vault
+                .rotate_index_key(
+                    &me,
+                    batch,
+                    std::time::Duration::from_secs(grace_secs),
+                    &|grace| {
+                        if let Some(b) = &bar {
+                            b.set_message("waiting for every server to follow");
+                        } else if !json {
+                            eprintln!("waiting {} s for every server to follow", grace.as_secs());
+                        }
+                        throttle(grace);
+                    },
+                    &|p, done, total| {
+                        if let Some(b) = &bar {
+                            if pass.swap(p, std::sync::atomic::Ordering::Relaxed) != p || done == 0
+                            {
+                                b.set_message(if p == 1 {
+                                    "re-indexing (both keys)"
+                                } else {
+                                    "removing the old key's tokens"
+                                });
+                            }
+                            b.set_length(total);
+                            b.set_position(done);
+                        }
+                        if pause_ms > 0 {
+                            throttle(std::time::Duration::from_millis(pause_ms));
+                        }
+                    },
+                )
+                .map_err(describe)?;
+            if let Some(b) = bar {
+                b.finish_and_clear();
+            }
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                println!(
+                    "blind-index key rotated{}: generation {} -> {}, {} resources re-indexed; the old root is deleted",
+                    if report.resumed { " (resumed)" } else { "" },
+                    report.from_generation,
+                    report.to_generation,
+                    report.reindexed
+                );
+            }
+        }
+        KeysCommand::Rotate {
+            patient: None,
+            index: false,
+            batch,
+            pause_ms,
+            json,
+            ..
         } => {
             let bar = progress_bar(0, "re-wrapping data keys");
             let report = vault

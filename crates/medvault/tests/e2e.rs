@@ -5471,6 +5471,10 @@ fn web_console_in_real_chromium() {
     assert_eq!(st["hold_placed"], true, "{r:#}");
     assert_eq!(st["hold_released"], true, "{r:#}");
     assert_eq!(st["keys"], true, "{r:#}");
+    assert_eq!(
+        st["index_key"], true,
+        "the keys page shows the blind-index key: {r:#}"
+    );
     assert!(
         st["backup_message"]
             .as_str()
@@ -9452,4 +9456,272 @@ fn a_patients_data_key_rotates_and_the_chart_is_re_encrypted() {
             .code(),
         Some(1)
     );
+}
+
+/// The lines a query gives on either backend (`sqlite` against the data directory's file,
+/// `pg` through psql).
+fn db_lines(dir: &Path, db: Option<&PgDb>, sqlite: &str, pg: &str) -> Vec<String> {
+    match db {
+        Some(db) => psql(&db.url, pg)
+            .lines()
+            .map(str::to_owned)
+            .filter(|l| !l.is_empty())
+            .collect(),
+        None => {
+            let c = rusqlite::Connection::open(dir.join("medvault.db")).unwrap();
+            let mut st = c.prepare(sqlite).unwrap();
+            st.query_map([], |r| r.get::<_, String>(0))
+                .unwrap()
+                .map(Result::unwrap)
+                .collect()
+        }
+    }
+}
+
+/// SPEC "Keys, backup, destruction" (blind-index rotation): `keys rotate --index` moves
+/// every search, care and privacy token to a new root while a client searches, reads by
+/// care relationship, is filtered by labels and consents, and writes — on each backend.
+/// Nothing the client sees changes; a rotation killed midway resumes; afterwards no token
+/// under the old root is left and the old root is deleted.
+#[test]
+fn blind_index_key_rotates_online_and_lookups_never_miss() {
+    for pg in backends() {
+        index_rotation(pg);
+    }
+}
+
+fn index_rotation(pg: bool) {
+    let (_t, dir, staff, db) = setup_on(pg);
+    let (dr, rn) = (staff.practitioner("physician"), staff.practitioner("nurse"));
+    let care = [dr, rn];
+    let mut entries = vec![];
+    for n in 0..12 {
+        entries.extend(chart_entries(
+            &format!("Rotindex{n:02}"),
+            n + 1,
+            Some(&care),
+        ));
+    }
+    let v = "urn:uuid:0000000c-0000-4000-8000-000000000000";
+    let vip = labelled(
+        patient_body("Vipindex", "MRN-VIPIX"),
+        "http://terminology.hl7.org/CodeSystem/v3-Confidentiality",
+        "R",
+    );
+    let mut enc_v = encounter("x", &[dr, rn]);
+    enc_v["subject"] = json!({"reference": v});
+    let mut hiv = labelled(
+        json!({"resourceType": "Condition", "code": {"text": "B20"}}),
+        ACT_CODE,
+        "HIV",
+    );
+    hiv["subject"] = json!({"reference": v});
+    entries.push(json!({"fullUrl": v, "resource": vip}));
+    entries.push(json!({"resource": enc_v}));
+    entries.push(json!({"resource": hiv}));
+    let locs = import_entries(&dir, "charts", &entries);
+    let first = locs[0].strip_prefix("Patient/").unwrap().to_owned();
+    let obs: Vec<String> = locs
+        .iter()
+        .filter(|l| l.starts_with("Observation/"))
+        .cloned()
+        .collect();
+    let hiv_path = format!("/fhir/{}", locs.last().unwrap());
+    let tokens = || {
+        db_lines(
+            &dir,
+            db.as_ref(),
+            "SELECT lower(hex(token)) FROM search_index",
+            "SELECT encode(token, 'hex') FROM search_index",
+        )
+    };
+    let before: std::collections::HashSet<String> = tokens().into_iter().collect();
+    let status = || json_out(&medvault(&dir, &["keys", "status", "--json"]))["index"].clone();
+    assert_eq!(
+        status(),
+        json!({"generation": 1, "phase": "stable", "rotating_to": null, "retiring": null})
+    );
+
+    let s = Server::start(&dir, &[]);
+    let login = |role: &str| {
+        let (u, p, t) = staff.get(role);
+        s.login(u, p, t)
+    };
+    let (phys, nurse, desk) = (login("physician"), login("nurse"), login("front_desk"));
+    // The nurse is denied the first chart's Observations by the patient's consent.
+    let deny = privacy_consent(
+        &first,
+        json!([{"type": "deny", "actor": actor(rn), "class": [{"system": "http://hl7.org/fhir/resource-types", "code": "Observation"}]}]),
+    );
+    assert_eq!(s.post("/fhir/Consent", &desk, &deny).status, 201);
+    // What the client must see, every time, whatever phase the rotation is in.
+    let total = |q: &str, tok: &str| -> Result<u64, String> {
+        let r = s.get(q, tok);
+        if r.status != 200 {
+            return Err(format!("{q}: {}", r.status));
+        }
+        r.body["total"].as_u64().ok_or(format!("{q}: no total"))
+    };
+    let check = |i: usize| -> Vec<String> {
+        let mut bad = vec![];
+        let mut want = |what: String, got: Result<u64, String>, n: u64| match got {
+            Ok(g) if g == n => {}
+            other => bad.push(format!("{what}: {other:?}, wanted {n}")),
+        };
+        let n = i % 12;
+        want(
+            format!("family search Rotindex{n:02}"),
+            total(&format!("/fhir/Patient?family=Rotindex{n:02}"), &phys),
+            1,
+        );
+        want(
+            "the label filter hides the VIP".into(),
+            total("/fhir/Patient?family=vipindex", &phys),
+            0,
+        );
+        want(
+            "the consent hides the Observations from the nurse".into(),
+            total(&format!("/fhir/Observation?patient={first}"), &nurse),
+            0,
+        );
+        let r = s.get(&format!("/fhir/{}", obs[i % obs.len()]), &phys);
+        if r.status != 200 {
+            bad.push(format!("care read {}: {}", obs[i % obs.len()], r.status));
+        }
+        let r = s.get(&hiv_path, &phys);
+        if r.status != 403 {
+            bad.push(format!("labelled read: {}", r.status));
+        }
+        bad
+    };
+    assert_eq!(check(0), Vec::<String>::new());
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (rounds, failed, created) = std::thread::scope(|scope| {
+        let client = scope.spawn(|| {
+            let (mut rounds, mut failed, mut created) = (0usize, vec![], vec![]);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                failed.extend(check(rounds));
+                let w = s.post("/fhir/Observation", &phys, &vital(&first));
+                if w.status != 201 {
+                    failed.push(format!("write: {}", w.status));
+                }
+                let p = s.post(
+                    "/fhir/Patient",
+                    &desk,
+                    &patient_body("Newindex", &format!("NI-{rounds}")),
+                );
+                match p.status {
+                    201 => created.push(created_id(&p)),
+                    st => failed.push(format!("create: {st}")),
+                }
+                // Everything written so far is found, whichever key lookups use now.
+                match total("/fhir/Patient?family=newindex&_count=1000", &desk) {
+                    Ok(n) if n == u64::try_from(created.len()).unwrap() => {}
+                    other => failed.push(format!(
+                        "written patients found: {other:?} of {}",
+                        created.len()
+                    )),
+                }
+                rounds += 1;
+            }
+            (rounds, failed, created)
+        });
+        // A rotation killed in its first pass…
+        let mut rot = Command::new(BIN)
+            .arg("--data-dir")
+            .arg(&dir)
+            .args([
+                "keys",
+                "rotate",
+                "--index",
+                "--grace-secs",
+                "5",
+                "--batch",
+                "4",
+                "--pause-ms",
+                "200",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while status()["phase"] != "rotating" {
+            assert!(std::time::Instant::now() < deadline, "never started");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::sleep(Duration::from_millis(6500));
+        rot.kill().unwrap();
+        rot.wait().unwrap();
+        assert_eq!(
+            status(),
+            json!({"generation": 1, "phase": "rotating", "rotating_to": 2, "retiring": null}),
+            "the killed rotation is recorded"
+        );
+        // … resumes and completes while the client goes on.
+        let report = json_out(&medvault(
+            &dir,
+            &["keys", "rotate", "--index", "--grace-secs", "5", "--json"],
+        ));
+        assert_eq!(report["resumed"], true, "{report}");
+        assert_eq!(
+            (
+                report["from_generation"].as_u64(),
+                report["to_generation"].as_u64()
+            ),
+            (Some(1), Some(2))
+        );
+        std::thread::sleep(Duration::from_millis(1500));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        client.join().unwrap()
+    });
+    assert!(
+        failed.is_empty(),
+        "lookups changed or requests failed during the rotation: {failed:#?}"
+    );
+    assert!(rounds > 10, "the client kept working ({rounds} rounds)");
+    assert_eq!(
+        status(),
+        json!({"generation": 2, "phase": "stable", "rotating_to": null, "retiring": null})
+    );
+    // Everything written during the rotation is found under the new key.
+    assert_eq!(
+        total("/fhir/Patient?family=newindex&_count=1000", &desk),
+        Ok(u64::try_from(created.len()).unwrap())
+    );
+    assert_eq!(check(3), Vec::<String>::new());
+    let after: std::collections::HashSet<String> = tokens().into_iter().collect();
+    assert!(
+        before.is_disjoint(&after),
+        "no token under the old root is left ({} of {})",
+        before.intersection(&after).count(),
+        before.len()
+    );
+    let roots = db_lines(
+        &dir,
+        db.as_ref(),
+        "SELECT key FROM meta WHERE key LIKE 'key.index_root%' ORDER BY key",
+        "SELECT key FROM meta WHERE key LIKE 'key.index_root%' ORDER BY key",
+    );
+    assert_eq!(roots, ["key.index_root.g2"], "the old root is deleted");
+    drop(s);
+    // A restarted server opens under the new generation alone.
+    let s = Server::start(&dir, &[]);
+    let phys = s.login_step(
+        staff.get("physician").0,
+        staff.get("physician").1,
+        staff.get("physician").2,
+        1,
+    );
+    let r = s.get("/fhir/Patient?family=Rotindex04", &phys);
+    assert_eq!(r.body["total"], 1, "{:?}", r.body);
+    drop(s);
+    let o = medvault(&dir, &["audit", "verify", "--records"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+    // A master key rotation re-wraps the new root; the index keeps working under it.
+    let m = json_out(&medvault(&dir, &["keys", "rotate", "--json"]));
+    assert_eq!(m["to_version"], 2, "{m}");
+    std::fs::remove_file(dir.join("master.key")).unwrap();
+    let o = medvault(&dir, &["keys", "status", "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
