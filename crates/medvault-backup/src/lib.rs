@@ -18,12 +18,11 @@
 
 pub mod recovery;
 
-use std::collections::VecDeque;
 use std::fs;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
-use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::aead::{Aead, AeadInPlace, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
@@ -437,10 +436,7 @@ impl Repo {
     }
 
     fn chunk_path(&self, id: &str) -> PathBuf {
-        self.dir
-            .join("chunks")
-            .join(id.get(..2).unwrap_or("00"))
-            .join(id)
+        chunk_path(&self.dir, id)
     }
 
     /// Takes a snapshot: `files` (data-directory files, sealed like the rest), then the
@@ -467,25 +463,56 @@ impl Repo {
         let started = std::time::Instant::now();
         let id = random_id();
         let created = instant(now);
-        let mut w = ChunkWriter {
-            repo: self,
-            key,
-            cipher: key.cipher(),
-            buf: Vec::with_capacity(4 * CHUNK_MAX as usize),
-            chunks: vec![],
-            new_chunks: 0,
-            new_bytes: 0,
-            total: 0,
-            progress,
-            error: None,
-        };
-        write_files(&mut w, files)
-            .map_err(|e| w.error.take().unwrap_or(BackupError::Stream(e.to_string())))?;
-        let stats = match vault.backup_snapshot(c, &id, expires, &mut w) {
-            Ok(s) => s,
-            Err(e) => return Err(w.error.take().unwrap_or(BackupError::Vault(e))),
-        };
-        w.cut(true)?;
+        let known = self.known_chunks()?;
+        // Two stages on two threads: this one dumps the stream; the sealer cuts it into
+        // chunks, hashes, compresses, encrypts and writes each, in stream order.
+        let (stats, total, sealed) = std::thread::scope(|scope| {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(SEAL_QUEUE);
+            let sealer = scope.spawn(move || {
+                let mut s = Sealer {
+                    repo: self,
+                    key,
+                    cipher: key.cipher(),
+                    known,
+                    buf: Vec::with_capacity(5 * CHUNK_MAX as usize),
+                    chunks: vec![],
+                    new_chunks: 0,
+                    new_bytes: 0,
+                };
+                for block in rx {
+                    s.buf.extend_from_slice(&block);
+                    if s.buf.len() >= 4 * CHUNK_MAX as usize {
+                        s.cut(false)?;
+                    }
+                }
+                s.cut(true)?;
+                Ok::<Sealer<'_>, BackupError>(s)
+            });
+            let mut w = ChunkWriter {
+                tx: Some(tx),
+                total: 0,
+                progress,
+                error: None,
+            };
+            let dumped = write_files(&mut w, files)
+                .map_err(|e| w.error.take().unwrap_or(BackupError::Stream(e.to_string())))
+                .and_then(|()| {
+                    vault
+                        .backup_snapshot(c, &id, expires, &mut w)
+                        .map_err(|e| w.error.take().unwrap_or(BackupError::Vault(e)))
+                });
+            let total = w.total;
+            w.tx = None;
+            let sealed = sealer
+                .join()
+                .unwrap_or_else(|_| Err(BackupError::Stream("the sealing thread failed".into())));
+            // The sealer's failure is the cause when both failed (the stream stopped
+            // because it did).
+            match (dumped, sealed) {
+                (_, Err(e)) | (Err(e), _) => Err(e),
+                (Ok(stats), Ok(sealed)) => Ok((stats, total, sealed)),
+            }
+        })?;
         sync_repository(&self.dir)?;
         let ledger = vault.shred_ledger()?;
         let manifest = Manifest {
@@ -497,7 +524,7 @@ impl Repo {
             files: files.iter().map(|f| f.0.clone()).collect(),
             stats,
             shred_ledger: ledger,
-            chunks: w.chunks,
+            chunks: sealed.chunks,
         };
         let body = serde_json::to_vec(&manifest).map_err(|e| BackupError::Stream(e.to_string()))?;
         let signed = SignedManifest {
@@ -512,12 +539,23 @@ impl Repo {
         Ok(CreateReport {
             snapshot: id,
             manifest: path.display().to_string(),
-            bytes: w.total,
+            bytes: total,
             chunks: signed.manifest.chunks.len(),
-            new_chunks: w.new_chunks,
-            new_bytes: w.new_bytes,
+            new_chunks: sealed.new_chunks,
+            new_bytes: sealed.new_bytes,
             seconds: started.elapsed().as_secs_f64(),
         })
+    }
+
+    /// The chunks the repository's snapshots name, with the SHA-256 of each stored file:
+    /// a backup reuses one it finds here without reading it again (restic's index).
+    fn known_chunks(&self) -> Result<std::collections::HashMap<String, String>, BackupError> {
+        let (snaps, _) = self.snapshots()?;
+        Ok(snaps
+            .into_iter()
+            .flat_map(|(_, m)| m.chunks)
+            .map(|c| (c.id, c.sha256))
+            .collect())
     }
 
     /// Reads and checks a manifest's signature (against the repository's signer).
@@ -639,40 +677,50 @@ impl Repo {
     }
 
     fn read_chunk_file(&self, c: &ChunkRef) -> Result<Vec<u8>, BackupError> {
-        let p = self.chunk_path(&c.id);
-        let data = match fs::read(&p) {
-            Ok(d) => d,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(BackupError::MissingChunk(c.id.clone()))
-            }
-            Err(e) => return Err(io_err(&p)(e)),
-        };
-        if hex(&Sha256::digest(&data)) != c.sha256 {
-            return Err(BackupError::CorruptChunk(c.id.clone()));
-        }
-        Ok(data)
+        read_chunk_file(&self.dir, c)
     }
 
     /// The snapshot's plaintext stream, chunk by chunk (each checked, decrypted, its id
     /// verified). A failure surfaces as an I/O error whose cause [`SnapshotReader::error`]
     /// keeps.
     pub fn reader<'a>(
-        &'a self,
+        &self,
         manifest: &Manifest,
-        key: &'a RepoKey,
+        key: &RepoKey,
         progress: &'a dyn Fn(u64, u64),
     ) -> SnapshotReader<'a> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(READ_AHEAD);
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (dir, chunks, key2, halt) = (
+            self.dir.clone(),
+            manifest.chunks.clone(),
+            RepoKey {
+                raw: key.raw.clone(),
+            },
+            stop.clone(),
+        );
+        std::thread::spawn(move || {
+            let cipher = key2.cipher();
+            for c in chunks {
+                if halt.load(std::sync::atomic::Ordering::Relaxed) {
+                    return;
+                }
+                let opened = open_chunk(&dir, &key2, &cipher, &c);
+                let failed = opened.is_err();
+                if tx.send((c.len, opened)).is_err() || failed {
+                    return;
+                }
+            }
+        });
         SnapshotReader {
-            repo: self,
-            key,
-            cipher: key.cipher(),
-            pending: manifest.chunks.iter().cloned().collect(),
+            rx,
             total: manifest.chunks.iter().map(|c| c.len).sum(),
             done: 0,
             cur: vec![],
             pos: 0,
             progress,
             error: None,
+            stop,
         }
     }
 
@@ -713,23 +761,47 @@ impl Repo {
     }
 }
 
-/// Buffers the stream and cuts it at content-defined boundaries: a chunk is cut only once
-/// the bytes after it are known (or the stream ended), so the cuts equal those of chunking
-/// the whole stream at once, and an unchanged region gives the same chunks every time.
+/// Blocks of the stream waiting for the sealer (each a dump buffer, about 256 KiB): enough
+/// to keep both stages busy, little enough to bound memory.
+const SEAL_QUEUE: usize = 32;
+/// Chunks a reader opens ahead of its consumer.
+const READ_AHEAD: usize = 8;
+
+/// Hands the stream to the sealer, a block at a time.
 struct ChunkWriter<'a> {
-    repo: &'a Repo,
-    key: &'a RepoKey,
-    cipher: Aes256Gcm,
-    buf: Vec<u8>,
-    chunks: Vec<ChunkRef>,
-    new_chunks: usize,
-    new_bytes: u64,
+    tx: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
     total: u64,
     progress: &'a dyn Fn(u64),
     error: Option<BackupError>,
 }
 
-impl ChunkWriter<'_> {
+/// Threads sealing the chunks of one cut.
+const SEAL_WORKERS: usize = 2;
+
+/// One chunk sealed: its reference, and the bytes written if this backup stored it.
+struct Sealed {
+    chunk: ChunkRef,
+    written: Option<u64>,
+}
+
+/// The second stage of a backup: names, compresses, seals and stores chunks in order.
+struct Sealer<'a> {
+    repo: &'a Repo,
+    key: &'a RepoKey,
+    cipher: Aes256Gcm,
+    /// Chunks already stored, with their files' SHA-256.
+    known: std::collections::HashMap<String, String>,
+    /// The stream not yet cut.
+    buf: Vec<u8>,
+    chunks: Vec<ChunkRef>,
+    new_chunks: usize,
+    new_bytes: u64,
+}
+
+impl Sealer<'_> {
+    /// Cuts the buffer at content-defined boundaries: a chunk is cut only once the bytes
+    /// after it are known (or the stream ended), so the cuts equal those of chunking the
+    /// whole stream at once, and an unchanged region gives the same chunks every time.
     fn cut(&mut self, last: bool) -> Result<(), BackupError> {
         let cuts: Vec<(usize, usize)> =
             fastcdc::v2020::FastCDC::new(&self.buf, CHUNK_MIN, CHUNK_AVG, CHUNK_MAX)
@@ -740,90 +812,131 @@ impl ChunkWriter<'_> {
         } else {
             cuts.len().saturating_sub(1)
         };
+        let mut plains = Vec::with_capacity(keep);
         let mut consumed = 0;
         for &(off, len) in cuts.iter().take(keep) {
-            let plain = self
-                .buf
-                .get(off..off + len)
-                .ok_or_else(|| BackupError::Stream("chunk bounds".into()))?
-                .to_vec();
-            self.store_chunk(&plain)?;
+            plains.push(
+                self.buf
+                    .get(off..off + len)
+                    .ok_or_else(|| BackupError::Stream("chunk bounds".into()))?,
+            );
             consumed = off + len;
+        }
+        // The chunks of one cut are sealed on every core (interleaved), then kept in order.
+        let this = &*self;
+        let sealed: Vec<Vec<(usize, Sealed)>> = std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..SEAL_WORKERS)
+                .map(|w| {
+                    let plains = &plains;
+                    scope.spawn(move || {
+                        plains
+                            .iter()
+                            .enumerate()
+                            .skip(w)
+                            .step_by(SEAL_WORKERS)
+                            .map(|(i, p)| this.seal_one(p).map(|s| (i, s)))
+                            .collect::<Result<Vec<_>, BackupError>>()
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(BackupError::Stream("a sealing worker failed".into()))
+                    })
+                })
+                .collect::<Result<Vec<_>, BackupError>>()
+        })?;
+        let mut sealed: Vec<(usize, Sealed)> = sealed.into_iter().flatten().collect();
+        sealed.sort_by_key(|s| s.0);
+        for (_, s) in sealed {
+            if let Some(n) = s.written {
+                self.new_chunks += 1;
+                self.new_bytes += n;
+            }
+            self.known
+                .insert(s.chunk.id.clone(), s.chunk.sha256.clone());
+            self.chunks.push(s.chunk);
         }
         self.buf.drain(..consumed);
         Ok(())
     }
 
-    fn store_chunk(&mut self, plain: &[u8]) -> Result<(), BackupError> {
+    /// Names one chunk and stores it unless the repository has it.
+    fn seal_one(&self, plain: &[u8]) -> Result<Sealed, BackupError> {
         let id = self.key.chunk_id(plain);
         let path = self.repo.chunk_path(&id);
-        let sha256 = if let Ok(existing) = fs::read(&path) {
-            hex(&Sha256::digest(&existing))
-        } else {
-            self.put_chunk(&path, plain, &id)?
+        let (sha256, written) = match self.known.get(&id) {
+            Some(sha) if path.exists() => (sha.clone(), None),
+            _ => match fs::read(&path) {
+                Ok(existing) => (hex(&Sha256::digest(&existing)), None),
+                Err(_) => self.put_chunk(&path, plain, &id)?,
+            },
         };
-        self.chunks.push(ChunkRef {
-            id,
-            len: plain.len() as u64,
-            sha256,
-        });
-        Ok(())
+        Ok(Sealed {
+            chunk: ChunkRef {
+                id,
+                len: plain.len() as u64,
+                sha256,
+            },
+            written,
+        })
     }
 
     /// Seals and stores one chunk unless another backup stored it first (several may run at
     /// once: the file is linked into place, never renamed over one that exists); returns
-    /// the SHA-256 of the file that is now stored, whichever backup wrote it.
-    fn put_chunk(&mut self, path: &Path, plain: &[u8], id: &str) -> Result<String, BackupError> {
-        {
-            let packed = lz4_flex::compress_prepend_size(plain);
-            let mut nonce = [0u8; 12];
-            rand::rngs::OsRng.fill_bytes(&mut nonce);
-            let ct = self
-                .cipher
-                .encrypt(
-                    Nonce::from_slice(&nonce),
-                    Payload {
-                        msg: &packed,
-                        aad: id.as_bytes(),
-                    },
-                )
-                .map_err(|_| BackupError::Stream("encryption failed".into()))?;
-            let mut file = nonce.to_vec();
-            file.extend_from_slice(&ct);
-            if let Some(parent) = path.parent() {
-                fs::create_dir_all(parent).map_err(io_err(parent))?;
+    /// the SHA-256 of the file that is now stored, whichever backup wrote it, and the bytes
+    /// written when this backup wrote it.
+    fn put_chunk(
+        &self,
+        path: &Path,
+        plain: &[u8],
+        id: &str,
+    ) -> Result<(String, Option<u64>), BackupError> {
+        let packed = lz4_flex::compress_prepend_size(plain);
+        let mut nonce = [0u8; 12];
+        rand::rngs::OsRng.fill_bytes(&mut nonce);
+        let mut file = Vec::with_capacity(12 + packed.len() + 16);
+        file.extend_from_slice(&nonce);
+        file.extend_from_slice(&packed);
+        let tag = self
+            .cipher
+            .encrypt_in_place_detached(
+                Nonce::from_slice(&nonce),
+                id.as_bytes(),
+                file.get_mut(12..).unwrap_or_default(),
+            )
+            .map_err(|_| BackupError::Stream("encryption failed".into()))?;
+        file.extend_from_slice(&tag);
+        if let Some(parent) = path.parent() {
+            fs::create_dir_all(parent).map_err(io_err(parent))?;
+        }
+        let tmp = path.with_extension(format!("tmp{}-{}", std::process::id(), random_id()));
+        write_file(&tmp, &file, false)?;
+        let linked = fs::hard_link(&tmp, path);
+        let _ = fs::remove_file(&tmp);
+        match linked {
+            Ok(()) => Ok((hex(&Sha256::digest(&file)), Some(file.len() as u64))),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                let existing = fs::read(path).map_err(io_err(path))?;
+                Ok((hex(&Sha256::digest(&existing)), None))
             }
-            let tmp = path.with_extension(format!("tmp{}-{}", std::process::id(), random_id()));
-            write_file(&tmp, &file, false)?;
-            let linked = fs::hard_link(&tmp, path);
-            let _ = fs::remove_file(&tmp);
-            match linked {
-                Ok(()) => {
-                    self.new_chunks += 1;
-                    self.new_bytes += file.len() as u64;
-                    Ok(hex(&Sha256::digest(&file)))
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    let existing = fs::read(path).map_err(io_err(path))?;
-                    Ok(hex(&Sha256::digest(&existing)))
-                }
-                Err(e) => Err(io_err(path)(e)),
-            }
+            Err(e) => Err(io_err(path)(e)),
         }
     }
 }
 
 impl Write for ChunkWriter<'_> {
     fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.buf.extend_from_slice(b);
-        self.total += b.len() as u64;
-        if self.buf.len() >= 4 * CHUNK_MAX as usize {
-            if let Err(e) = self.cut(false) {
-                let msg = e.to_string();
-                self.error = Some(e);
-                return Err(std::io::Error::other(msg));
-            }
+        let sent = self.tx.as_ref().map(|t| t.send(b.to_vec()));
+        if !matches!(sent, Some(Ok(()))) {
+            let e = BackupError::Stream("the sealing thread stopped".into());
+            let msg = e.to_string();
+            self.error = Some(e);
+            return Err(std::io::Error::other(msg));
         }
+        self.total += b.len() as u64;
         (self.progress)(self.total);
         Ok(b.len())
     }
@@ -832,45 +945,76 @@ impl Write for ChunkWriter<'_> {
     }
 }
 
-/// A snapshot's plaintext stream.
+/// A snapshot's plaintext stream. A second thread reads, checks and decrypts the chunks
+/// ahead of the reader (a few at a time), so a restore loads while the next chunks open.
 pub struct SnapshotReader<'a> {
-    repo: &'a Repo,
-    key: &'a RepoKey,
-    cipher: Aes256Gcm,
-    pending: VecDeque<ChunkRef>,
+    rx: std::sync::mpsc::Receiver<(u64, Result<Vec<u8>, BackupError>)>,
     total: u64,
     done: u64,
     cur: Vec<u8>,
     pos: usize,
     progress: &'a dyn Fn(u64, u64),
     error: Option<BackupError>,
+    /// Set when the reader is dropped early, so the prefetching thread stops.
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Drop for SnapshotReader<'_> {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Reads one chunk file, checks its stored hash, decrypts it and checks its id.
+fn open_chunk(
+    dir: &Path,
+    key: &RepoKey,
+    cipher: &Aes256Gcm,
+    c: &ChunkRef,
+) -> Result<Vec<u8>, BackupError> {
+    let file = read_chunk_file(dir, c)?;
+    let undecryptable = || BackupError::UndecryptableChunk(c.id.clone());
+    let (Some(nonce), Some(ct)) = (file.get(..12), file.get(12..)) else {
+        return Err(undecryptable());
+    };
+    let packed = cipher
+        .decrypt(
+            Nonce::from_slice(nonce),
+            Payload {
+                msg: ct,
+                aad: c.id.as_bytes(),
+            },
+        )
+        .map_err(|_| undecryptable())?;
+    let plain = lz4_flex::decompress_size_prepended(&packed).map_err(|_| undecryptable())?;
+    if plain.len() as u64 != c.len || key.chunk_id(&plain) != c.id {
+        return Err(undecryptable());
+    }
+    Ok(plain)
+}
+
+fn chunk_path(dir: &Path, id: &str) -> PathBuf {
+    dir.join("chunks")
+        .join(id.get(..2).unwrap_or("00"))
+        .join(id)
+}
+
+fn read_chunk_file(dir: &Path, c: &ChunkRef) -> Result<Vec<u8>, BackupError> {
+    let p = chunk_path(dir, &c.id);
+    let data = match fs::read(&p) {
+        Ok(d) => d,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(BackupError::MissingChunk(c.id.clone()))
+        }
+        Err(e) => return Err(io_err(&p)(e)),
+    };
+    if hex(&Sha256::digest(&data)) != c.sha256 {
+        return Err(BackupError::CorruptChunk(c.id.clone()));
+    }
+    Ok(data)
 }
 
 impl SnapshotReader<'_> {
-    fn next_chunk(&mut self, c: &ChunkRef) -> Result<Vec<u8>, BackupError> {
-        let file = self.repo.read_chunk_file(c)?;
-        let undecryptable = || BackupError::UndecryptableChunk(c.id.clone());
-        let (nonce, ct) = (file.get(..12), file.get(12..));
-        let (Some(nonce), Some(ct)) = (nonce, ct) else {
-            return Err(undecryptable());
-        };
-        let packed = self
-            .cipher
-            .decrypt(
-                Nonce::from_slice(nonce),
-                Payload {
-                    msg: ct,
-                    aad: c.id.as_bytes(),
-                },
-            )
-            .map_err(|_| undecryptable())?;
-        let plain = lz4_flex::decompress_size_prepended(&packed).map_err(|_| undecryptable())?;
-        if plain.len() as u64 != c.len || self.key.chunk_id(&plain) != c.id {
-            return Err(undecryptable());
-        }
-        Ok(plain)
-    }
-
     /// Why the stream stopped, if a chunk failed.
     pub fn error(&mut self) -> Option<BackupError> {
         self.error.take()
@@ -880,14 +1024,14 @@ impl SnapshotReader<'_> {
 impl Read for SnapshotReader<'_> {
     fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
         while self.pos >= self.cur.len() {
-            let Some(c) = self.pending.pop_front() else {
+            let Ok((len, next)) = self.rx.recv() else {
                 return Ok(0);
             };
-            match self.next_chunk(&c) {
+            match next {
                 Ok(p) => {
                     self.cur = p;
                     self.pos = 0;
-                    self.done += c.len;
+                    self.done += len;
                     (self.progress)(self.done, self.total);
                 }
                 Err(e) => {

@@ -31,6 +31,33 @@ impl Vault {
         self.scan_back_from(None, limit, keep)
     }
 
+    /// As [`Vault::scan_back`], parsing only the entries whose canonical bytes contain
+    /// `needle` (a whole-log scan for a rare action, such as the shred ledger, need not
+    /// decode every entry).
+    pub(crate) fn scan_back_containing<T>(
+        &self,
+        needle: &[u8],
+        mut keep: impl FnMut(u64, AuditRecord) -> Option<T>,
+    ) -> Result<Vec<T>, VaultError> {
+        let finder = memchr::memmem::Finder::new(needle);
+        let mut out = vec![];
+        let mut end = self.store.audit_len()?;
+        while end > 0 {
+            let start = end.saturating_sub(20_000);
+            for row in self.store.audit_range(start, end)?.into_iter().rev() {
+                if finder.find(&row.record).is_none() {
+                    continue;
+                }
+                let Ok(r) = AuditRecord::from_canonical(&row.record) else {
+                    continue;
+                };
+                out.extend(keep(row.seq, r));
+            }
+            end = start;
+        }
+        Ok(out)
+    }
+
     /// As [`Vault::scan_back`], starting below entry `before` (or at the end of the log).
     pub(crate) fn scan_back_from<T>(
         &self,

@@ -226,11 +226,14 @@ impl Vault {
 /// `Duplicate` if the target already holds data; the dump is malformed or cut; storage
 /// failures.
 pub fn restore_store(storage: &Storage, input: &mut dyn Read) -> Result<SnapshotStats, VaultError> {
-    let store: std::sync::Arc<dyn Store> = match storage {
-        Storage::Sqlite(path) => medvault_store::SqliteStore::open(path)?,
-        Storage::Postgres(url) => medvault_store::PgStore::open(url)?,
+    let loaded = match storage {
+        Storage::Sqlite(path) => medvault_store::SqliteStore::restore(path, input),
+        Storage::Postgres(url) => {
+            let store: std::sync::Arc<dyn Store> = medvault_store::PgStore::open(url)?;
+            store.load(input)
+        }
     };
-    match store.load(input) {
+    match loaded {
         Ok(s) => Ok(s),
         Err(medvault_store::StoreError::Exists) => Err(VaultError::Duplicate(
             "the restore target already holds data; restore into a new directory or database"

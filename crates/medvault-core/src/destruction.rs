@@ -491,7 +491,8 @@ impl Vault {
     /// # Errors
     /// The log cannot be read.
     pub fn shred_ledger(&self) -> Result<Vec<(String, u64)>, VaultError> {
-        let mut out = self.scan_back(usize::MAX, |s, r| {
+        // Both actions start with "destruction."; only those entries are decoded.
+        let mut out = self.scan_back_containing(b"destruction.", |s, r| {
             ((r.action == SHRED_ACTION || r.action == REPLAY_ACTION)
                 && r.outcome == Outcome::Success)
                 .then(|| r.patient.map(|p| (p, s)))

@@ -234,6 +234,31 @@ pub enum Value {
     Bool(bool),
 }
 
+/// One value of a row being dumped, borrowed from the database's own buffers (a dump
+/// copies each byte once, into the stream).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cell<'a> {
+    Null,
+    Int(i64),
+    /// UTF-8 text, as stored.
+    Text(&'a [u8]),
+    Bytes(&'a [u8]),
+    Bool(bool),
+}
+
+impl Value {
+    /// This value as a [`Cell`].
+    pub fn cell(&self) -> Cell<'_> {
+        match self {
+            Value::Null => Cell::Null,
+            Value::Int(i) => Cell::Int(*i),
+            Value::Text(t) => Cell::Text(t.as_bytes()),
+            Value::Bytes(b) => Cell::Bytes(b),
+            Value::Bool(b) => Cell::Bool(*b),
+        }
+    }
+}
+
 /// What a dump or load counted.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DumpStats {
@@ -250,19 +275,34 @@ pub struct DumpStats {
 }
 
 impl DumpStats {
-    fn note(&mut self, table: &str, row: &[Value]) {
-        *self.rows.entry(table.to_owned()).or_default() += 1;
+    fn note(&mut self, table: &str, row: &[Cell<'_>]) {
+        match self.rows.get_mut(table) {
+            Some(n) => *n += 1,
+            None => {
+                self.rows.insert(table.to_owned(), 1);
+            }
+        }
+        let text = |t: &[u8]| String::from_utf8_lossy(t).into_owned();
         match table {
             "resource_current" => {
-                if let (Some(Value::Text(t)), Some(Value::Bool(false))) = (row.first(), row.get(4))
-                {
-                    *self.resources.entry(t.clone()).or_default() += 1;
+                if let (Some(Cell::Text(t)), Some(Cell::Bool(false))) = (row.first(), row.get(4)) {
+                    let t = std::str::from_utf8(t).unwrap_or("");
+                    match self.resources.get_mut(t) {
+                        Some(n) => *n += 1,
+                        None => {
+                            self.resources.insert(t.to_owned(), 1);
+                        }
+                    }
                 }
             }
             "resource_versions" => {
-                if let Some(Value::Text(u)) = row.get(4) {
-                    if self.newest_write.as_deref().is_none_or(|n| n < u.as_str()) {
-                        self.newest_write = Some(u.clone());
+                if let Some(Cell::Text(u)) = row.get(4) {
+                    if self
+                        .newest_write
+                        .as_deref()
+                        .is_none_or(|n| n.as_bytes() < *u)
+                    {
+                        self.newest_write = Some(text(u));
                     }
                 }
             }
@@ -272,12 +312,16 @@ impl DumpStats {
     }
 }
 
-/// Writes frames, counting.
+/// Writes frames, counting; buffered, so the stream sees few large writes.
 pub(crate) struct Encoder<'a> {
     out: &'a mut dyn Write,
     pub stats: DumpStats,
     table: &'static str,
+    buf: Vec<u8>,
 }
+
+/// How much an [`Encoder`] gathers before writing it out.
+const ENCODE_BUFFER: usize = 256 * 1024;
 
 fn io(e: std::io::Error) -> StoreError {
     StoreError::Backend(format!("dump stream: {e}"))
@@ -289,12 +333,18 @@ impl<'a> Encoder<'a> {
             out,
             stats: DumpStats::default(),
             table: "",
+            buf: Vec::with_capacity(ENCODE_BUFFER + 64 * 1024),
         }
     }
 
     fn put(&mut self, b: &[u8]) -> Result<(), StoreError> {
         self.stats.bytes += b.len() as u64;
-        self.out.write_all(b).map_err(io)
+        self.buf.extend_from_slice(b);
+        if self.buf.len() >= ENCODE_BUFFER {
+            self.out.write_all(&self.buf).map_err(io)?;
+            self.buf.clear();
+        }
+        Ok(())
     }
 
     pub fn table(&mut self, t: &Table) -> Result<(), StoreError> {
@@ -306,26 +356,26 @@ impl<'a> Encoder<'a> {
         self.put(&u16::try_from(t.cols.len()).unwrap_or(0).to_le_bytes())
     }
 
-    pub fn row(&mut self, row: &[Value]) -> Result<(), StoreError> {
+    pub fn row(&mut self, row: &[Cell<'_>]) -> Result<(), StoreError> {
         self.put(b"R")?;
         for v in row {
-            match v {
-                Value::Null => self.put(&[0])?,
-                Value::Int(i) => {
+            match *v {
+                Cell::Null => self.put(&[0])?,
+                Cell::Int(i) => {
                     self.put(&[1])?;
                     self.put(&i.to_le_bytes())?;
                 }
-                Value::Text(s) => {
+                Cell::Text(s) => {
                     self.put(&[2])?;
                     self.put(&len32(s.len())?)?;
-                    self.put(s.as_bytes())?;
+                    self.put(s)?;
                 }
-                Value::Bytes(b) => {
+                Cell::Bytes(b) => {
                     self.put(&[3])?;
                     self.put(&len32(b.len())?)?;
                     self.put(b)?;
                 }
-                Value::Bool(b) => self.put(&[4, u8::from(*b)])?,
+                Cell::Bool(b) => self.put(&[4, u8::from(b)])?,
             }
         }
         let table = self.table;
@@ -335,6 +385,8 @@ impl<'a> Encoder<'a> {
 
     pub fn end(mut self) -> Result<DumpStats, StoreError> {
         self.put(b"E")?;
+        self.out.write_all(&self.buf).map_err(io)?;
+        self.buf.clear();
         self.out.flush().map_err(io)?;
         Ok(self.stats)
     }
@@ -383,7 +435,8 @@ impl<'a> Decoder<'a> {
     }
 
     fn take_vec(&mut self, n: usize) -> Result<Vec<u8>, StoreError> {
-        let mut b = Vec::new();
+        // Reserved up to a bound: a length is only believed as far as the bytes arrive.
+        let mut b = Vec::with_capacity(n.min(1 << 20));
         let got = (&mut self.input)
             .take(n as u64)
             .read_to_end(&mut b)
@@ -433,7 +486,8 @@ impl<'a> Decoder<'a> {
                     };
                     row.push(v);
                 }
-                self.stats.note(t.name, &row);
+                let cells: Vec<Cell<'_>> = row.iter().map(Value::cell).collect();
+                self.stats.note(t.name, &cells);
                 Ok(Item::Row(row))
             }
             b"E" => Ok(Item::End),
@@ -527,12 +581,8 @@ mod tests {
         let mut e = Encoder::new(&mut buf);
         let t = TABLES.iter().find(|t| t.name == "audit_log").unwrap();
         e.table(t).unwrap();
-        e.row(&[
-            Value::Int(0),
-            Value::Bytes(vec![1, 2]),
-            Value::Bytes(b"{}".to_vec()),
-        ])
-        .unwrap();
+        e.row(&[Cell::Int(0), Cell::Bytes(&[1, 2]), Cell::Bytes(b"{}")])
+            .unwrap();
         let stats = e.end().unwrap();
         assert_eq!(stats.audit_entries, 1);
         assert_eq!(stats.bytes, buf.len() as u64);

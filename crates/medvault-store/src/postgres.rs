@@ -1262,7 +1262,8 @@ impl Store for PgStore {
                                 .map_or(Value::Null, Value::Text),
                         });
                     }
-                    enc.row(&v)?;
+                    let cells: Vec<crate::dump::Cell<'_>> = v.iter().map(Value::cell).collect();
+                    enc.row(&cells)?;
                 }
             }
             conn.commit().await.map_err(classify)?;

@@ -174,6 +174,57 @@ fn open(path: &Path, write: bool) -> Result<Connection, StoreError> {
     Ok(c)
 }
 
+/// Loads a dump on `c` in one transaction (see [`Store::load`]).
+fn load_on(c: &mut Connection, input: &mut dyn std::io::Read) -> Result<DumpStats, StoreError> {
+    use crate::dump::{Decoder, Item, Value};
+    let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let audit: i64 = tx.query_row("SELECT COUNT(*) FROM audit_log", [], |r| r.get(0))?;
+    let meta: i64 = tx.query_row("SELECT COUNT(*) FROM meta", [], |r| r.get(0))?;
+    crate::dump::must_be_empty(audit, meta)?;
+    // Secondary indexes are built once the rows are in (a sort each) rather than kept
+    // up to date row by row: dropped here, created again before the commit.
+    let indexes: Vec<(String, String)> = tx
+        .prepare("SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL")?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    for (name, _) in &indexes {
+        tx.execute_batch(&format!("DROP INDEX \"{}\"", name.replace('"', "")))?;
+    }
+    let mut dec = Decoder::new(input);
+    {
+        let mut st: Option<rusqlite::CachedStatement<'_>> = None;
+        loop {
+            match dec.next()? {
+                Item::Table(t) => {
+                    st = Some(tx.prepare_cached(&crate::dump::insert_sql(t).replace('$', "?"))?);
+                }
+                Item::Row(row) => {
+                    let Some(st) = st.as_mut() else {
+                        return Err(StoreError::Backend("a dump row before its table".into()));
+                    };
+                    for (i, v) in row.iter().enumerate() {
+                        let at = i + 1;
+                        match v {
+                            Value::Null => st.raw_bind_parameter(at, rusqlite::types::Null)?,
+                            Value::Int(x) => st.raw_bind_parameter(at, x)?,
+                            Value::Text(x) => st.raw_bind_parameter(at, x)?,
+                            Value::Bytes(x) => st.raw_bind_parameter(at, x)?,
+                            Value::Bool(x) => st.raw_bind_parameter(at, i64::from(*x))?,
+                        }
+                    }
+                    st.raw_execute()?;
+                }
+                Item::End => break,
+            }
+        }
+    }
+    for (_, sql) in &indexes {
+        tx.execute_batch(sql)?;
+    }
+    tx.commit()?;
+    Ok(dec.stats)
+}
+
 fn migrate(c: &mut Connection) -> Result<(), StoreError> {
     let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let have: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
@@ -204,6 +255,27 @@ impl SqliteStore {
             }),
             reader_free: Condvar::new(),
         }))
+    }
+
+    /// Restores a dump into the database file at `path`, created if absent and refused
+    /// (`Exists`) if it holds data: the same load as [`Store::load`], but with no other
+    /// connection open, so it runs without a journal and holds the file exclusively (a
+    /// restore cut short is discarded whole, never used); the file is left in WAL mode.
+    ///
+    /// # Errors
+    /// As [`Store::load`].
+    pub fn restore(path: &Path, input: &mut dyn std::io::Read) -> Result<DumpStats, StoreError> {
+        {
+            let mut c = open(path, true)?;
+            migrate(&mut c)?;
+        }
+        let mut c = open(path, true)?;
+        c.execute_batch(
+            "PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF; PRAGMA locking_mode=EXCLUSIVE; PRAGMA cache_size=-1048576; PRAGMA threads=2;",
+        )?;
+        let stats = load_on(&mut c, input)?;
+        c.execute_batch("PRAGMA locking_mode=NORMAL; PRAGMA journal_mode=WAL;")?;
+        Ok(stats)
     }
 
     /// Runs `f` on a pooled read connection; at most [`MAX_READERS`] exist, and callers
@@ -836,10 +908,12 @@ impl Store for SqliteStore {
     }
 
     fn dump(&self, out: &mut dyn std::io::Write) -> Result<DumpStats, StoreError> {
-        use crate::dump::{Encoder, Kind, Value, TABLES};
+        use crate::dump::{Cell, Encoder, Kind, TABLES};
+        use rusqlite::types::ValueRef;
         self.with_reader(|c| {
-            // One read transaction: every table from the same WAL snapshot.
-            c.execute_batch("BEGIN")?;
+            // One read transaction: every table from the same WAL snapshot, read through a
+            // memory map (no copy per page into SQLite's cache).
+            c.execute_batch("PRAGMA mmap_size=17179869184; BEGIN")?;
             let mut enc = Encoder::new(out);
             let result = (|| {
                 for t in TABLES {
@@ -847,63 +921,49 @@ impl Store for SqliteStore {
                     let mut st = c.prepare(&crate::dump::select_sql(t, false))?;
                     let mut rows = st.query([])?;
                     while let Some(r) = rows.next()? {
-                        let mut v = Vec::with_capacity(t.cols.len());
-                        for (i, (_, k)) in t.cols.iter().enumerate() {
-                            v.push(match k {
-                                Kind::Int => Value::Int(r.get(i)?),
-                                Kind::Text => Value::Text(r.get(i)?),
-                                Kind::Bytes => Value::Bytes(r.get(i)?),
-                                Kind::Bool => Value::Bool(r.get(i)?),
-                                Kind::OptText | Kind::Patient => r
-                                    .get::<_, Option<String>>(i)?
-                                    .map_or(Value::Null, Value::Text),
-                            });
+                        // On the stack: no allocation per row.
+                        let mut cells = [Cell::Null; 24];
+                        for ((i, (_, k)), cell) in t.cols.iter().enumerate().zip(cells.iter_mut()) {
+                            let v = r.get_ref(i)?;
+                            *cell = match (k, v) {
+                                (_, ValueRef::Null) => Cell::Null,
+                                (Kind::Bool, ValueRef::Integer(x)) => Cell::Bool(x != 0),
+                                (Kind::Int, ValueRef::Integer(x)) => Cell::Int(x),
+                                (Kind::Text | Kind::OptText | Kind::Patient, ValueRef::Text(x)) => {
+                                    Cell::Text(x)
+                                }
+                                (Kind::Bytes, ValueRef::Blob(x)) => Cell::Bytes(x),
+                                _ => {
+                                    return Err(StoreError::Backend(format!(
+                                        "{}: column {i} has an unexpected type",
+                                        t.name
+                                    )))
+                                }
+                            };
                         }
-                        enc.row(&v)?;
+                        let Some(row) = cells.get(..t.cols.len()) else {
+                            return Err(StoreError::Backend(format!(
+                                "{}: too many columns",
+                                t.name
+                            )));
+                        };
+                        enc.row(row)?;
                     }
                 }
                 Ok::<(), StoreError>(())
             })();
-            let _ = c.execute_batch("COMMIT");
+            let _ = c.execute_batch("COMMIT; PRAGMA mmap_size=0");
             result?;
             enc.end()
         })
     }
 
     fn load(&self, input: &mut dyn std::io::Read) -> Result<DumpStats, StoreError> {
-        use crate::dump::{Decoder, Item, Value};
         let mut c = open(&self.path, true)?;
         // A load fills a fresh database in one transaction; if it is cut short the restore
         // is discarded, so it need not wait for the disk at each page.
         c.execute_batch("PRAGMA synchronous=OFF; PRAGMA cache_size=-1048576;")?;
-        let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let audit: i64 = tx.query_row("SELECT COUNT(*) FROM audit_log", [], |r| r.get(0))?;
-        let meta: i64 = tx.query_row("SELECT COUNT(*) FROM meta", [], |r| r.get(0))?;
-        crate::dump::must_be_empty(audit, meta)?;
-        let mut dec = Decoder::new(input);
-        let mut sql = String::new();
-        loop {
-            match dec.next()? {
-                Item::Table(t) => sql = crate::dump::insert_sql(t).replace('$', "?"),
-                Item::Row(row) => {
-                    let mut st = tx.prepare_cached(&sql)?;
-                    let args: Vec<rusqlite::types::Value> = row
-                        .into_iter()
-                        .map(|v| match v {
-                            Value::Null => rusqlite::types::Value::Null,
-                            Value::Int(i) => rusqlite::types::Value::Integer(i),
-                            Value::Text(t) => rusqlite::types::Value::Text(t),
-                            Value::Bytes(b) => rusqlite::types::Value::Blob(b),
-                            Value::Bool(b) => rusqlite::types::Value::Integer(i64::from(b)),
-                        })
-                        .collect();
-                    st.execute(params_from_iter(args))?;
-                }
-                Item::End => break,
-            }
-        }
-        tx.commit()?;
-        Ok(dec.stats)
+        load_on(&mut c, input)
     }
 
     fn purge_deleted(&self) -> Result<bool, StoreError> {
