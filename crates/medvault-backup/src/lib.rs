@@ -664,7 +664,27 @@ impl Repo {
                         .map_err(|e| BackupError::Stream(e.to_string()))
                 });
                 if let Err(e) = checked {
-                    return Err(r.error().unwrap_or(e));
+                    let first = r.error().unwrap_or(e);
+                    drop(r);
+                    // A damaged chunk stops the stream; name every other damaged one too,
+                    // so one run tells the whole story.
+                    let cipher = k.cipher();
+                    let mut bad: Vec<BackupError> = manifest
+                        .chunks
+                        .iter()
+                        .filter_map(|c| open_chunk(&self.dir, k, &cipher, c).err())
+                        .collect();
+                    return Err(match bad.len() {
+                        0 => first,
+                        1 => bad.remove(0),
+                        n => BackupError::Stream(format!(
+                            "{n} chunks are damaged: {}",
+                            bad.iter()
+                                .map(ToString::to_string)
+                                .collect::<Vec<_>>()
+                                .join("; ")
+                        )),
+                    });
                 }
                 Ok(VerifyReport {
                     snapshot: manifest.id.clone(),

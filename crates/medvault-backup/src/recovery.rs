@@ -194,9 +194,16 @@ impl RecoverySecret {
     /// A malformed share, or fewer than the threshold.
     pub fn combine(shares: &[String]) -> Result<Self, BackupError> {
         let mut parsed = vec![];
+        let mut seen: Vec<Vec<u8>> = vec![];
         let mut m = 0u8;
         for s in shares {
             let b = decode("MVRS1-", s)?;
+            if seen.contains(&b) {
+                return Err(err(
+                    "the same share was given twice: give M different holders' shares",
+                ));
+            }
+            seen.push(b.clone());
             let (&t, rest) = b.split_first().ok_or_else(|| err("empty share"))?;
             m = t;
             parsed.push(blahaj::Share::try_from(rest).map_err(|_| err("malformed share"))?);
@@ -282,6 +289,9 @@ mod tests {
             RecoverySecret::combine(&two[..1]).is_err(),
             "below the threshold"
         );
+        let twice = vec![two[0].clone(), two[0].clone()];
+        let e = RecoverySecret::combine(&twice).err().unwrap().to_string();
+        assert!(e.contains("same share was given twice"), "{e}");
         let mut typo = s.to_text().to_string();
         let last = typo.pop().unwrap();
         typo.push(if last == 'A' { 'B' } else { 'A' });

@@ -431,7 +431,7 @@ pub fn run(dir: &Path, cmd: BackupCommand) -> Result<()> {
             let mut repo = repo_of_manifest(&snapshot)?;
             let manifest = repo.manifest(&snapshot)?;
             let key = key_for(&mut repo, dir, &recovery)?.ok_or_else(|| {
-                anyhow!("no key to open this backup: the data directory {} is absent; give --recovery-key-file or --share-file", dir.display())
+                anyhow!("no key to open this backup: {} holds no medvault installation (no {}); give --recovery-key-file or --share-file", dir.display(), config::FILE)
             })?;
             let r = restore(&repo, &manifest, &key, &to, postgres, &ledger)?;
             if json {

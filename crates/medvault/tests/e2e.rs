@@ -8565,17 +8565,25 @@ fn backups(pg: bool) {
         .as_str()
         .unwrap()
         .to_owned();
-    let cpath = bad_repo.join("chunks").join(&chunk[..2]).join(&chunk);
-    let mut bytes = std::fs::read(&cpath).unwrap();
-    let mid = bytes.len() / 2;
-    bytes[mid] ^= 1;
-    std::fs::write(&cpath, bytes).unwrap();
+    let chunks = mf["manifest"]["chunks"].as_array().unwrap();
+    assert!(chunks.len() >= 2, "the fixture spans several chunks");
+    let last = chunks[chunks.len() - 1]["id"].as_str().unwrap().to_owned();
     let bad_m1 = bad_repo.join("snapshots").join(m1.file_name().unwrap());
-    for d in [dir.clone(), work.join("nowhere")] {
-        let o = medvault(&d, &["backup", "verify", bad_m1.to_str().unwrap()]);
-        assert_eq!(o.status.code(), Some(1));
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert!(err.contains(&chunk) && err.lines().count() == 1, "{err}");
+    for (n, c) in [&chunk, &last].into_iter().enumerate() {
+        let cpath = bad_repo.join("chunks").join(&c[..2]).join(c);
+        let mut bytes = std::fs::read(&cpath).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 1;
+        std::fs::write(&cpath, bytes).unwrap();
+        // With the master key (read-data) and without (integrity), every damaged chunk is
+        // named, in one line.
+        for d in [dir.clone(), work.join("nowhere")] {
+            let o = medvault(&d, &["backup", "verify", bad_m1.to_str().unwrap()]);
+            assert_eq!(o.status.code(), Some(1));
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert!(err.contains(&chunk) && err.lines().count() == 1, "{err}");
+            assert_eq!(err.contains(&last), n == 1, "{err}");
+        }
     }
     // A drill restores the newest snapshot elsewhere and reports RTO and RPO.
     let drill = json_out(&medvault(
