@@ -41,11 +41,9 @@ pub use recovery::{RecoveryPublic, RecoverySecret};
 pub enum BackupError {
     #[error("{0}")]
     Vault(#[from] VaultError),
-    #[error("{path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    // The cause is in the message and not chained as a source, so it is printed once.
+    #[error("{path}: {cause}")]
+    Io { path: String, cause: std::io::Error },
     #[error("{0} is not a medvault backup repository (no config.json)")]
     NotARepository(String),
     #[error("repository config: {0}")]
@@ -69,9 +67,9 @@ pub enum BackupError {
 }
 
 fn io_err(path: &Path) -> impl Fn(std::io::Error) -> BackupError + '_ {
-    move |source| BackupError::Io {
+    move |cause| BackupError::Io {
         path: path.display().to_string(),
-        source,
+        cause,
     }
 }
 

@@ -194,7 +194,7 @@ impl RecoverySecret {
     /// A malformed share, or fewer than the threshold.
     pub fn combine(shares: &[String]) -> Result<Self, BackupError> {
         let mut parsed = vec![];
-        let mut seen: Vec<Vec<u8>> = vec![];
+        let mut seen: Vec<Zeroizing<Vec<u8>>> = vec![];
         let mut m = 0u8;
         for s in shares {
             let b = decode("MVRS1-", s)?;

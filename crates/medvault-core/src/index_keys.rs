@@ -277,7 +277,8 @@ pub struct IndexKeyStatus {
 pub struct IndexRotationReport {
     pub from_generation: u32,
     pub to_generation: u32,
-    /// Resources re-indexed by this run (both passes).
+    /// Resource re-indexings by this run, counted once per pass (a full rotation re-indexes
+    /// each resource twice).
     pub reindexed: u64,
     /// Whether this run resumed a rotation that had stopped.
     pub resumed: bool,

@@ -40,7 +40,9 @@ pub enum CryptoError {
     Decrypt,
     #[error("encryption failed")]
     Encrypt,
-    #[error("master key version {0} is not available ({1}); a data key is wrapped by it")]
+    #[error(
+        "master key version {0} is not available ({1}), and something this needs is wrapped by it"
+    )]
     MissingVersion(u32, String),
     #[error("the passphrase does not open {0}")]
     WrongPassphrase(String),

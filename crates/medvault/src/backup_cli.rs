@@ -121,6 +121,22 @@ impl RecoveryArgs {
     }
 }
 
+/// After a master key rotation: re-wraps the key of the installation's repository (if it
+/// exists) under the version in force; returns its path when it did.
+///
+/// # Errors
+/// The repository's config cannot be read or written, or its key does not open.
+pub fn rewrap_repository(dir: &Path, vault: &Vault, c: &Caller) -> Result<Option<String>> {
+    let cfg = Config::load(dir)?;
+    let path = repository(dir, &cfg, None);
+    if !path.join("config.json").exists() {
+        return Ok(None);
+    }
+    let mut repo = Repo::open(&path)?;
+    repo.key_from_vault(vault, c)?;
+    Ok(Some(path.display().to_string()))
+}
+
 /// The repository of a data directory: `backup.repository`, else `DIR-backups`.
 pub fn repository(dir: &Path, cfg: &Config, out: Option<&Path>) -> PathBuf {
     if let Some(o) = out {
@@ -141,12 +157,18 @@ pub fn repository(dir: &Path, cfg: &Config, out: Option<&Path>) -> PathBuf {
 /// half returned to print once.
 pub fn new_recovery_key(dir: &Path, cfg: &Config) -> Result<RecoverySecret> {
     let s = RecoverySecret::generate();
+    install_recovery_public(dir, cfg, &s)?;
+    Ok(s)
+}
+
+/// Makes `s`'s public half the one new backups are sealed to.
+fn install_recovery_public(dir: &Path, cfg: &Config, s: &RecoverySecret) -> Result<()> {
     let p = dir.join(&cfg.backup.recovery_public_key_file);
     let tmp = p.with_extension("tmp");
     std::fs::write(&tmp, format!("{}\n", s.public().to_text()))
         .with_context(|| format!("cannot write {}", tmp.display()))?;
     std::fs::rename(&tmp, &p)?;
-    Ok(s)
+    Ok(())
 }
 
 fn recovery_public(dir: &Path, cfg: &Config) -> Result<RecoveryPublic> {
@@ -306,6 +328,12 @@ pub fn schedule(
 }
 
 fn repo_of_manifest(path: &Path) -> Result<Repo> {
+    if !path.is_file() {
+        bail!(
+            "{}: no such snapshot manifest (give REPOSITORY/snapshots/ID.json, as `backup list` shows)",
+            path.display()
+        );
+    }
     let dir = path.parent().and_then(Path::parent).ok_or_else(|| {
         anyhow!(
             "{} is not a snapshot manifest (REPOSITORY/snapshots/ID.json)",
@@ -490,19 +518,11 @@ pub fn run(dir: &Path, cmd: BackupCommand) -> Result<()> {
                     bail!("--holders names someone twice: each share goes to a different person");
                 }
             }
-            let s = new_recovery_key(dir, &cfg)?;
-            match split {
-                None => {
-                    let key = s.to_text();
-                    if json {
-                        println!(
-                            "{}",
-                            json!({"recovery_key": &*key, "public_key": s.public().to_text()})
-                        );
-                    } else {
-                        println!("recovery key (store it offline; it opens every backup made from now on):\n{}", &*key);
-                    }
-                }
+            let s = RecoverySecret::generate();
+            // Everything is checked, and the shares made, before the new key replaces the
+            // old one: a mistyped split must not leave backups sealed to a key nobody holds.
+            let split = match split {
+                None => None,
                 Some(spec) => {
                     let (m, n) = spec
                         .split_once("-of-")
@@ -517,7 +537,23 @@ pub fn run(dir: &Path, cmd: BackupCommand) -> Result<()> {
                     if names.len() != usize::from(n) {
                         bail!("--holders must name {n} people, one per share");
                     }
-                    let shares = s.split(m, n)?;
+                    Some((m, n, names, s.split(m, n)?))
+                }
+            };
+            install_recovery_public(dir, &cfg, &s)?;
+            match split {
+                None => {
+                    let key = s.to_text();
+                    if json {
+                        println!(
+                            "{}",
+                            json!({"recovery_key": &*key, "public_key": s.public().to_text()})
+                        );
+                    } else {
+                        println!("recovery key (store it offline; it opens every backup made from now on):\n{}", &*key);
+                    }
+                }
+                Some((m, n, names, shares)) => {
                     if json {
                         let list: Vec<_> = names
                             .iter()

@@ -727,7 +727,7 @@ fn keys(dir: &Path, command: KeysCommand) -> Result<()> {
             match (ix.phase, ix.rotating_to, ix.retiring) {
                 ("stable", ..) => println!("blind-index key: generation {}", ix.generation),
                 (phase, to, old) => println!(
-                    "blind-index key: generation {}, rotation {phase}{}{} (run `medvault keys rotate --index` to resume if it stopped)",
+                    "blind-index key: generation {} in use for lookups; a rotation is under way (phase: {phase}){}{} — run `medvault keys rotate --index` to resume it if it stopped",
                     ix.generation,
                     to.map(|t| format!(" to generation {t}")).unwrap_or_default(),
                     old.map(|o| format!(", removing generation {o}'s tokens")).unwrap_or_default()
@@ -808,7 +808,7 @@ fn keys(dir: &Path, command: KeysCommand) -> Result<()> {
                 println!("{}", serde_json::to_string(&report)?);
             } else {
                 println!(
-                    "blind-index key rotated{}: generation {} -> {}, {} resources re-indexed; the old root is deleted",
+                    "blind-index key rotated{}: generation {} -> {}; {} resource re-indexings over its passes (both keys, then the new one alone); the old root is deleted",
                     if report.resumed { " (resumed)" } else { "" },
                     report.from_generation,
                     report.to_generation,
@@ -839,6 +839,9 @@ fn keys(dir: &Path, command: KeysCommand) -> Result<()> {
             if let Some(b) = bar {
                 b.finish_and_clear();
             }
+            // The installation's backup repository is re-wrapped now, so the retired key
+            // file can go without locking it out.
+            let rewrapped = backup_cli::rewrap_repository(dir, &vault, &me)?;
             if json {
                 println!("{}", serde_json::to_string(&report)?);
             } else {
@@ -849,8 +852,14 @@ fn keys(dir: &Path, command: KeysCommand) -> Result<()> {
                     report.to_version,
                     report.rewrapped
                 );
+                if let Some(r) = &rewrapped {
+                    println!(
+                        "backup repository {r}: its key is now wrapped by version {}",
+                        report.to_version
+                    );
+                }
                 for f in &report.retired_files {
-                    println!("retired: nothing uses {f} any more; delete it once every backup sealed under it has expired");
+                    println!("retired: no data key uses {f} any more; delete it once every backup sealed under it has expired, and once any other backup repository has taken a backup since (each re-wraps its key then)");
                 }
             }
         }
