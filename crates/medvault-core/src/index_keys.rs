@@ -169,15 +169,20 @@ impl IndexView {
         }
     }
 
-    /// Fails closed when this view is older than [`LEASE`]: a rotation may have moved on
-    /// twice since, and lookups under it could miss rows.
-    pub(crate) fn check_lease(&self) -> Result<(), VaultError> {
-        if self.fetched.elapsed() > LEASE {
-            return Err(VaultError::Unavailable(
-                "the search index key changed during the request; retry".into(),
-            ));
+    /// Fails closed when this view is older than [`LEASE`] and the phase has moved since
+    /// (a rotation may have moved on twice, and lookups under it could miss rows). Phases
+    /// only move forward, so finding the same phase again means it never changed; a slow
+    /// request is not refused for being slow.
+    pub(crate) fn check_lease(&self, store: &Arc<dyn Store>) -> Result<(), VaultError> {
+        if self.fetched.elapsed() <= LEASE {
+            return Ok(());
         }
-        Ok(())
+        match store.meta(PHASE).ok().map(|v| Phase::parse(v.as_deref())) {
+            Some(Ok(now)) if now == self.phase => Ok(()),
+            _ => Err(VaultError::Unavailable(
+                "the search index key changed during the request; retry".into(),
+            )),
+        }
     }
 }
 
@@ -563,5 +568,40 @@ mod tests {
         assert_eq!(Phase::parse(None).unwrap(), Phase::Stable(1));
         assert!(Phase::parse(Some(b"rotating 1")).is_err());
         assert_eq!(writer_tag(&[1, 2]), "1+2");
+    }
+
+    /// A read that outlived its lease is refused only if the phase moved meanwhile.
+    #[test]
+    fn an_old_view_fails_closed_only_when_the_phase_moved() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> =
+            medvault_store::SqliteStore::open(&dir.path().join("db")).unwrap();
+        let key = Arc::new(IndexKey::new(1, &IndexRootKey::generate()));
+        let view = |age: Duration| IndexView {
+            phase: Phase::Stable(1),
+            read: key.clone(),
+            write: vec![key.clone()],
+            writer: "1".into(),
+            fetched: Instant::now().checked_sub(age).unwrap(),
+        };
+        assert!(view(Duration::ZERO).check_lease(&store).is_ok());
+        assert!(
+            view(LEASE * 2).check_lease(&store).is_ok(),
+            "slow, same phase"
+        );
+        store
+            .commit(medvault_store::WriteBatch {
+                ops: vec![put_meta(PHASE, "rotating 1 2")],
+                audit: vec![],
+            })
+            .unwrap();
+        assert!(
+            view(Duration::ZERO).check_lease(&store).is_ok(),
+            "within the lease"
+        );
+        assert!(matches!(
+            view(LEASE * 2).check_lease(&store),
+            Err(VaultError::Unavailable(_))
+        ));
     }
 }

@@ -172,7 +172,7 @@ impl Vault {
         let k = &view.read;
         let params = asker_params(k, c);
         let hits = self.store.chart_tokens(patient, &params.lookup())?;
-        view.check_lease()?;
+        view.check_lease(&self.store)?;
         let chart = ChartPrivacy::new(&k.privacy, &params, hits);
         Ok(match (labels_of_content, own) {
             (Some(l), _) => chart.facts_for(&k.privacy, l, patient.as_str(), category),

@@ -340,7 +340,7 @@ impl Vault {
         match self.store.audited(read) {
             Ok(p) => match p.downcast::<Result<T, VaultError>>() {
                 // Lookups under a view a rotation has moved past could have missed rows.
-                Ok(out) => lease.check_lease().and(*out),
+                Ok(out) => lease.check_lease(&self.store).and(*out),
                 Err(_) => Err(VaultError::Internal(
                     "audited read returned the wrong type".into(),
                 )),
