@@ -17,7 +17,8 @@
 //!
 //! Between phases the rotation waits a grace period longer than any server's lease on its
 //! view ([`LEASE`]; a server re-reads the phase at most [`REFRESH`] after it changed, and an
-//! audited read whose view is older than the lease fails closed with 503), so no lookup
+//! audited read whose view is older than the lease, when the phase has moved meanwhile,
+//! fails closed with 503), so no lookup
 //! ever runs under a generation whose rows are incomplete. Writes are guarded in their own
 //! transaction: each carries the generations it covers (its *writer tag*, `G`, `G+H` or
 //! `H`), and the store refuses it unless `search.index_writers` lists that tag — the
