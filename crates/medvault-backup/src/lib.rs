@@ -106,11 +106,7 @@ impl RepoKey {
         Aes256Gcm::new((&*self.derive("chunk-seal/v1")).into())
     }
     fn chunk_id(&self, plain: &[u8]) -> String {
-        let k = self.derive("chunk-id/v1");
-        let mut m = <Hmac<Sha256> as Mac>::new_from_slice(&*k)
-            .unwrap_or_else(|_| <Hmac<Sha256> as Mac>::new(&Default::default()));
-        m.update(plain);
-        hex(&m.finalize().into_bytes())
+        chunk_id_with(&self.derive("chunk-id/v1"), plain)
     }
     fn signer(&self) -> ed25519_dalek::SigningKey {
         ed25519_dalek::SigningKey::from_bytes(&self.derive("manifest-signing/v1"))
@@ -119,6 +115,15 @@ impl RepoKey {
     pub fn verifier(&self) -> String {
         B64.encode(self.signer().verifying_key().to_bytes())
     }
+}
+
+/// A chunk's id: HMAC-SHA256 of its plaintext under the chunk-id key, hex (so equal chunks
+/// share one file, and the id reveals nothing without the key).
+fn chunk_id_with(id_key: &[u8; 32], plain: &[u8]) -> String {
+    let mut m = <Hmac<Sha256> as Mac>::new_from_slice(id_key)
+        .unwrap_or_else(|_| <Hmac<Sha256> as Mac>::new(&Default::default()));
+    m.update(plain);
+    hex(&m.finalize().into_bytes())
 }
 
 fn hex(b: &[u8]) -> String {
@@ -185,6 +190,14 @@ pub struct Manifest {
     /// Charts destroyed up to this snapshot: (patient id, audit index of the destruction).
     pub shred_ledger: Vec<(String, u64)>,
     pub chunks: Vec<ChunkRef>,
+}
+
+impl Manifest {
+    /// Bytes of the snapshot stream (the carried files and the store's snapshot, before
+    /// compression): what `backup create` reported as the snapshot's size.
+    pub fn bytes(&self) -> u64 {
+        self.chunks.iter().map(|c| c.len).sum()
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -462,35 +475,61 @@ impl Repo {
         let id = random_id();
         let created = instant(now);
         let known = self.known_chunks()?;
-        // Two stages on two threads: this one dumps the stream; the sealer cuts it into
-        // chunks, hashes, compresses, encrypts and writes each, in stream order.
-        let (stats, total, sealed) = std::thread::scope(|scope| {
-            let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(SEAL_QUEUE);
-            let sealer = scope.spawn(move || {
-                let mut s = Sealer {
-                    repo: self,
-                    key,
-                    cipher: key.cipher(),
-                    known,
-                    buf: Vec::with_capacity(5 * CHUNK_MAX as usize),
-                    chunks: vec![],
-                    new_chunks: 0,
-                    new_bytes: 0,
-                };
-                for block in rx {
-                    s.buf.extend_from_slice(&block);
-                    if s.buf.len() >= 4 * CHUNK_MAX as usize {
-                        s.cut(false)?;
+        // A pipeline: this thread writes the store's snapshot into the stream and cuts it at
+        // content-defined boundaries; the sealers name, compress, encrypt and store each
+        // chunk (in any order, on every core); the chunk list is put back in stream order.
+        let sealer = Sealer {
+            repo: self,
+            cipher: key.cipher(),
+            id_key: key.derive("chunk-id/v1"),
+            known,
+            failed: std::sync::atomic::AtomicBool::new(false),
+        };
+        let (work_tx, work_rx) = std::sync::mpsc::sync_channel::<Job>(SEAL_QUEUE);
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<(usize, Result<Sealed, BackupError>)>();
+        let work_rx = std::sync::Mutex::new(work_rx);
+        let (stats, total, sealed, ledger) = std::thread::scope(|scope| {
+            let sealer = &sealer;
+            let work_rx = &work_rx;
+            // The shred ledger, read from the audit log meanwhile: it names every chart
+            // destroyed before the snapshot (and perhaps some destroyed during it, which a
+            // restore then destroys again: never one too few).
+            let ledger = scope.spawn(|| vault.shred_ledger());
+            for _ in 0..SEAL_WORKERS {
+                let done_tx = done_tx.clone();
+                scope.spawn(move || loop {
+                    let job = match work_rx.lock() {
+                        Ok(rx) => rx.recv(),
+                        Err(_) => return,
+                    };
+                    let Ok(job) = job else { return };
+                    let r = match (
+                        sealer.failed.load(std::sync::atomic::Ordering::Relaxed),
+                        job.buf.get(job.range.clone()),
+                    ) {
+                        (false, Some(plain)) => sealer.seal_one(plain),
+                        (true, _) => Err(BackupError::Stream("stopped".into())),
+                        (_, None) => Err(BackupError::Stream("chunk bounds".into())),
+                    };
+                    if r.is_err() {
+                        sealer
+                            .failed
+                            .store(true, std::sync::atomic::Ordering::Relaxed);
                     }
-                }
-                s.cut(true)?;
-                Ok::<Sealer<'_>, BackupError>(s)
-            });
+                    if done_tx.send((job.n, r)).is_err() {
+                        return;
+                    }
+                });
+            }
+            drop(done_tx);
             let mut w = ChunkWriter {
-                tx: Some(tx),
+                buf: Vec::with_capacity(CUT_AT + 2 * CHUNK_MAX as usize),
+                next: 0,
+                out: Some(work_tx),
                 total: 0,
                 progress,
                 error: None,
+                failed: &sealer.failed,
             };
             let dumped = write_files(&mut w, files)
                 .map_err(|e| w.error.take().unwrap_or(BackupError::Stream(e.to_string())))
@@ -498,21 +537,57 @@ impl Repo {
                     vault
                         .backup_snapshot(c, &id, expires, &mut w)
                         .map_err(|e| w.error.take().unwrap_or(BackupError::Vault(e)))
-                });
-            let total = w.total;
-            w.tx = None;
-            let sealed = sealer
+                })
+                .and_then(|stats| w.cut(true).map(|()| stats));
+            let (total, cut) = (w.total, w.next);
+            w.out = None;
+            let mut done: Vec<(usize, Result<Sealed, BackupError>)> = done_rx.iter().collect();
+            done.sort_by_key(|d| d.0);
+            // A chunk's own failure is the cause when the stream also failed (the stream
+            // stopped because it did).
+            let mut chunks = Vec::with_capacity(done.len());
+            let (mut new_chunks, mut new_bytes) = (0, 0);
+            let mut first_error = None;
+            for (_, r) in done {
+                match r {
+                    Ok(s) => {
+                        if let Some(n) = s.written {
+                            new_chunks += 1;
+                            new_bytes += n;
+                        }
+                        chunks.push(s.chunk);
+                    }
+                    Err(e) => {
+                        if first_error.is_none() {
+                            first_error = Some(e);
+                        }
+                    }
+                }
+            }
+            let ledger = ledger
                 .join()
-                .unwrap_or_else(|_| Err(BackupError::Stream("the sealing thread failed".into())));
-            // The sealer's failure is the cause when both failed (the stream stopped
-            // because it did).
-            match (dumped, sealed) {
-                (_, Err(e)) | (Err(e), _) => Err(e),
-                (Ok(stats), Ok(sealed)) => Ok((stats, total, sealed)),
+                .unwrap_or_else(|_| {
+                    Err(medvault_core::VaultError::Internal(
+                        "the shred ledger's reader stopped".into(),
+                    ))
+                })
+                .map_err(BackupError::Vault);
+            match (first_error, dumped, ledger) {
+                (Some(e), ..) | (None, Err(e), _) | (None, Ok(_), Err(e)) => Err(e),
+                (None, Ok(stats), Ok(ledger)) if cut == chunks.len() => Ok((
+                    stats,
+                    total,
+                    SealedAll {
+                        chunks,
+                        new_chunks,
+                        new_bytes,
+                    },
+                    ledger,
+                )),
+                (None, Ok(_), Ok(_)) => Err(BackupError::Stream("a chunk went missing".into())),
             }
         })?;
         sync_repository(&self.dir)?;
-        let ledger = vault.shred_ledger()?;
         let manifest = Manifest {
             format: "medvault-backup-snapshot-v1".into(),
             id: id.clone(),
@@ -707,31 +782,40 @@ impl Repo {
         key: &RepoKey,
         progress: &'a dyn Fn(u64, u64),
     ) -> SnapshotReader<'a> {
-        let (tx, rx) = std::sync::mpsc::sync_channel(READ_AHEAD);
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (dir, chunks, key2, halt) = (
-            self.dir.clone(),
-            manifest.chunks.clone(),
-            RepoKey {
-                raw: key.raw.clone(),
-            },
-            stop.clone(),
-        );
-        std::thread::spawn(move || {
-            let cipher = key2.cipher();
-            for c in chunks {
-                if halt.load(std::sync::atomic::Ordering::Relaxed) {
-                    return;
-                }
-                let opened = open_chunk(&dir, &key2, &cipher, &c);
-                let failed = opened.is_err();
-                if tx.send((c.len, opened)).is_err() || failed {
-                    return;
-                }
-            }
-        });
+        let chunks = std::sync::Arc::new(manifest.chunks.clone());
+        // Chunk i is opened by worker i mod OPEN_WORKERS; the reader takes them back in
+        // stream order, one queue after the other.
+        let rxs = (0..OPEN_WORKERS)
+            .map(|w| {
+                let (tx, rx) = std::sync::mpsc::sync_channel(READ_AHEAD);
+                let (dir, chunks, key2, halt) = (
+                    self.dir.clone(),
+                    chunks.clone(),
+                    RepoKey {
+                        raw: key.raw.clone(),
+                    },
+                    stop.clone(),
+                );
+                std::thread::spawn(move || {
+                    let cipher = key2.cipher();
+                    for c in chunks.iter().skip(w).step_by(OPEN_WORKERS) {
+                        if halt.load(std::sync::atomic::Ordering::Relaxed) {
+                            return;
+                        }
+                        let opened = open_chunk(&dir, &key2, &cipher, c);
+                        let failed = opened.is_err();
+                        if tx.send((c.len, opened)).is_err() || failed {
+                            return;
+                        }
+                    }
+                });
+                rx
+            })
+            .collect();
         SnapshotReader {
-            rx,
+            rxs,
+            next: 0,
             total: manifest.chunks.iter().map(|c| c.len).sum(),
             done: 0,
             cur: vec![],
@@ -782,44 +866,41 @@ impl Repo {
 /// Blocks of the stream waiting for the sealer (each a dump buffer, about 256 KiB): enough
 /// to keep both stages busy, little enough to bound memory.
 const SEAL_QUEUE: usize = 32;
-/// Chunks a reader opens ahead of its consumer.
-const READ_AHEAD: usize = 8;
+/// Chunks each opening worker of a reader opens ahead of its consumer.
+const READ_AHEAD: usize = 4;
+/// Threads opening (checking, decrypting, decompressing) a snapshot's chunks.
+const OPEN_WORKERS: usize = 2;
 
-/// Hands the stream to the sealer, a block at a time.
+/// One chunk to seal: its number in stream order, and where it lies in a buffer the
+/// chunks of one cut share (no copy per chunk).
+struct Job {
+    n: usize,
+    buf: std::sync::Arc<Vec<u8>>,
+    range: std::ops::Range<usize>,
+}
+
+/// How much of the stream is gathered before it is cut into chunks.
+const CUT_AT: usize = 4 * CHUNK_MAX as usize;
+
+/// The first stage of a backup: gathers the stream, cuts it at content-defined boundaries
+/// and hands each chunk, numbered in stream order, to the sealers.
 struct ChunkWriter<'a> {
-    tx: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+    /// The stream not yet cut.
+    buf: Vec<u8>,
+    /// The next chunk's number (after the last cut: how many chunks there are).
+    next: usize,
+    out: Option<std::sync::mpsc::SyncSender<Job>>,
     total: u64,
     progress: &'a dyn Fn(u64),
     error: Option<BackupError>,
+    /// Set by a sealer that failed.
+    failed: &'a std::sync::atomic::AtomicBool,
 }
 
-/// Threads sealing the chunks of one cut.
-const SEAL_WORKERS: usize = 2;
-
-/// One chunk sealed: its reference, and the bytes written if this backup stored it.
-struct Sealed {
-    chunk: ChunkRef,
-    written: Option<u64>,
-}
-
-/// The second stage of a backup: names, compresses, seals and stores chunks in order.
-struct Sealer<'a> {
-    repo: &'a Repo,
-    key: &'a RepoKey,
-    cipher: Aes256Gcm,
-    /// Chunks already stored, with their files' SHA-256.
-    known: std::collections::HashMap<String, String>,
-    /// The stream not yet cut.
-    buf: Vec<u8>,
-    chunks: Vec<ChunkRef>,
-    new_chunks: usize,
-    new_bytes: u64,
-}
-
-impl Sealer<'_> {
-    /// Cuts the buffer at content-defined boundaries: a chunk is cut only once the bytes
-    /// after it are known (or the stream ended), so the cuts equal those of chunking the
-    /// whole stream at once, and an unchanged region gives the same chunks every time.
+impl ChunkWriter<'_> {
+    /// Cuts the buffer: a chunk is cut only once the bytes after it are known (or the
+    /// stream ended, `last`), so the cuts equal those of chunking the whole stream at once,
+    /// and an unchanged region gives the same chunks every time.
     fn cut(&mut self, last: bool) -> Result<(), BackupError> {
         let cuts: Vec<(usize, usize)> =
             fastcdc::v2020::FastCDC::new(&self.buf, CHUNK_MIN, CHUNK_AVG, CHUNK_MAX)
@@ -830,60 +911,65 @@ impl Sealer<'_> {
         } else {
             cuts.len().saturating_sub(1)
         };
-        let mut plains = Vec::with_capacity(keep);
-        let mut consumed = 0;
+        let consumed = cuts
+            .get(..keep)
+            .and_then(<[(usize, usize)]>::last)
+            .map_or(0, |&(off, len)| off + len);
+        // What stays uncut starts the next buffer; the cut part is shared by its chunks.
+        let mut rest = Vec::with_capacity(CUT_AT + 2 * CHUNK_MAX as usize);
+        rest.extend_from_slice(self.buf.get(consumed..).unwrap_or_default());
+        let mut whole = std::mem::replace(&mut self.buf, rest);
+        whole.truncate(consumed);
+        let whole = std::sync::Arc::new(whole);
+        let out = self
+            .out
+            .as_ref()
+            .ok_or_else(|| BackupError::Stream("the stream is closed".into()))?;
         for &(off, len) in cuts.iter().take(keep) {
-            plains.push(
-                self.buf
-                    .get(off..off + len)
-                    .ok_or_else(|| BackupError::Stream("chunk bounds".into()))?,
-            );
-            consumed = off + len;
+            out.send(Job {
+                n: self.next,
+                buf: whole.clone(),
+                range: off..off + len,
+            })
+            .map_err(|_| BackupError::Stream("the sealing threads stopped".into()))?;
+            self.next += 1;
         }
-        // The chunks of one cut are sealed on every core (interleaved), then kept in order.
-        let this = &*self;
-        let sealed: Vec<Vec<(usize, Sealed)>> = std::thread::scope(|scope| {
-            let workers: Vec<_> = (0..SEAL_WORKERS)
-                .map(|w| {
-                    let plains = &plains;
-                    scope.spawn(move || {
-                        plains
-                            .iter()
-                            .enumerate()
-                            .skip(w)
-                            .step_by(SEAL_WORKERS)
-                            .map(|(i, p)| this.seal_one(p).map(|s| (i, s)))
-                            .collect::<Result<Vec<_>, BackupError>>()
-                    })
-                })
-                .collect();
-            workers
-                .into_iter()
-                .map(|h| {
-                    h.join().unwrap_or_else(|_| {
-                        Err(BackupError::Stream("a sealing worker failed".into()))
-                    })
-                })
-                .collect::<Result<Vec<_>, BackupError>>()
-        })?;
-        let mut sealed: Vec<(usize, Sealed)> = sealed.into_iter().flatten().collect();
-        sealed.sort_by_key(|s| s.0);
-        for (_, s) in sealed {
-            if let Some(n) = s.written {
-                self.new_chunks += 1;
-                self.new_bytes += n;
-            }
-            self.known
-                .insert(s.chunk.id.clone(), s.chunk.sha256.clone());
-            self.chunks.push(s.chunk);
-        }
-        self.buf.drain(..consumed);
         Ok(())
     }
+}
 
+/// Threads sealing chunks.
+const SEAL_WORKERS: usize = 2;
+
+/// One chunk sealed: its reference, and the bytes written if this backup stored it.
+struct Sealed {
+    chunk: ChunkRef,
+    written: Option<u64>,
+}
+
+/// Every chunk of a snapshot, in stream order, and what this backup stored.
+struct SealedAll {
+    chunks: Vec<ChunkRef>,
+    new_chunks: usize,
+    new_bytes: u64,
+}
+
+/// The sealing stage, shared by its threads: names, compresses, seals and stores chunks.
+struct Sealer<'a> {
+    repo: &'a Repo,
+    cipher: Aes256Gcm,
+    /// The chunk-id MAC key (derived once).
+    id_key: Zeroizing<[u8; 32]>,
+    /// Chunks already stored, with their files' SHA-256.
+    known: std::collections::HashMap<String, String>,
+    /// Set when a chunk failed: the other stages stop.
+    failed: std::sync::atomic::AtomicBool,
+}
+
+impl Sealer<'_> {
     /// Names one chunk and stores it unless the repository has it.
     fn seal_one(&self, plain: &[u8]) -> Result<Sealed, BackupError> {
-        let id = self.key.chunk_id(plain);
+        let id = chunk_id_with(&self.id_key, plain);
         let path = self.repo.chunk_path(&id);
         let (sha256, written) = match self.known.get(&id) {
             Some(sha) if path.exists() => (sha.clone(), None),
@@ -903,21 +989,36 @@ impl Sealer<'_> {
     }
 
     /// Seals and stores one chunk unless another backup stored it first (several may run at
-    /// once: the file is linked into place, never renamed over one that exists); returns
-    /// the SHA-256 of the file that is now stored, whichever backup wrote it, and the bytes
-    /// written when this backup wrote it.
+    /// once: the file is renamed into place only if no file has that name, never over one);
+    /// returns the SHA-256 of the file that is now stored, whichever backup wrote it, and
+    /// the bytes written when this backup wrote it.
     fn put_chunk(
         &self,
         path: &Path,
         plain: &[u8],
         id: &str,
     ) -> Result<(String, Option<u64>), BackupError> {
-        let packed = lz4_flex::compress_prepend_size(plain);
+        // nonce ‖ AES-256-GCM(u32-LE length ‖ LZ4 block) ‖ tag, compressed straight into
+        // the file's buffer.
         let mut nonce = [0u8; 12];
         rand::rngs::OsRng.fill_bytes(&mut nonce);
-        let mut file = Vec::with_capacity(12 + packed.len() + 16);
-        file.extend_from_slice(&nonce);
-        file.extend_from_slice(&packed);
+        let bound = lz4_flex::block::get_maximum_output_size(plain.len());
+        let mut file = vec![0u8; 16 + bound];
+        let (head, body) = file.split_at_mut(16);
+        head.get_mut(..12)
+            .ok_or_else(|| BackupError::Stream("chunk header".into()))?
+            .copy_from_slice(&nonce);
+        head.get_mut(12..)
+            .ok_or_else(|| BackupError::Stream("chunk header".into()))?
+            .copy_from_slice(
+                &u32::try_from(plain.len())
+                    .map_err(|_| BackupError::Stream("chunk too large".into()))?
+                    .to_le_bytes(),
+            );
+        let packed = lz4_flex::block::compress_into(plain, body)
+            .map_err(|e| BackupError::Stream(format!("compression failed: {e}")))?;
+        file.truncate(16 + packed);
+        file.reserve_exact(16);
         let tag = self
             .cipher
             .encrypt_in_place_detached(
@@ -931,31 +1032,60 @@ impl Sealer<'_> {
             fs::create_dir_all(parent).map_err(io_err(parent))?;
         }
         let tmp = path.with_extension(format!("tmp{}-{}", std::process::id(), random_id()));
-        write_file(&tmp, &file, false)?;
-        let linked = fs::hard_link(&tmp, path);
-        let _ = fs::remove_file(&tmp);
-        match linked {
+        fs::File::create(&tmp)
+            .and_then(|mut f| {
+                f.write_all(&file)?;
+                // Start writing it to disk now (Linux: POSIX_FADV_DONTNEED begins writeback
+                // of dirty pages), so the sync before the manifest has little left to wait
+                // for. Advice only: a failure changes nothing.
+                let _ = rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed);
+                Ok(())
+            })
+            .map_err(io_err(&tmp))?;
+        let placed = rustix::fs::renameat_with(
+            rustix::fs::CWD,
+            &tmp,
+            rustix::fs::CWD,
+            path,
+            rustix::fs::RenameFlags::NOREPLACE,
+        );
+        match placed {
             Ok(()) => Ok((hex(&Sha256::digest(&file)), Some(file.len() as u64))),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            Err(rustix::io::Errno::EXIST) => {
+                let _ = fs::remove_file(&tmp);
                 let existing = fs::read(path).map_err(io_err(path))?;
                 Ok((hex(&Sha256::digest(&existing)), None))
             }
-            Err(e) => Err(io_err(path)(e)),
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                Err(io_err(path)(e.into()))
+            }
         }
     }
 }
 
 impl Write for ChunkWriter<'_> {
     fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        let sent = self.tx.as_ref().map(|t| t.send(b.to_vec()));
-        if !matches!(sent, Some(Ok(()))) {
-            let e = BackupError::Stream("the sealing thread stopped".into());
+        if self.failed.load(std::sync::atomic::Ordering::Relaxed) {
+            let e = BackupError::Stream("a chunk could not be stored".into());
             let msg = e.to_string();
             self.error = Some(e);
             return Err(std::io::Error::other(msg));
         }
+        self.buf.extend_from_slice(b);
+        if self.buf.len() >= CUT_AT {
+            if let Err(e) = self.cut(false) {
+                let msg = e.to_string();
+                self.error = Some(e);
+                return Err(std::io::Error::other(msg));
+            }
+        }
+        let before = self.total;
         self.total += b.len() as u64;
-        (self.progress)(self.total);
+        // Progress once per MiB: writes may come a database page at a time.
+        if before >> 20 != self.total >> 20 {
+            (self.progress)(self.total);
+        }
         Ok(b.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -963,10 +1093,17 @@ impl Write for ChunkWriter<'_> {
     }
 }
 
-/// A snapshot's plaintext stream. A second thread reads, checks and decrypts the chunks
-/// ahead of the reader (a few at a time), so a restore loads while the next chunks open.
+/// One chunk opened by a reader's worker: its plaintext length (from the manifest) and its
+/// plaintext, or why it would not open.
+type Opened = (u64, Result<Vec<u8>, BackupError>);
+
+/// A snapshot's plaintext stream. Two threads read, check and decrypt the chunks ahead of
+/// the reader (a few each), so a restore writes while the next chunks open.
 pub struct SnapshotReader<'a> {
-    rx: std::sync::mpsc::Receiver<(u64, Result<Vec<u8>, BackupError>)>,
+    /// One queue per opening worker.
+    rxs: Vec<std::sync::mpsc::Receiver<Opened>>,
+    /// Index of the next chunk in stream order.
+    next: usize,
     total: u64,
     done: u64,
     cur: Vec<u8>,
@@ -1042,9 +1179,14 @@ impl SnapshotReader<'_> {
 impl Read for SnapshotReader<'_> {
     fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
         while self.pos >= self.cur.len() {
-            let Ok((len, next)) = self.rx.recv() else {
+            let Some(Ok((len, next))) = self
+                .rxs
+                .get(self.next % OPEN_WORKERS)
+                .map(std::sync::mpsc::Receiver::recv)
+            else {
                 return Ok(0);
             };
+            self.next += 1;
             match next {
                 Ok(p) => {
                     self.cur = p;

@@ -37,9 +37,10 @@ fn label(repo: &str) -> String {
 }
 
 impl Vault {
-    /// Writes a consistent dump of the whole store to `out` (one read snapshot, while
-    /// others keep writing), after recording `backup.create` for `snapshot`. Nothing is
-    /// decrypted: bodies stay sealed, keys stay wrapped.
+    /// Writes a consistent snapshot of the whole store to `out` (one read transaction,
+    /// while others keep writing; a page image on SQLite, a logical dump on PostgreSQL),
+    /// after recording `backup.create` for `snapshot`. Nothing is decrypted: bodies stay
+    /// sealed, keys stay wrapped.
     ///
     /// # Errors
     /// Denied; the audit record cannot be written; storage or `out` failures.
@@ -55,7 +56,7 @@ impl Vault {
         };
         rec.detail = Some(format!("{SNAPSHOT_TAG}{snapshot} expires={expires}"));
         self.audit(vec![rec])?;
-        Ok(self.store.dump(out)?)
+        Ok(self.store.snapshot(out)?)
     }
 
     /// Wraps a backup repository's key `raw` under the master key version in force:

@@ -484,6 +484,12 @@ impl Vault {
         Ok(self.destruction_signer.verifier_key())
     }
 
+    /// The same verifier key for the local operator (`medvault destroy key`): public by
+    /// design, like the audit log's checkpoint key, so printing it needs no sign-in.
+    pub fn destruction_verifier_key_local(&self, _operator: &crate::LocalOperator) -> String {
+        self.destruction_signer.verifier_key()
+    }
+
     /// The shred ledger: every chart destroyed (here, or replayed here after a restore),
     /// with the audit index recording it, oldest first — read from the audit log, so it
     /// travels in every backup.

@@ -368,12 +368,36 @@ impl Vault {
         Ok(typestate::open(row, cipher.as_deref(), &key_id)?)
     }
 
-    /// Opens rows an audited read permitted, in order.
+    /// Opens rows an audited read permitted, in order, leaving out the records of charts
+    /// shredded since they were read (their keys are gone; [`Vault::shredded`]).
     pub(crate) fn open_all(
         &self,
         rows: Vec<Permitted<Sealed>>,
     ) -> Result<Vec<Disclosed>, VaultError> {
-        rows.into_iter().map(|r| self.open_permitted(r)).collect()
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            let patient = r.get().patient().cloned();
+            match self.open_permitted(r) {
+                Ok(d) => out.push(d),
+                Err(VaultError::NotFound) if self.shredded(patient.as_ref())? => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Whether `patient`'s chart has been crypto-shredded: it has no data key left. Its
+    /// records may still be stored, as ciphertext nobody can open, until the rows are
+    /// removed ([`Op::RemoveShredded`](medvault_store::Op::RemoveShredded)); a read that
+    /// meets one leaves it out.
+    ///
+    /// # Errors
+    /// Storage failures.
+    pub(crate) fn shredded(&self, patient: Option<&PatientId>) -> Result<bool, VaultError> {
+        Ok(match patient {
+            Some(p) => self.store.patient_key(p)?.is_none(),
+            None => false,
+        })
     }
 
     /// `GET /{type}/{id}`.

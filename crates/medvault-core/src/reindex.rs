@@ -125,7 +125,13 @@ impl Vault {
                         "policy does not permit the index rebuild".into(),
                     ));
                 };
-                let d = self.open_permitted(p)?;
+                let patient = p.get().patient().cloned();
+                let d = match self.open_permitted(p) {
+                    Ok(d) => d,
+                    // A chart shredded meanwhile: its rows are removed, not re-indexed.
+                    Err(VaultError::NotFound) if self.shredded(patient.as_ref())? => continue,
+                    Err(e) => return Err(e),
+                };
                 let Some(json) = d.json() else { continue };
                 let index = self.index_rows_under(keys, rt, json);
                 ops.push(Op::ReplaceIndex {

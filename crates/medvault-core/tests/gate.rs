@@ -240,3 +240,63 @@ fn a_write_under_an_outdated_index_view_is_refused_whole() {
     assert_eq!(store.census().unwrap(), versions, "no version written");
     assert_eq!(store.audit_len().unwrap(), audit, "nor audited");
 }
+
+/// A shred deletes only the chart's keys (constant time); until its rows are removed, a
+/// search meeting them leaves them out rather than failing, and a read finds nothing.
+#[test]
+fn a_search_leaves_out_a_chart_shredded_before_its_rows_are_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = SqliteStore::open(&dir.path().join("db.sqlite")).unwrap();
+    let (v, op) = Vault::open_with_store(
+        store.clone(),
+        &MasterKeySource::Ephemeral,
+        Arc::new(ManualClock::new(
+            time::OffsetDateTime::from_unix_timestamp(1_790_000_000).unwrap(),
+        )),
+        VaultOptions::default(),
+    )
+    .unwrap();
+    let importer = Caller::cli(&op, Role::Importer);
+    let desk = Caller::cli(&op, Role::FrontDesk);
+    let twin = || {
+        medvault_fhir::Resource::from_value(
+            serde_json::json!({"resourceType": "Patient", "name": [{"family": "Twin"}]}),
+            None,
+        )
+        .unwrap()
+    };
+    let kept = v.create(&importer, twin()).unwrap();
+    let gone = v.create(&importer, twin()).unwrap();
+    let (kept, gone) = (kept.id, gone.id);
+    let system = Caller::system(&op, "test");
+    assert_eq!(
+        v.replay_shred_ledger(&system, &[(gone.clone(), 1)])
+            .unwrap(),
+        std::slice::from_ref(&gone)
+    );
+    assert!(
+        store.current("Patient", &gone).unwrap().is_some(),
+        "the shred itself leaves the rows"
+    );
+    let rt = medvault_fhir::ResourceType::parse("Patient").unwrap();
+    let found = v
+        .search(&desk, rt, &[("family".into(), "Twin".into())], false)
+        .unwrap();
+    let ids: Vec<String> = found
+        .entries
+        .iter()
+        .map(|d| d.json().unwrap()["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ids, std::slice::from_ref(&kept));
+    assert!(matches!(
+        v.read(&desk, rt, &gone),
+        Err(VaultError::NotFound)
+    ));
+    assert!(v.read(&desk, rt, &kept).is_ok());
+    assert_eq!(v.remove_shredded(&system).unwrap(), 1);
+    assert!(store.current("Patient", &gone).unwrap().is_none());
+    assert!(store
+        .chart_census(&medvault_types::PatientId::new(&gone).unwrap())
+        .unwrap()
+        .is_empty());
+}

@@ -205,6 +205,129 @@ pub fn dumps_load_into_a_fresh_store_alike(
     Ok(())
 }
 
+/// A SQLite snapshot is a page image (`dump` module docs): its counts equal a logical
+/// dump's; it restores, under a temporary name renamed into place, to a store that dumps
+/// to the same bytes as the original and holds no sessions; a cut or damaged image leaves
+/// nothing at the target; a target holding data refuses it; and `pg` (a fresh PostgreSQL
+/// store, when one is given) loads it with the same records.
+///
+/// # Errors
+/// A store call failed.
+pub fn page_images_restore_whole(
+    dir: &std::path::Path,
+    pg: Option<&dyn Store>,
+) -> Result<(), Failure> {
+    let s = SqliteStore::open(&dir.join("source.db"))?;
+    one(
+        &*s,
+        Op::PutPatientKey {
+            patient: pid("p1"),
+            key_version: 1,
+            master_version: 1,
+            wrapped: vec![1, 2, 3],
+        },
+    )?;
+    for v in 1..=3 {
+        put(
+            &*s,
+            row("Observation", &format!("o{v}"), 1, "p1", &[v as u8; 3000]),
+            Expect::Absent,
+            vec![ix("code", b"c")],
+        )?;
+    }
+    one(
+        &*s,
+        Op::PutSession(SessionRow {
+            token_hash: vec![7; 32],
+            kind: "session".into(),
+            username: "u".into(),
+            created: 1,
+            last_seen: 1,
+            expires: i64::MAX,
+            attempts: 0,
+            mfa_at: 0,
+            source: "127.0.0.1".into(),
+            method: "password+totp".into(),
+            scope: String::new(),
+        }),
+    )?;
+    let mut logical = vec![];
+    let dumped = s.dump(&mut logical)?;
+    let mut image = vec![];
+    let imaged = s.snapshot(&mut image)?;
+    assert_eq!(
+        image.first(),
+        Some(&crate::dump::IMAGE_TAG),
+        "SQLite snapshots a page image"
+    );
+    assert_eq!(imaged.bytes, image.len() as u64);
+    assert_eq!(
+        (
+            &imaged.rows,
+            &imaged.resources,
+            imaged.audit_entries,
+            &imaged.newest_write
+        ),
+        (
+            &dumped.rows,
+            &dumped.resources,
+            dumped.audit_entries,
+            &dumped.newest_write
+        ),
+        "a page image counts what a logical dump counts"
+    );
+    assert_eq!(crate::dump::check(&mut image.as_slice())?, imaged);
+    let restored = dir.join("restored.db");
+    let stats = SqliteStore::restore(&restored, &mut image.as_slice())?;
+    assert_eq!(stats, imaged);
+    assert!(!dir.join("restored.db.restoring").exists());
+    let r = SqliteStore::open(&restored)?;
+    let mut again = vec![];
+    r.dump(&mut again)?;
+    assert!(
+        again == logical,
+        "the restored store dumps to the original's bytes"
+    );
+    assert!(
+        r.session(&[7; 32])?.is_none(),
+        "a restore revives no session"
+    );
+    assert!(matches!(
+        SqliteStore::restore(&restored, &mut image.as_slice()),
+        Err(StoreError::Exists)
+    ));
+    // Cut anywhere, nothing is left at the target (a damaged page is the backup layer's
+    // to catch: every chunk is authenticated).
+    let len = image.len();
+    for (n, bad) in [
+        image
+            .get(..len - 1)
+            .found("an image less its end")?
+            .to_vec(),
+        image.get(..len / 2).found("half an image")?.to_vec(),
+        image.get(..40).found("an image's header")?.to_vec(),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let to = dir.join(format!("cut{n}.db"));
+        assert!(SqliteStore::restore(&to, &mut bad.as_slice()).is_err());
+        assert!(!to.exists(), "a cut image leaves no database");
+        assert!(!dir.join(format!("cut{n}.db.restoring")).exists());
+    }
+    if let Some(pg) = pg {
+        let loaded = pg.load(&mut image.as_slice())?;
+        assert_eq!(loaded.rows, dumped.rows);
+        assert_eq!(pg.census()?, s.census()?);
+        assert!(pg.session(&[7; 32])?.is_none());
+        assert_eq!(pg.audit_len()?, s.audit_len()?);
+        assert!(pg
+            .current("Observation", "o2")?
+            .is_some_and(|v| v.ciphertext() == [2u8; 3000]));
+    }
+    Ok(())
+}
+
 /// A destruction request needs a second person to complete; an active legal hold blocks
 /// the request and its completion (checked in the shredding's own transaction); shredding
 /// removes one chart's keys, versions, pointers, tokens, grants and links and nothing of

@@ -8,6 +8,12 @@
 //! one value per column (`0` null, `1` i64 LE, `2` u32-length UTF-8 text, `3` u32-length
 //! bytes, `4` bool byte); `E` ends the dump. Nothing is decrypted: bodies stay ciphertext,
 //! keys stay wrapped.
+//!
+//! A SQLite store snapshots as a *page image* instead ([`Store::snapshot`](crate::Store::snapshot)):
+//! `P` u32 page-size u64 page-count u32-length JSON [`DumpStats`] (counted in the same read
+//! transaction), then every page of the database file in order, then `E`. It restores by
+//! writing the pages back (no row re-inserted, no index rebuilt), and loads into PostgreSQL
+//! through a logical dump of the restored file.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -402,7 +408,41 @@ fn len32(n: usize) -> Result<[u8; 4], StoreError> {
 pub(crate) enum Item {
     Table(&'static Table),
     Row(Vec<Value>),
+    /// A page image's header (only ever the first item); its pages follow, read with
+    /// [`Decoder::pages`].
+    Image(ImageHeader),
     End,
+}
+
+/// Frame tag of a page image.
+pub(crate) const IMAGE_TAG: u8 = b'P';
+
+/// The first 16 bytes of every SQLite database file (SQLite "Database File Format" 1.3).
+pub(crate) const SQLITE_MAGIC: &[u8; 16] = b"SQLite format 3\0";
+
+/// What a page image's header says.
+#[derive(Debug, Clone)]
+pub(crate) struct ImageHeader {
+    /// Bytes per page: a power of two from 512 to 65,536.
+    pub page_size: u32,
+    pub pages: u64,
+    /// What the snapshot held, counted from the same read transaction.
+    pub stats: DumpStats,
+}
+
+impl ImageHeader {
+    /// The header's frame bytes (tag included).
+    pub fn encode(&self) -> Result<Vec<u8>, StoreError> {
+        let stats = serde_json::to_vec(&self.stats)
+            .map_err(|e| StoreError::Backend(format!("page image header: {e}")))?;
+        let mut b = Vec::with_capacity(17 + stats.len());
+        b.push(IMAGE_TAG);
+        b.extend_from_slice(&self.page_size.to_le_bytes());
+        b.extend_from_slice(&self.pages.to_le_bytes());
+        b.extend_from_slice(&len32(stats.len())?);
+        b.extend_from_slice(&stats);
+        Ok(b)
+    }
 }
 
 /// Reads frames, checking each against the known tables.
@@ -490,8 +530,52 @@ impl<'a> Decoder<'a> {
                 self.stats.note(t.name, &cells);
                 Ok(Item::Row(row))
             }
+            [IMAGE_TAG] if self.stats.bytes == 1 => {
+                let page_size = u32::from_le_bytes(self.take()?);
+                let pages = u64::from_le_bytes(self.take()?);
+                if !(512..=65536).contains(&page_size) || !page_size.is_power_of_two() {
+                    return Err(bad("page size"));
+                }
+                let n = u32::from_le_bytes(self.take()?) as usize;
+                let stats: DumpStats =
+                    serde_json::from_slice(&self.take_vec(n)?).map_err(|_| bad("image header"))?;
+                Ok(Item::Image(ImageHeader {
+                    page_size,
+                    pages,
+                    stats,
+                }))
+            }
             b"E" => Ok(Item::End),
             _ => Err(bad("frame tag")),
+        }
+    }
+
+    /// Copies a page image's pages (after its header) to `out`, checking that the first
+    /// is a SQLite database's and that every byte arrives, then reads the closing `E`.
+    pub fn pages(&mut self, h: &ImageHeader, out: &mut dyn Write) -> Result<(), StoreError> {
+        let total = u64::from(h.page_size)
+            .checked_mul(h.pages)
+            .ok_or_else(|| bad("page count"))?;
+        let mut first = [0u8; 16];
+        if total < 16 {
+            return Err(bad("no database pages"));
+        }
+        self.input
+            .read_exact(&mut first)
+            .map_err(|_| bad("truncated"))?;
+        if &first != SQLITE_MAGIC {
+            return Err(bad("the first page is not a SQLite database's"));
+        }
+        out.write_all(&first).map_err(io)?;
+        let copied = std::io::copy(&mut (&mut self.input).take(total - 16), out)
+            .map_err(|_| bad("truncated"))?;
+        self.stats.bytes += 16 + copied;
+        if copied != total - 16 {
+            return Err(bad("truncated"));
+        }
+        match self.next()? {
+            Item::End => Ok(()),
+            _ => Err(bad("data after the pages")),
         }
     }
 }
@@ -538,8 +622,16 @@ pub(crate) const CENSUS_SQL: &str =
 pub fn check(input: &mut dyn Read) -> Result<DumpStats, StoreError> {
     let mut d = Decoder::new(input);
     loop {
-        if let Item::End = d.next()? {
-            return Ok(d.stats);
+        match d.next()? {
+            Item::End => return Ok(d.stats),
+            Item::Image(h) => {
+                d.pages(&h, &mut std::io::sink())?;
+                return Ok(DumpStats {
+                    bytes: d.stats.bytes,
+                    ..h.stats
+                });
+            }
+            Item::Table(_) | Item::Row(_) => {}
         }
     }
 }
@@ -558,6 +650,7 @@ pub fn rows(input: &mut dyn Read, f: &mut RowVisitor<'_>) -> Result<DumpStats, S
         match d.next()? {
             Item::Table(t) => table = t.name,
             Item::Row(r) => f(table, &r)?,
+            Item::Image(_) => return Err(bad("a page image has no rows to visit")),
             Item::End => return Ok(d.stats),
         }
     }

@@ -76,6 +76,9 @@ impl Store for FaultyStore {
     fn dump(&self, out: &mut dyn std::io::Write) -> Result<DumpStats, StoreError> {
         self.inner.dump(out)
     }
+    fn snapshot(&self, out: &mut dyn std::io::Write) -> Result<DumpStats, StoreError> {
+        self.inner.snapshot(out)
+    }
     fn load(&self, input: &mut dyn std::io::Read) -> Result<DumpStats, StoreError> {
         self.inner.load(input)
     }

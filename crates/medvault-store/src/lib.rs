@@ -634,9 +634,10 @@ pub enum Op {
         checkpoint: i64,
     },
     /// Crypto-shreds a chart: deletes every wrapped data key of `patient` (the records'
-    /// ciphertext can never be opened again) and what makes the chart reachable — its
-    /// current pointers, break-the-glass grants and portal links. Idempotent. The stored
-    /// versions and search tokens go with [`Op::RemoveShredded`].
+    /// ciphertext can never be opened again), its break-the-glass grants and portal links —
+    /// a few rows whatever the chart's size, so a shred takes constant time. Idempotent.
+    /// The records themselves (current pointers, stored versions, search tokens) stay as
+    /// ciphertext nobody can open, which reads skip, until [`Op::RemoveShredded`].
     ShredPatient {
         patient: PatientId,
     },
@@ -644,8 +645,8 @@ pub enum Op {
     /// rotation re-encrypting the chart; nothing else changes): the row is deleted and
     /// inserted again in the same transaction. `Conflict` if the version does not exist.
     ReencryptVersion(VersionRow),
-    /// Removes a shredded chart's remaining rows: its stored versions (ciphertext nobody can
-    /// open) and search tokens. Idempotent.
+    /// Removes a shredded chart's remaining rows: its current pointers, stored versions
+    /// (ciphertext nobody can open) and search tokens. Idempotent.
     RemoveShredded {
         patient: PatientId,
     },
@@ -959,6 +960,13 @@ pub trait Store: Send + Sync + 'static {
     /// Writes a logical dump of every durable table, from one consistent read snapshot,
     /// while writers go on ([`dump`] describes the format). Nothing is decrypted.
     fn dump(&self, out: &mut dyn std::io::Write) -> Result<DumpStats, StoreError>;
+    /// Writes what a backup carries, from one consistent read snapshot while writers go
+    /// on: by default the logical [`Store::dump`]; SQLite writes a page image of its file
+    /// instead ([`dump`] describes both), which restores without re-inserting a row.
+    /// Nothing is decrypted.
+    fn snapshot(&self, out: &mut dyn std::io::Write) -> Result<DumpStats, StoreError> {
+        self.dump(out)
+    }
     /// Loads a dump into this store, all-or-nothing; `Exists` unless the store is fresh.
     fn load(&self, input: &mut dyn std::io::Read) -> Result<DumpStats, StoreError>;
     /// Current, non-deleted resources per FHIR type.

@@ -161,6 +161,53 @@ pub struct PgStore {
 }
 
 impl PgStore {
+    /// Loads a logical dump in one transaction ([`Store::load`]).
+    fn load_rows(&self, input: &mut dyn std::io::Read) -> Result<DumpStats, StoreError> {
+        use crate::dump::{Decoder, Item, Kind, Value};
+        self.rt.block_on(async {
+            let mut tx = self.pool.begin().await.map_err(classify)?;
+            let audit: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM audit_log")
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(classify)?;
+            let meta: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM meta")
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(classify)?;
+            crate::dump::must_be_empty(audit, meta)?;
+            let mut dec = Decoder::new(input);
+            let mut current: Option<(&'static crate::dump::Table, String)> = None;
+            loop {
+                match dec.next()? {
+                    Item::Table(t) => current = Some((t, crate::dump::insert_sql(t))),
+                    Item::Row(row) => {
+                        let Some((t, sql)) = &current else {
+                            return Err(StoreError::Backend("row before table".into()));
+                        };
+                        let mut q = sqlx::query(sql);
+                        for ((_, k), v) in t.cols.iter().zip(row) {
+                            q = match (k, v) {
+                                (Kind::Patient, Value::Null) => q.bind(String::new()),
+                                (_, Value::Null) => q.bind(Option::<String>::None),
+                                (_, Value::Int(i)) => q.bind(i),
+                                (_, Value::Text(s)) => q.bind(s),
+                                (_, Value::Bytes(b)) => q.bind(b),
+                                (_, Value::Bool(b)) => q.bind(b),
+                            };
+                        }
+                        q.execute(&mut *tx).await.map_err(classify)?;
+                    }
+                    Item::Image(_) => {
+                        return Err(StoreError::Backend("a page image inside a dump".into()))
+                    }
+                    Item::End => break,
+                }
+            }
+            tx.commit().await.map_err(classify)?;
+            Ok(dec.stats)
+        })
+    }
+
     /// Connects (URL as libpq: `postgres://user@host:port/db?sslmode=require`), migrates,
     /// and starts the writer and the eviction listener.
     pub fn open(url: &str) -> Result<Arc<Self>, StoreError> {
@@ -1272,46 +1319,18 @@ impl Store for PgStore {
     }
 
     fn load(&self, input: &mut dyn std::io::Read) -> Result<DumpStats, StoreError> {
-        use crate::dump::{Decoder, Item, Kind, Value};
-        self.rt.block_on(async {
-            let mut tx = self.pool.begin().await.map_err(classify)?;
-            let audit: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM audit_log")
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(classify)?;
-            let meta: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM meta")
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(classify)?;
-            crate::dump::must_be_empty(audit, meta)?;
-            let mut dec = Decoder::new(input);
-            let mut current: Option<(&'static crate::dump::Table, String)> = None;
-            loop {
-                match dec.next()? {
-                    Item::Table(t) => current = Some((t, crate::dump::insert_sql(t))),
-                    Item::Row(row) => {
-                        let Some((t, sql)) = &current else {
-                            return Err(StoreError::Backend("row before table".into()));
-                        };
-                        let mut q = sqlx::query(sql);
-                        for ((_, k), v) in t.cols.iter().zip(row) {
-                            q = match (k, v) {
-                                (Kind::Patient, Value::Null) => q.bind(String::new()),
-                                (_, Value::Null) => q.bind(Option::<String>::None),
-                                (_, Value::Int(i)) => q.bind(i),
-                                (_, Value::Text(s)) => q.bind(s),
-                                (_, Value::Bytes(b)) => q.bind(b),
-                                (_, Value::Bool(b)) => q.bind(b),
-                            };
-                        }
-                        q.execute(&mut *tx).await.map_err(classify)?;
-                    }
-                    Item::End => break,
-                }
-            }
-            tx.commit().await.map_err(classify)?;
-            Ok(dec.stats)
-        })
+        let mut first = [0u8; 1];
+        input
+            .read_exact(&mut first)
+            .map_err(|_| StoreError::Backend("not a medvault dump: empty".into()))?;
+        let mut input = std::io::Read::chain(&first[..], input);
+        if first == [crate::dump::IMAGE_TAG] {
+            // A SQLite page image: restored to a temporary file, then loaded row by row.
+            return crate::sqlite::through_logical_dump(&mut input, &mut |rows| {
+                self.load_rows(rows)
+            });
+        }
+        self.load_rows(&mut input)
     }
 
     fn census(&self) -> Result<std::collections::BTreeMap<String, u64>, StoreError> {

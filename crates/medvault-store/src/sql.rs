@@ -587,9 +587,11 @@ pub(crate) fn identity(op: &Op) -> Option<Vec<Stmt>> {
             let p = || Text(patient.as_str().to_owned());
             // The keys first: once they are gone, whatever copy of a row survives anywhere
             // (a WAL frame, a replica, a backup) is ciphertext nobody can open.
+            // Only rows that do not grow with the chart: a shred takes the same time for
+            // one record or ten thousand. The chart's records stay behind as ciphertext
+            // nobody can open (reads skip them) until `RemoveShredded` deletes them.
             [
                 "DELETE FROM patient_keys WHERE patient_id = $1",
-                "DELETE FROM resource_current WHERE patient_id = $1",
                 "DELETE FROM break_glass WHERE patient_id = $1",
                 "DELETE FROM portal_links WHERE patient_id = $1",
             ]
@@ -628,6 +630,7 @@ pub(crate) fn identity(op: &Op) -> Option<Vec<Stmt>> {
         Op::RemoveShredded { patient } => {
             let p = || Text(patient.as_str().to_owned());
             [
+                "DELETE FROM resource_current WHERE patient_id = $1",
                 "DELETE FROM search_index WHERE patient_id = $1",
                 "DELETE FROM resource_versions WHERE patient_id = $1",
             ]

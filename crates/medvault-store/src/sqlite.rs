@@ -214,6 +214,12 @@ fn load_on(c: &mut Connection, input: &mut dyn std::io::Read) -> Result<DumpStat
                     }
                     st.raw_execute()?;
                 }
+                Item::Image(_) => {
+                    return Err(StoreError::Backend(
+                        "a page image restores only into a new SQLite file (SqliteStore::restore)"
+                            .into(),
+                    ))
+                }
                 Item::End => break,
             }
         }
@@ -223,6 +229,131 @@ fn load_on(c: &mut Connection, input: &mut dyn std::io::Read) -> Result<DumpStat
     }
     tx.commit()?;
     Ok(dec.stats)
+}
+
+/// Restores a page image to a temporary SQLite file and hands `load` a logical dump of it
+/// (how a SQLite snapshot reaches PostgreSQL). The files hold what the image held —
+/// ciphertext and wrapped keys — and are deleted on return.
+///
+/// # Errors
+/// The image is malformed or cut; storage failures; `load`'s own.
+pub(crate) fn through_logical_dump(
+    image: &mut dyn std::io::Read,
+    load: &mut dyn FnMut(&mut dyn std::io::Read) -> Result<DumpStats, StoreError>,
+) -> Result<DumpStats, StoreError> {
+    let io = |e: std::io::Error| StoreError::Backend(format!("restore: {e}"));
+    let dir = tempfile::Builder::new()
+        .prefix("medvault-restore-")
+        .tempdir()
+        .map_err(io)?;
+    let path = dir.path().join("image.db");
+    SqliteStore::restore(&path, image)?;
+    let store = SqliteStore::open(&path)?;
+    // The logical dump goes through a file beside it (a rare path: one backend's snapshot
+    // restored into the other).
+    let logical = dir.path().join("logical.dump");
+    {
+        let f = std::fs::File::create(&logical).map_err(io)?;
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+        store.dump(&mut w)?;
+        std::io::Write::flush(&mut w).map_err(io)?;
+    }
+    drop(store);
+    let f = std::fs::File::open(&logical).map_err(io)?;
+    load(&mut std::io::BufReader::with_capacity(1 << 20, f))
+}
+
+/// `path` with `suffix` appended to its file name.
+fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+/// Removes a database file and its WAL and shared-memory files, where they exist.
+fn remove_database_files(path: &Path) {
+    for suffix in ["", "-wal", "-shm", "-journal"] {
+        let _ = std::fs::remove_file(with_suffix(path, suffix));
+    }
+}
+
+/// Builds a restored database at `tmp` from a logical dump: no journal, the file held
+/// exclusively (the caller discards it if this fails).
+fn restore_rows(tmp: &Path, input: &mut dyn std::io::Read) -> Result<DumpStats, StoreError> {
+    {
+        let mut c = open(tmp, true)?;
+        migrate(&mut c)?;
+    }
+    let mut c = open(tmp, true)?;
+    c.execute_batch(
+        "PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF; PRAGMA locking_mode=EXCLUSIVE; PRAGMA cache_size=-1048576; PRAGMA threads=2;",
+    )?;
+    let stats = load_on(&mut c, input)?;
+    c.execute_batch("PRAGMA locking_mode=NORMAL; PRAGMA journal_mode=WAL;")?;
+    Ok(stats)
+}
+
+/// Builds a restored database at `tmp` from a page image: the pages written back and
+/// synced, the schema brought up to date, and the tables a dump leaves out emptied.
+fn restore_image(tmp: &Path, input: &mut dyn std::io::Read) -> Result<DumpStats, StoreError> {
+    use crate::dump::{Decoder, Item, TABLES};
+    use std::os::unix::fs::OpenOptionsExt;
+    let io = |e: std::io::Error| StoreError::Backend(format!("restore: {e}"));
+    let mut d = Decoder::new(input);
+    let Item::Image(h) = d.next()? else {
+        return Err(StoreError::Backend("not a medvault page image".into()));
+    };
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(tmp)
+        .map_err(io)?;
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
+    d.pages(&h, &mut w)?;
+    w.into_inner()
+        .map_err(|e| io(e.into_error()))?
+        .sync_all()
+        .map_err(io)?;
+    let mut c = open(tmp, true)?;
+    let schema: i64 = c.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if usize::try_from(schema).map_or(true, |v| v > MIGRATIONS.len()) {
+        return Err(StoreError::Backend(format!(
+            "the snapshot's schema ({schema}) is newer than this medvault's ({}): restore it with the version that took it",
+            MIGRATIONS.len()
+        )));
+    }
+    migrate(&mut c)?;
+    let tables: Vec<String> = c
+        .prepare(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'",
+        )?
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    for t in tables
+        .iter()
+        .filter(|t| !TABLES.iter().any(|d| d.name == t.as_str()))
+    {
+        c.execute_batch(&format!("DELETE FROM \"{}\"", t.replace('"', "")))?;
+    }
+    c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+    drop(c);
+    Ok(DumpStats {
+        bytes: d.stats.bytes,
+        ..h.stats
+    })
+}
+
+/// Current, non-deleted resources per FHIR type, read on `c`.
+fn census_on(c: &Connection) -> Result<std::collections::BTreeMap<String, u64>, StoreError> {
+    let mut st = c.prepare_cached(crate::dump::CENSUS_SQL)?;
+    let rows = st
+        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows
+        .into_iter()
+        .map(|(t, n)| (t, n.max(0).unsigned_abs()))
+        .collect())
 }
 
 fn migrate(c: &mut Connection) -> Result<(), StoreError> {
@@ -257,24 +388,59 @@ impl SqliteStore {
         }))
     }
 
-    /// Restores a dump into the database file at `path`, created if absent and refused
-    /// (`Exists`) if it holds data: the same load as [`Store::load`], but with no other
-    /// connection open, so it runs without a journal and holds the file exclusively (a
-    /// restore cut short is discarded whole, never used); the file is left in WAL mode.
+    /// Restores a snapshot (a page image or a logical dump) into the database file at
+    /// `path`, refused (`Exists`) if a store there holds data. The restore is built under
+    /// a temporary name beside `path` (`….restoring`) and renamed into place only once it is
+    /// whole and on disk, so a restore cut short (even by kill -9) leaves no database at
+    /// `path`. A page image is written back page by page; a logical dump is loaded with no
+    /// journal and the file held exclusively. Either way the file is left in WAL mode, and
+    /// what a dump leaves out (sessions, sign-in throttles) is not revived.
     ///
     /// # Errors
-    /// As [`Store::load`].
+    /// `Exists`; the snapshot is malformed or cut, or from a newer schema; storage failures.
     pub fn restore(path: &Path, input: &mut dyn std::io::Read) -> Result<DumpStats, StoreError> {
-        {
-            let mut c = open(path, true)?;
-            migrate(&mut c)?;
+        if path.exists() {
+            let c = open(path, true)?;
+            let count = |t: &str| -> Result<i64, StoreError> {
+                let has: i64 = c.query_row(
+                    "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = ?1",
+                    [t],
+                    |r| r.get(0),
+                )?;
+                if has == 0 {
+                    return Ok(0);
+                }
+                Ok(c.query_row(&format!("SELECT COUNT(*) FROM {t}"), [], |r| r.get(0))?)
+            };
+            crate::dump::must_be_empty(count("audit_log")?, count("meta")?)?;
         }
-        let mut c = open(path, true)?;
-        c.execute_batch(
-            "PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF; PRAGMA locking_mode=EXCLUSIVE; PRAGMA cache_size=-1048576; PRAGMA threads=2;",
-        )?;
-        let stats = load_on(&mut c, input)?;
-        c.execute_batch("PRAGMA locking_mode=NORMAL; PRAGMA journal_mode=WAL;")?;
+        let tmp = with_suffix(path, ".restoring");
+        remove_database_files(&tmp);
+        let mut first = [0u8; 1];
+        input
+            .read_exact(&mut first)
+            .map_err(|_| StoreError::Backend("not a medvault dump: empty".into()))?;
+        let mut input = std::io::Read::chain(&first[..], input);
+        let built = if first == [crate::dump::IMAGE_TAG] {
+            restore_image(&tmp, &mut input)
+        } else {
+            restore_rows(&tmp, &mut input)
+        };
+        let stats = match built {
+            Ok(s) => s,
+            Err(e) => {
+                remove_database_files(&tmp);
+                return Err(e);
+            }
+        };
+        remove_database_files(path);
+        let io = |e: std::io::Error| StoreError::Backend(format!("restore: {e}"));
+        std::fs::rename(&tmp, path).map_err(io)?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io)?;
+        }
         Ok(stats)
     }
 
@@ -958,6 +1124,85 @@ impl Store for SqliteStore {
         })
     }
 
+    fn snapshot(&self, out: &mut dyn std::io::Write) -> Result<DumpStats, StoreError> {
+        use crate::dump::{ImageHeader, TABLES};
+        let imaged = self.with_reader(|c| {
+            // One read transaction: the counts and every page from the same WAL snapshot,
+            // the pages read through a memory map (no copy per page into SQLite's cache).
+            c.execute_batch("PRAGMA mmap_size=17179869184; BEGIN")?;
+            let result = (|| {
+                let mut stats = DumpStats::default();
+                for t in TABLES {
+                    let n: i64 =
+                        c.query_row(&format!("SELECT COUNT(*) FROM {}", t.name), [], |r| {
+                            r.get(0)
+                        })?;
+                    // As a logical dump counts: tables with rows.
+                    if n > 0 {
+                        stats
+                            .rows
+                            .insert(t.name.to_owned(), u64::try_from(n).unwrap_or(0));
+                    }
+                }
+                stats.audit_entries = stats.rows.get("audit_log").copied().unwrap_or(0);
+                stats.resources = census_on(c)?;
+                stats.newest_write =
+                    c.query_row("SELECT MAX(last_updated) FROM resource_versions", [], |r| {
+                        r.get(0)
+                    })?;
+                let page_size: u32 = c.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+                let pages: u64 = c.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+                // Without the `sqlite_dbpage` table (a SQLite built without it) there is
+                // no page image: the logical dump is taken instead.
+                let Ok(mut st) = c.prepare("SELECT pgno, data FROM sqlite_dbpage('main')") else {
+                    return Ok(None);
+                };
+                let mut h = ImageHeader {
+                    page_size,
+                    pages,
+                    stats,
+                };
+                let header = h.encode()?;
+                let io = |e: std::io::Error| StoreError::Backend(format!("dump stream: {e}"));
+                // Each page goes to `out` straight from SQLite's buffer: one copy, into the
+                // stream's own buffer.
+                out.write_all(&header).map_err(io)?;
+                let mut rows = st.query([])?;
+                let mut next: u64 = 1;
+                while let Some(r) = rows.next()? {
+                    let pgno: u64 = r.get(0)?;
+                    let data = r.get_ref(1)?.as_blob().map_err(|e| {
+                        StoreError::Backend(format!("page image: page {pgno}: {e}"))
+                    })?;
+                    if pgno != next || data.len() != page_size as usize {
+                        return Err(StoreError::Backend(format!(
+                            "page image: page {pgno} out of order or of {} bytes",
+                            data.len()
+                        )));
+                    }
+                    next += 1;
+                    out.write_all(data).map_err(io)?;
+                }
+                if next != pages + 1 {
+                    return Err(StoreError::Backend(format!(
+                        "page image: {} of {pages} pages read",
+                        next - 1
+                    )));
+                }
+                out.write_all(b"E").map_err(io)?;
+                out.flush().map_err(io)?;
+                h.stats.bytes = header.len() as u64 + u64::from(page_size) * pages + 1;
+                Ok(Some(h.stats))
+            })();
+            let _ = c.execute_batch("COMMIT; PRAGMA mmap_size=0");
+            result
+        })?;
+        match imaged {
+            Some(stats) => Ok(stats),
+            None => self.dump(out),
+        }
+    }
+
     fn load(&self, input: &mut dyn std::io::Read) -> Result<DumpStats, StoreError> {
         let mut c = open(&self.path, true)?;
         // A load fills a fresh database in one transaction; if it is cut short the restore
@@ -973,16 +1218,7 @@ impl Store for SqliteStore {
     }
 
     fn census(&self) -> Result<std::collections::BTreeMap<String, u64>, StoreError> {
-        self.with_reader(|c| {
-            let mut st = c.prepare_cached(crate::dump::CENSUS_SQL)?;
-            let rows = st
-                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok(rows
-                .into_iter()
-                .map(|(t, n)| (t, n.max(0).unsigned_abs()))
-                .collect())
-        })
+        self.with_reader(census_on)
     }
 
     fn chart_versions(&self, patient: &PatientId) -> Result<Vec<Sealed>, StoreError> {

@@ -22,6 +22,24 @@ fn sqlite_passes_the_conformance_suite() {
     .unwrap();
 }
 
+/// Also loads the image into a fresh PostgreSQL database when `MEDVAULT_TEST_PG_URL` names
+/// a server.
+#[test]
+fn sqlite_snapshots_are_page_images_that_restore_whole() {
+    let d = tempfile::tempdir().unwrap();
+    let admin = std::env::var("MEDVAULT_TEST_PG_URL").ok();
+    let name = format!("mv_img_{}", medvault_types::random_uuid().replace('-', ""));
+    let pg = admin
+        .as_ref()
+        .map(|a| PgStore::open(&PgStore::create_database(a, &name).unwrap()).unwrap());
+    conformance::page_images_restore_whole(d.path(), pg.as_deref().map(|p| p as &dyn Store))
+        .unwrap();
+    if let (Some(pg), Some(admin)) = (pg, admin) {
+        pg.close();
+        PgStore::drop_database(&admin, &name).unwrap();
+    }
+}
+
 #[test]
 fn audit_log_rows_cannot_be_updated_or_deleted_in_sqlite() {
     let d = tempfile::tempdir().unwrap();

@@ -388,7 +388,7 @@ pub fn run(dir: &Path, cmd: BackupCommand) -> Result<()> {
             let repo = Repo::open(&repository(dir, &cfg, out.as_deref()))?;
             let (snaps, bad) = repo.snapshots()?;
             if json {
-                let list: Vec<_> = snaps.iter().map(|(p, m)| json!({"id": m.id, "manifest": p, "created": m.created, "expires": m.expires, "bytes": m.stats.bytes, "resources": m.stats.resources, "audit_entries": m.stats.audit_entries})).collect();
+                let list: Vec<_> = snaps.iter().map(|(p, m)| json!({"id": m.id, "manifest": p, "created": m.created, "expires": m.expires, "bytes": m.bytes(), "resources": m.stats.resources, "audit_entries": m.stats.audit_entries})).collect();
                 println!(
                     "{}",
                     json!({"snapshots": list, "invalid": bad.iter().map(|e| e.to_string()).collect::<Vec<_>>()})
@@ -399,7 +399,7 @@ pub fn run(dir: &Path, cmd: BackupCommand) -> Result<()> {
                         "{}  {}  {} bytes  {} audit entries  expires {}  {}",
                         m.id,
                         m.created,
-                        m.stats.bytes,
+                        m.bytes(),
                         m.stats.audit_entries,
                         m.expires,
                         p.display()
@@ -952,7 +952,7 @@ impl medvault_web::lifecycle::BackupConsole for ConsoleBackups {
                 id: m.id.clone(),
                 created: m.created.clone(),
                 expires: m.expires.clone(),
-                bytes: m.stats.bytes,
+                bytes: m.bytes(),
                 audit_entries: m.stats.audit_entries,
             })
             .collect())

@@ -213,10 +213,24 @@ pub fn cared_for(i: usize) -> bool {
 /// A transaction Bundle of `patients` synthetic charts, identical for the same seed. The
 /// Practitioners in `care_team` (the demo's clinicians) are members of an active CareTeam
 /// of each patient [`cared_for`].
+#[cfg(test)]
 pub fn bundle(seed: u64, patients: usize, care_team: &[String]) -> Value {
+    bundles(seed, patients, care_team, usize::MAX)
+        .pop()
+        .unwrap_or_else(|| json!({"resourceType": "Bundle", "type": "transaction", "entry": []}))
+}
+
+/// The same charts as one transaction Bundle per `per_bundle` patients (a Bundle holds at
+/// most 50,000 entries; a chart is about 25), in order; each chart's references stay
+/// inside its Bundle.
+pub fn bundles(seed: u64, patients: usize, care_team: &[String], per_bundle: usize) -> Vec<Value> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut out = vec![];
     let mut entries = vec![];
     for i in 0..patients {
+        if i > 0 && i % per_bundle.max(1) == 0 {
+            out.push(json!({"resourceType": "Bundle", "type": "transaction", "entry": std::mem::take(&mut entries)}));
+        }
         let female = rng.gen_bool(0.5);
         let given = *(if female { GIVEN_F } else { GIVEN_M })
             .choose(&mut rng)
@@ -442,7 +456,8 @@ pub fn bundle(seed: u64, patients: usize, care_team: &[String]) -> Value {
             let _ = visit(&mut rng, &mut entries, "IMP");
         }
     }
-    json!({"resourceType": "Bundle", "type": "transaction", "entry": entries})
+    out.push(json!({"resourceType": "Bundle", "type": "transaction", "entry": entries}));
+    out
 }
 
 #[cfg(test)]
@@ -454,6 +469,17 @@ mod tests {
         let a = bundle(7, 12, &[]);
         assert_eq!(a, bundle(7, 12, &[]));
         assert_ne!(a, bundle(8, 12, &[]));
+        let split = bundles(7, 12, &[], 5);
+        assert_eq!(split.len(), 3);
+        let joined: Vec<Value> = split
+            .iter()
+            .flat_map(|b| b["entry"].as_array().unwrap().clone())
+            .collect();
+        assert_eq!(
+            &joined,
+            a["entry"].as_array().unwrap(),
+            "the same charts, cut"
+        );
         let teams = bundle(7, 12, &["dr".into(), "rn".into()]);
         let care: Vec<&Value> = teams["entry"]
             .as_array()

@@ -64,11 +64,9 @@ pub enum DestroyCommand {
         #[command(flatten)]
         who: SignIn,
     },
-    /// Print the certificates' verifier key (C2SP note verifier key).
-    Key {
-        #[command(flatten)]
-        who: SignIn,
-    },
+    /// Print the certificates' verifier key (C2SP note verifier key; public, so no
+    /// sign-in is needed).
+    Key,
     /// Print the shred ledger (every chart destroyed, with the audit entry recording it),
     /// signed with the destruction key, for `backup restore --ledger` (no PHI).
     Ledger {
@@ -172,7 +170,7 @@ pub fn destroy(dir: &Path, cmd: DestroyCommand) -> Result<()> {
     {
         return verify(&certificate, &key, json);
     }
-    let (_cfg, vault, _op) = crate::open(dir)?;
+    let (_cfg, vault, op) = crate::open(dir)?;
     match cmd {
         DestroyCommand::Ledger { json } => {
             let ledger = vault.shred_ledger().map_err(crate::describe)?;
@@ -242,11 +240,8 @@ pub fn destroy(dir: &Path, cmd: DestroyCommand) -> Result<()> {
                 as_person(&vault, &who, |c| vault.destruction_certificate(c, &id))?
             );
         }
-        DestroyCommand::Key { who } => {
-            println!(
-                "{}",
-                as_person(&vault, &who, |c| vault.destruction_verifier_key(c))?
-            );
+        DestroyCommand::Key => {
+            println!("{}", vault.destruction_verifier_key_local(&op));
         }
         DestroyCommand::Verify { .. } => {}
     }

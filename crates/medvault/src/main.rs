@@ -216,15 +216,16 @@ enum KeysCommand {
         #[arg(long)]
         index: bool,
         /// With --index: seconds to wait between phases, so every server follows each one
-        /// (at least 5).
-        #[arg(long, default_value_t = 10, requires = "index")]
-        grace_secs: u64,
-        /// Data keys re-wrapped (with --index: resources re-indexed) per transaction.
-        #[arg(long, default_value_t = 500)]
-        batch: usize,
+        /// (at least 5; default 10).
+        #[arg(long, requires = "index")]
+        grace_secs: Option<u64>,
+        /// Data keys re-wrapped (with --index: resources re-indexed) per transaction
+        /// (default 500).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..), conflicts_with = "patient")]
+        batch: Option<u64>,
         /// Pause between batches, in milliseconds, to spare a busy server.
-        #[arg(long, default_value_t = 0)]
-        pause_ms: u64,
+        #[arg(long, conflicts_with = "patient")]
+        pause_ms: Option<u64>,
         #[arg(long)]
         json: bool,
     },
@@ -706,8 +707,32 @@ fn throttle(d: std::time::Duration) {
     std::thread::sleep(d);
 }
 
+/// Takes `<data dir>/rotation.lock` exclusively for the life of the returned file
+/// (flock(2)), or fails at once if another rotation holds it.
+fn rotation_lock(dir: &Path) -> Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let p = dir.join("rotation.lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&p)
+        .with_context(|| format!("cannot open {}", p.display()))?;
+    if rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
+        bail!("another `medvault keys rotate` is running on this data directory; let it finish (or stop it: a rotation resumes where it stopped)");
+    }
+    Ok(f)
+}
+
 fn keys(dir: &Path, command: KeysCommand) -> Result<()> {
+    // One rotation at a time per data directory: a second `keys rotate` started beside a
+    // running one (or resuming it) waits for nothing and stops here.
     let (_, vault, op) = open(dir)?;
+    let _rotation = match &command {
+        KeysCommand::Rotate { .. } => Some(rotation_lock(dir)?),
+        KeysCommand::Status { .. } => None,
+    };
     let me = Caller::system(&op, "keys");
     match command {
         KeysCommand::Status { json } => {
@@ -767,6 +792,8 @@ fn keys(dir: &Path, command: KeysCommand) -> Result<()> {
             pause_ms,
             json,
         } => {
+            let (grace_secs, pause_ms) = (grace_secs.unwrap_or(10), pause_ms.unwrap_or(0));
+            let batch = usize::try_from(batch.unwrap_or(500)).unwrap_or(usize::MAX);
             let bar = progress_bar(0, "re-indexing (both keys)");
             let pass = std::sync::atomic::AtomicU8::new(1);
             let report = vault
@@ -824,6 +851,8 @@ fn keys(dir: &Path, command: KeysCommand) -> Result<()> {
             json,
             ..
         } => {
+            let pause_ms = pause_ms.unwrap_or(0);
+            let batch = usize::try_from(batch.unwrap_or(500)).unwrap_or(usize::MAX);
             let bar = progress_bar(0, "re-wrapping data keys");
             let report = vault
                 .rotate_master_key(&me, batch, &|done, total| {
@@ -1508,6 +1537,9 @@ const DEMO_ROLES: &[Role] = &[
     Role::Auditor,
 ];
 
+/// Demo charts loaded per transaction.
+const DEMO_BUNDLE: usize = 500;
+
 fn demo(
     dir: &Path,
     patients: usize,
@@ -1566,13 +1598,23 @@ fn demo(
         } else {
             progress_bar(patients as u64, "generating synthetic charts")
         };
-        let bundle = demo::bundle(seed, patients, &care_team);
         if let Some(b) = &bar {
             b.set_message("loading through the secure path");
         }
-        let written = vault
-            .transaction(&Caller::cli(&op, Role::Importer), bundle, "import", false)
-            .map_err(describe)?;
+        let mut written = vec![];
+        for (k, bundle) in demo::bundles(seed, patients, &care_team, DEMO_BUNDLE)
+            .into_iter()
+            .enumerate()
+        {
+            written.extend(
+                vault
+                    .transaction(&Caller::cli(&op, Role::Importer), bundle, "import", false)
+                    .map_err(describe)?,
+            );
+            if let Some(b) = &bar {
+                b.set_position(((k + 1) * DEMO_BUNDLE).min(patients) as u64);
+            }
+        }
         let n = written.len();
         // A patient-portal account for the first demo patient (identity checked in person,
         // as the front desk would).
@@ -1634,21 +1676,37 @@ fn demo(
             println!("with a code from an authenticator app, or `medvault totp-code SECRET`. These logins are shown once.");
         }
         drop(vault);
-    } else if !as_json {
-        println!(
-            "Using the existing demo data in {} (its logins were printed when it was created;",
-            dir.display()
-        );
-        println!("delete the directory to start over).");
     }
     let (cfg, vault, op) = open(dir)?;
+    // A directory `medvault init` made (not the demo) has none of the demo's users or
+    // charts: say so, rather than point at logins that do not exist.
+    let demo_made = fresh
+        || vault
+            .users(&Caller::cli(&op, Role::SecurityAdmin))
+            .map_err(describe)?
+            .iter()
+            .any(|u| u.username == Role::Physician.as_str() && u.role == Role::Physician.as_str());
+    if !fresh && !as_json {
+        if demo_made {
+            println!(
+                "Using the existing demo data in {} (its logins were printed when it was created;",
+                dir.display()
+            );
+            println!("delete the directory to start over).");
+        } else {
+            println!(
+                "{} was not made by `medvault demo`: it has no demo users or synthetic charts. Serving it as it is; sign in with its own accounts (or run `medvault demo --data-dir NEW_DIR` for the demo).",
+                dir.display()
+            );
+        }
+    }
     let data_dir = dir.display().to_string();
     let announce: Announce = if as_json {
         Box::new(move |url: &str| {
             println!(
                 "{}",
                 json!({"url": url, "console": format!("{}/", console_url(url)), "fhir_base": format!("{url}/fhir"),
-                    "data_dir": data_dir, "created": fresh, "users": logins,
+                    "data_dir": data_dir, "created": fresh, "demo_data": demo_made, "users": logins,
                     "recovery_key": recovery_key})
             );
         })
@@ -1659,7 +1717,12 @@ fn demo(
             .collect();
         Box::new(move |url: &str| {
             println!();
-            if names.is_empty() {
+            if !demo_made {
+                println!(
+                    "Web console: open {}/ and sign in with one of this installation's accounts.",
+                    console_url(url)
+                );
+            } else if names.is_empty() {
                 println!(
                     "Web console: open {}/ and sign in as one of the demo users (password, then a TOTP code).",
                     console_url(url)
