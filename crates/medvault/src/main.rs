@@ -217,7 +217,7 @@ enum KeysCommand {
         index: bool,
         /// With --index: seconds to wait between phases, so every server follows each one
         /// (at least 5; default 10).
-        #[arg(long, requires = "index")]
+        #[arg(long, conflicts_with = "patient")]
         grace_secs: Option<u64>,
         /// Data keys re-wrapped (with --index: resources re-indexed) per transaction
         /// (default 500).
@@ -726,6 +726,20 @@ fn rotation_lock(dir: &Path) -> Result<std::fs::File> {
 }
 
 fn keys(dir: &Path, command: KeysCommand) -> Result<()> {
+    if let KeysCommand::Rotate {
+        index: false,
+        grace_secs: Some(_),
+        ..
+    } = &command
+    {
+        // clap counts a flag's default as present, so `requires = "index"` cannot say this.
+        <Cli as clap::CommandFactory>::command()
+            .error(
+                clap::error::ErrorKind::MissingRequiredArgument,
+                "--grace-secs applies only to `keys rotate --index`",
+            )
+            .exit();
+    }
     // One rotation at a time per data directory: a second `keys rotate` started beside a
     // running one (or resuming it) waits for nothing and stops here.
     let (_, vault, op) = open(dir)?;

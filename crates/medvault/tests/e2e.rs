@@ -1771,6 +1771,26 @@ fn demo_and_bench_run() {
     );
     assert_eq!(s.get("/fhir/Patient", &tok).body["total"], 3);
     drop(s);
+    // `demo` over a directory `init` made: no demo logins are claimed (the trial was shown
+    // logins that did not exist).
+    let dir3 = tmp.path().join("init-made");
+    json_out(&medvault(&dir3, &["init", "--json"]));
+    let mut child = Command::new(BIN)
+        .arg("--data-dir")
+        .arg(&dir3)
+        .args(["demo", "--json", "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    out.read_line(&mut first).unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    let j: Value = serde_json::from_str(&first).unwrap_or_else(|_| panic!("{first}"));
+    assert_eq!(j["demo_data"], false, "{j}");
+    assert_eq!(j["users"], json!([]), "{j}");
     let o = Command::new(BIN)
         .args([
             "bench",
@@ -8041,6 +8061,10 @@ fn destruction(pg: bool) {
     assert_eq!(key.status, 200);
     let vkey = key.body.as_str().unwrap().trim().to_owned();
     assert!(vkey.contains("/destruction/"), "{vkey}");
+    // The verifier key is public: `destroy key` prints the same without a sign-in.
+    let printed = medvault(&dir, &["destroy", "key"]);
+    assert!(printed.status.success());
+    assert_eq!(String::from_utf8_lossy(&printed.stdout).trim(), vkey);
     let audit_key = s
         .get("/audit/key", &po)
         .body
@@ -8226,6 +8250,30 @@ fn master_key_rotates_online_resumes_after_a_kill_and_the_old_key_can_go() {
     assert_eq!(st["current_version"], 1);
     assert_eq!(st["rotating_to"], Value::Null);
     assert!(st["versions"][0]["data_keys"].as_u64().unwrap() >= 41);
+    // Flags that do not apply are refused, not ignored; and one rotation runs at a time
+    // per data directory.
+    for bad in [
+        &["keys", "rotate", "--batch", "0"][..],
+        &["keys", "rotate", "--index", "--batch", "0"],
+        &["keys", "rotate", "--patient", &first, "--grace-secs", "5"],
+        &["keys", "rotate", "--patient", &first, "--batch", "5"],
+        &["keys", "rotate", "--grace-secs", "5"],
+    ] {
+        let o = medvault(&dir, bad);
+        assert_eq!(o.status.code(), Some(2), "{bad:?}");
+    }
+    {
+        let held = std::fs::File::create(dir.join("rotation.lock")).unwrap();
+        rustix::fs::flock(&held, rustix::fs::FlockOperation::LockExclusive).unwrap();
+        let o = medvault(&dir, &["keys", "rotate"]);
+        assert_eq!(o.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains("another `medvault keys rotate` is running"),
+            "{err}"
+        );
+        assert_eq!(status()["current_version"], 1, "nothing rotated");
+    }
     // The installation's backup repository, its key wrapped by version 1.
     let first_backup = json_out(&medvault(&dir, &["backup", "create", "--json"]));
 
@@ -8578,6 +8626,14 @@ fn backups(pg: bool) {
     std::fs::write(work.join("ledger.json"), &ledger).unwrap();
     let snaps = list(&repo_s);
     assert_eq!(snaps["snapshots"].as_array().unwrap().len(), 2);
+    // `list` reports the size `create` reported (the trial saw two different numbers).
+    for (made, listed) in [&s1, &s2]
+        .iter()
+        .zip(snaps["snapshots"].as_array().unwrap())
+    {
+        assert_eq!(made["snapshot"], listed["id"]);
+        assert_eq!(made["bytes"], listed["bytes"], "{listed}");
+    }
     let manifest = |id: &Value| {
         repo.join("snapshots")
             .join(format!("{}.json", id.as_str().unwrap()))
