@@ -199,11 +199,9 @@ fn unknown_stored_category_is_a_recorded_denial_naming_no_category() {
     assert_eq!(rec.detail.as_deref(), Some("unknown stored category"));
 }
 
-/// A write whose blind-index tokens were made under a view a key rotation has moved past
-/// is refused by the store in its own transaction (503, retry), and nothing of it lands:
-/// no version, no tokens, no audit entry.
-#[test]
-fn a_write_under_an_outdated_index_view_is_refused_whole() {
+/// A gate over a fresh SQLite store in a temporary directory (kept alive by the first
+/// element), with an ephemeral master key and a fixed clock.
+fn ephemeral_vault() -> (tempfile::TempDir, Arc<dyn Store>, Vault, LocalOperator) {
     let dir = tempfile::tempdir().unwrap();
     let store: Arc<dyn Store> = SqliteStore::open(&dir.path().join("db.sqlite")).unwrap();
     let (v, op) = Vault::open_with_store(
@@ -215,6 +213,15 @@ fn a_write_under_an_outdated_index_view_is_refused_whole() {
         VaultOptions::default(),
     )
     .unwrap();
+    (dir, store, v, op)
+}
+
+/// A write whose blind-index tokens were made under a view a key rotation has moved past
+/// is refused by the store in its own transaction (503, retry), and nothing of it lands:
+/// no version, no tokens, no audit entry.
+#[test]
+fn a_write_under_an_outdated_index_view_is_refused_whole() {
+    let (_dir, store, v, op) = ephemeral_vault();
     let desk = Caller::cli(&op, Role::Importer);
     let patient = |family: &str| {
         medvault_fhir::Resource::from_value(
@@ -245,17 +252,7 @@ fn a_write_under_an_outdated_index_view_is_refused_whole() {
 /// search meeting them leaves them out rather than failing, and a read finds nothing.
 #[test]
 fn a_search_leaves_out_a_chart_shredded_before_its_rows_are_removed() {
-    let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn Store> = SqliteStore::open(&dir.path().join("db.sqlite")).unwrap();
-    let (v, op) = Vault::open_with_store(
-        store.clone(),
-        &MasterKeySource::Ephemeral,
-        Arc::new(ManualClock::new(
-            time::OffsetDateTime::from_unix_timestamp(1_790_000_000).unwrap(),
-        )),
-        VaultOptions::default(),
-    )
-    .unwrap();
+    let (_dir, store, v, op) = ephemeral_vault();
     let importer = Caller::cli(&op, Role::Importer);
     let desk = Caller::cli(&op, Role::FrontDesk);
     let twin = || {

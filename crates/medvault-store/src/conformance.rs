@@ -135,15 +135,7 @@ pub fn dumps_load_into_a_fresh_store_alike(
     fresh: &dyn Store,
     third: &dyn Store,
 ) -> Result<(), Failure> {
-    one(
-        s,
-        Op::PutPatientKey {
-            patient: pid("p1"),
-            key_version: 1,
-            master_version: 1,
-            wrapped: vec![1, 2, 3],
-        },
-    )?;
+    first_key(s, "p1")?;
     one(
         s,
         Op::PutMetaOnce {
@@ -218,15 +210,7 @@ pub fn page_images_restore_whole(
     pg: Option<&dyn Store>,
 ) -> Result<(), Failure> {
     let s = SqliteStore::open(&dir.join("source.db"))?;
-    one(
-        &*s,
-        Op::PutPatientKey {
-            patient: pid("p1"),
-            key_version: 1,
-            master_version: 1,
-            wrapped: vec![1, 2, 3],
-        },
-    )?;
+    first_key(&*s, "p1")?;
     for v in 1..=3 {
         put(
             &*s,
@@ -336,15 +320,7 @@ pub fn destruction_shreds_one_chart_under_two_people_and_holds(
     s: &dyn Store,
 ) -> Result<(), Failure> {
     for p in ["p1", "p2"] {
-        one(
-            s,
-            Op::PutPatientKey {
-                patient: pid(p),
-                key_version: 1,
-                master_version: 1,
-                wrapped: vec![1, 2, 3],
-            },
-        )?;
+        first_key(s, p)?;
         put(
             s,
             row("Patient", p, 1, p, b"x"),
@@ -1650,6 +1626,19 @@ pub fn identity_rows(s: &dyn Store) -> Result<(), Failure> {
     assert!(s.session(&[9; 32])?.is_none());
     assert_eq!(s.users()?.len(), 1);
     Ok(())
+}
+
+/// Stores a (dummy) wrapped data key, version 1, for `patient`.
+fn first_key(s: &dyn Store, patient: &str) -> Result<Committed, StoreError> {
+    one(
+        s,
+        Op::PutPatientKey {
+            patient: pid(patient),
+            key_version: 1,
+            master_version: 1,
+            wrapped: vec![1, 2, 3],
+        },
+    )
 }
 
 fn one(s: &dyn Store, op: Op) -> Result<Committed, StoreError> {

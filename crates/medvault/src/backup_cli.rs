@@ -714,11 +714,29 @@ fn restore(
             manifest.created
         ));
     }
+    // Built in a staging directory beside the target and renamed into place only once it
+    // is whole and verified: a restore that fails, or is killed, leaves no data directory
+    // at the target that could be served. A staging directory left by a killed restore is
+    // cleared first.
+    let target = to;
+    let staging = {
+        let name = target
+            .file_name()
+            .ok_or_else(|| anyhow!("{} names no directory", target.display()))?;
+        let mut n = name.to_owned();
+        n.push(".restoring");
+        target.with_file_name(n)
+    };
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging)
+            .with_context(|| format!("cannot clear {}", staging.display()))?;
+    }
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode_0700()
-        .create(to)
-        .with_context(|| format!("cannot create {}", to.display()))?;
+        .create(&staging)
+        .with_context(|| format!("cannot create {}", staging.display()))?;
+    let to = staging.as_path();
     let result = (|| -> Result<RestoreReport> {
         let progress_bar = bar("restoring");
         let progress = |d: u64, t: u64| {
@@ -752,6 +770,10 @@ fn restore(
                 cfg.storage.url_file = String::new();
             } else {
                 cfg.storage.backend = "sqlite".into();
+                // The copy's database lives in the copy, whatever path the source used.
+                if Path::new(&cfg.storage.path).is_absolute() {
+                    cfg.storage.path = "medvault.db".into();
+                }
             }
             // The restored copy keeps its own schedule off until an operator turns it on.
             cfg.backup.interval_secs = 0;
@@ -805,7 +827,7 @@ fn restore(
             .map_err(crate::describe)?;
         Ok(RestoreReport {
             snapshot: manifest.id.clone(),
-            to: to.display().to_string(),
+            to: target.display().to_string(),
             seconds: started.elapsed().as_secs_f64(),
             load_seconds,
             resources,
@@ -815,10 +837,24 @@ fn restore(
             warnings: warnings.clone(),
         })
     })();
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(to);
+    let placed = result.and_then(|report| {
+        // rename(2) replaces an empty directory at the target, or makes it.
+        std::fs::rename(&staging, target).with_context(|| {
+            format!(
+                "cannot move the restored copy from {} to {}",
+                staging.display(),
+                target.display()
+            )
+        })?;
+        if let Some(parent) = target.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::File::open(parent).and_then(|d| d.sync_all())?;
+        }
+        Ok(report)
+    });
+    if placed.is_err() {
+        let _ = std::fs::remove_dir_all(&staging);
     }
-    result
+    placed
 }
 
 trait Mode0700 {

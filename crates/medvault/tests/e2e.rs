@@ -1623,6 +1623,32 @@ fn medvault_demo_bundle() -> Value {
             "subject": {"reference": "urn:uuid:22222222-2222-4222-8222-222222222222"}}}]})
 }
 
+/// Starts `medvault demo --json` on `dir` (on an ephemeral port, with `args`) and reads its
+/// first line: the child, its stdout for the lines after, and that line as JSON.
+fn demo_json(
+    dir: &Path,
+    args: &[&str],
+) -> (
+    std::process::Child,
+    BufReader<std::process::ChildStdout>,
+    Value,
+) {
+    let mut child = Command::new(BIN)
+        .arg("--data-dir")
+        .arg(dir)
+        .args(["demo", "--json", "--listen", "127.0.0.1:0"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    out.read_line(&mut first).unwrap();
+    let j: Value = serde_json::from_str(&first).unwrap_or_else(|_| panic!("{first}"));
+    (child, out, j)
+}
+
 #[test]
 fn demo_and_bench_run() {
     let tmp = tempfile::tempdir().unwrap();
@@ -1711,25 +1737,7 @@ fn demo_and_bench_run() {
     drop(s);
     // `demo --json`: one line with the URL and the logins, for scripts.
     let dir2 = tmp.path().join("demo-json");
-    let mut child = Command::new(BIN)
-        .arg("--data-dir")
-        .arg(&dir2)
-        .args([
-            "demo",
-            "--json",
-            "--patients",
-            "3",
-            "--listen",
-            "127.0.0.1:0",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut first = String::new();
-    out.read_line(&mut first).unwrap();
-    let j: Value = serde_json::from_str(&first).unwrap_or_else(|_| panic!("{first}"));
+    let (child, mut out, j) = demo_json(&dir2, &["--patients", "3"]);
     let mut second = String::new();
     out.read_line(&mut second).unwrap();
     let port: u16 = second
@@ -1775,20 +1783,9 @@ fn demo_and_bench_run() {
     // logins that did not exist).
     let dir3 = tmp.path().join("init-made");
     json_out(&medvault(&dir3, &["init", "--json"]));
-    let mut child = Command::new(BIN)
-        .arg("--data-dir")
-        .arg(&dir3)
-        .args(["demo", "--json", "--listen", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut first = String::new();
-    out.read_line(&mut first).unwrap();
+    let (mut child, _, j) = demo_json(&dir3, &[]);
     let _ = child.kill();
     let _ = child.wait();
-    let j: Value = serde_json::from_str(&first).unwrap_or_else(|_| panic!("{first}"));
     assert_eq!(j["demo_data"], false, "{j}");
     assert_eq!(j["users"], json!([]), "{j}");
     let o = Command::new(BIN)
@@ -8767,6 +8764,52 @@ fn backups(pg: bool) {
     assert_eq!(o.status.code(), Some(1), "one share is not enough");
     assert!(String::from_utf8_lossy(&o.stderr).contains("shares"));
     assert!(!to1.exists(), "nothing half-restored");
+    // A restore killed midway leaves no data directory at its target (it is built beside
+    // it and renamed into place whole); the next restore clears what the killed one left.
+    let to_killed = work.join("r-killed");
+    let mut killed = Command::new(BIN)
+        .arg("--data-dir")
+        .arg(work.join("gone"))
+        .args(["backup", "restore", m1.to_str().unwrap(), "--to"])
+        .arg(&to_killed)
+        .args([
+            "--share-file",
+            share_files[0].as_str(),
+            "--share-file",
+            share_files[1].as_str(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let staging = work.join("r-killed.restoring");
+    for _ in 0..400 {
+        if staging.join("medvault.toml").exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    if killed.try_wait().unwrap().is_none() {
+        killed.kill().unwrap();
+        killed.wait().unwrap();
+        assert!(
+            !to_killed.exists(),
+            "a killed restore left a data directory"
+        );
+    }
+    let r = json_out(&restore(
+        &m1,
+        to_killed.to_str().unwrap(),
+        &[
+            "--share-file",
+            &share_files[0],
+            "--share-file",
+            &share_files[1],
+        ],
+    ));
+    assert_eq!(r["replayed"], json!([pid.clone()]), "{r}");
+    assert!(!staging.exists());
+    std::fs::remove_dir_all(&to_killed).unwrap();
     let r = json_out(&restore(
         &m1,
         to1.to_str().unwrap(),
