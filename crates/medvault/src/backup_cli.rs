@@ -36,6 +36,10 @@ pub enum BackupCommand {
     /// key; with the master key (or a recovery key) also decrypt every chunk.
     Verify {
         snapshot: PathBuf,
+        /// Require the full check (restic's `--read-data`): fail unless every chunk can be
+        /// decrypted, i.e. the data directory's master key or a recovery key is at hand.
+        #[arg(long)]
+        read_data: bool,
         #[command(flatten)]
         recovery: RecoveryArgs,
         #[arg(long)]
@@ -101,6 +105,11 @@ pub struct RecoveryArgs {
 }
 
 impl RecoveryArgs {
+    /// Whether a recovery key or shares were given.
+    fn given(&self) -> bool {
+        self.recovery_key_file.is_some() || !self.share_file.is_empty()
+    }
+
     fn secret(&self) -> Result<Option<RecoverySecret>> {
         if let Some(f) = &self.recovery_key_file {
             let t = std::fs::read_to_string(f)
@@ -334,12 +343,19 @@ fn repo_of_manifest(path: &Path) -> Result<Repo> {
             path.display()
         );
     }
-    let dir = path.parent().and_then(Path::parent).ok_or_else(|| {
+    let not_manifest = || {
         anyhow!(
-            "{} is not a snapshot manifest (REPOSITORY/snapshots/ID.json)",
+            "{} is not a snapshot manifest (REPOSITORY/snapshots/ID.json, as `backup list` shows)",
             path.display()
         )
-    })?;
+    };
+    let snapshots = path.parent().ok_or_else(not_manifest)?;
+    if snapshots.file_name() != Some(std::ffi::OsStr::new("snapshots"))
+        || path.extension() != Some(std::ffi::OsStr::new("json"))
+    {
+        return Err(not_manifest());
+    }
+    let dir = snapshots.parent().ok_or_else(not_manifest)?;
     Ok(Repo::open(dir)?)
 }
 
@@ -352,10 +368,14 @@ fn key_for(repo: &mut Repo, dir: &Path, rec: &RecoveryArgs) -> Result<Option<Rep
     if !dir.join(config::FILE).exists() {
         return Ok(None);
     }
-    let (_, vault, op) = crate::open(dir)?;
-    Ok(Some(
-        repo.key_from_vault(&vault, &Caller::system(&op, "backup"))?,
-    ))
+    let opened = crate::open(dir).and_then(|(_, vault, op)| {
+        Ok(repo.key_from_vault(&vault, &Caller::system(&op, "backup"))?)
+    });
+    opened.map(Some).map_err(|e| {
+        anyhow!(
+            "{e:#} — the backup's key comes from this data directory's master key; without it, give --recovery-key-file or --share-file"
+        )
+    })
 }
 
 pub fn run(dir: &Path, cmd: BackupCommand) -> Result<()> {
@@ -415,12 +435,27 @@ pub fn run(dir: &Path, cmd: BackupCommand) -> Result<()> {
         }
         BackupCommand::Verify {
             snapshot,
+            read_data,
             recovery,
             json,
         } => {
             let mut repo = repo_of_manifest(&snapshot)?;
             let manifest = repo.manifest(&snapshot)?;
-            let key = key_for(&mut repo, dir, &recovery)?;
+            let key = match key_for(&mut repo, dir, &recovery) {
+                Ok(k) => k,
+                // Integrity needs no key: check that much, and say what was not checked.
+                Err(e) if !read_data && !recovery.given() => {
+                    eprintln!("note: checking integrity only: {e}");
+                    None
+                }
+                Err(e) => return Err(e),
+            };
+            if read_data && key.is_none() {
+                bail!(
+                    "--read-data decrypts every chunk: it needs this data directory's master key ({} holds no installation) or --recovery-key-file/--share-file",
+                    dir.display()
+                );
+            }
             let b = bar("verifying");
             let r = repo.verify(&manifest, key.as_ref(), &|d, t| {
                 if let Some(b) = &b {
@@ -736,6 +771,10 @@ fn restore(
         .mode_0700()
         .create(&staging)
         .with_context(|| format!("cannot create {}", staging.display()))?;
+    crate::write_private(
+        &staging.join(crate::RESTORE_MARKER),
+        b"medvault backup restore is building this directory; it is renamed into place when done\n",
+    )?;
     let to = staging.as_path();
     let result = (|| -> Result<RestoreReport> {
         let progress_bar = bar("restoring");
@@ -791,7 +830,7 @@ fn restore(
         if let Some(b) = progress_bar {
             b.finish_and_clear();
         }
-        let (_, vault, op) = crate::open(to)?;
+        let (_, vault, op) = crate::open_restoring(to)?;
         let mut ledger = ledger.clone();
         for (f, note) in &notes {
             let entries = vault
@@ -838,6 +877,7 @@ fn restore(
         })
     })();
     let placed = result.and_then(|report| {
+        std::fs::remove_file(staging.join(crate::RESTORE_MARKER))?;
         // rename(2) replaces an empty directory at the target, or makes it.
         std::fs::rename(&staging, target).with_context(|| {
             format!(

@@ -788,7 +788,12 @@ fn keys(dir: &Path, command: KeysCommand) -> Result<()> {
             json,
             ..
         } => {
-            let r = vault.rotate_patient_key(&me, &p).map_err(describe)?;
+            let r = vault.rotate_patient_key(&me, &p).map_err(|e| match e {
+                VaultError::NotFound => {
+                    anyhow!("no chart with patient id {p} (or it has been destroyed)")
+                }
+                e => describe(e),
+            })?;
             if json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
@@ -1004,8 +1009,47 @@ fn open_vault(dir: &Path, cfg: &Config, key: &MasterKeySource) -> Result<(Vault,
 
 /// Opens the data directory's gate: the configuration, the gate, and this process's
 /// local-operator capability (what the command line acts through).
+/// The file marking a directory `backup restore` is still building (removed just before it
+/// is renamed into place): no command but the restore opens such a directory.
+pub(crate) const RESTORE_MARKER: &str = "RESTORE-IN-PROGRESS";
+
+/// Refuses a SQLite data directory whose database file is missing, rather than opening a
+/// new, empty one beside its configuration and keys (a database deleted, or a directory
+/// left by an interrupted restore). `init` and `restore` make the database; nothing else
+/// does.
+fn require_database(dir: &Path, cfg: &Config) -> Result<()> {
+    if dir.join(RESTORE_MARKER).exists() {
+        bail!(
+            "{} is a restore in progress or interrupted (it holds {RESTORE_MARKER}), not a data directory: let `backup restore` finish, or run it again",
+            dir.display()
+        );
+    }
+    if cfg.storage.backend == "postgres" {
+        return Ok(());
+    }
+    let db = dir.join(&cfg.storage.path);
+    if !db.exists() {
+        bail!(
+            "{} has a configuration but no database ({} is missing): it is not a complete data directory (an interrupted `backup restore` leaves one; restore again into a new directory)",
+            dir.display(),
+            db.display()
+        );
+    }
+    Ok(())
+}
+
 fn open(dir: &Path) -> Result<(Config, Arc<Vault>, LocalOperator)> {
     let cfg = Config::load(dir)?;
+    require_database(dir, &cfg)?;
+    open_with(dir, cfg)
+}
+
+/// [`open`] for `backup restore`, on the directory it is building.
+fn open_restoring(dir: &Path) -> Result<(Config, Arc<Vault>, LocalOperator)> {
+    open_with(dir, Config::load(dir)?)
+}
+
+fn open_with(dir: &Path, cfg: Config) -> Result<(Config, Arc<Vault>, LocalOperator)> {
     let key = seal::key_source(dir, &cfg, None)?;
     let (vault, operator) = open_vault(dir, &cfg, &key)?;
     Ok((cfg, Arc::new(vault), operator))
@@ -1496,6 +1540,7 @@ fn oidc_providers(dir: &Path, cfg: &Config) -> Result<Vec<medvault_core::OidcPro
 
 fn serve(dir: &Path, listen: Option<String>, read_only: bool) -> Result<()> {
     let cfg0 = Config::load(dir)?;
+    require_database(dir, &cfg0)?;
     if seal::starts_sealed(&cfg0) {
         // Sealed: answer 503 until `medvault unseal` gives the passphrase, on the same socket.
         let listen = listen.unwrap_or_else(|| cfg0.server.listen.clone());
@@ -1748,7 +1793,13 @@ fn demo(
                     names.join(", ")
                 );
             }
-            println!("The certificate is self-signed: its SHA-256 fingerprint is printed above.");
+            if fresh {
+                println!(
+                    "The certificate is self-signed: its SHA-256 fingerprint is printed above."
+                );
+            } else {
+                println!("The certificate is self-signed: its SHA-256 fingerprint was printed when this directory was created.");
+            }
         })
     };
     let announce = Some(announce);

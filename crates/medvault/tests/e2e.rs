@@ -8652,6 +8652,34 @@ fn backups(pg: bool) {
         &["backup", "verify", m1.to_str().unwrap(), "--json"],
     ));
     assert_eq!(v["level"], "integrity");
+    // `--read-data` insists on decrypting; without a key it fails rather than check less.
+    let v = json_out(&medvault(
+        &dir,
+        &[
+            "backup",
+            "verify",
+            m1.to_str().unwrap(),
+            "--read-data",
+            "--json",
+        ],
+    ));
+    assert_eq!(v["level"], "read-data");
+    let o = medvault(
+        &work.join("nowhere"),
+        &["backup", "verify", m1.to_str().unwrap(), "--read-data"],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    // A data directory whose master key is gone still checks integrity (the trial got
+    // an error instead).
+    let keyless = work.join("keyless");
+    copy_dir(&dir, &keyless);
+    std::fs::remove_file(keyless.join("master.key")).unwrap();
+    let v = json_out(&medvault(
+        &keyless,
+        &["backup", "verify", m1.to_str().unwrap(), "--json"],
+    ));
+    assert_eq!(v["level"], "integrity");
+    std::fs::remove_dir_all(&keyless).unwrap();
     // A flipped byte fails verify, naming the chunk.
     let bad_repo = work.join("bad-repo");
     copy_dir(&repo, &bad_repo);
@@ -8796,6 +8824,13 @@ fn backups(pg: bool) {
             !to_killed.exists(),
             "a killed restore left a data directory"
         );
+        // What it left is refused by every command but a restore (the trial served a
+        // half-restored copy that still held a destroyed chart).
+        if staging.exists() {
+            let o = medvault(&staging, &["keys", "status"]);
+            assert_eq!(o.status.code(), Some(1));
+            assert!(String::from_utf8_lossy(&o.stderr).contains("restore in progress"));
+        }
     }
     let r = json_out(&restore(
         &m1,
