@@ -544,6 +544,7 @@ pub fn run(dir: &Path, cmd: BackupCommand) -> Result<()> {
             json,
         } => {
             let cfg = Config::load(dir)?;
+            crate::require_database(dir, &cfg)?;
             if let Some(h) = &holders {
                 let mut names: Vec<&str> = h.split(',').map(str::trim).collect();
                 let n = names.len();
@@ -699,6 +700,20 @@ fn restore(
     ledgers: &[PathBuf],
 ) -> Result<RestoreReport> {
     let started = std::time::Instant::now();
+    if to.is_symlink() {
+        bail!(
+            "{} is a symbolic link; give the new directory's own path",
+            to.display()
+        );
+    }
+    if to.exists() && !to.is_dir() {
+        bail!("{} exists and is not a directory", to.display());
+    }
+    // A directory left by a restore killed after its rename, before it removed its marker,
+    // is cleared like a staging directory; anything else at the target is refused.
+    if to.join(crate::RESTORE_MARKER).exists() {
+        clear_interrupted(to)?;
+    }
     if to.exists()
         && std::fs::read_dir(to)
             .map(|mut d| d.next().is_some())
@@ -751,8 +766,9 @@ fn restore(
     }
     // Built in a staging directory beside the target and renamed into place only once it
     // is whole and verified: a restore that fails, or is killed, leaves no data directory
-    // at the target that could be served. A staging directory left by a killed restore is
-    // cleared first.
+    // at the target that could be served. The staging directory is locked (flock) while
+    // its restore runs, so a second restore to the same target refuses; one left by a
+    // killed restore (marked, unlocked) is cleared first; anything else there is refused.
     let target = to;
     let staging = {
         let name = target
@@ -762,15 +778,33 @@ fn restore(
         n.push(".restoring");
         target.with_file_name(n)
     };
-    if staging.exists() {
-        std::fs::remove_dir_all(&staging)
-            .with_context(|| format!("cannot clear {}", staging.display()))?;
+    if staging.is_symlink() || staging.exists() {
+        clear_interrupted(&staging)?;
     }
+    if let Some(parent) = staging.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode_0700()
+            .create(parent)
+            .with_context(|| format!("cannot create {}", parent.display()))?;
+    }
+    // Not recursive: of two restores racing to create it, one fails here.
     std::fs::DirBuilder::new()
-        .recursive(true)
         .mode_0700()
         .create(&staging)
-        .with_context(|| format!("cannot create {}", staging.display()))?;
+        .with_context(|| {
+            format!(
+                "cannot create {} (is another restore into {} running?)",
+                staging.display(),
+                target.display()
+            )
+        })?;
+    let _held = lock_restore(&staging)?.ok_or_else(|| {
+        anyhow!(
+            "another restore into {} is running; let it finish",
+            target.display()
+        )
+    })?;
     crate::write_private(
         &staging.join(crate::RESTORE_MARKER),
         b"medvault backup restore is building this directory; it is renamed into place when done\n",
@@ -877,8 +911,9 @@ fn restore(
         })
     })();
     let placed = result.and_then(|report| {
-        std::fs::remove_file(staging.join(crate::RESTORE_MARKER))?;
-        // rename(2) replaces an empty directory at the target, or makes it.
+        // rename(2) replaces an empty directory at the target, or makes it. The marker
+        // goes after: a restore killed between the two leaves a marked target, which
+        // commands refuse and the next restore clears.
         std::fs::rename(&staging, target).with_context(|| {
             format!(
                 "cannot move the restored copy from {} to {}",
@@ -886,15 +921,48 @@ fn restore(
                 target.display()
             )
         })?;
-        if let Some(parent) = target.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::File::open(parent).and_then(|d| d.sync_all())?;
-        }
+        let parent = target
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        std::fs::File::open(parent).and_then(|d| d.sync_all())?;
+        std::fs::remove_file(target.join(crate::RESTORE_MARKER))?;
         Ok(report)
     });
     if placed.is_err() {
         let _ = std::fs::remove_dir_all(&staging);
     }
     placed
+}
+
+/// Takes an exclusive, non-blocking flock(2) on the directory `dir` for the life of the
+/// returned file; `None` if another process holds it.
+fn lock_restore(dir: &Path) -> Result<Option<std::fs::File>> {
+    let f = std::fs::File::open(dir).with_context(|| format!("cannot open {}", dir.display()))?;
+    match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(Some(f)),
+        Err(rustix::io::Errno::WOULDBLOCK) => Ok(None),
+        Err(e) => Err(anyhow!("cannot lock {}: {e}", dir.display())),
+    }
+}
+
+/// Removes `dir` if it is what a killed restore left: a directory holding the restore
+/// marker that no running restore holds locked. Anything else is refused, never deleted.
+fn clear_interrupted(dir: &Path) -> Result<()> {
+    let leftover = !dir.is_symlink() && dir.is_dir() && dir.join(crate::RESTORE_MARKER).is_file();
+    if !leftover {
+        bail!(
+            "{} exists and was not left by an interrupted restore; move it away first",
+            dir.display()
+        );
+    }
+    let Some(_lock) = lock_restore(dir)? else {
+        bail!(
+            "another restore is building {}; let it finish",
+            dir.display()
+        );
+    };
+    std::fs::remove_dir_all(dir).with_context(|| format!("cannot clear {}", dir.display()))
 }
 
 trait Mode0700 {

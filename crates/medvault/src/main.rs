@@ -1017,7 +1017,7 @@ pub(crate) const RESTORE_MARKER: &str = "RESTORE-IN-PROGRESS";
 /// new, empty one beside its configuration and keys (a database deleted, or a directory
 /// left by an interrupted restore). `init` and `restore` make the database; nothing else
 /// does.
-fn require_database(dir: &Path, cfg: &Config) -> Result<()> {
+pub(crate) fn require_database(dir: &Path, cfg: &Config) -> Result<()> {
     if dir.join(RESTORE_MARKER).exists() {
         bail!(
             "{} is a restore in progress or interrupted (it holds {RESTORE_MARKER}), not a data directory: let `backup restore` finish, or run it again",

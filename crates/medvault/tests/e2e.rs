@@ -8845,6 +8845,26 @@ fn backups(pg: bool) {
     assert_eq!(r["replayed"], json!([pid.clone()]), "{r}");
     assert!(!staging.exists());
     std::fs::remove_dir_all(&to_killed).unwrap();
+    // A `.restoring` directory no restore left is never deleted (the trial lost a file so).
+    let foreign = work.join("r-foreign.restoring");
+    std::fs::create_dir(&foreign).unwrap();
+    std::fs::write(foreign.join("precious.txt"), "keep").unwrap();
+    let o = restore(
+        &m1,
+        work.join("r-foreign").to_str().unwrap(),
+        &[
+            "--share-file",
+            &share_files[0],
+            "--share-file",
+            &share_files[1],
+        ],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not left by an interrupted restore"));
+    assert_eq!(
+        std::fs::read_to_string(foreign.join("precious.txt")).unwrap(),
+        "keep"
+    );
     let r = json_out(&restore(
         &m1,
         to1.to_str().unwrap(),
