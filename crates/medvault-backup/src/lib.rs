@@ -75,7 +75,7 @@ fn io_err(path: &Path) -> impl Fn(std::io::Error) -> BackupError + '_ {
 
 /// Content-defined chunking bounds, in bytes (restic's are 512 KiB–8 MiB; smaller chunks
 /// find more of an append-mostly store unchanged).
-pub const CHUNK_MIN: u32 = 64 * 1024;
+pub const CHUNK_MIN: u32 = 128 * 1024;
 pub const CHUNK_AVG: u32 = 256 * 1024;
 pub const CHUNK_MAX: u32 = 1024 * 1024;
 
