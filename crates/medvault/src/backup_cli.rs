@@ -935,15 +935,11 @@ fn restore(
     placed
 }
 
-/// Takes an exclusive, non-blocking flock(2) on the directory `dir` for the life of the
-/// returned file; `None` if another process holds it.
+/// Locks the directory `dir` ([`crate::try_lock_exclusive`]); `None` if another process
+/// holds it.
 fn lock_restore(dir: &Path) -> Result<Option<std::fs::File>> {
     let f = std::fs::File::open(dir).with_context(|| format!("cannot open {}", dir.display()))?;
-    match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-        Ok(()) => Ok(Some(f)),
-        Err(rustix::io::Errno::WOULDBLOCK) => Ok(None),
-        Err(e) => Err(anyhow!("cannot lock {}: {e}", dir.display())),
-    }
+    crate::try_lock_exclusive(f, dir)
 }
 
 /// Removes `dir` if it is what a killed restore left: a directory holding the restore

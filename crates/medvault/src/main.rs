@@ -719,10 +719,18 @@ fn rotation_lock(dir: &Path) -> Result<std::fs::File> {
         .mode(0o600)
         .open(&p)
         .with_context(|| format!("cannot open {}", p.display()))?;
-    if rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
-        bail!("another `medvault keys rotate` is running on this data directory; let it finish (or stop it: a rotation resumes where it stopped)");
+    try_lock_exclusive(f, &p)?.ok_or_else(|| anyhow!("another `medvault keys rotate` is running on this data directory; let it finish (or stop it: a rotation resumes where it stopped)"))
+}
+
+/// Takes an exclusive flock(2) on `f` (a file or directory opened from `path`) without
+/// waiting: the file back, holding the lock for its life, or `None` if another process
+/// holds it.
+pub(crate) fn try_lock_exclusive(f: std::fs::File, path: &Path) -> Result<Option<std::fs::File>> {
+    match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(Some(f)),
+        Err(rustix::io::Errno::WOULDBLOCK) => Ok(None),
+        Err(e) => Err(anyhow!("cannot lock {}: {e}", path.display())),
     }
-    Ok(f)
 }
 
 fn keys(dir: &Path, command: KeysCommand) -> Result<()> {

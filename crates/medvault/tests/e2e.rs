@@ -8820,16 +8820,24 @@ fn backups(pg: bool) {
     if killed.try_wait().unwrap().is_none() {
         killed.kill().unwrap();
         killed.wait().unwrap();
+        // Whatever it left is refused by every command but a restore (the trial served a
+        // half-restored copy that still held a destroyed chart): the staging directory, or
+        // a target renamed into place whose marker was not yet removed. A target without
+        // the marker is only ever the whole, replayed copy.
+        for left in [&staging, &to_killed] {
+            if left.join("RESTORE-IN-PROGRESS").exists() {
+                let o = medvault(left, &["keys", "status"]);
+                assert_eq!(o.status.code(), Some(1));
+                assert!(String::from_utf8_lossy(&o.stderr).contains("restore in progress"));
+            }
+        }
         assert!(
-            !to_killed.exists(),
-            "a killed restore left a data directory"
+            !staging.exists() || staging.join("RESTORE-IN-PROGRESS").exists(),
+            "an unmarked staging directory"
         );
-        // What it left is refused by every command but a restore (the trial served a
-        // half-restored copy that still held a destroyed chart).
-        if staging.exists() {
-            let o = medvault(&staging, &["keys", "status"]);
-            assert_eq!(o.status.code(), Some(1));
-            assert!(String::from_utf8_lossy(&o.stderr).contains("restore in progress"));
+        if to_killed.exists() && !to_killed.join("RESTORE-IN-PROGRESS").exists() {
+            assert!(medvault(&to_killed, &["keys", "status"]).status.success());
+            std::fs::remove_dir_all(&to_killed).unwrap();
         }
     }
     let r = json_out(&restore(
