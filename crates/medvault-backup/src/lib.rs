@@ -22,14 +22,13 @@ use std::fs;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
-use aes_gcm::aead::{Aead, AeadInPlace, KeyInit, Payload};
-use aes_gcm::{Aes256Gcm, Nonce};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use ed25519_dalek::{Signer, Verifier};
 use hmac::{Hmac, Mac};
 use medvault_core::{Caller, SnapshotStats, Vault, VaultError};
 use rand::RngCore;
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
@@ -102,8 +101,14 @@ impl RepoKey {
         let _ = hk.expand(label.as_bytes(), &mut *k);
         k
     }
-    fn cipher(&self) -> Aes256Gcm {
-        Aes256Gcm::new((&*self.derive("chunk-seal/v1")).into())
+    /// The chunks' AES-256-GCM key (NIST SP 800-38D), in ring's implementation: its
+    /// assembly stitches AES-NI with carry-less multiplication, several times the speed of
+    /// a portable one on the backup's hot path. The same algorithm as before: files sealed
+    /// by either open with the other.
+    fn cipher(&self) -> Result<LessSafeKey, BackupError> {
+        UnboundKey::new(&AES_256_GCM, &*self.derive("chunk-seal/v1"))
+            .map(LessSafeKey::new)
+            .map_err(|_| BackupError::Stream("the chunk key was refused".into()))
     }
     fn chunk_id(&self, plain: &[u8]) -> String {
         chunk_id_with(&self.derive("chunk-id/v1"), plain)
@@ -480,7 +485,7 @@ impl Repo {
         // chunk (in any order, on every core); the chunk list is put back in stream order.
         let sealer = Sealer {
             repo: self,
-            cipher: key.cipher(),
+            cipher: key.cipher()?,
             id_key: key.derive("chunk-id/v1"),
             known,
             failed: std::sync::atomic::AtomicBool::new(false),
@@ -497,6 +502,7 @@ impl Repo {
             let ledger = scope.spawn(|| vault.shred_ledger());
             for _ in 0..SEAL_WORKERS {
                 let done_tx = done_tx.clone();
+                let mut scratch = medvault_core::AlignedBuf::default();
                 scope.spawn(move || loop {
                     let job = match work_rx.lock() {
                         Ok(rx) => rx.recv(),
@@ -507,7 +513,7 @@ impl Repo {
                         sealer.failed.load(std::sync::atomic::Ordering::Relaxed),
                         job.buf.get(job.range.clone()),
                     ) {
-                        (false, Some(plain)) => sealer.seal_one(plain),
+                        (false, Some(plain)) => sealer.seal_one(plain, &mut scratch),
                         (true, _) => Err(BackupError::Stream("stopped".into())),
                         (_, None) => Err(BackupError::Stream("chunk bounds".into())),
                     };
@@ -523,7 +529,8 @@ impl Repo {
             }
             drop(done_tx);
             let mut w = ChunkWriter {
-                buf: Vec::with_capacity(CUT_AT + 2 * CHUNK_MAX as usize),
+                buf: Vec::with_capacity(CUT_AT),
+                cutting: Cutting::ContentDefined,
                 next: 0,
                 out: Some(work_tx),
                 total: 0,
@@ -531,9 +538,13 @@ impl Repo {
                 error: None,
                 failed: &sealer.failed,
             };
+            // The files end a chunk, so the store's stream starts one (a page image's grid
+            // starts at its first byte).
             let dumped = write_files(&mut w, files)
                 .map_err(|e| w.error.take().unwrap_or(BackupError::Stream(e.to_string())))
+                .and_then(|()| w.cut(true))
                 .and_then(|()| {
+                    w.cutting = Cutting::Undecided;
                     vault
                         .backup_snapshot(c, &id, expires, &mut w)
                         .map_err(|e| w.error.take().unwrap_or(BackupError::Vault(e)))
@@ -741,7 +752,7 @@ impl Repo {
                     drop(r);
                     // A damaged chunk stops the stream; name every other damaged one too,
                     // so one run tells the whole story.
-                    let cipher = k.cipher();
+                    let cipher = k.cipher()?;
                     let mut bad: Vec<BackupError> = manifest
                         .chunks
                         .iter()
@@ -798,7 +809,13 @@ impl Repo {
                     stop.clone(),
                 );
                 std::thread::spawn(move || {
-                    let cipher = key2.cipher();
+                    let cipher = match key2.cipher() {
+                        Ok(cipher) => cipher,
+                        Err(e) => {
+                            let _ = tx.send((0, Err(e)));
+                            return;
+                        }
+                    };
                     for c in chunks.iter().skip(w).step_by(OPEN_WORKERS) {
                         if halt.load(std::sync::atomic::Ordering::Relaxed) {
                             return;
@@ -869,7 +886,7 @@ const SEAL_QUEUE: usize = 32;
 /// Chunks each opening worker of a reader opens ahead of its consumer.
 const READ_AHEAD: usize = 4;
 /// Threads opening (checking, decrypting, decompressing) a snapshot's chunks.
-const OPEN_WORKERS: usize = 2;
+const OPEN_WORKERS: usize = 4;
 
 /// One chunk to seal: its number in stream order, and where it lies in a buffer the
 /// chunks of one cut share (no copy per chunk).
@@ -879,14 +896,63 @@ struct Job {
     range: std::ops::Range<usize>,
 }
 
-/// How much of the stream is gathered before it is cut into chunks.
+/// How much of the stream is gathered before it is cut into chunks: a whole number of
+/// [`FIXED_CHUNK`]s.
 const CUT_AT: usize = 4 * CHUNK_MAX as usize;
 
-/// The first stage of a backup: gathers the stream, cuts it at content-defined boundaries
-/// and hands each chunk, numbered in stream order, to the sealers.
+/// The chunk size of a page image: 1 MiB, restic's average chunk, a whole number of pages
+/// of any SQLite page size ([`medvault_core::PAGE_IMAGE_TAG`]).
+pub const FIXED_CHUNK: usize = 1024 * 1024;
+
+/// How the stream is cut into chunks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cutting {
+    /// Content-defined (FastCDC): a row inserted early in a logical dump shifts every byte
+    /// after it, and the cuts move with them, so the chunks after it are found unchanged.
+    ContentDefined,
+    /// The store's stream has not begun: its first byte chooses.
+    Undecided,
+    /// Fixed [`FIXED_CHUNK`]-byte blocks from the start of a page image: its pages never
+    /// move, so a fixed grid finds every unchanged block, and costs nothing per byte.
+    Fixed,
+}
+
+/// Where to cut `buf` (offset, length), in stream order: every chunk when the stream
+/// ended (`last`), else every chunk whose end is known (a content-defined cut needs the
+/// bytes after it; a fixed one does not).
+fn cuts(cutting: Cutting, buf: &[u8], last: bool) -> Vec<(usize, usize)> {
+    match cutting {
+        Cutting::Fixed => {
+            let end = if last {
+                buf.len()
+            } else {
+                buf.len() - buf.len() % FIXED_CHUNK
+            };
+            (0..end)
+                .step_by(FIXED_CHUNK)
+                .map(|off| (off, FIXED_CHUNK.min(end - off)))
+                .collect()
+        }
+        Cutting::ContentDefined | Cutting::Undecided => {
+            let mut cuts: Vec<(usize, usize)> =
+                fastcdc::v2020::FastCDC::new(buf, CHUNK_MIN, CHUNK_AVG, CHUNK_MAX)
+                    .map(|c| (c.offset, c.length))
+                    .collect();
+            if !last {
+                cuts.pop();
+            }
+            cuts
+        }
+    }
+}
+
+/// The first stage of a backup: gathers the stream, cuts it (at content-defined
+/// boundaries, or on a page image's fixed grid) and hands each chunk, numbered in stream
+/// order, to the sealers.
 struct ChunkWriter<'a> {
-    /// The stream not yet cut.
+    /// The stream not yet cut: always shorter than [`CUT_AT`] between writes.
     buf: Vec<u8>,
+    cutting: Cutting,
     /// The next chunk's number (after the last cut: how many chunks there are).
     next: usize,
     out: Option<std::sync::mpsc::SyncSender<Job>>,
@@ -898,25 +964,15 @@ struct ChunkWriter<'a> {
 }
 
 impl ChunkWriter<'_> {
-    /// Cuts the buffer: a chunk is cut only once the bytes after it are known (or the
-    /// stream ended, `last`), so the cuts equal those of chunking the whole stream at once,
-    /// and an unchanged region gives the same chunks every time.
+    /// Cuts the buffer: a chunk is cut only once its end is known (or the stream ended,
+    /// `last`), so the cuts equal those of chunking the whole stream at once, and an
+    /// unchanged region gives the same chunks every time.
     fn cut(&mut self, last: bool) -> Result<(), BackupError> {
-        let cuts: Vec<(usize, usize)> =
-            fastcdc::v2020::FastCDC::new(&self.buf, CHUNK_MIN, CHUNK_AVG, CHUNK_MAX)
-                .map(|c| (c.offset, c.length))
-                .collect();
-        let keep = if last {
-            cuts.len()
-        } else {
-            cuts.len().saturating_sub(1)
-        };
-        let consumed = cuts
-            .get(..keep)
-            .and_then(<[(usize, usize)]>::last)
-            .map_or(0, |&(off, len)| off + len);
-        // What stays uncut starts the next buffer; the cut part is shared by its chunks.
-        let mut rest = Vec::with_capacity(CUT_AT + 2 * CHUNK_MAX as usize);
+        let cuts = cuts(self.cutting, &self.buf, last);
+        let consumed = cuts.last().map_or(0, |&(off, len)| off + len);
+        // What stays uncut starts the next buffer (nothing, on a fixed grid); the cut part
+        // is shared by its chunks.
+        let mut rest = Vec::with_capacity(CUT_AT);
         rest.extend_from_slice(self.buf.get(consumed..).unwrap_or_default());
         let mut whole = std::mem::replace(&mut self.buf, rest);
         whole.truncate(consumed);
@@ -925,7 +981,7 @@ impl ChunkWriter<'_> {
             .out
             .as_ref()
             .ok_or_else(|| BackupError::Stream("the stream is closed".into()))?;
-        for &(off, len) in cuts.iter().take(keep) {
+        for &(off, len) in &cuts {
             out.send(Job {
                 n: self.next,
                 buf: whole.clone(),
@@ -957,7 +1013,7 @@ struct SealedAll {
 /// The sealing stage, shared by its threads: names, compresses, seals and stores chunks.
 struct Sealer<'a> {
     repo: &'a Repo,
-    cipher: Aes256Gcm,
+    cipher: LessSafeKey,
     /// The chunk-id MAC key (derived once).
     id_key: Zeroizing<[u8; 32]>,
     /// Chunks already stored, with their files' SHA-256.
@@ -967,15 +1023,20 @@ struct Sealer<'a> {
 }
 
 impl Sealer<'_> {
-    /// Names one chunk and stores it unless the repository has it.
-    fn seal_one(&self, plain: &[u8]) -> Result<Sealed, BackupError> {
+    /// Names one chunk and stores it unless the repository has it; `scratch` is the
+    /// thread's buffer for the sealed file (grown once, reused: no allocation per chunk).
+    fn seal_one(
+        &self,
+        plain: &[u8],
+        scratch: &mut medvault_core::AlignedBuf,
+    ) -> Result<Sealed, BackupError> {
         let id = chunk_id_with(&self.id_key, plain);
         let path = self.repo.chunk_path(&id);
         let (sha256, written) = match self.known.get(&id) {
             Some(sha) if path.exists() => (sha.clone(), None),
             _ => match fs::read(&path) {
                 Ok(existing) => (hex(&Sha256::digest(&existing)), None),
-                Err(_) => self.put_chunk(&path, plain, &id)?,
+                Err(_) => self.put_chunk(&path, plain, &id, scratch)?,
             },
         };
         Ok(Sealed {
@@ -997,51 +1058,47 @@ impl Sealer<'_> {
         path: &Path,
         plain: &[u8],
         id: &str,
+        scratch: &mut medvault_core::AlignedBuf,
     ) -> Result<(String, Option<u64>), BackupError> {
         // nonce ‖ AES-256-GCM(u32-LE length ‖ LZ4 block) ‖ tag, compressed straight into
-        // the file's buffer.
+        // the file's buffer and sealed in place.
+        let header = || BackupError::Stream("chunk header".into());
         let mut nonce = [0u8; 12];
         rand::rngs::OsRng.fill_bytes(&mut nonce);
-        let bound = lz4_flex::block::get_maximum_output_size(plain.len());
-        let mut file = vec![0u8; 16 + bound];
-        let (head, body) = file.split_at_mut(16);
+        let len = u32::try_from(plain.len())
+            .map_err(|_| BackupError::Stream("chunk too large".into()))?;
+        scratch.reserve(16 + lz4_flex::block::get_maximum_output_size(plain.len()) + 16);
+        let buf = scratch.block();
+        let (head, body) = buf.split_at_mut(16);
         head.get_mut(..12)
-            .ok_or_else(|| BackupError::Stream("chunk header".into()))?
+            .ok_or_else(header)?
             .copy_from_slice(&nonce);
         head.get_mut(12..)
-            .ok_or_else(|| BackupError::Stream("chunk header".into()))?
-            .copy_from_slice(
-                &u32::try_from(plain.len())
-                    .map_err(|_| BackupError::Stream("chunk too large".into()))?
-                    .to_le_bytes(),
-            );
+            .ok_or_else(header)?
+            .copy_from_slice(&len.to_le_bytes());
         let packed = lz4_flex::block::compress_into(plain, body)
             .map_err(|e| BackupError::Stream(format!("compression failed: {e}")))?;
-        file.truncate(16 + packed);
-        file.reserve_exact(16);
+        let end = 16 + packed;
         let tag = self
             .cipher
-            .encrypt_in_place_detached(
-                Nonce::from_slice(&nonce),
-                id.as_bytes(),
-                file.get_mut(12..).unwrap_or_default(),
+            .seal_in_place_separate_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(id.as_bytes()),
+                buf.get_mut(12..end).ok_or_else(header)?,
             )
             .map_err(|_| BackupError::Stream("encryption failed".into()))?;
-        file.extend_from_slice(&tag);
+        buf.get_mut(end..end + 16)
+            .ok_or_else(header)?
+            .copy_from_slice(tag.as_ref());
+        let file_len = end + 16;
+        let sha256 = hex(&Sha256::digest(buf.get(..file_len).ok_or_else(header)?));
         if let Some(parent) = path.parent() {
             fs::create_dir_all(parent).map_err(io_err(parent))?;
         }
         let tmp = path.with_extension(format!("tmp{}-{}", std::process::id(), random_id()));
-        fs::File::create(&tmp)
-            .and_then(|mut f| {
-                f.write_all(&file)?;
-                // Start writing it to disk now (Linux: POSIX_FADV_DONTNEED begins writeback
-                // of dirty pages), so the sync before the manifest has little left to wait
-                // for. Advice only: a failure changes nothing.
-                let _ = rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed);
-                Ok(())
-            })
-            .map_err(io_err(&tmp))?;
+        // Straight to the disk where the file system allows (O_DIRECT): no page-cache copy,
+        // and the sync before the manifest has little left to wait for.
+        medvault_core::write_new_file(&tmp, scratch, file_len).map_err(io_err(&tmp))?;
         let placed = rustix::fs::renameat_with(
             rustix::fs::CWD,
             &tmp,
@@ -1050,7 +1107,7 @@ impl Sealer<'_> {
             rustix::fs::RenameFlags::NOREPLACE,
         );
         match placed {
-            Ok(()) => Ok((hex(&Sha256::digest(&file)), Some(file.len() as u64))),
+            Ok(()) => Ok((sha256, Some(file_len as u64))),
             Err(rustix::io::Errno::EXIST) => {
                 let _ = fs::remove_file(&tmp);
                 let existing = fs::read(path).map_err(io_err(path))?;
@@ -1072,12 +1129,28 @@ impl Write for ChunkWriter<'_> {
             self.error = Some(e);
             return Err(std::io::Error::other(msg));
         }
-        self.buf.extend_from_slice(b);
-        if self.buf.len() >= CUT_AT {
-            if let Err(e) = self.cut(false) {
-                let msg = e.to_string();
-                self.error = Some(e);
-                return Err(std::io::Error::other(msg));
+        if self.cutting == Cutting::Undecided {
+            if let Some(&first) = b.first() {
+                self.cutting = if first == medvault_core::PAGE_IMAGE_TAG {
+                    Cutting::Fixed
+                } else {
+                    Cutting::ContentDefined
+                };
+            }
+        }
+        // The buffer fills to exactly `CUT_AT`, a whole number of fixed chunks: a page
+        // image is cut with no bytes left over to copy.
+        let mut rest = b;
+        while !rest.is_empty() {
+            let (now, later) = rest.split_at(rest.len().min(CUT_AT.saturating_sub(self.buf.len())));
+            self.buf.extend_from_slice(now);
+            rest = later;
+            if self.buf.len() >= CUT_AT {
+                if let Err(e) = self.cut(false) {
+                    let msg = e.to_string();
+                    self.error = Some(e);
+                    return Err(std::io::Error::other(msg));
+                }
             }
         }
         let before = self.total;
@@ -1124,24 +1197,20 @@ impl Drop for SnapshotReader<'_> {
 fn open_chunk(
     dir: &Path,
     key: &RepoKey,
-    cipher: &Aes256Gcm,
+    cipher: &LessSafeKey,
     c: &ChunkRef,
 ) -> Result<Vec<u8>, BackupError> {
-    let file = read_chunk_file(dir, c)?;
+    let mut file = read_chunk_file(dir, c)?;
     let undecryptable = || BackupError::UndecryptableChunk(c.id.clone());
-    let (Some(nonce), Some(ct)) = (file.get(..12), file.get(12..)) else {
+    if file.len() < 12 {
         return Err(undecryptable());
-    };
+    }
+    let (nonce, ct) = file.split_at_mut(12);
+    let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| undecryptable())?;
     let packed = cipher
-        .decrypt(
-            Nonce::from_slice(nonce),
-            Payload {
-                msg: ct,
-                aad: c.id.as_bytes(),
-            },
-        )
+        .open_in_place(nonce, Aad::from(c.id.as_bytes()), ct)
         .map_err(|_| undecryptable())?;
-    let plain = lz4_flex::decompress_size_prepended(&packed).map_err(|_| undecryptable())?;
+    let plain = lz4_flex::decompress_size_prepended(packed).map_err(|_| undecryptable())?;
     if plain.len() as u64 != c.len || key.chunk_id(&plain) != c.id {
         return Err(undecryptable());
     }
@@ -1280,5 +1349,93 @@ mod tests {
         let mut tail = vec![];
         rest.read_to_end(&mut tail).unwrap();
         assert_eq!(tail, b"rest");
+    }
+
+    /// The chunks (their bytes) a backup cuts from `stream`, written `step` bytes at a time
+    /// after the files' chunk, as `Repo::create` writes it.
+    fn chunks_of(stream: &[u8], step: usize) -> Vec<Vec<u8>> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1024);
+        let failed = std::sync::atomic::AtomicBool::new(false);
+        let mut w = ChunkWriter {
+            buf: Vec::with_capacity(CUT_AT),
+            cutting: Cutting::ContentDefined,
+            next: 0,
+            out: Some(tx),
+            total: 0,
+            progress: &|_| {},
+            error: None,
+            failed: &failed,
+        };
+        write_files(&mut w, &[]).unwrap();
+        w.cut(true).unwrap();
+        w.cutting = Cutting::Undecided;
+        for part in stream.chunks(step) {
+            w.write_all(part).unwrap();
+        }
+        w.cut(true).unwrap();
+        drop(w);
+        let jobs: Vec<Job> = rx.iter().collect();
+        assert!(jobs.iter().enumerate().all(|(i, j)| j.n == i));
+        jobs.iter()
+            .skip(1)
+            .map(|j| j.buf[j.range.clone()].to_vec())
+            .collect()
+    }
+
+    /// Bytes that do not repeat (as FastCDC needs to find cuts).
+    fn noise(len: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x.to_le_bytes()[0]
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_page_image_is_cut_on_a_fixed_grid_so_a_changed_page_changes_one_chunk() {
+        // A page image: its tag, a header padded to one 4 KiB page, then pages.
+        let mut image = noise(4096 + 5 * FIXED_CHUNK / 2, 7);
+        image[0] = medvault_core::PAGE_IMAGE_TAG;
+        for step in [4096, 1000, 3 * FIXED_CHUNK] {
+            let chunks = chunks_of(&image, step);
+            let lens: Vec<usize> = chunks.iter().map(Vec::len).collect();
+            assert_eq!(
+                lens,
+                [FIXED_CHUNK, FIXED_CHUNK, FIXED_CHUNK / 2 + 4096],
+                "written {step} bytes at a time"
+            );
+            assert_eq!(chunks.concat(), image);
+        }
+        // One page rewritten: one chunk differs, the rest are found unchanged.
+        let mut changed = image.clone();
+        changed[4096 * 300..4096 * 301].copy_from_slice(&noise(4096, 9));
+        let (a, b) = (chunks_of(&image, 4096), chunks_of(&changed, 4096));
+        let differ = a.iter().zip(&b).filter(|(x, y)| x != y).count();
+        assert_eq!(differ, 1);
+    }
+
+    #[test]
+    fn a_logical_dump_is_cut_where_its_content_says() {
+        // Any other first byte (a logical dump's table frame): content-defined chunks, so
+        // bytes inserted early leave the later chunks as they were.
+        let mut dump = noise(6 * FIXED_CHUNK, 11);
+        dump[0] = b'T';
+        let chunks = chunks_of(&dump, 4096);
+        assert_eq!(chunks.concat(), dump);
+        assert!(chunks.len() > 6, "{}", chunks.len());
+        assert!(chunks
+            .iter()
+            .rev()
+            .skip(1)
+            .all(|c| (CHUNK_MIN as usize..=CHUNK_MAX as usize).contains(&c.len())));
+        let mut longer = dump.clone();
+        longer.splice(100..100, noise(1000, 13));
+        let after = chunks_of(&longer, 4096);
+        let shared = after.iter().filter(|c| chunks.contains(c)).count();
+        assert!(shared + 2 >= chunks.len(), "{shared} of {}", chunks.len());
     }
 }

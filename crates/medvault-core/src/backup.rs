@@ -16,6 +16,7 @@ use zeroize::Zeroizing;
 use crate::{Caller, Outcome, Storage, Vault, VaultError};
 
 pub use medvault_store::DumpStats as SnapshotStats;
+pub use medvault_store::PAGE_IMAGE_TAG;
 
 /// How a snapshot's audit entry begins (`backup.create snapshot=ID expires=INSTANT`): what a
 /// certificate of destruction reads the last backup before the destruction from.

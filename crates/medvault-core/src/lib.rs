@@ -58,7 +58,7 @@ pub use access::Explanation;
 pub use admin::Status;
 pub use audit_views::AuditEventPage;
 pub use auth::{check_password, EnrollmentInfo, LoginChallenge, NewUserInfo, SessionGrant};
-pub use backup::{check_dump, restore_store, SnapshotStats};
+pub use backup::{check_dump, restore_store, SnapshotStats, PAGE_IMAGE_TAG};
 pub use break_glass::{BreakGlassGrant, BreakGlassView};
 pub use bundle::EntryResult;
 pub use caller::{Caller, LocalOperator, ANONYMOUS};
@@ -82,6 +82,7 @@ pub use medvault_identity::{
     OidcProvider, PasskeyView, Password, SessionPolicy, SessionView, Token,
 };
 pub use medvault_policy::Relationship;
+pub use medvault_store::direct::{write_new_file, AlignedBuf};
 pub use medvault_types::{Action, Category, Clock, Operation, Purpose, Role};
 pub use policy_admin::{CaseResult, PolicyCase, PolicyVersion};
 pub use search::SearchResult;

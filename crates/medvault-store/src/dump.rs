@@ -414,8 +414,11 @@ pub(crate) enum Item {
     End,
 }
 
-/// Frame tag of a page image.
-pub(crate) const IMAGE_TAG: u8 = b'P';
+/// Frame tag of a page image: a snapshot stream that begins with this byte is a page
+/// image, whose header is padded so that its pages start at a multiple of the page size (a
+/// power of two from 512 to 65,536 bytes). A backup may therefore cut it on a fixed grid of
+/// any multiple of 64 KiB and every chunk holds whole pages, at the same offsets each time.
+pub const IMAGE_TAG: u8 = b'P';
 
 /// The first 16 bytes of every SQLite database file (SQLite "Database File Format" 1.3).
 pub(crate) const SQLITE_MAGIC: &[u8; 16] = b"SQLite format 3\0";
@@ -431,10 +434,18 @@ pub(crate) struct ImageHeader {
 }
 
 impl ImageHeader {
-    /// The header's frame bytes (tag included).
+    /// The header's frame bytes (tag included), a whole number of pages long: the JSON is
+    /// padded with spaces (which JSON allows after a value), so the pages after it start at
+    /// a multiple of the page size ([`IMAGE_TAG`]).
     pub fn encode(&self) -> Result<Vec<u8>, StoreError> {
-        let stats = serde_json::to_vec(&self.stats)
+        let mut stats = serde_json::to_vec(&self.stats)
             .map_err(|e| StoreError::Backend(format!("page image header: {e}")))?;
+        let page = (self.page_size as usize).max(1);
+        let unpadded = 17 + stats.len();
+        stats.resize(
+            stats.len() + unpadded.div_ceil(page) * page - unpadded,
+            b' ',
+        );
         let mut b = Vec::with_capacity(17 + stats.len());
         b.push(IMAGE_TAG);
         b.extend_from_slice(&self.page_size.to_le_bytes());
@@ -699,6 +710,33 @@ mod tests {
                 }
             }
             assert!(failed, "a dump cut at {cut} is refused");
+        }
+    }
+
+    #[test]
+    fn a_page_image_header_fills_whole_pages_and_reads_back() {
+        for page_size in [512u32, 4096, 65536] {
+            let mut stats = DumpStats::default();
+            stats.rows.insert("audit_log".into(), 12);
+            stats.audit_entries = 12;
+            let h = ImageHeader {
+                page_size,
+                pages: 3,
+                stats,
+            };
+            let b = h.encode().unwrap();
+            assert_eq!(b.len() % page_size as usize, 0, "page size {page_size}");
+            let mut r: &[u8] = &b;
+            let mut d = Decoder::new(&mut r);
+            match d.next().unwrap() {
+                Item::Image(back) => {
+                    assert_eq!((back.page_size, back.pages), (page_size, 3));
+                    assert_eq!(back.stats.audit_entries, 12);
+                }
+                _ => panic!("not read back as a page image's header"),
+            }
+            drop(d);
+            assert!(r.is_empty());
         }
     }
 }

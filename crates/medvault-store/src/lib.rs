@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 pub mod conformance;
+pub mod direct;
 pub mod dump;
 pub mod faulty;
 mod postgres;
@@ -18,7 +19,7 @@ mod sql;
 mod sqlite;
 mod writer;
 
-pub use dump::{DumpStats, Value as DumpValue};
+pub use dump::{DumpStats, Value as DumpValue, IMAGE_TAG as PAGE_IMAGE_TAG};
 pub use postgres::{with_database, PgStore};
 pub use sqlite::SqliteStore;
 

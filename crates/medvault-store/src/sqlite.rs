@@ -293,28 +293,20 @@ fn restore_rows(tmp: &Path, input: &mut dyn std::io::Read) -> Result<DumpStats, 
     Ok(stats)
 }
 
-/// Builds a restored database at `tmp` from a page image: the pages written back and
-/// synced, the schema brought up to date, and the tables a dump leaves out emptied.
+/// Builds a restored database at `tmp` from a page image: the pages written back (around
+/// the page cache where the file system allows: [`crate::direct`]) and synced, the schema
+/// brought up to date, and the tables a dump leaves out emptied.
 fn restore_image(tmp: &Path, input: &mut dyn std::io::Read) -> Result<DumpStats, StoreError> {
     use crate::dump::{Decoder, Item, TABLES};
-    use std::os::unix::fs::OpenOptionsExt;
     let io = |e: std::io::Error| StoreError::Backend(format!("restore: {e}"));
     let mut d = Decoder::new(input);
     let Item::Image(h) = d.next()? else {
         return Err(StoreError::Backend("not a medvault page image".into()));
     };
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(tmp)
-        .map_err(io)?;
-    let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
+    let mut w = crate::direct::RestoreFile::create(tmp).map_err(io)?;
     d.pages(&h, &mut w)?;
-    w.into_inner()
-        .map_err(|e| io(e.into_error()))?
-        .sync_all()
-        .map_err(io)?;
+    let f = w.finish().map_err(io)?;
+    f.sync_all().map_err(io)?;
     let mut c = open(tmp, true)?;
     let schema: i64 = c.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     if usize::try_from(schema).map_or(true, |v| v > MIGRATIONS.len()) {
