@@ -313,4 +313,25 @@ mod tests {
             );
         }
     }
+
+    #[test]
+    fn a_new_file_holds_exactly_its_bytes_and_never_replaces_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut buf = AlignedBuf::default();
+        for len in [0usize, 1, 4095, 4096, 4097, 300_000] {
+            buf.reserve(len);
+            let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            buf.block()[..len].copy_from_slice(&data);
+            // Garbage after the end must not reach the file.
+            if let Some(after) = buf.block().get_mut(len..len + 10) {
+                after.fill(0xEE);
+            }
+            let path = dir.path().join(format!("c{len}"));
+            write_new_file(&path, &mut buf, len).unwrap();
+            assert_eq!(std::fs::read(&path).unwrap(), data, "{len} bytes");
+            let e = write_new_file(&path, &mut buf, len).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::AlreadyExists);
+            assert_eq!(std::fs::read(&path).unwrap(), data, "{len} bytes kept");
+        }
+    }
 }
