@@ -1351,6 +1351,52 @@ mod tests {
         assert_eq!(tail, b"rest");
     }
 
+    #[test]
+    fn chunks_sealed_before_ring_still_open() {
+        // 0.9.0's chunk files were sealed with the `aes-gcm` crate: the same AES-256-GCM,
+        // nonce first and tag last, the id as associated data.
+        use aes_gcm::aead::{Aead, KeyInit, Payload};
+        let key = RepoKey {
+            raw: Zeroizing::new([5; 32]),
+        };
+        let plain = b"a page or two".repeat(100);
+        let id = key.chunk_id(&plain);
+        let packed = lz4_flex::compress_prepend_size(&plain);
+        let nonce = [9u8; 12];
+        let sealed = aes_gcm::Aes256Gcm::new((&*key.derive("chunk-seal/v1")).into())
+            .encrypt(
+                aes_gcm::Nonce::from_slice(&nonce),
+                Payload {
+                    msg: &packed,
+                    aad: id.as_bytes(),
+                },
+            )
+            .unwrap();
+        let file = [&nonce[..], &sealed].concat();
+        let dir = tempfile::tempdir().unwrap();
+        let c = ChunkRef {
+            id: id.clone(),
+            len: plain.len() as u64,
+            sha256: hex(&Sha256::digest(&file)),
+        };
+        std::fs::create_dir_all(chunk_path(dir.path(), &id).parent().unwrap()).unwrap();
+        std::fs::write(chunk_path(dir.path(), &id), &file).unwrap();
+        let cipher = key.cipher().unwrap();
+        assert_eq!(open_chunk(dir.path(), &key, &cipher, &c).unwrap(), plain);
+        // And one byte changed does not open.
+        let mut bad = file.clone();
+        bad[20] ^= 1;
+        std::fs::write(chunk_path(dir.path(), &id), &bad).unwrap();
+        let c = ChunkRef {
+            sha256: hex(&Sha256::digest(&bad)),
+            ..c
+        };
+        assert!(matches!(
+            open_chunk(dir.path(), &key, &cipher, &c),
+            Err(BackupError::UndecryptableChunk(_))
+        ));
+    }
+
     /// The chunks (their bytes) a backup cuts from `stream`, written `step` bytes at a time
     /// after the files' chunk, as `Repo::create` writes it.
     fn chunks_of(stream: &[u8], step: usize) -> Vec<Vec<u8>> {
