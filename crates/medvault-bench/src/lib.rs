@@ -1006,15 +1006,18 @@ pub fn latency_row(patients: usize, operation: &str, lat: &mut [Duration]) -> Be
     }
 }
 
-/// The table as text.
+/// A latency cell: `-` where none was measured (a throughput row).
 fn us(x: f64) -> String {
-    if x < 10.0 {
+    if x <= 0.0 {
+        "-".into()
+    } else if x < 10.0 {
         format!("{x:.2}µs")
     } else {
         format!("{x:.0}µs")
     }
 }
 
+/// The table as text.
 pub fn render(rows: &[BenchRow]) -> String {
     let mut s = format!(
         "{:>9}  {:<15} {:>12} {:>12} {:>7}  {:>9} {:>9}  {:>9} {:>9}\n",
@@ -1056,4 +1059,22 @@ pub fn render(rows: &[BenchRow]) -> String {
         ));
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_throughput_row_shows_no_latency_it_did_not_measure() {
+        let table = render(&[
+            throughput_row(20000, "backup (MB/s)", 456.0),
+            latency_row(20000, "shred, 1 rec", &mut [Duration::from_micros(300)]),
+        ]);
+        let backup = table.lines().find(|l| l.contains("backup")).unwrap();
+        assert!(!backup.contains("µs"), "{backup}");
+        assert!(backup.contains("456"), "{backup}");
+        let shred = table.lines().find(|l| l.contains("shred")).unwrap();
+        assert!(shred.contains("300µs"), "{shred}");
+    }
 }
