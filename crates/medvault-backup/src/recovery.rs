@@ -37,10 +37,19 @@ fn decode(prefix: &str, text: &str) -> Result<Zeroizing<Vec<u8>>, BackupError> {
     let rest = t
         .strip_prefix(prefix)
         .ok_or_else(|| err(format!("expected text starting with {prefix}")))?;
+    let upper = rest.to_ascii_uppercase();
     let raw = Zeroizing::new(
         data_encoding::BASE32_NOPAD
-            .decode(rest.to_ascii_uppercase().as_bytes())
-            .map_err(|_| err("not base32"))?,
+            .decode(upper.as_bytes())
+            .map_err(|e| match e.kind {
+                data_encoding::DecodeKind::Symbol => err(format!(
+                    "character {} after {prefix} ({:?}) is not one of A-Z and 2-7",
+                    e.position + 1,
+                    upper.chars().nth(e.position).unwrap_or('?')
+                )),
+                data_encoding::DecodeKind::Length => err("a character is missing or one too many"),
+                _ => err("checksum mismatch: a character is wrong"),
+            })?,
     );
     if raw.len() < 5 {
         return Err(err("too short"));
@@ -296,6 +305,29 @@ mod tests {
         let last = typo.pop().unwrap();
         typo.push(if last == 'A' { 'B' } else { 'A' });
         assert!(RecoverySecret::from_text(&typo).is_err(), "checksum");
+        // Every kind of typo is told as one, never as "not base32".
+        let text = s.to_text().to_string();
+        let mut zero = text.clone();
+        zero.replace_range(10..11, "0");
+        let e = RecoverySecret::from_text(&zero).err().unwrap().to_string();
+        assert!(
+            e.contains("is not one of A-Z and 2-7") && e.contains("'0'"),
+            "{e}"
+        );
+        let e = RecoverySecret::from_text(&text[..text.len() - 1])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("a character is"), "{e}");
+        for last in ['A', 'B', 'Q', '7'] {
+            let mut t = text.clone();
+            t.pop();
+            t.push(last);
+            if t != text {
+                let e = RecoverySecret::from_text(&t).err().unwrap().to_string();
+                assert!(e.contains("a character is"), "{last}: {e}");
+            }
+        }
         assert!(s.split(1, 3).is_err());
         assert!(format!("{s:?}").contains("REDACTED"));
     }
