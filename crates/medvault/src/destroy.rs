@@ -152,6 +152,14 @@ fn as_person<T>(
     out
 }
 
+/// "not found" said of what was not found (`what`), as one line on the CLI.
+fn named(what: String) -> impl FnOnce(medvault_core::VaultError) -> medvault_core::VaultError {
+    move |e| match e {
+        medvault_core::VaultError::NotFound => medvault_core::VaultError::BadRequest(what),
+        e => e,
+    }
+}
+
 fn medvault_types_request_id() -> String {
     format!("cli-{}", std::process::id())
 }
@@ -188,7 +196,11 @@ pub fn destroy(dir: &Path, cmd: DestroyCommand) -> Result<()> {
             json,
         } => {
             let d = as_person(&vault, &who, |c| {
-                vault.request_destruction(c, &patient, &reason)
+                vault
+                    .request_destruction(c, &patient, &reason)
+                    .map_err(named(format!(
+                        "no patient {patient} (unknown, or its chart was already destroyed)"
+                    )))
             })?;
             if json {
                 println!("{}", serde_json::to_string(&d)?);
@@ -200,14 +212,22 @@ pub fn destroy(dir: &Path, cmd: DestroyCommand) -> Result<()> {
             }
         }
         DestroyCommand::Approve { id, who, out } => {
-            let cert = as_person(&vault, &who, |c| vault.approve_destruction(c, &id))?;
+            let cert = as_person(&vault, &who, |c| {
+                vault.approve_destruction(c, &id).map_err(named(format!(
+                    "no destruction request {id} (`medvault destroy list` shows them)"
+                )))
+            })?;
             if let Some(p) = out {
                 crate::write_private(&p, cert.as_bytes())?;
             }
             print!("{cert}");
         }
         DestroyCommand::Cancel { id, who } => {
-            as_person(&vault, &who, |c| vault.cancel_destruction(c, &id))?;
+            as_person(&vault, &who, |c| {
+                vault.cancel_destruction(c, &id).map_err(named(format!(
+                    "no destruction request {id} (`medvault destroy list` shows them)"
+                )))
+            })?;
             println!("destruction {id} cancelled");
         }
         DestroyCommand::List { who, json } => {
@@ -237,7 +257,11 @@ pub fn destroy(dir: &Path, cmd: DestroyCommand) -> Result<()> {
         DestroyCommand::Certificate { id, who } => {
             print!(
                 "{}",
-                as_person(&vault, &who, |c| vault.destruction_certificate(c, &id))?
+                as_person(&vault, &who, |c| {
+                    vault.destruction_certificate(c, &id).map_err(named(format!(
+                        "no destruction request {id} (`medvault destroy list` shows them)"
+                    )))
+                })?
             );
         }
         DestroyCommand::Key => {
@@ -289,7 +313,9 @@ pub fn hold(dir: &Path, cmd: HoldCommand) -> Result<()> {
             json,
         } => {
             let h = as_person(&vault, &who, |c| {
-                vault.set_legal_hold(c, &patient, &matter, &reason)
+                vault
+                    .set_legal_hold(c, &patient, &matter, &reason)
+                    .map_err(named(format!("no patient {patient}")))
             })?;
             if json {
                 println!("{}", serde_json::to_string(&h)?);
@@ -301,7 +327,11 @@ pub fn hold(dir: &Path, cmd: HoldCommand) -> Result<()> {
             }
         }
         HoldCommand::Release { id, who } => {
-            as_person(&vault, &who, |c| vault.release_legal_hold(c, &id))?;
+            as_person(&vault, &who, |c| {
+                vault.release_legal_hold(c, &id).map_err(named(format!(
+                    "no legal hold {id} (`medvault hold list` shows them)"
+                )))
+            })?;
             println!("legal hold {id} released");
         }
         HoldCommand::List { patient, who, json } => {
@@ -329,4 +359,18 @@ pub fn hold(dir: &Path, cmd: HoldCommand) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unknown_id_is_named_not_just_not_found() {
+        let e = named("no destruction request d-1".into())(medvault_core::VaultError::NotFound);
+        assert_eq!(crate::describe(e).to_string(), "no destruction request d-1");
+        // Other errors pass through unchanged.
+        let e = named("x".into())(medvault_core::VaultError::Gone);
+        assert!(matches!(e, medvault_core::VaultError::Gone));
+    }
 }
