@@ -187,6 +187,20 @@ impl Vault {
         self.audit(vec![rec])
     }
 
+    /// Records, before it takes effect, that backups made from now on are sealed to a new
+    /// recovery key (`detail`: its public key, and how it is split among whom; no secret).
+    /// Fail-closed: when this cannot be recorded, the key is not replaced.
+    ///
+    /// # Errors
+    /// Denied; audit failures.
+    pub fn record_recovery_key(&self, c: &Caller, detail: &str) -> Result<(), VaultError> {
+        let Some(mut rec) = self.operate(c, Operation::Backup, None)? else {
+            return Err(VaultError::Unauthenticated);
+        };
+        rec.detail = Some(format!("backup.recovery-key {detail}"));
+        self.audit(vec![rec])
+    }
+
     /// Records a restore drill's report (JSON, no PHI) in the audit log and as the last
     /// drill shown by status pages.
     ///

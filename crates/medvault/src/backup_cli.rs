@@ -75,22 +75,32 @@ pub enum BackupCommand {
     Prune {
         #[arg(long)]
         out: Option<PathBuf>,
-        /// Snapshots to keep (default `backup.retain`).
+        /// Snapshots to keep (default `backup.retain`; at least 1: prune never deletes
+        /// every snapshot).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        keep: Option<u64>,
         #[arg(long)]
-        keep: Option<usize>,
+        json: bool,
     },
     /// Make a new recovery key (printed once; optionally split M-of-N among named holders).
     /// Repositories created afterwards seal their key to it.
     RecoveryKey {
         /// Split the key: any M of N shares rebuild it, e.g. `3-of-5`.
-        #[arg(long)]
-        split: Option<String>,
-        /// The share holders, comma-separated (N names).
-        #[arg(long)]
+        #[arg(long, value_parser = parse_split, requires = "holders")]
+        split: Option<(u8, u8)>,
+        /// The share holders, comma-separated (N names; with --split).
+        #[arg(long, requires = "split")]
         holders: Option<String>,
         #[arg(long)]
         json: bool,
     },
+}
+
+/// `--split M-of-N` (1 ≤ M ≤ N ≤ 255; the shares' own limits are checked when made).
+fn parse_split(spec: &str) -> std::result::Result<(u8, u8), String> {
+    spec.split_once("-of-")
+        .and_then(|(m, n)| Some((m.parse::<u8>().ok()?, n.parse::<u8>().ok()?)))
+        .ok_or_else(|| "takes M-of-N, e.g. 3-of-5".to_owned())
 }
 
 /// The recovery key, when the master key is not at hand.
@@ -496,6 +506,13 @@ pub fn run(dir: &Path, cmd: BackupCommand) -> Result<()> {
             let key = key_for(&mut repo, dir, &recovery)?.ok_or_else(|| {
                 anyhow!("no key to open this backup: {} holds no medvault installation (no {}); give --recovery-key-file or --share-file", dir.display(), config::FILE)
             })?;
+            if dir.join(config::FILE).exists() && inside(&to, dir) {
+                bail!(
+                    "{} is inside the data directory {}; restore into a directory of its own",
+                    to.display(),
+                    dir.display()
+                );
+            }
             let r = restore(&repo, &manifest, &key, &to, postgres, &ledger)?;
             if json {
                 println!("{}", serde_json::to_string(&r)?);
@@ -528,15 +545,24 @@ pub fn run(dir: &Path, cmd: BackupCommand) -> Result<()> {
                 bail!("the restored record counts differ from the manifest's");
             }
         }
-        BackupCommand::Prune { out, keep } => {
+        BackupCommand::Prune { out, keep, json } => {
             let cfg = Config::load(dir)?;
             let repo = Repo::open(&repository(dir, &cfg, out.as_deref()))?;
-            let keep = keep.unwrap_or(cfg.backup.retain);
+            let keep = keep.map_or(cfg.backup.retain, |k| {
+                usize::try_from(k).unwrap_or(usize::MAX)
+            });
             if keep == 0 {
-                bail!("--keep must be at least 1: prune never deletes every snapshot");
+                bail!("backup.retain must be at least 1: prune never deletes every snapshot");
             }
             let (s, c) = repo.prune(keep)?;
-            println!("pruned {s} snapshots and {c} chunks");
+            if json {
+                println!(
+                    "{}",
+                    json!({"kept": keep, "pruned_snapshots": s, "pruned_chunks": c})
+                );
+            } else {
+                println!("pruned {s} snapshots and {c} chunks");
+            }
         }
         BackupCommand::RecoveryKey {
             split,
@@ -559,11 +585,7 @@ pub fn run(dir: &Path, cmd: BackupCommand) -> Result<()> {
             // old one: a mistyped split must not leave backups sealed to a key nobody holds.
             let split = match split {
                 None => None,
-                Some(spec) => {
-                    let (m, n) = spec
-                        .split_once("-of-")
-                        .and_then(|(m, n)| Some((m.parse::<u8>().ok()?, n.parse::<u8>().ok()?)))
-                        .ok_or_else(|| anyhow!("--split takes M-of-N, e.g. 3-of-5"))?;
+                Some((m, n)) => {
                     let names: Vec<String> = holders
                         .unwrap_or_default()
                         .split(',')
@@ -576,6 +598,18 @@ pub fn run(dir: &Path, cmd: BackupCommand) -> Result<()> {
                     Some((m, n, names, s.split(m, n)?))
                 }
             };
+            let (_, vault, op) = crate::open(dir)?;
+            let detail = match &split {
+                None => format!("public={}", s.public().to_text()),
+                Some((m, n, names, _)) => format!(
+                    "public={} split={m}-of-{n} holders={}",
+                    s.public().to_text(),
+                    names.join(",")
+                ),
+            };
+            vault
+                .record_recovery_key(&Caller::system(&op, "backup"), &detail)
+                .map_err(crate::describe)?;
             install_recovery_public(dir, &cfg, &s)?;
             match split {
                 None => {
@@ -611,6 +645,39 @@ pub fn run(dir: &Path, cmd: BackupCommand) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `p` made absolute, with `.` and `..` applied and the symbolic links of the part that
+/// exists resolved (what it would be once created).
+fn resolved(p: &Path) -> PathBuf {
+    use std::path::Component;
+    let abs = std::path::absolute(p).unwrap_or_else(|_| p.to_owned());
+    let mut norm = PathBuf::new();
+    for c in abs.components() {
+        match c {
+            Component::ParentDir => {
+                norm.pop();
+            }
+            Component::CurDir => {}
+            c => norm.push(c),
+        }
+    }
+    let (mut head, mut tail) = (norm.clone(), vec![]);
+    loop {
+        if let Ok(mut real) = head.canonicalize() {
+            real.extend(tail.iter().rev());
+            return real;
+        }
+        match head.file_name().map(std::ffi::OsStr::to_owned) {
+            Some(name) if head.pop() => tail.push(name),
+            _ => return norm,
+        }
+    }
+}
+
+/// Whether `p` is `base` or lies inside it (both [`resolved`]).
+fn inside(p: &Path, base: &Path) -> bool {
+    resolved(p).starts_with(resolved(base))
 }
 
 /// A restore drill (`backup drill`, and the console's): the newest snapshot restored into
@@ -700,6 +767,13 @@ fn restore(
     ledgers: &[PathBuf],
 ) -> Result<RestoreReport> {
     let started = std::time::Instant::now();
+    if inside(to, &repo.dir) {
+        bail!(
+            "{} is inside the backup repository {}; restore into a directory of its own",
+            to.display(),
+            repo.dir.display()
+        );
+    }
     if to.is_symlink() {
         bail!(
             "{} is a symbolic link; give the new directory's own path",
@@ -789,16 +863,16 @@ fn restore(
             .with_context(|| format!("cannot create {}", parent.display()))?;
     }
     // Not recursive: of two restores racing to create it, one fails here.
-    std::fs::DirBuilder::new()
-        .mode_0700()
-        .create(&staging)
-        .with_context(|| {
-            format!(
-                "cannot create {} (is another restore into {} running?)",
+    if let Err(e) = std::fs::DirBuilder::new().mode_0700().create(&staging) {
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            bail!(
+                "cannot create {}: another restore into {} is starting",
                 staging.display(),
                 target.display()
-            )
-        })?;
+            );
+        }
+        bail!("cannot create {}: {e}", staging.display());
+    }
     let _held = lock_restore(&staging)?.ok_or_else(|| {
         anyhow!(
             "another restore into {} is running; let it finish",

@@ -8459,6 +8459,14 @@ fn backups_restore_without_resurrecting_destroyed_charts() {
 fn backups(pg: bool) {
     let (_t, dir, staff, _db) = setup_on(pg);
     let work = dir.parent().unwrap().to_owned();
+    let operator_acts = || {
+        String::from_utf8(medvault(&dir, &["audit", "export"]).stdout)
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains(r#""action":"backup""#))
+            .count()
+    };
+    let acts_before = operator_acts();
     let split = json_out(&medvault(
         &dir,
         &[
@@ -8471,15 +8479,24 @@ fn backups(pg: bool) {
             "--json",
         ],
     ));
+    // The replacement is in the audit log (its detail names the public key, the split
+    // and the holders; no secret).
+    assert_eq!(
+        operator_acts(),
+        acts_before + 1,
+        "the recovery key's replacement is audited"
+    );
     // A mistyped split changes nothing: backups stay sealed to the key the holders have.
     let public = std::fs::read(dir.join("backup-recovery.pub")).unwrap();
-    for bad in [
-        &["--split", "3-of-5", "--holders", "ana,ben"][..],
-        &["--split", "6-of-5", "--holders", "a,b,c,d,e"],
-        &["--split", "banana"],
+    for (bad, code) in [
+        (&["--split", "3-of-5", "--holders", "ana,ben"][..], 1),
+        (&["--split", "6-of-5", "--holders", "a,b,c,d,e"], 1),
+        (&["--split", "banana", "--holders", "a,b"], 2),
+        (&["--split", "2-of-3"], 2),
+        (&["--holders", "a,b,c"], 2),
     ] {
         let o = medvault(&dir, &[&["backup", "recovery-key"][..], bad].concat());
-        assert_eq!(o.status.code(), Some(1), "{bad:?}");
+        assert_eq!(o.status.code(), Some(code), "{bad:?}");
         assert_eq!(
             std::fs::read(dir.join("backup-recovery.pub")).unwrap(),
             public,
@@ -8767,6 +8784,38 @@ fn backups(pg: bool) {
     let after = list(&repo_s);
     assert_eq!(after["snapshots"].as_array().unwrap().len(), 6, "{after}");
     assert_eq!(after["invalid"].as_array().unwrap().len(), 0);
+
+    // Never into the live data directory (however it is spelled), nor into the repository.
+    for inner in [
+        dir.join("restored"),
+        dir.join("..").join(dir.file_name().unwrap()).join("again"),
+        repo.join("snapshots").join("new"),
+    ] {
+        let o = medvault(
+            &dir,
+            &[
+                "backup",
+                "restore",
+                m1.to_str().unwrap(),
+                "--to",
+                inner.to_str().unwrap(),
+            ],
+        );
+        assert_eq!(o.status.code(), Some(1), "{inner:?}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("restore into a directory of its own"), "{err}");
+        assert!(!inner.exists() && !inner.with_extension("restoring").exists());
+    }
+    // Prune: keeping none is a usage error; --json reports.
+    let o = medvault(&dir, &["backup", "prune", "--out", &repo_s, "--keep", "0"]);
+    assert_eq!(o.status.code(), Some(2));
+    let p = json_out(&medvault(
+        &dir,
+        &[
+            "backup", "prune", "--out", &repo_s, "--keep", "100", "--json",
+        ],
+    ));
+    assert_eq!(p["pruned_snapshots"], 0, "{p}");
 
     // The data directory and its master key are gone: restore the snapshot taken before
     // the destruction with two of the three shares; the later snapshot's ledger replays.
