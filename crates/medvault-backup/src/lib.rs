@@ -652,6 +652,15 @@ impl Repo {
         let text = fs::read(path).map_err(io_err(path))?;
         let signed: SignedManifest =
             serde_json::from_slice(&text).map_err(|_| bad("not a snapshot manifest"))?;
+        // Said first: another repository's manifest also fails this one's signature check.
+        if signed.manifest.repository != self.config.id {
+            return Err(bad(&format!(
+                "it belongs to another repository ({}), not to {} ({})",
+                signed.manifest.repository,
+                self.dir.display(),
+                self.config.id
+            )));
+        }
         let body = serde_json::to_vec(&signed.manifest).map_err(|_| bad("not JSON"))?;
         let public: [u8; 32] = B64
             .decode(&self.config.signer)
@@ -667,9 +676,6 @@ impl Repo {
             .ok_or_else(|| bad("malformed signature"))?;
         vk.verify(&body, &ed25519_dalek::Signature::from_bytes(&sig))
             .map_err(|_| bad("the signature does not verify"))?;
-        if signed.manifest.repository != self.config.id {
-            return Err(bad("it belongs to another repository"));
-        }
         Ok(signed.manifest)
     }
 

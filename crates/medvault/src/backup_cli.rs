@@ -68,6 +68,10 @@ pub enum BackupCommand {
     Drill {
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Open the backup with a recovery key (or shares) instead of the master key: the
+        /// drill of the day the master key is lost.
+        #[command(flatten)]
+        recovery: RecoveryArgs,
         #[arg(long)]
         json: bool,
     },
@@ -531,11 +535,19 @@ pub fn run(dir: &Path, cmd: BackupCommand) -> Result<()> {
                 );
             }
         }
-        BackupCommand::Drill { out, json } => {
+        BackupCommand::Drill {
+            out,
+            recovery,
+            json,
+        } => {
             let (cfg, vault, op) = crate::open(dir)?;
             let c = Caller::system(&op, "backup");
             let mut repo = Repo::open(&repository(dir, &cfg, out.as_deref()))?;
-            let report = drill(&mut repo, &vault, &c)?;
+            let key = match recovery.secret()? {
+                Some(s) => Some(repo.key_from_recovery(&s)?),
+                None => None,
+            };
+            let report = drill(&mut repo, &vault, &c, key)?;
             if json {
                 println!("{report}");
             } else {
@@ -683,8 +695,16 @@ fn inside(p: &Path, base: &Path) -> bool {
 /// A restore drill (`backup drill`, and the console's): the newest snapshot restored into
 /// a temporary directory, its audit log and records verified, its counts compared with the
 /// manifest; the report (RTO, RPO, counts) recorded in the audit log and returned.
-fn drill(repo: &mut Repo, vault: &Vault, c: &Caller) -> Result<serde_json::Value> {
-    let key = repo.key_from_vault(vault, c)?;
+fn drill(
+    repo: &mut Repo,
+    vault: &Vault,
+    c: &Caller,
+    key: Option<RepoKey>,
+) -> Result<serde_json::Value> {
+    let key = match key {
+        Some(k) => k,
+        None => repo.key_from_vault(vault, c)?,
+    };
     let (snaps, _) = repo.snapshots()?;
     let (_, manifest) = snaps
         .last()
@@ -1203,7 +1223,7 @@ impl medvault_web::lifecycle::BackupConsole for ConsoleBackups {
 
     fn drill(&self) -> std::result::Result<String, String> {
         let mut repo = self.repo()?;
-        drill(&mut repo, &self.vault, &self.caller)
+        drill(&mut repo, &self.vault, &self.caller, None)
             .map(|r| drill_line(&r))
             .map_err(|e| format!("{e:#}"))
     }

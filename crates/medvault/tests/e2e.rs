@@ -8734,6 +8734,22 @@ fn backups(pg: bool) {
     assert_eq!(drill["audit_verified"], true);
     assert!(drill["rto_seconds"].as_f64().unwrap() > 0.0);
     assert!(drill["rpo_seconds"].as_i64().unwrap() >= 0);
+    // The drill of the day the master key is lost: two of the three shares open it.
+    let drill = json_out(&medvault(
+        &dir,
+        &[
+            "backup",
+            "drill",
+            "--out",
+            &repo_s,
+            "--share-file",
+            &share_files[0],
+            "--share-file",
+            &share_files[2],
+            "--json",
+        ],
+    ));
+    assert_eq!(drill["counts_match_manifest"], true, "{drill}");
     // Backups at the same moment (a scheduled one and a manual one), into a new repository
     // and an existing one, each give a snapshot that verifies (the trial saw a chunk
     // overwritten by another backup's copy, and a new repository refused).
