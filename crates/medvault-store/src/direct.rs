@@ -53,6 +53,21 @@ impl AlignedBuf {
     }
 }
 
+/// Opens a new file for writing (mode 0600; `AlreadyExists` if there is one), with
+/// `O_DIRECT` when `direct` (Linux).
+fn create_new(path: &Path, direct: bool) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true).mode(0o600);
+    #[cfg(target_os = "linux")]
+    if direct {
+        opts.custom_flags(libc::O_DIRECT);
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = direct;
+    opts.open(path)
+}
+
 /// Creates the file `path` (it must not exist; mode 0600) holding the first `len` bytes of
 /// `buf`, written with `O_DIRECT` where the file system allows it (`buf` must have room to
 /// pad `len` to [`ALIGN`]: [`AlignedBuf::reserve`]`(len)`), else through the page cache.
@@ -61,7 +76,6 @@ impl AlignedBuf {
 /// # Errors
 /// The file exists or cannot be written (a partly written file is removed).
 pub fn write_new_file(path: &Path, buf: &mut AlignedBuf, len: usize) -> io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
     let padded = len.div_ceil(ALIGN) * ALIGN;
     let block = buf.block();
     block
@@ -71,13 +85,7 @@ pub fn write_new_file(path: &Path, buf: &mut AlignedBuf, len: usize) -> io::Resu
     let block: &[u8] = block;
     #[cfg(target_os = "linux")]
     {
-        let direct = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_DIRECT)
-            .open(path);
-        match direct {
+        match create_new(path, true) {
             Ok(mut f) => {
                 let written = f
                     .write_all(block.get(..padded).unwrap_or_default())
@@ -99,12 +107,8 @@ pub fn write_new_file(path: &Path, buf: &mut AlignedBuf, len: usize) -> io::Resu
             Err(_) => {}
         }
     }
-    let written = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .and_then(|mut f| f.write_all(block.get(..len).unwrap_or_default()));
+    let written =
+        create_new(path, false).and_then(|mut f| f.write_all(block.get(..len).unwrap_or_default()));
     if let Err(e) = written {
         if e.kind() != io::ErrorKind::AlreadyExists {
             let _ = std::fs::remove_file(path);
@@ -127,18 +131,9 @@ impl RestoreFile {
     /// # Errors
     /// The file cannot be created.
     pub fn create(path: &Path) -> io::Result<RestoreFile> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut opts = std::fs::OpenOptions::new();
-        opts.write(true).create_new(true).mode(0o600);
         #[cfg(target_os = "linux")]
         {
-            let direct = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .custom_flags(libc::O_DIRECT)
-                .open(path);
-            match direct {
+            match create_new(path, true) {
                 // A file system may accept the flag and refuse the writes: one aligned
                 // block written at the start tells (the stream overwrites it).
                 Ok(f) => {
@@ -160,7 +155,7 @@ impl RestoreFile {
         }
         Ok(RestoreFile::Buffered(io::BufWriter::with_capacity(
             BLOCK,
-            opts.open(path)?,
+            create_new(path, false)?,
         )))
     }
 
