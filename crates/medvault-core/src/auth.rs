@@ -82,7 +82,7 @@ fn ceremony_err(e: IdentityError) -> VaultError {
 }
 
 /// Actor recorded for a sign-in attempt naming no existing account.
-const UNKNOWN_USER: &str = "(unknown user)";
+pub(crate) const UNKNOWN_USER: &str = "(unknown user)";
 
 impl Vault {
     /// A record of a sign-in step by a caller not yet signed in, naming whom they claim

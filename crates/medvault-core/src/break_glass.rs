@@ -366,7 +366,7 @@ impl Vault {
     }
 }
 
-fn incident_row(i: &Incident) -> Result<IncidentRow, VaultError> {
+pub(crate) fn incident_row(i: &Incident) -> Result<IncidentRow, VaultError> {
     Ok(IncidentRow {
         id: i.id.clone(),
         opened_at: i.opened_at,

@@ -36,6 +36,7 @@ mod bundle;
 mod caller;
 mod charts;
 mod destruction;
+mod detection;
 mod error;
 mod export;
 mod index_keys;
@@ -64,6 +65,9 @@ pub use bundle::EntryResult;
 pub use caller::{Caller, LocalOperator, ANONYMOUS};
 pub use charts::MAX_MY_PATIENTS;
 pub use destruction::{verify_certificate, DestructionView, LegalHoldView, SHRED_ACTION};
+pub use detection::{
+    event_line, AlertChange, AlertView, DetectResponses, LiveDetection, StepReport,
+};
 pub use error::VaultError;
 pub use index_keys::{IndexKeyStatus, IndexRotationReport};
 pub use integrity::RecordsVerdict;
@@ -74,6 +78,9 @@ pub use medvault_audit::merkle::verify_inclusion;
 pub use medvault_audit::tiles::TileRef;
 pub use medvault_audit::verify::AuditVerdict;
 pub use medvault_audit::{AuditRecord, Outcome};
+/// The detection room: its offline scan and scenario generator are pure and hold no PHI
+/// of medvault's own, so the binary runs them directly.
+pub use medvault_detect as detect;
 pub use medvault_fhir::ResourceType;
 pub use medvault_governance::destruction::{Certificate, DestructionReason};
 pub use medvault_governance::Incident;

@@ -13,6 +13,7 @@
 //! (type, user or address, patient, local day).
 #![forbid(unsafe_code)]
 
+pub mod lifecycle;
 pub mod scan;
 pub mod scenario;
 
@@ -506,12 +507,12 @@ pub fn name_searched(query: &str) -> Option<String> {
             "name" | "family" | "given" | "phonetic" | "q" | "_content"
         ) {
             let v = v.replace('+', " ").replace("%20", " ").replace("%2C", ",");
-            if let Some(n) = normalize(&v) {
-                words.push(n);
-            }
+            // A name searched without its value (medvault's own audit log records
+            // parameter names only) is a name search that may have found anyone: "".
+            words.push(normalize(&v).unwrap_or_default());
         }
     }
-    (!words.is_empty()).then(|| words.join(" "))
+    (!words.is_empty()).then(|| words.join(" ").trim().to_owned())
 }
 
 /// Whether a patient answers a name search: every searched word starts one of the
@@ -525,6 +526,7 @@ pub fn answers(searched: &str, p: &PersonKey) -> bool {
     !names.is_empty()
         && searched
             .split(' ')
+            .filter(|w| !w.is_empty())
             .all(|w| names.iter().any(|n| n.starts_with(w)))
 }
 
@@ -827,6 +829,7 @@ impl Detector {
             return;
         }
         if !e.success {
+            self.refused_attempt(dir, u, e, out);
             return;
         }
         self.session_address(u, e, out);
@@ -880,6 +883,38 @@ impl Detector {
         } else {
             self.volume(&staff, u, p, e, out);
         }
+    }
+
+    /// A refused attempt on a chart that is the user's own, a relative's, a coworker's, a
+    /// VIP's or a deceased patient's is still an attempt (a refused read of any other chart
+    /// is left to the enumeration detector).
+    fn refused_attempt(&mut self, dir: &Directory, u: UserIx, e: &Event, out: &mut Vec<Alert>) {
+        let Some(p) = e.patient else { return };
+        let Some(facts) = dir.facts_of(p) else { return };
+        if !matches!(e.action, EventAction::Read | EventAction::Export) {
+            return;
+        }
+        let staff = dir.staff_of(u).cloned().unwrap_or_default();
+        let related = self.related(&staff, Some(facts), u, p, e);
+        let Some(s) = self.snooping(dir, &staff, facts, u, p, e, related) else {
+            return;
+        };
+        if matches!(
+            s.kind,
+            AlertType::NoRelationship | AlertType::SearchThenOpen
+        ) {
+            return;
+        }
+        let evidence = format!("{} (the access was refused)", s.evidence);
+        self.raise(
+            out,
+            s.kind,
+            Subject::User(u),
+            Some(p),
+            e,
+            s.score * 0.8,
+            evidence,
+        );
     }
 
     /// A treatment relationship (care team, an encounter of the user or of their

@@ -85,13 +85,99 @@ const ROSTER_COLUMNS: [&str; 10] = [
     "hired",
 ];
 
-/// Reads an HR roster (`roster.csv`) into `dir`; returns the number of staff.
+/// One staff member's profile, as an HR roster line gives it (and as the gate stores it,
+/// sealed, for the live detectors): shift hours 0–23, dates `YYYY-MM-DD`, empty = none.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RosterEntry {
+    pub user: String,
+    #[serde(default)]
+    pub family: String,
+    #[serde(default)]
+    pub given: String,
+    #[serde(default)]
+    pub address: String,
+    #[serde(default)]
+    pub department: String,
+    #[serde(default)]
+    pub role: String,
+    #[serde(default)]
+    pub shift_start: Option<u8>,
+    #[serde(default)]
+    pub shift_end: Option<u8>,
+    #[serde(default)]
+    pub patient_id: String,
+    #[serde(default)]
+    pub hired: String,
+}
+
+impl RosterEntry {
+    /// Checks one profile: a user name, both shift hours 0–23 or neither, a hire date.
+    ///
+    /// # Errors
+    /// A message naming the field.
+    pub fn check(&self) -> Result<(), String> {
+        if self.user.trim().is_empty() {
+            return Err("empty `user`".into());
+        }
+        for (v, name) in [
+            (self.shift_start, "shift_start"),
+            (self.shift_end, "shift_end"),
+        ] {
+            if v.is_some_and(|h| h > 23) {
+                return Err(format!("`{name}` must be an hour 0–23"));
+            }
+        }
+        if self.shift_start.is_some() != self.shift_end.is_some() {
+            return Err("give both `shift_start` and `shift_end`, or neither".into());
+        }
+        if !self.hired.trim().is_empty() && parse_when(&self.hired).is_none() {
+            return Err(format!("`hired` is not a date: `{}`", clip(&self.hired)));
+        }
+        Ok(())
+    }
+}
+
+impl Directory {
+    /// Adds (or replaces) one staff member's profile.
+    pub fn add_staff(&mut self, r: &RosterEntry) {
+        let u = self.user(r.user.trim());
+        let department = match r.department.trim() {
+            "" => None,
+            d => Some(self.department(d)),
+        };
+        let own_chart = match r.patient_id.trim() {
+            "" => None,
+            p => Some(self.patient(p)),
+        };
+        if let Some(p) = own_chart {
+            if let Some(facts) = self.facts.get_mut(p as usize) {
+                facts.employee = Some(u);
+            }
+        }
+        let facts = StaffFacts {
+            person: PersonKey::new(&r.family, &r.given, &r.address),
+            department,
+            job: Job::of_role(&r.role),
+            shift: r.shift_start.zip(r.shift_end),
+            own_chart,
+            hired: parse_when(&r.hired).map(|t| t.0),
+            on_roster: true,
+        };
+        if let Some(s) = self.staff.get_mut(u as usize) {
+            *s = facts;
+        }
+    }
+}
+
+/// Parses an HR roster (`roster.csv`, RFC 4180 with a header row naming the columns, in
+/// any order).
 ///
 /// # Errors
 /// [`DetectError::Input`] naming the line for a missing column, an empty user, a shift
 /// hour outside 0–23 (or only one of the two), a malformed hire date, or a user listed
 /// twice.
-pub fn read_roster(dir: &mut Directory, input: impl std::io::Read) -> Result<u64, DetectError> {
+pub fn parse_roster(input: impl std::io::Read) -> Result<Vec<RosterEntry>, DetectError> {
     const F: &str = "roster.csv";
     let mut r = csv::ReaderBuilder::new()
         .trim(csv::Trim::All)
@@ -117,23 +203,12 @@ pub fn read_roster(dir: &mut Directory, input: impl std::io::Read) -> Result<u64
             *c = at;
         }
     }
-    let mut n = 0u64;
+    let mut out = vec![];
     let mut seen = rustc_hash::FxHashSet::default();
     for (i, rec) in r.records().enumerate() {
         let line = i as u64 + 2;
         let rec = rec.map_err(|e| bad(F, line, e.to_string()))?;
         let f = |k: usize| -> &str { col.get(k).and_then(|&c| rec.get(c)).unwrap_or("") };
-        let user = f(0);
-        if user.is_empty() {
-            return Err(bad(F, line, "empty `user`"));
-        }
-        if !seen.insert(user.to_owned()) {
-            return Err(bad(
-                F,
-                line,
-                format!("user `{}` is listed twice", clip(user)),
-            ));
-        }
         let hour = |v: &str, name: &str| -> Result<Option<u8>, DetectError> {
             if v.is_empty() {
                 return Ok(None);
@@ -147,54 +222,41 @@ pub fn read_roster(dir: &mut Directory, input: impl std::io::Read) -> Result<u64
                 )),
             }
         };
-        let shift = match (hour(f(6), "shift_start")?, hour(f(7), "shift_end")?) {
-            (Some(a), Some(b)) => Some((a, b)),
-            (None, None) => None,
-            _ => {
-                return Err(bad(
-                    F,
-                    line,
-                    "give both `shift_start` and `shift_end`, or neither",
-                ))
-            }
+        let entry = RosterEntry {
+            user: f(0).to_owned(),
+            family: f(1).to_owned(),
+            given: f(2).to_owned(),
+            address: f(3).to_owned(),
+            department: f(4).to_owned(),
+            role: f(5).to_owned(),
+            shift_start: hour(f(6), "shift_start")?,
+            shift_end: hour(f(7), "shift_end")?,
+            patient_id: f(8).to_owned(),
+            hired: f(9).to_owned(),
         };
-        let hired = match f(9) {
-            "" => None,
-            v => Some(
-                parse_when(v)
-                    .ok_or_else(|| bad(F, line, format!("`hired` is not a date: `{}`", clip(v))))?
-                    .0,
-            ),
-        };
-        let u = dir.user(user);
-        let department = match f(4) {
-            "" => None,
-            d => Some(dir.department(d)),
-        };
-        let own_chart = match f(8) {
-            "" => None,
-            p => Some(dir.patient(p)),
-        };
-        if let Some(p) = own_chart {
-            if let Some(facts) = dir.facts.get_mut(p as usize) {
-                facts.employee = Some(u);
-            }
+        entry.check().map_err(|m| bad(F, line, m))?;
+        if !seen.insert(entry.user.clone()) {
+            return Err(bad(
+                F,
+                line,
+                format!("user `{}` is listed twice", clip(&entry.user)),
+            ));
         }
-        let facts = StaffFacts {
-            person: PersonKey::new(f(1), f(2), f(3)),
-            department,
-            job: Job::of_role(f(5)),
-            shift,
-            own_chart,
-            hired,
-            on_roster: true,
-        };
-        if let Some(s) = dir.staff.get_mut(u as usize) {
-            *s = facts;
-        }
-        n += 1;
+        out.push(entry);
     }
-    Ok(n)
+    Ok(out)
+}
+
+/// Reads an HR roster (`roster.csv`) into `dir`; returns the number of staff.
+///
+/// # Errors
+/// As [`parse_roster`].
+pub fn read_roster(dir: &mut Directory, input: impl std::io::Read) -> Result<u64, DetectError> {
+    let entries = parse_roster(input)?;
+    for e in &entries {
+        dir.add_staff(e);
+    }
+    Ok(entries.len() as u64)
 }
 
 fn clip(s: &str) -> String {

@@ -337,6 +337,9 @@ pub struct Size {
     pub staff_per_department: usize,
     pub patients: usize,
     pub days: i64,
+    /// Inject stolen sessions (`token_new_address`), which only a scan with the session
+    /// detector on raises.
+    pub session_hijack: bool,
 }
 
 impl Default for Size {
@@ -345,6 +348,7 @@ impl Default for Size {
             staff_per_department: 12,
             patients: 2000,
             days: 35,
+            session_hijack: true,
         }
     }
 }
@@ -1620,7 +1624,7 @@ impl Gen {
                     self.label(AlertType::CredentialStuffing, &ip, None, t);
                 }
                 // A stolen session: the user's token is used from another address.
-                5 => {
+                5 if self.size.session_hijack => {
                     let pool: Vec<usize> = self
                         .candidates(s, t)
                         .into_iter()
@@ -1653,6 +1657,7 @@ impl Gen {
                     self.emit(t, row);
                     self.label(AlertType::TokenNewAddress, &st.user, None, t);
                 }
+                5 => {}
                 // Dormant: this account does nothing until the last days, then reads.
                 _ => {
                     let _ = day;

@@ -93,6 +93,22 @@ fn family_snooping_names_the_match_and_is_quiet_within_a_treatment_relationship(
 }
 
 #[test]
+fn a_refused_attempt_on_a_coworkers_chart_is_still_raised() {
+    let mut d = hospital();
+    let line = serde_json::json!({"time": "2026-03-10T10:00:00Z", "user": "nite", "action": "read",
+        "patient": "p-nina", "category": "labs", "outcome": "failure"})
+    .to_string();
+    let got = run(&mut d, &[line]);
+    assert_eq!(kinds(&got)[0], AlertType::CoworkerSnooping);
+    assert!(got[0].2.ends_with("(the access was refused)"), "{got:?}");
+    // A refused read of an unknown or unrelated chart is not snooping (enumeration counts it).
+    let line = serde_json::json!({"time": "2026-03-10T10:00:00Z", "user": "nina", "action": "read",
+        "patient": "p-x", "outcome": "failure"})
+    .to_string();
+    assert!(run(&mut d, &[line]).is_empty());
+}
+
+#[test]
 fn self_access_and_coworker_snooping_but_not_a_colleague_on_the_care_team() {
     let mut d = hospital();
     let got = run(
@@ -303,6 +319,12 @@ fn name_searches_are_recognized_and_answered_from_the_start_of_a_name() {
         Some("ann lee")
     );
     assert_eq!(name_searched("identifier=123"), None);
+    assert_eq!(
+        name_searched("name=&birthdate=").as_deref(),
+        Some(""),
+        "names only: anyone"
+    );
+    assert!(answers("", &PersonKey::new("Lee", "", "")));
     let p = PersonKey::new("Lee", "Ann Marie", "");
     assert!(answers("ann le", &p) && answers("mar", &p) && !answers("lea", &p));
 }
@@ -722,7 +744,8 @@ fn the_scenario_is_deterministic() {
     let size = scenario::Size {
         staff_per_department: 4,
         patients: 200,
-        days: 12,
+        days: 14,
+        session_hijack: true,
     };
     let a = scenario::generate(9, size);
     let b = scenario::generate(9, size);

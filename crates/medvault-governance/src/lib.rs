@@ -171,6 +171,8 @@ pub fn review(
 pub enum IncidentSource {
     /// A break-the-glass use reviewed as inappropriate.
     BreakGlassReview { grant: String },
+    /// A detection alert a privacy officer confirmed (`medvault-detect`): its id and type.
+    DetectionAlert { alert: String, alert_type: String },
     /// Opened by hand.
     Manual,
 }

@@ -10,6 +10,7 @@
 mod admin;
 mod auth;
 mod destruction;
+mod detect;
 mod error;
 mod fhir;
 mod tls;
@@ -301,6 +302,20 @@ fn routes(state: AppState, console: Option<Router>) -> Router {
             post(admin::review_break_glass),
         )
         .route("/api/incidents", get(admin::incidents))
+        .route("/api/staff", get(detect::staff))
+        .route("/api/staff/import", post(detect::import_staff))
+        .route("/api/staff/{user}", axum::routing::put(detect::put_staff))
+        .route("/api/alerts", get(detect::alerts))
+        .route("/api/alerts/{id}", get(detect::alert))
+        .route("/api/alerts/{id}/status", post(detect::alert_status))
+        .route(
+            "/api/suppressions",
+            get(detect::suppressions).post(detect::add_suppression),
+        )
+        .route(
+            "/api/suppressions/{id}",
+            axum::routing::delete(detect::end_suppression),
+        )
         .route("/api/patients/{id}/portal-links", post(admin::link_portal))
         .route(
             "/api/patients/{id}/portal-links/{username}",

@@ -979,6 +979,36 @@ pub fn care_relationships_and_break_glass(s: &dyn Store) -> Result<(), Failure> 
     one(s, Op::PutIncident(inc.clone()))?;
     assert_eq!(s.incidents()?, vec![inc]);
 
+    // Governance records: kept by kind, replaced whole, newest change first, deleted.
+    let g = |id: &str, at: i64, status: &str| GovernanceRow {
+        kind: "alert".into(),
+        id: id.into(),
+        at,
+        status: status.into(),
+        subject: "ann".into(),
+        body: vec![0, 1, 2],
+    };
+    one(s, Op::PutGovernance(g("a1", 10, "open")))?;
+    one(s, Op::PutGovernance(g("a2", 20, "open")))?;
+    one(s, Op::PutGovernance(g("a1", 30, "triage")))?;
+    let mut other = g("a1", 5, "x");
+    other.kind = "suppression".into();
+    one(s, Op::PutGovernance(other.clone()))?;
+    assert_eq!(
+        s.governance("alert")?,
+        vec![g("a1", 30, "triage"), g("a2", 20, "open")]
+    );
+    assert_eq!(s.governance_record("suppression", "a1")?, Some(other));
+    one(
+        s,
+        Op::DeleteGovernance {
+            kind: "suppression".into(),
+            id: "a1".into(),
+        },
+    )?;
+    assert_eq!(s.governance_record("suppression", "a1")?, None);
+    assert!(s.governance("suppression")?.is_empty());
+
     let u = UserRow {
         username: "ann".into(),
         role: "nurse".into(),

@@ -133,6 +133,18 @@ pub(crate) const TABLES: &[Table] = &[
         order: "id",
     },
     Table {
+        name: "governance",
+        cols: &[
+            ("kind", Text),
+            ("id", Text),
+            ("at", Int),
+            ("status", Text),
+            ("subject", Text),
+            ("body", Bytes),
+        ],
+        order: "kind, id",
+    },
+    Table {
         name: "incidents",
         cols: &[
             ("id", Text),

@@ -147,6 +147,12 @@ impl Store for FaultyStore {
     fn incidents(&self) -> Result<Vec<IncidentRow>, StoreError> {
         self.inner.incidents()
     }
+    fn governance(&self, kind: &str) -> Result<Vec<GovernanceRow>, StoreError> {
+        self.inner.governance(kind)
+    }
+    fn governance_record(&self, kind: &str, id: &str) -> Result<Option<GovernanceRow>, StoreError> {
+        self.inner.governance_record(kind, id)
+    }
     fn policies(&self) -> Result<Vec<PolicyRow>, StoreError> {
         self.inner.policies()
     }

@@ -278,6 +278,20 @@ pub struct IncidentRow {
     pub body: String,
 }
 
+/// One record kept for a privacy or security officer's program (detection alerts,
+/// suppressions, staff profiles; later rooms' registers), by `kind` and `id`: when it was
+/// last changed (`at`, Unix seconds), its `status`, whom it is about (`subject`: a user
+/// name, or empty), and its `body` — JSON, sealed by the gate when it may hold PHI.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GovernanceRow {
+    pub kind: String,
+    pub id: String,
+    pub at: i64,
+    pub status: String,
+    pub subject: String,
+    pub body: Vec<u8>,
+}
+
 /// A version of the access policy set (Cedar text): proposed by one security
 /// administrator, in force once a different one approves it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -520,6 +534,13 @@ pub enum Op {
     },
     /// Creates or replaces an incident.
     PutIncident(IncidentRow),
+    /// Creates or replaces a governance record.
+    PutGovernance(GovernanceRow),
+    /// Deletes a governance record; nothing if absent.
+    DeleteGovernance {
+        kind: String,
+        id: String,
+    },
     /// Links a portal account to a chart; `Exists` if that link exists.
     PutPortalLink(PortalLinkRow),
     /// Removes a portal link; `Conflict` if there is none.
@@ -908,6 +929,10 @@ pub trait Store: Send + Sync + 'static {
     fn break_glass(&self) -> Result<Vec<BreakGlassRow>, StoreError>;
     /// Every incident, newest first.
     fn incidents(&self) -> Result<Vec<IncidentRow>, StoreError>;
+    /// The governance records of one kind, newest change first.
+    fn governance(&self, kind: &str) -> Result<Vec<GovernanceRow>, StoreError>;
+    /// One governance record.
+    fn governance_record(&self, kind: &str, id: &str) -> Result<Option<GovernanceRow>, StoreError>;
     /// Every policy version, newest first.
     fn policies(&self) -> Result<Vec<PolicyRow>, StoreError>;
     /// [`TxRead::chart_tokens`], outside an audited read (deciding a write).

@@ -462,6 +462,20 @@ async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
             .await
             .map_err(classify)?;
         }
+        if version < 9 {
+            // A privacy or security officer's records: detection alerts, suppressions,
+            // staff profiles (bodies sealed by the gate where they may hold PHI).
+            sqlx::raw_sql(
+                "CREATE TABLE governance (kind TEXT NOT NULL, id TEXT NOT NULL, at BIGINT NOT NULL,
+                     status TEXT NOT NULL, subject TEXT NOT NULL, body BYTEA NOT NULL,
+                     PRIMARY KEY (kind, id));
+                 CREATE INDEX governance_at ON governance (kind, at);
+                 INSERT INTO medvault_schema (version) VALUES (9);",
+            )
+            .execute(&mut *conn)
+            .await
+            .map_err(classify)?;
+        }
         Ok::<(), StoreError>(())
     }
     .await;
@@ -1027,8 +1041,9 @@ fn user_row(r: &PgRow) -> Result<UserRow, sqlx::Error> {
 }
 
 use crate::sql::{
-    BREAK_GLASS_COLS, CREDENTIAL_COLS, DESTRUCTION_COLS, INCIDENT_COLS, LEGAL_HOLD_COLS,
-    POLICY_COLS, PORTAL_LINK_COLS, SESSION_COLS, THROTTLE_COLS, USER_COLS, VERSION_COLS,
+    BREAK_GLASS_COLS, CREDENTIAL_COLS, DESTRUCTION_COLS, GOVERNANCE_COLS, INCIDENT_COLS,
+    LEGAL_HOLD_COLS, POLICY_COLS, PORTAL_LINK_COLS, SESSION_COLS, THROTTLE_COLS, USER_COLS,
+    VERSION_COLS,
 };
 use std::sync::LazyLock;
 
@@ -1653,6 +1668,38 @@ impl Store for PgStore {
         rows.iter()
             .map(|r| crate::sql::incident(r).map_err(classify))
             .collect()
+    }
+
+    fn governance(&self, kind: &str) -> Result<Vec<GovernanceRow>, StoreError> {
+        let rows = self
+            .rt
+            .block_on(
+                sqlx::query(&format!(
+                    "SELECT {GOVERNANCE_COLS} FROM governance WHERE kind = $1 ORDER BY at DESC, id"
+                ))
+                .bind(kind)
+                .fetch_all(&self.pool),
+            )
+            .map_err(classify)?;
+        rows.iter()
+            .map(|r| crate::sql::governance(r).map_err(classify))
+            .collect()
+    }
+
+    fn governance_record(&self, kind: &str, id: &str) -> Result<Option<GovernanceRow>, StoreError> {
+        let row = self
+            .rt
+            .block_on(
+                sqlx::query(&format!(
+                    "SELECT {GOVERNANCE_COLS} FROM governance WHERE kind = $1 AND id = $2"
+                ))
+                .bind(kind)
+                .bind(id)
+                .fetch_optional(&self.pool),
+            )
+            .map_err(classify)?;
+        row.map(|r| crate::sql::governance(&r).map_err(classify))
+            .transpose()
     }
 
     fn credentials(&self, username: &str, kind: &str) -> Result<Vec<CredentialRow>, StoreError> {

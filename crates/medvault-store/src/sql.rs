@@ -5,8 +5,8 @@ use medvault_types::PatientId;
 use crate::{DestructionRow, LegalHoldRow, PortalLinkRow};
 
 use crate::{
-    BreakGlassRow, Charts, CredentialRow, IncidentRow, Op, Order, PolicyRow, Privacy, Reach,
-    Sealed, SearchQuery, SessionRow, ThrottleRow, UserRow, VersionRow,
+    BreakGlassRow, Charts, CredentialRow, GovernanceRow, IncidentRow, Op, Order, PolicyRow,
+    Privacy, Reach, Sealed, SearchQuery, SessionRow, ThrottleRow, UserRow, VersionRow,
 };
 
 /// Which SQL the builder speaks.
@@ -140,6 +140,21 @@ pub(crate) const CENSUS_SQL: &str =
 
 /// The columns [`incident`] maps, in order.
 pub(crate) const INCIDENT_COLS: &str = "id, opened_at, status, body";
+
+/// The columns [`governance`] maps, in order.
+pub(crate) const GOVERNANCE_COLS: &str = "kind, id, at, status, subject, body";
+
+/// A governance record from the [`GOVERNANCE_COLS`] of a row.
+pub(crate) fn governance<R: Columns>(r: &R) -> Result<GovernanceRow, R::Error> {
+    Ok(GovernanceRow {
+        kind: r.text(0)?,
+        id: r.text(1)?,
+        at: r.int(2)?,
+        status: r.text(3)?,
+        subject: r.text(4)?,
+        body: r.bytes(5)?,
+    })
+}
 
 /// The columns [`session`] maps, in order.
 pub(crate) const SESSION_COLS: &str =
@@ -478,6 +493,18 @@ pub(crate) fn identity(op: &Op) -> Option<Vec<Stmt>> {
             "INSERT INTO incidents (id, opened_at, status, body) VALUES ($1, $2, $3, $4)
              ON CONFLICT (id) DO UPDATE SET status = excluded.status, body = excluded.body",
             vec![t(&i.id), Int(i.opened_at), t(&i.status), t(&i.body)],
+            Any,
+        )],
+        Op::PutGovernance(g) => vec![stmt(
+            "INSERT INTO governance (kind, id, at, status, subject, body) VALUES ($1, $2, $3, $4, $5, $6)
+             ON CONFLICT (kind, id) DO UPDATE SET at = excluded.at, status = excluded.status,
+                 subject = excluded.subject, body = excluded.body",
+            vec![t(&g.kind), t(&g.id), Int(g.at), t(&g.status), t(&g.subject), b(&g.body)],
+            Any,
+        )],
+        Op::DeleteGovernance { kind, id } => vec![stmt(
+            "DELETE FROM governance WHERE kind = $1 AND id = $2",
+            vec![t(kind), t(id)],
             Any,
         )],
         Op::PutPortalLink(l) => vec![stmt(

@@ -71,7 +71,17 @@ ALTER TABLE resource_current ADD COLUMN created_seq INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE patient_keys ADD COLUMN master_version INTEGER NOT NULL DEFAULT 1;
 CREATE INDEX patient_keys_master ON patient_keys (master_version);
 "#,
+    GOVERNANCE_MIGRATION,
 ];
+
+/// The records a privacy or security officer's program keeps (detection alerts,
+/// suppressions, staff profiles): a body sealed by the gate where it may hold PHI.
+const GOVERNANCE_MIGRATION: &str = r#"
+CREATE TABLE governance (kind TEXT NOT NULL, id TEXT NOT NULL, at INTEGER NOT NULL,
+    status TEXT NOT NULL, subject TEXT NOT NULL, body BLOB NOT NULL,
+    PRIMARY KEY (kind, id)) STRICT, WITHOUT ROWID;
+CREATE INDEX governance_at ON governance (kind, at);
+"#;
 
 /// Destruction (SPEC "Keys, backup, destruction"): legal holds and two-person destruction
 /// requests. Neither holds PHI in the clear (a hold's reason is sealed).
@@ -785,8 +795,9 @@ fn append_audit(
 }
 
 use crate::sql::{
-    Columns, BREAK_GLASS_COLS, CREDENTIAL_COLS, DESTRUCTION_COLS, INCIDENT_COLS, LEGAL_HOLD_COLS,
-    POLICY_COLS, PORTAL_LINK_COLS, SESSION_COLS, THROTTLE_COLS, USER_COLS, VERSION_COLS,
+    Columns, BREAK_GLASS_COLS, CREDENTIAL_COLS, DESTRUCTION_COLS, GOVERNANCE_COLS, INCIDENT_COLS,
+    LEGAL_HOLD_COLS, POLICY_COLS, PORTAL_LINK_COLS, SESSION_COLS, THROTTLE_COLS, USER_COLS,
+    VERSION_COLS,
 };
 
 impl Columns for Row<'_> {
@@ -1469,6 +1480,28 @@ impl Store for SqliteStore {
                 .query_map([], |r| crate::sql::incident(r))?
                 .collect::<Result<Vec<_>, _>>()?;
             Ok(rows)
+        })
+    }
+
+    fn governance(&self, kind: &str) -> Result<Vec<GovernanceRow>, StoreError> {
+        self.with_reader(|c| {
+            let mut st = c.prepare_cached(&format!(
+                "SELECT {GOVERNANCE_COLS} FROM governance WHERE kind = ?1 ORDER BY at DESC, id"
+            ))?;
+            let rows = st
+                .query_map(params![kind], |r| crate::sql::governance(r))?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn governance_record(&self, kind: &str, id: &str) -> Result<Option<GovernanceRow>, StoreError> {
+        self.with_reader(|c| {
+            let mut st = c.prepare_cached(&format!(
+                "SELECT {GOVERNANCE_COLS} FROM governance WHERE kind = ?1 AND id = ?2"
+            ))?;
+            let mut rows = st.query_map(params![kind, id], |r| crate::sql::governance(r))?;
+            Ok(rows.next().transpose()?)
         })
     }
 

@@ -314,6 +314,13 @@ str_enum!(
         Backup => "backup",
         BackupRun => "backup.run",
         BackupRead => "backup.read",
+        StaffImport => "staff.import",
+        StaffEdit => "staff.edit",
+        StaffRead => "staff.read",
+        Alerts => "detect.alerts",
+        AlertTriage => "detect.triage",
+        Suppress => "detect.suppress",
+        DetectRun => "detect.run",
     }
 );
 

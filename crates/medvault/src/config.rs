@@ -18,6 +18,7 @@ pub struct Config {
     pub access: Access,
     pub audit: Audit,
     pub backup: Backup,
+    pub detect: Detect,
     /// OpenID Connect identity providers for single sign-on (`[[oidc]]`, any number).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub oidc: Vec<Oidc>,
@@ -172,6 +173,65 @@ pub struct Backup {
     pub recovery_public_key_file: String,
 }
 
+/// Live privacy monitoring and intrusion detection (`[detect]`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Detect {
+    /// Run the live consumer of the audit log (off the request path).
+    pub enabled: bool,
+    /// Alert types (comma-separated) that disable the account and end its sessions.
+    pub lock: String,
+    /// Alert types that end the account's sessions.
+    pub revoke_sessions: String,
+    /// Alert types that require a fresh second factor before the next sensitive action.
+    pub step_up: String,
+    /// POST each alert (JSON, without the patient) to this https:// URL (a SIEM or a
+    /// paging webhook); empty: none. Every alert is also logged as one `medvault::siem`
+    /// line.
+    pub webhook_url: String,
+}
+
+impl Default for Detect {
+    fn default() -> Self {
+        Detect {
+            enabled: true,
+            lock: "brute_force".into(),
+            revoke_sessions: "token_new_address".into(),
+            step_up: "mass_export,enumeration".into(),
+            webhook_url: String::new(),
+        }
+    }
+}
+
+impl Detect {
+    /// The alert types of one comma-separated setting.
+    ///
+    /// # Errors
+    /// An unknown type, named with its key.
+    pub fn types(key: &str, v: &str) -> Result<Vec<medvault_core::detect::AlertType>> {
+        v.split(',')
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(|t| {
+                t.parse()
+                    .map_err(|e: String| anyhow::anyhow!("detect.{key}: {e}"))
+            })
+            .collect()
+    }
+
+    /// The automatic responses configured.
+    ///
+    /// # Errors
+    /// An unknown alert type.
+    pub fn responses(&self) -> Result<medvault_core::DetectResponses> {
+        Ok(medvault_core::DetectResponses {
+            lock: Detect::types("lock", &self.lock)?,
+            revoke_sessions: Detect::types("revoke_sessions", &self.revoke_sessions)?,
+            step_up: Detect::types("step_up", &self.step_up)?,
+        })
+    }
+}
+
 impl Default for Backup {
     fn default() -> Self {
         Backup {
@@ -320,6 +380,17 @@ impl Config {
             self.session.absolute_timeout_secs,
         )?;
         positive("session.step_up_secs", self.session.step_up_secs)?;
+        self.detect.responses()?;
+        let hook = &self.detect.webhook_url;
+        let local = ["http://127.0.0.1:", "http://localhost:", "http://[::1]:"];
+        if !hook.is_empty()
+            && !hook.starts_with("https://")
+            && !local.iter().any(|l| hook.starts_with(l))
+        {
+            bail!(
+                "detect.webhook_url must start with https:// (or be a loopback http:// collector)"
+            );
+        }
         if self.session.idle_timeout_secs > self.session.absolute_timeout_secs {
             bail!("session.idle_timeout_secs must not exceed session.absolute_timeout_secs");
         }

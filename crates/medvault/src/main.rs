@@ -6,6 +6,7 @@ mod backup_cli;
 mod config;
 mod demo;
 mod destroy;
+mod detect_cli;
 mod seal;
 mod witness;
 
@@ -192,8 +193,36 @@ enum Command {
         #[command(subcommand)]
         command: destroy::HoldCommand,
     },
+    /// Staff profiles for the detectors (department, shift, home address, own chart),
+    /// from an HR roster.
+    Staff {
+        #[command(subcommand)]
+        command: StaffCommand,
+    },
+    /// Privacy monitoring and intrusion detection: scan another EHR's exported access log,
+    /// generate a labelled scenario, score alerts.
+    Detect {
+        #[command(subcommand)]
+        command: detect_cli::DetectCommand,
+    },
     /// Print the current code for a TOTP secret (base32), as an authenticator app would.
     TotpCode { secret: String },
+}
+
+#[derive(Subcommand)]
+enum StaffCommand {
+    /// Import an HR roster CSV (user,family,given,address,department,role,shift_start,
+    /// shift_end,patient_id,hired): each listed user's profile is replaced, sealed.
+    Import {
+        file: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the staff profiles (as a security administrator would see them).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -689,6 +718,38 @@ fn run(cli: Cli) -> Result<()> {
         Command::Backup { command } => backup_cli::run(&dir, command),
         Command::Destroy { command } => destroy::destroy(&dir, command),
         Command::Hold { command } => destroy::hold(&dir, command),
+        Command::Detect { command } => detect_cli::run(command),
+        Command::Staff { command } => {
+            let (_cfg, vault, op) = open(&dir)?;
+            let admin = Caller::cli(&op, Role::SecurityAdmin);
+            match command {
+                StaffCommand::Import { file, json } => {
+                    let csv = std::fs::read(&file)
+                        .with_context(|| format!("cannot read {}", file.display()))?;
+                    let n = vault.import_staff(&admin, &csv)?;
+                    if json {
+                        println!("{}", json!({ "imported": n }));
+                    } else {
+                        println!("imported {n} staff profiles from {}", file.display());
+                    }
+                }
+                StaffCommand::List { json } => {
+                    let list = vault.staff(&admin)?;
+                    if json {
+                        println!("{}", json!({ "staff": list }));
+                    } else {
+                        for e in list {
+                            let shift = match (e.shift_start, e.shift_end) {
+                                (Some(a), Some(b)) => format!("{a:02}:00–{b:02}:00"),
+                                _ => "-".into(),
+                            };
+                            println!("{:<20} {:<16} {:<12} {shift}", e.user, e.department, e.role);
+                        }
+                    }
+                }
+            }
+            Ok(())
+        }
         Command::TotpCode { secret } => {
             let code = medvault_core::totp_now(&secret, SystemClock.now().unix_timestamp())
                 .ok_or_else(|| anyhow!("secret is not base32"))?;
@@ -1317,6 +1378,16 @@ fn serve_vault_on(
             vault: checkpoint_vault.clone(),
             caller: Caller::system(&op, "backup"),
         });
+    let (detect_stop, detect_rx) = std::sync::mpsc::channel::<()>();
+    let detection = match cfg.detect.enabled {
+        true => Some(detect_cli::spawn(
+            checkpoint_vault.clone(),
+            &op,
+            &cfg.detect,
+            detect_rx,
+        )?),
+        false => None,
+    };
     let (backup_stop, backup_rx) = std::sync::mpsc::channel::<()>();
     let backups = backup_cli::schedule(
         dir.to_owned(),
@@ -1383,6 +1454,10 @@ fn serve_vault_on(
         Ok::<(), anyhow::Error>(())
     })?;
     rt.shutdown_timeout(std::time::Duration::from_secs(5));
+    let _ = detect_stop.send(());
+    if let Some(d) = detection {
+        let _ = d.join();
+    }
     let _ = stop_tx.send(());
     let _ = signer.join();
     let _ = backup_stop.send(());

@@ -10002,3 +10002,240 @@ fn index_rotation(pg: bool) {
     let o = medvault(&dir, &["keys", "status", "--json"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
+
+/// Issue 14, end to end through the real binary: HR profiles imported with `medvault staff
+/// import`; a nurse opens a coworker's chart (under break-the-glass) and the privacy
+/// officer sees a coworker-snooping alert with its evidence, confirms it and finds the
+/// incident it opened; a password-guessing run raises a brute-force alert and locks the
+/// account; suppressions hold back what they name; the API refuses bad input with 4xx.
+#[test]
+fn detection_alerts_a_privacy_officer_and_locks_a_guessed_account() {
+    let (_t, dir, staff) = setup();
+    let s = Server::start(&dir, &[]);
+    let desk = staff_token(&s, &staff, "front_desk");
+    let nurse = staff_token(&s, &staff, "nurse");
+    let po = staff_token(&s, &staff, "privacy_officer");
+    let admin = staff_token(&s, &staff, "security_admin");
+    // The physician's own chart, registered by the front desk.
+    let r = s.post(
+        "/fhir/Patient",
+        &desk,
+        &patient_body("Okonkwo", "MRN-EMP-1"),
+    );
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    let own = created_id(&r);
+    let roster = dir.parent().unwrap().join("roster.csv");
+    std::fs::write(
+        &roster,
+        format!(
+            "user,family,given,address,department,role,shift_start,shift_end,patient_id,hired\n\
+             e2e.physician,Okonkwo,Ada,\"3 Birch Row, Springfield\",cardiology,physician,0,0,{own},2020-01-01\n\
+             e2e.nurse,Lind,Sol,\"9 Elm Row, Springfield\",oncology,nurse,0,0,,2020-01-01\n"
+        ),
+    )
+    .unwrap();
+    let out = medvault(
+        &dir,
+        &["staff", "import", roster.to_str().unwrap(), "--json"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(json_out(&out)["imported"], 2);
+    // A malformed roster changes nothing and says which line.
+    std::fs::write(&roster, "user,family\nx,y\n").unwrap();
+    let out = medvault(&dir, &["staff", "import", roster.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("roster.csv line 1: missing column `given`")
+    );
+    // Profiles are sealed: the home address is nowhere in the data directory.
+    assert!(scan_for(&dir, &["Birch Row"]).is_empty());
+    let r = s.get("/api/staff", &admin);
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.body["staff"][1]["user"], "e2e.physician",
+        "profiles by user name"
+    );
+    assert_eq!(r.body["staff"][1]["address"], "3 Birch Row, Springfield");
+    assert_eq!(s.get("/api/staff", &nurse).status, 403);
+
+    // The nurse breaks the glass for the physician's chart and opens it.
+    let r = s.post(
+        "/api/break-glass",
+        &nurse,
+        &json!({"patient": own, "reason": "medical-emergency",
+            "justification": "collapsed at the nurses' station, unresponsive"}),
+    );
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    let r = s.get(&format!("/fhir/Patient/{own}"), &nurse);
+    assert_eq!(r.status, 200, "{:?}", r.body);
+
+    let wait_for = |pred: &dyn Fn(&Value) -> bool| -> Value {
+        for _ in 0..100 {
+            let r = s.get("/api/alerts", &po);
+            assert_eq!(r.status, 200, "{:?}", r.body);
+            if let Some(a) = r.body["alerts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|a| pred(a))
+            {
+                return a.clone();
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!("no such alert: {:?}", s.get("/api/alerts", &po).body);
+    };
+    let a = wait_for(&|a| a["type"] == "coworker_snooping");
+    assert_eq!(
+        (a["user"].as_str(), a["patient"].as_str()),
+        (Some("e2e.nurse"), Some(own.as_str()))
+    );
+    assert_eq!(a["status"], "open");
+    assert!(
+        a["evidence"]
+            .as_str()
+            .unwrap()
+            .contains("an employee the user does not treat"),
+        "{a}"
+    );
+    let id = a["id"].as_str().unwrap().to_owned();
+    // Only privacy officers see alerts.
+    assert_eq!(s.get("/api/alerts", &nurse).status, 403);
+    assert_eq!(s.get("/api/alerts", &admin).status, 403);
+    // Bad input: unknown status, a false positive without a reason, an unknown alert.
+    let st = |body: Value| s.post(&format!("/api/alerts/{id}/status"), &po, &body);
+    assert_eq!(st(json!({"status": "closed"})).status, 400);
+    assert_eq!(st(json!({"status": "false_positive"})).status, 400);
+    assert_eq!(st(json!({"nope": 1})).status, 400);
+    assert_eq!(
+        s.post(
+            "/api/alerts/no-such/status",
+            &po,
+            &json!({"status": "triage"})
+        )
+        .status,
+        404
+    );
+    assert_eq!(s.get("/api/alerts?status=bogus", &po).status, 400);
+    assert_eq!(st(json!({"status": "triage"})).status, 200);
+    let r = st(json!({"status": "confirmed", "reason": "no clinical reason; employee complaint"}));
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let incident = r.body["incident"].as_str().unwrap().to_owned();
+    assert_eq!(
+        st(json!({"status": "triage"})).status,
+        400,
+        "confirmed is final"
+    );
+    let r = s.get("/api/incidents", &po);
+    let inc = r.body["incidents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["id"] == incident.as_str())
+        .unwrap_or_else(|| panic!("{:?}", r.body))
+        .clone();
+    assert_eq!(inc["source"]["kind"], "detection-alert");
+    assert_eq!(inc["source"]["alert"], id.as_str());
+    assert_eq!(inc["patients"][0], own.as_str());
+
+    // A suppression: bad ones refused, a good one holds back self-access of the physician.
+    let sup = |b: Value| s.post("/api/suppressions", &po, &b);
+    let later = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 86_400;
+    assert_eq!(
+        sup(json!({"reason": "everything", "expires": later})).status,
+        400
+    );
+    assert_eq!(
+        sup(json!({"type": "nope", "reason": "x y z", "expires": later})).status,
+        400
+    );
+    assert_eq!(
+        sup(json!({"type": "self_access", "reason": "x y z", "expires": 1})).status,
+        400
+    );
+    let r = sup(json!({"type": "self_access", "user": "e2e.physician",
+        "reason": "reviewing own results with occupational health", "expires": later}));
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    let sid = r.body["id"].as_str().unwrap().to_owned();
+    let phys = staff_token(&s, &staff, "physician");
+    let _ = s.get(&format!("/fhir/Patient/{own}"), &phys);
+    let a = wait_for(&|a| a["type"] == "self_access");
+    assert_eq!(a["status"], "suppressed");
+    assert_eq!(a["suppression"], sid.as_str());
+    assert_eq!(
+        s.call(
+            "DELETE",
+            &format!("/api/suppressions/{sid}"),
+            Some(&po),
+            None,
+            &[]
+        )
+        .status,
+        200
+    );
+    assert_eq!(
+        s.call(
+            "DELETE",
+            &format!("/api/suppressions/{sid}"),
+            Some(&po),
+            None,
+            &[]
+        )
+        .status,
+        400
+    );
+
+    // Password guessing on the billing clerk's account.
+    let (bill, _, _) = staff.get("billing");
+    for _ in 0..12 {
+        let r = s.call(
+            "POST",
+            "/auth/login",
+            None,
+            Some(
+                json!({"username": bill, "password": "Wrong-guess-123!"})
+                    .to_string()
+                    .as_bytes(),
+            ),
+            &[("Content-Type", "application/json")],
+        );
+        assert!(
+            r.status == 401 || r.status == 423 || r.status == 429,
+            "{}",
+            r.status
+        );
+    }
+    let a = wait_for(&|a| a["type"] == "brute_force");
+    assert_eq!(a["user"], bill);
+    assert_eq!(a["responses"], json!(["lock"]));
+    let r = s.get("/api/users", &admin);
+    let u = r.body["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["username"] == bill)
+        .unwrap()
+        .clone();
+    assert_eq!(u["disabled"], true, "{u}");
+    // Every alert and every change is in the audit log.
+    let (_, log) = s.stop();
+    assert!(log.contains("detection alert"), "one SIEM line per alert");
+    let out = medvault(&dir, &["audit", "export"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    for action in [
+        "\"detect.alert\"",
+        "\"detect.triage\"",
+        "\"detect.suppress\"",
+        "\"staff.import\"",
+    ] {
+        assert!(text.contains(action), "{action} missing from the audit log");
+    }
+}
