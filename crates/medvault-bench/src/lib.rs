@@ -586,6 +586,31 @@ pub fn run(
             secure,
             plain: Some(plain),
         });
+        if size == opts.sizes.last().copied().unwrap_or(0) {
+            // The same reads with the live detection consumer running beside them (its
+            // own thread, as the server runs it): the "plain" column is detection off.
+            // Alternating rounds, the best of each, so the machine's drift does not
+            // decide the ratio.
+            progress("reads with live detection", 0, 1);
+            let read = || {
+                measure(opts.threads, opts.ops, &|i| {
+                    let (_, oid) = fx.secure_ids.get(pick(i)).ok_or(VaultError::NotFound)?;
+                    fx.vault.read(&c, obs, oid).map(|_| ())
+                })
+            };
+            let faster = |a: Measure, b: Measure| if b.ops_per_sec > a.ops_per_sec { b } else { a };
+            let (mut off, mut on) = (secure, with_live_detection(&fx, read)?);
+            for _ in 0..2 {
+                off = faster(off, read()?);
+                on = faster(on, with_live_detection(&fx, read)?);
+            }
+            rows.push(BenchRow {
+                patients: size,
+                operation: "read, detect on/off".into(),
+                secure: on,
+                plain: Some(off),
+            });
+        }
         if size == opts.sizes.first().copied().unwrap_or(0) {
             // One policy decision of the common case (a clinician reading vitals of a
             // patient they treat), evaluated by Cedar afresh; the gate caches decisions
@@ -958,6 +983,103 @@ fn identity_rows(
         plain: Some(plain),
     });
     Ok(())
+}
+
+/// Runs `f` while a detection consumer follows the audit log on its own thread, as the
+/// server runs it; the consumer catches up with the log before `f` starts.
+fn with_live_detection<T>(
+    fx: &Fixture,
+    f: impl FnOnce() -> Result<T, VaultError>,
+) -> Result<T, VaultError> {
+    let c = Caller::system(&fx.operator, "detect");
+    let mut live = medvault_core::LiveDetection::new(
+        medvault_core::detect::Thresholds::default(),
+        medvault_core::DetectResponses::default(),
+    );
+    while fx.vault.detect_step(&c, &mut live, 50_000)?.entries > 0 {}
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let consumer = s.spawn(|| -> Result<u64, VaultError> {
+            let mut seen = 0;
+            loop {
+                let r = fx.vault.detect_step(&c, &mut live, 20_000)?;
+                seen += r.entries;
+                if stop.load(Ordering::Relaxed) {
+                    return Ok(seen);
+                }
+                if r.entries < 20_000 {
+                    // The server's pace is a step a second (at once again under a
+                    // backlog); here four a second, so short measurements see it work.
+                    let t = Instant::now();
+                    while t.elapsed() < Duration::from_millis(250) && !stop.load(Ordering::Relaxed)
+                    {
+                        std::thread::park_timeout(Duration::from_millis(10));
+                    }
+                }
+            }
+        });
+        let out = f();
+        stop.store(true, Ordering::Relaxed);
+        consumer
+            .join()
+            .map_err(|_| VaultError::Internal("detection consumer panicked".into()))??;
+        out
+    })
+}
+
+/// Offline detection rows: the detector core alone over a generated month of a hospital's
+/// access (events/s, one core), and the whole scan with JSON parsing.
+pub fn detection_rows() -> Vec<BenchRow> {
+    use medvault_core::detect::{scan, scenario, Detector, Directory, Thresholds};
+    let s = scenario::generate(1, scenario::Size::default());
+    let mut dir = Directory::default();
+    let roster = s.roster_csv();
+    let patients = s.patients_jsonl();
+    let events = s.events_jsonl();
+    if scan::read_roster(&mut dir, roster.as_bytes()).is_err()
+        || scan::read_patients(&mut dir, patients.as_bytes()).is_err()
+    {
+        return vec![];
+    }
+    let parsed: Vec<_> = events
+        .lines()
+        .filter_map(|l| scan::parse_event(&mut dir, l).ok())
+        .collect();
+    let n = parsed.len().max(1) as f64;
+    let mut best = 0.0f64;
+    let mut alerts = Vec::new();
+    for _ in 0..5 {
+        let mut det = Detector::new(Thresholds::default());
+        let t = Instant::now();
+        for e in &parsed {
+            det.observe_into(&dir, e, &mut alerts);
+            alerts.clear();
+        }
+        best = best.max(n / t.elapsed().as_secs_f64().max(1e-9));
+    }
+    let mut scan_best = 0.0f64;
+    for _ in 0..3 {
+        let mut d = Directory::default();
+        let _ = scan::read_roster(&mut d, roster.as_bytes());
+        let _ = scan::read_patients(&mut d, patients.as_bytes());
+        let mut sink = std::io::sink();
+        let t = Instant::now();
+        if scan::scan(
+            &mut d,
+            Thresholds::default(),
+            events.as_bytes(),
+            &mut sink,
+            &mut |_| {},
+        )
+        .is_ok()
+        {
+            scan_best = scan_best.max(n / t.elapsed().as_secs_f64().max(1e-9));
+        }
+    }
+    vec![
+        throughput_row(0, "detect core ev/s", best),
+        throughput_row(0, "detect scan ev/s", scan_best),
+    ]
 }
 
 fn drop_databases(backend: &BenchBackend, names: &[String]) {

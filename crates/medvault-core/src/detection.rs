@@ -40,6 +40,9 @@ const CURSOR: &str = "detect.cursor";
 const WARM_ENTRIES: u64 = 200_000;
 /// Seconds between reloads of the staff profiles and suppressions.
 const REFRESH_SECS: i64 = 30;
+/// Longest a consumer keeps a quiet stretch (no alerts, no facts read) before committing
+/// its cursor; a restart re-reads at most this much, which raised nothing.
+const CURSOR_SECS: i64 = 5;
 
 /// What the server does on its own when an alert of a type is raised (config `[detect]`).
 #[derive(Debug, Clone)]
@@ -103,6 +106,10 @@ pub struct LiveDetection {
     suppressions: Vec<Suppression>,
     refreshed: Option<i64>,
     warm: bool,
+    /// Audit records of the facts loaded this step, committed with the step's batch.
+    reads: Vec<AuditRecord>,
+    /// Where the cursor is, as this consumer last committed or read it, and when.
+    committed: Option<(u64, i64)>,
 }
 
 impl LiveDetection {
@@ -116,6 +123,8 @@ impl LiveDetection {
             suppressions: vec![],
             refreshed: None,
             warm: false,
+            reads: vec![],
+            committed: None,
         }
     }
 }
@@ -130,12 +139,10 @@ pub struct StepReport {
     pub alerts: Vec<AlertView>,
 }
 
-/// The offline scan's event line for one audit record (`events.jsonl`), or `None` for
-/// records that are not access events (administration, the server's own work). The live
-/// consumer feeds exactly these lines to the detectors, so a scan of them raises the same
-/// alerts. A search's parameter values are never in the audit log: a search by name
-/// becomes `name=` (a name search that may have found anyone).
-pub fn event_line(rec: &AuditRecord) -> Option<Value> {
+/// An audit record read as an access event, or `None` for records that are not access
+/// events (administration, the server's own work). The one mapping behind both
+/// [`event_line`] (what an offline scan reads) and the live consumer's events.
+fn event_fields(rec: &AuditRecord) -> Option<(scan::EventFields<'_>, Option<String>)> {
     if rec.actor.starts_with("system.")
         || matches!(rec.role.as_deref(), Some("system" | "importer"))
     {
@@ -175,16 +182,38 @@ pub fn event_line(rec: &AuditRecord) -> Option<Value> {
             .collect::<Vec<_>>()
             .join("&")
     });
+    let f = scan::EventFields {
+        time: Some(rec.time.as_str()),
+        user,
+        action: Some(action),
+        patient,
+        category,
+        outcome: Some(if ok { "success" } else { "failure" }),
+        source_ip: rec.source.as_deref(),
+        department: None,
+        break_glass: rec.break_glass,
+        query: None,
+    };
+    Some((f, query))
+}
+
+/// The offline scan's event line for one audit record (`events.jsonl`), or `None` for
+/// records that are not access events. The live consumer feeds the detectors the same
+/// fields, so a scan of these lines raises the same alerts. A search's parameter values
+/// are never in the audit log: a search by name becomes `name=` (a name search that may
+/// have found anyone).
+pub fn event_line(rec: &AuditRecord) -> Option<Value> {
+    let (f, query) = event_fields(rec)?;
     Some(json!({
-        "time": rec.time,
-        "user": user,
-        "action": action,
-        "patient": patient,
-        "category": category,
-        "outcome": if ok { "success" } else { "failure" },
-        "source_ip": rec.source,
+        "time": f.time,
+        "user": f.user,
+        "action": f.action,
+        "patient": f.patient,
+        "category": f.category,
+        "outcome": f.outcome,
+        "source_ip": f.source_ip,
         "purpose": rec.purpose,
-        "break_glass": rec.break_glass,
+        "break_glass": f.break_glass,
         "query": query,
     }))
 }
@@ -316,8 +345,8 @@ impl Vault {
             .filter_map(|u| u.practitioner_id.map(|p| (p, u.username)))
             .collect();
         live.suppressions = self.stored_suppressions()?;
-        // Profiles may name charts as an employee's own: facts are re-read.
-        live.loaded.clear();
+        // A profile naming a chart as its employee's own marks that chart's facts
+        // (`Directory::add_staff`); the rest of what is loaded stays true.
         Ok(())
     }
 
@@ -369,7 +398,9 @@ impl Vault {
                 }
             }
         }
-        self.audit(vec![rec])?;
+        // INVARIANT: what is opened here never leaves the consumer; its record is
+        // committed with the step (or the step, and what it derived, is thrown away).
+        live.reads.push(rec);
         let mut facts = medvault_detect::PatientFacts::default();
         let p = live.dir.patient(patient);
         for d in self.open_all(permitted)? {
@@ -446,11 +477,20 @@ impl Vault {
             live.refreshed = Some(now);
         }
         let stored = self.store.meta(CURSOR)?;
-        let cursor = stored
+        let persisted = stored
             .as_deref()
             .and_then(|v| std::str::from_utf8(v).ok())
             .and_then(|v| v.parse::<u64>().ok())
             .unwrap_or(0);
+        // Where this consumer got to, if that is ahead of what is stored and nobody else
+        // moved the stored cursor meanwhile.
+        let cursor = match live.committed {
+            Some((at, _)) if at >= persisted && live.warm => at,
+            _ => {
+                live.committed = Some((persisted, now));
+                persisted
+            }
+        };
         if !live.warm {
             // Warm the baselines on what came before, raising nothing.
             let from = cursor.saturating_sub(WARM_ENTRIES);
@@ -480,10 +520,20 @@ impl Vault {
                 }
             }
         }
+        let last_commit = live.committed.map_or(now, |c| c.1);
+        let quiet = raised.is_empty() && live.reads.is_empty();
+        if quiet && now - last_commit < CURSOR_SECS && now >= last_commit {
+            live.committed = Some((end.max(cursor), last_commit));
+            return Ok(StepReport {
+                entries,
+                cursor: end.max(cursor),
+                alerts: vec![],
+            });
+        }
         let mut ops = vec![
             Op::RequireMetaListed {
                 key: CURSOR.into(),
-                member: cursor.to_string(),
+                member: persisted.to_string(),
                 absent: "0".into(),
             },
             Op::PutMeta {
@@ -491,7 +541,7 @@ impl Vault {
                 value: end.max(cursor).to_string().into_bytes(),
             },
         ];
-        let mut recs = vec![];
+        let mut recs = std::mem::take(&mut live.reads);
         let mut views = vec![];
         for (seq, a) in raised {
             let id = medvault_types::random_uuid();
@@ -562,15 +612,23 @@ impl Vault {
             ops.push(self.alert_op(&view)?);
             views.push(view);
         }
-        self.commit(ops, recs).map_err(|e| match e {
-            VaultError::Unavailable(_) => {
-                // Another consumer got there first: start again from its cursor.
-                live.warm = false;
-                live.det = Detector::new(live.det.thresholds.clone());
-                e
-            }
-            other => crate::audit_failed(other),
-        })?;
+        self.commit(ops, recs)
+            .inspect_err(|_| {
+                // What was read this step is forgotten with the records of its reading,
+                // and the consumer starts again from the stored cursor.
+                live.loaded.clear();
+                live.committed = None;
+            })
+            .map_err(|e| match e {
+                VaultError::Unavailable(_) => {
+                    // Another consumer got there first: start again from its cursor.
+                    live.warm = false;
+                    live.det = Detector::new(live.det.thresholds.clone());
+                    e
+                }
+                other => crate::audit_failed(other),
+            })?;
+        live.committed = Some((end.max(cursor), now));
         for v in &views {
             tracing::warn!(
                 target: "medvault::siem",
@@ -619,17 +677,20 @@ impl Vault {
                 live.loaded.remove(p);
             }
         }
-        let Some(line) = event_line(&rec) else {
+        let Some((fields, query)) = event_fields(&rec) else {
             return Ok(vec![]);
         };
-        if let Some(p) = &rec.patient {
+        if let Some(p) = fields.patient {
             if !live.loaded.contains_key(p) {
                 self.load_facts(c, live, p)?;
             }
         }
-        let e = match scan::parse_event(&mut live.dir, &line.to_string()) {
-            Ok(e) => e,
-            Err(_) => return Ok(vec![]),
+        let fields = scan::EventFields {
+            query: query.as_deref(),
+            ..fields
+        };
+        let Ok(e) = scan::build_event(&mut live.dir, &fields) else {
+            return Ok(vec![]);
         };
         let mut out = vec![];
         live.det.observe_into(&live.dir, &e, &mut out);

@@ -422,24 +422,43 @@ struct RawEvent<'a> {
     query: Option<Cow<'a, str>>,
 }
 
-/// Parses one `events.jsonl` line into an [`Event`], interning its names into `dir`.
+/// One event's fields as text, however they arrived (an `events.jsonl` line, or an audit
+/// record of medvault's own); `None` or empty is none.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EventFields<'a> {
+    pub time: Option<&'a str>,
+    pub user: Option<&'a str>,
+    pub action: Option<&'a str>,
+    pub patient: Option<&'a str>,
+    pub category: Option<&'a str>,
+    pub outcome: Option<&'a str>,
+    pub source_ip: Option<&'a str>,
+    pub department: Option<&'a str>,
+    pub break_glass: bool,
+    pub query: Option<&'a str>,
+}
+
+/// Builds an [`Event`] from its fields, interning names into `dir`: the one constructor
+/// both the offline scan and the live consumer use.
 ///
 /// # Errors
-/// A message for malformed JSON, a missing or malformed `time`, or an unknown `action`,
-/// `category` or `outcome`.
-pub fn parse_event(dir: &mut Directory, line: &str) -> Result<Event, String> {
-    let raw: RawEvent<'_> = serde_json::from_str(line).map_err(|e| e.to_string())?;
-    let time = some(&raw.time).ok_or("missing `time`")?;
+/// A message for a missing or malformed `time`, or an unknown `action`, `category` or
+/// `outcome`.
+pub fn build_event(dir: &mut Directory, f: &EventFields<'_>) -> Result<Event, String> {
+    fn s(v: Option<&str>) -> Option<&str> {
+        v.map(str::trim).filter(|v| !v.is_empty())
+    }
+    let time = s(f.time).ok_or("missing `time`")?;
     let (time, offset) =
         parse_when(time).ok_or_else(|| format!("`time` is not RFC 3339: `{}`", clip(time)))?;
-    let action = some(&raw.action).ok_or("missing `action`")?;
+    let action = s(f.action).ok_or("missing `action`")?;
     let action = EventAction::parse(action).ok_or_else(|| {
         format!(
             "unknown action `{}` (login, read, search, create, update, export)",
             clip(action)
         )
     })?;
-    let category = match some(&raw.category) {
+    let category = match s(f.category) {
         None => None,
         Some(c) => Some(EventCategory::parse(c).ok_or_else(|| {
             format!(
@@ -448,7 +467,7 @@ pub fn parse_event(dir: &mut Directory, line: &str) -> Result<Event, String> {
             )
         })?),
     };
-    let success = match some(&raw.outcome) {
+    let success = match s(f.outcome) {
         None | Some("success") => true,
         Some("failure") => false,
         Some(o) => return Err(format!("unknown outcome `{}` (success, failure)", clip(o))),
@@ -456,18 +475,42 @@ pub fn parse_event(dir: &mut Directory, line: &str) -> Result<Event, String> {
     Ok(Event {
         time,
         offset,
-        user: some(&raw.user).map(|u| dir.user(u)),
+        user: s(f.user).map(|u| dir.user(u)),
         action,
-        patient: some(&raw.patient).map(|p| dir.patient(p)),
+        patient: s(f.patient).map(|p| dir.patient(p)),
         category,
         success,
-        source_ip: some(&raw.source_ip).map(|a| dir.address(a)),
-        department: some(&raw.department).map(|d| dir.department(d)),
-        break_glass: raw.break_glass.unwrap_or(false),
-        name_search: some(&raw.query)
+        source_ip: s(f.source_ip).map(|a| dir.address(a)),
+        department: s(f.department).map(|d| dir.department(d)),
+        break_glass: f.break_glass,
+        name_search: s(f.query)
             .and_then(name_searched)
             .map(|n| dir.names.intern(&n)),
     })
+}
+
+/// Parses one `events.jsonl` line into an [`Event`], interning its names into `dir`.
+///
+/// # Errors
+/// A message for malformed JSON, a missing or malformed `time`, or an unknown `action`,
+/// `category` or `outcome`.
+pub fn parse_event(dir: &mut Directory, line: &str) -> Result<Event, String> {
+    let raw: RawEvent<'_> = serde_json::from_str(line).map_err(|e| e.to_string())?;
+    build_event(
+        dir,
+        &EventFields {
+            time: raw.time.as_deref(),
+            user: raw.user.as_deref(),
+            action: raw.action.as_deref(),
+            patient: raw.patient.as_deref(),
+            category: raw.category.as_deref(),
+            outcome: raw.outcome.as_deref(),
+            source_ip: raw.source_ip.as_deref(),
+            department: raw.department.as_deref(),
+            break_glass: raw.break_glass.unwrap_or(false),
+            query: raw.query.as_deref(),
+        },
+    )
 }
 
 /// What a scan read and raised.

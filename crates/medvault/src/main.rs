@@ -1939,6 +1939,11 @@ fn bench(
         &backup_cli::bench_rows,
     )
     .map_err(describe)?;
+    if let Some(b) = &bar {
+        b.set_message("detection, offline");
+    }
+    let mut rows = rows;
+    rows.extend(medvault_bench::detection_rows());
     if let Some(b) = bar {
         b.finish_and_clear();
     }
