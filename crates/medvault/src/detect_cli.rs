@@ -51,6 +51,15 @@ pub enum DetectCommand {
         #[arg(long)]
         session_address: bool,
     },
+    /// Write this server's own access stream as the scan's `events.jsonl` (what the live
+    /// detectors read), from audit entry `--from`: to re-scan it offline with other
+    /// settings, or hand it to another tool. Needs the privacy officer's policy.
+    Events {
+        #[arg(long, default_value_t = 0)]
+        from: u64,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Score alerts against a scenario's labels: precision and recall per type.
     Score {
         #[arg(long)]
@@ -104,8 +113,21 @@ fn bytes_bar(len: u64) -> Option<indicatif::ProgressBar> {
     Some(b)
 }
 
-pub fn run(command: DetectCommand) -> Result<()> {
+pub fn run(data_dir: &Path, command: DetectCommand) -> Result<()> {
     match command {
+        DetectCommand::Events { from, out } => {
+            let (_cfg, vault, op) = crate::open(data_dir)?;
+            let po = medvault_core::Caller::cli(&op, medvault_core::Role::PrivacyOfficer);
+            let lines = vault.detection_events(&po, from)?;
+            write_whole(&out, |w| {
+                for l in &lines {
+                    writeln!(w, "{l}")?;
+                }
+                Ok(())
+            })?;
+            println!("wrote {} events to {}", lines.len(), out.display());
+            Ok(())
+        }
         DetectCommand::Scan {
             roster,
             patients,

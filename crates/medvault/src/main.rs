@@ -718,7 +718,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Backup { command } => backup_cli::run(&dir, command),
         Command::Destroy { command } => destroy::destroy(&dir, command),
         Command::Hold { command } => destroy::hold(&dir, command),
-        Command::Detect { command } => detect_cli::run(command),
+        Command::Detect { command } => detect_cli::run(&dir, command),
         Command::Staff { command } => {
             let (_cfg, vault, op) = open(&dir)?;
             let admin = Caller::cli(&op, Role::SecurityAdmin);
@@ -1107,7 +1107,7 @@ pub(crate) fn require_database(dir: &Path, cfg: &Config) -> Result<()> {
     Ok(())
 }
 
-fn open(dir: &Path) -> Result<(Config, Arc<Vault>, LocalOperator)> {
+pub(crate) fn open(dir: &Path) -> Result<(Config, Arc<Vault>, LocalOperator)> {
     let cfg = Config::load(dir)?;
     require_database(dir, &cfg)?;
     open_with(dir, cfg)

@@ -10025,15 +10025,12 @@ fn detection_alerts_a_privacy_officer_and_locks_a_guessed_account() {
     assert_eq!(r.status, 201, "{:?}", r.body);
     let own = created_id(&r);
     let roster = dir.parent().unwrap().join("roster.csv");
-    std::fs::write(
-        &roster,
-        format!(
-            "user,family,given,address,department,role,shift_start,shift_end,patient_id,hired\n\
-             e2e.physician,Okonkwo,Ada,\"3 Birch Row, Springfield\",cardiology,physician,0,0,{own},2020-01-01\n\
-             e2e.nurse,Lind,Sol,\"9 Elm Row, Springfield\",oncology,nurse,0,0,,2020-01-01\n"
-        ),
-    )
-    .unwrap();
+    let roster_text = format!(
+        "user,family,given,address,department,role,shift_start,shift_end,patient_id,hired\n\
+         e2e.physician,Okonkwo,Ada,\"3 Birch Row, Springfield\",cardiology,physician,0,0,{own},2020-01-01\n\
+         e2e.nurse,Lind,Sol,\"9 Elm Row, Springfield\",oncology,nurse,0,0,,2020-01-01\n"
+    );
+    std::fs::write(&roster, &roster_text).unwrap();
     let out = medvault(
         &dir,
         &["staff", "import", roster.to_str().unwrap(), "--json"],
@@ -10225,6 +10222,20 @@ fn detection_alerts_a_privacy_officer_and_locks_a_guessed_account() {
         .unwrap()
         .clone();
     assert_eq!(u["disabled"], true, "{u}");
+    let key = |a: &Value| {
+        (
+            a["type"].as_str().unwrap().to_owned(),
+            a["user"].as_str().map(str::to_owned),
+            a["patient"].as_str().map(str::to_owned),
+        )
+    };
+    let mut live: Vec<_> = s.get("/api/alerts", &po).body["alerts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(key)
+        .collect();
+    live.sort();
     // Every alert and every change is in the audit log.
     let (_, log) = s.stop();
     assert!(log.contains("detection alert"), "one SIEM line per alert");
@@ -10238,4 +10249,56 @@ fn detection_alerts_a_privacy_officer_and_locks_a_guessed_account() {
     ] {
         assert!(text.contains(action), "{action} missing from the audit log");
     }
+
+    // The same stream scanned offline raises the same alerts: the live consumer's events
+    // exported, the roster imported, the chart as the scan's patients file.
+    let work = dir.parent().unwrap();
+    let events = work.join("events.jsonl");
+    let out = medvault(
+        &dir,
+        &["detect", "events", "--out", events.to_str().unwrap()],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(&roster, &roster_text).unwrap();
+    let patients = work.join("patients.jsonl");
+    std::fs::write(
+        &patients,
+        format!("{}\n", json!({"id": own, "family": "Okonkwo", "given": "Ada", "care_team": [], "encounters": []})),
+    )
+    .unwrap();
+    let alerts = work.join("alerts.jsonl");
+    let out = medvault(
+        &dir,
+        &[
+            "detect",
+            "scan",
+            "--roster",
+            roster.to_str().unwrap(),
+            "--patients",
+            patients.to_str().unwrap(),
+            "--events",
+            events.to_str().unwrap(),
+            "--out",
+            alerts.to_str().unwrap(),
+            "--session-address",
+            "--json",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut offline: Vec<_> = std::fs::read_to_string(&alerts)
+        .unwrap()
+        .lines()
+        .map(|l| key(&serde_json::from_str(l).unwrap()))
+        .collect();
+    offline.sort();
+    assert_eq!(live, offline, "live and offline detection disagree");
+    assert!(live.len() >= 3, "{live:?}");
 }
