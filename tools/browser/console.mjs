@@ -279,6 +279,48 @@ try {
     await submit(po.page, 'form[action="/privacy/integrity"] button');
     out.steps.verified = await po.page.$eval('#verification', (x) => x.innerText);
     await shot(po.page, 'integrity');
+
+    // Detection: the physician opened the nurse's own chart (a coworker's); the alert
+    // reaches the queue within seconds, with its evidence.
+    let cards = 0;
+    for (let i = 0; i < 40 && cards === 0; i++) {
+      await go(po.page, '/privacy/alerts', i === 0 ? 'alerts' : undefined);
+      cards = await po.page.$$eval('form[action$="/status"]', (x) => x.length);
+      if (cards === 0) await new Promise((r) => setTimeout(r, 500));
+    }
+    const q = await text(po.page);
+    out.steps.alerts = {
+      cards,
+      coworker: q.includes('coworker snooping'),
+      evidence: q.includes('an employee the user does not treat'),
+      user_link: await po.page.$$eval(`a[href="/privacy/alerts/users/${sc.physician}"]`, (x) => x.length),
+    };
+    await shot(po.page, 'alerts');
+    await go(po.page, `/privacy/alerts/users/${sc.physician}`, 'alerts-user');
+    out.steps.alerts_user_timeline = await po.page.$$eval('figure svg rect', (x) => x.length);
+    await go(po.page, `/privacy/alerts/patients/${sc.glass}`, 'alerts-patient');
+    out.steps.alerts_patient_timeline = await po.page.$$eval('figure svg rect', (x) => x.length);
+    await shot(po.page, 'alerts-patient');
+    // Confirm it from the patient's page: back there, with an incident.
+    await po.page.select('form[action$="/status"] select[name="status"]', 'confirmed');
+    await po.page.type('form[action$="/status"] input[name="reason"]', 'No clinical reason to open a colleague chart.');
+    await submit(po.page, 'form[action$="/status"] button[type="submit"]');
+    await check(po.page, 'alerts-confirmed', null);
+    out.steps.alert_confirmed = {
+      path: new URL(po.page.url()).pathname,
+      incident: (await text(po.page)).includes('Incident'),
+    };
+    // A suppression, added and ended.
+    await go(po.page, '/privacy/suppressions', 'suppressions');
+    await po.page.select('#sp-kind', 'after_hours');
+    await po.page.type('#sp-user', sc.nurse);
+    await po.page.type('#sp-reason', 'Covering night shifts on ward 4 this month');
+    await submit(po.page, 'form[action="/privacy/suppressions"] button[type="submit"]');
+    await check(po.page, 'suppressions-added', null);
+    out.steps.suppression_added = (await text(po.page)).includes('Covering night shifts on ward 4');
+    await submit(po.page, 'form[action$="/end"] button[type="submit"]');
+    out.steps.suppression_ended = (await po.page.$$('form[action$="/end"]')).length === 0;
+    await shot(po.page, 'suppressions');
   }
 
   // 6. The security administrator disables the nurse; the nurse's open page returns to sign-in.
@@ -290,6 +332,9 @@ try {
     await go(admin.page, '/admin/policies', 'policies');
     await go(admin.page, '/admin/clients', 'clients');
     await go(admin.page, '/admin/status', 'status');
+    await go(admin.page, '/admin/staff', 'staff');
+    out.steps.staff_rows = await admin.page.$$eval('tbody tr', (x) => x.length);
+    await shot(admin.page, 'staff');
     await go(admin.page, '/admin/users');
     const form = `form[action="/admin/users/${sc.nurse}/disable"]`;
     await admin.page.$eval(`${form}`, (f) => { f.closest('details').open = true; });

@@ -223,6 +223,11 @@ fn bad(m: impl Into<String>) -> VaultError {
 }
 
 impl Vault {
+    /// The gate's clock, Unix seconds (what expiries are measured against).
+    pub fn now_unix(&self) -> i64 {
+        self.clock.now().unix_timestamp()
+    }
+
     fn seal_governance(&self, kind: &str, id: &str, body: &Value) -> Result<Vec<u8>, VaultError> {
         let cipher = self.cipher_for(&directory_key_id())?;
         let text = serde_json::to_vec(body).map_err(|e| VaultError::Internal(e.to_string()))?;

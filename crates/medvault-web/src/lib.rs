@@ -27,6 +27,7 @@
 mod account;
 mod admin;
 mod chart;
+mod detect;
 pub mod lifecycle;
 mod privacy;
 mod signin;
@@ -100,6 +101,7 @@ pub fn router(vault: Arc<Vault>, options: ConsoleOptions) -> Router {
         .merge(account::routes())
         .merge(chart::routes())
         .merge(privacy::routes())
+        .merge(detect::routes())
         .merge(admin::routes())
         .merge(lifecycle::routes())
         .layer(axum::middleware::from_fn_with_state(
@@ -143,6 +145,16 @@ pub const NAV: &[NavItem] = &[
         roles: &[Role::Patient],
     },
     NavItem {
+        path: "/privacy/alerts",
+        label: "Alerts",
+        roles: &[Role::PrivacyOfficer],
+    },
+    NavItem {
+        path: "/privacy/suppressions",
+        label: "Alert suppressions",
+        roles: &[Role::PrivacyOfficer],
+    },
+    NavItem {
         path: "/privacy/reviews",
         label: "Break-the-glass reviews",
         roles: PRIVACY,
@@ -170,6 +182,11 @@ pub const NAV: &[NavItem] = &[
     NavItem {
         path: "/admin/users",
         label: "Users",
+        roles: &[Role::SecurityAdmin],
+    },
+    NavItem {
+        path: "/admin/staff",
+        label: "Staff profiles",
         roles: &[Role::SecurityAdmin],
     },
     NavItem {

@@ -5453,6 +5453,20 @@ fn web_console_in_real_chromium() {
         .unwrap()
         .to_owned();
     add("web.patient", "patient", &["--patient", &treated]);
+    // HR profiles: "Glassmann" is the nurse's own chart, so the physician's emergency
+    // access to it raises a coworker-snooping alert (issue 14).
+    let roster = dir.parent().unwrap().join("web-roster.csv");
+    std::fs::write(
+        &roster,
+        format!(
+            "user,family,given,address,department,role,shift_start,shift_end,patient_id,hired\n\
+             web.nurse,Glassmann,Ona,\"4 Quay Row, Springfield\",medicine,nurse,0,0,{glass},2021-05-01\n\
+             web.physician,Ibsen,Per,\"8 Fjord Row, Springfield\",emergency,physician,0,0,,2019-02-01\n"
+        ),
+    )
+    .unwrap();
+    let o = medvault(&dir, &["staff", "import", roster.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let s = Server::start(&dir, &[]);
     let scenario = json!({
         "users": users, "nurse": "web.nurse", "physician": "web.physician",
@@ -5484,6 +5498,32 @@ fn web_console_in_real_chromium() {
         r["error"]
     );
     let st = &r["steps"];
+    // Detection (issue 14): the queue with evidence, a user's and a patient's timelines,
+    // confirmation into an incident, a suppression added and ended, staff profiles.
+    assert!(st["alerts"]["cards"].as_u64().unwrap_or(0) >= 1, "{r:#}");
+    assert_eq!(st["alerts"]["coworker"], true, "{r:#}");
+    assert_eq!(st["alerts"]["evidence"], true, "{r:#}");
+    assert!(
+        st["alerts"]["user_link"].as_u64().unwrap_or(0) >= 1,
+        "{r:#}"
+    );
+    assert!(
+        st["alerts_user_timeline"].as_u64().unwrap_or(0) >= 1,
+        "{r:#}"
+    );
+    assert!(
+        st["alerts_patient_timeline"].as_u64().unwrap_or(0) >= 1,
+        "{r:#}"
+    );
+    assert_eq!(
+        st["alert_confirmed"]["path"],
+        format!("/privacy/alerts/patients/{glass}"),
+        "{r:#}"
+    );
+    assert_eq!(st["alert_confirmed"]["incident"], true, "{r:#}");
+    assert_eq!(st["suppression_added"], true, "{r:#}");
+    assert_eq!(st["suppression_ended"], true, "{r:#}");
+    assert_eq!(st["staff_rows"], 2, "{r:#}");
     // Keys, backups, holds and destruction (issue 13).
     assert_eq!(st["hold_placed"], true, "{r:#}");
     assert_eq!(st["hold_released"], true, "{r:#}");
