@@ -599,10 +599,16 @@ pub fn run(
                 })
             };
             let faster = |a: Measure, b: Measure| if b.ops_per_sec > a.ops_per_sec { b } else { a };
-            let (mut off, mut on) = (secure, with_live_detection(&fx, read)?);
+            // One consumer throughout (a new one would stand by while this one's lease
+            // lasts, as on a second server).
+            let mut live = medvault_core::LiveDetection::new(
+                medvault_core::detect::Thresholds::default(),
+                medvault_core::DetectResponses::default(),
+            );
+            let (mut off, mut on) = (secure, with_live_detection(&fx, &mut live, read)?);
             for _ in 0..2 {
                 off = faster(off, read()?);
-                on = faster(on, with_live_detection(&fx, read)?);
+                on = faster(on, with_live_detection(&fx, &mut live, read)?);
             }
             rows.push(BenchRow {
                 patients: size,
@@ -989,20 +995,17 @@ fn identity_rows(
 /// server runs it; the consumer catches up with the log before `f` starts.
 fn with_live_detection<T>(
     fx: &Fixture,
+    live: &mut medvault_core::LiveDetection,
     f: impl FnOnce() -> Result<T, VaultError>,
 ) -> Result<T, VaultError> {
     let c = Caller::system(&fx.operator, "detect");
-    let mut live = medvault_core::LiveDetection::new(
-        medvault_core::detect::Thresholds::default(),
-        medvault_core::DetectResponses::default(),
-    );
-    while fx.vault.detect_step(&c, &mut live, 50_000)?.entries > 0 {}
+    while fx.vault.detect_step(&c, live, 50_000)?.entries > 0 {}
     let stop = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|s| {
         let consumer = s.spawn(|| -> Result<u64, VaultError> {
             let mut seen = 0;
             loop {
-                let r = fx.vault.detect_step(&c, &mut live, 20_000)?;
+                let r = fx.vault.detect_step(&c, live, 20_000)?;
                 seen += r.entries;
                 if stop.load(Ordering::Relaxed) {
                     return Ok(seen);

@@ -13,7 +13,7 @@
 //!   status as `detect.triage`. Confirming one opens an incident whose source is the alert.
 //! - A patient's facts (names, address, emergency contact, flags, care team, encounters)
 //!   are read through a policy decision for the consumer (`detect.run`), each load audited
-//!   as a `read` with detail `detection`, and cached until the chart changes.
+//!   as `detect.run` on that chart, and cached until the chart changes.
 //!
 //! INVARIANT: the consumer's own audit records (actor `system.*`) are never fed back to it.
 
@@ -35,6 +35,11 @@ const STAFF: &str = "staff";
 const ALERT: &str = "alert";
 const SUPPRESSION: &str = "suppression";
 const CURSOR: &str = "detect.cursor";
+/// `{consumer id}|{expiry, Unix seconds}`: the consumer the cluster's servers defer to.
+const LEASE: &str = "detect.lease";
+/// Seconds a consumer's lease lasts past its last commit (it commits at least every
+/// [`CURSOR_SECS`]); another server's consumer takes over once it lapses.
+const LEASE_SECS: i64 = 15;
 /// Audit entries replayed (without raising alerts) when a consumer starts, so baselines
 /// and windows are warm.
 const WARM_ENTRIES: u64 = 200_000;
@@ -110,6 +115,8 @@ pub struct LiveDetection {
     reads: Vec<AuditRecord>,
     /// Where the cursor is, as this consumer last committed or read it, and when.
     committed: Option<(u64, i64)>,
+    /// This consumer's id in the lease.
+    id: String,
 }
 
 impl LiveDetection {
@@ -125,6 +132,7 @@ impl LiveDetection {
             warm: false,
             reads: vec![],
             committed: None,
+            id: medvault_types::random_uuid(),
         }
     }
 }
@@ -132,6 +140,8 @@ impl LiveDetection {
 /// What one step of the consumer did.
 #[derive(Debug, Clone, Default)]
 pub struct StepReport {
+    /// Another server's consumer holds the lease: this one stood by.
+    pub standby: bool,
     /// Audit entries read.
     pub entries: u64,
     /// The cursor after the step (next entry to read).
@@ -367,10 +377,11 @@ impl Vault {
             return Ok(());
         };
         let decision = self.decide_operation(c, Operation::DetectRun);
-        let mut rec = self.record(c, "read", Outcome::Success);
+        // Recorded as the detection operation on this chart (not a clinician's `read`):
+        // the access report shows the server's monitoring read it.
+        let mut rec = self.record(c, Operation::DetectRun.as_str(), Outcome::Success);
         rec.patient = Some(patient.to_owned());
-        rec.detail =
-            Some("detection: names, address, contact, flags, care team, encounters".into());
+        rec.detail = Some("facts: names, address, contact, flags, care team, encounters".into());
         let rows: Vec<_> = match self.store.chart_versions(&pid) {
             Ok(r) => r,
             Err(StoreError::NotFound) => return Ok(()),
@@ -460,7 +471,8 @@ impl Vault {
     /// One step of the live consumer (the server runs it every second, off the request
     /// path): reads up to `max` audit entries from the persisted cursor, feeds them to the
     /// detectors, stores and audits the alerts they raise with the automatic responses, and
-    /// moves the cursor — all in one batch.
+    /// moves the cursor and renews its lease — all in one batch. While another consumer's
+    /// lease (15 s past its last commit) lasts, it stands by (`standby`).
     ///
     /// # Errors
     /// Denied (only the server's own `system` caller runs it); `Unavailable` when another
@@ -481,6 +493,19 @@ impl Vault {
             self.refresh_detection(live)?;
             live.refreshed = Some(now);
         }
+        // One consumer per cluster: the lease's holder, until it lapses.
+        if let Some(v) = self.store.meta(LEASE)? {
+            let v = String::from_utf8_lossy(&v).into_owned();
+            let (holder, until) = v.split_once('|').unwrap_or(("", "0"));
+            if holder != live.id && until.parse::<i64>().unwrap_or(0) > now {
+                live.warm = false;
+                live.committed = None;
+                return Ok(StepReport {
+                    standby: true,
+                    ..StepReport::default()
+                });
+            }
+        }
         let stored = self.store.meta(CURSOR)?;
         let persisted = stored
             .as_deref()
@@ -489,11 +514,11 @@ impl Vault {
             .unwrap_or(0);
         // Where this consumer got to, if that is ahead of what is stored and nobody else
         // moved the stored cursor meanwhile.
-        let cursor = match live.committed {
-            Some((at, _)) if at >= persisted && live.warm => at,
+        let (cursor, fresh) = match live.committed {
+            Some((at, _)) if at >= persisted && live.warm => (at, false),
             _ => {
                 live.committed = Some((persisted, now));
-                persisted
+                (persisted, true)
             }
         };
         if !live.warm {
@@ -526,10 +551,12 @@ impl Vault {
             }
         }
         let last_commit = live.committed.map_or(now, |c| c.1);
-        let quiet = raised.is_empty() && live.reads.is_empty();
+        // A consumer (re)starting commits at once, to hold the lease.
+        let quiet = raised.is_empty() && live.reads.is_empty() && !fresh;
         if quiet && now - last_commit < CURSOR_SECS && now >= last_commit {
             live.committed = Some((end.max(cursor), last_commit));
             return Ok(StepReport {
+                standby: false,
                 entries,
                 cursor: end.max(cursor),
                 alerts: vec![],
@@ -544,6 +571,10 @@ impl Vault {
             Op::PutMeta {
                 key: CURSOR.into(),
                 value: end.max(cursor).to_string().into_bytes(),
+            },
+            Op::PutMeta {
+                key: LEASE.into(),
+                value: format!("{}|{}", live.id, now.saturating_add(LEASE_SECS)).into_bytes(),
             },
         ];
         let mut recs = std::mem::take(&mut live.reads);
@@ -647,6 +678,7 @@ impl Vault {
             );
         }
         Ok(StepReport {
+            standby: false,
             entries,
             cursor: end.max(cursor),
             alerts: views,

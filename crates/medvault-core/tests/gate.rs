@@ -297,3 +297,56 @@ fn a_search_leaves_out_a_chart_shredded_before_its_rows_are_removed() {
         .unwrap()
         .is_empty());
 }
+
+/// Live detection: one consumer per cluster holds the lease; when it stops, another takes
+/// over from the stored cursor, so nothing in the audit log is missed or read twice.
+#[test]
+fn one_detection_consumer_per_cluster_and_a_takeover_misses_nothing() {
+    use medvault_core::detect::Thresholds;
+    use medvault_core::{DetectResponses, LiveDetection};
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = SqliteStore::open(&dir.path().join("db.sqlite")).unwrap();
+    let clock = Arc::new(ManualClock::new(
+        time::OffsetDateTime::from_unix_timestamp(1_790_000_000).unwrap(),
+    ));
+    let (v, op) = Vault::open_with_store(
+        store.clone(),
+        &MasterKeySource::Ephemeral,
+        clock.clone(),
+        VaultOptions::default(),
+    )
+    .unwrap();
+    let importer = Caller::cli(&op, Role::Importer);
+    let patient = || {
+        medvault_fhir::Resource::from_value(
+            serde_json::json!({"resourceType": "Patient", "name": [{"family": "Lease"}]}),
+            None,
+        )
+        .unwrap()
+    };
+    v.create(&importer, patient()).unwrap();
+    let sys = Caller::system(&op, "detect");
+    let new = || LiveDetection::new(Thresholds::default(), DetectResponses::default());
+    let (mut a, mut b) = (new(), new());
+    let ra = v.detect_step(&sys, &mut a, 1_000).unwrap();
+    assert!(!ra.standby && ra.cursor > 0);
+    let rb = v.detect_step(&sys, &mut b, 1_000).unwrap();
+    assert!(rb.standby, "a second server's consumer stands by");
+    // Callers other than the server's own may not run it.
+    let po = Caller::cli(&op, Role::PrivacyOfficer);
+    assert!(v.detect_step(&po, &mut new(), 10).is_err());
+    // The first server stops; more happens; its lease lapses and the second takes over.
+    v.create(&importer, patient()).unwrap();
+    clock.advance(time::Duration::seconds(16));
+    let rb = v.detect_step(&sys, &mut b, 1_000).unwrap();
+    assert!(!rb.standby);
+    assert!(
+        rb.entries >= 1,
+        "it reads from the stored cursor on: {rb:?}"
+    );
+    assert!(rb.cursor > ra.cursor);
+    assert!(
+        v.detect_step(&sys, &mut a, 1_000).unwrap().standby,
+        "and the first defers now"
+    );
+}

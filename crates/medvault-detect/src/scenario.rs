@@ -30,106 +30,106 @@ pub const OFFSET_SECS: i32 = -5 * 3600;
 const FIRST_DAY: i64 = 20_514;
 
 const SURNAMES: &[&str] = &[
-    "Smith",
-    "Johnson",
-    "Williams",
-    "Brown",
-    "Jones",
-    "Garcia",
-    "Miller",
-    "Davis",
-    "Rodriguez",
-    "Martinez",
-    "Hernandez",
-    "Lopez",
-    "Gonzalez",
-    "Wilson",
-    "Anderson",
-    "Thomas",
-    "Taylor",
-    "Moore",
-    "Jackson",
-    "Martin",
-    "Lee",
-    "Perez",
-    "Thompson",
-    "White",
-    "Harris",
-    "Sanchez",
-    "Clark",
-    "Ramirez",
-    "Lewis",
-    "Robinson",
-    "Walker",
-    "Young",
-    "Allen",
-    "King",
-    "Wright",
-    "Scott",
-    "Torres",
-    "Nguyen",
-    "Hill",
-    "Flores",
-    "Green",
-    "Adams",
-    "Nelson",
-    "Baker",
-    "Hall",
-    "Rivera",
-    "Campbell",
-    "Mitchell",
-    "Carter",
-    "Roberts",
-    "Gomez",
-    "Phillips",
-    "Evans",
-    "Turner",
-    "Diaz",
-    "Parker",
-    "Cruz",
-    "Edwards",
-    "Collins",
-    "Reyes",
-    "Stewart",
-    "Morris",
-    "Morales",
-    "Murphy",
-    "Cook",
-    "Rogers",
-    "Gutierrez",
-    "Ortiz",
-    "Morgan",
-    "Cooper",
-    "Peterson",
-    "Bailey",
-    "Reed",
-    "Kelly",
-    "Howard",
-    "Ramos",
-    "Kim",
-    "Cox",
-    "Ward",
-    "Richardson",
-    "Watson",
-    "Brooks",
-    "Chavez",
-    "Wood",
-    "James",
-    "Bennett",
-    "Gray",
-    "Mendoza",
-    "Ruiz",
-    "Hughes",
-    "Price",
-    "Alvarez",
-    "Castillo",
-    "Sanders",
-    "Patel",
-    "Myers",
-    "Long",
-    "Ross",
-    "Foster",
-    "Jimenez",
+    "Abara",
+    "Achterberg",
+    "Adeyemi",
+    "Aguilar",
+    "Ahlberg",
+    "Akhtar",
+    "Alvarado",
+    "Amato",
+    "Andersen",
+    "Aoki",
+    "Arnaud",
+    "Asante",
+    "Bakker",
+    "Balogun",
+    "Barros",
+    "Bauer",
+    "Becker",
+    "Bergstrom",
+    "Bianchi",
+    "Bjork",
+    "Bondarenko",
+    "Bosco",
+    "Brandt",
+    "Brennan",
+    "Caruso",
+    "Castro",
+    "Chowdhury",
+    "Costa",
+    "Dahl",
+    "Dalton",
+    "Delacroix",
+    "Dimitrov",
+    "Dubois",
+    "Duarte",
+    "Eklund",
+    "Esposito",
+    "Fagerlund",
+    "Farouk",
+    "Ferreira",
+    "Fischer",
+    "Fontaine",
+    "Fujita",
+    "Gallo",
+    "Gashi",
+    "Gorski",
+    "Haddad",
+    "Halvorsen",
+    "Hansen",
+    "Hartmann",
+    "Hoang",
+    "Horvath",
+    "Ibarra",
+    "Iyer",
+    "Jablonski",
+    "Jensen",
+    "Kaczmarek",
+    "Kamau",
+    "Karlsson",
+    "Kaur",
+    "Keller",
+    "Kowalski",
+    "Kruger",
+    "Laine",
+    "Lambert",
+    "Larsen",
+    "Lindqvist",
+    "Lombardi",
+    "Lund",
+    "Machado",
+    "Mahlaba",
+    "Marin",
+    "Mazur",
+    "Mensah",
+    "Meyer",
+    "Moreau",
+    "Mwangi",
+    "Nakamura",
+    "Nilsson",
+    "Novak",
+    "Nyberg",
+    "Obi",
+    "Oliveira",
+    "Ortega",
+    "Osei",
+    "Petrov",
+    "Quinn",
+    "Rahman",
+    "Ricci",
+    "Rossi",
+    "Sato",
+    "Schmidt",
+    "Silva",
+    "Sorensen",
+    "Tanaka",
+    "Vogel",
+    "Wagner",
+    "Yilmaz",
+    "Zeller",
+    "Ueda",
+    "Varga",
 ];
 const GIVEN: &[&str] = &[
     "James",
@@ -607,6 +607,45 @@ impl Gen {
         self.emit(local, row);
     }
 
+    /// A failed sign-in from outside (no workstation, no department).
+    fn failed_login(&mut self, t: i64, user: String, ip: &str) {
+        let row = EventRow {
+            time: local_text(t),
+            user: Some(user),
+            action: "login".into(),
+            patient: None,
+            category: None,
+            outcome: "failure".into(),
+            source_ip: Some(ip.to_owned()),
+            workstation: None,
+            department: None,
+            purpose: None,
+            break_glass: false,
+            query: None,
+        };
+        self.emit(t, row);
+    }
+
+    /// `s` searches for patient `p` by name (`param=` the patient's surname).
+    fn name_search(&mut self, t: i64, s: usize, p: usize, param: &str) {
+        let name = self
+            .pats
+            .get(p)
+            .map(|x| x.family.clone())
+            .unwrap_or_default();
+        let q = format!("{param}={name}");
+        self.ev(
+            t,
+            s,
+            "search",
+            None,
+            Some("demographics"),
+            true,
+            false,
+            Some(&q),
+        );
+    }
+
     fn label(&mut self, kind: AlertType, subject: &str, patient: Option<usize>, local: i64) {
         let patient = patient.and_then(|p| self.pats.get(p)).map(|p| p.id.clone());
         self.labels.push(Label {
@@ -835,22 +874,8 @@ impl Gen {
                     }
                 }
                 "front_desk" => {
-                    let name = self
-                        .pats
-                        .get(p)
-                        .map(|x| x.family.clone())
-                        .unwrap_or_default();
                     if self.rng.gen_bool(0.4) {
-                        self.ev(
-                            t,
-                            s,
-                            "search",
-                            None,
-                            Some("demographics"),
-                            true,
-                            false,
-                            Some(&format!("family={name}")),
-                        );
+                        self.name_search(t, s, p, "family");
                     }
                     self.ev(
                         t + 20,
@@ -865,21 +890,7 @@ impl Gen {
                 }
                 _ => {
                     if self.rng.gen_bool(0.15) {
-                        let name = self
-                            .pats
-                            .get(p)
-                            .map(|x| x.family.clone())
-                            .unwrap_or_default();
-                        self.ev(
-                            t,
-                            s,
-                            "search",
-                            None,
-                            Some("demographics"),
-                            true,
-                            false,
-                            Some(&format!("name={name}")),
-                        );
+                        self.name_search(t, s, p, "name");
                     } else if self.rng.gen_bool(0.2) {
                         self.ev(
                             t,
@@ -1340,21 +1351,7 @@ impl Gen {
                 // A name search, then the chart.
                 7 => {
                     let p = self.stranger(s, t);
-                    let name = self
-                        .pats
-                        .get(p)
-                        .map(|x| x.family.clone())
-                        .unwrap_or_default();
-                    self.ev(
-                        t,
-                        s,
-                        "search",
-                        None,
-                        Some("demographics"),
-                        true,
-                        false,
-                        Some(&format!("name={name}")),
-                    );
+                    self.name_search(t, s, p, "name");
                     self.ev(
                         t + 40,
                         s,
@@ -1444,21 +1441,7 @@ impl Gen {
                 }
             }
             self.hidden.insert(p);
-            let name = self
-                .pats
-                .get(p)
-                .map(|x| x.family.clone())
-                .unwrap_or_default();
-            self.ev(
-                t,
-                s,
-                "search",
-                None,
-                Some("demographics"),
-                true,
-                false,
-                Some(&format!("family={name}")),
-            );
+            self.name_search(t, s, p, "family");
             self.ev(
                 t + 30,
                 s,
@@ -1548,23 +1531,7 @@ impl Gen {
                 2 => {
                     for j in 0..15 {
                         let tj = t + j * 20;
-                        self.emit(
-                            tj,
-                            EventRow {
-                                time: local_text(tj),
-                                user: Some(st.user.clone()),
-                                action: "login".into(),
-                                patient: None,
-                                category: None,
-                                outcome: "failure".into(),
-                                source_ip: Some("203.0.113.66".into()),
-                                workstation: None,
-                                department: None,
-                                purpose: None,
-                                break_glass: false,
-                                query: None,
-                            },
-                        );
+                        self.failed_login(tj, st.user.clone(), "203.0.113.66");
                     }
                     self.label(AlertType::BruteForce, &st.user, None, t + 9 * 20);
                 }
@@ -1603,23 +1570,7 @@ impl Gen {
                         } else {
                             format!("admin{j}")
                         };
-                        self.emit(
-                            tj,
-                            EventRow {
-                                time: local_text(tj),
-                                user: Some(who),
-                                action: "login".into(),
-                                patient: None,
-                                category: None,
-                                outcome: "failure".into(),
-                                source_ip: Some(ip.clone()),
-                                workstation: None,
-                                department: None,
-                                purpose: None,
-                                break_glass: false,
-                                query: None,
-                            },
-                        );
+                        self.failed_login(tj, who, &ip);
                     }
                     self.label(AlertType::CredentialStuffing, &ip, None, t);
                 }
