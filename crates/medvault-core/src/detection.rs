@@ -265,9 +265,17 @@ impl Vault {
     /// # Errors
     /// `BadRequest` naming the roster line for malformed CSV (nothing is written); denied.
     pub fn import_staff(&self, c: &Caller, csv: &[u8]) -> Result<usize, VaultError> {
-        let entries = scan::parse_roster(csv).map_err(|e| bad(e.to_string()))?;
         let Some(mut rec) = self.operate(c, Operation::StaffImport, None)? else {
             return Err(VaultError::Unauthenticated);
+        };
+        let entries = match scan::parse_roster(csv) {
+            Ok(e) => e,
+            Err(e) => {
+                rec.outcome = Outcome::Failure;
+                rec.detail = Some("roster refused".into());
+                self.audit(vec![rec])?;
+                return Err(bad(e.to_string()));
+            }
         };
         let now = self.clock.now().unix_timestamp();
         let mut ops = vec![];
@@ -297,10 +305,15 @@ impl Vault {
     /// `BadRequest` for a profile whose user differs from the path, or with a bad shift
     /// or date; denied.
     pub fn put_staff(&self, c: &Caller, entry: RosterEntry) -> Result<(), VaultError> {
-        entry.check().map_err(bad)?;
         let Some(mut rec) = self.operate(c, Operation::StaffEdit, None)? else {
             return Err(VaultError::Unauthenticated);
         };
+        if let Err(m) = entry.check() {
+            rec.outcome = Outcome::Failure;
+            rec.detail = Some(format!("profile refused: {m}"));
+            self.audit(vec![rec])?;
+            return Err(bad(m));
+        }
         rec.detail = Some(format!("profile={}", entry.user));
         let now = self.clock.now().unix_timestamp();
         self.commit(vec![self.staff_op(&entry, now)?], vec![rec])?;
@@ -918,18 +931,35 @@ impl Vault {
         let s = Suppression {
             id: medvault_types::random_uuid(),
             kind,
-            user: user.filter(|u| !u.trim().is_empty()),
-            patient: patient.filter(|p| !p.trim().is_empty()),
+            user: user.map(|u| u.trim().to_owned()).filter(|u| !u.is_empty()),
+            patient: patient
+                .map(|p| p.trim().to_owned())
+                .filter(|p| !p.is_empty()),
             reason: reason.trim().to_owned(),
             owner: c.actor().to_owned(),
             created: now,
             expires,
             ended: None,
         };
-        s.check(now).map_err(bad)?;
+        // Who may, first; then what.
         let Some(mut rec) = self.operate(c, Operation::Suppress, s.patient.as_deref())? else {
             return Err(VaultError::Unauthenticated);
         };
+        let unknown = match s.user.as_deref() {
+            Some(u) => self.store.user(u)?.is_none(),
+            None => false,
+        };
+        let checked = match (s.check(now), unknown) {
+            (Err(m), _) => Err(m),
+            (Ok(()), true) => Err("no such user: a suppression names an account".to_owned()),
+            (Ok(()), false) => Ok(()),
+        };
+        if let Err(m) = checked {
+            rec.outcome = Outcome::Failure;
+            rec.detail = Some(format!("suppression refused: {m}"));
+            self.audit(vec![rec])?;
+            return Err(bad(m));
+        }
         rec.detail = Some(format!(
             "suppression={} type={} user={} expires={expires}",
             s.id,

@@ -30,12 +30,27 @@ pub enum DetectError {
     /// A malformed input line: which file, which line (1-based), what is wrong.
     #[error("{file} line {line}: {msg}")]
     Input {
-        file: &'static str,
+        file: String,
         line: u64,
         msg: String,
     },
     #[error("{0}")]
     Io(String),
+}
+
+impl DetectError {
+    /// The same error naming the file as the user gave it (the readers name the role of
+    /// the input: `roster.csv`, `patients.jsonl`, `events.jsonl`).
+    pub fn in_file(self, name: &str) -> Self {
+        match self {
+            DetectError::Input { line, msg, .. } => DetectError::Input {
+                file: name.to_owned(),
+                line,
+                msg,
+            },
+            other => other,
+        }
+    }
 }
 
 const MINUTE: i64 = 60;
@@ -548,7 +563,7 @@ pub struct Alert {
     /// When the deciding event happened (Unix seconds, UTC).
     pub time: i64,
     /// 0–1: how sure the detector is (and how urgent review is).
-    pub score: f32,
+    pub score: f64,
     /// A sentence a privacy officer can act on; names kinds of matches, never values.
     pub evidence: String,
 }
@@ -563,7 +578,7 @@ pub struct AlertLine {
     pub patient: Option<String>,
     /// RFC 3339, UTC.
     pub time: String,
-    pub score: f32,
+    pub score: f64,
     pub evidence: String,
 }
 
@@ -665,7 +680,7 @@ impl Default for Thresholds {
 #[derive(Debug, Default, Clone)]
 struct UserState {
     last_seen: Option<i64>,
-    failed_logins: VecDeque<i64>,
+    failed_logins: VecDeque<(i64, Option<AddrIx>)>,
     failed_reads: VecDeque<i64>,
     searches: VecDeque<i64>,
     break_glass: VecDeque<(i64, PatientIx)>,
@@ -704,6 +719,9 @@ pub struct Detector {
     emitted: FxHashSet<(AlertType, Subject, Option<PatientIx>, i64)>,
     day: Option<i64>,
     stream_start: Option<i64>,
+    /// Failed sign-ins under no known user name, each counted as an account of its own
+    /// (the gate never records a name that is not an account: it may be a password).
+    unnamed: u32,
     /// Events observed.
     pub events: u64,
 }
@@ -711,7 +729,7 @@ pub struct Detector {
 /// The snooping facts found for one access, most specific first.
 struct Snoop {
     kind: AlertType,
-    score: f32,
+    score: f64,
     evidence: String,
 }
 
@@ -772,7 +790,7 @@ impl Detector {
         subject: Subject,
         patient: Option<PatientIx>,
         e: &Event,
-        score: f32,
+        score: f64,
         evidence: String,
     ) {
         if !self.emitted.insert((kind, subject, patient, e.day())) {
@@ -1258,8 +1276,23 @@ impl Detector {
             if let Some(u) = e.user {
                 let max = self.thresholds.brute_force;
                 let s = self.user_state(u);
-                push_window(&mut s.failed_logins, e.time, win);
+                while s
+                    .failed_logins
+                    .front()
+                    .is_some_and(|(t, _)| e.time - t > win)
+                {
+                    s.failed_logins.pop_front();
+                }
+                s.failed_logins.push_back((e.time, e.source_ip));
                 if s.failed_logins.len() >= max as usize {
+                    let mut from: Vec<Option<AddrIx>> =
+                        s.failed_logins.iter().map(|(_, a)| *a).collect();
+                    from.sort_unstable();
+                    from.dedup();
+                    let whence = match from.len() {
+                        1 => String::new(),
+                        n => format!(", from {n} addresses"),
+                    };
                     self.raise(
                         out,
                         AlertType::BruteForce,
@@ -1267,7 +1300,9 @@ impl Detector {
                         None,
                         e,
                         0.9,
-                        format!("{max} or more failed sign-ins on the account within ten minutes"),
+                        format!(
+                            "{max} or more failed sign-ins on the account within ten minutes{whence}"
+                        ),
                     );
                 }
             }
@@ -1277,7 +1312,15 @@ impl Detector {
                 while q.front().is_some_and(|(t, _)| e.time - t > win) {
                     q.pop_front();
                 }
-                q.push_back((e.time, e.user.unwrap_or(u32::MAX)));
+                let account = match e.user {
+                    Some(u) => u,
+                    None => {
+                        self.unnamed = self.unnamed.wrapping_add(1);
+                        u32::MAX - (self.unnamed % (1 << 30))
+                    }
+                };
+                let q = self.ip_failures.entry(ip).or_default();
+                q.push_back((e.time, account));
                 let mut accounts: Vec<UserIx> = q.iter().map(|(_, u)| *u).collect();
                 accounts.sort_unstable();
                 accounts.dedup();
@@ -1343,7 +1386,7 @@ pub fn on_shift(start: u8, end: u8, h: u8, grace: i64) -> bool {
 
 /// What a staff member shares with a patient (or the patient's emergency contact): the
 /// evidence and its score, or `None`.
-fn family_match(user: &PersonKey, p: &PatientFacts) -> Option<(&'static str, f32)> {
+fn family_match(user: &PersonKey, p: &PatientFacts) -> Option<(&'static str, f64)> {
     let same = |a: &Option<String>, b: &Option<String>| a.is_some() && a == b;
     let surname = same(&user.family, &p.person.family);
     let address = same(&user.address, &p.person.address);

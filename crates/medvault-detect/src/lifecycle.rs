@@ -10,6 +10,8 @@ use crate::{AlertLine, AlertType};
 pub const REASON_CHARS: usize = 2000;
 /// Longest suppression, in days.
 pub const MAX_SUPPRESSION_DAYS: i64 = 366;
+/// Longest suppression of a whole alert type (no user, no patient), in days.
+pub const MAX_TYPE_SUPPRESSION_DAYS: i64 = 30;
 
 /// Where an alert stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -49,12 +51,10 @@ impl AlertStatus {
             "false_positive" => AlertStatus::FalsePositive,
             "confirmed" => AlertStatus::Confirmed,
             "suppressed" => AlertStatus::Suppressed,
-            other => {
-                return Err(format!(
-                    "unknown alert status `{}`: use triage, false_positive or confirmed",
-                    other.chars().take(40).collect::<String>()
-                ))
-            }
+            other => return Err(format!(
+                "unknown alert status `{}`: open, triage, false_positive, confirmed or suppressed",
+                other.chars().take(40).collect::<String>()
+            )),
         })
     }
 }
@@ -118,14 +118,28 @@ impl Suppression {
     /// Checks a new suppression.
     ///
     /// # Errors
-    /// A message when it matches everything (no type, user or patient), lacks a reason,
-    /// or expires in the past or more than [`MAX_SUPPRESSION_DAYS`] ahead.
+    /// A message when it matches everything (no type, user or patient), holds back alerts
+    /// about its own owner, lacks a reason, or expires in the past or more than
+    /// [`MAX_SUPPRESSION_DAYS`] ahead ([`MAX_TYPE_SUPPRESSION_DAYS`] for a whole type).
     pub fn check(&self, now: i64) -> Result<(), String> {
         if self.kind.is_none() && self.user.is_none() && self.patient.is_none() {
             return Err(
                 "a suppression needs a type, a user or a patient: it may not hold back every alert"
                     .into(),
             );
+        }
+        if self.user.as_deref() == Some(self.owner.as_str()) {
+            return Err(
+                "you cannot suppress alerts about yourself; ask another privacy officer".into(),
+            );
+        }
+        if self.user.is_none()
+            && self.patient.is_none()
+            && self.expires - now > MAX_TYPE_SUPPRESSION_DAYS * 86_400
+        {
+            return Err(format!(
+                "a suppression of a whole alert type lasts at most {MAX_TYPE_SUPPRESSION_DAYS} days; name a user or a patient for longer"
+            ));
         }
         let n = self.reason.trim().chars().count();
         if !(3..=REASON_CHARS).contains(&n) {
@@ -239,6 +253,17 @@ mod tests {
         }
         .check(0)
         .is_err());
+        let own = Suppression {
+            user: Some("po".into()),
+            ..s.clone()
+        };
+        assert!(own.check(0).unwrap_err().contains("about yourself"));
+        let wide = Suppression {
+            user: None,
+            expires: 40 * 86_400,
+            ..s.clone()
+        };
+        assert!(wide.check(0).unwrap_err().contains("at most 30 days"));
         assert!(!Suppression {
             ended: Some(10),
             ..s

@@ -47,12 +47,22 @@ pub fn category_of(medvault: &str) -> Option<EventCategory> {
     })
 }
 
-fn bad(file: &'static str, line: u64, msg: impl Into<String>) -> DetectError {
+fn bad(file: &str, line: u64, msg: impl Into<String>) -> DetectError {
     DetectError::Input {
-        file,
+        file: file.to_owned(),
         line,
         msg: msg.into(),
     }
+}
+
+/// A JSON Lines line, as serde reads it: a byte-order mark on the first line is dropped,
+/// and a line that is not an object says so plainly.
+fn json_line<'a, T: Deserialize<'a>>(line: &'a str) -> Result<T, String> {
+    let line = line.strip_prefix('\u{feff}').unwrap_or(line);
+    if !line.trim_start().starts_with('{') {
+        return Err("each line must be one JSON object ({...})".into());
+    }
+    serde_json::from_str(line).map_err(|e| e.to_string())
 }
 
 /// Unix seconds and UTC offset (seconds) of an RFC 3339 instant or a `YYYY-MM-DD` date
@@ -90,25 +100,32 @@ const ROSTER_COLUMNS: [&str; 10] = [
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RosterEntry {
+    /// The account name (over HTTP, the path names it).
+    #[serde(default, deserialize_with = "text_or_null")]
     pub user: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "text_or_null")]
     pub family: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "text_or_null")]
     pub given: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "text_or_null")]
     pub address: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "text_or_null")]
     pub department: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "text_or_null")]
     pub role: String,
     #[serde(default)]
     pub shift_start: Option<u8>,
     #[serde(default)]
     pub shift_end: Option<u8>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "text_or_null")]
     pub patient_id: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "text_or_null")]
     pub hired: String,
+}
+
+/// A text field where JSON `null` means empty, as everywhere else in these inputs.
+fn text_or_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    Ok(Option::<String>::deserialize(d)?.unwrap_or_default())
 }
 
 impl RosterEntry {
@@ -331,8 +348,7 @@ pub fn read_patients(dir: &mut Directory, input: impl BufRead) -> Result<u64, De
         if line.trim().is_empty() {
             continue;
         }
-        let raw: RawPatient<'_> =
-            serde_json::from_str(&line).map_err(|e| bad(F, ln, e.to_string()))?;
+        let raw: RawPatient<'_> = json_line(&line).map_err(|m| bad(F, ln, m))?;
         let id = some(&raw.id).ok_or_else(|| bad(F, ln, "missing `id`"))?;
         if !seen.insert(id.to_owned()) {
             return Err(bad(
@@ -495,7 +511,7 @@ pub fn build_event(dir: &mut Directory, f: &EventFields<'_>) -> Result<Event, St
 /// A message for malformed JSON, a missing or malformed `time`, or an unknown `action`,
 /// `category` or `outcome`.
 pub fn parse_event(dir: &mut Directory, line: &str) -> Result<Event, String> {
-    let raw: RawEvent<'_> = serde_json::from_str(line).map_err(|e| e.to_string())?;
+    let raw: RawEvent<'_> = json_line(line)?;
     build_event(
         dir,
         &EventFields {
@@ -556,7 +572,7 @@ pub fn scan(
             return Err(bad(
                 F,
                 ln,
-                "events must be in time order: this one is earlier than the lines before",
+                format!("events must be in time order (up to {MAX_SKEW_SECS} s of disorder is tolerated): this one is earlier than the lines before"),
             ));
         }
         last = last.max(e.time);

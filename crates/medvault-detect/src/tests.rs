@@ -773,3 +773,41 @@ fn the_scenario_is_deterministic() {
     assert_eq!(a.events_jsonl(), b.events_jsonl());
     assert_eq!(a.labels, b.labels);
 }
+
+/// The gate records a sign-in under a name that is no account as "(unknown user)", never
+/// the name (it may be a password): each such failure counts as an account of its own.
+#[test]
+fn credential_stuffing_over_names_that_are_no_accounts() {
+    let mut d = hospital();
+    let lines: Vec<String> = (0..12)
+        .map(|i| {
+            serde_json::json!({"time": day(9, 3, i / 3), "user": null, "action": "login",
+                "outcome": "failure", "source_ip": "203.0.113.9"})
+            .to_string()
+        })
+        .collect();
+    assert_eq!(kinds(&run(&mut d, &lines)), [AlertType::CredentialStuffing]);
+}
+
+#[test]
+fn brute_force_from_many_addresses_says_so() {
+    let mut d = hospital();
+    let lines: Vec<String> = (0..12)
+        .map(|i| login(&day(9, 3, i / 2), "nina", &format!("198.51.100.{i}"), false))
+        .collect();
+    let got = run(&mut d, &lines);
+    assert_eq!(kinds(&got), [AlertType::BruteForce]);
+    assert!(got[0].2.ends_with("from 10 addresses"), "{got:?}");
+}
+
+#[test]
+fn a_line_that_is_not_an_object_says_so_and_a_byte_order_mark_is_dropped() {
+    let mut d = hospital();
+    let e = parse_event(&mut d, r#"[{"time":"2026-03-01T00:00:00Z"}]"#).unwrap_err();
+    assert!(e.contains("one JSON object"), "{e}");
+    let bom = format!(
+        "\u{feff}{}",
+        ev("2026-03-10T10:00:00Z", "ed", "read", "p-ed", "notes")
+    );
+    assert!(parse_event(&mut d, &bom).is_ok());
+}

@@ -43,7 +43,7 @@ pub(crate) async fn put_staff(
     let body = body_bytes(&state, req).await?;
     let mut e: RosterEntry = serde_json::from_slice(&body).map_err(|_| {
         ApiError::bad_request(
-            "body must be a staff profile {\"family\",\"given\",\"address\",\"department\",\"role\",\"shift_start\",\"shift_end\",\"patient_id\",\"hired\"}",
+            "body must be a staff profile {\"family\",\"given\",\"address\",\"department\",\"role\",\"shift_start\",\"shift_end\",\"patient_id\",\"hired\"} (each optional; shift hours 0–23)",
         )
     })?;
     if !e.user.is_empty() && e.user != user {

@@ -156,6 +156,7 @@ async fn by_user(
         .find(|e| e.user == user)
         .map(|e| {
             let shift = match (e.shift_start, e.shift_end) {
+                (Some(a), Some(b)) if a == b => "round the clock".into(),
                 (Some(a), Some(b)) => format!("{a:02}:00–{b:02}:00"),
                 _ => "not known".into(),
             };
@@ -330,6 +331,7 @@ async fn staff(State(web): State<Web>, s: Signed) -> Result<Response, WebError> 
             .into_iter()
             .map(|e| StaffRow {
                 shift: match (e.shift_start, e.shift_end) {
+                    (Some(a), Some(b)) if a == b => "round the clock".into(),
                     (Some(a), Some(b)) => format!("{a:02}:00–{b:02}:00"),
                     _ => String::new(),
                 },

@@ -43,9 +43,11 @@ pub enum DetectCommand {
         out: PathBuf,
         #[arg(long, default_value_t = 1)]
         seed: u64,
-        #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(50..=1_000_000))]
+        /// Patients (a volume spike needs a department's worth of related charts).
+        #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1000..=100_000))]
         patients: u64,
-        #[arg(long, default_value_t = 35, value_parser = clap::value_parser!(i64).range(14..=366))]
+        /// Days of log (a dormant account needs more than 30 days of silence).
+        #[arg(long, default_value_t = 35, value_parser = clap::value_parser!(i64).range(35..=366))]
         days: i64,
         /// Also inject stolen sessions (for `detect scan --session-address`).
         #[arg(long)]
@@ -73,7 +75,15 @@ pub enum DetectCommand {
 
 fn open(path: &Path) -> Result<BufReader<std::fs::File>> {
     let f = std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    if !f.metadata()?.is_file() {
+        bail!("{} is not a file", path.display());
+    }
     Ok(BufReader::with_capacity(1 << 20, f))
+}
+
+/// A reader's error naming the file as given.
+fn named(path: &Path) -> impl Fn(medvault_core::detect::DetectError) -> anyhow::Error + '_ {
+    move |e| anyhow::anyhow!("{}", e.in_file(&path.display().to_string()))
 }
 
 /// Writes `out` whole or not at all: into a temporary file beside it, renamed at the end.
@@ -84,6 +94,16 @@ fn write_whole(out: &Path, f: impl FnOnce(&mut dyn Write) -> Result<()>) -> Resu
     };
     if out.is_dir() {
         bail!("{} is a directory; give a file name", out.display());
+    }
+    // Written by rename: a link, pipe or device there would be replaced, not written
+    // through. Refuse them.
+    if let Ok(m) = std::fs::symlink_metadata(out) {
+        if !m.file_type().is_file() {
+            bail!(
+                "{} is not a regular file (a link, pipe or device); give a file name",
+                out.display()
+            );
+        }
     }
     let mut tmp = tempfile::NamedTempFile::new_in(parent)
         .with_context(|| format!("cannot write in {}", parent.display()))?;
@@ -137,8 +157,8 @@ pub fn run(data_dir: &Path, command: DetectCommand) -> Result<()> {
             json,
         } => {
             let mut dir = Directory::default();
-            let staff = scan::read_roster(&mut dir, open(&roster)?)?;
-            let pts = scan::read_patients(&mut dir, open(&patients)?)?;
+            let staff = scan::read_roster(&mut dir, open(&roster)?).map_err(named(&roster))?;
+            let pts = scan::read_patients(&mut dir, open(&patients)?).map_err(named(&patients))?;
             let ev = open(&events)?;
             let size = std::fs::metadata(&events).map(|m| m.len()).unwrap_or(0);
             let bar = bytes_bar(size);
@@ -153,7 +173,8 @@ pub fn run(data_dir: &Path, command: DetectCommand) -> Result<()> {
                     if let Some(b) = &bar {
                         b.set_position(n);
                     }
-                })?;
+                })
+                .map_err(named(&events))?;
                 Ok(())
             })?;
             if let Some(b) = bar {

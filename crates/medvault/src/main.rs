@@ -740,6 +740,7 @@ fn run(cli: Cli) -> Result<()> {
                     } else {
                         for e in list {
                             let shift = match (e.shift_start, e.shift_end) {
+                                (Some(a), Some(b)) if a == b => "round the clock".into(),
                                 (Some(a), Some(b)) => format!("{a:02}:00–{b:02}:00"),
                                 _ => "-".into(),
                             };

@@ -10198,6 +10198,46 @@ fn detection_alerts_a_privacy_officer_and_locks_a_guessed_account() {
         sup(json!({"type": "self_access", "reason": "x y z", "expires": 1})).status,
         400
     );
+    // Nobody suppresses alerts about themselves, nor about an account that does not exist;
+    // who may is decided before what (a nurse's bad suppression is 403, not 400).
+    let (po_name, _, _) = staff.get("privacy_officer");
+    let mine = sup(json!({"user": po_name, "reason": "x y z", "expires": later}));
+    assert_eq!(mine.status, 400);
+    assert!(
+        mine.body.to_string().contains("about yourself"),
+        "{:?}",
+        mine.body
+    );
+    let ghost = sup(json!({"user": "nobody-here", "reason": "x y z", "expires": later}));
+    assert_eq!(ghost.status, 400);
+    assert_eq!(
+        s.post(
+            "/api/suppressions",
+            &nurse,
+            &json!({"reason": "x", "expires": 1})
+        )
+        .status,
+        403
+    );
+    // A profile over HTTP: the path names the user, null means empty.
+    let r = put(
+        &s,
+        "/api/staff/e2e.nurse",
+        &admin,
+        &json!({"family": "Lind", "given": "Sol", "address": "9 Elm Row, Springfield",
+            "department": "oncology", "role": "nurse", "shift_start": 0, "shift_end": 0,
+            "patient_id": null, "hired": "2020-01-01"}),
+        &[("Content-Type", "application/json")],
+    );
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let r = put(
+        &s,
+        "/api/staff/e2e.nurse",
+        &admin,
+        &json!({"shift_start": 25, "shift_end": 1}),
+        &[],
+    );
+    assert_eq!(r.status, 400, "{:?}", r.body);
     let r = sup(json!({"type": "self_access", "user": "e2e.physician",
         "reason": "reviewing own results with occupational health", "expires": later}));
     assert_eq!(r.status, 201, "{:?}", r.body);
@@ -10341,4 +10381,44 @@ fn detection_alerts_a_privacy_officer_and_locks_a_guessed_account() {
     offline.sort();
     assert_eq!(live, offline, "live and offline detection disagree");
     assert!(live.len() >= 3, "{live:?}");
+    // The output is written by rename: a link there is refused, not replaced; an error
+    // names the file as given.
+    let target = work.join("target.txt");
+    std::fs::write(&target, "keep").unwrap();
+    let link = work.join("link.jsonl");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let scan = |out: &Path, events: &Path| {
+        medvault(
+            &dir,
+            &[
+                "detect",
+                "scan",
+                "--roster",
+                roster.to_str().unwrap(),
+                "--patients",
+                patients.to_str().unwrap(),
+                "--events",
+                events.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+            ],
+        )
+    };
+    let o = scan(&link, &events);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not a regular file"));
+    assert!(std::fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "keep");
+    let bad = work.join("mine.jsonl");
+    std::fs::write(&bad, "{\"time\":\"yesterday\",\"action\":\"read\"}\n").unwrap();
+    let o = scan(&alerts, &bad);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("mine.jsonl line 1: `time` is not RFC 3339"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
 }
