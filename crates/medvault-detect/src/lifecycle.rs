@@ -51,10 +51,12 @@ impl AlertStatus {
             "false_positive" => AlertStatus::FalsePositive,
             "confirmed" => AlertStatus::Confirmed,
             "suppressed" => AlertStatus::Suppressed,
-            other => return Err(format!(
+            other => {
+                return Err(format!(
                 "unknown alert status `{}`: open, triage, false_positive, confirmed or suppressed",
                 other.chars().take(40).collect::<String>()
-            )),
+            ))
+            }
         })
     }
 }
