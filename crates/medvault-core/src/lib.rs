@@ -83,6 +83,7 @@ pub use medvault_audit::{AuditRecord, Outcome};
 pub use medvault_detect as detect;
 pub use medvault_fhir::ResourceType;
 pub use medvault_governance::destruction::{Certificate, DestructionReason};
+pub use medvault_governance::retention;
 pub use medvault_governance::Incident;
 pub use medvault_identity::{
     totp_now, AccountView, ClientAuth, ClientGrant, ClientView, Factor, LockoutPolicy,

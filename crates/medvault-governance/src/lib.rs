@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 pub mod destruction;
+pub mod retention;
 
 use std::fmt;
 use std::str::FromStr;

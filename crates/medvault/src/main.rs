@@ -193,6 +193,11 @@ enum Command {
         #[command(subcommand)]
         command: destroy::HoldCommand,
     },
+    /// Retention schedules: how long a record is kept and when it may be destroyed.
+    Retention {
+        #[command(subcommand)]
+        command: RetentionCommand,
+    },
     /// Staff profiles for the detectors (department, shift, home address, own chart),
     /// from an HR roster.
     Staff {
@@ -207,6 +212,20 @@ enum Command {
     },
     /// Print the current code for a TOTP secret (base32), as an authenticator app would.
     TotpCode { secret: String },
+}
+
+#[derive(Subcommand)]
+enum RetentionCommand {
+    /// Decide one case (`--case FILE`: {"as_of", "born", "last_encounter", "record_class",
+    /// "legal_hold", "policy": {"adult_years_after_last_encounter", "minor_until_age"},
+    /// "policy_document_created", "last_effective"}) → {"destroy_eligible",
+    /// "destroy_eligible_from", "retain_until", "rule"}.
+    Evaluate {
+        #[arg(long)]
+        case: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -719,6 +738,29 @@ fn run(cli: Cli) -> Result<()> {
         Command::Destroy { command } => destroy::destroy(&dir, command),
         Command::Hold { command } => destroy::hold(&dir, command),
         Command::Detect { command } => detect_cli::run(&dir, command),
+        Command::Retention {
+            command: RetentionCommand::Evaluate { case, json },
+        } => {
+            let Some(case) = case else {
+                bail!("give --case FILE: the due list over the store's charts is not built yet (issue 15)");
+            };
+            let text = std::fs::read_to_string(&case)
+                .with_context(|| format!("cannot read {}", case.display()))?;
+            let c: medvault_core::retention::Case = serde_json::from_str(&text)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", case.display()))?;
+            let v = medvault_core::retention::evaluate(&c, SystemClock.now().date())
+                .map_err(|e| anyhow::anyhow!("{}: {e}", case.display()))?;
+            if json {
+                println!("{}", serde_json::to_string(&v)?);
+            } else {
+                match (&v.retain_until, v.destroy_eligible) {
+                    (None, _) => println!("keep: {}", v.rule),
+                    (Some(d), true) => println!("may be destroyed since {d} ({})", v.rule),
+                    (Some(d), false) => println!("keep until {d} ({})", v.rule),
+                }
+            }
+            Ok(())
+        }
         Command::Staff { command } => {
             let (_cfg, vault, op) = open(&dir)?;
             let admin = Caller::cli(&op, Role::SecurityAdmin);

@@ -10422,3 +10422,100 @@ fn detection_alerts_a_privacy_officer_and_locks_a_guessed_account() {
     );
     assert_eq!(err.lines().count(), 1, "{err}");
 }
+
+/// Issue 15 (first slice): the retention rule's JSON contract through the binary — adults,
+/// minors, documentation, a legal hold, a 29 February anniversary, and bad cases.
+#[test]
+fn retention_evaluate_json_contract_through_the_cli() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("unused");
+    let run = |case: Value| {
+        let f = tmp.path().join("case.json");
+        std::fs::write(&f, case.to_string()).unwrap();
+        medvault(
+            &dir,
+            &[
+                "retention",
+                "evaluate",
+                "--case",
+                f.to_str().unwrap(),
+                "--json",
+            ],
+        )
+    };
+    let p = json!({"adult_years_after_last_encounter": 7, "minor_until_age": 21});
+    for (case, eligible, from) in [
+        (
+            json!({"as_of": "2025-03-15", "born": "1970-01-01", "last_encounter": "2018-03-15",
+            "policy": {"adult_years_after_last_encounter": 7}}),
+            true,
+            Some("2025-03-15"),
+        ),
+        (
+            json!({"as_of": "2025-03-14", "born": "1970-01-01", "last_encounter": "2018-03-15",
+            "policy": {"adult_years_after_last_encounter": 7}}),
+            false,
+            Some("2025-03-15"),
+        ),
+        (
+            json!({"as_of": "2030-01-01", "born": "2010-06-30", "last_encounter": "2014-01-01",
+            "policy": p}),
+            false,
+            Some("2031-06-30"),
+        ),
+        (
+            json!({"as_of": "2031-02-28", "born": "1990-01-01", "last_encounter": "2024-02-29",
+            "policy": {"adult_years_after_last_encounter": 7}}),
+            true,
+            Some("2031-02-28"),
+        ),
+        (
+            json!({"as_of": "2026-01-01", "policy_document_created": "2015-01-10",
+            "last_effective": "2019-12-31", "policy": p}),
+            true,
+            Some("2025-12-31"),
+        ),
+        (
+            json!({"as_of": "2040-01-01", "born": "1970-01-01", "last_encounter": "2000-01-01",
+            "legal_hold": true, "policy": p}),
+            false,
+            None,
+        ),
+    ] {
+        let o = run(case.clone());
+        assert!(
+            o.status.success(),
+            "{case}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let v = json_out(&o);
+        let keys: Vec<&String> = v.as_object().unwrap().keys().collect();
+        assert_eq!(
+            keys,
+            [
+                "destroy_eligible",
+                "destroy_eligible_from",
+                "retain_until",
+                "rule"
+            ]
+        );
+        assert_eq!(v["destroy_eligible"], eligible, "{case}: {v}");
+        assert_eq!(v["destroy_eligible_from"].as_str(), from, "{case}: {v}");
+        assert_eq!(v["retain_until"], v["destroy_eligible_from"]);
+        assert!(v["rule"].as_str().is_some_and(|r| !r.is_empty()));
+    }
+    for bad in [
+        json!({"policy": {"adult_years_after_last_encounter": 7}}),
+        json!({"last_encounter": "2020-02-30", "policy": {"adult_years_after_last_encounter": 7}}),
+        json!({"last_encounter": "2020-01-01"}),
+        json!({"last_encounter": "2020-01-01", "policy": {"adult_years_after_last_encounter": 7}, "extra": 1}),
+    ] {
+        let o = run(bad.clone());
+        assert!(!o.status.success(), "{bad}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.starts_with("error: ") && err.lines().count() == 1,
+            "{bad}: {err}"
+        );
+    }
+}
