@@ -872,14 +872,16 @@ impl Detector {
             }
         }
         let Some(p) = e.patient else { return };
-        let staff = dir.staff_of(u).cloned().unwrap_or_default();
+        // Borrowed, not cloned: this runs for every event (a profile holds strings).
+        let unknown = StaffFacts::default();
+        let staff = dir.staff_of(u).unwrap_or(&unknown);
         let facts = dir.facts_of(p);
-        let related = self.related(&staff, facts, u, p, e);
+        let related = self.related(staff, facts, u, p, e);
         if e.action.charts() {
             self.charted.insert((u, p), e.time);
         }
         if let Some(facts) = facts {
-            if let Some(s) = self.snooping(dir, &staff, facts, u, p, e, related) {
+            if let Some(s) = self.snooping(dir, staff, facts, u, p, e, related) {
                 self.raise(
                     out,
                     s.kind,
@@ -890,16 +892,16 @@ impl Detector {
                     s.evidence,
                 );
             }
-            self.after_hours(&staff, facts, u, p, e, out);
+            self.after_hours(staff, facts, u, p, e, out);
         }
         if e.break_glass {
             self.break_glass(u, p, e, out);
         }
         // Exports have their own detector; the volume is of charts opened.
         if e.action == EventAction::Export {
-            self.mass_export(&staff, u, p, e, out);
+            self.mass_export(staff, u, p, e, out);
         } else {
-            self.volume(&staff, u, p, e, out);
+            self.volume(staff, u, p, e, out);
         }
     }
 
@@ -912,9 +914,11 @@ impl Detector {
         if !matches!(e.action, EventAction::Read | EventAction::Export) {
             return;
         }
-        let staff = dir.staff_of(u).cloned().unwrap_or_default();
-        let related = self.related(&staff, Some(facts), u, p, e);
-        let Some(s) = self.snooping(dir, &staff, facts, u, p, e, related) else {
+        // Borrowed, not cloned: this runs for every event (a profile holds strings).
+        let unknown = StaffFacts::default();
+        let staff = dir.staff_of(u).unwrap_or(&unknown);
+        let related = self.related(staff, Some(facts), u, p, e);
+        let Some(s) = self.snooping(dir, staff, facts, u, p, e, related) else {
             return;
         };
         if matches!(
