@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 pub mod destruction;
+pub mod records;
 pub mod retention;
 
 use std::fmt;
@@ -174,6 +175,8 @@ pub enum IncidentSource {
     BreakGlassReview { grant: String },
     /// A detection alert a privacy officer confirmed (`medvault-detect`): its id and type.
     DetectionAlert { alert: String, alert_type: String },
+    /// A paper chart volume declared missing (`records`): its barcode.
+    MissingChart { barcode: String },
     /// Opened by hand.
     Manual,
 }
