@@ -94,6 +94,18 @@ pub struct LegalHoldView {
     pub released_at: Option<i64>,
 }
 
+fn class_hold_refusal(h: &crate::HoldView) -> String {
+    format!(
+        "the chart holds {} records, under legal hold {} (matter {}); it cannot be destroyed until the hold is released",
+        match &h.scope {
+            medvault_governance::records::HoldScope::RecordClass(k) => k.as_str(),
+            _ => "held",
+        },
+        h.id,
+        h.matter
+    )
+}
+
 fn hold_aad(id: &str) -> Vec<u8> {
     format!("medvault:legal-hold:v1|{id}").into_bytes()
 }
@@ -164,6 +176,13 @@ impl Vault {
             self.audit(vec![rec])?;
             return Err(e);
         }
+        let (class_holds, guard) =
+            self.holds_on_chart(c, Operation::DestructionRequest, &mut rec, &pid)?;
+        if let Some(h) = class_holds.first() {
+            let e = refuse(&mut rec, class_hold_refusal(h));
+            self.audit(vec![rec])?;
+            return Err(e);
+        }
         let id = medvault_types::random_uuid();
         let row = DestructionRow {
             id: id.clone(),
@@ -179,7 +198,10 @@ impl Vault {
             checkpoint: 0,
         };
         rec.detail = Some(format!("destruction={id} reason={reason}"));
-        match self.commit(vec![Op::RequestDestruction(row.clone())], vec![rec.clone()]) {
+        match self.commit(
+            vec![guard, Op::RequestDestruction(row.clone())],
+            vec![rec.clone()],
+        ) {
             Ok(_) => Ok(DestructionView::of(&row)),
             Err(VaultError::Conflict) => {
                 let e = refuse(
@@ -236,6 +258,13 @@ impl Vault {
                 h.id, h.matter
             )));
         }
+        let (class_holds, guard) =
+            self.holds_on_chart(c, Operation::DestructionApprove, &mut rec, &row.patient)?;
+        if let Some(h) = class_holds.first() {
+            let why = class_hold_refusal(h);
+            fail(rec, Outcome::Failure, "legal hold on a record class")?;
+            return Err(VaultError::Duplicate(why));
+        }
         let records = self
             .store
             .chart_census(&row.patient)?
@@ -251,6 +280,7 @@ impl Vault {
         ));
         let committed = match self.commit(
             vec![
+                guard,
                 Op::CompleteDestruction {
                     id: id.to_owned(),
                     approved_by: c.actor().to_owned(),
@@ -328,16 +358,7 @@ impl Vault {
                     ))?
             }
         };
-        let mut size = self.store.checkpoint(None)?.map_or(0, |(s, _)| s);
-        if size <= seq {
-            self.sign_checkpoint_now()?;
-            size = self.store.checkpoint(None)?.map_or(0, |(s, _)| s);
-        }
-        if size <= seq {
-            return Err(VaultError::Internal(
-                "no checkpoint covers the destruction".into(),
-            ));
-        }
+        let size = self.checkpoint_covering(seq)?.size;
         let as_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         self.commit(
             vec![Op::SetDestructionEvidence {
@@ -362,18 +383,7 @@ impl Vault {
             (Ok(s), Ok(c)) if c > s => (s, c),
             _ => self.destruction_evidence(id, u64::try_from(row.audit_seq).ok())?,
         };
-        let note = self
-            .store
-            .checkpoint(Some(size))?
-            .ok_or(VaultError::Internal(
-                "the covering checkpoint is missing".into(),
-            ))?
-            .1;
-        let body = medvault_audit::note::NoteVerifier::parse(&self.log.verifier_key())
-            .and_then(|v| v.verify(&note).map(str::to_owned))
-            .map_err(|e| VaultError::Internal(e.to_string()))?;
-        let (origin, cp_size, root) = medvault_audit::note::parse_checkpoint(&body)
-            .map_err(|e| VaultError::Internal(e.to_string()))?;
+        let checkpoint = self.checkpoint_ref(size)?;
         let cert = Certificate {
             id: row.id.clone(),
             patient: row.patient.to_string(),
@@ -388,14 +398,46 @@ impl Vault {
             approved_by: row.approved_by.clone(),
             destroyed_at: instant(row.approved_at),
             audit_entry: seq,
-            checkpoint: CheckpointRef {
-                origin,
-                size: cp_size,
-                root: medvault_audit::log::b64(&root),
-            },
+            checkpoint,
             last_backup_before: self.last_backup_before(seq)?,
         };
         Ok(self.destruction_signer.sign(&cert.to_text()))
+    }
+
+    /// The signed checkpoint of `size` entries, as a certificate names it.
+    fn checkpoint_ref(&self, size: u64) -> Result<CheckpointRef, VaultError> {
+        let note = self
+            .store
+            .checkpoint(Some(size))?
+            .ok_or(VaultError::Internal(
+                "the covering checkpoint is missing".into(),
+            ))?
+            .1;
+        let body = medvault_audit::note::NoteVerifier::parse(&self.log.verifier_key())
+            .and_then(|v| v.verify(&note).map(str::to_owned))
+            .map_err(|e| VaultError::Internal(e.to_string()))?;
+        let (origin, size, root) = medvault_audit::note::parse_checkpoint(&body)
+            .map_err(|e| VaultError::Internal(e.to_string()))?;
+        Ok(CheckpointRef {
+            origin,
+            size,
+            root: medvault_audit::log::b64(&root),
+        })
+    }
+
+    /// A signed checkpoint covering audit entry `seq` (signed now if none does yet).
+    pub(crate) fn checkpoint_covering(&self, seq: u64) -> Result<CheckpointRef, VaultError> {
+        let mut size = self.store.checkpoint(None)?.map_or(0, |(s, _)| s);
+        if size <= seq {
+            self.sign_checkpoint_now()?;
+            size = self.store.checkpoint(None)?.map_or(0, |(s, _)| s);
+        }
+        if size <= seq {
+            return Err(VaultError::Internal(
+                "no checkpoint covers the destruction".into(),
+            ));
+        }
+        self.checkpoint_ref(size)
     }
 
     /// The newest backup snapshot recorded before audit entry `seq`, with its expiry: until

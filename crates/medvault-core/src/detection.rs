@@ -238,13 +238,18 @@ impl Vault {
         self.clock.now().unix_timestamp()
     }
 
-    fn seal_governance(&self, kind: &str, id: &str, body: &Value) -> Result<Vec<u8>, VaultError> {
+    pub(crate) fn seal_governance(
+        &self,
+        kind: &str,
+        id: &str,
+        body: &Value,
+    ) -> Result<Vec<u8>, VaultError> {
         let cipher = self.cipher_for(&directory_key_id())?;
         let text = serde_json::to_vec(body).map_err(|e| VaultError::Internal(e.to_string()))?;
         Ok(cipher.seal(format!("governance|{kind}|{id}").as_bytes(), &text)?)
     }
 
-    fn open_governance<T: serde::de::DeserializeOwned>(
+    pub(crate) fn open_governance<T: serde::de::DeserializeOwned>(
         &self,
         row: &GovernanceRow,
     ) -> Result<T, VaultError> {

@@ -46,6 +46,7 @@ mod policy_admin;
 mod portal;
 mod privacy;
 mod read;
+mod records;
 mod reindex;
 mod search;
 mod transparency;
@@ -82,6 +83,8 @@ pub use medvault_audit::{AuditRecord, Outcome};
 /// of medvault's own, so the binary runs them directly.
 pub use medvault_detect as detect;
 pub use medvault_fhir::ResourceType;
+/// The governance rules (paper records, retention, destruction, incidents).
+pub use medvault_governance as governance;
 pub use medvault_governance::destruction::{Certificate, DestructionReason};
 pub use medvault_governance::retention;
 pub use medvault_governance::Incident;
@@ -93,6 +96,10 @@ pub use medvault_policy::Relationship;
 pub use medvault_store::direct::{write_new_file, AlignedBuf};
 pub use medvault_types::{Action, Category, Clock, Operation, Purpose, Role};
 pub use policy_admin::{CaseResult, PolicyCase, PolicyVersion};
+pub use records::{
+    CustodyAct, Dashboard, DueItem, FlagView, FootageReview, HoldView, KeyAct, NewVisitor,
+    NewVolume, PaperDestruction, PaperRequest, ScheduleView, Site, VisitorView, VolumeView,
+};
 pub use search::SearchResult;
 pub use typestate::Disclosed;
 pub use write::{Precondition, Written};

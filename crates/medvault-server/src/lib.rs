@@ -13,6 +13,7 @@ mod destruction;
 mod detect;
 mod error;
 mod fhir;
+mod records;
 mod tls;
 
 use std::net::SocketAddr;
@@ -364,6 +365,72 @@ fn routes(state: AppState, console: Option<Router>) -> Router {
         .route(
             "/api/legal-holds/{id}/release",
             post(destruction::release_hold),
+        )
+        .route("/api/records/dashboard", get(records::dashboard))
+        .route(
+            "/api/records/site",
+            get(records::site).put(records::put_site),
+        )
+        .route("/api/records/rooms", get(records::rooms))
+        .route(
+            "/api/records/rooms/{id}",
+            axum::routing::put(records::put_room),
+        )
+        .route(
+            "/api/records/volumes",
+            get(records::volumes).post(records::register),
+        )
+        .route("/api/records/volumes/{barcode}", get(records::volume))
+        .route(
+            "/api/records/volumes/{barcode}/custody",
+            post(records::custody),
+        )
+        .route("/api/records/badge-events", post(records::badges))
+        .route(
+            "/api/records/keys",
+            get(records::keys).post(records::add_key),
+        )
+        .route("/api/records/keys/{id}/custody", post(records::key_act))
+        .route(
+            "/api/records/footage-reviews",
+            get(records::footage).post(records::add_footage),
+        )
+        .route(
+            "/api/records/visitors",
+            get(records::visitors).post(records::sign_in),
+        )
+        .route(
+            "/api/records/visitors/{id}/sign-out",
+            post(records::sign_out),
+        )
+        .route(
+            "/api/records/holds",
+            get(records::holds).post(records::set_hold),
+        )
+        .route(
+            "/api/records/holds/{id}/release",
+            post(records::release_hold),
+        )
+        .route(
+            "/api/records/destruction",
+            get(records::destructions).post(records::request_destruction),
+        )
+        .route(
+            "/api/records/destruction/{id}/certificate",
+            get(records::certificate),
+        )
+        .route(
+            "/api/records/destruction/{id}/{action}",
+            post(records::decide_destruction),
+        )
+        .route("/api/retention/due", get(records::due))
+        .route(
+            "/api/retention/schedules",
+            get(records::schedules).post(records::propose),
+        )
+        .route(
+            "/api/retention/schedules/{id}/approve",
+            post(records::approve),
         )
         .route("/fhir/metadata", get(fhir::metadata))
         .route("/fhir", post(fhir::transaction))

@@ -170,6 +170,8 @@ macro_rules! str_enum {
 
 str_enum!(
     /// Staff roles. A role grants data categories through policy, never by itself.
+    /// `records_clerk` is health information management staff: the paper chart registry,
+    /// retention and the destruction queue, and no clinical data by role.
     Role, UnknownRole {
         Physician => "physician",
         Nurse => "nurse",
@@ -178,6 +180,7 @@ str_enum!(
         SecurityAdmin => "security_admin",
         PrivacyOfficer => "privacy_officer",
         Auditor => "auditor",
+        RecordsClerk => "records_clerk",
         Importer => "importer",
         System => "system",
         Service => "service",
@@ -321,6 +324,12 @@ str_enum!(
         AlertTriage => "detect.triage",
         Suppress => "detect.suppress",
         DetectRun => "detect.run",
+        RecordsRead => "records.read",
+        RecordsManage => "records.manage",
+        RecordsCustody => "records.custody",
+        RetentionRead => "retention.read",
+        RetentionPropose => "retention.propose",
+        RetentionApprove => "retention.approve",
     }
 );
 
@@ -336,6 +345,8 @@ impl Operation {
                 | DestructionCancel
                 | LegalHoldSet
                 | LegalHoldRelease
+                | RecordsManage
+                | RecordsCustody
                 | KeysRotate
                 | LinkPortal
         )
@@ -365,6 +376,8 @@ impl Operation {
                 | DestructionCancel
                 | LegalHoldSet
                 | LegalHoldRelease
+                | RetentionPropose
+                | RetentionApprove
                 | BackupRun
         )
     }

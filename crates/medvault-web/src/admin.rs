@@ -35,6 +35,7 @@ const ROLES: &[Role] = &[
     Role::Billing,
     Role::PrivacyOfficer,
     Role::Auditor,
+    Role::RecordsClerk,
     Role::SecurityAdmin,
 ];
 

@@ -117,7 +117,7 @@ pub enum HoldCommand {
 }
 
 /// Signs `who` in (password, then TOTP) and runs `f` as them; always signs out.
-fn as_person<T>(
+pub(crate) fn as_person<T>(
     vault: &Vault,
     who: &SignIn,
     f: impl FnOnce(&Caller) -> Result<T, medvault_core::VaultError>,
@@ -164,7 +164,7 @@ fn medvault_types_request_id() -> String {
     format!("cli-{}", std::process::id())
 }
 
-fn when(secs: i64) -> String {
+pub(crate) fn when(secs: i64) -> String {
     medvault_core::fhir_instant_secs(secs)
 }
 

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod backup_cli;
+mod charts_cli;
 mod config;
 mod demo;
 mod destroy;
@@ -193,6 +194,12 @@ enum Command {
         #[command(subcommand)]
         command: destroy::HoldCommand,
     },
+    /// The paper chart registry: scan a barcode (look up, check out, return, missing),
+    /// register volumes, the dashboard, badge-export imports.
+    Charts {
+        #[command(subcommand)]
+        command: charts_cli::ChartsCommand,
+    },
     /// Retention schedules: how long a record is kept and when it may be destroyed.
     Retention {
         #[command(subcommand)]
@@ -219,10 +226,15 @@ enum RetentionCommand {
     /// Decide one case (`--case FILE`: {"as_of", "born", "last_encounter", "record_class",
     /// "legal_hold", "policy": {"adult_years_after_last_encounter", "minor_until_age"},
     /// "policy_document_created", "last_effective"}) → {"destroy_eligible",
-    /// "destroy_eligible_from", "retain_until", "rule"}.
+    /// "destroy_eligible_from", "retain_until", "rule"}. Without `--case`: the due list of
+    /// every electronic chart and paper volume in the store, soonest first, with the rule
+    /// that decided and the holds that stop it (read as the local operator, audited).
     Evaluate {
         #[arg(long)]
         case: Option<PathBuf>,
+        /// The jurisdiction whose schedules apply (default: the site's).
+        #[arg(long, conflicts_with = "case")]
+        jurisdiction: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -738,11 +750,40 @@ fn run(cli: Cli) -> Result<()> {
         Command::Destroy { command } => destroy::destroy(&dir, command),
         Command::Hold { command } => destroy::hold(&dir, command),
         Command::Detect { command } => detect_cli::run(&dir, command),
+        Command::Charts { command } => charts_cli::run(&dir, command),
         Command::Retention {
-            command: RetentionCommand::Evaluate { case, json },
+            command:
+                RetentionCommand::Evaluate {
+                    case,
+                    jurisdiction,
+                    json,
+                },
         } => {
             let Some(case) = case else {
-                bail!("give --case FILE: the due list over the store's charts is not built yet (issue 15)");
+                let (_cfg, vault, op) = open(&dir)?;
+                let due = vault
+                    .retention_due(
+                        &Caller::cli(&op, Role::RecordsClerk),
+                        jurisdiction.as_deref(),
+                    )
+                    .map_err(describe)?;
+                if json {
+                    println!("{}", serde_json::to_string(&json!({ "due": due }))?);
+                    return Ok(());
+                }
+                for i in &due {
+                    let what = match &i.barcode {
+                        Some(b) => format!("paper volume {b} of {}", i.patient),
+                        None => format!("chart {}", i.patient),
+                    };
+                    let when = match (&i.verdict.retain_until, i.verdict.destroy_eligible) {
+                        (None, _) => "keep".to_owned(),
+                        (Some(d), true) => format!("eligible since {d}"),
+                        (Some(d), false) => format!("keep until {d}"),
+                    };
+                    println!("{what} [{}]: {when} ({})", i.record_class, i.verdict.rule);
+                }
+                return Ok(());
             };
             let text = std::fs::read_to_string(&case)
                 .with_context(|| format!("cannot read {}", case.display()))?;
@@ -1720,6 +1761,7 @@ const DEMO_ROLES: &[Role] = &[
     Role::SecurityAdmin,
     Role::PrivacyOfficer,
     Role::Auditor,
+    Role::RecordsClerk,
 ];
 
 /// Demo charts loaded per transaction.
