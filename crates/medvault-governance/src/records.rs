@@ -762,6 +762,8 @@ pub struct Cameras {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Room {
+    /// The room's code (from the path in `PUT /api/records/rooms/{id}`).
+    #[serde(default)]
     pub id: String,
     pub name: String,
     /// The door's name in the badge system's export.
@@ -970,7 +972,7 @@ pub struct Visitor {
 }
 
 /// Flags a visitor at `now`: present without an escort, or still signed in after
-/// `closing` (Unix seconds of today's closing time).
+/// `closing` (Unix seconds of today's closing time) — or since before yesterday's.
 pub fn visitor_flags(v: &Visitor, now: i64, closing: i64) -> Vec<Flag> {
     let mut out = vec![];
     if v.time_out.is_some() {
@@ -990,7 +992,7 @@ pub fn visitor_flags(v: &Visitor, now: i64, closing: i64) -> Vec<Flag> {
             format!("visitor {} is in room {} without an escort", v.id, v.room),
         ));
     }
-    if now >= closing && v.time_in < closing {
+    if now >= closing || v.time_in < closing - 86_400 {
         out.push(flag(
             "visitor_after_closing",
             closing,
@@ -1282,6 +1284,15 @@ mod tests {
         };
         assert!(kinds(&escorted, 200).is_empty());
         assert_eq!(kinds(&escorted, 500), ["visitor_after_closing"]);
+        let overnight = Visitor {
+            time_in: 500 - 86_400 - 1,
+            ..escorted.clone()
+        };
+        assert_eq!(
+            kinds(&overnight, 200),
+            ["visitor_after_closing"],
+            "since yesterday"
+        );
         let gone = Visitor {
             time_out: Some(300),
             ..v

@@ -415,6 +415,7 @@ fn setup_on(pg: bool) -> (tempfile::TempDir, PathBuf, Staff, Option<PgDb>) {
         "security_admin",
         "privacy_officer",
         "auditor",
+        "records_clerk",
     ] {
         let name = format!("e2e.{}", role.replace('_', "-"));
         let u = json_out(&medvault(
@@ -10518,4 +10519,618 @@ fn retention_evaluate_json_contract_through_the_cli() {
             "{bad}: {err}"
         );
     }
+}
+
+/// Issue 15, end to end: a records clerk runs the paper chart registry — a storage room
+/// with its access list, volumes with barcodes, the door system's badge export; a
+/// retrieval by someone not on the room's list whose badge shows them outside the building
+/// is flagged; a volume checked out past its due date is overdue on the dashboard and at
+/// the scanner (`medvault charts scan`); legal holds on a record class and on a volume block
+/// destruction, electronic and paper, and show on the volume; the retention due list
+/// (HTTP and `retention evaluate --json`) gives the rule that decided; a paper destruction
+/// approved by a second person yields a certificate that verifies offline; bad input
+/// (unknown barcodes, double check-out, return by someone else, approval by the
+/// requester) is a clear error that changes nothing; every act is in the audit log.
+#[test]
+fn paper_charts_custody_flags_holds_retention_and_certified_destruction() {
+    for pg in backends() {
+        paper_records(pg);
+    }
+}
+
+fn paper_records(pg: bool) {
+    let (_t, dir, staff, _db) = setup_on(pg);
+    let u = json_out(&medvault(
+        &dir,
+        &[
+            "user",
+            "add",
+            "e2e.po2",
+            "--role",
+            "privacy_officer",
+            "--json",
+        ],
+    ));
+    let (po2_pw, po2_secret) = (
+        u["password"].as_str().unwrap().to_owned(),
+        u["totp_secret"].as_str().unwrap().to_owned(),
+    );
+    // A chart with a claim and a 2020 encounter (billing records), imported.
+    let locs = import_entries(&dir, "charts", &chart_entries("Ledger", 1, None));
+    let billed = locs[0].strip_prefix("Patient/").unwrap().to_owned();
+    let s = Server::start(&dir, &[]);
+    let clerk = staff_token(&s, &staff, "records_clerk");
+    let (po, sa, nurse, desk, auditor) = (
+        staff_token(&s, &staff, "privacy_officer"),
+        staff_token(&s, &staff, "security_admin"),
+        staff_token(&s, &staff, "nurse"),
+        staff_token(&s, &staff, "front_desk"),
+        staff_token(&s, &staff, "auditor"),
+    );
+    let po2 = s.login("e2e.po2", &po2_pw, &po2_secret);
+    // A patient whose history is on paper only (no encounter in the electronic chart).
+    let r = s.post("/fhir/Patient", &desk, &patient_body("Paperman", "MRN-P1"));
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    let paper_pid = created_id(&r);
+
+    // Site and room: the records clerk's (and security's) to set; nurses may not.
+    let site =
+        json!({"perimeter_doors": ["main-entrance"], "closing": "00:00", "utc_offset": "+00:00"});
+    assert_eq!(put(&s, "/api/records/site", &nurse, &site, &[]).status, 403);
+    for bad in [
+        json!({"closing": "25:00"}),
+        json!({"perimeter_doors": ["a door"]}),
+        json!({"x": 1}),
+    ] {
+        assert_eq!(
+            put(&s, "/api/records/site", &clerk, &bad, &[]).status,
+            400,
+            "{bad}"
+        );
+    }
+    assert_eq!(put(&s, "/api/records/site", &clerk, &site, &[]).status, 200);
+    let room = json!({"name": "Health records, basement B1", "door": "B1-door",
+        "authorized": ["e2e.records-clerk"], "cabinets": [{"id": "C1"}, {"id": "C2"}],
+        "cameras": {"coverage": "door and aisles 1-4", "footage_retention_days": 30}});
+    assert_eq!(
+        put(&s, "/api/records/rooms/B1", &nurse, &room, &[]).status,
+        403
+    );
+    let twice = json!({"name": "x", "cabinets": [{"id": "C1"}, {"id": "C1"}]});
+    assert_eq!(
+        put(&s, "/api/records/rooms/B1", &clerk, &twice, &[]).status,
+        400
+    );
+    assert_eq!(
+        put(&s, "/api/records/rooms/B1", &clerk, &room, &[]).status,
+        200
+    );
+
+    // Volumes.
+    let register = |b: Value| s.post("/api/records/volumes", &clerk, &b);
+    let vol = |barcode: &str, patient: &str| json!({"barcode": barcode, "patient": patient, "room": "B1", "cabinet": "C1"});
+    let mut v100 = vol("V-100", &paper_pid);
+    v100["last_entry"] = json!("2010-01-05");
+    let r = register(v100.clone());
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    assert_eq!(
+        r.body["record_class"], "adult_chart",
+        "inferred from the chart"
+    );
+    assert_eq!(register(vol("V-200", &billed)).status, 201);
+    let mut v300 = vol("V-300", &paper_pid);
+    v300["volume"] = json!(2);
+    v300["record_class"] = json!("billing");
+    assert_eq!(register(v300).status, 201);
+    assert_eq!(register(v100).status, 409, "a barcode is registered once");
+    let mut nowhere = vol("V-900", &paper_pid);
+    nowhere["room"] = json!("nowhere");
+    assert_eq!(register(nowhere).status, 400);
+    let mut no_cabinet = vol("V-901", &paper_pid);
+    no_cabinet["cabinet"] = json!("C9");
+    assert_eq!(register(no_cabinet).status, 400);
+    assert_eq!(register(vol("V-902", "nobody")).status, 400);
+    assert_eq!(
+        s.post("/api/records/volumes", &nurse, &vol("V-903", &paper_pid))
+            .status,
+        403
+    );
+
+    // The door system's export: the physician left the building ten minutes ago.
+    let now = time::OffsetDateTime::now_utc();
+    let ago = |secs: i64| instant(now - time::Duration::seconds(secs));
+    let csv = format!(
+        "time,user,door,direction,granted\n{},e2e.physician,main-entrance,in,true\n{},e2e.physician,main-entrance,out,true\n{},e2e.records-clerk,main-entrance,in,true\n",
+        ago(7200),
+        ago(600),
+        ago(3600)
+    );
+    let badges = |body: &str| {
+        s.call(
+            "POST",
+            "/api/records/badge-events",
+            Some(&clerk),
+            Some(body.as_bytes()),
+            &[("Content-Type", "text/csv")],
+        )
+    };
+    let bad_csv = csv.replace(",out,", ",sideways,");
+    let r = badges(&bad_csv);
+    assert_eq!(r.status, 400);
+    assert!(r.body.to_string().contains("line 3"), "{:?}", r.body);
+    let r = badges(&csv);
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(
+        r.body["imported"], 3,
+        "nothing of the refused export was kept"
+    );
+
+    // A retrieval by the physician (not on the list, badge outside): flagged.
+    let custody = |barcode: &str, body: Value| {
+        s.post(
+            &format!("/api/records/volumes/{barcode}/custody"),
+            &clerk,
+            &body,
+        )
+    };
+    let due = instant(now + time::Duration::seconds(4));
+    let r = custody(
+        "V-200",
+        json!({"act": "check-out", "to": "e2e.physician", "due": due, "retrieved_by": "e2e.physician"}),
+    );
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body["status"], "checked_out");
+    let mut kinds: Vec<&str> = r.body["flags"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["kind"].as_str().unwrap())
+        .collect();
+    kinds.sort_unstable();
+    assert_eq!(kinds, ["badge_outside_building", "unauthorized_retrieval"]);
+    // The clerk's own retrieval for a department is not.
+    let r = custody(
+        "V-300",
+        json!({"act": "check-out", "department": "Cardiology", "due": "2099-01-01"}),
+    );
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body["flags"], json!([]));
+
+    // Bad input: each a clear error that changes nothing.
+    let before = s.get("/api/records/volumes/V-200", &clerk);
+    assert_eq!(before.status, 200);
+    let r = custody(
+        "V-200",
+        json!({"act": "check-out", "to": "e2e.nurse", "due": "2099-01-01"}),
+    );
+    assert_eq!(r.status, 409, "double check-out: {:?}", r.body);
+    assert!(
+        r.body
+            .to_string()
+            .contains("already checked out to e2e.physician"),
+        "{:?}",
+        r.body
+    );
+    let r = custody(
+        "V-200",
+        json!({"act": "return", "returned_by": "e2e.nurse"}),
+    );
+    assert_eq!(r.status, 409, "return by someone else: {:?}", r.body);
+    assert!(r.body.to_string().contains("not e2e.nurse"), "{:?}", r.body);
+    assert_eq!(
+        custody(
+            "V-100",
+            json!({"act": "return", "returned_by": "e2e.nurse"})
+        )
+        .status,
+        409
+    );
+    assert_eq!(s.get("/api/records/volumes/NOPE", &clerk).status, 404);
+    assert_eq!(
+        custody("NOPE", json!({"act": "found", "note": "x"})).status,
+        404
+    );
+    assert_eq!(
+        custody(
+            "V-100",
+            json!({"act": "check-out", "to": "e2e.nurse", "due": "2001-01-01"})
+        )
+        .status,
+        400,
+        "due in the past"
+    );
+    assert_eq!(custody("V-100", json!({"act": "teleport"})).status, 400);
+    assert_eq!(
+        custody("V-100", json!({"act": "check-out", "due": "2099-01-01"})).status,
+        400
+    );
+    let after = s.get("/api/records/volumes/V-200", &clerk);
+    assert_eq!(after.body, before.body, "refusals changed nothing");
+    assert_eq!(after.body["custody"].as_array().unwrap().len(), 2);
+    assert_eq!(s.get("/api/records/dashboard", &nurse).status, 403);
+
+    // Past the due date: overdue on the dashboard and at the scanner.
+    while time::OffsetDateTime::now_utc() < now + time::Duration::seconds(5) {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let d = s.get("/api/records/dashboard", &po);
+    assert_eq!(d.status, 200, "{:?}", d.body);
+    let overdue: Vec<&str> = d.body["overdue"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["barcode"].as_str().unwrap())
+        .collect();
+    assert_eq!(overdue, ["V-200"]);
+    assert_eq!(d.body["flags"].as_array().unwrap().len(), 2);
+    let work = dir.join("..");
+    let sign_in_args = |role: &str, file: &str| -> Vec<String> {
+        let (u, p, secret) = staff.get(role);
+        let pwf = work.join(file);
+        std::fs::write(&pwf, p).unwrap();
+        vec![
+            "--user".into(),
+            u.into(),
+            "--password-file".into(),
+            pwf.to_str().unwrap().into(),
+            "--totp".into(),
+            totp(secret, 1),
+        ]
+    };
+    let mut args: Vec<String> = vec!["charts".into(), "scan".into(), "V-200".into()];
+    args.extend(sign_in_args("records_clerk", "clerk.pw"));
+    let o = medvault(&dir, &args.iter().map(String::as_str).collect::<Vec<_>>());
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        out.contains("OVERDUE") && out.contains("e2e.physician"),
+        "{out}"
+    );
+    assert!(out.contains("flagged unauthorized_retrieval"), "{out}");
+    let mut args: Vec<String> = vec!["charts".into(), "scan".into(), "NOPE".into()];
+    args.extend(sign_in_args("security_admin", "sa.pw"));
+    let o = medvault(&dir, &args.iter().map(String::as_str).collect::<Vec<_>>());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("unknown barcode NOPE"), "{err}");
+    // Returned by its holder.
+    let r = custody(
+        "V-200",
+        json!({"act": "return", "returned_by": "e2e.physician"}),
+    );
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body["overdue"], false);
+
+    // Legal holds: a record class (billing) and one volume, placed by security.
+    let hold = |b: Value| s.post("/api/records/holds", &sa, &b);
+    let class_hold = json!({"scope": "record_class", "target": "billing", "matter": "2026-QT-7",
+        "reason": "Qui tam billing investigation"});
+    assert_eq!(
+        s.post("/api/records/holds", &clerk, &class_hold).status,
+        403
+    );
+    for bad in [
+        json!({"scope": "planet", "target": "x", "matter": "M", "reason": "because"}),
+        json!({"scope": "record_class", "target": "paper", "matter": "M", "reason": "because"}),
+        json!({"scope": "record_class", "target": "billing", "matter": "", "reason": "because"}),
+    ] {
+        assert_eq!(hold(bad.clone()).status, 400, "{bad}");
+    }
+    assert_eq!(
+        hold(json!({"scope": "volume", "target": "NOPE", "matter": "M", "reason": "because"}))
+            .status,
+        404
+    );
+    let r = hold(class_hold);
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    let class_hold_id = created_id(&r);
+    let r = hold(
+        json!({"scope": "volume", "target": "V-100", "matter": "2026-CV-9",
+        "reason": "Subpoena for the paper chart"}),
+    );
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    let volume_hold_id = created_id(&r);
+    let v = s.get("/api/records/volumes/V-100", &clerk);
+    assert_eq!(
+        v.body["holds"][0]["matter"], "2026-CV-9",
+        "shown on the volume"
+    );
+    // The chart holding billing records cannot be destroyed electronically.
+    let r = s.post(
+        &format!("/api/patients/{billed}/destruction"),
+        &po,
+        &json!({"reason": "erasure-request"}),
+    );
+    assert_eq!(r.status, 409, "{:?}", r.body);
+    assert!(r.body.to_string().contains("2026-QT-7"), "{:?}", r.body);
+
+    // The retention due list says what is held and what decided.
+    assert_eq!(s.get("/api/retention/due", &nurse).status, 403);
+    let due_list = |tok: &str| {
+        let r = s.get("/api/retention/due", tok);
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        r.body["due"].as_array().unwrap().clone()
+    };
+    let find = |list: &[Value], key: &str, val: &str| -> Value {
+        list.iter()
+            .find(|i| i[key] == val && (key != "patient" || i["medium"] == "electronic"))
+            .cloned()
+            .unwrap_or_else(|| panic!("{val} in {list:?}"))
+    };
+    let list = due_list(&clerk);
+    let i = find(&list, "barcode", "V-100");
+    assert_eq!(i["destroy_eligible"], false);
+    assert_eq!(i["retain_until"], Value::Null);
+    assert_eq!(i["holds"], json!([volume_hold_id]));
+    assert_eq!(
+        find(&list, "barcode", "V-300")["holds"],
+        json!([class_hold_id])
+    );
+    let e = find(&list, "patient", &billed);
+    assert_eq!(e["holds"], json!([class_hold_id]));
+    let p = find(&list, "patient", &paper_pid);
+    assert!(p["rule"].as_str().unwrap().contains("no encounter"), "{p}");
+    let cli = json_out(&medvault(&dir, &["retention", "evaluate", "--json"]));
+    assert_eq!(cli["due"].as_array().unwrap().len(), list.len());
+
+    // Paper destruction: held volumes cannot be queued; released, V-100 is past retention.
+    let request = |tok: &str, b: Value| s.post("/api/records/destruction", tok, &b);
+    let today = &instant(time::OffsetDateTime::now_utc())[..10];
+    let order = json!({"volumes": ["V-100"], "reason": "retention-period-ended",
+        "method": "cross-cut-shredding", "vendor": "Shred-it Springfield",
+        "witness": "J. Okafor (HIM)", "date": today});
+    let r = request(&clerk, order.clone());
+    assert_eq!(r.status, 409, "{:?}", r.body);
+    assert!(r.body.to_string().contains("2026-CV-9"), "{:?}", r.body);
+    let release = format!("/api/records/holds/{volume_hold_id}/release");
+    assert_eq!(s.post(&release, &clerk, &json!({})).status, 403);
+    assert_eq!(s.post(&release, &sa, &json!({})).status, 200);
+    assert_eq!(
+        s.post(&release, &sa, &json!({})).status,
+        409,
+        "released once"
+    );
+    let i = find(&due_list(&clerk), "barcode", "V-100");
+    assert_eq!(i["destroy_eligible"], true, "{i}");
+    assert_eq!(i["retain_until"], "2017-01-05");
+    assert!(
+        i["rule"]
+            .as_str()
+            .unwrap()
+            .starts_with("default adult_chart: "),
+        "{i}"
+    );
+    for (field, value) in [
+        ("method", json!("burying")),
+        ("volumes", json!([])),
+        ("volumes", json!(["NOPE"])),
+        ("volumes", json!(["V-100", "V-200"])),
+        ("date", json!("yesterday")),
+        ("date", json!("2001-01-01")),
+        ("reason", json!("whim")),
+    ] {
+        let mut b = order.clone();
+        b[field] = value;
+        assert_eq!(request(&clerk, b.clone()).status, 400, "{b}");
+    }
+    let mut early = order.clone();
+    early["volumes"] = json!(["V-200"]);
+    assert_eq!(request(&clerk, early).status, 409, "not past its retention");
+    assert_eq!(request(&nurse, order.clone()).status, 403);
+    let r = request(&po, order.clone());
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    let id = created_id(&r);
+    assert_eq!(request(&clerk, order).status, 409, "queued once");
+    let approve = format!("/api/records/destruction/{id}/approve");
+    let r = s.post(&approve, &po, &json!({}));
+    assert_eq!(r.status, 403, "not by the requester: {:?}", r.body);
+    assert_eq!(
+        r.body["issue"][0]["details"]["coding"][0]["code"],
+        "separation-of-duties"
+    );
+    assert_eq!(
+        s.post(&approve, &clerk, &json!({})).status,
+        403,
+        "clerks do not approve"
+    );
+    assert_eq!(
+        s.get("/api/records/volumes/V-100", &clerk).body["status"],
+        "in_storage",
+        "nothing destroyed without a second person"
+    );
+    let r = s.post(&approve, &po2, &json!({}));
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let cert = r.body["certificate"].as_str().unwrap().to_owned();
+    assert!(cert.contains("records paper-volumes=V-100\n"), "{cert}");
+    assert!(
+        cert.contains("cross-cut shredding (NIST SP 800-88"),
+        "{cert}"
+    );
+    assert!(
+        cert.contains("vendor Shred-it Springfield; witness J. Okafor (HIM)"),
+        "{cert}"
+    );
+    assert!(
+        cert.contains(" by e2e.privacy-officer\n") && cert.contains(" by e2e.po2\n"),
+        "{cert}"
+    );
+    assert_eq!(s.post(&approve, &po2, &json!({})).status, 409, "once");
+    let v = s.get("/api/records/volumes/V-100", &auditor);
+    assert_eq!(v.body["status"], "destroyed");
+    assert_eq!(
+        v.body["custody"].as_array().unwrap().last().unwrap()["action"],
+        "destroyed"
+    );
+    let again = s.get(
+        &format!("/api/records/destruction/{id}/certificate"),
+        &auditor,
+    );
+    assert_eq!(again.body.as_str(), Some(cert.as_str()));
+    let vkey = s
+        .get("/api/destruction/key", &po)
+        .body
+        .as_str()
+        .unwrap()
+        .trim()
+        .to_owned();
+    std::fs::write(work.join("paper-cert.txt"), &cert).unwrap();
+    std::fs::write(work.join("forged-cert.txt"), cert.replace("V-100", "V-300")).unwrap();
+    let verify = |file: &str| {
+        Command::new(BIN)
+            .args([
+                "destroy",
+                "verify",
+                work.join(file).to_str().unwrap(),
+                "--key",
+                &vkey,
+                "--json",
+            ])
+            .output()
+            .unwrap()
+    };
+    let o = verify("paper-cert.txt");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["certificate"]["patient"], paper_pid.as_str());
+    let entry = v["certificate"]["audit_entry"].as_u64().unwrap();
+    assert!(v["certificate"]["checkpoint"]["size"].as_u64().unwrap() > entry);
+    assert_eq!(verify("forged-cert.txt").status.code(), Some(1));
+
+    // Visitors: identity checked first; one without an escort after closing is flagged.
+    let visitor = json!({"name": "A. Surveyor", "identity": "driver licence ...4821",
+        "identity_checked": true, "host": "e2e.records-clerk", "purpose": "Joint Commission survey",
+        "room": "B1"});
+    let mut unchecked = visitor.clone();
+    unchecked["identity_checked"] = json!(false);
+    assert_eq!(
+        s.post("/api/records/visitors", &clerk, &unchecked).status,
+        400
+    );
+    let r = s.post("/api/records/visitors", &clerk, &visitor);
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    let mut kinds: Vec<&str> = r.body["flags"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["kind"].as_str().unwrap())
+        .collect();
+    kinds.sort_unstable();
+    assert_eq!(kinds, ["visitor_after_closing", "visitor_without_escort"]);
+    let out = format!("/api/records/visitors/{}/sign-out", created_id(&r));
+    assert_eq!(s.post(&out, &clerk, &json!({})).status, 200);
+    assert_eq!(s.post(&out, &clerk, &json!({})).status, 409);
+
+    // Keys and a missing chart (an incident), then a footage review logged against it.
+    let r = s.post(
+        "/api/records/keys",
+        &clerk,
+        &json!({"id": "K-C1", "kind": "key", "room": "B1", "cabinet": "C1"}),
+    );
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    let key_act = |b: Value| s.post("/api/records/keys/K-C1/custody", &clerk, &b);
+    assert_eq!(
+        key_act(json!({"act": "issue", "to": "e2e.records-clerk"})).status,
+        200
+    );
+    assert_eq!(
+        key_act(json!({"act": "issue", "to": "e2e.nurse"})).status,
+        409
+    );
+    assert_eq!(key_act(json!({"act": "return"})).status, 200);
+    let r = custody(
+        "V-300",
+        json!({"act": "missing", "note": "not in Cardiology"}),
+    );
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let incidents = s.get("/api/incidents", &po);
+    let text = incidents.body.to_string();
+    assert!(
+        text.contains("missing-chart") && text.contains("V-300"),
+        "{text}"
+    );
+    let incident = incidents.body["incidents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i.to_string().contains("V-300"))
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let review = json!({"room": "B1", "incident": incident, "from": ago(3600), "to": ago(0),
+        "finding": "No one entered the room with the volume"});
+    let r = s.post("/api/records/footage-reviews", &clerk, &review);
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    let mut stale = review.clone();
+    stale["from"] = json!("2020-01-01T00:00:00Z");
+    assert_eq!(
+        s.post("/api/records/footage-reviews", &clerk, &stale)
+            .status,
+        400,
+        "overwritten"
+    );
+    let mut nobody = review;
+    nobody["incident"] = json!("no-such-incident");
+    assert_eq!(
+        s.post("/api/records/footage-reviews", &clerk, &nobody)
+            .status,
+        404
+    );
+    let d = s.get("/api/records/dashboard", &clerk);
+    assert_eq!(d.body["missing"][0]["barcode"], "V-300");
+
+    // Every act is in the audit log, with who did it.
+    let mut records: Vec<Value> = vec![];
+    for start in (0..5000).step_by(1000) {
+        let page = s.get(
+            &format!("/api/audit/entries?start={start}&end={}", start + 1000),
+            &po,
+        );
+        assert_eq!(page.status, 200, "{:?}", page.body);
+        let got = page.body["entries"].as_array().unwrap();
+        records.extend(got.iter().map(|e| e["record"].clone()));
+        if got.len() < 1000 {
+            break;
+        }
+    }
+    let has = |action: &str, detail: &str| {
+        records.iter().any(|r| {
+            r["action"] == action && r["detail"].as_str().is_some_and(|d| d.contains(detail))
+        })
+    };
+    for (action, detail) in [
+        ("records.manage", "room=B1"),
+        ("records.custody", "volume=V-100 registered"),
+        ("records.manage", "badge import events=3"),
+        (
+            "records.custody",
+            "volume=V-200 checked_out to=e2e.physician retrieved_by=e2e.physician flags=2",
+        ),
+        (
+            "records.custody",
+            "refused: volume V-200 is already checked out",
+        ),
+        ("records.custody", "volume=V-200 returned"),
+        ("records.read", "scan volume=NOPE"),
+        ("legal-hold.set", "on record_class:billing matter=2026-QT-7"),
+        ("legal-hold.release", "hold="),
+        ("retention.read", "due list"),
+        ("destruction.request", "volumes=V-100"),
+        (
+            "destruction.approve",
+            "refused: a destruction is approved by someone other",
+        ),
+        ("destruction.approve", "paper destruction="),
+        ("records.custody", "visitor="),
+        ("records.manage", "key=K-C1 issued"),
+        ("records.custody", "volume=V-300 missing"),
+        ("records.manage", "footage review="),
+    ] {
+        assert!(has(action, detail), "{action} {detail} in the audit log");
+    }
+    assert_eq!(
+        json_out(&medvault(&dir, &["audit", "verify", "--json"]))["intact"],
+        true
+    );
 }
