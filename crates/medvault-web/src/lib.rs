@@ -30,6 +30,7 @@ mod chart;
 mod detect;
 pub mod lifecycle;
 mod privacy;
+mod records;
 mod signin;
 mod svg;
 
@@ -104,6 +105,7 @@ pub fn router(vault: Arc<Vault>, options: ConsoleOptions) -> Router {
         .merge(detect::routes())
         .merge(admin::routes())
         .merge(lifecycle::routes())
+        .merge(records::routes())
         .layer(axum::middleware::from_fn_with_state(
             web.options.clone(),
             csrf_guard,
@@ -121,6 +123,14 @@ pub struct NavItem {
 
 const CLINICAL: &[Role] = &[Role::Physician, Role::Nurse, Role::FrontDesk, Role::Billing];
 const PRIVACY: &[Role] = &[Role::PrivacyOfficer, Role::Auditor];
+/// Those who run or oversee the paper records and their lifecycle.
+const RECORDS: &[Role] = &[
+    Role::RecordsClerk,
+    Role::PrivacyOfficer,
+    Role::Auditor,
+    Role::SecurityAdmin,
+];
+const RETENTION: &[Role] = &[Role::RecordsClerk, Role::PrivacyOfficer, Role::Auditor];
 
 /// The navigation, in order; the first entry a role sees is its home page.
 pub const NAV: &[NavItem] = &[
@@ -218,6 +228,36 @@ pub const NAV: &[NavItem] = &[
         path: "/admin/status",
         label: "System status",
         roles: &[Role::SecurityAdmin],
+    },
+    NavItem {
+        path: "/records",
+        label: "Paper charts",
+        roles: RECORDS,
+    },
+    NavItem {
+        path: "/records/rooms",
+        label: "Storage rooms",
+        roles: RECORDS,
+    },
+    NavItem {
+        path: "/records/visitors",
+        label: "Visitor log",
+        roles: RECORDS,
+    },
+    NavItem {
+        path: "/records/retention",
+        label: "Retention",
+        roles: RETENTION,
+    },
+    NavItem {
+        path: "/records/destruction",
+        label: "Paper destruction",
+        roles: RETENTION,
+    },
+    NavItem {
+        path: "/records/holds",
+        label: "Holds on records",
+        roles: RECORDS,
     },
     NavItem {
         path: "/account",

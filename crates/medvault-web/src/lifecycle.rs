@@ -122,10 +122,12 @@ async fn decide(
 
 #[derive(Template)]
 #[template(path = "certificate.html")]
-struct CertificatePage {
-    chrome: Chrome,
-    certificate: String,
-    key: String,
+pub(crate) struct CertificatePage {
+    pub chrome: Chrome,
+    pub certificate: String,
+    pub key: String,
+    /// The register the certificate belongs to.
+    pub back: &'static str,
 }
 
 async fn certificate(
@@ -144,6 +146,7 @@ async fn certificate(
         chrome: s.chrome(&web, "Certificate of destruction", "/privacy/destruction"),
         certificate,
         key,
+        back: "/privacy/destruction",
     })
 }
 
