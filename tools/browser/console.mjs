@@ -409,6 +409,111 @@ try {
     out.steps.certificate = await po2.page.$eval('#certificate', (x) => x.innerText);
     await shot(po2.page, 'certificate');
   }
+
+  // 9. Paper records (issue 15): the records clerk sets up a room, registers a volume, checks
+  //    it out to someone not on the room's list (flagged) and takes it back, logs a visitor,
+  //    exports CSV, proposes a retention schedule a privacy officer approves, and queues a
+  //    paper destruction a privacy officer approves into a certificate; security places a
+  //    hold on a record class.
+  {
+    const clerk = await person();
+    const cp = clerk.page;
+    const s = await signIn(cp, sc.records_clerk, 'clerk');
+    out.steps.clerk_landed = s.landed;
+    await check(cp, 'registry-empty', s.home);
+    await go(cp, '/records/rooms', 'rooms');
+    await cp.type('#rm-id', 'B1');
+    await cp.type('#rm-name', 'Health records, basement B1');
+    await cp.type('#rm-door', 'B1-door');
+    await cp.type('#rm-auth', sc.records_clerk);
+    await cp.type('#rm-cab', 'C1, C2');
+    await cp.type('#rm-cov', 'door and aisles 1-4');
+    await cp.type('#rm-days', '30');
+    await submit(cp, 'form[action="/records/rooms"] button[type="submit"]');
+    await check(cp, 'rooms-saved', null);
+    out.steps.room_saved = (await cp.$$eval('#rooms tbody tr', (x) => x.length)) === 1;
+    await go(cp, '/records', 'registry');
+    await cp.type('#r-barcode', 'PV-1');
+    await cp.type('#r-patient', sc.paper_patient);
+    await cp.select('#r-room', 'B1');
+    await cp.type('#r-cabinet', 'C1');
+    await cp.type('#r-last', '2010-01-05');
+    await submit(cp, 'form[action="/records/volumes"] button[type="submit"]');
+    await check(cp, 'volume', null);
+    out.steps.volume_path = new URL(cp.url()).pathname;
+    await cp.select('#c-act', 'check-out');
+    await cp.type('#c-to', sc.physician);
+    await cp.type('#c-due', '2099-01-01');
+    await cp.type('#c-retrieved', sc.physician);
+    await submit(cp, 'form[action$="/custody"] button[type="submit"]');
+    await check(cp, 'volume-out', null);
+    out.steps.volume_holder = await cp.$eval('#volume-holder', (x) => x.innerText);
+    out.steps.volume_flagged = (await cp.$eval('#volume-flags', (x) => x.innerText)).includes('unauthorized retrieval');
+    await shot(cp, 'volume');
+    await cp.select('#c-act', 'return');
+    await cp.type('#c-returned', sc.physician);
+    await submit(cp, 'form[action$="/custody"] button[type="submit"]');
+    out.steps.volume_returned = await cp.$eval('#volume-status', (x) => x.innerText);
+    out.steps.custody_rows = await cp.$$eval('#custody tbody tr', (x) => x.length);
+    await go(cp, '/records', 'registry-flags');
+    out.steps.registry_flags = await cp.$$eval('#flags tbody tr', (x) => x.length);
+    await shot(cp, 'registry');
+    out.steps.volumes_csv = await cp.evaluate(async () => {
+      const r = await fetch('/records/export/volumes');
+      return { type: r.headers.get('content-type'), disposition: r.headers.get('content-disposition'), body: await r.text() };
+    });
+    await go(cp, '/records/visitors', 'visitors');
+    await cp.type('#v-name', 'A. Surveyor');
+    await cp.type('#v-id', 'driver licence ...4821');
+    await cp.click('#v-checked');
+    await cp.type('#v-host', sc.records_clerk);
+    await cp.type('#v-purpose', 'Joint Commission survey');
+    await submit(cp, 'form[action="/records/visitors"] button[type="submit"]');
+    await check(cp, 'visitors-in', null);
+    out.steps.visitor_flags = await cp.$eval('#visitors tbody tr td:last-child', (x) => x.innerText);
+    await submit(cp, 'form[action$="/sign-out"] button[type="submit"]');
+    out.steps.visitor_signed_out = (await cp.$$('form[action$="/sign-out"]')).length === 0;
+    await go(cp, '/records/retention', 'retention');
+    out.steps.due_paper = (await cp.$eval('#due', (x) => x.innerText)).includes('paper volume PV-1');
+    await cp.$eval('#s-j', (x) => { x.value = ''; });
+    await cp.type('#s-j', 'US-NY');
+    await cp.select('#s-c', 'adult_chart');
+    await cp.type('#s-y', '10');
+    await cp.type('#s-cite', '10 NYCRR 405.10');
+    await cp.type('#s-code', recovery(sc.records_clerk));
+    await submit(cp, 'form[action="/records/retention/schedules"] button[type="submit"]');
+    await check(cp, 'retention-proposed', null);
+    out.steps.schedule_pending = await cp.$$eval('form[action$="/approve"]', (x) => x.length);
+    await go(po.page, '/records/retention', 'retention-po');
+    await po.page.type('form[action$="/approve"] input[name="code"]', recovery(sc.privacy_officer));
+    await submit(po.page, 'form[action$="/approve"] button[type="submit"]');
+    out.steps.schedule_active = (await po.page.$eval('#schedules', (x) => x.innerText)).includes('US-NY');
+    await go(cp, '/records/destruction', 'paper-destruction');
+    out.steps.paper_eligible = (await cp.$eval('#eligible', (x) => x.innerText)).includes('PV-1');
+    await cp.type('#d-vol', 'PV-1');
+    await cp.select('#d-reason', 'retention-period-ended');
+    await cp.select('#d-method', 'cross-cut-shredding');
+    await cp.type('#d-vendor', 'Shred-it Springfield');
+    await cp.type('#d-witness', 'J. Okafor (HIM)');
+    await cp.type('#d-date', new Date().toISOString().slice(0, 10));
+    await cp.type('#d-code', recovery(sc.records_clerk));
+    await submit(cp, 'form[action="/records/destruction"] button[type="submit"]');
+    await check(cp, 'paper-destruction-queued', null);
+    out.steps.paper_pending = (await cp.$$('form[action$="/cancel"]')).length;
+    await go(po.page, '/records/destruction');
+    await po.page.type('form[action$="/approve"] input[name="code"]', recovery(sc.privacy_officer));
+    await submit(po.page, 'form[action$="/approve"] button[type="submit"]');
+    await check(po.page, 'paper-certificate', null);
+    out.steps.paper_certificate = await po.page.$eval('#certificate', (x) => x.innerText);
+    await go(admin.page, '/records/holds', 'records-holds');
+    await admin.page.select('#rh-scope', 'record_class');
+    await admin.page.type('#rh-target', 'billing');
+    await admin.page.type('#rh-matter', 'QT-2026-7');
+    await admin.page.type('#rh-reason', 'Billing investigation');
+    await admin.page.type('#rh-code', recovery(sc.security_admin));
+    await submit(admin.page, 'form[action="/records/holds"] button[type="submit"]');
+    out.steps.class_hold = (await admin.page.$eval('#holds', (x) => x.innerText)).includes('all billing records');
+  }
 } catch (e) {
   out.error = String(e && e.stack ? e.stack : e);
 } finally {

@@ -5426,6 +5426,7 @@ fn web_console_in_real_chromium() {
     add("web.privacy", "privacy_officer", &[]);
     add("web.privacy2", "privacy_officer", &[]);
     add("web.admin", "security_admin", &[]);
+    add("web.clerk", "records_clerk", &[]);
     let care = [
         phys["practitioner_id"].as_str().unwrap(),
         nurse["practitioner_id"].as_str().unwrap(),
@@ -5443,7 +5444,17 @@ fn web_console_in_real_chromium() {
         json!({"resourceType": "Condition", "code": {"text": "Zebra retrovirus infection"}, "subject": subject}),
         ACT_CODE, "HIV")}));
     entries.extend(chart_entries("Glassmann", 3, None));
+    // Papyrus: history on paper only (no encounter), for the paper records pages.
+    entries.push(json!({"resource": patient_body("Papyrus", "MRN-PAP")}));
     let locs = import_entries(&dir, "web", &entries);
+    let paper_patient = locs
+        .iter()
+        .filter(|l| l.starts_with("Patient/"))
+        .nth(2)
+        .unwrap()
+        .strip_prefix("Patient/")
+        .unwrap()
+        .to_owned();
     let treated = locs[0].strip_prefix("Patient/").unwrap().to_owned();
     let glass = locs
         .iter()
@@ -5473,6 +5484,7 @@ fn web_console_in_real_chromium() {
         "users": users, "nurse": "web.nurse", "physician": "web.physician",
         "privacy_officer": "web.privacy", "privacy_officer2": "web.privacy2",
         "security_admin": "web.admin", "patient": "web.patient",
+        "records_clerk": "web.clerk", "paper_patient": paper_patient,
         "treated": treated, "glass": glass, "search_name": "Glassmann",
         "sensitive_words": ["HIV", "Zebra retrovirus", "restricted: 1", "1 restricted", "hidden"],
     });
@@ -5558,6 +5570,58 @@ fn web_console_in_real_chromium() {
         cert.starts_with("medvault certificate of destruction v1") && cert.contains(&glass),
         "{r:#}"
     );
+    // Paper records (issue 15).
+    assert_eq!(st["clerk_landed"], "/records", "{r:#}");
+    assert_eq!(st["room_saved"], true, "{r:#}");
+    assert_eq!(st["volume_path"], "/records/volumes/PV-1", "{r:#}");
+    assert!(
+        st["volume_holder"]
+            .as_str()
+            .unwrap_or("")
+            .contains("web.physician"),
+        "{r:#}"
+    );
+    assert_eq!(st["volume_flagged"], true, "{r:#}");
+    assert_eq!(st["volume_returned"], "in storage", "{r:#}");
+    assert_eq!(st["custody_rows"], 3, "{r:#}");
+    assert_eq!(st["registry_flags"], 1, "{r:#}");
+    let csv = &st["volumes_csv"];
+    assert_eq!(csv["type"], "text/csv; charset=utf-8", "{r:#}");
+    assert!(
+        csv["disposition"]
+            .as_str()
+            .unwrap_or("")
+            .contains("attachment"),
+        "{r:#}"
+    );
+    assert!(
+        csv["body"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("barcode,patient,")
+            && csv["body"].as_str().unwrap_or("").contains("PV-1"),
+        "{r:#}"
+    );
+    assert!(
+        st["visitor_flags"]
+            .as_str()
+            .unwrap_or("")
+            .contains("visitor without escort"),
+        "{r:#}"
+    );
+    assert_eq!(st["visitor_signed_out"], true, "{r:#}");
+    assert_eq!(st["due_paper"], true, "{r:#}");
+    assert_eq!(st["schedule_pending"], 1, "{r:#}");
+    assert_eq!(st["schedule_active"], true, "{r:#}");
+    assert_eq!(st["paper_eligible"], true, "{r:#}");
+    assert_eq!(st["paper_pending"], 1, "{r:#}");
+    let paper = st["paper_certificate"].as_str().unwrap_or("");
+    assert!(
+        paper.starts_with("medvault certificate of destruction v1")
+            && paper.contains("paper-volumes=PV-1"),
+        "{r:#}"
+    );
+    assert_eq!(st["class_hold"], true, "{r:#}");
     // The nurse: TOTP sign-in, vitals with their trend, billing restricted by role.
     assert_eq!(st["nurse_landed"], "/patients", "{r:#}");
     assert_eq!(st["nurse_chart"]["status"], 200, "{r:#}");
