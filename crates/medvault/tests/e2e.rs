@@ -1759,7 +1759,7 @@ fn demo_and_bench_run() {
     let users = j["users"].as_array().unwrap();
     assert_eq!(
         users.len(),
-        8,
+        9,
         "one login per staff role and the demo patient"
     );
     for u in users {
