@@ -99,7 +99,7 @@ fn class_hold_refusal(h: &crate::HoldView) -> String {
         "the chart holds {} records, under legal hold {} (matter {}); it cannot be destroyed until the hold is released",
         match &h.scope {
             medvault_governance::records::HoldScope::RecordClass(k) => k.as_str(),
-            _ => "held",
+            _ => "paper",
         },
         h.id,
         h.matter
@@ -176,7 +176,7 @@ impl Vault {
             self.audit(vec![rec])?;
             return Err(e);
         }
-        let (class_holds, guard) =
+        let (class_holds, holds_version, guard) =
             self.holds_on_chart(c, Operation::DestructionRequest, &mut rec, &pid)?;
         if let Some(h) = class_holds.first() {
             let e = refuse(&mut rec, class_hold_refusal(h));
@@ -207,6 +207,14 @@ impl Vault {
                 let e = refuse(
                     &mut rec,
                     "a destruction of this chart is already pending, or a legal hold was just placed on it".into(),
+                );
+                self.audit(vec![rec])?;
+                Err(e)
+            }
+            Err(_) if self.holds_moved(holds_version) => {
+                let e = refuse(
+                    &mut rec,
+                    "a legal hold on a record class was placed or released meanwhile; check the holds and ask again".into(),
                 );
                 self.audit(vec![rec])?;
                 Err(e)
@@ -258,7 +266,7 @@ impl Vault {
                 h.id, h.matter
             )));
         }
-        let (class_holds, guard) =
+        let (class_holds, holds_version, guard) =
             self.holds_on_chart(c, Operation::DestructionApprove, &mut rec, &row.patient)?;
         if let Some(h) = class_holds.first() {
             let why = class_hold_refusal(h);
@@ -298,6 +306,12 @@ impl Vault {
                 fail(rec, Outcome::Failure, "changed meanwhile")?;
                 return Err(VaultError::Duplicate(
                     "the request was decided, or a legal hold placed, while you approved it; reload and check".into(),
+                ));
+            }
+            Err(_) if self.holds_moved(holds_version) => {
+                fail(rec, Outcome::Failure, "a hold changed meanwhile")?;
+                return Err(VaultError::Duplicate(
+                    "a legal hold on a record class was placed or released while you approved it; reload and check".into(),
                 ));
             }
             Err(e) => return Err(crate::audit_failed(e)),

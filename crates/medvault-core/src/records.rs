@@ -42,12 +42,25 @@ const SITE: &str = "records.site";
 const SCHEDULE: &str = "retention.schedule";
 /// The registry's version counter: every registry change is guarded by it.
 const VERSION: &str = "records.version";
+/// The version of the holds on record classes and volumes, bumped by each hold change:
+/// a chart's destruction commits guarded by it (it need not wait for other registry work).
+const HOLDS_VERSION: &str = "records.holds-version";
 
 /// Longest note, reason, finding, in characters.
 const TEXT_CHARS: usize = 2000;
 
 /// Serializes registry changes within one process (the version guard covers several).
 static REGISTRY: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// The verdict for a record under a legal hold (as the retention rules give it).
+fn held_verdict() -> Verdict {
+    Verdict {
+        destroy_eligible: false,
+        destroy_eligible_from: None,
+        retain_until: None,
+        rule: "legal hold: kept until the hold is released".into(),
+    }
+}
 
 fn bad(e: impl std::fmt::Display) -> VaultError {
     VaultError::BadRequest(e.to_string())
@@ -438,14 +451,40 @@ impl Vault {
         }))
     }
 
-    /// The registry's version and the guard that makes a batch fail if it moved.
-    pub(crate) fn records_guard(&self) -> Result<(u64, Op), VaultError> {
-        let v = self
+    /// A counter in the store's metadata (0 when absent).
+    fn counter(&self, key: &str) -> Result<u64, VaultError> {
+        Ok(self
             .store
-            .meta(VERSION)?
+            .meta(key)?
             .and_then(|b| String::from_utf8(b).ok())
             .and_then(|s| s.parse().ok())
-            .unwrap_or(0u64);
+            .unwrap_or(0u64))
+    }
+
+    /// The ops that move the holds' version on (with a guard on the version read).
+    fn bump_holds(&self) -> Result<Vec<Op>, VaultError> {
+        let v = self.counter(HOLDS_VERSION)?;
+        Ok(vec![
+            Op::RequireMetaListed {
+                key: HOLDS_VERSION.into(),
+                member: v.to_string(),
+                absent: "0".into(),
+            },
+            Op::PutMeta {
+                key: HOLDS_VERSION.into(),
+                value: (v + 1).to_string().into_bytes(),
+            },
+        ])
+    }
+
+    /// Whether a hold on a class or volume was placed or released since `version`.
+    pub(crate) fn holds_moved(&self, version: u64) -> bool {
+        self.counter(HOLDS_VERSION).map_or(true, |v| v != version)
+    }
+
+    /// The registry's version and the guard that makes a batch fail if it moved.
+    pub(crate) fn records_guard(&self) -> Result<(u64, Op), VaultError> {
+        let v = self.counter(VERSION)?;
         Ok((
             v,
             Op::RequireMetaListed {
@@ -851,22 +890,47 @@ impl Vault {
 
     /// The active holds that stop destroying an electronic chart: on the patient, or on a
     /// class of records it holds. Used by the chart destruction itself (its caller's
-    /// decision on `op` permits reading the dates). Returns the holds and the registry
-    /// guard to commit with.
+    /// decision on `op` permits reading the dates). Returns the holds, the holds' version
+    /// and the guard to commit with (a hold placed meanwhile fails the commit; see
+    /// [`Vault::holds_moved`]).
     pub(crate) fn holds_on_chart(
         &self,
         c: &Caller,
         op: Operation,
         rec: &mut AuditRecord,
         pid: &PatientId,
-    ) -> Result<(Vec<HoldView>, Op), VaultError> {
-        let (_, guard) = self.records_guard()?;
+    ) -> Result<(Vec<HoldView>, u64, Op), VaultError> {
+        let version = self.counter(HOLDS_VERSION)?;
+        let guard = Op::RequireMetaListed {
+            key: HOLDS_VERSION.into(),
+            member: version.to_string(),
+            absent: "0".into(),
+        };
         let holds = self.active_holds_all()?;
-        if !holds
+        // The patient's paper volumes: a hold on one of them, or on its class, keeps the
+        // patient's records — the electronic chart too (a hold blocks destruction
+        // everywhere).
+        let volumes: Vec<Volume> = self
+            .rows::<Volume>(VOLUME)?
+            .into_iter()
+            .filter(|v| v.patient == pid.as_str() && v.status != VolumeStatus::Destroyed)
+            .collect();
+        let on_paper: Vec<HoldView> = holds
             .iter()
-            .any(|h| matches!(h.scope, HoldScope::RecordClass(_)))
+            .filter(|h| {
+                !matches!(h.scope, HoldScope::Patient(_))
+                    && volumes
+                        .iter()
+                        .any(|v| h.scope.covers(&v.patient, v.record_class, Some(&v.barcode)))
+            })
+            .cloned()
+            .collect();
+        if !on_paper.is_empty()
+            || !holds
+                .iter()
+                .any(|h| matches!(h.scope, HoldScope::RecordClass(_)))
         {
-            return Ok((vec![], guard));
+            return Ok((on_paper, version, guard));
         }
         let dates = self
             .chart_dates(c, op, rec, Some(pid))?
@@ -879,6 +943,7 @@ impl Vault {
                 .into_iter()
                 .filter(|h| matches!(&h.scope, HoldScope::RecordClass(k) if classes.contains(k)))
                 .collect(),
+            version,
             guard,
         ))
     }
@@ -936,21 +1001,24 @@ impl Vault {
             let held: BTreeSet<String> =
                 classes.iter().flat_map(|k| covering(p, *k, None)).collect();
             let class = classes.first().copied().unwrap_or(RecordClass::AdultChart);
-            let verdict = match d.last_encounter {
-                None if held.is_empty() => Verdict {
+            let verdict = if !held.is_empty() {
+                held_verdict()
+            } else if d.last_encounter.is_none() {
+                Verdict {
                     destroy_eligible: false,
                     destroy_eligible_from: None,
                     retain_until: None,
                     rule: "no encounter on record: nothing has started the retention period".into(),
-                },
-                _ => rules::schedule_for(&schedules, &j, class)
-                    .evaluate(d, !held.is_empty(), today)
+                }
+            } else {
+                rules::schedule_for(&schedules, &j, class)
+                    .evaluate(d, false, today)
                     .unwrap_or_else(|m| Verdict {
                         destroy_eligible: false,
                         destroy_eligible_from: None,
                         retain_until: None,
                         rule: m,
-                    }),
+                    })
             };
             out.push(DueItem {
                 medium: "electronic".into(),
@@ -974,7 +1042,9 @@ impl Vault {
                 d.last_encounter = entry;
             }
             let held = covering(&v.patient, v.record_class, Some(&v.barcode));
-            let verdict = if d.last_encounter.is_none() && held.is_empty() {
+            let verdict = if !held.is_empty() {
+                held_verdict()
+            } else if d.last_encounter.is_none() {
                 Verdict {
                     destroy_eligible: false,
                     destroy_eligible_from: None,
@@ -983,7 +1053,7 @@ impl Vault {
                 }
             } else {
                 rules::schedule_for(&schedules, &j, v.record_class)
-                    .evaluate(&d, !held.is_empty(), today)
+                    .evaluate(&d, false, today)
                     .unwrap_or_else(|m| Verdict {
                         destroy_eligible: false,
                         destroy_eligible_from: None,
@@ -1072,7 +1142,11 @@ impl Vault {
                 scope.subject()
             ));
             Ok((
-                vec![self.put(HOLD, &view.id, "active", &scope.subject(), &view)?],
+                [
+                    self.bump_holds()?,
+                    vec![self.put(HOLD, &view.id, "active", &scope.subject(), &view)?],
+                ]
+                .concat(),
                 view,
             ))
         })
@@ -1099,7 +1173,11 @@ impl Vault {
             h.released_by = Some(c.actor().to_owned());
             h.released_at = Some(self.now_unix());
             Ok((
-                vec![self.put(HOLD, id, "released", &h.scope.subject(), &h)?],
+                [
+                    self.bump_holds()?,
+                    vec![self.put(HOLD, id, "released", &h.scope.subject(), &h)?],
+                ]
+                .concat(),
                 (),
             ))
         })
@@ -1184,8 +1262,11 @@ impl Vault {
                 self.now_unix(),
             )
             .map_err(refused)?;
-            if let Some(d) = n.last_entry.as_deref().filter(|d| !d.trim().is_empty()) {
-                medvault_governance::retention::date("last_entry", d).map_err(bad)?;
+            if let Some(d) = n.last_entry.as_deref() {
+                let when = medvault_governance::retention::date("last_entry", d).map_err(bad)?;
+                if when > self.site()?.today(self.now_unix())? {
+                    return Err(bad("`last_entry` is in the future"));
+                }
                 v.last_entry = Some(d.trim().to_owned());
             }
             rec.detail = Some(format!(
@@ -1731,8 +1812,10 @@ impl Vault {
             let vendor = rules::line("vendor", &r.vendor, 120).map_err(refused)?;
             let witness = rules::line("witness", &r.witness, 120).map_err(refused)?;
             let date = medvault_governance::retention::date("date", &r.date).map_err(bad)?;
-            if date < today {
-                return Err(bad("`date` is the day of destruction: today or later"));
+            if date < today || (date - today).whole_days() > 90 {
+                return Err(bad(
+                    "`date` is the day of destruction: today or within the next 90 days",
+                ));
             }
             if r.volumes.is_empty() || r.volumes.len() > 500 {
                 return Err(bad("`volumes` lists 1 to 500 barcodes"));

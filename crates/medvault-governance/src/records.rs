@@ -49,7 +49,8 @@ fn invalid(m: impl Into<String>) -> RecordsError {
 }
 
 /// Checks an identifier a person types or a scanner reads (barcode, room, cabinet, key,
-/// door, user name): 1–64 characters of letters, digits and `-_.:@/`.
+/// door, user name): 1–64 characters of letters, digits and `-_.@`, not only dots (ids
+/// go into paths and file names).
 ///
 /// # Errors
 /// [`RecordsError::Invalid`] naming the field.
@@ -57,13 +58,13 @@ pub fn ident<'a>(field: &str, v: &'a str) -> Result<&'a str, RecordsError> {
     let v = v.trim();
     let ok = !v.is_empty()
         && v.chars().count() <= 64
-        && v.chars()
-            .all(|c| c.is_alphanumeric() || "-_.:@/".contains(c));
+        && !v.chars().all(|c| c == '.')
+        && v.chars().all(|c| c.is_alphanumeric() || "-_.@".contains(c));
     if ok {
         Ok(v)
     } else {
         Err(invalid(format!(
-            "`{field}` must be 1 to 64 letters, digits or -_.:@/ (got `{}`)",
+            "`{field}` must be 1 to 64 letters, digits or -_.@ (got `{}`)",
             v.chars().take(40).collect::<String>()
         )))
     }
@@ -235,7 +236,7 @@ impl Schedule {
                 record_class: Some("documentation".into()),
                 legal_hold: hold,
                 policy: Policy {
-                    adult_years_after_last_encounter: 0,
+                    adult_years_after_last_encounter: None,
                     minor_until_age: None,
                     documentation_years: Some(self.years),
                 },
@@ -250,7 +251,7 @@ impl Schedule {
                 record_class: Some("chart".into()),
                 legal_hold: hold,
                 policy: Policy {
-                    adult_years_after_last_encounter: self.years,
+                    adult_years_after_last_encounter: Some(self.years),
                     minor_until_age: self.until_age,
                     documentation_years: None,
                 },
@@ -1395,6 +1396,10 @@ mod tests {
         };
         assert!(bad.check().is_err());
         assert!("paper".parse::<RecordClass>().is_err());
+        for path_like in ["../etc", "V/1", "..", "a:b"] {
+            assert!(ident("barcode", path_like).is_err(), "{path_like}");
+        }
+        assert!(ident("user", "dr.ames@example.org").is_ok());
         assert_eq!(
             "pulping".parse::<PaperMethod>().unwrap(),
             PaperMethod::Pulping

@@ -18,8 +18,9 @@ pub const DOCUMENTATION_YEARS: u32 = 6;
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Policy {
-    /// Years a chart is kept after the last encounter.
-    pub adult_years_after_last_encounter: u32,
+    /// Years a chart is kept after the last encounter (required for a chart).
+    #[serde(default)]
+    pub adult_years_after_last_encounter: Option<u32>,
     /// A minor's chart is kept at least until this age; `None`: no minor rule.
     #[serde(default)]
     pub minor_until_age: Option<u32>,
@@ -101,16 +102,26 @@ pub fn anniversary(d: Date, years: u32) -> Result<Date, String> {
 /// `policy_document_created` for documentation).
 pub fn evaluate(case: &Case, today: Date) -> Result<Verdict, String> {
     let opt = |field: &str, v: &Option<String>| -> Result<Option<Date>, String> {
-        v.as_deref()
-            .filter(|s| !s.trim().is_empty())
-            .map(|s| date(field, s))
-            .transpose()
+        v.as_deref().map(|s| date(field, s)).transpose()
     };
     let as_of = opt("as_of", &case.as_of)?.unwrap_or(today);
     let born = opt("born", &case.born)?;
     let last = opt("last_encounter", &case.last_encounter)?;
     let created = opt("policy_document_created", &case.policy_document_created)?;
     let effective = opt("last_effective", &case.last_effective)?;
+    if let Some(b) = born {
+        if b > as_of {
+            return Err("`born` is after `as_of`".into());
+        }
+        if last.is_some_and(|l| l < b) {
+            return Err("`last_encounter` is before `born`".into());
+        }
+    }
+    if let (Some(c), Some(e)) = (created, effective) {
+        if e < c {
+            return Err("`last_effective` is before `policy_document_created`".into());
+        }
+    }
     let class = match case.record_class.as_deref().map(str::trim) {
         None | Some("") => {
             if created.is_some() {
@@ -144,7 +155,10 @@ pub fn evaluate(case: &Case, today: Date) -> Result<Verdict, String> {
         )
     } else {
         let last = last.ok_or("a chart needs `last_encounter`")?;
-        let n = case.policy.adult_years_after_last_encounter;
+        let n = case
+            .policy
+            .adult_years_after_last_encounter
+            .ok_or("a chart needs `policy.adult_years_after_last_encounter`")?;
         let adult = anniversary(last, n)?;
         match case.policy.minor_until_age {
             None => (adult, format!("adult: {n} years after the last encounter")),
@@ -319,5 +333,26 @@ mod tests {
             assert!(e.contains(want), "{e}");
         }
         assert!(anniversary(d("9990-01-01"), 100).is_err());
+    }
+
+    #[test]
+    fn empty_implausible_and_irrelevant_inputs_found_by_the_newcomer_trial() {
+        let today = d("2026-11-30");
+        let p = serde_json::json!({"adult_years_after_last_encounter": 7});
+        for bad in [
+            serde_json::json!({"as_of": "", "last_encounter": "2019-01-01", "policy": p}),
+            serde_json::json!({"born": "", "last_encounter": "2019-01-01", "policy": p}),
+            serde_json::json!({"born": "2030-01-01", "last_encounter": "2019-01-01", "policy": p}),
+            serde_json::json!({"born": "2000-01-01", "last_encounter": "1999-01-01", "policy": p}),
+            serde_json::json!({"last_encounter": "2019-01-01", "policy": {}}),
+        ] {
+            assert!(evaluate(&case(bad.clone()), today).is_err(), "{bad}");
+        }
+        let doc = case(serde_json::json!({"policy_document_created": "2018-01-01", "policy": {}}));
+        assert_eq!(
+            evaluate(&doc, today).unwrap().retain_until.as_deref(),
+            Some("2024-01-01"),
+            "documentation needs no chart rule"
+        );
     }
 }

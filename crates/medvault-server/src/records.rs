@@ -315,12 +315,21 @@ pub(crate) async fn set_hold(
     req: Request,
 ) -> Result<Response, ApiError> {
     let c = caller(&state, &ctx).await?;
-    let b: HoldBody = body(
-        &state,
-        req,
-        "{\"scope\":\"patient\"|\"record_class\"|\"volume\",\"target\",\"matter\",\"reason\"}",
-    )
-    .await?;
+    let shape =
+        "{\"scope\":\"patient\"|\"record_class\"|\"volume\",\"target\",\"matter\",\"reason\"}";
+    let v: serde_json::Value = body(&state, req, shape).await?;
+    // `deny_unknown_fields` does not combine with the flattened scope: checked here.
+    if let Some(k) = v.as_object().and_then(|o| {
+        o.keys()
+            .find(|k| !["scope", "target", "matter", "reason"].contains(&k.as_str()))
+    }) {
+        return Err(ApiError::bad_request(format!(
+            "body must be {shape}: unknown field `{}`",
+            k.chars().take(40).collect::<String>()
+        )));
+    }
+    let b: HoldBody = serde_json::from_value(v)
+        .map_err(|e| ApiError::bad_request(format!("body must be {shape}: {e}")))?;
     let vault = state.vault.clone();
     let h = blocking(move || vault.set_records_hold(&c, b.scope, &b.matter, &b.reason)).await??;
     Ok(plain_json(StatusCode::CREATED, json!(h)))

@@ -1764,6 +1764,72 @@ const DEMO_ROLES: &[Role] = &[
     Role::RecordsClerk,
 ];
 
+/// The demo's paper records: a records room the records clerk may enter, with cameras, and
+/// a paper volume for each of the first five demo charts (one checked out to the physician),
+/// so the registry, the due list and the console's records pages have something to show.
+fn demo_paper_records(
+    vault: &Vault,
+    op: &LocalOperator,
+    written: &[medvault_core::EntryResult],
+) -> Result<(), VaultError> {
+    use medvault_core::governance::records::{Cabinet, Cameras, Room};
+    let clerk = Caller::cli(op, Role::RecordsClerk);
+    vault.put_records_room(
+        &clerk,
+        Room {
+            id: "HIM-B1".into(),
+            name: "Health information management, basement B1".into(),
+            door: Some("B1-records".into()),
+            authorized: vec![Role::RecordsClerk.as_str().into()],
+            cabinets: ["A", "B"]
+                .into_iter()
+                .map(|id| Cabinet {
+                    id: id.into(),
+                    name: String::new(),
+                })
+                .collect(),
+            cameras: Some(Cameras {
+                coverage: "door and aisles A-B".into(),
+                footage_retention_days: 30,
+            }),
+        },
+    )?;
+    let patients = written
+        .iter()
+        .filter_map(|e| e.location.strip_prefix("Patient/"))
+        .filter_map(|l| l.split('/').next())
+        .take(5);
+    for (i, pid) in patients.enumerate() {
+        let barcode = format!("PC-{:06}", i + 1);
+        vault.register_volume(
+            &clerk,
+            medvault_core::NewVolume {
+                barcode: barcode.clone(),
+                patient: pid.to_owned(),
+                volume: 1,
+                record_class: None,
+                room: "HIM-B1".into(),
+                cabinet: if i % 2 == 0 { "A" } else { "B" }.into(),
+                last_entry: Some("2012-03-01".into()),
+            },
+        )?;
+        if i == 1 {
+            let due = medvault_core::fhir_instant_secs(vault.now_unix() + 2 * 86_400);
+            vault.volume_custody(
+                &clerk,
+                &barcode,
+                medvault_core::CustodyAct::CheckOut {
+                    to: Some(Role::Physician.as_str().into()),
+                    department: None,
+                    due,
+                    retrieved_by: None,
+                },
+            )?;
+        }
+    }
+    Ok(())
+}
+
 /// Demo charts loaded per transaction.
 const DEMO_BUNDLE: usize = 500;
 
@@ -1872,6 +1938,7 @@ fn demo(
                 "password": u.password.expose(), "totp_secret": u.totp_secret}),
             );
         }
+        demo_paper_records(&vault, &op, &written).map_err(describe)?;
         if let Some(b) = bar {
             b.finish_and_clear();
         }

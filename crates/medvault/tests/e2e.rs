@@ -10694,6 +10694,23 @@ fn paper_records(pg: bool) {
     no_cabinet["cabinet"] = json!("C9");
     assert_eq!(register(no_cabinet).status, 400);
     assert_eq!(register(vol("V-902", "nobody")).status, 400);
+    for path_like in ["../etc", "V/1", ".."] {
+        assert_eq!(
+            register(vol(path_like, &paper_pid)).status,
+            400,
+            "{path_like}"
+        );
+    }
+    let mut empty_entry = vol("V-904", &paper_pid);
+    empty_entry["last_entry"] = json!("");
+    assert_eq!(
+        register(empty_entry).status,
+        400,
+        "an empty date is not absent"
+    );
+    let mut future_entry = vol("V-905", &paper_pid);
+    future_entry["last_entry"] = json!("2099-01-05");
+    assert_eq!(register(future_entry).status, 400);
     assert_eq!(
         s.post("/api/records/volumes", &nurse, &vol("V-903", &paper_pid))
             .status,
@@ -10886,6 +10903,11 @@ fn paper_records(pg: bool) {
             .status,
         404
     );
+    assert_eq!(
+        hold(json!({"scope": "volume", "target": "V-100", "matter": "M", "reason": "because", "until": "x"})).status,
+        400,
+        "unknown fields are refused here too"
+    );
     let r = hold(class_hold);
     assert_eq!(r.status, 201, "{:?}", r.body);
     let class_hold_id = created_id(&r);
@@ -10900,6 +10922,14 @@ fn paper_records(pg: bool) {
         v.body["holds"][0]["matter"], "2026-CV-9",
         "shown on the volume"
     );
+    // A hold on a patient's paper volume keeps the electronic chart too.
+    let r = s.post(
+        &format!("/api/patients/{paper_pid}/destruction"),
+        &po,
+        &json!({"reason": "erasure-request"}),
+    );
+    assert_eq!(r.status, 409, "{:?}", r.body);
+    assert!(r.body.to_string().contains("2026-CV-9"), "{:?}", r.body);
     // The chart holding billing records cannot be destroyed electronically.
     let r = s.post(
         &format!("/api/patients/{billed}/destruction"),
@@ -10972,6 +11002,7 @@ fn paper_records(pg: bool) {
         ("volumes", json!(["V-100", "V-200"])),
         ("date", json!("yesterday")),
         ("date", json!("2001-01-01")),
+        ("date", json!("2099-01-01")),
         ("reason", json!("whim")),
     ] {
         let mut b = order.clone();
