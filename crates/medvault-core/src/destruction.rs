@@ -94,15 +94,16 @@ pub struct LegalHoldView {
     pub released_at: Option<i64>,
 }
 
-fn class_hold_refusal(h: &crate::HoldView) -> String {
+/// Why a chart is refused for the holds on its record classes or paper volumes: every one
+/// of them, by id and matter (their order in the store is not meaningful).
+fn class_hold_refusal(holds: &[crate::HoldView]) -> String {
+    let named: Vec<String> = holds
+        .iter()
+        .map(|h| format!("{} (matter {})", h.id, h.matter))
+        .collect();
     format!(
-        "the chart holds {} records, under legal hold {} (matter {}); it cannot be destroyed until the hold is released",
-        match &h.scope {
-            medvault_governance::records::HoldScope::RecordClass(k) => k.as_str(),
-            _ => "paper",
-        },
-        h.id,
-        h.matter
+        "the chart's records (a record class or a paper volume of it) are under legal hold {}; it cannot be destroyed until released",
+        named.join(", ")
     )
 }
 
@@ -178,8 +179,8 @@ impl Vault {
         }
         let (class_holds, holds_version, guard) =
             self.holds_on_chart(c, Operation::DestructionRequest, &mut rec, &pid)?;
-        if let Some(h) = class_holds.first() {
-            let e = refuse(&mut rec, class_hold_refusal(h));
+        if !class_holds.is_empty() {
+            let e = refuse(&mut rec, class_hold_refusal(&class_holds));
             self.audit(vec![rec])?;
             return Err(e);
         }
@@ -268,8 +269,8 @@ impl Vault {
         }
         let (class_holds, holds_version, guard) =
             self.holds_on_chart(c, Operation::DestructionApprove, &mut rec, &row.patient)?;
-        if let Some(h) = class_holds.first() {
-            let why = class_hold_refusal(h);
+        if !class_holds.is_empty() {
+            let why = class_hold_refusal(&class_holds);
             fail(rec, Outcome::Failure, "legal hold on a record class")?;
             return Err(VaultError::Duplicate(why));
         }
