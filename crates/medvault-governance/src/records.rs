@@ -545,6 +545,20 @@ impl Volume {
         }
     }
 
+    /// Who has the volume now.
+    ///
+    /// # Errors
+    /// [`RecordsError::NotCheckedOut`] unless it is checked out.
+    fn current_holder(&self) -> Result<Custodian, RecordsError> {
+        self.holder
+            .clone()
+            .filter(|_| self.status == VolumeStatus::CheckedOut)
+            .ok_or_else(|| RecordsError::NotCheckedOut {
+                barcode: self.barcode.clone(),
+                status: self.status.as_str().replace('_', " "),
+            })
+    }
+
     fn unavailable(&self, act: &'static str) -> RecordsError {
         RecordsError::Unavailable {
             barcode: self.barcode.clone(),
@@ -603,16 +617,7 @@ impl Volume {
         by: &str,
         now: i64,
     ) -> Result<CustodyEvent, RecordsError> {
-        let Some(holder) = self
-            .holder
-            .clone()
-            .filter(|_| self.status == VolumeStatus::CheckedOut)
-        else {
-            return Err(RecordsError::NotCheckedOut {
-                barcode: self.barcode.clone(),
-                status: self.status.as_str().replace('_', " "),
-            });
-        };
+        let holder = self.current_holder()?;
         if let Custodian::Person(p) = &holder {
             if p != returned_by {
                 return Err(RecordsError::ReturnedBySomeoneElse {
@@ -644,16 +649,7 @@ impl Volume {
         by: &str,
         now: i64,
     ) -> Result<CustodyEvent, RecordsError> {
-        let Some(holder) = self
-            .holder
-            .clone()
-            .filter(|_| self.status == VolumeStatus::CheckedOut)
-        else {
-            return Err(RecordsError::NotCheckedOut {
-                barcode: self.barcode.clone(),
-                status: self.status.as_str().replace('_', " "),
-            });
-        };
+        let holder = self.current_holder()?;
         if holder == to {
             return Err(invalid(format!(
                 "volume {} is already with {to}",

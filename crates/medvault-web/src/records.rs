@@ -102,6 +102,16 @@ pub(crate) struct FlagRow {
     pub evidence: String,
 }
 
+fn flag_row(f: &medvault_core::FlagView) -> FlagRow {
+    FlagRow {
+        kind: f.flag.kind.replace('_', " "),
+        at: when(f.flag.at),
+        subject: f.flag.subject.clone(),
+        target: f.flag.target.clone(),
+        evidence: f.flag.evidence.clone(),
+    }
+}
+
 #[derive(Template)]
 #[template(path = "registry.html")]
 struct RegistryPage {
@@ -134,17 +144,7 @@ async fn registry(State(web): State<Web>, s: Signed) -> Result<Response, WebErro
         checked_out: d.checked_out,
         overdue: d.overdue.iter().map(|v| vol_row(v, now)).collect(),
         missing: d.missing.iter().map(|v| vol_row(v, now)).collect(),
-        flags: d
-            .flags
-            .iter()
-            .map(|f| FlagRow {
-                kind: f.flag.kind.replace('_', " "),
-                at: when(f.flag.at),
-                subject: f.flag.subject.clone(),
-                target: f.flag.target.clone(),
-                evidence: f.flag.evidence.clone(),
-            })
-            .collect(),
+        flags: d.flags.iter().map(flag_row).collect(),
         visitors: d
             .visitors
             .iter()
@@ -273,17 +273,7 @@ async fn volume(
             })
             .collect(),
         holds: v.holds,
-        flags: v
-            .flags
-            .iter()
-            .map(|f| FlagRow {
-                kind: f.flag.kind.replace('_', " "),
-                at: when(f.flag.at),
-                subject: f.flag.subject.clone(),
-                target: f.flag.target.clone(),
-                evidence: f.flag.evidence.clone(),
-            })
-            .collect(),
+        flags: v.flags.iter().map(flag_row).collect(),
         may_act: clerk(&s),
     })
 }
