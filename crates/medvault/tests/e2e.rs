@@ -11228,4 +11228,19 @@ fn paper_records(pg: bool) {
         json_out(&medvault(&dir, &["audit", "verify", "--json"]))["intact"],
         true
     );
+    // Law 1: visitor names, identity documents and hold reasons are sealed on disk.
+    drop(s);
+    let found = scan_for(
+        &dir,
+        &[
+            "A. Surveyor",
+            "driver licence ...4821",
+            "Subpoena for the paper chart",
+            "Qui tam billing",
+        ],
+    );
+    assert!(
+        found.is_empty(),
+        "plaintext in the data directory: {found:?}"
+    );
 }
