@@ -10,6 +10,7 @@
 //! INVARIANT: an incident's timeline only grows, in time order.
 #![forbid(unsafe_code)]
 
+pub mod breach;
 pub mod destruction;
 pub mod records;
 pub mod retention;

@@ -217,8 +217,32 @@ enum Command {
         #[command(subcommand)]
         command: detect_cli::DetectCommand,
     },
+    /// Breach assessment (45 CFR 164.402–414, GDPR Art. 33/34): decide from the facts
+    /// whether an event is a notifiable breach and by when each party must be told.
+    Breach {
+        #[command(subcommand)]
+        command: BreachCommand,
+    },
     /// Print the current code for a TOTP secret (base32), as an authenticator app would.
     TotpCode { secret: String },
+}
+
+#[derive(Subcommand)]
+enum BreachCommand {
+    /// Decide one set of facts (`--facts FILE`: {"discovered", "affected": {STATE: count},
+    /// "affected_eu_subjects", "jurisdiction", "phi_encrypted_at_rest", "key_compromised",
+    /// "exception", "further_disclosed", "cause", "recipient_is_covered_entity",
+    /// "phi_viewed", "returned_or_destroyed_attested", "law_enforcement_delay": {"kind",
+    /// "requested", "until"}, "high_risk", "risk", "ba_discovered"}) → {"breach", "reason",
+    /// "individuals_by", "hhs", "hhs_by", "media", "media_by",
+    /// "notification_delayed_until_at_most", "supervisory_authority",
+    /// "supervisory_authority_by", "data_subjects", "ba_must_notify_covered_entity_by"}.
+    Assess {
+        #[arg(long)]
+        facts: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -751,6 +775,39 @@ fn run(cli: Cli) -> Result<()> {
         Command::Hold { command } => destroy::hold(&dir, command),
         Command::Detect { command } => detect_cli::run(&dir, command),
         Command::Charts { command } => charts_cli::run(&dir, command),
+        Command::Breach {
+            command: BreachCommand::Assess { facts, json },
+        } => {
+            use medvault_core::governance::breach;
+            let text = std::fs::read_to_string(&facts)
+                .with_context(|| format!("cannot read {}", facts.display()))?;
+            let d = breach::parse_facts(&text)
+                .and_then(|f| breach::assess(&f, SystemClock.now()))
+                .map_err(|e| anyhow::anyhow!("{}: {e}", facts.display()))?;
+            if json {
+                println!("{}", serde_json::to_string(&d)?);
+                return Ok(());
+            }
+            println!(
+                "{}: {}",
+                if d.breach {
+                    "breach"
+                } else {
+                    "not a notifiable breach"
+                },
+                d.reason.explain()
+            );
+            if let Some(m) = d.media.as_ref().filter(|m| !m.is_empty()) {
+                println!("media in: {}", m.join(", "));
+            }
+            if let Some(u) = &d.notification_delayed_until_at_most {
+                println!("law-enforcement delay: notification held until at most {u}");
+            }
+            for (who, by) in d.deadlines() {
+                println!("notify {who} by {by}");
+            }
+            Ok(())
+        }
         Command::Retention {
             command:
                 RetentionCommand::Evaluate {

@@ -11244,3 +11244,308 @@ fn paper_records(pg: bool) {
         "plaintext in the data directory: {found:?}"
     );
 }
+
+/// Issue 16: the breach rule's JSON contract through the binary (45 CFR 164.402–414, GDPR
+/// Art. 33/34) — every exception, the safe harbour both ways, the four factors, the 500
+/// thresholds at 499/500/501, several states, leap years in the annual log, both kinds of
+/// law-enforcement delay, GDPR both ways, business associates, and bad facts.
+#[test]
+fn breach_assess_json_contract_through_the_cli() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("unused");
+    let run = |facts: &Value| {
+        let f = tmp.path().join("facts.json");
+        std::fs::write(&f, facts.to_string()).unwrap();
+        medvault(
+            &dir,
+            &["breach", "assess", "--facts", f.to_str().unwrap(), "--json"],
+        )
+    };
+    let decide = |facts: Value| -> Value {
+        let o = run(&facts);
+        assert!(
+            o.status.success(),
+            "{facts}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        json_out(&o)
+    };
+    let keys = |v: &Value| -> Vec<String> {
+        let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+        k.sort();
+        k
+    };
+    let base = json!({"discovered": "2025-03-10", "affected": {"CA": 10}});
+    let with = |extra: Value| {
+        let mut b = base.clone();
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        b
+    };
+
+    // The default: a breach is presumed, HIPAA, not encrypted.
+    let d = decide(base.clone());
+    assert_eq!(d["breach"], true);
+    assert_eq!(d["reason"], "presumed_breach");
+    assert_eq!(d["individuals_by"], "2025-05-09");
+    assert_eq!(d["hhs"], "annual_log");
+    assert_eq!(d["hhs_by"], "2026-03-01");
+    assert_eq!(d["media"], json!([]));
+    assert_eq!(
+        keys(&d),
+        [
+            "breach",
+            "hhs",
+            "hhs_by",
+            "individuals_by",
+            "media",
+            "reason"
+        ],
+        "fields that do not apply are absent"
+    );
+
+    // Every exception of 164.402(1); none survives further disclosure.
+    for (exception, reason) in [
+        (
+            "unintentional_good_faith_within_scope",
+            "exception_164_402_1_i",
+        ),
+        ("inadvertent_between_authorized", "exception_164_402_1_ii"),
+        ("unable_to_retain", "exception_164_402_1_iii"),
+    ] {
+        let d = decide(with(json!({"exception": exception})));
+        assert_eq!(
+            (d["breach"].clone(), d["reason"].clone()),
+            (json!(false), json!(reason))
+        );
+        assert_eq!(keys(&d), ["breach", "media", "reason"]);
+        let d = decide(with(
+            json!({"exception": exception, "further_disclosed": true}),
+        ));
+        assert_eq!(
+            d["reason"], "presumed_breach",
+            "{exception} + further disclosure"
+        );
+    }
+
+    // The safe harbour both ways: encrypted with the key safe, or the key compromised.
+    let d = decide(with(
+        json!({"phi_encrypted_at_rest": true, "key_compromised": false}),
+    ));
+    assert_eq!(
+        (d["breach"].clone(), d["reason"].clone()),
+        (json!(false), json!("safe_harbor_secured_phi"))
+    );
+    let d = decide(with(json!({"phi_encrypted_at_rest": true})));
+    assert_eq!(
+        d["reason"], "safe_harbor_secured_phi",
+        "a key not said compromised is not"
+    );
+    let d = decide(with(
+        json!({"phi_encrypted_at_rest": true, "key_compromised": true}),
+    ));
+    assert_eq!(
+        (d["breach"].clone(), d["reason"].clone()),
+        (json!(true), json!("presumed_breach"))
+    );
+
+    // The four factors: low probability only with all three; otherwise presumed.
+    let low = json!({"recipient_is_covered_entity": true, "phi_viewed": false,
+        "returned_or_destroyed_attested": true});
+    let d = decide(with(low.clone()));
+    assert_eq!(
+        (d["breach"].clone(), d["reason"].clone()),
+        (
+            json!(false),
+            json!("low_probability_of_compromise_documented")
+        )
+    );
+    for missing in [
+        "recipient_is_covered_entity",
+        "phi_viewed",
+        "returned_or_destroyed_attested",
+    ] {
+        let mut f = with(low.clone());
+        f[missing] = json!(missing == "phi_viewed");
+        assert_eq!(decide(f)["reason"], "presumed_breach", "without {missing}");
+        let mut f = with(low.clone());
+        f.as_object_mut().unwrap().remove(missing);
+        assert_eq!(decide(f)["reason"], "presumed_breach", "{missing} absent");
+    }
+
+    // 500: HHS with the individuals from 500; the media above 500 residents of one state.
+    for (n, hhs, media) in [
+        (499, "annual_log", json!([])),
+        (500, "contemporaneous", json!([])),
+        (501, "contemporaneous", json!(["TX"])),
+    ] {
+        let d = decide(json!({"discovered": "2025-03-10", "affected": {"TX": n}}));
+        assert_eq!(d["hhs"], hhs, "{n}");
+        assert_eq!(d["media"], media, "{n}");
+        let hhs_by = if n >= 500 { "2025-05-09" } else { "2026-03-01" };
+        assert_eq!(d["hhs_by"], hhs_by, "{n}");
+        assert_eq!(d.get("media_by").is_some(), n > 500, "{n}");
+        if n > 500 {
+            assert_eq!(d["media_by"], "2025-05-09");
+        }
+    }
+    // Several states: 600 in all (HHS now) but no state above 500 (no media); then two.
+    let d = decide(json!({"discovered": "2025-03-10", "affected": {"NV": 300, "CA": 300}}));
+    assert_eq!(
+        (d["hhs"].clone(), d["media"].clone()),
+        (json!("contemporaneous"), json!([]))
+    );
+    let d = decide(json!({"discovered": "2025-03-10",
+        "affected": {"NY": 501, "CA": 900, "NJ": 500, "PR": 2}}));
+    assert_eq!(d["media"], json!(["CA", "NY"]));
+
+    // Leap years: the annual log is due 60 days after 31 December.
+    for (discovered, due) in [
+        ("2023-12-31", "2024-02-29"),
+        ("2024-02-29", "2025-03-01"),
+        ("2019-01-01", "2020-02-29"),
+        ("2025-07-04", "2026-03-01"),
+    ] {
+        let d = decide(json!({"discovered": discovered, "affected": {"WA": 1}}));
+        assert_eq!(d["hhs_by"], due, "{discovered}");
+    }
+    // An RFC 3339 instant counts by its local date.
+    let d = decide(json!({"discovered": "2025-03-10T23:30:00-05:00", "affected": {"WA": 1}}));
+    assert_eq!(d["individuals_by"], "2025-05-09");
+
+    // Law enforcement: written as stated; oral at most 30 days.
+    let d = decide(with(json!({"law_enforcement_delay":
+        {"kind": "written", "requested": "2025-03-12", "until": "2025-08-01"}})));
+    assert_eq!(d["notification_delayed_until_at_most"], "2025-08-01");
+    let d = decide(with(json!({"law_enforcement_delay":
+        {"kind": "oral", "requested": "2025-03-12", "until": "2025-08-01"}})));
+    assert_eq!(d["notification_delayed_until_at_most"], "2025-04-11");
+    let d = decide(with(
+        json!({"law_enforcement_delay": {"kind": "oral", "requested": "2025-03-12"}}),
+    ));
+    assert_eq!(d["notification_delayed_until_at_most"], "2025-04-11");
+    let d = decide(with(json!({"law_enforcement_delay":
+        {"kind": "oral", "requested": "2025-03-12", "until": "2025-03-20"}})));
+    assert_eq!(d["notification_delayed_until_at_most"], "2025-03-20");
+
+    // GDPR both ways, and data subjects when the risk is high (unless encrypted).
+    let d = decide(
+        json!({"jurisdiction": "GDPR", "discovered": "2025-03-10T09:15:00Z",
+        "affected_eu_subjects": 40}),
+    );
+    assert_eq!(
+        (d["breach"].clone(), d["reason"].clone()),
+        (json!(true), json!("gdpr_risk_to_rights"))
+    );
+    assert_eq!(d["supervisory_authority"], "required");
+    assert_eq!(d["supervisory_authority_by"], "2025-03-13T09:15:00Z");
+    assert_eq!(d["data_subjects"], "not_required");
+    assert!(
+        d.get("media").is_none() && d.get("individuals_by").is_none(),
+        "{d}"
+    );
+    let d = decide(
+        json!({"jurisdiction": "GDPR", "discovered": "2025-03-10T09:15:00+01:00",
+        "affected_eu_subjects": 40, "high_risk": true}),
+    );
+    assert_eq!(d["data_subjects"], "without_undue_delay");
+    assert_eq!(d["supervisory_authority_by"], "2025-03-13T09:15:00+01:00");
+    let d = decide(
+        json!({"jurisdiction": "GDPR", "discovered": "2025-03-10T09:15:00Z",
+        "high_risk": true, "phi_encrypted_at_rest": true, "key_compromised": false}),
+    );
+    assert_eq!(d["data_subjects"], "not_required", "Art. 34(3)(a)");
+    assert_eq!(d["supervisory_authority"], "required");
+    let d = decide(
+        json!({"jurisdiction": "GDPR", "discovered": "2025-03-10T09:15:00Z", "risk": "unlikely"}),
+    );
+    assert_eq!(
+        (d["breach"].clone(), d["reason"].clone()),
+        (json!(false), json!("gdpr_unlikely_risk"))
+    );
+    assert_eq!(d["supervisory_authority"], "not_required_but_documented");
+    assert!(d.get("supervisory_authority_by").is_none());
+    assert_eq!(
+        decide(
+            json!({"jurisdiction": "GDPR", "discovered": "2025-03-10T09:15:00Z",
+        "risk": false})
+        )["reason"],
+        "gdpr_unlikely_risk"
+    );
+
+    // Business associates: 60 days from their discovery; without the covered entity's own
+    // discovery date its clock starts then too.
+    let d = decide(json!({"ba_discovered": "2025-02-01", "affected": {"OH": 20}}));
+    assert_eq!(d["ba_must_notify_covered_entity_by"], "2025-04-02");
+    assert_eq!(d["individuals_by"], "2025-04-02");
+    let d = decide(
+        json!({"ba_discovered": "2025-02-01", "discovered": "2025-03-01", "affected": {"OH": 20}}),
+    );
+    assert_eq!(d["ba_must_notify_covered_entity_by"], "2025-04-02");
+    assert_eq!(d["individuals_by"], "2025-04-30");
+
+    // Bad facts: one line, non-zero exit, naming what is wrong.
+    for (facts, says) in [
+        (
+            json!({"discovered": "2025-03-10", "affected": {"ZZ": 3}}),
+            "unknown state `ZZ`",
+        ),
+        (
+            json!({"discovered": "2099-01-01"}),
+            "`discovered` is in the future",
+        ),
+        (
+            json!({"discovered": "2025-02-30"}),
+            "`discovered` must be a date",
+        ),
+        (json!({"affected": {"CA": 3}}), "`discovered` is required"),
+        (
+            json!({"discovered": "2025-03-10", "affected": {"CA": -3}}),
+            "invalid value",
+        ),
+        (
+            json!({"discovered": "2025-03-10", "jurisdiction": "CCPA"}),
+            "unknown jurisdiction",
+        ),
+        (
+            json!({"discovered": "2025-03-10", "exception": "oops"}),
+            "unknown exception",
+        ),
+        (
+            json!({"discovered": "2025-03-10", "encrypted": true}),
+            "unknown field `encrypted`",
+        ),
+        (
+            json!({"jurisdiction": "GDPR", "discovered": "2025-03-10T09:00:00Z", "risk": "unlikely",
+            "high_risk": true}),
+            "contradictory facts",
+        ),
+        (
+            json!({"jurisdiction": "GDPR", "discovered": "2025-03-10T09:00:00Z",
+            "exception": "unable_to_retain"}),
+            "contradictory facts",
+        ),
+        (
+            json!({"discovered": "2025-03-10", "law_enforcement_delay":
+            {"kind": "written", "requested": "2025-03-12", "until": "2025-03-01"}}),
+            "contradictory facts",
+        ),
+        (
+            json!({"discovered": "2025-03-10", "law_enforcement_delay":
+            {"kind": "written", "requested": "2025-03-12"}}),
+            "give `until`",
+        ),
+        (
+            json!({"discovered": "2025-03-10", "law_enforcement_delay":
+            {"kind": "telepathic", "requested": "2025-03-12"}}),
+            "oral or written",
+        ),
+    ] {
+        let o = run(&facts);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{facts} was accepted");
+        assert!(err.contains(says), "{facts}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
+}
