@@ -57,7 +57,7 @@ pub struct NewUserInfo {
     pub practitioner_id: Option<String>,
 }
 
-fn id_err(e: IdentityError) -> VaultError {
+pub(crate) fn id_err(e: IdentityError) -> VaultError {
     match e {
         IdentityError::Store(s) => s.into(),
         IdentityError::Internal(m) => VaultError::Internal(m),

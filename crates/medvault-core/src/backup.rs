@@ -31,7 +31,7 @@ pub fn check_dump(input: &mut dyn Read) -> Result<SnapshotStats, VaultError> {
 }
 
 /// Meta key of the last drill's report (JSON).
-const LAST_DRILL: &str = "backup.last_drill";
+pub(crate) const LAST_DRILL: &str = "backup.last_drill";
 
 fn label(repo: &str) -> String {
     format!("backup-repository:{repo}")
@@ -211,6 +211,11 @@ impl Vault {
             return Err(VaultError::Unauthenticated);
         };
         rec.detail = Some(format!("backup.drill {report}"));
+        // When it ran, for the safeguards report's evidence.
+        let mut report = report.clone();
+        if let Some(o) = report.as_object_mut() {
+            o.insert("drilled_at".into(), serde_json::json!(self.now_unix()));
+        }
         self.commit(
             vec![Op::PutMeta {
                 key: LAST_DRILL.into(),

@@ -238,6 +238,22 @@ impl Vault {
         self.clock.now().unix_timestamp()
     }
 
+    /// Every staff profile's department (user → department), unaudited: for the training
+    /// dashboard's per-department completion, which its caller's read already records.
+    pub(crate) fn staff_profiles_unaudited(&self) -> Result<Vec<(String, String)>, VaultError> {
+        let rows: Vec<RosterEntry> = self
+            .store
+            .governance(STAFF)?
+            .iter()
+            .map(|r| self.open_governance(r))
+            .collect::<Result<_, _>>()?;
+        Ok(rows
+            .into_iter()
+            .filter(|r| !r.department.is_empty())
+            .map(|r| (r.user, r.department))
+            .collect())
+    }
+
     pub(crate) fn seal_governance(
         &self,
         kind: &str,

@@ -298,7 +298,7 @@ impl Vault {
         Ok((v, self.keyring.get(v)?))
     }
 
-    fn key_status_now(&self) -> Result<KeyStatus, VaultError> {
+    pub(crate) fn key_status_now(&self) -> Result<KeyStatus, VaultError> {
         let current = master_version(&self.store)?;
         let target = meta_u32(&self.store, TARGET)?;
         let census = self.store.master_key_census()?;

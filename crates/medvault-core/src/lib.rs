@@ -35,6 +35,7 @@ mod break_glass;
 mod bundle;
 mod caller;
 mod charts;
+mod compliance;
 mod destruction;
 mod detection;
 mod error;
@@ -65,6 +66,10 @@ pub use break_glass::{BreakGlassGrant, BreakGlassView};
 pub use bundle::EntryResult;
 pub use caller::{Caller, LocalOperator, ANONYMOUS};
 pub use charts::MAX_MY_PATIENTS;
+pub use compliance::{
+    AccountingRequest, CompletionInput, Environment, HhsReport, IncidentAction, NewIncident,
+    Reminder, SafeguardsReport, TrainingDashboard, TrainingSettings, UNKNOWN_STATE,
+};
 pub use destruction::{verify_certificate, DestructionView, LegalHoldView, SHRED_ACTION};
 pub use detection::{
     event_line, AlertChange, AlertView, DetectResponses, LiveDetection, StepReport,
@@ -251,6 +256,8 @@ pub struct Vault {
     destruction_signer: medvault_audit::note::NoteSigner,
     clock: Arc<dyn Clock>,
     options: VaultOptions,
+    /// What the serving process knows about its transport (for the safeguards report).
+    environment: std::sync::RwLock<compliance::Environment>,
 }
 
 fn load_or_create_meta(
@@ -371,6 +378,7 @@ impl Vault {
         let heard = keys.clone();
         store.on_key_eviction(Box::new(move |p| heard.evict(p)));
         let vault = Vault {
+            environment: std::sync::RwLock::default(),
             log: medvault_audit::log::TiledLog::new(origin, signer),
             identity: Identity::new(
                 store.clone(),

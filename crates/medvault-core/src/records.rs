@@ -413,7 +413,10 @@ pub struct Dashboard {
 }
 
 impl Vault {
-    fn rows<T: serde::de::DeserializeOwned>(&self, kind: &str) -> Result<Vec<T>, VaultError> {
+    pub(crate) fn rows<T: serde::de::DeserializeOwned>(
+        &self,
+        kind: &str,
+    ) -> Result<Vec<T>, VaultError> {
         self.store
             .governance(kind)?
             .iter()
@@ -421,7 +424,7 @@ impl Vault {
             .collect()
     }
 
-    fn row<T: serde::de::DeserializeOwned>(
+    pub(crate) fn row<T: serde::de::DeserializeOwned>(
         &self,
         kind: &str,
         id: &str,
@@ -432,7 +435,7 @@ impl Vault {
             .transpose()
     }
 
-    fn put<T: Serialize>(
+    pub(crate) fn put<T: Serialize>(
         &self,
         kind: &str,
         id: &str,

@@ -90,6 +90,10 @@ pub struct Facts {
     pub affected: BTreeMap<String, u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub affected_eu_subjects: Option<u64>,
+    /// Affected individuals whose state of residence is not known (they count toward the
+    /// 500 for HHS, not toward any state's media threshold).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affected_unknown_residence: Option<u64>,
     /// `HIPAA` (default) or `GDPR`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jurisdiction: Option<String>,
@@ -338,6 +342,7 @@ pub fn affected_total(f: &Facts) -> u64 {
     f.affected
         .values()
         .fold(0u64, |a, n| a.saturating_add(*n))
+        .saturating_add(f.affected_unknown_residence.unwrap_or(0))
         .max(f.affected_eu_subjects.unwrap_or(0))
 }
 
@@ -483,7 +488,10 @@ pub fn assess(f: &Facts, now: OffsetDateTime) -> Result<Decision, String> {
 
     let d = start.date();
     let by = day(plus_days(d, NOTIFY_DAYS)?);
-    let total = by_state.values().fold(0u64, |a, n| a.saturating_add(*n));
+    let total = by_state
+        .values()
+        .fold(0u64, |a, n| a.saturating_add(*n))
+        .saturating_add(f.affected_unknown_residence.unwrap_or(0));
     let (hhs, hhs_by) = if total >= HHS_CONTEMPORANEOUS_AT {
         (Hhs::Contemporaneous, by.clone())
     } else {

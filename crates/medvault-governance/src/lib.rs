@@ -10,10 +10,14 @@
 //! INVARIANT: an incident's timeline only grows, in time order.
 #![forbid(unsafe_code)]
 
+pub mod accounting;
 pub mod breach;
 pub mod destruction;
 pub mod records;
+pub mod response;
 pub mod retention;
+pub mod safeguards;
+pub mod training;
 
 use std::fmt;
 use std::str::FromStr;
@@ -219,6 +223,10 @@ pub struct Incident {
     pub opened_at: i64,
     pub status: IncidentStatus,
     pub timeline: Vec<TimelineEntry>,
+    /// The response: severity, roles, playbook tasks, phases, evidence, scope, affected
+    /// individuals and the breach decision (empty until someone works the incident).
+    #[serde(default)]
+    pub response: response::Response,
 }
 
 impl Incident {
@@ -242,6 +250,7 @@ impl Incident {
                 actor: opened_by.to_owned(),
                 action: "incident opened".into(),
             }],
+            response: response::Response::default(),
         }
     }
 

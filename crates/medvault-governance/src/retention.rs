@@ -94,6 +94,20 @@ pub fn anniversary(d: Date, years: u32) -> Result<Date, String> {
         .map_err(|_| "the period runs past the calendar".to_owned())
 }
 
+/// The date `years` before `d`: 29 February falls on 28 February in a common year.
+///
+/// # Errors
+/// A date before the calendar's start.
+pub fn anniversary_before(d: Date, years: u32) -> Result<Date, String> {
+    let y = i32::try_from(years)
+        .ok()
+        .and_then(|n| d.year().checked_sub(n))
+        .ok_or("the period runs past the calendar")?;
+    Date::from_calendar_date(y, d.month(), d.day())
+        .or_else(|_| Date::from_calendar_date(y, Month::February, 28))
+        .map_err(|_| "the period runs past the calendar".to_owned())
+}
+
 /// Decides one case as of `today` (used when the case gives no `as_of`).
 ///
 /// # Errors

@@ -27,6 +27,10 @@ pub struct AccountView {
     pub practitioner_id: Option<String>,
     /// Whether the user's required training is current (PHI access depends on it).
     pub training_current: bool,
+    /// Whether a second factor is in use: a passkey, or a TOTP code accepted since the
+    /// seed was last set (an MFA reset leaves the account without one until then).
+    #[serde(default)]
+    pub mfa_confirmed: bool,
 }
 
 /// One session as its owner sees it: `id` is a public handle (not the token).
@@ -107,8 +111,10 @@ impl Identity {
             .map(|u| {
                 let attempt = Attempt::new(&self.mac, &u.username, None);
                 let rows = self.store.throttle(&attempt.keys())?;
+                let passkeys = self.store.credentials(&u.username, PASSKEY)?.len();
                 Ok(AccountView {
-                    passkeys: self.store.credentials(&u.username, PASSKEY)?.len(),
+                    mfa_confirmed: passkeys > 0 || u.totp_last_step > 0,
+                    passkeys,
                     recovery_codes: self.store.credentials(&u.username, RECOVERY)?.len(),
                     locked_for: attempt.account_retry_after(&self.lockout, &rows, now),
                     last_login: (u.last_login > 0).then_some(u.last_login),

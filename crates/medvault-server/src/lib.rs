@@ -9,6 +9,7 @@
 
 mod admin;
 mod auth;
+mod compliance;
 mod destruction;
 mod detect;
 mod error;
@@ -302,7 +303,61 @@ fn routes(state: AppState, console: Option<Router>) -> Router {
             "/api/break-glass/{id}/review",
             post(admin::review_break_glass),
         )
-        .route("/api/incidents", get(admin::incidents))
+        .route(
+            "/api/incidents",
+            get(admin::incidents).post(compliance::open_incident),
+        )
+        .route(
+            "/api/incidents/{id}",
+            get(compliance::incident).post(compliance::act),
+        )
+        .route("/api/incidents/{id}/letter", get(compliance::letter))
+        .route(
+            "/api/incidents/{id}/hhs-report",
+            get(compliance::hhs_report),
+        )
+        .route("/api/breach/assess", post(compliance::assess))
+        .route(
+            "/api/patients/{id}/accounting-requests",
+            post(compliance::request_accounting),
+        )
+        .route(
+            "/api/accounting-requests",
+            get(compliance::accounting_requests),
+        )
+        .route(
+            "/api/accounting-requests/{id}/extend",
+            post(compliance::extend_accounting),
+        )
+        .route(
+            "/api/accounting-requests/{id}/provided",
+            post(compliance::accounting_provided),
+        )
+        .route("/api/assets", get(compliance::assets))
+        .route(
+            "/api/assets/{id}",
+            axum::routing::put(compliance::put_asset),
+        )
+        .route("/api/training", get(compliance::training))
+        .route("/api/training/mine", get(compliance::my_training))
+        .route(
+            "/api/training/courses/{id}",
+            axum::routing::put(compliance::put_course),
+        )
+        .route(
+            "/api/training/settings",
+            axum::routing::put(compliance::training_settings),
+        )
+        .route("/api/training/completions", post(compliance::complete))
+        .route("/api/training/phishing", post(compliance::phishing))
+        .route("/api/compliance/safeguards", get(compliance::safeguards))
+        .route("/api/compliance/attestations", post(compliance::attest))
+        .route(
+            "/api/compliance/risks/{id}",
+            axum::routing::put(compliance::put_risk),
+        )
+        .route("/api/compliance/reviews", post(compliance::review))
+        .route("/api/reminders", get(compliance::reminders))
         .route("/api/staff", get(detect::staff))
         .route("/api/staff/import", post(detect::import_staff))
         .route("/api/staff/{user}", axum::routing::put(detect::put_staff))

@@ -16,7 +16,7 @@ use crate::admin::{text, QueryResult};
 use crate::{as_caller, blocking, body_bytes, caller, plain_json, ApiError, AppState, Ctx};
 
 /// Reads a JSON body of shape `T`; a body that does not parse is a 400 naming why.
-async fn body<T: DeserializeOwned>(
+pub(crate) async fn body<T: DeserializeOwned>(
     state: &AppState,
     req: Request,
     shape: &str,

@@ -330,6 +330,13 @@ str_enum!(
         RetentionRead => "retention.read",
         RetentionPropose => "retention.propose",
         RetentionApprove => "retention.approve",
+        PrivacyRequests => "privacy.requests",
+        IncidentManage => "incident.manage",
+        TrainingManage => "training.manage",
+        TrainingRead => "training.read",
+        TrainingComplete => "training.complete",
+        ComplianceRead => "compliance.read",
+        ComplianceManage => "compliance.manage",
     }
 );
 

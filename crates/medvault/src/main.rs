@@ -217,6 +217,17 @@ enum Command {
         #[command(subcommand)]
         command: detect_cli::DetectCommand,
     },
+    /// The accounting of disclosures (45 CFR 164.528): record a patient's request and its
+    /// clock.
+    Disclosures {
+        #[command(subcommand)]
+        command: DisclosuresCommand,
+    },
+    /// The Security Rule self-assessment with live evidence (as the local operator).
+    Compliance {
+        #[command(subcommand)]
+        command: ComplianceCommand,
+    },
     /// Breach assessment (45 CFR 164.402–414, GDPR Art. 33/34): decide from the facts
     /// whether an event is a notifiable breach and by when each party must be told.
     Breach {
@@ -225,6 +236,30 @@ enum Command {
     },
     /// Print the current code for a TOTP secret (base32), as an authenticator app would.
     TotpCode { secret: String },
+}
+
+#[derive(Subcommand)]
+enum DisclosuresCommand {
+    /// Record a request for an accounting of disclosures received on `--requested`
+    /// (YYYY-MM-DD) → {"covers_from", "respond_by", "extension_once_days", "excludes"}.
+    Request {
+        #[arg(long)]
+        patient: String,
+        #[arg(long)]
+        requested: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ComplianceCommand {
+    /// The safeguards report: each safeguard, its live evidence or attestation, findings,
+    /// risks and the review cadence.
+    Safeguards {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -775,6 +810,61 @@ fn run(cli: Cli) -> Result<()> {
         Command::Hold { command } => destroy::hold(&dir, command),
         Command::Detect { command } => detect_cli::run(&dir, command),
         Command::Charts { command } => charts_cli::run(&dir, command),
+        Command::Disclosures {
+            command:
+                DisclosuresCommand::Request {
+                    patient,
+                    requested,
+                    json,
+                },
+        } => {
+            let (_cfg, vault, op) = open(&dir)?;
+            let r = vault
+                .request_accounting(
+                    &Caller::cli(&op, Role::PrivacyOfficer),
+                    &patient,
+                    &requested,
+                )
+                .map_err(describe)?;
+            if json {
+                println!(
+                    "{}",
+                    json!({"covers_from": r.clock.covers_from, "respond_by": r.clock.respond_by,
+                        "extension_once_days": r.clock.extension_once_days,
+                        "excludes": r.clock.excludes})
+                );
+            } else {
+                println!(
+                    "request {} recorded: covers disclosures from {}; respond by {} (one extension of {} days allowed)",
+                    r.id, r.clock.covers_from, r.clock.respond_by, r.clock.extension_once_days
+                );
+            }
+            Ok(())
+        }
+        Command::Compliance {
+            command: ComplianceCommand::Safeguards { json },
+        } => {
+            let (cfg, vault, op) = open(&dir)?;
+            vault.set_environment(medvault_core::Environment {
+                tls: Some("TLS 1.3 only (rustls)".into()),
+                certificate_not_after: certificate_not_after(&dir.join(&cfg.tls.cert)),
+            });
+            let r = vault
+                .safeguards(&Caller::cli(&op, Role::SecurityAdmin))
+                .map_err(describe)?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+                return Ok(());
+            }
+            for a in &r.assessed {
+                println!(
+                    "{:<13} {:<24} {} — {}",
+                    a.status, a.safeguard.cfr, a.safeguard.title, a.evidence
+                );
+            }
+            println!("next risk review due {}", r.next_review_due);
+            Ok(())
+        }
         Command::Breach {
             command: BreachCommand::Assess { facts, json },
         } => {
@@ -1481,6 +1571,9 @@ fn serve_vault_on(
     let checkpointer = Caller::system(&op, "checkpointer");
     // Accounts unused past `session.dormant_after_days` are disabled at start and hourly.
     let warden = Caller::system(&op, "dormant-accounts");
+    // Staff whose assigned training lapsed past the grace period lose PHI access (and
+    // regain it when current) at start and hourly, besides at each training change.
+    let trainer = Caller::system(&op, "training");
     let signer = std::thread::Builder::new()
         .name("medvault-checkpoints".into())
         .spawn(move || {
@@ -1493,6 +1586,13 @@ fn serve_vault_on(
                         }
                         Ok(_) => {}
                         Err(e) => tracing::error!(error = ?e, "could not disable dormant accounts"),
+                    }
+                    match signer_vault.training_sweep(&trainer) {
+                        Ok(changed) if !changed.is_empty() => {
+                            tracing::info!(accounts = changed.len(), "training standing changed")
+                        }
+                        Ok(_) => {}
+                        Err(e) => tracing::error!(error = ?e, "could not sweep training standing"),
                     }
                 }
                 tick = tick.wrapping_add(1);
@@ -1565,6 +1665,10 @@ fn serve_vault_on(
             tracing::warn!(error = %e, "passkeys are unavailable: set server.public_base_url to a DNS name");
         }
         vault.set_oidc_providers(oidc_providers);
+        vault.set_environment(medvault_core::Environment {
+            tls: Some("TLS 1.3 only (rustls)".into()),
+            certificate_not_after: certificate_not_after(&dir.join(&cfg.tls.cert)),
+        });
         let console = medvault_web::router(
             vault.clone(),
             medvault_web::ConsoleOptions {
@@ -2180,4 +2284,12 @@ fn bench(
         }
     }
     Ok(())
+}
+
+/// The `notAfter` of the PEM certificate at `path` (Unix seconds), if it parses.
+fn certificate_not_after(path: &Path) -> Option<i64> {
+    let pem = std::fs::read(path).ok()?;
+    let (_, p) = x509_parser::pem::parse_x509_pem(&pem).ok()?;
+    let cert = p.parse_x509().ok()?;
+    Some(cert.validity().not_after.timestamp())
 }

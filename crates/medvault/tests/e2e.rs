@@ -6885,7 +6885,9 @@ fn break_the_glass_end_to_end_and_searches_cannot_leak_other_charts() {
         timeline.contains("read Observation/") && timeline.contains("under break-the-glass"),
         "the timeline lists what was accessed under the grant: {timeline}"
     );
-    assert_eq!(s.get("/api/incidents", &sa).status, 403);
+    // Security officers share the incident list (issue 16: incident response roles).
+    assert_eq!(s.get("/api/incidents", &sa).status, 200);
+    assert_eq!(s.get("/api/incidents", &nurse).status, 403);
     assert!(
         s.get("/api/break-glass/reviews", &po).body["reviews"]
             .as_array()
@@ -11548,4 +11550,671 @@ fn breach_assess_json_contract_through_the_cli() {
         assert!(err.contains(says), "{facts}: {err}");
         assert_eq!(err.trim().lines().count(), 1, "{err}");
     }
+}
+
+/// Issue 16, end to end: an incident opened from a confirmed snooping alert computes its
+/// affected individuals from the audit log (counted per state of residence), runs its
+/// response (roles, notification tree, playbook, phases, sealed evidence), decides breach
+/// with deadlines, and produces the notification letter and the HHS report's fields; the
+/// accounting-of-disclosures request clock through the CLI; bad input refused.
+#[test]
+fn incident_from_a_snooping_alert_to_breach_letter_and_hhs_report() {
+    let (_t, dir, staff) = setup();
+    let s = Server::start(&dir, &[]);
+    let desk = staff_token(&s, &staff, "front_desk");
+    let nurse = staff_token(&s, &staff, "nurse");
+    let po = staff_token(&s, &staff, "privacy_officer");
+    let admin = staff_token(&s, &staff, "security_admin");
+    let (nurse_name, _, _) = staff.get("nurse");
+    let (po_name, _, _) = staff.get("privacy_officer");
+    let (admin_name, _, _) = staff.get("security_admin");
+    let with_state = |family: &str, mrn: &str, state: Option<&str>| {
+        let mut p = patient_body(family, mrn);
+        let mut a = json!({"use": "home", "line": ["1 Main St"], "city": "Springfield", "postalCode": "00001"});
+        if let Some(st) = state {
+            a["state"] = json!(st);
+        }
+        p["address"] = json!([a]);
+        p
+    };
+    let mut ids = vec![];
+    for (f, m, st) in [
+        ("Okonkwo", "MRN-16-1", Some("CA")),
+        ("Brandt", "MRN-16-2", Some("tx")),
+        ("Nowhere", "MRN-16-3", None),
+    ] {
+        let r = s.post("/fhir/Patient", &desk, &with_state(f, m, st));
+        assert_eq!(r.status, 201, "{:?}", r.body);
+        ids.push(created_id(&r));
+    }
+    let own = ids[0].clone();
+    let roster = dir.parent().unwrap().join("roster.csv");
+    std::fs::write(
+        &roster,
+        format!(
+            "user,family,given,address,department,role,shift_start,shift_end,patient_id,hired\n\
+             e2e.physician,Okonkwo,Ada,\"3 Birch Row, Springfield\",cardiology,physician,0,0,{own},2020-01-01\n\
+             e2e.nurse,Lind,Sol,\"9 Elm Row, Springfield\",oncology,nurse,0,0,,2020-01-01\n"
+        ),
+    )
+    .unwrap();
+    assert!(
+        medvault(&dir, &["staff", "import", roster.to_str().unwrap()])
+            .status
+            .success()
+    );
+
+    // The accounting-of-disclosures request clock through the CLI (a real chart).
+    let acct = json_out(&medvault(
+        &dir,
+        &[
+            "disclosures",
+            "request",
+            "--patient",
+            &ids[1],
+            "--requested",
+            "2026-03-10",
+            "--json",
+        ],
+    ));
+    assert_eq!(acct["covers_from"], "2020-03-10");
+    assert_eq!(acct["respond_by"], "2026-05-09");
+    assert_eq!(acct["extension_once_days"], 30);
+    let excl: Vec<&str> = acct["excludes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    for e in [
+        "treatment",
+        "payment",
+        "operations",
+        "to_individual",
+        "incident_to_permitted",
+        "authorization",
+        "facility_directory",
+        "national_security",
+        "correctional_custody",
+        "limited_data_set",
+    ] {
+        assert!(excl.contains(&e), "{e} not in {excl:?}");
+    }
+    for (args, says) in [
+        (
+            vec!["--patient", ids[1].as_str(), "--requested", "2999-01-01"],
+            "in the future",
+        ),
+        (
+            vec!["--patient", ids[1].as_str(), "--requested", "10/03/2026"],
+            "must be a date",
+        ),
+        (
+            vec!["--patient", "no-such-patient", "--requested", "2026-03-10"],
+            "not found",
+        ),
+    ] {
+        let mut a = vec!["disclosures", "request"];
+        a.extend(args);
+        let o = medvault(&dir, &a);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(says), "{a:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
+    let r = s.get("/api/accounting-requests", &po);
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let req_id = r.body["requests"][0]["id"].as_str().unwrap().to_owned();
+    let ext = |body: Value| {
+        s.post(
+            &format!("/api/accounting-requests/{req_id}/extend"),
+            &po,
+            &body,
+        )
+    };
+    let r = ext(json!({"reason": "records are being retrieved from off-site storage"}));
+    assert_eq!(
+        (r.status, r.body["respond_by"].clone()),
+        (200, json!("2026-06-08")),
+        "{:?}",
+        r.body
+    );
+    assert_eq!(
+        ext(json!({"reason": "again"})).status,
+        409,
+        "one extension only"
+    );
+    assert_eq!(s.get("/api/accounting-requests", &nurse).status, 403);
+
+    // The nurse breaks the glass for the coworker's chart and looks at two more patients.
+    let r = s.post(
+        "/api/break-glass",
+        &nurse,
+        &json!({"patient": own, "reason": "medical-emergency",
+            "justification": "collapsed at the nurses' station, unresponsive"}),
+    );
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    for id in &ids {
+        let r = s.get(&format!("/fhir/Patient/{id}"), &nurse);
+        assert_eq!(r.status, 200, "{:?}", r.body);
+    }
+    let mut alert = None;
+    for _ in 0..100 {
+        let r = s.get("/api/alerts", &po);
+        if let Some(a) = r.body["alerts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["type"] == "coworker_snooping")
+        {
+            alert = Some(a["id"].as_str().unwrap().to_owned());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let alert = alert.expect("a coworker-snooping alert");
+    let st = |body: Value| s.post(&format!("/api/alerts/{alert}/status"), &po, &body);
+    assert_eq!(st(json!({"status": "triage"})).status, 200);
+    let r = st(json!({"status": "confirmed", "reason": "no clinical reason; employee complaint"}));
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let incident = r.body["incident"].as_str().unwrap().to_owned();
+    let act = |tok: &str, body: Value| s.post(&format!("/api/incidents/{incident}"), tok, &body);
+
+    // The response: roles, the notification tree, a playbook, phases, sealed evidence.
+    for (role, user) in [
+        ("incident_lead", po_name),
+        ("privacy_officer", po_name),
+        ("security_officer", admin_name),
+        ("legal", admin_name),
+    ] {
+        let r = act(&po, json!({"action": "assign", "role": role, "user": user}));
+        assert_eq!(r.status, 200, "{:?}", r.body);
+    }
+    let r = act(&po, json!({"action": "severity", "severity": "high"}));
+    let notices = r.body["response"]["notices"].as_array().unwrap().clone();
+    assert_eq!(
+        notices.len(),
+        4,
+        "high tells lead, privacy, security and legal: {notices:?}"
+    );
+    let r = act(&admin, json!({"action": "acknowledge"}));
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert!(r.body["response"]["notices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["user"] == admin_name)
+        .all(|n| n["acknowledged_at"].is_i64()));
+    let r = act(
+        &po,
+        json!({"action": "playbook", "playbook": "snooping_employee"}),
+    );
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body["response"]["tasks"].as_array().unwrap().len(), 5);
+    assert_eq!(act(&po, json!({"action": "task", "task": 1})).status, 200);
+    assert_eq!(act(&po, json!({"action": "task", "task": 1})).status, 409);
+    let r = act(&po, json!({"action": "phase", "phase": "contained"}));
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert!(r.body["response"]["phases"]["contained"].is_i64());
+    let r = act(
+        &po,
+        json!({"action": "evidence", "name": "interview notes", "content": "Nurse Lind admits curiosity about Pelican"}),
+    );
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert!(r.body["response"]["evidence"][0]["sha256"]
+        .as_str()
+        .unwrap()
+        .starts_with("sha256:"));
+
+    // Affected individuals from the audit log, per state of residence.
+    let r = act(&po, json!({"action": "compute_affected"}));
+    assert_eq!(r.status, 400, "no scope yet: {:?}", r.body);
+    let from = (time::OffsetDateTime::now_utc() - time::Duration::hours(1))
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    let to = (time::OffsetDateTime::now_utc() + time::Duration::minutes(1))
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    let r = act(
+        &po,
+        json!({"action": "scope", "accounts": [nurse_name], "from": from, "to": to}),
+    );
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let r = act(&po, json!({"action": "compute_affected"}));
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(
+        r.body["response"]["affected"],
+        json!({"CA": 1, "TX": 1, "unknown": 1})
+    );
+    let mut listed: Vec<String> = r.body["patients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap().to_owned())
+        .collect();
+    listed.sort();
+    let mut want = ids.clone();
+    want.sort();
+    assert_eq!(listed, want);
+
+    // Breach decided, deadlines shown; the letter and the HHS report's fields.
+    let r = act(
+        &po,
+        json!({"action": "assess", "facts": {"affected": {"ZZ": 1}}}),
+    );
+    assert_eq!(r.status, 400, "unknown state: {:?}", r.body);
+    let r = act(&po, json!({"action": "assess"}));
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let d = &r.body["response"]["decision"];
+    assert_eq!(
+        (d["breach"].clone(), d["reason"].clone()),
+        (json!(true), json!("presumed_breach")),
+        "{d}"
+    );
+    let today = time::OffsetDateTime::now_utc().date();
+    let by = today + time::Duration::days(60);
+    let by = format!(
+        "{:04}-{:02}-{:02}",
+        by.year(),
+        u8::from(by.month()),
+        by.day()
+    );
+    assert_eq!(d["individuals_by"], by.as_str());
+    assert_eq!(d["hhs"], "annual_log");
+    assert_eq!(d["media"], json!([]));
+    let r = s.get("/api/reminders", &po);
+    assert!(
+        r.body["reminders"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x["text"].as_str().unwrap().contains("notify individuals")),
+        "{:?}",
+        r.body
+    );
+    let get_text = |p: &str, t: &str| {
+        let r = s.get(p, t);
+        (
+            r.status,
+            r.body
+                .as_str()
+                .map_or_else(|| r.body.to_string(), str::to_owned),
+        )
+    };
+    let letter = get_text(
+        &format!("/api/incidents/{incident}/letter?patient={own}"),
+        &po,
+    );
+    assert_eq!(letter.0, 200, "{}", letter.1);
+    assert!(
+        letter.1.contains("Ada Okonkwo") && letter.1.contains("1 Main St"),
+        "{}",
+        letter.1
+    );
+    assert!(
+        letter.1.contains(&by) && letter.1.contains("45 CFR 164.404"),
+        "{}",
+        letter.1
+    );
+    assert_eq!(
+        get_text(
+            &format!("/api/incidents/{incident}/letter?patient=someone-else"),
+            &po
+        )
+        .0,
+        400
+    );
+    assert_eq!(
+        get_text(
+            &format!("/api/incidents/{incident}/letter?patient={own}"),
+            &nurse
+        )
+        .0,
+        403
+    );
+    let r = s.get(&format!("/api/incidents/{incident}/hhs-report"), &po);
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body["approximate_individuals_affected"], 3);
+    assert_eq!(
+        r.body["individuals_by_state"],
+        json!({"CA": 1, "TX": 1, "unknown": 1})
+    );
+    assert_eq!(r.body["type_of_breach"], "Unauthorized Access/Disclosure");
+    assert_eq!(
+        r.body["location_of_breached_information"],
+        "Electronic Medical Record"
+    );
+    assert_eq!(r.body["individual_notice_provided_by"], by.as_str());
+    // The timeline tells every step; the incident closes once.
+    let r = s.get(&format!("/api/incidents/{incident}"), &admin);
+    let timeline = r.body["timeline"].to_string();
+    for step in [
+        "severity set to high",
+        "playbook snooping_employee",
+        "phase contained",
+        "evidence attached",
+        "affected individuals computed",
+        "breach assessed",
+    ] {
+        assert!(timeline.contains(step), "{step}: {timeline}");
+    }
+    // Evidence is sealed: its text is not in the data directory.
+    assert!(scan_for(&dir, &["curiosity about Pelican"]).is_empty());
+    // Bad input.
+    for body in [
+        json!({"action": "severity", "severity": "apocalyptic"}),
+        json!({"action": "assign", "role": "janitor", "user": po_name}),
+        json!({"action": "assign", "role": "legal", "user": "nobody-here"}),
+        json!({"action": "playbook", "playbook": "aliens"}),
+        json!({"action": "phase", "phase": "contained"}),
+        json!({"action": "scope", "accounts": [], "from": from, "to": to}),
+        json!({"action": "scope", "accounts": ["x"], "from": to, "to": from}),
+        json!({"action": "fly"}),
+    ] {
+        let r = act(&po, body.clone());
+        assert!(matches!(r.status, 400 | 409), "{body}: {:?}", r.body);
+        assert_eq!(r.body["resourceType"], "OperationOutcome", "{body}");
+    }
+    assert_eq!(
+        act(&nurse, json!({"action": "note", "text": "hi"})).status,
+        403
+    );
+    assert_eq!(
+        act(
+            &po,
+            json!({"action": "close", "note": "sanctioned; letters sent"})
+        )
+        .status,
+        200
+    );
+    assert_eq!(
+        act(&po, json!({"action": "note", "text": "late"})).status,
+        409
+    );
+    // The breach rule over HTTP too.
+    let r = s.post(
+        "/api/breach/assess",
+        &po,
+        &json!({"discovered": "2025-03-10", "affected": {"TX": 501}}),
+    );
+    assert_eq!((r.status, r.body["media"].clone()), (200, json!(["TX"])));
+    let r = s.post(
+        "/api/breach/assess",
+        &po,
+        &json!({"discovered": "2099-03-10"}),
+    );
+    assert_eq!(r.status, 400);
+}
+
+/// Issue 16, end to end: a nurse whose assigned training lapses past the grace period
+/// loses PHI access (break-the-glass excepted) and regains it on completing the course;
+/// the safeguards report's live evidence changes when a backup drill runs and when a
+/// user's second factor is reset; bad training input is refused.
+#[test]
+fn training_lapse_closes_phi_and_safeguards_show_live_evidence() {
+    let (_t, dir, staff) = setup();
+    let charts = three_charts(&dir, &staff);
+    let s = Server::start(&dir, &[]);
+    let nurse = staff_token(&s, &staff, "nurse");
+    let sa = staff_token(&s, &staff, "security_admin");
+    let po = staff_token(&s, &staff, "privacy_officer");
+    let (nurse_name, _, _) = staff.get("nurse");
+    let vitals = format!("/fhir/{}", charts[0][1]);
+    assert_eq!(s.get(&vitals, &nurse).status, 200);
+    let day = |days_ago: i64| {
+        let d = time::OffsetDateTime::now_utc().date() - time::Duration::days(days_ago);
+        format!("{:04}-{:02}-{:02}", d.year(), u8::from(d.month()), d.day())
+    };
+    let put = |path: &str, tok: &str, body: Value| {
+        s.call(
+            "PUT",
+            path,
+            Some(tok),
+            Some(body.to_string().as_bytes()),
+            &[],
+        )
+    };
+
+    // Assigned 100 days ago, never taken, 14 days' grace: lapsed at once.
+    let r = put(
+        "/api/training/courses/sec-aware",
+        &sa,
+        json!({"title": "Security awareness", "topic": "security_awareness",
+            "roles": ["nurse"], "assigned": day(100)}),
+    );
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let r = s.get(&vitals, &nurse);
+    assert_eq!(r.status, 403, "{:?}", r.body);
+    assert!(
+        r.body.to_string().contains("training-lapsed"),
+        "{:?}",
+        r.body
+    );
+    let r = s.get("/api/reminders", &nurse);
+    assert!(
+        r.body["reminders"][0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("Security awareness"),
+        "{:?}",
+        r.body
+    );
+    // Break-the-glass is excepted.
+    let other = charts[1][0].trim_start_matches("Patient/");
+    let r = s.post(
+        "/api/break-glass",
+        &nurse,
+        &json!({"patient": other, "reason": "medical-emergency",
+            "justification": "arrived unconscious in the emergency department"}),
+    );
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    assert_eq!(
+        s.get(&format!("/fhir/{}", charts[1][1]), &nurse).status,
+        200
+    );
+    // A vendor's record from eight months ago does not make it current; the nurse's own
+    // completion today does, at once.
+    let complete = |tok: &str, body: Value| s.post("/api/training/completions", tok, &body);
+    let r = complete(
+        &sa,
+        json!({"user": nurse_name, "course": "sec-aware", "completed": day(240),
+            "attestation": "vendor LMS record 4471"}),
+    );
+    assert_eq!(
+        (r.status, r.body["current"].clone()),
+        (201, json!(false)),
+        "{:?}",
+        r.body
+    );
+    assert_eq!(s.get(&vitals, &nurse).status, 403);
+    for (tok, body, status) in [
+        (
+            &nurse,
+            json!({"course": "sec-aware", "attestation": "x", "completed": day(1)}),
+            400,
+        ),
+        (
+            &nurse,
+            json!({"course": "no-such", "attestation": "I did it"}),
+            400,
+        ),
+        (
+            &nurse,
+            json!({"course": "sec-aware", "attestation": "  "}),
+            400,
+        ),
+        (
+            &nurse,
+            json!({"user": "e2e.physician", "course": "sec-aware", "attestation": "for a friend"}),
+            403,
+        ),
+        (
+            &sa,
+            json!({"user": nurse_name, "course": "sec-aware", "completed": day(-3), "attestation": "x"}),
+            400,
+        ),
+        (
+            &sa,
+            json!({"user": "e2e.physician", "course": "sec-aware", "attestation": "not assigned"}),
+            400,
+        ),
+    ] {
+        let r = complete(tok, body.clone());
+        assert_eq!(r.status, status, "{body}: {:?}", r.body);
+    }
+    let r = complete(
+        &nurse,
+        json!({"course": "sec-aware", "attestation": "I completed the course and will follow it"}),
+    );
+    assert_eq!(
+        (r.status, r.body["current"].clone()),
+        (201, json!(true)),
+        "{:?}",
+        r.body
+    );
+    assert_eq!(
+        s.get(&vitals, &nurse).status,
+        200,
+        "access back on completion"
+    );
+    let r = s.get("/api/training", &po);
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert!(r.body["standings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|x| x["user"] == nurse_name && x["current"] == true));
+    assert_eq!(s.get("/api/training", &nurse).status, 403);
+    for (body, status) in [
+        (
+            json!({"title": "x", "topic": "knitting", "roles": ["nurse"]}),
+            400,
+        ),
+        (
+            json!({"title": "x", "topic": "privacy", "roles": ["astronaut"]}),
+            400,
+        ),
+        (
+            json!({"title": "x", "topic": "privacy", "roles": ["nurse"], "renewal_months": 0}),
+            400,
+        ),
+        (
+            json!({"title": "x", "topic": "privacy", "roles": ["nurse"], "assigned": day(-5)}),
+            400,
+        ),
+    ] {
+        let r = put("/api/training/courses/bad", &sa, body.clone());
+        assert_eq!(r.status, status, "{body}: {:?}", r.body);
+    }
+    let csv = |text: &str| {
+        s.call(
+            "POST",
+            "/api/training/phishing",
+            Some(&sa),
+            Some(text.as_bytes()),
+            &[("Content-Type", "text/csv")],
+        )
+    };
+    let r = csv(&format!(
+        "user,campaign,clicked,reported,date\n{nurse_name},Q4 invoice lure,yes,no,{}\n",
+        day(3)
+    ));
+    assert_eq!(
+        (r.status, r.body["imported"].clone()),
+        (200, json!(1)),
+        "{:?}",
+        r.body
+    );
+    let r = csv("user,campaign\nx,y\n");
+    assert_eq!(r.status, 400);
+
+    // The safeguards report: live evidence for backups and MFA, changing as they change.
+    let get = |id: &str| -> Value {
+        let r = s.get("/api/compliance/safeguards", &sa);
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        r.body["assessed"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["safeguard"]["id"] == id)
+            .unwrap()
+            .clone()
+    };
+    let b = get("data-backup");
+    assert_eq!(
+        (b["status"].clone(), b["source"].clone()),
+        (json!("not_met"), json!("live")),
+        "{b}"
+    );
+    assert!(
+        b["evidence"].as_str().unwrap().contains("no restore drill"),
+        "{b}"
+    );
+    json_out(&medvault(&dir, &["backup", "create", "--json"]));
+    json_out(&medvault(&dir, &["backup", "drill", "--json"]));
+    let b = get("data-backup");
+    assert_eq!(b["status"], "met", "{b}");
+    assert!(b["evidence"].as_str().unwrap().contains("RTO"), "{b}");
+    let m = get("password-management");
+    assert!(!m["evidence"].as_str().unwrap().contains(nurse_name), "{m}");
+    let r = s.post(
+        &format!("/api/users/{nurse_name}/mfa-reset"),
+        &sa,
+        &json!({}),
+    );
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let m = get("password-management");
+    assert_eq!(m["status"], "not_met", "{m}");
+    assert!(m["evidence"].as_str().unwrap().contains(nurse_name), "{m}");
+    let r = s.get("/api/compliance/safeguards", &sa);
+    assert!(r.body["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|f| f["safeguard"]["id"] == "password-management"));
+    assert_eq!(
+        r.body["assessed"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["safeguard"]["id"] == "transmission-security")
+            .unwrap()["source"],
+        "live"
+    );
+    // Attestations for what medvault cannot see; risks; the quarterly review.
+    let r = s.post("/api/compliance/attestations", &po, &json!({"safeguard": "sanction-policy",
+        "owner": "HR director", "date": day(10), "note": "sanctions policy v3 signed", "in_place": true}));
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    assert_eq!(get("sanction-policy")["status"], "attested");
+    let r = s.post(
+        "/api/compliance/attestations",
+        &po,
+        &json!({"safeguard": "data-backup",
+        "owner": "x", "date": day(1), "note": "y", "in_place": true}),
+    );
+    assert_eq!(r.status, 400, "live evidence is not attested over");
+    let r = put(
+        "/api/compliance/risks/r1",
+        &po,
+        json!({"title": "Stolen laptops", "likelihood": 3,
+        "impact": 4, "owner": "CISO", "treatment": "mitigate", "review_by": day(-90)}),
+    );
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let r = put(
+        "/api/compliance/risks/r2",
+        &po,
+        json!({"title": "x", "likelihood": 9,
+        "impact": 4, "owner": "CISO", "treatment": "mitigate", "review_by": day(-90)}),
+    );
+    assert_eq!(r.status, 400);
+    let r = s.post("/api/compliance/reviews", &sa, &json!({}));
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    assert_eq!(r.body["reviews_12_months"], 1);
+    assert_eq!(r.body["risks"][0]["title"], "Stolen laptops");
+    // (The MFA reset ended the nurse's sessions.)
+    assert_eq!(s.get("/api/compliance/safeguards", &nurse).status, 401);
+    let physician = staff_token(&s, &staff, "physician");
+    assert_eq!(s.get("/api/compliance/safeguards", &physician).status, 403);
+    // The CLI shows the same report.
+    let cli = json_out(&medvault(&dir, &["compliance", "safeguards", "--json"]));
+    assert!(cli["assessed"].as_array().unwrap().len() > 20);
 }

@@ -1,0 +1,365 @@
+//! Compliance over HTTP (SPEC "Compliance, incidents and training"): accounting-of-
+//! disclosures requests, breach assessment, incidents and their response, the asset
+//! inventory, training, the safeguards report and risk register, and reminders. Handlers
+//! parse, call the gate and render; every decision and audit record is the gate's.
+
+use axum::extract::{Path, Request, State};
+use axum::http::StatusCode;
+use axum::response::Response;
+use medvault_core::governance::breach;
+use medvault_core::governance::response::Asset;
+use medvault_core::governance::safeguards::{Attestation, Risk};
+use medvault_core::governance::training::Course;
+use medvault_core::{CompletionInput, IncidentAction, NewIncident, TrainingSettings};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::admin::{text, QueryResult};
+use crate::records::body;
+use crate::{as_caller, blocking, body_bytes, caller, plain_json, ApiError, AppState, Ctx};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Requested {
+    requested: String,
+}
+
+/// `POST /api/patients/{id}/accounting-requests {"requested": "YYYY-MM-DD"}` → `201`.
+pub(crate) async fn request_accounting(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let c = caller(&state, &ctx).await?;
+    let r: Requested = body(&state, req, "{\"requested\": \"YYYY-MM-DD\"}").await?;
+    let vault = state.vault.clone();
+    let out = blocking(move || vault.request_accounting(&c, &id, &r.requested)).await??;
+    Ok(plain_json(StatusCode::CREATED, json!(out)))
+}
+
+/// `GET /api/accounting-requests`.
+pub(crate) async fn accounting_requests(
+    State(state): State<AppState>,
+    ctx: Ctx,
+) -> Result<Response, ApiError> {
+    let v = as_caller(&state, &ctx, move |v, c| v.accounting_requests(c)).await?;
+    Ok(plain_json(StatusCode::OK, json!({ "requests": v })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Reason {
+    reason: String,
+}
+
+/// `POST /api/accounting-requests/{id}/extend {"reason"}`.
+pub(crate) async fn extend_accounting(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let c = caller(&state, &ctx).await?;
+    let r: Reason = body(&state, req, "{\"reason\"}").await?;
+    let vault = state.vault.clone();
+    let out = blocking(move || vault.update_accounting(&c, &id, Some(&r.reason))).await??;
+    Ok(plain_json(StatusCode::OK, json!(out)))
+}
+
+/// `POST /api/accounting-requests/{id}/provided`.
+pub(crate) async fn accounting_provided(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let out = as_caller(&state, &ctx, move |v, c| v.update_accounting(c, &id, None)).await?;
+    Ok(plain_json(StatusCode::OK, json!(out)))
+}
+
+/// `POST /api/breach/assess` with facts → the decision (the rule alone; nothing stored).
+pub(crate) async fn assess(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let _c = caller(&state, &ctx).await?;
+    let bytes = body_bytes(&state, req).await?;
+    let text = String::from_utf8(bytes.to_vec())
+        .map_err(|_| ApiError::bad_request("facts must be UTF-8 JSON"))?;
+    let vault = state.vault.clone();
+    let d = breach::parse_facts(&text)
+        .and_then(|f| breach::assess(&f, vault.now()))
+        .map_err(ApiError::bad_request)?;
+    Ok(plain_json(StatusCode::OK, json!(d)))
+}
+
+/// `POST /api/incidents` with {"title","severity","playbook","patients"} → `201`.
+pub(crate) async fn open_incident(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let c = caller(&state, &ctx).await?;
+    let n: NewIncident = body(
+        &state,
+        req,
+        "{\"title\",\"severity\",\"playbook\",\"patients\"}",
+    )
+    .await?;
+    let vault = state.vault.clone();
+    let i = blocking(move || vault.open_incident(&c, n)).await??;
+    Ok(plain_json(StatusCode::CREATED, json!(i)))
+}
+
+/// `GET /api/incidents/{id}`.
+pub(crate) async fn incident(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let i = as_caller(&state, &ctx, move |v, c| v.incident(c, &id)).await?;
+    Ok(plain_json(StatusCode::OK, json!(i)))
+}
+
+/// `POST /api/incidents/{id}` with {"action": …}.
+pub(crate) async fn act(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let c = caller(&state, &ctx).await?;
+    let a: IncidentAction = body(
+        &state,
+        req,
+        "{\"action\": severity|assign|playbook|task|phase|acknowledge|evidence|scope|compute_affected|asset|assess|note|close, …}",
+    )
+    .await?;
+    let vault = state.vault.clone();
+    let i = blocking(move || vault.act_on_incident(&c, &id, a)).await??;
+    Ok(plain_json(StatusCode::OK, json!(i)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PatientParam {
+    patient: String,
+}
+
+/// `GET /api/incidents/{id}/letter?patient=P` → the individual notice, as text.
+pub(crate) async fn letter(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+    q: QueryResult<PatientParam>,
+) -> Result<Response, ApiError> {
+    let axum::extract::Query(q) =
+        q.map_err(|_| ApiError::bad_request("give the patient: ?patient=ID"))?;
+    let l = as_caller(&state, &ctx, move |v, c| {
+        v.breach_letter(c, &id, &q.patient)
+    })
+    .await?;
+    Ok(text(l))
+}
+
+/// `GET /api/incidents/{id}/hhs-report`.
+pub(crate) async fn hhs_report(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let r = as_caller(&state, &ctx, move |v, c| v.hhs_report(c, &id)).await?;
+    Ok(plain_json(StatusCode::OK, json!(r)))
+}
+
+/// `GET /api/assets`.
+pub(crate) async fn assets(State(state): State<AppState>, ctx: Ctx) -> Result<Response, ApiError> {
+    let a = as_caller(&state, &ctx, move |v, c| v.assets(c)).await?;
+    Ok(plain_json(StatusCode::OK, json!({ "assets": a })))
+}
+
+/// `PUT /api/assets/{id}` with an asset.
+pub(crate) async fn put_asset(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let c = caller(&state, &ctx).await?;
+    let mut a: Value = body(&state, req, "an asset {\"kind\",\"owner\",\"location\",\"encrypted\",\"last_check\",\"status\",\"holds_phi\"}").await?;
+    if let Some(o) = a.as_object_mut() {
+        if o.get("id").is_some_and(|v| v.as_str() != Some(id.as_str())) {
+            return Err(ApiError::bad_request(
+                "the asset's id differs from the path",
+            ));
+        }
+        o.insert("id".into(), json!(id));
+    }
+    let a: Asset = serde_json::from_value(a)
+        .map_err(|e| ApiError::bad_request(format!("body must be an asset: {e}")))?;
+    let vault = state.vault.clone();
+    let a = blocking(move || vault.put_asset(&c, a)).await??;
+    Ok(plain_json(StatusCode::OK, json!(a)))
+}
+
+use serde_json::Value;
+
+/// `GET /api/training`.
+pub(crate) async fn training(
+    State(state): State<AppState>,
+    ctx: Ctx,
+) -> Result<Response, ApiError> {
+    let d = as_caller(&state, &ctx, move |v, c| v.training_dashboard(c)).await?;
+    Ok(plain_json(StatusCode::OK, json!(d)))
+}
+
+/// `GET /api/training/mine`.
+pub(crate) async fn my_training(
+    State(state): State<AppState>,
+    ctx: Ctx,
+) -> Result<Response, ApiError> {
+    let d = as_caller(&state, &ctx, move |v, c| v.my_training(c)).await?;
+    Ok(plain_json(StatusCode::OK, json!(d)))
+}
+
+/// `PUT /api/training/courses/{id}` with a course.
+pub(crate) async fn put_course(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let c = caller(&state, &ctx).await?;
+    let mut v: Value = body(
+        &state,
+        req,
+        "a course {\"title\",\"topic\",\"roles\",\"renewal_months\",\"assigned\"}",
+    )
+    .await?;
+    if let Some(o) = v.as_object_mut() {
+        if o.get("id").is_some_and(|x| x.as_str() != Some(id.as_str())) {
+            return Err(ApiError::bad_request(
+                "the course's id differs from the path",
+            ));
+        }
+        o.insert("id".into(), json!(id));
+    }
+    let course: Course = serde_json::from_value(v)
+        .map_err(|e| ApiError::bad_request(format!("body must be a course: {e}")))?;
+    let vault = state.vault.clone();
+    let course = blocking(move || vault.put_course(&c, course)).await??;
+    Ok(plain_json(StatusCode::OK, json!(course)))
+}
+
+/// `PUT /api/training/settings {"grace_days"}`.
+pub(crate) async fn training_settings(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let c = caller(&state, &ctx).await?;
+    let s: TrainingSettings = body(&state, req, "{\"grace_days\"}").await?;
+    let vault = state.vault.clone();
+    let s = blocking(move || vault.set_training_settings(&c, s)).await??;
+    Ok(plain_json(StatusCode::OK, json!(s)))
+}
+
+/// `POST /api/training/completions {"course","attestation"[, "user", "completed"]}` →
+/// `201` with the learner's standing.
+pub(crate) async fn complete(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let c = caller(&state, &ctx).await?;
+    let i: CompletionInput = body(
+        &state,
+        req,
+        "{\"course\",\"attestation\",\"user\",\"completed\"}",
+    )
+    .await?;
+    let vault = state.vault.clone();
+    let s = blocking(move || vault.record_completion(&c, i)).await??;
+    Ok(plain_json(StatusCode::CREATED, json!(s)))
+}
+
+/// `POST /api/training/phishing` with CSV `user,campaign,clicked,reported,date`.
+pub(crate) async fn phishing(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let c = caller(&state, &ctx).await?;
+    let bytes = body_bytes(&state, req).await?;
+    let csv = String::from_utf8(bytes.to_vec())
+        .map_err(|_| ApiError::bad_request("the phishing export must be UTF-8 CSV"))?;
+    let vault = state.vault.clone();
+    let n = blocking(move || vault.import_phishing(&c, &csv)).await??;
+    Ok(plain_json(StatusCode::OK, json!({ "imported": n })))
+}
+
+/// `GET /api/compliance/safeguards`.
+pub(crate) async fn safeguards(
+    State(state): State<AppState>,
+    ctx: Ctx,
+) -> Result<Response, ApiError> {
+    let r = as_caller(&state, &ctx, move |v, c| v.safeguards(c)).await?;
+    Ok(plain_json(StatusCode::OK, json!(r)))
+}
+
+/// `POST /api/compliance/attestations {"safeguard","owner","date","note","in_place"}`.
+pub(crate) async fn attest(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let c = caller(&state, &ctx).await?;
+    let a: Attestation = body(
+        &state,
+        req,
+        "{\"safeguard\",\"owner\",\"date\",\"note\",\"in_place\"}",
+    )
+    .await?;
+    let vault = state.vault.clone();
+    let a = blocking(move || vault.attest_safeguard(&c, a)).await??;
+    Ok(plain_json(StatusCode::CREATED, json!(a)))
+}
+
+/// `PUT /api/compliance/risks/{id}` with a risk.
+pub(crate) async fn put_risk(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let c = caller(&state, &ctx).await?;
+    let mut r: Risk = body(
+        &state,
+        req,
+        "a risk {\"title\",\"likelihood\",\"impact\",\"owner\",\"treatment\",\"review_by\"}",
+    )
+    .await?;
+    if !r.id.is_empty() && r.id != id {
+        return Err(ApiError::bad_request("the risk's id differs from the path"));
+    }
+    r.id = id;
+    let vault = state.vault.clone();
+    let r = blocking(move || vault.put_risk(&c, r)).await??;
+    Ok(plain_json(StatusCode::OK, json!(r)))
+}
+
+/// `POST /api/compliance/reviews`: records the quarterly review.
+pub(crate) async fn review(State(state): State<AppState>, ctx: Ctx) -> Result<Response, ApiError> {
+    let r = as_caller(&state, &ctx, move |v, c| v.record_review(c)).await?;
+    Ok(plain_json(StatusCode::CREATED, json!(r)))
+}
+
+/// `GET /api/reminders`.
+pub(crate) async fn reminders(
+    State(state): State<AppState>,
+    ctx: Ctx,
+) -> Result<Response, ApiError> {
+    let r = as_caller(&state, &ctx, move |v, c| v.reminders(c)).await?;
+    Ok(plain_json(StatusCode::OK, json!({ "reminders": r })))
+}
