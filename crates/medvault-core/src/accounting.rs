@@ -11,7 +11,7 @@ use medvault_store::Op;
 use medvault_types::{Category, Operation, PatientId, Purpose};
 
 use crate::typestate::{self, Permitted};
-use crate::{AuditRecord, Caller, Vault, VaultError};
+use crate::{AuditRecord, Caller, Outcome, Vault, VaultError};
 
 /// The most lines a report returns (newest first).
 const REPORT_LIMIT: usize = 10_000;
@@ -175,9 +175,20 @@ impl Vault {
         let Some(mut rec) = self.operate(c, Operation::RecordDisclosure, Some(patient))? else {
             return Err(VaultError::Unauthenticated);
         };
+        // A disclosure that needs an authorization (164.508) is refused without one on file.
+        let basis = match self.disclosure_basis(pid.as_str(), recipient, purpose.as_str()) {
+            Ok(b) => b,
+            Err(e) => {
+                rec.outcome = Outcome::Failure;
+                rec.detail = Some("refused: no authorization on file".into());
+                self.audit(vec![rec])?;
+                return Err(e);
+            }
+        };
         rec.action = RECORDED_DISCLOSURE.into();
         rec.purpose = Some(purpose.as_str().to_owned());
-        rec.detail = Some(format!("recipient={recipient}"));
+        let basis = basis.map(|b| format!(" {b}")).unwrap_or_default();
+        rec.detail = Some(format!("recipient={recipient}{basis}"));
         rec.categories_disclosed = categories.to_vec();
         let mut ops = vec![];
         if !text.is_empty() {
@@ -194,7 +205,7 @@ impl Vault {
                 key: format!("disclosure/{id}"),
                 value: sealed,
             });
-            rec.detail = Some(format!("recipient={recipient} text={id}"));
+            rec.detail = Some(format!("recipient={recipient}{basis} text={id}"));
         }
         let committed = self.commit(ops, vec![rec])?;
         committed

@@ -261,7 +261,7 @@ impl Vault {
 
     /// An act of the compliance program: decided, run, committed with its audit record; a
     /// refusal recorded with why.
-    fn comply<T>(
+    pub(crate) fn comply<T>(
         &self,
         c: &Caller,
         op: Operation,
@@ -297,7 +297,12 @@ impl Vault {
     }
 
     /// A read of the program, audited.
-    fn comply_read(&self, c: &Caller, op: Operation, detail: &str) -> Result<(), VaultError> {
+    pub(crate) fn comply_read(
+        &self,
+        c: &Caller,
+        op: Operation,
+        detail: &str,
+    ) -> Result<(), VaultError> {
         let Some(mut rec) = self.operate(c, op, None)? else {
             return Err(VaultError::Unauthenticated);
         };

@@ -49,6 +49,7 @@ mod privacy;
 mod read;
 mod records;
 mod reindex;
+mod rights;
 mod search;
 mod transparency;
 pub mod typestate;
@@ -104,6 +105,9 @@ pub use policy_admin::{CaseResult, PolicyCase, PolicyVersion};
 pub use records::{
     CustodyAct, Dashboard, DueItem, FlagView, FootageReview, HoldView, KeyAct, NewVisitor,
     NewVolume, PaperDestruction, PaperRequest, ScheduleView, Site, VisitorView, VolumeView,
+};
+pub use rights::{
+    NewRightsRequest, NppAcknowledgement, ProcessingConsent, RightsAction, RightsRequest,
 };
 pub use search::SearchResult;
 pub use typestate::Disclosed;

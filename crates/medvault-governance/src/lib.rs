@@ -16,6 +16,7 @@ pub mod destruction;
 pub mod records;
 pub mod response;
 pub mod retention;
+pub mod rights;
 pub mod safeguards;
 pub mod training;
 

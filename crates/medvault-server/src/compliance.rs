@@ -363,3 +363,227 @@ pub(crate) async fn reminders(
     let r = as_caller(&state, &ctx, move |v, c| v.reminders(c)).await?;
     Ok(plain_json(StatusCode::OK, json!({ "reminders": r })))
 }
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct OptPatient {
+    #[serde(default)]
+    patient: Option<String>,
+}
+
+fn opt_patient(q: QueryResult<OptPatient>) -> Result<Option<String>, ApiError> {
+    let axum::extract::Query(q) =
+        q.map_err(|_| ApiError::bad_request("the only parameter is patient"))?;
+    Ok(q.patient)
+}
+
+/// `POST /api/privacy/authorizations` → `201`.
+pub(crate) async fn authorize(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let c = caller(&state, &ctx).await?;
+    let a: medvault_core::governance::rights::Authorization = body(
+        &state,
+        req,
+        "{\"patient\",\"recipient\",\"purpose\",\"description\",\"signed\",\"expires\",\"kind\"}",
+    )
+    .await?;
+    let vault = state.vault.clone();
+    let a = blocking(move || vault.put_authorization(&c, a)).await??;
+    Ok(plain_json(StatusCode::CREATED, json!(a)))
+}
+
+/// `GET /api/privacy/authorizations[?patient=ID]`.
+pub(crate) async fn authorizations(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    q: QueryResult<OptPatient>,
+) -> Result<Response, ApiError> {
+    let p = opt_patient(q)?;
+    let v = as_caller(&state, &ctx, move |v, c| v.authorizations(c, p.as_deref())).await?;
+    Ok(plain_json(StatusCode::OK, json!({ "authorizations": v })))
+}
+
+/// `POST /api/privacy/authorizations/{id}/revoke`.
+pub(crate) async fn revoke_authorization(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let a = as_caller(&state, &ctx, move |v, c| v.revoke_authorization(c, &id)).await?;
+    Ok(plain_json(StatusCode::OK, json!(a)))
+}
+
+/// `POST /api/privacy/npp-acknowledgements` → `201`.
+pub(crate) async fn acknowledge_npp(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let c = caller(&state, &ctx).await?;
+    let a: medvault_core::NppAcknowledgement = body(
+        &state,
+        req,
+        "{\"patient\",\"date\",\"method\",\"notice_version\"}",
+    )
+    .await?;
+    let vault = state.vault.clone();
+    let a = blocking(move || vault.acknowledge_npp(&c, a)).await??;
+    Ok(plain_json(StatusCode::CREATED, json!(a)))
+}
+
+/// `GET /api/privacy/npp-acknowledgements[?patient=ID]`.
+pub(crate) async fn npp_acknowledgements(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    q: QueryResult<OptPatient>,
+) -> Result<Response, ApiError> {
+    let p = opt_patient(q)?;
+    let v = as_caller(&state, &ctx, move |v, c| {
+        v.npp_acknowledgements(c, p.as_deref())
+    })
+    .await?;
+    Ok(plain_json(StatusCode::OK, json!({ "acknowledgements": v })))
+}
+
+/// `PUT /api/privacy/processing-activities/{id}`.
+pub(crate) async fn put_activity(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let c = caller(&state, &ctx).await?;
+    let mut a: medvault_core::governance::rights::ProcessingActivity = body(
+        &state,
+        req,
+        "an Art. 30 entry {\"name\",\"purposes\",\"lawful_basis\",\"special_category_condition\",\"data_subjects\",\"data_categories\",\"recipients\",\"third_country_transfers\",\"retention\",\"security_measures\"}",
+    )
+    .await?;
+    if !a.id.is_empty() && a.id != id {
+        return Err(ApiError::bad_request(
+            "the activity's id differs from the path",
+        ));
+    }
+    a.id = id;
+    let vault = state.vault.clone();
+    let a = blocking(move || vault.put_processing_activity(&c, a)).await??;
+    Ok(plain_json(StatusCode::OK, json!(a)))
+}
+
+/// `GET /api/privacy/processing-activities`.
+pub(crate) async fn activities(
+    State(state): State<AppState>,
+    ctx: Ctx,
+) -> Result<Response, ApiError> {
+    let v = as_caller(&state, &ctx, move |v, c| v.processing_activities(c)).await?;
+    Ok(plain_json(StatusCode::OK, json!({ "activities": v })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ConsentBody {
+    patient: String,
+    activity: String,
+    given: String,
+}
+
+/// `POST /api/privacy/consents {"patient","activity","given"}` → `201`.
+pub(crate) async fn consent(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let c = caller(&state, &ctx).await?;
+    let b: ConsentBody = body(&state, req, "{\"patient\",\"activity\",\"given\"}").await?;
+    let vault = state.vault.clone();
+    let pc =
+        blocking(move || vault.record_processing_consent(&c, &b.patient, &b.activity, &b.given))
+            .await??;
+    Ok(plain_json(StatusCode::CREATED, json!(pc)))
+}
+
+/// `POST /api/privacy/consents/{id}/withdraw`.
+pub(crate) async fn withdraw(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let pc = as_caller(&state, &ctx, move |v, c| {
+        v.withdraw_processing_consent(c, &id)
+    })
+    .await?;
+    Ok(plain_json(StatusCode::OK, json!(pc)))
+}
+
+/// `GET /api/privacy/consents[?patient=ID]`.
+pub(crate) async fn consents(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    q: QueryResult<OptPatient>,
+) -> Result<Response, ApiError> {
+    let p = opt_patient(q)?;
+    let v = as_caller(&state, &ctx, move |v, c| {
+        v.processing_consents(c, p.as_deref())
+    })
+    .await?;
+    Ok(plain_json(StatusCode::OK, json!({ "consents": v })))
+}
+
+/// `POST /api/privacy/requests {"patient","kind","received","jurisdiction"}` → `201`.
+pub(crate) async fn open_request(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let c = caller(&state, &ctx).await?;
+    let n: medvault_core::NewRightsRequest = body(
+        &state,
+        req,
+        "{\"patient\",\"kind\",\"received\",\"jurisdiction\"}",
+    )
+    .await?;
+    let vault = state.vault.clone();
+    let r = blocking(move || vault.open_rights_request(&c, n)).await??;
+    Ok(plain_json(StatusCode::CREATED, json!(r)))
+}
+
+/// `GET /api/privacy/requests`.
+pub(crate) async fn requests(
+    State(state): State<AppState>,
+    ctx: Ctx,
+) -> Result<Response, ApiError> {
+    let v = as_caller(&state, &ctx, move |v, c| v.rights_requests(c)).await?;
+    Ok(plain_json(StatusCode::OK, json!({ "requests": v })))
+}
+
+/// `POST /api/privacy/requests/{id}` with {"action": extend|fulfil|refuse, …}.
+pub(crate) async fn act_on_request(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let c = caller(&state, &ctx).await?;
+    let a: medvault_core::RightsAction = body(
+        &state,
+        req,
+        "{\"action\": extend|fulfil|refuse, \"reason\"|\"note\"}",
+    )
+    .await?;
+    let vault = state.vault.clone();
+    let r = blocking(move || vault.act_on_rights_request(&c, &id, a)).await??;
+    Ok(plain_json(StatusCode::OK, json!(r)))
+}
+
+/// `GET /api/privacy/requests/{id}/bundle`: the patient's record as a FHIR Bundle.
+pub(crate) async fn request_bundle(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let b = as_caller(&state, &ctx, move |v, c| v.rights_access_bundle(c, &id)).await?;
+    Ok(plain_json(StatusCode::OK, b))
+}

@@ -12218,3 +12218,270 @@ fn training_lapse_closes_phi_and_safeguards_show_live_evidence() {
     let cli = json_out(&medvault(&dir, &["compliance", "safeguards", "--json"]));
     assert!(cli["assessed"].as_array().unwrap().len() > 20);
 }
+
+/// Issue 16: a research disclosure needs an authorization on file (164.508) and, made
+/// under one, stays out of the accounting; revoked, it stops covering; the NPP
+/// acknowledgement; the Art. 30 record and consent with withdrawal; data-subject requests
+/// with their clocks — access gets the record as a FHIR Bundle, an erasure that retention
+/// law forbids is refused with the rule recorded.
+#[test]
+fn privacy_rights_authorizations_consents_and_data_subject_requests() {
+    let (_t, dir, staff) = setup();
+    let charts = three_charts(&dir, &staff);
+    let s = Server::start(&dir, &[]);
+    let po = staff_token(&s, &staff, "privacy_officer");
+    let nurse = staff_token(&s, &staff, "nurse");
+    let pid = charts[0][0].trim_start_matches("Patient/").to_owned();
+    let day = |days_ago: i64| {
+        let d = time::OffsetDateTime::now_utc().date() - time::Duration::days(days_ago);
+        format!("{:04}-{:02}-{:02}", d.year(), u8::from(d.month()), d.day())
+    };
+    let research = json!({"patient": pid, "recipient": "research", "purpose": "HRESCH",
+        "categories": ["labs"], "description": "lipid panel for the cohort study"});
+    let accounted = || {
+        s.get(&format!("/api/patients/{pid}/disclosures"), &po).body["disclosures"]
+            .as_array()
+            .unwrap()
+            .len()
+    };
+    let r = s.post("/api/disclosures", &po, &research);
+    assert_eq!(r.status, 422, "no authorization on file: {:?}", r.body);
+    assert!(r.body.to_string().contains("164.508"), "{:?}", r.body);
+    for bad in [
+        json!({"patient": pid, "recipient": "research", "purpose": "HRESCH", "description": "x",
+            "signed": day(1), "expires": day(30)}),
+        json!({"patient": pid, "recipient": "research", "purpose": "HRESCH", "description": "x",
+            "signed": day(-3), "expires": day(-30)}),
+        json!({"patient": pid, "recipient": "aliens", "purpose": "HRESCH", "description": "x",
+            "signed": day(1), "expires": day(-30)}),
+        json!({"patient": "nobody-here", "recipient": "research", "purpose": "HRESCH",
+            "description": "x", "signed": day(1), "expires": day(-30)}),
+    ] {
+        let r = s.post("/api/privacy/authorizations", &po, &bad);
+        assert!(matches!(r.status, 400 | 404), "{bad}: {:?}", r.body);
+    }
+    let r = s.post(
+        "/api/privacy/authorizations",
+        &po,
+        &json!({"patient": pid, "recipient": "research", "purpose": "HRESCH",
+            "description": "laboratory results for the lipid cohort study", "signed": day(2),
+            "expires": day(-365)}),
+    );
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    let auth = r.body["id"].as_str().unwrap().to_owned();
+    let before = accounted();
+    let r = s.post("/api/disclosures", &po, &research);
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    assert_eq!(
+        accounted(),
+        before,
+        "under an authorization: excluded (164.528(a)(1)(iv))"
+    );
+    let r = s.post(
+        "/api/disclosures",
+        &po,
+        &json!({"patient": pid, "recipient": "public_health",
+        "purpose": "PUBHLTH", "categories": ["demographics"]}),
+    );
+    assert_eq!(r.status, 201);
+    assert_eq!(accounted(), before + 1);
+    let r = s.post(
+        &format!("/api/privacy/authorizations/{auth}/revoke"),
+        &po,
+        &json!({}),
+    );
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(
+        s.post("/api/disclosures", &po, &research).status,
+        422,
+        "revoked"
+    );
+    assert_eq!(
+        s.post(
+            &format!("/api/privacy/authorizations/{auth}/revoke"),
+            &po,
+            &json!({})
+        )
+        .status,
+        409
+    );
+
+    // The Notice of Privacy Practices acknowledgement.
+    let npp = |body: Value| s.post("/api/privacy/npp-acknowledgements", &po, &body);
+    assert_eq!(
+        npp(
+            json!({"patient": pid, "date": day(0), "method": "signed", "notice_version": "2026-01"})
+        )
+        .status,
+        201
+    );
+    assert_eq!(
+        npp(json!({"patient": pid, "date": day(-2), "method": "signed"})).status,
+        400
+    );
+    assert_eq!(
+        npp(json!({"patient": pid, "date": day(0), "method": "telepathy"})).status,
+        400
+    );
+    let r = s.get(
+        &format!("/api/privacy/npp-acknowledgements?patient={pid}"),
+        &po,
+    );
+    assert_eq!(r.body["acknowledgements"].as_array().unwrap().len(), 1);
+
+    // The Art. 30 record, and consent with its withdrawal.
+    let activity = |basis: &str| {
+        json!({"name": "Cardiac registry", "purposes": ["quality improvement"],
+            "lawful_basis": basis, "special_category_condition": "9(2)(a) explicit consent",
+            "data_subjects": ["patients"], "data_categories": ["labs", "problems"],
+            "recipients": ["national cardiac registry"], "retention": "10 years",
+            "security_measures": "pseudonymised, encrypted at rest and in transit"})
+    };
+    let put = |path: &str, body: Value| {
+        s.call(
+            "PUT",
+            path,
+            Some(&po),
+            Some(body.to_string().as_bytes()),
+            &[],
+        )
+    };
+    assert_eq!(
+        put(
+            "/api/privacy/processing-activities/registry",
+            activity("consent")
+        )
+        .status,
+        200
+    );
+    assert_eq!(
+        put(
+            "/api/privacy/processing-activities/care",
+            activity("public_task")
+        )
+        .status,
+        200
+    );
+    assert_eq!(
+        put(
+            "/api/privacy/processing-activities/bad",
+            activity("because")
+        )
+        .status,
+        400
+    );
+    let r = s.get("/api/privacy/processing-activities", &po);
+    assert_eq!(r.body["activities"].as_array().unwrap().len(), 2);
+    let r = s.post(
+        "/api/privacy/consents",
+        &po,
+        &json!({"patient": pid, "activity": "registry", "given": day(1)}),
+    );
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    let consent = r.body["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        s.post(
+            "/api/privacy/consents",
+            &po,
+            &json!({"patient": pid, "activity": "care", "given": day(1)})
+        )
+        .status,
+        400
+    );
+    assert_eq!(
+        s.post(
+            &format!("/api/privacy/consents/{consent}/withdraw"),
+            &po,
+            &json!({})
+        )
+        .status,
+        200
+    );
+    assert_eq!(
+        s.post(
+            &format!("/api/privacy/consents/{consent}/withdraw"),
+            &po,
+            &json!({})
+        )
+        .status,
+        409
+    );
+
+    // Data-subject requests: access gets the record; erasure meets retention law.
+    let open = |body: Value| s.post("/api/privacy/requests", &po, &body);
+    let r = open(json!({"patient": pid, "kind": "access", "received": day(5)}));
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    assert_eq!(r.body["due"], day(5 - 30));
+    let access = r.body["id"].as_str().unwrap().to_owned();
+    let r = s.get(&format!("/api/privacy/requests/{access}/bundle"), &po);
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(
+        (r.body["resourceType"].clone(), r.body["type"].clone()),
+        (json!("Bundle"), json!("collection"))
+    );
+    assert_eq!(
+        r.body["entry"].as_array().unwrap().len(),
+        9,
+        "the whole chart"
+    );
+    let r =
+        open(json!({"patient": pid, "kind": "access", "received": day(5), "jurisdiction": "GDPR"}));
+    assert_eq!(r.status, 201);
+    for bad in [
+        json!({"patient": pid, "kind": "forget-me", "received": day(5)}),
+        json!({"patient": pid, "kind": "access", "received": day(-5)}),
+        json!({"patient": pid, "kind": "access", "received": day(5), "jurisdiction": "CCPA"}),
+    ] {
+        assert_eq!(open(bad.clone()).status, 400, "{bad}");
+    }
+    let act = |id: &str, body: Value| s.post(&format!("/api/privacy/requests/{id}"), &po, &body);
+    assert_eq!(
+        act(
+            &access,
+            json!({"action": "extend", "reason": "records off site"})
+        )
+        .status,
+        200
+    );
+    assert_eq!(
+        act(&access, json!({"action": "extend", "reason": "again"})).status,
+        409
+    );
+    assert_eq!(
+        act(
+            &access,
+            json!({"action": "fulfil", "note": "bundle sent to the portal"})
+        )
+        .status,
+        200
+    );
+    assert_eq!(
+        act(&access, json!({"action": "refuse", "reason": "late"})).status,
+        409
+    );
+    let r = open(
+        json!({"patient": pid, "kind": "erasure", "received": day(1), "jurisdiction": "GDPR"}),
+    );
+    let erasure = r.body["id"].as_str().unwrap().to_owned();
+    let r = act(&erasure, json!({"action": "fulfil"}));
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body["status"], "refused", "{:?}", r.body);
+    assert!(
+        r.body["outcome"]
+            .as_str()
+            .unwrap()
+            .contains("retention law requires keeping the chart"),
+        "{:?}",
+        r.body
+    );
+    let r = s.get(&format!("/api/privacy/requests/{erasure}/bundle"), &po);
+    assert_eq!(r.status, 400, "only access and portability get the record");
+    assert_eq!(s.get("/api/privacy/requests", &nurse).status, 403);
+    assert_eq!(
+        s.get("/api/privacy/requests", &po).body["requests"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+}
