@@ -11943,6 +11943,80 @@ fn incident_from_a_snooping_alert_to_breach_letter_and_hhs_report() {
         &json!({"discovered": "2099-03-10"}),
     );
     assert_eq!(r.status, 400);
+
+    // The lost-device playbook decides the safe harbour from the asset inventory.
+    let put = |path: &str, body: Value| {
+        s.call(
+            "PUT",
+            path,
+            Some(&admin),
+            Some(body.to_string().as_bytes()),
+            &[],
+        )
+    };
+    for (id, encrypted, check) in [
+        ("LT-0042", true, Some("2026-10-01")),
+        ("LT-0043", false, None),
+    ] {
+        let mut a = json!({"kind": "laptop", "owner": nurse_name, "location": "Ward 4",
+            "encrypted": encrypted, "status": "stolen", "holds_phi": true});
+        if let Some(c) = check {
+            a["last_check"] = json!(c);
+        }
+        let r = put(&format!("/api/assets/{id}"), a);
+        assert_eq!(r.status, 200, "{:?}", r.body);
+    }
+    assert_eq!(
+        put(
+            "/api/assets/LT-9",
+            json!({"kind": "toaster", "owner": "x", "location": "y", "encrypted": true})
+        )
+        .status,
+        400
+    );
+    assert_eq!(
+        s.get("/api/assets", &admin).body["assets"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    for (asset, reason) in [
+        ("LT-0042", "safe_harbor_secured_phi"),
+        ("LT-0043", "presumed_breach"),
+    ] {
+        let r = s.post(
+            "/api/incidents",
+            &admin,
+            &json!({"title": format!("{asset} stolen from a car"),
+            "severity": "moderate", "playbook": "lost_or_stolen_device"}),
+        );
+        assert_eq!(r.status, 201, "{:?}", r.body);
+        let id = r.body["id"].as_str().unwrap().to_owned();
+        assert_eq!(r.body["response"]["tasks"].as_array().unwrap().len(), 5);
+        let r = s.post(
+            &format!("/api/incidents/{id}"),
+            &admin,
+            &json!({"action": "asset", "asset": asset}),
+        );
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        let r = s.post(
+            &format!("/api/incidents/{id}"),
+            &admin,
+            &json!({"action": "assess",
+            "facts": {"affected": {"CA": 40}}}),
+        );
+        assert_eq!(
+            r.body["response"]["decision"]["reason"], reason,
+            "{asset}: {:?}",
+            r.body
+        );
+    }
+    assert_eq!(
+        s.post("/api/incidents", &admin, &json!({"title": " "}))
+            .status,
+        400
+    );
 }
 
 /// Issue 16, end to end: a nurse whose assigned training lapses past the grace period
