@@ -514,6 +514,73 @@ try {
     await submit(admin.page, 'form[action="/records/holds"] button[type="submit"]');
     out.steps.class_hold = (await admin.page.$eval('#holds', (x) => x.innerText)).includes('all billing records');
   }
+
+  // 10. Compliance (issue 16): security assigns a course to nurses long ago (so a nurse's
+  //     training has lapsed); that nurse's sign-in shows the reminder and the nurse completes
+  //     it; the privacy officer's home shows the quarterly review; an incident opened by hand
+  //     runs the lost-device playbook and is assessed, showing its deadlines and HHS report;
+  //     the safeguards page shows live evidence and the heat map; the printable report; a
+  //     patient's accounting request is recorded.
+  {
+    const ap = admin.page;
+    const setValue = (page, sel, v) => page.$eval(sel, (e, x) => { e.value = x; }, v);
+    const daysAgo = (n) => new Date(Date.now() - n * 86400000).toISOString().slice(0, 10);
+    await go(ap, '/training', 'training-officer');
+    await ap.type('#c-id', 'sec-aware');
+    await ap.type('#c-title', 'Security awareness');
+    await ap.select('#c-topic', 'security_awareness');
+    await ap.type('#c-roles', 'nurse');
+    await setValue(ap, '#c-ass', daysAgo(100));
+    await submit(ap, 'form[action="/training/courses"] button[type="submit"]');
+    out.steps.course_rows = await ap.$$eval('#courses tbody tr', (x) => x.length);
+    // A second nurse (the first was disabled in step 6) signs in: reminders come first.
+    const nurse2 = await person();
+    const np = nurse2.page;
+    const ns = await signIn(np, sc.nurse2, 'nurse2');
+    await check(np, 'reminders-nurse', ns.home);
+    out.steps.nurse_reminders = {
+      path: new URL(np.url()).pathname,
+      text: await np.$eval('#reminders', (x) => x.innerText),
+    };
+    await go(np, '/training', 'training-nurse');
+    out.steps.nurse_course_before = await np.$eval('#my-courses tbody tr', (x) => x.dataset.state);
+    await submit(np, '#complete');
+    out.steps.nurse_course_after = await np.$eval('#my-courses tbody tr', (x) => x.dataset.state);
+    await go(po.page, '/', 'reminders-privacy');
+    out.steps.po_reminders = await po.page.$eval('#reminders', (x) => x.innerText);
+    await go(ap, '/incidents', 'incidents');
+    await ap.type('#i-title', 'Laptop stolen from a car');
+    await ap.select('#i-pb', 'lost_or_stolen_device');
+    await submit(ap, 'form[action="/incidents"] button[type="submit"]');
+    await check(ap, 'incident', null);
+    out.steps.incident_tasks = await ap.$$eval('#tasks li', (x) => x.length);
+    await ap.type('#facts', '{"affected": {"CA": 600, "NV": 12}}');
+    await submit(ap, '#assess');
+    await check(ap, 'incident-assessed', null);
+    out.steps.incident_decision = await ap.$eval('#decision', (x) => x.innerText);
+    out.steps.incident_deadlines = await ap.$eval('#deadlines', (x) => x.innerText);
+    out.steps.incident_hhs = await ap.$eval('#hhs-report', (x) => x.innerText);
+    await shot(ap, 'incident');
+    await go(ap, '/compliance', 'safeguards');
+    out.steps.safeguard_rows = await ap.$$eval('#safeguards tbody tr', (x) => x.length);
+    out.steps.safeguards_text = await ap.$eval('#safeguards', (x) => x.innerText);
+    await ap.type('#r-title', 'Stolen laptops');
+    await ap.type('#r-l', '4');
+    await ap.type('#r-i', '5');
+    await ap.type('#r-owner', 'CISO');
+    await setValue(ap, '#r-rev', daysAgo(-90));
+    await submit(ap, 'form[action="/compliance/risks"] button[type="submit"]');
+    out.steps.heat_map_counts = await ap.$$eval('#heat-map text.count', (x) => x.map((t) => t.textContent));
+    await submit(ap, '#record-review');
+    out.steps.next_review = await ap.$eval('#next-review', (x) => x.innerText);
+    await shot(ap, 'safeguards');
+    await go(ap, '/compliance/report', 'safeguards-report');
+    await go(po.page, '/privacy/requests', 'privacy-requests');
+    await po.page.type('#a-patient', sc.treated);
+    await setValue(po.page, '#a-req', daysAgo(3));
+    await submit(po.page, 'form[action="/privacy/requests/accounting"] button[type="submit"]');
+    out.steps.accounting_rows = await po.page.$$eval('#accounting-requests tbody tr', (x) => x.length);
+  }
 } catch (e) {
   out.error = String(e && e.stack ? e.stack : e);
 } finally {

@@ -1820,10 +1820,16 @@ This notice is provided under 45 CFR 164.404. It is sent no later than {by}.\n",
         });
         let days_left = env.certificate_not_after.map(|t| (t - now) / 86_400);
         out.push(match (&env.tls, days_left) {
+            // CA/Browser Forum baseline: a server certificate lives at most 398 days; a
+            // longer one is a finding (scanners rate it high), as is one about to expire.
             (Some(t), Some(d)) => ev(
                 "tls",
-                Some(d > 30),
-                format!("{t}; certificate valid for {d} more day(s)"),
+                Some(d > 30 && d <= 398),
+                if d > 398 {
+                    format!("{t}; certificate valid for {d} more day(s), longer than the 398 days scanners accept: renew it with a shorter lifetime")
+                } else {
+                    format!("{t}; certificate valid for {d} more day(s)")
+                },
             ),
             (Some(t), None) => ev("tls", None, format!("{t}; certificate expiry unknown")),
             _ => ev("tls", None, "not known outside the server".into()),

@@ -27,6 +27,7 @@
 mod account;
 mod admin;
 mod chart;
+mod compliance;
 mod detect;
 pub mod lifecycle;
 mod privacy;
@@ -106,6 +107,7 @@ pub fn router(vault: Arc<Vault>, options: ConsoleOptions) -> Router {
         .merge(admin::routes())
         .merge(lifecycle::routes())
         .merge(records::routes())
+        .merge(compliance::routes())
         .layer(axum::middleware::from_fn_with_state(
             web.options.clone(),
             csrf_guard,
@@ -260,10 +262,47 @@ pub const NAV: &[NavItem] = &[
         roles: RECORDS,
     },
     NavItem {
+        path: "/incidents",
+        label: "Incidents",
+        roles: &[Role::PrivacyOfficer, Role::SecurityAdmin],
+    },
+    NavItem {
+        path: "/privacy/requests",
+        label: "Privacy requests",
+        roles: &[Role::PrivacyOfficer],
+    },
+    NavItem {
+        path: "/compliance",
+        label: "Safeguards and risks",
+        roles: COMPLIANCE,
+    },
+    NavItem {
+        path: "/compliance/assets",
+        label: "Devices and media",
+        roles: COMPLIANCE,
+    },
+    NavItem {
+        path: "/training",
+        label: "Training",
+        roles: STAFF,
+    },
+    NavItem {
         path: "/account",
         label: "My account",
         roles: &[],
     },
+];
+
+const COMPLIANCE: &[Role] = &[Role::PrivacyOfficer, Role::SecurityAdmin, Role::Auditor];
+const STAFF: &[Role] = &[
+    Role::Physician,
+    Role::Nurse,
+    Role::FrontDesk,
+    Role::Billing,
+    Role::SecurityAdmin,
+    Role::PrivacyOfficer,
+    Role::Auditor,
+    Role::RecordsClerk,
 ];
 
 /// A navigation link as the layout renders it.
@@ -662,7 +701,7 @@ pub(crate) fn see_other(to: &str) -> Response {
 }
 
 /// `/`: the signed-in user's home (the first page their role has), else sign-in.
-async fn home(s: Option<Signed>) -> Response {
+async fn home(axum::extract::State(web): axum::extract::State<Web>, s: Option<Signed>) -> Response {
     let Some(s) = s else {
         return see_other("/login");
     };
@@ -671,6 +710,10 @@ async fn home(s: Option<Signed>) -> Response {
         .iter()
         .find(|n| role.is_some_and(|r| n.roles.contains(&r)))
         .map_or("/account", |n| n.path);
+    // Reminders on sign-in: what is due (training, deadlines) before the first page.
+    if let Some(page) = compliance::reminders_or(&web, &s, to).await {
+        return page;
+    }
     see_other(to)
 }
 

@@ -5427,6 +5427,7 @@ fn web_console_in_real_chromium() {
     add("web.privacy2", "privacy_officer", &[]);
     add("web.admin", "security_admin", &[]);
     add("web.clerk", "records_clerk", &[]);
+    add("web.nurse2", "nurse", &[]);
     let care = [
         phys["practitioner_id"].as_str().unwrap(),
         nurse["practitioner_id"].as_str().unwrap(),
@@ -5484,7 +5485,7 @@ fn web_console_in_real_chromium() {
         "users": users, "nurse": "web.nurse", "physician": "web.physician",
         "privacy_officer": "web.privacy", "privacy_officer2": "web.privacy2",
         "security_admin": "web.admin", "patient": "web.patient",
-        "records_clerk": "web.clerk", "paper_patient": paper_patient,
+        "records_clerk": "web.clerk", "nurse2": "web.nurse2", "paper_patient": paper_patient,
         "treated": treated, "glass": glass, "search_name": "Glassmann",
         "sensitive_words": ["HIV", "Zebra retrovirus", "restricted: 1", "1 restricted", "hidden"],
     });
@@ -5570,6 +5571,62 @@ fn web_console_in_real_chromium() {
         cert.starts_with("medvault certificate of destruction v1") && cert.contains(&glass),
         "{r:#}"
     );
+    // Compliance (issue 16): training lapse and completion, reminders on sign-in, an
+    // incident assessed with deadlines, live safeguards with the heat map, a request.
+    assert_eq!(st["course_rows"], 1, "{r:#}");
+    assert_eq!(st["nurse_reminders"]["path"], "/", "{r:#}");
+    assert!(
+        st["nurse_reminders"]["text"]
+            .as_str()
+            .unwrap_or("")
+            .contains("Security awareness"),
+        "{r:#}"
+    );
+    assert_eq!(st["nurse_course_before"], "lapsed", "{r:#}");
+    assert_eq!(st["nurse_course_after"], "current", "{r:#}");
+    assert!(
+        st["po_reminders"]
+            .as_str()
+            .unwrap_or("")
+            .contains("quarterly risk review"),
+        "{r:#}"
+    );
+    assert_eq!(st["incident_tasks"], 5, "{r:#}");
+    assert!(
+        st["incident_decision"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("Breach"),
+        "{r:#}"
+    );
+    let deadlines = st["incident_deadlines"].as_str().unwrap_or("");
+    assert!(
+        deadlines.contains("Notify individuals by")
+            && deadlines.contains("Notify HHS by")
+            && deadlines.contains("Notify media by"),
+        "{r:#}"
+    );
+    assert!(
+        st["incident_hhs"]
+            .as_str()
+            .unwrap_or("")
+            .contains("\"approximate_individuals_affected\": 612"),
+        "{r:#}"
+    );
+    assert!(st["safeguard_rows"].as_u64().unwrap_or(0) >= 25, "{r:#}");
+    assert!(
+        st["safeguards_text"]
+            .as_str()
+            .unwrap_or("")
+            .contains("restore drill"),
+        "live backup evidence: {r:#}"
+    );
+    assert_eq!(st["heat_map_counts"], json!(["1"]), "{r:#}");
+    assert!(
+        !st["next_review"].as_str().unwrap_or("").is_empty(),
+        "{r:#}"
+    );
+    assert_eq!(st["accounting_rows"], 1, "{r:#}");
     // Paper records (issue 15).
     assert_eq!(st["clerk_landed"], "/records", "{r:#}");
     assert_eq!(st["room_saved"], true, "{r:#}");
