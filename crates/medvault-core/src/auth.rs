@@ -901,8 +901,19 @@ impl Vault {
         name: &str,
         current: bool,
     ) -> Result<(), VaultError> {
+        // A block an administrator sets holds against the training program (a completion
+        // does not lift it); setting the training current lifts it.
+        let block = self.put(
+            crate::compliance::TRAINING_BLOCK,
+            name,
+            if current { "lifted" } else { "blocked" },
+            name,
+            &serde_json::json!({"user": name, "blocked": !current}),
+        )?;
         self.change_account(c, Operation::SetTraining, name, || {
-            self.identity.set_training(name, current)
+            let mut ops = self.identity.set_training(name, current)?;
+            ops.push(block);
+            Ok(ops)
         })
     }
 

@@ -366,6 +366,26 @@ impl Vault {
     }
 }
 
+impl Vault {
+    /// Whether `c` holds a live break-the-glass grant (to `patient`'s chart, or to any):
+    /// the training gate's one exception, for searches and `$everything` too.
+    pub(crate) fn has_live_grant(
+        &self,
+        c: &Caller,
+        patient: Option<&str>,
+    ) -> Result<bool, VaultError> {
+        if c.principal().is_none() {
+            return Ok(false);
+        }
+        let now = self.now_unix();
+        Ok(self.store.break_glass()?.iter().any(|g| {
+            g.username == c.actor()
+                && g.expires > now
+                && patient.is_none_or(|p| g.patient.as_str() == p)
+        }))
+    }
+}
+
 pub(crate) fn incident_row(i: &Incident) -> Result<IncidentRow, VaultError> {
     Ok(IncidentRow {
         id: i.id.clone(),

@@ -36,6 +36,10 @@ const EVIDENCE: &str = "incident.evidence";
 const ATTESTATION: &str = "compliance.attestation";
 const RISK: &str = "compliance.risk";
 const REVIEW: &str = "compliance.review";
+const SETTINGS: &str = "compliance.settings";
+/// An administrator's block on a user's training standing (`POST
+/// /api/users/{name}/training {"current": false}`): status `blocked` or `lifted`.
+pub(crate) const TRAINING_BLOCK: &str = "training.block";
 
 /// Largest evidence attachment, in bytes.
 pub const EVIDENCE_BYTES: usize = 1 << 20;
@@ -204,6 +208,19 @@ pub struct Environment {
     pub tls: Option<String>,
     /// The serving certificate's `notAfter` (Unix seconds).
     pub certificate_not_after: Option<i64>,
+}
+
+/// The covered entity's contact procedures for breach notices (45 CFR 164.404(c)(1)(E)):
+/// a toll-free number, an e-mail address, a postal address, a web site.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NoticeSettings {
+    pub organization: String,
+    pub toll_free_phone: String,
+    pub email: String,
+    pub postal_address: String,
+    #[serde(default)]
+    pub website: Option<String>,
 }
 
 /// The safeguards report.
@@ -424,6 +441,27 @@ impl Vault {
         Ok(self.row(TRAINING_SETTINGS, "settings")?.unwrap_or_default())
     }
 
+    /// Users an administrator has blocked (their training is not current whatever they
+    /// complete).
+    fn training_blocks(&self) -> Result<BTreeSet<String>, VaultError> {
+        Ok(self
+            .store
+            .governance(TRAINING_BLOCK)?
+            .into_iter()
+            .filter(|r| r.status == "blocked")
+            .map(|r| r.subject)
+            .collect())
+    }
+
+    /// The training program as stored: courses, completions, settings.
+    fn program(&self) -> Result<(Vec<Course>, Vec<Completion>, TrainingSettings), VaultError> {
+        Ok((
+            self.rows(COURSE)?,
+            self.rows(COMPLETION)?,
+            self.training_settings_now()?,
+        ))
+    }
+
     /// The training facts to write so every user with assigned courses has the
     /// `training_current` their standing gives (users whose role has no course keep the
     /// value an administrator set), and one audit record per change.
@@ -438,7 +476,22 @@ impl Vault {
         let mut ops = vec![];
         let mut recs = vec![];
         let mut out = vec![];
+        let blocked = self.training_blocks()?;
         for u in self.identity.accounts().map_err(crate::auth::id_err)? {
+            if blocked.contains(&u.username) {
+                // An administrator's block holds: the program neither lifts nor reports it.
+                let mut s = training::standing(
+                    &u.username,
+                    &u.role,
+                    courses,
+                    completions,
+                    settings.grace_days,
+                    today,
+                );
+                s.current = false;
+                out.push(s);
+                continue;
+            }
             let s = training::standing(
                 &u.username,
                 &u.role,
@@ -519,12 +572,11 @@ impl Vault {
                     course.id,
                     course.roles.join("+")
                 ));
-                let mut courses: Vec<Course> = self.rows(COURSE)?;
+                let (mut courses, completions, settings) = self.program()?;
                 courses.retain(|x| x.id != course.id);
                 courses.push(course.clone());
-                let completions: Vec<Completion> = self.rows(COMPLETION)?;
                 let (mut ops, recs, _) =
-                    self.training_sync(&courses, &completions, &self.training_settings_now()?, c)?;
+                    self.training_sync(&courses, &completions, &settings, c)?;
                 ops.push(self.put(COURSE, &course.id, "active", "", &course)?);
                 Ok((ops, recs, course))
             },
@@ -548,8 +600,7 @@ impl Vault {
                 if s.grace_days > 180 {
                     return Err(bad("`grace_days` must be 0 to 180"));
                 }
-                let courses: Vec<Course> = self.rows(COURSE)?;
-                let completions: Vec<Completion> = self.rows(COMPLETION)?;
+                let (courses, completions, _) = self.program()?;
                 let (mut ops, recs, _) = self.training_sync(&courses, &completions, &s, c)?;
                 ops.push(self.put(TRAINING_SETTINGS, "settings", "active", "", &s)?);
                 Ok((ops, recs, s))
@@ -592,7 +643,7 @@ impl Vault {
                 input.course.chars().take(64).collect::<String>()
             ),
             |_| {
-                let courses: Vec<Course> = self.rows(COURSE)?;
+                let (courses, mut completions, settings) = self.program()?;
                 let course = courses
                     .iter()
                     .find(|x| x.id == input.course.trim())
@@ -629,10 +680,9 @@ impl Vault {
                     attestation,
                     recorded_by: c.actor().to_owned(),
                 };
-                let mut completions: Vec<Completion> = self.rows(COMPLETION)?;
                 completions.push(done.clone());
                 let (mut ops, recs, standings) =
-                    self.training_sync(&courses, &completions, &self.training_settings_now()?, c)?;
+                    self.training_sync(&courses, &completions, &settings, c)?;
                 ops.push(self.put(
                     COMPLETION,
                     &medvault_types::random_uuid(),
@@ -661,6 +711,20 @@ impl Vault {
             "phishing import".into(),
             |rec| {
                 let rows = training::parse_phishing_csv(csv, self.today()).map_err(bad)?;
+                let known: BTreeSet<String> = self
+                    .identity
+                    .accounts()
+                    .map_err(crate::auth::id_err)?
+                    .into_iter()
+                    .map(|x| x.username)
+                    .collect();
+                if let Some(r) = rows.iter().find(|r| !known.contains(&r.user)) {
+                    return Err(bad(format!(
+                        "the result for `{}` (campaign {}) names no account; nothing was imported",
+                        r.user.chars().take(64).collect::<String>(),
+                        r.campaign.chars().take(64).collect::<String>()
+                    )));
+                }
                 let mut ops = vec![];
                 for r in &rows {
                     ops.push(self.put(
@@ -684,10 +748,9 @@ impl Vault {
     /// Denied.
     pub fn training_dashboard(&self, c: &Caller) -> Result<TrainingDashboard, VaultError> {
         self.comply_read(c, Operation::TrainingRead, "training dashboard")?;
-        let courses: Vec<Course> = self.rows(COURSE)?;
-        let completions: Vec<Completion> = self.rows(COMPLETION)?;
-        let settings = self.training_settings_now()?;
+        let (courses, completions, settings) = self.program()?;
         let today = self.today();
+        let blocked = self.training_blocks()?;
         let standings: Vec<Standing> = self
             .identity
             .accounts()
@@ -695,14 +758,16 @@ impl Vault {
             .iter()
             .filter(|u| u.role != "patient")
             .map(|u| {
-                training::standing(
+                let mut s = training::standing(
                     &u.username,
                     &u.role,
                     &courses,
                     &completions,
                     settings.grace_days,
                     today,
-                )
+                );
+                s.current &= !blocked.contains(&u.username);
+                s
             })
             .collect();
         let departments: BTreeMap<String, String> =
@@ -726,17 +791,17 @@ impl Vault {
         let Some(role) = c.role() else {
             return Err(VaultError::Unauthenticated);
         };
-        let courses: Vec<Course> = self.rows(COURSE)?;
-        let completions: Vec<Completion> = self.rows(COMPLETION)?;
-        let s = self.training_settings_now()?;
-        Ok(training::standing(
+        let (courses, completions, s) = self.program()?;
+        let mut out = training::standing(
             c.actor(),
             role.as_str(),
             &courses,
             &completions,
             s.grace_days,
             self.today(),
-        ))
+        );
+        out.current &= !self.training_blocks()?.contains(c.actor());
+        Ok(out)
     }
 
     // ---- Incidents ------------------------------------------------------------------------
@@ -786,12 +851,11 @@ impl Vault {
                     .unwrap_or_default();
                 let mut patients = vec![];
                 for p in &n.patients {
-                    patients.push(
-                        PatientId::new(p.trim())
-                            .map_err(|_| bad("invalid patient id"))?
-                            .as_str()
-                            .to_owned(),
-                    );
+                    let pid = PatientId::new(p.trim()).map_err(|_| bad("invalid patient id"))?;
+                    if self.store.patient_key(&pid)?.is_none() {
+                        return Err(bad(format!("no chart for patient {}", pid.as_str())));
+                    }
+                    patients.push(pid.as_str().to_owned());
                 }
                 let now = self.now_unix();
                 let id = medvault_types::random_uuid();
@@ -799,7 +863,8 @@ impl Vault {
                 i.response.title = title;
                 i.response.severity = severity;
                 if let Some(p) = n.playbook.as_deref().filter(|p| !p.trim().is_empty()) {
-                    apply_playbook(&mut i, p, c.actor(), now)?;
+                    apply_playbook(&mut i, p)?;
+                    i.record(now, c.actor(), &format!("playbook {} applied", p.trim()));
                 }
                 rec.detail = Some(format!(
                     "incident={id} opened severity={}",
@@ -868,7 +933,7 @@ impl Vault {
                     format!("{user} is {role}")
                 }
                 IncidentAction::Playbook { playbook } => {
-                    apply_playbook(&mut i, &playbook, &me, now)?;
+                    apply_playbook(&mut i, &playbook)?;
                     format!("playbook {} applied", playbook.trim())
                 }
                 IncidentAction::Task { task } => {
@@ -978,6 +1043,19 @@ impl Vault {
                     if a.is_empty() || a.len() > 100 {
                         return Err(bad("`accounts` must name 1 to 100 accounts"));
                     }
+                    let known: BTreeSet<String> = self
+                        .identity
+                        .accounts()
+                        .map_err(crate::auth::id_err)?
+                        .into_iter()
+                        .map(|x| x.username)
+                        .collect();
+                    if let Some(x) = a.iter().find(|x| !known.contains(*x)) {
+                        return Err(bad(format!(
+                            "no such account: {}",
+                            x.chars().take(64).collect::<String>()
+                        )));
+                    }
                     i.response.accounts = a.clone();
                     i.response.window = Some((from, to));
                     format!("scope: {} account(s), window set", a.len())
@@ -1063,40 +1141,80 @@ impl Vault {
     /// affected per state, the lost device's encryption; `overrides` (the officer's
     /// findings, the contract's fields) win.
     fn incident_facts(&self, i: &Incident, overrides: Option<Value>) -> Result<Facts, VaultError> {
+        let overrides = match overrides {
+            None => serde_json::Map::new(),
+            Some(Value::Object(o)) => o,
+            Some(_) => return Err(bad("`facts` must be an object")),
+        };
+        // Dates are the covered entity's: the site's offset from UTC (records settings).
+        let offset = self.site()?.offset()?;
+        let local = |t: i64| {
+            OffsetDateTime::from_unix_timestamp(t)
+                .map(|t| t.to_offset(offset).date())
+                .map_err(bad)
+        };
         let detected = i.response.phases.detected.unwrap_or(i.opened_at);
-        let discovered = OffsetDateTime::from_unix_timestamp(detected)
-            .map_err(bad)?
-            .date();
         let mut base = serde_json::Map::new();
-        base.insert("discovered".into(), Value::String(day_text(discovered)));
-        let known: BTreeMap<&String, &u64> = i
-            .response
-            .affected
-            .iter()
-            .filter(|(k, _)| k.as_str() != UNKNOWN_STATE)
-            .collect();
-        if !known.is_empty() {
-            base.insert("affected".into(), serde_json::to_value(known).map_err(bad)?);
+        base.insert(
+            "discovered".into(),
+            Value::String(day_text(local(detected)?)),
+        );
+        let gdpr = overrides
+            .get("jurisdiction")
+            .and_then(Value::as_str)
+            .is_some_and(|j| j.trim().eq_ignore_ascii_case("GDPR"));
+        let total: u64 = i.response.affected.values().sum();
+        if gdpr {
+            // GDPR counts data subjects, not residents of US states.
+            if total > 0 {
+                base.insert("affected_eu_subjects".into(), serde_json::json!(total));
+            }
+        } else {
+            let known: BTreeMap<&String, &u64> = i
+                .response
+                .affected
+                .iter()
+                .filter(|(k, _)| k.as_str() != UNKNOWN_STATE)
+                .collect();
+            if !known.is_empty() {
+                base.insert("affected".into(), serde_json::to_value(known).map_err(bad)?);
+            }
+            if let Some(n) = i.response.affected.get(UNKNOWN_STATE) {
+                base.insert("affected_unknown_residence".into(), serde_json::json!(n));
+            }
         }
-        if let Some(n) = i.response.affected.get(UNKNOWN_STATE) {
-            base.insert("affected_unknown_residence".into(), serde_json::json!(n));
-        }
+        // The lost device's encryption comes from the inventory: a finding that says
+        // otherwise contradicts it.
         if let Some(a) = &i.response.asset {
             if let Some(asset) = self.row::<Asset>(ASSET, a)? {
-                base.insert(
-                    "phi_encrypted_at_rest".into(),
-                    serde_json::json!(response::device_encrypted(&asset)),
-                );
+                let enc = response::device_encrypted(&asset);
+                if overrides
+                    .get("phi_encrypted_at_rest")
+                    .is_some_and(|v| v.as_bool() != Some(enc))
+                {
+                    return Err(bad(format!(
+                        "contradictory facts: the inventory says asset {} is {}; correct the inventory, not the assessment",
+                        asset.id,
+                        if enc { "encrypted (checked)" } else { "not known to be encrypted" }
+                    )));
+                }
+                base.insert("phi_encrypted_at_rest".into(), serde_json::json!(enc));
             }
         }
-        if let Some(Value::Object(o)) = overrides {
-            for (k, v) in o {
-                base.insert(k, v);
-            }
-        } else if overrides.is_some() {
-            return Err(bad("`facts` must be an object"));
+        for (k, v) in overrides {
+            base.insert(k, v);
         }
-        breach::parse_facts(&Value::Object(base).to_string()).map_err(bad)
+        let f = breach::parse_facts(&Value::Object(base).to_string()).map_err(bad)?;
+        // A breach is not discovered before it began.
+        if let (Some(d), Some((from, _))) = (f.discovered.as_deref(), i.response.window) {
+            let began = day_text(local(from)?);
+            if d.get(..10).is_some_and(|d| d < began.as_str()) {
+                return Err(bad(format!(
+                    "contradictory facts: `discovered` ({d}) is before the incident's window begins ({began})"
+                )));
+            }
+        }
+        Ok(f)
     }
 
     /// The patients the incident's accounts opened (records disclosed to them) within its
@@ -1249,6 +1367,17 @@ impl Vault {
                 "that patient is not among the incident's affected individuals",
             ));
         }
+        let Some(notice) = self.row::<NoticeSettings>(SETTINGS, "notice")? else {
+            rec.outcome = Outcome::Failure;
+            rec.detail = Some(format!(
+                "incident={} letter refused: no contact procedures",
+                i.id
+            ));
+            self.audit(vec![rec])?;
+            return Err(bad(
+                "set the notice's contact procedures first (45 CFR 164.404(c)(1)(E)): PUT /api/compliance/notice {organization, toll_free_phone, email, postal_address, website}",
+            ));
+        };
         let (j, read) = self.incident_patient(c, patient, &i.id, "breach notification letter")?;
         let j = j.ok_or(VaultError::NotFound)?;
         let name = j
@@ -1310,7 +1439,7 @@ impl Vault {
             .window
             .map_or_else(|| discovered.clone(), |w| when(w.0));
         let letter = format!(
-            "{name}\n{address}\n\nNotice of a breach of your health information\n\n\
+            "{org}\n{org_address}\n\n{name}\n{address}\n\nNotice of a breach of your health information\n\n\
 What happened. On {discovered} we discovered that your health information was accessed or disclosed without \
 authorization. The access began on or about {began}. {title}\n\n\
 What information was involved. The information in your medical record that was involved may include your name, \
@@ -1320,12 +1449,22 @@ service you did not receive. You may ask us for an accounting of disclosures of 
 a copy of your record.\n\n\
 What we are doing. We have investigated the incident, limited the access that caused it, applied our sanctions \
 policy, and are reviewing our safeguards to prevent it from happening again.\n\n\
-For more information. Contact our Privacy Officer at the address above, by telephone at our toll-free number, \
-or by e-mail; please quote reference {id}.\n\n\
+For more information. Contact our Privacy Officer: telephone {phone} (toll-free), e-mail {email}, \
+{web}or write to {org_address_line}; please quote reference {id}.\n\n\
 This notice is provided under 45 CFR 164.404. It is sent no later than {by}.\n",
             title = if i.response.title.is_empty() { String::new() } else { format!("({})", i.response.title) },
             id = i.id,
             by = d.individuals_by.clone().unwrap_or_default(),
+            org = notice.organization,
+            org_address = notice.postal_address,
+            org_address_line = notice.postal_address.replace('\n', ", "),
+            phone = notice.toll_free_phone,
+            email = notice.email,
+            web = notice
+                .website
+                .as_deref()
+                .map(|w| format!("web {w}, "))
+                .unwrap_or_default(),
         );
         rec.detail = Some(format!("incident={} breach letter", i.id));
         let mut recs = vec![rec];
@@ -1393,7 +1532,13 @@ This notice is provided under 45 CFR 164.404. It is sent no later than {by}.\n",
             breach_end: end,
             discovery_date: f.discovered.clone().unwrap_or_default(),
             approximate_individuals_affected: total,
-            individuals_by_state: i.response.affected.clone(),
+            individuals_by_state: {
+                let mut m = f.affected.clone();
+                if let Some(n) = f.affected_unknown_residence.filter(|n| *n > 0) {
+                    m.insert(UNKNOWN_STATE.into(), n);
+                }
+                m
+            },
             type_of_breach: kind,
             location_of_breached_information: location.into(),
             type_of_phi_involved: vec!["Demographic", "Clinical"],
@@ -1405,6 +1550,52 @@ This notice is provided under 45 CFR 164.404. It is sent no later than {by}.\n",
             actions_taken: i.timeline.iter().map(|e| e.action.clone()).collect(),
             decision: d,
         })
+    }
+
+    /// `GET /api/compliance/notice`: the contact procedures breach letters give.
+    ///
+    /// # Errors
+    /// Denied; `NotFound` until set.
+    pub fn notice_settings(&self, c: &Caller) -> Result<NoticeSettings, VaultError> {
+        self.comply_read(c, Operation::ComplianceRead, "notice settings")?;
+        self.row(SETTINGS, "notice")?.ok_or(VaultError::NotFound)
+    }
+
+    /// `PUT /api/compliance/notice` (privacy and security officers).
+    ///
+    /// # Errors
+    /// Denied; `BadRequest` for an empty or over-long field, a phone without digits, an
+    /// e-mail without `@`.
+    pub fn set_notice_settings(
+        &self,
+        c: &Caller,
+        mut n: NoticeSettings,
+    ) -> Result<NoticeSettings, VaultError> {
+        self.comply(
+            c,
+            Operation::ComplianceManage,
+            "notice settings".into(),
+            |_| {
+                n.organization = text("organization", &n.organization, 200)?;
+                n.toll_free_phone = text("toll_free_phone", &n.toll_free_phone, 40)?;
+                n.email = text("email", &n.email, 200)?;
+                n.postal_address = text("postal_address", &n.postal_address, 500)?;
+                if !n.toll_free_phone.chars().any(|ch| ch.is_ascii_digit()) {
+                    return Err(bad("`toll_free_phone` must be a telephone number"));
+                }
+                if !n.email.contains('@') {
+                    return Err(bad("`email` must be an e-mail address"));
+                }
+                n.website = n
+                    .website
+                    .as_deref()
+                    .map(str::trim)
+                    .filter(|w| !w.is_empty())
+                    .map(str::to_owned);
+                let op = self.put(SETTINGS, "notice", "active", "", &n)?;
+                Ok((vec![op], vec![], n))
+            },
+        )
     }
 
     // ---- Asset inventory --------------------------------------------------------------------
@@ -1677,9 +1868,7 @@ This notice is provided under 45 CFR 164.404. It is sent no later than {by}.\n",
                 None => "the shipped policy set is in force (no local change)".into(),
             },
         ));
-        let courses: Vec<Course> = self.rows(COURSE)?;
-        let completions: Vec<Completion> = self.rows(COMPLETION)?;
-        let settings = self.training_settings_now()?;
+        let (courses, completions, settings) = self.program()?;
         let today = self.today();
         let standings: Vec<Standing> = accounts
             .iter()
@@ -1986,7 +2175,7 @@ fn short(id: &str) -> &str {
     id.get(..8).unwrap_or(id)
 }
 
-fn apply_playbook(i: &mut Incident, name: &str, actor: &str, now: i64) -> Result<(), VaultError> {
+fn apply_playbook(i: &mut Incident, name: &str) -> Result<(), VaultError> {
     let tasks = response::playbook(name).map_err(bad)?;
     if i.response.playbook.as_deref() == Some(name.trim()) {
         return Err(VaultError::Duplicate(
@@ -2003,10 +2192,5 @@ fn apply_playbook(i: &mut Incident, name: &str, actor: &str, now: i64) -> Result
             done_at: None,
         });
     }
-    i.record(
-        now,
-        actor,
-        &format!("playbook {} applied: {} tasks", name.trim(), tasks.len()),
-    );
     Ok(())
 }

@@ -114,7 +114,7 @@ impl Default for Site {
 }
 
 impl Site {
-    fn offset(&self) -> Result<UtcOffset, VaultError> {
+    pub(crate) fn offset(&self) -> Result<UtcOffset, VaultError> {
         let fmt = time::macros::format_description!("[offset_hour sign:mandatory]:[offset_minute]");
         UtcOffset::parse(self.utc_offset.trim(), &fmt)
             .map_err(|_| bad("`utc_offset` must look like +01:00 or -05:00"))
@@ -583,7 +583,7 @@ impl Vault {
     }
 
     /// The site settings (defaults until set).
-    fn site(&self) -> Result<Site, VaultError> {
+    pub(crate) fn site(&self) -> Result<Site, VaultError> {
         Ok(self.row(SITE, "site")?.unwrap_or_default())
     }
 

@@ -323,6 +323,7 @@ impl Vault {
         if medvault_fhir::categories_of_type(rt)
             .iter()
             .any(|k| *k != Category::Directory && self.training_would_allow(c, Action::Search, *k))
+            && !self.has_live_grant(c, None)?
         {
             let mut rec = self.record(c, "search", Outcome::Denied);
             rec.resource = Some(rt.as_str().to_owned());
@@ -960,6 +961,7 @@ impl Vault {
         if Category::ALL
             .iter()
             .any(|k| *k != Category::Directory && self.training_would_allow(c, Action::Read, *k))
+            && !self.has_live_grant(c, Some(&patient))?
         {
             let mut rec = self.record(c, "everything", Outcome::Denied);
             rec.resource = Some(format!("Patient/{patient}"));

@@ -61,6 +61,13 @@ pub fn accounting_request(requested: &str, today: Date) -> Result<AccountingCloc
     if r > today {
         return Err("`requested` is in the future".into());
     }
+    let rule = time::macros::date!(2003 - 04 - 14);
+    if r < rule {
+        return Err(format!(
+            "`requested` is before the Privacy Rule's compliance date ({})",
+            day(rule)
+        ));
+    }
     Ok(AccountingClock {
         covers_from: day(anniversary_before(r, ACCOUNTING_YEARS)?),
         respond_by: day(r

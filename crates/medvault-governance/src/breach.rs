@@ -404,6 +404,20 @@ pub fn assess(f: &Facts, now: OffsetDateTime) -> Result<Decision, String> {
     };
     let discovered = when("discovered", &f.discovered)?;
     let ba = when("ba_discovered", &f.ba_discovered)?;
+    // Neither rule reaches back before it took effect.
+    let (rule, effective) = if gdpr {
+        ("GDPR applied", time::macros::date!(2018 - 05 - 25))
+    } else {
+        (
+            "the Breach Notification Rule took effect",
+            time::macros::date!(2009 - 09 - 23),
+        )
+    };
+    for (field, w) in [("discovered", discovered), ("ba_discovered", ba)] {
+        if w.is_some_and(|w| w.date() < effective) {
+            return Err(format!("`{field}` is before {rule} ({})", day(effective)));
+        }
+    }
     let Some(start) = discovered.or(ba) else {
         return Err(
             "`discovered` is required (or `ba_discovered` for a business associate's breach)"
@@ -413,11 +427,14 @@ pub fn assess(f: &Facts, now: OffsetDateTime) -> Result<Decision, String> {
     let encrypted_safe = flag(f.phi_encrypted_at_rest) && !flag(f.key_compromised);
 
     if gdpr {
-        if f.exception.is_some() {
+        if f.exception.as_deref().is_some_and(|e| !e.trim().is_empty()) {
             return Err(
                 "contradictory facts: the exceptions of 45 CFR 164.402(1) are HIPAA's, not GDPR's"
                     .into(),
             );
+        }
+        if f.law_enforcement_delay.is_some() {
+            return Err("contradictory facts: `law_enforcement_delay` is HIPAA's (45 CFR 164.412); under GDPR give the delay's reasons with the notification (Art. 33(1))".into());
         }
         let risk = gdpr_risk(f)?;
         if risk == 0 {
@@ -454,6 +471,12 @@ pub fn assess(f: &Facts, now: OffsetDateTime) -> Result<Decision, String> {
         .as_ref()
         .map(|d| law_enforcement_delay(d, now))
         .transpose()?;
+    if let Some(le) = &f.law_enforcement_delay {
+        let requested = When::parse("law_enforcement_delay.requested", &le.requested)?.date();
+        if requested < start.date() {
+            return Err("contradictory facts: the law-enforcement delay was requested before the breach was discovered".into());
+        }
+    }
     let further = flag(f.further_disclosed);
     let exception = match f.exception.as_deref().map(str::trim) {
         None | Some("") => None,
@@ -574,7 +597,11 @@ fn law_enforcement_delay(d: &LawEnforcementDelay, now: OffsetDateTime) -> Result
 /// # Errors
 /// The JSON error (unknown fields, wrong types, negative counts).
 pub fn parse_facts(text: &str) -> Result<Facts, String> {
-    serde_json::from_str(text).map_err(|e| e.to_string())
+    match serde_json::from_str::<serde_json::Value>(text) {
+        Err(e) => Err(format!("not JSON: {e}")),
+        Ok(serde_json::Value::Object(_)) => serde_json::from_str(text).map_err(|e| e.to_string()),
+        Ok(_) => Err("facts must be a JSON object {\"discovered\", \"affected\", …}".into()),
+    }
 }
 
 #[cfg(test)]

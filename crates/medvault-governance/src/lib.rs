@@ -251,7 +251,13 @@ impl Incident {
                 actor: opened_by.to_owned(),
                 action: "incident opened".into(),
             }],
-            response: response::Response::default(),
+            response: response::Response {
+                phases: response::Phases {
+                    detected: Some(now),
+                    ..response::Phases::default()
+                },
+                ..response::Response::default()
+            },
         }
     }
 

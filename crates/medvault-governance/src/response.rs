@@ -247,6 +247,12 @@ impl Phases {
                 PHASES.get(i).copied().unwrap_or("")
             ));
         }
+        if order.iter().skip(i + 1).flatten().any(|t| *t < at) {
+            return Err(format!(
+                "`{}` cannot be after a later phase",
+                PHASES.get(i).copied().unwrap_or("")
+            ));
+        }
         *slot = Some(at);
         Ok(())
     }
@@ -415,10 +421,15 @@ mod tests {
         p.set("contained", 200, 100).unwrap();
         assert!(p.set("contained", 300, 100).is_err());
         assert!(p.set("eradicated", 150, 100).is_err());
+        assert!(
+            p.set("detected", 250, 100).is_err(),
+            "detected after contained"
+        );
+        p.set("detected", 90, 100).unwrap();
         p.set("recovered", 400, 100).unwrap();
         assert_eq!(
             (p.time_to_contain(100), p.time_to_recover(100)),
-            (Some(100), Some(300))
+            (Some(110), Some(310))
         );
         assert!(p.set("resolved", 1, 1).is_err());
     }

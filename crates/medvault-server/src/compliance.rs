@@ -587,3 +587,27 @@ pub(crate) async fn request_bundle(
     let b = as_caller(&state, &ctx, move |v, c| v.rights_access_bundle(c, &id)).await?;
     Ok(plain_json(StatusCode::OK, b))
 }
+
+/// `GET /api/compliance/notice`: the contact procedures breach letters give.
+pub(crate) async fn notice(State(state): State<AppState>, ctx: Ctx) -> Result<Response, ApiError> {
+    let n = as_caller(&state, &ctx, move |v, c| v.notice_settings(c)).await?;
+    Ok(plain_json(StatusCode::OK, json!(n)))
+}
+
+/// `PUT /api/compliance/notice {"organization","toll_free_phone","email","postal_address","website"}`.
+pub(crate) async fn put_notice(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let c = caller(&state, &ctx).await?;
+    let n: medvault_core::NoticeSettings = body(
+        &state,
+        req,
+        "{\"organization\",\"toll_free_phone\",\"email\",\"postal_address\",\"website\"}",
+    )
+    .await?;
+    let vault = state.vault.clone();
+    let n = blocking(move || vault.set_notice_settings(&c, n)).await??;
+    Ok(plain_json(StatusCode::OK, json!(n)))
+}

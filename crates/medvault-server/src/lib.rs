@@ -357,6 +357,10 @@ fn routes(state: AppState, console: Option<Router>) -> Router {
             axum::routing::put(compliance::put_risk),
         )
         .route("/api/compliance/reviews", post(compliance::review))
+        .route(
+            "/api/compliance/notice",
+            get(compliance::notice).put(compliance::put_notice),
+        )
         .route("/api/reminders", get(compliance::reminders))
         .route(
             "/api/privacy/authorizations",

@@ -357,30 +357,30 @@ struct IncidentRow {
 }
 
 fn hours(secs: Option<i64>) -> String {
-    secs.map(|s| format!("{:.1} h", s as f64 / 3600.0))
+    secs.map(|s| format!("{:.1} h", s.max(0) as f64 / 3600.0))
         .unwrap_or_default()
 }
 
 fn incident_row(i: &Incident) -> IncidentRow {
+    use medvault_core::governance::IncidentSource as S;
+    let source = match &i.source {
+        S::BreakGlassReview { .. } => "break-the-glass review".to_owned(),
+        S::DetectionAlert { alert_type, .. } => format!("alert: {}", alert_type.replace('_', " ")),
+        S::MissingChart { barcode } => format!("missing paper chart {barcode}"),
+        S::Manual => "opened by hand".to_owned(),
+    };
     IncidentRow {
         id: i.id.clone(),
         title: if i.response.title.is_empty() {
-            format!("{:?}", i.source).chars().take(80).collect()
+            let mut t = source.clone();
+            if let Some(first) = t.get(..1).map(str::to_uppercase) {
+                t.replace_range(..1, &first);
+            }
+            t
         } else {
             i.response.title.clone()
         },
-        source: match &i.source {
-            medvault_core::governance::IncidentSource::BreakGlassReview { .. } => {
-                "break-the-glass review".into()
-            }
-            medvault_core::governance::IncidentSource::DetectionAlert { alert_type, .. } => {
-                format!("alert: {alert_type}")
-            }
-            medvault_core::governance::IncidentSource::MissingChart { barcode } => {
-                format!("missing chart {barcode}")
-            }
-            medvault_core::governance::IncidentSource::Manual => "opened by hand".into(),
-        },
+        source,
         severity: i.response.severity.as_str(),
         status: i.status.as_str(),
         opened: when(i.opened_at),

@@ -264,7 +264,7 @@ enum ComplianceCommand {
 
 #[derive(Subcommand)]
 enum BreachCommand {
-    /// Decide one set of facts (`--facts FILE`: {"discovered", "affected": {STATE: count},
+    /// Decide one set of facts (`--facts FILE`, or `-` for standard input: {"discovered", "affected": {STATE: count},
     /// "affected_eu_subjects", "jurisdiction", "phi_encrypted_at_rest", "key_compromised",
     /// "exception", "further_disclosed", "cause", "recipient_is_covered_entity",
     /// "phi_viewed", "returned_or_destroyed_attested", "law_enforcement_delay": {"kind",
@@ -819,13 +819,16 @@ fn run(cli: Cli) -> Result<()> {
                 },
         } => {
             let (_cfg, vault, op) = open(&dir)?;
-            let r = vault
-                .request_accounting(
-                    &Caller::cli(&op, Role::PrivacyOfficer),
-                    &patient,
-                    &requested,
-                )
-                .map_err(describe)?;
+            let r = match vault.request_accounting(
+                &Caller::cli(&op, Role::PrivacyOfficer),
+                &patient,
+                &requested,
+            ) {
+                Err(medvault_core::VaultError::NotFound) => {
+                    anyhow::bail!("no chart for patient `{patient}` in this data directory")
+                }
+                r => r.map_err(describe)?,
+            };
             if json {
                 println!(
                     "{}",
@@ -869,8 +872,13 @@ fn run(cli: Cli) -> Result<()> {
             command: BreachCommand::Assess { facts, json },
         } => {
             use medvault_core::governance::breach;
-            let text = std::fs::read_to_string(&facts)
-                .with_context(|| format!("cannot read {}", facts.display()))?;
+            let text = if facts.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin())
+                    .context("cannot read the facts from standard input")?
+            } else {
+                std::fs::read_to_string(&facts)
+                    .with_context(|| format!("cannot read {}", facts.display()))?
+            };
             let d = breach::parse_facts(&text)
                 .and_then(|f| breach::assess(&f, SystemClock.now()))
                 .map_err(|e| anyhow::anyhow!("{}: {e}", facts.display()))?;

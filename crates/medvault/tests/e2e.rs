@@ -21,6 +21,12 @@ use serde_json::{json, Value};
 
 const BIN: &str = env!("CARGO_BIN_EXE_medvault");
 
+/// The UTC date `n` days before today (`YYYY-MM-DD`; negative: after).
+fn days_ago(n: i64) -> String {
+    let d = time::OffsetDateTime::now_utc().date() - time::Duration::days(n);
+    format!("{:04}-{:02}-{:02}", d.year(), u8::from(d.month()), d.day())
+}
+
 fn medvault(dir: &Path, args: &[&str]) -> std::process::Output {
     Command::new(BIN)
         .arg("--data-dir")
@@ -5977,10 +5983,15 @@ fn web_console_forms_check_csrf_and_pages_carry_security_headers() {
     assert!(set_cookie(&r, "medvault_mfa").is_none());
     let session = console_sign_in(&s, admin, apw, asecret);
     let cookies = [session.clone()];
+    // Sign-in lands on the reminders first (no risk review recorded yet), which lead on
+    // to the administrator's first page.
     let home = page(&s, "GET", "/", &cookies, None, &[]);
-    assert_eq!(
-        (home.status, home.header("location")),
-        (303, "/admin/users")
+    assert_eq!(home.status, 200, "{}", home.body);
+    assert!(
+        home.body.contains("quarterly risk review")
+            && home.body.contains("href=\"/admin/users\" id=\"continue\""),
+        "{}",
+        home.body
     );
     let inline_script = regex_lite_script();
     for path in [
@@ -11544,6 +11555,23 @@ fn breach_assess_json_contract_through_the_cli() {
     assert_eq!(d["ba_must_notify_covered_entity_by"], "2025-04-02");
     assert_eq!(d["individuals_by"], "2025-04-30");
 
+    // The facts may come on standard input.
+    let mut child = Command::new(BIN)
+        .args(["breach", "assess", "--facts", "-", "--json"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write as _;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(br#"{"discovered": "2025-03-10", "affected": {"TX": 501}}"#)
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(json_out(&o)["media"], json!(["TX"]));
+
     // Bad facts: one line, non-zero exit, naming what is wrong.
     for (facts, says) in [
         (
@@ -11599,6 +11627,21 @@ fn breach_assess_json_contract_through_the_cli() {
             json!({"discovered": "2025-03-10", "law_enforcement_delay":
             {"kind": "telepathic", "requested": "2025-03-12"}}),
             "oral or written",
+        ),
+        (
+            json!({"discovered": "0001-01-01"}),
+            "before the Breach Notification Rule took effect",
+        ),
+        (json!([1, 2]), "facts must be a JSON object"),
+        (
+            json!({"discovered": "2025-03-10", "law_enforcement_delay":
+            {"kind": "oral", "requested": "2025-01-12"}}),
+            "requested before the breach was discovered",
+        ),
+        (
+            json!({"jurisdiction": "GDPR", "discovered": "2025-03-10T09:00:00Z",
+            "law_enforcement_delay": {"kind": "oral", "requested": "2025-03-12"}}),
+            "contradictory facts",
         ),
     ] {
         let o = run(&facts);
@@ -11708,7 +11751,11 @@ fn incident_from_a_snooping_alert_to_breach_letter_and_hhs_report() {
         ),
         (
             vec!["--patient", "no-such-patient", "--requested", "2026-03-10"],
-            "not found",
+            "no chart for patient `no-such-patient`",
+        ),
+        (
+            vec!["--patient", ids[1].as_str(), "--requested", "1900-01-01"],
+            "before the Privacy Rule's compliance date",
         ),
     ] {
         let mut a = vec!["disclosures", "request"];
@@ -11833,9 +11880,24 @@ fn incident_from_a_snooping_alert_to_breach_letter_and_hhs_report() {
         .unwrap();
     let r = act(
         &po,
+        json!({"action": "scope", "accounts": [nurse_name, "ghost"], "from": from, "to": to}),
+    );
+    assert_eq!(
+        r.status, 400,
+        "an account that does not exist: {:?}",
+        r.body
+    );
+    let r = act(
+        &po,
         json!({"action": "scope", "accounts": [nurse_name], "from": from, "to": to}),
     );
     assert_eq!(r.status, 200, "{:?}", r.body);
+    // Phases keep their order both ways.
+    let r = act(
+        &po,
+        json!({"action": "phase", "phase": "detected", "at": to}),
+    );
+    assert_eq!(r.status, 400, "detected after contained: {:?}", r.body);
     let r = act(&po, json!({"action": "compute_affected"}));
     assert_eq!(r.status, 200, "{:?}", r.body);
     assert_eq!(
@@ -11852,6 +11914,22 @@ fn incident_from_a_snooping_alert_to_breach_letter_and_hhs_report() {
     let mut want = ids.clone();
     want.sort();
     assert_eq!(listed, want);
+    // Facts that contradict the incident are refused; GDPR counts data subjects.
+    let r = act(
+        &po,
+        json!({"action": "assess", "facts": {"discovered": "2020-01-01"}}),
+    );
+    assert_eq!(r.status, 400, "discovered before the window: {:?}", r.body);
+    let r = act(
+        &po,
+        json!({"action": "assess", "facts": {"jurisdiction": "GDPR", "high_risk": true}}),
+    );
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body["response"]["facts"]["affected_eu_subjects"], 3);
+    assert_eq!(
+        r.body["response"]["decision"]["data_subjects"],
+        "without_undue_delay"
+    );
 
     // Breach decided, deadlines shown; the letter and the HHS report's fields.
     let r = act(
@@ -11897,6 +11975,28 @@ fn incident_from_a_snooping_alert_to_breach_letter_and_hhs_report() {
                 .map_or_else(|| r.body.to_string(), str::to_owned),
         )
     };
+    // A letter needs the covered entity's contact procedures (164.404(c)(1)(E)).
+    let letter = get_text(
+        &format!("/api/incidents/{incident}/letter?patient={own}"),
+        &po,
+    );
+    assert_eq!(letter.0, 400, "{}", letter.1);
+    assert!(letter.1.contains("contact procedures"), "{}", letter.1);
+    let notice = |body: Value| {
+        s.call(
+            "PUT",
+            "/api/compliance/notice",
+            Some(&po),
+            Some(body.to_string().as_bytes()),
+            &[],
+        )
+    };
+    assert_eq!(notice(json!({"organization": "x", "toll_free_phone": "none", "email": "a@b", "postal_address": "y"})).status, 400);
+    let r = notice(
+        json!({"organization": "Springfield General Hospital", "toll_free_phone": "1-800-555-0199",
+        "email": "privacy@springfield.example", "postal_address": "Privacy Office\n1 Hospital Way, Springfield"}),
+    );
+    assert_eq!(r.status, 200, "{:?}", r.body);
     let letter = get_text(
         &format!("/api/incidents/{incident}/letter?patient={own}"),
         &po,
@@ -11904,6 +12004,11 @@ fn incident_from_a_snooping_alert_to_breach_letter_and_hhs_report() {
     assert_eq!(letter.0, 200, "{}", letter.1);
     assert!(
         letter.1.contains("Ada Okonkwo") && letter.1.contains("1 Main St"),
+        "{}",
+        letter.1
+    );
+    assert!(
+        letter.1.contains("1-800-555-0199") && letter.1.starts_with("Springfield General Hospital"),
         "{}",
         letter.1
     );
@@ -12057,6 +12162,13 @@ fn incident_from_a_snooping_alert_to_breach_letter_and_hhs_report() {
             &json!({"action": "asset", "asset": asset}),
         );
         assert_eq!(r.status, 200, "{:?}", r.body);
+        // The inventory decides: a finding that contradicts it is refused.
+        let r = s.post(
+            &format!("/api/incidents/{id}"),
+            &admin,
+            &json!({"action": "assess", "facts": {"phi_encrypted_at_rest": reason != "safe_harbor_secured_phi"}}),
+        );
+        assert_eq!(r.status, 400, "{asset}: {:?}", r.body);
         let r = s.post(
             &format!("/api/incidents/{id}"),
             &admin,
@@ -12069,6 +12181,15 @@ fn incident_from_a_snooping_alert_to_breach_letter_and_hhs_report() {
             r.body
         );
     }
+    assert_eq!(
+        s.post(
+            "/api/incidents",
+            &admin,
+            &json!({"title": "x", "patients": ["no-such-chart"]})
+        )
+        .status,
+        400
+    );
     assert_eq!(
         s.post("/api/incidents", &admin, &json!({"title": " "}))
             .status,
@@ -12091,10 +12212,7 @@ fn training_lapse_closes_phi_and_safeguards_show_live_evidence() {
     let (nurse_name, _, _) = staff.get("nurse");
     let vitals = format!("/fhir/{}", charts[0][1]);
     assert_eq!(s.get(&vitals, &nurse).status, 200);
-    let day = |days_ago: i64| {
-        let d = time::OffsetDateTime::now_utc().date() - time::Duration::days(days_ago);
-        format!("{:04}-{:02}-{:02}", d.year(), u8::from(d.month()), d.day())
-    };
+    let day = days_ago;
     let put = |path: &str, tok: &str, body: Value| {
         s.call(
             "PUT",
@@ -12142,6 +12260,15 @@ fn training_lapse_closes_phi_and_safeguards_show_live_evidence() {
         s.get(&format!("/fhir/{}", charts[1][1]), &nurse).status,
         200
     );
+    for path in [
+        format!("/fhir/Observation?patient={other}"),
+        format!("/fhir/Patient/{other}/$everything"),
+    ] {
+        let r = s.get(&path, &nurse);
+        assert_eq!(r.status, 200, "{path} under break-the-glass: {:?}", r.body);
+    }
+    let r = s.get(&format!("/fhir/{}", charts[0][1]), &nurse);
+    assert_eq!(r.status, 403, "no grant to the treated chart: {:?}", r.body);
     // A vendor's record from eight months ago does not make it current; the nurse's own
     // completion today does, at once.
     let complete = |tok: &str, body: Value| s.post("/api/training/completions", tok, &body);
@@ -12207,6 +12334,29 @@ fn training_lapse_closes_phi_and_safeguards_show_live_evidence() {
         200,
         "access back on completion"
     );
+    // An administrator's block holds against the program: a completion does not lift it.
+    let block = |current: bool| {
+        s.post(
+            &format!("/api/users/{nurse_name}/training"),
+            &sa,
+            &json!({"current": current}),
+        )
+    };
+    assert_eq!(block(false).status, 200);
+    assert_eq!(s.get(&vitals, &nurse).status, 403);
+    let r = complete(
+        &nurse,
+        json!({"course": "sec-aware", "attestation": "I completed it again"}),
+    );
+    assert_eq!(
+        (r.status, r.body["current"].clone()),
+        (201, json!(false)),
+        "{:?}",
+        r.body
+    );
+    assert_eq!(s.get(&vitals, &nurse).status, 403, "still blocked");
+    assert_eq!(block(true).status, 200);
+    assert_eq!(s.get(&vitals, &nurse).status, 200);
     let r = s.get("/api/training", &po);
     assert_eq!(r.status, 200, "{:?}", r.body);
     assert!(r.body["standings"]
@@ -12257,6 +12407,11 @@ fn training_lapse_closes_phi_and_safeguards_show_live_evidence() {
     );
     let r = csv("user,campaign\nx,y\n");
     assert_eq!(r.status, 400);
+    let r = csv(&format!(
+        "user,campaign,clicked,reported,date\nghost,Q4,no,yes,{}\n",
+        day(3)
+    ));
+    assert_eq!(r.status, 400, "a result for no account: {:?}", r.body);
 
     // The safeguards report: live evidence for backups and MFA, changing as they change.
     let get = |id: &str| -> Value {
@@ -12363,10 +12518,7 @@ fn privacy_rights_authorizations_consents_and_data_subject_requests() {
     let po = staff_token(&s, &staff, "privacy_officer");
     let nurse = staff_token(&s, &staff, "nurse");
     let pid = charts[0][0].trim_start_matches("Patient/").to_owned();
-    let day = |days_ago: i64| {
-        let d = time::OffsetDateTime::now_utc().date() - time::Duration::days(days_ago);
-        format!("{:04}-{:02}-{:02}", d.year(), u8::from(d.month()), d.day())
-    };
+    let day = days_ago;
     let research = json!({"patient": pid, "recipient": "research", "purpose": "HRESCH",
         "categories": ["labs"], "description": "lipid panel for the cohort study"});
     let accounted = || {
