@@ -1033,6 +1033,11 @@ impl Vault {
                     if from > now + 300 {
                         return Err(bad("`from` is in the future"));
                     }
+                    if to > now + 86_400 || from < now - 10 * 366 * 86_400 {
+                        return Err(bad(
+                            "the window must lie within the last ten years and end by tomorrow",
+                        ));
+                    }
                     let mut a: Vec<String> = accounts
                         .iter()
                         .map(|x| x.trim().to_owned())
@@ -1155,14 +1160,21 @@ impl Vault {
         };
         let detected = i.response.phases.detected.unwrap_or(i.opened_at);
         let mut base = serde_json::Map::new();
-        base.insert(
-            "discovered".into(),
-            Value::String(day_text(local(detected)?)),
-        );
         let gdpr = overrides
             .get("jurisdiction")
             .and_then(Value::as_str)
             .is_some_and(|j| j.trim().eq_ignore_ascii_case("GDPR"));
+        // HIPAA counts calendar days in the covered entity's time zone; GDPR's 72 hours run
+        // from the instant of awareness.
+        let discovered = if gdpr {
+            OffsetDateTime::from_unix_timestamp(detected)
+                .map_err(bad)?
+                .format(&time::format_description::well_known::Rfc3339)
+                .map_err(bad)?
+        } else {
+            day_text(local(detected)?)
+        };
+        base.insert("discovered".into(), Value::String(discovered));
         let total: u64 = i.response.affected.values().sum();
         if gdpr {
             // GDPR counts data subjects, not residents of US states.
@@ -1347,6 +1359,19 @@ impl Vault {
             return Err(VaultError::Unauthenticated);
         };
         let i = self.load_incident(id)?;
+        if i.response
+            .facts
+            .as_ref()
+            .is_some_and(|f| breach::is_gdpr(f).unwrap_or(false))
+        {
+            rec.outcome = Outcome::Failure;
+            rec.detail = Some(format!(
+                "incident={} letter refused: assessed under GDPR",
+                i.id
+            ));
+            self.audit(vec![rec])?;
+            return Err(bad("the incident is assessed under GDPR: the 45 CFR 164.404 letter does not apply (GDPR Art. 34 communication is written by the controller)"));
+        }
         let Some(d) = i.response.decision.as_ref().filter(|d| d.breach) else {
             rec.outcome = Outcome::Failure;
             rec.detail = Some(format!(
@@ -1441,7 +1466,7 @@ impl Vault {
         let letter = format!(
             "{org}\n{org_address}\n\n{name}\n{address}\n\nNotice of a breach of your health information\n\n\
 What happened. On {discovered} we discovered that your health information was accessed or disclosed without \
-authorization. The access began on or about {began}. {title}\n\n\
+authorization. The access began on or about {began}.\n\n\
 What information was involved. The information in your medical record that was involved may include your name, \
 address, date of birth, and clinical information such as diagnoses, medications and test results.\n\n\
 What you can do. Review the statements you receive from your health plan and providers, and tell us about any \
@@ -1452,7 +1477,6 @@ policy, and are reviewing our safeguards to prevent it from happening again.\n\n
 For more information. Contact our Privacy Officer: telephone {phone} (toll-free), e-mail {email}, \
 {web}or write to {org_address_line}; please quote reference {id}.\n\n\
 This notice is provided under 45 CFR 164.404. It is sent no later than {by}.\n",
-            title = if i.response.title.is_empty() { String::new() } else { format!("({})", i.response.title) },
             id = i.id,
             by = d.individuals_by.clone().unwrap_or_default(),
             org = notice.organization,
@@ -1487,6 +1511,15 @@ This notice is provided under 45 CFR 164.404. It is sent no later than {by}.\n",
             ),
         )?;
         let i = self.load_incident(id)?;
+        if i.response
+            .facts
+            .as_ref()
+            .is_some_and(|f| breach::is_gdpr(f).unwrap_or(false))
+        {
+            return Err(bad(
+                "the incident is assessed under GDPR: there is no HHS report",
+            ));
+        }
         let (Some(d), Some(f)) = (
             i.response.decision.clone().filter(|d| d.breach),
             i.response.facts.clone(),
@@ -1550,6 +1583,22 @@ This notice is provided under 45 CFR 164.404. It is sent no later than {by}.\n",
             actions_taken: i.timeline.iter().map(|e| e.action.clone()).collect(),
             decision: d,
         })
+    }
+
+    /// `POST /api/breach/assess` (privacy and security officers): the breach rule alone
+    /// over `facts` (JSON text); nothing is stored, the use is audited.
+    ///
+    /// # Errors
+    /// Denied; `BadRequest` with the rule's message.
+    pub fn assess_breach(&self, c: &Caller, facts: &str) -> Result<Decision, VaultError> {
+        self.comply_read(
+            c,
+            Operation::IncidentManage,
+            "breach assessment of stated facts",
+        )?;
+        breach::parse_facts(facts)
+            .and_then(|f| breach::assess(&f, self.now()))
+            .map_err(bad)
     }
 
     /// `GET /api/compliance/notice`: the contact procedures breach letters give.
@@ -2072,6 +2121,13 @@ This notice is provided under 45 CFR 164.404. It is sent no later than {by}.\n",
                 });
             }
         };
+        if self.training_blocks()?.contains(c.actor()) {
+            add(
+                now_day.clone(),
+                "a security administrator has closed your access to patient information until your training is confirmed; ask them".into(),
+                "/training".into(),
+            );
+        }
         if let Ok(s) = self.my_training(c) {
             for cs in s
                 .courses

@@ -256,6 +256,9 @@ impl Incident {
                     detected: Some(now),
                     ..response::Phases::default()
                 },
+                // Whoever opens it leads it until someone else is assigned, so the
+                // notification tree always tells someone.
+                roles: [("incident_lead".to_owned(), opened_by.to_owned())].into(),
                 ..response::Response::default()
             },
         }

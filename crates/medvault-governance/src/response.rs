@@ -213,47 +213,46 @@ impl Phases {
     /// # Errors
     /// An unknown phase, one already set, one before an earlier phase.
     pub fn set(&mut self, phase: &str, at: i64, opened: i64) -> Result<(), String> {
+        let phase = phase.trim();
+        let i = PHASES.iter().position(|p| *p == phase).ok_or_else(|| {
+            format!(
+                "unknown phase `{}`: contained, eradicated or recovered",
+                phase.chars().take(40).collect::<String>()
+            )
+        })?;
+        if i == 0 {
+            return Err("detection is recorded when the incident opens; record contained, eradicated or recovered".into());
+        }
         let order = [
             self.detected.or(Some(opened)),
             self.contained,
             self.eradicated,
             self.recovered,
         ];
-        let i = PHASES
-            .iter()
-            .position(|p| *p == phase.trim())
-            .ok_or_else(|| {
-                format!(
-                    "unknown phase `{}`: {}",
-                    phase.chars().take(40).collect::<String>(),
-                    PHASES.join(", ")
-                )
-            })?;
-        let slot = match i {
-            0 => &mut self.detected,
-            1 => &mut self.contained,
-            2 => &mut self.eradicated,
-            _ => &mut self.recovered,
-        };
-        if i > 0 && slot.is_some() {
-            return Err(format!(
-                "the incident was already {}",
-                PHASES.get(i).copied().unwrap_or("")
-            ));
+        if order.get(i).copied().flatten().is_some() {
+            return Err(format!("the incident was already {phase}"));
         }
-        if order.iter().take(i).flatten().any(|t| *t > at) {
-            return Err(format!(
-                "`{}` cannot be before an earlier phase",
-                PHASES.get(i).copied().unwrap_or("")
-            ));
+        // In order: the phase before must be recorded, and not after this one.
+        match order.get(i - 1).copied().flatten() {
+            None => {
+                return Err(format!(
+                    "record `{}` first",
+                    PHASES.get(i - 1).copied().unwrap_or("")
+                ))
+            }
+            Some(t) if t > at => {
+                return Err(format!(
+                    "`{phase}` cannot be before `{}`",
+                    PHASES.get(i - 1).copied().unwrap_or("")
+                ))
+            }
+            Some(_) => {}
         }
-        if order.iter().skip(i + 1).flatten().any(|t| *t < at) {
-            return Err(format!(
-                "`{}` cannot be after a later phase",
-                PHASES.get(i).copied().unwrap_or("")
-            ));
+        match i {
+            1 => self.contained = Some(at),
+            2 => self.eradicated = Some(at),
+            _ => self.recovered = Some(at),
         }
-        *slot = Some(at);
         Ok(())
     }
 
@@ -417,15 +416,16 @@ mod tests {
 
     #[test]
     fn phases_run_in_order_once() {
-        let mut p = Phases::default();
+        let mut p = Phases {
+            detected: Some(90),
+            ..Phases::default()
+        };
+        assert!(p.set("recovered", 300, 100).is_err(), "not contained yet");
         p.set("contained", 200, 100).unwrap();
-        assert!(p.set("contained", 300, 100).is_err());
-        assert!(p.set("eradicated", 150, 100).is_err());
-        assert!(
-            p.set("detected", 250, 100).is_err(),
-            "detected after contained"
-        );
-        p.set("detected", 90, 100).unwrap();
+        assert!(p.set("contained", 300, 100).is_err(), "once");
+        assert!(p.set("eradicated", 150, 100).is_err(), "before containment");
+        assert!(p.set("detected", 80, 100).is_err(), "set at opening");
+        p.set("eradicated", 200, 100).unwrap();
         p.set("recovered", 400, 100).unwrap();
         assert_eq!(
             (p.time_to_contain(100), p.time_to_recover(100)),

@@ -6,7 +6,6 @@
 use axum::extract::{Path, Request, State};
 use axum::http::StatusCode;
 use axum::response::Response;
-use medvault_core::governance::breach;
 use medvault_core::governance::response::Asset;
 use medvault_core::governance::safeguards::{Attestation, Risk};
 use medvault_core::governance::training::Course;
@@ -83,14 +82,12 @@ pub(crate) async fn assess(
     ctx: Ctx,
     req: Request,
 ) -> Result<Response, ApiError> {
-    let _c = caller(&state, &ctx).await?;
+    let c = caller(&state, &ctx).await?;
     let bytes = body_bytes(&state, req).await?;
     let text = String::from_utf8(bytes.to_vec())
         .map_err(|_| ApiError::bad_request("facts must be UTF-8 JSON"))?;
     let vault = state.vault.clone();
-    let d = breach::parse_facts(&text)
-        .and_then(|f| breach::assess(&f, vault.now()))
-        .map_err(ApiError::bad_request)?;
+    let d = blocking(move || vault.assess_breach(&c, &text)).await??;
     Ok(plain_json(StatusCode::OK, json!(d)))
 }
 

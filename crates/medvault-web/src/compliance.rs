@@ -492,7 +492,7 @@ async fn incident(
         ),
         row: incident_row(&i),
         roles: ROLES,
-        phases: PHASES,
+        phases: PHASES.get(1..).unwrap_or(PHASES),
         playbooks: PLAYBOOKS.iter().map(|p| p.0).collect(),
         deadlines: i
             .response

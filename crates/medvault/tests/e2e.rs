@@ -11926,6 +11926,15 @@ fn incident_from_a_snooping_alert_to_breach_letter_and_hhs_report() {
     );
     assert_eq!(r.status, 200, "{:?}", r.body);
     assert_eq!(r.body["response"]["facts"]["affected_eu_subjects"], 3);
+    assert!(
+        r.body["response"]["decision"]["supervisory_authority_by"]
+            .as_str()
+            .is_some_and(|t| t.len() > 10 && t.contains('T')),
+        "72 hours from the instant of detection: {:?}",
+        r.body
+    );
+    let h = s.get(&format!("/api/incidents/{incident}/hhs-report"), &po);
+    assert_eq!(h.status, 400, "no HHS report under GDPR: {:?}", h.body);
     assert_eq!(
         r.body["response"]["decision"]["data_subjects"],
         "without_undue_delay"
@@ -12070,6 +12079,9 @@ fn incident_from_a_snooping_alert_to_breach_letter_and_hhs_report() {
         json!({"action": "phase", "phase": "contained"}),
         json!({"action": "scope", "accounts": [], "from": from, "to": to}),
         json!({"action": "scope", "accounts": ["x"], "from": to, "to": from}),
+        json!({"action": "scope", "accounts": [nurse_name], "from": "1990-01-01T00:00:00Z", "to": to}),
+        json!({"action": "scope", "accounts": [nurse_name], "from": from, "to": "9999-12-31T00:00:00Z"}),
+        json!({"action": "phase", "phase": "detected"}),
         json!({"action": "fly"}),
     ] {
         let r = act(&po, body.clone());
