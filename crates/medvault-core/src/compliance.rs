@@ -1336,12 +1336,11 @@ impl Vault {
             "residence state for breach notification",
         )?;
         let state = j.as_ref().and_then(|j| {
-            let addrs = j.get("address")?.as_array()?;
-            let home = addrs
-                .iter()
-                .find(|a| a.get("use").and_then(Value::as_str) == Some("home"))
-                .or_else(|| addrs.first())?;
-            let s = home.get("state")?.as_str()?.trim().to_ascii_uppercase();
+            let s = home_address(j)?
+                .get("state")?
+                .as_str()?
+                .trim()
+                .to_ascii_uppercase();
             breach::US_JURISDICTIONS.contains(&s.as_str()).then_some(s)
         });
         Ok((state, rec))
@@ -1405,29 +1404,20 @@ impl Vault {
         };
         let (j, read) = self.incident_patient(c, patient, &i.id, "breach notification letter")?;
         let j = j.ok_or(VaultError::NotFound)?;
-        let name = j
-            .get("name")
-            .and_then(Value::as_array)
-            .and_then(|a| a.first())
-            .map(|n| {
-                let given: Vec<&str> = n
-                    .get("given")
+        let name = {
+            let (family, given) = crate::detection::name_parts(
+                j.get("name")
                     .and_then(Value::as_array)
-                    .map(|g| g.iter().filter_map(Value::as_str).collect())
-                    .unwrap_or_default();
-                format!(
-                    "{} {}",
-                    given.join(" "),
-                    n.get("family").and_then(Value::as_str).unwrap_or("")
-                )
-                .trim()
-                .to_owned()
-            })
-            .unwrap_or_else(|| "Patient".into());
-        let address = j
-            .get("address")
-            .and_then(Value::as_array)
-            .and_then(|a| a.first())
+                    .and_then(|a| a.first()),
+            );
+            let n = format!("{given} {family}").trim().to_owned();
+            if n.is_empty() {
+                "Patient".to_owned()
+            } else {
+                n
+            }
+        };
+        let address = home_address(&j)
             .map(|a| {
                 let mut lines: Vec<String> = a
                     .get("line")
@@ -2223,6 +2213,16 @@ type Synced = (Vec<Op>, Vec<AuditRecord>, Vec<Standing>);
 type OpenedPatient = (Option<serde_json::Map<String, Value>>, Option<AuditRecord>);
 /// A quarterly review: its date and which HICP practices were in place.
 type Review = (String, Vec<(u8, bool)>);
+
+/// A Patient's home address (`use` home), else its first: where a patient lives for the
+/// breach counts and where their letter goes — one address for both.
+fn home_address(j: &serde_json::Map<String, Value>) -> Option<&Value> {
+    let addrs = j.get("address")?.as_array()?;
+    addrs
+        .iter()
+        .find(|a| a.get("use").and_then(Value::as_str) == Some("home"))
+        .or_else(|| addrs.first())
+}
 
 /// The state recorded for an affected individual whose chart gives no US state.
 pub const UNKNOWN_STATE: &str = "unknown";

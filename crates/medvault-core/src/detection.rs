@@ -1084,7 +1084,7 @@ fn department_of(j: &Map<String, Value>) -> Option<String> {
     (!t.is_empty()).then(|| t.to_owned())
 }
 
-fn name_parts(n: Option<&Value>) -> (String, String) {
+pub(crate) fn name_parts(n: Option<&Value>) -> (String, String) {
     let family = n
         .and_then(|n| n.get("family"))
         .and_then(Value::as_str)

@@ -12564,6 +12564,8 @@ fn privacy_rights_authorizations_consents_and_data_subject_requests() {
     );
     assert_eq!(r.status, 201, "{:?}", r.body);
     let auth = r.body["id"].as_str().unwrap().to_owned();
+    // Law 1: what an authorization lets be disclosed is sealed at rest.
+    assert!(scan_for(&dir, &["lipid cohort study"]).is_empty());
     let before = accounted();
     let r = s.post("/api/disclosures", &po, &research);
     assert_eq!(r.status, 201, "{:?}", r.body);
