@@ -9,7 +9,8 @@
 // certificate, trusted by its SPKI hash), MEDVAULT_SCENARIO (JSON: users with password,
 // totp_secret and recovery codes; chart ids and the search name), MEDVAULT_SCREENSHOTS (a
 // directory), CHROMIUM (default /usr/bin/chromium). Prints one JSON line: what each step saw.
-import { createHash, createHmac, X509Certificate } from 'node:crypto';
+import { createHash, createHmac, randomBytes, X509Certificate } from 'node:crypto';
+import { request as httpsRequest } from 'node:https';
 import { mkdirSync, readFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import puppeteer from 'puppeteer-core';
@@ -121,6 +122,27 @@ async function submit(page, selector) {
     page.click(selector),
   ]);
   return r;
+}
+
+// A request from this script (playing a SMART app's back end) to the server, trusting its
+// certificate: { status, body }.
+function call(method, path, body, token) {
+  return new Promise((resolve, reject) => {
+    const u = new URL(base + path);
+    const headers = {};
+    if (body) headers['content-type'] = 'application/x-www-form-urlencoded';
+    if (token) headers.authorization = `Bearer ${token}`;
+    const req = httpsRequest(
+      { hostname: u.hostname, port: u.port, path: u.pathname + u.search, method, ca: pem, headers },
+      (res) => {
+        let d = '';
+        res.on('data', (c) => { d += c; });
+        res.on('end', () => resolve({ status: res.statusCode, body: d }));
+      },
+    );
+    req.on('error', reject);
+    req.end(body ?? undefined);
+  });
 }
 
 async function text(page) {
@@ -580,6 +602,89 @@ try {
     await setValue(po.page, '#a-req', daysAgo(3));
     await submit(po.page, 'form[action="/privacy/requests/accounting"] button[type="submit"]');
     out.steps.accounting_rows = await po.page.$$eval('#accounting-requests tbody tr', (x) => x.length);
+  }
+
+  // 11. Sharing (issue 17): the security administrator registers a SMART app; the physician
+  //     opens it from the treated chart, approves it on the consent screen, and the app's
+  //     token (exchanged by this script, playing the app) reads that chart and no other;
+  //     the physician revokes the grant and the token stops at once; the physician runs a
+  //     bulk export of their charts and downloads a file, once; the patient's page of apps.
+  {
+    const ap = admin.page;
+    await go(ap, '/apps', 'apps-admin');
+    await ap.type('#a-name', 'Growth Chart');
+    await ap.type('#a-redirect', 'http://127.0.0.1:9/cb');
+    await ap.type('#a-launch', 'http://127.0.0.1:9/launch');
+    await ap.type('#a-scope', 'launch patient/*.rs offline_access');
+    await ap.type('#a-code', recovery(sc.security_admin));
+    await submit(ap, 'form[action="/apps/register"] button[type="submit"]');
+    const clientId = await ap.$eval('dl.facts dd code', (x) => x.innerText);
+    out.steps.app_registered = clientId.startsWith('app-');
+    const pp = phys.page;
+    // The app's pages are answered by this script.
+    const appHits = [];
+    const app = (r) => {
+      if (r.url().startsWith('http://127.0.0.1:9/')) {
+        appHits.push(r.url());
+        r.respond({ status: 200, contentType: 'text/html', body: '<!doctype html><html lang="en"><title>app</title><p>app</p></html>' });
+      } else {
+        r.continue();
+      }
+    };
+    await pp.setRequestInterception(true);
+    pp.on('request', app);
+    await go(pp, `/patients/${sc.treated}`, null);
+    await pp.select('#launch-app', clientId);
+    await submit(pp, 'form[action$="/launch"] button[type="submit"]');
+    await check(pp, 'app-launch', null);
+    await submit(pp, 'a.button[rel="noopener"]');
+    const launchUrl = new URL(appHits[appHits.length - 1]);
+    const verifier = randomBytes(48).toString('base64url');
+    const challenge = createHash('sha256').update(verifier).digest('base64url');
+    const q = new URLSearchParams({
+      response_type: 'code', client_id: clientId, redirect_uri: 'http://127.0.0.1:9/cb',
+      scope: 'launch patient/*.rs', state: 's-1', aud: launchUrl.searchParams.get('iss'),
+      code_challenge: challenge, code_challenge_method: 'S256',
+      launch: launchUrl.searchParams.get('launch'),
+    });
+    await go(pp, `/oauth/authorize?${q}`, 'consent');
+    out.steps.consent_text = await text(pp);
+    await shot(pp, 'consent');
+    await submit(pp, 'button[name="decision"][value="approve"]');
+    const cb = new URL(appHits[appHits.length - 1]);
+    out.steps.app_state = cb.searchParams.get('state');
+    const tok = JSON.parse((await call('POST', '/auth/token', new URLSearchParams({
+      grant_type: 'authorization_code', code: cb.searchParams.get('code'),
+      redirect_uri: 'http://127.0.0.1:9/cb', code_verifier: verifier, client_id: clientId,
+    }).toString())).body);
+    out.steps.app_patient = tok.patient;
+    const read = await call('GET', `/fhir/Observation?patient=${sc.treated}`, null, tok.access_token);
+    out.steps.app_read = { status: read.status, total: JSON.parse(read.body).total };
+    out.steps.app_other_chart = (await call('GET', `/fhir/Patient/${sc.glass}`, null, tok.access_token)).status;
+    pp.off('request', app);
+    await pp.setRequestInterception(false);
+    await go(pp, '/apps', 'apps-physician');
+    out.steps.app_grants = await pp.$$eval('form[action$="/revoke"]', (x) => x.length);
+    await submit(pp, 'form[action$="/revoke"] button[type="submit"]');
+    out.steps.app_revoked_notice = (await text(pp)).includes('Revoked');
+    out.steps.app_after_revoke = (await call('GET', `/fhir/Observation?patient=${sc.treated}`, null, tok.access_token)).status;
+    await go(pp, '/exports', 'exports');
+    await pp.type('#x-types', 'Patient,Observation');
+    await pp.type('#x-code', recovery(sc.physician));
+    await submit(pp, 'form[action="/exports"] button[type="submit"]');
+    for (let i = 0; i < 100 && !(await pp.$('a[download]')); i += 1) {
+      await new Promise((r) => { setTimeout(r, 200); });
+      await go(pp, '/exports', null);
+    }
+    await check(pp, 'exports-complete', null);
+    const link = await pp.$eval('a[download]', (x) => x.getAttribute('href'));
+    out.steps.export_download = await pp.evaluate(async (h) => {
+      const r = await fetch(h);
+      return { status: r.status, type: r.headers.get('content-type'), lines: (await r.text()).trim().split('\n').length };
+    }, link);
+    out.steps.export_again = await pp.evaluate(async (h) => (await fetch(h)).status, link);
+    await go(pat.page, '/apps', 'apps-patient');
+    out.steps.patient_apps = await pat.page.$eval('#grants-title', (x) => x.innerText);
   }
 } catch (e) {
   out.error = String(e && e.stack ? e.stack : e);

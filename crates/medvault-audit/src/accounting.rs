@@ -120,14 +120,15 @@ pub fn in_access_report(r: &AuditRecord) -> bool {
 /// Whether a record enters the accounting of disclosures as of `since` (six years back):
 /// recorded disclosures (except those made under the individual's authorization,
 /// 164.528(a)(1)(iv)), and successful disclosures of chart data for a purpose outside
-/// treatment, payment and operations.
+/// treatment, payment and operations — bulk exports among them — except de-identified
+/// exports (`deidentified=` in the detail: no longer PHI, 164.514(a)).
 pub fn accountable(r: &AuditRecord, since: &str) -> bool {
     r.time.as_str() >= since
         && r.outcome == Outcome::Success
-        && !r
-            .detail
-            .as_deref()
-            .is_some_and(|d| d.split(' ').any(|p| p.starts_with("basis=authorization:")))
+        && !r.detail.as_deref().is_some_and(|d| {
+            d.split(' ')
+                .any(|p| p.starts_with("basis=authorization:") || p.starts_with("deidentified="))
+        })
         && (r.action == RECORDED_DISCLOSURE
             || (!r.categories_disclosed.is_empty()
                 && r.purpose.as_deref().is_some_and(|p| !TPO.contains(&p))))

@@ -46,6 +46,10 @@ pub struct AuditRecord {
     /// e.g. `read`, `search`, `create`, `update`, `delete`, `import`, `login`, `mfa`, `logout`, `user.create`.
     pub action: String,
     pub actor: String,
+    /// The SMART app (client id) the actor acted through (absent otherwise, so records from
+    /// before the field hash as they did).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app: Option<String>,
     /// The access was made under a break-the-glass grant (absent, not `false`, otherwise,
     /// so records from before the field hash as they did).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -86,6 +90,7 @@ impl AuditRecord {
         AuditRecord {
             action: action.to_owned(),
             actor: actor.to_owned(),
+            app: None,
             break_glass: false,
             categories_disclosed: vec![],
             categories_withheld: vec![],

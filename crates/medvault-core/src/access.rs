@@ -238,7 +238,7 @@ impl Vault {
         let now = self.clock.now();
         let Some(p) = c
             .principal()
-            .filter(|_| matches!(c.asker(), Asker::User(_)))
+            .filter(|_| matches!(c.asker(), Asker::User(_) | Asker::App { .. }))
         else {
             return Reacher::default();
         };

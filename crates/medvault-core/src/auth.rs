@@ -87,7 +87,7 @@ pub(crate) const UNKNOWN_USER: &str = "(unknown user)";
 impl Vault {
     /// A record of a sign-in step by a caller not yet signed in, naming whom they claim
     /// to be.
-    fn sign_in_record(
+    pub(crate) fn sign_in_record(
         &self,
         c: &Caller,
         action: &str,
@@ -274,7 +274,7 @@ impl Vault {
         match c.assurance() {
             Assurance::Local => true,
             Assurance::Session { mfa_at, .. } => self.identity.stepped_up(*mfa_at),
-            Assurance::None | Assurance::Client(_) => false,
+            Assurance::None | Assurance::Client(_) | Assurance::App(_) => false,
         }
     }
 
@@ -306,6 +306,7 @@ impl Vault {
                     token_hash: token_hash.clone(),
                     mfa_at: *mfa_at,
                     scopes: None,
+                    app: None,
                 })
             }
             _ => None,

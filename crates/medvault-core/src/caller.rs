@@ -29,6 +29,19 @@ pub(crate) enum Assurance {
     Session { token_hash: Vec<u8>, mfa_at: i64 },
     /// A service client's access token: what its SMART scopes grant.
     Client(ClientScopes),
+    /// A SMART app's access token, acting for the signed-in user: what its scopes grant,
+    /// narrowing (never widening) the user's policy, and the chart a `patient/` launch
+    /// limits it to.
+    App(AppContext),
+}
+
+/// A SMART app acting for a user.
+#[derive(Debug, Clone)]
+pub(crate) struct AppContext {
+    pub scopes: ClientScopes,
+    /// The only chart the token reaches (`patient/` scopes with a launch context).
+    pub patient: Option<medvault_types::PatientId>,
+    pub client_id: String,
 }
 
 /// What a service client's scopes grant: categories for the policy, and the resource
@@ -139,9 +152,35 @@ impl Caller {
         request_id: String,
     ) -> Self {
         let mut c = Caller::new(session.principal, purpose, source, request_id);
-        c.assurance = match &session.scopes {
-            Some(scopes) => Assurance::Client(ClientScopes::from_scopes(scopes)),
-            None => Assurance::Session {
+        c.assurance = match (&session.scopes, &session.app) {
+            (_, Some(app)) => {
+                // The resource scopes as system scopes name the same types; a token
+                // holding patient/ scopes and no user/ scope is held to its launch chart.
+                let parsed: Vec<medvault_identity::AppScope> = app
+                    .scopes
+                    .split_whitespace()
+                    .filter_map(|x| medvault_identity::AppScope::parse(x).ok())
+                    .collect();
+                let as_system: Vec<String> = parsed.iter().map(|a| a.as_system()).collect();
+                let patient_only =
+                    !parsed.is_empty() && parsed.iter().all(|a| a.context == "patient");
+                let mut scopes = ClientScopes::from_scopes(&as_system.join(" "));
+                scopes.write = medvault_policy::CategorySet::default();
+                scopes.write_types = Some(vec![]);
+                Assurance::App(AppContext {
+                    scopes,
+                    // A patient/ token without a launch chart reaches none.
+                    patient: patient_only.then(|| {
+                        app.patient
+                            .as_deref()
+                            .and_then(|p| medvault_types::PatientId::new(p).ok())
+                            .unwrap_or_else(no_chart)
+                    }),
+                    client_id: app.client_id.clone(),
+                })
+            }
+            (Some(scopes), None) => Assurance::Client(ClientScopes::from_scopes(scopes)),
+            (None, None) => Assurance::Session {
                 token_hash: session.token_hash,
                 mfa_at: session.mfa_at,
             },
@@ -233,17 +272,46 @@ impl Caller {
                 write: s.write,
             };
         }
+        if let (Assurance::App(a), Some(p)) = (&self.assurance, &self.who) {
+            return Asker::App {
+                role: p.role,
+                read: a.scopes.read,
+            };
+        }
         match &self.who {
             Some(p) => Asker::User(p.role),
             None => Asker::Anonymous,
         }
     }
 
-    /// A service client's scopes, if the caller is one.
+    /// A service client's scopes, or a SMART app's, if the caller is one.
     pub(crate) fn client_scopes(&self) -> Option<&ClientScopes> {
         match &self.assurance {
             Assurance::Client(s) => Some(s),
+            Assurance::App(a) => Some(&a.scopes),
             _ => None,
+        }
+    }
+
+    /// The SMART app the caller acts through, if any.
+    pub(crate) fn app(&self) -> Option<&AppContext> {
+        match &self.assurance {
+            Assurance::App(a) => Some(a),
+            _ => None,
+        }
+    }
+
+    /// The only chart the caller may reach, for a SMART app launched with a patient.
+    pub(crate) fn launch_patient(&self) -> Option<&medvault_types::PatientId> {
+        self.app().and_then(|a| a.patient.as_ref())
+    }
+
+    /// Whether a record in `patient`'s chart (or in none) is outside the caller's launch
+    /// context.
+    pub(crate) fn outside_launch(&self, patient: Option<&medvault_types::PatientId>) -> bool {
+        match (self.launch_patient(), patient) {
+            (Some(l), Some(p)) => l != p,
+            _ => false,
         }
     }
 
@@ -254,6 +322,7 @@ impl Caller {
         r.role = self.role().map(|r| r.as_str().to_owned());
         r.purpose = Some(self.purpose.as_str().to_owned());
         r.source = self.source.clone();
+        r.app = self.app().map(|a| a.client_id.clone());
         r
     }
 }
@@ -269,4 +338,10 @@ fn constant(name: &str) -> Username {
 )]
 fn unreachable_username() -> Username {
     panic!("constant user name rejected")
+}
+
+/// The id of no chart: what a `patient/` token without a launch chart is held to.
+fn no_chart() -> medvault_types::PatientId {
+    medvault_types::PatientId::new("no-launch-context")
+        .unwrap_or_else(|_| crate::directory_key_id())
 }

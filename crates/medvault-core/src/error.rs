@@ -56,6 +56,10 @@ pub enum VaultError {
     /// create or update matches more than one resource. The text says which.
     #[error("{0}")]
     PreconditionFailed(&'static str),
+    /// The server is already doing as much of this as it will at once (HTTP 429 with
+    /// `Retry-After`): too many bulk exports running.
+    #[error("busy; try again in {retry_after} seconds")]
+    Busy { retry_after: i64 },
     #[error("authentication required")]
     Unauthenticated,
     /// Too many failed sign-ins: try again after `retry_after` seconds (HTTP 429).

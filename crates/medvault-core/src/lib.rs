@@ -32,6 +32,7 @@ mod audit_views;
 mod auth;
 mod backup;
 mod break_glass;
+mod bulk;
 mod bundle;
 mod caller;
 mod charts;
@@ -51,6 +52,7 @@ mod records;
 mod reindex;
 mod rights;
 mod search;
+mod smart;
 mod transparency;
 pub mod typestate;
 mod write;
@@ -64,6 +66,7 @@ pub use audit_views::AuditEventPage;
 pub use auth::{check_password, EnrollmentInfo, LoginChallenge, NewUserInfo, SessionGrant};
 pub use backup::{check_dump, restore_store, SnapshotStats, PAGE_IMAGE_TAG};
 pub use break_glass::{BreakGlassGrant, BreakGlassView};
+pub use bulk::{ExportLevel, ExportOutput, ExportView, EXPORT_TTL_SECS, MY_PATIENTS_GROUP};
 pub use bundle::EntryResult;
 pub use caller::{Caller, LocalOperator, ANONYMOUS};
 pub use charts::MAX_MY_PATIENTS;
@@ -95,8 +98,8 @@ pub use medvault_governance::destruction::{Certificate, DestructionReason};
 pub use medvault_governance::retention;
 pub use medvault_governance::Incident;
 pub use medvault_identity::{
-    totp_now, AccountView, ClientAuth, ClientGrant, ClientView, Factor, LockoutPolicy,
-    OidcProvider, PasskeyView, Password, SessionPolicy, SessionView, Token,
+    totp_now, AccountView, AppClientAuth, AppGrant, AppView, ClientAuth, ClientGrant, ClientView,
+    Factor, LockoutPolicy, OidcProvider, PasskeyView, Password, SessionPolicy, SessionView, Token,
 };
 pub use medvault_policy::Relationship;
 pub use medvault_store::direct::{write_new_file, AlignedBuf};
@@ -110,6 +113,7 @@ pub use rights::{
     NewRightsRequest, NppAcknowledgement, ProcessingConsent, RightsAction, RightsRequest,
 };
 pub use search::SearchResult;
+pub use smart::{AppTokenResponse, AuthorizeError, AuthorizeRequest, Consent};
 pub use typestate::Disclosed;
 pub use write::{Precondition, Written};
 
@@ -262,6 +266,8 @@ pub struct Vault {
     options: VaultOptions,
     /// What the serving process knows about its transport (for the safeguards report).
     environment: std::sync::RwLock<compliance::Environment>,
+    /// Bulk Data export jobs and their sealed files (`bulk.rs`).
+    exports: bulk::Exports,
 }
 
 fn load_or_create_meta(
@@ -383,6 +389,7 @@ impl Vault {
         store.on_key_eviction(Box::new(move |p| heard.evict(p)));
         let vault = Vault {
             environment: std::sync::RwLock::default(),
+            exports: bulk::Exports::default(),
             log: medvault_audit::log::TiledLog::new(origin, signer),
             identity: Identity::new(
                 store.clone(),

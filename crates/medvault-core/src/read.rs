@@ -215,6 +215,13 @@ impl ReadCtx {
             rec.outcome = Outcome::NotFound;
             return Ok((vec![rec], Err(VaultError::NotFound)));
         };
+        // INVARIANT: a SMART app launched with a chart reaches that chart alone; another
+        // chart's record is unknown to it (404), as for a record it may not know exists.
+        if self.caller.outside_launch(row.patient()) {
+            rec.outcome = Outcome::NotFound;
+            rec.detail = Some("outside the app's launch chart".into());
+            return Ok((vec![rec], Err(VaultError::NotFound)));
+        }
         rec.resource = Some(format!("{rt}/{id}/_history/{}", row.version()));
         rec.patient = row.patient().map(|p| p.to_string());
         let Ok(category) = row.category().parse::<Category>() else {
@@ -270,6 +277,10 @@ impl ReadCtx {
         let (mut allowed, mut disclosed, mut withheld) = (vec![], vec![], vec![]);
         let mut break_glass = false;
         for row in rows {
+            // Another chart than a SMART app's launch chart: not there for it at all.
+            if self.caller.outside_launch(row.patient()) {
+                continue;
+            }
             let Ok(cat) = row.category().parse::<Category>() else {
                 push_unique(&mut withheld, Category::Notes);
                 continue;

@@ -375,6 +375,13 @@ impl Vault {
                 self.sub_search(c, h.rtype, vec![(h.param.clone(), h.value.clone())], true)?;
             intersect(&mut ids, found);
         }
+        // A SMART app launched with a chart searches that chart alone (the directory
+        // aside), so totals and pages count only what it may reach.
+        if let Some(l) = c.launch_patient() {
+            if medvault_fhir::categories_of_type(rt) != [Category::Directory] {
+                intersect(&mut patients, vec![l.as_str().to_owned()]);
+            }
+        }
         let (order, exact_sort) = match s.sort {
             None | Some((SortBy::Id, false)) => (Order::Id, None),
             Some((SortBy::Id, true)) => (Order::Id, Some((SortBy::Id, true))),
@@ -903,7 +910,31 @@ impl Vault {
         patient: &str,
         params: &[(String, String)],
     ) -> Result<SearchResult, VaultError> {
-        if c.client_scopes().is_some_and(|s| !s.reads_everything()) {
+        self.everything_tagged(c, patient, params, None)
+    }
+
+    /// [`Vault::everything`], recorded as a bulk export's read of the chart when `export`
+    /// is given (action `export`, its detail naming the job and the recipient); the
+    /// export has already limited `_type` to what a scoped client may read.
+    pub(crate) fn everything_tagged(
+        &self,
+        c: &Caller,
+        patient: &str,
+        params: &[(String, String)],
+        export: Option<&crate::bulk::ExportTag>,
+    ) -> Result<SearchResult, VaultError> {
+        let (action, tag_detail) = match export {
+            Some(t) => ("export", Some(t.detail.clone())),
+            None => ("everything", None),
+        };
+        if c.outside_launch(PatientId::new(patient).ok().as_ref()) {
+            let mut rec = self.record(c, action, Outcome::NotFound);
+            rec.resource = Some(format!("Patient/{patient}"));
+            rec.detail = Some("outside the app's launch chart".into());
+            self.audit(vec![rec])?;
+            return Err(VaultError::NotFound);
+        }
+        if export.is_none() && c.client_scopes().is_some_and(|s| !s.reads_everything()) {
             return Err(VaultError::Refused {
                 action: "read",
                 rtype: "Patient/$everything (it needs a system/*.rs scope)".into(),
@@ -963,7 +994,7 @@ impl Vault {
             .any(|k| *k != Category::Directory && self.training_would_allow(c, Action::Read, *k))
             && !self.has_live_grant(c, Some(&patient))?
         {
-            let mut rec = self.record(c, "everything", Outcome::Denied);
+            let mut rec = self.record(c, action, Outcome::Denied);
             rec.resource = Some(format!("Patient/{patient}"));
             rec.detail = Some("training lapsed".into());
             self.audit(vec![rec])?;
@@ -991,8 +1022,9 @@ impl Vault {
             (restricted, may_break_glass, relationship),
         ) = self.audited_read(c, move |cx, tx| {
             let snapshot = cursor_snapshot.unwrap_or(tx.audit_len());
-            let mut rec = cx.record("everything", Outcome::Success);
+            let mut rec = cx.record(action, Outcome::Success);
             rec.resource = Some(format!("Patient/{patient}"));
+            rec.detail = tag_detail;
             let Ok(pid) = PatientId::new(&patient) else {
                 rec.outcome = Outcome::NotFound;
                 return Ok((vec![rec], Err(VaultError::NotFound)));

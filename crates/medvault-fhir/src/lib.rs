@@ -12,6 +12,7 @@ pub mod bundle;
 pub mod care;
 pub mod date;
 mod defs;
+pub mod deid;
 mod index;
 mod outcome;
 pub mod privacy;

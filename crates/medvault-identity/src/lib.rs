@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 mod account;
+mod apps;
 mod clients;
 mod hashing;
 mod login;
@@ -31,6 +32,10 @@ use sha2::{Digest, Sha256};
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
 pub use account::{AccountView, Enrollment, SessionView};
+pub use apps::{
+    parse_app_scopes, pkce_matches, scope_within, valid_redirect_uri, AppClientAuth, AppGrant,
+    AppScope, AppSession, AppTokens, AppView, APP_TOKEN_SECS, CONTEXT_SCOPES, OFFLINE_DAYS,
+};
 pub use clients::{
     parse_scopes, ClientAuth, ClientGrant, ClientView, NewClient, SmartScope, CLIENT_TOKEN_SECS,
 };

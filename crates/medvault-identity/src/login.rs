@@ -65,6 +65,8 @@ pub struct SessionInfo {
     pub mfa_at: i64,
     /// For a service client's token: its granted SMART scopes (space-separated).
     pub scopes: Option<String>,
+    /// For a SMART app's token: the app, its grant, resource scopes and launch patient.
+    pub app: Option<crate::AppSession>,
 }
 
 impl Identity {
@@ -434,6 +436,33 @@ impl Identity {
                     token_hash: s.token_hash,
                     mfa_at: 0,
                     scopes: Some(s.scope),
+                    app: None,
+                },
+                ops: vec![],
+            });
+        }
+        if s.kind == crate::apps::ACCESS_KIND {
+            // A SMART app acting for a user: the grant and the app must still exist, and
+            // the user be enabled (disabling a user stops their apps at once).
+            if s.expires <= now {
+                return Err(IdentityError::Expired);
+            }
+            let (username, app) = self.app_session(&s)?;
+            let user = self
+                .store
+                .user(&username)?
+                .ok_or(IdentityError::Unauthenticated)?;
+            if user.disabled {
+                return Err(IdentityError::Disabled);
+            }
+            let principal = principal_of(&user).ok_or(IdentityError::Unauthenticated)?;
+            return Ok(Step {
+                value: SessionInfo {
+                    principal,
+                    token_hash: s.token_hash,
+                    mfa_at: 0,
+                    scopes: None,
+                    app: Some(app),
                 },
                 ops: vec![],
             });
@@ -466,6 +495,7 @@ impl Identity {
                 token_hash: s.token_hash,
                 mfa_at: s.mfa_at,
                 scopes: None,
+                app: None,
             },
             ops,
         })

@@ -46,6 +46,15 @@ pub enum Asker {
         read: CategorySet,
         write: CategorySet,
     },
+    /// A SMART app acting for a signed-in user in `role` (SMART App Launch 2.0): decided
+    /// as that user by the policies, then narrowed to the categories its scopes let it
+    /// read — never wider than the user's own decision, never a write, never an
+    /// operation. The narrowing is here, not in the editable policy set, so no policy
+    /// version can let a scope widen access.
+    App {
+        role: Role,
+        read: CategorySet,
+    },
 }
 
 /// A set of data categories, compact enough to key the decision cache.
@@ -71,6 +80,9 @@ impl CategorySet {
             .filter(move |c| self.contains(*c))
     }
 }
+
+/// The deciding "policy" named when a SMART app's scopes, not a policy, deny a request.
+pub const SMART_SCOPES: &str = "smart-app-scopes";
 
 /// What is asked for: an action on a chart's records of one data category (Cedar resource
 /// `Category::"…"`), or an operation of the gate (Cedar resource `Service::"medvault"`).
@@ -317,6 +329,24 @@ impl PolicyEngine {
     }
 
     fn evaluate(&self, q: Query) -> Option<Decision> {
+        if let Asker::App { role, read } = q.asker {
+            let within_scopes = match q.target {
+                Target::Records(Action::Read | Action::Search, category) => read.contains(category),
+                _ => false,
+            };
+            let as_user = self.evaluate(Query {
+                asker: Asker::User(role),
+                ..q
+            })?;
+            return Some(if within_scopes {
+                as_user
+            } else {
+                Decision {
+                    allowed: false,
+                    policies: vec![SMART_SCOPES.to_owned()],
+                }
+            });
+        }
         let (principal, entities) = match q.asker {
             Asker::User(role) => {
                 let role = uid("Role", role.as_str())?;
@@ -330,6 +360,8 @@ impl PolicyEngine {
                 .ok()?;
                 (user, entities)
             }
+            // Decided above, as the user it acts for.
+            Asker::App { .. } => return None,
             Asker::Anonymous => (uid("Anonymous", "anonymous")?, Entities::empty()),
             Asker::Client { read, write } => {
                 let client = uid("Client", "client")?;

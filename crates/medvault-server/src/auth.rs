@@ -444,7 +444,7 @@ fn signed_in_page(grant: &SessionGrant) -> Response {
 }
 
 /// An OAuth2 error answer (RFC 6749 §5.2).
-fn oauth_error(status: StatusCode, error: &str, description: &str) -> Response {
+pub(crate) fn oauth_error(status: StatusCode, error: &str, description: &str) -> Response {
     let mut r = plain_json(
         status,
         json!({"error": error, "error_description": description}),
@@ -499,6 +499,10 @@ pub(crate) async fn token(
     let get = |k: &str| form.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
     match get("grant_type").as_deref() {
         Some("client_credentials") => {}
+        Some(g @ ("authorization_code" | "refresh_token")) => {
+            let g = g.to_owned();
+            return crate::smart::token(state, ctx, basic, form, g).await;
+        }
         None => {
             return Ok(oauth_error(
                 StatusCode::BAD_REQUEST,
@@ -510,7 +514,7 @@ pub(crate) async fn token(
             return Ok(oauth_error(
                 StatusCode::BAD_REQUEST,
                 "unsupported_grant_type",
-                "only grant_type=client_credentials is supported here",
+                "grant_type must be client_credentials, authorization_code or refresh_token",
             ))
         }
     }

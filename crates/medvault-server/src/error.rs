@@ -217,6 +217,16 @@ impl From<VaultError> for ApiError {
                 code: Some("locked"),
                 retry_after: Some(retry_after.max(1)),
             },
+            VaultError::Busy { retry_after } => ApiError {
+                status: S::TOO_MANY_REQUESTS,
+                issues: vec![Issue::error(
+                    IssueCode::Throttled,
+                    format!("the server is busy with other exports; try again in {retry_after} seconds"),
+                    None,
+                )],
+                code: Some("busy"),
+                retry_after: Some(retry_after.max(1)),
+            },
             VaultError::StepUpRequired => ApiError {
                 status: S::UNAUTHORIZED,
                 issues: vec![Issue::error(

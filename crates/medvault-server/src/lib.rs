@@ -9,12 +9,14 @@
 
 mod admin;
 mod auth;
+mod bulk;
 mod compliance;
 mod destruction;
 mod detect;
 mod error;
 mod fhir;
 mod records;
+mod smart;
 mod tls;
 
 use std::net::SocketAddr;
@@ -294,6 +296,19 @@ fn routes(state: AppState, console: Option<Router>) -> Router {
         )
         .route("/auth/logout", post(auth::logout))
         .route("/auth/token", post(auth::token))
+        .route(
+            "/.well-known/smart-configuration",
+            get(smart::configuration),
+        )
+        .route(
+            "/fhir/.well-known/smart-configuration",
+            get(smart::configuration),
+        )
+        .route("/api/apps", get(smart::apps).post(smart::register))
+        .route("/api/apps/launch", post(smart::launch))
+        .route("/api/apps/{id}", axum::routing::delete(smart::remove))
+        .route("/api/app-grants", get(smart::grants))
+        .route("/api/app-grants/{id}", axum::routing::delete(smart::revoke))
         .route("/api/users", get(admin::users).post(admin::add_user))
         .route("/api/users/{name}/{action}", post(admin::user_action))
         .route("/api/status", get(admin::status))
@@ -532,6 +547,20 @@ fn routes(state: AppState, console: Option<Router>) -> Router {
             post(records::approve),
         )
         .route("/fhir/metadata", get(fhir::metadata))
+        .route("/fhir/$export", get(bulk::system).post(bulk::system))
+        .route(
+            "/fhir/Patient/$export",
+            get(bulk::patients).post(bulk::patients),
+        )
+        .route(
+            "/fhir/Group/{id}/$export",
+            get(bulk::group).post(bulk::group),
+        )
+        .route(
+            "/fhir/$export-status/{id}",
+            get(bulk::status).delete(bulk::cancel),
+        )
+        .route("/fhir/$export-file/{id}/{name}", get(bulk::file))
         .route("/fhir", post(fhir::transaction))
         .route(
             "/fhir/AuditEvent",
@@ -592,6 +621,8 @@ async fn console_origin(
 async fn json_only(req: Request, next: Next) -> Response {
     let path = req.uri().path();
     if path == "/fhir" || path.starts_with("/fhir/") {
+        // A Bulk Data file is NDJSON (and asked for as such).
+        let ndjson_ok = path.starts_with("/fhir/$export-file/");
         let json = |m: &str| {
             // (`+` arrives as a space when a client does not escape it in a query string.)
             let m = m
@@ -604,7 +635,11 @@ async fn json_only(req: Request, next: Next) -> Response {
             matches!(
                 m.as_str(),
                 "application/fhir+json" | "application/json" | "application/*" | "*/*" | "json"
-            )
+            ) || (ndjson_ok
+                && matches!(
+                    m.as_str(),
+                    "application/fhir+ndjson" | "application/ndjson" | "ndjson"
+                ))
         };
         let format_ok = req
             .uri()

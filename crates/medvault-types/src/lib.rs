@@ -337,6 +337,7 @@ str_enum!(
         TrainingComplete => "training.complete",
         ComplianceRead => "compliance.read",
         ComplianceManage => "compliance.manage",
+        BulkExport => "export.bulk",
     }
 );
 

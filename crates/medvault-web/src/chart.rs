@@ -78,6 +78,8 @@ struct ChartPage {
     closed: String,
     break_glass: bool,
     reasons: Vec<(&'static str, &'static str)>,
+    /// SMART apps that can be launched from the chart: (client id, name).
+    apps: Vec<(String, String)>,
 }
 
 #[derive(Template)]
@@ -613,10 +615,19 @@ async fn chart_page(web: &Web, s: &Signed, id: String, path: &str) -> Result<Res
         return Err(WebError::Vault(VaultError::NotFound));
     }
     let pid = id.clone();
-    let out = gate(web, s, move |v, c| match v.everything(c, &pid, &[]) {
-        Ok(r) => Ok(Ok(r)),
-        Err(e @ (VaultError::NoRelationship { .. } | VaultError::Restricted { .. })) => Ok(Err(e)),
-        Err(e) => Err(e),
+    let (out, apps) = gate(web, s, move |v, c| {
+        let apps = v
+            .launchable_apps(c)?
+            .into_iter()
+            .map(|a| (a.client_id, a.name))
+            .collect::<Vec<_>>();
+        match v.everything(c, &pid, &[]) {
+            Ok(r) => Ok((Ok(r), apps)),
+            Err(e @ (VaultError::NoRelationship { .. } | VaultError::Restricted { .. })) => {
+                Ok((Err(e), apps))
+            }
+            Err(e) => Err(e),
+        }
     })
     .await?;
     let mut page = ChartPage {
@@ -630,6 +641,7 @@ async fn chart_page(web: &Web, s: &Signed, id: String, path: &str) -> Result<Res
         closed: String::new(),
         break_glass: false,
         reasons: REASONS.to_vec(),
+        apps,
     };
     match out {
         Err(VaultError::NoRelationship { break_glass }) => {

@@ -26,6 +26,7 @@
 
 mod account;
 mod admin;
+mod apps;
 mod chart;
 mod compliance;
 mod detect;
@@ -108,6 +109,7 @@ pub fn router(vault: Arc<Vault>, options: ConsoleOptions) -> Router {
         .merge(lifecycle::routes())
         .merge(records::routes())
         .merge(compliance::routes())
+        .merge(apps::routes())
         .layer(axum::middleware::from_fn_with_state(
             web.options.clone(),
             csrf_guard,
@@ -285,6 +287,26 @@ pub const NAV: &[NavItem] = &[
         path: "/training",
         label: "Training",
         roles: STAFF,
+    },
+    NavItem {
+        path: "/exports",
+        label: "Exports",
+        roles: &[Role::Physician, Role::Nurse, Role::Patient],
+    },
+    NavItem {
+        path: "/apps",
+        label: "Apps",
+        roles: &[
+            Role::Physician,
+            Role::Nurse,
+            Role::FrontDesk,
+            Role::Billing,
+            Role::Patient,
+            Role::SecurityAdmin,
+            Role::PrivacyOfficer,
+            Role::Auditor,
+            Role::RecordsClerk,
+        ],
     },
     NavItem {
         path: "/account",
@@ -614,6 +636,11 @@ impl IntoResponse for WebError {
                     "Too many attempts",
                     format!("Too many failed attempts: try again in {retry_after} seconds."),
                 ),
+                VaultError::Busy { retry_after } => (
+                    S::TOO_MANY_REQUESTS,
+                    "Busy",
+                    format!("The server is busy with other exports: try again in {retry_after} seconds."),
+                ),
                 e @ (VaultError::Forbidden { .. }
                 | VaultError::NoRelationship { .. }
                 | VaultError::Restricted { .. }
@@ -701,10 +728,18 @@ pub(crate) fn see_other(to: &str) -> Response {
 }
 
 /// `/`: the signed-in user's home (the first page their role has), else sign-in.
-async fn home(axum::extract::State(web): axum::extract::State<Web>, s: Option<Signed>) -> Response {
+async fn home(
+    axum::extract::State(web): axum::extract::State<Web>,
+    headers: HeaderMap,
+    s: Option<Signed>,
+) -> Response {
     let Some(s) = s else {
         return see_other("/login");
     };
+    // Signed in on the way to approving an app: back to its authorization request.
+    if let Some(r) = apps::return_after_sign_in(&headers) {
+        return r;
+    }
     let role = s.role();
     let to = NAV
         .iter()
@@ -756,10 +791,18 @@ async fn asset(axum::extract::Path(file): axum::extract::Path<String>) -> Respon
 /// server adds the rest: HSTS, `nosniff`, `no-store`, `X-Frame-Options`).
 async fn console_headers(req: Request, next: Next) -> Response {
     let mut r = next.run(req).await;
-    r.headers_mut().insert(
-        header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static(CONSOLE_CSP),
-    );
+    // A page may only widen `form-action` (the consent screen, to the app it answers).
+    let own = r
+        .headers()
+        .get(header::CONTENT_SECURITY_POLICY)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("default-src 'self'; script-src 'self'"));
+    if !own {
+        r.headers_mut().insert(
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static(CONSOLE_CSP),
+        );
+    }
     // Under `no-referrer` a browser sends `Origin: null` with every form post (Fetch
     // §3.1, "append a request Origin header"), which would leave nothing to check;
     // `same-origin` sends the real origin here and no referrer anywhere else.

@@ -1673,6 +1673,10 @@ fn serve_vault_on(
             tracing::warn!(error = %e, "passkeys are unavailable: set server.public_base_url to a DNS name");
         }
         vault.set_oidc_providers(oidc_providers);
+        // Bulk Data files wait here, sealed under keys only this process holds.
+        vault
+            .set_export_spool(dir.join("exports"))
+            .map_err(describe)?;
         vault.set_environment(medvault_core::Environment {
             tls: Some("TLS 1.3 only (rustls)".into()),
             certificate_not_after: certificate_not_after(&dir.join(&cfg.tls.cert)),

@@ -5633,6 +5633,33 @@ fn web_console_in_real_chromium() {
         "{r:#}"
     );
     assert_eq!(st["accounting_rows"], 1, "{r:#}");
+    // Sharing (issue 17).
+    assert_eq!(st["app_registered"], true, "{r:#}");
+    assert!(
+        st["consent_text"]
+            .as_str()
+            .unwrap_or("")
+            .contains("Growth Chart asks to act for you"),
+        "{r:#}"
+    );
+    assert_eq!(st["app_state"], "s-1", "{r:#}");
+    assert_eq!(st["app_patient"], treated.as_str(), "{r:#}");
+    assert_eq!(st["app_read"], json!({"status": 200, "total": 3}), "{r:#}");
+    assert_eq!(st["app_other_chart"], 404, "{r:#}");
+    assert_eq!(st["app_grants"], 1, "{r:#}");
+    assert_eq!(st["app_revoked_notice"], true, "{r:#}");
+    assert_eq!(st["app_after_revoke"], 401, "{r:#}");
+    assert_eq!(st["export_download"]["status"], 200, "{r:#}");
+    assert_eq!(
+        st["export_download"]["type"], "application/fhir+ndjson",
+        "{r:#}"
+    );
+    assert!(
+        st["export_download"]["lines"].as_u64().unwrap_or(0) >= 1,
+        "{r:#}"
+    );
+    assert_eq!(st["export_again"], 404, "{r:#}");
+    assert_eq!(st["patient_apps"], "Apps that can see my record", "{r:#}");
     // Paper records (issue 15).
     assert_eq!(st["clerk_landed"], "/records", "{r:#}");
     assert_eq!(st["room_saved"], true, "{r:#}");
@@ -12781,4 +12808,814 @@ fn privacy_rights_authorizations_consents_and_data_subject_requests() {
             .len(),
         3
     );
+}
+
+/// Polls a Bulk Data status URL until the export completes; returns the manifest.
+fn export_manifest(s: &Server, status_url: &str, token: &str, headers: &[(&str, &str)]) -> Value {
+    let path = status_url
+        .split_once("/fhir/")
+        .map(|(_, p)| format!("/fhir/{p}"))
+        .unwrap();
+    for _ in 0..600 {
+        let r = s.call("GET", &path, Some(token), None, headers);
+        match r.status {
+            202 => {
+                assert!(r.header("x-progress").is_some(), "{:?}", r.headers);
+                assert!(r.header("retry-after").is_some());
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            200 => return r.body,
+            _ => panic!("export status {}: {:?}", r.status, r.body),
+        }
+    }
+    panic!("the export did not complete");
+}
+
+/// Downloads every file of a manifest: `(type, lines)`.
+fn export_files(s: &Server, manifest: &Value, token: &str) -> Vec<(String, Vec<Value>)> {
+    manifest["output"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| {
+            let url = o["url"].as_str().unwrap();
+            let path = format!("/fhir/{}", url.split_once("/fhir/").unwrap().1);
+            let r = s.call(
+                "GET",
+                &path,
+                Some(token),
+                None,
+                &[("Accept", "application/fhir+ndjson")],
+            );
+            assert_eq!(r.status, 200, "{path}: {:?}", r.body);
+            assert_eq!(r.header("content-type"), Some("application/fhir+ndjson"));
+            let text = match &r.body {
+                Value::String(t) => t.clone(),
+                other => other.to_string(),
+            };
+            let lines: Vec<Value> = text
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+                .collect();
+            assert_eq!(lines.len() as u64, o["count"].as_u64().unwrap());
+            // Handed out once: the file is gone after its download.
+            assert_eq!(s.call("GET", &path, Some(token), None, &[]).status, 404);
+            (o["type"].as_str().unwrap().to_owned(), lines)
+        })
+        .collect()
+}
+
+/// FHIR Bulk Data: a physician's `Group/my-patients/$export` runs through kick-off,
+/// polling and download; the NDJSON validates independently, holds only the charts and
+/// records the physician may see (a treated chart, not the others, not its HIV-labelled
+/// record), a `_typeFilter` narrows it, the files wait sealed (no canary in the data
+/// directory) and are handed out once. A registry client's export for public health is in
+/// each patient's accounting of disclosures without anyone recording it; the physician's
+/// treatment export is not. A research export (HRESCH) is de-identified by Safe Harbor:
+/// none of the seeded names, MRNs, addresses or full dates, the same keyed pseudonym in
+/// two exports, the method in the manifest, and no accounting entry. Bad kick-offs are
+/// 4xx and start nothing; a cancelled export is gone.
+#[test]
+fn bulk_export_group_poll_download_accounting_and_deidentified_research() {
+    let (tmp, dir, staff) = setup();
+    let care = [staff.practitioner("physician"), staff.practitioner("nurse")];
+    let mut treated = chart_entries("Exportwell", 21, Some(&care));
+    treated[0]["resource"]["address"] = json!([{"line": ["77 Canaryfield Road"], "city": "Quillby",
+        "state": "MA", "postalCode": "02139"}]);
+    treated[0]["resource"]["telecom"] = json!([{"system": "phone", "value": "617-555-0199"}]);
+    treated[3]["resource"] = labelled(treated[3]["resource"].clone(), ACT_CODE, "HIV");
+    treated[2]["resource"]["effectiveDateTime"] = json!("2025-03-14T09:26:53Z");
+    let mut entries = treated;
+    entries.extend(chart_entries("Elsewhere", 22, None));
+    import_entries(&dir, "bulk", &entries);
+    let s = Server::start(&dir, &[]);
+    let phys = staff_token(&s, &staff, "physician");
+    let asynch = [("Prefer", "respond-async")];
+    // Refusals start nothing.
+    let r = s.get("/fhir/Group/my-patients/$export", &phys);
+    assert_eq!(
+        r.status, 400,
+        "Prefer: respond-async is required: {:?}",
+        r.body
+    );
+    for bad in [
+        "_type=Nonsense",
+        "_since=yesterday",
+        "_typeFilter=Observation",
+        "_type=Patient&_typeFilter=Observation%3Fcode%3Dx",
+        "_outputFormat=text/csv",
+        "patient=Patient/1",
+        "bogus=1",
+    ] {
+        let r = s.call(
+            "GET",
+            &format!("/fhir/Group/my-patients/$export?{bad}"),
+            Some(&phys),
+            None,
+            &asynch,
+        );
+        assert_eq!(r.status, 400, "{bad}: {:?}", r.body);
+        assert_eq!(r.body["resourceType"], "OperationOutcome");
+    }
+    assert_eq!(
+        s.call(
+            "GET",
+            "/fhir/Group/nobody/$export",
+            Some(&phys),
+            None,
+            &asynch
+        )
+        .status,
+        404
+    );
+    assert_eq!(
+        s.call("GET", "/fhir/$export", Some(&phys), None, &asynch)
+            .status,
+        403,
+        "system level is for backend clients"
+    );
+    let billing = staff_token(&s, &staff, "billing");
+    assert_eq!(
+        s.call(
+            "GET",
+            "/fhir/Group/my-patients/$export",
+            Some(&billing),
+            None,
+            &asynch
+        )
+        .status,
+        403,
+        "the policy decides who exports"
+    );
+    // The physician's export of their charts.
+    let r = s.call(
+        "GET",
+        "/fhir/Group/my-patients/$export?_type=Patient,Observation,Condition,Claim",
+        Some(&phys),
+        None,
+        &asynch,
+    );
+    assert_eq!(r.status, 202, "{:?}", r.body);
+    let status = r.header("content-location").unwrap().to_owned();
+    let manifest = export_manifest(&s, &status, &phys, &[]);
+    assert_eq!(manifest["requiresAccessToken"], true);
+    assert!(manifest["request"]
+        .as_str()
+        .unwrap()
+        .contains("Group/my-patients/$export"));
+    assert!(
+        manifest.get("extension").is_none(),
+        "not de-identified: {manifest}"
+    );
+    // Waiting files are sealed: no canary in the data directory.
+    assert!(scan_for(&dir, &["Exportwell", "MRN-Exportwell", "Canaryfield"]).is_empty());
+    let files = export_files(&s, &manifest, &phys);
+    let types: Vec<&str> = files.iter().map(|(t, _)| t.as_str()).collect();
+    assert_eq!(
+        types,
+        ["Observation", "Patient"],
+        "no Claim (billing) and no HIV-labelled Condition"
+    );
+    let all: Vec<&Value> = files.iter().flat_map(|(_, l)| l.iter()).collect();
+    let text = serde_json::to_string(&all).unwrap();
+    assert!(
+        text.contains("Exportwell") && !text.contains("Elsewhere"),
+        "only the physician's chart"
+    );
+    assert_eq!(files[0].1.len(), 2, "two Observations");
+    if let Ok(python) = std::env::var("MEDVAULT_TEST_FHIR_VALIDATOR") {
+        let mut paths = vec![];
+        for (t, lines) in &files {
+            let f = tmp.path().join(format!("{t}.ndjson"));
+            let body: Vec<String> = lines.iter().map(Value::to_string).collect();
+            std::fs::write(&f, body.join("\n")).unwrap();
+            paths.push(f);
+        }
+        let o = Command::new(&python)
+            .arg(
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tools/fhir-validate/validate.py"),
+            )
+            .args(&paths)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+    }
+    // _typeFilter: only the laboratory Observation.
+    let r = s.call(
+        "GET",
+        "/fhir/Group/my-patients/$export?_type=Observation&_typeFilter=Observation%3Fcategory%3Dlaboratory",
+        Some(&phys),
+        None,
+        &asynch,
+    );
+    assert_eq!(r.status, 202, "{:?}", r.body);
+    let m = export_manifest(&s, r.header("content-location").unwrap(), &phys, &[]);
+    let files = export_files(&s, &m, &phys);
+    assert_eq!(files.len(), 1);
+    assert_eq!(files[0].1.len(), 1);
+    assert_eq!(files[0].1[0]["code"]["coding"][0]["code"], "2345-7");
+    // Another user cannot poll or download someone else's export.
+    let r = s.call(
+        "GET",
+        "/fhir/Group/my-patients/$export",
+        Some(&phys),
+        None,
+        &asynch,
+    );
+    let other_status = r.header("content-location").unwrap().to_owned();
+    let path = format!("/fhir/{}", other_status.split_once("/fhir/").unwrap().1);
+    let nurse = staff_token(&s, &staff, "nurse");
+    assert_eq!(s.get(&path, &nurse).status, 404);
+    // Cancellation deletes it.
+    let r = s.call("DELETE", &path, Some(&phys), None, &[]);
+    assert_eq!(r.status, 202, "{:?}", r.body);
+    assert_eq!(s.get(&path, &phys).status, 404);
+    // A registry (public health) client: every chart its scopes reach, accounted.
+    let c = json_out(&medvault(
+        &dir,
+        &[
+            "client",
+            "add",
+            "registry",
+            "--scope",
+            "system/*.rs",
+            "--json",
+        ],
+    ));
+    let (id, secret) = (
+        c["client_id"].as_str().unwrap().to_owned(),
+        c["client_secret"].as_str().unwrap().to_owned(),
+    );
+    let client_token = || {
+        let r = form_call(&s, "grant_type=client_credentials", Some((&id, &secret)));
+        r.body["access_token"].as_str().unwrap().to_owned()
+    };
+    let reg = client_token();
+    let pubhlth = [("Prefer", "respond-async"), ("X-Purpose-Of-Use", "PUBHLTH")];
+    let r = s.call(
+        "GET",
+        "/fhir/$export?_type=Patient,Condition",
+        Some(&reg),
+        None,
+        &pubhlth,
+    );
+    assert_eq!(r.status, 202, "{:?}", r.body);
+    let m = export_manifest(&s, r.header("content-location").unwrap(), &reg, &[]);
+    let files = export_files(&s, &m, &reg);
+    let patients = &files.iter().find(|(t, _)| t == "Patient").unwrap().1;
+    let treated_id = patients
+        .iter()
+        .find(|p| p["name"][0]["family"] == "Exportwell")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let po = staff_token(&s, &staff, "privacy_officer");
+    let acc = s.get(&format!("/api/patients/{treated_id}/disclosures"), &po);
+    assert_eq!(acc.status, 200, "{:?}", acc.body);
+    let lines = acc.body["disclosures"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{:?}", acc.body))
+        .clone();
+    assert!(
+        lines.iter().any(|l| l["action"] == "export"
+            && l["who"] == "client.registry"
+            && l["purpose"] == "PUBHLTH"),
+        "the registry export is accounted: {lines:?}"
+    );
+    assert!(
+        !lines.iter().any(|l| l["who"] == staff.get("physician").0),
+        "a treatment export is not: {lines:?}"
+    );
+    // Research: de-identified, twice, with the same pseudonyms.
+    let research = [("Prefer", "respond-async"), ("X-Purpose-Of-Use", "HRESCH")];
+    let mut pseudonyms = vec![];
+    for _ in 0..2 {
+        let r = s.call("GET", "/fhir/Patient/$export?_type=Patient,Observation,Condition,Encounter,AllergyIntolerance,MedicationRequest,DocumentReference", Some(&reg), None, &research);
+        assert_eq!(r.status, 202, "{:?}", r.body);
+        let m = export_manifest(&s, r.header("content-location").unwrap(), &reg, &[]);
+        assert_eq!(
+            m["extension"]["https://medvault.dev/fhir/CodeSystem/deidentification"]["method"],
+            "safe-harbor"
+        );
+        let files = export_files(&s, &m, &reg);
+        let text = serde_json::to_string(&files).unwrap();
+        for identifier in [
+            "Exportwell",
+            "Elsewhere",
+            "Ada",
+            "MRN-",
+            "Canaryfield",
+            "Quillby",
+            "617-555-0199",
+            "1961-04-12",
+            "2025-03-14",
+            &treated_id,
+            "02139",
+        ] {
+            assert!(
+                !text.contains(identifier),
+                "{identifier} in a de-identified export"
+            );
+        }
+        assert!(text.contains("\"021\""), "the three-digit ZIP area stays");
+        let mut ids: Vec<String> = files
+            .iter()
+            .find(|(t, _)| t == "Patient")
+            .unwrap()
+            .1
+            .iter()
+            .map(|p| p["id"].as_str().unwrap().to_owned())
+            .collect();
+        ids.sort();
+        pseudonyms.push(ids);
+    }
+    assert_eq!(
+        pseudonyms[0], pseudonyms[1],
+        "refreshable: the same keyed pseudonyms"
+    );
+    let acc = s.get(&format!("/api/patients/{treated_id}/disclosures"), &po);
+    let research_lines = acc.body["disclosures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["purpose"] == "HRESCH")
+        .count();
+    assert_eq!(
+        research_lines, 0,
+        "de-identified data is not PHI: not accounted"
+    );
+    let o = medvault(&dir, &["audit", "verify"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// A browser-less SMART client following SMART App Launch 2.0: `GET /oauth/authorize` with
+/// the session cookie, the consent form posted back, and the `code` out of the redirect.
+/// Returns the redirect's query (`code` and `state`, or `error`).
+fn smart_authorize(
+    s: &Server,
+    dir: &Path,
+    session: &str,
+    query: &str,
+    decision: &str,
+) -> Vec<(String, String)> {
+    let agent = agent_with(dir, 0);
+    let cookie = format!("medvault_session={session}");
+    let page = match agent
+        .get(&s.url(&format!("/oauth/authorize?{query}")))
+        .set("Cookie", &cookie)
+        .call()
+    {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("{e}"),
+    };
+    if page.status() == 303 {
+        let to = page.header("location").unwrap().to_owned();
+        return serde_urlencoded::from_str(to.split_once('?').unwrap().1).unwrap();
+    }
+    assert_eq!(page.status(), 200);
+    let csp = page.header("content-security-policy").unwrap().to_owned();
+    assert!(
+        csp.contains("form-action 'self' http://127.0.0.1:9"),
+        "{csp}"
+    );
+    let html = page.into_string().unwrap();
+    let mut form: Vec<(String, String)> = vec![];
+    for input in html.split("<input type=\"hidden\" ").skip(1) {
+        let attr = |name: &str| {
+            let start = input.find(&format!("{name}=\"")).unwrap() + name.len() + 2;
+            let end = start + input[start..].find('"').unwrap();
+            input[start..end]
+                .replace("&#x2f;", "/")
+                .replace("&amp;", "&")
+                .replace("&#x27;", "'")
+                .replace("&quot;", "\"")
+        };
+        form.push((attr("name"), attr("value")));
+    }
+    form.push(("decision".into(), decision.into()));
+    let r = match agent
+        .post(&s.url("/oauth/authorize"))
+        .set("Cookie", &cookie)
+        .set("Content-Type", "application/x-www-form-urlencoded")
+        .send_string(&serde_urlencoded::to_string(&form).unwrap())
+    {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("{e}"),
+    };
+    assert_eq!(r.status(), 303, "{:?}", r.into_string());
+    let to = r.header("location").unwrap().to_owned();
+    assert!(to.starts_with("http://127.0.0.1:9/cb?"), "{to}");
+    serde_urlencoded::from_str(to.split_once('?').unwrap().1).unwrap()
+}
+
+fn pkce() -> (String, String) {
+    use base64::Engine;
+    use sha2::Digest;
+    let verifier = format!("v{}", "0123456789abcdefghijklmnopqrstuvwxyzABCDEFG");
+    let challenge = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(sha2::Sha256::digest(verifier.as_bytes()));
+    (verifier, challenge)
+}
+
+fn authorize_query(
+    aud: &str,
+    client: &str,
+    scope: &str,
+    challenge: &str,
+    launch: Option<&str>,
+) -> String {
+    let mut q = vec![
+        ("response_type", "code".to_owned()),
+        ("client_id", client.to_owned()),
+        ("redirect_uri", "http://127.0.0.1:9/cb".to_owned()),
+        ("scope", scope.to_owned()),
+        ("state", "st-123".to_owned()),
+        ("aud", aud.to_owned()),
+        ("code_challenge", challenge.to_owned()),
+        ("code_challenge_method", "S256".to_owned()),
+    ];
+    if let Some(l) = launch {
+        q.push(("launch", l.to_owned()));
+    }
+    serde_urlencoded::to_string(q).unwrap()
+}
+
+/// SMART App Launch 2.0 end to end with a scripted client: a security administrator
+/// registers a public app; a physician launches it from a chart (EHR launch), approves its
+/// scopes, and its token (authorization code + PKCE) reads only that chart and only what
+/// the physician may see (no billing, no HIV-labelled record, no other chart, no writes,
+/// no operations); refresh tokens rotate; a patient's standalone launch reaches only their
+/// own chart; a revoked grant stops working at once; bad requests are refused.
+#[test]
+fn smart_app_launch_ehr_and_patient_apps_narrowed_to_scopes_policy_and_chart() {
+    let (_t, dir, staff) = setup();
+    let care = [staff.practitioner("physician"), staff.practitioner("nurse")];
+    let mut treated = chart_entries("Smartly", 31, Some(&care));
+    treated[3]["resource"] = labelled(treated[3]["resource"].clone(), ACT_CODE, "HIV");
+    let mut entries = treated;
+    entries.extend(chart_entries("Otherchart", 32, None));
+    let locs = import_entries(&dir, "smart", &entries);
+    let (treated, other) = (
+        locs[0].split('/').nth(1).unwrap().to_owned(),
+        locs[9].split('/').nth(1).unwrap().to_owned(),
+    );
+    let s = Server::start(&dir, &[]);
+    // Discovery.
+    let conf = s.call(
+        "GET",
+        "/fhir/.well-known/smart-configuration",
+        None,
+        None,
+        &[],
+    );
+    assert_eq!(conf.status, 200);
+    assert_eq!(
+        conf.body["code_challenge_methods_supported"],
+        json!(["S256"])
+    );
+    assert!(conf.body["authorization_endpoint"]
+        .as_str()
+        .unwrap()
+        .ends_with("/oauth/authorize"));
+    // Registration: security administrators, with checks.
+    let sa = staff_token(&s, &staff, "security_admin");
+    let app = json!({"name": "Growth Chart", "redirect_uris": ["http://127.0.0.1:9/cb"],
+        "launch_url": "http://127.0.0.1:9/launch",
+        "scope": "launch launch/patient fhirUser offline_access patient/*.rs user/Patient.rs"});
+    let phys = staff_token(&s, &staff, "physician");
+    assert_eq!(s.post("/api/apps", &phys, &app).status, 403, "default deny");
+    for (k, v) in [
+        ("redirect_uris", json!(["http://app.example/cb"])),
+        ("scope", json!("patient/*.cruds")),
+        ("scope", json!("launch openid")),
+        ("name", json!("")),
+    ] {
+        let mut bad = app.clone();
+        bad[k] = v;
+        let r = s.post("/api/apps", &sa, &bad);
+        assert_eq!(r.status, 400, "{k}: {:?}", r.body);
+    }
+    let r = s.post("/api/apps", &sa, &app);
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    assert_eq!(r.body["client_type"], "public");
+    assert!(r.body.get("client_secret").is_none());
+    let client = r.body["client_id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        s.get("/api/apps", &sa).body["apps"][0]["client_id"],
+        client.as_str()
+    );
+    // EHR launch from the treated chart.
+    let r = s.post(
+        "/api/apps/launch",
+        &phys,
+        &json!({"client_id": client, "patient": treated}),
+    );
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    let url = r.body["url"].as_str().unwrap();
+    assert!(url.starts_with("http://127.0.0.1:9/launch?"), "{url}");
+    let lq: Vec<(String, String)> =
+        serde_urlencoded::from_str(url.split_once('?').unwrap().1).unwrap();
+    let launch = lq.iter().find(|(k, _)| k == "launch").unwrap().1.clone();
+    // The FHIR base the server names itself by (server.public_base_url).
+    let aud = format!("{}/fhir", conf.body["issuer"].as_str().unwrap());
+    assert_eq!(lq.iter().find(|(k, _)| k == "iss").unwrap().1, aud);
+    let (verifier, challenge) = pkce();
+    // Refusals before consent: no PKCE, wrong aud, unregistered redirect.
+    let q = authorize_query(
+        &aud,
+        &client,
+        "launch patient/*.rs",
+        &challenge,
+        Some(&launch),
+    );
+    let no_pkce = q.replace("code_challenge_method=S256", "code_challenge_method=plain");
+    assert_eq!(
+        smart_authorize(&s, &dir, &phys, &no_pkce, "approve")[0],
+        ("error".into(), "invalid_request".into())
+    );
+    let page = agent_with(&dir, 0)
+        .get(&s.url(&format!(
+            "/oauth/authorize?{}",
+            q.replace("127.0.0.1%3A9%2Fcb", "127.0.0.1%3A9%2Fevil")
+        )))
+        .set("Cookie", &format!("medvault_session={phys}"))
+        .call();
+    let status = match page {
+        Ok(r) => r.status(),
+        Err(ureq::Error::Status(c, _)) => c,
+        Err(e) => panic!("{e}"),
+    };
+    assert_eq!(
+        status, 400,
+        "an unregistered redirect_uri is never redirected to"
+    );
+    // Not signed in: to the sign-in page, the request kept for after.
+    let r = agent_with(&dir, 0)
+        .get(&s.url(&format!("/oauth/authorize?{q}")))
+        .call()
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    assert_eq!(r.header("location"), Some("/login"));
+    assert!(r
+        .header("set-cookie")
+        .unwrap()
+        .starts_with("medvault_return="));
+    // Deny, then approve.
+    let denied = smart_authorize(&s, &dir, &phys, &q, "deny");
+    assert!(
+        denied.contains(&("error".into(), "access_denied".into())),
+        "{denied:?}"
+    );
+    let answer = smart_authorize(&s, &dir, &phys, &q, "approve");
+    assert!(answer.contains(&("state".into(), "st-123".into())));
+    let code = answer.iter().find(|(k, _)| k == "code").unwrap().1.clone();
+    let token_form = |code: &str, verifier: &str| {
+        serde_urlencoded::to_string([
+            ("grant_type", "authorization_code"),
+            ("code", code),
+            ("redirect_uri", "http://127.0.0.1:9/cb"),
+            ("code_verifier", verifier),
+            ("client_id", &client),
+        ])
+        .unwrap()
+    };
+    let wrong = form_call(&s, &token_form(&code, "x".repeat(43).as_str()), None);
+    assert_eq!(
+        wrong.body["error"], "invalid_grant",
+        "a wrong verifier spends the code"
+    );
+    let answer = smart_authorize(&s, &dir, &phys, &q, "approve");
+    let code = answer.iter().find(|(k, _)| k == "code").unwrap().1.clone();
+    let t = form_call(&s, &token_form(&code, &verifier), None);
+    assert_eq!(t.status, 200, "{:?}", t.body);
+    assert_eq!(t.body["patient"], treated.as_str());
+    assert_eq!(t.body["token_type"], "Bearer");
+    assert_eq!(t.body["scope"], "launch patient/*.rs");
+    assert!(
+        t.body.get("refresh_token").is_none(),
+        "no offline_access asked for"
+    );
+    assert_eq!(
+        form_call(&s, &token_form(&code, &verifier), None).body["error"],
+        "invalid_grant",
+        "a code works once"
+    );
+    let at = t.body["access_token"].as_str().unwrap().to_owned();
+    // What the app reads: the launch chart only, what the physician may see only.
+    let obs = s.get(&format!("/fhir/Observation?patient={treated}"), &at);
+    assert_eq!(obs.status, 200, "{:?}", obs.body);
+    assert_eq!(obs.body["total"], 2);
+    assert_eq!(
+        s.get("/fhir/Observation", &at).body["total"],
+        2,
+        "only the launch chart"
+    );
+    assert_eq!(
+        s.get(&format!("/fhir/Patient/{other}"), &at).status,
+        404,
+        "another chart"
+    );
+    assert_eq!(
+        s.get(&format!("/fhir/Patient/{other}/$everything"), &at)
+            .status,
+        404
+    );
+    let ev = s.get(&format!("/fhir/Patient/{treated}/$everything"), &at);
+    assert_eq!(ev.status, 200, "{:?}", ev.body);
+    let types = entry_types(&ev.body);
+    assert!(
+        types.contains(&"Observation".to_owned()) && !types.contains(&"Claim".to_owned()),
+        "{types:?}"
+    );
+    assert!(
+        !types.contains(&"Condition".to_owned()),
+        "the HIV-labelled record stays hidden: {types:?}"
+    );
+    let claims = s.get(&format!("/fhir/Claim?patient={treated}"), &at);
+    assert!(
+        ids(&claims.body).is_empty(),
+        "billing is not the physician's: {:?}",
+        claims.body
+    );
+    assert_eq!(
+        s.post("/fhir/Observation", &at, &vital(&treated)).status,
+        403,
+        "apps never write"
+    );
+    assert_eq!(s.get("/api/users", &at).status, 403);
+    assert_eq!(
+        s.post("/api/break-glass", &at, &json!({"patient": other, "reason": "emergency", "justification": "an app cannot break the glass"})).status,
+        403
+    );
+    let r = s.call(
+        "GET",
+        "/fhir/Group/my-patients/$export",
+        Some(&at),
+        None,
+        &[("Prefer", "respond-async")],
+    );
+    assert_eq!(r.status, 403, "apps cannot bulk export: {:?}", r.body);
+    // Offline access: refresh tokens rotate.
+    let q2 = authorize_query(
+        &aud,
+        &client,
+        "launch patient/Observation.rs offline_access",
+        &challenge,
+        Some(&launch),
+    );
+    let answer = smart_authorize(&s, &dir, &phys, &q2, "approve");
+    let code = answer.iter().find(|(k, _)| k == "code").unwrap().1.clone();
+    let t = form_call(&s, &token_form(&code, &verifier), None);
+    let at2 = t.body["access_token"].as_str().unwrap().to_owned();
+    assert_eq!(
+        s.get(&format!("/fhir/Condition?patient={treated}"), &at2)
+            .status,
+        403,
+        "scopes narrow the policy"
+    );
+    let rt = t.body["refresh_token"].as_str().unwrap().to_owned();
+    let refresh = |rt: &str| {
+        form_call(
+            &s,
+            &serde_urlencoded::to_string([
+                ("grant_type", "refresh_token"),
+                ("refresh_token", rt),
+                ("client_id", &client),
+            ])
+            .unwrap(),
+            None,
+        )
+    };
+    let r = refresh(&rt);
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let rt2 = r.body["refresh_token"].as_str().unwrap().to_owned();
+    assert_ne!(rt, rt2);
+    assert_eq!(
+        refresh(&rt).body["error"],
+        "invalid_grant",
+        "rotated: the old one is spent"
+    );
+    let at3 = r.body["access_token"].as_str().unwrap().to_owned();
+    assert_eq!(
+        s.get(&format!("/fhir/Observation?patient={treated}"), &at3)
+            .status,
+        200
+    );
+    // The physician revokes the grant: every token under it stops at once.
+    let grants = s.get("/api/app-grants", &phys);
+    let gid = grants.body["grants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| {
+            g["scopes"]
+                .as_array()
+                .unwrap()
+                .contains(&json!("offline_access"))
+        })
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        s.call(
+            "DELETE",
+            &format!("/api/app-grants/{gid}"),
+            Some(&phys),
+            None,
+            &[]
+        )
+        .status,
+        200
+    );
+    assert_eq!(
+        s.get(&format!("/fhir/Observation?patient={treated}"), &at3)
+            .status,
+        401
+    );
+    assert_eq!(refresh(&rt2).body["error"], "invalid_grant");
+    assert_eq!(
+        s.get(&format!("/fhir/Observation?patient={treated}"), &at)
+            .status,
+        200,
+        "another grant still works"
+    );
+    // A patient's own app (standalone launch/patient).
+    let acct = json_out(&medvault(
+        &dir,
+        &[
+            "user",
+            "add",
+            "pat.smart",
+            "--role",
+            "patient",
+            "--patient",
+            &treated,
+            "--json",
+        ],
+    ));
+    let pt = s.login(
+        "pat.smart",
+        acct["password"].as_str().unwrap(),
+        acct["totp_secret"].as_str().unwrap(),
+    );
+    let q3 = authorize_query(
+        &aud,
+        &client,
+        "launch/patient patient/*.rs",
+        &challenge,
+        None,
+    );
+    let no_context = smart_authorize(&s, &dir, &phys, &q3, "approve");
+    assert_eq!(
+        no_context[0],
+        ("error".into(), "invalid_request".into()),
+        "a clinician needs an EHR launch"
+    );
+    let answer = smart_authorize(&s, &dir, &pt, &q3, "approve");
+    let code = answer.iter().find(|(k, _)| k == "code").unwrap().1.clone();
+    let t = form_call(&s, &token_form(&code, &verifier), None);
+    assert_eq!(t.body["patient"], treated.as_str(), "{:?}", t.body);
+    let pat_app = t.body["access_token"].as_str().unwrap().to_owned();
+    assert_eq!(
+        s.get(&format!("/fhir/Observation?patient={treated}"), &pat_app)
+            .body["total"],
+        2
+    );
+    assert_eq!(
+        s.get(&format!("/fhir/Patient/{other}"), &pat_app).status,
+        404
+    );
+    let mine = s.get("/api/app-grants", &pt);
+    assert_eq!(
+        mine.body["grants"][0]["app"], "Growth Chart",
+        "apps that can see my record"
+    );
+    // Removing the app stops every grant to it.
+    assert_eq!(
+        s.call(
+            "DELETE",
+            &format!("/api/apps/{client}"),
+            Some(&sa),
+            None,
+            &[]
+        )
+        .status,
+        200
+    );
+    assert_eq!(
+        s.get(&format!("/fhir/Observation?patient={treated}"), &pat_app)
+            .status,
+        401
+    );
+    assert_eq!(
+        s.get(&format!("/fhir/Observation?patient={treated}"), &at)
+            .status,
+        401
+    );
+    let o = medvault(&dir, &["audit", "verify"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
