@@ -767,8 +767,9 @@ impl Vault {
         Ok(out)
     }
 
-    /// Deletes expired jobs and their files.
-    pub(crate) fn sweep_exports(&self) {
+    /// Deletes expired jobs and their files (the server calls it every minute; every
+    /// export call does too).
+    pub fn sweep_exports(&self) {
         let now = self.clock.now().unix_timestamp();
         let Ok(mut jobs) = self.exports.jobs.lock() else {
             return;

@@ -438,14 +438,17 @@ impl Vault {
             ),
             _ => self
                 .identity
-                .refresh_app(auth, &form("refresh_token").unwrap_or_default()),
+                .refresh_app(auth, &form("refresh_token").unwrap_or_default())
+                .map_err(medvault_identity::Refused::from),
         };
         let step = match step {
             Ok(s) => s,
-            Err(e) => {
+            Err(r) => {
+                let e = r.error;
                 let mut rec = self.sign_in_record(c, "login", auth.client_id, Outcome::Failure);
                 rec.detail = Some(format!("smart {grant_type}: {e}"));
-                self.audit(vec![rec])?;
+                // A refusal may spend what was tried (a code with a wrong verifier).
+                self.commit(r.ops, vec![rec])?;
                 return Err(match e {
                     medvault_identity::IdentityError::BadCredentials => {
                         VaultError::Unauthenticated

@@ -213,7 +213,8 @@ pub fn capability_statement(version: &str, date: &str) -> Value {
             if let (true, Some(o)) = (*t == "Patient", r.as_object_mut()) {
                 o.insert(
                     "operation".into(),
-                    json!([{"name": "everything", "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything"}]),
+                    json!([{"name": "everything", "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything"},
+                           {"name": "export", "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/patient-export"}]),
                 );
             }
             r
@@ -240,9 +241,11 @@ pub fn capability_statement(version: &str, date: &str) -> Value {
         "format": ["application/fhir+json", "json"],
         "rest": [{
             "mode": "server",
-            "security": {"cors": false, "description": "HTTPS only. People: password plus a second factor (TOTP, recovery code or WebAuthn passkey), or OpenID Connect single sign-on (/auth/oidc/{name}/start); bearer session tokens. Systems: OAuth2 client credentials at /auth/token (client secret or private_key_jwt, SMART v2 system scopes).",
-                "service": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/restful-security-service", "code": "OAuth"}]}]},
+            "security": {"cors": false, "description": "HTTPS only. People: password plus a second factor (TOTP, recovery code or WebAuthn passkey), or OpenID Connect single sign-on (/auth/oidc/{name}/start); bearer session tokens. Apps: SMART App Launch 2.0 (/.well-known/smart-configuration; authorization code with PKCE, patient/ and user/ read scopes, EHR and standalone launch). Systems: OAuth2 client credentials at /auth/token (client secret or private_key_jwt, SMART v2 system scopes). Bulk Data: Group/my-patients/$export, Patient/$export, $export.",
+                "service": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/restful-security-service", "code": "OAuth"}]},
+                            {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/restful-security-service", "code": "SMART-on-FHIR"}]}]},
             "resource": resources,
+            "operation": [{"name": "export", "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/export"}],
             "interaction": [{"code": "transaction"}]
         }]
     })

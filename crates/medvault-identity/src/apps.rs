@@ -22,7 +22,7 @@ use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::{Identity, IdentityError, Step, Token};
+use crate::{Identity, IdentityError, Refused, Step, Token};
 
 const APP: &str = "smart-app";
 const GRANT: &str = "smart-grant";
@@ -646,15 +646,15 @@ impl Identity {
     ///
     /// # Errors
     /// `BadChallenge` (`invalid_grant`: unknown, used or expired code, another app's,
-    /// another redirect URI, a wrong verifier, a revoked grant), `BadCredentials`
-    /// (`invalid_client`).
+    /// another redirect URI, a wrong verifier — which spends the code, in the refusal's
+    /// ops — a revoked grant), `BadCredentials` (`invalid_client`).
     pub fn redeem_code(
         &self,
         auth: &AppClientAuth<'_>,
         code: &str,
         redirect_uri: &str,
         verifier: &str,
-    ) -> Result<Step<AppTokens>, IdentityError> {
+    ) -> Result<Step<AppTokens>, Refused> {
         self.check_app_client(auth)?;
         let hash = Token::from_client(code).hash();
         let s = self
@@ -670,12 +670,15 @@ impl Identity {
             || redirect != Some(redirect_uri)
             || !challenge.is_some_and(|c| pkce_matches(verifier, c))
         {
-            return Err(IdentityError::BadChallenge);
+            // A guessed verifier gets one try: the code is gone with the refusal.
+            return Err(Refused {
+                error: IdentityError::BadChallenge,
+                ops: vec![spend],
+                locks: vec![],
+                username: None,
+            });
         }
-        let grant_id = s.username.strip_prefix("app:").unwrap_or("");
-        let grant = self
-            .grant_row(grant_id)?
-            .ok_or(IdentityError::BadChallenge)?;
+        let grant = self.grant_of(&s)?;
         let mut step = self.issue(grant);
         step.ops.insert(0, spend);
         Ok(step)
@@ -701,10 +704,7 @@ impl Identity {
         if s.method != format!("smart:{}", auth.client_id) {
             return Err(IdentityError::BadChallenge);
         }
-        let grant_id = s.username.strip_prefix("app:").unwrap_or("");
-        let grant = self
-            .grant_row(grant_id)?
-            .ok_or(IdentityError::BadChallenge)?;
+        let grant = self.grant_of(&s)?;
         let mut step = self.issue(grant);
         step.ops.insert(0, Op::DeleteSession { token_hash: hash });
         Ok(step)
@@ -716,6 +716,14 @@ impl Identity {
     /// `Store`.
     pub fn practitioner_of(&self, username: &str) -> Result<Option<String>, IdentityError> {
         Ok(self.store.user(username)?.and_then(|u| u.practitioner_id))
+    }
+
+    /// The live grant a code or refresh token (owned by `app:GRANT`) was issued under.
+    fn grant_of(&self, s: &SessionRow) -> Result<AppGrant, IdentityError> {
+        let grant_id = s.username.strip_prefix("app:").unwrap_or("");
+        self.grant_row(grant_id)?
+            .filter(|g| g.expires > self.now())
+            .ok_or(IdentityError::BadChallenge)
     }
 
     /// Resolves an app's access token: the grant must still exist, and its app.

@@ -444,6 +444,20 @@ fn signed_in_page(grant: &SessionGrant) -> Response {
 }
 
 /// An OAuth2 error answer (RFC 6749 §5.2).
+/// RFC 6749 §5.2 `invalid_client`, with the `WWW-Authenticate` challenge it requires.
+pub(crate) fn invalid_client() -> Response {
+    let mut r = oauth_error(
+        StatusCode::UNAUTHORIZED,
+        "invalid_client",
+        "client authentication failed",
+    );
+    r.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Basic realm=\"medvault\""),
+    );
+    r
+}
+
 pub(crate) fn oauth_error(status: StatusCode, error: &str, description: &str) -> Response {
     let mut r = plain_json(
         status,
@@ -570,18 +584,7 @@ pub(crate) async fn token(
                 .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
             Ok(r)
         }
-        Err(VaultError::Unauthenticated) => {
-            let mut r = oauth_error(
-                StatusCode::UNAUTHORIZED,
-                "invalid_client",
-                "client authentication failed",
-            );
-            r.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("Basic realm=\"medvault\""),
-            );
-            Ok(r)
-        }
+        Err(VaultError::Unauthenticated) => Ok(invalid_client()),
         Err(VaultError::BadRequest(m)) => {
             Ok(oauth_error(StatusCode::BAD_REQUEST, "invalid_scope", &m))
         }

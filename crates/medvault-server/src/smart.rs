@@ -11,7 +11,7 @@ use medvault_core::{AppClientAuth, VaultError};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::auth::oauth_error;
+use crate::auth::{invalid_client, oauth_error};
 use crate::records::body;
 use crate::{as_caller, blocking, plain_json, ApiError, AppState, Ctx};
 
@@ -106,18 +106,7 @@ pub(crate) async fn token(
                 .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
             Ok(r)
         }
-        Err(VaultError::Unauthenticated) => {
-            let mut r = oauth_error(
-                StatusCode::UNAUTHORIZED,
-                "invalid_client",
-                "client authentication failed",
-            );
-            r.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("Basic realm=\"medvault\""),
-            );
-            Ok(r)
-        }
+        Err(VaultError::Unauthenticated) => Ok(invalid_client()),
         Err(VaultError::BadRequest(m)) => {
             Ok(oauth_error(StatusCode::BAD_REQUEST, "invalid_grant", &m))
         }

@@ -1603,6 +1603,10 @@ fn serve_vault_on(
                         Err(e) => tracing::error!(error = ?e, "could not sweep training standing"),
                     }
                 }
+                if tick % 60 == 0 {
+                    // Bulk export files past their hour are deleted even if nobody asks.
+                    signer_vault.sweep_exports();
+                }
                 tick = tick.wrapping_add(1);
                 let stopping = !matches!(
                     stop_rx.recv_timeout(std::time::Duration::from_secs(1)),

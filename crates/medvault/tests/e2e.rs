@@ -2139,11 +2139,12 @@ fn database_outage_gives_503_and_recovers() {
     }
     assert!(recovered, "the server recovers when the database returns");
     assert_eq!(s.post("/fhir/Observation", &tok, &vital(&pid)).status, 201);
-    let audit_after: i64 = psql(&db.url, "SELECT count(*) FROM audit_log")
-        .parse()
-        .unwrap();
-    let max: i64 = psql(&db.url, "SELECT max(seq) FROM audit_log")
-        .parse()
+    // Count and highest sequence number in one statement: the server keeps appending
+    // (background work, detection), so two queries can see two different logs.
+    let both = psql(&db.url, "SELECT count(*) || ' ' || max(seq) FROM audit_log");
+    let (audit_after, max): (i64, i64) = both
+        .split_once(' ')
+        .map(|(a, b)| (a.parse().unwrap(), b.parse().unwrap()))
         .unwrap();
     assert_eq!(max + 1, audit_after, "still dense after the outage");
     assert!(audit_after > audit_before);
@@ -12885,6 +12886,11 @@ fn bulk_export_group_poll_download_accounting_and_deidentified_research() {
     treated[0]["resource"]["telecom"] = json!([{"system": "phone", "value": "617-555-0199"}]);
     treated[3]["resource"] = labelled(treated[3]["resource"].clone(), ACT_CODE, "HIV");
     treated[2]["resource"]["effectiveDateTime"] = json!("2025-03-14T09:26:53Z");
+    // A 42 CFR Part 2 record (substance use disorder).
+    treated.push(json!({"resource": labelled(
+        json!({"resourceType": "Condition", "code": {"text": "Opioid use disorder"},
+               "subject": {"reference": "urn:uuid:00000021-0000-4000-8000-000000000000"}}),
+        ACT_CODE, "SUD")}));
     let mut entries = treated;
     entries.extend(chart_entries("Elsewhere", 22, None));
     import_entries(&dir, "bulk", &entries);
@@ -13014,6 +13020,62 @@ fn bulk_export_group_poll_download_accounting_and_deidentified_research() {
     assert_eq!(files.len(), 1);
     assert_eq!(files[0].1.len(), 1);
     assert_eq!(files[0].1[0]["code"]["coding"][0]["code"], "2345-7");
+    // 42 CFR Part 2: left out without a consent covering the recipient; with one, it
+    // leaves labelled NORDSCLCD with the 42 CFR 2.32 notice beside it.
+    let part2 = |phys: &str| {
+        let r = s.call(
+            "GET",
+            "/fhir/Group/my-patients/$export?_type=Condition",
+            Some(phys),
+            None,
+            &asynch,
+        );
+        assert_eq!(r.status, 202, "{:?}", r.body);
+        let m = export_manifest(&s, r.header("content-location").unwrap(), phys, &[]);
+        (m.clone(), export_files(&s, &m, phys))
+    };
+    let (_, files) = part2(&phys);
+    assert!(
+        files.is_empty(),
+        "no Condition the physician may see (HIV, SUD): {files:?}"
+    );
+    let pid_of = |files: &[(String, Vec<Value>)]| -> String {
+        files.iter().find(|(t, _)| t == "Patient").unwrap().1[0]["id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let r = s.call(
+        "GET",
+        "/fhir/Group/my-patients/$export?_type=Patient",
+        Some(&phys),
+        None,
+        &asynch,
+    );
+    let m = export_manifest(&s, r.header("content-location").unwrap(), &phys, &[]);
+    let exported_pid = pid_of(&export_files(&s, &m, &phys));
+    let desk = staff_token(&s, &staff, "front_desk");
+    let consent = privacy_consent(
+        &exported_pid,
+        json!([{"type": "permit", "actor": actor(staff.practitioner("physician")),
+                "securityLabel": [{"system": ACT_CODE, "code": "SUD"}]}]),
+    );
+    assert_eq!(s.post("/fhir/Consent", &desk, &consent).status, 201);
+    let (m, files) = part2(&phys);
+    let conditions = &files.iter().find(|(t, _)| t == "Condition").unwrap().1;
+    assert_eq!(conditions.len(), 1, "{files:?}");
+    assert!(
+        conditions[0].to_string().contains("NORDSCLCD"),
+        "{}",
+        conditions[0]
+    );
+    let notice = &files
+        .iter()
+        .find(|(t, _)| t == "OperationOutcome")
+        .unwrap()
+        .1[0];
+    assert!(notice.to_string().contains("42 CFR part 2"), "{notice}");
+    assert!(m["extension"].to_string().contains("42-cfr-part-2"), "{m}");
     // Another user cannot poll or download someone else's export.
     let r = s.call(
         "GET",
@@ -13145,6 +13207,38 @@ fn bulk_export_group_poll_download_accounting_and_deidentified_research() {
         research_lines, 0,
         "de-identified data is not PHI: not accounted"
     );
+    // Patient access: a portal account exports its own chart, and only that.
+    let acct = json_out(&medvault(
+        &dir,
+        &[
+            "user",
+            "add",
+            "pat.bulk",
+            "--role",
+            "patient",
+            "--patient",
+            &treated_id,
+            "--json",
+        ],
+    ));
+    let pt = s.login(
+        "pat.bulk",
+        acct["password"].as_str().unwrap(),
+        acct["totp_secret"].as_str().unwrap(),
+    );
+    let r = s.call(
+        "GET",
+        "/fhir/Group/my-patients/$export?_type=Patient,Observation",
+        Some(&pt),
+        None,
+        &asynch,
+    );
+    assert_eq!(r.status, 202, "{:?}", r.body);
+    let m = export_manifest(&s, r.header("content-location").unwrap(), &pt, &[]);
+    let files = export_files(&s, &m, &pt);
+    let patients = &files.iter().find(|(t, _)| t == "Patient").unwrap().1;
+    assert_eq!(patients.len(), 1);
+    assert_eq!(patients[0]["id"], treated_id.as_str());
     let o = medvault(&dir, &["audit", "verify"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
@@ -13383,8 +13477,10 @@ fn smart_app_launch_ehr_and_patient_apps_narrowed_to_scopes_policy_and_chart() {
         .unwrap()
     };
     let wrong = form_call(&s, &token_form(&code, "x".repeat(43).as_str()), None);
+    assert_eq!(wrong.body["error"], "invalid_grant");
     assert_eq!(
-        wrong.body["error"], "invalid_grant",
+        form_call(&s, &token_form(&code, &verifier), None).body["error"],
+        "invalid_grant",
         "a wrong verifier spends the code"
     );
     let answer = smart_authorize(&s, &dir, &phys, &q, "approve");
