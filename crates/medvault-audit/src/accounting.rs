@@ -17,6 +17,9 @@ pub struct Access {
     pub withheld: Vec<String>,
     pub purpose: Option<String>,
     pub detail: Option<String>,
+    /// The SMART app (client id) the access was made through.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub app: Option<String>,
     /// The access was made under a break-the-glass grant (emergency override).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub break_glass: bool,
@@ -31,7 +34,9 @@ pub struct Access {
 impl Access {
     /// The line for entry `index`, with a recorded disclosure's opened free text.
     pub fn new(index: u64, r: AuditRecord, text: DisclosureText) -> Self {
-        let detail = (r.action == RECORDED_DISCLOSURE)
+        // A recorded disclosure's detail names its recipient kind and basis; a bulk export's
+        // its job and recipient. No other detail is a report's business.
+        let detail = (r.action == RECORDED_DISCLOSURE || r.action == BULK_EXPORT)
             .then_some(r.detail)
             .flatten();
         Access {
@@ -45,6 +50,7 @@ impl Access {
             withheld: r.categories_withheld,
             purpose: r.purpose,
             detail,
+            app: r.app,
             break_glass: r.break_glass,
             recipient_name: text.recipient_name,
             description: text.description,
@@ -111,6 +117,9 @@ pub const RECIPIENT_KINDS: &[&str] = &[
 /// Purposes that are treatment, payment or health-care operations (45 CFR 164.528(a)(1)(i)
 /// exempts those from the accounting of disclosures).
 pub const TPO: &[&str] = &["TREAT", "ETREAT", "HPAYMT", "HOPERAT", "COVERAGE"];
+
+/// The action of a bulk export's read of one chart (`$export`).
+pub const BULK_EXPORT: &str = "export";
 
 /// Whether a record enters a patient's access report (everything but reads of the log).
 pub fn in_access_report(r: &AuditRecord) -> bool {

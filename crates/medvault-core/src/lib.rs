@@ -490,7 +490,10 @@ impl Vault {
                 Action::Update => "update",
                 Action::Delete => "delete",
             },
-            rtype: rt.as_str().to_owned(),
+            rtype: match c.app() {
+                Some(_) => format!("{rt} through this app (outside its scopes)"),
+                None => rt.as_str().to_owned(),
+            },
         })
     }
 

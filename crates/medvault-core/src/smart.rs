@@ -118,6 +118,15 @@ impl Vault {
         scopes: &str,
         confidential: bool,
     ) -> Result<(AppView, Option<String>), VaultError> {
+        for x in scopes.split_whitespace() {
+            if let Ok(AppScope { rtype: Some(t), .. }) = AppScope::parse(x) {
+                if medvault_fhir::ResourceType::parse(&t).is_none() {
+                    return Err(VaultError::BadRequest(format!(
+                        "scope {x}: medvault stores no {t} resources"
+                    )));
+                }
+            }
+        }
         let step = self
             .identity
             .register_app(name, redirect_uris, launch_url, scopes, confidential)
@@ -194,7 +203,8 @@ impl Vault {
     ///
     /// # Errors
     /// `BadRequest` for an unknown app or one without a launch URL, or a malformed id;
-    /// `Forbidden` for a caller that is not a signed-in user.
+    /// `NotFound` (or the read's refusal) for a chart the user cannot open; `Forbidden`
+    /// for a caller that is not a signed-in user.
     pub fn launch_app(
         &self,
         c: &Caller,
@@ -208,6 +218,11 @@ impl Vault {
         };
         medvault_types::PatientId::new(patient)
             .map_err(|_| VaultError::BadRequest("invalid patient id".into()))?;
+        // The chart must exist and be one the user may open at all (its read is audited
+        // like any other); what the app then reads is decided record by record.
+        let pt = medvault_fhir::ResourceType::parse("Patient")
+            .ok_or_else(|| VaultError::Internal("Patient is not a supported type".into()))?;
+        self.read(c, pt, patient)?;
         let step = self
             .identity
             .new_launch(&user, client_id, patient)
@@ -251,13 +266,19 @@ impl Vault {
                 "that redirect_uri is not registered for this app".into(),
             ));
         }
+        // An over-long state is not echoed back (it is refused for being over-long).
+        let state = if req.state.len() <= 500 {
+            req.state.as_str()
+        } else {
+            ""
+        };
         let fail = |error: &str, description: &str| {
             AuthorizeError::Redirect(redirect_with(
                 &req.redirect_uri,
                 &[
                     ("error", error),
                     ("error_description", description),
-                    ("state", &req.state),
+                    ("state", state),
                 ],
             ))
         };
@@ -274,7 +295,10 @@ impl Vault {
             ));
         }
         if req.state.is_empty() || req.state.len() > 500 {
-            return Err(fail("invalid_request", "state is required"));
+            return Err(fail(
+                "invalid_request",
+                "state is required (at most 500 characters)",
+            ));
         }
         if req.aud.trim_end_matches('/') != fhir_base.trim_end_matches('/') {
             return Err(fail(

@@ -5,7 +5,8 @@
 //! What this module does to a resource's JSON, whatever its type:
 //! - names, telecom, photos, contacts, identifiers (MRN, SSN, plan and account numbers,
 //!   licence and device numbers), URLs, attachments, narrative and free text (`text`,
-//!   `note`, `comment`, `description`, reference `display`) and every extension: removed
+//!   `note`, `comment`, `description`, `title`, `summary`, reference `display`) and every
+//!   extension: removed
 //!   (164.514(b)(2)(i)(A), (D)–(R); free text can hold any of them);
 //! - addresses: only `state`, `country` and the first three digits of `postalCode` are kept,
 //!   and those three become `000` where the three-digit area holds 20,000 people or fewer
@@ -59,6 +60,8 @@ const REMOVED: &[&str] = &[
     "valueString",
     "valueAttachment",
     "implicitRules",
+    "title",
+    "summary",
 ];
 
 /// Address parts kept (the rest is a subdivision smaller than a state).

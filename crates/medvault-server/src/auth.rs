@@ -521,7 +521,7 @@ pub(crate) async fn token(
             return Ok(oauth_error(
                 StatusCode::BAD_REQUEST,
                 "invalid_request",
-                "grant_type is required (client_credentials)",
+                "grant_type is required (client_credentials, authorization_code or refresh_token)",
             ))
         }
         Some(_) => {

@@ -423,6 +423,8 @@ struct JobRow {
 struct ExportsPage {
     chrome: Chrome,
     notice: String,
+    /// A patient exports their own record.
+    patient: bool,
     jobs: Vec<JobRow>,
 }
 
@@ -441,6 +443,7 @@ async fn exports(
     render(&ExportsPage {
         chrome: s.chrome(&web, "Exports", "/exports"),
         notice: notice.into(),
+        patient: s.role() == Some(Role::Patient),
         jobs: jobs
             .into_iter()
             .map(|j| JobRow {

@@ -13142,7 +13142,11 @@ fn bulk_export_group_poll_download_accounting_and_deidentified_research() {
     assert!(
         lines.iter().any(|l| l["action"] == "export"
             && l["who"] == "client.registry"
-            && l["purpose"] == "PUBHLTH"),
+            && l["purpose"] == "PUBHLTH"
+            && l["detail"]
+                .as_str()
+                .unwrap_or("")
+                .contains("recipient=client.registry")),
         "the registry export is accounted: {lines:?}"
     );
     assert!(
@@ -13385,6 +13389,7 @@ fn smart_app_launch_ehr_and_patient_apps_narrowed_to_scopes_policy_and_chart() {
         ("redirect_uris", json!(["http://app.example/cb"])),
         ("scope", json!("patient/*.cruds")),
         ("scope", json!("launch openid")),
+        ("scope", json!("launch patient/Nonsense.rs")),
         ("name", json!("")),
     ] {
         let mut bad = app.clone();
@@ -13401,7 +13406,19 @@ fn smart_app_launch_ehr_and_patient_apps_narrowed_to_scopes_policy_and_chart() {
         s.get("/api/apps", &sa).body["apps"][0]["client_id"],
         client.as_str()
     );
-    // EHR launch from the treated chart.
+    // EHR launch from the treated chart (never from a chart that is not there).
+    let r = s.post(
+        "/api/apps/launch",
+        &phys,
+        &json!({"client_id": client, "patient": "no-such-chart"}),
+    );
+    assert_eq!(r.status, 404, "{:?}", r.body);
+    let r = s.post(
+        "/api/apps/launch",
+        &phys,
+        &json!({"client_id": "app-nope", "patient": treated}),
+    );
+    assert_eq!(r.status, 400, "{:?}", r.body);
     let r = s.post(
         "/api/apps/launch",
         &phys,
@@ -13554,6 +13571,17 @@ fn smart_app_launch_ehr_and_patient_apps_narrowed_to_scopes_policy_and_chart() {
         &[("Prefer", "respond-async")],
     );
     assert_eq!(r.status, 403, "apps cannot bulk export: {:?}", r.body);
+    // The chart's access report names the app the physician read through.
+    let po = staff_token(&s, &staff, "privacy_officer");
+    let report = s.get(&format!("/api/patients/{treated}/access-report"), &po);
+    assert!(
+        report
+            .body
+            .to_string()
+            .contains(&format!("\"app\":\"{client}\"")),
+        "{:?}",
+        report.body
+    );
     // Offline access: refresh tokens rotate.
     let q2 = authorize_query(
         &aud,
