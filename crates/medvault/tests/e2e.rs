@@ -8492,6 +8492,8 @@ fn master_key_rotates_online_resumes_after_a_kill_and_the_old_key_can_go() {
     );
     let stop = std::sync::atomic::AtomicBool::new(false);
     let (ok, failed, created) = std::thread::scope(|scope| {
+        // A failed assertion below must stop the client, or the scope waits for it forever.
+        let _stop_on_panic = StopOnDrop(&stop);
         let client = scope.spawn(|| {
             let (mut ok, mut failed, mut created) = (0u32, vec![], vec![]);
             let mut i = 0usize;
@@ -8528,7 +8530,8 @@ fn master_key_rotates_online_resumes_after_a_kill_and_the_old_key_can_go() {
         let mut rot = Command::new(BIN)
             .arg("--data-dir")
             .arg(&dir)
-            .args(["keys", "rotate", "--batch", "2", "--pause-ms", "40"])
+            // Slow enough (32 batches, 200 ms apart) that the kill lands midway on a busy box.
+            .args(["keys", "rotate", "--batch", "2", "--pause-ms", "200"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -10077,6 +10080,8 @@ fn index_rotation(pg: bool) {
     assert_eq!(check(0), Vec::<String>::new());
     let stop = std::sync::atomic::AtomicBool::new(false);
     let (rounds, failed, created) = std::thread::scope(|scope| {
+        // A failed assertion below must stop the client, or the scope waits for it forever.
+        let _stop_on_panic = StopOnDrop(&stop);
         let client = scope.spawn(|| {
             let (mut rounds, mut failed, mut created) = (0usize, vec![], vec![]);
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
@@ -13742,4 +13747,15 @@ fn smart_app_launch_ehr_and_patient_apps_narrowed_to_scopes_policy_and_chart() {
     );
     let o = medvault(&dir, &["audit", "verify"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// Sets a stop flag when dropped — also while unwinding from a failed assertion, so a
+/// client thread looping on the flag inside `std::thread::scope` ends and the test fails
+/// instead of hanging.
+struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }
