@@ -11,6 +11,8 @@
 
 pub mod accounting;
 pub mod balp;
+#[cfg(test)]
+mod fuzz;
 pub mod log;
 pub mod merkle;
 pub mod note;

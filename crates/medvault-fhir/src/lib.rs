@@ -13,6 +13,8 @@ pub mod care;
 pub mod date;
 mod defs;
 pub mod deid;
+#[cfg(test)]
+mod fuzz;
 mod index;
 mod outcome;
 pub mod privacy;

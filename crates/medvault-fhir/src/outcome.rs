@@ -26,6 +26,8 @@ pub enum IssueCode {
     Exception,
     Transient,
     Throttled,
+    /// An expected response or input did not arrive in time.
+    Timeout,
     Informational,
 }
 
@@ -52,6 +54,7 @@ impl IssueCode {
             IssueCode::Exception => "exception",
             IssueCode::Transient => "transient",
             IssueCode::Throttled => "throttled",
+            IssueCode::Timeout => "timeout",
             IssueCode::Informational => "informational",
         }
     }

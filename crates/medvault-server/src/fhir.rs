@@ -11,7 +11,7 @@ use medvault_fhir::{
 };
 use serde_json::{json, Map, Value};
 
-use crate::{blocking, body_bytes, caller, json_response, ApiError, AppState, Ctx};
+use crate::{blocking, body_bytes, caller, json_response, pending_caller, ApiError, AppState, Ctx};
 
 fn resource_type(s: &str) -> Result<ResourceType, ApiError> {
     ResourceType::parse(s).ok_or_else(|| {
@@ -347,12 +347,12 @@ pub(crate) async fn search(
     ctx: Ctx,
 ) -> Result<Response, ApiError> {
     let rt = resource_type(&rtype)?;
-    let c = caller(&state, &ctx).await?;
+    let pending = pending_caller(&ctx)?;
     let strict = prefer(&headers)?.strict;
     let params = query_params(query)?;
     let vault = state.vault.clone();
     let p2 = params.clone();
-    let r = blocking(move || vault.search(&c, rt, &p2, strict)).await??;
+    let r = blocking(move || vault.search(&pending.resolve(&vault)?, rt, &p2, strict)).await??;
     let base = &ctx.base;
     let (summary, elements) = summary_of(&params);
     let next = r
@@ -373,7 +373,7 @@ pub(crate) async fn create(
     req: Request,
 ) -> Result<Response, ApiError> {
     let rt = resource_type(&rtype)?;
-    let c = caller(&state, &ctx).await?;
+    let pending = pending_caller(&ctx)?;
     require_fhir_json(req.headers())?;
     refuse_headers(
         req.headers(),
@@ -386,6 +386,7 @@ pub(crate) async fn create(
     let body = body_bytes(&state, req).await?;
     let vault = state.vault.clone();
     let w = blocking(move || {
+        let c = pending.resolve(&vault)?;
         let res = Resource::parse(&body, Some(rt))?;
         match if_none_exist {
             Some(q) if q.trim_start_matches('?').is_empty() => Err(
@@ -411,7 +412,7 @@ pub(crate) async fn read(
 ) -> Result<Response, ApiError> {
     let rt = resource_type(&rtype)?;
     valid_id(&id)?;
-    let c = caller(&state, &ctx).await?;
+    let pending = pending_caller(&ctx)?;
     let (summary, elements) = read_params(query)?;
     refuse_headers(&headers, &["If-Match", "If-None-Exist"], "read")?;
     let not_if = header_text(&headers, "If-None-Match")?
@@ -425,7 +426,7 @@ pub(crate) async fn read(
         })
         .transpose()?;
     let vault = state.vault.clone();
-    let d = blocking(move || vault.read(&c, rt, &id)).await??;
+    let d = blocking(move || vault.read(&pending.resolve(&vault)?, rt, &id)).await??;
     // Conditional read (FHIR R4 §3.1.0.4): 304 when the client's copy is current.
     let unchanged = match (not_if, since) {
         (Some(n), _) => {
@@ -661,12 +662,13 @@ pub(crate) async fn instance_op(
             Ok(json_response(StatusCode::OK, &Value::Object(b)))
         }
         "$everything" if rt.as_str() == "Patient" => {
-            let c = caller(&state, &ctx).await?;
+            let pending = pending_caller(&ctx)?;
             let params = query_params(query)?;
             let vault = state.vault.clone();
             let id2 = id.clone();
             let p2 = params.clone();
-            let r = blocking(move || vault.everything(&c, &id2, &p2)).await??;
+            let r =
+                blocking(move || vault.everything(&pending.resolve(&vault)?, &id2, &p2)).await??;
             let path = format!("Patient/{id}/$everything");
             let next = r
                 .next

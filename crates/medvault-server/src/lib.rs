@@ -15,6 +15,7 @@ mod destruction;
 mod detect;
 mod error;
 mod fhir;
+mod limits;
 mod records;
 mod smart;
 mod tls;
@@ -34,7 +35,10 @@ use medvault_fhir::IssueCode;
 use medvault_types::Purpose;
 
 pub use error::ApiError;
-pub use tls::{load_tls_config, serve, TlsError};
+pub use limits::{Limits, Rate};
+pub use tls::{
+    certificate_not_after, load_tls_config, serve, tls_config, CertificateReloader, TlsError,
+};
 
 pub const FHIR_JSON: &str = "application/fhir+json; charset=utf-8";
 pub const SESSION_COOKIE: &str = "medvault_session";
@@ -48,6 +52,8 @@ pub struct HttpOptions {
     pub public_base_url: String,
     /// Reverse proxies whose `X-Forwarded-For`/`-Proto`/`-Host` headers are believed.
     pub trusted_proxies: Vec<std::net::IpAddr>,
+    /// Timeouts, connection and request-rate limits.
+    pub limits: Limits,
 }
 
 impl Default for HttpOptions {
@@ -56,6 +62,7 @@ impl Default for HttpOptions {
             max_body_bytes: 8 * 1024 * 1024,
             public_base_url: "https://localhost".into(),
             trusted_proxies: vec![],
+            limits: Limits::default(),
         }
     }
 }
@@ -591,8 +598,18 @@ fn routes(state: AppState, console: Option<Router>) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn(json_only))
         .layer(axum::middleware::from_fn_with_state(
-            state.options.max_body_bytes,
+            (
+                state.options.max_body_bytes,
+                state.options.limits.body_timeout,
+            ),
             read_body_first,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            (
+                limits::Limiter::new(&state.options.limits),
+                Arc::new(state.options.trusted_proxies.clone()),
+            ),
+            limits::rate_limit,
         ))
         .layer(axum::middleware::from_fn(security_headers))
 }
@@ -680,7 +697,7 @@ async fn json_only(req: Request, next: Next) -> Response {
 /// HTTP/2 the stream ends cleanly instead of being reset. A body over the limit is a 413
 /// and, over HTTP/1.1, the connection is closed (the rest of the body is not read).
 async fn read_body_first(
-    axum::extract::State(limit): axum::extract::State<usize>,
+    axum::extract::State((limit, timeout)): axum::extract::State<(usize, std::time::Duration)>,
     req: Request,
     next: Next,
 ) -> Response {
@@ -692,7 +709,22 @@ async fn read_body_first(
         .and_then(|v| v.parse::<usize>().ok());
     let read = match declared {
         Some(n) if n > limit => None,
-        _ => axum::body::to_bytes(body, limit).await.ok(),
+        // A body trickled in slower than the limit allows (slow-loris): 408, and the
+        // connection is closed.
+        _ => match tokio::time::timeout(timeout, axum::body::to_bytes(body, limit)).await {
+            Ok(r) => r.ok(),
+            Err(_) => {
+                let mut res = ApiError::new(
+                    axum::http::StatusCode::REQUEST_TIMEOUT,
+                    medvault_fhir::IssueCode::Timeout,
+                    "the request body did not arrive in time",
+                )
+                .into_response();
+                res.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                return res;
+            }
+        },
     };
     match read {
         Some(bytes) => {
@@ -912,8 +944,26 @@ impl Ctx {
     }
 }
 
-/// Authenticates the request's token into a signed-in [`Caller`].
-pub(crate) async fn caller(state: &AppState, ctx: &Ctx) -> Result<Caller, ApiError> {
+/// A request's credentials, checked for presence and origin but not yet against the
+/// store: [`PendingCaller::resolve`] authenticates inside the handler's own blocking task,
+/// so a request makes one trip off the async runtime instead of two (the hot FHIR
+/// handlers).
+pub(crate) struct PendingCaller {
+    anonymous: Caller,
+    token: medvault_core::Token,
+    purpose: Option<Purpose>,
+}
+
+impl PendingCaller {
+    /// As [`caller`], on the blocking side.
+    pub(crate) fn resolve(&self, vault: &Vault) -> Result<Caller, medvault_core::VaultError> {
+        vault.authenticate(&self.anonymous, &self.token, self.purpose)
+    }
+}
+
+/// The request's credentials for [`PendingCaller::resolve`]: `401` without a token, `403`
+/// for a cross-site cookie-authenticated change.
+pub(crate) fn pending_caller(ctx: &Ctx) -> Result<PendingCaller, ApiError> {
     let token = ctx.token.clone().ok_or_else(ApiError::unauthenticated)?;
     if !ctx.same_site {
         return Err(ApiError::new(
@@ -922,9 +972,18 @@ pub(crate) async fn caller(state: &AppState, ctx: &Ctx) -> Result<Caller, ApiErr
             "cross-site request refused: a cookie-authenticated change must come from this site (or use Authorization: Bearer)",
         ));
     }
+    Ok(PendingCaller {
+        anonymous: ctx.anonymous(),
+        token,
+        purpose: ctx.purpose,
+    })
+}
+
+/// Authenticates the request's token into a signed-in [`Caller`].
+pub(crate) async fn caller(state: &AppState, ctx: &Ctx) -> Result<Caller, ApiError> {
+    let pending = pending_caller(ctx)?;
     let vault = state.vault.clone();
-    let (anonymous, purpose) = (ctx.anonymous(), ctx.purpose);
-    Ok(blocking(move || vault.authenticate(&anonymous, &token, purpose)).await??)
+    Ok(blocking(move || pending.resolve(&vault)).await??)
 }
 
 /// Runs gate work as the signed-in caller, off the async runtime: what most `/auth` and

@@ -8,6 +8,7 @@ mod config;
 mod demo;
 mod destroy;
 mod detect_cli;
+mod http_bench;
 mod seal;
 mod witness;
 
@@ -55,9 +56,30 @@ struct Cli {
         default_value = "./medvault-data"
     )]
     data_dir: PathBuf,
+    /// Log line format on stderr: `text` (default) or `json` (one JSON object per line,
+    /// for a log collector).
+    #[arg(
+        long,
+        global = true,
+        env = "MEDVAULT_LOG_FORMAT",
+        default_value = "text"
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
+
+/// `--log-format`.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Lines the log keeps waiting for a slow stderr before it drops new ones (and counts
+/// them): requests never wait for the log (a full pipe nobody reads used to stop the
+/// whole server).
+const LOG_BUFFER_LINES: usize = 65_536;
 
 #[derive(Subcommand)]
 enum Command {
@@ -144,9 +166,30 @@ enum Command {
     },
     /// Run the standard benchmark: secure path vs plain store.
     Bench {
-        /// Largest patient count (the table runs at 1 and at this many).
-        #[arg(long, default_value_t = 100_000)]
-        patients: usize,
+        /// Largest patient count (the table runs at 1 and at this many); default 100000,
+        /// or 1000 with --http.
+        #[arg(long)]
+        patients: Option<usize>,
+        /// Drive the real server over TLS instead: `medvault serve` on a temporary data
+        /// directory, read/search/$everything/write/metadata beside a static file.
+        #[arg(long)]
+        http: bool,
+        /// With --http: concurrent keep-alive connections.
+        #[arg(long, default_value_t = 32)]
+        connections: usize,
+        /// With --http: seconds each row is measured.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        /// With --http: the paced read row's rate (requests per second).
+        #[arg(long, default_value_t = 10_000.0)]
+        rate: f64,
+        /// With --http: only these rows (comma-separated), beside the static file.
+        #[arg(long, value_delimiter = ',')]
+        rows: Vec<String>,
+        /// With --http: serve with this medvault binary instead of this one (to compare
+        /// two builds on the same data).
+        #[arg(long)]
+        server_exe: Option<PathBuf>,
         #[arg(long, default_value_t = 20_000)]
         ops: usize,
         #[arg(long, default_value_t = 8)]
@@ -178,6 +221,11 @@ enum Command {
     Backup {
         #[command(subcommand)]
         command: backup_cli::BackupCommand,
+    },
+    /// The server's TLS certificate.
+    Tls {
+        #[command(subcommand)]
+        command: TlsCommand,
     },
     /// Master key versions and rotation.
     Keys {
@@ -310,6 +358,18 @@ enum StaffCommand {
     },
     /// List the staff profiles (as a security administrator would see them).
     List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum TlsCommand {
+    /// Replaces the self-signed certificate medvault generated with a new one (new key,
+    /// valid 397 days); a running server serves it within seconds, without a restart. A
+    /// certificate from a CA is renewed with that CA instead: replace the files and the
+    /// server reloads them.
+    Renew {
         #[arg(long)]
         json: bool,
     },
@@ -477,12 +537,24 @@ fn main() {
             "warn".into()
         }
     });
-    tracing_subscriber::fmt()
+    // Log lines are written by their own thread: a slow or stalled stderr never blocks a
+    // request (lossy: beyond LOG_BUFFER_LINES waiting, new lines are dropped).
+    let (writer, log_guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(LOG_BUFFER_LINES)
+        .thread_name("medvault-log")
+        .finish(std::io::stderr());
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
-    if let Err(e) = run(cli) {
+        .with_writer(writer);
+    match cli.log_format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder.json().with_ansi(false).init(),
+    }
+    let result = run(cli);
+    // Flush what the log thread still holds before the process ends.
+    drop(log_guard);
+    if let Err(e) = result {
         let msg = format!("{e:#}").replace('\n', " ");
         eprintln!("error: {msg}");
         std::process::exit(1);
@@ -647,12 +719,39 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Bench {
             patients,
+            http: true,
+            connections,
+            seconds,
+            rate,
+            rows,
+            server_exe,
+            json,
+            ..
+        } => {
+            if !(seconds > 0.0 && seconds <= 3600.0) || !(rate > 0.0) || connections == 0 {
+                bail!("--seconds must be in (0, 3600], --rate above 0, --connections at least 1");
+            }
+            http_bench::run(
+                http_bench::HttpBenchOptions {
+                    patients: patients.unwrap_or(1000),
+                    connections,
+                    seconds,
+                    paced_rate: rate,
+                },
+                &rows,
+                server_exe.as_deref(),
+                json,
+            )
+        }
+        Command::Bench {
+            patients,
             ops,
             threads,
             audit_log,
             backend,
             postgres,
             json,
+            ..
         } => {
             let backend = match (backend.as_str(), postgres) {
                 ("sqlite", _) => medvault_bench::BenchBackend::Sqlite,
@@ -662,7 +761,14 @@ fn run(cli: Cli) -> Result<()> {
                 ),
                 (other, _) => bail!("unknown backend `{other}` (sqlite, postgres)"),
             };
-            bench(&backend, patients, ops, threads, audit_log, json)
+            bench(
+                &backend,
+                patients.unwrap_or(100_000),
+                ops,
+                threads,
+                audit_log,
+                json,
+            )
         }
         Command::Config {
             command: ConfigCommand::Show,
@@ -804,6 +910,9 @@ fn run(cli: Cli) -> Result<()> {
             println!("cosigned checkpoint of {size} entries");
             Ok(())
         }
+        Command::Tls {
+            command: TlsCommand::Renew { json },
+        } => tls_renew(&dir, json),
         Command::Keys { command } => keys(&dir, command),
         Command::Backup { command } => backup_cli::run(&dir, command),
         Command::Destroy { command } => destroy::destroy(&dir, command),
@@ -849,8 +958,10 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let (cfg, vault, op) = open(&dir)?;
             vault.set_environment(medvault_core::Environment {
-                tls: Some("TLS 1.3 only (rustls)".into()),
-                certificate_not_after: certificate_not_after(&dir.join(&cfg.tls.cert)),
+                tls: Some(TLS_SUMMARY.into()),
+                certificate_not_after: medvault_server::certificate_not_after(
+                    &dir.join(&cfg.tls.cert),
+                ),
             });
             let r = vault
                 .safeguards(&Caller::cli(&op, Role::SecurityAdmin))
@@ -1299,7 +1410,11 @@ fn options(cfg: &Config) -> VaultOptions {
 
 fn storage(dir: &Path, cfg: &Config) -> Result<Storage> {
     Ok(match cfg.storage.backend.as_str() {
-        "postgres" => Storage::Postgres(cfg.postgres_url(dir)?),
+        "postgres" => {
+            let url = cfg.postgres_url(dir)?;
+            config::postgres_transport(&url, cfg.storage.allow_plaintext_postgres)?;
+            Storage::Postgres(url)
+        }
         _ => Storage::Sqlite(dir.join(&cfg.storage.path)),
     })
 }
@@ -1439,23 +1554,10 @@ fn init(
         std::fs::DirBuilder::new()
             .mode(0o700)
             .create(dir.join("tls"))?;
-        let names = vec![
-            "localhost".to_owned(),
-            "127.0.0.1".to_owned(),
-            "::1".to_owned(),
-        ];
-        let mut params = rcgen::CertificateParams::new(names)?;
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "medvault");
-        let key = rcgen::KeyPair::generate()?;
-        let cert = params.self_signed(&key)?;
-        write_private(&dir.join(&cfg.tls.cert), cert.pem().as_bytes())?;
-        write_private(&dir.join(&cfg.tls.key), key.serialize_pem().as_bytes())?;
-        let cert_sha256: String = Sha256::digest(cert.der())
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let generated = self_signed_certificate()?;
+        write_private(&dir.join(&cfg.tls.cert), generated.cert_pem.as_bytes())?;
+        write_private(&dir.join(&cfg.tls.key), generated.key_pem.as_bytes())?;
+        let cert_sha256 = generated.sha256;
         write_private(&dir.join(config::FILE), cfg.to_toml()?.as_bytes())?;
         let (vault, op) = open_vault(dir, &cfg, &master)?;
         let user = vault
@@ -1550,7 +1652,14 @@ fn serve_vault_on(
     listen: Listen,
     announce: Option<Announce>,
 ) -> Result<()> {
-    let tls = medvault_server::load_tls_config(&dir.join(&cfg.tls.cert), &dir.join(&cfg.tls.key))?;
+    // The certificate is re-read when its files change (`medvault tls renew`, or a
+    // certificate replaced by the operator's own tooling): no restart.
+    let reloader = medvault_server::CertificateReloader::new(
+        &dir.join(&cfg.tls.cert),
+        &dir.join(&cfg.tls.key),
+    )?;
+    let tls = medvault_server::tls_config(reloader.clone())?;
+    warn_certificate_expiry(reloader.not_after());
     let checkpoint_vault = vault.clone();
     let mut trusted_proxies = vec![];
     for p in cfg
@@ -1570,11 +1679,13 @@ fn serve_vault_on(
         anyhow::bail!("server.public_base_url must start with https://");
     }
     let max_body_bytes = cfg.server.max_body_bytes;
+    let limits = cfg.limits.to_server();
     let idle_timeout_secs = cfg.session.idle_timeout_secs;
     let oidc_providers = oidc_providers(dir, cfg)?;
     // Sign a checkpoint of the audit log every second while it grows, and once at shutdown.
     let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
     let signer_vault = checkpoint_vault.clone();
+    let signer_reloader = reloader.clone();
     // The server's own work acts through the local operator; handlers get only the gate.
     let checkpointer = Caller::system(&op, "checkpointer");
     // Accounts unused past `session.dormant_after_days` are disabled at start and hourly.
@@ -1606,6 +1717,23 @@ fn serve_vault_on(
                 if tick % 60 == 0 {
                     // Bulk export files past their hour are deleted even if nobody asks.
                     signer_vault.sweep_exports();
+                }
+                if tick % 5 == 0 {
+                    match signer_reloader.reload_if_changed() {
+                        Ok(true) => {
+                            tracing::info!("TLS certificate reloaded from disk");
+                            signer_vault.set_environment(medvault_core::Environment {
+                                tls: Some(TLS_SUMMARY.into()),
+                                certificate_not_after: signer_reloader.not_after(),
+                            });
+                            warn_certificate_expiry(signer_reloader.not_after());
+                        }
+                        Ok(false) => {}
+                        Err(e) => tracing::warn!(error = %e, "the changed TLS certificate was not loaded; the previous one is still served"),
+                    }
+                }
+                if tick % 86_400 == 0 && tick > 0 {
+                    warn_certificate_expiry(signer_reloader.not_after());
                 }
                 tick = tick.wrapping_add(1);
                 let stopping = !matches!(
@@ -1682,8 +1810,8 @@ fn serve_vault_on(
             .set_export_spool(dir.join("exports"))
             .map_err(describe)?;
         vault.set_environment(medvault_core::Environment {
-            tls: Some("TLS 1.3 only (rustls)".into()),
-            certificate_not_after: certificate_not_after(&dir.join(&cfg.tls.cert)),
+            tls: Some(TLS_SUMMARY.into()),
+            certificate_not_after: reloader.not_after(),
         });
         let console = medvault_web::router(
             vault.clone(),
@@ -1700,6 +1828,7 @@ fn serve_vault_on(
                     max_body_bytes,
                     public_base_url: public_base_url.clone(),
                     trusted_proxies,
+                    limits: limits.clone(),
                 },
             },
             Some(console),
@@ -1711,7 +1840,7 @@ fn serve_vault_on(
             println!("listening on https://{addr}");
             std::io::stdout().flush()?;
         }
-        medvault_server::serve(app, listener, tls, shutdown_signal()).await;
+        medvault_server::serve(app, listener, tls, limits, shutdown_signal()).await;
         Ok::<(), anyhow::Error>(())
     })?;
     rt.shutdown_timeout(std::time::Duration::from_secs(5));
@@ -2302,10 +2431,118 @@ fn bench(
     Ok(())
 }
 
-/// The `notAfter` of the PEM certificate at `path` (Unix seconds), if it parses.
-fn certificate_not_after(path: &Path) -> Option<i64> {
-    let pem = std::fs::read(path).ok()?;
-    let (_, p) = x509_parser::pem::parse_x509_pem(&pem).ok()?;
-    let cert = p.parse_x509().ok()?;
-    Some(cert.validity().not_after.timestamp())
+/// Lifetime of a certificate medvault generates: the CA/Browser Forum's 397-day maximum
+/// (Baseline Requirements §6.3.2), which scanners hold every server certificate to.
+const CERT_LIFETIME_DAYS: i64 = 397;
+
+/// A generated self-signed certificate (PEM) and its key.
+struct GeneratedCertificate {
+    cert_pem: String,
+    key_pem: String,
+    /// SHA-256 of the certificate's DER, hex.
+    sha256: String,
+    not_after: OffsetDateTime,
+}
+
+/// A new self-signed certificate for `localhost`, `127.0.0.1` and `::1`, CN `medvault`,
+/// valid from now for [`CERT_LIFETIME_DAYS`], with a new P-256 key.
+fn self_signed_certificate() -> Result<GeneratedCertificate> {
+    let names = vec![
+        "localhost".to_owned(),
+        "127.0.0.1".to_owned(),
+        "::1".to_owned(),
+    ];
+    let mut params = rcgen::CertificateParams::new(names)?;
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "medvault");
+    let now = SystemClock.now();
+    params.not_before = now;
+    let not_after = now + time::Duration::days(CERT_LIFETIME_DAYS);
+    params.not_after = not_after;
+    let key = rcgen::KeyPair::generate()?;
+    let cert = params.self_signed(&key)?;
+    Ok(GeneratedCertificate {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+        sha256: Sha256::digest(cert.der())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect(),
+        not_after,
+    })
+}
+
+/// Writes `data` to `path` through a temporary file renamed over it (0600): a reader sees
+/// the old file or the new one, never half of one.
+fn replace_private(path: &Path, data: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("renewing");
+    let _ = std::fs::remove_file(&tmp);
+    write_private(&tmp, data)?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot replace {}", path.display()))?;
+    Ok(())
+}
+
+/// `medvault tls renew`.
+fn tls_renew(dir: &Path, json: bool) -> Result<()> {
+    let cfg = Config::load(dir)?;
+    let cert_path = dir.join(&cfg.tls.cert);
+    let pem = std::fs::read(&cert_path)
+        .with_context(|| format!("cannot read {}", cert_path.display()))?;
+    let (_, p) = x509_parser::pem::parse_x509_pem(&pem)
+        .map_err(|_| anyhow!("{} is not a PEM certificate", cert_path.display()))?;
+    let cert = p
+        .parse_x509()
+        .map_err(|_| anyhow!("{} is not an X.509 certificate", cert_path.display()))?;
+    let ours = cert.issuer() == cert.subject()
+        && cert
+            .subject()
+            .iter_common_name()
+            .any(|cn| cn.as_str() == Ok("medvault"));
+    if !ours {
+        bail!(
+            "{} was issued by {}, not generated by medvault: renew it with that CA and replace the files; a running server reloads them within seconds",
+            cert_path.display(),
+            cert.issuer()
+        );
+    }
+    let generated = self_signed_certificate()?;
+    // Key first: until the certificate follows, the server sees a mismatched pair and keeps
+    // serving the old one.
+    replace_private(&dir.join(&cfg.tls.key), generated.key_pem.as_bytes())?;
+    replace_private(&cert_path, generated.cert_pem.as_bytes())?;
+    let not_after = generated
+        .not_after
+        .format(&time::format_description::well_known::Rfc3339)?;
+    if json {
+        println!(
+            "{}",
+            json!({"tls_cert_sha256": generated.sha256, "not_after": not_after})
+        );
+    } else {
+        println!("renewed the TLS certificate: SHA-256 {}", generated.sha256);
+        println!("valid until {not_after}; a running server serves it within 5 seconds");
+    }
+    Ok(())
+}
+
+/// What the server says of its transport security (status, safeguards report).
+const TLS_SUMMARY: &str = "TLS 1.3 only (rustls)";
+
+/// Days before a certificate's end from which the server warns (at start, daily, on
+/// reload), as the safeguards report does.
+const CERT_WARN_DAYS: i64 = 30;
+
+/// Logs a warning when the served certificate ends within [`CERT_WARN_DAYS`] (or has).
+fn warn_certificate_expiry(not_after: Option<i64>) {
+    let Some(t) = not_after else { return };
+    let days = (t - SystemClock.now().unix_timestamp()).div_euclid(86_400);
+    if days < 0 {
+        tracing::warn!("the TLS certificate has EXPIRED: clients will refuse it; run `medvault tls renew` or install a new one");
+    } else if days < CERT_WARN_DAYS {
+        tracing::warn!(
+            days_left = days,
+            "the TLS certificate expires soon: run `medvault tls renew` or install a new one"
+        );
+    }
 }

@@ -146,7 +146,14 @@ pub fn serve_sealed(
                 () = crate::shutdown_signal() => flag.store(true, std::sync::atomic::Ordering::SeqCst),
             }
         };
-        medvault_server::serve(medvault_server::sealed_router(unseal), listener, tls, stop).await;
+        medvault_server::serve(
+            medvault_server::sealed_router(unseal),
+            listener,
+            tls,
+            cfg.limits.to_server(),
+            stop,
+        )
+        .await;
         Ok::<bool, anyhow::Error>(interrupted.load(std::sync::atomic::Ordering::SeqCst))
     })?;
     rt.shutdown_timeout(std::time::Duration::from_secs(5));
