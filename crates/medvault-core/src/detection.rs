@@ -35,6 +35,10 @@ const STAFF: &str = "staff";
 const ALERT: &str = "alert";
 const SUPPRESSION: &str = "suppression";
 const CURSOR: &str = "detect.cursor";
+
+/// The resource types a chart's detection facts come from (names, address, contact and
+/// flags; care team; encounters).
+const FACT_TYPES: [&str; 3] = ["Patient", "CareTeam", "Encounter"];
 /// `{consumer id}|{expiry, Unix seconds}`: the consumer the cluster's servers defer to.
 const LEASE: &str = "detect.lease";
 /// Seconds a consumer's lease lasts past its last commit (it commits at least every
@@ -399,7 +403,8 @@ impl Vault {
         Ok(())
     }
 
-    /// Loads one chart's facts for the detectors (audited as a read for detection).
+    /// Loads one chart's facts for the detectors (audited as a read for detection): from
+    /// its [`FACT_TYPES`] resources.
     fn load_facts(
         &self,
         c: &Caller,
@@ -424,7 +429,7 @@ impl Vault {
         // The newest stored version of each Patient, CareTeam and Encounter.
         let mut newest: BTreeMap<(String, String), medvault_store::Sealed> = BTreeMap::new();
         for r in rows {
-            if !matches!(r.rtype(), "Patient" | "CareTeam" | "Encounter") {
+            if !FACT_TYPES.contains(&r.rtype()) {
                 continue;
             }
             let k = (r.rtype().to_owned(), r.id().to_owned());
@@ -739,11 +744,18 @@ impl Vault {
         {
             self.refresh_detection(live)?;
         }
-        // A write changes what the detectors know of the chart.
+        // A write changes what the detectors know of the chart when it writes one of the
+        // resources the facts come from (an Observation changes none of them; reloading the
+        // chart after each made every write cost a read of the whole chart). A record
+        // naming no resource (an import) reloads.
         if matches!(
             rec.action.as_str(),
             "create" | "update" | "delete" | "import"
-        ) {
+        ) && rec
+            .resource
+            .as_deref()
+            .is_none_or(|r| FACT_TYPES.iter().any(|t| r.split('/').next() == Some(*t)))
+        {
             if let Some(p) = &rec.patient {
                 live.loaded.remove(p);
             }

@@ -65,7 +65,8 @@ struct Target {
     method: hyper::Method,
     /// Paths cycled through by the connections.
     paths: Vec<String>,
-    body: Option<Bytes>,
+    /// Bodies cycled through beside the paths (none for a GET).
+    bodies: Vec<Bytes>,
     token: Option<String>,
     /// Requests per second across all connections; `None` sends as fast as answers come.
     rate: Option<f64>,
@@ -167,7 +168,7 @@ pub(crate) fn run(
             operation: "static file",
             method: hyper::Method::GET,
             paths: vec!["/static/console.css".into()],
-            body: None,
+            bodies: vec![],
             token: None,
             rate: None,
         },
@@ -175,7 +176,7 @@ pub(crate) fn run(
             operation: "metadata",
             method: hyper::Method::GET,
             paths: vec!["/fhir/metadata".into()],
-            body: None,
+            bodies: vec![],
             token: None,
             rate: None,
         },
@@ -183,7 +184,7 @@ pub(crate) fn run(
             operation: "read",
             method: hyper::Method::GET,
             paths: each(&|c| format!("/fhir/Patient/{c}")),
-            body: None,
+            bodies: vec![],
             token: Some(token.clone()),
             rate: None,
         },
@@ -191,7 +192,7 @@ pub(crate) fn run(
             operation: "read (paced)",
             method: hyper::Method::GET,
             paths: each(&|c| format!("/fhir/Patient/{c}")),
-            body: None,
+            bodies: vec![],
             token: Some(token.clone()),
             rate: Some(opts.paced_rate),
         },
@@ -199,7 +200,7 @@ pub(crate) fn run(
             operation: "search",
             method: hyper::Method::GET,
             paths: each(&|c| format!("/fhir/Observation?patient={c}&_count=10")),
-            body: None,
+            bodies: vec![],
             token: Some(token.clone()),
             rate: None,
         },
@@ -207,7 +208,7 @@ pub(crate) fn run(
             operation: "$everything",
             method: hyper::Method::GET,
             paths: each(&|c| format!("/fhir/Patient/{c}/$everything")),
-            body: None,
+            bodies: vec![],
             token: Some(token.clone()),
             rate: None,
         },
@@ -215,9 +216,8 @@ pub(crate) fn run(
             operation: "write",
             method: hyper::Method::POST,
             paths: vec!["/fhir/Observation".into()],
-            body: Some(Bytes::from(observation(
-                charts.first().map_or("", String::as_str),
-            ))),
+            // Each request to another chart, as a ward's writes are.
+            bodies: charts.iter().map(|c| Bytes::from(observation(c))).collect(),
             token: Some(token.clone()),
             rate: None,
         },
@@ -468,7 +468,7 @@ async fn drive(
         let addr = addr.to_owned();
         let method = t.method.clone();
         let paths = t.paths.clone();
-        let body = t.body.clone();
+        let bodies = t.bodies.clone();
         let token = t.token.clone();
         tasks.push(tokio::spawn(async move {
             let mut lat: Vec<Duration> = Vec::with_capacity(65_536);
@@ -491,6 +491,7 @@ async fn drive(
                     .get(i % paths.len().max(1))
                     .cloned()
                     .unwrap_or_default();
+                let body = bodies.get(i % bodies.len().max(1)).cloned();
                 i += conns;
                 let sent = due.into_std();
                 let r = send(
