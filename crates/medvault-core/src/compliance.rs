@@ -208,6 +208,20 @@ pub struct Environment {
     pub tls: Option<String>,
     /// The serving certificate's `notAfter` (Unix seconds).
     pub certificate_not_after: Option<i64>,
+    /// The dependency advisory check of the running build.
+    pub supply_chain: Option<SupplyChain>,
+}
+
+/// The result of checking the running build's dependencies against a vulnerability
+/// advisory database (RustSec), for the safeguards report.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SupplyChain {
+    /// An advisory database was read.
+    pub checked: bool,
+    /// It names no vulnerability in the build.
+    pub clean: bool,
+    /// What was found, with the database's date and the build's age.
+    pub text: String,
 }
 
 /// The covered entity's contact procedures for breach notices (45 CFR 164.404(c)(1)(E)):
@@ -2062,11 +2076,18 @@ This notice is provided under 45 CFR 164.404. It is sent no later than {by}.\n",
             (Some(t), None) => ev("tls", None, format!("{t}; certificate expiry unknown")),
             _ => ev("tls", None, "not known outside the server".into()),
         });
-        out.push(ev(
-            "advisories",
-            None,
-            "no dependency advisory check has been recorded".into(),
-        ));
+        out.push(match &env.supply_chain {
+            Some(sc) => ev(
+                "advisories",
+                sc.checked.then_some(sc.clean),
+                sc.text.clone(),
+            ),
+            None => ev(
+                "advisories",
+                None,
+                "no dependency advisory check has been recorded".into(),
+            ),
+        });
         let reviews = self.reviews()?;
         let last = reviews.iter().map(|r| r.0.clone()).max();
         let due = last

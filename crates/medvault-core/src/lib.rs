@@ -72,7 +72,8 @@ pub use caller::{Caller, LocalOperator, ANONYMOUS};
 pub use charts::MAX_MY_PATIENTS;
 pub use compliance::{
     AccountingRequest, CompletionInput, Environment, HhsReport, IncidentAction, NewIncident,
-    NoticeSettings, Reminder, SafeguardsReport, TrainingDashboard, TrainingSettings, UNKNOWN_STATE,
+    NoticeSettings, Reminder, SafeguardsReport, SupplyChain, TrainingDashboard, TrainingSettings,
+    UNKNOWN_STATE,
 };
 pub use destruction::{verify_certificate, DestructionView, LegalHoldView, SHRED_ACTION};
 pub use detection::{

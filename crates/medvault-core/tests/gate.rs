@@ -376,12 +376,8 @@ fn fuzz_search_cursors_are_refused_cleanly() {
     let first = v
         .search(&desk, rt, &[("_count".into(), "2".into())], false)
         .unwrap();
-    let next = first.next.clone().expect("a second page");
-    let cursor = next
-        .split("_cursor=")
-        .nth(1)
-        .map(|c| c.split('&').next().unwrap_or(c).to_owned())
-        .expect("the next link carries a cursor");
+    // The gate's `next` is the cursor itself (the server builds the link around it).
+    let cursor = first.next.clone().expect("a second page");
     let page = |c: &str| {
         v.search(
             &desk,

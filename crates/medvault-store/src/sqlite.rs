@@ -173,12 +173,11 @@ fn spawn_checkpointer(
     let (tx, rx) = std::sync::mpsc::channel::<()>();
     let handle = std::thread::Builder::new()
         .name("medvault-wal".into())
-        .spawn(move || loop {
-            match rx.recv_timeout(WAL_CHECKPOINT_EVERY) {
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                    let _ = c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
-                }
-                _ => break,
+        .spawn(move || {
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                rx.recv_timeout(WAL_CHECKPOINT_EVERY)
+            {
+                let _ = c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
             }
         })
         .map_err(|e| StoreError::Unavailable(e.to_string()))?;

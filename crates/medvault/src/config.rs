@@ -20,6 +20,7 @@ pub struct Config {
     pub backup: Backup,
     pub detect: Detect,
     pub limits: Limits,
+    pub supply_chain: SupplyChain,
     /// OpenID Connect identity providers for single sign-on (`[[oidc]]`, any number).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub oidc: Vec<Oidc>,
@@ -161,6 +162,15 @@ pub struct Storage {
     /// refused unless it names the loopback or a Unix socket, or asks for
     /// `sslmode=require`, `verify-ca` or `verify-full`.
     pub allow_plaintext_postgres: bool,
+}
+
+/// `[supply_chain]`: where the RustSec advisory database is (a directory holding
+/// `crates/`, e.g. a clone of <https://github.com/rustsec/advisory-db> kept current by the
+/// operator). Empty: `advisory-db` in the data directory, if present.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SupplyChain {
+    pub advisory_db: String,
 }
 
 /// `[limits]`: timeouts, connections and request rates (HTTP `429` + `Retry-After` beyond
@@ -715,7 +725,8 @@ mod tests {
                         text.push_str(&format!("[{section}]\n{key} = {v}\n"));
                     }
                     if let Err(e) = Config::from_toml(&text, path) {
-                        prop_assert!(!format!("{e:#}").is_empty());
+                        let msg = format!("{e:#}");
+                        prop_assert!(!msg.is_empty());
                     }
                     Ok(())
                 },

@@ -163,7 +163,7 @@ pub(crate) fn run(
         .to_string()
     };
     let each = |f: &dyn Fn(&str) -> String| charts.iter().map(|c| f(c)).collect::<Vec<_>>();
-    let targets = vec![
+    let targets = [
         Target {
             operation: "static file",
             method: hyper::Method::GET,

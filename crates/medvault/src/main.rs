@@ -10,6 +10,7 @@ mod destroy;
 mod detect_cli;
 mod http_bench;
 mod seal;
+mod supply_chain;
 mod witness;
 
 use std::io::{IsTerminal, Write};
@@ -226,6 +227,14 @@ enum Command {
         #[command(subcommand)]
         command: backup_cli::BackupCommand,
     },
+    /// This installation at a glance: version and build age, the TLS certificate's expiry,
+    /// and the dependency advisory check (RustSec) of this build.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// This build's software bill of materials (CycloneDX 1.5 JSON) on stdout.
+    Sbom,
     /// The server's TLS certificate.
     Tls {
         #[command(subcommand)]
@@ -732,7 +741,8 @@ fn run(cli: Cli) -> Result<()> {
             json,
             ..
         } => {
-            if !(seconds > 0.0 && seconds <= 3600.0) || !(rate > 0.0) || connections == 0 {
+            let valid = (0.0..=3600.0).contains(&seconds) && seconds > 0.0 && rate > 0.0;
+            if !valid || connections == 0 {
                 bail!("--seconds must be in (0, 3600], --rate above 0, --connections at least 1");
             }
             http_bench::run(
@@ -917,6 +927,11 @@ fn run(cli: Cli) -> Result<()> {
         Command::Tls {
             command: TlsCommand::Renew { json },
         } => tls_renew(&dir, json),
+        Command::Status { json } => status(&dir, json),
+        Command::Sbom => {
+            println!("{}", serde_json::to_string_pretty(&supply_chain::sbom()?)?);
+            Ok(())
+        }
         Command::Keys { command } => keys(&dir, command),
         Command::Backup { command } => backup_cli::run(&dir, command),
         Command::Destroy { command } => destroy::destroy(&dir, command),
@@ -966,6 +981,7 @@ fn run(cli: Cli) -> Result<()> {
                 certificate_not_after: medvault_server::certificate_not_after(
                     &dir.join(&cfg.tls.cert),
                 ),
+                supply_chain: supply_chain::evidence(&dir, &cfg.supply_chain.advisory_db),
             });
             let r = vault
                 .safeguards(&Caller::cli(&op, Role::SecurityAdmin))
@@ -1690,6 +1706,13 @@ fn serve_vault_on(
     let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
     let signer_vault = checkpoint_vault.clone();
     let signer_reloader = reloader.clone();
+    // The build's dependencies against the advisory database, at start (a finding is
+    // logged as a warning and shown in the safeguards report).
+    let supply = supply_chain::evidence(dir, &cfg.supply_chain.advisory_db);
+    if let Some(sc) = supply.as_ref().filter(|sc| !sc.clean) {
+        tracing::warn!("dependency advisories: {}", sc.text);
+    }
+    let signer_supply = supply.clone();
     // The server's own work acts through the local operator; handlers get only the gate.
     let checkpointer = Caller::system(&op, "checkpointer");
     // Accounts unused past `session.dormant_after_days` are disabled at start and hourly.
@@ -1729,6 +1752,7 @@ fn serve_vault_on(
                             signer_vault.set_environment(medvault_core::Environment {
                                 tls: Some(TLS_SUMMARY.into()),
                                 certificate_not_after: signer_reloader.not_after(),
+                                supply_chain: signer_supply.clone(),
                             });
                             warn_certificate_expiry(signer_reloader.not_after());
                         }
@@ -1816,6 +1840,7 @@ fn serve_vault_on(
         vault.set_environment(medvault_core::Environment {
             tls: Some(TLS_SUMMARY.into()),
             certificate_not_after: reloader.not_after(),
+            supply_chain: supply.clone(),
         });
         let console = medvault_web::router(
             vault.clone(),
@@ -2526,6 +2551,70 @@ fn tls_renew(dir: &Path, json: bool) -> Result<()> {
     } else {
         println!("renewed the TLS certificate: SHA-256 {}", generated.sha256);
         println!("valid until {not_after}; a running server serves it within 5 seconds");
+    }
+    Ok(())
+}
+
+/// `medvault status`.
+fn status(dir: &Path, json: bool) -> Result<()> {
+    let cfg = Config::load(dir)?;
+    let now = SystemClock.now().unix_timestamp();
+    let built = supply_chain::build_time();
+    let not_after = medvault_server::certificate_not_after(&dir.join(&cfg.tls.cert));
+    let days_left = not_after.map(|t| (t - now).div_euclid(86_400));
+    let advisories = match supply_chain::database_path(dir, &cfg.supply_chain.advisory_db) {
+        Some(db) => Some(supply_chain::check(&db)?),
+        None => None,
+    };
+    let fmt = |t: i64| {
+        OffsetDateTime::from_unix_timestamp(t)
+            .ok()
+            .and_then(|t| {
+                t.format(&time::format_description::well_known::Rfc3339)
+                    .ok()
+            })
+            .unwrap_or_default()
+    };
+    if json {
+        println!(
+            "{}",
+            json!({
+                "version": env!("CARGO_PKG_VERSION"),
+                "built": fmt(built),
+                "build_age_days": (now - built).div_euclid(86_400),
+                "tls_not_after": not_after.map(fmt),
+                "tls_days_left": days_left,
+                "advisories": advisories,
+            })
+        );
+        return Ok(());
+    }
+    println!(
+        "medvault {} built {} ({} day(s) ago)",
+        env!("CARGO_PKG_VERSION"),
+        fmt(built),
+        (now - built).div_euclid(86_400)
+    );
+    match (not_after, days_left) {
+        (Some(t), Some(d)) => println!("TLS certificate valid until {} ({d} day(s) left)", fmt(t)),
+        _ => println!("TLS certificate: expiry unknown"),
+    }
+    match &advisories {
+        Some(a) => {
+            println!("dependencies: {}", supply_chain::summary(a));
+            for f in &a.findings {
+                let fix = if f.patched.is_empty() {
+                    "no fixed version".to_owned()
+                } else {
+                    format!("fixed in {}", f.patched.join(", "))
+                };
+                println!("  {} {} {}: {} ({fix})", f.id, f.package, f.version, f.title);
+            }
+        }
+        None => println!(
+            "dependencies: unchecked (no advisory database: set [supply_chain] advisory_db, or put a RustSec advisory-db clone at {})",
+            dir.join("advisory-db").display()
+        ),
     }
     Ok(())
 }

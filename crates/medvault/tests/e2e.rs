@@ -5628,6 +5628,14 @@ fn web_console_in_real_chromium() {
             .contains("restore drill"),
         "live backup evidence: {r:#}"
     );
+    // Issue 18: the page shows the dependency advisory state and the TLS certificate's
+    // lifetime (this server has no advisory database: it says the build is unchecked).
+    let safeguards = st["safeguards_text"].as_str().unwrap_or("");
+    assert!(
+        safeguards.contains("no advisory database configured"),
+        "{safeguards}"
+    );
+    assert!(safeguards.contains("certificate valid for"), "{safeguards}");
     assert_eq!(st["heat_map_counts"], json!(["1"]), "{r:#}");
     assert!(
         !st["next_review"].as_str().unwrap_or("").is_empty(),
@@ -13758,4 +13766,519 @@ impl Drop for StopOnDrop<'_> {
     fn drop(&mut self) {
         self.0.store(true, std::sync::atomic::Ordering::Relaxed);
     }
+}
+
+/// The first chart [`three_charts`] makes (on the physician's and nurse's care team).
+fn treated_chart(dir: &Path, staff: &Staff) -> String {
+    let charts = three_charts(dir, staff);
+    charts[0]
+        .iter()
+        .find_map(|l| l.strip_prefix("Patient/"))
+        .and_then(|l| l.split('/').next())
+        .unwrap()
+        .to_owned()
+}
+
+/// Request-rate limits off, for tests that drive load from one address and token.
+const NO_RATE_LIMITS: &[(&str, &str)] = &[
+    ("MEDVAULT_LIMITS_PER_ADDRESS_PER_SEC", "0"),
+    ("MEDVAULT_LIMITS_PER_TOKEN_PER_SEC", "0"),
+];
+
+/// SIGKILL during concurrent writes (and, every fifth cycle, a concurrent backup), many
+/// times: after every restart each acknowledged write is readable and `audit verify`
+/// passes. `MEDVAULT_CRASH_CYCLES` sets the count (CI: 50 on each backend; a longer run:
+/// `MEDVAULT_CRASH_CYCLES=1000 cargo nextest run -p medvault crash_cycles`).
+fn crash_cycles(pg: bool) {
+    let cycles: usize = std::env::var("MEDVAULT_CRASH_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50);
+    let (tmp, dir, staff, db) = setup_on(pg);
+    if pg && db.is_none() {
+        return;
+    }
+    let pid = treated_chart(&dir, &staff);
+    let repo = tmp.path().join("backups");
+    let repo_s = repo.to_str().unwrap().to_owned();
+    let mut acked: Vec<String> = vec![];
+    let mut token: Option<String> = None;
+    for cycle in 0..cycles {
+        let s = Server::start(&dir, NO_RATE_LIMITS);
+        let phys = match &token {
+            Some(t) => t.clone(),
+            // One sign-in for the whole run: the session outlives every restart.
+            None => {
+                let t = staff_token(&s, &staff, "physician");
+                token = Some(t.clone());
+                t
+            }
+        };
+        // What the previous cycles acknowledged is all there.
+        let start = acked.len().saturating_sub(40);
+        for id in &acked[start..] {
+            let r = s.get(&format!("/fhir/Observation/{id}"), &phys);
+            assert_eq!(
+                r.status, 200,
+                "cycle {cycle}: acknowledged {id} lost: {:?}",
+                r.body
+            );
+        }
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let new_ids = std::sync::Mutex::new(vec![]);
+        let backup = (cycle % 5 == 4).then(|| {
+            Command::new(BIN)
+                .arg("--data-dir")
+                .arg(&dir)
+                .args(["backup", "create", "--out", &repo_s])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap()
+        });
+        std::thread::scope(|scope| {
+            for _ in 0..3 {
+                scope.spawn(|| {
+                    let _stop = StopOnDrop(&stop);
+                    let body = vital(&pid).to_string();
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let r = s
+                            .agent
+                            .post(&s.url("/fhir/Observation"))
+                            .set("Authorization", &format!("Bearer {phys}"))
+                            .set("Content-Type", "application/fhir+json")
+                            .send_string(&body);
+                        match r {
+                            Ok(r) if r.status() == 201 => {
+                                let v: Value =
+                                    serde_json::from_str(&r.into_string().unwrap()).unwrap();
+                                new_ids
+                                    .lock()
+                                    .unwrap()
+                                    .push(v["id"].as_str().unwrap().to_owned());
+                            }
+                            Ok(r) => panic!("cycle {cycle}: write answered {}", r.status()),
+                            Err(ureq::Error::Status(code, r)) => {
+                                panic!(
+                                    "cycle {cycle}: write answered {code}: {:?}",
+                                    r.into_string()
+                                )
+                            }
+                            // The connection died with the server: not acknowledged.
+                            Err(ureq::Error::Transport(_)) => break,
+                        }
+                    }
+                });
+            }
+            // Kill at a different moment each cycle, mid-write.
+            std::thread::sleep(Duration::from_millis(150 + (cycle as u64 * 37) % 400));
+            Command::new("kill")
+                .arg("-KILL")
+                .arg(s.child.id().to_string())
+                .status()
+                .unwrap();
+            std::thread::sleep(Duration::from_millis(200));
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        });
+        if let Some(mut b) = backup {
+            let _ = b.kill();
+            let _ = b.wait();
+        }
+        drop(s);
+        acked.extend(new_ids.into_inner().unwrap());
+        let v = json_out(&medvault(&dir, &["audit", "verify", "--json"]));
+        assert_eq!(v["intact"], true, "cycle {cycle}: {v}");
+    }
+    // Every acknowledged write, read back once more after the last restart.
+    let s = Server::start(&dir, NO_RATE_LIMITS);
+    let phys = token.unwrap();
+    assert!(
+        acked.len() >= cycles,
+        "writes were acknowledged: {}",
+        acked.len()
+    );
+    for id in &acked {
+        assert_eq!(
+            s.get(&format!("/fhir/Observation/{id}"), &phys).status,
+            200,
+            "{id}"
+        );
+    }
+    let (status, log) = s.stop();
+    assert!(status.success());
+    assert!(!log.contains("panicked"), "{log}");
+}
+
+#[test]
+fn crash_cycles_lose_no_acknowledged_write_on_sqlite() {
+    crash_cycles(false);
+}
+
+#[test]
+fn crash_cycles_lose_no_acknowledged_write_on_postgres() {
+    crash_cycles(true);
+}
+
+/// A TLS 1.3 connection to the server (blocking), with `alpn` offered.
+fn tls_connect(
+    dir: &Path,
+    port: u16,
+    alpn: &[&[u8]],
+) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
+    let mut roots = rustls::RootCertStore::empty();
+    use rustls_pki_types::pem::PemObject;
+    for c in rustls_pki_types::CertificateDer::pem_file_iter(dir.join("tls/cert.pem")).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let conn = rustls::ClientConnection::new(
+        Arc::new(cfg),
+        rustls_pki_types::ServerName::try_from("localhost").unwrap(),
+    )
+    .unwrap();
+    let tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut s = rustls::StreamOwned::new(conn, tcp);
+    // Complete the handshake now.
+    while s.conn.is_handshaking() {
+        s.conn.complete_io(&mut s.sock).unwrap();
+    }
+    s
+}
+
+/// Reads an HTTP/1.1 answer's status line and headers from `s` (`None`: closed first).
+fn read_head(s: &mut impl Read) -> Option<String> {
+    let mut head = vec![];
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match s.read(&mut b) {
+            Ok(1) => head.push(b[0]),
+            _ => return None,
+        }
+    }
+    Some(String::from_utf8_lossy(&head).into_owned())
+}
+
+/// TLS operations (SPEC "TLS"): the protocol is chosen by ALPN (h2 and http/1.1 offered,
+/// TLS 1.3 only — the 1.2 refusal is `tls_1_3_only_and_no_plaintext_http`), HSTS on every
+/// answer, a generated certificate lives at most 397 days, and `medvault tls renew`
+/// replaces it while the server runs: new connections get the new certificate without a
+/// restart.
+#[test]
+fn tls_alpn_hsts_certificate_lifetime_and_renewal_without_restart() {
+    let (_tmp, dir, _) = setup();
+    let s = Server::start(&dir, &[]);
+    let h2 = tls_connect(&dir, s.port, &[b"h2", b"http/1.1"]);
+    assert_eq!(h2.conn.alpn_protocol(), Some(&b"h2"[..]));
+    let mut h1 = tls_connect(&dir, s.port, &[b"http/1.1"]);
+    assert_eq!(h1.conn.alpn_protocol(), Some(&b"http/1.1"[..]));
+    h1.write_all(b"GET /fhir/metadata HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    let head = read_head(&mut h1).unwrap().to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(
+        head.contains("strict-transport-security: max-age=63072000; includesubdomains"),
+        "{head}"
+    );
+    // The generated certificate: at most 397 days (CA/Browser Forum baseline).
+    let r = json_out(&medvault(&dir, &["compliance", "safeguards", "--json"]));
+    let tls = r.to_string();
+    let days: i64 = tls
+        .split("certificate valid for ")
+        .nth(1)
+        .and_then(|t| t.split(' ').next())
+        .and_then(|d| d.parse().ok())
+        .unwrap_or_else(|| panic!("no certificate lifetime in the safeguards report: {tls}"));
+    assert!((395..=397).contains(&days), "{days} days");
+    // Renewal while serving: the old certificate's clients see the new one within seconds.
+    let before = std::fs::read(dir.join("tls/cert.pem")).unwrap();
+    let o = json_out(&medvault(&dir, &["tls", "renew", "--json"]));
+    assert_eq!(o["tls_cert_sha256"].as_str().unwrap().len(), 64, "{o}");
+    assert_ne!(std::fs::read(dir.join("tls/cert.pem")).unwrap(), before);
+    let renewed = agent_for(&dir);
+    let mut served = false;
+    for _ in 0..100 {
+        if renewed.get(&s.url("/fhir/metadata")).call().is_ok() {
+            served = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        served,
+        "the renewed certificate was not served without a restart"
+    );
+    assert!(
+        s.agent.get(&s.url("/fhir/metadata")).call().is_err(),
+        "a client pinned to the old certificate no longer connects"
+    );
+    let (status, log) = s.stop();
+    assert!(status.success());
+    assert!(log.contains("TLS certificate reloaded"), "{log}");
+}
+
+/// Resource limits (SPEC "Limits"): 1,000 idle connections are held while another client
+/// is served at once; a client that trickles its headers or body is cut off by the header
+/// and body timeouts (408) without holding up others; request rates are limited per token
+/// and per address (the client's, behind a trusted proxy) with 429 + Retry-After and an
+/// OperationOutcome, one token's or address's excess never throttling another.
+#[test]
+fn resource_limits_idle_connections_slow_clients_and_rate_limits() {
+    let (_tmp, dir, staff) = setup();
+    let s = Server::start(
+        &dir,
+        &[
+            ("MEDVAULT_LIMITS_HEADER_TIMEOUT_SECS", "3"),
+            ("MEDVAULT_LIMITS_BODY_TIMEOUT_SECS", "3"),
+            ("MEDVAULT_LIMITS_PER_TOKEN_PER_SEC", "5"),
+            ("MEDVAULT_LIMITS_PER_TOKEN_BURST", "10"),
+            ("MEDVAULT_LIMITS_PER_ADDRESS_PER_SEC", "5"),
+            ("MEDVAULT_LIMITS_PER_ADDRESS_BURST", "20"),
+            ("MEDVAULT_SERVER_TRUSTED_PROXIES", "127.0.0.1"),
+        ],
+    );
+    // Per token: a burst of 10, then 429 with Retry-After; another user's token is served.
+    let phys = staff_token(&s, &staff, "physician");
+    let nurse = staff_token(&s, &staff, "nurse");
+    let me = |t: &str, from: &str| {
+        s.call(
+            "GET",
+            "/fhir/Practitioner?_count=1",
+            Some(t),
+            None,
+            &[("X-Forwarded-For", from)],
+        )
+    };
+    let mut throttled = None;
+    for i in 0..30 {
+        let r = me(&phys, &format!("192.0.2.{}", 10 + i));
+        if r.status == 429 {
+            throttled = Some(r);
+            break;
+        }
+        assert_eq!(r.status, 200, "{:?}", r.body);
+    }
+    let r = throttled.expect("the token's rate was never limited");
+    assert!(r.header("retry-after").unwrap().parse::<u64>().unwrap() >= 1);
+    assert_eq!(r.body["resourceType"], "OperationOutcome");
+    assert_eq!(r.body["issue"][0]["code"], "throttled");
+    assert_eq!(
+        me(&nurse, "192.0.2.200").status,
+        200,
+        "another token is served"
+    );
+    // Per address (X-Forwarded-For from the trusted proxy): one client's excess.
+    let mut hit = false;
+    for _ in 0..40 {
+        let r = s.call(
+            "GET",
+            "/fhir/metadata",
+            None,
+            None,
+            &[("X-Forwarded-For", "198.51.100.7")],
+        );
+        if r.status == 429 {
+            assert!(r.header("retry-after").is_some());
+            hit = true;
+            break;
+        }
+    }
+    assert!(hit, "the address's rate was never limited");
+    let other = s.call(
+        "GET",
+        "/fhir/metadata",
+        None,
+        None,
+        &[("X-Forwarded-For", "198.51.100.8")],
+    );
+    assert_eq!(other.status, 200, "another address is served");
+
+    // 1,000 idle TLS connections, and 20 slow-loris clients trickling headers.
+    let idle: Vec<_> = (0..1000)
+        .map(|_| tls_connect(&dir, s.port, &[b"http/1.1"]))
+        .collect();
+    let mut loris: Vec<_> = (0..20)
+        .map(|_| {
+            let mut c = tls_connect(&dir, s.port, &[b"http/1.1"]);
+            c.write_all(b"GET /fhir/metadata HTTP/1.1\r\nHost: loc")
+                .unwrap();
+            c.flush().unwrap();
+            c
+        })
+        .collect();
+    // A slow body: headers promise 100 bytes, 10 arrive.
+    let mut slow_body = tls_connect(&dir, s.port, &[b"http/1.1"]);
+    slow_body
+        .write_all(
+            b"POST /fhir/Patient HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/fhir+json\r\nContent-Length: 100\r\n\r\n{\"resource",
+        )
+        .unwrap();
+    slow_body.flush().unwrap();
+    // Meanwhile a new client is served (on a fresh address, so not the throttled ones).
+    let fresh = s.call(
+        "GET",
+        "/fhir/metadata",
+        None,
+        None,
+        &[("X-Forwarded-For", "203.0.113.1")],
+    );
+    assert_eq!(
+        fresh.status, 200,
+        "served beside 1,000 idle and 20 slow connections"
+    );
+    // The slow-body client gets 408 and the connection closes.
+    let head = read_head(&mut slow_body).expect("an answer to the slow body");
+    assert!(head.starts_with("HTTP/1.1 408"), "{head}");
+    // The slow-loris clients are cut off by the header timeout (closed, no request served).
+    for c in &mut loris {
+        let mut rest = vec![];
+        let _ = c.read_to_end(&mut rest);
+        assert!(
+            !String::from_utf8_lossy(&rest).starts_with("HTTP/1.1 200"),
+            "a request that never finished its headers was served"
+        );
+    }
+    drop(idle);
+    let after = s.call(
+        "GET",
+        "/fhir/metadata",
+        None,
+        None,
+        &[("X-Forwarded-For", "203.0.113.2")],
+    );
+    assert_eq!(after.status, 200);
+    let (status, log) = s.stop();
+    assert!(status.success());
+    assert!(!log.contains("panicked"), "{log}");
+}
+
+/// The request log is written by its own thread: a server whose stderr is a pipe nobody
+/// reads keeps answering (it stopped after ~64 KB of log lines when requests wrote the log
+/// themselves); `--log-format json` writes one JSON object per line.
+#[test]
+fn a_stalled_log_pipe_never_stalls_requests_and_json_logs_parse() {
+    let (_tmp, dir, _) = setup();
+    let mut child = Command::new(BIN)
+        .arg("--data-dir")
+        .arg(&dir)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("MEDVAULT_LOG", "info")
+        .env("MEDVAULT_LIMITS_PER_ADDRESS_PER_SEC", "0")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let port: u16 = line.trim().rsplit(':').next().unwrap().parse().unwrap();
+    // Nobody reads the pipe: 3,000 log lines are far beyond its 64 KiB.
+    let _unread = child.stderr.take();
+    let agent = agent_for(&dir);
+    let url = format!("https://localhost:{port}/fhir/metadata?_summary=true");
+    for i in 0..3000 {
+        let r = agent.get(&url).call();
+        assert!(
+            r.is_ok(),
+            "request {i} failed with the log pipe full: {r:?}"
+        );
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    // JSON lines.
+    let s = Server::start(&dir, &[("MEDVAULT_LOG_FORMAT", "json")]);
+    assert_eq!(s.call("GET", "/fhir/metadata", None, None, &[]).status, 200);
+    let (status, log) = s.stop();
+    assert!(status.success());
+    let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(lines.iter().any(|l| l.contains("\"request\"")), "{log}");
+    for l in lines {
+        let v: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"));
+        assert!(v["level"].is_string() && v["fields"].is_object(), "{l}");
+    }
+}
+
+/// Supply chain (SPEC "Supply chain"): `medvault sbom` is a CycloneDX SBOM of this build;
+/// `medvault status` and the safeguards report check the build's locked dependencies
+/// against a RustSec advisory database in the data directory — clean against one that
+/// names none of them, the advisory's id, package and fix when one does — and say when
+/// no database is configured.
+#[test]
+fn supply_chain_sbom_status_and_safeguards_show_advisories() {
+    let (tmp, dir, _) = setup();
+    let sbom: Value = serde_json::from_slice(&medvault(&dir, &["sbom"]).stdout).unwrap();
+    assert_eq!(sbom["bomFormat"], "CycloneDX");
+    assert_eq!(sbom["specVersion"], "1.5");
+    let comps = sbom["components"].as_array().unwrap();
+    assert!(comps.len() > 100, "{}", comps.len());
+    let rustls = comps.iter().find(|c| c["name"] == "rustls").unwrap();
+    assert!(rustls["purl"]
+        .as_str()
+        .unwrap()
+        .starts_with("pkg:cargo/rustls@0.23."));
+    assert_eq!(rustls["hashes"][0]["alg"], "SHA-256");
+    // No database: unchecked, and said so.
+    let st = json_out(&medvault(&dir, &["status", "--json"]));
+    assert!(st["advisories"].is_null(), "{st}");
+    assert!(st["build_age_days"].as_i64().unwrap() >= 0);
+    assert!(st["tls_days_left"].as_i64().unwrap() <= 397);
+    let text = String::from_utf8_lossy(&medvault(&dir, &["status"]).stdout).into_owned();
+    assert!(text.contains("dependencies: unchecked"), "{text}");
+    // A database naming a package of this build (memchr) at every version below 99.
+    let memchr = comps.iter().find(|c| c["name"] == "memchr").unwrap();
+    let version = memchr["version"].as_str().unwrap().to_owned();
+    let db = dir.join("advisory-db");
+    std::fs::create_dir_all(db.join("crates/memchr")).unwrap();
+    std::fs::create_dir_all(db.join("crates/not-a-dependency")).unwrap();
+    let advisory = |id: &str, package: &str, date: &str| {
+        format!(
+            "```toml\n[advisory]\nid = \"{id}\"\npackage = \"{package}\"\ndate = \"{date}\"\n\n[versions]\npatched = [\">= 99.0.0\"]\n```\n\n# Test advisory for {package}\n\nA test.\n"
+        )
+    };
+    std::fs::write(
+        db.join("crates/not-a-dependency/RUSTSEC-2026-9998.md"),
+        advisory("RUSTSEC-2026-9998", "not-a-dependency", "2026-10-01"),
+    )
+    .unwrap();
+    let st = json_out(&medvault(&dir, &["status", "--json"]));
+    assert_eq!(st["advisories"]["findings"], json!([]), "{st}");
+    assert_eq!(st["advisories"]["advisories_through"], "2026-10-01");
+    std::fs::write(
+        db.join("crates/memchr/RUSTSEC-2026-9999.md"),
+        advisory("RUSTSEC-2026-9999", "memchr", "2026-11-02"),
+    )
+    .unwrap();
+    let st = json_out(&medvault(&dir, &["status", "--json"]));
+    let f = &st["advisories"]["findings"][0];
+    assert_eq!(f["id"], "RUSTSEC-2026-9999", "{st}");
+    assert_eq!(f["package"], "memchr");
+    assert_eq!(f["version"], version.as_str());
+    assert!(f["patched"][0].as_str().unwrap().contains("99.0.0"), "{f}");
+    let text = String::from_utf8_lossy(&medvault(&dir, &["status"]).stdout).into_owned();
+    assert!(text.contains("RUSTSEC-2026-9999 memchr"), "{text}");
+    // The safeguards report names it, as a finding.
+    let r = json_out(&medvault(&dir, &["compliance", "safeguards", "--json"]));
+    let all = r.to_string();
+    assert!(all.contains("RUSTSEC-2026-9999 (memchr"), "{all}");
+    assert!(all.contains("advisories through 2026-11-02"), "{all}");
+    // A configured path that is not a database is a one-line error.
+    let o = Command::new(BIN)
+        .arg("--data-dir")
+        .arg(&dir)
+        .arg("status")
+        .env("MEDVAULT_SUPPLY_CHAIN_ADVISORY_DB", tmp.path())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("not a RustSec advisory database"), "{err}");
 }
