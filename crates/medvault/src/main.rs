@@ -2610,6 +2610,9 @@ fn status(dir: &Path, json: bool) -> Result<()> {
                 };
                 println!("  {} {} {}: {} ({fix})", f.id, f.package, f.version, f.title);
             }
+            for (f, why) in &a.accepted {
+                println!("  accepted {} {} {}: {} — {why}", f.id, f.package, f.version, f.title);
+            }
         }
         None => println!(
             "dependencies: unchecked (no advisory database: set [supply_chain] advisory_db, or put a RustSec advisory-db clone at {})",

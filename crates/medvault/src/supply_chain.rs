@@ -31,6 +31,13 @@ pub(crate) fn build_time() -> i64 {
     env!("MEDVAULT_BUILD_UNIX").parse().unwrap_or(0)
 }
 
+/// Advisories reviewed and accepted for this build, with why (the same list as
+/// `deny.toml`'s `ignore`): shown by `medvault status`, never counted as open findings.
+pub(crate) const ACCEPTED: &[(&str, &str)] = &[(
+    "RUSTSEC-2023-0071",
+    "medvault only verifies RSA signatures (SMART client assertions, OpenID ID tokens) with public keys and holds no RSA private key; the Marvin attack recovers a private key from the timing of private-key operations",
+)];
+
 /// One advisory that applies to a package in this build.
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct Finding {
@@ -55,8 +62,11 @@ pub(crate) struct AdvisoryState {
     /// Packages in this build.
     pub packages: usize,
     /// Vulnerabilities affecting them (informational notices, e.g. "unmaintained", are
-    /// not counted).
+    /// not counted), less the accepted ones.
     pub findings: Vec<Finding>,
+    /// Vulnerabilities affecting them that were reviewed and accepted ([`ACCEPTED`]), with
+    /// the reason.
+    pub accepted: Vec<(Finding, String)>,
 }
 
 /// The advisory database to read: `configured` if set, else `advisory-db` in the data
@@ -86,7 +96,7 @@ pub(crate) fn check(db: &Path) -> Result<AdvisoryState> {
         .map_err(|e| anyhow!("cannot read the advisory database {}: {e}", db.display()))?;
     let lockfile = rustsec::Lockfile::from_str(LOCKFILE)
         .map_err(|e| anyhow!("this build's lockfile does not parse: {e}"))?;
-    let findings = database
+    let all: Vec<Finding> = database
         .vulnerabilities(&lockfile)
         .into_iter()
         .map(|v| Finding {
@@ -102,6 +112,20 @@ pub(crate) fn check(db: &Path) -> Result<AdvisoryState> {
                 .collect(),
         })
         .collect();
+    let (accepted, findings): (Vec<Finding>, Vec<Finding>) = all
+        .into_iter()
+        .partition(|f| ACCEPTED.iter().any(|(id, _)| *id == f.id));
+    let accepted = accepted
+        .into_iter()
+        .map(|f| {
+            let why = ACCEPTED
+                .iter()
+                .find(|(id, _)| *id == f.id)
+                .map(|(_, why)| (*why).to_owned())
+                .unwrap_or_default();
+            (f, why)
+        })
+        .collect();
     let advisories_through = database
         .iter()
         .map(|a| a.metadata.date.as_str().to_owned())
@@ -112,6 +136,7 @@ pub(crate) fn check(db: &Path) -> Result<AdvisoryState> {
         advisories: database.iter().count(),
         packages: lockfile.packages.len(),
         findings,
+        accepted,
     })
 }
 
@@ -177,9 +202,15 @@ pub(crate) fn summary(state: &AdvisoryState) -> String {
         .advisories_through
         .as_deref()
         .unwrap_or("an unknown date");
+    let accepted: Vec<&str> = state.accepted.iter().map(|(f, _)| f.id.as_str()).collect();
+    let reviewed = if accepted.is_empty() {
+        String::new()
+    } else {
+        format!("; reviewed and accepted: {}", accepted.join(", "))
+    };
     if state.findings.is_empty() {
         format!(
-            "no known vulnerability in the build's {} packages (RustSec advisories through {through})",
+            "no open vulnerability in the build's {} packages (RustSec advisories through {through}){reviewed}",
             state.packages
         )
     } else {
@@ -189,7 +220,7 @@ pub(crate) fn summary(state: &AdvisoryState) -> String {
             .map(|f| format!("{} ({} {})", f.id, f.package, f.version))
             .collect();
         format!(
-            "{} known vulnerabilit{} in the build: {} (RustSec advisories through {through}); update the dependencies and rebuild",
+            "{} known vulnerabilit{} in the build: {} (RustSec advisories through {through}); update the dependencies and rebuild{reviewed}",
             state.findings.len(),
             if state.findings.len() == 1 { "y" } else { "ies" },
             ids.join(", ")
