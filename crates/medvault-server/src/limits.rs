@@ -63,16 +63,20 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             handshake_timeout: Duration::from_secs(10),
-            header_timeout: Duration::from_secs(30),
+            // nginx's client_header_timeout; also how long an idle keep-alive connection
+            // stays open (clients reusing a pooled connection rarely wait longer).
+            header_timeout: Duration::from_secs(60),
             body_timeout: Duration::from_secs(60),
             max_connections: 4096,
+            // Far above a person's pace and an interface engine's usual one: the limits stop
+            // floods and runaway clients; reading too much is detection's to judge.
             per_address: Rate {
-                per_sec: 500.0,
-                burst: 1000.0,
+                per_sec: 1000.0,
+                burst: 2000.0,
             },
             per_token: Rate {
-                per_sec: 200.0,
-                burst: 400.0,
+                per_sec: 500.0,
+                burst: 1000.0,
             },
         }
     }

@@ -93,15 +93,20 @@ fn agent_for(dir: &Path) -> ureq::Agent {
     agent_with(dir, 5)
 }
 
+/// The data directory's certificate as the only trusted root.
+fn cert_roots(dir: &Path) -> rustls::RootCertStore {
+    let mut roots = rustls::RootCertStore::empty();
+    use rustls_pki_types::pem::PemObject;
+    for c in rustls_pki_types::CertificateDer::pem_file_iter(dir.join("tls/cert.pem")).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    roots
+}
+
 /// An HTTPS client trusting the data directory's certificate, following at most
 /// `redirects` redirects.
 fn agent_with(dir: &Path, redirects: u32) -> ureq::Agent {
-    let mut roots = rustls::RootCertStore::empty();
-    let pem = std::fs::read(dir.join("tls/cert.pem")).unwrap();
-    use rustls_pki_types::pem::PemObject;
-    for c in rustls_pki_types::CertificateDer::pem_slice_iter(&pem) {
-        roots.add(c.unwrap()).unwrap();
-    }
+    let roots = cert_roots(dir);
     let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
@@ -1272,11 +1277,7 @@ fn an_answer_before_the_body_is_read_leaves_the_connection_usable() {
     let s = Server::start(&dir, &[]);
     let (u, p, t) = staff.get("nurse");
     let nurse = s.login(u, p, t);
-    let mut roots = rustls::RootCertStore::empty();
-    use rustls_pki_types::pem::PemObject;
-    for c in rustls_pki_types::CertificateDer::pem_file_iter(dir.join("tls/cert.pem")).unwrap() {
-        roots.add(c.unwrap()).unwrap();
-    }
+    let roots = cert_roots(&dir);
     let cfg = Arc::new(
         rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
@@ -1526,11 +1527,7 @@ fn tls_1_3_only_and_no_plaintext_http() {
         "plaintext HTTP must not be served"
     );
     // A TLS 1.2-only client is refused.
-    let mut roots = rustls::RootCertStore::empty();
-    use rustls_pki_types::pem::PemObject;
-    for c in rustls_pki_types::CertificateDer::pem_file_iter(dir.join("tls/cert.pem")).unwrap() {
-        roots.add(c.unwrap()).unwrap();
-    }
+    let roots = cert_roots(&dir);
     let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
@@ -13925,11 +13922,7 @@ fn tls_connect(
     port: u16,
     alpn: &[&[u8]],
 ) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
-    let mut roots = rustls::RootCertStore::empty();
-    use rustls_pki_types::pem::PemObject;
-    for c in rustls_pki_types::CertificateDer::pem_file_iter(dir.join("tls/cert.pem")).unwrap() {
-        roots.add(c.unwrap()).unwrap();
-    }
+    let roots = cert_roots(dir);
     let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
