@@ -287,7 +287,8 @@ pub(crate) fn render(rows: &[HttpRow]) -> String {
 
 /// For `--server-exe` (an earlier build, whose configuration refuses keys it does not
 /// know): `medvault.toml` without the settings added since 0.13 (`[limits]`,
-/// `storage.allow_plaintext_postgres`); their defaults are what that build had, or less.
+/// `[supply_chain]`, `storage.allow_plaintext_postgres`); their defaults are what that
+/// build had, or less.
 fn older_config(dir: &Path) -> Result<()> {
     let path = dir.join(crate::config::FILE);
     let text = std::fs::read_to_string(&path)?;
@@ -295,7 +296,7 @@ fn older_config(dir: &Path) -> Result<()> {
     let mut skipping = false;
     for line in text.lines() {
         if line.starts_with('[') {
-            skipping = line.trim() == "[limits]";
+            skipping = matches!(line.trim(), "[limits]" | "[supply_chain]");
         }
         if skipping || line.starts_with("allow_plaintext_postgres") {
             continue;
