@@ -2062,13 +2062,13 @@ This notice is provided under 45 CFR 164.404. It is sent no later than {by}.\n",
         });
         let days_left = env.certificate_not_after.map(|t| (t - now) / 86_400);
         out.push(match (&env.tls, days_left) {
-            // CA/Browser Forum baseline: a server certificate lives at most 398 days; a
+            // CA/Browser Forum baseline: a server certificate lives at most 397 days; a
             // longer one is a finding (scanners rate it high), as is one about to expire.
             (Some(t), Some(d)) => ev(
                 "tls",
-                Some(d > 30 && d <= 398),
-                if d > 398 {
-                    format!("{t}; certificate valid for {d} more day(s), longer than the 398 days scanners accept: renew it with a shorter lifetime")
+                Some(d > 30 && d <= 397),
+                if d > 397 {
+                    format!("{t}; certificate valid for {d} more day(s), longer than the 397 days scanners accept: renew it with a shorter lifetime")
                 } else {
                     format!("{t}; certificate valid for {d} more day(s)")
                 },

@@ -987,7 +987,9 @@ impl Vault {
             None => None,
         };
         let cursor_snapshot = cursor.as_ref().map(|c| c.snapshot);
-        let limit = count.unwrap_or(100_000);
+        // Without `_count`, a page of `max_page_size` with a `next` link: a chart of tens of
+        // thousands of records is never decrypted and serialized whole for one request.
+        let limit = count.unwrap_or(self.options.max_page_size);
         let patient = patient.to_owned();
         if Category::ALL
             .iter()

@@ -38,13 +38,19 @@ pub struct CertificateReloader {
     cert: PathBuf,
     key: PathBuf,
     current: RwLock<Loaded>,
+    /// The files' modification times when they last failed to load: not retried (nor
+    /// reported again) until they change.
+    failed: std::sync::Mutex<Option<Stamp>>,
 }
+
+/// Modification times of the certificate and key files.
+type Stamp = (Option<SystemTime>, Option<SystemTime>);
 
 #[derive(Debug)]
 struct Loaded {
     certified: Arc<CertifiedKey>,
     /// Modification times of the certificate and key files when they were read.
-    stamp: (Option<SystemTime>, Option<SystemTime>),
+    stamp: Stamp,
     not_after: Option<i64>,
 }
 
@@ -101,11 +107,13 @@ impl CertificateReloader {
             cert: cert.to_owned(),
             key: key.to_owned(),
             current: RwLock::new(load_pair(cert, key)?),
+            failed: std::sync::Mutex::new(None),
         }))
     }
 
     /// Re-reads the files if either changed since they were last read. `Ok(true)` when a
-    /// new certificate is now served; on an error the old one stays in service.
+    /// new certificate is now served; on an error the old one stays in service, and the
+    /// same files are not tried (nor the error returned) again until they change.
     ///
     /// # Errors
     /// As [`CertificateReloader::new`], for the changed files.
@@ -115,10 +123,22 @@ impl CertificateReloader {
             Ok(c) => c.stamp == stamp,
             Err(p) => p.into_inner().stamp == stamp,
         };
-        if same {
+        let failed_before = match self.failed.lock() {
+            Ok(f) => *f == Some(stamp),
+            Err(p) => *p.into_inner() == Some(stamp),
+        };
+        if same || failed_before {
             return Ok(false);
         }
-        let loaded = load_pair(&self.cert, &self.key)?;
+        let loaded = match load_pair(&self.cert, &self.key) {
+            Ok(l) => l,
+            Err(e) => {
+                if let Ok(mut f) = self.failed.lock() {
+                    *f = Some(stamp);
+                }
+                return Err(e);
+            }
+        };
         match self.current.write() {
             Ok(mut c) => *c = loaded,
             Err(p) => *p.into_inner() = loaded,

@@ -243,46 +243,83 @@ pub fn postgres_transport(url: &str, allowed: bool) -> Result<()> {
     if allowed {
         return Ok(());
     }
-    let (base, query) = url.split_once('?').unwrap_or((url, ""));
-    let params: Vec<(String, String)> = serde_urlencoded::from_str(query).unwrap_or_default();
-    let param = |k: &str| {
-        params
-            .iter()
-            .rev()
-            .find(|(n, _)| n == k)
-            .map(|(_, v)| v.as_str())
+    // Two forms: a URL (`postgres://…?k=v`), or libpq's `key=value` words.
+    let (hosts, sslmode) = match url
+        .strip_prefix("postgres://")
+        .or_else(|| url.strip_prefix("postgresql://"))
+    {
+        Some(rest) => {
+            let (base, query) = rest.split_once('?').unwrap_or((rest, ""));
+            let params: Vec<(String, String)> =
+                serde_urlencoded::from_str(query).unwrap_or_default();
+            let param = |k: &str| {
+                params
+                    .iter()
+                    .rev()
+                    .find(|(n, _)| n == k)
+                    .map(|(_, v)| v.clone())
+            };
+            let authority = base.split('/').next().unwrap_or("");
+            let hostports = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+            let hosts: Vec<String> = match param("host") {
+                Some(h) => h.split(',').map(str::to_owned).collect(),
+                None => hostports
+                    .split(',')
+                    .map(|hp| match hp.strip_prefix('[') {
+                        Some(h) => h.split(']').next().unwrap_or("").to_owned(),
+                        None => hp.split(':').next().unwrap_or("").to_owned(),
+                    })
+                    .collect(),
+            };
+            (hosts, param("sslmode"))
+        }
+        None => {
+            let word = |k: &str| {
+                url.split_whitespace()
+                    .filter_map(|w| w.split_once('='))
+                    .filter(|(n, _)| *n == k)
+                    .map(|(_, v)| v.trim_matches('\'').to_owned())
+                    .next_back()
+            };
+            let hosts = word("host")
+                .map(|h| h.split(',').map(str::to_owned).collect())
+                .unwrap_or_default();
+            (hosts, word("sslmode"))
+        }
     };
     if matches!(
-        param("sslmode"),
+        sslmode.as_deref(),
         Some("require" | "verify-ca" | "verify-full")
     ) {
         return Ok(());
     }
-    let rest = base
-        .strip_prefix("postgres://")
-        .or_else(|| base.strip_prefix("postgresql://"))
-        .unwrap_or(base);
-    let authority = rest.split('/').next().unwrap_or("");
-    let hostport = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-    let host = if let Some(h) = hostport.strip_prefix('[') {
-        h.split(']').next().unwrap_or("")
-    } else {
-        hostport.split(':').next().unwrap_or("")
+    let local = |host: &str| {
+        host.is_empty()
+            || host.starts_with('/')
+            || host.starts_with("%2F")
+            || host.starts_with("%2f")
+            || host.eq_ignore_ascii_case("localhost")
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
     };
-    let host = param("host").unwrap_or(host);
-    let local = host.is_empty()
-        || host.starts_with('/')
-        || host.starts_with("%2F")
-        || host.starts_with("%2f")
-        || host.eq_ignore_ascii_case("localhost")
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback());
-    if local {
+    let Some(remote) = hosts.iter().find(|h| !local(h)) else {
         return Ok(());
-    }
+    };
+    // Only a plausible host name is repeated: never the rest of the connection string
+    // (it may hold a password).
+    let shown = if !remote.is_empty()
+        && remote.len() < 256
+        && remote
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b".-:%".contains(&b))
+    {
+        remote.as_str()
+    } else {
+        "another host"
+    };
     bail!(
-        "the PostgreSQL URL names {host} without TLS: add ?sslmode=verify-full (or require), or set storage.allow_plaintext_postgres = true if the network is otherwise protected"
+        "the PostgreSQL connection names {shown} without TLS: add sslmode=verify-full (or require), or allow it with `init --allow-plaintext-postgres` / storage.allow_plaintext_postgres = true if the network is otherwise protected"
     )
 }
 
@@ -491,6 +528,27 @@ impl Config {
     }
 
     fn check(&self) -> Result<()> {
+        let l = &self.limits;
+        for (name, v) in [
+            ("handshake_timeout_secs", l.handshake_timeout_secs),
+            ("header_timeout_secs", l.header_timeout_secs),
+            ("body_timeout_secs", l.body_timeout_secs),
+        ] {
+            if v == 0 {
+                bail!("limits.{name} must be at least 1 (seconds)");
+            }
+        }
+        if l.max_connections == 0 {
+            bail!("limits.max_connections must be at least 1");
+        }
+        for (name, rate, burst) in [
+            ("per_address", l.per_address_per_sec, l.per_address_burst),
+            ("per_token", l.per_token_per_sec, l.per_token_burst),
+        ] {
+            if rate > 0 && burst == 0 {
+                bail!("limits.{name}_burst must be at least 1 while limits.{name}_per_sec is on (0 turns the rate off)");
+            }
+        }
         match self.storage.backend.as_str() {
             "sqlite" => {}
             "postgres" if !self.storage.url.is_empty() || !self.storage.url_file.is_empty() => {}
@@ -665,6 +723,8 @@ mod tests {
             "postgresql://u@[::1]:5432/db",
             "postgres:///db?host=/var/run/postgresql",
             "postgres://u@%2Fvar%2Frun%2Fpostgresql/db",
+            "host=/var/run/postgresql user=u password=p dbname=x",
+            "host=db.example.org sslmode=verify-full user=u password=p",
             "postgres://u@db.example.org/db?sslmode=verify-full",
             "postgres://u@10.0.0.5/db?application_name=x&sslmode=require",
         ] {
@@ -675,10 +735,15 @@ mod tests {
             "postgres://u@10.0.0.5/db?sslmode=prefer",
             "postgres://u@[2001:db8::1]/db",
             "postgres://u@localhost/db?host=db.example.org",
+            "postgres://u:p@localhost,db.example.org/db",
+            "host=db.example.org user=u password=p dbname=x",
         ] {
             let e = postgres_transport(bad, false).unwrap_err().to_string();
             assert!(e.contains("without TLS"), "{bad}: {e}");
-            assert!(!e.contains("u:p"), "the password must not be echoed: {e}");
+            assert!(
+                !e.contains("u:p") && !e.contains("password"),
+                "the password must not be echoed: {e}"
+            );
             assert!(postgres_transport(bad, true).is_ok(), "{bad} when allowed");
         }
     }
@@ -732,6 +797,24 @@ mod tests {
                 },
             )
             .unwrap();
+    }
+
+    #[test]
+    fn zero_timeouts_and_connections_are_refused_not_taken_as_one() {
+        let path = Path::new("medvault.toml");
+        for bad in [
+            "[limits]\nheader_timeout_secs = 0\n",
+            "[limits]\nmax_connections = 0\n",
+            "[limits]\nper_token_burst = 0\n",
+        ] {
+            let e = Config::from_toml(bad, path).unwrap_err().to_string();
+            assert!(e.contains("limits."), "{bad}: {e}");
+        }
+        assert!(Config::from_toml(
+            "[limits]\nper_token_per_sec = 0\nper_token_burst = 0\n",
+            path
+        )
+        .is_ok());
     }
 
     #[test]

@@ -86,6 +86,11 @@ enum LogFormat {
 /// whole server).
 const LOG_BUFFER_LINES: usize = 65_536;
 
+/// How many log lines were dropped because stderr was not read fast enough (reported by
+/// the server's housekeeping thread, so a gap in the log is never silent).
+static LOG_DROPS: std::sync::OnceLock<tracing_appender::non_blocking::ErrorCounter> =
+    std::sync::OnceLock::new();
+
 #[derive(Subcommand)]
 enum Command {
     /// Create a data directory: config, master key, TLS certificate, database, first administrator.
@@ -97,6 +102,10 @@ enum Command {
         /// Use PostgreSQL at this URL instead of the embedded SQLite database.
         #[arg(long, env = "MEDVAULT_INIT_POSTGRES")]
         postgres: Option<String>,
+        /// Allow a PostgreSQL server on another host without TLS (written as
+        /// `storage.allow_plaintext_postgres`; only for a network protected otherwise).
+        #[arg(long, requires = "postgres")]
+        allow_plaintext_postgres: bool,
         /// Seal the master key under a passphrase read from this file (Argon2id): the server
         /// then starts sealed until `medvault unseal`.
         #[arg(long)]
@@ -557,6 +566,7 @@ fn main() {
         .buffered_lines_limit(LOG_BUFFER_LINES)
         .thread_name("medvault-log")
         .finish(std::io::stderr());
+    let _ = LOG_DROPS.set(writer.error_counter());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(writer);
@@ -581,6 +591,7 @@ fn run(cli: Cli) -> Result<()> {
             admin_user,
             admin_password_file,
             postgres,
+            allow_plaintext_postgres,
             passphrase_file,
             pkcs11_module,
             pkcs11_token,
@@ -610,6 +621,7 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 (None, None) => KeyProvider::File,
             };
+            let postgres = postgres.map(|url| (url, allow_plaintext_postgres));
             let out = init(&dir, &admin_user, pw, postgres, provider)?;
             print_init(&out, json);
             Ok(())
@@ -738,9 +750,13 @@ fn run(cli: Cli) -> Result<()> {
             rate,
             rows,
             server_exe,
+            backend,
             json,
             ..
         } => {
+            if backend != "sqlite" {
+                bail!("--http runs on SQLite only (the server's PostgreSQL path is measured in-process: medvault bench --backend postgres)");
+            }
             let valid = (0.0..=3600.0).contains(&seconds) && seconds > 0.0 && rate > 0.0;
             if !valid || connections == 0 {
                 bail!("--seconds must be in (0, 3600], --rate above 0, --connections at least 1");
@@ -752,7 +768,7 @@ fn run(cli: Cli) -> Result<()> {
                     seconds,
                     paced_rate: rate,
                 },
-                &rows,
+                &rows.iter().map(|r| r.trim().to_owned()).collect::<Vec<_>>(),
                 server_exe.as_deref(),
                 json,
             )
@@ -929,8 +945,12 @@ fn run(cli: Cli) -> Result<()> {
         } => tls_renew(&dir, json),
         Command::Status { json } => status(&dir, json),
         Command::Sbom => {
-            println!("{}", serde_json::to_string_pretty(&supply_chain::sbom()?)?);
-            Ok(())
+            let text = serde_json::to_string_pretty(&supply_chain::sbom()?)?;
+            // A reader that stops early (`| head`) is not an error.
+            match writeln!(std::io::stdout(), "{text}") {
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+                other => Ok(other?),
+            }
         }
         Command::Keys { command } => keys(&dir, command),
         Command::Backup { command } => backup_cli::run(&dir, command),
@@ -1521,7 +1541,7 @@ fn init(
     dir: &Path,
     admin: &str,
     password: Option<Password>,
-    postgres: Option<String>,
+    postgres: Option<(String, bool)>,
     provider: KeyProvider,
 ) -> Result<InitOutput> {
     if dir.exists()
@@ -1543,9 +1563,10 @@ fn init(
         .create(dir)
         .with_context(|| format!("cannot create {}", dir.display()))?;
     let mut cfg = Config::default();
-    if let Some(url) = postgres {
+    if let Some((url, allow_plaintext)) = postgres {
         cfg.storage.backend = "postgres".into();
         cfg.storage.url = url;
+        cfg.storage.allow_plaintext_postgres = allow_plaintext;
     }
     match &provider {
         KeyProvider::File => {}
@@ -1709,8 +1730,10 @@ fn serve_vault_on(
     // The build's dependencies against the advisory database, at start (a finding is
     // logged as a warning and shown in the safeguards report).
     let supply = supply_chain::evidence(dir, &cfg.supply_chain.advisory_db);
-    if let Some(sc) = supply.as_ref().filter(|sc| !sc.clean) {
-        tracing::warn!("dependency advisories: {}", sc.text);
+    match supply.as_ref() {
+        Some(sc) if sc.clean => tracing::info!("dependency advisories: {}", sc.text),
+        Some(sc) => tracing::warn!("dependency advisories: {}", sc.text),
+        None => {}
     }
     let signer_supply = supply.clone();
     // The server's own work acts through the local operator; handlers get only the gate.
@@ -1724,6 +1747,7 @@ fn serve_vault_on(
         .name("medvault-checkpoints".into())
         .spawn(move || {
             let mut tick: u32 = 0;
+            let mut reported_drops: usize = 0;
             loop {
                 if tick % 3600 == 0 {
                     match signer_vault.disable_dormant(&warden) {
@@ -1744,6 +1768,16 @@ fn serve_vault_on(
                 if tick % 60 == 0 {
                     // Bulk export files past their hour are deleted even if nobody asks.
                     signer_vault.sweep_exports();
+                }
+                if tick % 10 == 0 {
+                    let dropped = LOG_DROPS.get().map_or(0, |c| c.dropped_lines());
+                    if dropped > reported_drops {
+                        tracing::warn!(
+                            dropped = dropped - reported_drops,
+                            "log lines were dropped: the log's reader (stderr) did not keep up"
+                        );
+                        reported_drops = dropped;
+                    }
                 }
                 if tick % 5 == 0 {
                     match signer_reloader.reload_if_changed() {
@@ -2596,6 +2630,9 @@ fn status(dir: &Path, json: bool) -> Result<()> {
         (now - built).div_euclid(86_400)
     );
     match (not_after, days_left) {
+        (Some(t), Some(_)) if t <= now => {
+            println!("TLS certificate EXPIRED on {}: clients refuse it", fmt(t))
+        }
         (Some(t), Some(d)) => println!("TLS certificate valid until {} ({d} day(s) left)", fmt(t)),
         _ => println!("TLS certificate: expiry unknown"),
     }
@@ -2610,8 +2647,12 @@ fn status(dir: &Path, json: bool) -> Result<()> {
                 };
                 println!("  {} {} {}: {} ({fix})", f.id, f.package, f.version, f.title);
             }
-            for (f, why) in &a.accepted {
-                println!("  accepted {} {} {}: {} — {why}", f.id, f.package, f.version, f.title);
+            for acc in &a.accepted {
+                let f = &acc.finding;
+                println!(
+                    "  accepted {} {} {}: {} — {}",
+                    f.id, f.package, f.version, f.title, acc.reason
+                );
             }
         }
         None => println!(
@@ -2634,11 +2675,11 @@ fn warn_certificate_expiry(not_after: Option<i64>) {
     let Some(t) = not_after else { return };
     let days = (t - SystemClock.now().unix_timestamp()).div_euclid(86_400);
     if days < 0 {
-        tracing::warn!("the TLS certificate has EXPIRED: clients will refuse it; run `medvault tls renew` or install a new one");
+        tracing::warn!("the TLS certificate has EXPIRED: clients will refuse it; renew it (`medvault tls renew` for the certificate medvault generated, or with your CA) and the server reloads it");
     } else if days < CERT_WARN_DAYS {
         tracing::warn!(
             days_left = days,
-            "the TLS certificate expires soon: run `medvault tls renew` or install a new one"
+            "the TLS certificate expires soon: renew it (`medvault tls renew` for the certificate medvault generated, or with your CA) and the server reloads it"
         );
     }
 }

@@ -66,7 +66,15 @@ pub(crate) struct AdvisoryState {
     pub findings: Vec<Finding>,
     /// Vulnerabilities affecting them that were reviewed and accepted ([`ACCEPTED`]), with
     /// the reason.
-    pub accepted: Vec<(Finding, String)>,
+    pub accepted: Vec<Accepted>,
+}
+
+/// A finding reviewed and accepted, with why.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Accepted {
+    #[serde(flatten)]
+    pub finding: Finding,
+    pub reason: String,
 }
 
 /// The advisory database to read: `configured` if set, else `advisory-db` in the data
@@ -123,7 +131,10 @@ pub(crate) fn check(db: &Path) -> Result<AdvisoryState> {
                 .find(|(id, _)| *id == f.id)
                 .map(|(_, why)| (*why).to_owned())
                 .unwrap_or_default();
-            (f, why)
+            Accepted {
+                finding: f,
+                reason: why,
+            }
         })
         .collect();
     let advisories_through = database
@@ -155,9 +166,28 @@ pub(crate) fn sbom() -> Result<Value> {
                 .ok()
         })
         .unwrap_or_default();
-    let components: Vec<Value> = lockfile
+    // The binary itself is the SBOM's subject (`metadata.component`), not one of its
+    // components.
+    let parts = || {
+        lockfile
+            .packages
+            .iter()
+            .filter(|p| p.name.as_str() != "medvault")
+    };
+    let purl_of = |name: &str, version: &str| format!("pkg:cargo/{name}@{version}");
+    let dependencies: Vec<Value> = lockfile
         .packages
         .iter()
+        .map(|p| {
+            let on: Vec<String> = p
+                .dependencies
+                .iter()
+                .map(|d| purl_of(d.name.as_str(), &d.version.to_string()))
+                .collect();
+            json!({"ref": purl_of(p.name.as_str(), &p.version.to_string()), "dependsOn": on})
+        })
+        .collect();
+    let components: Vec<Value> = parts()
         .map(|p| {
             let purl = format!("pkg:cargo/{}@{}", p.name, p.version);
             let mut c = json!({
@@ -193,6 +223,7 @@ pub(crate) fn sbom() -> Result<Value> {
                 "name": "medvault", "version": version, "purl": format!("pkg:cargo/medvault@{version}")},
         },
         "components": components,
+        "dependencies": dependencies,
     }))
 }
 
@@ -202,7 +233,11 @@ pub(crate) fn summary(state: &AdvisoryState) -> String {
         .advisories_through
         .as_deref()
         .unwrap_or("an unknown date");
-    let accepted: Vec<&str> = state.accepted.iter().map(|(f, _)| f.id.as_str()).collect();
+    let accepted: Vec<&str> = state
+        .accepted
+        .iter()
+        .map(|a| a.finding.id.as_str())
+        .collect();
     let reviewed = if accepted.is_empty() {
         String::new()
     } else {

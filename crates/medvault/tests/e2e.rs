@@ -13887,7 +13887,14 @@ fn crash_cycles(pg: bool) {
         assert_eq!(v["intact"], true, "cycle {cycle}: {v}");
     }
     // Every acknowledged write, read back once more after the last restart.
-    let s = Server::start(&dir, NO_RATE_LIMITS);
+    let s = Server::start(
+        &dir,
+        &[
+            ("MEDVAULT_LIMITS_PER_ADDRESS_PER_SEC", "0"),
+            ("MEDVAULT_LIMITS_PER_TOKEN_PER_SEC", "0"),
+            ("MEDVAULT_SERVER_MAX_PAGE_SIZE", "20"),
+        ],
+    );
     let phys = token.unwrap();
     assert!(
         acked.len() >= cycles,
@@ -13901,6 +13908,21 @@ fn crash_cycles(pg: bool) {
             "{id}"
         );
     }
+    // A chart this large is served by `$everything` in pages (bounded memory per request),
+    // never whole.
+    let r = s.get(&format!("/fhir/Patient/{pid}/$everything"), &phys);
+    assert_eq!(r.status, 200);
+    let served = r.body["entry"].as_array().unwrap().len();
+    assert!(
+        served < acked.len() && served <= 25,
+        "{served} entries in one page of a chart of {} observations",
+        acked.len()
+    );
+    assert!(
+        r.body["link"].to_string().contains("\"next\""),
+        "a next link: {}",
+        r.body["link"]
+    );
     let (status, log) = s.stop();
     assert!(status.success());
     assert!(!log.contains("panicked"), "{log}");
@@ -14152,6 +14174,67 @@ fn resource_limits_idle_connections_slow_clients_and_rate_limits() {
     assert!(!log.contains("panicked"), "{log}");
 }
 
+/// `medvault bench --http` (the real server over TLS, its own load generator): every row
+/// it is asked for is measured without errors beside the static file, the paced row's
+/// latency is measured from when each request was due (it read 0 µs once), and bad
+/// arguments are one-line errors.
+#[test]
+fn bench_http_drives_the_real_server_beside_a_static_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        Command::new(BIN)
+            .arg("--data-dir")
+            .arg(tmp.path().join("unused"))
+            .args(["bench", "--http", "--patients", "12"])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let o = run(&[
+        "--seconds",
+        "0.5",
+        "--rows",
+        "read, read (paced),search,write",
+        "--rate",
+        "200",
+        "--connections",
+        "4",
+        "--json",
+    ]);
+    let rows: Value = json_out(&o);
+    let rows = rows.as_array().unwrap();
+    let names: Vec<&str> = rows
+        .iter()
+        .map(|r| r["operation"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["static file", "read", "read (paced)", "search", "write"]
+    );
+    for r in rows {
+        assert_eq!(r["errors"], 0, "{r}");
+        assert!(r["per_sec"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["p50_us"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["bytes"].as_u64().unwrap() > 0, "{r}");
+    }
+    let paced = &rows[2];
+    assert!(paced["per_sec"].as_f64().unwrap() <= 200.0 * 1.2, "{paced}");
+    for bad in [
+        &["--rows", "bogus"][..],
+        &["--seconds", "0"][..],
+        &["--connections", "0"][..],
+        &["--backend", "postgres"][..],
+    ] {
+        let o = run(bad);
+        assert_eq!(o.status.code(), Some(1), "{bad:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&o.stderr).trim().lines().count(),
+            1,
+            "{bad:?}"
+        );
+    }
+}
+
 /// The request log is written by its own thread: a server whose stderr is a pipe nobody
 /// reads keeps answering (it stopped after ~64 KB of log lines when requests wrote the log
 /// themselves); `--log-format json` writes one JSON object per line.
@@ -14291,6 +14374,45 @@ fn supply_chain_sbom_status_and_safeguards_show_advisories() {
             "CI must set MEDVAULT_TEST_ADVISORY_DB to the RustSec snapshot"
         ),
     }
+    // `sbom | head`: a reader that stops early is not a crash.
+    let mut sbom_child = Command::new(BIN)
+        .arg("--data-dir")
+        .arg(&dir)
+        .arg("sbom")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 16];
+    sbom_child
+        .stdout
+        .as_mut()
+        .unwrap()
+        .read_exact(&mut first)
+        .unwrap();
+    drop(sbom_child.stdout.take());
+    let out = sbom_child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A PostgreSQL connection string naming another host without TLS is refused at init,
+    // and the refusal never repeats the password.
+    let pg_dir = tmp.path().join("pg-remote");
+    let o = medvault(
+        &pg_dir,
+        &[
+            "init",
+            "--postgres",
+            "host=db.example.org user=u password=s3cretPW dbname=x",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("db.example.org without TLS"), "{err}");
+    assert!(!err.contains("s3cretPW"), "{err}");
+    assert!(!pg_dir.exists(), "nothing half-made");
     // A configured path that is not a database is a one-line error.
     let o = Command::new(BIN)
         .arg("--data-dir")
