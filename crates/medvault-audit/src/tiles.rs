@@ -479,6 +479,12 @@ impl TileRef {
             if digits.len() != 3 || !digits.bytes().all(|b| b.is_ascii_digit()) {
                 return None;
             }
+            // Canonical form only: no leading `x000` group (`entries/x000/000` is
+            // `entries/000` written twice; two paths for one tile would be two cache
+            // entries, and C2SP tlog-tiles names each tile once).
+            if i == 0 && idx_parts.len() > 1 && digits == "000" {
+                return None;
+            }
             index = index.checked_mul(1000)?.checked_add(digits.parse().ok()?)?;
         }
         if first == "entries" {
@@ -499,6 +505,16 @@ impl TileRef {
 #[cfg(test)]
 mod tile_tests {
     use super::TileRef;
+
+    #[test]
+    fn tile_paths_with_a_leading_zero_group_are_not_canonical() {
+        // Found by `fuzz_tile_paths_never_panic`.
+        for bad in ["entries/x000/000", "0/x000/x001/234", "1/x000/005.p/3"] {
+            assert_eq!(TileRef::parse(bad), None, "{bad}");
+        }
+        assert!(TileRef::parse("0/x001/000").is_some());
+        assert!(TileRef::parse("entries/000").is_some());
+    }
 
     #[test]
     fn tile_paths() {
