@@ -816,6 +816,23 @@ pub(crate) struct Ctx {
     pub same_site: bool,
 }
 
+/// The client's address: the connection's peer, or — when the peer is one of `trusted`
+/// proxies — the address its `X-Forwarded-For` names. What audit records, lockout and the
+/// rate limits all key on.
+pub(crate) fn source_address(
+    ext: &axum::http::Extensions,
+    headers: &HeaderMap,
+    trusted: &[std::net::IpAddr],
+) -> Option<std::net::IpAddr> {
+    let peer = ext.get::<Peer>().map(|p| p.0.ip())?;
+    if !trusted.contains(&peer) {
+        return Some(peer);
+    }
+    forwarded(headers, "x-forwarded-for")
+        .and_then(|v| v.parse::<std::net::IpAddr>().ok())
+        .or(Some(peer))
+}
+
 /// A forwarded header value from a trusted proxy, if it is a plausible host or scheme.
 fn forwarded<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
     let v = h.get(name)?.to_str().ok()?;
@@ -840,14 +857,14 @@ impl FromRequestParts<AppState> for Ctx {
         // Behind a trusted proxy, the client and the URL it used are the proxy's to tell;
         // from anyone else, X-Forwarded-* is ignored (a client must not choose its own
         // source address or the host written into links).
-        let mut source = peer.map(|p| p.to_string());
+        let source = source_address(
+            &parts.extensions,
+            &parts.headers,
+            &state.options.trusted_proxies,
+        )
+        .map(|ip| ip.to_string());
         let mut public = state.options.public_base_url.clone();
         if trusted {
-            if let Some(ip) = forwarded(&parts.headers, "x-forwarded-for")
-                .and_then(|v| v.parse::<std::net::IpAddr>().ok())
-            {
-                source = Some(ip.to_string());
-            }
             if let Some(host) = forwarded(&parts.headers, "x-forwarded-host") {
                 let proto = match forwarded(&parts.headers, "x-forwarded-proto") {
                     Some("http") => "http",

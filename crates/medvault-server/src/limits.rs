@@ -214,13 +214,7 @@ pub(crate) async fn rate_limit(
     req: Request,
     next: Next,
 ) -> Response {
-    let peer = req.extensions().get::<crate::Peer>().map(|p| p.0.ip());
-    let address = match peer {
-        Some(p) if trusted.contains(&p) => crate::forwarded(req.headers(), "x-forwarded-for")
-            .and_then(|v| v.parse::<IpAddr>().ok())
-            .or(Some(p)),
-        other => other,
-    };
+    let address = crate::source_address(req.extensions(), req.headers(), &trusted);
     let token = crate::bearer(req.headers()).map(|(t, _)| t.hash());
     match limiter.admit(address, token) {
         Ok(()) => next.run(req).await,
